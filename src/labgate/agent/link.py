@@ -1,0 +1,110 @@
+"""Site links: the only way the portal talks to a site.
+
+A link carries commands to a site agent (launch, stop, adopt, logs) and
+brings back :class:`Report` objects (state changes and progress). The
+all-in-one deployment uses :class:`LocalSiteLink`, which holds the agent in
+process; a network link with the same interface will carry the same calls to
+an agent that dials out to the portal.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from labgate.agent.site import SiteAgent
+    from labgate.backends.base import LaunchSpec
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a site tells the portal about one instance.
+
+    ``state`` is the instance state the site saw (``starting``, ``running``,
+    ``failed``, ``lost``, ``stopped``); ``kind`` is ``state`` for a transition
+    or ``progress`` for a note on the way (then ``state`` is the current one).
+    """
+
+    instance_id: str
+    state: str
+    kind: str = "state"
+    message: str = ""
+    backend_state: dict[str, Any] | None = None
+    endpoint: str | None = None
+    log_tail: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Reporter = Callable[[Report], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """An instance the portal knew before a restart, handed back to its site."""
+
+    spec: LaunchSpec
+    state: str
+    backend_state: dict[str, Any]
+    endpoint: str
+    #: Seconds left of the start timeout, for instances still starting.
+    remaining_start_time: float = 0.0
+
+
+class SiteLink(abc.ABC):
+    """Commands to one site; reports come back through the reporter callback."""
+
+    def __init__(self, site: str, backend: str) -> None:
+        self.site = site
+        #: Short name of the site's backend (``process``, ``containers``, ...).
+        self.backend = backend
+
+    @abc.abstractmethod
+    async def launch(self, spec: LaunchSpec) -> None:
+        """Start an instance; progress and the outcome arrive as reports."""
+
+    @abc.abstractmethod
+    async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
+        """Stop an instance; a ``stopped`` report follows."""
+
+    @abc.abstractmethod
+    async def adopt(self, adoption: Adoption) -> None:
+        """Take an instance back under watch after a portal restart."""
+
+    @abc.abstractmethod
+    async def logs(self, instance_id: str, backend_state: dict[str, Any], lines: int) -> str:
+        """The last lines of an instance's output."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop watching; running instances are left running."""
+
+
+class LocalSiteLink(SiteLink):
+    """A link to an agent running in the portal's own process."""
+
+    def __init__(self, agent: SiteAgent) -> None:
+        super().__init__(agent.site, agent.backend.name)
+        self.agent = agent
+
+    async def launch(self, spec: LaunchSpec) -> None:
+        """Hand the launch to the in-process agent."""
+        self.agent.launch(spec)
+
+    async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
+        """Stop through the in-process agent."""
+        await self.agent.stop(instance_id, backend_state)
+
+    async def adopt(self, adoption: Adoption) -> None:
+        """Re-attach through the in-process agent."""
+        await self.agent.adopt(adoption)
+
+    async def logs(self, instance_id: str, backend_state: dict[str, Any], lines: int) -> str:
+        """Read logs through the in-process agent."""
+        return await self.agent.logs(backend_state, lines)
+
+    async def close(self) -> None:
+        """Stop the agent's watch loops."""
+        await self.agent.close()

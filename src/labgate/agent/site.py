@@ -1,0 +1,249 @@
+"""The site agent: drives one backend for one site and reports what happens.
+
+It starts instances, waits for their health check, watches them while they
+run and stops them. Everything it learns goes back to the portal as
+:class:`~labgate.agent.link.Report` objects through one reporter callback; it
+never touches the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from labgate.agent.link import Adoption, Report, Reporter
+from labgate.backends.base import Backend, LaunchSpec, Started
+from labgate.errors import LabgateError
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL = 0.1
+HEALTH_MAX_INTERVAL = 1.0
+HEALTH_REQUEST_TIMEOUT = 5.0
+
+
+@dataclass
+class Watched:
+    """An instance the agent is responsible for."""
+
+    spec: LaunchSpec
+    backend_state: dict[str, Any]
+    endpoint: str
+    running: bool = False
+
+
+def health_url(spec: LaunchSpec, endpoint: str) -> str:
+    """Where the agent checks that a tool is ready."""
+    prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
+    return endpoint.rstrip("/") + prefix + spec.tool.health_path
+
+
+class SiteAgent:
+    """Drives ``backend`` for the site called ``site``."""
+
+    def __init__(
+        self,
+        site: str,
+        backend: Backend,
+        reporter: Reporter,
+        *,
+        poll_interval: float = 2.0,
+        stop_grace: float = 10.0,
+        log_tail_lines: int = 40,
+    ) -> None:
+        self.site = site
+        self.backend = backend
+        self.reporter = reporter
+        self.poll_interval = poll_interval
+        self.stop_grace = stop_grace
+        self.log_tail_lines = log_tail_lines
+        self.watched: dict[str, Watched] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._cancel_requested: set[str] = set()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False)
+
+    # --- commands ----------------------------------------------------------
+    def launch(self, spec: LaunchSpec) -> None:
+        """Start ``spec`` in the background; the outcome comes as reports."""
+        self._ensure_watch()
+        task = asyncio.create_task(self._launch(spec), name=f"launch-{spec.instance_id}")
+        self._starting[spec.instance_id] = task
+        task.add_done_callback(lambda _t: self._starting.pop(spec.instance_id, None))
+
+    async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
+        """Stop an instance (cancelling its start if under way) and report ``stopped``."""
+        task = self._starting.get(instance_id)
+        if task is not None:
+            if instance_id in self.watched:
+                # Past backend.start: only the health wait is left to interrupt.
+                task.cancel()
+            else:
+                # Inside backend.start: let it finish so nothing is orphaned; the
+                # launch sees the request and returns right after.
+                self._cancel_requested.add(instance_id)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self._cancel_requested.discard(instance_id)
+        watched = self.watched.pop(instance_id, None)
+        state = watched.backend_state if watched is not None else backend_state
+        if state:
+            try:
+                await self.backend.stop(state, self.stop_grace)
+            except Exception as exc:
+                log.exception("stopping %s failed", instance_id)
+                await self._report(Report(instance_id, "lost", message=f"stop failed: {exc}"))
+                return
+        await self._report(Report(instance_id, "stopped", message="stopped"))
+
+    async def adopt(self, adoption: Adoption) -> None:
+        """Re-attach to an instance from its saved state after a restart."""
+        self._ensure_watch()
+        spec = adoption.spec
+        status = await self.backend.poll(adoption.backend_state)
+        if not status.alive:
+            tail = await self._tail(adoption.backend_state)
+            detail = status.detail or "gone"
+            await self._report(
+                Report(spec.instance_id, "lost", message=f"gone while labgate was down: {detail}",
+                       log_tail=tail)
+            )
+            return
+        watched = Watched(spec, adoption.backend_state, adoption.endpoint)
+        self.watched[spec.instance_id] = watched
+        if adoption.state == "running":
+            watched.running = True
+            return
+        started = Started(adoption.backend_state, adoption.endpoint)
+        task = asyncio.create_task(
+            self._await_health(spec, started, max(adoption.remaining_start_time, 1.0)),
+            name=f"adopt-{spec.instance_id}",
+        )
+        self._starting[spec.instance_id] = task
+        task.add_done_callback(lambda _t: self._starting.pop(spec.instance_id, None))
+
+    async def logs(self, backend_state: dict[str, Any], lines: int) -> str:
+        """The tail of an instance's output."""
+        if not backend_state:
+            return ""
+        return await self.backend.logs(backend_state, lines)
+
+    async def close(self) -> None:
+        """Stop background work; instances keep running."""
+        tasks = [*self._starting.values()]
+        if self._watch_task is not None:
+            tasks.append(self._watch_task)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._watch_task = None
+        await self._http.aclose()
+        await self.backend.close()
+
+    # --- the launch path ---------------------------------------------------
+    async def _launch(self, spec: LaunchSpec) -> None:
+        iid = spec.instance_id
+        await self._report(
+            Report(iid, "starting", message=f"starting {spec.tool.title} on site {self.site}")
+        )
+        try:
+            started = await self.backend.start(spec)
+        except asyncio.CancelledError:
+            raise
+        except LabgateError as exc:
+            await self._report(Report(iid, "failed", message=exc.detail))
+            return
+        except Exception as exc:
+            log.exception("backend failed to start %s", iid)
+            await self._report(Report(iid, "failed", message=f"backend error: {exc}"))
+            return
+        self.watched[iid] = Watched(spec, started.state, started.endpoint)
+        if iid in self._cancel_requested:
+            return
+        await self._report(
+            Report(iid, "starting", kind="progress", message="waiting for the health check",
+                   backend_state=started.state, endpoint=started.endpoint)
+        )
+        await self._await_health(spec, started, spec.tool.start_timeout)
+
+    async def _await_health(self, spec: LaunchSpec, started: Started, timeout: float) -> None:
+        iid = spec.instance_id
+        url = health_url(spec, started.endpoint)
+        headers = {"Authorization": f"token {spec.secret}"}
+        deadline = time.monotonic() + timeout
+        interval = HEALTH_INTERVAL
+        last_problem = "no answer yet"
+        while time.monotonic() < deadline:
+            status = await self.backend.poll(started.state)
+            if not status.alive:
+                self.watched.pop(iid, None)
+                await self._report(
+                    Report(iid, "failed", message=f"the tool {status.detail or 'exited'} "
+                           "before it became ready", log_tail=await self._tail(started.state))
+                )
+                return
+            try:
+                response = await self._http.get(url, headers=headers)
+                if response.status_code < 400:
+                    watched = self.watched.get(iid)
+                    if watched is not None:
+                        watched.running = True
+                    await self._report(Report(iid, "running", message="ready"))
+                    return
+                last_problem = f"health check answered {response.status_code}"
+            except httpx.HTTPError as exc:
+                last_problem = f"health check: {exc.__class__.__name__}"
+            await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
+            interval = min(interval * 1.5, HEALTH_MAX_INTERVAL)
+        tail = await self._tail(started.state)
+        self.watched.pop(iid, None)
+        with contextlib.suppress(Exception):
+            await self.backend.stop(started.state, self.stop_grace)
+        await self._report(
+            Report(iid, "failed", message=f"not ready within {timeout:g}s ({last_problem})",
+                   log_tail=tail)
+        )
+
+    # --- watching ----------------------------------------------------------
+    def _ensure_watch(self) -> None:
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.create_task(self._watch(), name=f"watch-{self.site}")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            for iid, watched in list(self.watched.items()):
+                if not watched.running:
+                    continue
+                try:
+                    status = await self.backend.poll(watched.backend_state)
+                except Exception:
+                    log.exception("polling %s failed", iid)
+                    continue
+                if status.alive or self.watched.get(iid) is not watched:
+                    continue
+                self.watched.pop(iid, None)
+                await self._report(
+                    Report(iid, "lost", message=f"the tool {status.detail or 'exited'}",
+                           log_tail=await self._tail(watched.backend_state))
+                )
+
+    async def _tail(self, backend_state: dict[str, Any]) -> str:
+        try:
+            return await self.backend.logs(backend_state, self.log_tail_lines)
+        except Exception:
+            return ""
+
+    async def _report(self, report: Report) -> None:
+        try:
+            await self.reporter(report)
+        except Exception:
+            log.exception("reporting %s for %s failed", report.state, report.instance_id)

@@ -1,0 +1,478 @@
+"""The process backend: tools run as local processes, sandboxed by bubblewrap.
+
+Each instance is one process tree started in its own session, with a limited
+environment, its workspace as working directory and ``HOME``, its output
+appended to ``<logs_dir>/<instance id>.log``, and the limits of
+:mod:`labgate.backends.limits`. When ``bwrap`` is available (or required by
+``sandbox = "bwrap"``) the tool runs inside the sandbox of
+:mod:`labgate.backends.sandbox`. See ``docs/backends/process.md``.
+
+The saved state identifies the tracked process (the launcher, which ``exec``\\ s
+``bwrap`` or the tool) by pid *and* start time, so a reused pid is never taken
+for the tool, and it is all :meth:`ProcessBackend.poll` and
+:meth:`ProcessBackend.stop` need: after a server restart a new backend
+re-attaches from the state alone.
+
+Backend options (the site's ``options`` JSON): ``nofile`` (open files per
+process, default 8192) and ``extra_ro_binds`` (host paths made visible
+read-only inside the sandbox, e.g. a tool installed under ``/opt``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labgate.backends.base import JSON, Backend, LaunchSpec, Started, Status
+from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
+from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
+from labgate.errors import InstanceStartError
+from labgate.tools.catalog import template_values
+
+log = logging.getLogger(__name__)
+
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: Every process of an instance carries ``LABGATE_INSTANCE_ID=<id>`` in its
+#: environment; stop() finds the ones that left the process tree by it.
+MARKER_VAR = "LABGATE_INSTANCE_ID"
+_STOP_POLL = 0.05
+_KILL_ROUNDS = 100
+_warned_unsandboxed = False
+
+
+# --- /proc -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """The fields of ``/proc/<pid>/stat`` the backend uses."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    session: int
+    state: str
+    #: Clock ticks after boot (field 22): with the pid, identifies a process.
+    start_time: int
+    #: Raw wait status, meaningful for zombies only (field 52).
+    exit_status: int
+
+    @property
+    def zombie(self) -> bool:
+        """Dead but not yet reaped by its parent."""
+        return self.state in ("Z", "X")
+
+
+def read_proc(pid: int) -> ProcInfo | None:
+    """``/proc/<pid>/stat`` parsed, or None when there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: cut at the last ")".
+    rest = data[data.rindex(b")") + 2 :].split()
+    exit_status = int(rest[49]) if len(rest) > 49 else 0
+    return ProcInfo(
+        pid=pid,
+        ppid=int(rest[1]),
+        pgrp=int(rest[2]),
+        session=int(rest[3]),
+        state=rest[0].decode(),
+        start_time=int(rest[19]),
+        exit_status=exit_status,
+    )
+
+
+def boot_id() -> str:
+    """This boot's id: pids and start times mean nothing across reboots."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or another user's process
+        return False
+    return environ.startswith(marker) or b"\0" + marker in environ
+
+
+def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> dict[int, int]:
+    """Live processes of an instance, as pid -> start time.
+
+    They are the ``known`` processes that still exist, the processes carrying
+    the instance's environment marker, every process in the session of the
+    tracked process ``root`` while it lives, and all their descendants (found
+    through parent links, which catches children that started a new session).
+    """
+    procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
+             if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
+    marker = f"{MARKER_VAR}={instance_id}\0".encode()
+    seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
+    seeds |= {pid for pid in procs if _has_marker(pid, marker)}
+    if root in seeds:
+        seeds |= {p.pid for p in procs.values() if root in (p.session, p.pgrp)}
+    children: dict[int, list[int]] = {}
+    for info in procs.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found: set[int] = set()
+    todo = list(seeds)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return {pid: procs[pid].start_time for pid in found if not procs[pid].zombie}
+
+
+def _signal(pid: int, start_time: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``start_time``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # The pidfd pins the process: once its start time checks out the signal
+        # cannot reach a newcomer that reused the pid.
+        info = read_proc(pid)
+        if info is not None and info.start_time == start_time:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tail(path: Path, lines: int, block: int = 65536) -> str:
+    """The last ``lines`` lines of ``path``, reading backwards from its end."""
+    if lines <= 0:
+        return ""
+    try:
+        with path.open("rb") as handle:
+            pos = handle.seek(0, os.SEEK_END)
+            chunks: list[bytes] = []
+            newlines = 0
+            while pos > 0 and newlines <= lines:
+                size = min(block, pos)
+                pos -= size
+                handle.seek(pos)
+                chunk = handle.read(size)
+                chunks.append(chunk)
+                newlines += chunk.count(b"\n")
+    except OSError:
+        return ""
+    data = b"".join(reversed(chunks))
+    ends_with_newline = data.endswith(b"\n")
+    parts = data.split(b"\n")
+    if ends_with_newline:
+        parts.pop()
+    text = b"\n".join(parts[-lines:]).decode("utf-8", errors="replace")
+    return text + "\n" if ends_with_newline else text
+
+
+def describe_exit(code: int) -> str:
+    """Human words for an exit code as :class:`subprocess.Popen` reports it."""
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _executable(name: str, path: str, workspace: Path) -> str:
+    """Absolute path of the command's executable, or a clear InstanceStartError."""
+    if os.sep in name:
+        candidate = str(workspace / name)  # absolute names ignore the workspace
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+        raise InstanceStartError(f"executable {name!r} does not exist or is not executable")
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise InstanceStartError(f"executable {name!r} not found on PATH ({path})")
+    return os.path.abspath(found)
+
+
+def _spawn(
+    argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, command: list[str]
+) -> subprocess.Popen[bytes]:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+    try:
+        fd = os.open(log_path, flags, 0o600)
+    except OSError as exc:
+        raise InstanceStartError(f"cannot open the log file {log_path}: {exc}") from exc
+    try:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        os.write(fd, f"--- labgate {stamp}: starting {shlex.join(command)}\n".encode())
+        # A new session: the tool outlives the server and is signalled as one group.
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        raise InstanceStartError(f"cannot start {command[0]}: {exc}") from exc
+    finally:
+        os.close(fd)
+
+
+# --- the backend -------------------------------------------------------------
+
+
+class ProcessBackend(Backend):
+    """Runs each instance as a local process tree, in a bubblewrap sandbox when possible."""
+
+    name = "process"
+    abstract = False
+
+    def __init__(self, settings: Any, options: JSON | None = None) -> None:
+        super().__init__(settings, options)
+        self.nofile = int(self.options.get("nofile", DEFAULT_NOFILE))
+        self.extra_ro_binds = [str(p) for p in self.options.get("extra_ro_binds", [])]
+        #: Our own children, reaped by poll/stop so their exit code is known.
+        self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
+        self._exited: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    # --- start -----------------------------------------------------------------
+
+    def sandbox_path(self) -> str | None:
+        """The ``bwrap`` to use, or None to run unsandboxed, per ``settings.sandbox``."""
+        global _warned_unsandboxed
+        mode = self.settings.sandbox
+        if mode == "none":
+            return None
+        bwrap = find_bwrap()
+        if bwrap is None and mode == "bwrap":
+            raise InstanceStartError(
+                "sandbox = 'bwrap' but bubblewrap is not installed (apt-get install bubblewrap)"
+            )
+        if bwrap is None and not _warned_unsandboxed:
+            _warned_unsandboxed = True
+            log.warning(
+                "bubblewrap (bwrap) is not installed: process instances run UNSANDBOXED and "
+                "can read every user's workspace. Install it (apt-get install bubblewrap) "
+                "or set sandbox = 'none' to acknowledge."
+            )
+        return bwrap
+
+    async def start(self, spec: LaunchSpec) -> Started:
+        """Start the tool in its own session; return the state and loopback endpoint."""
+        # Directory creation, PATH search and fork/exec all touch the disk: off the loop.
+        return await asyncio.to_thread(self._launch, spec)
+
+    def _launch(self, spec: LaunchSpec) -> Started:
+        if not INSTANCE_ID_RE.match(spec.instance_id):
+            raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
+        if spec.tool.process is None:
+            raise InstanceStartError(f"tool {spec.tool.name!r} has no [process] section")
+        bwrap = self.sandbox_path()
+        workspace = spec.workspace.expanduser().resolve()
+        logs_dir = Path(self.settings.logs_dir).resolve()
+        try:
+            workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+            logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InstanceStartError(f"cannot create the workspace or logs dir: {exc}") from exc
+
+        port = free_port()
+        values = template_values(
+            port=port,
+            base_url=spec.base_url,
+            workspace=str(workspace),
+            instance_id=spec.instance_id,
+            user=spec.owner,
+            instance_token=spec.secret,
+        )
+        try:
+            command, tool_env = spec.tool.process.render(values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InstanceStartError(f"bad command template of {spec.tool.name!r}: {exc}") from exc
+        env = self.environment(spec, workspace, tool_env)
+        command[0] = _executable(command[0], env["PATH"], workspace)
+        argv = command
+        if bwrap is not None:
+            try:
+                plan = bwrap_argv(
+                    bwrap,
+                    workspace=workspace,
+                    mounts=spec.mounts,
+                    private=[Path(self.settings.data_dir).resolve()],
+                    extra_ro=self.extra_ro_binds,
+                )
+            except SandboxError as exc:
+                raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
+            if not plan.shows(command[0]):
+                raise InstanceStartError(
+                    f"{command[0]} is not visible inside the sandbox; add its directory to "
+                    "the backend option extra_ro_binds"
+                )
+            argv = plan.argv + command
+        cpu, memory = spec.resources.cpu, spec.resources.memory
+        limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
+
+        log_path = logs_dir / f"{spec.instance_id}.log"
+        popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command)
+        info = read_proc(popen.pid)
+        start_time = info.start_time if info is not None else 0
+        self._children[popen.pid] = (start_time, popen)
+        state: JSON = {
+            "instance_id": spec.instance_id,
+            "pid": popen.pid,
+            "pgid": popen.pid,
+            "start_time": start_time,
+            "boot_id": boot_id(),
+            "port": port,
+            "log": str(log_path),
+            "workspace": str(workspace),
+            "sandbox": bwrap is not None,
+            "limits": limits.as_json(),
+            "started_at": time.time(),
+        }
+        return Started(state=state, endpoint=f"http://127.0.0.1:{port}")
+
+    def environment(
+        self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str]
+    ) -> dict[str, str]:
+        """The tool's whole environment: a few basics, the tool's, the launch's, labgate's."""
+        python_bin = os.path.dirname(sys.executable)
+        path = os.environ.get("PATH", os.defpath)
+        env = {
+            "PATH": path if python_bin in path.split(os.pathsep) else f"{python_bin}:{path}",
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOME": str(workspace),
+            "USER": pwd.getpwuid(os.getuid()).pw_name,
+        }
+        env.update(tool_env)
+        env.update(spec.env)
+        # Set last so neither the tool file nor the launch can forge them.
+        env.update(
+            {
+                MARKER_VAR: spec.instance_id,
+                "LABGATE_INSTANCE_TOKEN": spec.secret,
+                "LABGATE_BASE_URL": spec.base_url,
+                "LABGATE_USER": spec.owner,
+            }
+        )
+        return env
+
+    # --- poll --------------------------------------------------------------------
+
+    async def poll(self, state: JSON) -> Status:
+        """Alive when the tracked pid exists, is not a zombie and has the saved start time."""
+        pid, start = int(state["pid"]), int(state["start_time"])
+        if state.get("boot_id") and state["boot_id"] != boot_id():
+            return Status(alive=False, detail="process vanished (the machine rebooted)")
+        code = self._exit_code(pid, start)
+        if code is not None:
+            return Status(alive=False, exit_code=code, detail=describe_exit(code))
+        info = read_proc(pid)
+        if info is None or info.start_time != start:
+            return Status(alive=False, detail="process vanished")
+        if info.zombie:  # exited, and its parent (another server process) has not reaped it
+            code = os.waitstatus_to_exitcode(info.exit_status)
+            return Status(alive=False, exit_code=code, detail=describe_exit(code))
+        return Status(alive=True)
+
+    def _exit_code(self, pid: int, start: int) -> int | None:
+        """The exit code of our own child ``pid`` (reaping it), if it has exited."""
+        if (pid, start) in self._exited:
+            return self._exited[(pid, start)]
+        child_start, popen = self._children.get(pid, (None, None))
+        if popen is None or child_start != start or popen.poll() is None:
+            return None
+        del self._children[pid]
+        self._exited[(pid, start)] = popen.returncode
+        while len(self._exited) > 4096:
+            self._exited.popitem(last=False)
+        return popen.returncode
+
+    # --- stop --------------------------------------------------------------------
+
+    async def stop(self, state: JSON, grace: float) -> None:
+        """TERM the whole instance, wait up to ``grace`` seconds, KILL what is left.
+
+        Returns once no process of the instance remains (zombies aside). Never
+        blocks the event loop: /proc is scanned in a worker thread.
+        """
+        instance_id, pid = str(state["instance_id"]), int(state["pid"])
+        start = int(state["start_time"])
+        if state.get("boot_id") and state["boot_id"] != boot_id():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, grace)
+        known: dict[int, int] = {pid: start}
+        termed: set[tuple[int, int]] = set()
+        while True:
+            known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
+            self._exit_code(pid, start)
+            fresh = set(known.items()) - termed
+            if not known or loop.time() >= deadline:
+                break
+            if fresh:
+                self._send(pid, start, known, signal.SIGTERM, only=fresh)
+                termed |= fresh
+            await asyncio.sleep(_STOP_POLL)
+        for _ in range(_KILL_ROUNDS):
+            if not known:
+                break
+            log.info("instance %s: killing %d process(es) left after TERM", instance_id, len(known))
+            self._send(pid, start, known, signal.SIGKILL)
+            await asyncio.sleep(_STOP_POLL)
+            self._exit_code(pid, start)
+            known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
+        if known:
+            log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
+        self._exit_code(pid, start)
+
+    def _send(
+        self,
+        root: int,
+        root_start: int,
+        procs: dict[int, int],
+        sig: signal.Signals,
+        only: set[tuple[int, int]] | None = None,
+    ) -> None:
+        """Signal the instance's process group (while its leader lives) and each process."""
+        if root in procs and procs[root] == root_start:
+            # Catches children forked since the last scan. The group id cannot
+            # belong to anyone else while its leader (checked above) is alive.
+            with contextlib.suppress(OSError):
+                os.killpg(root, sig)
+        for pid, start in procs.items():
+            if only is None or (pid, start) in only:
+                _signal(pid, start, sig)
+
+    # --- logs --------------------------------------------------------------------
+
+    async def logs(self, state: JSON, lines: int = 100) -> str:
+        """The last ``lines`` lines of the instance's log file."""
+        return await asyncio.to_thread(tail, Path(state["log"]), lines)

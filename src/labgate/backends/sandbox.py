@@ -1,0 +1,160 @@
+"""The bubblewrap (``bwrap``) sandbox of the process backend.
+
+:func:`bwrap_argv` builds the ``bwrap`` command line that runs one tool so it
+sees the system read-only, the Python running labgate read-only, its own
+workspace read-write, its mounts, and nothing else of the machine: no other
+user's workspace, no instance logs, no server files, no host ``/tmp``, and
+only its own processes (a new PID namespace).
+
+Decisions, and why:
+
+- ``--unshare-pid --unshare-ipc --unshare-uts`` but not the network: the
+  tool listens on the host's loopback, where the router reaches it.
+- No ``--die-with-parent``: instances outlive the server (restarts re-attach).
+- No ``--new-session``: it guards against a sandboxed program injecting
+  keystrokes into a controlling terminal (TIOCSTI). The backend already
+  starts ``bwrap`` in a new session with stdin from ``/dev/null``, so there is
+  no terminal to attack, and keeping the tool in the backend's process group
+  lets one ``killpg`` reach it.
+- No ``--setenv``/``--clearenv``: the backend gives ``bwrap`` itself the
+  limited environment, which ``bwrap`` passes on unchanged. ``--setenv``
+  would put the instance token on ``bwrap``'s command line, where ``ps``
+  shows it to every local user.
+- Secrets under ``/etc`` readable by the server's user (``/etc/shadow``,
+  ssh host keys) are masked even though ``/etc`` is bound read-only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from labgate.backends.base import Mount
+
+#: Top-level system directories, bound read-only (or recreated as symlinks on
+#: merged-/usr systems such as Debian 12) when they exist on the machine.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Files under /etc replaced by an empty file inside the sandbox.
+MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
+#: Directories under /etc replaced by an empty tmpfs inside the sandbox.
+MASKED_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/etc/labgate")
+
+
+class SandboxError(ValueError):
+    """The sandbox cannot be set up as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class SandboxPlan:
+    """The ``bwrap`` arguments for one instance, and what they make visible."""
+
+    argv: list[str]
+    #: Host paths visible inside the sandbox (read-only or read-write).
+    visible: tuple[str, ...]
+
+    def shows(self, path: str) -> bool:
+        """Whether host ``path`` (resolved) is visible inside the sandbox."""
+        real = os.path.realpath(path)
+        return any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.visible)
+
+
+def find_bwrap() -> str | None:
+    """Absolute path of ``bwrap``, if installed."""
+    return shutil.which("bwrap")
+
+
+def python_dirs() -> list[str]:
+    """Directories the Python running labgate needs: the venv, the base install, labgate.
+
+    With an editable install labgate's source lives outside the venv; its
+    directory (the one holding the ``labgate`` package) is bound too, and
+    nothing around it.
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    dirs = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
+    return _outermost(os.path.realpath(d) for d in dirs)
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """``paths`` without duplicates and without those inside another one."""
+    result: list[str] = []
+    for path in sorted(set(paths), key=len):
+        if not any(path == kept or path.startswith(kept.rstrip("/") + "/") for kept in result):
+            result.append(path)
+    return result
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def bwrap_argv(
+    bwrap: str,
+    *,
+    workspace: Path,
+    mounts: Sequence[Mount] = (),
+    private: Sequence[Path] = (),
+    extra_ro: Sequence[str] = (),
+    hostname: str = "labgate",
+) -> SandboxPlan:
+    """The ``bwrap`` command line (up to and including ``--``) for one instance.
+
+    ``private`` are host directories that must never be visible (the data
+    dir: every user's workspace, the logs); a read-only bind that would
+    contain one of them is refused rather than silently exposing it.
+    """
+    argv = [
+        bwrap,
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--hostname",
+        hostname,
+    ]
+    visible: list[str] = []
+    for top in SYSTEM_DIRS:
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+            visible.append(top)
+    for path in MASKED_FILES:
+        if os.path.isfile(path):
+            argv += ["--ro-bind", "/dev/null", path]
+    for path in MASKED_DIRS:
+        if os.path.isdir(path):
+            argv += ["--tmpfs", path, "--remount-ro", path]
+
+    private_real = [os.path.realpath(p) for p in private]
+    for path in _outermost([*python_dirs(), *(os.path.realpath(p) for p in extra_ro)]):
+        if any(_contains(path, hidden) for hidden in private_real):
+            raise SandboxError(
+                f"{path} is needed inside the sandbox but contains the data dir; "
+                "move the data dir out of it"
+            )
+        if any(_contains(shown, path) for shown in visible):
+            continue
+        if os.path.exists(path):
+            argv += ["--ro-bind", path, path]
+            visible.append(path)
+
+    # /tmp is a private tmpfs; binds under it (a workspace in /tmp) come after.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
+    argv += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]  # noqa: S108 - private, empty tmpfs
+
+    ws = str(workspace)
+    argv += ["--bind", ws, ws]
+    visible.append(os.path.realpath(ws))
+    for mount in mounts:
+        if not os.path.isabs(mount.target):
+            raise SandboxError(f"mount target {mount.target!r} is not an absolute path")
+        if not mount.source.exists():
+            raise SandboxError(f"mount source {mount.source} does not exist")
+        argv += ["--ro-bind" if mount.read_only else "--bind", str(mount.source), mount.target]
+        visible.append(os.path.realpath(mount.source))
+    argv += ["--chdir", ws, "--"]
+    return SandboxPlan(argv=argv, visible=tuple(visible))

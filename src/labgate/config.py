@@ -1,0 +1,212 @@
+"""labgate's one settings class.
+
+Every setting has a default and help text; ``labgate config show`` prints the
+effective values and ``docs/configuration.md`` lists them all (a test keeps the
+two in step). Values come, highest priority first, from keyword arguments,
+``LABGATE_*`` environment variables, the TOML file named by ``LABGATE_CONFIG``
+(or ``./labgate.toml`` when present), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "LABGATE_CONFIG"
+DEFAULT_CONFIG_FILE = "labgate.toml"
+
+
+def config_file() -> Path | None:
+    """The TOML settings file in effect, if any."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Every knob of labgate, server and client side."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LABGATE_",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- where things live -------------------------------------------------
+    data_dir: Path = Field(
+        Path("./var"),
+        description="Directory for the SQLite database, workspaces, logs and the secret key.",
+    )
+    database_url: str = Field(
+        "",
+        description=(
+            "SQLAlchemy database URL. Empty means SQLite at <data_dir>/labgate.db. "
+            "For PostgreSQL: postgresql+psycopg://user:pass@host/db."
+        ),
+    )
+
+    # --- the public front door ---------------------------------------------
+    host: str = Field("127.0.0.1", description="Address `labgate serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `labgate serve` listens on.")
+    public_url: str = Field(
+        "",
+        description="URL users reach labgate at. Empty means http://<host>:<port>.",
+    )
+    router_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Router worker processes sharing the public port (SO_REUSEPORT).",
+    )
+
+    # --- accounts and security ---------------------------------------------
+    secret_key: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Key that signs session cookies. Empty means generate one and keep it in "
+            "<data_dir>/secret_key (mode 0600)."
+        ),
+    )
+    admin_username: str = Field("admin", description="Name of the admin created on first start.")
+    admin_password: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Password of the admin created on first start. Empty means generate one and "
+            "print it once."
+        ),
+    )
+    session_max_age: int = Field(
+        14 * 24 * 3600, ge=60, description="Lifetime of a browser session, in seconds."
+    )
+    cookie_secure: bool = Field(
+        False, description="Mark the session cookie Secure (set when serving over HTTPS)."
+    )
+    max_request_body: int = Field(
+        1024 * 1024, ge=1024, description="Largest API request body accepted, in bytes."
+    )
+
+    # --- tools and instances -----------------------------------------------
+    tools_dir: Path | None = Field(
+        None, description="Directory of extra tool definitions (*.toml) added to the built-ins."
+    )
+    max_instances_per_user: int = Field(
+        5, ge=0, description="Instances one user may have pending, starting or running at once."
+    )
+    site_name: str = Field("local", description="Name of the all-in-one local site.")
+    sandbox: Literal["auto", "bwrap", "none"] = Field(
+        "auto",
+        description=(
+            "Process backend sandbox: bwrap (required), none, or auto (bwrap when installed, "
+            "otherwise none with a warning)."
+        ),
+    )
+    stop_grace_seconds: float = Field(
+        10.0, ge=0, description="Seconds between TERM and KILL when stopping an instance."
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between checks that running instances are still alive."
+    )
+    log_tail_lines: int = Field(
+        40, ge=0, le=10000, description="Log lines attached to a failed launch's event."
+    )
+
+    # --- the client (CLI) --------------------------------------------------
+    url: str = Field(
+        "",
+        description=(
+            "Server URL the CLI talks to. Empty means the one saved by `labgate login`, "
+            "else http://127.0.0.1:8000."
+        ),
+    )
+    token: SecretStr = Field(
+        SecretStr(""),
+        description="API token the CLI uses. Empty means the one saved by `labgate login`.",
+    )
+
+    @field_validator("public_url", "url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then the environment, then the TOML file."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = config_file()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    # --- derived values ----------------------------------------------------
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, SQLite under the data dir when none is set."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'labgate.db').resolve()}"
+
+    @property
+    def effective_public_url(self) -> str:
+        """The URL users reach labgate at."""
+        if self.public_url:
+            return self.public_url
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def workspaces_dir(self) -> Path:
+        """Where the process backend keeps users' workspaces."""
+        return self.data_dir / "workspaces"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where instances' output is captured."""
+        return self.data_dir / "logs"
+
+    def signing_key(self) -> str:
+        """The session signing key, generated and stored on first use when unset."""
+        configured = self.secret_key.get_secret_value()
+        if configured:
+            return configured
+        path = self.data_dir / "secret_key"
+        if path.is_file():
+            return path.read_text().strip()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
+        return key
+
+    def public_view(self) -> dict[str, Any]:
+        """Effective settings as plain values, secrets masked."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = "********" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out

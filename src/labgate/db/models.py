@@ -1,0 +1,217 @@
+"""SQLAlchemy models: users, API tokens, sessions, sites, instances, events.
+
+Timestamps are timezone-aware UTC. JSON columns hold backend state and
+resources, whose shape belongs to the backend and the scheduler.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime that always comes back timezone-aware UTC (SQLite drops zones)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    """Declarative base with a constraint naming convention for Alembic."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class InstanceState(enum.StrEnum):
+    """Where an instance is in its life; see ARCHITECTURE.md."""
+
+    pending = "pending"
+    starting = "starting"
+    running = "running"
+    stopping = "stopping"
+    stopped = "stopped"
+    failed = "failed"
+    lost = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether no further transition can happen."""
+        return self in TERMINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """Whether the instance counts against the user's limit."""
+        return self in ACTIVE_STATES
+
+
+TERMINAL_STATES = frozenset({InstanceState.stopped, InstanceState.failed, InstanceState.lost})
+ACTIVE_STATES = frozenset({InstanceState.pending, InstanceState.starting, InstanceState.running})
+
+#: The allowed transitions; anything else is a bug or a race and is refused.
+TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    InstanceState.pending: frozenset(
+        {InstanceState.starting, InstanceState.failed, InstanceState.stopping}
+    ),
+    InstanceState.starting: frozenset(
+        {InstanceState.running, InstanceState.failed, InstanceState.stopping, InstanceState.lost}
+    ),
+    InstanceState.running: frozenset({InstanceState.stopping, InstanceState.lost}),
+    InstanceState.stopping: frozenset({InstanceState.stopped, InstanceState.lost}),
+    InstanceState.stopped: frozenset(),
+    InstanceState.failed: frozenset(),
+    InstanceState.lost: frozenset(),
+}
+
+
+class User(Base):
+    """A local account."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255), default="")
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Sessions issued before this are invalid (password change, disable).
+    sessions_valid_after: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    tokens: Mapped[list[ApiToken]] = relationship(
+        back_populates="user", cascade="all, delete-orphan"
+    )
+
+
+class ApiToken(Base):
+    """An API token; only its hash is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str] = mapped_column(String(200), default="")
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship(back_populates="tokens")
+
+
+class RevokedSession(Base):
+    """A browser session ended by logout before its cookie expired."""
+
+    __tablename__ = "revoked_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Site(Base):
+    """A place where instances run."""
+
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    backend: Mapped[str] = mapped_column(String(64))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Instance(Base):
+    """One running tool for one owner."""
+
+    __tablename__ = "instances"
+    __table_args__ = (Index("ix_instances_owner_state", "owner_id", "state"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    tool: Mapped[str] = mapped_column(String(64))
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"), default=None)
+    state: Mapped[InstanceState] = mapped_column(
+        Enum(InstanceState, native_enum=False, length=16), default=InstanceState.pending, index=True
+    )
+    reason: Mapped[str] = mapped_column(Text, default="")
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    backend_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    endpoint: Mapped[str] = mapped_column(String(255), default="")
+    secret: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    ready_at: Mapped[datetime | None] = mapped_column(default=None)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    owner: Mapped[User] = relationship()
+    site: Mapped[Site | None] = relationship()
+    events: Mapped[list[InstanceEvent]] = relationship(
+        back_populates="instance", cascade="all, delete-orphan", order_by="InstanceEvent.id"
+    )
+
+
+class InstanceEvent(Base):
+    """A transition or progress note of an instance; the source of its event stream."""
+
+    __tablename__ = "instance_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: ``state`` for transitions, ``progress`` for notes on the way.
+    kind: Mapped[str] = mapped_column(String(16), default="state")
+    state: Mapped[InstanceState] = mapped_column(Enum(InstanceState, native_enum=False, length=16))
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    instance: Mapped[Instance] = relationship(back_populates="events")

@@ -1,0 +1,217 @@
+"""Instances: launch, list, show, stop, logs and the live event stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.db.models import Instance, InstanceEvent, InstanceState, User
+from labgate.errors import BadRequest, NotFound
+from labgate.portal.auth import Principal, require
+from labgate.portal.schemas import EventOut, InstanceOut, LaunchIn, LogsOut
+from labgate.portal.state import Portal, get_portal
+from labgate.scheduler.lifecycle import LaunchRequest
+
+router = APIRouter(prefix="/instances", tags=["instances"])
+
+SSE_WAKE_TIMEOUT = 1.0
+SSE_KEEPALIVE = 15.0
+
+
+def instance_out(portal: Portal, instance: Instance, caller: Principal) -> InstanceOut:
+    """The public view of an instance."""
+    return InstanceOut(
+        id=instance.id,
+        tool=instance.tool,
+        owner=instance.owner.name,
+        site=instance.site.name if instance.site else None,
+        state=instance.state.value,
+        reason=instance.reason,
+        url=f"{portal.settings.effective_public_url}/i/{instance.id}/",
+        resources=instance.resources,
+        created_at=instance.created_at,
+        started_at=instance.started_at,
+        ready_at=instance.ready_at,
+        stopped_at=instance.stopped_at,
+        endpoint=instance.endpoint if caller.is_admin else None,
+    )
+
+
+def event_out(event: InstanceEvent) -> EventOut:
+    """The public view of an event."""
+    return EventOut(
+        id=event.id,
+        instance=event.instance_id,
+        kind=event.kind,
+        state=event.state.value,
+        message=event.message,
+        data=event.data,
+        created_at=event.created_at,
+    )
+
+
+def visible_instance(session: Session, caller: Principal, instance_id: str) -> Instance:
+    """The instance if the caller may see it; 404 otherwise (no hint that it exists)."""
+    instance = session.get(Instance, instance_id)
+    if instance is None or not caller.can_manage(instance.owner_id):
+        raise NotFound(f"no instance {instance_id!r}", code="unknown_instance")
+    session.refresh(instance, ["owner", "site"])
+    return instance
+
+
+@router.post("", response_model=InstanceOut, status_code=202)
+async def launch(
+    body: LaunchIn,
+    caller: Principal = require("instances:write"),
+    portal: Portal = Depends(get_portal),
+) -> InstanceOut:
+    """Launch a tool; the instance comes back ``pending`` and its events tell the rest."""
+    request = LaunchRequest(tool=body.tool, resources=body.resources, site=body.site)
+    instance = await portal.instances.launch(caller.user_id, request)
+    return instance_out(portal, instance, caller)
+
+
+@router.get("", response_model=list[InstanceOut])
+async def list_instances(
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    state: Annotated[list[InstanceState] | None, Query()] = None,
+    tool: str | None = None,
+    user: str | None = None,
+    active: bool = Query(False, description="Only pending, starting, running, stopping."),
+    limit: int = Query(200, ge=1, le=1000),
+) -> list[InstanceOut]:
+    """Your instances (admins: everyone's), newest first, with filters."""
+    if user is not None and user != caller.name:
+        caller.require("admin")
+
+    def query(session: Session) -> list[InstanceOut]:
+        stmt = select(Instance).join(User, Instance.owner_id == User.id)
+        if not (caller.is_admin and "admin" in caller.scopes):
+            stmt = stmt.where(Instance.owner_id == caller.user_id)
+        if user is not None:
+            stmt = stmt.where(User.name == user)
+        if state:
+            stmt = stmt.where(Instance.state.in_(state))
+        if active:
+            stmt = stmt.where(Instance.state.in_(
+                [InstanceState.pending, InstanceState.starting, InstanceState.running,
+                 InstanceState.stopping]))
+        if tool is not None:
+            stmt = stmt.where(Instance.tool == tool)
+        stmt = stmt.order_by(Instance.created_at.desc()).limit(limit)
+        rows = session.scalars(stmt).all()
+        for row in rows:
+            session.refresh(row, ["owner", "site"])
+        return [instance_out(portal, row, caller) for row in rows]
+
+    return await portal.run_db(query)
+
+
+@router.get("/{instance_id}", response_model=InstanceOut)
+async def show_instance(
+    instance_id: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+) -> InstanceOut:
+    """One instance."""
+    return await portal.run_db(
+        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
+    )
+
+
+@router.delete("/{instance_id}", response_model=InstanceOut, status_code=202)
+async def stop_instance(
+    instance_id: str,
+    caller: Principal = require("instances:write"),
+    portal: Portal = Depends(get_portal),
+) -> InstanceOut:
+    """Stop an instance; it comes back ``stopping`` and turns ``stopped`` shortly."""
+    await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
+    instance = await portal.instances.stop(instance_id)
+    return instance_out(portal, instance, caller)
+
+
+@router.get("/{instance_id}/logs", response_model=LogsOut)
+async def instance_logs(
+    instance_id: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    lines: int = Query(200, ge=1, le=10000),
+) -> LogsOut:
+    """The tool's recent output."""
+    instance = await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
+    text = await portal.instances.logs(instance, lines)
+    return LogsOut(instance=instance.id, lines=lines, text=text)
+
+
+@router.get(
+    "/{instance_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def instance_events(
+    instance_id: str,
+    request: Request,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    last_event_id: Annotated[str | None, Header()] = None,
+    after: int = Query(0, ge=0, description="Only events after this id."),
+) -> Response:
+    """Server-Sent Events: every stored event, then live ones until the instance ends.
+
+    Each message has ``id`` (for ``Last-Event-ID``), ``event`` (``state`` or
+    ``progress``) and a JSON ``data`` like the items of ``EventOut``.
+    """
+    await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
+    if last_event_id is not None:
+        try:
+            after = max(after, int(last_event_id))
+        except ValueError:
+            raise BadRequest("Last-Event-ID must be an event id") from None
+    return StreamingResponse(
+        _event_stream(portal, request, instance_id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _events_after(session: Session, instance_id: str, after: int) -> tuple[list[EventOut], bool]:
+    rows = session.scalars(
+        select(InstanceEvent)
+        .where(InstanceEvent.instance_id == instance_id, InstanceEvent.id > after)
+        .order_by(InstanceEvent.id)
+    ).all()
+    instance = session.get(Instance, instance_id)
+    finished = instance is None or instance.state.terminal
+    return [event_out(row) for row in rows], finished
+
+
+async def _event_stream(
+    portal: Portal, request: Request, instance_id: str, after: int
+) -> AsyncIterator[bytes]:
+    last_sent = time.monotonic()
+    yield b"retry: 1000\n\n"
+    while True:
+        seen = portal.events.version(instance_id)
+        events, finished = await portal.run_db(lambda s: _events_after(s, instance_id, after))
+        for event in events:
+            after = event.id
+            payload = json.dumps(event.model_dump(mode="json"))
+            yield f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
+            last_sent = time.monotonic()
+        if finished:
+            return
+        if await request.is_disconnected():
+            return
+        await portal.events.wait(instance_id, seen, SSE_WAKE_TIMEOUT)
+        if time.monotonic() - last_sent > SSE_KEEPALIVE:
+            yield b": keep-alive\n\n"
+            last_sent = time.monotonic()

@@ -1,0 +1,76 @@
+"""API tokens: create (shown once), list and revoke your own; admins see all."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Query, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.db.models import ApiToken, User
+from labgate.errors import NotFound
+from labgate.portal.accounts import create_token, get_user, token_out
+from labgate.portal.auth import Principal, expiry_from_now, require
+from labgate.portal.schemas import TokenCreated, TokenIn, TokenOut
+from labgate.portal.state import Portal, get_portal
+
+router = APIRouter(prefix="/tokens", tags=["tokens"])
+
+
+@router.post("", response_model=TokenCreated, status_code=201)
+async def new_token(
+    body: TokenIn, caller: Principal = require("account"), portal: Portal = Depends(get_portal)
+) -> TokenCreated:
+    """Create a token for yourself with some of your scopes; the token is shown once."""
+
+    def create(session: Session) -> TokenCreated:
+        user = get_user(session, caller.name)
+        row, token = create_token(
+            session,
+            user,
+            note=body.note,
+            scopes=body.scopes,
+            expires_at=expiry_from_now(body.expires_in),
+            allowed=caller.scopes,
+        )
+        if portal.routes is not None:
+            portal.routes.token_changed(row)
+        return TokenCreated(**token_out(row, user.name).model_dump(), token=token)
+
+    return await portal.run_db(create)
+
+
+@router.get("", response_model=list[TokenOut])
+async def list_tokens(
+    caller: Principal = require("account"),
+    portal: Portal = Depends(get_portal),
+    all_users: bool = Query(False, alias="all", description="Every user's tokens (admins)."),
+) -> list[TokenOut]:
+    """Your tokens, or everyone's with ``?all=true`` (admins)."""
+    if all_users:
+        caller.require("admin")
+
+    def query(session: Session) -> list[TokenOut]:
+        stmt = select(ApiToken, User.name).join(User).order_by(ApiToken.id)
+        if not all_users:
+            stmt = stmt.where(ApiToken.user_id == caller.user_id)
+        return [token_out(token, name) for token, name in session.execute(stmt)]
+
+    return await portal.run_db(query)
+
+
+@router.delete("/{token_id}", status_code=204)
+async def revoke_token(
+    token_id: int, caller: Principal = require("account"), portal: Portal = Depends(get_portal)
+) -> Response:
+    """Revoke one of your tokens (admins: anyone's)."""
+
+    def revoke(session: Session) -> None:
+        row = session.get(ApiToken, token_id)
+        if row is None or not caller.can_manage(row.user_id):
+            raise NotFound(f"no token {token_id}", code="unknown_token")
+        session.delete(row)
+        if portal.routes is not None:
+            portal.routes.token_removed(row.token_hash)
+
+    await portal.run_db(revoke)
+    return Response(status_code=204)

@@ -1,0 +1,136 @@
+"""Users: admins manage everyone; a user reads and changes their own account."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.db.models import User
+from labgate.errors import Forbidden, Unauthorized
+from labgate.portal.accounts import (
+    create_user,
+    ensure_not_last_admin,
+    get_user,
+    set_disabled,
+    set_password,
+    user_out,
+)
+from labgate.portal.auth import Caller, Principal, require
+from labgate.portal.schemas import PasswordIn, UserCreated, UserIn, UserOut, UserPatch
+from labgate.portal.state import Portal, get_portal
+from labgate.security import verify_password
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+
+def _name(caller: Principal, name: str) -> str:
+    return caller.name if name == "me" else name
+
+
+@router.get("", response_model=list[UserOut])
+async def list_users(
+    caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
+) -> list[UserOut]:
+    """Every user (admins)."""
+    return await portal.run_db(
+        lambda s: [user_out(u) for u in s.scalars(select(User).order_by(User.name))]
+    )
+
+
+@router.post("", response_model=UserCreated, status_code=201)
+async def add_user(
+    body: UserIn, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
+) -> UserCreated:
+    """Create a user; without a password one is generated and returned once."""
+
+    def create(session: Session) -> UserCreated:
+        user, generated = create_user(session, body.name, body.password, is_admin=body.is_admin)
+        if portal.routes is not None:
+            portal.routes.user_changed(user)
+        return UserCreated(**user_out(user).model_dump(), password=generated)
+
+    return await portal.run_db(create)
+
+
+@router.get("/{name}", response_model=UserOut)
+async def show_user(name: str, caller: Caller, portal: Portal = Depends(get_portal)) -> UserOut:
+    """One user: yourself (``me``), or anyone for admins."""
+    name = _name(caller, name)
+    if name != caller.name:
+        caller.require("admin")
+    return await portal.run_db(lambda s: user_out(get_user(s, name)))
+
+
+@router.patch("/{name}", response_model=UserOut)
+async def change_user(
+    name: str,
+    body: UserPatch,
+    caller: Principal = require("admin"),
+    portal: Portal = Depends(get_portal),
+) -> UserOut:
+    """Disable, enable, or change the admin flag of a user (admins)."""
+    name = _name(caller, name)
+
+    def change(session: Session) -> UserOut:
+        user = get_user(session, name)
+        if (body.disabled or body.is_admin is False) and user.is_admin:
+            ensure_not_last_admin(session, user)
+        if body.disabled is not None:
+            set_disabled(user, body.disabled)
+        if body.is_admin is not None:
+            user.is_admin = body.is_admin
+        session.flush()
+        if portal.routes is not None:
+            portal.routes.user_changed(user)
+        return user_out(user)
+
+    return await portal.run_db(change)
+
+
+@router.put("/{name}/password", status_code=204)
+async def change_password(
+    name: str, body: PasswordIn, caller: Caller, portal: Portal = Depends(get_portal)
+) -> Response:
+    """Set a password: your own (with the current one) or anyone's (admins)."""
+    name = _name(caller, name)
+    own = name == caller.name
+    if not own:
+        caller.require("admin")
+    else:
+        caller.require("account")
+
+    def change(session: Session) -> None:
+        user = get_user(session, name)
+        if own and not (caller.is_admin and "admin" in caller.scopes):
+            if body.current_password is None:
+                raise Forbidden("give your current password to change it", code="current_password")
+            if not verify_password(user.password_hash, body.current_password):
+                raise Unauthorized("the current password is wrong", code="invalid_credentials")
+        set_password(session, user, body.password)
+        session.flush()
+        if portal.routes is not None:
+            portal.routes.user_changed(user)
+
+    await portal.run_db(change)
+    return Response(status_code=204)
+
+
+@router.delete("/{name}", status_code=204)
+async def remove_user(
+    name: str, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
+) -> Response:
+    """Delete a user and their tokens (admins). Their running instances are stopped first."""
+    name = _name(caller, name)
+    user = await portal.run_db(lambda s: get_user(s, name))
+    await portal.instances.stop_all_of(user.id)
+
+    def delete(session: Session) -> None:
+        row = get_user(session, name)
+        ensure_not_last_admin(session, row)
+        session.delete(row)
+        if portal.routes is not None:
+            portal.routes.user_removed(row.id)
+
+    await portal.run_db(delete)
+    return Response(status_code=204)

@@ -1,0 +1,151 @@
+"""The portal application: FastAPI app factory and its start-up and shut-down.
+
+On start it migrates the database, creates the first admin (printing a
+generated password once), loads the tool catalog, brings up the local site
+and re-attaches to every instance that was running before. On shut-down it
+stops watching but leaves instances running: restarting labgate interrupts
+no one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate import __version__
+from labgate.agent.link import LocalSiteLink, Report
+from labgate.agent.site import SiteAgent
+from labgate.backends.base import load_backend
+from labgate.config import Settings
+from labgate.db.models import Site
+from labgate.db.session import Database
+from labgate.portal import pages
+from labgate.portal.accounts import bootstrap_admin
+from labgate.portal.api import auth, catalog, instances, tokens, users
+from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
+from labgate.portal.routefeed import RouteFeedHub
+from labgate.portal.state import Portal
+from labgate.scheduler.lifecycle import InstanceManager
+from labgate.security import SessionSigner
+from labgate.tools.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+
+
+def ensure_site(session: Session, name: str, backend: str) -> None:
+    """Record the site in the database if it is new."""
+    site = session.scalar(select(Site).where(Site.name == name))
+    if site is None:
+        session.add(Site(name=name, backend=backend))
+    elif site.backend != backend:
+        site.backend = backend
+
+
+def build_portal(settings: Settings) -> Portal:
+    """Database, catalog and credentials, ready before the app starts serving."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.effective_database_url)
+    db.migrate()
+    catalog = Catalog.load(settings.tools_dir)
+    for problem in catalog.problems:
+        log.warning("tool file %s skipped: %s", problem.file, problem.reason)
+    signer = SessionSigner(settings.signing_key(), settings.session_max_age)
+    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=RouteFeedHub())
+
+
+def announce_admin(settings: Settings, password: str) -> None:
+    """Print the generated admin password, once, where the operator sees it."""
+    print(
+        f"\nlabgate: created admin account {settings.admin_username!r} "
+        f"with password: {password}\n(shown once; change it with `labgate user passwd`)\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the site and re-attach instances; on exit leave them running."""
+    portal: Portal = app.state.portal
+    settings = portal.settings
+    generated = await portal.run_db(
+        lambda s: bootstrap_admin(
+            s, settings.admin_username, settings.admin_password.get_secret_value()
+        )
+    )
+    if generated:
+        announce_admin(settings, generated)
+
+    backend_cls = load_backend("process")
+    await portal.run_db(lambda s: ensure_site(s, settings.site_name, backend_cls.name))
+
+    async def reporter(report: Report) -> None:
+        await portal.instances.apply(report)
+
+    agent = SiteAgent(
+        settings.site_name,
+        backend_cls(settings),
+        reporter,
+        poll_interval=settings.poll_interval,
+        stop_grace=settings.stop_grace_seconds,
+        log_tail_lines=settings.log_tail_lines,
+    )
+    portal.links = {settings.site_name: LocalSiteLink(agent)}
+    portal.manager = InstanceManager(
+        portal.db,
+        portal.catalog,
+        portal.links,
+        workspaces_dir=settings.workspaces_dir.resolve(),
+        max_instances_per_user=settings.max_instances_per_user,
+        events=portal.events,
+        routes=portal.routes,
+    )
+    if portal.routes is not None:
+        await portal.run_db(portal.routes.load)
+    await portal.manager.restore()
+    try:
+        yield
+    finally:
+        await portal.manager.close()
+        for link in portal.links.values():
+            await link.close()
+        portal.db.dispose()
+
+
+def create_app(settings: Settings | None = None, portal: Portal | None = None) -> FastAPI:
+    """The portal as an ASGI app."""
+    settings = settings or Settings()
+    portal = portal or build_portal(settings)
+    app = FastAPI(
+        title="labgate",
+        version=__version__,
+        description="Research tools next to the data, behind one authenticated front door.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.state.portal = portal
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
+
+    api = APIRouter(prefix=API_PREFIX)
+    for module in (auth, users, tokens, catalog, instances):
+        api.include_router(module.router)
+
+    @api.get("", tags=["meta"])
+    async def api_root() -> dict[str, str]:
+        """Name and version of this labgate."""
+        return {"name": "labgate", "version": __version__}
+
+    app.include_router(api)
+    app.include_router(pages.router)
+    return app

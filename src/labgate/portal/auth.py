@@ -1,0 +1,168 @@
+"""Who is calling: session cookies and API tokens turned into a :class:`Principal`.
+
+Every API route depends on :func:`principal` (or one of the ``require_*``
+helpers). Cookie-authenticated state changes must carry the session's CSRF
+token; token-authenticated requests need none (a browser never sends a
+token by itself).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.db.models import ApiToken, RevokedSession, User, utcnow
+from labgate.errors import Forbidden, Unauthorized
+from labgate.portal.state import Portal, get_portal
+from labgate.security import CSRF_FORM_FIELD, CSRF_HEADER, SCOPES, SESSION_COOKIE, hash_token
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+USER_SCOPES = frozenset(SCOPES) - {"admin"}
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    user_id: int
+    name: str
+    is_admin: bool
+    scopes: frozenset[str]
+    via: str
+    session_id: str | None = None
+    token_id: int | None = None
+
+    def has(self, scope: str) -> bool:
+        """Whether the caller holds ``scope`` (``admin`` holds them all)."""
+        return "admin" in self.scopes or scope in self.scopes
+
+    def require(self, scope: str) -> None:
+        """Refuse unless the caller holds ``scope``."""
+        if not self.has(scope):
+            raise Forbidden(f"this needs the {scope!r} scope", code="insufficient_scope")
+
+    def can_manage(self, owner_id: int) -> bool:
+        """Whether the caller may act on things owned by ``owner_id``."""
+        return owner_id == self.user_id or (self.is_admin and "admin" in self.scopes)
+
+
+def scopes_of(user: User) -> frozenset[str]:
+    """Every scope a user may hold."""
+    return frozenset(SCOPES) if user.is_admin else USER_SCOPES
+
+
+def token_from_header(value: str | None) -> str | None:
+    """The token in an ``Authorization: token X`` or ``Bearer X`` header."""
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() in ("token", "bearer") and token.strip():
+        return token.strip()
+    return None
+
+
+def authenticate_token(session: Session, token: str) -> Principal | None:
+    """The principal behind an API token, if it is valid."""
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, ApiToken.user_id == User.id)
+        .where(ApiToken.token_hash == hash_token(token))
+    ).first()
+    if row is None:
+        return None
+    api_token, user = row
+    now = utcnow()
+    if user.disabled or (api_token.expires_at is not None and api_token.expires_at <= now):
+        return None
+    if api_token.last_used_at is None or now - api_token.last_used_at > TOKEN_TOUCH_INTERVAL:
+        api_token.last_used_at = now
+        session.commit()
+    scopes = frozenset(api_token.scopes) & scopes_of(user)
+    return Principal(user.id, user.name, user.is_admin, scopes, "token", token_id=api_token.id)
+
+
+def authenticate_session(portal: Portal, session: Session, cookie: str) -> Principal | None:
+    """The principal behind a session cookie, if it is valid."""
+    claim = portal.signer.check(cookie)
+    if claim is None:
+        return None
+    user = session.get(User, claim.user_id)
+    if user is None or user.disabled:
+        return None
+    if claim.issued_at < user.sessions_valid_after.timestamp():
+        return None
+    if session.get(RevokedSession, claim.session_id) is not None:
+        return None
+    return Principal(
+        user.id, user.name, user.is_admin, scopes_of(user), "session", session_id=claim.session_id
+    )
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    """The caller if authenticated, else None (CSRF enforced for sessions)."""
+    cached = getattr(request.state, "principal", False)
+    if cached is not False:
+        return cached  # type: ignore[no-any-return]
+    portal = get_portal(request)
+    token = token_from_header(request.headers.get("authorization"))
+    cookie = request.cookies.get(SESSION_COOKIE)
+    result: Principal | None = None
+    if token is not None:
+        result = await portal.run_db(lambda s: authenticate_token(s, token))
+        if result is None:
+            raise Unauthorized("invalid or expired token", code="invalid_token")
+    elif cookie:
+        result = await portal.run_db(lambda s: authenticate_session(portal, s, cookie))
+        if result is not None and request.method not in SAFE_METHODS:
+            await _check_csrf(portal, request, result)
+    request.state.principal = result
+    return result
+
+
+async def _check_csrf(portal: Portal, request: Request, principal: Principal) -> None:
+    assert principal.session_id is not None
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        form = await request.form()
+        value = form.get(CSRF_FORM_FIELD)
+        given = value if isinstance(value, str) else None
+    if not portal.signer.check_csrf(principal.session_id, given):
+        raise Forbidden(
+            f"missing or wrong {CSRF_HEADER} header for a cookie-authenticated request",
+            code="csrf_failed",
+        )
+
+
+async def principal(
+    caller: Annotated[Principal | None, Depends(optional_principal)],
+) -> Principal:
+    """The authenticated caller; 401 otherwise."""
+    if caller is None:
+        raise Unauthorized("sign in or send an API token (Authorization: token ...)")
+    return caller
+
+
+def require(scope: str) -> Depends:  # type: ignore[valid-type]
+    """A dependency: the caller, who must hold ``scope``."""
+
+    async def dependency(caller: Annotated[Principal, Depends(principal)]) -> Principal:
+        caller.require(scope)
+        return caller
+
+    return Depends(dependency)
+
+
+def expiry_from_now(seconds: int | None) -> datetime | None:
+    """``seconds`` from now as a UTC datetime, or None."""
+    return None if seconds is None else datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+Caller = Annotated[Principal, Depends(principal)]

@@ -1,0 +1,144 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
+
+
+class Strict(BaseModel):
+    """Request bodies refuse unknown fields: a typo is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoginIn(Strict):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class SessionOut(BaseModel):
+    user: UserOut
+    csrf_token: str | None = Field(
+        None, description="Send as X-CSRF-Token on cookie-authenticated changes."
+    )
+    scopes: list[str]
+    via: str
+
+
+class UserIn(Strict):
+    name: str = Field(pattern=USER_NAME, description="Lower-case login name.")
+    password: str | None = Field(None, min_length=8, max_length=1024)
+    is_admin: bool = False
+
+
+class UserPatch(Strict):
+    is_admin: bool | None = None
+    disabled: bool | None = None
+
+
+class PasswordIn(Strict):
+    password: str = Field(min_length=8, max_length=1024)
+    current_password: str | None = Field(
+        None, max_length=1024, description="Required when changing your own password."
+    )
+
+
+class UserOut(BaseModel):
+    name: str
+    is_admin: bool
+    disabled: bool
+    created_at: datetime
+    last_login_at: datetime | None
+
+
+class UserCreated(UserOut):
+    password: str | None = Field(None, description="The generated password, shown once.")
+
+
+class TokenIn(Strict):
+    note: str = Field("", max_length=200)
+    scopes: list[str] | None = Field(
+        None, description="Defaults to every scope of the user except admin."
+    )
+    expires_in: int | None = Field(None, gt=0, le=10 * 365 * 24 * 3600, description="Seconds.")
+
+
+class TokenOut(BaseModel):
+    id: int
+    prefix: str
+    note: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    user: str
+
+
+class TokenCreated(TokenOut):
+    token: str = Field(description="The token itself, shown once.")
+
+
+class ToolOut(BaseModel):
+    name: str
+    title: str
+    description: str
+    icon: str
+    supports_prefix: bool
+    resources: dict[str, Any]
+    available: bool
+    unavailable_reason: str | None
+
+
+class SiteOut(BaseModel):
+    name: str
+    backend: str
+    instances: int
+    labels: dict[str, Any]
+
+
+class LaunchIn(Strict):
+    tool: str = Field(min_length=1, max_length=64)
+    resources: dict[str, Any] | None = Field(
+        None, description='e.g. {"cpu": 2, "memory": "4G"}; limited by the tool.'
+    )
+    site: str | None = Field(None, max_length=64)
+
+
+class InstanceOut(BaseModel):
+    id: str
+    tool: str
+    owner: str
+    site: str | None
+    state: str
+    reason: str
+    url: str
+    resources: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    ready_at: datetime | None
+    stopped_at: datetime | None
+    endpoint: str | None = Field(None, description="Upstream address; admins only.")
+
+
+class EventOut(BaseModel):
+    id: int
+    instance: str
+    kind: str
+    state: str
+    message: str
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class LogsOut(BaseModel):
+    instance: str
+    lines: int
+    text: str
+
+
+SessionOut.model_rebuild()

@@ -1,0 +1,59 @@
+"""The portal's long-lived services, built once per app and shared by requests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from fastapi import Request
+from sqlalchemy.orm import Session
+
+from labgate.config import Settings
+from labgate.db.session import Database
+from labgate.scheduler.events import EventBus
+from labgate.security import SessionSigner
+from labgate.tools.catalog import Catalog
+
+if TYPE_CHECKING:
+    from labgate.agent.link import SiteLink
+    from labgate.portal.routefeed import RouteFeedHub
+    from labgate.scheduler.lifecycle import InstanceManager
+
+T = TypeVar("T")
+
+
+@dataclass
+class Portal:
+    """Settings, database, catalog, credentials and the instance manager."""
+
+    settings: Settings
+    db: Database
+    catalog: Catalog
+    signer: SessionSigner
+    events: EventBus = field(default_factory=EventBus)
+    links: dict[str, SiteLink] = field(default_factory=dict)
+    manager: InstanceManager | None = None
+    routes: RouteFeedHub | None = None
+
+    async def run_db(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in a committed session on a worker thread."""
+
+        def run() -> T:
+            with self.db.session() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
+    @property
+    def instances(self) -> InstanceManager:
+        """The instance manager (present once the app has started)."""
+        assert self.manager is not None, "portal not started"
+        return self.manager
+
+
+def get_portal(request: Request) -> Portal:
+    """The portal services of the app serving ``request``."""
+    portal: Portal = request.app.state.portal
+    return portal

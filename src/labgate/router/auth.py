@@ -1,0 +1,154 @@
+"""Who is asking, and may they use this instance: decided in memory.
+
+A request is authenticated by, in order:
+
+1. an API token in ``Authorization: token lg_…`` or ``Authorization: Bearer
+   lg_…``, looked up by its SHA-256 in the route table, with the
+   ``instances:access`` (or ``admin``) scope, not expired;
+2. the portal's signed session cookie: signature and age checked once per
+   cookie value (then cached), session id not revoked, user known and not
+   disabled, issued no earlier than the user's ``sessions_valid_after``.
+
+Then the instance's access list decides: the owner, users listed in
+``Route.access``, and admins. Nothing here blocks or allocates much; the
+cached signature check is what makes cookie auth cheap on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from labgate.router.table import Route, RouteTable, UserInfo
+from labgate.security import SESSION_COOKIE, TOKEN_PREFIX, SessionClaim, SessionSigner, hash_token
+
+ACCESS_SCOPES = frozenset({"instances:access", "admin"})
+_COOKIE_NAME = SESSION_COOKIE.encode()
+_TOKEN_PREFIX = TOKEN_PREFIX.encode()
+_CLAIM_CACHE_SIZE = 65536
+
+Via = Literal["session", "token"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated user and how they proved it."""
+
+    user: UserInfo
+    via: Via
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The labgate credentials found in a request's headers.
+
+    ``cookie_rest`` is the ``Cookie`` header without labgate's session cookie
+    (None when nothing is left); ``token`` is a labgate API token given in
+    ``Authorization`` (other schemes are not labgate's and stay with the tool).
+    """
+
+    sessions: tuple[str, ...] = ()
+    cookie_rest: bytes | None = None
+    token: str | None = None
+
+
+def split_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes | None]:
+    """Labgate session cookie values in a ``Cookie`` header, and the header without them."""
+    if not cookie:
+        return (), cookie
+    if _COOKIE_NAME not in cookie:
+        return (), cookie
+    sessions: list[str] = []
+    kept: list[bytes] = []
+    for part in cookie.split(b";"):
+        name, sep, value = part.strip().partition(b"=")
+        if sep and name == _COOKIE_NAME:
+            # Quoted cookie values are legal; the signer's alphabet never needs them.
+            sessions.append(value.strip(b'"').decode("latin-1"))
+        elif part.strip():
+            kept.append(part.strip())
+    return tuple(sessions), (b"; ".join(kept) if kept else None)
+
+
+def labgate_token(authorization: bytes | None) -> str | None:
+    """The labgate API token in an ``Authorization`` value, if it carries one."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(b" ")
+    value = value.strip()
+    if scheme.lower() in (b"token", b"bearer") and value.startswith(_TOKEN_PREFIX):
+        return value.decode("latin-1")
+    return None
+
+
+def credentials(cookie: bytes | None, authorization: bytes | None) -> Credentials:
+    """Pick labgate's credentials out of a request's ``Cookie`` and ``Authorization``."""
+    sessions, rest = split_cookies(cookie)
+    return Credentials(sessions=sessions, cookie_rest=rest, token=labgate_token(authorization))
+
+
+class Authenticator:
+    """Checks credentials against a :class:`RouteTable`, in memory."""
+
+    def __init__(self, table: RouteTable, signer: SessionSigner) -> None:
+        self.table = table
+        self.signer = signer
+        self._claims: dict[str, SessionClaim] = {}
+
+    def identify(self, creds: Credentials, now: float | None = None) -> Identity | None:
+        """The user behind ``creds``, or None.
+
+        A labgate token that is present but not valid is final: the cookie is
+        not tried instead, so a script with a revoked token fails loudly.
+        """
+        now = time.time() if now is None else now
+        if creds.token is not None:
+            return self._token_identity(creds.token, now)
+        for value in creds.sessions:
+            identity = self._session_identity(value, now)
+            if identity is not None:
+                return identity
+        return None
+
+    def _token_identity(self, token: str, now: float) -> Identity | None:
+        info = self.table.tokens.get(hash_token(token))
+        if info is None or (info.expires_at is not None and info.expires_at <= now):
+            return None
+        if not info.scopes & ACCESS_SCOPES:
+            return None
+        user = self.table.users.get(info.user_id)
+        if user is None or user.disabled:
+            return None
+        if "admin" in info.scopes and not user.is_admin:
+            # An admin-scoped token of a user who is no longer an admin keeps
+            # only what its other scopes give.
+            if "instances:access" not in info.scopes:
+                return None
+        return Identity(user, "token")
+
+    def _session_identity(self, value: str, now: float) -> Identity | None:
+        claim = self._claims.get(value)
+        if claim is None:
+            claim = self.signer.check(value)
+            if claim is None:
+                return None
+            if len(self._claims) >= _CLAIM_CACHE_SIZE:
+                self._claims.clear()
+            self._claims[value] = claim
+        if claim.issued_at + self.signer.max_age < now:
+            self._claims.pop(value, None)
+            return None
+        if claim.session_id in self.table.revoked:
+            return None
+        user = self.table.users.get(claim.user_id)
+        # Cookies carry whole seconds: compare with the second the cut-off falls
+        # in, so a session issued right after a password change stays valid.
+        if user is None or user.disabled or claim.issued_at < int(user.sessions_valid_after):
+            return None
+        return Identity(user, "session")
+
+    @staticmethod
+    def may_access(identity: Identity, route: Route) -> bool:
+        """Whether ``identity`` may use the instance behind ``route``."""
+        return identity.user.is_admin or route.allows(identity.user.id)

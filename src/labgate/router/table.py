@@ -1,0 +1,353 @@
+"""The router's in-memory state: routes, users, tokens and revoked sessions.
+
+The portal owns the truth (its database); a router holds a copy that is fed
+through :class:`RouterControl` (in process) or the route stream (in a separate
+``labgate router`` process, see :mod:`labgate.router.stream`). Every request is
+decided from this copy alone, so nothing here may block or touch a database.
+
+A :meth:`RouteTable.snapshot` is one JSON-able dict holding everything::
+
+    {
+      "version": 1,
+      "routes": [{"instance_id", "upstream", "owner_id", "access", "state",
+                  "keep_prefix", "upstream_token"}, ...],
+      "users": [{"id", "name", "is_admin", "disabled", "sessions_valid_after"}, ...],
+      "tokens": [{"token_hash", "user_id", "scopes", "expires_at"}, ...],
+      "revoked_sessions": [{"session_id", "expires_at"}, ...]
+    }
+
+Tokens appear only as ``hash_token(token)``; the portal never knows more.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+SNAPSHOT_VERSION = 1
+
+RouteState = Literal["starting", "running"]
+ROUTE_STATES: frozenset[str] = frozenset({"starting", "running"})
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAddress:
+    """Where a route's traffic goes: a TCP host and port, or a unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        """Whether this is a unix socket."""
+        return bool(self.path)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_upstream(value: str) -> UpstreamAddress:
+    """Parse ``http://HOST:PORT`` (or ``HOST:PORT``) or ``unix:/path`` into an address.
+
+    Raises ``ValueError`` for anything else (https upstreams are not proxied:
+    instances live on a trusted network or behind a site tunnel).
+    """
+    if value.startswith("unix:"):
+        path = value[5:]
+        if not path.startswith("/"):
+            raise ValueError(f"unix upstream needs an absolute path: {value!r}")
+        return UpstreamAddress(path=path)
+    rest = value[7:] if value.startswith("http://") else value
+    rest = rest.rstrip("/")
+    if "/" in rest or ("://" in value and not value.startswith("http://")):
+        raise ValueError(f"upstream must be http://HOST:PORT or unix:/PATH, not {value!r}")
+    if rest.startswith("["):
+        host, sep, port_text = rest[1:].partition("]:")
+    else:
+        host, sep, port_text = rest.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"upstream must be http://HOST:PORT or unix:/PATH, not {value!r}")
+    return UpstreamAddress(host=host, port=int(port_text))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One instance reachable under ``/i/<instance_id>/``.
+
+    ``access`` holds the ids of users other than the owner who may use the
+    instance (empty until sharing exists); admins may always. ``keep_prefix``
+    forwards the path unchanged (the tool honours its base URL); otherwise
+    ``/i/<id>`` is stripped. ``upstream_token`` is sent to the tool as
+    ``Authorization: token <it>`` so the tool accepts only proxied traffic.
+    """
+
+    instance_id: str
+    upstream: str
+    owner_id: int
+    access: frozenset[int] = frozenset()
+    state: RouteState = "running"
+    keep_prefix: bool = True
+    upstream_token: str = ""
+    address: UpstreamAddress = field(init=False, repr=False, compare=False)
+    prefix: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.instance_id or "/" in self.instance_id:
+            raise ValueError(f"bad instance id {self.instance_id!r}")
+        if self.state not in ROUTE_STATES:
+            raise ValueError(f"bad route state {self.state!r}")
+        object.__setattr__(self, "access", frozenset(self.access))
+        object.__setattr__(self, "address", parse_upstream(self.upstream))
+        object.__setattr__(self, "prefix", f"/i/{self.instance_id}".encode())
+
+    def allows(self, user_id: int) -> bool:
+        """Whether a (non-admin) user may use this instance."""
+        return user_id == self.owner_id or user_id in self.access
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of this route."""
+        return {
+            "instance_id": self.instance_id,
+            "upstream": self.upstream,
+            "owner_id": self.owner_id,
+            "access": sorted(self.access),
+            "state": self.state,
+            "keep_prefix": self.keep_prefix,
+            "upstream_token": self.upstream_token,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Route:
+        """A route from its JSON form."""
+        return cls(
+            instance_id=str(data["instance_id"]),
+            upstream=str(data["upstream"]),
+            owner_id=int(data["owner_id"]),
+            access=frozenset(int(u) for u in data.get("access", ())),
+            state=data.get("state", "running"),
+            keep_prefix=bool(data.get("keep_prefix", True)),
+            upstream_token=str(data.get("upstream_token", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    """What the router needs to know about a user.
+
+    Sessions issued before ``sessions_valid_after`` (a Unix time, set on
+    password change or disable) are refused.
+    """
+
+    id: int
+    name: str
+    is_admin: bool = False
+    disabled: bool = False
+    sessions_valid_after: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form of this user."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "is_admin": self.is_admin,
+            "disabled": self.disabled,
+            "sessions_valid_after": self.sessions_valid_after,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UserInfo:
+        """A user from its JSON form."""
+        return cls(
+            id=int(data["id"]),
+            name=str(data["name"]),
+            is_admin=bool(data.get("is_admin", False)),
+            disabled=bool(data.get("disabled", False)),
+            sessions_valid_after=float(data.get("sessions_valid_after", 0.0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """An API token, known to the router only by its hash."""
+
+    user_id: int
+    scopes: frozenset[str] = frozenset()
+    expires_at: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scopes", frozenset(self.scopes))
+
+    def to_dict(self, token_hash: str) -> dict[str, Any]:
+        """The JSON form of this token under its hash."""
+        return {
+            "token_hash": token_hash,
+            "user_id": self.user_id,
+            "scopes": sorted(self.scopes),
+            "expires_at": self.expires_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenInfo:
+        """A token from its JSON form (``token_hash`` is read by the caller)."""
+        expires = data.get("expires_at")
+        return cls(
+            user_id=int(data["user_id"]),
+            scopes=frozenset(str(s) for s in data.get("scopes", ())),
+            expires_at=None if expires is None else float(expires),
+        )
+
+
+@runtime_checkable
+class RouterControl(Protocol):
+    """What the portal calls to keep routers in step with its database.
+
+    Every method is idempotent and cheap; the portal calls them on each
+    change (launch ready, stop, login/logout, token created/deleted, password
+    change) and ``resync`` with a full :meth:`RouteTable.snapshot` at start.
+    """
+
+    def add_route(self, route: Route) -> None:
+        """Add or replace the route of ``route.instance_id``."""
+
+    def remove_route(self, instance_id: str) -> None:
+        """Withdraw a route; unknown ids are ignored."""
+
+    def list_routes(self) -> list[Route]:
+        """Every route."""
+        ...
+
+    def set_user(self, user: UserInfo) -> None:
+        """Add or replace a user."""
+
+    def remove_user(self, user_id: int) -> None:
+        """Forget a user (their sessions and tokens stop working)."""
+
+    def set_token(self, token_hash: str, info: TokenInfo) -> None:
+        """Add or replace an API token, by ``hash_token(token)``."""
+
+    def remove_token(self, token_hash: str) -> None:
+        """Forget an API token."""
+
+    def revoke_session(self, session_id: str, expires_at: float) -> None:
+        """Refuse a session id until ``expires_at`` (when its cookie would expire anyway)."""
+
+    def resync(self, snapshot: dict[str, Any]) -> None:
+        """Replace everything with a full snapshot."""
+
+
+RemovalListener = Callable[[str], None]
+
+
+class RouteTable:
+    """The router's state; implements :class:`RouterControl`.
+
+    Lookups are plain dict probes. The attributes are public for the proxy's
+    hot path and must only be changed through the methods.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        self.users: dict[int, UserInfo] = {}
+        self.tokens: dict[str, TokenInfo] = {}
+        self.revoked: dict[str, float] = {}
+        self._removal_listeners: list[RemovalListener] = []
+
+    # --- RouterControl -------------------------------------------------------
+    def add_route(self, route: Route) -> None:
+        """Add or replace the route of ``route.instance_id``."""
+        self.routes[route.instance_id] = route
+
+    def remove_route(self, instance_id: str) -> None:
+        """Withdraw a route and tell listeners (the proxy closes its tunnels)."""
+        if self.routes.pop(instance_id, None) is not None:
+            for listener in self._removal_listeners:
+                listener(instance_id)
+
+    def list_routes(self) -> list[Route]:
+        """Every route."""
+        return list(self.routes.values())
+
+    def set_user(self, user: UserInfo) -> None:
+        """Add or replace a user."""
+        self.users[user.id] = user
+
+    def remove_user(self, user_id: int) -> None:
+        """Forget a user."""
+        self.users.pop(user_id, None)
+
+    def set_token(self, token_hash: str, info: TokenInfo) -> None:
+        """Add or replace an API token by its hash."""
+        self.tokens[token_hash] = info
+
+    def remove_token(self, token_hash: str) -> None:
+        """Forget an API token."""
+        self.tokens.pop(token_hash, None)
+
+    def revoke_session(self, session_id: str, expires_at: float) -> None:
+        """Refuse a session id until ``expires_at``."""
+        self.revoked[session_id] = max(expires_at, self.revoked.get(session_id, 0.0))
+
+    def resync(self, snapshot: dict[str, Any]) -> None:
+        """Replace everything with ``snapshot``; listeners hear of routes that went away."""
+        version = snapshot.get("version", SNAPSHOT_VERSION)
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {version!r}")
+        routes = {r.instance_id: r for r in map(Route.from_dict, snapshot.get("routes", ()))}
+        users = {u.id: u for u in map(UserInfo.from_dict, snapshot.get("users", ()))}
+        tokens = {
+            str(t["token_hash"]): TokenInfo.from_dict(t) for t in snapshot.get("tokens", ())
+        }
+        revoked = {
+            str(r["session_id"]): float(r["expires_at"])
+            for r in snapshot.get("revoked_sessions", ())
+        }
+        gone = [instance_id for instance_id in self.routes if instance_id not in routes]
+        self.routes, self.users, self.tokens, self.revoked = routes, users, tokens, revoked
+        for instance_id in gone:
+            for listener in self._removal_listeners:
+                listener(instance_id)
+
+    # --- the rest -----------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        """Everything, as one JSON-able dict (see the module docstring)."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "routes": [r.to_dict() for r in self.routes.values()],
+            "users": [u.to_dict() for u in self.users.values()],
+            "tokens": [info.to_dict(h) for h, info in self.tokens.items()],
+            "revoked_sessions": [
+                {"session_id": s, "expires_at": e} for s, e in self.revoked.items()
+            ],
+        }
+
+    def on_route_removed(self, listener: RemovalListener) -> None:
+        """Call ``listener(instance_id)`` whenever a route is withdrawn."""
+        self._removal_listeners.append(listener)
+
+    def purge_revoked(self, now: float | None = None) -> int:
+        """Drop revocations whose cookies have expired anyway; returns how many."""
+        now = time.time() if now is None else now
+        stale = [s for s, expires in self.revoked.items() if expires <= now]
+        for session_id in stale:
+            del self.revoked[session_id]
+        return len(stale)
+
+    def load(
+        self,
+        routes: Iterable[Route] = (),
+        users: Iterable[UserInfo] = (),
+        tokens: Iterable[tuple[str, TokenInfo]] = (),
+    ) -> None:
+        """Add several things at once (tests, the benchmark)."""
+        for route in routes:
+            self.add_route(route)
+        for user in users:
+            self.set_user(user)
+        for token_hash, info in tokens:
+            self.set_token(token_hash, info)

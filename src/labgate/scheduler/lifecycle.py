@@ -1,0 +1,399 @@
+"""The instance lifecycle: launch, stop, reports from sites, restore after restart.
+
+The manager owns every instance state transition. It writes each one, with
+its event, in one transaction; refuses transitions the state machine does not
+allow (a late ``running`` report for an instance the user already stopped is
+dropped, not applied); tells the route feed what changed; and wakes event
+stream readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from labgate.agent.link import Adoption, Report, SiteLink
+from labgate.backends.base import LaunchSpec, Resources
+from labgate.db.models import (
+    ACTIVE_STATES,
+    TRANSITIONS,
+    Instance,
+    InstanceEvent,
+    InstanceState,
+    Site,
+    User,
+    utcnow,
+)
+from labgate.db.session import Database
+from labgate.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from labgate.scheduler.events import EventBus
+from labgate.scheduler.placement import choose_site
+from labgate.security import new_id
+from labgate.tools.catalog import Catalog, Tool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RouteFeed(Protocol):
+    """Who hears about instance changes (the router's route table)."""
+
+    def instance_changed(self, instance: Instance) -> None:
+        """An instance changed state, endpoint or access."""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """A validated launch."""
+
+    tool: str
+    resources: dict[str, Any] | None = None
+    site: str | None = None
+
+
+class InstanceManager:
+    """Launches, stops and tracks instances across the portal's sites."""
+
+    def __init__(
+        self,
+        db: Database,
+        catalog: Catalog,
+        links: dict[str, SiteLink],
+        *,
+        workspaces_dir: Path,
+        max_instances_per_user: int,
+        events: EventBus,
+        routes: RouteFeed | None = None,
+    ) -> None:
+        self.db = db
+        self.catalog = catalog
+        self.links = links
+        self.workspaces_dir = workspaces_dir
+        self.max_instances_per_user = max_instances_per_user
+        self.events = events
+        self.routes = routes
+        self._admission = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _db(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self.db.session() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
+    # --- launch ------------------------------------------------------------
+    async def launch(self, user_id: int, request: LaunchRequest) -> Instance:
+        """Admit, record and start a launch; returns the ``pending`` instance."""
+        tool = self.catalog.get(request.tool)
+        if tool is None:
+            raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
+        resources = resolve_resources(tool, request.resources)
+        site = choose_site(self.links, tool, request.site)
+        instance = await self._db(lambda s: self._admit(s, user_id, tool, site, resources))
+        self.events.notify(instance.id)
+        self._spawn(self._start(instance.id))
+        return instance
+
+    def _admit(
+        self, session: Session, user_id: int, tool: Tool, site: str, resources: Resources
+    ) -> Instance:
+        # One admission at a time per portal, plus a row lock for PostgreSQL
+        # replicas: the count and the insert must not interleave.
+        with self._admission:
+            user = session.execute(
+                select(User).where(User.id == user_id).with_for_update()
+            ).scalar_one()
+            active = session.scalar(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.owner_id == user_id, Instance.state.in_(ACTIVE_STATES))
+            ) or 0
+            limit = self.max_instances_per_user
+            if active >= limit:
+                raise QuotaExceeded(
+                    f"{user.name} has {active} of {limit} allowed instances; "
+                    "stop one before launching another",
+                    limit=limit,
+                    current=active,
+                )
+            site_row = session.scalar(select(Site).where(Site.name == site))
+            instance = Instance(
+                id=new_id(),
+                owner_id=user_id,
+                tool=tool.name,
+                site=site_row,
+                state=InstanceState.pending,
+                resources=resources.as_json(),
+                secret=secrets.token_urlsafe(32),
+            )
+            session.add(instance)
+            session.add(
+                InstanceEvent(
+                    instance=instance,
+                    state=InstanceState.pending,
+                    message=f"scheduled on site {site}",
+                    data={"site": site},
+                )
+            )
+            session.flush()
+            session.refresh(instance, ["owner", "site"])
+            return instance
+
+    async def _start(self, instance_id: str) -> None:
+        spec, site = await self._db(lambda s: self._launch_spec(s, instance_id))
+        if spec is None or site is None:
+            return
+        await self.links[site].launch(spec)
+
+    def _launch_spec(self, session: Session, instance_id: str) -> tuple[LaunchSpec | None, str | None]:
+        instance = session.get(Instance, instance_id)
+        if instance is None or instance.state != InstanceState.pending or instance.site is None:
+            return None, None
+        return self.spec_for(instance), instance.site.name
+
+    def spec_for(self, instance: Instance) -> LaunchSpec:
+        """The launch spec of a stored instance."""
+        tool = self.catalog.get(instance.tool)
+        if tool is None:
+            raise NotFound(f"tool {instance.tool!r} is no longer in the catalog")
+        workspace = self.workspaces_dir / instance.owner.name
+        return LaunchSpec(
+            instance_id=instance.id,
+            owner=instance.owner.name,
+            tool=tool,
+            base_url=f"/i/{instance.id}/",
+            workspace=workspace,
+            resources=Resources(**instance.resources),
+            secret=instance.secret,
+        )
+
+    # --- stop --------------------------------------------------------------
+    async def stop(self, instance_id: str) -> Instance:
+        """Ask the instance's site to stop it; returns it in ``stopping``."""
+        instance = await self._db(lambda s: self._begin_stop(s, instance_id))
+        self._after_change(instance)
+        link = self.links.get(instance.site.name) if instance.site else None
+        if link is not None:
+            # Even a pending instance may be inside backend.start right now:
+            # the agent waits for that and stops whatever it started.
+            self._spawn(link.stop(instance.id, instance.backend_state))
+        else:
+            await self.apply(Report(instance.id, "stopped", message="stopped before it started"))
+        return instance
+
+    async def stop_all_of(self, user_id: int) -> None:
+        """Stop every unfinished instance of a user (before the account goes)."""
+
+        def ids(session: Session) -> list[str]:
+            return list(
+                session.scalars(
+                    select(Instance.id).where(
+                        Instance.owner_id == user_id, Instance.state.in_(ACTIVE_STATES)
+                    )
+                )
+            )
+
+        for instance_id in await self._db(ids):
+            try:
+                await self.stop(instance_id)
+            except Conflict:
+                continue
+
+    def _begin_stop(self, session: Session, instance_id: str) -> Instance:
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise NotFound(f"no instance {instance_id!r}")
+        prior = instance.state
+        if prior == InstanceState.stopping:
+            raise Conflict(f"instance {instance_id} is already stopping", code="invalid_state")
+        if prior.terminal:
+            raise Conflict(f"instance {instance_id} is already {prior.value}", code="invalid_state")
+        _transition(session, instance, InstanceState.stopping, "stop requested")
+        session.flush()
+        session.refresh(instance, ["owner", "site"])
+        return instance
+
+    # --- reports from sites ------------------------------------------------
+    async def apply(self, report: Report) -> None:
+        """Record what a site reported; the reporter callback of every link."""
+        instance = await self._db(lambda s: self._apply(s, report))
+        if instance is not None:
+            self._after_change(instance)
+
+    def _apply(self, session: Session, report: Report) -> Instance | None:
+        instance = session.get(Instance, report.instance_id)
+        if instance is None:
+            log.warning("report for unknown instance %s ignored", report.instance_id)
+            return None
+        if report.backend_state is not None:
+            instance.backend_state = report.backend_state
+        if report.endpoint is not None:
+            instance.endpoint = report.endpoint
+        target = InstanceState(report.state)
+        data = dict(report.data)
+        if report.log_tail:
+            data["log_tail"] = report.log_tail
+        if report.kind == "progress" or target == instance.state:
+            if instance.state.terminal:
+                return None
+            session.add(
+                InstanceEvent(
+                    instance=instance, kind="progress", state=instance.state,
+                    message=report.message, data=data,
+                )
+            )
+        else:
+            if target not in TRANSITIONS[instance.state]:
+                log.info(
+                    "instance %s: %s -> %s not allowed; report dropped",
+                    instance.id, instance.state.value, target.value,
+                )
+                return None
+            _transition(session, instance, target, report.message, data)
+        session.flush()
+        session.refresh(instance, ["owner", "site"])
+        return instance
+
+    def _after_change(self, instance: Instance) -> None:
+        if self.routes is not None:
+            self.routes.instance_changed(instance)
+        self.events.notify(instance.id)
+
+    # --- restart -----------------------------------------------------------
+    async def restore(self) -> None:
+        """After a portal start: hand every unfinished instance back to its site."""
+        rows = await self._db(self._unfinished)
+        for instance in rows:
+            site = instance.site.name if instance.site else None
+            link = self.links.get(site or "")
+            if link is None:
+                await self.apply(Report(instance.id, "lost", message=f"site {site} is not configured"))
+                continue
+            if instance.state == InstanceState.pending:
+                self._spawn(self._start(instance.id))
+            elif instance.state == InstanceState.stopping:
+                self._spawn(link.stop(instance.id, instance.backend_state))
+            else:
+                if self.routes is not None:
+                    self.routes.instance_changed(instance)
+                try:
+                    spec = self.spec_for(instance)
+                except NotFound as exc:
+                    await self.apply(Report(instance.id, "lost", message=exc.detail))
+                    continue
+                started = instance.started_at or instance.created_at
+                elapsed = (utcnow() - started).total_seconds()
+                await link.adopt(
+                    Adoption(
+                        spec=spec,
+                        state=instance.state.value,
+                        backend_state=instance.backend_state,
+                        endpoint=instance.endpoint,
+                        remaining_start_time=spec.tool.start_timeout - elapsed,
+                    )
+                )
+
+    def _unfinished(self, session: Session) -> list[Instance]:
+        unfinished = [*ACTIVE_STATES, InstanceState.stopping]
+        rows = session.scalars(
+            select(Instance).where(Instance.state.in_(unfinished)).order_by(Instance.created_at)
+        ).all()
+        for row in rows:
+            session.refresh(row, ["owner", "site"])
+        return list(rows)
+
+    async def logs(self, instance: Instance, lines: int) -> str:
+        """The tail of an instance's output, from its site."""
+        if instance.site is None or not instance.backend_state:
+            return ""
+        link = self.links.get(instance.site.name)
+        if link is None:
+            return ""
+        return await link.logs(instance.id, instance.backend_state, lines)
+
+    # --- background tasks --------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("instance task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Wait briefly for in-flight work, then cancel it."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _transition(
+    session: Session,
+    instance: Instance,
+    target: InstanceState,
+    message: str,
+    data: dict[str, Any] | None = None,
+) -> None:
+    now = utcnow()
+    instance.state = target
+    if target == InstanceState.starting:
+        instance.started_at = now
+    elif target == InstanceState.running:
+        instance.ready_at = now
+    elif target.terminal:
+        instance.stopped_at = now
+    if target in (InstanceState.failed, InstanceState.lost):
+        instance.reason = message
+    session.add(
+        InstanceEvent(instance=instance, state=target, message=message, data=data or {})
+    )
+
+
+def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
+    """The tool's defaults overridden by ``requested``, within the tool's maxima."""
+    from labgate.tools.catalog import parse_size
+
+    limits = tool.resources
+    cpu, memory = limits.cpu, limits.memory
+    if requested:
+        unknown = set(requested) - {"cpu", "memory"}
+        if unknown:
+            raise BadRequest(f"unknown resources: {', '.join(sorted(unknown))} (known: cpu, memory)")
+        if requested.get("cpu") is not None:
+            value = requested["cpu"]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise BadRequest("resources.cpu must be a positive number of cores")
+            cpu = float(value)
+        if requested.get("memory") is not None:
+            try:
+                memory = parse_size(requested["memory"])
+            except ValueError as exc:
+                raise BadRequest(f"resources.memory: {exc}") from None
+    if cpu > limits.max_cpu:
+        raise BadRequest(f"{tool.name} allows at most {limits.max_cpu:g} CPUs, asked for {cpu:g}")
+    if memory > limits.max_memory:
+        raise BadRequest(
+            f"{tool.name} allows at most {limits.max_memory} bytes of memory, asked for {memory}"
+        )
+    return Resources(cpu=cpu, memory=memory)
+
+
+def timestamp(value: datetime | None) -> float | None:
+    """A datetime as Unix seconds."""
+    return value.timestamp() if value is not None else None

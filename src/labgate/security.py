@@ -1,0 +1,124 @@
+"""Credentials: password hashes, API tokens, signed session cookies, CSRF tokens.
+
+Shared by the portal (which issues and checks them against the database) and
+the router (which checks them in memory on every request). Nothing here
+touches the database.
+
+- Passwords: argon2id through argon2-cffi.
+- API tokens: ``lg_<random>``; only their SHA-256 is stored. Tokens carry 256
+  bits of randomness, so a fast hash is safe and lets a lookup be one index
+  probe (argon2 is for low-entropy secrets such as passwords).
+- Sessions: an itsdangerous-signed ``{"u": user_id, "s": session_id}`` in an
+  HttpOnly, SameSite=Lax cookie. The signature carries the issue time; a
+  session is revoked by its id (logout) or by the user's
+  ``sessions_valid_after`` (password change, disable).
+- CSRF: an HMAC of the session id, sent back in ``X-CSRF-Token`` (or a form
+  field) on cookie-authenticated state changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+SESSION_COOKIE = "labgate-session"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FORM_FIELD = "csrf_token"
+TOKEN_PREFIX = "lg_"
+
+SCOPES: dict[str, str] = {
+    "instances:read": "list and show your instances, read their logs and events",
+    "instances:write": "launch and stop your instances",
+    "instances:access": "use your instances' tools through the router",
+    "account": "read and change your own account and tokens",
+    "admin": "everything, for every user (only tokens of admins)",
+}
+
+_hasher = PasswordHasher()
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of ``password``."""
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str, password: str) -> bool:
+    """Whether ``password`` matches ``password_hash``."""
+    try:
+        return _hasher.verify(password_hash, password)
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def new_api_token() -> str:
+    """A fresh API token, shown to its owner once."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    """The stored form of an API token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_id(nbytes: int = 8) -> str:
+    """A random lowercase id safe in URLs and host names (e.g. instance ids)."""
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    return "".join(secrets.choice(alphabet) for _ in range(nbytes * 3 // 2))
+
+
+@dataclass(frozen=True)
+class SessionClaim:
+    """What a valid session cookie says."""
+
+    user_id: int
+    session_id: str
+    issued_at: float
+
+
+class SessionSigner:
+    """Signs and checks session cookies and derives CSRF tokens."""
+
+    def __init__(self, key: str, max_age: int) -> None:
+        self._serializer = URLSafeTimedSerializer(key, salt="labgate.session")
+        self._csrf_key = hashlib.sha256(b"labgate.csrf:" + key.encode()).digest()
+        self.max_age = max_age
+
+    def issue(self, user_id: int) -> tuple[str, str]:
+        """A new cookie value and its session id."""
+        session_id = secrets.token_urlsafe(16)
+        # The precise issue time travels inside the payload: the signature's own
+        # timestamp has whole seconds, too coarse to compare with a revocation.
+        value = self._serializer.dumps({"u": user_id, "s": session_id, "t": time.time()})
+        return value, session_id
+
+    def check(self, value: str) -> SessionClaim | None:
+        """The claim in a cookie value, or None when forged, garbled or expired."""
+        try:
+            data, issued = self._serializer.loads(
+                value, max_age=self.max_age, return_timestamp=True
+            )
+        except (BadSignature, ValueError, TypeError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        user_id, session_id, issued_at = data.get("u"), data.get("s"), data.get("t")
+        if not isinstance(user_id, int) or not isinstance(session_id, str):
+            return None
+        if not isinstance(issued_at, int | float):
+            issued_at = issued.timestamp()
+        return SessionClaim(user_id=user_id, session_id=session_id, issued_at=float(issued_at))
+
+    def csrf_token(self, session_id: str) -> str:
+        """The CSRF token bound to a session."""
+        return hmac.new(self._csrf_key, session_id.encode(), hashlib.sha256).hexdigest()
+
+    def check_csrf(self, session_id: str, token: str | None) -> bool:
+        """Whether ``token`` is the CSRF token of the session."""
+        return token is not None and hmac.compare_digest(self.csrf_token(session_id), token)

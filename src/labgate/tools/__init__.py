@@ -1,0 +1,1 @@
+"""The tool catalog and the built-in tools."""

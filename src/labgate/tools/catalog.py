@@ -1,0 +1,235 @@
+"""The tool catalog: tool definitions read from TOML files.
+
+Built-in tools ship in ``labgate/tools/builtin/*.toml``; an operator adds more
+in ``tools_dir``. A file that does not parse or validate is reported with its
+name and the reason and skipped: one bad file never stops the server. A file
+in ``tools_dir`` replaces a built-in of the same name.
+
+A tool file looks like::
+
+    name = "demo"
+    title = "Demo"
+    description = "..."
+    supports_prefix = true
+    health_path = "/api/health"
+    start_timeout = 30
+
+    [resources]
+    cpu = 0.5
+    memory = "256M"
+
+    [process]
+    command = ["{python}", "-m", "labgate.tools.demo", "--port", "{port}",
+               "--base-url", "{base_url}"]
+    requires = ["python"]   # executables or importable modules that must exist
+    env = { DEMO_GREETING = "hello" }
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+import shutil
+import sys
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from labgate.backends.base import Resources
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
+PLACEHOLDERS = frozenset({"port", "base_url", "workspace", "python", "instance_id", "user"})
+# The instance token is a secret: allowed in environment values, never on a
+# command line where `ps` would show it to other local users.
+ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as ``"512M"`` or ``"2 GiB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M or 2G")
+    if isinstance(value, int | float):
+        size = int(value)
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    else:
+        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
+    if size <= 0:
+        raise ValueError("size must be positive")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class ToolResources(BaseModel):
+    """Default and maximum resources of a tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: float = Field(1.0, gt=0, le=1024)
+    memory: Size = 1024**3
+    max_cpu: float = Field(8.0, gt=0, le=1024)
+    max_memory: Size = 32 * 1024**3
+
+    def default(self) -> Resources:
+        """The resources a launch gets when it asks for none."""
+        return Resources(cpu=self.cpu, memory=self.memory)
+
+
+class ProcessSpec(BaseModel):
+    """How the process backend starts a tool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    requires: list[str] = Field(default_factory=list)
+
+    def check_placeholders(self) -> None:
+        """Refuse unknown ``{placeholders}`` in the command and environment templates."""
+        _check_template(self.command, PLACEHOLDERS, "command")
+        _check_template(self.env.values(), ENV_PLACEHOLDERS, "env")
+
+    def render(self, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The command and environment with their placeholders filled in."""
+        command = [part.format(**values) for part in self.command]
+        env = {key: value.format(**values) for key, value in self.env.items()}
+        return command, env
+
+
+def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
+    for part in parts:
+        for name in re.findall(r"{([^{}]*)}", part):
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise ValueError(f"unknown placeholder {{{name}}} in {where} (known: {known})")
+
+
+class Tool(BaseModel):
+    """A catalog entry: how to start one web tool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=NAME_RE)
+    title: str = Field(min_length=1, max_length=100)
+    description: str = ""
+    icon: str = ""
+    supports_prefix: bool = True
+    health_path: str = "/"
+    start_timeout: float = Field(60.0, gt=0, le=3600)
+    idle_timeout: float = Field(3600.0, ge=0)
+    resources: ToolResources = Field(default_factory=ToolResources)
+    process: ProcessSpec | None = None
+    source: str = Field("", exclude=True)
+
+    def model_post_init(self, __context: Any) -> None:
+        """Cross-field checks that pydantic's field validators cannot express."""
+        if not self.health_path.startswith("/"):
+            raise ValueError("health_path must start with /")
+        if self.process is not None:
+            self.process.check_placeholders()
+
+    def unavailable_reason(self, backend: str) -> str | None:
+        """Why this tool cannot run on ``backend`` here, or None when it can."""
+        if backend != "process":
+            return None
+        if self.process is None:
+            return "no [process] section"
+        for requirement in self.process.requires:
+            if requirement == "python" or shutil.which(requirement):
+                continue
+            if importlib.util.find_spec(requirement) is None:
+                return f"requires {requirement!r}, which is not installed"
+        return None
+
+
+class CatalogProblem(BaseModel):
+    """A tool file that could not be loaded."""
+
+    file: str
+    reason: str
+
+
+class Catalog:
+    """The tools known to this portal, by name."""
+
+    def __init__(self, tools: Iterable[Tool], problems: Iterable[CatalogProblem] = ()) -> None:
+        self.tools = {tool.name: tool for tool in tools}
+        self.problems = list(problems)
+
+    def get(self, name: str) -> Tool | None:
+        """The tool called ``name``, if any."""
+        return self.tools.get(name)
+
+    def __iter__(self) -> Any:
+        return iter(sorted(self.tools.values(), key=lambda tool: tool.name))
+
+    def __len__(self) -> int:
+        return len(self.tools)
+
+    @classmethod
+    def load(cls, extra_dir: Path | None = None) -> Catalog:
+        """Built-in tools, then the ones in ``extra_dir`` (which win on name clashes)."""
+        tools: dict[str, Tool] = {}
+        problems: list[CatalogProblem] = []
+        directories = [BUILTIN_DIR] + ([extra_dir] if extra_dir is not None else [])
+        for directory in directories:
+            if not directory.is_dir():
+                problems.append(CatalogProblem(file=str(directory), reason="not a directory"))
+                continue
+            for path in sorted(directory.glob("*.toml")):
+                try:
+                    tool = load_tool_file(path)
+                except ToolFileError as exc:
+                    log.warning("skipping tool file %s: %s", path, exc)
+                    problems.append(CatalogProblem(file=str(path), reason=str(exc)))
+                    continue
+                tools[tool.name] = tool
+        return cls(tools.values(), problems)
+
+
+class ToolFileError(ValueError):
+    """A tool file cannot be used; the message says why."""
+
+
+def load_tool_file(path: Path) -> Tool:
+    """Parse and validate one tool file."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ToolFileError(f"cannot read: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ToolFileError(f"invalid TOML: {exc}") from exc
+    try:
+        return Tool.model_validate({**data, "source": str(path)})
+    except ValidationError as exc:
+        reasons = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ToolFileError(reasons) from exc
+
+
+def template_values(
+    *, port: int, base_url: str, workspace: str, instance_id: str, user: str, instance_token: str
+) -> dict[str, str]:
+    """Values for a process command and environment template."""
+    return {
+        "instance_token": instance_token,
+        "port": str(port),
+        "base_url": base_url,
+        "workspace": workspace,
+        "python": sys.executable,
+        "instance_id": instance_id,
+        "user": user,
+    }

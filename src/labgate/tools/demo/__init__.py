@@ -1,0 +1,1 @@
+"""The ``demo`` tool shipped with labgate."""

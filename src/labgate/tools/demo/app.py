@@ -1,0 +1,179 @@
+"""The ``demo`` tool: a small web app that proves an instance works end to end.
+
+It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
+a health endpoint (``/api/health``) and a WebSocket echo (``/ws``). When
+``LABGATE_INSTANCE_TOKEN`` is set it answers only requests that carry
+``Authorization: token <it>`` (the router adds it), like a real tool should.
+
+Environment knobs make the test doubles of the style guide out of the same
+app: ``DEMO_START_DELAY`` (seconds before listening: a slow tool),
+``DEMO_NEVER_READY`` (health always 503), ``DEMO_CRASH`` (exit 3 at start,
+after printing a reason).
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>labgate demo</title>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto">
+<h1>labgate demo</h1>
+<p>Instance <code id="instance">{instance}</code> of <strong id="user">{user}</strong>.</p>
+<p>WebSocket echo: <output id="echo">waiting</output></p>
+<script>
+const base = {base_json};
+const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + base + "ws");
+ws.onopen = () => ws.send("hello from the browser");
+ws.onmessage = (event) => {{ document.getElementById("echo").textContent = event.data; }};
+ws.onerror = () => {{ document.getElementById("echo").textContent = "WebSocket failed"; }};
+</script>
+</body></html>
+"""
+
+
+class TokenGate:
+    """ASGI middleware: refuse requests without the instance token."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = f"token {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = dict(scope.get("headers", []))
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 4403})
+                    return
+                response = JSONResponse({"error": "forbidden"}, status_code=403)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(base_url: str = "/") -> ASGIApp:
+    """The demo app mounted under ``base_url``."""
+    base = "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
+    started = time.time()
+    never_ready = bool(os.environ.get("DEMO_NEVER_READY"))
+
+    async def page(request: Request) -> Response:
+        body = PAGE.format(
+            instance=html.escape(os.environ.get("LABGATE_INSTANCE_ID", "")),
+            user=html.escape(os.environ.get("LABGATE_USER", "")),
+            base_json=json.dumps(base),
+        )
+        return HTMLResponse(body)
+
+    async def health(request: Request) -> Response:
+        if never_ready:
+            return JSONResponse({"ready": False}, status_code=503)
+        return JSONResponse({"ready": True})
+
+    async def info(request: Request) -> Response:
+        home = Path(os.environ.get("HOME", "."))
+        data: dict[str, Any] = {
+            "tool": "demo",
+            "instance": os.environ.get("LABGATE_INSTANCE_ID", ""),
+            "user": os.environ.get("LABGATE_USER", ""),
+            "base_url": base,
+            "path": request.url.path,
+            "home": str(home),
+            "uptime": round(time.time() - started, 3),
+            "headers": {k: v for k, v in request.headers.items() if k.startswith("x-")},
+        }
+        return JSONResponse(data)
+
+    async def read_file(request: Request) -> Response:
+        """Read a file by absolute path: lets tests probe what the sandbox exposes."""
+        path = request.query_params.get("path", "")
+        try:
+            content = Path(path).read_text(errors="replace")[:65536]
+        except OSError as exc:
+            return JSONResponse({"ok": False, "error": exc.__class__.__name__}, status_code=404)
+        return JSONResponse({"ok": True, "content": content})
+
+    async def write_file(request: Request) -> Response:
+        """Write a file by absolute path: lets tests probe what the sandbox allows."""
+        path = request.query_params.get("path", "")
+        try:
+            Path(path).write_bytes(await request.body())
+        except OSError as exc:
+            return JSONResponse({"ok": False, "error": exc.__class__.__name__}, status_code=403)
+        return JSONResponse({"ok": True})
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("text") is not None:
+                    await websocket.send_text(message["text"])
+                elif message.get("bytes") is not None:
+                    await websocket.send_bytes(message["bytes"])
+        except WebSocketDisconnect:
+            return
+
+    routes = [
+        Route("/", page),
+        Route("/api/health", health),
+        Route("/api/info", info),
+        Route("/api/file", read_file, methods=["GET"]),
+        Route("/api/file", write_file, methods=["PUT"]),
+        WebSocketRoute("/ws", echo),
+    ]
+    app: ASGIApp = Starlette(routes=[Mount(base.rstrip("/"), routes=routes)] if base != "/" else routes)
+    token = os.environ.get("LABGATE_INSTANCE_TOKEN")
+    if token:
+        app = TokenGate(app, token)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the demo tool: ``python -m labgate.tools.demo --port P --base-url /i/x/``."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="labgate demo tool")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--base-url", default="/")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("DEMO_CRASH"):
+        print("demo: crashing on purpose (DEMO_CRASH is set)", flush=True)
+        sys.exit(3)
+    delay = float(os.environ.get("DEMO_START_DELAY", "0") or 0)
+    if delay > 0:
+        print(f"demo: waiting {delay}s before listening", flush=True)
+        time.sleep(delay)
+    print(f"demo: listening on {args.host}:{args.port} under {args.base_url}", flush=True)
+    uvicorn.run(
+        create_app(args.base_url),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        ws="websockets-sansio",
+        lifespan="off",
+    )

@@ -1,0 +1,162 @@
+"""Shared fixtures: settings on a temporary data dir, the portal in process, users, tokens.
+
+Tests run against SQLite; with LABGATE_TEST_DB_URL set (a PostgreSQL URL) the
+database tests run against that server instead, each test in a fresh schema.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from labgate.config import Settings
+from labgate.portal.app import create_app
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+PASSWORD = "user-password-123"
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh database: SQLite in tmp_path, or a new PostgreSQL database."""
+    server = os.environ.get("LABGATE_TEST_DB_URL")
+    if not server:
+        yield f"sqlite:///{tmp_path / 'labgate.db'}"
+        return
+    name = f"lgtest_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    """Settings for one test: its own data dir and database, quick polling."""
+    return Settings(
+        data_dir=tmp_path / "var",
+        database_url=database_url,
+        admin_password=ADMIN_PASSWORD,
+        secret_key="test-secret-key",
+        poll_interval=0.2,
+        stop_grace_seconds=3,
+    )
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Any]:
+    """The portal app with its lifespan running."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+        await stop_everything(application)
+
+
+async def stop_everything(application: Any) -> None:
+    """Stop every instance a test left behind, so no process outlives it."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from labgate.db.models import ACTIVE_STATES, Instance
+
+    portal = application.state.portal
+    ids = await portal.run_db(
+        lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
+    )
+    for instance_id in ids:
+        try:
+            await portal.instances.stop(instance_id)
+        except Exception:
+            pass
+    for _ in range(100):
+        left = await portal.run_db(
+            lambda s: s.scalar(
+                select(Instance.id).where(Instance.state.in_([*ACTIVE_STATES, "stopping"]))
+            )
+        )
+        if left is None:
+            return
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the app in process."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://labgate.test") as c:
+        yield c
+
+
+async def token_for(
+    client: httpx.AsyncClient, username: str, password: str, scopes: list[str] | None = None
+) -> dict[str, str]:
+    """Sign in and create an API token; returns the Authorization header."""
+    login = await client.post("/api/v1/auth/login", json={"username": username, "password": password})
+    assert login.status_code == 200, login.text
+    csrf = login.json()["csrf_token"]
+    body: dict[str, Any] = {"note": "tests"}
+    if scopes is not None:
+        body["scopes"] = scopes
+    created = await client.post("/api/v1/tokens", json=body, headers={"X-CSRF-Token": csrf})
+    assert created.status_code == 201, created.text
+    client.cookies.clear()
+    return {"Authorization": f"token {created.json()['token']}"}
+
+
+@pytest.fixture
+async def admin_headers(client: httpx.AsyncClient) -> dict[str, str]:
+    """An admin API token."""
+    return await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+
+
+@pytest.fixture
+async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Any:
+    """Create users on demand; returns their token headers."""
+
+    async def make(name: str, *, is_admin: bool = False) -> dict[str, str]:
+        created = await client.post(
+            "/api/v1/users",
+            json={"name": name, "password": PASSWORD, "is_admin": is_admin},
+            headers=admin_headers,
+        )
+        assert created.status_code == 201, created.text
+        return await token_for(client, name, PASSWORD)
+
+    return make
+
+
+async def wait_for_state(
+    client: httpx.AsyncClient,
+    headers: dict[str, str],
+    instance_id: str,
+    states: set[str],
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """Poll an instance until it is in one of ``states``."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await client.get(f"/api/v1/instances/{instance_id}", headers=headers)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        if body["state"] in states:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"instance {instance_id} stuck in {body['state']}: {body}")
+        await asyncio.sleep(0.1)
