@@ -46,8 +46,11 @@ def database_url(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def settings(tmp_path: Path, database_url: str) -> Settings:
     """Settings for one test: its own data dir and database, quick polling."""
+    from tools_fixtures import write_test_tools
+
     return Settings(
         data_dir=tmp_path / "var",
+        tools_dir=write_test_tools(tmp_path / "tools"),
         database_url=database_url,
         admin_password=ADMIN_PASSWORD,
         secret_key="test-secret-key",
@@ -58,11 +61,29 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Any]:
-    """The portal app with its lifespan running."""
+    """The portal app served by uvicorn on a random loopback port, in the test's loop."""
+    import asyncio
+
+    import uvicorn
+
     application = create_app(settings)
-    async with application.router.lifespan_context(application):
+    config = uvicorn.Config(
+        application, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    application.state.test_url = f"http://127.0.0.1:{port}"
+    try:
         yield application
+    finally:
         await stop_everything(application)
+        server.should_exit = True
+        await task
 
 
 async def stop_everything(application: Any) -> None:
@@ -95,9 +116,8 @@ async def stop_everything(application: Any) -> None:
 
 @pytest.fixture
 async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client talking to the app in process."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://labgate.test") as c:
+    """An HTTP client talking to the test's portal server."""
+    async with httpx.AsyncClient(base_url=app.state.test_url, timeout=30) as c:
         yield c
 
 

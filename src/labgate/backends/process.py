@@ -11,11 +11,8 @@ The saved state identifies the tracked process (the launcher, which ``exec``\\ s
 ``bwrap`` or the tool) by pid *and* start time, so a reused pid is never taken
 for the tool, and it is all :meth:`ProcessBackend.poll` and
 :meth:`ProcessBackend.stop` need: after a server restart a new backend
-re-attaches from the state alone.
-
-Backend options (the site's ``options`` JSON): ``nofile`` (open files per
-process, default 8192) and ``extra_ro_binds`` (host paths made visible
-read-only inside the sandbox, e.g. a tool installed under ``/opt``).
+re-attaches from the state alone. Backend options: ``nofile`` (default 8192)
+and ``extra_ro_binds`` (host paths shown read-only inside the sandbox).
 """
 
 from __future__ import annotations
@@ -36,13 +33,16 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from labgate.backends.base import JSON, Backend, LaunchSpec, Started, Status
 from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import template_values
+
+if TYPE_CHECKING:
+    from labgate.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ class ProcessBackend(Backend):
     name = "process"
     abstract = False
 
-    def __init__(self, settings: Any, options: JSON | None = None) -> None:
+    def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
         self.nofile = int(self.options.get("nofile", DEFAULT_NOFILE))
         self.extra_ro_binds = [str(p) for p in self.options.get("extra_ro_binds", [])]
@@ -292,11 +292,12 @@ class ProcessBackend(Backend):
     def _launch(self, spec: LaunchSpec) -> Started:
         if not INSTANCE_ID_RE.match(spec.instance_id):
             raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
-        if spec.tool.process is None:
-            raise InstanceStartError(f"tool {spec.tool.name!r} has no [process] section")
+        reason = spec.tool.unavailable_reason(self.name)
+        if reason is not None or spec.tool.process is None:
+            raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         bwrap = self.sandbox_path()
         workspace = spec.workspace.expanduser().resolve()
-        logs_dir = Path(self.settings.logs_dir).resolve()
+        logs_dir = self.settings.logs_dir.resolve()
         try:
             workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
             logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -325,7 +326,7 @@ class ProcessBackend(Backend):
                     bwrap,
                     workspace=workspace,
                     mounts=spec.mounts,
-                    private=[Path(self.settings.data_dir).resolve()],
+                    private=[self.settings.data_dir.resolve()],
                     extra_ro=self.extra_ro_binds,
                 )
             except SandboxError as exc:
@@ -423,8 +424,8 @@ class ProcessBackend(Backend):
         Returns once no process of the instance remains (zombies aside). Never
         blocks the event loop: /proc is scanned in a worker thread.
         """
-        instance_id, pid = str(state["instance_id"]), int(state["pid"])
-        start = int(state["start_time"])
+        instance_id = str(state["instance_id"])
+        pid, start = int(state["pid"]), int(state["start_time"])
         if state.get("boot_id") and state["boot_id"] != boot_id():
             return
         loop = asyncio.get_running_loop()
@@ -434,42 +435,35 @@ class ProcessBackend(Backend):
         while True:
             known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
             self._exit_code(pid, start)
-            fresh = set(known.items()) - termed
             if not known or loop.time() >= deadline:
                 break
-            if fresh:
-                self._send(pid, start, known, signal.SIGTERM, only=fresh)
-                termed |= fresh
+            group = pid if not termed and known.get(pid) == start else None
+            if group is not None:
+                # Also reaches children forked since the scan. The group id is the
+                # leader's pid, which nobody else can hold while the leader lives.
+                with contextlib.suppress(OSError):
+                    os.killpg(group, signal.SIGTERM)
+            for item in set(known.items()) - termed:
+                # Once each: a second TERM makes some servers (uvicorn) skip their cleanup.
+                info = read_proc(item[0])
+                if group is None or info is None or info.pgrp != group:
+                    _signal(*item, signal.SIGTERM)
+                termed.add(item)
             await asyncio.sleep(_STOP_POLL)
         for _ in range(_KILL_ROUNDS):
             if not known:
                 break
             log.info("instance %s: killing %d process(es) left after TERM", instance_id, len(known))
-            self._send(pid, start, known, signal.SIGKILL)
+            if known.get(pid) == start:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            for item in known.items():
+                _signal(*item, signal.SIGKILL)
             await asyncio.sleep(_STOP_POLL)
             self._exit_code(pid, start)
             known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
         if known:
             log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
-        self._exit_code(pid, start)
-
-    def _send(
-        self,
-        root: int,
-        root_start: int,
-        procs: dict[int, int],
-        sig: signal.Signals,
-        only: set[tuple[int, int]] | None = None,
-    ) -> None:
-        """Signal the instance's process group (while its leader lives) and each process."""
-        if root in procs and procs[root] == root_start:
-            # Catches children forked since the last scan. The group id cannot
-            # belong to anyone else while its leader (checked above) is alive.
-            with contextlib.suppress(OSError):
-                os.killpg(root, sig)
-        for pid, start in procs.items():
-            if only is None or (pid, start) in only:
-                _signal(pid, start, sig)
 
     # --- logs --------------------------------------------------------------------
 

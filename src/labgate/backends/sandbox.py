@@ -53,13 +53,13 @@ class SandboxPlan:
     """The ``bwrap`` arguments for one instance, and what they make visible."""
 
     argv: list[str]
-    #: Host paths visible inside the sandbox (read-only or read-write).
+    #: Paths that exist inside the sandbox (read-only or read-write), with their subtrees.
     visible: tuple[str, ...]
 
     def shows(self, path: str) -> bool:
-        """Whether host ``path`` (resolved) is visible inside the sandbox."""
-        real = os.path.realpath(path)
-        return any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.visible)
+        """Whether host ``path`` is reachable inside the sandbox, as named and resolved."""
+        names = (os.path.abspath(path), os.path.realpath(path))
+        return all(any(_contains(root, name) for root in self.visible) for name in names)
 
 
 def find_bwrap() -> str | None:
@@ -76,7 +76,9 @@ def python_dirs() -> list[str]:
     """
     package_root = str(Path(__file__).resolve().parents[2])
     dirs = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root]
-    return _outermost(os.path.realpath(d) for d in dirs)
+    # Under both names when a symlink leads there: the venv's python links to the base by
+    # its real path, while sys.executable uses the name it was started with.
+    return _outermost([os.path.abspath(d) for d in dirs] + [os.path.realpath(d) for d in dirs])
 
 
 def _outermost(paths: Iterable[str]) -> list[str]:
@@ -119,6 +121,7 @@ def bwrap_argv(
     for top in SYSTEM_DIRS:
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
+            visible.append(top)
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
             visible.append(top)
@@ -129,9 +132,13 @@ def bwrap_argv(
         if os.path.isdir(path):
             argv += ["--tmpfs", path, "--remount-ro", path]
 
+    # Private, empty /tmp and /run; binds under them (a venv or workspace in /tmp) come after.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
+    argv += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]  # noqa: S108 - private, empty tmpfs
+
     private_real = [os.path.realpath(p) for p in private]
-    for path in _outermost([*python_dirs(), *(os.path.realpath(p) for p in extra_ro)]):
-        if any(_contains(path, hidden) for hidden in private_real):
+    for path in _outermost([*python_dirs(), *(os.path.abspath(p) for p in extra_ro)]):
+        if any(_contains(os.path.realpath(path), hidden) for hidden in private_real):
             raise SandboxError(
                 f"{path} is needed inside the sandbox but contains the data dir; "
                 "move the data dir out of it"
@@ -142,19 +149,15 @@ def bwrap_argv(
             argv += ["--ro-bind", path, path]
             visible.append(path)
 
-    # /tmp is a private tmpfs; binds under it (a workspace in /tmp) come after.
-    argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
-    argv += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]  # noqa: S108 - private, empty tmpfs
-
     ws = str(workspace)
     argv += ["--bind", ws, ws]
-    visible.append(os.path.realpath(ws))
+    visible.append(ws)
     for mount in mounts:
         if not os.path.isabs(mount.target):
             raise SandboxError(f"mount target {mount.target!r} is not an absolute path")
         if not mount.source.exists():
             raise SandboxError(f"mount source {mount.source} does not exist")
         argv += ["--ro-bind" if mount.read_only else "--bind", str(mount.source), mount.target]
-        visible.append(os.path.realpath(mount.source))
+        visible.append(mount.target)
     argv += ["--chdir", ws, "--"]
     return SandboxPlan(argv=argv, visible=tuple(visible))

@@ -55,8 +55,6 @@ def build_portal(settings: Settings) -> Portal:
     db = Database(settings.effective_database_url)
     db.migrate()
     catalog = Catalog.load(settings.tools_dir)
-    for problem in catalog.problems:
-        log.warning("tool file %s skipped: %s", problem.file, problem.reason)
     signer = SessionSigner(settings.signing_key(), settings.session_max_age)
     return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=RouteFeedHub())
 

@@ -107,21 +107,25 @@ class BodyLimitMiddleware:
                 if declared < 0 or declared > self.limit:
                     await self._refuse(scope, receive, send, declared < 0)
                     return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send, False)
+        # No (valid) length declared: the body is streamed. API bodies are small,
+        # so read it up to the limit here and replay it to the app.
+        if not any(name == b"content-length" for name, _ in scope.get("headers", [])):
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    await self.app(scope, _replay(message), send)
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.limit:
+                    await self._refuse(scope, receive, send, False)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replay: Message = {"type": "http.request", "body": bytes(body), "more_body": False}
+            await self.app(scope, _replay(replay, receive), send)
+            return
+        await self.app(scope, receive, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, malformed: bool) -> None:
         if malformed:
@@ -133,5 +137,17 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(first: Message, then: Receive | None = None) -> Receive:
+    """A receive callable that returns ``first`` once, then defers to ``then``."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive

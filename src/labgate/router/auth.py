@@ -120,11 +120,10 @@ class Authenticator:
         user = self.table.users.get(info.user_id)
         if user is None or user.disabled:
             return None
-        if "admin" in info.scopes and not user.is_admin:
-            # An admin-scoped token of a user who is no longer an admin keeps
-            # only what its other scopes give.
-            if "instances:access" not in info.scopes:
-                return None
+        # An admin-scoped token of a user who is no longer an admin keeps only
+        # what its other scopes give.
+        if "instances:access" not in info.scopes and not user.is_admin:
+            return None
         return Identity(user, "token")
 
     def _session_identity(self, value: str, now: float) -> Identity | None:

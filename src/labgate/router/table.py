@@ -300,9 +300,7 @@ class RouteTable:
             raise ValueError(f"unsupported snapshot version {version!r}")
         routes = {r.instance_id: r for r in map(Route.from_dict, snapshot.get("routes", ()))}
         users = {u.id: u for u in map(UserInfo.from_dict, snapshot.get("users", ()))}
-        tokens = {
-            str(t["token_hash"]): TokenInfo.from_dict(t) for t in snapshot.get("tokens", ())
-        }
+        tokens = {str(t["token_hash"]): TokenInfo.from_dict(t) for t in snapshot.get("tokens", ())}
         revoked = {
             str(r["session_id"]): float(r["expires_at"])
             for r in snapshot.get("revoked_sessions", ())

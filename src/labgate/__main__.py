@@ -1,0 +1,5 @@
+"""``python -m labgate``: the command line."""
+
+from labgate.cli import main
+
+main()

@@ -1,0 +1,202 @@
+"""Instance commands of the CLI: launch, ls, stop, logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+import webbrowser
+from typing import Any, NoReturn
+
+import typer
+
+from labgate import cli_output as show
+from labgate.cli_context import JSON_OPTION, fail, state_of
+from labgate.client import TERMINAL_STATES, Client, WaitTimeout
+
+FOLLOW_WINDOW = 1000  # lines fetched per poll of `logs --follow`
+
+
+def launch(
+    ctx: typer.Context,
+    tool: str = typer.Argument(..., help="The tool to launch (see `labgate tool list`)."),
+    cpu: float | None = typer.Option(None, "--cpu", help="CPUs, e.g. 2 or 0.5."),
+    memory: str | None = typer.Option(None, "--memory", help="Memory, e.g. 512M or 2G."),
+    site: str | None = typer.Option(None, "--site", help="Run on this site."),
+    wait: bool = typer.Option(
+        True, "--wait/--no-wait", help="Follow the launch until the tool is ready."
+    ),
+    open_browser: bool = typer.Option(False, "--open", help="Open the tool in a web browser."),
+    timeout: float = typer.Option(
+        600.0, "--timeout", metavar="SECONDS", help="Give up waiting after this long."
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Launch a tool and print its URL once it is running."""
+    resources = {key: value for key, value in (("cpu", cpu), ("memory", memory)) if value}
+    body = {"tool": tool, "resources": resources or None, "site": site}
+    with state_of(ctx).client() as client:
+        instance = client.post("/instances", body)
+        if wait:
+            _follow_launch(client, instance, timeout)
+            instance = client.get(f"/instances/{instance['id']}")
+    if as_json:
+        show.print_json(instance)
+    elif wait:
+        typer.echo(instance["url"])
+    else:
+        show.note(f"launched {tool} as {instance['id']} ({instance['state']}); see `labgate ls`")
+        typer.echo(instance["id"])
+    if open_browser and wait:
+        webbrowser.open(instance["url"])
+
+
+def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> None:
+    """Show the launch's progress until it runs; fail with the reason and log tail otherwise."""
+    instance_id, tool = instance["id"], instance["tool"]
+    err = show.stderr()
+    started = time.monotonic()
+    ended: dict[str, Any] | None = None
+    try:
+        with err.status(f"launching {tool} ({instance_id})…") as status:
+            for event in client.events(instance_id, deadline=started + timeout):
+                current, message = event["state"], event.get("message") or ""
+                if current in TERMINAL_STATES:
+                    ended = event
+                    break
+                elapsed = time.monotonic() - started
+                err.print(f"{elapsed:5.1f}s  {current:<9} {message}", markup=False)
+                if current == "running":
+                    return
+                status.update(f"{tool} ({instance_id}) {current}: {message}")
+    except WaitTimeout:
+        fail(
+            f"{tool} ({instance_id}) is not running after {timeout:g}s; "
+            f"see `labgate logs {instance_id}`, stop it with `labgate stop {instance_id}`"
+        )
+    except KeyboardInterrupt:
+        show.note(
+            f"stopped waiting; {instance_id} keeps starting (`labgate ls`, "
+            f"`labgate stop {instance_id}`)"
+        )
+        raise typer.Exit(130) from None
+    if ended is None:
+        fail(f"{tool} ({instance_id}) ended before it was ready")
+    _launch_failed(instance_id, tool, ended)
+
+
+def _launch_failed(instance_id: str, tool: str, event: dict[str, Any]) -> NoReturn:
+    """One error line with the reason, then the last lines the tool wrote."""
+    reason = " ".join((event.get("message") or "no reason given").split())
+    typer.echo(f"error: {tool} ({instance_id}) {event['state']}: {reason}", err=True)
+    tail = str((event.get("data") or {}).get("log_tail") or "").rstrip()
+    if tail:
+        typer.echo("last log lines:", err=True)
+        for line in tail.splitlines():
+            typer.echo(f"  | {line}", err=True)
+    raise typer.Exit(1)
+
+
+def ls(
+    ctx: typer.Context,
+    all_states: bool = typer.Option(
+        False, "--all", "-a", help="Also stopped and failed instances."
+    ),
+    user: str | None = typer.Option(None, "--user", help="Only this user's (admins)."),
+    tool: str | None = typer.Option(None, "--tool", help="Only instances of this tool."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """List your instances (admins: everyone's), newest first."""
+    with state_of(ctx).client() as client:
+        rows = client.get("/instances", active=None if all_states else "true", user=user, tool=tool)
+    if as_json:
+        show.print_json(rows)
+    else:
+        hint = "no instances" if all_states else "no active instances (`labgate ls --all`)"
+        show.instances(rows, empty=hint)
+
+
+def stop(
+    ctx: typer.Context,
+    ids: list[str] = typer.Argument(..., help="Instance ids (see `labgate ls`)."),
+    wait: bool = typer.Option(False, "--wait/--no-wait", help="Wait until they have stopped."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", metavar="SECONDS", help="Give up waiting after this long."
+    ),
+) -> None:
+    """Stop instances."""
+    with state_of(ctx).client() as client:
+        for instance_id in ids:
+            instance = client.delete(f"/instances/{instance_id}")
+            if wait:
+                instance = _wait_for_end(client, instance_id, timeout)
+            typer.echo(f"{instance_id} {instance['state']}")
+
+
+def _wait_for_end(client: Client, instance_id: str, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        instance: dict[str, Any] = client.get(f"/instances/{instance_id}")
+        if instance["state"] in TERMINAL_STATES:
+            return instance
+        if time.monotonic() > deadline:
+            fail(f"{instance_id} is still {instance['state']} after {timeout:g}s")
+        time.sleep(0.2)
+
+
+def logs(
+    ctx: typer.Context,
+    instance_id: str = typer.Argument(..., metavar="ID", help="The instance."),
+    lines: int = typer.Option(100, "--lines", "-n", min=1, max=10000, help="How many lines."),
+    follow: bool = typer.Option(
+        False, "--follow", "-f", help="Keep printing new output until the instance ends."
+    ),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between polls."),
+) -> None:
+    """Print an instance's recent output."""
+    with state_of(ctx).client() as client:
+        text = client.get(f"/instances/{instance_id}/logs", lines=lines)["text"]
+        _write(text)
+        if not follow:
+            return
+        seen = text.splitlines()
+        try:
+            while True:
+                finished = client.get(f"/instances/{instance_id}")["state"] in TERMINAL_STATES
+                window = client.get(f"/instances/{instance_id}/logs", lines=FOLLOW_WINDOW)[
+                    "text"
+                ].splitlines()
+                fresh = new_lines(seen, window)
+                if fresh:
+                    _write("\n".join(fresh))
+                seen = window
+                if finished:
+                    return
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+def new_lines(seen: list[str], window: list[str], anchor_size: int = 20) -> list[str]:
+    """The lines of ``window`` that come after what was ``seen``.
+
+    The end of ``seen`` is looked for in ``window``: as a whole, else as an
+    overlap with its start. When neither is found (more new output than one
+    window holds) the whole window is new.
+    """
+    anchor = seen[-anchor_size:]
+    size = len(anchor)
+    if not size:
+        return window
+    for end in range(len(window), size - 1, -1):
+        if window[end - size : end] == anchor:
+            return window[end:]
+    for overlap in range(min(size, len(window)) - 1, 0, -1):
+        if anchor[size - overlap :] == window[:overlap]:
+            return window[overlap:]
+    return window
+
+
+def _write(text: str) -> None:
+    if text:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,235 @@
+"""How the CLI shows things: Rich tables for people, raw JSON for scripts.
+
+Tables go to stdout; progress and notes go to stderr, so the stdout of a
+command such as ``labgate launch`` or ``labgate token create`` is exactly the
+one thing a script wants from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+STATE_STYLES = {
+    "pending": "yellow",
+    "starting": "yellow",
+    "running": "green",
+    "stopping": "yellow",
+    "stopped": "dim",
+    "failed": "red",
+    "lost": "red",
+}
+_UNITS = ("", "K", "M", "G", "T")
+PIPE_WIDTH = 1000
+
+
+def stdout() -> Console:
+    """A console on stdout (made per call so captured streams are honoured).
+
+    Piped into another program, tables are not wrapped at 80 columns (unless
+    ``COLUMNS`` says so): a line per row is what ``grep`` and ``awk`` want.
+    """
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = PIPE_WIDTH
+    return console
+
+
+def stderr() -> Console:
+    """A console on stderr, for progress and notes."""
+    return Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as indented JSON, uncoloured, for scripts."""
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def note(message: str) -> None:
+    """A line for the person at the terminal, on stderr (no markup interpreted)."""
+    typer.echo(message, err=True)
+
+
+def when(value: str | None) -> str:
+    """An API timestamp as local time to the minute; empty for none."""
+    if not value:
+        return ""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def size(value: Any) -> str:
+    """A byte count the way people write it: 512M, 2G, 1.5G."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return str(value)
+    amount, unit = float(value), 0
+    while amount >= 1024 and unit < len(_UNITS) - 1:
+        amount /= 1024
+        unit += 1
+    text = f"{amount:.1f}".removesuffix(".0")
+    return f"{text}{_UNITS[unit]}"
+
+
+def state(value: str) -> Text:
+    """An instance state, coloured."""
+    return Text(value, style=STATE_STYLES.get(value, ""))
+
+
+# Columns that may wrap on a narrow terminal; the others (ids, names, URLs) keep one line.
+_WRAPPING = frozenset({"DESCRIPTION", "SCOPES", "LABELS", "NOTE", "URL / REASON", "VALUE"})
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[str | Text]], empty: str) -> None:
+    materialised = list(rows)
+    if not materialised:
+        note(empty)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=column not in _WRAPPING, overflow="fold")
+    for row in materialised:
+        table.add_row(*(cell if isinstance(cell, Text) else escape(cell) for cell in row))
+    console = stdout()
+    if console.is_terminal:
+        console.print(table)
+        return
+    with console.capture() as captured:
+        console.print(table)
+    # Piped: no padding at the ends of lines.
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def _yes(flag: Any) -> str:
+    return "yes" if flag else ""
+
+
+def users(rows: list[dict[str, Any]]) -> None:
+    """The users table."""
+    _table(
+        ("NAME", "ADMIN", "DISABLED", "CREATED", "LAST LOGIN"),
+        (
+            (
+                u["name"],
+                _yes(u["is_admin"]),
+                _yes(u["disabled"]),
+                when(u["created_at"]),
+                when(u["last_login_at"]),
+            )
+            for u in rows
+        ),
+        "no users",
+    )
+
+
+def tokens(rows: list[dict[str, Any]], *, show_user: bool) -> None:
+    """The tokens table (the tokens themselves are never shown again)."""
+    columns = [
+        "ID",
+        "PREFIX",
+        *(["USER"] if show_user else []),
+        "NOTE",
+        "SCOPES",
+        "CREATED",
+        "EXPIRES",
+        "LAST USED",
+    ]
+    _table(
+        columns,
+        (
+            (
+                str(t["id"]),
+                t["prefix"] + "…",
+                *([t["user"]] if show_user else []),
+                t["note"],
+                " ".join(t["scopes"]),
+                when(t["created_at"]),
+                when(t["expires_at"]) or "never",
+                when(t["last_used_at"]),
+            )
+            for t in rows
+        ),
+        "no tokens",
+    )
+
+
+def tools(rows: list[dict[str, Any]]) -> None:
+    """The tool catalog."""
+
+    def available(tool: dict[str, Any]) -> Text:
+        if tool["available"]:
+            return Text("yes", style="green")
+        return Text(f"no: {tool.get('unavailable_reason') or 'unknown reason'}", style="red")
+
+    _table(
+        ("NAME", "TITLE", "CPU", "MEMORY", "AVAILABLE", "DESCRIPTION"),
+        (
+            (
+                t["name"],
+                t["title"],
+                str(t["resources"].get("cpu", "")),
+                size(t["resources"].get("memory", "")),
+                available(t),
+                t["description"],
+            )
+            for t in rows
+        ),
+        "no tools in the catalog",
+    )
+
+
+def sites(rows: list[dict[str, Any]]) -> None:
+    """The sites table."""
+    _table(
+        ("NAME", "BACKEND", "INSTANCES", "LABELS"),
+        (
+            (
+                s["name"],
+                s["backend"],
+                str(s["instances"]),
+                " ".join(f"{k}={v}" for k, v in s["labels"].items()),
+            )
+            for s in rows
+        ),
+        "no sites",
+    )
+
+
+def instances(rows: list[dict[str, Any]], *, empty: str) -> None:
+    """The instances table."""
+    _table(
+        ("ID", "TOOL", "OWNER", "SITE", "STATE", "CREATED", "URL / REASON"),
+        (
+            (
+                i["id"],
+                i["tool"],
+                i["owner"],
+                i["site"] or "",
+                state(i["state"]),
+                when(i["created_at"]),
+                i["url"] if i["state"] == "running" else i["reason"],
+            )
+            for i in rows
+        ),
+        empty,
+    )
+
+
+def mapping(values: dict[str, Any], *, key: str = "SETTING") -> None:
+    """A two-column table of names and values."""
+    _table(
+        (key, "VALUE"),
+        ((name, "" if v is None else str(v)) for name, v in values.items()),
+        "nothing to show",
+    )

@@ -1,0 +1,130 @@
+"""What every connection of one router shares: options, state, pool, clock.
+
+Timeouts are enforced by one sweeper per router that wakes every second and
+closes whatever is past its ``deadline`` (a float per connection; ``inf``
+means none). Setting a deadline is one attribute store on the hot path,
+instead of a timer handle per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from labgate.router.activity import ActivityLog, Counter
+from labgate.router.auth import Authenticator
+from labgate.router.table import RouteTable, UpstreamAddress
+
+if TYPE_CHECKING:
+    from labgate.router.upstream import UpstreamPool
+
+log = logging.getLogger("labgate.router")
+
+NEVER = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class RouterOptions:
+    """Knobs of the proxy; the defaults suit a gateway in front of interactive tools."""
+
+    login_path: str = "/login"
+    """Portal page a browser without a session is sent to (with ``?next=``)."""
+    forwarded_proto: str = "http"
+    """``X-Forwarded-Proto`` value: the scheme of the public URL."""
+    connect_timeout: float = 10.0
+    """Seconds to open a connection to an upstream before answering 504."""
+    response_timeout: float = 300.0
+    """Seconds an upstream may stay silent while a response is due or streaming."""
+    header_timeout: float = 30.0
+    """Seconds a client has to send a complete request head."""
+    keepalive_timeout: float = 75.0
+    """Seconds an idle client connection is kept between requests."""
+    pool_idle_timeout: float = 3.0
+    """Seconds an idle upstream connection is kept (below common tool keep-alives)."""
+    pool_max_idle: int = 64
+    """Idle connections kept per upstream."""
+    buffer_limit: int = 256 * 1024
+    """Bytes buffered per direction before reading from the other side pauses."""
+    discard_limit: int = 1024 * 1024
+    """Request body bytes read and dropped after an early answer before closing instead."""
+    max_pipelined: int = 64
+    """Pipelined requests queued on one connection before it is closed."""
+    retry_after: int = 2
+    """``Retry-After`` seconds (and page refresh) while an instance is starting."""
+    sweep_interval: float = 1.0
+    """Seconds between deadline checks."""
+
+
+class Timed(Protocol):
+    """A connection the sweeper can time out."""
+
+    deadline: float
+
+    def timeout(self) -> None:
+        """The deadline passed: answer or close."""
+
+
+class Context:
+    """State shared by the connections of one router (one per process)."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        auth: Authenticator,
+        portal: UpstreamAddress,
+        options: RouterOptions,
+        activity: ActivityLog | None = None,
+    ) -> None:
+        from labgate.router.upstream import UpstreamPool
+
+        self.table = table
+        self.auth = auth
+        self.portal = portal
+        self.options = options
+        self.activity = activity or ActivityLog()
+        self.portal_counter = Counter()
+        self.now = time.monotonic()
+        self.connections: set[Timed] = set()
+        self.tunnels: dict[str, set[Timed]] = {}
+        self.pool: UpstreamPool = UpstreamPool(self)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the sweeper (needs a running loop)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        """Stop the sweeper and close pooled upstream connections."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        self.pool.close_all()
+
+    def sweep(self) -> None:
+        """Time out every connection past its deadline."""
+        self.now = now = time.monotonic()
+        late = [c for c in self.connections if c.deadline <= now]
+        for connection in late:
+            try:
+                connection.timeout()
+            except Exception:  # a bug must not stop the sweeper
+                log.exception("router: timing out a connection failed")
+
+    async def _sweep(self) -> None:
+        interval = self.options.sweep_interval
+        purge_every = max(1, int(60 / interval))
+        rounds = 0
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
+            rounds += 1
+            if rounds % purge_every == 0:
+                self.table.purge_revoked()

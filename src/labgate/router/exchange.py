@@ -1,0 +1,193 @@
+"""One request/response exchange on a client connection, and the head sent upstream.
+
+An :class:`Exchange` collects what the request parser saw (the headers the
+router cares about are picked out as they arrive; the rest are kept in order
+for forwarding) and tracks where the exchange stands on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from labgate.router.activity import Counter
+from labgate.router.http import Target
+from labgate.router.table import UpstreamAddress
+
+if TYPE_CHECKING:
+    from labgate.router.auth import Credentials, Identity
+    from labgate.router.table import Route
+
+CRLF = b"\r\n"
+
+
+class Exchange:
+    """Per-request state; a fresh one for every request on a connection."""
+
+    __slots__ = (
+        "address",
+        "auth_count",
+        "authorization",
+        "body_buf",
+        "body_buffered",
+        "body_done",
+        "browser",
+        "chunked",
+        "cl_count",
+        "close_after",
+        "conn_tokens",
+        "content_length",
+        "cookie",
+        "counter",
+        "discard",
+        "discarded",
+        "error",
+        "expect_continue",
+        "head",
+        "header_count",
+        "headers",
+        "host",
+        "host_count",
+        "http11",
+        "instance_id",
+        "is_head",
+        "is_upgrade",
+        "keep_alive",
+        "method",
+        "response_done",
+        "response_started",
+        "retried",
+        "target",
+        "target_info",
+        "te",
+        "te_count",
+        "upgrade",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.target_info: Target | None = None
+        self.http11 = True
+        self.keep_alive = True
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_count = 0
+        self.host: bytes | None = None
+        self.host_count = 0
+        self.cookie: bytes | None = None
+        self.authorization: bytes | None = None
+        self.auth_count = 0
+        self.browser = False
+        self.content_length: int | None = None
+        self.cl_count = 0
+        self.te: bytes | None = None
+        self.te_count = 0
+        self.chunked = False
+        self.conn_tokens: bytes | None = None
+        self.upgrade: bytes | None = None
+        self.expect_continue = False
+        self.is_upgrade = False
+        self.is_head = False
+        self.error: tuple[int, str] | None = None
+        # Body, response and lifecycle.
+        self.body_buf: list[bytes] = []
+        self.body_buffered = 0
+        self.body_done = False
+        self.discard = False
+        self.discarded = 0
+        self.response_started = False
+        self.response_done = False
+        self.close_after = False
+        self.retried = False
+        self.instance_id = ""
+        self.head = b""
+        self.address: UpstreamAddress | None = None
+        self.counter: Counter | None = None
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the request announced a body."""
+        return self.chunked or bool(self.content_length)
+
+    def fail(self, status: int, detail: str) -> None:
+        """Record the first problem found with the request head."""
+        if self.error is None:
+            self.error = (status, detail)
+
+
+def _framing(ex: Exchange) -> list[bytes]:
+    if ex.is_upgrade:
+        return [b"Connection: Upgrade\r\nUpgrade: ", ex.upgrade or b"", CRLF]
+    if ex.chunked:
+        return [b"Transfer-Encoding: chunked\r\n"]
+    if ex.content_length is not None:
+        return [b"Content-Length: %d\r\n" % ex.content_length]
+    return []
+
+
+def _forwarded(ex: Exchange, peer: bytes, proto: bytes) -> list[bytes]:
+    parts = [b"X-Forwarded-For: ", peer, b"\r\nX-Forwarded-Proto: ", proto, CRLF]
+    if ex.host is not None:
+        parts += [b"X-Forwarded-Host: ", ex.host, CRLF]
+    return parts
+
+
+def _start(ex: Exchange, target: bytes) -> list[bytes]:
+    parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
+    if ex.host is not None:
+        parts += [b"Host: ", ex.host, CRLF]
+    headers = ex.headers
+    if ex.conn_tokens is not None:
+        from labgate.router.http import connection_tokens
+
+        listed = connection_tokens(ex.conn_tokens)
+        headers = [(n, v) for n, v in headers if n.lower() not in listed]
+    for name, value in headers:
+        parts += [name, b": ", value, CRLF]
+    return parts
+
+
+def portal_head(ex: Exchange, peer: bytes, proto: bytes) -> bytes:
+    """The head sent to the portal: the client's own credentials stay (the portal checks them)."""
+    parts = _start(ex, ex.target)
+    if ex.cookie is not None:
+        parts += [b"Cookie: ", ex.cookie, CRLF]
+    if ex.authorization is not None:
+        parts += [b"Authorization: ", ex.authorization, CRLF]
+    parts += _forwarded(ex, peer, proto)
+    parts += _framing(ex)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def header_safe(text: str) -> bytes:
+    """``text`` as a header value: printable ASCII kept, anything else percent-encoded."""
+    raw = text.encode()
+    if all(0x20 <= b < 0x7F for b in raw):
+        return raw
+    return quote(text, safe=" !#$&'()*+,/:;=?@[]~").encode()
+
+
+def instance_head(
+    ex: Exchange, route: Route, identity: Identity, creds: Credentials, peer: bytes, proto: bytes
+) -> bytes:
+    """The head sent to an instance.
+
+    Labgate's credentials never reach the tool: the session cookie is cut
+    out of ``Cookie`` and a labgate token in ``Authorization`` is dropped.
+    The tool gets the route's own token instead, and the user's name.
+    """
+    tail = ex.target_info.tail if ex.target_info is not None else b"/"
+    parts = _start(ex, ex.target if route.keep_prefix else tail)
+    if creds.cookie_rest is not None:
+        parts += [b"Cookie: ", creds.cookie_rest, CRLF]
+    if route.upstream_token:
+        parts += [b"Authorization: token ", route.upstream_token.encode(), CRLF]
+    elif ex.authorization is not None and creds.token is None:
+        parts += [b"Authorization: ", ex.authorization, CRLF]
+    parts += [b"X-Labgate-User: ", header_safe(identity.user.name), CRLF]
+    parts += _forwarded(ex, peer, proto)
+    parts += [b"X-Forwarded-Prefix: ", route.prefix, CRLF]
+    parts += _framing(ex)
+    parts.append(CRLF)
+    return b"".join(parts)

@@ -1,0 +1,140 @@
+"""HTTP/1.1 pieces the proxy needs: limits, header sets, target checks, head building.
+
+The proxy parses with httptools (llhttp in strict mode) and adds the checks a
+front door must make on top: one ``Host``, at most one ``Content-Length``, no
+``Content-Length`` together with ``Transfer-Encoding``, only ``chunked`` as a
+transfer coding, and request targets whose meaning cannot differ between the
+router and a tool (no dot segments, no encoded route prefix). What cannot be
+framed unambiguously is refused with 400, which closes the door on request
+smuggling.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
+
+MAX_TARGET = 8192
+MAX_HEAD = 65536
+MAX_HEADERS = 128
+
+# Hop-by-hop headers (RFC 9110 7.6.1) plus the framing the proxy sets itself.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"content-length",
+    }
+)
+
+# Request headers a client may not pass to a tool or the portal: identity and
+# forwarding information is the router's to set.
+FORGEABLE: frozenset[bytes] = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-for"})
+FORGEABLE_PREFIXES: tuple[bytes, ...] = (b"x-forwarded-", b"x-labgate-")
+
+_INSTANCE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_HOST = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:\[\]%-]{1,255}")
+_SEPARATORS = re.compile(rb"[/\\]")
+INSTANCE_PREFIX = b"/i/"
+
+
+class TargetError(ValueError):
+    """A request target the router refuses (answered with 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request target points.
+
+    ``instance_id`` is set for ``/i/<id>…`` paths (``""`` when the id is not a
+    possible id); ``tail`` is the path after ``/i/<id>`` with the query,
+    empty when the path is exactly ``/i/<id>`` (answered with a redirect to
+    the slash-terminated URL).
+    """
+
+    instance_id: str | None
+    tail: bytes = b""
+
+
+def is_forgeable(name: bytes) -> bool:
+    """Whether a (lower-case) request header is the router's own to set."""
+    return name in FORGEABLE or name.startswith(FORGEABLE_PREFIXES)
+
+
+def check_target(target: bytes) -> Target:
+    """Classify a raw request target, or raise :class:`TargetError`.
+
+    Only origin-form targets (``/path?query``) are accepted. A path with a
+    dot segment, plain or percent-encoded, even between encoded slashes, is
+    refused: browsers never send one, and a tool (or anything between the
+    router and it) resolving it differently from the router is how path
+    tricks reach another instance. So is an encoded spelling of the route
+    prefix (``/%69/<id>``) and a leading ``//``.
+    """
+    if not target.startswith(b"/"):
+        raise TargetError("the request target must be a path")
+    path, _, _query = target.partition(b"?")
+    if path.startswith(b"//"):
+        raise TargetError("the path must not start with //")
+    # A raw dot segment follows a "/"; encoded or backslashed ones need "%" or "\\".
+    if b"/." in path or b"%" in path or b"\\" in path:
+        decoded = unquote_to_bytes(path)
+        if b"\x00" in decoded:
+            raise TargetError("the path contains a NUL byte")
+        for segment in _SEPARATORS.split(decoded):
+            if segment in (b".", b".."):
+                raise TargetError("the path contains a dot segment")
+        first = path[1:].split(b"/", 1)[0]
+        if first != b"i" and _SEPARATORS.split(unquote_to_bytes(first), 1)[0] == b"i":
+            raise TargetError("the path spells the instance prefix in an unusual way")
+    if not path.startswith(INSTANCE_PREFIX):
+        return Target(None)
+    end = target.find(b"/", 3)
+    query_at = target.find(b"?", 3)
+    if end < 0 or 0 <= query_at < end:
+        # "/i/<id>" or "/i/<id>?q": no slash after the id.
+        raw_id = target[3:] if query_at < 0 else target[3:query_at]
+        tail = b""
+    else:
+        raw_id = target[3:end]
+        tail = target[end:]
+    if not _INSTANCE_ID.fullmatch(raw_id):
+        return Target("")
+    return Target(raw_id.decode("ascii"), tail)
+
+
+def valid_host(host: bytes) -> bool:
+    """Whether a ``Host`` value is a plausible host[:port]."""
+    return _HOST.fullmatch(host) is not None
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The lower-case tokens of a ``Connection`` header."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``."""
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b""
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

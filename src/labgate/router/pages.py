@@ -1,0 +1,144 @@
+"""The router's own answers: small HTML pages for browsers, JSON for API clients.
+
+Every answer is a complete HTTP/1.1 response built in one ``bytes``; none
+carries a traceback. JSON bodies take labgate's one error shape
+(:func:`labgate.errors.error_body`).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from urllib.parse import quote
+
+from labgate.errors import error_body
+from labgate.router.http import status_line
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto">
+<h1>{title}</h1>
+<p>{detail}</p>
+<p><a href="/">labgate home</a></p>
+</body></html>
+"""
+
+_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    431: "request_header_fields_too_large",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "instance_starting",
+    504: "gateway_timeout",
+}
+
+_TITLES: dict[int, str] = {
+    400: "Bad request",
+    401: "Please log in",
+    403: "Not allowed",
+    404: "Not found",
+    405: "Method not allowed",
+    413: "Request too large",
+    414: "Address too long",
+    431: "Request headers too large",
+    500: "Router error",
+    502: "The instance is not answering",
+    503: "The instance is starting",
+    504: "The instance took too long to answer",
+}
+
+
+def response(
+    status: int,
+    body: bytes,
+    content_type: bytes,
+    *,
+    close: bool = False,
+    extra: list[tuple[bytes, bytes]] | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """A complete response with ``Content-Length`` and no caching."""
+    lines = [
+        status_line(status),
+        b"Content-Type: %s\r\n" % content_type,
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+        b"X-Content-Type-Options: nosniff\r\n",
+    ]
+    for name, value in extra or ():
+        lines.append(b"%s: %s\r\n" % (name, value))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def error(
+    status: int,
+    detail: str,
+    *,
+    browser: bool,
+    close: bool = False,
+    retry_after: int | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
+
+    ``retry_after`` adds the header and, for browsers, a page that refreshes
+    itself after that many seconds.
+    """
+    extra: list[tuple[bytes, bytes]] = []
+    if retry_after is not None:
+        extra.append((b"Retry-After", b"%d" % retry_after))
+    if browser:
+        refresh = (
+            f'\n<meta http-equiv="refresh" content="{retry_after}">'
+            if retry_after is not None
+            else ""
+        )
+        body = _PAGE.format(
+            title=html.escape(_TITLES.get(status, "Error")),
+            detail=html.escape(detail),
+            refresh=refresh,
+        ).encode()
+        return response(
+            status,
+            body,
+            b"text/html; charset=utf-8",
+            close=close,
+            extra=extra,
+            head_only=head_only,
+        )
+    code = _CODES.get(status, "error")
+    body = json.dumps(error_body(code, detail)).encode()
+    return response(
+        status, body, b"application/json", close=close, extra=extra, head_only=head_only
+    )
+
+
+def login_redirect(login_path: str, target: bytes, *, close: bool = False) -> bytes:
+    """A 302 to the portal's login page that comes back to ``target`` afterwards."""
+    # ``safe`` keeps the next URL readable while making it one query value.
+    next_url = quote(target.decode("latin-1"), safe="/")
+    location = f"{login_path}?next={next_url}".encode("latin-1")
+    return redirect(location, 302, close=close)
+
+
+def redirect(location: bytes, status: int = 302, *, close: bool = False) -> bytes:
+    """A redirect with a tiny body."""
+    body = b"Redirecting to " + html.escape(location.decode("latin-1")).encode("latin-1")
+    return response(
+        status, body, b"text/plain; charset=utf-8", close=close, extra=[(b"Location", location)]
+    )
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -1,0 +1,668 @@
+"""The client side of the router: one asyncio protocol per browser or API connection.
+
+Requests are parsed with httptools as bytes arrive. When a request head is
+complete it is checked (framing, target, then for ``/i/<id>/…`` credentials,
+route and access list) and either answered by the router itself or sent to
+an upstream connection from the pool, with the body streamed after it.
+Requests pipelined behind one in progress are queued and served in order;
+reading pauses while they wait. Back-pressure runs both ways: a full write
+buffer on one side pauses reading on the other. After a ``101`` the
+connection becomes a tunnel to the upstream, bytes spliced both ways.
+
+Reasons to stop reading from the client are bits of ``pauses``; reading
+resumes only when none is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+from labgate.router import pages
+from labgate.router.activity import Counter
+from labgate.router.auth import credentials
+from labgate.router.context import NEVER, Context, log
+from labgate.router.exchange import Exchange, instance_head, portal_head
+from labgate.router.http import (
+    FORGEABLE_PREFIXES,
+    MAX_HEAD,
+    MAX_HEADERS,
+    MAX_TARGET,
+    TargetError,
+    check_target,
+    valid_host,
+)
+from labgate.router.table import UpstreamAddress
+from labgate.router.upstream import UpstreamConnection
+
+PAUSE_PIPELINE = 1
+PAUSE_UPSTREAM = 2
+PAUSE_BUFFER = 4
+PAUSE_UPGRADE = 8
+PAUSE_BROKEN = 16
+
+# Request headers handled one by one in ``on_header``; the rest are forwarded
+# unless the router owns them (X-Forwarded-*, X-Labgate-*).
+_SPECIAL = frozenset(
+    {
+        b"host",
+        b"cookie",
+        b"authorization",
+        b"accept",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authorization",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One downstream HTTP/1.1 connection."""
+
+    __slots__ = (
+        "broken",
+        "closed",
+        "closing",
+        "connect_task",
+        "counter",
+        "ctx",
+        "current",
+        "deadline",
+        "ex",
+        "head_bytes",
+        "in_next",
+        "parser",
+        "pauses",
+        "peer",
+        "proto",
+        "queue",
+        "raw_head",
+        "reading_head",
+        "transport",
+        "tunnel",
+        "tunnel_id",
+        "upgrade_buf",
+        "upgrade_buffered",
+        "upstream",
+        "write_paused",
+    )
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.transport: asyncio.Transport | None = None
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
+        self.ex: Exchange | None = None
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.upstream: UpstreamConnection | None = None
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_id = ""
+        self.upgrade_buf: list[bytes] | None = None
+        self.upgrade_buffered = 0
+        self.counter: Counter | None = None
+        self.connect_task: asyncio.Task[None] | None = None
+        self.pauses = 0
+        self.write_paused = False
+        self.closing = False
+        self.closed = False
+        self.broken = False
+        self.in_next = False
+        self.reading_head = False
+        self.head_bytes = 0
+        self.raw_head = 0
+        self.deadline = NEVER
+        self.peer = b"unknown"
+        self.proto = ctx.options.forwarded_proto.encode()
+
+    # --- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register with the sweeper; a first request head is due soon."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer = str(peer[0]).encode()
+        self.deadline = self.ctx.now + self.ctx.options.header_timeout
+        self.ctx.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Close whatever this connection had open upstream."""
+        self.closed = self.closing = True
+        self.ctx.connections.discard(self)
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.close()
+            self._tunnel_closed()
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            upstream.detach()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        self.queue.clear()
+        self.current = self.ex = None
+        self.parser = None
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the parser, or the tunnel."""
+        if self.tunnel is not None:
+            self.tunnel.tunnel_send(data)
+            if self.counter is not None:
+                self.counter.bytes_in += len(data)
+            return
+        if self.upgrade_buf is not None:
+            # Bytes after an upgrade request wait for the upstream's answer.
+            self.upgrade_buf.append(data)
+            self.upgrade_buffered += len(data)
+            if self.upgrade_buffered > self.ctx.options.buffer_limit:
+                self._pause(PAUSE_UPGRADE)
+            return
+        parser = self.parser
+        if parser is None or self.broken or self.closing:
+            return
+        if self.reading_head:
+            self.raw_head += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
+            self.upgrade_buf = [rest] if rest else []
+            self.upgrade_buffered = len(rest)
+        except httptools.HttpParserCallbackError:
+            log.exception("router: handling a request failed")
+            self._malformed(500, "the router failed to handle this request")
+        except httptools.HttpParserError as problem:
+            self._malformed(400, f"malformed request: {problem}")
+        else:
+            # A head that never ends is refused before it can fill memory.
+            if self.reading_head and self.raw_head > 4 * MAX_HEAD:
+                self._malformed(431, "the request head is too large")
+
+    def eof_received(self) -> bool | None:
+        """A half-closed client still gets the response it is waiting for."""
+        if self.tunnel is None and self.current is not None and self.current.body_done:
+            self.current.close_after = True
+            return True
+        return None
+
+    def pause_writing(self) -> None:
+        """The client is slow to read: stop reading from the upstream."""
+        self.write_paused = True
+        upstream = self.tunnel or self.upstream
+        if upstream is not None:
+            upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        """The client caught up."""
+        self.write_paused = False
+        upstream = self.tunnel or self.upstream
+        if upstream is not None:
+            upstream.resume_reading()
+
+    # --- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        """A new request starts."""
+        self.ex = Exchange()
+        self.reading_head = True
+        self.head_bytes = self.raw_head = 0
+        if self.current is None:
+            self.deadline = self.ctx.now + self.ctx.options.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        """(Part of) the request target."""
+        ex = self.ex
+        if ex is not None:
+            ex.target += url
+            self.head_bytes += len(url)
+            if len(ex.target) > MAX_TARGET:
+                ex.fail(414, "the request target is too long")
+                ex.target = b"/"
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Pick out the headers the router decides on; keep the rest for forwarding."""
+        ex = self.ex
+        if ex is None:
+            return
+        ex.header_count += 1
+        self.head_bytes += len(name) + len(value)
+        if ex.header_count > MAX_HEADERS or self.head_bytes > MAX_HEAD:
+            ex.fail(431, "too many or too large request headers")
+            return
+        lname = name.lower()
+        if lname not in _SPECIAL:
+            if not lname.startswith(FORGEABLE_PREFIXES):
+                ex.headers.append((name, value))
+            return
+        if lname == b"host":
+            ex.host_count += 1
+            ex.host = value
+        elif lname == b"cookie":
+            ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
+        elif lname == b"authorization":
+            ex.auth_count += 1
+            ex.authorization = value
+        elif lname == b"accept":
+            ex.headers.append((name, value))
+            if b"text/html" in value:
+                ex.browser = True
+        elif lname == b"content-length":
+            ex.cl_count += 1
+            if value.isdigit() and len(value) < 19:
+                ex.content_length = int(value)
+            else:
+                ex.fail(400, "invalid Content-Length")
+        elif lname == b"transfer-encoding":
+            ex.te_count += 1
+            ex.te = value
+        elif lname == b"connection":
+            ex.conn_tokens = value if ex.conn_tokens is None else ex.conn_tokens + b"," + value
+        elif lname == b"expect":
+            ex.headers.append((name, value))
+            ex.expect_continue = value.strip().lower() == b"100-continue"
+        elif lname == b"upgrade":
+            ex.upgrade = value
+        # Other special headers are hop-by-hop or the router's own: dropped.
+
+    def on_headers_complete(self) -> None:
+        """Check the head, then serve it now or queue it behind the one in progress."""
+        ex, parser = self.ex, self.parser
+        if ex is None or parser is None:
+            return
+        self.reading_head = False
+        ex.method = parser.get_method()
+        version = parser.get_http_version()
+        ex.http11 = version == "1.1"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.is_upgrade = parser.should_upgrade()
+        ex.is_head = ex.method == b"HEAD"
+        if version not in ("1.0", "1.1"):
+            ex.fail(400, f"HTTP/{version} is not supported here")
+        self._validate(ex)
+        if self.current is None:
+            self.current = ex
+            self.deadline = NEVER
+            self._serve(ex)
+        elif len(self.queue) >= self.ctx.options.max_pipelined:
+            self._close()
+        else:
+            self.queue.append(ex)
+            self._pause(PAUSE_PIPELINE)
+
+    def on_body(self, data: bytes) -> None:
+        """Stream, buffer or drop a piece of request body."""
+        ex = self.ex
+        if ex is None:
+            return
+        if ex.discard:
+            ex.discarded += len(data)
+            if ex.discarded > self.ctx.options.discard_limit:
+                self._close()
+            return
+        if ex is self.current and self.upstream is not None:
+            self.upstream.send_body(data, ex.chunked)
+            return
+        ex.body_buf.append(data)
+        ex.body_buffered += len(data)
+        if ex.body_buffered > self.ctx.options.buffer_limit:
+            self._pause(PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        """The request body is complete."""
+        ex = self.ex
+        if ex is None:
+            return
+        self.ex = None
+        ex.body_done = True
+        if ex is not self.current:
+            return
+        if self.upstream is not None:
+            self.upstream.end_body(ex.chunked)
+        elif ex.response_done:
+            self._finish(ex)
+
+    # --- serving -------------------------------------------------------------
+    def _validate(self, ex: Exchange) -> None:
+        if ex.method == b"CONNECT":
+            ex.fail(405, "CONNECT is not supported: this is not a forward proxy")
+        if ex.host_count != 1:
+            ex.fail(400, "a request needs exactly one Host header")
+        elif ex.host is not None and not valid_host(ex.host):
+            ex.fail(400, "invalid Host header")
+        if ex.cl_count > 1:
+            ex.fail(400, "more than one Content-Length header")
+        if ex.te_count:
+            if ex.cl_count:
+                ex.fail(400, "both Content-Length and Transfer-Encoding")
+            elif ex.te_count > 1 or (ex.te or b"").strip().lower() != b"chunked":
+                ex.fail(400, "only Transfer-Encoding: chunked is accepted")
+            elif not ex.http11:
+                ex.fail(400, "Transfer-Encoding needs HTTP/1.1")
+            else:
+                ex.chunked = True
+        if ex.auth_count > 1:
+            ex.fail(400, "more than one Authorization header")
+        if ex.is_upgrade and ex.has_body:
+            ex.fail(400, "an upgrade request cannot carry a body")
+        try:
+            ex.target_info = check_target(ex.target)
+        except TargetError as problem:
+            ex.fail(400, str(problem))
+        if ex.error is not None:
+            ex.close_after = True
+
+    def _serve(self, ex: Exchange) -> None:
+        if ex.error is not None:
+            status, detail = ex.error
+            self._reply(ex, status, detail)
+            return
+        if ex.is_upgrade:
+            ex.close_after = True  # unless the upstream switches, the connection ends
+        info = ex.target_info
+        if info is None or info.instance_id is None:
+            ex.counter = self.ctx.portal_counter
+            ex.head = portal_head(ex, self.peer, self.proto)
+            self._proxy(ex, self.ctx.portal)
+            return
+        ctx = self.ctx
+        creds = credentials(ex.cookie, ex.authorization)
+        identity = ctx.auth.identify(creds)
+        if identity is None:
+            if ex.browser and ex.method in (b"GET", b"HEAD"):
+                login = ctx.options.login_path
+                self._answer(ex, lambda close: pages.login_redirect(login, ex.target, close=close))
+            else:
+                detail = "log in, or send an API token with the instances:access scope"
+                self._reply(ex, 401, detail)
+            return
+        instance_id = info.instance_id
+        route = ctx.table.routes.get(instance_id) if instance_id else None
+        if route is None or not ctx.auth.may_access(identity, route):
+            self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
+            return
+        if not info.tail:
+            path, sep, query = ex.target.partition(b"?")
+            location = path + b"/" + sep + query
+            self._answer(ex, lambda close: pages.redirect(location, 302, close=close))
+            return
+        if route.state != "running":
+            self._reply(
+                ex,
+                503,
+                f"instance {instance_id} is starting; this page reloads by itself",
+                retry_after=ctx.options.retry_after,
+            )
+            return
+        counter = ctx.activity.counter(instance_id)
+        counter.last_request = time.time()
+        ex.counter = counter
+        ex.instance_id = instance_id
+        ex.head = instance_head(ex, route, identity, creds, self.peer, self.proto)
+        self._proxy(ex, route.address)
+
+    def _proxy(self, ex: Exchange, address: UpstreamAddress) -> None:
+        ex.address = address
+        conn = self.ctx.pool.acquire(address)
+        if conn is not None:
+            self._attach(ex, conn)
+        else:
+            loop = asyncio.get_running_loop()
+            self.connect_task = loop.create_task(self._connect(ex, address))
+
+    async def _connect(self, ex: Exchange, address: UpstreamAddress) -> None:
+        try:
+            conn = await self.ctx.pool.connect(address)
+        except TimeoutError:
+            self.connect_task = None
+            seconds = self.ctx.options.connect_timeout
+            self._upstream_error(ex, 504, f"did not accept a connection within {seconds:g} seconds")
+            return
+        except OSError as problem:
+            self.connect_task = None
+            reason = (problem.strerror or str(problem) or type(problem).__name__).lower()
+            self._upstream_error(ex, 502, f"cannot be reached ({reason})")
+            return
+        self.connect_task = None
+        if self.closing or ex is not self.current:
+            conn.close()
+            return
+        self._attach(ex, conn)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        self.upstream = conn
+        conn.start(self, ex)
+        self._resume(PAUSE_BUFFER)
+
+    def _answer(self, ex: Exchange, build: Callable[[bool], bytes]) -> None:
+        """Answer ``ex`` from the router; ``build(close)`` makes the response bytes."""
+        ex.response_started = ex.response_done = True
+        if not ex.keep_alive:
+            ex.close_after = True
+        if not ex.body_done and ex.has_body:
+            too_big = (ex.content_length or 0) > self.ctx.options.discard_limit
+            if ex.expect_continue or too_big:
+                ex.close_after = True  # do not wait for a body we will not use
+            else:
+                ex.discard = True
+                ex.body_buf.clear()
+        self.write(build(ex.close_after))
+        if ex.close_after:
+            self._close()
+        elif ex.body_done:
+            self._finish(ex)
+
+    def _reply(
+        self, ex: Exchange, status: int, detail: str, *, retry_after: int | None = None
+    ) -> None:
+        browser, head_only = ex.browser, ex.is_head
+        self._answer(
+            ex,
+            lambda close: pages.error(
+                status,
+                detail,
+                browser=browser,
+                close=close,
+                retry_after=retry_after,
+                head_only=head_only,
+            ),
+        )
+
+    def _upstream_error(self, ex: Exchange, status: int, reason: str) -> None:
+        if ex is not self.current or self.closing:
+            return
+        if ex.response_started:
+            self._close()  # the response is cut short; only closing says so
+            return
+        what = f"Instance {ex.instance_id}" if ex.instance_id else "The portal"
+        self._reply(ex, status, f"{what} {reason}.")
+
+    def _finish(self, ex: Exchange) -> None:
+        self.current = None
+        if ex.close_after or self.broken:
+            self._close()
+            return
+        timeout = self.ctx.options.header_timeout if self.reading_head else None
+        self.deadline = self.ctx.now + (timeout or self.ctx.options.keepalive_timeout)
+        self._resume(PAUSE_UPSTREAM)
+        self._next()
+
+    def _next(self) -> None:
+        if self.in_next:
+            return
+        self.in_next = True
+        try:
+            while self.current is None and self.queue and not self.closing:
+                ex = self.queue.popleft()
+                if not self.queue:
+                    self._resume(PAUSE_PIPELINE)
+                self.current = ex
+                self.deadline = NEVER
+                self._serve(ex)
+        finally:
+            self.in_next = False
+
+    def _malformed(self, status: int, detail: str) -> None:
+        """Stop parsing; answer once the exchange in progress (if any) is over."""
+        self.broken = True
+        self._pause(PAUSE_BROKEN)
+        current = self.current
+        if current is not None and current is self.ex:
+            # The request being served is itself broken (its body, say).
+            if current.response_started:
+                self._close()
+                return
+            if self.upstream is not None:
+                upstream, self.upstream = self.upstream, None
+                upstream.detach()
+            current.close_after = True
+            self._reply(current, status, detail)
+            return
+        bad = Exchange()
+        bad.fail(status, detail)
+        bad.body_done = bad.close_after = True
+        if current is None:
+            self.current = bad
+            self._serve(bad)
+        else:
+            self.queue.append(bad)
+
+    # --- called by the upstream side ----------------------------------------
+    def write(self, data: bytes) -> None:
+        """Write to the client unless the connection is going away."""
+        if not self.closing and self.transport is not None:
+            self.transport.write(data)
+
+    def response_complete(self, ex: Exchange) -> None:
+        """The upstream finished its response (and let go of its connection)."""
+        if ex is not self.current:
+            return
+        self.upstream = None
+        ex.response_done = True
+        self._resume(PAUSE_UPSTREAM)
+        if ex.body_done:
+            self._finish(ex)
+        elif ex.close_after:
+            self._close()
+        else:
+            # The upstream answered before the upload ended: read the rest and drop it.
+            ex.discard = True
+            ex.body_buf.clear()
+
+    def upstream_failed(self, conn: UpstreamConnection, ex: Exchange, reason: str) -> None:
+        """The upstream connection broke before a complete response."""
+        if ex is not self.current or self.closing:
+            return
+        self.upstream = None
+        if conn.reused and not conn.got_bytes and not ex.retried and not ex.has_body:
+            # A pooled connection the upstream had just closed: try once on a fresh one.
+            ex.retried = True
+            loop = asyncio.get_running_loop()
+            self.connect_task = loop.create_task(self._connect(ex, conn.address))
+            return
+        self._upstream_error(ex, 502, reason)
+
+    def upstream_timed_out(self, conn: UpstreamConnection, ex: Exchange, reason: str) -> None:
+        """The upstream stayed silent too long."""
+        if ex is self.current:
+            self.upstream = None
+            self._upstream_error(ex, 504, reason)
+
+    def pause_for_upstream(self) -> None:
+        """The upstream's write buffer is full."""
+        self._pause(PAUSE_UPSTREAM)
+
+    def resume_for_upstream(self) -> None:
+        """The upstream's write buffer drained."""
+        self._resume(PAUSE_UPSTREAM)
+
+    def tunnel_open(self, conn: UpstreamConnection, ex: Exchange, rest: bytes) -> None:
+        """The upstream switched protocols: splice the two connections."""
+        self.tunnel, self.upstream, self.current = conn, None, None
+        self.parser = None
+        self.deadline = NEVER
+        counter = self.counter = ex.counter
+        if counter is not None:
+            counter.bytes_out += len(rest)
+            if ex.instance_id:
+                counter.open_websockets += 1
+                self.tunnel_id = ex.instance_id
+                self.ctx.tunnels.setdefault(ex.instance_id, set()).add(self)
+        if rest:
+            self.write(rest)
+        pending, self.upgrade_buf = self.upgrade_buf or [], None
+        for piece in pending:
+            conn.tunnel_send(piece)
+            if counter is not None:
+                counter.bytes_in += len(piece)
+        self._resume(PAUSE_UPGRADE)
+        if self.write_paused:
+            conn.pause_reading()
+
+    def send(self, data: bytes) -> None:
+        """Tunnelled bytes from the upstream."""
+        self.write(data)
+        if self.counter is not None:
+            self.counter.bytes_out += len(data)
+
+    def tunnel_lost(self) -> None:
+        """The upstream end of the tunnel closed."""
+        self.tunnel = None
+        self._tunnel_closed()
+        self._close()
+
+    def close(self) -> None:
+        """Close this connection (flushing what is already written)."""
+        self._close()
+
+    def timeout(self) -> None:
+        """Idle too long between requests, or too slow sending a head."""
+        self._close()
+
+    # --- internals -----------------------------------------------------------
+    def _tunnel_closed(self) -> None:
+        counter, self.counter = self.counter, None
+        instance_id, self.tunnel_id = self.tunnel_id, ""
+        tunnels = self.ctx.tunnels.get(instance_id) if instance_id else None
+        if tunnels is not None and self in tunnels:
+            tunnels.discard(self)
+            if counter is not None:
+                counter.open_websockets -= 1
+            if not tunnels:
+                del self.ctx.tunnels[instance_id]
+
+    def _pause(self, reason: int) -> None:
+        if not self.pauses and self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+        self.pauses |= reason
+
+    def _resume(self, reason: int) -> None:
+        if self.pauses & reason:
+            self.pauses &= ~reason
+            if not self.pauses and self.transport is not None and not self.closing:
+                self.transport.resume_reading()
+
+    def _close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if self.upstream is not None:
+            upstream, self.upstream = self.upstream, None
+            upstream.detach()
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+            self.connect_task = None
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,151 @@
+"""A router: listening sockets plus the context their connections share.
+
+In-process use (``labgate serve``, tests)::
+
+    table = RoutePublisher()            # or RouteTable(); the portal feeds it
+    router = await start_router(table, "127.0.0.1", 8000, "unix:/run/portal.sock", settings)
+    ...
+    router.activity("abc123")           # -> Activity | None
+    await router.close()
+
+Several processes may listen on one port with ``reuse_port=True``
+(SO_REUSEPORT: the kernel spreads connections); see :mod:`labgate.router.workers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from urllib.parse import urlsplit
+
+from labgate.config import Settings
+from labgate.router.activity import Activity, ActivityLog
+from labgate.router.auth import Authenticator
+from labgate.router.context import Context, RouterOptions
+from labgate.router.proxy import ClientConnection
+from labgate.router.table import RouteTable, parse_upstream
+from labgate.security import SessionSigner
+
+
+class Router:
+    """The proxy for one process: serves connections from one or more listening sockets."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        signer: SessionSigner,
+        portal_upstream: str,
+        options: RouterOptions | None = None,
+    ) -> None:
+        self.table = table
+        self.options = options or RouterOptions()
+        self.activity_log = ActivityLog()
+        self.ctx = Context(
+            table,
+            Authenticator(table, signer),
+            parse_upstream(portal_upstream),
+            self.options,
+            self.activity_log,
+        )
+        self.servers: list[asyncio.Server] = []
+        table.on_route_removed(self._route_removed)
+
+    async def listen(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        reuse_port: bool = False,
+        sock: socket.socket | None = None,
+        backlog: int = 4096,
+    ) -> asyncio.Server:
+        """Accept connections on ``host:port`` (port 0: any free one) or on ``sock``."""
+        loop = asyncio.get_running_loop()
+        self.ctx.start()
+        if sock is not None:
+            server = await loop.create_server(
+                lambda: ClientConnection(self.ctx), sock=sock, backlog=backlog
+            )
+        else:
+            server = await loop.create_server(
+                lambda: ClientConnection(self.ctx),
+                host,
+                port,
+                reuse_port=reuse_port or None,
+                backlog=backlog,
+            )
+        self.servers.append(server)
+        return server
+
+    @property
+    def port(self) -> int:
+        """The TCP port of the first listening socket."""
+        for server in self.servers:
+            for sock in server.sockets:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    return int(name[1])
+        raise RuntimeError("the router is not listening on TCP")
+
+    def activity(self, instance_id: str) -> Activity | None:
+        """What one instance has seen through this router, or None when nothing yet."""
+        return self.activity_log.get(instance_id)
+
+    def activities(self) -> dict[str, Activity]:
+        """Activity of every instance that has seen traffic through this router."""
+        return self.activity_log.all()
+
+    @property
+    def open_connections(self) -> int:
+        """Client and upstream connections currently open (tests check for leaks)."""
+        return len(self.ctx.connections)
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        for server in self.servers:
+            server.close()
+        for conn in list(self.ctx.connections):
+            if isinstance(conn, ClientConnection):
+                conn.close()
+        for server in self.servers:
+            await server.wait_closed()
+        self.servers.clear()
+        await self.ctx.stop()
+        # Let transports finish closing before the loop can go away.
+        await asyncio.sleep(0)
+
+    def _route_removed(self, instance_id: str) -> None:
+        """A withdrawn route takes its open WebSockets with it."""
+        for conn in list(self.ctx.tunnels.get(instance_id, ())):
+            if isinstance(conn, ClientConnection):
+                conn.close()
+        self.activity_log.forget(instance_id)
+
+
+def options_from_settings(settings: Settings, **overrides: object) -> RouterOptions:
+    """Router options derived from labgate's settings (the public URL's scheme)."""
+    scheme = urlsplit(settings.effective_public_url).scheme or "http"
+    values: dict[str, object] = {"forwarded_proto": scheme}
+    values.update(overrides)
+    return RouterOptions(**values)  # type: ignore[arg-type]
+
+
+async def start_router(
+    table: RouteTable,
+    host: str,
+    port: int,
+    portal_upstream: str,
+    settings: Settings,
+    *,
+    reuse_port: bool = False,
+    options: RouterOptions | None = None,
+) -> Router:
+    """Start a router on ``host:port`` in front of ``portal_upstream``, fed by ``table``.
+
+    ``portal_upstream`` is ``unix:/path`` or ``http://HOST:PORT``. The session
+    signer uses ``settings.signing_key()`` and ``settings.session_max_age``.
+    """
+    signer = SessionSigner(settings.signing_key(), settings.session_max_age)
+    router = Router(table, signer, portal_upstream, options or options_from_settings(settings))
+    await router.listen(host, port, reuse_port=reuse_port)
+    return router

@@ -1,0 +1,165 @@
+"""The router's side of the route stream: follow the portal, resync after every reconnect.
+
+:class:`RouteSync` keeps one ``GET <portal>/api/v1/router/stream`` open
+(bearer token), applies the first message (always a snapshot) with
+``resync`` and every later one as a delta. When the stream ends, breaks or
+stays silent longer than ``read_timeout`` (the portal pings every 15 s), it
+reconnects with capped exponential backoff and jitter, and the new
+snapshot replaces everything: a route added or removed while the router was
+cut off is never missed. While disconnected the router keeps serving its
+last known table.
+
+:class:`ActivityReporter` posts this process's activity to
+``<portal>/api/v1/router/activity`` every ``interval`` seconds as
+``{"worker": "<host>:<pid>", "activity": {"<instance_id>": Activity.to_dict()}}``.
+
+The portal URL is ``http://HOST:PORT`` or ``unix:/path/portal.sock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+
+import httpx
+
+from labgate.router.activity import Activity
+from labgate.router.stream import ACTIVITY_PATH, STREAM_PATH, apply_message
+from labgate.router.table import RouterControl
+
+log = logging.getLogger("labgate.router.sync")
+
+
+def portal_client(portal_url: str, token: str, *, read_timeout: float) -> httpx.AsyncClient:
+    """An HTTP client for the portal at ``portal_url`` (TCP or unix socket)."""
+    timeout = httpx.Timeout(10.0, read=read_timeout)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if portal_url.startswith("unix:"):
+        transport = httpx.AsyncHTTPTransport(uds=portal_url[5:])
+        return httpx.AsyncClient(
+            base_url="http://portal", transport=transport, timeout=timeout, headers=headers
+        )
+    return httpx.AsyncClient(base_url=portal_url, timeout=timeout, headers=headers)
+
+
+class StreamError(Exception):
+    """The stream said something a router cannot follow."""
+
+
+class RouteSync:
+    """Follows the portal's route stream into a :class:`RouterControl`."""
+
+    def __init__(
+        self,
+        control: RouterControl,
+        portal_url: str,
+        token: str,
+        *,
+        read_timeout: float = 45.0,
+        min_backoff: float = 0.2,
+        max_backoff: float = 15.0,
+    ) -> None:
+        self.control = control
+        self.portal_url = portal_url
+        self.token = token
+        self.read_timeout = read_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.synced = asyncio.Event()
+        self.connected = False
+        self.snapshots = 0
+        self.messages = 0
+        self.last_error = ""
+
+    async def run(self) -> None:
+        """Follow the stream until cancelled."""
+        backoff = self.min_backoff
+        while True:
+            try:
+                await self._follow()
+                self.last_error = "the stream ended"
+            except asyncio.CancelledError:
+                raise
+            except (httpx.HTTPError, OSError, StreamError, ValueError, KeyError) as problem:
+                self.last_error = f"{type(problem).__name__}: {problem}"
+            if self.connected:
+                backoff = self.min_backoff
+            self.connected = False
+            log.warning("router: route stream lost (%s); reconnecting", self.last_error)
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(self.max_backoff, backoff * 2)
+
+    async def _follow(self) -> None:
+        async with (
+            portal_client(self.portal_url, self.token, read_timeout=self.read_timeout) as client,
+            client.stream("GET", STREAM_PATH) as response,
+        ):
+            if response.status_code != 200:
+                await response.aread()
+                raise StreamError(f"the portal answered {response.status_code}")
+            first = True
+            async for line in response.aiter_lines():
+                if not line.strip():
+                    continue
+                message = json.loads(line)
+                if not isinstance(message, dict):
+                    raise StreamError("a stream message is not an object")
+                if first:
+                    if message.get("op") != "snapshot":
+                        raise StreamError("the stream did not start with a snapshot")
+                    first = False
+                    self.connected = True
+                if message.get("op") == "snapshot":
+                    self.snapshots += 1
+                apply_message(self.control, message)
+                self.messages += 1
+                if message.get("op") == "snapshot":
+                    self.synced.set()
+
+
+class ActivityReporter:
+    """Posts this router process's activity to the portal now and then."""
+
+    def __init__(
+        self,
+        activities: Callable[[], dict[str, Activity]],
+        portal_url: str,
+        token: str,
+        *,
+        interval: float = 30.0,
+    ) -> None:
+        self.activities = activities
+        self.portal_url = portal_url
+        self.token = token
+        self.interval = interval
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def payload(self) -> dict[str, object]:
+        """What one report carries."""
+        return {
+            "worker": self.worker,
+            "activity": {k: v.to_dict() for k, v in self.activities().items()},
+        }
+
+    async def report(self, client: httpx.AsyncClient) -> bool:
+        """Send one report; False when the portal did not take it."""
+        try:
+            response = await client.post(ACTIVITY_PATH, json=self.payload())
+        except httpx.HTTPError as problem:
+            log.debug("router: activity report failed: %s", problem)
+            return False
+        return response.status_code < 300
+
+    async def run(self) -> None:
+        """Report every ``interval`` seconds until cancelled."""
+        async with portal_client(self.portal_url, self.token, read_timeout=30.0) as client:
+            while True:
+                await asyncio.sleep(self.interval)
+                with contextlib.suppress(Exception):
+                    await self.report(client)

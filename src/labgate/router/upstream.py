@@ -1,0 +1,450 @@
+"""The upstream side: one connection to a tool (or the portal), and the pool of idle ones.
+
+An :class:`UpstreamConnection` serves one exchange at a time for the
+:class:`~labgate.router.proxy.ClientConnection` attached to it. It parses the
+response with httptools, rewrites the head (hop-by-hop headers out, framing
+chosen for the client) and streams the body straight to the client
+transport. It goes back to the pool only after a complete response to a
+completely sent request, with keep-alive on both ends; anything else closes
+it. After a ``101 Switching Protocols`` it becomes one half of a tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from labgate.router.context import NEVER, Context, log
+from labgate.router.http import HOP_BY_HOP, LAST_CHUNK, chunk, connection_tokens, status_line
+from labgate.router.table import UpstreamAddress
+from labgate.security import SESSION_COOKIE
+
+if TYPE_CHECKING:
+    from labgate.router.activity import Counter
+    from labgate.router.exchange import Exchange
+    from labgate.router.proxy import ClientConnection
+
+_SESSION_SET_COOKIE = SESSION_COOKIE.encode() + b"="
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A keep-alive HTTP/1.1 connection to one upstream."""
+
+    __slots__ = (
+        "address",
+        "body_allowed",
+        "client",
+        "closed",
+        "counter",
+        "ctx",
+        "deadline",
+        "done",
+        "ex",
+        "got_bytes",
+        "interim",
+        "keep_alive",
+        "parser",
+        "reading_paused",
+        "reason",
+        "rechunk",
+        "resp_chunked",
+        "resp_conn",
+        "resp_headers",
+        "resp_length",
+        "reused",
+        "strip_session",
+        "transport",
+        "tunnel",
+    )
+
+    def __init__(self, ctx: Context, address: UpstreamAddress) -> None:
+        self.ctx = ctx
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.client: ClientConnection | None = None
+        self.ex: Exchange | None = None
+        self.counter: Counter | None = None
+        self.tunnel: ClientConnection | None = None
+        self.deadline = NEVER
+        self.closed = False
+        self.reused = False
+        self.reading_paused = False
+        self.strip_session = False
+        self._reset_response()
+
+    def _reset_response(self) -> None:
+        self.done = False
+        self.got_bytes = False
+        self.interim = False
+        self.keep_alive = False
+        self.body_allowed = True
+        self.rechunk = False
+        self.reason = b""
+        self.resp_headers: list[bytes] = []
+        self.resp_length: bytes | None = None
+        self.resp_chunked = False
+        self.resp_conn: bytes | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport and register with the sweeper."""
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.ctx.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Tell the client side; a close-delimited body ends here."""
+        self.closed = True
+        self.ctx.connections.discard(self)
+        self.ctx.pool.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.tunnel_lost()
+            return
+        client, ex = self.client, self.ex
+        if client is None or ex is None:
+            return
+        if ex.response_started and not self.done and self._close_delimited():
+            if self.rechunk:
+                self._to_client(LAST_CHUNK)
+            self.done = True
+        if self.done:
+            self._complete()
+            return
+        self.client = self.ex = None
+        client.upstream_failed(self, ex, "closed the connection" if self.got_bytes else "hung up")
+
+    def data_received(self, data: bytes) -> None:
+        """Parse the response and stream it to the client."""
+        if self.tunnel is not None:
+            self.tunnel.send(data)
+            return
+        if self.client is None:
+            # Nothing is due on an idle connection: whatever this is, drop it.
+            self.close()
+            return
+        self.got_bytes = True
+        self.deadline = self.ctx.now + self.ctx.options.response_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._switch(data[upgrade.args[0] :])
+            return
+        except httptools.HttpParserError as problem:
+            self._broken(f"sent an invalid response ({problem})")
+            return
+        if self.done:
+            self._complete()
+
+    def eof_received(self) -> bool | None:
+        """Let the transport close; :meth:`connection_lost` finishes the work."""
+        return None
+
+    def pause_writing(self) -> None:
+        """The upstream is slow to read: stop reading from the client."""
+        peer = self.tunnel or self.client
+        if peer is not None:
+            peer.pause_for_upstream()
+
+    def resume_writing(self) -> None:
+        """The upstream caught up."""
+        peer = self.tunnel or self.client
+        if peer is not None:
+            peer.resume_for_upstream()
+
+    # --- driven by the client side ------------------------------------------
+    def start(self, client: ClientConnection, ex: Exchange) -> None:
+        """Send ``ex``'s head and whatever body is buffered."""
+        assert self.transport is not None
+        self.client, self.ex, self.counter = client, ex, ex.counter
+        self.strip_session = bool(ex.instance_id)
+        self._reset_response()
+        self.deadline = self.ctx.now + self.ctx.options.response_timeout
+        if client.write_paused:
+            self.pause_reading()
+        write = self.transport.write
+        write(ex.head)
+        sent = len(ex.head)
+        if ex.body_buf:
+            for piece in ex.body_buf:
+                write(chunk(piece) if ex.chunked else piece)
+                sent += len(piece)
+            ex.body_buf.clear()
+            ex.body_buffered = 0
+        if ex.body_done and ex.chunked:
+            write(LAST_CHUNK)
+        if self.counter is not None:
+            self.counter.bytes_in += sent
+
+    def send_body(self, data: bytes, chunked: bool) -> None:
+        """Forward a piece of request body."""
+        assert self.transport is not None
+        self.transport.write(chunk(data) if chunked else data)
+        if self.counter is not None:
+            self.counter.bytes_in += len(data)
+
+    def end_body(self, chunked: bool) -> None:
+        """The request body is complete."""
+        if chunked and self.transport is not None:
+            self.transport.write(LAST_CHUNK)
+
+    def pause_reading(self) -> None:
+        """Stop reading the response (the client is slow)."""
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the response again."""
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def detach(self) -> None:
+        """The client went away mid-exchange: this connection cannot be reused."""
+        self.client = self.ex = None
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def timeout(self) -> None:
+        """Idle in the pool too long, or the upstream stopped answering."""
+        client, ex = self.client, self.ex
+        self.client = self.ex = None
+        self.close()
+        if client is not None and ex is not None:
+            seconds = self.ctx.options.response_timeout
+            client.upstream_timed_out(self, ex, f"did not answer within {seconds:g} seconds")
+
+    # --- httptools callbacks -------------------------------------------------
+    def on_message_begin(self) -> None:
+        """A response (or an unexpected extra one) starts."""
+        if self.done:
+            # Bytes after the response we waited for: never reuse this connection.
+            self.keep_alive = False
+
+    def on_status(self, reason: bytes) -> None:
+        """The reason phrase."""
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep end-to-end headers; note framing and connection ones."""
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"content-length":
+                self.resp_length = value
+            elif lname == b"transfer-encoding":
+                self.resp_chunked = True
+            elif lname == b"connection":
+                self.resp_conn = value if self.resp_conn is None else self.resp_conn + b"," + value
+            return
+        if (
+            self.strip_session
+            and lname == b"set-cookie"
+            and value.lstrip().startswith(_SESSION_SET_COOKIE)
+        ):
+            return  # a tool may not set (or clear) labgate's own session cookie
+        self.resp_headers += [name, b": ", value, b"\r\n"]
+
+    def on_headers_complete(self) -> None:
+        """Send the rewritten response head to the client."""
+        ex, client = self.ex, self.client
+        if ex is None or client is None:
+            return
+        status = self.parser.get_status_code()
+        headers = self._filtered_headers()
+        if status < 200:
+            if status == 101:
+                if not ex.is_upgrade:
+                    raise httptools.HttpParserError("101 to a request that did not ask for it")
+                self._to_client(
+                    b"".join([status_line(101, self.reason), *headers])
+                    + b"Connection: Upgrade\r\nUpgrade: "
+                    + (ex.upgrade or b"")
+                    + b"\r\n\r\n"
+                )
+            else:
+                self.interim = True
+                if ex.http11:
+                    self._to_client(b"".join([status_line(status, self.reason), *headers, b"\r\n"]))
+            return
+        self.keep_alive = self.parser.should_keep_alive()
+        self.body_allowed = not (ex.is_head or status in _NO_BODY_STATUS)
+        head = [status_line(status, self.reason), *headers]
+        if not self.body_allowed:
+            if self.resp_length is not None:
+                head += [b"Content-Length: ", self.resp_length, b"\r\n"]
+        elif self.resp_length is not None and not self.resp_chunked:
+            head += [b"Content-Length: ", self.resp_length, b"\r\n"]
+        elif ex.http11:
+            self.rechunk = True
+            head.append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            ex.close_after = True  # an HTTP/1.0 client reads to the end of the connection
+        if ex.close_after or not ex.keep_alive:
+            ex.close_after = True
+            head.append(b"Connection: close\r\n")
+        elif not ex.http11:
+            head.append(b"Connection: keep-alive\r\n")
+        head.append(b"\r\n")
+        ex.response_started = True
+        self._to_client(b"".join(head))
+        if not self.body_allowed:
+            # llhttp cannot be told a HEAD response has no body; finish here and
+            # give this connection a fresh parser if it is reused.
+            self.done = True
+            self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, data: bytes) -> None:
+        """Stream a piece of response body."""
+        if self.body_allowed and not self.done:
+            self._to_client(chunk(data) if self.rechunk else data)
+
+    def on_message_complete(self) -> None:
+        """The response ended (or an interim one did)."""
+        if self.interim:
+            self._reset_response()
+            self.got_bytes = True
+            return
+        if self.done:
+            return
+        if self.rechunk:
+            self._to_client(LAST_CHUNK)
+        self.done = True
+
+    # --- internals -----------------------------------------------------------
+    def _filtered_headers(self) -> list[bytes]:
+        if self.resp_conn is None:
+            return self.resp_headers
+        listed = connection_tokens(self.resp_conn)
+        listed -= {b"close", b"keep-alive", b"upgrade"}
+        if not listed:
+            return self.resp_headers
+        kept: list[bytes] = []
+        headers = self.resp_headers
+        for i in range(0, len(headers), 4):
+            if headers[i].lower() not in listed:
+                kept += headers[i : i + 4]
+        return kept
+
+    def _close_delimited(self) -> bool:
+        return self.body_allowed and self.resp_length is None and not self.resp_chunked
+
+    def _to_client(self, data: bytes) -> None:
+        client = self.client
+        if client is not None:
+            client.write(data)
+            if self.counter is not None:
+                self.counter.bytes_out += len(data)
+
+    def _complete(self) -> None:
+        client, ex = self.client, self.ex
+        self.client = self.ex = None
+        self.counter = None
+        if client is None or ex is None:
+            self.close()
+            return
+        if self.keep_alive and ex.body_done and not ex.is_upgrade and not self.closed:
+            self.ctx.pool.release(self)
+        else:
+            self.close()
+        client.response_complete(ex)
+
+    def _broken(self, reason: str) -> None:
+        client, ex = self.client, self.ex
+        self.client = self.ex = None
+        self.close()
+        if client is not None and ex is not None:
+            client.upstream_failed(self, ex, reason)
+
+    def _switch(self, rest: bytes) -> None:
+        client, ex = self.client, self.ex
+        if client is None or ex is None or self.parser.get_status_code() != 101:
+            self._broken("switched protocols without being asked")
+            return
+        self.client = self.ex = None
+        self.tunnel = client
+        self.deadline = NEVER
+        client.tunnel_open(self, ex, rest)
+
+    def tunnel_send(self, data: bytes) -> None:
+        """Forward tunnelled bytes from the client."""
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream address, most recently used first."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.idle: dict[UpstreamAddress, list[UpstreamConnection]] = {}
+
+    def acquire(self, address: UpstreamAddress) -> UpstreamConnection | None:
+        """An idle connection to ``address``, or None."""
+        idle = self.idle.get(address)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep ``conn`` for reuse, or close it when enough are idle."""
+        idle = self.idle.setdefault(conn.address, [])
+        if len(idle) >= self.ctx.options.pool_max_idle:
+            conn.close()
+            return
+        conn.resume_reading()  # to notice the upstream closing it
+        conn.deadline = self.ctx.now + self.ctx.options.pool_idle_timeout
+        idle.append(conn)
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        """Forget a closed connection."""
+        idle = self.idle.get(conn.address)
+        if idle and conn in idle:
+            idle.remove(conn)
+            if not idle:
+                del self.idle[conn.address]
+
+    async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
+        """A new connection to ``address``; raises ``OSError`` or ``TimeoutError``."""
+        loop = asyncio.get_running_loop()
+        timeout = self.ctx.options.connect_timeout
+        if address.is_unix:
+            _, conn = await asyncio.wait_for(
+                loop.create_unix_connection(
+                    lambda: UpstreamConnection(self.ctx, address), address.path
+                ),
+                timeout,
+            )
+        else:
+            transport, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self.ctx, address), address.host, address.port
+                ),
+                timeout,
+            )
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:  # pragma: no cover - not a TCP socket after all
+                    log.debug("router: TCP_NODELAY not set")
+        return conn
+
+    def close_all(self) -> None:
+        """Close every idle connection."""
+        for idle in list(self.idle.values()):
+            for conn in list(idle):
+                conn.close()
+        self.idle.clear()

@@ -1,0 +1,161 @@
+"""``labgate router`` as its own process, and N of them on one port.
+
+Each worker process runs uvloop, its own :class:`~labgate.router.server.Router`
+and its own :class:`~labgate.router.sync.RouteSync` following the portal's
+route stream. Workers share the public port through SO_REUSEPORT, so the
+kernel spreads connections across them and each uses one core. A worker
+waits (up to ``sync_wait`` seconds) for its first snapshot before it
+accepts connections, so a restarted router never answers from an empty
+table while the portal is up.
+
+The portal (``labgate serve`` with ``router_workers > 1``) or ``labgate
+router`` calls::
+
+    config = worker_config(settings, portal_url="unix:/run/portal.sock", stream_token=tok)
+    processes = spawn_workers(config, settings.router_workers)   # returns at once
+    ...
+    stop_workers(processes)
+
+or, in the foreground of one process, ``run_router_process(config)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+from dataclasses import dataclass, field, replace
+from multiprocessing.process import BaseProcess
+
+from labgate.config import Settings
+from labgate.router.context import RouterOptions
+from labgate.router.server import Router, options_from_settings
+from labgate.router.sync import ActivityReporter, RouteSync
+from labgate.router.table import RouteTable
+from labgate.security import SessionSigner
+
+log = logging.getLogger("labgate.router")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a router worker needs; picklable, so it crosses into spawned processes.
+
+    ``portal_url`` is where the route stream and activity endpoint are
+    (``http://HOST:PORT`` or ``unix:/path``); ``portal_upstream`` is where
+    non-instance requests are proxied (usually the same place).
+    """
+
+    host: str
+    port: int
+    portal_url: str
+    stream_token: str
+    signing_key: str
+    session_max_age: int
+    portal_upstream: str = ""
+    reuse_port: bool = True
+    options: RouterOptions = field(default_factory=RouterOptions)
+    sync_wait: float = 30.0
+    activity_interval: float = 30.0
+
+    @property
+    def upstream(self) -> str:
+        """Where portal traffic goes."""
+        return self.portal_upstream or self.portal_url
+
+
+def worker_config(
+    settings: Settings,
+    *,
+    portal_url: str,
+    stream_token: str,
+    portal_upstream: str = "",
+    host: str | None = None,
+    port: int | None = None,
+) -> WorkerConfig:
+    """A worker config from labgate's settings."""
+    return WorkerConfig(
+        host=settings.host if host is None else host,
+        port=settings.port if port is None else port,
+        portal_url=portal_url,
+        stream_token=stream_token,
+        signing_key=settings.signing_key(),
+        session_max_age=settings.session_max_age,
+        portal_upstream=portal_upstream,
+        options=options_from_settings(settings),
+    )
+
+
+async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
+    """Run one worker in the current loop until ``stop`` is set."""
+    table = RouteTable()
+    signer = SessionSigner(config.signing_key, config.session_max_age)
+    router = Router(table, signer, config.upstream, config.options)
+    sync = RouteSync(table, config.portal_url, config.stream_token)
+    reporter = ActivityReporter(
+        router.activities, config.portal_url, config.stream_token, interval=config.activity_interval
+    )
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(sync.run()), loop.create_task(reporter.run())]
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(sync.synced.wait(), config.sync_wait)
+        if not sync.synced.is_set():
+            log.warning("router: no route snapshot yet (%s); serving anyway", sync.last_error)
+        await router.listen(config.host, config.port, reuse_port=config.reuse_port)
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await router.close()
+
+
+def run_router_process(config: WorkerConfig) -> None:
+    """Run one worker in the foreground (uvloop) until SIGTERM or SIGINT."""
+    import uvloop
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_worker(config, stop)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def spawn_workers(config: WorkerConfig, count: int) -> list[BaseProcess]:
+    """Start ``count`` worker processes sharing ``config.port`` (SO_REUSEPORT).
+
+    ``config.port`` must be a fixed port: with 0 every worker would get its own.
+    """
+    if count > 1 and config.port == 0:
+        raise ValueError("several workers need a fixed port to share")
+    config = replace(config, reuse_port=True)
+    context = multiprocessing.get_context("spawn")
+    processes: list[BaseProcess] = []
+    for index in range(count):
+        process = context.Process(
+            target=run_router_process, args=(config,), name=f"labgate-router-{index}", daemon=True
+        )
+        process.start()
+        processes.append(process)
+    return processes
+
+
+def stop_workers(processes: list[BaseProcess], timeout: float = 10.0) -> None:
+    """Ask workers to stop (SIGTERM), then kill any that linger."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()

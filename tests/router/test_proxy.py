@@ -1,0 +1,143 @@
+"""Proxying through the router to real upstreams: the ordinary paths."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from labgate.router.table import Route
+from labgate.security import SESSION_COOKIE
+
+from .conftest import ALICE, ALICE_TOKEN, ROOT, Gateway, raw_request, status_of
+
+
+async def test_owner_reaches_instance_with_cookie(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        response = await client.get("/i/aaaa/api/info", headers=gateway.cookie_header(ALICE))
+    assert response.status_code == 200
+    info = response.json()
+    assert info["path"] == "/i/aaaa/api/info"
+    headers = info["headers"]
+    assert headers["x-labgate-user"] == "alice"
+    assert headers["x-forwarded-prefix"] == "/i/aaaa"
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+    assert headers["x-forwarded-host"] == f"127.0.0.1:{gateway.port}"
+
+
+async def test_owner_reaches_instance_with_token(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        for scheme in ("token", "Bearer"):
+            response = await client.get(
+                "/i/aaaa/api/info", headers={"Authorization": f"{scheme} {ALICE_TOKEN}"}
+            )
+            assert response.status_code == 200, response.text
+
+
+async def test_admin_reaches_any_instance(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        response = await client.get("/i/bbbb/api/info", headers=gateway.cookie_header(ROOT))
+    assert response.status_code == 200
+    assert response.json()["headers"]["x-labgate-user"] == "root"
+
+
+async def test_keep_alive_many_requests(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        for _ in range(50):
+            response = await client.get("/i/aaaa/api/health", headers=gateway.cookie_header(ALICE))
+            assert response.status_code == 200
+    # One client connection, and the upstream pool reused its connection.
+    assert gateway.router.ctx.pool.idle
+
+
+async def test_put_body_reaches_tool(gateway: Gateway, tmp_path: object) -> None:
+    target = f"{tmp_path}/upload.bin"
+    body = bytes(range(256)) * 4096
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        response = await client.put(
+            "/i/aaaa/api/file",
+            params={"path": target},
+            content=body,
+            headers=gateway.cookie_header(ALICE),
+        )
+        assert response.json() == {"ok": True}
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for i in range(0, len(body), 10000):
+                yield body[i : i + 10000]
+
+        response = await client.put(
+            "/i/aaaa/api/file",
+            params={"path": target},
+            content=chunks(),
+            headers=gateway.cookie_header(ALICE),
+        )
+        assert response.json() == {"ok": True}
+    with open(target, "rb") as handle:
+        assert handle.read() == body
+
+
+async def test_portal_gets_everything_else(gateway: Gateway) -> None:
+    cookie = gateway.cookie(ALICE)
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        response = await client.get(
+            "/api/v1/me?x=1",
+            headers={
+                "Cookie": f"{SESSION_COOKIE}={cookie}; theme=dark",
+                "X-Forwarded-For": "6.6.6.6",
+                "X-Labgate-User": "root",
+            },
+        )
+    assert response.status_code == 200
+    seen = response.json()
+    assert seen["path"] == "/api/v1/me"
+    assert seen["query"] == "x=1"
+    # The portal checks its own cookie, so it gets it; forged forwarding does not pass.
+    assert f"{SESSION_COOKIE}={cookie}" in seen["headers"]["cookie"]
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert "x-labgate-user" not in seen["headers"]
+
+
+async def test_activity_counts(gateway: Gateway) -> None:
+    assert gateway.router.activity("aaaa") is None
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        await client.get("/i/aaaa/api/info", headers=gateway.cookie_header(ALICE))
+    activity = gateway.router.activity("aaaa")
+    assert activity is not None
+    assert activity.last_request > 0
+    assert activity.bytes_in > 0
+    assert activity.bytes_out > 0
+    assert activity.open_websockets == 0
+    assert set(gateway.router.activities()) == {"aaaa"}
+
+
+async def test_prefix_stripped_when_not_kept(gateway: Gateway) -> None:
+    route = gateway.table.routes["aaaa"]
+    portal = gateway.portal
+    assert portal is not None
+    gateway.table.add_route(Route("cccc", portal.url, ALICE, keep_prefix=False, upstream_token="t"))
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        response = await client.get("/i/cccc/some/where?q=1", headers=gateway.cookie_header(ALICE))
+    seen = response.json()
+    assert seen["path"] == "/some/where"
+    assert seen["query"] == "q=1"
+    assert seen["headers"]["x-forwarded-prefix"] == "/i/cccc"
+    assert seen["headers"]["authorization"] == "token t"
+    assert route.keep_prefix
+
+
+async def test_head_request(gateway: Gateway) -> None:
+    cookie = gateway.cookie(ALICE)
+    request = (
+        f"HEAD /i/aaaa/api/info HTTP/1.1\r\nHost: x\r\nCookie: {SESSION_COOKIE}={cookie}\r\n\r\n"
+        f"GET /i/aaaa/api/health HTTP/1.1\r\nHost: x\r\nCookie: {SESSION_COOKIE}={cookie}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    response = await raw_request(gateway.port, request)
+    first, _, rest = response.partition(b"\r\n\r\n")
+    assert status_of(first) == 200
+    assert b"content-length" in first.lower()
+    # No body after the HEAD response: the next thing is the second response.
+    assert rest.startswith(b"HTTP/1.1 200")
+    assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ready": True}

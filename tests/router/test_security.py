@@ -1,0 +1,248 @@
+"""User A can never reach user B's instance, whatever the request looks like."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from labgate.router.table import TokenInfo, UserInfo
+from labgate.security import SESSION_COOKIE, hash_token
+
+from .conftest import (
+    ALICE,
+    ALICE_READ_TOKEN,
+    ALICE_TOKEN,
+    BOB,
+    Recorded,
+    cookie_line,
+    raw_request,
+    status_of,
+    statuses,
+)
+
+
+def request(target: str, extra: str = "", host: str = "gw") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n".encode()
+
+
+async def test_alice_cookie_cannot_reach_bobs_instance(recorded: Recorded) -> None:
+    gw = recorded.gw
+    response = await raw_request(gw.port, request("/i/bbbb/", cookie_line(gw, ALICE)))
+    assert status_of(response) == 404
+    response = await raw_request(
+        gw.port, request("/i/bbbb/", f"Authorization: token {ALICE_TOKEN}\r\n")
+    )
+    assert status_of(response) == 404
+    assert recorded.b.seen == []
+    response = await raw_request(gw.port, request("/i/bbbb/x", cookie_line(gw, BOB)))
+    assert status_of(response) == 200
+    assert len(recorded.b.seen) == 1
+
+
+TRICKS = [
+    "/i/bbbb/../aaaa/",
+    "/i/aaaa/../bbbb/",
+    "/i/aaaa/%2e%2e/bbbb/",
+    "/i/aaaa/%2E%2E/bbbb/",
+    "/i/aaaa/.%2e/bbbb/",
+    "/i/aaaa/..%2fbbbb/",
+    "/i/aaaa/..%2Fbbbb/",
+    "/i/aaaa%2f..%2fbbbb/",
+    "/i/aaaa%2F%2E%2E%2Fbbbb/",
+    "/i/aaaa/..\\bbbb/",
+    "/i/aaaa\\..\\bbbb/",
+    "/i/aaaa/%5c..%5cbbbb/",
+    "//i/bbbb/",
+    "/i//bbbb/",
+    "/%69/bbbb/",
+    "/%69%2fbbbb/",
+    "/i%2fbbbb/",
+    "/i/bbbb%2f/",
+    "/i/%62bbb/",
+    "/i/aaaa/./../bbbb/",
+    "/i/aaaa/%00/../bbbb/",
+    "/./i/bbbb/",
+    "/x/../i/bbbb/",
+    "http://gw/i/bbbb/",
+    "*",
+]
+
+
+@pytest.mark.parametrize("target", TRICKS)
+async def test_path_tricks_never_reach_bob(recorded: Recorded, target: str) -> None:
+    gw = recorded.gw
+    response = await raw_request(gw.port, request(target, cookie_line(gw, ALICE)))
+    assert status_of(response) in (302, 400, 404), response[:200]
+    assert recorded.b.seen == []
+    assert b"Traceback" not in response
+    # Whatever reached alice's own instance went under her prefix.
+    for seen in recorded.a.seen:
+        assert seen.target.startswith("/i/aaaa/")
+
+
+SMUGGLING = [
+    # Two Host headers.
+    "GET /i/aaaa/ HTTP/1.1\r\nHost: gw\r\nHost: other\r\n{cookie}\r\n",
+    # Conflicting lengths.
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\nContent-Length: 40\r\n\r\nxxxx",
+    # Same length twice is refused too.
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\nContent-Length: 4\r\n\r\nxxxx",
+    # CL.TE
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 44\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /i/bbbb/ HTTP/1.1\r\nHost: gw\r\n\r\n",
+    # TE.CL
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n"
+    "Content-Length: 3\r\n\r\n2c\r\nGET /i/bbbb/ HTTP/1.1\r\nHost: gw\r\n\r\n\r\n0\r\n\r\n",
+    # Obfuscated transfer codings.
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n"
+    "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: +4\r\n\r\nxxxx",
+    "POST /i/aaaa/ HTTP/1.0\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    # Bare LF, NUL and spaces in places they must not be.
+    "GET /i/aaaa/ HTTP/1.1\nHost: gw\n{cookie}\n",
+    "GET /i/aaaa/ HTTP/1.1\r\nHost: gw\r\nX-A: a\x00b\r\n{cookie}\r\n",
+    "GET /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n X-Folded: yes\r\n{cookie}\r\n",
+    "GET /i/aaaa/ HTTP/1.1\r\nHost: g w\r\n{cookie}\r\n",
+    # No Host at all.
+    "GET /i/aaaa/ HTTP/1.1\r\n{cookie}\r\n",
+    # Chunk sizes that do not parse.
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n\r\n"
+    "-1\r\nGET /i/bbbb/ HTTP/1.1\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n\r\n"
+    "1;ext=\x01\r\nx\r\n0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("template", SMUGGLING)
+async def test_ambiguous_framing_is_refused(recorded: Recorded, template: str) -> None:
+    gw = recorded.gw
+    data = template.replace("{cookie}", cookie_line(gw, ALICE)).encode("latin-1")
+    response = await raw_request(gw.port, data)
+    assert status_of(response) == 400, response[:300]
+    assert response.count(b"HTTP/1.1 ") == 1  # and nothing after it: the connection closed
+    assert recorded.b.seen == []
+    assert recorded.a.seen == []
+
+
+async def test_kept_alive_connection_checks_every_request(recorded: Recorded) -> None:
+    gw = recorded.gw
+    cookie = cookie_line(gw, ALICE)
+    data = (
+        f"GET /i/aaaa/one HTTP/1.1\r\nHost: gw\r\n{cookie}\r\n"
+        f"GET /i/bbbb/two HTTP/1.1\r\nHost: gw\r\n\r\n"
+        f"GET /i/bbbb/three HTTP/1.1\r\nHost: gw\r\n{cookie}\r\n"
+        f"GET /i/bbbb/four HTTP/1.1\r\nHost: gw\r\nAuthorization: token {ALICE_TOKEN}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    response = await raw_request(gw.port, data)
+    assert statuses(response) == [200, 401, 404, 404]
+    assert [s.target for s in recorded.a.seen] == ["/i/aaaa/one"]
+    assert recorded.b.seen == []
+
+
+async def test_client_cannot_forge_identity_headers(recorded: Recorded) -> None:
+    gw = recorded.gw
+    extra = (
+        f"Cookie: theme=dark; {SESSION_COOKIE}={gw.cookie(ALICE)}; lang=en\r\n"
+        "X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: evil.example\r\n"
+        "X-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /i/bbbb\r\nX-Forwarded-User: root\r\n"
+        "Forwarded: for=10.9.9.9\r\nX-Real-IP: 10.9.9.9\r\n"
+        "X-Labgate-User: root\r\nx-labgate-admin: 1\r\nX-LABGATE-USER: bob\r\n"
+        "Authorization: token tok-b\r\n"
+    )
+    response = await raw_request(gw.port, request("/i/aaaa/x", extra))
+    assert status_of(response) == 200
+    [seen] = recorded.a.seen
+    names = [k.lower() for k, _ in seen.headers]
+    assert seen.header("X-Labgate-User") == ["alice"]
+    assert seen.header("X-Forwarded-For") == ["127.0.0.1"]
+    assert seen.header("X-Forwarded-Host") == ["gw"]
+    assert seen.header("X-Forwarded-Proto") == ["http"]
+    assert seen.header("X-Forwarded-Prefix") == ["/i/aaaa"]
+    assert seen.header("Authorization") == ["token tok-a"]
+    assert seen.header("Cookie") == ["theme=dark; lang=en"]
+    for forged in ("forwarded", "x-real-ip", "x-labgate-admin", "x-forwarded-user"):
+        assert forged not in names
+    assert names.count("x-labgate-user") == 1
+
+
+async def test_labgate_token_is_not_passed_to_the_tool(recorded: Recorded) -> None:
+    gw = recorded.gw
+    gw.table.add_route(gw.table.routes["aaaa"].__class__("open", recorded.a.url, ALICE))
+    response = await raw_request(
+        gw.port, request("/i/open/x", f"Authorization: Bearer {ALICE_TOKEN}\r\n")
+    )
+    assert status_of(response) == 200
+    assert recorded.a.seen[-1].header("Authorization") == []
+
+
+async def test_tool_cannot_set_the_session_cookie(recorded: Recorded, recording) -> None:  # type: ignore[no-untyped-def]
+    def handler(seen: object) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+            b"Set-Cookie: " + SESSION_COOKIE.encode() + b"=forged; Path=/\r\n"
+            b"Set-Cookie: tool=1; Path=/i/aaaa/\r\n\r\n"
+        )
+
+    gw = recorded.gw
+    evil = await recording(handler)
+    gw.table.add_route(gw.table.routes["aaaa"].__class__("evil", evil.url, ALICE))
+    response = await raw_request(gw.port, request("/i/evil/", cookie_line(gw, ALICE)))
+    assert status_of(response) == 200
+    assert b"tool=1" in response
+    assert SESSION_COOKIE.encode() + b"=" not in response
+
+
+async def test_revocations_take_effect(recorded: Recorded) -> None:
+    gw = recorded.gw
+    value, session_id = gw.signer.issue(ALICE)
+    line = f"Cookie: {SESSION_COOKIE}={value}\r\n"
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", line))) == 200
+    gw.table.revoke_session(session_id, time.time() + 3600)
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", line))) == 401
+
+    fresh = cookie_line(gw, ALICE)
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", fresh))) == 200
+    gw.table.set_user(UserInfo(ALICE, "alice", sessions_valid_after=time.time() + 5))
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", fresh))) == 401
+    gw.table.set_user(UserInfo(ALICE, "alice", disabled=True))
+    token = f"Authorization: token {ALICE_TOKEN}\r\n"
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
+    gw.table.set_user(UserInfo(ALICE, "alice"))
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 200
+    gw.table.set_token(hash_token(ALICE_TOKEN), TokenInfo(ALICE, frozenset({"instances:access"}), 1.0))
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
+    gw.table.remove_token(hash_token(ALICE_TOKEN))
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
+    read_only = f"Authorization: token {ALICE_READ_TOKEN}\r\n"
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", read_only))) == 401
+    gw.table.remove_user(ALICE)
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", fresh))) == 401
+
+
+async def test_forged_and_expired_cookies(recorded: Recorded) -> None:
+    gw = recorded.gw
+    value = gw.cookie(ALICE)
+    forged = value[:-2] + ("AA" if not value.endswith("AA") else "BB")
+    for cookie in (forged, "garbage", "", value + "x"):
+        line = f"Cookie: {SESSION_COOKIE}={cookie}\r\n"
+        assert status_of(await raw_request(gw.port, request("/i/aaaa/", line))) == 401
+    assert recorded.a.seen == []
+
+
+async def test_access_list_and_admin(recorded: Recorded) -> None:
+    gw = recorded.gw
+    route = gw.table.routes["bbbb"]
+    line = cookie_line(gw, ALICE)
+    assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 404
+    gw.table.add_route(route.__class__("bbbb", route.upstream, BOB, access=frozenset({ALICE})))
+    assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 200
+    gw.table.remove_route("bbbb")
+    assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 404
+    await asyncio.sleep(0)
