@@ -509,3 +509,28 @@ def test_every_command_is_documented() -> None:
     }
     undocumented = sorted(opt for opt in options if f"`{opt}" not in text)
     assert not undocumented, f"options not in docs/cli.md: {undocumented}"
+
+
+def test_logs_follow_ends_with_the_instance(cli: Cli, admin_token: str) -> None:
+    body = json.loads(cli("launch", "demo", "--json", token=admin_token).stdout)
+    env = {k: v for k, v in cli.env(admin_token, {}).items() if v is not None}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}, **env}
+    following = subprocess.Popen(
+        [str(LABGATE), "logs", body["id"], "--follow", "--interval", "0.2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)
+        assert following.poll() is None  # still following a running instance
+        cli("stop", body["id"], token=admin_token)
+        out, err = following.communicate(timeout=30)
+    finally:
+        if following.poll() is None:
+            following.kill()
+            following.communicate()
+    assert following.returncode == 0, err
+    assert "starting" in out  # the header the backend writes before the tool's own output
+    assert out.count("starting") == 1, out  # nothing printed twice

@@ -32,7 +32,9 @@ def launch(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Launch a tool and print its URL once it is running."""
-    resources = {key: value for key, value in (("cpu", cpu), ("memory", memory)) if value}
+    resources = {
+        key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
+    }
     body = {"tool": tool, "resources": resources or None, "site": site}
     with state_of(ctx).client() as client:
         instance = client.post("/instances", body)
@@ -154,26 +156,27 @@ def logs(
 ) -> None:
     """Print an instance's recent output."""
     with state_of(ctx).client() as client:
-        text = client.get(f"/instances/{instance_id}/logs", lines=lines)["text"]
-        _write(text)
+        seen = _log_lines(client, instance_id, lines)
+        _write(seen)
         if not follow:
             return
-        seen = text.splitlines()
         try:
             while True:
+                # Read the state first: output written before the end is then never missed.
                 finished = client.get(f"/instances/{instance_id}")["state"] in TERMINAL_STATES
-                window = client.get(f"/instances/{instance_id}/logs", lines=FOLLOW_WINDOW)[
-                    "text"
-                ].splitlines()
-                fresh = new_lines(seen, window)
-                if fresh:
-                    _write("\n".join(fresh))
+                window = _log_lines(client, instance_id, FOLLOW_WINDOW)
+                _write(new_lines(seen, window))
                 seen = window
                 if finished:
                     return
                 time.sleep(interval)
         except KeyboardInterrupt:
             return
+
+
+def _log_lines(client: Client, instance_id: str, count: int) -> list[str]:
+    text: str = client.get(f"/instances/{instance_id}/logs", lines=count)["text"]
+    return text.splitlines()
 
 
 def new_lines(seen: list[str], window: list[str], anchor_size: int = 20) -> list[str]:
@@ -196,7 +199,7 @@ def new_lines(seen: list[str], window: list[str], anchor_size: int = 20) -> list
     return window
 
 
-def _write(text: str) -> None:
-    if text:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+def _write(lines: list[str]) -> None:
+    if lines:
+        sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()

@@ -40,7 +40,7 @@ if role == "tool":
     subprocess.Popen([sys.executable, __file__, token, "child"])
 elif role == "child":
     subprocess.Popen([sys.executable, __file__, token, "grandchild"],
-                     start_new_session=True, env=dict())
+                     start_new_session=True, env={})
 if role == "tool" and os.environ.get("FORKER_IGNORE_TERM"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 open(role + ".ready", "w").close()  # in the workspace: every role's working directory
@@ -394,13 +394,14 @@ async def test_sandbox_tracks_bwrap_and_its_pid_namespace(
     assert instance_pids(spec.instance_id) == set()
 
 
-@pytest.mark.parametrize("sandbox", ["bwrap"], indirect=True)
+@pytest.mark.parametrize("sandbox", ["none"], indirect=True)
 async def test_bwrap_required_but_missing(
     launch: Launch, tmp_path: Path, demo: Tool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
+    required = ProcessBackend(Settings(data_dir=tmp_path / "data", sandbox="bwrap"))
     with pytest.raises(InstanceStartError, match="apt-get install bubblewrap"):
-        await launch(demo)
+        await launch(demo, using=required)
 
 
 @pytest.mark.parametrize("sandbox", ["auto"], indirect=True)

@@ -1,0 +1,107 @@
+"""Real ``labgate serve`` processes for tests, on random loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Pids of processes whose environment has ``name=value`` (finds a tool's children too)."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and needle in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+class LabgateServer:
+    """``labgate serve`` in a subprocess with its own data dir."""
+
+    def __init__(self, data_dir: Path, admin_password: str, **env: str) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "LABGATE_DATA_DIR": str(data_dir),
+            "LABGATE_PORT": str(self.port),
+            "LABGATE_HOST": "127.0.0.1",
+            "LABGATE_ADMIN_PASSWORD": admin_password,
+            "LABGATE_SECRET_KEY": "test-secret-key",
+            "LABGATE_POLL_INTERVAL": "0.2",
+            **env,
+        }
+        self.env.pop("LABGATE_CONFIG", None)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        """Start and wait until /healthz answers."""
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "labgate", "serve"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"labgate serve exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"labgate serve did not start: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM and wait; the way an operator restarts it."""
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def token(self, username: str, password: str, scopes: list[str] | None = None) -> dict[str, str]:
+        """Sign in and create an API token; returns the Authorization header."""
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            login = client.post("/api/v1/auth/login", json={"username": username, "password": password})
+            login.raise_for_status()
+            body: dict[str, object] = {"note": "tests"}
+            if scopes is not None:
+                body["scopes"] = scopes
+            created = client.post(
+                "/api/v1/tokens", json=body, headers={"X-CSRF-Token": login.json()["csrf_token"]}
+            )
+            created.raise_for_status()
+            return {"Authorization": f"token {created.json()['token']}"}
