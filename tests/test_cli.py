@@ -421,6 +421,7 @@ def test_new_lines(seen: list[str], window: list[str], fresh: list[str]) -> None
 # --- the real entry point ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_serve_then_use_it_from_another_process(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,7 +1,10 @@
 """The process backend with real processes: lifecycle, re-attach, cleanup, limits, sandbox.
 
 Most tests run twice, unsandboxed and under bubblewrap (the ``sandbox``
-fixture); the sandbox's own tests run under bubblewrap only.
+fixture); the sandbox's own tests run under bubblewrap only. They skip when
+bubblewrap is missing, except in CI (``CI=true``) where they fail. Every
+instance is started through the ``launch`` fixture, which stops whatever is
+left when the test ends, so no process outlives its test.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import httpx
 import pytest
 
 from labgate.backends import process as process_module
-from labgate.backends.base import LaunchSpec, Mount, Resources, Started
+from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started
 from labgate.backends.process import ProcessBackend, tail
 from labgate.config import Settings
 from labgate.errors import InstanceStartError
@@ -46,6 +50,86 @@ if role == "tool" and os.environ.get("FORKER_IGNORE_TERM"):
 open(role + ".ready", "w").close()  # in the workspace: every role's working directory
 time.sleep(600)
 """
+
+
+# --- fixtures ----------------------------------------------------------------
+# Here rather than in a conftest.py: tests import helpers "from conftest", and a
+# second conftest module on sys.path would shadow the root one.
+
+
+def require_bwrap() -> None:
+    """Skip when bubblewrap is missing; in CI (CI=true) that is a failure instead."""
+    if shutil.which("bwrap") is not None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("bubblewrap is required in CI: apt-get install bubblewrap")
+    pytest.skip("bubblewrap not installed: apt-get install bubblewrap")
+
+
+@pytest.fixture(params=["none", "bwrap"])
+def sandbox(request: pytest.FixtureRequest) -> str:
+    """Run the test unsandboxed and under bubblewrap (override with indirect parametrize)."""
+    mode: str = request.param
+    if mode == "bwrap":
+        require_bwrap()
+    return mode
+
+
+@pytest.fixture
+def settings(tmp_path: Path, sandbox: str) -> Settings:
+    """Settings with a private data dir, in the sandbox mode of the test."""
+    return Settings(data_dir=tmp_path / "data", sandbox=sandbox)
+
+
+@pytest.fixture
+def backend(settings: Settings) -> ProcessBackend:
+    """A process backend on the test's settings."""
+    return ProcessBackend(settings)
+
+
+@pytest.fixture
+def demo() -> Tool:
+    """The real demo tool from the built-in catalog."""
+    tool = Catalog.load().get("demo")
+    assert tool is not None
+    return tool
+
+
+@pytest.fixture
+async def launch(settings: Settings, backend: ProcessBackend) -> AsyncIterator[Launch]:
+    """Start instances; every one of them is stopped when the test ends."""
+    started: list[JSON] = []
+
+    async def start(
+        tool: Tool,
+        *,
+        owner: str = "alice",
+        env: dict[str, str] | None = None,
+        resources: Resources | None = None,
+        mounts: tuple[Mount, ...] = (),
+        using: ProcessBackend | None = None,
+    ) -> tuple[Started, LaunchSpec]:
+        instance_id = f"t{uuid.uuid4().hex[:12]}"
+        spec = LaunchSpec(
+            instance_id=instance_id,
+            owner=owner,
+            tool=tool,
+            base_url=f"/i/{instance_id}/",
+            workspace=settings.workspaces_dir / owner,
+            resources=resources or tool.resources.default(),
+            secret=uuid.uuid4().hex,
+            env=env or {},
+            mounts=mounts,
+        )
+        result = await (using or backend).start(spec)
+        started.append(result.state)
+        return result, spec
+
+    yield start
+    cleaner = ProcessBackend(settings)
+    for state in started:
+        await cleaner.stop(state, 0)
+        await backend.poll(state)  # reap our children
 
 
 # --- helpers -----------------------------------------------------------------

@@ -84,6 +84,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "ex",
         "head_bytes",
+        "in_feed",
         "in_next",
         "parser",
         "pauses",
@@ -121,6 +122,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.broken = False
         self.in_next = False
+        self.in_feed = False
         self.reading_head = False
         self.head_bytes = 0
         self.raw_head = 0
@@ -176,6 +178,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.reading_head:
             self.raw_head += len(data)
+        self.in_feed = True
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -191,6 +194,11 @@ class ClientConnection(asyncio.Protocol):
             # A head that never ends is refused before it can fill memory.
             if self.reading_head and self.raw_head > 4 * MAX_HEAD:
                 self._malformed(431, "the request head is too large")
+        finally:
+            self.in_feed = False
+        # Everything parsed from this read goes upstream in one write.
+        if self.upstream is not None:
+            self.upstream.flush_request()
 
     def eof_received(self) -> bool | None:
         """A half-closed client still gets the response it is waiting for."""
@@ -444,6 +452,8 @@ class ClientConnection(asyncio.Protocol):
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         self.upstream = conn
         conn.start(self, ex)
+        if not self.in_feed:
+            conn.flush_request()
         self._resume(PAUSE_BUFFER)
 
     def _answer(self, ex: Exchange, build: Callable[[bool], bytes]) -> None:

@@ -47,10 +47,12 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "interim",
         "keep_alive",
+        "out",
         "parser",
         "reading_paused",
         "reason",
         "rechunk",
+        "req_out",
         "resp_chunked",
         "resp_conn",
         "resp_headers",
@@ -75,6 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.reading_paused = False
         self.strip_session = False
+        self.out: list[bytes] = []
+        self.req_out: list[bytes] = []
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -111,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex.response_started and not self.done and self._close_delimited():
             if self.rechunk:
                 self._to_client(LAST_CHUNK)
+                self._flush()
             self.done = True
         if self.done:
             self._complete()
@@ -139,6 +144,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.done:
             self._complete()
+        elif self.out:
+            self._flush()
 
     def eof_received(self) -> bool | None:
         """Let the transport close; :meth:`connection_lost` finishes the work."""
@@ -158,39 +165,48 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- driven by the client side ------------------------------------------
     def start(self, client: ClientConnection, ex: Exchange) -> None:
-        """Send ``ex``'s head and whatever body is buffered."""
-        assert self.transport is not None
+        """Queue ``ex``'s head and whatever body is buffered (see :meth:`flush_request`)."""
         self.client, self.ex, self.counter = client, ex, ex.counter
         self.strip_session = bool(ex.instance_id)
         self._reset_response()
+        self.out.clear()
         self.deadline = self.ctx.now + self.ctx.options.response_timeout
         if client.write_paused:
             self.pause_reading()
-        write = self.transport.write
-        write(ex.head)
+        pending = self.req_out
+        pending.append(ex.head)
         sent = len(ex.head)
         if ex.body_buf:
             for piece in ex.body_buf:
-                write(chunk(piece) if ex.chunked else piece)
+                pending.append(chunk(piece) if ex.chunked else piece)
                 sent += len(piece)
             ex.body_buf.clear()
             ex.body_buffered = 0
         if ex.body_done and ex.chunked:
-            write(LAST_CHUNK)
+            pending.append(LAST_CHUNK)
         if self.counter is not None:
             self.counter.bytes_in += sent
 
     def send_body(self, data: bytes, chunked: bool) -> None:
-        """Forward a piece of request body."""
-        assert self.transport is not None
-        self.transport.write(chunk(data) if chunked else data)
+        """Queue a piece of request body."""
+        self.req_out.append(chunk(data) if chunked else data)
         if self.counter is not None:
             self.counter.bytes_in += len(data)
 
     def end_body(self, chunked: bool) -> None:
         """The request body is complete."""
-        if chunked and self.transport is not None:
-            self.transport.write(LAST_CHUNK)
+        if chunked:
+            self.req_out.append(LAST_CHUNK)
+
+    def flush_request(self) -> None:
+        """Write what was queued for the upstream, in one syscall."""
+        pending = self.req_out
+        if not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        pending.clear()
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
 
     def pause_reading(self) -> None:
         """Stop reading the response (the client is slow)."""
@@ -339,13 +355,22 @@ class UpstreamConnection(asyncio.Protocol):
         return self.body_allowed and self.resp_length is None and not self.resp_chunked
 
     def _to_client(self, data: bytes) -> None:
-        client = self.client
-        if client is not None:
-            client.write(data)
-            if self.counter is not None:
-                self.counter.bytes_out += len(data)
+        # Collected while parsing and written once per read: one syscall, not one per piece.
+        self.out.append(data)
+        if self.counter is not None:
+            self.counter.bytes_out += len(data)
+
+    def _flush(self) -> None:
+        out = self.out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        if self.client is not None:
+            self.client.write(data)
 
     def _complete(self) -> None:
+        self._flush()
         client, ex = self.client, self.ex
         self.client = self.ex = None
         self.counter = None
@@ -359,6 +384,7 @@ class UpstreamConnection(asyncio.Protocol):
         client.response_complete(ex)
 
     def _broken(self, reason: str) -> None:
+        self._flush()
         client, ex = self.client, self.ex
         self.client = self.ex = None
         self.close()
@@ -366,6 +392,7 @@ class UpstreamConnection(asyncio.Protocol):
             client.upstream_failed(self, ex, reason)
 
     def _switch(self, rest: bytes) -> None:
+        self._flush()
         client, ex = self.client, self.ex
         if client is None or ex is None or self.parser.get_status_code() != 101:
             self._broken("switched protocols without being asked")
