@@ -6,6 +6,7 @@ database tests run against that server instead, each test in a fresh schema.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,11 +18,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from helpers import ADMIN_PASSWORD, PASSWORD, token_for
 from labgate.config import Settings
 from labgate.portal.app import create_app
-
-ADMIN_PASSWORD = "admin-password-for-tests"
-PASSWORD = "user-password-123"
 
 
 @pytest.fixture
@@ -99,10 +98,8 @@ async def stop_everything(application: Any) -> None:
         lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
     )
     for instance_id in ids:
-        try:
+        with contextlib.suppress(Exception):
             await portal.instances.stop(instance_id)
-        except Exception:
-            pass
     for _ in range(100):
         left = await portal.run_db(
             lambda s: s.scalar(
@@ -119,22 +116,6 @@ async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client talking to the test's portal server."""
     async with httpx.AsyncClient(base_url=app.state.test_url, timeout=30) as c:
         yield c
-
-
-async def token_for(
-    client: httpx.AsyncClient, username: str, password: str, scopes: list[str] | None = None
-) -> dict[str, str]:
-    """Sign in and create an API token; returns the Authorization header."""
-    login = await client.post("/api/v1/auth/login", json={"username": username, "password": password})
-    assert login.status_code == 200, login.text
-    csrf = login.json()["csrf_token"]
-    body: dict[str, Any] = {"note": "tests"}
-    if scopes is not None:
-        body["scopes"] = scopes
-    created = await client.post("/api/v1/tokens", json=body, headers={"X-CSRF-Token": csrf})
-    assert created.status_code == 201, created.text
-    client.cookies.clear()
-    return {"Authorization": f"token {created.json()['token']}"}
 
 
 @pytest.fixture
@@ -157,26 +138,3 @@ async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) ->
         return await token_for(client, name, PASSWORD)
 
     return make
-
-
-async def wait_for_state(
-    client: httpx.AsyncClient,
-    headers: dict[str, str],
-    instance_id: str,
-    states: set[str],
-    timeout: float = 60,
-) -> dict[str, Any]:
-    """Poll an instance until it is in one of ``states``."""
-    import asyncio
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        response = await client.get(f"/api/v1/instances/{instance_id}", headers=headers)
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        if body["state"] in states:
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"instance {instance_id} stuck in {body['state']}: {body}")
-        await asyncio.sleep(0.1)

@@ -25,9 +25,17 @@ async def execute(http_base: str, ws_base: str, headers: dict[str, str], code: s
 
 async def _run(url: str, headers: dict[str, str], code: str) -> str:
     session = Session(username="labgate-tests")
-    request = session.msg("execute_request", {"code": code, "silent": False, "store_history": False,
-                                              "user_expressions": {}, "allow_stdin": False,
-                                              "stop_on_error": True})
+    request = session.msg(
+        "execute_request",
+        {
+            "code": code,
+            "silent": False,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
+    )
     request["channel"] = "shell"
     deadline = time.monotonic() + 60
     async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:

@@ -92,10 +92,14 @@ class LabgateServer:
             self.process.wait()
         self.process = None
 
-    def token(self, username: str, password: str, scopes: list[str] | None = None) -> dict[str, str]:
+    def token(
+        self, username: str, password: str, scopes: list[str] | None = None
+    ) -> dict[str, str]:
         """Sign in and create an API token; returns the Authorization header."""
         with httpx.Client(base_url=self.url, timeout=10) as client:
-            login = client.post("/api/v1/auth/login", json={"username": username, "password": password})
+            login = client.post(
+                "/api/v1/auth/login", json={"username": username, "password": password}
+            )
             login.raise_for_status()
             body: dict[str, object] = {"note": "tests"}
             if scopes is not None:

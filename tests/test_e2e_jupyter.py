@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import wait_for_state
+
+from helpers import wait_for_state
 from jupyter_client_util import execute
 from servers import processes_with_env
 
@@ -13,7 +14,9 @@ pytestmark = pytest.mark.e2e
 
 
 async def test_jupyterlab_runs_code_and_leaves_nothing_behind(app, client, make_user):
-    pytest.importorskip("jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'")
+    pytest.importorskip(
+        "jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'"
+    )
     alice = await make_user("alice")
     r = await client.post("/api/v1/instances", json={"tool": "jupyterlab"}, headers=alice)
     assert r.status_code == 202, r.text

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+
 from servers import LabgateServer, processes_with_env
 
 PASSWORD = "admin-password-for-restart"

@@ -31,7 +31,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 SESSION_COOKIE = "labgate-session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
-TOKEN_PREFIX = "lg_"
+TOKEN_PREFIX = "lg_"  # noqa: S105 - a prefix, not a secret
 
 SCOPES: dict[str, str] = {
     "instances:read": "list and show your instances, read their logs and events",

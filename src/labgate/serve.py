@@ -50,8 +50,7 @@ def run(settings: Settings) -> None:
     configure_logging()
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    runner(serve(settings))
+        asyncio.run(serve(settings))
+    else:
+        uvloop.run(serve(settings))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import httpx
-from conftest import ADMIN_PASSWORD, PASSWORD, token_for
 
+from helpers import ADMIN_PASSWORD, PASSWORD, token_for
 from labgate.security import SESSION_COOKIE
 
 
@@ -15,7 +15,9 @@ def session_cookie(client: httpx.AsyncClient, value: str | None) -> dict[str, st
 
 
 async def login(client: httpx.AsyncClient, name: str, password: str) -> str:
-    response = await client.post("/api/v1/auth/login", json={"username": name, "password": password})
+    response = await client.post(
+        "/api/v1/auth/login", json={"username": name, "password": password}
+    )
     assert response.status_code == 200, response.text
     return str(response.json()["csrf_token"])
 
@@ -47,7 +49,9 @@ async def test_cookie_state_change_needs_csrf_token(client, make_user):
     refused = await client.post("/api/v1/tokens", json={"note": "x"})
     assert refused.status_code == 403
     assert refused.json()["error"] == "csrf_failed"
-    wrong = await client.post("/api/v1/tokens", json={"note": "x"}, headers={"X-CSRF-Token": "0" * 64})
+    wrong = await client.post(
+        "/api/v1/tokens", json={"note": "x"}, headers={"X-CSRF-Token": "0" * 64}
+    )
     assert wrong.status_code == 403
     ok = await client.post("/api/v1/tokens", json={"note": "x"}, headers={"X-CSRF-Token": csrf})
     assert ok.status_code == 201
@@ -74,13 +78,17 @@ async def test_password_change_ends_other_sessions(client, make_user):
         headers=dave,
     )
     assert changed.status_code == 204, changed.text
-    assert (await client.get("/api/v1/auth/session", headers=session_cookie(client, old_cookie))).status_code == 401
+    assert (
+        await client.get("/api/v1/auth/session", headers=session_cookie(client, old_cookie))
+    ).status_code == 401
     await login(client, "erin", "a-new-password")
 
 
 async def test_own_password_change_needs_current_password(client, make_user):
     frank = await make_user("frank")
-    missing = await client.put("/api/v1/users/me/password", json={"password": "xxxxxxxxx1"}, headers=frank)
+    missing = await client.put(
+        "/api/v1/users/me/password", json={"password": "xxxxxxxxx1"}, headers=frank
+    )
     assert missing.status_code == 403
     wrong = await client.put(
         "/api/v1/users/me/password",
@@ -98,7 +106,9 @@ async def test_disabled_user_loses_sessions_and_tokens(client, make_user, admin_
     r = await client.patch("/api/v1/users/gina", json={"disabled": True}, headers=admin_headers)
     assert r.status_code == 200 and r.json()["disabled"] is True
     assert (await client.get("/api/v1/auth/session", headers=gina)).status_code == 401
-    assert (await client.get("/api/v1/auth/session", headers=session_cookie(client, cookie))).status_code == 401
+    assert (
+        await client.get("/api/v1/auth/session", headers=session_cookie(client, cookie))
+    ).status_code == 401
     again = await client.post("/api/v1/auth/login", json={"username": "gina", "password": PASSWORD})
     assert again.status_code == 401
     assert again.json()["error"] == "account_disabled"
@@ -132,9 +142,13 @@ async def test_user_cannot_grant_admin_scope(client, make_user):
     await make_user("jack")
     await login(client, "jack", PASSWORD)
     csrf = (await client.get("/api/v1/auth/session")).json()["csrf_token"]
-    r = await client.post("/api/v1/tokens", json={"scopes": ["admin"]}, headers={"X-CSRF-Token": csrf})
+    r = await client.post(
+        "/api/v1/tokens", json={"scopes": ["admin"]}, headers={"X-CSRF-Token": csrf}
+    )
     assert r.status_code == 403
-    bad = await client.post("/api/v1/tokens", json={"scopes": ["root"]}, headers={"X-CSRF-Token": csrf})
+    bad = await client.post(
+        "/api/v1/tokens", json={"scopes": ["root"]}, headers={"X-CSRF-Token": csrf}
+    )
     assert bad.status_code == 400 and bad.json()["error"] == "unknown_scope"
 
 

@@ -82,7 +82,9 @@ async def test_unknown_tool_and_ids_are_404(client, admin_headers):
 
 async def test_unknown_route_and_method_are_json(client, admin_headers):
     assert_error(await client.get("/api/v1/nothing-here", headers=admin_headers), 404, "not_found")
-    assert_error(await client.put("/api/v1/tools", headers=admin_headers), 405, "method_not_allowed")
+    assert_error(
+        await client.put("/api/v1/tools", headers=admin_headers), 405, "method_not_allowed"
+    )
 
 
 async def test_oversize_body_is_413(client, admin_headers, settings):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import httpx
-from conftest import wait_for_state
+
+from helpers import wait_for_state
 
 
 async def launch(client: httpx.AsyncClient, headers: dict[str, str], tool: str = "demo") -> str:
@@ -94,7 +95,9 @@ async def test_per_user_limit_refuses_and_starts_nothing(app, client, make_user)
     body = r.json()
     assert body["error"] == "quota_exceeded"
     assert body["limit"] == 2 and body["current"] == 2
-    count = await app.state.portal.run_db(lambda s: s.scalar(select(func.count()).select_from(Instance)))
+    count = await app.state.portal.run_db(
+        lambda s: s.scalar(select(func.count()).select_from(Instance))
+    )
     assert count == 2
 
 

@@ -111,8 +111,12 @@ class SiteAgent:
             tail = await self._tail(adoption.backend_state)
             detail = status.detail or "gone"
             await self._report(
-                Report(spec.instance_id, "lost", message=f"gone while labgate was down: {detail}",
-                       log_tail=tail)
+                Report(
+                    spec.instance_id,
+                    "lost",
+                    message=f"gone while labgate was down: {detail}",
+                    log_tail=tail,
+                )
             )
             return
         watched = Watched(spec, adoption.backend_state, adoption.endpoint)
@@ -169,16 +173,22 @@ class SiteAgent:
         if iid in self._cancel_requested:
             return
         await self._report(
-            Report(iid, "starting", kind="progress", message="waiting for the health check",
-                   backend_state=started.state, endpoint=started.endpoint)
+            Report(
+                iid,
+                "starting",
+                kind="progress",
+                message="waiting for the health check",
+                backend_state=started.state,
+                endpoint=started.endpoint,
+            )
         )
         await self._await_health(spec, started, spec.tool.start_timeout)
 
-    async def _await_health(self, spec: LaunchSpec, started: Started, timeout: float) -> None:
+    async def _await_health(self, spec: LaunchSpec, started: Started, budget: float) -> None:
         iid = spec.instance_id
         url = health_url(spec, started.endpoint)
         headers = {"Authorization": f"token {spec.secret}"}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + budget
         interval = HEALTH_INTERVAL
         last_problem = "no answer yet"
         while time.monotonic() < deadline:
@@ -186,8 +196,12 @@ class SiteAgent:
             if not status.alive:
                 self.watched.pop(iid, None)
                 await self._report(
-                    Report(iid, "failed", message=f"the tool {status.detail or 'exited'} "
-                           "before it became ready", log_tail=await self._tail(started.state))
+                    Report(
+                        iid,
+                        "failed",
+                        message=f"the tool {status.detail or 'exited'} before it became ready",
+                        log_tail=await self._tail(started.state),
+                    )
                 )
                 return
             try:
@@ -208,8 +222,12 @@ class SiteAgent:
         with contextlib.suppress(Exception):
             await self.backend.stop(started.state, self.stop_grace)
         await self._report(
-            Report(iid, "failed", message=f"not ready within {timeout:g}s ({last_problem})",
-                   log_tail=tail)
+            Report(
+                iid,
+                "failed",
+                message=f"not ready within {budget:g}s ({last_problem})",
+                log_tail=tail,
+            )
         )
 
     # --- watching ----------------------------------------------------------
@@ -232,8 +250,12 @@ class SiteAgent:
                     continue
                 self.watched.pop(iid, None)
                 await self._report(
-                    Report(iid, "lost", message=f"the tool {status.detail or 'exited'}",
-                           log_tail=await self._tail(watched.backend_state))
+                    Report(
+                        iid,
+                        "lost",
+                        message=f"the tool {status.detail or 'exited'}",
+                        log_tail=await self._tail(watched.backend_state),
+                    )
                 )
 
     async def _tail(self, backend_state: dict[str, Any]) -> str:

@@ -428,6 +428,10 @@ class ProcessBackend(Backend):
         pid, start = int(state["pid"]), int(state["start_time"])
         if state.get("boot_id") and state["boot_id"] != boot_id():
             return
+        # Under bwrap the tracked process is the outer bwrap: it waits for the sandbox and
+        # passes on the tool's exit code. Signalling it would orphan the sandbox and lose
+        # that code, so it is spared and exits by itself once its namespace is empty.
+        spare = pid if state.get("sandbox") else None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, grace)
         known: dict[int, int] = {pid: start}
@@ -437,27 +441,35 @@ class ProcessBackend(Backend):
             self._exit_code(pid, start)
             if not known or loop.time() >= deadline:
                 break
-            group = pid if not termed and known.get(pid) == start else None
-            if group is not None:
+            group = None
+            if spare is None and not termed and known.get(pid) == start:
                 # Also reaches children forked since the scan. The group id is the
                 # leader's pid, which nobody else can hold while the leader lives.
+                group = pid
                 with contextlib.suppress(OSError):
                     os.killpg(group, signal.SIGTERM)
-            for item in set(known.items()) - termed:
+            fresh = set(known.items()) - termed
+            for item in fresh:
                 # Once each: a second TERM makes some servers (uvicorn) skip their cleanup.
                 info = read_proc(item[0])
-                if group is None or info is None or info.pgrp != group:
+                if item[0] != spare and (group is None or info is None or info.pgrp != group):
                     _signal(*item, signal.SIGTERM)
-                termed.add(item)
+            termed |= fresh
             await asyncio.sleep(_STOP_POLL)
+        alone = 0
         for _ in range(_KILL_ROUNDS):
             if not known:
                 break
-            log.info("instance %s: killing %d process(es) left after TERM", instance_id, len(known))
-            if known.get(pid) == start:
+            targets = {p: s for p, s in known.items() if p != spare}
+            alone = 0 if targets else alone + 1
+            if alone > 10:  # the outer bwrap did not exit by itself
+                targets = known
+            if targets:
+                log.info("instance %s: killing %d process(es)", instance_id, len(targets))
+            if spare is None and known.get(pid) == start:
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
-            for item in known.items():
+            for item in targets.items():
                 _signal(*item, signal.SIGKILL)
             await asyncio.sleep(_STOP_POLL)
             self._exit_code(pid, start)

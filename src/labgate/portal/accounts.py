@@ -100,7 +100,9 @@ def ensure_not_last_admin(session: Session, user: User) -> None:
         select(User.id).where(User.is_admin, ~User.disabled, User.id != user.id)
     ).first()
     if others is None:
-        raise Conflict("this is the last enabled admin; make another admin first", code="last_admin")
+        raise Conflict(
+            "this is the last enabled admin; make another admin first", code="last_admin"
+        )
 
 
 def create_token(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy import select
@@ -106,9 +106,9 @@ def authenticate_session(portal: Portal, session: Session, cookie: str) -> Princ
 
 async def optional_principal(request: Request) -> Principal | None:
     """The caller if authenticated, else None (CSRF enforced for sessions)."""
-    cached = getattr(request.state, "principal", False)
-    if cached is not False:
-        return cached  # type: ignore[no-any-return]
+    if hasattr(request.state, "principal"):
+        cached: Principal | None = request.state.principal
+        return cached
     portal = get_portal(request)
     token = token_from_header(request.headers.get("authorization"))
     cookie = request.cookies.get(SESSION_COOKIE)
@@ -150,7 +150,7 @@ async def principal(
     return caller
 
 
-def require(scope: str) -> Depends:  # type: ignore[valid-type]
+def require(scope: str) -> Any:
     """A dependency: the caller, who must hold ``scope``."""
 
     async def dependency(caller: Annotated[Principal, Depends(principal)]) -> Principal:

@@ -56,7 +56,12 @@ async def home(
     return templates.TemplateResponse(
         request,
         "home.html",
-        {"user": caller, "csrf": csrf, "csrf_field": CSRF_FORM_FIELD, "tools": list(portal.catalog)},
+        {
+            "user": caller,
+            "csrf": csrf,
+            "csrf_field": CSRF_FORM_FIELD,
+            "tools": list(portal.catalog),
+        },
     )
 
 

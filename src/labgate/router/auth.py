@@ -16,10 +16,12 @@ cached signature check is what makes cookie auth cheap on the hot path.
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from labgate.router.http import header_safe
 from labgate.router.table import Route, RouteTable, UserInfo
 from labgate.security import SESSION_COOKIE, TOKEN_PREFIX, SessionClaim, SessionSigner, hash_token
 
@@ -33,10 +35,16 @@ Via = Literal["session", "token"]
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated user and how they proved it."""
+    """An authenticated user, how they proved it, and until when that holds."""
 
     user: UserInfo
     via: Via
+    valid_until: float = math.inf
+    head_line: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        line = b"X-Labgate-User: " + header_safe(self.user.name) + b"\r\n"
+        object.__setattr__(self, "head_line", line)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,32 @@ class Authenticator:
         self.table = table
         self.signer = signer
         self._claims: dict[str, SessionClaim] = {}
+        self._decisions: dict[
+            tuple[bytes | None, bytes | None], tuple[int, Identity | None, Credentials]
+        ] = {}
+
+    def check(
+        self, cookie: bytes | None, authorization: bytes | None, now: float
+    ) -> tuple[Identity | None, Credentials]:
+        """Who sent these ``Cookie`` and ``Authorization`` headers, and their credentials.
+
+        Decisions are cached by the header values until the table's
+        ``generation`` moves or the identity's own expiry passes, so a
+        kept-alive client pays for parsing and lookups once.
+        """
+        key = (cookie, authorization)
+        known = self._decisions.get(key)
+        generation = self.table.generation
+        if known is not None and known[0] == generation:
+            identity = known[1]
+            if identity is None or now < identity.valid_until:
+                return identity, known[2]
+        creds = credentials(cookie, authorization)
+        identity = self.identify(creds, now)
+        if len(self._decisions) >= _CLAIM_CACHE_SIZE:
+            self._decisions.clear()
+        self._decisions[key] = (generation, identity, creds)
+        return identity, creds
 
     def identify(self, creds: Credentials, now: float | None = None) -> Identity | None:
         """The user behind ``creds``, or None.
@@ -124,7 +158,7 @@ class Authenticator:
         # what its other scopes give.
         if "instances:access" not in info.scopes and not user.is_admin:
             return None
-        return Identity(user, "token")
+        return Identity(user, "token", math.inf if info.expires_at is None else info.expires_at)
 
     def _session_identity(self, value: str, now: float) -> Identity | None:
         claim = self._claims.get(value)
@@ -145,7 +179,7 @@ class Authenticator:
         # in, so a session issued right after a password change stays valid.
         if user is None or user.disabled or claim.issued_at < int(user.sessions_valid_after):
             return None
-        return Identity(user, "session")
+        return Identity(user, "session", claim.issued_at + self.signer.max_age)
 
     @staticmethod
     def may_access(identity: Identity, route: Route) -> bool:

@@ -8,7 +8,6 @@ for forwarding) and tracks where the exchange stands on both sides.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from labgate.router.activity import Counter
 from labgate.router.http import Target
@@ -160,14 +159,6 @@ def portal_head(ex: Exchange, peer: bytes, proto: bytes) -> bytes:
     return b"".join(parts)
 
 
-def header_safe(text: str) -> bytes:
-    """``text`` as a header value: printable ASCII kept, anything else percent-encoded."""
-    raw = text.encode()
-    if all(0x20 <= b < 0x7F for b in raw):
-        return raw
-    return quote(text, safe=" !#$&'()*+,/:;=?@[]~").encode()
-
-
 def instance_head(
     ex: Exchange, route: Route, identity: Identity, creds: Credentials, peer: bytes, proto: bytes
 ) -> bytes:
@@ -181,13 +172,12 @@ def instance_head(
     parts = _start(ex, ex.target if route.keep_prefix else tail)
     if creds.cookie_rest is not None:
         parts += [b"Cookie: ", creds.cookie_rest, CRLF]
-    if route.upstream_token:
-        parts += [b"Authorization: token ", route.upstream_token.encode(), CRLF]
-    elif ex.authorization is not None and creds.token is None:
+    if not route.upstream_token and ex.authorization is not None and creds.token is None:
         parts += [b"Authorization: ", ex.authorization, CRLF]
-    parts += [b"X-Labgate-User: ", header_safe(identity.user.name), CRLF]
-    parts += _forwarded(ex, peer, proto)
-    parts += [b"X-Forwarded-Prefix: ", route.prefix, CRLF]
+    parts += [route.head_lines, identity.head_line, b"X-Forwarded-For: ", peer]
+    parts += [b"\r\nX-Forwarded-Proto: ", proto, CRLF]
+    if ex.host is not None:
+        parts += [b"X-Forwarded-Host: ", ex.host, CRLF]
     parts += _framing(ex)
     parts.append(CRLF)
     return b"".join(parts)

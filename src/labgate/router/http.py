@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote_to_bytes
 
 MAX_TARGET = 8192
 MAX_HEAD = 65536
@@ -70,7 +70,23 @@ def is_forgeable(name: bytes) -> bool:
     return name in FORGEABLE or name.startswith(FORGEABLE_PREFIXES)
 
 
+_TARGET_CACHE: dict[bytes, Target] = {}
+_TARGET_CACHE_SIZE = 8192
+
+
 def check_target(target: bytes) -> Target:
+    """Classify a raw request target (cached), or raise :class:`TargetError`."""
+    known = _TARGET_CACHE.get(target)
+    if known is not None:
+        return known
+    result = _check_target(target)
+    if len(_TARGET_CACHE) >= _TARGET_CACHE_SIZE:
+        _TARGET_CACHE.clear()
+    _TARGET_CACHE[target] = result
+    return result
+
+
+def _check_target(target: bytes) -> Target:
     """Classify a raw request target, or raise :class:`TargetError`.
 
     Only origin-form targets (``/path?query``) are accepted. A path with a
@@ -138,3 +154,11 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+def header_safe(text: str) -> bytes:
+    """``text`` as a header value: printable ASCII kept, anything else percent-encoded."""
+    raw = text.encode()
+    if all(0x20 <= b < 0x7F for b in raw):
+        return raw
+    return quote(text, safe=" !#$&'()*+,/:;=?@[]~").encode()

@@ -25,7 +25,6 @@ import httptools
 
 from labgate.router import pages
 from labgate.router.activity import Counter
-from labgate.router.auth import credentials
 from labgate.router.context import NEVER, Context, log
 from labgate.router.exchange import Exchange, instance_head, portal_head
 from labgate.router.http import (
@@ -386,8 +385,8 @@ class ClientConnection(asyncio.Protocol):
             self._proxy(ex, self.ctx.portal)
             return
         ctx = self.ctx
-        creds = credentials(ex.cookie, ex.authorization)
-        identity = ctx.auth.identify(creds)
+        now = time.time()
+        identity, creds = ctx.auth.check(ex.cookie, ex.authorization, now)
         if identity is None:
             if ex.browser and ex.method in (b"GET", b"HEAD"):
                 login = ctx.options.login_path
@@ -415,7 +414,7 @@ class ClientConnection(asyncio.Protocol):
             )
             return
         counter = ctx.activity.counter(instance_id)
-        counter.last_request = time.time()
+        counter.last_request = now
         ex.counter = counter
         ex.instance_id = instance_id
         ex.head = instance_head(ex, route, identity, creds, self.peer, self.proto)

@@ -39,6 +39,11 @@ class UpstreamAddress:
     host: str = ""
     port: int = 0
     path: str = ""
+    key: tuple[str, int, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A plain tuple: hashing it is C code, and the pool hashes on every request.
+        object.__setattr__(self, "key", (self.host, self.port, self.path))
 
     @property
     def is_unix(self) -> bool:
@@ -96,6 +101,7 @@ class Route:
     upstream_token: str = ""
     address: UpstreamAddress = field(init=False, repr=False, compare=False)
     prefix: bytes = field(init=False, repr=False, compare=False)
+    head_lines: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.instance_id or "/" in self.instance_id:
@@ -105,6 +111,11 @@ class Route:
         object.__setattr__(self, "access", frozenset(self.access))
         object.__setattr__(self, "address", parse_upstream(self.upstream))
         object.__setattr__(self, "prefix", f"/i/{self.instance_id}".encode())
+        # The route's own request header lines, built once instead of per request.
+        lines = b"X-Forwarded-Prefix: " + self.prefix + b"\r\n"
+        if self.upstream_token:
+            lines = b"Authorization: token " + self.upstream_token.encode() + b"\r\n" + lines
+        object.__setattr__(self, "head_lines", lines)
 
     def allows(self, user_id: int) -> bool:
         """Whether a (non-admin) user may use this instance."""
@@ -248,7 +259,9 @@ class RouteTable:
     """The router's state; implements :class:`RouterControl`.
 
     Lookups are plain dict probes. The attributes are public for the proxy's
-    hot path and must only be changed through the methods.
+    hot path and must only be changed through the methods. ``generation``
+    changes whenever anything credentials depend on changes (users, tokens,
+    revocations), so decisions may be cached until it moves.
     """
 
     def __init__(self) -> None:
@@ -256,6 +269,7 @@ class RouteTable:
         self.users: dict[int, UserInfo] = {}
         self.tokens: dict[str, TokenInfo] = {}
         self.revoked: dict[str, float] = {}
+        self.generation = 0
         self._removal_listeners: list[RemovalListener] = []
 
     # --- RouterControl -------------------------------------------------------
@@ -276,22 +290,27 @@ class RouteTable:
     def set_user(self, user: UserInfo) -> None:
         """Add or replace a user."""
         self.users[user.id] = user
+        self.generation += 1
 
     def remove_user(self, user_id: int) -> None:
         """Forget a user."""
         self.users.pop(user_id, None)
+        self.generation += 1
 
     def set_token(self, token_hash: str, info: TokenInfo) -> None:
         """Add or replace an API token by its hash."""
         self.tokens[token_hash] = info
+        self.generation += 1
 
     def remove_token(self, token_hash: str) -> None:
         """Forget an API token."""
         self.tokens.pop(token_hash, None)
+        self.generation += 1
 
     def revoke_session(self, session_id: str, expires_at: float) -> None:
         """Refuse a session id until ``expires_at``."""
         self.revoked[session_id] = max(expires_at, self.revoked.get(session_id, 0.0))
+        self.generation += 1
 
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything with ``snapshot``; listeners hear of routes that went away."""
@@ -307,6 +326,7 @@ class RouteTable:
         }
         gone = [instance_id for instance_id in self.routes if instance_id not in routes]
         self.routes, self.users, self.tokens, self.revoked = routes, users, tokens, revoked
+        self.generation += 1
         for instance_id in gone:
             for listener in self._removal_listeners:
                 listener(instance_id)

@@ -413,11 +413,11 @@ class UpstreamPool:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.idle: dict[UpstreamAddress, list[UpstreamConnection]] = {}
+        self.idle: dict[tuple[str, int, str], list[UpstreamConnection]] = {}
 
     def acquire(self, address: UpstreamAddress) -> UpstreamConnection | None:
         """An idle connection to ``address``, or None."""
-        idle = self.idle.get(address)
+        idle = self.idle.get(address.key)
         while idle:
             conn = idle.pop()
             if not conn.closed:
@@ -427,7 +427,7 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for reuse, or close it when enough are idle."""
-        idle = self.idle.setdefault(conn.address, [])
+        idle = self.idle.setdefault(conn.address.key, [])
         if len(idle) >= self.ctx.options.pool_max_idle:
             conn.close()
             return
@@ -437,11 +437,11 @@ class UpstreamPool:
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a closed connection."""
-        idle = self.idle.get(conn.address)
+        idle = self.idle.get(conn.address.key)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self.idle[conn.address]
+                del self.idle[conn.address.key]
 
     async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
         """A new connection to ``address``; raises ``OSError`` or ``TimeoutError``."""

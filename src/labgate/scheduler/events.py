@@ -33,7 +33,7 @@ class EventBus:
         for waiter in self._waiters.get(instance_id, ()):
             waiter.set()
 
-    async def wait(self, instance_id: str, seen: int, timeout: float) -> bool:
+    async def wait(self, instance_id: str, seen: int, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until the version passes ``seen`` or ``timeout`` passes; True when it moved."""
         if self.version(instance_id) != seen:
             return True

@@ -116,11 +116,14 @@ class InstanceManager:
             user = session.execute(
                 select(User).where(User.id == user_id).with_for_update()
             ).scalar_one()
-            active = session.scalar(
-                select(func.count())
-                .select_from(Instance)
-                .where(Instance.owner_id == user_id, Instance.state.in_(ACTIVE_STATES))
-            ) or 0
+            active = (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Instance)
+                    .where(Instance.owner_id == user_id, Instance.state.in_(ACTIVE_STATES))
+                )
+                or 0
+            )
             limit = self.max_instances_per_user
             if active >= limit:
                 raise QuotaExceeded(
@@ -158,7 +161,9 @@ class InstanceManager:
             return
         await self.links[site].launch(spec)
 
-    def _launch_spec(self, session: Session, instance_id: str) -> tuple[LaunchSpec | None, str | None]:
+    def _launch_spec(
+        self, session: Session, instance_id: str
+    ) -> tuple[LaunchSpec | None, str | None]:
         instance = session.get(Instance, instance_id)
         if instance is None or instance.state != InstanceState.pending or instance.site is None:
             return None, None
@@ -251,15 +256,20 @@ class InstanceManager:
                 return None
             session.add(
                 InstanceEvent(
-                    instance=instance, kind="progress", state=instance.state,
-                    message=report.message, data=data,
+                    instance=instance,
+                    kind="progress",
+                    state=instance.state,
+                    message=report.message,
+                    data=data,
                 )
             )
         else:
             if target not in TRANSITIONS[instance.state]:
                 log.info(
                     "instance %s: %s -> %s not allowed; report dropped",
-                    instance.id, instance.state.value, target.value,
+                    instance.id,
+                    instance.state.value,
+                    target.value,
                 )
                 return None
             _transition(session, instance, target, report.message, data)
@@ -280,7 +290,9 @@ class InstanceManager:
             site = instance.site.name if instance.site else None
             link = self.links.get(site or "")
             if link is None:
-                await self.apply(Report(instance.id, "lost", message=f"site {site} is not configured"))
+                await self.apply(
+                    Report(instance.id, "lost", message=f"site {site} is not configured")
+                )
                 continue
             if instance.state == InstanceState.pending:
                 self._spawn(self._start(instance.id))
@@ -360,9 +372,7 @@ def _transition(
         instance.stopped_at = now
     if target in (InstanceState.failed, InstanceState.lost):
         instance.reason = message
-    session.add(
-        InstanceEvent(instance=instance, state=target, message=message, data=data or {})
-    )
+    session.add(InstanceEvent(instance=instance, state=target, message=message, data=data or {}))
 
 
 def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
@@ -374,10 +384,17 @@ def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources
     if requested:
         unknown = set(requested) - {"cpu", "memory"}
         if unknown:
-            raise BadRequest(f"unknown resources: {', '.join(sorted(unknown))} (known: cpu, memory)")
+            raise BadRequest(
+                f"unknown resources: {', '.join(sorted(unknown))} (known: cpu, memory)"
+            )
         if requested.get("cpu") is not None:
             value = requested["cpu"]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise BadRequest("resources.cpu must be a positive number of cores")
             cpu = float(value)
         if requested.get("memory") is not None:

@@ -35,4 +35,3 @@ def choose_site(links: Mapping[str, SiteLink], tool: Tool, wanted: str | None) -
         f"tool {tool.name!r} cannot run on any site ({'; '.join(reasons) or 'no sites'})",
         code="tool_unavailable",
     )
-

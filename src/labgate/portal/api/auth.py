@@ -10,10 +10,10 @@ from sqlalchemy.orm import Session
 
 from labgate.db.models import RevokedSession, User, utcnow
 from labgate.errors import Unauthorized
+from labgate.portal.accounts import user_out
 from labgate.portal.auth import Caller, scopes_of
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
-from labgate.portal.accounts import user_out
 from labgate.security import SESSION_COOKIE, hash_password, verify_password
 
 router = APIRouter(prefix="/auth", tags=["auth"])
@@ -32,7 +32,9 @@ def check_password(session: Session, username: str, password: str) -> User:
     if not verify_password(user.password_hash, password):
         raise Unauthorized("wrong user name or password", code="invalid_credentials")
     if user.disabled:
-        raise Unauthorized("this account is disabled; ask an administrator", code="account_disabled")
+        raise Unauthorized(
+            "this account is disabled; ask an administrator", code="account_disabled"
+        )
     user.last_login_at = utcnow()
     return user
 
@@ -94,4 +96,6 @@ async def whoami(caller: Caller, portal: Portal = Depends(get_portal)) -> Sessio
     user = await portal.run_db(lambda s: s.get(User, caller.user_id))
     assert user is not None
     csrf = portal.signer.csrf_token(caller.session_id) if caller.session_id else None
-    return SessionOut(user=user_out(user), csrf_token=csrf, scopes=sorted(caller.scopes), via=caller.via)
+    return SessionOut(
+        user=user_out(user), csrf_token=csrf, scopes=sorted(caller.scopes), via=caller.via
+    )

@@ -61,8 +61,12 @@ async def list_sites(caller: Caller, portal: Portal = Depends(get_portal)) -> li
             ).all()
         )
         return [
-            SiteOut(name=site.name, backend=site.backend, instances=counts.get(site.id, 0),
-                    labels=site.labels)
+            SiteOut(
+                name=site.name,
+                backend=site.backend,
+                instances=counts.get(site.id, 0),
+                labels=site.labels,
+            )
             for site in session.scalars(select(Site).order_by(Site.name))
         ]
 

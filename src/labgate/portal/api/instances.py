@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -101,9 +102,16 @@ async def list_instances(
         if state:
             stmt = stmt.where(Instance.state.in_(state))
         if active:
-            stmt = stmt.where(Instance.state.in_(
-                [InstanceState.pending, InstanceState.starting, InstanceState.running,
-                 InstanceState.stopping]))
+            stmt = stmt.where(
+                Instance.state.in_(
+                    [
+                        InstanceState.pending,
+                        InstanceState.starting,
+                        InstanceState.running,
+                        InstanceState.stopping,
+                    ]
+                )
+            )
         if tool is not None:
             stmt = stmt.where(Instance.tool == tool)
         stmt = stmt.order_by(Instance.created_at.desc()).limit(limit)
@@ -183,7 +191,7 @@ async def instance_events(
     )
 
 
-def _events_after(session: Session, instance_id: str, after: int) -> tuple[list[EventOut], bool]:
+def _events_after(session: Session, *, instance_id: str, after: int) -> tuple[list[EventOut], bool]:
     rows = session.scalars(
         select(InstanceEvent)
         .where(InstanceEvent.instance_id == instance_id, InstanceEvent.id > after)
@@ -201,7 +209,9 @@ async def _event_stream(
     yield b"retry: 1000\n\n"
     while True:
         seen = portal.events.version(instance_id)
-        events, finished = await portal.run_db(lambda s: _events_after(s, instance_id, after))
+        events, finished = await portal.run_db(
+            partial(_events_after, instance_id=instance_id, after=after)
+        )
         for event in events:
             after = event.id
             payload = json.dumps(event.model_dump(mode="json"))

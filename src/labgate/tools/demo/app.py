@@ -13,6 +13,7 @@ after printing a reason).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import html
 import json
@@ -38,7 +39,8 @@ PAGE = """<!doctype html>
 <p>WebSocket echo: <output id="echo">waiting</output></p>
 <script>
 const base = {base_json};
-const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + base + "ws");
+const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+const ws = new WebSocket(scheme + location.host + base + "ws");
 ws.onopen = () => ws.send("hello from the browser");
 ws.onmessage = (event) => {{ document.getElementById("echo").textContent = event.data; }};
 ws.onerror = () => {{ document.getElementById("echo").textContent = "WebSocket failed"; }};
@@ -66,6 +68,10 @@ class TokenGate:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text(errors="replace")[:65536]
 
 
 def create_app(base_url: str = "/") -> ASGIApp:
@@ -105,7 +111,7 @@ def create_app(base_url: str = "/") -> ASGIApp:
         """Read a file by absolute path: lets tests probe what the sandbox exposes."""
         path = request.query_params.get("path", "")
         try:
-            content = Path(path).read_text(errors="replace")[:65536]
+            content = await asyncio.to_thread(_read, path)
         except OSError as exc:
             return JSONResponse({"ok": False, "error": exc.__class__.__name__}, status_code=404)
         return JSONResponse({"ok": True, "content": content})
@@ -113,8 +119,9 @@ def create_app(base_url: str = "/") -> ASGIApp:
     async def write_file(request: Request) -> Response:
         """Write a file by absolute path: lets tests probe what the sandbox allows."""
         path = request.query_params.get("path", "")
+        body = await request.body()
         try:
-            Path(path).write_bytes(await request.body())
+            await asyncio.to_thread(Path(path).write_bytes, body)
         except OSError as exc:
             return JSONResponse({"ok": False, "error": exc.__class__.__name__}, status_code=403)
         return JSONResponse({"ok": True})
@@ -141,7 +148,9 @@ def create_app(base_url: str = "/") -> ASGIApp:
         Route("/api/file", write_file, methods=["PUT"]),
         WebSocketRoute("/ws", echo),
     ]
-    app: ASGIApp = Starlette(routes=[Mount(base.rstrip("/"), routes=routes)] if base != "/" else routes)
+    app: ASGIApp = Starlette(
+        routes=[Mount(base.rstrip("/"), routes=routes)] if base != "/" else routes
+    )
     token = os.environ.get("LABGATE_INSTANCE_TOKEN")
     if token:
         app = TokenGate(app, token)

@@ -1,0 +1,193 @@
+"""Bodies: chunked and close-delimited framing, back-pressure both ways, pipelining, pooling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from labgate.router.table import Route
+
+from .conftest import ALICE, Recorded, Seen, cookie_line, raw_request, status_of, statuses
+
+
+def get(gw_cookie: str, target: str, extra: str = "", version: str = "1.1") -> bytes:
+    return f"GET {target} HTTP/{version}\r\nHost: gw\r\n{gw_cookie}{extra}\r\n".encode()
+
+
+async def test_chunked_response_stays_chunked(recorded: Recorded, recording) -> None:  # type: ignore[no-untyped-def]
+    gw = recorded.gw
+
+    def handler(seen: Seen) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
+
+    up = await recording(handler)
+    gw.table.add_route(Route("chnk", up.url, ALICE))
+    response = await raw_request(gw.port, get(cookie_line(gw, ALICE), "/i/chnk/", "Connection: close\r\n"))
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+
+
+async def test_close_delimited_response(recorded: Recorded, recording) -> None:  # type: ignore[no-untyped-def]
+    gw = recorded.gw
+    up = await recording(lambda seen: b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after_response=True)
+    gw.table.add_route(Route("eof", up.url, ALICE))
+    cookie = cookie_line(gw, ALICE)
+    # HTTP/1.1 clients get it chunked and keep their connection.
+    response = await raw_request(gw.port, get(cookie, "/i/eof/") + get(cookie, "/i/eof/", "Connection: close\r\n"))
+    assert statuses(response) == [200, 200]
+    assert response.count(b"d\r\nuntil the end\r\n0\r\n\r\n") == 2
+    # HTTP/1.0 clients read to the end of the connection.
+    response = await raw_request(gw.port, get(cookie, "/i/eof/", version="1.0"))
+    assert response.endswith(b"\r\n\r\nuntil the end")
+    assert b"connection: close" in response.lower()
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_no_body_statuses(recorded: Recorded, recording, status: int) -> None:  # type: ignore[no-untyped-def]
+    gw = recorded.gw
+    up = await recording(lambda seen: b"HTTP/1.1 %d X\r\nETag: \"1\"\r\n\r\n" % status)
+    gw.table.add_route(Route("nb", up.url, ALICE))
+    cookie = cookie_line(gw, ALICE)
+    response = await raw_request(gw.port, get(cookie, "/i/nb/") + get(cookie, "/i/nb/", "Connection: close\r\n"))
+    assert statuses(response) == [status, status]
+    assert b"transfer-encoding" not in response.lower()
+
+
+async def test_pipelined_requests_are_answered_in_order(recorded: Recorded) -> None:
+    gw = recorded.gw
+    cookie = cookie_line(gw, ALICE)
+    data = b"".join(get(cookie, f"/i/aaaa/{n}") for n in range(20))
+    data += get(cookie, "/i/aaaa/last", "Connection: close\r\n")
+    response = await raw_request(gw.port, data)
+    assert statuses(response) == [200] * 21
+    assert [s.target for s in recorded.a.seen] == [f"/i/aaaa/{n}" for n in range(20)] + ["/i/aaaa/last"]
+    # Served one after another on one pooled upstream connection.
+    assert recorded.a.connections == 1
+
+
+async def test_request_bodies_both_framings(recorded: Recorded) -> None:
+    gw = recorded.gw
+    cookie = cookie_line(gw, ALICE)
+    data = (
+        f"POST /i/aaaa/cl HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 11\r\n\r\nhello world"
+        f"POST /i/aaaa/te HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        f"GET /i/aaaa/end HTTP/1.1\r\nHost: gw\r\n{cookie}Connection: close\r\n\r\n"
+    ).encode()
+    response = await raw_request(gw.port, data)
+    assert statuses(response) == [200, 200, 200]
+    assert [s.body for s in recorded.a.seen] == [b"hello world", b"hello world", b""]
+    assert recorded.a.seen[1].header("Transfer-Encoding") == ["chunked"]
+
+
+async def test_expect_continue(gateway) -> None:  # type: ignore[no-untyped-def]
+    cookie = cookie_line(gateway, ALICE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    body = b"x" * 1000
+    writer.write(
+        f"PUT /i/aaaa/api/file?path=/dev/null HTTP/1.1\r\nHost: gw\r\n{cookie}"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(body)
+    final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert final.startswith(b"HTTP/1.1 200")
+    writer.close()
+
+
+@dataclass
+class Firehose:
+    """An upstream that writes ``total`` bytes as fast as the socket takes them."""
+
+    total: int
+    written: int = 0
+    server: asyncio.Server | None = None
+    url: str = ""
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.total)
+        piece = b"z" * 65536
+        with contextlib.suppress(ConnectionError):
+            while self.written < self.total:
+                writer.write(piece)
+                await writer.drain()
+                self.written += len(piece)
+        writer.close()
+
+
+@pytest.fixture
+async def firehose() -> AsyncIterator[Firehose]:
+    hose = Firehose(512 * 1024 * 1024)
+    hose.server = await asyncio.start_server(hose.handle, "127.0.0.1", 0)
+    hose.url = f"http://127.0.0.1:{hose.server.sockets[0].getsockname()[1]}"
+    yield hose
+    hose.server.close()
+
+
+async def test_download_back_pressure(recorded: Recorded, firehose: Firehose) -> None:
+    gw = recorded.gw
+    gw.table.add_route(Route("hose", firehose.url, ALICE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port, limit=2**16)
+    writer.write(get(cookie_line(gw, ALICE), "/i/hose/"))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert status_of(head) == 200
+    # The client reads nothing more: the upstream must be held back, not buffered.
+    for _ in range(20):
+        before = firehose.written
+        await asyncio.sleep(0.1)
+        if firehose.written == before:
+            break
+    assert firehose.written < 64 * 1024 * 1024
+    # Reading resumes the flow.
+    got = 0
+    while got < 80 * 1024 * 1024:
+        got += len(await reader.read(1 << 20))
+    assert firehose.written > 64 * 1024 * 1024
+    writer.close()
+
+
+async def test_upload_back_pressure(recorded: Recorded) -> None:
+    gw = recorded.gw
+    paused = asyncio.Event()
+    received = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await reader.readuntil(b"\r\n\r\n")
+        await paused.wait()  # read nothing for a while
+        while data := await reader.read(1 << 20):
+            received += len(data)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    gw.table.add_route(Route("sink", f"http://127.0.0.1:{port}", ALICE))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    total = 1024 * 1024 * 1024
+    writer.write(
+        f"POST /i/sink/ HTTP/1.1\r\nHost: gw\r\n{cookie_line(gw, ALICE)}"
+        f"Content-Length: {total}\r\n\r\n".encode()
+    )
+    sent = 0
+    piece = b"u" * (1 << 20)
+    while sent < total:
+        writer.write(piece)
+        try:
+            await asyncio.wait_for(writer.drain(), 1.0)
+        except TimeoutError:
+            break  # the router stopped reading: back-pressure reached the client
+        sent += len(piece)
+    assert sent < 128 * 1024 * 1024
+    paused.set()
+    writer.close()
+    server.close()
