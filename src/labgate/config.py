@@ -12,15 +12,25 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from labgate.units import parse_size
 
 CONFIG_ENV = "LABGATE_CONFIG"
 DEFAULT_CONFIG_FILE = "labgate.toml"
@@ -33,6 +43,31 @@ def config_file() -> Path | None:
         return Path(named)
     default = Path(DEFAULT_CONFIG_FILE)
     return default if default.is_file() else None
+
+
+class SiteCapacity(BaseModel):
+    """What a site may run at once; zero means unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: float = Field(0, ge=0, description="CPU cores in all.")
+    memory: Annotated[int, BeforeValidator(lambda v: v if v in (0, "0") else parse_size(v))] = (
+        Field(0, ge=0, description="Memory in all, e.g. 64G.")
+    )
+    max_instances: int = Field(0, ge=0, description="Instances at once.")
+
+
+class SiteConfig(BaseModel):
+    """One site: a backend with its options, capacity, labels and data root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    backend: str = "process"
+    options: dict[str, Any] = Field(default_factory=dict)
+    capacity: SiteCapacity = Field(default_factory=SiteCapacity)
+    labels: dict[str, str] = Field(default_factory=dict)
+    data_root: Path | None = None
 
 
 class Settings(BaseSettings):
@@ -104,7 +139,17 @@ class Settings(BaseSettings):
     max_instances_per_user: int = Field(
         5, ge=0, description="Instances one user may have pending, starting or running at once."
     )
-    site_name: str = Field("local", description="Name of the all-in-one local site.")
+    site_name: str = Field(
+        "local", description="Name of the all-in-one local site (used when `sites` is empty)."
+    )
+    sites: list[SiteConfig] = Field(
+        default_factory=list,
+        description=(
+            "Sites of this labgate: name, backend, options, capacity, labels, data_root. "
+            "Empty means one local site using the process backend. In TOML: [[sites]] tables; "
+            "in the environment: a JSON list."
+        ),
+    )
     sandbox: Literal["auto", "bwrap", "none"] = Field(
         "auto",
         description=(
@@ -139,6 +184,19 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _unique_sites(self) -> Settings:
+        names = [site.name for site in self.sites]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"site names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def effective_sites(self) -> list[SiteConfig]:
+        """The configured sites, or the one local process site."""
+        return self.sites or [SiteConfig(name=self.site_name, backend="process")]
 
     @classmethod
     def settings_customise_sources(
@@ -208,5 +266,9 @@ class Settings(BaseSettings):
                 value = "********" if value.get_secret_value() else ""
             elif isinstance(value, Path):
                 value = str(value)
+            elif isinstance(value, list):
+                value = [
+                    v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value
+                ]
             out[name] = value
         return out

@@ -32,7 +32,6 @@ class is defined, not when it is first used.
 from __future__ import annotations
 
 import abc
-import inspect
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path

@@ -55,8 +55,8 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema up to the newest migration."""
-    command.upgrade(alembic_config(engine), "head")
+    """Bring the schema up to the newest migrations (every branch head)."""
+    command.upgrade(alembic_config(engine), "heads")
 
 
 class Database:

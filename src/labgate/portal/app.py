@@ -13,16 +13,17 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate import __version__
-from labgate.agent.link import LocalSiteLink, Report
+from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
 from labgate.agent.site import SiteAgent
 from labgate.backends.base import load_backend
-from labgate.config import Settings
+from labgate.config import Settings, SiteConfig
 from labgate.db.models import Site
 from labgate.db.session import Database
 from labgate.portal import pages
@@ -40,13 +41,33 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 
 
-def ensure_site(session: Session, name: str, backend: str) -> None:
-    """Record the site in the database if it is new."""
-    site = session.scalar(select(Site).where(Site.name == name))
+def ensure_site(session: Session, config: SiteConfig) -> None:
+    """Record the site in the database, or update it to match the settings."""
+    site = session.scalar(select(Site).where(Site.name == config.name))
     if site is None:
-        session.add(Site(name=name, backend=backend))
-    elif site.backend != backend:
-        site.backend = backend
+        site = Site(name=config.name)
+        session.add(site)
+    site.backend = config.backend
+    site.labels = dict(config.labels)
+    site.options = {
+        "capacity": config.capacity.model_dump(),
+        "data_root": str(config.data_root) if config.data_root else None,
+    }
+
+
+def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
+    """Bring up the agent of one site, in process, and the link to it."""
+    settings = portal.settings
+    backend = load_backend(config.backend)(settings, config.options)
+    agent = SiteAgent(
+        config.name,
+        backend,
+        reporter,
+        poll_interval=settings.poll_interval,
+        stop_grace=settings.stop_grace_seconds,
+        log_tail_lines=settings.log_tail_lines,
+    )
+    return LocalSiteLink(agent)
 
 
 def build_portal(settings: Settings) -> Portal:
@@ -82,21 +103,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if generated:
         announce_admin(settings, generated)
 
-    backend_cls = load_backend("process")
-    await portal.run_db(lambda s: ensure_site(s, settings.site_name, backend_cls.name))
-
     async def reporter(report: Report) -> None:
         await portal.instances.apply(report)
 
-    agent = SiteAgent(
-        settings.site_name,
-        backend_cls(settings),
-        reporter,
-        poll_interval=settings.poll_interval,
-        stop_grace=settings.stop_grace_seconds,
-        log_tail_lines=settings.log_tail_lines,
-    )
-    portal.links = {settings.site_name: LocalSiteLink(agent)}
+    for site in settings.effective_sites:
+        await portal.run_db(partial(ensure_site, config=site))
+        portal.links[site.name] = start_site(portal, site, reporter)
     portal.manager = InstanceManager(
         portal.db,
         portal.catalog,

@@ -35,11 +35,12 @@ import sys
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from labgate.backends.base import Resources
+from labgate.units import Size
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +50,6 @@ PLACEHOLDERS = frozenset({"port", "base_url", "workspace", "python", "instance_i
 # The instance token is a secret: allowed in environment values, never on a
 # command line where `ps` would show it to other local users.
 ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-def parse_size(value: Any) -> int:
-    """Bytes from an int or a string such as ``"512M"`` or ``"2 GiB"``."""
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 512M or 2G")
-    if isinstance(value, int | float):
-        size = int(value)
-    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    else:
-        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
-    if size <= 0:
-        raise ValueError("size must be positive")
-    return size
-
-
-Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 class ToolResources(BaseModel):

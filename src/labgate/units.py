@@ -1,0 +1,29 @@
+"""Sizes written the way people write them: ``512M``, ``2 GiB``, ``1.5G``."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from an int or a string such as ``"512M"`` or ``"2 GiB"``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 512M or 2G")
+    if isinstance(value, int | float):
+        size = int(value)
+    elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
+        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    else:
+        raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
+    if size <= 0:
+        raise ValueError("size must be positive")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
