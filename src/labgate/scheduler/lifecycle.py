@@ -41,6 +41,7 @@ from labgate.scheduler.events import EventBus
 from labgate.scheduler.placement import choose_site
 from labgate.security import new_id
 from labgate.tools.catalog import Catalog, Tool
+from labgate.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -377,8 +378,6 @@ def _transition(
 
 def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
     """The tool's defaults overridden by ``requested``, within the tool's maxima."""
-    from labgate.tools.catalog import parse_size
-
     limits = tool.resources
     cpu, memory = limits.cpu, limits.memory
     if requested:
