@@ -87,6 +87,8 @@ class PortalServer:
 
     async def stop(self) -> None:
         assert self.server is not None and self.task is not None
+        # The portal process would die with its connections; here they share a loop.
+        self.publisher.disconnect_all()
         self.server.should_exit = True
         self.server.force_exit = True
         await asyncio.wait_for(self.task, 10)

@@ -340,6 +340,7 @@ class ProcessBackend(Backend):
         cpu, memory = spec.resources.cpu, spec.resources.memory
         limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
 
+        self._reap_all()
         log_path = logs_dir / f"{spec.instance_id}.log"
         popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command)
         info = read_proc(popen.pid)
@@ -402,6 +403,11 @@ class ProcessBackend(Backend):
             code = os.waitstatus_to_exitcode(info.exit_status)
             return Status(alive=False, exit_code=code, detail=describe_exit(code))
         return Status(alive=True)
+
+    def _reap_all(self) -> None:
+        """Reap every child of ours that has exited, polled or not: no zombies linger."""
+        for pid, (start, _) in list(self._children.items()):
+            self._exit_code(pid, start)
 
     def _exit_code(self, pid: int, start: int) -> int | None:
         """The exit code of our own child ``pid`` (reaping it), if it has exited."""
@@ -476,6 +482,7 @@ class ProcessBackend(Backend):
             known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
         if known:
             log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
+        self._reap_all()
 
     # --- logs --------------------------------------------------------------------
 

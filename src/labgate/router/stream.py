@@ -178,6 +178,14 @@ class RoutePublisher(RouteTable):
             super().resync(snapshot)
             self._publish({"op": "snapshot", "state": self.snapshot()})
 
+    def disconnect_all(self) -> None:
+        """End every open stream (portal shutdown); routers reconnect and resync."""
+        with self._lock:
+            for sub in self._subscribers:
+                sub.dropped = True
+                if not sub.loop.is_closed():
+                    sub.loop.call_soon_threadsafe(sub.queue.put_nowait, None)
+
     # --- subscribing ---------------------------------------------------------
     async def subscribe(self) -> AsyncIterator[bytes]:
         """Wire lines for one subscriber: a snapshot, then every change, pings when idle."""
