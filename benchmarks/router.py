@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -71,8 +70,15 @@ def ensure_tools() -> dict[str, str]:
     chp = CACHE / "node_modules" / ".bin" / "configurable-http-proxy"
     if not chp.exists():
         subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund", "--prefix", str(CACHE),
-             "configurable-http-proxy"],
+            [
+                "npm",
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                str(CACHE),
+                "configurable-http-proxy",
+            ],
             check=True,
         )
     return {"nginx": nginx, "wrk": shutil.which("wrk") or "wrk", "chp": str(chp)}
@@ -94,10 +100,22 @@ def parse_size(text: str) -> float:
     return float(match[1]) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[match[2]]
 
 
-async def wrk(tools: dict[str, str], url: str, args: argparse.Namespace, header: str = "",
-              connections: int | None = None) -> dict[str, float]:
-    cmd = [tools["wrk"], "-t2", f"-c{connections or args.connections}", f"-d{args.duration}s",
-           "--latency", "--timeout", "5s"]
+async def wrk(
+    tools: dict[str, str],
+    url: str,
+    args: argparse.Namespace,
+    header: str = "",
+    connections: int | None = None,
+) -> dict[str, float]:
+    cmd = [
+        tools["wrk"],
+        "-t2",
+        f"-c{connections or args.connections}",
+        f"-d{args.duration}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
     if header:
         cmd += ["-H", header]
     proc = await asyncio.create_subprocess_exec(
@@ -176,7 +194,9 @@ def ws_request(port: int, path: str, cookie: str) -> bytes:
     ).encode()
 
 
-async def ws_open(port: int, path: str, cookie: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def ws_open(
+    port: int, path: str, cookie: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(ws_request(port, path, cookie))
     head = await reader.readuntil(b"\r\n\r\n")
@@ -185,10 +205,16 @@ async def ws_open(port: int, path: str, cookie: str) -> tuple[asyncio.StreamRead
     return reader, writer
 
 
-FRAME = bytes([0x81, 0x80 | 5]) + b"\x01\x02\x03\x04" + bytes(c ^ m for c, m in zip(b"hello", b"\x01\x02\x03\x04\x01", strict=True))
+FRAME = (
+    bytes([0x81, 0x80 | 5])
+    + b"\x01\x02\x03\x04"
+    + bytes(c ^ m for c, m in zip(b"hello", b"\x01\x02\x03\x04\x01", strict=True))
+)
 
 
-async def ws_echo(port: int, path: str, cookie: str, conns: int, duration: float) -> dict[str, float]:
+async def ws_echo(
+    port: int, path: str, cookie: str, conns: int, duration: float
+) -> dict[str, float]:
     """Round trips per second over ``conns`` WebSockets, one message in flight on each."""
     count = 0
     stop = time.monotonic() + duration
@@ -222,9 +248,9 @@ async def ws_idle(port: int, path: str, cookie: str, count: int) -> None:
 def nginx_conf(work: Path, name: str, body: str) -> Path:
     conf = work / f"{name}.conf"
     conf.write_text(
-        f"worker_processes auto;\ndaemon off;\npid {work}/{name}.pid;\nerror_log {work}/{name}.err;\n"
+        f"worker_processes auto;\ndaemon off;\npid {work}/{name}.pid;\nerror_log {work}/{name}.err;\n"  # noqa: E501
         "worker_rlimit_nofile 20000;\nevents {{ worker_connections 16384; }}\n"
-        f"http {{\n access_log off;\n keepalive_requests 1000000;\n client_body_temp_path {work}/tmp;\n"
+        f"http {{\n access_log off;\n keepalive_requests 1000000;\n client_body_temp_path {work}/tmp;\n"  # noqa: E501
         f" proxy_temp_path {work}/tmp;\n{body}\n}}\n".replace("{{", "{").replace("}}", "}")
     )
     return conf
@@ -238,9 +264,15 @@ class Peers:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, cmd: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(
+        self, cmd: list[str], port: int, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(proc)
         wait_port(port)
         return proc
@@ -255,3 +287,493 @@ class Peers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# --------------------------------------------------------------------------- labgate
+class Labgate:
+    """The labgate router as deployed split: worker processes following a route stream."""
+
+    def __init__(self, port: int, portal_port: int, workers: int) -> None:
+        from labgate.router.stream import RoutePublisher
+        from labgate.security import SessionSigner
+
+        self.port = port
+        self.portal_port = portal_port
+        self.workers = workers
+        self.publisher = RoutePublisher(heartbeat=5.0)
+        self.cookie = SessionSigner(KEY, 3600).issue(1)[0]
+        self.processes: list[Any] = []
+        self.server: Any = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self, static_url: str, ws_url: str) -> None:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.responses import StreamingResponse
+        from starlette.routing import Route as StarletteRoute
+
+        from labgate.router.stream import STREAM_MEDIA_TYPE, STREAM_PATH
+        from labgate.router.table import Route, UserInfo
+        from labgate.router.workers import WorkerConfig, spawn_workers
+
+        self.publisher.set_user(UserInfo(1, "bench"))
+        self.publisher.add_route(Route("bench", static_url, 1, upstream_token="bench-upstream"))
+        self.publisher.add_route(Route("ws", ws_url, 1, upstream_token="bench-upstream"))
+
+        async def stream(request: Any) -> Any:
+            return StreamingResponse(self.publisher.subscribe(), media_type=STREAM_MEDIA_TYPE)
+
+        app = Starlette(routes=[StarletteRoute(STREAM_PATH, stream)])
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.portal_port,
+            log_level="error",
+            lifespan="off",
+            timeout_graceful_shutdown=1,
+        )
+        self.server = uvicorn.Server(config)
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        while not self.server.started:
+            await asyncio.sleep(0.01)
+        worker = WorkerConfig(
+            host="127.0.0.1",
+            port=self.port,
+            portal_url=f"http://127.0.0.1:{self.portal_port}",
+            stream_token=TOKEN,
+            signing_key=KEY,
+            session_max_age=3600,
+            portal_upstream=static_url,
+        )
+        self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
+        await self.wait_route("bench", 200)
+
+    async def status(self, instance_id: str, reuse: Any = None) -> int:
+        """Status of GET /i/<id>/small on a fresh connection."""
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        except OSError:
+            return 0
+        writer.write(
+            f"GET /i/{instance_id}/small HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
+            f"Cookie: labgate-session={self.cookie}\r\n\r\n".encode()
+        )
+        head = await reader.read(12)
+        writer.close()
+        return int(head[9:12]) if len(head) >= 12 else 0
+
+    async def wait_route(self, instance_id: str, status: int, timeout: float = 60.0) -> None:
+        """Until ``status`` comes back 10 times in a row (so every worker has it)."""
+        deadline = time.monotonic() + timeout
+        streak = 0
+        while streak < 10:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"route {instance_id} never answered {status}")
+            streak = streak + 1 if await self.status(instance_id) == status else 0
+            if not streak:
+                await asyncio.sleep(0.02)
+
+    async def route_latency(self, samples: int, static_url: str) -> dict[str, float]:
+        """Time from the portal's add_route/remove_route until a kept-alive client sees it."""
+        from labgate.router.table import Route
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def probe(instance_id: str) -> int:
+            writer.write(
+                f"GET /i/{instance_id}/small HTTP/1.1\r\nHost: b\r\n"
+                f"Cookie: labgate-session={self.cookie}\r\n\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            await reader.readexactly(int(length[1]) if length else 0)
+            return int(head[9:12])
+
+        adds: list[float] = []
+        removes: list[float] = []
+        for n in range(samples):
+            instance_id = f"lat{n}"
+            start = time.perf_counter()
+            self.publisher.add_route(Route(instance_id, static_url, 1))
+            while await probe(instance_id) != 200:
+                pass
+            adds.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            self.publisher.remove_route(instance_id)
+            while await probe(instance_id) != 404:
+                pass
+            removes.append(time.perf_counter() - start)
+        writer.close()
+        return {
+            "add_p50_ms": pct(adds, 50) * 1e3,
+            "add_p99_ms": pct(adds, 99) * 1e3,
+            "remove_p50_ms": pct(removes, 50) * 1e3,
+            "remove_p99_ms": pct(removes, 99) * 1e3,
+        }
+
+    async def load_routes(self, count: int, static_url: str) -> None:
+        """Replace the table with ``count`` routes (plus the benchmark's own)."""
+        snapshot = self.publisher.snapshot()
+        base = snapshot["routes"]
+        extra = [
+            {
+                "instance_id": f"r{n:06d}",
+                "upstream": static_url,
+                "owner_id": 1,
+                "access": [],
+                "state": "running",
+                "keep_prefix": True,
+                "upstream_token": "",
+            }
+            for n in range(count)
+        ]
+        snapshot["routes"] = [*base, *extra, {**base[0], "instance_id": "probe"}]
+        self.publisher.resync(snapshot)
+        await self.wait_route("probe", 200, timeout=300)
+
+    def rss_kib(self) -> int:
+        return sum(rss_kib(p.pid) for p in self.processes if p.pid)
+
+    async def stop(self) -> None:
+        from labgate.router.workers import stop_workers
+
+        await asyncio.to_thread(stop_workers, self.processes)
+        self.publisher.disconnect_all()
+        if self.server is not None:
+            self.server.should_exit = True
+            self.server.force_exit = True
+        if self.task is not None:
+            await asyncio.wait_for(self.task, 10)
+
+
+def pct(values: list[float], q: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def python_job(*args: str) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(PY, __file__, *args, stdout=asyncio.subprocess.PIPE)
+    out = (await proc.communicate())[0].decode()
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+# --------------------------------------------------------------------------- the run
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tools = ensure_tools()
+    work = CACHE / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "tmp").mkdir(parents=True)
+    (work / "www").mkdir()
+    (work / "www" / "big.bin").write_bytes(os.urandom(1 << 20))
+    ports = {
+        name: free_port()
+        for name in ("static", "ws", "nginx", "chp", "chp_api", "labgate", "portal")
+    }
+    static_url = f"http://127.0.0.1:{ports['static']}"
+    ws_url = f"http://127.0.0.1:{ports['ws']}"
+    peers = Peers(tools, work)
+    labgate = Labgate(ports["labgate"], ports["portal"], args.workers)
+    results: dict[str, Any] = {"machine": machine(), "settings": vars(args)}
+    try:
+        conf = nginx_conf(
+            work,
+            "static",
+            f"""
+ server {{ listen 127.0.0.1:{ports["static"]}; root {work}/www;
+  location ~ /small$ {{ default_type text/plain; return 200 "hello world\\n"; }}
+  location ~ /big$ {{ try_files /big.bin =404; }} }}""",
+        )
+        peers.start([tools["nginx"], "-c", str(conf), "-p", str(work)], ports["static"])
+        peers.start([PY, __file__, "_ws-upstream", str(ports["ws"])], ports["ws"])
+        conf = nginx_conf(
+            work,
+            "proxy",
+            f"""
+ map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+ upstream static {{ server 127.0.0.1:{ports["static"]}; keepalive 64; }}
+ upstream wsup {{ server 127.0.0.1:{ports["ws"]}; }}
+ server {{ listen 127.0.0.1:{ports["nginx"]} backlog=4096;
+  location /i/ws/ {{ proxy_pass http://wsup; proxy_http_version 1.1; proxy_read_timeout 3600s;
+   proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; }}
+  location / {{ proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""",  # noqa: E501
+        )
+        peers.start([tools["nginx"], "-c", str(conf), "-p", str(work)], ports["nginx"])
+        peers.start(
+            [
+                tools["chp"],
+                "--ip",
+                "127.0.0.1",
+                "--port",
+                str(ports["chp"]),
+                "--api-ip",
+                "127.0.0.1",
+                "--api-port",
+                str(ports["chp_api"]),
+                "--default-target",
+                static_url,
+                "--log-level",
+                "error",
+            ],
+            ports["chp"],
+            env={"CONFIGPROXY_AUTH_TOKEN": CHP_TOKEN},
+        )
+        await chp_route("POST", ports["chp_api"], "/i/ws", {"target": ws_url})
+        await labgate.start(static_url, ws_url)
+
+        cookie = f"Cookie: labgate-session={labgate.cookie}"
+        fronts = {
+            "direct": (ports["static"], ""),
+            "nginx": (ports["nginx"], ""),
+            "configurable-http-proxy": (ports["chp"], ""),
+            "labgate": (ports["labgate"], cookie),
+        }
+        ws_fronts = {
+            "direct": ports["ws"],
+            "nginx": ports["nginx"],
+            "configurable-http-proxy": ports["chp"],
+            "labgate": ports["labgate"],
+        }
+        results["small"], results["big"], results["ws_echo"] = {}, {}, {}
+        for name, (port, header) in fronts.items():
+            log(f"small responses: {name}")
+            results["small"][name] = await wrk(
+                tools, f"http://127.0.0.1:{port}/i/bench/small", args, header
+            )
+        for name, (port, header) in fronts.items():
+            log(f"1 MiB responses: {name}")
+            results["big"][name] = await wrk(
+                tools, f"http://127.0.0.1:{port}/i/bench/big", args, header
+            )
+        for name, port in ws_fronts.items():
+            log(f"WebSocket echo: {name}")
+            results["ws_echo"][name] = await python_job(
+                "_ws-echo",
+                str(port),
+                "/i/ws/echo",
+                labgate.cookie if name == "labgate" else "",
+                str(args.ws_conns),
+                str(args.duration),
+            )
+
+        log("route add/remove latency")
+        results["routes"] = await labgate.route_latency(args.route_samples, static_url)
+        results["routes"]["chp_api"] = await chp_latency(
+            ports["chp_api"], static_url, min(200, args.route_samples)
+        )
+
+        log(f"memory with {args.idle_ws} idle WebSockets")
+        results["idle_ws"] = await idle_websockets(labgate, args.idle_ws)
+
+        log(f"throughput with 1 and {args.many_routes} routes")
+        url = f"http://127.0.0.1:{ports['labgate']}/i/bench/small"
+        one = await wrk(tools, url, args, cookie)
+        start = time.perf_counter()
+        await labgate.load_routes(args.many_routes, static_url)
+        loaded = time.perf_counter() - start
+        many = await wrk(tools, url, args, cookie)
+        results["many_routes"] = {
+            "routes": args.many_routes,
+            "one_rps": one["rps"],
+            "many_rps": many["rps"],
+            "resync_s": loaded,
+            "rss_kib": labgate.rss_kib(),
+        }
+        await labgate.load_routes(0, static_url)
+
+    finally:
+        with contextlib.suppress(Exception):
+            await labgate.stop()
+        peers.stop()
+    return results
+
+
+async def chp_route(
+    method: str, api_port: int, path: str, body: dict[str, str] | None = None
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", api_port)
+    data = json.dumps(body or {}).encode()
+    writer.write(
+        f"{method} /api/routes{path} HTTP/1.1\r\nHost: api\r\nAuthorization: token {CHP_TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()  # noqa: E501
+        + data
+    )
+    await reader.read()
+    writer.close()
+
+
+async def chp_latency(api_port: int, static_url: str, samples: int) -> dict[str, float]:
+    """configurable-http-proxy's routes are live when its REST call returns: time that."""
+    adds, removes = [], []
+    for n in range(samples):
+        start = time.perf_counter()
+        await chp_route("POST", api_port, f"/lat{n}", {"target": static_url})
+        adds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await chp_route("DELETE", api_port, f"/lat{n}")
+        removes.append(time.perf_counter() - start)
+    return {
+        "add_p50_ms": pct(adds, 50) * 1e3,
+        "add_p99_ms": pct(adds, 99) * 1e3,
+        "remove_p50_ms": pct(removes, 50) * 1e3,
+        "remove_p99_ms": pct(removes, 99) * 1e3,
+    }
+
+
+async def idle_websockets(labgate: Labgate, count: int) -> dict[str, float]:
+    await asyncio.sleep(1)
+    before = labgate.rss_kib()
+    proc = await asyncio.create_subprocess_exec(
+        PY,
+        __file__,
+        "_ws-idle",
+        str(labgate.port),
+        "/i/ws/echo",
+        labgate.cookie,
+        str(count),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 300)).decode()
+    opened = int(line.split()[1]) if line.startswith("open") else 0
+    await asyncio.sleep(1)
+    after = labgate.rss_kib()
+    proc.stdin.close()
+    await proc.wait()
+    return {
+        "count": opened,
+        "rss_before_kib": before,
+        "rss_after_kib": after,
+        "kib_per_ws": (after - before) / max(1, opened),
+        "workers": labgate.workers,
+    }
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "load_before": os.getloadavg()[0],
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def log(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- report
+def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    small = r["small"]
+    lg = small["labgate"]["rps"]
+    many = r["many_routes"]
+    drop = 1 - many["many_rps"] / many["one_rps"]
+    return [
+        (
+            "labgate / configurable-http-proxy, small",
+            lg / small["configurable-http-proxy"]["rps"],
+            ">= 5",
+            lg / small["configurable-http-proxy"]["rps"] >= 5,
+        ),
+        (
+            "labgate / nginx, small",
+            lg / small["nginx"]["rps"],
+            ">= 0.5",
+            lg / small["nginx"]["rps"] >= 0.5,
+        ),
+        (f"drop from 1 to {many['routes']} routes", drop * 100, "< 5 %", drop < 0.05),
+        ("route add p50 (ms)", r["routes"]["add_p50_ms"], "< 1 ms", r["routes"]["add_p50_ms"] < 1),
+        (
+            "router KiB per idle WebSocket",
+            r["idle_ws"]["kib_per_ws"],
+            "< 20 KB",
+            r["idle_ws"]["kib_per_ws"] * 1.024 < 20,
+        ),
+    ]
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        "| front | small req/s | p50 ms | p99 ms | 1 MiB MiB/s | WS echo round trips/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in r["small"]:
+        s, b, w = r["small"][name], r["big"][name], r["ws_echo"][name]
+        rows.append(
+            f"| {name} | {s['rps']:,.0f} | {s.get('p50_ms', 0):.2f} | {s.get('p99_ms', 0):.2f} "
+            f"| {b.get('mib_s', 0):,.0f} | {w['roundtrips_s']:,.0f} |"
+        )
+    rt, many, idle = r["routes"], r["many_routes"], r["idle_ws"]
+    rows += [
+        "",
+        "| labgate router | value |",
+        "|---|---:|",
+        f"| route add p50 / p99 (portal call until a client sees it) | {rt['add_p50_ms']:.3f} / {rt['add_p99_ms']:.3f} ms |",  # noqa: E501
+        f"| route remove p50 / p99 | {rt['remove_p50_ms']:.3f} / {rt['remove_p99_ms']:.3f} ms |",
+        f"| configurable-http-proxy REST add p50 / p99 | {rt['chp_api']['add_p50_ms']:.3f} / {rt['chp_api']['add_p99_ms']:.3f} ms |",  # noqa: E501
+        f"| small req/s with 1 route | {many['one_rps']:,.0f} |",
+        f"| small req/s with {many['routes']:,} routes | {many['many_rps']:,.0f} |",
+        f"| full resync of {many['routes']:,} routes | {many['resync_s']:.2f} s |",
+        f"| router RSS with {many['routes']:,} routes ({idle['workers']} workers) | {many['rss_kib'] / 1024:.1f} MiB |",  # noqa: E501
+        f"| router RSS, {idle['count']:,} idle WebSockets ({idle['workers']} workers) | {idle['rss_before_kib'] / 1024:.1f} → {idle['rss_after_kib'] / 1024:.1f} MiB |",  # noqa: E501
+        f"| router memory per idle WebSocket | {idle['kib_per_ws']:.1f} KiB |",
+        "",
+        "| target | measured | wanted | met |",
+        "|---|---:|---:|---|",
+    ]
+    for name, value, wanted, met in targets(r):
+        rows.append(f"| {name} | {value:.2f} | {wanted} | {'yes' if met else 'NO'} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1].startswith("_"):
+        helper(sys.argv[1], sys.argv[2:])
+        return
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="labgate router workers (default 2)")
+    parser.add_argument("--ws-conns", type=int, default=32, help="WebSockets in the echo test")
+    parser.add_argument("--route-samples", type=int, default=1000, help="route add/remove samples")
+    parser.add_argument("--many-routes", type=int, default=100_000, help="routes in the big table")
+    parser.add_argument("--idle-ws", type=int, default=10_000, help="idle WebSockets for memory")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer samples: 200 routes samples, 10,000 routes, 1,000 WebSockets",
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.route_samples, args.many_routes, args.idle_ws = 200, 10_000, 1_000
+    import uvloop
+
+    results = uvloop.run(run(args))
+    results["targets"] = [
+        {"name": n, "value": v, "wanted": w, "met": m} for n, v, w, m in targets(results)
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"router-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nJSON: {path}")
+
+
+def helper(name: str, argv: list[str]) -> None:
+    """The benchmark's own subprocesses (WebSocket upstream and clients)."""
+    import uvloop
+
+    if name == "_ws-upstream":
+        uvloop.run(ws_upstream(int(argv[0])))
+    elif name == "_ws-echo":
+        port, path, cookie, conns, duration = argv
+        print(json.dumps(uvloop.run(ws_echo(int(port), path, cookie, int(conns), float(duration)))))
+    elif name == "_ws-idle":
+        port, path, cookie, count = argv
+        uvloop.run(ws_idle(int(port), path, cookie, int(count)))
+
+
+if __name__ == "__main__":
+    main()

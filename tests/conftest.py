@@ -138,3 +138,27 @@ async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) ->
         return await token_for(client, name, PASSWORD)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session, no tool started by a test may still run (and none is left behind)."""
+    import signal
+
+    base = str(tmp_path_factory.getbasetemp())
+    yield
+    leftovers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if b"LABGATE_INSTANCE_ID=" in environ and cwd.startswith(base):
+            leftovers.append(int(entry.name))
+    for pid in leftovers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], f"tests left tool processes running: {leftovers}"

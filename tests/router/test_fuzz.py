@@ -174,9 +174,7 @@ def raw_requests(draw: st.DrawFn) -> bytes:
 )
 @given(data=raw_requests() | st.binary(max_size=300))
 def test_random_requests(rig: Rig, data: bytes) -> None:
-    data = data.replace(
-        b"__COOKIE__", f"Cookie: {SESSION_COOKIE}={rig.cookie}".encode()
-    )
+    data = data.replace(b"__COOKIE__", f"Cookie: {SESSION_COOKIE}={rig.cookie}".encode())
     answer = exchange(rig.port, data)
     assert b"Traceback" not in answer
     if answer:
@@ -196,6 +194,6 @@ def test_router_survives_and_leaks_nothing(rig: Rig) -> None:
     assert rig.client_connections() == 0
     answer = exchange(
         rig.port,
-        f"GET /i/aaaa/ok HTTP/1.1\r\nHost: gw\r\nCookie: {SESSION_COOKIE}={rig.cookie}\r\n\r\n".encode(),
+        f"GET /i/aaaa/ok HTTP/1.1\r\nHost: gw\r\nCookie: {SESSION_COOKIE}={rig.cookie}\r\n\r\n".encode(),  # noqa: E501
     )
     assert answer.startswith(b"HTTP/1.1 200")

@@ -86,9 +86,11 @@ SMUGGLING = [
     # Two Host headers.
     "GET /i/aaaa/ HTTP/1.1\r\nHost: gw\r\nHost: other\r\n{cookie}\r\n",
     # Conflicting lengths.
-    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\nContent-Length: 40\r\n\r\nxxxx",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\n"
+    "Content-Length: 40\r\n\r\nxxxx",
     # Same length twice is refused too.
-    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\nContent-Length: 4\r\n\r\nxxxx",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 4\r\n"
+    "Content-Length: 4\r\n\r\nxxxx",
     # CL.TE
     "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Content-Length: 44\r\n"
     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /i/bbbb/ HTTP/1.1\r\nHost: gw\r\n\r\n",
@@ -96,7 +98,8 @@ SMUGGLING = [
     "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n"
     "Content-Length: 3\r\n\r\n2c\r\nGET /i/bbbb/ HTTP/1.1\r\nHost: gw\r\n\r\n\r\n0\r\n\r\n",
     # Obfuscated transfer codings.
-    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked, identity\r\n"
+    "\r\n0\r\n\r\n",
     "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
     "POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n"
     "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -216,7 +219,9 @@ async def test_revocations_take_effect(recorded: Recorded) -> None:
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
     gw.table.set_user(UserInfo(ALICE, "alice"))
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 200
-    gw.table.set_token(hash_token(ALICE_TOKEN), TokenInfo(ALICE, frozenset({"instances:access"}), 1.0))
+    gw.table.set_token(
+        hash_token(ALICE_TOKEN), TokenInfo(ALICE, frozenset({"instances:access"}), 1.0)
+    )
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
     gw.table.remove_token(hash_token(ALICE_TOKEN))
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401

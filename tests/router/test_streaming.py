@@ -29,7 +29,9 @@ async def test_chunked_response_stays_chunked(recorded: Recorded, recording) -> 
 
     up = await recording(handler)
     gw.table.add_route(Route("chnk", up.url, ALICE))
-    response = await raw_request(gw.port, get(cookie_line(gw, ALICE), "/i/chnk/", "Connection: close\r\n"))
+    response = await raw_request(
+        gw.port, get(cookie_line(gw, ALICE), "/i/chnk/", "Connection: close\r\n")
+    )
     head, _, body = response.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower()
     assert body == b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
@@ -37,11 +39,15 @@ async def test_chunked_response_stays_chunked(recorded: Recorded, recording) -> 
 
 async def test_close_delimited_response(recorded: Recorded, recording) -> None:  # type: ignore[no-untyped-def]
     gw = recorded.gw
-    up = await recording(lambda seen: b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after_response=True)
+    up = await recording(
+        lambda seen: b"HTTP/1.1 200 OK\r\n\r\nuntil the end", close_after_response=True
+    )
     gw.table.add_route(Route("eof", up.url, ALICE))
     cookie = cookie_line(gw, ALICE)
     # HTTP/1.1 clients get it chunked and keep their connection.
-    response = await raw_request(gw.port, get(cookie, "/i/eof/") + get(cookie, "/i/eof/", "Connection: close\r\n"))
+    response = await raw_request(
+        gw.port, get(cookie, "/i/eof/") + get(cookie, "/i/eof/", "Connection: close\r\n")
+    )
     assert statuses(response) == [200, 200]
     assert response.count(b"d\r\nuntil the end\r\n0\r\n\r\n") == 2
     # HTTP/1.0 clients read to the end of the connection.
@@ -53,10 +59,12 @@ async def test_close_delimited_response(recorded: Recorded, recording) -> None: 
 @pytest.mark.parametrize("status", [204, 304])
 async def test_no_body_statuses(recorded: Recorded, recording, status: int) -> None:  # type: ignore[no-untyped-def]
     gw = recorded.gw
-    up = await recording(lambda seen: b"HTTP/1.1 %d X\r\nETag: \"1\"\r\n\r\n" % status)
+    up = await recording(lambda seen: b'HTTP/1.1 %d X\r\nETag: "1"\r\n\r\n' % status)
     gw.table.add_route(Route("nb", up.url, ALICE))
     cookie = cookie_line(gw, ALICE)
-    response = await raw_request(gw.port, get(cookie, "/i/nb/") + get(cookie, "/i/nb/", "Connection: close\r\n"))
+    response = await raw_request(
+        gw.port, get(cookie, "/i/nb/") + get(cookie, "/i/nb/", "Connection: close\r\n")
+    )
     assert statuses(response) == [status, status]
     assert b"transfer-encoding" not in response.lower()
 
@@ -68,7 +76,9 @@ async def test_pipelined_requests_are_answered_in_order(recorded: Recorded) -> N
     data += get(cookie, "/i/aaaa/last", "Connection: close\r\n")
     response = await raw_request(gw.port, data)
     assert statuses(response) == [200] * 21
-    assert [s.target for s in recorded.a.seen] == [f"/i/aaaa/{n}" for n in range(20)] + ["/i/aaaa/last"]
+    assert [s.target for s in recorded.a.seen] == [f"/i/aaaa/{n}" for n in range(20)] + [
+        "/i/aaaa/last"
+    ]
     # Served one after another on one pooled upstream connection.
     assert recorded.a.connections == 1
 
@@ -172,7 +182,7 @@ async def test_upload_back_pressure(recorded: Recorded) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     gw.table.add_route(Route("sink", f"http://127.0.0.1:{port}", ALICE))
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     total = 1024 * 1024 * 1024
     writer.write(
         f"POST /i/sink/ HTTP/1.1\r\nHost: gw\r\n{cookie_line(gw, ALICE)}"

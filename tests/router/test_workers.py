@@ -59,7 +59,10 @@ async def test_two_workers_share_a_port_and_follow_the_stream(recording) -> None
     try:
         async with httpx.AsyncClient(base_url=base, timeout=5) as client:
             deadline = time.monotonic() + 60
-            while publisher.subscriber_count < 2 or await get_status(client, "/i/aaaa/", cookie) != 200:
+            while (
+                publisher.subscriber_count < 2
+                or await get_status(client, "/i/aaaa/", cookie) != 200
+            ):
                 assert time.monotonic() < deadline, "workers did not come up"
                 await asyncio.sleep(0.1)
             publisher.add_route(Route("cccc", upstream.url, ALICE))

@@ -205,6 +205,14 @@ def free_port() -> int:
         return port
 
 
+def _account() -> str:
+    """Name of the operating-system account the server runs as."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:  # a uid without a passwd entry, as in some containers
+        return str(os.getuid())
+
+
 def _executable(name: str, path: str, workspace: Path) -> str:
     """Absolute path of the command's executable, or a clear InstanceStartError."""
     if os.sep in name:
@@ -371,7 +379,7 @@ class ProcessBackend(Backend):
             "PATH": path if python_bin in path.split(os.pathsep) else f"{python_bin}:{path}",
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "HOME": str(workspace),
-            "USER": pwd.getpwuid(os.getuid()).pw_name,
+            "USER": _account(),
         }
         env.update(tool_env)
         env.update(spec.env)

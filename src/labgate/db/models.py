@@ -1,4 +1,4 @@
-"""SQLAlchemy models: users, API tokens, sessions, sites, instances, events.
+"""SQLAlchemy models: users, API tokens, sessions, sites, instances, events, datasets.
 
 Timestamps are timezone-aware UTC. JSON columns hold backend state and
 resources, whose shape belongs to the backend and the scheduler.
@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -185,6 +187,12 @@ class Instance(Base):
     backend_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
     endpoint: Mapped[str] = mapped_column(String(255), default="")
     secret: Mapped[str] = mapped_column(String(128), default="")
+    #: The dataset the instance was launched with (labgate.resolver), if any.
+    dataset_id: Mapped[int | None] = mapped_column(
+        ForeignKey("datasets.id", ondelete="SET NULL"), default=None, index=True
+    )
+    #: What is mounted: ``[{"dataset", "source", "target", "read_only"}]``, fixed at launch.
+    mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     ready_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -215,3 +223,68 @@ class InstanceEvent(Base):
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     instance: Mapped[Instance] = relationship(back_populates="events")
+
+
+class Dataset(Base):
+    """A registered identifier (DOI, Handle, ARK, URN, URL) and its metadata."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: The canonical form (``labgate.resolver.identifiers``): one row per dataset.
+    identifier: Mapped[str] = mapped_column(String(2048), unique=True)
+    scheme: Mapped[str] = mapped_column(String(8))
+    #: Short name: the dataset is mounted at ``/data/<name>``.
+    name: Mapped[str] = mapped_column(String(64))
+    title: Mapped[str] = mapped_column(String(500), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    license: Mapped[str] = mapped_column(String(200), default="")
+    landing_page: Mapped[str] = mapped_column(String(2048), default="")
+    #: ``<algorithm>:<hex digest>`` of the content a URL dataset fetches, when known.
+    checksum: Mapped[str] = mapped_column(String(200), default="")
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Replica(Base):
+    """A copy of a dataset on a site: a path under the site's data root (or cache)."""
+
+    __tablename__ = "replicas"
+    __table_args__ = (
+        UniqueConstraint("dataset_id", "site_id", name="uq_replicas_dataset_site"),
+        Index("ix_replicas_site_reported", "site_id", "reported_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", ondelete="CASCADE"))
+    path: Mapped[str] = mapped_column(String(1024))
+    size: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    checksum: Mapped[str] = mapped_column(String(200), default="")
+    verified_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: ``registered`` (API), ``inventory`` (a site's push) or ``cache`` (fetched by labgate).
+    source: Mapped[str] = mapped_column(String(16), default="registered")
+    #: When the replica was last registered or reported; an inventory push prunes older ones.
+    reported_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SiteReport(Base):
+    """A site's last inventory push: the heartbeat that keeps its replicas live."""
+
+    __tablename__ = "site_reports"
+
+    site_id: Mapped[int] = mapped_column(
+        ForeignKey("sites.id", ondelete="CASCADE"), primary_key=True
+    )
+    #: When the last complete push ended; replicas go stale ``ttl`` seconds later.
+    reported_at: Mapped[datetime | None] = mapped_column(default=None)
+    ttl: Mapped[int] = mapped_column(Integer, default=0)
+    replicas: Mapped[int] = mapped_column(Integer, default=0)
+    reporter: Mapped[str] = mapped_column(String(64), default="")
+    #: The push under way (several requests) and when it began.
+    push_id: Mapped[str] = mapped_column(String(64), default="")
+    push_started_at: Mapped[datetime | None] = mapped_column(default=None)

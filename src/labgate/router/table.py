@@ -21,6 +21,7 @@ Tokens appear only as ``hash_token(token)``; the portal never knows more.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class UpstreamAddress:
         return f"http://{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_upstream(value: str) -> UpstreamAddress:
     """Parse ``http://HOST:PORT`` (or ``HOST:PORT``) or ``unix:/path`` into an address.
 
