@@ -58,10 +58,11 @@ mkdir -p "$CACHE"
 # recipe:busybox
 build_busybox() {
   local busybox rootfs=$WORK/busybox applet
-  busybox=$(command -v busybox || true)
-  [ -n "$busybox" ] && file -L "$busybox" 2>/dev/null | grep -q 'statically linked' \
-    || busybox=/bin/busybox
+  busybox=/bin/busybox
   [ -x "$busybox" ] || die "busybox is missing: apt-get install busybox-static"
+  # A dynamically linked busybox would find no libc in the image.
+  { ldd "$busybox" 2>&1 || true; } | grep -q "not a dynamic" \
+    || die "$busybox is not static: apt-get install busybox-static"
   mkdir -p "$rootfs"/{bin,etc,tmp,www,home/labgate}
   cp "$busybox" "$rootfs/bin/busybox"
   for applet in sh ls cat echo sleep httpd id touch mkdir rm env wc head tail true false kill; do

@@ -25,7 +25,8 @@ import pytest
 
 from labgate.backends import process as process_module
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started
-from labgate.backends.process import ProcessBackend, tail
+from labgate.backends.process import ProcessBackend
+from labgate.backends.procfs import tail
 from labgate.config import Settings
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import Catalog, ProcessSpec, Tool

@@ -31,12 +31,19 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from labgate.backends.base import JSON, Backend, LaunchSpec, Started, Status
 from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
+from labgate.backends.procfs import (
+    MARKER_VAR,
+    boot_id,
+    instance_processes,
+    read_proc,
+    signal_if_same,
+    tail,
+)
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import template_values
@@ -47,144 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-#: Every process of an instance carries ``LABGATE_INSTANCE_ID=<id>`` in its
-#: environment; stop() finds the ones that left the process tree by it.
-MARKER_VAR = "LABGATE_INSTANCE_ID"
 _STOP_POLL = 0.05
 _KILL_ROUNDS = 100
 _warned_unsandboxed = False
-
-
-# --- /proc -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcInfo:
-    """The fields of ``/proc/<pid>/stat`` the backend uses."""
-
-    pid: int
-    ppid: int
-    pgrp: int
-    session: int
-    state: str
-    #: Clock ticks after boot (field 22): with the pid, identifies a process.
-    start_time: int
-    #: Raw wait status, meaningful for zombies only (field 52).
-    exit_status: int
-
-    @property
-    def zombie(self) -> bool:
-        """Dead but not yet reaped by its parent."""
-        return self.state in ("Z", "X")
-
-
-def read_proc(pid: int) -> ProcInfo | None:
-    """``/proc/<pid>/stat`` parsed, or None when there is no such process."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: cut at the last ")".
-    rest = data[data.rindex(b")") + 2 :].split()
-    exit_status = int(rest[49]) if len(rest) > 49 else 0
-    return ProcInfo(
-        pid=pid,
-        ppid=int(rest[1]),
-        pgrp=int(rest[2]),
-        session=int(rest[3]),
-        state=rest[0].decode(),
-        start_time=int(rest[19]),
-        exit_status=exit_status,
-    )
-
-
-def boot_id() -> str:
-    """This boot's id: pids and start times mean nothing across reboots."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # gone, or another user's process
-        return False
-    return environ.startswith(marker) or b"\0" + marker in environ
-
-
-def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> dict[int, int]:
-    """Live processes of an instance, as pid -> start time.
-
-    They are the ``known`` processes that still exist, the processes carrying
-    the instance's environment marker, every process in the session of the
-    tracked process ``root`` while it lives, and all their descendants (found
-    through parent links, which catches children that started a new session).
-    """
-    procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
-             if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
-    marker = f"{MARKER_VAR}={instance_id}\0".encode()
-    seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
-    seeds |= {pid for pid in procs if _has_marker(pid, marker)}
-    if root in seeds:
-        seeds |= {p.pid for p in procs.values() if root in (p.session, p.pgrp)}
-    children: dict[int, list[int]] = {}
-    for info in procs.values():
-        children.setdefault(info.ppid, []).append(info.pid)
-    found: set[int] = set()
-    todo = list(seeds)
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return {pid: procs[pid].start_time for pid in found if not procs[pid].zombie}
-
-
-def _signal(pid: int, start_time: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to ``pid`` if it is still the process that started at ``start_time``."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return
-    try:
-        # The pidfd pins the process: once its start time checks out the signal
-        # cannot reach a newcomer that reused the pid.
-        info = read_proc(pid)
-        if info is not None and info.start_time == start_time:
-            signal.pidfd_send_signal(fd, sig)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def tail(path: Path, lines: int, block: int = 65536) -> str:
-    """The last ``lines`` lines of ``path``, reading backwards from its end."""
-    if lines <= 0:
-        return ""
-    try:
-        with path.open("rb") as handle:
-            pos = handle.seek(0, os.SEEK_END)
-            chunks: list[bytes] = []
-            newlines = 0
-            while pos > 0 and newlines <= lines:
-                size = min(block, pos)
-                pos -= size
-                handle.seek(pos)
-                chunk = handle.read(size)
-                chunks.append(chunk)
-                newlines += chunk.count(b"\n")
-    except OSError:
-        return ""
-    data = b"".join(reversed(chunks))
-    ends_with_newline = data.endswith(b"\n")
-    parts = data.split(b"\n")
-    if ends_with_newline:
-        parts.pop()
-    text = b"\n".join(parts[-lines:]).decode("utf-8", errors="replace")
-    return text + "\n" if ends_with_newline else text
 
 
 def describe_exit(code: int) -> str:
@@ -467,7 +339,7 @@ class ProcessBackend(Backend):
                 # Once each: a second TERM makes some servers (uvicorn) skip their cleanup.
                 info = read_proc(item[0])
                 if item[0] != spare and (group is None or info is None or info.pgrp != group):
-                    _signal(*item, signal.SIGTERM)
+                    signal_if_same(*item, signal.SIGTERM)
             termed |= fresh
             await asyncio.sleep(_STOP_POLL)
         alone = 0
@@ -484,7 +356,7 @@ class ProcessBackend(Backend):
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGKILL)
             for item in targets.items():
-                _signal(*item, signal.SIGKILL)
+                signal_if_same(*item, signal.SIGKILL)
             await asyncio.sleep(_STOP_POLL)
             self._exit_code(pid, start)
             known = await asyncio.to_thread(instance_processes, instance_id, pid, known)

@@ -187,10 +187,9 @@ class Instance(Base):
     backend_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
     endpoint: Mapped[str] = mapped_column(String(255), default="")
     secret: Mapped[str] = mapped_column(String(128), default="")
-    #: The dataset the instance was launched with (labgate.resolver), if any.
-    dataset_id: Mapped[int | None] = mapped_column(
-        ForeignKey("datasets.id", ondelete="SET NULL"), default=None, index=True
-    )
+    #: The dataset the instance was launched with, if any. Not a foreign key: adding one
+    #: to this table on SQLite means rebuilding it; deleting a dataset clears it instead.
+    dataset_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     #: What is mounted: ``[{"dataset", "source", "target", "read_only"}]``, fixed at launch.
     mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from labgate.router.activity import Counter
-from labgate.router.http import Target
+from labgate.router.http import (
+    FORGEABLE_PREFIXES,
+    Target,
+    TargetError,
+    check_target,
+    valid_host,
+)
 from labgate.router.table import UpstreamAddress
 
 if TYPE_CHECKING:
@@ -18,6 +24,29 @@ if TYPE_CHECKING:
     from labgate.router.table import Route
 
 CRLF = b"\r\n"
+
+# Request headers handled one by one in ``on_header``; the rest are forwarded
+# unless the router owns them (X-Forwarded-*, X-Labgate-*).
+_SPECIAL = frozenset(
+    {
+        b"host",
+        b"cookie",
+        b"authorization",
+        b"accept",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"proxy-authorization",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
 
 
 class Exchange:
@@ -107,6 +136,75 @@ class Exchange:
     def has_body(self) -> bool:
         """Whether the request announced a body."""
         return self.chunked or bool(self.content_length)
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        """Pick out a header the router decides on, or keep it for forwarding."""
+        lname = name.lower()
+        if lname not in _SPECIAL:
+            if not lname.startswith(FORGEABLE_PREFIXES):
+                self.headers.append((name, value))
+            return
+        if lname == b"host":
+            self.host_count += 1
+            self.host = value
+        elif lname == b"cookie":
+            self.cookie = value if self.cookie is None else self.cookie + b"; " + value
+        elif lname == b"authorization":
+            self.auth_count += 1
+            self.authorization = value
+        elif lname == b"accept":
+            self.headers.append((name, value))
+            if b"text/html" in value:
+                self.browser = True
+        elif lname == b"content-length":
+            self.cl_count += 1
+            if value.isdigit() and len(value) < 19:
+                self.content_length = int(value)
+            else:
+                self.fail(400, "invalid Content-Length")
+        elif lname == b"transfer-encoding":
+            self.te_count += 1
+            self.te = value
+        elif lname == b"connection":
+            self.conn_tokens = (
+                value if self.conn_tokens is None else self.conn_tokens + b"," + value
+            )
+        elif lname == b"expect":
+            self.headers.append((name, value))
+            self.expect_continue = value.strip().lower() == b"100-continue"
+        elif lname == b"upgrade":
+            self.upgrade = value
+        # Other special headers are hop-by-hop or the router's own: dropped.
+
+    def validate(self) -> None:
+        """Check the complete head; problems end up in ``error``."""
+        if self.method == b"CONNECT":
+            self.fail(405, "CONNECT is not supported: this is not a forward proxy")
+        if self.host_count != 1:
+            self.fail(400, "a request needs exactly one Host header")
+        elif self.host is not None and not valid_host(self.host):
+            self.fail(400, "invalid Host header")
+        if self.cl_count > 1:
+            self.fail(400, "more than one Content-Length header")
+        if self.te_count:
+            if self.cl_count:
+                self.fail(400, "both Content-Length and Transfer-Encoding")
+            elif self.te_count > 1 or (self.te or b"").strip().lower() != b"chunked":
+                self.fail(400, "only Transfer-Encoding: chunked is accepted")
+            elif not self.http11:
+                self.fail(400, "Transfer-Encoding needs HTTP/1.1")
+            else:
+                self.chunked = True
+        if self.auth_count > 1:
+            self.fail(400, "more than one Authorization header")
+        if self.is_upgrade and self.has_body:
+            self.fail(400, "an upgrade request cannot carry a body")
+        try:
+            self.target_info = check_target(self.target)
+        except TargetError as problem:
+            self.fail(400, str(problem))
+        if self.error is not None:
+            self.close_after = True
 
     def fail(self, status: int, detail: str) -> None:
         """Record the first problem found with the request head."""

@@ -28,13 +28,9 @@ from labgate.router.activity import Counter
 from labgate.router.context import NEVER, Context, log
 from labgate.router.exchange import Exchange, instance_head, portal_head
 from labgate.router.http import (
-    FORGEABLE_PREFIXES,
     MAX_HEAD,
     MAX_HEADERS,
     MAX_TARGET,
-    TargetError,
-    check_target,
-    valid_host,
 )
 from labgate.router.table import UpstreamAddress
 from labgate.router.upstream import UpstreamConnection
@@ -44,29 +40,6 @@ PAUSE_UPSTREAM = 2
 PAUSE_BUFFER = 4
 PAUSE_UPGRADE = 8
 PAUSE_BROKEN = 16
-
-# Request headers handled one by one in ``on_header``; the rest are forwarded
-# unless the router owns them (X-Forwarded-*, X-Labgate-*).
-_SPECIAL = frozenset(
-    {
-        b"host",
-        b"cookie",
-        b"authorization",
-        b"accept",
-        b"content-length",
-        b"transfer-encoding",
-        b"connection",
-        b"expect",
-        b"upgrade",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"proxy-authorization",
-        b"forwarded",
-        b"x-real-ip",
-    }
-)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -249,40 +222,7 @@ class ClientConnection(asyncio.Protocol):
         if ex.header_count > MAX_HEADERS or self.head_bytes > MAX_HEAD:
             ex.fail(431, "too many or too large request headers")
             return
-        lname = name.lower()
-        if lname not in _SPECIAL:
-            if not lname.startswith(FORGEABLE_PREFIXES):
-                ex.headers.append((name, value))
-            return
-        if lname == b"host":
-            ex.host_count += 1
-            ex.host = value
-        elif lname == b"cookie":
-            ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
-        elif lname == b"authorization":
-            ex.auth_count += 1
-            ex.authorization = value
-        elif lname == b"accept":
-            ex.headers.append((name, value))
-            if b"text/html" in value:
-                ex.browser = True
-        elif lname == b"content-length":
-            ex.cl_count += 1
-            if value.isdigit() and len(value) < 19:
-                ex.content_length = int(value)
-            else:
-                ex.fail(400, "invalid Content-Length")
-        elif lname == b"transfer-encoding":
-            ex.te_count += 1
-            ex.te = value
-        elif lname == b"connection":
-            ex.conn_tokens = value if ex.conn_tokens is None else ex.conn_tokens + b"," + value
-        elif lname == b"expect":
-            ex.headers.append((name, value))
-            ex.expect_continue = value.strip().lower() == b"100-continue"
-        elif lname == b"upgrade":
-            ex.upgrade = value
-        # Other special headers are hop-by-hop or the router's own: dropped.
+        ex.add_header(name, value)
 
     def on_headers_complete(self) -> None:
         """Check the head, then serve it now or queue it behind the one in progress."""
@@ -298,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         ex.is_head = ex.method == b"HEAD"
         if version not in ("1.0", "1.1"):
             ex.fail(400, f"HTTP/{version} is not supported here")
-        self._validate(ex)
+        ex.validate()
         if self.current is None:
             self.current = ex
             self.deadline = NEVER
@@ -342,35 +282,6 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
 
     # --- serving -------------------------------------------------------------
-    def _validate(self, ex: Exchange) -> None:
-        if ex.method == b"CONNECT":
-            ex.fail(405, "CONNECT is not supported: this is not a forward proxy")
-        if ex.host_count != 1:
-            ex.fail(400, "a request needs exactly one Host header")
-        elif ex.host is not None and not valid_host(ex.host):
-            ex.fail(400, "invalid Host header")
-        if ex.cl_count > 1:
-            ex.fail(400, "more than one Content-Length header")
-        if ex.te_count:
-            if ex.cl_count:
-                ex.fail(400, "both Content-Length and Transfer-Encoding")
-            elif ex.te_count > 1 or (ex.te or b"").strip().lower() != b"chunked":
-                ex.fail(400, "only Transfer-Encoding: chunked is accepted")
-            elif not ex.http11:
-                ex.fail(400, "Transfer-Encoding needs HTTP/1.1")
-            else:
-                ex.chunked = True
-        if ex.auth_count > 1:
-            ex.fail(400, "more than one Authorization header")
-        if ex.is_upgrade and ex.has_body:
-            ex.fail(400, "an upgrade request cannot carry a body")
-        try:
-            ex.target_info = check_target(ex.target)
-        except TargetError as problem:
-            ex.fail(400, str(problem))
-        if ex.error is not None:
-            ex.close_after = True
-
     def _serve(self, ex: Exchange) -> None:
         if ex.error is not None:
             status, detail = ex.error

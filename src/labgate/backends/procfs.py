@@ -1,0 +1,147 @@
+"""What /proc tells about processes: identity, families, and safe signalling.
+
+Used by the process backend to find every process of an instance (its tree,
+its session, and anything carrying its marker variable) and to signal a pid
+only while it is still the process that was started, never a newcomer that
+reused the pid.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Every process of an instance carries ``LABGATE_INSTANCE_ID=<id>`` in its
+#: environment; stop() finds the ones that left the process tree by it.
+MARKER_VAR = "LABGATE_INSTANCE_ID"
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """The fields of ``/proc/<pid>/stat`` the backend uses."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    session: int
+    state: str
+    #: Clock ticks after boot (field 22): with the pid, identifies a process.
+    start_time: int
+    #: Raw wait status, meaningful for zombies only (field 52).
+    exit_status: int
+
+    @property
+    def zombie(self) -> bool:
+        """Dead but not yet reaped by its parent."""
+        return self.state in ("Z", "X")
+
+
+def read_proc(pid: int) -> ProcInfo | None:
+    """``/proc/<pid>/stat`` parsed, or None when there is no such process."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: cut at the last ")".
+    rest = data[data.rindex(b")") + 2 :].split()
+    exit_status = int(rest[49]) if len(rest) > 49 else 0
+    return ProcInfo(
+        pid=pid,
+        ppid=int(rest[1]),
+        pgrp=int(rest[2]),
+        session=int(rest[3]),
+        state=rest[0].decode(),
+        start_time=int(rest[19]),
+        exit_status=exit_status,
+    )
+
+
+def boot_id() -> str:
+    """This boot's id: pids and start times mean nothing across reboots."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _has_marker(pid: int, marker: bytes) -> bool:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:  # gone, or another user's process
+        return False
+    return environ.startswith(marker) or b"\0" + marker in environ
+
+
+def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> dict[int, int]:
+    """Live processes of an instance, as pid -> start time.
+
+    They are the ``known`` processes that still exist, the processes carrying
+    the instance's environment marker, every process in the session of the
+    tracked process ``root`` while it lives, and all their descendants (found
+    through parent links, which catches children that started a new session).
+    """
+    procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
+             if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
+    marker = f"{MARKER_VAR}={instance_id}\0".encode()
+    seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
+    seeds |= {pid for pid in procs if _has_marker(pid, marker)}
+    if root in seeds:
+        seeds |= {p.pid for p in procs.values() if root in (p.session, p.pgrp)}
+    children: dict[int, list[int]] = {}
+    for info in procs.values():
+        children.setdefault(info.ppid, []).append(info.pid)
+    found: set[int] = set()
+    todo = list(seeds)
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return {pid: procs[pid].start_time for pid in found if not procs[pid].zombie}
+
+
+def signal_if_same(pid: int, start_time: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``pid`` if it is still the process that started at ``start_time``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return
+    try:
+        # The pidfd pins the process: once its start time checks out the signal
+        # cannot reach a newcomer that reused the pid.
+        info = read_proc(pid)
+        if info is not None and info.start_time == start_time:
+            signal.pidfd_send_signal(fd, sig)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def tail(path: Path, lines: int, block: int = 65536) -> str:
+    """The last ``lines`` lines of ``path``, reading backwards from its end."""
+    if lines <= 0:
+        return ""
+    try:
+        with path.open("rb") as handle:
+            pos = handle.seek(0, os.SEEK_END)
+            chunks: list[bytes] = []
+            newlines = 0
+            while pos > 0 and newlines <= lines:
+                size = min(block, pos)
+                pos -= size
+                handle.seek(pos)
+                chunk = handle.read(size)
+                chunks.append(chunk)
+                newlines += chunk.count(b"\n")
+    except OSError:
+        return ""
+    data = b"".join(reversed(chunks))
+    ends_with_newline = data.endswith(b"\n")
+    parts = data.split(b"\n")
+    if ends_with_newline:
+        parts.pop()
+    text = b"\n".join(parts[-lines:]).decode("utf-8", errors="replace")
+    return text + "\n" if ends_with_newline else text
