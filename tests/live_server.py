@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import uvicorn
@@ -86,8 +87,8 @@ def _stop_instances(server: LiveServer) -> None:
 
 
 @contextmanager
-def live_server(tmp: Path) -> Iterator[LiveServer]:
-    """Run the portal on a random port until the block ends."""
+def live_server(tmp: Path, **overrides: Any) -> Iterator[LiveServer]:
+    """Run the portal on a random port until the block ends (``overrides``: settings)."""
     tools = tmp / "tools"
     tools.mkdir(exist_ok=True)
     (tools / "crashy.toml").write_text(CRASHING_TOOL)
@@ -101,6 +102,7 @@ def live_server(tmp: Path) -> Iterator[LiveServer]:
         tools_dir=tools,
         poll_interval=0.2,
         stop_grace_seconds=3,
+        **overrides,
     )
     config = uvicorn.Config(
         create_app(settings),

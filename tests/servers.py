@@ -92,6 +92,20 @@ class LabgateServer:
             self.process.wait()
         self.process = None
 
+    def stop_instances(self, username: str, password: str, timeout: float = 30) -> None:
+        """Stop every instance (tests must not leave tools running); needs an admin."""
+        if self.process is None:
+            return
+        headers = self.token(username, password, ["admin", "account"])
+        with httpx.Client(base_url=self.url, headers=headers, timeout=10) as client:
+            for instance in client.get("/api/v1/instances?active=true").json():
+                client.delete(f"/api/v1/instances/{instance['id']}")
+            deadline = time.monotonic() + timeout
+            while client.get("/api/v1/instances?active=true").json():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("instances did not stop")
+                time.sleep(0.1)
+
     def token(
         self, username: str, password: str, scopes: list[str] | None = None
     ) -> dict[str, str]:

@@ -25,6 +25,7 @@ from labgate.cli_context import (
     read_secret,
     state_of,
 )
+from labgate.cli_datasets import dataset_app
 from labgate.client import (
     ApiError,
     Client,
@@ -54,6 +55,7 @@ app.add_typer(user_app, name="user")
 app.add_typer(token_app, name="token")
 app.add_typer(tool_app, name="tool")
 app.add_typer(site_app, name="site")
+app.add_typer(dataset_app, name="dataset")
 
 
 @app.callback()
@@ -81,16 +83,31 @@ def serve(
         None, help="Directory for the database, logs and workspaces (setting `data_dir`)."
     ),
 ) -> None:
-    """Run labgate: router, portal and a local site in one process."""
+    """Run labgate: router, portal and the sites in one process."""
     overrides: dict[str, Any] = {"host": host, "port": port, "data_dir": data_dir}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    try:
-        from labgate.serve import run
-    except ModuleNotFoundError as exc:
-        if exc.name != "labgate.serve":
-            raise
-        fail("`labgate serve` is not available in this installation")
+    from labgate.serve import run
+
     run(settings)
+
+
+@app.command()
+def router(
+    portal: str = typer.Option(
+        ...,
+        help="Where the portal is: http://HOST:PORT or unix:/path (stream, activity, upstream).",
+    ),
+    host: str | None = typer.Option(None, help="Address to listen on (setting `host`)."),
+    port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
+) -> None:
+    """Run a router alone, following the portal's route stream (needs the same secret_key)."""
+    overrides: dict[str, Any] = {"host": host, "port": port}
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    if not settings.secret_key.get_secret_value():
+        fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
+    from labgate.serve import run_router
+
+    run_router(settings, portal)
 
 
 @config_app.command("show")

@@ -22,6 +22,9 @@ def launch(
     cpu: float | None = typer.Option(None, "--cpu", help="CPUs, e.g. 2 or 0.5."),
     memory: str | None = typer.Option(None, "--memory", help="Memory, e.g. 512M or 2G."),
     site: str | None = typer.Option(None, "--site", help="Run on this site."),
+    dataset: str | None = typer.Option(
+        None, "--dataset", metavar="ID", help="Run next to this dataset, mounted at /data/NAME."
+    ),
     wait: bool = typer.Option(
         True, "--wait/--no-wait", help="Follow the launch until the tool is ready."
     ),
@@ -35,7 +38,7 @@ def launch(
     resources = {
         key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
     }
-    body = {"tool": tool, "resources": resources or None, "site": site}
+    body = {"tool": tool, "resources": resources or None, "site": site, "dataset": dataset}
     with state_of(ctx).client() as client:
         instance = client.post("/instances", body)
         if wait:

@@ -233,3 +233,42 @@ def mapping(values: dict[str, Any], *, key: str = "SETTING") -> None:
         ((name, "" if v is None else str(v)) for name, v in values.items()),
         "nothing to show",
     )
+
+
+def datasets(rows: list[dict[str, Any]]) -> None:
+    """The datasets table: identifier, title, size, and where its live replicas are."""
+    _table(
+        ("ID", "TITLE", "SIZE", "LIVE ON", "NOT LIVE ON"),
+        (
+            (
+                d["id"],
+                d["title"],
+                size(d["size"]) if d["size"] is not None else "",
+                " ".join(r["site"] for r in d["replicas"] if r["live"]),
+                " ".join(r["site"] for r in d["replicas"] if not r["live"]),
+            )
+            for d in rows
+        ),
+        "no datasets",
+    )
+
+
+def replicas(rows: list[dict[str, Any]]) -> None:
+    """The replicas of a dataset, and why any is not live."""
+    _table(
+        ("SITE", "PATH", "SIZE", "SOURCE", "REPORTED", "LIVE"),
+        (
+            (
+                r["site"],
+                r["path"],
+                size(r["size"]) if r["size"] is not None else "",
+                r["source"],
+                when(r["reported_at"]),
+                Text("yes", style="green")
+                if r["live"]
+                else Text(f"no: {r.get('reason') or 'unknown'}", style="red"),
+            )
+            for r in rows
+        ),
+        "no replicas",
+    )

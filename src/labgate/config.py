@@ -167,6 +167,64 @@ class Settings(BaseSettings):
         40, ge=0, le=10000, description="Log lines attached to a failed launch's event."
     )
 
+    # --- datasets ----------------------------------------------------------
+    site_report_ttl: int = Field(
+        86400,
+        ge=0,
+        description=(
+            "Seconds a site's inventory push stays valid when the push names no TTL; after "
+            "that the site's replicas are stale and not used for placement. 0: never stale."
+        ),
+    )
+    dataset_fetch_max_bytes: Annotated[
+        int, BeforeValidator(lambda v: v if v in (0, "0") else parse_size(v))
+    ] = Field(
+        1024**3,
+        ge=0,
+        description=(
+            "Largest URL dataset fetched into a site's cache when no live replica exists "
+            "(bytes or e.g. 2G; 0 turns fetching off)."
+        ),
+    )
+    dataset_fetch_private_networks: bool = Field(
+        False,
+        description=(
+            "Allow fetching URL datasets from loopback, private and link-local addresses "
+            "(off: a registered URL cannot make the server fetch from its own network)."
+        ),
+    )
+
+    # --- snapshots and reconcile --------------------------------------------
+    snapshot_registry: str = Field(
+        "",
+        description=(
+            "OCI registry that container snapshots are pushed to: [http://]host[:port][/path], "
+            "e.g. http://127.0.0.1:5000/labgate (http:// for a plain-HTTP registry). Empty "
+            "means snapshot images stay on the engine that took them."
+        ),
+    )
+    snapshot_registry_username: str = Field(
+        "", description="User name for the snapshot registry (empty: no credentials)."
+    )
+    snapshot_registry_password: SecretStr = Field(
+        SecretStr(""), description="Password or token for the snapshot registry."
+    )
+    snapshot_dir: Path | None = Field(
+        None,
+        description=(
+            "Directory of workspace-archive snapshots (process backend). Empty means "
+            "<data_dir>/snapshots."
+        ),
+    )
+    reconcile_interval: float = Field(
+        60.0,
+        ge=0,
+        description=(
+            "Seconds between reconciles: sites remove containers labgate does not know. "
+            "0 means only at start-up."
+        ),
+    )
+
     # --- the client (CLI) --------------------------------------------------
     url: str = Field(
         "",
@@ -241,6 +299,11 @@ class Settings(BaseSettings):
     def logs_dir(self) -> Path:
         """Where instances' output is captured."""
         return self.data_dir / "logs"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        """Where workspace-archive snapshots are stored."""
+        return self.snapshot_dir if self.snapshot_dir is not None else self.data_dir / "snapshots"
 
     def signing_key(self) -> str:
         """The session signing key, generated and stored on first use when unset."""

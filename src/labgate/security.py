@@ -32,13 +32,17 @@ SESSION_COOKIE = "labgate-session"
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
 TOKEN_PREFIX = "lg_"  # noqa: S105 - a prefix, not a secret
+ROUTER_TOKEN_PREFIX = "lgr_"  # noqa: S105 - a prefix, not a secret
 
 SCOPES: dict[str, str] = {
     "instances:read": "list and show your instances, read their logs and events",
     "instances:write": "launch and stop your instances",
     "instances:access": "use your instances' tools through the router",
     "account": "read and change your own account and tokens",
+    "datasets:write": "register, update and delete datasets (your own; admins: all)",
+    "sites:report": "say what sites hold: inventory pushes and replicas (admins only)",
     "admin": "everything, for every user (only tokens of admins)",
+    "router": "follow the route stream and report activity (router processes only)",
 }
 
 _hasher = PasswordHasher()
@@ -67,6 +71,17 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def router_token(key: str) -> str:
+    """The credential router processes use for the route stream, derived from the signing key.
+
+    Every process that can check session cookies holds the key anyway, so a
+    separate secret would add nothing; the token grants only the ``router``
+    scope (the route stream and activity reports).
+    """
+    digest = hmac.new(key.encode(), b"labgate.router", hashlib.sha256).hexdigest()
+    return ROUTER_TOKEN_PREFIX + digest
+
+
 def new_id(nbytes: int = 8) -> str:
     """A random lowercase id safe in URLs and host names (e.g. instance ids)."""
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -86,6 +101,7 @@ class SessionSigner:
     """Signs and checks session cookies and derives CSRF tokens."""
 
     def __init__(self, key: str, max_age: int) -> None:
+        self.key = key
         self._serializer = URLSafeTimedSerializer(key, salt="labgate.session")
         self._csrf_key = hashlib.sha256(b"labgate.csrf:" + key.encode()).digest()
         self.max_age = max_age

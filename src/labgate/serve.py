@@ -1,19 +1,34 @@
-"""``labgate serve``: everything in one process.
+"""``labgate serve`` (everything in one process) and ``labgate router`` (a router alone).
 
-The portal (FastAPI under uvicorn) and the local site run on one event loop
-(uvloop when installed). Stopping serve leaves instances running; the next
-start re-attaches to them.
+In ``serve`` the router owns the public port and the portal (FastAPI under
+uvicorn) listens on a private unix socket behind it; both, and the local
+sites, share one uvloop event loop. The router reads the portal's route
+table directly. With ``router_workers > 1`` more router processes share the
+public port (SO_REUSEPORT) and follow the portal's route stream.
+
+Stopping serve leaves instances running; the next start re-attaches to them
+and the route table is rebuilt from the database before the first request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from labgate.config import Settings
-from labgate.portal.app import create_app
+from labgate.portal.app import build_portal, create_app
+from labgate.router import spawn_workers, start_router, stop_workers, worker_config
+from labgate.router.workers import WorkerConfig, run_router_process
+from labgate.security import router_token
 
 log = logging.getLogger(__name__)
 
@@ -27,22 +42,85 @@ def configure_logging(level: int = logging.INFO) -> None:
     )
 
 
-async def serve(settings: Settings) -> None:
-    """Run the portal on the public address until SIGINT or SIGTERM."""
-    app = create_app(settings)
+def portal_server(app: FastAPI, socket_path: Path) -> uvicorn.Server:
+    """uvicorn serving the portal on a unix socket, trusting the router's X-Forwarded-*."""
     config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
+        uds=str(socket_path),
         log_level="warning",
         access_log=False,
-        proxy_headers=False,
+        proxy_headers=True,
+        forwarded_allow_ips="*",
         lifespan="on",
         ws="websockets-sansio",
     )
-    server = uvicorn.Server(config)
-    log.info("labgate serving on %s", settings.effective_public_url)
-    await server.serve()
+    return _PortalServer(config)
+
+
+class _PortalServer(uvicorn.Server):
+    """uvicorn without its signal handling: ``serve`` owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(settings: Settings) -> None:
+    """Run portal, sites and router until SIGINT or SIGTERM."""
+    portal = build_portal(settings)
+    assert portal.routes is not None
+    app = create_app(settings, portal)
+    run_dir = Path(tempfile.mkdtemp(prefix="labgate-"))
+    socket_path = run_dir / "portal.sock"
+    server = portal_server(app, socket_path)
+    portal_task = asyncio.create_task(server.serve(), name="portal")
+    router = None
+    workers = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        while not server.started:
+            if portal_task.done():
+                portal_task.result()
+                return
+            await asyncio.sleep(0.02)
+        many = settings.router_workers > 1
+        router = await start_router(
+            portal.routes.table,
+            settings.host,
+            settings.port,
+            f"unix:{socket_path}",
+            settings,
+            reuse_port=many,
+        )
+        portal.activity.local = router.activities
+        if many:
+            config = worker_config(
+                settings,
+                portal_url=f"unix:{socket_path}",
+                stream_token=router_token(settings.signing_key()),
+            )
+            workers = spawn_workers(config, settings.router_workers - 1)
+        log.info(
+            "labgate serving on %s (%d router process%s)",
+            settings.effective_public_url,
+            settings.router_workers,
+            "es" if many else "",
+        )
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait({stop_wait, portal_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+    finally:
+        if workers:
+            await asyncio.to_thread(stop_workers, workers)
+        if router is not None:
+            await router.close()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await portal_task
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(settings: Settings) -> None:
@@ -54,3 +132,16 @@ def run(settings: Settings) -> None:
         asyncio.run(serve(settings))
     else:
         uvloop.run(serve(settings))
+
+
+def router_config(settings: Settings, portal_url: str) -> WorkerConfig:
+    """How a stand-alone router reaches its portal (stream, activity and upstream)."""
+    return worker_config(
+        settings, portal_url=portal_url, stream_token=router_token(settings.signing_key())
+    )
+
+
+def run_router(settings: Settings, portal_url: str) -> None:
+    """Entry point of ``labgate router``: one router process in the foreground."""
+    configure_logging()
+    run_router_process(router_config(settings, portal_url))

@@ -168,7 +168,15 @@ async def test_router_follows_stream_across_portal_restart() -> None:
     portal = PortalServer(publisher)
     await portal.start()
     table = RouteTable()
-    sync = RouteSync(table, portal.url, STREAM_TOKEN, read_timeout=2.0, max_backoff=0.3)
+    applied: list[int] = []
+    sync = RouteSync(
+        table,
+        portal.url,
+        STREAM_TOKEN,
+        read_timeout=2.0,
+        max_backoff=0.3,
+        on_snapshot=lambda: applied.append(len(table.routes)),
+    )
     task = asyncio.get_running_loop().create_task(sync.run())
     try:
         await asyncio.wait_for(sync.synced.wait(), 10)
@@ -188,6 +196,7 @@ async def test_router_follows_stream_across_portal_restart() -> None:
         await wait_for(lambda: table.snapshot() == publisher.snapshot())
         assert set(table.routes) == {"bbbb", "cccc"}
         assert table.users[1].disabled
+        assert applied == [1, 2]  # called after each snapshot was applied
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from labgate.agent.site import SiteAgent
-    from labgate.backends.base import LaunchSpec
+    from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,20 @@ class SiteLink(abc.ABC):
     async def close(self) -> None:
         """Stop watching; running instances are left running."""
 
+    async def snapshot(
+        self, instance_id: str, backend_state: dict[str, Any], request: SnapshotRequest
+    ) -> SnapshotResult:
+        """Save an instance (image or workspace archive); progress arrives as reports."""
+        raise NotImplementedError(f"{type(self).__name__} cannot carry snapshots")
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Remove a snapshot's stored data at the site."""
+        raise NotImplementedError(f"{type(self).__name__} cannot carry snapshots")
+
+    async def reconcile(self, known: set[str]) -> list[str]:
+        """Let the site remove instances the portal does not know (ids not in ``known``)."""
+        return []
+
 
 class LocalSiteLink(SiteLink):
     """A link to an agent running in the portal's own process."""
@@ -108,3 +122,17 @@ class LocalSiteLink(SiteLink):
     async def close(self) -> None:
         """Stop the agent's watch loops."""
         await self.agent.close()
+
+    async def snapshot(
+        self, instance_id: str, backend_state: dict[str, Any], request: SnapshotRequest
+    ) -> SnapshotResult:
+        """Save an instance through the in-process agent."""
+        return await self.agent.snapshot(backend_state, request)
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Delete a snapshot's data through the in-process agent."""
+        await self.agent.delete_snapshot(ref)
+
+    async def reconcile(self, known: set[str]) -> list[str]:
+        """Reconcile through the in-process agent."""
+        return await self.agent.reconcile(known)

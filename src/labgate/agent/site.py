@@ -18,7 +18,14 @@ from typing import Any
 import httpx
 
 from labgate.agent.link import Adoption, Report, Reporter
-from labgate.backends.base import Backend, LaunchSpec, Started
+from labgate.backends.base import (
+    Backend,
+    LaunchSpec,
+    SnapshotRef,
+    SnapshotRequest,
+    SnapshotResult,
+    Started,
+)
 from labgate.errors import LabgateError
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ class SiteAgent:
         self._cancel_requested: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False)
+        backend.attach(site, self._progress)
 
     # --- commands ----------------------------------------------------------
     def launch(self, spec: LaunchSpec) -> None:
@@ -137,6 +145,26 @@ class SiteAgent:
         if not backend_state:
             return ""
         return await self.backend.logs(backend_state, lines)
+
+    async def snapshot(
+        self, backend_state: dict[str, Any], request: SnapshotRequest
+    ) -> SnapshotResult:
+        """Save an instance through the backend; progress goes to its event stream."""
+        watched = self.watched.get(request.instance_id)
+        state = watched.backend_state if watched is not None else backend_state
+        return await self.backend.snapshot(state, request)
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Remove a snapshot's stored data through the backend."""
+        await self.backend.delete_snapshot(ref)
+
+    async def reconcile(self, known: set[str]) -> list[str]:
+        """Have the backend remove what neither the portal (``known``) nor this agent knows."""
+        keep = set(known) | set(self.watched) | set(self._starting) | self._cancel_requested
+        removed = await self.backend.reconcile(keep)
+        if removed:
+            log.info("site %s: removed %d orphan(s): %s", self.site, len(removed), removed)
+        return removed
 
     async def close(self) -> None:
         """Stop background work; instances keep running."""
@@ -263,6 +291,12 @@ class SiteAgent:
             return await self.backend.logs(backend_state, self.log_tail_lines)
         except Exception:
             return ""
+
+    async def _progress(self, instance_id: str, message: str, data: dict[str, Any]) -> None:
+        # The portal records a progress note under the instance's current state.
+        await self._report(
+            Report(instance_id, "starting", kind="progress", message=message, data=data)
+        )
 
     async def _report(self, report: Report) -> None:
         try:

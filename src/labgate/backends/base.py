@@ -23,6 +23,23 @@ override every abstract method:
 ``logs(state, lines)``
     The last ``lines`` lines of the tool's output, as text.
 
+Optional hooks (the defaults say "not supported" or do nothing):
+
+``snapshot(state, request)``
+    Save the instance (commit its container image, archive its workspace)
+    and return a :class:`SnapshotResult`. A launch whose
+    ``LaunchSpec.snapshot`` is set starts from such a snapshot.
+``delete_snapshot(ref)``
+    Remove a snapshot's stored data; idempotent.
+``reconcile(keep)``
+    Remove what the engine runs for this site that labgate does not know
+    (ids not in ``keep``); return the instance ids removed. The agent calls
+    it at start-up and periodically.
+
+The agent calls :meth:`Backend.attach` once with the site's name and a
+progress callback; :meth:`Backend.progress_note` sends notes (image pull,
+push) into an instance's event stream.
+
 Backends are found through the ``labgate.backends`` entry-point group, so a
 third-party package adds one the same way the built-ins are registered.
 A subclass that leaves an abstract method unimplemented is refused when the
@@ -32,6 +49,7 @@ class is defined, not when it is first used.
 from __future__ import annotations
 
 import abc
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -46,6 +64,8 @@ if TYPE_CHECKING:
 BACKEND_GROUP = "labgate.backends"
 
 JSON = dict[str, Any]
+#: ``progress(instance_id, message, data)``: a note for the instance's event stream.
+Progress = Callable[[str, str, JSON], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,13 @@ class Mount:
     target: str
     read_only: bool = True
 
+    @property
+    def env_var(self) -> str:
+        """``LABGATE_DATA_<NAME>``, telling the tool where the mount is (``/data/iris`` → IRIS)."""
+        last = self.target.rstrip("/").rsplit("/", 1)[-1]
+        name = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in last)
+        return f"LABGATE_DATA_{name.upper()}"
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -84,6 +111,48 @@ class LaunchSpec:
     secret: str
     env: dict[str, str] = field(default_factory=dict)
     mounts: tuple[Mount, ...] = ()
+    #: Start from this snapshot instead of the tool's own image or an empty workspace.
+    snapshot: SnapshotRef | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotRef:
+    """A stored snapshot, as a backend needs it to launch from it or delete it."""
+
+    id: str
+    #: ``image`` (a container image) or ``archive`` (a workspace archive).
+    kind: str
+    #: Image reference (``registry/repo:tag``) or archive file name in the snapshot store.
+    reference: str
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """What :meth:`Backend.snapshot` is asked to save."""
+
+    snapshot_id: str
+    instance_id: str
+    owner: str
+    tool: str
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    """What :meth:`Backend.snapshot` saved."""
+
+    kind: str
+    reference: str
+    #: Manifest digest of a pushed image, image id of a local one, sha256 of an archive.
+    digest: str
+    size: int
+
+
+class SnapshotUnsupported(LabgateError):
+    """The backend of the instance's site cannot take snapshots."""
+
+    status = 409
+    default_code = "snapshot_unsupported"
 
 
 @dataclass(frozen=True)
@@ -120,6 +189,9 @@ class Backend(abc.ABC):
     def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         self.settings = settings
         self.options = options or {}
+        #: The site this backend serves and where progress notes go; see :meth:`attach`.
+        self.site = ""
+        self._progress: Progress | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -151,6 +223,27 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""
+
+    def attach(self, site: str, progress: Progress | None = None) -> None:
+        """Called once by the site agent: the site's name and its progress callback."""
+        self.site = site
+        self._progress = progress
+
+    async def progress_note(self, instance_id: str, message: str, **data: Any) -> None:
+        """Send a note (``pulling image``, ``pushing``) to the instance's event stream."""
+        if self._progress is not None:
+            await self._progress(instance_id, message, data)
+
+    async def snapshot(self, state: JSON, request: SnapshotRequest) -> SnapshotResult:
+        """Save the running instance; by default snapshots are not supported."""
+        raise SnapshotUnsupported(f"the {self.name} backend cannot take snapshots")
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:  # noqa: B027 - optional hook
+        """Remove a snapshot's stored data; idempotent. By default there is none."""
+
+    async def reconcile(self, keep: Collection[str]) -> list[str]:
+        """Remove instances the engine runs for this site whose ids are not in ``keep``."""
+        return []
 
 
 def available_backends() -> dict[str, str]:

@@ -34,7 +34,17 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from labgate.backends.base import JSON, Backend, LaunchSpec, Started, Status
+from labgate.backends.archive import delete_archive, restore_workspace, save_workspace
+from labgate.backends.base import (
+    JSON,
+    Backend,
+    LaunchSpec,
+    SnapshotRef,
+    SnapshotRequest,
+    SnapshotResult,
+    Started,
+    Status,
+)
 from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
@@ -183,6 +193,8 @@ class ProcessBackend(Backend):
             logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise InstanceStartError(f"cannot create the workspace or logs dir: {exc}") from exc
+        if spec.snapshot is not None:
+            restore_workspace(self.settings.snapshots_dir, spec.snapshot, workspace)
 
         port = free_port()
         values = template_values(
@@ -217,6 +229,10 @@ class ProcessBackend(Backend):
                     "the backend option extra_ro_binds"
                 )
             argv = plan.argv + command
+        elif spec.mounts:
+            # Unsandboxed nothing can be bound at /data/<name>: the tool is told the host
+            # paths instead, and read-only rests on the files' own permissions.
+            env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
         cpu, memory = spec.resources.cpu, spec.resources.memory
         limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
 
@@ -369,3 +385,14 @@ class ProcessBackend(Backend):
     async def logs(self, state: JSON, lines: int = 100) -> str:
         """The last ``lines`` lines of the instance's log file."""
         return await asyncio.to_thread(tail, Path(state["log"]), lines)
+
+    # --- snapshots (workspace archives, see labgate.backends.archive) -------------
+
+    async def snapshot(self, state: JSON, request: SnapshotRequest) -> SnapshotResult:
+        """Archive the instance's workspace into the snapshot store."""
+        store, workspace = self.settings.snapshots_dir, Path(state["workspace"])
+        return await asyncio.to_thread(save_workspace, workspace, store, request.snapshot_id)
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Remove a workspace archive from the snapshot store."""
+        await asyncio.to_thread(delete_archive, self.settings.snapshots_dir, ref)

@@ -1,4 +1,4 @@
-"""SQLAlchemy models: users, API tokens, sessions, sites, instances, events, datasets.
+"""SQLAlchemy models: users, API tokens, sessions, sites, instances, events, datasets, snapshots.
 
 Timestamps are timezone-aware UTC. JSON columns hold backend state and
 resources, whose shape belongs to the backend and the scheduler.
@@ -197,9 +197,15 @@ class Instance(Base):
     ready_at: Mapped[datetime | None] = mapped_column(default=None)
     stopped_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    #: The snapshot this instance was launched from, if any. A plain column (see
+    #: migration 0003); it outlives the snapshot, which then reads as None.
+    snapshot_id: Mapped[str | None] = mapped_column(String(32), default=None)
 
     owner: Mapped[User] = relationship()
     site: Mapped[Site | None] = relationship()
+    snapshot: Mapped[Snapshot | None] = relationship(
+        primaryjoin="foreign(Instance.snapshot_id) == Snapshot.id", lazy="joined", viewonly=True
+    )
     events: Mapped[list[InstanceEvent]] = relationship(
         back_populates="instance", cascade="all, delete-orphan", order_by="InstanceEvent.id"
     )
@@ -287,3 +293,62 @@ class SiteReport(Base):
     #: The push under way (several requests) and when it began.
     push_id: Mapped[str] = mapped_column(String(64), default="")
     push_started_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class SnapshotState(enum.StrEnum):
+    """Where a snapshot is: being saved, usable, or failed (with a reason)."""
+
+    saving = "saving"
+    ready = "ready"
+    failed = "failed"
+
+
+class Snapshot(Base):
+    """A saved instance: a container image in a registry, or a workspace archive."""
+
+    __tablename__ = "snapshots"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    #: The tool of the instance it was taken from; launches start that tool.
+    tool: Mapped[str] = mapped_column(String(64))
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"), default=None)
+    backend: Mapped[str] = mapped_column(String(64))
+    #: ``image`` or ``archive``.
+    kind: Mapped[str] = mapped_column(String(16), default="")
+    state: Mapped[SnapshotState] = mapped_column(
+        Enum(SnapshotState, native_enum=False, length=16), default=SnapshotState.saving
+    )
+    reason: Mapped[str] = mapped_column(Text, default="")
+    #: Image reference (``registry/repo:tag``) or archive file name.
+    reference: Mapped[str] = mapped_column(String(512), default="")
+    digest: Mapped[str] = mapped_column(String(128), default="")
+    size: Mapped[int] = mapped_column(BigInteger, default=0)
+    source_instance_id: Mapped[str] = mapped_column(String(32), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ready_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    owner: Mapped[User] = relationship()
+    site: Mapped[Site | None] = relationship()
+    shares: Mapped[list[SnapshotShare]] = relationship(
+        back_populates="snapshot", cascade="all, delete-orphan"
+    )
+
+
+class SnapshotShare(Base):
+    """A user another user's snapshot is shared with: they may see and launch it."""
+
+    __tablename__ = "snapshot_shares"
+
+    snapshot_id: Mapped[str] = mapped_column(
+        ForeignKey("snapshots.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    snapshot: Mapped[Snapshot] = relationship(back_populates="shares")
+    user: Mapped[User] = relationship()

@@ -26,13 +26,26 @@ from labgate.backends.base import load_backend
 from labgate.config import Settings, SiteConfig
 from labgate.db.models import Site
 from labgate.db.session import Database
-from labgate.portal import pages
+from labgate.portal import launch_pages, pages
 from labgate.portal.accounts import bootstrap_admin
-from labgate.portal.api import auth, catalog, instances, tokens, users
+from labgate.portal.api import (
+    auth,
+    catalog,
+    datasets,
+    instances,
+    resolve,
+    snapshots,
+    tokens,
+    users,
+)
+from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.state import Portal
+from labgate.resolver.locality import DataLocator
 from labgate.scheduler.lifecycle import InstanceManager
+from labgate.scheduler.reconcile import Reconciler
+from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SessionSigner
 from labgate.tools.catalog import Catalog
 
@@ -77,7 +90,8 @@ def build_portal(settings: Settings) -> Portal:
     db.migrate()
     catalog = Catalog.load(settings.tools_dir)
     signer = SessionSigner(settings.signing_key(), settings.session_max_age)
-    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=RouteFeedHub())
+    routes = RouteFeedHub(catalog)
+    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=routes)
 
 
 def announce_admin(settings: Settings, password: str) -> None:
@@ -117,14 +131,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_instances_per_user=settings.max_instances_per_user,
         events=portal.events,
         routes=portal.routes,
+        data=DataLocator(settings),
     )
     if portal.routes is not None:
         await portal.run_db(portal.routes.load)
     await portal.manager.restore()
+    portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager)
+    # After restore: containers of instances that ended while labgate was down go now.
+    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval)
+    await reconciler.run_once()
+    reconciler.start()
     try:
         yield
     finally:
+        await reconciler.close()
+        await portal.snapshots.close()
         await portal.manager.close()
+        if portal.routes is not None:
+            portal.routes.table.disconnect_all()
         for link in portal.links.values():
             await link.close()
         portal.db.dispose()
@@ -148,7 +172,8 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
 
     api = APIRouter(prefix=API_PREFIX)
-    for module in (auth, users, tokens, catalog, instances):
+    modules = (auth, users, tokens, catalog, instances, datasets, resolve, snapshots, router_api)
+    for module in modules:
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])
@@ -158,4 +183,5 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     app.include_router(api)
     app.include_router(pages.router)
+    app.include_router(launch_pages.router)
     return app

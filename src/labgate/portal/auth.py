@@ -8,6 +8,7 @@ token by itself).
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -19,10 +20,20 @@ from sqlalchemy.orm import Session
 from labgate.db.models import ApiToken, RevokedSession, User, utcnow
 from labgate.errors import Forbidden, Unauthorized
 from labgate.portal.state import Portal, get_portal
-from labgate.security import CSRF_FORM_FIELD, CSRF_HEADER, SCOPES, SESSION_COOKIE, hash_token
+from labgate.security import (
+    CSRF_FORM_FIELD,
+    CSRF_HEADER,
+    ROUTER_TOKEN_PREFIX,
+    SCOPES,
+    SESSION_COOKIE,
+    hash_token,
+    router_token,
+)
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-USER_SCOPES = frozenset(SCOPES) - {"admin"}
+#: Scopes only admins hold: ``sites:report`` decides what gets mounted into instances.
+ADMIN_ONLY_SCOPES = frozenset({"admin", "sites:report"})
+USER_SCOPES = frozenset(SCOPES) - ADMIN_ONLY_SCOPES
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
 
 
@@ -54,7 +65,7 @@ class Principal:
 
 def scopes_of(user: User) -> frozenset[str]:
     """Every scope a user may hold."""
-    return frozenset(SCOPES) if user.is_admin else USER_SCOPES
+    return frozenset(SCOPES) - {"router"} if user.is_admin else USER_SCOPES
 
 
 def token_from_header(value: str | None) -> str | None:
@@ -104,6 +115,13 @@ def authenticate_session(portal: Portal, session: Session, cookie: str) -> Princ
     )
 
 
+def router_principal(portal: Portal, token: str) -> Principal | None:
+    """The principal of a router process, when ``token`` is the router token."""
+    if not hmac.compare_digest(router_token(portal.signer.key), token):
+        return None
+    return Principal(0, "router", False, frozenset({"router"}), "router")
+
+
 async def optional_principal(request: Request) -> Principal | None:
     """The caller if authenticated, else None (CSRF enforced for sessions)."""
     if hasattr(request.state, "principal"):
@@ -113,7 +131,11 @@ async def optional_principal(request: Request) -> Principal | None:
     token = token_from_header(request.headers.get("authorization"))
     cookie = request.cookies.get(SESSION_COOKIE)
     result: Principal | None = None
-    if token is not None:
+    if token is not None and token.startswith(ROUTER_TOKEN_PREFIX):
+        result = router_principal(portal, token)
+        if result is None:
+            raise Unauthorized("invalid router token", code="invalid_token")
+    elif token is not None:
         result = await portal.run_db(lambda s: authenticate_token(s, token))
         if result is None:
             raise Unauthorized("invalid or expired token", code="invalid_token")

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labgate.errors import LabgateError, error_body
+from labgate.portal.ui.render import error_page, wants_html
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,13 @@ def json_error(status: int, code: str, detail: str, **extra: Any) -> JSONRespons
     return JSONResponse(error_body(code, detail, **extra), status_code=status, headers=headers)
 
 
+def _answer(request: Request, status: int, code: str, detail: str, **extra: Any) -> Response:
+    """The error as a page for a browser asking for one outside the API, else as JSON."""
+    if wants_html(request):
+        return error_page(request, status, code, detail)
+    return json_error(status, code, detail, **extra)
+
+
 def _describe(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:10]:
@@ -51,7 +59,7 @@ def _describe(errors: list[dict[str, Any]]) -> str:
 
 async def _labgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LabgateError)
-    return json_error(exc.status, exc.code, exc.detail, **exc.extra)
+    return _answer(request, exc.status, exc.code, exc.detail, **exc.extra)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -60,7 +68,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"nothing at {request.url.path}"
-    response = json_error(exc.status_code, code, detail)
+    response = _answer(request, exc.status_code, code, detail)
     if exc.headers:
         response.headers.update(exc.headers)
     return response
@@ -71,12 +79,12 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     errors = list(exc.errors())
     if any(err.get("type") == "json_invalid" for err in errors):
         return json_error(400, "invalid_json", "the request body is not valid JSON")
-    return json_error(422, "validation_error", _describe(errors))
+    return _answer(request, 422, "validation_error", _describe(errors))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return json_error(500, "internal_error", "internal error; the server log has the details")
+    return _answer(request, 500, "internal_error", "internal error; the server log has the details")
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,8 +2,14 @@
 
 Routers check every request in memory, so the portal tells them about
 instances (routes), users (admin flag, disabled, session cut-off), API tokens
-(by hash) and revoked sessions whenever these change, and hands a full
-snapshot to any router that (re)connects.
+(by hash) and revoked sessions whenever these change, and resyncs the whole
+table from the database on start. The table is a
+:class:`~labgate.router.RoutePublisher`: the in-process router reads it
+directly and router processes follow its stream.
+
+The methods may be called from any thread (API handlers run the database
+work on worker threads); the publisher hands changes to its subscribers
+thread-safely.
 """
 
 from __future__ import annotations
@@ -14,36 +20,132 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import ApiToken, Instance, User
+from labgate.db.models import (
+    ACTIVE_STATES,
+    ApiToken,
+    Instance,
+    InstanceState,
+    RevokedSession,
+    User,
+    utcnow,
+)
+from labgate.router import Route, RoutePublisher, TokenInfo, UserInfo
+from labgate.router.table import SNAPSHOT_VERSION
+from labgate.tools.catalog import Catalog
 
 log = logging.getLogger(__name__)
+
+#: Routes exist while an instance can be reached or is about to be.
+ROUTED_STATES = frozenset({InstanceState.starting, InstanceState.running})
+#: Where a route points before the tool has an endpoint; never connected to:
+#: the router answers 503 "starting" for routes in that state.
+NO_ENDPOINT = "http://127.0.0.1:9"
 
 
 class RouteFeedHub:
     """Turns portal changes into route-table updates for the routers."""
 
-    def __init__(self) -> None:
-        self.controls: list[Any] = []
+    def __init__(self, catalog: Catalog, table: RoutePublisher | None = None) -> None:
+        self.catalog = catalog
+        self.table = table or RoutePublisher()
+
+    # --- instances ---------------------------------------------------------
+    def route_for(self, instance: Instance) -> Route | None:
+        """The route of an instance, or None when it must not be routed."""
+        state = instance.state
+        if state not in ROUTED_STATES and state != InstanceState.pending:
+            return None
+        tool = self.catalog.get(instance.tool)
+        running = state == InstanceState.running and bool(instance.endpoint)
+        return Route(
+            instance_id=instance.id,
+            upstream=instance.endpoint if running else NO_ENDPOINT,
+            owner_id=instance.owner_id,
+            state="running" if running else "starting",
+            keep_prefix=tool.supports_prefix if tool is not None else True,
+            upstream_token=instance.secret,
+        )
 
     def instance_changed(self, instance: Instance) -> None:
         """An instance changed state, endpoint or access."""
+        route = self.route_for(instance)
+        if route is None:
+            self.table.remove_route(instance.id)
+        else:
+            self.table.add_route(route)
+
+    # --- identities --------------------------------------------------------
+    @staticmethod
+    def user_info(user: User) -> UserInfo:
+        """What the router knows of a user."""
+        return UserInfo(
+            id=user.id,
+            name=user.name,
+            is_admin=user.is_admin,
+            disabled=user.disabled,
+            sessions_valid_after=user.sessions_valid_after.timestamp(),
+        )
 
     def user_changed(self, user: User) -> None:
         """A user was created or changed."""
+        self.table.set_user(self.user_info(user))
 
     def user_removed(self, user_id: int) -> None:
         """A user was deleted."""
+        self.table.remove_user(user_id)
+
+    @staticmethod
+    def token_info(token: ApiToken) -> TokenInfo:
+        """What the router knows of a token."""
+        expires = token.expires_at.timestamp() if token.expires_at is not None else None
+        return TokenInfo(user_id=token.user_id, scopes=frozenset(token.scopes), expires_at=expires)
 
     def token_changed(self, token: ApiToken) -> None:
         """A token was created."""
+        self.table.set_token(token.token_hash, self.token_info(token))
 
     def token_removed(self, token_hash: str) -> None:
         """A token was revoked."""
+        self.table.remove_token(token_hash)
 
     def session_revoked(self, session_id: str, expires_at: float) -> None:
         """A browser session ended before its cookie expired."""
+        self.table.revoke_session(session_id, expires_at)
+
+    # --- full resync -------------------------------------------------------
+    def snapshot_from(self, session: Session) -> dict[str, Any]:
+        """The whole route table as the database says it should be."""
+        users = [self.user_info(u).to_dict() for u in session.scalars(select(User))]
+        now = utcnow()
+        tokens = [
+            self.token_info(t).to_dict(t.token_hash)
+            for t in session.scalars(select(ApiToken))
+            if t.expires_at is None or t.expires_at > now
+        ]
+        revoked = [
+            {"session_id": r.session_id, "expires_at": r.expires_at.timestamp()}
+            for r in session.scalars(select(RevokedSession).where(RevokedSession.expires_at > now))
+        ]
+        routes = []
+        for instance in session.scalars(select(Instance).where(Instance.state.in_(ACTIVE_STATES))):
+            route = self.route_for(instance)
+            if route is not None:
+                routes.append(route.to_dict())
+        return {
+            "version": SNAPSHOT_VERSION,
+            "routes": routes,
+            "users": users,
+            "tokens": tokens,
+            "revoked_sessions": revoked,
+        }
 
     def load(self, session: Session) -> None:
-        """Build the full state from the database (on start)."""
-        for _ in session.scalars(select(Instance).limit(0)):
-            pass
+        """Resync the table from the database (on start)."""
+        snapshot = self.snapshot_from(session)
+        self.table.resync(snapshot)
+        log.info(
+            "route table: %d routes, %d users, %d tokens",
+            len(snapshot["routes"]),
+            len(snapshot["users"]),
+            len(snapshot["tokens"]),
+        )

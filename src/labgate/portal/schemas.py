@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
 
@@ -99,14 +99,40 @@ class SiteOut(BaseModel):
     backend: str
     instances: int
     labels: dict[str, Any]
+    live: bool = Field(True, description="Connected to this portal (in-process sites always are).")
+    capacity: dict[str, Any] = Field(
+        default_factory=dict, description="cpu, memory, max_instances; 0 means unlimited."
+    )
+    use: dict[str, Any] = Field(
+        default_factory=dict, description="cpu, memory, instances of its active instances."
+    )
+    data_root: str | None = None
+    inventory: dict[str, Any] | None = Field(
+        None, description="The last inventory push: reported_at, ttl, replicas, stale."
+    )
 
 
 class LaunchIn(Strict):
-    tool: str = Field(min_length=1, max_length=64)
+    tool: str | None = Field(
+        None, min_length=1, max_length=64, description="Required unless snapshot is given."
+    )
     resources: dict[str, Any] | None = Field(
         None, description='e.g. {"cpu": 2, "memory": "4G"}; limited by the tool.'
     )
     site: str | None = Field(None, max_length=64)
+    dataset: str | None = Field(
+        None, max_length=2048, description="Run next to this dataset (DOI, Handle, URL…), mounted."
+    )
+    labels: dict[str, str] | None = Field(None, description="Labels the site must carry.")
+    snapshot: str | None = Field(
+        None, max_length=32, description="Start from this snapshot (yours or shared with you)."
+    )
+
+    @model_validator(mode="after")
+    def _tool_or_snapshot(self) -> LaunchIn:
+        if self.tool is None and self.snapshot is None:
+            raise ValueError("give a tool, a snapshot, or both")
+        return self
 
 
 class InstanceOut(BaseModel):
@@ -123,6 +149,11 @@ class InstanceOut(BaseModel):
     ready_at: datetime | None
     stopped_at: datetime | None
     endpoint: str | None = Field(None, description="Upstream address; admins only.")
+    dataset: str | None = Field(None, description="The dataset it was launched with.")
+    mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="What is mounted: dataset, target, read_only."
+    )
+    snapshot: str | None = Field(None, description="The snapshot it was launched from.")
 
 
 class EventOut(BaseModel):

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from labgate.config import Settings
 from labgate.db.session import Database
+from labgate.portal.activity import ActivityBoard
 from labgate.scheduler.events import EventBus
 from labgate.security import SessionSigner
 from labgate.tools.catalog import Catalog
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
     from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.snapshots import SnapshotManager
 
 T = TypeVar("T")
 
@@ -36,6 +38,8 @@ class Portal:
     links: dict[str, SiteLink] = field(default_factory=dict)
     manager: InstanceManager | None = None
     routes: RouteFeedHub | None = None
+    activity: ActivityBoard = field(default_factory=ActivityBoard)
+    snapshots: SnapshotManager | None = None
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a committed session on a worker thread."""

@@ -175,9 +175,9 @@ class Authenticator:
         if claim.session_id in self.table.revoked:
             return None
         user = self.table.users.get(claim.user_id)
-        # Cookies carry whole seconds: compare with the second the cut-off falls
-        # in, so a session issued right after a password change stays valid.
-        if user is None or user.disabled or claim.issued_at < int(user.sessions_valid_after):
+        # The claim's issue time is precise (it travels in the signed payload),
+        # so a session issued just before a password change is refused.
+        if user is None or user.disabled or claim.issued_at < user.sessions_valid_after:
             return None
         return Identity(user, "session", claim.issued_at + self.signer.max_age)
 

@@ -357,6 +357,9 @@ class ClientConnection(asyncio.Protocol):
         if self.closing or ex is not self.current:
             conn.close()
             return
+        if conn.closed:
+            self._upstream_error(ex, 502, "closed the connection at once")
+            return
         self._attach(ex, conn)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:

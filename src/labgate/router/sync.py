@@ -64,8 +64,10 @@ class RouteSync:
         read_timeout: float = 45.0,
         min_backoff: float = 0.2,
         max_backoff: float = 15.0,
+        on_snapshot: Callable[[], None] | None = None,
     ) -> None:
         self.control = control
+        self.on_snapshot = on_snapshot
         self.portal_url = portal_url
         self.token = token
         self.read_timeout = read_timeout
@@ -121,6 +123,8 @@ class RouteSync:
                 self.messages += 1
                 if message.get("op") == "snapshot":
                     self.synced.set()
+                    if self.on_snapshot is not None:
+                        self.on_snapshot()
 
 
 class ActivityReporter:

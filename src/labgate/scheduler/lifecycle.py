@@ -15,16 +15,16 @@ import math
 import secrets
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Adoption, Report, SiteLink
-from labgate.backends.base import LaunchSpec, Resources
+from labgate.backends.base import LaunchSpec, Mount, Resources
 from labgate.db.models import (
     ACTIVE_STATES,
     TRANSITIONS,
@@ -38,10 +38,15 @@ from labgate.db.models import (
 from labgate.db.session import Database
 from labgate.errors import BadRequest, Conflict, NotFound, QuotaExceeded
 from labgate.scheduler.events import EventBus
-from labgate.scheduler.placement import choose_site
+from labgate.scheduler.placement import Placement, choose_site
+from labgate.scheduler.sites import site_views
+from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_ref, snapshot_to_launch
 from labgate.security import new_id
 from labgate.tools.catalog import Catalog, Tool
 from labgate.units import parse_size
+
+if TYPE_CHECKING:
+    from labgate.resolver.locality import DataLocator, DataNeed
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,12 @@ class LaunchRequest:
     tool: str
     resources: dict[str, Any] | None = None
     site: str | None = None
+    #: A dataset identifier: the launch runs where a live replica is, with it mounted.
+    dataset: str | None = None
+    #: Labels the site must carry.
+    labels: dict[str, str] | None = None
+    #: A snapshot id: start from it (its tool, its image or workspace archive).
+    snapshot: str | None = None
 
 
 class InstanceManager:
@@ -77,6 +88,7 @@ class InstanceManager:
         max_instances_per_user: int,
         events: EventBus,
         routes: RouteFeed | None = None,
+        data: DataLocator | None = None,
     ) -> None:
         self.db = db
         self.catalog = catalog
@@ -85,6 +97,8 @@ class InstanceManager:
         self.max_instances_per_user = max_instances_per_user
         self.events = events
         self.routes = routes
+        #: Resolves a launch's dataset to replicas and mounts (labgate.resolver).
+        self.data = data
         self._admission = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -98,18 +112,35 @@ class InstanceManager:
     # --- launch ------------------------------------------------------------
     async def launch(self, user_id: int, request: LaunchRequest) -> Instance:
         """Admit, record and start a launch; returns the ``pending`` instance."""
+        if (snapshot_id := request.snapshot) is not None:
+            # The snapshot names the tool; it must be the user's (or shared) and ready.
+            name = await self._db(
+                lambda s: snapshot_to_launch(s, snapshot_id, user_id, request.tool).tool
+            )
+            request = replace(request, tool=name)
         tool = self.catalog.get(request.tool)
         if tool is None:
             raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
         resources = resolve_resources(tool, request.resources)
-        site = choose_site(self.links, tool, request.site)
-        instance = await self._db(lambda s: self._admit(s, user_id, tool, site, resources))
+        instance = await self._db(lambda s: self._admit(s, user_id, tool, request, resources))
         self.events.notify(instance.id)
         self._spawn(self._start(instance.id))
         return instance
 
+    def _need(self, session: Session, dataset: str | None) -> DataNeed | None:
+        if dataset is None:
+            return None
+        if self.data is None:
+            raise BadRequest("datasets are not enabled on this portal")
+        return self.data.need(session, dataset, live=set(self.links))
+
     def _admit(
-        self, session: Session, user_id: int, tool: Tool, site: str, resources: Resources
+        self,
+        session: Session,
+        user_id: int,
+        tool: Tool,
+        request: LaunchRequest,
+        resources: Resources,
     ) -> Instance:
         # One admission at a time per portal, plus a row lock for PostgreSQL
         # replicas: the count and the insert must not interleave.
@@ -133,6 +164,20 @@ class InstanceManager:
                     limit=limit,
                     current=active,
                 )
+            # Placement inside the admission lock: capacity is counted and taken at once.
+            need = self._need(session, request.dataset)
+            placement = Placement(
+                tool=tool,
+                resources=resources,
+                wanted=request.site,
+                labels=request.labels or {},
+                holders=need.holders if need is not None and need.holders else None,
+            )
+            views = site_views(session, set(self.links))
+            if request.snapshot is not None:
+                snapshot = snapshot_to_launch(session, request.snapshot, user_id, tool.name)
+                views = sites_for_snapshot(snapshot, views, request.site)
+            site = choose_site(views, placement)
             site_row = session.scalar(select(Site).where(Site.name == site))
             instance = Instance(
                 id=new_id(),
@@ -142,13 +187,17 @@ class InstanceManager:
                 state=InstanceState.pending,
                 resources=resources.as_json(),
                 secret=secrets.token_urlsafe(32),
+                dataset_id=need.dataset_id if need is not None else None,
+                mounts=[need.mount_on(site)] if need is not None else [],
+                snapshot_id=request.snapshot,
             )
             session.add(instance)
+            near = f", next to {need.identifier}" if need is not None and need.holders else ""
             session.add(
                 InstanceEvent(
                     instance=instance,
                     state=InstanceState.pending,
-                    message=f"scheduled on site {site}",
+                    message=f"scheduled on site {site}{near}",
                     data={"site": site},
                 )
             )
@@ -157,6 +206,9 @@ class InstanceManager:
             return instance
 
     async def _start(self, instance_id: str) -> None:
+        # A dataset no site holds is fetched into the chosen site's cache first.
+        if self.data is not None and not await self.data.prepare(self.db, instance_id, self.apply):
+            return
         spec, site = await self._db(lambda s: self._launch_spec(s, instance_id))
         if spec is None or site is None:
             return
@@ -176,6 +228,15 @@ class InstanceManager:
         if tool is None:
             raise NotFound(f"tool {instance.tool!r} is no longer in the catalog")
         workspace = self.workspaces_dir / instance.owner.name
+        snapshot = snapshot_ref(instance.snapshot) if instance.snapshot is not None else None
+        if snapshot is not None and snapshot.kind == "archive":
+            # A workspace archive is restored into a new workspace of the instance's own.
+            workspace = self.workspaces_dir / "_restored" / instance.id
+        mounts = tuple(
+            Mount(Path(m["source"]), m["target"], bool(m.get("read_only", True)))
+            for m in instance.mounts or []
+            if m.get("source")
+        )
         return LaunchSpec(
             instance_id=instance.id,
             owner=instance.owner.name,
@@ -184,6 +245,11 @@ class InstanceManager:
             workspace=workspace,
             resources=Resources(**instance.resources),
             secret=instance.secret,
+            mounts=mounts,
+            snapshot=snapshot,
+            # Where each mount is, for the tool; a backend that cannot mount at the
+            # target (process without bwrap) points these at the host path instead.
+            env={mount.env_var: mount.target for mount in mounts},
         )
 
     # --- stop --------------------------------------------------------------

@@ -23,6 +23,13 @@ A tool file looks like::
                "--base-url", "{base_url}"]
     requires = ["python"]   # executables or importable modules that must exist
     env = { DEMO_GREETING = "hello" }
+
+    [container]             # how the containers backend starts it
+    image = "localhost/labgate/demo:latest"
+    args = ["python3", "-m", "labgate.tools.demo", "--host", "0.0.0.0",
+            "--port", "{port}", "--base-url", "{base_url}"]
+    port = 8888
+    workspace = "/home/labgate"
 """
 
 from __future__ import annotations
@@ -88,6 +95,48 @@ class ProcessSpec(BaseModel):
         return command, env
 
 
+#: In a container ``{workspace}`` is the workspace's mount point; there is no ``{python}``.
+CONTAINER_PLACEHOLDERS = PLACEHOLDERS - {"python"}
+CONTAINER_ENV_PLACEHOLDERS = CONTAINER_PLACEHOLDERS | {"instance_token"}
+
+
+class ContainerSpec(BaseModel):
+    """How the containers backend starts a tool (Docker Engine API: Docker or Podman)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(min_length=1, max_length=512)
+    #: Replaces the image's ENTRYPOINT when set (Kubernetes' ``command``).
+    command: list[str] | None = None
+    #: Replaces the image's CMD when set (Kubernetes' ``args``).
+    args: list[str] | None = None
+    #: The port the tool listens on inside the container (on 0.0.0.0).
+    port: int = Field(8888, ge=1, le=65535)
+    env: dict[str, str] = Field(default_factory=dict)
+    #: ``uid[:gid]`` or a user name of the image; empty means the image's USER.
+    user: str = ""
+    working_dir: str = ""
+    #: Where the owner's workspace volume is mounted.
+    workspace: str = Field("/workspace", pattern=r"^/")
+    #: GPUs to request as device requests (-1: all); needs the site option ``gpu``.
+    gpus: int = Field(0, ge=-1)
+
+    def check_placeholders(self) -> None:
+        """Refuse unknown ``{placeholders}`` in the command, args and environment."""
+        _check_template(self.command or [], CONTAINER_PLACEHOLDERS, "container.command")
+        _check_template(self.args or [], CONTAINER_PLACEHOLDERS, "container.args")
+        _check_template(self.env.values(), CONTAINER_ENV_PLACEHOLDERS, "container.env")
+
+    def render(
+        self, values: dict[str, str]
+    ) -> tuple[list[str] | None, list[str] | None, dict[str, str]]:
+        """Command, args and environment with their placeholders filled in."""
+        command = None if self.command is None else [p.format(**values) for p in self.command]
+        args = None if self.args is None else [p.format(**values) for p in self.args]
+        env = {key: value.format(**values) for key, value in self.env.items()}
+        return command, args, env
+
+
 def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
     for part in parts:
         for name in re.findall(r"{([^{}]*)}", part):
@@ -111,6 +160,7 @@ class Tool(BaseModel):
     idle_timeout: float = Field(3600.0, ge=0)
     resources: ToolResources = Field(default_factory=ToolResources)
     process: ProcessSpec | None = None
+    container: ContainerSpec | None = None
     source: str = Field("", exclude=True)
 
     def model_post_init(self, __context: Any) -> None:
@@ -119,9 +169,14 @@ class Tool(BaseModel):
             raise ValueError("health_path must start with /")
         if self.process is not None:
             self.process.check_placeholders()
+        if self.container is not None:
+            self.container.check_placeholders()
 
     def unavailable_reason(self, backend: str) -> str | None:
         """Why this tool cannot run on ``backend`` here, or None when it can."""
+        if backend == "containers":
+            # Whether the image exists is known only at launch (it may be pulled).
+            return None if self.container is not None else "no [container] section"
         if backend != "process":
             return None
         if self.process is None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import ACTIVE_STATES, Instance, Site
+from labgate.db.models import Site, SiteReport, utcnow
 from labgate.errors import NotFound
 from labgate.portal.auth import Caller
 from labgate.portal.schemas import SiteOut, ToolOut
 from labgate.portal.state import Portal, get_portal
+from labgate.resolver.inventory import report_view
+from labgate.scheduler.placement import Usage
+from labgate.scheduler.sites import capacity_of, data_root_of, usage_by_site
 from labgate.tools.catalog import Tool
 
 router = APIRouter(tags=["catalog"])
@@ -50,24 +53,28 @@ async def show_tool(name: str, caller: Caller, portal: Portal = Depends(get_port
 
 @router.get("/sites", response_model=list[SiteOut])
 async def list_sites(caller: Caller, portal: Portal = Depends(get_portal)) -> list[SiteOut]:
-    """The sites and how many instances each runs."""
+    """The sites: capacity, use, labels, liveness and their last inventory push."""
 
     def query(session: Session) -> list[SiteOut]:
-        counts = dict(
-            session.execute(
-                select(Instance.site_id, func.count())
-                .where(Instance.state.in_(ACTIVE_STATES))
-                .group_by(Instance.site_id)
-            ).all()
-        )
-        return [
-            SiteOut(
-                name=site.name,
-                backend=site.backend,
-                instances=counts.get(site.id, 0),
-                labels=site.labels,
+        use = usage_by_site(session)
+        reports = {r.site_id: r for r in session.scalars(select(SiteReport))}
+        now = utcnow()
+        out = []
+        for site in session.scalars(select(Site).order_by(Site.name)):
+            used, cap = use.get(site.id, Usage()), capacity_of(site)
+            out.append(
+                SiteOut(
+                    name=site.name,
+                    backend=site.backend,
+                    instances=used.instances,
+                    labels=site.labels,
+                    live=site.name in portal.links,
+                    capacity={"cpu": cap.cpu, "memory": cap.memory, "max_instances": cap.instances},
+                    use={"cpu": used.cpu, "memory": used.memory, "instances": used.instances},
+                    data_root=data_root_of(site),
+                    inventory=report_view(reports.get(site.id), now),
+                )
             )
-            for site in session.scalars(select(Site).order_by(Site.name))
-        ]
+        return out
 
     return await portal.run_db(query)

@@ -42,6 +42,12 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
         ready_at=instance.ready_at,
         stopped_at=instance.stopped_at,
         endpoint=instance.endpoint if caller.is_admin else None,
+        dataset=next((m.get("dataset") for m in instance.mounts or []), None),
+        mounts=[
+            {k: m[k] for k in ("dataset", "target", "read_only") if k in m}
+            for m in instance.mounts or []
+        ],
+        snapshot=instance.snapshot_id,
     )
 
 
@@ -74,7 +80,14 @@ async def launch(
     portal: Portal = Depends(get_portal),
 ) -> InstanceOut:
     """Launch a tool; the instance comes back ``pending`` and its events tell the rest."""
-    request = LaunchRequest(tool=body.tool, resources=body.resources, site=body.site)
+    request = LaunchRequest(
+        tool=body.tool or "",
+        resources=body.resources,
+        site=body.site,
+        dataset=body.dataset,
+        labels=body.labels,
+        snapshot=body.snapshot,
+    )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)
 

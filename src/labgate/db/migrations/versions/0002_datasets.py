@@ -79,7 +79,10 @@ def upgrade() -> None:
         sa.Column("push_id", sa.String(length=64), nullable=False),
         sa.Column("push_started_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
-            ["site_id"], ["sites.id"], name=op.f("fk_site_reports_site_id_sites"), ondelete="CASCADE"
+            ["site_id"],
+            ["sites.id"],
+            name=op.f("fk_site_reports_site_id_sites"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("site_id", name=op.f("pk_site_reports")),
     )
@@ -87,9 +90,7 @@ def upgrade() -> None:
     # A plain column, not a foreign key: adding one to `instances` on SQLite rebuilds the
     # table, and with foreign keys on, dropping the old one cascades into instance_events.
     op.add_column("instances", sa.Column("dataset_id", sa.Integer(), nullable=True))
-    op.add_column(
-        "instances", sa.Column("mounts", sa.JSON(), nullable=False, server_default="[]")
-    )
+    op.add_column("instances", sa.Column("mounts", sa.JSON(), nullable=False, server_default="[]"))
     op.create_index(op.f("ix_instances_dataset_id"), "instances", ["dataset_id"], unique=False)
 
 

@@ -1,0 +1,653 @@
+"""The containers backend: each instance is a container, through the Docker Engine API.
+
+It speaks the Docker Engine API with the ``docker`` SDK, so the engine is a
+Docker daemon or Podman's compatible service (``podman system service``).
+See ``docs/backends/containers.md`` for the operator's side.
+
+- **Start**: the tool's image (or a snapshot's) is used when the engine has
+  it, pulled otherwise, with progress notes in the instance's event stream.
+  The container gets the CPU and memory of the launch, the owner's workspace
+  volume at the tool's ``workspace`` path, labels naming labgate, this
+  deployment, the site, the instance and the owner, and the tool's port
+  published on a loopback address only (or, with the ``network`` option, no
+  published port: the router reaches the container on that network).
+- **Workspaces** are named volumes, one per user (``workspace_volume``
+  option), created on first use and never removed by labgate: their files
+  survive every stop, restart and deletion of instances.
+- **Stop** asks the container to stop, then removes it (and its anonymous
+  volumes); until then its logs stay readable.
+- **Reconcile** removes containers labelled with this deployment and site
+  whose instance labgate does not know or has finished.
+- **Snapshots** commit the container (secrets cleared from the image), tag
+  it, and push it to the ``snapshot_registry``.
+
+Every SDK call blocks, so each runs in a worker thread. The saved state is
+the container id and name, which is all poll, stop and logs need after a
+restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import math
+import re
+import secrets
+import threading
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from labgate.backends.base import (
+    JSON,
+    Backend,
+    LaunchSpec,
+    SnapshotRef,
+    SnapshotRequest,
+    SnapshotResult,
+    Started,
+    Status,
+)
+from labgate.backends.images import PullProgress, Registry, iterate_in_thread, stream_digest
+from labgate.backends.images import stream_error as stream_error_of
+from labgate.errors import BackendError, InstanceStartError
+from labgate.tools.catalog import template_values
+
+try:
+    import docker  # type: ignore[import-untyped]
+    from docker.errors import DockerException, ImageNotFound, NotFound  # type: ignore[import-untyped]
+    from docker.types import DeviceRequest  # type: ignore[import-untyped]
+    from docker.utils import parse_repository_tag  # type: ignore[import-untyped]
+except ImportError as exc:  # pragma: no cover - docker is in the containers extra
+    raise ImportError(
+        "the containers backend needs the docker package: pip install 'labgate[containers]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from labgate.config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEPLOYMENT_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
+LABEL_MANAGED = "labgate.managed"
+LABEL_DEPLOYMENT = "labgate.deployment"
+LABEL_SITE = "labgate.site"
+LABEL_INSTANCE = "labgate.instance"
+LABEL_OWNER = "labgate.owner"
+LABEL_TOOL = "labgate.tool"
+LABEL_SNAPSHOT = "labgate.snapshot"
+#: Labels that make a container labgate's: cleared from committed snapshot images.
+INSTANCE_LABELS = (
+    LABEL_MANAGED,
+    LABEL_DEPLOYMENT,
+    LABEL_SITE,
+    LABEL_INSTANCE,
+    LABEL_OWNER,
+    LABEL_TOOL,
+)
+LOCAL_SNAPSHOTS = "localhost/labgate-snapshots"
+_ENGINE_ERRORS = (DockerException, OSError)
+
+
+class ContainerOptions(BaseModel):
+    """The ``options`` of a site with ``backend = "containers"``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(
+        "", description="Engine API URL, e.g. unix:///run/podman/podman.sock; empty: DOCKER_HOST."
+    )
+    timeout: float = Field(120.0, gt=0, description="Seconds an engine API call may take.")
+    network: str = Field(
+        "", description="Network to attach containers to; the router reaches them on it."
+    )
+    publish_host: str = Field(
+        "127.0.0.1", description="Loopback address tool ports are published on (no network)."
+    )
+    workspace_volume: str = Field(
+        "labgate-{deployment}-{user}", description="Name of a user's workspace volume."
+    )
+    deployment: str = Field(
+        "", description="Label value that scopes this labgate's containers; empty: generated."
+    )
+    pull: Literal["missing", "always", "never"] = Field(
+        "missing", description="When to pull images: missing, always or never."
+    )
+    gpu: bool = Field(False, description="The engine can hand GPUs to containers.")
+    cap_drop: list[str] = Field(default_factory=lambda: ["ALL"])
+    cap_add: list[str] = Field(default_factory=list)
+    security_opt: list[str] = Field(default_factory=lambda: ["no-new-privileges"])
+    pids_limit: int = Field(
+        1024, ge=0, description="Most processes per container; 0: the engine's default."
+    )
+    init: bool = Field(True, description="Run an init (tini, catatonit) as the container's pid 1.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
+
+    @field_validator("publish_host")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        try:
+            loopback = ipaddress.ip_address(value).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"publish_host must be a loopback address, not {value!r}: tools are reached "
+                "through the router only (use the network option for a private network)"
+            )
+        return value
+
+    @field_validator("workspace_volume")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        names = set(re.findall(r"{([^{}]*)}", value))
+        if not names <= {"user", "deployment", "site"}:
+            raise ValueError("workspace_volume may use {user}, {deployment} and {site}")
+        if "{user}" not in value:
+            raise ValueError("workspace_volume must contain {user}: one volume per user")
+        return value
+
+
+def deployment_id(data_dir: Path) -> str:
+    """This labgate's random deployment id, kept in ``<data_dir>/deployment_id``."""
+    path = data_dir / "deployment_id"
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    if re.match(DEPLOYMENT_RE, existing):
+        return existing
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(4)
+    path.write_text(value + "\n")
+    return value
+
+
+def explain(exc: BaseException) -> str:
+    """The engine's own words for an SDK error."""
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip() or exc.__class__.__name__
+
+
+def describe_exit(state: dict[str, Any]) -> str:
+    """Human words for a stopped container's ``State``."""
+    if state.get("OOMKilled"):
+        return "was killed: it used more than its memory limit"
+    code = state.get("ExitCode")
+    error = state.get("Error")
+    text = f"exited with code {code}" if code is not None else "stopped"
+    return f"{text} ({error})" if error else text
+
+
+def url_host(host: str) -> str:
+    """A host for a URL: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+class ContainerBackend(Backend):
+    """Runs each instance as a container on a Docker or Podman engine."""
+
+    name = "containers"
+    abstract = False
+
+    def __init__(self, settings: Settings, options: JSON | None = None) -> None:
+        super().__init__(settings, options)
+        try:
+            self.config = ContainerOptions.model_validate(self.options)
+        except ValidationError as exc:
+            raise ValueError(f"containers backend options: {exc}") from exc
+        self.deployment = self.config.deployment or deployment_id(settings.data_dir)
+        self.registry = Registry.parse(
+            settings.snapshot_registry,
+            settings.snapshot_registry_username,
+            settings.snapshot_registry_password.get_secret_value(),
+        )
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # --- the engine --------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The docker SDK client, created on first use.
+
+        Only worker threads touch it (creating it asks the engine its API
+        version): every engine call goes through :meth:`_engine`.
+        """
+        with self._client_lock:
+            if self._client is None:
+                kwargs: dict[str, Any] = {"timeout": int(self.config.timeout)}
+                if self.config.base_url:
+                    self._client = docker.DockerClient(
+                        base_url=self.config.base_url, version="auto", **kwargs
+                    )
+                else:
+                    self._client = docker.from_env(version="auto", **kwargs)
+            return self._client
+
+    async def _engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking SDK call in a worker thread."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    def container_name(self, instance_id: str) -> str:
+        """The container of an instance: ``labgate-<deployment>-<instance id>``."""
+        return f"labgate-{self.deployment}-{instance_id}"
+
+    def volume_name(self, owner: str) -> str:
+        """The workspace volume of a user."""
+        return self.config.workspace_volume.format(
+            user=owner, deployment=self.deployment, site=self.site or "site"
+        )
+
+    def labels(self, spec: LaunchSpec) -> dict[str, str]:
+        """Labels that identify an instance's container as labgate's."""
+        return {
+            **self.config.labels,
+            LABEL_MANAGED: "true",
+            LABEL_DEPLOYMENT: self.deployment,
+            LABEL_SITE: self.site,
+            LABEL_INSTANCE: spec.instance_id,
+            LABEL_OWNER: spec.owner,
+            LABEL_TOOL: spec.tool.name,
+        }
+
+    # --- start -------------------------------------------------------------------
+
+    async def start(self, spec: LaunchSpec) -> Started:
+        """Make sure the image is there, then create and start the container."""
+        if not INSTANCE_ID_RE.match(spec.instance_id):
+            raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
+        tool = spec.tool.container
+        if tool is None:
+            raise InstanceStartError(f"tool {spec.tool.name!r} has no [container] section")
+        if tool.gpus and not self.config.gpu:
+            raise InstanceStartError(
+                f"tool {spec.tool.name!r} asks for GPUs, but this site has none (option gpu)"
+            )
+        image = tool.image
+        if spec.snapshot is not None:
+            if spec.snapshot.kind != "image":
+                raise InstanceStartError(
+                    f"snapshot {spec.snapshot.id} is a workspace archive, not an image"
+                )
+            image = spec.snapshot.reference
+        values = template_values(
+            port=tool.port,
+            base_url=spec.base_url,
+            workspace=tool.workspace,
+            instance_id=spec.instance_id,
+            user=spec.owner,
+            instance_token=spec.secret,
+        )
+        try:
+            command, args, tool_env = tool.render(values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InstanceStartError(
+                f"bad container template of {spec.tool.name!r}: {exc}"
+            ) from exc
+        env = {**tool_env, **spec.env}
+        # Set last so neither the tool file nor the launch can forge them.
+        env.update(
+            {
+                "LABGATE_INSTANCE_ID": spec.instance_id,
+                "LABGATE_INSTANCE_TOKEN": spec.secret,
+                "LABGATE_BASE_URL": spec.base_url,
+                "LABGATE_USER": spec.owner,
+            }
+        )
+        try:
+            await self._ensure_image(spec.instance_id, image)
+            return await self._engine(self._run, spec, image, command, args, env)
+        except _ENGINE_ERRORS as exc:
+            raise InstanceStartError(f"container engine: {explain(exc)}") from exc
+
+    async def _ensure_image(self, instance_id: str, image: str) -> None:
+        present = await self._engine(self._has_image, image)
+        if present and self.config.pull != "always":
+            return
+        if not present and self.config.pull == "never":
+            raise InstanceStartError(f"image {image} is not on the engine and pull is 'never'")
+        await self._pull(instance_id, image)
+
+    def _has_image(self, image: str) -> bool:
+        try:
+            self.client.api.inspect_image(image)
+        except (NotFound, ImageNotFound):
+            return False
+        return True
+
+    async def _pull(self, instance_id: str, image: str) -> None:
+        repository, tag = parse_repository_tag(image)
+        auth = self.registry.auth_config() if self.registry and self.registry.holds(image) else None
+        progress = PullProgress("pulling", image)
+        await self.progress_note(instance_id, f"pulling image {image}", image=image)
+
+        def lines() -> Any:
+            return self.client.api.pull(
+                repository, tag=tag or "latest", stream=True, decode=True, auth_config=auth
+            )
+
+        try:
+            async for line in iterate_in_thread(lines):
+                problem = stream_error_of(line)
+                if problem is not None:
+                    raise InstanceStartError(f"cannot pull image {image}: {problem}")
+                note = progress.update(line)
+                if note is not None:
+                    await self.progress_note(instance_id, note, image=image, **progress.summary())
+        except _ENGINE_ERRORS as exc:
+            raise InstanceStartError(f"cannot pull image {image}: {explain(exc)}") from exc
+        if not await self._engine(self._has_image, image):
+            raise InstanceStartError(f"cannot pull image {image}: the engine does not have it")
+        await self.progress_note(instance_id, f"pulled image {image}", image=image)
+
+    def _ensure_volume(self, owner: str) -> str:
+        name = self.volume_name(owner)
+        try:
+            self.client.api.inspect_volume(name)
+        except NotFound:
+            labels = {
+                LABEL_MANAGED: "true",
+                LABEL_DEPLOYMENT: self.deployment,
+                LABEL_OWNER: owner,
+                "labgate.workspace": "true",
+            }
+            self.client.api.create_volume(name, labels=labels)
+        return name
+
+    def _remove_quietly(self, ref: str) -> None:
+        with contextlib.suppress(NotFound):
+            self.client.api.remove_container(ref, v=True, force=True)
+
+    def _run(
+        self,
+        spec: LaunchSpec,
+        image: str,
+        command: list[str] | None,
+        args: list[str] | None,
+        env: dict[str, str],
+    ) -> Started:
+        tool = spec.tool.container
+        assert tool is not None
+        name = self.container_name(spec.instance_id)
+        volume = self._ensure_volume(spec.owner)
+        # A stale container of an earlier attempt at this launch (labgate restarted mid-start).
+        self._remove_quietly(name)
+        volumes = {volume: {"bind": tool.workspace, "mode": "rw"}}
+        for mount in spec.mounts:
+            mode = "ro" if mount.read_only else "rw"
+            volumes[str(mount.source)] = {"bind": mount.target, "mode": mode}
+        memory = spec.resources.memory
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "command": args,
+            "entrypoint": command,
+            "environment": env,
+            "labels": self.labels(spec),
+            "volumes": volumes,
+            "nano_cpus": int(spec.resources.cpu * 1e9),
+            "mem_limit": memory,
+            "memswap_limit": memory,  # no swap beyond the memory limit
+            "cap_drop": self.config.cap_drop or None,
+            "cap_add": self.config.cap_add or None,
+            "security_opt": self.config.security_opt or None,
+            "init": self.config.init,
+            "detach": True,
+        }
+        if self.config.pids_limit:
+            kwargs["pids_limit"] = self.config.pids_limit
+        if tool.user:
+            kwargs["user"] = tool.user
+        if tool.working_dir:
+            kwargs["working_dir"] = tool.working_dir
+        if tool.gpus:
+            kwargs["device_requests"] = [DeviceRequest(count=tool.gpus, capabilities=[["gpu"]])]
+        if self.config.network:
+            kwargs["network"] = self.config.network
+        else:
+            kwargs["ports"] = {f"{tool.port}/tcp": (self.config.publish_host, None)}
+        container = self.client.containers.create(image, **kwargs)
+        try:
+            container.start()
+            endpoint = self._endpoint(container.id, tool.port)
+        except BaseException:
+            self._remove_quietly(container.id)
+            raise
+        state: JSON = {
+            "container_id": container.id,
+            "name": name,
+            "image": image,
+            "volume": volume,
+            "instance_id": spec.instance_id,
+            # Names only: a snapshot clears them from the committed image.
+            "env_keys": sorted(env),
+        }
+        return Started(state=state, endpoint=endpoint)
+
+    def _endpoint(self, container_id: str, port: int) -> str:
+        attrs = self.client.api.inspect_container(container_id)
+        if not attrs["State"].get("Running"):
+            tail = self._logs(container_id, 20)
+            raise InstanceStartError(
+                f"the container {describe_exit(attrs['State'])} at once; last output:\n{tail}"
+            )
+        networks = attrs["NetworkSettings"].get("Networks") or {}
+        if self.config.network:
+            address = (networks.get(self.config.network) or {}).get("IPAddress")
+            if not address:
+                raise InstanceStartError(f"the container has no address on {self.config.network}")
+            return f"http://{url_host(address)}:{port}"
+        bindings = (attrs["NetworkSettings"].get("Ports") or {}).get(f"{port}/tcp") or []
+        if not bindings:
+            raise InstanceStartError(f"the engine did not publish port {port}")
+        host = bindings[0].get("HostIp") or self.config.publish_host
+        if host in ("0.0.0.0", "::"):  # never expected: we ask for loopback
+            host = self.config.publish_host
+        return f"http://{url_host(host)}:{bindings[0]['HostPort']}"
+
+    # --- poll, stop, logs ----------------------------------------------------------
+
+    async def poll(self, state: JSON) -> Status:
+        """Alive while the container runs; gone or exited otherwise.
+
+        When the engine cannot be asked the instance counts as alive (and a
+        warning is logged): an engine hiccup must not turn instances ``lost``.
+        """
+        try:
+            attrs = await self._engine(self._inspect, state["container_id"])
+        except NotFound:
+            return Status(alive=False, detail="container vanished")
+        except _ENGINE_ERRORS as exc:
+            log.warning("cannot poll container %s: %s", state.get("name"), explain(exc))
+            return Status(alive=True, detail=f"engine unreachable: {explain(exc)}")
+        engine_state = attrs.get("State") or {}
+        if engine_state.get("Running"):
+            return Status(alive=True)
+        code = engine_state.get("ExitCode")
+        return Status(alive=False, exit_code=code, detail=describe_exit(engine_state))
+
+    def _inspect(self, container_id: str) -> dict[str, Any]:
+        attrs: dict[str, Any] = self.client.api.inspect_container(container_id)
+        return attrs
+
+    async def stop(self, state: JSON, grace: float) -> None:
+        """Stop the container (TERM, KILL after ``grace`` seconds), then remove it."""
+        await self._engine(self._stop, state["container_id"], grace)
+
+    def _stop(self, container_id: str, grace: float) -> None:
+        try:
+            self.client.api.stop(container_id, timeout=max(0, math.ceil(grace)))
+        except NotFound:
+            return
+        except DockerException as exc:  # e.g. already stopping; removal forces it
+            log.info("stopping container %s: %s", container_id[:12], explain(exc))
+        self._remove_quietly(container_id)
+
+    async def logs(self, state: JSON, lines: int = 100) -> str:
+        """The last ``lines`` lines the container wrote (stdout and stderr)."""
+        try:
+            return str(await self._engine(self._logs, state["container_id"], lines))
+        except _ENGINE_ERRORS as exc:
+            return f"(logs unavailable: {explain(exc)})"
+
+    def _logs(self, container_id: str, lines: int) -> str:
+        if lines <= 0:
+            return ""
+        try:
+            data = self.client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+        except NotFound:
+            return ""
+        return bytes(data).decode("utf-8", errors="replace")
+
+    async def close(self) -> None:
+        """Close the engine connection pool."""
+        if self._client is not None:
+            client, self._client = self._client, None
+            await asyncio.to_thread(client.close)
+
+    # --- reconcile -----------------------------------------------------------------
+
+    async def reconcile(self, keep: Collection[str]) -> list[str]:
+        """Remove this site's containers whose instance is not in ``keep``."""
+        return list(await self._engine(self._reconcile, set(keep)))
+
+    def _reconcile(self, keep: set[str]) -> list[str]:
+        # One label in the filter (engines differ on how several combine), the rest here.
+        found = self.client.api.containers(
+            all=True, filters={"label": f"{LABEL_DEPLOYMENT}={self.deployment}"}
+        )
+        removed = []
+        for item in found:
+            labels = item.get("Labels") or {}
+            if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_SITE) != self.site:
+                continue
+            instance_id = labels.get(LABEL_INSTANCE, "")
+            if instance_id in keep:
+                continue
+            log.info("removing orphan container %s (instance %s)", item["Id"][:12], instance_id)
+            try:
+                self._remove_quietly(item["Id"])
+            except DockerException as exc:
+                log.warning("cannot remove orphan container %s: %s", item["Id"][:12], explain(exc))
+                continue
+            removed.append(instance_id)
+        return removed
+
+    # --- snapshots -----------------------------------------------------------------
+
+    def snapshot_repository(self, request: SnapshotRequest) -> str:
+        """``<registry>/<owner>/<tool>``, or a local-only name without a registry."""
+        if self.registry is None:
+            return f"{LOCAL_SNAPSHOTS}/{request.owner}/{request.tool}"
+        return self.registry.repository(request.owner, request.tool)
+
+    async def snapshot(self, state: JSON, request: SnapshotRequest) -> SnapshotResult:
+        """Commit the container, tag it ``<repository>:<snapshot id>`` and push it."""
+        iid, sid = request.instance_id, request.snapshot_id
+        repository, tag = self.snapshot_repository(request), request.snapshot_id
+        reference = f"{repository}:{tag}"
+        await self.progress_note(iid, f"snapshot {sid}: committing the container", snapshot=sid)
+        try:
+            image = await self._engine(self._commit, state, repository, tag, request)
+            size = int(image.get("Size") or 0)
+            digest = str(image["Id"])
+            if not digest.startswith("sha256:"):
+                digest = f"sha256:{digest}"
+            if self.registry is not None:
+                digest = await self._push(iid, sid, repository, tag)
+        except _ENGINE_ERRORS as exc:
+            await self._engine(self._untag, reference)
+            raise BackendError(f"snapshot {sid}: {explain(exc)}") from exc
+        except BackendError:
+            await self._engine(self._untag, reference)
+            raise
+        await self.progress_note(
+            iid, f"snapshot {sid}: saved as {reference}", snapshot=sid, digest=digest, size=size
+        )
+        return SnapshotResult(kind="image", reference=reference, digest=digest, size=size)
+
+    def _commit(
+        self, state: JSON, repository: str, tag: str, request: SnapshotRequest
+    ) -> dict[str, Any]:
+        container = self.client.api.inspect_container(state["container_id"])
+        base_env = self._image_env(container.get("Image") or state.get("image", ""))
+        # The instance's environment holds its token (and whatever the tool file put
+        # there): the image gets the base image's values back, or empty ones.
+        changes = [
+            f"ENV {key}={json.dumps(base_env.get(key, ''))}" for key in state.get("env_keys", [])
+        ]
+        changes += [f'LABEL {label}=""' for label in INSTANCE_LABELS]
+        changes.append(f"LABEL {LABEL_SNAPSHOT}={json.dumps(request.snapshot_id)}")
+        self.client.api.commit(
+            state["container_id"], repository=repository, tag=tag, changes=changes, pause=True
+        )
+        result: dict[str, Any] = self.client.api.inspect_image(f"{repository}:{tag}")
+        return result
+
+    def _image_env(self, image: str) -> dict[str, str]:
+        try:
+            attrs = self.client.api.inspect_image(image)
+        except DockerException:
+            return {}
+        pairs = (item.partition("=") for item in (attrs.get("Config") or {}).get("Env") or [])
+        return {key: value for key, _, value in pairs}
+
+    def _untag(self, reference: str) -> None:
+        try:
+            self.client.api.remove_image(reference)
+        except DockerException as exc:
+            log.info("removing image %s: %s", reference, explain(exc))
+
+    async def _push(self, instance_id: str, sid: str, repository: str, tag: str) -> str:
+        assert self.registry is not None
+        progress = PullProgress(f"snapshot {sid}: pushing", f"{repository}:{tag}")
+        await self.progress_note(
+            instance_id, f"snapshot {sid}: pushing to {self.registry.host}", snapshot=sid
+        )
+        auth = self.registry.auth_config()
+
+        def lines() -> Any:
+            return self.client.api.push(
+                repository, tag=tag, stream=True, decode=True, auth_config=auth
+            )
+
+        digest = None
+        async for line in iterate_in_thread(lines):
+            problem = stream_error_of(line)
+            if problem is not None:
+                raise BackendError(f"snapshot {sid}: cannot push {repository}:{tag}: {problem}")
+            digest = stream_digest(line) or digest
+            note = progress.update(line)
+            if note is not None:
+                await self.progress_note(instance_id, note, snapshot=sid, **progress.summary())
+        if digest is None:
+            try:
+                digest = await self.registry.manifest_digest(repository, tag)
+            except OSError as exc:
+                log.warning("cannot ask the registry for %s:%s: %s", repository, tag, exc)
+        if digest is None:
+            raise BackendError(f"snapshot {sid}: the registry did not confirm {repository}:{tag}")
+        return digest
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Remove the image from the engine and its manifest from the registry."""
+        if ref.kind != "image":
+            return
+        await self._engine(self._untag, ref.reference)
+        if self.registry is None or not self.registry.holds(ref.reference):
+            return
+        if not ref.digest.startswith("sha256:"):
+            return
+        repository, _ = parse_repository_tag(ref.reference)
+        try:
+            await self.registry.delete_manifest(repository, ref.digest)
+        except Exception as exc:
+            raise BackendError(f"cannot delete {ref.reference} from the registry: {exc}") from exc

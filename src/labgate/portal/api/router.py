@@ -1,0 +1,53 @@
+"""The routers' side door: the route stream and activity reports.
+
+Router processes (``labgate router``, extra ``router_workers``) follow the
+route stream and post what they saw. Both need an admin token: the stream
+carries every instance's upstream token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from labgate.portal.auth import Principal, require
+from labgate.portal.state import Portal, get_portal
+from labgate.router import STREAM_MEDIA_TYPE, Activity
+
+router = APIRouter(prefix="/router", tags=["router"])
+
+
+class ActivityReport(BaseModel):
+    """What one router process saw since it started."""
+
+    worker: str = Field(min_length=1, max_length=200)
+    activity: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}},
+)
+async def route_stream(
+    caller: Principal = require("router"), portal: Portal = Depends(get_portal)
+) -> Response:
+    """Newline-delimited JSON: a snapshot of the route table, then every change."""
+    assert portal.routes is not None
+    return StreamingResponse(portal.routes.table.subscribe(), media_type=STREAM_MEDIA_TYPE)
+
+
+@router.post("/activity", status_code=204)
+async def report_activity(
+    body: ActivityReport,
+    caller: Principal = require("router"),
+    portal: Portal = Depends(get_portal),
+) -> Response:
+    """Record one router process's activity per instance (it drives idle culling)."""
+    parsed = {key: Activity.from_dict(value) for key, value in body.activity.items()}
+    portal.activity.report(body.worker, parsed, time.time())
+    return Response(status_code=204)

@@ -1,0 +1,125 @@
+"""Sign in and sign out: the HTML forms in front of the auth API.
+
+These two are plain forms rather than ``fetch`` calls: they set and clear
+the HttpOnly session cookie, must work before any script has loaded, and
+are where the router sends browsers without a session
+(``/login?next=<path>``). They call the same functions as
+``POST /api/v1/auth/login`` and ``POST /api/v1/auth/logout``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import RedirectResponse, Response
+
+from labgate.errors import Unauthorized
+from labgate.portal.api.auth import check_password, logout, set_session_cookie
+from labgate.portal.auth import optional_principal
+from labgate.portal.state import Portal, get_portal
+from labgate.portal.ui.render import render
+from labgate.security import SESSION_COOKIE
+
+router = APIRouter(include_in_schema=False)
+
+# Messages the sign-in page shows on request; a fixed set, so a link cannot
+# put arbitrary text on labgate's own page.
+NOTICES = {
+    "signed_out": "You are signed out.",
+    "password_changed": "Your password was changed. Sign in with the new one.",
+    "session_ended": "Your session has ended. Please sign in again.",
+}
+
+
+def safe_next(target: str | None) -> str:
+    """A local path to return to after sign-in; anything else becomes ``/``."""
+    if not target:
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+        return "/"
+    if "\\" in target:
+        return "/"
+    return target
+
+
+def _login_page(
+    request: Request,
+    *,
+    next_url: str,
+    error: str | None = None,
+    code: str | None = None,
+    notice: str | None = None,
+    username: str = "",
+    status: int = 200,
+) -> Response:
+    context = {
+        "user": None,
+        "next": next_url,
+        "error": error,
+        "error_code": code,
+        "notice": notice,
+        "username": username,
+    }
+    return render(request, "login.html", context, status=status)
+
+
+@router.get("/login")
+async def login_form(
+    request: Request,
+    next: str | None = None,
+    notice: str | None = None,
+) -> Response:
+    """The sign-in form; a browser that is already signed in goes straight on."""
+    target = safe_next(next)
+    caller = await optional_principal(request)
+    # The router sends a browser here when it does not accept its cookie for
+    # /i/...; going straight back could loop, so such a visit gets the form.
+    if caller is not None and caller.via == "session" and not target.startswith("/i/"):
+        return RedirectResponse(target, status_code=303)
+    message = NOTICES.get(notice or "")
+    if caller is None and request.cookies.get(SESSION_COOKIE) and message is None:
+        message = NOTICES["session_ended"]
+    response = _login_page(request, next_url=target, notice=message)
+    if caller is None and request.cookies.get(SESSION_COOKIE):
+        response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.post("/login")
+async def login_submit(
+    request: Request,
+    username: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    next: Annotated[str, Form(max_length=4096)] = "/",
+    portal: Portal = Depends(get_portal),
+) -> Response:
+    """Check the form and start a session, then go back where the user was headed."""
+    target = safe_next(next)
+    try:
+        user = await portal.run_db(lambda s: check_password(s, username, password))
+    except Unauthorized as exc:
+        return _login_page(
+            request,
+            next_url=target,
+            error=exc.detail,
+            code=exc.code,
+            username=username,
+            status=401,
+        )
+    response = RedirectResponse(target, status_code=303)
+    set_session_cookie(portal, response, user.id)
+    return response
+
+
+@router.post("/logout")
+async def logout_submit(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """End the session (CSRF-checked, like the API) and show the sign-in form."""
+    caller = await optional_principal(request)
+    response = RedirectResponse("/login?notice=signed_out", status_code=303)
+    if caller is not None:
+        await logout(caller, request, portal)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response

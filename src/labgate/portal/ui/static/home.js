@@ -1,0 +1,85 @@
+/* Tools page: launch a tool from its card (POST /api/v1/instances), then follow
+ * its progress on /instances/<id>. */
+"use strict";
+
+(() => {
+  const { api, parseSize, size, say, busy, idle } = window.labgate;
+
+  function invalid(input, problem, problems) {
+    input.setAttribute("aria-invalid", "true");
+    problems.push({ input, problem });
+  }
+
+  function requestedResources(form, problems) {
+    const resources = {};
+    const cpu = form.elements.cpu;
+    const memory = form.elements.memory;
+    for (const input of [cpu, memory]) input?.removeAttribute("aria-invalid");
+    if (cpu && cpu.value.trim() !== cpu.dataset.default) {
+      const value = Number(cpu.value);
+      if (!cpu.value.trim() || !Number.isFinite(value) || value <= 0) {
+        invalid(cpu, "CPUs must be a positive number.", problems);
+      } else if (value > Number(cpu.max)) {
+        invalid(cpu, `At most ${cpu.max} CPUs.`, problems);
+      } else {
+        resources.cpu = value;
+      }
+    }
+    if (memory && memory.value.trim() !== memory.dataset.default) {
+      const bytes = parseSize(memory.value);
+      if (!(bytes > 0)) {
+        invalid(memory, "Memory must be a size like 512M or 2G.", problems);
+      } else if (bytes > Number(memory.dataset.max)) {
+        invalid(memory, `At most ${size(Number(memory.dataset.max))} of memory.`, problems);
+      } else {
+        resources.memory = memory.value.trim();
+      }
+    }
+    return resources;
+  }
+
+  async function launch(event) {
+    event.preventDefault();
+    const form = event.currentTarget;
+    const error = form.querySelector(".form-error");
+    const button = form.querySelector("button[type=submit]");
+    const problems = [];
+    const resources = requestedResources(form, problems);
+    if (problems.length) {
+      form.querySelector("details").open = true;
+      say(error, problems.map((p) => p.problem).join(" "));
+      problems[0].input.focus();
+      return;
+    }
+    say(error, "");
+    const body = { tool: form.dataset.tool };
+    if (Object.keys(resources).length) body.resources = resources;
+    busy(button, "Launching…");
+    try {
+      const instance = await api("POST", "/instances", body);
+      location.assign(`/instances/${encodeURIComponent(instance.id)}`);
+    } catch (err) {
+      idle(button);
+      say(error, err.message);
+    }
+  }
+
+  for (const form of document.querySelectorAll("form.launch-form")) {
+    form.addEventListener("submit", launch);
+  }
+
+  const quota = document.getElementById("quota");
+  const me = document.body.dataset.user;
+  if (quota && me) {
+    const max = Number(quota.dataset.max);
+    api("GET", `/instances?active=true&user=${encodeURIComponent(me)}&limit=1000`)
+      .then((list) => {
+        if (!list.length) return;
+        quota.replaceChildren(
+          `You have ${list.length}${max ? ` of ${max}` : ""} instance${(max || list.length) === 1 ? "" : "s"} active. `,
+          window.labgate.h("a", { href: "/instances" }, "My instances"),
+        );
+      })
+      .catch(() => {});
+  }
+})();

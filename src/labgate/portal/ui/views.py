@@ -1,0 +1,204 @@
+"""The pages of the web UI: tool catalog, instances, launch progress, logs, account, tokens.
+
+Each handler checks the session, gathers what the page shows first with the
+same functions the REST API uses, and renders a template. Everything a page
+does after that (launch, stop, live state, logs, tokens, password) is a
+``fetch`` to ``/api/v1`` from the page's script with the session's CSRF
+token, so the UI can do nothing the API does not offer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from sqlalchemy.orm import Session
+
+from labgate.db.models import InstanceState, User
+from labgate.portal.accounts import user_out
+from labgate.portal.api.catalog import tool_out
+from labgate.portal.api.instances import instance_out, visible_instance
+from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
+from labgate.portal.schemas import UserOut
+from labgate.portal.state import Portal, get_portal
+from labgate.portal.ui.render import error_page, render, to_login
+from labgate.security import CSRF_FORM_FIELD, SCOPES
+
+router = APIRouter(include_in_schema=False)
+
+TOKEN_EXPIRIES: list[tuple[str, int | None]] = [
+    ("30 days", 30 * 86400),
+    ("7 days", 7 * 86400),
+    ("1 day", 86400),
+    ("90 days", 90 * 86400),
+    ("1 year", 365 * 86400),
+    ("Never", None),
+]
+
+
+def page_context(portal: Portal, caller: Principal, active: str, **extra: Any) -> dict[str, Any]:
+    """What every signed-in page needs: who, the CSRF token, which nav item is current."""
+    csrf = portal.signer.csrf_token(caller.session_id) if caller.session_id else ""
+    return {"user": caller, "csrf": csrf, "csrf_field": CSRF_FORM_FIELD, "active": active, **extra}
+
+
+def is_admin(caller: Principal) -> bool:
+    """Whether the caller may see the admin pages."""
+    return caller.is_admin and caller.has("admin")
+
+
+async def signed_in(request: Request, *, admin: bool = False) -> Principal | Response:
+    """The caller of a page; otherwise the way to sign in, or a 403 page for non-admins."""
+    caller = await optional_principal(request)
+    if caller is None:
+        return to_login(request)
+    if admin and not is_admin(caller):
+        return error_page(request, 403, "forbidden", "This page is for administrators.")
+    return caller
+
+
+@router.get("/")
+async def home(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The tool catalog as cards, each with a Launch button and a resources form."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+    backends = {link.backend for link in portal.links.values()}
+    tools = [tool_out(tool, backends) for tool in portal.catalog]
+    context = page_context(
+        portal,
+        caller,
+        "home",
+        tools=tools,
+        max_instances=portal.settings.max_instances_per_user,
+    )
+    return render(request, "home.html", context)
+
+
+@router.get("/instances")
+async def my_instances(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The caller's instances with live state, open, stop and logs."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+    return render(request, "instances.html", page_context(portal, caller, "instances"))
+
+
+@router.get("/instances/{instance_id}")
+async def instance_page(
+    instance_id: str, request: Request, portal: Portal = Depends(get_portal)
+) -> Response:
+    """One instance: launch progress from its event stream, then into the tool."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+    instance = await portal.run_db(
+        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
+    )
+    tool = portal.catalog.get(instance.tool)
+    context = page_context(
+        portal,
+        caller,
+        "instances",
+        instance=instance,
+        tool_title=tool.title if tool else instance.tool,
+    )
+    return render(request, "instance.html", context)
+
+
+@router.get("/instances/{instance_id}/logs")
+async def instance_logs_page(
+    instance_id: str, request: Request, portal: Portal = Depends(get_portal)
+) -> Response:
+    """A live tail of an instance's output."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+    instance = await portal.run_db(
+        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
+    )
+    tool = portal.catalog.get(instance.tool)
+    context = page_context(
+        portal,
+        caller,
+        "instances",
+        instance=instance,
+        tool_title=tool.title if tool else instance.tool,
+    )
+    return render(request, "logs.html", context)
+
+
+@router.get("/account")
+async def account_page(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The caller's account and the change-password form."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+
+    def load(session: Session) -> UserOut:
+        user = session.get(User, caller.user_id)
+        assert user is not None
+        return user_out(user)
+
+    account = await portal.run_db(load)
+    return render(request, "account.html", page_context(portal, caller, "account", account=account))
+
+
+@router.get("/tokens")
+async def tokens_page(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """API tokens: create (shown once), list, revoke."""
+    caller = await signed_in(request)
+    if isinstance(caller, Response):
+        return caller
+    # Checked by default: what the API grants when no scopes are asked for.
+    scopes = [
+        (name, text, name in USER_SCOPES) for name, text in SCOPES.items() if caller.has(name)
+    ]
+    context = page_context(portal, caller, "tokens", scopes=scopes, expiries=TOKEN_EXPIRIES)
+    return render(request, "tokens.html", context)
+
+
+@router.get("/admin")
+async def admin_home(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The admin pages start with the users."""
+    return await admin_users(request, portal)
+
+
+@router.get("/admin/users")
+async def admin_users(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """Every user: create, disable, make admin, reset password."""
+    caller = await signed_in(request, admin=True)
+    if isinstance(caller, Response):
+        return caller
+    return render(
+        request, "admin_users.html", page_context(portal, caller, "admin", section="users")
+    )
+
+
+@router.get("/admin/instances")
+async def admin_instances(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """Every instance, filtered by user, tool and state; stop any."""
+    caller = await signed_in(request, admin=True)
+    if isinstance(caller, Response):
+        return caller
+    context = page_context(
+        portal,
+        caller,
+        "admin",
+        section="instances",
+        tools=[tool.name for tool in portal.catalog],
+        states=[state.value for state in InstanceState],
+    )
+    return render(request, "admin_instances.html", context)
+
+
+@router.get("/admin/sites")
+async def admin_sites(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The sites, their capacity and what they run."""
+    caller = await signed_in(request, admin=True)
+    if isinstance(caller, Response):
+        return caller
+    return render(
+        request, "admin_sites.html", page_context(portal, caller, "admin", section="sites")
+    )

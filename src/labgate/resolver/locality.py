@@ -1,0 +1,525 @@
+"""Where a dataset can be used: resolve, and what a launch near the data needs.
+
+A replica is **live** when its site is live (the portal has a link to it),
+its site's inventory is not stale (a site that pushes inventories and has not
+done so within the TTL of its last push is stale; a site that never pushed is
+trusted for what was registered on it), and it can be mounted (its site has a
+data root, or it is in labgate's cache).
+
+A launch with a dataset runs where a live replica is. When there is none, a
+URL dataset no larger than ``dataset_fetch_max_bytes`` is fetched into the
+chosen site's cache first (:meth:`DataLocator.prepare`, between admission and
+start, with progress events); anything else is a 409 naming where the data
+lives and why it cannot be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.orm import Session
+
+from labgate.agent.link import Report
+from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
+from labgate.db.models import utcnow as _utcnow
+from labgate.errors import Conflict, NotFound
+from labgate.resolver import fetch as fetching
+from labgate.resolver.identifiers import normalize, short_hash
+from labgate.resolver.registry import CACHE, parse_identifier
+from labgate.resolver.schemas import DatasetOut, LaunchLink, ReplicaOut
+
+if TYPE_CHECKING:
+    from labgate.config import Settings
+    from labgate.db.session import Database
+    from labgate.tools.catalog import Catalog, Tool
+
+log = logging.getLogger(__name__)
+
+DATA_MOUNT_ROOT = "/data"
+#: How long whether a tool can run on a backend is remembered (it looks for executables).
+TOOL_CHECK_TTL = 30.0
+Reporter = Callable[[Report], Awaitable[None]]
+
+# The resolve path's two queries, built once: Core statements on the tables (no ORM
+# objects to build), the second one with an expanding IN so a page of datasets is
+# one query too. See benchmarks/resolver.py.
+_datasets, _users = Dataset.__table__, User.__table__
+_replicas, _sites, _reports = Replica.__table__, Site.__table__, SiteReport.__table__
+DATASET_QUERY = (
+    select(_datasets, _users.c.name.label("owner"))
+    .select_from(_datasets.outerjoin(_users, _datasets.c.owner_id == _users.c.id))
+    .where(_datasets.c.identifier == bindparam("identifier"))
+)
+REPLICAS_QUERY = (
+    select(
+        _replicas,
+        _sites.c.name.label("site"),
+        _sites.c.options.label("site_options"),
+        _reports.c.reported_at.label("site_reported_at"),
+        _reports.c.ttl.label("site_ttl"),
+    )
+    .select_from(
+        _replicas.join(_sites, _replicas.c.site_id == _sites.c.id).outerjoin(
+            _reports, _reports.c.site_id == _replicas.c.site_id
+        )
+    )
+    .where(_replicas.c.dataset_id.in_(bindparam("ids", expanding=True)))
+    .order_by(_sites.c.name)
+)
+
+
+class DatasetLike(Protocol):
+    """A dataset row: the ORM object, or the plain row the resolve path reads."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def identifier(self) -> str: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def description(self) -> str: ...
+    @property
+    def size(self) -> int | None: ...
+    @property
+    def license(self) -> str: ...
+    @property
+    def landing_page(self) -> str: ...
+    @property
+    def checksum(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """A replica and whether it can be used now."""
+
+    site: str
+    path: str
+    size: int | None
+    checksum: str
+    verified_at: datetime | None
+    source: str
+    reported_at: datetime
+    #: Host path to mount, when the site's data root (or cache) is known.
+    mount_source: str | None
+    reason: str | None = None
+
+    @property
+    def live(self) -> bool:
+        """Usable for placement now."""
+        return self.reason is None
+
+    def out(self) -> ReplicaOut:
+        """The API view."""
+        return ReplicaOut(
+            site=self.site,
+            path=self.path,
+            size=self.size,
+            checksum=self.checksum,
+            verified_at=self.verified_at,
+            source=self.source,
+            reported_at=self.reported_at,
+            live=self.live,
+            reason=self.reason,
+        )
+
+
+@dataclass
+class Resolution:
+    """A dataset, its replicas (live or not), and whether it can be fetched."""
+
+    dataset: DatasetLike
+    owner: str | None
+    replicas: list[ReplicaView]
+    #: Why it cannot be fetched into a cache; None when it can.
+    fetch_refusal: str | None
+
+    @property
+    def live(self) -> list[ReplicaView]:
+        """The replicas placement may use."""
+        return [r for r in self.replicas if r.live]
+
+    def explain(self) -> str:
+        """Where the data lives and why none of it can be used (for a 409)."""
+        ident = self.dataset.identifier
+        if self.replicas:
+            where = "; ".join(f"site {r.site}: {r.reason}" for r in self.replicas if not r.live)
+            text = f"{ident} has no live replica ({where})"
+        else:
+            text = f"{ident} has no replica on any site"
+        return f"{text}, and it cannot be fetched: {self.fetch_refusal}"
+
+
+@dataclass(frozen=True)
+class DataNeed:
+    """What placement and the mount of one launch need to know of its dataset."""
+
+    dataset_id: int
+    identifier: str
+    name: str
+    #: Sites with a live replica, and the host path to mount there.
+    holders: dict[str, str]
+    #: Set when no site holds it and it will be fetched into the chosen site's cache.
+    fetch: dict[str, Any] | None = None
+    sites: tuple[str, ...] = field(default=())
+
+    def mount_on(self, site: str) -> dict[str, Any]:
+        """The instance's mount record for a launch on ``site``."""
+        mount: dict[str, Any] = {
+            "dataset": self.identifier,
+            "site": site,
+            "source": self.holders.get(site, ""),
+            "target": f"{DATA_MOUNT_ROOT}/{self.name}",
+            "read_only": True,
+        }
+        if self.fetch is not None and site not in self.holders:
+            mount["fetch"] = self.fetch
+        return mount
+
+
+class DataLocator:
+    """Resolves datasets to live replicas and prepares the mounts of launches."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.default_ttl = settings.site_report_ttl
+        self.fetch_max_bytes = settings.dataset_fetch_max_bytes
+        self.allow_private = settings.dataset_fetch_private_networks
+        self.cache_root = (settings.data_dir / "cache").resolve()
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._tool_checks: dict[tuple[str, str], tuple[bool, float]] = {}
+
+    # --- resolve -------------------------------------------------------------------
+    def resolve(
+        self, session: Session, text: str, live: Collection[str], now: datetime | None = None
+    ) -> Resolution:
+        """The dataset ``text`` names with its replicas; 400 or 404 when there is none."""
+        identifier = parse_identifier(text)
+        row = session.execute(DATASET_QUERY, {"identifier": identifier.canonical}).first()
+        if row is None:
+            raise NotFound(
+                f"no dataset {identifier.canonical!r} is registered here", code="unknown_dataset"
+            )
+        dataset: DatasetLike = row  # the Row has the columns
+        replicas = self.replicas_of(session, [dataset.id], live, now).get(dataset.id, [])
+        return Resolution(dataset, row.owner, replicas, self.fetch_refusal(dataset))
+
+    def replicas_of(
+        self,
+        session: Session,
+        dataset_ids: Iterable[int],
+        live: Collection[str],
+        now: datetime | None = None,
+    ) -> dict[int, list[ReplicaView]]:
+        """Replicas per dataset id, each with why it is not live (if it is not)."""
+        ids = list(dataset_ids)
+        out: dict[int, list[ReplicaView]] = {i: [] for i in ids}
+        if not ids:
+            return out
+        now = now or _utcnow()
+        for replica in session.execute(REPLICAS_QUERY, {"ids": ids}):
+            site, reported_at = replica.site, replica.site_reported_at
+            root = (replica.site_options or {}).get("data_root")
+            if replica.source == CACHE:
+                source: str | None = str(self.cache_root / site / replica.path)
+                reported_at = None  # labgate's own copy: the site's inventory does not cover it
+            else:
+                source = str(Path(root) / replica.path) if root else None
+            reason = self._unusable(site, live, source, reported_at, replica.site_ttl, now)
+            out[replica.dataset_id].append(
+                ReplicaView(
+                    site=site,
+                    path=replica.path,
+                    size=replica.size,
+                    checksum=replica.checksum,
+                    verified_at=replica.verified_at,
+                    source=replica.source,
+                    reported_at=replica.reported_at,
+                    mount_source=source,
+                    reason=reason,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _unusable(
+        site: str,
+        live: Collection[str],
+        source: str | None,
+        reported_at: datetime | None,
+        ttl: int | None,
+        now: datetime,
+    ) -> str | None:
+        if site not in live:
+            return "the site is not connected to this labgate"
+        if reported_at is not None and ttl and reported_at + timedelta(seconds=ttl) < now:
+            return (
+                f"stale: the site's last inventory was at {reported_at:%Y-%m-%d %H:%M} UTC "
+                f"and was valid for {ttl} s"
+            )
+        if source is None:
+            return "the site has no data_root"
+        return None
+
+    @staticmethod
+    def is_registered(session: Session, canonical: str) -> bool:
+        """Whether a dataset with this canonical identifier is registered."""
+        found = session.scalar(select(Dataset.id).where(Dataset.identifier == canonical))
+        return found is not None
+
+    def fetch_refusal(self, dataset: DatasetLike) -> str | None:
+        """Why ``dataset`` cannot be fetched into a cache, or None when it can."""
+        if dataset.scheme != "url":
+            return f"it is a {dataset.scheme.upper()}, not a URL labgate could download"
+        if not self.fetch_max_bytes:
+            return "fetching is turned off (dataset_fetch_max_bytes = 0)"
+        if dataset.size is not None and dataset.size > self.fetch_max_bytes:
+            return (
+                f"it is {dataset.size} bytes, over the fetch limit of {self.fetch_max_bytes} "
+                "(dataset_fetch_max_bytes)"
+            )
+        return None
+
+    def dataset_out(self, resolution: Resolution) -> DatasetOut:
+        """The API view of a resolved dataset."""
+        return dataset_out(resolution.dataset, resolution.owner, resolution.replicas)
+
+    # --- launch --------------------------------------------------------------------
+    def need(self, session: Session, text: str, live: Collection[str]) -> DataNeed:
+        """What a launch with dataset ``text`` needs; 409 when it cannot be used anywhere."""
+        resolution = self.resolve(session, text, live)
+        dataset = resolution.dataset
+        holders = {r.site: r.mount_source for r in resolution.live if r.mount_source}
+        fetch = None
+        if not holders:
+            if resolution.fetch_refusal is not None:
+                raise Conflict(
+                    resolution.explain(),
+                    code="dataset_unavailable",
+                    replicas=[r.out().model_dump(mode="json") for r in resolution.replicas],
+                )
+            fetch = {
+                "url": dataset.identifier,
+                "size": dataset.size,
+                "checksum": dataset.checksum,
+            }
+        return DataNeed(
+            dataset_id=dataset.id,
+            identifier=dataset.identifier,
+            name=dataset.name,
+            holders=holders,
+            fetch=fetch,
+            sites=tuple(r.site for r in resolution.replicas),
+        )
+
+    async def prepare(self, db: Database, instance_id: str, report: Reporter) -> bool:
+        """Fetch what a pending instance's mounts still lack; False when that failed."""
+
+        def load(session: Session) -> tuple[list[dict[str, Any]], str | None, int | None]:
+            instance = session.get(Instance, instance_id)
+            if instance is None or instance.state != InstanceState.pending:
+                return [], None, None
+            site = session.get(Site, instance.site_id) if instance.site_id else None
+            return list(instance.mounts or []), site.name if site else None, instance.dataset_id
+
+        mounts, site, dataset_id = await asyncio.to_thread(_in_session, db, load)
+        if site is None or not any(m.get("fetch") for m in mounts):
+            return True
+        updated = []
+        for mount in mounts:
+            if mount.get("fetch") and dataset_id is not None:
+                try:
+                    source = await self._fetch_once(
+                        db, site, dataset_id, mount, instance_id, report
+                    )
+                except fetching.FetchError as exc:
+                    await report(Report(instance_id, "failed", message=exc.detail))
+                    return False
+                mount = {k: v for k, v in mount.items() if k != "fetch"} | {"source": source}
+            updated.append(mount)
+
+        def save(session: Session) -> None:
+            instance = session.get(Instance, instance_id)
+            if instance is not None and instance.state == InstanceState.pending:
+                instance.mounts = updated
+
+        await asyncio.to_thread(_in_session, db, save)
+        return True
+
+    async def _fetch_once(
+        self,
+        db: Database,
+        site: str,
+        dataset_id: int,
+        mount: dict[str, Any],
+        instance_id: str,
+        report: Reporter,
+    ) -> str:
+        """The cache path of the dataset on ``site``, fetching it unless another launch has."""
+        lock = self._locks.setdefault((site, dataset_id), asyncio.Lock())
+        async with lock:
+            cached = await asyncio.to_thread(
+                _in_session, db, lambda s: _cache_path(s, site, dataset_id)
+            )
+            if cached is not None and (self.cache_root / site / cached).is_dir():
+                return str(self.cache_root / site / cached)
+            plan = mount["fetch"]
+            identifier = normalize(plan["url"])
+            entry = f"{identifier.slug}-{short_hash(identifier.canonical)}"
+            job = fetching.FetchJob(
+                url=plan["url"],
+                directory=self.cache_root / site / entry,
+                max_bytes=self.fetch_max_bytes,
+                expected_size=plan.get("size"),
+                checksum=plan.get("checksum") or "",
+                allow_private=self.allow_private,
+            )
+
+            async def progress(done: int, total: int | None) -> None:
+                share = f" ({100 * done // total}%)" if total else ""
+                await report(
+                    Report(
+                        instance_id,
+                        "pending",
+                        kind="progress",
+                        message=f"fetching {plan['url']} into site {site}'s cache: "
+                        f"{_mib(done)}{f' of {_mib(total)}' if total else ''}{share}",
+                        data={"fetch": {"bytes": done, "total": total}},
+                    )
+                )
+
+            fetched = await fetching.fetch(job, progress)
+            await asyncio.to_thread(
+                _in_session, db, lambda s: _record_cache(s, site, dataset_id, entry, fetched)
+            )
+            check = "checksum verified" if fetched.verified else f"recorded {fetched.checksum}"
+            await report(
+                Report(
+                    instance_id,
+                    "pending",
+                    kind="progress",
+                    message=f"fetched {_mib(fetched.size)}; {check}",
+                    data={"fetch": {"bytes": fetched.size, "checksum": fetched.checksum}},
+                )
+            )
+            return str(fetched.directory)
+
+    # --- launch links --------------------------------------------------------------
+    def launch_links(
+        self,
+        resolution: Resolution,
+        catalog: Catalog,
+        backends: dict[str, str],
+        public_url: str,
+    ) -> list[LaunchLink]:
+        """Per tool that can open the dataset: the sites it would run on and its link."""
+        if resolution.live:
+            sites = [r.site for r in resolution.live]
+        elif resolution.fetch_refusal is None:
+            sites = sorted(backends)
+        else:
+            return []
+        links = []
+        for tool in catalog:
+            usable = [s for s in sites if s in backends and self._can_run(tool, backends[s])]
+            if usable:
+                links.append(
+                    LaunchLink(
+                        tool=tool.name,
+                        title=tool.title,
+                        url=launch_url(public_url, resolution.dataset.identifier, tool.name),
+                        sites=usable,
+                    )
+                )
+        return links
+
+    def _can_run(self, tool: Tool, backend: str) -> bool:
+        """Whether ``tool`` runs on ``backend``, remembered for a while: it searches PATH."""
+        key, now = (tool.name, backend), time.monotonic()
+        known = self._tool_checks.get(key)
+        if known is None or known[1] < now:
+            known = (tool.unavailable_reason(backend) is None, now + TOOL_CHECK_TTL)
+            self._tool_checks[key] = known
+        return known[0]
+
+
+def launch_url(public_url: str, identifier: str, tool: str) -> str:
+    """The browser link that launches ``tool`` next to the dataset."""
+    return f"{public_url}/launch?dataset={quote(identifier, safe=':/')}&tool={quote(tool)}"
+
+
+def dataset_out(
+    dataset: DatasetLike, owner: str | None, replicas: Iterable[ReplicaView]
+) -> DatasetOut:
+    """The API view of a dataset."""
+    ident = normalize(dataset.identifier)
+    return DatasetOut(
+        id=dataset.identifier,
+        scheme=dataset.scheme,
+        name=dataset.name,
+        title=dataset.title,
+        description=dataset.description,
+        size=dataset.size,
+        license=dataset.license,
+        landing_page=dataset.landing_page,
+        checksum=dataset.checksum,
+        resolver_url=ident.resolver_url,
+        owner=owner,
+        created_at=dataset.created_at,
+        updated_at=dataset.updated_at,
+        replicas=[r.out() for r in replicas],
+    )
+
+
+def _in_session(db: Database, fn: Callable[[Session], Any]) -> Any:
+    with db.session() as session:
+        return fn(session)
+
+
+def _cache_path(session: Session, site: str, dataset_id: int) -> str | None:
+    return session.scalar(
+        select(Replica.path)
+        .join(Site, Replica.site_id == Site.id)
+        .where(Replica.dataset_id == dataset_id, Site.name == site, Replica.source == CACHE)
+    )
+
+
+def _record_cache(
+    session: Session, site: str, dataset_id: int, entry: str, fetched: fetching.Fetched
+) -> None:
+    site_id = session.scalar(select(Site.id).where(Site.name == site))
+    if site_id is None:
+        return
+    replica = session.scalar(
+        select(Replica).where(Replica.dataset_id == dataset_id, Replica.site_id == site_id)
+    )
+    if replica is None:
+        replica = Replica(dataset_id=dataset_id, site_id=site_id, path=entry)
+        session.add(replica)
+    now = _utcnow()
+    replica.path = entry
+    replica.size = fetched.size
+    replica.checksum = fetched.checksum
+    replica.verified_at = now
+    replica.source = CACHE
+    replica.reported_at = now
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"

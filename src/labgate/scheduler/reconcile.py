@@ -1,0 +1,83 @@
+"""Reconcile: sites drop what labgate does not know about.
+
+At start-up (after the portal re-attached to its instances) and every
+``reconcile_interval`` seconds, each site is told which of its instances the
+database knows as unfinished (pending, starting, running, stopping). The
+site's agent adds the ones it is starting or watching itself and asks its
+backend to remove everything else it runs for this labgate: containers left
+by a crash, by a stop that never finished, or of instances that ended while
+labgate was down. Instances whose container vanished are found by the
+agent's polling and become ``lost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.agent.link import SiteLink
+from labgate.db.models import ACTIVE_STATES, Instance, InstanceState, Site
+from labgate.db.session import Database
+
+log = logging.getLogger(__name__)
+
+
+def unfinished_by_site(session: Session) -> dict[str, set[str]]:
+    """Ids of the instances each site should be running (stopping ones included)."""
+    rows = session.execute(
+        select(Site.name, Instance.id)
+        .join(Site, Instance.site_id == Site.id)
+        .where(Instance.state.in_([*ACTIVE_STATES, InstanceState.stopping]))
+    )
+    known: dict[str, set[str]] = {}
+    for site, instance_id in rows:
+        known.setdefault(site, set()).add(instance_id)
+    return known
+
+
+class Reconciler:
+    """Runs :meth:`run_once` now and then, for every site."""
+
+    def __init__(self, db: Database, links: dict[str, SiteLink], interval: float) -> None:
+        self.db = db
+        self.links = links
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> dict[str, list[str]]:
+        """One round; the instance ids each site removed."""
+
+        def query() -> dict[str, set[str]]:
+            with self.db.session() as session:
+                return unfinished_by_site(session)
+
+        known = await asyncio.to_thread(query)
+        removed: dict[str, list[str]] = {}
+        for name, link in list(self.links.items()):
+            try:
+                removed[name] = await link.reconcile(known.get(name, set()))
+            except Exception:
+                log.exception("reconciling site %s failed", name)
+        return removed
+
+    def start(self) -> None:
+        """Reconcile every ``interval`` seconds in the background (never when it is 0)."""
+        if self.interval > 0 and self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="reconcile")
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.run_once()
+
+    async def close(self) -> None:
+        """Stop the background loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,297 @@
+"""Snapshots: saving an instance, launching from the result, sharing and deleting it.
+
+The portal's side of the snapshot flow. :class:`SnapshotManager` records a
+``saving`` snapshot, asks the instance's site to save it (the backend
+commits and pushes a container image, or archives a workspace), and records
+the result (``ready`` with reference, digest and size, or ``failed`` with a
+reason). Every step is a progress note in the instance's event stream.
+
+Who may do what is decided here too: a snapshot is visible to its owner,
+to the users it is shared with (who may launch it, nothing more) and to
+admins; to anyone else it does not exist (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.agent.link import Report, SiteLink
+from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
+from labgate.db.models import (
+    Instance,
+    InstanceState,
+    Site,
+    Snapshot,
+    SnapshotShare,
+    SnapshotState,
+    utcnow,
+)
+from labgate.db.session import Database
+from labgate.errors import Conflict, LabgateError, NotFound
+from labgate.security import new_id
+
+if TYPE_CHECKING:
+    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.placement import SiteView
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The kind of snapshot each built-in backend takes; launches go to a site that can use it.
+KIND_OF_BACKEND = {"containers": "image", "process": "archive"}
+
+
+def can_see(snapshot: Snapshot, user_id: int, admin: bool) -> bool:
+    """Owner, a user it is shared with, or an admin."""
+    if admin or snapshot.owner_id == user_id:
+        return True
+    return any(share.user_id == user_id for share in snapshot.shares)
+
+
+def visible_snapshot(session: Session, snapshot_id: str, user_id: int, admin: bool) -> Snapshot:
+    """The snapshot if the user may see it; 404 otherwise (its existence is not revealed)."""
+    snapshot = session.get(Snapshot, snapshot_id)
+    if snapshot is None or not can_see(snapshot, user_id, admin):
+        raise NotFound(f"no snapshot {snapshot_id!r}", code="unknown_snapshot")
+    return snapshot
+
+
+def snapshot_to_launch(
+    session: Session, snapshot_id: str, user_id: int, tool: str | None
+) -> Snapshot:
+    """The snapshot a launch starts from: visible to the user (admins included), ready."""
+    snapshot = session.get(Snapshot, snapshot_id)
+    # Launching is for the owner and those it is shared with; admins see but need a share.
+    if snapshot is None or not can_see(snapshot, user_id, admin=False):
+        raise NotFound(f"no snapshot {snapshot_id!r}", code="unknown_snapshot")
+    if snapshot.state != SnapshotState.ready:
+        raise Conflict(
+            f"snapshot {snapshot_id} is {snapshot.state.value}, not ready", code="invalid_state"
+        )
+    if tool and tool != snapshot.tool:
+        raise Conflict(
+            f"snapshot {snapshot_id} is of the tool {snapshot.tool!r}, not {tool!r}",
+            code="invalid_state",
+        )
+    return snapshot
+
+
+def sites_for_snapshot(
+    snapshot: Snapshot, sites: Sequence[SiteView], wanted: str | None
+) -> list[SiteView]:
+    """The sites that can launch ``snapshot``: same backend; an archive only where it is."""
+    if snapshot.kind == "archive":
+        home = snapshot.site.name if snapshot.site else None
+        fits = [site for site in sites if site.name == home]
+        where = f"on site {home}"
+    else:
+        fits = [site for site in sites if site.backend == snapshot.backend]
+        where = f"on a {snapshot.backend} site"
+    if wanted is not None and all(site.name != wanted for site in fits):
+        fits = []
+    if not fits:
+        raise Conflict(
+            f"snapshot {snapshot.id} ({snapshot.kind}) can only be launched {where}"
+            + (f", not on {wanted}" if wanted else ""),
+            code="snapshot_unavailable",
+        )
+    return fits
+
+
+def snapshot_ref(snapshot: Snapshot) -> SnapshotRef:
+    """What a backend needs to know of a stored snapshot."""
+    return SnapshotRef(
+        id=snapshot.id, kind=snapshot.kind, reference=snapshot.reference, digest=snapshot.digest
+    )
+
+
+class SnapshotManager:
+    """Takes and deletes snapshots through the sites; records them in the database."""
+
+    def __init__(self, db: Database, links: dict[str, SiteLink], instances: InstanceManager):
+        self.db = db
+        self.links = links
+        self.instances = instances
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _db(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self.db.session() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
+    # --- take ----------------------------------------------------------------
+    async def take(self, instance_id: str, name: str = "", description: str = "") -> Snapshot:
+        """Start saving a running instance; the snapshot comes back ``saving``."""
+        snapshot, request, state, site = await self._db(
+            lambda s: self._begin(s, instance_id, name, description)
+        )
+        await self._note(instance_id, f"snapshot {snapshot.id}: saving", snapshot.id)
+        task = asyncio.create_task(self._save(snapshot.id, site, state, request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return snapshot
+
+    def _begin(
+        self, session: Session, instance_id: str, name: str, description: str
+    ) -> tuple[Snapshot, SnapshotRequest, dict[str, Any], str]:
+        instance = session.get(Instance, instance_id)
+        if instance is None:
+            raise NotFound(f"no instance {instance_id!r}", code="unknown_instance")
+        if instance.state != InstanceState.running:
+            raise Conflict(
+                f"instance {instance_id} is {instance.state.value}; only a running instance "
+                "can be snapshotted",
+                code="invalid_state",
+            )
+        site = instance.site.name if instance.site else ""
+        link = self.links.get(site)
+        if link is None:
+            raise Conflict(f"site {site} is not connected", code="site_unavailable")
+        snapshot = Snapshot(
+            id=new_id(),
+            owner_id=instance.owner_id,
+            name=name,
+            description=description,
+            tool=instance.tool,
+            site_id=instance.site_id,
+            backend=link.backend,
+            kind=KIND_OF_BACKEND.get(link.backend, ""),
+            source_instance_id=instance.id,
+        )
+        session.add(snapshot)
+        session.flush()
+        session.refresh(snapshot, ["owner", "site", "shares"])
+        request = SnapshotRequest(
+            snapshot_id=snapshot.id,
+            instance_id=instance.id,
+            owner=instance.owner.name,
+            tool=instance.tool,
+        )
+        return snapshot, request, dict(instance.backend_state), site
+
+    async def _save(
+        self, snapshot_id: str, site: str, state: dict[str, Any], request: SnapshotRequest
+    ) -> None:
+        iid = request.instance_id
+        try:
+            result = await self.links[site].snapshot(iid, state, request)
+        # The note goes first: whoever sees the snapshot finished finds it in the events.
+        except LabgateError as exc:
+            await self._note(iid, f"snapshot {snapshot_id} failed: {exc.detail}", snapshot_id)
+            await self._finish(snapshot_id, None, exc.detail)
+        except Exception as exc:
+            log.exception("snapshot %s of %s failed", snapshot_id, iid)
+            await self._note(iid, f"snapshot {snapshot_id} failed: {exc}", snapshot_id)
+            await self._finish(snapshot_id, None, f"backend error: {exc}")
+        else:
+            await self._note(iid, f"snapshot {snapshot_id}: ready", snapshot_id, ready=True)
+            await self._finish(snapshot_id, result, "")
+
+    async def _finish(self, snapshot_id: str, result: SnapshotResult | None, reason: str) -> None:
+        def record(session: Session) -> None:
+            snapshot = session.get(Snapshot, snapshot_id)
+            if snapshot is None:
+                return
+            if result is None:
+                snapshot.state, snapshot.reason = SnapshotState.failed, reason
+                return
+            snapshot.state = SnapshotState.ready
+            snapshot.kind = result.kind
+            snapshot.reference = result.reference
+            snapshot.digest = result.digest
+            snapshot.size = result.size
+            snapshot.ready_at = utcnow()
+
+        await self._db(record)
+
+    async def _note(self, instance_id: str, message: str, snapshot_id: str, **data: Any) -> None:
+        report = Report(
+            instance_id,
+            "running",
+            kind="progress",
+            message=message,
+            data={"snapshot": snapshot_id, **data},
+        )
+        await self.instances.apply(report)
+
+    # --- delete ----------------------------------------------------------------
+    async def delete(self, snapshot_id: str) -> None:
+        """Remove a snapshot's data at its site (registry image, archive) and its record."""
+        ref, site, backend = await self._db(lambda s: self._deletable(s, snapshot_id))
+        link = self.links.get(site) or next(
+            (link for link in self.links.values() if link.backend == backend), None
+        )
+        if ref is not None and link is not None:
+            try:
+                await link.delete_snapshot(ref)
+            except Exception as exc:
+                # The record goes anyway; the operator finds the leftover in the log.
+                log.warning("snapshot %s: cannot delete %s: %s", snapshot_id, ref.reference, exc)
+        elif ref is not None:
+            log.warning("snapshot %s: no %s site to delete %s", snapshot_id, backend, ref.reference)
+
+        def remove(session: Session) -> None:
+            snapshot = session.get(Snapshot, snapshot_id)
+            if snapshot is not None:
+                session.delete(snapshot)
+
+        await self._db(remove)
+
+    def _deletable(self, session: Session, snapshot_id: str) -> tuple[SnapshotRef | None, str, str]:
+        snapshot = session.get(Snapshot, snapshot_id)
+        if snapshot is None:
+            raise NotFound(f"no snapshot {snapshot_id!r}", code="unknown_snapshot")
+        if snapshot.state == SnapshotState.saving:
+            raise Conflict(f"snapshot {snapshot_id} is still being saved", code="invalid_state")
+        starting = session.scalar(
+            select(Instance.id).where(
+                Instance.snapshot_id == snapshot_id,
+                Instance.state.in_([InstanceState.pending, InstanceState.starting]),
+            )
+        )
+        if starting is not None:
+            raise Conflict(
+                f"instance {starting} is starting from snapshot {snapshot_id}; try again when "
+                "it runs",
+                code="invalid_state",
+            )
+        site = session.get(Site, snapshot.site_id) if snapshot.site_id else None
+        ref = snapshot_ref(snapshot) if snapshot.reference else None
+        return ref, site.name if site else "", snapshot.backend
+
+    # --- sharing ------------------------------------------------------------------
+    @staticmethod
+    def share(session: Session, snapshot: Snapshot, user_id: int) -> bool:
+        """Let ``user_id`` see and launch ``snapshot``; False when it already could."""
+        if user_id == snapshot.owner_id or any(s.user_id == user_id for s in snapshot.shares):
+            return False
+        snapshot.shares.append(SnapshotShare(user_id=user_id))
+        return True
+
+    @staticmethod
+    def revoke(session: Session, snapshot: Snapshot, user_id: int) -> bool:
+        """Take ``user_id``'s access away; False when they had none.
+
+        Instances they already launched keep running: revoking stops future launches.
+        """
+        for share in list(snapshot.shares):
+            if share.user_id == user_id:
+                snapshot.shares.remove(share)
+                return True
+        return False
+
+    async def close(self) -> None:
+        """Let saves under way finish briefly, then cancel them."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        for task in list(self._tasks):
+            task.cancel()

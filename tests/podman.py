@@ -1,0 +1,265 @@
+"""Real Podman and a real image registry for the containers tests.
+
+One ``podman system service`` (the Docker Engine API on a unix socket in a
+temporary directory) and one registry (Debian's ``docker-registry``, the
+CNCF distribution registry, on a random loopback port with its storage in a
+temporary directory) serve the whole test run; both start on first use and
+stop when the run ends. The test images come from
+``scripts/build-test-images.sh`` (cached, so a rerun takes a second).
+
+Outside CI the tests that need them skip when Podman or the registry is
+missing; with ``CI=true`` they fail instead. Every test gets its own
+deployment label, and whatever it leaves behind (containers, workspace
+volumes) is removed after it; snapshot images and the registry go at the end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = os.environ.get("CI") == "true"
+DEMO_IMAGE = "localhost/labgate/demo:latest"
+BUSYBOX_IMAGE = "localhost/labgate/busybox:latest"
+#: This test run: deployment labels and registry paths start with it.
+RUN = f"t{secrets.token_hex(3)}"
+_counter = itertools.count(1)
+
+CONTAINERS_CONF = """\
+# Written by labgate's tests (see MACHINE-NOTES): runc and cgroupfs work here,
+# crun and raised rlimits do not.
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1000:1000"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"""
+
+
+def need(reason: str) -> None:
+    """Skip (fail in CI) when a dependency of the containers tests is missing."""
+    if IN_CI:
+        pytest.fail(f"CI must run the containers tests: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    """A registry on loopback; ``url`` is what the ``snapshot_registry`` setting takes."""
+
+    host: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def namespace(self) -> str:
+        """``snapshot_registry`` for one test: its own path in the registry."""
+        return f"{self.url}/{RUN}-{next(_counter)}"
+
+
+@dataclass
+class Engine:
+    """A Podman service speaking the Docker Engine API."""
+
+    base_url: str
+    process: subprocess.Popen[bytes]
+    directory: Path
+    client: Any
+
+    def site(self, name: str = "box", *, deployment: str, **options: Any) -> dict[str, Any]:
+        """A containers site on this engine, as the ``sites`` setting takes it."""
+        return {
+            "name": name,
+            "backend": "containers",
+            "options": {"base_url": self.base_url, "deployment": deployment, **options},
+        }
+
+    def containers_of(self, deployment: str) -> list[Any]:
+        """Every container (running or not) labelled with ``deployment``."""
+        return list(
+            self.client.containers.list(
+                all=True, filters={"label": f"labgate.deployment={deployment}"}
+            )
+        )
+
+    def clean(self, deployment: str) -> None:
+        """Remove the containers and workspace volumes of one deployment."""
+        for container in self.containers_of(deployment):
+            with contextlib.suppress(Exception):
+                container.remove(force=True, v=True)
+        for volume in self.client.volumes.list(
+            filters={"label": f"labgate.deployment={deployment}"}
+        ):
+            with contextlib.suppress(Exception):
+                volume.remove(force=True)
+
+
+_engine: Engine | None = None
+_registry: Registry | None = None
+_failure: str | None = None
+
+
+def _wait(check: Any, what: str, log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
+
+
+def _start_registry() -> Registry:
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        raise LookupError("docker-registry is not installed: apt-get install docker-registry")
+    directory = Path(tempfile.mkdtemp(prefix="labgate-registry-"))
+    host = f"127.0.0.1:{free_port()}"
+    config = directory / "config.yml"
+    config.write_text(
+        "version: 0.1\nlog:\n  level: warn\n"
+        f"storage:\n  filesystem:\n    rootdirectory: {directory / 'data'}\n"
+        "  delete:\n    enabled: true\n"
+        f"http:\n  addr: {host}\n"
+    )
+    log = directory / "registry.log"
+    process = subprocess.Popen(
+        [binary, "serve", str(config)], stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    import httpx
+
+    _wait(lambda: httpx.get(f"http://{host}/v2/", timeout=1).status_code == 200, "registry", log)
+    return Registry(host, process, directory)
+
+
+def _start_engine(registry: Registry) -> Engine:
+    if shutil.which("podman") is None or shutil.which("runc") is None:
+        raise LookupError("podman is not installed: apt-get install podman runc")
+    if os.geteuid() != 0:
+        raise LookupError("the containers tests need root (rootful Podman)")
+    import docker
+
+    conf = Path("/etc/containers/containers.conf")
+    if not conf.exists():
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(CONTAINERS_CONF)
+    directory = Path(tempfile.mkdtemp(prefix="labgate-podman-"))
+    # The test registry speaks plain HTTP: this service (only) may use it so.
+    registries = directory / "registries.conf"
+    registries.write_text(
+        f'unqualified-search-registries = []\n\n[[registry]]\nlocation = "{registry.host}"\n'
+        "insecure = true\n"
+    )
+    socket_path = directory / "podman.sock"
+    log = directory / "podman.log"
+    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registries)}
+    process = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base_url = f"unix://{socket_path}"
+    _wait(socket_path.exists, "podman system service", log)
+    client = docker.DockerClient(base_url=base_url, version="auto", timeout=120)
+    _wait(client.ping, "podman system service", log)
+    return Engine(base_url, process, directory, client)
+
+
+def _build_images() -> None:
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "build-test-images.sh")],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/build-test-images.sh failed:\n{result.stderr[-3000:]}")
+
+
+def _shutdown() -> None:
+    if _engine is not None:
+        with contextlib.suppress(Exception):
+            for image in _engine.client.images.list():
+                if any(f"/{RUN}-" in tag for tag in image.tags):
+                    for tag in image.tags:
+                        _engine.client.images.remove(tag, force=True)
+        with contextlib.suppress(Exception):
+            _engine.client.close()
+    for service in (_engine, _registry):
+        if service is None:
+            continue
+        service.process.terminate()
+        try:
+            service.process.wait(10)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+        shutil.rmtree(service.directory, ignore_errors=True)
+
+
+def engine_and_registry() -> tuple[Engine, Registry]:
+    """The run's Podman service and registry, started (and the images built) once."""
+    global _engine, _registry, _failure
+    if _failure is not None:
+        need(_failure)
+    if _engine is None or _registry is None:
+        try:
+            if shutil.which("podman") is None or shutil.which("runc") is None:
+                raise LookupError("podman is not installed: apt-get install podman runc")
+            if _registry is None:
+                _registry = _start_registry()
+                atexit.register(_shutdown)
+            _engine = _start_engine(_registry)
+            _build_images()
+        except LookupError as exc:
+            _failure = str(exc)
+            need(_failure)
+    assert _engine is not None and _registry is not None
+    return _engine, _registry
+
+
+@pytest.fixture(scope="session")
+def engine() -> Engine:
+    """The Podman service of this test run."""
+    return engine_and_registry()[0]
+
+
+@pytest.fixture(scope="session")
+def registry() -> Registry:
+    """The image registry of this test run."""
+    return engine_and_registry()[1]
+
+
+@pytest.fixture
+def deployment(engine: Engine) -> Iterator[str]:
+    """A deployment label of this test alone; its containers and volumes go afterwards."""
+    value = f"{RUN}-{next(_counter)}"
+    yield value
+    engine.clean(value)

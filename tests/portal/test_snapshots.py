@@ -1,0 +1,376 @@
+"""Snapshots through the API: save, launch from, share, revoke, delete.
+
+Workspace archives (process backend) run everywhere; container images
+(commit, push to a real registry, pull, launch) need Podman (tests/podman.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import podman
+from helpers import wait_for_state
+from labgate.config import Settings, SiteConfig
+from podman import Engine, Registry
+
+engine = podman.engine
+registry = podman.registry
+deployment = podman.deployment
+
+
+async def launch(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> str:
+    response = await client.post("/api/v1/instances", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def running(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> str:
+    iid = await launch(client, headers, **body)
+    state = await wait_for_state(client, headers, iid, {"running", "failed"})
+    assert state["state"] == "running", state
+    return iid
+
+
+async def take(client: httpx.AsyncClient, headers: dict[str, str], iid: str, **body: Any) -> str:
+    response = await client.post(f"/api/v1/instances/{iid}/snapshot", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "saving"
+    return str(response.json()["id"])
+
+
+async def wait_snapshot(
+    client: httpx.AsyncClient, headers: dict[str, str], sid: str, timeout: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict[str, Any] = (
+            await client.get(f"/api/v1/snapshots/{sid}", headers=headers)
+        ).json()
+        if body["state"] != "saving":
+            return body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.2)
+
+
+class Tool:
+    """The demo tool of one instance, reached straight at its endpoint with its token."""
+
+    def __init__(self, endpoint: str, secret: str, iid: str) -> None:
+        self.base = f"{endpoint}/i/{iid}"
+        self.headers = {"Authorization": f"token {secret}"}
+
+    @classmethod
+    async def of(cls, app: Any, iid: str) -> Tool:
+        from labgate.db.models import Instance
+
+        def read(session: Any) -> tuple[str, str]:
+            row = session.get(Instance, iid)
+            return row.endpoint, row.secret
+
+        endpoint, secret = await app.state.portal.run_db(read)
+        return cls(endpoint, secret, iid)
+
+    async def info(self) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            result: dict[str, Any] = (
+                await http.get(f"{self.base}/api/info", headers=self.headers)
+            ).json()
+            return result
+
+    async def read(self, path: str) -> str | None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.get(
+                f"{self.base}/api/file", params={"path": path}, headers=self.headers
+            )
+        return str(response.json()["content"]) if response.status_code == 200 else None
+
+    async def write(self, path: str, text: str) -> None:
+        async with httpx.AsyncClient(timeout=10) as http:
+            response = await http.put(
+                f"{self.base}/api/file",
+                params={"path": path},
+                content=text.encode(),
+                headers=self.headers,
+            )
+        assert response.json() == {"ok": True}, response.text
+
+
+async def messages_of(app: Any, iid: str) -> list[str]:
+    from sqlalchemy import select
+
+    from labgate.db.models import InstanceEvent
+
+    def read(session: Any) -> list[str]:
+        query = select(InstanceEvent.message).where(InstanceEvent.instance_id == iid)
+        return list(session.scalars(query.order_by(InstanceEvent.id)))
+
+    found: list[str] = await app.state.portal.run_db(read)
+    return found
+
+
+# --- workspace archives (process backend) -----------------------------------------
+
+
+async def test_workspace_snapshot_shared_launched_revoked_and_deleted(
+    app: Any, client: httpx.AsyncClient, make_user: Any, settings: Settings, admin_headers: Any
+) -> None:
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    source = await running(client, alice, tool="demo")
+    tool = await Tool.of(app, source)
+    home = (await tool.info())["home"]
+    await tool.write(f"{home}/results.csv", "x,y\n1,2\n")
+
+    sid = await take(client, alice, source, name="first results", description="before the fix")
+    snapshot = await wait_snapshot(client, alice, sid)
+    assert snapshot["state"] == "ready", snapshot
+    assert snapshot["kind"] == "archive" and snapshot["backend"] == "process"
+    assert (snapshot["owner"], snapshot["tool"], snapshot["site"]) == ("alice", "demo", "local")
+    assert (snapshot["name"], snapshot["source_instance"]) == ("first results", source)
+    archive = settings.snapshots_dir / snapshot["reference"]
+    assert snapshot["size"] == archive.stat().st_size
+    assert snapshot["digest"] == "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
+    messages = await messages_of(app, source)
+    assert f"snapshot {sid}: saving" in messages and f"snapshot {sid}: ready" in messages
+
+    # Not shared: bob can neither see nor launch it, nor share it.
+    assert (await client.get("/api/v1/snapshots", headers=bob)).json() == []
+    hidden = await client.get(f"/api/v1/snapshots/{sid}", headers=bob)
+    assert hidden.status_code == 404 and hidden.json()["error"] == "unknown_snapshot"
+    refused = await client.post("/api/v1/instances", json={"snapshot": sid}, headers=bob)
+    assert refused.status_code == 404 and refused.json()["error"] == "unknown_snapshot"
+    assert (await client.put(f"/api/v1/snapshots/{sid}/shares/bob", headers=bob)).status_code == 404
+
+    # Shared: bob sees it (not who else it is shared with) and launches it.
+    shared = await client.put(f"/api/v1/snapshots/{sid}/shares/bob", headers=alice)
+    assert shared.status_code == 201 and shared.json()["user"] == "bob"
+    again = await client.put(f"/api/v1/snapshots/{sid}/shares/bob", headers=alice)
+    assert again.status_code == 200
+    shares = (await client.get(f"/api/v1/snapshots/{sid}/shares", headers=alice)).json()
+    assert [s["user"] for s in shares] == ["bob"]
+    assert (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()["shared_with"] == [
+        "bob"
+    ]
+    seen = (await client.get("/api/v1/snapshots", headers=bob)).json()
+    assert [(s["id"], s["shared_with"]) for s in seen] == [(sid, [])]
+    assert (await client.delete(f"/api/v1/snapshots/{sid}", headers=bob)).status_code == 403
+    assert (await client.get(f"/api/v1/snapshots/{sid}/shares", headers=bob)).status_code == 403
+
+    copy = await running(client, bob, snapshot=sid)
+    body = (await client.get(f"/api/v1/instances/{copy}", headers=bob)).json()
+    assert (body["tool"], body["snapshot"], body["owner"]) == ("demo", sid, "bob")
+    copy_tool = await Tool.of(app, copy)
+    copy_home = (await copy_tool.info())["home"]
+    assert copy_home != home  # a new workspace, restored from the archive
+    assert Path(copy_home) == (settings.workspaces_dir / "_restored" / copy).resolve()
+    assert await copy_tool.read(f"{copy_home}/results.csv") == "x,y\n1,2\n"
+
+    # Revoked: gone for bob; his running instance is left alone.
+    revoked = await client.delete(f"/api/v1/snapshots/{sid}/shares/bob", headers=alice)
+    assert revoked.status_code == 204
+    assert (await client.get(f"/api/v1/snapshots/{sid}", headers=bob)).status_code == 404
+    again_refused = await client.post("/api/v1/instances", json={"snapshot": sid}, headers=bob)
+    assert again_refused.status_code == 404
+    assert (await client.get(f"/api/v1/instances/{copy}", headers=bob)).json()["state"] == (
+        "running"
+    )
+    gone = await client.delete(f"/api/v1/snapshots/{sid}/shares/bob", headers=alice)
+    assert gone.status_code == 404
+
+    # Admins see everyone's snapshots; others may not ask for all.
+    everyone = (await client.get("/api/v1/snapshots?all=true", headers=admin_headers)).json()
+    assert sid in [s["id"] for s in everyone]
+    assert (await client.get("/api/v1/snapshots?all=true", headers=bob)).status_code == 403
+
+    # Deleted: the archive goes too.
+    assert (await client.delete(f"/api/v1/snapshots/{sid}", headers=alice)).status_code == 204
+    assert not archive.exists()
+    assert (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).status_code == 404
+
+
+async def test_owner_relaunch_restores_into_a_new_workspace(
+    app: Any, client: httpx.AsyncClient, make_user: Any
+) -> None:
+    alice = await make_user("alice")
+    source = await running(client, alice, tool="demo")
+    tool = await Tool.of(app, source)
+    home = (await tool.info())["home"]
+    await tool.write(f"{home}/notes.txt", "as saved")
+    sid = await take(client, alice, source)
+    assert (await wait_snapshot(client, alice, sid))["state"] == "ready"
+    await tool.write(f"{home}/notes.txt", "changed later")
+
+    copy = await running(client, alice, snapshot=sid, tool="demo")
+    copy_tool = await Tool.of(app, copy)
+    copy_home = (await copy_tool.info())["home"]
+    assert await copy_tool.read(f"{copy_home}/notes.txt") == "as saved"
+    await copy_tool.write(f"{copy_home}/notes.txt", "edited in the copy")
+    assert await tool.read(f"{home}/notes.txt") == "changed later"  # the workspace is untouched
+
+
+async def test_snapshot_and_launch_errors(
+    app: Any, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
+) -> None:
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    iid = await running(client, alice, tool="demo")
+    other = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=bob)
+    assert other.status_code == 404 and other.json()["error"] == "unknown_instance"
+    sid = await take(client, alice, iid)  # no body: no name
+    assert (await wait_snapshot(client, alice, sid))["name"] == ""
+
+    wrong_tool = await client.post(
+        "/api/v1/instances", json={"snapshot": sid, "tool": "jupyterlab"}, headers=alice
+    )
+    assert wrong_tool.status_code == 409
+    nothing = await client.post("/api/v1/instances", json={}, headers=alice)
+    assert nothing.status_code == 422
+    unknown_user = await client.put(f"/api/v1/snapshots/{sid}/shares/nobody", headers=alice)
+    assert unknown_user.status_code == 404 and unknown_user.json()["error"] == "unknown_user"
+
+    assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202
+    await wait_for_state(client, alice, iid, {"stopped"})
+    stopped = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=alice)
+    assert stopped.status_code == 409 and stopped.json()["error"] == "invalid_state"
+    reader = await client.post("/api/v1/tokens", json={"scopes": ["instances:read"]}, headers=alice)
+    read_only = {"Authorization": f"token {reader.json()['token']}"}
+    assert (await client.delete(f"/api/v1/snapshots/{sid}", headers=read_only)).status_code == 403
+
+    # A deleted user's snapshots go with them.
+    assert (await client.delete("/api/v1/users/alice", headers=admin_headers)).status_code == 204
+    everyone = (await client.get("/api/v1/snapshots?all=true", headers=admin_headers)).json()
+    assert sid not in [s["id"] for s in everyone]
+
+
+# --- container images (containers backend, real Podman and registry) ----------------
+
+
+class TestImageSnapshots:
+    """Commit, push to the registry, pull, launch; share and delete."""
+
+    @pytest.fixture
+    def settings(
+        self, settings: Settings, engine: Engine, registry: Registry, deployment: str
+    ) -> Settings:
+        sites = [
+            SiteConfig.model_validate(engine.site(deployment=deployment)),
+            SiteConfig(name="local", backend="process"),
+        ]
+        return settings.model_copy(
+            update={"sites": sites, "snapshot_registry": registry.namespace()}
+        )
+
+    async def test_snapshot_is_pushed_and_launched_with_the_files_saved(
+        self,
+        app: Any,
+        client: httpx.AsyncClient,
+        make_user: Any,
+        engine: Engine,
+        registry: Registry,
+        settings: Settings,
+    ) -> None:
+        alice = await make_user("alice")
+        bob = await make_user("bob")
+        source = await running(client, alice, tool="demo", site="box")
+        tool = await Tool.of(app, source)
+        # Outside the workspace: only the image can carry it.
+        await tool.write("/tmp/marker.txt", "written before the snapshot")
+        await tool.write("/home/labgate/workspace.txt", "alice's workspace")
+
+        sid = await take(client, alice, source, name="with marker")
+        snapshot = await wait_snapshot(client, alice, sid)
+        assert snapshot["state"] == "ready", snapshot
+        assert (snapshot["kind"], snapshot["backend"], snapshot["site"]) == (
+            "image",
+            "containers",
+            "box",
+        )
+        namespace = settings.snapshot_registry.removeprefix("http://")
+        assert snapshot["reference"] == f"{namespace}/alice/demo:{sid}"
+        assert snapshot["digest"].startswith("sha256:") and snapshot["size"] > 0
+        messages = await messages_of(app, source)
+        for step in ("committing the container", f"pushing to {registry.host}", "ready"):
+            assert any(m.startswith(f"snapshot {sid}: {step}") for m in messages), "\n".join(
+                messages
+            )
+
+        # The registry has it, under the digest recorded.
+        repository, tag = snapshot["reference"].rsplit(":", 1)
+        name = repository.removeprefix(registry.host + "/")
+        manifest = httpx.head(
+            f"{registry.url}/v2/{name}/manifests/{tag}",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        assert manifest.status_code == 200
+        assert manifest.headers["Docker-Content-Digest"] == snapshot["digest"]
+        # The old instance's token is not in the image; labgate's labels are cleared.
+        config = engine.client.api.inspect_image(snapshot["reference"])["Config"]
+        env = dict(item.partition("=")[::2] for item in config["Env"])
+        assert env["LABGATE_INSTANCE_TOKEN"] == ""
+        assert config["Labels"]["labgate.managed"] == ""
+        assert config["Labels"]["labgate.snapshot"] == sid
+
+        # Off the engine, so the launch must pull it from the registry.
+        assert (
+            await client.delete(f"/api/v1/instances/{source}", headers=alice)
+        ).status_code == 202
+        await wait_for_state(client, alice, source, {"stopped"})
+        engine.client.images.remove(snapshot["reference"])
+
+        copy = await running(client, alice, snapshot=sid)
+        copy_tool = await Tool.of(app, copy)
+        assert await copy_tool.read("/tmp/marker.txt") == "written before the snapshot"
+        assert await copy_tool.read("/home/labgate/workspace.txt") == "alice's workspace"
+        assert f"pulling image {snapshot['reference']}" in await messages_of(app, copy)
+
+        # An image snapshot runs on a containers site only.
+        elsewhere = await client.post(
+            "/api/v1/instances", json={"snapshot": sid, "site": "local"}, headers=alice
+        )
+        assert elsewhere.status_code == 409
+        assert elsewhere.json()["error"] == "snapshot_unavailable"
+
+        # Shared with bob: the image's files, his own (empty) workspace.
+        shared = await client.put(f"/api/v1/snapshots/{sid}/shares/bob", headers=alice)
+        assert shared.status_code == 201
+        bobs = await running(client, bob, snapshot=sid)
+        bob_tool = await Tool.of(app, bobs)
+        assert await bob_tool.read("/tmp/marker.txt") == "written before the snapshot"
+        assert await bob_tool.read("/home/labgate/workspace.txt") is None
+        assert (await bob_tool.info())["user"] == "bob"
+
+        # Deleted: gone from the registry.
+        assert (await client.delete(f"/api/v1/snapshots/{sid}", headers=alice)).status_code == 204
+        after = httpx.head(
+            f"{registry.url}/v2/{name}/manifests/{snapshot['digest']}",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        )
+        assert after.status_code == 404
+
+    async def test_unreachable_registry_fails_the_snapshot_with_the_reason(
+        self, app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
+    ) -> None:
+        from labgate.backends.images import Registry as SnapshotRegistry
+
+        backend = app.state.portal.links["box"].agent.backend
+        backend.registry = SnapshotRegistry.parse(f"http://127.0.0.1:{podman.free_port()}/x")
+        iid = await running(client, admin_headers, tool="demo", site="box")
+        sid = await take(client, admin_headers, iid)
+        snapshot = await wait_snapshot(client, admin_headers, sid)
+        assert snapshot["state"] == "failed"
+        assert "cannot push" in snapshot["reason"]
+        assert any(m.startswith(f"snapshot {sid} failed") for m in await messages_of(app, iid))
+        assert (
+            await client.post("/api/v1/instances", json={"snapshot": sid}, headers=admin_headers)
+        ).status_code == 409  # not ready
+        # Nothing is left tagged on the engine.
+        assert (
+            await client.delete(f"/api/v1/snapshots/{sid}", headers=admin_headers)
+        ).status_code == 204

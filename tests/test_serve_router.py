@@ -1,0 +1,148 @@
+"""`labgate serve` end to end: the router owns the port and is the way into instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+import websockets
+from jupyter_client_util import execute
+from servers import LabgateServer
+
+PASSWORD = "admin-password-for-serve"
+USER_PASSWORD = "user-password-123"
+
+
+def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.get(f"/api/v1/instances/{iid}").json()
+        if body["state"] in states:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = LabgateServer(tmp_path / "var", PASSWORD)
+    srv.start()
+    yield srv
+    srv.stop_instances("admin", PASSWORD)
+    srv.stop()
+
+
+def make_user(server: LabgateServer, admin: dict[str, str], name: str) -> dict[str, str]:
+    with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+        r = client.post("/api/v1/users", json={"name": name, "password": USER_PASSWORD})
+        assert r.status_code == 201, r.text
+    return server.token(name, USER_PASSWORD)
+
+
+def launch(server: LabgateServer, headers: dict[str, str], tool: str = "demo") -> dict:
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        r = client.post("/api/v1/instances", json={"tool": tool})
+        assert r.status_code == 202, r.text
+        return wait_state(client, r.json()["id"], {"running", "failed"})
+
+
+def test_demo_through_the_router_with_token_and_websocket(server):
+    admin = server.token("admin", PASSWORD, ["admin", "account"])
+    alice = make_user(server, admin, "alice")
+    bob = make_user(server, admin, "bob")
+    instance = launch(server, alice)
+    assert instance["state"] == "running", instance
+    url = instance["url"]
+    assert url.startswith(server.url + "/i/")
+
+    info = httpx.get(url + "api/info", headers=alice)
+    assert info.status_code == 200
+    seen = info.json()["headers"]
+    assert seen["x-labgate-user"] == "alice"
+    assert seen["x-forwarded-prefix"] == f"/i/{instance['id']}"
+    # The user's labgate token never reaches the tool.
+    assert "lg_" not in str(seen)
+
+    async def echo() -> str:
+        ws_url = url.replace("http://", "ws://") + "ws"
+        async with websockets.connect(ws_url, additional_headers=alice) as ws:
+            await ws.send("through the router")
+            return str(await ws.recv())
+
+    assert asyncio.run(echo()) == "through the router"
+
+    # Someone else's token, no credentials, a browser: never the tool.
+    assert httpx.get(url, headers=bob).status_code in (403, 404)
+    anonymous = httpx.get(url + "api/info")
+    assert anonymous.status_code == 401
+    assert anonymous.json()["error"]
+    browser = httpx.get(url + "lab?x=1", headers={"Accept": "text/html"})
+    assert browser.status_code == 302
+    assert browser.headers["location"].startswith("/login?next=")
+    # Admins may reach any instance.
+    assert httpx.get(url + "api/info", headers=admin).status_code == 200
+
+
+def test_session_cookie_works_and_logout_revokes_it_in_the_router(server):
+    admin = server.token("admin", PASSWORD, ["admin", "account"])
+    make_user(server, admin, "carol")
+    carol = server.token("carol", USER_PASSWORD)
+    instance = launch(server, carol)
+    with httpx.Client(base_url=server.url, timeout=10) as browser:
+        r = browser.post(
+            "/login",
+            data={"username": "carol", "password": USER_PASSWORD, "next": f"/i/{instance['id']}/"},
+        )
+        assert r.status_code == 303
+        assert r.headers["location"] == f"/i/{instance['id']}/"
+        page = browser.get(r.headers["location"])
+        assert page.status_code == 200 and "labgate demo" in page.text
+        cookie = browser.cookies.get("labgate-session")
+        csrf = browser.get("/api/v1/auth/session").json()["csrf_token"]
+        assert browser.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+    replay = httpx.get(
+        instance["url"], headers={"Cookie": f"labgate-session={cookie}", "Accept": "text/html"}
+    )
+    assert replay.status_code == 302
+
+
+def test_restart_keeps_routes(server):
+    admin = server.token("admin", PASSWORD, ["admin", "account"])
+    instance = launch(server, admin)
+    assert httpx.get(instance["url"] + "api/health", headers=admin).status_code == 200
+    server.stop()
+    server.start()
+    r = httpx.get(instance["url"] + "api/health", headers=admin)
+    assert r.status_code == 200, r.text
+
+
+def test_token_without_access_scope_cannot_use_instances(server):
+    admin = server.token("admin", PASSWORD, ["admin", "account"])
+    make_user(server, admin, "dora")
+    full = server.token("dora", USER_PASSWORD)
+    instance = launch(server, full)
+    read_only = server.token("dora", USER_PASSWORD, ["instances:read"])
+    refused = httpx.get(instance["url"], headers=read_only)
+    assert refused.status_code in (401, 403)
+    assert "labgate demo" not in refused.text
+    assert httpx.get(instance["url"], headers=full).status_code == 200
+
+
+@pytest.mark.e2e
+def test_jupyterlab_used_through_the_router_only(server):
+    pytest.importorskip("jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'")
+    admin = server.token("admin", PASSWORD, ["admin", "account"])
+    make_user(server, admin, "erin")
+    erin = server.token("erin", USER_PASSWORD)
+    instance = launch(server, erin, "jupyterlab")
+    assert instance["state"] == "running", instance
+    base = instance["url"]
+    lab = httpx.get(base + "lab", headers=erin)
+    assert lab.status_code == 200 and "JupyterLab" in lab.text
+    result = asyncio.run(execute(base, base.replace("http://", "ws://"), erin, "6*7"))
+    assert result == "42"
+    with httpx.Client(base_url=server.url, headers=erin, timeout=10) as client:
+        client.delete(f"/api/v1/instances/{instance['id']}")
+        wait_state(client, instance["id"], {"stopped"})

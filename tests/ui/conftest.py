@@ -1,0 +1,87 @@
+"""Browser tests: Debian's Chromium driven by Playwright against a real ``labgate serve``.
+
+One browser and one server serve the whole session (the machine has two
+cores); each test gets fresh browser contexts, so cookies never leak between
+users. Every scenario saves screenshots under ``test-output/screenshots/``;
+with ``LABGATE_DOCS_IMAGES=1`` the ones the user guide shows are also
+written to ``docs/images/``.
+
+Outside CI the tests skip when ``/usr/bin/chromium`` is missing; with
+``CI=true`` they fail instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from servers import LabgateServer
+from tools_fixtures import write_test_tools
+from ui.support import ADMIN_PASSWORD, Gateway, stop_all_instances
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def playwright_browser() -> Iterator[Any]:
+    """Headless Chromium, once per session."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail("/usr/bin/chromium is missing: apt-get install chromium")
+        pytest.skip("apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="session")
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabgateServer]:
+    """``labgate serve`` (router in front, portal behind) with crashing and slow test tools."""
+    base = tmp_path_factory.mktemp("ui")
+    tools = write_test_tools(base / "tools")
+    server = LabgateServer(base / "var", ADMIN_PASSWORD, LABGATE_TOOLS_DIR=str(tools))
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            stop_all_instances(server)
+        server.stop()
+
+
+@pytest.fixture
+def gateway(playwright_browser: Any, ui_server: LabgateServer) -> Iterator[Gateway]:
+    """The session's labgate and browser, with this test's contexts closed afterwards.
+
+    A test fails when a page threw an uncaught error or broke the
+    Content-Security-Policy.
+    """
+    headers = ui_server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
+    with httpx.Client(base_url=ui_server.url, headers=headers, timeout=10) as admin:
+        gw = Gateway(ui_server, playwright_browser, admin)
+        try:
+            yield gw
+        finally:
+            gw.close()
+    assert gw.problems == [], gw.problems

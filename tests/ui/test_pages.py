@@ -1,0 +1,183 @@
+"""The rest of the portal in a real browser: resources form, tokens, password, logs,
+admin instances and sites, phone-sized screens, dark mode, keyboard focus."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from helpers import PASSWORD
+from ui.support import ADMIN_PASSWORD, INSTANCE_PAGE, PHONE, launch_via_api, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def api(gateway, name: str) -> httpx.Client:
+    return httpx.Client(base_url=gateway.url, headers=gateway.token(name), timeout=10)
+
+
+def no_horizontal_scroll(page) -> bool:
+    return bool(page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"))
+
+
+def test_resources_form_checks_limits_and_launches_with_them(gateway):
+    name = gateway.create_user("gil")
+    page = gateway.page()
+    gateway.sign_in(page, name)
+    card = page.locator('li.card[data-tool="demo"]')
+    card.get_by_text("Resources").click()
+    memory = card.get_by_label("Memory")
+    memory.fill("lots")
+    card.get_by_role("button", name="Launch Demo").click()
+    expect(card.get_by_role("alert")).to_have_text("Memory must be a size like 512M or 2G.")
+    expect(memory).to_be_focused()
+    expect(memory).to_have_attribute("aria-invalid", "true")
+    card.get_by_label("CPUs").fill("3")
+    memory.fill("1G")
+    card.get_by_role("button", name="Launch Demo").click()
+    expect(card.get_by_role("alert")).to_have_text("At most 2 CPUs.")
+    gateway.shot(page, "12-resources-form", docs=True)
+
+    card.get_by_label("CPUs").fill("1")
+    card.get_by_role("button", name="Launch Demo").click()
+    page.wait_for_url(INSTANCE_PAGE)
+    instance_id = INSTANCE_PAGE.search(page.url).group(1)
+    with api(gateway, name) as client:
+        resources = client.get(f"/api/v1/instances/{instance_id}").json()["resources"]
+        assert resources == {"cpu": 1.0, "memory": 1024**3}
+        page.goto(gateway.url + "/")
+        expect(page.locator("#quota")).to_contain_text("You have 1 of 5 instances active.")
+        client.delete(f"/api/v1/instances/{instance_id}")
+
+
+def test_tokens_are_shown_once_and_can_be_revoked(gateway):
+    name = gateway.create_user("hana")
+    page = gateway.page()
+    gateway.sign_in(page, name, path="/tokens")
+    expect(page.locator("#tokens-empty")).to_be_visible()
+    page.get_by_label("Note").fill("laptop CLI")
+    page.get_by_role("checkbox", name=re.compile("instances:write")).uncheck()
+    page.get_by_label("Expires after").select_option(label="7 days")
+    page.get_by_role("button", name="Create token").click()
+    value = page.get_by_label("Token to copy")
+    expect(value).to_have_value(re.compile(r"^lg_"))
+    expect(value).to_be_focused()
+    token = value.input_value()
+    row = page.locator("#tokens tbody tr")
+    expect(row).to_have_count(1)
+    expect(row).to_contain_text("laptop CLI")
+    expect(row.locator("ul.scopes")).to_contain_text("instances:read")
+    expect(row.locator("ul.scopes")).not_to_contain_text("instances:write")
+    gateway.shot(page, "13-api-tokens", docs=True)
+
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        auth = {"Authorization": f"token {token}"}
+        session = client.get("/api/v1/auth/session", headers=auth).json()
+        assert "instances:write" not in session["scopes"] and session["user"]["name"] == name
+        page.reload()
+        expect(page.get_by_label("Token to copy")).to_be_hidden()
+        assert token not in page.content()
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.locator("#tokens tbody").get_by_role("button", name=re.compile("^Revoke")).click()
+        expect(page.locator("#tokens-empty")).to_be_visible()
+        expect(page.get_by_role("status").first).to_contain_text("revoked")
+        assert client.get("/api/v1/auth/session", headers=auth).status_code == 401
+
+
+def test_password_change_signs_out_and_the_new_one_works(gateway):
+    name = gateway.create_user("ivo")
+    page = gateway.page()
+    gateway.sign_in(page, name, path="/account")
+    page.get_by_label("Current password").fill("not-my-password")
+    page.get_by_label("New password", exact=True).fill("brand-new-password")
+    page.get_by_label("New password again").fill("brand-new-passwort")
+    page.get_by_role("button", name="Change password").click()
+    expect(page.get_by_role("alert")).to_have_text("The two new passwords differ.")
+    page.get_by_label("New password again").fill("brand-new-password")
+    page.get_by_role("button", name="Change password").click()
+    expect(page.get_by_role("alert")).to_have_text("The current password is wrong.")
+    expect(page.get_by_label("Current password")).to_be_focused()
+    gateway.shot(page, "14-account")
+    page.get_by_label("Current password").fill(PASSWORD)
+    page.get_by_role("button", name="Change password").click()
+    expect(page).to_have_url(re.compile(r"/login\?"))
+    expect(page.get_by_role("status")).to_have_text(re.compile("password was changed"))
+    gateway.sign_in(page, name, "brand-new-password", path="/account")
+    expect(page.get_by_role("heading", name="Your account")).to_be_visible()
+
+
+def test_logs_page_follows_the_output(gateway):
+    name = gateway.create_user("jun")
+    with api(gateway, name) as client:
+        instance_id = client.post("/api/v1/instances", json={"tool": "slow"}).json()["id"]
+        page = gateway.page()
+        gateway.sign_in(page, name, path=f"/instances/{instance_id}/logs")
+        log = page.get_by_label("Output of the tool")
+        expect(log).to_contain_text("waiting 1.5s before listening")
+        expect(log).to_contain_text("demo: listening on", timeout=30_000)
+        expect(page.locator("#state")).to_have_text("running")
+        gateway.shot(page, "15-logs", docs=True)
+        client.delete(f"/api/v1/instances/{instance_id}")
+        expect(page.locator("#state")).to_have_text("stopped", timeout=30_000)
+        expect(page.locator("#updated")).to_contain_text("last output")
+
+
+def test_admin_sees_filters_and_stops_everyones_instances(gateway):
+    owner = gateway.create_user("kai")
+    instance_id = launch_via_api(gateway, owner)
+    admin = gateway.page()
+    gateway.sign_in(admin, "admin", ADMIN_PASSWORD, path="/admin/instances")
+    row = admin.locator(f'tr[data-id="{instance_id}"]')
+    expect(row).to_contain_text(owner)
+    admin.get_by_label("User").fill(owner)
+    admin.get_by_label("State").select_option("running")
+    admin.get_by_role("button", name="Filter").click()
+    expect(admin.locator("#instances tbody tr")).to_have_count(1)
+    gateway.shot(admin, "16-admin-instances", docs=True)
+    admin.once("dialog", lambda dialog: dialog.accept())
+    row.get_by_role("button", name=f"Stop demo {instance_id}").click()
+    admin.get_by_label("State").select_option("")
+    expect(row.locator(".state")).to_have_text("stopped", timeout=30_000)
+
+    admin.get_by_role("link", name="Sites").click()
+    card = admin.locator('li.card[data-site="local"]')
+    expect(card).to_contain_text("process backend")
+    gateway.shot(admin, "17-admin-sites", docs=True)
+
+
+def test_phone_sized_screens_dark_mode_and_keyboard_focus(gateway):
+    name = gateway.create_user("lea")
+    launch_via_api(gateway, name)
+    phone = gateway.page(viewport=PHONE)
+    gateway.sign_in(phone, name)
+    expect(phone.get_by_role("button", name="Launch Demo")).to_be_visible()
+    assert no_horizontal_scroll(phone)
+    gateway.shot(phone, "18-phone-tools", docs=True)
+    phone.goto(gateway.url + "/instances")
+    expect(phone.locator("#instances tbody tr .state")).to_have_text("running")
+    assert no_horizontal_scroll(phone)
+    gateway.shot(phone, "19-phone-instances", docs=True)
+
+    dark = gateway.page(dark=True)
+    gateway.sign_in(dark, name, path="/instances")
+    expect(dark.locator("#instances tbody tr .state")).to_have_text("running")
+    background = dark.evaluate("getComputedStyle(document.body).backgroundColor")
+    channels = [int(c) for c in re.findall(r"\d+", background)[:3]]
+    assert max(channels) < 60, background
+    gateway.shot(dark, "20-dark-instances", docs=True)
+
+    dark.keyboard.press("Tab")
+    expect(dark.get_by_role("link", name="Skip to content")).to_be_focused()
+    dark.keyboard.press("Tab")
+    outline = dark.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline not in ("none", ""), outline
+    with api(gateway, name) as client:
+        for instance in client.get("/api/v1/instances", params={"active": "true"}).json():
+            client.delete(f"/api/v1/instances/{instance['id']}")
+        wait_for(
+            lambda: not client.get("/api/v1/instances", params={"active": "true"}).json(),
+            what="instances to stop",
+        )
