@@ -84,6 +84,11 @@ def test_demo_through_the_router_with_token_and_websocket(server):
     # Admins may reach any instance.
     assert httpx.get(url + "api/info", headers=admin).status_code == 200
 
+    # The portal sees what the router saw.
+    shown = httpx.get(f"{server.url}/api/v1/instances/{instance['id']}", headers=alice).json()
+    assert shown["activity"]["last_request"] is not None
+    assert shown["activity"]["bytes_out"] > 0
+
 
 def test_session_cookie_works_and_logout_revokes_it_in_the_router(server):
     admin = server.token("admin", PASSWORD, ["admin", "account"])

@@ -154,6 +154,16 @@ class InstanceOut(BaseModel):
         default_factory=list, description="What is mounted: dataset, target, read_only."
     )
     snapshot: str | None = Field(None, description="The snapshot it was launched from.")
+    activity: ActivityOut | None = Field(
+        None, description="What the routers saw: last request, bytes, open WebSockets."
+    )
+
+
+class ActivityOut(BaseModel):
+    last_request: datetime | None
+    bytes_in: int
+    bytes_out: int
+    open_websockets: int
 
 
 class EventOut(BaseModel):
@@ -173,3 +183,4 @@ class LogsOut(BaseModel):
 
 
 SessionOut.model_rebuild()
+InstanceOut.model_rebuild()

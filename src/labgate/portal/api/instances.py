@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from functools import partial
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Instance, InstanceEvent, InstanceState, User
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.auth import Principal, require
-from labgate.portal.schemas import EventOut, InstanceOut, LaunchIn, LogsOut
+from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.lifecycle import LaunchRequest
 
@@ -48,6 +49,21 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
             for m in instance.mounts or []
         ],
         snapshot=instance.snapshot_id,
+        activity=activity_out(portal, instance.id),
+    )
+
+
+def activity_out(portal: Portal, instance_id: str) -> ActivityOut | None:
+    """What the routers saw of an instance, or None before its first request."""
+    seen = portal.activity.get(instance_id)
+    if seen is None:
+        return None
+    last = datetime.fromtimestamp(seen.last_request, UTC) if seen.last_request else None
+    return ActivityOut(
+        last_request=last,
+        bytes_in=seen.bytes_in,
+        bytes_out=seen.bytes_out,
+        open_websockets=seen.open_websockets,
     )
 
 
