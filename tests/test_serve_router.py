@@ -8,6 +8,7 @@ import time
 import httpx
 import pytest
 import websockets
+
 from jupyter_client_util import execute
 from servers import LabgateServer
 
@@ -106,7 +107,9 @@ def test_session_cookie_works_and_logout_revokes_it_in_the_router(server):
         assert page.status_code == 200 and "labgate demo" in page.text
         cookie = browser.cookies.get("labgate-session")
         csrf = browser.get("/api/v1/auth/session").json()["csrf_token"]
-        assert browser.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+        assert (
+            browser.post("/api/v1/auth/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+        )
     replay = httpx.get(
         instance["url"], headers={"Cookie": f"labgate-session={cookie}", "Accept": "text/html"}
     )
@@ -137,7 +140,9 @@ def test_token_without_access_scope_cannot_use_instances(server):
 
 @pytest.mark.e2e
 def test_jupyterlab_used_through_the_router_only(server):
-    pytest.importorskip("jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'")
+    pytest.importorskip(
+        "jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'"
+    )
     admin = server.token("admin", PASSWORD, ["admin", "account"])
     make_user(server, admin, "erin")
     erin = server.token("erin", USER_PASSWORD)
