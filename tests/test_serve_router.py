@@ -156,3 +156,22 @@ def test_jupyterlab_used_through_the_router_only(server):
     with httpx.Client(base_url=server.url, headers=erin, timeout=10) as client:
         client.delete(f"/api/v1/instances/{instance['id']}")
         wait_state(client, instance["id"], {"stopped"})
+
+
+def test_several_router_processes_share_the_port(tmp_path):
+    srv = LabgateServer(tmp_path / "var", PASSWORD, LABGATE_ROUTER_WORKERS="2")
+    srv.start()
+    try:
+        admin = srv.token("admin", PASSWORD, ["admin", "account"])
+        instance = launch(srv, admin)
+        # New connections are spread over both processes by the kernel; every one
+        # of them must know the route (the second process learnt it from the stream).
+        deadline = time.monotonic() + 30
+        answers = []
+        while len(answers) < 40 and time.monotonic() < deadline:
+            with httpx.Client(headers=admin, timeout=5) as fresh:
+                answers.append(fresh.get(instance["url"] + "api/health").status_code)
+        assert answers and set(answers[-20:]) == {200}, answers
+    finally:
+        srv.stop_instances("admin", PASSWORD)
+        srv.stop()
