@@ -100,19 +100,18 @@ class Engine:
             "options": {"base_url": self.base_url, "deployment": deployment, **options},
         }
 
-    def containers_of(self, deployment: str) -> list[Any]:
-        """Every container (running or not) labelled with ``deployment``."""
-        return list(
-            self.client.containers.list(
-                all=True, filters={"label": f"labgate.deployment={deployment}"}
-            )
+    def containers_of(self, deployment: str) -> list[str]:
+        """Ids of every container (running or not) labelled with ``deployment``."""
+        found = self.client.api.containers(
+            all=True, filters={"label": f"labgate.deployment={deployment}"}
         )
+        return [str(item["Id"]) for item in found]
 
     def clean(self, deployment: str) -> None:
         """Remove the containers and workspace volumes of one deployment."""
-        for container in self.containers_of(deployment):
+        for container_id in self.containers_of(deployment):
             with contextlib.suppress(Exception):
-                container.remove(force=True, v=True)
+                self.client.api.remove_container(container_id, force=True, v=True)
         for volume in self.client.volumes.list(
             filters={"label": f"labgate.deployment={deployment}"}
         ):

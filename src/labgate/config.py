@@ -70,6 +70,16 @@ class SiteConfig(BaseModel):
     data_root: Path | None = None
 
 
+class PoolConfig(BaseModel):
+    """A warm pool: ``size`` pre-started instances of ``tool`` on ``site``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tool: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$", description="The tool to keep warm.")
+    site: str = Field("", description="The site; empty means the first site.")
+    size: int = Field(1, ge=0, le=1000, description="Instances kept started and unclaimed.")
+
+
 class Settings(BaseSettings):
     """Every knob of labgate, server and client side."""
 
@@ -222,6 +232,50 @@ class Settings(BaseSettings):
         description=(
             "Seconds between reconciles: sites remove containers labgate does not know. "
             "0 means only at start-up."
+        ),
+    )
+
+    # --- lifecycle: warm pools, culling, quotas, metrics --------------------
+    pools: list[PoolConfig] = Field(
+        default_factory=list,
+        description=(
+            "Warm pools: [{tool, site, size}] instances started ahead of time and handed to "
+            "the next matching launch. In TOML: [[pools]] tables; in the environment: a JSON list."
+        ),
+    )
+    pool_check_interval: float = Field(
+        10.0, gt=0, description="Seconds between checks that every warm pool is full."
+    )
+    cull_interval: float = Field(
+        30.0, ge=0, description="Seconds between idle and lifetime checks; 0 turns culling off."
+    )
+    cull_warning: float = Field(
+        600.0,
+        ge=0,
+        description="Seconds before an idle or lifetime stop that a warning goes into the events.",
+    )
+    keep_alive_max: float = Field(
+        86400.0, ge=0, description="Longest a user may keep an idle instance alive, in seconds."
+    )
+    max_lifetime: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds any instance may run before it is stopped; 0 means no limit.",
+    )
+    max_cpu_per_user: float = Field(
+        0.0, ge=0, description="CPU cores one user may hold at once; 0 means no limit."
+    )
+    max_memory_per_user: Annotated[
+        int, BeforeValidator(lambda v: v if v in (0, "0") else parse_size(v))
+    ] = Field(0, ge=0, description="Memory one user may hold at once (e.g. 16G); 0: no limit.")
+    max_core_hours_per_user: float = Field(
+        0.0, ge=0, description="Core-hours one user may use per calendar month; 0: no limit."
+    )
+    metrics_token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "Bearer token that may read /metrics (besides admin API tokens). Empty means "
+            "only admin tokens."
         ),
     )
 

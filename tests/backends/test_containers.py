@@ -23,7 +23,8 @@ from helpers import ADMIN_PASSWORD, wait_for_state
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.containers import ContainerBackend
 from labgate.config import Settings, SiteConfig
-from labgate.security import hash_token, new_id
+from labgate.errors import InstanceStartError
+from labgate.security import new_id
 from labgate.tools.catalog import Catalog, ContainerSpec, Tool
 from podman import BUSYBOX_IMAGE, RUN, Engine, Registry
 from servers import LabgateServer
@@ -218,7 +219,11 @@ async def test_container_gets_limits_labels_workspace_and_a_loopback_port(
     await backend.close()
 
 
-async def test_backend_options_are_checked(settings: Settings) -> None:
+# These run without Podman.
+
+
+def test_backend_options_are_checked(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "var")
     with pytest.raises(ValueError, match="loopback"):
         ContainerBackend(settings, {"publish_host": "0.0.0.0"})
     with pytest.raises(ValueError, match="nosuch"):
@@ -228,6 +233,20 @@ async def test_backend_options_are_checked(settings: Settings) -> None:
     backend = ContainerBackend(settings, {})
     assert backend.deployment == (settings.data_dir / "deployment_id").read_text().strip()
     assert ContainerBackend(settings, {}).deployment == backend.deployment  # kept
+    assert ContainerBackend(settings, {"publish_host": "::1"}).config.publish_host == "::1"
+
+
+async def test_an_unreachable_engine_fails_launches_but_loses_no_instance(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "var")
+    backend = ContainerBackend(settings, {"base_url": f"unix://{tmp_path}/none.sock"})
+    with pytest.raises(InstanceStartError, match="container engine"):
+        await backend.start(demo_spec(tmp_path))
+    status = await backend.poll({"container_id": "abc", "name": "x"})
+    assert status.alive and status.detail.startswith("engine unreachable")
+    assert (await backend.logs({"container_id": "abc"})).startswith("(logs unavailable")
+    await backend.close()
 
 
 def test_tool_files_get_a_container_section() -> None:
@@ -247,39 +266,35 @@ def test_tool_files_get_a_container_section() -> None:
 
 
 async def test_demo_in_a_container_through_the_router_with_websocket(
-    app: Any, client: httpx.AsyncClient, make_user: Any
+    app: Any, client: httpx.AsyncClient, make_user: Any, settings: Settings
 ) -> None:
     from labgate.router.server import Router
-    from labgate.router.table import Route, RouteTable, TokenInfo, UserInfo
     from labgate.security import SessionSigner
 
     alice = await make_user("alice")
+    bob = await make_user("bob")
     iid = await launch(client, alice, tool="demo")
     body = await wait_for_state(client, alice, iid, {"running", "failed"})
     assert body["state"] == "running", body
-    endpoint, secret, owner_id = await instance_row(app, iid)
+    endpoint, _, _ = await instance_row(app, iid)
     assert endpoint.startswith("http://127.0.0.1:")
 
-    # The router as labgate serve will run it, fed this instance's route.
-    table = RouteTable()
-    token = "lg_containers_test_token_0123456789abcdefghijklmnop"
-    table.load(
-        users=[UserInfo(owner_id, "alice")],
-        tokens=[(hash_token(token), TokenInfo(owner_id, frozenset({"instances:access"})))],
-    )
-    table.add_route(Route(iid, endpoint, owner_id, upstream_token=secret))
-    router = Router(table, SessionSigner("k", 3600), app.state.test_url)
+    # A router fed by this portal's own route table, as in labgate serve.
+    signer = SessionSigner(settings.signing_key(), settings.session_max_age)
+    router = Router(app.state.portal.routes.table, signer, app.state.test_url)
     await router.listen("127.0.0.1", 0)
     try:
         base = f"127.0.0.1:{router.port}/i/{iid}"
-        headers = {"Authorization": f"token {token}"}
         async with httpx.AsyncClient(timeout=10) as http:
-            page = await http.get(f"http://{base}/", headers=headers)
+            page = await http.get(f"http://{base}/", headers=alice)
             assert page.status_code == 200 and iid in page.text
-            info = (await http.get(f"http://{base}/api/info", headers=headers)).json()
+            info = (await http.get(f"http://{base}/api/info", headers=alice)).json()
             assert info["user"] == "alice"
-            assert (await http.get(f"http://{base}/api/info")).status_code in (302, 401)
-        async with websockets.connect(f"ws://{base}/ws", additional_headers=headers) as ws:
+            assert (await http.get(f"http://{base}/api/info", headers=bob)).status_code in (
+                403,
+                404,
+            )
+        async with websockets.connect(f"ws://{base}/ws", additional_headers=alice) as ws:
             await ws.send("hello from a container")
             assert await ws.recv() == "hello from a container"
     finally:
@@ -385,8 +400,8 @@ async def test_vanished_container_makes_the_instance_lost(
     assert (await wait_for_state(client, admin_headers, iid, {"running", "failed"}))[
         "state"
     ] == "running"
-    for container in engine.containers_of(deployment):
-        container.remove(force=True)
+    for container_id in engine.containers_of(deployment):
+        engine.client.api.remove_container(container_id, force=True)
     body = await wait_for_state(client, admin_headers, iid, {"lost"}, timeout=20)
     assert "container vanished" in body["reason"]
 
@@ -442,6 +457,22 @@ async def test_reconcile_removes_orphans_and_nothing_else(
     finally:
         for container in (other_site, other_labgate):
             container.remove(force=True)
+
+
+async def test_reconcile_runs_every_interval(app: Any, engine: Engine, deployment: str) -> None:
+    from labgate.scheduler.reconcile import Reconciler
+
+    portal = app.state.portal
+    stray = orphan(engine, deployment, "found-later")
+    reconciler = Reconciler(portal.db, portal.links, interval=0.2)
+    reconciler.start()
+    try:
+        deadline = time.monotonic() + 10
+        while stray.id in engine.containers_of(deployment):
+            assert time.monotonic() < deadline, "the periodic reconcile never removed the orphan"
+            await asyncio.sleep(0.1)
+    finally:
+        await reconciler.close()
 
 
 def _backend_state(session: Any, iid: str) -> dict[str, Any]:
@@ -523,15 +554,6 @@ def test_restart_of_serve_keeps_the_container_running_and_reconciles(
         server.stop()
 
 
-def router_in_serve(server: LabgateServer, iid: str, headers: dict[str, str]) -> bool:
-    """Whether ``labgate serve`` proxies /i/ (the router is wired in), or the portal answers."""
-    response = httpx.get(f"{server.url}/i/{iid}/api/health", headers=headers, timeout=10)
-    try:
-        return response.json().get("error") != "not_found"
-    except ValueError:
-        return True
-
-
 def test_container_is_routed_by_serve_before_and_after_a_restart(
     tmp_path: Path, engine: Engine, deployment: str
 ) -> None:
@@ -542,8 +564,6 @@ def test_container_is_routed_by_serve_before_and_after_a_restart(
         with httpx.Client(base_url=server.url, headers=admin, timeout=10) as http:
             iid = http.post("/api/v1/instances", json={"tool": "demo"}).json()["id"]
             assert wait_state(http, iid, {"running", "failed"})["state"] == "running"
-            if not router_in_serve(server, iid, admin):
-                pytest.skip("the router is not wired into `labgate serve` yet")
         use_through_router(server.url, iid, admin)
         server.stop()
         server.start()

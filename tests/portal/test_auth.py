@@ -223,4 +223,4 @@ async def test_html_login_form_redirects_only_to_local_paths(client, make_user):
     assert r.status_code == 303 and r.headers["location"] == "/i/abc/lab?x=1"
     client.cookies.clear()
     bad = await client.post("/login", data={"username": "quinn", "password": "wrong", "next": "/"})
-    assert bad.status_code == 401 and "wrong user name or password" in bad.text
+    assert bad.status_code == 401 and "wrong user name or password" in bad.text.lower()

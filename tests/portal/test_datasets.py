@@ -80,6 +80,10 @@ async def test_invalid_identifiers_are_refused_with_the_reason(client: Any, make
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_identifier"
     assert "not a DOI prefix" in response.json()["detail"]
+    scripted = await client.post(
+        "/api/v1/datasets", json={"id": DOI, "landing_page": "javascript:alert(1)"}, headers=alice
+    )
+    assert scripted.status_code == 422 and "http:// or https://" in scripted.json()["detail"]
     bad_checksum = await client.post(
         "/api/v1/datasets", json={"id": DOI, "checksum": "sha256:abc"}, headers=alice
     )

@@ -274,3 +274,11 @@ def test_every_template_script_and_style_exists():
     for template in (ui / "templates").glob("*.html"):
         for name in re.findall(r"/static/([a-z0-9_.-]+)\?", template.read_text()):
             assert name in names, f"{template.name} refers to a missing {name}"
+
+
+def test_user_guide_images_exist():
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    guide = (docs / "user-guide.md").read_text()
+    images = re.findall(r"(images/[a-z0-9-]+\.png)", guide)
+    assert images, "the user guide shows the pages"
+    assert [image for image in images if not (docs / image).is_file()] == []

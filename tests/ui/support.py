@@ -41,6 +41,11 @@ def stop_all_instances(server: LabgateServer, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
+def unique_name(prefix: str) -> str:
+    """A user name no other test of this session uses."""
+    return f"{prefix}{time.monotonic_ns() // 1000 % 10**9}"
+
+
 @dataclass
 class Gateway:
     """The running labgate as a test sees it: its URL, an admin API client, browser pages."""
@@ -57,7 +62,7 @@ class Gateway:
 
     def create_user(self, prefix: str, *, is_admin: bool = False) -> str:
         """A new user with the tests' password; the name is unique per session."""
-        name = f"{prefix}{int(time.monotonic() * 1000) % 10**7}"
+        name = unique_name(prefix)
         created = self.admin.post(
             "/api/v1/users", json={"name": name, "password": PASSWORD, "is_admin": is_admin}
         )

@@ -10,7 +10,14 @@ import pytest
 from playwright.sync_api import expect
 
 from helpers import PASSWORD
-from ui.support import ADMIN_PASSWORD, INSTANCE_PAGE, PHONE, launch_via_api, wait_for
+from ui.support import (
+    ADMIN_PASSWORD,
+    INSTANCE_PAGE,
+    PHONE,
+    launch_via_api,
+    unique_name,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -136,7 +143,7 @@ def test_admin_sees_filters_and_stops_everyones_instances(gateway):
     admin.get_by_label("State").select_option("running")
     admin.get_by_role("button", name="Filter").click()
     expect(admin.locator("#instances tbody tr")).to_have_count(1)
-    gateway.shot(admin, "16-admin-instances", docs=True)
+    gateway.shot(admin, "16-admin-instances")
     admin.once("dialog", lambda dialog: dialog.accept())
     row.get_by_role("button", name=f"Stop demo {instance_id}").click()
     admin.get_by_label("State").select_option("")
@@ -146,6 +153,35 @@ def test_admin_sees_filters_and_stops_everyones_instances(gateway):
     card = admin.locator('li.card[data-site="local"]')
     expect(card).to_contain_text("process backend")
     gateway.shot(admin, "17-admin-sites", docs=True)
+
+
+def test_admin_creates_a_user_and_resets_a_password(gateway):
+    admin = gateway.page()
+    gateway.sign_in(admin, "admin", ADMIN_PASSWORD, path="/admin/users")
+    name = unique_name("nia")
+    admin.get_by_label("User name").fill(name)
+    admin.get_by_role("button", name="Create user").click()
+    created = admin.locator("#user-created")
+    expect(created).to_contain_text(f"Created {name}.")
+    generated = created.locator("code").inner_text()
+    assert len(generated) >= 12
+    row = admin.locator(f'tr[data-name="{name}"]')
+    expect(row).to_contain_text("user")
+
+    row.get_by_role("button", name=f"Reset password of {name}").click()
+    dialog = admin.get_by_role("dialog", name="Reset password")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("New password").fill("short")
+    dialog.get_by_role("button", name="Set password").click()
+    expect(dialog.get_by_role("alert")).to_have_text("At least 8 characters.")
+    dialog.get_by_label("New password").fill("reset-by-the-admin")
+    dialog.get_by_role("button", name="Set password").click()
+    expect(dialog).to_be_hidden()
+    expect(admin.locator("#users-message")).to_contain_text(f"New password set for {name}")
+
+    user = gateway.page()
+    gateway.sign_in(user, name, "reset-by-the-admin")
+    expect(user.get_by_role("heading", name="Tools", level=1)).to_be_visible()
 
 
 def test_phone_sized_screens_dark_mode_and_keyboard_focus(gateway):
@@ -159,7 +195,7 @@ def test_phone_sized_screens_dark_mode_and_keyboard_focus(gateway):
     phone.goto(gateway.url + "/instances")
     expect(phone.locator("#instances tbody tr .state")).to_have_text("running")
     assert no_horizontal_scroll(phone)
-    gateway.shot(phone, "19-phone-instances", docs=True)
+    gateway.shot(phone, "19-phone-instances")
 
     dark = gateway.page(dark=True)
     gateway.sign_in(dark, name, path="/instances")

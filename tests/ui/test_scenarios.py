@@ -47,6 +47,14 @@ def test_new_user_launches_demo_and_uses_it_through_the_router(gateway):
     expect(page.get_by_role("link", name="Open Demo")).to_be_visible()
     assert INSTANCE_PAGE.search(page.url)
 
+    # My instances shows what the router saw of it.
+    page.get_by_role("link", name="My instances").first.click()
+    row = page.locator(f'tr[data-id="{instance_id}"]')
+    expect(row.locator(".state")).to_have_text("running")
+    expect(row.locator('td[data-label="Last activity"]')).to_have_text(
+        re.compile(r"just now|ago|in use now")
+    )
+
 
 def test_stop_from_my_instances_updates_without_reload(gateway):
     name = gateway.create_user("bea")
@@ -132,6 +140,7 @@ def test_admin_disables_a_user_who_is_then_signed_out(gateway):
     row.get_by_role("button", name=f"Disable {name}").click()
     expect(admin.get_by_role("status").first).to_contain_text(f"{name} is disabled")
     expect(admin.locator(f'tr[data-name="{name}"] .state')).to_have_text("disabled")
+    admin.evaluate("window.scrollTo(0, 0)")
     gateway.shot(admin, "10-admin-users", docs=True)
 
     user.reload()

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from labgate.agent.site import SiteAgent
     from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
+    from labgate.backends.claim import Claim
+    from labgate.tools.catalog import Tool
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class SiteLink(abc.ABC):
         """Let the site remove instances the portal does not know (ids not in ``known``)."""
         return []
 
+    def claim_support(self, tool: Tool) -> str | None:
+        """Why the site cannot hand running instances of ``tool`` to users (None: it can)."""
+        return f"{type(self).__name__} cannot carry warm-pool claims"
+
+    async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
+        """Hand a running warm-pool instance to a user; returns its new backend state."""
+        raise NotImplementedError(f"{type(self).__name__} cannot carry warm-pool claims")
+
 
 class LocalSiteLink(SiteLink):
     """A link to an agent running in the portal's own process."""
@@ -136,3 +146,11 @@ class LocalSiteLink(SiteLink):
     async def reconcile(self, known: set[str]) -> list[str]:
         """Reconcile through the in-process agent."""
         return await self.agent.reconcile(known)
+
+    def claim_support(self, tool: Tool) -> str | None:
+        """Ask the in-process agent's backend."""
+        return self.agent.claim_support(tool)
+
+    async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
+        """Claim through the in-process agent."""
+        return await self.agent.claim(instance_id, claim)

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -27,6 +27,10 @@ from labgate.backends.base import (
     Started,
 )
 from labgate.errors import LabgateError
+
+if TYPE_CHECKING:
+    from labgate.backends.claim import Claim
+    from labgate.tools.catalog import Tool
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +161,39 @@ class SiteAgent:
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data through the backend."""
         await self.backend.delete_snapshot(ref)
+
+    def claim_support(self, tool: Tool) -> str | None:
+        """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""
+        return self.backend.claim_support(tool)
+
+    async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
+        """Hand a running warm-pool instance to a user; returns its new backend state.
+
+        The backend brings the user's workspace in; then a tool with a
+        ``claim_path`` is told (with the instance token) whom it serves now.
+        """
+        from labgate.backends.claim import ClaimError
+
+        watched = self.watched.get(instance_id)
+        if watched is None or not watched.running:
+            raise ClaimError(f"instance {instance_id} is not running on site {self.site}")
+        claimed = await self.backend.claim(watched.backend_state, claim)
+        spec = watched.spec
+        watched.backend_state = claimed.state
+        watched.spec = replace(spec, owner=claim.owner, workspace=claim.workspace)
+        if spec.tool.claim_path:
+            prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
+            url = watched.endpoint.rstrip("/") + prefix + spec.tool.claim_path
+            body = {"user": claim.owner, "workspace": claimed.workspace}
+            try:
+                response = await self._http.post(
+                    url, json=body, headers={"Authorization": f"token {spec.secret}"}
+                )
+            except httpx.HTTPError as exc:
+                raise ClaimError(f"the tool's claim hook failed: {exc!r}") from None
+            if response.status_code >= 400:
+                raise ClaimError(f"the tool's claim hook answered {response.status_code}")
+        return claimed.state
 
     async def reconcile(self, known: set[str]) -> list[str]:
         """Have the backend remove what neither the portal (``known``) nor this agent knows."""

@@ -35,6 +35,10 @@ Optional hooks (the defaults say "not supported" or do nothing):
     Remove what the engine runs for this site that labgate does not know
     (ids not in ``keep``); return the instance ids removed. The agent calls
     it at start-up and periodically.
+``claim_support(tool)`` and ``claim(state, claim)``
+    Hand a running warm-pool instance to a user: make their workspace the
+    instance's (see :mod:`labgate.backends.claim`) and return the new state.
+    ``claim_support`` says why not (a string) or None when it can.
 
 The agent calls :meth:`Backend.attach` once with the site's name and a
 progress callback; :meth:`Backend.progress_note` sends notes (image pull,
@@ -58,6 +62,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from labgate.errors import LabgateError
 
 if TYPE_CHECKING:
+    from labgate.backends.claim import Claim, Claimed
     from labgate.config import Settings
     from labgate.tools.catalog import Tool
 
@@ -244,6 +249,16 @@ class Backend(abc.ABC):
     async def reconcile(self, keep: Collection[str]) -> list[str]:
         """Remove instances the engine runs for this site whose ids are not in ``keep``."""
         return []
+
+    def claim_support(self, tool: Tool) -> str | None:
+        """Why a running instance of ``tool`` cannot take on a user here, or None if it can."""
+        return f"the {self.name} backend cannot give a running instance another workspace"
+
+    async def claim(self, state: JSON, claim: Claim) -> Claimed:
+        """Give a running warm-pool instance the user's workspace; return its new state."""
+        from labgate.backends.claim import ClaimError
+
+        raise ClaimError(f"the {self.name} backend cannot give a running instance a workspace")
 
 
 def available_backends() -> dict[str, str]:

@@ -29,7 +29,6 @@ restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import logging
@@ -185,6 +184,15 @@ def describe_exit(state: dict[str, Any]) -> str:
     error = state.get("Error")
     text = f"exited with code {code}" if code is not None else "stopped"
     return f"{text} ({error})" if error else text
+
+
+def is_gone(exc: BaseException) -> bool:
+    """Whether an SDK error says the container does not exist.
+
+    Podman answers 500 "no such container" instead of 404 when the container
+    goes while it is being asked about.
+    """
+    return isinstance(exc, NotFound) or "no such container" in explain(exc).lower()
 
 
 def url_host(host: str) -> str:
@@ -364,8 +372,11 @@ class ContainerBackend(Backend):
         return name
 
     def _remove_quietly(self, ref: str) -> None:
-        with contextlib.suppress(NotFound):
+        try:
             self.client.api.remove_container(ref, v=True, force=True)
+        except DockerException as exc:
+            if not is_gone(exc):
+                raise
 
     def _run(
         self,
@@ -463,9 +474,9 @@ class ContainerBackend(Backend):
         """
         try:
             attrs = await self._engine(self._inspect, state["container_id"])
-        except NotFound:
-            return Status(alive=False, detail="container vanished")
         except _ENGINE_ERRORS as exc:
+            if is_gone(exc):
+                return Status(alive=False, detail="container vanished")
             log.warning("cannot poll container %s: %s", state.get("name"), explain(exc))
             return Status(alive=True, detail=f"engine unreachable: {explain(exc)}")
         engine_state = attrs.get("State") or {}
@@ -485,9 +496,10 @@ class ContainerBackend(Backend):
     def _stop(self, container_id: str, grace: float) -> None:
         try:
             self.client.api.stop(container_id, timeout=max(0, math.ceil(grace)))
-        except NotFound:
-            return
-        except DockerException as exc:  # e.g. already stopping; removal forces it
+        except DockerException as exc:
+            if is_gone(exc):
+                return
+            # E.g. already stopping: the forced removal below ends it.
             log.info("stopping container %s: %s", container_id[:12], explain(exc))
         self._remove_quietly(container_id)
 
@@ -503,8 +515,10 @@ class ContainerBackend(Backend):
             return ""
         try:
             data = self.client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
-        except NotFound:
-            return ""
+        except DockerException as exc:
+            if is_gone(exc):
+                return ""
+            raise
         return bytes(data).decode("utf-8", errors="replace")
 
     async def close(self) -> None:

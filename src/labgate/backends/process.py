@@ -45,6 +45,7 @@ from labgate.backends.base import (
     Started,
     Status,
 )
+from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
 from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
@@ -60,6 +61,7 @@ from labgate.tools.catalog import template_values
 
 if TYPE_CHECKING:
     from labgate.config import Settings
+    from labgate.tools.catalog import Tool
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +381,40 @@ class ProcessBackend(Backend):
         if known:
             log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
         self._reap_all()
+        scratch = self._pool_workspace(state)
+        if scratch is not None and not known:
+            await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+    # --- warm pools (see labgate.backends.claim) ----------------------------------
+
+    def _pool_workspace(self, state: JSON) -> Path | None:
+        """The instance's own warm-pool workspace (removed at stop), if it has one."""
+        pool_dir = (self.settings.workspaces_dir / "_pool").resolve()
+        path = Path(state.get("pool_workspace") or state.get("workspace") or "")
+        return path if path.parent == pool_dir and path.name else None
+
+    def claim_support(self, tool: Tool) -> str | None:
+        """Only sandboxed instances can take on a workspace, and only with root's mounts."""
+        if self.settings.sandbox == "none" or find_bwrap() is None:
+            return "without the bubblewrap sandbox a running process cannot change workspace"
+        if os.geteuid() != 0:
+            return "mounting a workspace into a running sandbox needs root (CAP_SYS_ADMIN)"
+        return None
+
+    async def claim(self, state: JSON, claim: Claim) -> Claimed:
+        """Mount the user's workspace over the pool workspace inside the instance's sandbox."""
+        if not state.get("sandbox"):
+            raise ClaimError("the instance runs without a sandbox")
+        workspace = claim.workspace.expanduser().resolve()
+        await asyncio.to_thread(workspace.mkdir, 0o700, True, True)
+        tracked = int(state["pid"])
+        pid = await asyncio.to_thread(sandboxed_pid, str(state["instance_id"]), tracked)
+        if pid is None:
+            raise ClaimError("the instance's sandbox is gone")
+        inside = str(state["workspace"])
+        await mount_into(pid, workspace, inside)
+        new_state = {**state, "workspace": str(workspace), "pool_workspace": inside}
+        return Claimed(state=new_state, workspace=inside)
 
     # --- logs --------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -200,6 +201,12 @@ class Instance(Base):
     #: The snapshot this instance was launched from, if any. A plain column (see
     #: migration 0003); it outlives the snapshot, which then reads as None.
     snapshot_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: ``tool@site`` while the instance waits, unclaimed, in a warm pool (migration 0004).
+    pool: Mapped[str | None] = mapped_column(String(130), default=None, index=True)
+    #: The owner asked that idle culling spare the instance until then.
+    keep_alive_until: Mapped[datetime | None] = mapped_column(default=None)
+    #: Last "busy" report of the tool itself, or the claim from a warm pool.
+    last_activity_at: Mapped[datetime | None] = mapped_column(default=None)
 
     owner: Mapped[User] = relationship()
     site: Mapped[Site | None] = relationship()
@@ -352,3 +359,86 @@ class SnapshotShare(Base):
 
     snapshot: Mapped[Snapshot] = relationship(back_populates="shares")
     user: Mapped[User] = relationship()
+
+
+class LimitColumns:
+    """Quota columns shared by groups and users; None means "no limit of its own"."""
+
+    max_instances: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_cpu: Mapped[float | None] = mapped_column(Float, default=None)
+    max_memory: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    #: Core-hours per calendar month (UTC).
+    max_core_hours: Mapped[float | None] = mapped_column(Float, default=None)
+
+
+class Group(LimitColumns, Base):
+    """A set of users with limits on what its members use together."""
+
+    __tablename__ = "groups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    #: Seconds an instance charged to the group may run; None: no limit of its own.
+    max_lifetime: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    members: Mapped[list[GroupMember]] = relationship(
+        back_populates="group", cascade="all, delete-orphan"
+    )
+
+
+class GroupMember(Base):
+    """A user in a group."""
+
+    __tablename__ = "group_members"
+
+    group_id: Mapped[int] = mapped_column(
+        ForeignKey("groups.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    group: Mapped[Group] = relationship(back_populates="members")
+    user: Mapped[User] = relationship()
+
+
+class UserLimits(LimitColumns, Base):
+    """Limits of one user that replace the settings' defaults."""
+
+    __tablename__ = "user_limits"
+
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class UsageRecord(Base):
+    """Who used what, where and for how long: one per instance and owner.
+
+    Names are copied, not referenced, so the record outlives users, groups and
+    sites. A warm-pool instance has one record for its time in the pool and one
+    from its claim on.
+    """
+
+    __tablename__ = "usage_records"
+    __table_args__ = (Index("ix_usage_records_started_stopped", "started_at", "stopped_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(32), index=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), default=None, index=True
+    )
+    user_name: Mapped[str] = mapped_column(String(64))
+    group_name: Mapped[str] = mapped_column(String(64), default="", index=True)
+    tool: Mapped[str] = mapped_column(String(64))
+    site: Mapped[str] = mapped_column(String(64), default="")
+    cpu: Mapped[float] = mapped_column(Float, default=0.0)
+    memory: Mapped[int] = mapped_column(BigInteger, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: Why it ended: ``stopped`` (by a person), ``idle``, ``lifetime``, ``failed``, ``lost``,
+    #: ``claimed`` (a pool record handed over), ``deleted``...
+    reason: Mapped[str] = mapped_column(String(32), default="")

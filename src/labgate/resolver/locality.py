@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -178,7 +178,6 @@ class DataNeed:
     holders: dict[str, str]
     #: Set when no site holds it and it will be fetched into the chosen site's cache.
     fetch: dict[str, Any] | None = None
-    sites: tuple[str, ...] = field(default=())
 
     def mount_on(self, site: str) -> dict[str, Any]:
         """The instance's mount record for a launch on ``site``."""
@@ -325,7 +324,6 @@ class DataLocator:
             name=dataset.name,
             holders=holders,
             fetch=fetch,
-            sites=tuple(r.site for r in resolution.replicas),
         )
 
     async def prepare(self, db: Database, instance_id: str, report: Reporter) -> bool:

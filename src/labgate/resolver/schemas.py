@@ -24,6 +24,14 @@ class _Checksummed(Strict):
     def _checksum(cls, value: str | None) -> str | None:
         return check_checksum(value) if value else value
 
+    @field_validator("landing_page", check_fields=False)
+    @classmethod
+    def _landing_page(cls, value: str | None) -> str | None:
+        # Shown as a link on labgate's own pages: no javascript: or data: URLs.
+        if value and not value.lower().startswith(("https://", "http://")):
+            raise ValueError("a landing page is an http:// or https:// URL")
+        return value
+
 
 class ReplicaIn(_Checksummed):
     """A replica as registered: a path under the site's data root."""

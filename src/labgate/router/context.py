@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
+from labgate.router.stats import RouterStats
 from labgate.router.table import RouteTable, UpstreamAddress
 
 if TYPE_CHECKING:
@@ -88,7 +89,10 @@ class Context:
         self.options = options
         self.activity = activity or ActivityLog()
         self.portal_counter = Counter()
+        self.stats = RouterStats()
         self.now = time.monotonic()
+        #: Wall clock as of the last sweep: tunnelled bytes mark activity with it, cheaply.
+        self.wall = time.time()
         self.connections: set[Timed] = set()
         self.tunnels: dict[str, set[Timed]] = {}
         self.pool: UpstreamPool = UpstreamPool(self)
@@ -111,6 +115,7 @@ class Context:
     def sweep(self) -> None:
         """Time out every connection past its deadline."""
         self.now = now = time.monotonic()
+        self.wall = time.time()
         late = [c for c in self.connections if c.deadline <= now]
         for connection in late:
             try:

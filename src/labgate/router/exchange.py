@@ -85,6 +85,7 @@ class Exchange:
         "response_done",
         "response_started",
         "retried",
+        "started",
         "target",
         "target_info",
         "te",
@@ -127,6 +128,8 @@ class Exchange:
         self.response_done = False
         self.close_after = False
         self.retried = False
+        #: Wall-clock time the request was routed to an instance (for the latency histogram).
+        self.started = 0.0
         self.instance_id = ""
         self.head = b""
         self.address: UpstreamAddress | None = None

@@ -135,8 +135,12 @@ class ClientConnection(asyncio.Protocol):
         """Feed the parser, or the tunnel."""
         if self.tunnel is not None:
             self.tunnel.tunnel_send(data)
-            if self.counter is not None:
-                self.counter.bytes_in += len(data)
+            counter = self.counter
+            if counter is not None:
+                counter.bytes_in += len(data)
+                # WebSocket traffic is use of the instance (idle culling), to the sweep's second.
+                if counter.last_request < self.ctx.wall:
+                    counter.last_request = self.ctx.wall
             return
         if self.upgrade_buf is not None:
             # Bytes after an upgrade request wait for the upstream's answer.
@@ -326,6 +330,8 @@ class ClientConnection(asyncio.Protocol):
             return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
+        ctx.stats.requests += 1
+        ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id
         ex.head = instance_head(ex, route, identity, creds, self.peer, self.proto)
@@ -537,8 +543,11 @@ class ClientConnection(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Tunnelled bytes from the upstream."""
         self.write(data)
-        if self.counter is not None:
-            self.counter.bytes_out += len(data)
+        counter = self.counter
+        if counter is not None:
+            counter.bytes_out += len(data)
+            if counter.last_request < self.ctx.wall:
+                counter.last_request = self.ctx.wall
 
     def tunnel_lost(self) -> None:
         """The upstream end of the tunnel closed."""

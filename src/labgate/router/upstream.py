@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -292,6 +293,8 @@ class UpstreamConnection(asyncio.Protocol):
                 if ex.http11:
                     self._to_client(b"".join([status_line(status, self.reason), *headers, b"\r\n"]))
             return
+        if ex.started:
+            self.ctx.stats.observe(time.time() - ex.started)
         self.keep_alive = self.parser.should_keep_alive()
         self.body_allowed = not (ex.is_head or status in _NO_BODY_STATUS)
         head = [status_line(status, self.reason), *headers]

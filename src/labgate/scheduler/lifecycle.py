@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Adoption, Report, SiteLink
@@ -36,7 +36,8 @@ from labgate.db.models import (
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import BadRequest, Conflict, NotFound, QuotaExceeded
+from labgate.errors import BadRequest, Conflict, NotFound
+from labgate.scheduler import accounting, quotas
 from labgate.scheduler.events import EventBus
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
@@ -47,6 +48,7 @@ from labgate.units import parse_size
 
 if TYPE_CHECKING:
     from labgate.resolver.locality import DataLocator, DataNeed
+    from labgate.scheduler.pools import PoolManager
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class LaunchRequest:
     labels: dict[str, str] | None = None
     #: A snapshot id: start from it (its tool, its image or workspace archive).
     snapshot: str | None = None
+    #: The group to charge (quotas, accounting); None: the first of the user's that admits it.
+    group: str | None = None
 
 
 class InstanceManager:
@@ -99,6 +103,12 @@ class InstanceManager:
         self.routes = routes
         #: Resolves a launch's dataset to replicas and mounts (labgate.resolver).
         self.data = data
+        #: Per-user limits where a user has none of their own (labgate.scheduler.quotas).
+        self.default_limits = quotas.Limits(instances=max_instances_per_user)
+        #: Warm pools a launch may claim from (labgate.scheduler.pools), set by the app.
+        self.pools: PoolManager | None = None
+        #: Environment every instance gets (e.g. LABGATE_API_URL), set by the app.
+        self.extra_env: dict[str, str] = {}
         self._admission = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -122,10 +132,23 @@ class InstanceManager:
         if tool is None:
             raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
         resources = resolve_resources(tool, request.resources)
-        instance = await self._db(lambda s: self._admit(s, user_id, tool, request, resources))
-        self.events.notify(instance.id)
-        self._spawn(self._start(instance.id))
+        warm = self.pools is not None and self.pools.matches(tool, request, resources)
+        instance = await self._db(lambda s: self._admit(s, user_id, tool, request, resources, warm))
+        if instance.state == InstanceState.running and self.pools is not None:
+            # Claimed from a warm pool: hand it the user's workspace, else start cold.
+            claimed = await self.pools.bind(instance)
+            if claimed is not None:
+                return claimed
+            instance = await self._db(
+                lambda s: self._admit(s, user_id, tool, request, resources, False)
+            )
+        self.start_admitted(instance.id)
         return instance
+
+    def start_admitted(self, instance_id: str) -> None:
+        """Start an admitted (``pending``) instance in the background."""
+        self.events.notify(instance_id)
+        self._spawn(self._start(instance_id))
 
     def _need(self, session: Session, dataset: str | None) -> DataNeed | None:
         if dataset is None:
@@ -141,6 +164,7 @@ class InstanceManager:
         tool: Tool,
         request: LaunchRequest,
         resources: Resources,
+        warm: bool = False,
     ) -> Instance:
         # One admission at a time per portal, plus a row lock for PostgreSQL
         # replicas: the count and the insert must not interleave.
@@ -148,22 +172,11 @@ class InstanceManager:
             user = session.execute(
                 select(User).where(User.id == user_id).with_for_update()
             ).scalar_one()
-            active = (
-                session.scalar(
-                    select(func.count())
-                    .select_from(Instance)
-                    .where(Instance.owner_id == user_id, Instance.state.in_(ACTIVE_STATES))
-                )
-                or 0
-            )
-            limit = self.max_instances_per_user
-            if active >= limit:
-                raise QuotaExceeded(
-                    f"{user.name} has {active} of {limit} allowed instances; "
-                    "stop one before launching another",
-                    limit=limit,
-                    current=active,
-                )
+            group = quotas.admit(session, self.default_limits, user, resources, request.group)
+            if warm and self.pools is not None:
+                claimed = self.pools.take(session, user, tool, group)
+                if claimed is not None:
+                    return claimed
             # Placement inside the admission lock: capacity is counted and taken at once.
             need = self._need(session, request.dataset)
             placement = Placement(
@@ -192,6 +205,7 @@ class InstanceManager:
                 snapshot_id=request.snapshot,
             )
             session.add(instance)
+            accounting.open_record(session, instance, user, group.name if group else "")
             near = f", next to {need.identifier}" if need is not None and need.holders else ""
             session.add(
                 InstanceEvent(
@@ -228,6 +242,9 @@ class InstanceManager:
         if tool is None:
             raise NotFound(f"tool {instance.tool!r} is no longer in the catalog")
         workspace = self.workspaces_dir / instance.owner.name
+        if instance.pool is not None:
+            # Unclaimed: an empty workspace of its own; a claim brings the user's.
+            workspace = self.workspaces_dir / "_pool" / instance.id
         snapshot = snapshot_ref(instance.snapshot) if instance.snapshot is not None else None
         if snapshot is not None and snapshot.kind == "archive":
             # A workspace archive is restored into a new workspace of the instance's own.
@@ -249,13 +266,19 @@ class InstanceManager:
             snapshot=snapshot,
             # Where each mount is, for the tool; a backend that cannot mount at the
             # target (process without bwrap) points these at the host path instead.
-            env={mount.env_var: mount.target for mount in mounts},
+            env={**self.extra_env, **{mount.env_var: mount.target for mount in mounts}},
         )
 
     # --- stop --------------------------------------------------------------
-    async def stop(self, instance_id: str) -> Instance:
-        """Ask the instance's site to stop it; returns it in ``stopping``."""
-        instance = await self._db(lambda s: self._begin_stop(s, instance_id))
+    async def stop(
+        self, instance_id: str, *, reason: str = "stopped", message: str = "stop requested"
+    ) -> Instance:
+        """Ask the instance's site to stop it; returns it in ``stopping``.
+
+        ``reason`` is the short word usage records keep (``stopped``, ``idle``,
+        ``lifetime``...); ``message`` goes into the event stream.
+        """
+        instance = await self._db(lambda s: self._begin_stop(s, instance_id, reason, message))
         self._after_change(instance)
         link = self.links.get(instance.site.name) if instance.site else None
         if link is not None:
@@ -284,7 +307,9 @@ class InstanceManager:
             except Conflict:
                 continue
 
-    def _begin_stop(self, session: Session, instance_id: str) -> Instance:
+    def _begin_stop(
+        self, session: Session, instance_id: str, reason: str, message: str
+    ) -> Instance:
         instance = session.get(Instance, instance_id)
         if instance is None:
             raise NotFound(f"no instance {instance_id!r}")
@@ -293,7 +318,7 @@ class InstanceManager:
             raise Conflict(f"instance {instance_id} is already stopping", code="invalid_state")
         if prior.terminal:
             raise Conflict(f"instance {instance_id} is already {prior.value}", code="invalid_state")
-        _transition(session, instance, InstanceState.stopping, "stop requested")
+        _transition(session, instance, InstanceState.stopping, message, {"reason": reason})
         session.flush()
         session.refresh(instance, ["owner", "site"])
         return instance
@@ -440,6 +465,7 @@ def _transition(
     if target in (InstanceState.failed, InstanceState.lost):
         instance.reason = message
     session.add(InstanceEvent(instance=instance, state=target, message=message, data=data or {}))
+    accounting.on_transition(session, instance, target, data or {})
 
 
 def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:

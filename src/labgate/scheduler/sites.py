@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import ACTIVE_STATES, Instance, Site
@@ -51,17 +51,6 @@ def usage_by_site(session: Session) -> dict[int, Usage]:
             current.instances + 1,
         )
     return totals
-
-
-def instance_counts(session: Session) -> dict[int, int]:
-    """Active instances per site id (cheaper than :func:`usage_by_site`)."""
-    return dict(
-        session.execute(  # type: ignore[arg-type]
-            select(Instance.site_id, func.count())
-            .where(Instance.state.in_(ACTIVE_STATES))
-            .group_by(Instance.site_id)
-        ).all()
-    )
 
 
 def site_views(session: Session, live: Collection[str]) -> list[SiteView]:

@@ -158,6 +158,10 @@ class Tool(BaseModel):
     health_path: str = "/"
     start_timeout: float = Field(60.0, gt=0, le=3600)
     idle_timeout: float = Field(3600.0, ge=0)
+    #: Seconds an instance may run before it is stopped; 0: no limit of the tool's own.
+    max_lifetime: float = Field(0.0, ge=0)
+    #: Path under the tool's base URL told about a warm-pool claim (labgate.backends.claim).
+    claim_path: str = ""
     resources: ToolResources = Field(default_factory=ToolResources)
     process: ProcessSpec | None = None
     container: ContainerSpec | None = None
@@ -167,6 +171,8 @@ class Tool(BaseModel):
         """Cross-field checks that pydantic's field validators cannot express."""
         if not self.health_path.startswith("/"):
             raise ValueError("health_path must start with /")
+        if self.claim_path and not self.claim_path.startswith("/"):
+            raise ValueError("claim_path must start with /")
         if self.process is not None:
             self.process.check_placeholders()
         if self.container is not None:

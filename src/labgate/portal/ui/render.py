@@ -175,7 +175,8 @@ def error_page(request: Request, status: int, code: str, detail: str) -> HTMLRes
         "heading": ERROR_TITLES.get(status, "Something went wrong"),
         "detail": detail,
         "advice": ERROR_ADVICE.get(status, ""),
-        "login_url": login_url(request),
+        # Coming back to a form post after signing in would be a GET of it: go home.
+        "login_url": login_url(request) if request.method == "GET" else "/login",
     }
     return render(request, "error.html", context, status=status)
 

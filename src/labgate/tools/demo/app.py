@@ -1,7 +1,9 @@
 """The ``demo`` tool: a small web app that proves an instance works end to end.
 
 It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
-a health endpoint (``/api/health``) and a WebSocket echo (``/ws``). When
+a health endpoint (``/api/health``) and a WebSocket echo (``/ws``). ``POST
+/api/claim`` is its warm-pool hook: the agent says which user it now serves
+and where their workspace is (labgate.backends.claim). When
 ``LABGATE_INSTANCE_TOKEN`` is set it answers only requests that carry
 ``Authorization: token <it>`` (the router adds it), like a real tool should.
 
@@ -80,6 +82,17 @@ def create_app(base_url: str = "/") -> ASGIApp:
     started = time.time()
     never_ready = bool(os.environ.get("DEMO_NEVER_READY"))
 
+    async def claim(request: Request) -> Response:
+        """A warm-pool claim: serve ``user`` from now on, in ``workspace``."""
+        body = await request.json()
+        user, workspace = str(body.get("user", "")), str(body.get("workspace", ""))
+        if not user or not workspace:
+            return JSONResponse({"error": "user and workspace are required"}, status_code=400)
+        # Re-resolve the workspace path: the one we started in is now mounted over.
+        os.chdir(workspace)
+        os.environ.update({"LABGATE_USER": user, "HOME": workspace})
+        return JSONResponse({"user": user, "workspace": workspace})
+
     async def page(request: Request) -> Response:
         body = PAGE.format(
             instance=html.escape(os.environ.get("LABGATE_INSTANCE_ID", "")),
@@ -102,6 +115,7 @@ def create_app(base_url: str = "/") -> ASGIApp:
             "base_url": base,
             "path": request.url.path,
             "home": str(home),
+            "cwd_files": sorted(os.listdir("."))[:100],
             "uptime": round(time.time() - started, 3),
             "headers": {k: v for k, v in request.headers.items() if k.startswith("x-")},
         }
@@ -144,6 +158,7 @@ def create_app(base_url: str = "/") -> ASGIApp:
         Route("/", page),
         Route("/api/health", health),
         Route("/api/info", info),
+        Route("/api/claim", claim, methods=["POST"]),
         Route("/api/file", read_file, methods=["GET"]),
         Route("/api/file", write_file, methods=["PUT"]),
         WebSocketRoute("/ws", echo),

@@ -39,7 +39,7 @@
     if (alive === undefined && !site.last_seen_at) return null;
     const state = alive === false ? "lost" : "running";
     return h("p", {}, h("span", { class: "state", dataset: { state } }, alive === false ? "unreachable" : "online"),
-      site.last_seen_at ? h("span", { class: "hint" }, " last seen ", lg.time(site.last_seen_at, `${lg.ago(site.last_seen_at)} ago`)) : null);
+      site.last_seen_at ? h("span", { class: "hint" }, " last seen ", lg.time(site.last_seen_at, lg.since(site.last_seen_at))) : null);
   }
 
   function inventory(site) {
@@ -48,7 +48,7 @@
     const replicas = Array.isArray(report.replicas) ? report.replicas.length : report.replicas;
     return h("p", { class: "meta" },
       `Inventory: ${replicas ?? 0} replica${replicas === 1 ? "" : "s"}`,
-      report.reported_at ? `, reported ${lg.ago(report.reported_at)} ago` : "",
+      report.reported_at ? `, reported ${lg.since(report.reported_at)}` : "",
       report.stale ? h("span", { class: "state", dataset: { state: "lost" } }, "stale") : null);
   }
 

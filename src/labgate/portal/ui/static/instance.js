@@ -1,7 +1,8 @@
 /* Launch progress: follow GET /api/v1/instances/<id>/events (Server-Sent Events)
  * through scheduled → starting → health check → ready, then open the tool through
  * the router. A failure shows the reason and the last log lines, with a retry.
- * The tool opens by itself only when this page saw it become ready. */
+ * The tool opens by itself only when this page saw it become ready, and only
+ * for its owner. */
 "use strict";
 
 (() => {
@@ -12,7 +13,9 @@
   const id = root.dataset.id;
   const url = root.dataset.url;
   const initial = root.dataset.state;
-  const autoOpen = initial === "pending" || initial === "starting";
+  // Only the owner is taken into the tool; an admin looking on stays here.
+  const mine = root.dataset.owner === document.body.dataset.user;
+  const autoOpen = mine && (initial === "pending" || initial === "starting");
   const $ = (selector) => document.getElementById(selector);
   const status = $("status");
   const STEPS = ["scheduled", "starting", "health", "ready"];

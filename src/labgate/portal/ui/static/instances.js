@@ -54,6 +54,17 @@
     }
   }
 
+  /* What the router saw: open connections now, else the last request. */
+  function activity(instance) {
+    const seen = instance.activity || {};
+    const last = seen.last_request || instance.last_activity;
+    const open = seen.open_websockets || 0;
+    if (open > 0) {
+      return [h("span", { class: "in-use", title: `${open} open connection${open === 1 ? "" : "s"}` }, "in use now")];
+    }
+    return [last ? lg.time(last, lg.since(last)) : "—"];
+  }
+
   function build(instance) {
     const cells = {
       tool: h("td", { "data-label": "Tool" }),
@@ -100,9 +111,7 @@
     row.tr.dataset.state = instance.state;
     cells.site.textContent = instance.site || "—";
     cells.age.replaceChildren(lg.time(instance.created_at, lg.ago(instance.created_at)));
-    cells.activity.replaceChildren(
-      instance.last_activity ? lg.time(instance.last_activity, `${lg.ago(instance.last_activity)} ago`) : "—",
-    );
+    cells.activity.replaceChildren(...activity(instance));
     cells.resources.textContent = lg.resources(instance.resources);
     row.open.hidden = instance.state !== "running";
     row.stop.hidden = !lg.ACTIVE.has(instance.state) || instance.state === "stopping";

@@ -112,6 +112,12 @@ window.labgate = (() => {
     return `${Math.floor(hours / 24)} d`;
   }
 
+  /* "just now", "5 min ago". */
+  function since(iso) {
+    const text = ago(iso);
+    return text === "just now" || text === "—" ? text : `${text} ago`;
+  }
+
   function localTime(iso) {
     return iso ? new Date(iso).toLocaleString() : "";
   }
@@ -195,7 +201,7 @@ window.labgate = (() => {
   });
 
   return {
-    ACTIVE, TRANSITIONAL, ApiError, api, h, size, parseSize, resources, ago, time, localTime,
+    ACTIVE, TRANSITIONAL, ApiError, api, h, size, parseSize, resources, ago, since, time, localTime,
     sentence, say, stateBadge, poll, busy, idle, signIn,
   };
 })();
