@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from labgate import __version__, cli_instances
+from labgate import __version__, cli_instances, cli_ops
 from labgate import cli_output as show
 from labgate.cli_context import (
     JSON_OPTION,
@@ -384,6 +384,8 @@ def site_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     else:
         show.sites(rows)
 
+
+cli_ops.register(app)  # groups, quotas, usage, keep-alive, pools, doctor
 
 # --- instances: in their own module, registered last so `--help` lists them last ----
 for command in (cli_instances.launch, cli_instances.ls, cli_instances.stop, cli_instances.logs):

@@ -295,6 +295,16 @@ class Client:
         query = {key: value for key, value in params.items() if value is not None}
         return self.request("GET", path, params=query)
 
+    def get_text(self, path: str, **params: Any) -> str:
+        """GET ``path`` and return the body as text (CSV exports), not decoded as JSON."""
+        query = {key: value for key, value in params.items() if value is not None}
+        try:
+            response = self._http.get(path, params=query, headers={"Accept": "text/csv"})
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        raise_for_error(response)
+        return response.text
+
     def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         """POST a JSON body."""
         return self.request("POST", path, json=body, headers=headers)

@@ -96,6 +96,7 @@ async def serve(settings: Settings) -> None:
             reuse_port=many,
         )
         portal.activity.local = router.activities
+        portal.activity.local_stats = lambda: router.ctx.stats
         if many:
             config = worker_config(
                 settings,

@@ -1,8 +1,8 @@
 """Browser tests: Debian's Chromium driven by Playwright against a real ``labgate serve``.
 
-One browser and one server serve the whole session (the machine has two
-cores); each test gets fresh browser contexts, so cookies never leak between
-users. Every scenario saves screenshots under ``test-output/screenshots/``;
+One server serves the whole session and one browser each test module (the
+machine has two cores); each test gets fresh browser contexts, so cookies
+never leak between users. Every scenario saves screenshots under ``test-output/screenshots/``;
 with ``LABGATE_DOCS_IMAGES=1`` the ones the user guide shows are also
 written to ``docs/images/``.
 
@@ -36,9 +36,14 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_browser() -> Iterator[Any]:
-    """Headless Chromium, once per session."""
+    """Headless Chromium, once per test module.
+
+    Not once per session: Playwright's sync API keeps an event loop running
+    in this thread while it is open, and pytest-asyncio cannot run the
+    async tests of other modules meanwhile.
+    """
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
             pytest.fail("/usr/bin/chromium is missing: apt-get install chromium")

@@ -52,7 +52,13 @@ from labgate.backends.base import (
     Started,
     Status,
 )
-from labgate.backends.images import PullProgress, Registry, iterate_in_thread, stream_digest
+from labgate.backends.images import (
+    LOCAL_SNAPSHOTS,
+    PullProgress,
+    Registry,
+    iterate_in_thread,
+    stream_digest,
+)
 from labgate.backends.images import stream_error as stream_error_of
 from labgate.errors import BackendError, InstanceStartError
 from labgate.tools.catalog import template_values
@@ -92,7 +98,6 @@ INSTANCE_LABELS = (
     LABEL_OWNER,
     LABEL_TOOL,
 )
-LOCAL_SNAPSHOTS = "localhost/labgate-snapshots"
 _ENGINE_ERRORS = (DockerException, OSError)
 
 

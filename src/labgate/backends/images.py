@@ -22,6 +22,8 @@ import httpx
 
 T = TypeVar("T")
 
+#: Repository prefix of snapshot images kept on their engine (no ``snapshot_registry``).
+LOCAL_SNAPSHOTS = "localhost/labgate-snapshots"
 DIGEST_RE = re.compile(r"\bdigest: (sha256:[0-9a-f]{64})\b")
 #: Seconds between two progress notes of one pull or push.
 NOTE_INTERVAL = 1.0

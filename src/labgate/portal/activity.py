@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from labgate.router import Activity, merge
+from labgate.router.stats import RouterStats
 
 #: Reports older than this come from router processes that went away.
 REPORT_TTL = 300.0
@@ -17,6 +18,30 @@ class ActivityBoard:
     def __init__(self) -> None:
         self.local: Callable[[], dict[str, Activity]] | None = None
         self._reports: dict[str, tuple[float, dict[str, Activity]]] = {}
+        #: The in-process router's request counts and latency, and router processes' reports.
+        self.local_stats: Callable[[], RouterStats] | None = None
+        self._stats: dict[str, RouterStats] = {}
+
+    def report_stats(self, worker: str, stats: RouterStats) -> None:
+        """Replace what ``worker`` reported of its requests and latency before."""
+        self._stats[worker] = stats
+
+    def stats(self) -> RouterStats:
+        """Requests and latency summed over every router (kept after a worker is gone)."""
+        total = RouterStats()
+        for part in self._stats.values():
+            total.add(part)
+        if self.local_stats is not None:
+            total.add(self.local_stats())
+        return total
+
+    def everything(self) -> dict[str, Activity]:
+        """The activity of every instance any router has seen (for /metrics)."""
+        now = time.time()
+        ids = {i for at, seen in self._reports.values() if now - at < REPORT_TTL for i in seen}
+        if self.local is not None:
+            ids |= set(self.local())
+        return {i: a for i in ids if (a := self.get(i)) is not None}
 
     def report(self, worker: str, activity: dict[str, Activity], now: float) -> None:
         """Replace what ``worker`` said before with its newest report."""

@@ -26,16 +26,19 @@ from labgate.backends.base import load_backend
 from labgate.config import Settings, SiteConfig
 from labgate.db.models import Site
 from labgate.db.session import Database
-from labgate.portal import launch_pages, pages
+from labgate.portal import health, launch_pages, operations, pages, usage_pages
 from labgate.portal.accounts import bootstrap_admin
 from labgate.portal.api import (
     auth,
     catalog,
     datasets,
+    groups,
     instances,
+    lifecycle,
     resolve,
     snapshots,
     tokens,
+    usage,
     users,
 )
 from labgate.portal.api import router as router_api
@@ -133,9 +136,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         routes=portal.routes,
         data=DataLocator(settings),
     )
+    metrics = operations.wire(app, portal)
     if portal.routes is not None:
         await portal.run_db(portal.routes.load)
     await portal.manager.restore()
+    ops = await operations.start_operations(app, portal, metrics)
     portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager)
     # After restore: containers of instances that ended while labgate was down go now.
     reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval)
@@ -144,6 +149,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await ops.close()
         await reconciler.close()
         await portal.snapshots.close()
         await portal.manager.close()
@@ -173,7 +179,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, instances, datasets, resolve, snapshots, router_api)
-    for module in modules:
+    for module in (*modules, groups, usage, lifecycle):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])
@@ -184,4 +190,6 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.include_router(api)
     app.include_router(pages.router)
     app.include_router(launch_pages.router)
+    app.include_router(health.router)
+    app.include_router(usage_pages.router)
     return app

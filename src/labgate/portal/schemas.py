@@ -127,6 +127,9 @@ class LaunchIn(Strict):
     snapshot: str | None = Field(
         None, max_length=32, description="Start from this snapshot (yours or shared with you)."
     )
+    group: str | None = Field(
+        None, max_length=64, description="Group to charge; default: the first of yours with room."
+    )
 
     @model_validator(mode="after")
     def _tool_or_snapshot(self) -> LaunchIn:
@@ -157,6 +160,10 @@ class InstanceOut(BaseModel):
     activity: ActivityOut | None = Field(
         None, description="What the routers saw: last request, bytes, open WebSockets."
     )
+    keep_alive_until: datetime | None = Field(
+        None, description="Idle culling spares the instance until then (its owner asked)."
+    )
+    pool: str | None = Field(None, description="The warm pool (tool@site) it waits in, unclaimed.")
 
 
 class ActivityOut(BaseModel):

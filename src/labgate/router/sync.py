@@ -30,6 +30,7 @@ from collections.abc import Callable
 import httpx
 
 from labgate.router.activity import Activity
+from labgate.router.stats import RouterStats
 from labgate.router.stream import ACTIVITY_PATH, STREAM_PATH, apply_message
 from labgate.router.table import RouterControl
 
@@ -137,8 +138,11 @@ class ActivityReporter:
         token: str,
         *,
         interval: float = 30.0,
+        stats: Callable[[], RouterStats] | None = None,
     ) -> None:
         self.activities = activities
+        #: Request counts and latency (labgate.router.stats), sent along for /metrics.
+        self.stats = stats
         self.portal_url = portal_url
         self.token = token
         self.interval = interval
@@ -146,10 +150,13 @@ class ActivityReporter:
 
     def payload(self) -> dict[str, object]:
         """What one report carries."""
-        return {
+        payload: dict[str, object] = {
             "worker": self.worker,
             "activity": {k: v.to_dict() for k, v in self.activities().items()},
         }
+        if self.stats is not None:
+            payload["stats"] = self.stats().to_dict()
+        return payload
 
     async def report(self, client: httpx.AsyncClient) -> bool:
         """Send one report; False when the portal did not take it."""

@@ -99,7 +99,11 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
     # 100,000 routes in benchmarks/router.py).
     sync = RouteSync(table, config.portal_url, config.stream_token, on_snapshot=gc.freeze)
     reporter = ActivityReporter(
-        router.activities, config.portal_url, config.stream_token, interval=config.activity_interval
+        router.activities,
+        config.portal_url,
+        config.stream_token,
+        interval=config.activity_interval,
+        stats=lambda: router.ctx.stats,
     )
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(sync.run()), loop.create_task(reporter.run())]

@@ -103,8 +103,9 @@ class InstanceManager:
         self.routes = routes
         #: Resolves a launch's dataset to replicas and mounts (labgate.resolver).
         self.data = data
-        #: Per-user limits where a user has none of their own (labgate.scheduler.quotas).
-        self.default_limits = quotas.Limits(instances=max_instances_per_user)
+        #: Per-user limits where a user has none of their own (labgate.scheduler.quotas);
+        #: the instance limit is always ``max_instances_per_user``.
+        self.default_limits = quotas.Limits()
         #: Warm pools a launch may claim from (labgate.scheduler.pools), set by the app.
         self.pools: PoolManager | None = None
         #: Environment every instance gets (e.g. LABGATE_API_URL), set by the app.
@@ -145,6 +146,10 @@ class InstanceManager:
         self.start_admitted(instance.id)
         return instance
 
+    def user_defaults(self) -> quotas.Limits:
+        """The limits of a user without limits of their own."""
+        return replace(self.default_limits, instances=self.max_instances_per_user)
+
     def start_admitted(self, instance_id: str) -> None:
         """Start an admitted (``pending``) instance in the background."""
         self.events.notify(instance_id)
@@ -172,7 +177,7 @@ class InstanceManager:
             user = session.execute(
                 select(User).where(User.id == user_id).with_for_update()
             ).scalar_one()
-            group = quotas.admit(session, self.default_limits, user, resources, request.group)
+            group = quotas.admit(session, self.user_defaults(), user, resources, request.group)
             if warm and self.pools is not None:
                 claimed = self.pools.take(session, user, tool, group)
                 if claimed is not None:

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.link import Report, SiteLink
 from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
+from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.db.models import (
     Instance,
     InstanceState,
@@ -86,8 +87,12 @@ def snapshot_to_launch(
 def sites_for_snapshot(
     snapshot: Snapshot, sites: Sequence[SiteView], wanted: str | None
 ) -> list[SiteView]:
-    """The sites that can launch ``snapshot``: same backend; an archive only where it is."""
-    if snapshot.kind == "archive":
+    """The sites that can launch ``snapshot``.
+
+    Any site of its backend for a registry image; only the site that took it
+    for an archive or an image kept on its engine (no ``snapshot_registry``).
+    """
+    if snapshot.kind == "archive" or snapshot.reference.startswith(LOCAL_SNAPSHOTS + "/"):
         home = snapshot.site.name if snapshot.site else None
         fits = [site for site in sites if site.name == home]
         where = f"on site {home}"

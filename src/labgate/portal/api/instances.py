@@ -50,6 +50,8 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
         ],
         snapshot=instance.snapshot_id,
         activity=activity_out(portal, instance.id),
+        keep_alive_until=instance.keep_alive_until,
+        pool=instance.pool,
     )
 
 
@@ -103,6 +105,7 @@ async def launch(
         dataset=body.dataset,
         labels=body.labels,
         snapshot=body.snapshot,
+        group=body.group,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from labgate.portal.auth import Principal, require
 from labgate.portal.state import Portal, get_portal
 from labgate.router import STREAM_MEDIA_TYPE, Activity
+from labgate.router.stats import RouterStats
 
 router = APIRouter(prefix="/router", tags=["router"])
 
@@ -26,6 +27,8 @@ class ActivityReport(BaseModel):
 
     worker: str = Field(min_length=1, max_length=200)
     activity: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: Request count and latency histogram (labgate.router.stats), for /metrics.
+    stats: dict[str, Any] | None = None
 
 
 @router.get(
@@ -50,4 +53,6 @@ async def report_activity(
     """Record one router process's activity per instance (it drives idle culling)."""
     parsed = {key: Activity.from_dict(value) for key, value in body.activity.items()}
     portal.activity.report(body.worker, parsed, time.time())
+    if body.stats is not None:
+        portal.activity.report_stats(body.worker, RouterStats.from_dict(body.stats))
     return Response(status_code=204)

@@ -1,0 +1,293 @@
+"""``labgate doctor``: check this machine's labgate and say what to fix.
+
+It runs where the server runs, with the same settings (environment,
+``labgate.toml``), and checks, in order: the settings themselves, the data
+directory, the database and its schema, the tool catalog, every site's
+backend and its engine (bubblewrap for processes, the Docker Engine API for
+containers), the warm pools, and, when a server answers at the configured
+URL, its ``/readyz``. Each check is one :class:`Finding`: ``ok``, ``warn``
+(works, but probably not as meant) or ``fail`` (will not work), with the fix
+in words. ``doctor`` exits 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+
+from labgate.backends.base import Backend, load_backend
+from labgate.config import Settings
+from labgate.db.session import Database, alembic_config
+from labgate.tools.catalog import Catalog
+
+ENGINE_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Finding:
+    """The outcome of one check."""
+
+    level: str  # ok, warn, fail
+    subject: str
+    detail: str
+    fix: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        """Plain JSON form."""
+        return {
+            "level": self.level,
+            "subject": self.subject,
+            "detail": self.detail,
+            "fix": self.fix,
+        }
+
+
+def ok(subject: str, detail: str) -> Finding:
+    """A check that passed."""
+    return Finding("ok", subject, detail)
+
+
+def check_data_dir(settings: Settings) -> Iterator[Finding]:
+    """The data directory exists (or can be made) and is writable."""
+    path = settings.data_dir.resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
+            pass
+    except OSError as exc:
+        yield Finding(
+            "fail",
+            "data_dir",
+            f"{path} is not writable: {exc.strerror or exc}",
+            "create it, or set data_dir (LABGATE_DATA_DIR) to a writable directory",
+        )
+        return
+    yield ok("data_dir", str(path))
+    free = shutil.disk_usage(path).free
+    if free < 1024**3:
+        yield Finding(
+            "warn",
+            "data_dir",
+            f"only {free / 1024**2:.0f} MiB free",
+            "free some space: workspaces, logs and the database live here",
+        )
+
+
+def check_database(settings: Settings) -> Iterator[Finding]:
+    """The database answers and its schema is up to date."""
+    url = settings.effective_database_url
+    shown = url.split("@")[-1] if "@" in url else url
+    try:
+        db = Database(url)
+    except Exception as exc:  # a bad URL or a missing driver
+        yield Finding(
+            "fail", "database", f"{shown}: {exc}", "fix database_url (LABGATE_DATABASE_URL)"
+        )
+        return
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+            current = set(MigrationContext.configure(conn).get_current_heads())
+        heads = set(ScriptDirectory.from_config(alembic_config(db.engine)).get_heads())
+    except Exception as exc:
+        yield Finding(
+            "fail",
+            "database",
+            f"{shown}: {exc.__class__.__name__}: {exc}".splitlines()[0],
+            "start the database server, or fix database_url (LABGATE_DATABASE_URL)",
+        )
+        return
+    finally:
+        db.dispose()
+    if not current:
+        yield Finding("warn", "database", f"{shown}: empty", "`labgate serve` creates the schema")
+    elif current != heads:
+        yield Finding(
+            "warn",
+            "database",
+            f"{shown}: schema at {sorted(current)}, code expects {sorted(heads)}",
+            "`labgate serve` applies the migrations on start",
+        )
+    else:
+        yield ok("database", f"{shown} (schema up to date)")
+
+
+def check_catalog(settings: Settings) -> Iterator[Finding]:
+    """Every tool file loads."""
+    catalog = Catalog.load(settings.tools_dir)
+    yield ok("tools", f"{len(catalog)} tools: {', '.join(t.name for t in catalog)}")
+    for problem in catalog.problems:
+        yield Finding(
+            "warn", "tools", f"{problem.file}: {problem.reason}", "fix or remove the tool file"
+        )
+
+
+def _engine_check(backend: Backend) -> str | None:
+    """Why the backend's engine does not answer (None: it does, or it has none)."""
+    if backend.name == "process":
+        return None
+    client = getattr(backend, "client", None)
+    if client is None:
+        return None
+    try:
+        client.ping()
+    except Exception as exc:
+        return f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def check_sites(settings: Settings) -> Iterator[Finding]:
+    """Every site's backend loads, its engine answers, and its tools can run."""
+    catalog = Catalog.load(settings.tools_dir)
+    for site in settings.effective_sites:
+        subject = f"site {site.name}"
+        try:
+            backend = load_backend(site.backend)(settings, site.options)
+        except Exception as exc:  # unknown backend, bad options
+            detail = getattr(exc, "detail", None) or str(exc)
+            yield Finding(
+                "fail", subject, f"backend {site.backend!r}: {detail}", "fix the site's backend"
+            )
+            continue
+        if backend.name == "process":
+            yield from _process_findings(settings, subject)
+        problem = _engine_check(backend)
+        if problem is not None:
+            yield Finding(
+                "fail",
+                subject,
+                f"the {site.backend} engine does not answer: {problem}",
+                "start the engine (e.g. `podman system service`) or fix the site's base_url",
+            )
+            continue
+        runnable = [t.name for t in catalog if t.unavailable_reason(backend.name) is None]
+        if not runnable:
+            yield Finding(
+                "warn", subject, "no tool can run here", "install the tools' requirements"
+            )
+        else:
+            yield ok(subject, f"{backend.name} backend; runs {', '.join(runnable)}")
+        if site.data_root is not None and not site.data_root.is_dir():
+            yield Finding(
+                "warn",
+                subject,
+                f"data_root {site.data_root} is not a directory",
+                "create it or fix data_root",
+            )
+
+
+def _process_findings(settings: Settings, subject: str) -> Iterator[Finding]:
+    bwrap = shutil.which("bwrap")
+    if settings.sandbox == "bwrap" and bwrap is None:
+        yield Finding(
+            "fail",
+            subject,
+            "sandbox = 'bwrap' but bubblewrap is not installed",
+            "apt-get install bubblewrap",
+        )
+    elif settings.sandbox == "auto" and bwrap is None:
+        yield Finding(
+            "warn",
+            subject,
+            "bubblewrap is not installed: instances run unsandboxed and see every workspace",
+            "apt-get install bubblewrap (or set sandbox = 'none' to accept it)",
+        )
+    elif settings.sandbox == "none":
+        yield Finding(
+            "warn",
+            subject,
+            "sandbox = 'none': instances run unsandboxed",
+            "install bubblewrap and set sandbox = 'auto'",
+        )
+
+
+def check_pools(settings: Settings) -> Iterator[Finding]:
+    """Every warm pool names a known tool and site whose backend can hand instances over."""
+    if not settings.pools:
+        return
+    catalog = Catalog.load(settings.tools_dir)
+    sites = {s.name: s for s in settings.effective_sites}
+    for pool in settings.pools:
+        site_name = pool.site or settings.effective_sites[0].name
+        subject = f"pool {pool.tool}@{site_name}"
+        tool = catalog.get(pool.tool)
+        site = sites.get(site_name)
+        if tool is None or site is None:
+            what = f"no tool {pool.tool!r}" if tool is None else f"no site {site_name!r}"
+            yield Finding("fail", subject, what, "fix the pool in the pools setting")
+            continue
+        try:
+            backend = load_backend(site.backend)(settings, site.options)
+        except Exception:  # noqa: S112 - reported with the site
+            continue
+        reason = tool.unavailable_reason(backend.name) or backend.claim_support(tool)
+        if reason is not None:
+            yield Finding(
+                "warn",
+                subject,
+                f"not kept, launches start cold: {reason}",
+                "see docs/operations.md#warm-pools",
+            )
+        else:
+            yield ok(subject, f"{pool.size} warm instance(s)")
+
+
+def check_server(settings: Settings) -> Iterator[Finding]:
+    """A server at the configured URL is ready (not running is fine: it is a note)."""
+    url = settings.effective_public_url
+    try:
+        response = httpx.get(f"{url}/readyz", timeout=ENGINE_TIMEOUT)
+    except httpx.HTTPError:
+        yield ok("server", f"not running at {url} (start it with `labgate serve`)")
+        return
+    body: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        body = response.json()
+    if response.status_code == 200:
+        yield ok("server", f"ready at {url}")
+    elif response.status_code == 503:
+        failing = {k: v for k, v in (body.get("checks") or {}).items() if v != "ok"}
+        yield Finding(
+            "fail", "server", f"not ready at {url}: {failing}", "see the server's log on stderr"
+        )
+    else:
+        yield Finding(
+            "warn",
+            "server",
+            f"{url}/readyz answered {response.status_code}: not this labgate?",
+            "check public_url, host and port",
+        )
+
+
+def run_checks(settings: Settings) -> list[Finding]:
+    """Every check, in order."""
+    findings: list[Finding] = []
+    if settings.pools and os.geteuid() != 0:
+        findings.append(
+            Finding(
+                "warn",
+                "user",
+                f"running as uid {os.geteuid()}, not root",
+                "warm pools of the process backend need root (mounts into the sandbox)",
+            )
+        )
+    for check in (
+        check_data_dir,
+        check_database,
+        check_catalog,
+        check_sites,
+        check_pools,
+        check_server,
+    ):
+        findings.extend(check(settings))
+    return findings

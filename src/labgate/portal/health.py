@@ -1,0 +1,75 @@
+"""``/readyz`` and ``/metrics``: what load balancers and Prometheus ask.
+
+``/healthz`` (in :mod:`labgate.portal.pages`) says the process answers.
+``/readyz`` says it can serve: the database answers, start-up is done (the
+instance manager restored what was running), and every configured site has a
+link. It is 200 with ``{"ready": true, "checks": {...}}`` or 503 with the
+checks that failed.
+
+``/metrics`` is the Prometheus text format (:mod:`labgate.portal.metrics`).
+It needs ``Authorization: Bearer <metrics_token>`` (the setting) or an admin
+API token: instance counts and traffic are not for everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from labgate.errors import Forbidden, Unauthorized
+from labgate.portal.auth import optional_principal, token_from_header
+from labgate.portal.metrics import CONTENT_TYPE, Metrics
+from labgate.portal.state import Portal, get_portal
+
+router = APIRouter(tags=["meta"])
+
+READY_DB_TIMEOUT = 5.0
+
+
+def _ping(session: Session) -> None:
+    session.execute(text("SELECT 1"))
+
+
+@router.get("/readyz")
+async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
+    """200 when the portal can serve: database, start-up, sites; 503 with what is wrong."""
+    checks: dict[str, Any] = {}
+    try:
+        await asyncio.wait_for(portal.run_db(_ping), READY_DB_TIMEOUT)
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure means not ready; say which
+        checks["database"] = f"failed: {exc.__class__.__name__}"
+    checks["started"] = "ok" if portal.manager is not None else "starting"
+    missing = [s.name for s in portal.settings.effective_sites if s.name not in portal.links]
+    checks["sites"] = "ok" if not missing else f"not connected: {', '.join(missing)}"
+    ready = all(value == "ok" for value in checks.values())
+    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+async def _may_read_metrics(request: Request, portal: Portal) -> None:
+    token = token_from_header(request.headers.get("authorization"))
+    expected = portal.settings.metrics_token.get_secret_value()
+    if token is not None and expected and hmac.compare_digest(token, expected):
+        return
+    caller = await optional_principal(request)
+    if caller is None:
+        raise Unauthorized("send the metrics token or an admin API token")
+    if not caller.has("admin"):
+        raise Forbidden("metrics need the metrics token or an admin token")
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """Prometheus text exposition of this portal's metrics."""
+    await _may_read_metrics(request, portal)
+    registry: Metrics | None = getattr(request.app.state, "metrics", None)
+    if registry is None:
+        return Response("", media_type=CONTENT_TYPE, status_code=503)
+    body = await asyncio.to_thread(registry.render)
+    return Response(body, media_type=CONTENT_TYPE)
