@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from helpers import wait_for_state
 from labgate.config import PoolConfig
-from labgate.db.models import Instance, UsageRecord
+from labgate.db.models import Instance, InstanceEvent, UsageRecord
 
 pytestmark = pytest.mark.skipif(
     __import__("shutil").which("bwrap") is None or __import__("os").geteuid() != 0,
@@ -119,8 +119,12 @@ async def test_a_launch_claims_a_warm_instance_with_the_users_workspace(
         ("_pool", "claimed", False),
         ("alice", "", True),
     ]
-    events = await client.get(f"/api/v1/instances/{warm.id}/events", headers=alice)
-    assert "from the warm pool" in events.text
+    messages = await app.state.portal.run_db(
+        lambda s: [
+            e.message for e in s.scalars(select(InstanceEvent).filter_by(instance_id=warm.id))
+        ]
+    )
+    assert any("from the warm pool" in m for m in messages)
 
     # The pool refills, and other launches start cold.
     refilled = await wait_for_pool(app, "demo")

@@ -32,9 +32,12 @@ def _name(caller: Principal, name: str) -> str:
 async def list_users(
     caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> list[UserOut]:
-    """Every user (admins)."""
+    """Every user (admins); reserved accounts (``_pool``, owner of warm pools) left out."""
     return await portal.run_db(
-        lambda s: [user_out(u) for u in s.scalars(select(User).order_by(User.name))]
+        lambda s: [
+            user_out(u)
+            for u in s.scalars(select(User).where(~User.name.startswith("_")).order_by(User.name))
+        ]
     )
 
 

@@ -1,0 +1,112 @@
+"""Usage API, CSV export and the admin usage page."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from helpers import ADMIN_PASSWORD
+from labgate.db.models import UsageRecord, User
+
+
+async def seed(app: Any) -> None:
+    """Two users' finished instances, yesterday (so within any month-or-longer range)."""
+
+    def add(session: Any) -> None:
+        ids = {u.name: u.id for u in session.scalars(select(User))}
+        start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+        for n, (user, group, tool, cpu, hours) in enumerate(
+            [
+                ("alice", "lab", "demo", 2.0, 1),
+                ("alice", "lab", "jupyterlab", 1.0, 2),
+                ("bob", "", "demo", 0.5, 2),
+            ]
+        ):
+            session.add(
+                UsageRecord(
+                    instance_id=f"seed{n}",
+                    user_id=ids[user],
+                    user_name=user,
+                    group_name=group,
+                    tool=tool,
+                    site="local",
+                    cpu=cpu,
+                    memory=1024**3,
+                    started_at=start,
+                    stopped_at=start + timedelta(hours=hours),
+                    reason="stopped",
+                )
+            )
+
+    await app.state.portal.run_db(add)
+
+
+async def test_usage_by_user_tool_and_period(app, client, make_user, admin_headers):
+    alice = await make_user("alice")
+    await make_user("bob")
+    await seed(app)
+    since = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    report = (
+        await client.get(
+            "/api/v1/usage",
+            params={"by": ["user", "tool"], "period": "all", "since": since},
+            headers=admin_headers,
+        )
+    ).json()
+    rows = {(r["user"], r["tool"]): r for r in report["rows"]}
+    assert rows[("alice", "demo")]["core_hours"] == 2.0
+    assert rows[("alice", "jupyterlab")]["hours"] == 2.0
+    assert rows[("bob", "demo")]["core_hours"] == 1.0
+    assert report["total"]["instances"] == 3 and report["total"]["core_hours"] == 5.0
+
+    by_group = (
+        await client.get(
+            "/api/v1/usage", params={"by": "group", "since": since}, headers=admin_headers
+        )
+    ).json()
+    assert {r["group"]: r["core_hours"] for r in by_group["rows"]} == {"lab": 4.0, "": 1.0}
+
+    # A user sees only their own, whatever they ask for.
+    own = await client.get("/api/v1/usage", params={"by": "user", "since": since}, headers=alice)
+    assert [r["user"] for r in own.json()["rows"]] == ["alice"]
+    other = await client.get("/api/v1/usage", params={"user": "bob"}, headers=alice)
+    assert other.status_code == 403
+
+    csv = await client.get(
+        "/api/v1/usage",
+        params={"by": "user", "period": "all", "since": since, "format": "csv"},
+        headers=admin_headers,
+    )
+    assert csv.headers["content-type"].startswith("text/csv")
+    lines = csv.text.splitlines()
+    assert lines[0] == "period,user,instances,hours,core_hours,memory_gib_hours"
+    assert "all,alice,2,3.0,4.0,3.0" in lines and "all,bob,1,2.0,1.0,2.0" in lines
+
+    records = await client.get(
+        "/api/v1/usage/records",
+        params={"since": since},
+        headers={**admin_headers, "Accept": "text/csv"},
+    )
+    assert records.text.splitlines()[0].startswith("id,instance,user,group,tool,site")
+    assert len(records.text.splitlines()) == 4
+    bad = await client.get("/api/v1/usage", params={"by": "colour"}, headers=admin_headers)
+    assert bad.status_code == 422
+
+
+async def test_admin_usage_page(app, client, make_user):
+    await make_user("alice")
+    await make_user("bob")
+    await seed(app)
+    page = await client.get("/admin/usage", follow_redirects=False)
+    assert page.status_code == 303  # sign in first
+    login = await client.post(
+        "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+    )
+    assert login.status_code == 200
+    page = await client.get("/admin/usage", params={"by": "tool", "period": "all"})
+    assert page.status_code == 200
+    assert "Admin: usage" in page.text and "jupyterlab" in page.text
+    assert "Download CSV" in page.text and "format=csv" in page.text
+    client.cookies.clear()

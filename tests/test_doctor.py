@@ -1,0 +1,58 @@
+"""``labgate doctor``: checks settings, database, sites and pools, and says what to fix."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from labgate.cli import app
+from servers import free_port
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("LABGATE_"):
+            monkeypatch.delenv(name)
+    return {"LABGATE_DATA_DIR": str(tmp_path / "var"), "LABGATE_PORT": str(free_port())}
+
+
+def doctor(env: dict[str, str], *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["doctor", *args], env=env)
+    return result.exit_code, result.stdout
+
+
+def test_a_fresh_machine_is_fine(env):
+    code, out = doctor(env)
+    assert code == 0, out
+    assert "ok    data_dir:" in out
+    assert "WARN  database:" in out and "`labgate serve` creates the schema" in out
+    assert "ok    site local: process backend" in out
+    assert "server: not running" in out
+
+
+def test_problems_are_named_with_their_fix(env, tmp_path):
+    env = {
+        **env,
+        "LABGATE_SITES": json.dumps([{"name": "local"}, {"name": "hpc", "backend": "slurm-nope"}]),
+        "LABGATE_POOLS": json.dumps([{"tool": "demo"}, {"tool": "missing", "size": 2}]),
+    }
+    code, out = doctor(env, "--json")
+    assert code == 1
+    findings = {(f["level"], f["subject"]) for f in json.loads(out)}
+    assert ("fail", "site hpc") in findings
+    assert ("fail", "pool missing@local") in findings
+    code, out = doctor(env)
+    assert "FAIL  site hpc: backend 'slurm-nope': unknown backend" in out
+    assert "fix: fix the pool in the pools setting" in out
+
+
+def test_bad_settings_are_one_finding(env):
+    code, out = doctor({**env, "LABGATE_PORT": "70000"})
+    assert code == 1
+    assert "FAIL  settings:" in out and "port (LABGATE_PORT)" in out
