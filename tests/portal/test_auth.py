@@ -208,6 +208,8 @@ async def test_generated_password_is_returned_once_and_works(client, admin_heade
     await login(client, "pat", password)
     shown = await client.get("/api/v1/users/pat", headers=admin_headers)
     assert "password" not in shown.json()
+    listed = await client.get("/api/v1/users", headers=admin_headers)
+    assert {"admin", "pat"} <= {u["name"] for u in listed.json()}
 
 
 async def test_html_login_form_redirects_only_to_local_paths(client, make_user):

@@ -36,7 +36,9 @@ async def list_users(
     return await portal.run_db(
         lambda s: [
             user_out(u)
-            for u in s.scalars(select(User).where(~User.name.startswith("_")).order_by(User.name))
+            for u in s.scalars(
+                select(User).where(~User.name.startswith("_", autoescape=True)).order_by(User.name)
+            )
         ]
     )
 
