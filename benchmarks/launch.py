@@ -92,14 +92,30 @@ def summary(times: list[float], failures: int = 0) -> dict[str, Any]:
 
 
 async def first_200(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str], deadline: float, every: float
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str],
+    deadline: float,
+    every: float,
+    gone: Callable[[], Awaitable[str | None]] | None = None,
+    ask_on: tuple[int, ...] = (404,),
 ) -> None:
-    """Poll ``url`` until it answers 200 (redirects are not followed)."""
+    """Poll ``url`` until it answers 200 (redirects are not followed).
+
+    An answer in ``ask_on`` asks ``gone`` (at most once a second) whether the
+    launch ended, and why: a failed launch is a failure soon, not a timeout.
+    """
+    next_ask = 0.0
     while True:
         with contextlib.suppress(httpx.HTTPError):
             response = await client.get(url, headers=headers)
             if response.status_code == 200:
                 return
+            if response.status_code in ask_on and gone is not None and time.monotonic() > next_ask:
+                next_ask = time.monotonic() + 1.0
+                reason = await gone()
+                if reason is not None:
+                    raise RuntimeError(f"{url}: {reason}")
         if time.monotonic() > deadline:
             raise TimeoutError(url)
         await asyncio.sleep(every)
@@ -200,7 +216,14 @@ class Labgate:
         response = await client.post("/api/v1/instances", json={"tool": tool}, headers=headers)
         response.raise_for_status()
         iid = response.json()["id"]
-        await first_200(client, f"/i/{iid}/{HEALTH[tool]}", headers, begun + timeout, every)
+
+        async def gone() -> str | None:
+            shown = (await client.get(f"/api/v1/instances/{iid}", headers=headers)).json()
+            ended = shown["state"] in ("failed", "lost", "stopped")
+            return f"{shown['state']}: {shown['reason']}" if ended else None
+
+        url = f"/i/{iid}/{HEALTH[tool]}"
+        await first_200(client, url, headers, begun + timeout, every, gone)
         return iid, time.monotonic() - begun
 
     async def stop_one(self, client: httpx.AsyncClient, iid: str) -> None:
@@ -381,7 +404,15 @@ c.JupyterHub.cleanup_servers = True
         response = await client.post(f"/hub/api/users/{user}/server", headers=self.headers)
         if response.status_code not in (201, 202):
             raise RuntimeError(f"spawn {user}: {response.status_code} {response.text[:200]}")
-        await first_200(client, f"/user/{user}/api", self.headers, begun + timeout, every)
+
+        async def gone() -> str | None:
+            model = (await client.get(f"/hub/api/users/{user}", headers=self.headers)).json()
+            if model.get("servers") or model.get("pending"):
+                return None
+            return "the server stopped before it answered (see hub.log)"
+
+        url = f"/user/{user}/api"
+        await first_200(client, url, self.headers, begun + timeout, every, gone, (302, 404))
         return time.monotonic() - begun
 
     async def stop_all(self, users: list[str]) -> None:

@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -153,6 +154,9 @@ class ProcessBackend(Backend):
         #: Our own children, reaped by poll/stop so their exit code is known.
         self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
         self._exited: OrderedDict[tuple[int, int], int] = OrderedDict()
+        #: Ports given to instances lately (see :meth:`fresh_port`).
+        self._recent_ports: dict[int, float] = {}
+        self._ports_lock = threading.Lock()
 
     # --- start -----------------------------------------------------------------
 
@@ -198,7 +202,7 @@ class ProcessBackend(Backend):
         if spec.snapshot is not None:
             restore_workspace(self.settings.snapshots_dir, spec.snapshot, workspace)
 
-        port = free_port()
+        port = self.fresh_port()
         values = template_values(
             port=port,
             base_url=spec.base_url,
@@ -258,6 +262,24 @@ class ProcessBackend(Backend):
             "started_at": time.time(),
         }
         return Started(state=state, endpoint=f"http://127.0.0.1:{port}")
+
+    def fresh_port(self) -> int:
+        """A free loopback port not given to another instance in the last minute.
+
+        A port found free is only reserved once the tool listens on it; starts
+        running side by side (50 at once) were otherwise handed the same port.
+        """
+        with self._ports_lock:
+            now = time.monotonic()
+            for old in [p for p, at in self._recent_ports.items() if now - at > 60]:
+                del self._recent_ports[old]
+            port = free_port()
+            for _ in range(100):
+                if port not in self._recent_ports:
+                    break
+                port = free_port()
+            self._recent_ports[port] = now
+            return port
 
     def environment(
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str]

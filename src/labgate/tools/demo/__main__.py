@@ -1,5 +1,5 @@
 """Entry point: ``python -m labgate.tools.demo``."""
 
-from labgate.tools.demo.app import main
+from labgate.tools.demo.server import main
 
 main()

@@ -20,7 +20,6 @@ import hmac
 import html
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,23 +31,10 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>labgate demo</title>
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto">
-<h1>labgate demo</h1>
-<p>Instance <code id="instance">{instance}</code> of <strong id="user">{user}</strong>.</p>
-<p>WebSocket echo: <output id="echo">waiting</output></p>
-<script>
-const base = {base_json};
-const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-const ws = new WebSocket(scheme + location.host + base + "ws");
-ws.onopen = () => ws.send("hello from the browser");
-ws.onmessage = (event) => {{ document.getElementById("echo").textContent = event.data; }};
-ws.onerror = () => {{ document.getElementById("echo").textContent = "WebSocket failed"; }};
-</script>
-</body></html>
-"""
+from labgate.tools.demo.page import PAGE
+from labgate.tools.demo.server import main
+
+__all__ = ["create_app", "main"]
 
 
 class TokenGate:
@@ -170,34 +156,3 @@ def create_app(base_url: str = "/") -> ASGIApp:
     if token:
         app = TokenGate(app, token)
     return app
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the demo tool: ``python -m labgate.tools.demo --port P --base-url /i/x/``."""
-    import argparse
-
-    import uvicorn
-
-    parser = argparse.ArgumentParser(description="labgate demo tool")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--base-url", default="/")
-    args = parser.parse_args(argv)
-
-    if os.environ.get("DEMO_CRASH"):
-        print("demo: crashing on purpose (DEMO_CRASH is set)", flush=True)
-        sys.exit(3)
-    delay = float(os.environ.get("DEMO_START_DELAY", "0") or 0)
-    if delay > 0:
-        print(f"demo: waiting {delay}s before listening", flush=True)
-        time.sleep(delay)
-    print(f"demo: listening on {args.host}:{args.port} under {args.base_url}", flush=True)
-    uvicorn.run(
-        create_app(args.base_url),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-        access_log=False,
-        ws="websockets-sansio",
-        lifespan="off",
-    )

@@ -1,0 +1,109 @@
+"""The demo tool's standard-library server: the endpoints, token check and WebSocket echo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from servers import free_port
+
+TOKEN = {"Authorization": "token demo-secret"}
+
+
+@pytest.fixture
+async def demo(tmp_path: Path) -> AsyncIterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABGATE_INSTANCE_TOKEN": "demo-secret",
+        "LABGATE_USER": "ada",
+        "LABGATE_INSTANCE_ID": "x",
+        "HOME": str(tmp_path),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labgate.tools.demo", "--port", str(port), "--base-url", "/i/x/"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient(base_url=url) as client:
+        for _ in range(200):
+            try:
+                await client.get("/i/x/api/health", headers=TOKEN)
+                break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.02)
+    try:
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0  # a clean exit on TERM, as uvicorn did
+
+
+async def test_endpoints_and_the_token(demo: str, tmp_path: Path) -> None:
+    async with httpx.AsyncClient(base_url=demo) as client:
+        refused = await client.get("/i/x/api/info")
+        assert refused.status_code == 403 and refused.json() == {"error": "forbidden"}
+        info = (
+            await client.get("/i/x/api/info", headers={**TOKEN, "X-Labgate-User": "ada"})
+        ).json()
+        assert info["user"] == "ada" and info["path"] == "/i/x/api/info"
+        assert info["headers"] == {"x-labgate-user": "ada"} and info["base_url"] == "/i/x/"
+        page = await client.get("/i/x/", headers=TOKEN)
+        assert page.headers["content-type"].startswith("text/html") and "ada" in page.text
+        assert (await client.head("/i/x/api/info", headers=TOKEN)).content == b""
+        assert (await client.get("/i/x/nope", headers=TOKEN)).status_code == 404
+        assert (await client.get("/elsewhere", headers=TOKEN)).status_code == 404
+        assert (await client.post("/i/x/api/health", headers=TOKEN)).status_code == 405
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"written "
+            yield b"in chunks"
+
+        target = tmp_path / "note.txt"
+        put = await client.put(
+            "/i/x/api/file", params={"path": str(target)}, content=chunks(), headers=TOKEN
+        )
+        assert put.json() == {"ok": True} and target.read_text() == "written in chunks"
+        got = await client.get("/i/x/api/file", params={"path": str(target)}, headers=TOKEN)
+        assert got.json() == {"ok": True, "content": "written in chunks"}
+        missing = await client.get("/i/x/api/file", params={"path": "/no/such"}, headers=TOKEN)
+        assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
+
+        (tmp_path / "other").mkdir()
+        bad = await client.post("/i/x/api/claim", json={"user": "bob"}, headers=TOKEN)
+        assert bad.status_code == 400
+        claimed = await client.post(
+            "/i/x/api/claim",
+            json={"user": "bob", "workspace": str(tmp_path / "other")},
+            headers=TOKEN,
+        )
+        assert claimed.status_code == 200
+        after = (await client.get("/i/x/api/info", headers=TOKEN)).json()
+        assert after["user"] == "bob" and after["home"] == str(tmp_path / "other")
+
+
+async def test_websocket_echo(demo: str) -> None:
+    url = demo.replace("http", "ws", 1) + "/i/x/ws"
+    async with websockets.connect(url, additional_headers=TOKEN) as socket:
+        await socket.send("hello")
+        assert await socket.recv() == "hello"
+        big = bytes(range(256)) * 400
+        await socket.send(big)
+        assert await socket.recv() == big
+        await socket.send(["frag", "mented"])  # one message in two frames
+        assert await socket.recv() == "fragmented"
+        await (await socket.ping())
+    with pytest.raises(websockets.InvalidStatus):
+        async with websockets.connect(url):
+            pass
