@@ -15,12 +15,18 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from helpers import ADMIN_PASSWORD, PASSWORD, token_for
 from labgate.config import Settings
 from labgate.portal.app import create_app
+
+# Timing is for benchmarks, not tests: a loaded CI machine must not turn a slow
+# example into a failure (hypothesis's default deadline is 200 ms).
+hypothesis_settings.register_profile("labgate", deadline=None)
+hypothesis_settings.load_profile("labgate")
 
 
 @pytest.fixture
