@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import unicodedata
 from urllib.parse import quote
 
 import pytest
@@ -144,8 +145,18 @@ dois = st.builds(lambda p, s: f"{p}/{s}", prefixes, suffixes)
 
 
 def random_case(draw: st.DrawFn, text: str) -> str:
+    """Flip the case of ASCII letters, the ones DOIs fold.
+
+    A letter followed by a combining mark is left alone: with it, it composes
+    (NFC) into a non-ASCII character (``a`` + ring is ``å``), whose case is
+    significant.
+    """
     flips = draw(st.lists(st.booleans(), min_size=len(text), max_size=len(text)))
-    return "".join(c.upper() if f and c.isascii() else c for c, f in zip(text, flips, strict=True))
+    out = []
+    for i, (c, flip) in enumerate(zip(text, flips, strict=True)):
+        combines = i + 1 < len(text) and unicodedata.combining(text[i + 1]) != 0
+        out.append(c.upper() if flip and c.isascii() and not combines else c)
+    return "".join(out)
 
 
 @st.composite
@@ -165,6 +176,7 @@ def doi_spellings(draw: st.DrawFn) -> tuple[str, str]:
 @given(doi_spellings())
 @example(("10.1234/J\u030c", "doi:10.1234/J\u030c"))
 @example(("10.1234/\u212a", "DOI:10.1234/\u212a"))
+@example(("10.0000000/a\u030a", "doi:10.0000000/a\u030a"))
 def test_every_doi_spelling_has_the_same_canonical_form(pair: tuple[str, str]) -> None:
     name, spelling = pair
     assert normalize(spelling) == normalize("doi:" + name)
