@@ -37,6 +37,17 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
+def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float = 120) -> dict:
+    """Poll an instance through the API until it is in one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body: dict = client.get(f"/api/v1/instances/{iid}").json()
+        if body["state"] in states:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+
+
 class LabgateServer:
     """``labgate serve`` in a subprocess with its own data dir."""
 

@@ -9,19 +9,9 @@ import time
 import httpx
 import pytest
 
-from servers import LabgateServer, processes_with_env
+from servers import LabgateServer, processes_with_env, wait_state
 
 PASSWORD = "admin-password-for-restart"
-
-
-def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(f"/api/v1/instances/{iid}").json()
-        if body["state"] in states:
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -10,20 +10,10 @@ import pytest
 import websockets
 
 from jupyter_client_util import execute
-from servers import LabgateServer
+from servers import LabgateServer, wait_state
 
 PASSWORD = "admin-password-for-serve"
 USER_PASSWORD = "user-password-123"
-
-
-def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(f"/api/v1/instances/{iid}").json()
-        if body["state"] in states:
-            return body
-        assert time.monotonic() < deadline, body
-        time.sleep(0.1)
 
 
 @pytest.fixture
