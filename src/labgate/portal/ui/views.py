@@ -90,21 +90,7 @@ async def instance_page(
     instance_id: str, request: Request, portal: Portal = Depends(get_portal)
 ) -> Response:
     """One instance: launch progress from its event stream, then into the tool."""
-    caller = await signed_in(request)
-    if isinstance(caller, Response):
-        return caller
-    instance = await portal.run_db(
-        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
-    )
-    tool = portal.catalog.get(instance.tool)
-    context = page_context(
-        portal,
-        caller,
-        "instances",
-        instance=instance,
-        tool_title=tool.title if tool else instance.tool,
-    )
-    return render(request, "instance.html", context)
+    return await _instance_view(request, portal, instance_id, "instance.html")
 
 
 @router.get("/instances/{instance_id}/logs")
@@ -112,6 +98,13 @@ async def instance_logs_page(
     instance_id: str, request: Request, portal: Portal = Depends(get_portal)
 ) -> Response:
     """A live tail of an instance's output."""
+    return await _instance_view(request, portal, instance_id, "logs.html")
+
+
+async def _instance_view(
+    request: Request, portal: Portal, instance_id: str, template: str
+) -> Response:
+    """Render a page about one instance the caller may see (404 otherwise)."""
     caller = await signed_in(request)
     if isinstance(caller, Response):
         return caller
@@ -126,7 +119,7 @@ async def instance_logs_page(
         instance=instance,
         tool_title=tool.title if tool else instance.tool,
     )
-    return render(request, "logs.html", context)
+    return render(request, template, context)
 
 
 @router.get("/account")
