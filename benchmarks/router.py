@@ -35,6 +35,8 @@ PY = sys.executable
 TOKEN = "bench-stream-token"
 KEY = "bench-signing-key"
 CHP_TOKEN = "bench-chp-token"
+#: The routes the benchmark itself measures through; every table keeps them.
+OWN_ROUTES = ("bench", "ws")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -331,6 +333,7 @@ class Labgate:
         self.processes: list[Any] = []
         self.server: Any = None
         self.task: asyncio.Task[None] | None = None
+        self.loads = 0
 
     async def start(self, static_url: str, ws_url: str) -> None:
         import uvicorn
@@ -388,11 +391,17 @@ class Labgate:
         writer.close()
         return int(head[9:12]) if len(head) >= 12 else 0
 
-    async def wait_route(self, instance_id: str, status: int, timeout: float = 60.0) -> None:
-        """Until ``status`` comes back 10 times in a row (so every worker has it)."""
+    async def wait_route(
+        self, instance_id: str, status: int, timeout: float = 60.0, streak_needed: int = 10
+    ) -> None:
+        """Until ``status`` comes back ``streak_needed`` times in a row on new connections.
+
+        The kernel spreads new connections over the workers, so a long enough
+        streak means every worker has the route.
+        """
         deadline = time.monotonic() + timeout
         streak = 0
-        while streak < 10:
+        while streak < streak_needed:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"route {instance_id} never answered {status}")
             streak = streak + 1 if await self.status(instance_id) == status else 0
@@ -438,9 +447,16 @@ class Labgate:
         }
 
     async def load_routes(self, count: int, static_url: str) -> None:
-        """Replace the table with ``count`` routes (plus the benchmark's own)."""
-        snapshot = self.publisher.snapshot()
-        base = snapshot["routes"]
+        """Replace the table with ``count`` routes plus the benchmark's own, by a full resync.
+
+        Returns once every worker has applied this very snapshot: it carries a
+        probe route of its own (a new id each time) that no earlier table had,
+        so a worker still parsing the snapshot (or serving the last table)
+        cannot pass for done and its resync never lands inside a measurement.
+        """
+        self.loads += 1
+        probe = f"probe{self.loads}"
+        own = [r for r in self.publisher.snapshot()["routes"] if r["instance_id"] in OWN_ROUTES]
         extra = [
             {
                 "instance_id": f"r{n:06d}",
@@ -453,9 +469,13 @@ class Labgate:
             }
             for n in range(count)
         ]
-        snapshot["routes"] = [*base, *extra, {**base[0], "instance_id": "probe"}]
+        snapshot = self.publisher.snapshot()
+        snapshot["routes"] = [*own, *extra, {**own[0], "instance_id": probe}]
         self.publisher.resync(snapshot)
-        await self.wait_route("probe", 200, timeout=300)
+        await self.wait_route(probe, 200, timeout=300, streak_needed=40)
+        # The workers freeze the new table for the GC right after applying it; give
+        # that (and the release of the old table) a moment before anything is timed.
+        await asyncio.sleep(0.5)
 
     @property
     def pids(self) -> list[int]:

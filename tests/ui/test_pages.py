@@ -116,6 +116,46 @@ def test_password_change_signs_out_and_the_new_one_works(gateway):
     expect(page.get_by_role("heading", name="Your account")).to_be_visible()
 
 
+def test_instance_page_counts_down_to_the_idle_stop_and_keeps_alive(gateway):
+    name = gateway.create_user("kai")
+    instance_id = launch_via_api(gateway, name)
+    page = gateway.page()
+    gateway.sign_in(page, name, path=f"/instances/{instance_id}")
+    countdown = page.locator("#countdown")
+    # demo's idle timeout is an hour; the page counts down from the server's cull_at.
+    expect(countdown).to_have_text(
+        re.compile(r"^Stops in (59|60) min \(at .+\) if nobody uses it\.$")
+    )
+    choices = page.get_by_label("Keep alive for").locator("option")
+    expect(choices).to_have_text(["1 hour", "4 hours", "8 hours", "24 hours"])
+    expect(page.get_by_role("button", name="End keep-alive")).to_be_hidden()
+
+    page.get_by_label("Keep alive for").select_option(label="4 hours")
+    page.get_by_role("button", name="Keep alive").click()
+    expect(countdown).to_have_text(
+        re.compile(r"^Kept alive until .+: stops in 3 h 59 min unless it is used\.$")
+    )
+    gateway.shot(page, "21-keep-alive", docs=True)
+    with api(gateway, name) as client:
+        shown = client.get(f"/api/v1/instances/{instance_id}/keep-alive").json()
+        assert shown["cull_reason"] == "idle"
+        assert 4 * 3600 - 120 < shown["cull_in"] <= 4 * 3600
+        assert shown["keep_alive_until"] is not None
+
+        page.get_by_role("button", name="End keep-alive").click()
+        expect(countdown).to_have_text(re.compile(r"^Stops in (59|60) min "))
+        expect(page.get_by_role("button", name="End keep-alive")).to_be_hidden()
+        assert (
+            client.get(f"/api/v1/instances/{instance_id}/keep-alive").json()["keep_alive_until"]
+            is None
+        )
+
+        # Stopped elsewhere: the countdown goes with the running instance.
+        client.delete(f"/api/v1/instances/{instance_id}")
+        expect(page.locator("#ended")).to_be_visible()
+        expect(page.locator("#keep-alive")).to_be_hidden()
+
+
 def test_logs_page_follows_the_output(gateway):
     name = gateway.create_user("jun")
     with api(gateway, name) as client:

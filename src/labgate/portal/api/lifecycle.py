@@ -51,6 +51,9 @@ class KeepAliveOut(BaseModel):
     cull_at: datetime | None = Field(None, description="When it will be stopped, if unused.")
     cull_reason: str | None = Field(None, description="idle or lifetime")
     cull_in: float | None = Field(None, description="Seconds until cull_at.")
+    cull_warning: float = Field(
+        description="Seconds before cull_at that a warning goes into the events."
+    )
     capped: bool = Field(False, description="The asked-for time was cut to keep_alive_max.")
 
 
@@ -68,6 +71,7 @@ def keep_alive_out(
         state=instance.state.value,
         keep_alive_until=instance.keep_alive_until,
         keep_alive_max=portal.settings.keep_alive_max,
+        cull_warning=portal.settings.cull_warning,
         capped=capped,
         **status,
     )

@@ -2,7 +2,8 @@
  * through scheduled → starting → health check → ready, then open the tool through
  * the router. A failure shows the reason and the last log lines, with a retry.
  * The tool opens by itself only when this page saw it become ready, and only
- * for its owner. */
+ * for its owner. While it runs, keep-alive.js shows when it would be stopped
+ * for being idle and lets the user keep it alive. */
 "use strict";
 
 (() => {
@@ -23,6 +24,7 @@
   let source = null;
   let fallback = null;
   let opened = false;
+  const keep = lg.keepAlive(id);
 
   function step(name, value) {
     const node = root.querySelector(`[data-step="${name}"]`);
@@ -68,6 +70,7 @@
   function apply(event) {
     addEvent(event);
     if (event.kind === "progress") {
+      if (event.data && event.data.warning) keep.refresh();
       if (/health/i.test(event.message)) upTo("health", "active");
       say(status, `${event.message[0].toUpperCase()}${event.message.slice(1)}…`);
       return;
@@ -85,6 +88,7 @@
       case "running":
         for (const name of STEPS) step(name, "done");
         $("ready").hidden = false;
+        keep.start();
         if (autoOpen && !opened) {
           opened = true;
           say(status, "Ready. Opening the tool…");
@@ -100,6 +104,7 @@
       default:
         ended(event.state, event.message);
     }
+    if (event.state !== "running") keep.stop();
     if (["failed", "stopped", "lost"].includes(event.state)) close();
   }
 
@@ -168,6 +173,7 @@
     try {
       const instance = await api("DELETE", `/instances/${encodeURIComponent(id)}`);
       setState(instance.state);
+      keep.stop();
       ended(instance.state);
     } catch (err) {
       say(status, `Could not stop: ${err.message}`);
