@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -156,3 +157,33 @@ async def test_group_limits_cap_members_together(app, client, make_user, admin_h
         "/api/v1/instances", json={"tool": "demo", "group": "spare"}, headers=dan
     )
     assert wrong.status_code == 403 and wrong.json()["error"] == "not_a_member"
+
+
+async def test_simultaneous_launches_never_overshoot_a_limit(app, client, make_user, admin_headers):
+    # Four members of a group that may hold 3 instances, 12 launches at the same moment:
+    # each admission must count what the ones before it committed.
+    await client.post(
+        "/api/v1/groups", json={"name": "rush", "limits": {"instances": 3}}, headers=admin_headers
+    )
+    members = []
+    for n in range(4):
+        members.append(await make_user(f"rush{n}"))
+        await client.put(f"/api/v1/groups/rush/members/rush{n}", headers=admin_headers)
+
+    async def launch(headers: dict[str, str]) -> httpx.Response:
+        return await client.post(
+            "/api/v1/instances", json={"tool": "demo", "group": "rush"}, headers=headers
+        )
+
+    answers = await asyncio.gather(*(launch(h) for h in members for _ in range(3)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202] * 3 + [429] * 9, [a.text for a in answers if a.status_code >= 500]
+    assert all(a.json()["quota"] == "instances" for a in answers if a.status_code == 429)
+    held = await app.state.portal.run_db(
+        lambda s: s.scalar(
+            select(func.count())
+            .select_from(UsageRecord)
+            .where(UsageRecord.group_name == "rush", UsageRecord.stopped_at.is_(None))
+        )
+    )
+    assert held == 3

@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Adoption, Report, SiteLink
@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: The PostgreSQL advisory lock that orders admissions across portal processes ("lgad").
+ADMISSION_LOCK_KEY = 0x6C676164
 
 
 class RouteFeed(Protocol):
@@ -120,6 +123,27 @@ class InstanceManager:
 
         return await asyncio.to_thread(run)
 
+    async def run_admission(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in a transaction that holds the admission lock until it commits.
+
+        Admissions (quota checks, placement, warm-pool claims, pool refills)
+        count what is held and then add to it; the next one may count only
+        after that is committed, or two launches could both fit in the last
+        slot, or claim the same warm instance. In one portal a thread lock
+        orders them; on PostgreSQL a transaction-scoped advisory lock also
+        orders them across portal processes sharing the database.
+        """
+
+        def run() -> T:
+            with self._admission, self.db.session() as session:
+                if session.get_bind().dialect.name == "postgresql":
+                    session.execute(
+                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK_KEY}
+                    )
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
     # --- launch ------------------------------------------------------------
     async def launch(self, user_id: int, request: LaunchRequest) -> Instance:
         """Admit, record and start a launch; returns the ``pending`` instance."""
@@ -134,13 +158,15 @@ class InstanceManager:
             raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
         resources = resolve_resources(tool, request.resources)
         warm = self.pools is not None and self.pools.matches(tool, request, resources)
-        instance = await self._db(lambda s: self._admit(s, user_id, tool, request, resources, warm))
+        instance = await self.run_admission(
+            lambda s: self._admit(s, user_id, tool, request, resources, warm)
+        )
         if instance.state == InstanceState.running and self.pools is not None:
             # Claimed from a warm pool: hand it the user's workspace, else start cold.
             claimed = await self.pools.bind(instance)
             if claimed is not None:
                 return claimed
-            instance = await self._db(
+            instance = await self.run_admission(
                 lambda s: self._admit(s, user_id, tool, request, resources, False)
             )
         self.start_admitted(instance.id)
@@ -171,58 +197,57 @@ class InstanceManager:
         resources: Resources,
         warm: bool = False,
     ) -> Instance:
-        # One admission at a time per portal, plus a row lock for PostgreSQL
-        # replicas: the count and the insert must not interleave.
-        with self._admission:
-            user = session.execute(
-                select(User).where(User.id == user_id).with_for_update()
-            ).scalar_one()
-            group = quotas.admit(session, self.user_defaults(), user, resources, request.group)
-            if warm and self.pools is not None:
-                claimed = self.pools.take(session, user, tool, group)
-                if claimed is not None:
-                    return claimed
-            # Placement inside the admission lock: capacity is counted and taken at once.
-            need = self._need(session, request.dataset)
-            placement = Placement(
-                tool=tool,
-                resources=resources,
-                wanted=request.site,
-                labels=request.labels or {},
-                holders=need.holders if need is not None and need.holders else None,
-            )
-            views = site_views(session, set(self.links))
-            if request.snapshot is not None:
-                snapshot = snapshot_to_launch(session, request.snapshot, user_id, tool.name)
-                views = sites_for_snapshot(snapshot, views, request.site)
-            site = choose_site(views, placement)
-            site_row = session.scalar(select(Site).where(Site.name == site))
-            instance = Instance(
-                id=new_id(),
-                owner_id=user_id,
-                tool=tool.name,
-                site=site_row,
+        # Runs under run_admission: the count and the insert commit before the next
+        # admission counts. The row lock orders one user's launches on PostgreSQL.
+        user = session.execute(
+            select(User).where(User.id == user_id).with_for_update()
+        ).scalar_one()
+        group = quotas.admit(session, self.user_defaults(), user, resources, request.group)
+        if warm and self.pools is not None:
+            claimed = self.pools.take(session, user, tool, group)
+            if claimed is not None:
+                return claimed
+        # Placement inside the admission lock: capacity is counted and taken at once.
+        need = self._need(session, request.dataset)
+        placement = Placement(
+            tool=tool,
+            resources=resources,
+            wanted=request.site,
+            labels=request.labels or {},
+            holders=need.holders if need is not None and need.holders else None,
+        )
+        views = site_views(session, set(self.links))
+        if request.snapshot is not None:
+            snapshot = snapshot_to_launch(session, request.snapshot, user_id, tool.name)
+            views = sites_for_snapshot(snapshot, views, request.site)
+        site = choose_site(views, placement)
+        site_row = session.scalar(select(Site).where(Site.name == site))
+        instance = Instance(
+            id=new_id(),
+            owner_id=user_id,
+            tool=tool.name,
+            site=site_row,
+            state=InstanceState.pending,
+            resources=resources.as_json(),
+            secret=secrets.token_urlsafe(32),
+            dataset_id=need.dataset_id if need is not None else None,
+            mounts=[need.mount_on(site)] if need is not None else [],
+            snapshot_id=request.snapshot,
+        )
+        session.add(instance)
+        accounting.open_record(session, instance, user, group.name if group else "")
+        near = f", next to {need.identifier}" if need is not None and need.holders else ""
+        session.add(
+            InstanceEvent(
+                instance=instance,
                 state=InstanceState.pending,
-                resources=resources.as_json(),
-                secret=secrets.token_urlsafe(32),
-                dataset_id=need.dataset_id if need is not None else None,
-                mounts=[need.mount_on(site)] if need is not None else [],
-                snapshot_id=request.snapshot,
+                message=f"scheduled on site {site}{near}",
+                data={"site": site},
             )
-            session.add(instance)
-            accounting.open_record(session, instance, user, group.name if group else "")
-            near = f", next to {need.identifier}" if need is not None and need.holders else ""
-            session.add(
-                InstanceEvent(
-                    instance=instance,
-                    state=InstanceState.pending,
-                    message=f"scheduled on site {site}{near}",
-                    data={"site": site},
-                )
-            )
-            session.flush()
-            session.refresh(instance, ["owner", "site"])
-            return instance
+        )
+        session.flush()
+        session.refresh(instance, ["owner", "site"])
+        return instance
 
     async def _start(self, instance_id: str) -> None:
         # A dataset no site holds is fetched into the chosen site's cache first.

@@ -201,7 +201,7 @@ class PoolManager:
             )
             .order_by(Instance.ready_at, Instance.id)
             .limit(1)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, of=Instance)
         )
         if instance is None:
             return None
@@ -305,7 +305,7 @@ class PoolManager:
                 missing = min(missing, 1)
             for _ in range(missing):
                 try:
-                    instance_id = await self.manager._db(partial(self._admit, pool=pool))
+                    instance_id = await self.manager.run_admission(partial(self._admit, pool=pool))
                 except LabgateError as exc:
                     log.info("warm pool %s cannot grow now: %s", pool.key, exc.detail)
                     break
@@ -346,34 +346,33 @@ class PoolManager:
         tool = self.manager.catalog.get(pool.tool)
         assert tool is not None and self.user_id is not None
         resources = tool.resources.default()
-        # The same lock as user launches: capacity is counted and taken at once.
-        with self.manager._admission:
-            views = site_views(session, set(self.manager.links))
-            site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
-            owner = session.get(User, self.user_id)
-            assert owner is not None
-            instance = Instance(
-                id=new_id(),
-                owner_id=self.user_id,
-                tool=tool.name,
-                site=session.scalar(select(Site).where(Site.name == site)),
+        # Called through run_admission, like user launches: capacity is counted and taken at once.
+        views = site_views(session, set(self.manager.links))
+        site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
+        owner = session.get(User, self.user_id)
+        assert owner is not None
+        instance = Instance(
+            id=new_id(),
+            owner_id=self.user_id,
+            tool=tool.name,
+            site=session.scalar(select(Site).where(Site.name == site)),
+            state=InstanceState.pending,
+            resources=resources.as_json(),
+            secret=secrets.token_urlsafe(32),
+            pool=pool.key,
+        )
+        session.add(instance)
+        accounting.open_record(session, instance, owner)
+        session.add(
+            InstanceEvent(
+                instance=instance,
                 state=InstanceState.pending,
-                resources=resources.as_json(),
-                secret=secrets.token_urlsafe(32),
-                pool=pool.key,
+                message=f"started ahead of time for the warm pool {pool.key}",
+                data={"site": site, "pool": pool.key},
             )
-            session.add(instance)
-            accounting.open_record(session, instance, owner)
-            session.add(
-                InstanceEvent(
-                    instance=instance,
-                    state=InstanceState.pending,
-                    message=f"started ahead of time for the warm pool {pool.key}",
-                    data={"site": site, "pool": pool.key},
-                )
-            )
-            session.flush()
-            return instance.id
+        )
+        session.flush()
+        return instance.id
 
     # --- reporting -------------------------------------------------------------------
     def status(self, session: Session) -> list[dict[str, Any]]:
