@@ -9,6 +9,8 @@ from pydantic import BeforeValidator
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+#: The largest size anything in labgate holds (1 EiB): beyond it databases overflow.
+MAX_SIZE = 1024**6
 
 
 def parse_size(value: Any) -> int:
@@ -16,14 +18,16 @@ def parse_size(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512M or 2G")
     if isinstance(value, int | float):
-        size = int(value)
+        amount = float(value)
     elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-        size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        amount = float(match.group(1)) * _UNITS[match.group(2).lower()]
     else:
         raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
-    if size <= 0:
+    if amount > MAX_SIZE:  # also inf, from a number too long for a float
+        raise ValueError("size must be at most 1 EiB")
+    if not amount > 0:
         raise ValueError("size must be positive")
-    return size
+    return int(value) if isinstance(value, int) else int(amount)
 
 
 Size = Annotated[int, BeforeValidator(parse_size)]

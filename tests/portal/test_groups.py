@@ -77,3 +77,28 @@ async def test_deleting_a_user_takes_them_out_of_groups(client, make_user, admin
     await client.put("/api/v1/groups/g/members/carol", headers=admin_headers)
     assert (await client.delete("/api/v1/users/carol", headers=admin_headers)).status_code == 204
     assert (await client.get("/api/v1/groups/g", headers=admin_headers)).json()["members"] == []
+
+
+async def test_limits_out_of_range_are_refused_not_overflowed(client, make_user, admin_headers):
+    await make_user("erin")
+    for limits in (
+        {"instances": 10**30},
+        {"cpu": 1e300},
+        {"memory": "9" * 400},
+        {"memory": 2**70},
+        {"core_hours": 1e300},
+    ):
+        answer = await client.put("/api/v1/users/erin/limits", json=limits, headers=admin_headers)
+        assert answer.status_code == 422, (limits, answer.text)
+        assert answer.json()["error"] == "validation_error"
+    made = await client.post(
+        "/api/v1/groups", json={"name": "eons", "max_lifetime": 1e20}, headers=admin_headers
+    )
+    assert made.status_code == 422 and "max_lifetime" in made.text
+    made = await client.post(
+        "/api/v1/groups",
+        json={"name": "eons", "limits": {"memory": "1024T"}, "max_lifetime": 86400},
+        headers=admin_headers,
+    )
+    assert made.status_code == 201, made.text
+    assert made.json()["limits"]["memory"] == 1024**5

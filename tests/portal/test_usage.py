@@ -109,4 +109,39 @@ async def test_admin_usage_page(app, client, make_user):
     assert page.status_code == 200
     assert "Admin: usage" in page.text and "jupyterlab" in page.text
     assert "Download CSV" in page.text and "format=csv" in page.text
+    # Days out of range are ignored, not overflowed.
+    for until in ("9999-12-31", "0001-01-01", "2026-13-40"):
+        page = await client.get("/admin/usage", params={"period": "day", "until": until})
+        assert page.status_code == 200, (until, page.text[:200])
     client.cookies.clear()
+
+
+async def test_period_all_covers_everything_and_far_until_is_fine(app, client, admin_headers):
+    def old(session: Any) -> None:
+        admin = session.scalar(select(User).where(User.name == "admin"))
+        start = datetime.now(UTC) - timedelta(days=400)
+        session.add(
+            UsageRecord(
+                instance_id="ancient",
+                user_id=admin.id,
+                user_name="admin",
+                tool="demo",
+                cpu=1.0,
+                memory=0,
+                started_at=start,
+                stopped_at=start + timedelta(hours=3),
+                reason="stopped",
+            )
+        )
+
+    await app.state.portal.run_db(old)
+    report = await client.get("/api/v1/usage", params={"period": "all"}, headers=admin_headers)
+    assert report.status_code == 200 and report.json()["total"]["core_hours"] == 3.0
+    this_month = await client.get("/api/v1/usage", headers=admin_headers)
+    assert this_month.json()["total"]["core_hours"] == 0.0
+    far = await client.get(
+        "/api/v1/usage",
+        params={"period": "year", "since": "2000-01-01T00:00:00Z", "until": "9999-12-31T00:00:00Z"},
+        headers=admin_headers,
+    )
+    assert far.status_code == 200 and far.json()["total"]["core_hours"] == 3.0, far.text

@@ -197,6 +197,14 @@ async def test_keep_alive_api_caps_shows_and_clears(app, client, make_user, sett
     assert listed["keep_alive_until"] == until
     assert (await client.put(path, json={}, headers=carol)).status_code == 400
     assert (await client.put(path, json={"for": 60}, headers=dave)).status_code == 404
+    # Far beyond any date: capped like any other, not an overflow.
+    huge = await client.put(path, json={"for": 1e15}, headers=carol)
+    assert huge.status_code == 200 and huge.json()["capped"] is True, huge.text
+    far = await client.put(path, json={"until": "9999-12-31T23:59:59Z"}, headers=carol)
+    assert far.status_code == 200 and far.json()["capped"] is True, far.text
+    app.state.portal.settings.keep_alive_max = 0
+    off = await client.put(path, json={"for": 60}, headers=carol)
+    assert off.status_code == 409 and off.json()["error"] == "keep_alive_off"
     cleared = await client.delete(path, headers=carol)
     assert cleared.json()["keep_alive_until"] is None
 

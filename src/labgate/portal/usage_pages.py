@@ -20,21 +20,31 @@ from labgate.db.models import utcnow
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import render
 from labgate.portal.ui.views import page_context, signed_in
-from labgate.scheduler.accounting import KEYS, PERIODS, UsageQuery, period_start, usage_report
+from labgate.scheduler.accounting import (
+    EARLIEST,
+    KEYS,
+    PERIODS,
+    UsageQuery,
+    period_start,
+    usage_report,
+)
 
 router = APIRouter(include_in_schema=False)
 
 #: How far back the page looks by default, per period.
-DEFAULT_SPAN = {"day": 14, "week": 8 * 7, "month": 365, "year": 3 * 365, "all": 31}
+DEFAULT_SPAN = {"day": 14, "week": 8 * 7, "month": 365, "year": 3 * 365}
 
 
 def _date(value: str | None) -> datetime | None:
+    """A YYYY-MM-DD day from the form; None for none, a bad one or one out of range."""
     if not value:
         return None
     try:
-        return datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
+        day = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         return None
+    # A day after it must still be a date (9999-12-31 is not), and usage began later.
+    return day if EARLIEST <= day < datetime(9999, 1, 1, tzinfo=UTC) else None
 
 
 @router.get("/admin/usage")
@@ -55,7 +65,11 @@ async def admin_usage(
     now = utcnow()
     end = _date(until)
     end = end + timedelta(days=1) if end is not None else now
-    start = _date(since) or period_start(now - timedelta(days=DEFAULT_SPAN[period]), "day")
+    start = _date(since) or (
+        EARLIEST
+        if period == "all"
+        else period_start(now - timedelta(days=DEFAULT_SPAN[period]), "day")
+    )
     if start >= end:
         start = end - timedelta(days=1)
     query = UsageQuery(since=start, until=end, by=(by,), period=period)

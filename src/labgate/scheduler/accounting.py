@@ -107,6 +107,10 @@ def on_transition(
 # --- reports ------------------------------------------------------------------------
 
 
+#: Where a report over "all" time starts when it names no start: before any labgate.
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+
+
 def period_start(moment: datetime, period: str) -> datetime:
     """The start of the period (UTC) that ``moment`` falls in."""
     moment = moment.astimezone(UTC)

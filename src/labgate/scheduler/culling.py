@@ -51,6 +51,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A stop further ahead than this (a hundred years) is shown as none: it would not
+#: fit a date, and no instance lives that long.
+NEVER = 100 * 366 * 86400.0
+
 
 @dataclass(frozen=True)
 class Watch:
@@ -280,7 +284,7 @@ def cull_status(culler: Culler | None, session: Session, instance: Instance) -> 
     watch = watch_of(instance, group)
     now = time.time()
     deadline = culler.deadline(watch, culler.last_use(watch, now, look_only=True), now)
-    if deadline is None:
+    if deadline is None or deadline.at - now > NEVER:
         return {"cull_at": None, "cull_reason": None, "cull_in": None}
     return {
         "cull_at": datetime.fromtimestamp(deadline.at, UTC),

@@ -24,11 +24,13 @@ from labgate.portal.accounts import get_user
 from labgate.portal.auth import Caller, Principal, require
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler import quotas
-from labgate.units import parse_size
+from labgate.units import MAX_SIZE, parse_size
 
 router = APIRouter(tags=["groups"])
 
 GROUP_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
+#: The longest lifetime a group may set: ten years, in seconds.
+MAX_LIFETIME = 10 * 366 * 86400
 
 
 class LimitsIn(BaseModel):
@@ -36,10 +38,14 @@ class LimitsIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instances: int | None = Field(None, ge=0, description="Instances at once.")
-    cpu: float | None = Field(None, ge=0, description="CPU cores held at once.")
-    memory: int | None = Field(None, ge=0, description="Memory held at once: bytes or 16G.")
-    core_hours: float | None = Field(None, ge=0, description="Core-hours per calendar month.")
+    instances: int | None = Field(None, ge=0, le=10**6, description="Instances at once.")
+    cpu: float | None = Field(None, ge=0, le=10**6, description="CPU cores held at once.")
+    memory: int | None = Field(
+        None, ge=0, le=MAX_SIZE, description="Memory held at once: bytes or 16G."
+    )
+    core_hours: float | None = Field(
+        None, ge=0, le=10**9, description="Core-hours per calendar month."
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -60,7 +66,10 @@ class GroupIn(BaseModel):
     description: str = Field("", max_length=2000)
     limits: LimitsIn | None = None
     max_lifetime: float | None = Field(
-        None, gt=0, description="Seconds an instance charged to the group may run."
+        None,
+        gt=0,
+        le=MAX_LIFETIME,
+        description="Seconds an instance charged to the group may run.",
     )
 
 
@@ -71,7 +80,9 @@ class GroupPatch(BaseModel):
 
     description: str | None = Field(None, max_length=2000)
     limits: LimitsIn | None = None
-    max_lifetime: float | None = Field(None, gt=0, description="null removes the limit.")
+    max_lifetime: float | None = Field(
+        None, gt=0, le=MAX_LIFETIME, description="null removes the limit."
+    )
 
 
 class GroupOut(BaseModel):

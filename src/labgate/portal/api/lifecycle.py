@@ -105,13 +105,20 @@ async def set_keep_alive(
     """Spare the instance from idle culling until a time (capped at ``keep_alive_max``)."""
     if (body.until is None) == (body.seconds is None):
         raise BadRequest("give either until (a time) or for (seconds)")
+    longest = portal.settings.keep_alive_max
+    if longest <= 0:
+        raise Conflict("keep-alive is turned off on this portal", code="keep_alive_off")
     now = utcnow()
-    wanted = body.until if body.until is not None else now + timedelta(seconds=body.seconds or 0)
-    if wanted.tzinfo is None:
-        raise BadRequest("until needs a time zone (e.g. 2026-11-22T18:00:00Z)")
+    ceiling = now + timedelta(seconds=longest)
+    if body.until is not None:
+        if body.until.tzinfo is None:
+            raise BadRequest("until needs a time zone (e.g. 2026-11-22T18:00:00Z)")
+        wanted = body.until
+    else:
+        # Capped before the arithmetic: a huge number of seconds overflows a datetime.
+        wanted = now + timedelta(seconds=min(body.seconds or 0.0, longest + 1))
     if wanted <= now:
         raise BadRequest("until must be in the future")
-    ceiling = now + timedelta(seconds=portal.settings.keep_alive_max)
     capped = wanted > ceiling
     culler = _culler(request)
 

@@ -18,6 +18,7 @@ from labgate.errors import BadRequest
 from labgate.portal.auth import Principal, require
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.accounting import (
+    EARLIEST,
     KEYS,
     UsageQuery,
     period_start,
@@ -75,7 +76,7 @@ def build_query(
         user = caller.name
     now = utcnow()
     until = _aware(until) or now
-    since = _aware(since) or period_start(now, "month" if period == "all" else period)
+    since = _aware(since) or (EARLIEST if period == "all" else period_start(now, period))
     if since >= until:
         raise BadRequest("since must be before until")
     return UsageQuery(
@@ -113,7 +114,9 @@ async def usage(
     portal: Portal = Depends(get_portal),
     by: Annotated[list[Key] | None, Query(description="Group rows by these.")] = None,
     period: Period = "month",
-    since: datetime | None = Query(None, description="Start (default: this period's)."),
+    since: datetime | None = Query(
+        None, description="Start (default: this period's; for all, the beginning)."
+    ),
     until: datetime | None = Query(None, description="End (default: now)."),
     user: str | None = None,
     group: str | None = None,
