@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import shutil
+import string
 import sys
 import tomllib
 from collections.abc import Iterable
@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
 PLACEHOLDERS = frozenset({"port", "base_url", "workspace", "python", "instance_id", "user"})
+_FORMATTER = string.Formatter()
 # The instance token is a secret: allowed in environment values, never on a
 # command line where `ps` would show it to other local users.
 ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
@@ -138,10 +139,15 @@ class ContainerSpec(BaseModel):
 
 
 def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
+    """Refuse what ``str.format`` would not fill from ``allowed`` (``{{`` is a brace)."""
+    known = ", ".join(sorted(allowed))
     for part in parts:
-        for name in re.findall(r"{([^{}]*)}", part):
+        try:
+            fields = [name for _, name, _, _ in _FORMATTER.parse(part) if name is not None]
+        except ValueError as problem:
+            raise ValueError(f"bad braces in {where}: {part!r} ({problem})") from None
+        for name in fields:
             if name not in allowed:
-                known = ", ".join(sorted(allowed))
                 raise ValueError(f"unknown placeholder {{{name}}} in {where} (known: {known})")
 
 

@@ -1,0 +1,48 @@
+"""Tool files: placeholders, literal braces, and the built-in catalog."""
+
+from __future__ import annotations
+
+import pytest
+
+from labgate.tools.catalog import Catalog, ProcessSpec
+
+
+def test_doubled_braces_are_literal_and_placeholders_are_filled() -> None:
+    spec = ProcessSpec(command=["{python}", '--x={{"a": True}}', "--port={port}"])
+    spec.check_placeholders()
+    command, _ = spec.render({"python": "/usr/bin/python3", "port": "8123"})
+    assert command == ["/usr/bin/python3", '--x={"a": True}', "--port=8123"]
+
+
+@pytest.mark.parametrize(
+    ("part", "fragment"),
+    [
+        ("{colour}", "unknown placeholder {colour}"),
+        ("{port.real}", "unknown placeholder {port.real}"),
+        ('{"a": True}', "unknown placeholder"),
+        ("--x={", "bad braces"),
+        ("--x=}", "bad braces"),
+    ],
+)
+def test_what_format_would_not_fill_is_refused(part: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment.replace("{", r"\{").replace(".", r"\.")):
+        ProcessSpec(command=[part]).check_placeholders()
+
+
+def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
+    catalog = Catalog.load()
+    assert catalog.problems == []
+    tool = catalog.get("jupyterlab")
+    assert tool is not None and tool.process is not None
+    command, _ = tool.process.render(
+        {
+            "python": "py",
+            "port": "1",
+            "base_url": "/i/x/",
+            "workspace": "/w",
+            "instance_id": "x",
+            "user": "u",
+            "instance_token": "t",
+        }
+    )
+    assert '--ServerApp.jpserver_extensions={"labgate.tools.jupyter_busy": True}' in command
