@@ -1,0 +1,84 @@
+"""A warm JupyterLab taken by a user: it serves the user's workspace, nothing of the pool's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from labgate.config import PoolConfig
+from labgate.db.models import Instance
+from scheduler.test_pools import wait_for_pool
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        __import__("shutil").which("bwrap") is None or __import__("os").geteuid() != 0,
+        reason="warm pools of the process backend need bubblewrap and root",
+    ),
+]
+
+
+@pytest.fixture
+def settings(settings):
+    pytest.importorskip(
+        "jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'"
+    )
+    settings.pools = [PoolConfig(tool="jupyterlab", size=1)]
+    settings.pool_check_interval = 0.2
+    return settings
+
+
+@pytest.fixture
+async def pools(app):
+    yield app.state.pools
+    await app.state.pools.close()
+
+
+async def contents(instance: Instance, path: str = "") -> httpx.Response:
+    """JupyterLab's contents API, asked with the instance token (as the router would)."""
+    async with httpx.AsyncClient(timeout=30) as tool:
+        return await tool.get(
+            f"{instance.endpoint}/i/{instance.id}/api/contents/{path}",
+            headers={"Authorization": f"token {instance.secret}"},
+        )
+
+
+async def test_a_claimed_jupyterlab_serves_the_users_workspace(
+    app, client, make_user, pools, settings
+):
+    bea = await make_user("bea")
+    workspace: Path = settings.workspaces_dir / "bea"
+    workspace.mkdir(parents=True)
+    (workspace / "analysis.py").write_text("print('bea')\n")
+    warm = await wait_for_pool(app, "jupyterlab", timeout=120)
+
+    # Whatever the pool instance wrote while it waited stays the pool's.
+    async with httpx.AsyncClient(timeout=30) as tool:
+        left = await tool.put(
+            f"{warm.endpoint}/i/{warm.id}/api/contents/pool-left.txt",
+            json={"type": "file", "format": "text", "content": "from the pool"},
+            headers={"Authorization": f"token {warm.secret}"},
+        )
+    assert left.status_code == 201, left.text
+    before = {item["name"] for item in (await contents(warm)).json()["content"]}
+    assert "pool-left.txt" in before and "analysis.py" not in before
+
+    launched = await client.post("/api/v1/instances", json={"tool": "jupyterlab"}, headers=bea)
+    assert launched.status_code == 202, launched.text
+    assert launched.json()["id"] == warm.id and launched.json()["state"] == "running"
+
+    listed = await contents(warm)
+    assert listed.status_code == 200, listed.text
+    assert {item["name"] for item in listed.json()["content"]} == {"analysis.py"}
+    assert (await contents(warm, "analysis.py")).json()["content"] == "print('bea')\n"
+    async with httpx.AsyncClient(timeout=30) as tool:
+        saved = await tool.put(
+            f"{warm.endpoint}/i/{warm.id}/api/contents/result.txt",
+            json={"type": "file", "format": "text", "content": "42"},
+            headers={"Authorization": f"token {warm.secret}"},
+        )
+    assert saved.status_code == 201, saved.text
+    assert (workspace / "result.txt").read_text() == "42"
+    assert not (workspace / "pool-left.txt").exists()
