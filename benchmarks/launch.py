@@ -209,13 +209,15 @@ class Labgate:
 
     async def launch(
         self, client: httpx.AsyncClient, user: str, tool: str, every: float, timeout: float
-    ) -> tuple[str, float]:
-        """Launch ``tool`` as ``user``; the id and the seconds to the first 200 via the router."""
+    ) -> tuple[str, float, bool]:
+        """Launch ``tool`` as ``user``: the id, the seconds to the first 200 via the router,
+        and whether it was a warm claim (the API answers a claim already ``running``)."""
         headers = self.tokens[user]
         begun = time.monotonic()
         response = await client.post("/api/v1/instances", json={"tool": tool}, headers=headers)
         response.raise_for_status()
         iid = response.json()["id"]
+        claimed = response.json()["state"] == "running"
 
         async def gone() -> str | None:
             shown = (await client.get(f"/api/v1/instances/{iid}", headers=headers)).json()
@@ -224,7 +226,7 @@ class Labgate:
 
         url = f"/i/{iid}/{HEALTH[tool]}"
         await first_200(client, url, headers, begun + timeout, every, gone)
-        return iid, time.monotonic() - begun
+        return iid, time.monotonic() - begun, claimed
 
     async def stop_one(self, client: httpx.AsyncClient, iid: str) -> None:
         """Stop one instance and wait until it has."""
@@ -284,8 +286,13 @@ async def labgate_singles(
                 await lg.pools_ready()
             await asyncio.sleep(1)  # let the machine settle
             try:
-                iid, seconds = await lg.launch(client, "u000", tool, 0.01, timeout)
-                times.append(seconds)
+                iid, seconds, claimed = await lg.launch(client, "u000", tool, 0.01, timeout)
+                if warm and not claimed:
+                    # A warm-pool launch that started cold is a failure of the pool, not a sample.
+                    log(f"{tool} launch {iid} did not claim a warm instance")
+                    failures += 1
+                else:
+                    times.append(seconds)
                 await lg.stop_one(client, iid)
             except Exception as exc:
                 log(f"{tool} launch failed: {exc!r}")
