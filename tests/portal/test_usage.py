@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from helpers import ADMIN_PASSWORD
 from labgate.db.models import UsageRecord, User
@@ -145,3 +145,73 @@ async def test_period_all_covers_everything_and_far_until_is_fine(app, client, a
         headers=admin_headers,
     )
     assert far.status_code == 200 and far.json()["total"]["core_hours"] == 3.0, far.text
+
+
+async def test_records_limit_keeps_the_oldest_in_the_query(app, client, make_user, admin_headers):
+    """``limit`` keeps the oldest records (the order the endpoint answers in), in the SQL."""
+    await make_user("alice")
+    await make_user("bob")
+    base = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=10)
+    # Inserted out of order; "r2a" and "r2b" start together (the id, in insert order, decides).
+    starts = {"r3": 3, "r0": 0, "r2a": 2, "r4": 4, "r1": 1, "r2b": 2}
+
+    def add(session: Any) -> None:
+        ids = {u.name: u.id for u in session.scalars(select(User))}
+        for name, hours in starts.items():
+            user = "bob" if name == "r1" else "alice"
+            session.add(
+                UsageRecord(
+                    instance_id=name,
+                    user_id=ids[user],
+                    user_name=user,
+                    tool="demo",
+                    cpu=1.0,
+                    memory=0,
+                    started_at=base + timedelta(hours=hours),
+                    stopped_at=base + timedelta(hours=hours, minutes=30),
+                    reason="stopped",
+                )
+            )
+
+    await app.state.portal.run_db(add)
+    since = (base - timedelta(days=1)).isoformat()
+
+    async def records(**params: Any) -> list[str]:
+        answer = await client.get(
+            "/api/v1/usage/records", params={"since": since, **params}, headers=admin_headers
+        )
+        assert answer.status_code == 200, answer.text
+        return [r["instance"] for r in answer.json()]
+
+    everything = await records()
+    assert everything == ["r0", "r1", "r2a", "r2b", "r3", "r4"]
+    # The first of the same order, whatever the limit; the limit counts after the filters.
+    for limit in (1, 2, 3, 6, 100):
+        assert await records(limit=limit) == everything[:limit], limit
+    assert await records(limit=2, user="alice") == [i for i in everything if i != "r1"][:2]
+    csv = await client.get(
+        "/api/v1/usage/records",
+        params={"since": since, "limit": 3, "format": "csv"},
+        headers=admin_headers,
+    )
+    assert [line.split(",")[1] for line in csv.text.splitlines()[1:]] == everything[:3]
+    for bad in (0, -1, 100001):
+        answer = await client.get(
+            "/api/v1/usage/records", params={"limit": bad}, headers=admin_headers
+        )
+        assert answer.status_code == 422, bad
+
+    # The database does the limiting: the records' SELECT carries a LIMIT.
+    statements: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FROM usage_records" in statement:
+            statements.append(statement)
+
+    engine = app.state.portal.db.engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        assert await records(limit=2) == everything[:2]
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert statements and all("LIMIT" in s.upper() for s in statements), statements

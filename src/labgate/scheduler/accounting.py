@@ -203,8 +203,14 @@ class UsageQuery:
     site: str | None = None
 
 
-def records_between(session: Session, query: UsageQuery) -> list[UsageRecord]:
-    """Records overlapping ``[since, until)`` that match the query's filters."""
+def records_between(
+    session: Session, query: UsageQuery, limit: int | None = None
+) -> list[UsageRecord]:
+    """Records overlapping ``[since, until)`` that match the query's filters, oldest first.
+
+    ``limit`` keeps the first (oldest) that many, in the query itself: a big
+    database is not read whole to answer a short page.
+    """
     stmt = select(UsageRecord).where(
         UsageRecord.started_at < query.until,
         (UsageRecord.stopped_at.is_(None)) | (UsageRecord.stopped_at > query.since),
@@ -217,7 +223,10 @@ def records_between(session: Session, query: UsageQuery) -> list[UsageRecord]:
         stmt = stmt.where(UsageRecord.tool == query.tool)
     if query.site is not None:
         stmt = stmt.where(UsageRecord.site == query.site)
-    return list(session.scalars(stmt.order_by(UsageRecord.started_at, UsageRecord.id)))
+    stmt = stmt.order_by(UsageRecord.started_at, UsageRecord.id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt))
 
 
 def _key_value(record: UsageRecord, key: str) -> str:

@@ -170,7 +170,7 @@ async def usage_records(
         site=site,
     )
     rows = await portal.run_db(
-        lambda s: [record_json(r) for r in records_between(s, query)[:limit]]
+        lambda s: [record_json(r) for r in records_between(s, query, limit=limit)]
     )
     if wants_csv(request, format):
         return csv_response(to_csv(rows, RECORD_COLUMNS), "labgate-usage-records")
