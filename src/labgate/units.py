@@ -17,17 +17,18 @@ def parse_size(value: Any) -> int:
     """Bytes from an int or a string such as ``"512M"`` or ``"2 GiB"``."""
     if isinstance(value, bool):
         raise ValueError("expected a size such as 512M or 2G")
-    if isinstance(value, int | float):
-        amount = float(value)
+    if isinstance(value, int):
+        amount: float = value  # compared as an int: a huge one does not fit a float
+    elif isinstance(value, float):
+        amount = value
     elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
         amount = float(match.group(1)) * _UNITS[match.group(2).lower()]
     else:
         raise ValueError(f"expected a size such as 512M or 2G, got {value!r}")
     if amount > MAX_SIZE:  # also inf, from a number too long for a float
         raise ValueError("size must be at most 1 EiB")
-    if not amount > 0:
+    if not amount >= 1:  # also NaN
         raise ValueError("size must be positive")
-    return int(value) if isinstance(value, int) else int(amount)
-
+    return int(amount)
 
 Size = Annotated[int, BeforeValidator(parse_size)]
