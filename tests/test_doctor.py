@@ -56,3 +56,19 @@ def test_bad_settings_are_one_finding(env):
     code, out = doctor({**env, "LABGATE_PORT": "70000"})
     assert code == 1
     assert "FAIL  settings:" in out and "port (LABGATE_PORT)" in out
+
+
+def test_a_container_engine_that_does_not_answer_is_named(env, tmp_path):
+    sites = [
+        {"name": "local"},
+        {
+            "name": "pods",
+            "backend": "containers",
+            "options": {"base_url": f"unix://{tmp_path}/no-podman.sock"},
+        },
+    ]
+    code, out = doctor({**env, "LABGATE_SITES": json.dumps(sites)})
+    assert code == 1, out
+    assert "FAIL  site pods: the containers engine does not answer:" in out
+    assert "podman system service" in out
+    assert "ok    site local: process backend" in out

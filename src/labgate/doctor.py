@@ -136,10 +136,11 @@ def _engine_check(backend: Backend) -> str | None:
     """Why the backend's engine does not answer (None: it does, or it has none)."""
     if backend.name == "process":
         return None
-    client = getattr(backend, "client", None)
-    if client is None:
-        return None
     try:
+        # Making the client already talks to the engine (the API version is asked).
+        client = getattr(backend, "client", None)
+        if client is None:
+            return None
         client.ping()
     except Exception as exc:
         return f"{exc.__class__.__name__}: {exc}".splitlines()[0]
