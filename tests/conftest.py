@@ -168,3 +168,21 @@ def no_leftover_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     assert leftovers == [], f"tests left tool processes running: {leftovers}"
+
+
+@pytest.fixture
+async def router_url(app: Any, settings: Settings) -> AsyncIterator[str]:
+    """A router in front of the test portal, wired into its activity board as `serve` does."""
+    from labgate.router import start_router
+
+    portal = app.state.portal
+    router = await start_router(portal.routes.table, "127.0.0.1", 0, app.state.test_url, settings)
+    portal.activity.local = router.activities
+    portal.activity.local_stats = lambda: router.ctx.stats
+    port = router.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        portal.activity.local = None
+        portal.activity.local_stats = None
+        await router.close()

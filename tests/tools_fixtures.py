@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_COMMAND = (
-    'command = ["{python}", "-m", "labgate.tools.demo", "--port", "{port}", '
-    '"--base-url", "{base_url}"]'
+#: The demo command as a TOML array, for tool files written by tests.
+DEMO_ARGV = (
+    '["{python}", "-m", "labgate.tools.demo", "--port", "{port}", "--base-url", "{base_url}"]'
 )
+DEMO_COMMAND = f"command = {DEMO_ARGV}"
+#: A demo culled after 2 s without use (idle-culling tests).
+QUICK_TOOL = f"""
+name = "quick"
+title = "Demo culled after 2 s idle"
+health_path = "/api/health"
+idle_timeout = 2
+[process]
+command = {DEMO_ARGV}
+"""
 
 VARIANTS = {
     "crashing": ('DEMO_CRASH = "1"', 30),

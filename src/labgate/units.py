@@ -31,4 +31,5 @@ def parse_size(value: Any) -> int:
         raise ValueError("size must be positive")
     return int(amount)
 
+
 Size = Annotated[int, BeforeValidator(parse_size)]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -15,43 +14,18 @@ from sqlalchemy import select
 
 from helpers import wait_for_state
 from labgate.db.models import UsageRecord
-from labgate.router import start_router
+from tools_fixtures import QUICK_TOOL
 
 SCRAPER = {"Authorization": "Bearer scrape-me"}
-DEMO = '["{python}", "-m", "labgate.tools.demo", "--port", "{port}", "--base-url", "{base_url}"]'
-QUICK = f"""
-name = "quick"
-title = "Demo culled after 2 s idle"
-health_path = "/api/health"
-idle_timeout = 2
-[process]
-command = {DEMO}
-"""
 
 
 @pytest.fixture
 def settings(settings):
     settings.metrics_token = SecretStr("scrape-me")
-    (settings.tools_dir / "quick.toml").write_text(QUICK)
+    (settings.tools_dir / "quick.toml").write_text(QUICK_TOOL)
     settings.cull_interval = 0.2
     settings.cull_warning = 1.0
     return settings
-
-
-@pytest.fixture
-async def router_url(app: Any, settings: Any) -> AsyncIterator[str]:
-    """A router in front of the test portal, wired into its activity board as `serve` does."""
-    portal = app.state.portal
-    router = await start_router(portal.routes.table, "127.0.0.1", 0, app.state.test_url, settings)
-    portal.activity.local = router.activities
-    portal.activity.local_stats = lambda: router.ctx.stats
-    port = router.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        portal.activity.local = None
-        portal.activity.local_stats = None
-        await router.close()
 
 
 def sample(text: str, name: str, default: float | None = None, **labels: str) -> float:

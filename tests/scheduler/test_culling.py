@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -14,17 +13,8 @@ from sqlalchemy import select
 
 from helpers import wait_for_state
 from labgate.db.models import Instance, InstanceEvent, UsageRecord
-from labgate.router import start_router
+from tools_fixtures import DEMO_ARGV, QUICK_TOOL
 
-DEMO = '["{python}", "-m", "labgate.tools.demo", "--port", "{port}", "--base-url", "{base_url}"]'
-QUICK = f"""
-name = "quick"
-title = "Demo culled after 2 s idle"
-health_path = "/api/health"
-idle_timeout = 2
-[process]
-command = {DEMO}
-"""
 SHORT = f"""
 name = "short"
 title = "Demo that lives 2 s"
@@ -32,32 +22,18 @@ health_path = "/api/health"
 idle_timeout = 0
 max_lifetime = 2
 [process]
-command = {DEMO}
+command = {DEMO_ARGV}
 """
 
 
 @pytest.fixture
 def settings(settings):
-    (settings.tools_dir / "quick.toml").write_text(QUICK)
+    (settings.tools_dir / "quick.toml").write_text(QUICK_TOOL)
     (settings.tools_dir / "short.toml").write_text(SHORT)
     settings.cull_interval = 0.2
     settings.cull_warning = 1.0
     settings.keep_alive_max = 30
     return settings
-
-
-@pytest.fixture
-async def router_url(app: Any, settings: Any) -> AsyncIterator[str]:
-    """A router in front of the test portal, feeding the culler's activity board."""
-    portal = app.state.portal
-    router = await start_router(portal.routes.table, "127.0.0.1", 0, app.state.test_url, settings)
-    portal.activity.local = router.activities
-    port = router.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        portal.activity.local = None
-        await router.close()
 
 
 async def launch(client: httpx.AsyncClient, headers: dict[str, str], tool: str) -> str:

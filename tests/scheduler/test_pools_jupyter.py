@@ -45,6 +45,16 @@ async def contents(instance: Instance, path: str = "") -> httpx.Response:
         )
 
 
+async def save(instance: Instance, name: str, text: str) -> httpx.Response:
+    """Save a text file through JupyterLab's contents API."""
+    async with httpx.AsyncClient(timeout=30) as tool:
+        return await tool.put(
+            f"{instance.endpoint}/i/{instance.id}/api/contents/{name}",
+            json={"type": "file", "format": "text", "content": text},
+            headers={"Authorization": f"token {instance.secret}"},
+        )
+
+
 async def test_a_claimed_jupyterlab_serves_the_users_workspace(
     app, client, make_user, pools, settings
 ):
@@ -55,12 +65,7 @@ async def test_a_claimed_jupyterlab_serves_the_users_workspace(
     warm = await wait_for_pool(app, "jupyterlab", timeout=120)
 
     # Whatever the pool instance wrote while it waited stays the pool's.
-    async with httpx.AsyncClient(timeout=30) as tool:
-        left = await tool.put(
-            f"{warm.endpoint}/i/{warm.id}/api/contents/pool-left.txt",
-            json={"type": "file", "format": "text", "content": "from the pool"},
-            headers={"Authorization": f"token {warm.secret}"},
-        )
+    left = await save(warm, "pool-left.txt", "from the pool")
     assert left.status_code == 201, left.text
     before = {item["name"] for item in (await contents(warm)).json()["content"]}
     assert "pool-left.txt" in before and "analysis.py" not in before
@@ -73,12 +78,7 @@ async def test_a_claimed_jupyterlab_serves_the_users_workspace(
     assert listed.status_code == 200, listed.text
     assert {item["name"] for item in listed.json()["content"]} == {"analysis.py"}
     assert (await contents(warm, "analysis.py")).json()["content"] == "print('bea')\n"
-    async with httpx.AsyncClient(timeout=30) as tool:
-        saved = await tool.put(
-            f"{warm.endpoint}/i/{warm.id}/api/contents/result.txt",
-            json={"type": "file", "format": "text", "content": "42"},
-            headers={"Authorization": f"token {warm.secret}"},
-        )
+    saved = await save(warm, "result.txt", "42")
     assert saved.status_code == 201, saved.text
     assert (workspace / "result.txt").read_text() == "42"
     assert not (workspace / "pool-left.txt").exists()
