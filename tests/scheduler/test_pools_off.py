@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from helpers import wait_for_state
 from labgate.config import PoolConfig
-from labgate.db.models import Instance
+from labgate.db.models import Instance, User
 
 
 @pytest.fixture
@@ -48,3 +48,26 @@ async def test_without_the_sandbox_the_pool_is_off_and_launches_start_cold(
     body = await wait_for_state(client, ada, launched.json()["id"], {"running", "failed"})
     assert body["state"] == "running", body
     assert (await client.get("/api/v1/pools", headers=ada)).status_code == 403
+
+
+async def test_the_reserved_pool_account_cannot_be_touched(app, client, admin_headers):
+    exists = await app.state.portal.run_db(
+        lambda s: s.scalar(select(func.count()).select_from(User).where(User.name == "_pool"))
+    )
+    assert exists == 1
+    await client.post("/api/v1/groups", json={"name": "lab"}, headers=admin_headers)
+    for method, path, body in [
+        ("GET", "/api/v1/users/_pool", None),
+        ("DELETE", "/api/v1/users/_pool", None),
+        ("PATCH", "/api/v1/users/_pool", {"disabled": False}),
+        ("PUT", "/api/v1/users/_pool/password", {"password": "a-new-password"}),
+        ("PUT", "/api/v1/users/_pool/limits", {"instances": 1}),
+        ("PUT", "/api/v1/groups/lab/members/_pool", None),
+    ]:
+        answer = await client.request(method, path, json=body, headers=admin_headers)
+        assert answer.status_code == 404, (method, path, answer.text)
+        assert answer.json()["error"] == "unknown_user"
+    still = await app.state.portal.run_db(
+        lambda s: s.scalar(select(User).where(User.name == "_pool"))
+    )
+    assert still is not None and still.disabled

@@ -54,8 +54,12 @@ def generate_password() -> str:
 
 
 def get_user(session: Session, name: str) -> User:
-    """The user called ``name``; 404 otherwise."""
-    user = session.scalar(select(User).where(User.name == name))
+    """The user called ``name``; 404 otherwise.
+
+    Reserved accounts (``_pool``, which owns warm-pool instances) are not
+    users anyone may read, change, delete or put in a group: 404 as well.
+    """
+    user = None if name.startswith("_") else session.scalar(select(User).where(User.name == name))
     if user is None:
         raise NotFound(f"no user called {name!r}", code="unknown_user")
     return user
