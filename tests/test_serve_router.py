@@ -123,7 +123,11 @@ def test_token_without_access_scope_cannot_use_instances(server):
     instance = launch(server, full)
     read_only = server.token("dora", USER_PASSWORD, ["instances:read"])
     refused = httpx.get(instance["url"], headers=read_only)
-    assert refused.status_code in (401, 403)
+    assert refused.status_code == 403  # not 401: the token is good, its scope is not
+    assert refused.json() == {
+        "error": "forbidden",
+        "detail": "this API token lacks the instances:access scope",
+    }
     assert "labgate demo" not in refused.text
     assert httpx.get(instance["url"], headers=full).status_code == 200
 

@@ -225,8 +225,10 @@ async def test_revocations_take_effect(recorded: Recorded) -> None:
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
     gw.table.remove_token(hash_token(ALICE_TOKEN))
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", token))) == 401
+    # A good token without instances:access: 403 (add the scope), never the tool.
     read_only = f"Authorization: token {ALICE_READ_TOKEN}\r\n"
-    assert status_of(await raw_request(gw.port, request("/i/aaaa/", read_only))) == 401
+    assert status_of(await raw_request(gw.port, request("/i/aaaa/", read_only))) == 403
+    assert status_of(await raw_request(gw.port, request("/i/nosuch/", read_only))) == 403
     gw.table.remove_user(ALICE)
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", fresh))) == 401
 

@@ -181,6 +181,18 @@ class Authenticator:
             return None
         return Identity(user, "session", claim.issued_at + self.signer.max_age)
 
+    def lacks_access_scope(self, creds: Credentials, now: float) -> bool:
+        """Whether ``creds`` hold a valid token that only lacks the ``instances:access`` scope.
+
+        Asked only for refused requests, so that such a token gets a 403
+        saying which scope to add rather than a 401 that suggests logging in.
+        """
+        info = self.table.tokens.get(hash_token(creds.token)) if creds.token else None
+        if info is None or (info.expires_at is not None and info.expires_at <= now):
+            return False
+        user = self.table.users.get(info.user_id)
+        return user is not None and not user.disabled
+
     @staticmethod
     def may_access(identity: Identity, route: Route) -> bool:
         """Whether ``identity`` may use the instance behind ``route``."""

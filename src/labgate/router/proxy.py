@@ -303,7 +303,9 @@ class ClientConnection(asyncio.Protocol):
         now = time.time()
         identity, creds = ctx.auth.check(ex.cookie, ex.authorization, now)
         if identity is None:
-            if ex.browser and ex.method in (b"GET", b"HEAD"):
+            if ctx.auth.lacks_access_scope(creds, now):
+                self._reply(ex, 403, "this API token lacks the instances:access scope")
+            elif ex.browser and ex.method in (b"GET", b"HEAD"):
                 login = ctx.options.login_path
                 self._answer(ex, lambda close: pages.login_redirect(login, ex.target, close=close))
             else:
