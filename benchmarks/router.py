@@ -457,7 +457,6 @@ class Labgate:
         """
         self.loads += 1
         probe = f"probe{self.loads}"
-        own = [r for r in self.publisher.snapshot()["routes"] if r["instance_id"] in OWN_ROUTES]
         extra = [
             {
                 "instance_id": f"r{n:06d}",
@@ -471,6 +470,7 @@ class Labgate:
             for n in range(count)
         ]
         snapshot = self.publisher.snapshot()
+        own = [r for r in snapshot["routes"] if r["instance_id"] in OWN_ROUTES]
         snapshot["routes"] = [*own, *extra, {**own[0], "instance_id": probe}]
         self.publisher.resync(snapshot)
         await self.wait_route(probe, 200, timeout=300, streak_needed=40)

@@ -1,15 +1,24 @@
-"""Helpers shared by tests: sign-in, tokens, waiting for instance states."""
+"""Helpers shared by tests: sign-in, tokens, waiting for instance states and warm pools."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from typing import Any
 
 import httpx
+import pytest
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "user-password-123"
+
+#: Warm pools of the process backend hand instances over inside the bubblewrap sandbox.
+needs_pool_sandbox = pytest.mark.skipif(
+    shutil.which("bwrap") is None or os.geteuid() != 0,
+    reason="warm pools of the process backend need bubblewrap and root",
+)
 
 
 async def token_for(
@@ -48,3 +57,28 @@ async def wait_for_state(
         if time.monotonic() > deadline:
             raise AssertionError(f"instance {instance_id} stuck in {body['state']}: {body}")
         await asyncio.sleep(0.1)
+
+
+async def pool_instances(app: Any, tool: str) -> list[Any]:
+    """The ready (running, unclaimed) instances of ``tool``'s pool on the local site."""
+    from sqlalchemy import select
+
+    from labgate.db.models import Instance
+
+    key = f"{tool}@local"
+    return await app.state.portal.run_db(
+        lambda s: list(
+            s.scalars(select(Instance).where(Instance.pool == key, Instance.state == "running"))
+        )
+    )
+
+
+async def wait_for_pool(app: Any, tool: str, timeout: float = 60) -> Any:
+    """The first ready instance of ``tool``'s pool, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = await pool_instances(app, tool)
+        if ready:
+            return ready[0]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the {tool} pool never filled")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +9,11 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from helpers import wait_for_state
+from helpers import needs_pool_sandbox, pool_instances, wait_for_pool, wait_for_state
 from labgate.config import PoolConfig
 from labgate.db.models import Instance, InstanceEvent, UsageRecord
 
-pytestmark = pytest.mark.skipif(
-    __import__("shutil").which("bwrap") is None or __import__("os").geteuid() != 0,
-    reason="warm pools of the process backend need bubblewrap and root",
-)
+pytestmark = needs_pool_sandbox
 
 BAD_HOOK_TOOL = """
 name = "bad-hook"
@@ -40,25 +35,6 @@ def settings(settings):
     return settings
 
 
-async def pool_instances(app: Any, tool: str) -> list[Instance]:
-    key = f"{tool}@local"
-    return await app.state.portal.run_db(
-        lambda s: list(
-            s.scalars(select(Instance).where(Instance.pool == key, Instance.state == "running"))
-        )
-    )
-
-
-async def wait_for_pool(app: Any, tool: str, timeout: float = 60) -> Instance:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready = await pool_instances(app, tool)
-        if ready:
-            return ready[0]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the {tool} pool never filled")
-
-
 async def tool_info(app: Any, instance_id: str) -> dict[str, Any]:
     """Ask the tool itself (behind the router's back, with its token) what it sees."""
     instance = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
@@ -69,13 +45,6 @@ async def tool_info(app: Any, instance_id: str) -> dict[str, Any]:
         )
     assert response.status_code == 200, response.text
     return dict(response.json())
-
-
-@pytest.fixture
-async def pools(app):
-    """The pool manager, closed before the app stops everything (so nothing refills)."""
-    yield app.state.pools
-    await app.state.pools.close()
 
 
 async def test_a_launch_claims_a_warm_instance_with_the_users_workspace(

@@ -7,17 +7,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from helpers import needs_pool_sandbox, wait_for_pool
 from labgate.config import PoolConfig
 from labgate.db.models import Instance
-from scheduler.test_pools import wait_for_pool
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        __import__("shutil").which("bwrap") is None or __import__("os").geteuid() != 0,
-        reason="warm pools of the process backend need bubblewrap and root",
-    ),
-]
+pytestmark = [pytest.mark.e2e, needs_pool_sandbox]
 
 
 @pytest.fixture
@@ -28,12 +22,6 @@ def settings(settings):
     settings.pools = [PoolConfig(tool="jupyterlab", size=1)]
     settings.pool_check_interval = 0.2
     return settings
-
-
-@pytest.fixture
-async def pools(app):
-    yield app.state.pools
-    await app.state.pools.close()
 
 
 async def contents(instance: Instance, path: str = "") -> httpx.Response:

@@ -30,10 +30,10 @@ from typing import Any, Literal, Protocol, runtime_checkable
 SNAPSHOT_VERSION = 1
 
 RouteState = Literal["starting", "running"]
-ROUTE_STATES: frozenset[str] = frozenset({"starting", "running"})
-#: One shared copy of each state and of "no one else": a table holds up to a
-#: million routes, and a fresh empty frozenset is 216 bytes.
-_STATES: dict[str, RouteState] = {"starting": "starting", "running": "running"}
+#: The route states, each one shared copy; with NO_ACCESS below, what a table of
+#: up to a million routes would otherwise hold once per route (an empty frozenset
+#: is 216 bytes).
+ROUTE_STATES: dict[str, RouteState] = {"starting": "starting", "running": "running"}
 NO_ACCESS: frozenset[int] = frozenset()
 
 
@@ -112,7 +112,7 @@ class Route:
     def __post_init__(self) -> None:
         if not self.instance_id or "/" in self.instance_id:
             raise ValueError(f"bad instance id {self.instance_id!r}")
-        state = _STATES.get(self.state)
+        state = ROUTE_STATES.get(self.state)
         if state is None:
             raise ValueError(f"bad route state {self.state!r}")
         object.__setattr__(self, "state", state)
@@ -148,9 +148,7 @@ class Route:
             instance_id=str(data["instance_id"]),
             upstream=str(data["upstream"]),
             owner_id=int(data["owner_id"]),
-            access=frozenset(int(u) for u in access)
-            if (access := data.get("access"))
-            else NO_ACCESS,
+            access=frozenset(map(int, data.get("access") or ())),
             state=data.get("state", "running"),
             keep_prefix=bool(data.get("keep_prefix", True)),
             upstream_token=str(data.get("upstream_token", "")),

@@ -45,7 +45,6 @@ class BusyReporter:
         self.url = url
         self.token = token
         self.interval = interval
-        self.reports = 0
         self._failing = False
         self._callback = PeriodicCallback(self.check, interval * 1000)
 
@@ -75,15 +74,10 @@ class BusyReporter:
             self._failing = True
             return
         self._failing = False
-        self.reports += 1
 
     def start(self) -> None:
         """Check every ``interval`` seconds from now on."""
         self._callback.start()
-
-    def stop(self) -> None:
-        """Stop checking."""
-        self._callback.stop()
 
 
 def reporter_from_env(kernel_manager: Any, env: dict[str, str]) -> BusyReporter | None:
@@ -113,4 +107,3 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         "labgate busy reports: every %g s while a kernel computes", reporter.interval
     )
     reporter.start()
-    serverapp.web_app.settings["labgate_busy_reporter"] = reporter

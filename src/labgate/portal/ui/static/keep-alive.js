@@ -11,7 +11,7 @@
 
 (() => {
   const lg = window.labgate;
-  const { api, say } = lg;
+  const { api, say, duration } = lg;
   const CHOICES = [
     [3600, "1 hour"],
     [4 * 3600, "4 hours"],
@@ -20,19 +20,6 @@
     [3 * 86400, "3 days"],
     [7 * 86400, "7 days"],
   ];
-
-  /* Seconds ahead as "42 s", "4 min 12 s", "3 h 10 min", "2 d 3 h". */
-  function ahead(seconds) {
-    const s = Math.max(0, Math.round(seconds));
-    if (s < 60) return `${s} s`;
-    const minutes = Math.floor(s / 60);
-    if (minutes < 10) return s % 60 ? `${minutes} min ${s % 60} s` : `${minutes} min`;
-    if (minutes < 60) return `${minutes} min`;
-    const hours = Math.floor(minutes / 60);
-    if (hours < 48) return minutes % 60 ? `${hours} h ${minutes % 60} min` : `${hours} h`;
-    const days = Math.floor(hours / 24);
-    return hours % 24 ? `${days} d ${hours % 24} h` : `${days} d`;
-  }
 
   function clock(iso) {
     const date = new Date(iso);
@@ -60,7 +47,7 @@
       if (select.dataset.max === String(max)) return;
       select.dataset.max = String(max);
       const fits = CHOICES.filter(([seconds]) => seconds <= max);
-      if (!fits.length || fits[fits.length - 1][0] < max) fits.push([max, `${ahead(max)} (the longest allowed)`]);
+      if (!fits.length || fits[fits.length - 1][0] < max) fits.push([max, `${duration(max)} (the longest allowed)`]);
       select.replaceChildren(...fits.map(([seconds, label]) => lg.h("option", { value: seconds }, label)));
     }
 
@@ -68,11 +55,11 @@
     function sentence(left) {
       const at = clock(status.cull_at);
       if (status.cull_reason === "lifetime") {
-        return `Stops in ${ahead(left)} (at ${at}): its maximum lifetime ends then. A keep-alive does not extend it.`;
+        return `Stops in ${duration(left)} (at ${at}): its maximum lifetime ends then. A keep-alive does not extend it.`;
       }
       const kept = status.keep_alive_until && Date.parse(status.keep_alive_until) >= Date.parse(status.cull_at) - 1000;
-      if (kept) return `Kept alive until ${at}: stops in ${ahead(left)} unless it is used.`;
-      return `Stops in ${ahead(left)} (at ${at}) if nobody uses it.`;
+      if (kept) return `Kept alive until ${at}: stops in ${duration(left)} unless it is used.`;
+      return `Stops in ${duration(left)} (at ${at}) if nobody uses it.`;
     }
 
     function render() {
@@ -108,7 +95,7 @@
         status = await api(method, path, body);
         fetchedAt = Date.now();
         render();
-        if (status.capped) say(error, `Kept for the longest allowed, ${ahead(status.keep_alive_max)}.`);
+        if (status.capped) say(error, `Kept for the longest allowed, ${duration(status.keep_alive_max)}.`);
       } catch (err) {
         say(error, err.message);
       } finally {
@@ -139,5 +126,4 @@
   }
 
   lg.keepAlive = keepAlive;
-  lg.ahead = ahead;
 })();

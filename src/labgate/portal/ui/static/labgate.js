@@ -99,17 +99,24 @@ window.labgate = (() => {
     return `${r.cpu ?? "?"} CPU · ${size(r.memory)}`;
   }
 
-  /* "12 s", "5 min", "3 h 10 min", "2 d" since an ISO time. */
-  function ago(iso, now = Date.now()) {
-    if (!iso) return "—";
-    const seconds = Math.max(0, Math.round((now - Date.parse(iso)) / 1000));
-    if (seconds < 5) return "just now";
-    if (seconds < 60) return `${seconds} s`;
-    const minutes = Math.floor(seconds / 60);
+  /* A span of seconds: "42 s", "4 min 12 s", "35 min", "3 h 10 min", "2 d 3 h". */
+  function duration(seconds) {
+    const s = Math.max(0, Math.round(seconds));
+    if (s < 60) return `${s} s`;
+    const minutes = Math.floor(s / 60);
+    if (minutes < 10) return s % 60 ? `${minutes} min ${s % 60} s` : `${minutes} min`;
     if (minutes < 60) return `${minutes} min`;
     const hours = Math.floor(minutes / 60);
     if (hours < 48) return minutes % 60 ? `${hours} h ${minutes % 60} min` : `${hours} h`;
-    return `${Math.floor(hours / 24)} d`;
+    const days = Math.floor(hours / 24);
+    return hours % 24 ? `${days} d ${hours % 24} h` : `${days} d`;
+  }
+
+  /* "just now", or the duration since an ISO time. */
+  function ago(iso, now = Date.now()) {
+    if (!iso) return "—";
+    const seconds = (now - Date.parse(iso)) / 1000;
+    return seconds < 5 ? "just now" : duration(seconds);
   }
 
   /* "just now", "5 min ago". */
@@ -201,7 +208,8 @@ window.labgate = (() => {
   });
 
   return {
-    ACTIVE, TRANSITIONAL, ApiError, api, h, size, parseSize, resources, ago, since, time, localTime,
+    ACTIVE, TRANSITIONAL, ApiError, api, h, size, parseSize, resources, duration, ago, since, time,
+    localTime,
     sentence, say, stateBadge, poll, busy, idle, signIn,
   };
 })();
