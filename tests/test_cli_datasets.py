@@ -155,3 +155,18 @@ def test_parts_stay_under_the_request_limit() -> None:
     assert sum(len(c) for c in chunks) == 10000
     assert all(len(json.dumps({"replicas": c})) < PART_BYTES + 1024 for c in chunks)
     assert list(parts(iter([]), 10)) == [[]]
+
+
+def test_admins_grant_and_revoke_the_data_provider_role(cli: Any) -> None:
+    cli("user", "add", "carol")
+    granted = cli("user", "data-provider", "carol").stdout
+    assert granted.strip() == "user 'carol' may now register datasets"
+    users = {u["name"]: u for u in json.loads(cli("user", "list", "--json").stdout)}
+    assert users["carol"]["data_provider"] is True and users["admin"]["data_provider"] is False
+    assert "DATA PROVIDER" in cli("user", "list").stdout
+    revoked = cli("user", "data-provider", "carol", "--revoke").stdout
+    assert revoked.strip() == "user 'carol' may no longer register datasets"
+    users = {u["name"]: u for u in json.loads(cli("user", "list", "--json").stdout)}
+    assert users["carol"]["data_provider"] is False
+    missing = cli("user", "data-provider", "nobody", ok=False)
+    assert "nobody" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

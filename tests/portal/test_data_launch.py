@@ -242,3 +242,24 @@ async def test_private_addresses_are_not_fetched_by_default(
         await fetch(job, progress)
     assert "not a public address" in caught.value.detail
     assert not (tmp_path / "entry").exists()
+
+
+async def test_a_replica_swapped_for_a_link_after_registration_is_not_used(
+    client: Any, admin_headers: dict[str, str], make_user: Any, settings: Settings
+) -> None:
+    root = data_root(settings, "east")
+    put_files(root, "iris", {"iris.csv": "a,b\n"})
+    secret = put_files(root.parent, "secret", {"passwd": "root:x:0:0\n"})
+    await register(client, admin_headers, id=DOI, replicas=[{"site": "east", "path": "iris"}])
+    alice = await make_user("alice")
+    # Fine when registered; now a link leading out of the data root.
+    shutil.rmtree(root / "iris")
+    (root / "iris").symlink_to(secret)
+
+    refused = await launch(client, alice, dataset=DOI)
+    assert refused.status_code == 409, refused.text
+    body = refused.json()
+    assert body["error"] == "dataset_unavailable"
+    assert "site east: refused:" in body["detail"] and "symbolic link" in body["detail"]
+    assert body["replicas"][0]["live"] is False
+    assert "passwd" not in refused.text and "root:x" not in refused.text
