@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -229,10 +229,18 @@ def inventory_entries(datasets: int, count: int, site: str) -> Iterator[Any]:
         yield InventoryEntry(id=identifier(n % datasets), path=f"{site}/bench/{n}", size=1024)
 
 
+def make_replica_dirs(settings: Any, site: str, paths: Iterable[str]) -> None:
+    """Create the pushed paths: a push refuses replica paths missing on the site."""
+    root = next(s.data_root for s in settings.sites if s.name == site)
+    for path in paths:
+        (root / path).mkdir(parents=True, exist_ok=True)
+
+
 def bench_push(portal: Any, datasets: int, count: int) -> dict[str, Any]:
     from labgate.resolver import inventory, registry
 
     entries = list(inventory_entries(datasets, count, "north"))
+    make_replica_dirs(portal.settings, "north", (e.path for e in entries))
     started = time.perf_counter()
     with portal.db.session() as session:
         result = inventory.push(
@@ -346,6 +354,7 @@ def bench_http(data_dir: Path, datasets: int, count: int, push: int, seed: int) 
                 response.raise_for_status()
         out["resolve"] = percentiles(samples)
         if push:
+            make_replica_dirs(make_settings(data_dir), "south", (f"south/{n}" for n in range(push)))
             entries = ({"id": identifier(n % datasets), "path": f"south/{n}"} for n in range(push))
             with Client(url, token, timeout=300) as client:
                 started = time.perf_counter()

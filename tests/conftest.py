@@ -134,13 +134,20 @@ async def admin_headers(client: httpx.AsyncClient) -> dict[str, str]:
 async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Any:
     """Create users on demand; returns their token headers."""
 
-    async def make(name: str, *, is_admin: bool = False) -> dict[str, str]:
+    async def make(
+        name: str, *, is_admin: bool = False, data_provider: bool = False
+    ) -> dict[str, str]:
         created = await client.post(
             "/api/v1/users",
             json={"name": name, "password": PASSWORD, "is_admin": is_admin},
             headers=admin_headers,
         )
         assert created.status_code == 201, created.text
+        if data_provider:
+            granted = await client.patch(
+                f"/api/v1/users/{name}", json={"data_provider": True}, headers=admin_headers
+            )
+            assert granted.status_code == 200, granted.text
         return await token_for(client, name, PASSWORD)
 
     return make

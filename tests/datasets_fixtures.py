@@ -24,6 +24,9 @@ import pytest
 from helpers import ADMIN_PASSWORD
 from labgate.config import Settings, SiteCapacity, SiteConfig
 
+#: Directories made in both data roots, so tests can register replicas of them.
+PRESENT = ("a", "b", "c", "iris", "zenodo/1234", "mirror/iris", "penguins", "old")
+
 
 def multi_site_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
     """Settings with sites east and west (each with its own data root), quick polling."""
@@ -32,6 +35,9 @@ def multi_site_settings(tmp_path: Path, database_url: str, **overrides: Any) -> 
     roots = {name: tmp_path / f"{name}-data" for name in ("east", "west")}
     for root in roots.values():
         root.mkdir(parents=True, exist_ok=True)
+        # Replica paths must exist on their site: the empty directories tests name.
+        for path in PRESENT:
+            (root / path).mkdir(parents=True, exist_ok=True)
     values: dict[str, Any] = {
         "data_dir": tmp_path / "var",
         "tools_dir": write_test_tools(tmp_path / "tools"),

@@ -20,12 +20,18 @@ DOI = "doi:10.5281/zenodo.1234"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    tmp = tmp_path_factory.mktemp("cli-datasets")
-    root = tmp / "local-data"
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The data root of site ``local``."""
+    root = tmp_path_factory.mktemp("cli-datasets-data") / "local-data"
     (root / "zenodo" / "1234").mkdir(parents=True)
     (root / "zenodo" / "1234" / "iris.csv").write_text("a,b\n")
-    with live_server(tmp, sites=[SiteConfig(name="local", data_root=root)]) as running:
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("cli-datasets")
+    with live_server(tmp, sites=[SiteConfig(name="local", data_root=data_root)]) as running:
         yield running
 
 
@@ -111,7 +117,9 @@ def test_launch_next_to_a_dataset(cli: Any) -> None:
     cli("stop", launched["id"], "--wait")
 
 
-def test_push_sends_large_inventories_in_parts(cli: Any, tmp_path: Path) -> None:
+def test_push_sends_large_inventories_in_parts(cli: Any, tmp_path: Path, data_root: Path) -> None:
+    for path in [*(f"bulk/{n}" for n in range(12000)), "bulk/1-moved", "csv"]:
+        (data_root / path).mkdir(parents=True, exist_ok=True)
     inventory = tmp_path / "inventory.jsonl"
     with inventory.open("w") as handle:
         for n in range(12000):
@@ -147,3 +155,18 @@ def test_parts_stay_under_the_request_limit() -> None:
     assert sum(len(c) for c in chunks) == 10000
     assert all(len(json.dumps({"replicas": c})) < PART_BYTES + 1024 for c in chunks)
     assert list(parts(iter([]), 10)) == [[]]
+
+
+def test_admins_grant_and_revoke_the_data_provider_role(cli: Any) -> None:
+    cli("user", "add", "carol")
+    granted = cli("user", "data-provider", "carol").stdout
+    assert granted.strip() == "user 'carol' may now register datasets"
+    users = {u["name"]: u for u in json.loads(cli("user", "list", "--json").stdout)}
+    assert users["carol"]["data_provider"] is True and users["admin"]["data_provider"] is False
+    assert "DATA PROVIDER" in cli("user", "list").stdout
+    revoked = cli("user", "data-provider", "carol", "--revoke").stdout
+    assert revoked.strip() == "user 'carol' may no longer register datasets"
+    users = {u["name"]: u for u in json.loads(cli("user", "list", "--json").stdout)}
+    assert users["carol"]["data_provider"] is False
+    missing = cli("user", "data-provider", "nobody", ok=False)
+    assert "nobody" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -291,6 +291,19 @@ def user_enable(ctx: typer.Context, name: str = typer.Argument(..., help="The us
     _set_disabled(ctx, name, False)
 
 
+@user_app.command("data-provider")
+def user_data_provider(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The user."),
+    revoke: bool = typer.Option(False, "--revoke", help="Take the role away instead."),
+) -> None:
+    """Grant (or with --revoke take away) the role that may register datasets."""
+    with state_of(ctx).client() as client:
+        client.patch(f"/users/{name}", {"data_provider": not revoke})
+    verb = "may no longer" if revoke else "may now"
+    typer.echo(f"user {name!r} {verb} register datasets")
+
+
 @user_app.command("remove")
 def user_remove(
     ctx: typer.Context,

@@ -118,11 +118,12 @@ def _yes(flag: Any) -> str:
 def users(rows: list[dict[str, Any]]) -> None:
     """The users table."""
     _table(
-        ("NAME", "ADMIN", "DISABLED", "CREATED", "LAST LOGIN"),
+        ("NAME", "ADMIN", "DATA PROVIDER", "DISABLED", "CREATED", "LAST LOGIN"),
         (
             (
                 u["name"],
                 _yes(u["is_admin"]),
+                _yes(u.get("data_provider", False)),
                 _yes(u["disabled"]),
                 when(u["created_at"]),
                 when(u["last_login_at"]),

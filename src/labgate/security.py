@@ -39,7 +39,10 @@ SCOPES: dict[str, str] = {
     "instances:write": "launch and stop your instances",
     "instances:access": "use your instances' tools through the router",
     "account": "read and change your own account and tokens",
-    "datasets:write": "register, update and delete datasets (your own; admins: all)",
+    "datasets:write": (
+        "register datasets (data providers and admins only), update and delete "
+        "the ones you registered (admins: all)"
+    ),
     "sites:report": "say what sites hold: inventory pushes and replicas (admins only)",
     "admin": "everything, for every user (only tokens of admins)",
     "router": "follow the route stream and report activity (router processes only)",

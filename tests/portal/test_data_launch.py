@@ -110,7 +110,7 @@ async def test_unsandboxed_the_tool_is_told_the_host_path(
 async def test_no_live_replica_is_a_409_that_says_where_the_data_is(
     app: Any, client: Any, admin_headers: dict[str, str], make_user: Any
 ) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     await register(client, alice, id="doi:10.1234/nowhere")
     nowhere = await launch(client, alice, dataset="doi:10.1234/nowhere")
     assert nowhere.status_code == 409 and nowhere.json()["error"] == "dataset_unavailable"
@@ -156,7 +156,7 @@ async def test_a_url_dataset_is_fetched_verified_and_cached(
     app: Any, client: Any, make_user: Any, settings: Settings
 ) -> None:
     payload = b"id,value\n" + b"1,2\n" * 5000
-    alice, bob = await make_user("alice"), await make_user("bob")
+    alice, bob = await make_user("alice", data_provider=True), await make_user("bob")
     with file_server() as server:
         server.files["/files/iris.csv"] = payload
         url = f"{server.url}/files/iris.csv"
@@ -196,7 +196,7 @@ async def test_a_url_dataset_is_fetched_verified_and_cached(
 async def test_a_checksum_mismatch_fails_the_launch_and_keeps_nothing(
     app: Any, client: Any, make_user: Any, settings: Settings
 ) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     with file_server() as server:
         server.files["/x.bin"] = b"tampered"
         url = f"{server.url}/x.bin"
@@ -211,7 +211,7 @@ async def test_a_checksum_mismatch_fails_the_launch_and_keeps_nothing(
 
 @pytest.mark.parametrize("settings", [{"dataset_fetch_max_bytes": 1000}], indirect=True)
 async def test_too_large_to_fetch(client: Any, make_user: Any) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     with file_server() as server:
         server.files["/big.bin"] = b"x" * 5000
         declared = f"{server.url}/big.bin"
@@ -242,3 +242,24 @@ async def test_private_addresses_are_not_fetched_by_default(
         await fetch(job, progress)
     assert "not a public address" in caught.value.detail
     assert not (tmp_path / "entry").exists()
+
+
+async def test_a_replica_swapped_for_a_link_after_registration_is_not_used(
+    client: Any, admin_headers: dict[str, str], make_user: Any, settings: Settings
+) -> None:
+    root = data_root(settings, "east")
+    put_files(root, "iris", {"iris.csv": "a,b\n"})
+    secret = put_files(root.parent, "secret", {"passwd": "root:x:0:0\n"})
+    await register(client, admin_headers, id=DOI, replicas=[{"site": "east", "path": "iris"}])
+    alice = await make_user("alice")
+    # Fine when registered; now a link leading out of the data root.
+    shutil.rmtree(root / "iris")
+    (root / "iris").symlink_to(secret)
+
+    refused = await launch(client, alice, dataset=DOI)
+    assert refused.status_code == 409, refused.text
+    body = refused.json()
+    assert body["error"] == "dataset_unavailable"
+    assert "site east: refused:" in body["detail"] and "symbolic link" in body["detail"]
+    assert body["replicas"][0]["live"] is False
+    assert "passwd" not in refused.text and "root:x" not in refused.text

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from datasets_fixtures import multi_site_settings
+from datasets_fixtures import data_root, multi_site_settings
 from helpers import ADMIN_PASSWORD, token_for
 from labgate.config import Settings
 
@@ -33,7 +33,10 @@ async def register(client: Any, headers: dict[str, str], **body: Any) -> Any:
 
 
 async def test_register_show_update_delete(client: Any, make_user: Any) -> None:
-    alice, bob = await make_user("alice"), await make_user("bob")
+    alice, bob = (
+        await make_user("alice", data_provider=True),
+        await make_user("bob", data_provider=True),
+    )
     created = await register(
         client, alice, id="https://doi.org/10.5281/ZENODO.1234", title="Iris", size=4096
     )
@@ -64,7 +67,7 @@ async def test_register_show_update_delete(client: Any, make_user: Any) -> None:
 async def test_admins_may_change_anyones_datasets(
     client: Any, make_user: Any, admin_headers: dict[str, str]
 ) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     await register(client, alice, id=DOI)
     response = await client.patch(
         f"/api/v1/datasets/{DOI}", json={"size": 1}, headers=admin_headers
@@ -75,7 +78,7 @@ async def test_admins_may_change_anyones_datasets(
 
 
 async def test_invalid_identifiers_are_refused_with_the_reason(client: Any, make_user: Any) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     response = await client.post("/api/v1/datasets", json={"id": "doi:10.12/x"}, headers=alice)
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_identifier"
@@ -92,7 +95,7 @@ async def test_invalid_identifiers_are_refused_with_the_reason(client: Any, make
 
 
 async def test_scopes(client: Any, make_user: Any, reporter: dict[str, str]) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     read_only = await token_for(client, "alice", "user-password-123", ["instances:read"])
     refused = await client.post("/api/v1/datasets", json={"id": DOI}, headers=read_only)
     assert refused.status_code == 403 and refused.json()["error"] == "insufficient_scope"
@@ -149,7 +152,7 @@ async def test_replicas_are_registered_and_shown_with_liveness(
 
 
 async def test_list_and_search(client: Any, make_user: Any, reporter: dict[str, str]) -> None:
-    alice = await make_user("alice")
+    alice = await make_user("alice", data_provider=True)
     await register(client, alice, id=DOI, title="Iris flowers")
     await register(client, alice, id="hdl:20.500.12345/penguins", title="Penguins")
     await register(client, alice, id="https://example.org/data/cars.csv", title="Cars")
@@ -229,3 +232,91 @@ async def test_sites_show_capacity_use_labels_and_liveness(
     assert east["labels"] == {"zone": "eu"} and east["live"] is True
     assert east["data_root"] == str(settings.sites[0].data_root)
     assert west["capacity"] == {"cpu": 0.0, "memory": 0, "max_instances": 0}
+
+
+async def test_registering_a_dataset_needs_the_data_provider_role(
+    client: Any, make_user: Any, admin_headers: dict[str, str]
+) -> None:
+    alice = await make_user("alice")
+    body = {"id": DOI, "title": "Mine", "landing_page": "https://evil.example/"}
+    refused = await client.post("/api/v1/datasets", json=body, headers=alice)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "not_data_provider"
+    assert "data-provider role" in refused.json()["detail"]
+    assert set(refused.json()) == {"error", "detail"}
+    listed = await client.get("/api/v1/datasets", headers=alice)
+    assert listed.json() == []  # nothing was taken
+
+    coerced = await client.patch(
+        "/api/v1/users/alice", json={"data_provider": 1}, headers=admin_headers
+    )
+    assert coerced.status_code in (400, 422)
+    refused_self = await client.patch(
+        "/api/v1/users/alice", json={"data_provider": True}, headers=alice
+    )
+    assert refused_self.status_code == 403  # only admins grant it
+    granted = await client.patch(
+        "/api/v1/users/alice", json={"data_provider": True}, headers=admin_headers
+    )
+    assert granted.status_code == 200 and granted.json()["data_provider"] is True
+    created = await client.post("/api/v1/datasets", json=body, headers=alice)
+    assert created.status_code == 201 and created.json()["owner"] == "alice"
+
+    # Revoked: no new datasets, but what alice registered stays hers to change.
+    revoked = await client.patch(
+        "/api/v1/users/alice", json={"data_provider": False}, headers=admin_headers
+    )
+    assert revoked.json()["data_provider"] is False
+    again = await client.post("/api/v1/datasets", json={"id": "doi:10.1234/b"}, headers=alice)
+    assert again.status_code == 403 and again.json()["error"] == "not_data_provider"
+    patched = await client.patch(f"/api/v1/datasets/{DOI}", json={"title": "v2"}, headers=alice)
+    assert patched.status_code == 200 and patched.json()["owner"] == "alice"
+    # Admins register without the role.
+    assert (
+        await client.post("/api/v1/datasets", json={"id": "doi:10.1234/c"}, headers=admin_headers)
+    ).status_code == 201
+
+
+async def test_replica_paths_are_resolved_on_the_site(
+    client: Any, admin_headers: dict[str, str], reporter: dict[str, str], settings: Settings
+) -> None:
+    root = data_root(settings, "east")
+    secret = root.parent / "secret"
+    secret.mkdir()
+    (secret / "passwd").write_text("root:x:0:0\n")
+    (root / "escape").symlink_to(secret)
+    (root / "etc").symlink_to("../../../../../../../../etc")
+    (root / "inside").symlink_to("iris")  # stays inside, still refused: no links at all
+    await register(client, admin_headers, id=DOI)
+
+    for path in ("escape", "escape/", "etc", "inside", "missing", "iris/missing"):
+        put = await client.put(
+            f"/api/v1/datasets/{DOI}/replicas/east", json={"path": path}, headers=reporter
+        )
+        assert put.status_code == 400, (path, put.text)
+        assert put.json()["error"] == "bad_replica_path"
+        expected = "does not exist" if "missing" in path else "symbolic link"
+        assert expected in put.json()["detail"], put.json()
+    with_replica = {"id": "doi:10.1234/x", "replicas": [{"site": "east", "path": "escape"}]}
+    refused = await client.post("/api/v1/datasets", json=with_replica, headers=admin_headers)
+    assert refused.status_code == 400 and refused.json()["error"] == "bad_replica_path"
+
+    # A push refuses the bad entries one by one, with the reason, and applies the rest.
+    push = {
+        "replicas": [
+            {"id": DOI, "path": "iris"},
+            {"id": "doi:10.1234/escape", "path": "escape"},
+            {"id": "doi:10.1234/etc", "path": "etc/ssh"},
+            {"id": "doi:10.1234/missing", "path": "nowhere"},
+        ]
+    }
+    pushed = await client.post("/api/v1/sites/east/inventory", json=push, headers=reporter)
+    assert pushed.status_code == 200, pushed.text
+    result = pushed.json()
+    assert (result["added"], result["rejected_count"], result["replicas"]) == (1, 3, 1)
+    reasons = {r["id"]: r["reason"] for r in result["rejected"]}
+    assert "symbolic link" in reasons["doi:10.1234/escape"]
+    assert "symbolic link" in reasons["doi:10.1234/etc"]
+    assert "does not exist" in reasons["doi:10.1234/missing"]
+    shown = (await client.get(f"/api/v1/datasets/{DOI}", headers=reporter)).json()
+    assert [(r["site"], r["path"]) for r in shown["replicas"]] == [("east", "iris")]

@@ -27,18 +27,22 @@ async def resolve(client: Any, headers: dict[str, str], identifier: str) -> Any:
 
 
 async def test_resolve_answers_with_live_replicas_and_launch_links(
-    app: Any, client: Any, admin_headers: dict[str, str], make_user: Any
+    app: Any, client: Any, admin_headers: dict[str, str], make_user: Any, tmp_path: Path
 ) -> None:
     replicas = [{"site": "east", "path": "a"}, {"site": "west", "path": "b"}]
     body = {"id": DOI, "title": "Iris", "replicas": replicas}
     assert (await client.post("/api/v1/datasets", json=body, headers=admin_headers)).is_success
     # A site the data was on, no longer part of this labgate.
+    retired = tmp_path / "retired-data"
+    (retired / "c").mkdir(parents=True)
+    options = {"data_root": str(retired)}
     await app.state.portal.run_db(
-        lambda s: s.add(Site(name="retired", backend="process", options={"data_root": "/x"}))
+        lambda s: s.add(Site(name="retired", backend="process", options=options))
     )
-    await client.put(
+    put = await client.put(
         f"/api/v1/datasets/{DOI}/replicas/retired", json={"path": "c"}, headers=admin_headers
     )
+    assert put.status_code == 200, put.text
     alice = await make_user("alice")
 
     response = await resolve(client, alice, "https://dx.doi.org/10.5281/ZENODO.1234")

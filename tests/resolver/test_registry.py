@@ -27,6 +27,9 @@ def db(database_url: str, tmp_path: Path) -> Iterator[Database]:
         session.add(User(name="alice", password_hash="x"))
         for name in ("east", "west"):
             root = tmp_path / f"{name}-data"
+            # Replica paths must exist on the site: the directories the tests name.
+            for path in ("a/b", "a2", "b", "c", "iris", "known", "new", "old"):
+                (root / path).mkdir(parents=True, exist_ok=True)
             session.add(
                 Site(name=name, backend="process", options={"data_root": str(root)}, labels={})
             )

@@ -92,6 +92,9 @@ class Mount:
     source: Path
     target: str
     read_only: bool = True
+    #: The directory ``source`` must stay inside (a site's data root): backends open
+    #: ``source`` below it with no symbolic link followed (labgate.backends.confine).
+    root: Path | None = None
 
     @property
     def env_var(self) -> str:

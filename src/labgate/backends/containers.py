@@ -52,6 +52,7 @@ from labgate.backends.base import (
     Started,
     Status,
 )
+from labgate.backends.confine import require_confined
 from labgate.backends.images import (
     LOCAL_SNAPSHOTS,
     PullProgress,
@@ -398,6 +399,8 @@ class ContainerBackend(Backend):
         # A stale container of an earlier attempt at this launch (labgate restarted mid-start).
         self._remove_quietly(name)
         volumes = {volume: {"bind": tool.workspace, "mode": "rw"}}
+        # The engine binds by name when the container starts: check each source just before.
+        require_confined(spec.mounts)
         for mount in spec.mounts:
             mode = "ro" if mount.read_only else "rw"
             volumes[str(mount.source)] = {"bind": mount.target, "mode": mode}

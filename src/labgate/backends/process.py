@@ -47,6 +47,7 @@ from labgate.backends.base import (
     Status,
 )
 from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
+from labgate.backends.confine import require_confined
 from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
@@ -56,7 +57,12 @@ from labgate.backends.procfs import (
     signal_if_same,
     tail,
 )
-from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
+from labgate.backends.sandbox import (
+    SandboxError,
+    bwrap_argv,
+    close_fds,
+    find_bwrap,
+)
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import template_values
 
@@ -112,7 +118,12 @@ def _executable(name: str, path: str, workspace: Path) -> str:
 
 
 def _spawn(
-    argv: list[str], env: dict[str, str], cwd: Path, log_path: Path, command: list[str]
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    log_path: Path,
+    command: list[str],
+    pass_fds: tuple[int, ...] = (),
 ) -> subprocess.Popen[bytes]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
     try:
@@ -131,6 +142,7 @@ def _spawn(
             cwd=cwd,
             env=env,
             start_new_session=True,
+            pass_fds=pass_fds,
         )
     except OSError as exc:
         raise InstanceStartError(f"cannot start {command[0]}: {exc}") from exc
@@ -218,6 +230,7 @@ class ProcessBackend(Backend):
         env = self.environment(spec, workspace, tool_env)
         command[0] = _executable(command[0], env["PATH"], workspace)
         argv = command
+        fds: tuple[int, ...] = ()
         if bwrap is not None:
             try:
                 plan = bwrap_argv(
@@ -229,7 +242,9 @@ class ProcessBackend(Backend):
                 )
             except SandboxError as exc:
                 raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
+            fds = plan.fds
             if not plan.shows(command[0]):
+                close_fds(fds)
                 raise InstanceStartError(
                     f"{command[0]} is not visible inside the sandbox; add its directory to "
                     "the backend option extra_ro_binds"
@@ -238,13 +253,17 @@ class ProcessBackend(Backend):
         elif spec.mounts:
             # Unsandboxed nothing can be bound at /data/<name>: the tool is told the host
             # paths instead, and read-only rests on the files' own permissions.
+            require_confined(spec.mounts)  # a check only: nothing is bound here
             env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
         cpu, memory = spec.resources.cpu, spec.resources.memory
         limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
 
         self._reap_all()
         log_path = logs_dir / f"{spec.instance_id}.log"
-        popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command)
+        try:
+            popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command, fds)
+        finally:
+            close_fds(fds)  # bwrap holds its own copies now
         info = read_proc(popen.pid)
         start_time = info.start_time if info is not None else 0
         self._children[popen.pid] = (start_time, popen)

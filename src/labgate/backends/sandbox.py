@@ -26,14 +26,18 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from labgate.backends.base import Mount
+from labgate.backends.confine import EscapesRoot, open_mount
 
 #: Top-level system directories, bound read-only (or recreated as symlinks on
 #: merged-/usr systems such as Debian 12) when they exist on the machine.
@@ -55,6 +59,9 @@ class SandboxPlan:
     argv: list[str]
     #: Paths that exist inside the sandbox (read-only or read-write), with their subtrees.
     visible: tuple[str, ...]
+    #: Open descriptors of the mounts, for ``bwrap`` to inherit (``pass_fds``); the
+    #: caller closes them (:func:`close_fds`) once ``bwrap`` is started.
+    fds: tuple[int, ...] = ()
 
     def shows(self, path: str) -> bool:
         """Whether host ``path`` is reachable inside the sandbox, as named and resolved."""
@@ -152,12 +159,59 @@ def bwrap_argv(
     ws = str(workspace)
     argv += ["--bind", ws, ws]
     visible.append(ws)
-    for mount in mounts:
-        if not os.path.isabs(mount.target):
-            raise SandboxError(f"mount target {mount.target!r} is not an absolute path")
-        if not mount.source.exists():
-            raise SandboxError(f"mount source {mount.source} does not exist")
-        argv += ["--ro-bind" if mount.read_only else "--bind", str(mount.source), mount.target]
-        visible.append(mount.target)
+    fds = mount_args(bwrap, mounts, argv)
+    visible += [mount.target for mount in mounts]
     argv += ["--chdir", ws, "--"]
-    return SandboxPlan(argv=argv, visible=tuple(visible))
+    return SandboxPlan(argv=argv, visible=tuple(visible), fds=fds)
+
+
+def mount_args(bwrap: str, mounts: Sequence[Mount], argv: list[str]) -> tuple[int, ...]:
+    """Append the binds of ``mounts`` to ``argv``; the descriptors ``bwrap`` must inherit.
+
+    Each source is opened below its root with no symbolic link followed
+    (:func:`~labgate.backends.confine.open_mount`) and ``bwrap`` binds that
+    descriptor (``--ro-bind-fd``, bubblewrap 0.8+), then closes it before the
+    tool starts: a link swapped in after the check is never followed. An older
+    ``bwrap`` binds the checked path by name, which leaves the window between
+    this check and ``bwrap``'s mount (docs/datasets.md).
+    """
+    fds: list[int] = []
+    by_fd = _binds_fds(bwrap)
+    try:
+        for mount in mounts:
+            if not os.path.isabs(mount.target):
+                raise SandboxError(f"mount target {mount.target!r} is not an absolute path")
+            try:
+                fd = open_mount(mount)
+            except EscapesRoot as exc:
+                raise SandboxError(f"mount source refused: {exc}") from None
+            if not by_fd:
+                os.close(fd)
+                argv += ["--ro-bind" if mount.read_only else "--bind", str(mount.source)]
+            else:
+                fds.append(fd)
+                argv += ["--ro-bind-fd" if mount.read_only else "--bind-fd", str(fd)]
+            argv.append(mount.target)
+    except BaseException:
+        close_fds(fds)
+        raise
+    return tuple(fds)
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close the descriptors of a plan once ``bwrap`` holds its own copies (or failed)."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+@functools.cache
+def _binds_fds(bwrap: str) -> bool:
+    """Whether this ``bwrap`` has ``--ro-bind-fd`` (bubblewrap 0.8.0 and later)."""
+    try:
+        result = subprocess.run(
+            [bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--ro-bind-fd" in result.stdout + result.stderr

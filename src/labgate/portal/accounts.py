@@ -28,6 +28,7 @@ def user_out(user: User) -> UserOut:
     return UserOut(
         name=user.name,
         is_admin=user.is_admin,
+        data_provider=user.data_provider,
         disabled=user.disabled,
         created_at=user.created_at,
         last_login_at=user.last_login_at,

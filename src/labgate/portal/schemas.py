@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
 
@@ -39,6 +39,9 @@ class UserIn(Strict):
 class UserPatch(Strict):
     is_admin: bool | None = None
     disabled: bool | None = None
+    data_provider: StrictBool | None = Field(
+        None, description="Grant (true) or revoke (false) the role that registers datasets."
+    )
 
 
 class PasswordIn(Strict):
@@ -51,6 +54,7 @@ class PasswordIn(Strict):
 class UserOut(BaseModel):
     name: str
     is_admin: bool
+    data_provider: bool = Field(description="May register datasets (admins may anyway).")
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None

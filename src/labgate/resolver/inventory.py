@@ -14,7 +14,9 @@ checksum, verified_at}``. Large inventories are sent in parts that share a
 
 Unknown identifiers are registered on the way (owned by the reporter, titled
 from the entry); entries with an invalid identifier or path are rejected one
-by one, with the reason, without failing the rest.
+by one, with the reason, without failing the rest. A path is invalid when it
+leaves the data root as text (``..``, absolute) or on the site's file system
+(missing, or through a symbolic link: :func:`~labgate.resolver.registry.check_on_site`).
 
 The work is done with bulk statements (one ``IN`` look-up and one
 ``executemany`` per batch, an ``INSERT … ON CONFLICT DO UPDATE`` upsert) so
@@ -35,7 +37,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Dataset, Replica, Site, SiteReport, utcnow
 from labgate.errors import BadRequest
 from labgate.resolver.identifiers import InvalidIdentifier, normalize
-from labgate.resolver.registry import CACHE, INVENTORY, clean_path
+from labgate.resolver.registry import CACHE, INVENTORY, check_on_site, clean_path
 
 BATCH = 5000
 MAX_REJECTED_LISTED = 100
@@ -110,6 +112,7 @@ def push(
         try:
             ident = normalize(raw.id)
             path = clean_path(raw.path)
+            check_on_site(site, path)
         except InvalidIdentifier as exc:
             result.reject(raw.id, exc.reason)
             continue

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +29,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Report
+from labgate.backends.confine import EscapesRoot, check_beneath
 from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
 from labgate.db.models import utcnow as _utcnow
 from labgate.errors import Conflict, NotFound
@@ -120,6 +121,8 @@ class ReplicaView:
     #: Host path to mount, when the site's data root (or cache) is known.
     mount_source: str | None
     reason: str | None = None
+    #: The directory ``mount_source`` must stay inside: the data root or the site's cache.
+    mount_root: str | None = None
 
     @property
     def live(self) -> bool:
@@ -178,6 +181,8 @@ class DataNeed:
     holders: dict[str, str]
     #: Set when no site holds it and it will be fetched into the chosen site's cache.
     fetch: dict[str, Any] | None = None
+    #: Per holder, the directory its mount source must stay inside (checked at mount time).
+    roots: dict[str, str] = field(default_factory=dict)
 
     def mount_on(self, site: str) -> dict[str, Any]:
         """The instance's mount record for a launch on ``site``."""
@@ -185,12 +190,29 @@ class DataNeed:
             "dataset": self.identifier,
             "site": site,
             "source": self.holders.get(site, ""),
+            "root": self.roots.get(site, ""),
             "target": f"{DATA_MOUNT_ROOT}/{self.name}",
             "read_only": True,
         }
         if self.fetch is not None and site not in self.holders:
             mount["fetch"] = self.fetch
         return mount
+
+
+def _confined(view: ReplicaView) -> ReplicaView:
+    """``view``, not live when its path is missing or leaves its root on the file system now.
+
+    Registration checked the path already; this catches a link swapped in
+    since, so placement skips the replica and the user is told why. The
+    backend checks once more when it mounts (and binds what it opened).
+    """
+    if not view.live or view.mount_root is None:
+        return view
+    try:
+        check_beneath(Path(view.mount_root), view.path)
+    except EscapesRoot as exc:
+        return replace(view, reason=f"refused: {exc}")
+    return view
 
 
 class DataLocator:
@@ -236,6 +258,7 @@ class DataLocator:
             site, reported_at = replica.site, replica.site_reported_at
             root = (replica.site_options or {}).get("data_root")
             if replica.source == CACHE:
+                root = str(self.cache_root / site)
                 source: str | None = str(self.cache_root / site / replica.path)
                 reported_at = None  # labgate's own copy: the site's inventory does not cover it
             else:
@@ -252,6 +275,7 @@ class DataLocator:
                     reported_at=replica.reported_at,
                     mount_source=source,
                     reason=reason,
+                    mount_root=root if source else None,
                 )
             )
         return out
@@ -303,8 +327,10 @@ class DataLocator:
     def need(self, session: Session, text: str, live: Collection[str]) -> DataNeed:
         """What a launch with dataset ``text`` needs; 409 when it cannot be used anywhere."""
         resolution = self.resolve(session, text, live)
+        resolution.replicas = [_confined(r) for r in resolution.replicas]
         dataset = resolution.dataset
         holders = {r.site: r.mount_source for r in resolution.live if r.mount_source}
+        roots = {r.site: r.mount_root for r in resolution.live if r.mount_root}
         fetch = None
         if not holders:
             if resolution.fetch_refusal is not None:
@@ -324,6 +350,7 @@ class DataLocator:
             name=dataset.name,
             holders=holders,
             fetch=fetch,
+            roots=roots,
         )
 
     async def prepare(self, db: Database, instance_id: str, report: Reporter) -> bool:
@@ -349,7 +376,9 @@ class DataLocator:
                 except fetching.FetchError as exc:
                     await report(Report(instance_id, "failed", message=exc.detail))
                     return False
-                mount = {k: v for k, v in mount.items() if k != "fetch"} | {"source": source}
+                root = str(self.cache_root / site)
+                mount = {k: v for k, v in mount.items() if k != "fetch"}
+                mount |= {"source": source, "root": root}
             updated.append(mount)
 
         def save(session: Session) -> None:

@@ -12,11 +12,13 @@ import contextlib
 import posixpath
 from collections.abc import Iterable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from labgate.backends.confine import EscapesRoot, check_beneath
 from labgate.db.models import Dataset, Instance, Replica, Site, utcnow
 from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.resolver.identifiers import Identifier, InvalidIdentifier, normalize
@@ -70,6 +72,22 @@ def clean_path(path: str) -> str:
     if normalized in (".", "") or normalized == ".." or normalized.startswith("../"):
         raise BadRequest(f"replica path {path!r} must name something inside the data root")
     return normalized
+
+
+def check_on_site(site: Site, path: str) -> None:
+    """Refuse (400 ``bad_replica_path``) a clean ``path`` that is missing or leaves the root.
+
+    The path is opened on the site's file system below its data root, with no
+    symbolic link followed (:mod:`labgate.backends.confine`); the text checks
+    of :func:`clean_path` come first.
+    """
+    root = (site.options or {}).get("data_root")
+    if not root:
+        return
+    try:
+        check_beneath(Path(root), path)
+    except EscapesRoot as exc:
+        raise BadRequest(f"replica on site {site.name!r}: {exc}", code="bad_replica_path") from None
 
 
 # --- datasets ------------------------------------------------------------------------
@@ -184,6 +202,8 @@ def put_replica(
             code="no_data_root",
         )
     path = clean_path(body.path)
+    if source != CACHE:
+        check_on_site(site, path)
     replica = session.scalar(
         select(Replica).where(Replica.dataset_id == dataset.id, Replica.site_id == site.id)
     )

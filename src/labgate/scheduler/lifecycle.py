@@ -279,11 +279,7 @@ class InstanceManager:
         if snapshot is not None and snapshot.kind == "archive":
             # A workspace archive is restored into a new workspace of the instance's own.
             workspace = self.workspaces_dir / "_restored" / instance.id
-        mounts = tuple(
-            Mount(Path(m["source"]), m["target"], bool(m.get("read_only", True)))
-            for m in instance.mounts or []
-            if m.get("source")
-        )
+        mounts = mounts_of(instance)
         return LaunchSpec(
             instance_id=instance.id,
             owner=instance.owner.name,
@@ -535,3 +531,23 @@ def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources
 def timestamp(value: datetime | None) -> float | None:
     """A datetime as Unix seconds."""
     return value.timestamp() if value is not None else None
+
+
+def mounts_of(instance: Instance) -> tuple[Mount, ...]:
+    """The backend mounts of an instance's mount records, each with the root it must stay in."""
+    # Records older than the "root" key are dataset mounts of the site's data root.
+    data_root = (instance.site.options or {}).get("data_root") if instance.site else None
+    mounts = []
+    for record in instance.mounts or []:
+        if not record.get("source"):
+            continue
+        root = record.get("root") or data_root
+        mounts.append(
+            Mount(
+                Path(record["source"]),
+                record["target"],
+                bool(record.get("read_only", True)),
+                root=Path(root) if root else None,
+            )
+        )
+    return tuple(mounts)

@@ -4,10 +4,15 @@ Identifiers in paths may be given in any spelling the normalizer accepts
 (``/datasets/doi:10.5281/zenodo.1``, ``/datasets/https://doi.org/10.5281/…``);
 they are matched by their canonical form.
 
-Who may do what: everyone signed in reads; ``datasets:write`` registers, and
-updates or deletes what its holder registered (admins: anything);
-``sites:report`` (admins' scope) says what sites hold: replicas and inventory
-pushes, because a replica decides what gets mounted into other users' tools.
+Who may do what: everyone signed in reads; registering a dataset needs
+``datasets:write`` and the data-provider role (``users.data_provider``,
+granted by an admin) or being an admin, because a dataset's title and landing
+page are shown to everyone and its identifier can be taken only once;
+``datasets:write`` also updates or deletes what its holder registered
+(admins: anything); ``sites:report`` (admins' scope) says what sites hold:
+replicas and inventory pushes, because a replica decides what gets mounted
+into other users' tools. Sites have no owners in labgate (they are settings),
+so no other role may say what a site holds.
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ def _show(portal: Portal, session: Session, dataset: Dataset) -> DatasetOut:
     owner = session.scalar(select(User.name).where(User.id == dataset.owner_id))
     replicas = locator(portal).replicas_of(session, [dataset.id], set(portal.links))
     return dataset_out(dataset, owner, replicas[dataset.id])
+
+
+def _may_register(session: Session, caller: Principal) -> None:
+    """Refuse (403 ``not_data_provider``) a caller who is neither a data provider nor an admin."""
+    if caller.is_admin and "admin" in caller.scopes:
+        return
+    user = session.get(User, caller.user_id)
+    if user is None or not user.data_provider:
+        raise Forbidden(
+            "registering datasets needs the data-provider role; ask an admin to grant it "
+            "(labgate user data-provider NAME)",
+            code="not_data_provider",
+        )
 
 
 def _may_change(caller: Principal, dataset: Dataset) -> None:
@@ -93,11 +111,12 @@ async def register_dataset(
     caller: Principal = require("datasets:write"),
     portal: Portal = Depends(get_portal),
 ) -> DatasetOut:
-    """Register a dataset; replicas given with it need the ``sites:report`` scope."""
+    """Register a dataset (data providers and admins); replicas with it need ``sites:report``."""
     if body.replicas:
         caller.require("sites:report")
 
     def write(session: Session) -> DatasetOut:
+        _may_register(session, caller)
         dataset = registry.register(session, caller.user_id, body)
         return _show(portal, session, dataset)
 

@@ -74,7 +74,7 @@ async def change_user(
     caller: Principal = require("admin"),
     portal: Portal = Depends(get_portal),
 ) -> UserOut:
-    """Disable, enable, or change the admin flag of a user (admins)."""
+    """Disable, enable, or change the admin flag or data-provider role of a user (admins)."""
     name = _name(caller, name)
 
     def change(session: Session) -> UserOut:
@@ -85,6 +85,8 @@ async def change_user(
             set_disabled(user, body.disabled)
         if body.is_admin is not None:
             user.is_admin = body.is_admin
+        if body.data_provider is not None:
+            user.data_provider = body.data_provider
         session.flush()
         if portal.routes is not None:
             portal.routes.user_changed(user)

@@ -50,6 +50,11 @@
     } else {
       add("Make admin", "Make admin", (b) => change(user, { is_admin: true }, b, `${user.name} is now an admin.`));
     }
+    if (user.data_provider) {
+      add("Revoke data provider", "Revoke the data-provider role of", (b) => change(user, { data_provider: false }, b, `${user.name} may no longer register datasets.`));
+    } else {
+      add("Make data provider", "Make data provider", (b) => change(user, { data_provider: true }, b, `${user.name} may now register datasets.`));
+    }
     add("Reset password", "Reset password of", () => openReset(user));
     return list;
   }
@@ -60,7 +65,7 @@
       ...users.map((user) =>
         h("tr", { dataset: { name: user.name, disabled: String(user.disabled) } },
           h("td", { "data-label": "Name" }, user.name, user.name === me ? h("span", { class: "hint" }, " (you)") : null),
-          h("td", { "data-label": "Role" }, user.is_admin ? "admin" : "user"),
+          h("td", { "data-label": "Role" }, user.is_admin ? "admin" : user.data_provider ? "data provider" : "user"),
           h("td", { "data-label": "Status" }, h("span", { class: "state", dataset: { state: user.disabled ? "failed" : "running" } }, user.disabled ? "disabled" : "active")),
           h("td", { "data-label": "Created" }, lg.time(user.created_at)),
           h("td", { "data-label": "Last sign-in" }, user.last_login_at ? lg.time(user.last_login_at) : "never"),
