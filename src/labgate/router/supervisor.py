@@ -89,6 +89,11 @@ class WorkerSupervisor:
         return [slot.process for slot in self._slots]
 
     @property
+    def given_up(self) -> list[int]:
+        """Slots no longer restarted (too many quick failures in a row)."""
+        return [slot.index for slot in self._slots if slot.given_up]
+
+    @property
     def alive(self) -> int:
         """How many workers run now."""
         return sum(slot.process.is_alive() for slot in self._slots)
