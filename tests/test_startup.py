@@ -190,6 +190,11 @@ def test_data_dir_that_cannot_be_created(tmp_path: Path) -> None:
     refused(serve(tmp_path, LABGATE_DATA_DIR=str(where)), "data_dir", "cannot create", str(where))
 
 
+def test_tools_dir_that_does_not_exist(tmp_path: Path) -> None:
+    where = tmp_path / "tools"
+    refused(serve(tmp_path, LABGATE_TOOLS_DIR=str(where)), "LABGATE_TOOLS_DIR", "does not exist")
+
+
 # --- the port and other commands ---------------------------------------------------------
 
 

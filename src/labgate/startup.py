@@ -121,6 +121,14 @@ def check_data_dir(settings: Settings) -> None:
         raise ConfigError(f"{name}: {path} is not writable by this user (uid {os.geteuid()})")
 
 
+def check_tools_dir(settings: Settings) -> None:
+    """A ``tools_dir`` that is set exists (its bad files are skipped, each with a warning)."""
+    path = settings.tools_dir
+    if path is not None and not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"tools_dir ({env_name('tools_dir')}): {path} {what}")
+
+
 def _options_problem(exc: BaseException) -> str:
     """A backend's refusal of its options, in one line."""
     cause = exc.__cause__
@@ -159,4 +167,5 @@ def check_startup(settings: Settings) -> None:
     operator would fix them.
     """
     check_data_dir(settings)
+    check_tools_dir(settings)
     check_sites(settings)
