@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -166,6 +169,114 @@ def test_several_router_processes_share_the_port(tmp_path):
             with httpx.Client(headers=admin, timeout=5) as fresh:
                 answers.append(fresh.get(instance["url"] + "api/health").status_code)
         assert answers and set(answers[-20:]) == {200}, answers
+    finally:
+        srv.stop_instances("admin", PASSWORD)
+        srv.stop()
+
+
+def router_workers(server: LabgateServer) -> list[int]:
+    """Pids of the live router worker processes of a running ``labgate serve``."""
+    assert server.process is not None
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == server.process.pid and stat[0] != "Z" and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a listening TCP socket on ``port``."""
+    try:
+        inodes = {
+            link.removeprefix("socket:[").rstrip("]")
+            for link in (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
+            if link.startswith("socket:")
+        }
+    except OSError:
+        return False
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port and fields[9] in inodes:
+            return True
+    return False
+
+
+def wait_for(condition, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    """Poll ``condition`` until it holds; the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, what
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_a_killed_router_worker_is_replaced_and_serves_the_routes(tmp_path):
+    srv = LabgateServer(tmp_path / "var", PASSWORD, LABGATE_ROUTER_WORKERS="2")
+    srv.start()
+    try:
+        assert srv.process is not None
+        admin = srv.token("admin", PASSWORD, ["admin", "account"])
+        instance = launch(srv, admin)
+        health = instance["url"] + "api/health"
+        wait_for(lambda: len(router_workers(srv)) == 1, 30, "no router worker")
+        [old] = router_workers(srv)
+        wait_for(lambda: listens_on(old, srv.port), 30, "the worker does not listen")
+
+        os.kill(old, signal.SIGKILL)
+        took = wait_for(lambda: router_workers(srv) not in ([], [old]), 2.0, "not replaced")
+        [new] = router_workers(srv)
+        assert new != old and took < 2.0
+        # The public port answers all along, the new worker still starting or not.
+        deadline = time.monotonic() + 30
+        while not listens_on(new, srv.port):
+            with httpx.Client(headers=admin, timeout=5) as fresh:
+                assert fresh.get(health).status_code == 200
+            assert time.monotonic() < deadline, "the new worker does not listen"
+
+        # The new worker has the route table: with the serve process frozen, only it
+        # can answer (connections the kernel gives the frozen process time out).
+        os.kill(srv.process.pid, signal.SIGSTOP)
+        try:
+            answered, deadline = 0, time.monotonic() + 30
+            while answered < 3:
+                assert time.monotonic() < deadline, "the new worker does not proxy"
+                try:
+                    with httpx.Client(headers=admin, timeout=1) as fresh:
+                        response = fresh.get(health)
+                except httpx.TimeoutException:
+                    continue
+                assert response.status_code == 200, response.text
+                answered += 1
+        finally:
+            os.kill(srv.process.pid, signal.SIGCONT)
+        with httpx.Client(headers=admin, timeout=5) as fresh:
+            assert fresh.get(f"{srv.url}/api/v1/instances/{instance['id']}").status_code == 200
+
+        log = srv.log_path.read_text()
+        assert f"router worker 0 (pid {old}) killed by SIGKILL" in log, log
+        assert f"router worker 0 restarted as pid {new}" in log, log
+
+        # A worker outlives no serve: killed with SIGKILL, serve leaves no router
+        # behind on the port answering from a stale table.
+        srv.stop_instances("admin", PASSWORD)
+        srv.process.kill()
+        srv.process.wait()
+        srv.process = None
+        wait_for(lambda: not alive(new), 5, "the orphaned worker keeps running")
     finally:
         srv.stop_instances("admin", PASSWORD)
         srv.stop()

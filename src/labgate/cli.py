@@ -35,7 +35,7 @@ from labgate.client import (
     load_saved_login,
     save_login,
 )
-from labgate.config import Settings
+from labgate.startup import load_settings
 
 app = typer.Typer(
     name="labgate",
@@ -84,8 +84,7 @@ def serve(
     ),
 ) -> None:
     """Run labgate: router, portal and the sites in one process."""
-    overrides: dict[str, Any] = {"host": host, "port": port, "data_dir": data_dir}
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
     from labgate.serve import run
 
     run(settings)
@@ -101,8 +100,7 @@ def router(
     port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
 ) -> None:
     """Run a router alone, following the portal's route stream (needs the same secret_key)."""
-    overrides: dict[str, Any] = {"host": host, "port": port}
-    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    settings = load_settings(host=host, port=port)
     if not settings.secret_key.get_secret_value():
         fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
     from labgate.serve import run_router

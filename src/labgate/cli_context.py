@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -18,6 +17,8 @@ from typer.core import TyperGroup
 
 from labgate.client import ApiError, Client, ClientError, load_saved_login, resolve_target
 from labgate.config import Settings
+from labgate.errors import ConfigError
+from labgate.startup import describe_validation_error, load_settings
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -32,13 +33,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def describe_settings_error(exc: ValidationError) -> str:
-    """A pydantic settings error as one line naming the settings at fault."""
-    parts = []
-    for error in exc.errors():
-        name = ".".join(str(part) for part in error["loc"]) or "settings"
-        parts.append(f"{name} (LABGATE_{name.upper()}): {error['msg']}")
-    return "invalid settings: " + "; ".join(parts)
+def fail_config(exc: ConfigError) -> NoReturn:
+    """Print one ``error:`` line per configuration problem on stderr, and exit 1."""
+    for problem in exc.problems[:-1]:
+        typer.echo(f"error: {problem}", err=True)
+    fail(exc.problems[-1] if exc.problems else str(exc))
 
 
 class LabgateGroup(TyperGroup):
@@ -54,10 +53,10 @@ class LabgateGroup(TyperGroup):
             fail(f"{exc}{hint}")
         except ClientError as exc:
             fail(str(exc))
-        except ValidationError as exc:
-            fail(describe_settings_error(exc))
-        except tomllib.TOMLDecodeError as exc:
-            fail(f"cannot read the settings file: {exc}")
+        except ConfigError as exc:
+            fail_config(exc)
+        except ValidationError as exc:  # settings made by hand, not through load_settings
+            fail_config(ConfigError(*describe_validation_error(exc)))
 
 
 @dataclass
@@ -71,7 +70,7 @@ class CliState:
     def settings(self) -> Settings:
         """The effective settings (environment, labgate.toml, defaults)."""
         if self._settings is None:
-            self._settings = Settings()
+            self._settings = load_settings()
         return self._settings
 
     def target(self, url: str | None = None) -> tuple[str, str | None]:

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import typer
-from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
 from labgate import cli_output as show
-from labgate.cli_context import JSON_OPTION, describe_settings_error, fail, parse_duration, state_of
-from labgate.config import Settings
+from labgate.cli_context import JSON_OPTION, fail, parse_duration, state_of
+from labgate.errors import ConfigError
+from labgate.startup import load_settings
 
 group_app = typer.Typer(help="Groups of users and their limits (admins).", no_args_is_help=True)
 quota_app = typer.Typer(help="Users' limits and what they use.", no_args_is_help=True)
@@ -444,9 +444,11 @@ def doctor(as_json: bool = JSON_OPTION) -> None:
     from labgate.doctor import Finding, run_checks
 
     try:
-        findings = run_checks(Settings())
-    except ValidationError as exc:
-        findings = [Finding("fail", "settings", describe_settings_error(exc), "fix the settings")]
+        findings = run_checks(load_settings())
+    except ConfigError as exc:
+        findings = [
+            Finding("fail", "settings", problem, "fix the settings") for problem in exc.problems
+        ]
     if as_json:
         show.print_json([f.as_json() for f in findings])
     else:

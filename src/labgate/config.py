@@ -30,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from labgate.errors import ConfigError
 from labgate.units import parse_size
 
 CONFIG_ENV = "LABGATE_CONFIG"
@@ -37,10 +38,18 @@ DEFAULT_CONFIG_FILE = "labgate.toml"
 
 
 def config_file() -> Path | None:
-    """The TOML settings file in effect, if any."""
+    """The TOML settings file in effect, if any.
+
+    A file named by ``LABGATE_CONFIG`` must exist: silently running on the
+    defaults instead of the operator's settings is worse than refusing.
+    """
     named = os.environ.get(CONFIG_ENV)
     if named:
-        return Path(named)
+        path = Path(named)
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"{CONFIG_ENV} names {path}, which {what}")
+        return path
     default = Path(DEFAULT_CONFIG_FILE)
     return default if default.is_file() else None
 

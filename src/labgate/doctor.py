@@ -28,6 +28,8 @@ from sqlalchemy import text
 from labgate.backends.base import Backend, load_backend
 from labgate.config import Settings
 from labgate.db.session import Database, alembic_config
+from labgate.errors import ConfigError
+from labgate.startup import check_data_dir as check_data_dir_usable
 from labgate.tools.catalog import Catalog
 
 ENGINE_TIMEOUT = 5.0
@@ -61,14 +63,18 @@ def check_data_dir(settings: Settings) -> Iterator[Finding]:
     """The data directory exists (or can be made) and is writable."""
     path = settings.data_dir.resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        check_data_dir_usable(settings)  # the check `labgate serve` refuses to start on
         with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
             pass
-    except OSError as exc:
+    except (ConfigError, OSError) as exc:
+        if isinstance(exc, ConfigError):
+            problem = "; ".join(exc.problems)
+        else:
+            problem = f"{path} is not writable: {exc.strerror or exc}"
         yield Finding(
             "fail",
             "data_dir",
-            f"{path} is not writable: {exc.strerror or exc}",
+            problem,
             "create it, or set data_dir (LABGATE_DATA_DIR) to a writable directory",
         )
         return

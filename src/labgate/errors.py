@@ -10,8 +10,9 @@
     ├── Conflict                 409 conflict / invalid_state
     ├── PayloadTooLarge          413 payload_too_large
     ├── QuotaExceeded            429 quota_exceeded
-    └── BackendError             500-class problems of an engine, never shown as tracebacks
-        └── InstanceStartError   a tool could not be started
+    ├── BackendError             500-class problems of an engine, never shown as tracebacks
+    │   └── InstanceStartError   a tool could not be started
+    └── ConfigError              labgate cannot start as configured (one line per problem)
 
 Every error the API returns is ``{"error": code, "detail": text}``.
 """
@@ -98,6 +99,22 @@ class InstanceStartError(BackendError):
     """A tool could not be started (bad command, missing binary, ...)."""
 
     default_code = "start_failed"
+
+
+class ConfigError(LabgateError):
+    """labgate cannot run as configured: a bad setting, or the machine refuses it.
+
+    Raised before serving (settings, data dir, database, sites, start-up
+    checks), never by a request. ``problems`` holds one plain sentence per
+    problem, each naming the setting at fault; the CLI prints each as one
+    ``error:`` line and exits 1, without a traceback.
+    """
+
+    default_code = "config_error"
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = [" ".join(problem.split()) for problem in problems]
+        super().__init__("; ".join(self.problems))
 
 
 def error_body(code: str, detail: str, **extra: Any) -> dict[str, Any]:

@@ -4,7 +4,8 @@ In ``serve`` the router owns the public port and the portal (FastAPI under
 uvicorn) listens on a private unix socket behind it; both, and the local
 sites, share one uvloop event loop. The router reads the portal's route
 table directly. With ``router_workers > 1`` more router processes share the
-public port (SO_REUSEPORT) and follow the portal's route stream.
+public port (SO_REUSEPORT) and follow the portal's route stream; a
+:class:`~labgate.router.supervisor.WorkerSupervisor` replaces any that die.
 
 Stopping serve leaves instances running; the next start re-attaches to them
 and the route table is rebuilt from the database before the first request.
@@ -25,10 +26,13 @@ import uvicorn
 from fastapi import FastAPI
 
 from labgate.config import Settings
+from labgate.errors import ConfigError
 from labgate.portal.app import build_portal, create_app
-from labgate.router import spawn_workers, start_router, stop_workers, worker_config
+from labgate.portal.state import Portal
+from labgate.router import WorkerSupervisor, start_router, worker_config
 from labgate.router.workers import WorkerConfig, run_router_process
 from labgate.security import router_token
+from labgate.startup import check_startup
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,7 @@ def portal_server(app: FastAPI, socket_path: Path) -> uvicorn.Server:
         access_log=False,
         proxy_headers=True,
         forwarded_allow_ips="*",
-        lifespan="on",
+        lifespan="off",  # serve() runs the app's lifespan itself
         ws="websockets-sansio",
     )
     return _PortalServer(config)
@@ -66,16 +70,34 @@ class _PortalServer(uvicorn.Server):
 
 
 async def serve(settings: Settings) -> None:
-    """Run portal, sites and router until SIGINT or SIGTERM."""
+    """Run portal, sites and router until SIGINT or SIGTERM.
+
+    A configuration this machine cannot run (see :mod:`labgate.startup`)
+    raises :class:`~labgate.errors.ConfigError` before anything listens.
+    """
+    check_startup(settings)
     portal = build_portal(settings)
-    assert portal.routes is not None
     app = create_app(settings, portal)
     run_dir = Path(tempfile.mkdtemp(prefix="labgate-"))
-    socket_path = run_dir / "portal.sock"
+    try:
+        # The portal's start-up runs here rather than inside uvicorn, so a bad
+        # site or backend option is raised to the CLI (one line), not logged
+        # by uvicorn as a traceback.
+        async with app.router.lifespan_context(app):
+            await _serve_started(settings, portal, app, run_dir / "portal.sock")
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def _serve_started(
+    settings: Settings, portal: Portal, app: FastAPI, socket_path: Path
+) -> None:
+    """Portal on its socket, routers on the public port, until a stop signal."""
+    assert portal.routes is not None
     server = portal_server(app, socket_path)
     portal_task = asyncio.create_task(server.serve(), name="portal")
     router = None
-    workers = []
+    supervisor = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -87,14 +109,20 @@ async def serve(settings: Settings) -> None:
                 return
             await asyncio.sleep(0.02)
         many = settings.router_workers > 1
-        router = await start_router(
-            portal.routes.table,
-            settings.host,
-            settings.port,
-            f"unix:{socket_path}",
-            settings,
-            reuse_port=many,
-        )
+        try:
+            router = await start_router(
+                portal.routes.table,
+                settings.host,
+                settings.port,
+                f"unix:{socket_path}",
+                settings,
+                reuse_port=many,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {settings.host}:{settings.port} (host, port): "
+                f"{exc.strerror or exc}"
+            ) from None
         portal.activity.local = router.activities
         portal.activity.local_stats = lambda: router.ctx.stats
         if many:
@@ -103,7 +131,8 @@ async def serve(settings: Settings) -> None:
                 portal_url=f"unix:{socket_path}",
                 stream_token=router_token(settings.signing_key()),
             )
-            workers = spawn_workers(config, settings.router_workers - 1)
+            supervisor = WorkerSupervisor(config, settings.router_workers - 1)
+            supervisor.start()
         log.info(
             "labgate serving on %s (%d router process%s)",
             settings.effective_public_url,
@@ -114,14 +143,13 @@ async def serve(settings: Settings) -> None:
         await asyncio.wait({stop_wait, portal_task}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
     finally:
-        if workers:
-            await asyncio.to_thread(stop_workers, workers)
+        if supervisor is not None:
+            await supervisor.close()
         if router is not None:
             await router.close()
         server.should_exit = True
         with contextlib.suppress(Exception):
             await portal_task
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def run(settings: Settings) -> None:

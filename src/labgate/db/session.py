@@ -2,11 +2,15 @@
 
 SQLite runs in WAL mode with a busy timeout so the portal's threads and the
 CLI can share one file; PostgreSQL is used as is through a URL setting.
+:func:`open_database` is how a server opens it: a URL that does not parse,
+an unknown dialect, a missing driver, a server that does not answer or a
+file that is not a database become one :class:`~labgate.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,13 +18,18 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
+
+from labgate.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_SETTING = "database_url (LABGATE_DATABASE_URL)"
+_PASSWORD_IN_URL = re.compile(r"(://[^:/@]*):[^@/]*@")
 
 
 def make_engine(url: str) -> Engine:
@@ -85,3 +94,75 @@ class Database:
     def dispose(self) -> None:
         """Close all pooled connections."""
         self.engine.dispose()
+
+
+def shown_url(url: str) -> str:
+    """``url`` fit for a log or an error line: the password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return _PASSWORD_IN_URL.sub(r"\1:***@", url)
+
+
+def _first_line(exc: BaseException) -> str:
+    """A driver's message, first line, without SQLAlchemy's background link."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def open_database(url: str) -> Database:
+    """Connect to ``url`` and migrate it, or raise a :class:`ConfigError` saying why not."""
+    shown = shown_url(url)
+    try:
+        db = Database(url)
+    except NoSuchModuleError:  # before ArgumentError, its base class
+        dialect = make_url(url).drivername
+        raise ConfigError(
+            f"{_SETTING}: unknown database kind {dialect!r} in {shown!r} "
+            "(labgate runs on sqlite and postgresql+psycopg)"
+        ) from None
+    except ArgumentError:
+        raise ConfigError(
+            f"{_SETTING}: cannot parse {shown!r} as a database URL "
+            "(expected e.g. postgresql+psycopg://user:pass@host/db, or empty for SQLite)"
+        ) from None
+    except ImportError as exc:
+        dialect = make_url(url).drivername
+        raise ConfigError(
+            f"{_SETTING}: the driver of {dialect!r} is not installed ({exc}); for "
+            "PostgreSQL install labgate's postgres extra: pip install 'labgate[postgres]'"
+        ) from None
+    except OSError as exc:  # SQLite: the file's directory cannot be made
+        raise ConfigError(f"{_SETTING}: cannot create the database in {shown}: {exc}") from None
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except DBAPIError as exc:
+        db.dispose()
+        raise ConfigError(_unusable(db, shown, exc)) from None
+    try:
+        db.migrate()
+    except DBAPIError as exc:
+        db.dispose()
+        raise ConfigError(_unusable(db, shown, exc, migrating=True)) from None
+    return db
+
+
+def _unusable(db: Database, shown: str, exc: DBAPIError, *, migrating: bool = False) -> str:
+    """Why a database that was found cannot be used, in one sentence."""
+    reason = _first_line(exc)
+    if db.engine.dialect.name == "sqlite":
+        path = db.engine.url.database
+        if "not a database" in reason or "malformed" in reason:
+            return (
+                f"the database file {path} is damaged or not a SQLite database ({reason}); "
+                "restore it from a backup, or move it away to start afresh"
+            )
+        return f"cannot use the database file {path}: {reason}"
+    if migrating:
+        return f"cannot update the database schema at {shown}: {reason}"
+    return (
+        f"cannot connect to the database at {shown}: {reason} "
+        f"(is the server running? check {_SETTING})"
+    )

@@ -22,10 +22,9 @@ from sqlalchemy.orm import Session
 from labgate import __version__
 from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
 from labgate.agent.site import SiteAgent
-from labgate.backends.base import load_backend
 from labgate.config import Settings, SiteConfig
 from labgate.db.models import Site
-from labgate.db.session import Database
+from labgate.db.session import open_database
 from labgate.portal import health, launch_pages, operations, pages, usage_pages
 from labgate.portal.accounts import bootstrap_admin
 from labgate.portal.api import (
@@ -50,6 +49,7 @@ from labgate.scheduler.lifecycle import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SessionSigner
+from labgate.startup import build_backend
 from labgate.tools.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
 def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
     """Bring up the agent of one site, in process, and the link to it."""
     settings = portal.settings
-    backend = load_backend(config.backend)(settings, config.options)
+    backend = build_backend(settings, config)
     agent = SiteAgent(
         config.name,
         backend,
@@ -89,8 +89,7 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
 def build_portal(settings: Settings) -> Portal:
     """Database, catalog and credentials, ready before the app starts serving."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.effective_database_url)
-    db.migrate()
+    db = open_database(settings.effective_database_url)
     catalog = Catalog.load(settings.tools_dir)
     signer = SessionSigner(settings.signing_key(), settings.session_max_age)
     routes = RouteFeedHub(catalog)

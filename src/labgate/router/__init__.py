@@ -19,6 +19,7 @@ Modules::
     stream.py    RoutePublisher and the route stream wire format
     sync.py      RouteSync (follow the stream), ActivityReporter
     workers.py   run_router_process, spawn_workers (SO_REUSEPORT)
+    supervisor.py  WorkerSupervisor: dead workers replaced, with a backoff
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from labgate.router.activity import Activity, merge
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings, start_router
 from labgate.router.stream import STREAM_MEDIA_TYPE, STREAM_PATH, RoutePublisher, apply_message
+from labgate.router.supervisor import WorkerSupervisor
 from labgate.router.sync import ActivityReporter, RouteSync
 from labgate.router.table import (
     Route,
@@ -61,6 +63,7 @@ __all__ = [
     "UpstreamAddress",
     "UserInfo",
     "WorkerConfig",
+    "WorkerSupervisor",
     "apply_message",
     "merge",
     "options_from_settings",

@@ -6,7 +6,9 @@ route stream. Workers share the public port through SO_REUSEPORT, so the
 kernel spreads connections across them and each uses one core. A worker
 waits (up to ``sync_wait`` seconds) for its first snapshot before it
 accepts connections, so a restarted router never answers from an empty
-table while the portal is up.
+table while the portal is up. A spawned worker stops by itself when the
+process that spawned it dies (even by SIGKILL): an orphan would keep the
+public port and answer from a stale route table, revoked sessions included.
 
 The portal (``labgate serve`` with ``router_workers > 1``) or ``labgate
 router`` calls::
@@ -15,6 +17,9 @@ router`` calls::
     processes = spawn_workers(config, settings.router_workers)   # returns at once
     ...
     stop_workers(processes)
+
+(:class:`~labgate.router.supervisor.WorkerSupervisor` does this and replaces
+workers that die),
 
 or, in the foreground of one process, ``run_router_process(config)``.
 """
@@ -26,6 +31,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
@@ -60,6 +66,8 @@ class WorkerConfig:
     options: RouterOptions = field(default_factory=RouterOptions)
     sync_wait: float = 30.0
     activity_interval: float = 30.0
+    #: The spawning process; the worker stops when it is gone (0: not watched).
+    parent_pid: int = 0
 
     @property
     def upstream(self) -> str:
@@ -107,6 +115,8 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
     )
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(sync.run()), loop.create_task(reporter.run())]
+    if config.parent_pid:
+        _stop_with_parent(config.parent_pid, stop)
     try:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(sync.synced.wait(), config.sync_wait)
@@ -121,6 +131,37 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await router.close()
+
+
+def _stop_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Set ``stop`` once the spawning process exits (even by SIGKILL).
+
+    A pidfd of the parent becomes readable when it exits. Not
+    PR_SET_PDEATHSIG: that fires when the spawning *thread* ends, and workers
+    may be spawned from a short-lived thread.
+    """
+
+    def gone() -> None:
+        log.warning("router worker %d: the process that started it is gone", os.getpid())
+        stop.set()
+
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        gone()
+        return
+    if os.getppid() != parent_pid:  # the pid was reused by another process already
+        os.close(pidfd)
+        gone()
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_exit() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        gone()
+
+    loop.add_reader(pidfd, on_exit)
 
 
 def run_router_process(config: WorkerConfig) -> None:
@@ -145,16 +186,18 @@ def spawn_workers(config: WorkerConfig, count: int) -> list[BaseProcess]:
     """
     if count > 1 and config.port == 0:
         raise ValueError("several workers need a fixed port to share")
-    config = replace(config, reuse_port=True)
+    return [spawn_worker(config, index) for index in range(count)]
+
+
+def spawn_worker(config: WorkerConfig, index: int) -> BaseProcess:
+    """Start one worker process (a fresh interpreter) on ``config.port``, shared."""
+    config = replace(config, reuse_port=True, parent_pid=os.getpid())
     context = multiprocessing.get_context("spawn")
-    processes: list[BaseProcess] = []
-    for index in range(count):
-        process = context.Process(
-            target=run_router_process, args=(config,), name=f"labgate-router-{index}", daemon=True
-        )
-        process.start()
-        processes.append(process)
-    return processes
+    process = context.Process(
+        target=run_router_process, args=(config,), name=f"labgate-router-{index}", daemon=True
+    )
+    process.start()
+    return process
 
 
 def stop_workers(processes: list[BaseProcess], timeout: float = 10.0) -> None:
