@@ -586,7 +586,8 @@ class ContainerBackend(Backend):
         if self.config.read_only:
             host["read_only"] = True
             if not self.engine_kind().startswith("podman"):  # Podman adds these tmpfs itself
-                host["tmpfs"] = {"/tmp": "rw,nosuid,nodev", "/run": "rw,nosuid,nodev"}
+                tmpfs = "rw,nosuid,nodev"
+                host["tmpfs"] = {"/tmp": tmpfs, "/run": tmpfs}  # noqa: S108 - inside the container
         if tool.gpus:
             host["device_requests"] = [DeviceRequest(count=tool.gpus, capabilities=[["gpu"]])]
         create: dict[str, Any] = {}
