@@ -11,6 +11,10 @@ See ``docs/backends/containers.md`` for the operator's side.
   deployment, the site, the instance and the owner, and the tool's port
   published on a loopback address only (or, with the ``network`` option, no
   published port: the router reaches the container on that network).
+- **Isolation** (``container_security.py``): no capabilities,
+  ``no-new-privileges``, a non-root user, and with rootful Podman a range of
+  host ids per user (kept on the workspace volume); mounts that would show
+  the engine are refused.
 - **Workspaces** are named volumes, one per user (``workspace_volume``
   option), created on first use and never removed by labgate: their files
   survive every stop, restart and deletion of instances.
