@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 import podman
-from labgate.backends.base import LaunchSpec, Mount, Resources
+from labgate.backends.base import LaunchSpec, Mount, Resources, SnapshotRequest
 from labgate.backends.container_security import IdRange, allocate
 from labgate.backends.containers import ContainerBackend
 from labgate.config import Settings
-from labgate.errors import InstanceStartError
+from labgate.errors import BackendError, InstanceStartError
 from labgate.security import new_id
 from labgate.tools.catalog import Tool
 from podman import DEMO_IMAGE, RUN, Engine
@@ -392,6 +392,24 @@ async def test_the_instance_secret_is_not_readable_by_other_local_users(
         with pytest.raises(KeyError):
             pwd.getpwuid(host_uid(pid))
         assert spec.secret not in Path(f"/proc/{pid}/cmdline").read_text()
+    finally:
+        await backend.stop(state, grace=1)
+        await backend.close()
+
+
+async def test_an_image_snapshot_of_a_user_namespaced_container_is_refused_clearly(
+    settings: Settings, engine: Engine, deployment: str, tmp_path: Path
+) -> None:
+    # Podman 4.3 would commit the files with their host ids: an image no launch can use.
+    backend = backend_of(settings, engine, deployment)
+    spec = spec_of(probe_tool(), "alice", tmp_path)
+    _, state = await probe(backend, spec)
+    try:
+        request = SnapshotRequest(
+            snapshot_id=new_id(), instance_id=spec.instance_id, owner="alice", tool="probe"
+        )
+        with pytest.raises(BackendError, match="user namespace"):
+            await backend.snapshot(state, request)
     finally:
         await backend.stop(state, grace=1)
         await backend.close()

@@ -771,6 +771,14 @@ class ContainerBackend(Backend):
         self, state: JSON, repository: str, tag: str, request: SnapshotRequest
     ) -> dict[str, Any]:
         container = self.client.api.inspect_container(state["container_id"])
+        if (container.get("HostConfig") or {}).get("UsernsMode") not in (None, "", "host"):
+            # Podman 4.3 commits such a container's files with their host ids (the user's
+            # range, near 2^31): no launch could use the image. docs: User namespaces.
+            raise BackendError(
+                f"snapshot {request.snapshot_id}: image snapshots of a container with its own "
+                "user namespace are not supported on this engine (site option userns = 'host' "
+                "allows them)"
+            )
         base_env = self._image_env(container.get("Image") or state.get("image", ""))
         # The instance's environment holds its token (and whatever the tool file put
         # there): the image gets the base image's values back, or empty ones.
