@@ -51,6 +51,9 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
+#: The ``containers`` user's ids for ``--userns=auto``: the top half of the id space,
+#: far above the ranges useradd hands to accounts (100000 and up).
+SUBIDS = "containers:2147483647:2147483648\n"
 
 
 def need(reason: str) -> None:
@@ -168,6 +171,7 @@ def _start_engine(registry: Registry) -> Engine:
     if not conf.exists():
         conf.parent.mkdir(parents=True, exist_ok=True)
         conf.write_text(CONTAINERS_CONF)
+    reserve_container_ids()
     directory = Path(tempfile.mkdtemp(prefix="labgate-podman-"))
     # The test registry speaks plain HTTP: this service (only) may use it so.
     registries = directory / "registries.conf"
@@ -189,6 +193,18 @@ def _start_engine(registry: Registry) -> Engine:
     client = docker.DockerClient(base_url=base_url, version="auto", timeout=120)
     _wait(client.ping, "podman system service", log)
     return Engine(base_url, process, directory, client)
+
+
+def reserve_container_ids() -> None:
+    """Give Podman's ``containers`` user its id range (the backend's ``userns_range``).
+
+    Podman reads it when its service starts; .ci/run writes the same line.
+    """
+    for name in ("/etc/subuid", "/etc/subgid"):
+        path = Path(name)
+        text = path.read_text() if path.exists() else ""
+        if not any(line.startswith("containers:") for line in text.splitlines()):
+            path.write_text(text + ("" if text.endswith("\n") or not text else "\n") + SUBIDS)
 
 
 def _build_images() -> None:

@@ -177,6 +177,7 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
                 "start the engine (e.g. `podman system service`) or fix the site's base_url",
             )
             continue
+        yield from _isolation_findings(backend, subject)
         runnable = [t.name for t in catalog if t.unavailable_reason(backend.name) is None]
         if not runnable:
             yield Finding(
@@ -191,6 +192,24 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
                 f"data_root {site.data_root} is not a directory",
                 "create it or fix data_root",
             )
+
+
+def _isolation_findings(backend: Backend, subject: str) -> Iterator[Finding]:
+    """A containers site whose containers share the host's ids (no user namespace)."""
+    userns_problem = getattr(backend, "userns_problem", None)
+    if userns_problem is None:
+        return
+    try:
+        problem = userns_problem()
+    except Exception as exc:  # the engine answered ping but not info: named above
+        problem = f"cannot ask the engine: {exc}".splitlines()[0]
+    if problem is not None:
+        yield Finding(
+            "warn",
+            subject,
+            problem,
+            "use rootful Podman with userns = 'auto' (docs/backends/containers.md#user-namespaces)",
+        )
 
 
 def _process_findings(settings: Settings, subject: str) -> Iterator[Finding]:

@@ -11,6 +11,10 @@ See ``docs/backends/containers.md`` for the operator's side.
   deployment, the site, the instance and the owner, and the tool's port
   published on a loopback address only (or, with the ``network`` option, no
   published port: the router reaches the container on that network).
+- **Isolation** (``container_security.py``): no capabilities,
+  ``no-new-privileges``, a non-root user, and with rootful Podman a range of
+  host ids per user (kept on the workspace volume); mounts that would show
+  the engine are refused.
 - **Workspaces** are named volumes, one per user (``workspace_volume``
   option), created on first use and never removed by labgate: their files
   survive every stop, restart and deletion of instances.
@@ -36,12 +40,14 @@ import math
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from labgate.backends import container_security as security
 from labgate.backends.base import (
     JSON,
     Backend,
@@ -100,6 +106,7 @@ INSTANCE_LABELS = (
     LABEL_TOOL,
 )
 _ENGINE_ERRORS = (DockerException, OSError)
+REMOVE_ATTEMPTS = 6
 
 
 class ContainerOptions(BaseModel):
@@ -127,12 +134,28 @@ class ContainerOptions(BaseModel):
         "missing", description="When to pull images: missing, always or never."
     )
     gpu: bool = Field(False, description="The engine can hand GPUs to containers.")
-    cap_drop: list[str] = Field(default_factory=lambda: ["ALL"])
-    cap_add: list[str] = Field(default_factory=list)
-    security_opt: list[str] = Field(default_factory=lambda: ["no-new-privileges"])
-    pids_limit: int = Field(
-        1024, ge=0, description="Most processes per container; 0: the engine's default."
+    cap_drop: list[str] = Field(
+        default_factory=lambda: ["ALL"], description='Capabilities taken; must hold "ALL".'
     )
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities given back (a short allowed list)."
+    )
+    security_opt: list[str] = Field(
+        default_factory=lambda: ["no-new-privileges"],
+        description="Engine security options; no-new-privileges is always among them.",
+    )
+    pids_limit: int = Field(1024, ge=1, description="Most processes per container.")
+    default_user: str = Field(
+        "1000:1000", description="uid:gid when neither the tool nor the image names a non-root one."
+    )
+    userns: str = Field(
+        "auto", description="User namespace: auto (a range per user), host, or 0:<host id>:<n>."
+    )
+    userns_range: str = Field(
+        "2147483647:2147483648", description="Host ids userns=auto hands out (/etc/subuid)."
+    )
+    userns_size: int = Field(65536, ge=1, description="Ids in one user's range (userns=auto).")
+    read_only: bool = Field(False, description="Read-only root filesystem (tmpfs /tmp).")
     init: bool = Field(True, description="Run an init (tini, catatonit) as the container's pid 1.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
 
@@ -149,6 +172,13 @@ class ContainerOptions(BaseModel):
                 "through the router only (use the network option for a private network)"
             )
         return value
+
+    _cap_drop = field_validator("cap_drop")(security.check_cap_drop)
+    _cap_add = field_validator("cap_add")(security.check_cap_add)
+    _security_opt = field_validator("security_opt")(security.check_security_opt)
+    _default_user = field_validator("default_user")(security.check_user)
+    _userns = field_validator("userns")(security.check_userns)
+    _userns_range = field_validator("userns_range")(security.check_range)
 
     @field_validator("workspace_volume")
     @classmethod
@@ -226,6 +256,9 @@ class ContainerBackend(Backend):
         )
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._engine_kind: str | None = None
+        # One user's id range is chosen once, when their workspace volume is made.
+        self._volume_lock = threading.Lock()
 
     # --- the engine --------------------------------------------------------------
 
@@ -363,26 +396,124 @@ class ContainerBackend(Backend):
             raise InstanceStartError(f"cannot pull image {image}: the engine does not have it")
         await self.progress_note(instance_id, f"pulled image {image}", image=image)
 
-    def _ensure_volume(self, owner: str) -> str:
+    # --- isolation: engine kind, user namespace, user ---------------------------------
+
+    def engine_kind(self) -> str:
+        """``podman``, ``podman-rootless``, ``docker`` or ``docker-userns``, asked once."""
+        if self._engine_kind is None:
+            api = self.client.api
+            self._engine_kind = security.engine_kind(api.version(), api.info())
+        return self._engine_kind
+
+    def userns_problem(self) -> str | None:
+        """Why containers here share the host's ids (uid 0 inside is root outside), or None."""
+        if self.config.userns == "host":
+            return "userns = 'host': uid 0 in a container is root on the host"
+        kind = self.engine_kind()
+        if kind == "docker":
+            return (
+                "Docker takes no per-container user namespace: uid 0 in a container is root "
+                "on the host unless the daemon remaps (userns-remap)"
+            )
+        return None
+
+    def _userns_pool(self) -> security.IdRange:
+        pool = security.IdRange.parse(self.config.userns_range)
+        assert pool is not None  # checked with the options
+        return pool
+
+    def _site_mapping(self) -> security.IdRange | None:
+        """The id range of every container when userns names one; None for auto and host."""
+        match = security.MAPPING_RE.match(self.config.userns)
+        return security.IdRange(int(match.group(1)), int(match.group(2))) if match else None
+
+    def _wants_ranges(self) -> bool:
+        """Whether labgate maps ids itself: Podman as root, userns not 'host'."""
+        if self.config.userns == "host":
+            return False
+        kind = self.engine_kind()
+        if kind == "podman":
+            return True
+        if self._site_mapping() is not None:
+            raise InstanceStartError(
+                f"userns {self.config.userns!r} needs rootful Podman; this engine is {kind}"
+            )
+        return False  # rootless Podman and remapping Docker map already; plain Docker cannot
+
+    def _taken_ranges(self) -> list[security.IdRange]:
+        volumes = self.client.api.volumes(filters={"label": security.LABEL_USERNS}) or {}
+        found = []
+        for volume in volumes.get("Volumes") or []:
+            value = (volume.get("Labels") or {}).get(security.LABEL_USERNS, "")
+            parsed = security.IdRange.parse(value)
+            if parsed is not None:
+                found.append(parsed)
+        return found
+
+    def _ensure_volume(self, owner: str, user: str) -> tuple[str, security.IdRange | None]:
+        """The owner's workspace volume and its id range (None: the host's ids)."""
         name = self.volume_name(owner)
-        try:
-            self.client.api.inspect_volume(name)
-        except NotFound:
-            labels = {
-                LABEL_MANAGED: "true",
-                LABEL_DEPLOYMENT: self.deployment,
-                LABEL_OWNER: owner,
-                "labgate.workspace": "true",
-            }
-            self.client.api.create_volume(name, labels=labels)
-        return name
+        ranges = self._wants_ranges()
+        with self._volume_lock:
+            try:
+                attrs = self.client.api.inspect_volume(name)
+            except NotFound:
+                return name, self._create_volume(name, owner, user, ranges)
+        mapping = self._site_mapping()
+        if not ranges or mapping is not None:
+            return name, mapping if ranges else None
+        label = (attrs.get("Labels") or {}).get(security.LABEL_USERNS, "")
+        known = security.IdRange.parse(label)
+        if known is None:
+            # Made before labgate mapped ids (or with userns = 'host'): its files belong to
+            # the host's ids, which a new range would hide. docs: moving such a volume.
+            log.warning("workspace volume %s has no id range: its containers use host ids", name)
+        return name, known
+
+    def _create_volume(
+        self, name: str, owner: str, user: str, ranges: bool
+    ) -> security.IdRange | None:
+        labels = {
+            LABEL_MANAGED: "true",
+            LABEL_DEPLOYMENT: self.deployment,
+            LABEL_OWNER: owner,
+            "labgate.workspace": "true",
+        }
+        id_range = None
+        if ranges:
+            id_range = self._site_mapping() or security.allocate(
+                self._userns_pool(), self.config.userns_size, self._taken_ranges()
+            )
+            labels[security.LABEL_USERNS] = id_range.label()
+        options = None
+        ids = security.numeric_ids(user)
+        if ids is not None and self.engine_kind().startswith("podman"):
+            # The mount point belongs to the user the container runs as (Podman's local
+            # driver: o=uid,gid); the image's files are still copied in on first use.
+            uid, gid = (id_range.host_id(i) for i in ids) if id_range else ids
+            options = {"o": f"uid={uid},gid={gid}"}
+        self.client.api.create_volume(name, labels=labels, driver_opts=options)
+        return id_range
+
+    def _run_user(self, tool_user: str, image: str) -> str:
+        attrs = self.client.api.inspect_image(image)
+        image_user = str((attrs.get("Config") or {}).get("User") or "")
+        return security.run_user(tool_user, image_user, self.config.default_user)
 
     def _remove_quietly(self, ref: str) -> None:
-        try:
-            self.client.api.remove_container(ref, v=True, force=True)
-        except DockerException as exc:
-            if not is_gone(exc):
-                raise
+        # Podman 4.3 with a user namespace: removing a container that has just stopped
+        # can race its own clean-up and fail "shm: device or resource busy"; a moment
+        # later the container is gone or removable.
+        for attempt in range(REMOVE_ATTEMPTS):
+            try:
+                self.client.api.remove_container(ref, v=True, force=True)
+                return
+            except DockerException as exc:
+                if is_gone(exc):
+                    return
+                if "resource busy" not in explain(exc) or attempt == REMOVE_ATTEMPTS - 1:
+                    raise
+            time.sleep(0.2 * (attempt + 1))
 
     def _run(
         self,
@@ -395,7 +526,14 @@ class ContainerBackend(Backend):
         tool = spec.tool.container
         assert tool is not None
         name = self.container_name(spec.instance_id)
-        volume = self._ensure_volume(spec.owner)
+        for mount in spec.mounts:
+            exposed = security.engine_mount(mount.source, self.config.base_url)
+            if exposed is not None:
+                raise InstanceStartError(
+                    f"mount {mount.target} would show the container engine ({exposed})"
+                )
+        user = self._run_user(tool.user, image)
+        volume, id_range = self._ensure_volume(spec.owner, user)
         # A stale container of an earlier attempt at this launch (labgate restarted mid-start).
         self._remove_quietly(name)
         volumes = {volume: {"bind": tool.workspace, "mode": "rw"}}
@@ -404,44 +542,15 @@ class ContainerBackend(Backend):
         for mount in spec.mounts:
             mode = "ro" if mount.read_only else "rw"
             volumes[str(mount.source)] = {"bind": mount.target, "mode": mode}
-        memory = spec.resources.memory
-        kwargs: dict[str, Any] = {
-            "name": name,
-            "command": args,
-            "entrypoint": command,
-            "environment": env,
-            "labels": self.labels(spec),
-            "volumes": volumes,
-            "nano_cpus": int(spec.resources.cpu * 1e9),
-            "mem_limit": memory,
-            "memswap_limit": memory,  # no swap beyond the memory limit
-            "cap_drop": self.config.cap_drop or None,
-            "cap_add": self.config.cap_add or None,
-            "security_opt": self.config.security_opt or None,
-            "init": self.config.init,
-            "detach": True,
-        }
-        if self.config.pids_limit:
-            kwargs["pids_limit"] = self.config.pids_limit
-        if tool.user:
-            kwargs["user"] = tool.user
-        if tool.working_dir:
-            kwargs["working_dir"] = tool.working_dir
-        if tool.gpus:
-            kwargs["device_requests"] = [DeviceRequest(count=tool.gpus, capabilities=[["gpu"]])]
-        if self.config.network:
-            kwargs["network"] = self.config.network
-        else:
-            kwargs["ports"] = {f"{tool.port}/tcp": (self.config.publish_host, None)}
-        container = self.client.containers.create(image, **kwargs)
+        container_id = self._create(spec, image, command, args, env, volumes, user, id_range)
         try:
-            container.start()
-            endpoint = self._endpoint(container.id, tool.port)
+            self.client.api.start(container_id)
+            endpoint = self._endpoint(container_id, tool.port)
         except BaseException:
-            self._remove_quietly(container.id)
+            self._remove_quietly(container_id)
             raise
         state: JSON = {
-            "container_id": container.id,
+            "container_id": container_id,
             "name": name,
             "image": image,
             "volume": volume,
@@ -450,6 +559,71 @@ class ContainerBackend(Backend):
             "env_keys": sorted(env),
         }
         return Started(state=state, endpoint=endpoint)
+
+    def _create(
+        self,
+        spec: LaunchSpec,
+        image: str,
+        command: list[str] | None,
+        args: list[str] | None,
+        env: dict[str, str],
+        volumes: dict[str, dict[str, str]],
+        user: str,
+        id_range: security.IdRange | None,
+    ) -> str:
+        """Create the container (not started); its id.
+
+        The low-level API, because the SDK's ``userns_mode`` accepts only "host".
+        """
+        tool = spec.tool.container
+        assert tool is not None
+        api = self.client.api
+        memory = spec.resources.memory
+        host: dict[str, Any] = {
+            "binds": volumes,
+            "nano_cpus": int(spec.resources.cpu * 1e9),
+            "mem_limit": memory,
+            "memswap_limit": memory,  # no swap beyond the memory limit
+            "cap_drop": self.config.cap_drop,
+            "cap_add": self.config.cap_add or None,
+            "security_opt": security.security_options(self.config.security_opt),
+            "pids_limit": self.config.pids_limit,
+            "init": self.config.init,
+        }
+        if self.config.read_only:
+            host["read_only"] = True
+            if not self.engine_kind().startswith("podman"):  # Podman adds these tmpfs itself
+                tmpfs = "rw,nosuid,nodev"
+                host["tmpfs"] = {"/tmp": tmpfs, "/run": tmpfs}  # noqa: S108 - inside the container
+        if tool.gpus:
+            host["device_requests"] = [DeviceRequest(count=tool.gpus, capabilities=[["gpu"]])]
+        create: dict[str, Any] = {}
+        if self.config.network:
+            host["network_mode"] = self.config.network
+            create["networking_config"] = api.create_networking_config(
+                {self.config.network: api.create_endpoint_config()}
+            )
+        else:
+            host["port_bindings"] = {f"{tool.port}/tcp": (self.config.publish_host, None)}
+            create["ports"] = [tool.port]
+        host_config = api.create_host_config(**host)
+        if id_range is not None:
+            host_config["UsernsMode"] = id_range.userns_mode()
+        created = api.create_container(
+            image,
+            command=args,
+            entrypoint=command,
+            environment=env,
+            labels=self.labels(spec),
+            volumes=[bind["bind"] for bind in volumes.values()],
+            host_config=host_config,
+            name=self.container_name(spec.instance_id),
+            user=user,
+            working_dir=tool.working_dir or None,
+            detach=True,
+            **create,
+        )
+        return str(created["Id"])
 
     def _endpoint(self, container_id: str, port: int) -> str:
         attrs = self.client.api.inspect_container(container_id)
@@ -600,6 +774,14 @@ class ContainerBackend(Backend):
         self, state: JSON, repository: str, tag: str, request: SnapshotRequest
     ) -> dict[str, Any]:
         container = self.client.api.inspect_container(state["container_id"])
+        if (container.get("HostConfig") or {}).get("UsernsMode") not in (None, "", "host"):
+            # Podman 4.3 commits such a container's files with their host ids (the user's
+            # range, near 2^31): no launch could use the image. docs: User namespaces.
+            raise BackendError(
+                f"snapshot {request.snapshot_id}: image snapshots of a container with its own "
+                "user namespace are not supported on this engine (site option userns = 'host' "
+                "allows them)"
+            )
         base_env = self._image_env(container.get("Image") or state.get("image", ""))
         # The instance's environment holds its token (and whatever the tool file put
         # there): the image gets the base image's values back, or empty ones.
