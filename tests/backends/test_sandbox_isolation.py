@@ -18,6 +18,9 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from labgate.backends import limits as limits_module
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started
 from labgate.backends.claim import Claim
 from labgate.backends.process import ProcessBackend
@@ -517,3 +521,29 @@ async def _run_in(pid: int, uid: int, script: str) -> str:
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
     return out.decode()
+
+
+def test_launcher_drops_everything_without_setpriv() -> None:
+    """The fallback when the system has no setpriv: the launcher itself, run as root."""
+    # Not under tmp_path: pytest's base directory is root's, 0700, and the uid must pass.
+    top = Path(tempfile.mkdtemp(prefix="labgate-drop-"))
+    try:
+        top.chmod(0o755)
+        workspace = top / "ws"
+        workspace.mkdir(mode=0o700)
+        uid = BASE + ALICE
+        os.chown(workspace, uid, uid)
+        launcher = [sys.executable, "-I", "-S", str(limits_module.__file__)]
+        argv = [*launcher, "--drop", f"{uid}:{uid}", "--chdir", str(workspace), "--"]
+        argv += ["sh", "-c", "pwd; cat /proc/self/status"]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    finally:
+        shutil.rmtree(top)
+    cwd, *lines = done.stdout.splitlines()
+    fields = {k: v.split() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+    assert cwd == str(workspace)
+    assert fields["Uid"] == [str(uid)] * 4 and fields["Groups"] == []
+    for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(fields[name][0], 16) == 0, name
+    assert fields["NoNewPrivs"] == ["1"]
