@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 
 from labgate.backends import limits as limits_module
-from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started
+from labgate.backends.archive import save_workspace
+from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, SnapshotRef, Started
 from labgate.backends.claim import Claim
 from labgate.backends.process import ProcessBackend
 from labgate.config import Settings
@@ -220,6 +221,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
         mounts: tuple[Mount, ...] = (),
         using: ProcessBackend | None = None,
         workspace: Path | None = None,
+        snapshot: SnapshotRef | None = None,
     ) -> tuple[Started, LaunchSpec]:
         instance_id = f"t{uuid.uuid4().hex[:12]}"
         workspace = workspace or settings.workspaces_dir / owner
@@ -242,6 +244,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
             secret=uuid.uuid4().hex,
             env={"PROBE": json.dumps(config or {})},
             mounts=mounts,
+            snapshot=snapshot,
         )
         result = await (using or backend).start(spec)
         started.append(result.state)
@@ -430,6 +433,19 @@ async def test_root_owned_workspace_is_handed_over_once(launch: Launch, settings
         assert path.lstat().st_uid == uid, path
     assert (legacy / "link").lstat().st_uid == uid
     assert Path("/etc/passwd").stat().st_uid == 0  # the link was not followed
+
+
+async def test_restored_snapshot_belongs_to_the_user(launch: Launch, settings: Settings) -> None:
+    source = settings.data_dir / "source"
+    (source / "results").mkdir(parents=True)
+    (source / "results" / "table.csv").write_text("a,b\n")
+    saved = save_workspace(source, settings.snapshots_dir, "s1")
+    ref = SnapshotRef("s1", saved.kind, saved.reference, saved.digest)
+    restored = settings.workspaces_dir / "_restored" / "r1"
+    sleeper = Tool(name="sleep", title="Sleep", process=ProcessSpec(command=["sleep", "600"]))
+    await launch(tool=sleeper, workspace=restored, snapshot=ref)
+    for path in (restored, restored / "results", restored / "results" / "table.csv"):
+        assert path.stat().st_uid == BASE + ALICE, path
 
 
 # --- CPU and memory limits the tool cannot lift ------------------------------------
