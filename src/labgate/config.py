@@ -176,6 +176,16 @@ class Settings(BaseSettings):
             "otherwise none with a warning)."
         ),
     )
+    instance_uid_base: int = Field(
+        1_000_000_000,
+        ge=65536,
+        le=4_000_000_000,
+        description=(
+            "Process backend, labgate running as root: instances run as uid and gid "
+            "instance_uid_base + the owner's user id, with no capabilities. Pick a range no "
+            "account and no /etc/subuid or /etc/subgid range uses."
+        ),
+    )
     stop_grace_seconds: float = Field(
         10.0, ge=0, description="Seconds between TERM and KILL when stopping an instance."
     )

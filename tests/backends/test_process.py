@@ -33,6 +33,8 @@ from labgate.tools.catalog import Catalog, ProcessSpec, Tool
 
 Launch = Callable[..., Awaitable[tuple[Started, LaunchSpec]]]
 MiB = 1024**2
+#: User ids of the test's owners: run as root, each gets a uid of its own.
+OWNER_IDS = {"alice": 1, "bob": 2}
 
 # A tool that starts a child, which starts a grandchild in a new session with
 # an empty environment: out of the tool's process group and without the
@@ -114,6 +116,7 @@ async def launch(settings: Settings, backend: ProcessBackend) -> AsyncIterator[L
         spec = LaunchSpec(
             instance_id=instance_id,
             owner=owner,
+            owner_id=OWNER_IDS.get(owner),
             tool=tool,
             base_url=f"/i/{instance_id}/",
             workspace=settings.workspaces_dir / owner,
@@ -451,6 +454,7 @@ async def test_sandbox_mounts(launch: Launch, tmp_path: Path, demo: Tool) -> Non
     (dataset / "table.csv").write_text("a,b\n1,2\n")
     scratch = tmp_path / "scratch"
     scratch.mkdir()
+    scratch.chmod(0o1777)  # a shared folder: writable by the instance's own uid too
     mounts = (Mount(dataset, "/data"), Mount(scratch, "/scratch", read_only=False))
     started, spec = await launch(demo, mounts=mounts)
     await wait_healthy(started, spec)

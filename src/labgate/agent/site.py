@@ -180,7 +180,9 @@ class SiteAgent:
         claimed = await self.backend.claim(watched.backend_state, claim)
         spec = watched.spec
         watched.backend_state = claimed.state
-        watched.spec = replace(spec, owner=claim.owner, workspace=claim.workspace)
+        watched.spec = replace(
+            spec, owner=claim.owner, owner_id=claim.owner_id, workspace=claim.workspace
+        )
         if spec.tool.claim_path:
             prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
             url = watched.endpoint.rstrip("/") + prefix + spec.tool.claim_path

@@ -121,6 +121,8 @@ class LaunchSpec:
     mounts: tuple[Mount, ...] = ()
     #: Start from this snapshot instead of the tool's own image or an empty workspace.
     snapshot: SnapshotRef | None = None
+    #: The owner's user id: the process backend, run as root, derives the instance's uid from it.
+    owner_id: int | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,17 @@ How each backend does that:
     callers), which checks that it enters a mount namespace other than its
     own.
 
+    Run as root, the pool instance runs as the pool account's uid while the
+    user's files belong to the user's uid (see
+    :mod:`labgate.backends.identity`). The clone is then made an **idmapped
+    mount** (``mount_setattr(MOUNT_ATTR_IDMAP)``, Linux 5.12 or later, on a
+    file system that supports it: ext4, xfs, btrfs, tmpfs since 6.3) through a
+    throwaway user namespace whose only mapping is user uid → pool uid (and the
+    same for the gid): the tool sees the user's files as its own and what it
+    writes lands on disk owned by the user. Files of any other owner show as
+    ``nobody`` and stay out of its reach. Where idmapped mounts are not
+    supported the claim fails and the launch starts cold.
+
     A process that had opened a file or directory under ``HOME`` before the
     claim keeps that handle on the (empty) pool directory; paths opened
     later resolve to the user's workspace. That is why a tool can declare a
@@ -53,9 +64,11 @@ from typing import Any
 from labgate.backends.procfs import instance_processes
 from labgate.errors import LabgateError
 
-#: Runs as ``python -I -S -c HELPER <pid> <source> <target>``: single-threaded, so setns works.
+#: Runs as ``python -I -S -c HELPER <pid> <source> <target> [<disk id> <seen id>]``:
+#: single-threaded, so setns works. With the two ids the clone is idmapped: files of
+#: uid/gid ``disk id`` are shown as ``seen id``, and ``seen id`` writes as ``disk id``.
 HELPER = r"""
-import ctypes, os, sys
+import ctypes, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 pid, source, target = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 def fail(what):
@@ -63,8 +76,25 @@ def fail(what):
 if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
     sys.stderr.write("the instance shares labgate's mount namespace\n"); sys.exit(2)
 AT_FDCWD, OPEN_TREE_CLONE, AT_RECURSIVE, MOVE_MOUNT_F_EMPTY_PATH = -100, 1, 0x8000, 4
+AT_EMPTY_PATH, MOUNT_ATTR_IDMAP, CLONE_NEWUSER = 0x1000, 0x100000, 0x10000000
 tree = libc.syscall(428, AT_FDCWD, source.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE)
 if tree < 0: fail("open_tree")
+if len(sys.argv) > 5:
+    disk, seen = int(sys.argv[4]), int(sys.argv[5])
+    ready, go = os.pipe(), os.pipe()
+    child = os.fork()
+    if child == 0:  # holds a user namespace open until the maps are written and used
+        code = 0 if libc.unshare(CLONE_NEWUSER) == 0 else 1
+        os.write(ready[1], b"%d" % code); os.read(go[0], 1); os._exit(0)
+    if os.read(ready[0], 1) != b"0": fail("unshare(CLONE_NEWUSER)")
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{child}/{name}", "w") as handle:
+            handle.write(f"{disk} {seen} 1\n")
+    userns = os.open(f"/proc/{child}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    os.write(go[1], b"x"); os.waitpid(child, 0)
+    attr = ctypes.create_string_buffer(struct.pack("QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns))
+    if libc.syscall(442, tree, b"", AT_EMPTY_PATH | AT_RECURSIVE, attr, 32) != 0:
+        fail("mount_setattr(MOUNT_ATTR_IDMAP)")
 namespace = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
 if libc.setns(namespace, 0x00020000) != 0: fail("setns")
 if libc.syscall(429, tree, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH) != 0:
@@ -88,6 +118,8 @@ class Claim:
     owner: str
     #: The user's workspace on the site (a host directory for the process backend).
     workspace: Path
+    #: The user's id (the process backend derives the uid owning the workspace from it).
+    owner_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,8 +158,15 @@ def sandboxed_pid(instance_id: str, tracked: int) -> int | None:
     return None
 
 
-async def mount_into(pid: int, source: Path, target: str) -> None:
-    """Mount ``source`` (a host directory) at ``target`` inside ``pid``'s mount namespace."""
+async def mount_into(
+    pid: int, source: Path, target: str, idmap: tuple[int, int] | None = None
+) -> None:
+    """Mount ``source`` (a host directory) at ``target`` inside ``pid``'s mount namespace.
+
+    ``idmap`` = (disk id, seen id): the mount shows uid and gid ``disk id`` as
+    ``seen id`` (and writes of ``seen id`` as ``disk id``).
+    """
+    ids = [str(idmap[0]), str(idmap[1])] if idmap is not None else []
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-I",
@@ -137,6 +176,7 @@ async def mount_into(pid: int, source: Path, target: str) -> None:
         str(pid),
         str(source),
         target,
+        *ids,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -11,8 +11,13 @@ The saved state identifies the tracked process (the launcher, which ``exec``\\ s
 ``bwrap`` or the tool) by pid *and* start time, so a reused pid is never taken
 for the tool, and it is all :meth:`ProcessBackend.poll` and
 :meth:`ProcessBackend.stop` need: after a server restart a new backend
-re-attaches from the state alone. Backend options: ``nofile`` (default 8192)
-and ``extra_ro_binds`` (host paths shown read-only inside the sandbox).
+re-attaches from the state alone. Backend options: ``nofile`` (default 8192),
+``pids`` (tasks per instance under a cgroup, default 4096) and
+``extra_ro_binds`` (host paths shown read-only inside the sandbox).
+
+Run as root, a sandboxed instance runs as its owner's own unprivileged uid
+(:mod:`labgate.backends.identity`) with no capabilities, in a cgroup of its own
+(:mod:`labgate.backends.cgroups`).
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labgate.backends import cgroups
 from labgate.backends.archive import delete_archive, restore_workspace, save_workspace
 from labgate.backends.base import (
     JSON,
@@ -48,7 +56,8 @@ from labgate.backends.base import (
 )
 from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
 from labgate.backends.confine import require_confined
-from labgate.backends.limits import DEFAULT_NOFILE, launcher_argv, plan_limits
+from labgate.backends.identity import Identity, hand_over, instance_identity
+from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
     boot_id,
@@ -162,6 +171,7 @@ class ProcessBackend(Backend):
     def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
         self.nofile = int(self.options.get("nofile", DEFAULT_NOFILE))
+        self.pids = int(self.options.get("pids", cgroups.DEFAULT_PIDS))
         self.extra_ro_binds = [str(p) for p in self.options.get("extra_ro_binds", [])]
         #: Our own children, reaped by poll/stop so their exit code is known.
         self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
@@ -204,6 +214,8 @@ class ProcessBackend(Backend):
         if reason is not None or spec.tool.process is None:
             raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         bwrap = self.sandbox_path()
+        # Unsandboxed the tool needs the server's own paths (a Python under /root): its uid stays.
+        identity = self.identity(spec.owner_id) if bwrap is not None else None
         workspace = spec.workspace.expanduser().resolve()
         logs_dir = self.settings.logs_dir.resolve()
         try:
@@ -213,6 +225,11 @@ class ProcessBackend(Backend):
             raise InstanceStartError(f"cannot create the workspace or logs dir: {exc}") from exc
         if spec.snapshot is not None:
             restore_workspace(self.settings.snapshots_dir, spec.snapshot, workspace)
+        if identity is not None:
+            try:
+                hand_over(workspace, identity, everything=spec.snapshot is not None)
+            except OSError as exc:
+                raise InstanceStartError(f"cannot give the workspace to its user: {exc}") from exc
 
         port = self.fresh_port()
         values = template_values(
@@ -228,6 +245,8 @@ class ProcessBackend(Backend):
         except (KeyError, IndexError, ValueError) as exc:
             raise InstanceStartError(f"bad command template of {spec.tool.name!r}: {exc}") from exc
         env = self.environment(spec, workspace, tool_env)
+        if identity is not None:
+            env["USER"] = spec.owner  # the uid has no account name of its own
         command[0] = _executable(command[0], env["PATH"], workspace)
         argv = command
         fds: tuple[int, ...] = ()
@@ -239,6 +258,7 @@ class ProcessBackend(Backend):
                     mounts=spec.mounts,
                     private=[self.settings.data_dir.resolve()],
                     extra_ro=self.extra_ro_binds,
+                    switch_uid=identity is not None,
                 )
             except SandboxError as exc:
                 raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
@@ -249,7 +269,10 @@ class ProcessBackend(Backend):
                     f"{command[0]} is not visible inside the sandbox; add its directory to "
                     "the backend option extra_ro_binds"
                 )
-            argv = plan.argv + command
+            inner = command
+            if identity is not None:
+                inner = dropping_argv(identity.uid, identity.gid, str(workspace), command)
+            argv = plan.argv + inner
         elif spec.mounts:
             # Unsandboxed nothing can be bound at /data/<name>: the tool is told the host
             # paths instead, and read-only rests on the files' own permissions.
@@ -257,11 +280,17 @@ class ProcessBackend(Backend):
             env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
         cpu, memory = spec.resources.cpu, spec.resources.memory
         limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
+        cgroup = cgroups.create(spec.instance_id, cpu, limits.cpus, limits.memory, self.pids)
+        limits = replace(limits, cgroup=cgroup)
 
         self._reap_all()
         log_path = logs_dir / f"{spec.instance_id}.log"
         try:
             popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command, fds)
+        except InstanceStartError:
+            if cgroup is not None:
+                cgroups.remove(cgroup.paths)
+            raise
         finally:
             close_fds(fds)  # bwrap holds its own copies now
         info = read_proc(popen.pid)
@@ -277,10 +306,16 @@ class ProcessBackend(Backend):
             "log": str(log_path),
             "workspace": str(workspace),
             "sandbox": bwrap is not None,
+            "uid": identity.uid if identity is not None else None,
+            "gid": identity.gid if identity is not None else None,
             "limits": limits.as_json(),
             "started_at": time.time(),
         }
         return Started(state=state, endpoint=f"http://127.0.0.1:{port}")
+
+    def identity(self, owner_id: int | None) -> Identity | None:
+        """Who an instance of user ``owner_id`` runs as; None: the server's own account."""
+        return instance_identity(self.settings.instance_uid_base, owner_id)
 
     def fresh_port(self) -> int:
         """A free loopback port not given to another instance in the last minute.
@@ -422,9 +457,24 @@ class ProcessBackend(Backend):
         if known:
             log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
         self._reap_all()
+        if known:
+            return
+        cgroup = (state.get("limits") or {}).get("cgroup")
+        if cgroup:
+            # Exiting tasks may linger in it for a moment; a sweep removes it otherwise.
+            await asyncio.to_thread(cgroups.remove, list(cgroup["paths"]), 1.0)
         scratch = self._pool_workspace(state)
-        if scratch is not None and not known:
+        if scratch is not None:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+    async def reconcile(self, keep: Collection[str]) -> list[str]:
+        """Remove empty cgroups of instances that ended unseen; processes are left alone.
+
+        Returns no instance ids: an instance this backend lost track of is
+        reported lost by ``poll``; only its cgroup directories are tidied here.
+        """
+        await asyncio.to_thread(cgroups.sweep, set(keep))
+        return []
 
     # --- warm pools (see labgate.backends.claim) ----------------------------------
 
@@ -448,12 +498,24 @@ class ProcessBackend(Backend):
             raise ClaimError("the instance runs without a sandbox")
         workspace = claim.workspace.expanduser().resolve()
         await asyncio.to_thread(workspace.mkdir, 0o700, True, True)
+        # The pool instance runs as the pool's uid: the user's files, owned by the user's
+        # uid, are shown to it as its own through an idmapped mount (see claim.py).
+        idmap: tuple[int, int] | None = None
+        running_as = state.get("uid")
+        identity = self.identity(claim.owner_id) if running_as is not None else None
+        if identity is not None and running_as is not None:
+            try:
+                await asyncio.to_thread(hand_over, workspace, identity)
+            except OSError as exc:
+                raise ClaimError(f"cannot give the workspace to its user: {exc}") from exc
+            if identity.uid != running_as:
+                idmap = (identity.uid, int(running_as))
         tracked = int(state["pid"])
         pid = await asyncio.to_thread(sandboxed_pid, str(state["instance_id"]), tracked)
         if pid is None:
             raise ClaimError("the instance's sandbox is gone")
         inside = str(state["workspace"])
-        await mount_into(pid, workspace, inside)
+        await mount_into(pid, workspace, inside, idmap)
         new_state = {**state, "workspace": str(workspace), "pool_workspace": inside}
         return Claimed(state=new_state, workspace=inside)
 

@@ -22,6 +22,18 @@ Decisions, and why:
   shows it to every local user.
 - Secrets under ``/etc`` readable by the server's user (``/etc/shadow``,
   ssh host keys) are masked even though ``/etc`` is bound read-only.
+- ``--cap-drop ALL``: run by root, ``bwrap`` would otherwise hand the tool
+  every capability (``CAP_DAC_READ_SEARCH`` alone opens any host file through
+  ``open_by_handle_at``). When labgate is root the tool also runs as another
+  uid (``switch_uid``): ``bwrap`` keeps ``CAP_SETUID``, ``CAP_SETGID`` and
+  ``CAP_SETPCAP`` for the launcher in front of the tool, which empties the
+  bounding set and switches uid, leaving none (see
+  :mod:`labgate.backends.limits`). ``bwrap`` runs as root to set up the binds,
+  so sources only root can reach (``/root/.pyenv``) can still be bound; its own
+  init inside the sandbox keeps uid 0 but no capabilities, and a tool of
+  another uid can neither signal, trace nor read it.
+- With ``switch_uid``, ``/tmp``, ``/var/tmp`` and ``/dev/shm`` are world-writable
+  (sticky) tmpfs: the tool is not their owner.
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ from labgate.backends.confine import EscapesRoot, open_mount
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 #: Files under /etc replaced by an empty file inside the sandbox.
 MASKED_FILES = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
+#: Private tmpfs directories of the sandbox (binds below them land in the tmpfs).
+TMPFS_DIRS = ("/run", "/tmp", "/var/tmp", "/dev", "/proc")  # noqa: S108 - private, empty
 #: Directories under /etc replaced by an empty tmpfs inside the sandbox.
 MASKED_DIRS = ("/etc/ssh", "/etc/sudoers.d", "/etc/labgate")
 
@@ -101,6 +115,25 @@ def _contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
+def _parents(targets: Sequence[str], bound: Sequence[str]) -> list[str]:
+    """The directories above ``targets`` that bwrap would create, outermost first.
+
+    Those inside (or equal to) ``bound`` paths exist already, and so do the
+    sandbox's own tmpfs mount points.
+    """
+    parents: set[str] = set()
+    for target in targets:
+        parent = os.path.dirname(os.path.normpath(target))
+        while (
+            parent != "/"
+            and parent not in TMPFS_DIRS
+            and not any(_contains(top, parent) for top in bound)
+        ):
+            parents.add(parent)
+            parent = os.path.dirname(parent)
+    return sorted(parents, key=lambda p: (p.count("/"), p))
+
+
 def bwrap_argv(
     bwrap: str,
     *,
@@ -109,12 +142,15 @@ def bwrap_argv(
     private: Sequence[Path] = (),
     extra_ro: Sequence[str] = (),
     hostname: str = "labgate",
+    switch_uid: bool = False,
 ) -> SandboxPlan:
     """The ``bwrap`` command line (up to and including ``--``) for one instance.
 
     ``private`` are host directories that must never be visible (the data
     dir: every user's workspace, the logs); a read-only bind that would
     contain one of them is refused rather than silently exposing it.
+    ``switch_uid``: the command switches to an unprivileged uid itself, so
+    ``bwrap`` keeps exactly the capabilities that needs for it.
     """
     argv = [
         bwrap,
@@ -123,7 +159,13 @@ def bwrap_argv(
         "--unshare-uts",
         "--hostname",
         hostname,
+        "--cap-drop",
+        "ALL",
     ]
+    if switch_uid:
+        for cap in ("CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"):
+            argv += ["--cap-add", cap]
+    sticky = ["--perms", "01777"] if switch_uid else []
     visible: list[str] = []
     for top in SYSTEM_DIRS:
         if os.path.islink(top):
@@ -141,8 +183,12 @@ def bwrap_argv(
 
     # Private, empty /tmp and /run; binds under them (a venv or workspace in /tmp) come after.
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/run"]
-    argv += ["--tmpfs", "/tmp", "--tmpfs", "/var/tmp"]  # noqa: S108 - private, empty tmpfs
+    scratch = ["/tmp", "/var/tmp"] + (["/dev/shm"] if switch_uid else [])  # noqa: S108
+    for path in scratch:  # private and empty
+        argv += [*sticky, "--tmpfs", path]
 
+    mounted = len(visible)  # the system dirs; what follows are binds into the tmpfs root
+    binds: list[str] = []
     private_real = [os.path.realpath(p) for p in private]
     for path in _outermost([*python_dirs(), *(os.path.abspath(p) for p in extra_ro)]):
         if any(_contains(os.path.realpath(path), hidden) for hidden in private_real):
@@ -153,15 +199,21 @@ def bwrap_argv(
         if any(_contains(shown, path) for shown in visible):
             continue
         if os.path.exists(path):
-            argv += ["--ro-bind", path, path]
+            binds += ["--ro-bind", path, path]
             visible.append(path)
 
     ws = str(workspace)
-    argv += ["--bind", ws, ws]
+    binds += ["--bind", ws, ws]
     visible.append(ws)
-    fds = mount_args(bwrap, mounts, argv)
+    fds = mount_args(bwrap, mounts, binds)
     visible += [mount.target for mount in mounts]
-    argv += ["--chdir", ws, "--"]
+    if switch_uid:
+        # bwrap makes the missing parents of a bind 0700 root; the uid must pass through them.
+        for parent in _parents(visible[mounted:], visible[:mounted]):
+            argv += ["--perms", "0755", "--dir", parent]
+    argv += binds
+    # Switching uid, the launcher enters the workspace (the uid's, 0700) once it is that uid.
+    argv += ["--chdir", "/" if switch_uid else ws, "--"]
     return SandboxPlan(argv=argv, visible=tuple(visible), fds=fds)
 
 

@@ -283,6 +283,7 @@ class InstanceManager:
         return LaunchSpec(
             instance_id=instance.id,
             owner=instance.owner.name,
+            owner_id=instance.owner.id,
             tool=tool,
             base_url=f"/i/{instance.id}/",
             workspace=workspace,

@@ -232,7 +232,7 @@ class PoolManager:
         site = instance.site.name if instance.site is not None else ""
         link = self.manager.links.get(site)
         owner = instance.owner.name
-        claim = Claim(instance.id, owner, self.manager.workspaces_dir / owner)
+        claim = Claim(instance.id, owner, self.manager.workspaces_dir / owner, instance.owner.id)
         try:
             if link is None:
                 raise LabgateError(f"site {site} is not connected")
