@@ -7,7 +7,6 @@ from pydantic import ValidationError
 
 from helpers import ADMIN_PASSWORD, PASSWORD
 from labgate.config import Settings
-from labgate.errors import Unprocessable
 from labgate.portal.accounts import generate_password
 from labgate.portal.passwords import check_new_password, common_passwords
 
