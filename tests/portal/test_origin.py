@@ -6,7 +6,6 @@ import httpx
 import pytest
 
 from helpers import PASSWORD, login_form_token
-from labgate.portal.origin import normal_origin
 from labgate.security import SESSION_COOKIE
 
 LOGIN = "/api/v1/auth/login"
@@ -26,6 +25,8 @@ EVIL = "https://evil.example"
     ],
 )
 def test_origins_are_compared_in_one_form(url, origin):
+    from labgate.portal.origin import normal_origin
+
     assert normal_origin(url) == origin
 
 

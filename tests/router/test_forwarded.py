@@ -8,7 +8,6 @@ import pytest
 from helpers import PASSWORD
 from labgate.config import Settings
 from labgate.router.context import RouterOptions
-from labgate.router.forwarded import client_address, is_trusted_proxy
 from labgate.security import SESSION_COOKIE
 from router.conftest import ALICE, GatewayFactory
 
@@ -27,10 +26,14 @@ TRUSTED = ("127.0.0.1/32", "10.0.0.0/8")
     ],
 )
 def test_the_client_is_the_first_untrusted_address_from_the_right(header, client):
+    from labgate.router.forwarded import client_address
+
     assert client_address(b"127.0.0.1", header, TRUSTED) == client
 
 
 def test_only_listed_peers_are_trusted():
+    from labgate.router.forwarded import is_trusted_proxy
+
     assert is_trusted_proxy(b"10.9.8.7", TRUSTED)
     assert not is_trusted_proxy(b"192.0.2.1", TRUSTED)
     assert not is_trusted_proxy(b"127.0.0.1", ())
