@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import time
 from typing import Any
@@ -19,6 +20,28 @@ needs_pool_sandbox = pytest.mark.skipif(
     shutil.which("bwrap") is None or os.geteuid() != 0,
     reason="warm pools of the process backend need bubblewrap and root",
 )
+
+
+_LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
+
+
+def login_form_token(page: str) -> str:
+    """The anti-CSRF token in a sign-in page (bound to the cookie the page set)."""
+    match = _LOGIN_TOKEN.search(page)
+    assert match is not None, page
+    return match.group(1)
+
+
+async def post_login_form(client: httpx.AsyncClient, data: dict[str, str]) -> httpx.Response:
+    """Sign in through the HTML form as a browser does: load the form, then post it."""
+    form = await client.get("/login", headers={"Accept": "text/html"})
+    return await client.post("/login", data={**data, "login_token": login_form_token(form.text)})
+
+
+def post_login_form_sync(client: httpx.Client, data: dict[str, str]) -> httpx.Response:
+    """:func:`post_login_form` for a synchronous client."""
+    form = client.get("/login", headers={"Accept": "text/html"})
+    return client.post("/login", data={**data, "login_token": login_form_token(form.text)})
 
 
 async def token_for(

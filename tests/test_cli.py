@@ -222,6 +222,21 @@ def test_login_prompts_for_the_password(cli: Cli) -> None:
 # --- users -------------------------------------------------------------------------------
 
 
+def test_weak_passwords_are_refused_in_one_line(cli: Cli, admin_token: str) -> None:
+    def add_or_reset(*args: str, password: str) -> Any:
+        return cli(*args, "--password-stdin", token=admin_token, input=f"{password}\n", ok=False)
+
+    weak = add_or_reset("user", "add", "gilberto", password="12345678")
+    assert one_error_line(weak) == (
+        "error: this password is on a list of common passwords; choose another (weak_password)"
+    )
+    cli("user", "add", "gilberto", "--password-stdin", token=admin_token, input="gil-pass-123\n")
+    own_name = add_or_reset("user", "passwd", "gilberto", password="Gilberto")
+    assert one_error_line(own_name) == (
+        "error: the password cannot be the user name (weak_password)"
+    )
+
+
 def test_user_lifecycle(cli: Cli, admin_token: str) -> None:
     added = cli("user", "add", "bob", token=admin_token)
     match = re.search(r"created user 'bob' with password: (\S+) \(shown once\)", added.stdout)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import websockets
 
+from helpers import post_login_form_sync
 from jupyter_client_util import execute
 from servers import LabgateServer, wait_state
 
@@ -90,9 +91,9 @@ def test_session_cookie_works_and_logout_revokes_it_in_the_router(server):
     carol = server.token("carol", USER_PASSWORD)
     instance = launch(server, carol)
     with httpx.Client(base_url=server.url, timeout=10) as browser:
-        r = browser.post(
-            "/login",
-            data={"username": "carol", "password": USER_PASSWORD, "next": f"/i/{instance['id']}/"},
+        r = post_login_form_sync(
+            browser,
+            {"username": "carol", "password": USER_PASSWORD, "next": f"/i/{instance['id']}/"},
         )
         assert r.status_code == 303
         assert r.headers["location"] == f"/i/{instance['id']}/"

@@ -9,6 +9,7 @@ two in step). Values come, highest priority first, from keyword arguments,
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -35,6 +36,28 @@ from labgate.units import parse_size
 
 CONFIG_ENV = "LABGATE_CONFIG"
 DEFAULT_CONFIG_FILE = "labgate.toml"
+
+
+def _rate_limit(value: object) -> object:
+    """A rate in the ``limits`` notation (``10/5minutes``, ``30 per minute``), or empty."""
+    if isinstance(value, str) and value.strip():
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not a rate such as 10/5minutes or 30 per minute"
+            ) from None
+        return value.strip()
+    return value
+
+
+def _network(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network") from None
 
 
 def config_file() -> Path | None:
@@ -149,6 +172,50 @@ class Settings(BaseSettings):
     )
     max_request_body: int = Field(
         1024 * 1024, ge=1024, description="Largest API request body accepted, in bytes."
+    )
+    password_min_length: int = Field(
+        8,
+        ge=8,
+        le=1024,
+        description="Shortest password accepted when one is set (common ones are refused too).",
+    )
+    password_hash_workers: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description=(
+            "Threads that hash and check passwords; sign-ins beyond them wait their turn "
+            "instead of taking threads from other work. 0 means one per CPU core."
+        ),
+    )
+    login_limit_account_address: Annotated[str, BeforeValidator(_rate_limit)] = Field(
+        "10/5minutes",
+        description=(
+            "Failed sign-ins allowed for one account from one client address (e.g. 10/5minutes); "
+            "a successful sign-in starts the count again. Empty: no limit."
+        ),
+    )
+    login_limit_account: Annotated[str, BeforeValidator(_rate_limit)] = Field(
+        "50/15minutes",
+        description=(
+            "Failed sign-ins allowed for one account from all addresses together. Over it the "
+            "account cannot sign in with a password until the window passes. Empty: no limit."
+        ),
+    )
+    login_limit_address: Annotated[str, BeforeValidator(_rate_limit)] = Field(
+        "30/minute",
+        description=(
+            "Failed sign-ins allowed from one client address, whatever the account. "
+            "Empty: no limit."
+        ),
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Addresses or networks (CIDR) of proxies in front of the router whose "
+            "X-Forwarded-For the router believes; from anyone else it is dropped. In the "
+            "environment: a JSON list."
+        ),
     )
 
     # --- tools and instances -----------------------------------------------
@@ -315,6 +382,24 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        return [_network(item) for item in value]
+
+    @model_validator(mode="after")
+    def _admin_password_policy(self) -> Settings:
+        password = self.admin_password.get_secret_value()
+        if password:
+            from labgate.errors import Unprocessable
+            from labgate.portal.passwords import check_new_password
+
+            try:
+                check_new_password(password, self.admin_username, self.password_min_length)
+            except Unprocessable as exc:
+                raise ValueError(f"admin_password: {exc.detail}") from None
+        return self
 
     @model_validator(mode="after")
     def _unique_sites(self) -> Settings:

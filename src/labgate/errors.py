@@ -9,7 +9,9 @@
     ├── NotFound                 404 not_found
     ├── Conflict                 409 conflict / invalid_state
     ├── PayloadTooLarge          413 payload_too_large
+    ├── Unprocessable            422 validation_error / weak_password
     ├── QuotaExceeded            429 quota_exceeded
+    ├── TooManyRequests          429 too_many_requests (with Retry-After)
     ├── BackendError             500-class problems of an engine, never shown as tracebacks
     │   └── InstanceStartError   a tool could not be started
     └── ConfigError              labgate cannot start as configured (one line per problem)
@@ -79,6 +81,24 @@ class PayloadTooLarge(LabgateError):
 
     status = 413
     default_code = "payload_too_large"
+
+
+class Unprocessable(LabgateError):
+    """The request is well formed but a value in it is refused (e.g. a weak password)."""
+
+    status = 422
+    default_code = "validation_error"
+
+
+class TooManyRequests(LabgateError):
+    """Too many attempts; ``retry_after`` seconds until the next one is accepted."""
+
+    status = 429
+    default_code = "too_many_requests"
+
+    def __init__(self, detail: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = max(1, retry_after)
 
 
 class QuotaExceeded(LabgateError):

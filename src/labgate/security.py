@@ -109,9 +109,9 @@ class SessionSigner:
         self._csrf_key = hashlib.sha256(b"labgate.csrf:" + key.encode()).digest()
         self.max_age = max_age
 
-    def issue(self, user_id: int) -> tuple[str, str]:
-        """A new cookie value and its session id."""
-        session_id = secrets.token_urlsafe(16)
+    def issue(self, user_id: int, session_id: str | None = None) -> tuple[str, str]:
+        """A new cookie value and its session id (``session_id`` renewed, else a new one)."""
+        session_id = session_id or secrets.token_urlsafe(16)
         # The precise issue time travels inside the payload: the signature's own
         # timestamp has whole seconds, too coarse to compare with a revocation.
         value = self._serializer.dumps({"u": user_id, "s": session_id, "t": time.time()})

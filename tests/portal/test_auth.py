@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from helpers import ADMIN_PASSWORD, PASSWORD, token_for
+from helpers import ADMIN_PASSWORD, PASSWORD, post_login_form, token_for
 from labgate.security import SESSION_COOKIE
 
 
@@ -67,21 +67,57 @@ async def test_logout_revokes_the_session_even_with_a_copied_cookie(client, make
     assert replay.status_code == 401
 
 
-async def test_password_change_ends_other_sessions(client, make_user):
-    dave = await make_user("erin")
-    await login(client, "erin", PASSWORD)
-    old_cookie = client.cookies.get(SESSION_COOKIE)
+async def test_password_change_keeps_this_session_and_ends_the_others(app, client, make_user):
+    from labgate.router.auth import Authenticator, credentials
+
+    erin = await make_user("erin")  # an API token made before the change
+    other_csrf = await login(client, "erin", PASSWORD)
+    other_cookie = client.cookies.get(SESSION_COOKIE)
+    client.cookies.clear()
+    csrf = await login(client, "erin", PASSWORD)
+    this_cookie = client.cookies.get(SESSION_COOKIE)
+    changed = await client.put(
+        "/api/v1/users/me/password",
+        json={"password": "a-new-password", "current_password": PASSWORD},
+        headers={"X-CSRF-Token": csrf},
+    )
+    assert changed.status_code == 204, changed.text
+    renewed = client.cookies.get(SESSION_COOKIE)
+    assert renewed and renewed != this_cookie
+    # The session that made the change goes on, with the same CSRF token ...
+    me = await client.get("/api/v1/auth/session")
+    assert me.status_code == 200 and me.json()["csrf_token"] == csrf
+    made = await client.post("/api/v1/tokens", json={"note": "x"}, headers={"X-CSRF-Token": csrf})
+    assert made.status_code == 201
+    # ... every other one ends (its old cookie value too), in the portal and the router.
+    for cookie in (other_cookie, this_cookie):
+        refused = await client.get("/api/v1/auth/session", headers=session_cookie(client, cookie))
+        assert refused.status_code == 401
+    assert other_csrf
+    router_auth = Authenticator(app.state.portal.routes.table, app.state.portal.signer)
+    seen = {
+        name: router_auth.identify(credentials(f"{SESSION_COOKIE}={value}".encode(), None))
+        for name, value in {"renewed": renewed, "other": other_cookie, "old": this_cookie}.items()
+    }
+    assert seen["renewed"] is not None and seen["other"] is None and seen["old"] is None
+    # API tokens are kept (documented): they are revoked on their own.
+    assert (await client.get("/api/v1/users/me", headers=erin)).status_code == 200
+    await login(client, "erin", "a-new-password")
+
+
+async def test_password_change_by_token_ends_every_session(client, make_user):
+    fay = await make_user("fay")
+    await login(client, "fay", PASSWORD)
+    cookie = client.cookies.get(SESSION_COOKIE)
     client.cookies.clear()
     changed = await client.put(
         "/api/v1/users/me/password",
         json={"password": "a-new-password", "current_password": PASSWORD},
-        headers=dave,
+        headers=fay,
     )
-    assert changed.status_code == 204, changed.text
-    assert (
-        await client.get("/api/v1/auth/session", headers=session_cookie(client, old_cookie))
-    ).status_code == 401
-    await login(client, "erin", "a-new-password")
+    assert changed.status_code == 204 and "set-cookie" not in changed.headers
+    refused = await client.get("/api/v1/auth/session", headers=session_cookie(client, cookie))
+    assert refused.status_code == 401
 
 
 async def test_own_password_change_needs_current_password(client, make_user):
@@ -214,15 +250,26 @@ async def test_generated_password_is_returned_once_and_works(client, admin_heade
 
 async def test_html_login_form_redirects_only_to_local_paths(client, make_user):
     await make_user("quinn")
-    r = await client.post(
-        "/login", data={"username": "quinn", "password": PASSWORD, "next": "https://evil.example/"}
+    r = await post_login_form(
+        client, {"username": "quinn", "password": PASSWORD, "next": "https://evil.example/"}
     )
     assert r.status_code == 303 and r.headers["location"] == "/"
     client.cookies.clear()
-    r = await client.post(
-        "/login", data={"username": "quinn", "password": PASSWORD, "next": "/i/abc/lab?x=1"}
+    r = await post_login_form(
+        client, {"username": "quinn", "password": PASSWORD, "next": "/i/abc/lab?x=1"}
     )
     assert r.status_code == 303 and r.headers["location"] == "/i/abc/lab?x=1"
     client.cookies.clear()
-    bad = await client.post("/login", data={"username": "quinn", "password": "wrong", "next": "/"})
+    bad = await post_login_form(client, {"username": "quinn", "password": "wrong", "next": "/"})
     assert bad.status_code == 401 and "wrong user name or password" in bad.text.lower()
+
+
+async def test_forty_wrong_passwords_meet_a_429_after_ten(client):
+    answers = [
+        await client.post("/api/v1/auth/login", json={"username": "admin", "password": "guess"})
+        for _ in range(40)
+    ]
+    codes = [a.status_code for a in answers]
+    assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}
+    assert int(answers[-1].headers["Retry-After"]) > 0
+    assert answers[-1].json()["error"] == "too_many_requests"

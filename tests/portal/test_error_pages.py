@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import ADMIN_PASSWORD
+from helpers import ADMIN_PASSWORD, post_login_form
 
 HTML = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 
@@ -30,7 +30,7 @@ async def test_api_errors_stay_json_even_for_browsers(client):
 
 
 async def test_error_page_offers_the_way_back_when_signed_in(client):
-    signed = await client.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD})
+    signed = await post_login_form(client, {"username": "admin", "password": ADMIN_PASSWORD})
     assert signed.status_code == 303
     page = await client.get("/instances/doesnotexist", headers=HTML)
     assert page.status_code == 404

@@ -19,7 +19,7 @@ from datasets_fixtures import (
     require_bwrap,
     write_in,
 )
-from helpers import PASSWORD, wait_for_state
+from helpers import PASSWORD, post_login_form, wait_for_state
 from labgate.config import Settings
 
 PID = "doi:10.5072/FK2/ABCDEF"
@@ -55,8 +55,8 @@ async def browser(app: Any, make_user: Any) -> Any:
 
 
 async def sign_in(browser: httpx.AsyncClient, next_url: str) -> httpx.Response:
-    return await browser.post(
-        "/login", data={"username": "alice", "password": PASSWORD, "next": next_url}
+    return await post_login_form(
+        browser, {"username": "alice", "password": PASSWORD, "next": next_url}
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ADMIN_PASSWORD, PASSWORD, wait_for_state
+from helpers import ADMIN_PASSWORD, PASSWORD, post_login_form, wait_for_state
 from labgate.portal.ui.render import ASSET_VERSION
 from labgate.portal.ui.signin import safe_next
 from labgate.security import SESSION_COOKIE
@@ -84,7 +84,7 @@ def check_page(response: httpx.Response) -> PageParser:
 
 async def sign_in(client: httpx.AsyncClient, name: str, password: str = PASSWORD) -> str:
     """Sign in through the form; returns the session's CSRF token (from the page)."""
-    response = await client.post("/login", data={"username": name, "password": password})
+    response = await post_login_form(client, {"username": name, "password": password})
     assert response.status_code == 303, response.text
     page = await client.get("/", headers=HTML)
     token = re.search(r'<meta name="csrf-token" content="([0-9a-f]+)">', page.text)
@@ -131,12 +131,12 @@ async def test_sign_in_page_is_accessible_and_remembers_where_to_go(client):
 
 async def test_sign_in_errors_are_clear(client, make_user, admin_headers):
     await make_user("gus")
-    wrong = await client.post("/login", data={"username": "gus", "password": "nope"})
+    wrong = await post_login_form(client, {"username": "gus", "password": "nope"})
     assert wrong.status_code == 401
     assert "Wrong user name or password." in wrong.text
     assert 'value="gus"' in wrong.text  # the name stays filled in
     await client.patch("/api/v1/users/gus", json={"disabled": True}, headers=admin_headers)
-    disabled = await client.post("/login", data={"username": "gus", "password": PASSWORD})
+    disabled = await post_login_form(client, {"username": "gus", "password": PASSWORD})
     assert disabled.status_code == 401
     assert "This account is disabled; ask an administrator." in disabled.text
     assert SESSION_COOKIE not in disabled.headers.get("set-cookie", "")

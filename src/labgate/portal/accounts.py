@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import ApiToken, User, utcnow
 from labgate.errors import BadRequest, Conflict, Forbidden, NotFound
 from labgate.portal.schemas import TokenOut, UserOut
-from labgate.security import SCOPES, hash_password, hash_token, new_api_token
+from labgate.security import SCOPES, hash_token, new_api_token
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +66,27 @@ def get_user(session: Session, name: str) -> User:
     return user
 
 
-def create_user(
-    session: Session, name: str, password: str | None, *, is_admin: bool = False
-) -> tuple[User, str | None]:
-    """Create a user; returns it and the generated password when none was given."""
-    generated = None
-    if password is None:
-        password = generated = generate_password()
+def create_user(session: Session, name: str, password_hash: str, *, is_admin: bool = False) -> User:
+    """Create a user with an already hashed (and policy-checked) password."""
     if session.scalar(select(User.id).where(User.name == name)) is not None:
         raise Conflict(f"a user called {name!r} already exists", code="user_exists")
-    user = User(name=name, password_hash=hash_password(password), is_admin=is_admin)
+    user = User(name=name, password_hash=password_hash, is_admin=is_admin)
     session.add(user)
     try:
         session.flush()
     except IntegrityError:
         raise Conflict(f"a user called {name!r} already exists", code="user_exists") from None
-    return user, generated
+    return user
 
 
-def set_password(session: Session, user: User, password: str) -> None:
-    """Change a password; every existing session of the user ends."""
-    user.password_hash = hash_password(password)
+def set_password(session: Session, user: User, password_hash: str) -> None:
+    """Change a password; every session of the user issued until now ends.
+
+    The caller renews the cookie of the session that made the change, if any,
+    so that one goes on. API tokens are kept: they are separate credentials,
+    listed and revoked on their own.
+    """
+    user.password_hash = password_hash
     user.sessions_valid_after = utcnow()
 
 
@@ -145,9 +145,14 @@ def create_token(
     return row, token
 
 
-def bootstrap_admin(session: Session, name: str, password: str) -> str | None:
-    """Create the first admin when there are no users; returns a generated password."""
-    if session.scalar(select(User.id).limit(1)) is not None:
-        return None
-    _user, generated = create_user(session, name, password or None, is_admin=True)
-    return generated
+def no_users(session: Session) -> bool:
+    """Whether the database has no users yet (first start)."""
+    return session.scalar(select(User.id).limit(1)) is None
+
+
+def bootstrap_admin(session: Session, name: str, password_hash: str) -> bool:
+    """Create the first admin when there are still no users; whether it was created."""
+    if not no_users(session):
+        return False
+    create_user(session, name, password_hash, is_admin=True)
+    return True

@@ -26,7 +26,7 @@ from labgate.config import Settings, SiteConfig
 from labgate.db.models import Site
 from labgate.db.session import open_database
 from labgate.portal import health, launch_pages, operations, pages, usage_pages
-from labgate.portal.accounts import bootstrap_admin
+from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
     auth,
     catalog,
@@ -106,18 +106,28 @@ def announce_admin(settings: Settings, password: str) -> None:
     )
 
 
+async def first_admin(portal: Portal) -> None:
+    """On first start, create the admin: the configured password, or a generated one."""
+    settings = portal.settings
+    if not await portal.run_db(no_users):
+        return
+    # A configured password already passed the policy when the settings were read.
+    configured = settings.admin_password.get_secret_value()
+    password = configured or generate_password()
+    password_hash = await portal.passwords.hash_new(password, settings.admin_username)
+    created = await portal.run_db(
+        lambda s: bootstrap_admin(s, settings.admin_username, password_hash)
+    )
+    if created and not configured:
+        announce_admin(settings, password)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Start the site and re-attach instances; on exit leave them running."""
     portal: Portal = app.state.portal
     settings = portal.settings
-    generated = await portal.run_db(
-        lambda s: bootstrap_admin(
-            s, settings.admin_username, settings.admin_password.get_secret_value()
-        )
-    )
-    if generated:
-        announce_admin(settings, generated)
+    await first_admin(portal)
 
     async def reporter(report: Report) -> None:
         await portal.instances.apply(report)
@@ -157,6 +167,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for link in portal.links.values():
             await link.close()
         portal.db.dispose()
+        portal.passwords.close()
 
 
 def create_app(settings: Settings | None = None, portal: Portal | None = None) -> FastAPI:

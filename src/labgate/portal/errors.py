@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from labgate.errors import LabgateError, error_body
+from labgate.errors import LabgateError, TooManyRequests, error_body
 from labgate.portal.ui.render import error_page, wants_html
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ def _describe(errors: list[dict[str, Any]]) -> str:
 
 async def _labgate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, LabgateError)
-    return _answer(request, exc.status, exc.code, exc.detail, **exc.extra)
+    response = _answer(request, exc.status, exc.code, exc.detail, **exc.extra)
+    if isinstance(exc, TooManyRequests):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

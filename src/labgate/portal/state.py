@@ -13,6 +13,8 @@ from sqlalchemy.orm import Session
 from labgate.config import Settings
 from labgate.db.session import Database
 from labgate.portal.activity import ActivityBoard
+from labgate.portal.login_limits import LoginLimiter
+from labgate.portal.passwords import PasswordWorkers
 from labgate.scheduler.events import EventBus
 from labgate.security import SessionSigner
 from labgate.tools.catalog import Catalog
@@ -28,7 +30,7 @@ T = TypeVar("T")
 
 @dataclass
 class Portal:
-    """Settings, database, catalog, credentials and the instance manager."""
+    """Settings, database, catalog, credentials, password workers and the instance manager."""
 
     settings: Settings
     db: Database
@@ -40,6 +42,14 @@ class Portal:
     routes: RouteFeedHub | None = None
     activity: ActivityBoard = field(default_factory=ActivityBoard)
     snapshots: SnapshotManager | None = None
+    passwords: PasswordWorkers = field(init=False)
+    login_limits: LoginLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.passwords = PasswordWorkers(
+            self.settings.password_hash_workers, self.settings.password_min_length
+        )
+        self.login_limits = LoginLimiter(self.settings)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a committed session on a worker thread."""

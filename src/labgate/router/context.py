@@ -37,6 +37,8 @@ class RouterOptions:
     """Portal page a browser without a session is sent to (with ``?next=``)."""
     forwarded_proto: str = "http"
     """``X-Forwarded-Proto`` value: the scheme of the public URL."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks of proxies in front whose ``X-Forwarded-For`` names the client."""
     connect_timeout: float = 10.0
     """Seconds to open a connection to an upstream before answering 504."""
     response_timeout: float = 300.0

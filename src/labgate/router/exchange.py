@@ -45,6 +45,7 @@ _SPECIAL = frozenset(
         b"proxy-authorization",
         b"forwarded",
         b"x-real-ip",
+        b"x-forwarded-for",
     }
 )
 
@@ -71,6 +72,7 @@ class Exchange:
         "discarded",
         "error",
         "expect_continue",
+        "forwarded_for",
         "head",
         "header_count",
         "headers",
@@ -114,6 +116,8 @@ class Exchange:
         self.chunked = False
         self.conn_tokens: bytes | None = None
         self.upgrade: bytes | None = None
+        #: Believed only from a trusted proxy (see ``labgate.router.forwarded``).
+        self.forwarded_for: bytes | None = None
         self.expect_continue = False
         self.is_upgrade = False
         self.is_head = False
@@ -177,6 +181,10 @@ class Exchange:
             self.expect_continue = value.strip().lower() == b"100-continue"
         elif lname == b"upgrade":
             self.upgrade = value
+        elif lname == b"x-forwarded-for":
+            self.forwarded_for = (
+                value if self.forwarded_for is None else self.forwarded_for + b"," + value
+            )
         # Other special headers are hop-by-hop or the router's own: dropped.
 
     def validate(self) -> None:

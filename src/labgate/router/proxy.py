@@ -27,6 +27,7 @@ from labgate.router import pages
 from labgate.router.activity import Counter
 from labgate.router.context import NEVER, Context, log
 from labgate.router.exchange import Exchange, instance_head, portal_head
+from labgate.router.forwarded import client_address, is_trusted_proxy
 from labgate.router.http import (
     MAX_HEAD,
     MAX_HEADERS,
@@ -66,6 +67,7 @@ class ClientConnection(asyncio.Protocol):
         "raw_head",
         "reading_head",
         "transport",
+        "trusted_peer",
         "tunnel",
         "tunnel_id",
         "upgrade_buf",
@@ -100,6 +102,7 @@ class ClientConnection(asyncio.Protocol):
         self.raw_head = 0
         self.deadline = NEVER
         self.peer = b"unknown"
+        self.trusted_peer = False
         self.proto = ctx.options.forwarded_proto.encode()
 
     # --- asyncio.Protocol ----------------------------------------------------
@@ -110,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
+            self.trusted_peer = is_trusted_proxy(self.peer, self.ctx.options.trusted_proxies)
         self.deadline = self.ctx.now + self.ctx.options.header_timeout
         self.ctx.connections.add(self)
 
@@ -286,6 +290,12 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
 
     # --- serving -------------------------------------------------------------
+    def _client(self, ex: Exchange) -> bytes:
+        """The client's address: the peer, or the one a trusted proxy names."""
+        if not self.trusted_peer or ex.forwarded_for is None:
+            return self.peer
+        return client_address(self.peer, ex.forwarded_for, self.ctx.options.trusted_proxies)
+
     def _serve(self, ex: Exchange) -> None:
         if ex.error is not None:
             status, detail = ex.error
@@ -296,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
         info = ex.target_info
         if info is None or info.instance_id is None:
             ex.counter = self.ctx.portal_counter
-            ex.head = portal_head(ex, self.peer, self.proto)
+            ex.head = portal_head(ex, self._client(ex), self.proto)
             self._proxy(ex, self.ctx.portal)
             return
         ctx = self.ctx
@@ -336,7 +346,7 @@ class ClientConnection(asyncio.Protocol):
         ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id
-        ex.head = instance_head(ex, route, identity, creds, self.peer, self.proto)
+        ex.head = instance_head(ex, route, identity, creds, self._client(ex), self.proto)
         self._proxy(ex, route.address)
 
     def _proxy(self, ex: Exchange, address: UpstreamAddress) -> None:

@@ -125,7 +125,10 @@ class Router:
 def options_from_settings(settings: Settings, **overrides: object) -> RouterOptions:
     """Router options derived from labgate's settings (the public URL's scheme)."""
     scheme = urlsplit(settings.effective_public_url).scheme or "http"
-    values: dict[str, object] = {"forwarded_proto": scheme}
+    values: dict[str, object] = {
+        "forwarded_proto": scheme,
+        "trusted_proxies": tuple(settings.trusted_proxies),
+    }
     values.update(overrides)
     return RouterOptions(**values)  # type: ignore[arg-type]
 

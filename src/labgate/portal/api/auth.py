@@ -12,9 +12,10 @@ from labgate.db.models import RevokedSession, User, utcnow
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.auth import Caller, scopes_of
+from labgate.portal.origin import check_same_origin
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
-from labgate.security import SESSION_COOKIE, hash_password, verify_password
+from labgate.security import SESSION_COOKIE, hash_password
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -23,25 +24,75 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 _DUMMY_HASH = hash_password("labgate-timing-equaliser")
 
 
-def check_password(session: Session, username: str, password: str) -> User:
-    """The user whose name and password match; one vague error otherwise."""
-    user = session.scalar(select(User).where(User.name == username.strip().lower()))
-    if user is None or not user.password_hash:
-        verify_password(_DUMMY_HASH, password)
+def client_address(request: Request) -> str:
+    """The address a sign-in comes from, for its rate limits.
+
+    Behind labgate's router (``labgate serve``) this is the address the router
+    saw: the router replaces any ``X-Forwarded-For`` a client sends with the
+    peer it accepted (or, from a proxy in ``trusted_proxies``, the client that
+    proxy names), and uvicorn serves the portal trusting that header.
+    """
+    return request.client.host if request.client is not None else "unknown"
+
+
+def _account(session: Session, name: str) -> tuple[int, str, bool] | None:
+    row = session.execute(
+        select(User.id, User.password_hash, User.disabled).where(User.name == name)
+    ).first()
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _signed_in(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
         raise Unauthorized("wrong user name or password", code="invalid_credentials")
-    if not verify_password(user.password_hash, password):
-        raise Unauthorized("wrong user name or password", code="invalid_credentials")
-    if user.disabled:
-        raise Unauthorized(
-            "this account is disabled; ask an administrator", code="account_disabled"
-        )
     user.last_login_at = utcnow()
     return user
 
 
-def set_session_cookie(portal: Portal, response: Response, user_id: int) -> str:
-    """Start a browser session; returns its id."""
-    value, session_id = portal.signer.issue(user_id)
+async def verify_credentials(
+    portal: Portal, request: Request, username: str, password: str
+) -> tuple[int, bool]:
+    """The id and disabled flag of the user whose name and password match.
+
+    One vague 401 otherwise. Rate limited (429 with ``Retry-After``) per
+    account, per client address and per both; the hash is checked on the
+    bounded password workers.
+    """
+    name = username.strip().lower()
+    address = client_address(request)
+    limits = portal.login_limits
+    # A refusal costs nothing while the limits are used up ...
+    await limits.check(name, address)
+    account = await portal.run_db(lambda s: _account(s, name))
+    stored = account[1] if account is not None and account[1] else None
+    async with portal.passwords.slot():
+        # ... and checking again with a slot held means no more guesses are in
+        # flight than there are slots, however many requests arrive at once.
+        await limits.check(name, address)
+        matches = await portal.passwords.verify(stored or _DUMMY_HASH, password)
+        if account is None or stored is None or not matches:
+            await limits.failed(name, address)
+            raise Unauthorized("wrong user name or password", code="invalid_credentials")
+    await limits.succeeded(name, address)
+    return account[0], account[2]
+
+
+async def check_password(portal: Portal, request: Request, username: str, password: str) -> User:
+    """The enabled user whose name and password match, now signed in; 401 otherwise."""
+    user_id, disabled = await verify_credentials(portal, request, username, password)
+    if disabled:
+        raise Unauthorized(
+            "this account is disabled; ask an administrator", code="account_disabled"
+        )
+    return await portal.run_db(lambda s: _signed_in(s, user_id))
+
+
+def set_session_cookie(
+    portal: Portal, response: Response, user_id: int, session_id: str | None = None
+) -> str:
+    """Start a browser session (or renew ``session_id``'s cookie); returns its id."""
+    value, session_id = portal.signer.issue(user_id, session_id)
     response.set_cookie(
         SESSION_COOKIE,
         value,
@@ -56,10 +107,15 @@ def set_session_cookie(portal: Portal, response: Response, user_id: int) -> str:
 
 @router.post("/login", response_model=SessionOut)
 async def login(
-    body: LoginIn, response: Response, portal: Portal = Depends(get_portal)
+    body: LoginIn, request: Request, response: Response, portal: Portal = Depends(get_portal)
 ) -> SessionOut:
-    """Check a password and start a browser session (a signed cookie)."""
-    user = await portal.run_db(lambda s: check_password(s, body.username, body.password))
+    """Check a password and start a browser session (a signed cookie).
+
+    Refused (403) when a page of another site sent it (``Origin`` or
+    ``Referer``); refused (429) after too many failures.
+    """
+    check_same_origin(request, portal.settings.effective_public_url)
+    user = await check_password(portal, request, body.username, body.password)
     session_id = set_session_cookie(portal, response, user.id)
     return SessionOut(
         user=user_out(user),

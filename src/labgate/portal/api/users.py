@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -11,15 +11,16 @@ from labgate.errors import Forbidden, Unauthorized
 from labgate.portal.accounts import (
     create_user,
     ensure_not_last_admin,
+    generate_password,
     get_user,
     set_disabled,
     set_password,
     user_out,
 )
+from labgate.portal.api.auth import set_session_cookie, verify_credentials
 from labgate.portal.auth import Caller, Principal, require
 from labgate.portal.schemas import PasswordIn, UserCreated, UserIn, UserOut, UserPatch
 from labgate.portal.state import Portal, get_portal
-from labgate.security import verify_password
 
 router = APIRouter(prefix="/users", tags=["users"])
 
@@ -47,10 +48,15 @@ async def list_users(
 async def add_user(
     body: UserIn, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> UserCreated:
-    """Create a user; without a password one is generated and returned once."""
+    """Create a user; without a password one is generated and returned once.
+
+    A given password must meet the policy (length, not common, not the name): 422.
+    """
+    generated = None if body.password is not None else generate_password()
+    password_hash = await portal.passwords.hash_new(body.password or generated or "", body.name)
 
     def create(session: Session) -> UserCreated:
-        user, generated = create_user(session, body.name, body.password, is_admin=body.is_admin)
+        user = create_user(session, body.name, password_hash, is_admin=body.is_admin)
         if portal.routes is not None:
             portal.routes.user_changed(user)
         return UserCreated(**user_out(user).model_dump(), password=generated)
@@ -97,30 +103,49 @@ async def change_user(
 
 @router.put("/{name}/password", status_code=204)
 async def change_password(
-    name: str, body: PasswordIn, caller: Caller, portal: Portal = Depends(get_portal)
+    name: str,
+    body: PasswordIn,
+    caller: Caller,
+    request: Request,
+    portal: Portal = Depends(get_portal),
 ) -> Response:
-    """Set a password: your own (with the current one) or anyone's (admins)."""
+    """Set a password: your own (with the current one) or anyone's (admins).
+
+    Every session of the user ends except the one making the change, which
+    gets a renewed cookie; API tokens are kept.
+    """
     name = _name(caller, name)
     own = name == caller.name
     if not own:
         caller.require("admin")
     else:
         caller.require("account")
+    await portal.run_db(lambda s: get_user(s, name))
+    if own and not (caller.is_admin and "admin" in caller.scopes):
+        if body.current_password is None:
+            raise Forbidden("give your current password to change it", code="current_password")
+        try:
+            # Rate limited like a sign-in: a stolen session cannot guess the password here.
+            await verify_credentials(portal, request, name, body.current_password)
+        except Unauthorized:
+            raise Unauthorized(
+                "the current password is wrong", code="invalid_credentials"
+            ) from None
+    password_hash = await portal.passwords.hash_new(body.password, name)
 
     def change(session: Session) -> None:
         user = get_user(session, name)
-        if own and not (caller.is_admin and "admin" in caller.scopes):
-            if body.current_password is None:
-                raise Forbidden("give your current password to change it", code="current_password")
-            if not verify_password(user.password_hash, body.current_password):
-                raise Unauthorized("the current password is wrong", code="invalid_credentials")
-        set_password(session, user, body.password)
+        set_password(session, user, password_hash)
         session.flush()
         if portal.routes is not None:
             portal.routes.user_changed(user)
 
     await portal.run_db(change)
-    return Response(status_code=204)
+    response = Response(status_code=204)
+    if own and caller.session_id is not None:
+        # Issued after sessions_valid_after moved: this session goes on, the others end.
+        set_session_cookie(portal, response, caller.user_id, caller.session_id)
+    return response
 
 
 @router.delete("/{name}", status_code=204)

@@ -1,5 +1,9 @@
 """Sign in and sign out: the HTML forms in front of the auth API.
 
+The sign-in form is refused when another site posted it (its ``Origin`` or
+``Referer``, and a token bound to a cookie the form page set: see
+:mod:`labgate.portal.origin`), and after too many failed sign-ins (429).
+
 These two are plain forms rather than ``fetch`` calls: they set and clear
 the HttpOnly session cookie, must work before any script has loaded, and
 are where the router sends browsers without a session
@@ -15,9 +19,16 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from labgate.errors import Unauthorized
+from labgate.errors import Forbidden, TooManyRequests, Unauthorized
 from labgate.portal.api.auth import check_password, logout, set_session_cookie
 from labgate.portal.auth import optional_principal
+from labgate.portal.origin import (
+    LOGIN_FORM_FIELD,
+    check_login_form_token,
+    check_same_origin,
+    login_form_token,
+    set_login_cookie,
+)
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import render
 from labgate.security import SESSION_COOKIE
@@ -28,7 +39,6 @@ router = APIRouter(include_in_schema=False)
 # put arbitrary text on labgate's own page.
 NOTICES = {
     "signed_out": "You are signed out.",
-    "password_changed": "Your password was changed. Sign in with the new one.",
     "session_ended": "Your session has ended. Please sign in again.",
 }
 
@@ -47,6 +57,7 @@ def safe_next(target: str | None) -> str:
 
 def _login_page(
     request: Request,
+    portal: Portal,
     *,
     next_url: str,
     error: str | None = None,
@@ -55,6 +66,7 @@ def _login_page(
     username: str = "",
     status: int = 200,
 ) -> Response:
+    nonce, token = login_form_token(request, portal.signer)
     context = {
         "user": None,
         "next": next_url,
@@ -62,8 +74,12 @@ def _login_page(
         "error_code": code,
         "notice": notice,
         "username": username,
+        "login_token": token,
+        "login_token_field": LOGIN_FORM_FIELD,
     }
-    return render(request, "login.html", context, status=status)
+    response = render(request, "login.html", context, status=status)
+    set_login_cookie(response, nonce, secure=portal.settings.cookie_secure)
+    return response
 
 
 @router.get("/login")
@@ -71,6 +87,7 @@ async def login_form(
     request: Request,
     next: str | None = None,
     notice: str | None = None,
+    portal: Portal = Depends(get_portal),
 ) -> Response:
     """The sign-in form; a browser that is already signed in goes straight on."""
     target = safe_next(next)
@@ -82,7 +99,7 @@ async def login_form(
     message = NOTICES.get(notice or "")
     if caller is None and request.cookies.get(SESSION_COOKIE) and message is None:
         message = NOTICES["session_ended"]
-    response = _login_page(request, next_url=target, notice=message)
+    response = _login_page(request, portal, next_url=target, notice=message)
     if caller is None and request.cookies.get(SESSION_COOKIE):
         response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -94,21 +111,28 @@ async def login_submit(
     username: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form(max_length=4096)] = "/",
+    login_token: Annotated[str | None, Form(max_length=256)] = None,
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Check the form and start a session, then go back where the user was headed."""
     target = safe_next(next)
     try:
-        user = await portal.run_db(lambda s: check_password(s, username, password))
-    except Unauthorized as exc:
-        return _login_page(
+        check_same_origin(request, portal.settings.effective_public_url)
+        check_login_form_token(request, portal.signer, login_token)
+        user = await check_password(portal, request, username, password)
+    except (Unauthorized, Forbidden, TooManyRequests) as exc:
+        response = _login_page(
             request,
+            portal,
             next_url=target,
             error=exc.detail,
             code=exc.code,
             username=username,
-            status=401,
+            status=exc.status,
         )
+        if isinstance(exc, TooManyRequests):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
     response = RedirectResponse(target, status_code=303)
     set_session_cookie(portal, response, user.id)
     return response

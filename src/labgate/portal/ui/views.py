@@ -135,7 +135,14 @@ async def account_page(request: Request, portal: Portal = Depends(get_portal)) -
         return user_out(user)
 
     account = await portal.run_db(load)
-    return render(request, "account.html", page_context(portal, caller, "account", account=account))
+    context = page_context(
+        portal,
+        caller,
+        "account",
+        account=account,
+        password_min_length=portal.settings.password_min_length,
+    )
+    return render(request, "account.html", context)
 
 
 @router.get("/tokens")
