@@ -42,8 +42,10 @@ SCOPES: dict[str, str] = {
     "datasets:write": "register, update and delete datasets (your own; admins: all)",
     "sites:report": "say what sites hold: inventory pushes and replicas (admins only)",
     "admin": "everything, for every user (only tokens of admins)",
-    "router": "follow the route stream and report activity (router processes only)",
 }
+#: What the router token carries: the route stream and activity reports. Not in
+#: :data:`SCOPES`: no session or API token can hold it, an admin's included.
+ROUTER_SCOPE = "router"
 
 _hasher = PasswordHasher()
 
@@ -76,7 +78,7 @@ def router_token(key: str) -> str:
 
     Every process that can check session cookies holds the key anyway, so a
     separate secret would add nothing; the token grants only the ``router``
-    scope (the route stream and activity reports).
+    scope (the route stream and activity reports) and nothing else.
     """
     digest = hmac.new(key.encode(), b"labgate.router", hashlib.sha256).hexdigest()
     return ROUTER_TOKEN_PREFIX + digest
