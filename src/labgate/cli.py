@@ -36,6 +36,7 @@ from labgate.client import (
     save_login,
 )
 from labgate.config import Settings
+from labgate.datadir import UnsafeSetup
 
 app = typer.Typer(
     name="labgate",
@@ -88,7 +89,10 @@ def serve(
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
     from labgate.serve import run
 
-    run(settings)
+    try:
+        run(settings)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
 
 
 @app.command()
@@ -107,7 +111,10 @@ def router(
         fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
     from labgate.serve import run_router
 
-    run_router(settings, portal)
+    try:
+        run_router(settings, portal)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
 
 
 @config_app.command("show")

@@ -27,6 +27,7 @@ from sqlalchemy import text
 
 from labgate.backends.base import Backend, load_backend
 from labgate.config import Settings
+from labgate.datadir import UnsafeSetup, prepare_data_dir
 from labgate.db.session import Database, alembic_config
 from labgate.tools.catalog import Catalog
 
@@ -58,10 +59,10 @@ def ok(subject: str, detail: str) -> Finding:
 
 
 def check_data_dir(settings: Settings) -> Iterator[Finding]:
-    """The data directory exists (or can be made) and is writable."""
+    """The data directory exists (or can be made), is writable and private, and the key is sound."""
     path = settings.data_dir.resolve()
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".doctor-"):
             pass
     except OSError as exc:
@@ -73,6 +74,11 @@ def check_data_dir(settings: Settings) -> Iterator[Finding]:
         )
         return
     yield ok("data_dir", str(path))
+    try:
+        prepare_data_dir(path)
+        settings.signing_key()
+    except UnsafeSetup as exc:
+        yield Finding("fail", "data_dir", str(exc), "serve refuses to start until it is fixed")
     free = shutil.disk_usage(path).free
     if free < 1024**3:
         yield Finding(

@@ -80,7 +80,8 @@ async def instance_row(app: Any, instance_id: str) -> tuple[str, str, int]:
 
     def read(session: Any) -> tuple[str, str, int]:
         row = session.get(Instance, instance_id)
-        return row.endpoint, row.secret, row.owner_id
+        secret = app.state.portal.box.open(row.id, row.secret)
+        return row.endpoint, secret, row.owner_id
 
     result: tuple[str, str, int] = await app.state.portal.run_db(read)
     return result

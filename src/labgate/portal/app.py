@@ -24,7 +24,9 @@ from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
 from labgate.agent.site import SiteAgent
 from labgate.backends.base import load_backend
 from labgate.config import Settings, SiteConfig
+from labgate.datadir import prepare_data_dir
 from labgate.db.models import Site
+from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import Database
 from labgate.portal import health, launch_pages, operations, pages, usage_pages
 from labgate.portal.accounts import bootstrap_admin
@@ -49,7 +51,7 @@ from labgate.resolver.locality import DataLocator
 from labgate.scheduler.lifecycle import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
-from labgate.security import SessionSigner
+from labgate.security import SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -88,13 +90,17 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
 
 def build_portal(settings: Settings) -> Portal:
     """Database, catalog and credentials, ready before the app starts serving."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)
     db = Database(settings.effective_database_url)
     db.migrate()
     catalog = Catalog.load(settings.tools_dir)
-    signer = SessionSigner(settings.signing_key(), settings.session_max_age)
-    routes = RouteFeedHub(catalog)
-    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=routes)
+    key = settings.signing_key()
+    signer = SessionSigner(key, settings.session_max_age)
+    box = SecretBox(key)
+    with db.session() as session:
+        seal_plain_secrets(session, box)
+    routes = RouteFeedHub(catalog, box)
+    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, box=box, routes=routes)
 
 
 def announce_admin(settings: Settings, password: str) -> None:
@@ -133,6 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces_dir=settings.workspaces_dir.resolve(),
         max_instances_per_user=settings.max_instances_per_user,
         events=portal.events,
+        box=portal.box,
         routes=portal.routes,
         data=DataLocator(settings),
     )
