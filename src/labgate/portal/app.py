@@ -90,11 +90,12 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
 
 def build_portal(settings: Settings) -> Portal:
     """Database, catalog and credentials, ready before the app starts serving."""
+    # Refused here, before a database is made, when others could read it or the key is weak.
     prepare_data_dir(settings.data_dir)
+    key = settings.signing_key()
     db = Database(settings.effective_database_url)
     db.migrate()
     catalog = Catalog.load(settings.tools_dir)
-    key = settings.signing_key()
     signer = SessionSigner(key, settings.session_max_age)
     box = SecretBox(key)
     with db.session() as session:
