@@ -271,6 +271,9 @@ async def test_only_the_router_token_reads_the_stream_and_reports_activity(
             assert status in (200, 204), op
         elif op[1] not in ("/api/v1/auth/login", "/api/v1", "/readyz"):
             assert status in (401, 403), (op, status)
+    # Nor is it anyone on the web pages.
+    for page in ("/", "/instances", "/admin"):
+        assert (await client.get(page, headers=router)).status_code == 403, page
 
 
 @pytest.mark.parametrize("scopes", [["router"], ["account", "router"]])

@@ -134,7 +134,21 @@ def router_principal(portal: Portal, token: str) -> Principal | None:
 
 
 async def optional_principal(request: Request) -> Principal | None:
-    """The caller if authenticated, else None (CSRF enforced for sessions)."""
+    """The calling user if authenticated, else None (CSRF enforced for sessions).
+
+    The router token is no user: it gets 403 here, so everywhere but the two
+    endpoints that take it (:func:`router_caller`).
+    """
+    caller = await identify(request)
+    if caller is not None and caller.via == "router":
+        raise Forbidden(
+            "the router token is good for /api/v1/router/* only", code="insufficient_scope"
+        )
+    return caller
+
+
+async def identify(request: Request) -> Principal | None:
+    """Whoever sent the request: a user, the router token, or None (CSRF enforced)."""
     if hasattr(request.state, "principal"):
         cached: Principal | None = request.state.principal
         return cached
@@ -180,16 +194,11 @@ async def principal(
     """The authenticated caller (a user); 401 otherwise, 403 for the router token."""
     if caller is None:
         raise Unauthorized("sign in or send an API token (Authorization: token ...)")
-    if caller.via == "router":
-        # The router token is for the route stream and activity reports only.
-        raise Forbidden(
-            "the router token is good for /api/v1/router/* only", code="insufficient_scope"
-        )
     return caller
 
 
 async def router_caller(
-    caller: Annotated[Principal | None, Depends(optional_principal)],
+    caller: Annotated[Principal | None, Depends(identify)],
 ) -> Principal:
     """A router process (the router token); every user, admins included, gets 403."""
     if caller is None:
