@@ -52,6 +52,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+#: Strong enough for labgate to accept (256 bits).
+BENCH_SECRET_KEY = "bench-key-Zq3Xv5Bn7Mk9Lp1Jh3Gf5Dd7Ss9Aa1Qw3Ee5"
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ADMIN_PASSWORD = "bench-admin-password"
@@ -108,7 +111,7 @@ def make_settings(data_dir: Path, port: int = 0) -> Any:
     return Settings(
         data_dir=data_dir,
         admin_password=ADMIN_PASSWORD,
-        secret_key="bench-secret-key",
+        secret_key=BENCH_SECRET_KEY,
         host="127.0.0.1",
         port=port or 8000,
         sandbox="none",
@@ -266,7 +269,7 @@ class Server:
             **os.environ,
             "LABGATE_DATA_DIR": str(data_dir),
             "LABGATE_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "LABGATE_SECRET_KEY": "bench-secret-key",
+            "LABGATE_SECRET_KEY": BENCH_SECRET_KEY,
             "LABGATE_SANDBOX": "none",
             "LABGATE_SITES": json.dumps([site.model_dump(mode="json") for site in settings.sites]),
         }

@@ -19,7 +19,7 @@ from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from helpers import ADMIN_PASSWORD, PASSWORD, token_for
+from helpers import ADMIN_PASSWORD, PASSWORD, TEST_SECRET_KEY, token_for
 from labgate.config import Settings
 from labgate.portal.app import create_app
 
@@ -58,7 +58,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         tools_dir=write_test_tools(tmp_path / "tools"),
         database_url=database_url,
         admin_password=ADMIN_PASSWORD,
-        secret_key="test-secret-key",
+        secret_key=TEST_SECRET_KEY,
         poll_interval=0.2,
         stop_grace_seconds=3,
     )

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import ADMIN_PASSWORD
+from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, tool_headers
 from labgate.config import Settings, SiteCapacity, SiteConfig
 
 #: Directories made in both data roots, so tests can register replicas of them.
@@ -43,7 +43,7 @@ def multi_site_settings(tmp_path: Path, database_url: str, **overrides: Any) -> 
         "tools_dir": write_test_tools(tmp_path / "tools"),
         "database_url": database_url,
         "admin_password": ADMIN_PASSWORD,
-        "secret_key": "test-secret-key",
+        "secret_key": TEST_SECRET_KEY,
         "poll_interval": 0.2,
         "stop_grace_seconds": 3,
         "dataset_fetch_private_networks": True,
@@ -90,12 +90,9 @@ async def instance_access(app: Any, instance_id: str) -> tuple[str, dict[str, st
     """The instance's base URL, the router's header, and its tracked pid."""
     from labgate.db.models import Instance
 
-    def read(session: Any) -> tuple[str, str, int]:
-        instance = session.get(Instance, instance_id)
-        return instance.endpoint, instance.secret, int(instance.backend_state["pid"])
-
-    endpoint, secret, pid = await app.state.portal.run_db(read)
-    return f"{endpoint}/i/{instance_id}/", {"Authorization": f"token {secret}"}, pid
+    instance = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
+    pid = int(instance.backend_state["pid"])
+    return f"{instance.endpoint}/i/{instance_id}/", tool_headers(app, instance), pid
 
 
 async def read_in(app: Any, instance_id: str, path: str) -> str | None:

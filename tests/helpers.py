@@ -14,6 +14,8 @@ import pytest
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "user-password-123"
+#: A key strong enough for labgate to accept (256 bits: 43 URL-safe base64 characters).
+TEST_SECRET_KEY = "test-key-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5"
 
 #: Warm pools of the process backend hand instances over inside the bubblewrap sandbox.
 needs_pool_sandbox = pytest.mark.skipif(
@@ -60,6 +62,13 @@ async def token_for(
     assert created.status_code == 201, created.text
     client.cookies.clear()
     return {"Authorization": f"token {created.json()['token']}"}
+
+
+def tool_headers(app: Any, instance: Any) -> dict[str, str]:
+    """The header the router sends an instance's tool: its secret, opened from the database."""
+    secret = app.state.portal.box.open(instance.id, instance.secret)
+    assert secret, f"the stored secret of {instance.id} does not open"
+    return {"Authorization": f"token {secret}"}
 
 
 async def wait_for_state(

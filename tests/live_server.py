@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import uvicorn
 
+from helpers import TEST_SECRET_KEY
 from labgate.config import Settings
 from labgate.portal.app import create_app
 
@@ -97,7 +98,7 @@ def live_server(tmp: Path, **overrides: Any) -> Iterator[LiveServer]:
     settings = Settings(
         data_dir=tmp / "var",
         admin_password=ADMIN_PASSWORD,
-        secret_key="cli-test-secret-key",
+        secret_key=TEST_SECRET_KEY,
         public_url=url,
         tools_dir=tools,
         poll_interval=0.2,

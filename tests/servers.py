@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from helpers import TEST_SECRET_KEY
+
 
 def free_port() -> int:
     """A loopback port nobody listens on right now."""
@@ -62,7 +64,7 @@ class LabgateServer:
             "LABGATE_PORT": str(self.port),
             "LABGATE_HOST": "127.0.0.1",
             "LABGATE_ADMIN_PASSWORD": admin_password,
-            "LABGATE_SECRET_KEY": "test-secret-key",
+            "LABGATE_SECRET_KEY": TEST_SECRET_KEY,
             "LABGATE_POLL_INTERVAL": "0.2",
             **env,
         }

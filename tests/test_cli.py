@@ -19,6 +19,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from helpers import TEST_SECRET_KEY
 from labgate import __version__
 from labgate.cli import app
 from labgate.cli_instances import new_lines
@@ -445,7 +446,7 @@ def test_serve_then_use_it_from_another_process(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
     env.update(
         LABGATE_ADMIN_PASSWORD=ADMIN_PASSWORD,
-        LABGATE_SECRET_KEY="serve-test-key",
+        LABGATE_SECRET_KEY=TEST_SECRET_KEY,
         XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
     serving = subprocess.Popen(

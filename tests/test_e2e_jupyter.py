@@ -28,7 +28,7 @@ async def test_jupyterlab_runs_code_and_leaves_nothing_behind(app, client, make_
         from labgate.db.models import Instance
 
         instance = session.get(Instance, iid)
-        return instance.endpoint, instance.secret
+        return instance.endpoint, app.state.portal.box.open(iid, instance.secret)
 
     endpoint, secret = await app.state.portal.run_db(secrets)
     base = f"{endpoint}/i/{iid}/"

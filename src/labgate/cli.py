@@ -35,6 +35,7 @@ from labgate.client import (
     load_saved_login,
     save_login,
 )
+from labgate.datadir import UnsafeSetup
 from labgate.startup import load_settings
 
 app = typer.Typer(
@@ -87,7 +88,10 @@ def serve(
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     from labgate.serve import run
 
-    run(settings)
+    try:
+        run(settings)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
 
 
 @app.command()
@@ -105,7 +109,10 @@ def router(
         fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
     from labgate.serve import run_router
 
-    run_router(settings, portal)
+    try:
+        run_router(settings, portal)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
 
 
 @config_app.command("show")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import secrets
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from labgate.datadir import KEY_FILE, check_key, check_key_file, create_key_file, prepare_data_dir
 from labgate.errors import ConfigError
 from labgate.units import parse_size
 
@@ -152,8 +152,9 @@ class Settings(BaseSettings):
     secret_key: SecretStr = Field(
         SecretStr(""),
         description=(
-            "Key that signs session cookies. Empty means generate one and keep it in "
-            "<data_dir>/secret_key (mode 0600)."
+            "Key that signs session cookies (and seals instance secrets): at least 256 "
+            "random bits, e.g. 43 URL-safe base64 characters. Empty means generate one "
+            "and keep it in <data_dir>/secret_key (mode 0600, refused when looser)."
         ),
     )
     admin_username: str = Field("admin", description="Name of the admin created on first start.")
@@ -464,19 +465,19 @@ class Settings(BaseSettings):
         return self.snapshot_dir if self.snapshot_dir is not None else self.data_dir / "snapshots"
 
     def signing_key(self) -> str:
-        """The session signing key, generated and stored on first use when unset."""
+        """The session signing key, generated and stored on first use when unset.
+
+        Refused (:class:`labgate.datadir.UnsafeSetup`) when it is weak, or when
+        its file is empty, not the server user's or readable by others.
+        """
         configured = self.secret_key.get_secret_value()
         if configured:
-            return configured
-        path = self.data_dir / "secret_key"
-        if path.is_file():
-            return path.read_text().strip()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(key + "\n")
-        return key
+            return check_key(configured, "the secret_key setting")
+        path = self.data_dir / KEY_FILE
+        if path.exists():
+            return check_key_file(path)
+        prepare_data_dir(self.data_dir)
+        return create_key_file(path)
 
     def public_view(self) -> dict[str, Any]:
         """Effective settings as plain values, secrets masked."""

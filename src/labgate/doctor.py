@@ -27,6 +27,7 @@ from sqlalchemy import text
 
 from labgate.backends.base import Backend, load_backend
 from labgate.config import Settings
+from labgate.datadir import UnsafeSetup, prepare_data_dir
 from labgate.db.session import Database, alembic_config
 from labgate.errors import ConfigError
 from labgate.startup import check_data_dir as check_data_dir_usable
@@ -60,7 +61,7 @@ def ok(subject: str, detail: str) -> Finding:
 
 
 def check_data_dir(settings: Settings) -> Iterator[Finding]:
-    """The data directory exists (or can be made) and is writable."""
+    """The data directory exists (or can be made), is writable and private, and the key is sound."""
     path = settings.data_dir.resolve()
     try:
         check_data_dir_usable(settings)  # the check `labgate serve` refuses to start on
@@ -79,6 +80,11 @@ def check_data_dir(settings: Settings) -> Iterator[Finding]:
         )
         return
     yield ok("data_dir", str(path))
+    try:
+        prepare_data_dir(path)
+        settings.signing_key()
+    except UnsafeSetup as exc:
+        yield Finding("fail", "data_dir", str(exc), "serve refuses to start until it is fixed")
     free = shutil.disk_usage(path).free
     if free < 1024**3:
         yield Finding(

@@ -14,10 +14,15 @@ touches the database.
   ``sessions_valid_after`` (password change, disable).
 - CSRF: an HMAC of the session id, sent back in ``X-CSRF-Token`` (or a form
   field) on cookie-authenticated state changes.
+- Instance secrets (what the router sends a tool in ``Authorization``): random,
+  stored sealed (AES-256-GCM under a key derived from the signing key, bound to
+  the instance id) by :class:`SecretBox`, so the database alone opens no tool.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import secrets
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 SESSION_COOKIE = "labgate-session"
@@ -45,8 +52,10 @@ SCOPES: dict[str, str] = {
     ),
     "sites:report": "say what sites hold: inventory pushes and replicas (admins only)",
     "admin": "everything, for every user (only tokens of admins)",
-    "router": "follow the route stream and report activity (router processes only)",
 }
+#: What the router token carries: the route stream and activity reports. Not in
+#: :data:`SCOPES`: no session or API token can hold it, an admin's included.
+ROUTER_SCOPE = "router"
 
 _hasher = PasswordHasher()
 
@@ -79,10 +88,59 @@ def router_token(key: str) -> str:
 
     Every process that can check session cookies holds the key anyway, so a
     separate secret would add nothing; the token grants only the ``router``
-    scope (the route stream and activity reports).
+    scope (the route stream and activity reports) and nothing else.
     """
     digest = hmac.new(key.encode(), b"labgate.router", hashlib.sha256).hexdigest()
     return ROUTER_TOKEN_PREFIX + digest
+
+
+#: How a sealed instance secret starts; a plain one (``token_urlsafe``) never holds a dot.
+SEALED_PREFIX = "s1."
+_NONCE_BYTES = 12
+
+
+class SecretBox:
+    """Seals instance secrets for the database and opens them again.
+
+    AES-256-GCM under a key derived from the signing key; the instance id is
+    the associated data, so a sealed secret copied onto another row does not
+    open. A secret sealed under another signing key does not open either
+    (:meth:`open` answers None): changing ``secret_key`` cuts running
+    instances off from the router, as it signs everyone out.
+    """
+
+    def __init__(self, key: str) -> None:
+        derived = hmac.new(key.encode(), b"labgate.instance-secrets", hashlib.sha256).digest()
+        self._aead = AESGCM(derived)
+
+    @staticmethod
+    def is_sealed(value: str) -> bool:
+        """Whether ``value`` is a sealed secret (else a plain one from before sealing)."""
+        return value.startswith(SEALED_PREFIX)
+
+    def seal(self, instance_id: str, secret: str) -> str:
+        """The stored form of an instance's secret."""
+        nonce = secrets.token_bytes(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, secret.encode(), instance_id.encode())
+        return SEALED_PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode().rstrip("=")
+
+    def open(self, instance_id: str, stored: str) -> str | None:
+        """The secret behind a stored value, or None when it does not open with this key."""
+        if not self.is_sealed(stored):
+            return None
+        data = stored[len(SEALED_PREFIX) :]
+        try:
+            raw = base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+            opened = self._aead.decrypt(
+                raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], instance_id.encode()
+            )
+        except (InvalidTag, ValueError, binascii.Error):
+            return None
+        return opened.decode()
+
+    def new_secret(self, instance_id: str) -> str:
+        """A fresh random secret for an instance, sealed."""
+        return self.seal(instance_id, secrets.token_urlsafe(32))
 
 
 def new_id(nbytes: int = 8) -> str:

@@ -114,7 +114,7 @@ def check_data_dir(settings: Settings) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{name}: {path} is not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: see labgate.datadir
     except OSError as exc:
         raise ConfigError(f"{name}: cannot create {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):

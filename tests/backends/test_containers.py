@@ -19,12 +19,12 @@ import websockets
 from docker.errors import NotFound
 
 import podman
-from helpers import ADMIN_PASSWORD, wait_for_state
+from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, wait_for_state
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.containers import ContainerBackend
 from labgate.config import Settings, SiteConfig
 from labgate.errors import InstanceStartError
-from labgate.security import new_id
+from labgate.security import SecretBox, new_id
 from labgate.tools.catalog import Catalog, ContainerSpec, Tool
 from podman import BUSYBOX_IMAGE, RUN, Engine, Registry
 from servers import LabgateServer
@@ -80,7 +80,8 @@ async def instance_row(app: Any, instance_id: str) -> tuple[str, str, int]:
 
     def read(session: Any) -> tuple[str, str, int]:
         row = session.get(Instance, instance_id)
-        return row.endpoint, row.secret, row.owner_id
+        secret = app.state.portal.box.open(row.id, row.secret)
+        return row.endpoint, secret, row.owner_id
 
     result: tuple[str, str, int] = await app.state.portal.run_db(read)
     return result
@@ -504,9 +505,12 @@ def wait_state(
 
 
 def instance_secret(data_dir: Path, iid: str) -> str:
+    """The instance's secret: sealed in the database, opened with the server's key."""
     with sqlite3.connect(data_dir / "labgate.db") as db:
         row = db.execute("select secret from instances where id = ?", (iid,)).fetchone()
-    return str(row[0])
+    secret = SecretBox(TEST_SECRET_KEY).open(iid, str(row[0]))
+    assert secret is not None
+    return secret
 
 
 def test_restart_of_serve_keeps_the_container_running_and_reconciles(

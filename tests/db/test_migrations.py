@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -44,5 +46,36 @@ def test_timestamps_come_back_timezone_aware(database_url):
         with db.session() as session:
             user = session.query(User).filter_by(name="tz").one()
             assert user.created_at.tzinfo is not None
+    finally:
+        db.dispose()
+
+
+def test_tokens_lose_the_router_scope_on_upgrade(database_url):
+    from alembic import command
+
+    from labgate.db.session import alembic_config
+
+    db = Database(database_url)
+    try:
+        command.upgrade(alembic_config(db.engine), "0001")
+        with db.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO users (id, name, password_hash, is_admin, disabled, created_at,"
+                    " sessions_valid_after) VALUES (1, 'old', 'x', false, false,"
+                    " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (id, user_id, token_hash, prefix, note, scopes,"
+                    " created_at) VALUES (1, 1, 'h', 'lg_x', '',"
+                    ' \'["account", "router"]\', CURRENT_TIMESTAMP)'
+                )
+            )
+        db.migrate()
+        with db.engine.connect() as conn:
+            scopes = conn.execute(text("SELECT scopes FROM api_tokens WHERE id = 1")).scalar()
+        assert (json.loads(scopes) if isinstance(scopes, str) else scopes) == ["account"]
     finally:
         db.dispose()

@@ -72,7 +72,7 @@ class Tool:
 
         def read(session: Any) -> tuple[str, str]:
             row = session.get(Instance, iid)
-            return row.endpoint, row.secret
+            return row.endpoint, app.state.portal.box.open(iid, row.secret)
 
         endpoint, secret = await app.state.portal.run_db(read)
         return cls(endpoint, secret, iid)

@@ -11,7 +11,7 @@ import pytest
 import websockets
 from sqlalchemy import select
 
-from helpers import wait_for_state
+from helpers import tool_headers, wait_for_state
 from labgate.db.models import Instance, InstanceEvent, UsageRecord
 from tools_fixtures import DEMO_ARGV, QUICK_TOOL
 
@@ -61,7 +61,8 @@ async def usage_reason(app: Any, instance_id: str) -> str:
 
 
 async def secret_of(app: Any, instance_id: str) -> str:
-    return await app.state.portal.run_db(lambda s: s.get(Instance, instance_id).secret)
+    instance = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
+    return tool_headers(app, instance)["Authorization"].removeprefix("token ")
 
 
 async def state_of(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> str:

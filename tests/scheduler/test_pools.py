@@ -9,7 +9,13 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from helpers import needs_pool_sandbox, pool_instances, wait_for_pool, wait_for_state
+from helpers import (
+    needs_pool_sandbox,
+    pool_instances,
+    tool_headers,
+    wait_for_pool,
+    wait_for_state,
+)
 from labgate.config import PoolConfig
 from labgate.db.models import Instance, InstanceEvent, UsageRecord
 
@@ -41,7 +47,7 @@ async def tool_info(app: Any, instance_id: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as tool:
         response = await tool.get(
             f"{instance.endpoint}/i/{instance_id}/api/info",
-            headers={"Authorization": f"token {instance.secret}"},
+            headers=tool_headers(app, instance),
         )
     assert response.status_code == 200, response.text
     return dict(response.json())
@@ -74,7 +80,7 @@ async def test_a_launch_claims_a_warm_instance_with_the_users_workspace(
             f"{instance.endpoint}/i/{warm.id}/api/file",
             params={"path": f"{after['home']}/written.txt"},
             content=b"hello",
-            headers={"Authorization": f"token {instance.secret}"},
+            headers=tool_headers(app, instance),
         )
     assert put.status_code == 200, put.text
     assert (workspace / "written.txt").read_bytes() == b"hello"

@@ -189,6 +189,7 @@ class Instance(Base):
     resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
     backend_state: Mapped[dict[str, Any]] = mapped_column(default=dict)
     endpoint: Mapped[str] = mapped_column(String(255), default="")
+    #: Sealed (labgate.security.SecretBox): the secret itself is never stored.
     secret: Mapped[str] = mapped_column(String(128), default="")
     #: The dataset the instance was launched with, if any. Not a foreign key: adding one
     #: to this table on SQLite means rebuilding it; deleting a dataset clears it instead.

@@ -5,12 +5,18 @@ CLI can share one file; PostgreSQL is used as is through a URL setting.
 :func:`open_database` is how a server opens it: a URL that does not parse,
 an unknown dialect, a missing driver, a server that does not answer or a
 file that is not a database become one :class:`~labgate.errors.ConfigError`.
+The SQLite file is created 0600 (in a directory created 0700) before SQLite
+opens it: SQLite gives its ``-wal`` and ``-shm`` files the database file's
+mode, so all three stay the server user's alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,12 +44,23 @@ def make_engine(url: str) -> Engine:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(parsed.database))
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(parsed, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 if missing; take group and other access off an old one."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(part.stat().st_mode)
+            if mode & 0o077:
+                part.chmod(mode & 0o700)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import ApiToken, User, utcnow
 from labgate.errors import BadRequest, Conflict, Forbidden, NotFound
 from labgate.portal.schemas import TokenOut, UserOut
-from labgate.security import SCOPES, hash_token, new_api_token
+from labgate.security import ROUTER_SCOPE, SCOPES, hash_token, new_api_token
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,12 @@ def create_token(
     """Create an API token within the scopes ``allowed`` to the creator."""
     if scopes is None:
         scopes = sorted(allowed - {"admin"})
+    if ROUTER_SCOPE in scopes:
+        raise Forbidden(
+            f"no API token can carry the {ROUTER_SCOPE!r} scope: it belongs to router "
+            "processes, which use the router token derived from the secret key",
+            code="reserved_scope",
+        )
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise BadRequest(

@@ -23,7 +23,9 @@ from labgate import __version__
 from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
 from labgate.agent.site import SiteAgent
 from labgate.config import Settings, SiteConfig
+from labgate.datadir import prepare_data_dir
 from labgate.db.models import Site
+from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
 from labgate.portal import health, launch_pages, operations, pages, usage_pages
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
@@ -48,7 +50,7 @@ from labgate.resolver.locality import DataLocator
 from labgate.scheduler.lifecycle import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
-from labgate.security import SessionSigner
+from labgate.security import SecretBox, SessionSigner
 from labgate.startup import build_backend
 from labgate.tools.catalog import Catalog
 
@@ -88,12 +90,17 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
 
 def build_portal(settings: Settings) -> Portal:
     """Database, catalog and credentials, ready before the app starts serving."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # Refused here, before a database is made, when others could read it or the key is weak.
+    prepare_data_dir(settings.data_dir)
+    key = settings.signing_key()
     db = open_database(settings.effective_database_url)
     catalog = Catalog.load(settings.tools_dir)
-    signer = SessionSigner(settings.signing_key(), settings.session_max_age)
-    routes = RouteFeedHub(catalog)
-    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, routes=routes)
+    signer = SessionSigner(key, settings.session_max_age)
+    box = SecretBox(key)
+    with db.session() as session:
+        seal_plain_secrets(session, box)
+    routes = RouteFeedHub(catalog, box)
+    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, box=box, routes=routes)
 
 
 def announce_admin(settings: Settings, password: str) -> None:
@@ -142,6 +149,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         workspaces_dir=settings.workspaces_dir.resolve(),
         max_instances_per_user=settings.max_instances_per_user,
         events=portal.events,
+        box=portal.box,
         routes=portal.routes,
         data=DataLocator(settings),
     )

@@ -4,6 +4,12 @@ Every API route depends on :func:`principal` (or one of the ``require_*``
 helpers). Cookie-authenticated state changes must carry the session's CSRF
 token; token-authenticated requests need none (a browser never sends a
 token by itself).
+
+The ``router`` scope is not a user's: only the router token (derived from
+the signing key, held by router processes) carries it, and that token is
+good for the route stream and activity reports alone (:func:`router_caller`).
+No session or API token, an admin's included, can hold it: the stream
+carries every instance's upstream secret.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from labgate.portal.state import Portal, get_portal
 from labgate.security import (
     CSRF_FORM_FIELD,
     CSRF_HEADER,
+    ROUTER_SCOPE,
     ROUTER_TOKEN_PREFIX,
     SCOPES,
     SESSION_COOKIE,
@@ -34,6 +41,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: Scopes only admins hold: ``sites:report`` decides what gets mounted into instances.
 ADMIN_ONLY_SCOPES = frozenset({"admin", "sites:report"})
 USER_SCOPES = frozenset(SCOPES) - ADMIN_ONLY_SCOPES
+#: Every scope an admin's session or token may hold (never ``router``).
+ADMIN_SCOPES = frozenset(SCOPES)
 TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
 
 
@@ -50,7 +59,9 @@ class Principal:
     token_id: int | None = None
 
     def has(self, scope: str) -> bool:
-        """Whether the caller holds ``scope`` (``admin`` holds them all)."""
+        """Whether the caller holds ``scope`` (``admin`` holds all but ``router``)."""
+        if scope == ROUTER_SCOPE:
+            return self.via == "router"
         return "admin" in self.scopes or scope in self.scopes
 
     def require(self, scope: str) -> None:
@@ -65,7 +76,7 @@ class Principal:
 
 def scopes_of(user: User) -> frozenset[str]:
     """Every scope a user may hold."""
-    return frozenset(SCOPES) - {"router"} if user.is_admin else USER_SCOPES
+    return ADMIN_SCOPES if user.is_admin else USER_SCOPES
 
 
 def token_from_header(value: str | None) -> str | None:
@@ -119,11 +130,25 @@ def router_principal(portal: Portal, token: str) -> Principal | None:
     """The principal of a router process, when ``token`` is the router token."""
     if not hmac.compare_digest(router_token(portal.signer.key), token):
         return None
-    return Principal(0, "router", False, frozenset({"router"}), "router")
+    return Principal(0, "router", False, frozenset({ROUTER_SCOPE}), "router")
 
 
 async def optional_principal(request: Request) -> Principal | None:
-    """The caller if authenticated, else None (CSRF enforced for sessions)."""
+    """The calling user if authenticated, else None (CSRF enforced for sessions).
+
+    The router token is no user: it gets 403 here, so everywhere but the two
+    endpoints that take it (:func:`router_caller`).
+    """
+    caller = await identify(request)
+    if caller is not None and caller.via == "router":
+        raise Forbidden(
+            "the router token is good for /api/v1/router/* only", code="insufficient_scope"
+        )
+    return caller
+
+
+async def identify(request: Request) -> Principal | None:
+    """Whoever sent the request: a user, the router token, or None (CSRF enforced)."""
     if hasattr(request.state, "principal"):
         cached: Principal | None = request.state.principal
         return cached
@@ -166,9 +191,24 @@ async def _check_csrf(portal: Portal, request: Request, principal: Principal) ->
 async def principal(
     caller: Annotated[Principal | None, Depends(optional_principal)],
 ) -> Principal:
-    """The authenticated caller; 401 otherwise."""
+    """The authenticated caller (a user); 401 otherwise, 403 for the router token."""
     if caller is None:
         raise Unauthorized("sign in or send an API token (Authorization: token ...)")
+    return caller
+
+
+async def router_caller(
+    caller: Annotated[Principal | None, Depends(identify)],
+) -> Principal:
+    """A router process (the router token); every user, admins included, gets 403."""
+    if caller is None:
+        raise Unauthorized("send the router token (Authorization: token lgr_...)")
+    if caller.via != "router":
+        raise Forbidden(
+            "only router processes may use this (the router token derived from the "
+            "secret key); no user token or session can",
+            code="insufficient_scope",
+        )
     return caller
 
 

@@ -31,6 +31,7 @@ from labgate.db.models import (
 )
 from labgate.router import Route, RoutePublisher, TokenInfo, UserInfo
 from labgate.router.table import SNAPSHOT_VERSION
+from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,12 @@ NO_ENDPOINT = "http://127.0.0.1:9"
 class RouteFeedHub:
     """Turns portal changes into route-table updates for the routers."""
 
-    def __init__(self, catalog: Catalog, table: RoutePublisher | None = None) -> None:
+    def __init__(
+        self, catalog: Catalog, box: SecretBox, table: RoutePublisher | None = None
+    ) -> None:
         self.catalog = catalog
+        #: Opens the sealed instance secrets the routes carry to the routers.
+        self.box = box
         self.table = table or RoutePublisher()
 
     # --- instances ---------------------------------------------------------
@@ -63,7 +68,7 @@ class RouteFeedHub:
             owner_id=instance.owner_id,
             state="running" if running else "starting",
             keep_prefix=tool.supports_prefix if tool is not None else True,
-            upstream_token=instance.secret,
+            upstream_token=self.box.open(instance.id, instance.secret) or "",
         )
 
     def instance_changed(self, instance: Instance) -> None:

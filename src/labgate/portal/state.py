@@ -16,7 +16,7 @@ from labgate.portal.activity import ActivityBoard
 from labgate.portal.login_limits import LoginLimiter
 from labgate.portal.passwords import PasswordWorkers
 from labgate.scheduler.events import EventBus
-from labgate.security import SessionSigner
+from labgate.security import SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class Portal:
     db: Database
     catalog: Catalog
     signer: SessionSigner
+    #: Seals instance secrets at rest (a key derived from the signing key).
+    box: SecretBox
     events: EventBus = field(default_factory=EventBus)
     links: dict[str, SiteLink] = field(default_factory=dict)
     manager: InstanceManager | None = None

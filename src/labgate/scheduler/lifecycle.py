@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -42,7 +41,7 @@ from labgate.scheduler.events import EventBus
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
 from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_ref, snapshot_to_launch
-from labgate.security import new_id
+from labgate.security import SecretBox, new_id
 from labgate.tools.catalog import Catalog, Tool
 from labgate.units import parse_size
 
@@ -94,10 +93,13 @@ class InstanceManager:
         workspaces_dir: Path,
         max_instances_per_user: int,
         events: EventBus,
+        box: SecretBox,
         routes: RouteFeed | None = None,
         data: DataLocator | None = None,
     ) -> None:
         self.db = db
+        #: Seals instance secrets for the database and opens them for launch specs.
+        self.box = box
         self.catalog = catalog
         self.links = links
         self.workspaces_dir = workspaces_dir
@@ -222,14 +224,15 @@ class InstanceManager:
             views = sites_for_snapshot(snapshot, views, request.site)
         site = choose_site(views, placement)
         site_row = session.scalar(select(Site).where(Site.name == site))
+        instance_id = new_id()
         instance = Instance(
-            id=new_id(),
+            id=instance_id,
             owner_id=user_id,
             tool=tool.name,
             site=site_row,
             state=InstanceState.pending,
             resources=resources.as_json(),
-            secret=secrets.token_urlsafe(32),
+            secret=self.box.new_secret(instance_id),
             dataset_id=need.dataset_id if need is not None else None,
             mounts=[need.mount_on(site)] if need is not None else [],
             snapshot_id=request.snapshot,
@@ -288,7 +291,7 @@ class InstanceManager:
             base_url=f"/i/{instance.id}/",
             workspace=workspace,
             resources=Resources(**instance.resources),
-            secret=instance.secret,
+            secret=self.box.open(instance.id, instance.secret) or "",
             mounts=mounts,
             snapshot=snapshot,
             # Where each mount is, for the tool; a backend that cannot mount at the

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -351,14 +350,15 @@ class PoolManager:
         site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
         owner = session.get(User, self.user_id)
         assert owner is not None
+        instance_id = new_id()
         instance = Instance(
-            id=new_id(),
+            id=instance_id,
             owner_id=self.user_id,
             tool=tool.name,
             site=session.scalar(select(Site).where(Site.name == site)),
             state=InstanceState.pending,
             resources=resources.as_json(),
-            secret=secrets.token_urlsafe(32),
+            secret=self.manager.box.new_secret(instance_id),
             pool=pool.key,
         )
         session.add(instance)

@@ -164,7 +164,8 @@ async def report_busy(
     def touch(session: Session) -> None:
         instance = session.get(Instance, instance_id)
         # One answer for a wrong token and an unknown instance: ids are not probed here.
-        if instance is None or not token or not hmac.compare_digest(instance.secret, token):
+        secret = portal.box.open(instance.id, instance.secret) if instance is not None else None
+        if instance is None or not token or not secret or not hmac.compare_digest(secret, token):
             raise Unauthorized("send the instance token of this instance", code="invalid_token")
         if instance.state == InstanceState.running:
             instance.last_activity_at = utcnow()

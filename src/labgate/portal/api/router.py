@@ -1,8 +1,9 @@
 """The routers' side door: the route stream and activity reports.
 
 Router processes (``labgate router``, extra ``router_workers``) follow the
-route stream and post what they saw. Both need an admin token: the stream
-carries every instance's upstream token.
+route stream and post what they saw. Both take the router token only (see
+``labgate.portal.auth.router_caller``): the stream carries every instance's
+upstream secret, so no user's token or session, an admin's included, may read it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from labgate.portal.auth import Principal, require
+from labgate.portal.auth import Principal, router_caller
 from labgate.portal.state import Portal, get_portal
 from labgate.router import STREAM_MEDIA_TYPE, Activity
 from labgate.router.stats import RouterStats
@@ -37,7 +38,7 @@ class ActivityReport(BaseModel):
     responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}},
 )
 async def route_stream(
-    caller: Principal = require("router"), portal: Portal = Depends(get_portal)
+    caller: Principal = Depends(router_caller), portal: Portal = Depends(get_portal)
 ) -> Response:
     """Newline-delimited JSON: a snapshot of the route table, then every change."""
     assert portal.routes is not None
@@ -47,7 +48,7 @@ async def route_stream(
 @router.post("/activity", status_code=204)
 async def report_activity(
     body: ActivityReport,
-    caller: Principal = require("router"),
+    caller: Principal = Depends(router_caller),
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Record one router process's activity per instance (it drives idle culling)."""
