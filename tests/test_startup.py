@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TEST_SECRET_KEY
 from labgate.db.session import open_database
 from servers import free_port
 
@@ -27,7 +28,7 @@ def labgate(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProce
         {
             "LABGATE_DATA_DIR": str(tmp_path / "var"),
             "LABGATE_PORT": str(free_port()),
-            "LABGATE_SECRET_KEY": "test-secret-key",
+            "LABGATE_SECRET_KEY": TEST_SECRET_KEY,
             "LABGATE_ADMIN_PASSWORD": "admin-password-for-startup",
             "HOME": str(tmp_path),  # no saved login of the machine's user
         }
@@ -163,7 +164,7 @@ def test_postgresql_that_does_not_answer(tmp_path: Path) -> None:
 @pytest.mark.parametrize("damage", ["garbage", "torn"])
 def test_sqlite_file_that_is_damaged(tmp_path: Path, damage: str) -> None:
     db = tmp_path / "var" / "labgate.db"
-    db.parent.mkdir()
+    db.parent.mkdir(mode=0o700)
     if damage == "garbage":
         db.write_bytes(b"this is not a database\n" * 1000)
     else:
