@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint format venv clean
+.PHONY: run test check lint format venv clean sandbox
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) sandbox
 	$(BIN)/labgate serve
+
+# Run as root, labgate refuses to start tools without bubblewrap (they would run as root):
+# install it when missing and apt-get can.
+sandbox:
+	@if ! command -v bwrap >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing bubblewrap, the tools' sandbox (apt-get install bubblewrap)"; \
+	  apt-get install -y -qq bubblewrap >/dev/null 2>&1 \
+	    || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }; \
+	fi
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

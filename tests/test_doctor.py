@@ -72,3 +72,14 @@ def test_a_container_engine_that_does_not_answer_is_named(env, tmp_path):
     assert "FAIL  site pods: the containers engine does not answer:" in out
     assert "podman system service" in out
     assert "ok    site local: process backend" in out
+
+
+def test_root_without_bubblewrap_is_a_failure(env, tmp_path, monkeypatch):
+    """As root, a missing bwrap means launches are refused: doctor says so, with the fix."""
+    if os.geteuid() != 0:
+        pytest.skip("the root case needs root (labgate's CI runs as root)")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    code, out = doctor(env)
+    assert code == 1, out
+    assert "FAIL  site local: bubblewrap is not installed and labgate runs as root" in out
+    assert "apt-get install bubblewrap" in out

@@ -240,8 +240,8 @@ class Settings(BaseSettings):
     sandbox: Literal["auto", "bwrap", "none"] = Field(
         "auto",
         description=(
-            "Process backend sandbox: bwrap (required), none, or auto (bwrap when installed, "
-            "otherwise none with a warning)."
+            "Process backend sandbox: bwrap (required), none, or auto (bwrap when installed; "
+            "otherwise none with a warning, or, when labgate runs as root, launches refused)."
         ),
     )
     instance_uid_base: int = Field(

@@ -227,6 +227,14 @@ def _process_findings(settings: Settings, subject: str) -> Iterator[Finding]:
             "sandbox = 'bwrap' but bubblewrap is not installed",
             "apt-get install bubblewrap",
         )
+    elif settings.sandbox == "auto" and bwrap is None and os.geteuid() == 0:
+        yield Finding(
+            "fail",
+            subject,
+            "bubblewrap is not installed and labgate runs as root: launches are refused "
+            "(a tool would run as root)",
+            "apt-get install bubblewrap (or set sandbox = 'none' to run tools as root)",
+        )
     elif settings.sandbox == "auto" and bwrap is None:
         yield Finding(
             "warn",
@@ -238,7 +246,8 @@ def _process_findings(settings: Settings, subject: str) -> Iterator[Finding]:
         yield Finding(
             "warn",
             subject,
-            "sandbox = 'none': instances run unsandboxed",
+            "sandbox = 'none': instances run unsandboxed"
+            + (", as root" if os.geteuid() == 0 else ""),
             "install bubblewrap and set sandbox = 'auto'",
         )
 

@@ -494,15 +494,20 @@ async def test_bwrap_required_but_missing(
 
 
 @pytest.mark.parametrize("sandbox", ["auto"], indirect=True)
-async def test_auto_without_bwrap_warns_once(
+async def test_auto_without_bwrap_refuses_as_root_and_warns_once_otherwise(
     launch: Launch,
     tmp_path: Path,
     demo: Tool,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Without bubblewrap a tool would run as labgate's own account: never as root."""
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(process_module, "_warned_unsandboxed", False)
+    if os.geteuid() == 0:
+        with pytest.raises(InstanceStartError, match="runs as root and bubblewrap is not"):
+            await launch(demo)
+        return
     with caplog.at_level(logging.WARNING, logger="labgate.backends.process"):
         first, _ = await launch(demo)
         second, _ = await launch(demo, owner="bob")

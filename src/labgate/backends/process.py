@@ -193,6 +193,13 @@ class ProcessBackend(Backend):
             raise InstanceStartError(
                 "sandbox = 'bwrap' but bubblewrap is not installed (apt-get install bubblewrap)"
             )
+        if bwrap is None and os.geteuid() == 0:
+            # Unsandboxed, the tool would be root: every workspace, the key, the database.
+            raise InstanceStartError(
+                "labgate runs as root and bubblewrap is not installed, so the tool would run as "
+                "root; install it (apt-get install bubblewrap), or set sandbox = 'none' to run "
+                "tools as root on a machine only you use"
+            )
         if bwrap is None and not _warned_unsandboxed:
             _warned_unsandboxed = True
             log.warning(
