@@ -5,17 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from labgate.resolver.checksums import check_checksum
+from labgate.types import Strict, Timestamp
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-
-
-class Strict(BaseModel):
-    """Request bodies refuse unknown fields: a typo is an error, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class _Checksummed(Strict):
@@ -39,7 +34,7 @@ class ReplicaIn(_Checksummed):
     path: str = Field(min_length=1, max_length=1024, description="Relative to the data root.")
     size: int | None = Field(None, ge=0, description="Bytes.")
     checksum: str = Field("", max_length=200, description="<algorithm>:<hex>, e.g. sha256:…")
-    verified_at: datetime | None = Field(None, description="When the site last checked it.")
+    verified_at: Timestamp | None = Field(None, description="When the site last checked it.")
 
 
 class SiteReplicaIn(ReplicaIn):
@@ -139,7 +134,7 @@ class InventoryEntry(_Checksummed):
     path: str = Field(min_length=1, max_length=1024)
     size: int | None = Field(None, ge=0)
     checksum: str = Field("", max_length=200)
-    verified_at: datetime | None = None
+    verified_at: Timestamp | None = None
     title: str = Field("", max_length=500, description="Used when the dataset is new.")
 
 

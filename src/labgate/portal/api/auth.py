@@ -12,6 +12,7 @@ from labgate.db.models import RevokedSession, User, utcnow
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.auth import Caller, scopes_of
+from labgate.portal.openapi import errors
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
 from labgate.security import SESSION_COOKIE, hash_password, verify_password
@@ -54,7 +55,7 @@ def set_session_cookie(portal: Portal, response: Response, user_id: int) -> str:
     return session_id
 
 
-@router.post("/login", response_model=SessionOut)
+@router.post("/login", response_model=SessionOut, responses=errors(401, 429))
 async def login(
     body: LoginIn, response: Response, portal: Portal = Depends(get_portal)
 ) -> SessionOut:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Dataset, User
 from labgate.errors import Forbidden
 from labgate.portal.auth import Caller, Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.resolver import inventory, registry
 from labgate.resolver.locality import DataLocator, dataset_out
@@ -87,7 +88,7 @@ async def list_datasets(
     return rows
 
 
-@router.post("/datasets", response_model=DatasetOut, status_code=201)
+@router.post("/datasets", response_model=DatasetOut, status_code=201, responses=errors(404, 409))
 async def register_dataset(
     body: DatasetIn,
     caller: Principal = require("datasets:write"),
@@ -104,7 +105,11 @@ async def register_dataset(
     return await portal.run_db(write)
 
 
-@router.put("/datasets/{identifier:path}/replicas/{site}", response_model=ReplicaOut)
+@router.put(
+    "/datasets/{identifier:path}/replicas/{site}",
+    response_model=ReplicaOut,
+    responses=errors(409),
+)
 async def put_replica(
     identifier: str,
     site: str,
@@ -123,7 +128,9 @@ async def put_replica(
     return await portal.run_db(write)
 
 
-@router.delete("/datasets/{identifier:path}/replicas/{site}", status_code=204)
+@router.delete(
+    "/datasets/{identifier:path}/replicas/{site}", status_code=204, responses=errors(400)
+)
 async def delete_replica(
     identifier: str,
     site: str,
@@ -139,7 +146,7 @@ async def delete_replica(
     return Response(status_code=204)
 
 
-@router.get("/datasets/{identifier:path}", response_model=DatasetOut)
+@router.get("/datasets/{identifier:path}", response_model=DatasetOut, responses=errors(400))
 async def show_dataset(
     identifier: str, caller: Caller, portal: Portal = Depends(get_portal)
 ) -> DatasetOut:
@@ -164,7 +171,7 @@ async def update_dataset(
     return await portal.run_db(write)
 
 
-@router.delete("/datasets/{identifier:path}", status_code=204)
+@router.delete("/datasets/{identifier:path}", status_code=204, responses=errors(400))
 async def delete_dataset(
     identifier: str,
     caller: Principal = require("datasets:write"),

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Instance, InstanceEvent, InstanceState, User
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.auth import Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.lifecycle import LaunchRequest
@@ -91,7 +92,7 @@ def visible_instance(session: Session, caller: Principal, instance_id: str) -> I
     return instance
 
 
-@router.post("", response_model=InstanceOut, status_code=202)
+@router.post("", response_model=InstanceOut, status_code=202, responses=errors(404, 409, 429))
 async def launch(
     body: LaunchIn,
     caller: Principal = require("instances:write"),
@@ -167,7 +168,7 @@ async def show_instance(
     )
 
 
-@router.delete("/{instance_id}", response_model=InstanceOut, status_code=202)
+@router.delete("/{instance_id}", response_model=InstanceOut, status_code=202, responses=errors(409))
 async def stop_instance(
     instance_id: str,
     caller: Principal = require("instances:write"),
@@ -195,7 +196,7 @@ async def instance_logs(
 @router.get(
     "/{instance_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(400)},
 )
 async def instance_events(
     instance_id: str,
