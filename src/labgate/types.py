@@ -14,6 +14,12 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+#: The largest integer the databases hold (a signed 64-bit BIGINT): a larger id, offset or
+#: count in a request is a 422, not an overflow deep in the driver.
+MAX_INT = 2**63 - 1
+#: The longest duration a request may name, in seconds (ten years): longer ones overflow dates.
+MAX_SECONDS = 10 * 366 * 86400
+
 
 class Strict(BaseModel):
     """A request body: unknown fields and values of the wrong JSON type are refused."""

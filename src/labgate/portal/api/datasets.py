@@ -33,6 +33,7 @@ from labgate.resolver.schemas import (
     ReplicaIn,
     ReplicaOut,
 )
+from labgate.types import MAX_INT
 
 router = APIRouter(tags=["datasets"])
 
@@ -66,7 +67,7 @@ async def list_datasets(
     site: str | None = Query(None, max_length=64, description="Only datasets held there."),
     scheme: str | None = Query(None, pattern="^(doi|hdl|ark|urn|url)$"),
     limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_INT),
 ) -> list[DatasetOut]:
     """Datasets by identifier, filtered; the total is in ``X-Total-Count``."""
 

@@ -291,6 +291,7 @@ async def set_limits(
     portal: Portal = Depends(get_portal),
 ) -> LimitsOut:
     """Set a user's own limits (admins); null removes one (the default applies again)."""
+    name = caller.name if name == "me" else name
 
     def change(session: Session) -> LimitsOut:
         user = get_user(session, name)

@@ -21,6 +21,7 @@ from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.lifecycle import LaunchRequest
+from labgate.types import MAX_INT
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 
@@ -204,7 +205,7 @@ async def instance_events(
     caller: Principal = require("instances:read"),
     portal: Portal = Depends(get_portal),
     last_event_id: Annotated[str | None, Header()] = None,
-    after: int = Query(0, ge=0, description="Only events after this id."),
+    after: int = Query(0, ge=0, le=MAX_INT, description="Only events after this id."),
 ) -> Response:
     """Server-Sent Events: every stored event, then live ones until the instance ends.
 
@@ -214,9 +215,12 @@ async def instance_events(
     await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
     if last_event_id is not None:
         try:
-            after = max(after, int(last_event_id))
+            seen = int(last_event_id)
         except ValueError:
-            raise BadRequest("Last-Event-ID must be an event id") from None
+            seen = -1
+        if not 0 <= seen <= MAX_INT:
+            raise BadRequest("Last-Event-ID must be an event id")
+        after = max(after, seen)
     return StreamingResponse(
         _event_stream(portal, request, instance_id, after),
         media_type="text/event-stream",
