@@ -17,6 +17,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 #: The largest integer the databases hold (a signed 64-bit BIGINT): a larger id, offset or
 #: count in a request is a 422, not an overflow deep in the driver.
 MAX_INT = 2**63 - 1
+#: The largest row id (ids are 32-bit INTEGER columns).
+MAX_ID = 2**31 - 1
 #: The longest duration a request may name, in seconds (ten years): longer ones overflow dates.
 MAX_SECONDS = 10 * 366 * 86400
 

@@ -198,3 +198,15 @@ async def test_a_quota_refusal_matches_the_error_schema(client, admin_headers, m
         "user",
         0,
     )
+
+
+async def test_text_the_database_cannot_store_is_refused_not_500(client, admin_headers):
+    """PostgreSQL stores no NUL character: 422 there, taken by SQLite; never a 500."""
+    created = await client.post(
+        "/api/v1/groups", json={"name": "nul", "description": "a\x00b"}, headers=admin_headers
+    )
+    assert created.status_code in (201, 422), created.text
+    found = await client.get("/api/v1/datasets", params={"q": "a\x00b"}, headers=admin_headers)
+    assert found.status_code in (200, 422), found.text
+    # A row id beyond the 32-bit id columns is refused before any query.
+    assert_422(await client.delete(f"/api/v1/tokens/{2**40}", headers=admin_headers), "token_id")

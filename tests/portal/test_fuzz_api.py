@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from helpers import PASSWORD
+from helpers import PASSWORD, fresh_database_url
 from live_server import LiveServer, live_server
 
 pytestmark = pytest.mark.slow
@@ -66,8 +66,9 @@ class Caller:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    """The portal, served by uvicorn on a random loopback port, for the whole module."""
-    with live_server(tmp_path_factory.mktemp("fuzz")) as running:
+    """The portal on a random loopback port for the whole module (PostgreSQL if configured)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    with fresh_database_url(tmp) as url, live_server(tmp, database_url=url) as running:
         yield running
 
 

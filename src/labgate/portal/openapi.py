@@ -12,7 +12,8 @@ route depends on, so a new route is documented without anyone remembering:
   reads credentials and changes state (a cookie session must send its CSRF token);
 - 404 when its path names something (and a path that matches no route is 404);
 - 400 (not JSON), 413 (too large) and 422 (wrong shape or type) when it takes
-  a body; 422 when it takes a query or header parameter that can be invalid.
+  a body; 422 when it takes a parameter (out of range, or text the database
+  cannot store).
 
 What the route's own code raises besides is declared on its decorator with
 ``responses=errors(409, 429)``; a success other than the declared one (201
@@ -25,7 +26,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, params
+from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
@@ -92,15 +93,6 @@ def _dependants(dependant: Dependant) -> Iterator[Dependant]:
         yield from _dependants(sub)
 
 
-def _may_be_invalid(field: Any) -> bool:
-    """Whether a query, header or path parameter can fail validation (422)."""
-    info = field.field_info
-    text_only = info.annotation in (str, str | None)
-    # A path parameter is always there (else no route matched); a required query one may not be.
-    missing = info.is_required() and not isinstance(info, params.Path)
-    return not text_only or bool(info.metadata) or missing
-
-
 def api_routes(routes: list[Any]) -> Iterator[Any]:
     """Every API route of an app, with its full path (``path_format``) and dependencies."""
     try:
@@ -129,12 +121,9 @@ def statuses_of(route: Any) -> set[int]:
         found.add(404)
     if any(part.body_params for part in parts):
         found.update((400, 413, 422))
-    fields = [
-        field
-        for part in parts
-        for field in (*part.query_params, *part.header_params, *part.path_params)
-    ]
-    if any(_may_be_invalid(field) for field in fields):
+    # Any parameter can be refused: a number out of range, a choice not offered, or
+    # text the database cannot store (PostgreSQL takes no NUL character).
+    if any(part.query_params or part.header_params or part.path_params for part in parts):
         found.add(422)
     return found
 
@@ -167,8 +156,6 @@ def document_errors(schema: dict[str, Any], routes: list[Any]) -> None:
             if operation is None:
                 continue
             responses = operation["responses"]
-            if 422 not in computed and "422" in responses and 422 not in route.responses:
-                del responses["422"]  # FastAPI's guess: no parameter here can be invalid
             for status in computed:
                 responses.setdefault(str(status), _error_response(status))
             for status, response in responses.items():

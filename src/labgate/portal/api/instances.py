@@ -21,7 +21,7 @@ from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.lifecycle import LaunchRequest
-from labgate.types import MAX_INT
+from labgate.types import MAX_ID
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 
@@ -205,7 +205,7 @@ async def instance_events(
     caller: Principal = require("instances:read"),
     portal: Portal = Depends(get_portal),
     last_event_id: Annotated[str | None, Header()] = None,
-    after: int = Query(0, ge=0, le=MAX_INT, description="Only events after this id."),
+    after: int = Query(0, ge=0, le=MAX_ID, description="Only events after this id."),
 ) -> Response:
     """Server-Sent Events: every stored event, then live ones until the instance ends.
 
@@ -218,7 +218,7 @@ async def instance_events(
             seen = int(last_event_id)
         except ValueError:
             seen = -1
-        if not 0 <= seen <= MAX_INT:
+        if not 0 <= seen <= MAX_ID:
             raise BadRequest("Last-Event-ID must be an event id")
         after = max(after, seen)
     return StreamingResponse(
