@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,8 @@ from typing import Any
 import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from helpers import ADMIN_PASSWORD, PASSWORD, TEST_SECRET_KEY, token_for
+from helpers import ADMIN_PASSWORD, PASSWORD, TEST_SECRET_KEY, fresh_database_url, token_for
 from labgate.config import Settings
 from labgate.portal.app import create_app
 
@@ -32,20 +29,8 @@ hypothesis_settings.load_profile("labgate")
 @pytest.fixture
 def database_url(tmp_path: Path) -> Iterator[str]:
     """A fresh database: SQLite in tmp_path, or a new PostgreSQL database."""
-    server = os.environ.get("LABGATE_TEST_DB_URL")
-    if not server:
-        yield f"sqlite:///{tmp_path / 'labgate.db'}"
-        return
-    name = f"lgtest_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_database_url(tmp_path) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "user-password-123"
@@ -44,6 +50,25 @@ def post_login_form_sync(client: httpx.Client, data: dict[str, str]) -> httpx.Re
     """:func:`post_login_form` for a synchronous client."""
     form = client.get("/login", headers={"Accept": "text/html"})
     return client.post("/login", data={**data, "login_token": login_form_token(form.text)})
+
+
+@contextlib.contextmanager
+def fresh_database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh database: SQLite in tmp_path, or a new PostgreSQL database, dropped after."""
+    server = os.environ.get("LABGATE_TEST_DB_URL")
+    if not server:
+        yield f"sqlite:///{tmp_path / 'labgate.db'}"
+        return
+    name = f"lgtest_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 async def token_for(

@@ -48,8 +48,8 @@ def _number(value: str | None, name: str, *, size: bool = False) -> Any:
         return ...
     if value.lower() == "none":
         return None
-    if size and not value.replace(".", "").isdigit():
-        return value  # "16G": the server parses sizes
+    if size:
+        return value  # "16G" or "1073741824": the server parses sizes (bodies take no 1e9 float)
     try:
         number = float(value)
     except ValueError:

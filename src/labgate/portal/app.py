@@ -44,6 +44,7 @@ from labgate.portal.api import (
 )
 from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
+from labgate.portal.openapi import install_openapi
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.state import Portal
 from labgate.resolver.locality import DataLocator
@@ -210,4 +211,5 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.include_router(launch_pages.router)
     app.include_router(health.router)
     app.include_router(usage_pages.router)
+    install_openapi(app)
     return app

@@ -212,14 +212,21 @@ async def router_caller(
     return caller
 
 
-def require(scope: str) -> Any:
-    """A dependency: the caller, who must hold ``scope``."""
+class ScopeCheck:
+    """A dependency: the caller, who must hold ``scope`` (the OpenAPI document shows its 403)."""
 
-    async def dependency(caller: Annotated[Principal, Depends(principal)]) -> Principal:
-        caller.require(scope)
+    def __init__(self, scope: str) -> None:
+        self.scope = scope
+
+    async def __call__(self, caller: Annotated[Principal, Depends(principal)]) -> Principal:
+        """The caller, once it is known to hold the scope."""
+        caller.require(self.scope)
         return caller
 
-    return Depends(dependency)
+
+def require(scope: str) -> Any:
+    """A dependency: the caller, who must hold ``scope``."""
+    return Depends(ScopeCheck(scope))
 
 
 def expiry_from_now(seconds: int | None) -> datetime | None:

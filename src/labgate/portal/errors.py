@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -85,6 +86,14 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     return _answer(request, 422, "validation_error", _describe(errors))
 
 
+async def _data_error(request: Request, exc: Exception) -> Response:
+    # The database refused a value validation let through: a NUL character in text
+    # (PostgreSQL stores none) or a number beyond its column. The client's input, not a bug.
+    log.info("database refused a value on %s %s: %s", request.method, request.url.path, exc)
+    detail = "a value cannot be stored: text with a NUL character, or a number out of range"
+    return _answer(request, 422, "validation_error", detail)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return _answer(request, 500, "internal_error", "internal error; the server log has the details")
@@ -95,6 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(LabgateError, _labgate_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

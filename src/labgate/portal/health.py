@@ -19,12 +19,14 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from labgate.errors import Forbidden, Unauthorized
 from labgate.portal.auth import optional_principal, token_from_header
 from labgate.portal.metrics import CONTENT_TYPE, Metrics
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 
 router = APIRouter(tags=["meta"])
@@ -36,7 +38,18 @@ def _ping(session: Session) -> None:
     session.execute(text("SELECT 1"))
 
 
-@router.get("/readyz")
+class ReadyOut(BaseModel):
+    """Whether the portal can serve, and each check's answer (``ok`` or what is wrong)."""
+
+    ready: bool
+    checks: dict[str, str] = Field(description="database, started, sites: ok or the problem.")
+
+
+@router.get(
+    "/readyz",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "Not ready: the checks say why."}},
+)
 async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
     """200 when the portal can serve: database, start-up, sites; 503 with what is wrong."""
     checks: dict[str, Any] = {}
@@ -64,7 +77,15 @@ async def _may_read_metrics(request: Request, portal: Portal) -> None:
         raise Forbidden("metrics need the metrics token or an admin token")
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"content": {CONTENT_TYPE: {}}},
+        **errors(401, 403),
+        503: {"description": "Not started yet (empty body).", "content": {CONTENT_TYPE: {}}},
+    },
+)
 async def metrics(request: Request, portal: Portal = Depends(get_portal)) -> Response:
     """Prometheus text exposition of this portal's metrics."""
     await _may_read_metrics(request, portal)

@@ -1,19 +1,15 @@
-"""Request and response bodies of the REST API."""
+"""Request and response bodies of the REST API; request bodies are strict (labgate.types)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, Field, StrictBool, model_validator
+
+from labgate.types import Strict
 
 USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
-
-
-class Strict(BaseModel):
-    """Request bodies refuse unknown fields: a typo is an error, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class LoginIn(Strict):

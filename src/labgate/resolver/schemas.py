@@ -5,17 +5,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from labgate.resolver.checksums import check_checksum
+from labgate.types import MAX_SECONDS, Strict, Timestamp
+from labgate.units import MAX_SIZE
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-
-
-class Strict(BaseModel):
-    """Request bodies refuse unknown fields: a typo is an error, not ignored."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 class _Checksummed(Strict):
@@ -37,9 +33,9 @@ class ReplicaIn(_Checksummed):
     """A replica as registered: a path under the site's data root."""
 
     path: str = Field(min_length=1, max_length=1024, description="Relative to the data root.")
-    size: int | None = Field(None, ge=0, description="Bytes.")
+    size: int | None = Field(None, ge=0, le=MAX_SIZE, description="Bytes.")
     checksum: str = Field("", max_length=200, description="<algorithm>:<hex>, e.g. sha256:…")
-    verified_at: datetime | None = Field(None, description="When the site last checked it.")
+    verified_at: Timestamp | None = Field(None, description="When the site last checked it.")
 
 
 class SiteReplicaIn(ReplicaIn):
@@ -57,7 +53,7 @@ class DatasetIn(_Checksummed):
     )
     title: str = Field("", max_length=500)
     description: str = Field("", max_length=20000)
-    size: int | None = Field(None, ge=0, description="Bytes.")
+    size: int | None = Field(None, ge=0, le=MAX_SIZE, description="Bytes.")
     license: str = Field("", max_length=200)
     landing_page: str = Field("", max_length=2048, description="Default: the resolver URL.")
     checksum: str = Field(
@@ -74,7 +70,7 @@ class DatasetPatch(_Checksummed):
     name: str | None = Field(None, pattern=NAME_PATTERN)
     title: str | None = Field(None, max_length=500)
     description: str | None = Field(None, max_length=20000)
-    size: int | None = Field(None, ge=0)
+    size: int | None = Field(None, ge=0, le=MAX_SIZE)
     license: str | None = Field(None, max_length=200)
     landing_page: str | None = Field(None, max_length=2048)
     checksum: str | None = Field(None, max_length=200)
@@ -137,9 +133,9 @@ class InventoryEntry(_Checksummed):
 
     id: str = Field(min_length=1, max_length=2048)
     path: str = Field(min_length=1, max_length=1024)
-    size: int | None = Field(None, ge=0)
+    size: int | None = Field(None, ge=0, le=MAX_SIZE)
     checksum: str = Field("", max_length=200)
-    verified_at: datetime | None = None
+    verified_at: Timestamp | None = None
     title: str = Field("", max_length=500, description="Used when the dataset is new.")
 
 
@@ -162,7 +158,10 @@ class InventoryIn(Strict):
     )
     final: bool = Field(True, description="The last part of the push (ends it).")
     ttl: int | None = Field(
-        None, ge=0, description="Seconds until the next push is due (default: site_report_ttl)."
+        None,
+        ge=0,
+        le=MAX_SECONDS,
+        description="Seconds until the next push is due (default: site_report_ttl).",
     )
 
 

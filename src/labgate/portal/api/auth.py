@@ -12,6 +12,7 @@ from labgate.db.models import RevokedSession, User, utcnow
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.auth import Caller, scopes_of
+from labgate.portal.openapi import errors
 from labgate.portal.origin import check_same_origin
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
@@ -105,7 +106,7 @@ def set_session_cookie(
     return session_id
 
 
-@router.post("/login", response_model=SessionOut)
+@router.post("/login", response_model=SessionOut, responses=errors(401, 403, 429))
 async def login(
     body: LoginIn, request: Request, response: Response, portal: Portal = Depends(get_portal)
 ) -> SessionOut:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Dataset, User
 from labgate.errors import Forbidden
 from labgate.portal.auth import Caller, Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.resolver import inventory, registry
 from labgate.resolver.locality import DataLocator, dataset_out
@@ -37,6 +38,7 @@ from labgate.resolver.schemas import (
     ReplicaIn,
     ReplicaOut,
 )
+from labgate.types import MAX_INT
 
 router = APIRouter(tags=["datasets"])
 
@@ -83,7 +85,7 @@ async def list_datasets(
     site: str | None = Query(None, max_length=64, description="Only datasets held there."),
     scheme: str | None = Query(None, pattern="^(doi|hdl|ark|urn|url)$"),
     limit: int = Query(50, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_INT),
 ) -> list[DatasetOut]:
     """Datasets by identifier, filtered; the total is in ``X-Total-Count``."""
 
@@ -105,7 +107,7 @@ async def list_datasets(
     return rows
 
 
-@router.post("/datasets", response_model=DatasetOut, status_code=201)
+@router.post("/datasets", response_model=DatasetOut, status_code=201, responses=errors(404, 409))
 async def register_dataset(
     body: DatasetIn,
     caller: Principal = require("datasets:write"),
@@ -123,7 +125,11 @@ async def register_dataset(
     return await portal.run_db(write)
 
 
-@router.put("/datasets/{identifier:path}/replicas/{site}", response_model=ReplicaOut)
+@router.put(
+    "/datasets/{identifier:path}/replicas/{site}",
+    response_model=ReplicaOut,
+    responses=errors(409),
+)
 async def put_replica(
     identifier: str,
     site: str,
@@ -142,7 +148,9 @@ async def put_replica(
     return await portal.run_db(write)
 
 
-@router.delete("/datasets/{identifier:path}/replicas/{site}", status_code=204)
+@router.delete(
+    "/datasets/{identifier:path}/replicas/{site}", status_code=204, responses=errors(400)
+)
 async def delete_replica(
     identifier: str,
     site: str,
@@ -158,7 +166,7 @@ async def delete_replica(
     return Response(status_code=204)
 
 
-@router.get("/datasets/{identifier:path}", response_model=DatasetOut)
+@router.get("/datasets/{identifier:path}", response_model=DatasetOut, responses=errors(400))
 async def show_dataset(
     identifier: str, caller: Caller, portal: Portal = Depends(get_portal)
 ) -> DatasetOut:
@@ -183,7 +191,7 @@ async def update_dataset(
     return await portal.run_db(write)
 
 
-@router.delete("/datasets/{identifier:path}", status_code=204)
+@router.delete("/datasets/{identifier:path}", status_code=204, responses=errors(400))
 async def delete_dataset(
     identifier: str,
     caller: Principal = require("datasets:write"),

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,8 +22,10 @@ from labgate.db.models import Group, GroupMember, User, UserLimits
 from labgate.errors import Conflict, NotFound
 from labgate.portal.accounts import get_user
 from labgate.portal.auth import Caller, Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler import quotas
+from labgate.types import Strict
 from labgate.units import MAX_SIZE, parse_size
 
 router = APIRouter(tags=["groups"])
@@ -33,10 +35,8 @@ GROUP_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
 MAX_LIFETIME = 10 * 366 * 86400
 
 
-class LimitsIn(BaseModel):
+class LimitsIn(Strict):
     """Limits to set; a field given as null removes that limit, one left out is kept."""
-
-    model_config = ConfigDict(extra="forbid")
 
     instances: int | None = Field(None, ge=0, le=10**6, description="Instances at once.")
     cpu: float | None = Field(None, ge=0, le=10**6, description="CPU cores held at once.")
@@ -57,10 +57,8 @@ class LimitsIn(BaseModel):
         return {name: getattr(self, name) for name in self.model_fields_set}
 
 
-class GroupIn(BaseModel):
+class GroupIn(Strict):
     """A new group."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=GROUP_NAME, description="Lower-case group name.")
     description: str = Field("", max_length=2000)
@@ -73,10 +71,8 @@ class GroupIn(BaseModel):
     )
 
 
-class GroupPatch(BaseModel):
+class GroupPatch(Strict):
     """Changes to a group; fields left out are kept."""
-
-    model_config = ConfigDict(extra="forbid")
 
     description: str | None = Field(None, max_length=2000)
     limits: LimitsIn | None = None
@@ -152,7 +148,7 @@ async def list_groups(caller: Caller, portal: Portal = Depends(get_portal)) -> l
     return await portal.run_db(query)
 
 
-@router.post("/groups", response_model=GroupOut, status_code=201)
+@router.post("/groups", response_model=GroupOut, status_code=201, responses=errors(409))
 async def create_group(
     body: GroupIn, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> GroupOut:
@@ -219,7 +215,11 @@ async def delete_group(
     return Response(status_code=204)
 
 
-@router.put("/groups/{name}/members/{user}", response_model=GroupOut)
+@router.put(
+    "/groups/{name}/members/{user}",
+    response_model=GroupOut,
+    responses={201: {"model": GroupOut, "description": "Added now."}},
+)
 async def add_member(
     name: str,
     user: str,
@@ -274,7 +274,7 @@ def limits_out(session: Session, portal: Portal, user: User) -> LimitsOut:
     )
 
 
-@router.get("/users/{name}/limits", response_model=LimitsOut)
+@router.get("/users/{name}/limits", response_model=LimitsOut, responses=errors(403))
 async def show_limits(name: str, caller: Caller, portal: Portal = Depends(get_portal)) -> LimitsOut:
     """Your limits and use (``me``), or anyone's for admins."""
     name = caller.name if name == "me" else name
@@ -291,6 +291,7 @@ async def set_limits(
     portal: Portal = Depends(get_portal),
 ) -> LimitsOut:
     """Set a user's own limits (admins); null removes one (the default applies again)."""
+    name = caller.name if name == "me" else name
 
     def change(session: Session) -> LimitsOut:
         user = get_user(session, name)

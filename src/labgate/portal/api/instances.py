@@ -17,9 +17,11 @@ from sqlalchemy.orm import Session
 from labgate.db.models import Instance, InstanceEvent, InstanceState, User
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.auth import Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.lifecycle import LaunchRequest
+from labgate.types import MAX_ID
 
 router = APIRouter(prefix="/instances", tags=["instances"])
 
@@ -91,7 +93,7 @@ def visible_instance(session: Session, caller: Principal, instance_id: str) -> I
     return instance
 
 
-@router.post("", response_model=InstanceOut, status_code=202)
+@router.post("", response_model=InstanceOut, status_code=202, responses=errors(404, 409, 429))
 async def launch(
     body: LaunchIn,
     caller: Principal = require("instances:write"),
@@ -167,7 +169,7 @@ async def show_instance(
     )
 
 
-@router.delete("/{instance_id}", response_model=InstanceOut, status_code=202)
+@router.delete("/{instance_id}", response_model=InstanceOut, status_code=202, responses=errors(409))
 async def stop_instance(
     instance_id: str,
     caller: Principal = require("instances:write"),
@@ -195,7 +197,7 @@ async def instance_logs(
 @router.get(
     "/{instance_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(400)},
 )
 async def instance_events(
     instance_id: str,
@@ -203,7 +205,7 @@ async def instance_events(
     caller: Principal = require("instances:read"),
     portal: Portal = Depends(get_portal),
     last_event_id: Annotated[str | None, Header()] = None,
-    after: int = Query(0, ge=0, description="Only events after this id."),
+    after: int = Query(0, ge=0, le=MAX_ID, description="Only events after this id."),
 ) -> Response:
     """Server-Sent Events: every stored event, then live ones until the instance ends.
 
@@ -213,9 +215,12 @@ async def instance_events(
     await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
     if last_event_id is not None:
         try:
-            after = max(after, int(last_event_id))
+            seen = int(last_event_id)
         except ValueError:
-            raise BadRequest("Last-Event-ID must be an event id") from None
+            seen = -1
+        if not 0 <= seen <= MAX_ID:
+            raise BadRequest("Last-Event-ID must be an event id")
+        after = max(after, seen)
     return StreamingResponse(
         _event_stream(portal, request, instance_id, after),
         media_type="text/event-stream",

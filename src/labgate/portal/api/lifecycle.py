@@ -26,18 +26,20 @@ from labgate.db.models import Instance, InstanceState, utcnow
 from labgate.errors import BadRequest, Conflict, Unauthorized
 from labgate.portal.api.instances import visible_instance
 from labgate.portal.auth import Principal, require, token_from_header
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.culling import Culler, cull_status
+from labgate.types import Strict, Timestamp
 
 router = APIRouter(tags=["instances"])
 
 
-class KeepAliveIn(BaseModel):
+class KeepAliveIn(Strict):
     """Keep an instance alive until a time, or for a number of seconds."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
-    until: datetime | None = Field(None, description="Keep it until then.")
+    until: Timestamp | None = Field(None, description="Keep it until then.")
     seconds: float | None = Field(None, alias="for", gt=0, description="Keep it this long.")
 
 
@@ -94,7 +96,9 @@ async def show_keep_alive(
     return await portal.run_db(show)
 
 
-@router.put("/instances/{instance_id}/keep-alive", response_model=KeepAliveOut)
+@router.put(
+    "/instances/{instance_id}/keep-alive", response_model=KeepAliveOut, responses=errors(409)
+)
 async def set_keep_alive(
     instance_id: str,
     body: KeepAliveIn,
@@ -154,7 +158,7 @@ async def clear_keep_alive(
     return await portal.run_db(clear)
 
 
-@router.post("/instances/{instance_id}/activity", status_code=204)
+@router.post("/instances/{instance_id}/activity", status_code=204, responses=errors(401))
 async def report_busy(
     instance_id: str, request: Request, portal: Portal = Depends(get_portal)
 ) -> Response:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from labgate.portal.api.datasets import locator
 from labgate.portal.auth import Caller
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.resolver.schemas import ResolveOut
 
@@ -37,7 +38,7 @@ def resolve_dataset(portal: Portal, session: Session, identifier: str) -> Resolv
     )
 
 
-@router.get("/resolve", response_model=ResolveOut)
+@router.get("/resolve", response_model=ResolveOut, responses=errors(400, 404))
 async def resolve(
     caller: Caller,
     portal: Portal = Depends(get_portal),

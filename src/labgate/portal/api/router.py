@@ -9,33 +9,58 @@ upstream secret, so no user's token or session, an admin's included, may read it
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from labgate.portal.auth import Principal, router_caller
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.router import STREAM_MEDIA_TYPE, Activity
 from labgate.router.stats import RouterStats
+from labgate.types import Strict
 
 router = APIRouter(prefix="/router", tags=["router"])
 
 
-class ActivityReport(BaseModel):
+#: The latest Unix time a report may name (the end of year 9999): later ones overflow dates.
+LAST_TIME = 253402300799.0
+
+
+class RouteActivityIn(Strict):
+    """What a router saw of one instance (:class:`labgate.router.Activity`)."""
+
+    last_request: float = Field(0.0, ge=0, le=LAST_TIME, description="Unix time.")
+    bytes_in: int = Field(0, ge=0)
+    bytes_out: int = Field(0, ge=0)
+    open_websockets: int = Field(0, ge=0)
+
+
+class RouterStatsIn(Strict):
+    """Request count and latency histogram (:class:`labgate.router.stats.RouterStats`)."""
+
+    requests: int = Field(0, ge=0)
+    buckets: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, description="Counts per latency bucket; another layout is ignored."
+    )
+    latency_sum: float = Field(0.0, ge=0, le=1e18, description="Seconds.")
+
+
+class ActivityReport(Strict):
     """What one router process saw since it started."""
 
     worker: str = Field(min_length=1, max_length=200)
-    activity: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    #: Request count and latency histogram (labgate.router.stats), for /metrics.
-    stats: dict[str, Any] | None = None
+    activity: dict[str, RouteActivityIn] = Field(default_factory=dict)
+    #: Request count and latency histogram, for /metrics.
+    stats: RouterStatsIn | None = None
 
 
 @router.get(
     "/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}},
+    responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}, **errors(403)},
 )
 async def route_stream(
     caller: Principal = Depends(router_caller), portal: Portal = Depends(get_portal)
@@ -45,15 +70,15 @@ async def route_stream(
     return StreamingResponse(portal.routes.table.subscribe(), media_type=STREAM_MEDIA_TYPE)
 
 
-@router.post("/activity", status_code=204)
+@router.post("/activity", status_code=204, responses=errors(403))
 async def report_activity(
     body: ActivityReport,
     caller: Principal = Depends(router_caller),
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Record one router process's activity per instance (it drives idle culling)."""
-    parsed = {key: Activity.from_dict(value) for key, value in body.activity.items()}
+    parsed = {key: Activity.from_dict(value.model_dump()) for key, value in body.activity.items()}
     portal.activity.report(body.worker, parsed, time.time())
     if body.stats is not None:
-        portal.activity.report_stats(body.worker, RouterStats.from_dict(body.stats))
+        portal.activity.report_stats(body.worker, RouterStats.from_dict(body.stats.model_dump()))
     return Response(status_code=204)

@@ -18,9 +18,10 @@ from labgate.db.models import Snapshot, SnapshotShare, User
 from labgate.errors import Forbidden, NotFound
 from labgate.portal.api.instances import visible_instance
 from labgate.portal.auth import Principal, require
-from labgate.portal.schemas import Strict
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.snapshots import SnapshotManager, visible_snapshot
+from labgate.types import Strict
 
 router = APIRouter(tags=["snapshots"])
 
@@ -103,7 +104,12 @@ def manager(portal: Portal) -> SnapshotManager:
     return portal.snapshots
 
 
-@router.post("/instances/{instance_id}/snapshot", response_model=SnapshotOut, status_code=202)
+@router.post(
+    "/instances/{instance_id}/snapshot",
+    response_model=SnapshotOut,
+    status_code=202,
+    responses=errors(409),
+)
 async def take_snapshot(
     instance_id: str,
     body: SnapshotIn | None = None,
@@ -169,7 +175,7 @@ async def show_snapshot(
     )
 
 
-@router.delete("/snapshots/{snapshot_id}", status_code=204)
+@router.delete("/snapshots/{snapshot_id}", status_code=204, responses=errors(409, 502))
 async def delete_snapshot(
     snapshot_id: str,
     caller: Principal = require("instances:write"),
@@ -199,7 +205,11 @@ async def list_shares(
     return await portal.run_db(query)
 
 
-@router.put("/snapshots/{snapshot_id}/shares/{user}", response_model=ShareOut)
+@router.put(
+    "/snapshots/{snapshot_id}/shares/{user}",
+    response_model=ShareOut,
+    responses={201: {"model": ShareOut, "description": "Shared now."}},
+)
 async def share_snapshot(
     snapshot_id: str,
     user: str,

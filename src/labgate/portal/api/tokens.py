@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Path, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -12,6 +12,7 @@ from labgate.portal.accounts import create_token, get_user, token_out
 from labgate.portal.auth import Principal, expiry_from_now, require
 from labgate.portal.schemas import TokenCreated, TokenIn, TokenOut
 from labgate.portal.state import Portal, get_portal
+from labgate.types import MAX_ID
 
 router = APIRouter(prefix="/tokens", tags=["tokens"])
 
@@ -60,7 +61,9 @@ async def list_tokens(
 
 @router.delete("/{token_id}", status_code=204)
 async def revoke_token(
-    token_id: int, caller: Principal = require("account"), portal: Portal = Depends(get_portal)
+    token_id: int = Path(ge=1, le=MAX_ID),
+    caller: Principal = require("account"),
+    portal: Portal = Depends(get_portal),
 ) -> Response:
     """Revoke one of your tokens (admins: anyone's)."""
 

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from labgate.db.models import utcnow
 from labgate.errors import BadRequest
 from labgate.portal.auth import Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.accounting import (
     EARLIEST,
@@ -107,7 +108,7 @@ def csv_response(text: str, name: str) -> Response:
     )
 
 
-@router.get("", responses={200: {"content": {"text/csv": {}}}})
+@router.get("", responses={200: {"content": {"text/csv": {}}}, **errors(400)})
 async def usage(
     request: Request,
     caller: Principal = require("instances:read"),
@@ -143,7 +144,7 @@ async def usage(
     return report
 
 
-@router.get("/records", responses={200: {"content": {"text/csv": {}}}})
+@router.get("/records", responses={200: {"content": {"text/csv": {}}}, **errors(400)})
 async def usage_records(
     request: Request,
     caller: Principal = require("instances:read"),

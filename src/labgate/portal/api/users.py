@@ -19,6 +19,7 @@ from labgate.portal.accounts import (
 )
 from labgate.portal.api.auth import set_session_cookie, verify_credentials
 from labgate.portal.auth import Caller, Principal, require
+from labgate.portal.openapi import errors
 from labgate.portal.schemas import PasswordIn, UserCreated, UserIn, UserOut, UserPatch
 from labgate.portal.state import Portal, get_portal
 
@@ -44,7 +45,7 @@ async def list_users(
     )
 
 
-@router.post("", response_model=UserCreated, status_code=201)
+@router.post("", response_model=UserCreated, status_code=201, responses=errors(409))
 async def add_user(
     body: UserIn, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> UserCreated:
@@ -64,7 +65,7 @@ async def add_user(
     return await portal.run_db(create)
 
 
-@router.get("/{name}", response_model=UserOut)
+@router.get("/{name}", response_model=UserOut, responses=errors(403))
 async def show_user(name: str, caller: Caller, portal: Portal = Depends(get_portal)) -> UserOut:
     """One user: yourself (``me``), or anyone for admins."""
     name = _name(caller, name)
@@ -73,7 +74,7 @@ async def show_user(name: str, caller: Caller, portal: Portal = Depends(get_port
     return await portal.run_db(lambda s: user_out(get_user(s, name)))
 
 
-@router.patch("/{name}", response_model=UserOut)
+@router.patch("/{name}", response_model=UserOut, responses=errors(409))
 async def change_user(
     name: str,
     body: UserPatch,
@@ -148,7 +149,7 @@ async def change_password(
     return response
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, responses=errors(409))
 async def remove_user(
     name: str, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> Response:
