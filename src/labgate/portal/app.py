@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate import __version__
-from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
+from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.site import SiteAgent
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
@@ -54,6 +54,7 @@ from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
 from labgate.startup import build_backend
 from labgate.tools.catalog import Catalog
+from labgate.wire.site import Report, Reporter
 
 log = logging.getLogger(__name__)
 

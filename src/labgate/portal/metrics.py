@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 
 from labgate import __version__
 from labgate.db.models import Instance, InstanceState, Site
-from labgate.router.stats import LATENCY_BOUNDS
+from labgate.wire.stats import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from labgate.portal.state import Portal

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from labgate.config import Settings
 from labgate.db.session import Database
-from labgate.portal.activity import ActivityBoard
+from labgate.passwords import PasswordWorkers
 from labgate.portal.login_limits import LoginLimiter
-from labgate.portal.passwords import PasswordWorkers
+from labgate.scheduler.activity import ActivityBoard
 from labgate.scheduler.events import EventBus
 from labgate.security import SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog

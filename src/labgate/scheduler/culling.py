@@ -33,20 +33,19 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Report
 from labgate.db.models import Group, Instance, InstanceState, UsageRecord
 from labgate.errors import LabgateError
 from labgate.scheduler.quotas import lifetime_limit
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
     from labgate.config import Settings
-    from labgate.portal.activity import ActivityBoard
-    from labgate.portal.metrics import Metrics
+    from labgate.scheduler.activity import ActivityBoard
     from labgate.scheduler.lifecycle import InstanceManager
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,13 @@ log = logging.getLogger(__name__)
 #: A stop further ahead than this (a hundred years) is shown as none: it would not
 #: fit a date, and no instance lives that long.
 NEVER = 100 * 366 * 86400.0
+
+
+class CullMetrics(Protocol):
+    """Where the culler counts what it stopped (``labgate.portal.metrics.Metrics``)."""
+
+    def culled(self, reason: str) -> None:
+        """The culler stopped an instance for ``reason``."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class Culler:
         manager: InstanceManager,
         activity: ActivityBoard,
         settings: Settings,
-        metrics: Metrics | None = None,
+        metrics: CullMetrics | None = None,
     ) -> None:
         self.manager = manager
         self.activity = activity

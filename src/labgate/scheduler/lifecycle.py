@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Adoption, Report, SiteLink
+from labgate.agent.link import Adoption, SiteLink
 from labgate.backends.base import LaunchSpec, Mount, Resources
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -44,6 +44,7 @@ from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_ref, snapsh
 from labgate.security import SecretBox, new_id
 from labgate.tools.catalog import Catalog, Tool
 from labgate.units import parse_size
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
     from labgate.resolver.locality import DataLocator, DataNeed

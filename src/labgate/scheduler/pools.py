@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -57,7 +57,6 @@ from labgate.security import new_id
 if TYPE_CHECKING:
     from labgate.backends.base import Resources
     from labgate.config import PoolConfig
-    from labgate.portal.metrics import Metrics
     from labgate.scheduler.lifecycle import InstanceManager, LaunchRequest
     from labgate.tools.catalog import Tool
 
@@ -72,6 +71,13 @@ BACKOFF_MAX = 300.0
 def pool_key(tool: str, site: str) -> str:
     """The mark of a pool's instances: ``tool@site``."""
     return f"{tool}@{site}"
+
+
+class LaunchMetrics(Protocol):
+    """Where launch times are recorded (``labgate.portal.metrics.Metrics``)."""
+
+    def launch_seconds(self, tool: str, kind: str, seconds: float) -> None:
+        """One launch became ready after ``seconds`` (kind: cold, warm or pool)."""
 
 
 @dataclass
@@ -111,7 +117,7 @@ class PoolManager:
         *,
         default_site: str,
         interval: float = 10.0,
-        metrics: Metrics | None = None,
+        metrics: LaunchMetrics | None = None,
     ) -> None:
         self.manager = manager
         self.interval = interval

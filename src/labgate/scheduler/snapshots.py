@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Report, SiteLink
+from labgate.agent.link import SiteLink
 from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
 from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.db.models import (
@@ -36,6 +36,7 @@ from labgate.db.models import (
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.security import new_id
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
     from labgate.scheduler.lifecycle import InstanceManager
