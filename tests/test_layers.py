@@ -219,3 +219,14 @@ def test_no_cycle_between_modules_of_a_package() -> None:
         edges.setdefault(imp.source, set()).add(imp.target)
     cycles = _cycles(edges)
     assert not cycles, f"module cycles: {cycles}"
+
+
+def test_no_assert_in_the_package() -> None:
+    """Runtime checks raise real errors: ``python -O`` strips ``assert`` statements."""
+    found = [
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in sorted(SRC.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Assert)
+    ]
+    assert not found, "assert statements in src/labgate:\n" + "\n".join(found)

@@ -65,7 +65,8 @@ class Portal:
     @property
     def instances(self) -> InstanceManager:
         """The instance manager (present once the app has started)."""
-        assert self.manager is not None, "portal not started"
+        if self.manager is None:
+            raise RuntimeError("the portal is not started: it has no instance manager")
         return self.manager
 
 

@@ -262,7 +262,8 @@ class PoolManager:
 
     def _bound(self, session: Session, instance_id: str, state: dict[str, Any]) -> Instance:
         instance = session.get(Instance, instance_id)
-        assert instance is not None
+        if instance is None:
+            raise LabgateError(f"pool instance {instance_id} is gone")
         instance.backend_state = state
         instance.pool = None
         session.add(
@@ -349,13 +350,17 @@ class PoolManager:
     def _admit(self, session: Session, pool: Pool) -> str:
         """Record a new pool instance on the pool's site (capacity permitting)."""
         tool = self.manager.catalog.get(pool.tool)
-        assert tool is not None and self.user_id is not None
+        if tool is None:
+            raise LabgateError(f"pool {pool.key}: tool {pool.tool} is not in the catalog")
+        if self.user_id is None:
+            raise RuntimeError("the pool manager is not started (no pool account)")
         resources = tool.resources.default()
         # Called through run_admission, like user launches: capacity is counted and taken at once.
         views = site_views(session, set(self.manager.links))
         site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
         owner = session.get(User, self.user_id)
-        assert owner is not None
+        if owner is None:
+            raise RuntimeError(f"the pool account (user {self.user_id}) is gone")
         instance_id = new_id()
         instance = Instance(
             id=instance_id,

@@ -67,7 +67,8 @@ async def route_stream(
     caller: Principal = Depends(router_caller), portal: Portal = Depends(get_portal)
 ) -> Response:
     """Newline-delimited JSON: a snapshot of the route table, then every change."""
-    assert portal.routes is not None
+    if portal.routes is None:
+        raise RuntimeError("the portal is not started: it has no route table")
     return StreamingResponse(portal.routes.table.subscribe(), media_type=STREAM_MEDIA_TYPE)
 
 
