@@ -22,7 +22,7 @@ from labgate.tools.catalog import Catalog
 if TYPE_CHECKING:
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
-    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.instances import InstanceManager
     from labgate.scheduler.snapshots import SnapshotManager
 
 T = TypeVar("T")

@@ -46,7 +46,7 @@ from labgate.wire.site import Report
 if TYPE_CHECKING:
     from labgate.config import Settings
     from labgate.scheduler.activity import ActivityBoard
-    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.control import InstanceControl
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class Culler:
 
     def __init__(
         self,
-        manager: InstanceManager,
+        manager: InstanceControl,
         activity: ActivityBoard,
         settings: Settings,
         metrics: CullMetrics | None = None,
@@ -144,7 +144,7 @@ class Culler:
     async def sweep(self, now: float | None = None) -> list[str]:
         """Warn about and stop what is due; returns the ids stopped."""
         now = time.time() if now is None else now
-        watches = await self.manager._db(self._running)
+        watches = await self.manager.run_db(self._running)
         stopped = []
         for watch in watches:
             deadline = self.deadline(watch, self.last_use(watch, now), now)

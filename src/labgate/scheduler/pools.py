@@ -57,7 +57,8 @@ from labgate.security import new_id
 if TYPE_CHECKING:
     from labgate.backends.base import Resources
     from labgate.config import PoolConfig
-    from labgate.scheduler.lifecycle import InstanceManager, LaunchRequest
+    from labgate.scheduler.control import InstanceControl
+    from labgate.scheduler.launch import LaunchRequest
     from labgate.tools.catalog import Tool
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class PoolManager:
 
     def __init__(
         self,
-        manager: InstanceManager,
+        manager: InstanceControl,
         configs: list[PoolConfig],
         *,
         default_site: str,
@@ -140,8 +141,8 @@ class PoolManager:
             pool.disabled = self._why_not(pool)
             if pool.disabled is not None:
                 log.warning("warm pool %s is not kept: %s", pool.key, pool.disabled)
-        self.user_id = await self.manager._db(ensure_pool_user)
-        for instance_id in await self.manager._db(self._leftovers):
+        self.user_id = await self.manager.run_db(ensure_pool_user)
+        for instance_id in await self.manager.run_db(self._leftovers):
             with contextlib.suppress(LabgateError):
                 await self.manager.stop(
                     instance_id, reason="pool_removed", message="no longer part of a warm pool"
@@ -251,10 +252,8 @@ class PoolManager:
                 )
             self.poke()
             return None
-        bound = await self.manager._db(lambda s: self._bound(s, instance.id, state))
-        if self.manager.routes is not None:
-            self.manager.routes.instance_changed(bound)
-        self.manager.events.notify(bound.id)
+        bound = await self.manager.run_db(lambda s: self._bound(s, instance.id, state))
+        self.manager.changed(bound)
         if self.metrics is not None:
             self.metrics.launch_seconds(bound.tool, "warm", time.monotonic() - begun)
         self.poke()
@@ -292,7 +291,7 @@ class PoolManager:
 
     async def refill(self) -> None:
         """Start what each pool lacks; stop what it has too many of."""
-        counts, failures = await self.manager._db(self._census)
+        counts, failures = await self.manager.run_db(self._census)
         now = time.monotonic()
         for pool in self.active:
             have = counts.get(pool.key, [])
