@@ -1,9 +1,9 @@
 """What the scheduler's helpers may ask of the instance manager.
 
-The culler, the warm pools and the launch pipeline are driven by the portal
-next to :class:`~labgate.scheduler.instances.InstanceManager`; they take it as
-an :class:`InstanceControl` (a structural type), so none of them imports the
-manager and the manager imports each of them: the imports point one way.
+The culler, the warm pools and the launch pipeline work next to
+:class:`~labgate.scheduler.instances.InstanceManager`; they take it as an
+:class:`InstanceControl` (a structural type), so none of them imports the
+manager module and no import of the scheduler goes in a circle.
 """
 
 from __future__ import annotations
