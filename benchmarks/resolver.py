@@ -181,7 +181,7 @@ def in_process_portal(settings: Any) -> Any:
     """The portal's services as the app builds them, without serving HTTP."""
     from labgate.portal.app import build_portal, ensure_site, start_site
     from labgate.resolver.locality import DataLocator
-    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.instances import InstanceManager
 
     portal = build_portal(settings)
 

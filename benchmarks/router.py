@@ -323,8 +323,8 @@ class Labgate:
     """The labgate router as deployed split: worker processes following a route stream."""
 
     def __init__(self, port: int, portal_port: int, workers: int) -> None:
-        from labgate.router.stream import RoutePublisher
         from labgate.security import SessionSigner
+        from labgate.wire.stream import RoutePublisher
 
         self.port = port
         self.portal_port = portal_port
@@ -342,9 +342,9 @@ class Labgate:
         from starlette.responses import StreamingResponse
         from starlette.routing import Route as StarletteRoute
 
-        from labgate.router.stream import STREAM_MEDIA_TYPE, STREAM_PATH
-        from labgate.router.table import Route, UserInfo
         from labgate.router.workers import WorkerConfig, spawn_workers
+        from labgate.wire.routes import Route, UserInfo
+        from labgate.wire.stream import STREAM_MEDIA_TYPE, STREAM_PATH
 
         self.publisher.set_user(UserInfo(1, "bench"))
         self.publisher.add_route(Route("bench", static_url, 1, upstream_token="bench-upstream"))
@@ -411,7 +411,7 @@ class Labgate:
 
     async def route_latency(self, samples: int, static_url: str) -> dict[str, float]:
         """Time from the portal's add_route/remove_route until a kept-alive client sees it."""
-        from labgate.router.table import Route
+        from labgate.wire.routes import Route
 
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
 

@@ -394,7 +394,7 @@ class Settings(BaseSettings):
         password = self.admin_password.get_secret_value()
         if password:
             from labgate.errors import Unprocessable
-            from labgate.portal.passwords import check_new_password
+            from labgate.passwords import check_new_password
 
             try:
                 check_new_password(password, self.admin_username, self.password_min_length)

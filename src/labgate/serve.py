@@ -93,7 +93,8 @@ async def _serve_started(
     settings: Settings, portal: Portal, app: FastAPI, socket_path: Path
 ) -> None:
     """Portal on its socket, routers on the public port, until a stop signal."""
-    assert portal.routes is not None
+    if portal.routes is None:
+        raise RuntimeError("the portal is not started: it has no route table")
     server = portal_server(app, socket_path)
     portal_task = asyncio.create_task(server.serve(), name="portal")
     router = None

@@ -19,7 +19,7 @@ WEAK = {
 
 
 def test_the_shipped_list_has_thousands_of_common_passwords():
-    from labgate.portal.passwords import common_passwords
+    from labgate.passwords import common_passwords
 
     listed = common_passwords()
     assert len(listed) > 8000
@@ -28,7 +28,7 @@ def test_the_shipped_list_has_thousands_of_common_passwords():
 
 
 def test_generated_passwords_always_pass():
-    from labgate.portal.passwords import check_new_password
+    from labgate.passwords import check_new_password
 
     for _ in range(200):
         check_new_password(generate_password(), "admin", 16)

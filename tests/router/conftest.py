@@ -29,9 +29,9 @@ from starlette.routing import Route as StarletteRoute
 
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router
-from labgate.router.table import Route, RouteTable, TokenInfo, UserInfo
 from labgate.security import SESSION_COOKIE, SessionSigner, hash_token
 from labgate.tools.demo.app import create_app
+from labgate.wire.routes import Route, RouteTable, TokenInfo, UserInfo
 
 KEY = "router-test-signing-key"
 ALICE, BOB, ROOT, CAROL = 1, 2, 3, 4

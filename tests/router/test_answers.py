@@ -10,7 +10,7 @@ import socket
 import httpx
 
 from labgate.router.context import RouterOptions
-from labgate.router.table import Route
+from labgate.wire.routes import Route
 
 from .conftest import (
     ALICE,

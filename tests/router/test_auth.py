@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from labgate.router.auth import Authenticator, credentials, labgate_token, split_cookies
-from labgate.router.table import Route, RouteTable, TokenInfo, UserInfo
 from labgate.security import SESSION_COOKIE, SessionSigner, hash_token
+from labgate.wire.routes import Route, RouteTable, TokenInfo, UserInfo
 
 TOKEN = "lg_" + "t" * 43
 

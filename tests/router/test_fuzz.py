@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 from labgate.router.context import RouterOptions
 from labgate.router.proxy import ClientConnection
 from labgate.router.server import Router
-from labgate.router.table import Route, RouteTable
 from labgate.security import SESSION_COOKIE, SessionSigner
+from labgate.wire.routes import Route, RouteTable
 
 from .conftest import ALICE, ALICE_TOKEN, BOB, KEY, RecordingUpstream, ok_handler, tokens, users
 

@@ -6,8 +6,8 @@ import json
 
 import httpx
 
-from labgate.router.table import Route
 from labgate.security import SESSION_COOKIE
+from labgate.wire.routes import Route
 
 from .conftest import ALICE, ALICE_TOKEN, ROOT, Gateway, raw_request, status_of
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from labgate.router.table import TokenInfo, UserInfo
 from labgate.security import SESSION_COOKIE, hash_token
+from labgate.wire.routes import TokenInfo, UserInfo
 
 from .conftest import (
     ALICE,

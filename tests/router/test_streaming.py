@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from labgate.router.table import Route
+from labgate.wire.routes import Route
 
 from .conftest import ALICE, Recorded, Seen, cookie_line, raw_request, status_of, statuses
 

@@ -15,15 +15,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route as StarletteRoute
 
 from labgate.router.activity import Activity
-from labgate.router.stream import (
+from labgate.router.sync import ActivityReporter, RouteSync
+from labgate.wire.routes import Route, RouteTable, TokenInfo, UserInfo
+from labgate.wire.stream import (
     ACTIVITY_PATH,
     STREAM_MEDIA_TYPE,
     STREAM_PATH,
     RoutePublisher,
     apply_message,
 )
-from labgate.router.sync import ActivityReporter, RouteSync
-from labgate.router.table import Route, RouteTable, TokenInfo, UserInfo
 
 STREAM_TOKEN = "router-stream-secret"
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from labgate.router.activity import Activity, ActivityLog, merge
-from labgate.router.table import (
+from labgate.wire.routes import (
     Route,
     RouterControl,
     RouteTable,

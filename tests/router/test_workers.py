@@ -9,10 +9,10 @@ import time
 import httpx
 import pytest
 
-from labgate.router.stream import RoutePublisher
-from labgate.router.table import Route, UserInfo
 from labgate.router.workers import WorkerConfig, spawn_workers, stop_workers
 from labgate.security import SESSION_COOKIE, SessionSigner
+from labgate.wire.routes import Route, UserInfo
+from labgate.wire.stream import RoutePublisher
 
 from .conftest import ALICE, KEY, ok_handler
 from .test_sync import STREAM_TOKEN, PortalServer

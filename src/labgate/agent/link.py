@@ -1,7 +1,7 @@
 """Site links: the only way the portal talks to a site.
 
 A link carries commands to a site agent (launch, stop, adopt, logs) and
-brings back :class:`Report` objects (state changes and progress). The
+brings back :class:`~labgate.wire.site.Report` objects (state changes and progress). The
 all-in-one deployment uses :class:`LocalSiteLink`, which holds the agent in
 process; a network link with the same interface will carry the same calls to
 an agent that dials out to the portal.
@@ -10,49 +10,16 @@ an agent that dials out to the portal.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from labgate.agent.site import Adoption, SiteAgent
+
 if TYPE_CHECKING:
-    from labgate.agent.site import SiteAgent
     from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
 
-
-@dataclass(frozen=True)
-class Report:
-    """What a site tells the portal about one instance.
-
-    ``state`` is the instance state the site saw (``starting``, ``running``,
-    ``failed``, ``lost``, ``stopped``); ``kind`` is ``state`` for a transition
-    or ``progress`` for a note on the way (then ``state`` is the current one).
-    """
-
-    instance_id: str
-    state: str
-    kind: str = "state"
-    message: str = ""
-    backend_state: dict[str, Any] | None = None
-    endpoint: str | None = None
-    log_tail: str = ""
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-Reporter = Callable[[Report], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Adoption:
-    """An instance the portal knew before a restart, handed back to its site."""
-
-    spec: LaunchSpec
-    state: str
-    backend_state: dict[str, Any]
-    endpoint: str
-    #: Seconds left of the start timeout, for instances still starting.
-    remaining_start_time: float = 0.0
+__all__ = ["Adoption", "LocalSiteLink", "SiteLink"]
 
 
 class SiteLink(abc.ABC):

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from labgate.agent.link import Adoption, Report, Reporter
 from labgate.backends.base import (
     Backend,
     LaunchSpec,
@@ -27,6 +26,7 @@ from labgate.backends.base import (
     Started,
 )
 from labgate.errors import LabgateError
+from labgate.wire.site import Report, Reporter
 
 if TYPE_CHECKING:
     from labgate.backends.claim import Claim
@@ -53,6 +53,18 @@ def health_url(spec: LaunchSpec, endpoint: str) -> str:
     """Where the agent checks that a tool is ready."""
     prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
     return endpoint.rstrip("/") + prefix + spec.tool.health_path
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """An instance the portal knew before a restart, handed back to its site."""
+
+    spec: LaunchSpec
+    state: str
+    backend_state: dict[str, Any]
+    endpoint: str
+    #: Seconds left of the start timeout, for instances still starting.
+    remaining_start_time: float = 0.0
 
 
 class SiteAgent:

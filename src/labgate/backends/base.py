@@ -61,6 +61,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from labgate.errors import LabgateError
 
+# The plain data of a launch lives in labgate.wire; backends keep importing it from here.
+from labgate.wire.launch import Mount as Mount
+from labgate.wire.launch import Resources as Resources
+from labgate.wire.launch import SnapshotRef as SnapshotRef
+from labgate.wire.launch import SnapshotRequest as SnapshotRequest
+from labgate.wire.launch import SnapshotResult as SnapshotResult
+
 if TYPE_CHECKING:
     from labgate.backends.claim import Claim, Claimed
     from labgate.config import Settings
@@ -71,37 +78,6 @@ BACKEND_GROUP = "labgate.backends"
 JSON = dict[str, Any]
 #: ``progress(instance_id, message, data)``: a note for the instance's event stream.
 Progress = Callable[[str, str, JSON], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class Resources:
-    """CPU cores and memory bytes requested for an instance."""
-
-    cpu: float = 1.0
-    memory: int = 1024**3
-
-    def as_json(self) -> JSON:
-        """Plain JSON form, as stored on the instance."""
-        return {"cpu": self.cpu, "memory": self.memory}
-
-
-@dataclass(frozen=True)
-class Mount:
-    """A host path made visible inside the instance."""
-
-    source: Path
-    target: str
-    read_only: bool = True
-    #: The directory ``source`` must stay inside (a site's data root): backends open
-    #: ``source`` below it with no symbolic link followed (labgate.backends.confine).
-    root: Path | None = None
-
-    @property
-    def env_var(self) -> str:
-        """``LABGATE_DATA_<NAME>``, telling the tool where the mount is (``/data/iris`` → IRIS)."""
-        last = self.target.rstrip("/").rsplit("/", 1)[-1]
-        name = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in last)
-        return f"LABGATE_DATA_{name.upper()}"
 
 
 @dataclass(frozen=True)
@@ -123,39 +99,6 @@ class LaunchSpec:
     snapshot: SnapshotRef | None = None
     #: The owner's user id: the process backend, run as root, derives the instance's uid from it.
     owner_id: int | None = None
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    """A stored snapshot, as a backend needs it to launch from it or delete it."""
-
-    id: str
-    #: ``image`` (a container image) or ``archive`` (a workspace archive).
-    kind: str
-    #: Image reference (``registry/repo:tag``) or archive file name in the snapshot store.
-    reference: str
-    digest: str = ""
-
-
-@dataclass(frozen=True)
-class SnapshotRequest:
-    """What :meth:`Backend.snapshot` is asked to save."""
-
-    snapshot_id: str
-    instance_id: str
-    owner: str
-    tool: str
-
-
-@dataclass(frozen=True)
-class SnapshotResult:
-    """What :meth:`Backend.snapshot` saved."""
-
-    kind: str
-    reference: str
-    #: Manifest digest of a pushed image, image id of a local one, sha256 of an archive.
-    digest: str
-    size: int
 
 
 class SnapshotUnsupported(LabgateError):

@@ -67,7 +67,7 @@ from labgate.backends.images import (
     stream_digest,
 )
 from labgate.backends.images import stream_error as stream_error_of
-from labgate.errors import BackendError, InstanceStartError
+from labgate.errors import BackendError, ConfigError, InstanceStartError
 from labgate.tools.catalog import template_values
 
 try:
@@ -419,7 +419,8 @@ class ContainerBackend(Backend):
 
     def _userns_pool(self) -> security.IdRange:
         pool = security.IdRange.parse(self.config.userns_range)
-        assert pool is not None  # checked with the options
+        if pool is None:  # checked with the options, so only a programming error gets here
+            raise ConfigError(f"userns_range {self.config.userns_range!r} is not a uid range")
         return pool
 
     def _site_mapping(self) -> security.IdRange | None:
@@ -524,7 +525,8 @@ class ContainerBackend(Backend):
         env: dict[str, str],
     ) -> Started:
         tool = spec.tool.container
-        assert tool is not None
+        if tool is None:
+            raise InstanceStartError(f"tool {spec.tool.name} has no container image")
         name = self.container_name(spec.instance_id)
         for mount in spec.mounts:
             exposed = security.engine_mount(mount.source, self.config.base_url)
@@ -576,7 +578,8 @@ class ContainerBackend(Backend):
         The low-level API, because the SDK's ``userns_mode`` accepts only "host".
         """
         tool = spec.tool.container
-        assert tool is not None
+        if tool is None:
+            raise InstanceStartError(f"tool {spec.tool.name} has no container image")
         api = self.client.api
         memory = spec.resources.memory
         host: dict[str, Any] = {
@@ -811,7 +814,8 @@ class ContainerBackend(Backend):
             log.info("removing image %s: %s", reference, explain(exc))
 
     async def _push(self, instance_id: str, sid: str, repository: str, tag: str) -> str:
-        assert self.registry is not None
+        if self.registry is None:
+            raise BackendError(f"snapshot {sid}: this site has no snapshot registry to push to")
         progress = PullProgress(f"snapshot {sid}: pushing", f"{repository}:{tag}")
         await self.progress_note(
             instance_id, f"snapshot {sid}: pushing to {self.registry.host}", snapshot=sid

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate import __version__
-from labgate.agent.link import LocalSiteLink, Report, Reporter, SiteLink
+from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.site import SiteAgent
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
@@ -48,12 +48,13 @@ from labgate.portal.openapi import install_openapi
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.state import Portal
 from labgate.resolver.locality import DataLocator
-from labgate.scheduler.lifecycle import InstanceManager
+from labgate.scheduler.instances import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
 from labgate.startup import build_backend
 from labgate.tools.catalog import Catalog
+from labgate.wire.site import Report, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await portal.run_db(portal.routes.load)
     await portal.manager.restore()
     ops = await operations.start_operations(app, portal, metrics)
-    portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager)
+    portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
     # After restore: containers of instances that ended while labgate was down go now.
     reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval)
     await reconciler.run_once()

@@ -173,7 +173,8 @@ async def identify(request: Request) -> Principal | None:
 
 
 async def _check_csrf(portal: Portal, request: Request, principal: Principal) -> None:
-    assert principal.session_id is not None
+    if principal.session_id is None:
+        raise RuntimeError("a CSRF check needs a session")
     given = request.headers.get(CSRF_HEADER)
     if given is None and request.headers.get("content-type", "").startswith(
         ("application/x-www-form-urlencoded", "multipart/form-data")

@@ -59,7 +59,8 @@ def _describe(errors: list[dict[str, Any]]) -> str:
 
 
 async def _labgate_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, LabgateError)
+    if not isinstance(exc, LabgateError):
+        raise TypeError(f"not a LabgateError: {exc!r}")
     response = _answer(request, exc.status, exc.code, exc.detail, **exc.extra)
     if isinstance(exc, TooManyRequests):
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -67,7 +68,8 @@ async def _labgate_error(request: Request, exc: Exception) -> Response:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc, StarletteHTTPException):
+        raise TypeError(f"not an HTTPException: {exc!r}")
     code = HTTP_CODES.get(exc.status_code, "http_error")
     detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and detail == "Not Found":
@@ -79,7 +81,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, RequestValidationError)
+    if not isinstance(exc, RequestValidationError):
+        raise TypeError(f"not a RequestValidationError: {exc!r}")
     errors = list(exc.errors())
     if any(err.get("type") == "json_invalid" for err in errors):
         return json_error(400, "invalid_json", "the request body is not valid JSON")

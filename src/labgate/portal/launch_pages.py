@@ -38,7 +38,7 @@ from labgate.portal.ui.render import error_page, render, to_login
 from labgate.portal.ui.views import page_context
 from labgate.resolver.identifiers import InvalidIdentifier, normalize
 from labgate.resolver.locality import Resolution, launch_url
-from labgate.scheduler.lifecycle import LaunchRequest
+from labgate.scheduler.launch import LaunchRequest
 
 router = APIRouter(include_in_schema=False)
 

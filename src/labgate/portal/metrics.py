@@ -27,11 +27,11 @@ from sqlalchemy import func, select
 
 from labgate import __version__
 from labgate.db.models import Instance, InstanceState, Site
-from labgate.router.stats import LATENCY_BOUNDS
+from labgate.wire.stats import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from labgate.portal.state import Portal
-    from labgate.scheduler.lifecycle import RouteFeed
+    from labgate.scheduler.instances import RouteFeed
     from labgate.scheduler.pools import PoolManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

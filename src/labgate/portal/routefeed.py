@@ -29,10 +29,10 @@ from labgate.db.models import (
     User,
     utcnow,
 )
-from labgate.router import Route, RoutePublisher, TokenInfo, UserInfo
-from labgate.router.table import SNAPSHOT_VERSION
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
+from labgate.wire.routes import SNAPSHOT_VERSION, Route, TokenInfo, UserInfo
+from labgate.wire.stream import RoutePublisher
 
 log = logging.getLogger(__name__)
 

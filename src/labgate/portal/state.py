@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from labgate.config import Settings
 from labgate.db.session import Database
-from labgate.portal.activity import ActivityBoard
+from labgate.passwords import PasswordWorkers
 from labgate.portal.login_limits import LoginLimiter
-from labgate.portal.passwords import PasswordWorkers
+from labgate.scheduler.activity import ActivityBoard
 from labgate.scheduler.events import EventBus
 from labgate.security import SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
@@ -22,7 +22,7 @@ from labgate.tools.catalog import Catalog
 if TYPE_CHECKING:
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
-    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.instances import InstanceManager
     from labgate.scheduler.snapshots import SnapshotManager
 
 T = TypeVar("T")
@@ -65,7 +65,8 @@ class Portal:
     @property
     def instances(self) -> InstanceManager:
         """The instance manager (present once the app has started)."""
-        assert self.manager is not None, "portal not started"
+        if self.manager is None:
+            raise RuntimeError("the portal is not started: it has no instance manager")
         return self.manager
 
 

@@ -28,7 +28,6 @@ from urllib.parse import quote
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Report
 from labgate.backends.confine import EscapesRoot, check_beneath
 from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
 from labgate.db.models import utcnow as _utcnow
@@ -37,6 +36,7 @@ from labgate.resolver import fetch as fetching
 from labgate.resolver.identifiers import normalize, short_hash
 from labgate.resolver.registry import CACHE, parse_identifier
 from labgate.resolver.schemas import DatasetOut, LaunchLink, ReplicaOut
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
     from labgate.config import Settings

@@ -2,11 +2,11 @@
 
 ``/i/<instance-id>/…`` goes to that instance after an in-memory check of the
 session cookie or API token and the instance's access list; everything else
-goes to the portal. See ``docs/router.md``.
+goes to the portal. See ``docs/router.md``. The route table, the route stream
+and the activity and statistics reports are :mod:`labgate.wire`.
 
 Modules::
 
-    table.py     Route, UserInfo, TokenInfo, RouterControl, RouteTable (the state)
     auth.py      credentials and access checks, in memory
     http.py      limits, header sets, request-target checks
     exchange.py  per-request state and the head sent upstream
@@ -14,9 +14,8 @@ Modules::
     upstream.py  UpstreamConnection and UpstreamPool
     pages.py     the router's own answers (errors, redirects)
     context.py   RouterOptions, shared state, the timeout sweeper
-    activity.py  Activity per route
+    activity.py  activity counters per route
     server.py    Router, start_router
-    stream.py    RoutePublisher and the route stream wire format
     sync.py      RouteSync (follow the stream), ActivityReporter
     workers.py   run_router_process, spawn_workers (SO_REUSEPORT)
     supervisor.py  WorkerSupervisor: dead workers replaced, with a backoff
@@ -24,13 +23,19 @@ Modules::
 
 from __future__ import annotations
 
-from labgate.router.activity import Activity, merge
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings, start_router
-from labgate.router.stream import STREAM_MEDIA_TYPE, STREAM_PATH, RoutePublisher, apply_message
 from labgate.router.supervisor import WorkerSupervisor
 from labgate.router.sync import ActivityReporter, RouteSync
-from labgate.router.table import (
+from labgate.router.workers import (
+    WorkerConfig,
+    run_router_process,
+    spawn_workers,
+    stop_workers,
+    worker_config,
+)
+from labgate.wire.activity import Activity, merge
+from labgate.wire.routes import (
     Route,
     RouterControl,
     RouteTable,
@@ -39,13 +44,7 @@ from labgate.router.table import (
     UserInfo,
     parse_upstream,
 )
-from labgate.router.workers import (
-    WorkerConfig,
-    run_router_process,
-    spawn_workers,
-    stop_workers,
-    worker_config,
-)
+from labgate.wire.stream import STREAM_MEDIA_TYPE, STREAM_PATH, RoutePublisher, apply_message
 
 __all__ = [
     "STREAM_MEDIA_TYPE",

@@ -4,47 +4,14 @@ The proxy bumps a mutable :class:`Counter` per instance on every request and
 every chunk it forwards (attribute arithmetic, nothing more); readers get
 frozen :class:`Activity` copies. Counters live per router process; when
 several workers serve one port, the portal sums bytes and WebSockets and takes
-the latest ``last_request`` (see :func:`merge`).
+the latest ``last_request`` (see :func:`labgate.wire.activity.merge`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from labgate.wire.activity import Activity, merge
 
-
-@dataclass(frozen=True, slots=True)
-class Activity:
-    """What one route has seen: last request (Unix time), bytes each way, open WebSockets.
-
-    ``bytes_in`` counts bytes from clients to the instance, ``bytes_out`` bytes
-    from the instance to clients, both including HTTP framing.
-    """
-
-    last_request: float = 0.0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    open_websockets: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form."""
-        return {
-            "last_request": self.last_request,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "open_websockets": self.open_websockets,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Activity:
-        """From the JSON form."""
-        return cls(
-            last_request=float(data.get("last_request", 0.0)),
-            bytes_in=int(data.get("bytes_in", 0)),
-            bytes_out=int(data.get("bytes_out", 0)),
-            open_websockets=int(data.get("open_websockets", 0)),
-        )
+__all__ = ["Activity", "ActivityLog", "Counter", "merge"]
 
 
 class Counter:
@@ -90,14 +57,3 @@ class ActivityLog:
         counter = self._counters.get(instance_id)
         if counter is not None and counter.open_websockets <= 0:
             del self._counters[instance_id]
-
-
-def merge(parts: Iterable[Activity]) -> Activity:
-    """Combine the activity of one instance reported by several router workers."""
-    last, bytes_in, bytes_out, sockets = 0.0, 0, 0, 0
-    for part in parts:
-        last = max(last, part.last_request)
-        bytes_in += part.bytes_in
-        bytes_out += part.bytes_out
-        sockets += part.open_websockets
-    return Activity(last, bytes_in, bytes_out, sockets)

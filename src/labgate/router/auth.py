@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from labgate.router.http import header_safe
-from labgate.router.table import Route, RouteTable, UserInfo
 from labgate.security import SESSION_COOKIE, TOKEN_PREFIX, SessionClaim, SessionSigner, hash_token
+from labgate.wire.routes import Route, RouteTable, UserInfo
 
 ACCESS_SCOPES = frozenset({"instances:access", "admin"})
 _COOKIE_NAME = SESSION_COOKIE.encode()

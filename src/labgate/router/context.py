@@ -10,23 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
-from labgate.router.stats import RouterStats
-from labgate.router.table import RouteTable, UpstreamAddress
+from labgate.router.http import NEVER, log
+from labgate.router.upstream import UpstreamPool
+from labgate.wire.routes import RouteTable, UpstreamAddress
+from labgate.wire.stats import RouterStats
 
-if TYPE_CHECKING:
-    from labgate.router.upstream import UpstreamPool
-
-log = logging.getLogger("labgate.router")
-
-NEVER = math.inf
+__all__ = ["NEVER", "Context", "RouterOptions", "log"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +78,6 @@ class Context:
         options: RouterOptions,
         activity: ActivityLog | None = None,
     ) -> None:
-        from labgate.router.upstream import UpstreamPool
-
         self.table = table
         self.auth = auth
         self.portal = portal

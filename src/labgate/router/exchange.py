@@ -17,11 +17,11 @@ from labgate.router.http import (
     check_target,
     valid_host,
 )
-from labgate.router.table import UpstreamAddress
+from labgate.wire.routes import UpstreamAddress
 
 if TYPE_CHECKING:
     from labgate.router.auth import Credentials, Identity
-    from labgate.router.table import Route
+    from labgate.wire.routes import Route
 
 CRLF = b"\r\n"
 

@@ -11,10 +11,17 @@ smuggling.
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import quote, unquote_to_bytes
+
+log = logging.getLogger("labgate.router")
+
+#: A deadline that never comes (a timeout switched off).
+NEVER = math.inf
 
 MAX_TARGET = 8192
 MAX_HEAD = 65536

@@ -33,8 +33,8 @@ from labgate.router.http import (
     MAX_HEADERS,
     MAX_TARGET,
 )
-from labgate.router.table import UpstreamAddress
 from labgate.router.upstream import UpstreamConnection
+from labgate.wire.routes import UpstreamAddress
 
 PAUSE_PIPELINE = 1
 PAUSE_UPSTREAM = 2

@@ -23,8 +23,8 @@ from labgate.router.activity import Activity, ActivityLog
 from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
-from labgate.router.table import RouteTable, parse_upstream
 from labgate.security import SessionSigner
+from labgate.wire.routes import RouteTable, parse_upstream
 
 
 class Router:

@@ -30,9 +30,9 @@ from collections.abc import Callable
 import httpx
 
 from labgate.router.activity import Activity
-from labgate.router.stats import RouterStats
-from labgate.router.stream import ACTIVITY_PATH, STREAM_PATH, apply_message
-from labgate.router.table import RouterControl
+from labgate.wire.routes import RouterControl
+from labgate.wire.stats import RouterStats
+from labgate.wire.stream import ACTIVITY_PATH, STREAM_PATH, apply_message
 
 log = logging.getLogger("labgate.router.sync")
 
@@ -141,7 +141,7 @@ class ActivityReporter:
         stats: Callable[[], RouterStats] | None = None,
     ) -> None:
         self.activities = activities
-        #: Request counts and latency (labgate.router.stats), sent along for /metrics.
+        #: Request counts and latency (labgate.wire.stats), sent along for /metrics.
         self.stats = stats
         self.portal_url = portal_url
         self.token = token

@@ -18,13 +18,21 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from labgate.router.context import NEVER, Context, log
-from labgate.router.http import HOP_BY_HOP, LAST_CHUNK, chunk, connection_tokens, status_line
-from labgate.router.table import UpstreamAddress
+from labgate.router.http import (
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    NEVER,
+    chunk,
+    connection_tokens,
+    log,
+    status_line,
+)
 from labgate.security import SESSION_COOKIE
+from labgate.wire.routes import UpstreamAddress
 
 if TYPE_CHECKING:
     from labgate.router.activity import Counter
+    from labgate.router.context import Context
     from labgate.router.exchange import Exchange
     from labgate.router.proxy import ClientConnection
 

@@ -40,8 +40,8 @@ from labgate.config import Settings
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings
 from labgate.router.sync import ActivityReporter, RouteSync
-from labgate.router.table import RouteTable
 from labgate.security import SessionSigner
+from labgate.wire.routes import RouteTable
 
 log = logging.getLogger("labgate.router")
 

@@ -33,27 +33,33 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Report
 from labgate.db.models import Group, Instance, InstanceState, UsageRecord
 from labgate.errors import LabgateError
 from labgate.scheduler.quotas import lifetime_limit
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
     from labgate.config import Settings
-    from labgate.portal.activity import ActivityBoard
-    from labgate.portal.metrics import Metrics
-    from labgate.scheduler.lifecycle import InstanceManager
+    from labgate.scheduler.activity import ActivityBoard
+    from labgate.scheduler.control import InstanceControl
 
 log = logging.getLogger(__name__)
 
 #: A stop further ahead than this (a hundred years) is shown as none: it would not
 #: fit a date, and no instance lives that long.
 NEVER = 100 * 366 * 86400.0
+
+
+class CullMetrics(Protocol):
+    """Where the culler counts what it stopped (``labgate.portal.metrics.Metrics``)."""
+
+    def culled(self, reason: str) -> None:
+        """The culler stopped an instance for ``reason``."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +104,10 @@ class Culler:
 
     def __init__(
         self,
-        manager: InstanceManager,
+        manager: InstanceControl,
         activity: ActivityBoard,
         settings: Settings,
-        metrics: Metrics | None = None,
+        metrics: CullMetrics | None = None,
     ) -> None:
         self.manager = manager
         self.activity = activity
@@ -138,7 +144,7 @@ class Culler:
     async def sweep(self, now: float | None = None) -> list[str]:
         """Warn about and stop what is due; returns the ids stopped."""
         now = time.time() if now is None else now
-        watches = await self.manager._db(self._running)
+        watches = await self.manager.run_db(self._running)
         stopped = []
         for watch in watches:
             deadline = self.deadline(watch, self.last_use(watch, now), now)

@@ -32,7 +32,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -57,8 +57,8 @@ from labgate.security import new_id
 if TYPE_CHECKING:
     from labgate.backends.base import Resources
     from labgate.config import PoolConfig
-    from labgate.portal.metrics import Metrics
-    from labgate.scheduler.lifecycle import InstanceManager, LaunchRequest
+    from labgate.scheduler.control import InstanceControl
+    from labgate.scheduler.launch import LaunchRequest
     from labgate.tools.catalog import Tool
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,13 @@ BACKOFF_MAX = 300.0
 def pool_key(tool: str, site: str) -> str:
     """The mark of a pool's instances: ``tool@site``."""
     return f"{tool}@{site}"
+
+
+class LaunchMetrics(Protocol):
+    """Where launch times are recorded (``labgate.portal.metrics.Metrics``)."""
+
+    def launch_seconds(self, tool: str, kind: str, seconds: float) -> None:
+        """One launch became ready after ``seconds`` (kind: cold, warm or pool)."""
 
 
 @dataclass
@@ -106,12 +113,12 @@ class PoolManager:
 
     def __init__(
         self,
-        manager: InstanceManager,
+        manager: InstanceControl,
         configs: list[PoolConfig],
         *,
         default_site: str,
         interval: float = 10.0,
-        metrics: Metrics | None = None,
+        metrics: LaunchMetrics | None = None,
     ) -> None:
         self.manager = manager
         self.interval = interval
@@ -134,8 +141,8 @@ class PoolManager:
             pool.disabled = self._why_not(pool)
             if pool.disabled is not None:
                 log.warning("warm pool %s is not kept: %s", pool.key, pool.disabled)
-        self.user_id = await self.manager._db(ensure_pool_user)
-        for instance_id in await self.manager._db(self._leftovers):
+        self.user_id = await self.manager.run_db(ensure_pool_user)
+        for instance_id in await self.manager.run_db(self._leftovers):
             with contextlib.suppress(LabgateError):
                 await self.manager.stop(
                     instance_id, reason="pool_removed", message="no longer part of a warm pool"
@@ -245,10 +252,8 @@ class PoolManager:
                 )
             self.poke()
             return None
-        bound = await self.manager._db(lambda s: self._bound(s, instance.id, state))
-        if self.manager.routes is not None:
-            self.manager.routes.instance_changed(bound)
-        self.manager.events.notify(bound.id)
+        bound = await self.manager.run_db(lambda s: self._bound(s, instance.id, state))
+        self.manager.changed(bound)
         if self.metrics is not None:
             self.metrics.launch_seconds(bound.tool, "warm", time.monotonic() - begun)
         self.poke()
@@ -256,7 +261,8 @@ class PoolManager:
 
     def _bound(self, session: Session, instance_id: str, state: dict[str, Any]) -> Instance:
         instance = session.get(Instance, instance_id)
-        assert instance is not None
+        if instance is None:
+            raise LabgateError(f"pool instance {instance_id} is gone")
         instance.backend_state = state
         instance.pool = None
         session.add(
@@ -285,7 +291,7 @@ class PoolManager:
 
     async def refill(self) -> None:
         """Start what each pool lacks; stop what it has too many of."""
-        counts, failures = await self.manager._db(self._census)
+        counts, failures = await self.manager.run_db(self._census)
         now = time.monotonic()
         for pool in self.active:
             have = counts.get(pool.key, [])
@@ -343,13 +349,17 @@ class PoolManager:
     def _admit(self, session: Session, pool: Pool) -> str:
         """Record a new pool instance on the pool's site (capacity permitting)."""
         tool = self.manager.catalog.get(pool.tool)
-        assert tool is not None and self.user_id is not None
+        if tool is None:
+            raise LabgateError(f"pool {pool.key}: tool {pool.tool} is not in the catalog")
+        if self.user_id is None:
+            raise RuntimeError("the pool manager is not started (no pool account)")
         resources = tool.resources.default()
         # Called through run_admission, like user launches: capacity is counted and taken at once.
         views = site_views(session, set(self.manager.links))
         site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
         owner = session.get(User, self.user_id)
-        assert owner is not None
+        if owner is None:
+            raise RuntimeError(f"the pool account (user {self.user_id}) is gone")
         instance_id = new_id()
         instance = Instance(
             id=instance_id,

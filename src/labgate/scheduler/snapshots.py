@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Report, SiteLink
+from labgate.agent.link import SiteLink
 from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
 from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.db.models import (
@@ -36,9 +36,9 @@ from labgate.db.models import (
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.security import new_id
+from labgate.wire.site import Report, Reporter
 
 if TYPE_CHECKING:
-    from labgate.scheduler.lifecycle import InstanceManager
     from labgate.scheduler.placement import SiteView
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,11 @@ def snapshot_ref(snapshot: Snapshot) -> SnapshotRef:
 class SnapshotManager:
     """Takes and deletes snapshots through the sites; records them in the database."""
 
-    def __init__(self, db: Database, links: dict[str, SiteLink], instances: InstanceManager):
+    def __init__(self, db: Database, links: dict[str, SiteLink], report: Reporter):
         self.db = db
         self.links = links
-        self.instances = instances
+        #: Where progress notes go (the instance manager's ``apply``).
+        self.report = report
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
@@ -226,7 +227,7 @@ class SnapshotManager:
             message=message,
             data={"snapshot": snapshot_id, **data},
         )
-        await self.instances.apply(report)
+        await self.report(report)
 
     # --- delete ----------------------------------------------------------------
     async def delete(self, snapshot_id: str) -> None:

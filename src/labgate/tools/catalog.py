@@ -46,8 +46,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from labgate.backends.base import Resources
 from labgate.units import Size
+from labgate.wire.launch import Resources
 
 log = logging.getLogger(__name__)
 

@@ -151,7 +151,8 @@ async def logout(
 async def whoami(caller: Caller, portal: Portal = Depends(get_portal)) -> SessionOut:
     """The caller, its scopes, and the CSRF token of its session."""
     user = await portal.run_db(lambda s: s.get(User, caller.user_id))
-    assert user is not None
+    if user is None:
+        raise Unauthorized("your account no longer exists")
     csrf = portal.signer.csrf_token(caller.session_id) if caller.session_id else None
     return SessionOut(
         user=user_out(user), csrf_token=csrf, scopes=sorted(caller.scopes), via=caller.via

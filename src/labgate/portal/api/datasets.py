@@ -46,7 +46,8 @@ router = APIRouter(tags=["datasets"])
 def locator(portal: Portal) -> DataLocator:
     """The portal's dataset locator."""
     data = portal.instances.data
-    assert data is not None, "the portal runs without a data locator"
+    if data is None:
+        raise RuntimeError("the portal runs without a data locator")
     return data
 
 

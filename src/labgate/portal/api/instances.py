@@ -20,7 +20,7 @@ from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
 from labgate.portal.state import Portal, get_portal
-from labgate.scheduler.lifecycle import LaunchRequest
+from labgate.scheduler.launch import LaunchRequest
 from labgate.types import MAX_ID
 
 router = APIRouter(prefix="/instances", tags=["instances"])

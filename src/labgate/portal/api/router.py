@@ -18,9 +18,10 @@ from pydantic import Field
 from labgate.portal.auth import Principal, router_caller
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
-from labgate.router import STREAM_MEDIA_TYPE, Activity
-from labgate.router.stats import RouterStats
 from labgate.types import Strict
+from labgate.wire.activity import Activity
+from labgate.wire.stats import RouterStats
+from labgate.wire.stream import STREAM_MEDIA_TYPE
 
 router = APIRouter(prefix="/router", tags=["router"])
 
@@ -30,7 +31,7 @@ LAST_TIME = 253402300799.0
 
 
 class RouteActivityIn(Strict):
-    """What a router saw of one instance (:class:`labgate.router.Activity`)."""
+    """What a router saw of one instance (:class:`labgate.wire.activity.Activity`)."""
 
     last_request: float = Field(0.0, ge=0, le=LAST_TIME, description="Unix time.")
     bytes_in: int = Field(0, ge=0)
@@ -39,7 +40,7 @@ class RouteActivityIn(Strict):
 
 
 class RouterStatsIn(Strict):
-    """Request count and latency histogram (:class:`labgate.router.stats.RouterStats`)."""
+    """Request count and latency histogram (:class:`labgate.wire.stats.RouterStats`)."""
 
     requests: int = Field(0, ge=0)
     buckets: list[Annotated[int, Field(ge=0)]] = Field(
@@ -66,7 +67,8 @@ async def route_stream(
     caller: Principal = Depends(router_caller), portal: Portal = Depends(get_portal)
 ) -> Response:
     """Newline-delimited JSON: a snapshot of the route table, then every change."""
-    assert portal.routes is not None
+    if portal.routes is None:
+        raise RuntimeError("the portal is not started: it has no route table")
     return StreamingResponse(portal.routes.table.subscribe(), media_type=STREAM_MEDIA_TYPE)
 
 

@@ -100,7 +100,8 @@ def managed_snapshot(session: Session, caller: Principal, snapshot_id: str) -> S
 
 def manager(portal: Portal) -> SnapshotManager:
     """The portal's snapshot manager (present once the app has started)."""
-    assert portal.snapshots is not None, "portal not started"
+    if portal.snapshots is None:
+        raise RuntimeError("the portal is not started: it has no snapshot manager")
     return portal.snapshots
 
 

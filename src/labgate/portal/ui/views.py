@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
 from labgate.db.models import InstanceState, User
+from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.api.catalog import tool_out
 from labgate.portal.api.instances import instance_out, visible_instance
@@ -131,7 +132,8 @@ async def account_page(request: Request, portal: Portal = Depends(get_portal)) -
 
     def load(session: Session) -> UserOut:
         user = session.get(User, caller.user_id)
-        assert user is not None
+        if user is None:
+            raise Unauthorized("your account no longer exists")
         return user_out(user)
 
     account = await portal.run_db(load)

@@ -1,20 +1,19 @@
-"""The instance lifecycle: launch, stop, reports from sites, restore after restart.
+"""The instance manager: launch, stop, reports from sites, restore after restart.
 
-The manager owns every instance state transition. It writes each one, with
-its event, in one transaction; refuses transitions the state machine does not
-allow (a late ``running`` report for an instance the user already stopped is
-dropped, not applied); tells the route feed what changed; and wakes event
-stream readers.
+A launch runs the pipeline of :mod:`labgate.scheduler.launch`. The manager
+owns every instance state transition. It writes each one, with its event, in
+one transaction; refuses transitions the state machine does not allow (a late
+``running`` report for an instance the user already stopped is dropped, not
+applied); tells the route feed what changed; and wakes event stream readers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import Adoption, Report, SiteLink
+from labgate.agent.link import Adoption, SiteLink
 from labgate.backends.base import LaunchSpec, Mount, Resources
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -30,24 +29,21 @@ from labgate.db.models import (
     Instance,
     InstanceEvent,
     InstanceState,
-    Site,
-    User,
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import BadRequest, Conflict, NotFound
+from labgate.errors import Conflict, NotFound
 from labgate.scheduler import accounting, quotas
 from labgate.scheduler.events import EventBus
-from labgate.scheduler.placement import Placement, choose_site
-from labgate.scheduler.sites import site_views
-from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_ref, snapshot_to_launch
-from labgate.security import SecretBox, new_id
-from labgate.tools.catalog import Catalog, Tool
-from labgate.units import parse_size
+from labgate.scheduler.launch import LaunchRequest, WarmPools
+from labgate.scheduler.launch import launch as launch_pipeline
+from labgate.scheduler.snapshots import snapshot_ref
+from labgate.security import SecretBox
+from labgate.tools.catalog import Catalog
+from labgate.wire.site import Report
 
 if TYPE_CHECKING:
-    from labgate.resolver.locality import DataLocator, DataNeed
-    from labgate.scheduler.pools import PoolManager
+    from labgate.resolver.locality import DataLocator
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +58,6 @@ class RouteFeed(Protocol):
 
     def instance_changed(self, instance: Instance) -> None:
         """An instance changed state, endpoint or access."""
-
-
-@dataclass(frozen=True)
-class LaunchRequest:
-    """A validated launch."""
-
-    tool: str
-    resources: dict[str, Any] | None = None
-    site: str | None = None
-    #: A dataset identifier: the launch runs where a live replica is, with it mounted.
-    dataset: str | None = None
-    #: Labels the site must carry.
-    labels: dict[str, str] | None = None
-    #: A snapshot id: start from it (its tool, its image or workspace archive).
-    snapshot: str | None = None
-    #: The group to charge (quotas, accounting); None: the first of the user's that admits it.
-    group: str | None = None
 
 
 class InstanceManager:
@@ -112,13 +91,15 @@ class InstanceManager:
         #: the instance limit is always ``max_instances_per_user``.
         self.default_limits = quotas.Limits()
         #: Warm pools a launch may claim from (labgate.scheduler.pools), set by the app.
-        self.pools: PoolManager | None = None
+        self.pools: WarmPools | None = None
         #: Environment every instance gets (e.g. LABGATE_API_URL), set by the app.
         self.extra_env: dict[str, str] = {}
         self._admission = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def _db(self, fn: Callable[[Session], T]) -> T:
+    async def run_db(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in a transaction in a worker thread."""
+
         def run() -> T:
             with self.db.session() as session:
                 return fn(session)
@@ -148,31 +129,10 @@ class InstanceManager:
 
     # --- launch ------------------------------------------------------------
     async def launch(self, user_id: int, request: LaunchRequest) -> Instance:
-        """Admit, record and start a launch; returns the ``pending`` instance."""
-        if (snapshot_id := request.snapshot) is not None:
-            # The snapshot names the tool; it must be the user's (or shared) and ready.
-            name = await self._db(
-                lambda s: snapshot_to_launch(s, snapshot_id, user_id, request.tool).tool
-            )
-            request = replace(request, tool=name)
-        tool = self.catalog.get(request.tool)
-        if tool is None:
-            raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
-        resources = resolve_resources(tool, request.resources)
-        warm = self.pools is not None and self.pools.matches(tool, request, resources)
-        instance = await self.run_admission(
-            lambda s: self._admit(s, user_id, tool, request, resources, warm)
+        """Admit, record and start a launch (:mod:`labgate.scheduler.launch`)."""
+        return await launch_pipeline(
+            self, user_id, request, defaults=self.user_defaults(), data=self.data, pools=self.pools
         )
-        if instance.state == InstanceState.running and self.pools is not None:
-            # Claimed from a warm pool: hand it the user's workspace, else start cold.
-            claimed = await self.pools.bind(instance)
-            if claimed is not None:
-                return claimed
-            instance = await self.run_admission(
-                lambda s: self._admit(s, user_id, tool, request, resources, False)
-            )
-        self.start_admitted(instance.id)
-        return instance
 
     def user_defaults(self) -> quotas.Limits:
         """The limits of a user without limits of their own."""
@@ -183,80 +143,11 @@ class InstanceManager:
         self.events.notify(instance_id)
         self._spawn(self._start(instance_id))
 
-    def _need(self, session: Session, dataset: str | None) -> DataNeed | None:
-        if dataset is None:
-            return None
-        if self.data is None:
-            raise BadRequest("datasets are not enabled on this portal")
-        return self.data.need(session, dataset, live=set(self.links))
-
-    def _admit(
-        self,
-        session: Session,
-        user_id: int,
-        tool: Tool,
-        request: LaunchRequest,
-        resources: Resources,
-        warm: bool = False,
-    ) -> Instance:
-        # Runs under run_admission: the count and the insert commit before the next
-        # admission counts. The row lock orders one user's launches on PostgreSQL.
-        user = session.execute(
-            select(User).where(User.id == user_id).with_for_update()
-        ).scalar_one()
-        group = quotas.admit(session, self.user_defaults(), user, resources, request.group)
-        if warm and self.pools is not None:
-            claimed = self.pools.take(session, user, tool, group)
-            if claimed is not None:
-                return claimed
-        # Placement inside the admission lock: capacity is counted and taken at once.
-        need = self._need(session, request.dataset)
-        placement = Placement(
-            tool=tool,
-            resources=resources,
-            wanted=request.site,
-            labels=request.labels or {},
-            holders=need.holders if need is not None and need.holders else None,
-        )
-        views = site_views(session, set(self.links))
-        if request.snapshot is not None:
-            snapshot = snapshot_to_launch(session, request.snapshot, user_id, tool.name)
-            views = sites_for_snapshot(snapshot, views, request.site)
-        site = choose_site(views, placement)
-        site_row = session.scalar(select(Site).where(Site.name == site))
-        instance_id = new_id()
-        instance = Instance(
-            id=instance_id,
-            owner_id=user_id,
-            tool=tool.name,
-            site=site_row,
-            state=InstanceState.pending,
-            resources=resources.as_json(),
-            secret=self.box.new_secret(instance_id),
-            dataset_id=need.dataset_id if need is not None else None,
-            mounts=[need.mount_on(site)] if need is not None else [],
-            snapshot_id=request.snapshot,
-        )
-        session.add(instance)
-        accounting.open_record(session, instance, user, group.name if group else "")
-        near = f", next to {need.identifier}" if need is not None and need.holders else ""
-        session.add(
-            InstanceEvent(
-                instance=instance,
-                state=InstanceState.pending,
-                message=f"scheduled on site {site}{near}",
-                data={"site": site},
-            )
-        )
-        session.flush()
-        session.refresh(instance, ["owner", "site"])
-        return instance
-
     async def _start(self, instance_id: str) -> None:
         # A dataset no site holds is fetched into the chosen site's cache first.
         if self.data is not None and not await self.data.prepare(self.db, instance_id, self.apply):
             return
-        spec, site = await self._db(lambda s: self._launch_spec(s, instance_id))
+        spec, site = await self.run_db(lambda s: self._launch_spec(s, instance_id))
         if spec is None or site is None:
             return
         await self.links[site].launch(spec)
@@ -308,8 +199,8 @@ class InstanceManager:
         ``reason`` is the short word usage records keep (``stopped``, ``idle``,
         ``lifetime``...); ``message`` goes into the event stream.
         """
-        instance = await self._db(lambda s: self._begin_stop(s, instance_id, reason, message))
-        self._after_change(instance)
+        instance = await self.run_db(lambda s: self._begin_stop(s, instance_id, reason, message))
+        self.changed(instance)
         link = self.links.get(instance.site.name) if instance.site else None
         if link is not None:
             # Even a pending instance may be inside backend.start right now:
@@ -331,7 +222,7 @@ class InstanceManager:
                 )
             )
 
-        for instance_id in await self._db(ids):
+        for instance_id in await self.run_db(ids):
             try:
                 await self.stop(instance_id)
             except Conflict:
@@ -356,9 +247,9 @@ class InstanceManager:
     # --- reports from sites ------------------------------------------------
     async def apply(self, report: Report) -> None:
         """Record what a site reported; the reporter callback of every link."""
-        instance = await self._db(lambda s: self._apply(s, report))
+        instance = await self.run_db(lambda s: self._apply(s, report))
         if instance is not None:
-            self._after_change(instance)
+            self.changed(instance)
 
     def _apply(self, session: Session, report: Report) -> Instance | None:
         instance = session.get(Instance, report.instance_id)
@@ -399,7 +290,8 @@ class InstanceManager:
         session.refresh(instance, ["owner", "site"])
         return instance
 
-    def _after_change(self, instance: Instance) -> None:
+    def changed(self, instance: Instance) -> None:
+        """Tell the routers and the event streams that an instance changed."""
         if self.routes is not None:
             self.routes.instance_changed(instance)
         self.events.notify(instance.id)
@@ -407,7 +299,7 @@ class InstanceManager:
     # --- restart -----------------------------------------------------------
     async def restore(self) -> None:
         """After a portal start: hand every unfinished instance back to its site."""
-        rows = await self._db(self._unfinished)
+        rows = await self.run_db(self._unfinished)
         for instance in rows:
             site = instance.site.name if instance.site else None
             link = self.links.get(site or "")
@@ -496,40 +388,6 @@ def _transition(
         instance.reason = message
     session.add(InstanceEvent(instance=instance, state=target, message=message, data=data or {}))
     accounting.on_transition(session, instance, target, data or {})
-
-
-def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
-    """The tool's defaults overridden by ``requested``, within the tool's maxima."""
-    limits = tool.resources
-    cpu, memory = limits.cpu, limits.memory
-    if requested:
-        unknown = set(requested) - {"cpu", "memory"}
-        if unknown:
-            raise BadRequest(
-                f"unknown resources: {', '.join(sorted(unknown))} (known: cpu, memory)"
-            )
-        if requested.get("cpu") is not None:
-            value = requested["cpu"]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise BadRequest("resources.cpu must be a positive number of cores")
-            cpu = float(value)
-        if requested.get("memory") is not None:
-            try:
-                memory = parse_size(requested["memory"])
-            except ValueError as exc:
-                raise BadRequest(f"resources.memory: {exc}") from None
-    if cpu > limits.max_cpu:
-        raise BadRequest(f"{tool.name} allows at most {limits.max_cpu:g} CPUs, asked for {cpu:g}")
-    if memory > limits.max_memory:
-        raise BadRequest(
-            f"{tool.name} allows at most {limits.max_memory} bytes of memory, asked for {memory}"
-        )
-    return Resources(cpu=cpu, memory=memory)
 
 
 def timestamp(value: datetime | None) -> float | None:

@@ -36,7 +36,7 @@ COMMON_PASSWORDS_FILE = "common-passwords.txt.gz"
 @cache
 def common_passwords() -> frozenset[str]:
     """The shipped list of common passwords, lower-case."""
-    data = resources.files("labgate.portal").joinpath(COMMON_PASSWORDS_FILE).read_bytes()
+    data = resources.files("labgate").joinpath(COMMON_PASSWORDS_FILE).read_bytes()
     lines = gzip.decompress(data).decode().splitlines()
     return frozenset(line.strip().lower() for line in lines if line and not line.startswith("#"))
 

@@ -37,7 +37,7 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from labgate.router.table import Route, RouterControl, RouteTable, TokenInfo, UserInfo
+from labgate.wire.routes import Route, RouterControl, RouteTable, TokenInfo, UserInfo
 
 STREAM_MEDIA_TYPE = "application/x-ndjson"
 STREAM_PATH = "/api/v1/router/stream"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from labgate.router import Activity, merge
-from labgate.router.stats import RouterStats
+from labgate.wire.activity import Activity, merge
+from labgate.wire.stats import RouterStats
 
 #: Reports older than this come from router processes that went away.
 REPORT_TTL = 300.0

@@ -4,7 +4,7 @@ The proxy counts each request routed to an instance and, when the tool's
 response head arrives, the time since the request was routed (time to first
 byte through the router, the tool's own time included). Observing is a
 bisect into fixed buckets and two additions: cheap enough for the hot path.
-Bytes per instance are in :mod:`labgate.router.activity`.
+Bytes per instance are in :mod:`labgate.wire.activity`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The portal owns the truth (its database); a router holds a copy that is fed
 through :class:`RouterControl` (in process) or the route stream (in a separate
-``labgate router`` process, see :mod:`labgate.router.stream`). Every request is
+``labgate router`` process, see :mod:`labgate.wire.stream`). Every request is
 decided from this copy alone, so nothing here may block or touch a database.
 
 A :meth:`RouteTable.snapshot` is one JSON-able dict holding everything::
