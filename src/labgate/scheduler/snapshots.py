@@ -45,9 +45,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: The kind of snapshot each built-in backend takes; launches go to a site that can use it.
-KIND_OF_BACKEND = {"containers": "image", "process": "archive"}
-
 
 def can_see(snapshot: Snapshot, user_id: int, admin: bool) -> bool:
     """Owner, a user it is shared with, or an admin."""
@@ -169,7 +166,7 @@ class SnapshotManager:
             tool=instance.tool,
             site_id=instance.site_id,
             backend=link.backend,
-            kind=KIND_OF_BACKEND.get(link.backend, ""),
+            kind=link.snapshot_kind,
             source_instance_id=instance.id,
         )
         session.add(snapshot)
