@@ -139,7 +139,7 @@ async def read_cgroup_memory(endpoint: str, secret: str, iid: str) -> int:
 
 def demo_spec(tmp_path: Path, owner: str = "alice", memory: int = 256 * MIB) -> LaunchSpec:
     tool = Catalog.load().get("demo")
-    assert tool is not None and tool.container is not None
+    assert tool is not None and tool.parsed("container", ContainerSpec) is not None
     iid = new_id()
     return LaunchSpec(
         instance_id=iid,
@@ -252,7 +252,7 @@ async def test_an_unreachable_engine_fails_launches_but_loses_no_instance(
 
 def test_tool_files_get_a_container_section() -> None:
     demo = Catalog.load().get("demo")
-    assert demo is not None and demo.container is not None
+    assert demo is not None and demo.parsed("container", ContainerSpec) is not None
     assert demo.unavailable_reason("containers") is None
     bare = Tool(name="bare", title="Bare", process=None)
     assert bare.unavailable_reason("containers") == "no [container] section"

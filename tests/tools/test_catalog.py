@@ -33,8 +33,10 @@ def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
     catalog = Catalog.load()
     assert catalog.problems == []
     tool = catalog.get("jupyterlab")
-    assert tool is not None and tool.process is not None
-    command, _ = tool.process.render(
+    assert tool is not None
+    process = tool.parsed("process", ProcessSpec)
+    assert process is not None
+    command, _ = process.render(
         {
             "python": "py",
             "port": "1",

@@ -22,7 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Report, SiteLink
-from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
+from labgate.backends.base import (
+    SnapshotRef,
+    SnapshotRequest,
+    SnapshotResult,
+    SnapshotUnsupported,
+)
 from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.db.models import (
     Instance,
@@ -158,6 +163,10 @@ class SnapshotManager:
         link = self.links.get(site)
         if link is None:
             raise Conflict(f"site {site} is not connected", code="site_unavailable")
+        if not link.snapshot_kind:  # the site's backend declares it takes none
+            raise SnapshotUnsupported(
+                f"the {link.backend} backend of site {site} takes no snapshots"
+            )
         snapshot = Snapshot(
             id=new_id(),
             owner_id=instance.owner_id,

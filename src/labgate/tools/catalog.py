@@ -224,7 +224,7 @@ class Tool(BaseModel):
         """Every table that is not a field of its own is a backend's section.
 
         A section may also be given as a model (``process=ProcessSpec(...)``),
-        kept as the table it came from.
+        kept as the table it came from, or as None (no table).
         """
         if not isinstance(data, dict):
             return data
@@ -232,6 +232,8 @@ class Tool(BaseModel):
         for key, value in data.items():
             if key in cls.model_fields:
                 fields[key] = value
+            elif value is None:
+                continue  # ``process=None``: no such table
             elif isinstance(value, BaseModel):
                 sections[key] = value.model_dump(exclude_unset=True)
             elif isinstance(value, dict):
