@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from labgate.tools.catalog import Catalog, ProcessSpec
@@ -48,3 +50,41 @@ def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
         }
     )
     assert '--ServerApp.jpserver_extensions={"labgate.tools.jupyter_busy": True}' in command
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    directory = tmp_path / "tools"
+    directory.mkdir(exist_ok=True)
+    (directory / "t.toml").write_text('name = "t"\ntitle = "T"\n' + text)
+    return directory
+
+
+def test_a_table_no_backend_reads_is_a_warning_not_a_crash(tmp_path: Path) -> None:
+    catalog = Catalog.load(write(tmp_path, '[process]\ncommand = ["true"]\n[slurm]\nqueue = "x"\n'))
+    tool = catalog.get("t")
+    assert tool is not None and tool.unavailable_reason("process") is None
+    assert tool.sections["slurm"] == {"queue": "x"}
+    assert [p.reason for p in catalog.problems if p.file.endswith("t.toml")] == [
+        "[slurm] is read by no installed backend; ignored"
+    ]
+    assert tool.unavailable_reason("slurm").startswith("backend 'slurm' is not available")
+
+
+def test_a_table_failing_its_backends_schema_leaves_the_other_backends(tmp_path: Path) -> None:
+    text = '[process]\ncommand = ["{colour}"]\n[container]\nimage = "x"\n'
+    catalog = Catalog.load(write(tmp_path, text))
+    tool = catalog.get("t")
+    assert tool is not None
+    assert tool.unavailable_reason("containers") is None
+    reason = tool.unavailable_reason("process")
+    assert reason is not None
+    assert reason.startswith("[process] Value error, unknown placeholder {colour}")
+    assert [p.reason for p in catalog.problems if p.file.endswith("t.toml")] == [
+        f"{reason}: cannot run on the process backend"
+    ]
+
+
+def test_a_stray_value_is_still_refused(tmp_path: Path) -> None:
+    catalog = Catalog.load(write(tmp_path, "helth_path = '/'\n"))
+    assert catalog.get("t") is None
+    assert any("helth_path: Extra inputs" in p.reason for p in catalog.problems)

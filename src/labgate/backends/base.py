@@ -247,11 +247,13 @@ class Diagnosis:
     final: bool = False
 
 
-def describe_validation(exc: ValidationError, whole: str = "table") -> str:
-    """A pydantic error in one line: ``field: message; ...`` (``whole``: an error of no field)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or whole}: {err['msg']}" for err in exc.errors()
-    )
+def describe_validation(exc: ValidationError, whole: str = "") -> str:
+    """A pydantic error in one line: ``field: message; ...`` (``whole`` names a fieldless one)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or whole
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
 
 
 class Backend(abc.ABC):
