@@ -3,11 +3,11 @@
 It runs where the server runs, with the same settings (environment,
 ``labgate.toml``), and checks, in order: the settings themselves, the data
 directory, the database and its schema, the tool catalog, every site's
-backend and its engine (bubblewrap for processes, the Docker Engine API for
-containers), the warm pools, and, when a server answers at the configured
-URL, its ``/readyz``. Each check is one :class:`Finding`: ``ok``, ``warn``
-(works, but probably not as meant) or ``fail`` (will not work), with the fix
-in words. ``doctor`` exits 1 when anything failed.
+backend and its engine (each backend's own ``doctor()`` checks: bubblewrap for
+processes, the Docker Engine API for containers), the warm pools, and, when a
+server answers at the configured URL, its ``/readyz``. Each check is one
+:class:`Finding`: ``ok``, ``warn`` (works, but probably not as meant) or
+``fail`` (will not work), with the fix in words. ``doctor`` exits 1 when anything failed.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 
-from labgate.backends.base import Backend, load_backend
+from labgate.backends.base import Backend, Diagnosis, load_backend
+from labgate.backends.registry import load_catalog
 from labgate.config import Settings
 from labgate.datadir import UnsafeSetup, prepare_data_dir
 from labgate.db.session import Database, alembic_config
 from labgate.errors import ConfigError
 from labgate.startup import check_data_dir as check_data_dir_usable
-from labgate.tools.catalog import Catalog
 
 ENGINE_TIMEOUT = 5.0
 
@@ -136,7 +136,7 @@ def check_database(settings: Settings) -> Iterator[Finding]:
 
 def check_catalog(settings: Settings) -> Iterator[Finding]:
     """Every tool file loads."""
-    catalog = Catalog.load(settings.tools_dir)
+    catalog = load_catalog(settings.tools_dir)
     yield ok("tools", f"{len(catalog)} tools: {', '.join(t.name for t in catalog)}")
     for problem in catalog.problems:
         yield Finding(
@@ -144,24 +144,9 @@ def check_catalog(settings: Settings) -> Iterator[Finding]:
         )
 
 
-def _engine_check(backend: Backend) -> str | None:
-    """Why the backend's engine does not answer (None: it does, or it has none)."""
-    if backend.name == "process":
-        return None
-    try:
-        # Making the client already talks to the engine (the API version is asked).
-        client = getattr(backend, "client", None)
-        if client is None:
-            return None
-        client.ping()
-    except Exception as exc:
-        return f"{exc.__class__.__name__}: {exc}".splitlines()[0]
-    return None
-
-
 def check_sites(settings: Settings) -> Iterator[Finding]:
-    """Every site's backend loads, its engine answers, and its tools can run."""
-    catalog = Catalog.load(settings.tools_dir)
+    """Every site's backend loads, its engine is sound (the backend's own checks), its tools run."""
+    catalog = load_catalog(settings.tools_dir)
     for site in settings.effective_sites:
         subject = f"site {site.name}"
         try:
@@ -172,19 +157,12 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
                 "fail", subject, f"backend {site.backend!r}: {detail}", "fix the site's backend"
             )
             continue
-        if backend.name == "process":
-            yield from _process_findings(settings, subject)
-        problem = _engine_check(backend)
-        if problem is not None:
-            yield Finding(
-                "fail",
-                subject,
-                f"the {site.backend} engine does not answer: {problem}",
-                "start the engine (e.g. `podman system service`) or fix the site's base_url",
-            )
+        diagnoses = _diagnoses(backend)
+        for diagnosis in diagnoses:
+            yield Finding(diagnosis.level, subject, diagnosis.detail, diagnosis.fix)
+        if any(diagnosis.final for diagnosis in diagnoses):
             continue
-        yield from _isolation_findings(backend, subject)
-        runnable = [t.name for t in catalog if t.unavailable_reason(backend.name) is None]
+        runnable = [t.name for t in catalog if backend.unavailable_reason(t) is None]
         if not runnable:
             yield Finding(
                 "warn", subject, "no tool can run here", "install the tools' requirements"
@@ -200,63 +178,20 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
             )
 
 
-def _isolation_findings(backend: Backend, subject: str) -> Iterator[Finding]:
-    """A containers site whose containers share the host's ids (no user namespace)."""
-    userns_problem = getattr(backend, "userns_problem", None)
-    if userns_problem is None:
-        return
+def _diagnoses(backend: Backend) -> list[Diagnosis]:
+    """What the backend says about its engine; a hook that breaks is a finding too."""
     try:
-        problem = userns_problem()
-    except Exception as exc:  # the engine answered ping but not info: named above
-        problem = f"cannot ask the engine: {exc}".splitlines()[0]
-    if problem is not None:
-        yield Finding(
-            "warn",
-            subject,
-            problem,
-            "use rootful Podman with userns = 'auto' (docs/backends/containers.md#user-namespaces)",
-        )
-
-
-def _process_findings(settings: Settings, subject: str) -> Iterator[Finding]:
-    bwrap = shutil.which("bwrap")
-    if settings.sandbox == "bwrap" and bwrap is None:
-        yield Finding(
-            "fail",
-            subject,
-            "sandbox = 'bwrap' but bubblewrap is not installed",
-            "apt-get install bubblewrap",
-        )
-    elif settings.sandbox == "auto" and bwrap is None and os.geteuid() == 0:
-        yield Finding(
-            "fail",
-            subject,
-            "bubblewrap is not installed and labgate runs as root: launches are refused "
-            "(a tool would run as root)",
-            "apt-get install bubblewrap (or set sandbox = 'none' to run tools as root)",
-        )
-    elif settings.sandbox == "auto" and bwrap is None:
-        yield Finding(
-            "warn",
-            subject,
-            "bubblewrap is not installed: instances run unsandboxed and see every workspace",
-            "apt-get install bubblewrap (or set sandbox = 'none' to accept it)",
-        )
-    elif settings.sandbox == "none":
-        yield Finding(
-            "warn",
-            subject,
-            "sandbox = 'none': instances run unsandboxed"
-            + (", as root" if os.geteuid() == 0 else ""),
-            "install bubblewrap and set sandbox = 'auto'",
-        )
+        return backend.doctor()
+    except Exception as exc:
+        problem = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+        return [Diagnosis("fail", f"the {backend.name} backend's checks failed: {problem}")]
 
 
 def check_pools(settings: Settings) -> Iterator[Finding]:
     """Every warm pool names a known tool and site whose backend can hand instances over."""
     if not settings.pools:
         return
-    catalog = Catalog.load(settings.tools_dir)
+    catalog = load_catalog(settings.tools_dir)
     sites = {s.name: s for s in settings.effective_sites}
     for pool in settings.pools:
         site_name = pool.site or settings.effective_sites[0].name
@@ -271,7 +206,7 @@ def check_pools(settings: Settings) -> Iterator[Finding]:
             backend = load_backend(site.backend)(settings, site.options)
         except Exception:  # noqa: S112 - reported with the site
             continue
-        reason = tool.unavailable_reason(backend.name) or backend.claim_support(tool)
+        reason = backend.unavailable_reason(tool) or backend.claim_support(tool)
         if reason is not None:
             yield Finding(
                 "warn",

@@ -22,6 +22,7 @@ import podman
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, wait_for_state
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.containers import ContainerBackend
+from labgate.backends.registry import tool_unavailable_reason
 from labgate.config import Settings, SiteConfig
 from labgate.errors import InstanceStartError
 from labgate.security import SecretBox, new_id
@@ -139,7 +140,7 @@ async def read_cgroup_memory(endpoint: str, secret: str, iid: str) -> int:
 
 def demo_spec(tmp_path: Path, owner: str = "alice", memory: int = 256 * MIB) -> LaunchSpec:
     tool = Catalog.load().get("demo")
-    assert tool is not None and tool.container is not None
+    assert tool is not None and tool.parsed("container", ContainerSpec) is not None
     iid = new_id()
     return LaunchSpec(
         instance_id=iid,
@@ -252,10 +253,10 @@ async def test_an_unreachable_engine_fails_launches_but_loses_no_instance(
 
 def test_tool_files_get_a_container_section() -> None:
     demo = Catalog.load().get("demo")
-    assert demo is not None and demo.container is not None
-    assert demo.unavailable_reason("containers") is None
+    assert demo is not None and demo.parsed("container", ContainerSpec) is not None
+    assert tool_unavailable_reason(demo, "containers") is None
     bare = Tool(name="bare", title="Bare", process=None)
-    assert bare.unavailable_reason("containers") == "no [container] section"
+    assert tool_unavailable_reason(bare, "containers") == "no [container] section"
     with pytest.raises(ValueError, match="python"):
         ContainerSpec(image="x", args=["{python}"]).check_placeholders()
     with pytest.raises(ValueError, match="instance_token"):

@@ -235,6 +235,13 @@ async def wait_forker_ready(workspace: Path) -> None:
     await wait_until(lambda: all((workspace / f"{role}.ready").exists() for role in roles))
 
 
+def process_of(tool: Tool) -> ProcessSpec:
+    """The tool's validated ``[process]`` table."""
+    process = tool.parsed("process", ProcessSpec)
+    assert process is not None
+    return process
+
+
 def forker_tool(workspace: Path) -> Tool:
     """The FORKER script as a tool, its file placed in the owner's workspace."""
     workspace.mkdir(parents=True, exist_ok=True)
@@ -313,7 +320,7 @@ async def test_stop_kills_setsid_grandchild(
     launch: Launch, settings: Settings, backend: ProcessBackend
 ) -> None:
     tool = forker_tool(settings.workspaces_dir / "alice")
-    token = tool.process.command[-1] if tool.process else ""
+    token = process_of(tool).command[-1]
     started, spec = await launch(tool)
     await wait_forker_ready(spec.workspace)
     grandchild = pids_with_arg(f"{token}\0grandchild")
@@ -329,7 +336,7 @@ async def test_stop_kills_after_grace_without_blocking_the_loop(
     launch: Launch, settings: Settings, backend: ProcessBackend
 ) -> None:
     tool = forker_tool(settings.workspaces_dir / "alice")
-    token = tool.process.command[-1] if tool.process else ""
+    token = process_of(tool).command[-1]
     started, spec = await launch(tool, env={"FORKER_IGNORE_TERM": "1"})
     await wait_forker_ready(spec.workspace)
 
@@ -525,11 +532,11 @@ async def test_jupyterlab_kernels_are_stopped_with_the_instance(
 ) -> None:
     pytest.importorskip("jupyterlab", reason="JupyterLab not installed: pip install -e .[jupyter]")
     tool = Catalog.load().get("jupyterlab")
-    assert tool is not None and tool.process is not None
+    assert tool is not None
     if os.getuid() == 0:  # Jupyter refuses root without this flag
-        command = [*tool.process.command, "--allow-root"]
-        process = tool.process.model_copy(update={"command": command})
-        tool = tool.model_copy(update={"process": process})
+        command = [*process_of(tool).command, "--allow-root"]
+        process = process_of(tool).model_copy(update={"command": command})
+        tool = Tool.model_validate({**tool.model_dump(), "process": process})
     started, spec = await launch(tool)
     base = started.endpoint + spec.base_url
     async with httpx.AsyncClient(base_url=base, headers=auth(spec), timeout=30) as client:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from labgate.tools.catalog import Catalog, ProcessSpec
@@ -33,8 +35,10 @@ def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
     catalog = Catalog.load()
     assert catalog.problems == []
     tool = catalog.get("jupyterlab")
-    assert tool is not None and tool.process is not None
-    command, _ = tool.process.render(
+    assert tool is not None
+    process = tool.parsed("process", ProcessSpec)
+    assert process is not None
+    command, _ = process.render(
         {
             "python": "py",
             "port": "1",
@@ -46,3 +50,12 @@ def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
         }
     )
     assert '--ServerApp.jpserver_extensions={"labgate.tools.jupyter_busy": True}' in command
+
+
+def test_a_stray_value_is_still_refused(tmp_path: Path) -> None:
+    directory = tmp_path / "tools"
+    directory.mkdir()
+    (directory / "t.toml").write_text('name = "t"\ntitle = "T"\nhelth_path = "/"\n')
+    catalog = Catalog.load(directory)
+    assert catalog.get("t") is None
+    assert any("helth_path: Extra inputs" in p.reason for p in catalog.problems)

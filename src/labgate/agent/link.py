@@ -13,6 +13,7 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent.site import Adoption, SiteAgent
+from labgate.backends.registry import tool_unavailable_reason
 
 if TYPE_CHECKING:
     from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
@@ -25,10 +26,16 @@ __all__ = ["Adoption", "LocalSiteLink", "SiteLink"]
 class SiteLink(abc.ABC):
     """Commands to one site; reports come back through the reporter callback."""
 
-    def __init__(self, site: str, backend: str) -> None:
+    def __init__(self, site: str, backend: str, snapshot_kind: str = "") -> None:
         self.site = site
         #: Short name of the site's backend (``process``, ``containers``, ...).
         self.backend = backend
+        #: What the backend's snapshots are (``image``, ``archive``); empty: it takes none.
+        self.snapshot_kind = snapshot_kind
+
+    def unavailable_reason(self, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run on this site (None: it can); its backend answers."""
+        return tool_unavailable_reason(tool, self.backend)
 
     @abc.abstractmethod
     async def launch(self, spec: LaunchSpec) -> None:
@@ -77,8 +84,12 @@ class LocalSiteLink(SiteLink):
     """A link to an agent running in the portal's own process."""
 
     def __init__(self, agent: SiteAgent) -> None:
-        super().__init__(agent.site, agent.backend.name)
+        super().__init__(agent.site, agent.backend.name, agent.snapshot_kind)
         self.agent = agent
+
+    def unavailable_reason(self, tool: Tool) -> str | None:
+        """Ask the in-process agent's backend."""
+        return self.agent.unavailable_reason(tool)
 
     async def launch(self, spec: LaunchSpec) -> None:
         """Hand the launch to the in-process agent."""

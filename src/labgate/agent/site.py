@@ -178,6 +178,16 @@ class SiteAgent:
         """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""
         return self.backend.claim_support(tool)
 
+    # --- what the site's backend supports -------------------------------------
+    def unavailable_reason(self, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run here, in the backend's words, or None when it can."""
+        return self.backend.unavailable_reason(tool)
+
+    @property
+    def snapshot_kind(self) -> str:
+        """What a snapshot of an instance here is: ``image``, ``archive`` or ``""`` (none)."""
+        return self.backend.snapshot_kind
+
     async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
         """Hand a running warm-pool instance to a user; returns its new backend state.
 

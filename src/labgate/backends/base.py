@@ -40,6 +40,36 @@ Optional hooks (the defaults say "not supported" or do nothing):
     instance's (see :mod:`labgate.backends.claim`) and return the new state.
     ``claim_support`` says why not (a string) or None when it can.
 
+What a backend declares (class attributes and class methods, read without
+starting it; the portal, the catalog and ``labgate doctor`` use them):
+
+``tool_section`` and ``tool_schema``
+    The key of the backend's table in a tool file (``process``,
+    ``container``) and the pydantic model that table must satisfy. The
+    catalog keeps every table of a tool file raw and validates the one a
+    backend reads with that backend's schema; :meth:`Backend.tool_spec`
+    returns it validated. A tool without the table, or whose table fails the
+    schema, cannot run on the backend (:meth:`Backend.unavailable_reason`
+    says why).
+``check_tool(spec)``
+    Given the validated table, why the tool cannot run here (a missing
+    executable, ...), or None. By default it can.
+``options_schema``
+    The pydantic model of a site's ``options`` for this backend.
+    :meth:`Backend.parse_options` validates them with it when the backend is
+    made for its site (``labgate serve`` refuses to start on a bad option,
+    naming it) and ``self.site_options`` holds the result. By default a
+    backend takes no options.
+``snapshot_kind``
+    What :meth:`Backend.snapshot` saves: ``image`` (a container image, which
+    can be launched on any site of the backend when pushed to a registry),
+    ``archive`` (a workspace archive, launched on the site that took it), or
+    ``""`` when the backend takes no snapshots.
+``doctor()``
+    What ``labgate doctor`` should say about this site's engine: a list of
+    :class:`Diagnosis` (ok, warn or fail, with the fix in words). By default
+    there is nothing to say.
+
 The agent calls :meth:`Backend.attach` once with the site's name and a
 progress callback; :meth:`Backend.progress_note` sends notes (image pull,
 push) into an instance's event stream.
@@ -53,13 +83,17 @@ class is defined, not when it is first used.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from labgate.errors import LabgateError
+from labgate.tools.catalog import describe_validation
 
 # The plain data of a launch lives in labgate.wire; backends keep importing it from here.
 from labgate.wire.launch import Mount as Mount
@@ -72,6 +106,8 @@ if TYPE_CHECKING:
     from labgate.backends.claim import Claim, Claimed
     from labgate.config import Settings
     from labgate.tools.catalog import Tool
+
+log = logging.getLogger(__name__)
 
 BACKEND_GROUP = "labgate.backends"
 
@@ -132,16 +168,49 @@ class BackendNotFound(LabgateError):
     default_code = "unknown_backend"
 
 
+class NoOptions(BaseModel):
+    """The site options of a backend that takes none: any option is refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class NoSection(BaseModel):
+    """The tool section of a backend that declares none: any table passes."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """One thing :meth:`Backend.doctor` has to say about a site's engine."""
+
+    level: str  # ok, warn, fail
+    detail: str
+    fix: str = ""
+    #: Nothing more can be checked on this site (its engine does not answer).
+    final: bool = False
+
+
 class Backend(abc.ABC):
     """Drives one engine for one site. See the module docstring."""
 
     name: ClassVar[str] = ""
     #: Set ``abstract = True`` on an intermediate base class to skip the check.
     abstract: ClassVar[bool] = True
+    #: The table of a tool file this backend reads (``[process]``); empty: none.
+    tool_section: ClassVar[str] = ""
+    #: The pydantic model of that table.
+    tool_schema: ClassVar[type[BaseModel]] = NoSection
+    #: The pydantic model of a site's ``options``.
+    options_schema: ClassVar[type[BaseModel]] = NoOptions
+    #: ``image``, ``archive`` or ``""`` (no snapshots): what :meth:`snapshot` saves.
+    snapshot_kind: ClassVar[str] = ""
 
     def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         self.settings = settings
         self.options = options or {}
+        #: ``options`` validated by :attr:`options_schema`.
+        self.site_options = self.parse_options(self.options)
         #: The site this backend serves and where progress notes go; see :meth:`attach`.
         self.site = ""
         self._progress: Progress | None = None
@@ -157,6 +226,54 @@ class Backend(abc.ABC):
         )
         if missing:
             raise TypeError(f"backend {cls.__name__} must implement: {', '.join(missing)}")
+
+    # --- what the backend declares ------------------------------------------------
+
+    @classmethod
+    def parse_options(cls, options: JSON) -> BaseModel:
+        """A site's ``options`` validated by :attr:`options_schema`; ValueError says why not."""
+        try:
+            return cls.options_schema.model_validate(options)
+        except ValidationError as exc:
+            # The cause stays: start-up names each refused option (options.<name>).
+            raise ValueError(f"{cls.name} backend options: {describe_validation(exc)}") from exc
+
+    @classmethod
+    def tool_spec(cls, tool: Tool) -> BaseModel | None:
+        """The tool's table for this backend, validated; None when it has none.
+
+        Raises :class:`~labgate.tools.catalog.ToolSectionError` when the table
+        does not satisfy :attr:`tool_schema`.
+        """
+        if not cls.tool_section:
+            return None
+        return tool.parsed(cls.tool_section, cls.tool_schema)
+
+    @classmethod
+    def check_tool(cls, spec: Any) -> str | None:
+        """Why a tool with this validated table cannot run here, or None when it can."""
+        return None
+
+    @classmethod
+    def unavailable_reason(cls, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run on this backend, or None when it can."""
+        from labgate.tools.catalog import ToolSectionError
+
+        if not cls.tool_section:
+            return None
+        try:
+            spec = cls.tool_spec(tool)
+        except ToolSectionError as exc:
+            return str(exc)
+        if spec is None:
+            return f"no [{cls.tool_section}] section"
+        return cls.check_tool(spec)
+
+    def doctor(self) -> list[Diagnosis]:
+        """What ``labgate doctor`` should say about this site's engine."""
+        return []
+
+    # --- what the backend does ------------------------------------------------------
 
     @abc.abstractmethod
     async def start(self, spec: LaunchSpec) -> Started:
@@ -224,3 +341,15 @@ def load_backend(name: str) -> type[Backend]:
             return cls
     known = ", ".join(sorted(available_backends())) or "none"
     raise BackendNotFound(f"unknown backend {name!r} (installed: {known})")
+
+
+def installed_backends() -> dict[str, type[Backend]]:
+    """Every installed backend class by name; one that fails to load is logged and left out."""
+    found: dict[str, type[Backend]] = {}
+    for name in sorted(available_backends()):
+        try:
+            found[name] = load_backend(name)
+        except (ImportError, BackendNotFound) as exc:
+            # An optional engine's library missing (docker) must not hide the others.
+            log.warning("backend %r cannot be loaded: %s", name, exc)
+    return found

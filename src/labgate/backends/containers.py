@@ -43,14 +43,15 @@ import threading
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from labgate.backends import container_security as security
 from labgate.backends.base import (
     JSON,
     Backend,
+    Diagnosis,
     LaunchSpec,
     SnapshotRef,
     SnapshotRequest,
@@ -68,7 +69,7 @@ from labgate.backends.images import (
 )
 from labgate.backends.images import stream_error as stream_error_of
 from labgate.errors import BackendError, ConfigError, InstanceStartError
-from labgate.tools.catalog import template_values
+from labgate.tools.catalog import ContainerSpec, template_values
 
 try:
     import docker  # type: ignore[import-untyped]
@@ -241,13 +242,14 @@ class ContainerBackend(Backend):
 
     name = "containers"
     abstract = False
+    tool_section = "container"
+    tool_schema = ContainerSpec
+    options_schema = ContainerOptions
+    snapshot_kind = "image"
 
     def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
-        try:
-            self.config = ContainerOptions.model_validate(self.options)
-        except ValidationError as exc:
-            raise ValueError(f"containers backend options: {exc}") from exc
+        self.config = cast(ContainerOptions, self.site_options)
         self.deployment = self.config.deployment or deployment_id(settings.data_dir)
         self.registry = Registry.parse(
             settings.snapshot_registry,
@@ -312,9 +314,10 @@ class ContainerBackend(Backend):
         """Make sure the image is there, then create and start the container."""
         if not INSTANCE_ID_RE.match(spec.instance_id):
             raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
-        tool = spec.tool.container
+        reason = self.unavailable_reason(spec.tool)
+        tool = self._section(spec) if reason is None else None
         if tool is None:
-            raise InstanceStartError(f"tool {spec.tool.name!r} has no [container] section")
+            raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         if tool.gpus and not self.config.gpu:
             raise InstanceStartError(
                 f"tool {spec.tool.name!r} asks for GPUs, but this site has none (option gpu)"
@@ -404,6 +407,40 @@ class ContainerBackend(Backend):
             api = self.client.api
             self._engine_kind = security.engine_kind(api.version(), api.info())
         return self._engine_kind
+
+    def _section(self, spec: LaunchSpec) -> ContainerSpec | None:
+        """The launched tool's ``[container]`` table, validated."""
+        return spec.tool.parsed(self.tool_section, ContainerSpec)
+
+    def doctor(self) -> list[Diagnosis]:
+        """Whether the engine answers, and whether containers get user namespaces."""
+        try:
+            self.client.ping()  # making the client already asks the engine its API version
+        except Exception as exc:
+            silent = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
+            return [
+                Diagnosis(
+                    "fail",
+                    f"the {self.name} engine does not answer: {silent}",
+                    "start the engine (e.g. `podman system service`) or fix the site's base_url",
+                    final=True,
+                )
+            ]
+        problem: str | None
+        try:
+            problem = self.userns_problem()
+        except Exception as exc:  # the engine answered ping but not info
+            problem = f"cannot ask the engine: {exc}".splitlines()[0]
+        if problem is None:
+            return []
+        return [
+            Diagnosis(
+                "warn",
+                problem,
+                "use rootful Podman with userns = 'auto' "
+                "(docs/backends/containers.md#user-namespaces)",
+            )
+        ]
 
     def userns_problem(self) -> str | None:
         """Why containers here share the host's ids (uid 0 inside is root outside), or None."""
@@ -524,7 +561,7 @@ class ContainerBackend(Backend):
         args: list[str] | None,
         env: dict[str, str],
     ) -> Started:
-        tool = spec.tool.container
+        tool = self._section(spec)
         if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name} has no container image")
         name = self.container_name(spec.instance_id)
@@ -577,7 +614,7 @@ class ContainerBackend(Backend):
 
         The low-level API, because the SDK's ``userns_mode`` accepts only "host".
         """
-        tool = spec.tool.container
+        tool = self._section(spec)
         if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name} has no container image")
         api = self.client.api

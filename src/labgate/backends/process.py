@@ -40,13 +40,16 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from labgate.backends import cgroups
 from labgate.backends.archive import delete_archive, restore_workspace, save_workspace
 from labgate.backends.base import (
     JSON,
     Backend,
+    Diagnosis,
     LaunchSpec,
     SnapshotRef,
     SnapshotRequest,
@@ -73,7 +76,7 @@ from labgate.backends.sandbox import (
     find_bwrap,
 )
 from labgate.errors import InstanceStartError
-from labgate.tools.catalog import template_values
+from labgate.tools.catalog import ProcessSpec, template_values
 
 if TYPE_CHECKING:
     from labgate.config import Settings
@@ -162,23 +165,89 @@ def _spawn(
 # --- the backend -------------------------------------------------------------
 
 
+class ProcessOptions(BaseModel):
+    """The ``options`` of a site with ``backend = "process"``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nofile: int = Field(DEFAULT_NOFILE, ge=1, description="RLIMIT_NOFILE of instance processes.")
+    pids: int = Field(
+        cgroups.DEFAULT_PIDS, ge=1, description="pids.max of the instance's cgroup (tasks)."
+    )
+    extra_ro_binds: list[str] = Field(
+        default_factory=list, description="Host paths made visible read-only inside the sandbox."
+    )
+
+
 class ProcessBackend(Backend):
     """Runs each instance as a local process tree, in a bubblewrap sandbox when possible."""
 
     name = "process"
     abstract = False
+    tool_section = "process"
+    tool_schema = ProcessSpec
+    options_schema = ProcessOptions
+    snapshot_kind = "archive"
 
     def __init__(self, settings: Settings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
-        self.nofile = int(self.options.get("nofile", DEFAULT_NOFILE))
-        self.pids = int(self.options.get("pids", cgroups.DEFAULT_PIDS))
-        self.extra_ro_binds = [str(p) for p in self.options.get("extra_ro_binds", [])]
+        config = cast(ProcessOptions, self.site_options)
+        self.nofile = config.nofile
+        self.pids = config.pids
+        self.extra_ro_binds = list(config.extra_ro_binds)
         #: Our own children, reaped by poll/stop so their exit code is known.
         self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
         self._exited: OrderedDict[tuple[int, int], int] = OrderedDict()
         #: Ports given to instances lately (see :meth:`fresh_port`).
         self._recent_ports: dict[int, float] = {}
         self._ports_lock = threading.Lock()
+
+    # --- what it declares ---------------------------------------------------------
+
+    @classmethod
+    def check_tool(cls, spec: Any) -> str | None:
+        """A tool runs when every executable or module its ``requires`` names is here."""
+        return cast(ProcessSpec, spec).missing_requirement()
+
+    def doctor(self) -> list[Diagnosis]:
+        """Whether the bubblewrap sandbox the settings ask for is here."""
+        bwrap = shutil.which("bwrap")
+        mode, root = self.settings.sandbox, os.geteuid() == 0
+        if mode == "bwrap" and bwrap is None:
+            return [
+                Diagnosis(
+                    "fail",
+                    "sandbox = 'bwrap' but bubblewrap is not installed",
+                    "apt-get install bubblewrap",
+                )
+            ]
+        if mode == "auto" and bwrap is None and root:
+            return [
+                Diagnosis(
+                    "fail",
+                    "bubblewrap is not installed and labgate runs as root: launches are refused "
+                    "(a tool would run as root)",
+                    "apt-get install bubblewrap (or set sandbox = 'none' to run tools as root)",
+                )
+            ]
+        if mode == "auto" and bwrap is None:
+            return [
+                Diagnosis(
+                    "warn",
+                    "bubblewrap is not installed: instances run unsandboxed and see every "
+                    "workspace",
+                    "apt-get install bubblewrap (or set sandbox = 'none' to accept it)",
+                )
+            ]
+        if mode == "none":
+            return [
+                Diagnosis(
+                    "warn",
+                    "sandbox = 'none': instances run unsandboxed" + (", as root" if root else ""),
+                    "install bubblewrap and set sandbox = 'auto'",
+                )
+            ]
+        return []
 
     # --- start -----------------------------------------------------------------
 
@@ -217,8 +286,9 @@ class ProcessBackend(Backend):
     def _launch(self, spec: LaunchSpec) -> Started:
         if not INSTANCE_ID_RE.match(spec.instance_id):
             raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
-        reason = spec.tool.unavailable_reason(self.name)
-        if reason is not None or spec.tool.process is None:
+        reason = self.unavailable_reason(spec.tool)
+        tool = spec.tool.parsed(self.tool_section, ProcessSpec) if reason is None else None
+        if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         bwrap = self.sandbox_path()
         # Unsandboxed the tool needs the server's own paths (a Python under /root): its uid stays.
@@ -248,7 +318,7 @@ class ProcessBackend(Backend):
             instance_token=spec.secret,
         )
         try:
-            command, tool_env = spec.tool.process.render(values)
+            command, tool_env = tool.render(values)
         except (KeyError, IndexError, ValueError) as exc:
             raise InstanceStartError(f"bad command template of {spec.tool.name!r}: {exc}") from exc
         env = self.environment(spec, workspace, tool_env)

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from labgate import __version__
 from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.site import SiteAgent
+from labgate.backends.registry import load_catalog
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
 from labgate.db.models import Site
@@ -53,7 +54,6 @@ from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
 from labgate.startup import build_backend
-from labgate.tools.catalog import Catalog
 from labgate.wire.site import Report, Reporter
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def build_portal(settings: Settings) -> Portal:
     prepare_data_dir(settings.data_dir)
     key = settings.signing_key()
     db = open_database(settings.effective_database_url)
-    catalog = Catalog.load(settings.tools_dir)
+    catalog = load_catalog(settings.tools_dir)
     signer = SessionSigner(key, settings.session_max_age)
     box = SecretBox(key)
     with db.session() as session:

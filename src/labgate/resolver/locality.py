@@ -29,6 +29,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from labgate.backends.confine import EscapesRoot, check_beneath
+from labgate.backends.registry import tool_unavailable_reason
 from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
 from labgate.db.models import utcnow as _utcnow
 from labgate.errors import Conflict, NotFound
@@ -481,7 +482,7 @@ class DataLocator:
         key, now = (tool.name, backend), time.monotonic()
         known = self._tool_checks.get(key)
         if known is None or known[1] < now:
-            known = (tool.unavailable_reason(backend) is None, now + TOOL_CHECK_TTL)
+            known = (tool_unavailable_reason(tool, backend) is None, now + TOOL_CHECK_TTL)
             self._tool_checks[key] = known
         return known[0]
 

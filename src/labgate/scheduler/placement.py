@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from labgate.backends.base import Resources
+from labgate.backends.registry import tool_unavailable_reason
 from labgate.errors import BadRequest, Conflict
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def choose_site(sites: Sequence[SiteView], placement: Placement) -> str:
 
     steps: list[tuple[str, Callable[[SiteView], str | None]]] = [
         ("site_unavailable", lambda s: None if s.live else "not reachable"),
-        ("tool_unavailable", lambda s: placement.tool.unavailable_reason(s.backend)),
+        ("tool_unavailable", lambda s: tool_unavailable_reason(placement.tool, s.backend)),
         ("no_matching_site", lambda s: _missing_labels(s, placement.labels)),
         ("dataset_unavailable", lambda s: _no_replica(s, placement.holders)),
         ("no_capacity", lambda s: s.shortage(placement.resources)),

@@ -157,7 +157,7 @@ class PoolManager:
         link = self.manager.links.get(pool.site)
         if link is None:
             return f"no site called {pool.site!r}"
-        reason = tool.unavailable_reason(link.backend)
+        reason = link.unavailable_reason(tool)
         return reason or link.claim_support(tool)
 
     def _leftovers(self, session: Session) -> list[str]:

@@ -22,7 +22,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
-from labgate.backends.base import SnapshotRef, SnapshotRequest, SnapshotResult
+from labgate.backends.base import (
+    SnapshotRef,
+    SnapshotRequest,
+    SnapshotResult,
+    SnapshotUnsupported,
+)
 from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.db.models import (
     Instance,
@@ -44,9 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-#: The kind of snapshot each built-in backend takes; launches go to a site that can use it.
-KIND_OF_BACKEND = {"containers": "image", "process": "archive"}
 
 
 def can_see(snapshot: Snapshot, user_id: int, admin: bool) -> bool:
@@ -162,6 +164,10 @@ class SnapshotManager:
         link = self.links.get(site)
         if link is None:
             raise Conflict(f"site {site} is not connected", code="site_unavailable")
+        if not link.snapshot_kind:  # the site's backend declares it takes none
+            raise SnapshotUnsupported(
+                f"the {link.backend} backend of site {site} takes no snapshots"
+            )
         snapshot = Snapshot(
             id=new_id(),
             owner_id=instance.owner_id,
@@ -170,7 +176,7 @@ class SnapshotManager:
             tool=instance.tool,
             site_id=instance.site_id,
             backend=link.backend,
-            kind=KIND_OF_BACKEND.get(link.backend, ""),
+            kind=link.snapshot_kind,
             source_instance_id=instance.id,
         )
         session.add(snapshot)

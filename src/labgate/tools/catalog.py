@@ -30,6 +30,18 @@ A tool file looks like::
             "--port", "{port}", "--base-url", "{base_url}"]
     port = 8888
     workspace = "/home/labgate"
+
+Every other table (``[process]``, ``[container]``, a third-party backend's
+``[echo]``) belongs to a backend: the tool keeps it raw in ``sections`` and
+the backend that declares it (``Backend.tool_section``) validates it with its
+own schema (``Backend.tool_schema``). The catalog sits below the backends
+and knows none of them: :func:`labgate.backends.registry.load_catalog` loads it
+and checks every table with the installed backends up front (a table no
+installed backend reads, or one that fails its backend's schema, is a warning
+in ``Catalog.problems`` and the tool still loads; it just cannot run on that
+backend), and :func:`labgate.backends.registry.tool_unavailable_reason` says
+why a tool cannot run on a backend. :class:`ProcessSpec` and
+:class:`ContainerSpec` are the schemas of the built-in backends.
 """
 
 from __future__ import annotations
@@ -42,9 +54,16 @@ import sys
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
 from labgate.units import Size
 from labgate.wire.launch import Resources
@@ -58,6 +77,7 @@ _FORMATTER = string.Formatter()
 # The instance token is a secret: allowed in environment values, never on a
 # command line where `ps` would show it to other local users.
 ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
+M = TypeVar("M", bound=BaseModel)
 
 
 class ToolResources(BaseModel):
@@ -84,10 +104,24 @@ class ProcessSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     requires: list[str] = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _placeholders(self) -> ProcessSpec:
+        self.check_placeholders()
+        return self
+
     def check_placeholders(self) -> None:
         """Refuse unknown ``{placeholders}`` in the command and environment templates."""
         _check_template(self.command, PLACEHOLDERS, "command")
         _check_template(self.env.values(), ENV_PLACEHOLDERS, "env")
+
+    def missing_requirement(self) -> str | None:
+        """Why the command cannot run on this machine (a requirement is missing), or None."""
+        for requirement in self.requires:
+            if requirement == "python" or shutil.which(requirement):
+                continue
+            if importlib.util.find_spec(requirement) is None:
+                return f"requires {requirement!r}, which is not installed"
+        return None
 
     def render(self, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         """The command and environment with their placeholders filled in."""
@@ -121,6 +155,11 @@ class ContainerSpec(BaseModel):
     workspace: str = Field("/workspace", pattern=r"^/")
     #: GPUs to request as device requests (-1: all); needs the site option ``gpu``.
     gpus: int = Field(0, ge=-1)
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> ContainerSpec:
+        self.check_placeholders()
+        return self
 
     def check_placeholders(self) -> None:
         """Refuse unknown ``{placeholders}`` in the command, args and environment."""
@@ -169,9 +208,35 @@ class Tool(BaseModel):
     #: Path under the tool's base URL told about a warm-pool claim (labgate.backends.claim).
     claim_path: str = ""
     resources: ToolResources = Field(default_factory=ToolResources)
-    process: ProcessSpec | None = None
-    container: ContainerSpec | None = None
+    #: The backends' tables (``process``, ``container``, ...), raw, by table name.
+    sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
     source: str = Field("", exclude=True)
+    _parsed: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_sections(cls, data: Any) -> Any:
+        """Every table that is not a field of its own is a backend's section.
+
+        A section may also be given as a model (``process=ProcessSpec(...)``),
+        kept as the table it came from, or as None (no table).
+        """
+        if not isinstance(data, dict):
+            return data
+        fields, sections = {}, dict(data.get("sections") or {})
+        for key, value in data.items():
+            if key in cls.model_fields:
+                fields[key] = value
+            elif value is None:
+                continue  # ``process=None``: no such table
+            elif isinstance(value, BaseModel):
+                sections[key] = value.model_dump(exclude_unset=True)
+            elif isinstance(value, dict):
+                sections[key] = value
+            else:
+                fields[key] = value  # refused by extra="forbid", with its name
+        fields["sections"] = sections
+        return fields
 
     def model_post_init(self, __context: Any) -> None:
         """Cross-field checks that pydantic's field validators cannot express."""
@@ -179,26 +244,30 @@ class Tool(BaseModel):
             raise ValueError("health_path must start with /")
         if self.claim_path and not self.claim_path.startswith("/"):
             raise ValueError("claim_path must start with /")
-        if self.process is not None:
-            self.process.check_placeholders()
-        if self.container is not None:
-            self.container.check_placeholders()
 
-    def unavailable_reason(self, backend: str) -> str | None:
-        """Why this tool cannot run on ``backend`` here, or None when it can."""
-        if backend == "containers":
-            # Whether the image exists is known only at launch (it may be pulled).
-            return None if self.container is not None else "no [container] section"
-        if backend != "process":
+    def parsed(self, section: str, schema: type[M]) -> M | None:
+        """The ``[section]`` table validated by ``schema``; None when the tool has none.
+
+        Raises :class:`ToolSectionError` with the reason when it does not validate.
+        """
+        cached = self._parsed.get(section)
+        if isinstance(cached, schema):
+            return cached
+        raw = self.sections.get(section)
+        if raw is None:
             return None
-        if self.process is None:
-            return "no [process] section"
-        for requirement in self.process.requires:
-            if requirement == "python" or shutil.which(requirement):
-                continue
-            if importlib.util.find_spec(requirement) is None:
-                return f"requires {requirement!r}, which is not installed"
-        return None
+        try:
+            spec = schema.model_validate(raw)
+        except ValidationError as exc:
+            raise ToolSectionError(f"[{section}] {describe_validation(exc)}") from None
+        except ValueError as exc:
+            raise ToolSectionError(f"[{section}] {exc}") from None
+        self._parsed[section] = spec
+        return spec
+
+
+class ToolSectionError(ValueError):
+    """A tool's backend table does not satisfy the backend's schema; the message says why."""
 
 
 class CatalogProblem(BaseModel):
@@ -246,6 +315,15 @@ class Catalog:
         return cls(tools.values(), problems)
 
 
+def describe_validation(exc: ValidationError, whole: str = "") -> str:
+    """A pydantic error in one line: ``field: message; ...`` (``whole`` names a fieldless one)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or whole
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
 class ToolFileError(ValueError):
     """A tool file cannot be used; the message says why."""
 
@@ -261,11 +339,7 @@ def load_tool_file(path: Path) -> Tool:
     try:
         return Tool.model_validate({**data, "source": str(path)})
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'file'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ToolFileError(reasons) from exc
+        raise ToolFileError(describe_validation(exc, "file")) from exc
 
 
 def template_values(

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.backends.registry import tool_unavailable_reason
 from labgate.db.models import Site, SiteReport, utcnow
 from labgate.errors import NotFound
 from labgate.portal.auth import Caller
@@ -21,7 +22,7 @@ router = APIRouter(tags=["catalog"])
 
 def tool_out(tool: Tool, backends: set[str]) -> ToolOut:
     """The public view of a tool, with whether any site can run it."""
-    reasons = [tool.unavailable_reason(backend) for backend in sorted(backends)]
+    reasons = [tool_unavailable_reason(tool, backend) for backend in sorted(backends)]
     available = any(reason is None for reason in reasons)
     return ToolOut(
         name=tool.name,
