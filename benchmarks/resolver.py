@@ -333,7 +333,7 @@ def admin_token(url: str) -> str:
 def bench_http(data_dir: Path, datasets: int, count: int, push: int, seed: int) -> dict[str, Any]:
     import httpx
 
-    from labgate.cli_datasets import push_inventory
+    from labgate.cli.datasets import push_inventory
     from labgate.client import Client
 
     with socket.socket() as sock:

@@ -4,8 +4,8 @@
 #
 #   localhost/labgate/busybox:latest  a static busybox (sh, httpd, sleep); well under 2 MB
 #   localhost/labgate/demo:latest     Debian bookworm (debootstrap, minbase) + python3 + the
-#                                     demo tool (python3 -m labgate.tools.demo) and its
-#                                     dependencies at the versions labgate itself runs with
+#                                     demo tool (python3 -m labgate.tools.demo; standard
+#                                     library only)
 #
 # Both run as uid 1000 (user "labgate", HOME=/home/labgate, the workspace mount point).
 # Cached: every image carries the label org.labgate.test-image=<hash of its inputs>; an
@@ -15,14 +15,11 @@
 # image after a change to the demo tool takes seconds.
 #
 # Usage: scripts/build-test-images.sh [--force]
-# Needs: root, podman, busybox-static, debootstrap; PyPI for the demo tool's wheels.
+# Needs: root, podman, busybox-static, debootstrap.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 CACHE=${LABGATE_IMAGE_CACHE:-/var/cache/labgate-test-images}
-PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-[ -x "$PYTHON" ] || PYTHON=python3
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 FORCE=0
@@ -104,30 +101,9 @@ build_base_rootfs() {  # a bookworm minbase with python3 and a labgate user, as 
 # end:base
 
 # recipe:demo
-DEMO_PACKAGES=(starlette uvicorn websockets anyio h11 click idna typing_extensions)
-pinned_packages() {  # the demo tool's dependencies at the versions labgate runs with
-  "$PYTHON" - "${DEMO_PACKAGES[@]}" <<'EOF'
-import sys
-from importlib.metadata import PackageNotFoundError, version
-for name in sys.argv[1:]:
-    try:
-        print(f"{name}=={version(name)}")
-    except PackageNotFoundError:
-        print(name)
-EOF
-}
-
 build_demo() {
-  local context=$WORK/demo arch platform
+  local context=$WORK/demo
   mkdir -p "$context/lib/labgate/tools"
-  arch=$(uname -m)
-  platform="manylinux2014_$arch"
-  # Wheels for the image's Python (3.11), whatever Python runs this script.
-  # shellcheck disable=SC2046
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps --no-compile \
-    --target "$context/lib" --only-binary=:all: --implementation cp --python-version 3.11 \
-    --abi cp311 --platform "$platform" --platform "manylinux_2_17_$arch" $(pinned_packages)
-  rm -rf "$context"/lib/bin
   cp src/labgate/__init__.py "$context/lib/labgate/"
   cp src/labgate/tools/__init__.py "$context/lib/labgate/tools/"
   mkdir -p "$context/lib/labgate/tools/demo"
@@ -173,7 +149,7 @@ else
 fi
 
 # --- demo ------------------------------------------------------------------------
-demo_hash=$({ recipe demo; echo "$base_hash"; pinned_packages; cat src/labgate/__init__.py \
+demo_hash=$({ recipe demo; echo "$base_hash"; cat src/labgate/__init__.py \
   src/labgate/tools/__init__.py src/labgate/tools/demo/*.py; } | hash_of)
 if fresh "$DEMO_IMAGE" "$demo_hash"; then
   log "$DEMO_IMAGE is up to date"

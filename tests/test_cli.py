@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from helpers import TEST_SECRET_KEY
 from labgate import __version__
 from labgate.cli import app
-from labgate.cli_instances import new_lines
+from labgate.cli.instances import new_lines
 from live_server import ADMIN_PASSWORD, LiveServer, live_server
 
 LABGATE = Path(sys.executable).with_name("labgate")

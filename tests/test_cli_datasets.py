@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from labgate.cli import app
-from labgate.cli_datasets import PART_BYTES, parts
+from labgate.cli.datasets import PART_BYTES, parts
 from labgate.config import SiteConfig
 from live_server import LiveServer, live_server
 

@@ -38,7 +38,7 @@ LAYERS: list[set[str]] = [
     {"router"},
     {"doctor"},
     {"serve"},
-    {"client", "cli", "cli_context", "cli_datasets", "cli_instances", "cli_ops", "cli_output"},
+    {"client", "cli"},
     {"__init__", "__main__"},
 ]
 

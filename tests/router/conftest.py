@@ -1,8 +1,8 @@
 """Fixtures for router tests: real upstreams on random ports, a real router, users.
 
 Users: alice (1) owns instance ``aaaa``, bob (2) owns ``bbbb``, root (3) is an
-admin. Each instance is the demo tool under uvicorn, requiring its own
-upstream token like a real tool.
+admin. Each instance is the demo tool's own server (in a thread), requiring
+its own upstream token like a real tool.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from starlette.routing import Route as StarletteRoute
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router
 from labgate.security import SESSION_COOKIE, SessionSigner, hash_token
-from labgate.tools.demo.app import create_app
+from labgate.tools.demo.server import Demo, Server
 from labgate.wire.routes import Route, RouteTable, TokenInfo, UserInfo
 
 KEY = "router-test-signing-key"
@@ -111,7 +112,7 @@ class Gateway:
     signer: SessionSigner
     base: str
     port: int
-    upstreams: dict[str, Served] = field(default_factory=dict)
+    upstreams: dict[str, DemoServed] = field(default_factory=dict)
     portal: Served | None = None
 
     def cookie(self, user_id: int) -> str:
@@ -122,12 +123,35 @@ class Gateway:
         return {"Cookie": f"{SESSION_COOKIE}={self.cookie(user_id)}"}
 
 
-def instance_app(instance_id: str, token: str) -> Any:
+@dataclass
+class DemoServed:
+    """The demo tool's standard-library server, in a thread of the test process."""
+
+    server: Server
+    thread: threading.Thread
+    url: str
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def serve_demo(instance_id: str, token: str) -> DemoServed:
+    """Serve the demo tool for ``instance_id`` on a random loopback port."""
     os.environ["LABGATE_INSTANCE_TOKEN"] = token
     try:
-        return create_app(f"/i/{instance_id}/")
+        demo = Demo(f"/i/{instance_id}/")
     finally:
         del os.environ["LABGATE_INSTANCE_TOKEN"]
+    server = Server(("127.0.0.1", 0), demo)
+    # A short poll so that shutdown() returns at once at the end of the test.
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    return DemoServed(server, thread, f"http://127.0.0.1:{server.server_address[1]}")
 
 
 def users() -> list[UserInfo]:
@@ -163,10 +187,10 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
         table = RouteTable()
         table.load(users=users(), tokens=tokens())
         signer = SessionSigner(KEY, 3600)
-        upstreams: dict[str, Served] = {}
+        upstreams: dict[str, DemoServed] = {}
         for instance_id, owner in (("aaaa", ALICE), ("bbbb", BOB)) if demo else ():
             token = f"upstream-token-{instance_id}"
-            served = await serve_asgi(instance_app(instance_id, token))
+            served = serve_demo(instance_id, token)
             upstreams[instance_id] = served
             table.add_route(Route(instance_id, served.url, owner, upstream_token=token))
         uds = str(tmp_path / f"portal{len(started)}.sock") if portal_uds else None

@@ -1,7 +1,7 @@
 """The one small base class every backend implements.
 
-A backend drives one engine (local processes, a Docker Engine API, Slurm,
-Kubernetes) for one site. The site agent owns it and calls it; the portal
+A backend drives one engine (local processes, a Docker Engine API) for one
+site. The site agent owns it and calls it; the portal
 never does. To write one, subclass :class:`Backend`, set ``name`` and
 override every abstract method:
 

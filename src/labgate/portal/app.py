@@ -28,7 +28,7 @@ from labgate.datadir import prepare_data_dir
 from labgate.db.models import Site
 from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
-from labgate.portal import health, launch_pages, operations, pages, usage_pages
+from labgate.portal import health, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
     auth,
@@ -48,6 +48,7 @@ from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
 from labgate.portal.openapi import install_openapi
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.state import Portal
+from labgate.portal.ui import pages
 from labgate.resolver.locality import DataLocator
 from labgate.scheduler.instances import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
@@ -209,8 +210,6 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     app.include_router(api)
     app.include_router(pages.router)
-    app.include_router(launch_pages.router)
     app.include_router(health.router)
-    app.include_router(usage_pages.router)
     install_openapi(app)
     return app

@@ -1,6 +1,6 @@
 """``/readyz`` and ``/metrics``: what load balancers and Prometheus ask.
 
-``/healthz`` (in :mod:`labgate.portal.pages`) says the process answers.
+``/healthz`` (in :mod:`labgate.portal.ui.pages`) says the process answers.
 ``/readyz`` says it can serve: the database answers, start-up is done (the
 instance manager restored what was running), and every configured site has a
 link. It is 200 with ``{"ready": true, "checks": {...}}`` or 503 with the

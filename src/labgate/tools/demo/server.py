@@ -1,14 +1,27 @@
-"""The demo tool's own HTTP/1.1 and WebSocket server, on the standard library alone.
+"""The ``demo`` tool: a small web app that proves an instance works end to end.
 
-``python -m labgate.tools.demo`` serves with this, not with uvicorn: the demo
-is the tool labgate starts most often (every test, every benchmark), and this
-server is ready in a quarter of the time and CPU (no asyncio, Starlette or
-uvicorn to import), which is most of what 50 launches at once cost on a small
-machine. It serves the same endpoints, answers and token check as the ASGI
-app of :func:`labgate.tools.demo.app.create_app` (which in-process tests
-mount), one thread per connection, with keep-alive, ``Content-Length`` and
-chunked request bodies, ``HEAD``, and WebSockets (RFC 6455: masking,
-fragments, ping and close).
+It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
+a health endpoint (``/api/health``), a file probe (``GET``/``PUT``
+``/api/file?path=``, which lets tests see what the sandbox exposes) and a
+WebSocket echo (``/ws``). ``POST /api/claim`` is its warm-pool hook: the agent
+says which user it now serves and where their workspace is
+(:mod:`labgate.backends.claim`). When ``LABGATE_INSTANCE_TOKEN`` is set it
+answers only requests that carry ``Authorization: token <it>`` (the router
+adds it), like a real tool should.
+
+Environment knobs make the test doubles of the style guide out of the same
+tool: ``DEMO_START_DELAY`` (seconds before listening: a slow tool),
+``DEMO_NEVER_READY`` (health always 503), ``DEMO_CRASH`` (exit 3 at start,
+after printing a reason).
+
+It is its own HTTP/1.1 and WebSocket server, on the standard library alone:
+the demo is the tool labgate starts most often (every test, every benchmark),
+and without asyncio, Starlette or uvicorn to import it is ready in about a
+third of the time and CPU (about 45 ms against 120 ms), which is most of what
+50 launches at once cost on a small machine. One thread per connection, with
+keep-alive, ``Content-Length`` and chunked request bodies, ``HEAD``, and
+WebSockets (RFC 6455: masking, fragments, ping and close). Router tests run
+:class:`Server` in a thread of their own process.
 """
 
 from __future__ import annotations
@@ -318,7 +331,7 @@ def _stop(signum: int, frame: Any) -> None:
 
 
 def serve(host: str, port: int, base_url: str) -> None:
-    """Serve the demo until TERM or INT, then exit cleanly (code 0, as uvicorn did)."""
+    """Serve the demo until TERM or INT, then exit cleanly (exit code 0)."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     with Server((host, port), Demo(base_url)) as server:
@@ -328,7 +341,7 @@ def serve(host: str, port: int, base_url: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Run the demo tool: ``python -m labgate.tools.demo --port P --base-url /i/x/``.
 
-    Same endpoints as :func:`labgate.tools.demo.app.create_app`; see the module docstring.
+    The endpoints and environment knobs are in the module docstring.
     """
     import argparse
 

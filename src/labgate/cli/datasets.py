@@ -25,8 +25,8 @@ from urllib.parse import quote
 
 import typer
 
-from labgate import cli_output as show
-from labgate.cli_context import JSON_OPTION, fail, state_of
+from labgate.cli import output as show
+from labgate.cli.context import JSON_OPTION, fail, state_of
 from labgate.client import Client
 
 #: Largest body of one inventory request (the server's default limit is 1 MiB).

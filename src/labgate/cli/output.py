@@ -111,6 +111,22 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str | Text]], empty: 
     typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
+def plain_table(columns: list[str], rows: list[list[str]], empty: str) -> None:
+    """A table whose cells never wrap, without padding at line ends (groups, usage, pools)."""
+    if not rows:
+        note(empty)
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in columns:
+        table.add_column(column, no_wrap=True)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    console = stdout()
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
 def _yes(flag: Any) -> str:
     return "yes" if flag else ""
 

@@ -1,16 +1,17 @@
-"""Instance commands of the CLI: launch, ls, stop, logs."""
+"""Instance commands of the CLI: launch, ls, stop, logs, keep-alive."""
 
 from __future__ import annotations
 
 import sys
 import time
 import webbrowser
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import typer
 
-from labgate import cli_output as show
-from labgate.cli_context import JSON_OPTION, fail, state_of
+from labgate.cli import output as show
+from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
 from labgate.client import TERMINAL_STATES, Client, WaitTimeout
 
 FOLLOW_WINDOW = 1000  # lines fetched per poll of `logs --follow`
@@ -206,3 +207,75 @@ def _write(lines: list[str]) -> None:
     if lines:
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
+
+
+# --- keep-alive ----------------------------------------------------------------------
+
+
+def _until(value: str) -> str:
+    """An ISO 8601 time; without a zone it is local time."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected a time such as 2026-11-22T18:00, not {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.astimezone(UTC).isoformat()
+
+
+def _countdown(view: dict[str, Any]) -> None:
+    now = datetime.now(UTC)
+    lines = {"instance": view["instance"], "state": view["state"]}
+    until = view.get("keep_alive_until")
+    lines["kept alive until"] = (
+        f"{show.when(until)} ({_left(datetime.fromisoformat(until) - now)})" if until else "-"
+    )
+    if view.get("cull_at"):
+        reason = {"idle": "if unused", "lifetime": "maximum lifetime"}.get(view["cull_reason"], "")
+        lines["stops"] = (
+            f"{show.when(view['cull_at'])} (in {_left_seconds(view['cull_in'])}, {reason})"
+        )
+    else:
+        lines["stops"] = "not by itself"
+    if view.get("capped"):
+        lines["note"] = (
+            f"cut to the longest keep-alive allowed ({_left_seconds(view['keep_alive_max'])})"
+        )
+    show.mapping(lines, key="KEEP-ALIVE")
+
+
+def _left(delta: Any) -> str:
+    return _left_seconds(delta.total_seconds())
+
+
+def _left_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
+
+
+def keep_alive(
+    ctx: typer.Context,
+    instance_id: str = typer.Argument(..., metavar="ID", help="The instance."),
+    until: str | None = typer.Option(None, "--until", help="Keep it until then (ISO 8601 time)."),
+    for_: str | None = typer.Option(None, "--for", help="Keep it this long, e.g. 4h."),
+    off: bool = typer.Option(False, "--off", help="End the keep-alive."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Spare an idle instance until a time; without options, show when it stops."""
+    if sum((until is not None, for_ is not None, off)) > 1:
+        fail("give one of --until, --for, --off")
+    path = f"/instances/{instance_id}/keep-alive"
+    with state_of(ctx).client() as client:
+        if off:
+            view = client.delete(path)
+        elif until is not None:
+            view = client.put(path, {"until": _until(until)})
+        elif for_ is not None:
+            view = client.put(path, {"for": parse_duration(for_)})
+        else:
+            view = client.get(path)
+    show.print_json(view) if as_json else _countdown(view)

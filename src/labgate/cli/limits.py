@@ -1,45 +1,23 @@
-"""Operations commands of the CLI: groups, quotas, usage, keep-alive, warm pools, doctor.
+"""Limits and use in the CLI: ``group``, ``quota`` and ``usage``.
 
-Everything but ``doctor`` goes through the REST API (``/api/v1/groups``,
-``/users/<name>/limits``, ``/usage``, ``/instances/<id>/keep-alive``,
-``/pools``). ``doctor`` runs on the server's machine with its settings.
-:func:`register` adds them all to the root app.
+Everything goes through the REST API (``/api/v1/groups``,
+``/users/<name>/limits``, ``/usage``).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from labgate import cli_output as show
-from labgate.cli_context import JSON_OPTION, fail, parse_duration, state_of
-from labgate.errors import ConfigError
-from labgate.startup import load_settings
+from labgate.cli import output as show
+from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
+from labgate.cli.output import plain_table as _table
 
 group_app = typer.Typer(help="Groups of users and their limits (admins).", no_args_is_help=True)
 quota_app = typer.Typer(help="Users' limits and what they use.", no_args_is_help=True)
-pool_app = typer.Typer(help="Warm pools of pre-started instances.", no_args_is_help=True)
 
 LIMIT_HELP = "A number, or 'none' to remove the limit."
-
-
-def _table(columns: list[str], rows: list[list[str]], empty: str) -> None:
-    if not rows:
-        show.note(empty)
-        return
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in columns:
-        table.add_column(column, no_wrap=True)
-    for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
-    console = show.stdout()
-    with console.capture() as captured:
-        console.print(table)
-    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def _number(value: str | None, name: str, *, size: bool = False) -> Any:
@@ -334,140 +312,3 @@ def usage(
             ],
             "no usage in this time range",
         )
-
-
-# --- keep-alive ----------------------------------------------------------------------
-
-
-def _until(value: str) -> str:
-    """An ISO 8601 time; without a zone it is local time."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected a time such as 2026-11-22T18:00, not {value!r}"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.astimezone()
-    return moment.astimezone(UTC).isoformat()
-
-
-def _countdown(view: dict[str, Any]) -> None:
-    now = datetime.now(UTC)
-    lines = {"instance": view["instance"], "state": view["state"]}
-    until = view.get("keep_alive_until")
-    lines["kept alive until"] = (
-        f"{show.when(until)} ({_left(datetime.fromisoformat(until) - now)})" if until else "-"
-    )
-    if view.get("cull_at"):
-        reason = {"idle": "if unused", "lifetime": "maximum lifetime"}.get(view["cull_reason"], "")
-        lines["stops"] = (
-            f"{show.when(view['cull_at'])} (in {_left_seconds(view['cull_in'])}, {reason})"
-        )
-    else:
-        lines["stops"] = "not by itself"
-    if view.get("capped"):
-        lines["note"] = (
-            f"cut to the longest keep-alive allowed ({_left_seconds(view['keep_alive_max'])})"
-        )
-    show.mapping(lines, key="KEEP-ALIVE")
-
-
-def _left(delta: Any) -> str:
-    return _left_seconds(delta.total_seconds())
-
-
-def _left_seconds(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
-
-
-def keep_alive(
-    ctx: typer.Context,
-    instance_id: str = typer.Argument(..., metavar="ID", help="The instance."),
-    until: str | None = typer.Option(None, "--until", help="Keep it until then (ISO 8601 time)."),
-    for_: str | None = typer.Option(None, "--for", help="Keep it this long, e.g. 4h."),
-    off: bool = typer.Option(False, "--off", help="End the keep-alive."),
-    as_json: bool = JSON_OPTION,
-) -> None:
-    """Spare an idle instance until a time; without options, show when it stops."""
-    if sum((until is not None, for_ is not None, off)) > 1:
-        fail("give one of --until, --for, --off")
-    path = f"/instances/{instance_id}/keep-alive"
-    with state_of(ctx).client() as client:
-        if off:
-            view = client.delete(path)
-        elif until is not None:
-            view = client.put(path, {"until": _until(until)})
-        elif for_ is not None:
-            view = client.put(path, {"for": parse_duration(for_)})
-        else:
-            view = client.get(path)
-    show.print_json(view) if as_json else _countdown(view)
-
-
-# --- pools ---------------------------------------------------------------------------
-
-
-@pool_app.command("list")
-def pool_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
-    """Warm pools: size, ready and starting instances, and why a pool is off (admins)."""
-    with state_of(ctx).client() as client:
-        rows = client.get("/pools")
-    if as_json:
-        show.print_json(rows)
-        return
-    _table(
-        ["TOOL", "SITE", "SIZE", "READY", "STARTING", "NOTE"],
-        [
-            [
-                p["tool"],
-                p["site"],
-                str(p["size"]),
-                str(p["ready"]),
-                str(p["starting"]),
-                p["disabled"] or "",
-            ]
-            for p in rows
-        ],
-        "no warm pools (setting `pools`)",
-    )
-
-
-# --- doctor --------------------------------------------------------------------------
-
-
-def doctor(as_json: bool = JSON_OPTION) -> None:
-    """Check settings, database, sites, backends and their engines, and say what to fix."""
-    from labgate.doctor import Finding, run_checks
-
-    try:
-        findings = run_checks(load_settings())
-    except ConfigError as exc:
-        findings = [
-            Finding("fail", "settings", problem, "fix the settings") for problem in exc.problems
-        ]
-    if as_json:
-        show.print_json([f.as_json() for f in findings])
-    else:
-        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
-        for finding in findings:
-            typer.echo(f"{marks[finding.level]}  {finding.subject}: {finding.detail}")
-            if finding.fix:
-                typer.echo(f"      fix: {finding.fix}")
-    failed = sum(f.level == "fail" for f in findings)
-    if failed:
-        show.note(f"{failed} problem(s) to fix")
-        raise typer.Exit(1)
-
-
-def register(app: typer.Typer) -> None:
-    """Add the operations commands to the root app."""
-    app.add_typer(group_app, name="group")
-    app.add_typer(quota_app, name="quota")
-    app.add_typer(pool_app, name="pool")
-    app.command()(usage)
-    app.command("keep-alive")(keep_alive)
-    app.command()(doctor)

@@ -1,0 +1,58 @@
+"""Server-side commands of the CLI: ``serve``, ``router`` and ``version``.
+
+``serve`` and ``router`` run on the server's machine with its settings; they are
+the only commands that do not talk to a server through the REST API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from labgate import __version__
+from labgate.cli.context import fail
+from labgate.datadir import UnsafeSetup
+from labgate.startup import load_settings
+
+
+def serve(
+    host: str | None = typer.Option(None, help="Address to listen on (setting `host`)."),
+    port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
+    data_dir: Path | None = typer.Option(
+        None, help="Directory for the database, logs and workspaces (setting `data_dir`)."
+    ),
+) -> None:
+    """Run labgate: router, portal and the sites in one process."""
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
+    from labgate.serve import run
+
+    try:
+        run(settings)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
+
+
+def router(
+    portal: str = typer.Option(
+        ...,
+        help="Where the portal is: http://HOST:PORT or unix:/path (stream, activity, upstream).",
+    ),
+    host: str | None = typer.Option(None, help="Address to listen on (setting `host`)."),
+    port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
+) -> None:
+    """Run a router alone, following the portal's route stream (needs the same secret_key)."""
+    settings = load_settings(host=host, port=port)
+    if not settings.secret_key.get_secret_value():
+        fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
+    from labgate.serve import run_router
+
+    try:
+        run_router(settings, portal)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
+
+
+def version() -> None:
+    """Print labgate's version."""
+    typer.echo(f"labgate {__version__}")

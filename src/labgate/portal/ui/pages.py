@@ -1,0 +1,41 @@
+"""The browser side of the portal: every page, its static files, and ``/healthz``.
+
+:data:`router` gathers the pages of :mod:`labgate.portal.ui`:
+
+- ``render.py``  templates, static files, security headers, error pages
+- ``signin.py``  ``/login`` and ``/logout`` (the router sends browsers
+  without a session to ``/login?next=<path>``)
+- ``views.py``   catalog, instances, launch progress, logs, account,
+  tokens, admin
+- ``launch.py``  ``/launch`` links, launch badges, the Dataverse integration
+- ``usage.py``   the admin usage page (``/admin/usage``)
+
+Every template extends ``base.html``; :data:`templates` is the UI's Jinja
+environment.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from labgate import __version__
+from labgate.portal.ui import launch, render, signin, usage, views
+from labgate.portal.ui.render import templates
+from labgate.portal.ui.signin import safe_next
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the portal answers."""
+    return {"status": "ok", "version": __version__}
+
+
+router.include_router(render.static_router)
+router.include_router(signin.router)
+router.include_router(views.router)
+router.include_router(launch.router)
+router.include_router(usage.router)
+
+__all__ = ["router", "safe_next", "templates"]
