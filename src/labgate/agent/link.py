@@ -1,10 +1,10 @@
 """Site links: the only way the portal talks to a site.
 
 A link carries commands to a site agent (launch, stop, adopt, logs) and
-brings back :class:`~labgate.wire.site.Report` objects (state changes and progress). The
-all-in-one deployment uses :class:`LocalSiteLink`, which holds the agent in
-process; a network link with the same interface will carry the same calls to
-an agent that dials out to the portal.
+brings back :class:`~labgate.wire.site.Report` objects (state changes and
+progress). :class:`LocalSiteLink` holds the agent in the portal's process.
+Every method is async and everything crossing a link is plain data
+(:mod:`labgate.wire`), so the portal never depends on where the agent runs.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ class Route:
     """One instance reachable under ``/i/<instance_id>/``.
 
     ``access`` holds the ids of users other than the owner who may use the
-    instance (empty until sharing exists); admins may always. ``keep_prefix``
+    instance (the portal fills it with none today); admins may always. ``keep_prefix``
     forwards the path unchanged (the tool honours its base URL); otherwise
     ``/i/<id>`` is stripped. ``upstream_token`` is sent to the tool as
     ``Authorization: token <it>`` so the tool accepts only proxied traffic.
