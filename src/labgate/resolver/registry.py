@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import posixpath
-from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -230,22 +229,3 @@ def remove_replica(session: Session, dataset: Dataset, site_name: str) -> None:
         raise NotFound(
             f"{dataset.identifier!r} has no replica on site {site_name!r}", code="unknown_replica"
         )
-
-
-def replica_rows(
-    session: Session, dataset_ids: Iterable[int]
-) -> dict[int, list[tuple[Replica, Site]]]:
-    """Replicas with their sites, per dataset id, in one query."""
-    ids = list(dataset_ids)
-    result: dict[int, list[tuple[Replica, Site]]] = {i: [] for i in ids}
-    if not ids:
-        return result
-    rows = session.execute(
-        select(Replica, Site)
-        .join(Site, Replica.site_id == Site.id)
-        .where(Replica.dataset_id.in_(ids))
-        .order_by(Site.name)
-    )
-    for replica, site in rows:
-        result[replica.dataset_id].append((replica, site))
-    return result

@@ -84,13 +84,6 @@ def close_records(
         record.reason = record.reason or reason
 
 
-def charged_group(session: Session, instance_id: str) -> str:
-    """The group an instance's open record is charged to ("" for none)."""
-    for record in open_records(session, instance_id):
-        return record.group_name
-    return ""
-
-
 def on_transition(
     session: Session, instance: Instance, target: InstanceState, data: dict[str, Any]
 ) -> None:
