@@ -20,6 +20,7 @@ from labgate.security import SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
 
 if TYPE_CHECKING:
+    from labgate.agent.hub import SiteHub
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
     from labgate.scheduler.instances import InstanceManager
@@ -44,6 +45,8 @@ class Portal:
     routes: RouteFeedHub | None = None
     activity: ActivityBoard = field(default_factory=ActivityBoard)
     snapshots: SnapshotManager | None = None
+    #: The network sites' agent connections (labgate.agent.hub), set by the app.
+    site_hub: SiteHub | None = None
     passwords: PasswordWorkers = field(init=False)
     login_limits: LoginLimiter = field(init=False)
 
