@@ -33,6 +33,11 @@ class SiteLink(abc.ABC):
         #: What the backend's snapshots are (``image``, ``archive``); empty: it takes none.
         self.snapshot_kind = snapshot_kind
 
+    @property
+    def live(self) -> bool:
+        """Whether the site can take commands now (a network site: its agent is connected)."""
+        return True
+
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Why ``tool`` cannot run on this site (None: it can); its backend answers."""
         return tool_unavailable_reason(tool, self.backend)
