@@ -264,6 +264,52 @@ class Settings(BaseSettings):
         40, ge=0, le=10000, description="Log lines attached to a failed launch's event."
     )
 
+    # --- network sites and their agents ---------------------------------------
+    site_heartbeat_interval: float = Field(
+        10.0,
+        gt=0,
+        le=300,
+        description=(
+            "Seconds between heartbeats on a network site's agent connection, both ways; "
+            "a connection silent for three of them is closed and the agent reconnects."
+        ),
+    )
+    site_command_timeout: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Seconds the portal waits for a network site's agent to answer a command "
+            "(stops get twice this, snapshots sixty times) before it gives up with a 503."
+        ),
+    )
+    site_grace_period: float = Field(
+        300.0,
+        ge=0,
+        description=(
+            "Seconds the instances of a disconnected network site stay `unreachable` before "
+            "the ones its agent does not report back are `lost`."
+        ),
+    )
+    agent_portal: str = Field(
+        "",
+        description=(
+            "`labgate agent`: the portal's public address, e.g. https://gateway.example "
+            "(the agent dials out to it; nothing listens on the site)."
+        ),
+    )
+    agent_token: SecretStr = Field(
+        SecretStr(""),
+        description="`labgate agent`: the site's token, from `labgate site add` or `site token`.",
+    )
+    agent_reconnect_max: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "`labgate agent`: the longest pause, in seconds, between reconnect attempts "
+            "(pauses grow from half a second with random jitter)."
+        ),
+    )
+
     # --- datasets ----------------------------------------------------------
     site_report_ttl: int = Field(
         86400,

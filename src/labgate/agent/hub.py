@@ -3,25 +3,342 @@
 A network site is a ``sites`` row added with ``labgate site add`` (its
 ``kind`` is ``network``); its agent runs on the site's own machine and dials
 out to the portal. The hub keeps one :class:`~labgate.agent.network.NetworkSiteLink`
-per such site in the portal's ``links`` (connected or not), accepts agent
-connections, and cuts them when the site's token is rotated or revoked.
+per such site in the portal's ``links`` (connected or not), serves each
+agent connection (:meth:`SiteHub.serve`), and cuts it when the site's token
+is rotated or revoked.
+
+What a connection brings is handed up through :class:`SiteEvents` (the
+scheduler implements it): connected (with the hello), heartbeat, report,
+disconnected. The hub never touches the database.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from labgate.agent import convert
+from labgate.agent.link import SiteLink
+from labgate.agent.network import ChannelClosed, NetworkSiteLink, Session
+from labgate.wire.agent import (
+    Ack,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    ReportEnvelope,
+    Result,
+    Welcome,
+    dump,
+    parse,
+)
+from labgate.wire.site import Report
 
 log = logging.getLogger(__name__)
+
+#: Close codes the portal ends a connection with (4000-4999: the application's own).
+CLOSE_REVOKED = 4401
+CLOSE_PROTOCOL = 4400
+CLOSE_REPLACED = 4409
+CLOSE_SILENT = 4408
+CLOSE_SHUTDOWN = 4503
+
+
+class Channel(Protocol):
+    """One agent connection as the hub uses it (a WebSocket, in the portal)."""
+
+    async def send_text(self, data: str) -> None:
+        """Send one text message."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send one binary message."""
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises :class:`ChannelClosed` when the connection is gone."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """End the connection."""
+
+
+class SiteEvents(Protocol):
+    """What the hub tells the scheduler about its sites."""
+
+    async def site_connected(self, site: str, hello: Hello) -> None:
+        """An agent said hello: reconcile what it holds with what the portal knows."""
+
+    async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
+        """An agent is alive."""
+
+    async def site_report(self, site: str, report: Report) -> None:
+        """An agent reported on one of its site's instances."""
+
+    async def site_disconnected(self, site: str, reason: str) -> None:
+        """An agent's connection is gone."""
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the portal tells an agent about its site in the welcome."""
+
+    name: str
+    backend: str
+    options: dict[str, Any] = field(default_factory=dict)
+    data_root: str | None = None
+    reach: str = "direct"
+
+
+@dataclass
+class _Connection:
+    channel: Channel
+    task: asyncio.Task[None] | None = None
+    close_code: int = 1000
+    close_reason: str = ""
 
 
 class SiteHub:
     """Every network site's link, and the agent connections behind them."""
 
+    def __init__(
+        self,
+        links: dict[str, SiteLink],
+        tools: Callable[[], list[dict[str, Any]]],
+        *,
+        heartbeat: float = 10.0,
+        command_timeout: float = 30.0,
+        tunnel_dir: Path | None = None,
+    ) -> None:
+        self.links = links
+        self.tools = tools
+        self.heartbeat = heartbeat
+        self.command_timeout = command_timeout
+        self.tunnel_dir = tunnel_dir
+        #: Set by the app: where connections, reports and losses go.
+        self.events: SiteEvents | None = None
+        self._connections: dict[str, _Connection] = {}
+        #: The last report applied per site: (boot, seq); a report at or below it is a resend.
+        self._applied: dict[str, tuple[str, int]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # --- sites -----------------------------------------------------------------
     async def register(self, name: str, backend: str, reach: str) -> None:
-        """Make the link of a newly added network site (its agent may connect from now on)."""
+        """Make the link of a network site (its agent may connect from now on)."""
+        link = self.links.get(name)
+        if isinstance(link, NetworkSiteLink) and link.reach == reach:
+            return
+        if link is not None:
+            await self.forget(name)
+        self.links[name] = NetworkSiteLink(
+            name,
+            backend,
+            reach=reach,
+            command_timeout=self.command_timeout,
+            tunnel_dir=self.tunnel_dir,
+        )
 
     async def cut(self, name: str, reason: str) -> None:
         """Close the site's agent connection now, if it has one (token rotated or revoked)."""
+        connection = self._connections.get(name)
+        if connection is None:
+            return
+        connection.close_code, connection.close_reason = CLOSE_REVOKED, reason
+        with contextlib.suppress(Exception):
+            await connection.channel.close(CLOSE_REVOKED, reason)
+        if connection.task is not None:
+            connection.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await connection.task
 
     async def forget(self, name: str) -> None:
         """Cut the site's connection and drop its link (the site was removed)."""
+        await self.cut(name, "the site was removed")
+        link = self.links.pop(name, None)
+        if link is not None:
+            await link.close()
+
+    def connected(self, name: str) -> bool:
+        """Whether the site's agent is connected now."""
+        link = self.links.get(name)
+        return isinstance(link, NetworkSiteLink) and link.live
+
+    # --- a connection ------------------------------------------------------------
+    async def serve(self, site: SiteInfo, channel: Channel) -> None:
+        """Run one agent connection until it ends (the caller authenticated it for ``site``)."""
+        link = self.links.get(site.name)
+        if not isinstance(link, NetworkSiteLink):
+            await channel.close(CLOSE_REVOKED, f"site {site.name} is not a network site")
+            return
+        previous = self._connections.get(site.name)
+        if previous is not None:
+            previous.close_code, previous.close_reason = CLOSE_REPLACED, "a new connection"
+            with contextlib.suppress(Exception):
+                await previous.channel.close(CLOSE_REPLACED, "replaced by a new connection")
+        connection = _Connection(channel, asyncio.current_task())
+        self._connections[site.name] = connection
+        session: Session | None = None
+        reason = "the connection closed"
+        try:
+            hello = await self._handshake(site, channel)
+            session = Session(send=channel.send_text, hello=hello)
+            link.attach(session)
+            if link.tunnel is not None:
+                link.tunnel.attach(channel.send_bytes)
+            log.info(
+                "site %s: agent %s connected from %s",
+                site.name,
+                hello.agent_version,
+                hello.hostname,
+            )
+            self._spawn(self._connected(site.name, hello))
+            await self._run(site.name, link, session, channel)
+        except ChannelClosed:
+            pass
+        except ProtocolError as exc:
+            reason = str(exc)
+            log.warning("site %s: %s", site.name, exc)
+            with contextlib.suppress(Exception):
+                await channel.close(CLOSE_PROTOCOL, reason[:120])
+        except asyncio.CancelledError:
+            reason = connection.close_reason or "cancelled"
+        finally:
+            if connection.close_reason:
+                reason = connection.close_reason
+            if self._connections.get(site.name) is connection:
+                del self._connections[site.name]
+            if session is not None:
+                link.detach(session, reason)
+                if link.tunnel is not None and link.session is None:
+                    link.tunnel.detach(reason)
+                if link.session is None and self.events is not None and not self._closing:
+                    log.info("site %s: agent disconnected (%s)", site.name, reason)
+                    self._spawn(self.events.site_disconnected(site.name, reason))
+
+    async def _handshake(self, site: SiteInfo, channel: Channel) -> Hello:
+        welcome = Welcome(
+            site=site.name,
+            backend=site.backend,
+            options=site.options,
+            data_root=site.data_root,
+            reach=site.reach,
+            heartbeat=self.heartbeat,
+            tools=self.tools(),
+        )
+        await channel.send_text(dump(welcome))
+        try:
+            raw = await asyncio.wait_for(channel.receive(), self.heartbeat * 3)
+        except TimeoutError:
+            raise ProtocolError("the agent sent no hello") from None
+        message = parse(raw) if isinstance(raw, str) else None
+        if not isinstance(message, Hello):
+            raise ProtocolError("the agent's first message was not a hello")
+        if message.site != site.name:
+            raise ProtocolError(
+                f"the agent says it is site {message.site!r}, but its token is site {site.name!r}"
+            )
+        return message
+
+    async def _run(
+        self, name: str, link: NetworkSiteLink, session: Session, channel: Channel
+    ) -> None:
+        beats = asyncio.create_task(self._beat(channel), name=f"heartbeat-{name}")
+        try:
+            while True:
+                try:
+                    raw = await asyncio.wait_for(channel.receive(), self.heartbeat * 3)
+                except TimeoutError:
+                    # Silent for three heartbeats: the agent or the path to it is gone.
+                    with contextlib.suppress(Exception):
+                        await channel.close(CLOSE_SILENT, "no heartbeat")
+                    raise ChannelClosed from None
+                if isinstance(raw, bytes):
+                    if link.tunnel is not None:
+                        await link.tunnel.feed(raw)
+                    continue
+                await self._message(name, link, session, channel, parse(raw))
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+
+    async def _message(
+        self, name: str, link: NetworkSiteLink, session: Session, channel: Channel, message: Any
+    ) -> None:
+        events = self.events
+        if isinstance(message, Result):
+            session.resolve(message)
+        elif isinstance(message, Heartbeat):
+            if events is not None:
+                await events.site_heartbeat(name, message)
+        elif isinstance(message, ReportEnvelope):
+            boot, seq = session.hello.boot, message.seq
+            last = self._applied.get(name)
+            if last is None or last[0] != boot or seq > last[1]:
+                report = convert.report_of(message.report)
+                await self._tunnel_follows(link, report)
+                if events is not None:
+                    await events.site_report(name, report)
+                self._applied[name] = (boot, seq)
+            await channel.send_text(dump(Ack(seq=seq)))
+        else:
+            raise ProtocolError(f"unexpected {type(message).__name__} from the agent")
+
+    async def _tunnel_follows(self, link: NetworkSiteLink, report: Report) -> None:
+        """A tunneled instance is served while it runs, and not after."""
+        if link.tunnel is None:
+            return
+        path = link.tunnel_path(report.instance_id)
+        if path is None:
+            return
+        if report.state in ("running", "starting") and report.kind == "state":
+            await link.tunnel.serve(report.instance_id, path)
+        elif report.state in ("stopped", "failed", "lost"):
+            await link.tunnel.unserve(report.instance_id)
+
+    async def serve_tunnels(self, name: str, instance_ids: list[str]) -> None:
+        """Listen for the router on behalf of these instances of a tunneled site."""
+        link = self.links.get(name)
+        if not isinstance(link, NetworkSiteLink) or link.tunnel is None:
+            return
+        for instance_id in instance_ids:
+            path = link.tunnel_path(instance_id)
+            if path is not None:
+                await link.tunnel.serve(instance_id, path)
+
+    async def _beat(self, channel: Channel) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            with contextlib.suppress(Exception):
+                await channel.send_text(dump(Heartbeat(time=time.time())))
+
+    async def _connected(self, name: str, hello: Hello) -> None:
+        if self.events is not None:
+            await self.events.site_connected(name, hello)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("site hub task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Portal shutdown: end every agent connection (agents reconnect to the next portal)."""
+        self._closing = True
+        for name, connection in list(self._connections.items()):
+            connection.close_code, connection.close_reason = CLOSE_SHUTDOWN, "portal shutdown"
+            with contextlib.suppress(Exception):
+                await connection.channel.close(CLOSE_SHUTDOWN, "the portal is shutting down")
+            if connection.task is not None:
+                connection.task.cancel()
+            self._connections.pop(name, None)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
 
-__all__ = ["Adoption", "LocalSiteLink", "SiteLink"]
+__all__ = ["Adoption", "LocalSiteLink", "SiteLink", "live_sites"]
+
+
+def live_sites(links: dict[str, SiteLink]) -> set[str]:
+    """The names of the sites that can take commands now (placement picks among them)."""
+    return {name for name, link in links.items() if link.live}
 
 
 class SiteLink(abc.ABC):

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -76,11 +77,14 @@ class SiteAgent:
         backend: Backend,
         reporter: Reporter,
         *,
+        workspaces_dir: Path,
         poll_interval: float = 2.0,
         stop_grace: float = 10.0,
         log_tail_lines: int = 40,
     ) -> None:
         self.site = site
+        #: Where this site keeps workspaces: the portal names them relative to it.
+        self.workspaces_dir = workspaces_dir
         self.backend = backend
         self.reporter = reporter
         self.poll_interval = poll_interval
@@ -95,7 +99,14 @@ class SiteAgent:
 
     # --- commands ----------------------------------------------------------
     def launch(self, spec: LaunchSpec) -> None:
-        """Start ``spec`` in the background; the outcome comes as reports."""
+        """Start ``spec`` in the background; the outcome comes as reports.
+
+        A launch of an instance the agent already starts or watches changes
+        nothing (a command delivered twice).
+        """
+        if spec.instance_id in self._starting or spec.instance_id in self.watched:
+            return
+        spec = self.placed(spec)
         self._ensure_watch()
         task = asyncio.create_task(self._launch(spec), name=f"launch-{spec.instance_id}")
         self._starting[spec.instance_id] = task
@@ -128,8 +139,10 @@ class SiteAgent:
 
     async def adopt(self, adoption: Adoption) -> None:
         """Re-attach to an instance from its saved state after a restart."""
+        if adoption.spec.instance_id in self.watched:
+            return
         self._ensure_watch()
-        spec = adoption.spec
+        spec = self.placed(adoption.spec)
         status = await self.backend.poll(adoption.backend_state)
         if not status.alive:
             tail = await self._tail(adoption.backend_state)
@@ -178,6 +191,19 @@ class SiteAgent:
         """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""
         return self.backend.claim_support(tool)
 
+    def placed(self, spec: LaunchSpec) -> LaunchSpec:
+        """``spec`` with its workspace under this site's workspaces directory."""
+        return replace(spec, workspace=self.workspaces_dir / spec.workspace)
+
+    def starting_ids(self) -> list[str]:
+        """Instances whose start is under way."""
+        return list(self._starting)
+
+    def endpoint_of(self, instance_id: str) -> str | None:
+        """Where an instance this agent watches listens (the tunnel connects there)."""
+        watched = self.watched.get(instance_id)
+        return watched.endpoint if watched is not None else None
+
     # --- what the site's backend supports -------------------------------------
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Why ``tool`` cannot run here, in the backend's words, or None when it can."""
@@ -199,6 +225,7 @@ class SiteAgent:
         watched = self.watched.get(instance_id)
         if watched is None or not watched.running:
             raise ClaimError(f"instance {instance_id} is not running on site {self.site}")
+        claim = replace(claim, workspace=self.workspaces_dir / claim.workspace)
         claimed = await self.backend.claim(watched.backend_state, claim)
         spec = watched.spec
         watched.backend_state = claimed.state

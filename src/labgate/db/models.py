@@ -73,6 +73,8 @@ class InstanceState(enum.StrEnum):
     pending = "pending"
     starting = "starting"
     running = "running"
+    #: Its site's agent is not connected: the instance may still run there.
+    unreachable = "unreachable"
     stopping = "stopping"
     stopped = "stopped"
     failed = "failed"
@@ -90,7 +92,14 @@ class InstanceState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset({InstanceState.stopped, InstanceState.failed, InstanceState.lost})
-ACTIVE_STATES = frozenset({InstanceState.pending, InstanceState.starting, InstanceState.running})
+ACTIVE_STATES = frozenset(
+    {
+        InstanceState.pending,
+        InstanceState.starting,
+        InstanceState.running,
+        InstanceState.unreachable,
+    }
+)
 
 #: The allowed transitions; anything else is a bug or a race and is refused.
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
@@ -98,9 +107,27 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
         {InstanceState.starting, InstanceState.failed, InstanceState.stopping}
     ),
     InstanceState.starting: frozenset(
-        {InstanceState.running, InstanceState.failed, InstanceState.stopping, InstanceState.lost}
+        {
+            InstanceState.running,
+            InstanceState.failed,
+            InstanceState.stopping,
+            InstanceState.lost,
+            InstanceState.unreachable,
+        }
     ),
-    InstanceState.running: frozenset({InstanceState.stopping, InstanceState.lost}),
+    InstanceState.running: frozenset(
+        {InstanceState.stopping, InstanceState.lost, InstanceState.unreachable}
+    ),
+    # Back when the agent returns and still holds it; lost when it does not, or never returns.
+    InstanceState.unreachable: frozenset(
+        {
+            InstanceState.starting,
+            InstanceState.running,
+            InstanceState.failed,
+            InstanceState.stopping,
+            InstanceState.lost,
+        }
+    ),
     InstanceState.stopping: frozenset({InstanceState.stopped, InstanceState.lost}),
     InstanceState.stopped: frozenset(),
     InstanceState.failed: frozenset(),

@@ -31,6 +31,7 @@ from labgate.db.session import open_database
 from labgate.portal import health, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
+    agent,
     auth,
     catalog,
     datasets,
@@ -47,6 +48,7 @@ from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
 from labgate.portal.openapi import install_openapi
 from labgate.portal.routefeed import RouteFeedHub
+from labgate.portal.sites import start_network_sites
 from labgate.portal.state import Portal
 from labgate.portal.ui import pages
 from labgate.resolver.locality import DataLocator
@@ -84,6 +86,7 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
         config.name,
         backend,
         reporter,
+        workspaces_dir=settings.workspaces_dir.resolve(),
         poll_interval=settings.poll_interval,
         stop_grace=settings.stop_grace_seconds,
         log_tail_lines=settings.log_tail_lines,
@@ -149,7 +152,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         portal.db,
         portal.catalog,
         portal.links,
-        workspaces_dir=settings.workspaces_dir.resolve(),
         max_instances_per_user=settings.max_instances_per_user,
         events=portal.events,
         box=portal.box,
@@ -160,6 +162,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if portal.routes is not None:
         await portal.run_db(portal.routes.load)
     await portal.manager.restore()
+    liveness = await start_network_sites(portal)
     ops = await operations.start_operations(app, portal, metrics)
     portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
     # After restore: containers of instances that ended while labgate was down go now.
@@ -170,6 +173,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await ops.close()
+        if portal.site_hub is not None:
+            await portal.site_hub.close()
+        await liveness.close()
         await reconciler.close()
         await portal.snapshots.close()
         await portal.manager.close()
@@ -200,7 +206,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, instances, datasets, resolve, snapshots, router_api)
-    for module in (*modules, groups, usage, lifecycle):
+    for module in (*modules, groups, usage, lifecycle, agent):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])

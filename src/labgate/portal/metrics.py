@@ -41,6 +41,7 @@ LIVE_STATES = (
     InstanceState.pending,
     InstanceState.starting,
     InstanceState.running,
+    InstanceState.unreachable,
     InstanceState.stopping,
 )
 

@@ -15,6 +15,7 @@ thread-safely.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -31,13 +32,15 @@ from labgate.db.models import (
 )
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
-from labgate.wire.routes import SNAPSHOT_VERSION, Route, TokenInfo, UserInfo
+from labgate.wire.routes import SNAPSHOT_VERSION, Route, RouteState, TokenInfo, UserInfo
 from labgate.wire.stream import RoutePublisher
 
 log = logging.getLogger(__name__)
 
 #: Routes exist while an instance can be reached or is about to be.
-ROUTED_STATES = frozenset({InstanceState.starting, InstanceState.running})
+ROUTED_STATES = frozenset(
+    {InstanceState.starting, InstanceState.running, InstanceState.unreachable}
+)
 #: Where a route points before the tool has an endpoint; never connected to:
 #: the router answers 503 "starting" for routes in that state.
 NO_ENDPOINT = "http://127.0.0.1:9"
@@ -53,6 +56,9 @@ class RouteFeedHub:
         #: Opens the sealed instance secrets the routes carry to the routers.
         self.box = box
         self.table = table or RoutePublisher()
+        #: Where the router reaches an instance when not at its endpoint (a tunneled
+        #: site's unix socket; labgate.agent.network), set by the app; None: the endpoint.
+        self.upstream_of: Callable[[Instance], str | None] | None = None
 
     # --- instances ---------------------------------------------------------
     def route_for(self, instance: Instance) -> Route | None:
@@ -62,11 +68,17 @@ class RouteFeedHub:
             return None
         tool = self.catalog.get(instance.tool)
         running = state == InstanceState.running and bool(instance.endpoint)
+        route_state: RouteState = "running" if running else "starting"
+        if state == InstanceState.unreachable:
+            route_state = "unreachable"
+        upstream = instance.endpoint if running else NO_ENDPOINT
+        if running and self.upstream_of is not None:
+            upstream = self.upstream_of(instance) or upstream
         return Route(
             instance_id=instance.id,
-            upstream=instance.endpoint if running else NO_ENDPOINT,
+            upstream=upstream,
             owner_id=instance.owner_id,
-            state="running" if running else "starting",
+            state=route_state,
             keep_prefix=tool.supports_prefix if tool is not None else True,
             upstream_token=self.box.open(instance.id, instance.secret) or "",
         )

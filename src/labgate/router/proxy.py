@@ -333,12 +333,14 @@ class ClientConnection(asyncio.Protocol):
             self._answer(ex, lambda close: pages.redirect(location, 302, close=close))
             return
         if route.state != "running":
-            self._reply(
-                ex,
-                503,
-                f"instance {instance_id} is starting; this page reloads by itself",
-                retry_after=ctx.options.retry_after,
-            )
+            if route.state == "unreachable":
+                detail = (
+                    f"instance {instance_id} cannot be reached: its site is not connected to "
+                    "labgate right now; it may still be running there. This page reloads by itself"
+                )
+            else:
+                detail = f"instance {instance_id} is starting; this page reloads by itself"
+            self._reply(ex, 503, detail, retry_after=ctx.options.retry_after)
             return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now

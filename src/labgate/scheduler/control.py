@@ -9,7 +9,6 @@ manager module and no import of the scheduler goes in a circle.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from sqlalchemy.orm import Session
@@ -30,7 +29,6 @@ class InstanceControl(Protocol):
     catalog: Catalog
     links: dict[str, SiteLink]
     box: SecretBox
-    workspaces_dir: Path
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread."""

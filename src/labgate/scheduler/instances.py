@@ -32,7 +32,7 @@ from labgate.db.models import (
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import Conflict, NotFound
+from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas
 from labgate.scheduler.events import EventBus
 from labgate.scheduler.launch import LaunchRequest, WarmPools
@@ -69,7 +69,6 @@ class InstanceManager:
         catalog: Catalog,
         links: dict[str, SiteLink],
         *,
-        workspaces_dir: Path,
         max_instances_per_user: int,
         events: EventBus,
         box: SecretBox,
@@ -81,7 +80,6 @@ class InstanceManager:
         self.box = box
         self.catalog = catalog
         self.links = links
-        self.workspaces_dir = workspaces_dir
         self.max_instances_per_user = max_instances_per_user
         self.events = events
         self.routes = routes
@@ -150,7 +148,17 @@ class InstanceManager:
         spec, site = await self.run_db(lambda s: self._launch_spec(s, instance_id))
         if spec is None or site is None:
             return
-        await self.links[site].launch(spec)
+        link = self.links.get(site)
+        if link is None:
+            await self.apply(Report(instance_id, "failed", message=f"site {site} is gone"))
+            return
+        try:
+            await link.launch(spec)
+        except LabgateError as exc:
+            # The site's agent is away or refused: the launch ends here, with its words.
+            await self.apply(
+                Report(instance_id, "failed", message=f"site {site} did not start it: {exc.detail}")
+            )
 
     def _launch_spec(
         self, session: Session, instance_id: str
@@ -165,14 +173,15 @@ class InstanceManager:
         tool = self.catalog.get(instance.tool)
         if tool is None:
             raise NotFound(f"tool {instance.tool!r} is no longer in the catalog")
-        workspace = self.workspaces_dir / instance.owner.name
+        # Relative: the site keeps workspaces where it chooses (SiteAgent.placed).
+        workspace = Path(instance.owner.name)
         if instance.pool is not None:
             # Unclaimed: an empty workspace of its own; a claim brings the user's.
-            workspace = self.workspaces_dir / "_pool" / instance.id
+            workspace = Path("_pool", instance.id)
         snapshot = snapshot_ref(instance.snapshot) if instance.snapshot is not None else None
         if snapshot is not None and snapshot.kind == "archive":
             # A workspace archive is restored into a new workspace of the instance's own.
-            workspace = self.workspaces_dir / "_restored" / instance.id
+            workspace = Path("_restored", instance.id)
         mounts = mounts_of(instance)
         return LaunchSpec(
             instance_id=instance.id,
@@ -205,10 +214,23 @@ class InstanceManager:
         if link is not None:
             # Even a pending instance may be inside backend.start right now:
             # the agent waits for that and stops whatever it started.
-            self._spawn(link.stop(instance.id, instance.backend_state))
+            self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
         else:
             await self.apply(Report(instance.id, "stopped", message="stopped before it started"))
         return instance
+
+    async def stop_at_site(
+        self, link: SiteLink, instance_id: str, backend_state: dict[str, Any]
+    ) -> None:
+        """Send a stop; a site that is away gets it again when its agent returns."""
+        try:
+            await link.stop(instance_id, backend_state)
+        except LabgateError as exc:
+            log.warning(
+                "instance %s stays stopping: %s (sent again when the site returns)",
+                instance_id,
+                exc.detail,
+            )
 
     async def stop_all_of(self, user_id: int) -> None:
         """Stop every unfinished instance of a user (before the account goes)."""
@@ -245,16 +267,27 @@ class InstanceManager:
         return instance
 
     # --- reports from sites ------------------------------------------------
-    async def apply(self, report: Report) -> None:
-        """Record what a site reported; the reporter callback of every link."""
-        instance = await self.run_db(lambda s: self._apply(s, report))
+    async def apply(self, report: Report, *, site: str | None = None) -> None:
+        """Record what a site reported; the reporter callback of every link.
+
+        With ``site`` (a network site's agent), a report on an instance of
+        another site is refused and logged: an agent speaks only for its own.
+        """
+        instance = await self.run_db(lambda s: self._apply(s, report, site))
         if instance is not None:
             self.changed(instance)
 
-    def _apply(self, session: Session, report: Report) -> Instance | None:
+    def _apply(self, session: Session, report: Report, site: str | None = None) -> Instance | None:
         instance = session.get(Instance, report.instance_id)
         if instance is None:
             log.warning("report for unknown instance %s ignored", report.instance_id)
+            return None
+        if site is not None and (instance.site is None or instance.site.name != site):
+            log.warning(
+                "site %s reported on instance %s of another site; refused",
+                site,
+                report.instance_id,
+            )
             return None
         if report.backend_state is not None:
             instance.backend_state = report.backend_state
@@ -308,10 +341,12 @@ class InstanceManager:
                     Report(instance.id, "lost", message=f"site {site} is not configured")
                 )
                 continue
+            if not link.live:
+                continue  # a network site: reconciled when its agent connects
             if instance.state == InstanceState.pending:
                 self._spawn(self._start(instance.id))
             elif instance.state == InstanceState.stopping:
-                self._spawn(link.stop(instance.id, instance.backend_state))
+                self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
             else:
                 if self.routes is not None:
                     self.routes.instance_changed(instance)

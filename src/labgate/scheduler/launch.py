@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
 from labgate.errors import BadRequest, NotFound
 from labgate.scheduler import accounting, quotas
@@ -122,7 +123,15 @@ async def launch(
     resources = resolve_resources(tool, request.resources)
     warm = pools if pools is not None and pools.matches(tool, request, resources) else None
     admission = Admission(
-        user_id, tool, request, resources, defaults, set(control.links), control.box, data, warm
+        user_id,
+        tool,
+        request,
+        resources,
+        defaults,
+        live_sites(control.links),
+        control.box,
+        data,
+        warm,
     )
     instance = await control.run_admission(lambda s: admit_launch(s, admission))
     if warm is not None and instance.state == InstanceState.running:

@@ -32,11 +32,13 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.backends.claim import Claim
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -238,7 +240,7 @@ class PoolManager:
         site = instance.site.name if instance.site is not None else ""
         link = self.manager.links.get(site)
         owner = instance.owner.name
-        claim = Claim(instance.id, owner, self.manager.workspaces_dir / owner, instance.owner.id)
+        claim = Claim(instance.id, owner, Path(owner), instance.owner.id)
         try:
             if link is None:
                 raise LabgateError(f"site {site} is not connected")
@@ -355,7 +357,7 @@ class PoolManager:
             raise RuntimeError("the pool manager is not started (no pool account)")
         resources = tool.resources.default()
         # Called through run_admission, like user launches: capacity is counted and taken at once.
-        views = site_views(session, set(self.manager.links))
+        views = site_views(session, live_sites(self.manager.links))
         site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
         owner = session.get(User, self.user_id)
         if owner is None:

@@ -29,11 +29,15 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 SNAPSHOT_VERSION = 1
 
-RouteState = Literal["starting", "running"]
+RouteState = Literal["starting", "running", "unreachable"]
 #: The route states, each one shared copy; with NO_ACCESS below, what a table of
 #: up to a million routes would otherwise hold once per route (an empty frozenset
 #: is 216 bytes).
-ROUTE_STATES: dict[str, RouteState] = {"starting": "starting", "running": "running"}
+ROUTE_STATES: dict[str, RouteState] = {
+    "starting": "starting",
+    "running": "running",
+    "unreachable": "unreachable",
+}
 NO_ACCESS: frozenset[int] = frozenset()
 
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.backends.registry import tool_unavailable_reason
 from labgate.db.models import Site, SiteReport, utcnow
 from labgate.errors import NotFound
@@ -69,7 +70,7 @@ async def list_sites(caller: Caller, portal: Portal = Depends(get_portal)) -> li
                     backend=site.backend,
                     instances=used.instances,
                     labels=site.labels,
-                    live=site.name in portal.links,
+                    live=site.name in live_sites(portal.links),
                     capacity={"cpu": cap.cpu, "memory": cap.memory, "max_instances": cap.instances},
                     use={"cpu": used.cpu, "memory": used.memory, "instances": used.instances},
                     data_root=data_root_of(site),

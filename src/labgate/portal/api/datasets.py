@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.db.models import Dataset, User
 from labgate.errors import Forbidden
 from labgate.portal.auth import Caller, Principal, require
@@ -53,7 +54,7 @@ def locator(portal: Portal) -> DataLocator:
 
 def _show(portal: Portal, session: Session, dataset: Dataset) -> DatasetOut:
     owner = session.scalar(select(User.name).where(User.id == dataset.owner_id))
-    replicas = locator(portal).replicas_of(session, [dataset.id], set(portal.links))
+    replicas = locator(portal).replicas_of(session, [dataset.id], live_sites(portal.links))
     return dataset_out(dataset, owner, replicas[dataset.id])
 
 
@@ -99,7 +100,9 @@ async def list_datasets(
                 select(User.id, User.name).where(User.id.in_({r.owner_id for r in rows}))
             ).all()
         )
-        replicas = locator(portal).replicas_of(session, [r.id for r in rows], set(portal.links))
+        replicas = locator(portal).replicas_of(
+            session, [r.id for r in rows], live_sites(portal.links)
+        )
         out = [dataset_out(r, owners.get(r.owner_id or 0), replicas[r.id]) for r in rows]
         return out, total
 
@@ -143,7 +146,7 @@ async def put_replica(
     def write(session: Session) -> ReplicaOut:
         dataset = registry.require_dataset(session, identifier)
         registry.put_replica(session, dataset, site, body)
-        views = locator(portal).replicas_of(session, [dataset.id], set(portal.links))
+        views = locator(portal).replicas_of(session, [dataset.id], live_sites(portal.links))
         return next(v for v in views[dataset.id] if v.site == site).out()
 
     return await portal.run_db(write)

@@ -142,6 +142,7 @@ async def list_instances(
                         InstanceState.pending,
                         InstanceState.starting,
                         InstanceState.running,
+                        InstanceState.unreachable,
                         InstanceState.stopping,
                     ]
                 )

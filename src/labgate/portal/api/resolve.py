@@ -14,6 +14,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.portal.api.datasets import locator
 from labgate.portal.auth import Caller
 from labgate.portal.openapi import errors
@@ -26,7 +27,7 @@ router = APIRouter(tags=["datasets"])
 def resolve_dataset(portal: Portal, session: Session, identifier: str) -> ResolveOut:
     """The resolve answer for ``identifier`` (the API and the benchmark call this)."""
     data = locator(portal)
-    resolution = data.resolve(session, identifier, portal.links.keys())
+    resolution = data.resolve(session, identifier, live_sites(portal.links))
     backends = {name: link.backend for name, link in portal.links.items()}
     public_url = portal.settings.effective_public_url
     return ResolveOut(

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.agent.link import live_sites
 from labgate.db.models import ACTIVE_STATES, Instance, InstanceState
 from labgate.errors import LabgateError
 from labgate.portal.api.datasets import locator
@@ -117,7 +118,7 @@ async def launch_page(
         return error_page(request, 404, "unknown_tool", f"There is no tool called {tool!r} here.")
 
     def look(session: Session) -> tuple[Resolution, Instance | None]:
-        resolution = locator(portal).resolve(session, dataset, portal.links.keys())
+        resolution = locator(portal).resolve(session, dataset, live_sites(portal.links))
         existing = _existing(session, caller.user_id, tool, resolution.dataset.id)
         return resolution, existing
 
@@ -171,7 +172,7 @@ async def launch_submit(request: Request, portal: Portal = Depends(get_portal)) 
         return error_page(request, 400, "bad_request", "The form lacks the dataset or the tool.")
 
     def reuse(session: Session) -> Instance | None:
-        resolution = locator(portal).resolve(session, dataset, portal.links.keys())
+        resolution = locator(portal).resolve(session, dataset, live_sites(portal.links))
         return _existing(session, caller.user_id, tool, resolution.dataset.id)
 
     try:

@@ -97,6 +97,10 @@
           say(status, "Ready.");
         }
         break;
+      case "unreachable":
+        keep.stop();
+        say(status, event.message || "The site is not connected; waiting for it to come back…");
+        break;
       case "failed":
         say(status, "The launch failed.");
         showFailure(event.message, event.data && event.data.log_tail);

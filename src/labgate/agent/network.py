@@ -1,0 +1,233 @@
+"""The link to a site whose agent runs elsewhere and dials in: :class:`NetworkSiteLink`.
+
+The agent holds one connection (:mod:`labgate.wire.agent`); while it is up,
+the link sends commands over it and waits for their results, each with a
+timeout, so the portal never waits on a dead connection. While it is down
+every command fails at once with :class:`SiteUnavailable` (503), the site is
+not ``live``, and placement sends new launches elsewhere.
+
+What the site can run (per tool) and whether it takes claims and snapshots
+come from the agent's hello, so placement never asks a backend on the
+portal's machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from labgate.agent import convert
+from labgate.agent.link import Adoption, SiteLink
+from labgate.agent.tunnel import PortalTunnel
+from labgate.backends.claim import ClaimError
+from labgate.errors import LabgateError
+from labgate.wire.agent import Command, Hello, Result, SnapshotResultMsg, dump
+
+if TYPE_CHECKING:
+    from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
+    from labgate.backends.claim import Claim
+    from labgate.tools.catalog import Tool
+
+log = logging.getLogger(__name__)
+
+#: Snapshots copy whole images or workspaces: they get this many command timeouts.
+SNAPSHOT_TIMEOUT_FACTOR = 60
+
+
+class ChannelClosed(Exception):
+    """An agent connection is gone."""
+
+
+class SiteUnavailable(LabgateError):
+    """The site's agent is not connected, or did not answer in time."""
+
+    status = 503
+    default_code = "site_unavailable"
+
+
+class RemoteError(LabgateError):
+    """A command failed at the site; ``code`` and ``status`` are the site's."""
+
+    def __init__(self, detail: str, *, code: str, status: int) -> None:
+        super().__init__(detail, code=code or "site_error")
+        self.remote_status = status or 500
+
+
+#: Puts one text message on the agent's connection; raises when it is gone.
+Sender = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Session:
+    """One connection of the site's agent, as the link uses it."""
+
+    send: Sender
+    hello: Hello
+    pending: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
+    closed: bool = False
+
+    def resolve(self, result: Result) -> None:
+        """Hand a result to the command waiting for it (a late or unknown one is dropped)."""
+        future = self.pending.pop(result.id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+
+    def fail_all(self, reason: str) -> None:
+        """The connection is gone: every waiting command fails now."""
+        self.closed = True
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(SiteUnavailable(reason))
+        self.pending.clear()
+
+
+class NetworkSiteLink(SiteLink):
+    """Commands to a site's remote agent over its connection, when it has one."""
+
+    def __init__(
+        self,
+        site: str,
+        backend: str,
+        *,
+        reach: str = "direct",
+        command_timeout: float = 30.0,
+        tunnel_dir: Path | None = None,
+    ) -> None:
+        super().__init__(site, backend)
+        self.reach = reach
+        self.command_timeout = command_timeout
+        self.session: Session | None = None
+        #: The last hello: what the site can run; kept while the agent is away.
+        self.hello: Hello | None = None
+        #: Instance traffic through the agent's connection (``reach = "tunnel"``).
+        self.tunnel = PortalTunnel() if reach == "tunnel" else None
+        self.tunnel_dir = tunnel_dir
+
+    # --- the connection ----------------------------------------------------
+    @property
+    def live(self) -> bool:
+        """Whether the agent is connected."""
+        return self.session is not None and not self.session.closed
+
+    def attach(self, session: Session) -> None:
+        """A connection of the agent is up (it said hello)."""
+        if self.session is not None:
+            self.session.fail_all(f"site {self.site}: replaced by a new connection")
+        self.session = session
+        self.hello = session.hello
+        self.backend = session.hello.backend or self.backend
+        self.snapshot_kind = session.hello.snapshot_kind
+
+    def detach(self, session: Session, reason: str) -> None:
+        """That connection is gone: fail what waits on it."""
+        session.fail_all(f"site {self.site} disconnected: {reason}")
+        if self.session is session:
+            self.session = None
+
+    def tunnel_path(self, instance_id: str) -> Path | None:
+        """The unix socket the router connects to for a tunneled instance, or None (direct)."""
+        if self.tunnel is None or self.tunnel_dir is None:
+            return None
+        return self.tunnel_dir / f"{instance_id}.sock"
+
+    async def call(self, op: str, args: dict[str, Any], wait: float | None = None) -> Any:
+        """Send one command and wait for its result (or fail after ``wait`` seconds)."""
+        session = self.session
+        if session is None or session.closed:
+            raise SiteUnavailable(f"site {self.site} is not connected")
+        command = Command(id=uuid.uuid4().hex, op=op, args=args)
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        session.pending[command.id] = future
+        wait = wait if wait is not None else self.command_timeout
+        try:
+            await session.send(dump(command))
+            result = await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            raise SiteUnavailable(
+                f"site {self.site} did not answer {op} within {wait:g} seconds"
+            ) from None
+        except (ChannelClosed, ConnectionError, RuntimeError, OSError) as exc:
+            raise SiteUnavailable(f"site {self.site}: the connection broke ({exc})") from None
+        finally:
+            session.pending.pop(command.id, None)
+        if not result.ok:
+            raise RemoteError(result.error, code=result.code, status=result.status)
+        return result.value
+
+    # --- what the site can do (from its hello) -------------------------------
+    def unavailable_reason(self, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run on this site, as its agent said in its hello."""
+        if self.hello is None:
+            return f"the agent of site {self.site} has not connected yet"
+        if tool.name not in self.hello.tools:
+            return f"the agent of site {self.site} has not seen tool {tool.name} yet"
+        return self.hello.tools[tool.name]
+
+    def claim_support(self, tool: Tool) -> str | None:
+        """Why running instances of ``tool`` cannot be handed to users here."""
+        if self.hello is None:
+            return f"the agent of site {self.site} has not connected yet"
+        return self.hello.claims.get(tool.name, f"site {self.site} does not know {tool.name}")
+
+    # --- commands ------------------------------------------------------------
+    async def launch(self, spec: LaunchSpec) -> None:
+        """Ask the agent to start an instance."""
+        await self.call("launch", {"spec": convert.spec_msg(spec).model_dump(mode="json")})
+
+    async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
+        """Ask the agent to stop an instance; it reports ``stopped``."""
+        args = {"instance_id": instance_id, "backend_state": backend_state}
+        # Stopping waits for the tool's grace period: give it more than a quick command.
+        await self.call("stop", args, self.command_timeout * 2)
+
+    async def adopt(self, adoption: Adoption) -> None:
+        """Hand an instance back to the agent."""
+        await self.call("adopt", {"adoption": convert.adoption_msg(adoption).model_dump()})
+
+    async def logs(self, instance_id: str, backend_state: dict[str, Any], lines: int) -> str:
+        """The tail of an instance's output, read at the site."""
+        args = {"instance_id": instance_id, "backend_state": backend_state, "lines": lines}
+        return str(await self.call("logs", args))
+
+    async def snapshot(
+        self, instance_id: str, backend_state: dict[str, Any], request: SnapshotRequest
+    ) -> SnapshotResult:
+        """Save an instance at the site."""
+        args = {
+            "backend_state": backend_state,
+            "request": convert.snapshot_request_msg(request).model_dump(),
+        }
+        value = await self.call("snapshot", args, self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR)
+        return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
+
+    async def delete_snapshot(self, ref: SnapshotRef) -> None:
+        """Remove a snapshot's data at the site."""
+        await self.call("delete_snapshot", {"ref": convert.snapshot_ref_msg(ref).model_dump()})
+
+    async def reconcile(self, known: set[str]) -> list[str]:
+        """Let the site remove what the portal does not know; nothing while it is away."""
+        if not self.live:
+            return []
+        value = await self.call("reconcile", {"known": sorted(known)})
+        return [str(v) for v in value or []]
+
+    async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
+        """Hand a warm instance to a user, at the site."""
+        args = {"instance_id": instance_id, "claim": convert.claim_msg(claim).model_dump()}
+        try:
+            value = await self.call("claim", args)
+        except (RemoteError, SiteUnavailable) as exc:
+            raise ClaimError(exc.detail) from None
+        return dict(value or {})
+
+    async def close(self) -> None:
+        """Portal shutdown: fail waiting commands; the agent reconnects to the next portal."""
+        if self.session is not None:
+            self.detach(self.session, "the portal is shutting down")
+        if self.tunnel is not None:
+            await self.tunnel.close("the portal is shutting down")

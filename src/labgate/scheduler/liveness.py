@@ -1,0 +1,298 @@
+"""Network sites coming and going: what the portal does when an agent connects or goes away.
+
+:class:`SiteLiveness` is the :class:`~labgate.agent.hub.SiteEvents` of the
+portal. On every connect it reconciles what the agent holds (its hello)
+with what the database says runs on the site, so that nothing is lost and
+nothing runs twice:
+
+========================  ====================  ==================================
+the portal says           the agent holds it    the agent does not
+========================  ====================  ==================================
+pending                   (it is starting)      launch sent again
+starting / running /      back to what the      adopted from the saved state (the
+unreachable               agent says            agent finds it running or says lost);
+                                                no saved state: failed, with why
+stopping                  stop sent again       stop sent again (idempotent)
+finished or unknown       stopped               --
+========================  ====================  ==================================
+
+When the connection goes, the site's starting and running instances become
+``unreachable`` (their routes answer 503 with a page saying so) and a timer
+of ``site_grace_period`` seconds starts; when it ends with the agent still
+away, what is still unreachable (or stopping) is ``lost``, with the reason.
+Heartbeats are kept in memory and written to the ``sites`` rows in one
+transaction per heartbeat interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.agent.network import NetworkSiteLink
+from labgate.db.models import Instance, InstanceState, Site, utcnow
+from labgate.wire.site import Report
+
+if TYPE_CHECKING:
+    from labgate.agent.hub import SiteHub
+    from labgate.scheduler.instances import InstanceManager
+    from labgate.wire.agent import Heartbeat, Held, Hello
+
+log = logging.getLogger(__name__)
+
+#: The states whose instances become unreachable when their site's agent goes away.
+REACHABLE = (InstanceState.starting, InstanceState.running)
+#: What the portal reconciles with an agent's hello.
+UNFINISHED = (
+    InstanceState.pending,
+    InstanceState.starting,
+    InstanceState.running,
+    InstanceState.unreachable,
+    InstanceState.stopping,
+)
+
+
+class SiteLiveness:
+    """Reconciles network sites on connect, and loses their instances after a grace period."""
+
+    def __init__(self, manager: InstanceManager, hub: SiteHub, *, grace: float) -> None:
+        self.manager = manager
+        self.hub = hub
+        self.grace = grace
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._beats: dict[str, float] = {}
+        self._flusher: asyncio.Task[None] | None = None
+
+    # --- start and stop ----------------------------------------------------------
+    async def start(self) -> None:
+        """After the portal starts: every network site is away until its agent connects."""
+        for name, link in list(self.manager.links.items()):
+            if isinstance(link, NetworkSiteLink) and not link.live:
+                await self._away(name, "the portal restarted; waiting for the agent")
+        self._flusher = asyncio.create_task(self._flush_beats(), name="site-heartbeats")
+
+    async def close(self) -> None:
+        """Stop the timers (instances stay as they are)."""
+        tasks = [*self._timers.values()]
+        if self._flusher is not None:
+            tasks.append(self._flusher)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._timers.clear()
+
+    # --- SiteEvents --------------------------------------------------------------
+    async def site_connected(self, site: str, hello: Hello) -> None:
+        """Record the agent and reconcile what it holds with the database."""
+        timer = self._timers.pop(site, None)
+        if timer is not None:
+            timer.cancel()
+        await self.manager.run_db(lambda s: _record_connected(s, site, hello))
+        rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
+        held = {h.instance_id: h for h in hello.instances}
+        served: list[str] = []
+        for instance in rows:
+            outcome = await self._reconcile(site, instance, held.pop(instance.id, None))
+            if outcome:
+                served.append(instance.id)
+        link = self.manager.links.get(site)
+        for leftover in held.values():
+            # Finished here (the user stopped it while the site was away) or never known.
+            log.info(
+                "site %s holds %s, which should not run: stopping it", site, leftover.instance_id
+            )
+            if link is not None:
+                await self.manager.stop_at_site(link, leftover.instance_id, leftover.backend_state)
+        await self.hub.serve_tunnels(site, served)
+
+    async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
+        """Remember the beat; it reaches the database with the next flush."""
+        self._beats[site] = time.time()
+
+    async def site_report(self, site: str, report: Report) -> None:
+        """Apply a report of the site's agent, on the site's own instances only."""
+        await self.manager.apply(report, site=site)
+
+    async def site_disconnected(self, site: str, reason: str) -> None:
+        """The agent went away: its instances are unreachable, the grace period starts."""
+        await self._away(site, reason)
+
+    # --- reconciling one instance --------------------------------------------------
+    async def _reconcile(self, site: str, instance: Instance, held: Held | None) -> bool:
+        """Bring one instance in line with the agent; True when it runs there now."""
+        manager, link = self.manager, self.manager.links.get(site)
+        if link is None:
+            return False
+        state = instance.state
+        if state == InstanceState.stopping:
+            backend_state = held.backend_state if held and held.backend_state else None
+            await manager.stop_at_site(link, instance.id, backend_state or instance.backend_state)
+            return False
+        if state == InstanceState.pending:
+            if held is None:
+                manager.start_admitted(instance.id)
+            return False
+        if held is not None:
+            target = held.state if held.state in ("starting", "running") else "running"
+            if state.value != target:
+                await manager.apply(
+                    Report(
+                        instance.id,
+                        target,
+                        message=f"site {site} is connected again",
+                        backend_state=held.backend_state or None,
+                        endpoint=held.endpoint or None,
+                    ),
+                    site=site,
+                )
+            return True
+        if not instance.backend_state:
+            await manager.apply(
+                Report(
+                    instance.id,
+                    "failed",
+                    message=f"the agent of site {site} restarted before the instance had started",
+                ),
+                site=site,
+            )
+            return False
+        return await self._adopt(site, instance)
+
+    async def _adopt(self, site: str, instance: Instance) -> bool:
+        manager, link = self.manager, self.manager.links[site]
+        was_running = instance.ready_at is not None and bool(instance.endpoint)
+        try:
+            spec = manager.spec_for(instance)
+        except Exception as exc:  # the tool left the catalog
+            await manager.apply(Report(instance.id, "lost", message=str(exc)), site=site)
+            return False
+        from labgate.agent.site import Adoption
+
+        started = instance.started_at or instance.created_at
+        elapsed = (utcnow() - started).total_seconds()
+        adoption = Adoption(
+            spec=spec,
+            state="running" if was_running else "starting",
+            backend_state=instance.backend_state,
+            endpoint=instance.endpoint,
+            remaining_start_time=spec.tool.start_timeout - elapsed,
+        )
+        try:
+            await link.adopt(adoption)
+        except Exception as exc:
+            log.warning("site %s: adopting %s failed: %s", site, instance.id, exc)
+            return False
+        # The agent reported it lost already if it was gone; otherwise it runs again.
+        if was_running:
+            await manager.apply(
+                Report(instance.id, "running", message=f"site {site} is connected again"),
+                site=site,
+            )
+        return True
+
+    # --- away ----------------------------------------------------------------------
+    async def _away(self, site: str, reason: str) -> None:
+        message = (
+            f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
+            "to come back"
+        )
+        ids = await self.manager.run_db(lambda s: _record_away(s, site))
+        for instance_id in ids:
+            await self.manager.apply(Report(instance_id, "unreachable", message=message), site=site)
+        if site not in self._timers:
+            self._timers[site] = asyncio.create_task(self._expire(site), name=f"grace-{site}")
+
+    async def _expire(self, site: str) -> None:
+        await asyncio.sleep(self.grace)
+        self._timers.pop(site, None)
+        link = self.manager.links.get(site)
+        if link is not None and link.live:
+            return
+        message = f"site {site} did not come back within {self.grace:g} s; it may still run there"
+        rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
+        for instance in rows:
+            if instance.state in (InstanceState.unreachable, InstanceState.stopping):
+                await self.manager.apply(Report(instance.id, "lost", message=message), site=site)
+
+    async def _flush_beats(self) -> None:
+        interval = self.hub.heartbeat
+        while True:
+            await asyncio.sleep(interval)
+            beats, self._beats = self._beats, {}
+            if beats:
+                try:
+                    await self.manager.run_db(partial(_record_beats, beats=beats))
+                except Exception:
+                    log.exception("recording site heartbeats failed")
+
+
+# --- database work (worker threads) -----------------------------------------------
+def _site(session: Session, name: str) -> Site | None:
+    return session.scalar(select(Site).where(Site.name == name))
+
+
+def _record_connected(session: Session, name: str, hello: Hello) -> None:
+    site = _site(session, name)
+    if site is None:
+        return
+    now = utcnow()
+    site.connected_at = now
+    site.disconnected_at = None
+    site.last_seen_at = now
+    site.agent_version = hello.agent_version[:64]
+    site.agent_info = _agent_info(hello)
+
+
+def _agent_info(hello: Hello) -> dict[str, Any]:
+    return {
+        "hostname": hello.hostname,
+        "backend": hello.backend,
+        "snapshot_kind": hello.snapshot_kind,
+        "boot": hello.boot,
+        "instances": len(hello.instances),
+        "tools": {name: reason for name, reason in sorted(hello.tools.items())},
+    }
+
+
+def _record_away(session: Session, name: str) -> list[str]:
+    """Mark the site disconnected; the ids of its instances that become unreachable."""
+    site = _site(session, name)
+    if site is None:
+        return []
+    if site.connected_at is not None or site.disconnected_at is None:
+        site.connected_at = None
+        site.disconnected_at = utcnow()
+    return list(
+        session.scalars(
+            select(Instance.id).where(Instance.site_id == site.id, Instance.state.in_(REACHABLE))
+        )
+    )
+
+
+def _unfinished_on(session: Session, name: str) -> list[Instance]:
+    site = _site(session, name)
+    if site is None:
+        return []
+    rows = session.scalars(
+        select(Instance)
+        .where(Instance.site_id == site.id, Instance.state.in_(UNFINISHED))
+        .order_by(Instance.created_at)
+    ).all()
+    for row in rows:
+        session.refresh(row, ["owner", "site"])
+    return list(rows)
+
+
+def _record_beats(session: Session, beats: dict[str, float]) -> None:
+    for site in session.scalars(select(Site).where(Site.name.in_(list(beats)))):
+        site.last_seen_at = datetime.fromtimestamp(beats[site.name], UTC)
