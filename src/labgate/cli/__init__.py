@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from labgate.cli import account, instances, limits, ops, serve, users
+from labgate.cli import account, agent, instances, limits, ops, serve, users
 from labgate.cli.context import CliState, LabgateGroup
 from labgate.cli.datasets import dataset_app
 
@@ -48,6 +48,7 @@ def root(
 COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, serve.serve),
     (None, serve.router),
+    (None, agent.agent),
     (None, serve.version),
     (None, account.login),
     (None, account.logout),
