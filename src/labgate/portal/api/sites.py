@@ -73,7 +73,9 @@ class CapacityIn(Strict):
     @field_validator("memory", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        return parse_size(value) if isinstance(value, str) else value
+        if isinstance(value, str) and value.strip() != "0":
+            return parse_size(value)
+        return 0 if isinstance(value, str) else value
 
 
 class SiteIn(Strict):
