@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from helpers import ADMIN_PASSWORD
 from test_pages import HTML, check_page, sign_in
+
+from helpers import ADMIN_PASSWORD
 
 
 async def test_the_page_offers_the_add_form_with_backends_and_portal_url(app, client, make_user):
