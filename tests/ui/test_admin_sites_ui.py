@@ -29,7 +29,7 @@ def test_admin_adds_revokes_rotates_and_removes_a_network_site(gateway):
     card = admin.locator(f'li.card[data-site="{name}"]')
     expect(card).to_contain_text("waiting for its agent")
     expect(card).to_contain_text("network site, reach tunnel")
-    gateway.shot(admin, "18-admin-site-added")
+    gateway.shot(admin, "17b-admin-site-added")
 
     admin.on("dialog", lambda dialog: dialog.accept())
     card.get_by_role("button", name=f"Revoke the token of {name}").click()
