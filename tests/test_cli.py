@@ -351,7 +351,8 @@ def test_tool_and_site_list(cli: Cli, admin_token: str) -> None:
     assert tools["demo"]["available"] is True
     sites = json.loads(cli("site", "list", "--json", token=admin_token).stdout)
     assert [s["name"] for s in sites] == ["local"]
-    assert re.search(r"^local\s+process", cli("site", "list", token=admin_token).stdout, re.M)
+    listed = cli("site", "list", token=admin_token).stdout
+    assert re.search(r"^local\s+local\s+process\s+direct\s+local\s", listed, re.M), listed
 
 
 # --- instances ------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ touches the database.
 - API tokens: ``lg_<random>``; only their SHA-256 is stored. Tokens carry 256
   bits of randomness, so a fast hash is safe and lets a lookup be one index
   probe (argon2 is for low-entropy secrets such as passwords).
+- Site tokens: ``lgs_<random>``, the enrolment token a network site's agent
+  dials in with; stored the same way (SHA-256 only), shown once.
 - Sessions: an itsdangerous-signed ``{"u": user_id, "s": session_id}`` in an
   HttpOnly, SameSite=Lax cookie. The signature carries the issue time; a
   session is revoked by its id (logout) or by the user's
@@ -38,6 +40,7 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
 TOKEN_PREFIX = "lg_"  # noqa: S105 - a prefix, not a secret
 ROUTER_TOKEN_PREFIX = "lgr_"  # noqa: S105 - a prefix, not a secret
+SITE_TOKEN_PREFIX = "lgs_"  # noqa: S105 - a prefix, not a secret
 
 SCOPES: dict[str, str] = {
     "instances:read": "list and show your instances, read their logs and events",
@@ -76,8 +79,13 @@ def new_api_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def new_site_token() -> str:
+    """A fresh enrolment token of a network site's agent, shown to the admin once."""
+    return SITE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 def hash_token(token: str) -> str:
-    """The stored form of an API token."""
+    """The stored form of an API token or a site token."""
     return hashlib.sha256(token.encode()).hexdigest()
 
 

@@ -129,7 +129,7 @@ def check_tools_dir(settings: Settings) -> None:
         raise ConfigError(f"tools_dir ({env_name('tools_dir')}): {path} {what}")
 
 
-def _options_problem(exc: BaseException) -> str:
+def options_problem(exc: BaseException) -> str:
     """A backend's refusal of its options, in one line."""
     cause = exc.__cause__
     if isinstance(cause, ValidationError):
@@ -150,7 +150,7 @@ def build_backend(settings: Settings, site: SiteConfig) -> Backend:
     try:
         return cls(settings, site.options)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}, {site.backend} backend: {_options_problem(exc)}") from None
+        raise ConfigError(f"{where}, {site.backend} backend: {options_problem(exc)}") from None
 
 
 def check_sites(settings: Settings) -> None:

@@ -44,6 +44,19 @@ def assert_422(response: Any, field: str) -> None:
         ("/api/v1/datasets", "POST", {"id": "doi:10.1/x", "title": None}, "title"),
         ("/api/v1/sites/local/inventory", "POST", {"final": "yes"}, "final"),
         (
+            "/api/v1/sites",
+            "POST",
+            {"name": "x", "backend": "process", "labels": {"a": 1}},
+            "labels",
+        ),
+        (
+            "/api/v1/sites",
+            "POST",
+            {"name": "x", "backend": "process", "capacity": {"cpu": "2"}},
+            "cpu",
+        ),
+        ("/api/v1/sites/local", "PATCH", {"reach": True}, "reach"),
+        (
             "/api/v1/sites/local/inventory",
             "POST",
             {"replicas": [{"id": "doi:10.1/x", "path": "x", "verified_at": 1700000000}]},
@@ -173,6 +186,8 @@ async def test_each_operation_lists_what_it_can_answer(client):
     assert {401, 429} <= statuses("/api/v1/auth/login", "post")
     assert {404, 409, 429} <= statuses("/api/v1/instances", "post")
     assert {200, 201} <= statuses("/api/v1/groups/{name}/members/{user}", "put")
+    assert {201, 400, 401, 403, 409, 422} <= statuses("/api/v1/sites", "post")
+    assert {204, 401, 403, 404, 409} <= statuses("/api/v1/sites/{name}", "delete")
     # Every operation that reads credentials says so (a wrong token is always a 401).
     public = {("/api/v1", "get"), ("/readyz", "get"), ("/api/v1/auth/login", "post")}
     for path, operations in paths.items():

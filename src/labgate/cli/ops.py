@@ -1,8 +1,8 @@
-"""Operations commands of the CLI: ``doctor``, ``config``, ``tool``, ``site`` and ``pool``.
+"""Operations commands of the CLI: ``doctor``, ``config``, ``tool`` and ``pool``.
 
 Everything but ``doctor`` and ``config`` goes through the REST API (``/tools``,
-``/sites``, ``/pools``). ``doctor`` and ``config show`` run on the server's
-machine with its settings.
+``/pools``). ``doctor`` and ``config show`` run on the server's machine with its
+settings. ``site`` is in :mod:`labgate.cli.sites`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from labgate.startup import load_settings
 
 config_app = typer.Typer(help="Inspect labgate's settings.", no_args_is_help=True)
 tool_app = typer.Typer(help="The tool catalog.", no_args_is_help=True)
-site_app = typer.Typer(help="The sites instances run on.", no_args_is_help=True)
 pool_app = typer.Typer(help="Warm pools of pre-started instances.", no_args_is_help=True)
 
 
@@ -43,17 +42,6 @@ def tool_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
         show.print_json(rows)
     else:
         show.tools(rows)
-
-
-@site_app.command("list")
-def site_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
-    """List the sites and how many instances each runs."""
-    with state_of(ctx).client() as client:
-        rows = client.get("/sites")
-    if as_json:
-        show.print_json(rows)
-    else:
-        show.sites(rows)
 
 
 # --- pools ---------------------------------------------------------------------------

@@ -206,23 +206,6 @@ def tools(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def sites(rows: list[dict[str, Any]]) -> None:
-    """The sites table."""
-    _table(
-        ("NAME", "BACKEND", "INSTANCES", "LABELS"),
-        (
-            (
-                s["name"],
-                s["backend"],
-                str(s["instances"]),
-                " ".join(f"{k}={v}" for k, v in s["labels"].items()),
-            )
-            for s in rows
-        ),
-        "no sites",
-    )
-
-
 def instances(rows: list[dict[str, Any]], *, empty: str) -> None:
     """The instances table."""
     _table(

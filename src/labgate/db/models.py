@@ -185,6 +185,24 @@ class RevokedSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class SiteKind(enum.StrEnum):
+    """Where a site's agent runs."""
+
+    #: Defined in the settings; its agent runs in the portal's process.
+    local = "local"
+    #: Added with ``labgate site add``; its agent runs on the site's machine and dials in.
+    network = "network"
+
+
+class SiteReach(enum.StrEnum):
+    """How the router reaches a site's instances."""
+
+    #: The router connects to the endpoint the site reports.
+    direct = "direct"
+    #: Through the agent's own connection: nothing can connect into the site.
+    tunnel = "tunnel"
+
+
 class Site(Base):
     """A place where instances run."""
 
@@ -196,7 +214,22 @@ class Site(Base):
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     labels: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The last heartbeat of its agent (network sites).
     last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: :class:`SiteKind`: ``local`` (from the settings) or ``network`` (``site add``).
+    kind: Mapped[str] = mapped_column(String(16), default=SiteKind.local.value)
+    #: :class:`SiteReach`: ``direct`` or ``tunnel``.
+    reach: Mapped[str] = mapped_column(String(16), default=SiteReach.direct.value)
+    #: SHA-256 of the agent's enrolment token (labgate.security.hash_token); None: revoked.
+    token_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    token_issued_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: What the connected agent said of itself: version, and hostname, tools, snapshot kind.
+    agent_version: Mapped[str] = mapped_column(String(64), default="")
+    agent_info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Set while an agent is connected (since when), None otherwise.
+    connected_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: When the last agent connection ended.
+    disconnected_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Instance(Base):

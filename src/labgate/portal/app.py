@@ -25,9 +25,10 @@ from labgate.agent.site import SiteAgent
 from labgate.backends.registry import load_catalog
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
-from labgate.db.models import Site
+from labgate.db.models import Site, SiteKind
 from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
+from labgate.errors import ConfigError
 from labgate.portal import health, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
@@ -39,6 +40,7 @@ from labgate.portal.api import (
     instances,
     lifecycle,
     resolve,
+    sites,
     snapshots,
     tokens,
     usage,
@@ -56,7 +58,7 @@ from labgate.scheduler.instances import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
-from labgate.startup import build_backend
+from labgate.startup import build_backend, env_name
 from labgate.wire.site import Report, Reporter
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,21 @@ API_PREFIX = "/api/v1"
 
 
 def ensure_site(session: Session, config: SiteConfig) -> None:
-    """Record the site in the database, or update it to match the settings."""
+    """Record the site in the database, or update it to match the settings.
+
+    A site of the settings is ``local``; one whose name a network site (added
+    with ``labgate site add``) already holds is refused, not taken over.
+    """
     site = session.scalar(select(Site).where(Site.name == config.name))
     if site is None:
         site = Site(name=config.name)
         session.add(site)
+    elif site.kind == SiteKind.network:
+        raise ConfigError(
+            f"invalid setting sites ({env_name('sites')}): site {config.name!r} is the name of "
+            "a network site added with `labgate site add`; give the settings' site another name"
+        )
+    site.kind = SiteKind.local.value
     site.backend = config.backend
     site.labels = dict(config.labels)
     site.options = {
@@ -205,8 +217,8 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
 
     api = APIRouter(prefix=API_PREFIX)
-    modules = (auth, users, tokens, catalog, instances, datasets, resolve, snapshots, router_api)
-    for module in (*modules, groups, usage, lifecycle, agent):
+    modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)
+    for module in (*modules, router_api, groups, usage, lifecycle, agent):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])

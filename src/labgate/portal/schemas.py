@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, model_validator
 
@@ -94,6 +94,10 @@ class ToolOut(BaseModel):
     unavailable_reason: str | None
 
 
+#: ``local``, or where a network site's agent is (``waiting``: it never connected).
+SiteStatus = Literal["local", "connected", "disconnected", "waiting", "revoked"]
+
+
 class SiteOut(BaseModel):
     name: str
     backend: str
@@ -110,6 +114,34 @@ class SiteOut(BaseModel):
     inventory: dict[str, Any] | None = Field(
         None, description="The last inventory push: reported_at, ttl, replicas, stale."
     )
+    kind: Literal["local", "network"] = Field(
+        "local", description="local: from the settings, in process; network: its agent dials in."
+    )
+    reach: Literal["direct", "tunnel"] = Field(
+        "direct", description="How the router reaches its instances."
+    )
+    status: SiteStatus = Field(
+        "local",
+        description="A network site's agent: connected, disconnected, waiting (never "
+        "connected) or revoked (no token); local for sites of the settings.",
+    )
+    connected_since: datetime | None = Field(None, description="While its agent is connected.")
+    disconnected_since: datetime | None = Field(None, description="When its agent last left.")
+    last_heartbeat: datetime | None = None
+    agent_version: str = ""
+    agent: dict[str, Any] | None = Field(
+        None, description="What its agent reported (hostname, tools, snapshot kind); admins only."
+    )
+    token_issued_at: datetime | None = Field(
+        None, description="When its enrolment token was made; admins only."
+    )
+    options: dict[str, Any] | None = Field(
+        None, description="A network site's backend options; admins only."
+    )
+
+
+class SiteWithToken(SiteOut):
+    token: str = Field(description="The agent's enrolment token, shown only this once.")
 
 
 class LaunchIn(Strict):

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from labgate.agent.hub import SiteInfo
 from labgate.agent.network import ChannelClosed
 from labgate.db.models import Site
+from labgate.portal.api.sites import BACKEND_OPTIONS
 from labgate.portal.state import Portal
 from labgate.security import hash_token
 
@@ -80,7 +81,7 @@ def site_of_token(session: Session, token: str) -> SiteInfo | None:
     return SiteInfo(
         name=site.name,
         backend=site.backend,
-        options=dict(options.get("backend_options") or {}),
+        options=dict(options.get(BACKEND_OPTIONS) or {}),
         data_root=options.get("data_root"),
         reach=site.reach,
     )

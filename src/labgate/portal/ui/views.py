@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from sqlalchemy.orm import Session
 
+from labgate.backends.base import available_backends
 from labgate.db.models import InstanceState, User
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
@@ -197,10 +198,16 @@ async def admin_instances(request: Request, portal: Portal = Depends(get_portal)
 
 @router.get("/admin/sites")
 async def admin_sites(request: Request, portal: Portal = Depends(get_portal)) -> Response:
-    """The sites, their capacity and what they run."""
+    """The sites, their status, capacity and what they run; add and remove network sites."""
     caller = await signed_in(request, admin=True)
     if isinstance(caller, Response):
         return caller
-    return render(
-        request, "admin_sites.html", page_context(portal, caller, "admin", section="sites")
+    context = page_context(
+        portal,
+        caller,
+        "admin",
+        section="sites",
+        backends=sorted(available_backends(), key=lambda name: (name != "process", name)),
+        portal_url=portal.settings.effective_public_url,
     )
+    return render(request, "admin_sites.html", context)

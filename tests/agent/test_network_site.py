@@ -1,0 +1,131 @@
+"""A network site for real: ``labgate serve`` and a ``labgate agent`` process dialing in.
+
+The agent runs as its own process with its own data dir, connects through
+the router's public port with its site token, and runs instances that users
+reach through the router, directly or through the agent's tunnel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+
+from servers import LabgateServer, wait_state
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LabgateServer]:
+    srv = LabgateServer(
+        tmp_path / "var",
+        ADMIN_PASSWORD,
+        LABGATE_SITE_HEARTBEAT_INTERVAL="0.5",
+        LABGATE_SITE_GRACE_PERIOD="20",
+    )
+    srv.start()
+    try:
+        yield srv
+    finally:
+        try:
+            srv.stop_instances("admin", ADMIN_PASSWORD)
+        finally:
+            srv.stop()
+
+
+@pytest.fixture
+def admin(server: LabgateServer) -> dict[str, str]:
+    return server.token("admin", ADMIN_PASSWORD, ["admin", "account", "instances:access"])
+
+
+def launch(server: LabgateServer, headers: dict[str, str], site: str) -> str:
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        created = client.post("/api/v1/instances", json={"tool": "demo", "site": site})
+        assert created.status_code in (200, 201, 202), created.text
+        return str(created.json()["id"])
+
+
+@pytest.mark.parametrize("reach", ["direct", "tunnel"])
+def test_an_agent_dials_in_and_runs_instances_users_reach_through_the_router(
+    server: LabgateServer, admin: dict[str, str], tmp_path: Path, reach: str
+) -> None:
+    token = add_site(server, admin, "edge", reach=reach)
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        site = wait_site(server, admin, "edge", "connected")
+        assert site["live"] is True and site["agent_version"]
+        iid = launch(server, admin, "edge")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            body = wait_state(client, iid, {"running", "failed"}, timeout=60)
+            assert body["state"] == "running", (body, agent.log())
+            assert body["site"] == "edge"
+            # The workspace is the site's: under the agent's data dir, not the portal's.
+            assert (tmp_path / "edge" / "workspaces" / "admin").is_dir()
+            assert not (server.data_dir / "workspaces" / "admin").exists()
+            page = client.get(f"/i/{iid}/")
+            assert page.status_code == 200, page.text
+            client.delete(f"/api/v1/instances/{iid}")
+            assert wait_state(client, iid, {"stopped", "lost"})["state"] == "stopped"
+    finally:
+        agent.stop()
+
+
+def test_a_refused_token_ends_the_agent_with_a_clear_message(
+    server: LabgateServer, tmp_path: Path
+) -> None:
+    agent = AgentProcess(tmp_path / "nobody", server.url, "lgs_not-a-token")
+    agent.start()
+    assert agent.process is not None
+    assert agent.process.wait(30) == 2
+    assert "refused this site's token" in agent.log()
+
+
+def test_revoking_the_token_cuts_the_connection_at_once(
+    server: LabgateServer, admin: dict[str, str], tmp_path: Path
+) -> None:
+    token = add_site(server, admin, "edge", reach="direct")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        wait_site(server, admin, "edge", "connected")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            assert client.delete("/api/v1/sites/edge/token").status_code in (200, 204)
+        assert agent.process is not None
+        assert agent.process.wait(15) == 2, agent.log()
+        status = wait_site(server, admin, "edge", "revoked")
+        assert status["live"] is False
+    finally:
+        agent.stop()
+
+
+def test_a_killed_agent_leaves_instances_unreachable_then_back_when_it_returns(
+    server: LabgateServer, admin: dict[str, str], tmp_path: Path
+) -> None:
+    token = add_site(server, admin, "edge", reach="tunnel")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        wait_site(server, admin, "edge", "connected")
+        iid = launch(server, admin, "edge")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            assert wait_state(client, iid, {"running", "failed"}, 60)["state"] == "running"
+            agent.kill()
+            body = wait_state(client, iid, {"unreachable"}, 20)
+            assert "not connected" in body["reason"] or body["state"] == "unreachable"
+            page = client.get(f"/i/{iid}/")
+            assert page.status_code == 503 and "site is not connected" in page.text
+            agent.start()
+            wait_site(server, admin, "edge", "connected")
+            assert wait_state(client, iid, {"running", "lost"}, 30)["state"] == "running"
+            deadline = time.monotonic() + 10
+            while client.get(f"/i/{iid}/").status_code != 200:
+                assert time.monotonic() < deadline, agent.log()
+                time.sleep(0.1)
+    finally:
+        agent.stop()
