@@ -297,18 +297,19 @@ def test_a_settings_site_may_not_take_a_network_sites_name(database_url):
 
 
 async def test_changes_reach_the_site_hub(app, client, admin_headers):
-    """With a hub, add, rotate, revoke and remove go through it (its bodies are the lead's)."""
-    from labgate.agent.hub import SiteHub
+    """Adding a site gives it a link (not live until its agent dials in); removing drops it."""
+    from labgate.agent.network import NetworkSiteLink
 
-    app.state.portal.site_hub = SiteHub()
-    try:
-        await add(client, admin_headers)
-        for method, path in [
-            ("POST", "/api/v1/sites/east/token"),
-            ("DELETE", "/api/v1/sites/east/token"),
-            ("DELETE", "/api/v1/sites/east"),
-        ]:
-            done = await client.request(method, path, headers=admin_headers)
-            assert done.status_code in (200, 204), done.text
-    finally:
-        app.state.portal.site_hub = None
+    portal = app.state.portal
+    assert portal.site_hub is not None
+    await add(client, admin_headers)
+    link = portal.links["east"]
+    assert isinstance(link, NetworkSiteLink) and not link.live and link.reach == "tunnel"
+    for method, path in [
+        ("POST", "/api/v1/sites/east/token"),
+        ("DELETE", "/api/v1/sites/east/token"),
+        ("DELETE", "/api/v1/sites/east"),
+    ]:
+        done = await client.request(method, path, headers=admin_headers)
+        assert done.status_code in (200, 204), done.text
+    assert "east" not in portal.links
