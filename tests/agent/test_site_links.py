@@ -1,0 +1,370 @@
+"""Every site link does the same: the in-process link and the network link, side by side.
+
+The network link here is the real thing without the portal around it: a
+:class:`~labgate.agent.hub.SiteHub` serving a real loopback WebSocket, and a
+:class:`~labgate.agent.remote.RemoteAgent` dialing it, driving a real process
+backend. Each test runs against both links.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.asyncio.server import ServerConnection, serve
+
+from helpers import TEST_SECRET_KEY
+from labgate.agent.hub import SiteHub, SiteInfo
+from labgate.agent.link import LocalSiteLink, SiteLink
+from labgate.agent.network import ChannelClosed, NetworkSiteLink, SiteUnavailable
+from labgate.agent.remote import RemoteAgent
+from labgate.agent.site import Adoption, SiteAgent
+from labgate.backends.base import LaunchSpec, Resources
+from labgate.backends.registry import load_catalog
+from labgate.config import Settings, SiteConfig
+from labgate.datadir import prepare_data_dir
+from labgate.startup import build_backend
+from labgate.tools.catalog import Tool
+from labgate.wire.agent import Heartbeat, Hello, Welcome
+from labgate.wire.launch import SnapshotRequest
+from labgate.wire.site import Report
+
+
+class WsChannel:
+    """A websockets server connection as the hub's channel."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+
+    async def send_text(self, data: str) -> None:
+        try:
+            await self.ws.send(data)
+        except websockets.ConnectionClosed as exc:
+            raise ChannelClosed(str(exc)) from None
+
+    async def send_bytes(self, data: bytes) -> None:
+        try:
+            await self.ws.send(data)
+        except websockets.ConnectionClosed as exc:
+            raise ChannelClosed(str(exc)) from None
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.recv()
+        except websockets.ConnectionClosed as exc:
+            raise ChannelClosed(str(exc)) from None
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.ws.close(code, reason)
+
+
+@dataclass
+class Recorder:
+    """The site events and reports one link produced."""
+
+    reports: list[Report] = field(default_factory=list)
+    hellos: list[Hello] = field(default_factory=list)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def report(self, report: Report) -> None:
+        self.reports.append(report)
+
+    async def site_connected(self, site: str, hello: Hello) -> None:
+        self.hellos.append(hello)
+        self.disconnected.clear()
+        self.connected.set()
+
+    async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
+        pass
+
+    async def site_report(self, site: str, report: Report) -> None:
+        self.reports.append(report)
+
+    async def site_disconnected(self, site: str, reason: str) -> None:
+        self.connected.clear()
+        self.disconnected.set()
+
+    def states(self, instance_id: str) -> list[str]:
+        return [r.state for r in self.reports if r.instance_id == instance_id and r.kind == "state"]
+
+    async def wait_state(self, instance_id: str, state: str, timeout: float = 30) -> None:
+        async with asyncio.timeout(timeout):
+            while state not in self.states(instance_id):
+                await asyncio.sleep(0.02)
+
+
+def site_settings(tmp: Path) -> Settings:
+    settings = Settings(
+        data_dir=tmp / "site",
+        secret_key=TEST_SECRET_KEY,
+        poll_interval=0.2,
+        stop_grace_seconds=2,
+        sandbox="none" if os.geteuid() != 0 else "auto",
+    )
+    prepare_data_dir(settings.data_dir)
+    return settings
+
+
+def make_agent_for(settings: Settings, site: str, reporter: Any) -> SiteAgent:
+    backend = build_backend(settings, SiteConfig(name=site, backend="process"))
+    return SiteAgent(
+        site,
+        backend,
+        reporter,
+        workspaces_dir=settings.workspaces_dir.resolve(),
+        poll_interval=settings.poll_interval,
+        stop_grace=settings.stop_grace_seconds,
+    )
+
+
+@dataclass
+class Network:
+    """A hub on a loopback WebSocket and a remote agent dialing it."""
+
+    hub: SiteHub
+    remote: RemoteAgent
+    task: asyncio.Task[None]
+    server: Any
+
+
+@contextlib.asynccontextmanager
+async def network_link(
+    tmp: Path, recorder: Recorder, catalog: list[Tool], *, heartbeat: float = 0.5
+) -> AsyncIterator[tuple[NetworkSiteLink, Network]]:
+    links: dict[str, SiteLink] = {}
+    hub = SiteHub(
+        links,
+        lambda: [t.model_dump(mode="json") for t in catalog],
+        heartbeat=heartbeat,
+        command_timeout=10,
+        tunnel_dir=tmp / "tunnels",
+    )
+    hub.events = recorder
+    await hub.register("edge", "process", "direct")
+    info = SiteInfo(name="edge", backend="process")
+
+    async def handler(ws: ServerConnection) -> None:
+        await hub.serve(info, WsChannel(ws))
+
+    settings = site_settings(tmp)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        remote = RemoteAgent(
+            f"http://127.0.0.1:{port}",
+            "lgs_test",
+            lambda welcome, reporter: make_agent_for(settings, welcome.site, reporter),
+            reconnect_base=0.05,
+            reconnect_max=0.2,
+        )
+        task = asyncio.create_task(remote.run())
+        try:
+            async with asyncio.timeout(15):
+                await recorder.connected.wait()
+            link = links["edge"]
+            assert isinstance(link, NetworkSiteLink)
+            yield link, Network(hub, remote, task, server)
+        finally:
+            await hub.close()
+            await remote.stop()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
+async def local_link(tmp: Path, recorder: Recorder) -> AsyncIterator[LocalSiteLink]:
+    settings = site_settings(tmp)
+    link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
+#: A tool this site cannot run: it requires a program the machine does not have.
+NEEDS_MISSING = Tool(
+    name="needs-missing",
+    title="Needs a missing program",
+    process={"command": ["no-such-program-here"], "requires": ["no-such-program-here"]},
+)
+
+
+@pytest.fixture
+def demo() -> Tool:
+    tool = load_catalog(None).get("demo")
+    assert tool is not None
+    return tool
+
+
+@pytest.fixture(params=["local", "network"])
+async def linked(
+    request: pytest.FixtureRequest, tmp_path: Path, demo: Tool
+) -> AsyncIterator[tuple[SiteLink, Recorder]]:
+    recorder = Recorder()
+    if request.param == "local":
+        async with local_link(tmp_path, recorder) as link:
+            yield link, recorder
+    else:
+        async with network_link(tmp_path, recorder, [demo, NEEDS_MISSING]) as (net, _):
+            yield net, recorder
+
+
+def spec_of(tool: Tool, instance_id: str, owner: str = "alice") -> LaunchSpec:
+    return LaunchSpec(
+        instance_id=instance_id,
+        owner=owner,
+        owner_id=1,
+        tool=tool,
+        base_url=f"/i/{instance_id}/",
+        workspace=Path(owner),
+        resources=Resources(cpu=0.5, memory=256 * 1024**2),
+        secret="instance-secret-" + instance_id,
+    )
+
+
+def endpoint_of(recorder: Recorder, instance_id: str) -> tuple[str, dict[str, Any]]:
+    for report in recorder.reports:
+        if report.instance_id == instance_id and report.endpoint:
+            return report.endpoint, report.backend_state or {}
+    raise AssertionError(f"no endpoint reported for {instance_id}")
+
+
+async def test_launch_reports_running_and_the_tool_answers(linked, demo) -> None:
+    link, recorder = linked
+    await link.launch(spec_of(demo, "i1"))
+    await recorder.wait_state("i1", "running")
+    assert recorder.states("i1") == ["starting", "running"]
+    endpoint, state = endpoint_of(recorder, "i1")
+    async with httpx.AsyncClient() as http:
+        answer = await http.get(
+            endpoint + "/i/i1/", headers={"Authorization": "token instance-secret-i1"}
+        )
+    assert answer.status_code == 200
+    assert "demo: listening on" in await link.logs("i1", state, 20)
+    await link.stop("i1", state)
+    await recorder.wait_state("i1", "stopped")
+
+
+async def test_a_launch_delivered_twice_starts_one_instance(linked, demo) -> None:
+    link, recorder = linked
+    spec = spec_of(demo, "twice")
+    await link.launch(spec)
+    await link.launch(spec)
+    await recorder.wait_state("twice", "running")
+    await asyncio.sleep(0.5)
+    assert recorder.states("twice") == ["starting", "running"]
+    _, state = endpoint_of(recorder, "twice")
+    await link.stop("twice", state)
+    await recorder.wait_state("twice", "stopped")
+
+
+async def test_the_workspace_is_the_sites_own(linked, demo, tmp_path) -> None:
+    link, recorder = linked
+    await link.launch(spec_of(demo, "ws1", owner="carol"))
+    await recorder.wait_state("ws1", "running")
+    assert (tmp_path / "site" / "workspaces" / "carol").is_dir()
+    _, state = endpoint_of(recorder, "ws1")
+    await link.stop("ws1", state)
+    await recorder.wait_state("ws1", "stopped")
+
+
+async def test_what_the_site_can_run_comes_from_its_backend(linked, demo) -> None:
+    link, _ = linked
+    assert link.unavailable_reason(demo) is None
+    reason = link.unavailable_reason(NEEDS_MISSING)
+    assert reason is not None and "no-such-program-here" in reason
+
+
+async def test_a_stopped_instance_can_be_adopted_only_while_it_runs(linked, demo) -> None:
+    link, recorder = linked
+    await link.launch(spec_of(demo, "ad1"))
+    await recorder.wait_state("ad1", "running")
+    endpoint, state = endpoint_of(recorder, "ad1")
+    await link.stop("ad1", state)
+    await recorder.wait_state("ad1", "stopped")
+    # Adopting what is gone reports it lost, with why.
+    await link.adopt(Adoption(spec_of(demo, "ad1"), "running", state, endpoint))
+    await recorder.wait_state("ad1", "lost")
+
+
+async def test_snapshots_are_taken_and_deleted_at_the_site(linked, demo) -> None:
+    link, recorder = linked
+    await link.launch(spec_of(demo, "sn1"))
+    await recorder.wait_state("sn1", "running")
+    _, state = endpoint_of(recorder, "sn1")
+    result = await link.snapshot("sn1", state, SnapshotRequest("snap1", "sn1", "alice", "demo"))
+    assert result.kind == "archive" and result.size > 0
+    from labgate.wire.launch import SnapshotRef
+
+    await link.delete_snapshot(SnapshotRef("snap1", result.kind, result.reference, result.digest))
+    await link.stop("sn1", state)
+    await recorder.wait_state("sn1", "stopped")
+
+
+# --- what only the network link has to show -----------------------------------------
+
+
+async def test_a_command_to_a_site_that_is_away_fails_at_once(tmp_path, demo) -> None:
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo]) as (link, net):
+        await net.remote.stop()
+        async with asyncio.timeout(10):
+            await recorder.disconnected.wait()
+        assert not link.live
+        with pytest.raises(SiteUnavailable, match="not connected"):
+            await link.launch(spec_of(demo, "away"))
+        # What it could run is still known (from its last hello) while it is away.
+        assert link.unavailable_reason(demo) is None
+
+
+async def test_the_agent_reconnects_and_reports_what_it_holds(tmp_path, demo) -> None:
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo]) as (link, net):
+        await link.launch(spec_of(demo, "held"))
+        await recorder.wait_state("held", "running")
+        # Drop the connection (not a revocation); the agent dials again by itself.
+        for connection in list(net.server.connections):
+            await connection.close(1011, "test drop")
+        async with asyncio.timeout(15):
+            while len(recorder.hellos) < 2 or not link.live:
+                await asyncio.sleep(0.05)
+        held = {h.instance_id: h.state for h in recorder.hellos[-1].instances}
+        assert held == {"held": "running"}
+        assert recorder.states("held") == ["starting", "running"]
+        _, state = endpoint_of(recorder, "held")
+        await link.stop("held", state)
+        await recorder.wait_state("held", "stopped")
+
+
+async def test_an_agent_for_another_site_is_refused(tmp_path, demo) -> None:
+    links: dict[str, SiteLink] = {}
+    hub = SiteHub(links, lambda: [demo.model_dump(mode="json")], heartbeat=0.5)
+    await hub.register("edge", "process", "direct")
+    closed: list[tuple[int, str]] = []
+
+    class Liar:
+        async def send_text(self, data: str) -> None:
+            assert Welcome.model_validate_json(data).site == "edge"
+
+        async def send_bytes(self, data: bytes) -> None:
+            pass
+
+        async def receive(self) -> str:
+            return Hello(
+                site="other", agent_version="x", boot="b", backend="process"
+            ).model_dump_json()
+
+        async def close(self, code: int, reason: str) -> None:
+            closed.append((code, reason))
+
+    await hub.serve(SiteInfo(name="edge", backend="process"), Liar())
+    assert closed and "site 'other'" in closed[0][1]
+    assert not links["edge"].live
