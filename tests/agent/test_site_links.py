@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +20,18 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from helpers import TEST_SECRET_KEY
 from labgate.agent.hub import SiteHub, SiteInfo
 from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.network import ChannelClosed, NetworkSiteLink, SiteUnavailable
 from labgate.agent.remote import RemoteAgent
-from labgate.agent.site import Adoption, SiteAgent
+from labgate.agent.site import Adoption
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.registry import load_catalog
-from labgate.config import Settings, SiteConfig
-from labgate.datadir import prepare_data_dir
-from labgate.startup import build_backend
 from labgate.tools.catalog import Tool
 from labgate.wire.agent import Heartbeat, Hello, Welcome
 from labgate.wire.launch import SnapshotRequest
 from labgate.wire.site import Report
+from site_agents import make_agent_for, site_settings
 
 
 class WsChannel:
@@ -102,30 +98,6 @@ class Recorder:
                 await asyncio.sleep(0.02)
 
 
-def site_settings(tmp: Path) -> Settings:
-    settings = Settings(
-        data_dir=tmp / "site",
-        secret_key=TEST_SECRET_KEY,
-        poll_interval=0.2,
-        stop_grace_seconds=2,
-        sandbox="none" if os.geteuid() != 0 else "auto",
-    )
-    prepare_data_dir(settings.data_dir)
-    return settings
-
-
-def make_agent_for(settings: Settings, site: str, reporter: Any) -> SiteAgent:
-    backend = build_backend(settings, SiteConfig(name=site, backend="process"))
-    return SiteAgent(
-        site,
-        backend,
-        reporter,
-        workspaces_dir=settings.workspaces_dir.resolve(),
-        poll_interval=settings.poll_interval,
-        stop_grace=settings.stop_grace_seconds,
-    )
-
-
 @dataclass
 class Network:
     """A hub on a loopback WebSocket and a remote agent dialing it."""
@@ -155,7 +127,7 @@ async def network_link(
     async def handler(ws: ServerConnection) -> None:
         await hub.serve(info, WsChannel(ws))
 
-    settings = site_settings(tmp)
+    settings = site_settings(tmp / "site")
     async with serve(handler, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         remote = RemoteAgent(
@@ -181,7 +153,7 @@ async def network_link(
 
 @contextlib.asynccontextmanager
 async def local_link(tmp: Path, recorder: Recorder) -> AsyncIterator[LocalSiteLink]:
-    settings = site_settings(tmp)
+    settings = site_settings(tmp / "site")
     link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
     try:
         yield link
