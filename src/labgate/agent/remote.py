@@ -173,6 +173,10 @@ class RemoteAgent:
                 ) from None
             raise
         self._ws = ws
+        if self._stopping.is_set():  # stopped while connecting
+            await ws.close()
+            self._ws = None
+            return
         try:
             await self._session(ws)
         except websockets.ConnectionClosed as exc:
@@ -199,7 +203,7 @@ class RemoteAgent:
         self.tunnel.attach(ws.send)
         beats = asyncio.create_task(self._beat(ws, welcome.heartbeat))
         try:
-            while True:
+            while not self._stopping.is_set():
                 try:
                     raw = await asyncio.wait_for(ws.recv(), welcome.heartbeat * 3)
                 except TimeoutError:

@@ -1,0 +1,173 @@
+"""Network sites coming and going: unreachable, back, lost after the grace period, late stops.
+
+The portal is the real app on a loopback port; the site's agent is a real
+RemoteAgent dialing its agent endpoint over a WebSocket, driving the process
+backend in its own data dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from helpers import wait_for_state
+from labgate.backends.registry import load_backend
+from labgate.config import Settings
+from labgate.db.models import Instance, InstanceEvent, InstanceState
+from labgate.wire.site import Report
+from site_agents import remote_agent
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"site_heartbeat_interval": 0.3, "site_grace_period": 1.5})
+
+
+async def add_site(
+    client: httpx.AsyncClient, headers: dict[str, str], reach: str = "direct"
+) -> str:
+    created = await client.post(
+        "/api/v1/sites",
+        json={"name": "edge", "backend": "process", "reach": reach},
+        headers=headers,
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["token"])
+
+
+async def wait_site(
+    client: httpx.AsyncClient, headers: dict[str, str], status: str
+) -> dict[str, Any]:
+    async with asyncio.timeout(20):
+        while True:
+            body: dict[str, Any] = (await client.get("/api/v1/sites/edge", headers=headers)).json()
+            if body["status"] == status:
+                return body
+            await asyncio.sleep(0.05)
+
+
+async def launch_on_edge(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    created = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=headers
+    )
+    assert created.status_code in (200, 201, 202), created.text
+    return str(created.json()["id"])
+
+
+async def row(app: Any, iid: str) -> Instance:
+    instance: Instance | None = await app.state.portal.run_db(lambda s: s.get(Instance, iid))
+    assert instance is not None
+    return instance
+
+
+async def transitions(app: Any, iid: str) -> list[str]:
+    """The states an instance went through, in order."""
+
+    def query(session: Any) -> list[str]:
+        rows = session.scalars(
+            select(InstanceEvent)
+            .where(InstanceEvent.instance_id == iid, InstanceEvent.kind == "state")
+            .order_by(InstanceEvent.id)
+        )
+        return [row.state.value for row in rows]
+
+    result: list[str] = await app.state.portal.run_db(query)
+    return result
+
+
+async def kill_at_site(app: Any, iid: str) -> None:
+    """Stop what the agent left running (an agent that is gone cannot)."""
+    state = (await row(app, iid)).backend_state
+    if state:
+        backend = load_backend("process")(app.state.portal.settings, {})
+        await backend.stop(state, 1)
+
+
+async def test_an_agent_speaks_only_for_its_own_site(app, client, admin_headers, caplog):
+    token = await add_site(client, admin_headers)
+    created = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=admin_headers)
+    iid = created.json()["id"]
+    await wait_for_state(client, admin_headers, iid, {"running"})
+    del token
+    with caplog.at_level(logging.WARNING):
+        await app.state.portal.instances.apply(
+            Report(iid, "lost", message="a lie from another site"), site="edge"
+        )
+    assert (await row(app, iid)).state == InstanceState.running
+    assert "refused" in caplog.text and iid in caplog.text
+
+
+async def test_a_silent_site_makes_its_instances_unreachable_then_lost(
+    app, client, admin_headers, tmp_path: Path
+):
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        iid = await launch_on_edge(client, admin_headers)
+        await wait_for_state(client, admin_headers, iid, {"running"})
+    try:
+        site = await wait_site(client, admin_headers, "disconnected")
+        assert site["live"] is False and site["disconnected_since"]
+        await wait_for_state(client, admin_headers, iid, {"unreachable"})
+        # New launches go elsewhere while the site is away.
+        other = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=admin_headers)
+        assert other.json()["site"] == "local"
+        asked = await client.post(
+            "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin_headers
+        )
+        assert asked.status_code in (409, 503) and "edge" in asked.json()["detail"]
+        await wait_for_state(client, admin_headers, iid, {"lost"}, timeout=10)
+        assert "did not come back within 1.5 s" in (await row(app, iid)).reason
+    finally:
+        await kill_at_site(app, iid)
+
+
+async def test_an_agent_that_returns_brings_its_instances_back(
+    app, client, admin_headers, tmp_path: Path
+):
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        iid = await launch_on_edge(client, admin_headers)
+        await wait_for_state(client, admin_headers, iid, {"running"})
+    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    # A new agent process on the same machine: it holds nothing, the portal hands it back.
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        await wait_for_state(client, admin_headers, iid, {"running"})
+        assert await transitions(app, iid) == [
+            "pending",
+            "starting",
+            "running",
+            "unreachable",
+            "running",
+        ]
+        stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+        assert stopped.status_code in (200, 202)
+        await wait_for_state(client, admin_headers, iid, {"stopped"})
+
+
+async def test_a_stop_while_the_site_is_away_is_done_when_it_returns(
+    app, client, admin_headers, tmp_path: Path
+):
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        iid = await launch_on_edge(client, admin_headers)
+        await wait_for_state(client, admin_headers, iid, {"running"})
+    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+    assert stopped.status_code in (200, 202)
+    await asyncio.sleep(0.5)
+    assert (await row(app, iid)).state == InstanceState.stopping
+    pid = (await row(app, iid)).backend_state.get("pid")
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_for_state(client, admin_headers, iid, {"stopped"})
+    if pid:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
