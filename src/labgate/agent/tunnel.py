@@ -9,9 +9,12 @@ Every connection accepted there becomes one *stream*; the agent
 own records say, and bytes flow both ways. HTTP keep-alive, WebSocket upgrades
 and long downloads need nothing more than a byte stream.
 
-Frames ride as binary WebSocket messages beside the text messages of the
-control protocol; one message is one frame: ``>BI`` (type, stream id) and a
-payload. Stream ids are chosen by the portal.
+Frames ride in binary WebSocket messages beside the text messages of the
+control protocol. A frame is ``>BII`` (type, stream id, payload length) and
+its payload; frames queued together go out in one message (up to
+:data:`MAX_MESSAGE` bytes, plus one frame), which spares the connection a
+message per frame when many streams are busy. Stream ids are chosen by the
+portal.
 
 ======== ============ ==============================================
 type     direction    payload
@@ -53,6 +56,7 @@ from labgate.agent.tunnel_stream import (
     DATA,
     EOF,
     HEADER,
+    MAX_MESSAGE,
     OPEN,
     OPENED,
     REFUSED,
@@ -82,7 +86,7 @@ class TunnelEnd:
     def __init__(self, send: Send | None = None) -> None:
         self.streams: dict[int, TunnelStream] = {}
         self._send: Send | None = None
-        self._outgoing: deque[bytes] = deque()
+        self._outgoing: deque[tuple[bytes, bytes | memoryview]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         # Counters, for metrics and tests.
@@ -90,8 +94,8 @@ class TunnelEnd:
         self.streams_refused = 0
         self.bytes_sent = 0  # DATA payload bytes put on the connection
         self.bytes_received = 0  # DATA payload bytes taken off it
-        self.frames_sent = 0
-        self.frames_received = 0
+        self.messages_sent = 0
+        self.messages_received = 0
         self.protocol_errors = 0
         self.queued_bytes = 0  # frames waiting for the connection
         self.peak_queued = 0
@@ -132,9 +136,8 @@ class TunnelEnd:
         """Queue one frame for the connection (dropped when there is none)."""
         if self._send is None:
             return
-        frame = HEADER.pack(kind, stream_id) + payload
-        self._outgoing.append(frame)
-        self.queued_bytes += len(frame)
+        self._outgoing.append((HEADER.pack(kind, stream_id, len(payload)), payload))
+        self.queued_bytes += HEADER.size + len(payload)
         if self.queued_bytes > self.peak_queued:
             self.peak_queued = self.queued_bytes
         if self._writer is None:
@@ -143,7 +146,7 @@ class TunnelEnd:
             self._wakeup.set_result(None)
 
     async def _write(self) -> None:
-        """Put queued frames on the connection, one at a time and in order."""
+        """Put queued frames on the connection in order, those queued together in one message."""
         loop = asyncio.get_running_loop()
         outgoing = self._outgoing
         while True:
@@ -151,11 +154,18 @@ class TunnelEnd:
                 send = self._send
                 if send is None:
                     return
-                frame = outgoing.popleft()
-                self.queued_bytes -= len(frame)
-                self.frames_sent += 1
+                parts: list[bytes | memoryview] = []
+                size = 0
+                while outgoing and size < MAX_MESSAGE:
+                    header, payload = outgoing.popleft()
+                    parts.append(header)
+                    if payload:
+                        parts.append(payload)
+                    size += HEADER.size + len(payload)
+                self.queued_bytes -= size
+                self.messages_sent += 1
                 try:
-                    await send(frame)
+                    await send(b"".join(parts) if len(parts) > 1 else bytes(parts[0]))
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
@@ -167,33 +177,42 @@ class TunnelEnd:
             self._wakeup = None
 
     # ----------------------------------------------------------------- receiving
-    async def feed(self, frame: bytes) -> None:
-        """Handle one binary message received on the connection."""
-        self.receive(frame)
+    async def feed(self, message: bytes) -> None:
+        """Handle one binary message received on the connection (one or more frames)."""
+        self.receive(message)
 
-    def receive(self, frame: bytes) -> None:
+    def receive(self, message: bytes) -> None:
         """:meth:`feed` without the coroutine (nothing here waits)."""
-        self.frames_received += 1
-        if len(frame) < HEADER.size:
-            self._violation("frame shorter than its header")
-            return
-        kind, stream_id = HEADER.unpack_from(frame)
-        stream = self.streams.get(stream_id)
-        if kind == DATA:
-            if stream is not None:
-                self.bytes_received += len(frame) - HEADER.size
-                stream.on_data(memoryview(frame)[HEADER.size :])
-        elif kind == WINDOW_UPDATE:
-            if stream is not None and len(frame) == HEADER.size + CREDIT.size:
-                stream.on_credit(CREDIT.unpack_from(frame, HEADER.size)[0])
-        elif kind == EOF:
-            if stream is not None:
-                stream.on_eof()
-        elif kind == CLOSE:
-            if stream is not None:
-                stream.on_close()
-        else:
-            self.control(kind, stream_id, stream, frame[HEADER.size :])
+        self.messages_received += 1
+        view = memoryview(message)
+        offset, size = 0, len(message)
+        while offset < size:
+            if size - offset < HEADER.size:
+                self._violation("a frame shorter than its header")
+                return
+            kind, stream_id, length = HEADER.unpack_from(message, offset)
+            offset += HEADER.size
+            if offset + length > size:
+                self._violation("a frame longer than its message")
+                return
+            payload = view[offset : offset + length]
+            offset += length
+            stream = self.streams.get(stream_id)
+            if kind == DATA:
+                if stream is not None:
+                    self.bytes_received += length
+                    stream.on_data(payload)
+            elif kind == WINDOW_UPDATE:
+                if stream is not None and length == CREDIT.size:
+                    stream.on_credit(CREDIT.unpack_from(payload)[0])
+            elif kind == EOF:
+                if stream is not None:
+                    stream.on_eof()
+            elif kind == CLOSE:
+                if stream is not None:
+                    stream.on_close()
+            else:
+                self.control(kind, stream_id, stream, bytes(payload))
 
     def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
         """Handle a frame type only one side takes (OPEN, OPENED, REFUSED)."""

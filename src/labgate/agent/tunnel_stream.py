@@ -20,12 +20,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPEN, OPENED, REFUSED, DATA, WINDOW_UPDATE, EOF, CLOSE = range(1, 8)
-#: Type and stream id in front of every frame.
-HEADER = struct.Struct(">BI")
+#: Type, stream id and payload length in front of every frame.
+HEADER = struct.Struct(">BII")
 #: The payload of a WINDOW frame.
 CREDIT = struct.Struct(">I")
 #: Largest DATA payload.
 MAX_DATA = 64 * 1024
+#: Frames queued together go out as one message of at most about this size.
+MAX_MESSAGE = 256 * 1024
 #: Bytes a side may send on one stream before the receiver grants more.
 WINDOW = 256 * 1024
 #: The receiver grants credit once this many bytes are delivered (fewer WINDOW frames).
