@@ -127,5 +127,7 @@ def test_a_killed_agent_leaves_instances_unreachable_then_back_when_it_returns(
             while client.get(f"/i/{iid}/").status_code != 200:
                 assert time.monotonic() < deadline, agent.log()
                 time.sleep(0.1)
+            client.delete(f"/api/v1/instances/{iid}")
+            assert wait_state(client, iid, {"stopped", "lost"})["state"] == "stopped"
     finally:
         agent.stop()

@@ -296,7 +296,7 @@ class SiteHub:
         if path is None:
             return
         if report.state in ("running", "starting") and report.kind == "state":
-            await link.tunnel.serve(report.instance_id, path)
+            await link.tunnel.serve(report.instance_id, str(path))
         elif report.state in ("stopped", "failed", "lost"):
             await link.tunnel.unserve(report.instance_id)
 
@@ -308,7 +308,7 @@ class SiteHub:
         for instance_id in instance_ids:
             path = link.tunnel_path(instance_id)
             if path is not None:
-                await link.tunnel.serve(instance_id, path)
+                await link.tunnel.serve(instance_id, str(path))
 
     async def _beat(self, channel: Channel) -> None:
         while True:

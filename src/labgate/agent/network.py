@@ -230,4 +230,4 @@ class NetworkSiteLink(SiteLink):
         if self.session is not None:
             self.detach(self.session, "the portal is shutting down")
         if self.tunnel is not None:
-            await self.tunnel.close("the portal is shutting down")
+            self.tunnel.close("the portal is shutting down")

@@ -160,6 +160,7 @@ class RemoteAgent:
                 self.url,
                 additional_headers=headers,
                 max_size=MAX_MESSAGE,
+                compression=None,  # tunnel bytes would pay deflate on every byte
                 ping_interval=None,  # the protocol's own heartbeats watch the connection
                 open_timeout=15,
                 user_agent_header=f"labgate-agent/{__version__}",
