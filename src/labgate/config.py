@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -110,6 +111,38 @@ class PoolConfig(BaseModel):
     tool: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$", description="The tool to keep warm.")
     site: str = Field("", description="The site; empty means the first site.")
     size: int = Field(1, ge=0, le=1000, description="Instances kept started and unclaimed.")
+
+
+NO_SECRET = SecretStr("")
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """What a backend may know of the settings: its own machine's, never the portal's secrets.
+
+    In ``labgate serve`` they come from the portal's settings; under
+    ``labgate agent`` from the site machine's own. A backend gets these, not
+    :class:`Settings` (which holds the session key, the database URL and the
+    admin password).
+    """
+
+    data_dir: Path
+    snapshots_dir: Path
+    sandbox: str = "auto"
+    instance_uid_base: int = 1_000_000_000
+    snapshot_registry: str = ""
+    snapshot_registry_username: str = ""
+    snapshot_registry_password: SecretStr = NO_SECRET
+
+    @property
+    def workspaces_dir(self) -> Path:
+        """Where the site keeps users' workspaces."""
+        return self.data_dir / "workspaces"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where instances' output is captured."""
+        return self.data_dir / "logs"
 
 
 class Settings(BaseSettings):
@@ -509,6 +542,18 @@ class Settings(BaseSettings):
     def snapshots_dir(self) -> Path:
         """Where workspace-archive snapshots are stored."""
         return self.snapshot_dir if self.snapshot_dir is not None else self.data_dir / "snapshots"
+
+    def site_settings(self) -> SiteSettings:
+        """The part of these settings a site's backend sees."""
+        return SiteSettings(
+            data_dir=self.data_dir,
+            snapshots_dir=self.snapshots_dir,
+            sandbox=self.sandbox,
+            instance_uid_base=self.instance_uid_base,
+            snapshot_registry=self.snapshot_registry,
+            snapshot_registry_username=self.snapshot_registry_username,
+            snapshot_registry_password=self.snapshot_registry_password,
+        )
 
     def signing_key(self) -> str:
         """The session signing key, generated and stored on first use when unset.

@@ -92,6 +92,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from labgate.config import SiteSettings
 from labgate.errors import LabgateError
 from labgate.tools.catalog import describe_validation
 
@@ -206,8 +207,11 @@ class Backend(abc.ABC):
     #: ``image``, ``archive`` or ``""`` (no snapshots): what :meth:`snapshot` saves.
     snapshot_kind: ClassVar[str] = ""
 
-    def __init__(self, settings: Settings, options: JSON | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
+        #: The site machine's settings (never the portal's secrets): paths, sandbox, registry.
+        self.settings: SiteSettings = (
+            settings if isinstance(settings, SiteSettings) else settings.site_settings()
+        )
         self.options = options or {}
         #: ``options`` validated by :attr:`options_schema`.
         self.site_options = self.parse_options(self.options)

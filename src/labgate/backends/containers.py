@@ -82,7 +82,7 @@ except ImportError as exc:  # pragma: no cover - docker is in the containers ext
     ) from exc
 
 if TYPE_CHECKING:
-    from labgate.config import Settings
+    from labgate.config import Settings, SiteSettings
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class ContainerBackend(Backend):
     options_schema = ContainerOptions
     snapshot_kind = "image"
 
-    def __init__(self, settings: Settings, options: JSON | None = None) -> None:
+    def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
         self.config = cast(ContainerOptions, self.site_options)
         self.deployment = self.config.deployment or deployment_id(settings.data_dir)

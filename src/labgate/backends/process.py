@@ -79,7 +79,7 @@ from labgate.errors import InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
 
 if TYPE_CHECKING:
-    from labgate.config import Settings
+    from labgate.config import Settings, SiteSettings
     from labgate.tools.catalog import Tool
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class ProcessBackend(Backend):
     options_schema = ProcessOptions
     snapshot_kind = "archive"
 
-    def __init__(self, settings: Settings, options: JSON | None = None) -> None:
+    def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
         super().__init__(settings, options)
         config = cast(ProcessOptions, self.site_options)
         self.nofile = config.nofile
