@@ -340,3 +340,46 @@ async def test_an_agent_for_another_site_is_refused(tmp_path, demo) -> None:
     await hub.serve(SiteInfo(name="edge", backend="process"), Liar())
     assert closed and "site 'other'" in closed[0][1]
     assert not links["edge"].live
+
+
+@contextlib.asynccontextmanager
+async def file_server(body: bytes) -> AsyncIterator[str]:
+    """A loopback HTTP server answering every GET with ``body``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/iris.csv"
+    finally:
+        server.close()
+
+
+async def test_a_url_dataset_is_fetched_and_checked_by_the_site(linked, tmp_path) -> None:
+    import hashlib
+
+    from labgate.agent.fetch import FetchError
+    from labgate.wire.launch import FetchRequest
+
+    link, recorder = linked
+    body = b"sepal,petal\n" * 1000
+    checksum = "sha256:" + hashlib.sha256(body).hexdigest()
+    async with file_server(body) as url:
+        request = FetchRequest("f1", url, "iris-1234", 10**6, len(body), checksum, True)
+        fetched = await link.fetch_dataset(request)
+        # In the site's own cache, checked there.
+        assert fetched.directory == tmp_path / "site" / "cache" / "edge" / "iris-1234"
+        assert fetched.verified and not fetched.cached and fetched.size == len(body)
+        assert (fetched.directory / "iris.csv").read_bytes() == body
+        again = await link.fetch_dataset(request)
+        assert again.cached and again.directory == fetched.directory
+        wrong = FetchRequest("f2", url, "iris-5678", 10**6, None, "sha256:" + "0" * 64, True)
+        with pytest.raises(FetchError, match="checksum mismatch"):
+            await link.fetch_dataset(wrong)
+        assert not (tmp_path / "site" / "cache" / "edge" / "iris-5678").exists()

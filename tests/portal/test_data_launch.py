@@ -232,7 +232,7 @@ async def test_too_large_to_fetch(client: Any, make_user: Any) -> None:
 async def test_private_addresses_are_not_fetched_by_default(
     tmp_path: Path, database_url: str
 ) -> None:
-    from labgate.resolver.fetch import FetchError, FetchJob, fetch
+    from labgate.agent.fetch import FetchError, FetchJob, fetch
 
     async def progress(done: int, total: int | None) -> None:
         return None

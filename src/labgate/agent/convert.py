@@ -8,9 +8,11 @@ back an equal object.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from labgate.agent.fetch import Fetched
 from labgate.agent.site import Adoption
 from labgate.backends.base import LaunchSpec, Mount, Resources
 from labgate.backends.claim import Claim
@@ -18,6 +20,8 @@ from labgate.tools.catalog import Tool
 from labgate.wire.agent import (
     AdoptionMsg,
     ClaimMsg,
+    FetchedMsg,
+    FetchRequestMsg,
     LaunchSpecMsg,
     MountMsg,
     ReportMsg,
@@ -25,7 +29,7 @@ from labgate.wire.agent import (
     SnapshotRequestMsg,
     SnapshotResultMsg,
 )
-from labgate.wire.launch import SnapshotRef, SnapshotRequest, SnapshotResult
+from labgate.wire.launch import FetchRequest, SnapshotRef, SnapshotRequest, SnapshotResult
 from labgate.wire.site import Report
 
 if TYPE_CHECKING:
@@ -158,6 +162,35 @@ def snapshot_result_msg(result: SnapshotResult) -> SnapshotResultMsg:
 def snapshot_result_of(msg: SnapshotResultMsg) -> SnapshotResult:
     """The snapshot result of a message."""
     return SnapshotResult(msg.kind, msg.reference, msg.digest, msg.size)
+
+
+def fetch_request_msg(request: FetchRequest) -> FetchRequestMsg:
+    """The message of a fetch request."""
+    return FetchRequestMsg(**asdict(request))
+
+
+def fetch_request_of(msg: FetchRequestMsg) -> FetchRequest:
+    """The fetch request of a message."""
+    return FetchRequest(**msg.model_dump())
+
+
+def fetched_msg(fetched: Fetched) -> FetchedMsg:
+    """The message of a fetched cache entry."""
+    return FetchedMsg(
+        directory=str(fetched.directory),
+        file=str(fetched.file),
+        size=fetched.size,
+        checksum=fetched.checksum,
+        verified=fetched.verified,
+        cached=fetched.cached,
+    )
+
+
+def fetched_of(msg: FetchedMsg) -> Fetched:
+    """The fetched cache entry of a message."""
+    return Fetched(
+        Path(msg.directory), Path(msg.file), msg.size, msg.checksum, msg.verified, msg.cached
+    )
 
 
 def report_msg(report: Report) -> ReportMsg:

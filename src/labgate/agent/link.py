@@ -16,9 +16,11 @@ from labgate.agent.site import Adoption, SiteAgent
 from labgate.backends.registry import tool_unavailable_reason
 
 if TYPE_CHECKING:
+    from labgate.agent.fetch import Fetched
     from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
+    from labgate.wire.launch import FetchRequest
 
 __all__ = ["Adoption", "LocalSiteLink", "SiteLink", "live_sites"]
 
@@ -81,6 +83,10 @@ class SiteLink(abc.ABC):
         """Let the site remove instances the portal does not know (ids not in ``known``)."""
         return []
 
+    @abc.abstractmethod
+    async def fetch_dataset(self, request: FetchRequest) -> Fetched:
+        """Have the site fetch a URL dataset into its own cache (or find it there)."""
+
     def claim_support(self, tool: Tool) -> str | None:
         """Why the site cannot hand running instances of ``tool`` to users (None: it can)."""
         return f"{type(self).__name__} cannot carry warm-pool claims"
@@ -134,6 +140,10 @@ class LocalSiteLink(SiteLink):
     async def reconcile(self, known: set[str]) -> list[str]:
         """Reconcile through the in-process agent."""
         return await self.agent.reconcile(known)
+
+    async def fetch_dataset(self, request: FetchRequest) -> Fetched:
+        """Fetch through the in-process agent."""
+        return await self.agent.fetch_dataset(request)
 
     def claim_support(self, tool: Tool) -> str | None:
         """Ask the in-process agent's backend."""

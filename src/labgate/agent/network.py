@@ -22,16 +22,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent import convert
+from labgate.agent.fetch import FetchError
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.tunnel import PortalTunnel
 from labgate.backends.claim import ClaimError
 from labgate.errors import LabgateError
-from labgate.wire.agent import Command, Hello, Result, SnapshotResultMsg, dump
+from labgate.wire.agent import Command, FetchedMsg, Hello, Result, SnapshotResultMsg, dump
 
 if TYPE_CHECKING:
+    from labgate.agent.fetch import Fetched
     from labgate.backends.base import LaunchSpec, SnapshotRef, SnapshotRequest, SnapshotResult
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
+    from labgate.wire.launch import FetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +218,17 @@ class NetworkSiteLink(SiteLink):
             return []
         value = await self.call("reconcile", {"known": sorted(known)})
         return [str(v) for v in value or []]
+
+    async def fetch_dataset(self, request: FetchRequest) -> Fetched:
+        """Have the site fetch a URL dataset into its cache; a failure is a FetchError."""
+        args = {"request": convert.fetch_request_msg(request).model_dump()}
+        try:
+            value = await self.call(
+                "fetch_dataset", args, self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR
+            )
+        except (RemoteError, SiteUnavailable) as exc:
+            raise FetchError(exc.detail) from None
+        return convert.fetched_of(FetchedMsg.model_validate(value))
 
     async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
         """Hand a warm instance to a user, at the site."""

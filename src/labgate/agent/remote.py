@@ -44,6 +44,7 @@ from labgate.wire.agent import (
     AdoptionMsg,
     ClaimMsg,
     Command,
+    FetchRequestMsg,
     Heartbeat,
     Held,
     Hello,
@@ -356,6 +357,9 @@ class RemoteAgent:
             return None
         if op == "reconcile":
             return await agent.reconcile({str(k) for k in args.get("known") or []})
+        if op == "fetch_dataset":
+            wanted = convert.fetch_request_of(FetchRequestMsg.model_validate(args["request"]))
+            return convert.fetched_msg(await agent.fetch_dataset(wanted)).model_dump()
         if op == "claim":
             claim = convert.claim_of(ClaimMsg.model_validate(args["claim"]))
             return await agent.claim(str(args["instance_id"]), claim)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from labgate.agent import fetch as fetching
 from labgate.backends.base import (
     Backend,
     LaunchSpec,
@@ -30,8 +31,10 @@ from labgate.errors import LabgateError
 from labgate.wire.site import Report, Reporter
 
 if TYPE_CHECKING:
+    from labgate.agent.fetch import Fetched
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
+    from labgate.wire.launch import FetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,7 @@ class SiteAgent:
         reporter: Reporter,
         *,
         workspaces_dir: Path,
+        cache_dir: Path | None = None,
         poll_interval: float = 2.0,
         stop_grace: float = 10.0,
         log_tail_lines: int = 40,
@@ -85,6 +89,8 @@ class SiteAgent:
         self.site = site
         #: Where this site keeps workspaces: the portal names them relative to it.
         self.workspaces_dir = workspaces_dir
+        #: Where URL datasets fetched for this site's launches are kept.
+        self.cache_dir = cache_dir or workspaces_dir.parent / "cache" / site
         self.backend = backend
         self.reporter = reporter
         self.poll_interval = poll_interval
@@ -186,6 +192,37 @@ class SiteAgent:
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data through the backend."""
         await self.backend.delete_snapshot(ref)
+
+    async def fetch_dataset(self, request: FetchRequest) -> Fetched:
+        """Fetch a URL dataset into this site's cache (or find it there); progress as notes."""
+        directory = self.cache_dir / request.entry
+        found = await asyncio.to_thread(fetching.complete_entry, directory)
+        if found is not None:
+            return found
+        job = fetching.FetchJob(
+            url=request.url,
+            directory=directory,
+            max_bytes=request.max_bytes,
+            expected_size=request.expected_size,
+            checksum=request.checksum,
+            allow_private=request.allow_private,
+        )
+
+        async def progress(done: int, total: int | None) -> None:
+            share = f" ({100 * done // total}%)" if total else ""
+            of = f" of {_mib(total)}" if total else ""
+            await self._report(
+                Report(
+                    request.instance_id,
+                    "pending",
+                    kind="progress",
+                    message=f"fetching {request.url} into site {self.site}'s cache: "
+                    f"{_mib(done)}{of}{share}",
+                    data={"fetch": {"bytes": done, "total": total}},
+                )
+            )
+
+        return await fetching.fetch(job, progress)
 
     def claim_support(self, tool: Tool) -> str | None:
         """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""
@@ -391,3 +428,7 @@ class SiteAgent:
             await self.reporter(report)
         except Exception:
             log.exception("reporting %s for %s failed", report.state, report.instance_id)
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB"

@@ -8,6 +8,6 @@
   federation "push" model) and the staleness of what it reported.
 - :mod:`~labgate.resolver.locality`: resolve (live replicas, launch links) and
   what a launch near the data needs (mounts, or a fetch into a site's cache).
-- :mod:`~labgate.resolver.fetch`: downloading a URL dataset into a cache,
-  with progress and checksum verification.
+A URL dataset no site holds is fetched by the site that will mount it
+(:mod:`labgate.agent.fetch`, through its site link), into that site's cache.
 """

@@ -50,6 +50,8 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit
 
+from labgate.wire.checksums import slugify
+
 MAX_LENGTH = 2048
 SCHEMES = ("doi", "hdl", "ark", "urn", "url")
 
@@ -69,7 +71,6 @@ _NSS_RE = re.compile(
 _UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*$")
-_SLUG_BAD = re.compile(r"[^a-z0-9._-]+")
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _SUB_DELIMS = frozenset("!$&'()*+,;=")
@@ -130,13 +131,6 @@ class Identifier:
         if self.scheme == "url" and "." in last.strip("."):
             last = last.rsplit(".", 1)[0]  # iris.csv -> iris
         return slugify(last) or f"{self.scheme}-{short_hash(self.canonical)}"
-
-
-def slugify(text: str) -> str:
-    """Lower-case letters, digits, ``.``, ``_`` and ``-``; at most 63, starting alphanumeric."""
-    text = unquote(text).lower()
-    text = _SLUG_BAD.sub("-", text).strip("-._")
-    return text[:63].rstrip("-._")
 
 
 def short_hash(text: str) -> str:

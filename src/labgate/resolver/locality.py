@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,18 +28,20 @@ from urllib.parse import quote
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from labgate.agent import fetch as fetching
 from labgate.backends.confine import EscapesRoot, check_beneath
 from labgate.backends.registry import tool_unavailable_reason
 from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
 from labgate.db.models import utcnow as _utcnow
-from labgate.errors import Conflict, NotFound
-from labgate.resolver import fetch as fetching
+from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.resolver.identifiers import normalize, short_hash
 from labgate.resolver.registry import CACHE, parse_identifier
 from labgate.resolver.schemas import DatasetOut, LaunchLink, ReplicaOut
+from labgate.wire.launch import FetchRequest
 from labgate.wire.site import Report
 
 if TYPE_CHECKING:
+    from labgate.agent.link import SiteLink
     from labgate.config import Settings
     from labgate.db.session import Database
     from labgate.tools.catalog import Catalog, Tool
@@ -259,8 +261,12 @@ class DataLocator:
             site, reported_at = replica.site, replica.site_reported_at
             root = (replica.site_options or {}).get("data_root")
             if replica.source == CACHE:
-                root = str(self.cache_root / site)
-                source: str | None = str(self.cache_root / site / replica.path)
+                # Where the site keeps it (older records: an entry of the portal's cache).
+                cached = Path(replica.path)
+                if not cached.is_absolute():
+                    cached = self.cache_root / site / cached
+                root = str(cached.parent)
+                source: str | None = str(cached)
                 reported_at = None  # labgate's own copy: the site's inventory does not cover it
             else:
                 source = str(Path(root) / replica.path) if root else None
@@ -354,8 +360,20 @@ class DataLocator:
             roots=roots,
         )
 
-    async def prepare(self, db: Database, instance_id: str, report: Reporter) -> bool:
-        """Fetch what a pending instance's mounts still lack; False when that failed."""
+    async def prepare(
+        self,
+        db: Database,
+        instance_id: str,
+        report: Reporter,
+        links: Mapping[str, SiteLink],
+    ) -> bool:
+        """Have the chosen site fetch what a pending instance's mounts still lack.
+
+        False when that failed (the instance is failed, with why). The site
+        fetches into its own cache and checks the data there
+        (:meth:`~labgate.agent.link.SiteLink.fetch_dataset`); the portal
+        records where it is.
+        """
 
         def load(session: Session) -> tuple[list[dict[str, Any]], str | None, int | None]:
             instance = session.get(Instance, instance_id)
@@ -371,15 +389,14 @@ class DataLocator:
         for mount in mounts:
             if mount.get("fetch") and dataset_id is not None:
                 try:
-                    source = await self._fetch_once(
-                        db, site, dataset_id, mount, instance_id, report
+                    fetched = await self._fetch_once(
+                        db, links.get(site), site, dataset_id, mount, instance_id, report
                     )
                 except fetching.FetchError as exc:
                     await report(Report(instance_id, "failed", message=exc.detail))
                     return False
-                root = str(self.cache_root / site)
                 mount = {k: v for k, v in mount.items() if k != "fetch"}
-                mount |= {"source": source, "root": root}
+                mount |= {"source": str(fetched.directory), "root": str(fetched.directory.parent)}
             updated.append(mount)
 
         def save(session: Session) -> None:
@@ -393,48 +410,39 @@ class DataLocator:
     async def _fetch_once(
         self,
         db: Database,
+        link: SiteLink | None,
         site: str,
         dataset_id: int,
         mount: dict[str, Any],
         instance_id: str,
         report: Reporter,
-    ) -> str:
-        """The cache path of the dataset on ``site``, fetching it unless another launch has."""
+    ) -> fetching.Fetched:
+        """The site's cache entry of the dataset, fetched there unless another launch has."""
+        if link is None:
+            raise fetching.FetchError(f"site {site} is gone")
         lock = self._locks.setdefault((site, dataset_id), asyncio.Lock())
         async with lock:
-            cached = await asyncio.to_thread(
-                _in_session, db, lambda s: _cache_path(s, site, dataset_id)
-            )
-            if cached is not None and (self.cache_root / site / cached).is_dir():
-                return str(self.cache_root / site / cached)
             plan = mount["fetch"]
             identifier = normalize(plan["url"])
-            entry = f"{identifier.slug}-{short_hash(identifier.canonical)}"
-            job = fetching.FetchJob(
+            request = FetchRequest(
+                instance_id=instance_id,
                 url=plan["url"],
-                directory=self.cache_root / site / entry,
+                entry=f"{identifier.slug}-{short_hash(identifier.canonical)}",
                 max_bytes=self.fetch_max_bytes,
                 expected_size=plan.get("size"),
                 checksum=plan.get("checksum") or "",
                 allow_private=self.allow_private,
             )
-
-            async def progress(done: int, total: int | None) -> None:
-                share = f" ({100 * done // total}%)" if total else ""
-                await report(
-                    Report(
-                        instance_id,
-                        "pending",
-                        kind="progress",
-                        message=f"fetching {plan['url']} into site {site}'s cache: "
-                        f"{_mib(done)}{f' of {_mib(total)}' if total else ''}{share}",
-                        data={"fetch": {"bytes": done, "total": total}},
-                    )
-                )
-
-            fetched = await fetching.fetch(job, progress)
+            try:
+                fetched = await link.fetch_dataset(request)
+            except fetching.FetchError:
+                raise
+            except LabgateError as exc:
+                raise fetching.FetchError(f"site {site} could not fetch it: {exc.detail}") from None
+            if fetched.cached:
+                return fetched
             await asyncio.to_thread(
-                _in_session, db, lambda s: _record_cache(s, site, dataset_id, entry, fetched)
+                _in_session, db, lambda s: _record_cache(s, site, dataset_id, fetched)
             )
             check = "checksum verified" if fetched.verified else f"recorded {fetched.checksum}"
             await report(
@@ -442,11 +450,11 @@ class DataLocator:
                     instance_id,
                     "pending",
                     kind="progress",
-                    message=f"fetched {_mib(fetched.size)}; {check}",
+                    message=f"fetched {_mib(fetched.size)} into site {site}'s cache; {check}",
                     data={"fetch": {"bytes": fetched.size, "checksum": fetched.checksum}},
                 )
             )
-            return str(fetched.directory)
+            return fetched
 
     # --- launch links --------------------------------------------------------------
     def launch_links(
@@ -520,28 +528,20 @@ def _in_session(db: Database, fn: Callable[[Session], Any]) -> Any:
         return fn(session)
 
 
-def _cache_path(session: Session, site: str, dataset_id: int) -> str | None:
-    return session.scalar(
-        select(Replica.path)
-        .join(Site, Replica.site_id == Site.id)
-        .where(Replica.dataset_id == dataset_id, Site.name == site, Replica.source == CACHE)
-    )
-
-
-def _record_cache(
-    session: Session, site: str, dataset_id: int, entry: str, fetched: fetching.Fetched
-) -> None:
+def _record_cache(session: Session, site: str, dataset_id: int, fetched: fetching.Fetched) -> None:
+    """Record the site's cache entry as a replica; its path is where the site keeps it."""
     site_id = session.scalar(select(Site.id).where(Site.name == site))
     if site_id is None:
         return
     replica = session.scalar(
         select(Replica).where(Replica.dataset_id == dataset_id, Replica.site_id == site_id)
     )
+    path = str(fetched.directory)
     if replica is None:
-        replica = Replica(dataset_id=dataset_id, site_id=site_id, path=entry)
+        replica = Replica(dataset_id=dataset_id, site_id=site_id, path=path)
         session.add(replica)
     now = _utcnow()
-    replica.path = entry
+    replica.path = path
     replica.size = fetched.size
     replica.checksum = fetched.checksum
     replica.verified_at = now

@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from labgate.resolver.checksums import check_checksum
 from labgate.types import MAX_SECONDS, Strict, Timestamp
 from labgate.units import MAX_SIZE
+from labgate.wire.checksums import check_checksum
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 

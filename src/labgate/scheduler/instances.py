@@ -143,7 +143,10 @@ class InstanceManager:
 
     async def _start(self, instance_id: str) -> None:
         # A dataset no site holds is fetched into the chosen site's cache first.
-        if self.data is not None and not await self.data.prepare(self.db, instance_id, self.apply):
+        prepared = self.data is None or await self.data.prepare(
+            self.db, instance_id, self.apply, self.links
+        )
+        if not prepared:
             return
         spec, site = await self.run_db(lambda s: self._launch_spec(s, instance_id))
         if spec is None or site is None:

@@ -122,6 +122,29 @@ class SnapshotResultMsg(BaseModel):
     size: int
 
 
+class FetchRequestMsg(BaseModel):
+    """A URL dataset to fetch into the site's cache (:class:`labgate.wire.launch.FetchRequest`)."""
+
+    instance_id: str
+    url: str
+    entry: str
+    max_bytes: int
+    expected_size: int | None = None
+    checksum: str = ""
+    allow_private: bool = False
+
+
+class FetchedMsg(BaseModel):
+    """A finished cache entry at the site (:class:`labgate.agent.fetch.Fetched`)."""
+
+    directory: str
+    file: str
+    size: int
+    checksum: str
+    verified: bool
+    cached: bool = False
+
+
 class ReportMsg(BaseModel):
     """A site's report on one instance (:class:`labgate.wire.site.Report`)."""
 
@@ -201,6 +224,7 @@ class Command(Message):
         "delete_snapshot",
         "reconcile",
         "claim",
+        "fetch_dataset",
     ]
     args: JSON = Field(default_factory=dict)
 

@@ -78,3 +78,20 @@ class SnapshotResult:
     #: Manifest digest of a pushed image, image id of a local one, sha256 of an archive.
     digest: str
     size: int
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """A URL dataset a site fetches into its own cache before a launch mounts it."""
+
+    #: The launch waiting for it (progress notes go to its event stream).
+    instance_id: str
+    url: str
+    #: The cache entry's name (a directory under the site's cache).
+    entry: str
+    max_bytes: int
+    expected_size: int | None = None
+    #: ``<algorithm>:<hex>`` to check; empty: compute SHA-256 and report it.
+    checksum: str = ""
+    #: Whether loopback, private and link-local hosts may be fetched from.
+    allow_private: bool = False

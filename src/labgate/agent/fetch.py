@@ -32,8 +32,7 @@ import httpx
 
 from labgate import __version__
 from labgate.errors import LabgateError
-from labgate.resolver.checksums import hasher
-from labgate.resolver.identifiers import slugify
+from labgate.wire.checksums import hasher, slugify
 
 CHUNK = 1024 * 1024
 MAX_REDIRECTS = 5
@@ -73,6 +72,23 @@ class Fetched:
     size: int
     checksum: str
     verified: bool
+    #: Found complete in the cache (fetched by an earlier launch): not fetched again.
+    cached: bool = False
+
+
+def complete_entry(directory: Path) -> Fetched | None:
+    """The cache entry at ``directory`` if a finished fetch left it there (one file), else None.
+
+    Entries appear only complete (renamed into place after verification), so
+    an entry with its one file is a finished one.
+    """
+    if not directory.is_dir():
+        return None
+    files = [path for path in directory.iterdir() if path.is_file()]
+    if len(files) != 1:
+        return None
+    size = files[0].stat().st_size
+    return Fetched(directory, files[0], size, checksum="", verified=False, cached=True)
 
 
 def file_name(url: str) -> str:
