@@ -367,7 +367,7 @@ async def test_a_url_dataset_is_fetched_and_checked_by_the_site(linked, tmp_path
     from labgate.agent.fetch import FetchError
     from labgate.wire.launch import FetchRequest
 
-    link, recorder = linked
+    link, _ = linked
     body = b"sepal,petal\n" * 1000
     checksum = "sha256:" + hashlib.sha256(body).hexdigest()
     async with file_server(body) as url:
