@@ -1,0 +1,141 @@
+"""What a site's agent learns: only what its own instances need, never anyone's credentials.
+
+The agents here are spies: raw WebSocket clients speaking the agent protocol,
+recording every message the portal sends them, as a compromised site would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+import websockets
+
+from helpers import TEST_SECRET_KEY
+from labgate.security import SESSION_COOKIE
+from labgate.wire.agent import (
+    CONNECT_PATH,
+    Hello,
+    ReportEnvelope,
+    ReportMsg,
+    Result,
+    Welcome,
+    dump,
+    parse,
+)
+
+PASSWORD = "a-users-own-password-42"
+
+
+@dataclass
+class Spy:
+    """An agent that says it can run everything and records all it is sent."""
+
+    site: str
+    received: list[str] = field(default_factory=list)
+    commands: list[dict] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.received)
+
+
+@contextlib.asynccontextmanager
+async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
+    spy = Spy(site)
+    ws_url = url.replace("http://", "ws://") + CONNECT_PATH
+    async with websockets.connect(
+        ws_url, additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        welcome = parse(await ws.recv())
+        assert isinstance(welcome, Welcome)
+        spy.received.append(welcome.model_dump_json())
+        tools = {str(t["name"]): None for t in welcome.tools}
+        await ws.send(
+            dump(Hello(site=site, agent_version="spy", boot="b", backend="process", tools=tools))
+        )
+
+        async def listen() -> None:
+            async for raw in ws:
+                text = raw if isinstance(raw, str) else raw.decode(errors="replace")
+                spy.received.append(text)
+                message = json.loads(text)
+                if message.get("type") == "command":
+                    spy.commands.append(message)
+                    await ws.send(dump(Result(id=message["id"], ok=True)))
+                    if message["op"] == "stop":
+                        iid = message["args"]["instance_id"]
+                        stopped = ReportMsg(instance_id=iid, state="stopped", message="stopped")
+                        await ws.send(dump(ReportEnvelope(seq=len(spy.commands), report=stopped)))
+
+        task = asyncio.create_task(listen())
+        try:
+            yield spy
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
+                await task
+
+
+async def add_site(client: httpx.AsyncClient, headers: dict[str, str], name: str) -> str:
+    created = await client.post(
+        "/api/v1/sites",
+        json={"name": name, "backend": "process", "reach": "tunnel"},
+        headers=headers,
+    )
+    assert created.status_code == 201, created.text
+    return str(created.json()["token"])
+
+
+async def test_an_agent_gets_its_instances_secrets_and_nobodys_credentials(
+    app, client, admin_headers
+):
+    east = await add_site(client, admin_headers, "east")
+    west = await add_site(client, admin_headers, "west")
+    created = await client.post(
+        "/api/v1/users", json={"name": "bea", "password": PASSWORD}, headers=admin_headers
+    )
+    assert created.status_code == 201
+    login = await client.post("/api/v1/auth/login", json={"username": "bea", "password": PASSWORD})
+    session_cookie = login.cookies.get(SESSION_COOKIE)
+    assert session_cookie
+    made = await client.post(
+        "/api/v1/tokens",
+        json={"note": "spy test"},
+        headers={"X-CSRF-Token": login.json()["csrf_token"]},
+    )
+    bea_token = made.json()["token"]
+    bea = {"Authorization": f"token {bea_token}"}
+    async with (
+        spy_agent(app.state.test_url, "east", east) as east_spy,
+        spy_agent(app.state.test_url, "west", west) as west_spy,
+    ):
+        launched = await client.post(
+            "/api/v1/instances", json={"tool": "demo", "site": "east"}, headers=bea
+        )
+        assert launched.status_code == 202, launched.text
+        iid = launched.json()["id"]
+        async with asyncio.timeout(10):
+            while not any(c["op"] == "launch" for c in east_spy.commands):
+                await asyncio.sleep(0.05)
+        launch = next(c for c in east_spy.commands if c["op"] == "launch")
+        secret = launch["args"]["spec"]["secret"]
+        assert launch["args"]["spec"]["instance_id"] == iid and len(secret) >= 32
+        # The instance's own secret goes to its site, and only there.
+        assert secret in east_spy.text and secret not in west_spy.text
+        assert not west_spy.commands
+        # Nobody's password, session, API token or the portal's key reach any agent.
+        admin_token = admin_headers["Authorization"].split()[-1]
+        for spy in (east_spy, west_spy):
+            for credential in (PASSWORD, bea_token, admin_token, TEST_SECRET_KEY):
+                assert credential not in spy.text
+            assert session_cookie not in spy.text
+            assert "argon2" not in spy.text  # no password hashes either
+        await client.delete(f"/api/v1/instances/{iid}", headers=bea)
+        async with asyncio.timeout(10):
+            while not any(c["op"] == "stop" for c in east_spy.commands):
+                await asyncio.sleep(0.05)
