@@ -432,3 +432,37 @@ async def test_router_proxies_through_the_tunnel(link: Linked, upstream: Upstrea
             assert response.status_code == 502
     finally:
         await router.close()
+
+
+async def test_a_peer_sending_beyond_its_credit_loses_the_stream(tmp_path: Path) -> None:
+    from labgate.agent.tunnel_stream import DATA, HEADER, OPEN
+
+    sent: list[bytes] = []
+
+    async def send(message: bytes) -> None:
+        sent.append(message)
+
+    portal = PortalTunnel(send)
+    path = str(tmp_path / "t" / "x.sock")
+    await portal.serve("x", path)
+    reader, writer = await asyncio.open_unix_connection(path)
+    async with asyncio.timeout(5):
+        while not sent:
+            await asyncio.sleep(0.01)
+    kind, stream_id, _ = HEADER.unpack_from(sent[0])
+    assert kind == OPEN
+    # A lying agent floods the stream while the local client reads nothing: credit is
+    # granted only for what the local socket took, so the flood runs out of it.
+    chunk = b"x" * MAX_DATA
+    frame = HEADER.pack(DATA, stream_id, len(chunk)) + chunk
+    for _ in range(256):  # 16 MiB, far more than a socket's buffers and one window
+        await portal.feed(frame)
+        if portal.protocol_errors:
+            break
+    assert portal.protocol_errors == 1
+    assert stream_id not in portal.streams
+    async with asyncio.timeout(5):
+        received = await reader.read()
+    assert len(received) < 16 * MiB  # what was within its credit, then the end
+    writer.close()
+    portal.close()
