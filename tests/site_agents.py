@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from helpers import TEST_SECRET_KEY
+from labgate.agent.daemon import build_site_agent
 from labgate.agent.remote import RemoteAgent
 from labgate.agent.site import SiteAgent
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
-from labgate.startup import build_backend
 
 
 def site_settings(data_dir: Path) -> Settings:
@@ -34,15 +34,7 @@ def make_agent_for(
     settings: Settings, site: str, reporter: Any, backend: str = "process"
 ) -> SiteAgent:
     """A site agent with a real backend, as ``labgate agent`` builds it."""
-    engine = build_backend(settings, SiteConfig(name=site, backend=backend))
-    return SiteAgent(
-        site,
-        engine,
-        reporter,
-        workspaces_dir=settings.workspaces_dir.resolve(),
-        poll_interval=settings.poll_interval,
-        stop_grace=settings.stop_grace_seconds,
-    )
+    return build_site_agent(settings, SiteConfig(name=site, backend=backend), reporter)
 
 
 @contextlib.asynccontextmanager

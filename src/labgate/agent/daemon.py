@@ -15,7 +15,6 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from typing import Any
 
 from labgate.agent.remote import RemoteAgent, TokenRefused
 from labgate.agent.site import SiteAgent
@@ -24,30 +23,35 @@ from labgate.datadir import prepare_data_dir
 from labgate.errors import ConfigError
 from labgate.startup import build_backend
 from labgate.wire.agent import Welcome
+from labgate.wire.site import Reporter
 
 log = logging.getLogger("labgate.agent")
 
 
-def agent_factory(settings: Settings) -> Callable[[Welcome, Any], SiteAgent]:
+def build_site_agent(settings: Settings, config: SiteConfig, reporter: Reporter) -> SiteAgent:
+    """The agent of one site: its backend from ``config``, its paths from ``settings``."""
+    return SiteAgent(
+        config.name,
+        build_backend(settings, config),
+        reporter,
+        workspaces_dir=settings.workspaces_dir.resolve(),
+        poll_interval=settings.poll_interval,
+        stop_grace=settings.stop_grace_seconds,
+        log_tail_lines=settings.log_tail_lines,
+    )
+
+
+def agent_factory(settings: Settings) -> Callable[[Welcome, Reporter], SiteAgent]:
     """Builds the site agent from the portal's welcome and this machine's settings."""
 
-    def make(welcome: Welcome, reporter: Any) -> SiteAgent:
+    def make(welcome: Welcome, reporter: Reporter) -> SiteAgent:
         config = SiteConfig(
             name=welcome.site,
             backend=welcome.backend,
             options=welcome.options,
             data_root=welcome.data_root,
         )
-        backend = build_backend(settings, config)
-        return SiteAgent(
-            welcome.site,
-            backend,
-            reporter,
-            workspaces_dir=settings.workspaces_dir.resolve(),
-            poll_interval=settings.poll_interval,
-            stop_grace=settings.stop_grace_seconds,
-            log_tail_lines=settings.log_tail_lines,
-        )
+        return build_site_agent(settings, config, reporter)
 
     return make
 
@@ -92,4 +96,4 @@ def run_agent(settings: Settings) -> None:
         uvloop.run(serve_agent(settings))
 
 
-__all__ = ["TokenRefused", "run_agent", "serve_agent"]
+__all__ = ["TokenRefused", "build_site_agent", "run_agent", "serve_agent"]

@@ -20,8 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate import __version__
+from labgate.agent.daemon import build_site_agent
 from labgate.agent.link import LocalSiteLink, SiteLink
-from labgate.agent.site import SiteAgent
 from labgate.backends.registry import load_catalog
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
@@ -58,7 +58,7 @@ from labgate.scheduler.instances import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
-from labgate.startup import build_backend, env_name
+from labgate.startup import env_name
 from labgate.wire.site import Report, Reporter
 
 log = logging.getLogger(__name__)
@@ -92,18 +92,7 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
 
 def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
     """Bring up the agent of one site, in process, and the link to it."""
-    settings = portal.settings
-    backend = build_backend(settings, config)
-    agent = SiteAgent(
-        config.name,
-        backend,
-        reporter,
-        workspaces_dir=settings.workspaces_dir.resolve(),
-        poll_interval=settings.poll_interval,
-        stop_grace=settings.stop_grace_seconds,
-        log_tail_lines=settings.log_tail_lines,
-    )
-    return LocalSiteLink(agent)
+    return LocalSiteLink(build_site_agent(portal.settings, config, reporter))
 
 
 def build_portal(settings: Settings) -> Portal:
