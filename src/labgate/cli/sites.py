@@ -112,6 +112,9 @@ def site_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
     )
 
 
+site_app.command("ls", help="The same as `labgate site list`.")(site_list)
+
+
 @site_app.command("show")
 def site_show(
     ctx: typer.Context,
