@@ -250,7 +250,9 @@ class SiteHub:
         try:
             while True:
                 try:
-                    raw = await asyncio.wait_for(channel.receive(), self.heartbeat * 3)
+                    # asyncio.timeout, not wait_for: no task per message (tunnel frames are many).
+                    async with asyncio.timeout(self.heartbeat * 3):
+                        raw = await channel.receive()
                 except TimeoutError:
                     # Silent for three heartbeats: the agent or the path to it is gone.
                     with contextlib.suppress(Exception):

@@ -13,7 +13,6 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent.site import Adoption, SiteAgent
-from labgate.backends.registry import tool_unavailable_reason
 
 if TYPE_CHECKING:
     from labgate.agent.fetch import Fetched
@@ -31,7 +30,13 @@ def live_sites(links: dict[str, SiteLink]) -> set[str]:
 
 
 class SiteLink(abc.ABC):
-    """Commands to one site; reports come back through the reporter callback."""
+    """Commands to one site; reports come back through the reporter callback.
+
+    Every command is async. What the site can run (:meth:`unavailable_reason`,
+    :meth:`claim_support`) is answered at once from what the site said of
+    itself (its backend in process, its agent's hello over the network), so
+    placement never waits on a site.
+    """
 
     def __init__(self, site: str, backend: str, snapshot_kind: str = "") -> None:
         self.site = site
@@ -45,9 +50,9 @@ class SiteLink(abc.ABC):
         """Whether the site can take commands now (a network site: its agent is connected)."""
         return True
 
+    @abc.abstractmethod
     def unavailable_reason(self, tool: Tool) -> str | None:
-        """Why ``tool`` cannot run on this site (None: it can); its backend answers."""
-        return tool_unavailable_reason(tool, self.backend)
+        """Why ``tool`` cannot run on this site (None: it can), as the site says."""
 
     @abc.abstractmethod
     async def launch(self, spec: LaunchSpec) -> None:
@@ -69,31 +74,31 @@ class SiteLink(abc.ABC):
     async def close(self) -> None:
         """Stop watching; running instances are left running."""
 
+    @abc.abstractmethod
     async def snapshot(
         self, instance_id: str, backend_state: dict[str, Any], request: SnapshotRequest
     ) -> SnapshotResult:
         """Save an instance (image or workspace archive); progress arrives as reports."""
-        raise NotImplementedError(f"{type(self).__name__} cannot carry snapshots")
 
+    @abc.abstractmethod
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data at the site."""
-        raise NotImplementedError(f"{type(self).__name__} cannot carry snapshots")
 
+    @abc.abstractmethod
     async def reconcile(self, known: set[str]) -> list[str]:
         """Let the site remove instances the portal does not know (ids not in ``known``)."""
-        return []
 
     @abc.abstractmethod
     async def fetch_dataset(self, request: FetchRequest) -> Fetched:
         """Have the site fetch a URL dataset into its own cache (or find it there)."""
 
+    @abc.abstractmethod
     def claim_support(self, tool: Tool) -> str | None:
         """Why the site cannot hand running instances of ``tool`` to users (None: it can)."""
-        return f"{type(self).__name__} cannot carry warm-pool claims"
 
+    @abc.abstractmethod
     async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
         """Hand a running warm-pool instance to a user; returns its new backend state."""
-        raise NotImplementedError(f"{type(self).__name__} cannot carry warm-pool claims")
 
 
 class LocalSiteLink(SiteLink):

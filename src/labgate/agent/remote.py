@@ -207,7 +207,8 @@ class RemoteAgent:
         try:
             while not self._stopping.is_set():
                 try:
-                    raw = await asyncio.wait_for(ws.recv(), welcome.heartbeat * 3)
+                    async with asyncio.timeout(welcome.heartbeat * 3):
+                        raw = await ws.recv()
                 except TimeoutError:
                     log.warning("agent: the portal is silent; reconnecting")
                     await ws.close(4408, "no heartbeat")
