@@ -77,6 +77,12 @@ async def test_endpoints_and_the_token(demo: str, tmp_path: Path) -> None:
         assert put.json() == {"ok": True} and target.read_text() == "written in chunks"
         got = await client.get("/i/x/api/file", params={"path": str(target)}, headers=TOKEN)
         assert got.json() == {"ok": True, "content": "written in chunks"}
+        (tmp_path / "big.bin").write_bytes(bytes(range(256)) * 4096)
+        raw = await client.get(
+            "/i/x/api/file", params={"path": "big.bin", "raw": "1"}, headers=TOKEN
+        )
+        assert raw.headers["content-type"] == "application/octet-stream"
+        assert raw.content == bytes(range(256)) * 4096  # whole, relative to the workspace
         missing = await client.get("/i/x/api/file", params={"path": "/no/such"}, headers=TOKEN)
         assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
 

@@ -2,7 +2,8 @@
 
 It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
 a health endpoint (``/api/health``), a file probe (``GET``/``PUT``
-``/api/file?path=``, which lets tests see what the sandbox exposes) and a
+``/api/file?path=``, which lets tests see what the sandbox exposes; with
+``&raw=1`` a ``GET`` answers the file's bytes, whole, for downloads) and a
 WebSocket echo (``/ws``). ``POST /api/claim`` is its warm-pool hook: the agent
 says which user it now serves and where their workspace is
 (:mod:`labgate.backends.claim`). When ``LABGATE_INSTANCE_TOKEN`` is set it
@@ -126,7 +127,7 @@ class Demo:
         if sub == "/api/info":
             return Reply.json(self.info(path, headers))
         if sub == "/api/file":
-            return self.file(verb, query.get("path", ""), body)
+            return self.file(verb, query.get("path", ""), body, raw=query.get("raw") == "1")
         return self.claim(body)
 
     def info(self, path: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -144,9 +145,11 @@ class Demo:
         }
 
     @staticmethod
-    def file(verb: str, path: str, body: bytes) -> Reply:
-        """Read or write a file by absolute path: lets tests probe the sandbox."""
+    def file(verb: str, path: str, body: bytes, *, raw: bool = False) -> Reply:
+        """Read or write a file by path: lets tests probe the sandbox (``raw``: its bytes)."""
         try:
+            if verb == "GET" and raw:
+                return Reply(200, Path(path).read_bytes(), "application/octet-stream")
             if verb == "GET":
                 content = Path(path).read_text(errors="replace")[:65536]
                 return Reply.json({"ok": True, "content": content})
