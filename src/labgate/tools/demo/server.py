@@ -37,6 +37,7 @@ import signal
 import socketserver
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,11 @@ from labgate.tools.demo.page import PAGE
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 64 * 1024
+#: Stack of each connection's thread. The default (8 MiB) counts against the
+#: instance's address-space limit (RLIMIT_AS = its memory, 512 MiB by default),
+#: which let the demo hold only about 13 connections at once; with 256 KiB,
+#: about 140 (the handlers never recurse deeply).
+THREAD_STACK = 256 * 1024
 REASONS = {
     101: "Switching Protocols",
     200: "OK",
@@ -337,6 +343,7 @@ def serve(host: str, port: int, base_url: str) -> None:
     """Serve the demo until TERM or INT, then exit cleanly (exit code 0)."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    threading.stack_size(THREAD_STACK)
     with Server((host, port), Demo(base_url)) as server:
         server.serve_forever(poll_interval=3600)
 
