@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -77,6 +78,12 @@ async def test_endpoints_and_the_token(demo: str, tmp_path: Path) -> None:
         assert put.json() == {"ok": True} and target.read_text() == "written in chunks"
         got = await client.get("/i/x/api/file", params={"path": str(target)}, headers=TOKEN)
         assert got.json() == {"ok": True, "content": "written in chunks"}
+        (tmp_path / "big.bin").write_bytes(bytes(range(256)) * 4096)
+        raw = await client.get(
+            "/i/x/api/file", params={"path": "big.bin", "raw": "1"}, headers=TOKEN
+        )
+        assert raw.headers["content-type"] == "application/octet-stream"
+        assert raw.content == bytes(range(256)) * 4096  # whole, relative to the workspace
         missing = await client.get("/i/x/api/file", params={"path": "/no/such"}, headers=TOKEN)
         assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
 
@@ -107,3 +114,37 @@ async def test_websocket_echo(demo: str) -> None:
     with pytest.raises(websockets.InvalidStatus):
         async with websockets.connect(url):
             pass
+
+
+def test_many_connections_at_once_within_the_default_memory_limit(tmp_path: Path) -> None:
+    """512 MiB of address space (the demo's default memory) holds 60 connections' threads."""
+    import resource
+    import socket
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (512 * 2**20, 512 * 2**20))
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labgate.tools.demo", "--port", str(port)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        preexec_fn=limit,  # the limit a process backend sets
+    )
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            try:
+                sockets.append(socket.create_connection(("127.0.0.1", port), 1))
+                break
+            except OSError:
+                time.sleep(0.02)
+        sockets += [socket.create_connection(("127.0.0.1", port), 5) for _ in range(59)]
+        for sock in sockets:  # each held open, so each keeps its thread
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: demo\r\n\r\n")
+            assert sock.recv(100).startswith(b"HTTP/1.1 200"), len(sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)

@@ -2,7 +2,8 @@
 
 It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
 a health endpoint (``/api/health``), a file probe (``GET``/``PUT``
-``/api/file?path=``, which lets tests see what the sandbox exposes) and a
+``/api/file?path=``, which lets tests see what the sandbox exposes; with
+``&raw=1`` a ``GET`` answers the file's bytes, whole, for downloads) and a
 WebSocket echo (``/ws``). ``POST /api/claim`` is its warm-pool hook: the agent
 says which user it now serves and where their workspace is
 (:mod:`labgate.backends.claim`). When ``LABGATE_INSTANCE_TOKEN`` is set it
@@ -36,6 +37,7 @@ import signal
 import socketserver
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ from labgate.tools.demo.page import PAGE
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 MAX_HEAD = 64 * 1024
+#: Stack of each connection's thread. The default (8 MiB) counts against the
+#: instance's address-space limit (RLIMIT_AS = its memory, 512 MiB by default),
+#: which let the demo hold only about 13 connections at once; with 256 KiB,
+#: about 140 (the handlers never recurse deeply).
+THREAD_STACK = 256 * 1024
 REASONS = {
     101: "Switching Protocols",
     200: "OK",
@@ -126,7 +133,7 @@ class Demo:
         if sub == "/api/info":
             return Reply.json(self.info(path, headers))
         if sub == "/api/file":
-            return self.file(verb, query.get("path", ""), body)
+            return self.file(verb, query.get("path", ""), body, raw=query.get("raw") == "1")
         return self.claim(body)
 
     def info(self, path: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -144,9 +151,11 @@ class Demo:
         }
 
     @staticmethod
-    def file(verb: str, path: str, body: bytes) -> Reply:
-        """Read or write a file by absolute path: lets tests probe the sandbox."""
+    def file(verb: str, path: str, body: bytes, *, raw: bool = False) -> Reply:
+        """Read or write a file by path: lets tests probe the sandbox (``raw``: its bytes)."""
         try:
+            if verb == "GET" and raw:
+                return Reply(200, Path(path).read_bytes(), "application/octet-stream")
             if verb == "GET":
                 content = Path(path).read_text(errors="replace")[:65536]
                 return Reply.json({"ok": True, "content": content})
@@ -334,6 +343,7 @@ def serve(host: str, port: int, base_url: str) -> None:
     """Serve the demo until TERM or INT, then exit cleanly (exit code 0)."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    threading.stack_size(THREAD_STACK)
     with Server((host, port), Demo(base_url)) as server:
         server.serve_forever(poll_interval=3600)
 
