@@ -128,7 +128,7 @@ class Rig:
         return f"{home}/big.bin"
 
     def download(
-        self, iid: str, path: str, *, after: int | None = None, then: Callable[[], None] = print
+        self, iid: str, path: str, *, after: int = 0, then: Callable[[], None] | None = None
     ) -> tuple[int, str]:
         """GET a file through the router, streaming; its size and sha256.
 
@@ -145,7 +145,7 @@ class Rig:
                 for chunk in response.iter_raw(MiB):
                     digest.update(chunk)
                     size += len(chunk)
-                    if after is not None and not fired and size >= after:
+                    if then is not None and not fired and size >= after:
                         fired = True
                         then()
                     assert time.monotonic() < deadline, f"download too slow: {size} bytes"
@@ -155,6 +155,17 @@ class Rig:
 def tool_processes(iid: str) -> list[int]:
     """Pids of the instance's tool processes (anywhere on the machine, namespaces included)."""
     return processes_with_env("LABGATE_INSTANCE_ID", iid)
+
+
+def tool_launches(iid: str) -> list[int]:
+    """Pids of the instance's demo servers themselves (not the sandbox's bwrap around them)."""
+    found = []
+    for pid in tool_processes(iid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if not argv[0].endswith(b"bwrap") and b"labgate.tools.demo" in argv:
+                found.append(pid)
+    return found
 
 
 @pytest.fixture
@@ -201,10 +212,10 @@ def test_launch_use_and_stop_through_the_tunnel_from_behind_nat(
     # The instance listens on the namespace's loopback: the host cannot reach it.
     with rig.client() as client:
         detail = client.get(f"/api/v1/instances/{iid}").json()
-    endpoint = detail.get("endpoint") or ""
-    if endpoint:
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{endpoint}/i/{iid}/api/health", timeout=2, trust_env=False)
+    endpoint = detail["endpoint"]
+    assert endpoint.startswith("http://127.0.0.1:"), detail
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{endpoint}/i/{iid}/api/health", timeout=2, trust_env=False)
     # HTTP through the router, then through the tunnel.
     page = rig.route_answers(iid)
     assert "text/html" in page.headers["content-type"]
@@ -222,5 +233,157 @@ def test_launch_use_and_stop_through_the_tunnel_from_behind_nat(
     started = time.monotonic()
     assert rig.download(iid, path) == (BIG, big_file[1])
     print(f"200 MiB through the tunnel in {time.monotonic() - started:.1f} s")
-    assert len(tool_processes(iid)) >= 1
+    assert len(tool_launches(iid)) == 1
     rig.stop(iid)
+
+
+SLOW_TOOL = """
+name = "slowdemo"
+title = "Demo that takes 3 s to listen"
+health_path = "/api/health"
+start_timeout = 30
+[process]
+command = ["{python}", "-m", "labgate.tools.demo", "--port", "{port}", "--base-url", "{base_url}"]
+env = { DEMO_START_DELAY = "3" }
+"""
+
+
+def test_agent_killed_while_the_tool_starts_adopts_it_after_restart(
+    rig_factory: Callable[..., Rig], tmp_path: Path
+) -> None:
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "slowdemo.toml").write_text(SLOW_TOOL)
+    rig = rig_factory(LABGATE_TOOLS_DIR=str(tools))
+    iid = rig.launch("slowdemo")
+    wait_until(lambda: tool_launches(iid), 20, "the tool process to start")
+    rig.agent.kill()
+    first = tool_launches(iid)
+    assert len(first) == 1
+    body = rig.wait(iid, {"unreachable", "running", "failed", "lost"}, 20)
+    assert body["state"] == "unreachable", body  # it was starting when the site went away
+    rig.agent.start()
+    # The portal saved the tool's state: the new agent adopts the same process.
+    rig.running(iid)
+    assert tool_launches(iid) == first, "the tool was started again instead of adopted"
+    rig.route_answers(iid)
+    rig.stop(iid)
+
+
+def test_agent_killed_right_after_the_launch_request_ends_running_once_or_failed_with_why(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory()
+    iid = rig.launch()
+    rig.agent.kill()
+    rig.agent.start()
+    wait_site(rig.server, rig.admin, SITE, "connected")
+    body = rig.wait(iid, {"running", "failed", "lost", "stopped"}, 60)
+    launches = tool_launches(iid)
+    print(f"agent killed right after the launch: {body['state']} ({body.get('reason')})")
+    if body["state"] == "running":
+        assert len(launches) == 1, launches
+        rig.route_answers(iid)
+        rig.stop(iid)
+    else:
+        assert body["state"] == "failed", body
+        assert f"site {SITE}" in body["reason"], body
+        # A failed launch leaves nothing behind at the site.
+        wait_until(lambda: not tool_launches(iid), 20, f"no process of {iid}")
+
+
+def test_agent_killed_during_a_download_cuts_it_then_comes_back(
+    rig_factory: Callable[..., Rig], big_file: tuple[Path, str]
+) -> None:
+    rig = rig_factory()
+    iid = rig.launch()
+    rig.running(iid)
+    pids = tool_launches(iid)
+    path = rig.place(iid, big_file)
+    killed: list[float] = []
+
+    def kill() -> None:
+        rig.agent.kill()
+        killed.append(time.monotonic())
+
+    with pytest.raises(httpx.TransportError) as caught:
+        rig.download(iid, path, after=40 * MiB, then=kill)
+    # The download ends with the connection, at once; it does not hang to a timeout.
+    assert not isinstance(caught.value, httpx.TimeoutException), caught.value
+    assert time.monotonic() - killed[0] < 5
+    body = rig.wait(iid, {"unreachable", "failed", "lost", "stopped"}, 20)
+    assert body["state"] == "unreachable", body
+    page = rig.route_answers(iid, 503)
+    assert "site is not connected" in page.text
+    rig.agent.start()
+    wait_site(rig.server, rig.admin, SITE, "connected")
+    rig.running(iid, 30)
+    assert tool_launches(iid) == pids  # the same tool process, never a second one
+    rig.route_answers(iid)
+    assert rig.download(iid, path) == (BIG, big_file[1])
+    rig.stop(iid)
+
+
+def test_portal_restart_with_the_agent_connected(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    iid = rig.launch()
+    rig.running(iid)
+    pids = tool_launches(iid)
+    rig.server.stop()
+    rig.server.start()
+    # The agent comes back by itself (backoff), to the same instance.
+    wait_site(rig.server, rig.admin, SITE, "connected", timeout=30)
+    rig.running(iid, 30)
+    rig.route_answers(iid)
+    assert tool_launches(iid) == pids
+    assert rig.agent.process is not None and rig.agent.process.poll() is None
+    rig.stop(iid)
+
+
+def test_link_cut_for_30_s_then_back(rig_factory: Callable[..., Rig]) -> None:
+    rig = rig_factory()
+    iid = rig.launch()
+    rig.running(iid)
+    pids = tool_launches(iid)
+    rig.nat.cut()
+    cut_at = time.monotonic()
+    try:
+        # Three heartbeats of silence (1 s each) and the site is away.
+        site = wait_site(rig.server, rig.admin, SITE, "disconnected", timeout=15)
+        assert site["live"] is False
+        body = rig.wait(iid, {"unreachable", "failed", "lost", "stopped"}, 10)
+        assert body["state"] == "unreachable", body
+        assert "site is not connected" in rig.route_answers(iid, 503).text
+        time.sleep(max(0.0, 30 - (time.monotonic() - cut_at)))
+        with rig.client() as client:
+            assert client.get(f"/api/v1/instances/{iid}").json()["state"] == "unreachable"
+    finally:
+        rig.nat.restore()
+    wait_site(rig.server, rig.admin, SITE, "connected", timeout=40)
+    rig.running(iid, 20)
+    rig.route_answers(iid)
+    assert tool_launches(iid) == pids
+    rig.stop(iid)
+
+
+def test_link_cut_past_the_grace_period_loses_the_instance_and_its_return_stops_it(
+    rig_factory: Callable[..., Rig],
+) -> None:
+    rig = rig_factory(LABGATE_SITE_GRACE_PERIOD="5")
+    iid = rig.launch()
+    rig.running(iid)
+    assert tool_launches(iid)
+    rig.nat.cut()
+    try:
+        body = rig.wait(iid, {"lost", "failed", "stopped"}, 30)
+        assert body["state"] == "lost", body
+        assert "did not come back within 5 s" in body["reason"], body
+        # Still running at the site, out of the portal's reach.
+        assert tool_launches(iid)
+    finally:
+        rig.nat.restore()
+    wait_site(rig.server, rig.admin, SITE, "connected", timeout=40)
+    # The agent reports what it holds; the portal wants none of it and stops it.
+    wait_until(lambda: not tool_launches(iid), 30, f"the late instance {iid} to be stopped")
+    with rig.client() as client:
+        assert client.get(f"/api/v1/instances/{iid}").json()["state"] == "lost"

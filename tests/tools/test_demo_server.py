@@ -107,9 +107,7 @@ async def test_download_sends_a_whole_file_as_it_is(demo: str, tmp_path: Path) -
         assert head.headers["content-length"] == str(len(data)) and head.content == b""
         # The connection stays usable after a download (keep-alive).
         assert (await client.get("/i/x/api/health", headers=TOKEN)).status_code == 200
-        missing = await client.get(
-            "/i/x/api/download", params={"path": "/no/such"}, headers=TOKEN
-        )
+        missing = await client.get("/i/x/api/download", params={"path": "/no/such"}, headers=TOKEN)
         assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
 
 
