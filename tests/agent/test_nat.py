@@ -40,6 +40,7 @@ HEARTBEAT = "1"
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """200 MiB of random bytes and their sha256, made once for the module."""
+    require_nat()  # before writing 200 MiB for tests that skip
     path = tmp_path_factory.mktemp("big") / "big.bin"
     digest = hashlib.sha256()
     with path.open("wb") as out:
