@@ -13,7 +13,7 @@ measures, through the router's public port with an API token:
   portal's process), ``direct`` (the router connects to the instance) and
   ``tunnel`` (the router connects through the agent's connection):
   ``wrk`` on ``/i/<id>/api/health`` (small responses, req/s), on a 1 MiB file
-  of the instance's workspace (``/api/file?raw=1``, MiB/s) and WebSocket echo
+  of the instance's workspace (``/api/download``, MiB/s) and WebSocket echo
   round trips/s on ``/ws``; interleaved rounds, the best of each counts;
 - **launches**: ``--launches`` sequential ``demo`` launches on each site, from
   ``POST /api/v1/instances`` until the API says ``running`` (polled every
@@ -364,7 +364,7 @@ async def traffic(
                 for who, pid in pids[site].items()
             }
             big = await wrk(
-                f"{base}/api/file?path={BIG}&raw=1", header, args.connections, args.duration
+                f"{base}/api/download?path={BIG}", header, args.connections, args.duration
             )
             ws = await ws_echo(
                 serve.port,
@@ -585,9 +585,7 @@ async def network_part(work: Path, args: argparse.Namespace) -> dict[str, Any]:
                 target = workspace / BIG
                 target.write_bytes(payload)
                 target.chmod(0o644)
-                got = await client.get(
-                    f"/i/{instances[site]}/api/file", params={"path": BIG, "raw": "1"}
-                )
+                got = await client.get(f"/i/{instances[site]}/api/download", params={"path": BIG})
                 if got.status_code != 200 or got.content != payload:
                     raise RuntimeError(f"{site}: the 1 MiB file came back as {got.status_code}")
             pids = {

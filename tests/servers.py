@@ -15,10 +15,10 @@ import httpx
 from helpers import TEST_SECRET_KEY
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (on loopback unless ``host`` says otherwise)."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -51,18 +51,24 @@ def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float 
 
 
 class LabgateServer:
-    """``labgate serve`` in a subprocess with its own data dir."""
+    """``labgate serve`` in a subprocess with its own data dir.
 
-    def __init__(self, data_dir: Path, admin_password: str, **env: str) -> None:
+    It listens on ``host`` (loopback unless a test gives the address of an
+    interface it made, e.g. the host end of a network namespace's link).
+    """
+
+    def __init__(
+        self, data_dir: Path, admin_password: str, *, host: str = "127.0.0.1", **env: str
+    ) -> None:
         self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(host)
+        self.url = f"http://{host}:{self.port}"
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self.env = {
             **os.environ,
             "LABGATE_DATA_DIR": str(data_dir),
             "LABGATE_PORT": str(self.port),
-            "LABGATE_HOST": "127.0.0.1",
+            "LABGATE_HOST": host,
             "LABGATE_ADMIN_PASSWORD": admin_password,
             "LABGATE_SECRET_KEY": TEST_SECRET_KEY,
             "LABGATE_POLL_INTERVAL": "0.2",

@@ -78,12 +78,6 @@ async def test_endpoints_and_the_token(demo: str, tmp_path: Path) -> None:
         assert put.json() == {"ok": True} and target.read_text() == "written in chunks"
         got = await client.get("/i/x/api/file", params={"path": str(target)}, headers=TOKEN)
         assert got.json() == {"ok": True, "content": "written in chunks"}
-        (tmp_path / "big.bin").write_bytes(bytes(range(256)) * 4096)
-        raw = await client.get(
-            "/i/x/api/file", params={"path": "big.bin", "raw": "1"}, headers=TOKEN
-        )
-        assert raw.headers["content-type"] == "application/octet-stream"
-        assert raw.content == bytes(range(256)) * 4096  # whole, relative to the workspace
         missing = await client.get("/i/x/api/file", params={"path": "/no/such"}, headers=TOKEN)
         assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
 
@@ -98,6 +92,24 @@ async def test_endpoints_and_the_token(demo: str, tmp_path: Path) -> None:
         assert claimed.status_code == 200
         after = (await client.get("/i/x/api/info", headers=TOKEN)).json()
         assert after["user"] == "bob" and after["home"] == str(tmp_path / "other")
+
+
+async def test_download_sends_a_whole_file_as_it_is(demo: str, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "blob").write_bytes(data)
+    async with httpx.AsyncClient(base_url=demo) as client:
+        params = {"path": str(tmp_path / "blob")}
+        refused = await client.get("/i/x/api/download", params=params)
+        assert refused.status_code == 403
+        got = await client.get("/i/x/api/download", params=params, headers=TOKEN)
+        assert got.status_code == 200 and got.content == data
+        assert got.headers["content-type"] == "application/octet-stream"
+        head = await client.head("/i/x/api/download", params=params, headers=TOKEN)
+        assert head.headers["content-length"] == str(len(data)) and head.content == b""
+        # The connection stays usable after a download (keep-alive).
+        assert (await client.get("/i/x/api/health", headers=TOKEN)).status_code == 200
+        missing = await client.get("/i/x/api/download", params={"path": "/no/such"}, headers=TOKEN)
+        assert missing.status_code == 404 and missing.json()["error"] == "FileNotFoundError"
 
 
 async def test_websocket_echo(demo: str) -> None:

@@ -162,8 +162,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics = operations.wire(app, portal)
     if portal.routes is not None:
         await portal.run_db(portal.routes.load)
-    await portal.manager.restore()
+    # Network sites' links first: restore loses an instance whose site has no link.
     liveness = await start_network_sites(portal)
+    await portal.manager.restore()
     ops = await operations.start_operations(app, portal, metrics)
     portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
     # After restore: containers of instances that ended while labgate was down go now.

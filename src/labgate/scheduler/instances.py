@@ -416,14 +416,17 @@ def _transition(
 ) -> None:
     now = utcnow()
     instance.state = target
-    if target == InstanceState.starting:
+    # Back from unreachable, an instance keeps when it started and became ready.
+    if target == InstanceState.starting and instance.started_at is None:
         instance.started_at = now
-    elif target == InstanceState.running:
+    elif target == InstanceState.running and instance.ready_at is None:
         instance.ready_at = now
     elif target.terminal:
         instance.stopped_at = now
-    if target in (InstanceState.failed, InstanceState.lost):
+    if target in (InstanceState.failed, InstanceState.lost, InstanceState.unreachable):
         instance.reason = message
+    elif instance.reason and target in (InstanceState.starting, InstanceState.running):
+        instance.reason = ""  # back from unreachable
     session.add(InstanceEvent(instance=instance, state=target, message=message, data=data or {}))
     accounting.on_transition(session, instance, target, data or {})
 

@@ -2,11 +2,11 @@
 
 It serves, under its base URL, a page (``/``), a JSON endpoint (``/api/info``),
 a health endpoint (``/api/health``), a file probe (``GET``/``PUT``
-``/api/file?path=``, which lets tests see what the sandbox exposes; with
-``&raw=1`` a ``GET`` answers the file's bytes, whole, for downloads) and a
-WebSocket echo (``/ws``). ``POST /api/claim`` is its warm-pool hook: the agent
-says which user it now serves and where their workspace is
-(:mod:`labgate.backends.claim`). When ``LABGATE_INSTANCE_TOKEN`` is set it
+``/api/file?path=``, which lets tests see what the sandbox exposes), a
+download (``GET /api/download?path=``: a whole file, streamed, for tests of
+large transfers) and a WebSocket echo (``/ws``). ``POST /api/claim`` is its
+warm-pool hook: the agent says which user it now serves and where their
+workspace is (:mod:`labgate.backends.claim`). When ``LABGATE_INSTANCE_TOKEN`` is set it
 answers only requests that carry ``Authorization: token <it>`` (the router
 adds it), like a real tool should.
 
@@ -133,7 +133,7 @@ class Demo:
         if sub == "/api/info":
             return Reply.json(self.info(path, headers))
         if sub == "/api/file":
-            return self.file(verb, query.get("path", ""), body, raw=query.get("raw") == "1")
+            return self.file(verb, query.get("path", ""), body)
         return self.claim(body)
 
     def info(self, path: str, headers: dict[str, str]) -> dict[str, Any]:
@@ -151,11 +151,9 @@ class Demo:
         }
 
     @staticmethod
-    def file(verb: str, path: str, body: bytes, *, raw: bool = False) -> Reply:
-        """Read or write a file by path: lets tests probe the sandbox (``raw``: its bytes)."""
+    def file(verb: str, path: str, body: bytes) -> Reply:
+        """Read or write a file by path: lets tests probe the sandbox."""
         try:
-            if verb == "GET" and raw:
-                return Reply(200, Path(path).read_bytes(), "application/octet-stream")
             if verb == "GET":
                 content = Path(path).read_text(errors="replace")[:65536]
                 return Reply.json({"ok": True, "content": content})
@@ -248,10 +246,14 @@ class Handler(socketserver.StreamRequestHandler):
         if not demo.allowed(headers):
             self.send(Reply.json({"error": "forbidden"}, 403), keep, method)
             return keep
+        sub = demo.route(unquote(urlsplit(target).path))
         upgrade = headers.get("upgrade", "").lower() == "websocket"
-        if upgrade and method == "GET" and demo.route(urlsplit(target).path) == "/ws":
+        if upgrade and method == "GET" and sub == "/ws":
             self.websocket(headers)
             return False
+        if sub == "/api/download" and method in ("GET", "HEAD"):
+            query = parse_qs(urlsplit(target).query)
+            return self.download(query.get("path", [""])[0], keep, method)
         self.send(demo.handle(method, target, headers, body), keep, method)
         return keep
 
@@ -263,6 +265,25 @@ class Handler(socketserver.StreamRequestHandler):
             f"connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
         ).encode("latin-1")
         self.wfile.write(head if method == "HEAD" else head + reply.body)
+
+    def download(self, path: str, keep: bool, method: str) -> bool:
+        """Send a whole file as it is (``sendfile``: no copy of it in memory)."""
+        try:
+            file = Path(path).open("rb")  # noqa: SIM115 - closed below, after sendfile
+        except OSError as exc:
+            self.send(Reply.json({"ok": False, "error": exc.__class__.__name__}, 404), keep, method)
+            return keep
+        with file:
+            size = os.fstat(file.fileno()).st_size
+            head = (
+                "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                f"content-length: {size}\r\n"
+                f"connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+            ).encode("latin-1")
+            self.wfile.write(head)
+            if method == "GET":
+                self.connection.sendfile(file)
+        return keep
 
     # --- WebSocket echo ------------------------------------------------------------
     def websocket(self, headers: dict[str, str]) -> None:
