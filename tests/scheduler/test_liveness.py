@@ -135,12 +135,14 @@ async def test_an_agent_that_returns_brings_its_instances_back(
     async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
         await wait_site(client, admin_headers, "connected")
         iid = await launch_on_edge(client, admin_headers)
-        await wait_for_state(client, admin_headers, iid, {"running"})
-    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+        ready = (await wait_for_state(client, admin_headers, iid, {"running"}))["ready_at"]
+    away = await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    assert "site edge is not connected" in away["reason"]
     # A new agent process on the same machine: it holds nothing, the portal hands it back.
     async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
         await wait_site(client, admin_headers, "connected")
-        await wait_for_state(client, admin_headers, iid, {"running"})
+        back = await wait_for_state(client, admin_headers, iid, {"running"})
+        assert back["reason"] == "" and back["ready_at"] == ready
         assert await transitions(app, iid) == [
             "pending",
             "starting",
