@@ -117,6 +117,8 @@ class RemoteAgent:
         self.tunnel = AgentTunnel(self._endpoint_of)
         self.connections = 0
         self._ws: ClientConnection | None = None
+        #: The connection reports go on directly: set once the hello and the outbox went.
+        self._reporting: ClientConnection | None = None
         self._seq = 0
         self._outbox: OrderedDict[int, Report] = OrderedDict()
         self._commands: OrderedDict[str, asyncio.Task[Result]] = OrderedDict()
@@ -200,8 +202,14 @@ class RemoteAgent:
         await ws.send(dump(self._hello(agent)))
         self.connections += 1
         log.info("agent: connected to %s as site %s", self.url, welcome.site)
-        for seq, report in list(self._outbox.items()):
-            await ws.send(dump(ReportEnvelope(seq=seq, report=convert.report_msg(report))))
+        # What the portal has not acknowledged goes again, in order; reports made
+        # meanwhile join the outbox and go in this loop, then new ones go directly.
+        sent = 0
+        while pending := [(s, r) for s, r in self._outbox.items() if s > sent]:
+            for seq, report in pending:
+                await ws.send(dump(ReportEnvelope(seq=seq, report=convert.report_msg(report))))
+                sent = seq
+        self._reporting = ws
         self.tunnel.attach(ws.send)
         beats = asyncio.create_task(self._beat(ws, welcome.heartbeat))
         try:
@@ -225,6 +233,7 @@ class RemoteAgent:
                     for seq in [s for s in self._outbox if s <= message.seq]:
                         del self._outbox[seq]
         finally:
+            self._reporting = None
             beats.cancel()
 
     def _welcomed(self, welcome: Welcome) -> None:
@@ -285,7 +294,7 @@ class RemoteAgent:
 
     # --- reports -----------------------------------------------------------------
     async def _report(self, report: Report) -> None:
-        ws = self._ws
+        ws = self._reporting
         if report.kind == "progress" and ws is None:
             return  # a note for a screen nobody can see now
         self._seq += 1

@@ -68,6 +68,9 @@ class SiteLiveness:
         self.hub = hub
         self.grace = grace
         self._timers: dict[str, asyncio.Task[None]] = {}
+        #: One change of a site's connection at a time: a quick reconnect's reconcile
+        #: must not run before (or under) the previous connection's departure.
+        self._locks: dict[str, asyncio.Lock] = {}
         self._beats: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
 
@@ -94,6 +97,10 @@ class SiteLiveness:
     # --- SiteEvents --------------------------------------------------------------
     async def site_connected(self, site: str, hello: Hello) -> None:
         """Record the agent and reconcile what it holds with the database."""
+        async with self._lock(site):
+            await self._connected(site, hello)
+
+    async def _connected(self, site: str, hello: Hello) -> None:
         timer = self._timers.pop(site, None)
         if timer is not None:
             timer.cancel()
@@ -125,7 +132,14 @@ class SiteLiveness:
 
     async def site_disconnected(self, site: str, reason: str) -> None:
         """The agent went away: its instances are unreachable, the grace period starts."""
-        await self._away(site, reason)
+        async with self._lock(site):
+            link = self.manager.links.get(site)
+            if link is not None and link.live:
+                return  # already back: the new connection's reconcile has it
+            await self._away(site, reason)
+
+    def _lock(self, site: str) -> asyncio.Lock:
+        return self._locks.setdefault(site, asyncio.Lock())
 
     # --- reconciling one instance --------------------------------------------------
     async def _reconcile(self, site: str, instance: Instance, held: Held | None) -> bool:
