@@ -246,21 +246,19 @@ class SiteHub:
     async def _run(
         self, name: str, link: NetworkSiteLink, session: Session, channel: Channel
     ) -> None:
-        beats = asyncio.create_task(self._beat(channel), name=f"heartbeat-{name}")
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]  # when the agent was last heard from
+        beats = asyncio.create_task(self._beat(channel, heard), name=f"heartbeat-{name}")
+        tunnel = link.tunnel
         try:
             while True:
-                try:
-                    # asyncio.timeout, not wait_for: no task per message (tunnel frames are many).
-                    async with asyncio.timeout(self.heartbeat * 3):
-                        raw = await channel.receive()
-                except TimeoutError:
-                    # Silent for three heartbeats: the agent or the path to it is gone.
-                    with contextlib.suppress(Exception):
-                        await channel.close(CLOSE_SILENT, "no heartbeat")
-                    raise ChannelClosed from None
+                # No timeout per message (tunnel frames are many): the heartbeat
+                # task closes a connection that is silent for three heartbeats.
+                raw = await channel.receive()
+                heard[0] = loop.time()
                 if isinstance(raw, bytes):
-                    if link.tunnel is not None:
-                        await link.tunnel.feed(raw)
+                    if tunnel is not None:
+                        tunnel.receive(raw)
                     continue
                 await self._message(name, link, session, channel, parse(raw))
         finally:
@@ -312,9 +310,16 @@ class SiteHub:
             if path is not None:
                 await link.tunnel.serve(instance_id, str(path))
 
-    async def _beat(self, channel: Channel) -> None:
+    async def _beat(self, channel: Channel, heard: list[float]) -> None:
+        """Send a heartbeat every interval; close the connection when the agent is silent."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat)
+            if loop.time() - heard[0] > self.heartbeat * 3:
+                # Silent for three heartbeats: the agent or the path to it is gone.
+                with contextlib.suppress(Exception):
+                    await channel.close(CLOSE_SILENT, "no heartbeat")
+                return
             with contextlib.suppress(Exception):
                 await channel.send_text(dump(Heartbeat(time=time.time())))
 

@@ -211,18 +211,17 @@ class RemoteAgent:
                 sent = seq
         self._reporting = ws
         self.tunnel.attach(ws.send)
-        beats = asyncio.create_task(self._beat(ws, welcome.heartbeat))
+        loop = asyncio.get_running_loop()
+        heard = [loop.time()]
+        beats = asyncio.create_task(self._beat(ws, welcome.heartbeat, heard))
+        tunnel = self.tunnel
         try:
             while not self._stopping.is_set():
-                try:
-                    async with asyncio.timeout(welcome.heartbeat * 3):
-                        raw = await ws.recv()
-                except TimeoutError:
-                    log.warning("agent: the portal is silent; reconnecting")
-                    await ws.close(4408, "no heartbeat")
-                    return
+                # No timeout per message: the heartbeat task closes a silent connection.
+                raw = await ws.recv()
+                heard[0] = loop.time()
                 if isinstance(raw, bytes):
-                    await self.tunnel.feed(raw)
+                    tunnel.receive(raw)
                     continue
                 message = parse(raw)
                 if isinstance(message, Command):
@@ -284,13 +283,19 @@ class RemoteAgent:
             instances=held,
         )
 
-    async def _beat(self, ws: ClientConnection, interval: float) -> None:
+    async def _beat(self, ws: ClientConnection, interval: float, heard: list[float]) -> None:
+        """Send a heartbeat every interval; reconnect when the portal is silent for three."""
+        loop = asyncio.get_running_loop()
         while True:
             agent = self.agent
             count = len(agent.watched) if agent is not None else 0
             with contextlib.suppress(websockets.ConnectionClosed):
                 await ws.send(dump(Heartbeat(time=time.time(), instances=count)))
             await asyncio.sleep(interval)
+            if loop.time() - heard[0] > interval * 3:
+                log.warning("agent: the portal is silent; reconnecting")
+                await ws.close(4408, "no heartbeat")
+                return
 
     # --- reports -----------------------------------------------------------------
     async def _report(self, report: Report) -> None:
