@@ -383,3 +383,71 @@ async def test_a_url_dataset_is_fetched_and_checked_by_the_site(linked, tmp_path
         with pytest.raises(FetchError, match="checksum mismatch"):
             await link.fetch_dataset(wrong)
         assert not (tmp_path / "site" / "cache" / "edge" / "iris-5678").exists()
+
+
+def parent_of(pid: int) -> int:
+    """The parent process id of ``pid``."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def test_a_command_delivered_twice_is_done_once(tmp_path, demo) -> None:
+    from labgate.agent.convert import spec_msg
+    from labgate.wire.agent import Command, dump
+    from servers import processes_with_env
+
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo]) as (link, _):
+        assert link.session is not None
+        spec = spec_of(demo, "dup1")
+        command = Command(id="same-id", op="launch", args={"spec": spec_msg(spec).model_dump()})
+        await link.session.send(dump(command))
+        await link.session.send(dump(command))
+        await recorder.wait_state("dup1", "running")
+        await asyncio.sleep(0.5)
+        assert recorder.states("dup1") == ["starting", "running"]
+        # One process tree (the sandbox's, the tool's), not two.
+        pids = set(processes_with_env("LABGATE_INSTANCE_ID", "dup1"))
+        roots = [pid for pid in pids if parent_of(pid) not in pids]
+        assert len(roots) == 1, pids
+        _, state = endpoint_of(recorder, "dup1")
+        await link.stop("dup1", state)
+        await recorder.wait_state("dup1", "stopped")
+
+
+async def test_a_report_sent_again_is_applied_once(tmp_path, demo) -> None:
+    from labgate.wire.agent import ReportEnvelope, ReportMsg
+
+    links: dict[str, SiteLink] = {}
+    recorder = Recorder()
+    hub = SiteHub(links, lambda: [demo.model_dump(mode="json")], heartbeat=0.5)
+    hub.events = recorder
+    await hub.register("edge", "process", "direct")
+    running = ReportMsg(instance_id="r1", state="running", message="ready")
+    script = [
+        Hello(site="edge", agent_version="x", boot="boot-1", backend="process").model_dump_json(),
+        ReportEnvelope(seq=1, report=running).model_dump_json(),
+        # After a reconnect the agent sends what was not acknowledged: the same report.
+        ReportEnvelope(seq=1, report=running).model_dump_json(),
+    ]
+    acks: list[str] = []
+
+    class Replaying:
+        async def send_text(self, data: str) -> None:
+            if '"ack"' in data:
+                acks.append(data)
+
+        async def send_bytes(self, data: bytes) -> None:
+            pass
+
+        async def receive(self) -> str:
+            if script:
+                return script.pop(0)
+            raise ChannelClosed("done")
+
+        async def close(self, code: int, reason: str) -> None:
+            pass
+
+    await hub.serve(SiteInfo(name="edge", backend="process"), Replaying())
+    assert [r.state for r in recorder.reports] == ["running"]
+    assert len(acks) == 2  # both acknowledged, so the agent stops sending it
