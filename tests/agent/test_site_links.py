@@ -92,10 +92,23 @@ class Recorder:
     def states(self, instance_id: str) -> list[str]:
         return [r.state for r in self.reports if r.instance_id == instance_id and r.kind == "state"]
 
-    async def wait_state(self, instance_id: str, state: str, timeout: float = 30) -> None:
-        async with asyncio.timeout(timeout):
-            while state not in self.states(instance_id):
-                await asyncio.sleep(0.02)
+    async def wait_state(self, instance_id: str, state: str, timeout: float = 90) -> None:
+        """Until the site reports ``state``; fails at once on another final state, saying why."""
+        try:
+            async with asyncio.timeout(timeout):
+                while state not in self.states(instance_id):
+                    final = {"failed", "lost", "stopped"} & set(self.states(instance_id))
+                    if final and state not in final:
+                        break
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            pass
+        seen = [
+            (r.state, r.kind, r.message, r.log_tail[-500:])
+            for r in self.reports
+            if r.instance_id == instance_id
+        ]
+        assert state in self.states(instance_id), f"{instance_id} never {state}: {seen}"
 
 
 @dataclass
