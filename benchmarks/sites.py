@@ -40,7 +40,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from router import free_port, parse_size  # the router benchmark's, beside this script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -63,12 +64,6 @@ TRAFFIC_RESOURCES = {"cpu": 2, "memory": "2G"}
 # --------------------------------------------------------------------------- helpers
 def log(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -267,13 +262,6 @@ class Agent:
 
 
 # --------------------------------------------------------------------------- traffic
-def parse_size(text: str) -> float:
-    match = re.fullmatch(r"([\d.]+)([KMGT]?B)", text)
-    if not match:
-        return float("nan")
-    return float(match[1]) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}[match[2]]
-
-
 async def wrk(url: str, header: str, connections: int, duration: float) -> dict[str, float]:
     cmd = ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-H", header]
     proc = await asyncio.create_subprocess_exec(

@@ -39,6 +39,16 @@ def processes_with_env(name: str, value: str) -> list[int]:
     return found
 
 
+def terminate(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM and wait; SIGKILL when it does not end in ``timeout`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float = 120) -> dict:
     """Poll an instance through the API until it is in one of ``states``."""
     deadline = time.monotonic() + timeout
@@ -103,12 +113,7 @@ class LabgateServer:
         """SIGTERM and wait; the way an operator restarts it."""
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
         self.process = None
 
     def stop_instances(self, username: str, password: str, timeout: float = 30) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from servers import LabgateServer
+from servers import LabgateServer, terminate
 
 ADMIN_PASSWORD = "network-sites-admin-pw"
 
@@ -60,12 +59,7 @@ class AgentProcess:
         """SIGTERM and wait."""
         if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process, timeout)
         self.process = None
 
     def log(self) -> str:

@@ -464,3 +464,38 @@ async def test_a_report_sent_again_is_applied_once(tmp_path, demo) -> None:
     await hub.serve(SiteInfo(name="edge", backend="process"), Replaying())
     assert [r.state for r in recorder.reports] == ["running"]
     assert len(acks) == 2  # both acknowledged, so the agent stops sending it
+
+
+async def test_a_command_the_site_refuses_fails_with_the_sites_code_and_status() -> None:
+    import json as jsonlib
+
+    from labgate.agent.network import RemoteError, Session
+    from labgate.wire.agent import Result
+
+    link = NetworkSiteLink("edge", "process")
+
+    async def send(text: str) -> None:
+        command = jsonlib.loads(text)
+        refused = Result(
+            id=command["id"],
+            ok=False,
+            error="this site takes no snapshots",
+            code="snapshot_unsupported",
+            status=409,
+        )
+        session.resolve(refused)
+
+    session = Session(send, Hello(site="edge", agent_version="x", boot="b", backend="process"))
+    link.attach(session)
+    with pytest.raises(RemoteError) as caught:
+        await link.logs("i1", {}, 10)
+    error = caught.value
+    assert (error.status, error.code, error.detail) == (
+        409,
+        "snapshot_unsupported",
+        "this site takes no snapshots",
+    )
+    assert error.body() == {
+        "error": "snapshot_unsupported",
+        "detail": "this site takes no snapshots",
+    }

@@ -97,7 +97,6 @@ class SiteInfo:
 class _Connection:
     channel: Channel
     task: asyncio.Task[None] | None = None
-    close_code: int = 1000
     close_reason: str = ""
 
 
@@ -147,7 +146,7 @@ class SiteHub:
         connection = self._connections.get(name)
         if connection is None:
             return
-        connection.close_code, connection.close_reason = CLOSE_REVOKED, reason
+        connection.close_reason = reason
         with contextlib.suppress(Exception):
             await connection.channel.close(CLOSE_REVOKED, reason)
         if connection.task is not None:
@@ -162,11 +161,6 @@ class SiteHub:
         if link is not None:
             await link.close()
 
-    def connected(self, name: str) -> bool:
-        """Whether the site's agent is connected now."""
-        link = self.links.get(name)
-        return isinstance(link, NetworkSiteLink) and link.live
-
     # --- a connection ------------------------------------------------------------
     async def serve(self, site: SiteInfo, channel: Channel) -> None:
         """Run one agent connection until it ends (the caller authenticated it for ``site``)."""
@@ -176,7 +170,7 @@ class SiteHub:
             return
         previous = self._connections.get(site.name)
         if previous is not None:
-            previous.close_code, previous.close_reason = CLOSE_REPLACED, "a new connection"
+            previous.close_reason = "a new connection"
             with contextlib.suppress(Exception):
                 await previous.channel.close(CLOSE_REPLACED, "replaced by a new connection")
         connection = _Connection(channel, asyncio.current_task())
@@ -341,7 +335,7 @@ class SiteHub:
         """Portal shutdown: end every agent connection (agents reconnect to the next portal)."""
         self._closing = True
         for name, connection in list(self._connections.items()):
-            connection.close_code, connection.close_reason = CLOSE_SHUTDOWN, "portal shutdown"
+            connection.close_reason = "portal shutdown"
             with contextlib.suppress(Exception):
                 await connection.channel.close(CLOSE_SHUTDOWN, "the portal is shutting down")
             if connection.task is not None:

@@ -58,7 +58,8 @@ class RemoteError(LabgateError):
 
     def __init__(self, detail: str, *, code: str, status: int) -> None:
         super().__init__(detail, code=code or "site_error")
-        self.remote_status = status or 500
+        # The API answers as the site did (409 for a snapshot a site cannot take...).
+        object.__setattr__(self, "status", status or 500)
 
 
 #: Puts one text message on the agent's connection; raises when it is gone.
