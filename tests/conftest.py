@@ -68,6 +68,7 @@ async def app(settings: Settings) -> AsyncIterator[Any]:
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     application.state.test_url = f"http://127.0.0.1:{port}"
+    application.state.test_server = server
     try:
         yield application
     finally:
@@ -102,9 +103,40 @@ async def stop_everything(application: Any) -> None:
         await asyncio.sleep(0.1)
 
 
+async def require_listening(application: Any) -> None:
+    """Fail with what the server knows of itself if its port does not take connections.
+
+    Seen once in CI (PostgreSQL run): the first request of a test was refused
+    although uvicorn had started. This says whether uvicorn stopped by itself
+    or its listening descriptor was closed under it.
+    """
+    import asyncio
+    import os
+
+    server = application.state.test_server
+    url = httpx.URL(application.state.test_url)
+    try:
+        _, writer = await asyncio.open_connection(url.host, url.port)
+    except OSError as exc:
+        listener = server.servers[0].sockets[0]
+        fd = listener.fileno()
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else "closed"
+        except OSError as err:
+            target = f"unreadable ({err.strerror})"
+        pytest.fail(
+            f"the test portal at {url} refuses connections ({exc}): should_exit="
+            f"{server.should_exit}, serving={server.servers[0].is_serving()}, "
+            f"listener fd {fd} -> {target}"
+        )
+    writer.close()
+    await writer.wait_closed()
+
+
 @pytest.fixture
 async def client(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client talking to the test's portal server."""
+    await require_listening(app)
     async with httpx.AsyncClient(base_url=app.state.test_url, timeout=30) as c:
         yield c
 
