@@ -162,6 +162,11 @@ class LaunchIn(Strict):
     group: str | None = Field(
         None, max_length=64, description="Group to charge; default: the first of yours with room."
     )
+    options: dict[str, str] | None = Field(
+        None,
+        max_length=16,
+        description='Choices among the site\'s allowed values, e.g. {"partition": "gpu"} (Slurm).',
+    )
 
     @model_validator(mode="after")
     def _tool_or_snapshot(self) -> LaunchIn:
@@ -196,6 +201,9 @@ class InstanceOut(BaseModel):
         None, description="Idle culling spares the instance until then (its owner asked)."
     )
     pool: str | None = Field(None, description="The warm pool (tool@site) it waits in, unclaimed.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="What was chosen among the site's allowed values."
+    )
 
 
 class ActivityOut(BaseModel):
