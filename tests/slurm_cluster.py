@@ -114,9 +114,7 @@ def _start_munge() -> None:
     for directory in (Path("/run/munge"), Path("/var/log/munge"), Path("/var/lib/munge")):
         directory.mkdir(parents=True, exist_ok=True)
         shutil.chown(directory, "munge", "munge")
-    subprocess.run(
-        ["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=30
-    )
+    subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=30)
     deadline = time.monotonic() + 15
     while not _munge_works():
         if time.monotonic() > deadline:

@@ -15,10 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from slurm_cluster import Cluster
 
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, wait_for_state
 from labgate.config import Settings, SiteConfig
+from slurm_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -151,9 +151,7 @@ async def test_queue_shows_and_a_queued_launch_is_cancelled(app, client, make_us
         await wait_for_state(client, alice, iid, {"stopped"}, timeout=30)
 
 
-async def test_job_cancelled_outside_labgate_is_lost_with_the_reason(
-    app, client, make_user, slurm
-):
+async def test_job_cancelled_outside_labgate_is_lost_with_the_reason(app, client, make_user, slurm):
     alice = await make_user("alice")
     iid = await launch(client, alice)
     assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -177,8 +178,8 @@ class SlurmBackend(Backend):
             "workdir": str(workspace),
             "ports": list(self.config.ports),
         }
-        body = Path(launcher.__file__).read_text()
-        body = body.split('\nif __name__ == "__main__":', 1)[0] + f"\n\nmain({str(job_dir)!r})\n"
+        body = await asyncio.to_thread(launcher_source)
+        body += f"\n\nmain({str(job_dir)!r})\n"
         request = JobRequest(
             name=self.job_name(spec.instance_id),
             comment=f"labgate:{self.site}:{spec.instance_id}",
@@ -395,6 +396,13 @@ class SlurmBackend(Backend):
                 await self.slurm.cancel(job_id)
                 removed.append(instance_id)
         return removed
+
+
+@functools.cache
+def launcher_source() -> str:
+    """The launcher module's code without its ``__main__`` block: the body of every job."""
+    source = Path(launcher.__file__).read_text()
+    return source.split('\nif __name__ == "__main__":', 1)[0]
 
 
 def _read_endpoint(path: Path, job_id: str) -> JSON | None:

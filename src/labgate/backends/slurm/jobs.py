@@ -55,16 +55,15 @@ def parse_time(text: str) -> int | None:
     found = _TIME_RE.match(text)
     if found is None:
         raise ValueError(f"not a Slurm time: {text!r}")
-    days, a, b, c = found.groups()
-    numbers = [int(a), int(b) if b else None, int(c) if c else None]
-    if days is not None:
-        hours, minutes, seconds = numbers[0], numbers[1] or 0, numbers[2] or 0
-        return int(days) * 86400 + hours * 3600 + minutes * 60 + seconds
-    if numbers[2] is not None:
-        return numbers[0] * 3600 + (numbers[1] or 0) * 60 + numbers[2]
-    if numbers[1] is not None:
-        return numbers[0] * 60 + numbers[1]
-    return numbers[0] * 60
+    days, first, second, third = found.groups()
+    a, b, c = int(first), int(second or 0), int(third or 0)
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + a * 3600 + b * 60 + c
+    if third is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if second is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # MM
 
 
 def format_time(seconds: int) -> str:
@@ -265,8 +264,7 @@ class Slurm:
         """Submit ``request``; its job id. The script is kept at ``script_path`` when given."""
         script = request.script()
         if script_path is not None:
-            script_path.write_text(script)
-            script_path.chmod(0o700)
+            await asyncio.to_thread(_write_script, script_path, script)
             code, out, err = await self.run("sbatch", "--parsable", str(script_path))
         else:
             code, out, err = await self.run("sbatch", "--parsable", stdin=script)
@@ -329,6 +327,12 @@ class Slurm:
             if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
                 return Usage(int(parts[0]), int(parts[1]), parts[2].split()[0])
         return None
+
+
+def _write_script(path: Path, script: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(script)
 
 
 def _one_line(text: str) -> str:

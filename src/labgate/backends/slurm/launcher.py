@@ -61,7 +61,8 @@ def main(state_dir: str) -> None:
     os.chdir(workdir)
     print(f"--- labgate: starting {argv[0]} on {report['node']} port {port}", flush=True)
     try:
-        os.execvpe(argv[0], argv, env)
+        # The tool becomes the job's process: Slurm signals, limits and accounts it directly.
+        os.execvpe(argv[0], argv, env)  # noqa: S606
     except OSError as exc:
         print(f"--- labgate: cannot start {argv[0]}: {exc}", flush=True)
         sys.exit(127)

@@ -22,9 +22,7 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.add_column(
-        "instances", sa.Column("options", sa.JSON(), nullable=False, server_default="{}")
-    )
+    op.add_column("instances", sa.Column("options", sa.JSON(), nullable=False, server_default="{}"))
 
 
 def downgrade() -> None:
