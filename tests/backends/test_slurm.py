@@ -185,3 +185,25 @@ async def test_the_wall_time_is_the_lifetime_stop(app, client, make_user, slurm)
     body = await wait_for_state(client, alice, iid, {"stopped", "lost"}, timeout=90)
     assert "wall time" in body["reason"] or "wall time" in str(await events(app, iid))
     assert state["job_id"] not in job_ids(slurm)
+
+
+@pytest.mark.e2e
+async def test_jupyterlab_on_a_node_runs_code_through_the_router(
+    app, client, make_user, router_url, slurm
+):
+    pytest.importorskip(
+        "jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'"
+    )
+    from jupyter_client_util import execute
+
+    alice = await make_user("alice")
+    iid = await launch(client, alice, tool="jupyterlab", resources={"cpu": 1})
+    body = await wait_for_state(client, alice, iid, {"running", "failed"}, timeout=120)
+    assert body["state"] == "running", (body["reason"], await events(app, iid))
+    # Through the router, as a browser would: the router adds the instance token.
+    base = f"{router_url}/i/{iid}/"
+    assert await execute(base, base.replace("http://", "ws://"), alice, "6*7") == "42"
+    job = (await backend_state(app, iid))["job_id"]
+    assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202
+    await wait_for_state(client, alice, iid, {"stopped"}, timeout=60)
+    assert job not in job_ids(slurm)

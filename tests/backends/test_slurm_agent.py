@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from slurm_cluster import Cluster
 
 from helpers import TEST_SECRET_KEY
 from labgate.agent.site import Adoption, SiteAgent
@@ -26,6 +25,7 @@ from labgate.config import Settings
 from labgate.tools.catalog import Catalog, Tool
 from labgate.wire.launch import Resources
 from labgate.wire.site import Report
+from slurm_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 
