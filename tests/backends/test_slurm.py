@@ -207,3 +207,31 @@ async def test_jupyterlab_on_a_node_runs_code_through_the_router(
     assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202
     await wait_for_state(client, alice, iid, {"stopped"}, timeout=60)
     assert job not in job_ids(slurm)
+
+
+async def test_the_instance_token_is_only_in_the_jobs_private_file(app, client, make_user, slurm):
+    alice = await make_user("alice")
+    iid = await launch(client, alice)
+    assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
+    state = await backend_state(app, iid)
+
+    def secret(session: Any) -> str:
+        from labgate.db.models import Instance
+
+        instance = session.get(Instance, iid)
+        return str(app.state.portal.box.open(iid, instance.secret))
+
+    token = await app.state.portal.run_db(secret)
+    job_dir = Path(state["dir"])
+    # Not in the batch script, Slurm's record of the job, or any process's command line.
+    assert token not in (job_dir / "job.py").read_text()
+    assert token not in slurm.run("scontrol", "show", "job", "-d", state["job_id"])
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert token.encode() not in cmdline.read_bytes()
+        except OSError:
+            continue
+    # Only in launch.json, readable by the agent's account alone, in a directory of its own.
+    assert token in (job_dir / "launch.json").read_text()
+    assert (job_dir / "launch.json").stat().st_mode & 0o777 == 0o600
+    assert job_dir.stat().st_mode & 0o777 == 0o700

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
+from labgate.backends.confine import require_confined
 from labgate.backends.procfs import MARKER_VAR, tail
 from labgate.backends.slurm import launcher
 from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
@@ -156,6 +157,7 @@ class SlurmBackend(Backend):
         if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         where = placement(self.config, spec.options)
+        require_confined(spec.mounts)
         job_dir = (self.jobs_dir / spec.instance_id).resolve()
         workspace = spec.workspace.expanduser().resolve()
         python = self.config.python or sys.executable
@@ -240,6 +242,8 @@ class SlurmBackend(Backend):
         }
         env.update(tool_env)
         env.update(spec.env)
+        # Nothing is bound on the nodes: the tool is told where each dataset is instead.
+        env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
         env.update(
             {
                 MARKER_VAR: spec.instance_id,
@@ -266,6 +270,9 @@ class SlurmBackend(Backend):
         iid, job_id = str(state["instance_id"]), str(state["job_id"])
         endpoint_file = Path(state["dir"]) / "endpoint.json"
         said = ""
+        # Most jobs on an idle cluster start within a second: look often at first, then
+        # back off to ``poll_interval`` so a long queue costs the controller little.
+        pending_wait = _ENDPOINT_POLL
         while True:
             job = await self._job(job_id, fresh=True)
             if job is None or not job.active:
@@ -273,7 +280,8 @@ class SlurmBackend(Backend):
                 raise InstanceStartError(describe_end(job, job_id) + " before the tool started")
             if job.state == "PENDING":
                 message, data = await self._queued(job)
-                interval = self.config.poll_interval
+                interval = pending_wait
+                pending_wait = min(pending_wait * 1.5, self.config.poll_interval)
             else:
                 message = f"running on node {job.node}"
                 data = {"slurm": {"state": job.state, "node": job.node, "job_id": job_id}}
