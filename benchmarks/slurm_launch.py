@@ -198,7 +198,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
-        "| submit to first proxied 200, idle cluster | n | p50 s | p95 s | min s | max s | failures |",
+        "| submit to first proxied 200 | n | p50 s | p95 s | min s | max s | failures |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in r["single"].items():

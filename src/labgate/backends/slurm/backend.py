@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any, cast
 from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
 from labgate.backends.confine import require_confined
 from labgate.backends.procfs import MARKER_VAR, tail
-from labgate.backends.slurm import launcher
 from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
+from labgate.backends.slurm.launcher import PORT_MARK
 from labgate.backends.slurm.options import SlurmOptions, placement
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
@@ -169,7 +169,7 @@ class SlurmBackend(Backend):
             user=spec.owner,
             instance_token=spec.secret,
         )
-        values["port"] = launcher.PORT_MARK
+        values["port"] = PORT_MARK
         try:
             command, tool_env = tool.render(values)
         except (KeyError, IndexError, ValueError) as exc:
@@ -409,7 +409,7 @@ class SlurmBackend(Backend):
 @functools.cache
 def launcher_source() -> str:
     """The launcher module's code without its ``__main__`` block: the body of every job."""
-    source = Path(launcher.__file__).read_text()
+    source = Path(__file__).with_name("launcher.py").read_text()
     return source.split('\nif __name__ == "__main__":', 1)[0]
 
 
