@@ -84,9 +84,23 @@ class SlurmHub(JupyterHub):
         return (
             super().config().replace('c.JupyterHub.spawner_class = "simple"\n', "")
             + f"""
-c.JupyterHub.spawner_class = "batchspawner.SlurmSpawner"
+import batchspawner
+from traitlets import default
+
+
+class BenchSlurmSpawner(batchspawner.SlurmSpawner):
+    # The benchmark's users have no system accounts: one home, jobs as the hub's account.
+    @default("req_homedir")
+    def _homedir(self):
+        return {str(homes)!r}
+
+    def user_env(self, env):
+        env.update(USER=self.user.name, HOME={str(homes)!r})
+        return env
+
+
+c.JupyterHub.spawner_class = BenchSlurmSpawner
 c.BatchSpawnerBase.exec_prefix = ""
-c.BatchSpawnerBase.req_homedir = {str(homes)!r}
 c.BatchSpawnerBase.batch_script = {script!r}
 c.BatchSpawnerBase.startup_poll_interval = 0.1
 c.Spawner.cmd = [{str(self.bin / "jupyterhub-singleuser")!r}]
