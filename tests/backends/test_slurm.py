@@ -235,3 +235,13 @@ async def test_the_instance_token_is_only_in_the_jobs_private_file(app, client, 
     assert token in (job_dir / "launch.json").read_text()
     assert (job_dir / "launch.json").stat().st_mode & 0o777 == 0o600
     assert job_dir.stat().st_mode & 0o777 == 0o700
+
+
+async def test_a_job_whose_tool_fails_says_why_with_its_last_lines(app, client, make_user, slurm):
+    alice = await make_user("alice")
+    iid = await launch(client, alice, tool="crashing")
+    body = await wait_for_state(client, alice, iid, {"failed", "running"})
+    assert body["state"] == "failed", body
+    assert "Slurm job" in body["reason"] and "exit code" in body["reason"], body
+    tails = [data.get("log_tail", "") for _, _, data in await events(app, iid)]
+    assert any("--- labgate: starting" in tail for tail in tails), tails

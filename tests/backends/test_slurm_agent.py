@@ -189,3 +189,15 @@ async def test_reconcile_cancels_jobs_nobody_knows(make_agent, demo, slurm) -> N
     assert await other.reconcile(set()) == []
     await fresh.stop(kept.instance_id, seen.saved(kept.instance_id)[0])
     await fresh.close()
+
+
+def test_doctor_says_whether_the_controller_answers(slurm, tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path, secret_key=TEST_SECRET_KEY)
+    [ok] = SlurmBackend(settings, slurm.options()).doctor()
+    assert ok.level == "ok", ok
+    [missing] = SlurmBackend(settings, slurm.options(bin_dir=str(tmp_path))).doctor()
+    assert missing.level == "fail" and "sbatch" in missing.detail and missing.final
+    down = tmp_path / "down.conf"
+    down.write_text(slurm.conf.read_text().replace("SlurmctldPort=", "SlurmctldPort=1"))
+    [fail] = SlurmBackend(settings, slurm.options(slurm_conf=str(down))).doctor()
+    assert fail.level == "fail" and "does not answer" in fail.detail, fail
