@@ -257,12 +257,25 @@ class SlurmBackend(Backend):
     # --- the queue ----------------------------------------------------------------
 
     async def _job(self, job_id: str, fresh: bool = False) -> Job | None:
+        """The controller's view of a job, at most ``poll_interval`` old unless ``fresh``.
+
+        When the controller does not answer (restarting, overloaded), the last view
+        stands: a job is not declared gone because slurmctld was busy for a moment.
+        """
         seen = self._seen.get(job_id)
         now = time.monotonic()
         if not fresh and seen is not None and now - seen[0] < self.config.poll_interval:
             return seen[1]
-        job = await self.slurm.job(job_id)
+        try:
+            job = await self.slurm.job(job_id)
+        except SlurmError as exc:
+            if seen is None or seen[1] is None:
+                raise
+            log.warning("Slurm job %s: %s; keeping its last known state", job_id, exc)
+            return seen[1]
         self._seen[job_id] = (now, job)
+        if job is None or not job.active:
+            self._seen.pop(job_id, None)  # ended: nothing more to cache
         return job
 
     async def place(self, state: JSON) -> Started:
@@ -274,7 +287,12 @@ class SlurmBackend(Backend):
         # back off to ``poll_interval`` so a long queue costs the controller little.
         pending_wait = _ENDPOINT_POLL
         while True:
-            job = await self._job(job_id, fresh=True)
+            try:
+                job = await self._job(job_id, fresh=True)
+            except SlurmError as exc:  # the controller is away: the job waits, so do we
+                log.warning("Slurm job %s: %s", job_id, exc)
+                await asyncio.sleep(self.config.poll_interval)
+                continue
             if job is None or not job.active:
                 await self.note_usage(iid, job_id, job)
                 raise InstanceStartError(describe_end(job, job_id) + " before the tool started")
