@@ -36,7 +36,6 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import httpx
 from launch import (
     CACHE,
     JHUB,
@@ -45,8 +44,10 @@ from launch import (
     Labgate,
     ensure_chp,
     ensure_jupyterhub,
+    hub_singles,
+    labgate_singles,
     log,
-    summary,
+    single_rows,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -114,38 +115,6 @@ c.Spawner.env_keep = ["PATH", "SLURM_CONF", "LANG"]
         await super().start()
 
 
-async def labgate_runs(lg: Labgate, tool: str, samples: int, timeout: float) -> dict[str, Any]:
-    times, failures = [], 0
-    async with httpx.AsyncClient(base_url=lg.url, timeout=60) as client:
-        for _ in range(samples):
-            await asyncio.sleep(1)
-            try:
-                iid, seconds, _ = await lg.launch(client, "u000", tool, 0.01, timeout)
-                times.append(seconds)
-                await lg.stop_one(client, iid)
-            except Exception as exc:
-                log(f"labgate {tool} launch failed: {exc!r}")
-                failures += 1
-                await lg.stop_all()
-    return summary(times, failures)
-
-
-async def hub_runs(hub: SlurmHub, samples: int, timeout: float) -> dict[str, Any]:
-    users = await hub.users(1)
-    times, failures = [], 0
-    async with httpx.AsyncClient(base_url=hub.url, timeout=60) as client:
-        for _ in range(samples):
-            await asyncio.sleep(1)
-            try:
-                times.append(await hub.launch(client, users[0], 0.01, timeout))
-            except Exception as exc:
-                log(f"JupyterHub launch failed: {exc!r}")
-                failures += 1
-            await hub.stop_all(users)
-            hub.cluster.cancel_all()
-    return summary(times, failures)
-
-
 async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
     work = CACHE / "slurm-run"
     shutil.rmtree(work, ignore_errors=True)
@@ -178,8 +147,8 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
         await lg.users(1)
         for tool in ("demo", "jupyterlab"):
             log(f"labgate slurm {tool} x{args.samples}")
-            results["single"][f"labgate slurm {tool}"] = await labgate_runs(
-                lg, tool, args.samples, args.timeout
+            results["single"][f"labgate slurm {tool}"] = await labgate_singles(
+                lg, tool, args.samples, warm=False, timeout=args.timeout
             )
     finally:
         with contextlib.suppress(Exception):
@@ -201,7 +170,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
         try:
             await hub.start()
             log(f"JupyterHub + batchspawner jupyterlab x{args.samples}")
-            results["single"]["JupyterHub batchspawner jupyterlab"] = await hub_runs(
+            results["single"]["JupyterHub batchspawner jupyterlab"] = await hub_singles(
                 hub, args.samples, args.timeout
             )
         finally:
@@ -211,18 +180,7 @@ async def run(args: argparse.Namespace, cluster: Cluster) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [
-        "| submit to first proxied 200 | n | p50 s | p95 s | min s | max s | failures |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in r["single"].items():
-        if s.get("n"):
-            rows.append(
-                f"| {name} | {s['n']} | {s['p50']:.3f} | {s['p95']:.3f} | {s['min']:.3f} "
-                f"| {s['max']:.3f} | {s['failures']} |"
-            )
-        else:
-            rows.append(f"| {name} | 0 | | | | | {s['failures']} |")
+    rows = single_rows("submit to first proxied 200", r["single"])
     ours = r["single"].get("labgate slurm jupyterlab", {})
     theirs = r["single"].get("JupyterHub batchspawner jupyterlab", {})
     if ours.get("n") and theirs.get("n"):

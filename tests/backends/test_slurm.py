@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, wait_for_state
+from helpers import wait_for_state
 from labgate.config import Settings, SiteConfig
 from slurm_cluster import Cluster
 
@@ -26,27 +26,16 @@ SITE = "hpc"
 
 
 @pytest.fixture
-def settings(tmp_path: Path, database_url: str, slurm: Cluster) -> Settings:
-    """The portal's settings with one Slurm site on the test cluster."""
-    from tools_fixtures import write_test_tools
-
+def settings(settings: Settings, tmp_path: Path, slurm: Cluster) -> Settings:
+    """The test's settings (conftest) with one Slurm site on the test cluster."""
     options = slurm.options(
         endpoint_host="127.0.0.1",
         request_memory=False,
         jobs_dir=str(tmp_path / "jobs"),
         choices={"partition": ["interactive", "batch"], "time": ["0:01:00", "1:00:00"]},
     )
-    return Settings(
-        data_dir=tmp_path / "var",
-        tools_dir=write_test_tools(tmp_path / "tools"),
-        database_url=database_url,
-        admin_password=ADMIN_PASSWORD,
-        secret_key=TEST_SECRET_KEY,
-        poll_interval=0.3,
-        stop_grace_seconds=3,
-        cull_interval=0.5,
-        sites=[SiteConfig(name=SITE, backend="slurm", options=options)],
-    )
+    site = SiteConfig(name=SITE, backend="slurm", options=options)
+    return settings.model_copy(update={"cull_interval": 0.5, "sites": [site]})
 
 
 async def launch(

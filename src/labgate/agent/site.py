@@ -326,22 +326,7 @@ class SiteAgent:
         self.watched[iid] = Watched(spec, started.state, started.endpoint)
         if iid in self._cancel_requested:
             return
-        if not started.endpoint:
-            placed = await self._place(spec, started)
-            if placed is None:
-                return
-            started = placed
-        await self._report(
-            Report(
-                iid,
-                "starting",
-                kind="progress",
-                message="waiting for the health check",
-                backend_state=started.state,
-                endpoint=started.endpoint,
-            )
-        )
-        await self._await_health(spec, started, spec.tool.start_timeout)
+        await self._place_then_health(spec, started)
 
     async def _place(self, spec: LaunchSpec, started: Started) -> Started | None:
         """Wait for a queued instance's place (see :meth:`Backend.place`); None: it failed."""
@@ -375,20 +360,23 @@ class SiteAgent:
         return placed
 
     async def _place_then_health(self, spec: LaunchSpec, started: Started) -> None:
-        placed = await self._place(spec, started)
-        if placed is None:
-            return
+        """Wait for a place when the backend has none yet, then for the health check."""
+        if not started.endpoint:
+            placed = await self._place(spec, started)
+            if placed is None:
+                return
+            started = placed
         await self._report(
             Report(
                 spec.instance_id,
                 "starting",
                 kind="progress",
                 message="waiting for the health check",
-                backend_state=placed.state,
-                endpoint=placed.endpoint,
+                backend_state=started.state,
+                endpoint=started.endpoint,
             )
         )
-        await self._await_health(spec, placed, spec.tool.start_timeout)
+        await self._await_health(spec, started, spec.tool.start_timeout)
 
     async def _await_health(self, spec: LaunchSpec, started: Started, budget: float) -> None:
         iid = spec.instance_id

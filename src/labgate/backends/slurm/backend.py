@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
 from labgate.backends.confine import require_confined
-from labgate.backends.procfs import MARKER_VAR, tail
+from labgate.backends.process import tool_environment
+from labgate.backends.procfs import tail
 from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
 from labgate.backends.slurm.launcher import PORT_MARK
 from labgate.backends.slurm.options import SlurmOptions, placement
@@ -231,28 +232,12 @@ class SlurmBackend(Backend):
     def environment(
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str], python: str
     ) -> dict[str, str]:
-        """The tool's environment: basics, the tool's, the launch's, then labgate's own."""
-        python_bin = os.path.dirname(python)
-        path = os.environ.get("PATH", os.defpath)
-        env = {
-            "PATH": path if python_bin in path.split(os.pathsep) else f"{python_bin}:{path}",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(workspace),
-            "USER": spec.owner,
-        }
-        env.update(tool_env)
-        env.update(spec.env)
-        # Nothing is bound on the nodes: the tool is told where each dataset is instead.
-        env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
-        env.update(
-            {
-                MARKER_VAR: spec.instance_id,
-                "LABGATE_INSTANCE_TOKEN": spec.secret,
-                "LABGATE_BASE_URL": spec.base_url,
-                "LABGATE_USER": spec.owner,
-            }
-        )
-        return env
+        """The tool's environment, as on the process backend; datasets by their paths.
+
+        Nothing is bound on the nodes: the tool is told where each dataset is instead.
+        """
+        where = {mount.env_var: str(mount.source) for mount in spec.mounts}
+        return tool_environment(spec, workspace, tool_env, python, spec.owner, where)
 
     # --- the queue ----------------------------------------------------------------
 
