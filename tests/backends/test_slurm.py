@@ -152,6 +152,10 @@ async def test_job_cancelled_outside_labgate_is_lost_with_the_reason(app, client
 
 async def test_a_choice_among_allowed_values_and_a_refused_one(app, client, make_user, slurm):
     alice = await make_user("alice")
+    # Users see what they may choose with the site.
+    [site] = (await client.get("/api/v1/sites", headers=alice)).json()
+    assert site["choices"]["partition"] == {"default": "", "allowed": ["interactive", "batch"]}
+    assert site["choices"]["time"]["allowed"] == ["0:01:00", "1:00:00"]
     iid = await launch(client, alice, options={"partition": "batch", "time": "1:00:00"})
     assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
     job = (await backend_state(app, iid))["job_id"]

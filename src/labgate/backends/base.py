@@ -263,6 +263,15 @@ class Backend(abc.ABC):
         return tool.parsed(cls.tool_section, cls.tool_schema)
 
     @classmethod
+    def launch_choices(cls, options: JSON) -> JSON:
+        """What users may choose at launch on a site with these ``options``; by default nothing.
+
+        ``{name: {"default": ..., "allowed": [...]}}``: shown to users with the
+        site, and sent back in a launch's ``options``.
+        """
+        return {}
+
+    @classmethod
     def check_tool(cls, spec: Any) -> str | None:
         """Why a tool with this validated table cannot run here, or None when it can."""
         return None

@@ -135,6 +135,11 @@ class SiteOut(BaseModel):
     token_issued_at: datetime | None = Field(
         None, description="When its enrolment token was made; admins only."
     )
+    choices: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What users may choose at launch (a launch's options): per name its "
+        "default and allowed values (Slurm: partition, gres, time...).",
+    )
     options: dict[str, Any] | None = Field(
         None, description="A network site's backend options; admins only."
     )

@@ -43,7 +43,7 @@ from labgate.backends.process import tool_environment
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
 from labgate.backends.slurm.launcher import PORT_MARK
-from labgate.backends.slurm.options import SlurmOptions, placement
+from labgate.backends.slurm.options import SlurmOptions, choices_of, placement
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
 
@@ -100,6 +100,15 @@ class SlurmBackend(Backend):
         self._seen: dict[str, tuple[float, Job | None]] = {}
         #: Jobs whose usage was already noted.
         self._accounted: set[str] = set()
+
+    @classmethod
+    def launch_choices(cls, options: JSON) -> JSON:
+        """Each choosable option's default and allowed values (``time`` also its maximum)."""
+        try:
+            config = SlurmOptions.model_validate(options)
+        except ValueError:
+            return {}
+        return choices_of(config)
 
     @classmethod
     def check_tool(cls, spec: Any) -> str | None:

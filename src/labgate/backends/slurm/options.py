@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -112,6 +113,25 @@ class Placement:
             "gres": self.gres,
             "time": format_time(self.time_limit),
         }
+
+
+def choices_of(options: SlurmOptions) -> dict[str, dict[str, Any]]:
+    """What a user may choose: per option with allowed values, its default and those values."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, allowed in options.choices.items():
+        if name == "time":
+            found[name] = {
+                "default": options.default_time,
+                "allowed": list(allowed),
+                "max": options.max_time,
+            }
+        else:
+            default = str(getattr(options, name))
+            values = [default] if default and default not in allowed else []
+            found[name] = {"default": default, "allowed": values + list(allowed)}
+    if "time" not in found:
+        found["time"] = {"default": options.default_time, "allowed": [], "max": options.max_time}
+    return found
 
 
 def placement(options: SlurmOptions, chosen: Mapping[str, str]) -> Placement:
