@@ -22,7 +22,12 @@ PORT_MARK = "@@LABGATE_PORT@@"
 
 
 def free_port(low: int, high: int) -> int:
-    """A TCP port nothing listens on, from ``[low, high)`` when given, else any."""
+    """A TCP port nothing listens on, from ``[low, high)`` when given, else any.
+
+    Like :func:`labgate.backends.process.free_port`, but on the node and on every
+    address (the router may connect from elsewhere), and without labgate: this file
+    runs where labgate is not installed.
+    """
     for _ in range(200 if high > low else 0):
         port = random.randrange(low, high)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
