@@ -4,7 +4,9 @@ Started once per test session (see the ``slurm_cluster`` fixture in
 ``tests/backends/conftest_slurm.py`` users) from Debian's ``slurm-wlm`` and
 ``munge``, as ``MACHINE-NOTES.md`` describes: a key for munge, munged as user
 munge, a ``slurm.conf`` of one node with this machine's name, and both Slurm
-daemons in the foreground so the session can stop them. Its configuration,
+daemons in the foreground so the session can stop them; with ``slurmdbd``
+installed also accounting, as real clusters keep it: a private MariaDB and
+slurmdbd, so ``sacct`` answers. Its configuration,
 state and logs live in a temporary directory; its ports are free ones, so it
 never touches a cluster the machine may run for something else.
 
@@ -21,14 +23,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI") == "true"
-INSTALL = "apt-get install slurm-wlm munge (and run as root)"
+INSTALL = "apt-get install slurm-wlm munge slurmdbd mariadb-server (and run as root)"
 #: The node's CPUs as Slurm counts them; tests fill it with jobs of one CPU each.
 NODE_CPUS = 2
 MUNGE_SOCKET = "/run/munge/munge.socket.2"
@@ -122,10 +124,21 @@ def _start_munge() -> None:
         time.sleep(0.1)
 
 
-def slurm_conf(root: Path, node: str) -> str:
-    """The ``slurm.conf`` of the test cluster: one node, two partitions, fast timeouts."""
+def slurm_conf(root: Path, node: str, dbd_port: int | None = None) -> str:
+    """The ``slurm.conf`` of the test cluster: one node, two partitions, fast timeouts.
+
+    With ``dbd_port``, jobs are accounted by the slurmdbd listening there (``sacct``).
+    """
     ctld, slurmd = free_port(), free_port()
-    return f"""\
+    accounting = (
+        f"AccountingStorageType=accounting_storage/slurmdbd\n"
+        f"AccountingStorageHost={node}\nAccountingStoragePort={dbd_port}\n"
+        if dbd_port is not None
+        else "AccountingStorageType=accounting_storage/none\n"
+    )
+    return (
+        accounting
+        + f"""\
 ClusterName=labgate
 SlurmctldHost={node}
 SlurmUser=root
@@ -149,7 +162,6 @@ SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=100000
 MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
 KillWait=2
@@ -162,6 +174,7 @@ NodeName={node} CPUs={NODE_CPUS} State=UNKNOWN
 PartitionName=interactive Nodes={node} Default=YES MaxTime=INFINITE State=UP
 PartitionName=batch Nodes={node} MaxTime=INFINITE State=UP
 """
+    )
 
 
 @contextlib.contextmanager
@@ -178,11 +191,12 @@ def start_cluster() -> Iterator[Cluster]:
         (root / sub).mkdir()
     node = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     daemons: list[subprocess.Popen[bytes]] = []
     cluster = Cluster(root, conf, node, daemons)
     try:
+        dbd_port = _start_accounting(cluster) if _which("slurmdbd") else None
+        conf.write_text(slurm_conf(root, node, dbd_port))
         for argv in (["slurmctld", "-D", "-c", "-f", str(conf)], ["slurmd", "-D", "-f", str(conf)]):
             out = (root / f"{argv[0]}.out").open("wb")
             daemons.append(
@@ -207,6 +221,80 @@ def start_cluster() -> Iterator[Cluster]:
                 daemon.kill()
                 daemon.wait(timeout=5)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_accounting(cluster: Cluster) -> int:
+    """A private MariaDB and slurmdbd, so ``sacct`` answers as on a real cluster; slurmdbd's port.
+
+    MariaDB keeps its files in the cluster's directory and listens on a free
+    loopback port; slurmdbd reads ``slurmdbd.conf`` next to ``slurm.conf``.
+    """
+    root, node = cluster.root, cluster.node
+    mariadbd = _which("mariadbd")
+    if mariadbd is None:
+        need("slurmdbd is installed but mariadbd is not (apt-get install mariadb-server)")
+    data = root / "mysql"
+    subprocess.run(
+        ["mariadb-install-db", f"--datadir={data}", "--user=root", "--skip-test-db",
+         "--auth-root-authentication-method=normal"],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    db_port, dbd_port = free_port(), free_port()
+    log = (root / "mariadb.log").open("wb")
+    cluster.daemons.append(
+        subprocess.Popen(
+            [mariadbd or "mariadbd", "--no-defaults", f"--datadir={data}", "--user=root",
+             f"--port={db_port}", "--bind-address=127.0.0.1", f"--socket={root}/mysql.sock",
+             f"--pid-file={root}/mysql.pid", "--skip-log-bin", "--innodb-buffer-pool-size=32M"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    )  # fmt: skip
+    dbd_conf = root / "slurmdbd.conf"
+    dbd_conf.write_text(
+        f"AuthType=auth/munge\nDbdHost={node}\nDbdPort={dbd_port}\nSlurmUser=root\n"
+        f"StorageType=accounting_storage/mysql\nStorageHost=127.0.0.1\n"
+        f"StoragePort={db_port}\nStorageUser=root\nStorageLoc=slurm_acct_db\n"
+        f"LogFile={root}/slurmdbd.log\nPidFile={root}/slurmdbd.pid\n"
+    )
+    dbd_conf.chmod(0o600)
+    _wait_for(
+        lambda: subprocess.run(
+            ["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(db_port), "-u", "root",
+             "-e", "select 1"],
+            capture_output=True, timeout=10, check=False,
+        ).returncode == 0,
+        "MariaDB",
+        cluster,
+    )  # fmt: skip
+    env = {**os.environ, "SLURM_CONF": str(cluster.conf)}
+    out = (root / "slurmdbd.out").open("wb")
+    cluster.daemons.append(
+        subprocess.Popen(
+            [_which("slurmdbd") or "slurmdbd", "-D"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    )  # fmt: skip
+    # The conf slurmdbd needs to find it must exist before sacctmgr can talk to it.
+    cluster.conf.write_text(slurm_conf(root, node, dbd_port))
+    _wait_for(
+        lambda: cluster.run("sacctmgr", "-i", "add", "cluster", "labgate", check=False) != ""
+        or "labgate" in cluster.run("sacctmgr", "-n", "list", "cluster", "format=cluster",
+                                    check=False),
+        "slurmdbd",
+        cluster,
+    )  # fmt: skip
+    return dbd_port
+
+
+def _wait_for(check: Callable[[], bool], what: str, cluster: Cluster, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for daemon in cluster.daemons:
+            if daemon.poll() is not None:
+                raise RuntimeError(f"{what}: a daemon exited ({daemon.args}): see {cluster.root}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start within {timeout}s: see {cluster.root}")
+        time.sleep(0.2)
 
 
 def _which(name: str) -> str | None:

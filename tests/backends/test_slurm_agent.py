@@ -9,6 +9,7 @@ becomes healthy. Jobs of the site that nobody knows are cancelled by reconcile.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -201,3 +202,34 @@ def test_doctor_says_whether_the_controller_answers(slurm, tmp_path) -> None:
     down.write_text(slurm.conf.read_text().replace("SlurmctldPort=", "SlurmctldPort=1"))
     [fail] = SlurmBackend(settings, slurm.options(slurm_conf=str(down))).doctor()
     assert fail.level == "fail" and "does not answer" in fail.detail, fail
+
+
+async def test_a_batch_job_through_the_reusable_layer_and_its_sacct_usage(slurm, tmp_path):
+    from labgate.backends.slurm.jobs import JobRequest, Slurm
+
+    cluster = Slurm(str(slurm.conf))
+    request = JobRequest(
+        name="labgate-batch-step",
+        body="echo step done\nsleep 1\n",
+        shebang="#!/bin/sh",
+        partition="batch",
+        cpus=2,
+        time_limit=120,
+        output=str(tmp_path / "step.log"),
+        workdir=str(tmp_path),
+    )
+    job_id = await cluster.submit(request, tmp_path / "step.sh")
+    deadline = time.monotonic() + 30
+    while (job := await cluster.job(job_id)) is not None and job.active:
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.2)
+    assert job is not None and job.state == "COMPLETED" and job.partition == "batch", job
+    assert (tmp_path / "step.log").read_text().strip() == "step done"
+    if shutil.which("slurmdbd") is None:
+        assert await cluster.usage(job_id) is None  # no accounting: sacct knows nothing
+        return
+    while (usage := await cluster.usage(job_id)) is None or usage.state != "COMPLETED":
+        assert time.monotonic() < deadline + 30, usage
+        await asyncio.sleep(0.3)
+    assert usage.cpus == 2 and usage.elapsed >= 1
+    assert usage.core_hours == pytest.approx(2 * usage.elapsed / 3600)
