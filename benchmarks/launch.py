@@ -592,12 +592,13 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     return out
 
 
-def table(r: dict[str, Any]) -> str:
+def single_rows(title: str, single: dict[str, dict[str, Any]]) -> list[str]:
+    """A Markdown table of one-at-a-time launches: n, p50, p95, min, max, failures."""
     rows = [
-        "| one launch at a time | n | p50 s | p95 s | min s | max s | failures |",
+        f"| {title} | n | p50 s | p95 s | min s | max s | failures |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, s in r["single"].items():
+    for name, s in single.items():
         if s.get("n"):
             rows.append(
                 f"| {name} | {s['n']} | {s['p50']:.3f} | {s['p95']:.3f} | {s['min']:.3f} "
@@ -605,6 +606,11 @@ def table(r: dict[str, Any]) -> str:
             )
         else:
             rows.append(f"| {name} | 0 | | | | | {s['failures']} |")
+    return rows
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = single_rows("one launch at a time", r["single"])
     rows += [
         "",
         f"| {r['args']['concurrent']} launches at once | ok | p50 s | p95 s | max s | failures |",

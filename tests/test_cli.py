@@ -388,12 +388,16 @@ def test_launch_ls_logs_stop(cli: Cli, admin_token: str) -> None:
 
 
 def test_launch_no_wait_prints_the_id(cli: Cli, admin_token: str) -> None:
-    launched = cli("launch", "demo", "--no-wait", token=admin_token)
+    launched = cli("launch", "demo", "--no-wait", "-o", "time=1:00:00", token=admin_token)
     instance_id = launched.stdout.strip()
     assert re.fullmatch(r"[a-z0-9]+", instance_id)
     assert "labgate ls" in launched.stderr
     shown = json.loads(cli("ls", "--json", "--all", "--tool", "demo", token=admin_token).stdout)
     assert instance_id in [r["id"] for r in shown]
+    # The choice is kept with the instance (a Slurm site reads it; this one offers none).
+    assert next(r for r in shown if r["id"] == instance_id)["options"] == {"time": "1:00:00"}
+    bad = cli("launch", "demo", "--option", "partition", token=admin_token, ok=False)
+    assert one_error_line(bad) == "error: --option wants NAME=VALUE, not 'partition'"
     assert cli("stop", instance_id, token=admin_token).stdout.startswith(instance_id)
 
 

@@ -15,15 +15,15 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_table_no_backend_reads_is_a_warning_not_a_crash(tmp_path: Path) -> None:
-    catalog = load_catalog(write(tmp_path, '[process]\ncommand = ["true"]\n[slurm]\nqueue = "x"\n'))
+    catalog = load_catalog(write(tmp_path, '[process]\ncommand = ["true"]\n[pbs]\nqueue = "x"\n'))
     tool = catalog.get("t")
     assert tool is not None and tool_unavailable_reason(tool, "process") is None
-    assert tool.sections["slurm"] == {"queue": "x"}
+    assert tool.sections["pbs"] == {"queue": "x"}
     assert [p.reason for p in catalog.problems if p.file.endswith("t.toml")] == [
-        "[slurm] is read by no installed backend; ignored"
+        "[pbs] is read by no installed backend; ignored"
     ]
-    reason = tool_unavailable_reason(tool, "slurm")
-    assert reason is not None and reason.startswith("backend 'slurm' is not available")
+    reason = tool_unavailable_reason(tool, "pbs")
+    assert reason is not None and reason.startswith("backend 'pbs' is not available")
 
 
 def test_a_table_failing_its_backends_schema_leaves_the_other_backends(tmp_path: Path) -> None:
@@ -36,5 +36,5 @@ def test_a_table_failing_its_backends_schema_leaves_the_other_backends(tmp_path:
     assert reason is not None
     assert reason.startswith("[process] Value error, unknown placeholder {colour}")
     assert [p.reason for p in catalog.problems if p.file.endswith("t.toml")] == [
-        f"{reason}: cannot run on the process backend"
+        f"{reason}: cannot run on the process or slurm backend"  # both read [process]
     ]

@@ -168,10 +168,11 @@ class SiteAgent:
             watched.running = True
             return
         started = Started(adoption.backend_state, adoption.endpoint)
-        task = asyncio.create_task(
-            self._await_health(spec, started, max(adoption.remaining_start_time, 1.0)),
-            name=f"adopt-{spec.instance_id}",
-        )
+        if adoption.endpoint:
+            waiting = self._await_health(spec, started, max(adoption.remaining_start_time, 1.0))
+        else:
+            waiting = self._place_then_health(spec, started)  # still queued (a batch job)
+        task = asyncio.create_task(waiting, name=f"adopt-{spec.instance_id}")
         self._starting[spec.instance_id] = task
         task.add_done_callback(lambda _t: self._starting.pop(spec.instance_id, None))
 
@@ -325,9 +326,49 @@ class SiteAgent:
         self.watched[iid] = Watched(spec, started.state, started.endpoint)
         if iid in self._cancel_requested:
             return
+        await self._place_then_health(spec, started)
+
+    async def _place(self, spec: LaunchSpec, started: Started) -> Started | None:
+        """Wait for a queued instance's place (see :meth:`Backend.place`); None: it failed."""
+        iid = spec.instance_id
         await self._report(
             Report(
                 iid,
+                "starting",
+                kind="progress",
+                message="submitted, waiting for a place",
+                backend_state=started.state,
+                endpoint="",
+            )
+        )
+        try:
+            placed = await self.backend.place(started.state)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, LabgateError):
+                log.exception("placing %s failed", iid)
+            self.watched.pop(iid, None)
+            message = exc.detail if isinstance(exc, LabgateError) else f"backend error: {exc}"
+            await self._report(
+                Report(iid, "failed", message=message, log_tail=await self._tail(started.state))
+            )
+            return None
+        watched = self.watched.get(iid)
+        if watched is not None:
+            watched.backend_state, watched.endpoint = placed.state, placed.endpoint
+        return placed
+
+    async def _place_then_health(self, spec: LaunchSpec, started: Started) -> None:
+        """Wait for a place when the backend has none yet, then for the health check."""
+        if not started.endpoint:
+            placed = await self._place(spec, started)
+            if placed is None:
+                return
+            started = placed
+        await self._report(
+            Report(
+                spec.instance_id,
                 "starting",
                 kind="progress",
                 message="waiting for the health check",

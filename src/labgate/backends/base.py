@@ -23,6 +23,13 @@ override every abstract method:
 ``logs(state, lines)``
     The last ``lines`` lines of the tool's output, as text.
 
+A backend whose engine queues (a batch scheduler) may return from ``start``
+with an empty ``endpoint``; the agent then calls ``place(state)``, which
+waits (as long as the queue takes, sending progress notes) until the tool has
+a place and returns the :class:`Started` with its endpoint, or raises
+:class:`~labgate.errors.InstanceStartError` saying why it never will. Only
+then does the health check's ``start_timeout`` begin.
+
 Optional hooks (the defaults say "not supported" or do nothing):
 
 ``snapshot(state, request)``
@@ -93,7 +100,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from labgate.config import SiteSettings
-from labgate.errors import LabgateError
+from labgate.errors import InstanceStartError, LabgateError
 from labgate.tools.catalog import describe_validation
 
 # The plain data of a launch lives in labgate.wire; backends keep importing it from here.
@@ -136,6 +143,8 @@ class LaunchSpec:
     snapshot: SnapshotRef | None = None
     #: The owner's user id: the process backend, run as root, derives the instance's uid from it.
     owner_id: int | None = None
+    #: What the user chose among the site's allowed values (a Slurm partition, wall time...).
+    options: dict[str, str] = field(default_factory=dict)
 
 
 class SnapshotUnsupported(LabgateError):
@@ -254,6 +263,15 @@ class Backend(abc.ABC):
         return tool.parsed(cls.tool_section, cls.tool_schema)
 
     @classmethod
+    def launch_choices(cls, options: JSON) -> JSON:
+        """What users may choose at launch on a site with these ``options``; by default nothing.
+
+        ``{name: {"default": ..., "allowed": [...]}}``: shown to users with the
+        site, and sent back in a launch's ``options``.
+        """
+        return {}
+
+    @classmethod
     def check_tool(cls, spec: Any) -> str | None:
         """Why a tool with this validated table cannot run here, or None when it can."""
         return None
@@ -294,6 +312,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def logs(self, state: JSON, lines: int = 100) -> str:
         """The last ``lines`` lines of the tool's output."""
+
+    async def place(self, state: JSON) -> Started:
+        """Wait until a queued instance has a place; its endpoint. Only for queueing backends."""
+        raise InstanceStartError(f"the {self.name} backend returned no endpoint")
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""

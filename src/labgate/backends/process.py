@@ -193,6 +193,42 @@ def _spawn(
         os.close(fd)
 
 
+def tool_environment(
+    spec: LaunchSpec,
+    workspace: Path,
+    tool_env: dict[str, str],
+    python: str,
+    user: str,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """A tool's whole environment: a few basics, the tool's, the launch's, ``extra``, labgate's.
+
+    ``python``'s directory leads ``PATH`` (``{python}`` tools find their own
+    interpreter's scripts); the slurm backend builds its jobs' environment here too.
+    """
+    python_bin = os.path.dirname(python)
+    path = os.environ.get("PATH", os.defpath)
+    env = {
+        "PATH": path if python_bin in path.split(os.pathsep) else f"{python_bin}:{path}",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+        "HOME": str(workspace),
+        "USER": user,
+    }
+    env.update(tool_env)
+    env.update(spec.env)
+    env.update(extra or {})
+    # Set last so neither the tool file nor the launch can forge them.
+    env.update(
+        {
+            MARKER_VAR: spec.instance_id,
+            "LABGATE_INSTANCE_TOKEN": spec.secret,
+            "LABGATE_BASE_URL": spec.base_url,
+            "LABGATE_USER": spec.owner,
+        }
+    )
+    return env
+
+
 # --- the backend -------------------------------------------------------------
 
 
@@ -447,26 +483,7 @@ class ProcessBackend(Backend):
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str]
     ) -> dict[str, str]:
         """The tool's whole environment: a few basics, the tool's, the launch's, labgate's."""
-        python_bin = os.path.dirname(sys.executable)
-        path = os.environ.get("PATH", os.defpath)
-        env = {
-            "PATH": path if python_bin in path.split(os.pathsep) else f"{python_bin}:{path}",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-            "HOME": str(workspace),
-            "USER": _account(),
-        }
-        env.update(tool_env)
-        env.update(spec.env)
-        # Set last so neither the tool file nor the launch can forge them.
-        env.update(
-            {
-                MARKER_VAR: spec.instance_id,
-                "LABGATE_INSTANCE_TOKEN": spec.secret,
-                "LABGATE_BASE_URL": spec.base_url,
-                "LABGATE_USER": spec.owner,
-            }
-        )
-        return env
+        return tool_environment(spec, workspace, tool_env, sys.executable, _account())
 
     # --- poll --------------------------------------------------------------------
 

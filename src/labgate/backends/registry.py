@@ -60,11 +60,14 @@ def check_sections(
             reason: str | None = None
             if section not in readers:
                 reason = f"[{section}] is read by no installed backend; ignored"
+            refused: list[str] = []
             for backend in readers.get(section, []):
                 try:
                     backend.tool_spec(tool)
                 except ToolSectionError as exc:
-                    reason = f"{exc}: cannot run on the {backend.name} backend"
+                    # Backends reading one table (process, slurm) refuse it alike: said once.
+                    refused.append(backend.name)
+                    reason = f"{exc}: cannot run on the {' or '.join(refused)} backend"
             if reason is not None:
                 log.warning("tool %s (%s): %s", tool.name, tool.source, reason)
                 problems.append(CatalogProblem(file=tool.source, reason=reason))

@@ -26,6 +26,13 @@ def launch(
     dataset: str | None = typer.Option(
         None, "--dataset", metavar="ID", help="Run next to this dataset, mounted at /data/NAME."
     ),
+    choose: list[str] = typer.Option(
+        [],
+        "--option",
+        "-o",
+        metavar="NAME=VALUE",
+        help="Choose among the site's allowed values, e.g. partition=gpu or time=2:00:00.",
+    ),
     wait: bool = typer.Option(
         True, "--wait/--no-wait", help="Follow the launch until the tool is ready."
     ),
@@ -39,7 +46,19 @@ def launch(
     resources = {
         key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
     }
-    body = {"tool": tool, "resources": resources or None, "site": site, "dataset": dataset}
+    options = {}
+    for item in choose:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--option wants NAME=VALUE, not {item!r}")
+        options[name.strip()] = value.strip()
+    body: dict[str, Any] = {
+        "tool": tool,
+        "resources": resources or None,
+        "site": site,
+        "dataset": dataset,
+        "options": options or None,
+    }
     with state_of(ctx).client() as client:
         instance = client.post("/instances", body)
         if wait:

@@ -256,6 +256,8 @@ class Instance(Base):
     dataset_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)
     #: What is mounted: ``[{"dataset", "source", "target", "read_only"}]``, fixed at launch.
     mounts: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    #: What the user chose among its site's allowed values (a Slurm partition, wall time).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     ready_at: Mapped[datetime | None] = mapped_column(default=None)

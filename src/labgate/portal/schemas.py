@@ -135,6 +135,11 @@ class SiteOut(BaseModel):
     token_issued_at: datetime | None = Field(
         None, description="When its enrolment token was made; admins only."
     )
+    choices: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What users may choose at launch (a launch's options): per name its "
+        "default and allowed values (Slurm: partition, gres, time...).",
+    )
     options: dict[str, Any] | None = Field(
         None, description="A network site's backend options; admins only."
     )
@@ -161,6 +166,11 @@ class LaunchIn(Strict):
     )
     group: str | None = Field(
         None, max_length=64, description="Group to charge; default: the first of yours with room."
+    )
+    options: dict[str, str] | None = Field(
+        None,
+        max_length=16,
+        description='Choices among the site\'s allowed values, e.g. {"partition": "gpu"} (Slurm).',
     )
 
     @model_validator(mode="after")
@@ -196,6 +206,9 @@ class InstanceOut(BaseModel):
         None, description="Idle culling spares the instance until then (its owner asked)."
     )
     pool: str | None = Field(None, description="The warm pool (tool@site) it waits in, unclaimed.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="What was chosen among the site's allowed values."
+    )
 
 
 class ActivityOut(BaseModel):

@@ -16,7 +16,8 @@ Every ``cull_interval`` seconds the culler looks at each running instance
   choosing (at most ``keep_alive_max`` ahead); the lifetime limit still holds.
 - **lifetime**: the smallest of ``max_lifetime`` (settings), the tool's
   ``max_lifetime`` and the charged group's, counted from when the instance
-  became ready for its owner.
+  became ready for its owner; and the end its site gave it, when its
+  backend state has ``ends_at`` (a Slurm job's wall time).
 
 ``cull_warning`` seconds before either stop a ``progress`` event with
 ``data.warning`` (``idle`` or ``lifetime``) and ``data.cull_at`` goes into the
@@ -73,6 +74,8 @@ class Watch:
     last_busy: float
     keep_alive_until: float | None
     group: Group | None
+    #: When the site ends the instance by itself (a batch job's wall time), if it does.
+    ends_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,14 @@ class Culler:
                     f"stopped at its maximum lifetime of {human(limit)}; the workspace is kept",
                 )
             )
+        if watch.ends_at is not None:
+            candidates.append(
+                Deadline(
+                    watch.ends_at,
+                    "lifetime",
+                    "stopped at the end of the wall time its site gave it; the workspace is kept",
+                )
+            )
         return min(candidates, key=lambda d: d.at) if candidates else None
 
     async def _warn(self, watch: Watch, deadline: Deadline, now: float) -> None:
@@ -274,7 +285,14 @@ def watch_of(instance: Instance, group: Group | None) -> Watch:
         last_busy=_ts(instance.last_activity_at),
         keep_alive_until=_ts(instance.keep_alive_until) if instance.keep_alive_until else None,
         group=group,
+        ends_at=_ends_at(instance.backend_state),
     )
+
+
+def _ends_at(state: dict[str, Any] | None) -> float | None:
+    """The end a site gave an instance (``ends_at`` in its backend state), if any."""
+    value = (state or {}).get("ends_at")
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def cull_status(culler: Culler | None, session: Session, instance: Instance) -> dict[str, Any]:

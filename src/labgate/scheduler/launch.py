@@ -62,6 +62,8 @@ class LaunchRequest:
     snapshot: str | None = None
     #: The group to charge (quotas, accounting); None: the first of the user's that admits it.
     group: str | None = None
+    #: Choices among the site's allowed values (Slurm: partition, time...); the site checks them.
+    options: dict[str, str] | None = None
 
 
 class WarmPools(Protocol):
@@ -224,6 +226,7 @@ def record(
         dataset_id=need.dataset_id if need is not None else None,
         mounts=[need.mount_on(site)] if need is not None else [],
         snapshot_id=request.snapshot,
+        options=dict(request.options or {}),
     )
     session.add(instance)
     accounting.open_record(session, instance, user, group.name if group else "")

@@ -54,6 +54,7 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
         activity=activity_out(portal, instance.id),
         keep_alive_until=instance.keep_alive_until,
         pool=instance.pool,
+        options=dict(instance.options or {}),
     )
 
 
@@ -108,6 +109,7 @@ async def launch(
         labels=body.labels,
         snapshot=body.snapshot,
         group=body.group,
+        options=body.options,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)

@@ -29,6 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from labgate.backends.base import BackendNotFound
 from labgate.backends.registry import backend_class
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -164,7 +165,21 @@ def site_out(
         agent=dict(site.agent_info or {}) if admin else None,
         token_issued_at=site.token_issued_at if admin else None,
         options=dict(backend_options) if admin and network else None,
+        choices=launch_choices(portal, site.name, site.backend, backend_options, network),
     )
+
+
+def launch_choices(
+    portal: Portal, name: str, backend: str, options: dict[str, Any], network: bool
+) -> dict[str, Any]:
+    """What users may choose at launch on a site, in its backend's words (none if unknown)."""
+    if not network:  # a site of the settings: its options are there
+        config = next((s for s in portal.settings.effective_sites if s.name == name), None)
+        options = config.options if config is not None else {}
+    try:
+        return backend_class(backend).launch_choices(options)
+    except (BackendNotFound, ImportError):
+        return {}
 
 
 def one_site_out(portal: Portal, session: Session, site: Site, *, admin: bool) -> SiteOut:

@@ -1,0 +1,235 @@
+"""The slurm backend under a site agent on the real test cluster: restarts and orphans.
+
+An agent that goes away leaves its jobs running or queued; a new agent (a
+restarted ``labgate agent`` or portal) adopts them from the saved state alone:
+a running one is watched again, a queued one is followed until it runs and
+becomes healthy. Jobs of the site that nobody knows are cancelled by reconcile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import TEST_SECRET_KEY
+from labgate.agent.site import Adoption, SiteAgent
+from labgate.backends.base import LaunchSpec
+from labgate.backends.slurm import SlurmBackend
+from labgate.config import Settings
+from labgate.tools.catalog import Catalog, Tool
+from labgate.wire.launch import Resources
+from labgate.wire.site import Report
+from slurm_cluster import Cluster
+
+pytestmark = pytest.mark.slow
+
+SITE = "hpc"
+
+
+class Recorder:
+    """The agent's reports, as the portal would receive them."""
+
+    def __init__(self) -> None:
+        self.reports: list[Report] = []
+
+    async def __call__(self, report: Report) -> None:
+        self.reports.append(report)
+
+    def of(self, instance_id: str) -> list[Report]:
+        """Reports on one instance."""
+        return [r for r in self.reports if r.instance_id == instance_id]
+
+    async def wait(
+        self, instance_id: str, state: str = "", note: str = "", timeout: float = 30
+    ) -> Report:
+        """The first report on ``instance_id`` moving it to ``state``, or noting ``note``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for report in self.of(instance_id):
+                if state and report.kind == "state" and report.state == state:
+                    return report
+                if note and report.kind == "progress" and note in report.message:
+                    return report
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no report of {state or note!r}: {self.of(instance_id)}")
+
+    def saved(self, instance_id: str) -> tuple[dict[str, Any], str]:
+        """The last backend state and endpoint reported: what the portal would have saved."""
+        state: dict[str, Any] = {}
+        endpoint = ""
+        for report in self.of(instance_id):
+            if report.backend_state is not None:
+                state = report.backend_state
+            if report.endpoint is not None:
+                endpoint = report.endpoint
+        return state, endpoint
+
+
+@pytest.fixture
+def demo() -> Tool:
+    """The real demo tool."""
+    tool = Catalog.load().get("demo")
+    assert tool is not None
+    return tool
+
+
+@pytest.fixture
+async def make_agent(tmp_path: Path, slurm: Cluster) -> Any:
+    """Site agents of one Slurm site, as a (re)started ``labgate agent`` builds them."""
+    settings = Settings(data_dir=tmp_path / "var", secret_key=TEST_SECRET_KEY)
+    agents: list[SiteAgent] = []
+
+    def make() -> tuple[SiteAgent, Recorder]:
+        options = slurm.options(
+            endpoint_host="127.0.0.1", request_memory=False, jobs_dir=str(tmp_path / "jobs")
+        )
+        recorder = Recorder()
+        agent = SiteAgent(
+            SITE,
+            SlurmBackend(settings, options),
+            recorder,
+            workspaces_dir=tmp_path / "workspaces",
+            poll_interval=0.2,
+            stop_grace=3,
+        )
+        agents.append(agent)
+        return agent, recorder
+
+    yield make
+    for agent in agents:
+        await agent.close()  # closing twice is fine; the jobs are cancelled by ``slurm``
+
+
+def spec_of(tool: Tool, cpu: float = 1) -> LaunchSpec:
+    """A launch of ``tool`` with one CPU."""
+    iid = f"t{uuid.uuid4().hex[:10]}"
+    return LaunchSpec(
+        instance_id=iid,
+        owner="alice",
+        tool=tool,
+        base_url=f"/i/{iid}/",
+        workspace=Path("alice"),
+        resources=Resources(cpu=cpu, memory=256 * 1024**2),
+        secret=uuid.uuid4().hex,
+    )
+
+
+async def healthy(endpoint: str, spec: LaunchSpec) -> bool:
+    """Whether the demo answers at ``endpoint`` with the instance's token."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        r = await client.get(
+            f"{endpoint}{spec.base_url}api/health",
+            headers={"Authorization": f"token {spec.secret}"},
+        )
+        return r.status_code == 200
+
+
+async def test_a_new_agent_adopts_running_and_queued_jobs(make_agent, demo, slurm) -> None:
+    first, seen = make_agent()
+    # Two instances of one CPU fill the node; the third is queued.
+    specs = [spec_of(demo) for _ in range(3)]
+    for spec in specs[:2]:
+        first.launch(spec)
+        await seen.wait(spec.instance_id, "running")
+    first.launch(specs[2])
+    await seen.wait(specs[2].instance_id, note="queued (")
+    await first.close()  # the agent goes away; the jobs stay
+
+    second, heard = make_agent()
+    running, queued = specs[0], specs[2]
+    state, endpoint = seen.saved(running.instance_id)
+    await second.adopt(Adoption(running, "running", state, endpoint))
+    assert second.watched[running.instance_id].running
+    assert await healthy(endpoint, running)
+    state, endpoint = seen.saved(queued.instance_id)
+    assert endpoint == "" and state["job_id"]
+    await second.adopt(Adoption(queued, "starting", state, endpoint, 0.0))
+    # Stopping the running one makes room: the adopted queued job runs and becomes healthy.
+    await second.stop(running.instance_id, {})
+    await heard.wait(queued.instance_id, "running", timeout=30)
+    _, placed = heard.saved(queued.instance_id)
+    assert await healthy(placed, queued)
+    # The adopted running job, killed outside labgate, is reported lost with the reason.
+    slurm.run("scancel", seen.saved(specs[1].instance_id)[0]["job_id"])
+    await second.adopt(Adoption(specs[1], "running", *seen.saved(specs[1].instance_id)))
+    lost = await heard.wait(specs[1].instance_id, "lost")
+    assert "cancelled outside labgate" in lost.message, lost
+    await second.stop(queued.instance_id, {})
+    await second.close()
+
+
+async def test_reconcile_cancels_jobs_nobody_knows(make_agent, demo, slurm) -> None:
+    agent, seen = make_agent()
+    kept, orphan = spec_of(demo), spec_of(demo)
+    for spec in (kept, orphan):
+        agent.launch(spec)
+        await seen.wait(spec.instance_id, "running")
+    # A restarted agent knows neither; the portal knows only ``kept``.
+    await agent.close()
+    fresh, _ = make_agent()
+    removed = await fresh.reconcile({kept.instance_id})
+    assert removed == [orphan.instance_id]
+    deadline = time.monotonic() + 20
+    while f"labgate-{SITE}-{orphan.instance_id}" in slurm.run("squeue", "-h", "-o", "%j"):
+        assert time.monotonic() < deadline, "the orphan's job is still there"
+        await asyncio.sleep(0.2)
+    assert f"labgate-{SITE}-{kept.instance_id}" in slurm.run("squeue", "-h", "-o", "%j")
+    # Another site's jobs are not this site's to cancel.
+    other = SlurmBackend(
+        Settings(data_dir=Path("/nonexistent"), secret_key=TEST_SECRET_KEY),
+        slurm.options(),
+    )
+    other.attach("elsewhere")
+    assert await other.reconcile(set()) == []
+    await fresh.stop(kept.instance_id, seen.saved(kept.instance_id)[0])
+    await fresh.close()
+
+
+def test_doctor_says_whether_the_controller_answers(slurm, tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path, secret_key=TEST_SECRET_KEY)
+    [ok] = SlurmBackend(settings, slurm.options()).doctor()
+    assert ok.level == "ok", ok
+    [missing] = SlurmBackend(settings, slurm.options(bin_dir=str(tmp_path))).doctor()
+    assert missing.level == "fail" and "sbatch" in missing.detail and missing.final
+    down = tmp_path / "down.conf"
+    down.write_text(slurm.conf.read_text().replace("SlurmctldPort=", "SlurmctldPort=1"))
+    [fail] = SlurmBackend(settings, slurm.options(slurm_conf=str(down))).doctor()
+    assert fail.level == "fail" and "does not answer" in fail.detail, fail
+
+
+async def test_a_batch_job_through_the_reusable_layer_and_its_sacct_usage(slurm, tmp_path):
+    from labgate.backends.slurm.jobs import JobRequest, Slurm
+
+    cluster = Slurm(str(slurm.conf))
+    request = JobRequest(
+        name="labgate-batch-step",
+        body="echo step done\nsleep 1\n",
+        shebang="#!/bin/sh",
+        partition="batch",
+        cpus=2,
+        time_limit=120,
+        output=str(tmp_path / "step.log"),
+        workdir=str(tmp_path),
+    )
+    job_id = await cluster.submit(request, tmp_path / "step.sh")
+    deadline = time.monotonic() + 30
+    while (job := await cluster.job(job_id)) is not None and job.active:
+        assert time.monotonic() < deadline, job
+        await asyncio.sleep(0.2)
+    assert job is not None and job.state == "COMPLETED" and job.partition == "batch", job
+    assert (tmp_path / "step.log").read_text().strip() == "step done"
+    if shutil.which("slurmdbd") is None:
+        assert await cluster.usage(job_id) is None  # no accounting: sacct knows nothing
+        return
+    while (usage := await cluster.usage(job_id)) is None or usage.state != "COMPLETED":
+        assert time.monotonic() < deadline + 30, usage
+        await asyncio.sleep(0.3)
+    assert usage.cpus == 2 and usage.elapsed >= 1
+    assert usage.core_hours == pytest.approx(2 * usage.elapsed / 3600)
