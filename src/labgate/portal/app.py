@@ -40,6 +40,7 @@ from labgate.portal.api import (
     instances,
     lifecycle,
     resolve,
+    shares,
     sites,
     snapshots,
     tokens,
@@ -187,6 +188,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await link.close()
         portal.db.dispose()
         portal.passwords.close()
+        for provider in portal.providers.values():
+            await provider.close()
 
 
 def create_app(settings: Settings | None = None, portal: Portal | None = None) -> FastAPI:
@@ -208,7 +211,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)
-    for module in (*modules, router_api, groups, usage, lifecycle, agent):
+    for module in (*modules, router_api, groups, usage, lifecycle, agent, shares):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])

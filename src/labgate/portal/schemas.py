@@ -15,6 +15,9 @@ USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
 class LoginIn(Strict):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+    provider: str | None = Field(
+        None, max_length=64, description="A password provider (local, an LDAP one); default first."
+    )
 
 
 class SessionOut(BaseModel):
@@ -208,6 +211,10 @@ class InstanceOut(BaseModel):
     pool: str | None = Field(None, description="The warm pool (tool@site) it waits in, unclaimed.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="What was chosen among the site's allowed values."
+    )
+    shared: bool = Field(False, description="Whether its owner shares it with anyone.")
+    access: str = Field(
+        "owner", description="What you may do: owner, admin, use (reach it) or view (see it)."
     )
 
 

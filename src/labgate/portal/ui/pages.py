@@ -19,7 +19,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from labgate import __version__
-from labgate.portal.ui import launch, render, signin, usage, views
+from labgate.portal.ui import federated, launch, render, signin, usage, views
 from labgate.portal.ui.render import templates
 from labgate.portal.ui.signin import safe_next
 
@@ -34,6 +34,7 @@ async def healthz() -> dict[str, str]:
 
 router.include_router(render.static_router)
 router.include_router(signin.router)
+router.include_router(federated.router)
 router.include_router(views.router)
 router.include_router(launch.router)
 router.include_router(usage.router)
