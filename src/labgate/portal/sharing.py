@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import (
@@ -184,12 +184,11 @@ def create_link(
 
 
 def revoke_link(session: Session, instance: Instance, link_id: int) -> None:
-    """Delete a link and every share it gave (the database cascades)."""
+    """Delete a link and every share it gave."""
     link = session.get(ShareLink, link_id)
     if link is None or link.instance_id != instance.id:
         raise NotFound(f"instance {instance.id} has no share link {link_id}", code="unknown_link")
-    for row in session.scalars(select(InstanceShare).where(InstanceShare.link_id == link.id)):
-        session.delete(row)
+    session.execute(delete(InstanceShare).where(InstanceShare.link_id == link.id))
     session.delete(link)
     session.flush()
 
