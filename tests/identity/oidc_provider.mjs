@@ -8,14 +8,13 @@ import Provider from 'oidc-provider';
 const [port, ...redirectUris] = process.argv.slice(2);
 const issuer = `http://127.0.0.1:${port}`;
 
-// Accounts: the subject is deliberately not the login name, as with real providers.
+// Accounts, by subject: the subject is deliberately not the user name, as with real
+// providers; on the sign-in page, type the subject (a-1f3e for alice).
 const ACCOUNTS = {
-  alice: { sub: 'a-1f3e', preferred_username: 'alice', email: 'alice@uni.example', groups: ['physics', 'staff'] },
-  bob: { sub: 'b-77c0', preferred_username: 'bob', email: 'bob@elsewhere.example', groups: [] },
-  carol: { sub: 'c-9d21', preferred_username: 'carol', email: 'carol@uni.example', groups: ['labgate-admins'] },
+  'a-1f3e': { sub: 'a-1f3e', preferred_username: 'alice', email: 'alice@uni.example', groups: ['physics', 'staff'] },
+  'b-77c0': { sub: 'b-77c0', preferred_username: 'bob', email: 'bob@elsewhere.example', groups: [] },
+  'c-9d21': { sub: 'c-9d21', preferred_username: 'carol', email: 'carol@uni.example', groups: ['labgate-admins'] },
 };
-
-const bySubject = Object.fromEntries(Object.values(ACCOUNTS).map((a) => [a.sub, a]));
 
 const provider = new Provider(issuer, {
   clients: [{
@@ -43,7 +42,7 @@ const provider = new Provider(issuer, {
     return grant;
   },
   async findAccount(ctx, id) {
-    const account = ACCOUNTS[id] || bySubject[id];
+    const account = ACCOUNTS[id];
     if (!account) return undefined;
     return {
       accountId: account.sub,

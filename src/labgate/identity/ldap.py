@@ -60,7 +60,7 @@ class LDAPOptions(BaseModel):
     group_search_base: str = ""
     group_filter: str = "(member={dn})"
     group_name_attribute: str = "cn"
-    timeout: float = Field(10.0, gt=0, le=120)
+    timeout: int = Field(10, gt=0, le=120)
 
     @model_validator(mode="after")
     def _one_way_to_find_users(self) -> LDAPOptions:

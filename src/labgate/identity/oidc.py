@@ -30,6 +30,7 @@ from joserfc.jwk import KeySet
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labgate.config import IdentityProviderConfig
+from labgate.errors import Forbidden
 from labgate.identity.base import (
     IdentityProvider,
     ProviderAccount,
@@ -160,12 +161,12 @@ class OpenIDConnect(IdentityProvider):
             )
         state = kept.get("state", "")
         if not state or params.get("state") != state or not params.get("code"):
-            raise ProviderError(
+            raise Forbidden(
                 "the sign-in did not come back as it was sent (state); please try again",
                 code="csrf_failed",
             )
         if params.get("iss") and params["iss"].rstrip("/") != self.issuer:
-            raise ProviderError("the sign-in came back from another issuer", code="csrf_failed")
+            raise Forbidden("the sign-in came back from another issuer", code="csrf_failed")
         tokens = await self._exchange(redirect_uri, params["code"], kept.get("verifier", ""))
         claims = await self._check_id_token(str(tokens.get("id_token", "")), kept.get("nonce", ""))
         access = tokens.get("access_token")
