@@ -6,8 +6,8 @@ from typing import Any
 
 import httpx
 import pytest
-
 from idp_servers import BASE, Directory
+
 from labgate.config import IdentityProviderConfig
 from labgate.identity.base import ProviderUnavailable
 from labgate.identity.ldap import LDAP

@@ -7,11 +7,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from idp_servers import oidc_config
 from sqlalchemy import select
 
-from idp_servers import oidc_config
 from labgate.db.models import ExternalIdentity, User
-
 
 #: The provider's accounts are known by subject (tests/identity/oidc_provider.mjs).
 SUBJECTS = {"alice": "a-1f3e", "bob": "b-77c0", "carol": "c-9d21"}
