@@ -149,3 +149,22 @@ async def test_an_expired_share_link_gives_nothing(
     await app.state.portal.run_db(expire)
     taken = await client.post("/api/v1/shares/redeem", json={"token": link["token"]}, headers=bo)
     assert taken.status_code == 404
+
+
+async def test_the_owner_sees_who_used_it_and_when(
+    client: httpx.AsyncClient, make_user: Any, router_url: str
+) -> None:
+    ada, bo = await make_user("ada"), await make_user("bo")
+    iid = await running_demo(client, ada)
+    await client.post(
+        f"/api/v1/instances/{iid}/shares", json={"user": "bo", "access": "use"}, headers=ada
+    )
+    before = time.time()
+    assert await through_router(router_url, iid, bo) == 200
+    assert await through_router(router_url, iid, ada) == 200
+    log = (await client.get(f"/api/v1/instances/{iid}/shares", headers=ada)).json()["visits"]
+    assert sorted(v["user"] for v in log) == ["ada", "bo"]
+    from datetime import datetime
+
+    for visit in log:
+        assert datetime.fromisoformat(visit["last_at"]).timestamp() >= before - 1

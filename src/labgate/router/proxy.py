@@ -350,6 +350,7 @@ class ClientConnection(asyncio.Protocol):
             return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
+        counter.users[identity.user.id] = now
         ctx.stats.requests += 1
         ex.started = now
         ex.counter = counter

@@ -139,8 +139,16 @@ def _link_out(session: Session, link: ShareLink) -> LinkOut:
     )
 
 
-def sharing_out(session: Session, instance: Instance) -> SharingOut:
-    """Everything about who may see, use and used an instance."""
+def sharing_out(
+    session: Session, instance: Instance, seen: dict[int, float] | None = None
+) -> SharingOut:
+    """Everything about who may see, use and used an instance.
+
+    ``seen`` is what the routers report now (user id -> last request); it is
+    stored first, so the access log outlives router and portal restarts.
+    """
+    if seen:
+        sharing.record_visits(session, {(instance.id, user): at for user, at in seen.items()})
     shares = session.scalars(
         select(InstanceShare)
         .where(InstanceShare.instance_id == instance.id)
@@ -164,6 +172,12 @@ def sharing_out(session: Session, instance: Instance) -> SharingOut:
     )
 
 
+def routers_saw(portal: Portal, instance_id: str) -> dict[int, float]:
+    """Who the routers let into an instance, and when last."""
+    activity = portal.activity.get(instance_id)
+    return {} if activity is None else activity.users
+
+
 def _changed(portal: Portal, session: Session, instance_id: str) -> None:
     if portal.routes is not None:
         portal.routes.access_changed(session, instance_id)
@@ -178,7 +192,10 @@ async def list_shares(
     portal: Portal = Depends(get_portal),
 ) -> SharingOut:
     """The instance's shares, share links and access log (owner and admins)."""
-    return await portal.run_db(lambda s: sharing_out(s, managed_instance(s, caller, instance_id)))
+    seen = routers_saw(portal, instance_id)
+    return await portal.run_db(
+        lambda s: sharing_out(s, managed_instance(s, caller, instance_id), seen)
+    )
 
 
 @router.post(
