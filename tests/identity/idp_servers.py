@@ -20,8 +20,8 @@ import pytest
 
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY
 from labgate.config import IdentityProviderConfig, Settings
+from servers import OIDCProvider
 
-HERE = Path(__file__).parent
 IN_CI = os.environ.get("CI") == "true"
 #: The provider names the tests configure; each has a callback URL registered at the provider.
 OIDC_NAMES = ("uni", "campus")
@@ -49,39 +49,28 @@ def portal_port() -> int:
 @pytest.fixture(scope="session")
 def oidc_issuer(portal_port: int) -> Iterator[str]:
     """npm's oidc-provider on a free loopback port, with a client for labgate."""
-    need(
-        shutil.which("node") is not None and (HERE / "node_modules" / "oidc-provider").is_dir(),
-        "needs node and oidc-provider: npm ci --prefix tests/identity",
+    need(shutil.which("node") is not None, "needs node: apt-get install nodejs")
+    missing = OIDCProvider.missing()
+    need(missing is None, missing or "")
+    provider = OIDCProvider(
+        [f"http://127.0.0.1:{portal_port}/login/{n}/callback" for n in OIDC_NAMES]
     )
-    port = free_port()
-    callbacks = [f"http://127.0.0.1:{portal_port}/login/{n}/callback" for n in OIDC_NAMES]
-    proc = subprocess.Popen(
-        ["node", str(HERE / "oidc_provider.mjs"), str(port), *callbacks],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    provider.start()
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-        assert line.startswith("listening "), f"oidc-provider did not start: {line!r}"
-        yield line.split()[1]
+        yield provider.issuer
     finally:
-        proc.terminate()
-        proc.wait(10)
+        provider.stop()
 
 
 def oidc_config(name: str, issuer: str, **policy: Any) -> IdentityProviderConfig:
+    options = {
+        "issuer": issuer,
+        "client_id": OIDCProvider.CLIENT_ID,
+        "client_secret": OIDCProvider.CLIENT_SECRET,
+        "scopes": "openid profile email groups",
+    }
     return IdentityProviderConfig(
-        name=name,
-        kind="oidc",
-        label=f"Sign in with {name}",
-        options={
-            "issuer": issuer,
-            "client_id": "labgate",
-            "client_secret": "labgate-test-secret",
-            "scopes": "openid profile email groups",
-        },
-        **policy,
+        name=name, kind="oidc", label=f"Sign in with {name}", options=options, **policy
     )
 
 

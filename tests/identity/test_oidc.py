@@ -163,3 +163,39 @@ async def test_a_callback_started_by_someone_else_is_refused(
         victim.cookies.clear()
         pushed = await victim.get(f"{callback.path}?{callback.query}")
         assert pushed.status_code == 403
+
+
+async def test_an_id_token_the_provider_did_not_sign_is_refused(oidc_issuer: str) -> None:
+    """Signature, then claims: a token signed with another key, or with none, is no sign-in."""
+    import base64
+    import json
+    import time
+
+    import pytest
+    from joserfc import jwt
+    from joserfc.jwk import RSAKey
+
+    from labgate.identity.base import ProviderError
+    from labgate.identity.oidc import OpenIDConnect
+
+    provider = OpenIDConnect(oidc_config("uni", oidc_issuer))
+    now = int(time.time())
+    claims = {
+        "iss": oidc_issuer,
+        "aud": "labgate",
+        "sub": "a-1f3e",
+        "nonce": "n-1",
+        "iat": now,
+        "exp": now + 300,
+    }
+    forged = jwt.encode({"alg": "RS256", "kid": "x"}, claims, RSAKey.generate_key(2048))
+    with pytest.raises(ProviderError):
+        await provider._check_id_token(forged, "n-1")
+
+    def part(value: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+    unsigned = f"{part({'alg': 'none'})}.{part(claims)}."
+    with pytest.raises(ProviderError):
+        await provider._check_id_token(unsigned, "n-1")
+    await provider.close()

@@ -168,3 +168,30 @@ async def test_the_owner_sees_who_used_it_and_when(
 
     for visit in log:
         assert datetime.fromisoformat(visit["last_at"]).timestamp() >= before - 1
+
+
+async def test_opening_a_share_link_shares_nothing_until_confirmed(
+    app: Any, client: httpx.AsyncClient, make_user: Any
+) -> None:
+    """A page of another site can send a visitor to a link, not make them take it up."""
+    from helpers import PASSWORD
+
+    ada = await make_user("ada")
+    await make_user("bo")
+    iid = await running_demo(client, ada)
+    link = (await client.post(f"/api/v1/instances/{iid}/links", json={}, headers=ada)).json()
+    async with httpx.AsyncClient(base_url=app.state.test_url, timeout=10) as browser:
+        login = await browser.post(
+            "/api/v1/auth/login", json={"username": "bo", "password": PASSWORD}
+        )
+        page = await browser.get(f"/share/{link['token']}")
+        assert page.status_code == 200 and "ada" in page.text
+        mine = (await browser.get("/api/v1/instances")).json()
+        assert mine == []  # seeing the offer shared nothing
+        forged = await browser.post(f"/share/{link['token']}", data={})
+        assert forged.status_code == 403  # no CSRF token: another site's form
+        assert (await browser.get("/api/v1/instances")).json() == []
+        csrf = login.json()["csrf_token"]
+        taken = await browser.post(f"/share/{link['token']}", data={"csrf_token": csrf})
+        assert taken.status_code == 303 and taken.headers["location"] == f"/instances/{iid}"
+        assert [i["id"] for i in (await browser.get("/api/v1/instances")).json()] == [iid]
