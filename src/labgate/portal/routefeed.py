@@ -94,6 +94,8 @@ class RouteFeedHub:
         """An instance changed state, endpoint or access."""
         route = self.route_for(instance)
         if route is None:
+            if instance.state.terminal:
+                self.access.pop(instance.id, None)
             self.table.remove_route(instance.id)
         else:
             self.table.add_route(route)

@@ -4,7 +4,8 @@ Revision ID: 0007_identity_sharing
 Revises: 0001
 Create Date: 2026-12-02
 
-A branch of its own off 0001, like the others; ``migrate()`` upgrades every head.
+A branch of its own off 0001, like the others (after 0004, whose groups it names);
+``migrate()`` upgrades every head.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from alembic import op
 revision = "0007_identity_sharing"
 down_revision = "0001"
 branch_labels = None
-depends_on = None
+# Shares name groups (0004): upgraded after it.
+depends_on = ("0004",)
 
 
 def upgrade() -> None:
