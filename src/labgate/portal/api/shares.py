@@ -7,6 +7,7 @@ See :mod:`labgate.portal.sharing` for the rules.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 from fastapi import APIRouter, Depends, Response
@@ -178,6 +179,24 @@ def routers_saw(portal: Portal, instance_id: str) -> dict[int, float]:
     return {} if activity is None else activity.users
 
 
+async def _withdraw(
+    portal: Portal,
+    caller: Principal,
+    instance_id: str,
+    remove: Callable[[Session, Instance, int], None],
+    row_id: int,
+) -> Response:
+    """Remove a share or a link of an instance the caller manages, and tell the routers."""
+
+    def run(session: Session) -> None:
+        instance = managed_instance(session, caller, instance_id)
+        remove(session, instance, row_id)
+        _changed(portal, session, instance.id)
+
+    await portal.run_db(run)
+    return Response(status_code=204)
+
+
 def _changed(portal: Portal, session: Session, instance_id: str) -> None:
     if portal.routes is not None:
         portal.routes.access_changed(session, instance_id)
@@ -240,14 +259,7 @@ async def remove_share(
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Stop sharing: the person's next request is refused and their WebSockets close."""
-
-    def remove(session: Session) -> None:
-        instance = managed_instance(session, caller, instance_id)
-        sharing.unshare(session, instance, share_id)
-        _changed(portal, session, instance.id)
-
-    await portal.run_db(remove)
-    return Response(status_code=204)
+    return await _withdraw(portal, caller, instance_id, sharing.unshare, share_id)
 
 
 @router.post(
@@ -286,14 +298,7 @@ async def remove_link(
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Revoke a share link and the access it gave."""
-
-    def remove(session: Session) -> None:
-        instance = managed_instance(session, caller, instance_id)
-        sharing.revoke_link(session, instance, link_id)
-        _changed(portal, session, instance.id)
-
-    await portal.run_db(remove)
-    return Response(status_code=204)
+    return await _withdraw(portal, caller, instance_id, sharing.revoke_link, link_id)
 
 
 async def redeem(portal: Portal, caller: Principal, token: str) -> RedeemOut:
