@@ -199,3 +199,34 @@ async def test_an_id_token_the_provider_did_not_sign_is_refused(oidc_issuer: str
     with pytest.raises(ProviderError):
         await provider._check_id_token(unsigned, "n-1")
     await provider.close()
+
+
+async def test_an_admin_sees_and_unlinks_a_users_provider_account(
+    oidc_issuer: str, portal_with: Any
+) -> None:
+    from helpers import ADMIN_PASSWORD, PASSWORD
+    from labgate.config import IdentityProviderConfig
+
+    app = await portal_with(
+        [
+            oidc_config("uni", oidc_issuer, first_login="existing"),
+            IdentityProviderConfig(name="local"),
+        ]
+    )
+    async with httpx.AsyncClient(base_url=app.state.test_url, timeout=10) as admin:
+        signed = await admin.post(
+            "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+        )
+        admin.headers["X-CSRF-Token"] = signed.json()["csrf_token"]
+        made = await admin.post("/api/v1/users", json={"name": "alice", "password": PASSWORD})
+        assert made.status_code == 201
+        async with httpx.AsyncClient(base_url=app.state.test_url, timeout=10) as browser:
+            assert (await sign_in(browser, "uni", "alice")).status_code == 303
+            mine = (await browser.get("/api/v1/users/me")).json()["identities"]
+            assert [(i["provider"], i["subject"]) for i in mine] == [("uni", "a-1f3e")]
+            refused = await browser.delete("/api/v1/users/alice/identities/uni")
+            assert refused.status_code == 403
+        assert (await admin.delete("/api/v1/users/alice/identities/uni")).status_code == 204
+        assert (await admin.get("/api/v1/users/alice")).json()["identities"] == []
+        gone = await admin.delete("/api/v1/users/alice/identities/uni")
+        assert gone.status_code == 404 and gone.json()["error"] == "not_linked"

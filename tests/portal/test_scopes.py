@@ -69,6 +69,7 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("PATCH", "/api/v1/users/{name}"): 403,
     ("DELETE", "/api/v1/users/{name}"): 403,
     ("PUT", "/api/v1/users/{name}/password"): 403,
+    ("DELETE", "/api/v1/users/{name}/identities/{provider}"): 403,
     ("POST", "/api/v1/tokens"): 201,
     ("GET", "/api/v1/tokens"): 200,
     ("DELETE", "/api/v1/tokens/{token_id}"): 404,
@@ -173,6 +174,7 @@ def fill(path: str, world: World) -> str:
         "site": "local",
         # Bob's instance has no shares or links: any id is someone else's.
         "share_id": "1",
+        "provider": "uni",
         "link_id": "1",
     }
     if path.startswith("/api/v1/tools/"):

@@ -50,6 +50,14 @@ class PasswordIn(Strict):
     )
 
 
+class IdentityOut(BaseModel):
+    provider: str
+    subject: str = Field(description="The provider's stable id of the person.")
+    email: str
+    created_at: datetime
+    last_login_at: datetime | None
+
+
 class UserOut(BaseModel):
     name: str
     is_admin: bool
@@ -57,6 +65,9 @@ class UserOut(BaseModel):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    identities: list[IdentityOut] | None = Field(
+        None, description="Accounts at identity providers linked to it (GET /users/{name})."
+    )
 
 
 class UserCreated(UserOut):
