@@ -18,7 +18,7 @@ Options (``[identity_providers.options]``): ``issuer``, ``client_id``,
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 from urllib.parse import urlencode
 
 import httpx
@@ -26,7 +26,7 @@ from authlib.common.security import generate_token
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
+from joserfc.jwk import KeySet, KeySetSerialization
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from labgate.config import IdentityProviderConfig
@@ -120,7 +120,8 @@ class OpenIDConnect(IdentityProvider):
         if self._keys is None or refresh:
             meta = await self.metadata()
             try:
-                self._keys = KeySet.import_key_set(await self._get_json(meta["jwks_uri"]))  # type: ignore[arg-type]
+                keys = cast(KeySetSerialization, await self._get_json(meta["jwks_uri"]))
+                self._keys = KeySet.import_key_set(keys)
             except (JoseError, ValueError, TypeError) as exc:
                 raise ProviderUnavailable(
                     f"identity provider {self.name!r}: bad keys: {exc}"
