@@ -150,6 +150,17 @@ class IdentityProviderConfig(BaseModel):
         return [d.strip().lower().lstrip("@") for d in value if d.strip()]
 
 
+class OAuthClientConfig(BaseModel):
+    """A service that may ask labgate who its user is (labgate as an OpenID Connect provider)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="The client's id.")
+    client_secret: SecretStr = Field(description="Its secret (HTTP Basic or form post).")
+    redirect_uris: list[str] = Field(min_length=1, description="Exact redirect URIs allowed.")
+    name: str = Field("", max_length=100, description="What people are told they sign in to.")
+
+
 NO_SECRET = SecretStr("")
 
 
@@ -286,6 +297,15 @@ class Settings(BaseSettings):
             "How people sign in: [[identity_providers]] tables (name, kind = local, oidc or "
             "ldap, label, options, first_login, allowed_domains, group_map, admin_groups). "
             "Empty means local passwords only. In the environment: a JSON list."
+        ),
+    )
+    oauth_clients: list[OAuthClientConfig] = Field(
+        default_factory=list,
+        description=(
+            "Services that may sign their users in with labgate (labgate as an OpenID Connect "
+            "provider): [[oauth_clients]] tables with client_id, client_secret, redirect_uris, "
+            "name. They get an ID token with the user's name and groups. In the environment: a "
+            "JSON list."
         ),
     )
     trusted_proxies: list[str] = Field(

@@ -29,7 +29,7 @@ from labgate.db.models import Site, SiteKind
 from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
 from labgate.errors import ConfigError
-from labgate.portal import health, operations
+from labgate.portal import health, oauth, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
     agent,
@@ -206,6 +206,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
         lifespan=lifespan,
     )
     app.state.portal = portal
+    app.state.oauth = oauth.OAuthState(portal.signer.key)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
 
@@ -222,5 +223,6 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.include_router(api)
     app.include_router(pages.router)
     app.include_router(health.router)
+    app.include_router(oauth.router)
     install_openapi(app)
     return app
