@@ -1,9 +1,14 @@
-"""labgate as an OpenID Connect provider: services ask it who their user is.
+"""labgate as an OpenID Connect provider: services and tools ask it who their user is.
 
 An admin registers a service in ``oauth_clients`` (client id, secret, exact
-redirect URIs). The service sends the browser to ``/oauth/authorize``; a
-person signed in to labgate (or who signs in now) is sent back with a
-one-time code, which the service exchanges at ``/oauth/token`` (client
+redirect URIs). Every running instance is a client too: its client id is the
+instance id, its secret the ``LABGATE_INSTANCE_TOKEN`` its tool was started
+with, and it may be sent back only under its own ``/i/<id>/`` prefix, for
+people who may use it (owner, ``use`` shares, admins).
+
+The client sends the browser to ``/oauth/authorize``; a person signed in
+to labgate (or who signs in now) is sent back with a one-time code, which
+the client exchanges at ``/oauth/token`` (client
 secret, and the PKCE verifier when it sent a challenge) for an ID token:
 ``sub`` (the labgate user id), ``preferred_username``, ``name`` and
 ``groups``, signed ES256 with a key derived from ``secret_key`` (so every
@@ -36,8 +41,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.config import OAuthClientConfig
-from labgate.db.models import Group, GroupMember, User
+from labgate.db.models import Group, GroupMember, Instance, ShareAccess, User
 from labgate.portal.auth import optional_principal
+from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, login_url
 
@@ -110,8 +116,57 @@ def _issuer(portal: Portal) -> str:
     return portal.settings.effective_public_url
 
 
-def _client(portal: Portal, client_id: str | None) -> OAuthClientConfig | None:
-    return next((c for c in portal.settings.oauth_clients if c.client_id == client_id), None)
+@dataclass(frozen=True)
+class Client:
+    """Who may ask: a registered service, or a running instance (its tool)."""
+
+    client_id: str
+    secret: str
+    #: Exact redirect URIs of a service; an instance takes any under its own prefix.
+    redirect_uris: tuple[str, ...] = ()
+    instance_prefix: str = ""
+
+    def redirects_to(self, uri: str) -> bool:
+        """Whether ``uri`` is one of this client's (never another site's or instance's)."""
+        if self.instance_prefix:
+            return uri.startswith(self.instance_prefix) and "/../" not in uri
+        return uri in self.redirect_uris
+
+
+def _service(config: OAuthClientConfig) -> Client:
+    return Client(
+        config.client_id, config.client_secret.get_secret_value(), tuple(config.redirect_uris)
+    )
+
+
+def _instance_client(portal: Portal, session: Session, client_id: str) -> Client | None:
+    instance = session.get(Instance, client_id)
+    if instance is None or not instance.state.active:
+        return None
+    secret = portal.box.open(instance.id, instance.secret)
+    if not secret:
+        return None
+    prefix = f"{portal.settings.effective_public_url}/i/{instance.id}/"
+    return Client(instance.id, secret, instance_prefix=prefix)
+
+
+async def find_client(portal: Portal, client_id: str | None) -> Client | None:
+    """A registered service by id, else a running instance (client id = instance id)."""
+    if not client_id:
+        return None
+    for config in portal.settings.oauth_clients:
+        if config.client_id == client_id:
+            return _service(config)
+    return await portal.run_db(lambda s: _instance_client(portal, s, client_id))
+
+
+def _may_use(session: Session, instance_id: str, user_id: int, is_admin: bool) -> bool:
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        return False
+    if is_admin or instance.owner_id == user_id:
+        return True
+    return shares_for(session, user_id).get(instance_id) == ShareAccess.use.value
 
 
 def _claims(session: Session, user_id: int) -> dict[str, Any] | None:
@@ -167,14 +222,23 @@ async def jwks(request: Request) -> dict[str, Any]:
 async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> Response:
     """Send the signed-in person back to the service with a code (sign in first)."""
     params = request.query_params
-    client = _client(portal, params.get("client_id"))
+    client = await find_client(portal, params.get("client_id"))
     redirect_uri = params.get("redirect_uri", "")
     # Never redirect to an address the client did not register: say so on labgate's page.
-    if client is None or redirect_uri not in client.redirect_uris:
+    if client is None or not client.redirects_to(redirect_uri):
         return error_page(request, 400, "bad_client", "Unknown client or redirect URI.")
     caller = await optional_principal(request)
     if caller is None or caller.via != "session":
         return RedirectResponse(login_url(request), status_code=303)
+    if client.instance_prefix:
+        # A tool learns only about people who may use it: not its existence otherwise.
+        allowed = await portal.run_db(
+            lambda s: _may_use(s, client.client_id, caller.user_id, caller.has("admin"))
+        )
+        if not allowed:
+            return error_page(
+                request, 404, "unknown_instance", "There is no such instance of yours."
+            )
     back: dict[str, str] = {"iss": _issuer(portal)}
     if params.get("state"):
         back["state"] = params["state"]
@@ -200,9 +264,9 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
     return RedirectResponse(f"{redirect_uri}{joiner}{urlencode(back)}", status_code=303)
 
 
-def _client_auth(
+async def _client_auth(
     portal: Portal, request: Request, form_id: str | None, form_secret: str | None
-) -> OAuthClientConfig | None:
+) -> Client | None:
     client_id, secret = form_id, form_secret
     header = request.headers.get("authorization", "")
     if header.lower().startswith("basic "):
@@ -211,11 +275,10 @@ def _client_auth(
         except ValueError:
             return None
         client_id, _, secret = decoded.partition(":")
-    client = _client(portal, client_id)
+    client = await find_client(portal, client_id)
     if client is None or secret is None:
         return None
-    expected = client.client_secret.get_secret_value()
-    return client if hmac.compare_digest(expected.encode(), secret.encode()) else None
+    return client if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
 
 
 @router.post("/oauth/token")
@@ -230,7 +293,7 @@ async def token(
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Exchange a code for an ID token and an access token."""
-    client = _client_auth(portal, request, client_id, client_secret)
+    client = await _client_auth(portal, request, client_id, client_secret)
     if client is None:
         return _error(401, "invalid_client", "unknown client or wrong secret")
     if grant_type != "authorization_code":
