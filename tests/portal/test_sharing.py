@@ -152,8 +152,10 @@ async def test_an_expired_share_link_gives_nothing(
 
 
 async def test_the_owner_sees_who_used_it_and_when(
-    client: httpx.AsyncClient, make_user: Any, router_url: str
+    app: Any, client: httpx.AsyncClient, make_user: Any, router_url: str
 ) -> None:
+    from labgate.db.models import InstanceVisit
+
     ada, bo = await make_user("ada"), await make_user("bo")
     iid = await running_demo(client, ada)
     await client.post(
@@ -162,6 +164,12 @@ async def test_the_owner_sees_who_used_it_and_when(
     before = time.time()
     assert await through_router(router_url, iid, bo) == 200
     assert await through_router(router_url, iid, ada) == 200
+    # Saved in the background, so the log outlives restarts (here: at once).
+    assert await app.state.visits.flush() == 2
+    rows = await app.state.portal.run_db(
+        lambda s: s.query(InstanceVisit).filter_by(instance_id=iid).count()
+    )
+    assert rows == 2
     log = (await client.get(f"/api/v1/instances/{iid}/shares", headers=ada)).json()["visits"]
     assert sorted(v["user"] for v in log) == ["ada", "bo"]
     from datetime import datetime
