@@ -154,7 +154,9 @@ _NAME_CHARS = re.compile(r"[^a-z0-9_.-]+")
 def clean_username(value: str) -> str:
     """A provider's suggested name made fit for labgate (lower case, safe characters)."""
     name = _NAME_CHARS.sub("-", value.strip().lower().partition("@")[0]).strip("-._")
-    if not name or not name[0].isalpha():
+    if not name:
+        name = "user"
+    elif not name[0].isalpha():
         name = "u" + name
     # Room for a "-N" suffix when the name is taken, within labgate's 32 characters.
     return name[:28].rstrip("-._")

@@ -13,10 +13,13 @@ sign-in with an unknown subject follows the provider's ``first_login``:
 A new account never takes over an existing one: when the name is taken it
 gets a ``-2``, ``-3``... suffix. At every sign-in, membership of the labgate
 groups named in ``group_map`` follows the provider's groups (other groups are
-left alone) and, when ``admin_groups`` is set, so does the admin flag.
+left alone) and, when ``admin_groups`` is set, so does the admin flag (the
+last enabled admin keeps it, so the settings can still be fixed).
 """
 
 from __future__ import annotations
+
+import logging
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -25,6 +28,8 @@ from labgate.config import IdentityProviderConfig
 from labgate.db.models import ExternalIdentity, Group, GroupMember, User, utcnow
 from labgate.errors import Forbidden, Unauthorized
 from labgate.identity.base import ProviderAccount
+
+log = logging.getLogger(__name__)
 
 
 def sign_in(session: Session, config: IdentityProviderConfig, account: ProviderAccount) -> User:
@@ -87,6 +92,13 @@ def _first_login(
     return user
 
 
+def _last_admin(session: Session, user: User) -> bool:
+    others = session.scalar(
+        select(User.id).where(User.is_admin, ~User.disabled, User.id != user.id).limit(1)
+    )
+    return others is None
+
+
 def _free_name(session: Session, wanted: str) -> str:
     taken = set(session.scalars(select(User.name).where(User.name.like(f"{wanted}%"))))
     if wanted not in taken:
@@ -102,7 +114,12 @@ def apply_groups(
 ) -> None:
     """Mapped group memberships and the admin flag, as the provider's groups say."""
     if config.admin_groups:
-        user.is_admin = bool(groups & set(config.admin_groups))
+        admin = bool(groups & set(config.admin_groups))
+        if user.is_admin and not admin and _last_admin(session, user):
+            # Taking the last admin's rights would leave nobody to fix the settings.
+            log.warning("%s stays an admin: the last enabled one", user.name)
+            admin = True
+        user.is_admin = admin
     if not config.group_map:
         return
     wanted = {target for source, target in config.group_map.items() if source in groups}
@@ -119,3 +136,4 @@ def apply_groups(
             session.add(GroupMember(group_id=group.id, user_id=user.id))
         elif name not in wanted and member is not None:
             session.delete(member)
+    session.flush()
