@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint format venv clean sandbox
+.PHONY: run test check lint format venv clean sandbox identity-test-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ sandbox:
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The OpenID Connect provider the identity tests start (npm's oidc-provider).
+identity-test-deps:
+	npm ci --prefix tests/identity --no-audit --no-fund --loglevel=error
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -147,3 +147,59 @@ class LabgateServer:
             )
             created.raise_for_status()
             return {"Authorization": f"token {created.json()['token']}"}
+
+
+IDENTITY_TESTS = Path(__file__).parent / "identity"
+
+
+class OIDCProvider:
+    """npm's oidc-provider (``tests/identity/oidc_provider.mjs``) on a free loopback port.
+
+    Its client ``labgate`` (secret ``labgate-test-secret``) may return to
+    ``callbacks``. Its own sign-in page takes an account's subject (``a-1f3e``
+    is alice) and any password.
+    """
+
+    CLIENT_ID = "labgate"
+    CLIENT_SECRET = "labgate-test-secret"
+
+    def __init__(self, callbacks: list[str]) -> None:
+        self.port = free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.callbacks = callbacks
+        self.process: subprocess.Popen[str] | None = None
+
+    @staticmethod
+    def missing() -> str | None:
+        """Why the provider cannot run here (with the command that fixes it), or None."""
+        if not (IDENTITY_TESTS / "node_modules" / "oidc-provider").is_dir():
+            return "needs node and oidc-provider: npm ci --prefix tests/identity"
+        return None
+
+    def start(self) -> None:
+        """Start it and wait until it serves."""
+        self.process = subprocess.Popen(
+            ["node", str(IDENTITY_TESTS / "oidc_provider.mjs"), str(self.port), *self.callbacks],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.process.stdout.readline() if self.process.stdout else ""
+        if not line.startswith("listening "):
+            self.stop()
+            raise RuntimeError(f"oidc-provider did not start: {line!r}")
+
+    def stop(self) -> None:
+        """Stop it."""
+        if self.process is not None:
+            terminate(self.process, 10)
+            self.process = None
+
+    def options(self) -> dict[str, str]:
+        """The ``options`` of a labgate ``oidc`` provider using it."""
+        return {
+            "issuer": self.issuer,
+            "client_id": self.CLIENT_ID,
+            "client_secret": self.CLIENT_SECRET,
+            "scopes": "openid profile email groups",
+        }

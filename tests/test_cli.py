@@ -556,3 +556,30 @@ def test_logs_follow_ends_with_the_instance(cli: Cli, admin_token: str) -> None:
     assert following.returncode == 0, err
     assert "starting" in out  # the header the backend writes before the tool's own output
     assert out.count("starting") == 1, out  # nothing printed twice
+
+
+def test_share_add_ls_link_accept_rm(cli: Cli, admin_token: str) -> None:
+    owner = make_user(cli, admin_token, "olga", "olga-password-1")
+    friend = make_user(cli, admin_token, "fred", "fred-password-1")
+    instance_id = cli("launch", "demo", "--no-wait", token=owner).stdout.strip()
+    added = cli("share", "add", instance_id, "--user", "fred", "--access", "view", token=owner)
+    assert f"{instance_id} is shared with fred (view)" in added.stderr
+    table = cli("share", "ls", instance_id, token=owner).stdout
+    assert re.search(r"^\d+\s+fred\s+view\s", table, re.M), table
+    # fred sees it in his list, with its owner; he cannot share it on.
+    assert re.search(rf"^{instance_id}\s+demo\s+olga\s", cli("ls", token=friend).stdout, re.M)
+    refused = cli("share", "add", instance_id, "--user", "admin", token=friend, ok=False)
+    assert "(not_owner)" in one_error_line(refused)
+    both = cli("share", "add", instance_id, token=owner, ok=False)
+    assert one_error_line(both) == "error: name --user or --group (one of them)"
+
+    url = cli("share", "link", instance_id, "--expires", "1h", token=owner).stdout.strip()
+    assert "/share/lgl_" in url
+    taken = cli("share", "accept", url, token=friend).stdout.strip()
+    assert taken.endswith(f"/i/{instance_id}/")
+    sharing = json.loads(cli("share", "ls", instance_id, "--json", token=owner).stdout)
+    assert sharing["links"][0]["used_by"] == ["fred"]
+    cli("share", "unlink", instance_id, str(sharing["links"][0]["id"]), token=owner)
+    cli("share", "rm", instance_id, str(sharing["shares"][0]["id"]), token=owner)
+    assert "not shared with anyone" in cli("share", "ls", instance_id, token=owner).stderr
+    cli("stop", instance_id, token=owner)

@@ -52,6 +52,29 @@ def test_problems_are_named_with_their_fix(env, tmp_path):
     assert "fix: fix the pool in the pools setting" in out
 
 
+def test_identity_providers_that_do_not_answer_are_named(env):
+    dead = f"http://127.0.0.1:{free_port()}"
+    providers = [
+        {"name": "local"},
+        {"name": "uni", "kind": "oidc", "options": {"issuer": dead, "client_id": "x"}},
+        {
+            "name": "dir",
+            "kind": "ldap",
+            "options": {
+                "url": f"ldap://127.0.0.1:{free_port()}",
+                "user_dn_template": "uid={username}",
+            },
+        },
+    ]
+    code, out = doctor({**env, "LABGATE_IDENTITY_PROVIDERS": json.dumps(providers)})
+    assert code == 1, out
+    assert "ok    identity provider local:" in out
+    assert "FAIL  identity provider uni:" in out and "check the issuer option" in out
+    assert "FAIL  identity provider dir:" in out and "check the url option" in out
+    code, out = doctor({**env, "LABGATE_IDENTITY_PROVIDERS": '[{"name": "x", "kind": "saml"}]'})
+    assert "FAIL  identity providers: unknown identity provider kind 'saml'" in out
+
+
 def test_bad_settings_are_one_finding(env):
     code, out = doctor({**env, "LABGATE_PORT": "70000"})
     assert code == 1

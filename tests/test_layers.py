@@ -33,7 +33,7 @@ LAYERS: list[set[str]] = [
     {"tools"},
     {"backends"},
     {"agent", "startup"},
-    {"scheduler", "resolver"},
+    {"scheduler", "resolver", "identity"},
     {"portal"},
     {"router"},
     {"doctor"},

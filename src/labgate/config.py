@@ -113,6 +113,54 @@ class PoolConfig(BaseModel):
     size: int = Field(1, ge=0, le=1000, description="Instances kept started and unclaimed.")
 
 
+class IdentityProviderConfig(BaseModel):
+    """One identity provider: its kind (a ``labgate.identity`` plugin), options and policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$", description="Short name, in URLs.")
+    kind: str = Field("local", description="The plugin: local, oidc, ldap, or an installed one.")
+    label: str = Field("", max_length=100, description="Text of its sign-in button or form.")
+    options: dict[str, Any] = Field(default_factory=dict, description="The plugin's options.")
+    first_login: Literal["open", "domains", "existing"] = Field(
+        "existing",
+        description=(
+            "Whom a first sign-in lets in: open (anyone the provider knows), domains (e-mail "
+            "domains in allowed_domains), existing (only users an admin created, by name)."
+        ),
+    )
+    allowed_domains: list[str] = Field(
+        default_factory=list, description="E-mail domains let in when first_login = domains."
+    )
+    group_map: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Provider group -> labgate group. Membership of the mapped labgate groups follows "
+            "the provider at every sign-in."
+        ),
+    )
+    admin_groups: list[str] = Field(
+        default_factory=list,
+        description="Provider groups whose members are labgate admins (set at every sign-in).",
+    )
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _lower_domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().lstrip("@") for d in value if d.strip()]
+
+
+class OAuthClientConfig(BaseModel):
+    """A service that may ask labgate who its user is (labgate as an OpenID Connect provider)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    client_id: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", description="The client's id.")
+    client_secret: SecretStr = Field(description="Its secret (HTTP Basic or form post).")
+    redirect_uris: list[str] = Field(min_length=1, description="Exact redirect URIs allowed.")
+    name: str = Field("", max_length=100, description="What people are told they sign in to.")
+
+
 NO_SECRET = SecretStr("")
 
 
@@ -241,6 +289,23 @@ class Settings(BaseSettings):
         description=(
             "Failed sign-ins allowed from one client address, whatever the account. "
             "Empty: no limit."
+        ),
+    )
+    identity_providers: list[IdentityProviderConfig] = Field(
+        default_factory=list,
+        description=(
+            "How people sign in: [[identity_providers]] tables (name, kind = local, oidc or "
+            "ldap, label, options, first_login, allowed_domains, group_map, admin_groups). "
+            "Empty means local passwords only. In the environment: a JSON list."
+        ),
+    )
+    oauth_clients: list[OAuthClientConfig] = Field(
+        default_factory=list,
+        description=(
+            "Services that may sign their users in with labgate (labgate as an OpenID Connect "
+            "provider): [[oauth_clients]] tables with client_id, client_secret, redirect_uris, "
+            "name. They get an ID token with the user's name and groups. In the environment: a "
+            "JSON list."
         ),
     )
     trusted_proxies: list[str] = Field(
@@ -487,6 +552,14 @@ class Settings(BaseSettings):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"site names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_providers(self) -> Settings:
+        names = [provider.name for provider in self.identity_providers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"identity provider names must be unique: {', '.join(duplicates)}")
         return self
 
     @property

@@ -4,7 +4,8 @@ It runs where the server runs, with the same settings (environment,
 ``labgate.toml``), and checks, in order: the settings themselves, the data
 directory, the database and its schema, the tool catalog, every site's
 backend and its engine (each backend's own ``doctor()`` checks: bubblewrap for
-processes, the Docker Engine API for containers), the warm pools, and, when a
+processes, the Docker Engine API for containers), the warm pools, the identity
+providers (OpenID Connect discovery, the LDAP server's port), and, when a
 server answers at the configured URL, its ``/readyz``. Each check is one
 :class:`Finding`: ``ok``, ``warn`` (works, but probably not as meant) or
 ``fail`` (will not work), with the fix in words. ``doctor`` exits 1 when anything failed.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,9 @@ from labgate.config import Settings
 from labgate.datadir import UnsafeSetup, prepare_data_dir
 from labgate.db.session import Database, alembic_config
 from labgate.errors import ConfigError
+from labgate.identity.base import load_providers
+from labgate.identity.ldap import LDAP
+from labgate.identity.oidc import OpenIDConnect
 from labgate.startup import check_data_dir as check_data_dir_usable
 
 ENGINE_TIMEOUT = 5.0
@@ -218,6 +223,41 @@ def check_pools(settings: Settings) -> Iterator[Finding]:
             yield ok(subject, f"{pool.size} warm instance(s)")
 
 
+def check_identity(settings: Settings) -> Iterator[Finding]:
+    """Every identity provider loads, and the remote ones answer (OIDC discovery, LDAP port)."""
+    try:
+        providers = load_providers(settings.identity_providers)
+    except ConfigError as exc:
+        yield Finding("fail", "identity providers", str(exc), "see docs/identity.md")
+        return
+    for provider in providers.values():
+        subject = f"identity provider {provider.name}"
+        if isinstance(provider, OpenIDConnect):
+            url = f"{provider.issuer}/.well-known/openid-configuration"
+            try:
+                response = httpx.get(url, timeout=ENGINE_TIMEOUT)
+                issuer = str(response.json().get("issuer", "")).rstrip("/")
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                yield Finding("fail", subject, f"{url}: {exc}", "check the issuer option")
+                continue
+            if issuer != provider.issuer:
+                yield Finding(
+                    "fail", subject, f"discovery names issuer {issuer!r}", "fix the issuer option"
+                )
+            else:
+                yield ok(subject, f"OpenID Connect at {provider.issuer}")
+        elif isinstance(provider, LDAP):
+            host, port = provider.server.host, provider.server.port
+            try:
+                socket.create_connection((host, port), timeout=ENGINE_TIMEOUT).close()
+            except OSError as exc:
+                yield Finding("fail", subject, f"{host}:{port}: {exc}", "check the url option")
+                continue
+            yield ok(subject, f"LDAP at {host}:{port} answers")
+        else:
+            yield ok(subject, f"{type(provider).__name__} ({provider.kind})")
+
+
 def check_server(settings: Settings) -> Iterator[Finding]:
     """A server at the configured URL is ready (not running is fine: it is a note)."""
     url = settings.effective_public_url
@@ -263,6 +303,7 @@ def run_checks(settings: Settings) -> list[Finding]:
         check_catalog,
         check_sites,
         check_pools,
+        check_identity,
         check_server,
     ):
         findings.extend(check(settings))

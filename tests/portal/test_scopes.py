@@ -45,6 +45,9 @@ BODIES: dict[tuple[str, str], Any] = {
     ("PATCH", "/api/v1/groups/{name}"): {"description": "changed by the walk"},
     ("PUT", "/api/v1/users/{name}/limits"): {"instances": 1},
     ("PUT", "/api/v1/instances/{instance_id}/keep-alive"): {"for": 3600},
+    ("POST", "/api/v1/instances/{instance_id}/shares"): {"user": "alice", "access": "use"},
+    ("POST", "/api/v1/instances/{instance_id}/links"): {},
+    ("POST", "/api/v1/shares/redeem"): {"token": "lgl_not-a-real-link"},
 }
 
 #: Required query parameters.
@@ -66,6 +69,7 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("PATCH", "/api/v1/users/{name}"): 403,
     ("DELETE", "/api/v1/users/{name}"): 403,
     ("PUT", "/api/v1/users/{name}/password"): 403,
+    ("DELETE", "/api/v1/users/{name}/identities/{provider}"): 403,
     ("POST", "/api/v1/tokens"): 201,
     ("GET", "/api/v1/tokens"): 200,
     ("DELETE", "/api/v1/tokens/{token_id}"): 404,
@@ -117,6 +121,12 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("PUT", "/api/v1/instances/{instance_id}/keep-alive"): 404,
     ("DELETE", "/api/v1/instances/{instance_id}/keep-alive"): 404,
     ("POST", "/api/v1/instances/{instance_id}/activity"): 401,
+    ("GET", "/api/v1/instances/{instance_id}/shares"): 404,
+    ("POST", "/api/v1/instances/{instance_id}/shares"): 404,
+    ("DELETE", "/api/v1/instances/{instance_id}/shares/{share_id}"): 404,
+    ("POST", "/api/v1/instances/{instance_id}/links"): 404,
+    ("DELETE", "/api/v1/instances/{instance_id}/links/{link_id}"): 404,
+    ("POST", "/api/v1/shares/redeem"): 404,
     ("GET", "/api/v1/pools"): 403,
     ("GET", "/api/v1"): 200,
     ("GET", "/readyz"): 200,
@@ -162,6 +172,10 @@ def fill(path: str, world: World) -> str:
         "snapshot_id": world.snapshot_id,
         "identifier": DOI,
         "site": "local",
+        # Bob's instance has no shares or links: any id is someone else's.
+        "share_id": "1",
+        "provider": "uni",
+        "link_id": "1",
     }
     if path.startswith("/api/v1/tools/"):
         values["name"] = "demo"

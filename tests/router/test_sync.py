@@ -225,14 +225,20 @@ async def test_activity_reporter_posts() -> None:
     portal = PortalServer(publisher)
     await portal.start()
     reporter = ActivityReporter(
-        lambda: {"aaaa": Activity(1.0, 2, 3, 4)}, portal.url, STREAM_TOKEN, interval=0.05
+        lambda: {"aaaa": Activity(1.0, 2, 3, 4, {7: 1.0})}, portal.url, STREAM_TOKEN, interval=0.05
     )
     task = asyncio.get_running_loop().create_task(reporter.run())
     try:
         await wait_for(lambda: bool(portal.reports))
         report = portal.reports[0]
         assert report["activity"] == {
-            "aaaa": {"last_request": 1.0, "bytes_in": 2, "bytes_out": 3, "open_websockets": 4}
+            "aaaa": {
+                "last_request": 1.0,
+                "bytes_in": 2,
+                "bytes_out": 3,
+                "open_websockets": 4,
+                "users": {"7": 1.0},
+            }
         }
     finally:
         task.cancel()

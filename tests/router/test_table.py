@@ -75,6 +75,28 @@ def test_removal_listeners_and_purge() -> None:
     assert set(table.revoked) == {"new"}
 
 
+def test_narrowed_access_is_told_on_replace_and_resync() -> None:
+    """What closes a revoked user's WebSockets: any route that lets fewer users in."""
+    table = RouteTable()
+    narrowed: list[tuple[str, frozenset[int]]] = []
+    table.on_access_narrowed(lambda route: narrowed.append((route.instance_id, route.access)))
+    table.add_route(Route("a", "unix:/a", 1))
+    table.add_route(Route("a", "unix:/a", 1, access=frozenset({2, 3})))  # wider: nothing
+    assert narrowed == []
+    table.add_route(Route("a", "unix:/a", 1, access=frozenset({3})))
+    assert narrowed == [("a", frozenset({3}))]
+    table.resync({"version": 1, "routes": [Route("a", "unix:/a", 1).to_dict()]})
+    assert narrowed[-1] == ("a", frozenset())
+    table.add_route(Route("a", "unix:/a", 4))  # another owner
+    assert len(narrowed) == 3
+
+
+def test_activity_users_merge_by_latest_request() -> None:
+    merged = merge([Activity(1.0, users={7: 1.0, 8: 5.0}), Activity(2.0, users={7: 3.0})])
+    assert merged.users == {7: 3.0, 8: 5.0}
+    assert Activity.from_dict(json.loads(json.dumps(merged.to_dict()))) == merged
+
+
 def test_activity_log_and_merge() -> None:
     log = ActivityLog()
     assert log.get("x") is None

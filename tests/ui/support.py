@@ -104,18 +104,23 @@ class Gateway:
 
     def shot(self, page: Any, name: str, *, docs: bool = False, full_page: bool = False) -> Path:
         """Save what the user sees now; with ``docs``, also for the user guide."""
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / f"{name}.png"
-        page.screenshot(path=str(path), full_page=full_page, animations="disabled")
-        if docs and os.environ.get("LABGATE_DOCS_IMAGES") == "1":
-            DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, DOCS_IMAGES / f"{name}.png")
-        return path
+        return screenshot(page, name, docs=docs, full_page=full_page)
 
     def close(self) -> None:
         for context in self.contexts:
             with contextlib.suppress(Exception):
                 context.close()
+
+
+def screenshot(page: Any, name: str, *, docs: bool = False, full_page: bool = False) -> Path:
+    """Save what the user sees now; with ``docs`` (and LABGATE_DOCS_IMAGES=1), for the guide."""
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=full_page, animations="disabled")
+    if docs and os.environ.get("LABGATE_DOCS_IMAGES") == "1":
+        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, DOCS_IMAGES / f"{name}.png")
+    return path
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "condition") -> None:

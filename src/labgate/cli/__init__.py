@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import typer
 
-from labgate.cli import account, agent, instances, limits, ops, serve, sites, users
+from labgate.cli import account, agent, instances, limits, ops, serve, shares, sites, users
 from labgate.cli.context import CliState, LabgateGroup
 from labgate.cli.datasets import dataset_app
 
@@ -69,6 +69,7 @@ app.add_typer(users.user_app, name="user")
 app.add_typer(account.token_app, name="token")
 app.add_typer(ops.tool_app, name="tool")
 app.add_typer(sites.site_app, name="site")
+app.add_typer(shares.share_app, name="share")
 app.add_typer(dataset_app, name="dataset")
 app.add_typer(limits.group_app, name="group")
 app.add_typer(limits.quota_app, name="quota")

@@ -507,3 +507,91 @@ class UsageRecord(Base):
     #: Why it ended: ``stopped`` (by a person), ``idle``, ``lifetime``, ``failed``, ``lost``,
     #: ``claimed`` (a pool record handed over), ``deleted``...
     reason: Mapped[str] = mapped_column(String(32), default="")
+
+
+class ExternalIdentity(Base):
+    """A user's account at an identity provider, by the provider's stable subject."""
+
+    __tablename__ = "identities"
+    __table_args__ = (
+        UniqueConstraint("provider", "subject", name="uq_identities_provider_subject"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    #: The provider's configured name (``identity_providers``).
+    provider: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(255))
+    #: The e-mail address the provider gave at the last sign-in (information only).
+    email: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[User] = relationship()
+
+
+class ShareAccess(enum.StrEnum):
+    """What a share gives."""
+
+    #: See the instance in lists, its state, events and logs.
+    view = "view"
+    #: All of view, and reach the tool through the router.
+    use = "use"
+
+
+class ShareLink(Base):
+    """A link giving ``use`` of an instance to whoever signs in with it; its hash is kept."""
+
+    __tablename__ = "share_links"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), default="")
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+
+
+class InstanceShare(Base):
+    """An instance shared with a user or a group (exactly one of the two)."""
+
+    __tablename__ = "instance_shares"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), default=None, index=True
+    )
+    group_id: Mapped[int | None] = mapped_column(
+        ForeignKey("groups.id", ondelete="CASCADE"), default=None, index=True
+    )
+    #: :class:`ShareAccess`.
+    access: Mapped[str] = mapped_column(String(8), default=ShareAccess.view.value)
+    #: The share link it came from, if any: revoking the link removes it.
+    link_id: Mapped[int | None] = mapped_column(
+        ForeignKey("share_links.id", ondelete="CASCADE"), default=None, index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    user: Mapped[User | None] = relationship()
+    group: Mapped[Group | None] = relationship()
+
+
+class InstanceVisit(Base):
+    """Who reached an instance through the router, and when last (the owner's access log)."""
+
+    __tablename__ = "instance_visits"
+
+    instance_id: Mapped[str] = mapped_column(
+        ForeignKey("instances.id", ondelete="CASCADE"), primary_key=True
+    )
+    user_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    first_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_at: Mapped[datetime] = mapped_column(default=utcnow)

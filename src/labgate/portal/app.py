@@ -29,7 +29,7 @@ from labgate.db.models import Site, SiteKind
 from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
 from labgate.errors import ConfigError
-from labgate.portal import health, operations
+from labgate.portal import health, oauth, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
     agent,
@@ -40,6 +40,7 @@ from labgate.portal.api import (
     instances,
     lifecycle,
     resolve,
+    shares,
     sites,
     snapshots,
     tokens,
@@ -187,6 +188,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await link.close()
         portal.db.dispose()
         portal.passwords.close()
+        for provider in portal.providers.values():
+            await provider.close()
 
 
 def create_app(settings: Settings | None = None, portal: Portal | None = None) -> FastAPI:
@@ -203,12 +206,13 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
         lifespan=lifespan,
     )
     app.state.portal = portal
+    app.state.oauth = oauth.OAuthState(portal.signer.key)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)
-    for module in (*modules, router_api, groups, usage, lifecycle, agent):
+    for module in (*modules, router_api, groups, usage, lifecycle, agent, shares):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])
@@ -219,5 +223,6 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.include_router(api)
     app.include_router(pages.router)
     app.include_router(health.router)
+    app.include_router(oauth.router)
     install_openapi(app)
     return app

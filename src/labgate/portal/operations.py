@@ -1,4 +1,4 @@
-"""The portal's operations services: metrics, quotas' defaults, warm pools, the culler.
+"""The portal's operations services: metrics, quotas' defaults, warm pools, the culler, visits.
 
 The app's lifespan calls :func:`wire` once the instance manager exists (before
 running instances are restored, so their launch times and environment are
@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from labgate.portal.metrics import LaunchTimer, Metrics
 from labgate.portal.state import Portal
+from labgate.portal.visits import VisitLog
 from labgate.scheduler.culling import Culler
 from labgate.scheduler.pools import PoolManager
 from labgate.scheduler.quotas import default_limits
@@ -27,11 +28,13 @@ class Operations:
     metrics: Metrics
     pools: PoolManager
     culler: Culler
+    visits: VisitLog
 
     async def close(self) -> None:
         """Stop culling and refilling; instances keep running."""
         await self.culler.close()
         await self.pools.close()
+        await self.visits.close()
 
 
 def wire(app: FastAPI, portal: Portal) -> Metrics:
@@ -63,4 +66,7 @@ async def start_operations(app: FastAPI, portal: Portal, metrics: Metrics) -> Op
     culler = Culler(manager, portal.activity, settings, metrics)
     app.state.culler = culler
     culler.start()
-    return Operations(metrics, pools, culler)
+    visits = VisitLog(portal)
+    app.state.visits = visits
+    visits.start()
+    return Operations(metrics, pools, culler, visits)

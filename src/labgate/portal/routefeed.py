@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
@@ -25,14 +26,16 @@ from labgate.db.models import (
     ACTIVE_STATES,
     ApiToken,
     Instance,
+    InstanceShare,
     InstanceState,
     RevokedSession,
     User,
     utcnow,
 )
+from labgate.portal.sharing import access_list, groups_of, instances_shared_with_groups
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
-from labgate.wire.routes import SNAPSHOT_VERSION, Route, RouteState, TokenInfo, UserInfo
+from labgate.wire.routes import NO_ACCESS, SNAPSHOT_VERSION, Route, RouteState, TokenInfo, UserInfo
 from labgate.wire.stream import RoutePublisher
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,9 @@ class RouteFeedHub:
         #: Opens the sealed instance secrets the routes carry to the routers.
         self.box = box
         self.table = table or RoutePublisher()
+        #: Each shared instance's access list (users with ``use``, groups expanded), kept
+        #: in step by the sharing API and group changes; the routes carry it to routers.
+        self.access: dict[str, frozenset[int]] = {}
         #: Where the router reaches an instance when not at its endpoint (a tunneled
         #: site's unix socket; labgate.agent.network), set by the app; None: the endpoint.
         self.upstream_of: Callable[[Instance], str | None] | None = None
@@ -78,6 +84,7 @@ class RouteFeedHub:
             instance_id=instance.id,
             upstream=upstream,
             owner_id=instance.owner_id,
+            access=self.access.get(instance.id, NO_ACCESS),
             state=route_state,
             keep_prefix=tool.supports_prefix if tool is not None else True,
             upstream_token=self.box.open(instance.id, instance.secret) or "",
@@ -87,9 +94,35 @@ class RouteFeedHub:
         """An instance changed state, endpoint or access."""
         route = self.route_for(instance)
         if route is None:
+            if instance.state.terminal:
+                self.access.pop(instance.id, None)
             self.table.remove_route(instance.id)
         else:
             self.table.add_route(route)
+
+    # --- sharing -----------------------------------------------------------
+    def access_changed(self, session: Session, instance_id: str) -> None:
+        """An instance's shares changed: recompute its access list and re-send its route."""
+        access = access_list(session, instance_id)
+        if access:
+            self.access[instance_id] = access
+        else:
+            self.access.pop(instance_id, None)
+        route = self.table.routes.get(instance_id)
+        if route is not None and route.access != access:
+            self.table.add_route(replace(route, access=access))
+
+    def memberships_changed(self, session: Session, user_id: int) -> None:
+        """A user joined or left groups: instances shared with groups follow."""
+        groups = groups_of(session, user_id)
+        known = {i for i, users in self.access.items() if user_id in users}
+        for instance_id in known | set(instances_shared_with_groups(session, groups)):
+            self.access_changed(session, instance_id)
+
+    def group_changed(self, session: Session, group_id: int) -> None:
+        """A group's members changed: instances shared with it follow."""
+        for instance_id in instances_shared_with_groups(session, [group_id]):
+            self.access_changed(session, instance_id)
 
     # --- identities --------------------------------------------------------
     @staticmethod
@@ -144,6 +177,11 @@ class RouteFeedHub:
             for r in session.scalars(select(RevokedSession).where(RevokedSession.expires_at > now))
         ]
         routes = []
+        self.access = {}
+        for instance_id in session.scalars(select(InstanceShare.instance_id).distinct()):
+            access = access_list(session, instance_id)
+            if access:
+                self.access[instance_id] = access
         for instance in session.scalars(select(Instance).where(Instance.state.in_(ACTIVE_STATES))):
             route = self.route_for(instance)
             if route is not None:

@@ -15,6 +15,9 @@ USER_NAME = r"^[a-z][a-z0-9_.-]{0,31}$"
 class LoginIn(Strict):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+    provider: str | None = Field(
+        None, max_length=64, description="A password provider (local, an LDAP one); default first."
+    )
 
 
 class SessionOut(BaseModel):
@@ -47,6 +50,14 @@ class PasswordIn(Strict):
     )
 
 
+class IdentityOut(BaseModel):
+    provider: str
+    subject: str = Field(description="The provider's stable id of the person.")
+    email: str
+    created_at: datetime
+    last_login_at: datetime | None
+
+
 class UserOut(BaseModel):
     name: str
     is_admin: bool
@@ -54,6 +65,9 @@ class UserOut(BaseModel):
     disabled: bool
     created_at: datetime
     last_login_at: datetime | None
+    identities: list[IdentityOut] | None = Field(
+        None, description="Accounts at identity providers linked to it (GET /users/{name})."
+    )
 
 
 class UserCreated(UserOut):
@@ -208,6 +222,10 @@ class InstanceOut(BaseModel):
     pool: str | None = Field(None, description="The warm pool (tool@site) it waits in, unclaimed.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="What was chosen among the site's allowed values."
+    )
+    shared: bool = Field(False, description="Whether its owner shares it with anyone.")
+    access: str = Field(
+        "owner", description="What you may do: owner, admin, use (reach it) or view (see it)."
     )
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from labgate.config import Settings
 from labgate.db.session import Database
+from labgate.identity.base import IdentityProvider, load_providers
 from labgate.passwords import PasswordWorkers
 from labgate.portal.login_limits import LoginLimiter
 from labgate.scheduler.activity import ActivityBoard
@@ -49,8 +50,11 @@ class Portal:
     site_hub: SiteHub | None = None
     passwords: PasswordWorkers = field(init=False)
     login_limits: LoginLimiter = field(init=False)
+    #: The identity providers, by name, in the order of the settings.
+    providers: dict[str, IdentityProvider] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.providers = load_providers(self.settings.identity_providers)
         self.passwords = PasswordWorkers(
             self.settings.password_hash_workers, self.settings.password_min_length
         )

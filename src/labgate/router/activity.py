@@ -17,17 +17,25 @@ __all__ = ["Activity", "ActivityLog", "Counter", "merge"]
 class Counter:
     """The mutable counters behind one route's :class:`Activity`."""
 
-    __slots__ = ("bytes_in", "bytes_out", "last_request", "open_websockets")
+    __slots__ = ("bytes_in", "bytes_out", "last_request", "open_websockets", "users")
 
     def __init__(self) -> None:
         self.last_request = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
         self.open_websockets = 0
+        #: Who passed the access check, and when last (the owner's access log).
+        self.users: dict[int, float] = {}
 
     def freeze(self) -> Activity:
         """A frozen copy."""
-        return Activity(self.last_request, self.bytes_in, self.bytes_out, self.open_websockets)
+        return Activity(
+            self.last_request,
+            self.bytes_in,
+            self.bytes_out,
+            self.open_websockets,
+            dict(self.users),
+        )
 
 
 class ActivityLog:

@@ -34,7 +34,7 @@ from labgate.router.http import (
     MAX_TARGET,
 )
 from labgate.router.upstream import UpstreamConnection
-from labgate.wire.routes import UpstreamAddress
+from labgate.wire.routes import UpstreamAddress, UserInfo
 
 PAUSE_PIPELINE = 1
 PAUSE_UPSTREAM = 2
@@ -70,9 +70,11 @@ class ClientConnection(asyncio.Protocol):
         "trusted_peer",
         "tunnel",
         "tunnel_id",
+        "tunnel_user",
         "upgrade_buf",
         "upgrade_buffered",
         "upstream",
+        "user",
         "write_paused",
     )
 
@@ -86,6 +88,10 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_id = ""
+        #: Who opened the tunnel (a WebSocket): closed when they lose access.
+        self.tunnel_user: UserInfo | None = None
+        #: Who sent the request being proxied to an instance.
+        self.user: UserInfo | None = None
         self.upgrade_buf: list[bytes] | None = None
         self.upgrade_buffered = 0
         self.counter: Counter | None = None
@@ -344,11 +350,13 @@ class ClientConnection(asyncio.Protocol):
             return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
+        counter.users[identity.user.id] = now
         ctx.stats.requests += 1
         ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id
         ex.head = instance_head(ex, route, identity, creds, self._client(ex), self.proto)
+        self.user = identity.user
         self._proxy(ex, route.address)
 
     def _proxy(self, ex: Exchange, address: UpstreamAddress) -> None:
@@ -542,6 +550,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.instance_id:
                 counter.open_websockets += 1
                 self.tunnel_id = ex.instance_id
+                self.tunnel_user = self.user
                 self.ctx.tunnels.setdefault(ex.instance_id, set()).add(self)
         if rest:
             self.write(rest)

@@ -24,7 +24,7 @@ from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
 from labgate.security import SessionSigner
-from labgate.wire.routes import RouteTable, parse_upstream
+from labgate.wire.routes import Route, RouteTable, parse_upstream
 
 
 class Router:
@@ -49,6 +49,8 @@ class Router:
         )
         self.servers: list[asyncio.Server] = []
         table.on_route_removed(self._route_removed)
+        table.on_access_narrowed(self._access_narrowed)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def listen(
         self,
@@ -60,7 +62,7 @@ class Router:
         backlog: int = 4096,
     ) -> asyncio.Server:
         """Accept connections on ``host:port`` (port 0: any free one) or on ``sock``."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self.ctx.start()
         if sock is not None:
             server = await loop.create_server(
@@ -113,6 +115,29 @@ class Router:
         await self.ctx.stop()
         # Let transports finish closing before the loop can go away.
         await asyncio.sleep(0)
+
+    def _access_narrowed(self, route: Route) -> None:
+        """A share was revoked: close the WebSockets of whoever lost access, at once.
+
+        The portal may change the table from a worker thread (in-process
+        router); the connections belong to the router's loop.
+        """
+        loop = self._loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            self._close_unallowed(route)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(self._close_unallowed, route)
+
+    def _close_unallowed(self, route: Route) -> None:
+        for conn in list(self.ctx.tunnels.get(route.instance_id, ())):
+            if isinstance(conn, ClientConnection):
+                user = conn.tunnel_user
+                if user is None or not (user.is_admin or route.allows(user.id)):
+                    conn.close()
 
     def _route_removed(self, instance_id: str) -> None:
         """A withdrawn route takes its open WebSockets with it."""

@@ -96,8 +96,8 @@ class Route:
     """One instance reachable under ``/i/<instance_id>/``.
 
     ``access`` holds the ids of users other than the owner who may use the
-    instance (the portal fills it with none today); admins may always. ``keep_prefix``
-    forwards the path unchanged (the tool honours its base URL); otherwise
+    instance (those it is shared with as ``use``, groups expanded); admins may
+    always. ``keep_prefix`` forwards the path unchanged (the tool honours its base URL); otherwise
     ``/i/<id>`` is stripped. ``upstream_token`` is sent to the tool as
     ``Authorization: token <it>`` so the tool accepts only proxied traffic.
     """
@@ -265,6 +265,8 @@ class RouterControl(Protocol):
 
 
 RemovalListener = Callable[[str], None]
+#: Told of a route whose access list (or owner) changed so that someone lost access.
+NarrowedListener = Callable[[Route], None]
 
 
 class RouteTable:
@@ -283,11 +285,16 @@ class RouteTable:
         self.revoked: dict[str, float] = {}
         self.generation = 0
         self._removal_listeners: list[RemovalListener] = []
+        self._narrowed_listeners: list[NarrowedListener] = []
 
     # --- RouterControl -------------------------------------------------------
     def add_route(self, route: Route) -> None:
-        """Add or replace the route of ``route.instance_id``."""
+        """Add or replace the route of ``route.instance_id``; listeners hear of lost access."""
+        old = self.routes.get(route.instance_id)
         self.routes[route.instance_id] = route
+        if old is not None and (old.owner_id != route.owner_id or not old.access <= route.access):
+            for listener in self._narrowed_listeners:
+                listener(route)
 
     def remove_route(self, instance_id: str) -> None:
         """Withdraw a route and tell listeners (the proxy closes its tunnels)."""
@@ -337,11 +344,20 @@ class RouteTable:
             for r in snapshot.get("revoked_sessions", ())
         }
         gone = [instance_id for instance_id in self.routes if instance_id not in routes]
+        narrowed = [
+            new
+            for instance_id, new in routes.items()
+            if (old := self.routes.get(instance_id)) is not None
+            and (old.owner_id != new.owner_id or not old.access <= new.access)
+        ]
         self.routes, self.users, self.tokens, self.revoked = routes, users, tokens, revoked
         self.generation += 1
         for instance_id in gone:
             for listener in self._removal_listeners:
                 listener(instance_id)
+        for changed in narrowed:
+            for narrowed_listener in self._narrowed_listeners:
+                narrowed_listener(changed)
 
     # --- the rest -----------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -355,6 +371,10 @@ class RouteTable:
                 {"session_id": s, "expires_at": e} for s, e in self.revoked.items()
             ],
         }
+
+    def on_access_narrowed(self, listener: NarrowedListener) -> None:
+        """Call ``listener(route)`` when a replaced route lets fewer users in than before."""
+        self._narrowed_listeners.append(listener)
 
     def on_route_removed(self, listener: RemovalListener) -> None:
         """Call ``listener(instance_id)`` whenever a route is withdrawn."""

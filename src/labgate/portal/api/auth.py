@@ -1,4 +1,8 @@
-"""Sign in and out with a password; who am I."""
+"""Sign in and out with a password (local or a password provider such as LDAP); who am I.
+
+Redirect providers (OpenID Connect) sign in through the browser pages instead
+(:mod:`labgate.portal.ui.federated`), and end in :func:`complete_sign_in` too.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import RevokedSession, User, utcnow
-from labgate.errors import Unauthorized
+from labgate.errors import BadRequest, Unauthorized
+from labgate.identity.base import IdentityProvider, ProviderAccount
+from labgate.identity.linking import sign_in
 from labgate.portal.accounts import user_out
 from labgate.portal.auth import Caller, scopes_of
 from labgate.portal.openapi import errors
@@ -54,7 +60,7 @@ def _signed_in(session: Session, user_id: int) -> User:
 async def verify_credentials(
     portal: Portal, request: Request, username: str, password: str
 ) -> tuple[int, bool]:
-    """The id and disabled flag of the user whose name and password match.
+    """The id and disabled flag of the local user whose name and password match.
 
     One vague 401 otherwise. Rate limited (429 with ``Retry-After``) per
     account, per client address and per both; the hash is checked on the
@@ -79,8 +85,66 @@ async def verify_credentials(
     return account[0], account[2]
 
 
-async def check_password(portal: Portal, request: Request, username: str, password: str) -> User:
+async def verify_with_provider(
+    portal: Portal, request: Request, provider: IdentityProvider, username: str, password: str
+) -> User:
+    """The user a password provider (LDAP) vouches for, linked or created now.
+
+    The same limits as local passwords (the account key is ``provider/name``),
+    and the directory is asked with one of the password workers' slots held,
+    so a flood of sign-ins cannot tie up more than that many binds.
+    """
+    key = f"{provider.name}/{username.strip().lower()}"
+    address = client_address(request)
+    limits = portal.login_limits
+    await limits.check(key, address)
+    async with portal.passwords.slot():
+        await limits.check(key, address)
+        account = await provider.check_password(username, password)
+        if account is None:
+            await limits.failed(key, address)
+            raise Unauthorized("wrong user name or password", code="invalid_credentials")
+    await limits.succeeded(key, address)
+    return await complete_sign_in(portal, provider, account)
+
+
+async def complete_sign_in(
+    portal: Portal, provider: IdentityProvider, account: ProviderAccount
+) -> User:
+    """Link (or create) the account's user, update its groups, and tell the routers."""
+
+    def link(session: Session) -> User:
+        user = sign_in(session, provider.config, account)
+        session.flush()
+        if portal.routes is not None:
+            portal.routes.user_changed(user)
+            portal.routes.memberships_changed(session, user.id)
+        session.expunge(user)
+        return user
+
+    return await portal.run_db(link)
+
+
+def password_provider(portal: Portal, name: str | None) -> IdentityProvider:
+    """The password provider called ``name`` (the first one when None); 400 otherwise."""
+    found = [p for p in portal.providers.values() if p.kind == "password"]
+    if name is not None:
+        found = [p for p in found if p.name == name]
+    if not found:
+        raise BadRequest(
+            f"no password sign-in {'called ' + repr(name) + ' ' if name else ''}is configured",
+            code="unknown_provider",
+        )
+    return found[0]
+
+
+async def check_password(
+    portal: Portal, request: Request, username: str, password: str, provider: str | None = None
+) -> User:
     """The enabled user whose name and password match, now signed in; 401 otherwise."""
+    chosen = password_provider(portal, provider)
+    if not chosen.checks_local_passwords:
+        return await verify_with_provider(portal, request, chosen, username, password)
     user_id, disabled = await verify_credentials(portal, request, username, password)
     if disabled:
         raise Unauthorized(
@@ -106,7 +170,7 @@ def set_session_cookie(
     return session_id
 
 
-@router.post("/login", response_model=SessionOut, responses=errors(401, 403, 429))
+@router.post("/login", response_model=SessionOut, responses=errors(400, 401, 403, 429, 502))
 async def login(
     body: LoginIn, request: Request, response: Response, portal: Portal = Depends(get_portal)
 ) -> SessionOut:
@@ -116,7 +180,7 @@ async def login(
     ``Referer``); refused (429) after too many failures.
     """
     check_same_origin(request, portal.settings.effective_public_url)
-    user = await check_password(portal, request, body.username, body.password)
+    user = await check_password(portal, request, body.username, body.password, body.provider)
     session_id = set_session_cookie(portal, response, user.id)
     return SessionOut(
         user=user_out(user),

@@ -23,6 +23,7 @@ from labgate.errors import Conflict, NotFound
 from labgate.portal.accounts import get_user
 from labgate.portal.auth import Caller, Principal, require
 from labgate.portal.openapi import errors
+from labgate.portal.sharing import instances_shared_with_groups
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler import quotas
 from labgate.types import Strict
@@ -211,7 +212,17 @@ async def delete_group(
     name: str, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> Response:
     """Delete a group (admins); usage records keep its name."""
-    await portal.run_db(lambda s: s.delete(get_group(s, name)))
+
+    def delete(session: Session) -> None:
+        group = get_group(session, name)
+        shared = instances_shared_with_groups(session, [group.id])
+        session.delete(group)
+        session.flush()
+        if portal.routes is not None:
+            for instance_id in shared:
+                portal.routes.access_changed(session, instance_id)
+
+    await portal.run_db(delete)
     return Response(status_code=204)
 
 
@@ -237,6 +248,8 @@ async def add_member(
             session.add(GroupMember(group_id=group.id, user_id=member.id))
             session.flush()
             response.status_code = 201
+            if portal.routes is not None:
+                portal.routes.group_changed(session, group.id)
         return group_out(session, group)
 
     return await portal.run_db(add)
@@ -257,6 +270,9 @@ async def remove_member(
         if row is None:
             raise NotFound(f"{user} is not in group {name}", code="not_a_member")
         session.delete(row)
+        session.flush()
+        if portal.routes is not None:
+            portal.routes.group_changed(session, group.id)
 
     await portal.run_db(remove)
     return Response(status_code=204)

@@ -11,14 +11,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import Instance, InstanceEvent, InstanceState, User
+from labgate.db.models import Instance, InstanceEvent, InstanceShare, InstanceState, User
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
+from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.launch import LaunchRequest
 from labgate.types import MAX_ID
@@ -29,8 +30,20 @@ SSE_WAKE_TIMEOUT = 1.0
 SSE_KEEPALIVE = 15.0
 
 
-def instance_out(portal: Portal, instance: Instance, caller: Principal) -> InstanceOut:
-    """The public view of an instance."""
+def instance_out(
+    portal: Portal, instance: Instance, caller: Principal, session: Session | None = None
+) -> InstanceOut:
+    """The public view of an instance (with a session: whether and how it is shared)."""
+    access, shared = "owner", False
+    if session is not None:
+        shared = (
+            session.scalar(
+                select(InstanceShare.id).where(InstanceShare.instance_id == instance.id).limit(1)
+            )
+            is not None
+        )
+        if instance.owner_id != caller.user_id:
+            access = shares_for(session, caller.user_id).get(instance.id) or "admin"
     return InstanceOut(
         id=instance.id,
         tool=instance.tool,
@@ -55,6 +68,8 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
         keep_alive_until=instance.keep_alive_until,
         pool=instance.pool,
         options=dict(instance.options or {}),
+        shared=shared,
+        access=access,
     )
 
 
@@ -85,10 +100,21 @@ def event_out(event: InstanceEvent) -> EventOut:
     )
 
 
-def visible_instance(session: Session, caller: Principal, instance_id: str) -> Instance:
-    """The instance if the caller may see it; 404 otherwise (no hint that it exists)."""
+def visible_instance(
+    session: Session, caller: Principal, instance_id: str, *, shared: bool = False
+) -> Instance:
+    """The instance if the caller may manage it (or, with ``shared``, see it); 404 otherwise.
+
+    404 rather than 403 gives no hint that an instance exists. Those it is
+    shared with (``view`` or ``use``) may see it, its events and logs, never
+    stop it.
+    """
     instance = session.get(Instance, instance_id)
-    if instance is None or not caller.can_manage(instance.owner_id):
+    allowed = instance is not None and (
+        caller.can_manage(instance.owner_id)
+        or (shared and instance_id in shares_for(session, caller.user_id))
+    )
+    if instance is None or not allowed:
         raise NotFound(f"no instance {instance_id!r}", code="unknown_instance")
     session.refresh(instance, ["owner", "site"])
     return instance
@@ -124,15 +150,17 @@ async def list_instances(
     user: str | None = None,
     active: bool = Query(False, description="Only pending, starting, running, stopping."),
     limit: int = Query(200, ge=1, le=1000),
+    include_shared: bool = Query(True, alias="shared", description="And those shared with you."),
 ) -> list[InstanceOut]:
-    """Your instances (admins: everyone's), newest first, with filters."""
+    """Your instances and those shared with you (admins: everyone's), newest first."""
     if user is not None and user != caller.name:
         caller.require("admin")
 
     def query(session: Session) -> list[InstanceOut]:
         stmt = select(Instance).join(User, Instance.owner_id == User.id)
         if not (caller.is_admin and "admin" in caller.scopes):
-            stmt = stmt.where(Instance.owner_id == caller.user_id)
+            shared_ids = list(shares_for(session, caller.user_id)) if include_shared else []
+            stmt = stmt.where(or_(Instance.owner_id == caller.user_id, Instance.id.in_(shared_ids)))
         if user is not None:
             stmt = stmt.where(User.name == user)
         if state:
@@ -155,7 +183,7 @@ async def list_instances(
         rows = session.scalars(stmt).all()
         for row in rows:
             session.refresh(row, ["owner", "site"])
-        return [instance_out(portal, row, caller) for row in rows]
+        return [instance_out(portal, row, caller, session) for row in rows]
 
     return await portal.run_db(query)
 
@@ -168,7 +196,9 @@ async def show_instance(
 ) -> InstanceOut:
     """One instance."""
     return await portal.run_db(
-        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
+        lambda s: instance_out(
+            portal, visible_instance(s, caller, instance_id, shared=True), caller, s
+        )
     )
 
 
@@ -192,7 +222,7 @@ async def instance_logs(
     lines: int = Query(200, ge=1, le=10000),
 ) -> LogsOut:
     """The tool's recent output."""
-    instance = await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
+    instance = await portal.run_db(lambda s: visible_instance(s, caller, instance_id, shared=True))
     text = await portal.instances.logs(instance, lines)
     return LogsOut(instance=instance.id, lines=lines, text=text)
 
@@ -215,7 +245,7 @@ async def instance_events(
     Each message has ``id`` (for ``Last-Event-ID``), ``event`` (``state`` or
     ``progress``) and a JSON ``data`` like the items of ``EventOut``.
     """
-    await portal.run_db(lambda s: visible_instance(s, caller, instance_id))
+    await portal.run_db(lambda s: visible_instance(s, caller, instance_id, shared=True))
     if last_event_id is not None:
         try:
             seen = int(last_event_id)

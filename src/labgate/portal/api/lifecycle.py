@@ -90,7 +90,7 @@ async def show_keep_alive(
     culler = _culler(request)
 
     def show(session: Session) -> KeepAliveOut:
-        instance = visible_instance(session, caller, instance_id)
+        instance = visible_instance(session, caller, instance_id, shared=True)
         return keep_alive_out(session, portal, culler, instance, False)
 
     return await portal.run_db(show)

@@ -37,6 +37,10 @@ class RouteActivityIn(Strict):
     bytes_in: int = Field(0, ge=0)
     bytes_out: int = Field(0, ge=0)
     open_websockets: int = Field(0, ge=0)
+    users: dict[
+        Annotated[str, Field(pattern=r"^[0-9]{1,12}$")],
+        Annotated[float, Field(ge=0, le=LAST_TIME)],
+    ] = Field(default_factory=dict, description="User id -> Unix time of their last request.")
 
 
 class RouterStatsIn(Strict):

@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import User
-from labgate.errors import Forbidden, Unauthorized
+from labgate.db.models import ExternalIdentity, User
+from labgate.errors import Forbidden, NotFound, Unauthorized
 from labgate.portal.accounts import (
     create_user,
     ensure_not_last_admin,
@@ -20,7 +20,14 @@ from labgate.portal.accounts import (
 from labgate.portal.api.auth import set_session_cookie, verify_credentials
 from labgate.portal.auth import Caller, Principal, require
 from labgate.portal.openapi import errors
-from labgate.portal.schemas import PasswordIn, UserCreated, UserIn, UserOut, UserPatch
+from labgate.portal.schemas import (
+    IdentityOut,
+    PasswordIn,
+    UserCreated,
+    UserIn,
+    UserOut,
+    UserPatch,
+)
 from labgate.portal.state import Portal, get_portal
 
 router = APIRouter(prefix="/users", tags=["users"])
@@ -71,7 +78,51 @@ async def show_user(name: str, caller: Caller, portal: Portal = Depends(get_port
     name = _name(caller, name)
     if name != caller.name:
         caller.require("admin")
-    return await portal.run_db(lambda s: user_out(get_user(s, name)))
+
+    def show(session: Session) -> UserOut:
+        user = get_user(session, name)
+        links = session.scalars(
+            select(ExternalIdentity)
+            .where(ExternalIdentity.user_id == user.id)
+            .order_by(ExternalIdentity.provider)
+        )
+        identities = [
+            IdentityOut(
+                provider=i.provider,
+                subject=i.subject,
+                email=i.email,
+                created_at=i.created_at,
+                last_login_at=i.last_login_at,
+            )
+            for i in links
+        ]
+        return user_out(user).model_copy(update={"identities": identities})
+
+    return await portal.run_db(show)
+
+
+@router.delete("/{name}/identities/{provider}", status_code=204, responses=errors(404))
+async def unlink_identity(
+    name: str,
+    provider: str,
+    caller: Principal = require("admin"),
+    portal: Portal = Depends(get_portal),
+) -> Response:
+    """Unlink a user's account at a provider (admins); their next sign-in there links anew."""
+
+    def unlink(session: Session) -> None:
+        user = get_user(session, name)
+        link = session.scalar(
+            select(ExternalIdentity).where(
+                ExternalIdentity.user_id == user.id, ExternalIdentity.provider == provider
+            )
+        )
+        if link is None:
+            raise NotFound(f"{name} has no account linked at {provider!r}", code="not_linked")
+        session.delete(link)
+
+    await portal.run_db(unlink)
+    return Response(status_code=204)
 
 
 @router.patch("/{name}", response_model=UserOut, responses=errors(409))

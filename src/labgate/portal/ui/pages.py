@@ -5,6 +5,8 @@
 - ``render.py``  templates, static files, security headers, error pages
 - ``signin.py``  ``/login`` and ``/logout`` (the router sends browsers
   without a session to ``/login?next=<path>``)
+- ``federated.py`` sign-in through another site (OpenID Connect providers)
+- ``sharelinks.py`` ``/share/<token>``: taking up a share link
 - ``views.py``   catalog, instances, launch progress, logs, account,
   tokens, admin
 - ``launch.py``  ``/launch`` links, launch badges, the Dataverse integration
@@ -19,7 +21,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from labgate import __version__
-from labgate.portal.ui import launch, render, signin, usage, views
+from labgate.portal.ui import federated, launch, render, sharelinks, signin, usage, views
 from labgate.portal.ui.render import templates
 from labgate.portal.ui.signin import safe_next
 
@@ -34,6 +36,8 @@ async def healthz() -> dict[str, str]:
 
 router.include_router(render.static_router)
 router.include_router(signin.router)
+router.include_router(federated.router)
+router.include_router(sharelinks.router)
 router.include_router(views.router)
 router.include_router(launch.router)
 router.include_router(usage.router)

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
-from labgate.errors import Forbidden, TooManyRequests, Unauthorized
+from labgate.errors import LabgateError, TooManyRequests
 from labgate.portal.api.auth import check_password, logout, set_session_cookie
 from labgate.portal.auth import optional_principal
 from labgate.portal.origin import (
@@ -55,7 +55,7 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-def _login_page(
+def login_page(
     request: Request,
     portal: Portal,
     *,
@@ -64,10 +64,15 @@ def _login_page(
     code: str | None = None,
     notice: str | None = None,
     username: str = "",
+    provider: str = "",
     status: int = 200,
 ) -> Response:
     nonce, token = login_form_token(request, portal.signer)
+    providers = list(portal.providers.values())
     context = {
+        "password_providers": [p for p in providers if p.kind == "password"],
+        "redirect_providers": [p for p in providers if p.kind == "redirect"],
+        "chosen_provider": provider,
         "user": None,
         "next": next_url,
         "error": error,
@@ -99,7 +104,7 @@ async def login_form(
     message = NOTICES.get(notice or "")
     if caller is None and request.cookies.get(SESSION_COOKIE) and message is None:
         message = NOTICES["session_ended"]
-    response = _login_page(request, portal, next_url=target, notice=message)
+    response = login_page(request, portal, next_url=target, notice=message)
     if caller is None and request.cookies.get(SESSION_COOKIE):
         response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -112,6 +117,7 @@ async def login_submit(
     password: Annotated[str, Form(max_length=1024)],
     next: Annotated[str, Form(max_length=4096)] = "/",
     login_token: Annotated[str | None, Form(max_length=256)] = None,
+    provider: Annotated[str | None, Form(max_length=64)] = None,
     portal: Portal = Depends(get_portal),
 ) -> Response:
     """Check the form and start a session, then go back where the user was headed."""
@@ -119,15 +125,16 @@ async def login_submit(
     try:
         check_same_origin(request, portal.settings.effective_public_url)
         check_login_form_token(request, portal.signer, login_token)
-        user = await check_password(portal, request, username, password)
-    except (Unauthorized, Forbidden, TooManyRequests) as exc:
-        response = _login_page(
+        user = await check_password(portal, request, username, password, provider)
+    except LabgateError as exc:
+        response = login_page(
             request,
             portal,
             next_url=target,
             error=exc.detail,
             code=exc.code,
             username=username,
+            provider=provider or "",
             status=exc.status,
         )
         if isinstance(exc, TooManyRequests):

@@ -21,8 +21,9 @@ from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.api.catalog import tool_out
 from labgate.portal.api.instances import instance_out, visible_instance
+from labgate.portal.api.shares import SharingOut, routers_saw, sharing_out
 from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
-from labgate.portal.schemas import UserOut
+from labgate.portal.schemas import InstanceOut, UserOut
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, render, to_login
 from labgate.security import CSRF_FORM_FIELD, SCOPES
@@ -110,15 +111,22 @@ async def _instance_view(
     caller = await signed_in(request)
     if isinstance(caller, Response):
         return caller
-    instance = await portal.run_db(
-        lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
-    )
+
+    def load(session: Session) -> tuple[InstanceOut, SharingOut | None]:
+        row = visible_instance(session, caller, instance_id, shared=True)
+        out = instance_out(portal, row, caller, session)
+        manages = out.access in ("owner", "admin")
+        return out, (sharing_out(session, row, seen) if manages else None)
+
+    seen = routers_saw(portal, instance_id)
+    instance, shares = await portal.run_db(load)
     tool = portal.catalog.get(instance.tool)
     context = page_context(
         portal,
         caller,
         "instances",
         instance=instance,
+        sharing=shares,
         tool_title=tool.title if tool else instance.tool,
     )
     return render(request, template, context)

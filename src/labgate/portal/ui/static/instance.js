@@ -171,7 +171,7 @@
 
   $("retry").addEventListener("click", (event) => launchAgain(event.currentTarget));
   $("relaunch").addEventListener("click", (event) => launchAgain(event.currentTarget));
-  $("stop").addEventListener("click", async (event) => {
+  $("stop")?.addEventListener("click", async (event) => {
     const button = event.currentTarget;
     lg.busy(button, "Stopping…");
     try {

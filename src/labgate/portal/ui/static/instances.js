@@ -24,7 +24,7 @@
 
   function query() {
     const params = new URLSearchParams({ limit: "100" });
-    if (!admin) params.set("user", me);
+    // Without a user filter, a user's list holds their instances and those shared with them.
     if (onlyActive?.checked) params.set("active", "true");
     if (filters) {
       const data = new FormData(filters);
@@ -90,6 +90,11 @@
       h("span", { class: "id" }, instance.id),
     );
     if (instance.dataset) cells.tool.append(h("span", { class: "dataset" }, "with ", h("code", {}, instance.dataset)));
+    if (instance.access === "use" || instance.access === "view") {
+      cells.tool.append(h("span", { class: "shared-by" }, `shared by ${instance.owner} (${instance.access})`));
+    } else if (instance.shared) {
+      cells.tool.append(h("span", { class: "badge shared" }, "shared"));
+    }
     return { tr, cells, open, stop: stopButton, instance };
   }
 
@@ -113,8 +118,9 @@
     cells.age.replaceChildren(lg.time(instance.created_at, lg.ago(instance.created_at)));
     cells.activity.replaceChildren(...activity(instance));
     cells.resources.textContent = lg.resources(instance.resources);
-    row.open.hidden = instance.state !== "running";
-    row.stop.hidden = !lg.ACTIVE.has(instance.state) || instance.state === "stopping";
+    const shared = instance.access === "use" || instance.access === "view";
+    row.open.hidden = instance.state !== "running" || instance.access === "view";
+    row.stop.hidden = shared || !lg.ACTIVE.has(instance.state) || instance.state === "stopping";
     if (stopping.has(instance.id) && !lg.ACTIVE.has(instance.state)) {
       say(message, `${stopping.get(instance.id)} (${instance.id}) is ${instance.state}.`);
       stopping.delete(instance.id);

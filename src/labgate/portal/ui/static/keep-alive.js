@@ -66,7 +66,10 @@
       if (!status) return;
       section.hidden = false;
       const open = status.state === "running";
-      const canKeep = open && status.cull_at !== null && status.keep_alive_max > 0;
+      // Those it is shared with see when it stops; only its owner (or an admin) keeps it.
+      const access = document.getElementById("instance")?.dataset.access || "owner";
+      const manages = access === "owner" || access === "admin";
+      const canKeep = manages && open && status.cull_at !== null && status.keep_alive_max > 0;
       $("keep-alive-form").hidden = !canKeep;
       off.hidden = !status.keep_alive_until;
       if (!open) {

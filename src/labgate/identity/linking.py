@@ -1,0 +1,139 @@
+"""From what a provider vouches for to a labgate account.
+
+Accounts are linked by ``(provider, subject)``: a provider's stable subject,
+never a display name or e-mail address, which can change hands. The first
+sign-in with an unknown subject follows the provider's ``first_login``:
+
+- ``existing``: only a user an admin already created, by the same name, and
+  not yet linked to another subject of this provider. The provider is trusted
+  to own those names (an institution's directory).
+- ``domains``: a new account, when the e-mail domain is in ``allowed_domains``.
+- ``open``: a new account for anyone the provider knows.
+
+A new account never takes over an existing one: when the name is taken it
+gets a ``-2``, ``-3``... suffix. At every sign-in, membership of the labgate
+groups named in ``group_map`` follows the provider's groups (other groups are
+left alone) and, when ``admin_groups`` is set, so does the admin flag (the
+last enabled admin keeps it, so the settings can still be fixed).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.config import IdentityProviderConfig
+from labgate.db.models import ExternalIdentity, Group, GroupMember, User, utcnow
+from labgate.errors import Forbidden, Unauthorized
+from labgate.identity.base import ProviderAccount
+
+log = logging.getLogger(__name__)
+
+
+def sign_in(session: Session, config: IdentityProviderConfig, account: ProviderAccount) -> User:
+    """The labgate user for ``account`` (linked or created now), its groups brought up to date.
+
+    403 when the first-login policy keeps the person out; 401 for a disabled account.
+    """
+    link = session.scalar(
+        select(ExternalIdentity).where(
+            ExternalIdentity.provider == config.name, ExternalIdentity.subject == account.subject
+        )
+    )
+    if link is None:
+        user = _first_login(session, config, account)
+        link = ExternalIdentity(user_id=user.id, provider=config.name, subject=account.subject)
+        session.add(link)
+    else:
+        user = link.user
+    if user.disabled:
+        raise Unauthorized(
+            "this account is disabled; ask an administrator", code="account_disabled"
+        )
+    apply_groups(session, config, user, account.groups)
+    link.last_login_at = user.last_login_at = utcnow()
+    if account.email:
+        link.email = account.email
+    session.flush()
+    return user
+
+
+def _first_login(
+    session: Session, config: IdentityProviderConfig, account: ProviderAccount
+) -> User:
+    if config.first_login == "existing":
+        user = session.scalar(select(User).where(User.name == account.username))
+        linked = (
+            user is not None
+            and session.scalar(
+                select(ExternalIdentity.id).where(
+                    ExternalIdentity.user_id == user.id, ExternalIdentity.provider == config.name
+                )
+            )
+            is not None
+        )
+        if user is None or linked or user.name.startswith("_"):
+            raise Forbidden(
+                f"there is no labgate account for {account.username!r}; ask an administrator "
+                "to create one",
+                code="no_account",
+            )
+        return user
+    if config.first_login == "domains" and account.domain not in config.allowed_domains:
+        raise Forbidden(
+            "accounts from your e-mail domain cannot sign in here; ask an administrator",
+            code="domain_not_allowed",
+        )
+    user = User(name=_free_name(session, account.username), password_hash="")
+    session.add(user)
+    session.flush()
+    return user
+
+
+def _last_admin(session: Session, user: User) -> bool:
+    others = session.scalar(
+        select(User.id).where(User.is_admin, ~User.disabled, User.id != user.id).limit(1)
+    )
+    return others is None
+
+
+def _free_name(session: Session, wanted: str) -> str:
+    taken = set(session.scalars(select(User.name).where(User.name.like(f"{wanted}%"))))
+    if wanted not in taken:
+        return wanted
+    number = 2
+    while f"{wanted}-{number}" in taken:
+        number += 1
+    return f"{wanted}-{number}"
+
+
+def apply_groups(
+    session: Session, config: IdentityProviderConfig, user: User, groups: frozenset[str]
+) -> None:
+    """Mapped group memberships and the admin flag, as the provider's groups say."""
+    if config.admin_groups:
+        admin = bool(groups & set(config.admin_groups))
+        if user.is_admin and not admin and _last_admin(session, user):
+            # Taking the last admin's rights would leave nobody to fix the settings.
+            log.warning("%s stays an admin: the last enabled one", user.name)
+            admin = True
+        user.is_admin = admin
+    if not config.group_map:
+        return
+    wanted = {target for source, target in config.group_map.items() if source in groups}
+    for name in sorted(set(config.group_map.values())):
+        group = session.scalar(select(Group).where(Group.name == name))
+        if group is None:
+            if name not in wanted:
+                continue
+            group = Group(name=name, description=f"members of {config.name} groups")
+            session.add(group)
+            session.flush()
+        member = session.get(GroupMember, (group.id, user.id))
+        if name in wanted and member is None:
+            session.add(GroupMember(group_id=group.id, user_id=user.id))
+        elif name not in wanted and member is not None:
+            session.delete(member)
+    session.flush()

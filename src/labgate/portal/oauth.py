@@ -1,0 +1,352 @@
+"""labgate as an OpenID Connect provider: services and tools ask it who their user is.
+
+An admin registers a service in ``oauth_clients`` (client id, secret, exact
+redirect URIs). Every running instance is a client too: its client id is the
+instance id, its secret the ``LABGATE_INSTANCE_TOKEN`` its tool was started
+with, and it may be sent back only under its own ``/i/<id>/`` prefix, for
+people who may use it (owner, ``use`` shares, admins).
+
+The client sends the browser to ``/oauth/authorize``; a person signed in
+to labgate (or who signs in now) is sent back with a one-time code, which
+the client exchanges at ``/oauth/token`` (client
+secret, and the PKCE verifier when it sent a challenge) for an ID token:
+``sub`` (the labgate user id), ``preferred_username``, ``name`` and
+``groups``, signed ES256 with a key derived from ``secret_key`` (so every
+portal replica signs alike and nothing more is stored), published at
+``/oauth/jwks``. ``/oauth/userinfo`` answers the same claims for the
+access token.
+
+Codes live 60 seconds and are good once; access tokens live 10 minutes.
+Both are kept in this process's memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from joserfc import jwt
+from joserfc.jwk import ECKey
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.config import OAuthClientConfig
+from labgate.db.models import Group, GroupMember, Instance, ShareAccess, User
+from labgate.portal.auth import optional_principal
+from labgate.portal.sharing import shares_for
+from labgate.portal.state import Portal, get_portal
+from labgate.portal.ui.render import error_page, login_url
+
+router = APIRouter(include_in_schema=False)
+
+CODE_SECONDS = 60
+TOKEN_SECONDS = 600
+_P256_ORDER = int("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551", 16)
+
+
+@dataclass(frozen=True)
+class _Grant:
+    client_id: str
+    user_id: int
+    redirect_uri: str
+    nonce: str
+    challenge: str
+    expires: float
+
+
+class OAuthState:
+    """The signing key, and the codes and access tokens handed out (in memory)."""
+
+    def __init__(self, secret_key: str) -> None:
+        seed = hmac.new(secret_key.encode(), b"labgate.oidc-signing", hashlib.sha256).digest()
+        private = ec.derive_private_key(
+            int.from_bytes(seed) % (_P256_ORDER - 1) + 1, ec.SECP256R1()
+        )
+        pem = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.key = ECKey.import_key(pem, {"use": "sig", "alg": "ES256"})
+        self.key.ensure_kid()
+        self.codes: dict[str, _Grant] = {}
+        self.tokens: dict[str, tuple[int, float]] = {}
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key set."""
+        public = self.key.as_dict(private=False)
+        return {"keys": [public]}
+
+    def new_code(self, grant: _Grant) -> str:
+        """A one-time code for ``grant``; old ones are swept."""
+        now = time.time()
+        for code in [c for c, g in self.codes.items() if g.expires <= now]:
+            del self.codes[code]
+        code = secrets.token_urlsafe(32)
+        self.codes[code] = grant
+        return code
+
+    def new_token(self, user_id: int) -> str:
+        """An access token for ``/oauth/userinfo``."""
+        now = time.time()
+        for token in [t for t, (_, expires) in self.tokens.items() if expires <= now]:
+            del self.tokens[token]
+        token = secrets.token_urlsafe(32)
+        self.tokens[token] = (user_id, now + TOKEN_SECONDS)
+        return token
+
+
+def oauth_state(request: Request) -> OAuthState:
+    """The app's provider state (made by :func:`labgate.portal.app.create_app`)."""
+    state: OAuthState = request.app.state.oauth
+    return state
+
+
+def _issuer(portal: Portal) -> str:
+    return portal.settings.effective_public_url
+
+
+@dataclass(frozen=True)
+class Client:
+    """Who may ask: a registered service, or a running instance (its tool)."""
+
+    client_id: str
+    secret: str
+    #: Exact redirect URIs of a service; an instance takes any under its own prefix.
+    redirect_uris: tuple[str, ...] = ()
+    instance_prefix: str = ""
+
+    def redirects_to(self, uri: str) -> bool:
+        """Whether ``uri`` is one of this client's (never another site's or instance's)."""
+        if self.instance_prefix:
+            return uri.startswith(self.instance_prefix) and "/../" not in uri
+        return uri in self.redirect_uris
+
+
+def _service(config: OAuthClientConfig) -> Client:
+    return Client(
+        config.client_id, config.client_secret.get_secret_value(), tuple(config.redirect_uris)
+    )
+
+
+def _instance_client(portal: Portal, session: Session, client_id: str) -> Client | None:
+    instance = session.get(Instance, client_id)
+    if instance is None or not instance.state.active:
+        return None
+    secret = portal.box.open(instance.id, instance.secret)
+    if not secret:
+        return None
+    prefix = f"{portal.settings.effective_public_url}/i/{instance.id}/"
+    return Client(instance.id, secret, instance_prefix=prefix)
+
+
+async def find_client(portal: Portal, client_id: str | None) -> Client | None:
+    """A registered service by id, else a running instance (client id = instance id)."""
+    if not client_id:
+        return None
+    for config in portal.settings.oauth_clients:
+        if config.client_id == client_id:
+            return _service(config)
+    return await portal.run_db(lambda s: _instance_client(portal, s, client_id))
+
+
+def _may_use(session: Session, instance_id: str, user_id: int, is_admin: bool) -> bool:
+    instance = session.get(Instance, instance_id)
+    if instance is None:
+        return False
+    if is_admin or instance.owner_id == user_id:
+        return True
+    return shares_for(session, user_id).get(instance_id) == ShareAccess.use.value
+
+
+def _claims(session: Session, user_id: int) -> dict[str, Any] | None:
+    user = session.get(User, user_id)
+    if user is None or user.disabled:
+        return None
+    groups = session.scalars(
+        select(Group.name)
+        .join(GroupMember, GroupMember.group_id == Group.id)
+        .where(GroupMember.user_id == user_id)
+        .order_by(Group.name)
+    )
+    return {
+        "sub": str(user.id),
+        "preferred_username": user.name,
+        "name": user.name,
+        "groups": list(groups),
+    }
+
+
+def _error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+@router.get("/.well-known/openid-configuration")
+async def discovery(portal: Portal = Depends(get_portal)) -> dict[str, Any]:
+    """Where the endpoints are, and what they support."""
+    issuer = _issuer(portal)
+    return {
+        "issuer": issuer,
+        "authorization_endpoint": f"{issuer}/oauth/authorize",
+        "token_endpoint": f"{issuer}/oauth/token",
+        "userinfo_endpoint": f"{issuer}/oauth/userinfo",
+        "jwks_uri": f"{issuer}/oauth/jwks",
+        "response_types_supported": ["code"],
+        "grant_types_supported": ["authorization_code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256"],
+        "code_challenge_methods_supported": ["S256"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "scopes_supported": ["openid", "profile", "groups"],
+        "claims_supported": ["sub", "preferred_username", "name", "groups"],
+    }
+
+
+@router.get("/oauth/jwks")
+async def jwks(request: Request) -> dict[str, Any]:
+    """The public key ID tokens are signed with."""
+    return oauth_state(request).jwks()
+
+
+@router.get("/oauth/authorize")
+async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """Send the signed-in person back to the service with a code (sign in first)."""
+    params = request.query_params
+    client = await find_client(portal, params.get("client_id"))
+    redirect_uri = params.get("redirect_uri", "")
+    # Never redirect to an address the client did not register: say so on labgate's page.
+    if client is None or not client.redirects_to(redirect_uri):
+        return error_page(request, 400, "bad_client", "Unknown client or redirect URI.")
+    caller = await optional_principal(request)
+    if caller is None or caller.via != "session":
+        return RedirectResponse(login_url(request), status_code=303)
+    if client.instance_prefix:
+        # A tool learns only about people who may use it: not its existence otherwise.
+        allowed = await portal.run_db(
+            lambda s: _may_use(s, client.client_id, caller.user_id, caller.has("admin"))
+        )
+        if not allowed:
+            return error_page(
+                request, 404, "unknown_instance", "There is no such instance of yours."
+            )
+    back: dict[str, str] = {"iss": _issuer(portal)}
+    if params.get("state"):
+        back["state"] = params["state"]
+    challenge = params.get("code_challenge", "")
+    method = params.get("code_challenge_method", "S256" if challenge else "")
+    if (
+        params.get("response_type") != "code"
+        or "openid" not in params.get("scope", "").split()
+        or (challenge and method != "S256")
+    ):
+        back["error"] = "invalid_request"
+    else:
+        grant = _Grant(
+            client.client_id,
+            caller.user_id,
+            redirect_uri,
+            params.get("nonce", ""),
+            challenge,
+            time.time() + CODE_SECONDS,
+        )
+        back["code"] = oauth_state(request).new_code(grant)
+    joiner = "&" if "?" in redirect_uri else "?"
+    return RedirectResponse(f"{redirect_uri}{joiner}{urlencode(back)}", status_code=303)
+
+
+async def _client_auth(
+    portal: Portal, request: Request, form_id: str | None, form_secret: str | None
+) -> Client | None:
+    client_id, secret = form_id, form_secret
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("basic "):
+        try:
+            decoded = base64.b64decode(header[6:]).decode()
+        except ValueError:
+            return None
+        client_id, _, secret = decoded.partition(":")
+    client = await find_client(portal, client_id)
+    if client is None or secret is None:
+        return None
+    return client if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
+
+
+@router.post("/oauth/token")
+async def token(
+    request: Request,
+    grant_type: Annotated[str, Form()],
+    code: Annotated[str, Form(max_length=200)],
+    redirect_uri: Annotated[str, Form(max_length=2000)],
+    code_verifier: Annotated[str | None, Form(max_length=200)] = None,
+    client_id: Annotated[str | None, Form(max_length=64)] = None,
+    client_secret: Annotated[str | None, Form(max_length=500)] = None,
+    portal: Portal = Depends(get_portal),
+) -> Response:
+    """Exchange a code for an ID token and an access token."""
+    client = await _client_auth(portal, request, client_id, client_secret)
+    if client is None:
+        return _error(401, "invalid_client", "unknown client or wrong secret")
+    if grant_type != "authorization_code":
+        return _error(400, "unsupported_grant_type", "only authorization_code")
+    state = oauth_state(request)
+    grant = state.codes.pop(code, None)  # good once, whatever happens next
+    if (
+        grant is None
+        or grant.expires <= time.time()
+        or grant.client_id != client.client_id
+        or grant.redirect_uri != redirect_uri
+    ):
+        return _error(400, "invalid_grant", "the code is unknown, used, expired or not yours")
+    if grant.challenge:
+        digest = hashlib.sha256((code_verifier or "").encode()).digest()
+        computed = base64.urlsafe_b64encode(digest).decode().rstrip("=")
+        if not hmac.compare_digest(computed, grant.challenge):
+            return _error(400, "invalid_grant", "the code verifier does not match")
+    claims = await portal.run_db(lambda s: _claims(s, grant.user_id))
+    if claims is None:
+        return _error(400, "invalid_grant", "the account is disabled or gone")
+    now = int(time.time())
+    body = {
+        **claims,
+        "iss": _issuer(portal),
+        "aud": client.client_id,
+        "iat": now,
+        "exp": now + TOKEN_SECONDS,
+    }
+    if grant.nonce:
+        body["nonce"] = grant.nonce
+    header = {"alg": "ES256", "kid": state.key.kid, "typ": "JWT"}
+    id_token = jwt.encode(header, body, state.key, algorithms=["ES256"])
+    return JSONResponse(
+        {
+            "access_token": state.new_token(grant.user_id),
+            "token_type": "Bearer",
+            "expires_in": TOKEN_SECONDS,
+            "id_token": id_token,
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@router.get("/oauth/userinfo")
+async def userinfo(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The claims of the access token's user."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    tokens = oauth_state(request).tokens
+    found = tokens.get(value.strip()) if scheme.lower() == "bearer" else None
+    if found is None or found[1] <= time.time():
+        return _error(401, "invalid_token", "unknown or expired access token")
+    claims = await portal.run_db(lambda s: _claims(s, found[0]))
+    if claims is None:
+        return _error(401, "invalid_token", "the account is disabled or gone")
+    return JSONResponse(claims)
