@@ -208,3 +208,36 @@ async def test_the_badge_builder(client: Any, browser: httpx.AsyncClient, datase
     svg = await client.get("/badge.svg")
     assert svg.status_code == 200 and svg.headers["content-type"] == "image/svg+xml"
     assert svg.content.startswith(b"<svg") and b"labgate" in svg.content
+
+
+async def test_dataverse_manifest_only_for_tools_some_site_runs(
+    app: Any, client: Any, settings: Settings
+) -> None:
+    # A tool only a containers site could run, in a deployment of process sites.
+    from labgate.tools.catalog import Catalog, load_tool_file
+
+    assert settings.tools_dir is not None
+    path = settings.tools_dir.parent / "boxed.toml"
+    path.write_text(
+        'name = "boxed"\ntitle = "Boxed"\n\n[container]\nimage = "localhost/x:1"\nport = 8080\n'
+    )
+    portal = app.state.portal
+    portal.catalog = Catalog([*portal.catalog, load_tool_file(path)])
+    assert app.state.portal.catalog.get("boxed") is not None
+    refused = await client.get("/dataverse/manifest.json", params={"tool": "boxed"})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "tool_unavailable"
+    assert "demo" in refused.json()["detail"]
+    # Without a tool: jupyterlab when a site runs it, else the first tool a site runs.
+    default = (await client.get("/dataverse/manifest.json")).json()
+    runnable = [
+        tool.name
+        for tool in portal.catalog
+        if any(link.unavailable_reason(tool) is None for link in portal.links.values())
+    ]
+    assert "boxed" not in runnable
+    expected = "jupyterlab" if "jupyterlab" in runnable else runnable[0]
+    assert default["toolName"] == f"labgate-{expected}"
+    unknown = await client.get("/dataverse/manifest.json", params={"tool": "nope"})
+    assert unknown.status_code == 404
+

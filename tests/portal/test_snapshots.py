@@ -223,6 +223,17 @@ async def test_snapshot_and_launch_errors(
     iid = await running(client, alice, tool="demo")
     other = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=bob)
     assert other.status_code == 404 and other.json()["error"] == "unknown_instance"
+    # A name is one line of text: NUL, newlines and other control characters are refused.
+    for name in ("a\x00b", "two\nlines", "bell\x07", "esc\x1b[31m"):
+        bad = await client.post(
+            f"/api/v1/instances/{iid}/snapshot", json={"name": name}, headers=alice
+        )
+        assert bad.status_code == 422, (name, bad.text)
+        assert "control characters" in bad.text
+    nul = await client.post(
+        f"/api/v1/instances/{iid}/snapshot", json={"description": "x\x00"}, headers=alice
+    )
+    assert nul.status_code == 422
     sid = await take(client, alice, iid)  # no body: no name
     assert (await wait_snapshot(client, alice, sid))["name"] == ""
 

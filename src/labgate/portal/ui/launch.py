@@ -64,6 +64,16 @@ def _default_tool(portal: Portal) -> str:
     return "jupyterlab" if "jupyterlab" in names else (names[0] if names else "")
 
 
+def runnable_tools(portal: Portal) -> list[str]:
+    """The tools some configured site can run now, in catalog order."""
+    links = list(portal.links.values())
+    return [
+        tool.name
+        for tool in portal.catalog
+        if any(link.unavailable_reason(tool) is None for link in links)
+    ]
+
+
 def _existing(session: Session, user_id: int, tool: str, dataset_id: int) -> Instance | None:
     """The user's newest unfinished instance of ``tool`` on the dataset, to reuse."""
     return session.scalar(
@@ -275,13 +285,24 @@ def dataverse_manifest(public_url: str, tool: str, title: str) -> dict[str, Any]
 async def dataverse_manifest_json(
     portal: Portal = Depends(get_portal), tool: str = Query("", max_length=64)
 ) -> Response:
-    """The manifest a Dataverse admin registers (``POST /api/admin/externalTools``)."""
-    name = tool or _default_tool(portal)
-    found = portal.catalog.get(name)
+    """The manifest a Dataverse admin registers (``POST /api/admin/externalTools``).
+
+    Only for a tool some site can run: a button that always ends on an error
+    page is worse than none. Without ``tool``: ``jupyterlab`` when a site runs
+    it, else the first tool of the catalog that a site runs.
+    """
+    runnable = runnable_tools(portal)
+    name = tool or ("jupyterlab" if "jupyterlab" in runnable else next(iter(runnable), ""))
+    found = portal.catalog.get(name) if name else None
     if found is None:
-        return JSONResponse(
-            {"error": "unknown_tool", "detail": f"no tool called {name!r}"}, status_code=404
+        detail = f"no tool called {name!r}" if name else "no site can run any tool"
+        return JSONResponse({"error": "unknown_tool", "detail": detail}, status_code=404)
+    if found.name not in runnable:
+        detail = (
+            f"no site can run the tool {found.name!r}, so its Explore button would only end "
+            f"on an error page; tools some site runs: {', '.join(runnable) or 'none'}"
         )
+        return JSONResponse({"error": "tool_unavailable", "detail": detail}, status_code=409)
     return JSONResponse(
         dataverse_manifest(portal.settings.effective_public_url, found.name, found.title)
     )
