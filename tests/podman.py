@@ -195,6 +195,30 @@ def _start_engine(registry: Registry) -> Engine:
     return Engine(base_url, process, directory, client)
 
 
+def podman_service(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Another ``podman system service`` on ``socket_path``, ready; the caller stops it.
+
+    It shares the run's container storage: a test stops it to have "the
+    engine down" for one site without touching the run's own service.
+    """
+    process = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    import docker
+
+    def answers() -> bool:
+        client = docker.DockerClient(base_url=f"unix://{socket_path}", version="auto", timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    _wait(answers, "podman system service", log)
+    return process
+
+
 def reserve_container_ids() -> None:
     """Give Podman's ``containers`` user its id range (the backend's ``userns_range``).
 

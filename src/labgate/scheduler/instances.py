@@ -303,6 +303,8 @@ class InstanceManager:
         if report.kind == "progress" or target == instance.state:
             if instance.state.terminal:
                 return None
+            if instance.state == InstanceState.stopping and "stop_retry" in data:
+                instance.reason = report.message  # why it is still stopping
             session.add(
                 InstanceEvent(
                     instance=instance,
@@ -321,6 +323,8 @@ class InstanceManager:
                     target.value,
                 )
                 return None
+            if target == InstanceState.stopped and "stop_retry" in data:
+                instance.reason = ""  # the failed attempts are over
             _transition(session, instance, target, report.message, data)
         session.flush()
         session.refresh(instance, ["owner", "site"])

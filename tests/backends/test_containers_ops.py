@@ -1,0 +1,118 @@
+"""The containers backend as an operator runs it: engine outages, busy tools, snapshots.
+
+Real Podman and a real registry (tests/podman.py): the engine going away is a
+``podman system service`` of the test's own, stopped and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import podman
+from helpers import wait_for_state
+from labgate.config import Settings, SiteConfig
+from podman import Engine
+from test_containers import events_of, launch, write_busybox_tools
+
+engine = podman.engine
+registry = podman.registry
+deployment = podman.deployment
+
+
+class Outage:
+    """A Podman service of one test on its own socket, to stop and start again."""
+
+    def __init__(self, directory: Path) -> None:
+        self.socket = directory / "site-engine.sock"
+        self.log = directory / "site-engine.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"unix://{self.socket}"
+
+    def start(self) -> None:
+        self.process = podman.podman_service(self.socket, self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(15)
+            self.process = None
+        self.socket.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def outage(engine: Engine, tmp_path: Path) -> Any:
+    service = Outage(tmp_path)
+    service.start()
+    yield service
+    service.stop()
+
+
+@pytest.fixture
+def settings(settings: Settings, outage: Outage, deployment: str, tmp_path: Path) -> Settings:
+    """One containers site, ``box``, on the test's own Podman service."""
+    write_busybox_tools(settings.tools_dir or tmp_path / "tools")
+    site = SiteConfig(
+        name="box",
+        backend="containers",
+        options={"base_url": outage.base_url, "deployment": deployment},
+    )
+    return settings.model_copy(update={"sites": [site], "reconcile_interval": 0})
+
+
+def running_containers(engine: Engine, deployment: str) -> list[str]:
+    found = engine.client.api.containers(filters={"label": f"labgate.deployment={deployment}"})
+    return [str(item["Id"]) for item in found]
+
+
+async def test_stop_while_the_engine_is_down_waits_for_it_and_then_finishes(
+    app: Any,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    engine: Engine,
+    deployment: str,
+    outage: Outage,
+) -> None:
+    app.state.portal.links["box"].agent.stop_retry_first = 0.2
+    iid = await launch(client, admin_headers, tool="bb-web")
+    body = await wait_for_state(client, admin_headers, iid, {"running", "failed"})
+    assert body["state"] == "running", body
+    assert len(running_containers(engine, deployment)) == 1
+
+    outage.stop()
+    stop = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+    assert stop.status_code == 202
+    # Retried with backoff: still stopping, with the reason; the container still runs.
+    deadline = time.monotonic() + 10
+    while True:
+        body = (await client.get(f"/api/v1/instances/{iid}", headers=admin_headers)).json()
+        if body["reason"]:
+            break
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.1)
+    assert body["state"] == "stopping", body
+    assert body["reason"].startswith("stop failed:"), body
+    await asyncio.sleep(1.5)  # a few more attempts
+    body = (await client.get(f"/api/v1/instances/{iid}", headers=admin_headers)).json()
+    assert body["state"] == "stopping", body
+    assert len(running_containers(engine, deployment)) == 1
+    # A second stop while it is retried is refused as before, and changes nothing.
+    again = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+    assert again.status_code == 409
+
+    outage.start()
+    body = await wait_for_state(client, admin_headers, iid, {"stopped", "lost"}, timeout=30)
+    assert body["state"] == "stopped", body
+    assert body["reason"] == ""
+    assert engine.containers_of(deployment) == []
+    events = await events_of(app, iid)
+    assert any("stop failed" in event["message"] for event in events), events
