@@ -51,7 +51,9 @@ def _no_control(value: str) -> str:
 
 
 def _no_control_but_lines(value: str) -> str:
-    bad = next((ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None)
+    bad = next(
+        (ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None
+    )
     if bad is not None:
         raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
     return value

@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
+from test_containers import events_of, launch, write_busybox_tools
 
 import podman
 from helpers import wait_for_state
 from labgate.config import Settings, SiteConfig
 from podman import Engine
-from test_containers import events_of, launch, write_busybox_tools
 
 engine = podman.engine
 registry = podman.registry

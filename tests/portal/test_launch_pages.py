@@ -240,4 +240,3 @@ async def test_dataverse_manifest_only_for_tools_some_site_runs(
     assert default["toolName"] == f"labgate-{expected}"
     unknown = await client.get("/dataverse/manifest.json", params={"tool": "nope"})
     assert unknown.status_code == 404
-

@@ -215,6 +215,77 @@ async def test_owner_relaunch_restores_into_a_new_workspace(
     assert await tool.read(f"{home}/notes.txt") == "changed later"  # the workspace is untouched
 
 
+async def crashed_save(app: Any, like: str) -> str:
+    """A ``saving`` snapshot row like ``like``'s, as a portal killed mid-save leaves it."""
+    from labgate.db.models import Snapshot
+    from labgate.security import new_id
+
+    def add(session: Any) -> str:
+        model = session.get(Snapshot, like)
+        row = Snapshot(
+            id=new_id(),
+            owner_id=model.owner_id,
+            tool=model.tool,
+            site_id=model.site_id,
+            backend=model.backend,
+            kind=model.kind,
+            source_instance_id=model.source_instance_id,
+        )
+        session.add(row)
+        return str(row.id)
+
+    sid: str = await app.state.portal.run_db(add)
+    return sid
+
+
+async def test_unfinished_snapshots_are_settled_at_start_and_vanished_ones_shown(
+    app: Any, client: httpx.AsyncClient, make_user: Any, settings: Settings
+) -> None:
+    from labgate.portal.app import create_app
+
+    alice = await make_user("alice")
+    source = await running(client, alice, tool="demo")
+    sid = await take(client, alice, source)
+    ready = await wait_snapshot(client, alice, sid)
+    assert ready["state"] == "ready"
+    assert (await client.delete(f"/api/v1/instances/{source}", headers=alice)).status_code == 202
+    await wait_for_state(client, alice, source, {"stopped"})
+
+    # Killed while saving: one save had written its archive, the other had not.
+    finished = await crashed_save(app, sid)
+    archive = settings.snapshots_dir / ready["reference"]
+    (settings.snapshots_dir / f"{finished}.tar.gz").write_bytes(archive.read_bytes())
+    cut_short = await crashed_save(app, sid)
+    stuck = await client.delete(f"/api/v1/snapshots/{cut_short}", headers=alice)
+    assert stuck.status_code == 409  # still saving, as far as anyone knows
+
+    # The next start settles both.
+    restarted = create_app(settings)
+    async with restarted.router.lifespan_context(restarted):
+        pass
+    done = (await client.get(f"/api/v1/snapshots/{finished}", headers=alice)).json()
+    assert done["state"] == "ready", done
+    assert (done["digest"], done["size"]) == (ready["digest"], ready["size"])
+    failed = (await client.get(f"/api/v1/snapshots/{cut_short}", headers=alice)).json()
+    assert failed["state"] == "failed" and "cut short" in failed["reason"], failed
+    assert (await client.delete(f"/api/v1/snapshots/{cut_short}", headers=alice)).status_code == 204
+
+    # A ready snapshot whose archive is gone is shown missing, and cannot be launched.
+    snapshots = app.state.portal.snapshots
+    snapshots.ready_check_interval = 0
+    moved = archive.with_name("elsewhere")
+    archive.rename(moved)
+    assert await snapshots.settle() == {sid: "missing"}
+    gone = (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()
+    assert gone["state"] == "missing" and "no longer in" in gone["reason"], gone
+    refused = await client.post("/api/v1/instances", json={"snapshot": sid}, headers=alice)
+    assert refused.status_code == 409 and "missing" in refused.json()["detail"]
+    # Back where it was: ready again.
+    moved.rename(archive)
+    assert await snapshots.settle() == {sid: "ready"}
+    assert (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()["reason"] == ""
+
+
 async def test_snapshot_and_launch_errors(
     app: Any, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
 ) -> None:
@@ -365,6 +436,56 @@ class TestImageSnapshots:
             headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
         )
         assert after.status_code == 404
+
+    async def test_registry_settles_cut_short_saves_and_shows_images_gone(
+        self,
+        app: Any,
+        client: httpx.AsyncClient,
+        make_user: Any,
+        engine: Engine,
+        registry: Registry,
+    ) -> None:
+        alice = await make_user("alice")
+        source = await running(client, alice, tool="demo", site="box")
+        sid = await take(client, alice, source)
+        ready = await wait_snapshot(client, alice, sid)
+        assert ready["state"] == "ready", ready
+
+        # Killed while saving: one push had finished (the registry holds its tag),
+        # the other had not begun.
+        pushed, cut_short = await crashed_save(app, sid), await crashed_save(app, sid)
+        repository = ready["reference"].rsplit(":", 1)[0]
+        engine.client.api.tag(ready["reference"], repository, pushed)
+        for line in engine.client.api.push(repository, tag=pushed, stream=True, decode=True):
+            assert "error" not in line, line
+        snapshots = app.state.portal.snapshots
+        snapshots.ready_check_interval = 3600  # a reconcile round: unfinished ones only
+        changed = await snapshots.settle()
+        assert changed == {pushed: "ready", cut_short: "failed"}, changed
+        done = (await client.get(f"/api/v1/snapshots/{pushed}", headers=alice)).json()
+        assert done["reference"] == f"{repository}:{pushed}"
+        assert done["digest"] == ready["digest"]  # the same image, under another tag
+
+        # The image deleted from the registry behind labgate's back: missing, with why.
+        name = repository.removeprefix(registry.host + "/")
+        deleted = httpx.delete(f"{registry.url}/v2/{name}/manifests/{ready['digest']}")
+        assert deleted.status_code == 202, deleted.text
+        snapshots.ready_check_interval = 0
+        changed = await snapshots.settle()
+        assert changed == {sid: "missing", pushed: "missing"}, changed
+        gone = (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()
+        assert gone["reason"] == f"its image {ready['reference']} is gone from the registry"
+        # The registry cannot be asked (here: spoken to in TLS): nothing changes.
+        from labgate.backends.images import Registry as SnapshotRegistry
+
+        backend = app.state.portal.links["box"].agent.backend
+        backend.registry = SnapshotRegistry.parse(f"https://{registry.host}")
+        assert await snapshots.settle() == {}
+        # Back, the image pushed again: ready again.
+        backend.registry = SnapshotRegistry.parse(registry.url)
+        for line in engine.client.api.push(repository, tag=sid, stream=True, decode=True):
+            assert "error" not in line, line
+        assert await snapshots.settle() == {sid: "ready"}
 
     async def test_unreachable_registry_fails_the_snapshot_with_the_reason(
         self, app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]

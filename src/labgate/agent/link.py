@@ -81,6 +81,12 @@ class SiteLink(abc.ABC):
         """Save an instance (image or workspace archive); progress arrives as reports."""
 
     @abc.abstractmethod
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot at the site (:meth:`SiteAgent.find_snapshot`)."""
+
+    @abc.abstractmethod
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data at the site."""
 
@@ -137,6 +143,12 @@ class LocalSiteLink(SiteLink):
     ) -> SnapshotResult:
         """Save an instance through the in-process agent."""
         return await self.agent.snapshot(backend_state, request)
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot through the in-process agent."""
+        return await self.agent.find_snapshot(request, reference)
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Delete a snapshot's data through the in-process agent."""

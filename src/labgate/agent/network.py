@@ -209,6 +209,19 @@ class NetworkSiteLink(SiteLink):
         value = await self.call("snapshot", args, self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR)
         return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
 
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot at the site."""
+        args = {
+            "request": convert.snapshot_request_msg(request).model_dump(),
+            "reference": reference,
+        }
+        value = await self.call("find_snapshot", args)
+        if value is None:
+            return None
+        return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
+
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's data at the site."""
         await self.call("delete_snapshot", {"ref": convert.snapshot_ref_msg(ref).model_dump()})

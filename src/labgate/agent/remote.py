@@ -365,6 +365,12 @@ class RemoteAgent:
             )
             result = await agent.snapshot(dict(args.get("backend_state") or {}), request)
             return convert.snapshot_result_msg(result).model_dump()
+        if op == "find_snapshot":
+            request = convert.snapshot_request_of(
+                SnapshotRequestMsg.model_validate(args["request"])
+            )
+            found = await agent.find_snapshot(request, str(args.get("reference") or ""))
+            return None if found is None else convert.snapshot_result_msg(found).model_dump()
         if op == "delete_snapshot":
             await agent.delete_snapshot(
                 convert.snapshot_ref_of(SnapshotRefMsg.model_validate(args["ref"]))

@@ -27,7 +27,7 @@ from labgate.backends.base import (
     SnapshotResult,
     Started,
 )
-from labgate.errors import LabgateError
+from labgate.errors import Conflict, LabgateError
 from labgate.wire.site import Report, Reporter
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ class SiteAgent:
         self._cancel_requested: set[str] = set()
         #: Stops the backend failed, being tried again (instance id -> retry task).
         self._stop_retries: dict[str, asyncio.Task[None]] = {}
+        #: Snapshots being saved here now.
+        self._saving: set[str] = set()
         #: Seconds before the first retry of a failed stop (tests shorten it).
         self.stop_retry_first = STOP_RETRY_FIRST
         self._watch_task: asyncio.Task[None] | None = None
@@ -243,7 +245,25 @@ class SiteAgent:
         """Save an instance through the backend; progress goes to its event stream."""
         watched = self.watched.get(request.instance_id)
         state = watched.backend_state if watched is not None else backend_state
-        return await self.backend.snapshot(state, request)
+        self._saving.add(request.snapshot_id)
+        try:
+            return await self.backend.snapshot(state, request)
+        finally:
+            self._saving.discard(request.snapshot_id)
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot through the backend (see :meth:`Backend.find_snapshot`).
+
+        A save this agent is doing now is a 409 ``snapshot_saving``: not finished, not failed.
+        """
+        if request.snapshot_id in self._saving:
+            raise Conflict(
+                f"snapshot {request.snapshot_id} is being saved on site {self.site}",
+                code="snapshot_saving",
+            )
+        return await self.backend.find_snapshot(request, reference)
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data through the backend."""

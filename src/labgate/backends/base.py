@@ -312,6 +312,18 @@ class Backend(abc.ABC):
         """Save the running instance; by default snapshots are not supported."""
         raise SnapshotUnsupported(f"the {self.name} backend cannot take snapshots")
 
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """The stored snapshot, if it is there and complete; None when it is not.
+
+        ``reference`` names a snapshot recorded as ready (is it still there?);
+        without it, look where a save of ``request`` puts its result (did a
+        save cut short by a restart finish?). Raises :class:`SnapshotUnsupported`
+        when this backend cannot tell, any other error when it cannot ask now.
+        """
+        raise SnapshotUnsupported(f"the {self.name} backend cannot look for snapshots")
+
     async def delete_snapshot(self, ref: SnapshotRef) -> None:  # noqa: B027 - optional hook
         """Remove a snapshot's stored data; idempotent. By default there is none."""
 

@@ -56,6 +56,7 @@ from labgate.backends.base import (
     SnapshotRef,
     SnapshotRequest,
     SnapshotResult,
+    SnapshotUnsupported,
     Started,
     Status,
 )
@@ -881,6 +882,44 @@ class ContainerBackend(Backend):
         if digest is None:
             raise BackendError(f"snapshot {sid}: the registry did not confirm {repository}:{tag}")
         return digest
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """The snapshot's image in the registry (or, without one, on this engine)."""
+        if not reference:
+            reference = f"{self.snapshot_repository(request)}:{request.snapshot_id}"
+        repository, tag = parse_repository_tag(reference)
+        if self.registry is not None and self.registry.holds(reference):
+            digest = await self.registry.find_manifest(repository, tag or "latest")
+            if digest is None:
+                return None
+            image = await self._engine(self._image_or_none, reference)
+            size = int((image or {}).get("Size") or 0)
+            return SnapshotResult(kind="image", reference=reference, digest=digest, size=size)
+        if not reference.startswith(LOCAL_SNAPSHOTS + "/"):
+            raise SnapshotUnsupported(
+                f"{reference} is neither in this site's registry nor kept on its engine"
+            )
+        image = await self._engine(self._image_or_none, reference)
+        if image is None:
+            return None
+        digest = str(image["Id"])
+        digest = digest if digest.startswith("sha256:") else f"sha256:{digest}"
+        return SnapshotResult(
+            kind="image", reference=reference, digest=digest, size=int(image.get("Size") or 0)
+        )
+
+    def _image_or_none(self, reference: str) -> dict[str, Any] | None:
+        try:
+            image: dict[str, Any] = self.client.api.inspect_image(reference)
+        except ImageNotFound:
+            return None
+        except DockerException as exc:
+            if "image not known" in explain(exc).lower() or "no such image" in explain(exc).lower():
+                return None
+            raise
+        return image
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove the image from the engine and its manifest from the registry."""

@@ -137,6 +137,17 @@ class PullProgress:
         return text
 
 
+#: The manifest types asked for when checking that an image is in a registry.
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
 @dataclass(frozen=True)
 class Registry:
     """Where image snapshots are pushed: the ``snapshot_registry`` setting taken apart."""
@@ -196,18 +207,28 @@ class Registry:
         response.raise_for_status()
         return True
 
+    async def find_manifest(self, repository: str, reference: str) -> str | None:
+        """The digest of ``repository:reference`` (a tag or digest); None when it is absent.
+
+        Raises :class:`httpx.HTTPError` when the registry cannot be asked or
+        answers anything but found (200) or not found (404).
+        """
+        name = repository.removeprefix(self.host + "/")
+        url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{reference}"
+        auth = (self.username, self.password) if self.username else None
+        async with httpx.AsyncClient(timeout=30, auth=auth) as client:
+            response = await client.head(url, headers={"Accept": MANIFEST_TYPES})
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.headers.get("Docker-Content-Digest") or reference
+
     async def manifest_digest(self, repository: str, tag: str) -> str | None:
         """The digest the registry serves for ``repository:tag`` (a push that did not say)."""
         name = repository.removeprefix(self.host + "/")
         url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{tag}"
-        accept = ", ".join(
-            [
-                "application/vnd.oci.image.manifest.v1+json",
-                "application/vnd.docker.distribution.manifest.v2+json",
-            ]
-        )
         auth = (self.username, self.password) if self.username else None
         async with httpx.AsyncClient(timeout=30, auth=auth) as client:
-            response = await client.head(url, headers={"Accept": accept})
+            response = await client.head(url, headers={"Accept": MANIFEST_TYPES})
         digest = response.headers.get("Docker-Content-Digest")
         return digest if response.status_code == 200 and digest else None

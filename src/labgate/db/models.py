@@ -366,11 +366,16 @@ class SiteReport(Base):
 
 
 class SnapshotState(enum.StrEnum):
-    """Where a snapshot is: being saved, usable, or failed (with a reason)."""
+    """Where a snapshot is: being saved, usable, failed (with a reason), or missing.
+
+    ``missing``: it was ready, but its image (or archive) is no longer where it
+    was stored; it is ready again if the data comes back.
+    """
 
     saving = "saving"
     ready = "ready"
     failed = "failed"
+    missing = "missing"
 
 
 class Snapshot(Base):

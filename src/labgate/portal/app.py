@@ -168,7 +168,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     ops = await operations.start_operations(app, portal, metrics)
     portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
     # After restore: containers of instances that ended while labgate was down go now.
-    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval)
+    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval, portal.snapshots)
     await reconciler.run_once()
     reconciler.start()
     try:

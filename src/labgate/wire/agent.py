@@ -221,6 +221,7 @@ class Command(Message):
         "adopt",
         "logs",
         "snapshot",
+        "find_snapshot",
         "delete_snapshot",
         "reconcile",
         "claim",

@@ -42,7 +42,9 @@ class SnapshotOut(BaseModel):
     site: str | None
     backend: str
     kind: str = Field(description="image (container image) or archive (workspace archive).")
-    state: str = Field(description="saving, ready or failed.")
+    state: str = Field(
+        description="saving, ready, failed, or missing (its image or archive is gone)."
+    )
     reason: str
     reference: str = Field(description="Image reference or archive file name.")
     digest: str
