@@ -14,11 +14,13 @@ from typing import Any
 
 import httpx
 import pytest
-from test_containers import events_of, launch, write_busybox_tools
+from test_containers import busybox_tool, events_of, launch, write_busybox_tools
 
 import podman
 from helpers import wait_for_state
 from labgate.config import Settings, SiteConfig
+from labgate.db.models import Instance
+from labgate.tools.catalog import Catalog, load_tool_file
 from podman import Engine
 
 engine = podman.engine
@@ -66,7 +68,9 @@ def settings(settings: Settings, outage: Outage, deployment: str, tmp_path: Path
         backend="containers",
         options={"base_url": outage.base_url, "deployment": deployment},
     )
-    return settings.model_copy(update={"sites": [site], "reconcile_interval": 0})
+    return settings.model_copy(
+        update={"sites": [site], "reconcile_interval": 0, "cull_interval": 0.2, "cull_warning": 0.5}
+    )
 
 
 def running_containers(engine: Engine, deployment: str) -> list[str]:
@@ -116,3 +120,59 @@ async def test_stop_while_the_engine_is_down_waits_for_it_and_then_finishes(
     assert engine.containers_of(deployment) == []
     events = await events_of(app, iid)
     assert any("stop failed" in event["message"] for event in events), events
+
+
+BUSY_SCRIPT = (
+    "httpd -p {port} -h /www; "
+    "while true; do wget -q -O /dev/null --post-data '' "
+    '--header "Authorization: token $LABGATE_INSTANCE_TOKEN" '
+    '"$LABGATE_API_URL/instances/$LABGATE_INSTANCE_ID/activity"; sleep 0.5; done'
+)
+
+
+async def test_a_busy_tool_in_a_container_reaches_labgate_and_is_not_culled(
+    app: Any,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    settings: Settings,
+    engine: Engine,
+    deployment: str,
+) -> None:
+    # A long computation with the browser closed: no traffic through the router, only
+    # the tool's own busy reports to $LABGATE_API_URL.
+    assert settings.tools_dir is not None
+    tool = busybox_tool("bb-busy", ["sh", "-c", BUSY_SCRIPT]).replace(
+        "start_timeout", "idle_timeout = 2\nstart_timeout"
+    )
+    (settings.tools_dir.parent / "bb-busy.toml").write_text(tool)
+    portal = app.state.portal
+    portal.catalog = Catalog(
+        [*portal.catalog, load_tool_file(settings.tools_dir.parent / "bb-busy.toml")]
+    )
+    portal.instances.catalog = portal.catalog
+    # The portal as the test serves it (settings name port 8000): loopback, as by default.
+    portal.instances.extra_env["LABGATE_API_URL"] = f"{app.state.test_url}/api/v1"
+
+    iid = await launch(client, admin_headers, tool="bb-busy")
+    body = await wait_for_state(client, admin_headers, iid, {"running", "failed"})
+    assert body["state"] == "running", body
+    (container_id,) = running_containers(engine, deployment)
+    env = engine.client.api.inspect_container(container_id)["Config"]["Env"]
+    api_url = next(item.split("=", 1)[1] for item in env if item.startswith("LABGATE_API_URL="))
+    assert "127.0.0.1" not in api_url and api_url.endswith("/api/v1"), api_url
+
+    await asyncio.sleep(5)  # more than twice the idle timeout
+    body = (await client.get(f"/api/v1/instances/{iid}", headers=admin_headers)).json()
+    assert body["state"] == "running", body
+    row = await portal.run_db(lambda s: s.get(Instance, iid))
+    assert row.last_activity_at is not None
+    assert time.time() - row.last_activity_at.timestamp() < 2
+
+    # The relay forwards busy reports only, and labgate still checks the token.
+    async with httpx.AsyncClient(timeout=5) as http:
+        other = await http.get(f"{api_url}/instances")
+        assert other.status_code == 404
+        forged = await http.post(
+            f"{api_url}/instances/{iid}/activity", headers={"Authorization": "token nope"}
+        )
+        assert forged.status_code == 401

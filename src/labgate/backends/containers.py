@@ -10,7 +10,8 @@ See ``docs/backends/containers.md`` for the operator's side.
   volume at the tool's ``workspace`` path, labels naming labgate, this
   deployment, the site, the instance and the owner, and the tool's port
   published on a loopback address only (or, with the ``network`` option, no
-  published port: the router reaches the container on that network).
+  published port: the router reaches the container on that network). Its
+  ``LABGATE_API_URL`` is one it can reach (``api_relay.py``).
 - **Isolation** (``container_security.py``): no capabilities,
   ``no-new-privileges``, a non-root user, and with rootful Podman a range of
   host ids per user (kept on the workspace volume); mounts that would show
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from labgate.backends import container_security as security
+from labgate.backends.api_relay import ApiRelay, is_loopback_url
 from labgate.backends.base import (
     JSON,
     Backend,
@@ -160,6 +162,18 @@ class ContainerOptions(BaseModel):
     read_only: bool = Field(False, description="Read-only root filesystem (tmpfs /tmp).")
     init: bool = Field(True, description="Run an init (tini, catatonit) as the container's pid 1.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
+    api_url: str = Field(
+        "",
+        description="LABGATE_API_URL for containers (busy reports); empty: the portal's, "
+        "through a relay on the engine's network gateway when that is on loopback.",
+    )
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"api_url must be an http:// or https:// URL, not {value!r}")
+        return value.rstrip("/")
 
     @field_validator("publish_host")
     @classmethod
@@ -259,6 +273,8 @@ class ContainerBackend(Backend):
         )
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._relay: ApiRelay | None = None
+        self._relay_lock = asyncio.Lock()
         self._engine_kind: str | None = None
         # One user's id range is chosen once, when their workspace volume is made.
         self._volume_lock = threading.Lock()
@@ -355,10 +371,52 @@ class ContainerBackend(Backend):
             }
         )
         try:
+            await self._reach_labgate(spec.instance_id, env)
             await self._ensure_image(spec.instance_id, image)
             return await self._engine(self._run, spec, image, command, args, env)
         except _ENGINE_ERRORS as exc:
             raise InstanceStartError(f"container engine: {explain(exc)}") from exc
+
+    async def _reach_labgate(self, instance_id: str, env: dict[str, str]) -> None:
+        """Give the container a LABGATE_API_URL it can reach (see labgate.backends.api_relay)."""
+        portal_url = env.get("LABGATE_API_URL", "")
+        if self.config.api_url:
+            env["LABGATE_API_URL"] = self.config.api_url
+            return
+        if not portal_url or not is_loopback_url(portal_url):
+            return
+        async with self._relay_lock:
+            relay = self._relay
+            if relay is None or relay.upstream != portal_url.rstrip("/"):
+                try:
+                    gateway = await self._engine(self._gateway)
+                    relay = ApiRelay(gateway, portal_url)
+                    await relay.start()
+                except (*_ENGINE_ERRORS, LookupError) as exc:
+                    problem = explain(exc) if isinstance(exc, _ENGINE_ERRORS) else str(exc)
+                    log.warning("no busy-report relay for containers: %s", problem)
+                    await self.progress_note(
+                        instance_id,
+                        f"busy reports cannot reach labgate from this container ({problem}); "
+                        "set the site's api_url",
+                    )
+                    return
+                if self._relay is not None:
+                    await self._relay.close()
+                self._relay = relay
+        env["LABGATE_API_URL"] = relay.url
+
+    def _gateway(self) -> str:
+        """The host's address on the containers' network (its IPv4 gateway)."""
+        network = self.config.network or (
+            "podman" if self.engine_kind().startswith("podman") else "bridge"
+        )
+        attrs = self.client.api.inspect_network(network)
+        for config in (attrs.get("IPAM") or {}).get("Config") or []:
+            gateway = str(config.get("Gateway") or "")
+            if gateway and ":" not in gateway:
+                return gateway
+        raise LookupError(f"the network {network!r} has no IPv4 gateway")
 
     async def _ensure_image(self, instance_id: str, image: str) -> None:
         present = await self._engine(self._has_image, image)
@@ -745,7 +803,10 @@ class ContainerBackend(Backend):
         return bytes(data).decode("utf-8", errors="replace")
 
     async def close(self) -> None:
-        """Close the engine connection pool."""
+        """Close the engine connection pool and the busy-report relay."""
+        if self._relay is not None:
+            relay, self._relay = self._relay, None
+            await relay.close()
         if self._client is not None:
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
