@@ -176,3 +176,42 @@ async def test_a_busy_tool_in_a_container_reaches_labgate_and_is_not_culled(
             f"{api_url}/instances/{iid}/activity", headers={"Authorization": "token nope"}
         )
         assert forged.status_code == 401
+
+
+async def test_readyz_and_metrics_report_each_site_and_launches_name_the_socket(
+    app: Any,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    settings: Settings,
+    outage: Outage,
+) -> None:
+    portal = app.state.portal
+    portal.links["box"].agent.health_ttl = 0
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["sites"] == {"box": "ok"}
+
+    outage.stop()
+    # An optional site down: still ready (the portal serves its other sites), and says so.
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    body = ready.json()
+    assert body["sites"]["box"].startswith(f"the container engine at {outage.base_url}")
+    assert body["checks"]["sites"] == "degraded: box down (not required)"
+    metrics = (await client.get("/metrics", headers=admin_headers)).text
+    assert 'labgate_site_up{site="box"} 0.0' in metrics
+    # The launch error names the engine's socket.
+    iid = await launch(client, admin_headers, tool="bb-web")
+    failed = await wait_for_state(client, admin_headers, iid, {"failed"})
+    assert f"container engine at {outage.base_url}" in failed["reason"], failed
+
+    # A required site down fails readiness.
+    required = [site.model_copy(update={"required": True}) for site in settings.sites]
+    portal.settings = settings.model_copy(update={"sites": required})
+    down = await client.get("/readyz")
+    assert down.status_code == 503 and down.json()["checks"]["sites"] == "required site down: box"
+
+    outage.start()
+    back = await client.get("/readyz")
+    assert back.status_code == 200 and back.json()["sites"] == {"box": "ok"}
+    metrics = (await client.get("/metrics", headers=admin_headers)).text
+    assert 'labgate_site_up{site="box"} 1.0' in metrics

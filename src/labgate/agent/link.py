@@ -50,6 +50,10 @@ class SiteLink(abc.ABC):
         """Whether the site can take commands now (a network site: its agent is connected)."""
         return True
 
+    async def health(self) -> str | None:
+        """What keeps the site from working now (agent away, engine down), or None."""
+        return None if self.live else f"the agent of site {self.site} is not connected"
+
     @abc.abstractmethod
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Why ``tool`` cannot run on this site (None: it can), as the site says."""
@@ -117,6 +121,10 @@ class LocalSiteLink(SiteLink):
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Ask the in-process agent's backend."""
         return self.agent.unavailable_reason(tool)
+
+    async def health(self) -> str | None:
+        """Ask the in-process agent (its backend's engine)."""
+        return await self.agent.health()
 
     async def launch(self, spec: LaunchSpec) -> None:
         """Hand the launch to the in-process agent."""

@@ -111,6 +111,8 @@ class NetworkSiteLink(SiteLink):
         #: Instance traffic through the agent's connection (``reach = "tunnel"``).
         self.tunnel = PortalTunnel() if reach == "tunnel" else None
         self.tunnel_dir = tunnel_dir
+        #: What the agent's last heartbeat said keeps the site from working ("" none).
+        self.reported_health = ""
 
     # --- the connection ----------------------------------------------------
     @property
@@ -132,6 +134,12 @@ class NetworkSiteLink(SiteLink):
         session.fail_all(f"site {self.site} disconnected: {reason}")
         if self.session is session:
             self.session = None
+
+    async def health(self) -> str | None:
+        """Not connected, or what the agent's last heartbeat said of its backend."""
+        if not self.live:
+            return f"the agent of site {self.site} is not connected"
+        return self.reported_health or None
 
     def tunnel_path(self, instance_id: str) -> Path | None:
         """The unix socket the router connects to for a tunneled instance, or None (direct)."""

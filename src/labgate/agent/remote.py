@@ -289,8 +289,10 @@ class RemoteAgent:
         while True:
             agent = self.agent
             count = len(agent.watched) if agent is not None else 0
+            health = (await agent.health() or "") if agent is not None else ""
+            beat = Heartbeat(time=time.time(), instances=count, health=health)
             with contextlib.suppress(websockets.ConnectionClosed):
-                await ws.send(dump(Heartbeat(time=time.time(), instances=count)))
+                await ws.send(dump(beat))
             await asyncio.sleep(interval)
             if loop.time() - heard[0] > interval * 3:
                 log.warning("agent: the portal is silent; reconnecting")

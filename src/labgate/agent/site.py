@@ -43,6 +43,10 @@ HEALTH_MAX_INTERVAL = 0.25
 HEALTH_REQUEST_TIMEOUT = 5.0
 #: A stop the backend could not do (its engine is down) is tried again after this many
 #: seconds, doubled each time up to STOP_RETRY_MAX, until it succeeds.
+#: Seconds a site's health answer is reused (``/readyz`` may be asked often), and how
+#: long the backend may take to give one.
+HEALTH_TTL = 5.0
+HEALTH_TIMEOUT = 3.0
 STOP_RETRY_FIRST = 1.0
 STOP_RETRY_MAX = 60.0
 
@@ -105,6 +109,9 @@ class SiteAgent:
         self._cancel_requested: set[str] = set()
         #: Stops the backend failed, being tried again (instance id -> retry task).
         self._stop_retries: dict[str, asyncio.Task[None]] = {}
+        self._health: tuple[float, str | None] | None = None
+        #: Seconds a health answer is reused (tests shorten it).
+        self.health_ttl = HEALTH_TTL
         #: Snapshots being saved here now.
         self._saving: set[str] = set()
         #: Seconds before the first retry of a failed stop (tests shorten it).
@@ -299,6 +306,25 @@ class SiteAgent:
             )
 
         return await fetching.fetch(job, progress)
+
+    async def health(self) -> str | None:
+        """What keeps this site from working now (its engine is down), or None; cached."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < self.health_ttl:
+            return self._health[1]
+        try:
+            problem = await asyncio.wait_for(self.backend.health(), HEALTH_TIMEOUT)
+        except TimeoutError:
+            problem = f"the {self.backend.name} backend did not answer within {HEALTH_TIMEOUT:g}s"
+        except Exception as exc:
+            problem = f"the {self.backend.name} backend cannot tell: {exc}"
+        self._health = (time.monotonic(), problem)
+        return problem
+
+    @property
+    def last_health(self) -> str | None:
+        """The last health answer (None: healthy or not asked yet)."""
+        return self._health[1] if self._health is not None else None
 
     def claim_support(self, tool: Tool) -> str | None:
         """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""

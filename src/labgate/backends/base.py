@@ -298,6 +298,14 @@ class Backend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""
 
+    async def health(self) -> str | None:
+        """What keeps this site from working now (its engine does not answer), or None.
+
+        Asked for ``/readyz`` and ``/metrics`` (at most every few seconds): keep it
+        quick; by default a backend is healthy.
+        """
+        return None
+
     def attach(self, site: str, progress: Progress | None = None) -> None:
         """Called once by the site agent: the site's name and its progress callback."""
         self.site = site

@@ -303,6 +303,17 @@ class ContainerBackend(Backend):
         """Run a blocking SDK call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
 
+    @property
+    def engine_address(self) -> str:
+        """Where the engine is asked: the site's ``base_url``, else ``DOCKER_HOST``'s value."""
+        import os
+
+        return (
+            self.config.base_url
+            or os.environ.get("DOCKER_HOST")
+            or ("unix:///var/run/docker.sock (the default: no base_url, no DOCKER_HOST)")
+        )
+
     def container_name(self, instance_id: str) -> str:
         """The container of an instance: ``labgate-<deployment>-<instance id>``."""
         return f"labgate-{self.deployment}-{instance_id}"
@@ -375,7 +386,9 @@ class ContainerBackend(Backend):
             await self._ensure_image(spec.instance_id, image)
             return await self._engine(self._run, spec, image, command, args, env)
         except _ENGINE_ERRORS as exc:
-            raise InstanceStartError(f"container engine: {explain(exc)}") from exc
+            raise InstanceStartError(
+                f"container engine at {self.engine_address}: {explain(exc)}"
+            ) from exc
 
     async def _reach_labgate(self, instance_id: str, env: dict[str, str]) -> None:
         """Give the container a LABGATE_API_URL it can reach (see labgate.backends.api_relay)."""
@@ -470,6 +483,17 @@ class ContainerBackend(Backend):
     def _section(self, spec: LaunchSpec) -> ContainerSpec | None:
         """The launched tool's ``[container]`` table, validated."""
         return spec.tool.parsed(self.tool_section, ContainerSpec)
+
+    async def health(self) -> str | None:
+        """None while the engine answers a ping; otherwise which engine, and why."""
+        try:
+            await self._engine(self._ping)
+        except Exception as exc:
+            return f"the container engine at {self.engine_address} does not answer: {explain(exc)}"
+        return None
+
+    def _ping(self) -> None:
+        self.client.api.ping()
 
     def doctor(self) -> list[Diagnosis]:
         """Whether the engine answers, and whether containers get user namespaces."""

@@ -208,6 +208,8 @@ class Heartbeat(Message):
     time: float
     #: Instances the agent watches (agent to portal only).
     instances: int = 0
+    #: What keeps the site from working now, e.g. its engine is down ("": nothing).
+    health: str = ""
 
 
 class Command(Message):
