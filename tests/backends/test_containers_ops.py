@@ -215,3 +215,31 @@ async def test_readyz_and_metrics_report_each_site_and_launches_name_the_socket(
     assert back.status_code == 200 and back.json()["sites"] == {"box": "ok"}
     metrics = (await client.get("/metrics", headers=admin_headers)).text
     assert 'labgate_site_up{site="box"} 1.0' in metrics
+
+
+async def test_a_replica_gone_since_registration_fails_the_launch_and_creates_nothing(
+    tmp_path: Path, engine: Engine, deployment: str
+) -> None:
+    import dataclasses
+
+    from test_containers import demo_spec
+
+    from labgate.backends.base import Mount
+    from labgate.backends.containers import ContainerBackend
+    from labgate.errors import InstanceStartError
+
+    root = tmp_path / "data"
+    root.mkdir()
+    backend = ContainerBackend(
+        Settings(data_dir=tmp_path / "var"), {"base_url": engine.base_url, "deployment": deployment}
+    )
+    try:
+        mount = Mount(root / "survey" / "2026", "/data/survey", root=root)
+        spec = dataclasses.replace(demo_spec(tmp_path), mounts=(mount,))
+        with pytest.raises(InstanceStartError, match="does not exist in the data root"):
+            await backend.start(spec)
+    finally:
+        await backend.close()
+    # Neither a container nor a directory the engine would have made in the data store.
+    assert engine.containers_of(deployment) == []
+    assert list(root.iterdir()) == []
