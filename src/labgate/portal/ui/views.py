@@ -25,6 +25,7 @@ from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
 from labgate.portal.schemas import UserOut
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, render, to_login
+from labgate.resolver.locality import BadUrlPath, clean_urlpath, open_url
 from labgate.security import CSRF_FORM_FIELD, SCOPES
 
 router = APIRouter(include_in_schema=False)
@@ -114,12 +115,18 @@ async def _instance_view(
         lambda s: instance_out(portal, visible_instance(s, caller, instance_id), caller)
     )
     tool = portal.catalog.get(instance.tool)
+    try:
+        # From a launch link: open this path inside the tool once it is ready.
+        opens = open_url(instance.url, clean_urlpath(request.query_params.get("urlpath", "")))
+    except BadUrlPath:
+        opens = instance.url
     context = page_context(
         portal,
         caller,
         "instances",
         instance=instance,
         tool_title=tool.title if tool else instance.tool,
+        open_url=opens,
     )
     return render(request, template, context)
 
