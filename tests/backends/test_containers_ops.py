@@ -243,3 +243,63 @@ async def test_a_replica_gone_since_registration_fails_the_launch_and_creates_no
     # Neither a container nor a directory the engine would have made in the data store.
     assert engine.containers_of(deployment) == []
     assert list(root.iterdir()) == []
+
+
+def run_doctor(env: dict[str, str]) -> tuple[int, list[dict[str, str]]]:
+    import json
+
+    from typer.testing import CliRunner
+
+    from labgate.cli import app as cli_app
+
+    result = CliRunner().invoke(cli_app, ["doctor", "--json"], env=env)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_doctor_checks_the_registry_the_images_and_a_throwaway_container(
+    tmp_path: Path, engine: Engine, registry: podman.Registry, deployment: str
+) -> None:
+    import json
+
+    from servers import free_port
+
+    tools = tmp_path / "tools"
+    write_busybox_tools(tools)
+    absent = busybox_tool("bb-absent", ["httpd"], image="localhost/labgate/absent:1")
+    (tools / "bb-absent.toml").write_text(absent)
+    site = engine.site("pods", deployment=deployment, pull="never")
+    env = {
+        "LABGATE_DATA_DIR": str(tmp_path / "var"),
+        "LABGATE_PORT": str(free_port()),
+        "LABGATE_TOOLS_DIR": str(tools),
+        "LABGATE_SITES": json.dumps([site]),
+        "LABGATE_SNAPSHOT_REGISTRY": registry.namespace(),
+    }
+    code, findings = run_doctor(env)
+    said = {(f["level"], f["detail"]) for f in findings if f["subject"] == "site pods"}
+    assert code == 1, findings  # the missing image, with pull = never
+    assert any(
+        level == "ok" and "registry answers" in detail and "trusted" in detail
+        for level, detail in said
+    ), said
+    missing = [f for f in findings if "localhost/labgate/absent:1" in f["detail"]]
+    assert [f["level"] for f in missing] == ["fail"], findings
+    assert "labgate image build bb-absent --site pods" in missing[0]["fix"]
+    assert any(
+        level == "ok" and "throwaway container" in detail and "started" in detail
+        for level, detail in said
+    ), said
+    assert not [
+        c for c in engine.client.api.containers(all=True, filters={"label": "labgate.doctor"})
+    ]
+
+    # The same registry under a name the engine does not trust for plain HTTP; then none.
+    port = registry.host.rsplit(":", 1)[1]
+    env["LABGATE_SNAPSHOT_REGISTRY"] = f"http://localhost:{port}/x"
+    code, findings = run_doctor(env)
+    untrusted = [f for f in findings if "does not trust" in f["detail"]]
+    assert untrusted and untrusted[0]["level"] == "fail", findings
+    assert "insecure = true" in untrusted[0]["fix"]
+    env["LABGATE_SNAPSHOT_REGISTRY"] = f"http://127.0.0.1:{free_port()}"
+    code, findings = run_doctor(env)
+    assert any("registry does not answer" in f["detail"] for f in findings), findings

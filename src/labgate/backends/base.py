@@ -277,6 +277,14 @@ class Backend(abc.ABC):
         """What ``labgate doctor`` should say about this site's engine."""
         return []
 
+    def doctor_tools(self, tools: list[Tool]) -> list[Diagnosis]:
+        """More of ``labgate doctor``, once :meth:`doctor` found the engine answering.
+
+        ``tools`` are the catalog's tools this site can run (e.g. are their
+        images here?). By default there is nothing more to say.
+        """
+        return []
+
     # --- what the backend does ------------------------------------------------------
 
     @abc.abstractmethod

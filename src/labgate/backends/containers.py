@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from labgate.backends import container_doctor
 from labgate.backends import container_security as security
 from labgate.backends.api_relay import ApiRelay, is_loopback_url
 from labgate.backends.base import (
@@ -72,7 +73,7 @@ from labgate.backends.images import (
 )
 from labgate.backends.images import stream_error as stream_error_of
 from labgate.errors import BackendError, ConfigError, InstanceStartError
-from labgate.tools.catalog import ContainerSpec, template_values
+from labgate.tools.catalog import ContainerSpec, Tool, template_values
 
 try:
     import docker  # type: ignore[import-untyped]
@@ -438,6 +439,31 @@ class ContainerBackend(Backend):
         if not present and self.config.pull == "never":
             raise InstanceStartError(f"image {image} is not on the engine and pull is 'never'")
         await self._pull(instance_id, image)
+
+    def has_image(self, image: str) -> bool:
+        """Whether the engine holds ``image`` (blocking)."""
+        return self._has_image(image)
+
+    def tool_section_of(self, tool: Tool) -> ContainerSpec | None:
+        """A tool's ``[container]`` table, validated (None without one)."""
+        return tool.parsed(self.tool_section, ContainerSpec)
+
+    def doctor_tools(self, tools: list[Tool]) -> list[Diagnosis]:
+        """The snapshot registry, the tools' images, and a throwaway container."""
+        found = container_doctor.registry_checks(self)
+        images, present = container_doctor.image_checks(self, tools)
+        found += images
+        if present:
+            found.append(container_doctor.runtime_check(self, present))
+        elif tools:
+            found.append(
+                Diagnosis(
+                    "warn",
+                    "no tool's image is on the engine, so no container was tried",
+                    "build or pull one, then run `labgate doctor` again",
+                )
+            )
+        return found
 
     def _has_image(self, image: str) -> bool:
         try:
