@@ -7,6 +7,7 @@ Real Podman and a real registry (tests/podman.py): the engine going away is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from pathlib import Path
@@ -303,3 +304,78 @@ def test_doctor_checks_the_registry_the_images_and_a_throwaway_container(
     env["LABGATE_SNAPSHOT_REGISTRY"] = f"http://127.0.0.1:{free_port()}"
     code, findings = run_doctor(env)
     assert any("registry does not answer" in f["detail"] for f in findings), findings
+
+
+def test_image_build_makes_a_tools_image_from_its_recipe_with_progress(
+    tmp_path: Path, engine: Engine, deployment: str
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from labgate.cli import app as cli_app
+
+    image = f"localhost/labgate/{podman.RUN}-built:1"
+    tools = tmp_path / "tools"
+    recipe = tools / "bb-built.build"
+    recipe.mkdir(parents=True)
+    (recipe / "Containerfile").write_text(
+        f"FROM {podman.BUSYBOX_IMAGE}\n"
+        "COPY labgate /opt/labgate/lib/labgate\nCOPY extra-ca.pem /etc/extra-ca.pem\n"
+        'RUN ["/bin/busybox", "touch", "/tmp/built-here"]\n'
+    )
+    tool = busybox_tool("bb-built", ["httpd", "-f", "-p", "{port}", "-h", "/www"], image=image)
+    (tools / "bb-built.toml").write_text(
+        tool.replace("[container]\n", '[container]\nbuild = "bb-built.build"\n')
+    )
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n(a test CA)\n")
+    env = {
+        "LABGATE_DATA_DIR": str(tmp_path / "var"),
+        "LABGATE_TOOLS_DIR": str(tools),
+        "LABGATE_SITES": json.dumps([engine.site("pods", deployment=deployment)]),
+    }
+    runner = CliRunner()
+    try:
+        result = runner.invoke(
+            cli_app, ["image", "build", "bb-built", "--site", "pods", "--ca-file", str(ca)], env=env
+        )
+        assert result.exit_code == 0, result.output
+        assert f"building {image} on {engine.base_url}" in result.output
+        assert "STEP" in result.output or "Step" in result.output  # the engine's own progress
+        assert f"built {image} on site pods" in result.output
+        inspected = engine.client.api.inspect_image(image)
+        assert inspected["Config"]["Labels"]["org.labgate.tool"] == "bb-built"
+        # What the build context held: labgate's busy-report extension and the CA.
+        files = engine.client.containers.run(
+            image,
+            ["sh", "-c", "ls /opt/labgate/lib/labgate/tools; cat /etc/extra-ca.pem"],
+            remove=True,
+        ).decode()
+        assert "jupyter_busy.py" in files and "(a test CA)" in files
+
+        # Failures are one error line with the engine's words.
+        (recipe / "Containerfile").write_text("FROM localhost/labgate/absent-base:1\n")
+        failed = runner.invoke(cli_app, ["image", "build", "bb-built", "--site", "pods"], env=env)
+        assert failed.exit_code == 1 and "error: building" in failed.output, failed.output
+        no_recipe = runner.invoke(cli_app, ["image", "build", "demo"], env=env)
+        assert no_recipe.exit_code == 1 and "names no build recipe" in no_recipe.output
+        no_site = runner.invoke(cli_app, ["image", "build", "bb-built", "--site", "x"], env=env)
+        assert no_site.exit_code == 1 and "no containers site 'x'" in no_site.output
+    finally:
+        with contextlib.suppress(Exception):
+            engine.client.images.remove(image, force=True)
+
+
+def test_the_builtin_jupyterlab_ships_a_recipe(tmp_path: Path) -> None:
+    from labgate.backends.container_build import recipe_of
+    from labgate.backends.containers import ContainerBackend
+    from labgate.tools.catalog import Catalog
+
+    tool = Catalog.load().get("jupyterlab")
+    assert tool is not None
+    backend = ContainerBackend(Settings(data_dir=tmp_path / "var"), {"base_url": "unix:///none"})
+    image, directory = recipe_of(backend, tool)
+    assert image == "localhost/labgate/jupyterlab:4"
+    text = (directory / "Containerfile").read_text()
+    assert "ARG BASE=" in text and "jupyterlab" in text and "COPY labgate" in text

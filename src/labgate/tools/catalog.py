@@ -155,6 +155,9 @@ class ContainerSpec(BaseModel):
     workspace: str = Field("/workspace", pattern=r"^/")
     #: GPUs to request as device requests (-1: all); needs the site option ``gpu``.
     gpus: int = Field(0, ge=-1)
+    #: A directory next to the tool file with a Containerfile that builds ``image``
+    #: (``labgate image build``).
+    build: str = Field("", max_length=200, pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]*/?)*$")
 
     @model_validator(mode="after")
     def _placeholders(self) -> ContainerSpec:
