@@ -379,3 +379,76 @@ def test_the_builtin_jupyterlab_ships_a_recipe(tmp_path: Path) -> None:
     assert image == "localhost/labgate/jupyterlab:4"
     text = (directory / "Containerfile").read_text()
     assert "ARG BASE=" in text and "jupyterlab" in text and "COPY labgate" in text
+
+
+async def test_a_launch_chooses_an_image_from_the_tools_and_groups_allowlists(
+    app: Any,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    make_user: Any,
+    settings: Settings,
+    engine: Engine,
+    deployment: str,
+) -> None:
+    alt, physics = (f"localhost/labgate/{podman.RUN}-{name}:1" for name in ("alt", "physics"))
+    for image in (alt, physics):
+        engine.client.api.tag(podman.BUSYBOX_IMAGE, *image.rsplit(":", 1))
+    assert settings.tools_dir is not None
+    tool = busybox_tool("bb-pick", ["httpd", "-f", "-p", "{port}", "-h", "/www"]).replace(
+        "[container]\n",
+        f'[container]\nimages = ["{alt}"]\ngroup_images = {{ physics = ["{physics}"] }}\n',
+    )
+    path = settings.tools_dir.parent / "bb-pick.toml"
+    path.write_text(tool)
+    portal = app.state.portal
+    portal.catalog = Catalog([*portal.catalog, load_tool_file(path)])
+    portal.instances.catalog = portal.catalog
+    alice = await make_user("alice")
+    try:
+        shown = (await client.get("/api/v1/tools/bb-pick", headers=alice)).json()
+        assert shown["images"] == [podman.BUSYBOX_IMAGE, alt]
+
+        iid = await launch(client, alice, tool="bb-pick", image=alt)
+        body = await wait_for_state(client, alice, iid, {"running", "failed"})
+        assert body["state"] == "running", body
+        (container_id,) = running_containers(engine, deployment)
+        assert engine.client.api.inspect_container(container_id)["Config"]["Image"] == alt
+
+        # Not in any list, or in a group's list alice is not in: refused, nothing launched.
+        for image in (physics, "docker.io/library/python:3"):
+            refused = await client.post(
+                "/api/v1/instances",
+                json={"site": "box", "tool": "bb-pick", "image": image},
+                headers=alice,
+            )
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"] == "image_not_allowed"
+            assert alt in refused.json()["detail"]
+        no_image = await client.post(
+            "/api/v1/instances", json={"tool": "slow", "image": alt}, headers=alice
+        )
+        assert no_image.status_code == 400 and no_image.json()["error"] == "image_not_allowed"
+
+        # In the group: its images too.
+        created = await client.post(
+            "/api/v1/groups", json={"name": "physics"}, headers=admin_headers
+        )
+        assert created.status_code == 201, created.text
+        added = await client.put("/api/v1/groups/physics/members/alice", headers=admin_headers)
+        assert added.status_code in (200, 201), added.text
+        shown = (await client.get("/api/v1/tools/bb-pick", headers=alice)).json()
+        assert shown["images"] == [podman.BUSYBOX_IMAGE, alt, physics]
+        second = await launch(client, alice, tool="bb-pick", image=physics)
+        body = await wait_for_state(client, alice, second, {"running", "failed"})
+        assert body["state"] == "running", body
+    finally:
+        await stop_everything_of(app)
+        for image in (alt, physics):
+            with contextlib.suppress(Exception):
+                engine.client.images.remove(image)
+
+
+async def stop_everything_of(app: Any) -> None:
+    from conftest import stop_everything
+
+    await stop_everything(app)

@@ -136,6 +136,8 @@ class LaunchSpec:
     snapshot: SnapshotRef | None = None
     #: The owner's user id: the process backend, run as root, derives the instance's uid from it.
     owner_id: int | None = None
+    #: A container image chosen at launch from the tool's allowlist; "" the tool's own.
+    image: str = ""
 
 
 class SnapshotUnsupported(LabgateError):

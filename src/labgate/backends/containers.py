@@ -352,6 +352,13 @@ class ContainerBackend(Backend):
                 f"tool {spec.tool.name!r} asks for GPUs, but this site has none (option gpu)"
             )
         image = tool.image
+        if spec.image:
+            # The portal checked the user's groups; a site takes only images the tool lists.
+            if spec.image not in tool.allowed_images():
+                raise InstanceStartError(
+                    f"image {spec.image} is not among the images tool {spec.tool.name!r} allows"
+                )
+            image = spec.image
         if spec.snapshot is not None:
             if spec.snapshot.kind != "image":
                 raise InstanceStartError(

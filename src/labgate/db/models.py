@@ -264,6 +264,9 @@ class Instance(Base):
     #: The snapshot this instance was launched from, if any. A plain column (see
     #: migration 0003); it outlives the snapshot, which then reads as None.
     snapshot_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: The container image the launch chose from its tool's allowlist; "" the tool's own
+    #: (migration 0007).
+    image: Mapped[str] = mapped_column(String(512), default="", server_default="")
     #: ``tool@site`` while the instance waits, unclaimed, in a warm pool (migration 0004).
     pool: Mapped[str | None] = mapped_column(String(130), default=None, index=True)
     #: The owner asked that idle culling spare the instance until then.

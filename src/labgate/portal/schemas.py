@@ -92,6 +92,11 @@ class ToolOut(BaseModel):
     resources: dict[str, Any]
     available: bool
     unavailable_reason: str | None
+    images: list[str] = Field(
+        default_factory=list,
+        description='Container images you may launch it with ("image"), its own first; '
+        "shown by GET /api/v1/tools/{name}.",
+    )
 
 
 #: ``local``, or where a network site's agent is (``waiting``: it never connected).
@@ -162,11 +167,19 @@ class LaunchIn(Strict):
     group: str | None = Field(
         None, max_length=64, description="Group to charge; default: the first of yours with room."
     )
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="A container image from the tool's allowlist (GET /api/v1/tools/{name}).",
+    )
 
     @model_validator(mode="after")
     def _tool_or_snapshot(self) -> LaunchIn:
         if self.tool is None and self.snapshot is None:
             raise ValueError("give a tool, a snapshot, or both")
+        if self.image is not None and self.snapshot is not None:
+            raise ValueError("a launch from a snapshot runs the snapshot's image: no image")
         return self
 
 

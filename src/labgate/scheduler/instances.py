@@ -197,6 +197,7 @@ class InstanceManager:
             secret=self.box.open(instance.id, instance.secret) or "",
             mounts=mounts,
             snapshot=snapshot,
+            image=instance.image,
             # Where each mount is, for the tool; a backend that cannot mount at the
             # target (process without bwrap) points these at the host path instead.
             env={**self.extra_env, **{mount.env_var: mount.target for mount in mounts}},

@@ -83,6 +83,8 @@ class LaunchSpecMsg(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     mounts: list[MountMsg] = Field(default_factory=list)
     snapshot: SnapshotRefMsg | None = None
+    #: A container image chosen from the tool's allowlist ("" the tool's own).
+    image: str = ""
 
 
 class AdoptionMsg(BaseModel):

@@ -108,6 +108,7 @@ async def launch(
         labels=body.labels,
         snapshot=body.snapshot,
         group=body.group,
+        image=body.image,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)
