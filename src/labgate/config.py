@@ -101,6 +101,8 @@ class SiteConfig(BaseModel):
     capacity: SiteCapacity = Field(default_factory=SiteCapacity)
     labels: dict[str, str] = Field(default_factory=dict)
     data_root: Path | None = None
+    #: Directory of shared read-write group volumes, <group_root>/<group> (operations.md).
+    group_root: Path | None = None
     #: Whether /readyz fails while this site is down (else it only says so).
     required: bool = False
 

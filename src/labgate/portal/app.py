@@ -87,6 +87,7 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
     site.options = {
         "capacity": config.capacity.model_dump(),
         "data_root": str(config.data_root) if config.data_root else None,
+        "group_root": str(config.group_root) if config.group_root else None,
     }
 
 

@@ -34,6 +34,7 @@ from labgate.agent.link import live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
 from labgate.errors import BadRequest, NotFound
 from labgate.scheduler import accounting, images, quotas
+from labgate.scheduler.group_volumes import group_mounts
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
 from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_to_launch
@@ -216,16 +217,18 @@ def record(
     """Step 3 (cold): the ``pending`` instance on ``site``, its usage record and event."""
     request = admission.request
     instance_id = new_id()
+    site_row = session.scalar(select(Site).where(Site.name == site))
     instance = Instance(
         id=instance_id,
         owner_id=user.id,
         tool=admission.tool.name,
-        site=session.scalar(select(Site).where(Site.name == site)),
+        site=site_row,
         state=InstanceState.pending,
         resources=admission.resources.as_json(),
         secret=admission.box.new_secret(instance_id),
         dataset_id=need.dataset_id if need is not None else None,
-        mounts=[need.mount_on(site)] if need is not None else [],
+        mounts=([need.mount_on(site)] if need is not None else [])
+        + group_mounts(session, user, site_row),
         snapshot_id=request.snapshot,
         image=request.image or "",
     )

@@ -47,7 +47,7 @@ def instance_out(portal: Portal, instance: Instance, caller: Principal) -> Insta
         endpoint=instance.endpoint if caller.is_admin else None,
         dataset=next((m.get("dataset") for m in instance.mounts or []), None),
         mounts=[
-            {k: m[k] for k in ("dataset", "target", "read_only") if k in m}
+            {k: m[k] for k in ("dataset", "group", "target", "read_only") if k in m}
             for m in instance.mounts or []
         ],
         snapshot=instance.snapshot_id,
