@@ -389,6 +389,14 @@ class Settings(BaseSettings):
     snapshot_registry_password: SecretStr = Field(
         SecretStr(""), description="Password or token for the snapshot registry."
     )
+    snapshot_storage_per_user: Annotated[
+        int, BeforeValidator(lambda v: v if v in (0, "0") else parse_size(v))
+    ] = Field(
+        0,
+        ge=0,
+        description="Bytes of snapshots one user may keep (e.g. 20G); at or above it, new "
+        "snapshots are refused (429). 0: no limit.",
+    )
     snapshot_dir: Path | None = Field(
         None,
         description=(

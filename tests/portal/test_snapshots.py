@@ -331,6 +331,37 @@ async def test_snapshot_and_launch_errors(
     assert sid not in [s["id"] for s in everyone]
 
 
+class TestSnapshotStorage:
+    """snapshot_storage_per_user: what a user keeps, and the next snapshot refused."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"snapshot_storage_per_user": 1})
+
+    async def test_a_user_at_their_snapshot_storage_takes_no_more(
+        self, app: Any, client: httpx.AsyncClient, make_user: Any
+    ) -> None:
+        alice = await make_user("alice")
+        bob = await make_user("bob")
+        iid = await running(client, alice, tool="demo")
+        first = await take(client, alice, iid)
+        assert (await wait_snapshot(client, alice, first))["state"] == "ready"
+        refused = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=alice)
+        assert refused.status_code == 429, refused.text
+        body = refused.json()
+        assert (body["error"], body["quota"], body["scope"]) == (
+            "quota_exceeded",
+            "snapshot_storage",
+            "user",
+        )
+        assert body["limit"] == 1 and body["current"] > 0
+        # Per user: bob still may; and alice may again once she deleted hers.
+        bobs = await running(client, bob, tool="demo")
+        await take(client, bob, bobs)
+        assert (await client.delete(f"/api/v1/snapshots/{first}", headers=alice)).status_code == 204
+        await take(client, alice, iid)
+
+
 # --- container images (containers backend, real Podman and registry) ----------------
 
 

@@ -167,7 +167,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     liveness = await start_network_sites(portal)
     await portal.manager.restore()
     ops = await operations.start_operations(app, portal, metrics)
-    portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
+    portal.snapshots = SnapshotManager(
+        portal.db,
+        portal.links,
+        portal.manager.apply,
+        storage_per_user=settings.snapshot_storage_per_user,
+    )
     # After restore: containers of instances that ended while labgate was down go now.
     reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval, portal.snapshots)
     await reconciler.run_once()

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
@@ -30,7 +30,7 @@ from labgate.backends.base import (
     SnapshotResult,
     SnapshotUnsupported,
 )
-from labgate.backends.images import LOCAL_SNAPSHOTS
+from labgate.backends.images import LOCAL_SNAPSHOTS, human_bytes
 from labgate.db.models import (
     Instance,
     InstanceState,
@@ -41,7 +41,7 @@ from labgate.db.models import (
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound
+from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
 from labgate.security import new_id
 from labgate.wire.site import Report, Reporter
 
@@ -142,6 +142,36 @@ def snapshot_ref(snapshot: Snapshot) -> SnapshotRef:
     )
 
 
+def storage_of(session: Session, owner_id: int) -> int:
+    """Bytes of the snapshots ``owner_id`` keeps (saving ones count as what is known: 0)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(Snapshot.size), 0)).where(
+            Snapshot.owner_id == owner_id, Snapshot.state != SnapshotState.failed
+        )
+    )
+    return int(total or 0)
+
+
+def check_storage(session: Session, owner_id: int, limit: int) -> None:
+    """Refuse a new snapshot (429 ``quota_exceeded``) when the owner is at their limit.
+
+    The size of a snapshot is known only once it is saved, so the check is
+    that what is kept now is below the limit: the last snapshot may go over.
+    """
+    if not limit:
+        return
+    used = storage_of(session, owner_id)
+    if used >= limit:
+        raise QuotaExceeded(
+            f"your snapshots take {human_bytes(used)} of the {human_bytes(limit)} you may keep; "
+            "delete some before taking another",
+            limit=limit,
+            current=used,
+            quota="snapshot_storage",
+            scope="user",
+        )
+
+
 def gone_reason(kind: str, reference: str) -> str:
     """Why a ready snapshot is ``missing``, in the operator's words."""
     if kind == "archive":
@@ -154,8 +184,17 @@ def gone_reason(kind: str, reference: str) -> str:
 class SnapshotManager:
     """Takes and deletes snapshots through the sites; records them in the database."""
 
-    def __init__(self, db: Database, links: dict[str, SiteLink], report: Reporter):
+    def __init__(
+        self,
+        db: Database,
+        links: dict[str, SiteLink],
+        report: Reporter,
+        *,
+        storage_per_user: int = 0,
+    ):
         self.db = db
+        #: Bytes of snapshots one user may keep (0: no limit); checked before each save.
+        self.storage_per_user = storage_per_user
         self.links = links
         #: Where progress notes go (the instance manager's ``apply``).
         self.report = report
@@ -202,6 +241,7 @@ class SnapshotManager:
         link = self.links.get(site)
         if link is None:
             raise Conflict(f"site {site} is not connected", code="site_unavailable")
+        check_storage(session, instance.owner_id, self.storage_per_user)
         if not link.snapshot_kind:  # the site's backend declares it takes none
             raise SnapshotUnsupported(
                 f"the {link.backend} backend of site {site} takes no snapshots"
