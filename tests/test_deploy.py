@@ -48,3 +48,11 @@ def test_the_socket_drop_in_gives_the_labgate_group_access_only() -> None:
     text = (DEPLOY / "podman.socket.d" / "labgate.conf").read_text()
     assert "SocketGroup=labgate" in text and "SocketMode=0660" in text
     assert "[Socket]" in text
+
+
+def test_the_registry_gc_timer_runs_its_service() -> None:
+    timer = (DEPLOY / "registry-gc.timer").read_text()
+    service = (DEPLOY / "registry-gc.service").read_text()
+    assert "OnCalendar=" in timer and "[Install]" in timer
+    assert "garbage-collect" in service and "Type=oneshot" in service
+

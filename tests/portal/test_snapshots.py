@@ -518,6 +518,57 @@ class TestImageSnapshots:
             assert "error" not in line, line
         assert await snapshots.settle() == {sid: "ready"}
 
+    async def test_images_no_snapshot_names_are_collected_from_registry_and_engine(
+        self,
+        app: Any,
+        client: httpx.AsyncClient,
+        make_user: Any,
+        engine: Engine,
+        registry: Registry,
+    ) -> None:
+        from labgate.db.models import Snapshot
+
+        alice = await make_user("alice")
+        source = await running(client, alice, tool="demo", site="box")
+        kept, forgotten = await take(client, alice, source), await take(client, alice, source)
+        for sid in (kept, forgotten):
+            assert (await wait_snapshot(client, alice, sid))["state"] == "ready"
+        reference = (await client.get(f"/api/v1/snapshots/{forgotten}", headers=alice)).json()[
+            "reference"
+        ]
+        repository = reference.rsplit(":", 1)[0]
+        # A record gone while the registry could not be reached, and an image a save
+        # left half-way (never recorded); a tag that is no snapshot's, sharing its image.
+        await app.state.portal.run_db(lambda s: s.delete(s.get(Snapshot, forgotten)))
+        stray = "zzzzzzzzzzzz"
+        for tag in (stray, "latest"):
+            engine.client.api.tag(podman.BUSYBOX_IMAGE, repository, tag)
+        for tag in (stray, "latest", forgotten):
+            for line in engine.client.api.push(repository, tag=tag, stream=True, decode=True):
+                assert "error" not in line, line
+        engine.client.images.remove(f"{repository}:latest")
+
+        removed = await app.state.portal.snapshots.collect()
+        assert f"{repository}:{forgotten}" in removed and f"{repository}:{stray}" not in removed
+        name = repository.removeprefix(registry.host + "/")
+
+        def there(tag: str) -> bool:
+            from labgate.backends.images import MANIFEST_TYPES
+
+            answer = httpx.head(
+                f"{registry.url}/v2/{name}/manifests/{tag}", headers={"Accept": MANIFEST_TYPES}
+            )
+            return answer.status_code == 200
+
+        assert not there(forgotten)
+        assert there(kept) and there("latest") and there(stray)  # stray shares latest's image
+        assert f"{repository}:{forgotten}" not in {
+            tag for image in engine.client.images.list() for tag in image.tags
+        }
+        assert (await client.get(f"/api/v1/snapshots/{kept}", headers=alice)).json()["state"] == (
+            "ready"
+        )
+
     async def test_unreachable_registry_fails_the_snapshot_with_the_reason(
         self, app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
     ) -> None:

@@ -91,6 +91,10 @@ class SiteLink(abc.ABC):
         """Look for a stored snapshot at the site (:meth:`SiteAgent.find_snapshot`)."""
 
     @abc.abstractmethod
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Remove the site's stored snapshots whose ids are not in ``known``."""
+
+    @abc.abstractmethod
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data at the site."""
 
@@ -157,6 +161,10 @@ class LocalSiteLink(SiteLink):
     ) -> SnapshotResult | None:
         """Look for a stored snapshot through the in-process agent."""
         return await self.agent.find_snapshot(request, reference)
+
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Collect through the in-process agent."""
+        return await self.agent.collect_snapshots(known)
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Delete a snapshot's data through the in-process agent."""

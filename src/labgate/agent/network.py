@@ -230,6 +230,15 @@ class NetworkSiteLink(SiteLink):
             return None
         return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
 
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Have the site remove stored snapshots the portal does not know."""
+        value = await self.call(
+            "collect_snapshots",
+            {"known": sorted(known)},
+            self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR,
+        )
+        return [str(v) for v in value or []]
+
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's data at the site."""
         await self.call("delete_snapshot", {"ref": convert.snapshot_ref_msg(ref).model_dump()})

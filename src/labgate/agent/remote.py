@@ -367,6 +367,8 @@ class RemoteAgent:
             )
             result = await agent.snapshot(dict(args.get("backend_state") or {}), request)
             return convert.snapshot_result_msg(result).model_dump()
+        if op == "collect_snapshots":
+            return await agent.collect_snapshots({str(k) for k in args.get("known") or []})
         if op == "find_snapshot":
             request = convert.snapshot_request_of(
                 SnapshotRequestMsg.model_validate(args["request"])

@@ -272,6 +272,10 @@ class SiteAgent:
             )
         return await self.backend.find_snapshot(request, reference)
 
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Remove stored snapshots neither the portal (``known``) nor a save here names."""
+        return await self.backend.collect_snapshots(set(known) | self._saving)
+
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data through the backend."""
         await self.backend.delete_snapshot(ref)

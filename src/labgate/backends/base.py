@@ -342,6 +342,14 @@ class Backend(abc.ABC):
         """
         raise SnapshotUnsupported(f"the {self.name} backend cannot look for snapshots")
 
+    async def collect_snapshots(self, known: Collection[str]) -> list[str]:
+        """Remove stored snapshots whose ids are not in ``known``; what was removed.
+
+        The garbage collection of snapshots deleted while their storage could
+        not be reached. By default there is nothing to collect.
+        """
+        return []
+
     async def delete_snapshot(self, ref: SnapshotRef) -> None:  # noqa: B027 - optional hook
         """Remove a snapshot's stored data; idempotent. By default there is none."""
 

@@ -92,6 +92,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: What a snapshot's tag looks like (its id, labgate.security.new_id).
+SNAPSHOT_TAG_RE = re.compile(r"^[a-z0-9]{12}$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEPLOYMENT_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
 LABEL_MANAGED = "labgate.managed"
@@ -1038,6 +1040,53 @@ class ContainerBackend(Backend):
                 return None
             raise
         return image
+
+    async def collect_snapshots(self, known: Collection[str]) -> list[str]:
+        """Remove snapshot images no record names: registry manifests, then engine tags.
+
+        Only tags that are snapshot ids, in repositories under this site's
+        ``snapshot_registry`` namespace (which must be this labgate's alone),
+        and images on the engine labelled ``labgate.snapshot``.
+        """
+        removed: list[str] = []
+        if self.registry is not None:
+            for repository, tags in (await self.registry.snapshot_tags()).items():
+                removed += await self._collect_repository(repository, tags, known)
+        removed += await self._engine(self._collect_local, set(known))
+        return removed
+
+    async def _collect_repository(
+        self, repository: str, tags: list[str], known: Collection[str]
+    ) -> list[str]:
+        registry = self.registry
+        if registry is None:
+            return []
+        orphans = [tag for tag in tags if SNAPSHOT_TAG_RE.match(tag) and tag not in known]
+        if not orphans:
+            return []
+        # Deleting a manifest deletes every tag of it: spare those another tag still needs.
+        kept = {await registry.find_manifest(repository, tag) for tag in tags if tag not in orphans}
+        removed = []
+        for tag in orphans:
+            digest = await registry.find_manifest(repository, tag)
+            if digest is None or digest in kept:
+                continue
+            if await registry.delete_manifest(repository, digest):
+                log.info("collected snapshot image %s:%s", repository, tag)
+                removed.append(f"{repository}:{tag}")
+        return removed
+
+    def _collect_local(self, known: set[str]) -> list[str]:
+        removed = []
+        for image in self.client.api.images(filters={"label": LABEL_SNAPSHOT}):
+            snapshot = ((image.get("Labels") or {}).get(LABEL_SNAPSHOT)) or ""
+            if not snapshot or snapshot in known:
+                continue
+            for tag in image.get("RepoTags") or []:
+                if tag.endswith(f":{snapshot}"):
+                    self._untag(tag)
+                    removed.append(tag)
+        return removed
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove the image from the engine and its manifest from the registry."""

@@ -137,6 +137,14 @@ class PullProgress:
         return text
 
 
+def _next_page(scheme: str, host: str, link: str) -> str | None:
+    """The next page of a paginated registry answer (its ``Link`` header), if any."""
+    if 'rel="next"' not in link:
+        return None
+    target = link.split(";", 1)[0].strip().strip("<>")
+    return target if "://" in target else f"{scheme}://{host}{target}"
+
+
 #: The manifest types asked for when checking that an image is in a registry.
 MANIFEST_TYPES = ", ".join(
     [
@@ -222,6 +230,29 @@ class Registry:
             return None
         response.raise_for_status()
         return response.headers.get("Docker-Content-Digest") or reference
+
+    async def snapshot_tags(self) -> dict[str, list[str]]:
+        """Every repository under this registry's namespace, with its tags (catalog API)."""
+        auth = (self.username, self.password) if self.username else None
+        prefix = f"{self.namespace}/" if self.namespace else ""
+        found: dict[str, list[str]] = {}
+        async with httpx.AsyncClient(timeout=30, auth=auth) as client:
+            url: str | None = f"{self.scheme}://{self.host}/v2/_catalog?n=1000"
+            names: list[str] = []
+            while url is not None:
+                response = await client.get(url)
+                response.raise_for_status()
+                names += response.json().get("repositories") or []
+                url = _next_page(self.scheme, self.host, response.headers.get("link", ""))
+            for name in names:
+                if not name.startswith(prefix):
+                    continue
+                response = await client.get(f"{self.scheme}://{self.host}/v2/{name}/tags/list")
+                if response.status_code == 404:
+                    continue
+                response.raise_for_status()
+                found[f"{self.host}/{name}"] = list(response.json().get("tags") or [])
+        return found
 
     async def manifest_digest(self, repository: str, tag: str) -> str | None:
         """The digest the registry serves for ``repository:tag`` (a push that did not say)."""

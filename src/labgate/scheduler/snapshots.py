@@ -325,7 +325,9 @@ class SnapshotManager:
     async def settle(self) -> dict[str, SnapshotState]:
         """Finish or fail unfinished snapshots; mark ready ones whose data is gone.
 
-        Run at start and on every reconcile. A ``saving`` snapshot nobody is
+        Run at start and on every reconcile; with the ready checks it also
+        collects stored snapshots no record names (:meth:`collect`). A
+        ``saving`` snapshot nobody is
         saving (the portal stopped during the save) is looked for at its site:
         ``ready`` when the registry or store holds it complete, ``failed``
         with the reason otherwise. Every ``ready_check_interval`` seconds the
@@ -346,7 +348,30 @@ class SnapshotManager:
             state = await self._settle_one(stored)
             if state is not None:
                 changed[stored.id] = state
+        if with_ready:
+            await self.collect()
         return changed
+
+    async def collect(self) -> list[str]:
+        """Have every live site remove stored snapshots no record names; what went.
+
+        Deleting a snapshot removes its image or archive at once; this catches
+        what a deletion could not reach then (registry down, site away), and
+        images left by saves that failed half-way. Run with the ready checks.
+        """
+        known = set(await self._db(lambda s: list(s.scalars(select(Snapshot.id)))))
+        known |= self._saving
+        removed: list[str] = []
+        for name, link in list(self.links.items()):
+            if not link.live or not link.snapshot_kind:
+                continue
+            try:
+                removed += await link.collect_snapshots(known)
+            except Exception as exc:
+                log.warning("site %s: collecting snapshots failed: %s", name, exc)
+        if removed:
+            log.info("collected %d snapshot(s) no record names: %s", len(removed), removed)
+        return removed
 
     def _stored(self, session: Session, with_ready: bool) -> list[Stored]:
         states = [SnapshotState.saving]

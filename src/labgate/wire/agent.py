@@ -226,6 +226,7 @@ class Command(Message):
         "logs",
         "snapshot",
         "find_snapshot",
+        "collect_snapshots",
         "delete_snapshot",
         "reconcile",
         "claim",
