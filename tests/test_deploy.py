@@ -55,4 +55,3 @@ def test_the_registry_gc_timer_runs_its_service() -> None:
     service = (DEPLOY / "registry-gc.service").read_text()
     assert "OnCalendar=" in timer and "[Install]" in timer
     assert "garbage-collect" in service and "Type=oneshot" in service
-
