@@ -513,7 +513,7 @@ class TestImageSnapshots:
         backend.registry = SnapshotRegistry.parse(f"https://{registry.host}")
         assert await snapshots.settle() == {}
         # Back, the image pushed again: ready again.
-        backend.registry = SnapshotRegistry.parse(registry.url)
+        backend.registry = SnapshotRegistry.parse(app.state.portal.settings.snapshot_registry)
         for line in engine.client.api.push(repository, tag=sid, stream=True, decode=True):
             assert "error" not in line, line
         assert await snapshots.settle() == {sid: "ready"}

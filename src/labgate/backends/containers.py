@@ -1049,7 +1049,8 @@ class ContainerBackend(Backend):
         and images on the engine labelled ``labgate.snapshot``.
         """
         removed: list[str] = []
-        if self.registry is not None:
+        # Without a namespace the whole registry would be labgate's to prune: it is not.
+        if self.registry is not None and self.registry.namespace:
             for repository, tags in (await self.registry.snapshot_tags()).items():
                 removed += await self._collect_repository(repository, tags, known)
         removed += await self._engine(self._collect_local, set(known))
