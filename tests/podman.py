@@ -4,7 +4,11 @@ One ``podman system service`` (the Docker Engine API on a unix socket in a
 temporary directory) and one registry (Debian's ``docker-registry``, the
 CNCF distribution registry, on a random loopback port with its storage in a
 temporary directory) serve the whole test run; both start on first use and
-stop when the run ends. The test images come from
+stop when the run ends. Podman gets the run's own ``containers.conf`` and
+``registries.conf`` through ``CONTAINERS_CONF`` and
+``CONTAINERS_REGISTRIES_CONF``, so the machine's files are left alone; what
+the run does change on the machine is listed in docs/development.md. The
+test images come from
 ``scripts/build-test-images.sh`` (cached, so a rerun takes a second).
 
 Outside CI the tests that need them skip when Podman or the registry is
@@ -51,6 +55,9 @@ runtime = "runc"
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 """
+#: What every Podman process of the run gets in its environment: its own containers.conf
+#: and registries.conf (set when the engine starts).
+ENGINE_ENV: dict[str, str] = {}
 #: The ``containers`` user's ids for ``--userns=auto``: the top half of the id space,
 #: far above the ranges useradd hands to accounts (100000 and up).
 SUBIDS = "containers:2147483647:2147483648\n"
@@ -167,12 +174,13 @@ def _start_engine(registry: Registry) -> Engine:
         raise LookupError("the containers tests need root (rootful Podman)")
     import docker
 
-    conf = Path("/etc/containers/containers.conf")
-    if not conf.exists():
-        conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(CONTAINERS_CONF)
     reserve_container_ids()
     directory = Path(tempfile.mkdtemp(prefix="labgate-podman-"))
+    # This run's engine settings, for its Podman processes only: the machine's own
+    # /etc/containers/containers.conf is neither read nor written (docs/development.md).
+    conf = directory / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    ENGINE_ENV["CONTAINERS_CONF"] = str(conf)
     # The test registry speaks plain HTTP: this service (only) may use it so.
     registries = directory / "registries.conf"
     registries.write_text(
@@ -181,7 +189,8 @@ def _start_engine(registry: Registry) -> Engine:
     )
     socket_path = directory / "podman.sock"
     log = directory / "podman.log"
-    env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(registries)}
+    ENGINE_ENV["CONTAINERS_REGISTRIES_CONF"] = str(registries)
+    env = {**os.environ, **ENGINE_ENV}
     process = subprocess.Popen(
         ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
         stdout=log.open("ab"),
@@ -193,6 +202,31 @@ def _start_engine(registry: Registry) -> Engine:
     client = docker.DockerClient(base_url=base_url, version="auto", timeout=120)
     _wait(client.ping, "podman system service", log)
     return Engine(base_url, process, directory, client)
+
+
+def podman_service(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
+    """Another ``podman system service`` on ``socket_path``, ready; the caller stops it.
+
+    It shares the run's container storage: a test stops it to have "the
+    engine down" for one site without touching the run's own service.
+    """
+    process = subprocess.Popen(
+        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **ENGINE_ENV},
+    )
+    import docker
+
+    def answers() -> bool:
+        client = docker.DockerClient(base_url=f"unix://{socket_path}", version="auto", timeout=5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+
+    _wait(answers, "podman system service", log)
+    return process
 
 
 def reserve_container_ids() -> None:
@@ -210,6 +244,7 @@ def reserve_container_ids() -> None:
 def _build_images() -> None:
     result = subprocess.run(
         [str(ROOT / "scripts" / "build-test-images.sh")],
+        env={**os.environ, **ENGINE_ENV},
         capture_output=True,
         text=True,
         timeout=1800,

@@ -103,6 +103,10 @@ def test_register_show_list_update_delete(cli: Any) -> None:
     assert badge.startswith("[![Launch in labgate](") and "/badge.svg)](" in badge
     html = cli("dataset", "badge", DOI, "--tool", "demo", "--html").stdout
     assert "&amp;tool=demo" in html
+    opening = cli("dataset", "badge", DOI, "--tool", "demo", "--urlpath", "lab/tree/{dataset}")
+    assert "&tool=demo&urlpath=lab/tree/{dataset})" in opening.stdout
+    refused = cli("dataset", "badge", DOI, "--tool", "demo", "--urlpath", "../x", ok=False)
+    assert "--urlpath" in refused.stderr + refused.stdout
 
     cli("dataset", "delete", "doi:10.9999/absent", "--yes", ok=False)
     assert "deleted" in cli("dataset", "delete", DOI, "--yes").stdout

@@ -101,6 +101,10 @@ class SiteConfig(BaseModel):
     capacity: SiteCapacity = Field(default_factory=SiteCapacity)
     labels: dict[str, str] = Field(default_factory=dict)
     data_root: Path | None = None
+    #: Directory of shared read-write group volumes, <group_root>/<group> (operations.md).
+    group_root: Path | None = None
+    #: Whether /readyz fails while this site is down (else it only says so).
+    required: bool = False
 
 
 class PoolConfig(BaseModel):
@@ -449,6 +453,14 @@ class Settings(BaseSettings):
     )
     snapshot_registry_password: SecretStr = Field(
         SecretStr(""), description="Password or token for the snapshot registry."
+    )
+    snapshot_storage_per_user: Annotated[
+        int, BeforeValidator(lambda v: v if v in (0, "0") else parse_size(v))
+    ] = Field(
+        0,
+        ge=0,
+        description="Bytes of snapshots one user may keep (e.g. 20G); at or above it, new "
+        "snapshots are refused (429). 0: no limit.",
     )
     snapshot_dir: Path | None = Field(
         None,

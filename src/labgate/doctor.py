@@ -4,8 +4,10 @@ It runs where the server runs, with the same settings (environment,
 ``labgate.toml``), and checks, in order: the settings themselves, the data
 directory, the database and its schema, the tool catalog, every site's
 backend and its engine (each backend's own ``doctor()`` checks: bubblewrap for
-processes, the Docker Engine API for containers), the warm pools, the identity
-providers (OpenID Connect discovery, the LDAP server's port), and, when a
+processes; for containers the Docker Engine API, the snapshot registry and
+whether the engine trusts it, every tool's image, and a throwaway container
+with the site's confinement), the warm pools, the identity providers (OpenID
+Connect discovery, the LDAP server's port), and, when a
 server answers at the configured URL, its ``/readyz``. Each check is one
 :class:`Finding`: ``ok``, ``warn`` (works, but probably not as meant) or
 ``fail`` (will not work), with the fix in words. ``doctor`` exits 1 when anything failed.
@@ -37,6 +39,7 @@ from labgate.identity.base import load_providers
 from labgate.identity.ldap import LDAP
 from labgate.identity.oidc import OpenIDConnect
 from labgate.startup import check_data_dir as check_data_dir_usable
+from labgate.tools.catalog import Tool
 
 ENGINE_TIMEOUT = 5.0
 
@@ -156,6 +159,7 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
         subject = f"site {site.name}"
         try:
             backend = load_backend(site.backend)(settings, site.options)
+            backend.attach(site.name)
         except Exception as exc:  # unknown backend, bad options
             detail = getattr(exc, "detail", None) or str(exc)
             yield Finding(
@@ -167,13 +171,16 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
             yield Finding(diagnosis.level, subject, diagnosis.detail, diagnosis.fix)
         if any(diagnosis.final for diagnosis in diagnoses):
             continue
-        runnable = [t.name for t in catalog if backend.unavailable_reason(t) is None]
+        tools = [t for t in catalog if backend.unavailable_reason(t) is None]
+        runnable = [t.name for t in tools]
         if not runnable:
             yield Finding(
                 "warn", subject, "no tool can run here", "install the tools' requirements"
             )
         else:
             yield ok(subject, f"{backend.name} backend; runs {', '.join(runnable)}")
+        for diagnosis in _diagnoses(backend, tools):
+            yield Finding(diagnosis.level, subject, diagnosis.detail, diagnosis.fix)
         if site.data_root is not None and not site.data_root.is_dir():
             yield Finding(
                 "warn",
@@ -183,10 +190,13 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
             )
 
 
-def _diagnoses(backend: Backend) -> list[Diagnosis]:
-    """What the backend says about its engine; a hook that breaks is a finding too."""
+def _diagnoses(backend: Backend, tools: list[Tool] | None = None) -> list[Diagnosis]:
+    """What the backend says about its engine (and, with ``tools``, their images...).
+
+    A hook that breaks is a finding too.
+    """
     try:
-        return backend.doctor()
+        return backend.doctor() if tools is None else backend.doctor_tools(tools)
     except Exception as exc:
         problem = f"{exc.__class__.__name__}: {exc}".splitlines()[0]
         return [Diagnosis("fail", f"the {backend.name} backend's checks failed: {problem}")]

@@ -9,10 +9,11 @@ guess. Query parameters are not bodies: they arrive as text and are parsed.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 #: The largest integer the databases hold (a signed 64-bit BIGINT): a larger id, offset or
 #: count in a request is a 422, not an overflow deep in the driver.
@@ -40,3 +41,25 @@ def _iso_text(value: Any) -> Any:
 
 #: A time in a request body: ISO 8601 text only.
 Timestamp = Annotated[datetime, Field(strict=False), BeforeValidator(_iso_text)]
+
+
+def _no_control(value: str) -> str:
+    bad = next((ch for ch in value if unicodedata.category(ch) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    return value
+
+
+def _no_control_but_lines(value: str) -> str:
+    bad = next(
+        (ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None
+    )
+    if bad is not None:
+        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
+    return value
+
+
+#: One line of text for people (a name): no NUL, newline or other control character.
+LineText = Annotated[str, AfterValidator(_no_control)]
+#: Text for people (a description): lines and tabs, but no NUL or other control character.
+PlainText = Annotated[str, AfterValidator(_no_control_but_lines)]

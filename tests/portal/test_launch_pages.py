@@ -208,3 +208,90 @@ async def test_the_badge_builder(client: Any, browser: httpx.AsyncClient, datase
     svg = await client.get("/badge.svg")
     assert svg.status_code == 200 and svg.headers["content-type"] == "image/svg+xml"
     assert svg.content.startswith(b"<svg") and b"labgate" in svg.content
+
+
+async def test_dataverse_manifest_only_for_tools_some_site_runs(
+    app: Any, client: Any, settings: Settings
+) -> None:
+    # A tool only a containers site could run, in a deployment of process sites.
+    from labgate.tools.catalog import Catalog, load_tool_file
+
+    assert settings.tools_dir is not None
+    path = settings.tools_dir.parent / "boxed.toml"
+    path.write_text(
+        'name = "boxed"\ntitle = "Boxed"\n\n[container]\nimage = "localhost/x:1"\nport = 8080\n'
+    )
+    portal = app.state.portal
+    portal.catalog = Catalog([*portal.catalog, load_tool_file(path)])
+    assert app.state.portal.catalog.get("boxed") is not None
+    refused = await client.get("/dataverse/manifest.json", params={"tool": "boxed"})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "tool_unavailable"
+    assert "demo" in refused.json()["detail"]
+    # Without a tool: jupyterlab when a site runs it, else the first tool a site runs.
+    default = (await client.get("/dataverse/manifest.json")).json()
+    runnable = [
+        tool.name
+        for tool in portal.catalog
+        if any(link.unavailable_reason(tool) is None for link in portal.links.values())
+    ]
+    assert "boxed" not in runnable
+    expected = "jupyterlab" if "jupyterlab" in runnable else runnable[0]
+    assert default["toolName"] == f"labgate-{expected}"
+    unknown = await client.get("/dataverse/manifest.json", params={"tool": "nope"})
+    assert unknown.status_code == 404
+
+
+async def test_launch_links_open_a_path_inside_the_tool(
+    app: Any, client: Any, browser: httpx.AsyncClient, dataset: str, admin_headers: dict[str, str]
+) -> None:
+    await sign_in(browser, "/")
+    query = {"dataset": PID, "tool": "demo", "urlpath": "/files/{dataset}/survey.tab"}
+    link = "/launch?" + urlencode(query)
+    page = await browser.get(link)
+    assert page.status_code == 200, page.text
+    assert f"files/{NAME}/survey.tab" in page.text  # what it will open, said before launching
+    posted = await browser.post(
+        "/launch",
+        data={
+            "csrf_token": csrf_of(page.text),
+            "dataset": PID,
+            "tool": "demo",
+            "urlpath": html.unescape(re.search(r'name="urlpath" value="([^"]+)"', page.text)[1]),  # type: ignore[index]
+        },
+    )
+    assert posted.status_code == 303, posted.text
+    location = posted.headers["location"]
+    instance_id = urlsplit(location).path.rsplit("/", 1)[1]
+    assert parse_qs(urlsplit(location).query) == {"urlpath": [f"files/{NAME}/survey.tab"]}
+    progress = await browser.get(location)
+    opens = f"/i/{instance_id}/files/{NAME}/survey.tab"
+    assert f'data-url="{app.state.portal.settings.effective_public_url}{opens}"' in progress.text
+    await wait_for_state(client, admin_headers, instance_id, {"running"})
+    # Running already: the link goes straight to that path in it.
+    again = await browser.get(link)
+    assert again.status_code == 303 and again.headers["location"].endswith(opens)
+
+    # Paths that could leave the instance's own URL are refused.
+    for bad in ("../../admin", "a/%2e%2e/%2e%2e/x", "x\\..\\y", "a\x00b", "./x"):
+        refused = await browser.get("/launch?" + urlencode({**query, "urlpath": bad}))
+        assert refused.status_code == 400, bad
+    assert (await client.get("/api/v1/instances", headers=admin_headers)).json()[0]["id"] == (
+        instance_id
+    )
+
+    # Badges and the Dataverse button carry it too.
+    badge = await browser.get("/badge", params=query)
+    assert "&amp;urlpath=files/{dataset}/survey.tab" in badge.text, badge.text
+    manifest = (await client.get("/dataverse/manifest.json", params=query)).json()
+    assert manifest["toolUrl"].endswith("/launch/dataverse/demo/open/files/{dataset}/survey.tab")
+    path = urlsplit(manifest["toolUrl"]).path
+    hop = await browser.get(path, params={"datasetPid": PID})
+    assert hop.status_code == 303
+    assert parse_qs(urlsplit(hop.headers["location"]).query)["urlpath"] == [
+        "files/{dataset}/survey.tab"
+    ]
+    bad_manifest = await client.get(
+        "/dataverse/manifest.json", params={"tool": "demo", "urlpath": "../x"}
+    )
+    assert bad_manifest.status_code == 400

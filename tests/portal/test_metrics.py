@@ -111,6 +111,7 @@ async def test_readyz(client):
     assert ready.json() == {
         "ready": True,
         "checks": {"database": "ok", "started": "ok", "sites": "ok"},
+        "sites": {"local": "ok"},
     }
 
 

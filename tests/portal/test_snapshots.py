@@ -215,6 +215,77 @@ async def test_owner_relaunch_restores_into_a_new_workspace(
     assert await tool.read(f"{home}/notes.txt") == "changed later"  # the workspace is untouched
 
 
+async def crashed_save(app: Any, like: str) -> str:
+    """A ``saving`` snapshot row like ``like``'s, as a portal killed mid-save leaves it."""
+    from labgate.db.models import Snapshot
+    from labgate.security import new_id
+
+    def add(session: Any) -> str:
+        model = session.get(Snapshot, like)
+        row = Snapshot(
+            id=new_id(),
+            owner_id=model.owner_id,
+            tool=model.tool,
+            site_id=model.site_id,
+            backend=model.backend,
+            kind=model.kind,
+            source_instance_id=model.source_instance_id,
+        )
+        session.add(row)
+        return str(row.id)
+
+    sid: str = await app.state.portal.run_db(add)
+    return sid
+
+
+async def test_unfinished_snapshots_are_settled_at_start_and_vanished_ones_shown(
+    app: Any, client: httpx.AsyncClient, make_user: Any, settings: Settings
+) -> None:
+    from labgate.portal.app import create_app
+
+    alice = await make_user("alice")
+    source = await running(client, alice, tool="demo")
+    sid = await take(client, alice, source)
+    ready = await wait_snapshot(client, alice, sid)
+    assert ready["state"] == "ready"
+    assert (await client.delete(f"/api/v1/instances/{source}", headers=alice)).status_code == 202
+    await wait_for_state(client, alice, source, {"stopped"})
+
+    # Killed while saving: one save had written its archive, the other had not.
+    finished = await crashed_save(app, sid)
+    archive = settings.snapshots_dir / ready["reference"]
+    (settings.snapshots_dir / f"{finished}.tar.gz").write_bytes(archive.read_bytes())
+    cut_short = await crashed_save(app, sid)
+    stuck = await client.delete(f"/api/v1/snapshots/{cut_short}", headers=alice)
+    assert stuck.status_code == 409  # still saving, as far as anyone knows
+
+    # The next start settles both.
+    restarted = create_app(settings)
+    async with restarted.router.lifespan_context(restarted):
+        pass
+    done = (await client.get(f"/api/v1/snapshots/{finished}", headers=alice)).json()
+    assert done["state"] == "ready", done
+    assert (done["digest"], done["size"]) == (ready["digest"], ready["size"])
+    failed = (await client.get(f"/api/v1/snapshots/{cut_short}", headers=alice)).json()
+    assert failed["state"] == "failed" and "cut short" in failed["reason"], failed
+    assert (await client.delete(f"/api/v1/snapshots/{cut_short}", headers=alice)).status_code == 204
+
+    # A ready snapshot whose archive is gone is shown missing, and cannot be launched.
+    snapshots = app.state.portal.snapshots
+    snapshots.ready_check_interval = 0
+    moved = archive.with_name("elsewhere")
+    archive.rename(moved)
+    assert await snapshots.settle() == {sid: "missing"}
+    gone = (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()
+    assert gone["state"] == "missing" and "no longer in" in gone["reason"], gone
+    refused = await client.post("/api/v1/instances", json={"snapshot": sid}, headers=alice)
+    assert refused.status_code == 409 and "missing" in refused.json()["detail"]
+    # Back where it was: ready again.
+    moved.rename(archive)
+    assert await snapshots.settle() == {sid: "ready"}
+    assert (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()["reason"] == ""
+
+
 async def test_snapshot_and_launch_errors(
     app: Any, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
 ) -> None:
@@ -223,6 +294,17 @@ async def test_snapshot_and_launch_errors(
     iid = await running(client, alice, tool="demo")
     other = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=bob)
     assert other.status_code == 404 and other.json()["error"] == "unknown_instance"
+    # A name is one line of text: NUL, newlines and other control characters are refused.
+    for name in ("a\x00b", "two\nlines", "bell\x07", "esc\x1b[31m"):
+        bad = await client.post(
+            f"/api/v1/instances/{iid}/snapshot", json={"name": name}, headers=alice
+        )
+        assert bad.status_code == 422, (name, bad.text)
+        assert "control characters" in bad.text
+    nul = await client.post(
+        f"/api/v1/instances/{iid}/snapshot", json={"description": "x\x00"}, headers=alice
+    )
+    assert nul.status_code == 422
     sid = await take(client, alice, iid)  # no body: no name
     assert (await wait_snapshot(client, alice, sid))["name"] == ""
 
@@ -247,6 +329,37 @@ async def test_snapshot_and_launch_errors(
     assert (await client.delete("/api/v1/users/alice", headers=admin_headers)).status_code == 204
     everyone = (await client.get("/api/v1/snapshots?all=true", headers=admin_headers)).json()
     assert sid not in [s["id"] for s in everyone]
+
+
+class TestSnapshotStorage:
+    """snapshot_storage_per_user: what a user keeps, and the next snapshot refused."""
+
+    @pytest.fixture
+    def settings(self, settings: Settings) -> Settings:
+        return settings.model_copy(update={"snapshot_storage_per_user": 1})
+
+    async def test_a_user_at_their_snapshot_storage_takes_no_more(
+        self, app: Any, client: httpx.AsyncClient, make_user: Any
+    ) -> None:
+        alice = await make_user("alice")
+        bob = await make_user("bob")
+        iid = await running(client, alice, tool="demo")
+        first = await take(client, alice, iid)
+        assert (await wait_snapshot(client, alice, first))["state"] == "ready"
+        refused = await client.post(f"/api/v1/instances/{iid}/snapshot", headers=alice)
+        assert refused.status_code == 429, refused.text
+        body = refused.json()
+        assert (body["error"], body["quota"], body["scope"]) == (
+            "quota_exceeded",
+            "snapshot_storage",
+            "user",
+        )
+        assert body["limit"] == 1 and body["current"] > 0
+        # Per user: bob still may; and alice may again once she deleted hers.
+        bobs = await running(client, bob, tool="demo")
+        await take(client, bob, bobs)
+        assert (await client.delete(f"/api/v1/snapshots/{first}", headers=alice)).status_code == 204
+        await take(client, alice, iid)
 
 
 # --- container images (containers backend, real Podman and registry) ----------------
@@ -354,6 +467,107 @@ class TestImageSnapshots:
             headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
         )
         assert after.status_code == 404
+
+    async def test_registry_settles_cut_short_saves_and_shows_images_gone(
+        self,
+        app: Any,
+        client: httpx.AsyncClient,
+        make_user: Any,
+        engine: Engine,
+        registry: Registry,
+    ) -> None:
+        alice = await make_user("alice")
+        source = await running(client, alice, tool="demo", site="box")
+        sid = await take(client, alice, source)
+        ready = await wait_snapshot(client, alice, sid)
+        assert ready["state"] == "ready", ready
+
+        # Killed while saving: one push had finished (the registry holds its tag),
+        # the other had not begun.
+        pushed, cut_short = await crashed_save(app, sid), await crashed_save(app, sid)
+        repository = ready["reference"].rsplit(":", 1)[0]
+        engine.client.api.tag(ready["reference"], repository, pushed)
+        for line in engine.client.api.push(repository, tag=pushed, stream=True, decode=True):
+            assert "error" not in line, line
+        snapshots = app.state.portal.snapshots
+        snapshots.ready_check_interval = 3600  # a reconcile round: unfinished ones only
+        changed = await snapshots.settle()
+        assert changed == {pushed: "ready", cut_short: "failed"}, changed
+        done = (await client.get(f"/api/v1/snapshots/{pushed}", headers=alice)).json()
+        assert done["reference"] == f"{repository}:{pushed}"
+        assert done["digest"] == ready["digest"]  # the same image, under another tag
+
+        # The image deleted from the registry behind labgate's back: missing, with why.
+        name = repository.removeprefix(registry.host + "/")
+        deleted = httpx.delete(f"{registry.url}/v2/{name}/manifests/{ready['digest']}")
+        assert deleted.status_code == 202, deleted.text
+        snapshots.ready_check_interval = 0
+        changed = await snapshots.settle()
+        assert changed == {sid: "missing", pushed: "missing"}, changed
+        gone = (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()
+        assert gone["reason"] == f"its image {ready['reference']} is gone from the registry"
+        # The registry cannot be asked (here: spoken to in TLS): nothing changes.
+        from labgate.backends.images import Registry as SnapshotRegistry
+
+        backend = app.state.portal.links["box"].agent.backend
+        backend.registry = SnapshotRegistry.parse(f"https://{registry.host}")
+        assert await snapshots.settle() == {}
+        # Back, the image pushed again: ready again.
+        backend.registry = SnapshotRegistry.parse(app.state.portal.settings.snapshot_registry)
+        for line in engine.client.api.push(repository, tag=sid, stream=True, decode=True):
+            assert "error" not in line, line
+        assert await snapshots.settle() == {sid: "ready"}
+
+    async def test_images_no_snapshot_names_are_collected_from_registry_and_engine(
+        self,
+        app: Any,
+        client: httpx.AsyncClient,
+        make_user: Any,
+        engine: Engine,
+        registry: Registry,
+    ) -> None:
+        from labgate.db.models import Snapshot
+
+        alice = await make_user("alice")
+        source = await running(client, alice, tool="demo", site="box")
+        kept, forgotten = await take(client, alice, source), await take(client, alice, source)
+        for sid in (kept, forgotten):
+            assert (await wait_snapshot(client, alice, sid))["state"] == "ready"
+        reference = (await client.get(f"/api/v1/snapshots/{forgotten}", headers=alice)).json()[
+            "reference"
+        ]
+        repository = reference.rsplit(":", 1)[0]
+        # A record gone while the registry could not be reached, and an image a save
+        # left half-way (never recorded); a tag that is no snapshot's, sharing its image.
+        await app.state.portal.run_db(lambda s: s.delete(s.get(Snapshot, forgotten)))
+        stray = "zzzzzzzzzzzz"
+        for tag in (stray, "latest"):
+            engine.client.api.tag(podman.BUSYBOX_IMAGE, repository, tag)
+        for tag in (stray, "latest", forgotten):
+            for line in engine.client.api.push(repository, tag=tag, stream=True, decode=True):
+                assert "error" not in line, line
+        engine.client.images.remove(f"{repository}:latest")
+
+        removed = await app.state.portal.snapshots.collect()
+        assert f"{repository}:{forgotten}" in removed and f"{repository}:{stray}" not in removed
+        name = repository.removeprefix(registry.host + "/")
+
+        def there(tag: str) -> bool:
+            from labgate.backends.images import MANIFEST_TYPES
+
+            answer = httpx.head(
+                f"{registry.url}/v2/{name}/manifests/{tag}", headers={"Accept": MANIFEST_TYPES}
+            )
+            return answer.status_code == 200
+
+        assert not there(forgotten)
+        assert there(kept) and there("latest") and there(stray)  # stray shares latest's image
+        assert f"{repository}:{forgotten}" not in {
+            tag for image in engine.client.images.list() for tag in image.tags
+        }
+        assert (await client.get(f"/api/v1/snapshots/{kept}", headers=alice)).json()["state"] == (
+            "ready"
+        )
 
     async def test_unreachable_registry_fails_the_snapshot_with_the_reason(
         self, app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]

@@ -64,6 +64,7 @@ def spec_msg(spec: LaunchSpec) -> LaunchSpecMsg:
             for m in spec.mounts
         ],
         snapshot=snapshot_ref_msg(spec.snapshot) if spec.snapshot is not None else None,
+        image=spec.image,
     )
 
 
@@ -87,6 +88,7 @@ def spec_of(msg: LaunchSpecMsg, tools: Mapping[str, Tool] | None = None) -> Laun
             for m in msg.mounts
         ),
         snapshot=snapshot_ref_of(msg.snapshot) if msg.snapshot is not None else None,
+        image=msg.image,
     )
 
 

@@ -267,6 +267,7 @@ class SiteHub:
         if isinstance(message, Result):
             session.resolve(message)
         elif isinstance(message, Heartbeat):
+            link.reported_health = message.health
             if events is not None:
                 await events.site_heartbeat(name, message)
         elif isinstance(message, ReportEnvelope):

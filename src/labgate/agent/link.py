@@ -50,6 +50,10 @@ class SiteLink(abc.ABC):
         """Whether the site can take commands now (a network site: its agent is connected)."""
         return True
 
+    async def health(self) -> str | None:
+        """What keeps the site from working now (agent away, engine down), or None."""
+        return None if self.live else f"the agent of site {self.site} is not connected"
+
     @abc.abstractmethod
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Why ``tool`` cannot run on this site (None: it can), as the site says."""
@@ -79,6 +83,16 @@ class SiteLink(abc.ABC):
         self, instance_id: str, backend_state: dict[str, Any], request: SnapshotRequest
     ) -> SnapshotResult:
         """Save an instance (image or workspace archive); progress arrives as reports."""
+
+    @abc.abstractmethod
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot at the site (:meth:`SiteAgent.find_snapshot`)."""
+
+    @abc.abstractmethod
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Remove the site's stored snapshots whose ids are not in ``known``."""
 
     @abc.abstractmethod
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
@@ -112,6 +126,10 @@ class LocalSiteLink(SiteLink):
         """Ask the in-process agent's backend."""
         return self.agent.unavailable_reason(tool)
 
+    async def health(self) -> str | None:
+        """Ask the in-process agent (its backend's engine)."""
+        return await self.agent.health()
+
     async def launch(self, spec: LaunchSpec) -> None:
         """Hand the launch to the in-process agent."""
         self.agent.launch(spec)
@@ -137,6 +155,16 @@ class LocalSiteLink(SiteLink):
     ) -> SnapshotResult:
         """Save an instance through the in-process agent."""
         return await self.agent.snapshot(backend_state, request)
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot through the in-process agent."""
+        return await self.agent.find_snapshot(request, reference)
+
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Collect through the in-process agent."""
+        return await self.agent.collect_snapshots(known)
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Delete a snapshot's data through the in-process agent."""

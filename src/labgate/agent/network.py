@@ -111,6 +111,8 @@ class NetworkSiteLink(SiteLink):
         #: Instance traffic through the agent's connection (``reach = "tunnel"``).
         self.tunnel = PortalTunnel() if reach == "tunnel" else None
         self.tunnel_dir = tunnel_dir
+        #: What the agent's last heartbeat said keeps the site from working ("" none).
+        self.reported_health = ""
 
     # --- the connection ----------------------------------------------------
     @property
@@ -132,6 +134,12 @@ class NetworkSiteLink(SiteLink):
         session.fail_all(f"site {self.site} disconnected: {reason}")
         if self.session is session:
             self.session = None
+
+    async def health(self) -> str | None:
+        """Not connected, or what the agent's last heartbeat said of its backend."""
+        if not self.live:
+            return f"the agent of site {self.site} is not connected"
+        return self.reported_health or None
 
     def tunnel_path(self, instance_id: str) -> Path | None:
         """The unix socket the router connects to for a tunneled instance, or None (direct)."""
@@ -208,6 +216,28 @@ class NetworkSiteLink(SiteLink):
         }
         value = await self.call("snapshot", args, self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR)
         return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot at the site."""
+        args = {
+            "request": convert.snapshot_request_msg(request).model_dump(),
+            "reference": reference,
+        }
+        value = await self.call("find_snapshot", args)
+        if value is None:
+            return None
+        return convert.snapshot_result_of(SnapshotResultMsg.model_validate(value))
+
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Have the site remove stored snapshots the portal does not know."""
+        value = await self.call(
+            "collect_snapshots",
+            {"known": sorted(known)},
+            self.command_timeout * SNAPSHOT_TIMEOUT_FACTOR,
+        )
+        return [str(v) for v in value or []]
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's data at the site."""

@@ -289,8 +289,10 @@ class RemoteAgent:
         while True:
             agent = self.agent
             count = len(agent.watched) if agent is not None else 0
+            health = (await agent.health() or "") if agent is not None else ""
+            beat = Heartbeat(time=time.time(), instances=count, health=health)
             with contextlib.suppress(websockets.ConnectionClosed):
-                await ws.send(dump(Heartbeat(time=time.time(), instances=count)))
+                await ws.send(dump(beat))
             await asyncio.sleep(interval)
             if loop.time() - heard[0] > interval * 3:
                 log.warning("agent: the portal is silent; reconnecting")
@@ -365,6 +367,14 @@ class RemoteAgent:
             )
             result = await agent.snapshot(dict(args.get("backend_state") or {}), request)
             return convert.snapshot_result_msg(result).model_dump()
+        if op == "collect_snapshots":
+            return await agent.collect_snapshots({str(k) for k in args.get("known") or []})
+        if op == "find_snapshot":
+            request = convert.snapshot_request_of(
+                SnapshotRequestMsg.model_validate(args["request"])
+            )
+            found = await agent.find_snapshot(request, str(args.get("reference") or ""))
+            return None if found is None else convert.snapshot_result_msg(found).model_dump()
         if op == "delete_snapshot":
             await agent.delete_snapshot(
                 convert.snapshot_ref_of(SnapshotRefMsg.model_validate(args["ref"]))

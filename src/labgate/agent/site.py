@@ -27,7 +27,7 @@ from labgate.backends.base import (
     SnapshotResult,
     Started,
 )
-from labgate.errors import LabgateError
+from labgate.errors import Conflict, LabgateError
 from labgate.wire.site import Report, Reporter
 
 if TYPE_CHECKING:
@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 0.1
 HEALTH_MAX_INTERVAL = 0.25
 HEALTH_REQUEST_TIMEOUT = 5.0
+#: A stop the backend could not do (its engine is down) is tried again after this many
+#: seconds, doubled each time up to STOP_RETRY_MAX, until it succeeds.
+#: Seconds a site's health answer is reused (``/readyz`` may be asked often), and how
+#: long the backend may take to give one.
+HEALTH_TTL = 5.0
+HEALTH_TIMEOUT = 3.0
+STOP_RETRY_FIRST = 1.0
+STOP_RETRY_MAX = 60.0
 
 
 @dataclass
@@ -99,6 +107,15 @@ class SiteAgent:
         self.watched: dict[str, Watched] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
+        #: Stops the backend failed, being tried again (instance id -> retry task).
+        self._stop_retries: dict[str, asyncio.Task[None]] = {}
+        self._health: tuple[float, str | None] | None = None
+        #: Seconds a health answer is reused (tests shorten it).
+        self.health_ttl = HEALTH_TTL
+        #: Snapshots being saved here now.
+        self._saving: set[str] = set()
+        #: Seconds before the first retry of a failed stop (tests shorten it).
+        self.stop_retry_first = STOP_RETRY_FIRST
         self._watch_task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False)
         backend.attach(site, self._progress)
@@ -119,7 +136,15 @@ class SiteAgent:
         task.add_done_callback(lambda _t: self._starting.pop(spec.instance_id, None))
 
     async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
-        """Stop an instance (cancelling its start if under way) and report ``stopped``."""
+        """Stop an instance (cancelling its start if under way) and report ``stopped``.
+
+        When the backend cannot stop it (its engine is down), the instance
+        stays ``stopping`` with the reason as a progress note, and the stop is
+        tried again in the background with backoff until it succeeds: never
+        ``lost`` while its container may still run.
+        """
+        if instance_id in self._stop_retries:
+            return  # already being tried again
         task = self._starting.get(instance_id)
         if task is not None:
             if instance_id in self.watched:
@@ -138,10 +163,50 @@ class SiteAgent:
             try:
                 await self.backend.stop(state, self.stop_grace)
             except Exception as exc:
-                log.exception("stopping %s failed", instance_id)
-                await self._report(Report(instance_id, "lost", message=f"stop failed: {exc}"))
+                log.warning("stopping %s failed: %s (tried again)", instance_id, exc)
+                await self._stop_failed(instance_id, exc, 1, self.stop_retry_first)
+                retry = asyncio.create_task(
+                    self._retry_stop(instance_id, state), name=f"stop-{instance_id}"
+                )
+                self._stop_retries[instance_id] = retry
+                retry.add_done_callback(lambda _t: self._stop_retries.pop(instance_id, None))
                 return
         await self._report(Report(instance_id, "stopped", message="stopped"))
+
+    async def _retry_stop(self, instance_id: str, state: dict[str, Any]) -> None:
+        delay, attempt = self.stop_retry_first, 1
+        while True:
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self.backend.stop(state, self.stop_grace)
+            except Exception as exc:
+                delay = min(delay * 2, STOP_RETRY_MAX)
+                await self._stop_failed(instance_id, exc, attempt, delay)
+                continue
+            await self._report(
+                Report(
+                    instance_id,
+                    "stopped",
+                    message=f"stopped (at attempt {attempt})",
+                    data={"stop_retry": attempt},
+                )
+            )
+            return
+
+    async def _stop_failed(
+        self, instance_id: str, exc: Exception, attempt: int, delay: float
+    ) -> None:
+        reason = str(getattr(exc, "detail", "") or exc) or exc.__class__.__name__
+        await self._report(
+            Report(
+                instance_id,
+                "stopping",
+                kind="progress",
+                message=f"stop failed: {reason}; trying again in {delay:g}s",
+                data={"stop_retry": attempt, "reason": reason},
+            )
+        )
 
     async def adopt(self, adoption: Adoption) -> None:
         """Re-attach to an instance from its saved state after a restart."""
@@ -188,7 +253,29 @@ class SiteAgent:
         """Save an instance through the backend; progress goes to its event stream."""
         watched = self.watched.get(request.instance_id)
         state = watched.backend_state if watched is not None else backend_state
-        return await self.backend.snapshot(state, request)
+        self._saving.add(request.snapshot_id)
+        try:
+            return await self.backend.snapshot(state, request)
+        finally:
+            self._saving.discard(request.snapshot_id)
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """Look for a stored snapshot through the backend (see :meth:`Backend.find_snapshot`).
+
+        A save this agent is doing now is a 409 ``snapshot_saving``: not finished, not failed.
+        """
+        if request.snapshot_id in self._saving:
+            raise Conflict(
+                f"snapshot {request.snapshot_id} is being saved on site {self.site}",
+                code="snapshot_saving",
+            )
+        return await self.backend.find_snapshot(request, reference)
+
+    async def collect_snapshots(self, known: set[str]) -> list[str]:
+        """Remove stored snapshots neither the portal (``known``) nor a save here names."""
+        return await self.backend.collect_snapshots(set(known) | self._saving)
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a snapshot's stored data through the backend."""
@@ -224,6 +311,25 @@ class SiteAgent:
             )
 
         return await fetching.fetch(job, progress)
+
+    async def health(self) -> str | None:
+        """What keeps this site from working now (its engine is down), or None; cached."""
+        now = time.monotonic()
+        if self._health is not None and now - self._health[0] < self.health_ttl:
+            return self._health[1]
+        try:
+            problem = await asyncio.wait_for(self.backend.health(), HEALTH_TIMEOUT)
+        except TimeoutError:
+            problem = f"the {self.backend.name} backend did not answer within {HEALTH_TIMEOUT:g}s"
+        except Exception as exc:
+            problem = f"the {self.backend.name} backend cannot tell: {exc}"
+        self._health = (time.monotonic(), problem)
+        return problem
+
+    @property
+    def last_health(self) -> str | None:
+        """The last health answer (None: healthy or not asked yet)."""
+        return self._health[1] if self._health is not None else None
 
     def claim_support(self, tool: Tool) -> str | None:
         """Why running instances of ``tool`` cannot be handed to users here (None: they can)."""
@@ -287,6 +393,7 @@ class SiteAgent:
     async def reconcile(self, known: set[str]) -> list[str]:
         """Have the backend remove what neither the portal (``known``) nor this agent knows."""
         keep = set(known) | set(self.watched) | set(self._starting) | self._cancel_requested
+        keep |= set(self._stop_retries)
         removed = await self.backend.reconcile(keep)
         if removed:
             log.info("site %s: removed %d orphan(s): %s", self.site, len(removed), removed)
@@ -294,7 +401,7 @@ class SiteAgent:
 
     async def close(self) -> None:
         """Stop background work; instances keep running."""
-        tasks = [*self._starting.values()]
+        tasks = [*self._starting.values(), *self._stop_retries.values()]
         if self._watch_task is not None:
             tasks.append(self._watch_task)
         for task in tasks:

@@ -71,6 +71,16 @@ def save_workspace(workspace: Path, store: Path, snapshot_id: str) -> SnapshotRe
     )
 
 
+def find_archive(store: Path, reference: str) -> SnapshotResult | None:
+    """The archive ``reference`` names, if it is in the store (a save renames it there last)."""
+    target = archive_path(store, reference)
+    if not target.is_file():
+        return None
+    return SnapshotResult(
+        kind="archive", reference=reference, digest=_sha256(target), size=target.stat().st_size
+    )
+
+
 def restore_workspace(store: Path, snapshot: SnapshotRef, workspace: Path) -> None:
     """Extract a snapshot's archive into ``workspace``, which must be empty (blocking)."""
     if snapshot.kind != "archive":

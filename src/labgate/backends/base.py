@@ -145,6 +145,8 @@ class LaunchSpec:
     owner_id: int | None = None
     #: What the user chose among the site's allowed values (a Slurm partition, wall time...).
     options: dict[str, str] = field(default_factory=dict)
+    #: A container image chosen at launch from the tool's allowlist; "" the tool's own.
+    image: str = ""
 
 
 class SnapshotUnsupported(LabgateError):
@@ -295,6 +297,14 @@ class Backend(abc.ABC):
         """What ``labgate doctor`` should say about this site's engine."""
         return []
 
+    def doctor_tools(self, tools: list[Tool]) -> list[Diagnosis]:
+        """More of ``labgate doctor``, once :meth:`doctor` found the engine answering.
+
+        ``tools`` are the catalog's tools this site can run (e.g. are their
+        images here?). By default there is nothing more to say.
+        """
+        return []
+
     # --- what the backend does ------------------------------------------------------
 
     @abc.abstractmethod
@@ -320,6 +330,14 @@ class Backend(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""
 
+    async def health(self) -> str | None:
+        """What keeps this site from working now (its engine does not answer), or None.
+
+        Asked for ``/readyz`` and ``/metrics`` (at most every few seconds): keep it
+        quick; by default a backend is healthy.
+        """
+        return None
+
     def attach(self, site: str, progress: Progress | None = None) -> None:
         """Called once by the site agent: the site's name and its progress callback."""
         self.site = site
@@ -333,6 +351,26 @@ class Backend(abc.ABC):
     async def snapshot(self, state: JSON, request: SnapshotRequest) -> SnapshotResult:
         """Save the running instance; by default snapshots are not supported."""
         raise SnapshotUnsupported(f"the {self.name} backend cannot take snapshots")
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """The stored snapshot, if it is there and complete; None when it is not.
+
+        ``reference`` names a snapshot recorded as ready (is it still there?);
+        without it, look where a save of ``request`` puts its result (did a
+        save cut short by a restart finish?). Raises :class:`SnapshotUnsupported`
+        when this backend cannot tell, any other error when it cannot ask now.
+        """
+        raise SnapshotUnsupported(f"the {self.name} backend cannot look for snapshots")
+
+    async def collect_snapshots(self, known: Collection[str]) -> list[str]:
+        """Remove stored snapshots whose ids are not in ``known``; what was removed.
+
+        The garbage collection of snapshots deleted while their storage could
+        not be reached. By default there is nothing to collect.
+        """
+        return []
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:  # noqa: B027 - optional hook
         """Remove a snapshot's stored data; idempotent. By default there is none."""

@@ -10,7 +10,8 @@ See ``docs/backends/containers.md`` for the operator's side.
   volume at the tool's ``workspace`` path, labels naming labgate, this
   deployment, the site, the instance and the owner, and the tool's port
   published on a loopback address only (or, with the ``network`` option, no
-  published port: the router reaches the container on that network).
+  published port: the router reaches the container on that network). Its
+  ``LABGATE_API_URL`` is one it can reach (``api_relay.py``).
 - **Isolation** (``container_security.py``): no capabilities,
   ``no-new-privileges``, a non-root user, and with rootful Podman a range of
   host ids per user (kept on the workspace volume); mounts that would show
@@ -47,7 +48,9 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from labgate.backends import container_doctor
 from labgate.backends import container_security as security
+from labgate.backends.api_relay import ApiRelay, is_loopback_url
 from labgate.backends.base import (
     JSON,
     Backend,
@@ -56,6 +59,7 @@ from labgate.backends.base import (
     SnapshotRef,
     SnapshotRequest,
     SnapshotResult,
+    SnapshotUnsupported,
     Started,
     Status,
 )
@@ -69,7 +73,7 @@ from labgate.backends.images import (
 )
 from labgate.backends.images import stream_error as stream_error_of
 from labgate.errors import BackendError, ConfigError, InstanceStartError
-from labgate.tools.catalog import ContainerSpec, template_values
+from labgate.tools.catalog import ContainerSpec, Tool, template_values
 
 try:
     import docker  # type: ignore[import-untyped]
@@ -88,6 +92,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: What a snapshot's tag looks like (its id, labgate.security.new_id).
+SNAPSHOT_TAG_RE = re.compile(r"^[a-z0-9]{12}$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEPLOYMENT_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
 LABEL_MANAGED = "labgate.managed"
@@ -159,6 +165,18 @@ class ContainerOptions(BaseModel):
     read_only: bool = Field(False, description="Read-only root filesystem (tmpfs /tmp).")
     init: bool = Field(True, description="Run an init (tini, catatonit) as the container's pid 1.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
+    api_url: str = Field(
+        "",
+        description="LABGATE_API_URL for containers (busy reports); empty: the portal's, "
+        "through a relay on the engine's network gateway when that is on loopback.",
+    )
+
+    @field_validator("api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"api_url must be an http:// or https:// URL, not {value!r}")
+        return value.rstrip("/")
 
     @field_validator("publish_host")
     @classmethod
@@ -258,6 +276,8 @@ class ContainerBackend(Backend):
         )
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._relay: ApiRelay | None = None
+        self._relay_lock = asyncio.Lock()
         self._engine_kind: str | None = None
         # One user's id range is chosen once, when their workspace volume is made.
         self._volume_lock = threading.Lock()
@@ -285,6 +305,17 @@ class ContainerBackend(Backend):
     async def _engine(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking SDK call in a worker thread."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    @property
+    def engine_address(self) -> str:
+        """Where the engine is asked: the site's ``base_url``, else ``DOCKER_HOST``'s value."""
+        import os
+
+        return (
+            self.config.base_url
+            or os.environ.get("DOCKER_HOST")
+            or ("unix:///var/run/docker.sock (the default: no base_url, no DOCKER_HOST)")
+        )
 
     def container_name(self, instance_id: str) -> str:
         """The container of an instance: ``labgate-<deployment>-<instance id>``."""
@@ -323,6 +354,13 @@ class ContainerBackend(Backend):
                 f"tool {spec.tool.name!r} asks for GPUs, but this site has none (option gpu)"
             )
         image = tool.image
+        if spec.image:
+            # The portal checked the user's groups; a site takes only images the tool lists.
+            if spec.image not in tool.allowed_images():
+                raise InstanceStartError(
+                    f"image {spec.image} is not among the images tool {spec.tool.name!r} allows"
+                )
+            image = spec.image
         if spec.snapshot is not None:
             if spec.snapshot.kind != "image":
                 raise InstanceStartError(
@@ -354,10 +392,54 @@ class ContainerBackend(Backend):
             }
         )
         try:
+            await self._reach_labgate(spec.instance_id, env)
             await self._ensure_image(spec.instance_id, image)
             return await self._engine(self._run, spec, image, command, args, env)
         except _ENGINE_ERRORS as exc:
-            raise InstanceStartError(f"container engine: {explain(exc)}") from exc
+            raise InstanceStartError(
+                f"container engine at {self.engine_address}: {explain(exc)}"
+            ) from exc
+
+    async def _reach_labgate(self, instance_id: str, env: dict[str, str]) -> None:
+        """Give the container a LABGATE_API_URL it can reach (see labgate.backends.api_relay)."""
+        portal_url = env.get("LABGATE_API_URL", "")
+        if self.config.api_url:
+            env["LABGATE_API_URL"] = self.config.api_url
+            return
+        if not portal_url or not is_loopback_url(portal_url):
+            return
+        async with self._relay_lock:
+            relay = self._relay
+            if relay is None or relay.upstream != portal_url.rstrip("/"):
+                try:
+                    gateway = await self._engine(self._gateway)
+                    relay = ApiRelay(gateway, portal_url)
+                    await relay.start()
+                except (*_ENGINE_ERRORS, LookupError) as exc:
+                    problem = explain(exc) if isinstance(exc, _ENGINE_ERRORS) else str(exc)
+                    log.warning("no busy-report relay for containers: %s", problem)
+                    await self.progress_note(
+                        instance_id,
+                        f"busy reports cannot reach labgate from this container ({problem}); "
+                        "set the site's api_url",
+                    )
+                    return
+                if self._relay is not None:
+                    await self._relay.close()
+                self._relay = relay
+        env["LABGATE_API_URL"] = relay.url
+
+    def _gateway(self) -> str:
+        """The host's address on the containers' network (its IPv4 gateway)."""
+        network = self.config.network or (
+            "podman" if self.engine_kind().startswith("podman") else "bridge"
+        )
+        attrs = self.client.api.inspect_network(network)
+        for config in (attrs.get("IPAM") or {}).get("Config") or []:
+            gateway = str(config.get("Gateway") or "")
+            if gateway and ":" not in gateway:
+                return gateway
+        raise LookupError(f"the network {network!r} has no IPv4 gateway")
 
     async def _ensure_image(self, instance_id: str, image: str) -> None:
         present = await self._engine(self._has_image, image)
@@ -366,6 +448,31 @@ class ContainerBackend(Backend):
         if not present and self.config.pull == "never":
             raise InstanceStartError(f"image {image} is not on the engine and pull is 'never'")
         await self._pull(instance_id, image)
+
+    def has_image(self, image: str) -> bool:
+        """Whether the engine holds ``image`` (blocking)."""
+        return self._has_image(image)
+
+    def tool_section_of(self, tool: Tool) -> ContainerSpec | None:
+        """A tool's ``[container]`` table, validated (None without one)."""
+        return tool.parsed(self.tool_section, ContainerSpec)
+
+    def doctor_tools(self, tools: list[Tool]) -> list[Diagnosis]:
+        """The snapshot registry, the tools' images, and a throwaway container."""
+        found = container_doctor.registry_checks(self)
+        images, present = container_doctor.image_checks(self, tools)
+        found += images
+        if present:
+            found.append(container_doctor.runtime_check(self, present))
+        elif tools:
+            found.append(
+                Diagnosis(
+                    "warn",
+                    "no tool's image is on the engine, so no container was tried",
+                    "build or pull one, then run `labgate doctor` again",
+                )
+            )
+        return found
 
     def _has_image(self, image: str) -> bool:
         try:
@@ -411,6 +518,17 @@ class ContainerBackend(Backend):
     def _section(self, spec: LaunchSpec) -> ContainerSpec | None:
         """The launched tool's ``[container]`` table, validated."""
         return spec.tool.parsed(self.tool_section, ContainerSpec)
+
+    async def health(self) -> str | None:
+        """None while the engine answers a ping; otherwise which engine, and why."""
+        try:
+            await self._engine(self._ping)
+        except Exception as exc:
+            return f"the container engine at {self.engine_address} does not answer: {explain(exc)}"
+        return None
+
+    def _ping(self) -> None:
+        self.client.api.ping()
 
     def doctor(self) -> list[Diagnosis]:
         """Whether the engine answers, and whether containers get user namespaces."""
@@ -744,7 +862,10 @@ class ContainerBackend(Backend):
         return bytes(data).decode("utf-8", errors="replace")
 
     async def close(self) -> None:
-        """Close the engine connection pool."""
+        """Close the engine connection pool and the busy-report relay."""
+        if self._relay is not None:
+            relay, self._relay = self._relay, None
+            await relay.close()
         if self._client is not None:
             client, self._client = self._client, None
             await asyncio.to_thread(client.close)
@@ -881,6 +1002,92 @@ class ContainerBackend(Backend):
         if digest is None:
             raise BackendError(f"snapshot {sid}: the registry did not confirm {repository}:{tag}")
         return digest
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """The snapshot's image in the registry (or, without one, on this engine)."""
+        if not reference:
+            reference = f"{self.snapshot_repository(request)}:{request.snapshot_id}"
+        repository, tag = parse_repository_tag(reference)
+        if self.registry is not None and self.registry.holds(reference):
+            digest = await self.registry.find_manifest(repository, tag or "latest")
+            if digest is None:
+                return None
+            image = await self._engine(self._image_or_none, reference)
+            size = int((image or {}).get("Size") or 0)
+            return SnapshotResult(kind="image", reference=reference, digest=digest, size=size)
+        if not reference.startswith(LOCAL_SNAPSHOTS + "/"):
+            raise SnapshotUnsupported(
+                f"{reference} is neither in this site's registry nor kept on its engine"
+            )
+        image = await self._engine(self._image_or_none, reference)
+        if image is None:
+            return None
+        digest = str(image["Id"])
+        digest = digest if digest.startswith("sha256:") else f"sha256:{digest}"
+        return SnapshotResult(
+            kind="image", reference=reference, digest=digest, size=int(image.get("Size") or 0)
+        )
+
+    def _image_or_none(self, reference: str) -> dict[str, Any] | None:
+        try:
+            image: dict[str, Any] = self.client.api.inspect_image(reference)
+        except ImageNotFound:
+            return None
+        except DockerException as exc:
+            if "image not known" in explain(exc).lower() or "no such image" in explain(exc).lower():
+                return None
+            raise
+        return image
+
+    async def collect_snapshots(self, known: Collection[str]) -> list[str]:
+        """Remove snapshot images no record names: registry manifests, then engine tags.
+
+        Only tags that are snapshot ids, in repositories under this site's
+        ``snapshot_registry`` namespace (which must be this labgate's alone),
+        and images on the engine labelled ``labgate.snapshot``.
+        """
+        removed: list[str] = []
+        # Without a namespace the whole registry would be labgate's to prune: it is not.
+        if self.registry is not None and self.registry.namespace:
+            for repository, tags in (await self.registry.snapshot_tags()).items():
+                removed += await self._collect_repository(repository, tags, known)
+        removed += await self._engine(self._collect_local, set(known))
+        return removed
+
+    async def _collect_repository(
+        self, repository: str, tags: list[str], known: Collection[str]
+    ) -> list[str]:
+        registry = self.registry
+        if registry is None:
+            return []
+        orphans = [tag for tag in tags if SNAPSHOT_TAG_RE.match(tag) and tag not in known]
+        if not orphans:
+            return []
+        # Deleting a manifest deletes every tag of it: spare those another tag still needs.
+        kept = {await registry.find_manifest(repository, tag) for tag in tags if tag not in orphans}
+        removed = []
+        for tag in orphans:
+            digest = await registry.find_manifest(repository, tag)
+            if digest is None or digest in kept:
+                continue
+            if await registry.delete_manifest(repository, digest):
+                log.info("collected snapshot image %s:%s", repository, tag)
+                removed.append(f"{repository}:{tag}")
+        return removed
+
+    def _collect_local(self, known: set[str]) -> list[str]:
+        removed = []
+        for image in self.client.api.images(filters={"label": LABEL_SNAPSHOT}):
+            snapshot = ((image.get("Labels") or {}).get(LABEL_SNAPSHOT)) or ""
+            if not snapshot or snapshot in known:
+                continue
+            for tag in image.get("RepoTags") or []:
+                if tag.endswith(f":{snapshot}"):
+                    self._untag(tag)
+                    removed.append(tag)
+        return removed
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove the image from the engine and its manifest from the registry."""

@@ -137,6 +137,25 @@ class PullProgress:
         return text
 
 
+def _next_page(scheme: str, host: str, link: str) -> str | None:
+    """The next page of a paginated registry answer (its ``Link`` header), if any."""
+    if 'rel="next"' not in link:
+        return None
+    target = link.split(";", 1)[0].strip().strip("<>")
+    return target if "://" in target else f"{scheme}://{host}{target}"
+
+
+#: The manifest types asked for when checking that an image is in a registry.
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
 @dataclass(frozen=True)
 class Registry:
     """Where image snapshots are pushed: the ``snapshot_registry`` setting taken apart."""
@@ -196,18 +215,51 @@ class Registry:
         response.raise_for_status()
         return True
 
+    async def find_manifest(self, repository: str, reference: str) -> str | None:
+        """The digest of ``repository:reference`` (a tag or digest); None when it is absent.
+
+        Raises :class:`httpx.HTTPError` when the registry cannot be asked or
+        answers anything but found (200) or not found (404).
+        """
+        name = repository.removeprefix(self.host + "/")
+        url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{reference}"
+        auth = (self.username, self.password) if self.username else None
+        async with httpx.AsyncClient(timeout=30, auth=auth) as client:
+            response = await client.head(url, headers={"Accept": MANIFEST_TYPES})
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.headers.get("Docker-Content-Digest") or reference
+
+    async def snapshot_tags(self) -> dict[str, list[str]]:
+        """Every repository under this registry's namespace, with its tags (catalog API)."""
+        auth = (self.username, self.password) if self.username else None
+        prefix = f"{self.namespace}/" if self.namespace else ""
+        found: dict[str, list[str]] = {}
+        async with httpx.AsyncClient(timeout=30, auth=auth) as client:
+            url: str | None = f"{self.scheme}://{self.host}/v2/_catalog?n=1000"
+            names: list[str] = []
+            while url is not None:
+                response = await client.get(url)
+                response.raise_for_status()
+                names += response.json().get("repositories") or []
+                url = _next_page(self.scheme, self.host, response.headers.get("link", ""))
+            for name in names:
+                if not name.startswith(prefix):
+                    continue
+                response = await client.get(f"{self.scheme}://{self.host}/v2/{name}/tags/list")
+                if response.status_code == 404:
+                    continue
+                response.raise_for_status()
+                found[f"{self.host}/{name}"] = list(response.json().get("tags") or [])
+        return found
+
     async def manifest_digest(self, repository: str, tag: str) -> str | None:
         """The digest the registry serves for ``repository:tag`` (a push that did not say)."""
         name = repository.removeprefix(self.host + "/")
         url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{tag}"
-        accept = ", ".join(
-            [
-                "application/vnd.oci.image.manifest.v1+json",
-                "application/vnd.docker.distribution.manifest.v2+json",
-            ]
-        )
         auth = (self.username, self.password) if self.username else None
         async with httpx.AsyncClient(timeout=30, auth=auth) as client:
-            response = await client.head(url, headers={"Accept": accept})
+            response = await client.head(url, headers={"Accept": MANIFEST_TYPES})
         digest = response.headers.get("Docker-Content-Digest")
         return digest if response.status_code == 200 and digest else None

@@ -46,7 +46,13 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import BaseModel, ConfigDict, Field
 
 from labgate.backends import cgroups
-from labgate.backends.archive import delete_archive, restore_workspace, save_workspace
+from labgate.backends.archive import SUFFIX as ARCHIVE_SUFFIX
+from labgate.backends.archive import (
+    delete_archive,
+    find_archive,
+    restore_workspace,
+    save_workspace,
+)
 from labgate.backends.base import (
     JSON,
     Backend,
@@ -656,6 +662,15 @@ class ProcessBackend(Backend):
         """Archive the instance's workspace into the snapshot store."""
         store, workspace = self.settings.snapshots_dir, Path(state["workspace"])
         return await asyncio.to_thread(save_workspace, workspace, store, request.snapshot_id)
+
+    async def find_snapshot(
+        self, request: SnapshotRequest, reference: str = ""
+    ) -> SnapshotResult | None:
+        """The workspace archive in the snapshot store, if it is there (complete)."""
+        store = self.settings.snapshots_dir
+        return await asyncio.to_thread(
+            find_archive, store, reference or f"{request.snapshot_id}{ARCHIVE_SUFFIX}"
+        )
 
     async def delete_snapshot(self, ref: SnapshotRef) -> None:
         """Remove a workspace archive from the snapshot store."""

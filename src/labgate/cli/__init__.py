@@ -15,7 +15,18 @@ from collections.abc import Callable
 
 import typer
 
-from labgate.cli import account, agent, instances, limits, ops, serve, shares, sites, users
+from labgate.cli import (
+    account,
+    agent,
+    images,
+    instances,
+    limits,
+    ops,
+    serve,
+    shares,
+    sites,
+    users,
+)
 from labgate.cli.context import CliState, LabgateGroup
 from labgate.cli.datasets import dataset_app
 
@@ -74,6 +85,7 @@ app.add_typer(dataset_app, name="dataset")
 app.add_typer(limits.group_app, name="group")
 app.add_typer(limits.quota_app, name="quota")
 app.add_typer(ops.pool_app, name="pool")
+app.add_typer(images.image_app, name="image")
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ import typer
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, state_of
 from labgate.client import Client
+from labgate.resolver.locality import BadUrlPath, clean_urlpath
 
 #: Largest body of one inventory request (the server's default limit is 1 MiB).
 PART_BYTES = 512 * 1024
@@ -224,6 +225,9 @@ def badge(
     identifier: str = ID_ARGUMENT,
     tool: str = typer.Option(..., "--tool", help="The tool the badge launches."),
     html: bool = typer.Option(False, "--html", help="HTML instead of Markdown."),
+    urlpath: str = typer.Option(
+        "", "--urlpath", help="A path inside the tool to open ({dataset}: the dataset's name)."
+    ),
 ) -> None:
     """Print the Markdown (or HTML) of a launch badge for a registered dataset."""
     with state_of(ctx).client() as client:
@@ -231,6 +235,11 @@ def badge(
     link = next((item["url"] for item in answer["launch"] if item["tool"] == tool), None)
     if link is None:
         fail(f"{tool} cannot open {answer['dataset']['id']} now (see `labgate dataset resolve`)")
+    if urlpath:
+        try:
+            link += "&urlpath=" + quote(clean_urlpath(urlpath), safe="/{}")
+        except BadUrlPath as exc:
+            fail(f"--urlpath: {exc}")
     image = link.split("/launch?", 1)[0] + "/badge.svg"
     if html:
         href = link.replace("&", "&amp;")

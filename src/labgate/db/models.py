@@ -266,6 +266,9 @@ class Instance(Base):
     #: The snapshot this instance was launched from, if any. A plain column (see
     #: migration 0003); it outlives the snapshot, which then reads as None.
     snapshot_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    #: The container image the launch chose from its tool's allowlist; "" the tool's own
+    #: (migration 0007).
+    image: Mapped[str] = mapped_column(String(512), default="", server_default="")
     #: ``tool@site`` while the instance waits, unclaimed, in a warm pool (migration 0004).
     pool: Mapped[str | None] = mapped_column(String(130), default=None, index=True)
     #: The owner asked that idle culling spare the instance until then.
@@ -368,11 +371,16 @@ class SiteReport(Base):
 
 
 class SnapshotState(enum.StrEnum):
-    """Where a snapshot is: being saved, usable, or failed (with a reason)."""
+    """Where a snapshot is: being saved, usable, failed (with a reason), or missing.
+
+    ``missing``: it was ready, but its image (or archive) is no longer where it
+    was stored; it is ready again if the data comes back.
+    """
 
     saving = "saving"
     ready = "ready"
     failed = "failed"
+    missing = "missing"
 
 
 class Snapshot(Base):

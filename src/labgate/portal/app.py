@@ -88,6 +88,7 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
     site.options = {
         "capacity": config.capacity.model_dump(),
         "data_root": str(config.data_root) if config.data_root else None,
+        "group_root": str(config.group_root) if config.group_root else None,
     }
 
 
@@ -167,9 +168,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     liveness = await start_network_sites(portal)
     await portal.manager.restore()
     ops = await operations.start_operations(app, portal, metrics)
-    portal.snapshots = SnapshotManager(portal.db, portal.links, portal.manager.apply)
+    portal.snapshots = SnapshotManager(
+        portal.db,
+        portal.links,
+        portal.manager.apply,
+        storage_per_user=settings.snapshot_storage_per_user,
+    )
     # After restore: containers of instances that ended while labgate was down go now.
-    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval)
+    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval, portal.snapshots)
     await reconciler.run_once()
     reconciler.start()
     try:

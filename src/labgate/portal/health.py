@@ -3,8 +3,12 @@
 ``/healthz`` (in :mod:`labgate.portal.ui.pages`) says the process answers.
 ``/readyz`` says it can serve: the database answers, start-up is done (the
 instance manager restored what was running), and every configured site has a
-link. It is 200 with ``{"ready": true, "checks": {...}}`` or 503 with the
-checks that failed.
+link. It is 200 with ``{"ready": true, "checks": {...}, "sites": {...}}`` or
+503 with the checks that failed. ``sites`` has each site's health (``ok``, or
+what keeps it from working: its engine does not answer, its agent is away).
+A site that is down fails readiness only when it is ``required``; otherwise
+``checks.sites`` says ``degraded: ...`` and the portal stays in service for
+the other sites.
 
 ``/metrics`` is the Prometheus text format (:mod:`labgate.portal.metrics`).
 It needs ``Authorization: Bearer <metrics_token>`` (the setting) or an admin
@@ -42,6 +46,9 @@ class ReadyOut(BaseModel):
     """Whether the portal can serve, and each check's answer (``ok`` or what is wrong)."""
 
     ready: bool
+    sites: dict[str, str] = Field(
+        default_factory=dict, description="Each site's health: ok, or what is wrong."
+    )
     checks: dict[str, str] = Field(description="database, started, sites: ok or the problem.")
 
 
@@ -59,10 +66,37 @@ async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
     except Exception as exc:  # any failure means not ready; say which
         checks["database"] = f"failed: {exc.__class__.__name__}"
     checks["started"] = "ok" if portal.manager is not None else "starting"
-    missing = [s.name for s in portal.settings.effective_sites if s.name not in portal.links]
-    checks["sites"] = "ok" if not missing else f"not connected: {', '.join(missing)}"
+    configured = portal.settings.effective_sites
+    missing = [s.name for s in configured if s.name not in portal.links]
+    sites = await site_health(portal)
+    down = [name for name, health in sites.items() if health != "ok"]
+    required = {s.name for s in configured if s.required}
+    if missing:
+        checks["sites"] = f"not connected: {', '.join(missing)}"
+    elif required & set(down):
+        checks["sites"] = f"required site down: {', '.join(sorted(required & set(down)))}"
+    else:
+        checks["sites"] = "ok"
     ready = all(value == "ok" for value in checks.values())
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    if ready and down:
+        checks["sites"] = f"degraded: {', '.join(down)} down (not required)"
+    body = {"ready": ready, "checks": checks, "sites": sites}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def site_health(portal: Portal) -> dict[str, str]:
+    """Each site's health: ``ok`` or what keeps it from working (asked at once, cached)."""
+    names = list(portal.links)
+    answers = await asyncio.gather(
+        *(portal.links[name].health() for name in names), return_exceptions=True
+    )
+    health = {}
+    for name, answer in zip(names, answers, strict=True):
+        if isinstance(answer, BaseException):
+            health[name] = f"cannot tell: {answer}"
+        else:
+            health[name] = answer or "ok"
+    return health
 
 
 async def _may_read_metrics(request: Request, portal: Portal) -> None:
@@ -92,5 +126,6 @@ async def metrics(request: Request, portal: Portal = Depends(get_portal)) -> Res
     registry: Metrics | None = getattr(request.app.state, "metrics", None)
     if registry is None:
         return Response("", media_type=CONTENT_TYPE, status_code=503)
+    registry.site_health = await site_health(portal)
     body = await asyncio.to_thread(registry.render)
     return Response(body, media_type=CONTENT_TYPE)

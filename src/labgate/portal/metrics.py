@@ -52,6 +52,8 @@ class Metrics:
     def __init__(self, portal: Portal) -> None:
         self.portal = portal
         self.pools: PoolManager | None = None
+        #: Each site's health as the scrape found it (``ok`` or the problem).
+        self.site_health: dict[str, str] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self.launches = Histogram(
             "labgate_launch_duration_seconds",
@@ -116,7 +118,18 @@ class _ScrapeTime(Collector):
         info.add_metric([__version__], 1)
         yield info
         yield from self._instances(portal)
+        yield from self._sites()
         yield from self._router(portal)
+
+    def _sites(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "labgate_site_up",
+            "1 while a site can run instances (its engine answers, its agent is connected).",
+            labels=["site"],
+        )
+        for name, health in sorted(self.metrics.site_health.items()):
+            up.add_metric([name], 1 if health == "ok" else 0)
+        yield up
 
     def _instances(self, portal: Portal) -> Iterator[Metric]:
         with portal.db.session() as session:

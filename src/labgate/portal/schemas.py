@@ -106,6 +106,11 @@ class ToolOut(BaseModel):
     resources: dict[str, Any]
     available: bool
     unavailable_reason: str | None
+    images: list[str] = Field(
+        default_factory=list,
+        description='Container images you may launch it with ("image"), its own first; '
+        "shown by GET /api/v1/tools/{name}.",
+    )
 
 
 #: ``local``, or where a network site's agent is (``waiting``: it never connected).
@@ -186,11 +191,19 @@ class LaunchIn(Strict):
         max_length=16,
         description='Choices among the site\'s allowed values, e.g. {"partition": "gpu"} (Slurm).',
     )
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="A container image from the tool's allowlist (GET /api/v1/tools/{name}).",
+    )
 
     @model_validator(mode="after")
     def _tool_or_snapshot(self) -> LaunchIn:
         if self.tool is None and self.snapshot is None:
             raise ValueError("give a tool, a snapshot, or both")
+        if self.image is not None and self.snapshot is not None:
+            raise ValueError("a launch from a snapshot runs the snapshot's image: no image")
         return self
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
@@ -495,9 +495,45 @@ class DataLocator:
         return known[0]
 
 
-def launch_url(public_url: str, identifier: str, tool: str) -> str:
-    """The browser link that launches ``tool`` next to the dataset."""
-    return f"{public_url}/launch?dataset={quote(identifier, safe=':/')}&tool={quote(tool)}"
+def launch_url(public_url: str, identifier: str, tool: str, urlpath: str = "") -> str:
+    """The browser link that launches ``tool`` next to the dataset (opening ``urlpath``)."""
+    link = f"{public_url}/launch?dataset={quote(identifier, safe=':/')}&tool={quote(tool)}"
+    if urlpath:
+        link += f"&urlpath={quote(urlpath, safe='/{}')}"
+    return link
+
+
+MAX_URLPATH = 1024
+
+
+class BadUrlPath(ValueError):
+    """A ``urlpath`` that could lead out of the instance's own URL."""
+
+
+def clean_urlpath(text: str) -> str:
+    """A path inside the tool (Binder's ``urlpath``): relative, no ``..``, no control characters.
+
+    A leading ``/`` is dropped; the result is appended to ``/i/<instance id>/``,
+    so it can never name another origin or another instance. ``{dataset}`` may
+    stand for the launched dataset's name.
+    """
+    path = text.strip().lstrip("/")
+    if len(path) > MAX_URLPATH:
+        raise BadUrlPath(f"urlpath is longer than {MAX_URLPATH} characters")
+    decoded = unquote(path)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in decoded) or "\\" in decoded:
+        raise BadUrlPath("urlpath must not contain control characters or backslashes")
+    segments = decoded.split("?", 1)[0].split("#", 1)[0].split("/")
+    if any(segment in ("..", ".") for segment in segments) or decoded.startswith("/"):
+        raise BadUrlPath("urlpath must stay inside the tool: no '.' or '..' segments")
+    return path
+
+
+def open_url(base: str, urlpath: str, dataset: str = "") -> str:
+    """``base`` (an instance's URL, ending in /) with ``urlpath`` opened in it."""
+    if not urlpath:
+        return base
+    return base + urlpath.replace("{dataset}", quote(dataset, safe=""))
 
 
 def dataset_out(

@@ -198,6 +198,7 @@ class InstanceManager:
             mounts=mounts,
             snapshot=snapshot,
             options={str(k): str(v) for k, v in (instance.options or {}).items()},
+            image=instance.image,
             # Where each mount is, for the tool; a backend that cannot mount at the
             # target (process without bwrap) points these at the host path instead.
             env={**self.extra_env, **{mount.env_var: mount.target for mount in mounts}},
@@ -304,6 +305,8 @@ class InstanceManager:
         if report.kind == "progress" or target == instance.state:
             if instance.state.terminal:
                 return None
+            if instance.state == InstanceState.stopping and "stop_retry" in data:
+                instance.reason = report.message  # why it is still stopping
             session.add(
                 InstanceEvent(
                     instance=instance,
@@ -322,6 +325,8 @@ class InstanceManager:
                     target.value,
                 )
                 return None
+            if target == InstanceState.stopped and "stop_retry" in data:
+                instance.reason = ""  # the failed attempts are over
             _transition(session, instance, target, report.message, data)
         session.flush()
         session.refresh(instance, ["owner", "site"])

@@ -33,7 +33,8 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
 from labgate.errors import BadRequest, NotFound
-from labgate.scheduler import accounting, quotas
+from labgate.scheduler import accounting, images, quotas
+from labgate.scheduler.group_volumes import group_mounts
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
 from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_to_launch
@@ -64,6 +65,8 @@ class LaunchRequest:
     group: str | None = None
     #: Choices among the site's allowed values (Slurm: partition, time...); the site checks them.
     options: dict[str, str] | None = None
+    #: A container image from the tool's allowlist (labgate.scheduler.images).
+    image: str | None = None
 
 
 class WarmPools(Protocol):
@@ -150,6 +153,7 @@ async def launch(
 def admit_launch(session: Session, admission: Admission) -> Instance:
     """Steps 1-3 in the admission transaction: the claimed or newly recorded instance."""
     user, group = admit(session, admission)
+    images.check_choice(session, admission.tool, user, admission.request.image)
     need = resolve_data(session, admission.data, admission.request.dataset, admission.sites)
     if admission.pools is not None:
         # A pool instance already has its site and its place in that site's capacity.
@@ -195,7 +199,7 @@ def choose(session: Session, admission: Admission, need: DataNeed | None) -> str
         labels=request.labels or {},
         holders=need.holders if need is not None and need.holders else None,
     )
-    views = site_views(session, admission.sites)
+    views = images.sites_for_image(site_views(session, admission.sites), request.image)
     if request.snapshot is not None:
         snapshot = snapshot_to_launch(
             session, request.snapshot, admission.user_id, admission.tool.name
@@ -215,18 +219,21 @@ def record(
     """Step 3 (cold): the ``pending`` instance on ``site``, its usage record and event."""
     request = admission.request
     instance_id = new_id()
+    site_row = session.scalar(select(Site).where(Site.name == site))
     instance = Instance(
         id=instance_id,
         owner_id=user.id,
         tool=admission.tool.name,
-        site=session.scalar(select(Site).where(Site.name == site)),
+        site=site_row,
         state=InstanceState.pending,
         resources=admission.resources.as_json(),
         secret=admission.box.new_secret(instance_id),
         dataset_id=need.dataset_id if need is not None else None,
-        mounts=[need.mount_on(site)] if need is not None else [],
+        mounts=([need.mount_on(site)] if need is not None else [])
+        + group_mounts(session, user, site_row),
         snapshot_id=request.snapshot,
         options=dict(request.options or {}),
+        image=request.image or "",
     )
     session.add(instance)
     accounting.open_record(session, instance, user, group.name if group else "")

@@ -7,7 +7,9 @@ site's agent adds the ones it is starting or watching itself and asks its
 backend to remove everything else it runs for this labgate: containers left
 by a crash, by a stop that never finished, or of instances that ended while
 labgate was down. Instances whose container vanished are found by the
-agent's polling and become ``lost``.
+agent's polling and become ``lost``. Each round also settles snapshots
+(:meth:`SnapshotManager.settle`): saves cut short by a restart are finished or
+failed, and ready snapshots whose image is gone are shown ``missing``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import SiteLink
 from labgate.db.models import ACTIVE_STATES, Instance, InstanceState, Site
 from labgate.db.session import Database
+from labgate.scheduler.snapshots import SnapshotManager
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,18 @@ def unfinished_by_site(session: Session) -> dict[str, set[str]]:
 class Reconciler:
     """Runs :meth:`run_once` now and then, for every site."""
 
-    def __init__(self, db: Database, links: dict[str, SiteLink], interval: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        links: dict[str, SiteLink],
+        interval: float,
+        snapshots: SnapshotManager | None = None,
+    ) -> None:
         self.db = db
         self.links = links
         self.interval = interval
+        #: Unfinished and vanished snapshots are settled on every round too.
+        self.snapshots = snapshots
         self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> dict[str, list[str]]:
@@ -62,6 +73,11 @@ class Reconciler:
                 removed[name] = await link.reconcile(known.get(name, set()))
             except Exception:
                 log.exception("reconciling site %s failed", name)
+        if self.snapshots is not None:
+            try:
+                await self.snapshots.settle()
+            except Exception:
+                log.exception("settling snapshots failed")
         return removed
 
     def start(self) -> None:

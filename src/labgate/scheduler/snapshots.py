@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
@@ -28,7 +30,7 @@ from labgate.backends.base import (
     SnapshotResult,
     SnapshotUnsupported,
 )
-from labgate.backends.images import LOCAL_SNAPSHOTS
+from labgate.backends.images import LOCAL_SNAPSHOTS, human_bytes
 from labgate.db.models import (
     Instance,
     InstanceState,
@@ -39,7 +41,7 @@ from labgate.db.models import (
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound
+from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
 from labgate.security import new_id
 from labgate.wire.site import Report, Reporter
 
@@ -49,6 +51,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+#: Seconds between checks that ready snapshots' images and archives are still stored.
+READY_CHECK_INTERVAL = 3600.0
+#: Why an unfinished snapshot failed when its site found nothing complete.
+INTERRUPTED = (
+    "the save was cut short (labgate or its site stopped while saving) and nothing "
+    "complete was stored; take the snapshot again"
+)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A snapshot to look for at its site: what :meth:`SnapshotManager.settle` checks."""
+
+    id: str
+    state: SnapshotState
+    kind: str
+    request: SnapshotRequest
+    reference: str
+    site: str
+    backend: str
 
 
 def can_see(snapshot: Snapshot, user_id: int, admin: bool) -> bool:
@@ -119,15 +142,68 @@ def snapshot_ref(snapshot: Snapshot) -> SnapshotRef:
     )
 
 
+def storage_of(session: Session, owner_id: int) -> int:
+    """Bytes of the snapshots ``owner_id`` keeps (saving ones count as what is known: 0)."""
+    total = session.scalar(
+        select(func.coalesce(func.sum(Snapshot.size), 0)).where(
+            Snapshot.owner_id == owner_id, Snapshot.state != SnapshotState.failed
+        )
+    )
+    return int(total or 0)
+
+
+def check_storage(session: Session, owner_id: int, limit: int) -> None:
+    """Refuse a new snapshot (429 ``quota_exceeded``) when the owner is at their limit.
+
+    The size of a snapshot is known only once it is saved, so the check is
+    that what is kept now is below the limit: the last snapshot may go over.
+    """
+    if not limit:
+        return
+    used = storage_of(session, owner_id)
+    if used >= limit:
+        raise QuotaExceeded(
+            f"your snapshots take {human_bytes(used)} of the {human_bytes(limit)} you may keep; "
+            "delete some before taking another",
+            limit=limit,
+            current=used,
+            quota="snapshot_storage",
+            scope="user",
+        )
+
+
+def gone_reason(kind: str, reference: str) -> str:
+    """Why a ready snapshot is ``missing``, in the operator's words."""
+    if kind == "archive":
+        return f"its archive {reference} is no longer in the site's snapshot store"
+    if reference.startswith(LOCAL_SNAPSHOTS + "/"):
+        return f"its image {reference} is no longer on the site's engine"
+    return f"its image {reference} is gone from the registry"
+
+
 class SnapshotManager:
     """Takes and deletes snapshots through the sites; records them in the database."""
 
-    def __init__(self, db: Database, links: dict[str, SiteLink], report: Reporter):
+    def __init__(
+        self,
+        db: Database,
+        links: dict[str, SiteLink],
+        report: Reporter,
+        *,
+        storage_per_user: int = 0,
+    ):
         self.db = db
+        #: Bytes of snapshots one user may keep (0: no limit); checked before each save.
+        self.storage_per_user = storage_per_user
         self.links = links
         #: Where progress notes go (the instance manager's ``apply``).
         self.report = report
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Snapshots this portal is saving now: :meth:`settle` leaves them alone.
+        self._saving: set[str] = set()
+        #: Seconds between checks that ready snapshots are still stored (first: at start).
+        self.ready_check_interval = READY_CHECK_INTERVAL
+        self._ready_checked: float | None = None
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
         def run() -> T:
@@ -143,6 +219,7 @@ class SnapshotManager:
             lambda s: self._begin(s, instance_id, name, description)
         )
         await self._note(instance_id, f"snapshot {snapshot.id}: saving", snapshot.id)
+        self._saving.add(snapshot.id)
         task = asyncio.create_task(self._save(snapshot.id, site, state, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -164,6 +241,7 @@ class SnapshotManager:
         link = self.links.get(site)
         if link is None:
             raise Conflict(f"site {site} is not connected", code="site_unavailable")
+        check_storage(session, instance.owner_id, self.storage_per_user)
         if not link.snapshot_kind:  # the site's backend declares it takes none
             raise SnapshotUnsupported(
                 f"the {link.backend} backend of site {site} takes no snapshots"
@@ -191,6 +269,14 @@ class SnapshotManager:
         return snapshot, request, dict(instance.backend_state), site
 
     async def _save(
+        self, snapshot_id: str, site: str, state: dict[str, Any], request: SnapshotRequest
+    ) -> None:
+        try:
+            await self._save_at(snapshot_id, site, state, request)
+        finally:
+            self._saving.discard(snapshot_id)
+
+    async def _save_at(
         self, snapshot_id: str, site: str, state: dict[str, Any], request: SnapshotRequest
     ) -> None:
         iid = request.instance_id
@@ -234,6 +320,134 @@ class SnapshotManager:
             data={"snapshot": snapshot_id, **data},
         )
         await self.report(report)
+
+    # --- settle: unfinished and vanished snapshots ------------------------------
+    async def settle(self) -> dict[str, SnapshotState]:
+        """Finish or fail unfinished snapshots; mark ready ones whose data is gone.
+
+        Run at start and on every reconcile; with the ready checks it also
+        collects stored snapshots no record names (:meth:`collect`). A
+        ``saving`` snapshot nobody is
+        saving (the portal stopped during the save) is looked for at its site:
+        ``ready`` when the registry or store holds it complete, ``failed``
+        with the reason otherwise. Every ``ready_check_interval`` seconds the
+        ready ones are looked for too: ``missing`` when their image or archive
+        is gone, ``ready`` again when it is back. A site that is away or
+        cannot be asked now is tried on the next round. Returns what changed.
+        """
+        now = time.monotonic()
+        with_ready = (
+            self._ready_checked is None or now - self._ready_checked >= self.ready_check_interval
+        )
+        if with_ready:
+            self._ready_checked = now
+        changed: dict[str, SnapshotState] = {}
+        for stored in await self._db(lambda s: self._stored(s, with_ready)):
+            if stored.id in self._saving:
+                continue
+            state = await self._settle_one(stored)
+            if state is not None:
+                changed[stored.id] = state
+        if with_ready:
+            await self.collect()
+        return changed
+
+    async def collect(self) -> list[str]:
+        """Have every live site remove stored snapshots no record names; what went.
+
+        Deleting a snapshot removes its image or archive at once; this catches
+        what a deletion could not reach then (registry down, site away), and
+        images left by saves that failed half-way. Run with the ready checks.
+        """
+        known = set(await self._db(lambda s: list(s.scalars(select(Snapshot.id)))))
+        known |= self._saving
+        removed: list[str] = []
+        for name, link in list(self.links.items()):
+            if not link.live or not link.snapshot_kind:
+                continue
+            try:
+                removed += await link.collect_snapshots(known)
+            except Exception as exc:
+                log.warning("site %s: collecting snapshots failed: %s", name, exc)
+        if removed:
+            log.info("collected %d snapshot(s) no record names: %s", len(removed), removed)
+        return removed
+
+    def _stored(self, session: Session, with_ready: bool) -> list[Stored]:
+        states = [SnapshotState.saving]
+        if with_ready:
+            states += [SnapshotState.ready, SnapshotState.missing]
+        rows = session.scalars(select(Snapshot).where(Snapshot.state.in_(states))).all()
+        found = []
+        for row in rows:
+            request = SnapshotRequest(
+                snapshot_id=row.id,
+                instance_id=row.source_instance_id,
+                owner=row.owner.name,
+                tool=row.tool,
+            )
+            site = row.site.name if row.site else ""
+            found.append(
+                Stored(row.id, row.state, row.kind, request, row.reference, site, row.backend)
+            )
+        return found
+
+    def _link_for(self, site: str, backend: str) -> SiteLink | None:
+        link = self.links.get(site) or next(
+            (link for link in self.links.values() if link.backend == backend), None
+        )
+        return link if link is not None and link.live else None
+
+    async def _settle_one(self, stored: Stored) -> SnapshotState | None:
+        link = self._link_for(stored.site, stored.backend)
+        if link is None:
+            return None
+        unsupported = False
+        try:
+            found = await link.find_snapshot(stored.request, stored.reference)
+        except LabgateError as exc:
+            if exc.code != "snapshot_unsupported" or stored.state != SnapshotState.saving:
+                if exc.code != "snapshot_saving":
+                    log.warning("snapshot %s: cannot look for it: %s", stored.id, exc.detail)
+                return None
+            found, unsupported = None, True
+        except Exception as exc:
+            log.warning("snapshot %s: cannot look for it: %s", stored.id, exc)
+            return None
+        if stored.state == SnapshotState.saving:
+            iid = stored.request.instance_id
+            if found is not None:
+                await self._note(iid, f"snapshot {stored.id}: found complete: ready", stored.id)
+                return await self._settled(stored, SnapshotState.ready, "", found)
+            reason = INTERRUPTED if not unsupported else f"{INTERRUPTED} (the site cannot tell)"
+            await self._note(iid, f"snapshot {stored.id} failed: {reason}", stored.id)
+            return await self._settled(stored, SnapshotState.failed, reason, None)
+        if found is None and stored.state == SnapshotState.ready:
+            reason = gone_reason(stored.kind, stored.reference)
+            log.warning("snapshot %s: %s", stored.id, reason)
+            return await self._settled(stored, SnapshotState.missing, reason, None)
+        if found is not None and stored.state == SnapshotState.missing:
+            return await self._settled(stored, SnapshotState.ready, "", None)
+        return None
+
+    async def _settled(
+        self, stored: Stored, state: SnapshotState, reason: str, result: SnapshotResult | None
+    ) -> SnapshotState | None:
+        def record(session: Session) -> SnapshotState | None:
+            snapshot = session.get(Snapshot, stored.id)
+            # Another portal may have finished it meanwhile: only what was seen changes.
+            if snapshot is None or snapshot.state != stored.state:
+                return None
+            snapshot.state, snapshot.reason = state, reason
+            if result is not None:
+                snapshot.kind = result.kind
+                snapshot.reference = result.reference
+                snapshot.digest = result.digest
+                snapshot.size = result.size
+                snapshot.ready_at = utcnow()
+            return state
+
+        return await self._db(record)
 
     # --- delete ----------------------------------------------------------------
     async def delete(self, snapshot_id: str) -> None:

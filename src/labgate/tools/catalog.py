@@ -155,11 +155,30 @@ class ContainerSpec(BaseModel):
     workspace: str = Field("/workspace", pattern=r"^/")
     #: GPUs to request as device requests (-1: all); needs the site option ``gpu``.
     gpus: int = Field(0, ge=-1)
+    #: Other images a launch may choose (``"image": ...``), for everyone.
+    images: list[str] = Field(default_factory=list, max_length=100)
+    #: Images only members of a group may choose: group name -> images.
+    group_images: dict[str, list[str]] = Field(default_factory=dict)
+    #: A directory next to the tool file with a Containerfile that builds ``image``
+    #: (``labgate image build``).
+    build: str = Field("", max_length=200, pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]*/?)*$")
 
     @model_validator(mode="after")
     def _placeholders(self) -> ContainerSpec:
         self.check_placeholders()
         return self
+
+    def allowed_images(self, groups: Iterable[str] | None = None) -> list[str]:
+        """The images a launch may choose: ``image``, ``images``, then those of ``groups``.
+
+        ``groups=None``: every group's (what a site accepts; the portal checks
+        the user's groups).
+        """
+        chosen = [self.image, *self.images]
+        for group, images in sorted(self.group_images.items()):
+            if groups is None or group in groups:
+                chosen += images
+        return list(dict.fromkeys(chosen))
 
     def check_placeholders(self) -> None:
         """Refuse unknown ``{placeholders}`` in the command, args and environment."""

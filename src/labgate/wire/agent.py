@@ -83,6 +83,8 @@ class LaunchSpecMsg(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     mounts: list[MountMsg] = Field(default_factory=list)
     snapshot: SnapshotRefMsg | None = None
+    #: A container image chosen from the tool's allowlist ("" the tool's own).
+    image: str = ""
 
 
 class AdoptionMsg(BaseModel):
@@ -208,6 +210,8 @@ class Heartbeat(Message):
     time: float
     #: Instances the agent watches (agent to portal only).
     instances: int = 0
+    #: What keeps the site from working now, e.g. its engine is down ("": nothing).
+    health: str = ""
 
 
 class Command(Message):
@@ -221,6 +225,8 @@ class Command(Message):
         "adopt",
         "logs",
         "snapshot",
+        "find_snapshot",
+        "collect_snapshots",
         "delete_snapshot",
         "reconcile",
         "claim",

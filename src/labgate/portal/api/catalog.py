@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from sqlalchemy.orm import Session
 
 from labgate.backends.registry import tool_unavailable_reason
+from labgate.db.models import User
 from labgate.errors import NotFound
 from labgate.portal.auth import Caller
 from labgate.portal.schemas import ToolOut
 from labgate.portal.state import Portal, get_portal
+from labgate.scheduler import images
 from labgate.tools.catalog import Tool
 
 router = APIRouter(tags=["catalog"])
@@ -43,4 +46,11 @@ async def show_tool(name: str, caller: Caller, portal: Portal = Depends(get_port
     tool = portal.catalog.get(name)
     if tool is None:
         raise NotFound(f"no tool called {name!r}", code="unknown_tool")
-    return tool_out(tool, {link.backend for link in portal.links.values()})
+    found = tool_out(tool, {link.backend for link in portal.links.values()})
+
+    def allowed(session: Session) -> list[str]:
+        user = session.get(User, caller.user_id)
+        return images.choices(session, tool, user) if user is not None else []
+
+    found.images = await portal.run_db(allowed)
+    return found

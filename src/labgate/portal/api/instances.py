@@ -60,7 +60,7 @@ def instance_out(
         endpoint=instance.endpoint if caller.is_admin else None,
         dataset=next((m.get("dataset") for m in instance.mounts or []), None),
         mounts=[
-            {k: m[k] for k in ("dataset", "target", "read_only") if k in m}
+            {k: m[k] for k in ("dataset", "group", "target", "read_only") if k in m}
             for m in instance.mounts or []
         ],
         snapshot=instance.snapshot_id,
@@ -136,6 +136,7 @@ async def launch(
         snapshot=body.snapshot,
         group=body.group,
         options=body.options,
+        image=body.image,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)

@@ -21,14 +21,16 @@ from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.snapshots import SnapshotManager, visible_snapshot
-from labgate.types import Strict
+from labgate.types import LineText, PlainText, Strict
 
 router = APIRouter(tags=["snapshots"])
 
 
 class SnapshotIn(Strict):
-    name: str = Field("", max_length=100, description="A name for people; need not be unique.")
-    description: str = Field("", max_length=2000)
+    name: LineText = Field(
+        "", max_length=100, description="A name for people; need not be unique (one line)."
+    )
+    description: PlainText = Field("", max_length=2000)
 
 
 class SnapshotOut(BaseModel):
@@ -40,7 +42,9 @@ class SnapshotOut(BaseModel):
     site: str | None
     backend: str
     kind: str = Field(description="image (container image) or archive (workspace archive).")
-    state: str = Field(description="saving, ready or failed.")
+    state: str = Field(
+        description="saving, ready, failed, or missing (its image or archive is gone)."
+    )
     reason: str
     reference: str = Field(description="Image reference or archive file name.")
     digest: str

@@ -38,7 +38,13 @@ from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, render, to_login
 from labgate.portal.ui.views import page_context
 from labgate.resolver.identifiers import InvalidIdentifier, normalize
-from labgate.resolver.locality import Resolution, launch_url
+from labgate.resolver.locality import (
+    BadUrlPath,
+    Resolution,
+    clean_urlpath,
+    launch_url,
+    open_url,
+)
 from labgate.scheduler.launch import LaunchRequest
 
 router = APIRouter(include_in_schema=False)
@@ -64,6 +70,16 @@ def _default_tool(portal: Portal) -> str:
     return "jupyterlab" if "jupyterlab" in names else (names[0] if names else "")
 
 
+def runnable_tools(portal: Portal) -> list[str]:
+    """The tools some configured site can run now, in catalog order."""
+    links = list(portal.links.values())
+    return [
+        tool.name
+        for tool in portal.catalog
+        if any(link.unavailable_reason(tool) is None for link in links)
+    ]
+
+
 def _existing(session: Session, user_id: int, tool: str, dataset_id: int) -> Instance | None:
     """The user's newest unfinished instance of ``tool`` on the dataset, to reuse."""
     return session.scalar(
@@ -79,13 +95,25 @@ def _existing(session: Session, user_id: int, tool: str, dataset_id: int) -> Ins
     )
 
 
-def _go_to(portal: Portal, instance: Instance) -> RedirectResponse:
-    """Into a running instance, or to the progress page of one still starting."""
+def _go_to(portal: Portal, instance: Instance, urlpath: str = "") -> RedirectResponse:
+    """Into a running instance (at ``urlpath``), or to the progress page of one starting.
+
+    ``urlpath`` is checked and has its ``{dataset}`` filled in already.
+    """
     if instance.state == InstanceState.running:
-        return RedirectResponse(
-            f"{portal.settings.effective_public_url}/i/{instance.id}/", status_code=303
-        )
-    return RedirectResponse(f"/instances/{quote(instance.id)}", status_code=303)
+        base = f"{portal.settings.effective_public_url}/i/{instance.id}/"
+        return RedirectResponse(open_url(base, urlpath), status_code=303)
+    return RedirectResponse(_progress_page(instance.id, urlpath), status_code=303)
+
+
+def _progress_page(instance_id: str, urlpath: str) -> str:
+    page = f"/instances/{quote(instance_id)}"
+    return f"{page}?{urlencode({'urlpath': urlpath})}" if urlpath else page
+
+
+def _urlpath(text: str, dataset_name: str) -> str:
+    """A checked ``urlpath`` with ``{dataset}`` filled in; BadUrlPath when it is refused."""
+    return open_url("", clean_urlpath(text), dataset_name) if text else ""
 
 
 def _where(resolution: Resolution, tool_sites: list[str]) -> str:
@@ -101,6 +129,7 @@ async def launch_page(
     portal: Portal = Depends(get_portal),
     dataset: str = Query("", max_length=2048),
     tool: str = Query("", max_length=64),
+    urlpath: str = Query("", max_length=2048),
 ) -> Response:
     """Sign in, reuse or confirm: see the module docstring."""
     if not dataset or not tool:
@@ -124,10 +153,13 @@ async def launch_page(
 
     try:
         resolution, existing = await portal.run_db(look)
+        opens = _urlpath(urlpath, resolution.dataset.name)
     except LabgateError as exc:
         return error_page(request, exc.status, exc.code, exc.detail)
+    except BadUrlPath as exc:
+        return error_page(request, 400, "bad_urlpath", f"{exc}.")
     if existing is not None:
-        return _go_to(portal, existing)
+        return _go_to(portal, existing, opens)
 
     backends = {name: link.backend for name, link in portal.links.items()}
     links = locator(portal).launch_links(
@@ -149,6 +181,8 @@ async def launch_page(
         where=_where(resolution, offer.sites if offer else []),
         problem=problem,
         others=[link for link in links if link.tool != tool],
+        urlpath=urlpath,
+        opens=opens,
     )
     return render(request, "launch.html", context, status=409 if problem else 200)
 
@@ -158,6 +192,7 @@ async def launch_submit(request: Request, portal: Portal = Depends(get_portal)) 
     """Launch from the confirmation form, then follow it on the progress page."""
     form = await request.form()
     dataset, tool = str(form.get("dataset") or ""), str(form.get("tool") or "")
+    urlpath = str(form.get("urlpath") or "")
     try:
         caller: Principal | None = await optional_principal(request)  # checks the CSRF token
     except LabgateError as exc:
@@ -165,27 +200,36 @@ async def launch_submit(request: Request, portal: Portal = Depends(get_portal)) 
     if caller is None:
         return RedirectResponse(
             "/login?"
-            + urlencode({"next": f"/launch?{urlencode({'dataset': dataset, 'tool': tool})}"}),
+            + urlencode(
+                {
+                    "next": "/launch?"
+                    + urlencode({"dataset": dataset, "tool": tool, "urlpath": urlpath})
+                }
+            ),
             status_code=303,
         )
     if not dataset or not tool:
         return error_page(request, 400, "bad_request", "The form lacks the dataset or the tool.")
 
-    def reuse(session: Session) -> Instance | None:
+    def reuse(session: Session) -> tuple[Instance | None, str]:
         resolution = locator(portal).resolve(session, dataset, live_sites(portal.links))
-        return _existing(session, caller.user_id, tool, resolution.dataset.id)
+        existing = _existing(session, caller.user_id, tool, resolution.dataset.id)
+        return existing, resolution.dataset.name
 
     try:
-        existing = await portal.run_db(reuse)
+        existing, name = await portal.run_db(reuse)
+        opens = _urlpath(urlpath, name)
         if existing is not None:  # a second click, or a second tab
-            return _go_to(portal, existing)
+            return _go_to(portal, existing, opens)
         caller.require("instances:write")
         instance = await portal.instances.launch(
             caller.user_id, LaunchRequest(tool=tool, dataset=dataset)
         )
     except LabgateError as exc:
         return error_page(request, exc.status, exc.code, exc.detail)
-    return RedirectResponse(f"/instances/{quote(instance.id)}", status_code=303)
+    except BadUrlPath as exc:
+        return error_page(request, 400, "bad_urlpath", f"{exc}.")
+    return RedirectResponse(_progress_page(instance.id, opens), status_code=303)
 
 
 # --- badges --------------------------------------------------------------------------
@@ -201,9 +245,11 @@ async def badge_svg() -> Response:
     )
 
 
-def badge_snippets(public_url: str, identifier: str, tool: str) -> dict[str, str]:
+def badge_snippets(
+    public_url: str, identifier: str, tool: str, urlpath: str = ""
+) -> dict[str, str]:
     """The launch link, and the Markdown and HTML that show it as a badge."""
-    link = launch_url(public_url, identifier, tool)
+    link = launch_url(public_url, identifier, tool, urlpath)
     image = f"{public_url}/badge.svg"
     return {
         "link": link,
@@ -218,6 +264,7 @@ async def badge_page(
     portal: Portal = Depends(get_portal),
     dataset: str = Query("", max_length=2048),
     tool: str = Query("", max_length=64),
+    urlpath: str = Query("", max_length=2048),
 ) -> Response:
     """Build a launch link and the Markdown or HTML of its badge."""
     caller = await optional_principal(request)
@@ -230,6 +277,7 @@ async def badge_page(
         tools=list(portal.catalog),
         dataset=dataset,
         tool=tool or _default_tool(portal),
+        urlpath=urlpath,
         snippets=None,
         error=None,
         registered=None,
@@ -243,9 +291,14 @@ async def badge_page(
         if portal.catalog.get(context["tool"]) is None:
             context["error"] = f"There is no tool called {context['tool']!r}."
             return render(request, "badge.html", context, status=400)
+        try:
+            urlpath = clean_urlpath(urlpath)
+        except BadUrlPath as exc:
+            context["error"] = f"That path inside the tool is refused: {exc}."
+            return render(request, "badge.html", context, status=400)
         context["dataset"] = identifier.canonical
         context["snippets"] = badge_snippets(
-            portal.settings.effective_public_url, identifier.canonical, context["tool"]
+            portal.settings.effective_public_url, identifier.canonical, context["tool"], urlpath
         )
         context["registered"] = await portal.run_db(
             lambda s: locator(portal).is_registered(s, identifier.canonical)
@@ -256,15 +309,23 @@ async def badge_page(
 # --- Dataverse --------------------------------------------------------------------------
 
 
-def dataverse_manifest(public_url: str, tool: str, title: str) -> dict[str, Any]:
-    """A Dataverse external-tool manifest: an "Explore" button on every dataset page."""
+def dataverse_manifest(public_url: str, tool: str, title: str, urlpath: str = "") -> dict[str, Any]:
+    """A Dataverse external-tool manifest: an "Explore" button on every dataset page.
+
+    With ``urlpath`` the button opens that path inside the tool (``{dataset}``:
+    the dataset's name), carried in the tool URL's path: Dataverse adds its own
+    query string.
+    """
+    tool_url = f"{public_url}/launch/dataverse/{quote(tool)}"
+    if urlpath:
+        tool_url += f"/open/{quote(urlpath, safe='/{}')}"
     return {
         "displayName": f"labgate: {title}",
         "description": f"Open this dataset in {title} on labgate, next to the data.",
         "toolName": f"labgate-{tool}",
         "scope": "dataset",
         "types": ["explore"],
-        "toolUrl": f"{public_url}/launch/dataverse/{quote(tool)}",
+        "toolUrl": tool_url,
         "toolParameters": {
             "queryParameters": [{"datasetPid": "{datasetPid}"}, {"siteUrl": "{siteUrl}"}]
         },
@@ -273,24 +334,43 @@ def dataverse_manifest(public_url: str, tool: str, title: str) -> dict[str, Any]
 
 @router.get("/dataverse/manifest.json")
 async def dataverse_manifest_json(
-    portal: Portal = Depends(get_portal), tool: str = Query("", max_length=64)
+    portal: Portal = Depends(get_portal),
+    tool: str = Query("", max_length=64),
+    urlpath: str = Query("", max_length=2048),
 ) -> Response:
-    """The manifest a Dataverse admin registers (``POST /api/admin/externalTools``)."""
-    name = tool or _default_tool(portal)
-    found = portal.catalog.get(name)
+    """The manifest a Dataverse admin registers (``POST /api/admin/externalTools``).
+
+    Only for a tool some site can run: a button that always ends on an error
+    page is worse than none. Without ``tool``: ``jupyterlab`` when a site runs
+    it, else the first tool of the catalog that a site runs.
+    """
+    runnable = runnable_tools(portal)
+    name = tool or ("jupyterlab" if "jupyterlab" in runnable else next(iter(runnable), ""))
+    found = portal.catalog.get(name) if name else None
     if found is None:
-        return JSONResponse(
-            {"error": "unknown_tool", "detail": f"no tool called {name!r}"}, status_code=404
+        detail = f"no tool called {name!r}" if name else "no site can run any tool"
+        return JSONResponse({"error": "unknown_tool", "detail": detail}, status_code=404)
+    if found.name not in runnable:
+        detail = (
+            f"no site can run the tool {found.name!r}, so its Explore button would only end "
+            f"on an error page; tools some site runs: {', '.join(runnable) or 'none'}"
         )
+        return JSONResponse({"error": "tool_unavailable", "detail": detail}, status_code=409)
+    try:
+        urlpath = clean_urlpath(urlpath)
+    except BadUrlPath as exc:
+        return JSONResponse({"error": "bad_urlpath", "detail": str(exc)}, status_code=400)
     return JSONResponse(
-        dataverse_manifest(portal.settings.effective_public_url, found.name, found.title)
+        dataverse_manifest(portal.settings.effective_public_url, found.name, found.title, urlpath)
     )
 
 
 @router.get("/launch/dataverse/{tool}")
+@router.get("/launch/dataverse/{tool}/open/{urlpath:path}")
 async def dataverse_launch(
     request: Request,
     tool: str,
+    urlpath: str = "",
     datasetPid: str = Query("", max_length=2048),  # Dataverse's parameter names
     siteUrl: str = Query("", max_length=2048),
 ) -> Response:
@@ -299,5 +379,6 @@ async def dataverse_launch(
         return error_page(
             request, 400, "bad_request", "Dataverse did not send the dataset's PID (datasetPid)."
         )
-    query = urlencode({"dataset": datasetPid, "tool": tool})
+    wanted = {"dataset": datasetPid, "tool": tool}
+    query = urlencode({**wanted, "urlpath": urlpath} if urlpath else wanted)
     return RedirectResponse(f"/launch?{query}", status_code=303)

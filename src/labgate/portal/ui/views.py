@@ -26,6 +26,7 @@ from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
 from labgate.portal.schemas import InstanceOut, UserOut
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, render, to_login
+from labgate.resolver.locality import BadUrlPath, clean_urlpath, open_url
 from labgate.security import CSRF_FORM_FIELD, SCOPES
 
 router = APIRouter(include_in_schema=False)
@@ -121,6 +122,11 @@ async def _instance_view(
     seen = routers_saw(portal, instance_id)
     instance, shares = await portal.run_db(load)
     tool = portal.catalog.get(instance.tool)
+    try:
+        # From a launch link: open this path inside the tool once it is ready.
+        opens = open_url(instance.url, clean_urlpath(request.query_params.get("urlpath", "")))
+    except BadUrlPath:
+        opens = instance.url
     context = page_context(
         portal,
         caller,
@@ -128,6 +134,7 @@ async def _instance_view(
         instance=instance,
         sharing=shares,
         tool_title=tool.title if tool else instance.tool,
+        open_url=opens,
     )
     return render(request, template, context)
 
