@@ -37,6 +37,8 @@ def _spec() -> LaunchSpec:
         env={"LABGATE_DATA_IRIS": "/data/iris"},
         mounts=(Mount(Path("/srv/data/iris"), "/data/iris", True, Path("/srv/data")),),
         snapshot=SnapshotRef("snap1", "archive", "snap1.tar.gz", "sha256:00"),
+        image="localhost/labgate/demo:2",
+        options={"partition": "gpu", "time": "1:00:00"},
     )
 
 

@@ -85,6 +85,8 @@ class LaunchSpecMsg(BaseModel):
     snapshot: SnapshotRefMsg | None = None
     #: A container image chosen from the tool's allowlist ("" the tool's own).
     image: str = ""
+    #: What the user chose among the site's allowed values (a Slurm partition, wall time...).
+    options: dict[str, str] = Field(default_factory=dict)
 
 
 class AdoptionMsg(BaseModel):
