@@ -50,11 +50,13 @@ def read_result(directory: Path) -> tuple[Any, str]:
 
 
 def _argv(spec: dict[str, Any]) -> list[str]:
-    command = spec.get("command")
+    raw = spec.get("command")
     if spec.get("callable"):
         command = [sys.executable, "-m", "labgate.agent.taskcall", str(spec["callable"])]
-    elif isinstance(command, str):
-        command = ["/bin/sh", "-c", command]
+    elif isinstance(raw, str):
+        command = ["/bin/sh", "-c", raw]
+    else:
+        command = [str(arg) for arg in raw or []]
     return [*spec.get("sandbox", []), *command]
 
 
@@ -94,7 +96,7 @@ def run(directory: Path) -> int:
     started = time.time()
     with open(directory / "output.log", "ab") as log:
         try:
-            proc = subprocess.Popen(  # noqa: S603 - the task's own command, in its sandbox
+            proc = subprocess.Popen(
                 _argv(spec),
                 cwd=directory / "results",
                 env=env,

@@ -93,7 +93,7 @@ class ProcessTaskExecutor(TaskExecutor):
         self._children: dict[Path, subprocess.Popen[bytes]] = {}
 
     def _sandbox_argv(self, directory: Path) -> list[str]:
-        if self.sandbox == "off":
+        if self.sandbox in ("off", "none"):
             return []
         bwrap = find_bwrap()
         if bwrap is None:
@@ -111,17 +111,7 @@ class ProcessTaskExecutor(TaskExecutor):
         body = spec.model_dump(mode="json")
         (directory / "results").mkdir(parents=True, exist_ok=True)
         body["sandbox"] = self._sandbox_argv(directory)
-        (directory / "task.json").write_text(json.dumps(body))
-        proc = subprocess.Popen(  # noqa: S603 - labgate's own executor
-            [sys.executable, "-m", "labgate.agent.taskexec", str(directory)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(directory / "executor.log", "ab"),  # noqa: SIM115 - the child keeps it
-            start_new_session=True,
-            close_fds=True,
-        )
-        (directory / "pid").write_text(str(proc.pid))
-        self._children[directory] = proc
+        self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
 
     async def poll(self, directory: Path) -> Outcome | None:
         """Read ``exit.json``; no file and no process: the attempt is lost."""
@@ -151,6 +141,21 @@ class ProcessTaskExecutor(TaskExecutor):
         if pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
+
+
+def _spawn(directory: Path, body: dict[str, Any]) -> subprocess.Popen[bytes]:
+    (directory / "task.json").write_text(json.dumps(body))
+    with open(directory / "executor.log", "ab") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "labgate.agent.taskexec", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+            close_fds=True,
+        )
+    (directory / "pid").write_text(str(proc.pid))
+    return proc
 
 
 def _pid(directory: Path) -> int | None:
@@ -233,7 +238,9 @@ class TaskRunner:
         directory = self.directory(attempt_id)
         if not (directory / "task.json").exists():
             await self._report(
-                Report(attempt_id, "lost", kind="task", message=f"site {self.site} has no such task")
+                Report(
+                    attempt_id, "lost", kind="task", message=f"site {self.site} has no such task"
+                )
             )
             return
         self.watched.add(attempt_id)
@@ -296,9 +303,11 @@ class TaskRunner:
 
     def _final(self, attempt_id: str, directory: Path, outcome: Outcome) -> Report:
         results = directory / "results"
-        files = sorted(
-            str(p.relative_to(results)) for p in results.rglob("*") if p.is_file()
-        ) if results.is_dir() else []
+        files = (
+            sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+            if results.is_dir()
+            else []
+        )
         tail = ""
         if outcome.state != "succeeded":
             with contextlib.suppress(OSError):

@@ -2,4 +2,4 @@
 
 # Batch runs' tables are in a module of their own; importing it here puts them
 # on the models' metadata wherever the database is used (migrations included).
-from labgate.db import runs as runs  # noqa: E402
+from labgate.db import runs as runs
