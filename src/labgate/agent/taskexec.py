@@ -83,6 +83,7 @@ def run(directory: Path) -> int:
         **spec.get("env", {}),
         "LABGATE_RUN_ID": str(spec.get("run_id", "")),
         "LABGATE_TASK": str(spec.get("task", "")),
+        "LABGATE_ATTEMPT": str(spec.get("attempt", 1)),
         "LABGATE_RESULTS_DIR": str(directory / "results"),
         "LABGATE_RESULT": str(directory / RESULT_FILE),
         "LABGATE_TASK_ARGS": json.dumps(spec.get("args", {})),
@@ -94,6 +95,9 @@ def run(directory: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.time()
+    if (directory / "cancel").exists():  # cancelled before this process got this far
+        write_exit(directory, {"state": "cancelled", "exit_code": None, "reason": "cancelled"})
+        return 0
     with open(directory / "output.log", "ab") as log:
         try:
             proc = subprocess.Popen(

@@ -133,10 +133,13 @@ class ProcessTaskExecutor(TaskExecutor):
             return None
         if _alive(directory):
             return None
+        if (directory / "cancel").exists():  # stopped before it could write its status
+            return Outcome(state="cancelled", reason="cancelled")
         return Outcome(state="lost", reason="the task's executor ended without an exit status")
 
     async def cancel(self, directory: Path) -> None:
         """SIGTERM the executor: it stops the task and writes ``cancelled``."""
+        (directory / "cancel").touch()
         pid = _pid(directory)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):

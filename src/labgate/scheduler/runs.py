@@ -209,7 +209,9 @@ class RunProcessor:
                 ).all()
             )
             site = min(candidates, key=lambda n: (busy.get(n, 0), n))
-        attempt = TaskAttempt(id=runrows.new_id(), task=task, number=task.attempts, site=site)
+        # Numbers go on across re-runs (``attempts`` counts the tries since the last one).
+        number = len(task.attempt_rows) + 1
+        attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
         session.add(attempt)
         session.flush()
         return attempt.id
@@ -286,8 +288,8 @@ class RunProcessor:
             attempt.state = AttemptState.failed
         attempt.reason, attempt.finished_at = report.message, utcnow()
         attempt.exit_code = data.get("exit_code")
-        if task.state.terminal:
-            return None  # cancelled meanwhile
+        if task.state.terminal or attempt is not task.attempt_rows[-1]:
+            return None  # cancelled meanwhile, or an attempt from before a re-run
         task.exit_code = attempt.exit_code
         if attempt.state == AttemptState.succeeded:
             task.result = data.get("result")
@@ -426,6 +428,7 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
         run_id=run.id,
         task=task.label,
         owner=run.owner.name,
+        attempt=attempt.number,
         command=definition.command,
         callable=definition.callable,
         args=definition.args,

@@ -243,6 +243,8 @@ class TaskSpec(BaseModel):
     run_id: str
     task: str
     owner: str
+    #: Which try this is (1, 2, ...): ``$LABGATE_ATTEMPT`` for the task.
+    attempt: int = 1
     command: list[str] | str | None = None
     callable: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
