@@ -146,7 +146,9 @@ command = "true"
     # The processes end: every attempt's executor reports "cancelled".
     for _ in range(100):
         run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
-        ends = [e for e in run["events"] if e["task"].startswith("long") and e["state"] == "cancelled"]
+        ends = [
+            e for e in run["events"] if e["task"].startswith("long") and e["state"] == "cancelled"
+        ]
         if len(ends) == 2:
             break
         await asyncio.sleep(0.1)

@@ -24,9 +24,9 @@ import io
 import logging
 import shutil
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -256,9 +256,24 @@ class RunProcessor:
             return
         async with self._lock(run_id):
             collect = await self.run_db(lambda s: self._apply(s, report))
+        # The rest talks to sites, maybe over the very connection this report came on,
+        # whose reader waits for this call: it goes on in the background.
+        self._spawn(self._follow_up(run_id, collect))
+
+    async def _follow_up(self, run_id: str, collect: tuple[str, str, Path] | None) -> None:
         if collect is not None:
             await self._collect(*collect)
         await self.advance(run_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a run's follow-up failed", exc_info=task.exception())
 
     def _apply(self, session: Session, report: Report) -> tuple[str, str, Path] | None:
         attempt = session.get(TaskAttempt, report.instance_id)
@@ -320,7 +335,7 @@ class RunProcessor:
             await asyncio.to_thread(_unpack, archive, target)
             await asyncio.to_thread(_keep_log, log_path(target), output)
             await link.forget_task(attempt_id)
-        except (LabgateError, OSError, tarfile.TarError) as exc:
+        except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
             log.warning("collecting the results of %s failed: %s", attempt_id, exc)
 
     # --- logs ------------------------------------------------------------------------
@@ -383,6 +398,10 @@ class RunProcessor:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        for task in list(self._tasks):
+            task.cancel()
 
 
 def _cancel_tasks(tasks: list[RunTask], reason: str) -> list[tuple[str, str]]:
