@@ -51,8 +51,12 @@ async def test_a_site_cannot_report_on_another_sites_task(app, client, admin_hea
             ws_url, additional_headers={"Authorization": f"Bearer {west}"}
         ) as ws:
             assert isinstance(parse(await ws.recv()), Welcome)
-            await ws.send(dump(Hello(site="west", agent_version="liar", boot="x", backend="process")))
-            lie = ReportMsg(instance_id=attempt, state="succeeded", kind="task", data={"result": 666})
+            await ws.send(
+                dump(Hello(site="west", agent_version="liar", boot="x", backend="process"))
+            )
+            lie = ReportMsg(
+                instance_id=attempt, state="succeeded", kind="task", data={"result": 666}
+            )
             await ws.send(dump(ReportEnvelope(seq=1, report=lie)))
             for _ in range(50):  # acknowledged (read and dropped), not applied
                 if '"ack"' in await ws.recv():
@@ -96,7 +100,9 @@ async def test_only_the_owner_and_admins_see_cancel_or_download_a_run(
     assert [r["id"] for r in (await client.get("/api/v1/runs", headers=admin_headers)).json()] == [
         run_id
     ]
-    assert (await client.get(f"/api/v1/runs/{run_id}/results", headers=admin_headers)).status_code == 200
+    assert (
+        await client.get(f"/api/v1/runs/{run_id}/results", headers=admin_headers)
+    ).status_code == 200
     cancelled = await client.post(f"/api/v1/runs/{run_id}/cancel", headers=admin_headers)
     assert cancelled.json()["state"] == "cancelled"
     assert cancelled.json()["reason"] == "cancelled by admin"

@@ -22,6 +22,7 @@ from labgate.cli import (
     instances,
     limits,
     ops,
+    runs,
     serve,
     shares,
     sites,
