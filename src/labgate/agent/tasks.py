@@ -88,8 +88,10 @@ class ProcessTaskExecutor(TaskExecutor):
 
     name = "process"
 
-    def __init__(self, sandbox: str = "auto") -> None:
+    def __init__(self, sandbox: str = "auto", site_name: str = "") -> None:
+        #: ``auto`` (bwrap when installed; refused as root without it), ``bwrap``, ``none``.
         self.sandbox = sandbox
+        self.site_name = site_name
         self._children: dict[Path, subprocess.Popen[bytes]] = {}
 
     def _sandbox_argv(self, directory: Path) -> list[str]:
@@ -97,8 +99,12 @@ class ProcessTaskExecutor(TaskExecutor):
             return []
         bwrap = find_bwrap()
         if bwrap is None:
-            if self.sandbox == "bwrap":
-                raise BadRequest("this site's sandbox is bwrap, which is not installed")
+            if self.sandbox == "bwrap" or os.geteuid() == 0:
+                # As root, a task without the sandbox could do anything on the machine.
+                raise BadRequest(
+                    f"site {self.site_name or 'here'} runs tasks only in the bubblewrap sandbox, "
+                    "which is not installed (apt-get install bubblewrap)"
+                )
             return []
         try:
             plan = bwrap_argv(bwrap, workspace=directory / "results", hostname="labgate-task")
@@ -201,7 +207,7 @@ class TaskRunner:
         self.site = site
         self.reporter = reporter
         self.tasks_dir = tasks_dir
-        self.executor = executor or ProcessTaskExecutor()
+        self.executor = executor or ProcessTaskExecutor(site_name=site)
         self.log_tail_lines = log_tail_lines
         self.watched: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
