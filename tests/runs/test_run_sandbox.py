@@ -27,7 +27,11 @@ async def test_a_task_sees_neither_the_data_dir_nor_the_workspaces(client, make_
 name = "one"
 [[stages.tasks]]
 name = "snoop"
-command = "test -e {data_dir}/secret.txt && echo SAW-DB; test -e {data_dir}/workspaces/bob && echo SAW-WS; cat {data_dir}/secret.txt; echo looked"
+command = '''
+test -e {data_dir}/secret.txt && echo SAW-DB
+test -e {data_dir}/workspaces/bob && echo SAW-WS
+cat {data_dir}/secret.txt
+echo looked'''
 """
     run_id = await submit(client, alice, definition)
     run = await wait_run(client, alice, run_id)
