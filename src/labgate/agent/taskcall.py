@@ -17,6 +17,10 @@ import traceback
 def main(target: str) -> int:
     """Import and call ``target``; write its return value as the task's result."""
     module_name, _, function = target.partition(":")
+    # Run by path, this file's directory is first on sys.path: labgate's agent modules
+    # must not shadow the task's own (its results directory is searched instead).
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.getcwd())
     try:
         fn = getattr(importlib.import_module(module_name), function)

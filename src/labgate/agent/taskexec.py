@@ -52,7 +52,9 @@ def read_result(directory: Path) -> tuple[Any, str]:
 def _argv(spec: dict[str, Any]) -> list[str]:
     raw = spec.get("command")
     if spec.get("callable"):
-        command = [sys.executable, "-m", "labgate.agent.taskcall", str(spec["callable"])]
+        # The task's venv's Python when it has one; it imports labgate's taskcall by path.
+        python = f"{spec['venv']}/bin/python" if spec.get("venv") else sys.executable
+        command = [python, str(Path(__file__).with_name("taskcall.py")), str(spec["callable"])]
     elif isinstance(raw, str):
         command = ["/bin/sh", "-c", raw]
     else:
@@ -75,8 +77,13 @@ def run(directory: Path) -> int:
     """Run the task of ``directory`` to its end; always leaves ``exit.json``."""
     spec = json.loads((directory / "task.json").read_text())
     (directory / "results").mkdir(exist_ok=True)
+    path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    venv = {"VIRTUAL_ENV": str(spec["venv"])} if spec.get("venv") else {}
+    if venv:
+        path = f"{spec['venv']}/bin:{path}"
     env = {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        **venv,
+        "PATH": path,
         "HOME": str(directory),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labgate.agent.taskenv import EnvironmentCache
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import BadRequest, NotFound
 from labgate.wire.runs import TaskSpec
@@ -71,8 +72,8 @@ class TaskExecutor(abc.ABC):
     name = "abstract"
 
     @abc.abstractmethod
-    async def start(self, spec: TaskSpec, directory: Path) -> None:
-        """Start the attempt whose files live in ``directory``."""
+    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
+        """Start the attempt whose files live in ``directory`` (with the venv ``env_dir``)."""
 
     @abc.abstractmethod
     async def poll(self, directory: Path) -> Outcome | None:
@@ -94,7 +95,7 @@ class ProcessTaskExecutor(TaskExecutor):
         self.site_name = site_name
         self._children: dict[Path, subprocess.Popen[bytes]] = {}
 
-    def _sandbox_argv(self, directory: Path) -> list[str]:
+    def _sandbox_argv(self, directory: Path, env_dir: Path | None) -> list[str]:
         if self.sandbox in ("off", "none"):
             return []
         bwrap = find_bwrap()
@@ -107,16 +108,22 @@ class ProcessTaskExecutor(TaskExecutor):
                 )
             return []
         try:
-            plan = bwrap_argv(bwrap, workspace=directory / "results", hostname="labgate-task")
+            plan = bwrap_argv(
+                bwrap,
+                workspace=directory / "results",
+                extra_ro=[str(env_dir)] if env_dir is not None else [],
+                hostname="labgate-task",
+            )
         except SandboxError as exc:
             raise BadRequest(str(exc)) from None
         return plan.argv
 
-    async def start(self, spec: TaskSpec, directory: Path) -> None:
+    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
         """Write ``task.json`` and start the executor process."""
         body = spec.model_dump(mode="json")
         (directory / "results").mkdir(parents=True, exist_ok=True)
-        body["sandbox"] = self._sandbox_argv(directory)
+        body["sandbox"] = self._sandbox_argv(directory, env_dir)
+        body["venv"] = str(env_dir) if env_dir is not None else ""
         self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
 
     async def poll(self, directory: Path) -> Outcome | None:
@@ -210,6 +217,9 @@ class TaskRunner:
         self.executor = executor or ProcessTaskExecutor(site_name=site)
         self.log_tail_lines = log_tail_lines
         self.watched: set[str] = set()
+        #: Python venvs of this site's tasks, made once per requirements list.
+        self.environments = EnvironmentCache(tasks_dir.parent.parent / "envs" / site)
+        self._starting: dict[str, asyncio.Task[None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
 
     def directory(self, attempt_id: str) -> Path:
@@ -219,32 +229,52 @@ class TaskRunner:
         return self.tasks_dir / attempt_id
 
     async def run(self, spec: TaskSpec) -> None:
-        """Start an attempt; one already known (a command delivered twice) changes nothing."""
+        """Start an attempt in the background; one already known (sent twice) changes nothing.
+
+        It returns at once: preparing the task's environment may take minutes,
+        longer than a command may.
+        """
         directory = self.directory(spec.attempt_id)
+        if spec.attempt_id in self._starting:
+            return
         if spec.attempt_id in self.watched or (directory / "task.json").exists():
             await self.adopt(spec.attempt_id)
             return
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        task = asyncio.create_task(self._start(spec, directory), name=f"task-{spec.attempt_id}")
+        self._starting[spec.attempt_id] = task
+        task.add_done_callback(lambda _t: self._starting.pop(spec.attempt_id, None))
+
+    async def _start(self, spec: TaskSpec, directory: Path) -> None:
+        attempt_id = spec.attempt_id
+        env_dir: Path | None = None
         try:
-            await self.executor.start(spec, directory)
+            if spec.python:
+
+                async def progress(message: str) -> None:
+                    await self._report(
+                        Report(attempt_id, "preparing", kind="task", message=message)
+                    )
+
+                env_dir = await self.environments.prepare(spec.python, progress)
+            await self.executor.start(spec, directory, env_dir)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             reason = getattr(exc, "detail", None) or f"could not start: {exc}"
-            await self._report(Report(spec.attempt_id, "failed", kind="task", message=reason))
+            await self._report(Report(attempt_id, "failed", kind="task", message=reason))
             return
-        self.watched.add(spec.attempt_id)
+        self.watched.add(attempt_id)
         await self._report(
-            Report(
-                spec.attempt_id,
-                "running",
-                kind="task",
-                message=f"running on site {self.site}",
-            )
+            Report(attempt_id, "running", kind="task", message=f"running on site {self.site}")
         )
         self._ensure_watch()
 
     async def adopt(self, attempt_id: str) -> None:
         """Watch an attempt again (after a restart); one ended meanwhile is reported now."""
         directory = self.directory(attempt_id)
+        if attempt_id in self._starting:
+            return  # its environment is being prepared
         if not (directory / "task.json").exists():
             await self._report(
                 Report(
@@ -283,7 +313,9 @@ class TaskRunner:
         await asyncio.to_thread(shutil.rmtree, directory, True)
 
     async def close(self) -> None:
-        """Stop watching; attempts keep running."""
+        """Stop watching; attempts keep running (one still preparing is started again later)."""
+        for starting in list(self._starting.values()):
+            starting.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -294,6 +294,8 @@ class RunProcessor:
             f"attempt {attempt.number} on {attempt.site}: {report.message}",
             data,
         )
+        if report.state == "preparing":
+            return None  # a note: its environment is being made
         if report.state == "running":
             attempt.state = AttemptState.running
             return None
