@@ -83,3 +83,26 @@ async def test_three_stages_across_two_sites_with_results(client, make_user):
         assert tasks_of(json.loads(summary.read()))["make"]["result"] == {"n": 3}
         copies = {tar.extractfile(f"{n}/copy.txt").read() for n in ("twice", "twice#1")}  # type: ignore[union-attr]
         assert copies == {b"copy 0\n", b"copy 1\n"}
+
+
+async def test_a_wide_stage_runs_at_most_the_sites_share_at_once(client, make_user, app):
+    app.state.portal.run_processor.tasks_per_site = 2
+    alice = await make_user("alice")
+    definition = """
+[[stages]]
+name = "wide"
+[[stages.tasks]]
+name = "many"
+command = "sleep 0.2"
+where = {site = "alpha", copies = 6}
+"""
+    run_id = await submit(client, alice, definition)
+    most = 0
+    while True:
+        run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
+        running = [t for t in run["stages"][0]["tasks"] if t["state"] == "running"]
+        most = max(most, len(running))
+        if run["state"] != "running":
+            break
+    assert run["state"] == "succeeded"
+    assert most == 2

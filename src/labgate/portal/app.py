@@ -169,7 +169,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Network sites' links first: restore loses an instance whose site has no link.
     liveness = await start_network_sites(portal)
     await portal.manager.restore()
-    processor = RunProcessor(portal.db, portal.links, lambda owner: settings.workspaces_dir / owner)
+    processor = RunProcessor(
+        portal.db,
+        portal.links,
+        lambda owner: settings.workspaces_dir / owner,
+        tasks_per_site=settings.run_tasks_per_site,
+    )
     portal.run_processor = processor
     portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)
     await processor.restore()

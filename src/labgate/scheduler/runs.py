@@ -55,9 +55,16 @@ class RunProcessor:
     """Submits, advances, cancels and re-runs batch runs across the portal's sites."""
 
     def __init__(
-        self, db: Database, links: dict[str, SiteLink], results_dir: Callable[[str], Path]
+        self,
+        db: Database,
+        links: dict[str, SiteLink],
+        results_dir: Callable[[str], Path],
+        *,
+        tasks_per_site: int = 8,
     ) -> None:
         self.db = db
+        #: At most this many active attempts per site; more tasks wait as ``pending``.
+        self.tasks_per_site = tasks_per_site
         self.links = links
         #: Where a user's collected results go (``owner name -> directory``); runs below it.
         self.results_dir = results_dir
@@ -163,9 +170,12 @@ class RunProcessor:
                 # A task failed for good: the stage has failed; what still runs is stopped.
                 cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
             else:
+                busy = _busy(session)
                 for task in stage.tasks:
                     if task.state == RunState.pending:
-                        starts.append(self._new_attempt(session, run, task))
+                        attempt = self._new_attempt(session, run, task, busy)
+                        if attempt is not None:
+                            starts.append(attempt)
                 if starts or any(not t.state.terminal for t in stage.tasks):
                     return starts, []
             bad = [t for t in stage.tasks if t.state != RunState.succeeded]
@@ -190,25 +200,24 @@ class RunProcessor:
         runrows.add_event(session, run.id, "", state.value, f"run {state.value}")
         return starts, cancels
 
-    def _new_attempt(self, session: Session, run: Run, task: RunTask) -> str:
-        """Place one task copy and record its next attempt (``starting``)."""
+    def _new_attempt(
+        self, session: Session, run: Run, task: RunTask, busy: dict[str, int]
+    ) -> str | None:
+        """Place one task copy and record its next attempt; None: every site is full."""
         where = runrows.task_def(run, task).where
         candidates = runrows.matching_sites(where, runrows.site_labels(session), self.live())
         if task.pinned_site is not None:
             candidates = [c for c in candidates if c == task.pinned_site]
+        site = ""  # none: the attempt is lost as soon as it is started
+        if candidates:
+            room = [c for c in candidates if busy.get(c, 0) < self.tasks_per_site]
+            if not room:
+                return None  # waits: a finishing attempt advances the run again
+            site = min(room, key=lambda n: (busy.get(n, 0), n))
+            busy[site] = busy.get(site, 0) + 1
         task.attempts += 1
         task.state = RunState.running
         task.started_at = task.started_at or utcnow()
-        site = ""  # none: the attempt is lost as soon as it is started
-        if candidates:
-            busy = dict(
-                session.execute(
-                    select(TaskAttempt.site, func.count())
-                    .where(TaskAttempt.state.in_([AttemptState.starting, AttemptState.running]))
-                    .group_by(TaskAttempt.site)
-                ).all()
-            )
-            site = min(candidates, key=lambda n: (busy.get(n, 0), n))
         # Numbers go on across re-runs (``attempts`` counts the tries since the last one).
         number = len(task.attempt_rows) + 1
         attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
@@ -404,6 +413,16 @@ class RunProcessor:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
+
+
+def _busy(session: Session) -> dict[str, int]:
+    """Active attempts per site."""
+    rows = session.execute(
+        select(TaskAttempt.site, func.count())
+        .where(TaskAttempt.state.in_([AttemptState.starting, AttemptState.running]))
+        .group_by(TaskAttempt.site)
+    ).all()
+    return {site: int(count) for site, count in rows}
 
 
 def _cancel_tasks(tasks: list[RunTask], reason: str) -> list[tuple[str, str]]:
