@@ -38,7 +38,7 @@ from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import runrows
 from labgate.scheduler.runrows import Viewer
-from labgate.wire.runs import RunDef, TaskSpec
+from labgate.wire.runs import RunDef, TaskSpec, Where
 from labgate.wire.site import Report
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class RunProcessor:
         self.results_dir = results_dir
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
+        self._dispatching: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
@@ -171,10 +173,12 @@ class RunProcessor:
                 cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
             else:
                 busy = _busy(session)
+                places = _Places(runrows.site_labels(session), self.live(), busy)
                 for task in stage.tasks:
                     if task.state == RunState.pending:
-                        attempt = self._new_attempt(session, run, task, busy)
+                        attempt = self._new_attempt(session, run, task, places)
                         if attempt is not None:
+                            self._dispatching.add(attempt)
                             starts.append(attempt)
                 if starts or any(not t.state.terminal for t in stage.tasks):
                     return starts, []
@@ -201,11 +205,14 @@ class RunProcessor:
         return starts, cancels
 
     def _new_attempt(
-        self, session: Session, run: Run, task: RunTask, busy: dict[str, int]
+        self, session: Session, run: Run, task: RunTask, places: _Places
     ) -> str | None:
         """Place one task copy and record its next attempt; None: every site is full."""
-        where = runrows.task_def(run, task).where
-        candidates = runrows.matching_sites(where, runrows.site_labels(session), self.live())
+        busy = places.busy
+        if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
+            return None  # nowhere has room: no need to look closer (wide stages)
+        where = places.where(run, task)
+        candidates = runrows.matching_sites(where, places.labels, places.live)
         if task.pinned_site is not None:
             candidates = [c for c in candidates if c == task.pinned_site]
         site = ""  # none: the attempt is lost as soon as it is started
@@ -226,6 +233,12 @@ class RunProcessor:
         return attempt.id
 
     async def _start(self, attempt_id: str) -> None:
+        try:
+            await self._dispatch(attempt_id)
+        finally:
+            self._dispatching.discard(attempt_id)
+
+    async def _dispatch(self, attempt_id: str) -> None:
         spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
         if not site:
             await self.apply(
@@ -382,6 +395,8 @@ class RunProcessor:
     async def sweep(self) -> None:
         """Re-adopt every active attempt at its live site; those of removed sites are lost."""
         for attempt_id, site, _run in await self.run_db(runrows.active_attempts):
+            if attempt_id in self._dispatching:
+                continue
             link = self.links.get(site)
             if link is None:
                 await self.apply(
@@ -413,6 +428,20 @@ class RunProcessor:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
+
+
+class _Places:
+    """What one advance knows of the sites: labels, which are live, how busy each is."""
+
+    def __init__(self, labels: dict[str, dict[str, Any]], live: set[str], busy: dict[str, int]):
+        self.labels, self.live, self.busy = labels, live, busy
+        self._where: dict[str, Where] = {}
+
+    def where(self, run: Run, task: RunTask) -> Where:
+        """A task's ``where`` (read from the run's definition once per task name)."""
+        if task.name not in self._where:
+            self._where[task.name] = runrows.task_def(run, task).where
+        return self._where[task.name]
 
 
 def _busy(session: Session) -> dict[str, int]:
