@@ -35,7 +35,7 @@ NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 #: Largest task timeout (seconds): a week.
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 10
-MAX_COPIES = 256
+MAX_COPIES = 2000
 MAX_TASKS = 2000
 
 
