@@ -36,7 +36,8 @@ async def test_a_callable_from_the_tasks_requirements_runs_in_a_venv_made_once(
     client, make_user, tmp_path, settings
 ):
     alice = await make_user("alice")
-    wheel = make_wheel(tmp_path, "labgate_demo_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
+    source = "def answer(x):\n    return {'twice': 2 * x}\n"
+    wheel = make_wheel(tmp_path, "labgate_demo_pkg", source)
     definition = f"""
 name = "envs"
 [[stages]]
