@@ -305,6 +305,15 @@ class Client:
         raise_for_error(response)
         return response.text
 
+    def get_bytes(self, path: str) -> bytes:
+        """GET ``path`` and return the raw body (archives)."""
+        try:
+            response = self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(exc) from None
+        raise_for_error(response)
+        return response.content
+
     def post(self, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
         """POST a JSON body."""
         return self.request("POST", path, json=body, headers=headers)

@@ -469,6 +469,15 @@ class Settings(BaseSettings):
             "<data_dir>/snapshots."
         ),
     )
+    run_tasks_per_site: int = Field(
+        8,
+        ge=1,
+        le=10_000,
+        description=(
+            "Batch runs: at most this many task attempts at once on one site; "
+            "the other tasks of a stage wait their turn."
+        ),
+    )
     reconcile_interval: float = Field(
         60.0,
         ge=0,

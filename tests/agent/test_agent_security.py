@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import websockets
@@ -36,6 +37,7 @@ class Spy:
     """An agent that says it can run everything and records all it is sent."""
 
     site: str
+    ws: Any = None
     received: list[str] = field(default_factory=list)
     commands: list[dict] = field(default_factory=list)
 
@@ -51,6 +53,7 @@ async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
     async with websockets.connect(
         ws_url, additional_headers={"Authorization": f"Bearer {token}"}
     ) as ws:
+        spy.ws = ws
         welcome = parse(await ws.recv())
         assert isinstance(welcome, Welcome)
         spy.received.append(welcome.model_dump_json())

@@ -48,11 +48,14 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/api/v1/instances/{instance_id}/shares"): {"user": "alice", "access": "use"},
     ("POST", "/api/v1/instances/{instance_id}/links"): {},
     ("POST", "/api/v1/shares/redeem"): {"token": "lgl_not-a-real-link"},
+    ("POST", "/api/v1/runs"): {"stages": []},
+    ("POST", "/api/v1/runs/validate"): {"stages": []},
 }
 
 #: Required query parameters.
 QUERIES: dict[tuple[str, str], dict[str, str]] = {
     ("GET", "/api/v1/resolve"): {"id": DOI},
+    ("GET", "/api/v1/runs/{run_id}/logs"): {"task": "t"},
 }
 
 #: Run last: they end the caller's session (the session walk) or change no one's state.
@@ -87,6 +90,15 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("GET", "/api/v1/instances/{instance_id}"): 404,
     ("DELETE", "/api/v1/instances/{instance_id}"): 404,
     ("GET", "/api/v1/instances/{instance_id}/logs"): 404,
+    # Bob's run does not exist for Alice; hers is refused as invalid (the handler ran).
+    ("POST", "/api/v1/runs"): 400,
+    ("POST", "/api/v1/runs/validate"): 400,
+    ("GET", "/api/v1/runs"): 200,
+    ("GET", "/api/v1/runs/{run_id}"): 404,
+    ("POST", "/api/v1/runs/{run_id}/cancel"): 404,
+    ("POST", "/api/v1/runs/{run_id}/rerun"): 404,
+    ("GET", "/api/v1/runs/{run_id}/logs"): 404,
+    ("GET", "/api/v1/runs/{run_id}/results"): 404,
     ("GET", "/api/v1/instances/{instance_id}/events"): 404,
     ("GET", "/api/v1/datasets"): 200,
     ("POST", "/api/v1/datasets"): 403,
@@ -149,6 +161,7 @@ class World:
     token_id: int
     snapshot_id: str
     group: str
+    run_id: str
 
 
 def operations(openapi: dict[str, Any]) -> list[tuple[str, str]]:
@@ -176,6 +189,7 @@ def fill(path: str, world: World) -> str:
         "share_id": "1",
         "provider": "uni",
         "link_id": "1",
+        "run_id": world.run_id,
     }
     if path.startswith("/api/v1/tools/"):
         values["name"] = "demo"
@@ -233,7 +247,13 @@ async def bobs_world(
     assert group.status_code == 201, group.text
     member = await client.put("/api/v1/groups/bobs-lab/members/bob", headers=admin)
     assert member.status_code == 201, member.text
-    return World(instance_id, tokens[0]["id"], snapshot.json()["id"], "bobs-lab")
+    run = await client.post(
+        "/api/v1/runs",
+        json={"stages": [{"name": "s", "tasks": [{"name": "t", "command": "true"}]}]},
+        headers=bob,
+    )
+    assert run.status_code == 201, run.text
+    return World(instance_id, tokens[0]["id"], snapshot.json()["id"], "bobs-lab", run.json()["id"])
 
 
 def differences(got: dict[tuple[str, str], int], expected: dict[tuple[str, str], int]) -> list[str]:
@@ -274,7 +294,7 @@ async def test_plain_user_walks_every_operation(
 async def test_only_the_router_token_reads_the_stream_and_reports_activity(
     app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
-    world = World("none", 0, "none", "none")
+    world = World("none", 0, "none", "none", "none")
     for op in ROUTER_ONLY:
         refused = await call(client, op, world, admin_headers)
         assert refused.status_code == 403, op

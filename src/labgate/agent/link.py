@@ -13,6 +13,7 @@ import abc
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent.site import Adoption, SiteAgent
+from labgate.errors import Conflict
 
 if TYPE_CHECKING:
     from labgate.agent.fetch import Fetched
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
     from labgate.wire.launch import FetchRequest
+    from labgate.wire.runs import TaskSpec
 
 __all__ = ["Adoption", "LocalSiteLink", "SiteLink", "live_sites"]
 
@@ -114,6 +116,31 @@ class SiteLink(abc.ABC):
     async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
         """Hand a running warm-pool instance to a user; returns its new backend state."""
 
+    # --- batch tasks (labgate.agent.tasks); a link without them refuses each -------
+    async def run_task(self, spec: TaskSpec) -> None:
+        """Start a task attempt; ``running`` and how it ended arrive as task reports."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
+    async def cancel_task(self, attempt_id: str) -> None:
+        """Stop a task attempt; a ``cancelled`` report follows."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
+    async def adopt_task(self, attempt_id: str) -> None:
+        """Watch a task attempt again after a portal restart."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
+    async def task_logs(self, attempt_id: str, lines: int) -> str:
+        """The last lines of a task attempt's output."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
+    async def task_results(self, attempt_id: str) -> bytes:
+        """A task attempt's results directory, as a gzipped tar."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
+    async def forget_task(self, attempt_id: str) -> None:
+        """Remove a task attempt's files at the site."""
+        raise Conflict(f"site {self.site} cannot run batch tasks")
+
 
 class LocalSiteLink(SiteLink):
     """A link to an agent running in the portal's own process."""
@@ -185,3 +212,27 @@ class LocalSiteLink(SiteLink):
     async def claim(self, instance_id: str, claim: Claim) -> dict[str, Any]:
         """Claim through the in-process agent."""
         return await self.agent.claim(instance_id, claim)
+
+    async def run_task(self, spec: TaskSpec) -> None:
+        """Start a task attempt in the in-process agent."""
+        await self.agent.tasks.run(spec)
+
+    async def cancel_task(self, attempt_id: str) -> None:
+        """Stop a task attempt in the in-process agent."""
+        await self.agent.tasks.cancel(attempt_id)
+
+    async def adopt_task(self, attempt_id: str) -> None:
+        """Watch a task attempt again."""
+        await self.agent.tasks.adopt(attempt_id)
+
+    async def task_logs(self, attempt_id: str, lines: int) -> str:
+        """A task attempt's output."""
+        return await self.agent.tasks.logs(attempt_id, lines)
+
+    async def task_results(self, attempt_id: str) -> bytes:
+        """A task attempt's results archive."""
+        return await self.agent.tasks.results(attempt_id)
+
+    async def forget_task(self, attempt_id: str) -> None:
+        """Remove a task attempt's files."""
+        await self.agent.tasks.forget(attempt_id)

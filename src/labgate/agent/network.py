@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from labgate.agent import convert
 from labgate.agent.fetch import FetchError
 from labgate.agent.link import Adoption, SiteLink
+from labgate.agent.task_ops import TaskCalls
 from labgate.agent.tunnel import PortalTunnel
 from labgate.backends.claim import ClaimError
 from labgate.errors import LabgateError
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
     from labgate.wire.launch import FetchRequest
+    from labgate.wire.runs import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +271,35 @@ class NetworkSiteLink(SiteLink):
         except (RemoteError, SiteUnavailable) as exc:
             raise ClaimError(exc.detail) from None
         return dict(value or {})
+
+    # --- batch tasks (labgate.agent.task_ops) ---------------------------------------
+    @property
+    def _tasks(self) -> TaskCalls:
+        return TaskCalls(self.call, self.command_timeout)
+
+    async def run_task(self, spec: TaskSpec) -> None:
+        """Ask the agent to start a task attempt."""
+        await self._tasks.run(spec)
+
+    async def cancel_task(self, attempt_id: str) -> None:
+        """Ask the agent to stop a task attempt."""
+        await self._tasks.simple("cancel_task", attempt_id)
+
+    async def adopt_task(self, attempt_id: str) -> None:
+        """Ask the agent to watch a task attempt again."""
+        await self._tasks.simple("adopt_task", attempt_id)
+
+    async def task_logs(self, attempt_id: str, lines: int) -> str:
+        """A task attempt's output, read at the site."""
+        return await self._tasks.logs(attempt_id, lines)
+
+    async def task_results(self, attempt_id: str) -> bytes:
+        """A task attempt's results archive, from the site."""
+        return await self._tasks.results(attempt_id)
+
+    async def forget_task(self, attempt_id: str) -> None:
+        """Ask the agent to remove a task attempt's files."""
+        await self._tasks.simple("forget_task", attempt_id)
 
     async def close(self) -> None:
         """Portal shutdown: fail waiting commands; the agent reconnects to the next portal."""

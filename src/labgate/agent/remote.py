@@ -34,7 +34,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from labgate import __version__
-from labgate.agent import convert
+from labgate.agent import convert, task_ops
 from labgate.agent.site import SiteAgent
 from labgate.agent.tunnel import AgentTunnel
 from labgate.errors import LabgateError
@@ -348,6 +348,8 @@ class RemoteAgent:
         agent = self.agent
         if agent is None:
             raise ProtocolError("a command before the welcome")
+        if op in task_ops.TASK_OPS:
+            return await task_ops.execute(agent.tasks, op, args)
         if op == "launch":
             spec = convert.spec_of(LaunchSpecMsg.model_validate(args["spec"]), self.tools)
             agent.launch(spec)

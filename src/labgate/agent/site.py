@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from labgate.agent import fetch as fetching
+from labgate.agent.tasks import TaskRunner
 from labgate.backends.base import (
     Backend,
     LaunchSpec,
@@ -119,6 +120,10 @@ class SiteAgent:
         self._watch_task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False)
         backend.attach(site, self._progress)
+        #: Batch task attempts of this site (labgate.agent.tasks).
+        self.tasks = TaskRunner(
+            site, reporter, workspaces_dir.parent / "tasks" / site, log_tail_lines=log_tail_lines
+        )
 
     # --- commands ----------------------------------------------------------
     def launch(self, spec: LaunchSpec) -> None:
@@ -410,6 +415,7 @@ class SiteAgent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._watch_task = None
+        await self.tasks.close()
         await self._http.aclose()
         await self.backend.close()
 

@@ -22,6 +22,7 @@ from labgate.cli import (
     instances,
     limits,
     ops,
+    runs,
     serve,
     shares,
     sites,
@@ -86,6 +87,7 @@ app.add_typer(limits.group_app, name="group")
 app.add_typer(limits.quota_app, name="quota")
 app.add_typer(ops.pool_app, name="pool")
 app.add_typer(images.image_app, name="image")
+app.add_typer(runs.run_app, name="run")
 
 
 def main() -> None:

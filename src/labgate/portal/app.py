@@ -40,6 +40,7 @@ from labgate.portal.api import (
     instances,
     lifecycle,
     resolve,
+    runs,
     shares,
     sites,
     snapshots,
@@ -57,6 +58,7 @@ from labgate.portal.ui import pages
 from labgate.resolver.locality import DataLocator
 from labgate.scheduler.instances import InstanceManager
 from labgate.scheduler.reconcile import Reconciler
+from labgate.scheduler.runs import RunProcessor
 from labgate.scheduler.snapshots import SnapshotManager
 from labgate.security import SecretBox, SessionSigner
 from labgate.startup import env_name
@@ -167,6 +169,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Network sites' links first: restore loses an instance whose site has no link.
     liveness = await start_network_sites(portal)
     await portal.manager.restore()
+    processor = RunProcessor(
+        portal.db,
+        portal.links,
+        lambda owner: settings.workspaces_dir / owner,
+        tasks_per_site=settings.run_tasks_per_site,
+    )
+    portal.run_processor = processor
+    portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)
+    await processor.restore()
+    processor.start()
     ops = await operations.start_operations(app, portal, metrics)
     portal.snapshots = SnapshotManager(
         portal.db,
@@ -187,6 +199,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await liveness.close()
         await reconciler.close()
         await portal.snapshots.close()
+        await processor.close()
         await portal.manager.close()
         if portal.routes is not None:
             portal.routes.table.disconnect_all()
@@ -218,7 +231,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)
-    for module in (*modules, router_api, groups, usage, lifecycle, agent, shares):
+    for module in (*modules, router_api, groups, usage, lifecycle, agent, shares, runs):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
     from labgate.scheduler.instances import InstanceManager
+    from labgate.scheduler.runs import RunProcessor
     from labgate.scheduler.snapshots import SnapshotManager
 
 T = TypeVar("T")
@@ -48,6 +49,8 @@ class Portal:
     snapshots: SnapshotManager | None = None
     #: The network sites' agent connections (labgate.agent.hub), set by the app.
     site_hub: SiteHub | None = None
+    #: Batch runs (labgate.scheduler.runs), set by the app.
+    run_processor: RunProcessor | None = None
     passwords: PasswordWorkers = field(init=False)
     login_limits: LoginLimiter = field(init=False)
     #: The identity providers, by name, in the order of the settings.
@@ -75,6 +78,13 @@ class Portal:
         if self.manager is None:
             raise RuntimeError("the portal is not started: it has no instance manager")
         return self.manager
+
+
+def runs_of(portal: Portal) -> RunProcessor:
+    """The run processor (present once the app has started)."""
+    if portal.run_processor is None:
+        raise RuntimeError("the portal is not started: it has no run processor")
+    return portal.run_processor
 
 
 def get_portal(request: Request) -> Portal:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -94,6 +94,8 @@ class InstanceManager:
         self.extra_env: dict[str, str] = {}
         self._admission = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Where sites' reports on batch task attempts go (labgate.scheduler.runs), set by the app.
+        self.task_reports: Callable[[Report, str | None], Awaitable[None]] | None = None
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread."""
@@ -277,7 +279,12 @@ class InstanceManager:
 
         With ``site`` (a network site's agent), a report on an instance of
         another site is refused and logged: an agent speaks only for its own.
+        Reports on batch task attempts (``kind == "task"``) go to the run processor.
         """
+        if report.kind == "task":
+            if self.task_reports is not None:
+                await self.task_reports(report, site)
+            return
         instance = await self.run_db(lambda s: self._apply(s, report, site))
         if instance is not None:
             self.changed(instance)

@@ -12,9 +12,10 @@ The order on every (re)connect::
     portal -> agent   welcome    the site's name, backend and options, the tool catalog
     agent  -> portal  hello      the agent's version, what it can run, every instance it holds
     both ways         heartbeat  every ``heartbeat`` seconds
-    portal -> agent   command    {id, op, args}: launch, stop, adopt, logs, snapshot, ...
+    portal -> agent   command    {id, op, args}: launch, stop, adopt, logs, snapshot, run_task, ...
     agent  -> portal  result     {id, ok, value | error}: exactly one per command id
-    agent  -> portal  report     {seq, report}: state changes and progress of instances
+    agent  -> portal  report     {seq, report}: state changes and progress of instances,
+                                 and of batch task attempts (kind "task")
     portal -> agent   ack        {seq}: reports up to ``seq`` are applied
 
 Commands are idempotent by id: an agent that sees an id again answers with
@@ -233,6 +234,13 @@ class Command(Message):
         "reconcile",
         "claim",
         "fetch_dataset",
+        # Batch tasks (labgate.agent.task_ops).
+        "run_task",
+        "cancel_task",
+        "adopt_task",
+        "task_logs",
+        "task_results",
+        "forget_task",
     ]
     args: JSON = Field(default_factory=dict)
 

@@ -1,0 +1,390 @@
+"""Batch tasks at a site: the pluggable executor and the runner that watches it.
+
+The portal sends one :class:`~labgate.wire.runs.TaskSpec` per attempt
+(``run_task``); the site's :class:`TaskRunner` hands it to its
+:class:`TaskExecutor`, watches it, and reports ``running`` then how it ended
+as :class:`~labgate.wire.site.Report` objects of ``kind="task"`` whose
+``instance_id`` is the attempt id. They travel the link like instance
+reports (acknowledged and sent again over a network link), so a portal that
+restarts loses none.
+
+:class:`ProcessTaskExecutor` runs each attempt as a detached
+``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
+exists) under the site's task directory; everything about the attempt is in
+that directory, so a new runner (after a restart) finds it again with
+:meth:`TaskRunner.adopt`. Another engine (Slurm: a batch job) implements
+:class:`TaskExecutor` the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from labgate.agent.taskenv import EnvironmentCache
+from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
+from labgate.errors import BadRequest, NotFound
+from labgate.wire.runs import TaskSpec
+from labgate.wire.site import Report, Reporter
+
+log = logging.getLogger(__name__)
+
+#: Largest results archive a site hands over (bytes, compressed).
+MAX_RESULTS_ARCHIVE = 64 * 1024 * 1024
+POLL_INTERVAL = 0.1
+_ATTEMPT_ID = re.compile(r"^[a-f0-9]{8,32}$")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an attempt ended, as its executor saw it."""
+
+    state: str
+    exit_code: int | None = None
+    reason: str = ""
+    result: Any = None
+    seconds: float = 0.0
+
+
+class TaskExecutor(abc.ABC):
+    """Runs task attempts on one engine; override every method.
+
+    ``start`` returns once the attempt is under way; ``poll`` answers None
+    while it runs and its :class:`Outcome` once it ended (also for an attempt
+    started by an earlier process: everything needed is in ``directory``);
+    ``cancel`` ends it; ``results`` are the files it left.
+    """
+
+    name = "abstract"
+
+    @abc.abstractmethod
+    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
+        """Start the attempt whose files live in ``directory`` (with the venv ``env_dir``)."""
+
+    @abc.abstractmethod
+    async def poll(self, directory: Path) -> Outcome | None:
+        """None while running; how it ended otherwise."""
+
+    @abc.abstractmethod
+    async def cancel(self, directory: Path) -> None:
+        """Stop the attempt; the next poll reports it ``cancelled``."""
+
+
+class ProcessTaskExecutor(TaskExecutor):
+    """Each attempt a detached local process, sandboxed with bubblewrap when present."""
+
+    name = "process"
+
+    def __init__(self, sandbox: str = "auto", site_name: str = "") -> None:
+        #: ``auto`` (bwrap when installed; refused as root without it), ``bwrap``, ``none``.
+        self.sandbox = sandbox
+        self.site_name = site_name
+        self._children: dict[Path, subprocess.Popen[bytes]] = {}
+
+    def _sandbox_argv(self, directory: Path, env_dir: Path | None) -> list[str]:
+        if self.sandbox in ("off", "none"):
+            return []
+        bwrap = find_bwrap()
+        if bwrap is None:
+            if self.sandbox == "bwrap" or os.geteuid() == 0:
+                # As root, a task without the sandbox could do anything on the machine.
+                raise BadRequest(
+                    f"site {self.site_name or 'here'} runs tasks only in the bubblewrap sandbox, "
+                    "which is not installed (apt-get install bubblewrap)"
+                )
+            return []
+        try:
+            plan = bwrap_argv(
+                bwrap,
+                workspace=directory / "results",
+                extra_ro=[str(env_dir)] if env_dir is not None else [],
+                hostname="labgate-task",
+            )
+        except SandboxError as exc:
+            raise BadRequest(str(exc)) from None
+        return plan.argv
+
+    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
+        """Write ``task.json`` and start the executor process."""
+        body = spec.model_dump(mode="json")
+        (directory / "results").mkdir(parents=True, exist_ok=True)
+        body["sandbox"] = self._sandbox_argv(directory, env_dir)
+        body["venv"] = str(env_dir) if env_dir is not None else ""
+        self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
+
+    async def poll(self, directory: Path) -> Outcome | None:
+        """Read ``exit.json``; no file and no process: the attempt is lost."""
+        exit_file = directory / "exit.json"
+        child = self._children.get(directory)
+        if child is not None and child.poll() is not None:
+            self._children.pop(directory, None)
+        if exit_file.exists():
+            self._children.pop(directory, None)
+            data = json.loads(exit_file.read_text())
+            return Outcome(
+                state=str(data.get("state", "failed")),
+                exit_code=data.get("exit_code"),
+                reason=str(data.get("reason", "")),
+                result=data.get("result"),
+                seconds=float(data.get("seconds", 0.0)),
+            )
+        if child is not None and child.returncode is None:
+            return None
+        if _alive(directory):
+            return None
+        if (directory / "cancel").exists():  # stopped before it could write its status
+            return Outcome(state="cancelled", reason="cancelled")
+        return Outcome(state="lost", reason="the task's executor ended without an exit status")
+
+    async def cancel(self, directory: Path) -> None:
+        """SIGTERM the executor: it stops the task and writes ``cancelled``."""
+        (directory / "cancel").touch()
+        pid = _pid(directory)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+
+
+def _spawn(directory: Path, body: dict[str, Any]) -> subprocess.Popen[bytes]:
+    (directory / "task.json").write_text(json.dumps(body))
+    with open(directory / "executor.log", "ab") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "labgate.agent.taskexec", str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+            close_fds=True,
+        )
+    (directory / "pid").write_text(str(proc.pid))
+    return proc
+
+
+def _pid(directory: Path) -> int | None:
+    try:
+        return int((directory / "pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(directory: Path) -> bool:
+    pid = _pid(directory)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie of ours is gone too (reaped by nobody after a restart of this process).
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            return False
+    return True
+
+
+class TaskRunner:
+    """A site's task attempts: started, watched, reported, cancelled, collected."""
+
+    def __init__(
+        self,
+        site: str,
+        reporter: Reporter,
+        tasks_dir: Path,
+        executor: TaskExecutor | None = None,
+        *,
+        log_tail_lines: int = 40,
+    ) -> None:
+        self.site = site
+        self.reporter = reporter
+        self.tasks_dir = tasks_dir
+        self.executor = executor or ProcessTaskExecutor(site_name=site)
+        self.log_tail_lines = log_tail_lines
+        self.watched: set[str] = set()
+        #: Python venvs of this site's tasks, made once per requirements list.
+        self.environments = EnvironmentCache(tasks_dir.parent.parent / "envs" / site)
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._watch_task: asyncio.Task[None] | None = None
+
+    def directory(self, attempt_id: str) -> Path:
+        """Where one attempt's files are (its id checked: it becomes a path)."""
+        if not _ATTEMPT_ID.match(attempt_id):
+            raise BadRequest(f"not a task attempt id: {attempt_id!r}")
+        return self.tasks_dir / attempt_id
+
+    async def run(self, spec: TaskSpec) -> None:
+        """Start an attempt in the background; one already known (sent twice) changes nothing.
+
+        It returns at once: preparing the task's environment may take minutes,
+        longer than a command may.
+        """
+        directory = self.directory(spec.attempt_id)
+        if spec.attempt_id in self._starting:
+            return
+        if spec.attempt_id in self.watched or (directory / "task.json").exists():
+            await self.adopt(spec.attempt_id)
+            return
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        task = asyncio.create_task(self._start(spec, directory), name=f"task-{spec.attempt_id}")
+        self._starting[spec.attempt_id] = task
+        task.add_done_callback(lambda _t: self._starting.pop(spec.attempt_id, None))
+
+    async def _start(self, spec: TaskSpec, directory: Path) -> None:
+        attempt_id = spec.attempt_id
+        env_dir: Path | None = None
+        try:
+            if spec.python:
+
+                async def progress(message: str) -> None:
+                    await self._report(
+                        Report(attempt_id, "preparing", kind="task", message=message)
+                    )
+
+                env_dir = await self.environments.prepare(spec.python, progress)
+            await self.executor.start(spec, directory, env_dir)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            reason = getattr(exc, "detail", None) or f"could not start: {exc}"
+            await self._report(Report(attempt_id, "failed", kind="task", message=reason))
+            return
+        self.watched.add(attempt_id)
+        await self._report(
+            Report(attempt_id, "running", kind="task", message=f"running on site {self.site}")
+        )
+        self._ensure_watch()
+
+    async def adopt(self, attempt_id: str) -> None:
+        """Watch an attempt again (after a restart); one ended meanwhile is reported now."""
+        directory = self.directory(attempt_id)
+        if attempt_id in self._starting:
+            return  # its environment is being prepared
+        if not (directory / "task.json").exists():
+            await self._report(
+                Report(
+                    attempt_id, "lost", kind="task", message=f"site {self.site} has no such task"
+                )
+            )
+            return
+        self.watched.add(attempt_id)
+        self._ensure_watch()
+
+    async def cancel(self, attempt_id: str) -> None:
+        """Stop an attempt; its ``cancelled`` report follows."""
+        directory = self.directory(attempt_id)
+        if directory.exists():
+            await self.executor.cancel(directory)
+
+    async def logs(self, attempt_id: str, lines: int) -> str:
+        """The last ``lines`` lines of the attempt's output."""
+        path = self.directory(attempt_id) / "output.log"
+        if not path.exists():
+            return ""
+        text = await asyncio.to_thread(path.read_text, errors="replace")
+        return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
+
+    async def results(self, attempt_id: str) -> bytes:
+        """The attempt's results directory as a gzipped tar archive."""
+        directory = self.directory(attempt_id) / "results"
+        if not directory.is_dir():
+            raise NotFound(f"task attempt {attempt_id} has no results at site {self.site}")
+        return await asyncio.to_thread(pack, directory)
+
+    async def forget(self, attempt_id: str) -> None:
+        """Remove an attempt's files at the site (its results were collected)."""
+        directory = self.directory(attempt_id)
+        self.watched.discard(attempt_id)
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+
+    async def close(self) -> None:
+        """Stop watching; attempts keep running (one still preparing is started again later)."""
+        for starting in list(self._starting.values()):
+            starting.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watch_task
+            self._watch_task = None
+
+    # --- watching -------------------------------------------------------------
+    def _ensure_watch(self) -> None:
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.create_task(self._watch(), name=f"tasks-{self.site}")
+
+    async def _watch(self) -> None:
+        while self.watched:
+            for attempt_id in list(self.watched):
+                directory = self.tasks_dir / attempt_id
+                try:
+                    outcome = await self.executor.poll(directory)
+                except Exception:
+                    log.exception("polling task attempt %s failed", attempt_id)
+                    continue
+                if outcome is None:
+                    continue
+                self.watched.discard(attempt_id)
+                await self._report(self._final(attempt_id, directory, outcome))
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def _final(self, attempt_id: str, directory: Path, outcome: Outcome) -> Report:
+        results = directory / "results"
+        files = (
+            sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+            if results.is_dir()
+            else []
+        )
+        tail = ""
+        if outcome.state != "succeeded":
+            with contextlib.suppress(OSError):
+                text = (directory / "output.log").read_text(errors="replace")
+                tail = "\n".join(text.splitlines()[-self.log_tail_lines :])
+        return Report(
+            attempt_id,
+            outcome.state,
+            kind="task",
+            message=outcome.reason or outcome.state,
+            log_tail=tail,
+            data={
+                "exit_code": outcome.exit_code,
+                "result": outcome.result,
+                "seconds": outcome.seconds,
+                "files": files[:1000],
+            },
+        )
+
+    async def _report(self, report: Report) -> None:
+        try:
+            await self.reporter(report)
+        except Exception:
+            log.exception("reporting task attempt %s failed", report.instance_id)
+
+
+def pack(directory: Path) -> bytes:
+    """``directory`` as a gzipped tar (refused past :data:`MAX_RESULTS_ARCHIVE`)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                continue  # a link could point anywhere on the site's machine
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+            if buffer.tell() > MAX_RESULTS_ARCHIVE:
+                raise BadRequest(
+                    f"the results are larger than {MAX_RESULTS_ARCHIVE // 2**20} MiB compressed"
+                )
+    return buffer.getvalue()

@@ -1,0 +1,208 @@
+"""Batch runs: submit, list, show (graph, events), cancel, re-run, logs and results.
+
+A run is its owner's: only they and admins see it, cancel it, re-run it, read
+its logs or download its results; to anyone else it does not exist (404).
+Runs use the instance scopes: ``instances:read`` to look, ``instances:write``
+to submit, cancel and re-run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from labgate.db.models import User
+from labgate.db.runs import Run, RunState
+from labgate.errors import BadRequest
+from labgate.portal.auth import Principal, require
+from labgate.portal.openapi import errors
+from labgate.portal.state import Portal, get_portal, runs_of
+from labgate.scheduler import runrows
+from labgate.scheduler.runrows import Viewer
+from labgate.wire.runs import DefinitionError, parse_definition, validate_definition
+
+router = APIRouter(prefix="/runs", tags=["runs"])
+
+#: Largest run definition accepted (bytes).
+MAX_DEFINITION = 1024 * 1024
+
+
+def viewer(caller: Principal) -> Viewer:
+    """The caller as the run processor sees them."""
+    return Viewer(caller.user_id, caller.name, caller.is_admin and "admin" in caller.scopes)
+
+
+def results_root(portal: Portal, run: Run) -> Path:
+    """Where a run's collected results are: the owner's workspace, ``runs/<id>``."""
+    return portal.settings.workspaces_dir / run.owner.name / "runs" / run.id
+
+
+@router.post("", status_code=201, responses=errors(400, 409))
+async def submit_run(
+    request: Request,
+    caller: Principal = require("instances:write"),
+    portal: Portal = Depends(get_portal),
+) -> dict[str, Any]:
+    """Submit a run: its definition as JSON (``application/json``) or TOML (any other type)."""
+    body = await request.body()
+    if len(body) > MAX_DEFINITION:
+        raise BadRequest(f"a run definition is at most {MAX_DEFINITION} bytes")
+    text = body.decode("utf-8", errors="replace")
+    kind = "json" if "json" in request.headers.get("content-type", "") else "auto"
+    try:
+        definition = parse_definition(text, kind)
+    except DefinitionError as exc:
+        raise BadRequest(f"invalid run definition:\n{exc}", code="invalid_run") from None
+    run_id = await runs_of(portal).submit(caller.user_id, definition)
+    return await _show(portal, caller, run_id, events=False)
+
+
+@router.post("/validate", responses=errors(400))
+async def validate_run(
+    body: dict[str, Any], caller: Principal = require("instances:read")
+) -> dict[str, Any]:
+    """Check a JSON run definition without submitting it; answers it normalized."""
+    try:
+        return validate_definition(body).model_dump(mode="json")
+    except DefinitionError as exc:
+        raise BadRequest(f"invalid run definition:\n{exc}", code="invalid_run") from None
+
+
+@router.get("")
+async def list_runs(
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    state: RunState | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+) -> list[dict[str, Any]]:
+    """Your runs (admins: everyone's), newest first."""
+    who = viewer(caller)
+
+    def query(session: Session) -> list[dict[str, Any]]:
+        stmt = select(Run, User.name).join(User, Run.owner_id == User.id)
+        if not who.admin:
+            stmt = stmt.where(Run.owner_id == who.user_id)
+        if state is not None:
+            stmt = stmt.where(Run.state == state)
+        stmt = stmt.order_by(Run.created_at.desc()).limit(limit)
+        return [
+            {
+                "id": run.id,
+                "name": run.name,
+                "owner": owner,
+                "state": run.state.value,
+                "reason": run.reason,
+                "created_at": run.created_at.isoformat(),
+                "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+            }
+            for run, owner in session.execute(stmt)
+        ]
+
+    return await portal.run_db(query)
+
+
+async def _show(portal: Portal, caller: Principal, run_id: str, *, events: bool) -> dict[str, Any]:
+    who = viewer(caller)
+
+    def query(session: Session) -> dict[str, Any]:
+        run = runrows.visible_run(session, run_id, who)
+        rows = runrows.run_events(session, run.id) if events else None
+        return runrows.run_json(run, events=rows)
+
+    return await portal.run_db(query)
+
+
+@router.get("/{run_id}", responses=errors(404))
+async def show_run(
+    run_id: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    events: bool = Query(True, description="Include the run's events."),
+) -> dict[str, Any]:
+    """One run: its stages and tasks with state, results and (by default) events."""
+    return await _show(portal, caller, run_id, events=events)
+
+
+@router.post("/{run_id}/cancel", responses=errors(404, 409))
+async def cancel_run(
+    run_id: str,
+    caller: Principal = require("instances:write"),
+    portal: Portal = Depends(get_portal),
+) -> dict[str, Any]:
+    """Cancel a run: what runs is stopped, what waits never starts."""
+    await runs_of(portal).cancel(run_id, viewer(caller))
+    return await _show(portal, caller, run_id, events=False)
+
+
+@router.post("/{run_id}/rerun", responses=errors(404, 409))
+async def rerun_run(
+    run_id: str,
+    caller: Principal = require("instances:write"),
+    portal: Portal = Depends(get_portal),
+) -> dict[str, Any]:
+    """Run again the tasks of a finished run that did not succeed."""
+    await runs_of(portal).rerun(run_id, viewer(caller))
+    return await _show(portal, caller, run_id, events=False)
+
+
+@router.get("/{run_id}/logs", responses=errors(404, 409))
+async def run_task_logs(
+    run_id: str,
+    task: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    lines: int = Query(200, ge=1, le=10000),
+) -> dict[str, Any]:
+    """A task's output (its last attempt), read at its site."""
+    text = await runs_of(portal).logs(run_id, viewer(caller), task, lines)
+    return {"run": run_id, "task": task, "lines": lines, "text": text}
+
+
+@router.get(
+    "/{run_id}/results",
+    response_class=Response,
+    responses={200: {"content": {"application/gzip": {}}}, **errors(404)},
+)
+async def run_results(
+    run_id: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+) -> Response:
+    """Every task's collected results and a ``results.json`` of exit codes and return values."""
+    who = viewer(caller)
+
+    def query(session: Session) -> tuple[Path, dict[str, Any]]:
+        run = runrows.visible_run(session, run_id, who)
+        summary = runrows.run_json(run)
+        return results_root(portal, run), summary
+
+    root, summary = await portal.run_db(query)
+    archive = await asyncio.to_thread(_archive, root, summary)
+    return Response(
+        archive,
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="run-{run_id}.tar.gz"'},
+    )
+
+
+def _archive(root: Path, summary: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = json.dumps(summary, indent=2).encode()
+        info = tarfile.TarInfo("results.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        if root.is_dir():
+            for path in sorted(root.rglob("*")):
+                if path.is_symlink() or not path.is_file():
+                    continue
+                tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    return buffer.getvalue()

@@ -1,0 +1,532 @@
+"""The run processor: turns run definitions into task attempts at sites, and reports into state.
+
+Stages run in order; the tasks of a stage run in parallel. Each task copy is
+placed on a live site its ``where`` allows (the least busy with tasks), sent
+there as one attempt through the site link (``run_task``), and followed by
+the site's task reports (``Report.kind == "task"``, keyed by attempt id).
+A failed or lost attempt is tried again while the task has retries left; then
+the task fails its stage and the run (unless the stage continues on failure),
+and the stage's other tasks are cancelled. Every state is in the database
+first: after a portal restart :meth:`RunProcessor.restore` asks each site to
+watch its attempts again, and reports that were waiting at a network site's
+agent arrive then. A report from a site on an attempt of another site is
+refused: an agent speaks only for its own tasks.
+
+It is separate from the instance start queue on purpose: tasks are short and
+many, and their admission is the stage, not the user's instance quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import shutil
+import tarfile
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from labgate.agent.link import SiteLink
+from labgate.db.models import utcnow
+from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
+from labgate.db.session import Database
+from labgate.errors import Conflict, LabgateError, NotFound
+from labgate.scheduler import runrows
+from labgate.scheduler.runrows import Viewer
+from labgate.wire.runs import RunDef, TaskSpec, Where
+from labgate.wire.site import Report
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Lines of a finished task's output kept with its results.
+MAX_KEPT_LOG_LINES = 100_000
+#: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
+SWEEP_INTERVAL = 5.0
+
+
+class RunProcessor:
+    """Submits, advances, cancels and re-runs batch runs across the portal's sites."""
+
+    def __init__(
+        self,
+        db: Database,
+        links: dict[str, SiteLink],
+        results_dir: Callable[[str], Path],
+        *,
+        tasks_per_site: int = 8,
+    ) -> None:
+        self.db = db
+        #: At most this many active attempts per site; more tasks wait as ``pending``.
+        self.tasks_per_site = tasks_per_site
+        self.links = links
+        #: Where a user's collected results go (``owner name -> directory``); runs below it.
+        self.results_dir = results_dir
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
+        self._dispatching: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def run_db(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in a transaction in a worker thread."""
+
+        def run() -> T:
+            with self.db.session() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(run)
+
+    def live(self) -> set[str]:
+        """Sites that can take tasks now."""
+        return {name for name, link in self.links.items() if link.live}
+
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(run_id, asyncio.Lock())
+
+    # --- the user's commands ------------------------------------------------------
+    async def submit(self, owner_id: int, definition: RunDef) -> str:
+        """Record a run and start its first stage; returns the run's id."""
+        live = self.live()
+        run_id = await self.run_db(lambda s: runrows.create_run(s, owner_id, definition, live).id)
+        await self.advance(run_id)
+        return run_id
+
+    async def cancel(self, run_id: str, who: Viewer) -> None:
+        """Cancel a pending or running run: running attempts are stopped at their sites."""
+        async with self._lock(run_id):
+            attempts = await self.run_db(lambda s: self._cancel(s, run_id, who))
+        for attempt_id, site in attempts:
+            await self._cancel_attempt(attempt_id, site)
+
+    def _cancel(self, session: Session, run_id: str, who: Viewer) -> list[tuple[str, str]]:
+        run = runrows.visible_run(session, run_id, who)
+        if run.state.terminal:
+            raise Conflict(f"run {run_id} is already {run.state.value}")
+        stopping = _cancel_open(run, f"cancelled by {who.name}")
+        runrows.finish(run, RunState.cancelled, f"cancelled by {who.name}")
+        runrows.add_event(session, run.id, "", "cancelled", f"cancelled by {who.name}")
+        return stopping
+
+    async def rerun(self, run_id: str, who: Viewer) -> None:
+        """Run again the tasks of a finished run that did not succeed; the rest stay."""
+        async with self._lock(run_id):
+            await self.run_db(lambda s: self._rerun(s, run_id, who))
+        await self.advance(run_id)
+
+    def _rerun(self, session: Session, run_id: str, who: Viewer) -> None:
+        run = runrows.visible_run(session, run_id, who)
+        if not run.state.terminal:
+            raise Conflict(f"run {run_id} is still {run.state.value}: cancel it or let it end")
+        if run.state == RunState.succeeded:
+            raise Conflict(f"run {run_id} succeeded: it has no failed task to run again")
+        again = 0
+        for stage in run.stages:
+            for task in stage.tasks:
+                if task.state != RunState.succeeded:
+                    task.state, task.reason, task.attempts = RunState.pending, "", 0
+                    task.exit_code, task.result, task.finished_at = None, None, None
+                    again += 1
+            if stage.state != RunState.succeeded:
+                stage.state, stage.finished_at = RunState.pending, None
+        run.state, run.reason, run.finished_at = RunState.pending, "", None
+        runrows.add_event(session, run.id, "", "pending", f"{again} task(s) run again")
+
+    # --- advancing ------------------------------------------------------------------
+    async def advance(self, run_id: str) -> None:
+        """Move a run forward: finish stages whose tasks ended, start what can start."""
+        async with self._lock(run_id):
+            starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
+        for attempt_id, site in cancels:
+            await self._cancel_attempt(attempt_id, site)
+        for attempt_id in starts:
+            await self._start(attempt_id)
+
+    def _advance(self, session: Session, run_id: str) -> tuple[list[str], list[tuple[str, str]]]:
+        run = runrows.load_run(session, run_id)
+        starts: list[str] = []
+        cancels: list[tuple[str, str]] = []
+        if run.state.terminal:
+            return starts, cancels
+        if run.state == RunState.pending:
+            run.state, run.started_at = RunState.running, run.started_at or utcnow()
+            runrows.add_event(session, run.id, "", "running", "started")
+        failed_stage = False
+        for stage in run.stages:
+            if stage.state.terminal:
+                if stage.state != RunState.succeeded and not stage.continue_on_failure:
+                    failed_stage = True
+                    break
+                continue
+            if stage.state == RunState.pending:
+                stage.state, stage.started_at = RunState.running, utcnow()
+                runrows.add_event(session, run.id, "", "running", f"stage {stage.name} started")
+            broken = [t for t in stage.tasks if t.state.terminal and t.state != RunState.succeeded]
+            if broken and not stage.continue_on_failure:
+                # A task failed for good: the stage has failed; what still runs is stopped.
+                cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
+            else:
+                busy = _busy(session)
+                places = _Places(runrows.site_labels(session), self.live(), busy)
+                for task in stage.tasks:
+                    if task.state == RunState.pending:
+                        attempt = self._new_attempt(session, run, task, places)
+                        if attempt is not None:
+                            self._dispatching.add(attempt)
+                            starts.append(attempt)
+                if starts or any(not t.state.terminal for t in stage.tasks):
+                    return starts, []
+            bad = [t for t in stage.tasks if t.state != RunState.succeeded]
+            state = RunState.failed if bad else RunState.succeeded
+            reason = f"{len(bad)} task(s) did not succeed: " + ", ".join(t.label for t in bad)
+            runrows.finish(stage, state)
+            runrows.add_event(
+                session,
+                run.id,
+                "",
+                state.value,
+                f"stage {stage.name} {state.value}" + (f" ({reason})" if bad else ""),
+            )
+            if bad and not stage.continue_on_failure:
+                failed_stage = True
+                run.reason = f"stage {stage.name}: {reason}"
+                break
+        state = RunState.failed if failed_stage else RunState.succeeded
+        if not failed_stage and any(s.state != RunState.succeeded for s in run.stages):
+            run.reason = "some tasks failed in stages that continue on failure"
+        runrows.finish(run, state)
+        runrows.add_event(session, run.id, "", state.value, f"run {state.value}")
+        return starts, cancels
+
+    def _new_attempt(
+        self, session: Session, run: Run, task: RunTask, places: _Places
+    ) -> str | None:
+        """Place one task copy and record its next attempt; None: every site is full."""
+        busy = places.busy
+        if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
+            return None  # nowhere has room: no need to look closer (wide stages)
+        where = places.where(run, task)
+        candidates = runrows.matching_sites(where, places.labels, places.live)
+        if task.pinned_site is not None:
+            candidates = [c for c in candidates if c == task.pinned_site]
+        site = ""  # none: the attempt is lost as soon as it is started
+        if candidates:
+            room = [c for c in candidates if busy.get(c, 0) < self.tasks_per_site]
+            if not room:
+                return None  # waits: a finishing attempt advances the run again
+            site = min(room, key=lambda n: (busy.get(n, 0), n))
+            busy[site] = busy.get(site, 0) + 1
+        task.attempts += 1
+        task.state = RunState.running
+        task.started_at = task.started_at or utcnow()
+        # Numbers go on across re-runs (``attempts`` counts the tries since the last one).
+        number = len(task.attempt_rows) + 1
+        attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
+        session.add(attempt)
+        session.flush()
+        return attempt.id
+
+    async def _start(self, attempt_id: str) -> None:
+        try:
+            await self._dispatch(attempt_id)
+        finally:
+            self._dispatching.discard(attempt_id)
+
+    async def _dispatch(self, attempt_id: str) -> None:
+        spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
+        if not site:
+            await self.apply(
+                Report(attempt_id, "lost", kind="task", message="no live site matches")
+            )
+            return
+        link = self.links.get(site)
+        try:
+            if link is None:
+                raise Conflict(f"site {site} is gone")
+            await link.run_task(spec)
+        except LabgateError as exc:
+            await self.apply(Report(attempt_id, "lost", kind="task", message=exc.detail))
+
+    async def _cancel_attempt(self, attempt_id: str, site: str) -> None:
+        link = self.links.get(site)
+        if link is None or not link.live:
+            return
+        with contextlib.suppress(LabgateError):
+            await link.cancel_task(attempt_id)
+
+    # --- reports ---------------------------------------------------------------------
+    async def apply(self, report: Report, *, site: str | None = None) -> None:
+        """Record a task report; with ``site``, only on that site's own attempts."""
+        found = await self.run_db(lambda s: _run_of(s, report.instance_id))
+        if found is None:
+            log.warning("task report for unknown attempt %s ignored", report.instance_id)
+            return
+        run_id, attempt_site = found
+        if site is not None and site != attempt_site:
+            log.warning(
+                "site %s reported on task attempt %s of site %s; refused",
+                site,
+                report.instance_id,
+                attempt_site,
+            )
+            return
+        async with self._lock(run_id):
+            collect = await self.run_db(lambda s: self._apply(s, report))
+        # The rest talks to sites, maybe over the very connection this report came on,
+        # whose reader waits for this call: it goes on in the background.
+        self._spawn(self._follow_up(run_id, collect))
+
+    async def _follow_up(self, run_id: str, collect: tuple[str, str, Path] | None) -> None:
+        if collect is not None:
+            await self._collect(*collect)
+        await self.advance(run_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a run's follow-up failed", exc_info=task.exception())
+
+    def _apply(self, session: Session, report: Report) -> tuple[str, str, Path] | None:
+        attempt = session.get(TaskAttempt, report.instance_id)
+        if attempt is None or attempt.state.terminal:
+            return None  # sent again after a reconnect, or about an attempt we gave up on
+        task = attempt.task
+        run = session.get(Run, task.run_id)
+        if run is None:
+            return None
+        data = dict(report.data)
+        if report.log_tail:
+            data["log_tail"] = report.log_tail
+        runrows.add_event(
+            session,
+            run.id,
+            task.label,
+            report.state,
+            f"attempt {attempt.number} on {attempt.site}: {report.message}",
+            data,
+        )
+        if report.state == "preparing":
+            return None  # a note: its environment is being made
+        if report.state == "running":
+            attempt.state = AttemptState.running
+            return None
+        try:
+            attempt.state = AttemptState(report.state)
+        except ValueError:
+            attempt.state = AttemptState.failed
+        attempt.reason, attempt.finished_at = report.message, utcnow()
+        attempt.exit_code = data.get("exit_code")
+        if task.state.terminal or attempt is not task.attempt_rows[-1]:
+            return None  # cancelled meanwhile, or an attempt from before a re-run
+        task.exit_code = attempt.exit_code
+        if attempt.state == AttemptState.succeeded:
+            task.result = data.get("result")
+            task.files = list(data.get("files") or [])
+            runrows.finish(task, RunState.succeeded)
+            target = self.results_dir(run.owner.name) / "runs" / run.id / task.label
+            return attempt.id, attempt.site, target
+        if attempt.state == AttemptState.cancelled:
+            runrows.finish(task, RunState.cancelled, report.message)
+            return None
+        retries = runrows.task_def(run, task).retries
+        if task.attempts <= retries:
+            task.state = RunState.pending  # the next advance places it again
+            task.reason = f"attempt {attempt.number} {attempt.state.value}: {report.message}"
+            return None
+        final = RunState.lost if attempt.state == AttemptState.lost else RunState.failed
+        runrows.finish(task, final, report.message)
+        return None
+
+    async def _collect(self, attempt_id: str, site: str, target: Path) -> None:
+        """Bring a succeeded attempt's results directory into the owner's results."""
+        link = self.links.get(site)
+        if link is None:
+            return
+        try:
+            archive = await link.task_results(attempt_id)
+            output = await link.task_logs(attempt_id, MAX_KEPT_LOG_LINES)
+            await asyncio.to_thread(_unpack, archive, target)
+            await asyncio.to_thread(_keep_log, log_path(target), output)
+            await link.forget_task(attempt_id)
+        except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
+            log.warning("collecting the results of %s failed: %s", attempt_id, exc)
+
+    # --- logs ------------------------------------------------------------------------
+    async def logs(self, run_id: str, who: Viewer, task: str, lines: int) -> str:
+        """The output of a task copy's last attempt, read at its site."""
+
+        def find(session: Session) -> tuple[str, str, Path]:
+            run = runrows.visible_run(session, run_id, who)
+            for stage in run.stages:
+                for row in stage.tasks:
+                    if row.label == task and row.attempt_rows:
+                        last = row.attempt_rows[-1]
+                        kept = self.results_dir(run.owner.name) / "runs" / run.id / row.label
+                        return last.id, last.site, log_path(kept)
+            raise NotFound(f"run {run_id} has no started task {task}")
+
+        attempt_id, site, kept = await self.run_db(find)
+        if kept.is_file():  # collected with the results: the site no longer has it
+            text = await asyncio.to_thread(kept.read_text, errors="replace")
+            return "".join(text.splitlines(keepends=True)[-lines:])
+        link = self.links.get(site)
+        if link is None:
+            raise Conflict(f"site {site} is gone")
+        return await link.task_logs(attempt_id, lines)
+
+    # --- restart -----------------------------------------------------------------------
+    async def restore(self) -> None:
+        """After a portal start: sites watch their attempts again; runs move on."""
+        await self.sweep()
+        for run_id in await self.run_db(runrows.unfinished_runs):
+            await self.advance(run_id)
+
+    async def sweep(self) -> None:
+        """Re-adopt every active attempt at its live site; those of removed sites are lost."""
+        for attempt_id, site, _run in await self.run_db(runrows.active_attempts):
+            if attempt_id in self._dispatching:
+                continue
+            link = self.links.get(site)
+            if link is None:
+                await self.apply(
+                    Report(attempt_id, "lost", kind="task", message=f"site {site} is gone")
+                )
+            elif link.live:
+                with contextlib.suppress(LabgateError):
+                    await link.adopt_task(attempt_id)
+
+    def start(self) -> None:
+        """Start the periodic sweep."""
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="runs-sweep")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("the runs sweep failed")
+
+    async def close(self) -> None:
+        """Stop the sweep; attempts keep running at their sites."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2)
+        for task in list(self._tasks):
+            task.cancel()
+
+
+class _Places:
+    """What one advance knows of the sites: labels, which are live, how busy each is."""
+
+    def __init__(self, labels: dict[str, dict[str, Any]], live: set[str], busy: dict[str, int]):
+        self.labels, self.live, self.busy = labels, live, busy
+        self._where: dict[str, Where] = {}
+
+    def where(self, run: Run, task: RunTask) -> Where:
+        """A task's ``where`` (read from the run's definition once per task name)."""
+        if task.name not in self._where:
+            self._where[task.name] = runrows.task_def(run, task).where
+        return self._where[task.name]
+
+
+def _busy(session: Session) -> dict[str, int]:
+    """Active attempts per site."""
+    rows = session.execute(
+        select(TaskAttempt.site, func.count())
+        .where(TaskAttempt.state.in_([AttemptState.starting, AttemptState.running]))
+        .group_by(TaskAttempt.site)
+    ).all()
+    return {site: int(count) for site, count in rows}
+
+
+def _cancel_tasks(tasks: list[RunTask], reason: str) -> list[tuple[str, str]]:
+    """Cancel the open ones of ``tasks``; (attempt id, site) of each attempt to stop."""
+    stopping: list[tuple[str, str]] = []
+    for task in tasks:
+        if task.state.terminal:
+            continue
+        for attempt in task.attempt_rows:
+            if not attempt.state.terminal:
+                stopping.append((attempt.id, attempt.site))
+        runrows.finish(task, RunState.cancelled, reason)
+    return stopping
+
+
+def _cancel_open(run: Run, reason: str) -> list[tuple[str, str]]:
+    stopping: list[tuple[str, str]] = []
+    for stage in run.stages:
+        stopping += _cancel_tasks(stage.tasks, reason)
+        if not stage.state.terminal:
+            runrows.finish(stage, RunState.cancelled)
+    return stopping
+
+
+def _run_of(session: Session, attempt_id: str) -> tuple[str, str] | None:
+    attempt = session.get(TaskAttempt, attempt_id)
+    if attempt is None:
+        return None
+    return attempt.task.run_id, attempt.site
+
+
+def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
+    attempt = session.get(TaskAttempt, attempt_id)
+    if attempt is None:
+        raise NotFound(f"no task attempt {attempt_id}")
+    task = attempt.task
+    run = runrows.load_run(session, task.run_id)
+    definition = runrows.task_def(run, task)
+    env = dict(definition.environment.variables)
+    env["LABGATE_TASK_COPY"] = str(task.copy)
+    spec = TaskSpec(
+        attempt_id=attempt.id,
+        run_id=run.id,
+        task=task.label,
+        owner=run.owner.name,
+        attempt=attempt.number,
+        command=definition.command,
+        callable=definition.callable,
+        args=definition.args,
+        env=env,
+        timeout=definition.timeout,
+        cpu=definition.cpu,
+        memory_mib=definition.memory_mib,
+        python=definition.environment.python,
+        image=definition.environment.image,
+    )
+    return spec, attempt.site
+
+
+def log_path(target: Path) -> Path:
+    """Where a collected task's output is kept: beside its results, not among them."""
+    return target.parent / ".logs" / f"{target.name}.log"
+
+
+def _keep_log(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.write_text(text)
+
+
+def _unpack(archive: bytes, target: Path) -> None:
+    """Extract a results archive into ``target`` (replacing what an earlier attempt left)."""
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True, mode=0o700)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        # The "data" filter refuses absolute paths, "..", links out and device files:
+        # the archive comes from a site, which the portal does not trust with its disk.
+        tar.extractall(target, filter="data")

@@ -1,0 +1,98 @@
+"""Batch runs on a network site: tasks go over the agent's connection, results come back.
+
+A real ``labgate agent`` process dials a real ``labgate serve``; the run's
+tasks are started with the ``run_task`` command, their reports travel as the
+agent's acknowledged reports, and results and logs are fetched from the site.
+Killing the agent mid-task loses nothing: the next agent process finds the
+task in its directory and reports how it ended.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+
+from servers import LabgateServer
+
+pytestmark = pytest.mark.slow
+
+DEFINITION = """
+name = "remote"
+[[stages]]
+name = "edge"
+[[stages.tasks]]
+name = "far"
+command = "sleep 1.5; hostname > $LABGATE_RESULTS_DIR/where.txt; echo '[1, 2]' > $LABGATE_RESULT"
+where = {site = "edge"}
+[[stages]]
+name = "home"
+[[stages.tasks]]
+name = "near"
+command = "echo home"
+where = {site = "local"}
+"""
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[LabgateServer]:
+    srv = LabgateServer(tmp_path / "var", ADMIN_PASSWORD, LABGATE_SITE_HEARTBEAT_INTERVAL="0.5")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _events(client: httpx.Client, run_id: str) -> list[dict]:
+    return list(client.get(f"/api/v1/runs/{run_id}").json()["events"])
+
+
+def test_a_run_across_a_network_site_survives_an_agent_restart(
+    server: LabgateServer, tmp_path: Path
+) -> None:
+    admin = server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
+    token = add_site(server, admin, "edge")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        wait_site(server, admin, "edge", "connected")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            created = client.post("/api/v1/runs", content=DEFINITION)
+            assert created.status_code == 201, created.text
+            run_id = created.json()["id"]
+            deadline = time.monotonic() + 30
+            while not any(
+                e["state"] == "running" and e["task"] == "far" for e in _events(client, run_id)
+            ):
+                assert time.monotonic() < deadline, agent.log()
+                time.sleep(0.05)
+            # The task runs in the agent's data dir, not the portal's.
+            assert list((tmp_path / "edge" / "tasks" / "edge").iterdir())
+            agent.kill()
+            agent.start()
+            deadline = time.monotonic() + 60
+            while (run := client.get(f"/api/v1/runs/{run_id}").json())["state"] == "running":
+                assert time.monotonic() < deadline, (run, agent.log())
+                time.sleep(0.1)
+            assert run["state"] == "succeeded", (run, agent.log())
+            tasks = {t["name"]: t for s in run["stages"] for t in s["tasks"]}
+            assert tasks["far"]["site"] == "edge"
+            assert tasks["far"]["result"] == [1, 2]
+            assert tasks["far"]["attempts"] == 1
+            assert tasks["near"]["site"] == "local"
+            logs = client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "near"})
+            assert logs.json()["text"] == "home\n"
+            archive = client.get(f"/api/v1/runs/{run_id}/results")
+            with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+                assert "far/where.txt" in tar.getnames()
+            # Collected: the site keeps nothing of the finished task.
+            assert not list((tmp_path / "edge" / "tasks" / "edge").iterdir())
+    finally:
+        agent.stop()
