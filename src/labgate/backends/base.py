@@ -327,6 +327,14 @@ class Backend(abc.ABC):
         """Wait until a queued instance has a place; its endpoint. Only for queueing backends."""
         raise InstanceStartError(f"the {self.name} backend returned no endpoint")
 
+    async def cpu_seconds(self, state: JSON) -> float | None:
+        """CPU seconds the instance's processes used so far; None when the engine cannot say.
+
+        Asked only when a start's budget runs out, to tell a tool still busy
+        starting (it gets its ``start_grace``) from one that hangs.
+        """
+        return None
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""
 
