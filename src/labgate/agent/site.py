@@ -474,9 +474,8 @@ class SiteAgent:
                 log.exception("placing %s failed", iid)
             self.watched.pop(iid, None)
             message = exc.detail if isinstance(exc, LabgateError) else f"backend error: {exc}"
-            await self._report(
-                Report(iid, "failed", message=message, log_tail=await self._tail(started.state))
-            )
+            tail = await self._tail(started.state)
+            await self._report(start_failed(iid, NEVER_STARTED, message, log_tail=tail))
             return None
         watched = self.watched.get(iid)
         if watched is not None:

@@ -217,6 +217,10 @@ class Backend(abc.ABC):
     options_schema: ClassVar[type[BaseModel]] = NoOptions
     #: ``image``, ``archive`` or ``""`` (no snapshots): what :meth:`snapshot` saves.
     snapshot_kind: ClassVar[str] = ""
+    #: The engine queues starts itself (a batch scheduler): the portal's start queue
+    #: (labgate.scheduler.startqueue) then leaves its sites alone unless
+    #: ``capacity.starts`` says otherwise.
+    queues_starts: ClassVar[bool] = False
 
     def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
         #: The site machine's settings (never the portal's secrets): paths, sandbox, registry.

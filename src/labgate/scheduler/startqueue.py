@@ -18,7 +18,9 @@ Where the queue lives
     know about. Nothing lives only in memory: after a portal restart the
     ``queued`` instances are still there, in order, and the next dispatch
     starts them (no launch is ever lost). A site whose backend queues by
-    itself (Slurm) sets ``capacity.starts = 0``: no start queue.
+    itself (Slurm, :attr:`~labgate.backends.base.Backend.queues_starts`) has no
+    start queue unless its ``capacity.starts`` asks for one; ``0`` turns the
+    queue off on any site.
 
 Admission
     :func:`must_queue` (in the admission transaction of
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -65,6 +68,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.backends.base import BackendNotFound, load_backend
 from labgate.db.models import (
     Instance,
     InstanceEvent,
@@ -121,15 +125,27 @@ class Place:
 def start_capacity(site: Site) -> float | None:
     """Cores ``site`` gives to starting tools at once; None: no limit (no start queue).
 
-    ``capacity.starts`` of the site when set (0: no limit), else its cores:
+    ``capacity.starts`` of the site when set (0: no limit); else no limit for a
+    backend that queues starts itself (Slurm), and otherwise the site's cores:
     those its agent reported (a network site), or this machine's (a local one).
     """
     raw = ((site.options or {}).get("capacity") or {}).get("starts")
     if raw is not None:
         value = float(raw)
         return value if value > 0 else None
+    if queues_starts(site.backend):
+        return None
     cores = (site.agent_info or {}).get("cores") if site.kind == SiteKind.network else None
     return float(cores or os.cpu_count() or 1)
+
+
+@functools.cache
+def queues_starts(backend: str) -> bool:
+    """Whether the backend called ``backend`` queues starts itself (Slurm); unknown: no."""
+    try:
+        return load_backend(backend).queues_starts
+    except (ImportError, BackendNotFound):
+        return False
 
 
 def start_cost(catalog: Catalog, tool_name: str) -> float:
