@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import httpx
@@ -18,7 +19,8 @@ from helpers import (
     wait_for_state,
 )
 from labgate.config import SiteCapacity, SiteConfig
-from labgate.db.models import Instance, InstanceEvent
+from labgate.db.models import Instance, InstanceEvent, Site
+from labgate.scheduler.startqueue import start_capacity
 from tools_fixtures import costly_tool
 
 
@@ -170,3 +172,17 @@ async def test_queued_launches_survive_a_portal_restart_in_order(settings):
             assert await leaving_order(second, ids) == ids
         finally:
             await stop_everything(second)
+
+
+def test_start_capacity_defaults_to_the_cores_and_a_self_queueing_backend_has_none():
+    local = Site(name="here", backend="process", options={}, kind="local")
+    assert start_capacity(local) == float(os.cpu_count() or 1)
+    local.options = {"capacity": {"starts": 0}}
+    assert start_capacity(local) is None  # 0: no start queue
+    remote = Site(name="far", backend="process", options={}, kind="network")
+    remote.agent_info = {"cores": 16}
+    assert start_capacity(remote) == 16.0  # what its agent reported
+    slurm = Site(name="hpc", backend="slurm", options={}, kind="local")
+    assert start_capacity(slurm) is None  # Slurm queues jobs itself
+    slurm.options = {"capacity": {"starts": 4}}
+    assert start_capacity(slurm) == 4.0
