@@ -5,6 +5,7 @@ Everything runs on loopback and stops by itself::
     .venv/bin/python benchmarks/launch.py                  # full run, about 10 minutes
     .venv/bin/python benchmarks/launch.py --quick          # fewer samples, 20 at once
     .venv/bin/python benchmarks/launch.py --skip-jupyterhub
+    .venv/bin/python benchmarks/launch.py --storm 50 100   # JupyterLab storms only
 
 What is timed, each time from the API call until the first 200 through the
 front door (labgate's router; JupyterHub's configurable-http-proxy):
@@ -14,7 +15,17 @@ front door (labgate's router; JupyterHub's configurable-http-proxy):
 - JupyterHub (from PyPI, ``SimpleLocalProcessSpawner``, configurable-http-proxy)
   starting the same JupyterLab, one at a time;
 - ``--concurrent`` (50) launches at once, one per user: labgate ``demo``,
-  labgate ``jupyterlab`` and JupyterHub's JupyterLab: p50, p95, failures.
+  labgate ``jupyterlab`` and JupyterHub's JupyterLab: p50, p95, failures;
+- ``--storm N [N ...]`` instead of all that: one JupyterLab launch alone, then
+  N JupyterLab launches at once (one per user), on labgate and on JupyterHub.
+
+Both start JupyterLab under the same start timeout, ``--start-timeout``
+(120 s): labgate's JupyterLab tool file is copied with that ``start_timeout``
+and no ``start_grace``; JupyterHub gets it as ``Spawner.start_timeout`` and
+``Spawner.http_timeout``. (labgate's budget counts from when the tool's
+process starts, after any wait in its site's start queue; JupyterHub's from
+the spawn request.) ``--timeout`` is how long the benchmark itself waits for
+one launch.
 
 The first 200 is ``GET /i/<id>/api/health`` (demo) or ``/i/<id>/api``
 (JupyterLab) on labgate and ``GET /user/<name>/api`` on JupyterHub, polled
@@ -148,10 +159,28 @@ def ensure_jupyterhub() -> Path:
 
 
 # --------------------------------------------------------------------------- labgate
+def equal_timeout_tools(directory: Path, start_timeout: float) -> Path:
+    """labgate's JupyterLab tool file with ``start_timeout`` and no grace (as JupyterHub)."""
+    from labgate.tools.catalog import BUILTIN_DIR
+
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for line in (BUILTIN_DIR / "jupyterlab.toml").read_text().splitlines():
+        if line.startswith("start_timeout"):
+            line = f"start_timeout = {start_timeout:g}"
+        elif line.startswith("start_grace"):
+            line = "start_grace = 0"
+        lines.append(line)
+    (directory / "jupyterlab.toml").write_text("\n".join(lines) + "\n")
+    return directory
+
+
 class Labgate:
     """``labgate serve`` in a subprocess, with users and tokens for the benchmark."""
 
-    def __init__(self, work: Path, pools: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, work: Path, pools: list[dict[str, Any]] | None = None, start_timeout: float = 120
+    ) -> None:
         self.work = work
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -165,6 +194,7 @@ class Labgate:
             "LABGATE_STOP_GRACE_SECONDS": "5",
             "LABGATE_POOLS": json.dumps(pools or []),
             "LABGATE_POOL_CHECK_INTERVAL": "1",
+            "LABGATE_TOOLS_DIR": str(equal_timeout_tools(work / "tools", start_timeout)),
         }
         self.process: subprocess.Popen[bytes] | None = None
         self.tokens: dict[str, dict[str, str]] = {}
@@ -312,14 +342,16 @@ async def at_once(
     return summary(times, len(errors))
 
 
-async def labgate_concurrent(lg: Labgate, tool: str, count: int, timeout: float) -> dict[str, Any]:
+async def labgate_concurrent(
+    lg: Labgate, tool: str, count: int, timeout: float, every: float = 0.1
+) -> dict[str, Any]:
     users = await lg.users(count)
     limits = httpx.Limits(max_connections=count * 2, max_keepalive_connections=count * 2)
     async with httpx.AsyncClient(base_url=lg.url, timeout=timeout, limits=limits) as client:
 
         def launcher(user: str) -> Callable[[], Awaitable[float]]:
             async def go() -> float:
-                return (await lg.launch(client, user, tool, 0.1, timeout))[1]
+                return (await lg.launch(client, user, tool, every, timeout))[1]
 
             return go
 
@@ -332,8 +364,9 @@ async def labgate_concurrent(lg: Labgate, tool: str, count: int, timeout: float)
 class JupyterHub:
     """JupyterHub with SimpleLocalProcessSpawner behind configurable-http-proxy."""
 
-    def __init__(self, work: Path, bin_dir: Path, chp: str) -> None:
+    def __init__(self, work: Path, bin_dir: Path, chp: str, start_timeout: float = 120) -> None:
         self.work = work
+        self.start_timeout = start_timeout
         self.bin = bin_dir
         self.chp = chp
         self.port, self.hub_port, self.api_port = free_port(), free_port(), free_port()
@@ -355,8 +388,8 @@ c.SimpleLocalProcessSpawner.home_dir_template = "{homes}/{{username}}"
 c.Spawner.cmd = [{str(self.bin / "jupyterhub-singleuser")!r}]
 c.Spawner.args = ["--allow-root"]
 c.Spawner.default_url = "/lab"
-c.Spawner.start_timeout = 300
-c.Spawner.http_timeout = 300
+c.Spawner.start_timeout = {self.start_timeout:g}
+c.Spawner.http_timeout = {self.start_timeout:g}
 c.JupyterHub.concurrent_spawn_limit = 500
 c.JupyterHub.authenticator_class = "dummy"
 c.Authenticator.allow_all = True
@@ -460,14 +493,16 @@ async def hub_singles(hub: JupyterHub, samples: int, timeout: float) -> dict[str
     return summary(times, failures)
 
 
-async def hub_concurrent(hub: JupyterHub, count: int, timeout: float) -> dict[str, Any]:
+async def hub_concurrent(
+    hub: JupyterHub, count: int, timeout: float, every: float = 0.1
+) -> dict[str, Any]:
     users = await hub.users(count)
     limits = httpx.Limits(max_connections=count * 2, max_keepalive_connections=count * 2)
     async with httpx.AsyncClient(base_url=hub.url, timeout=timeout, limits=limits) as client:
 
         def launcher(user: str) -> Callable[[], Awaitable[float]]:
             async def go() -> float:
-                return await hub.launch(client, user, 0.1, timeout)
+                return await hub.launch(client, user, every, timeout)
 
             return go
 
@@ -477,6 +512,15 @@ async def hub_concurrent(hub: JupyterHub, count: int, timeout: float) -> dict[st
 
 
 # --------------------------------------------------------------------------- the run
+def new_hub(work: Path, args: argparse.Namespace, results: dict[str, Any]) -> JupyterHub:
+    """The JupyterHub of this run (installed on first use), its version noted."""
+    hub = JupyterHub(work / "jupyterhub", ensure_jupyterhub(), ensure_chp(), args.start_timeout)
+    results["machine"]["jupyterhub"] = subprocess.run(
+        [str(hub.bin / "jupyterhub"), "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return hub
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     work = CACHE / "launch-run"
     shutil.rmtree(work, ignore_errors=True)
@@ -496,8 +540,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     tools = ["demo"] + ([] if args.skip_jupyterlab else ["jupyterlab"])
     samples = {"demo": args.samples, "jupyterlab": args.jupyter_samples}
 
+    if args.storm:
+        return await storms(args, work, results)
     log("labgate without pools: cold launches")
-    lg = Labgate(work / "cold")
+    lg = Labgate(work / "cold", start_timeout=args.start_timeout)
     try:
         await lg.start()
         await lg.users(1)
@@ -518,7 +564,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     log("labgate with warm pools")
     pools = [{"tool": tool, "size": 2 if tool == "demo" else 1} for tool in tools]
-    lg = Labgate(work / "warm", pools)
+    lg = Labgate(work / "warm", pools, start_timeout=args.start_timeout)
     try:
         await lg.start()
         await lg.users(1)
@@ -538,10 +584,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         restart.stop()
 
     if not args.skip_jupyterhub and not args.skip_jupyterlab:
-        hub = JupyterHub(work / "jupyterhub", ensure_jupyterhub(), ensure_chp())
-        results["machine"]["jupyterhub"] = subprocess.run(
-            [str(hub.bin / "jupyterhub"), "--version"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        hub = new_hub(work, args, results)
         try:
             await hub.start()
             log(f"JupyterHub jupyterlab x{args.jupyter_samples}")
@@ -558,9 +601,88 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+#: Seconds between polls of each launch in a storm (both systems): the pollers must
+#: not take the CPU the starting tools need.
+STORM_POLL = 0.5
+
+
+async def storms(args: argparse.Namespace, work: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """One JupyterLab launch alone, then each storm, on labgate and then on JupyterHub."""
+    results["storm"] = {}
+    lg = Labgate(work / "storm", start_timeout=args.start_timeout)
+    try:
+        await lg.start()
+        await lg.users(1)
+        log("labgate: one JupyterLab launch alone")
+        results["single"]["labgate cold jupyterlab"] = await labgate_singles(
+            lg, "jupyterlab", args.jupyter_samples, warm=False, timeout=args.timeout
+        )
+        for count in args.storm:
+            log(f"labgate: {count} JupyterLab launches at once")
+            await asyncio.sleep(5)
+            results["storm"][f"labgate {count}"] = await labgate_concurrent(
+                lg, "jupyterlab", count, args.timeout, STORM_POLL
+            )
+    finally:
+        with contextlib.suppress(Exception):
+            await lg.stop_all()
+        lg.stop()
+    if not args.skip_jupyterhub:
+        hub = new_hub(work, args, results)
+        try:
+            await hub.start()
+            log("JupyterHub: one JupyterLab launch alone")
+            results["single"]["JupyterHub jupyterlab"] = await hub_singles(
+                hub, args.jupyter_samples, args.timeout
+            )
+            for count in args.storm:
+                log(f"JupyterHub: {count} JupyterLab launches at once")
+                await asyncio.sleep(5)
+                results["storm"][f"JupyterHub {count}"] = await hub_concurrent(
+                    hub, count, args.timeout, STORM_POLL
+                )
+        finally:
+            hub.stop()
+    results["machine"]["load_after"] = os.getloadavg()[0]
+    return results
+
+
+def storm_targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """Per storm: no labgate failure; p50 at most 0.6x JupyterHub's, p95 at most its."""
+    out: list[tuple[str, str, str, bool]] = []
+    for count in r["args"]["storm"] or []:
+        lg, hub = r["storm"].get(f"labgate {count}", {}), r["storm"].get(f"JupyterHub {count}", {})
+        out.append(
+            (
+                f"{count} JupyterLab at once: labgate failures",
+                str(lg.get("failures", "?")),
+                "0",
+                lg.get("failures") == 0,
+            )
+        )
+        if lg.get("n") and hub.get("n"):
+            out.append(
+                (
+                    f"{count} at once: p50 labgate / JupyterHub",
+                    f"{lg['p50']:.1f} s / {hub['p50']:.1f} s = {lg['p50'] / hub['p50']:.2f}x",
+                    "<= 0.6x",
+                    lg["p50"] <= 0.6 * hub["p50"],
+                )
+            )
+            out.append(
+                (
+                    f"{count} at once: p95 labgate / JupyterHub",
+                    f"{lg['p95']:.1f} s / {hub['p95']:.1f} s",
+                    "labgate <= JupyterHub",
+                    lg["p95"] <= hub["p95"],
+                )
+            )
+    return out
+
+
 def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     single, many = r["single"], r["concurrent"]
-    out: list[tuple[str, str, str, bool]] = []
+    out: list[tuple[str, str, str, bool]] = storm_targets(r) if r.get("storm") else []
     warm = single.get("labgate warm pool demo", {})
     if warm.get("n"):
         ms = warm["p50"] * 1000
@@ -611,12 +733,16 @@ def single_rows(title: str, single: dict[str, dict[str, Any]]) -> list[str]:
 
 def table(r: dict[str, Any]) -> str:
     rows = single_rows("one launch at a time", r["single"])
+    many = r.get("storm") or r["concurrent"]
+    heading = (
+        "JupyterLab storm" if r.get("storm") else f"{r['args']['concurrent']} launches at once"
+    )
     rows += [
         "",
-        f"| {r['args']['concurrent']} launches at once | ok | p50 s | p95 s | max s | failures |",
+        f"| {heading} | ok | p50 s | p95 s | max s | failures |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, s in r["concurrent"].items():
+    for name, s in many.items():
         if s.get("n"):
             rows.append(
                 f"| {name} | {s['n']} | {s['p50']:.2f} | {s['p95']:.2f} | {s['max']:.2f} "
@@ -639,7 +765,22 @@ def main() -> None:
         "--jupyter-samples", type=int, default=5, help="single JupyterLab launches (5)"
     )
     parser.add_argument("--concurrent", type=int, default=50, help="launches at once (50)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per launch (300)")
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds the benchmark waits per launch (900)"
+    )
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=120,
+        help="the start timeout of both labgate's JupyterLab and JupyterHub's spawner (120)",
+    )
+    parser.add_argument(
+        "--storm",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="only JupyterLab: one launch alone, then N at once (labgate, JupyterHub)",
+    )
     parser.add_argument("--skip-jupyterhub", action="store_true", help="labgate only")
     parser.add_argument("--skip-jupyterlab", action="store_true", help="demo only (no hub)")
     parser.add_argument("--quick", action="store_true", help="5 / 3 samples, 20 at once")

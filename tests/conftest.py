@@ -16,9 +16,16 @@ import httpx
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from helpers import ADMIN_PASSWORD, PASSWORD, TEST_SECRET_KEY, fresh_database_url, token_for
+from helpers import (
+    ADMIN_PASSWORD,
+    PASSWORD,
+    TEST_SECRET_KEY,
+    fresh_database_url,
+    serving,
+    stop_everything,
+    token_for,
+)
 from labgate.config import Settings
-from labgate.portal.app import create_app
 
 # Timing is for benchmarks, not tests: a loaded CI machine must not turn a slow
 # example into a failure (hypothesis's default deadline is 200 ms).
@@ -52,55 +59,11 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Any]:
     """The portal app served by uvicorn on a random loopback port, in the test's loop."""
-    import asyncio
-
-    import uvicorn
-
-    application = create_app(settings)
-    config = uvicorn.Config(
-        application, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    application.state.test_url = f"http://127.0.0.1:{port}"
-    application.state.test_server = server
-    try:
-        yield application
-    finally:
-        await stop_everything(application)
-        server.should_exit = True
-        await task
-
-
-async def stop_everything(application: Any) -> None:
-    """Stop every instance a test left behind, so no process outlives it."""
-    import asyncio
-
-    from sqlalchemy import select
-
-    from labgate.db.models import ACTIVE_STATES, Instance
-
-    portal = application.state.portal
-    ids = await portal.run_db(
-        lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
-    )
-    for instance_id in ids:
-        with contextlib.suppress(Exception):
-            await portal.instances.stop(instance_id)
-    for _ in range(100):
-        left = await portal.run_db(
-            lambda s: s.scalar(
-                select(Instance.id).where(Instance.state.in_([*ACTIVE_STATES, "stopping"]))
-            )
-        )
-        if left is None:
-            return
-        await asyncio.sleep(0.1)
+    async with serving(settings) as application:
+        try:
+            yield application
+        finally:
+            await stop_everything(application)
 
 
 async def require_listening(application: Any) -> None:

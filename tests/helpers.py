@@ -9,7 +9,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +139,61 @@ async def wait_for_pool(app: Any, tool: str, timeout: float = 60) -> Any:
             return ready[0]
         await asyncio.sleep(0.1)
     raise AssertionError(f"the {tool} pool never filled")
+
+
+async def stop_everything(application: Any) -> None:
+    """Stop every instance a test left behind, so no process outlives it."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from labgate.db.models import ACTIVE_STATES, Instance
+
+    portal = application.state.portal
+    ids = await portal.run_db(
+        lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
+    )
+    for instance_id in ids:
+        with contextlib.suppress(Exception):
+            await portal.instances.stop(instance_id)
+    for _ in range(100):
+        left = await portal.run_db(
+            lambda s: s.scalar(
+                select(Instance.id).where(Instance.state.in_([*ACTIVE_STATES, "stopping"]))
+            )
+        )
+        if left is None:
+            return
+        await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Any) -> AsyncIterator[Any]:
+    """The portal app served by uvicorn on a random loopback port until the block ends.
+
+    Its instances keep running afterwards (a portal restart), unless the caller
+    stops them (:func:`stop_everything`). ``app.state.test_url`` is its address,
+    ``app.state.test_server`` its uvicorn server.
+    """
+    import uvicorn
+
+    from labgate.portal.app import create_app
+
+    application = create_app(settings)
+    config = uvicorn.Config(
+        application, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    application.state.test_url = f"http://127.0.0.1:{port}"
+    application.state.test_server = server
+    try:
+        yield application
+    finally:
+        server.should_exit = True
+        await task

@@ -19,6 +19,16 @@ idle_timeout = 2
 command = {DEMO_ARGV}
 """
 
+
+def costly_tool(name: str, delay: float) -> str:
+    """A demo that takes ``delay`` seconds to listen and whose start costs a whole core."""
+    return (
+        f'name = "{name}"\ntitle = "Slow demo"\nhealth_path = "/api/health"\n'
+        f"start_timeout = 30\nstart_cost = 1\n\n[process]\n{DEMO_COMMAND}\n"
+        f'env = {{ DEMO_START_DELAY = "{delay:g}" }}\n'
+    )
+
+
 VARIANTS = {
     "crashing": ('DEMO_CRASH = "1"', 30),
     "never-ready": ('DEMO_NEVER_READY = "1"', 2),
@@ -27,13 +37,18 @@ VARIANTS = {
 
 
 def write_test_tools(directory: Path) -> Path:
-    """Tool files for crashing, never-ready and slow demo variants, plus a broken file."""
+    """Tool files for crashing, never-ready, slow and hog demo variants, plus broken files."""
     directory.mkdir(parents=True, exist_ok=True)
     for name, (env, timeout) in VARIANTS.items():
         (directory / f"{name}.toml").write_text(
             f'name = "{name}"\ntitle = "{name}"\nhealth_path = "/api/health"\n'
             f"start_timeout = {timeout}\n\n[process]\n{DEMO_COMMAND}\nenv = {{ {env} }}\n"
         )
+    # Its start takes all of a site's start room for 30 s: every other launch there queues.
+    (directory / "hog.toml").write_text(
+        'name = "hog"\ntitle = "hog"\nhealth_path = "/api/health"\nstart_timeout = 60\n'
+        f'start_cost = 1024\n\n[process]\n{DEMO_COMMAND}\nenv = {{ DEMO_START_DELAY = "30" }}\n'
+    )
     (directory / "broken.toml").write_text('name = "Broken Name"\ntitle = ""\n')
     (directory / "garbled.toml").write_text("name = \n")
     return directory

@@ -88,6 +88,14 @@ class SiteCapacity(BaseModel):
         Field(0, ge=0, description="Memory in all, e.g. 64G.")
     )
     max_instances: int = Field(0, ge=0, description="Instances at once.")
+    starts: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "CPU cores given to starting tools at once (the start queue); unset: the "
+            "site's cores; 0: no start queue (a backend that queues by itself, e.g. Slurm)."
+        ),
+    )
 
 
 class SiteConfig(BaseModel):
@@ -327,6 +335,13 @@ class Settings(BaseSettings):
     )
     max_instances_per_user: int = Field(
         5, ge=0, description="Instances one user may have pending, starting or running at once."
+    )
+    start_queue_fairness: Literal["user", "group"] = Field(
+        "user",
+        description=(
+            "Whom a site's start queue serves in turn: each user, or each group charged "
+            "(round robin, then first come first served)."
+        ),
     )
     site_name: str = Field(
         "local", description="Name of the all-in-one local site (used when `sites` is empty)."

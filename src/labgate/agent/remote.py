@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import socket
 import time
@@ -278,6 +279,7 @@ class RemoteAgent:
             boot=self.boot,
             backend=agent.backend.name,
             snapshot_kind=agent.snapshot_kind,
+            cores=os.cpu_count() or 0,
             tools={name: agent.unavailable_reason(tool) for name, tool in self.tools.items()},
             claims={name: agent.claim_support(tool) for name, tool in self.tools.items()},
             instances=held,

@@ -29,7 +29,14 @@ from labgate.backends.base import (
     Started,
 )
 from labgate.errors import Conflict, LabgateError
-from labgate.wire.site import Report, Reporter
+from labgate.wire.site import (
+    CRASHED,
+    NEVER_ANSWERED,
+    NEVER_STARTED,
+    Report,
+    Reporter,
+    start_failed,
+)
 
 if TYPE_CHECKING:
     from labgate.agent.fetch import Fetched
@@ -50,6 +57,10 @@ HEALTH_TTL = 5.0
 HEALTH_TIMEOUT = 3.0
 STOP_RETRY_FIRST = 1.0
 STOP_RETRY_MAX = 60.0
+#: Seconds over which a starting tool's CPU use is measured when its budget ends...
+BUSY_SAMPLE = 1.0
+#: ... and the share of a core it must use in them to count as still busy.
+BUSY_SHARE = 0.05
 
 
 @dataclass
@@ -430,11 +441,11 @@ class SiteAgent:
         except asyncio.CancelledError:
             raise
         except LabgateError as exc:
-            await self._report(Report(iid, "failed", message=exc.detail))
+            await self._report(start_failed(iid, NEVER_STARTED, exc.detail))
             return
         except Exception as exc:
             log.exception("backend failed to start %s", iid)
-            await self._report(Report(iid, "failed", message=f"backend error: {exc}"))
+            await self._report(start_failed(iid, NEVER_STARTED, f"backend error: {exc}"))
             return
         self.watched[iid] = Watched(spec, started.state, started.endpoint)
         if iid in self._cancel_requested:
@@ -463,9 +474,8 @@ class SiteAgent:
                 log.exception("placing %s failed", iid)
             self.watched.pop(iid, None)
             message = exc.detail if isinstance(exc, LabgateError) else f"backend error: {exc}"
-            await self._report(
-                Report(iid, "failed", message=message, log_tail=await self._tail(started.state))
-            )
+            tail = await self._tail(started.state)
+            await self._report(start_failed(iid, NEVER_STARTED, message, log_tail=tail))
             return None
         watched = self.watched.get(iid)
         if watched is not None:
@@ -492,25 +502,48 @@ class SiteAgent:
         await self._await_health(spec, started, spec.tool.start_timeout)
 
     async def _await_health(self, spec: LaunchSpec, started: Started, budget: float) -> None:
+        """Wait for the tool's health check within ``budget`` seconds (and its grace).
+
+        The budget counts from when the tool's process started (the caller
+        waits for that), never from the launch request: time in the site's
+        start queue is not spent from it. When it runs out while the tool is
+        alive and still using CPU, the tool's ``start_grace`` is added once.
+        """
         iid = spec.instance_id
         url = health_url(spec, started.endpoint)
         headers = {"Authorization": f"token {spec.secret}"}
         deadline = time.monotonic() + budget
         interval = HEALTH_INTERVAL
         last_problem = "no answer yet"
-        while time.monotonic() < deadline:
+        grace = spec.tool.start_grace
+        graced = ""
+        while True:
             status = await self.backend.poll(started.state)
             if not status.alive:
                 self.watched.pop(iid, None)
                 await self._report(
-                    Report(
+                    start_failed(
                         iid,
-                        "failed",
-                        message=f"the tool {status.detail or 'exited'} before it became ready",
+                        CRASHED,
+                        f"the tool {status.detail or 'exited'} before it became ready",
                         log_tail=await self._tail(started.state),
                     )
                 )
                 return
+            if time.monotonic() >= deadline:
+                if graced or grace <= 0 or not await self._busy(started.state):
+                    break
+                graced = f" + {grace:g}s of grace while it was still busy"
+                deadline = time.monotonic() + grace
+                await self._report(
+                    Report(
+                        iid,
+                        "starting",
+                        kind="progress",
+                        message=f"still starting after {budget:g}s and using CPU: {grace:g}s more",
+                        data={"grace": grace},
+                    )
+                )
             try:
                 response = await self._http.get(url, headers=headers)
                 if response.status_code < 400:
@@ -529,13 +562,22 @@ class SiteAgent:
         with contextlib.suppress(Exception):
             await self.backend.stop(started.state, self.stop_grace)
         await self._report(
-            Report(
+            start_failed(
                 iid,
-                "failed",
-                message=f"not ready within {budget:g}s ({last_problem})",
+                NEVER_ANSWERED,
+                f"not ready within {budget:g}s{graced} ({last_problem})",
                 log_tail=tail,
             )
         )
+
+    async def _busy(self, state: dict[str, Any]) -> bool:
+        """Whether a live starting tool is using CPU now (the engine cannot say: it counts)."""
+        before = await self.backend.cpu_seconds(state)
+        if before is None:
+            return True
+        await asyncio.sleep(BUSY_SAMPLE)
+        after = await self.backend.cpu_seconds(state)
+        return after is not None and after - before >= BUSY_SAMPLE * BUSY_SHARE
 
     # --- watching ----------------------------------------------------------
     def _ensure_watch(self) -> None:

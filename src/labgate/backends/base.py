@@ -217,6 +217,10 @@ class Backend(abc.ABC):
     options_schema: ClassVar[type[BaseModel]] = NoOptions
     #: ``image``, ``archive`` or ``""`` (no snapshots): what :meth:`snapshot` saves.
     snapshot_kind: ClassVar[str] = ""
+    #: The engine queues starts itself (a batch scheduler): the portal's start queue
+    #: (labgate.scheduler.startqueue) then leaves its sites alone unless
+    #: ``capacity.starts`` says otherwise.
+    queues_starts: ClassVar[bool] = False
 
     def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
         #: The site machine's settings (never the portal's secrets): paths, sandbox, registry.
@@ -326,6 +330,14 @@ class Backend(abc.ABC):
     async def place(self, state: JSON) -> Started:
         """Wait until a queued instance has a place; its endpoint. Only for queueing backends."""
         raise InstanceStartError(f"the {self.name} backend returned no endpoint")
+
+    async def cpu_seconds(self, state: JSON) -> float | None:
+        """CPU seconds the instance's processes used so far; None when the engine cannot say.
+
+        Asked only when a start's budget runs out, to tell a tool still busy
+        starting (it gets its ``start_grace``) from one that hangs.
+        """
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine connections when the site shuts down."""

@@ -71,6 +71,7 @@ from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv
 from labgate.backends.procfs import (
     MARKER_VAR,
     boot_id,
+    cpu_seconds,
     instance_processes,
     read_proc,
     signal_if_same,
@@ -508,6 +509,16 @@ class ProcessBackend(Backend):
             code = os.waitstatus_to_exitcode(info.exit_status)
             return Status(alive=False, exit_code=code, detail=describe_exit(code))
         return Status(alive=True)
+
+    async def cpu_seconds(self, state: JSON) -> float | None:
+        """CPU time of every process of the instance (its tree, session and marked ones)."""
+        instance_id = str(state["instance_id"])
+        pid, start = int(state["pid"]), int(state["start_time"])
+
+        def measure() -> float:
+            return cpu_seconds(instance_processes(instance_id, pid, {pid: start}))
+
+        return await asyncio.to_thread(measure)
 
     def _reap_all(self) -> None:
         """Reap every child of ours that has exited, polled or not: no zombies linger."""

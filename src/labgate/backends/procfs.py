@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,20 @@ def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> di
             found.add(pid)
             todo.extend(children.get(pid, ()))
     return {pid: procs[pid].start_time for pid in found if not procs[pid].zombie}
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time (user and system, with reaped children's) of the processes ``pids``."""
+    ticks = 0
+    for pid in pids:
+        try:
+            data = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        rest = data[data.rindex(b")") + 2 :].split()
+        # Fields 14-17 (utime, stime, cutime, cstime), counted from field 3 in ``rest``.
+        ticks += sum(int(value) for value in rest[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def signal_if_same(pid: int, start_time: int, sig: signal.Signals) -> None:

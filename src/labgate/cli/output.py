@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 STATE_STYLES = {
+    "queued": "yellow",
     "pending": "yellow",
     "starting": "yellow",
     "running": "green",
@@ -218,12 +219,22 @@ def instances(rows: list[dict[str, Any]], *, empty: str) -> None:
                 i["site"] or "",
                 state(i["state"]),
                 when(i["created_at"]),
-                i["url"] if i["state"] == "running" else i["reason"],
+                _url_or_reason(i),
             )
             for i in rows
         ),
         empty,
     )
+
+
+def _url_or_reason(instance: dict[str, Any]) -> str:
+    """A running instance's URL, a queued one's place in its start queue, or the reason."""
+    if instance["state"] == "running":
+        return str(instance["url"])
+    place = instance.get("queue")
+    if instance["state"] == "queued" and place:
+        return f"number {place['position']} in the start queue, about {place['estimate']}s"
+    return str(instance["reason"])
 
 
 def mapping(values: dict[str, Any], *, key: str = "SETTING") -> None:

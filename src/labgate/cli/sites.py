@@ -55,6 +55,13 @@ def capacity_text(capacity: dict[str, Any]) -> str:
     return " ".join(parts) or "unlimited"
 
 
+def start_queue_text(starts: Any) -> str:
+    """What a site gives to starts at once (its start queue), as ``site show`` says it."""
+    if not starts:
+        return "none (starts everything at once)"
+    return f"{float(starts):g} cores of starts at once; the rest wait queued"
+
+
 def since(site: dict[str, Any]) -> str:
     """Since when a network site's agent is connected, or has been gone."""
     if site.get("status") == "connected":
@@ -143,6 +150,7 @@ def site_show(
         "instances": str(site["instances"]),
         "capacity": capacity_text(site.get("capacity") or {}),
         "in use": capacity_text({**use, "max_instances": use.get("instances")}),
+        "start queue": start_queue_text(site.get("start_capacity")),
         "labels": " ".join(f"{k}={v}" for k, v in (site.get("labels") or {}).items()),
         "data root": site.get("data_root") or "",
     }
@@ -181,6 +189,12 @@ def site_add(
     data_root: str | None = typer.Option(
         None, "--data-root", metavar="PATH", help="Where its datasets live, on the site's machine."
     ),
+    start_cores: float | None = typer.Option(
+        None,
+        "--start-cores",
+        min=0,
+        help="Cores for starting tools at once (default: the site's cores; 0: no start queue).",
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Add a network site (admins); prints its agent's token once, and how to start the agent."""
@@ -191,7 +205,12 @@ def site_add(
         "backend": backend,
         "reach": reach,
         "options": pairs(option, "--option", typed=True),
-        "capacity": {"cpu": cpu, "memory": memory or 0, "max_instances": max_instances},
+        "capacity": {
+            "cpu": cpu,
+            "memory": memory or 0,
+            "max_instances": max_instances,
+            "starts": start_cores,
+        },
         "labels": pairs(label, "--label"),
     }
     if data_root is not None:

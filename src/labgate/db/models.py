@@ -70,6 +70,8 @@ class Base(DeclarativeBase):
 class InstanceState(enum.StrEnum):
     """Where an instance is in its life; see ARCHITECTURE.md."""
 
+    #: Admitted and placed, waiting in its site's start queue (labgate.scheduler.startqueue).
+    queued = "queued"
     pending = "pending"
     starting = "starting"
     running = "running"
@@ -94,6 +96,7 @@ class InstanceState(enum.StrEnum):
 TERMINAL_STATES = frozenset({InstanceState.stopped, InstanceState.failed, InstanceState.lost})
 ACTIVE_STATES = frozenset(
     {
+        InstanceState.queued,
         InstanceState.pending,
         InstanceState.starting,
         InstanceState.running,
@@ -103,6 +106,10 @@ ACTIVE_STATES = frozenset(
 
 #: The allowed transitions; anything else is a bug or a race and is refused.
 TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
+    # Out of the start queue to be started, or stopped by its owner before that.
+    InstanceState.queued: frozenset(
+        {InstanceState.pending, InstanceState.failed, InstanceState.stopping}
+    ),
     InstanceState.pending: frozenset(
         {InstanceState.starting, InstanceState.failed, InstanceState.stopping}
     ),

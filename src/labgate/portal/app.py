@@ -162,6 +162,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         box=portal.box,
         routes=portal.routes,
         data=DataLocator(settings),
+        fairness=settings.start_queue_fairness,
     )
     metrics = operations.wire(app, portal)
     if portal.routes is not None:

@@ -38,12 +38,16 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LAUNCH_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: States an instance is counted in (finished ones only grow, and are in usage records).
 LIVE_STATES = (
+    InstanceState.queued,
     InstanceState.pending,
     InstanceState.starting,
     InstanceState.running,
     InstanceState.unreachable,
     InstanceState.stopping,
 )
+
+#: A user launch admitted but not ready yet.
+WAITING_STATES = (InstanceState.queued, InstanceState.pending, InstanceState.starting)
 
 
 class Metrics:
@@ -153,7 +157,7 @@ class _ScrapeTime(Collector):
             key = (state.value, site or "", "pool" if pooled else "user")
             seen.add(key)
             gauge.add_metric(list(key), count)
-            if not pooled and state in (InstanceState.pending, InstanceState.starting):
+            if not pooled and state in WAITING_STATES:
                 pending += count
         for site_name in portal.links:
             for state in LIVE_STATES:
@@ -163,7 +167,7 @@ class _ScrapeTime(Collector):
         yield gauge
         yield GaugeMetricFamily(
             "labgate_pending_launches",
-            "User launches admitted but not ready yet (pending or starting).",
+            "User launches admitted but not ready yet (queued, pending or starting).",
             value=pending,
         )
         size = GaugeMetricFamily(

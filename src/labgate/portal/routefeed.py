@@ -70,7 +70,10 @@ class RouteFeedHub:
     def route_for(self, instance: Instance) -> Route | None:
         """The route of an instance, or None when it must not be routed."""
         state = instance.state
-        if state not in ROUTED_STATES and state != InstanceState.pending:
+        if state not in ROUTED_STATES and state not in (
+            InstanceState.queued,
+            InstanceState.pending,
+        ):
             return None
         tool = self.catalog.get(instance.tool)
         running = state == InstanceState.running and bool(instance.endpoint)

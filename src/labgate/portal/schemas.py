@@ -124,10 +124,15 @@ class SiteOut(BaseModel):
     labels: dict[str, Any]
     live: bool = Field(True, description="Connected to this portal (in-process sites always are).")
     capacity: dict[str, Any] = Field(
-        default_factory=dict, description="cpu, memory, max_instances; 0 means unlimited."
+        default_factory=dict,
+        description="cpu, memory, max_instances; 0 means unlimited.",
     )
     use: dict[str, Any] = Field(
         default_factory=dict, description="cpu, memory, instances of its active instances."
+    )
+    start_capacity: float = Field(
+        0,
+        description="Cores it gives to starting tools at once (its start queue); 0: no queue.",
     )
     data_root: str | None = None
     inventory: dict[str, Any] | None = Field(
@@ -207,6 +212,12 @@ class LaunchIn(Strict):
         return self
 
 
+class QueueOut(BaseModel):
+    site: str
+    position: int = Field(description="1: the next to start.")
+    estimate: int = Field(description="Seconds until its start is expected to begin.")
+
+
 class InstanceOut(BaseModel):
     id: str
     tool: str
@@ -239,6 +250,9 @@ class InstanceOut(BaseModel):
     shared: bool = Field(False, description="Whether its owner shares it with anyone.")
     access: str = Field(
         "owner", description="What you may do: owner, admin, use (reach it) or view (see it)."
+    )
+    queue: QueueOut | None = Field(
+        None, description="Its place in its site's start queue, while it is queued."
     )
 
 

@@ -41,6 +41,9 @@ class InstanceControl(Protocol):
     def start_admitted(self, instance_id: str) -> None:
         """Start an admitted (``pending``) instance in the background."""
 
+    def enqueued(self, instance: Instance) -> None:
+        """A launch was admitted ``queued``: its site's start queue starts it in turn."""
+
     async def stop(
         self, instance_id: str, *, reason: str = "stopped", message: str = "stop requested"
     ) -> Instance:

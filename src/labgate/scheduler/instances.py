@@ -38,9 +38,10 @@ from labgate.scheduler.events import EventBus
 from labgate.scheduler.launch import LaunchRequest, WarmPools
 from labgate.scheduler.launch import launch as launch_pipeline
 from labgate.scheduler.snapshots import snapshot_ref
+from labgate.scheduler.startqueue import Fairness, StartQueue
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
-from labgate.wire.site import Report
+from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
 if TYPE_CHECKING:
     from labgate.resolver.locality import DataLocator
@@ -74,6 +75,7 @@ class InstanceManager:
         box: SecretBox,
         routes: RouteFeed | None = None,
         data: DataLocator | None = None,
+        fairness: Fairness = "user",
     ) -> None:
         self.db = db
         #: Seals instance secrets for the database and opens them for launch specs.
@@ -96,6 +98,8 @@ class InstanceManager:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Where sites' reports on batch task attempts go (labgate.scheduler.runs), set by the app.
         self.task_reports: Callable[[Report, str | None], Awaitable[None]] | None = None
+        #: Each site's start queue (labgate.scheduler.startqueue).
+        self.queue = StartQueue(self, fairness=fairness, notify=events.notify)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread."""
@@ -138,6 +142,10 @@ class InstanceManager:
         """The limits of a user without limits of their own."""
         return replace(self.default_limits, instances=self.max_instances_per_user)
 
+    def enqueued(self, instance: Instance) -> None:
+        """A launch was admitted ``queued``: its site's start queue starts it in turn."""
+        self.changed(instance)  # routed already: its URL answers "starting", not 404
+
     def start_admitted(self, instance_id: str) -> None:
         """Start an admitted (``pending``) instance in the background."""
         self.events.notify(instance_id)
@@ -155,15 +163,14 @@ class InstanceManager:
             return
         link = self.links.get(site)
         if link is None:
-            await self.apply(Report(instance_id, "failed", message=f"site {site} is gone"))
+            await self.apply(start_failed(instance_id, NEVER_STARTED, f"site {site} is gone"))
             return
         try:
             await link.launch(spec)
         except LabgateError as exc:
             # The site's agent is away or refused: the launch ends here, with its words.
-            await self.apply(
-                Report(instance_id, "failed", message=f"site {site} did not start it: {exc.detail}")
-            )
+            detail = f"site {site} did not start it: {exc.detail}"
+            await self.apply(start_failed(instance_id, NEVER_STARTED, detail))
 
     def _launch_spec(
         self, session: Session, instance_id: str
@@ -217,6 +224,8 @@ class InstanceManager:
         """
         instance = await self.run_db(lambda s: self._begin_stop(s, instance_id, reason, message))
         self.changed(instance)
+        if instance.state.terminal:
+            return instance  # it left the start queue: nothing ever reached its site
         link = self.links.get(instance.site.name) if instance.site else None
         if link is not None:
             # Even a pending instance may be inside backend.start right now:
@@ -269,6 +278,8 @@ class InstanceManager:
         if prior.terminal:
             raise Conflict(f"instance {instance_id} is already {prior.value}", code="invalid_state")
         _transition(session, instance, InstanceState.stopping, message, {"reason": reason})
+        if prior == InstanceState.queued:
+            _transition(session, instance, InstanceState.stopped, "left the start queue")
         session.flush()
         session.refresh(instance, ["owner", "site"])
         return instance
@@ -344,14 +355,24 @@ class InstanceManager:
         if self.routes is not None:
             self.routes.instance_changed(instance)
         self.events.notify(instance.id)
+        self.queue.changed(instance)
 
     # --- restart -----------------------------------------------------------
     async def restore(self) -> None:
-        """After a portal start: hand every unfinished instance back to its site."""
+        """After a portal start: hand every unfinished instance back to its site.
+
+        Queued launches stay queued, in order: the start queue starts them in turn.
+        """
         rows = await self.run_db(self._unfinished)
+        self.queue.start()
         for instance in rows:
             site = instance.site.name if instance.site else None
             link = self.links.get(site or "")
+            if instance.state == InstanceState.queued:
+                if link is None:
+                    detail = f"site {site} is not configured"
+                    await self.apply(start_failed(instance.id, NEVER_STARTED, detail))
+                continue
             if link is None:
                 await self.apply(
                     Report(instance.id, "lost", message=f"site {site} is not configured")
@@ -414,6 +435,7 @@ class InstanceManager:
 
     async def close(self) -> None:
         """Wait briefly for in-flight work, then cancel it."""
+        await self.queue.close()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):

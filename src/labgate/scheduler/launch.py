@@ -9,10 +9,13 @@
     3. claim warm        pools.PoolManager.take: a running pool instance      (WarmPools.take)
        or choose site    placement.choose_site over site views, a snapshot's  (choose)
        and record        the pending instance, its usage record and event     (record)
+                         (``queued`` when the site's start queue has others
+                         waiting or no room: labgate.scheduler.startqueue)
     ── after it commits ──
     4. bind or start     a claim binds the user's workspace at the site; a
                          failed claim admits again, cold; a cold launch starts
-                         through the instance manager (the site link)
+                         through the instance manager (the site link), or
+                         waits in its site's start queue
 
 Each step is a function of its own module that takes what it needs and returns
 a value; none calls back into the pipeline. :func:`launch` is driven by
@@ -33,7 +36,7 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
 from labgate.errors import BadRequest, NotFound
-from labgate.scheduler import accounting, images, quotas
+from labgate.scheduler import accounting, images, quotas, startqueue
 from labgate.scheduler.group_volumes import group_mounts
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
@@ -45,7 +48,7 @@ from labgate.wire.launch import Resources
 if TYPE_CHECKING:
     from labgate.resolver.locality import DataLocator, DataNeed
     from labgate.scheduler.control import InstanceControl
-    from labgate.tools.catalog import Tool
+    from labgate.tools.catalog import Catalog, Tool
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ class Admission:
     data: DataLocator | None = None
     #: Set when the launch may be served from a warm pool.
     pools: WarmPools | None = None
+    #: The tools (their start costs, for the site's start queue); None: no start queue.
+    catalog: Catalog | None = None
 
 
 # --- the pipeline ------------------------------------------------------------------
@@ -137,6 +142,7 @@ async def launch(
         control.box,
         data,
         warm,
+        control.catalog,
     )
     instance = await control.run_admission(lambda s: admit_launch(s, admission))
     if warm is not None and instance.state == InstanceState.running:
@@ -146,7 +152,10 @@ async def launch(
             return claimed
         cold = replace(admission, pools=None)
         instance = await control.run_admission(lambda s: admit_launch(s, cold))
-    control.start_admitted(instance.id)
+    if instance.state == InstanceState.queued:
+        control.enqueued(instance)
+    else:
+        control.start_admitted(instance.id)
     return instance
 
 
@@ -220,12 +229,19 @@ def record(
     request = admission.request
     instance_id = new_id()
     site_row = session.scalar(select(Site).where(Site.name == site))
+    catalog = admission.catalog
+    queued = (
+        site_row is not None
+        and catalog is not None
+        and startqueue.must_queue(session, site_row, admission.tool, catalog)
+    )
+    state = InstanceState.queued if queued else InstanceState.pending
     instance = Instance(
         id=instance_id,
         owner_id=user.id,
         tool=admission.tool.name,
         site=site_row,
-        state=InstanceState.pending,
+        state=state,
         resources=admission.resources.as_json(),
         secret=admission.box.new_secret(instance_id),
         dataset_id=need.dataset_id if need is not None else None,
@@ -238,11 +254,12 @@ def record(
     session.add(instance)
     accounting.open_record(session, instance, user, group.name if group else "")
     near = f", next to {need.identifier}" if need is not None and need.holders else ""
+    wait = ": waiting in its start queue" if queued else ""
     session.add(
         InstanceEvent(
             instance=instance,
-            state=InstanceState.pending,
-            message=f"scheduled on site {site}{near}",
+            state=state,
+            message=f"scheduled on site {site}{near}{wait}",
             data={"site": site},
         )
     )

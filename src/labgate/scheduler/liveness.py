@@ -274,6 +274,8 @@ def _agent_info(hello: Hello) -> dict[str, Any]:
         "snapshot_kind": hello.snapshot_kind,
         "boot": hello.boot,
         "instances": len(hello.instances),
+        # The default of the site's start capacity (labgate.scheduler.startqueue).
+        "cores": hello.cores,
         "tools": {name: reason for name, reason in sorted(hello.tools.items())},
     }
 

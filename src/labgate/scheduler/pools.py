@@ -15,7 +15,8 @@ transaction, after the user's quotas passed:
    tool is told), clears the pool mark and publishes the route to the user.
    When the site cannot, the instance is stopped (``claim_failed``) and the
    launch starts cold, as if there had been no pool.
-3. The pool refills in the background.
+3. The pool refills in the background, only into start room no queued user
+   launch is waiting for (:mod:`labgate.scheduler.startqueue`).
 
 A pool whose site cannot hand instances over (``claim_support``) is not
 started: its launches are cold, and ``labgate doctor`` says why. A pool
@@ -54,6 +55,7 @@ from labgate.errors import LabgateError
 from labgate.scheduler import accounting
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
+from labgate.scheduler.startqueue import pool_may_start
 from labgate.security import new_id
 
 if TYPE_CHECKING:
@@ -362,12 +364,16 @@ class PoolManager:
         owner = session.get(User, self.user_id)
         if owner is None:
             raise RuntimeError(f"the pool account (user {self.user_id}) is gone")
+        where = session.scalar(select(Site).where(Site.name == site))
+        if where is not None and not pool_may_start(session, where, tool, self.manager.catalog):
+            # Behind a burst: user launches wait for the room; the pool refills after them.
+            raise LabgateError(f"site {site} has no start room to spare for the pool now")
         instance_id = new_id()
         instance = Instance(
             id=instance_id,
             owner_id=self.user_id,
             tool=tool.name,
-            site=session.scalar(select(Site).where(Site.name == site)),
+            site=where,
             state=InstanceState.pending,
             resources=resources.as_json(),
             secret=self.manager.box.new_secret(instance_id),

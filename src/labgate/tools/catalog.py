@@ -12,7 +12,9 @@ A tool file looks like::
     description = "..."
     supports_prefix = true
     health_path = "/api/health"
-    start_timeout = 30
+    start_timeout = 30      # seconds from the start of its process to a healthy answer
+    start_grace = 0         # more seconds while the process is alive and using CPU
+    start_cost = 0.25       # cores its start keeps busy (the site's start queue)
 
     [resources]
     cpu = 0.5
@@ -221,6 +223,10 @@ class Tool(BaseModel):
     supports_prefix: bool = True
     health_path: str = "/"
     start_timeout: float = Field(60.0, gt=0, le=3600)
+    #: Seconds more a start gets when its budget ends while the tool is alive and busy.
+    start_grace: float = Field(0.0, ge=0, le=3600)
+    #: Cores a start keeps busy: how much of its site's start capacity it takes.
+    start_cost: float = Field(1.0, gt=0, le=1024)
     idle_timeout: float = Field(3600.0, ge=0)
     #: Seconds an instance may run before it is stopped; 0: no limit of the tool's own.
     max_lifetime: float = Field(0.0, ge=0)

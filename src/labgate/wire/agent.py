@@ -199,6 +199,8 @@ class Hello(Message):
     boot: str
     backend: str
     snapshot_kind: str = ""
+    #: The site machine's CPU cores (0: not said): the default of its start capacity.
+    cores: int = Field(0, ge=0, le=1_000_000)
     #: Per tool of the catalog: why it cannot run here, or None when it can.
     tools: dict[str, str | None] = Field(default_factory=dict)
     #: Per tool: why running instances cannot be handed to users, or None when they can.

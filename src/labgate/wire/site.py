@@ -32,3 +32,21 @@ class Report:
 
 
 Reporter = Callable[[Report], Awaitable[None]]
+
+
+#: How a start failed, in the words its ``failed`` report starts with (``data.failure``).
+NEVER_STARTED = "never started"
+CRASHED = "crashed"
+NEVER_ANSWERED = "never answered"
+
+
+def start_failed(instance_id: str, kind: str, detail: str, *, log_tail: str = "") -> Report:
+    """A ``failed`` report that says which failure it was: never started, crashed or
+    never answered."""
+    return Report(
+        instance_id,
+        "failed",
+        message=f"{kind}: {detail}",
+        data={"failure": kind.replace(" ", "_")},
+        log_tail=log_tail,
+    )

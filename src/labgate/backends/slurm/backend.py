@@ -90,6 +90,8 @@ class SlurmBackend(Backend):
     tool_section = "process"
     tool_schema = ProcessSpec
     options_schema = SlurmOptions
+    #: Slurm queues jobs itself: the portal's start queue leaves Slurm sites alone.
+    queues_starts = True
 
     def __init__(self, settings: Settings | SiteSettings, options: JSON | None = None) -> None:
         super().__init__(settings, options)

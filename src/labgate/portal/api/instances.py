@@ -18,7 +18,14 @@ from labgate.db.models import Instance, InstanceEvent, InstanceShare, InstanceSt
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
-from labgate.portal.schemas import ActivityOut, EventOut, InstanceOut, LaunchIn, LogsOut
+from labgate.portal.schemas import (
+    ActivityOut,
+    EventOut,
+    InstanceOut,
+    LaunchIn,
+    LogsOut,
+    QueueOut,
+)
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.launch import LaunchRequest
@@ -70,7 +77,18 @@ def instance_out(
         options=dict(instance.options or {}),
         shared=shared,
         access=access,
+        queue=queue_out(portal, instance),
     )
+
+
+def queue_out(portal: Portal, instance: Instance) -> QueueOut | None:
+    """A queued instance's place in its site's start queue (as of the last dispatch)."""
+    if instance.state != InstanceState.queued or portal.manager is None:
+        return None
+    place = portal.manager.queue.place_of(instance.id)
+    if place is None:
+        return None
+    return QueueOut(site=place.site, position=place.position, estimate=round(place.estimate))
 
 
 def activity_out(portal: Portal, instance_id: str) -> ActivityOut | None:
@@ -126,7 +144,8 @@ async def launch(
     caller: Principal = require("instances:write"),
     portal: Portal = Depends(get_portal),
 ) -> InstanceOut:
-    """Launch a tool; the instance comes back ``pending`` and its events tell the rest."""
+    """Launch a tool; the instance comes back ``pending`` (or ``queued``, waiting for its
+    site's start room) and its events tell the rest."""
     request = LaunchRequest(
         tool=body.tool or "",
         resources=body.resources,
@@ -149,7 +168,9 @@ async def list_instances(
     state: Annotated[list[InstanceState] | None, Query()] = None,
     tool: str | None = None,
     user: str | None = None,
-    active: bool = Query(False, description="Only pending, starting, running, stopping."),
+    active: bool = Query(
+        False, description="Only queued, pending, starting, running, unreachable, stopping."
+    ),
     limit: int = Query(200, ge=1, le=1000),
     include_shared: bool = Query(True, alias="shared", description="And those shared with you."),
 ) -> list[InstanceOut]:
@@ -170,6 +191,7 @@ async def list_instances(
             stmt = stmt.where(
                 Instance.state.in_(
                     [
+                        InstanceState.queued,
                         InstanceState.pending,
                         InstanceState.starting,
                         InstanceState.running,

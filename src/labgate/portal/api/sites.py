@@ -50,6 +50,7 @@ from labgate.portal.state import Portal, get_portal
 from labgate.resolver.inventory import report_view
 from labgate.scheduler.placement import Usage
 from labgate.scheduler.sites import capacity_of, data_root_of, usage_by_site
+from labgate.scheduler.startqueue import start_capacity
 from labgate.security import hash_token, new_site_token
 from labgate.startup import options_problem
 from labgate.types import Strict
@@ -70,6 +71,12 @@ class CapacityIn(Strict):
     cpu: float = Field(0, ge=0, le=10**6, description="CPU cores in all.")
     memory: int = Field(0, ge=0, le=MAX_SIZE, description="Memory in all: bytes or 64G.")
     max_instances: int = Field(0, ge=0, le=10**6, description="Instances at once.")
+    starts: float | None = Field(
+        None,
+        ge=0,
+        le=10**6,
+        description="Cores for starting tools at once (unset: the site's cores; 0: no queue).",
+    )
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -152,6 +159,7 @@ def site_out(
         labels=site.labels,
         live=link.live if link is not None else False,
         capacity={"cpu": cap.cpu, "memory": cap.memory, "max_instances": cap.instances},
+        start_capacity=start_capacity(site) or 0,
         use={"cpu": used.cpu, "memory": used.memory, "instances": used.instances},
         data_root=data_root_of(site),
         inventory=report_view(report, now),

@@ -13,7 +13,8 @@ adds it), like a real tool should.
 Environment knobs make the test doubles of the style guide out of the same
 tool: ``DEMO_START_DELAY`` (seconds before listening: a slow tool),
 ``DEMO_NEVER_READY`` (health always 503), ``DEMO_CRASH`` (exit 3 at start,
-after printing a reason).
+after printing a reason), ``DEMO_BUSY_START`` (seconds of CPU work before
+listening: a tool still busy starting when its budget ends).
 
 It is its own HTTP/1.1 and WebSocket server, on the standard library alone:
 the demo is the tool labgate starts most often (every test, every benchmark),
@@ -385,6 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("DEMO_CRASH"):
         print("demo: crashing on purpose (DEMO_CRASH is set)", flush=True)
         sys.exit(3)
+    busy = float(os.environ.get("DEMO_BUSY_START", "0") or 0)
+    if busy > 0:
+        print(f"demo: working {busy}s before listening", flush=True)
+        until = time.monotonic() + busy
+        while time.monotonic() < until:
+            sum(range(10_000))
     delay = float(os.environ.get("DEMO_START_DELAY", "0") or 0)
     if delay > 0:
         print(f"demo: waiting {delay}s before listening", flush=True)

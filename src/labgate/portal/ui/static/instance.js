@@ -16,7 +16,7 @@
   const initial = root.dataset.state;
   // Only the owner is taken into the tool; an admin looking on stays here.
   const mine = root.dataset.owner === document.body.dataset.user;
-  const autoOpen = mine && (initial === "pending" || initial === "starting");
+  const autoOpen = mine && ["queued", "pending", "starting"].includes(initial);
   const $ = (selector) => document.getElementById(selector);
   const status = $("status");
   const STEPS = ["scheduled", "starting", "health", "ready"];
@@ -46,6 +46,9 @@
 
   function setState(next) {
     state = next;
+    // A launch can be called off while it waits or starts: a queued one leaves the queue at once.
+    const cancelRow = $("cancel-row");
+    if (cancelRow) cancelRow.hidden = !["queued", "pending", "starting"].includes(next);
     const badge = $("state");
     badge.textContent = next;
     badge.dataset.state = next;
@@ -67,16 +70,30 @@
     $("events").append(h("li", {}, lg.time(event.created_at, new Date(event.created_at).toLocaleTimeString()), " ", text));
   }
 
+  /* A place in the start queue, e.g. "Number 3 in the start queue; starting in about 40 s…". */
+  function queueText(place) {
+    const wait = place.estimate >= 90 ? `${Math.round(place.estimate / 60)} min` : `${place.estimate} s`;
+    return `Number ${place.position} in the start queue of site ${place.site}; starting in about ${wait}…`;
+  }
+
   function apply(event) {
     addEvent(event);
     if (event.kind === "progress") {
       if (event.data && event.data.warning) keep.refresh();
+      if (event.data && event.data.queue) {
+        say(status, queueText(event.data.queue));
+        return;
+      }
       if (/health/i.test(event.message)) upTo("health", "active");
       say(status, `${event.message[0].toUpperCase()}${event.message.slice(1)}…`);
       return;
     }
     setState(event.state);
     switch (event.state) {
+      case "queued":
+        upTo("scheduled", "active");
+        say(status, "Waiting in the site's start queue: other launches start first…");
+        break;
       case "pending":
         upTo("starting", "active");
         say(status, event.message ? `Scheduled: ${event.message}.` : "Scheduled.");
@@ -171,6 +188,20 @@
 
   $("retry").addEventListener("click", (event) => launchAgain(event.currentTarget));
   $("relaunch").addEventListener("click", (event) => launchAgain(event.currentTarget));
+  $("cancel")?.addEventListener("click", async (event) => {
+    const button = event.currentTarget;
+    lg.busy(button, "Cancelling…");
+    try {
+      const instance = await api("DELETE", `/instances/${encodeURIComponent(id)}`);
+      setState(instance.state);
+      ended(instance.state);
+    } catch (err) {
+      say(status, `Could not cancel: ${err.message}`);
+    } finally {
+      lg.idle(button);
+    }
+  });
+
   $("stop")?.addEventListener("click", async (event) => {
     const button = event.currentTarget;
     lg.busy(button, "Stopping…");

@@ -9,8 +9,8 @@
 
 window.labgate = (() => {
   const csrf = document.querySelector('meta[name="csrf-token"]')?.content || "";
-  const ACTIVE = new Set(["pending", "starting", "running", "unreachable", "stopping"]);
-  const TRANSITIONAL = new Set(["pending", "starting", "stopping"]);
+  const ACTIVE = new Set(["queued", "pending", "starting", "running", "unreachable", "stopping"]);
+  const TRANSITIONAL = new Set(["queued", "pending", "starting", "stopping"]);
 
   /* API details are lower-case phrases; on a page they read as sentences. */
   function sentence(text) {

@@ -1,0 +1,188 @@
+"""The start queue: a site starts at most its start capacity at once; the rest wait queued."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from helpers import (
+    ADMIN_PASSWORD,
+    PASSWORD,
+    serving,
+    stop_everything,
+    token_for,
+    wait_for_state,
+)
+from labgate.config import SiteCapacity, SiteConfig
+from labgate.db.models import Instance, InstanceEvent, Site
+from labgate.scheduler.startqueue import start_capacity
+from tools_fixtures import costly_tool
+
+
+@pytest.fixture
+def settings(settings):
+    (settings.tools_dir / "queued.toml").write_text(costly_tool("queued", 1))
+    # One core for starts: one start of "queued" at a time, the rest wait.
+    settings.sites = [SiteConfig(name="local", capacity=SiteCapacity(starts=1))]
+    settings.max_instances_per_user = 3
+    return settings
+
+
+async def launch(client: httpx.AsyncClient, headers: dict[str, str]) -> dict[str, Any]:
+    r = await client.post("/api/v1/instances", json={"tool": "queued"}, headers=headers)
+    assert r.status_code == 202, r.text
+    return dict(r.json())
+
+
+async def leaving_order(app: Any, ids: list[str]) -> list[str]:
+    """The instances in the order they left the queue (or started without queueing)."""
+
+    def query(session: Any) -> list[str]:
+        rows = session.scalars(
+            select(InstanceEvent)
+            .where(InstanceEvent.instance_id.in_(ids), InstanceEvent.state == "pending")
+            .order_by(InstanceEvent.id)
+        ).all()
+        return [row.instance_id for row in rows]
+
+    return list(await app.state.portal.run_db(query))
+
+
+async def starting_at_once(app: Any, ids: list[str]) -> int:
+    """The most instances that were pending or starting at the same moment."""
+
+    def query(session: Any) -> list[tuple[str, str]]:
+        rows = session.scalars(
+            select(InstanceEvent)
+            .where(InstanceEvent.instance_id.in_(ids), InstanceEvent.kind == "state")
+            .order_by(InstanceEvent.id)
+        ).all()
+        return [(row.instance_id, row.state.value) for row in rows]
+
+    busy: set[str] = set()
+    most = 0
+    for instance_id, state in await app.state.portal.run_db(query):
+        if state in ("pending", "starting"):
+            busy.add(instance_id)
+        else:
+            busy.discard(instance_id)
+        most = max(most, len(busy))
+    return most
+
+
+async def test_a_burst_waits_queued_with_places_and_all_start_one_at_a_time(app, client, make_user):
+    users = [await make_user(name) for name in ("ann", "ben", "cat", "dov")]
+    launched = await asyncio.gather(*(launch(client, user) for user in users))
+    states = sorted(body["state"] for body in launched)
+    assert states == ["pending", "queued", "queued", "queued"], launched
+    ids = [body["id"] for body in launched]
+    await asyncio.sleep(0.3)
+    places = []
+    for body, user in zip(launched, users, strict=True):
+        shown = (await client.get(f"/api/v1/instances/{body['id']}", headers=user)).json()
+        if shown["state"] == "queued":
+            assert shown["queue"]["site"] == "local"
+            assert shown["queue"]["estimate"] > 0
+            places.append(shown["queue"]["position"])
+    assert sorted(places) == list(range(1, len(places) + 1))
+    for body, user in zip(launched, users, strict=True):
+        done = await wait_for_state(client, user, body["id"], {"running", "failed"})
+        assert done["state"] == "running", done
+    assert await starting_at_once(app, ids) == 1
+    events = await app.state.portal.run_db(
+        lambda s: list(
+            s.scalars(select(InstanceEvent).where(InstanceEvent.instance_id.in_(ids))).all()
+        )
+    )
+    notes = [e for e in events if e.kind == "progress" and e.state.value == "queued"]
+    assert notes and all("start queue" in e.message for e in notes)
+    assert all({"position", "estimate", "site"} <= set(e.data["queue"]) for e in notes)
+    left = [e.message for e in events if e.state.value == "pending" and "left" in e.message]
+    assert len(left) == 3, left
+
+
+async def test_one_user_launching_many_does_not_push_others_back(app, client, make_user):
+    ann, ben, cat = [await make_user(name) for name in ("ann", "ben", "cat")]
+    first = [await launch(client, ann) for _ in range(3)]
+    others = [await launch(client, ben), await launch(client, cat)]
+    ids = [body["id"] for body in first + others]
+    for body in first + others:
+        headers = ann if body in first else (ben if body is others[0] else cat)
+        await wait_for_state(client, headers, body["id"], {"running"})
+    order = await leaving_order(app, ids)
+    # Round robin: every user's first waiting launch before anyone's second.
+    assert order == [first[0]["id"], first[1]["id"], others[0]["id"], others[1]["id"],
+                     first[2]["id"]]  # fmt: skip
+
+
+async def test_a_stop_leaves_the_queue_at_once_and_others_move_up(app, client, make_user):
+    ann, ben, cat = [await make_user(name) for name in ("ann", "ben", "cat")]
+    a, b, c = [await launch(client, user) for user in (ann, ben, cat)]
+    assert [a["state"], b["state"], c["state"]] == ["pending", "queued", "queued"]
+    r = await client.delete(f"/api/v1/instances/{b['id']}", headers=ben)
+    assert r.status_code == 202
+    assert r.json()["state"] == "stopped"  # nothing ever reached the site
+    stopped = (await client.get(f"/api/v1/instances/{b['id']}", headers=ben)).json()
+    assert stopped["state"] == "stopped" and stopped["started_at"] is None
+    await asyncio.sleep(0.3)
+    moved = (await client.get(f"/api/v1/instances/{c['id']}", headers=cat)).json()
+    if moved["state"] == "queued":
+        assert moved["queue"]["position"] == 1
+    assert (await wait_for_state(client, cat, c["id"], {"running"}))["state"] == "running"
+    backend = await app.state.portal.run_db(lambda s: s.get(Instance, b["id"]).backend_state)
+    assert backend == {}
+
+
+async def test_queued_launches_count_against_quotas(client, make_user):
+    ann = await make_user("ann")
+    bodies = [await launch(client, ann) for _ in range(3)]
+    assert [b["state"] for b in bodies].count("queued") >= 1
+    r = await client.post("/api/v1/instances", json={"tool": "queued"}, headers=ann)
+    assert r.status_code == 429, r.text
+
+
+async def test_queued_launches_survive_a_portal_restart_in_order(settings):
+    async with (
+        serving(settings) as first,
+        httpx.AsyncClient(base_url=first.state.test_url, timeout=30) as client,
+    ):
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        for name in ("ann", "ben", "cat"):
+            created = await client.post(
+                "/api/v1/users", json={"name": name, "password": PASSWORD}, headers=admin
+            )
+            assert created.status_code == 201
+        users = [await token_for(client, name, PASSWORD) for name in ("ann", "ben", "cat")]
+        bodies = [await launch(client, user) for user in users]
+        assert [b["state"] for b in bodies] == ["pending", "queued", "queued"]
+        await wait_for_state(client, users[0], bodies[0]["id"], {"running"})
+    # The portal is down; the queue is in the database. A new portal starts it, in order.
+    async with serving(settings) as second:
+        try:
+            async with httpx.AsyncClient(base_url=second.state.test_url, timeout=30) as client:
+                for body, user in zip(bodies, users, strict=True):
+                    done = await wait_for_state(client, user, body["id"], {"running", "failed"})
+                    assert done["state"] == "running", done
+            ids = [body["id"] for body in bodies]
+            assert await leaving_order(second, ids) == ids
+        finally:
+            await stop_everything(second)
+
+
+def test_start_capacity_defaults_to_the_cores_and_a_self_queueing_backend_has_none():
+    local = Site(name="here", backend="process", options={}, kind="local")
+    assert start_capacity(local) == float(os.cpu_count() or 1)
+    local.options = {"capacity": {"starts": 0}}
+    assert start_capacity(local) is None  # 0: no start queue
+    remote = Site(name="far", backend="process", options={}, kind="network")
+    remote.agent_info = {"cores": 16}
+    assert start_capacity(remote) == 16.0  # what its agent reported
+    slurm = Site(name="hpc", backend="slurm", options={}, kind="local")
+    assert start_capacity(slurm) is None  # Slurm queues jobs itself
+    slurm.options = {"capacity": {"starts": 4}}
+    assert start_capacity(slurm) == 4.0
