@@ -336,7 +336,7 @@ async def traffic(
     pids: dict[str, dict[str, int]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Small req/s, 1 MiB MiB/s, WebSocket round trips/s; CPU per small request of ``pids``."""
+    """Small req/s, 1 MiB MiB/s, WebSocket round trips/s; CPU per request and MiB of ``pids``."""
     header = f"Authorization: {serve.admin['Authorization']}"
     best: dict[str, dict[str, float]] = {site: {} for site in instances}
     runs: dict[str, list[dict[str, float]]] = {site: [] for site in instances}
@@ -351,8 +351,18 @@ async def traffic(
                 * 1e6
                 for who, pid in pids[site].items()
             }
+            cpu_before = {who: cpu_seconds(pid) for who, pid in pids[site].items()}
             big = await wrk(
                 f"{base}/api/download?path={BIG}", header, args.connections, args.duration
+            )
+            # Each response is 1 MiB: CPU per response is CPU per MiB.
+            cpu_us.update(
+                {
+                    f"{who}_cpu_us_per_mib": (cpu_seconds(pid) - cpu_before[who])
+                    / max(big.get("requests", 0), 1)
+                    * 1e6
+                    for who, pid in pids[site].items()
+                }
             )
             ws = await ws_echo(
                 serve.port,
@@ -643,28 +653,35 @@ def table(r: dict[str, Any]) -> str:
         f"{args['duration']:g} s runs, best of {args['rounds']}):",
         "",
         "| site | small req/s | 1 MiB MiB/s | WebSocket round trips/s "
-        "| serve CPU µs/req | agent CPU µs/req |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| serve CPU µs/req | agent CPU µs/req | serve CPU µs/MiB | agent CPU µs/MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def maybe(value: float | None) -> str:
+        return "" if value is None else f"{value:,.0f}"
+
     for site in SITES:
         b = best[site]
-        agent_cpu = b.get("agent_cpu_us_per_req")
         rows.append(
             f"| {site} | {b['small_rps']:,.0f} | {b['big_mib_s']:,.0f} | "
             f"{b['ws_roundtrips_s']:,.0f} | {b['serve_cpu_us_per_req']:.0f} | "
-            f"{'' if agent_cpu is None else f'{agent_cpu:.0f}'} |"
+            f"{maybe(b.get('agent_cpu_us_per_req'))} | "
+            f"{maybe(b.get('serve_cpu_us_per_mib'))} | {maybe(b.get('agent_cpu_us_per_mib'))} |"
         )
     d, t, lo = best["direct"], best["tunnel"], best["local"]
+    per_mib = ""
+    if d.get("serve_cpu_us_per_mib") and t.get("serve_cpu_us_per_mib"):
+        per_mib = f"{t['serve_cpu_us_per_mib'] / d['serve_cpu_us_per_mib']:.2f}x"
     rows.append(
         f"| tunnel / direct | {t['small_rps'] / d['small_rps']:.2f}x | "
         f"{t['big_mib_s'] / d['big_mib_s']:.2f}x | "
         f"{t['ws_roundtrips_s'] / d['ws_roundtrips_s']:.2f}x | "
-        f"{t['serve_cpu_us_per_req'] / d['serve_cpu_us_per_req']:.2f}x | |"
+        f"{t['serve_cpu_us_per_req'] / d['serve_cpu_us_per_req']:.2f}x | | {per_mib} | |"
     )
     rows.append(
         f"| direct / local | {d['small_rps'] / lo['small_rps']:.2f}x | "
         f"{d['big_mib_s'] / lo['big_mib_s']:.2f}x | "
-        f"{d['ws_roundtrips_s'] / lo['ws_roundtrips_s']:.2f}x | | |"
+        f"{d['ws_roundtrips_s'] / lo['ws_roundtrips_s']:.2f}x | | | | |"
     )
     if abs(d["small_rps"] / lo["small_rps"] - 1) < 0.15:
         rows += [

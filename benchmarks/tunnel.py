@@ -1,4 +1,5 @@
-"""Instance tunnel benchmark: an HTTP server reached directly and through the tunnel, one run.
+"""Instance tunnel benchmark: an HTTP server reached through the router directly and through
+the tunnel, one run.
 
 Everything runs on loopback and stops by itself::
 
@@ -6,14 +7,15 @@ Everything runs on loopback and stops by itself::
     .venv/bin/python benchmarks/tunnel.py --duration 2 --window 524288 --frame 32768
 
 Processes (all on uvloop): an HTTP/1.1 server (``/small`` answers 12 bytes,
-``/mib`` 1 MiB), the portal's tunnel end (a WebSocket server and one unix
-socket for the instance), the agent's tunnel end (dials the WebSocket,
-connects to the server) and a load client. The client keeps ``-c`` connections
-busy with one request at a time each (keep-alive), to the server's TCP port
-(direct) or to the unix socket (tunnel), for ``--duration`` seconds; it counts
-requests/s and MiB/s. ``--window`` and ``--frame`` override the tunnel's
-window and largest DATA payload in both ends, to choose them by measurement.
-Results: a table on stdout and JSON in benchmarks/results/tunnel-<time>.json.
+``/mib`` 1 MiB), the labgate router (the tunnel's near end: it takes the
+agent's data connection and has two routes, ``direct`` to the server's TCP
+port and ``tunnel`` through the data connection), the agent's tunnel end
+(dials the router with a ticket, connects to the server) and a load client.
+The client keeps ``-c`` connections busy with one request at a time each
+(keep-alive), for ``--duration`` seconds; it counts requests/s and MiB/s.
+``--window`` and ``--frame`` override the tunnel's window and largest DATA
+payload in both ends, to choose them by measurement. Results: a table on
+stdout and JSON in benchmarks/results/tunnel-<time>.json.
 """
 
 from __future__ import annotations
@@ -69,57 +71,34 @@ async def run_server(port_file: str) -> None:
 
 # --------------------------------------------------------------------------- tunnel ends
 def tune(window: int, frame: int) -> None:
-    from labgate.agent import tunnel_stream
+    from labgate.wire import tunnel
 
-    tunnel_stream.WINDOW = window
-    tunnel_stream.GRANT_AT = window // 4
-    tunnel_stream.MAX_DATA = frame
-
-
-async def run_portal(sock_path: str, port_file: str, window: int, frame: int) -> None:
-    from websockets.asyncio.server import serve
-
-    from labgate.agent.tunnel import PortalTunnel
-
-    tune(window, frame)
-    portal = PortalTunnel()
-
-    async def handler(ws: Any) -> None:
-        portal.attach(ws.send)
-        async for message in ws:
-            if isinstance(message, bytes):
-                await portal.feed(message)
-        portal.detach("gone")
-
-    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
-        await portal.serve("bench", sock_path)
-        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
-        await asyncio.Event().wait()
+    tunnel.WINDOW = window
+    tunnel.GRANT_AT = window // 4
+    tunnel.MAX_DATA = frame
 
 
-async def run_agent(ws_port: int, upstream: str, window: int, frame: int) -> None:
-    from websockets.asyncio.client import connect
-
-    from labgate.agent.tunnel import AgentTunnel
+async def run_agent(router_port: int, upstream: str, window: int, frame: int) -> None:
+    from labgate.agent.tunnel import dial
+    from labgate.security import TunnelTickets
 
     tune(window, frame)
-    agent = AgentTunnel({"bench": upstream}.get)
-    async with connect(f"ws://127.0.0.1:{ws_port}", compression=None) as ws:
-        agent.attach(ws.send)
-        async for message in ws:
-            if isinstance(message, bytes):
-                await agent.feed(message)
+    ticket = TunnelTickets(ROUTER_KEY).issue("bench", "e1", 3600)
+    agent = await dial(f"http://127.0.0.1:{router_port}", ticket, {"tunnel": upstream}.get)
+    await agent.closed
 
 
-async def run_router(port_file: str, direct: str, tunnel: str) -> None:
-    """The labgate router with two routes: ``direct`` (TCP) and ``tunnel`` (the unix socket)."""
+async def run_router(port_file: str, direct: str, window: int, frame: int) -> None:
+    """The labgate router with two routes: ``direct`` (TCP) and ``tunnel`` (site ``bench``)."""
     from labgate.router.server import Router
     from labgate.security import SessionSigner
     from labgate.wire.routes import Route, RouteTable, UserInfo
 
+    tune(window, frame)
     table = RouteTable()
-    routes = [Route("direct", f"http://{direct}", 1), Route("tunnel", tunnel, 1)]
+    routes = [Route("direct", f"http://{direct}", 1), Route("tunnel", "tunnel:bench/tunnel", 1)]
     table.load(users=[UserInfo(1, "bench")], routes=routes)
+    table.set_tunnel_site("bench", "e1")
     router = Router(table, SessionSigner(ROUTER_KEY, 3600), "unix:/nonexistent/portal.sock")
     await router.listen("127.0.0.1", 0)
     Path(port_file).write_text(str(router.port))
@@ -240,38 +219,24 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         try:
             procs.append(spawn("_server", str(work / "server.port")))
             direct = f"127.0.0.1:{wait_file(work / 'server.port')}"
-            sock = work / "socks" / "bench.sock"
             window, frame = str(args.window), str(args.frame)
-            procs.append(spawn("_portal", str(sock), str(work / "ws.port"), window, frame))
-            ws_port = wait_file(work / "ws.port")
-            procs.append(spawn("_agent", ws_port, f"http://{direct}", window, frame))
-            tunnel = f"unix:{sock}"
-            procs.append(spawn("_router", str(work / "router.port"), direct, tunnel))
-            router = f"127.0.0.1:{wait_file(work / 'router.port')}"
+            procs.append(spawn("_router", str(work / "router.port"), direct, window, frame))
+            router_port = wait_file(work / "router.port")
+            router = f"127.0.0.1:{router_port}"
+            procs.append(spawn("_agent", router_port, f"http://{direct}", window, frame))
             time.sleep(0.5)
             cookie = router_cookie()
             rows = []
-            for via in ("raw", "router"):
-                for name, path in (("small", "small"), ("1 MiB", "mib")):
-                    for conns in args.connections:
-                        row: dict[str, Any] = {"via": via, "response": name, "connections": conns}
-                        for _ in range(args.rounds):  # interleaved; the best round counts
-                            for mode in ("direct", "tunnel"):
-                                if via == "raw":
-                                    got = load(
-                                        direct if mode == "direct" else tunnel,
-                                        f"/{path}",
-                                        conns,
-                                        args.duration,
-                                    )
-                                else:
-                                    got = load(
-                                        router, f"/i/{mode}/{path}", conns, args.duration, cookie
-                                    )
-                                best = row.get(mode)
-                                if best is None or got["req_s"] > best["req_s"]:
-                                    row[mode] = got
-                        rows.append(row)
+            for name, path in (("small", "small"), ("1 MiB", "mib")):
+                for conns in args.connections:
+                    row: dict[str, Any] = {"via": "router", "response": name, "connections": conns}
+                    for _ in range(args.rounds):  # interleaved; the best round counts
+                        for mode in ("direct", "tunnel"):
+                            got = load(router, f"/i/{mode}/{path}", conns, args.duration, cookie)
+                            best = row.get(mode)
+                            if best is None or got["req_s"] > best["req_s"]:
+                                row[mode] = got
+                    rows.append(row)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -325,10 +290,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=0, help="tunnel window in bytes")
     parser.add_argument("--frame", type=int, default=0, help="largest DATA payload in bytes")
     args = parser.parse_args()
-    from labgate.agent import tunnel_stream
+    from labgate.wire import tunnel
 
-    args.window = args.window or tunnel_stream.WINDOW
-    args.frame = args.frame or tunnel_stream.MAX_DATA
+    args.window = args.window or tunnel.WINDOW
+    args.frame = args.frame or tunnel.MAX_DATA
     results = measure(args)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"tunnel-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -360,8 +325,6 @@ def _helper(name: str, argv: list[str]) -> None:
 
     if name == "_server":
         uvloop.run(run_server(argv[0]))
-    elif name == "_portal":
-        uvloop.run(run_portal(argv[0], argv[1], int(argv[2]), int(argv[3])))
     elif name == "_agent":
         uvloop.run(run_agent(int(argv[0]), argv[1], int(argv[2]), int(argv[3])))
     elif name == "_load":
@@ -369,7 +332,7 @@ def _helper(name: str, argv: list[str]) -> None:
         got = uvloop.run(run_load(target, path, int(conns), float(duration), cookie))
         print(json.dumps(got))
     elif name == "_router":
-        uvloop.run(run_router(*argv))
+        uvloop.run(run_router(argv[0], argv[1], int(argv[2]), int(argv[3])))
 
 
 if __name__ == "__main__":

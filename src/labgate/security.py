@@ -16,6 +16,11 @@ touches the database.
   ``sessions_valid_after`` (password change, disable).
 - CSRF: an HMAC of the session id, sent back in ``X-CSRF-Token`` (or a form
   field) on cookie-authenticated state changes.
+- Tunnel tickets: what a network site's agent shows the router to open its
+  instance tunnel's data connection (:class:`TunnelTickets`): an HMAC under a
+  key derived from the signing key, naming the site and the agent's control
+  connection, valid for a minute. The portal issues them; the router checks
+  them in memory.
 - Instance secrets (what the router sends a tool in ``Authorization``): random,
   stored sealed (AES-256-GCM under a key derived from the signing key, bound to
   the instance id) by :class:`SecretBox`, so the database alone opens no tool.
@@ -98,6 +103,47 @@ def router_token(key: str) -> str:
     """
     digest = hmac.new(key.encode(), b"labgate.router", hashlib.sha256).hexdigest()
     return ROUTER_TOKEN_PREFIX + digest
+
+
+TICKET_PREFIX = "lgt_"
+
+
+class TunnelTickets:
+    """Issues and checks tunnel tickets: ``lgt_<site>.<epoch>.<expires>.<mac>``.
+
+    ``epoch`` names one control connection of the site's agent; the router
+    also requires it to be the site's current one (the route feed says), so
+    a ticket dies with the connection it was issued on, at once, whatever its
+    expiry. Site names and epochs hold no dots (site names are slugs).
+    """
+
+    def __init__(self, key: str) -> None:
+        self._key = hmac.new(key.encode(), b"labgate.tunnel-tickets", hashlib.sha256).digest()
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, site: str, epoch: str, ttl: float, now: float | None = None) -> str:
+        """A ticket for ``site``'s control connection ``epoch``, valid for ``ttl`` seconds."""
+        if "." in site or "." in epoch:
+            raise ValueError("site names and epochs hold no dots")
+        expires = int((time.time() if now is None else now) + ttl)
+        body = f"{site}.{epoch}.{expires}"
+        return f"{TICKET_PREFIX}{body}.{self._mac(body)}"
+
+    def check(self, ticket: str, now: float | None = None) -> tuple[str, str] | None:
+        """``(site, epoch)`` of a genuine, unexpired ticket, else None."""
+        if not ticket.startswith(TICKET_PREFIX):
+            return None
+        body, _, mac = ticket[len(TICKET_PREFIX) :].rpartition(".")
+        parts = body.split(".")
+        if len(parts) != 3 or not parts[2].isdigit():
+            return None
+        if not hmac.compare_digest(self._mac(body), mac):
+            return None
+        if int(parts[2]) < (time.time() if now is None else now):
+            return None
+        return parts[0], parts[1]
 
 
 #: How a sealed instance secret starts; a plain one (``token_urlsafe``) never holds a dot.

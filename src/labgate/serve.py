@@ -57,7 +57,7 @@ def portal_server(app: FastAPI, socket_path: Path) -> uvicorn.Server:
         forwarded_allow_ips="*",
         lifespan="off",  # serve() runs the app's lifespan itself
         ws="websockets-sansio",
-        ws_per_message_deflate=False,  # agent connections carry tunnel bytes: no deflate
+        ws_per_message_deflate=False,  # agent connections: small JSON, deflate buys nothing
     )
     return _PortalServer(config)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 import websockets
 
 from helpers import TEST_SECRET_KEY
+from labgate.agent.tunnel import TunnelRefused, dial
 from labgate.security import SESSION_COOKIE
 from labgate.wire.agent import (
     CONNECT_PATH,
@@ -40,6 +42,7 @@ class Spy:
     ws: Any = None
     received: list[str] = field(default_factory=list)
     commands: list[dict] = field(default_factory=list)
+    tickets: list[str] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -67,6 +70,8 @@ async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
                 text = raw if isinstance(raw, str) else raw.decode(errors="replace")
                 spy.received.append(text)
                 message = json.loads(text)
+                if message.get("type") == "tunnel":
+                    spy.tickets.append(message["ticket"])
                 if message.get("type") == "command":
                     spy.commands.append(message)
                     await ws.send(dump(Result(id=message["id"], ok=True)))
@@ -142,3 +147,37 @@ async def test_an_agent_gets_its_instances_secrets_and_nobodys_credentials(
         async with asyncio.timeout(10):
             while not any(c["op"] == "stop" for c in east_spy.commands):
                 await asyncio.sleep(0.05)
+
+
+async def test_a_sites_tunnel_ticket_opens_only_its_own_door_and_dies_with_its_token(
+    app, client, admin_headers, router_url
+):
+    """The portal hands each tunneled site's agent tickets for its own data connections.
+
+    A ticket opens a data connection to the router for its site only while that
+    agent's control connection lives: rotating the site's token cuts the data
+    connection at once, and the ticket opens nothing any more.
+    """
+    east = await add_site(client, admin_headers, "east")
+    west = await add_site(client, admin_headers, "west")
+    table = app.state.portal.routes.table
+    async with (
+        spy_agent(app.state.test_url, "east", east) as east_spy,
+        spy_agent(app.state.test_url, "west", west) as west_spy,
+    ):
+        async with asyncio.timeout(10):
+            while not east_spy.tickets or not west_spy.tickets:
+                await asyncio.sleep(0.02)
+        assert set(table.tunnel_sites) == {"east", "west"}
+        tunnel = await dial(router_url, east_spy.tickets[-1], {}.get)
+        # A ticket names its site: east's opens east's door, never west's.
+        assert east_spy.tickets[-1].startswith("lgt_east.")
+        forged = west_spy.tickets[-1].replace("lgt_west.", "lgt_east.")
+        with pytest.raises(TunnelRefused, match="403"):
+            await dial(router_url, forged, {}.get)
+        rotated = await client.post("/api/v1/sites/east/token", headers=admin_headers)
+        assert rotated.status_code == 200, rotated.text
+        await asyncio.wait_for(asyncio.shield(tunnel.closed), 5)  # cut at once
+        assert "east" not in table.tunnel_sites and "west" in table.tunnel_sites
+        with pytest.raises(TunnelRefused, match="403"):
+            await dial(router_url, east_spy.tickets[-1], {}.get)

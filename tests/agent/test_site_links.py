@@ -46,12 +46,6 @@ class WsChannel:
         except websockets.ConnectionClosed as exc:
             raise ChannelClosed(str(exc)) from None
 
-    async def send_bytes(self, data: bytes) -> None:
-        try:
-            await self.ws.send(data)
-        except websockets.ConnectionClosed as exc:
-            raise ChannelClosed(str(exc)) from None
-
     async def receive(self) -> str | bytes:
         try:
             return await self.ws.recv()
@@ -131,7 +125,6 @@ async def network_link(
         lambda: [t.model_dump(mode="json") for t in catalog],
         heartbeat=heartbeat,
         command_timeout=10,
-        tunnel_dir=tmp / "tunnels",
     )
     hub.events = recorder
     await hub.register("edge", "process", "direct")
@@ -339,9 +332,6 @@ async def test_an_agent_for_another_site_is_refused(tmp_path, demo) -> None:
         async def send_text(self, data: str) -> None:
             assert Welcome.model_validate_json(data).site == "edge"
 
-        async def send_bytes(self, data: bytes) -> None:
-            pass
-
         async def receive(self) -> str:
             return Hello(
                 site="other", agent_version="x", boot="b", backend="process"
@@ -449,9 +439,6 @@ async def test_a_report_sent_again_is_applied_once(tmp_path, demo) -> None:
         async def send_text(self, data: str) -> None:
             if '"ack"' in data:
                 acks.append(data)
-
-        async def send_bytes(self, data: bytes) -> None:
-            pass
 
         async def receive(self) -> str:
             if script:

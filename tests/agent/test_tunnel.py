@@ -1,5 +1,5 @@
-"""The instance tunnel for real: a PortalTunnel and an AgentTunnel joined by a loopback
-WebSocket, real HTTP and WebSocket servers behind the agent, clients on the unix sockets."""
+"""The instance tunnel for real: a router, an agent's data connection dialled to it with a
+ticket, real HTTP and WebSocket servers behind the agent, clients through the router."""
 
 from __future__ import annotations
 
@@ -8,25 +8,25 @@ import contextlib
 import hashlib
 import logging
 import os
-import stat
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect, unix_connect
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
-from labgate.agent.tunnel import AgentTunnel, PortalTunnel
-from labgate.agent.tunnel_stream import MAX_DATA, WINDOW
+from labgate.agent.tunnel import AgentTunnel, TunnelDialer, TunnelRefused, dial
+from labgate.router.context import RouterOptions
 from labgate.router.server import Router
-from labgate.security import SESSION_COOKIE, SessionSigner
+from labgate.router.tunnel import SiteTunnel
+from labgate.security import SESSION_COOKIE, SessionSigner, TunnelTickets
 from labgate.wire.routes import Route, RouteTable, UserInfo
+from labgate.wire.tunnel import DATA, HEADER, MAX_DATA, OPEN, WINDOW
 
 MiB = 1 << 20
+KEY = "tunnel-test-key"
 # What one stream may hold at one end: a window not yet granted back, plus what
 # the local socket's write buffer held when credit was last granted (its
 # high-water mark, 64 KiB on asyncio), plus one frame.
@@ -39,8 +39,8 @@ BACKLOG_BOUND = 256 * 1024
 class Upstream:
     """A tiny HTTP/1.1 server on loopback, keep-alive.
 
-    ``GET /bytes/N`` answers N bytes (written with back-pressure), ``POST /sha``
-    the SHA-256 of the body, anything else ``hello <path>``.
+    ``GET .../bytes/N`` answers N bytes (written with back-pressure), ``POST`` the
+    SHA-256 of the body, anything else ``hello <path>``.
     """
 
     def __init__(self) -> None:
@@ -107,71 +107,15 @@ def content_length(head: bytes) -> int:
     return 0
 
 
-async def request(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes = b""
-) -> bytes:
-    """One request on a kept-alive connection; the response body."""
-    method = "POST" if body else "GET"
-    writer.write(
-        f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
-        + body
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 200 "), head
-    return await asyncio.wait_for(reader.readexactly(content_length(head)), 10)
-
-
-async def drain_body(reader: asyncio.StreamReader) -> int:
+async def drain_body(reader: asyncio.StreamReader, timeout: float = 10) -> int:
     """Read one response head and its whole body; the body's size."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    left = content_length(head)
-    total = 0
+    left = total = content_length(head)
     while left:
-        piece = await asyncio.wait_for(reader.read(min(left, MiB)), 10)
+        piece = await asyncio.wait_for(reader.read(MiB), timeout)
         assert piece, "connection closed early"
         left -= len(piece)
-        total += len(piece)
     return total
-
-
-# --------------------------------------------------------------------------- the tunnel
-@dataclass
-class Linked:
-    """Two tunnel ends joined by a loopback WebSocket."""
-
-    portal: PortalTunnel
-    agent: AgentTunnel
-    server: Server
-    client: ClientConnection
-    pump: asyncio.Task[None]
-    directory: Path
-    endpoints: dict[str, str] = field(default_factory=dict)
-
-    def path(self, instance_id: str) -> str:
-        return str(self.directory / f"{instance_id}.sock")
-
-    async def serve(self, instance_id: str) -> str:
-        await self.portal.serve(instance_id, self.path(instance_id))
-        return self.path(instance_id)
-
-    def cut(self) -> None:
-        """Lose the connection abruptly (no close handshake)."""
-        self.client.transport.abort()
-
-
-async def carry(
-    tunnel: PortalTunnel | AgentTunnel, ws: ServerConnection | ClientConnection
-) -> None:
-    """Hand every binary message to ``tunnel`` until the connection closes."""
-    tunnel.attach(ws.send)
-    try:
-        async for message in ws:
-            if isinstance(message, bytes):
-                await tunnel.feed(message)
-    except ConnectionClosed:
-        pass
-    finally:
-        tunnel.detach("connection closed")
 
 
 async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -181,38 +125,98 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None
         await asyncio.sleep(0.01)
 
 
+# --------------------------------------------------------------------------- the tunnel
+@dataclass
+class Linked:
+    """A router with site ``s`` (epoch ``e1``) and the agent's data connection to it."""
+
+    router: Router
+    table: RouteTable
+    agent: AgentTunnel
+    cookie: str
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.router.port}"
+
+    @property
+    def near(self) -> SiteTunnel:
+        """The router's end of the data connection."""
+        return self.router.ctx.site_tunnels.sites["s"][-1]
+
+    def route(self, instance_id: str, site: str = "s") -> str:
+        """Route ``/i/<instance_id>/`` through the tunnel of ``site``; its path prefix."""
+        self.table.add_route(Route(instance_id, f"tunnel:{site}/{instance_id}", 1))
+        return f"/i/{instance_id}"
+
+    async def client(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", self.router.port)
+
+    async def request(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        path: str,
+        body: bytes = b"",
+        status: int = 200,
+    ) -> bytes:
+        """One request on a kept-alive connection through the router; the response body."""
+        self.send(writer, path, body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 %d " % status), head
+        return await asyncio.wait_for(reader.readexactly(content_length(head)), 10)
+
+    def send(self, writer: asyncio.StreamWriter, path: str, body: bytes = b"") -> None:
+        method = "POST" if body else "GET"
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nCookie: {self.cookie}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    def cut(self) -> None:
+        """Lose the data connection abruptly."""
+        if self.agent.transport is not None:
+            self.agent.transport.abort()
+
+
+async def start_router(table: RouteTable, **options: object) -> Router:
+    signer = SessionSigner(KEY, 3600)
+    opts = RouterOptions(pool_idle_timeout=0.3, sweep_interval=0.1, **options)  # type: ignore[arg-type]
+    router = Router(table, signer, "unix:/nonexistent/portal.sock", opts)
+    return router
+
+
+def ticket(site: str = "s", epoch: str = "e1", ttl: float = 60) -> str:
+    return TunnelTickets(KEY).issue(site, epoch, ttl)
+
+
 LinkFactory = Callable[[], Awaitable[Linked]]
 
 
 @pytest.fixture
-async def make_link(tmp_path: Path) -> AsyncIterator[LinkFactory]:
+async def make_link() -> AsyncIterator[LinkFactory]:
     made: list[Linked] = []
 
     async def make() -> Linked:
-        portal = PortalTunnel()
+        table = RouteTable()
+        table.load(users=[UserInfo(1, "alice")])
+        table.set_tunnel_site("s", "e1")
+        router = await start_router(table)
+        await router.listen("127.0.0.1", 0)
         endpoints: dict[str, str] = {}
-        agent = AgentTunnel(endpoints.get)
-        server = await serve(lambda ws: carry(portal, ws), "127.0.0.1", 0, compression=None)
-        port = server.sockets[0].getsockname()[1]
-        client = await connect(f"ws://127.0.0.1:{port}", compression=None)
-        pump = asyncio.get_running_loop().create_task(carry(agent, client))
-        await wait_for(lambda: portal.connected)
-        linked = Linked(
-            portal, agent, server, client, pump, tmp_path / f"tun{len(made)}", endpoints
-        )
+        agent = await dial(f"http://127.0.0.1:{router.port}", ticket(), endpoints.get)
+        await wait_for(lambda: bool(router.ctx.site_tunnels.sites.get("s")))
+        cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+        linked = Linked(router, table, agent, cookie, endpoints)
         made.append(linked)
         return linked
 
     yield make
     for linked in made:
-        linked.portal.close()
         linked.agent.close()
-        await linked.client.close()
-        linked.server.close()
-        await linked.server.wait_closed()
-        linked.pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await linked.pump
+        await linked.router.close()
 
 
 @pytest.fixture
@@ -231,112 +235,141 @@ async def link(make_link: LinkFactory, upstream: Upstream) -> Linked:
 
 # --------------------------------------------------------------------------- tests
 async def test_http_keep_alive_through_the_tunnel(link: Linked, upstream: Upstream) -> None:
-    path = await link.serve("web")
-    reader, writer = await asyncio.open_unix_connection(path)
+    prefix = link.route("web")
+    reader, writer = await link.client()
     for n in range(20):
-        assert await request(reader, writer, f"/n/{n}") == f"hello /n/{n}".encode()
+        assert await link.request(reader, writer, f"{prefix}/n/{n}") == (
+            f"hello {prefix}/n/{n}".encode()
+        )
     body = os.urandom(5 * MiB)  # uploads are flow-controlled too
-    assert await request(reader, writer, "/sha", body) == hashlib.sha256(body).hexdigest().encode()
-    assert await request(reader, writer, "/last") == b"hello /last"
+    answer = await link.request(reader, writer, f"{prefix}/sha", body)
+    assert answer == hashlib.sha256(body).hexdigest().encode()
+    assert await link.request(reader, writer, f"{prefix}/last") == f"hello {prefix}/last".encode()
     assert upstream.connections == 1  # one stream, one connection to the instance
-    assert link.portal.streams_opened == link.agent.streams_opened == 1
+    assert link.near.streams_opened == link.agent.streams_opened == 1
     writer.close()
     await writer.wait_closed()
-    # Both ends forget the stream once both sides are done; the instance's socket closes.
-    await wait_for(lambda: not link.portal.streams and not link.agent.streams and not upstream.open)
-    assert link.portal.peak_backlog <= BACKLOG_BOUND
+    # Once the router lets the idle connection go, both ends forget the stream and the
+    # instance's socket closes.
+    await wait_for(lambda: not link.near.streams and not link.agent.streams and not upstream.open)
     assert link.agent.peak_buffered <= BUFFER_BOUND
+    assert link.near.peak_backlog <= BACKLOG_BOUND
 
 
 async def test_half_close_delivers_the_rest(link: Linked) -> None:
     """The client half-closes after its request: the answer still comes back whole."""
-    path = await link.serve("web")
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b"GET /bytes/3000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+    prefix = link.route("web")
+    reader, writer = await link.client()
+    link.send(writer, f"{prefix}/bytes/3000000")
     writer.write_eof()
-    assert await drain_body(reader) == 3_000_000
-    assert await asyncio.wait_for(reader.read(), 10) == b""  # the instance closed after EOF
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert content_length(head) == 3_000_000
+    assert len(await asyncio.wait_for(reader.readexactly(3_000_000), 10)) == 3_000_000
+    assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
 
 
-async def test_websocket_upgrade_echo(link: Linked) -> None:
+@pytest.fixture
+async def echo_url(link: Linked) -> AsyncIterator[str]:
+    """A WebSocket echo server behind the agent, routed as ``ws``: its URL through the router."""
+
     async def echo(ws: ServerConnection) -> None:
         async for message in ws:
             await ws.send(message)
 
     async with serve(echo, "127.0.0.1", 0) as instance:
         link.endpoints["ws"] = f"http://127.0.0.1:{instance.sockets[0].getsockname()[1]}"
-        path = await link.serve("ws")
-        async with unix_connect(path, "ws://instance/ws") as ws:
-            for n in range(50):
-                await ws.send(f"message {n}")
-                assert await asyncio.wait_for(ws.recv(), 10) == f"message {n}"
-            big = os.urandom(MiB // 2)
-            await ws.send(big)
-            assert await asyncio.wait_for(ws.recv(), 10) == big
+        yield f"ws://127.0.0.1:{link.router.port}{link.route('ws')}/ws"
+
+
+async def test_websocket_upgrade_echo(link: Linked, echo_url: str) -> None:
+    async with connect(echo_url, additional_headers={"Cookie": link.cookie}) as ws:
+        for n in range(50):
+            await ws.send(f"message {n}")
+            assert await asyncio.wait_for(ws.recv(), 10) == f"message {n}"
+        big = os.urandom(MiB // 2)
+        await ws.send(big)
+        assert await asyncio.wait_for(ws.recv(), 10) == big
+
+
+async def test_many_websockets_at_once(link: Linked, echo_url: str) -> None:
+    """Concurrent WebSockets, each echoing many small messages, while a download runs."""
+
+    async def one(n: int) -> None:
+        async with connect(echo_url, additional_headers={"Cookie": link.cookie}) as ws:
+            for i in range(100):
+                await ws.send(f"{n}:{i}")
+                assert await asyncio.wait_for(ws.recv(), 10) == f"{n}:{i}"
+
+    async def download() -> None:
+        reader, writer = await link.client()
+        link.send(writer, f"{link.route('web')}/bytes/{50 * MiB}")
+        assert await drain_body(reader) == 50 * MiB
+        writer.close()
+
+    await asyncio.gather(download(), *(one(n) for n in range(16)))
+    assert link.near.protocol_errors == link.agent.protocol_errors == 0
 
 
 async def test_large_download_bounded_memory(link: Linked, upstream: Upstream) -> None:
-    path = await link.serve("web")
-    reader, writer = await asyncio.open_unix_connection(path)
+    prefix = link.route("web")
+    reader, writer = await link.client()
     size = 200 * MiB
-    writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    started = time.monotonic()
+    link.send(writer, f"{prefix}/bytes/{size}")
     assert await drain_body(reader) == size
-    elapsed = time.monotonic() - started
     writer.close()
-    for end in (link.portal, link.agent):
+    for end in (link.near, link.agent):
         assert end.peak_buffered <= BUFFER_BOUND
         assert end.peak_backlog <= BACKLOG_BOUND
-        # Frames waiting for the connection: never more than one window of DATA.
-        assert end.peak_queued <= WINDOW + 64 * 1024
+    # What waits in the agent's data connection: never more than one window of DATA.
+    assert link.agent.peak_queued <= WINDOW + 64 * 1024
     assert link.agent.bytes_sent >= size
-    assert link.portal.bytes_received == link.agent.bytes_sent
-    logging.getLogger(__name__).info("200 MiB in %.2f s", elapsed)
+    assert link.near.bytes_received == link.agent.bytes_sent
 
 
 async def test_stalled_reader_does_not_stall_other_streams(
     link: Linked, upstream: Upstream
 ) -> None:
-    path = await link.serve("web")
-    slow_reader, slow_writer = await asyncio.open_unix_connection(path, limit=64 * 1024)
-    slow_writer.write(f"GET /bytes/{500 * MiB} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    prefix = link.route("web")
+    slow_reader, slow_writer = await asyncio.open_connection(
+        "127.0.0.1", link.router.port, limit=64 * 1024
+    )
+    slow_writer.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
+    )
+    link.send(slow_writer, f"{prefix}/bytes/{500 * MiB}")
     await asyncio.wait_for(slow_reader.readuntil(b"\r\n\r\n"), 10)  # then never reads again
     await asyncio.sleep(0.3)
     sent_when_stalled = upstream.bytes_sent
 
-    reader, writer = await asyncio.open_unix_connection(path)
+    reader, writer = await link.client()
     size = 100 * MiB
-    writer.write(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    assert await asyncio.wait_for(drain_body(reader), 30) == size
+    link.send(writer, f"{prefix}/bytes/{size}")
+    assert await drain_body(reader, timeout=30) == size
     writer.close()
 
-    # The stalled stream holds its window and no more, at both ends, and the
-    # instance could not push more than a little into it in the meantime.
-    slow_id = min(link.portal.streams)
+    # The stalled stream holds its window and no more at the agent, and the instance
+    # could not push more than a little into it in the meantime.
+    slow_id = min(link.near.streams)
     agent_stream = link.agent.streams[slow_id]
-    portal_stream = link.portal.streams[slow_id]
     assert agent_stream.read_paused and agent_stream.credit <= 0
     assert agent_stream.backlog_bytes <= BACKLOG_BOUND
-    assert portal_stream.transport is not None
-    assert portal_stream.transport.get_write_buffer_size() <= BUFFER_BOUND
-    assert link.portal.peak_buffered <= BUFFER_BOUND
+    assert link.near.streams[slow_id].write_paused  # the router holds back credit
     assert upstream.bytes_sent - sent_when_stalled <= size + 16 * MiB
     slow_writer.close()
-    await wait_for(lambda: not link.portal.streams and not link.agent.streams)
+    await wait_for(lambda: not link.near.streams and not link.agent.streams)
 
 
 async def test_unknown_instance_refused(
     link: Linked, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = await link.serve("elsewhere")  # the agent has no such instance
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    prefix = link.route("elsewhere")  # the agent has no such instance
+    reader, writer = await link.client()
     with caplog.at_level(logging.WARNING, logger="labgate.agent.tunnel"):
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        await link.request(reader, writer, f"{prefix}/", status=502)
     assert link.agent.streams_refused == 1
-    assert link.portal.streams_refused == 1
-    assert not link.portal.streams and not link.agent.streams
+    assert link.near.streams_refused == 1
+    assert not link.near.streams and not link.agent.streams
     assert "no instance elsewhere on this site" in caplog.text
     assert upstream.connections == 0
     writer.close()
@@ -344,125 +377,201 @@ async def test_unknown_instance_refused(
 
 async def test_unreachable_endpoint_refused(link: Linked) -> None:
     link.endpoints["down"] = "http://127.0.0.1:1"
-    path = await link.serve("down")
-    reader, writer = await asyncio.open_unix_connection(path)
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    assert link.portal.streams_refused == 1
+    prefix = link.route("down")
+    reader, writer = await link.client()
+    await link.request(reader, writer, f"{prefix}/", status=502)
+    assert link.near.streams_refused == 1
     writer.close()
 
 
 async def test_connection_loss_closes_every_stream(link: Linked, upstream: Upstream) -> None:
-    path = await link.serve("web")
-    idle_reader, idle_writer = await asyncio.open_unix_connection(path)
-    assert await request(idle_reader, idle_writer, "/one") == b"hello /one"
-    busy_reader, busy_writer = await asyncio.open_unix_connection(path)
-    busy_writer.write(f"GET /bytes/{1000 * MiB} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    prefix = link.route("web")
+    idle_reader, idle_writer = await link.client()
+    assert await link.request(idle_reader, idle_writer, f"{prefix}/one")
+    busy_reader, busy_writer = await link.client()
+    link.send(busy_writer, f"{prefix}/bytes/{1000 * MiB}")
     await asyncio.wait_for(busy_reader.readuntil(b"\r\n\r\n"), 10)
-    await wait_for(lambda: len(upstream.open) == 2)
+    await wait_for(lambda: len(upstream.open) >= 1)
+    near = link.near
 
     link.cut()
-    for reader in (idle_reader, busy_reader):
-        with contextlib.suppress(ConnectionError):
-            while await asyncio.wait_for(reader.read(MiB), 10):
-                pass
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(busy_reader.read(MiB), 10):
+            pass  # the download is cut short
     await wait_for(lambda: not upstream.open)  # the agent closed its instance connections
-    assert not link.portal.streams and not link.agent.streams
-    assert not link.portal.connected and not link.agent.connected
+    assert not near.streams and not link.agent.streams
+    assert not near.connected and not link.agent.connected
+    assert "s" not in link.router.ctx.site_tunnels.sites
 
-    # While the connection is down the socket stays, but what connects is closed at once.
-    assert Path(path).exists()
-    reader, writer = await asyncio.open_unix_connection(path)
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    writer.close()
+    # While the site is away the router answers 502 at once.
+    await link.request(idle_reader, idle_writer, f"{prefix}/again", status=502)
     for writer in (idle_writer, busy_writer):
         writer.close()
 
 
-async def test_unserve_removes_socket_and_streams(link: Linked) -> None:
-    path = await link.serve("web")
-    await link.portal.serve("web", path)  # idempotent
-    reader, writer = await asyncio.open_unix_connection(path)
-    assert await request(reader, writer, "/x") == b"hello /x"
-    await link.portal.unserve("web")
-    assert not Path(path).exists()
-    with contextlib.suppress(ConnectionError):
-        assert await asyncio.wait_for(reader.read(), 10) == b""
-    await wait_for(lambda: not link.agent.streams)
-    with pytest.raises(OSError):
-        await asyncio.open_unix_connection(path)
+async def test_a_closed_door_closes_the_data_connection(link: Linked, upstream: Upstream) -> None:
+    """The portal withdraws the site's epoch (token revoked, agent gone): cut at once."""
+    prefix = link.route("web")
+    reader, writer = await link.client()
+    assert await link.request(reader, writer, f"{prefix}/x")
+    link.table.set_tunnel_site("s", "e2")  # a new control connection: the old tunnel goes
+    await asyncio.wait_for(asyncio.shield(link.agent.closed), 5)
+    assert "s" not in link.router.ctx.site_tunnels.sites
+    await link.request(reader, writer, f"{prefix}/y", status=502)
+    # ... and the old epoch's tickets open nothing any more, even unexpired.
+    with pytest.raises(TunnelRefused, match="not the current one"):
+        await dial(link.url, ticket(epoch="e1"), link.endpoints.get)
+    again = await dial(link.url, ticket(epoch="e2"), link.endpoints.get)
+    link.table.remove_tunnel_site("s")
+    await asyncio.wait_for(asyncio.shield(again.closed), 5)
     writer.close()
 
 
-async def test_socket_permissions(link: Linked) -> None:
-    link.directory.mkdir(mode=0o755)  # a looser directory is tightened
-    path = await link.serve("web")
-    directory = os.stat(link.directory)
-    assert stat.S_IMODE(directory.st_mode) == 0o700
-    assert directory.st_uid == os.getuid()
-    socket_file = os.stat(path)
-    assert stat.S_ISSOCK(socket_file.st_mode)
-    assert stat.S_IMODE(socket_file.st_mode) == 0o600
-    link.portal.close()
-    assert not Path(path).exists()
+async def test_tickets_are_checked(link: Linked) -> None:
+    url = link.url
+    for bad in (
+        "",
+        "lgt_s.e1.9999999999.00",  # forged
+        ticket(ttl=-5),  # expired
+        TunnelTickets("another-key").issue("s", "e1", 60),  # another portal's key
+        ticket(site="t"),  # a site without an open door
+    ):
+        with pytest.raises(TunnelRefused, match="403"):
+            await dial(url, bad, link.endpoints.get)
+    assert link.router.ctx.site_tunnels.refused == 5
+    # A plain request to the path is no tunnel either.
+    reader, writer = await link.client()
+    await link.request(reader, writer, "/api/v1/agent/tunnel", status=403)
+    writer.close()
 
 
-async def test_router_proxies_through_the_tunnel(link: Linked, upstream: Upstream) -> None:
-    """The router needs nothing new: the route's upstream is the unix socket."""
-    path = await link.serve("web")
-    table = RouteTable()
-    table.load(users=[UserInfo(1, "alice")], routes=[Route("web", f"unix:{path}", 1)])
-    signer = SessionSigner("tunnel-test-key", 3600)
-    router = Router(table, signer, f"unix:{link.directory}/no-portal.sock")
-    await router.listen("127.0.0.1", 0)
-    cookie = {"Cookie": f"{SESSION_COOKIE}={signer.issue(1)[0]}"}
-    try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{router.port}", headers=cookie
-        ) as client:
-            for n in range(10):
-                response = await client.get(f"/i/web/n/{n}")
-                assert response.status_code == 200
-                assert response.content == f"hello /i/web/n/{n}".encode()
-            response = await client.get(f"/i/web/bytes/{20 * MiB}")
-            assert response.status_code == 200 and len(response.content) == 20 * MiB
-            link.cut()  # the router answers 502 while the site is away
-            await wait_for(lambda: not link.portal.connected)
-            response = await client.get("/i/web/again")
-            assert response.status_code == 502
-    finally:
-        await router.close()
+async def test_a_site_reaches_only_its_own_instances(link: Linked, upstream: Upstream) -> None:
+    """Site s's agent never sees a stream for another site's instance, even one it names."""
+    link.endpoints["theirs"] = upstream.url  # a lying agent that would connect anything
+    prefix = link.route("theirs", site="other")
+    reader, writer = await link.client()
+    await link.request(reader, writer, f"{prefix}/", status=502)  # other's tunnel is not up
+    assert link.agent.streams_opened == 0 and upstream.connections == 0
+    writer.close()
 
 
-async def test_a_peer_sending_beyond_its_credit_loses_the_stream(tmp_path: Path) -> None:
-    from labgate.agent.tunnel_stream import DATA, HEADER, OPEN
-
-    sent: list[bytes] = []
-
-    async def send(message: bytes) -> None:
-        sent.append(message)
-
-    portal = PortalTunnel(send)
-    path = str(tmp_path / "t" / "x.sock")
-    await portal.serve("x", path)
-    reader, writer = await asyncio.open_unix_connection(path)
-    async with asyncio.timeout(5):
-        while not sent:
-            await asyncio.sleep(0.01)
-    kind, stream_id, _ = HEADER.unpack_from(sent[0])
+async def test_a_peer_sending_beyond_its_credit_loses_the_stream(link: Linked) -> None:
+    """A lying agent floods a stream whose client reads nothing: it runs out of credit."""
+    link.agent.close()
+    await wait_for(lambda: not link.router.ctx.site_tunnels.sites)
+    raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", link.router.port)
+    raw_writer.write(
+        f"GET /api/v1/agent/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        f"Upgrade: labgate-tunnel\r\nAuthorization: Bearer {ticket()}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(raw_reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    prefix = link.route("web")
+    _reader, writer = await asyncio.open_connection("127.0.0.1", link.router.port, limit=1024)
+    link.send(writer, f"{prefix}/")
+    frame = await asyncio.wait_for(raw_reader.readexactly(HEADER.size), 5)
+    kind, stream_id, length = HEADER.unpack(frame)
     assert kind == OPEN
-    # A lying agent floods the stream while the local client reads nothing: credit is
-    # granted only for what the local socket took, so the flood runs out of it.
+    await raw_reader.readexactly(length)
+    near = link.near
     chunk = b"x" * MAX_DATA
-    frame = HEADER.pack(DATA, stream_id, len(chunk)) + chunk
-    for _ in range(256):  # 16 MiB, far more than a socket's buffers and one window
-        await portal.feed(frame)
-        if portal.protocol_errors:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n"
+    raw_writer.write(HEADER.pack(DATA, stream_id, len(answer)) + answer)
+    for _ in range(16 * MiB // MAX_DATA):  # 16 MiB, far more than the client's buffers and a window
+        raw_writer.write(HEADER.pack(DATA, stream_id, len(chunk)) + chunk)
+        await raw_writer.drain()
+        if near.protocol_errors:
             break
-    assert portal.protocol_errors == 1
-    assert stream_id not in portal.streams
-    async with asyncio.timeout(5):
-        received = await reader.read()
-    assert len(received) < 16 * MiB  # what was within its credit, then the end
+    await wait_for(lambda: near.protocol_errors == 1)
+    assert stream_id not in near.streams
+    raw_writer.close()
     writer.close()
-    portal.close()
+
+
+async def test_one_data_connection_per_router_process(upstream: Upstream) -> None:
+    """Two router processes share a port: the agent dials until it has one to each."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    table = RouteTable()
+    table.load(users=[UserInfo(1, "alice")], routes=[Route("web", "tunnel:s/web", 1)])
+    table.set_tunnel_site("s", "e1")
+    routers = [await start_router(table, worker_index=i, worker_count=2) for i in range(2)]
+    for router in routers:
+        await router.listen("127.0.0.1", port, reuse_port=True)
+    dialer = TunnelDialer(f"http://127.0.0.1:{port}", {"web": upstream.url}.get)
+    try:
+        dialer.update(ticket())
+        await wait_for(lambda: len(dialer.tunnels) == 2)
+        assert set(dialer.tunnels) == {"0/2", "1/2"}
+        cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+        for router in routers:
+            # Every router process reaches the instance through its own data connection.
+            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+            writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        # A lost data connection is dialled again.
+        next(iter(dialer.tunnels.values())).close()
+        await asyncio.sleep(0.05)
+        await wait_for(
+            lambda: len(dialer.tunnels) == 2 and all(t.connected for t in dialer.tunnels.values())
+        )
+    finally:
+        await dialer.stop()
+        for router in routers:
+            await router.close()
+
+
+async def test_frames_split_anywhere_are_read_whole() -> None:
+    """A data connection is a byte stream: frames arrive cut at any point, whole or several."""
+    import random
+
+    from labgate.wire.tunnel import TunnelEnd, TunnelStream
+
+    class Recorder(TunnelEnd):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, int, bytes]] = []
+
+        def control(
+            self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes
+        ) -> None:
+            self.seen.append((kind, stream_id, body))
+
+    class Collector:
+        """Stands in for a stream: what DATA it was handed."""
+
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def on_data(self, payload: memoryview) -> None:
+            self.data += payload
+
+    rng = random.Random(13)
+    frames = [(OPEN, n, os.urandom(rng.choice([0, 1, 9, 100, 5000]))) for n in range(1, 60)]
+    payloads = [os.urandom(rng.choice([1, 100, MAX_DATA // 2, MAX_DATA])) for _ in range(40)]
+    wire = b"".join(
+        HEADER.pack(k, n, len(b)) + b + HEADER.pack(DATA, 99, len(p)) + p
+        for (k, n, b), p in zip(frames, payloads * 2, strict=False)
+    )
+    expected = b"".join(payloads * 2)[: sum(len(p) for p in (payloads * 2)[: len(frames)])]
+    for cut in (1, 7, 4096, 100_000, 300_000):
+        end = Recorder()
+        end.attach(lambda data: None)
+        collector = Collector()
+        end.streams[99] = collector  # type: ignore[assignment]
+        offset = 0
+        while offset < len(wire):
+            step = rng.randint(1, cut)
+            end.feed(wire[offset : offset + step])
+            offset += step
+        assert end.seen == frames
+        assert collector.data == expected and end.bytes_received == len(expected)
+    liar = Recorder()
+    liar.attach(lambda data: None)
+    liar.feed(HEADER.pack(OPEN, 1, 1 << 30)[:5])
+    liar.feed(HEADER.pack(OPEN, 1, 1 << 30)[5:])  # a frame longer than any allowed
+    assert liar.protocol_errors == 1 and not liar.connected

@@ -25,7 +25,12 @@ def test_parse_upstream() -> None:
     assert parse_upstream("unix:/run/x.sock") == UpstreamAddress(path="/run/x.sock")
     assert str(parse_upstream("http://[::1]:81")) == "http://[::1]:81"
     assert str(parse_upstream("unix:/run/x.sock")) == "unix:/run/x.sock"
-    for bad in ("https://h:1", "http://h", "http://h:0", "http://h:99999", "unix:rel", "h:1/x", ""):
+    tunnel = parse_upstream("tunnel:east/abc")
+    assert tunnel == UpstreamAddress(site="east", instance="abc") and tunnel.is_tunnel
+    assert str(tunnel) == "tunnel:east/abc" and not tunnel.is_unix
+    assert tunnel.key != parse_upstream("tunnel:east/abd").key
+    bad_ones = ("https://h:1", "http://h", "http://h:0", "http://h:99999", "unix:rel", "h:1/x", "")
+    for bad in (*bad_ones, "tunnel:east", "tunnel:/abc", "tunnel:east/a/b"):
         with pytest.raises(ValueError):
             parse_upstream(bad)
 
@@ -95,6 +100,31 @@ def test_activity_users_merge_by_latest_request() -> None:
     merged = merge([Activity(1.0, users={7: 1.0, 8: 5.0}), Activity(2.0, users={7: 3.0})])
     assert merged.users == {7: 3.0, 8: 5.0}
     assert Activity.from_dict(json.loads(json.dumps(merged.to_dict()))) == merged
+
+
+def test_tunnel_sites_in_snapshots_streams_and_listeners() -> None:
+    from labgate.wire.stream import RoutePublisher, apply_message
+
+    table = RoutePublisher()
+    changed: list[str] = []
+    copy = RouteTable()
+    copy.on_tunnel_site_changed(changed.append)
+    table.set_tunnel_site("east", "e1")
+    table.set_tunnel_site("west", "w1")
+    copy.resync(json.loads(json.dumps(table.snapshot())))
+    assert copy.tunnel_sites == {"east": "e1", "west": "w1"}
+    assert sorted(changed) == ["east", "west"]
+    changed.clear()
+    for message in (
+        {"op": "set_tunnel_site", "site": "east", "epoch": "e2"},
+        {"op": "set_tunnel_site", "site": "east", "epoch": "e2"},  # again: no change
+        {"op": "remove_tunnel_site", "site": "west"},
+        {"op": "remove_tunnel_site", "site": "nowhere"},
+    ):
+        apply_message(copy, message)
+    assert copy.tunnel_sites == {"east": "e2"} and changed == ["east", "west"]
+    copy.resync({"version": 1})  # a snapshot without them: every door closes
+    assert copy.tunnel_sites == {} and changed[-1] == "east"
 
 
 def test_activity_log_and_merge() -> None:

@@ -10,6 +10,13 @@ is rotated or revoked.
 What a connection brings is handed up through :class:`SiteEvents` (the
 scheduler implements it): connected (with the hello), heartbeat, report,
 disconnected. The hub never touches the database.
+
+For a tunneled site the hub opens the instance tunnel's door at the router
+and no more: each connection gets a random *epoch*, published to the routers
+(``RouterControl.set_tunnel_site``) and withdrawn when the connection ends,
+and the agent gets tickets for it (:class:`~labgate.security.TunnelTickets`)
+after its hello and with every heartbeat. The tunnel's bytes go between the
+agent and the router (:mod:`labgate.router.tunnel`), never through here.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from labgate.agent import convert
 from labgate.agent.link import SiteLink
@@ -33,11 +40,16 @@ from labgate.wire.agent import (
     ProtocolError,
     ReportEnvelope,
     Result,
+    TunnelTicket,
     Welcome,
     dump,
     parse,
 )
+from labgate.wire.routes import RouterControl
 from labgate.wire.site import Report
+
+if TYPE_CHECKING:
+    from labgate.security import TunnelTickets
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +66,6 @@ class Channel(Protocol):
 
     async def send_text(self, data: str) -> None:
         """Send one text message."""
-
-    async def send_bytes(self, data: bytes) -> None:
-        """Send one binary message."""
 
     async def receive(self) -> str | bytes:
         """The next message; raises :class:`ChannelClosed` when the connection is gone."""
@@ -110,13 +119,20 @@ class SiteHub:
         *,
         heartbeat: float = 10.0,
         command_timeout: float = 30.0,
-        tunnel_dir: Path | None = None,
+        routes: RouterControl | None = None,
+        tickets: TunnelTickets | None = None,
     ) -> None:
         self.links = links
         self.tools = tools
         self.heartbeat = heartbeat
         self.command_timeout = command_timeout
-        self.tunnel_dir = tunnel_dir
+        #: Where tunneled sites' epochs are published (the routers follow it).
+        self.routes = routes
+        self.tickets = tickets
+        #: A tunnel ticket lives this long; a fresh one goes with every heartbeat.
+        self.ticket_ttl = max(30.0, heartbeat * 6)
+        #: The current epoch of each tunneled site whose agent is connected.
+        self.epochs: dict[str, str] = {}
         #: Set by the app: where connections, reports and losses go.
         self.events: SiteEvents | None = None
         self._connections: dict[str, _Connection] = {}
@@ -138,7 +154,6 @@ class SiteHub:
             backend,
             reach=reach,
             command_timeout=self.command_timeout,
-            tunnel_dir=self.tunnel_dir,
         )
 
     async def cut(self, name: str, reason: str) -> None:
@@ -177,12 +192,16 @@ class SiteHub:
         self._connections[site.name] = connection
         session: Session | None = None
         reason = "the connection closed"
+        epoch = ""
         try:
             hello = await self._handshake(site, channel)
             session = Session(send=channel.send_text, hello=hello)
             link.attach(session)
-            if link.tunnel is not None:
-                link.tunnel.attach(channel.send_bytes)
+            if link.reach == "tunnel" and self.routes is not None and self.tickets is not None:
+                epoch = secrets.token_hex(8)
+                self.epochs[site.name] = epoch
+                self.routes.set_tunnel_site(site.name, epoch)
+                await self._ticket(site.name, epoch, channel)
             log.info(
                 "site %s: agent %s connected from %s",
                 site.name,
@@ -190,7 +209,7 @@ class SiteHub:
                 hello.hostname,
             )
             self._spawn(self._connected(site.name, hello))
-            await self._run(site.name, link, session, channel)
+            await self._run(site.name, link, session, channel, epoch)
         except ChannelClosed:
             pass
         except ProtocolError as exc:
@@ -205,10 +224,13 @@ class SiteHub:
                 reason = connection.close_reason
             if self._connections.get(site.name) is connection:
                 del self._connections[site.name]
+            if epoch and self.epochs.get(site.name) == epoch:
+                # The door closes with the connection: the routers cut its data connections.
+                del self.epochs[site.name]
+                if self.routes is not None:
+                    self.routes.remove_tunnel_site(site.name)
             if session is not None:
                 link.detach(session, reason)
-                if link.tunnel is not None and link.session is None:
-                    link.tunnel.detach(reason)
                 if link.session is None and self.events is not None and not self._closing:
                     log.info("site %s: agent disconnected (%s)", site.name, reason)
                     self._spawn(self.events.site_disconnected(site.name, reason))
@@ -237,23 +259,28 @@ class SiteHub:
             )
         return message
 
+    async def _ticket(self, name: str, epoch: str, channel: Channel) -> None:
+        """Send the agent a fresh ticket for its tunnel's data connections."""
+        if self.tickets is not None:
+            ticket = self.tickets.issue(name, epoch, self.ticket_ttl)
+            await channel.send_text(dump(TunnelTicket(ticket=ticket)))
+
     async def _run(
-        self, name: str, link: NetworkSiteLink, session: Session, channel: Channel
+        self, name: str, link: NetworkSiteLink, session: Session, channel: Channel, epoch: str
     ) -> None:
         loop = asyncio.get_running_loop()
         heard = [loop.time()]  # when the agent was last heard from
-        beats = asyncio.create_task(self._beat(channel, heard), name=f"heartbeat-{name}")
-        tunnel = link.tunnel
+        beats = asyncio.create_task(
+            self._beat(name, channel, heard, epoch), name=f"heartbeat-{name}"
+        )
         try:
             while True:
-                # No timeout per message (tunnel frames are many): the heartbeat
-                # task closes a connection that is silent for three heartbeats.
+                # No timeout per message: the heartbeat task closes a connection
+                # that is silent for three heartbeats.
                 raw = await channel.receive()
                 heard[0] = loop.time()
                 if isinstance(raw, bytes):
-                    if tunnel is not None:
-                        tunnel.receive(raw)
-                    continue
+                    raise ProtocolError("a binary message (protocol 2 carries none)")
                 await self._message(name, link, session, channel, parse(raw))
         finally:
             beats.cancel()
@@ -275,7 +302,6 @@ class SiteHub:
             last = self._applied.get(name)
             if last is None or last[0] != boot or seq > last[1]:
                 report = convert.report_of(message.report)
-                await self._tunnel_follows(link, report)
                 if events is not None:
                     await events.site_report(name, report)
                 self._applied[name] = (boot, seq)
@@ -283,30 +309,8 @@ class SiteHub:
         else:
             raise ProtocolError(f"unexpected {type(message).__name__} from the agent")
 
-    async def _tunnel_follows(self, link: NetworkSiteLink, report: Report) -> None:
-        """A tunneled instance is served while it runs, and not after."""
-        if link.tunnel is None:
-            return
-        path = link.tunnel_path(report.instance_id)
-        if path is None:
-            return
-        if report.state in ("running", "starting") and report.kind == "state":
-            await link.tunnel.serve(report.instance_id, str(path))
-        elif report.state in ("stopped", "failed", "lost"):
-            await link.tunnel.unserve(report.instance_id)
-
-    async def serve_tunnels(self, name: str, instance_ids: list[str]) -> None:
-        """Listen for the router on behalf of these instances of a tunneled site."""
-        link = self.links.get(name)
-        if not isinstance(link, NetworkSiteLink) or link.tunnel is None:
-            return
-        for instance_id in instance_ids:
-            path = link.tunnel_path(instance_id)
-            if path is not None:
-                await link.tunnel.serve(instance_id, str(path))
-
-    async def _beat(self, channel: Channel, heard: list[float]) -> None:
-        """Send a heartbeat every interval; close the connection when the agent is silent."""
+    async def _beat(self, name: str, channel: Channel, heard: list[float], epoch: str) -> None:
+        """Send a heartbeat (and a fresh ticket) every interval; close a silent connection."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.heartbeat)
@@ -317,6 +321,8 @@ class SiteHub:
                 return
             with contextlib.suppress(Exception):
                 await channel.send_text(dump(Heartbeat(time=time.time())))
+                if epoch:
+                    await self._ticket(name, epoch, channel)
 
     async def _connected(self, name: str, hello: Hello) -> None:
         if self.events is not None:

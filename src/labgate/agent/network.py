@@ -18,14 +18,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent import convert
 from labgate.agent.fetch import FetchError
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.task_ops import TaskCalls
-from labgate.agent.tunnel import PortalTunnel
 from labgate.backends.claim import ClaimError
 from labgate.errors import LabgateError
 from labgate.wire.agent import Command, FetchedMsg, Hello, Result, SnapshotResultMsg, dump
@@ -102,7 +100,6 @@ class NetworkSiteLink(SiteLink):
         *,
         reach: str = "direct",
         command_timeout: float = 30.0,
-        tunnel_dir: Path | None = None,
     ) -> None:
         super().__init__(site, backend)
         self.reach = reach
@@ -110,9 +107,6 @@ class NetworkSiteLink(SiteLink):
         self.session: Session | None = None
         #: The last hello: what the site can run; kept while the agent is away.
         self.hello: Hello | None = None
-        #: Instance traffic through the agent's connection (``reach = "tunnel"``).
-        self.tunnel = PortalTunnel() if reach == "tunnel" else None
-        self.tunnel_dir = tunnel_dir
         #: What the agent's last heartbeat said keeps the site from working ("" none).
         self.reported_health = ""
 
@@ -143,11 +137,9 @@ class NetworkSiteLink(SiteLink):
             return f"the agent of site {self.site} is not connected"
         return self.reported_health or None
 
-    def tunnel_path(self, instance_id: str) -> Path | None:
-        """The unix socket the router connects to for a tunneled instance, or None (direct)."""
-        if self.tunnel is None or self.tunnel_dir is None:
-            return None
-        return self.tunnel_dir / f"{instance_id}.sock"
+    def tunnel_upstream(self, instance_id: str) -> str | None:
+        """The router's upstream for a tunneled instance (``tunnel:SITE/ID``), or None (direct)."""
+        return f"tunnel:{self.site}/{instance_id}" if self.reach == "tunnel" else None
 
     async def call(self, op: str, args: dict[str, Any], wait: float | None = None) -> Any:
         """Send one command and wait for its result (or fail after ``wait`` seconds)."""
@@ -305,5 +297,3 @@ class NetworkSiteLink(SiteLink):
         """Portal shutdown: fail waiting commands; the agent reconnects to the next portal."""
         if self.session is not None:
             self.detach(self.session, "the portal is shutting down")
-        if self.tunnel is not None:
-            self.tunnel.close("the portal is shutting down")

@@ -10,7 +10,9 @@ database and no portal secret.
 Per connection: the portal's welcome says what the site is and what the
 catalog holds; the agent builds its backend on the first one, answers with
 a hello (what it can run and every instance it holds), then runs commands
-and sends reports and heartbeats. Commands are idempotent by id; reports
+and sends reports and heartbeats; for a tunneled site it dials the tunnel's
+data connections to the router with the tickets the portal sends
+(:class:`~labgate.agent.tunnel.TunnelDialer`). Commands are idempotent by id; reports
 wait in an outbox until the portal acknowledges them, and go again after a
 reconnect. A refused token ends the agent (exit status 2): a revoked site
 must not keep knocking.
@@ -37,7 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from labgate import __version__
 from labgate.agent import convert, task_ops
 from labgate.agent.site import SiteAgent
-from labgate.agent.tunnel import AgentTunnel
+from labgate.agent.tunnel import TunnelDialer
 from labgate.errors import LabgateError
 from labgate.tools.catalog import Tool
 from labgate.wire.agent import (
@@ -55,6 +57,7 @@ from labgate.wire.agent import (
     Result,
     SnapshotRefMsg,
     SnapshotRequestMsg,
+    TunnelTicket,
     Welcome,
     dump,
     parse,
@@ -107,6 +110,7 @@ class RemoteAgent:
         reconnect_max: float = 30.0,
     ) -> None:
         self.url = connect_url(portal)
+        self.portal = portal
         self.token = token
         self.make_agent = make_agent
         self.reconnect_base = reconnect_base
@@ -115,7 +119,8 @@ class RemoteAgent:
         self.agent: SiteAgent | None = None
         self.welcome: Welcome | None = None
         self.tools: dict[str, Tool] = {}
-        self.tunnel = AgentTunnel(self._endpoint_of)
+        #: The instance tunnel's data connections to the router (tunneled sites).
+        self.tunnel = TunnelDialer(portal, self._endpoint_of)
         self.connections = 0
         self._ws: ClientConnection | None = None
         #: The connection reports go on directly: set once the hello and the outbox went.
@@ -147,9 +152,9 @@ class RemoteAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), pause)
         finally:
+            await self.tunnel.stop()
             if self.agent is not None:
                 await self.agent.close()
-            self.tunnel.detach("the agent is stopping")
 
     async def stop(self) -> None:
         """End the loop; instances keep running."""
@@ -164,7 +169,7 @@ class RemoteAgent:
                 self.url,
                 additional_headers=headers,
                 max_size=MAX_MESSAGE,
-                compression=None,  # tunnel bytes would pay deflate on every byte
+                compression=None,  # small JSON messages: deflate buys nothing
                 ping_interval=None,  # the protocol's own heartbeats watch the connection
                 open_timeout=15,
                 user_agent_header=f"labgate-agent/{__version__}",
@@ -190,7 +195,7 @@ class RemoteAgent:
             log.warning("agent: connection closed (%s)", exc)
         finally:
             self._ws = None
-            self.tunnel.detach("the connection to the portal closed")
+            await self.tunnel.stop()
 
     async def _session(self, ws: ClientConnection) -> None:
         welcome = parse(await asyncio.wait_for(ws.recv(), 30))
@@ -211,22 +216,19 @@ class RemoteAgent:
                 await ws.send(dump(ReportEnvelope(seq=seq, report=convert.report_msg(report))))
                 sent = seq
         self._reporting = ws
-        self.tunnel.attach(ws.send)
         loop = asyncio.get_running_loop()
         heard = [loop.time()]
         beats = asyncio.create_task(self._beat(ws, welcome.heartbeat, heard))
-        tunnel = self.tunnel
         try:
             while not self._stopping.is_set():
                 # No timeout per message: the heartbeat task closes a silent connection.
                 raw = await ws.recv()
                 heard[0] = loop.time()
-                if isinstance(raw, bytes):
-                    tunnel.receive(raw)
-                    continue
                 message = parse(raw)
                 if isinstance(message, Command):
                     self._command(ws, message)
+                elif isinstance(message, TunnelTicket):
+                    self.tunnel.update(message.ticket)
                 elif isinstance(message, ReportEnvelope | Heartbeat):
                     continue
                 elif message.type == "ack":

@@ -1,42 +1,17 @@
-"""The instance tunnel: byte streams to a site's instances over the agent's one connection.
+"""The agent's end of the instance tunnel: data connections to the router, streams to instances.
 
-For a site with ``reach = "tunnel"`` nothing can connect into the site, so the
-router reaches its instances through the connection the agent dialled out.
-The router itself does not know: the portal listens on one unix socket per
-instance (:class:`PortalTunnel`) and the route's upstream is ``unix:<path>``.
-Every connection accepted there becomes one *stream*; the agent
-(:class:`AgentTunnel`) opens a connection to the instance's endpoint, as its
-own records say, and bytes flow both ways. HTTP keep-alive, WebSocket upgrades
-and long downloads need nothing more than a byte stream.
+For a site with ``reach = "tunnel"`` the router reaches instances through
+*data connections* the agent dials out to the router's public port (the
+format and flow control are :mod:`labgate.wire.tunnel`; the router's end is
+:mod:`labgate.router.tunnel`). The portal hands the agent a short-lived
+ticket over the control connection (:class:`~labgate.wire.agent.TunnelTicket`);
+:class:`TunnelDialer` keeps one data connection per router process with it,
+redialling after any loss while the control connection lives.
 
-Frames ride in binary WebSocket messages beside the text messages of the
-control protocol. A frame is ``>BII`` (type, stream id, payload length) and
-its payload; frames queued together go out in one message (up to
-:data:`MAX_MESSAGE` bytes, plus one frame), which spares the connection a
-message per frame when many streams are busy. Stream ids are chosen by the
-portal.
-
-======== ============ ==============================================
-type     direction    payload
-======== ============ ==============================================
-OPEN     portal→agent JSON ``{"instance_id": ...}``
-OPENED   agent→portal none
-REFUSED  agent→portal the reason, UTF-8
-DATA     both         bytes (at most :data:`MAX_DATA`)
-WINDOW   both         ``>I``: credit in bytes
-EOF      both         none: the sender is done writing (half-close)
-CLOSE    both         none: the stream is over, both ways (abort)
-======== ============ ==============================================
-
-Flow control is per stream, as in HTTP/2 or SSH: a side may have at most
-:data:`WINDOW` bytes of DATA sent and not yet granted back. The receiver
-grants credit once it has handed data to its local socket and that socket's
-write buffer is below its high-water mark; a sender out of credit stops
-reading its local socket. So one slow reader stalls only its own stream, the
-shared connection never waits on it, and each stream holds at most about one
-window in memory at each end. A peer that sends beyond its credit loses the
-stream. The portal sends DATA right after OPEN (no round trip per stream);
-the agent holds it until the instance's connection is up.
+On each data connection (:class:`AgentTunnel`) the router opens streams;
+the agent opens a connection to the instance's endpoint, as its own records
+say (the router never names an address), and refuses streams to instances
+it does not hold.
 """
 
 from __future__ import annotations
@@ -45,282 +20,133 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import stat
-from collections import deque
-from collections.abc import Awaitable, Callable
+import ssl
+from collections.abc import Callable
+from urllib.parse import urlsplit
 
-from labgate.agent.tunnel_stream import (
-    CLOSE,
-    CREDIT,
-    DATA,
-    EOF,
-    HEADER,
-    MAX_MESSAGE,
+from labgate.wire.routes import parse_upstream
+from labgate.wire.tunnel import (
     OPEN,
     OPENED,
     REFUSED,
-    WINDOW_UPDATE,
+    TUNNEL_PATH,
+    UPGRADE,
+    WORKER_HEADER,
+    TunnelEnd,
     TunnelStream,
+    roomy,
 )
-from labgate.wire.routes import parse_upstream
 
-__all__ = ["AgentTunnel", "PortalTunnel", "TunnelEnd", "TunnelStream"]
+__all__ = ["AgentTunnel", "TunnelDialer", "TunnelRefused"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds the agent waits for an instance to accept a connection.
 CONNECT_TIMEOUT = 10.0
+#: Seconds a data connection may take to open (TCP, TLS and the router's answer).
+DIAL_TIMEOUT = 15.0
+#: Largest answer head the router sends before switching.
+MAX_ANSWER = 16 * 1024
 
-Send = Callable[[bytes], Awaitable[None]]
-
-
-class TunnelEnd:
-    """One end of the tunnel: the streams carried by one agent connection.
-
-    ``send`` puts one frame on the connection (in order); give it here or with
-    :meth:`attach`. Hand every binary message received to :meth:`feed`; call
-    :meth:`detach` (or :meth:`close`) when the connection is gone.
-    """
-
-    def __init__(self, send: Send | None = None) -> None:
-        self.streams: dict[int, TunnelStream] = {}
-        self._send: Send | None = None
-        self._outgoing: deque[tuple[bytes, bytes | memoryview]] = deque()
-        self._wakeup: asyncio.Future[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        # Counters, for metrics and tests.
-        self.streams_opened = 0
-        self.streams_refused = 0
-        self.bytes_sent = 0  # DATA payload bytes put on the connection
-        self.bytes_received = 0  # DATA payload bytes taken off it
-        self.messages_sent = 0
-        self.messages_received = 0
-        self.protocol_errors = 0
-        self.queued_bytes = 0  # frames waiting for the connection
-        self.peak_queued = 0
-        self.peak_buffered = 0  # largest write buffer of a local socket seen
-        self.peak_backlog = 0  # largest local read held back for want of credit
-        if send is not None:
-            self.attach(send)
-
-    @property
-    def connected(self) -> bool:
-        """Whether a connection carries the streams now."""
-        return self._send is not None
-
-    def attach(self, send: Send) -> None:
-        """Carry streams on a (new) connection from now on."""
-        self._send = send
-
-    def detach(self, reason: str) -> None:
-        """The connection is gone: close every stream and its local socket at once."""
-        self._send = None
-        self._outgoing.clear()
-        self.queued_bytes = 0
-        if self._writer is not None:
-            self._writer.cancel()
-            self._writer = None
-        for stream in list(self.streams.values()):
-            stream.abort()
-        self.streams.clear()
-        if reason:
-            log.debug("tunnel: connection gone (%s)", reason)
-
-    def close(self, reason: str = "closed") -> None:
-        """Close the tunnel end (the connection is gone)."""
-        self.detach(reason)
-
-    # ----------------------------------------------------------------- sending
-    def put(self, kind: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
-        """Queue one frame for the connection (dropped when there is none)."""
-        if self._send is None:
-            return
-        self._outgoing.append((HEADER.pack(kind, stream_id, len(payload)), payload))
-        self.queued_bytes += HEADER.size + len(payload)
-        if self.queued_bytes > self.peak_queued:
-            self.peak_queued = self.queued_bytes
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write())
-        elif self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-
-    async def _write(self) -> None:
-        """Put queued frames on the connection in order, those queued together in one message."""
-        loop = asyncio.get_running_loop()
-        outgoing = self._outgoing
-        while True:
-            while outgoing:
-                send = self._send
-                if send is None:
-                    return
-                parts: list[bytes | memoryview] = []
-                size = 0
-                while outgoing and size < MAX_MESSAGE:
-                    header, payload = outgoing.popleft()
-                    parts.append(header)
-                    if payload:
-                        parts.append(payload)
-                    size += HEADER.size + len(payload)
-                self.queued_bytes -= size
-                self.messages_sent += 1
-                try:
-                    await send(b"".join(parts) if len(parts) > 1 else bytes(parts[0]))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._writer = None  # detach must not cancel this task
-                    self.detach(f"send failed: {exc!r}")
-                    return
-            self._wakeup = loop.create_future()
-            await self._wakeup
-            self._wakeup = None
-
-    # ----------------------------------------------------------------- receiving
-    async def feed(self, message: bytes) -> None:
-        """Handle one binary message received on the connection (one or more frames)."""
-        self.receive(message)
-
-    def receive(self, message: bytes) -> None:
-        """:meth:`feed` without the coroutine (nothing here waits)."""
-        self.messages_received += 1
-        view = memoryview(message)
-        offset, size = 0, len(message)
-        while offset < size:
-            if size - offset < HEADER.size:
-                self._violation("a frame shorter than its header")
-                return
-            kind, stream_id, length = HEADER.unpack_from(message, offset)
-            offset += HEADER.size
-            if offset + length > size:
-                self._violation("a frame longer than its message")
-                return
-            payload = view[offset : offset + length]
-            offset += length
-            stream = self.streams.get(stream_id)
-            if kind == DATA:
-                if stream is not None:
-                    self.bytes_received += length
-                    stream.on_data(payload)
-            elif kind == WINDOW_UPDATE:
-                if stream is not None and length == CREDIT.size:
-                    stream.on_credit(CREDIT.unpack_from(payload)[0])
-            elif kind == EOF:
-                if stream is not None:
-                    stream.on_eof()
-            elif kind == CLOSE:
-                if stream is not None:
-                    stream.on_close()
-            else:
-                self.control(kind, stream_id, stream, bytes(payload))
-
-    def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
-        """Handle a frame type only one side takes (OPEN, OPENED, REFUSED)."""
-        self._violation(f"unexpected frame type {kind} for stream {stream_id}")
-
-    def _violation(self, what: str) -> None:
-        self.protocol_errors += 1
-        log.warning("tunnel: protocol error from the peer: %s", what)
-
-    def opening(self, stream: TunnelStream) -> bool:
-        """A local connection came in for ``stream``; False: refuse it (only the portal opens)."""
-        return False
-
-    def forget(self, stream: TunnelStream) -> None:
-        """Drop a finished stream."""
-        if self.streams.get(stream.id) is stream:
-            del self.streams[stream.id]
+Resolve = Callable[[str], str | None]
 
 
-class PortalTunnel(TunnelEnd):
-    """The portal's end: one unix socket per tunneled instance, one stream per connection."""
-
-    def __init__(self, send: Send | None = None) -> None:
-        super().__init__(send)
-        self.servers: dict[str, tuple[str, asyncio.AbstractServer]] = {}
-        self._next_id = 0
-
-    async def serve(self, instance_id: str, path: str) -> None:
-        """Listen on ``path`` for ``instance_id`` (its directory is made 0700); idempotent."""
-        if instance_id in self.servers:
-            return
-        directory = os.path.dirname(path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        os.chmod(directory, 0o700)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # left by an earlier run
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: self._accept(instance_id), path)
-        os.chmod(path, 0o600)
-        self.servers[instance_id] = (path, server)
-
-    async def unserve(self, instance_id: str) -> None:
-        """Stop listening for ``instance_id``: remove its socket file, abort its streams."""
-        entry = self.servers.pop(instance_id, None)
-        if entry is None:
-            return
-        path, server = entry
-        server.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        for stream in [s for s in self.streams.values() if s.instance_id == instance_id]:
-            stream.reset()
-
-    def close(self, reason: str = "closed") -> None:
-        """Close every stream and every listener (their socket files are removed)."""
-        super().close(reason)
-        for path, server in self.servers.values():
-            server.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self.servers.clear()
-
-    def _accept(self, instance_id: str) -> TunnelStream:
-        self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        while self._next_id in self.streams:  # after 2**32 streams
-            self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        return TunnelStream(self, self._next_id, instance_id, opening=True)
-
-    def opening(self, stream: TunnelStream) -> bool:
-        """A local connection came in: announce its stream (False: no connection, refuse)."""
-        if self._send is None:
-            return False
-        self.streams[stream.id] = stream
-        self.streams_opened += 1
-        self.put(OPEN, stream.id, json.dumps({"instance_id": stream.instance_id}).encode())
-        return True
-
-    def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
-        if kind == OPENED:
-            return
-        if kind == REFUSED:
-            if stream is not None:
-                self.streams_refused += 1
-                log.info(
-                    "tunnel: agent refused a stream to %s: %s",
-                    stream.instance_id,
-                    body.decode("utf-8", "replace"),
-                )
-                stream.refused()
-            return
-        super().control(kind, stream_id, stream, body)
+class TunnelRefused(Exception):
+    """The router did not take the data connection (its answer says why)."""
 
 
-class AgentTunnel(TunnelEnd):
-    """The agent's end: opens a connection to the instance for every OPEN.
+class AgentTunnel(TunnelEnd, asyncio.Protocol):
+    """One data connection, on the agent's side: opens a connection to the instance per OPEN.
 
     ``resolve(instance_id)`` is the agent's own record of the instance's
-    endpoint (``http://HOST:PORT`` or ``unix:/path``), None when it has none;
-    the portal never names an address.
+    endpoint (``http://HOST:PORT`` or ``unix:/path``), None when it has none.
+    The connection starts with the upgrade request; :attr:`switched` resolves
+    to the router's worker (``i/N``) once it answered 101.
     """
 
-    def __init__(self, resolve: Callable[[str], str | None], send: Send | None = None) -> None:
-        super().__init__(send)
+    def __init__(self, resolve: Resolve) -> None:
+        super().__init__()
         self.resolve = resolve
+        self.transport: asyncio.Transport | None = None
         self._connecting: dict[int, asyncio.Task[None]] = {}
+        self._head = b""
+        self.worker = ""
+        loop = asyncio.get_running_loop()
+        self.switched: asyncio.Future[str] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
 
+    # --- the data connection -----------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport; the caller sends the upgrade request."""
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        """The router's answer, then frames."""
+        if self._write is not None:
+            self.feed(data)
+            return
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_ANSWER:
+                self._refused("an answer head too large")
+            return
+        head, rest = self._head[:end], self._head[end + 4 :]
+        self._head = b""
+        lines = head.decode("latin-1").split("\r\n")
+        status = lines[0].split(" ", 2)
+        if len(status) < 2 or status[1] != "101":
+            body = rest.decode("utf-8", "replace").strip()
+            self._refused(f"{lines[0]}: {body[:200]}")
+            return
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
+        }
+        self.worker = headers.get(WORKER_HEADER.lower(), "0/1")
+        transport = self.transport
+        if transport is None:
+            return
+        self.attach(transport.writelines, transport.get_write_buffer_size)
+        if not self.switched.done():
+            self.switched.set_result(self.worker)
+        if rest:
+            self.feed(rest)
+
+    def _refused(self, why: str) -> None:
+        if not self.switched.done():
+            self.switched.set_exception(TunnelRefused(why))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Every stream ends with the connection."""
+        self.transport = None
+        self.detach("the data connection closed")
+        if not self.switched.done():
+            self.switched.set_exception(TunnelRefused(f"the connection closed ({exc})"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def lost(self, reason: str) -> None:
+        """End the connection."""
+        self.close()
+
+    def close(self) -> None:
+        """Close the data connection (its streams end at once)."""
+        transport = self.transport
+        self.detach("closed")
+        if transport is not None:
+            transport.abort()
+
+    def detach(self, reason: str) -> None:
+        """The connection is gone: stop connecting to instances too."""
+        for task in list(self._connecting.values()):
+            task.cancel()
+        super().detach(reason)
+
+    # --- streams -------------------------------------------------------------
     def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
+        """OPEN from the router; anything else is a violation."""
         if kind != OPEN:
             super().control(kind, stream_id, stream, body)
             return
@@ -340,6 +166,8 @@ class AgentTunnel(TunnelEnd):
             return
         try:
             address = parse_upstream(endpoint)
+            if address.is_tunnel:
+                raise ValueError("an instance's endpoint cannot be a tunnel")
         except ValueError as exc:
             self._refuse(stream_id, instance_id, f"bad endpoint: {exc}")
             return
@@ -374,12 +202,115 @@ class AgentTunnel(TunnelEnd):
             self.put(OPENED, stream.id)
 
     def forget(self, stream: TunnelStream) -> None:
+        """Drop a finished stream (and stop connecting it)."""
         super().forget(stream)
         task = self._connecting.get(stream.id)
         if task is not None and stream.transport is None:
             task.cancel()
 
-    def detach(self, reason: str) -> None:
-        for task in list(self._connecting.values()):
-            task.cancel()
-        super().detach(reason)
+
+async def dial(url: str, ticket: str, resolve: Resolve) -> AgentTunnel:
+    """Open one data connection to the router at ``url`` (the portal's public address)."""
+    parts = urlsplit(url)
+    secure = parts.scheme in ("https", "wss")
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    loop = asyncio.get_running_loop()
+    tunnel = AgentTunnel(resolve)
+    context = ssl.create_default_context() if secure else None
+    transport, _ = await asyncio.wait_for(
+        loop.create_connection(lambda: tunnel, host, port, ssl=context), DIAL_TIMEOUT
+    )
+    roomy(transport)
+    authority = parts.netloc.rpartition("@")[2]
+    path = parts.path.rstrip("/")
+    if path.endswith("/api/v1/agent/connect"):
+        path = path[: -len("/api/v1/agent/connect")]
+    transport.write(
+        (
+            f"GET {path}{TUNNEL_PATH} HTTP/1.1\r\nHost: {authority}\r\n"
+            f"Connection: Upgrade\r\nUpgrade: {UPGRADE}\r\n"
+            f"Authorization: Bearer {ticket}\r\n\r\n"
+        ).encode()
+    )
+    try:
+        await asyncio.wait_for(asyncio.shield(tunnel.switched), DIAL_TIMEOUT)
+    except BaseException:
+        tunnel.close()
+        raise
+    return tunnel
+
+
+class TunnelDialer:
+    """Keeps a data connection to every router process while the agent has a ticket.
+
+    :meth:`update` with each ticket the portal sends (the latest is used for
+    the next dial); :meth:`stop` when the control connection ends (the router
+    closes the data connections itself then, too).
+    """
+
+    def __init__(self, url: str, resolve: Resolve, *, retry: float = 0.5) -> None:
+        self.url = url
+        self.resolve = resolve
+        self.retry = retry
+        self.ticket = ""
+        #: Data connections by router worker (``i/N``).
+        self.tunnels: dict[str, AgentTunnel] = {}
+        self.dials = 0
+        self.last_error = ""
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def update(self, ticket: str) -> None:
+        """A fresh ticket: dial with it from now on (start dialling on the first)."""
+        self.ticket = ticket
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="tunnel-dialer")
+
+    async def stop(self) -> None:
+        """Close every data connection and stop dialling."""
+        self.ticket = ""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close()
+        self.tunnels.clear()
+
+    @property
+    def streams_refused(self) -> int:
+        """Streams refused on every data connection (tests)."""
+        return sum(t.streams_refused for t in self.tunnels.values())
+
+    async def _run(self) -> None:
+        wanted = 1
+        pause = self.retry
+        while self.ticket:
+            for worker in [w for w, t in self.tunnels.items() if not t.connected]:
+                del self.tunnels[worker]
+            if len(self.tunnels) >= wanted:
+                self._changed.clear()
+                closed = [t.closed for t in self.tunnels.values()]
+                await asyncio.wait(closed, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                self.dials += 1
+                tunnel = await dial(self.url, self.ticket, self.resolve)
+            except (OSError, TimeoutError, TunnelRefused) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("agent: tunnel data connection failed: %s", self.last_error)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 10.0)
+                continue
+            pause = self.retry
+            _, _, count = tunnel.worker.partition("/")
+            wanted = int(count) if count.isdigit() and int(count) > 0 else 1
+            if tunnel.worker in self.tunnels:
+                # SO_REUSEPORT sent it to a router process that has one: dial again.
+                tunnel.close()
+                await asyncio.sleep(0.01)
+                continue
+            self.tunnels[tunnel.worker] = tunnel
+            log.info("agent: tunnel data connection to router %s open", tunnel.worker)

@@ -62,8 +62,8 @@ class RouteFeedHub:
         #: Each shared instance's access list (users with ``use``, groups expanded), kept
         #: in step by the sharing API and group changes; the routes carry it to routers.
         self.access: dict[str, frozenset[int]] = {}
-        #: Where the router reaches an instance when not at its endpoint (a tunneled
-        #: site's unix socket; labgate.agent.network), set by the app; None: the endpoint.
+        #: Where the router reaches an instance when not at its endpoint (``tunnel:SITE/ID``
+        #: for a tunneled site; labgate.portal.sites), set by the app; None: the endpoint.
         self.upstream_of: Callable[[Instance], str | None] | None = None
 
     # --- instances ---------------------------------------------------------
@@ -195,6 +195,8 @@ class RouteFeedHub:
             "users": users,
             "tokens": tokens,
             "revoked_sessions": revoked,
+            # Which agents' tunnels are open is not in the database: keep it.
+            "tunnel_sites": dict(self.table.tunnel_sites),
         }
 
     def load(self, session: Session) -> None:

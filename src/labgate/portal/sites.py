@@ -1,8 +1,10 @@
-"""Bringing up the network sites with the portal: the hub, the liveness rules, tunnels.
+"""Bringing up the network sites with the portal: the hub, the liveness rules, tunnel routes.
 
 Called from the app's start-up after the instance manager exists: every
 ``sites`` row of kind ``network`` gets its link (not live until its agent
-dials in), the route feed learns where tunneled instances are reached, and
+dials in), the route feed learns where tunneled instances are reached
+(``tunnel:SITE/ID``: through the data connections the site's agent keeps with
+the routers, :mod:`labgate.router.tunnel`), and
 :class:`~labgate.scheduler.liveness.SiteLiveness` marks the instances of the
 sites that are away as ``unreachable`` until their agents return.
 """
@@ -10,8 +12,6 @@ sites that are away as ``unreachable`` until their agents return.
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,28 +19,12 @@ from sqlalchemy.orm import Session
 from labgate.agent.convert import tool_json
 from labgate.agent.hub import SiteHub
 from labgate.agent.network import NetworkSiteLink
-from labgate.datadir import private_dir
 from labgate.db.models import Instance, Site
 from labgate.portal.state import Portal
 from labgate.scheduler.liveness import SiteLiveness
+from labgate.security import TunnelTickets
 
 log = logging.getLogger(__name__)
-
-#: A unix socket path must fit in 108 bytes: room for "/<32-char id>.sock".
-MAX_TUNNEL_DIR = 108 - 40
-
-
-def tunnel_dir(data_dir: Path) -> Path:
-    """Where the portal listens for the router on behalf of tunneled instances (mode 0700).
-
-    ``<data_dir>/tunnels`` when its socket paths fit, else a private directory in /tmp.
-    """
-    preferred = data_dir.resolve() / "tunnels"
-    if len(str(preferred)) <= MAX_TUNNEL_DIR:
-        private_dir(preferred)
-        preferred.chmod(0o700)
-        return preferred
-    return Path(tempfile.mkdtemp(prefix="labgate-tunnels-"))
 
 
 def network_sites(session: Session) -> list[tuple[str, str, str]]:
@@ -59,7 +43,8 @@ async def start_network_sites(portal: Portal) -> SiteLiveness:
         lambda: [tool_json(tool) for tool in portal.catalog],
         heartbeat=settings.site_heartbeat_interval,
         command_timeout=settings.site_command_timeout,
-        tunnel_dir=tunnel_dir(settings.data_dir),
+        routes=portal.routes.table if portal.routes is not None else None,
+        tickets=TunnelTickets(settings.signing_key()),
     )
     portal.site_hub = hub
     for name, backend, reach in await portal.run_db(network_sites):
@@ -78,5 +63,4 @@ def tunnel_upstream(portal: Portal, instance: Instance) -> str | None:
     link = portal.links.get(site.name) if site is not None else None
     if not isinstance(link, NetworkSiteLink):
         return None
-    path = link.tunnel_path(instance.id)
-    return f"unix:{path}" if path is not None else None
+    return link.tunnel_upstream(instance.id)

@@ -17,7 +17,9 @@ from typing import Protocol
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
 from labgate.router.http import NEVER, log
+from labgate.router.tunnel import SiteTunnels
 from labgate.router.upstream import UpstreamPool
+from labgate.security import TunnelTickets
 from labgate.wire.routes import RouteTable, UpstreamAddress
 from labgate.wire.stats import RouterStats
 
@@ -56,6 +58,10 @@ class RouterOptions:
     """``Retry-After`` seconds (and page refresh) while an instance is starting."""
     sweep_interval: float = 1.0
     """Seconds between deadline checks."""
+    worker_index: int = 0
+    """Which of the router processes sharing the public port this is (0 first)."""
+    worker_count: int = 1
+    """How many router processes share the public port (agents' tunnels reach each)."""
 
 
 class Timed(Protocol):
@@ -77,6 +83,7 @@ class Context:
         portal: UpstreamAddress,
         options: RouterOptions,
         activity: ActivityLog | None = None,
+        tickets: TunnelTickets | None = None,
     ) -> None:
         self.table = table
         self.auth = auth
@@ -91,6 +98,10 @@ class Context:
         self.connections: set[Timed] = set()
         self.tunnels: dict[str, set[Timed]] = {}
         self.pool: UpstreamPool = UpstreamPool(self)
+        #: Agents' data connections (tunneled network sites), by site.
+        self.site_tunnels = SiteTunnels(
+            table, tickets, f"{options.worker_index}/{options.worker_count}"
+        )
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,6 +117,7 @@ class Context:
                 await self._sweeper
             self._sweeper = None
         self.pool.close_all()
+        self.site_tunnels.close()
 
     def sweep(self) -> None:
         """Time out every connection past its deadline."""

@@ -35,6 +35,9 @@ from labgate.router.http import (
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.wire.routes import UpstreamAddress, UserInfo
+from labgate.wire.tunnel import TUNNEL_PATH
+
+_TUNNEL_TARGET = TUNNEL_PATH.encode()
 
 PAUSE_PIPELINE = 1
 PAUSE_UPSTREAM = 2
@@ -310,6 +313,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.is_upgrade:
             ex.close_after = True  # unless the upstream switches, the connection ends
         info = ex.target_info
+        if ex.target == _TUNNEL_TARGET:
+            self._site_tunnel(ex)
+            return
         if info is None or info.instance_id is None:
             ex.counter = self.ctx.portal_counter
             ex.head = portal_head(ex, self._client(ex), self.proto)
@@ -358,6 +364,33 @@ class ClientConnection(asyncio.Protocol):
         ex.head = instance_head(ex, route, identity, creds, self._client(ex), self.proto)
         self.user = identity.user
         self._proxy(ex, route.address)
+
+    def _site_tunnel(self, ex: Exchange) -> None:
+        """An agent's data connection: checked here, then this socket is the tunnel's."""
+        admitted = self.ctx.site_tunnels.admit(ex.authorization, ex.upgrade)
+        if isinstance(admitted, str):
+            self.ctx.site_tunnels.refused += 1
+            log.warning(
+                "router: tunnel connection from %s refused: %s", self.peer.decode(), admitted
+            )
+            ex.close_after = True
+            self._reply(ex, 403, admitted)
+            return
+        # The bytes after the head are collected once the parser returns: hand over then.
+        asyncio.get_running_loop().call_soon(self._hand_over, admitted)
+
+    def _hand_over(self, admitted: tuple[str, str]) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        rest = b"".join(self.upgrade_buf or [])
+        self.upgrade_buf = None
+        self.closed = self.closing = True  # this protocol is done with the socket
+        self.ctx.connections.discard(self)
+        self.parser = None
+        self.current = self.ex = None
+        self.transport = None
+        self.ctx.site_tunnels.adopt(transport, *admitted, rest)
 
     def _proxy(self, ex: Exchange, address: UpstreamAddress) -> None:
         ex.address = address

@@ -23,7 +23,7 @@ from labgate.router.activity import Activity, ActivityLog
 from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
-from labgate.security import SessionSigner
+from labgate.security import SessionSigner, TunnelTickets
 from labgate.wire.routes import Route, RouteTable, parse_upstream
 
 
@@ -46,6 +46,7 @@ class Router:
             parse_upstream(portal_upstream),
             self.options,
             self.activity_log,
+            TunnelTickets(signer.key),
         )
         self.servers: list[asyncio.Server] = []
         table.on_route_removed(self._route_removed)
@@ -153,6 +154,7 @@ def options_from_settings(settings: Settings, **overrides: object) -> RouterOpti
     values: dict[str, object] = {
         "forwarded_proto": scheme,
         "trusted_proxies": tuple(settings.trusted_proxies),
+        "worker_count": settings.router_workers,
     }
     values.update(overrides)
     return RouterOptions(**values)  # type: ignore[arg-type]

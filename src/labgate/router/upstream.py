@@ -456,6 +456,11 @@ class UpstreamPool:
 
     async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
         """A new connection to ``address``; raises ``OSError`` or ``TimeoutError``."""
+        if address.is_tunnel:
+            conn: UpstreamConnection = self.ctx.site_tunnels.connect(
+                address, lambda: UpstreamConnection(self.ctx, address)
+            )
+            return conn
         loop = asyncio.get_running_loop()
         timeout = self.ctx.options.connect_timeout
         if address.is_unix:

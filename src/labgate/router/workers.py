@@ -191,7 +191,9 @@ def spawn_workers(config: WorkerConfig, count: int) -> list[BaseProcess]:
 
 def spawn_worker(config: WorkerConfig, index: int) -> BaseProcess:
     """Start one worker process (a fresh interpreter) on ``config.port``, shared."""
-    config = replace(config, reuse_port=True, parent_pid=os.getpid())
+    # The process of `labgate serve` (or the first `labgate router`) is worker 0.
+    options = replace(config.options, worker_index=index + 1)
+    config = replace(config, reuse_port=True, parent_pid=os.getpid(), options=options)
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=run_router_process, args=(config,), name=f"labgate-router-{index}", daemon=True

@@ -107,11 +107,8 @@ class SiteLiveness:
         await self.manager.run_db(lambda s: _record_connected(s, site, hello))
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         held = {h.instance_id: h for h in hello.instances}
-        served: list[str] = []
         for instance in rows:
-            outcome = await self._reconcile(site, instance, held.pop(instance.id, None))
-            if outcome:
-                served.append(instance.id)
+            await self._reconcile(site, instance, held.pop(instance.id, None))
         link = self.manager.links.get(site)
         for leftover in held.values():
             # Finished here (the user stopped it while the site was away) or never known.
@@ -120,7 +117,6 @@ class SiteLiveness:
             )
             if link is not None:
                 await self.manager.stop_at_site(link, leftover.instance_id, leftover.backend_state)
-        await self.hub.serve_tunnels(site, served)
 
     async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
         """Remember the beat; it reaches the database with the next flush."""

@@ -2,8 +2,10 @@
 
 An agent dials out to ``/api/v1/agent/connect`` (a WebSocket through the
 router's public port) with ``Authorization: Bearer <site token>``. Text
-messages carry the JSON below; binary messages carry the instance tunnel's
-frames (:mod:`labgate.agent.tunnel`). Every message names its ``type``; every
+messages carry the JSON below. The instance tunnel's bytes do not travel
+here: for a tunneled site the portal sends ``tunnel`` tickets and the agent
+dials separate data connections to the router with them
+(:mod:`labgate.wire.tunnel`). Every message names its ``type``; every
 message from either side carries the protocol version ``v`` and a peer
 refuses a version it does not speak, naming both.
 
@@ -17,6 +19,8 @@ The order on every (re)connect::
     agent  -> portal  report     {seq, report}: state changes and progress of instances,
                                  and of batch task attempts (kind "task")
     portal -> agent   ack        {seq}: reports up to ``seq`` are applied
+    portal -> agent   tunnel     {ticket}: for the tunnel's data connections (tunneled
+                                 sites: after the hello, then with every heartbeat)
 
 Commands are idempotent by id: an agent that sees an id again answers with
 the first answer and does nothing twice. Reports are numbered per agent
@@ -37,7 +41,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-PROTOCOL_VERSION = 1
+#: 2: tunnel bytes left this connection for data connections to the router (tickets).
+PROTOCOL_VERSION = 2
 CONNECT_PATH = "/api/v1/agent/connect"
 
 JSON = dict[str, Any]
@@ -275,8 +280,15 @@ class Ack(Message):
     seq: int
 
 
+class TunnelTicket(Message):
+    """What opens the tunnel's data connections to the router, for a minute or so."""
+
+    type: Literal["tunnel"] = "tunnel"
+    ticket: str
+
+
 AnyMessage = Annotated[
-    Welcome | Hello | Heartbeat | Command | Result | ReportEnvelope | Ack,
+    Welcome | Hello | Heartbeat | Command | Result | ReportEnvelope | Ack | TunnelTicket,
     Field(discriminator="type"),
 ]
 _ADAPTER: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)

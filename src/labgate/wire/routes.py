@@ -13,8 +13,13 @@ A :meth:`RouteTable.snapshot` is one JSON-able dict holding everything::
                   "keep_prefix", "upstream_token"}, ...],
       "users": [{"id", "name", "is_admin", "disabled", "sessions_valid_after"}, ...],
       "tokens": [{"token_hash", "user_id", "scopes", "expires_at"}, ...],
-      "revoked_sessions": [{"session_id", "expires_at"}, ...]
+      "revoked_sessions": [{"session_id", "expires_at"}, ...],
+      "tunnel_sites": {"<site>": "<epoch>", ...}
     }
+
+``tunnel_sites`` names, per tunneled network site whose agent is connected,
+that connection's epoch: the only one whose tunnel tickets the router takes
+(:mod:`labgate.wire.tunnel`).
 
 Tokens appear only as ``hash_token(token)``; the portal never knows more.
 """
@@ -43,23 +48,37 @@ NO_ACCESS: frozenset[int] = frozenset()
 
 @dataclass(frozen=True, slots=True)
 class UpstreamAddress:
-    """Where a route's traffic goes: a TCP host and port, or a unix socket path."""
+    """Where a route's traffic goes: a TCP host and port, a unix socket path, or a site tunnel.
+
+    A tunnel address (``tunnel:SITE/INSTANCE``) is reached through the data
+    connection that site's agent keeps with the router (:mod:`labgate.wire.tunnel`).
+    """
 
     host: str = ""
     port: int = 0
     path: str = ""
+    site: str = ""
+    instance: str = ""
     key: tuple[str, int, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # A plain tuple: hashing it is C code, and the pool hashes on every request.
-        object.__setattr__(self, "key", (self.host, self.port, self.path))
+        key = (self.site, -1, self.instance) if self.site else (self.host, self.port, self.path)
+        object.__setattr__(self, "key", key)
 
     @property
     def is_unix(self) -> bool:
         """Whether this is a unix socket."""
         return bool(self.path)
 
+    @property
+    def is_tunnel(self) -> bool:
+        """Whether this is reached through a site's tunnel."""
+        return bool(self.site)
+
     def __str__(self) -> str:
+        if self.site:
+            return f"tunnel:{self.site}/{self.instance}"
         if self.path:
             return f"unix:{self.path}"
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -68,11 +87,16 @@ class UpstreamAddress:
 
 @functools.lru_cache(maxsize=65536)
 def parse_upstream(value: str) -> UpstreamAddress:
-    """Parse ``http://HOST:PORT`` (or ``HOST:PORT``) or ``unix:/path`` into an address.
+    """Parse ``http://HOST:PORT`` (or ``HOST:PORT``), ``unix:/path`` or ``tunnel:SITE/ID``.
 
     Raises ``ValueError`` for anything else (https upstreams are not proxied:
     instances live on a trusted network or behind a site tunnel).
     """
+    if value.startswith("tunnel:"):
+        site, sep, instance = value[7:].partition("/")
+        if not site or not sep or not instance or "/" in instance:
+            raise ValueError(f"tunnel upstream must be tunnel:SITE/INSTANCE, not {value!r}")
+        return UpstreamAddress(site=site, instance=instance)
     if value.startswith("unix:"):
         path = value[5:]
         if not path.startswith("/"):
@@ -260,6 +284,12 @@ class RouterControl(Protocol):
     def revoke_session(self, session_id: str, expires_at: float) -> None:
         """Refuse a session id until ``expires_at`` (when its cookie would expire anyway)."""
 
+    def set_tunnel_site(self, site: str, epoch: str) -> None:
+        """Site ``site``'s agent is connected as ``epoch``: take tunnels of that epoch only."""
+
+    def remove_tunnel_site(self, site: str) -> None:
+        """Site ``site``'s agent is gone: close its tunnel, take none."""
+
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything with a full snapshot."""
 
@@ -283,9 +313,11 @@ class RouteTable:
         self.users: dict[int, UserInfo] = {}
         self.tokens: dict[str, TokenInfo] = {}
         self.revoked: dict[str, float] = {}
+        self.tunnel_sites: dict[str, str] = {}
         self.generation = 0
         self._removal_listeners: list[RemovalListener] = []
         self._narrowed_listeners: list[NarrowedListener] = []
+        self._tunnel_listeners: list[RemovalListener] = []
 
     # --- RouterControl -------------------------------------------------------
     def add_route(self, route: Route) -> None:
@@ -331,6 +363,21 @@ class RouteTable:
         self.revoked[session_id] = max(expires_at, self.revoked.get(session_id, 0.0))
         self.generation += 1
 
+    def set_tunnel_site(self, site: str, epoch: str) -> None:
+        """Take tunnels of ``site`` under ``epoch`` only; listeners close any other."""
+        if self.tunnel_sites.get(site) != epoch:
+            self.tunnel_sites[site] = epoch
+            self._tunnel_changed(site)
+
+    def remove_tunnel_site(self, site: str) -> None:
+        """Take no tunnel of ``site``; listeners close the one it has."""
+        if self.tunnel_sites.pop(site, None) is not None:
+            self._tunnel_changed(site)
+
+    def _tunnel_changed(self, site: str) -> None:
+        for listener in self._tunnel_listeners:
+            listener(site)
+
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything with ``snapshot``; listeners hear of routes that went away."""
         version = snapshot.get("version", SNAPSHOT_VERSION)
@@ -343,6 +390,7 @@ class RouteTable:
             str(r["session_id"]): float(r["expires_at"])
             for r in snapshot.get("revoked_sessions", ())
         }
+        tunnel_sites = {str(k): str(v) for k, v in (snapshot.get("tunnel_sites") or {}).items()}
         gone = [instance_id for instance_id in self.routes if instance_id not in routes]
         narrowed = [
             new
@@ -350,7 +398,13 @@ class RouteTable:
             if (old := self.routes.get(instance_id)) is not None
             and (old.owner_id != new.owner_id or not old.access <= new.access)
         ]
+        doors = [
+            site
+            for site in {*self.tunnel_sites, *tunnel_sites}
+            if self.tunnel_sites.get(site) != tunnel_sites.get(site)
+        ]
         self.routes, self.users, self.tokens, self.revoked = routes, users, tokens, revoked
+        self.tunnel_sites = tunnel_sites
         self.generation += 1
         for instance_id in gone:
             for listener in self._removal_listeners:
@@ -358,6 +412,8 @@ class RouteTable:
         for changed in narrowed:
             for narrowed_listener in self._narrowed_listeners:
                 narrowed_listener(changed)
+        for site in doors:
+            self._tunnel_changed(site)
 
     # --- the rest -----------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -370,6 +426,7 @@ class RouteTable:
             "revoked_sessions": [
                 {"session_id": s, "expires_at": e} for s, e in self.revoked.items()
             ],
+            "tunnel_sites": dict(self.tunnel_sites),
         }
 
     def on_access_narrowed(self, listener: NarrowedListener) -> None:
@@ -379,6 +436,10 @@ class RouteTable:
     def on_route_removed(self, listener: RemovalListener) -> None:
         """Call ``listener(instance_id)`` whenever a route is withdrawn."""
         self._removal_listeners.append(listener)
+
+    def on_tunnel_site_changed(self, listener: RemovalListener) -> None:
+        """Call ``listener(site)`` whenever a site's tunnel epoch changes or goes."""
+        self._tunnel_listeners.append(listener)
 
     def purge_revoked(self, now: float | None = None) -> int:
         """Drop revocations whose cookies have expired anyway; returns how many."""

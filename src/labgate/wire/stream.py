@@ -13,7 +13,9 @@ token of an admin or of the router). Every message has ``op`` and ``seq``
     {"op": "set_token", "seq": 12, "token": {"token_hash", "user_id", "scopes", "expires_at"}}
     {"op": "remove_token", "seq": 13, "token_hash": "…"}
     {"op": "revoke_session", "seq": 14, "session_id": "…", "expires_at": 1700000000.0}
-    {"op": "ping", "seq": 14}                                            when idle
+    {"op": "set_tunnel_site", "seq": 15, "site": "hpc", "epoch": "…"}
+    {"op": "remove_tunnel_site", "seq": 16, "site": "hpc"}
+    {"op": "ping", "seq": 17}                                            when idle
 
 A ``snapshot`` may also come later (the portal resynced); it replaces
 everything. A subscriber that falls too far behind is dropped; it
@@ -69,6 +71,10 @@ def apply_message(control: RouterControl, message: dict[str, Any]) -> None:
         control.remove_token(str(message["token_hash"]))
     elif op == "revoke_session":
         control.revoke_session(str(message["session_id"]), float(message["expires_at"]))
+    elif op == "set_tunnel_site":
+        control.set_tunnel_site(str(message["site"]), str(message["epoch"]))
+    elif op == "remove_tunnel_site":
+        control.remove_tunnel_site(str(message["site"]))
 
 
 class _Subscriber:
@@ -171,6 +177,18 @@ class RoutePublisher(RouteTable):
             self._publish(
                 {"op": "revoke_session", "session_id": session_id, "expires_at": expires_at}
             )
+
+    def set_tunnel_site(self, site: str, epoch: str) -> None:
+        """Name a site's current tunnel epoch and publish it."""
+        with self._lock:
+            super().set_tunnel_site(site, epoch)
+            self._publish({"op": "set_tunnel_site", "site": site, "epoch": epoch})
+
+    def remove_tunnel_site(self, site: str) -> None:
+        """Close a site's tunnel and publish that."""
+        with self._lock:
+            super().remove_tunnel_site(site)
+            self._publish({"op": "remove_tunnel_site", "site": site})
 
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything and send subscribers the new snapshot."""

@@ -42,13 +42,6 @@ class WebSocketChannel:
         except (WebSocketDisconnect, RuntimeError, OSError) as exc:
             raise ChannelClosed(str(exc)) from None
 
-    async def send_bytes(self, data: bytes) -> None:
-        """Send one binary message."""
-        try:
-            await self.websocket.send_bytes(data)
-        except (WebSocketDisconnect, RuntimeError, OSError) as exc:
-            raise ChannelClosed(str(exc)) from None
-
     async def receive(self) -> str | bytes:
         """The next message."""
         try:

@@ -1,0 +1,506 @@
+"""The instance tunnel's framing: byte streams to a site's instances over one connection.
+
+For a site with ``reach = "tunnel"`` nothing can connect into the site, so
+the router reaches its instances through a *data connection* the site's agent
+dials out to the router's public port (``GET`` :data:`TUNNEL_PATH` with
+``Upgrade:`` :data:`UPGRADE`, then these frames both ways, nothing else).
+Each connection the router makes to a tunneled instance becomes one *stream*;
+the agent opens a connection to the instance's endpoint, as its own records
+say, and bytes flow both ways. HTTP keep-alive, WebSocket upgrades and long
+downloads need nothing more than a byte stream.
+
+A frame is ``>BII`` (type, stream id, payload length) and its payload. Stream
+ids are chosen by the router.
+
+======== ============ ==============================================
+type     direction    payload
+======== ============ ==============================================
+OPEN     router→agent JSON ``{"instance_id": ...}``
+OPENED   agent→router none
+REFUSED  agent→router the reason, UTF-8
+DATA     both         bytes (at most :data:`MAX_DATA`)
+WINDOW   both         ``>I``: credit in bytes
+EOF      both         none: the sender is done writing (half-close)
+CLOSE    both         none: the stream is over, both ways (abort)
+======== ============ ==============================================
+
+Flow control is per stream, as in HTTP/2 or SSH: a side may have at most
+:data:`WINDOW` bytes of DATA sent and not yet granted back. The receiver
+grants credit once it has handed data to its local side and that side is not
+pushing back; a sender out of credit stops reading its local side. So one
+slow reader stalls only its own stream, the shared connection never waits on
+it, and each stream holds at most about one window in memory at each end. A
+peer that sends beyond its credit loses the stream. The router sends DATA
+right after OPEN (no round trip per stream); the agent holds it until the
+instance's connection is up.
+
+This module is the part both ends share (the router imports only ``wire``):
+:class:`TunnelEnd` (the streams of one data connection: frames in and out)
+and :class:`TunnelStream` (one stream: the asyncio protocol of its local
+side, holding the stream's credit both ways). The router's end is
+:mod:`labgate.router.tunnel`, the agent's :mod:`labgate.agent.tunnel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+OPEN, OPENED, REFUSED, DATA, WINDOW_UPDATE, EOF, CLOSE = range(1, 8)
+#: Type, stream id and payload length in front of every frame.
+HEADER = struct.Struct(">BII")
+#: The payload of a WINDOW frame.
+CREDIT = struct.Struct(">I")
+#: Largest DATA payload: one read of a socket (uvloop reads up to 256 KiB), one frame.
+MAX_DATA = 256 * 1024
+#: Where an agent dials its data connection (the router answers it, not the portal).
+TUNNEL_PATH = "/api/v1/agent/tunnel"
+#: The protocol name of the ``Upgrade`` header.
+UPGRADE = "labgate-tunnel"
+#: The router's answer names which of its worker processes took the connection: ``i/N``.
+WORKER_HEADER = "Labgate-Tunnel-Worker"
+#: Bytes a side may send on one stream before the receiver grants more.
+WINDOW = 1024 * 1024
+#: The receiver grants credit once this many bytes are delivered (fewer WINDOW frames).
+GRANT_AT = WINDOW // 4
+
+
+#: Socket buffers of a data connection: room for several streams' windows in flight.
+SOCKET_BUFFER = 4 * 1024 * 1024
+
+
+def roomy(transport: asyncio.BaseTransport) -> None:
+    """Give a data connection large socket buffers and no Nagle delay (fewer, larger syscalls)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(transport, "set_write_buffer_limits"):
+        transport.set_write_buffer_limits(high=SOCKET_BUFFER)
+
+
+class TunnelStream(asyncio.Protocol):
+    """A local socket's side of one stream; created by the tunnel ends, not by callers."""
+
+    def __init__(self, end: TunnelEnd, stream_id: int, instance_id: str, *, opening: bool) -> None:
+        self.end = end
+        self.id = stream_id
+        self.instance_id = instance_id
+        #: Portal side: announce the stream when the local connection comes in.
+        self.opening = opening
+        self.transport: asyncio.Transport | None = None
+        self.credit = WINDOW  # DATA bytes this side may still send
+        self.allowance = WINDOW  # DATA bytes the peer may still send
+        self.ungranted = 0  # delivered locally, not yet granted back
+        self.backlog: deque[bytes | memoryview] = deque()  # read locally, waiting for credit
+        self.backlog_bytes = 0
+        self.inbox: list[bytes] = []  # from the peer before the local socket is up (agent)
+        self.write_paused = False
+        self.read_paused = False
+        self.local_eof = False  # the local socket is done writing to us
+        self.eof_sent = False
+        self.peer_eof = False
+        self.done = False
+
+    # ------------------------------------------------------------ local socket
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.done:  # closed while connecting
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        if self.opening:
+            if not self.end.opening(self):
+                self.done = True
+                transport.close()
+            return
+        inbox, self.inbox = self.inbox, []
+        for chunk in inbox:
+            self._deliver(chunk)
+        if self.peer_eof:
+            self._write_eof()
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.backlog_bytes or self.credit <= 0:
+            self._hold(data)
+        else:
+            rest = self._send(data)
+            if rest is not None:
+                self._hold(rest)
+
+    def eof_received(self) -> bool:
+        if not self.local_eof and not self.done:
+            self.local_eof = True
+            if not self.backlog_bytes:
+                self._send_eof()
+        return True  # keep writing the other way (half-close)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.ungranted and not self.done:
+            self._grant()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done:
+            self.done = True
+            self.end.forget(self)
+            self.end.put(CLOSE, self.id)
+
+    # ------------------------------------------------------------ to the peer
+    def _send(self, data: bytes | memoryview) -> memoryview | None:
+        """Send what credit allows as DATA frames; return the rest (None: all sent)."""
+        size = len(data)
+        allowed = min(size, self.credit)
+        end = self.end
+        self.credit -= allowed
+        end.bytes_sent += allowed
+        if allowed == size and size <= MAX_DATA:
+            end.put(DATA, self.id, data)
+            return None
+        view = memoryview(data)
+        for start in range(0, allowed, MAX_DATA):
+            end.put(DATA, self.id, view[start : min(start + MAX_DATA, allowed)])
+        return view[allowed:] if allowed < size else None
+
+    def _hold(self, data: bytes | memoryview) -> None:
+        """Keep local data until the peer grants credit, and stop reading meanwhile."""
+        self.backlog.append(data)
+        self.backlog_bytes += len(data)
+        if self.backlog_bytes > self.end.peak_backlog:
+            self.end.peak_backlog = self.backlog_bytes
+        if not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _send_eof(self) -> None:
+        self.eof_sent = True
+        self.end.put(EOF, self.id)
+        self._finish_if_done()
+
+    # ------------------------------------------------------------ from the peer
+    def on_data(self, payload: memoryview) -> None:
+        """DATA from the peer: hand it to the local socket."""
+        size = len(payload)
+        self.allowance -= size
+        if self.allowance < 0 or size > MAX_DATA:
+            self.end.protocol_errors += 1
+            log.warning("tunnel: stream %d: the peer sent beyond its window", self.id)
+            self.reset()
+            return
+        if self.transport is None:
+            self.inbox.append(bytes(payload))
+            return
+        self._deliver(payload)
+
+    def _deliver(self, data: bytes | memoryview) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(data)
+        self.ungranted += len(data)
+        buffered = transport.get_write_buffer_size()
+        if buffered > self.end.peak_buffered:
+            self.end.peak_buffered = buffered
+        if not self.write_paused and self.ungranted >= GRANT_AT:
+            self._grant()
+
+    def _grant(self) -> None:
+        self.end.put(WINDOW_UPDATE, self.id, CREDIT.pack(self.ungranted))
+        self.allowance += self.ungranted
+        self.ungranted = 0
+
+    def on_credit(self, credit: int) -> None:
+        """WINDOW from the peer: send what was held back, read again."""
+        self.credit += credit
+        while self.backlog and self.credit > 0:
+            chunk = self.backlog.popleft()
+            self.backlog_bytes -= len(chunk)
+            rest = self._send(chunk)
+            if rest is not None:
+                self.backlog.appendleft(rest)
+                self.backlog_bytes += len(rest)
+                break
+        if self.backlog_bytes or self.done:
+            return
+        if self.local_eof:
+            if not self.eof_sent:
+                self._send_eof()
+        elif self.read_paused and self.transport is not None:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def on_eof(self) -> None:
+        """EOF from the peer: half-close the local socket once its data is written."""
+        if self.peer_eof:
+            return
+        self.peer_eof = True
+        if self.transport is not None:
+            self._write_eof()
+
+    def _write_eof(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:  # pragma: no cover - TCP and unix sockets can
+                transport.close()
+        self._finish_if_done()
+
+    def on_close(self) -> None:
+        """CLOSE from the peer: the stream is over; abort the local socket."""
+        self.done = True
+        self.end.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ------------------------------------------------------------ endings
+    def _finish_if_done(self) -> None:
+        if self.eof_sent and self.peer_eof and not self.done:
+            self.done = True
+            self.end.forget(self)
+            if self.transport is not None:
+                self.transport.close()  # after what it still holds is written
+
+    def refused(self) -> None:
+        """The agent would not open the stream: close the local socket."""
+        self.done = True
+        self.end.forget(self)
+        if self.transport is not None:
+            self.transport.close()
+
+    def reset(self) -> None:
+        """End the stream from this side: tell the peer, abort the local socket."""
+        if not self.done:
+            self.done = True
+            self.end.forget(self)
+            self.end.put(CLOSE, self.id)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        """The connection is gone: abort the local socket, tell nobody."""
+        self.done = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class TunnelEnd:
+    """One end of a data connection: the streams it carries, frames in and out.
+
+    ``writelines`` puts pieces of bytes on the connection (a transport's
+    ``writelines``: uvloop writes them with one ``writev``, no copy); give it
+    with :meth:`attach`. Hand every chunk read from the connection to
+    :meth:`feed` (frames may straddle chunks); call :meth:`detach` when the
+    connection is gone. Frames queued in one pass of the event loop leave in
+    one write.
+    """
+
+    def __init__(self) -> None:
+        self.streams: dict[int, TunnelStream] = {}
+        self._write: Callable[[list[bytes | memoryview]], None] | None = None
+        self._buffered: Callable[[], int] | None = None
+        self._out: list[bytes | memoryview] = []
+        self._flushing = False
+        self._partial = b""  # a header or control frame cut across reads
+        self._data_left = 0  # payload bytes of a DATA frame still to come
+        self._data_stream = 0
+        # Counters, for metrics and tests.
+        self.streams_opened = 0
+        self.streams_refused = 0
+        self.bytes_sent = 0  # DATA payload bytes put on the connection
+        self.bytes_received = 0  # DATA payload bytes taken off it
+        self.protocol_errors = 0
+        self.peak_queued = 0  # largest write buffer of the connection seen
+        self.peak_buffered = 0  # largest write buffer of a local side seen
+        self.peak_backlog = 0  # largest local read held back for want of credit
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection carries the streams now."""
+        return self._write is not None
+
+    def attach(
+        self,
+        writelines: Callable[[list[bytes | memoryview]], None],
+        buffered: Callable[[], int] | None = None,
+    ) -> None:
+        """Carry streams on a connection from now on (``buffered``: its write buffer size)."""
+        self._write = writelines
+        self._buffered = buffered
+        self._partial = b""
+        self._data_left = 0
+
+    def detach(self, reason: str) -> None:
+        """The connection is gone: abort every stream's local side at once."""
+        self._write = None
+        self._out.clear()
+        self._partial = b""
+        self._data_left = 0
+        for stream in list(self.streams.values()):
+            stream.abort()
+        self.streams.clear()
+        if reason:
+            log.debug("tunnel: connection gone (%s)", reason)
+
+    # ----------------------------------------------------------------- sending
+    def put(self, kind: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
+        """Queue one frame for the connection (dropped when there is none)."""
+        if self._write is None:
+            return
+        self._out.append(HEADER.pack(kind, stream_id, len(payload)))
+        if payload:
+            self._out.append(payload)
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what was queued, in one write."""
+        self._flushing = False
+        out, write = self._out, self._write
+        if not out or write is None:
+            out.clear()
+            return
+        self._out = []
+        write(out)
+        if self._buffered is not None:
+            queued = self._buffered()
+            if queued > self.peak_queued:
+                self.peak_queued = queued
+
+    # ----------------------------------------------------------------- receiving
+    def feed(self, data: bytes) -> None:
+        """Handle bytes read from the connection: frames may straddle reads.
+
+        DATA goes to its stream as it arrives, a frame cut across reads in
+        pieces, so no payload is copied here; only a cut header or a cut
+        control frame (a few bytes) is kept for the next read.
+        """
+        offset, size = 0, len(data)
+        while offset < size:
+            if self._data_left:
+                offset = self._data_rest(data, offset)
+            elif self._partial:
+                offset = self._complete(data, offset)
+            else:
+                offset = self._frames(data, offset)
+            if offset < 0 or self._write is None:
+                return
+
+    def _data_rest(self, data: bytes, offset: int) -> int:
+        """The next piece of a DATA frame begun in an earlier read."""
+        take = min(self._data_left, len(data) - offset)
+        self._data_left -= take
+        stream = self.streams.get(self._data_stream)
+        if stream is not None:
+            self.bytes_received += take
+            stream.on_data(memoryview(data)[offset : offset + take])
+        return offset + take
+
+    def _complete(self, data: bytes, offset: int) -> int:
+        """Complete a header (or a small control frame) begun in an earlier read."""
+        header = HEADER.size
+        partial, self._partial = self._partial, b""
+        if len(partial) < header:
+            take = min(header - len(partial), len(data) - offset)
+            partial += data[offset : offset + take]
+            offset += take
+            if len(partial) < header:
+                self._partial = partial
+                return offset
+        kind, stream_id, length = HEADER.unpack_from(partial)
+        if length > MAX_DATA + header:
+            self._too_long(length)
+            return -1
+        if kind == DATA:
+            self._data_stream, self._data_left = stream_id, length
+            return offset
+        need: int = header + length - len(partial)
+        if offset + need > len(data):
+            self._partial = partial + data[offset:]
+            return len(data)
+        self._frames(partial + data[offset : offset + need], 0)
+        return offset + need
+
+    def _frames(self, data: bytes, offset: int) -> int:
+        """Handle the frames of ``data`` from ``offset``; where it stopped (-1: stop reading)."""
+        view = memoryview(data)
+        size = len(data)
+        header = HEADER.size
+        streams = self.streams
+        while offset < size:
+            if size - offset < header:
+                self._partial = bytes(data[offset:])
+                return size
+            kind, stream_id, length = HEADER.unpack_from(data, offset)
+            if length > MAX_DATA + header:
+                self._too_long(length)
+                return -1
+            end = offset + header + length
+            if end > size:
+                if kind == DATA:  # the rest comes in later reads
+                    self._data_stream, self._data_left = stream_id, length
+                    return offset + header
+                self._partial = bytes(data[offset:])
+                return size
+            payload = view[offset + header : end]
+            offset = end
+            stream = streams.get(stream_id)
+            if kind == DATA:
+                if stream is not None:
+                    self.bytes_received += length
+                    stream.on_data(payload)
+            elif kind == WINDOW_UPDATE:
+                if stream is not None and length == CREDIT.size:
+                    stream.on_credit(CREDIT.unpack_from(payload)[0])
+            elif kind == EOF:
+                if stream is not None:
+                    stream.on_eof()
+            elif kind == CLOSE:
+                if stream is not None:
+                    stream.on_close()
+            else:
+                self.control(kind, stream_id, stream, bytes(payload))
+            if self._write is None:  # the connection went while handling a frame
+                return -1
+        return offset
+
+    def _too_long(self, length: int) -> None:
+        self._violation(f"a frame of {length} bytes")
+        self.lost("protocol error")
+
+    def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
+        """Handle a frame type only one side takes (OPEN, OPENED, REFUSED)."""
+        self._violation(f"unexpected frame type {kind} for stream {stream_id}")
+
+    def lost(self, reason: str) -> None:
+        """The peer broke the protocol beyond repair: end the connection (the subclass does)."""
+        self.detach(reason)
+
+    def _violation(self, what: str) -> None:
+        self.protocol_errors += 1
+        log.warning("tunnel: protocol error from the peer: %s", what)
+
+    def opening(self, stream: TunnelStream) -> bool:
+        """A local connection came in for ``stream``; False: refuse it (only the router opens)."""
+        return False
+
+    def forget(self, stream: TunnelStream) -> None:
+        """Drop a finished stream."""
+        if self.streams.get(stream.id) is stream:
+            del self.streams[stream.id]
