@@ -19,6 +19,39 @@ idle_timeout = 2
 command = {DEMO_ARGV}
 """
 
+#: A demo with a launch form: each kind of parameter, one of them in its environment.
+FORM_TOOL = f"""
+name = "form"
+title = "Demo with a launch form"
+health_path = "/api/health"
+[params.size]
+type = "choice"
+label = "Screen size"
+choices = ["1280x800", "1920x1080"]
+default = "1280x800"
+[params.gpus]
+type = "integer"
+min = 0
+max = 4
+default = 0
+help = "GPUs to attach."
+[params.app]
+type = "file"
+label = "App file"
+accept = ["*.py", "*.R"]
+default = "app.py"
+[params.verbose]
+type = "boolean"
+default = false
+[params.note]
+type = "string"
+pattern = "[a-z ]*"
+max_length = 20
+[process]
+command = {DEMO_ARGV}
+env = {{ DEMO_SIZE = "{{param_size}}", DEMO_APP = "{{param_app}}" }}
+"""
+
 VARIANTS = {
     "crashing": ('DEMO_CRASH = "1"', 30),
     "never-ready": ('DEMO_NEVER_READY = "1"', 2),
@@ -34,6 +67,7 @@ def write_test_tools(directory: Path) -> Path:
             f'name = "{name}"\ntitle = "{name}"\nhealth_path = "/api/health"\n'
             f"start_timeout = {timeout}\n\n[process]\n{DEMO_COMMAND}\nenv = {{ {env} }}\n"
         )
+    (directory / "form.toml").write_text(FORM_TOOL)
     (directory / "broken.toml").write_text('name = "Broken Name"\ntitle = ""\n')
     (directory / "garbled.toml").write_text("name = \n")
     return directory

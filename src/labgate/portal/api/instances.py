@@ -70,6 +70,7 @@ def instance_out(
         options=dict(instance.options or {}),
         shared=shared,
         access=access,
+        params=instance.params or {},
     )
 
 
@@ -137,6 +138,7 @@ async def launch(
         group=body.group,
         options=body.options,
         image=body.image,
+        params=body.params,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)
