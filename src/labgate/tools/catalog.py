@@ -120,11 +120,13 @@ class ProcessSpec(BaseModel):
         _check_template(self.env.values(), ENV_PLACEHOLDERS, "env")
 
     def missing_requirement(self) -> str | None:
-        """Why the command cannot run on this machine (a requirement is missing), or None."""
+        """Why the command cannot run on this machine (a requirement is missing), or None.
+
+        A requirement is an executable on ``PATH``, an importable Python module, or an
+        absolute path that must exist; ``a|b`` is met by either.
+        """
         for requirement in self.requires:
-            if requirement == "python" or shutil.which(requirement):
-                continue
-            if _find_module(requirement) is None:
+            if not any(_present(alternative) for alternative in requirement.split("|")):
                 fix = f"; install it with: {self.install}" if self.install else ""
                 return f"requires {requirement!r}, which is not installed{fix}"
         return None
@@ -202,12 +204,16 @@ class ContainerSpec(BaseModel):
         return command, args, env
 
 
-def _find_module(name: str) -> object | None:
-    """The module's spec, or None when it cannot be imported (a bad name is not importable)."""
+def _present(requirement: str) -> bool:
+    """Whether one requirement (executable, Python module or absolute path) is here."""
+    if requirement == "python" or shutil.which(requirement):
+        return True
+    if requirement.startswith("/"):
+        return Path(requirement).exists()
     try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
+        return importlib.util.find_spec(requirement) is not None
+    except (ImportError, ValueError):  # a bad name is not importable
+        return False
 
 
 def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
