@@ -49,7 +49,7 @@ LANDING_JS = """"use strict";
   location.replace("vnc.html?" + query);
 })();
 """
-AUTH_PLUGIN = '''"""websockify auth plugin: only requests carrying the instance token (labgate's router)."""
+AUTH_PLUGIN = '''"""websockify auth plugin: only requests with the instance token."""
 import hmac
 import os
 
@@ -88,21 +88,28 @@ def wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 20) 
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None:
-            sys.exit(f"desktop: {process.args[0]} exited with {process.returncode}")  # type: ignore[index]
+            sys.exit(f"desktop: the VNC server exited with {process.returncode}")
         if time.monotonic() > deadline:
             sys.exit(f"desktop: {path} did not appear within {timeout:g}s")
         time.sleep(0.05)
 
 
-def free_display() -> int:
-    """An X display number nobody uses (no socket, no lock file)."""
-    for number in range(20, 1000):
-        if (
-            not Path(f"/tmp/.X11-unix/X{number}").exists()
-            and not Path(f"/tmp/.X{number}-lock").exists()
-        ):
-            return number
-    sys.exit("desktop: no free X display number")
+def read_display(fd: int, process: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    """The display number the X server wrote to ``fd`` once ready (``-displayfd``)."""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(fd, False)
+    text = b""
+    while not text.endswith(b"\n"):
+        if process.poll() is not None:
+            sys.exit(f"desktop: Xtigervnc exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            sys.exit(f"desktop: no X display within {timeout:g}s")
+        try:
+            text += os.read(fd, 16)
+        except BlockingIOError:
+            time.sleep(0.05)
+    os.close(fd)
+    return f":{int(text)}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     socket = private / "vnc.sock"
     (private / "labgate_desktop_auth.py").write_text(AUTH_PLUGIN)
     web = web_root(private, novnc)
-    display = f":{free_display()}"
     children: list[subprocess.Popen[bytes]] = []
 
     def stop(*_: object) -> None:
@@ -138,9 +144,11 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    read_end, write_end = os.pipe()
     xvnc = [
         "Xtigervnc",
-        display,
+        "-displayfd",
+        str(write_end),
         "-geometry",
         args.geometry,
         "-depth",
@@ -155,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         "-nolisten",
         "tcp",
     ]
-    children.append(subprocess.Popen(xvnc))
+    children.append(subprocess.Popen(xvnc, pass_fds=(write_end,)))
+    os.close(write_end)
+    display = read_display(read_end, children[0])
     wait_for(socket, children[0])
     env = {**os.environ, "DISPLAY": display}
     children.append(subprocess.Popen(["openbox"], env=env))
