@@ -8,6 +8,8 @@ set -euo pipefail
 version=${1:-4.100.3}
 prefix=/usr/local/lib/code-server-$version
 export DEBIAN_FRONTEND=noninteractive
+# node-pty's install script runs `npx node-gyp`: let npx fetch it from the registry.
+export npm_config_yes=true
 
 if [ -x "$prefix/bin/code-server" ] && "$prefix/bin/code-server" --version >/dev/null 2>&1; then
   ln -sfn "$prefix/bin/code-server" /usr/local/bin/code-server
@@ -29,6 +31,7 @@ rm -rf "$prefix.tmp" && mkdir -p "$prefix.tmp"
 tar xzf "$work"/code-server-*.tgz -C "$prefix.tmp" --strip-components=1
 cd "$prefix.tmp"
 npm install --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error
+npm rebuild --loglevel=error argon2   # code-server's own native module (built here)
 cd lib/vscode
 npm install --omit=dev --ignore-scripts --no-audit --no-fund --loglevel=error
 # The native modules, built here (everything with an install script but ripgrep's download).
