@@ -36,9 +36,9 @@ TOKEN = "a-long-enough-instance-token-0123456789"
 def test_only_requests_with_the_instance_token_reach_the_tool() -> None:
     port = free_port()
     env = {**os.environ, "LABGATE_INSTANCE_TOKEN": TOKEN}
+    tool = [sys.executable, "-c", TOOL, "{socket}"]
     gate = subprocess.Popen(
-        [sys.executable, "-m", "labgate.tools.gate", "--port", str(port), "--"]
-        + [sys.executable, "-c", TOOL, "{socket}"],
+        [sys.executable, "-m", "labgate.tools.gate", "--port", str(port), "--", *tool],
         env=env,
     )
     try:
