@@ -98,8 +98,13 @@ async def run(port: int, socket_path: Path, command: list[str]) -> int:
     gate = Gate(socket_path, token)
     server = await asyncio.start_server(gate.handle, "127.0.0.1", port, limit=MAX_HEAD)
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if child.returncode is None:
+            child.terminate()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda: child.returncode is None and child.terminate())
+        loop.add_signal_handler(signum, stop)
     print(f"gate: 127.0.0.1:{port} -> {socket_path} ({command[0]})", flush=True)
     code = await child.wait()
     server.close()
