@@ -233,9 +233,12 @@ def test_jupyterlab_runs_a_cell(gateway: Gateway, kernel: str, code: str, output
             pytest.fail("no R kernel in JupyterLab: apt-get install r-cran-irkernel")
         pytest.skip("no R kernel in JupyterLab: apt-get install r-cran-irkernel")
     card.click()
-    expect(page.locator(".jp-Notebook-ExecutionIndicator, .jp-Notebook")).to_be_visible()
+    expect(page.locator(".jp-Notebook").first).to_be_visible()
     _run_cell(page, code)
     out = page.locator(".jp-OutputArea-output").first
     expect(out).to_contain_text(output, timeout=60_000)
+    # Named as in labgate, not "Anonymous <moon>".
+    me = page.request.get(f"{gateway.url}/i/{instance_id}/api/me").json()
+    assert me["identity"]["username"] == name, me
     gateway.shot(page, f"tool-jupyterlab-{'r' if kernel == 'R' else 'python'}", docs=True)
     stop(gateway, name, instance_id)
