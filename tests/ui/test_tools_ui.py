@@ -84,6 +84,7 @@ def test_the_launch_form_sends_params_refuses_bad_ones_and_remembers(gateway: Ga
     card = page.locator('li.card[data-tool="form"]')
     expect(card.get_by_label("Screen size")).to_have_value("1920x1080")
     expect(card.get_by_label("App file")).to_have_value("apps/dash.py")
+    card.scroll_into_view_if_needed()
     gateway.shot(page, "tools-launch-form", docs=True)
     stop(gateway, name, instance_id)
 
