@@ -22,7 +22,7 @@ command = {DEMO_ARGV}
 #: A demo with a launch form: each kind of parameter, one of them in its environment.
 FORM_TOOL = f"""
 name = "form"
-title = "Demo with a launch form"
+title = "Form test"
 health_path = "/api/health"
 [params.size]
 type = "choice"

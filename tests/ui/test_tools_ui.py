@@ -210,10 +210,19 @@ def test_shiny_renders_a_value_computed_from_an_input(gateway: Gateway) -> None:
 
 
 def _run_cell(page: Any, code: str) -> None:
-    cell = page.locator(".jp-Notebook .jp-Cell .cm-content").last
+    # Wait for the kernel: a cell run before it is ready can be lost.
+    idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first
+    expect(idle).to_be_attached(timeout=60_000)
+    cell = page.locator(".jp-Notebook .jp-Cell .cm-content").first
     expect(cell).to_be_visible(timeout=60_000)
-    cell.click()
-    page.keyboard.type(code)
+    # A new notebook may still be settling: type again until the cell holds the code.
+    for _ in range(5):
+        cell.click()
+        page.keyboard.type(code)
+        if code in (cell.text_content() or ""):
+            break
+        time.sleep(1)
+    expect(cell).to_have_text(code)
     page.keyboard.press("Shift+Enter")
 
 
@@ -241,5 +250,8 @@ def test_jupyterlab_runs_a_cell(gateway: Gateway, kernel: str, code: str, output
     # Named as in labgate, not "Anonymous <moon>".
     me = page.request.get(f"{gateway.url}/i/{instance_id}/api/me").json()
     assert me["identity"]["username"] == name, me
+    no_news = page.get_by_role("button", name="No", exact=True)
+    if no_news.count():  # JupyterLab's news prompt (docs/tools.md): answer it for the picture
+        no_news.click()
     gateway.shot(page, f"tool-jupyterlab-{'r' if kernel == 'R' else 'python'}", docs=True)
     stop(gateway, name, instance_id)
