@@ -22,6 +22,7 @@ import uvicorn
 from helpers import TEST_SECRET_KEY
 from labgate.config import Settings
 from labgate.portal.app import create_app
+from tools_fixtures import FORM_TOOL
 
 ADMIN_PASSWORD = "admin-password-for-cli-tests"
 TERMINAL = {"stopped", "failed", "lost"}
@@ -93,6 +94,7 @@ def live_server(tmp: Path, **overrides: Any) -> Iterator[LiveServer]:
     tools = tmp / "tools"
     tools.mkdir(exist_ok=True)
     (tools / "crashy.toml").write_text(CRASHING_TOOL)
+    (tools / "form.toml").write_text(FORM_TOOL)
     sock = _free_socket()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     settings = Settings(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -72,7 +73,12 @@ class LabgateServer:
     ) -> None:
         self.data_dir = data_dir
         self.port = free_port(host)
-        self.url = f"http://{host}:{self.port}"
+        # With LABGATE_TLS_CERT_FILE it serves HTTPS: that (self-signed) certificate is trusted.
+        cert = env.get("LABGATE_TLS_CERT_FILE")
+        self.verify: ssl.SSLContext | bool = True
+        if cert:
+            self.verify = ssl.create_default_context(cafile=cert)
+        self.url = f"{'https' if cert else 'http'}://{host}:{self.port}"
         self.log_path = data_dir.parent / f"serve-{self.port}.log"
         self.env = {
             **os.environ,
@@ -102,7 +108,8 @@ class LabgateServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"labgate serve exited: {self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                answer = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
+                if answer.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -121,7 +128,9 @@ class LabgateServer:
         if self.process is None:
             return
         headers = self.token(username, password, ["admin", "account"])
-        with httpx.Client(base_url=self.url, headers=headers, timeout=10) as client:
+        with httpx.Client(
+            base_url=self.url, headers=headers, timeout=10, verify=self.verify
+        ) as client:
             for instance in client.get("/api/v1/instances?active=true").json():
                 client.delete(f"/api/v1/instances/{instance['id']}")
             deadline = time.monotonic() + timeout
@@ -134,7 +143,7 @@ class LabgateServer:
         self, username: str, password: str, scopes: list[str] | None = None
     ) -> dict[str, str]:
         """Sign in and create an API token; returns the Authorization header."""
-        with httpx.Client(base_url=self.url, timeout=10) as client:
+        with httpx.Client(base_url=self.url, timeout=10, verify=self.verify) as client:
             login = client.post(
                 "/api/v1/auth/login", json={"username": username, "password": password}
             )

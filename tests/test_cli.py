@@ -387,6 +387,32 @@ def test_launch_ls_logs_stop(cli: Cli, admin_token: str) -> None:
     assert one_error_line(gone) == "error: no instance 'nosuchinstance' (unknown_instance)"
 
 
+def test_launch_with_params(cli: Cli, admin_token: str) -> None:
+    listed = cli("tool", "list", token=admin_token).stdout
+    assert "size=1280x800|1920x1080" in listed and "gpus=0" in listed, listed
+    refused = cli("launch", "form", "-p", "gpus=9", token=admin_token, ok=False)
+    assert one_error_line(refused) == "error: params.gpus: must be at most 4 (invalid_param)"
+    assert refused.exit_code == 1
+    malformed = cli("launch", "form", "--param", "gpus", token=admin_token, ok=False)
+    assert one_error_line(malformed) == "error: --param wants NAME=VALUE, not 'gpus'"
+    assert malformed.exit_code == 2
+    launched = cli(
+        "launch",
+        "form",
+        "--no-wait",
+        "-p",
+        "size=1920x1080",
+        "--param",
+        "app=a b.py",
+        token=admin_token,
+    )
+    instance_id = launched.stdout.strip()
+    shown = json.loads(cli("ls", "--json", "--all", "--tool", "form", token=admin_token).stdout)
+    params = next(r["params"] for r in shown if r["id"] == instance_id)
+    assert params["size"] == "1920x1080" and params["app"] == "a b.py"
+    cli("stop", instance_id, token=admin_token)
+
+
 def test_launch_no_wait_prints_the_id(cli: Cli, admin_token: str) -> None:
     launched = cli("launch", "demo", "--no-wait", "-o", "time=1:00:00", token=admin_token)
     instance_id = launched.stdout.strip()

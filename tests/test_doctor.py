@@ -106,3 +106,20 @@ def test_root_without_bubblewrap_is_a_failure(env, tmp_path, monkeypatch):
     assert code == 1, out
     assert "FAIL  site local: bubblewrap is not installed and labgate runs as root" in out
     assert "apt-get install bubblewrap" in out
+
+
+def test_tools_a_site_cannot_run_say_what_to_install(env, tmp_path):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "needy.toml").write_text(
+        'name = "needy"\ntitle = "Needy"\n[process]\ncommand = ["needy-server"]\n'
+        'requires = ["needy-server", "/no/such/file|/nor/this"]\n'
+        'install = "apt-get install needy"\n'
+    )
+    code, out = doctor({**env, "LABGATE_TOOLS_DIR": str(tools)})
+    assert code == 0, out  # a tool a site lacks is not a problem
+    assert (
+        "info  tool needy@local: cannot run here: requires 'needy-server', which is not "
+        "installed; install it with: apt-get install needy"
+    ) in out
+    assert "needy" not in out.split("runs ", 1)[1].splitlines()[0]

@@ -29,6 +29,39 @@ def costly_tool(name: str, delay: float) -> str:
     )
 
 
+#: A demo with a launch form: each kind of parameter, one of them in its environment.
+FORM_TOOL = f"""
+name = "form"
+title = "Form test"
+health_path = "/api/health"
+[params.size]
+type = "choice"
+label = "Screen size"
+choices = ["1280x800", "1920x1080"]
+default = "1280x800"
+[params.gpus]
+type = "integer"
+min = 0
+max = 4
+default = 0
+help = "GPUs to attach."
+[params.app]
+type = "file"
+label = "App file"
+accept = ["*.py", "*.R"]
+default = "app.py"
+[params.verbose]
+type = "boolean"
+default = false
+[params.note]
+type = "string"
+pattern = "[a-z ]*"
+max_length = 20
+[process]
+command = {DEMO_ARGV}
+env = {{ DEMO_SIZE = "{{param_size}}", DEMO_APP = "{{param_app}}" }}
+"""
+
 VARIANTS = {
     "crashing": ('DEMO_CRASH = "1"', 30),
     "never-ready": ('DEMO_NEVER_READY = "1"', 2),
@@ -49,6 +82,7 @@ def write_test_tools(directory: Path) -> Path:
         'name = "hog"\ntitle = "hog"\nhealth_path = "/api/health"\nstart_timeout = 60\n'
         f'start_cost = 1024\n\n[process]\n{DEMO_COMMAND}\nenv = {{ DEMO_START_DELAY = "30" }}\n'
     )
+    (directory / "form.toml").write_text(FORM_TOOL)
     (directory / "broken.toml").write_text('name = "Broken Name"\ntitle = ""\n')
     (directory / "garbled.toml").write_text("name = \n")
     return directory

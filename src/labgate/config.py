@@ -262,7 +262,11 @@ class Settings(BaseSettings):
         14 * 24 * 3600, ge=60, description="Lifetime of a browser session, in seconds."
     )
     cookie_secure: bool = Field(
-        False, description="Mark the session cookie Secure (set when serving over HTTPS)."
+        False,
+        description=(
+            "Mark cookies Secure. They always are when the public URL is https:// "
+            "(labgate's own TLS, or a TLS-terminating proxy in front)."
+        ),
     )
     max_request_body: int = Field(
         1024 * 1024, ge=1024, description="Largest API request body accepted, in bytes."
@@ -326,6 +330,34 @@ class Settings(BaseSettings):
             "Addresses or networks (CIDR) of proxies in front of the router whose "
             "X-Forwarded-For the router believes; from anyone else it is dropped. In the "
             "environment: a JSON list."
+        ),
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description=(
+            "PEM certificate (chain) the router serves HTTPS with; with tls_key_file. "
+            "Reloaded when the file changes, without a restart."
+        ),
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_reload_interval: float = Field(
+        10.0, ge=0, description="Seconds between checks for a renewed certificate (0: never)."
+    )
+    http_redirect_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description=(
+            "With TLS: also listen for plain HTTP on this port (on host) and redirect every "
+            "request to the https:// public URL. Empty: no plain-HTTP listener."
+        ),
+    )
+    hsts_max_age: int = Field(
+        31536000,
+        ge=0,
+        description=(
+            "Strict-Transport-Security max-age, in seconds, sent when the public URL is "
+            "https:// (0: no HSTS header)."
         ),
     )
 
@@ -598,6 +630,24 @@ class Settings(BaseSettings):
             raise ValueError(f"identity provider names must be unique: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.http_redirect_port is not None and self.tls_cert_file is None:
+            raise ValueError("http_redirect_port needs TLS (tls_cert_file and tls_key_file)")
+        return self
+
+    @property
+    def serves_tls(self) -> bool:
+        """Whether the router terminates TLS itself."""
+        return self.tls_cert_file is not None and self.tls_key_file is not None
+
+    @property
+    def effective_cookie_secure(self) -> bool:
+        """Whether cookies are ``Secure``: asked for, or the public URL is https://."""
+        return self.cookie_secure or self.effective_public_url.startswith("https://")
+
     @property
     def effective_sites(self) -> list[SiteConfig]:
         """The configured sites, or the one local process site."""
@@ -635,7 +685,8 @@ class Settings(BaseSettings):
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.serves_tls else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def workspaces_dir(self) -> Path:

@@ -48,7 +48,7 @@ ENGINE_TIMEOUT = 5.0
 class Finding:
     """The outcome of one check."""
 
-    level: str  # ok, warn, fail
+    level: str  # ok, info (nothing wrong: e.g. a tool this site does not have), warn, fail
     subject: str
     detail: str
     fix: str = ""
@@ -171,7 +171,8 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
             yield Finding(diagnosis.level, subject, diagnosis.detail, diagnosis.fix)
         if any(diagnosis.final for diagnosis in diagnoses):
             continue
-        tools = [t for t in catalog if backend.unavailable_reason(t) is None]
+        reasons = {t.name: backend.unavailable_reason(t) for t in catalog}
+        tools = [t for t in catalog if reasons[t.name] is None]
         runnable = [t.name for t in tools]
         if not runnable:
             yield Finding(
@@ -181,6 +182,10 @@ def check_sites(settings: Settings) -> Iterator[Finding]:
             yield ok(subject, f"{backend.name} backend; runs {', '.join(runnable)}")
         for diagnosis in _diagnoses(backend, tools):
             yield Finding(diagnosis.level, subject, diagnosis.detail, diagnosis.fix)
+        for name, reason in reasons.items():
+            if reason is not None:
+                # Not a problem: the site runs what it has; the reason says what to install.
+                yield Finding("info", f"tool {name}@{site.name}", f"cannot run here: {reason}")
         if site.data_root is not None and not site.data_root.is_dir():
             yield Finding(
                 "warn",

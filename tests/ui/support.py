@@ -132,10 +132,20 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30, what: str = "co
         time.sleep(0.1)
 
 
-def launch_via_api(gateway: Gateway, name: str, tool: str = "demo") -> str:
+def launch_via_api(
+    gateway: Gateway,
+    name: str,
+    tool: str = "demo",
+    *,
+    params: dict[str, Any] | None = None,
+    timeout: float = 30,
+) -> str:
     """Launch ``tool`` as ``name`` through the API and wait until it runs; its id."""
     with httpx.Client(base_url=gateway.url, headers=gateway.token(name), timeout=10) as client:
-        created = client.post("/api/v1/instances", json={"tool": tool})
+        body: dict[str, Any] = {"tool": tool}
+        if params:
+            body["params"] = params
+        created = client.post("/api/v1/instances", json=body)
         assert created.status_code == 202, created.text
         instance_id: str = created.json()["id"]
 
@@ -144,5 +154,5 @@ def launch_via_api(gateway: Gateway, name: str, tool: str = "demo") -> str:
             assert state in ("pending", "starting", "running"), state
             return bool(state == "running")
 
-        wait_for(running, what=f"{instance_id} to run")
+        wait_for(running, timeout=timeout, what=f"{instance_id} to run")
     return instance_id

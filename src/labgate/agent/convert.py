@@ -66,6 +66,7 @@ def spec_msg(spec: LaunchSpec) -> LaunchSpecMsg:
         snapshot=snapshot_ref_msg(spec.snapshot) if spec.snapshot is not None else None,
         image=spec.image,
         options=dict(spec.options),
+        params=dict(spec.params),
     )
 
 
@@ -91,6 +92,7 @@ def spec_of(msg: LaunchSpecMsg, tools: Mapping[str, Tool] | None = None) -> Laun
         snapshot=snapshot_ref_of(msg.snapshot) if msg.snapshot is not None else None,
         image=msg.image,
         options=dict(msg.options),
+        params=dict(msg.params),
     )
 
 

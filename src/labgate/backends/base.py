@@ -147,6 +147,8 @@ class LaunchSpec:
     options: dict[str, str] = field(default_factory=dict)
     #: A container image chosen at launch from the tool's allowlist; "" the tool's own.
     image: str = ""
+    #: The tool's launch parameters, checked, by name: ``{param_<name>}`` in its templates.
+    params: dict[str, str] = field(default_factory=dict)
 
 
 class SnapshotUnsupported(LabgateError):

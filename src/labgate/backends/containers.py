@@ -374,6 +374,7 @@ class ContainerBackend(Backend):
             instance_id=spec.instance_id,
             user=spec.owner,
             instance_token=spec.secret,
+            params=spec.params,
         )
         try:
             command, args, tool_env = tool.render(values)

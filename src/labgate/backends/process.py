@@ -390,6 +390,7 @@ class ProcessBackend(Backend):
             instance_id=spec.instance_id,
             user=spec.owner,
             instance_token=spec.secret,
+            params=spec.params,
         )
         try:
             command, tool_env = tool.render(values)

@@ -33,6 +33,13 @@ def launch(
         metavar="NAME=VALUE",
         help="Choose among the site's allowed values, e.g. partition=gpu or time=2:00:00.",
     ),
+    param: list[str] = typer.Option(
+        [],
+        "--param",
+        "-p",
+        metavar="NAME=VALUE",
+        help="A launch parameter of the tool, e.g. app=dash.py (see `labgate tool list`).",
+    ),
     wait: bool = typer.Option(
         True, "--wait/--no-wait", help="Follow the launch until the tool is ready."
     ),
@@ -58,6 +65,7 @@ def launch(
         "site": site,
         "dataset": dataset,
         "options": options or None,
+        "params": parse_params(param) or None,
     }
     with state_of(ctx).client() as client:
         instance = client.post("/instances", body)
@@ -73,6 +81,17 @@ def launch(
         typer.echo(instance["id"])
     if open_browser and wait:
         webbrowser.open(instance["url"])
+
+
+def parse_params(items: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict (the portal checks the values); exit 2 on a malformed one."""
+    params: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--param wants NAME=VALUE, not {item!r}", code=2)
+        params[name.strip()] = value
+    return params
 
 
 def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> None:

@@ -88,7 +88,7 @@ def doctor(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         show.print_json([f.as_json() for f in findings])
     else:
-        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        marks = {"ok": "ok  ", "info": "info", "warn": "WARN", "fail": "FAIL"}
         for finding in findings:
             typer.echo(f"{marks[finding.level]}  {finding.subject}: {finding.detail}")
             if finding.fix:

@@ -182,6 +182,14 @@ def tokens(rows: list[dict[str, Any]], *, show_user: bool) -> None:
     )
 
 
+def _param(name: str, param: dict[str, Any]) -> str:
+    """``name=default`` (or ``name=a|b|c`` for a choice) as `tool list` shows a parameter."""
+    if param.get("choices"):
+        return f"{name}={'|'.join(param['choices'])}"
+    default = param.get("default")
+    return f"{name}={default}" if default not in (None, "") else f"{name}=<{param['type']}>"
+
+
 def tools(rows: list[dict[str, Any]]) -> None:
     """The tool catalog."""
 
@@ -191,13 +199,14 @@ def tools(rows: list[dict[str, Any]]) -> None:
         return Text(f"no: {tool.get('unavailable_reason') or 'unknown reason'}", style="red")
 
     _table(
-        ("NAME", "TITLE", "CPU", "MEMORY", "AVAILABLE", "DESCRIPTION"),
+        ("NAME", "TITLE", "CPU", "MEMORY", "PARAMS", "AVAILABLE", "DESCRIPTION"),
         (
             (
                 t["name"],
                 t["title"],
                 str(t["resources"].get("cpu", "")),
                 size(t["resources"].get("memory", "")),
+                ", ".join(_param(name, p) for name, p in (t.get("params") or {}).items()),
                 available(t),
                 t["description"],
             )

@@ -282,6 +282,8 @@ class Instance(Base):
     keep_alive_until: Mapped[datetime | None] = mapped_column(default=None)
     #: Last "busy" report of the tool itself, or the claim from a warm pool.
     last_activity_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The launch parameters' checked values, by name (migration 0008, labgate.tools.params).
+    params: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
 
     owner: Mapped[User] = relationship()
     site: Mapped[Site | None] = relationship()

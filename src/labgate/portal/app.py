@@ -50,6 +50,7 @@ from labgate.portal.api import (
 )
 from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
+from labgate.portal.hsts import HstsMiddleware
 from labgate.portal.openapi import install_openapi
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.sites import start_network_sites
@@ -229,6 +230,8 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     app.state.oauth = oauth.OAuthState(portal.signer.key)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
+    if settings.effective_public_url.startswith("https://") and settings.hsts_max_age > 0:
+        app.add_middleware(HstsMiddleware, max_age=settings.hsts_max_age)
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)

@@ -51,7 +51,8 @@ DESCRIPTIONS: dict[int, str] = {
     "`tool_unavailable`, `no_capacity`, ... (docs/api.md lists them).",
     413: "`payload_too_large`: the body is over the `max_request_body` setting.",
     422: "`validation_error`: a field is missing, unknown, out of range or of the wrong "
-    'JSON type (bodies are strict: `0` is not a boolean, `"5"` not a number).',
+    'JSON type (bodies are strict: `0` is not a boolean, `"5"` not a number); '
+    "`invalid_param`: a tool's launch parameter is refused (with `param`, its name).",
     429: "Too many: `quota_exceeded` (with `quota`, `scope`, `limit`, `current`), or "
     "`too_many_requests` (rate limited; `Retry-After` says when to try again).",
     502: "`backend_error`: the site's engine failed (a container engine or a registry).",
@@ -79,6 +80,9 @@ class ErrorOut(BaseModel):
     )
     replicas: SkipJsonSchema[None] | list[ReplicaOut] = Field(
         None, description="`dataset_unavailable`: the dataset's replicas and why none is usable."
+    )
+    param: SkipJsonSchema[None] | str = Field(
+        None, description="`invalid_param`: the launch parameter refused."
     )
 
 

@@ -111,6 +111,14 @@ class ToolOut(BaseModel):
         description='Container images you may launch it with ("image"), its own first; '
         "shown by GET /api/v1/tools/{name}.",
     )
+    params: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Launch parameters by name, in form order: type, label, help, default, "
+        "choices, min, max, pattern, max_length, accept, required.",
+    )
+    last_params: dict[str, str] = Field(
+        default_factory=dict, description="The values you gave your newest instance of it."
+    )
 
 
 #: ``local``, or where a network site's agent is (``waiting``: it never connected).
@@ -202,6 +210,12 @@ class LaunchIn(Strict):
         max_length=512,
         description="A container image from the tool's allowlist (GET /api/v1/tools/{name}).",
     )
+    params: dict[str, Any] | None = Field(
+        None,
+        max_length=32,
+        description='Values of the tool\'s launch parameters, e.g. {"app": "app.py"}; a bad '
+        "one is a 422 invalid_param naming it.",
+    )
 
     @model_validator(mode="after")
     def _tool_or_snapshot(self) -> LaunchIn:
@@ -253,6 +267,9 @@ class InstanceOut(BaseModel):
     )
     queue: QueueOut | None = Field(
         None, description="Its place in its site's start queue, while it is queued."
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="The tool's launch parameters it was given."
     )
 
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from urllib.parse import urlsplit
 
 from labgate.config import Settings
+from labgate.errors import ConfigError
 from labgate.router.activity import Activity, ActivityLog
 from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
+from labgate.router.tls import CertificateWatcher, start_redirect
 from labgate.security import SessionSigner, TunnelTickets
 from labgate.wire.routes import Route, RouteTable, parse_upstream
 
@@ -49,6 +52,8 @@ class Router:
             TunnelTickets(signer.key),
         )
         self.servers: list[asyncio.Server] = []
+        #: The TLS certificate in use and its reloading, when the router serves HTTPS.
+        self.tls: CertificateWatcher | None = None
         table.on_route_removed(self._route_removed)
         table.on_access_narrowed(self._access_narrowed)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -62,12 +67,16 @@ class Router:
         sock: socket.socket | None = None,
         backlog: int = 4096,
     ) -> asyncio.Server:
-        """Accept connections on ``host:port`` (port 0: any free one) or on ``sock``."""
+        """Accept connections on ``host:port`` (port 0: any free one) or on ``sock``.
+
+        With :attr:`tls` set the connections are HTTPS, with its certificate.
+        """
         loop = self._loop = asyncio.get_running_loop()
         self.ctx.start()
+        tls = self.tls.context if self.tls is not None else None
         if sock is not None:
             server = await loop.create_server(
-                lambda: ClientConnection(self.ctx), sock=sock, backlog=backlog
+                lambda: ClientConnection(self.ctx), sock=sock, backlog=backlog, ssl=tls
             )
         else:
             server = await loop.create_server(
@@ -76,6 +85,7 @@ class Router:
                 port,
                 reuse_port=reuse_port or None,
                 backlog=backlog,
+                ssl=tls,
             )
         self.servers.append(server)
         return server
@@ -113,6 +123,8 @@ class Router:
         for server in self.servers:
             await server.wait_closed()
         self.servers.clear()
+        if self.tls is not None:
+            await self.tls.stop()
         await self.ctx.stop()
         # Let transports finish closing before the loop can go away.
         await asyncio.sleep(0)
@@ -177,5 +189,27 @@ async def start_router(
     """
     signer = SessionSigner(settings.signing_key(), settings.session_max_age)
     router = Router(table, signer, portal_upstream, options or options_from_settings(settings))
+    router.tls = certificate_watcher(settings)
     await router.listen(host, port, reuse_port=reuse_port)
+    if router.tls is not None:
+        router.tls.start()
+    if settings.http_redirect_port is not None:
+        redirect = await start_redirect(
+            host, settings.http_redirect_port, settings.effective_public_url
+        )
+        router.servers.append(redirect)
     return router
+
+
+def certificate_watcher(settings: Settings) -> CertificateWatcher | None:
+    """The TLS certificate of the settings, loaded; None without TLS. ConfigError when bad."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        return CertificateWatcher(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_reload_interval
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"cannot load the TLS certificate (tls_cert_file, tls_key_file): {exc}"
+        ) from None

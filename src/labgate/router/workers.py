@@ -35,11 +35,13 @@ import os
 import signal
 from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 
 from labgate.config import Settings
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings
 from labgate.router.sync import ActivityReporter, RouteSync
+from labgate.router.tls import CertificateWatcher
 from labgate.security import SessionSigner
 from labgate.wire.routes import RouteTable
 
@@ -68,6 +70,10 @@ class WorkerConfig:
     activity_interval: float = 30.0
     #: The spawning process; the worker stops when it is gone (0: not watched).
     parent_pid: int = 0
+    #: HTTPS: the certificate and key files (empty: plain HTTP), checked for renewal so often.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_reload_interval: float = 10.0
 
     @property
     def upstream(self) -> str:
@@ -94,6 +100,9 @@ def worker_config(
         session_max_age=settings.session_max_age,
         portal_upstream=portal_upstream,
         options=options_from_settings(settings),
+        tls_cert_file=str(settings.tls_cert_file or ""),
+        tls_key_file=str(settings.tls_key_file or ""),
+        tls_reload_interval=settings.tls_reload_interval,
     )
 
 
@@ -122,6 +131,11 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             await asyncio.wait_for(sync.synced.wait(), config.sync_wait)
         if not sync.synced.is_set():
             log.warning("router: no route snapshot yet (%s); serving anyway", sync.last_error)
+        if config.tls_cert_file and config.tls_key_file:
+            router.tls = CertificateWatcher(
+                Path(config.tls_cert_file), Path(config.tls_key_file), config.tls_reload_interval
+            )
+            router.tls.start()
         await router.listen(config.host, config.port, reuse_port=config.reuse_port)
         await stop.wait()
     finally:

@@ -41,6 +41,7 @@ from labgate.scheduler.snapshots import snapshot_ref
 from labgate.scheduler.startqueue import Fairness, StartQueue
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
+from labgate.tools.params import default_values, param_env
 from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
 if TYPE_CHECKING:
@@ -195,6 +196,8 @@ class InstanceManager:
             # A workspace archive is restored into a new workspace of the instance's own.
             workspace = Path("_restored", instance.id)
         mounts = mounts_of(instance)
+        # A warm-pool instance (or one from before the tool had parameters) has the defaults.
+        params = {**default_values(tool.params), **(instance.params or {})}
         return LaunchSpec(
             instance_id=instance.id,
             owner=instance.owner.name,
@@ -208,9 +211,14 @@ class InstanceManager:
             snapshot=snapshot,
             options={str(k): str(v) for k, v in (instance.options or {}).items()},
             image=instance.image,
+            params=params,
             # Where each mount is, for the tool; a backend that cannot mount at the
             # target (process without bwrap) points these at the host path instead.
-            env={**self.extra_env, **{mount.env_var: mount.target for mount in mounts}},
+            env={
+                **self.extra_env,
+                **{mount.env_var: mount.target for mount in mounts},
+                **param_env(params),
+            },
         )
 
     # --- stop --------------------------------------------------------------

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
@@ -35,13 +35,14 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.link import live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
-from labgate.errors import BadRequest, NotFound
+from labgate.errors import BadRequest, NotFound, Unprocessable
 from labgate.scheduler import accounting, images, quotas, startqueue
 from labgate.scheduler.group_volumes import group_mounts
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
 from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_to_launch
 from labgate.security import SecretBox, new_id
+from labgate.tools.params import ParamError, resolve_params
 from labgate.units import parse_size
 from labgate.wire.launch import Resources
 
@@ -70,6 +71,8 @@ class LaunchRequest:
     options: dict[str, str] | None = None
     #: A container image from the tool's allowlist (labgate.scheduler.images).
     image: str | None = None
+    #: Values of the tool's launch parameters, by name; checked against the tool's declarations.
+    params: dict[str, Any] | None = None
 
 
 class WarmPools(Protocol):
@@ -108,6 +111,8 @@ class Admission:
     pools: WarmPools | None = None
     #: The tools (their start costs, for the site's start queue); None: no start queue.
     catalog: Catalog | None = None
+    #: The tool's launch parameters, checked (every one has its value).
+    params: dict[str, str] = field(default_factory=dict)
 
 
 # --- the pipeline ------------------------------------------------------------------
@@ -131,7 +136,10 @@ async def launch(
     if tool is None:
         raise NotFound(f"no tool called {request.tool!r}", code="unknown_tool")
     resources = resolve_resources(tool, request.resources)
-    warm = pools if pools is not None and pools.matches(tool, request, resources) else None
+    params = check_params(tool, request.params)
+    warm = None
+    if pools is not None and not request.params and pools.matches(tool, request, resources):
+        warm = pools  # a pool instance started with the defaults: asked for more, start cold
     admission = Admission(
         user_id,
         tool,
@@ -143,6 +151,7 @@ async def launch(
         data,
         warm,
         control.catalog,
+        params,
     )
     instance = await control.run_admission(lambda s: admit_launch(s, admission))
     if warm is not None and instance.state == InstanceState.running:
@@ -250,6 +259,7 @@ def record(
         snapshot_id=request.snapshot,
         options=dict(request.options or {}),
         image=request.image or "",
+        params=dict(admission.params),
     )
     session.add(instance)
     accounting.open_record(session, instance, user, group.name if group else "")
@@ -266,6 +276,14 @@ def record(
     session.flush()
     session.refresh(instance, ["owner", "site"])
     return instance
+
+
+def check_params(tool: Tool, given: dict[str, Any] | None) -> dict[str, str]:
+    """The tool's launch parameters checked (defaults filled in); 422 naming a bad one."""
+    try:
+        return resolve_params(tool.params, given)
+    except ParamError as exc:
+        raise Unprocessable(str(exc), code="invalid_param", param=exc.name) from None
 
 
 def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
@@ -308,6 +326,7 @@ __all__ = [
     "WarmPools",
     "admit",
     "admit_launch",
+    "check_params",
     "choose",
     "launch",
     "record",

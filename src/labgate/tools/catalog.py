@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import string
 import sys
@@ -67,6 +68,7 @@ from pydantic import (
     model_validator,
 )
 
+from labgate.tools.params import PARAM_NAME_RE, ToolParam, param_placeholders
 from labgate.units import Size
 from labgate.wire.launch import Resources
 
@@ -79,6 +81,7 @@ _FORMATTER = string.Formatter()
 # The instance token is a secret: allowed in environment values, never on a
 # command line where `ps` would show it to other local users.
 ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
+PARAM_PREFIX = "param_"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -105,6 +108,8 @@ class ProcessSpec(BaseModel):
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     requires: list[str] = Field(default_factory=list)
+    #: The command that installs what ``requires`` names (shown when something is missing).
+    install: str = Field("", max_length=500)
 
     @model_validator(mode="after")
     def _placeholders(self) -> ProcessSpec:
@@ -117,12 +122,15 @@ class ProcessSpec(BaseModel):
         _check_template(self.env.values(), ENV_PLACEHOLDERS, "env")
 
     def missing_requirement(self) -> str | None:
-        """Why the command cannot run on this machine (a requirement is missing), or None."""
+        """Why the command cannot run on this machine (a requirement is missing), or None.
+
+        A requirement is an executable on ``PATH``, an importable Python module, or an
+        absolute path that must exist; ``a|b`` is met by either.
+        """
         for requirement in self.requires:
-            if requirement == "python" or shutil.which(requirement):
-                continue
-            if importlib.util.find_spec(requirement) is None:
-                return f"requires {requirement!r}, which is not installed"
+            if not any(_present(alternative) for alternative in requirement.split("|")):
+                fix = f"; install it with: {self.install}" if self.install else ""
+                return f"requires {requirement!r}, which is not installed{fix}"
         return None
 
     def render(self, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
@@ -198,8 +206,23 @@ class ContainerSpec(BaseModel):
         return command, args, env
 
 
+def _present(requirement: str) -> bool:
+    """Whether one requirement (executable, Python module or absolute path) is here."""
+    if requirement == "python" or shutil.which(requirement):
+        return True
+    if requirement.startswith("/"):
+        return Path(requirement).exists()
+    try:
+        return importlib.util.find_spec(requirement) is not None
+    except (ImportError, ValueError):  # a bad name is not importable
+        return False
+
+
 def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
-    """Refuse what ``str.format`` would not fill from ``allowed`` (``{{`` is a brace)."""
+    """Refuse what ``str.format`` would not fill from ``allowed`` (``{{`` is a brace).
+
+    ``{param_<name>}`` is a launch parameter's value: the tool checks that it declares it.
+    """
     known = ", ".join(sorted(allowed))
     for part in parts:
         try:
@@ -207,7 +230,7 @@ def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -
         except ValueError as problem:
             raise ValueError(f"bad braces in {where}: {part!r} ({problem})") from None
         for name in fields:
-            if name not in allowed:
+            if name not in allowed and not name.startswith(PARAM_PREFIX):
                 raise ValueError(f"unknown placeholder {{{name}}} in {where} (known: {known})")
 
 
@@ -233,6 +256,8 @@ class Tool(BaseModel):
     #: Path under the tool's base URL told about a warm-pool claim (labgate.backends.claim).
     claim_path: str = ""
     resources: ToolResources = Field(default_factory=ToolResources)
+    #: Launch parameters (``[params.<name>]``), in the order the launch form shows them.
+    params: dict[str, ToolParam] = Field(default_factory=dict)
     #: The backends' tables (``process``, ``container``, ...), raw, by table name.
     sections: dict[str, dict[str, Any]] = Field(default_factory=dict)
     source: str = Field("", exclude=True)
@@ -269,6 +294,12 @@ class Tool(BaseModel):
             raise ValueError("health_path must start with /")
         if self.claim_path and not self.claim_path.startswith("/"):
             raise ValueError("claim_path must start with /")
+        for name in self.params:
+            if re.fullmatch(PARAM_NAME_RE, name) is None:
+                raise ValueError(f"params.{name}: a name is lowercase letters, digits and _")
+        for name in sorted(_param_references(self.sections)):
+            if name not in self.params:
+                raise ValueError(f"{{{PARAM_PREFIX}{name}}} names no parameter of this tool")
 
     def parsed(self, section: str, schema: type[M]) -> M | None:
         """The ``[section]`` table validated by ``schema``; None when the tool has none.
@@ -289,6 +320,24 @@ class Tool(BaseModel):
             raise ToolSectionError(f"[{section}] {exc}") from None
         self._parsed[section] = spec
         return spec
+
+
+def _param_references(value: Any) -> set[str]:
+    """The parameter names a backend table's templates use (``{param_<name>}``)."""
+    found: set[str] = set()
+    if isinstance(value, str):
+        try:
+            fields = [name for _, name, _, _ in _FORMATTER.parse(value) if name]
+        except ValueError:
+            return found  # the backend's schema says what is wrong with it
+        found.update(f[len(PARAM_PREFIX) :] for f in fields if f.startswith(PARAM_PREFIX))
+    elif isinstance(value, dict):
+        for item in value.values():
+            found |= _param_references(item)
+    elif isinstance(value, list):
+        for item in value:
+            found |= _param_references(item)
+    return found
 
 
 class ToolSectionError(ValueError):
@@ -368,10 +417,18 @@ def load_tool_file(path: Path) -> Tool:
 
 
 def template_values(
-    *, port: int, base_url: str, workspace: str, instance_id: str, user: str, instance_token: str
+    *,
+    port: int,
+    base_url: str,
+    workspace: str,
+    instance_id: str,
+    user: str,
+    instance_token: str,
+    params: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Values for a process command and environment template."""
+    """Values for a process command and environment template (and ``{param_<name>}``)."""
     return {
+        **param_placeholders(params or {}),
         "instance_token": instance_token,
         "port": str(port),
         "base_url": base_url,

@@ -93,6 +93,7 @@ class LaunchSpecMsg(BaseModel):
     image: str = ""
     #: What the user chose among the site's allowed values (a Slurm partition, wall time...).
     options: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, str] = Field(default_factory=dict)
 
 
 class AdoptionMsg(BaseModel):

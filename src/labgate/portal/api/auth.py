@@ -164,7 +164,7 @@ def set_session_cookie(
         max_age=portal.settings.session_max_age,
         httponly=True,
         samesite="lax",
-        secure=portal.settings.cookie_secure,
+        secure=portal.settings.effective_cookie_secure,
         path="/",
     )
     return session_id

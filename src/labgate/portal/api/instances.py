@@ -78,6 +78,7 @@ def instance_out(
         shared=shared,
         access=access,
         queue=queue_out(portal, instance),
+        params=instance.params or {},
     )
 
 
@@ -156,6 +157,7 @@ async def launch(
         group=body.group,
         options=body.options,
         image=body.image,
+        params=body.params,
     )
     instance = await portal.instances.launch(caller.user_id, request)
     return instance_out(portal, instance, caller)

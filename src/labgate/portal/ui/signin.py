@@ -83,7 +83,7 @@ def login_page(
         "login_token_field": LOGIN_FORM_FIELD,
     }
     response = render(request, "login.html", context, status=status)
-    set_login_cookie(response, nonce, secure=portal.settings.cookie_secure)
+    set_login_cookie(response, nonce, secure=portal.settings.effective_cookie_secure)
     return response
 
 

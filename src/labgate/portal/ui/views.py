@@ -19,7 +19,7 @@ from labgate.backends.base import available_backends
 from labgate.db.models import InstanceState, User
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
-from labgate.portal.api.catalog import tool_out
+from labgate.portal.api.catalog import catalog_out, last_params
 from labgate.portal.api.instances import instance_out, visible_instance
 from labgate.portal.api.shares import SharingOut, routers_saw, sharing_out
 from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
@@ -68,8 +68,8 @@ async def home(request: Request, portal: Portal = Depends(get_portal)) -> Respon
     caller = await signed_in(request)
     if isinstance(caller, Response):
         return caller
-    backends = {link.backend for link in portal.links.values()}
-    tools = [tool_out(tool, backends) for tool in portal.catalog]
+    last = await portal.run_db(lambda s: last_params(s, caller.user_id))
+    tools = catalog_out(portal, last)
     context = page_context(
         portal,
         caller,

@@ -149,6 +149,9 @@ class Demo:
             "cwd_files": sorted(os.listdir("."))[:100],
             "uptime": round(time.time() - self.started, 3),
             "headers": {k: v for k, v in headers.items() if k.startswith("x-")},
+            # The launch parameters, as labgate passes them (labgate.tools.params).
+            "params": {k: v for k, v in os.environ.items() if k.startswith("LABGATE_PARAM_")},
+            "demo_env": {k: v for k, v in os.environ.items() if k.startswith("DEMO_")},
         }
 
     @staticmethod

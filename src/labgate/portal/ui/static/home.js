@@ -38,6 +38,18 @@
     return resources;
   }
 
+  /* The launch parameters' values as typed; the API checks them (422 naming the one refused). */
+  function params(form) {
+    const values = {};
+    for (const field of form.querySelectorAll(".field.param")) {
+      const input = field.querySelector("input, select");
+      input.removeAttribute("aria-invalid");
+      if (input.type === "checkbox") values[field.dataset.param] = input.checked;
+      else if (input.value.trim() !== "") values[field.dataset.param] = input.value.trim();
+    }
+    return values;
+  }
+
   async function launch(event) {
     event.preventDefault();
     const form = event.currentTarget;
@@ -54,6 +66,8 @@
     say(error, "");
     const body = { tool: form.dataset.tool };
     if (Object.keys(resources).length) body.resources = resources;
+    const values = params(form);
+    if (Object.keys(values).length) body.params = values;
     busy(button, "Launching…");
     try {
       const instance = await api("POST", "/instances", body);
@@ -61,6 +75,13 @@
     } catch (err) {
       idle(button);
       say(error, err.message);
+      const name = err.body && err.body.param;
+      const field = name && form.querySelector(`.field.param[data-param="${CSS.escape(name)}"]`);
+      if (field) {
+        const input = field.querySelector("input, select");
+        input.setAttribute("aria-invalid", "true");
+        input.focus();
+      }
     }
   }
 

@@ -1,0 +1,193 @@
+"""The ``desktop`` tool: a Linux desktop in the browser (TigerVNC, Openbox, noVNC, websockify).
+
+``python -m labgate.tools.desktop --port P --geometry 1280x800`` starts, in
+one process group (the process backend stops them together):
+
+1. ``Xtigervnc``: a virtual X server that is also a VNC server. It listens on
+   a Unix socket in a private directory (mode 0700), never on TCP, so only
+   the instance's own uid can reach the desktop;
+2. ``openbox``, a light window manager, and an ``xterm`` in the workspace;
+3. ``websockify`` on the loopback port ``P``: it serves noVNC's pages and
+   turns the WebSocket at ``/websockify`` into the VNC stream. An auth plugin
+   (written next to the socket) refuses every request without the router's
+   ``Authorization: token <instance token>``, so only traffic that came
+   through labgate gets in.
+
+The landing page (``/``) sends the browser on to noVNC's ``vnc.html`` with
+``autoconnect``, ``resize=remote`` (the desktop follows the browser window)
+and the WebSocket path under the instance's prefix; noVNC's side bar has the
+clipboard. The tool file is ``builtin/desktop.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NOVNC_DIRS = (Path("/usr/share/novnc"),)
+#: Programs the desktop needs; the tool file's ``requires`` names the same.
+PROGRAMS = ("Xtigervnc", "openbox", "xterm", "websockify")
+
+LANDING = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Desktop</title>
+<script src="labgate-desktop.js"></script></head>
+<body><p>Opening the desktop… <a id="go" href="vnc.html">Open it</a></p></body></html>
+"""
+# The WebSocket path is absolute from the host's root: noVNC adds nothing to it.
+LANDING_JS = """"use strict";
+(function () {
+  var base = location.pathname.replace(/[^/]*$/, "").replace(/^\\//, "");
+  var query = "autoconnect=1&reconnect=1&resize=remote&show_dot=1&path=" +
+    encodeURIComponent(base + "websockify");
+  location.replace("vnc.html?" + query);
+})();
+"""
+AUTH_PLUGIN = '''"""websockify auth plugin: only requests with the instance token."""
+import hmac
+import os
+
+from websockify.auth_plugins import AuthenticationError
+
+
+class TokenAuth:
+    def __init__(self, src=None):
+        self.expected = "token " + os.environ.get("LABGATE_INSTANCE_TOKEN", "")
+
+    def authenticate(self, headers, target_host, target_port):
+        given = headers.get("Authorization") or ""
+        if len(self.expected) <= len("token ") or not hmac.compare_digest(given, self.expected):
+            raise AuthenticationError(response_code=403, response_msg="Forbidden")
+'''
+
+
+def novnc_dir() -> Path | None:
+    """Where noVNC's pages are installed, if anywhere."""
+    return next((d for d in NOVNC_DIRS if (d / "vnc.html").is_file()), None)
+
+
+def web_root(private: Path, novnc: Path) -> Path:
+    """noVNC's files (linked) plus the landing page, in a directory of the instance's own."""
+    web = private / "web"
+    web.mkdir()
+    for entry in novnc.iterdir():
+        (web / entry.name).symlink_to(entry)
+    (web / "index.html").write_text(LANDING)
+    (web / "labgate-desktop.js").write_text(LANDING_JS)
+    return web
+
+
+def wait_for(path: Path, process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until ``path`` exists; exit when ``process`` dies first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            sys.exit(f"desktop: the VNC server exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            sys.exit(f"desktop: {path} did not appear within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def read_display(fd: int, process: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    """The display number the X server wrote to ``fd`` once ready (``-displayfd``)."""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(fd, False)
+    text = b""
+    while not text.endswith(b"\n"):
+        if process.poll() is not None:
+            sys.exit(f"desktop: Xtigervnc exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            sys.exit(f"desktop: no X display within {timeout:g}s")
+        try:
+            text += os.read(fd, 16)
+        except BlockingIOError:
+            time.sleep(0.05)
+    os.close(fd)
+    return f":{int(text)}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the desktop and serve it on ``--port`` until stopped."""
+    parser = argparse.ArgumentParser(description="labgate desktop tool")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--geometry", default="1280x800")
+    args = parser.parse_args(argv)
+    missing = [p for p in PROGRAMS if shutil.which(p) is None]
+    novnc = novnc_dir()
+    if missing or novnc is None:
+        sys.exit(f"desktop: missing {', '.join(missing) or 'noVNC (/usr/share/novnc)'}")
+
+    private = Path(tempfile.mkdtemp(prefix="labgate-desktop-"))
+    private.chmod(0o700)
+    socket = private / "vnc.sock"
+    (private / "labgate_desktop_auth.py").write_text(AUTH_PLUGIN)
+    web = web_root(private, novnc)
+    children: list[subprocess.Popen[bytes]] = []
+
+    def stop(*_: object) -> None:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        shutil.rmtree(private, ignore_errors=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    read_end, write_end = os.pipe()
+    xvnc = [
+        "Xtigervnc",
+        "-displayfd",
+        str(write_end),
+        "-geometry",
+        args.geometry,
+        "-depth",
+        "24",
+        "-rfbport",
+        "-1",
+        "-rfbunixpath",
+        str(socket),
+        "-SecurityTypes",
+        "None",
+        "-AlwaysShared",
+        "-nolisten",
+        "tcp",
+    ]
+    children.append(subprocess.Popen(xvnc, pass_fds=(write_end,)))
+    os.close(write_end)
+    display = read_display(read_end, children[0])
+    wait_for(socket, children[0])
+    env = {**os.environ, "DISPLAY": display}
+    children.append(subprocess.Popen(["openbox"], env=env))
+    children.append(subprocess.Popen(["xterm", "-title", "Terminal"], env=env))
+    websockify = [
+        "websockify",
+        "--web",
+        str(web),
+        "--web-auth",
+        "--auth-plugin",
+        "labgate_desktop_auth.TokenAuth",
+        "--unix-target",
+        str(socket),
+        f"127.0.0.1:{args.port}",
+    ]
+    path = os.pathsep.join(filter(None, [str(private), os.environ.get("PYTHONPATH", "")]))
+    children.append(subprocess.Popen(websockify, env={**os.environ, "PYTHONPATH": path}))
+    print(f"desktop: {display} ({args.geometry}) on 127.0.0.1:{args.port}", flush=True)
+    while all(child.poll() is None for child in children[:1] + children[-1:]):
+        time.sleep(0.5)
+    stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""A token gate in front of a tool that cannot check labgate's instance token itself.
+
+``python -m labgate.tools.gate --port P --socket S -- COMMAND...`` starts
+``COMMAND`` (which must listen on the Unix socket ``S``, in a directory only
+the instance's uid can enter) and listens on the loopback port ``P``. Each
+connection's first request must carry ``Authorization: token
+<LABGATE_INSTANCE_TOKEN>``, which the router adds to everything it proxies;
+then the connection is spliced to the socket both ways (WebSocket upgrades
+included). A connection whose first request lacks the token gets ``403`` and
+is closed, so another local account that finds the port reaches nothing. The
+gate ends when the command does, and stops it when told to stop.
+
+The ``vscode`` tool runs code-server behind it (``--socket``): a code-server
+reachable by other local users would be a shell in the instance's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+MAX_HEAD = 64 * 1024
+HEAD_TIMEOUT = 30.0
+CHUNK = 64 * 1024
+FORBIDDEN = (
+    b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 39\r\n"
+    b"Connection: close\r\n\r\nonly requests through labgate get in.\r\n\r\n"
+)
+
+
+def authorised(head: bytes, expected: bytes) -> bool:
+    """Whether a request head carries ``Authorization: token <expected>``."""
+    if len(expected) < 16:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"authorization":
+            return hmac.compare_digest(value.strip(), b"token " + expected)
+    return False
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+class Gate:
+    """The listening side: check each connection's first request, then splice."""
+
+    def __init__(self, socket_path: Path, token: str) -> None:
+        self.socket_path = socket_path
+        self.expected = token.encode()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client connection."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            writer.close()
+            return
+        if not authorised(head, self.expected):
+            writer.write(FORBIDDEN)
+            with contextlib.suppress(Exception):
+                await writer.drain()
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(str(self.socket_path))
+        except OSError:
+            writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        up_writer.write(head)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        for side in (writer, up_writer):
+            side.close()
+
+
+async def run(port: int, socket_path: Path, command: list[str]) -> int:
+    """Start ``command``, serve the gate until it exits; its exit code."""
+    token = os.environ.get("LABGATE_INSTANCE_TOKEN", "")
+    child = await asyncio.create_subprocess_exec(*command)
+    gate = Gate(socket_path, token)
+    server = await asyncio.start_server(gate.handle, "127.0.0.1", port, limit=MAX_HEAD)
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if child.returncode is None:
+            child.terminate()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    print(f"gate: 127.0.0.1:{port} -> {socket_path} ({command[0]})", flush=True)
+    code = await child.wait()
+    server.close()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``--port P [--socket S] -- COMMAND...``; ``{socket}`` in COMMAND is the socket."""
+    parser = argparse.ArgumentParser(description="labgate token gate")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--socket", default="")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        sys.exit("gate: no command given")
+    private = Path(tempfile.mkdtemp(prefix="labgate-gate-"))
+    private.chmod(0o700)
+    socket_path = Path(args.socket) if args.socket else private / "tool.sock"
+    command = [part.replace("{socket}", str(socket_path)) for part in command]
+    try:
+        sys.exit(asyncio.run(run(args.port, socket_path, command)))
+    finally:
+        with contextlib.suppress(OSError):
+            socket_path.unlink()
+        with contextlib.suppress(OSError):
+            private.rmdir()
+
+
+if __name__ == "__main__":
+    main()
