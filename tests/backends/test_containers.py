@@ -353,7 +353,7 @@ async def test_missing_image_fails_the_launch_with_the_reason(
     iid = await launch(client, admin_headers, tool="ghost")
     body = await wait_for_state(client, admin_headers, iid, {"failed", "running"})
     assert body["state"] == "failed"
-    assert body["reason"].startswith(f"cannot pull image {spec.image}")
+    assert body["reason"].startswith(f"never started: cannot pull image {spec.image}")
     assert "manifest unknown" in body["reason"]
     messages = [e["message"] for e in await events_of(app, iid)]
     assert f"pulling image {spec.image}" in messages
