@@ -286,6 +286,29 @@ async def test_unfinished_snapshots_are_settled_at_start_and_vanished_ones_shown
     assert (await client.get(f"/api/v1/snapshots/{sid}", headers=alice)).json()["reason"] == ""
 
 
+async def test_a_settle_while_a_save_begins_leaves_that_save_alone(
+    app: Any, client: httpx.AsyncClient, make_user: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reconcile's settle() between the row being written and the save starting."""
+    alice = await make_user("alice")
+    source = await running(client, alice, tool="demo")
+    snapshots = app.state.portal.snapshots
+    note = snapshots._note
+    settled: list[dict[str, Any]] = []
+    first = [True]
+
+    async def note_then_settle(instance_id: str, message: str, snapshot_id: str, **data: Any):
+        if first[0]:  # the "saving" note: the row is written, the save not yet begun
+            first[0] = False
+            settled.append(await snapshots.settle())
+        await note(instance_id, message, snapshot_id, **data)
+
+    monkeypatch.setattr(snapshots, "_note", note_then_settle)
+    sid = await take(client, alice, source)
+    assert settled == [{}]  # the settle saw the row and left it to its save
+    assert (await wait_snapshot(client, alice, sid))["state"] == "ready"
+
+
 async def test_snapshot_and_launch_errors(
     app: Any, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
 ) -> None:

@@ -215,18 +215,25 @@ class SnapshotManager:
     # --- take ----------------------------------------------------------------
     async def take(self, instance_id: str, name: str = "", description: str = "") -> Snapshot:
         """Start saving a running instance; the snapshot comes back ``saving``."""
-        snapshot, request, state, site = await self._db(
-            lambda s: self._begin(s, instance_id, name, description)
-        )
-        await self._note(instance_id, f"snapshot {snapshot.id}: saving", snapshot.id)
-        self._saving.add(snapshot.id)
+        # Marked as being saved before its row exists: a settle() between the two
+        # would otherwise find it ``saving`` with nobody saving it, and fail it.
+        snapshot_id = new_id()
+        self._saving.add(snapshot_id)
+        try:
+            snapshot, request, state, site = await self._db(
+                lambda s: self._begin(s, snapshot_id, instance_id, name, description)
+            )
+            await self._note(instance_id, f"snapshot {snapshot.id}: saving", snapshot.id)
+        except BaseException:
+            self._saving.discard(snapshot_id)
+            raise
         task = asyncio.create_task(self._save(snapshot.id, site, state, request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return snapshot
 
     def _begin(
-        self, session: Session, instance_id: str, name: str, description: str
+        self, session: Session, snapshot_id: str, instance_id: str, name: str, description: str
     ) -> tuple[Snapshot, SnapshotRequest, dict[str, Any], str]:
         instance = session.get(Instance, instance_id)
         if instance is None:
@@ -247,7 +254,7 @@ class SnapshotManager:
                 f"the {link.backend} backend of site {site} takes no snapshots"
             )
         snapshot = Snapshot(
-            id=new_id(),
+            id=snapshot_id,
             owner_id=instance.owner_id,
             name=name,
             description=description,
