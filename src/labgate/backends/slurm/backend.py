@@ -191,6 +191,7 @@ class SlurmBackend(Backend):
             "env": self.environment(spec, workspace, tool_env, python),
             "workdir": str(workspace),
             "ports": list(self.config.ports),
+            "endpoint_host": self.config.endpoint_host,
         }
         body = await asyncio.to_thread(launcher_source)
         body += f"\n\nmain({str(job_dir)!r})\n"
@@ -301,7 +302,8 @@ class SlurmBackend(Backend):
                 data = {"slurm": {"state": job.state, "node": job.node, "job_id": job_id}}
                 found = await asyncio.to_thread(_read_endpoint, endpoint_file, job_id)
                 if found is not None:
-                    node = self.config.endpoint_host or job.node or str(found["node"])
+                    # The relay's address (endpoint_host's or the node's); older jobs: the node.
+                    node = str(found.get("host") or self.config.endpoint_host or job.node)
                     placed = {
                         **state,
                         "node": job.node or found["node"],

@@ -1,0 +1,137 @@
+"""The Slurm job's launcher on its own (no cluster): the tool behind the node's relay.
+
+The launcher is what runs on a compute node. Here it runs as the real script,
+with the relay on a non-loopback address of this machine (the default route's
+interface, as a node's address would be): the demo tool is reached through the
+relay, listens itself only on 127.0.0.1, refuses a request without its
+instance token (what protects it on the node's network), and the relay ends
+with the tool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from labgate.backends.slurm import launcher
+from labgate.backends.slurm.launcher import PORT_MARK
+
+TOKEN = "relay-test-instance-token"
+
+
+def outward_address() -> str | None:
+    """This machine's address on its default route's interface (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
+def refused(host: str, port: int) -> bool:
+    """Whether nothing accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def address() -> str:
+    """The non-loopback address the relay listens on, as a node's would be."""
+    found = outward_address()
+    if found is None:
+        pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
+    return found
+
+
+@pytest.fixture
+def job(tmp_path: Path, address: str) -> Iterator[dict[str, object]]:
+    """The launcher started as a job's body would be; its endpoint report."""
+    launch = {
+        "argv": [sys.executable, "-m", "labgate.tools.demo", "--port", PORT_MARK],
+        "env": {"LABGATE_INSTANCE_TOKEN": TOKEN, "PATH": os.environ["PATH"]},
+        "workdir": str(tmp_path / "work"),
+        "ports": [0, 0],
+        "endpoint_host": address,
+    }
+    (tmp_path / "launch.json").write_text(json.dumps(launch))
+    log = (tmp_path / "job.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, launcher.__file__, str(tmp_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SLURM_JOB_ID": "42"},
+    )
+    endpoint = tmp_path / "endpoint.json"
+    deadline = time.monotonic() + 20
+    while not endpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert endpoint.exists(), (tmp_path / "job.log").read_text()
+    report: dict[str, object] = json.loads(endpoint.read_text())
+    report["proc"] = proc
+    report["workdir"] = launch["workdir"]
+    yield report
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(10)
+    log.close()
+
+
+def get(host: str, port: int, path: str, **headers: str) -> httpx.Response:
+    """GET ``path`` from ``host:port``, retrying while the tool starts."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return httpx.get(f"http://{host}:{port}{path}", headers=headers, timeout=5)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_the_tool_is_reached_through_the_relay_and_listens_only_on_loopback(job, address):
+    assert job["host"] == address and job["job_id"] == "42"
+    port, tool_port = int(job["port"]), int(job["tool_port"])  # type: ignore[call-overload]
+    r = get(address, port, "/api/health", authorization=f"token {TOKEN}")
+    assert r.status_code == 200, r.text
+    # The tool answers on the node's loopback only; the node's address is the relay's.
+    assert get("127.0.0.1", tool_port, "/api/health", authorization=f"token {TOKEN}").is_success
+    assert refused(address, tool_port)
+    # A body larger than the relay's chunk, both ways, on one kept-alive connection.
+    big = os.urandom(300_000)
+    path = str(Path(str(job["workdir"])) / "big.bin")
+    with httpx.Client(
+        base_url=f"http://{address}:{port}", headers={"authorization": f"token {TOKEN}"}
+    ) as client:
+        assert client.put("/api/file", params={"path": path}, content=big).is_success
+        for _ in range(2):
+            assert client.get("/api/download", params={"path": path}).content == big
+
+def test_the_relay_refuses_nothing_the_tool_would_accept_and_ends_with_it(job, address):
+    port = int(job["port"])  # type: ignore[call-overload]
+    # On the node's network anyone can connect: the instance token is what the tool checks.
+    assert get(address, port, "/api/health").status_code == 403
+    wrong = get(address, port, "/api/health", authorization="token not-the-one")
+    assert wrong.status_code == 403
+    # The launcher became the tool (same pid): when it ends, the relay stops listening.
+    assert job["pid"] == job["proc"].pid  # type: ignore[attr-defined]
+    os.kill(int(job["pid"]), signal.SIGTERM)  # type: ignore[call-overload]
+    job["proc"].wait(10)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while not refused(address, port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert refused(address, port)
