@@ -25,19 +25,9 @@ import pytest
 
 from labgate.backends.slurm import launcher
 from labgate.backends.slurm.launcher import PORT_MARK
+from slurm_cluster import outward_address
 
 TOKEN = "relay-test-instance-token"
-
-
-def outward_address() -> str | None:
-    """This machine's address on its default route's interface (no packet is sent)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.connect(("192.0.2.1", 9))
-        except OSError:
-            return None
-        address: str = sock.getsockname()[0]
-    return None if address.startswith("127.") else address
 
 
 def refused(host: str, port: int) -> bool:
