@@ -58,7 +58,7 @@ def node_address(endpoint_host: str) -> str:
     try:
         return socket.gethostbyname(name)
     except OSError:
-        return "0.0.0.0"  # noqa: S104 - a node without a resolvable name: every address
+        return "0.0.0.0"
 
 
 def relay_listener(address: str, low: int, high: int) -> tuple[socket.socket, str]:
@@ -66,11 +66,11 @@ def relay_listener(address: str, low: int, high: int) -> tuple[socket.socket, st
     try:
         sock = bind_port(address, low, high)
     except OSError:  # not an address of this node (an endpoint_host for another): all of them
-        address = "0.0.0.0"  # noqa: S104
+        address = "0.0.0.0"
         sock = bind_port(address, low, high)
     sock.listen(128)
     # Bound on every address: the router finds the node by its name.
-    return sock, socket.gethostname() if address == "0.0.0.0" else address  # noqa: S104
+    return sock, socket.gethostname() if address == "0.0.0.0" else address
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -107,7 +107,8 @@ async def relay(listener: socket.socket, port: int, parent: int) -> None:
         lambda r, w: _relay_one(port, r, w), sock=listener, limit=_CHUNK
     )
     async with server:
-        while os.getppid() == parent:  # the tool (our parent, exec'd) ended: so do we
+        # Nothing signals a parent's end portably: a changed parent pid says the tool ended.
+        while os.getppid() == parent:  # noqa: ASYNC110
             await asyncio.sleep(1)
 
 
