@@ -112,7 +112,7 @@ def test_the_tool_is_reached_through_the_relay_and_listens_only_on_loopback(job,
             assert client.get("/api/download", params={"path": path}).content == big
 
 
-def test_the_relay_refuses_nothing_the_tool_would_accept_and_ends_with_it(job, address):
+def test_through_the_relay_the_tool_wants_its_instance_token_and_the_relay_ends_with_it(job, address):
     port = int(job["port"])  # type: ignore[call-overload]
     # On the node's network anyone can connect: the instance token is what the tool checks.
     assert get(address, port, "/api/health").status_code == 403
