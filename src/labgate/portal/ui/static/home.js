@@ -66,7 +66,7 @@
         }
       }
     }
-    return { site: select || Object.keys(options).length ? site : "", options };
+    return { site: (select || Object.keys(options).length) ? site : "", options };
   }
 
   /* Show the launch choices of the site picked in the form's site select. */
