@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from slurm_cluster import Cluster
+from slurm_cluster import Cluster, outward_address
 
 
 @pytest.fixture
@@ -16,3 +16,12 @@ def slurm(slurm_cluster: Cluster) -> Iterator[Cluster]:
         yield slurm_cluster
     finally:
         slurm_cluster.cancel_all()
+
+
+@pytest.fixture
+def node_address() -> str:
+    """This machine's outward address, as a compute node's is to a router on another host."""
+    found = outward_address()
+    if found is None:
+        pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
+    return found

@@ -25,7 +25,6 @@ import pytest
 
 from labgate.backends.slurm import launcher
 from labgate.backends.slurm.launcher import PORT_MARK
-from slurm_cluster import outward_address
 
 TOKEN = "relay-test-instance-token"
 
@@ -40,23 +39,14 @@ def refused(host: str, port: int) -> bool:
 
 
 @pytest.fixture
-def address() -> str:
-    """The non-loopback address the relay listens on, as a node's would be."""
-    found = outward_address()
-    if found is None:
-        pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
-    return found
-
-
-@pytest.fixture
-def job(tmp_path: Path, address: str) -> Iterator[dict[str, object]]:
+def job(tmp_path: Path, node_address: str) -> Iterator[dict[str, object]]:
     """The launcher started as a job's body would be; its endpoint report."""
     launch = {
         "argv": [sys.executable, "-m", "labgate.tools.demo", "--port", PORT_MARK],
         "env": {"LABGATE_INSTANCE_TOKEN": TOKEN, "PATH": os.environ["PATH"]},
         "workdir": str(tmp_path / "work"),
         "ports": [0, 0],
-        "endpoint_host": address,
+        "endpoint_host": node_address,
     }
     (tmp_path / "launch.json").write_text(json.dumps(launch))
     log = (tmp_path / "job.log").open("w")
@@ -93,36 +83,38 @@ def get(host: str, port: int, path: str, **headers: str) -> httpx.Response:
             time.sleep(0.1)
 
 
-def test_the_tool_is_reached_through_the_relay_and_listens_only_on_loopback(job, address):
-    assert job["host"] == address and job["job_id"] == "42"
+def test_the_tool_is_reached_through_the_relay_and_listens_only_on_loopback(job, node_address):
+    assert job["host"] == node_address and job["job_id"] == "42"
     port, tool_port = int(job["port"]), int(job["tool_port"])  # type: ignore[call-overload]
-    r = get(address, port, "/api/health", authorization=f"token {TOKEN}")
+    r = get(node_address, port, "/api/health", authorization=f"token {TOKEN}")
     assert r.status_code == 200, r.text
     # The tool answers on the node's loopback only; the node's address is the relay's.
     assert get("127.0.0.1", tool_port, "/api/health", authorization=f"token {TOKEN}").is_success
-    assert refused(address, tool_port)
+    assert refused(node_address, tool_port)
     # A body larger than the relay's chunk, both ways, on one kept-alive connection.
     big = os.urandom(300_000)
     path = str(Path(str(job["workdir"])) / "big.bin")
     with httpx.Client(
-        base_url=f"http://{address}:{port}", headers={"authorization": f"token {TOKEN}"}
+        base_url=f"http://{node_address}:{port}", headers={"authorization": f"token {TOKEN}"}
     ) as client:
         assert client.put("/api/file", params={"path": path}, content=big).is_success
         for _ in range(2):
             assert client.get("/api/download", params={"path": path}).content == big
 
 
-def test_through_the_relay_the_tool_wants_its_instance_token_and_the_relay_ends_with_it(job, address):
+def test_through_the_relay_the_tool_wants_its_instance_token_and_the_relay_ends_with_it(
+    job, node_address
+):
     port = int(job["port"])  # type: ignore[call-overload]
     # On the node's network anyone can connect: the instance token is what the tool checks.
-    assert get(address, port, "/api/health").status_code == 403
-    wrong = get(address, port, "/api/health", authorization="token not-the-one")
+    assert get(node_address, port, "/api/health").status_code == 403
+    wrong = get(node_address, port, "/api/health", authorization="token not-the-one")
     assert wrong.status_code == 403
     # The launcher became the tool (same pid): when it ends, the relay stops listening.
     assert job["pid"] == job["proc"].pid  # type: ignore[attr-defined]
     os.kill(int(job["pid"]), signal.SIGTERM)  # type: ignore[call-overload]
     job["proc"].wait(10)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
-    while not refused(address, port) and time.monotonic() < deadline:
+    while not refused(node_address, port) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert refused(address, port)
+    assert refused(node_address, port)

@@ -16,32 +16,23 @@ import pytest
 
 from helpers import wait_for_state
 from labgate.config import Settings, SiteConfig
-from slurm_cluster import Cluster, outward_address
+from slurm_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def address() -> str:
-    """This machine's outward address: the node's, to the router."""
-    found = outward_address()
-    if found is None:
-        pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
-    return found
-
-
-@pytest.fixture
-def settings(settings: Settings, tmp_path: Path, slurm: Cluster, address: str) -> Settings:
+def settings(settings: Settings, tmp_path: Path, slurm: Cluster, node_address: str) -> Settings:
     """One Slurm site whose jobs are reached at ``address``."""
     options = slurm.options(
-        endpoint_host=address, request_memory=False, jobs_dir=str(tmp_path / "jobs")
+        endpoint_host=node_address, request_memory=False, jobs_dir=str(tmp_path / "jobs")
     )
     site = SiteConfig(name="hpc", backend="slurm", options=options)
     return settings.model_copy(update={"sites": [site]})
 
 
 async def test_the_router_reaches_the_tool_through_the_relay_on_the_nodes_address(
-    client, make_user, router_url, address, tmp_path
+    client, make_user, router_url, node_address, tmp_path
 ):
     alice = await make_user("alice")
     r = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=alice)
@@ -50,13 +41,13 @@ async def test_the_router_reaches_the_tool_through_the_relay_on_the_nodes_addres
     body = await wait_for_state(client, alice, iid, {"running", "failed"}, timeout=60)
     assert body["state"] == "running", body["reason"]
     endpoint = json.loads((tmp_path / "jobs" / iid / "endpoint.json").read_text())
-    assert endpoint["host"] == address and endpoint["port"] != endpoint["tool_port"]
+    assert endpoint["host"] == node_address and endpoint["port"] != endpoint["tool_port"]
     async with httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10) as browser:
         r = await browser.get(f"/i/{iid}/api/health")
         assert r.status_code == 200, r.text
     # The tool listens on the node's loopback only: from the network only the relay answers.
     with pytest.raises(OSError):
-        socket.create_connection((address, endpoint["tool_port"]), timeout=2).close()
+        socket.create_connection((node_address, endpoint["tool_port"]), timeout=2).close()
     with socket.create_connection(("127.0.0.1", endpoint["tool_port"]), timeout=2):
         pass
     assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202

@@ -24,7 +24,7 @@ from playwright.sync_api import expect
 
 from servers import LabgateServer
 from slurm_cluster import Cluster, outward_address
-from ui.support import ADMIN_PASSWORD, INSTANCE_PAGE, Gateway, stop_all_instances
+from ui.support import ADMIN_PASSWORD, INSTANCE_PAGE, Gateway, open_gateway, stop_all_instances
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -60,15 +60,8 @@ def slurm_gateway(
     playwright_browser: Any, slurm_server: tuple[LabgateServer, Path, str]
 ) -> Iterator[Gateway]:
     """The Slurm labgate and the module's browser; page errors fail the test."""
-    server = slurm_server[0]
-    headers = server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
-    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as admin:
-        gw = Gateway(server, playwright_browser, admin)
-        try:
-            yield gw
-        finally:
-            gw.close()
-    assert gw.problems == [], gw.problems
+    with open_gateway(slurm_server[0], playwright_browser) as gw:
+        yield gw
 
 
 def test_the_launch_form_offers_the_slurm_sites_choices_and_refuses_others(
