@@ -8,7 +8,8 @@ script, which is :mod:`labgate.backends.slurm.launcher` with the site's
 with no endpoint; the agent then calls :meth:`SlurmBackend.place`, which
 follows the job through the queue (reason, position, estimated start, as
 progress notes) until it runs and its launcher has written ``endpoint.json``
-with the node's free port, and returns ``http://<node>:<port>``. The job's
+with the address and port of the job's relay (on the node's network, in
+front of the tool's loopback port), and returns ``http://<address>:<port>``. The job's
 end (``EndTime``, its wall time) becomes ``ends_at`` in the state: the
 portal shows it as the instance's lifetime stop.
 
@@ -308,6 +309,7 @@ class SlurmBackend(Backend):
                         **state,
                         "node": job.node or found["node"],
                         "port": int(found["port"]),
+                        "host": node,
                         "started_at": job.start,
                         "ends_at": job.end if job.time_limit is not None else None,
                     }
