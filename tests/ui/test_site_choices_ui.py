@@ -80,6 +80,11 @@ def test_the_launch_form_offers_the_slurm_sites_choices_and_refuses_others(
     expect(partition.locator("option")).to_have_text(["Site default", "interactive", "batch"])
     expect(time_limit.locator("option")).to_have_text(["Site default (8:00:00)", *CHOICES["time"]])
 
+    partition.select_option("batch")
+    time_limit.select_option("2:00:00")
+    card.scroll_into_view_if_needed()
+    gateway.shot(page, "tools-launch-form-site-choices", docs=True)
+
     # The site's choices changed since the page was drawn: the API refuses, the form says so.
     partition.evaluate("select => select.add(new Option('gpu', 'gpu', true, true))")
     card.get_by_role("button", name="Launch").click()
@@ -88,9 +93,6 @@ def test_the_launch_form_offers_the_slurm_sites_choices_and_refuses_others(
     gateway.shot(page, "tools-launch-form-site-choices-refused")
 
     partition.select_option("batch")
-    time_limit.select_option("2:00:00")
-    card.scroll_into_view_if_needed()
-    gateway.shot(page, "tools-launch-form-site-choices", docs=True)
     card.get_by_role("button", name="Launch").click()
     page.wait_for_url(INSTANCE_PAGE)
     instance_id = INSTANCE_PAGE.search(page.url).group(1)  # type: ignore[union-attr]
