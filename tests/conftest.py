@@ -26,6 +26,7 @@ from helpers import (
     token_for,
 )
 from labgate.config import Settings
+from slurm_cluster import Cluster, start_cluster
 
 # Timing is for benchmarks, not tests: a loaded CI machine must not turn a slow
 # example into a failure (hypothesis's default deadline is 200 ms).
@@ -131,6 +132,16 @@ async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) ->
         return await token_for(client, name, PASSWORD)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Cluster]:
+    """munged, slurmctld and slurmd on this machine (one node); skips outside CI without them.
+
+    Here, not in tests/backends: the browser tests of a Slurm site's launch form share it.
+    """
+    with start_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session", autouse=True)

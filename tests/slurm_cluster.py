@@ -51,6 +51,21 @@ def free_port() -> int:
         return port
 
 
+def outward_address() -> str | None:
+    """This machine's address on its default route's interface (no packet is sent), or None.
+
+    What a compute node's address is to a router on another host: a job's relay
+    listens there while its tool listens on loopback only.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        address: str = sock.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
 @dataclass
 class Cluster:
     """A running one-node cluster: its config file and what the backend options need."""

@@ -1,4 +1,4 @@
-"""Fixtures of the backend tests: the real Slurm cluster, started once per session."""
+"""Fixtures of the backend tests: the real Slurm cluster (``slurm_cluster``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from slurm_cluster import Cluster, start_cluster
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[Cluster]:
-    """munged, slurmctld and slurmd on this machine (one node); skips outside CI without them."""
-    with start_cluster() as cluster:
-        yield cluster
+from slurm_cluster import Cluster, outward_address
 
 
 @pytest.fixture
@@ -23,3 +16,12 @@ def slurm(slurm_cluster: Cluster) -> Iterator[Cluster]:
         yield slurm_cluster
     finally:
         slurm_cluster.cancel_all()
+
+
+@pytest.fixture
+def node_address() -> str:
+    """This machine's outward address, as a compute node's is to a router on another host."""
+    found = outward_address()
+    if found is None:
+        pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
+    return found

@@ -18,12 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from servers import LabgateServer
 from tools_fixtures import write_test_tools
-from ui.support import ADMIN_PASSWORD, Gateway, stop_all_instances
+from ui.support import ADMIN_PASSWORD, Gateway, open_gateway, stop_all_instances
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -82,11 +81,5 @@ def gateway(playwright_browser: Any, ui_server: LabgateServer) -> Iterator[Gatew
     A test fails when a page threw an uncaught error or broke the
     Content-Security-Policy.
     """
-    headers = ui_server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
-    with httpx.Client(base_url=ui_server.url, headers=headers, timeout=10) as admin:
-        gw = Gateway(ui_server, playwright_browser, admin)
-        try:
-            yield gw
-        finally:
-            gw.close()
-    assert gw.problems == [], gw.problems
+    with open_gateway(ui_server, playwright_browser) as gw:
+        yield gw

@@ -7,7 +7,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,19 @@ class Gateway:
         for context in self.contexts:
             with contextlib.suppress(Exception):
                 context.close()
+
+
+@contextlib.contextmanager
+def open_gateway(server: LabgateServer, browser: Any) -> Iterator[Gateway]:
+    """``server`` and ``browser`` as a test sees them; fails when a page threw or broke the CSP."""
+    headers = server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as admin:
+        gw = Gateway(server, browser, admin)
+        try:
+            yield gw
+        finally:
+            gw.close()
+    assert gw.problems == [], gw.problems
 
 
 def screenshot(page: Any, name: str, *, docs: bool = False, full_page: bool = False) -> Path:

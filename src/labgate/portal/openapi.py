@@ -52,7 +52,8 @@ DESCRIPTIONS: dict[int, str] = {
     413: "`payload_too_large`: the body is over the `max_request_body` setting.",
     422: "`validation_error`: a field is missing, unknown, out of range or of the wrong "
     'JSON type (bodies are strict: `0` is not a boolean, `"5"` not a number); '
-    "`invalid_param`: a tool's launch parameter is refused (with `param`, its name).",
+    "`invalid_param`: a tool's launch parameter is refused (with `param`, its name); "
+    "`invalid_option`: a launch option the site does not offer (with `option`, its name).",
     429: "Too many: `quota_exceeded` (with `quota`, `scope`, `limit`, `current`), or "
     "`too_many_requests` (rate limited; `Retry-After` says when to try again).",
     502: "`backend_error`: the site's engine failed (a container engine or a registry).",
@@ -83,6 +84,9 @@ class ErrorOut(BaseModel):
     )
     param: SkipJsonSchema[None] | str = Field(
         None, description="`invalid_param`: the launch parameter refused."
+    )
+    option: SkipJsonSchema[None] | str = Field(
+        None, description="`invalid_option`: the launch option refused."
     )
 
 

@@ -8,7 +8,8 @@ script, which is :mod:`labgate.backends.slurm.launcher` with the site's
 with no endpoint; the agent then calls :meth:`SlurmBackend.place`, which
 follows the job through the queue (reason, position, estimated start, as
 progress notes) until it runs and its launcher has written ``endpoint.json``
-with the node's free port, and returns ``http://<node>:<port>``. The job's
+with the address and port of the job's relay (on the node's network, in
+front of the tool's loopback port), and returns ``http://<address>:<port>``. The job's
 end (``EndTime``, its wall time) becomes ``ends_at`` in the state: the
 portal shows it as the instance's lifetime stop.
 
@@ -191,6 +192,7 @@ class SlurmBackend(Backend):
             "env": self.environment(spec, workspace, tool_env, python),
             "workdir": str(workspace),
             "ports": list(self.config.ports),
+            "endpoint_host": self.config.endpoint_host,
         }
         body = await asyncio.to_thread(launcher_source)
         body += f"\n\nmain({str(job_dir)!r})\n"
@@ -301,11 +303,13 @@ class SlurmBackend(Backend):
                 data = {"slurm": {"state": job.state, "node": job.node, "job_id": job_id}}
                 found = await asyncio.to_thread(_read_endpoint, endpoint_file, job_id)
                 if found is not None:
-                    node = self.config.endpoint_host or job.node or str(found["node"])
+                    # The relay's address (endpoint_host's or the node's); older jobs: the node.
+                    node = str(found.get("host") or self.config.endpoint_host or job.node)
                     placed = {
                         **state,
                         "node": job.node or found["node"],
                         "port": int(found["port"]),
+                        "host": node,
                         "started_at": job.start,
                         "ends_at": job.end if job.time_limit is not None else None,
                     }

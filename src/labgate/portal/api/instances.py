@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from labgate.db.models import Instance, InstanceEvent, InstanceShare, InstanceState, User
 from labgate.errors import BadRequest, NotFound
+from labgate.portal.api.choices import check_options
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.schemas import (
@@ -147,6 +148,9 @@ async def launch(
 ) -> InstanceOut:
     """Launch a tool; the instance comes back ``pending`` (or ``queued``, waiting for its
     site's start room) and its events tell the rest."""
+    if body.site is not None and body.options:
+        site, chosen = body.site, body.options
+        await portal.run_db(lambda s: check_options(portal, s, site, chosen))
     request = LaunchRequest(
         tool=body.tool or "",
         resources=body.resources,

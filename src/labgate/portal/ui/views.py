@@ -20,6 +20,7 @@ from labgate.db.models import InstanceState, User
 from labgate.errors import Unauthorized
 from labgate.portal.accounts import user_out
 from labgate.portal.api.catalog import catalog_out, last_params
+from labgate.portal.api.choices import tool_sites
 from labgate.portal.api.instances import instance_out, visible_instance
 from labgate.portal.api.shares import SharingOut, routers_saw, sharing_out
 from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
@@ -64,17 +65,22 @@ async def signed_in(request: Request, *, admin: bool = False) -> Principal | Res
 
 @router.get("/")
 async def home(request: Request, portal: Portal = Depends(get_portal)) -> Response:
-    """The tool catalog as cards, each with a Launch button and a resources form."""
+    """The tool catalog as cards, each with a Launch button and a resources form (and, where
+    sites offer them, a site and its launch choices)."""
     caller = await signed_in(request)
     if isinstance(caller, Response):
         return caller
     last = await portal.run_db(lambda s: last_params(s, caller.user_id))
     tools = catalog_out(portal, last)
+    sites = await portal.run_db(
+        lambda s: {tool.name: tool_sites(portal, s, tool) for tool in portal.catalog}
+    )
     context = page_context(
         portal,
         caller,
         "home",
         tools=tools,
+        tool_sites=sites,
         max_instances=portal.settings.max_instances_per_user,
     )
     return render(request, "home.html", context)

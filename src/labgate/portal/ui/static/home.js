@@ -50,6 +50,33 @@
     return values;
   }
 
+  /* The chosen site (if any) and its launch choices that differ from the site's defaults. */
+  function siteChoices(form) {
+    const select = form.querySelector("select.site-select");
+    const boxes = form.querySelectorAll(".site-options");
+    const site = select ? select.value : boxes[0]?.dataset.site || "";
+    const options = {};
+    for (const box of boxes) {
+      if (box.dataset.site !== site) continue;
+      for (const field of box.querySelectorAll(".field.option")) {
+        const input = field.querySelector("select");
+        input.removeAttribute("aria-invalid");
+        if (input.value !== "" && input.value !== input.dataset.default) {
+          options[field.dataset.option] = input.value;
+        }
+      }
+    }
+    return { site: (select || Object.keys(options).length) ? site : "", options };
+  }
+
+  /* Show the launch choices of the site picked in the form's site select. */
+  function showSite(event) {
+    const form = event.currentTarget.form;
+    for (const box of form.querySelectorAll(".site-options")) {
+      box.hidden = box.dataset.site !== event.currentTarget.value;
+    }
+  }
+
   async function launch(event) {
     event.preventDefault();
     const form = event.currentTarget;
@@ -68,6 +95,9 @@
     if (Object.keys(resources).length) body.resources = resources;
     const values = params(form);
     if (Object.keys(values).length) body.params = values;
+    const { site, options } = siteChoices(form);
+    if (site) body.site = site;
+    if (Object.keys(options).length) body.options = options;
     busy(button, "Launching…");
     try {
       const instance = await api("POST", "/instances", body);
@@ -76,7 +106,13 @@
       idle(button);
       say(error, err.message);
       const name = err.body && err.body.param;
-      const field = name && form.querySelector(`.field.param[data-param="${CSS.escape(name)}"]`);
+      const option = err.body && err.body.option;
+      const field =
+        (name && form.querySelector(`.field.param[data-param="${CSS.escape(name)}"]`)) ||
+        (option &&
+          form.querySelector(
+            `.site-options[data-site="${CSS.escape(site)}"] .field.option[data-option="${CSS.escape(option)}"]`,
+          ));
       if (field) {
         const input = field.querySelector("input, select");
         input.setAttribute("aria-invalid", "true");
@@ -87,6 +123,7 @@
 
   for (const form of document.querySelectorAll("form.launch-form")) {
     form.addEventListener("submit", launch);
+    form.querySelector("select.site-select")?.addEventListener("change", showSite);
   }
 
   const quota = document.getElementById("quota");
