@@ -82,8 +82,9 @@ def _load_assets() -> dict[str, tuple[bytes, str]]:
 ASSETS = _load_assets()
 #: Changes whenever Swagger UI or labgate does, so the files can be cached for good.
 VERSION = hashlib.sha256(
-    (__version__ + "".join(hashlib.sha256(body).hexdigest() for body, _ in ASSETS.values()))
-    .encode()
+    (
+        __version__ + "".join(hashlib.sha256(body).hexdigest() for body, _ in ASSETS.values())
+    ).encode()
 ).hexdigest()[:12]
 
 
