@@ -4,11 +4,12 @@ FastAPI's own docs page loads Swagger UI from a CDN, so on a machine without
 Internet access (a cluster's login node, a laptop on a train) it is a blank
 page. Here the page, its start-up script and Swagger UI's files all come from
 labgate: the files from the ``swagger-ui-bundle-v2`` package (Swagger UI's
-release as it is, Apache-2.0), read once at start.
+release as it is, Apache-2.0), read at the first request.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from importlib.resources import files
 from importlib.resources.abc import Traversable
@@ -17,7 +18,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from labgate import __version__
-from labgate.errors import NotFound
+from labgate.errors import LabgateError, NotFound
 
 DOCS_PATH = "/api/v1/docs"
 ASSETS_PATH = f"{DOCS_PATH}/assets"
@@ -58,38 +59,44 @@ START_SCRIPT = f"""window.addEventListener("load", function () {{
 
 def _swagger_ui_dir() -> Traversable:
     """Swagger UI's release directory inside the installed package."""
-    vendor = files("swagger_ui_bundle") / "vendor"
+    try:
+        vendor = files("swagger_ui_bundle") / "vendor"
+    except ModuleNotFoundError:
+        raise LabgateError(
+            "the API docs page needs the Python package swagger-ui-bundle-v2, a dependency "
+            "of labgate: reinstall labgate (pip install -e .)",
+            code="docs_unavailable",
+        ) from None
     found = sorted(
         (entry for entry in vendor.iterdir() if entry.name.startswith("swagger-ui-")),
         key=lambda entry: entry.name,
     )
     if not found:
-        raise RuntimeError("swagger-ui-bundle-v2 ships no swagger-ui directory")
+        raise LabgateError("swagger-ui-bundle-v2 ships no Swagger UI", code="docs_unavailable")
     return found[-1]
 
 
-def _load_assets() -> dict[str, tuple[bytes, str]]:
-    """Name → (content, media type) of every file the docs page loads."""
+@functools.cache
+def assets() -> dict[str, tuple[bytes, str]]:
+    """Name → (content, media type) of every file the docs page loads; read once."""
     source = _swagger_ui_dir()
-    assets: dict[str, tuple[bytes, str]] = {}
+    loaded: dict[str, tuple[bytes, str]] = {}
     for name in ASSET_NAMES:
         suffix = name[name.rindex(".") :]
-        assets[name] = (source.joinpath(name).read_bytes(), MEDIA_TYPES[suffix])
-    assets["start.js"] = (START_SCRIPT.encode(), MEDIA_TYPES[".js"])
-    return assets
+        loaded[name] = (source.joinpath(name).read_bytes(), MEDIA_TYPES[suffix])
+    loaded["start.js"] = (START_SCRIPT.encode(), MEDIA_TYPES[".js"])
+    return loaded
 
 
-ASSETS = _load_assets()
-#: Changes whenever Swagger UI or labgate does, so the files can be cached for good.
-VERSION = hashlib.sha256(
-    (
-        __version__ + "".join(hashlib.sha256(body).hexdigest() for body, _ in ASSETS.values())
-    ).encode()
-).hexdigest()[:12]
+@functools.cache
+def version() -> str:
+    """Changes whenever Swagger UI or labgate does, so the files can be cached for good."""
+    digests = "".join(hashlib.sha256(body).hexdigest() for body, _ in assets().values())
+    return hashlib.sha256((__version__ + digests).encode()).hexdigest()[:12]
 
 
 def _asset_url(name: str) -> str:
-    return f"{ASSETS_PATH}/{name}?v={VERSION}"
+    return f"{ASSETS_PATH}/{name}?v={version()}"
 
 
 def docs_page() -> str:
@@ -130,12 +137,12 @@ async def docs() -> HTMLResponse:
 @router.get(f"{ASSETS_PATH}/{{name}}")
 async def asset(name: str, v: str = "") -> Response:
     """One of Swagger UI's files, or the page's start-up script; cached for good when versioned."""
-    found = ASSETS.get(name)
+    found = assets().get(name)
     if found is None:
         raise NotFound(f"no API docs file {name!r}")
     body, media_type = found
     headers = {
         "X-Content-Type-Options": "nosniff",
-        "Cache-Control": "public, max-age=31536000, immutable" if v == VERSION else "no-cache",
+        "Cache-Control": "public, max-age=31536000, immutable" if v == version() else "no-cache",
     }
     return Response(body, media_type=media_type, headers=headers)
