@@ -14,7 +14,7 @@ import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, state_of
-from labgate.cli.instances import _follow_launch
+from labgate.cli.instances import start
 from labgate.client import Client
 
 snapshot_app = typer.Typer(
@@ -209,15 +209,4 @@ def launch(
         key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
     }
     body: dict[str, Any] = {"snapshot": snapshot_id, "resources": resources or None, "site": site}
-    with state_of(ctx).client() as client:
-        instance = client.post("/instances", body)
-        if wait:
-            _follow_launch(client, instance, timeout)
-            instance = client.get(f"/instances/{instance['id']}")
-    if as_json:
-        show.print_json(instance)
-    elif wait:
-        typer.echo(instance["url"])
-    else:
-        show.note(f"launched {snapshot_id} as {instance['id']} ({instance['state']})")
-        typer.echo(instance["id"])
+    start(ctx, body, wait=wait, timeout=timeout, as_json=as_json)
