@@ -49,6 +49,7 @@ START_SCRIPT = f"""window.addEventListener("load", function () {{
     url: "{OPENAPI_PATH}",
     dom_id: "#swagger-ui",
     deepLinking: true,
+    validatorUrl: null,
     persistAuthorization: false,
     presets: [SwaggerUIBundle.presets.apis],
     layout: "BaseLayout"
