@@ -39,7 +39,7 @@ def test_snapshot_saved_shared_launched_and_deleted_in_the_browser(gateway):
     row.get_by_label(re.compile("Share .* with user")).fill(friend)
     row.get_by_role("button", name="Share", exact=True).click()
     expect(row.get_by_role("button", name=f"Stop sharing with {friend}")).to_be_visible()
-    gateway.shot(page, "snapshots-page", full_page=True)
+    gateway.shot(page, "21-snapshots", docs=True)
 
     # The friend sees it shared and launches from it; they cannot delete it.
     other = gateway.page()
