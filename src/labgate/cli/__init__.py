@@ -26,6 +26,7 @@ from labgate.cli import (
     serve,
     shares,
     sites,
+    snapshots,
     users,
 )
 from labgate.cli.context import CliState, LabgateGroup
@@ -88,6 +89,7 @@ app.add_typer(limits.quota_app, name="quota")
 app.add_typer(ops.pool_app, name="pool")
 app.add_typer(images.image_app, name="image")
 app.add_typer(runs.run_app, name="run")
+app.add_typer(snapshots.snapshot_app, name="snapshot")
 
 
 def main() -> None:

@@ -67,8 +67,17 @@ def launch(
         "options": options or None,
         "params": parse_params(param) or None,
     }
+    instance = start(ctx, body, wait=wait, timeout=timeout, as_json=as_json)
+    if open_browser and wait:
+        webbrowser.open(instance["url"])
+
+
+def start(
+    ctx: typer.Context, body: dict[str, Any], *, wait: bool, timeout: float, as_json: bool
+) -> dict[str, Any]:
+    """Launch (``POST /instances``), follow it when asked, print the URL, id or JSON."""
     with state_of(ctx).client() as client:
-        instance = client.post("/instances", body)
+        instance: dict[str, Any] = client.post("/instances", body)
         if wait:
             _follow_launch(client, instance, timeout)
             instance = client.get(f"/instances/{instance['id']}")
@@ -77,10 +86,10 @@ def launch(
     elif wait:
         typer.echo(instance["url"])
     else:
-        show.note(f"launched {tool} as {instance['id']} ({instance['state']}); see `labgate ls`")
+        what = instance["tool"] + (f" from {instance['snapshot']}" if body.get("snapshot") else "")
+        show.note(f"launched {what} as {instance['id']} ({instance['state']}); see `labgate ls`")
         typer.echo(instance["id"])
-    if open_browser and wait:
-        webbrowser.open(instance["url"])
+    return instance
 
 
 def parse_params(items: list[str]) -> dict[str, str]:

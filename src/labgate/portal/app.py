@@ -29,7 +29,7 @@ from labgate.db.models import Site, SiteKind
 from labgate.db.sealing import seal_plain_secrets
 from labgate.db.session import open_database
 from labgate.errors import ConfigError
-from labgate.portal import health, oauth, operations
+from labgate.portal import apidocs, health, oauth, operations
 from labgate.portal.accounts import bootstrap_admin, generate_password, no_users
 from labgate.portal.api import (
     agent,
@@ -222,7 +222,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
         version=__version__,
         description="Research tools next to the data, behind one authenticated front door.",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # labgate.portal.apidocs serves it, without a CDN
         redoc_url=None,
         lifespan=lifespan,
     )
@@ -244,6 +244,7 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
         return {"name": "labgate", "version": __version__}
 
     app.include_router(api)
+    app.include_router(apidocs.router)
     app.include_router(pages.router)
     app.include_router(health.router)
     app.include_router(oauth.router)

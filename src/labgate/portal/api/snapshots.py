@@ -94,6 +94,27 @@ def snapshot_out(session: Session, snapshot: Snapshot, caller: Principal) -> Sna
     )
 
 
+def snapshots_of(
+    session: Session,
+    caller: Principal,
+    *,
+    everyone: bool = False,
+    tool: str | None = None,
+    source_instance: str | None = None,
+) -> list[SnapshotOut]:
+    """The snapshots the caller owns or has been shared (``everyone``: all), newest first."""
+    stmt = select(Snapshot)
+    if not everyone:
+        shared = select(SnapshotShare.snapshot_id).where(SnapshotShare.user_id == caller.user_id)
+        stmt = stmt.where(or_(Snapshot.owner_id == caller.user_id, Snapshot.id.in_(shared)))
+    if tool is not None:
+        stmt = stmt.where(Snapshot.tool == tool)
+    if source_instance is not None:
+        stmt = stmt.where(Snapshot.source_instance_id == source_instance)
+    rows = session.scalars(stmt.order_by(Snapshot.created_at.desc())).all()
+    return [snapshot_out(session, row, caller) for row in rows]
+
+
 def managed_snapshot(session: Session, caller: Principal, snapshot_id: str) -> Snapshot:
     """A snapshot the caller owns (or administers); 403 for one merely shared with them."""
     snapshot = visible_snapshot(session, snapshot_id, caller.user_id, is_admin(caller))
@@ -151,19 +172,7 @@ async def list_snapshots(
     if all and not is_admin(caller):
         caller.require("admin")
 
-    def query(session: Session) -> list[SnapshotOut]:
-        stmt = select(Snapshot)
-        if not all:
-            shared = select(SnapshotShare.snapshot_id).where(
-                SnapshotShare.user_id == caller.user_id
-            )
-            stmt = stmt.where(or_(Snapshot.owner_id == caller.user_id, Snapshot.id.in_(shared)))
-        if tool is not None:
-            stmt = stmt.where(Snapshot.tool == tool)
-        rows = session.scalars(stmt.order_by(Snapshot.created_at.desc())).all()
-        return [snapshot_out(session, row, caller) for row in rows]
-
-    return await portal.run_db(query)
+    return await portal.run_db(lambda s: snapshots_of(s, caller, everyone=all, tool=tool))
 
 
 @router.get("/snapshots/{snapshot_id}", response_model=SnapshotOut)

@@ -12,6 +12,7 @@
 - ``launch.py``  ``/launch`` links, launch badges, the Dataverse integration
 - ``usage.py``   the admin usage page (``/admin/usage``)
 - ``runs.py``    batch runs (``/runs``, ``/runs/<id>``: the graph of a run)
+- ``snapshots.py`` ``/snapshots``: list, share, delete, launch saved instances
 
 Every template extends ``base.html``; :data:`templates` is the UI's Jinja
 environment.
@@ -22,7 +23,17 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from labgate import __version__
-from labgate.portal.ui import federated, launch, render, runs, sharelinks, signin, usage, views
+from labgate.portal.ui import (
+    federated,
+    launch,
+    render,
+    runs,
+    sharelinks,
+    signin,
+    snapshots,
+    usage,
+    views,
+)
 from labgate.portal.ui.render import templates
 from labgate.portal.ui.signin import safe_next
 
@@ -43,5 +54,6 @@ router.include_router(views.router)
 router.include_router(launch.router)
 router.include_router(usage.router)
 router.include_router(runs.router)
+router.include_router(snapshots.router)
 
 __all__ = ["router", "safe_next", "templates"]

@@ -23,6 +23,7 @@ from labgate.portal.api.catalog import catalog_out, last_params
 from labgate.portal.api.choices import tool_sites
 from labgate.portal.api.instances import instance_out, visible_instance
 from labgate.portal.api.shares import SharingOut, routers_saw, sharing_out
+from labgate.portal.api.snapshots import SnapshotOut, snapshots_of
 from labgate.portal.auth import USER_SCOPES, Principal, optional_principal
 from labgate.portal.schemas import InstanceOut, UserOut
 from labgate.portal.state import Portal, get_portal
@@ -119,14 +120,19 @@ async def _instance_view(
     if isinstance(caller, Response):
         return caller
 
-    def load(session: Session) -> tuple[InstanceOut, SharingOut | None]:
+    def load(
+        session: Session,
+    ) -> tuple[InstanceOut, SharingOut | None, list[SnapshotOut] | None]:
         row = visible_instance(session, caller, instance_id, shared=True)
         out = instance_out(portal, row, caller, session)
-        manages = out.access in ("owner", "admin")
-        return out, (sharing_out(session, row, seen) if manages else None)
+        if out.access not in ("owner", "admin"):
+            return out, None, None
+        # Its snapshots are its owner's: an admin managing it sees them too.
+        saved = snapshots_of(session, caller, everyone=True, source_instance=row.id)
+        return out, sharing_out(session, row, seen), saved
 
     seen = routers_saw(portal, instance_id)
-    instance, shares = await portal.run_db(load)
+    instance, shares, saved = await portal.run_db(load)
     tool = portal.catalog.get(instance.tool)
     try:
         # From a launch link: open this path inside the tool once it is ready.
@@ -139,6 +145,7 @@ async def _instance_view(
         "instances",
         instance=instance,
         sharing=shares,
+        snapshots=saved,
         tool_title=tool.title if tool else instance.tool,
         open_url=opens,
     )
