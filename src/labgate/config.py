@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,8 +40,18 @@ CONFIG_ENV = "LABGATE_CONFIG"
 DEFAULT_CONFIG_FILE = "labgate.toml"
 
 
+# The common spellings, a subset of what ``limits`` accepts: checked without importing it,
+# which keeps loading settings (every CLI command does) fast.
+_SIMPLE_RATE_RE = re.compile(
+    r"^\s*[0-9]+\s*(/|\s+per\s+)\s*([0-9]+\s*)?(second|minute|hour|day|month|year)s?\s*$",
+    re.IGNORECASE,
+)
+
+
 def _rate_limit(value: object) -> object:
     """A rate in the ``limits`` notation (``10/5minutes``, ``30 per minute``), or empty."""
+    if isinstance(value, str) and _SIMPLE_RATE_RE.match(value):
+        return value.strip()
     if isinstance(value, str) and value.strip():
         from limits import parse
 

@@ -6,13 +6,15 @@ import sys
 import time
 import webbrowser
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
-from labgate.client import TERMINAL_STATES, Client, WaitTimeout
+
+if TYPE_CHECKING:
+    from labgate.client import Client
 
 FOLLOW_WINDOW = 1000  # lines fetched per poll of `logs --follow`
 
@@ -96,6 +98,8 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> None:
     """Show the launch's progress until it runs; fail with the reason and log tail otherwise."""
+    from labgate.client import TERMINAL_STATES, WaitTimeout
+
     instance_id, tool = instance["id"], instance["tool"]
     err = show.stderr()
     started = time.monotonic()
@@ -177,6 +181,8 @@ def stop(
 
 
 def _wait_for_end(client: Client, instance_id: str, timeout: float) -> dict[str, Any]:
+    from labgate.client import TERMINAL_STATES
+
     deadline = time.monotonic() + timeout
     while True:
         instance: dict[str, Any] = client.get(f"/instances/{instance_id}")
@@ -202,6 +208,8 @@ def logs(
         _write(seen)
         if not follow:
             return
+        from labgate.client import TERMINAL_STATES
+
         try:
             while True:
                 # Read the state first: output written before the end is then never missed.
