@@ -14,6 +14,7 @@ from labgate.wire.routes import Route
 
 from .conftest import (
     ALICE,
+    ALICE_READ_TOKEN,
     GatewayFactory,
     Recorded,
     cookie_line,
@@ -174,3 +175,13 @@ async def test_error_json_shape(recorded: Recorded) -> None:
     assert status_of(response) == 400
     body = json.loads(response.partition(b"\r\n\r\n")[2])
     assert set(body) == {"error", "detail"}
+
+
+async def test_token_without_access_scope_says_insufficient_scope(recorded: Recorded) -> None:
+    # The same code the portal and docs/api.md use for a token that lacks a scope.
+    headers = {"Authorization": f"token {ALICE_READ_TOKEN}"}
+    async with httpx.AsyncClient(base_url=recorded.gw.base, headers=headers) as client:
+        response = await client.get("/i/aaaa/api/x")
+    assert response.status_code == 403
+    assert response.json()["error"] == "insufficient_scope"
+    assert "instances:access" in response.json()["detail"]

@@ -90,10 +90,12 @@ def error(
     close: bool = False,
     retry_after: int | None = None,
     head_only: bool = False,
+    code: str | None = None,
 ) -> bytes:
     """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
 
-    ``retry_after`` adds the header and, for browsers, a page that refreshes
+    ``code`` is the error code when the status alone does not say it (the
+    portal's, e.g. ``insufficient_scope``). ``retry_after`` adds the header and, for browsers, a page that refreshes
     itself after that many seconds.
     """
     extra: list[tuple[bytes, bytes]] = []
@@ -118,7 +120,7 @@ def error(
             extra=extra,
             head_only=head_only,
         )
-    code = _CODES.get(status, "error")
+    code = code or _CODES.get(status, "error")
     body = json.dumps(error_body(code, detail)).encode()
     return response(
         status, body, b"application/json", close=close, extra=extra, head_only=head_only
