@@ -121,7 +121,7 @@ def token_create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an API token; it is printed once, alone on stdout."""
-    body = {"note": note, "scopes": scopes or None, "expires_in": parse_duration(expires_in)}
+    body = {"note": note, "scopes": scopes or None, "expires_in": parse_duration(expires_in, "--expires-in")}
     with state_of(ctx).client() as client:
         created = client.post("/tokens", body)
     if as_json:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
+from typer._click.exceptions import UsageError
 from typer.core import TyperGroup
 
 from labgate.errors import ConfigError
@@ -54,6 +55,9 @@ class LabgateGroup(TyperGroup):
             return super().invoke(ctx)
         except ConfigError as exc:
             fail_config(exc)
+        except UsageError as exc:  # a bad option or value of a command: one line too, exit 2
+            where = exc.ctx.command_path if exc.ctx is not None else "labgate"
+            fail(f"{exc.format_message()} (see `{where} --help`)", code=2)
         except Exception as exc:
             _fail_expected(exc)
             raise
@@ -136,13 +140,14 @@ def read_secret(prompt: str, *, from_stdin: bool, confirm: bool = False) -> str:
     return value
 
 
-def parse_duration(value: str | None) -> int | None:
-    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w``."""
+def parse_duration(value: str | None, option: str | None = None) -> int | None:
+    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w`` (``option`` names it in errors)."""
     if value is None:
         return None
     match = _DURATION_RE.match(value.lower())
     if not match or int(match.group(1)) == 0:
         raise typer.BadParameter(
-            f"expected a duration such as 3600, 90m, 12h or 30d, not {value!r}"
+            f"expected a duration such as 3600, 90m, 12h or 30d, not {value!r}",
+            param_hint=f"'{option}'" if option else None,
         )
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]

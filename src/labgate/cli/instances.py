@@ -52,6 +52,13 @@ def launch(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Launch a tool and print its URL once it is running."""
+    if memory is not None:
+        from labgate.units import parse_size
+
+        try:
+            parse_size(memory)
+        except ValueError as exc:  # a usage mistake (exit 2), found before any request
+            raise typer.BadParameter(str(exc), param_hint="'--memory'") from None
     resources = {
         key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
     }
@@ -314,6 +321,7 @@ def keep_alive(
     """Spare an idle instance until a time; without options, show when it stops."""
     if sum((until is not None, for_ is not None, off)) > 1:
         fail("give one of --until, --for, --off")
+    seconds = parse_duration(for_, "--for")  # a bad value is a usage error before any request
     path = f"/instances/{instance_id}/keep-alive"
     with state_of(ctx).client() as client:
         if off:
@@ -321,7 +329,7 @@ def keep_alive(
         elif until is not None:
             view = client.put(path, {"until": _until(until)})
         elif for_ is not None:
-            view = client.put(path, {"for": parse_duration(for_)})
+            view = client.put(path, {"for": seconds})
         else:
             view = client.get(path)
     show.print_json(view) if as_json else _countdown(view)
