@@ -121,7 +121,8 @@ def token_create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an API token; it is printed once, alone on stdout."""
-    body = {"note": note, "scopes": scopes or None, "expires_in": parse_duration(expires_in, "--expires-in")}
+    expires = parse_duration(expires_in, "--expires-in")
+    body = {"note": note, "scopes": scopes or None, "expires_in": expires}
     with state_of(ctx).client() as client:
         created = client.post("/tokens", body)
     if as_json:

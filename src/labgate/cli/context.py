@@ -141,7 +141,7 @@ def read_secret(prompt: str, *, from_stdin: bool, confirm: bool = False) -> str:
 
 
 def parse_duration(value: str | None, option: str | None = None) -> int | None:
-    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w`` (``option`` names it in errors)."""
+    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w``; ``option`` is named in errors."""
     if value is None:
         return None
     match = _DURATION_RE.match(value.lower())

@@ -95,8 +95,8 @@ def error(
     """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
 
     ``code`` is the error code when the status alone does not say it (the
-    portal's, e.g. ``insufficient_scope``). ``retry_after`` adds the header and, for browsers, a page that refreshes
-    itself after that many seconds.
+    portal's, e.g. ``insufficient_scope``). ``retry_after`` adds the header
+    and, for browsers, a page that refreshes itself after that many seconds.
     """
     extra: list[tuple[bytes, bytes]] = []
     if retry_after is not None:
