@@ -32,7 +32,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from labgate.datadir import KEY_FILE, check_key, check_key_file, create_key_file, prepare_data_dir
+from labgate.datadir import (
+    DATASETS_DIR,
+    KEY_FILE,
+    check_key,
+    check_key_file,
+    create_key_file,
+    prepare_data_dir,
+)
 from labgate.errors import ConfigError
 from labgate.units import parse_size
 
@@ -393,7 +400,8 @@ class Settings(BaseSettings):
         default_factory=list,
         description=(
             "Sites of this labgate: name, backend, options, capacity, labels, data_root. "
-            "Empty means one local site using the process backend. In TOML: [[sites]] tables; "
+            "Empty means one local site using the process backend, with data root "
+            "<data_dir>/datasets. In TOML: [[sites]] tables; "
             "in the environment: a JSON list."
         ),
     )
@@ -661,8 +669,15 @@ class Settings(BaseSettings):
 
     @property
     def effective_sites(self) -> list[SiteConfig]:
-        """The configured sites, or the one local process site."""
-        return self.sites or [SiteConfig(name=self.site_name, backend="process")]
+        """The configured sites, or the one local process site.
+
+        The local site's data root is ``<data_dir>/datasets``, so datasets work out
+        of the box (``make run``): replicas are directories under it.
+        """
+        if self.sites:
+            return self.sites
+        root = (self.data_dir / DATASETS_DIR).resolve()
+        return [SiteConfig(name=self.site_name, backend="process", data_root=root)]
 
     @classmethod
     def settings_customise_sources(
