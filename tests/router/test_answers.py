@@ -185,3 +185,17 @@ async def test_token_without_access_scope_says_insufficient_scope(recorded: Reco
     assert response.status_code == 403
     assert response.json()["error"] == "insufficient_scope"
     assert "instances:access" in response.json()["detail"]
+
+
+async def test_router_pages_look_like_the_portals(recorded: Recorded) -> None:
+    # The portal's stylesheet (same origin, through this router) and its error-page markup.
+    gw = recorded.gw
+    async with httpx.AsyncClient(base_url=gw.base, headers=gw.cookie_header(ALICE)) as client:
+        page = await client.get("/i/zzzz/", headers=HTML)
+    assert page.status_code == 404
+    assert '<link rel="stylesheet" href="/static/labgate.css">' in page.text
+    assert 'class="site-header"' in page.text and 'class="brand" href="/"' in page.text
+    assert 'class="narrow panel error-page"' in page.text
+    assert '<p class="status-code">Error 404</p>' in page.text
+    assert 'href="/instances"' in page.text  # where to go next
+    assert "style=" not in page.text  # no inline styles (a strict CSP may forbid them)
