@@ -60,7 +60,6 @@ def _environment(home: Path, url: str) -> dict[str, str]:
         XDG_CONFIG_HOME=str(home / "config"),
         LABGATE_URL=url,
         LABGATE_TOKEN="lg_benchmark",
-        LABGATE_DATA_DIR=str(home / "data"),
         COLUMNS="120",
     )
     return env

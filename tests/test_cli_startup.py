@@ -43,7 +43,6 @@ def loaded_by(*args: str, tmp_path: Path) -> set[str]:
         HOME=str(tmp_path),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
         LABGATE_URL="http://127.0.0.1:9",  # nothing listens: `ls` fails fast, after its imports
-        LABGATE_DATA_DIR=str(tmp_path / "data"),
     )
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, *args],
@@ -74,3 +73,5 @@ def test_ls_imports_the_client_but_no_server_parts(tmp_path: Path) -> None:
     server_side = {m for m in loaded if m.startswith(NEVER_IN_THE_CLI)}
     assert not server_side, sorted(server_side)
     assert "limits" not in loaded
+    # Only url and token are read (labgate.configfile), not all settings.
+    assert "pydantic_settings" not in loaded and "labgate.config" not in loaded

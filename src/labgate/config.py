@@ -10,7 +10,6 @@ two in step). Values come, highest priority first, from keyword arguments,
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from labgate.configfile import config_file
 from labgate.datadir import (
     DATASETS_DIR,
     KEY_FILE,
@@ -40,12 +40,7 @@ from labgate.datadir import (
     create_key_file,
     prepare_data_dir,
 )
-from labgate.errors import ConfigError
 from labgate.units import parse_size
-
-CONFIG_ENV = "LABGATE_CONFIG"
-DEFAULT_CONFIG_FILE = "labgate.toml"
-
 
 # The common spellings, a subset of what ``limits`` accepts: checked without importing it,
 # which keeps loading settings (every CLI command does) fast.
@@ -77,23 +72,6 @@ def _network(value: str) -> str:
         return str(ipaddress.ip_network(value.strip(), strict=False))
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or network") from None
-
-
-def config_file() -> Path | None:
-    """The TOML settings file in effect, if any.
-
-    A file named by ``LABGATE_CONFIG`` must exist: silently running on the
-    defaults instead of the operator's settings is worse than refusing.
-    """
-    named = os.environ.get(CONFIG_ENV)
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            what = "is not a file" if path.exists() else "does not exist"
-            raise ConfigError(f"{CONFIG_ENV} names {path}, which {what}")
-        return path
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
 
 
 class SiteCapacity(BaseModel):

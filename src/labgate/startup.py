@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from labgate.config import CONFIG_ENV, Settings, SiteConfig, config_file
+from labgate.config import Settings, SiteConfig
+from labgate.configfile import CONFIG_ENV, config_file
 from labgate.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -105,13 +105,19 @@ class CliState:
     def target(self, url: str | None = None) -> tuple[str, str | None]:
         """The server URL and token to use."""
         from labgate.client import load_saved_login, resolve_target
+        from labgate.configfile import client_settings
 
-        settings = self.settings()
+        # Only two settings matter here: read them without building all settings
+        # (that import is most of a command's start-up), unless only those can say.
+        found = client_settings() if self._settings is None else None
+        if found is None:
+            settings = self.settings()
+            found = {"url": settings.url, "token": settings.token.get_secret_value()}
         return resolve_target(
             url or self.url,
             self.token,
-            settings_url=settings.url,
-            settings_token=settings.token.get_secret_value(),
+            settings_url=found["url"],
+            settings_token=found["token"],
             saved=load_saved_login(),
         )
 
