@@ -66,7 +66,10 @@ def _environment(home: Path, url: str) -> dict[str, str]:
 
 
 def _command(args: list[str]) -> list[str]:
-    """``labgate`` run by this interpreter (``python -m labgate``: the code of this checkout)."""
+    """The ``labgate`` script next to this interpreter, as a user runs it, else ``-m labgate``."""
+    script = Path(sys.executable).with_name("labgate")
+    if script.is_file() and script.read_text(errors="replace").startswith(f"#!{sys.executable}"):
+        return [str(script), *args]
     return [sys.executable, "-m", "labgate", *args]
 
 
