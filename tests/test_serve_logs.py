@@ -6,7 +6,7 @@ from pathlib import Path
 
 import httpx
 
-from servers import LabgateServer, wait_state
+from servers import LabgateServer, launch_running
 
 PASSWORD = "admin-password-for-logs"
 
@@ -17,9 +17,7 @@ def test_health_checks_are_quiet_and_shutdown_is_said(tmp_path: Path) -> None:
     try:
         admin = server.token("admin", PASSWORD, ["admin", "account"])
         with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
-            created = client.post("/api/v1/instances", json={"tool": "demo"})
-            assert created.status_code == 202, created.text
-            assert wait_state(client, created.json()["id"], {"running"})["state"] == "running"
+            launch_running(client, "demo")
             for _ in range(5):  # the probes a load balancer makes
                 assert client.get("/healthz").status_code == 200
         server.stop_instances("admin", PASSWORD)

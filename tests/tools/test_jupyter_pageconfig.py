@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from labgate.tools.jupyter_pageconfig import HUB_PREFIX, NEWS_PLUGIN
-from servers import LabgateServer, wait_state
+from servers import LabgateServer, launch_running
 
 pytestmark = pytest.mark.e2e
 
@@ -33,10 +33,7 @@ def test_the_hub_menu_leads_back_to_labgate_and_news_are_off(tmp_path: Path) -> 
     try:
         headers = server.token("admin", PASSWORD, ["admin", "account"])
         with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
-            created = client.post("/api/v1/instances", json={"tool": "jupyterlab"})
-            assert created.status_code == 202, created.text
-            instance = wait_state(client, created.json()["id"], {"running", "failed"})
-            assert instance["state"] == "running", instance
+            instance = launch_running(client, "jupyterlab")
             page = client.get(instance["url"] + "lab")
             assert page.status_code == 200, page.text[:500]
             found = _CONFIG_RE.search(page.text)
