@@ -61,6 +61,15 @@ def wait_state(client: httpx.Client, iid: str, states: set[str], timeout: float 
         time.sleep(0.1)
 
 
+def launch_running(client: httpx.Client, tool: str) -> dict:
+    """Launch ``tool`` through the API and wait until it runs; the instance."""
+    created = client.post("/api/v1/instances", json={"tool": tool})
+    assert created.status_code == 202, created.text
+    instance = wait_state(client, created.json()["id"], {"running", "failed"})
+    assert instance["state"] == "running", instance
+    return instance
+
+
 class LabgateServer:
     """``labgate serve`` in a subprocess with its own data dir.
 

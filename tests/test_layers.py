@@ -29,7 +29,18 @@ SRC = Path(labgate.__file__).resolve().parent
 # the table lists them as one layer *and* no cycle results (test 2). See
 # docs/architecture.md, "Import rule".
 LAYERS: list[set[str]] = [
-    {"wire", "db", "config", "errors", "security", "units", "types", "datadir", "passwords"},
+    {
+        "wire",
+        "db",
+        "config",
+        "configfile",
+        "errors",
+        "security",
+        "units",
+        "types",
+        "datadir",
+        "passwords",
+    },
     {"tools"},
     {"backends"},
     {"agent", "startup"},

@@ -129,7 +129,7 @@ def test_token_without_access_scope_cannot_use_instances(server):
     refused = httpx.get(instance["url"], headers=read_only)
     assert refused.status_code == 403  # not 401: the token is good, its scope is not
     assert refused.json() == {
-        "error": "forbidden",
+        "error": "insufficient_scope",  # the portal's code for the same problem
         "detail": "this API token lacks the instances:access scope",
     }
     assert "labgate demo" not in refused.text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from labgate.units import MAX_SIZE, parse_size
+from labgate.units import MAX_SIZE, format_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -33,3 +33,19 @@ def test_sizes(value: object, size: int) -> None:
 def test_refused(value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_size(value)
+
+
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (2 * 1024**3, "2 GiB"),
+        (512 * 1024**2, "512 MiB"),
+        (1536 * 1024**2, "1.5 GiB"),
+        (3 * 1024**4, "3 TiB"),
+        (4096, "4 KiB"),
+        (100, "100 bytes"),
+    ],
+)
+def test_sizes_are_shown_as_people_write_them(size: int, text: str) -> None:
+    assert format_size(size) == text
+    assert parse_size(text.replace(" bytes", "")) == size

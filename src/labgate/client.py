@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 import time
 import tomllib
 from collections.abc import Iterator
@@ -224,6 +225,18 @@ class EventParser:
 # --- the client -------------------------------------------------------------
 
 
+def _verify_for(url: str) -> ssl.SSLContext | bool:
+    """How to check TLS certificates for a server at ``url``.
+
+    Loading the CA bundle takes tens of milliseconds, a good part of a CLI
+    command's start-up; a plain-HTTP server never needs it. The context for one
+    still verifies (and trusts no CA), so a redirect to HTTPS fails closed.
+    """
+    if urlsplit(url).scheme == "http":
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True
+
+
 class Client:
     """labgate's REST API over one HTTP connection pool."""
 
@@ -245,6 +258,7 @@ class Client:
             headers=headers,
             timeout=timeout,
             transport=transport,
+            verify=_verify_for(self.url),
         )
 
     def __enter__(self) -> Client:

@@ -10,7 +10,7 @@ two in step). Values come, highest priority first, from keyword arguments,
 from __future__ import annotations
 
 import ipaddress
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,16 +31,29 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from labgate.datadir import KEY_FILE, check_key, check_key_file, create_key_file, prepare_data_dir
-from labgate.errors import ConfigError
+from labgate.configfile import config_file
+from labgate.datadir import (
+    DATASETS_DIR,
+    KEY_FILE,
+    check_key,
+    check_key_file,
+    create_key_file,
+    prepare_data_dir,
+)
 from labgate.units import parse_size
 
-CONFIG_ENV = "LABGATE_CONFIG"
-DEFAULT_CONFIG_FILE = "labgate.toml"
+# The common spellings, a subset of what ``limits`` accepts: checked without importing it,
+# which keeps loading settings (every CLI command does) fast.
+_SIMPLE_RATE_RE = re.compile(
+    r"^\s*[0-9]+\s*(/|\s+per\s+)\s*([0-9]+\s*)?(second|minute|hour|day|month|year)s?\s*$",
+    re.IGNORECASE,
+)
 
 
 def _rate_limit(value: object) -> object:
     """A rate in the ``limits`` notation (``10/5minutes``, ``30 per minute``), or empty."""
+    if isinstance(value, str) and _SIMPLE_RATE_RE.match(value):
+        return value.strip()
     if isinstance(value, str) and value.strip():
         from limits import parse
 
@@ -59,23 +72,6 @@ def _network(value: str) -> str:
         return str(ipaddress.ip_network(value.strip(), strict=False))
     except ValueError:
         raise ValueError(f"{value!r} is not an IP address or network") from None
-
-
-def config_file() -> Path | None:
-    """The TOML settings file in effect, if any.
-
-    A file named by ``LABGATE_CONFIG`` must exist: silently running on the
-    defaults instead of the operator's settings is worse than refusing.
-    """
-    named = os.environ.get(CONFIG_ENV)
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            what = "is not a file" if path.exists() else "does not exist"
-            raise ConfigError(f"{CONFIG_ENV} names {path}, which {what}")
-        return path
-    default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
 
 
 class SiteCapacity(BaseModel):
@@ -382,7 +378,8 @@ class Settings(BaseSettings):
         default_factory=list,
         description=(
             "Sites of this labgate: name, backend, options, capacity, labels, data_root. "
-            "Empty means one local site using the process backend. In TOML: [[sites]] tables; "
+            "Empty means one local site using the process backend, with data root "
+            "<data_dir>/datasets. In TOML: [[sites]] tables; "
             "in the environment: a JSON list."
         ),
     )
@@ -650,8 +647,15 @@ class Settings(BaseSettings):
 
     @property
     def effective_sites(self) -> list[SiteConfig]:
-        """The configured sites, or the one local process site."""
-        return self.sites or [SiteConfig(name=self.site_name, backend="process")]
+        """The configured sites, or the one local process site.
+
+        The local site's data root is ``<data_dir>/datasets``, so datasets work out
+        of the box (``make run``): replicas are directories under it.
+        """
+        if self.sites:
+            return self.sites
+        root = (self.data_dir / DATASETS_DIR).resolve()
+        return [SiteConfig(name=self.site_name, backend="process", data_root=root)]
 
     @classmethod
     def settings_customise_sources(

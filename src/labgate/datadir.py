@@ -115,8 +115,12 @@ def private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
 
+#: The default local site's data root, under the data dir.
+DATASETS_DIR = "datasets"
+
+
 def prepare_data_dir(data_dir: Path) -> None:
-    """Create the data dir and its ``logs`` and ``workspaces`` 0700; refuse a looser data dir."""
+    """Create the data dir and its ``logs``, ``workspaces``, ``datasets`` 0700; refuse it loose."""
     if data_dir.exists() and not data_dir.is_dir():
         raise UnsafeSetup(f"the data dir {data_dir} is not a directory")
     private_dir(data_dir)
@@ -126,5 +130,5 @@ def prepare_data_dir(data_dir: Path) -> None:
             f"the data dir {data_dir} is mode {stat.S_IMODE(info.st_mode):04o}: other local "
             f"users may read the database and keys in it; run: chmod 700 {data_dir}"
         )
-    for name in ("logs", "workspaces"):
+    for name in ("logs", "workspaces", DATASETS_DIR):
         private_dir(data_dir / name)

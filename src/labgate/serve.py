@@ -44,6 +44,10 @@ def configure_logging(level: int = logging.INFO) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # httpx logs every request at INFO: the health and liveness checks of every
+    # instance would fill the log. Its warnings and errors still show.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 def portal_server(app: FastAPI, socket_path: Path) -> uvicorn.Server:
@@ -101,9 +105,10 @@ async def _serve_started(
     router = None
     supervisor = None
     stop = asyncio.Event()
+    received: list[str] = []
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, _on_stop_signal, signum, received, stop)
     try:
         while not server.started:
             if portal_task.done():
@@ -144,6 +149,10 @@ async def _serve_started(
         stop_wait = asyncio.create_task(stop.wait())
         await asyncio.wait({stop_wait, portal_task}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
+        log.info(
+            "labgate stopping (%s); instances keep running and are re-attached at the next start",
+            received[0] if received else "the portal ended",
+        )
     finally:
         if supervisor is not None:
             await supervisor.close()
@@ -152,6 +161,13 @@ async def _serve_started(
         server.should_exit = True
         with contextlib.suppress(Exception):
             await portal_task
+
+
+def _on_stop_signal(signum: signal.Signals, received: list[str], stop: asyncio.Event) -> None:
+    """Note the first stop signal's name (for the log) and start shutting down."""
+    if not received:
+        received.append(signum.name)
+    stop.set()
 
 
 def run(settings: Settings) -> None:
@@ -163,6 +179,7 @@ def run(settings: Settings) -> None:
         asyncio.run(serve(settings))
     else:
         uvloop.run(serve(settings))
+    log.info("labgate stopped")
 
 
 def router_config(settings: Settings, portal_url: str) -> WorkerConfig:

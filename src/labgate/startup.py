@@ -18,14 +18,18 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from labgate.backends.base import Backend, BackendNotFound, load_backend
-from labgate.config import CONFIG_ENV, Settings, SiteConfig, config_file
+from labgate.config import Settings, SiteConfig
+from labgate.configfile import CONFIG_ENV, config_file
 from labgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    # Imported when a backend is built: CLI commands that only read settings stay fast.
+    from labgate.backends.base import Backend
 
 #: A value longer than this is not repeated in an error line.
 _SHOWN_INPUT = 60
@@ -142,6 +146,8 @@ def options_problem(exc: BaseException) -> str:
 
 def build_backend(settings: Settings, site: SiteConfig) -> Backend:
     """The backend of ``site``, or a :class:`ConfigError` naming the site and the problem."""
+    from labgate.backends.base import BackendNotFound, load_backend
+
     where = f"invalid setting sites ({env_name('sites')}): site {site.name!r}"
     try:
         cls = load_backend(site.backend)

@@ -32,4 +32,12 @@ def parse_size(value: Any) -> int:
     return int(amount)
 
 
+def format_size(size: int) -> str:
+    """``size`` bytes as people write it: ``2 GiB``, ``512 MiB``, ``1.5 GiB``, ``100 bytes``."""
+    for unit, name in ((1024**4, "TiB"), (1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if size >= unit:
+            return f"{size / unit:.4g} {name}"
+    return f"{size} bytes"
+
+
 Size = Annotated[int, BeforeValidator(parse_size)]

@@ -67,3 +67,15 @@ async def test_server_errors_are_a_500_page_without_details(client, broken_page,
     assert "secret detail" not in page.text and "Traceback" not in page.text
     plain = await client.get(broken_page)
     assert plain.status_code == 500 and plain.json()["error"] == "internal_error"
+
+
+async def test_unknown_page_shows_the_navigation_to_a_signed_in_user(client):
+    signed = await post_login_form(client, {"username": "admin", "password": ADMIN_PASSWORD})
+    assert signed.status_code == 303
+    page = await client.get("/no/such/page", headers=HTML)
+    assert page.status_code == 404
+    assert 'aria-label="Main"' in page.text and 'href="/runs"' in page.text  # the navigation
+    assert "Sign in" not in page.text and "Sign out" in page.text
+    assert "Go to your tools" in page.text
+    # The sign-out form on it works: it carries the session's CSRF token.
+    assert 'name="csrf_token" value=""' not in page.text

@@ -215,3 +215,15 @@ async def test_records_limit_keeps_the_oldest_in_the_query(app, client, make_use
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert statements and all("LIMIT" in s.upper() for s in statements), statements
+
+
+async def test_admin_usage_page_starts_at_the_current_month(app, client):
+    login = await client.post(
+        "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+    )
+    assert login.status_code == 200
+    page = await client.get("/admin/usage")
+    assert page.status_code == 200
+    first = datetime.now(UTC).strftime("%Y-%m-01")
+    assert f'name="since" type="date" value="{first}"' in page.text
+    client.cookies.clear()

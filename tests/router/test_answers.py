@@ -14,6 +14,7 @@ from labgate.wire.routes import Route
 
 from .conftest import (
     ALICE,
+    ALICE_READ_TOKEN,
     GatewayFactory,
     Recorded,
     cookie_line,
@@ -174,3 +175,27 @@ async def test_error_json_shape(recorded: Recorded) -> None:
     assert status_of(response) == 400
     body = json.loads(response.partition(b"\r\n\r\n")[2])
     assert set(body) == {"error", "detail"}
+
+
+async def test_token_without_access_scope_says_insufficient_scope(recorded: Recorded) -> None:
+    # The same code the portal and docs/api.md use for a token that lacks a scope.
+    headers = {"Authorization": f"token {ALICE_READ_TOKEN}"}
+    async with httpx.AsyncClient(base_url=recorded.gw.base, headers=headers) as client:
+        response = await client.get("/i/aaaa/api/x")
+    assert response.status_code == 403
+    assert response.json()["error"] == "insufficient_scope"
+    assert "instances:access" in response.json()["detail"]
+
+
+async def test_router_pages_look_like_the_portals(recorded: Recorded) -> None:
+    # The portal's stylesheet (same origin, through this router) and its error-page markup.
+    gw = recorded.gw
+    async with httpx.AsyncClient(base_url=gw.base, headers=gw.cookie_header(ALICE)) as client:
+        page = await client.get("/i/zzzz/", headers=HTML)
+    assert page.status_code == 404
+    assert '<link rel="stylesheet" href="/static/labgate.css">' in page.text
+    assert 'class="site-header"' in page.text and 'class="brand" href="/"' in page.text
+    assert 'class="narrow panel error-page"' in page.text
+    assert '<p class="status-code">Error 404</p>' in page.text
+    assert 'href="/instances"' in page.text  # where to go next
+    assert "style=" not in page.text  # no inline styles (a strict CSP may forbid them)

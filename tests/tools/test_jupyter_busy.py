@@ -14,7 +14,7 @@ import websockets
 from jupyter_client.session import Session
 
 from labgate.tools.jupyter_busy import reporter_from_env
-from servers import LabgateServer, wait_state
+from servers import LabgateServer, launch_running
 
 pytestmark = pytest.mark.e2e
 
@@ -90,10 +90,7 @@ def test_a_computing_kernel_keeps_its_instance_from_looking_idle(tmp_path: Path)
     try:
         headers = server.token("admin", PASSWORD, ["admin", "account"])
         with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
-            created = client.post("/api/v1/instances", json={"tool": "jupyterlab-busy"})
-            assert created.status_code == 202, created.text
-            instance = wait_state(client, created.json()["id"], {"running", "failed"})
-            assert instance["state"] == "running", instance
+            instance = launch_running(client, "jupyterlab-busy")
             iid = instance["url"].rstrip("/").rsplit("/", 1)[1]
 
             asyncio.run(start_computing(instance["url"], headers, 6))

@@ -268,3 +268,28 @@ def test_phone_sized_screens_dark_mode_and_keyboard_focus(gateway):
             lambda: not client.get("/api/v1/instances", params={"active": "true"}).json(),
             what="instances to stop",
         )
+
+
+def test_a_failed_instance_fits_a_phone(gateway):
+    name = gateway.create_user("fay")
+    with api(gateway, name) as client:
+        created = client.post("/api/v1/instances", json={"tool": "crashing"})
+        assert created.status_code == 202, created.text
+        iid = created.json()["id"]
+        wait_for(
+            lambda: client.get(f"/api/v1/instances/{iid}").json()["state"] == "failed",
+            what="the crashing tool to fail",
+        )
+    phone = gateway.page(viewport=PHONE)
+    gateway.sign_in(phone, name, path="/instances")
+    row = phone.locator("#instances tbody tr").first  # the user's only instance
+    expect(row.locator(".state")).to_have_text("failed")
+    reason = row.locator(".reason")
+    expect(reason).to_be_visible()
+    assert no_horizontal_scroll(phone)
+    box = row.bounding_box()
+    reason_box = reason.bounding_box()
+    assert box is not None and reason_box is not None
+    assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    assert reason_box["x"] + reason_box["width"] <= PHONE["width"], reason_box
+    gateway.shot(phone, "19b-phone-failed-instance")

@@ -7,20 +7,15 @@
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, parse_duration, read_secret, state_of
-from labgate.client import (
-    ApiError,
-    Client,
-    ClientError,
-    SavedLogin,
-    check_url,
-    load_saved_login,
-    save_login,
-)
+
+if TYPE_CHECKING:
+    from labgate.client import SavedLogin
 
 token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
 
@@ -34,6 +29,8 @@ def login(
     ),
 ) -> None:
     """Sign in with your password and save an API token for later commands."""
+    from labgate.client import Client, SavedLogin, check_url, load_saved_login, save_login
+
     state = state_of(ctx)
     server = check_url(state.target(url)[0])
     if username is None:
@@ -50,6 +47,8 @@ def login(
 
 def _revoke_saved(saved: SavedLogin, *, quiet: bool) -> bool:
     """Revoke a saved token on its server; whether it is gone there."""
+    from labgate.client import ApiError, Client, ClientError
+
     try:
         with Client(saved.url, saved.token) as client:
             row = client.find_own_token(saved.token)
@@ -73,6 +72,8 @@ def _revoke_saved(saved: SavedLogin, *, quiet: bool) -> bool:
 
 def logout() -> None:
     """Revoke the token `labgate login` saved, and forget it."""
+    from labgate.client import SavedLogin, load_saved_login, save_login
+
     saved = load_saved_login()
     if saved is None or not saved.token:
         show.note("not signed in")
@@ -120,7 +121,8 @@ def token_create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an API token; it is printed once, alone on stdout."""
-    body = {"note": note, "scopes": scopes or None, "expires_in": parse_duration(expires_in)}
+    expires = parse_duration(expires_in, "--expires-in")
+    body = {"note": note, "scopes": scopes or None, "expires_in": expires}
     with state_of(ctx).client() as client:
         created = client.post("/tokens", body)
     if as_json:

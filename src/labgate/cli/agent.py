@@ -9,7 +9,6 @@ import typer
 
 from labgate.cli.context import fail
 from labgate.datadir import UnsafeSetup
-from labgate.startup import load_settings
 
 
 def agent(
@@ -27,6 +26,8 @@ def agent(
     ),
 ) -> None:
     """Run a network site's agent: dial out to the portal and run its instances here."""
+    from labgate.startup import load_settings
+
     settings = load_settings(agent_portal=portal, agent_token=token, data_dir=data_dir)
     from labgate.agent.daemon import TokenRefused, run_agent
 

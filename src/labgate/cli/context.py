@@ -9,16 +9,21 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from pydantic import ValidationError
+from typer._click.exceptions import UsageError
 from typer.core import TyperGroup
 
-from labgate.client import ApiError, Client, ClientError, load_saved_login, resolve_target
-from labgate.config import Settings
 from labgate.errors import ConfigError
-from labgate.startup import describe_validation_error, load_settings
+
+if TYPE_CHECKING:
+    from labgate.client import Client
+    from labgate.config import Settings
+
+# The CLI starts in well under 0.3 s because nothing here imports httpx, pydantic,
+# SQLAlchemy or the server: each command imports what it needs when it runs
+# (tests/cli/test_startup.py holds this).
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -48,14 +53,36 @@ class LabgateGroup(TyperGroup):
         """Run the command; report errors as one line instead of a traceback."""
         try:
             return super().invoke(ctx)
-        except ApiError as exc:
-            hint = _LOGIN_HINT if exc.code in ("unauthorized", "invalid_token") else ""
-            fail(f"{exc}{hint}")
-        except ClientError as exc:
-            fail(str(exc))
         except ConfigError as exc:
             fail_config(exc)
-        except ValidationError as exc:  # settings made by hand, not through load_settings
+        except UsageError as exc:  # a bad option or value of a command: one line too, exit 2
+            where = exc.ctx.command_path if exc.ctx is not None else "labgate"
+            fail(f"{exc.format_message()} (see `{where} --help`)", code=2)
+        except Exception as exc:
+            _fail_expected(exc)
+            raise
+
+
+def _fail_expected(exc: Exception) -> None:
+    """Exit with one line if ``exc`` is an expected failure; return if it is not.
+
+    The exception classes are looked up only when their module was imported: an
+    error of the client cannot happen in a command that never loaded it.
+    """
+    if "labgate.client" in sys.modules:
+        from labgate.client import ApiError, ClientError
+
+        if isinstance(exc, ApiError):
+            hint = _LOGIN_HINT if exc.code in ("unauthorized", "invalid_token") else ""
+            fail(f"{exc}{hint}")
+        if isinstance(exc, ClientError):
+            fail(str(exc))
+    if "pydantic" in sys.modules:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):  # settings made by hand, not through load_settings
+            from labgate.startup import describe_validation_error
+
             fail_config(ConfigError(*describe_validation_error(exc)))
 
 
@@ -70,22 +97,34 @@ class CliState:
     def settings(self) -> Settings:
         """The effective settings (environment, labgate.toml, defaults)."""
         if self._settings is None:
+            from labgate.startup import load_settings
+
             self._settings = load_settings()
         return self._settings
 
     def target(self, url: str | None = None) -> tuple[str, str | None]:
         """The server URL and token to use."""
-        settings = self.settings()
+        from labgate.client import load_saved_login, resolve_target
+        from labgate.configfile import client_settings
+
+        # Only two settings matter here: read them without building all settings
+        # (that import is most of a command's start-up), unless only those can say.
+        found = client_settings() if self._settings is None else None
+        if found is None:
+            settings = self.settings()
+            found = {"url": settings.url, "token": settings.token.get_secret_value()}
         return resolve_target(
             url or self.url,
             self.token,
-            settings_url=settings.url,
-            settings_token=settings.token.get_secret_value(),
+            settings_url=found["url"],
+            settings_token=found["token"],
             saved=load_saved_login(),
         )
 
     def client(self) -> Client:
         """A client of the chosen server."""
+        from labgate.client import Client
+
         url, token = self.target()
         return Client(url, token)
 
@@ -107,13 +146,14 @@ def read_secret(prompt: str, *, from_stdin: bool, confirm: bool = False) -> str:
     return value
 
 
-def parse_duration(value: str | None) -> int | None:
-    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w``."""
+def parse_duration(value: str | None, option: str | None = None) -> int | None:
+    """Seconds from ``3600``, ``90m``, ``12h``, ``30d`` or ``2w``; ``option`` is named in errors."""
     if value is None:
         return None
     match = _DURATION_RE.match(value.lower())
     if not match or int(match.group(1)) == 0:
         raise typer.BadParameter(
-            f"expected a duration such as 3600, 90m, 12h or 30d, not {value!r}"
+            f"expected a duration such as 3600, 90m, 12h or 30d, not {value!r}",
+            param_hint=f"'{option}'" if option else None,
         )
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]

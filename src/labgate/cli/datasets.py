@@ -20,15 +20,16 @@ import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, state_of
-from labgate.client import Client
-from labgate.resolver.locality import BadUrlPath, clean_urlpath
+
+if TYPE_CHECKING:
+    from labgate.client import Client
 
 #: Largest body of one inventory request (the server's default limit is 1 MiB).
 PART_BYTES = 512 * 1024
@@ -237,6 +238,8 @@ def badge(
         fail(f"{tool} cannot open {answer['dataset']['id']} now (see `labgate dataset resolve`)")
     if urlpath:
         try:
+            from labgate.resolver.locality import BadUrlPath, clean_urlpath
+
             link += "&urlpath=" + quote(clean_urlpath(urlpath), safe="/{}")
         except BadUrlPath as exc:
             fail(f"--urlpath: {exc}")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import typer
 
 from labgate.cli.context import fail, fail_config
 from labgate.errors import ConfigError
-from labgate.startup import load_settings
 
 image_app = typer.Typer(help="Container images of tools: build them on a site's engine.")
 
@@ -37,6 +35,7 @@ def build(
     from labgate.backends.containers import ContainerBackend
     from labgate.backends.registry import load_catalog
     from labgate.errors import LabgateError
+    from labgate.startup import load_settings
 
     try:
         settings = load_settings()
@@ -65,5 +64,7 @@ def build(
     except Exception as exc:  # the engine cannot be reached
         fail(f"site {chosen.name}: the engine at {backend.engine_address}: {exc}")
     finally:
+        import asyncio
+
         asyncio.run(backend.close())
     typer.echo(f"built {image} on site {chosen.name}")

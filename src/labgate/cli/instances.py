@@ -6,13 +6,15 @@ import sys
 import time
 import webbrowser
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
-from labgate.client import TERMINAL_STATES, Client, WaitTimeout
+
+if TYPE_CHECKING:
+    from labgate.client import Client
 
 FOLLOW_WINDOW = 1000  # lines fetched per poll of `logs --follow`
 
@@ -50,6 +52,13 @@ def launch(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Launch a tool and print its URL once it is running."""
+    if memory is not None:
+        from labgate.units import parse_size
+
+        try:
+            parse_size(memory)
+        except ValueError as exc:  # a usage mistake (exit 2), found before any request
+            raise typer.BadParameter(str(exc), param_hint="'--memory'") from None
     resources = {
         key: value for key, value in (("cpu", cpu), ("memory", memory)) if value is not None
     }
@@ -105,6 +114,8 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> None:
     """Show the launch's progress until it runs; fail with the reason and log tail otherwise."""
+    from labgate.client import TERMINAL_STATES, WaitTimeout
+
     instance_id, tool = instance["id"], instance["tool"]
     err = show.stderr()
     started = time.monotonic()
@@ -186,6 +197,8 @@ def stop(
 
 
 def _wait_for_end(client: Client, instance_id: str, timeout: float) -> dict[str, Any]:
+    from labgate.client import TERMINAL_STATES
+
     deadline = time.monotonic() + timeout
     while True:
         instance: dict[str, Any] = client.get(f"/instances/{instance_id}")
@@ -211,6 +224,8 @@ def logs(
         _write(seen)
         if not follow:
             return
+        from labgate.client import TERMINAL_STATES
+
         try:
             while True:
                 # Read the state first: output written before the end is then never missed.
@@ -315,6 +330,7 @@ def keep_alive(
     """Spare an idle instance until a time; without options, show when it stops."""
     if sum((until is not None, for_ is not None, off)) > 1:
         fail("give one of --until, --for, --off")
+    seconds = parse_duration(for_, "--for")  # a bad value is a usage error before any request
     path = f"/instances/{instance_id}/keep-alive"
     with state_of(ctx).client() as client:
         if off:
@@ -322,7 +338,7 @@ def keep_alive(
         elif until is not None:
             view = client.put(path, {"until": _until(until)})
         elif for_ is not None:
-            view = client.put(path, {"for": parse_duration(for_)})
+            view = client.put(path, {"for": seconds})
         else:
             view = client.get(path)
     show.print_json(view) if as_json else _countdown(view)

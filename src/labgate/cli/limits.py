@@ -128,7 +128,7 @@ def group_create(
         "name": name,
         "description": description,
         "limits": _limits(instances, cpu, memory, core_hours),
-        "max_lifetime": parse_duration(max_lifetime),
+        "max_lifetime": parse_duration(max_lifetime, "--max-lifetime"),
     }
     with state_of(ctx).client() as client:
         _groups([client.post("/groups", body)])
@@ -152,7 +152,10 @@ def group_set(
     if description is not None:
         body["description"] = description
     if max_lifetime is not None:
-        body["max_lifetime"] = None if max_lifetime == "none" else parse_duration(max_lifetime)
+        lifetime = (
+            None if max_lifetime == "none" else parse_duration(max_lifetime, "--max-lifetime")
+        )
+        body["max_lifetime"] = lifetime
     with state_of(ctx).client() as client:
         _groups([client.patch(f"/groups/{name}", body)])
 

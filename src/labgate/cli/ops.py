@@ -13,7 +13,6 @@ from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, state_of
 from labgate.cli.output import plain_table as _table
 from labgate.errors import ConfigError
-from labgate.startup import load_settings
 
 config_app = typer.Typer(help="Inspect labgate's settings.", no_args_is_help=True)
 tool_app = typer.Typer(help="The tool catalog.", no_args_is_help=True)
@@ -78,6 +77,7 @@ def pool_list(ctx: typer.Context, as_json: bool = JSON_OPTION) -> None:
 def doctor(as_json: bool = JSON_OPTION) -> None:
     """Check settings, database, sites, backends and their engines, and say what to fix."""
     from labgate.doctor import Finding, run_checks
+    from labgate.startup import load_settings
 
     try:
         findings = run_checks(load_settings())

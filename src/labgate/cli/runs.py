@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, state_of
-from labgate.client import Client
-from labgate.wire.runs import DefinitionError, parse_definition
+
+if TYPE_CHECKING:
+    from labgate.client import Client
 
 run_app = typer.Typer(help="Batch runs: pipelines of stages of tasks.", no_args_is_help=True)
 
@@ -68,6 +69,8 @@ def submit(
         text = path.read_text()
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror or exc}")
+    from labgate.wire.runs import DefinitionError, parse_definition
+
     try:
         definition = parse_definition(text, "json" if path.suffix == ".json" else "auto")
     except DefinitionError as exc:

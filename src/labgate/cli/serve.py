@@ -13,7 +13,6 @@ import typer
 from labgate import __version__
 from labgate.cli.context import fail
 from labgate.datadir import UnsafeSetup
-from labgate.startup import load_settings
 
 
 def serve(
@@ -24,6 +23,8 @@ def serve(
     ),
 ) -> None:
     """Run labgate: router, portal and the sites in one process."""
+    from labgate.startup import load_settings
+
     settings = load_settings(host=host, port=port, data_dir=data_dir)
     from labgate.serve import run
 
@@ -42,6 +43,8 @@ def router(
     port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
 ) -> None:
     """Run a router alone, following the portal's route stream (needs the same secret_key)."""
+    from labgate.startup import load_settings
+
     settings = load_settings(host=host, port=port)
     if not settings.secret_key.get_secret_value():
         fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")

@@ -117,7 +117,7 @@ def link(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create a share link giving `use` to whoever signs in with it; prints the link once."""
-    seconds = parse_duration(expires) or 0
+    seconds = parse_duration(expires, "--expires") or 0
     with state_of(ctx).client() as client:
         created = client.post(f"/instances/{instance}/links", {"expires_in": seconds, "note": note})
     if as_json:

@@ -8,6 +8,7 @@ never sees a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labgate.errors import LabgateError, TooManyRequests, error_body
+from labgate.portal.auth import identify
 from labgate.portal.ui.render import error_page, wants_html
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,26 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
+async def _note_caller(request: Request) -> None:
+    """Who asks, for the error page's navigation, when no route looked yet (an unknown page).
+
+    Only for a browser's GET or HEAD: identifying never needs a CSRF check or a
+    form read there. A bad session just means the page for the signed-out.
+    """
+    if request.method not in ("GET", "HEAD") or not wants_html(request):
+        return
+    if hasattr(request.state, "principal"):
+        return
+    with contextlib.suppress(LabgateError):
+        caller = await identify(request)
+        if caller is not None and caller.via == "router":
+            request.state.principal = None
+
+
 async def _labgate_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, LabgateError):
         raise TypeError(f"not a LabgateError: {exc!r}")
+    await _note_caller(request)
     response = _answer(request, exc.status, exc.code, exc.detail, **exc.extra)
     if isinstance(exc, TooManyRequests):
         response.headers["Retry-After"] = str(exc.retry_after)
@@ -74,6 +93,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"nothing at {request.url.path}"
+    await _note_caller(request)
     response = _answer(request, exc.status_code, code, detail)
     if exc.headers:
         response.headers.update(exc.headers)

@@ -14,13 +14,29 @@ from urllib.parse import quote
 from labgate.errors import error_body
 from labgate.router.http import status_line
 
+# The portal's look: its stylesheet (same origin, reached through this router) and
+# the markup of its error page (portal/ui/templates/error.html), without scripts.
 _PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>{refresh}
-<meta name="viewport" content="width=device-width, initial-scale=1"></head>
-<body style="font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto">
-<h1>{title}</h1>
-<p>{detail}</p>
-<p><a href="/">labgate home</a></p>
+<html lang="en"><head><meta charset="utf-8"><title>{title} · labgate</title>{refresh}
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark">
+<link rel="stylesheet" href="/static/labgate.css">
+<link rel="icon" href="/static/favicon.svg" type="image/svg+xml"></head>
+<body>
+<header class="site-header">
+  <a class="brand" href="/"><span class="brand-mark" aria-hidden="true">◆</span> labgate</a>
+</header>
+<main id="main">
+<section class="narrow panel error-page" aria-labelledby="error-heading">
+  <p class="status-code">Error {status}</p>
+  <h1 id="error-heading">{title}</h1>
+  <p class="detail">{detail}</p>
+  <ul class="actions">
+    <li><a class="button primary" href="/">Go to your tools</a></li>
+    <li><a class="button" href="/instances">My instances</a></li>
+  </ul>
+</section>
+</main>
 </body></html>
 """
 
@@ -90,11 +106,13 @@ def error(
     close: bool = False,
     retry_after: int | None = None,
     head_only: bool = False,
+    code: str | None = None,
 ) -> bytes:
     """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
 
-    ``retry_after`` adds the header and, for browsers, a page that refreshes
-    itself after that many seconds.
+    ``code`` is the error code when the status alone does not say it (the
+    portal's, e.g. ``insufficient_scope``). ``retry_after`` adds the header
+    and, for browsers, a page that refreshes itself after that many seconds.
     """
     extra: list[tuple[bytes, bytes]] = []
     if retry_after is not None:
@@ -106,6 +124,7 @@ def error(
             else ""
         )
         body = _PAGE.format(
+            status=status,
             title=html.escape(_TITLES.get(status, "Error")),
             detail=html.escape(detail),
             refresh=refresh,
@@ -118,7 +137,7 @@ def error(
             extra=extra,
             head_only=head_only,
         )
-    code = _CODES.get(status, "error")
+    code = code or _CODES.get(status, "error")
     body = json.dumps(error_body(code, detail)).encode()
     return response(
         status, body, b"application/json", close=close, extra=extra, head_only=head_only

@@ -326,7 +326,8 @@ class ClientConnection(asyncio.Protocol):
         identity, creds = ctx.auth.check(ex.cookie, ex.authorization, now)
         if identity is None:
             if ctx.auth.lacks_access_scope(creds, now):
-                self._reply(ex, 403, "this API token lacks the instances:access scope")
+                detail = "this API token lacks the instances:access scope"
+                self._reply(ex, 403, detail, code="insufficient_scope")
             elif ex.browser and ex.method in (b"GET", b"HEAD"):
                 login = ctx.options.login_path
                 self._answer(ex, lambda close: pages.login_redirect(login, ex.target, close=close))
@@ -449,7 +450,13 @@ class ClientConnection(asyncio.Protocol):
             self._finish(ex)
 
     def _reply(
-        self, ex: Exchange, status: int, detail: str, *, retry_after: int | None = None
+        self,
+        ex: Exchange,
+        status: int,
+        detail: str,
+        *,
+        retry_after: int | None = None,
+        code: str | None = None,
     ) -> None:
         browser, head_only = ex.browser, ex.is_head
         self._answer(
@@ -461,6 +468,7 @@ class ClientConnection(asyncio.Protocol):
                 close=close,
                 retry_after=retry_after,
                 head_only=head_only,
+                code=code,
             ),
         )
 

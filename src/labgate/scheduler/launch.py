@@ -43,7 +43,7 @@ from labgate.scheduler.sites import site_views
 from labgate.scheduler.snapshots import sites_for_snapshot, snapshot_to_launch
 from labgate.security import SecretBox, new_id
 from labgate.tools.params import ParamError, resolve_params
-from labgate.units import parse_size
+from labgate.units import format_size, parse_size
 from labgate.wire.launch import Resources
 
 if TYPE_CHECKING:
@@ -315,7 +315,8 @@ def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources
         raise BadRequest(f"{tool.name} allows at most {limits.max_cpu:g} CPUs, asked for {cpu:g}")
     if memory > limits.max_memory:
         raise BadRequest(
-            f"{tool.name} allows at most {limits.max_memory} bytes of memory, asked for {memory}"
+            f"{tool.name} allows at most {format_size(limits.max_memory)} of memory, "
+            f"asked for {format_size(memory)}"
         )
     return Resources(cpu=cpu, memory=memory)
 

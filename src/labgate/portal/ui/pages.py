@@ -13,6 +13,7 @@
 - ``usage.py``   the admin usage page (``/admin/usage``)
 - ``runs.py``    batch runs (``/runs``, ``/runs/<id>``: the graph of a run)
 - ``snapshots.py`` ``/snapshots``: list, share, delete, launch saved instances
+- here: ``/healthz``, and ``/hub/home``, ``/hub/spawn…`` (JupyterLab's Hub menu)
 
 Every template extends ``base.html``; :data:`templates` is the UI's Jinja
 environment.
@@ -21,6 +22,7 @@ environment.
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import RedirectResponse
 
 from labgate import __version__
 from labgate.portal.ui import (
@@ -44,6 +46,17 @@ router = APIRouter(include_in_schema=False)
 async def healthz() -> dict[str, str]:
     """Liveness: the portal answers."""
     return {"status": "ok", "version": __version__}
+
+
+# JupyterLab's Hub menu (labgate.tools.jupyter_pageconfig sets its prefix to /hub/):
+# "Hub Control Panel" opens /hub/home, the "server unavailable" dialog /hub/spawn/...
+# Both lead back to the user's instances, as JupyterHub's control panel does.
+@router.get("/hub/home")
+@router.get("/hub/spawn")
+@router.get("/hub/spawn/{rest:path}")
+async def hub_links() -> RedirectResponse:
+    """JupyterHub's control panel links: to the user's instances."""
+    return RedirectResponse("/instances", status_code=303)
 
 
 router.include_router(render.static_router)

@@ -168,8 +168,11 @@ def wants_html(request: Request) -> bool:
 def error_page(request: Request, status: int, code: str, detail: str) -> HTMLResponse:
     """The page a browser sees for an error: what happened and where to go next."""
     principal = getattr(request.state, "principal", None)
+    session_id = getattr(principal, "session_id", None)
     context = {
         "user": principal,
+        # The header's sign-out form needs the session's CSRF token.
+        "csrf": request.app.state.portal.signer.csrf_token(session_id) if session_id else "",
         "status": status,
         "code": code,
         "heading": ERROR_TITLES.get(status, "Something went wrong"),

@@ -31,8 +31,18 @@ from labgate.scheduler.accounting import (
 
 router = APIRouter(include_in_schema=False)
 
-#: How far back the page looks by default, per period.
-DEFAULT_SPAN = {"day": 14, "week": 8 * 7, "month": 365, "year": 3 * 365}
+#: How far back the page looks by default by days and weeks; by month or year it shows
+#: the current one (an admin opening the page asks "what is used now", not "this year").
+DEFAULT_SPAN = {"day": 14, "week": 8 * 7}
+
+
+def default_start(now: datetime, period: str) -> datetime:
+    """Where "From" starts when the form does not say: recent, by the period."""
+    if period == "all":
+        return EARLIEST
+    if period in DEFAULT_SPAN:
+        return period_start(now - timedelta(days=DEFAULT_SPAN[period]), "day")
+    return period_start(now, period)
 
 
 def _date(value: str | None) -> datetime | None:
@@ -65,11 +75,7 @@ async def admin_usage(
     now = utcnow()
     end = _date(until)
     end = end + timedelta(days=1) if end is not None else now
-    start = _date(since) or (
-        EARLIEST
-        if period == "all"
-        else period_start(now - timedelta(days=DEFAULT_SPAN[period]), "day")
-    )
+    start = _date(since) or default_start(now, period)
     if start >= end:
         start = end - timedelta(days=1)
     query = UsageQuery(since=start, until=end, by=(by,), period=period)

@@ -1,0 +1,167 @@
+"""How fast the ``labgate`` command starts: ``--help``, ``version`` and ``ls``.
+
+Each command runs as a fresh process, as a person at a terminal runs it. ``ls``
+talks to a stand-in server in this script (any GET under ``/api/v1`` answers
+``[]``), so the figure is the CLI's own start-up, settings, client and one
+HTTP round trip on loopback, without a portal's work.
+
+Uses hyperfine when it is installed (``--warmup 3``), else times ``--runs``
+runs with ``subprocess`` after 3 warm-up runs. Prints a Markdown table and
+JSON (also written to ``benchmarks/results/cli-startup-<time>.json``). The
+target of issue 18 is a mean under 0.3 s for each command.
+
+    .venv/bin/python benchmarks/cli_startup.py [--runs 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+TARGET_SECONDS = 0.3
+COMMANDS: dict[str, list[str]] = {
+    "labgate --help": ["--help"],
+    "labgate version": ["version"],
+    "labgate ls": ["ls"],
+}
+RESULTS = Path(__file__).with_name("results")
+
+
+class _EmptyList(BaseHTTPRequestHandler):
+    """Answers every GET with an empty JSON list (an account with no instances)."""
+
+    def do_GET(self) -> None:
+        body = b"[]"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _environment(home: Path, url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
+    env.update(
+        HOME=str(home),
+        XDG_CONFIG_HOME=str(home / "config"),
+        LABGATE_URL=url,
+        LABGATE_TOKEN="lg_benchmark",
+        COLUMNS="120",
+    )
+    return env
+
+
+def _command(args: list[str]) -> list[str]:
+    """The ``labgate`` script next to this interpreter, as a user runs it, else ``-m labgate``."""
+    script = Path(sys.executable).with_name("labgate")
+    if script.is_file() and script.read_text(errors="replace").startswith(f"#!{sys.executable}"):
+        return [str(script), *args]
+    return [sys.executable, "-m", "labgate", *args]
+
+
+def _time_subprocess(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
+    for _ in range(3):
+        subprocess.run(argv, env=env, capture_output=True, check=True)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, capture_output=True, check=True)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _time_hyperfine(argv: list[str], env: dict[str, str], runs: int, tmp: Path) -> list[float]:
+    export = tmp / "hyperfine.json"
+    subprocess.run(
+        [
+            "hyperfine",
+            "--warmup",
+            "3",
+            "--runs",
+            str(runs),
+            "--shell=none",
+            "--style",
+            "none",
+            "--export-json",
+            str(export),
+            subprocess.list2cmdline(argv),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    times: list[float] = json.loads(export.read_text())["results"][0]["times"]
+    return times
+
+
+def main() -> None:
+    """Run the benchmark and print its table and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per command")
+    options = parser.parse_args()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _EmptyList)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    tool = "hyperfine" if shutil.which("hyperfine") else "subprocess"
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _environment(Path(tmp), url)
+        for name, args in COMMANDS.items():
+            argv = _command(args)
+            if tool == "hyperfine":
+                times = _time_hyperfine(argv, env, options.runs, Path(tmp))
+            else:
+                times = _time_subprocess(argv, env, options.runs)
+            results.append(
+                {
+                    "command": name,
+                    "runs": len(times),
+                    "mean_s": statistics.fmean(times),
+                    "median_s": statistics.median(times),
+                    "min_s": min(times),
+                    "max_s": max(times),
+                    "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+                    "under_target": statistics.fmean(times) < TARGET_SECONDS,
+                }
+            )
+    server.shutdown()
+
+    print(f"\nCLI start-up ({tool}, {options.runs} runs each, target: mean < {TARGET_SECONDS} s)\n")
+    print("| command | mean | median | min | max | < 0.3 s |")
+    print("|---|---|---|---|---|---|")
+    for row in results:
+        print(
+            f"| `{row['command']}` | {row['mean_s']:.3f} s | {row['median_s']:.3f} s "
+            f"| {row['min_s']:.3f} s | {row['max_s']:.3f} s "
+            f"| {'yes' if row['under_target'] else 'NO'} |"
+        )
+    report = {
+        "tool": tool,
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print("\n" + text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"cli-startup-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
