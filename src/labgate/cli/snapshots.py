@@ -8,14 +8,16 @@ Everything goes through the REST API (``/api/v1/snapshots``,
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, state_of
 from labgate.cli.instances import start
-from labgate.client import Client
+
+if TYPE_CHECKING:
+    from labgate.client import Client
 
 snapshot_app = typer.Typer(
     help="Save a running instance as a snapshot, share it, and launch from it.",
