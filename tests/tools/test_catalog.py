@@ -49,7 +49,11 @@ def test_the_builtin_jupyterlab_tool_loads_the_busy_reporter() -> None:
             "instance_token": "t",
         }
     )
-    assert '--ServerApp.jpserver_extensions={"labgate.tools.jupyter_busy": True}' in command
+    extensions = (
+        '--ServerApp.jpserver_extensions={"labgate.tools.jupyter_busy": True, '
+        '"labgate.tools.jupyter_pageconfig": True}'
+    )
+    assert extensions in command
 
 
 def test_a_stray_value_is_still_refused(tmp_path: Path) -> None:
