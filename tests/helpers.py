@@ -150,13 +150,15 @@ async def stop_everything(application: Any) -> None:
     from labgate.db.models import ACTIVE_STATES, Instance
 
     portal = application.state.portal
-    ids = await portal.run_db(
-        lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
-    )
-    for instance_id in ids:
-        with contextlib.suppress(Exception):
-            await portal.instances.stop(instance_id)
-    for _ in range(100):
+    # Each round stops what is active now: a stop frees start room, and a queued
+    # launch the start queue moves on meanwhile is stopped in the next round.
+    for _ in range(300):
+        ids = await portal.run_db(
+            lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
+        )
+        for instance_id in ids:
+            with contextlib.suppress(Exception):
+                await portal.instances.stop(instance_id)
         left = await portal.run_db(
             lambda s: s.scalar(
                 select(Instance.id).where(Instance.state.in_([*ACTIVE_STATES, "stopping"]))
