@@ -19,9 +19,12 @@ from hypothesis import settings as hypothesis_settings
 from helpers import (
     ADMIN_PASSWORD,
     PASSWORD,
+    STRAY_CLOSES,
     TEST_SECRET_KEY,
     fresh_database_url,
+    guard_listeners,
     serving,
+    socket_state,
     stop_everything,
     token_for,
 )
@@ -84,6 +87,7 @@ async def require_listening(application: Any) -> None:
     except OSError as exc:
         listener = server.servers[0].sockets[0]
         fd = listener.fileno()
+        first_fd, first_inode = application.state.test_listener
         try:
             target = os.readlink(f"/proc/self/fd/{fd}") if fd >= 0 else "closed"
         except OSError as err:
@@ -91,7 +95,8 @@ async def require_listening(application: Any) -> None:
         pytest.fail(
             f"the test portal at {url} refuses connections ({exc}): should_exit="
             f"{server.should_exit}, serving={server.servers[0].is_serving()}, "
-            f"listener fd {fd} -> {target}"
+            f"listener fd {fd} -> {target}; at start fd {first_fd} was inode {first_inode}, "
+            f"which is {socket_state(first_inode)}; stray closes: {STRAY_CLOSES or 'none'}"
         )
     writer.close()
     await writer.wait_closed()
@@ -142,6 +147,14 @@ def slurm_cluster() -> Iterator[Cluster]:
     """
     with start_cluster() as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_closes() -> Iterator[None]:
+    """No code may close a test portal's listening socket by its number (a double close)."""
+    guard_listeners()
+    yield
+    assert STRAY_CLOSES == [], "descriptors closed twice:\n" + "\n".join(STRAY_CLOSES)
 
 
 @pytest.fixture(scope="session", autouse=True)

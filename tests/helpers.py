@@ -191,14 +191,59 @@ async def serving(settings: Any) -> AsyncIterator[Any]:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    listener = server.servers[0].sockets[0]
+    port = listener.getsockname()[1]
     application.state.test_url = f"http://127.0.0.1:{port}"
     application.state.test_server = server
+    application.state.test_listener = (listener.fileno(), os.fstat(listener.fileno()).st_ino)
+    LISTENER_FDS.add(listener.fileno())
     try:
         yield application
     finally:
+        LISTENER_FDS.discard(listener.fileno())
         server.should_exit = True
         await task
+
+
+#: Descriptors of the test portals' listening sockets, watched by :func:`guard_listeners`.
+LISTENER_FDS: set[int] = set()
+#: Where something closed one of them by number (a double close elsewhere): the stacks.
+STRAY_CLOSES: list[str] = []
+
+
+def guard_listeners() -> None:
+    """Refuse and record any ``os.close`` of a test portal's listening socket.
+
+    asyncio closes its listeners through their socket objects, never by number:
+    an ``os.close`` of one is a descriptor closed twice somewhere (once by its
+    owner, once more after the number was reused by the listener).
+    """
+    import traceback
+
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        if fd in LISTENER_FDS:
+            stack = "".join(traceback.format_stack(limit=25))
+            STRAY_CLOSES.append(stack)
+            raise RuntimeError(f"os.close({fd}) of a test portal's listening socket:\n{stack}")
+        real_close(fd)
+
+    os.close = close
+
+
+def socket_state(inode: int) -> str:
+    """The TCP state and local address of the socket with ``inode`` (from /proc/net/tcp)."""
+    states = {"0A": "LISTEN", "01": "ESTABLISHED", "06": "TIME_WAIT", "07": "CLOSE"}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[9] == str(inode):
+                    local, state = fields[1], fields[3]
+                    port = int(local.split(":")[1], 16)
+                    return f"{states.get(state, state)} on port {port} ({table})"
+    return "not in /proc/net/tcp"
 
 
 def self_signed_certificate(cert: Path, key: Path, name: str = "127.0.0.1") -> int:
