@@ -159,12 +159,16 @@ def tool_processes(iid: str) -> list[int]:
 
 
 def tool_launches(iid: str) -> list[int]:
-    """Pids of the instance's demo servers themselves (not the sandbox's bwrap around them)."""
+    """Pids of the instance's demo servers themselves.
+
+    Not the sandbox's bwrap, the uid switch or the limits launcher in front of
+    them, whose command lines name the demo too until they exec into the next one.
+    """
     found = []
     for pid in tool_processes(iid):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if not argv[0].endswith(b"bwrap") and b"labgate.tools.demo" in argv:
+            if argv[1:3] == [b"-m", b"labgate.tools.demo"]:
                 found.append(pid)
     return found
 
