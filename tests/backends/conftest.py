@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +26,9 @@ def node_address() -> str:
     if found is None:
         pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
     return found
+
+
+@pytest.fixture
+def slurm_dir(slurm: Cluster) -> Path:
+    """A directory for one test's job directories and workspaces that the test accounts reach."""
+    return slurm.area()

@@ -81,14 +81,18 @@ def demo() -> Tool:
 
 
 @pytest.fixture
-async def make_agent(tmp_path: Path, slurm: Cluster) -> Any:
+async def make_agent(tmp_path: Path, slurm: Cluster, slurm_dir: Path) -> Any:
     """Site agents of one Slurm site, as a (re)started ``labgate agent`` builds them."""
     settings = Settings(data_dir=tmp_path / "var", secret_key=TEST_SECRET_KEY)
     agents: list[SiteAgent] = []
 
-    def make() -> tuple[SiteAgent, Recorder]:
+    def make(**extra: Any) -> tuple[SiteAgent, Recorder]:
         options = slurm.options(
-            endpoint_host="127.0.0.1", request_memory=False, jobs_dir=str(tmp_path / "jobs")
+            endpoint_host="127.0.0.1",
+            request_memory=False,
+            jobs_dir=str(slurm_dir / "jobs"),
+            workspaces_dir=str(slurm_dir / "workspaces"),
+            **extra,
         )
         recorder = Recorder()
         agent = SiteAgent(
@@ -107,15 +111,15 @@ async def make_agent(tmp_path: Path, slurm: Cluster) -> Any:
         await agent.close()  # closing twice is fine; the jobs are cancelled by ``slurm``
 
 
-def spec_of(tool: Tool, cpu: float = 1) -> LaunchSpec:
-    """A launch of ``tool`` with one CPU."""
+def spec_of(tool: Tool, cpu: float = 1, owner: str = "alice") -> LaunchSpec:
+    """A launch of ``tool`` by ``owner`` with one CPU."""
     iid = f"t{uuid.uuid4().hex[:10]}"
     return LaunchSpec(
         instance_id=iid,
-        owner="alice",
+        owner=owner,
         tool=tool,
         base_url=f"/i/{iid}/",
-        workspace=Path("alice"),
+        workspace=Path(owner),
         resources=Resources(cpu=cpu, memory=256 * 1024**2),
         secret=uuid.uuid4().hex,
     )
@@ -194,8 +198,10 @@ async def test_reconcile_cancels_jobs_nobody_knows(make_agent, demo, slurm) -> N
 
 def test_doctor_says_whether_the_controller_answers(slurm, tmp_path) -> None:
     settings = Settings(data_dir=tmp_path, secret_key=TEST_SECRET_KEY)
-    [ok] = SlurmBackend(settings, slurm.options()).doctor()
+    ok, owners = SlurmBackend(settings, slurm.options()).doctor()
     assert ok.level == "ok", ok
+    # The tests' agent is root: it can run jobs as their owners.
+    assert (owners.level, owners.detail) == ("ok", "jobs run as their owners' Unix accounts")
     [missing] = SlurmBackend(settings, slurm.options(bin_dir=str(tmp_path))).doctor()
     assert missing.level == "fail" and "sbatch" in missing.detail and missing.final
     down = tmp_path / "down.conf"
