@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -259,13 +260,9 @@ class Slurm:
         cwd: str | None = None,
     ) -> tuple[int, str, str]:
         """Run a command (as ``submitter`` when given); its exit code, output and error output."""
-        switch: dict[str, object] = {}
         if submitter is not None:
-            switch = {
-                "user": submitter.uid,
-                "group": submitter.gid,
-                "extra_groups": list(submitter.groups),
-            }
+            # In a thread: not every event loop (uvloop) switches a child's uid and groups.
+            return await asyncio.to_thread(self._run_as, submitter, name, args, stdin, cwd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.command(name),
@@ -275,7 +272,6 @@ class Slurm:
                 stderr=asyncio.subprocess.PIPE,
                 env=self.env,
                 cwd=cwd,
-                **switch,  # type: ignore[arg-type]
             )
         except OSError as exc:
             raise SlurmError(f"cannot run {name}: {exc}") from exc
@@ -288,6 +284,37 @@ class Slurm:
             await proc.wait()
             raise SlurmError(f"{name} did not answer within {COMMAND_TIMEOUT:g}s") from None
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def _run_as(
+        self,
+        submitter: Submitter,
+        name: str,
+        args: tuple[str, ...],
+        stdin: str | None,
+        cwd: str | None,
+    ) -> tuple[int, str, str]:
+        """:meth:`run` as ``submitter``, blocking: its uid, gid and groups for the child."""
+        try:
+            done = subprocess.run(
+                [self.command(name), *args],
+                input=stdin,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                env=self.env,
+                cwd=cwd,
+                user=submitter.uid,
+                group=submitter.gid,
+                extra_groups=list(submitter.groups),
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"{name} did not answer within {COMMAND_TIMEOUT:g}s") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SlurmError(f"cannot run {name} as uid {submitter.uid}: {exc}") from exc
+        return done.returncode, done.stdout, done.stderr
 
     async def submit(self, request: JobRequest, script_path: Path | None = None) -> str:
         """Submit ``request``; its job id. The script is kept at ``script_path`` when given."""
