@@ -4,6 +4,8 @@ Through the portal and the router: the demo tool answers on the node, the
 queue shows when the node is full, a queued launch is cancelled, a job
 cancelled outside labgate ends ``lost`` with the reason, the wall time ends
 the instance (and is its countdown), and the job's core-hours are recorded.
+Jobs run as their owners' test accounts (``lgslurm-alice``); a user with no
+account cannot launch.
 """
 
 from __future__ import annotations
@@ -247,3 +249,15 @@ async def test_a_job_whose_tool_fails_says_why_with_its_last_lines(app, client, 
     assert "Slurm job" in body["reason"] and "exit code" in body["reason"], body
     tails = [data.get("log_tail", "") for _, _, data in await events(app, iid)]
     assert any("--- labgate: starting" in tail for tail in tails), tails
+
+
+async def test_a_launch_by_a_user_without_an_account_fails_with_the_reason(
+    app, client, make_user, slurm
+):
+    dave = await make_user("dave")  # not in the site's accounts, and no Unix account of the name
+    iid = await launch(client, dave)
+    body = await wait_for_state(client, dave, iid, {"failed", "running"})
+    assert body["state"] == "failed", body
+    assert "labgate user 'dave' has no Unix account 'dave' on the cluster" in body["reason"]
+    assert "site option accounts" in body["reason"]
+    assert slurm.run("squeue", "-h", "-o", "%i").split() == []

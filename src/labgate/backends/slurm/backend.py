@@ -416,8 +416,7 @@ class SlurmBackend(Backend):
         """Follow the job through the queue until its tool has a port; its endpoint and state."""
         iid, job_id = str(state["instance_id"]), str(state["job_id"])
         endpoint_file = Path(state["dir"]) / "endpoint.json"
-        # A state saved before jobs had owners: the job runs as the agent.
-        uid = int(state.get("uid", os.geteuid()))
+        uid = await asyncio.to_thread(job_uid, state)
         ports = self.config.ports
         said = ""
         # Most jobs on an idle cluster start within a second: look often at first, then
@@ -518,7 +517,7 @@ class SlurmBackend(Backend):
 
     async def logs(self, state: JSON, lines: int = 100) -> str:
         """The last ``lines`` lines of the job's output file."""
-        uid = int(state.get("uid", os.geteuid()))
+        uid = await asyncio.to_thread(job_uid, state)
         # The job's account owns its directory: read its own log, never through a link.
         return await asyncio.to_thread(tail, Path(state["log"]), lines, owners=(uid,))
 
@@ -571,6 +570,16 @@ def launcher_source() -> str:
     """The launcher module's code without its ``__main__`` block: the body of every job."""
     source = Path(__file__).with_name("launcher.py").read_text()
     return source.split('\nif __name__ == "__main__":', 1)[0]
+
+
+def job_uid(state: JSON) -> int:
+    """The uid a job runs as: its saved state's; a job from before owners, its directory's."""
+    if "uid" in state:
+        return int(state["uid"])
+    try:
+        return Path(state["dir"]).stat().st_uid  # the agent's account made it then
+    except OSError:
+        return os.geteuid()
 
 
 def _read_endpoint(
