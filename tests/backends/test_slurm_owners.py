@@ -182,6 +182,34 @@ async def test_a_job_directory_its_account_cannot_reach_fails_the_launch(
         with pytest.raises(InstanceStartError, match=words) as refused:
             await backend.start(replace(spec, workspace=root / spec.workspace))
         assert f"{private} (mode 0700" in str(refused.value)
+        assert f"site option {extra and list(extra)[-1]}" in str(refused.value)
+    assert slurm.run("squeue", "-h", "-o", "%i").split() == []
+
+
+async def test_a_workspace_others_could_put_a_link_in_place_of_is_refused(
+    tmp_path: Path, demo, slurm: Cluster, slurm_dir: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "var", secret_key=TEST_SECRET_KEY)
+    shared = slurm_dir / "shared-workspaces"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: any account may create a name there
+    backend = SlurmBackend(
+        settings,
+        slurm.options(
+            request_memory=False, jobs_dir=str(slurm_dir / "jobs"), workspaces_dir=str(shared)
+        ),
+    )
+    spec = spec_of(demo)
+    with pytest.raises(InstanceStartError, match="writable by it alone"):
+        await backend.start(replace(spec, workspace=shared / "alice"))
+    # A link where a workspace goes (root would chmod and chown what it points to): refused.
+    shared.chmod(0o711)
+    target = slurm_dir / "target"
+    target.mkdir(mode=0o755)
+    (shared / "alice").symlink_to(target)
+    with pytest.raises(InstanceStartError, match="is a symbolic link"):
+        await backend.start(replace(spec, workspace=shared / "alice"))
+    assert owner_and_mode(target) == (0, 0o755)
     assert slurm.run("squeue", "-h", "-o", "%i").split() == []
 
 

@@ -131,6 +131,23 @@ def unreachable(path: Path, account: Account) -> str | None:
     return None
 
 
+def planted(path: Path) -> str | None:
+    """Why root must not make or hand over ``path``: others may put a link there, or it is one.
+
+    Its directory must be writable by its owner alone (an account that may
+    create entries there could name its link after another user's workspace).
+    """
+    info = path.parent.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return (
+            f"{path.parent} (mode {stat.S_IMODE(info.st_mode):04o}, owner uid {info.st_uid}) "
+            f"must be the agent's and writable by it alone"
+        )
+    if path.is_symlink():
+        return f"{path} is a symbolic link"
+    return None
+
+
 def make_dirs(path: Path, mode: int = TRAVERSE_ONLY) -> None:
     """Create ``path`` and its missing parents with ``mode`` (not masked by the umask)."""
     missing = []

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, cast
 from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
 from labgate.backends.confine import require_confined
 from labgate.backends.identity import hand_over
-from labgate.backends.process import tool_environment
+from labgate.backends.process import INSTANCE_ID_RE, tool_environment
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.accounts import (
     ROOT_FIX,
@@ -65,6 +65,7 @@ from labgate.backends.slurm.accounts import (
     Account,
     lookup_account,
     make_dirs,
+    planted,
     root_problem,
     unreachable,
 )
@@ -222,6 +223,8 @@ class SlurmBackend(Backend):
 
     async def start(self, spec: LaunchSpec) -> Started:
         """Submit the instance's job; the endpoint comes later, from :meth:`place`."""
+        if not INSTANCE_ID_RE.match(spec.instance_id):
+            raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
         reason = self.unavailable_reason(spec.tool)
         tool = spec.tool.parsed(self.tool_section, ProcessSpec) if reason is None else None
         if tool is None:
@@ -229,8 +232,10 @@ class SlurmBackend(Backend):
         where = placement(self.config, spec.options)
         require_confined(spec.mounts)
         account = await asyncio.to_thread(self.account_of, spec.owner)
-        job_dir = (self.jobs_dir / spec.instance_id).resolve()
-        workspace = spec.workspace.expanduser().resolve()
+        # Resolved above the last part only: a link in place of it is refused, not followed.
+        job_dir = self.jobs_dir.resolve() / spec.instance_id
+        given = spec.workspace.expanduser()
+        workspace = given.parent.resolve() / given.name
         python = self.config.python or sys.executable
         values = template_values(
             port=0,
@@ -369,13 +374,13 @@ class SlurmBackend(Backend):
             ("job directory", job_dir, "jobs_dir"),
             ("workspace", workspace, "workspaces_dir"),
         ):
-            problem = unreachable(path, account)
+            problem = unreachable(path, account) or planted(path)
             if problem is not None:
                 raise InstanceStartError(
                     f"the Slurm job of labgate user {owner!r} (Unix account {account.name!r}) "
-                    f"cannot reach its {what} {path}: {problem}; set the site option {option} "
-                    f"to a directory on the shared filesystem whose parents every user may "
-                    f"pass through (chmod o+x)"
+                    f"cannot use its {what} {path}: {problem}; set the site option {option} "
+                    f"to a directory of the agent's on the shared filesystem that every user "
+                    f"may pass through to (chmod o+x on the directories above it)"
                 )
 
     def environment(
