@@ -618,7 +618,7 @@ def _read_endpoint(
         return None
     low, high = ports
     if high > low and not low <= port < high:
-        log.warning("%s names port %d, outside the site's ports: ignored", path, port)
+        log.debug("%s names port %d, outside the site's ports: ignored", path, port)
         return None
     return found
 
