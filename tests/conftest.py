@@ -143,6 +143,8 @@ async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) ->
 def slurm_cluster() -> Iterator[Cluster]:
     """munged, slurmctld and slurmd on this machine (one node); skips outside CI without them.
 
+    With the test users' Unix accounts (``lgslurm-alice``...), a shared directory they
+    pass through (``area()``) and a Python they run: see ``owner_accounts``.
     Here, not in tests/backends: the browser tests of a Slurm site's launch form share it.
     """
     with start_cluster() as cluster, owner_accounts(cluster):

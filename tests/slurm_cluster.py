@@ -396,6 +396,9 @@ def owner_accounts(cluster: Cluster) -> Iterator[dict[str, str]]:
         yield dict(ACCOUNTS)
     finally:
         cluster.shared, cluster.python = None, ""
+        # userdel refuses an account whose job still runs: end the jobs first.
+        with contextlib.suppress(Exception):
+            cluster.cancel_all()
         shutil.rmtree(shared, ignore_errors=True)
         for account in made:
             subprocess.run(
