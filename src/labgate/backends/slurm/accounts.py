@@ -11,9 +11,10 @@ The agent submits as that account by running ``sbatch`` with the account's
 uid, gid and supplementary groups (``subprocess``'s ``user``, ``group`` and
 ``extra_groups``; only root may do that). munge then vouches for the
 account, so the controller applies that account's own limits and
-associations, on every Slurm version. ``sbatch --uid/--gid`` is not used:
-it checks partition and account access with the caller's (root's)
-credentials, not the owner's, and later Slurm releases removed it.
+associations, on every Slurm version. ``sbatch --uid/--gid`` is not used: by its
+manual (Slurm 22.05 here) it checks partition access with the caller's
+(root's) credentials, not the owner's, and drops to the uid only after the
+allocation.
 ``scancel``, ``squeue``, ``scontrol`` and ``sacct`` stay the agent's (root
 sees and cancels every job).
 
