@@ -29,7 +29,7 @@ from helpers import (
     token_for,
 )
 from labgate.config import Settings
-from slurm_cluster import Cluster, start_cluster
+from slurm_cluster import ACCOUNTS, Cluster, owner_accounts, start_cluster
 
 # Timing is for benchmarks, not tests: a loaded CI machine must not turn a slow
 # example into a failure (hypothesis's default deadline is 200 ms).
@@ -143,10 +143,21 @@ async def make_user(client: httpx.AsyncClient, admin_headers: dict[str, str]) ->
 def slurm_cluster() -> Iterator[Cluster]:
     """munged, slurmctld and slurmd on this machine (one node); skips outside CI without them.
 
+    With the test users' Unix accounts (``lgslurm-alice``...), a shared directory they
+    pass through (``area()``) and a Python they run: see ``owner_accounts``.
     Here, not in tests/backends: the browser tests of a Slurm site's launch form share it.
     """
-    with start_cluster() as cluster:
+    with start_cluster() as cluster, owner_accounts(cluster):
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_accounts(slurm_cluster: Cluster) -> dict[str, str]:
+    """The test users' Unix accounts on the cluster (labgate name -> account), made for the session.
+
+    ``slurm_cluster.options()`` maps the users to them; a job runs as its owner's.
+    """
+    return dict(ACCOUNTS)
 
 
 @pytest.fixture(scope="session", autouse=True)

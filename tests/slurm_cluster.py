@@ -10,6 +10,13 @@ slurmdbd, so ``sacct`` answers. Its configuration,
 state and logs live in a temporary directory; its ports are free ones, so it
 never touches a cluster the machine may run for something else.
 
+Jobs run as their owners' Unix accounts (the backend's default ``run_as =
+"owner"``): :func:`owner_accounts` creates the test users' accounts
+(:data:`ACCOUNTS`, normal uids from 1000 up, no home, no login), a shared
+directory those accounts can pass through (``/tmp/pytest-of-root`` cannot
+be: it is mode 0700) for the jobs' directories and workspaces, and a Python
+they can run that imports labgate (the tests' own may live under ``/root``).
+
 Outside CI the tests skip when the packages are missing (saying what to
 install); with ``CI=true`` they fail instead.
 """
@@ -18,9 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import socket
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +44,8 @@ INSTALL = "apt-get install slurm-wlm munge slurmdbd mariadb-server (and run as r
 #: The node's CPUs as Slurm counts them; tests fill it with jobs of one CPU each.
 NODE_CPUS = 2
 MUNGE_SOCKET = "/run/munge/munge.socket.2"
+#: The test users' Unix accounts on the cluster: labgate user name -> account.
+ACCOUNTS = {name: f"lgslurm-{name}" for name in ("alice", "bob", "admin", "carol")}
 
 
 def need(reason: str) -> None:
@@ -74,6 +86,10 @@ class Cluster:
     conf: Path
     node: str
     daemons: list[subprocess.Popen[bytes]]
+    #: Where jobs' directories and workspaces go: every account may pass through.
+    shared: Path | None = None
+    #: A Python the test accounts can run, with labgate importable.
+    python: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -90,12 +106,25 @@ class Cluster:
         return done.stdout
 
     def options(self, **extra: object) -> dict[str, object]:
-        """Site options of a ``slurm`` site on this cluster."""
-        return {"slurm_conf": str(self.conf), "poll_interval": 0.3, **extra}
+        """Site options of a ``slurm`` site on this cluster (its jobs run as the test accounts)."""
+        found: dict[str, object] = {"slurm_conf": str(self.conf), "poll_interval": 0.3}
+        if self.python:
+            found.update(python=self.python, accounts=dict(ACCOUNTS))
+        return {**found, **extra}
+
+    def area(self, prefix: str = "test-") -> Path:
+        """A new directory under :attr:`shared` (mode 0711), for one test's jobs and workspaces."""
+        if self.shared is None:
+            raise RuntimeError("the cluster was started without owner_accounts")
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.shared))
+        path.chmod(0o711)
+        return path
 
     def cancel_all(self) -> None:
-        """Cancel every job (tests leave the node empty for the next one)."""
-        self.run("scancel", "--full", "--user", "root", check=False)
+        """Cancel every job, whoever's (tests leave the node empty for the next one)."""
+        jobs = self.run("squeue", "-h", "-o", "%i", check=False).split()
+        if jobs:
+            self.run("scancel", "--full", *jobs, check=False)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if not self.run("squeue", "-h", "-o", "%i", check=False).strip():
@@ -202,8 +231,10 @@ def start_cluster() -> Iterator[Cluster]:
         need("the Slurm test cluster runs its daemons as root")
     _start_munge()
     root = Path(tempfile.mkdtemp(prefix="labgate-slurm-"))
+    # The test accounts' sbatch reads slurm.conf: they pass through, list nothing.
+    root.chmod(0o711)
     for sub in ("state", "spool"):
-        (root / sub).mkdir()
+        (root / sub).mkdir(mode=0o700)
     node = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -335,3 +366,73 @@ def _wait_idle(cluster: Cluster, timeout: float = 60) -> None:
         f"the Slurm node is not idle after {timeout}s (state {state!r}):\n"
         f"{cluster.log('slurmctld')}\n{cluster.log('slurmd')}"
     )
+
+
+@contextlib.contextmanager
+def owner_accounts(cluster: Cluster) -> Iterator[dict[str, str]]:
+    """The test users' accounts, the shared directory and the accounts' Python; undone after.
+
+    Accounts that exist already (a previous session's) are used and left; the
+    ones made here are removed at the end.
+    """
+    if _which("useradd") is None:
+        need("useradd is missing (Debian: passwd)")
+    made = []
+    shared = Path(tempfile.mkdtemp(prefix="labgate-slurm-shared-"))
+    shared.chmod(0o711)
+    try:
+        for account in ACCOUNTS.values():
+            try:
+                pwd.getpwnam(account)
+            except KeyError:
+                subprocess.run(
+                    [_which("useradd") or "useradd", "--no-create-home", "--user-group",
+                     "--shell", "/usr/sbin/nologin", account],
+                    check=True, capture_output=True, timeout=30,
+                )  # fmt: skip
+                made.append(account)
+        cluster.shared = shared
+        cluster.python = node_python(shared, ACCOUNTS["alice"])
+        yield dict(ACCOUNTS)
+    finally:
+        cluster.shared, cluster.python = None, ""
+        # userdel refuses an account whose job still runs: end the jobs first.
+        with contextlib.suppress(Exception):
+            cluster.cancel_all()
+        shutil.rmtree(shared, ignore_errors=True)
+        for account in made:
+            subprocess.run(
+                [_which("userdel") or "userdel", account], capture_output=True, timeout=30
+            )
+
+
+def node_python(shared: Path, account: str) -> str:
+    """A Python ``account`` can run that imports labgate (and the tests' packages).
+
+    The tests' own interpreter when the account can run it; else a venv in
+    ``shared`` on the system's Python of the same version, which imports the
+    tests' site-packages (the same ABI).
+    """
+
+    def works(python: str) -> bool:
+        done = subprocess.run(
+            ["runuser", "-u", account, "--", python, "-c", "import labgate.tools.demo"],
+            capture_output=True, timeout=60, check=False, cwd="/",
+        )  # fmt: skip
+        return done.returncode == 0
+
+    if works(sys.executable):
+        return sys.executable
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    system = shutil.which(version, path="/usr/bin:/usr/local/bin")
+    if system is None:
+        need(f"the test accounts cannot run {sys.executable} and there is no /usr/bin/{version}")
+    venv = shared / "python"
+    subprocess.run([system or version, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": str(venv)}))
+    tests_site = sysconfig.get_path("purelib")
+    (site / "labgate_tests.pth").write_text(f"import site; site.addsitedir({tests_site!r})\n")
+    python = str(venv / "bin" / "python")
+    if not works(python):
+        need(f"the test accounts cannot import labgate with {python}")
+    return python

@@ -4,11 +4,14 @@ Through the portal and the router: the demo tool answers on the node, the
 queue shows when the node is full, a queued launch is cancelled, a job
 cancelled outside labgate ends ``lost`` with the reason, the wall time ends
 the instance (and is its countdown), and the job's core-hours are recorded.
+Jobs run as their owners' test accounts (``lgslurm-alice``); a user with no
+account cannot launch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import pwd
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +29,16 @@ SITE = "hpc"
 
 
 @pytest.fixture
-def settings(settings: Settings, tmp_path: Path, slurm: Cluster) -> Settings:
-    """The test's settings (conftest) with one Slurm site on the test cluster."""
+def settings(settings: Settings, slurm_dir: Path, slurm: Cluster) -> Settings:
+    """The test's settings (conftest) with one Slurm site on the test cluster.
+
+    Its jobs run as their owners' test accounts (alice's is ``lgslurm-alice``).
+    """
     options = slurm.options(
         endpoint_host="127.0.0.1",
         request_memory=False,
-        jobs_dir=str(tmp_path / "jobs"),
+        jobs_dir=str(slurm_dir / "jobs"),
+        workspaces_dir=str(slurm_dir / "workspaces"),
         choices={"partition": ["interactive", "batch"], "time": ["0:01:00", "1:00:00"]},
     )
     site = SiteConfig(name=SITE, backend="slurm", options=options)
@@ -226,10 +233,12 @@ async def test_the_instance_token_is_only_in_the_jobs_private_file(app, client, 
             assert token.encode() not in cmdline.read_bytes()
         except OSError:
             continue
-    # Only in launch.json, readable by the agent's account alone, in a directory of its own.
+    # Only in launch.json, readable by the job's own account alone, in a directory of its own.
     assert token in (job_dir / "launch.json").read_text()
-    assert (job_dir / "launch.json").stat().st_mode & 0o777 == 0o600
-    assert job_dir.stat().st_mode & 0o777 == 0o700
+    alice = pwd.getpwnam("lgslurm-alice").pw_uid
+    launch_json, info = (job_dir / "launch.json").stat(), job_dir.stat()
+    assert (launch_json.st_uid, launch_json.st_mode & 0o777) == (alice, 0o600)
+    assert (info.st_uid, info.st_mode & 0o777) == (alice, 0o700)
 
 
 async def test_a_job_whose_tool_fails_says_why_with_its_last_lines(app, client, make_user, slurm):
@@ -240,3 +249,15 @@ async def test_a_job_whose_tool_fails_says_why_with_its_last_lines(app, client, 
     assert "Slurm job" in body["reason"] and "exit code" in body["reason"], body
     tails = [data.get("log_tail", "") for _, _, data in await events(app, iid)]
     assert any("--- labgate: starting" in tail for tail in tails), tails
+
+
+async def test_a_launch_by_a_user_without_an_account_fails_with_the_reason(
+    app, client, make_user, slurm
+):
+    dave = await make_user("dave")  # not in the site's accounts, and no Unix account of the name
+    iid = await launch(client, dave)
+    body = await wait_for_state(client, dave, iid, {"failed", "running"})
+    assert body["state"] == "failed", body
+    assert "labgate user 'dave' has no Unix account 'dave' on the cluster" in body["reason"]
+    assert "site option accounts" in body["reason"]
+    assert slurm.run("squeue", "-h", "-o", "%i").split() == []

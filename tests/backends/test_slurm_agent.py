@@ -11,124 +11,17 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
-import uuid
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from helpers import TEST_SECRET_KEY
-from labgate.agent.site import Adoption, SiteAgent
-from labgate.backends.base import LaunchSpec
+from labgate.agent.site import Adoption
 from labgate.backends.slurm import SlurmBackend
 from labgate.config import Settings
-from labgate.tools.catalog import Catalog, Tool
-from labgate.wire.launch import Resources
-from labgate.wire.site import Report
-from slurm_cluster import Cluster
+from slurm_agents import SITE, healthy, spec_of
 
 pytestmark = pytest.mark.slow
-
-SITE = "hpc"
-
-
-class Recorder:
-    """The agent's reports, as the portal would receive them."""
-
-    def __init__(self) -> None:
-        self.reports: list[Report] = []
-
-    async def __call__(self, report: Report) -> None:
-        self.reports.append(report)
-
-    def of(self, instance_id: str) -> list[Report]:
-        """Reports on one instance."""
-        return [r for r in self.reports if r.instance_id == instance_id]
-
-    async def wait(
-        self, instance_id: str, state: str = "", note: str = "", timeout: float = 30
-    ) -> Report:
-        """The first report on ``instance_id`` moving it to ``state``, or noting ``note``."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for report in self.of(instance_id):
-                if state and report.kind == "state" and report.state == state:
-                    return report
-                if note and report.kind == "progress" and note in report.message:
-                    return report
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no report of {state or note!r}: {self.of(instance_id)}")
-
-    def saved(self, instance_id: str) -> tuple[dict[str, Any], str]:
-        """The last backend state and endpoint reported: what the portal would have saved."""
-        state: dict[str, Any] = {}
-        endpoint = ""
-        for report in self.of(instance_id):
-            if report.backend_state is not None:
-                state = report.backend_state
-            if report.endpoint is not None:
-                endpoint = report.endpoint
-        return state, endpoint
-
-
-@pytest.fixture
-def demo() -> Tool:
-    """The real demo tool."""
-    tool = Catalog.load().get("demo")
-    assert tool is not None
-    return tool
-
-
-@pytest.fixture
-async def make_agent(tmp_path: Path, slurm: Cluster) -> Any:
-    """Site agents of one Slurm site, as a (re)started ``labgate agent`` builds them."""
-    settings = Settings(data_dir=tmp_path / "var", secret_key=TEST_SECRET_KEY)
-    agents: list[SiteAgent] = []
-
-    def make() -> tuple[SiteAgent, Recorder]:
-        options = slurm.options(
-            endpoint_host="127.0.0.1", request_memory=False, jobs_dir=str(tmp_path / "jobs")
-        )
-        recorder = Recorder()
-        agent = SiteAgent(
-            SITE,
-            SlurmBackend(settings, options),
-            recorder,
-            workspaces_dir=tmp_path / "workspaces",
-            poll_interval=0.2,
-            stop_grace=3,
-        )
-        agents.append(agent)
-        return agent, recorder
-
-    yield make
-    for agent in agents:
-        await agent.close()  # closing twice is fine; the jobs are cancelled by ``slurm``
-
-
-def spec_of(tool: Tool, cpu: float = 1) -> LaunchSpec:
-    """A launch of ``tool`` with one CPU."""
-    iid = f"t{uuid.uuid4().hex[:10]}"
-    return LaunchSpec(
-        instance_id=iid,
-        owner="alice",
-        tool=tool,
-        base_url=f"/i/{iid}/",
-        workspace=Path("alice"),
-        resources=Resources(cpu=cpu, memory=256 * 1024**2),
-        secret=uuid.uuid4().hex,
-    )
-
-
-async def healthy(endpoint: str, spec: LaunchSpec) -> bool:
-    """Whether the demo answers at ``endpoint`` with the instance's token."""
-    async with httpx.AsyncClient(timeout=5) as client:
-        r = await client.get(
-            f"{endpoint}{spec.base_url}api/health",
-            headers={"Authorization": f"token {spec.secret}"},
-        )
-        return r.status_code == 200
 
 
 async def test_a_new_agent_adopts_running_and_queued_jobs(make_agent, demo, slurm) -> None:
@@ -194,8 +87,10 @@ async def test_reconcile_cancels_jobs_nobody_knows(make_agent, demo, slurm) -> N
 
 def test_doctor_says_whether_the_controller_answers(slurm, tmp_path) -> None:
     settings = Settings(data_dir=tmp_path, secret_key=TEST_SECRET_KEY)
-    [ok] = SlurmBackend(settings, slurm.options()).doctor()
+    ok, owners = SlurmBackend(settings, slurm.options()).doctor()
     assert ok.level == "ok", ok
+    # The tests' agent is root: it can run jobs as their owners.
+    assert (owners.level, owners.detail) == ("ok", "jobs run as their owners' Unix accounts")
     [missing] = SlurmBackend(settings, slurm.options(bin_dir=str(tmp_path))).doctor()
     assert missing.level == "fail" and "sbatch" in missing.detail and missing.final
     down = tmp_path / "down.conf"

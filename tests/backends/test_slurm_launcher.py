@@ -118,3 +118,14 @@ def test_through_the_relay_the_tool_wants_its_instance_token_and_the_relay_ends_
     while not refused(node_address, port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert refused(node_address, port)
+
+
+def test_the_launcher_keeps_to_the_sites_port_range():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        # The range's only port is taken: no port outside it (the agent would ignore it).
+        with pytest.raises(OSError, match="no free port"):
+            launcher.bind_port("127.0.0.1", port, port + 1)
+    with launcher.bind_port("127.0.0.1", port, port + 1) as sock:
+        assert sock.getsockname()[1] == port

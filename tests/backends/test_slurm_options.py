@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from labgate.backends.slurm.backend import _read_endpoint, describe_end
+from labgate.backends.slurm.backend import _read_endpoint, describe_end, endpoint_address
 from labgate.backends.slurm.jobs import JobRequest, format_time, parse_job, parse_time
 from labgate.backends.slurm.options import SlurmOptions, placement
 from labgate.errors import InstanceStartError
@@ -121,8 +122,88 @@ def test_scontrol_lines_are_read_with_spaces_in_values():
 
 def test_an_endpoint_is_taken_only_from_the_jobs_own_report(tmp_path: Path):
     path = tmp_path / "endpoint.json"
-    assert _read_endpoint(path, "12") is None
+    me = os.geteuid()
+    assert _read_endpoint(path, "12", me) is None
     path.write_text(json.dumps({"node": "c1", "port": 20001, "job_id": "11"}))
-    assert _read_endpoint(path, "12") is None  # a previous job's report
-    path.write_text(json.dumps({"node": "c1", "port": 20001, "job_id": "12"}))
-    assert _read_endpoint(path, "12") == {"node": "c1", "port": 20001, "job_id": "12"}
+    assert _read_endpoint(path, "12", me) is None  # a previous job's report
+    report = {"node": "c1", "port": 20001, "job_id": "12"}
+    path.write_text(json.dumps(report))
+    assert _read_endpoint(path, "12", me) == report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to other uids (run as root)")
+def test_an_endpoint_is_taken_only_when_the_jobs_account_wrote_it_with_a_port_of_the_site(
+    tmp_path: Path,
+):
+    job_uid, other_uid = 54321, 54322  # the job's account, another account
+    path = tmp_path / "endpoint.json"
+    report = {"node": "c1", "host": "10.0.0.5", "port": 20001, "job_id": "12"}
+    path.write_text(json.dumps(report))
+    os.chown(path, job_uid, job_uid)
+    assert _read_endpoint(path, "12", job_uid, (20000, 30000)) == report
+    os.chown(path, 0, 0)  # root's: the agent's own (run_as = "agent" as root)
+    assert _read_endpoint(path, "12", job_uid, (20000, 30000)) == report
+    # Written by another account (a job of someone else's, into a directory it could reach).
+    os.chown(path, other_uid, other_uid)
+    assert _read_endpoint(path, "12", job_uid, (20000, 30000)) is None
+    # A port outside the site's range: a job pointing the router at another service.
+    os.chown(path, job_uid, job_uid)
+    assert _read_endpoint(path, "12", job_uid, (21000, 30000)) is None
+    assert _read_endpoint(path, "12", job_uid, (0, 0)) == report  # no range: any port
+    for port in (0, 70000, "20001", True):
+        path.write_text(json.dumps({**report, "port": port}))
+        os.chown(path, job_uid, job_uid)
+        assert _read_endpoint(path, "12", job_uid) is None, port
+    # A link to a file root wrote is not followed, nor is a FIFO opened.
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(report))
+    path.unlink()
+    path.symlink_to(elsewhere)
+    assert _read_endpoint(path, "12", job_uid) is None
+    path.unlink()
+    os.mkfifo(path)
+    assert _read_endpoint(path, "12", job_uid) is None
+
+
+def test_the_router_goes_only_to_the_endpoint_host_or_the_node_slurm_reports():
+    # The job's own address for its node is used when the node's name resolves to it.
+    assert endpoint_address("127.0.0.1", "", "localhost") == "127.0.0.1"
+    assert endpoint_address("127.0.0.1", "127.0.0.1", "c042") == "127.0.0.1"
+    assert endpoint_address("c042", "", "c042") == "c042"
+    # Any other host a job names is not: the node Slurm reports is.
+    assert endpoint_address("192.0.2.7", "", "localhost") == "localhost"
+    assert endpoint_address("intranet.example", "10.1.2.3", "c042") == "c042"
+    assert endpoint_address(None, "10.1.2.3", "c042") == "10.1.2.3"  # an older report
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives files to other uids (run as root)")
+def test_a_jobs_log_is_read_only_from_its_own_file(tmp_path: Path):
+    from labgate.backends.procfs import tail
+
+    job_uid = 54321
+    secret = tmp_path / "secret"
+    secret.write_text("root's secret\n")
+    secret.chmod(0o600)
+    log = tmp_path / "job.log"
+    log.write_text("--- labgate: starting\n")
+    assert tail(log, 10, owners=(job_uid,)) == ""  # root's file, not the job's
+    os.chown(log, job_uid, job_uid)
+    assert tail(log, 10, owners=(job_uid,)) == "--- labgate: starting\n"
+    # The job's account owns the directory: a link it puts there is not read through.
+    log.unlink()
+    log.symlink_to(secret)
+    assert tail(log, 10, owners=(job_uid,)) == ""
+    log.unlink()
+    os.link(secret, log)
+    os.chown(secret, job_uid, job_uid)
+    assert tail(log, 10, owners=(job_uid,)) == ""  # a second name of a file: not its own
+
+
+def test_accounts_must_be_unix_account_names():
+    options = SlurmOptions(accounts={"alice": "alice01", "bob": "b.smith"})
+    assert options.run_as == "owner" and options.min_uid == 1000
+    for bad in ["-rf", "a b", "", "x" * 40, "a/b"]:
+        with pytest.raises(ValueError, match="is not a Unix account name"):
+            SlurmOptions(accounts={"alice": bad})
+    with pytest.raises(ValueError):
+        SlurmOptions(run_as="root")

@@ -22,17 +22,20 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def settings(settings: Settings, tmp_path: Path, slurm: Cluster, node_address: str) -> Settings:
+def settings(settings: Settings, slurm_dir: Path, slurm: Cluster, node_address: str) -> Settings:
     """One Slurm site whose jobs are reached at ``address``."""
     options = slurm.options(
-        endpoint_host=node_address, request_memory=False, jobs_dir=str(tmp_path / "jobs")
+        endpoint_host=node_address,
+        request_memory=False,
+        jobs_dir=str(slurm_dir / "jobs"),
+        workspaces_dir=str(slurm_dir / "workspaces"),
     )
     site = SiteConfig(name="hpc", backend="slurm", options=options)
     return settings.model_copy(update={"sites": [site]})
 
 
 async def test_the_router_reaches_the_tool_through_the_relay_on_the_nodes_address(
-    client, make_user, router_url, node_address, tmp_path
+    client, make_user, router_url, node_address, slurm_dir
 ):
     alice = await make_user("alice")
     r = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=alice)
@@ -40,7 +43,7 @@ async def test_the_router_reaches_the_tool_through_the_relay_on_the_nodes_addres
     iid = r.json()["id"]
     body = await wait_for_state(client, alice, iid, {"running", "failed"}, timeout=60)
     assert body["state"] == "running", body["reason"]
-    endpoint = json.loads((tmp_path / "jobs" / iid / "endpoint.json").read_text())
+    endpoint = json.loads((slurm_dir / "jobs" / iid / "endpoint.json").read_text())
     assert endpoint["host"] == node_address and endpoint["port"] != endpoint["tool_port"]
     async with httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10) as browser:
         r = await browser.get(f"/i/{iid}/api/health")

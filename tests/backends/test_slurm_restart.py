@@ -23,12 +23,15 @@ PASSWORD = "admin-password-for-slurm-restart"
 
 
 @pytest.fixture
-def server(tmp_path, slurm: Cluster):
+def server(tmp_path, slurm: Cluster, slurm_dir):
     site = {
         "name": "hpc",
         "backend": "slurm",
         "options": slurm.options(
-            endpoint_host="127.0.0.1", request_memory=False, jobs_dir=str(tmp_path / "jobs")
+            endpoint_host="127.0.0.1",
+            request_memory=False,
+            jobs_dir=str(slurm_dir / "jobs"),
+            workspaces_dir=str(slurm_dir / "workspaces"),
         ),
     }
     srv = LabgateServer(tmp_path / "var", PASSWORD, LABGATE_SITES=json.dumps([site]))

@@ -41,8 +41,13 @@ def slurm_server(
         pytest.skip("this machine has no non-loopback IPv4 address (no default route)")
     base = tmp_path_factory.mktemp("slurm-ui")
     jobs = base / "jobs"
+    # About the form: the job may run as the agent's account (the users have none here).
     options = slurm_cluster.options(
-        endpoint_host=address, request_memory=False, jobs_dir=str(jobs), choices=CHOICES
+        endpoint_host=address,
+        request_memory=False,
+        jobs_dir=str(jobs),
+        choices=CHOICES,
+        run_as="agent",
     )
     sites = [{"name": "here"}, {"name": "hpc", "backend": "slurm", "options": options}]
     server = LabgateServer(base / "var", ADMIN_PASSWORD, LABGATE_SITES=json.dumps(sites))

@@ -353,7 +353,8 @@ class SiteAgent:
 
     def placed(self, spec: LaunchSpec) -> LaunchSpec:
         """``spec`` with its workspace under this site's workspaces directory."""
-        return replace(spec, workspace=self.workspaces_dir / spec.workspace)
+        root = self.backend.workspaces_root() or self.workspaces_dir
+        return replace(spec, workspace=root / spec.workspace)
 
     def starting_ids(self) -> list[str]:
         """Instances whose start is under way."""

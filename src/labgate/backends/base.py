@@ -352,6 +352,14 @@ class Backend(abc.ABC):
         """
         return None
 
+    def workspaces_root(self) -> Path | None:
+        """Where this site keeps users' workspaces, when not where its agent says; None: there.
+
+        The Slurm backend keeps them on a filesystem its nodes share, which the
+        jobs' owners can reach (the agent's ``<data_dir>`` is private to it).
+        """
+        return None
+
     def attach(self, site: str, progress: Progress | None = None) -> None:
         """Called once by the site agent: the site's name and its progress callback."""
         self.site = site

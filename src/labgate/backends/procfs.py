@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
+import stat
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,12 +136,26 @@ def signal_if_same(pid: int, start_time: int, sig: signal.Signals) -> None:
         os.close(fd)
 
 
-def tail(path: Path, lines: int, block: int = 65536) -> str:
-    """The last ``lines`` lines of ``path``, reading backwards from its end."""
+def tail(path: Path, lines: int, block: int = 65536, owners: Collection[int] = ()) -> str:
+    """The last ``lines`` lines of ``path``, reading backwards from its end.
+
+    With ``owners`` (a file in a directory its user controls), only a regular
+    file of one of those uids with no other link is read, and never through a
+    symbolic link: "" otherwise.
+    """
     if lines <= 0:
         return ""
     try:
-        with path.open("rb") as handle:
+        if owners:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid not in owners or info.st_nlink != 1:
+                os.close(fd)
+                return ""
+            opened = os.fdopen(fd, "rb")
+        else:
+            opened = path.open("rb")
+        with opened as handle:
             pos = handle.seek(0, os.SEEK_END)
             chunks: list[bytes] = []
             newlines = 0

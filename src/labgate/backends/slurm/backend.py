@@ -13,9 +13,22 @@ front of the tool's loopback port), and returns ``http://<address>:<port>``. The
 end (``EndTime``, its wall time) becomes ``ends_at`` in the state: the
 portal shows it as the instance's lifetime stop.
 
-The saved state is the job id and the job's directory: :meth:`poll`,
-:meth:`stop` and :meth:`place` need nothing else, so a restarted agent
-re-attaches from it. Jobs are named ``<prefix>-<site>-<instance id>``;
+**Whose job.** With ``run_as = "owner"`` (the default) a job runs as its
+owner's Unix account on the cluster (:mod:`.accounts`: the site's
+``accounts`` table maps labgate users to accounts; root and uids under
+``min_uid`` are refused; the agent must be root and runs ``sbatch`` with
+the account's uid, gid and groups). The job's directory is then the
+account's (mode 0700, ``launch.json`` 0600) inside ``jobs_dir`` (0711:
+each account reaches its own directory and lists none), and so is its
+workspace (0700, handed over when it belonged to someone else). The agent
+takes ``endpoint.json`` only when the job's account (or root) owns it, it
+names the job, its port lies in ``ports``, and it connects only to
+``endpoint_host`` or the node Slurm reports. ``run_as = "agent"`` runs
+every job as the agent's own account, as labgate did before.
+
+The saved state is the job id, the job's directory and its account (uid,
+gid): :meth:`poll`, :meth:`stop` and :meth:`place` need nothing else, so a
+restarted agent re-attaches from it. Jobs are named ``<prefix>-<site>-<instance id>``;
 :meth:`reconcile` cancels the ones of this site the portal does not know.
 See ``docs/backends/slurm.md``.
 """
@@ -29,7 +42,10 @@ import json
 import logging
 import math
 import os
+import pwd
 import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -40,9 +56,20 @@ from typing import TYPE_CHECKING, Any, cast
 
 from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
 from labgate.backends.confine import require_confined
-from labgate.backends.process import tool_environment
+from labgate.backends.identity import hand_over
+from labgate.backends.process import INSTANCE_ID_RE, tool_environment
 from labgate.backends.procfs import tail
-from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
+from labgate.backends.slurm.accounts import (
+    ROOT_FIX,
+    TRAVERSE_ONLY,
+    Account,
+    lookup_account,
+    make_dirs,
+    planted,
+    root_problem,
+    unreachable,
+)
+from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError, write_script
 from labgate.backends.slurm.launcher import PORT_MARK
 from labgate.backends.slurm.options import SlurmOptions, choices_of, placement
 from labgate.errors import InstanceStartError
@@ -55,6 +82,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between looks for ``endpoint.json`` once the job runs.
 _ENDPOINT_POLL = 0.1
+#: The most of ``endpoint.json`` read (the launcher's is a hundred bytes or so).
+_ENDPOINT_MAX = 4096
 #: Seconds a cancelled job may take to end after SIGKILL before stop gives up waiting.
 _KILL_WAIT = 30.0
 
@@ -99,6 +128,7 @@ class SlurmBackend(Backend):
         self.config = cast(SlurmOptions, self.site_options)
         self.slurm = Slurm(self.config.slurm_conf, self.config.bin_dir)
         self.jobs_dir = Path(self.config.jobs_dir or self.settings.data_dir / "slurm")
+        self.owners = self.config.run_as == "owner"
         #: The last look at each job and when: polls within ``poll_interval`` reuse it.
         self._seen: dict[str, tuple[float, Job | None]] = {}
         #: Jobs whose usage was already noted.
@@ -118,7 +148,35 @@ class SlurmBackend(Backend):
         """A tool runs when what its ``requires`` names is here (the nodes share the software)."""
         return cast(ProcessSpec, spec).missing_requirement()
 
+    def workspaces_root(self) -> Path | None:
+        """``workspaces_dir`` when the site sets one (shared with the nodes), else the agent's."""
+        return Path(self.config.workspaces_dir) if self.config.workspaces_dir else None
+
     def doctor(self) -> list[Diagnosis]:
+        """Whether Slurm's commands are here, the controller answers and jobs can be owned."""
+        found = self._doctor_slurm()
+        if found[-1].final:
+            return found
+        return found + self._doctor_accounts()
+
+    def _doctor_accounts(self) -> list[Diagnosis]:
+        """Whether the agent can run jobs as their owners (it is root), or runs them as root."""
+        if not self.owners:
+            if os.geteuid() == 0:
+                return [
+                    Diagnosis(
+                        "warn",
+                        'run_as = "agent" with an agent running as root: every job runs as root',
+                        'set run_as = "owner", or run the agent as an account of its own',
+                    )
+                ]
+            return [Diagnosis("ok", 'jobs run as the agent\'s account (run_as = "agent")')]
+        problem = root_problem()
+        if problem is not None:
+            return [Diagnosis("fail", problem, ROOT_FIX)]
+        return [Diagnosis("ok", "jobs run as their owners' Unix accounts")]
+
+    def _doctor_slurm(self) -> list[Diagnosis]:
         """Whether Slurm's commands are here and the controller answers."""
         missing = [
             name
@@ -165,14 +223,19 @@ class SlurmBackend(Backend):
 
     async def start(self, spec: LaunchSpec) -> Started:
         """Submit the instance's job; the endpoint comes later, from :meth:`place`."""
+        if not INSTANCE_ID_RE.match(spec.instance_id):
+            raise InstanceStartError(f"invalid instance id {spec.instance_id!r}")
         reason = self.unavailable_reason(spec.tool)
         tool = spec.tool.parsed(self.tool_section, ProcessSpec) if reason is None else None
         if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         where = placement(self.config, spec.options)
         require_confined(spec.mounts)
-        job_dir = (self.jobs_dir / spec.instance_id).resolve()
-        workspace = spec.workspace.expanduser().resolve()
+        account = await asyncio.to_thread(self.account_of, spec.owner)
+        # Resolved above the last part only: a link in place of it is refused, not followed.
+        job_dir = self.jobs_dir.resolve() / spec.instance_id
+        given = spec.workspace.expanduser()
+        workspace = given.parent.resolve() / given.name
         python = self.config.python or sys.executable
         values = template_values(
             port=0,
@@ -183,6 +246,7 @@ class SlurmBackend(Backend):
             instance_token=spec.secret,
         )
         values["port"] = PORT_MARK
+        values["python"] = python  # the nodes' Python, which the job's account can run
         try:
             command, tool_env = tool.render(values)
         except (KeyError, IndexError, ValueError) as exc:
@@ -215,11 +279,17 @@ class SlurmBackend(Backend):
             extra=tuple(self.config.extra_directives),
         )
         try:
-            await asyncio.to_thread(self._write_files, job_dir, workspace, launch)
-            job_id = await self.slurm.submit(request, job_dir / "job.py")
+            script = request.script()
+            await asyncio.to_thread(
+                self._write_files, job_dir, workspace, launch, script, account, spec.owner
+            )
+            job_id = await self.slurm.submit_file(
+                job_dir / "job.py", account.submitter if account is not None else None
+            )
         except (OSError, ValueError, SlurmError) as exc:
             raise InstanceStartError(f"cannot submit the Slurm job: {exc}") from exc
         state: JSON = {
+            **self._runner(account),
             "instance_id": spec.instance_id,
             "job_id": job_id,
             "dir": str(job_dir),
@@ -231,16 +301,87 @@ class SlurmBackend(Backend):
         }
         return Started(state=state, endpoint="")
 
+    def account_of(self, owner: str) -> Account | None:
+        """The account ``owner``'s jobs run as; None with ``run_as = "agent"``.
+
+        InstanceStartError when there is none, it may not run jobs, or the agent
+        is not root and so cannot submit as another account.
+        """
+        if not self.owners:
+            return None
+        problem = root_problem()
+        if problem is not None:
+            raise InstanceStartError(f"{problem}; {ROOT_FIX}")
+        return lookup_account(owner, self.config.accounts, self.config.min_uid)
+
     @staticmethod
-    def _write_files(job_dir: Path, workspace: Path, launch: JSON) -> None:
-        job_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for stale in ("endpoint.json", "job.log"):
-            (job_dir / stale).unlink(missing_ok=True)
-        path = job_dir / "launch.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _runner(account: Account | None) -> JSON:
+        """Who the job runs as, for the saved state: the account, else the agent's own."""
+        if account is not None:
+            return {"run_as": "owner", **account.as_json()}
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)
+        return {"run_as": "agent", "account": name, "uid": uid, "gid": os.getegid()}
+
+    def _write_files(
+        self,
+        job_dir: Path,
+        workspace: Path,
+        launch: JSON,
+        script: str,
+        account: Account | None,
+        owner: str,
+    ) -> None:
+        """The job's directory, files and workspace; the account's when it has one.
+
+        The directory is made anew: files a previous job of the account left
+        there (a link where ``launch.json`` goes) are never written through.
+        """
+        if account is None:
+            job_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
+        else:
+            self._reachable(job_dir, workspace, account, owner)
+        if job_dir.is_symlink():
+            job_dir.unlink()
+        elif job_dir.exists():
+            shutil.rmtree(job_dir)
+        job_dir.mkdir(mode=0o700)
+        fd = os.open(job_dir / "launch.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             json.dump(launch, handle)
+        write_script(job_dir / "job.py", script)
+        if account is None:
+            return
+        for name in ("launch.json", "job.py"):
+            os.chown(job_dir / name, account.uid, account.gid, follow_symlinks=False)
+        os.chown(job_dir, account.uid, account.gid, follow_symlinks=False)
+        if not workspace.exists():
+            workspace.mkdir(mode=0o700)
+        hand_over(workspace, account.identity)
+
+    def _reachable(self, job_dir: Path, workspace: Path, account: Account, owner: str) -> None:
+        """Create what lies above the job's directory and workspace; check the account passes."""
+        make_dirs(self.jobs_dir)
+        info = self.jobs_dir.stat()
+        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != TRAVERSE_ONLY:
+            os.chmod(self.jobs_dir, TRAVERSE_ONLY)  # each account reaches its own, lists none
+        make_dirs(workspace.parent)
+        for what, path, option in (
+            ("job directory", job_dir, "jobs_dir"),
+            ("workspace", workspace, "workspaces_dir"),
+        ):
+            problem = unreachable(path, account) or planted(path)
+            if problem is not None:
+                raise InstanceStartError(
+                    f"the Slurm job of labgate user {owner!r} (Unix account {account.name!r}) "
+                    f"cannot use its {what} {path}: {problem}; set the site option {option} "
+                    f"to a directory of the agent's on the shared filesystem that every user "
+                    f"may pass through to (chmod o+x on the directories above it)"
+                )
 
     def environment(
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str], python: str
@@ -280,6 +421,8 @@ class SlurmBackend(Backend):
         """Follow the job through the queue until its tool has a port; its endpoint and state."""
         iid, job_id = str(state["instance_id"]), str(state["job_id"])
         endpoint_file = Path(state["dir"]) / "endpoint.json"
+        uid = await asyncio.to_thread(job_uid, state)
+        ports = self.config.ports
         said = ""
         # Most jobs on an idle cluster start within a second: look often at first, then
         # back off to ``poll_interval`` so a long queue costs the controller little.
@@ -301,13 +444,14 @@ class SlurmBackend(Backend):
             else:
                 message = f"running on node {job.node}"
                 data = {"slurm": {"state": job.state, "node": job.node, "job_id": job_id}}
-                found = await asyncio.to_thread(_read_endpoint, endpoint_file, job_id)
+                found = await asyncio.to_thread(_read_endpoint, endpoint_file, job_id, uid, ports)
                 if found is not None:
-                    # The relay's address (endpoint_host's or the node's); older jobs: the node.
-                    node = str(found.get("host") or self.config.endpoint_host or job.node)
+                    node = await asyncio.to_thread(
+                        endpoint_address, found.get("host"), self.config.endpoint_host, job.node
+                    )
                     placed = {
                         **state,
-                        "node": job.node or found["node"],
+                        "node": job.node,
                         "port": int(found["port"]),
                         "host": node,
                         "started_at": job.start,
@@ -378,7 +522,9 @@ class SlurmBackend(Backend):
 
     async def logs(self, state: JSON, lines: int = 100) -> str:
         """The last ``lines`` lines of the job's output file."""
-        return await asyncio.to_thread(tail, Path(state["log"]), lines)
+        uid = await asyncio.to_thread(job_uid, state)
+        # The job's account owns its directory: read its own log, never through a link.
+        return await asyncio.to_thread(tail, Path(state["log"]), lines, owners=(uid,))
 
     # --- usage, reconcile ---------------------------------------------------------
 
@@ -413,7 +559,7 @@ class SlurmBackend(Backend):
         """Cancel this site's labgate jobs whose instance is not in ``keep``."""
         prefix = self.job_name("")
         removed = []
-        for job_id, name in (await self.slurm.jobs_named(prefix)).items():
+        for job_id, name in (await self.slurm.jobs_named(prefix, everyone=self.owners)).items():
             instance_id = name[len(prefix) :]
             if instance_id in keep:
                 continue
@@ -431,12 +577,71 @@ def launcher_source() -> str:
     return source.split('\nif __name__ == "__main__":', 1)[0]
 
 
-def _read_endpoint(path: Path, job_id: str) -> JSON | None:
-    """The launcher's report, when it is there and is this job's."""
+def job_uid(state: JSON) -> int:
+    """The uid a job runs as: its saved state's; a job from before owners, its directory's."""
+    if "uid" in state:
+        return int(state["uid"])
     try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return Path(state["dir"]).stat().st_uid  # the agent's account made it then
+    except OSError:
+        return os.geteuid()
+
+
+def _read_endpoint(
+    path: Path, job_id: str, uid: int, ports: tuple[int, int] = (0, 0)
+) -> JSON | None:
+    """The launcher's report, when it is there and is this job's; None otherwise.
+
+    The job (the user's code) writes it, so it is taken only when it is a
+    regular file owned by the job's account ``uid`` (or root), not reached
+    through a link, names ``job_id``, and has a port in ``ports`` (when that
+    is a range).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid not in (uid, 0):
+            log.debug("%s is owned by uid %d, not the job's %d: ignored", path, info.st_uid, uid)
+            return None
+        raw = handle.read(_ENDPOINT_MAX)
+    try:
+        found = json.loads(raw)
+    except ValueError:
         return None
     if not isinstance(found, dict) or str(found.get("job_id")) != job_id:
         return None
+    port = found.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        return None
+    low, high = ports
+    if high > low and not low <= port < high:
+        log.debug("%s names port %d, outside the site's ports: ignored", path, port)
+        return None
     return found
+
+
+def endpoint_address(reported: object, endpoint_host: str, node: str) -> str:
+    """The host the router connects to: ``endpoint_host`` or the node Slurm reports.
+
+    The job's report (its own ``host``, an address) is used only when it is one
+    of those or an address one of them resolves to here: a job cannot send the
+    router elsewhere.
+    """
+    fallback = endpoint_host or node
+    if not isinstance(reported, str) or not reported:
+        return fallback
+    known = {name for name in (endpoint_host, node) if name}
+    if reported in known:
+        return reported
+    for name in known:
+        try:
+            infos = socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)
+        except OSError:
+            continue
+        if reported in {str(info[4][0]) for info in infos}:
+            return reported
+    # The relay listens on all the node's addresses when endpoint_host is not one of them.
+    return node or fallback

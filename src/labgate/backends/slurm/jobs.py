@@ -5,12 +5,15 @@ it today and batch pipelines will submit their steps with it. It runs
 ``sbatch``, ``squeue``, ``scontrol``, ``scancel`` and ``sacct`` as the
 agent's account (typically on a login node), with ``SLURM_CONF`` pointing at
 the cluster when a site names one, and parses their machine-readable output.
+A root agent may submit as another account (a :class:`Submitter`): ``sbatch``
+then runs with that account's uid, gid and groups, and the job is its.
 
 - :class:`JobRequest` is one batch job: the ``#SBATCH`` directives
   (partition, account, QOS, reservation, constraint, GRES, time limit, CPUs,
   memory, name, comment, output file, working directory, extra lines) and the
   script body. :meth:`JobRequest.script` renders it.
-- :class:`Slurm` runs the commands: :meth:`Slurm.submit` returns the job id;
+- :class:`Slurm` runs the commands: :meth:`Slurm.submit` (or
+  :meth:`Slurm.submit_file`, a script already written) returns the job id;
   :meth:`Slurm.job` a :class:`Job` (state, reason, node, start and end times)
   or None once the controller has forgotten it; :meth:`Slurm.queue_position`
   where a pending job stands; :meth:`Slurm.cancel`; :meth:`Slurm.usage` the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -224,6 +228,16 @@ class Usage:
         return self.cpus * self.elapsed / 3600
 
 
+@dataclass(frozen=True)
+class Submitter:
+    """The Unix account ``sbatch`` runs as (only root may switch): the job is that account's."""
+
+    uid: int
+    gid: int
+    #: Supplementary groups, the primary one included.
+    groups: tuple[int, ...] = ()
+
+
 class Slurm:
     """Runs Slurm's commands for one cluster."""
 
@@ -237,8 +251,18 @@ class Slurm:
         """The path of one of Slurm's commands (its bare name: found on PATH)."""
         return str(Path(self.bin_dir) / name) if self.bin_dir else name
 
-    async def run(self, name: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        """Run a command; its exit code, output and error output."""
+    async def run(
+        self,
+        name: str,
+        *args: str,
+        stdin: str | None = None,
+        submitter: Submitter | None = None,
+        cwd: str | None = None,
+    ) -> tuple[int, str, str]:
+        """Run a command (as ``submitter`` when given); its exit code, output and error output."""
+        if submitter is not None:
+            # In a thread: not every event loop (uvloop) switches a child's uid and groups.
+            return await asyncio.to_thread(self._run_as, submitter, name, args, stdin, cwd)
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.command(name),
@@ -247,6 +271,7 @@ class Slurm:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=self.env,
+                cwd=cwd,
             )
         except OSError as exc:
             raise SlurmError(f"cannot run {name}: {exc}") from exc
@@ -260,20 +285,56 @@ class Slurm:
             raise SlurmError(f"{name} did not answer within {COMMAND_TIMEOUT:g}s") from None
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
+    def _run_as(
+        self,
+        submitter: Submitter,
+        name: str,
+        args: tuple[str, ...],
+        stdin: str | None,
+        cwd: str | None,
+    ) -> tuple[int, str, str]:
+        """:meth:`run` as ``submitter``, blocking: its uid, gid and groups for the child."""
+        try:
+            done = subprocess.run(
+                [self.command(name), *args],
+                input=stdin,
+                stdin=None if stdin is not None else subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                env=self.env,
+                cwd=cwd,
+                user=submitter.uid,
+                group=submitter.gid,
+                extra_groups=list(submitter.groups),
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SlurmError(f"{name} did not answer within {COMMAND_TIMEOUT:g}s") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SlurmError(f"cannot run {name} as uid {submitter.uid}: {exc}") from exc
+        return done.returncode, done.stdout, done.stderr
+
     async def submit(self, request: JobRequest, script_path: Path | None = None) -> str:
         """Submit ``request``; its job id. The script is kept at ``script_path`` when given."""
         script = request.script()
         if script_path is not None:
-            await asyncio.to_thread(_write_script, script_path, script)
-            code, out, err = await self.run("sbatch", "--parsable", str(script_path))
-        else:
-            code, out, err = await self.run("sbatch", "--parsable", stdin=script)
-        if code != 0:
-            raise SlurmError(f"sbatch refused the job: {_one_line(err or out)}")
-        job_id = out.strip().split(";")[0]
-        if not job_id.isdigit():
-            raise SlurmError(f"sbatch answered {out.strip()!r}, not a job id")
-        return job_id
+            await asyncio.to_thread(write_script, script_path, script)
+            return await self.submit_file(script_path)
+        code, out, err = await self.run("sbatch", "--parsable", stdin=script)
+        return _job_id(code, out, err)
+
+    async def submit_file(self, script_path: Path, submitter: Submitter | None = None) -> str:
+        """Submit the batch script at ``script_path`` (as ``submitter`` when given); its job id."""
+        code, out, err = await self.run(
+            "sbatch",
+            "--parsable",
+            str(script_path),
+            submitter=submitter,
+            cwd=str(script_path.parent),
+        )
+        return _job_id(code, out, err)
 
     async def job(self, job_id: str) -> Job | None:
         """The controller's view of a job; None once it forgot the job (or never knew it)."""
@@ -296,9 +357,13 @@ class Slurm:
         ids = out.split()
         return (ids.index(job_id) + 1, len(ids)) if job_id in ids else None
 
-    async def jobs_named(self, prefix: str) -> dict[str, str]:
-        """Active jobs of this account whose name starts with ``prefix``: job id to name."""
-        code, out, err = await self.run("squeue", "-h", "--me", "-o", "%i|%j")
+    async def jobs_named(self, prefix: str, everyone: bool = False) -> dict[str, str]:
+        """Active jobs whose name starts with ``prefix``: job id to name.
+
+        This account's jobs only, unless ``everyone`` (a root agent submitting as users).
+        """
+        mine = () if everyone else ("--me",)
+        code, out, err = await self.run("squeue", "-h", *mine, "-o", "%i|%j")
         if code != 0:
             raise SlurmError(f"squeue: {_one_line(err)}")
         found = {}
@@ -329,8 +394,20 @@ class Slurm:
         return None
 
 
-def _write_script(path: Path, script: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+def _job_id(code: int, out: str, err: str) -> str:
+    """The job id in ``sbatch --parsable``'s answer; SlurmError when it refused the job."""
+    if code != 0:
+        raise SlurmError(f"sbatch refused the job: {_one_line(err or out)}")
+    job_id = out.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise SlurmError(f"sbatch answered {out.strip()!r}, not a job id")
+    return job_id
+
+
+def write_script(path: Path, script: str) -> None:
+    """Write a batch script anew, mode 0700; a link in its place is replaced, not followed."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o700)
     with os.fdopen(fd, "w") as handle:
         handle.write(script)
 

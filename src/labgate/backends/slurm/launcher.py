@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import random
@@ -37,19 +38,25 @@ def bind_port(host: str, low: int, high: int) -> socket.socket:
     """A TCP socket bound on ``host`` to a free port from ``[low, high)`` when given, else any.
 
     Like :func:`labgate.backends.process.free_port`, but on the node and without
-    labgate: this file runs where labgate is not installed.
+    labgate: this file runs where labgate is not installed. A range is kept to
+    (the agent takes no port outside it): OSError when all of it is taken.
     """
-    for _ in range(200 if high > low else 0):
+    if high <= low:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((host, 0))
+        return sock
+    tries = [random.randrange(low, high) for _ in range(200)]
+    for port in [*tries, *range(low, high)]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.bind((host, random.randrange(low, high)))
-        except OSError:
+            sock.bind((host, port))
+        except OSError as exc:
             sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
             continue
         return sock
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((host, 0))
-    return sock
+    raise OSError(errno.EADDRINUSE, f"no free port on {host} in {low}-{high - 1}")
 
 
 def node_address(endpoint_host: str) -> str:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from labgate.backends.slurm.jobs import check_directive, format_time, parse_time
 from labgate.errors import InstanceStartError
+
+#: What a Unix account name may look like (useradd's rule, and no leading dash).
+_ACCOUNT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?$")
 
 #: The options a user may choose at launch, when the site lists allowed values for them.
 CHOOSABLE = ("partition", "account", "qos", "reservation", "constraint", "gres", "time")
@@ -49,6 +53,23 @@ class SlurmOptions(BaseModel):
         (20000, 30000), description="The port range tools are given on the nodes."
     )
     poll_interval: float = Field(2.0, gt=0, description="Seconds between queries of a job.")
+    run_as: Literal["owner", "agent"] = Field(
+        "owner",
+        description="Whose Unix account a job runs as: its owner's (the agent must be root), "
+        "or the agent's own (users of the site may then see each other's work).",
+    )
+    accounts: dict[str, str] = Field(
+        default_factory=dict,
+        description="The cluster account of a labgate user, by user name; "
+        "a user not listed uses their labgate name.",
+    )
+    min_uid: int = Field(
+        1000, ge=1, description="Accounts with a lower uid (root, daemons) run no jobs."
+    )
+    workspaces_dir: str = Field(
+        "",
+        description="Users' workspaces (shared with the nodes); empty: <data_dir>/workspaces.",
+    )
     job_prefix: str = Field(
         "labgate", pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$", description="Job name prefix."
     )
@@ -59,6 +80,14 @@ class SlurmOptions(BaseModel):
         if parse_time(value) is None:
             raise ValueError("a wall time must be finite (like 8:00:00)")
         return value
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, table: dict[str, str]) -> dict[str, str]:
+        for user, account in table.items():
+            if not _ACCOUNT_RE.match(account):
+                raise ValueError(f"accounts: {account!r} (for {user!r}) is not a Unix account name")
+        return table
 
     @field_validator("extra_directives")
     @classmethod
