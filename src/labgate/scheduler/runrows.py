@@ -44,9 +44,20 @@ def site_labels(session: Session) -> dict[str, dict[str, Any]]:
     return {s.name: dict(s.labels or {}) for s in session.scalars(select(Site))}
 
 
+def site_backends(session: Session) -> dict[str, str]:
+    """Every recorded site's backend, by name."""
+    return {s.name: s.backend for s in session.scalars(select(Site))}
+
+
+def runs_on(task: TaskDef, backend: str) -> bool:
+    """Whether a site with ``backend`` can run ``task`` (an image needs containers)."""
+    return not task.environment.image or backend == "containers"
+
+
 def create_run(session: Session, owner_id: int, definition: RunDef, live: set[str]) -> Run:
     """Record a run and a task row per copy (one per site for ``where.every``)."""
     labels = site_labels(session)
+    backends = site_backends(session)
     known = set(labels)
     run = Run(
         id=new_id(),
@@ -69,7 +80,11 @@ def create_run(session: Session, owner_id: int, definition: RunDef, live: set[st
                 raise BadRequest(f"task {task_def.name}: there is no site {where.site!r}")
             pins: list[str | None] = [None]
             if where.every:
-                pins = list(matching_sites(where, labels, live))
+                pins = [
+                    name
+                    for name in matching_sites(where, labels, live)
+                    if runs_on(task_def, backends.get(name, ""))
+                ]
                 if not pins:
                     raise BadRequest(
                         f"task {task_def.name}: no live site matches its `where` "

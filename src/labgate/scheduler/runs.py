@@ -38,7 +38,7 @@ from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import runrows
 from labgate.scheduler.runrows import Viewer
-from labgate.wire.runs import RunDef, TaskSpec, Where
+from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,12 @@ class RunProcessor:
                 cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
             else:
                 busy = _busy(session)
-                places = _Places(runrows.site_labels(session), self.live(), busy)
+                places = _Places(
+                    runrows.site_labels(session),
+                    self.live(),
+                    busy,
+                    runrows.site_backends(session),
+                )
                 for task in stage.tasks:
                     if task.state == RunState.pending:
                         attempt = self._new_attempt(session, run, task, places)
@@ -212,7 +217,11 @@ class RunProcessor:
         if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
             return None  # nowhere has room: no need to look closer (wide stages)
         where = places.where(run, task)
-        candidates = runrows.matching_sites(where, places.labels, places.live)
+        candidates = [
+            name
+            for name in runrows.matching_sites(where, places.labels, places.live)
+            if runrows.runs_on(places.definition(run, task), places.backends.get(name, ""))
+        ]
         if task.pinned_site is not None:
             candidates = [c for c in candidates if c == task.pinned_site]
         site = ""  # none: the attempt is lost as soon as it is started
@@ -433,15 +442,25 @@ class RunProcessor:
 class _Places:
     """What one advance knows of the sites: labels, which are live, how busy each is."""
 
-    def __init__(self, labels: dict[str, dict[str, Any]], live: set[str], busy: dict[str, int]):
-        self.labels, self.live, self.busy = labels, live, busy
-        self._where: dict[str, Where] = {}
+    def __init__(
+        self,
+        labels: dict[str, dict[str, Any]],
+        live: set[str],
+        busy: dict[str, int],
+        backends: dict[str, str],
+    ):
+        self.labels, self.live, self.busy, self.backends = labels, live, busy, backends
+        self._defs: dict[str, TaskDef] = {}
+
+    def definition(self, run: Run, task: RunTask) -> TaskDef:
+        """A task's definition (read from the run's definition once per task name)."""
+        if task.name not in self._defs:
+            self._defs[task.name] = runrows.task_def(run, task)
+        return self._defs[task.name]
 
     def where(self, run: Run, task: RunTask) -> Where:
-        """A task's ``where`` (read from the run's definition once per task name)."""
-        if task.name not in self._where:
-            self._where[task.name] = runrows.task_def(run, task).where
-        return self._where[task.name]
+        """A task's ``where``."""
+        return self.definition(run, task).where
 
 
 def _busy(session: Session) -> dict[str, int]:

@@ -1,0 +1,183 @@
+"""Tasks in containers on real Podman: an image, a requirements image made once, limits.
+
+Needs root and Podman (see tests/podman.py); skips without them, fails without
+them in CI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from runs_helpers import submit, tasks_of, wait_run
+from test_run_environments import make_wheel
+
+import podman
+from labgate.config import Settings, SiteConfig
+from podman import BUSYBOX_IMAGE, Engine
+
+engine = podman.engine
+deployment = podman.deployment
+#: The test images' Debian with python3 (scripts/build-test-images.sh).
+PYTHON_IMAGE = "localhost/labgate/bookworm-python:latest"
+
+
+@pytest.fixture
+def settings(settings: Settings, engine: Engine, deployment: str) -> Settings:
+    """A process site ``alpha`` and a containers site ``box`` on the run's Podman."""
+    box = SiteConfig.model_validate(
+        {**engine.site("box", deployment=deployment), "labels": {"tier": "c"}}
+    )
+    return settings.model_copy(
+        update={
+            "sites": [SiteConfig(name="alpha", backend="process"), box],
+            "reconcile_interval": 0,
+        }
+    )
+
+
+def task_containers(engine: Engine, deployment: str) -> list[str]:
+    return [
+        c
+        for c in engine.containers_of(deployment)
+        if "labgate.task" in (engine.client.api.inspect_container(c)["Config"]["Labels"] or {})
+    ]
+
+
+def running_tasks(engine: Engine, deployment: str) -> list[str]:
+    api = engine.client.api
+    return [
+        c
+        for c in task_containers(engine, deployment)
+        if api.inspect_container(c)["State"]["Running"]
+    ]
+
+
+async def test_an_image_task_runs_in_a_container_and_its_results_come_back(
+    client, make_user, engine, deployment, settings
+):
+    alice = await make_user("alice")
+    script = (
+        "id -u > $LABGATE_RESULTS_DIR/uid.txt; echo $LABGATE_TASK > $LABGATE_RESULTS_DIR/who.txt;"
+        " echo '[1, 2]' > $LABGATE_RESULT; echo hello from the box"
+    )
+    definition = f"""
+name = "boxed"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "inside"
+command = {json.dumps(script)}
+environment = {{image = "{BUSYBOX_IMAGE}"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=90)
+    assert run["state"] == "succeeded", run
+    task = tasks_of(run)["inside"]
+    assert task["site"] == "box"  # an image task goes to the containers site only
+    assert task["result"] == [1, 2]
+    assert sorted(task["files"]) == ["uid.txt", "who.txt"]
+    kept = settings.workspaces_dir / "alice" / "runs" / run_id / "inside"
+    assert (kept / "who.txt").read_text().strip() == "inside"
+    assert (kept / "uid.txt").read_text().strip() == "1000"  # the image's user, never root
+    logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "inside"}, headers=alice)
+    assert "hello from the box" in logs.json()["text"]
+    assert task_containers(engine, deployment) == []  # removed once it ended
+
+
+async def test_a_requirements_image_is_built_once_and_runs_a_callable(
+    client, make_user, engine, deployment, tmp_path: Path
+):
+    alice = await make_user("alice")
+    wheel = make_wheel(tmp_path, "labgate_box_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
+    definition = f"""
+name = "reqs"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "first"
+callable = "labgate_box_pkg:answer"
+args = {{x = 21}}
+environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
+[[stages.tasks]]
+name = "second"
+command = ["python3", "-c", "import labgate_box_pkg, os; print(os.getuid())"]
+environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=300)
+    assert run["state"] == "succeeded", run
+    tasks = tasks_of(run)
+    assert tasks["first"]["result"] == {"twice": 42}
+    assert {t["site"] for t in tasks.values()} == {"box"}
+    notes = [e["message"] for e in run["events"] if e["state"] == "preparing"]
+    assert sum("preparing image" in n for n in notes) == 1, notes  # one list, one build
+    assert any(n.endswith("ready") for n in notes)
+    logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "second"}, headers=alice)
+    assert logs.json()["text"].strip() == "1000"
+
+    # Another run with the same list and base reuses the image: nothing is prepared.
+    again = await submit(client, alice, definition.replace('name = "reqs"', 'name = "again"'))
+    run = await wait_run(client, alice, again, timeout=90)
+    assert run["state"] == "succeeded", run
+    assert not [e for e in run["events"] if e["state"] == "preparing"]
+
+
+async def test_a_task_container_is_stopped_on_cancel_and_past_its_timeout(
+    client, make_user, engine, deployment
+):
+    alice = await make_user("alice")
+    definition = f"""
+name = "long"
+[[stages]]
+name = "one"
+continue_on_failure = true
+[[stages.tasks]]
+name = "slow"
+command = ["sleep", "300"]
+timeout = 2
+environment = {{image = "{BUSYBOX_IMAGE}"}}
+[[stages.tasks]]
+name = "hang"
+command = ["sleep", "300"]
+environment = {{image = "{BUSYBOX_IMAGE}"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, ("running",), timeout=60)
+    for _ in range(600):
+        run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
+        if tasks_of(run)["slow"]["state"] == "failed":
+            break
+        await asyncio.sleep(0.1)
+    assert tasks_of(run)["slow"]["reason"] == "timed out after 2.0s"
+    assert tasks_of(run)["hang"]["state"] == "running"
+    answer = await client.post(f"/api/v1/runs/{run_id}/cancel", headers=alice)
+    assert answer.status_code in (200, 202), answer.text
+    run = await wait_run(client, alice, run_id, timeout=30)
+    assert run["state"] == "cancelled"
+    for _ in range(100):
+        if not running_tasks(engine, deployment):
+            break
+        await asyncio.sleep(0.1)
+    assert running_tasks(engine, deployment) == []
+
+
+async def test_an_image_task_is_never_placed_on_a_process_site(client, make_user):
+    alice = await make_user("alice")
+    definition = f"""
+name = "nowhere"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "boxed"
+command = ["true"]
+environment = {{image = "{BUSYBOX_IMAGE}"}}
+where = {{site = "alpha"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=30)
+    assert run["state"] == "failed"
+    assert tasks_of(run)["boxed"]["state"] == "lost"
+    assert "no live site matches" in tasks_of(run)["boxed"]["reason"]
