@@ -176,6 +176,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         portal.links,
         lambda owner: settings.workspaces_dir / owner,
         tasks_per_site=settings.run_tasks_per_site,
+        limits=portal.instances.user_defaults,
     )
     portal.run_processor = processor
     portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)

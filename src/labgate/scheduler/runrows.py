@@ -194,6 +194,22 @@ def unfinished_runs(session: Session) -> list[str]:
     )
 
 
+def waiting_runs(session: Session, reason: str) -> list[str]:
+    """Ids of unfinished runs with a pending task whose reason starts with ``reason``."""
+    return list(
+        session.scalars(
+            select(RunTask.run_id)
+            .join(Run, Run.id == RunTask.run_id)
+            .where(
+                Run.state.in_([RunState.pending, RunState.running]),
+                RunTask.state == RunState.pending,
+                RunTask.reason.startswith(reason),
+            )
+            .distinct()
+        )
+    )
+
+
 def run_json(run: Run, *, events: list[RunEvent] | None = None) -> dict[str, Any]:
     """A run as the API shows it: its graph of stages and tasks, with state."""
     body: dict[str, Any] = {

@@ -32,12 +32,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
-from labgate.db.models import utcnow
+from labgate.db.models import UsageRecord, utcnow
 from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound
-from labgate.scheduler import runrows
+from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
+from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runrows import Viewer
+from labgate.wire.launch import Resources
 from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
 
@@ -49,6 +50,8 @@ T = TypeVar("T")
 MAX_KEPT_LOG_LINES = 100_000
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
+#: The reason of a task that waits because its owner's limits are reached.
+WAITING_FOR_QUOTA = "waiting for quota"
 
 
 class RunProcessor:
@@ -61,8 +64,11 @@ class RunProcessor:
         results_dir: Callable[[str], Path],
         *,
         tasks_per_site: int = 8,
+        limits: Callable[[], quotas.Limits] = quotas.Limits,
     ) -> None:
         self.db = db
+        #: The limits of a user without limits of their own (the instance manager's).
+        self.limits = limits
         #: At most this many active attempts per site; more tasks wait as ``pending``.
         self.tasks_per_site = tasks_per_site
         self.links = links
@@ -179,9 +185,10 @@ class RunProcessor:
                     busy,
                     runrows.site_backends(session),
                 )
+                quota = _Quota(session, run, self.limits())
                 for task in stage.tasks:
                     if task.state == RunState.pending:
-                        attempt = self._new_attempt(session, run, task, places)
+                        attempt = self._new_attempt(session, run, task, places, quota)
                         if attempt is not None:
                             self._dispatching.add(attempt)
                             starts.append(attempt)
@@ -210,9 +217,9 @@ class RunProcessor:
         return starts, cancels
 
     def _new_attempt(
-        self, session: Session, run: Run, task: RunTask, places: _Places
+        self, session: Session, run: Run, task: RunTask, places: _Places, quota: _Quota
     ) -> str | None:
-        """Place one task copy and record its next attempt; None: every site is full."""
+        """Place one task copy and record its next attempt; None: it waits (sites, quota)."""
         busy = places.busy
         if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
             return None  # nowhere has room: no need to look closer (wide stages)
@@ -229,8 +236,13 @@ class RunProcessor:
             room = [c for c in candidates if busy.get(c, 0) < self.tasks_per_site]
             if not room:
                 return None  # waits: a finishing attempt advances the run again
+            asked = _asked(places.definition(run, task))
+            if not quota.admits(session, task, asked):
+                return None  # waits: an ending task or instance, or the sweep, tries again
             site = min(room, key=lambda n: (busy.get(n, 0), n))
             busy[site] = busy.get(site, 0) + 1
+            if task.reason.startswith(WAITING_FOR_QUOTA):
+                task.reason = ""
         task.attempts += 1
         task.state = RunState.running
         task.started_at = task.started_at or utcnow()
@@ -238,6 +250,8 @@ class RunProcessor:
         number = len(task.attempt_rows) + 1
         attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
         session.add(attempt)
+        if site:
+            quota.record(session, attempt.id, site, _asked(places.definition(run, task)))
         session.flush()
         return attempt.id
 
@@ -336,6 +350,7 @@ class RunProcessor:
             attempt.state = AttemptState.failed
         attempt.reason, attempt.finished_at = report.message, utcnow()
         attempt.exit_code = data.get("exit_code")
+        accounting.close_records(session, attempt.id, attempt.state.value, attempt.finished_at)
         if task.state.terminal or attempt is not task.attempt_rows[-1]:
             return None  # cancelled meanwhile, or an attempt from before a re-run
         task.exit_code = attempt.exit_code
@@ -402,7 +417,12 @@ class RunProcessor:
             await self.advance(run_id)
 
     async def sweep(self) -> None:
-        """Re-adopt every active attempt at its live site; those of removed sites are lost."""
+        """Re-adopt active attempts at live sites; retry tasks waiting for quota.
+
+        Attempts of removed sites are lost.
+        """
+        for run_id in await self.run_db(lambda s: runrows.waiting_runs(s, WAITING_FOR_QUOTA)):
+            await self.advance(run_id)
         for attempt_id, site, _run in await self.run_db(runrows.active_attempts):
             if attempt_id in self._dispatching:
                 continue
@@ -437,6 +457,52 @@ class RunProcessor:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
+
+
+class _Quota:
+    """A run owner's limits and what they hold, kept up to date as one advance places tasks."""
+
+    def __init__(self, session: Session, run: Run, defaults: quotas.Limits) -> None:
+        self.run = run
+        self.limits = quotas.user_limits(session, defaults, run.owner_id)
+        self.use = quotas.user_use(session, run.owner_id)
+
+    def admits(self, session: Session, task: RunTask, asked: Resources) -> bool:
+        """Whether one more attempt fits the owner's limits; if not, the task says why."""
+        try:
+            quotas.check(self.run.owner.name, self.limits, self.use, asked, "user")
+        except QuotaExceeded as exc:
+            reason = f"{WAITING_FOR_QUOTA}: {exc.detail}"
+            if task.reason != reason:
+                task.reason = reason
+                runrows.add_event(session, self.run.id, task.label, "waiting", reason)
+            return False
+        return True
+
+    def record(self, session: Session, attempt_id: str, site: str, asked: Resources) -> None:
+        """Open the attempt's usage record; it holds ``asked`` until the attempt ends."""
+        owner = self.run.owner
+        session.add(
+            UsageRecord(
+                instance_id=attempt_id,
+                user_id=owner.id,
+                user_name=owner.name,
+                tool=f"{quotas.TASK_TOOL_PREFIX}{self.run.name}"[:64],
+                site=site,
+                cpu=asked.cpu,
+                memory=asked.memory,
+                started_at=utcnow(),
+            )
+        )
+        use = self.use
+        self.use = quotas.Use(
+            use.instances + 1, use.cpu + asked.cpu, use.memory + asked.memory, use.core_hours
+        )
+
+
+def _asked(definition: TaskDef) -> Resources:
+    """What a task holds while it runs."""
+    return Resources(cpu=definition.cpu, memory=definition.memory_mib * 2**20)
 
 
 class _Places:
