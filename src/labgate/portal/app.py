@@ -177,6 +177,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lambda owner: settings.workspaces_dir / owner,
         tasks_per_site=settings.run_tasks_per_site,
         limits=portal.instances.user_defaults,
+        grace=settings.site_grace_period,
     )
     portal.run_processor = processor
     portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -185,6 +186,16 @@ def active_attempts(session: Session) -> list[tuple[str, str, str]]:
         .where(TaskAttempt.state.in_([AttemptState.starting, AttemptState.running]))
     )
     return [(a, s, r) for a, s, r in rows]
+
+
+def away_since(session: Session) -> dict[str, datetime]:
+    """Since when each disconnected network site has been away, by name."""
+    rows = session.execute(
+        select(Site.name, Site.disconnected_at).where(
+            Site.connected_at.is_(None), Site.disconnected_at.is_not(None)
+        )
+    )
+    return {name: since for name, since in rows if since is not None}
 
 
 def unfinished_runs(session: Session) -> list[str]:

@@ -24,7 +24,9 @@ import io
 import logging
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,8 +67,15 @@ class RunProcessor:
         *,
         tasks_per_site: int = 8,
         limits: Callable[[], quotas.Limits] = quotas.Limits,
+        grace: float = 300.0,
     ) -> None:
         self.db = db
+        #: Seconds a site may be away before its active attempts are lost (and retried).
+        self.grace = grace
+        #: When the sweep first saw an away site that the database has no time for.
+        self._away_seen: dict[str, float] = {}
+        #: Attempts lost while their site was away: stopped there once it is back.
+        self._orphans: dict[str, str] = {}
         #: The limits of a user without limits of their own (the instance manager's).
         self.limits = limits
         #: At most this many active attempts per site; more tasks wait as ``pending``.
@@ -423,6 +432,8 @@ class RunProcessor:
         """
         for run_id in await self.run_db(lambda s: runrows.waiting_runs(s, WAITING_FOR_QUOTA)):
             await self.advance(run_id)
+        away = await self.run_db(runrows.away_since)
+        now = utcnow()
         for attempt_id, site, _run in await self.run_db(runrows.active_attempts):
             if attempt_id in self._dispatching:
                 continue
@@ -434,6 +445,32 @@ class RunProcessor:
             elif link.live:
                 with contextlib.suppress(LabgateError):
                     await link.adopt_task(attempt_id)
+            elif self._away_for(site, away.get(site), now) > self.grace:
+                self._orphans[attempt_id] = site
+                message = f"site {site} did not come back within {self.grace:g} s"
+                await self.apply(Report(attempt_id, "lost", kind="task", message=message))
+        for site, link in self.links.items():
+            if link.live:
+                self._away_seen.pop(site, None)
+        await self._stop_orphans()
+
+    def _away_for(self, site: str, since: datetime | None, now: datetime) -> float:
+        """Seconds ``site`` has been away (from its row, else since this process saw it)."""
+        if since is not None:
+            return (now - since).total_seconds()
+        first = self._away_seen.setdefault(site, time.monotonic())
+        return time.monotonic() - first
+
+    async def _stop_orphans(self) -> None:
+        """Stop, at sites that are back, the attempts given up on while they were away."""
+        for attempt_id, site in list(self._orphans.items()):
+            link = self.links.get(site)
+            if link is None:
+                self._orphans.pop(attempt_id, None)
+            elif link.live:
+                self._orphans.pop(attempt_id, None)
+                with contextlib.suppress(LabgateError):
+                    await link.cancel_task(attempt_id)
 
     def start(self) -> None:
         """Start the periodic sweep."""
