@@ -61,6 +61,7 @@ async def test_an_image_task_runs_in_a_container_and_its_results_come_back(
     alice = await make_user("alice")
     script = (
         "id -u > $LABGATE_RESULTS_DIR/uid.txt; echo $LABGATE_TASK > $LABGATE_RESULTS_DIR/who.txt;"
+        " cat /proc/self/status > $LABGATE_RESULTS_DIR/status; ls / > $LABGATE_RESULTS_DIR/root;"
         " echo '[1, 2]' > $LABGATE_RESULT; echo hello from the box"
     )
     definition = f"""
@@ -78,10 +79,19 @@ environment = {{image = "{BUSYBOX_IMAGE}"}}
     task = tasks_of(run)["inside"]
     assert task["site"] == "box"  # an image task goes to the containers site only
     assert task["result"] == [1, 2]
-    assert sorted(task["files"]) == ["uid.txt", "who.txt"]
+    assert sorted(task["files"]) == ["root", "status", "uid.txt", "who.txt"]
     kept = settings.workspaces_dir / "alice" / "runs" / run_id / "inside"
     assert (kept / "who.txt").read_text().strip() == "inside"
     assert (kept / "uid.txt").read_text().strip() == "1000"  # the image's user, never root
+    status = dict(
+        line.split(":", 1) for line in (kept / "status").read_text().splitlines() if ":" in line
+    )
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"].strip() == "1"
+    # The image's own files and /labgate (the results directory); nothing of the site's disk.
+    assert sorted((kept / "root").read_text().split()) == sorted(
+        ["bin", "dev", "etc", "home", "labgate", "proc", "run", "sys", "tmp", "www"]
+    )
     logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "inside"}, headers=alice)
     assert "hello from the box" in logs.json()["text"]
     assert task_containers(engine, deployment) == []  # removed once it ended

@@ -13,7 +13,11 @@ agent arrive then. A report from a site on an attempt of another site is
 refused: an agent speaks only for its own tasks.
 
 It is separate from the instance start queue on purpose: tasks are short and
-many, and their admission is the stage, not the user's instance quota.
+many, and their admission is the stage. They share the owner's limits with
+instances, though: an attempt holds its cpu, memory and one "instance" from
+placement to end (an open usage record, :mod:`labgate.scheduler.quotas`), and
+a task that does not fit stays ``pending`` with the reason until it does. The
+active attempts of a site away longer than the grace are ``lost``.
 """
 
 from __future__ import annotations
