@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+from docker.errors import APIError
 from runs_helpers import submit, tasks_of, wait_run
 from test_run_environments import make_wheel
 
 import podman
 from labgate.config import Settings, SiteConfig
+from labgate.security import task_token
 from podman import BUSYBOX_IMAGE, Engine
 
 engine = podman.engine
@@ -38,21 +40,22 @@ def settings(settings: Settings, engine: Engine, deployment: str) -> Settings:
     )
 
 
-def task_containers(engine: Engine, deployment: str) -> list[str]:
-    return [
-        c
-        for c in engine.containers_of(deployment)
-        if "labgate.task" in (engine.client.api.inspect_container(c)["Config"]["Labels"] or {})
-    ]
+def task_containers(engine: Engine, deployment: str, *, running: bool = False) -> list[str]:
+    """The task containers of this test (only the running ones with ``running``)."""
+    found = []
+    for container_id in engine.containers_of(deployment):
+        try:
+            attrs = engine.client.api.inspect_container(container_id)
+        except APIError:  # removed between the listing and now
+            continue
+        is_task = "labgate.task" in (attrs["Config"]["Labels"] or {})
+        if is_task and (attrs["State"]["Running"] or not running):
+            found.append(container_id)
+    return found
 
 
 def running_tasks(engine: Engine, deployment: str) -> list[str]:
-    api = engine.client.api
-    return [
-        c
-        for c in task_containers(engine, deployment)
-        if api.inspect_container(c)["State"]["Running"]
-    ]
+    return task_containers(engine, deployment, running=True)
 
 
 async def test_an_image_task_runs_in_a_container_and_its_results_come_back(
@@ -191,3 +194,79 @@ where = {{site = "alpha"}}
     assert run["state"] == "failed"
     assert tasks_of(run)["boxed"]["state"] == "lost"
     assert "no live site matches" in tasks_of(run)["boxed"]["reason"]
+
+
+NOTE_SCRIPT = """
+import json, os, urllib.request
+url = f"{os.environ['LABGATE_API_URL']}/tasks/{os.environ['LABGATE_ATTEMPT_ID']}/events"
+body = json.dumps({"message": "half way", "data": {"done": 0.5}}).encode()
+request = urllib.request.Request(url, data=body, method="POST", headers={
+    "Authorization": f"Bearer {os.environ['LABGATE_TASK_TOKEN']}",
+    "Content-Type": "application/json"})
+print(urllib.request.urlopen(request, timeout=10).status, url)
+"""
+
+
+async def test_a_task_in_a_container_sends_notes_with_its_own_token(
+    app, client, make_user, settings
+):
+    # The portal as the test serves it (settings name port 8000): loopback, as by default,
+    # so the container reaches it through the relay on the engine's gateway.
+    app.state.portal.run_processor.api_url = f"{app.state.test_url}/api/v1"
+    alice = await make_user("alice")
+    definition = f"""
+name = "notes"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "talker"
+command = ["python3", "-c", {json.dumps(NOTE_SCRIPT)}]
+environment = {{image = "{PYTHON_IMAGE}"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=90)
+    assert run["state"] == "succeeded", run
+    notes = [e for e in run["events"] if e["state"] == "note"]
+    assert len(notes) == 1 and notes[0]["task"] == "talker", run["events"]
+    assert notes[0]["message"].endswith("half way") and notes[0]["data"] == {"done": 0.5}
+    logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "talker"}, headers=alice)
+    status, url = logs.json()["text"].split()
+    assert status == "204" and "127.0.0.1" not in url  # the relay, not the container itself
+
+    # The token is good for its own attempt only, and only while it runs.
+    attempt = await run_attempt(app, run_id)
+    token = task_token(settings.secret_key.get_secret_value(), attempt)
+    ended = await client.post(
+        f"/api/v1/tasks/{attempt}/events",
+        json={"message": "late"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert ended.status_code == 409, ended.text
+    other = await client.post(
+        "/api/v1/tasks/0123456789abcdef0123456789abcdef/events",
+        json={"message": "not mine"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert other.status_code == 401
+    user = await client.post(
+        f"/api/v1/tasks/{attempt}/events",
+        json={"message": "a person"},
+        headers=alice,
+    )
+    assert user.status_code == 401
+
+
+async def run_attempt(app, run_id: str) -> str:
+    """The id of the (only) attempt of a run."""
+    from sqlalchemy import select
+
+    from labgate.db.runs import RunTask, TaskAttempt
+
+    def find(session):
+        return session.scalar(
+            select(TaskAttempt.id)
+            .join(RunTask, RunTask.id == TaskAttempt.task_id)
+            .where(RunTask.run_id == run_id)
+        )
+
+    return await app.state.portal.run_db(find)

@@ -81,6 +81,10 @@ class ContainerTaskExecutor(TaskExecutor):
 
         body = spec.model_dump(mode="json")
         body["started"] = time.time()
+        if spec.api_url:
+            reach = {"LABGATE_API_URL": spec.api_url}
+            await self.backend.reach_labgate(spec.attempt_id, reach)
+            body["api_url"] = reach["LABGATE_API_URL"]
         try:
             image = await asyncio.to_thread(self._image, spec, say)
             (directory / "task.json").write_text(json.dumps(body))

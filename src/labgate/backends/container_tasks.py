@@ -239,6 +239,10 @@ def create_task(
         "LABGATE_RESULTS_DIR": RESULTS_MOUNT,
         "LABGATE_RESULT": f"{RESULTS_MOUNT}/.labgate-result.json",
         "LABGATE_TASK_ARGS": json.dumps(spec.get("args") or {}),
+        "LABGATE_ATTEMPT_ID": str(spec["attempt_id"]),
+        # Made reachable from a container by the executor (the busy-report relay).
+        "LABGATE_API_URL": str(spec.get("api_url", "")),
+        "LABGATE_TASK_TOKEN": str(spec.get("token", "")),
     }
     name = container_name(backend, str(spec["attempt_id"]))
     remove_task(backend, name)  # a leftover of a start cut short (a restart meanwhile)

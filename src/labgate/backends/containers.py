@@ -406,6 +406,10 @@ class ContainerBackend(Backend):
                 f"container engine at {self.engine_address}: {explain(exc)}"
             ) from exc
 
+    async def reach_labgate(self, ref: str, env: dict[str, str]) -> None:
+        """Make ``env``'s LABGATE_API_URL one a container reaches (see :meth:`_reach_labgate`)."""
+        await self._reach_labgate(ref, env)
+
     async def _reach_labgate(self, instance_id: str, env: dict[str, str]) -> None:
         """Give the container a LABGATE_API_URL it can reach (see labgate.backends.api_relay)."""
         portal_url = env.get("LABGATE_API_URL", "")

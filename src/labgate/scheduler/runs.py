@@ -39,11 +39,12 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
 from labgate.db.models import UsageRecord, utcnow
-from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
+from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, TaskAttempt
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
 from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runrows import Viewer
+from labgate.security import task_token
 from labgate.wire.launch import Resources
 from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
@@ -56,6 +57,8 @@ T = TypeVar("T")
 MAX_KEPT_LOG_LINES = 100_000
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
+#: Most notes a task copy may add to its run's events (all its attempts together).
+MAX_NOTES = 1000
 #: The reason of a task that waits because its owner's limits are reached.
 WAITING_FOR_QUOTA = "waiting for quota"
 
@@ -72,8 +75,13 @@ class RunProcessor:
         tasks_per_site: int = 8,
         limits: Callable[[], quotas.Limits] = quotas.Limits,
         grace: float = 300.0,
+        api_url: str = "",
+        token_key: str = "",
     ) -> None:
         self.db = db
+        #: What tasks get as ``$LABGATE_API_URL``, and the key their tokens derive from.
+        self.api_url = api_url
+        self.token_key = token_key
         #: Seconds a site may be away before its active attempts are lost (and retried).
         self.grace = grace
         #: When the sweep first saw an away site that the database has no time for.
@@ -276,6 +284,9 @@ class RunProcessor:
 
     async def _dispatch(self, attempt_id: str) -> None:
         spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
+        if self.token_key:
+            spec.api_url = self.api_url
+            spec.token = task_token(self.token_key, attempt_id)
         if not site:
             await self.apply(
                 Report(attempt_id, "lost", kind="task", message="no live site matches")
@@ -398,6 +409,36 @@ class RunProcessor:
             await link.forget_task(attempt_id)
         except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
             log.warning("collecting the results of %s failed: %s", attempt_id, exc)
+
+    async def note(self, attempt_id: str, message: str, data: dict[str, Any]) -> None:
+        """A note from a running attempt's executor (its token checked) into its run's events."""
+
+        def record(session: Session) -> None:
+            attempt = session.get(TaskAttempt, attempt_id)
+            if attempt is None:
+                raise NotFound(f"no task attempt {attempt_id}")
+            if attempt.state.terminal:
+                raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+            task = attempt.task
+            notes = session.scalar(
+                select(func.count()).where(
+                    RunEvent.run_id == task.run_id,
+                    RunEvent.task == task.label,
+                    RunEvent.state == "note",
+                )
+            )
+            if (notes or 0) >= MAX_NOTES:
+                raise Conflict(f"task {task.label} has sent {MAX_NOTES} notes already")
+            runrows.add_event(
+                session,
+                task.run_id,
+                task.label,
+                "note",
+                f"attempt {attempt.number} on {attempt.site}: {message}",
+                data,
+            )
+
+        await self.run_db(record)
 
     # --- logs ------------------------------------------------------------------------
     async def logs(self, run_id: str, who: Viewer, task: str, lines: int) -> str:
