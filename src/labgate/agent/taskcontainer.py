@@ -80,13 +80,13 @@ class ContainerTaskExecutor(TaskExecutor):
             asyncio.run_coroutine_threadsafe(note(message), loop).result(30)
 
         body = spec.model_dump(mode="json")
-        body["started"] = time.time()
         if spec.api_url:
             reach = {"LABGATE_API_URL": spec.api_url}
             await self.backend.reach_labgate(spec.attempt_id, reach)
             body["api_url"] = reach["LABGATE_API_URL"]
         try:
             image = await asyncio.to_thread(self._image, spec, say)
+            body["started"] = time.time()  # the timeout counts from here, not the image's build
             (directory / "task.json").write_text(json.dumps(body))
             (directory / MARKER).write_text(image)
             await asyncio.to_thread(

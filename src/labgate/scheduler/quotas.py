@@ -148,8 +148,14 @@ def _held(instances: list[Instance]) -> tuple[int, float, int]:
     return len(instances), cpu, memory
 
 
-def user_use(session: Session, user_id: int, now: datetime | None = None) -> Use:
-    """What a user holds now (pending, starting, running) and used this month."""
+def user_use(
+    session: Session, user_id: int, now: datetime | None = None, *, core_hours_too: bool = True
+) -> Use:
+    """What a user holds now (pending, starting, running) and used this month.
+
+    ``core_hours_too=False`` leaves the month's core-hours at 0 (they read every
+    record of the month): for a check against limits that have none.
+    """
     now = now or utcnow()
     active = list(
         session.scalars(
@@ -170,6 +176,8 @@ def user_use(session: Session, user_id: int, now: datetime | None = None) -> Use
         )
     ).one()
     count, cpu, memory = count + int(tasks), cpu + float(task_cpu), memory + int(task_memory)
+    if not core_hours_too:
+        return Use(count, cpu, memory, 0.0)
     records = _month_records(session, now, UsageRecord.user_id == user_id)
     return Use(count, cpu, memory, core_hours(records, month_start(now), now))
 

@@ -206,7 +206,7 @@ class RunProcessor:
                     busy,
                     runrows.site_backends(session),
                 )
-                quota = _Quota(session, run, self.limits())
+                quota = _Quota(run, self.limits())
                 for task in stage.tasks:
                     if task.state == RunState.pending:
                         attempt = self._new_attempt(session, run, task, places, quota)
@@ -542,17 +542,31 @@ class RunProcessor:
 
 
 class _Quota:
-    """A run owner's limits and what they hold, kept up to date as one advance places tasks."""
+    """A run owner's limits and what they hold, kept up to date as one advance places tasks.
 
-    def __init__(self, session: Session, run: Run, defaults: quotas.Limits) -> None:
+    Read from the database at the first placement of the advance only.
+    """
+
+    def __init__(self, run: Run, defaults: quotas.Limits) -> None:
         self.run = run
-        self.limits = quotas.user_limits(session, defaults, run.owner_id)
-        self.use = quotas.user_use(session, run.owner_id)
+        self.defaults = defaults
+        self._state: tuple[quotas.Limits, quotas.Use] | None = None
+
+    def _read(self, session: Session) -> tuple[quotas.Limits, quotas.Use]:
+        if self._state is None:
+            limits = quotas.user_limits(session, self.defaults, self.run.owner_id)
+            # The month's core-hours read every record of it: only when they are limited.
+            use = quotas.user_use(
+                session, self.run.owner_id, core_hours_too=limits.core_hours is not None
+            )
+            self._state = limits, use
+        return self._state
 
     def admits(self, session: Session, task: RunTask, asked: Resources) -> bool:
         """Whether one more attempt fits the owner's limits; if not, the task says why."""
+        limits, use = self._read(session)
         try:
-            quotas.check(self.run.owner.name, self.limits, self.use, asked, "user")
+            quotas.check(self.run.owner.name, limits, use, asked, "user")
         except QuotaExceeded as exc:
             reason = f"{WAITING_FOR_QUOTA}: {exc.detail}"
             if task.reason != reason:
@@ -576,9 +590,12 @@ class _Quota:
                 started_at=utcnow(),
             )
         )
-        use = self.use
-        self.use = quotas.Use(
-            use.instances + 1, use.cpu + asked.cpu, use.memory + asked.memory, use.core_hours
+        limits, use = self._read(session)
+        self._state = (
+            limits,
+            quotas.Use(
+                use.instances + 1, use.cpu + asked.cpu, use.memory + asked.memory, use.core_hours
+            ),
         )
 
 
