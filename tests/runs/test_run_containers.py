@@ -270,3 +270,74 @@ async def run_attempt(app, run_id: str) -> str:
         )
 
     return await app.state.portal.run_db(find)
+
+
+async def test_an_environment_that_cannot_be_prepared_fails_the_task_with_the_reason(
+    client, make_user, tmp_path: Path
+):
+    alice = await make_user("alice")
+    definition = f"""
+name = "broken"
+[[stages]]
+name = "one"
+continue_on_failure = true
+[[stages.tasks]]
+name = "missing"
+command = ["true"]
+environment = {{python = ["{tmp_path}/no-such-1.0-py3-none-any.whl"], image = "{PYTHON_IMAGE}"}}
+[[stages.tasks]]
+name = "baseless"
+command = ["true"]
+environment = {{python = ["{tmp_path}/no-such-1.0-py3-none-any.whl"]}}
+where = {{site = "box"}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=120)
+    tasks = tasks_of(run)
+    assert tasks["missing"]["state"] == "failed"
+    assert "preparing the Python environment failed" in tasks["missing"]["reason"]
+    assert tasks["baseless"]["state"] == "failed"
+    assert "no base image for Python requirements" in tasks["baseless"]["reason"]
+    assert "task_image" in tasks["baseless"]["reason"]
+
+
+async def test_a_new_executor_finds_a_task_container_again_and_its_outcome(
+    settings, engine, deployment, tmp_path: Path
+):
+    """What an agent restart does: the attempt's directory and container are all it needs."""
+    from labgate.agent.taskcontainer import ContainerTaskExecutor
+    from labgate.agent.tasks import ProcessTaskExecutor
+    from labgate.backends.containers import ContainerBackend
+    from labgate.wire.runs import TaskSpec
+
+    def executor() -> ContainerTaskExecutor:
+        backend = ContainerBackend(
+            settings, {"base_url": engine.base_url, "deployment": deployment}
+        )
+        backend.attach("box")
+        return ContainerTaskExecutor(backend, ProcessTaskExecutor(site_name="box"))
+
+    spec = TaskSpec(
+        attempt_id="ab" * 16,
+        run_id="r",
+        task="again",
+        owner="alice",
+        command="sleep 1.5; echo 7 > $LABGATE_RESULT; echo out > $LABGATE_RESULTS_DIR/f",
+        image=BUSYBOX_IMAGE,
+    )
+    directory = tmp_path / spec.attempt_id
+    directory.mkdir()
+    await executor().start(spec, directory)
+    successor = executor()  # the first one is gone, as after a restart
+    assert await successor.poll(directory) is None  # still running
+    for _ in range(100):
+        outcome = await successor.poll(directory)
+        if outcome is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert outcome is not None
+    assert (outcome.state, outcome.exit_code, outcome.result) == ("succeeded", 0, 7)
+    assert (directory / "results" / "f").read_text() == "out\n"
+    assert task_containers(engine, deployment) == []
+    # Asked again (a report lost on the way), it answers the same from the directory.
+    assert await executor().poll(directory) == outcome
