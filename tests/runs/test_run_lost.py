@@ -98,6 +98,12 @@ async def test_a_task_whose_site_stays_away_past_the_grace_is_lost_and_retried(
         lost = [e for e in run["events"] if e["state"] == "lost"]
         assert len(lost) == 1
         assert "site edge did not come back within 1.5 s" in lost[0]["message"]
+        assert processes_with_env("LABGATE_TASK", "stranded")  # still going at the site
+        # Once the agent is back, the attempt given up on is stopped there.
+        async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+            async with asyncio.timeout(20):  # well before its `sleep 60` would end
+                while processes_with_env("LABGATE_TASK", "stranded"):
+                    await asyncio.sleep(0.1)
     finally:
         kill_task("stranded")
 
