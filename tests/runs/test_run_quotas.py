@@ -95,3 +95,24 @@ async def test_finished_tasks_leave_usage_records_with_core_hours(client, make_u
     rows = {r["tool"]: r for r in report.json()["rows"]}
     assert rows["run:counted"]["instances"] == 2
     assert tasks_of(run)["first"]["site"] in ("alpha", "beta")
+
+
+async def test_two_runs_of_one_owner_share_the_limits(client, make_user, admin_headers):
+    alice = await make_user("alice")
+    limits = {"instances": 1}
+    await client.put("/api/v1/users/alice/limits", json=limits, headers=admin_headers)
+    one = TWO_AT_ONCE.format(name="{name}", cpu=1).split('[[stages.tasks]]\nname = "second"')[0]
+    first, second = await asyncio.gather(
+        submit(client, alice, one.format(name="left")),
+        submit(client, alice, one.format(name="right")),
+    )
+    spans = []
+    for run_id in (first, second):
+        run = await wait_run(client, alice, run_id, timeout=60)
+        assert run["state"] == "succeeded", run
+        events = [e for e in run["events"] if e["task"] == "first"]
+        start = next(e["at"] for e in events if e["state"] == "running")
+        end = next(e["at"] for e in events if e["state"] == "succeeded")
+        spans.append((datetime.fromisoformat(start), datetime.fromisoformat(end)))
+    spans.sort()
+    assert spans[1][0] >= spans[0][1]  # one after the other, never both at once

@@ -96,6 +96,7 @@ class RunProcessor:
         #: Where a user's collected results go (``owner name -> directory``); runs below it.
         self.results_dir = results_dir
         self._locks: dict[str, asyncio.Lock] = {}
+        self._placing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
         self._dispatching: set[str] = set()
@@ -168,7 +169,9 @@ class RunProcessor:
     # --- advancing ------------------------------------------------------------------
     async def advance(self, run_id: str) -> None:
         """Move a run forward: finish stages whose tasks ended, start what can start."""
-        async with self._lock(run_id):
+        # One placement at a time across runs: two runs of one owner cannot both take
+        # the last of their limits (instance launches have their own admission lock).
+        async with self._lock(run_id), self._placing:
             starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
         for attempt_id, site in cancels:
             await self._cancel_attempt(attempt_id, site)
