@@ -7,7 +7,9 @@ them in CI.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from runs_helpers import submit, tasks_of, wait_run
 from test_run_environments import make_wheel
 
 import podman
+from labgate.backends.container_tasks import ENV_REPOSITORY
 from labgate.config import Settings, SiteConfig
 from labgate.security import task_token
 from podman import BUSYBOX_IMAGE, Engine
@@ -100,8 +103,20 @@ environment = {{image = "{BUSYBOX_IMAGE}"}}
     assert task_containers(engine, deployment) == []  # removed once it ended
 
 
+@pytest.fixture
+def env_images(engine: Engine) -> Iterator[None]:
+    """Requirements images made during the test are removed after it."""
+    before = {tag for image in engine.client.images.list() for tag in image.tags}
+    yield
+    for image in engine.client.images.list():
+        for tag in image.tags:
+            if tag.startswith(ENV_REPOSITORY) and tag not in before:
+                with contextlib.suppress(APIError):
+                    engine.client.images.remove(tag, force=True)
+
+
 async def test_a_requirements_image_is_built_once_and_runs_a_callable(
-    client, make_user, engine, deployment, tmp_path: Path
+    client, make_user, engine, deployment, tmp_path: Path, env_images
 ):
     alice = await make_user("alice")
     wheel = make_wheel(tmp_path, "labgate_box_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
