@@ -82,6 +82,8 @@ async def bench(args: argparse.Namespace, data: Path) -> dict[str, Any]:
         admin_password=ADMIN_PASSWORD,
         secret_key="bench-secret-key-bench-secret-key-0123456789",
         run_tasks_per_site=args.per_site,
+        # Running tasks count as instances of their owner: the per-site cap is the limit here.
+        max_instances_per_user=max(args.per_site, 5),
     )
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))

@@ -362,7 +362,10 @@ class Settings(BaseSettings):
         None, description="Directory of extra tool definitions (*.toml) added to the built-ins."
     )
     max_instances_per_user: int = Field(
-        5, ge=0, description="Instances one user may have pending, starting or running at once."
+        5,
+        ge=0,
+        description="Instances one user may have pending, starting or running at once "
+        "(batch task attempts under way count too).",
     )
     start_queue_fairness: Literal["user", "group"] = Field(
         "user",
@@ -433,7 +436,8 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Seconds the instances of a disconnected network site stay `unreachable` before "
-            "the ones its agent does not report back are `lost`."
+            "the ones its agent does not report back are `lost`; its batch task attempts "
+            "are lost (and retried) past it too."
         ),
     )
     agent_portal: str = Field(

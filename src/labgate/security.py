@@ -105,6 +105,22 @@ def router_token(key: str) -> str:
     return ROUTER_TOKEN_PREFIX + digest
 
 
+#: Prefix of a task attempt's token (what its executor reports with).
+TASK_TOKEN_PREFIX = "lgk_"  # noqa: S105 - a prefix, not a secret
+
+
+def task_token(key: str, attempt_id: str) -> str:
+    """The token of one batch task attempt, derived from the signing key and its id.
+
+    It lets whoever holds it add notes to that attempt's run while the attempt
+    is under way (``POST /api/v1/tasks/<attempt id>/events``), and nothing else:
+    it is no API token, and another attempt's id does not match it.
+    """
+    derived = hmac.new(key.encode(), b"labgate.task-tokens", hashlib.sha256).digest()
+    digest = hmac.new(derived, attempt_id.encode(), hashlib.sha256).hexdigest()
+    return TASK_TOKEN_PREFIX + digest
+
+
 TICKET_PREFIX = "lgt_"
 
 

@@ -133,6 +133,7 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("PUT", "/api/v1/instances/{instance_id}/keep-alive"): 404,
     ("DELETE", "/api/v1/instances/{instance_id}/keep-alive"): 404,
     ("POST", "/api/v1/instances/{instance_id}/activity"): 401,
+    ("POST", "/api/v1/tasks/{attempt_id}/events"): 401,
     ("GET", "/api/v1/instances/{instance_id}/shares"): 404,
     ("POST", "/api/v1/instances/{instance_id}/shares"): 404,
     ("DELETE", "/api/v1/instances/{instance_id}/shares/{share_id}"): 404,
@@ -190,6 +191,8 @@ def fill(path: str, world: World) -> str:
         "provider": "uni",
         "link_id": "1",
         "run_id": world.run_id,
+        # A task attempt's gateway takes its task token only: any other credential is refused.
+        "attempt_id": "0123456789abcdef0123456789abcdef",
     }
     if path.startswith("/api/v1/tools/"):
         values["name"] = "demo"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from labgate.agent import fetch as fetching
-from labgate.agent.tasks import TaskRunner
+from labgate.agent.tasks import ProcessTaskExecutor, TaskExecutor, TaskRunner
 from labgate.backends.base import (
     Backend,
     LaunchSpec,
@@ -91,6 +91,20 @@ class Adoption:
     remaining_start_time: float = 0.0
 
 
+def task_executor(site: str, backend: Backend) -> TaskExecutor:
+    """How ``site`` runs batch tasks: in containers on a containers site, else as processes."""
+    processes = ProcessTaskExecutor(site_name=site)
+    if backend.name != "containers":
+        return processes
+    # Imported here: the containers backend (and the docker SDK) is an optional extra.
+    from labgate.agent.taskcontainer import ContainerTaskExecutor
+    from labgate.backends.containers import ContainerBackend
+
+    if not isinstance(backend, ContainerBackend):
+        return processes
+    return ContainerTaskExecutor(backend, processes)
+
+
 class SiteAgent:
     """Drives ``backend`` for the site called ``site``."""
 
@@ -133,7 +147,11 @@ class SiteAgent:
         backend.attach(site, self._progress)
         #: Batch task attempts of this site (labgate.agent.tasks).
         self.tasks = TaskRunner(
-            site, reporter, workspaces_dir.parent / "tasks" / site, log_tail_lines=log_tail_lines
+            site,
+            reporter,
+            workspaces_dir.parent / "tasks" / site,
+            task_executor(site, backend),
+            log_tail_lines=log_tail_lines,
         )
 
     # --- commands ----------------------------------------------------------

@@ -94,6 +94,9 @@ def run(directory: Path) -> int:
         "LABGATE_RESULTS_DIR": str(directory / "results"),
         "LABGATE_RESULT": str(directory / RESULT_FILE),
         "LABGATE_TASK_ARGS": json.dumps(spec.get("args", {})),
+        "LABGATE_ATTEMPT_ID": str(spec.get("attempt_id", "")),
+        "LABGATE_API_URL": str(spec.get("api_url", "")),
+        "LABGATE_TASK_TOKEN": str(spec.get("token", "")),
     }
     stopped: list[str] = []
 

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from labgate.agent.taskenv import EnvironmentCache
+from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import BadRequest, NotFound
 from labgate.wire.runs import TaskSpec
@@ -71,9 +71,22 @@ class TaskExecutor(abc.ABC):
 
     name = "abstract"
 
+    def prepares(self, spec: TaskSpec) -> bool:
+        """Whether :meth:`start` makes the task's environment itself (else: a venv first)."""
+        return False
+
     @abc.abstractmethod
-    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
-        """Start the attempt whose files live in ``directory`` (with the venv ``env_dir``)."""
+    async def start(
+        self,
+        spec: TaskSpec,
+        directory: Path,
+        env_dir: Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Start the attempt whose files live in ``directory`` (with the venv ``env_dir``).
+
+        ``progress`` takes notes on a long preparation (they become run events).
+        """
 
     @abc.abstractmethod
     async def poll(self, directory: Path) -> Outcome | None:
@@ -118,8 +131,19 @@ class ProcessTaskExecutor(TaskExecutor):
             raise BadRequest(str(exc)) from None
         return plan.argv
 
-    async def start(self, spec: TaskSpec, directory: Path, env_dir: Path | None = None) -> None:
+    async def start(
+        self,
+        spec: TaskSpec,
+        directory: Path,
+        env_dir: Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         """Write ``task.json`` and start the executor process."""
+        if spec.image:
+            raise BadRequest(
+                f"site {self.site_name or 'here'} runs no containers: a task with "
+                "environment.image needs a site whose backend is containers"
+            )
         body = spec.model_dump(mode="json")
         (directory / "results").mkdir(parents=True, exist_ok=True)
         body["sandbox"] = self._sandbox_argv(directory, env_dir)
@@ -248,16 +272,14 @@ class TaskRunner:
     async def _start(self, spec: TaskSpec, directory: Path) -> None:
         attempt_id = spec.attempt_id
         env_dir: Path | None = None
+
+        async def progress(message: str) -> None:
+            await self._report(Report(attempt_id, "preparing", kind="task", message=message))
+
         try:
-            if spec.python:
-
-                async def progress(message: str) -> None:
-                    await self._report(
-                        Report(attempt_id, "preparing", kind="task", message=message)
-                    )
-
+            if spec.python and not self.executor.prepares(spec):
                 env_dir = await self.environments.prepare(spec.python, progress)
-            await self.executor.start(spec, directory, env_dir)
+            await self.executor.start(spec, directory, env_dir, progress)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -28,12 +28,20 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-#: The one path the relay forwards.
+#: The paths the relay forwards: busy reports, and notes of batch task attempts.
 ACTIVITY_RE = re.compile(r"^/api/v1/instances/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/activity$")
+TASK_NOTE_RE = re.compile(r"^/api/v1/tasks/([a-f0-9]{8,32})/events$")
 MAX_HEADER_BYTES = 8192
 MAX_BODY_BYTES = 65536
 READ_TIMEOUT = 10.0
-REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized"}
+REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    401: "Unauthorized",
+    409: "Conflict",
+    422: "Unprocessable Entity",
+}
 
 
 def is_loopback_url(url: str) -> bool:
@@ -106,9 +114,20 @@ class ApiRelay:
         length = int(headers.get("content-length") or 0)
         if not 0 <= length <= MAX_BODY_BYTES:
             raise ValueError("body too long")
-        if length:
-            await reader.readexactly(length)
-        found = ACTIVITY_RE.match(target.split("?", 1)[0])
+        body = await reader.readexactly(length) if length else b""
+        path = target.split("?", 1)[0]
+        note = TASK_NOTE_RE.match(path)
+        if method == "POST" and note is not None:
+            response = await self._http.post(
+                f"{self.upstream}/tasks/{note.group(1)}/events",
+                headers={
+                    "Authorization": headers.get("authorization", ""),
+                    "Content-Type": "application/json",
+                },
+                content=body,
+            )
+            return response.status_code, response.content
+        found = ACTIVITY_RE.match(path)
         if method != "POST" or found is None:
             return 404, b'{"error": "not_found", "detail": "this relay takes busy reports only"}'
         forwarded = {"Authorization": headers.get("authorization", "")}

@@ -165,6 +165,11 @@ class ContainerOptions(BaseModel):
     read_only: bool = Field(False, description="Read-only root filesystem (tmpfs /tmp).")
     init: bool = Field(True, description="Run an init (tini, catatonit) as the container's pid 1.")
     labels: dict[str, str] = Field(default_factory=dict, description="Extra container labels.")
+    task_image: str = Field(
+        "",
+        description="Base image of batch tasks that list Python requirements but name no "
+        "image; its Python must be the site's version.",
+    )
     api_url: str = Field(
         "",
         description="LABGATE_API_URL for containers (busy reports); empty: the portal's, "
@@ -401,6 +406,10 @@ class ContainerBackend(Backend):
                 f"container engine at {self.engine_address}: {explain(exc)}"
             ) from exc
 
+    async def reach_labgate(self, ref: str, env: dict[str, str]) -> None:
+        """Make ``env``'s LABGATE_API_URL one a container reaches (see :meth:`_reach_labgate`)."""
+        await self._reach_labgate(ref, env)
+
     async def _reach_labgate(self, instance_id: str, env: dict[str, str]) -> None:
         """Give the container a LABGATE_API_URL it can reach (see labgate.backends.api_relay)."""
         portal_url = env.get("LABGATE_API_URL", "")
@@ -606,6 +615,10 @@ class ContainerBackend(Backend):
             if parsed is not None:
                 found.append(parsed)
         return found
+
+    def ensure_volume(self, owner: str, user: str) -> tuple[str, security.IdRange | None]:
+        """The owner's workspace volume and its id range, made now if missing (blocking)."""
+        return self._ensure_volume(owner, user)
 
     def _ensure_volume(self, owner: str, user: str) -> tuple[str, security.IdRange | None]:
         """The owner's workspace volume and its id range (None: the host's ids)."""

@@ -44,6 +44,7 @@ from labgate.portal.api import (
     shares,
     sites,
     snapshots,
+    task_gateway,
     tokens,
     usage,
     users,
@@ -176,6 +177,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         portal.links,
         lambda owner: settings.workspaces_dir / owner,
         tasks_per_site=settings.run_tasks_per_site,
+        limits=portal.instances.user_defaults,
+        grace=settings.site_grace_period,
+        api_url=f"{settings.effective_public_url}/api/v1",
+        token_key=settings.secret_key.get_secret_value(),
     )
     portal.run_processor = processor
     portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)
@@ -235,7 +240,8 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
 
     api = APIRouter(prefix=API_PREFIX)
     modules = (auth, users, tokens, catalog, sites, instances, datasets, resolve, snapshots)
-    for module in (*modules, router_api, groups, usage, lifecycle, agent, shares, runs):
+    more = (router_api, groups, usage, lifecycle, agent, shares, runs, task_gateway)
+    for module in (*modules, *more):
         api.include_router(module.router)
 
     @api.get("", tags=["meta"])

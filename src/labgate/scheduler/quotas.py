@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import (
@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 #: The limit fields, as stored (``max_<name>``) and as shown.
 LIMIT_NAMES = ("instances", "cpu", "memory", "core_hours")
+#: The ``tool`` of a batch task attempt's usage record starts with this (then the run's
+#: name); an open one is a task holding its share of the owner's limits.
+TASK_TOOL_PREFIX = "run:"
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,14 @@ def _held(instances: list[Instance]) -> tuple[int, float, int]:
     return len(instances), cpu, memory
 
 
-def user_use(session: Session, user_id: int, now: datetime | None = None) -> Use:
-    """What a user holds now (pending, starting, running) and used this month."""
+def user_use(
+    session: Session, user_id: int, now: datetime | None = None, *, core_hours_too: bool = True
+) -> Use:
+    """What a user holds now (pending, starting, running) and used this month.
+
+    ``core_hours_too=False`` leaves the month's core-hours at 0 (they read every
+    record of the month): for a check against limits that have none.
+    """
     now = now or utcnow()
     active = list(
         session.scalars(
@@ -154,6 +163,21 @@ def user_use(session: Session, user_id: int, now: datetime | None = None) -> Use
         )
     )
     count, cpu, memory = _held(active)
+    # Batch task attempts under way hold their share too (their usage records are open).
+    tasks, task_cpu, task_memory = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(UsageRecord.cpu), 0.0),
+            func.coalesce(func.sum(UsageRecord.memory), 0),
+        ).where(
+            UsageRecord.user_id == user_id,
+            UsageRecord.stopped_at.is_(None),
+            UsageRecord.tool.startswith(TASK_TOOL_PREFIX),
+        )
+    ).one()
+    count, cpu, memory = count + int(tasks), cpu + float(task_cpu), memory + int(task_memory)
+    if not core_hours_too:
+        return Use(count, cpu, memory, 0.0)
     records = _month_records(session, now, UsageRecord.user_id == user_id)
     return Use(count, cpu, memory, core_hours(records, month_start(now), now))
 

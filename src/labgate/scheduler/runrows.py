@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -44,9 +45,20 @@ def site_labels(session: Session) -> dict[str, dict[str, Any]]:
     return {s.name: dict(s.labels or {}) for s in session.scalars(select(Site))}
 
 
+def site_backends(session: Session) -> dict[str, str]:
+    """Every recorded site's backend, by name."""
+    return {s.name: s.backend for s in session.scalars(select(Site))}
+
+
+def runs_on(task: TaskDef, backend: str) -> bool:
+    """Whether a site with ``backend`` can run ``task`` (an image needs containers)."""
+    return not task.environment.image or backend == "containers"
+
+
 def create_run(session: Session, owner_id: int, definition: RunDef, live: set[str]) -> Run:
     """Record a run and a task row per copy (one per site for ``where.every``)."""
     labels = site_labels(session)
+    backends = site_backends(session)
     known = set(labels)
     run = Run(
         id=new_id(),
@@ -69,7 +81,11 @@ def create_run(session: Session, owner_id: int, definition: RunDef, live: set[st
                 raise BadRequest(f"task {task_def.name}: there is no site {where.site!r}")
             pins: list[str | None] = [None]
             if where.every:
-                pins = list(matching_sites(where, labels, live))
+                pins = [
+                    name
+                    for name in matching_sites(where, labels, live)
+                    if runs_on(task_def, backends.get(name, ""))
+                ]
                 if not pins:
                     raise BadRequest(
                         f"task {task_def.name}: no live site matches its `where` "
@@ -172,10 +188,36 @@ def active_attempts(session: Session) -> list[tuple[str, str, str]]:
     return [(a, s, r) for a, s, r in rows]
 
 
+def away_since(session: Session) -> dict[str, datetime]:
+    """Since when each disconnected network site has been away, by name."""
+    rows = session.execute(
+        select(Site.name, Site.disconnected_at).where(
+            Site.connected_at.is_(None), Site.disconnected_at.is_not(None)
+        )
+    )
+    return {name: since for name, since in rows if since is not None}
+
+
 def unfinished_runs(session: Session) -> list[str]:
     """Ids of runs pending or running."""
     return list(
         session.scalars(select(Run.id).where(Run.state.in_([RunState.pending, RunState.running])))
+    )
+
+
+def waiting_runs(session: Session, reason: str) -> list[str]:
+    """Ids of unfinished runs with a pending task whose reason starts with ``reason``."""
+    return list(
+        session.scalars(
+            select(RunTask.run_id)
+            .join(Run, Run.id == RunTask.run_id)
+            .where(
+                Run.state.in_([RunState.pending, RunState.running]),
+                RunTask.state == RunState.pending,
+                RunTask.reason.startswith(reason),
+            )
+            .distinct()
+        )
     )
 
 

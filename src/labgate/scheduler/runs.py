@@ -13,7 +13,11 @@ agent arrive then. A report from a site on an attempt of another site is
 refused: an agent speaks only for its own tasks.
 
 It is separate from the instance start queue on purpose: tasks are short and
-many, and their admission is the stage, not the user's instance quota.
+many, and their admission is the stage. They share the owner's limits with
+instances, though: an attempt holds its cpu, memory and one "instance" from
+placement to end (an open usage record, :mod:`labgate.scheduler.quotas`), and
+a task that does not fit stays ``pending`` with the reason until it does. The
+active attempts of a site away longer than the grace are ``lost``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import io
 import logging
 import shutil
 import tarfile
+import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,13 +38,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
-from labgate.db.models import utcnow
-from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
+from labgate.db.models import UsageRecord, utcnow
+from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, TaskAttempt
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound
-from labgate.scheduler import runrows
+from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
+from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runrows import Viewer
-from labgate.wire.runs import RunDef, TaskSpec, Where
+from labgate.security import task_token
+from labgate.wire.launch import Resources
+from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,10 @@ T = TypeVar("T")
 MAX_KEPT_LOG_LINES = 100_000
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
+#: Most notes a task copy may add to its run's events (all its attempts together).
+MAX_NOTES = 1000
+#: The reason of a task that waits because its owner's limits are reached.
+WAITING_FOR_QUOTA = "waiting for quota"
 
 
 class RunProcessor:
@@ -61,14 +73,30 @@ class RunProcessor:
         results_dir: Callable[[str], Path],
         *,
         tasks_per_site: int = 8,
+        limits: Callable[[], quotas.Limits] = quotas.Limits,
+        grace: float = 300.0,
+        api_url: str = "",
+        token_key: str = "",
     ) -> None:
         self.db = db
+        #: What tasks get as ``$LABGATE_API_URL``, and the key their tokens derive from.
+        self.api_url = api_url
+        self.token_key = token_key
+        #: Seconds a site may be away before its active attempts are lost (and retried).
+        self.grace = grace
+        #: When the sweep first saw an away site that the database has no time for.
+        self._away_seen: dict[str, float] = {}
+        #: Attempts lost while their site was away: stopped there once it is back.
+        self._orphans: dict[str, str] = {}
+        #: The limits of a user without limits of their own (the instance manager's).
+        self.limits = limits
         #: At most this many active attempts per site; more tasks wait as ``pending``.
         self.tasks_per_site = tasks_per_site
         self.links = links
         #: Where a user's collected results go (``owner name -> directory``); runs below it.
         self.results_dir = results_dir
         self._locks: dict[str, asyncio.Lock] = {}
+        self._placing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
         self._dispatching: set[str] = set()
@@ -141,7 +169,9 @@ class RunProcessor:
     # --- advancing ------------------------------------------------------------------
     async def advance(self, run_id: str) -> None:
         """Move a run forward: finish stages whose tasks ended, start what can start."""
-        async with self._lock(run_id):
+        # One placement at a time across runs: two runs of one owner cannot both take
+        # the last of their limits (instance launches have their own admission lock).
+        async with self._lock(run_id), self._placing:
             starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
         for attempt_id, site in cancels:
             await self._cancel_attempt(attempt_id, site)
@@ -173,10 +203,16 @@ class RunProcessor:
                 cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
             else:
                 busy = _busy(session)
-                places = _Places(runrows.site_labels(session), self.live(), busy)
+                places = _Places(
+                    runrows.site_labels(session),
+                    self.live(),
+                    busy,
+                    runrows.site_backends(session),
+                )
+                quota = _Quota(run, self.limits())
                 for task in stage.tasks:
                     if task.state == RunState.pending:
-                        attempt = self._new_attempt(session, run, task, places)
+                        attempt = self._new_attempt(session, run, task, places, quota)
                         if attempt is not None:
                             self._dispatching.add(attempt)
                             starts.append(attempt)
@@ -205,14 +241,18 @@ class RunProcessor:
         return starts, cancels
 
     def _new_attempt(
-        self, session: Session, run: Run, task: RunTask, places: _Places
+        self, session: Session, run: Run, task: RunTask, places: _Places, quota: _Quota
     ) -> str | None:
-        """Place one task copy and record its next attempt; None: every site is full."""
+        """Place one task copy and record its next attempt; None: it waits (sites, quota)."""
         busy = places.busy
         if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
             return None  # nowhere has room: no need to look closer (wide stages)
         where = places.where(run, task)
-        candidates = runrows.matching_sites(where, places.labels, places.live)
+        candidates = [
+            name
+            for name in runrows.matching_sites(where, places.labels, places.live)
+            if runrows.runs_on(places.definition(run, task), places.backends.get(name, ""))
+        ]
         if task.pinned_site is not None:
             candidates = [c for c in candidates if c == task.pinned_site]
         site = ""  # none: the attempt is lost as soon as it is started
@@ -220,8 +260,13 @@ class RunProcessor:
             room = [c for c in candidates if busy.get(c, 0) < self.tasks_per_site]
             if not room:
                 return None  # waits: a finishing attempt advances the run again
+            asked = _asked(places.definition(run, task))
+            if not quota.admits(session, task, asked):
+                return None  # waits: an ending task or instance, or the sweep, tries again
             site = min(room, key=lambda n: (busy.get(n, 0), n))
             busy[site] = busy.get(site, 0) + 1
+            if task.reason.startswith(WAITING_FOR_QUOTA):
+                task.reason = ""
         task.attempts += 1
         task.state = RunState.running
         task.started_at = task.started_at or utcnow()
@@ -229,6 +274,8 @@ class RunProcessor:
         number = len(task.attempt_rows) + 1
         attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
         session.add(attempt)
+        if site:
+            quota.record(session, attempt.id, site, _asked(places.definition(run, task)))
         session.flush()
         return attempt.id
 
@@ -240,6 +287,9 @@ class RunProcessor:
 
     async def _dispatch(self, attempt_id: str) -> None:
         spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
+        if self.token_key:
+            spec.api_url = self.api_url
+            spec.token = task_token(self.token_key, attempt_id)
         if not site:
             await self.apply(
                 Report(attempt_id, "lost", kind="task", message="no live site matches")
@@ -327,6 +377,7 @@ class RunProcessor:
             attempt.state = AttemptState.failed
         attempt.reason, attempt.finished_at = report.message, utcnow()
         attempt.exit_code = data.get("exit_code")
+        accounting.close_records(session, attempt.id, attempt.state.value, attempt.finished_at)
         if task.state.terminal or attempt is not task.attempt_rows[-1]:
             return None  # cancelled meanwhile, or an attempt from before a re-run
         task.exit_code = attempt.exit_code
@@ -362,6 +413,36 @@ class RunProcessor:
         except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
             log.warning("collecting the results of %s failed: %s", attempt_id, exc)
 
+    async def note(self, attempt_id: str, message: str, data: dict[str, Any]) -> None:
+        """A note from a running attempt's executor (its token checked) into its run's events."""
+
+        def record(session: Session) -> None:
+            attempt = session.get(TaskAttempt, attempt_id)
+            if attempt is None:
+                raise NotFound(f"no task attempt {attempt_id}")
+            if attempt.state.terminal:
+                raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+            task = attempt.task
+            notes = session.scalar(
+                select(func.count()).where(
+                    RunEvent.run_id == task.run_id,
+                    RunEvent.task == task.label,
+                    RunEvent.state == "note",
+                )
+            )
+            if (notes or 0) >= MAX_NOTES:
+                raise Conflict(f"task {task.label} has sent {MAX_NOTES} notes already")
+            runrows.add_event(
+                session,
+                task.run_id,
+                task.label,
+                "note",
+                f"attempt {attempt.number} on {attempt.site}: {message}",
+                data,
+            )
+
+        await self.run_db(record)
+
     # --- logs ------------------------------------------------------------------------
     async def logs(self, run_id: str, who: Viewer, task: str, lines: int) -> str:
         """The output of a task copy's last attempt, read at its site."""
@@ -393,7 +474,14 @@ class RunProcessor:
             await self.advance(run_id)
 
     async def sweep(self) -> None:
-        """Re-adopt every active attempt at its live site; those of removed sites are lost."""
+        """Re-adopt active attempts at live sites; retry tasks waiting for quota.
+
+        Attempts of removed sites are lost.
+        """
+        for run_id in await self.run_db(lambda s: runrows.waiting_runs(s, WAITING_FOR_QUOTA)):
+            await self.advance(run_id)
+        away = await self.run_db(runrows.away_since)
+        now = utcnow()
         for attempt_id, site, _run in await self.run_db(runrows.active_attempts):
             if attempt_id in self._dispatching:
                 continue
@@ -405,6 +493,32 @@ class RunProcessor:
             elif link.live:
                 with contextlib.suppress(LabgateError):
                     await link.adopt_task(attempt_id)
+            elif self._away_for(site, away.get(site), now) > self.grace:
+                self._orphans[attempt_id] = site
+                message = f"site {site} did not come back within {self.grace:g} s"
+                await self.apply(Report(attempt_id, "lost", kind="task", message=message))
+        for site, link in self.links.items():
+            if link.live:
+                self._away_seen.pop(site, None)
+        await self._stop_orphans()
+
+    def _away_for(self, site: str, since: datetime | None, now: datetime) -> float:
+        """Seconds ``site`` has been away (from its row, else since this process saw it)."""
+        if since is not None:
+            return (now - since).total_seconds()
+        first = self._away_seen.setdefault(site, time.monotonic())
+        return time.monotonic() - first
+
+    async def _stop_orphans(self) -> None:
+        """Stop, at sites that are back, the attempts given up on while they were away."""
+        for attempt_id, site in list(self._orphans.items()):
+            link = self.links.get(site)
+            if link is None:
+                self._orphans.pop(attempt_id, None)
+            elif link.live:
+                self._orphans.pop(attempt_id, None)
+                with contextlib.suppress(LabgateError):
+                    await link.cancel_task(attempt_id)
 
     def start(self) -> None:
         """Start the periodic sweep."""
@@ -430,18 +544,91 @@ class RunProcessor:
             task.cancel()
 
 
+class _Quota:
+    """A run owner's limits and what they hold, kept up to date as one advance places tasks.
+
+    Read from the database at the first placement of the advance only.
+    """
+
+    def __init__(self, run: Run, defaults: quotas.Limits) -> None:
+        self.run = run
+        self.defaults = defaults
+        self._state: tuple[quotas.Limits, quotas.Use] | None = None
+
+    def _read(self, session: Session) -> tuple[quotas.Limits, quotas.Use]:
+        if self._state is None:
+            limits = quotas.user_limits(session, self.defaults, self.run.owner_id)
+            # The month's core-hours read every record of it: only when they are limited.
+            use = quotas.user_use(
+                session, self.run.owner_id, core_hours_too=limits.core_hours is not None
+            )
+            self._state = limits, use
+        return self._state
+
+    def admits(self, session: Session, task: RunTask, asked: Resources) -> bool:
+        """Whether one more attempt fits the owner's limits; if not, the task says why."""
+        limits, use = self._read(session)
+        try:
+            quotas.check(self.run.owner.name, limits, use, asked, "user")
+        except QuotaExceeded as exc:
+            reason = f"{WAITING_FOR_QUOTA}: {exc.detail}"
+            if task.reason != reason:
+                task.reason = reason
+                runrows.add_event(session, self.run.id, task.label, "waiting", reason)
+            return False
+        return True
+
+    def record(self, session: Session, attempt_id: str, site: str, asked: Resources) -> None:
+        """Open the attempt's usage record; it holds ``asked`` until the attempt ends."""
+        owner = self.run.owner
+        session.add(
+            UsageRecord(
+                instance_id=attempt_id,
+                user_id=owner.id,
+                user_name=owner.name,
+                tool=f"{quotas.TASK_TOOL_PREFIX}{self.run.name}"[:64],
+                site=site,
+                cpu=asked.cpu,
+                memory=asked.memory,
+                started_at=utcnow(),
+            )
+        )
+        limits, use = self._read(session)
+        self._state = (
+            limits,
+            quotas.Use(
+                use.instances + 1, use.cpu + asked.cpu, use.memory + asked.memory, use.core_hours
+            ),
+        )
+
+
+def _asked(definition: TaskDef) -> Resources:
+    """What a task holds while it runs."""
+    return Resources(cpu=definition.cpu, memory=definition.memory_mib * 2**20)
+
+
 class _Places:
     """What one advance knows of the sites: labels, which are live, how busy each is."""
 
-    def __init__(self, labels: dict[str, dict[str, Any]], live: set[str], busy: dict[str, int]):
-        self.labels, self.live, self.busy = labels, live, busy
-        self._where: dict[str, Where] = {}
+    def __init__(
+        self,
+        labels: dict[str, dict[str, Any]],
+        live: set[str],
+        busy: dict[str, int],
+        backends: dict[str, str],
+    ):
+        self.labels, self.live, self.busy, self.backends = labels, live, busy, backends
+        self._defs: dict[str, TaskDef] = {}
+
+    def definition(self, run: Run, task: RunTask) -> TaskDef:
+        """A task's definition (read from the run's definition once per task name)."""
+        if task.name not in self._defs:
+            self._defs[task.name] = runrows.task_def(run, task)
+        return self._defs[task.name]
 
     def where(self, run: Run, task: RunTask) -> Where:
-        """A task's ``where`` (read from the run's definition once per task name)."""
-        if task.name not in self._where:
-            self._where[task.name] = runrows.task_def(run, task).where
-        return self._where[task.name]
+        """A task's ``where``."""
+        return self.definition(run, task).where
 
 
 def _busy(session: Session) -> dict[str, int]:

@@ -254,6 +254,10 @@ class TaskSpec(BaseModel):
     memory_mib: int = 0
     python: list[str] = Field(default_factory=list)
     image: str = ""
+    #: The portal's API (``$LABGATE_API_URL``) and this attempt's token
+    #: (``$LABGATE_TASK_TOKEN``) for notes to its run (``POST tasks/<attempt>/events``).
+    api_url: str = ""
+    token: str = ""
 
 
 #: Task attempt states a site reports (``Report.kind == "task"``).
