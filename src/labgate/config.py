@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -229,6 +230,14 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "",
         description="URL users reach labgate at. Empty means http://<host>:<port>.",
+    )
+    instance_host: str = Field(
+        "",
+        description=(
+            "Serve each instance on its own host name, e.g. {id}.apps.example.org (needs a "
+            "wildcard DNS record and certificate). Empty means under /i/<id>/ on the portal's "
+            "host."
+        ),
     )
     router_workers: int = Field(
         1,
@@ -593,6 +602,23 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("instance_host")
+    @classmethod
+    def _check_instance_host(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value:
+            return ""
+        if value.count("{id}") != 1 or any(c in value for c in "/@?#[] ") or "://" in value:
+            raise ValueError(
+                "instance_host is a host name with {id} once, e.g. {id}.apps.example.org"
+            )
+        name, _, port = value.partition(":")
+        if port and not port.isdigit():
+            raise ValueError(f"instance_host has a bad port: {value!r}")
+        if "{" in name.replace("{id}", "") or "}" in name.replace("{id}", ""):
+            raise ValueError(f"instance_host holds a brace other than {{id}}: {value!r}")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
@@ -680,6 +706,26 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'labgate.db').resolve()}"
+
+    def instance_netloc(self, instance_id: str) -> str:
+        """The host (and port) an instance is served on when ``instance_host`` is set.
+
+        Without a port in the template, the public URL's port (when it names
+        one) is added: the instance hosts are served by the same router.
+        """
+        netloc = self.instance_host.replace("{id}", instance_id)
+        if ":" not in netloc:
+            port = urlsplit(self.effective_public_url).port
+            if port is not None:
+                netloc = f"{netloc}:{port}"
+        return netloc
+
+    def instance_url(self, instance_id: str) -> str:
+        """Where users open an instance: its own host, or ``/i/<id>/`` on the portal's."""
+        if not self.instance_host:
+            return f"{self.effective_public_url}/i/{instance_id}/"
+        scheme = urlsplit(self.effective_public_url).scheme or "http"
+        return f"{scheme}://{self.instance_netloc(instance_id)}/"
 
     @property
     def effective_public_url(self) -> str:

@@ -164,6 +164,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         routes=portal.routes,
         data=DataLocator(settings),
         fairness=settings.start_queue_fairness,
+        own_hosts=bool(settings.instance_host),
     )
     metrics = operations.wire(app, portal)
     if portal.routes is not None:

@@ -152,12 +152,17 @@ def login_redirect(login_path: str, target: bytes, *, close: bool = False) -> by
     return redirect(location, 302, close=close)
 
 
-def redirect(location: bytes, status: int = 302, *, close: bool = False) -> bytes:
-    """A redirect with a tiny body."""
+def redirect(
+    location: bytes,
+    status: int = 302,
+    *,
+    close: bool = False,
+    cookies: tuple[bytes, ...] = (),
+) -> bytes:
+    """A redirect with a tiny body; ``cookies`` are ``Set-Cookie`` values to send with it."""
     body = b"Redirecting to " + html.escape(location.decode("latin-1")).encode("latin-1")
-    return response(
-        status, body, b"text/plain; charset=utf-8", close=close, extra=[(b"Location", location)]
-    )
+    extra = [(b"Location", location)] + [(b"Set-Cookie", cookie) for cookie in cookies]
+    return response(status, body, b"text/plain; charset=utf-8", close=close, extra=extra)
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
