@@ -608,9 +608,15 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not value:
             return ""
-        if value.count("{id}") != 1 or any(c in value for c in "/@?#[] ") or "://" in value:
+        # {id} is the whole first label: a wildcard DNS record, a wildcard certificate and
+        # a CSP source (*.apps.example.org) each cover exactly that.
+        if (
+            not value.startswith("{id}.")
+            or value.count("{id}") != 1
+            or any(c in value for c in "/@?#[] *")
+        ):
             raise ValueError(
-                "instance_host is a host name with {id} once, e.g. {id}.apps.example.org"
+                "instance_host is a host name whose first label is {id}, e.g. {id}.apps.example.org"
             )
         name, _, port = value.partition(":")
         if port and not port.isdigit():
