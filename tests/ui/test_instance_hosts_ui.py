@@ -81,3 +81,36 @@ def test_chromium_opens_an_instance_on_its_own_host(hosts_gateway: Gateway) -> N
     # The portal's page for the instance links to its own host.
     page.goto(f"{gw.url}/instances/{instance_id}")
     assert page.locator("#open").get_attribute("href") == f"http://{host}/"
+
+
+def test_jupyterlab_runs_a_cell_on_its_own_host(hosts_gateway: Gateway) -> None:
+    """JupyterLab at ``/`` of its host (base_url "/"): kernel WebSocket and all."""
+    from playwright.sync_api import expect
+
+    from ui.test_tools_ui import _run_cell, require_tool
+
+    gw = hosts_gateway
+    require_tool(gw, "jupyterlab")
+    name = gw.create_user("hostedlab")
+    instance_id = launch_via_api(gw, name, "jupyterlab", timeout=120)
+    host = f"{instance_id}.localhost:{gw.server.port}"
+    page = gw.page()
+    gw.sign_in(page, name)
+    # Signed in to the portal already: the hand-off needs no form, only redirects.
+    page.goto(f"http://{host}/lab")
+    page.wait_for_url(re.compile(rf"^http://{re.escape(host)}/lab"))
+    launcher = page.locator(".jp-Launcher-section").first
+    expect(launcher).to_be_visible(timeout=60_000)
+    page.locator('.jp-LauncherCard[title^="Python 3"]').first.click()
+    expect(page.locator(".jp-Notebook").first).to_be_visible()
+    _run_cell(page, "6*7")
+    out = page.locator(".jp-OutputArea-output").first
+    try:
+        expect(out).to_contain_text("42", timeout=30_000)
+    except AssertionError:  # the kernel restarted under the first run: run the cell again
+        page.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
+        page.keyboard.press("Control+Enter")
+        expect(out).to_contain_text("42", timeout=60_000)
+    # Asked from the page (Chromium resolves *.localhost; Playwright's own client does not).
+    me = page.evaluate("fetch('/api/me').then((answer) => answer.json())")
+    assert me["identity"]["username"] == name, me
