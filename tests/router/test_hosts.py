@@ -307,3 +307,23 @@ async def test_labgate_paths_on_an_instance_host_are_the_routers(hosted: Hosted)
     assert (await hosted.get("aaaa", "/_labgate/other", **token)).status_code == 404
     posted = await hosted.client.post("/_labgate/callback", headers={"Host": host("aaaa"), **token})
     assert posted.status_code == 404
+
+
+async def test_a_tool_cannot_set_labgate_cookies_on_its_host(
+    hosted: Hosted,
+    recording,  # type: ignore[no-untyped-def]
+) -> None:
+    def handler(seen: object) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n"
+            b"Set-Cookie: " + INSTANCE_COOKIE.encode() + b"=forged; Path=/\r\n"
+            b"Set-Cookie: " + HANDOFF_COOKIE.encode() + b"=forged; Path=/_labgate/\r\n"
+            b"Set-Cookie: " + SESSION_COOKIE.encode() + b"=forged; Path=/\r\n"
+            b"Set-Cookie: tool=1; Path=/\r\n\r\n"
+        )
+
+    evil = await recording(handler)
+    hosted.gw.table.add_route(Route("evil", evil.url, ALICE))
+    answer = await hosted.get("evil", "/", Authorization=f"token {ALICE_TOKEN}")
+    assert answer.status_code == 200
+    assert answer.headers.get_list("set-cookie") == ["tool=1; Path=/"]
