@@ -644,6 +644,19 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _portal_is_no_instance_host(self) -> Settings:
+        if self.instance_host:
+            portal = (urlsplit(self.effective_public_url).hostname or "").lower()
+            suffix = self.instance_host.split(":")[0].removeprefix("{id}")
+            label = portal.removesuffix(suffix)
+            if portal.endswith(suffix) and label and "." not in label:
+                raise ValueError(
+                    f"instance_host {self.instance_host!r} would take the portal's own host "
+                    f"{portal!r} for an instance: put the instances under another domain"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _unique_sites(self) -> Settings:
         names = [site.name for site in self.sites]
         duplicates = sorted({name for name in names if names.count(name) > 1})

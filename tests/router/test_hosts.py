@@ -327,3 +327,30 @@ async def test_a_tool_cannot_set_labgate_cookies_on_its_host(
     answer = await hosted.get("evil", "/", Authorization=f"token {ALICE_TOKEN}")
     assert answer.status_code == 200
     assert answer.headers.get_list("set-cookie") == ["tool=1; Path=/"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["apps.example.org", "x{id}.example.org", "{id}.{id}.org", "https://{id}.a.org", "*.a.org"],
+)
+def test_instance_host_must_start_with_an_id_label(template: str) -> None:
+    from pydantic import ValidationError
+
+    from labgate.config import Settings
+
+    with pytest.raises(ValidationError, match="instance_host"):
+        Settings(instance_host=template)
+
+
+def test_instance_host_cannot_take_the_portals_own_host() -> None:
+    from pydantic import ValidationError
+
+    from labgate.config import Settings
+
+    with pytest.raises(ValidationError, match="portal's own host"):
+        Settings(instance_host="{id}.example.org", public_url="https://labgate.example.org")
+    hosted = Settings(instance_host="{ID}.Apps.Example.org", public_url="https://example.org")
+    assert hosted.instance_url("k3x9") == "https://k3x9.apps.example.org/"
+    local = Settings(instance_host="{id}.localhost", port=8123)
+    assert local.instance_url("k3x9") == "http://k3x9.localhost:8123/"
+    assert Settings(port=8123).instance_url("k3x9") == "http://127.0.0.1:8123/i/k3x9/"

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from labgate.router.hosts import InstanceHosts
 from labgate.router.http import header_safe
 from labgate.security import (
     HANDOFF_COOKIE,
@@ -179,12 +180,12 @@ class Authenticator:
     def check_instance(
         self,
         instance_id: str,
-        netloc: str,
+        hosts: InstanceHosts,
         cookie: bytes | None,
         authorization: bytes | None,
         now: float,
     ) -> tuple[Identity | None, Credentials]:
-        """Who sent these headers to ``instance_id``'s own host (``netloc``).
+        """Who sent these headers to ``instance_id``'s own host (named by ``hosts``).
 
         An API token, else an instance cookie for this instance and host;
         the portal's session cookie counts for nothing here. Cached like
@@ -203,6 +204,7 @@ class Authenticator:
         if creds.token is not None:
             found = self._token_identity(creds.token, now)
         else:
+            netloc = hosts.netloc(instance_id)
             for value in values:
                 found = self._instance_identity(value, instance_id, netloc, now)
                 if found is not None:

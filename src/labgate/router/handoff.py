@@ -40,6 +40,7 @@ from labgate.wire.routes import Route
 
 _HANDOFF = HANDOFF_COOKIE.encode()
 _COOKIE_PATH = "/_labgate/"
+_LONGEST_TARGET = 1024
 FAILED = (
     "This sign-in hand-off is not valid: it expired, was already used, or was made for "
     "another instance or browser. Open the instance again from labgate."
@@ -68,7 +69,9 @@ def start(
     close: bool,
 ) -> bytes:
     """The 302 to the portal's authorize endpoint, with the hand-off cookie."""
-    value, state = auth.grants.issue_state(instance_id, target.decode("latin-1"))
+    # The page to come back to travels in the cookie: a long one would not fit in it.
+    back = target.decode("latin-1") if len(target) <= _LONGEST_TARGET else "/"
+    value, state = auth.grants.issue_state(instance_id, back)
     query = urlencode(
         {
             "response_type": "code",

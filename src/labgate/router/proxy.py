@@ -387,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
                 self._reply(ex, *done)
             return
         identity, creds = ctx.auth.check_instance(
-            instance_id, hosts.netloc(instance_id), ex.cookie, ex.authorization, now
+            instance_id, hosts, ex.cookie, ex.authorization, now
         )
         if identity is None:
             if ctx.auth.lacks_access_scope(creds, now):
