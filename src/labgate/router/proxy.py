@@ -324,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
             if host_instance is not None:
                 self._serve_host(ex, hosts, host_instance)
                 return
-            if info is not None and info.instance_id is not None:
+            if info is not None and info.instance_id:
                 # Instances live on their own hosts: never under the portal's origin.
                 location = hosts.url(info.instance_id).encode("latin-1") + (info.tail or b"/")
                 self._answer(ex, lambda close: pages.redirect(location, 302, close=close))
