@@ -155,6 +155,9 @@ async def test_requests_are_routed_by_host(hosted: Hosted) -> None:
     assert unknown.status_code == 404 and unknown.json()["error"] == "not_found"
     page = await hosted.get("zzzz", **HTML)
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    # Its links and stylesheet are the portal's ("/" on this host would be a tool's).
+    assert f'href="{PORTAL}/static/labgate.css"' in page.text
+    assert f'href="{PORTAL}/instances"' in page.text and 'href="/' not in page.text
     # The portal's own host goes to the portal, as before.
     portal = await hosted.client.get("/api/v1/ping")
     assert portal.status_code == 200 and portal.json()["path"] == "/api/v1/ping"

@@ -84,6 +84,7 @@ class Exchange:
         "is_upgrade",
         "keep_alive",
         "method",
+        "portal_base",
         "response_done",
         "response_started",
         "retried",
@@ -135,6 +136,8 @@ class Exchange:
         #: Wall-clock time the request was routed to an instance (for the latency histogram).
         self.started = 0.0
         self.instance_id = ""
+        #: The portal's URL for the router's pages, on an instance's own host ("" elsewhere).
+        self.portal_base = ""
         self.head = b""
         self.address: UpstreamAddress | None = None
         self.counter: Counter | None = None

@@ -366,6 +366,7 @@ class ClientConnection(asyncio.Protocol):
     def _serve_host(self, ex: Exchange, hosts: InstanceHosts, instance_id: str) -> None:
         """A request to an instance's own host name (``instance_host``)."""
         ctx = self.ctx
+        ex.portal_base = ctx.options.portal_url
         route = ctx.table.routes.get(instance_id)
         if route is None:
             self._reply(ex, 404, f"there is no instance {instance_id!r} here")
@@ -538,7 +539,7 @@ class ClientConnection(asyncio.Protocol):
         retry_after: int | None = None,
         code: str | None = None,
     ) -> None:
-        browser, head_only = ex.browser, ex.is_head
+        browser, head_only, base = ex.browser, ex.is_head, ex.portal_base
         self._answer(
             ex,
             lambda close: pages.error(
@@ -549,6 +550,7 @@ class ClientConnection(asyncio.Protocol):
                 retry_after=retry_after,
                 head_only=head_only,
                 code=code,
+                base=base,
             ),
         )
 
