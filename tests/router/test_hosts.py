@@ -270,7 +270,7 @@ async def test_handoff_refuses_a_user_without_access(hosted: Hosted) -> None:
     assert (await hosted.handoff("aaaa", ROOT)).status_code == 302
 
 
-async def test_revoked_share_and_logout_cut_an_instance_cookie(hosted: Hosted) -> None:
+async def test_revoked_share_logout_and_stop_cut_an_instance_cookie(hosted: Hosted) -> None:
     gw = hosted.gw
     route = gw.table.routes["aaaa"]
     gw.table.add_route(
@@ -299,6 +299,12 @@ async def test_revoked_share_and_logout_cut_an_instance_cookie(hosted: Hosted) -
     assert (await hosted.get("aaaa", **alice)).status_code == 200
     gw.table.revoke_session("s-9", time.time() + 3600)
     assert (await hosted.get("aaaa", **alice)).status_code == 401
+    # A stopped instance (its route withdrawn) is gone for every cookie.
+    fresh = await hosted.handoff("aaaa", ALICE, session="s-10")
+    alice = {"Cookie": f"{INSTANCE_COOKIE}={instance_cookie(fresh)}"}
+    assert (await hosted.get("aaaa", **alice)).status_code == 200
+    gw.table.remove_route("aaaa")
+    assert (await hosted.get("aaaa", **alice)).status_code == 404
     with pytest.raises(InvalidStatus):
         await websockets.connect(
             "ws://aaaa.apps.test/ws", host="127.0.0.1", port=gw.port, additional_headers=alice
