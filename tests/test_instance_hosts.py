@@ -139,6 +139,24 @@ def test_handoff_end_to_end(server: LabgateServer, browser: Browser) -> None:
     replayed = browser.get(callback)
     assert replayed.status_code == 400 and INSTANCE_COOKIE not in browser.jars[netloc]
 
+    # The portal signs a hand-off code only with a PKCE challenge; without one the
+    # browser comes back with an error, and the router lets nobody in on it.
+    authorize = httpx.URL(seen[1])
+    bare = authorize.copy_remove_param("code_challenge").copy_remove_param("code_challenge_method")
+    answer = browser.get(str(bare))
+    assert answer.status_code == 303
+    back = httpx.URL(answer.headers["location"])
+    assert back.params["error"] == "invalid_request" and "code" not in back.params
+    refused = browser.get(str(back))
+    assert refused.status_code == 403 and INSTANCE_COOKIE not in browser.jars[netloc]
+    # Another address on the instance's host is the tool's own (a tool is an OpenID
+    # Connect client too): it gets an ordinary code, which the router's callback refuses.
+    elsewhere = authorize.copy_set_param("redirect_uri", f"{url}elsewhere")
+    ordinary = httpx.URL(browser.get(str(elsewhere)).headers["location"]).params["code"]
+    state = httpx.URL(started.headers["location"]).params["state"]  # this browser's hand-off
+    taken = browser.get(f"{url}_labgate/callback?code={ordinary}&state={state}")
+    assert taken.status_code == 400 and INSTANCE_COOKIE not in browser.jars[netloc]
+
 
 def test_portal_session_is_not_accepted_on_an_instance_host(
     server: LabgateServer, browser: Browser
