@@ -206,3 +206,38 @@ def test_sharing_on_instance_hosts(server: LabgateServer, browser: Browser) -> N
         assert revoked.status_code == 204, revoked.text
     cut = browser.get(url + "api/info")
     assert cut.status_code == 404
+
+
+def test_instance_hosts_with_router_worker_processes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Router processes get the template from the settings and take each other's cookies."""
+    srv = LabgateServer(
+        tmp_path / "var",
+        PASSWORD,
+        LABGATE_INSTANCE_HOST="{id}.localhost",
+        LABGATE_ROUTER_WORKERS="2",
+    )
+    srv.start()
+    try:
+        admin = srv.token("admin", PASSWORD, ["admin", "account"])
+        with httpx.Client(base_url=srv.url, headers=admin, timeout=10) as client:
+            made = client.post("/api/v1/users", json={"name": "alice", "password": USER_PASSWORD})
+            assert made.status_code == 201, made.text
+        instance = launch(srv, "alice")
+        browser = Browser(srv)
+        try:
+            browser.sign_in("alice")
+            answer, seen = browser.follow(instance["url"] + "api/info")
+            assert answer.status_code == 200, (answer.text, seen)
+            # New connections are spread over both workers: every one takes the cookie.
+            netloc = httpx.URL(instance["url"]).netloc.decode()
+            cookie = browser.jars[netloc][INSTANCE_COOKIE]
+            headers = {"Host": netloc, "Cookie": f"{INSTANCE_COOKIE}={cookie}"}
+            statuses = {
+                httpx.get(f"{srv.url}/api/info", headers=headers).status_code for _ in range(30)
+            }
+            assert statuses == {200}
+        finally:
+            browser.close()
+    finally:
+        srv.stop_instances("admin", PASSWORD)
+        srv.stop()
