@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ async def wrk(
     tools: dict[str, str],
     url: str,
     args: argparse.Namespace,
-    header: str = "",
+    header: str | list[str] = "",
     connections: int | None = None,
     pids: list[int] | None = None,
 ) -> dict[str, float]:
@@ -141,8 +142,9 @@ async def wrk(
         "--timeout",
         "5s",
     ]
-    if header:
-        cmd += ["-H", header]
+    for line in [header] if isinstance(header, str) else header:
+        if line:
+            cmd += ["-H", line]
     before = cpu_ticks(pids or [])
     proc = await asyncio.create_subprocess_exec(
         *cmd, url, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
@@ -322,10 +324,12 @@ class Peers:
 class Labgate:
     """The labgate router as deployed split: worker processes following a route stream."""
 
-    def __init__(self, port: int, portal_port: int, workers: int) -> None:
+    def __init__(self, port: int, portal_port: int, workers: int, own_hosts: bool = False) -> None:
         from labgate.security import SessionSigner
         from labgate.wire.stream import RoutePublisher
 
+        #: Instances on their own host names (instance_host = "{id}.apps.test").
+        self.own_hosts = own_hosts
         self.port = port
         self.portal_port = portal_port
         self.workers = workers
@@ -375,8 +379,29 @@ class Labgate:
             session_max_age=3600,
             portal_upstream=static_url,
         )
+        if self.own_hosts:
+            from labgate.router.context import RouterOptions
+
+            worker = replace(
+                worker,
+                options=RouterOptions(
+                    instance_host="{id}.apps.test",
+                    instance_base_url="http://{id}.apps.test",
+                    portal_url="http://portal.test",
+                ),
+            )
         self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
         await self.wait_route("bench", 200)
+
+    def headers(self, instance_id: str) -> list[str]:
+        """The Host and Cookie headers of a request to ``instance_id``."""
+        if not self.own_hosts:
+            return ["Host: b", f"Cookie: labgate-session={self.cookie}"]
+        from labgate.security import InstanceGrants
+
+        host = f"{instance_id}.apps.test"
+        cookie = InstanceGrants(KEY, 3600).issue_cookie(instance_id, host, 1, "bench")
+        return [f"Host: {host}", f"Cookie: labgate-instance={cookie}"]
 
     async def status(self, instance_id: str, reuse: Any = None) -> int:
         """Status of GET /i/<id>/small on a fresh connection."""
@@ -384,9 +409,9 @@ class Labgate:
             reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
         except OSError:
             return 0
+        head = "\r\n".join(self.headers(instance_id))
         writer.write(
-            f"GET /i/{instance_id}/small HTTP/1.1\r\nHost: b\r\nConnection: close\r\n"
-            f"Cookie: labgate-session={self.cookie}\r\n\r\n".encode()
+            f"GET /i/{instance_id}/small HTTP/1.1\r\n{head}\r\nConnection: close\r\n\r\n".encode()
         )
         head = await reader.read(12)
         writer.close()
@@ -518,12 +543,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     (work / "www" / "big.bin").write_bytes(os.urandom(1 << 20))
     ports = {
         name: free_port()
-        for name in ("static", "ws", "nginx", "chp", "chp_api", "labgate", "portal")
+        for name in (
+            "static",
+            "ws",
+            "nginx",
+            "chp",
+            "chp_api",
+            "labgate",
+            "portal",
+            "labgate_hosts",
+            "portal_hosts",
+        )
     }
     static_url = f"http://127.0.0.1:{ports['static']}"
     ws_url = f"http://127.0.0.1:{ports['ws']}"
     peers = Peers(tools, work)
     labgate = Labgate(ports["labgate"], ports["portal"], args.workers)
+    # The same router with instance_host set: instances routed by Host, instance cookies.
+    hosted = Labgate(ports["labgate_hosts"], ports["portal_hosts"], args.workers, own_hosts=True)
     results: dict[str, Any] = {"machine": machine(), "settings": vars(args)}
     try:
         conf = nginx_conf(
@@ -574,13 +611,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         await chp_route("POST", ports["chp_api"], "/i/ws", {"target": ws_url})
         await labgate.start(static_url, ws_url)
+        await hosted.start(static_url, ws_url)
 
         cookie = f"Cookie: labgate-session={labgate.cookie}"
-        fronts = {
+        fronts: dict[str, tuple[int, str | list[str]]] = {
             "direct": (ports["static"], ""),
             "nginx": (ports["nginx"], ""),
             "configurable-http-proxy": (ports["chp"], ""),
             "labgate": (ports["labgate"], cookie),
+            # The path is the same: on its own host the router sends it on as is.
+            "labgate, instance_host": (ports["labgate_hosts"], hosted.headers("bench")),
         }
         # Whose CPU time counts per front: the proxy's own processes.
         pids = {
@@ -588,6 +628,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx": children(proxy_nginx.pid),
             "configurable-http-proxy": [chp.pid],
             "labgate": labgate.pids,
+            "labgate, instance_host": hosted.pids,
         }
         ws_fronts = {
             "direct": ports["ws"],
@@ -609,6 +650,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["big"][name] = await wrk(
                 tools, f"http://127.0.0.1:{port}/i/bench/big", args, header
             )
+        await hosted.stop()
         for name, port in ws_fronts.items():
             log(f"WebSocket echo: {name}")
             results["ws_echo"][name] = await python_job(
@@ -662,6 +704,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             await labgate.stop()
+        with contextlib.suppress(Exception):
+            await hosted.stop()
         peers.stop()
     return results
 
@@ -772,11 +816,13 @@ def table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in r["small"]:
-        s, b, w = r["small"][name], r["big"][name], r["ws_echo"][name]
+        s, b = r["small"][name], r["big"][name]
+        w = r["ws_echo"].get(name)
+        echo = f"{w['roundtrips_s']:,.0f}" if w else "-"
         rows.append(
             f"| {name} | {s['rps']:,.0f} | {s.get('p50_ms', 0):.2f} | {s.get('p99_ms', 0):.2f} "
             f"| {s.get('cpu_us_per_req', 0):.1f} "
-            f"| {b.get('mib_s', 0):,.0f} | {w['roundtrips_s']:,.0f} |"
+            f"| {b.get('mib_s', 0):,.0f} | {echo} |"
         )
     rt, many, idle = r["routes"], r["many_routes"], r["idle_ws"]
     rows += [

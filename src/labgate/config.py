@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -229,6 +230,14 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "",
         description="URL users reach labgate at. Empty means http://<host>:<port>.",
+    )
+    instance_host: str = Field(
+        "",
+        description=(
+            "Serve each instance on its own host name, e.g. {id}.apps.example.org (needs a "
+            "wildcard DNS record and certificate). Empty means under /i/<id>/ on the portal's "
+            "host."
+        ),
     )
     router_workers: int = Field(
         1,
@@ -597,6 +606,29 @@ class Settings(BaseSettings):
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
 
+    @field_validator("instance_host")
+    @classmethod
+    def _check_instance_host(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not value:
+            return ""
+        # {id} is the whole first label: a wildcard DNS record, a wildcard certificate and
+        # a CSP source (*.apps.example.org) each cover exactly that.
+        if (
+            not value.startswith("{id}.")
+            or value.count("{id}") != 1
+            or any(c in value for c in "/@?#[] *")
+        ):
+            raise ValueError(
+                "instance_host is a host name whose first label is {id}, e.g. {id}.apps.example.org"
+            )
+        name, _, port = value.partition(":")
+        if port and not port.isdigit():
+            raise ValueError(f"instance_host has a bad port: {value!r}")
+        if "{" in name.replace("{id}", "") or "}" in name.replace("{id}", ""):
+            raise ValueError(f"instance_host holds a brace other than {{id}}: {value!r}")
+        return value
+
     @field_validator("trusted_proxies")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
@@ -613,6 +645,19 @@ class Settings(BaseSettings):
                 check_new_password(password, self.admin_username, self.password_min_length)
             except Unprocessable as exc:
                 raise ValueError(f"admin_password: {exc.detail}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _portal_is_no_instance_host(self) -> Settings:
+        if self.instance_host:
+            portal = (urlsplit(self.effective_public_url).hostname or "").lower()
+            suffix = self.instance_host.split(":")[0].removeprefix("{id}")
+            label = portal.removesuffix(suffix)
+            if portal.endswith(suffix) and label and "." not in label:
+                raise ValueError(
+                    f"instance_host {self.instance_host!r} would take the portal's own host "
+                    f"{portal!r} for an instance: put the instances under another domain"
+                )
         return self
 
     @model_validator(mode="after")
@@ -684,6 +729,26 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'labgate.db').resolve()}"
+
+    def instance_netloc(self, instance_id: str) -> str:
+        """The host (and port) an instance is served on when ``instance_host`` is set.
+
+        Without a port in the template, the public URL's port (when it names
+        one) is added: the instance hosts are served by the same router.
+        """
+        netloc = self.instance_host.replace("{id}", instance_id)
+        if ":" not in netloc:
+            port = urlsplit(self.effective_public_url).port
+            if port is not None:
+                netloc = f"{netloc}:{port}"
+        return netloc
+
+    def instance_url(self, instance_id: str) -> str:
+        """Where users open an instance: its own host, or ``/i/<id>/`` on the portal's."""
+        if not self.instance_host:
+            return f"{self.effective_public_url}/i/{instance_id}/"
+        scheme = urlsplit(self.effective_public_url).scheme or "http"
+        return f"{scheme}://{self.instance_netloc(instance_id)}/"
 
     @property
     def effective_public_url(self) -> str:

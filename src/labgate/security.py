@@ -24,6 +24,8 @@ touches the database.
 - Instance secrets (what the router sends a tool in ``Authorization``): random,
   stored sealed (AES-256-GCM under a key derived from the signing key, bound to
   the instance id) by :class:`SecretBox`, so the database alone opens no tool.
+- Per-instance origins (``instance_host``): the portal's signed one-time
+  hand-off codes and the router's instance cookies (:class:`InstanceGrants`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -273,3 +276,160 @@ class SessionSigner:
     def check_csrf(self, session_id: str, token: str | None) -> bool:
         """Whether ``token`` is the CSRF token of the session."""
         return token is not None and hmac.compare_digest(self.csrf_token(session_id), token)
+
+
+# --- per-instance origins (``instance_host``) ---------------------------------
+
+#: The router's cookie on an instance's own host name (host-only, HttpOnly).
+INSTANCE_COOKIE = "labgate-instance"
+#: The hand-off's state cookie on an instance host, while the browser visits the portal.
+HANDOFF_COOKIE = "labgate-handoff"
+#: Where the portal sends the browser back to on an instance host; the router's own path.
+HANDOFF_PATH = "/_labgate/callback"
+#: Seconds a hand-off code is good for.
+HANDOFF_CODE_SECONDS = 60
+#: Seconds a browser has to come back from the portal with a code.
+HANDOFF_STATE_SECONDS = 600
+
+
+def pkce_challenge(verifier: str) -> str:
+    """The S256 code challenge of a PKCE verifier (RFC 7636)."""
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class HandoffCode:
+    """What a genuine hand-off code says: who may have which instance, on which host."""
+
+    instance_id: str
+    host: str
+    user_id: int
+    session_id: str
+    challenge: str
+    nonce: str
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class HandoffState:
+    """What the router keeps in the browser while it visits the portal."""
+
+    instance_id: str
+    state: str
+    verifier: str
+    target: str
+
+
+@dataclass(frozen=True)
+class InstanceClaim:
+    """What a genuine instance cookie says."""
+
+    instance_id: str
+    host: str
+    user_id: int
+    session_id: str
+    issued_at: float
+
+
+class InstanceGrants:
+    """Hand-off codes (portal to router) and instance cookies (router to browser).
+
+    With ``instance_host`` set, an instance is served on its own host name
+    and the portal's session cookie never goes there. The portal, having
+    checked that the signed-in person may use the instance, signs a one-time
+    code naming the instance, its host, the user, their portal session and
+    the router's PKCE challenge; the router checks it in memory (signature,
+    60 s expiry, instance, host, challenge, nonce not used before) and sets
+    an instance cookie that names the same instance, host, user and session.
+    Each kind is signed under its own salt, so one is never taken for another
+    or for a session cookie.
+    """
+
+    def __init__(self, key: str, max_age: int) -> None:
+        self.max_age = max_age
+        self._codes = URLSafeTimedSerializer(key, salt="labgate.instance-code")
+        self._cookies = URLSafeTimedSerializer(key, salt="labgate.instance-cookie")
+        self._states = URLSafeTimedSerializer(key, salt="labgate.instance-handoff")
+
+    def issue_code(
+        self, instance_id: str, host: str, user_id: int, session_id: str, challenge: str
+    ) -> str:
+        """A one-time code for ``user_id`` to get ``instance_id``'s cookie on ``host``."""
+        expires = time.time() + HANDOFF_CODE_SECONDS
+        payload = {
+            "i": instance_id,
+            "h": host,
+            "u": user_id,
+            "s": session_id,
+            "c": challenge,
+            "n": secrets.token_urlsafe(12),
+            "e": expires,
+        }
+        return self._codes.dumps(payload)
+
+    def check_code(self, value: str, now: float | None = None) -> HandoffCode | None:
+        """The claim of a genuine, unexpired code (its single use is the caller's to enforce)."""
+        data = _loads(self._codes, value, HANDOFF_CODE_SECONDS + 1)
+        if data is None:
+            return None
+        try:
+            code = HandoffCode(
+                str(data["i"]),
+                str(data["h"]),
+                int(data["u"]),
+                str(data["s"]),
+                str(data["c"]),
+                str(data["n"]),
+                float(data["e"]),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        if code.expires_at <= (time.time() if now is None else now):
+            return None
+        return code
+
+    def issue_state(self, instance_id: str, target: str) -> tuple[str, HandoffState]:
+        """A hand-off state cookie value for a browser sent to the portal from ``target``."""
+        state = HandoffState(
+            instance_id, secrets.token_urlsafe(16), secrets.token_urlsafe(32), target
+        )
+        value = self._states.dumps(
+            {"i": instance_id, "t": state.state, "v": state.verifier, "p": target}
+        )
+        return value, state
+
+    def check_state(self, value: str) -> HandoffState | None:
+        """The hand-off state in a genuine cookie value not older than ten minutes."""
+        data = _loads(self._states, value, HANDOFF_STATE_SECONDS)
+        if data is None:
+            return None
+        try:
+            return HandoffState(str(data["i"]), str(data["t"]), str(data["v"]), str(data["p"]))
+        except KeyError:
+            return None
+
+    def issue_cookie(self, instance_id: str, host: str, user_id: int, session_id: str) -> str:
+        """The value of an instance cookie."""
+        payload = {"i": instance_id, "h": host, "u": user_id, "s": session_id, "t": time.time()}
+        return self._cookies.dumps(payload)
+
+    def check_cookie(self, value: str) -> InstanceClaim | None:
+        """The claim of a genuine instance cookie within ``max_age`` (the session lifetime)."""
+        data = _loads(self._cookies, value, self.max_age)
+        if data is None:
+            return None
+        try:
+            return InstanceClaim(
+                str(data["i"]), str(data["h"]), int(data["u"]), str(data["s"]), float(data["t"])
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _loads(serializer: URLSafeTimedSerializer, value: str, max_age: int) -> dict[str, Any] | None:
+    try:
+        data = serializer.loads(value, max_age=max_age)
+    except (BadSignature, ValueError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -88,7 +88,9 @@ class Gateway:
         def on_error(error: Any) -> None:
             # Under /i/<id>/ the page is a tool's own (code-server, noVNC...): its
             # scripts' errors are the tool's business; each tool test checks what it does.
-            if not urlsplit(page.url).path.startswith("/i/"):
+            # So is a page on an instance's own host (instance_host).
+            where = urlsplit(page.url)
+            if not where.path.startswith("/i/") and where.netloc == urlsplit(self.url).netloc:
                 self.problems.append(f"page error: {error}")
 
         page.on("pageerror", on_error)

@@ -165,6 +165,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         routes=portal.routes,
         data=DataLocator(settings),
         fairness=settings.start_queue_fairness,
+        own_hosts=bool(settings.instance_host),
     )
     metrics = operations.wire(app, portal)
     if portal.routes is not None:
@@ -233,6 +234,10 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     )
     app.state.portal = portal
     app.state.oauth = oauth.OAuthState(portal.signer.key)
+    #: The CSP source of every instance host (``https://*.apps.example.org``), or "".
+    app.state.instance_hosts_source = (
+        settings.instance_url("*").rstrip("/") if settings.instance_host else ""
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
     if settings.effective_public_url.startswith("https://") and settings.hsts_max_age > 0:

@@ -46,6 +46,7 @@ from labgate.portal.auth import optional_principal
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, login_url
+from labgate.security import HANDOFF_PATH
 
 router = APIRouter(include_in_schema=False)
 
@@ -146,8 +147,7 @@ def _instance_client(portal: Portal, session: Session, client_id: str) -> Client
     secret = portal.box.open(instance.id, instance.secret)
     if not secret:
         return None
-    prefix = f"{portal.settings.effective_public_url}/i/{instance.id}/"
-    return Client(instance.id, secret, instance_prefix=prefix)
+    return Client(instance.id, secret, instance_prefix=portal.settings.instance_url(instance.id))
 
 
 async def find_client(portal: Portal, client_id: str | None) -> Client | None:
@@ -244,12 +244,24 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
         back["state"] = params["state"]
     challenge = params.get("code_challenge", "")
     method = params.get("code_challenge_method", "S256" if challenge else "")
+    handoff = bool(client.instance_prefix) and redirect_uri == _handoff_uri(portal, client)
     if (
         params.get("response_type") != "code"
         or "openid" not in params.get("scope", "").split()
         or (challenge and method != "S256")
+        or (handoff and not challenge)
     ):
         back["error"] = "invalid_request"
+    elif handoff:
+        # The router's own hand-off on the instance's host: a signed code it checks in
+        # memory (it never reaches this process's memory), bound to the PKCE challenge.
+        back["code"] = portal.instance_grants.issue_code(
+            client.client_id,
+            portal.settings.instance_netloc(client.client_id),
+            caller.user_id,
+            caller.session_id or "",
+            challenge,
+        )
     else:
         grant = _Grant(
             client.client_id,
@@ -262,6 +274,13 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
         back["code"] = oauth_state(request).new_code(grant)
     joiner = "&" if "?" in redirect_uri else "?"
     return RedirectResponse(f"{redirect_uri}{joiner}{urlencode(back)}", status_code=303)
+
+
+def _handoff_uri(portal: Portal, client: Client) -> str:
+    """The router's hand-off callback on an instance's own host, when instances have one."""
+    if not portal.settings.instance_host:
+        return ""
+    return portal.settings.instance_url(client.client_id).rstrip("/") + HANDOFF_PATH
 
 
 async def _client_auth(

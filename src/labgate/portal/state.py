@@ -17,7 +17,7 @@ from labgate.passwords import PasswordWorkers
 from labgate.portal.login_limits import LoginLimiter
 from labgate.scheduler.activity import ActivityBoard
 from labgate.scheduler.events import EventBus
-from labgate.security import SecretBox, SessionSigner
+from labgate.security import InstanceGrants, SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class Portal:
     login_limits: LoginLimiter = field(init=False)
     #: The identity providers, by name, in the order of the settings.
     providers: dict[str, IdentityProvider] = field(init=False)
+    #: Signs hand-off codes for instances on their own hosts (``instance_host``).
+    instance_grants: InstanceGrants = field(init=False)
 
     def __post_init__(self) -> None:
         self.providers = load_providers(self.settings.identity_providers)
@@ -62,6 +64,7 @@ class Portal:
             self.settings.password_hash_workers, self.settings.password_min_length
         )
         self.login_limits = LoginLimiter(self.settings)
+        self.instance_grants = InstanceGrants(self.signer.key, self.signer.max_age)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a committed session on a worker thread."""

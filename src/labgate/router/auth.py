@@ -9,6 +9,11 @@ A request is authenticated by, in order:
    cookie value (then cached), session id not revoked, user known and not
    disabled, issued no earlier than the user's ``sessions_valid_after``.
 
+On an instance's own host name (``instance_host``), the portal's session
+cookie is never taken: an API token, else the router's instance cookie
+(``labgate-instance``, signed, naming that instance, its host, the user and
+their portal session, checked once per value and then cached).
+
 Then the instance's access list decides: the owner, users listed in
 ``Route.access``, and admins. Nothing here blocks or allocates much; the
 cached signature check is what makes cookie auth cheap on the hot path.
@@ -21,16 +26,31 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+from labgate.router.hosts import InstanceHosts
 from labgate.router.http import header_safe
-from labgate.security import SESSION_COOKIE, TOKEN_PREFIX, SessionClaim, SessionSigner, hash_token
+from labgate.security import (
+    HANDOFF_COOKIE,
+    INSTANCE_COOKIE,
+    SESSION_COOKIE,
+    TOKEN_PREFIX,
+    HandoffCode,
+    InstanceClaim,
+    InstanceGrants,
+    SessionClaim,
+    SessionSigner,
+    hash_token,
+    pkce_challenge,
+)
 from labgate.wire.routes import Route, RouteTable, UserInfo
 
 ACCESS_SCOPES = frozenset({"instances:access", "admin"})
 _COOKIE_NAME = SESSION_COOKIE.encode()
+_INSTANCE_COOKIE = INSTANCE_COOKIE.encode()
+_LABGATE_COOKIES = frozenset({_COOKIE_NAME, _INSTANCE_COOKIE, HANDOFF_COOKIE.encode()})
 _TOKEN_PREFIX = TOKEN_PREFIX.encode()
 _CLAIM_CACHE_SIZE = 65536
 
-Via = Literal["session", "token"]
+Via = Literal["session", "token", "instance"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +99,26 @@ def split_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes | None]:
     return tuple(sessions), (b"; ".join(kept) if kept else None)
 
 
+def split_instance_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes | None]:
+    """Instance cookie values in a ``Cookie`` header, and the header without labgate's cookies.
+
+    On an instance host none of labgate's cookies (session, instance,
+    hand-off) goes on to the tool.
+    """
+    if not cookie or b"labgate-" not in cookie:
+        return (), cookie
+    values: list[str] = []
+    kept: list[bytes] = []
+    for part in cookie.split(b";"):
+        name, sep, value = part.strip().partition(b"=")
+        if sep and name in _LABGATE_COOKIES:
+            if name == _INSTANCE_COOKIE:
+                values.append(value.strip(b'"').decode("latin-1"))
+        elif part.strip():
+            kept.append(part.strip())
+    return tuple(values), (b"; ".join(kept) if kept else None)
+
+
 def labgate_token(authorization: bytes | None) -> str | None:
     """The labgate API token in an ``Authorization`` value, if it carries one."""
     if not authorization:
@@ -106,6 +146,13 @@ class Authenticator:
         self._decisions: dict[
             tuple[bytes | None, bytes | None], tuple[int, Identity | None, Credentials]
         ] = {}
+        self.grants = InstanceGrants(signer.key, signer.max_age)
+        self._instance_claims: dict[str, InstanceClaim] = {}
+        self._instance_decisions: dict[
+            tuple[str, bytes | None, bytes | None], tuple[int, Identity | None, Credentials]
+        ] = {}
+        #: Hand-off codes already redeemed here, with when they expire anyway.
+        self._used_codes: dict[str, float] = {}
 
     def check(
         self, cookie: bytes | None, authorization: bytes | None, now: float
@@ -129,6 +176,93 @@ class Authenticator:
             self._decisions.clear()
         self._decisions[key] = (generation, identity, creds)
         return identity, creds
+
+    def check_instance(
+        self,
+        instance_id: str,
+        hosts: InstanceHosts,
+        cookie: bytes | None,
+        authorization: bytes | None,
+        now: float,
+    ) -> tuple[Identity | None, Credentials]:
+        """Who sent these headers to ``instance_id``'s own host (named by ``hosts``).
+
+        An API token, else an instance cookie for this instance and host;
+        the portal's session cookie counts for nothing here. Cached like
+        :meth:`check`.
+        """
+        key = (instance_id, cookie, authorization)
+        known = self._instance_decisions.get(key)
+        generation = self.table.generation
+        if known is not None and known[0] == generation:
+            identity = known[1]
+            if identity is None or now < identity.valid_until:
+                return identity, known[2]
+        values, rest = split_instance_cookies(cookie)
+        creds = Credentials(sessions=values, cookie_rest=rest, token=labgate_token(authorization))
+        found: Identity | None = None
+        if creds.token is not None:
+            found = self._token_identity(creds.token, now)
+        else:
+            netloc = hosts.netloc(instance_id)
+            for value in values:
+                found = self._instance_identity(value, instance_id, netloc, now)
+                if found is not None:
+                    break
+        if len(self._instance_decisions) >= _CLAIM_CACHE_SIZE:
+            self._instance_decisions.clear()
+        self._instance_decisions[key] = (generation, found, creds)
+        return found, creds
+
+    def _instance_identity(
+        self, value: str, instance_id: str, netloc: str, now: float
+    ) -> Identity | None:
+        claim = self._instance_claims.get(value)
+        if claim is None:
+            claim = self.grants.check_cookie(value)
+            if claim is None:
+                return None
+            if len(self._instance_claims) >= _CLAIM_CACHE_SIZE:
+                self._instance_claims.clear()
+            self._instance_claims[value] = claim
+        if claim.instance_id != instance_id or claim.host != netloc:
+            return None
+        return self._user_of_session(claim.user_id, claim.session_id, claim.issued_at, now)
+
+    def _user_of_session(
+        self, user_id: int, session_id: str, issued_at: float, now: float
+    ) -> Identity | None:
+        """The user of a portal session (or a cookie made from one) if it still holds."""
+        if issued_at + self.signer.max_age < now or session_id in self.table.revoked:
+            return None
+        user = self.table.users.get(user_id)
+        if user is None or user.disabled or issued_at < user.sessions_valid_after:
+            return None
+        return Identity(user, "instance", issued_at + self.signer.max_age)
+
+    def redeem(
+        self, value: str, instance_id: str, netloc: str, verifier: str, now: float
+    ) -> HandoffCode | None:
+        """A hand-off code's claim, once: genuine, unexpired, for this instance and host.
+
+        ``verifier`` is the PKCE verifier the router kept in the browser's
+        hand-off cookie; the code carries its challenge, so a code taken
+        from the URL is worth nothing to another browser.
+        """
+        code = self.grants.check_code(value, now)
+        if code is None or code.instance_id != instance_id or code.host != netloc:
+            return None
+        if code.challenge != pkce_challenge(verifier):
+            return None
+        if code.nonce in self._used_codes:
+            return None
+        if len(self._used_codes) > 4096:
+            for nonce in [n for n, until in self._used_codes.items() if until <= now]:
+                del self._used_codes[nonce]
+        self._used_codes[code.nonce] = code.expires_at
+        if self._user_of_session(code.user_id, code.session_id, now, now) is None:
+            return None
+        return code
 
     def identify(self, creds: Credentials, now: float | None = None) -> Identity | None:
         """The user behind ``creds``, or None.

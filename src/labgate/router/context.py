@@ -16,6 +16,7 @@ from typing import Protocol
 
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
+from labgate.router.hosts import InstanceHosts
 from labgate.router.http import NEVER, log
 from labgate.router.tunnel import SiteTunnels
 from labgate.router.upstream import UpstreamPool
@@ -62,6 +63,12 @@ class RouterOptions:
     """Which of the router processes sharing the public port this is (0 first)."""
     worker_count: int = 1
     """How many router processes share the public port (agents' tunnels reach each)."""
+    instance_host: str = ""
+    """``instance_host`` template (``{id}.apps.example.org``); empty: instances under ``/i/``."""
+    instance_base_url: str = ""
+    """An instance's public URL with ``{id}`` in it (scheme, host, port) when on its own host."""
+    portal_url: str = ""
+    """The portal's public URL: where a browser on an instance host goes for the hand-off."""
 
 
 class Timed(Protocol):
@@ -89,6 +96,12 @@ class Context:
         self.auth = auth
         self.portal = portal
         self.options = options
+        #: Instances on their own host names, or None (under ``/i/<id>/``).
+        self.hosts = (
+            InstanceHosts(options.instance_host, options.instance_base_url)
+            if options.instance_host
+            else None
+        )
         self.activity = activity or ActivityLog()
         self.portal_counter = Counter()
         self.stats = RouterStats()

@@ -84,6 +84,7 @@ class Exchange:
         "is_upgrade",
         "keep_alive",
         "method",
+        "portal_base",
         "response_done",
         "response_started",
         "retried",
@@ -135,6 +136,8 @@ class Exchange:
         #: Wall-clock time the request was routed to an instance (for the latency histogram).
         self.started = 0.0
         self.instance_id = ""
+        #: The portal's URL for the router's pages, on an instance's own host ("" elsewhere).
+        self.portal_base = ""
         self.head = b""
         self.address: UpstreamAddress | None = None
         self.counter: Counter | None = None
@@ -269,21 +272,35 @@ def portal_head(ex: Exchange, peer: bytes, proto: bytes) -> bytes:
 
 
 def instance_head(
-    ex: Exchange, route: Route, identity: Identity, creds: Credentials, peer: bytes, proto: bytes
+    ex: Exchange,
+    route: Route,
+    identity: Identity,
+    creds: Credentials,
+    peer: bytes,
+    proto: bytes,
+    *,
+    prefixed: bool = True,
 ) -> bytes:
     """The head sent to an instance.
 
-    Labgate's credentials never reach the tool: the session cookie is cut
-    out of ``Cookie`` and a labgate token in ``Authorization`` is dropped.
-    The tool gets the route's own token instead, and the user's name.
+    Labgate's credentials never reach the tool: its cookies are cut out of
+    ``Cookie`` and a labgate token in ``Authorization`` is dropped. The tool
+    gets the route's own token instead, and the user's name. An instance on
+    its own host (not ``prefixed``) gets the path as sent and no
+    ``X-Forwarded-Prefix``.
     """
-    tail = ex.target_info.tail if ex.target_info is not None else b"/"
-    parts = _start(ex, ex.target if route.keep_prefix else tail)
+    if prefixed:
+        tail = ex.target_info.tail if ex.target_info is not None else b"/"
+        parts = _start(ex, ex.target if route.keep_prefix else tail)
+        lines = route.head_lines
+    else:
+        parts = _start(ex, ex.target)
+        lines = route.head_lines[route.prefix_line_length :]
     if creds.cookie_rest is not None:
         parts += [b"Cookie: ", creds.cookie_rest, CRLF]
     if not route.upstream_token and ex.authorization is not None and creds.token is None:
         parts += [b"Authorization: ", ex.authorization, CRLF]
-    parts += [route.head_lines, identity.head_line, b"X-Forwarded-For: ", peer]
+    parts += [lines, identity.head_line, b"X-Forwarded-For: ", peer]
     parts += [b"\r\nX-Forwarded-Proto: ", proto, CRLF]
     if ex.host is not None:
         parts += [b"X-Forwarded-Host: ", ex.host, CRLF]

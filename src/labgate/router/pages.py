@@ -16,15 +16,16 @@ from labgate.router.http import status_line
 
 # The portal's look: its stylesheet (same origin, reached through this router) and
 # the markup of its error page (portal/ui/templates/error.html), without scripts.
+# On an instance's own host, {base} is the portal's URL: "/" there is the tool's.
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} · labgate</title>{refresh}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark">
-<link rel="stylesheet" href="/static/labgate.css">
-<link rel="icon" href="/static/favicon.svg" type="image/svg+xml"></head>
+<link rel="stylesheet" href="{base}/static/labgate.css">
+<link rel="icon" href="{base}/static/favicon.svg" type="image/svg+xml"></head>
 <body>
 <header class="site-header">
-  <a class="brand" href="/"><span class="brand-mark" aria-hidden="true">◆</span> labgate</a>
+  <a class="brand" href="{base}/"><span class="brand-mark" aria-hidden="true">◆</span> labgate</a>
 </header>
 <main id="main">
 <section class="narrow panel error-page" aria-labelledby="error-heading">
@@ -32,8 +33,8 @@ _PAGE = """<!doctype html>
   <h1 id="error-heading">{title}</h1>
   <p class="detail">{detail}</p>
   <ul class="actions">
-    <li><a class="button primary" href="/">Go to your tools</a></li>
-    <li><a class="button" href="/instances">My instances</a></li>
+    <li><a class="button primary" href="{base}/">Go to your tools</a></li>
+    <li><a class="button" href="{base}/instances">My instances</a></li>
   </ul>
 </section>
 </main>
@@ -107,11 +108,13 @@ def error(
     retry_after: int | None = None,
     head_only: bool = False,
     code: str | None = None,
+    base: str = "",
 ) -> bytes:
     """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
 
     ``code`` is the error code when the status alone does not say it (the
-    portal's, e.g. ``insufficient_scope``). ``retry_after`` adds the header
+    portal's, e.g. ``insufficient_scope``). ``base`` is the portal's URL for
+    the page's links and stylesheet, on an instance's own host. ``retry_after`` adds the header
     and, for browsers, a page that refreshes itself after that many seconds.
     """
     extra: list[tuple[bytes, bytes]] = []
@@ -128,6 +131,7 @@ def error(
             title=html.escape(_TITLES.get(status, "Error")),
             detail=html.escape(detail),
             refresh=refresh,
+            base=html.escape(base),
         ).encode()
         return response(
             status,
@@ -152,12 +156,17 @@ def login_redirect(login_path: str, target: bytes, *, close: bool = False) -> by
     return redirect(location, 302, close=close)
 
 
-def redirect(location: bytes, status: int = 302, *, close: bool = False) -> bytes:
-    """A redirect with a tiny body."""
+def redirect(
+    location: bytes,
+    status: int = 302,
+    *,
+    close: bool = False,
+    cookies: tuple[bytes, ...] = (),
+) -> bytes:
+    """A redirect with a tiny body; ``cookies`` are ``Set-Cookie`` values to send with it."""
     body = b"Redirecting to " + html.escape(location.decode("latin-1")).encode("latin-1")
-    return response(
-        status, body, b"text/plain; charset=utf-8", close=close, extra=[(b"Location", location)]
-    )
+    extra = [(b"Location", location)] + [(b"Set-Cookie", cookie) for cookie in cookies]
+    return response(status, body, b"text/plain; charset=utf-8", close=close, extra=extra)
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

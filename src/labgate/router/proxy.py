@@ -23,21 +23,26 @@ from typing import cast
 
 import httptools
 
-from labgate.router import pages
+from labgate.router import handoff, pages
 from labgate.router.activity import Counter
+from labgate.router.auth import Credentials, Identity
 from labgate.router.context import NEVER, Context, log
 from labgate.router.exchange import Exchange, instance_head, portal_head
 from labgate.router.forwarded import client_address, is_trusted_proxy
+from labgate.router.hosts import InstanceHosts
 from labgate.router.http import (
     MAX_HEAD,
     MAX_HEADERS,
     MAX_TARGET,
 )
 from labgate.router.upstream import UpstreamConnection
-from labgate.wire.routes import UpstreamAddress, UserInfo
+from labgate.security import HANDOFF_PATH
+from labgate.wire.routes import Route, UpstreamAddress, UserInfo
 from labgate.wire.tunnel import TUNNEL_PATH
 
 _TUNNEL_TARGET = TUNNEL_PATH.encode()
+_LABGATE_PATH = b"/_labgate/"
+_HANDOFF_TARGET = HANDOFF_PATH.encode()
 
 PAUSE_PIPELINE = 1
 PAUSE_UPSTREAM = 2
@@ -313,6 +318,17 @@ class ClientConnection(asyncio.Protocol):
         if ex.is_upgrade:
             ex.close_after = True  # unless the upstream switches, the connection ends
         info = ex.target_info
+        hosts = self.ctx.hosts
+        if hosts is not None and ex.host is not None:
+            host_instance = hosts.instance_of(ex.host)
+            if host_instance is not None:
+                self._serve_host(ex, hosts, host_instance)
+                return
+            if info is not None and info.instance_id:
+                # Instances live on their own hosts: never under the portal's origin.
+                location = hosts.url(info.instance_id).encode("latin-1") + (info.tail or b"/")
+                self._answer(ex, lambda close: pages.redirect(location, 302, close=close))
+                return
         if ex.target == _TUNNEL_TARGET:
             self._site_tunnel(ex)
             return
@@ -345,6 +361,69 @@ class ClientConnection(asyncio.Protocol):
             location = path + b"/" + sep + query
             self._answer(ex, lambda close: pages.redirect(location, 302, close=close))
             return
+        self._to_instance(ex, route, identity, creds, now, prefixed=True)
+
+    def _serve_host(self, ex: Exchange, hosts: InstanceHosts, instance_id: str) -> None:
+        """A request to an instance's own host name (``instance_host``)."""
+        ctx = self.ctx
+        ex.portal_base = ctx.options.portal_url
+        route = ctx.table.routes.get(instance_id)
+        if route is None:
+            self._reply(ex, 404, f"there is no instance {instance_id!r} here")
+            return
+        secure = self.proto == b"https"
+        now = time.time()
+        if ex.target.startswith(_LABGATE_PATH):
+            if ex.target.partition(b"?")[0] != _HANDOFF_TARGET or ex.method != b"GET":
+                self._reply(ex, 404, "no such page")
+                return
+            done = handoff.finish(ctx.auth, hosts, route, ex.target, ex.cookie, now, secure=secure)
+            if isinstance(done, handoff.Redirect):
+                location, cookies = done
+                self._answer(
+                    ex,
+                    lambda close: pages.redirect(location, 302, close=close, cookies=cookies),
+                )
+            else:
+                self._reply(ex, *done)
+            return
+        identity, creds = ctx.auth.check_instance(
+            instance_id, hosts, ex.cookie, ex.authorization, now
+        )
+        if identity is None:
+            if ctx.auth.lacks_access_scope(creds, now):
+                detail = "this API token lacks the instances:access scope"
+                self._reply(ex, 403, detail, code="insufficient_scope")
+            elif ex.browser and ex.method in (b"GET", b"HEAD"):
+                portal, target = ctx.options.portal_url, ex.target
+                self._answer(
+                    ex,
+                    lambda close: handoff.start(
+                        ctx.auth, hosts, portal, instance_id, target, secure=secure, close=close
+                    ),
+                )
+            else:
+                detail = "send an API token with the instances:access scope"
+                self._reply(ex, 401, detail)
+            return
+        if not ctx.auth.may_access(identity, route):
+            self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
+            return
+        self._to_instance(ex, route, identity, creds, now, prefixed=False)
+
+    def _to_instance(
+        self,
+        ex: Exchange,
+        route: Route,
+        identity: Identity,
+        creds: Credentials,
+        now: float,
+        *,
+        prefixed: bool,
+    ) -> None:
+        """Send an authorized request on to its instance (or say why it cannot go yet)."""
+        ctx = self.ctx
+        instance_id = route.instance_id
         if route.state != "running":
             if route.state == "unreachable":
                 detail = (
@@ -362,7 +441,9 @@ class ClientConnection(asyncio.Protocol):
         ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id
-        ex.head = instance_head(ex, route, identity, creds, self._client(ex), self.proto)
+        ex.head = instance_head(
+            ex, route, identity, creds, self._client(ex), self.proto, prefixed=prefixed
+        )
         self.user = identity.user
         self._proxy(ex, route.address)
 
@@ -458,7 +539,7 @@ class ClientConnection(asyncio.Protocol):
         retry_after: int | None = None,
         code: str | None = None,
     ) -> None:
-        browser, head_only = ex.browser, ex.is_head
+        browser, head_only, base = ex.browser, ex.is_head, ex.portal_base
         self._answer(
             ex,
             lambda close: pages.error(
@@ -469,6 +550,7 @@ class ClientConnection(asyncio.Protocol):
                 retry_after=retry_after,
                 head_only=head_only,
                 code=code,
+                base=base,
             ),
         )
 

@@ -167,7 +167,11 @@ def options_from_settings(settings: Settings, **overrides: object) -> RouterOpti
         "forwarded_proto": scheme,
         "trusted_proxies": tuple(settings.trusted_proxies),
         "worker_count": settings.router_workers,
+        "portal_url": settings.effective_public_url,
     }
+    if settings.instance_host:
+        values["instance_host"] = settings.instance_host
+        values["instance_base_url"] = settings.instance_url("{id}")
     values.update(overrides)
     return RouterOptions(**values)  # type: ignore[arg-type]
 

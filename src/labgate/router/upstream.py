@@ -27,7 +27,7 @@ from labgate.router.http import (
     log,
     status_line,
 )
-from labgate.security import SESSION_COOKIE
+from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIE, SESSION_COOKIE
 from labgate.wire.routes import UpstreamAddress
 
 if TYPE_CHECKING:
@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from labgate.router.exchange import Exchange
     from labgate.router.proxy import ClientConnection
 
-_SESSION_SET_COOKIE = SESSION_COOKIE.encode() + b"="
+# A tool may not set (or clear) any of labgate's own cookies.
+_SESSION_SET_COOKIE = tuple(
+    name.encode() + b"=" for name in (SESSION_COOKIE, INSTANCE_COOKIE, HANDOFF_COOKIE)
+)
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -276,7 +279,7 @@ class UpstreamConnection(asyncio.Protocol):
             and lname == b"set-cookie"
             and value.lstrip().startswith(_SESSION_SET_COOKIE)
         ):
-            return  # a tool may not set (or clear) labgate's own session cookie
+            return  # a tool may not set (or clear) labgate's own cookies
         self.resp_headers += [name, b": ", value, b"\r\n"]
 
     def on_headers_complete(self) -> None:

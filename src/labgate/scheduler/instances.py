@@ -77,8 +77,11 @@ class InstanceManager:
         routes: RouteFeed | None = None,
         data: DataLocator | None = None,
         fairness: Fairness = "user",
+        own_hosts: bool = False,
     ) -> None:
         self.db = db
+        #: Instances are served on their own host names (``instance_host``): tools at ``/``.
+        self.own_hosts = own_hosts
         #: Seals instance secrets for the database and opens them for launch specs.
         self.box = box
         self.catalog = catalog
@@ -203,7 +206,7 @@ class InstanceManager:
             owner=instance.owner.name,
             owner_id=instance.owner.id,
             tool=tool,
-            base_url=f"/i/{instance.id}/",
+            base_url="/" if self.own_hosts else f"/i/{instance.id}/",
             workspace=workspace,
             resources=Resources(**instance.resources),
             secret=self.box.open(instance.id, instance.secret) or "",

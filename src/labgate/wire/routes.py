@@ -148,10 +148,16 @@ class Route:
         object.__setattr__(self, "address", parse_upstream(self.upstream))
         object.__setattr__(self, "prefix", f"/i/{self.instance_id}".encode())
         # The route's own request header lines, built once instead of per request.
+        # The prefix line comes first: an instance on its own host is sent the rest.
         lines = b"X-Forwarded-Prefix: " + self.prefix + b"\r\n"
         if self.upstream_token:
-            lines = b"Authorization: token " + self.upstream_token.encode() + b"\r\n" + lines
+            lines += b"Authorization: token " + self.upstream_token.encode() + b"\r\n"
         object.__setattr__(self, "head_lines", lines)
+
+    @property
+    def prefix_line_length(self) -> int:
+        """Bytes of the ``X-Forwarded-Prefix`` line at the start of ``head_lines``."""
+        return len(self.prefix) + 22
 
     def allows(self, user_id: int) -> bool:
         """Whether a (non-admin) user may use this instance."""

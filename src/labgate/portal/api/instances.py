@@ -59,7 +59,7 @@ def instance_out(
         site=instance.site.name if instance.site else None,
         state=instance.state.value,
         reason=instance.reason,
-        url=f"{portal.settings.effective_public_url}/i/{instance.id}/",
+        url=portal.settings.instance_url(instance.id),
         resources=instance.resources,
         created_at=instance.created_at,
         started_at=instance.started_at,

@@ -310,9 +310,7 @@ async def redeem(portal: Portal, caller: Principal, token: str) -> RedeemOut:
         return instance_id
 
     instance_id = await portal.run_db(take)
-    return RedeemOut(
-        instance=instance_id, url=f"{portal.settings.effective_public_url}/i/{instance_id}/"
-    )
+    return RedeemOut(instance=instance_id, url=portal.settings.instance_url(instance_id))
 
 
 @router.post("/shares/redeem", response_model=RedeemOut, responses=errors(404))

@@ -101,7 +101,7 @@ def _go_to(portal: Portal, instance: Instance, urlpath: str = "") -> RedirectRes
     ``urlpath`` is checked and has its ``{dataset}`` filled in already.
     """
     if instance.state == InstanceState.running:
-        base = f"{portal.settings.effective_public_url}/i/{instance.id}/"
+        base = portal.settings.instance_url(instance.id)
         return RedirectResponse(open_url(base, urlpath), status_code=303)
     return RedirectResponse(_progress_page(instance.id, urlpath), status_code=303)
 

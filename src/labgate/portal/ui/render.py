@@ -150,6 +150,13 @@ def render(
     """A page with the UI's security headers."""
     response = templates.TemplateResponse(request, template, context, status_code=status)
     response.headers.update(PAGE_HEADERS)
+    instance_hosts = getattr(request.app.state, "instance_hosts_source", "")
+    if instance_hosts:
+        # A sign-in form that ends, through the redirects of the hand-off, on an
+        # instance's own host: form-action covers every redirect of a submission.
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY.replace(
+            "form-action 'self'", f"form-action 'self' {instance_hosts}"
+        )
     return response
 
 
