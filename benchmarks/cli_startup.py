@@ -8,7 +8,9 @@ HTTP round trip on loopback, without a portal's work.
 Uses hyperfine when it is installed (``--warmup 3``), else times ``--runs``
 runs with ``subprocess`` after 3 warm-up runs. Prints a Markdown table and
 JSON (also written to ``benchmarks/results/cli-startup-<time>.json``). The
-target of issue 18 is a mean under 0.3 s for each command.
+target of issue 18 is a mean under 0.3 s for each command. Runs without
+``PYTHONDONTWRITEBYTECODE``, as an installed labgate does: the warm-up runs
+write labgate's bytecode cache.
 
     .venv/bin/python benchmarks/cli_startup.py [--runs 30]
 """
@@ -30,19 +32,37 @@ from pathlib import Path
 from typing import Any
 
 TARGET_SECONDS = 0.3
-COMMANDS: dict[str, list[str]] = {
-    "labgate --help": ["--help"],
-    "labgate version": ["version"],
-    "labgate ls": ["ls"],
+TABLE_TOKEN = "lg_benchmark_table"
+# name: (arguments, token); the stand-in server answers TABLE_TOKEN with three
+# instances, so that `ls` also draws its table (which loads Rich).
+COMMANDS: dict[str, tuple[list[str], str]] = {
+    "labgate --help": (["--help"], "lg_benchmark"),
+    "labgate version": (["version"], "lg_benchmark"),
+    "labgate ls": (["ls"], "lg_benchmark"),
+    "labgate ls (3 instances)": (["ls"], TABLE_TOKEN),
 }
 RESULTS = Path(__file__).with_name("results")
+INSTANCES = [
+    {
+        "id": f"i-{n:04d}",
+        "tool": "jupyterlab",
+        "owner": "ada",
+        "site": "local",
+        "state": "running",
+        "created_at": "2026-12-02T10:00:00+00:00",
+        "url": f"http://127.0.0.1:8000/i/i-{n:04d}/",
+        "reason": None,
+    }
+    for n in range(3)
+]
 
 
-class _EmptyList(BaseHTTPRequestHandler):
-    """Answers every GET with an empty JSON list (an account with no instances)."""
+class _StandIn(BaseHTTPRequestHandler):
+    """Answers every GET with an empty JSON list, or three instances for TABLE_TOKEN."""
 
     def do_GET(self) -> None:
-        body = b"[]"
+        table = self.headers.get("Authorization") == f"token {TABLE_TOKEN}"
+        body = json.dumps(INSTANCES).encode() if table else b"[]"
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -53,13 +73,19 @@ class _EmptyList(BaseHTTPRequestHandler):
         pass
 
 
-def _environment(home: Path, url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
+def _environment(home: Path, url: str, token: str) -> dict[str, str]:
+    # Without PYTHONDONTWRITEBYTECODE, as an installed labgate runs: the warm-up runs
+    # write labgate's bytecode cache, else every run would compile its modules again.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("LABGATE_") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     env.update(
         HOME=str(home),
         XDG_CONFIG_HOME=str(home / "config"),
         LABGATE_URL=url,
-        LABGATE_TOKEN="lg_benchmark",
+        LABGATE_TOKEN=token,
         COLUMNS="120",
     )
     return env
@@ -114,14 +140,14 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per command")
     options = parser.parse_args()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _EmptyList)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StandIn)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     tool = "hyperfine" if shutil.which("hyperfine") else "subprocess"
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        env = _environment(Path(tmp), url)
-        for name, args in COMMANDS.items():
+        for name, (args, token) in COMMANDS.items():
+            env = _environment(Path(tmp), url, token)
             argv = _command(args)
             if tool == "hyperfine":
                 times = _time_hyperfine(argv, env, options.runs, Path(tmp))

@@ -109,6 +109,56 @@ def ensure_tools() -> dict[str, str]:
     return {"nginx": nginx, "wrk": shutil.which("wrk") or "wrk", "chp": str(chp)}
 
 
+def self_signed(work: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for 127.0.0.1 (P-256), for both HTTPS fronts."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = work / "tls-cert.pem", work / "tls-key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def client_tls() -> Any:
+    """A TLS client context that trusts the throwaway certificate (no verification)."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 # --------------------------------------------------------------------------- wrk
 def parse_duration(text: str) -> float:
     match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
@@ -287,6 +337,37 @@ def nginx_conf(work: Path, name: str, body: str) -> Path:
     return conf
 
 
+def static_conf(work: Path, ports: dict[str, int]) -> Path:
+    """nginx as the upstream: ``…/small`` answers ``hello world``, ``…/big`` 1 MiB."""
+    return nginx_conf(
+        work,
+        "static",
+        f"""
+ server {{ listen 127.0.0.1:{ports["static"]}; root {work}/www;
+  location ~ /small$ {{ default_type text/plain; return 200 "hello world\\n"; }}
+  location ~ /big$ {{ try_files /big.bin =404; }} }}""",
+    )
+
+
+def proxy_conf(work: Path, ports: dict[str, int], cert_file: Path, key_file: Path) -> Path:
+    """nginx as the peer proxy: plain HTTP on ``nginx``, HTTPS on ``nginx_tls``."""
+    return nginx_conf(
+        work,
+        "proxy",
+        f"""
+ map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+ upstream static {{ server 127.0.0.1:{ports["static"]}; keepalive 64; }}
+ upstream wsup {{ server 127.0.0.1:{ports["ws"]}; }}
+ server {{ listen 127.0.0.1:{ports["nginx"]} backlog=4096;
+  location /i/ws/ {{ proxy_pass http://wsup; proxy_http_version 1.1; proxy_read_timeout 3600s;
+   proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; }}
+  location / {{ proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+ server {{ listen 127.0.0.1:{ports["nginx_tls"]} ssl backlog=4096;
+  ssl_certificate {cert_file}; ssl_certificate_key {key_file}; ssl_protocols TLSv1.2 TLSv1.3;
+  location / {{ proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""",  # noqa: E501
+    )
+
+
 class Peers:
     """Starts and stops the processes of one run."""
 
@@ -324,12 +405,21 @@ class Peers:
 class Labgate:
     """The labgate router as deployed split: worker processes following a route stream."""
 
-    def __init__(self, port: int, portal_port: int, workers: int, own_hosts: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        portal_port: int,
+        workers: int,
+        own_hosts: bool = False,
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
         from labgate.security import SessionSigner
         from labgate.wire.stream import RoutePublisher
 
         #: Instances on their own host names (instance_host = "{id}.apps.test").
         self.own_hosts = own_hosts
+        #: The certificate and key the router terminates TLS with (tls_cert_file/tls_key_file).
+        self.tls = tls
         self.port = port
         self.portal_port = portal_port
         self.workers = workers
@@ -390,6 +480,8 @@ class Labgate:
                     portal_url="http://portal.test",
                 ),
             )
+        if self.tls is not None:
+            worker = replace(worker, tls_cert_file=str(self.tls[0]), tls_key_file=str(self.tls[1]))
         self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
         await self.wait_route("bench", 200)
 
@@ -406,7 +498,9 @@ class Labgate:
     async def status(self, instance_id: str, reuse: Any = None) -> int:
         """Status of GET /i/<id>/small on a fresh connection."""
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, ssl=client_tls() if self.tls else None
+            )
         except OSError:
             return 0
         head = "\r\n".join(self.headers(instance_id))
@@ -553,40 +647,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "portal",
             "labgate_hosts",
             "portal_hosts",
+            "nginx_tls",
+            "labgate_tls",
+            "portal_tls",
         )
     }
+    cert_file, key_file = self_signed(work)
     static_url = f"http://127.0.0.1:{ports['static']}"
     ws_url = f"http://127.0.0.1:{ports['ws']}"
     peers = Peers(tools, work)
     labgate = Labgate(ports["labgate"], ports["portal"], args.workers)
     # The same router with instance_host set: instances routed by Host, instance cookies.
     hosted = Labgate(ports["labgate_hosts"], ports["portal_hosts"], args.workers, own_hosts=True)
+    # The same router terminating TLS, with the certificate nginx's HTTPS server has.
+    secure = Labgate(
+        ports["labgate_tls"], ports["portal_tls"], args.workers, tls=(cert_file, key_file)
+    )
     results: dict[str, Any] = {"machine": machine(), "settings": vars(args)}
     try:
-        conf = nginx_conf(
-            work,
-            "static",
-            f"""
- server {{ listen 127.0.0.1:{ports["static"]}; root {work}/www;
-  location ~ /small$ {{ default_type text/plain; return 200 "hello world\\n"; }}
-  location ~ /big$ {{ try_files /big.bin =404; }} }}""",
-        )
+        conf = static_conf(work, ports)
         static_nginx = peers.start(
             [tools["nginx"], "-c", str(conf), "-p", str(work)], ports["static"]
         )
         peers.start([PY, __file__, "_ws-upstream", str(ports["ws"])], ports["ws"])
-        conf = nginx_conf(
-            work,
-            "proxy",
-            f"""
- map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
- upstream static {{ server 127.0.0.1:{ports["static"]}; keepalive 64; }}
- upstream wsup {{ server 127.0.0.1:{ports["ws"]}; }}
- server {{ listen 127.0.0.1:{ports["nginx"]} backlog=4096;
-  location /i/ws/ {{ proxy_pass http://wsup; proxy_http_version 1.1; proxy_read_timeout 3600s;
-   proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade; }}
-  location / {{ proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}""",  # noqa: E501
-        )
+        conf = proxy_conf(work, ports, cert_file, key_file)
         proxy_nginx = peers.start(
             [tools["nginx"], "-c", str(conf), "-p", str(work)], ports["nginx"]
         )
@@ -612,6 +696,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await chp_route("POST", ports["chp_api"], "/i/ws", {"target": ws_url})
         await labgate.start(static_url, ws_url)
         await hosted.start(static_url, ws_url)
+        await secure.start(static_url, ws_url)
 
         cookie = f"Cookie: labgate-session={labgate.cookie}"
         fronts: dict[str, tuple[int, str | list[str]]] = {
@@ -621,7 +706,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "labgate": (ports["labgate"], cookie),
             # The path is the same: on its own host the router sends it on as is.
             "labgate, instance_host": (ports["labgate_hosts"], hosted.headers("bench")),
+            # HTTPS: TLS terminated by the proxy itself, the same certificate for both.
+            "nginx, HTTPS": (ports["nginx_tls"], ""),
+            "labgate, HTTPS": (ports["labgate_tls"], cookie),
         }
+        https = {"nginx, HTTPS", "labgate, HTTPS"}
         # Whose CPU time counts per front: the proxy's own processes.
         pids = {
             "direct": children(static_nginx.pid),
@@ -629,6 +718,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "configurable-http-proxy": [chp.pid],
             "labgate": labgate.pids,
             "labgate, instance_host": hosted.pids,
+            "nginx, HTTPS": children(proxy_nginx.pid),
+            "labgate, HTTPS": secure.pids,
         }
         ws_fronts = {
             "direct": ports["ws"],
@@ -641,16 +732,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             # Rounds interleave the fronts; the best round of each counts (shared machine).
             for name, (port, header) in fronts.items():
                 log(f"small responses: {name} (round {round_ + 1}/{args.rounds})")
-                url = f"http://127.0.0.1:{port}/i/bench/small"
+                scheme = "https" if name in https else "http"
+                url = f"{scheme}://127.0.0.1:{port}/i/bench/small"
                 result = await wrk(tools, url, args, header, pids=pids[name])
                 if result["rps"] > results["small"].get(name, {}).get("rps", 0):
                     results["small"][name] = result
         for name, (port, header) in fronts.items():
             log(f"1 MiB responses: {name}")
+            scheme = "https" if name in https else "http"
             results["big"][name] = await wrk(
-                tools, f"http://127.0.0.1:{port}/i/bench/big", args, header
+                tools, f"{scheme}://127.0.0.1:{port}/i/bench/big", args, header
             )
         await hosted.stop()
+        await secure.stop()
         for name, port in ws_fronts.items():
             log(f"WebSocket echo: {name}")
             results["ws_echo"][name] = await python_job(
@@ -706,6 +800,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await labgate.stop()
         with contextlib.suppress(Exception):
             await hosted.stop()
+        with contextlib.suppress(Exception):
+            await secure.stop()
         peers.stop()
     return results
 
@@ -805,6 +901,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     ]
 
 
+def https_ratio(r: dict[str, Any]) -> float:
+    """labgate's small-response req/s over HTTPS, as a fraction of nginx's."""
+    small = r["small"]
+    return float(small["labgate, HTTPS"]["rps"] / small["nginx, HTTPS"]["rps"])
+
+
+def plain_ratio(r: dict[str, Any]) -> float:
+    """labgate's small-response req/s over plain HTTP, as a fraction of nginx's."""
+    small = r["small"]
+    return float(small["labgate"]["rps"] / small["nginx"]["rps"])
+
+
 def spread(values: list[float]) -> str:
     """The range of a list of runs: "41.3-56.8"."""
     return f"{min(values):.1f}-{max(values):.1f}"
@@ -840,6 +948,8 @@ def table(r: dict[str, Any]) -> str:
         f"| router RSS with {many['routes']:,} routes ({idle['workers']} workers) | {many['rss_kib'] / 1024:.1f} MiB |",  # noqa: E501
         f"| router RSS, {idle['count']:,} idle WebSockets ({idle['workers']} workers) | {idle['rss_before_kib'] / 1024:.1f} → {idle['rss_after_kib'] / 1024:.1f} MiB |",  # noqa: E501
         f"| router memory per idle WebSocket | {idle['kib_per_ws']:.1f} KiB |",
+        f"| labgate / nginx, small req/s over HTTPS (same certificate) | {https_ratio(r):.2f} |",
+        f"| labgate / nginx, small req/s over plain HTTP | {plain_ratio(r):.2f} |",
         "",
         "| target | measured | wanted | met |",
         "|---|---:|---:|---|",
@@ -887,6 +997,7 @@ def main() -> None:
     import uvloop
 
     results = uvloop.run(run(args))
+    results["https_ratio"] = https_ratio(results)
     results["targets"] = [
         {"name": n, "value": v, "wanted": w, "met": m} for n, v, w, m in targets(results)
     ]

@@ -536,12 +536,12 @@ def test_every_command_is_documented() -> None:
     text = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
 
     def walk(command: Any, prefix: str) -> Iterator[tuple[str, Any]]:
-        subcommands = getattr(command, "commands", None)
-        if subcommands is None:
+        if not hasattr(command, "list_commands"):
             yield prefix, command
             return
-        for name, sub in subcommands.items():
-            yield from walk(sub, f"{prefix} {name}")
+        ctx = typer.Context(command)  # the root loads its groups on demand
+        for name in command.list_commands(ctx):
+            yield from walk(command.get_command(ctx, name), f"{prefix} {name}")
 
     root = typer.main.get_command(app)
     commands = dict(walk(root, "labgate"))

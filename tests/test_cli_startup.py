@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,29 @@ try:
     main()
 except SystemExit:
     pass
-print(json.dumps(sorted(sys.modules)), file=sys.stderr)
+print(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None)), file=sys.stderr)
 """
-HEAVY = ("httpx", "pydantic_settings", "sqlalchemy", "fastapi", "starlette", "limits", "asyncio")
+HEAVY = (
+    "httpx",
+    "pydantic",
+    "pydantic_settings",
+    "sqlalchemy",
+    "fastapi",
+    "starlette",
+    "limits",
+    "asyncio",
+    "rich",  # typer's Rich help, and labgate's tables, are not needed to say this much
+)
+# The command groups, imported only when one is named on the command line.
+GROUP_MODULES = (
+    "labgate.cli.users",
+    "labgate.cli.sites",
+    "labgate.cli.shares",
+    "labgate.cli.datasets",
+    "labgate.cli.images",
+    "labgate.cli.runs",
+    "labgate.cli.snapshots",
+)
 NEVER_IN_THE_CLI = (
     "sqlalchemy",
     "fastapi",
@@ -65,6 +86,7 @@ def test_help_and_version_import_nothing_heavy(args: tuple[str, ...], tmp_path: 
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
     assert "labgate.client" not in loaded
     assert "labgate.config" not in loaded
+    assert not loaded & set(GROUP_MODULES), sorted(loaded & set(GROUP_MODULES))
 
 
 def test_ls_imports_the_client_but_no_server_parts(tmp_path: Path) -> None:
@@ -75,3 +97,57 @@ def test_ls_imports_the_client_but_no_server_parts(tmp_path: Path) -> None:
     assert "limits" not in loaded
     # Only url and token are read (labgate.configfile), not all settings.
     assert "pydantic_settings" not in loaded and "labgate.config" not in loaded
+    # typer 0.29 and later import pydantic to convert option values (pinned below it).
+    assert "pydantic" not in loaded
+    # httpx's own command line (click, Pygments, Rich) is not imported with httpx.
+    assert not {"click", "pygments", "rich"} & top_level(loaded)
+    assert not loaded & set(GROUP_MODULES), sorted(loaded & set(GROUP_MODULES))
+
+
+def test_a_group_is_loaded_when_it_is_named(tmp_path: Path) -> None:
+    loaded = loaded_by("dataset", "replica", "--help", tmp_path=tmp_path)
+    assert "labgate.cli.datasets" in loaded
+    assert not loaded & (set(GROUP_MODULES) - {"labgate.cli.datasets"})
+
+
+def labgate(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
+    env.update(HOME=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "config"), COLUMNS="200")
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("labgate")), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_help_lists_the_groups_with_their_help(tmp_path: Path) -> None:
+    from labgate.cli import RootGroup
+
+    text = labgate("--help", tmp_path=tmp_path).stdout
+    for name, (_, help_text) in RootGroup.lazy_groups.items():
+        assert re.search(rf"^  {name} +{re.escape(help_text)}$", text, re.MULTILINE), name
+
+
+def test_a_group_has_its_help_and_commands(tmp_path: Path) -> None:
+    done = labgate("dataset", "--help", tmp_path=tmp_path)
+    assert done.returncode == 0
+    assert "Usage: labgate dataset [OPTIONS] COMMAND [ARGS]..." in done.stdout
+    assert "Datasets: register them, say where replicas are" in done.stdout
+    assert re.search(r"^  replica +Replicas of a dataset on sites", done.stdout, re.MULTILINE)
+
+
+def test_a_group_without_a_command_prints_its_help(tmp_path: Path) -> None:
+    done = labgate("user", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert "Usage: labgate user [OPTIONS] COMMAND [ARGS]..." in done.stderr
+    assert "error:" not in done.stderr
+
+
+def test_a_misspelt_group_is_suggested(tmp_path: Path) -> None:
+    done = labgate("snapshots", "list", tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: No such command 'snapshots'. Did you mean 'snapshot'? (see `labgate --help`)"
+    ]

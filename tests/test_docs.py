@@ -39,11 +39,12 @@ def test_every_cli_command_is_in_the_command_line_guide():
     from labgate.cli import app
 
     def paths(command: Any, prefix: str) -> list[str]:
-        if hasattr(command, "commands"):  # a group
+        if hasattr(command, "list_commands"):  # a group (the root loads its groups on demand)
+            ctx = typer.Context(command)
             return [
                 path
-                for name, sub in command.commands.items()
-                for path in paths(sub, f"{prefix} {name}")
+                for name in command.list_commands(ctx)
+                for path in paths(command.get_command(ctx, name), f"{prefix} {name}")
             ]
         return [prefix]
 

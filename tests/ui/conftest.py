@@ -22,7 +22,13 @@ import pytest
 
 from servers import LabgateServer
 from tools_fixtures import write_test_tools
-from ui.support import ADMIN_PASSWORD, Gateway, open_gateway, stop_all_instances
+from ui.support import (
+    ADMIN_PASSWORD,
+    LOST_BINARY_TOOL,
+    Gateway,
+    open_gateway,
+    stop_all_instances,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -64,6 +70,8 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabgateServe
     """``labgate serve`` (router in front, portal behind) with crashing and slow test tools."""
     base = tmp_path_factory.mktemp("ui")
     tools = write_test_tools(base / "tools")
+    # Fails at once, with a failure reason holding one long word (the missing path).
+    (tools / "lost-binary.toml").write_text(LOST_BINARY_TOOL)
     server = LabgateServer(base / "var", ADMIN_PASSWORD, LABGATE_TOOLS_DIR=str(tools))
     server.start()
     try:

@@ -24,6 +24,14 @@ SCREENSHOTS = REPO / "test-output" / "screenshots"
 DOCS_IMAGES = REPO / "docs" / "images"
 VIEWPORT = {"width": 1100, "height": 720}
 PHONE = {"width": 390, "height": 780}
+#: The executable a tool of the UI server lacks: its launches fail with this in the reason.
+LOST_BINARY = "bin/start_the_research_tool_from_a_deliberately_long_path_without_any_spaces"
+LOST_BINARY_TOOL = f"""
+name = "lost-binary"
+title = "Lost binary"
+[process]
+command = ["{LOST_BINARY}", "--port", "{{port}}"]
+"""
 INSTANCE_PAGE = re.compile(r"/instances/([a-z0-9]+)$")
 
 

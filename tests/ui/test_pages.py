@@ -13,6 +13,7 @@ from helpers import PASSWORD
 from ui.support import (
     ADMIN_PASSWORD,
     INSTANCE_PAGE,
+    LOST_BINARY,
     PHONE,
     launch_via_api,
     unique_name,
@@ -293,3 +294,49 @@ def test_a_failed_instance_fits_a_phone(gateway):
     assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
     assert reason_box["x"] + reason_box["width"] <= PHONE["width"], reason_box
     gateway.shot(phone, "19b-phone-failed-instance")
+
+
+# The elements wider than the screen (but for those in a table's scrolling box), for a
+# failure message.
+WIDE_ELEMENTS = """[...document.querySelectorAll("body *")]
+  .filter(e => e.getBoundingClientRect().right > window.innerWidth && !e.closest(".table-wrap"))
+  .map(e => `${e.tagName}.${e.className}#${e.id} ${Math.round(e.getBoundingClientRect().right)}`)
+  .slice(0, 12)"""
+
+
+def fits_its_box(locator) -> bool:
+    """Whether an element's content is no wider than the element (nothing sticks out)."""
+    return bool(locator.evaluate("e => e.scrollWidth <= e.clientWidth"))
+
+
+def test_a_failure_reason_with_a_long_word_fits_a_phone(gateway):
+    """A reason naming a path (no spaces to wrap at) is broken inside the word, on screen."""
+    name = gateway.create_user("flo")
+    with api(gateway, name) as client:
+        created = client.post("/api/v1/instances", json={"tool": "lost-binary"})
+        assert created.status_code == 202, created.text
+        iid = created.json()["id"]
+        wait_for(
+            lambda: client.get(f"/api/v1/instances/{iid}").json()["state"] == "failed",
+            what="the tool without its executable to fail",
+        )
+        assert LOST_BINARY in client.get(f"/api/v1/instances/{iid}").json()["reason"]
+    phone = gateway.page(viewport=PHONE)
+    gateway.sign_in(phone, name, path="/instances")
+    row = phone.locator(f'#instances tbody tr[data-id="{iid}"]')
+    expect(row.locator(".state")).to_have_text("failed")
+    reason = row.locator(".reason")
+    expect(reason).to_contain_text(LOST_BINARY[:20])
+    assert no_horizontal_scroll(phone)
+    # The table sits in a scrolling box: the page does not scroll, the table must not either.
+    assert fits_its_box(phone.locator(".table-wrap").first)
+    assert fits_its_box(reason)
+    for box in (row.bounding_box(), reason.bounding_box()):
+        assert box is not None
+        assert box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    gateway.shot(phone, "19c-phone-failure-reason-long-word")
+
+    phone.goto(f"{gateway.url}/instances/{iid}")
+    expect(phone.get_by_text(LOST_BINARY[:20], exact=False).first).to_be_visible()
+    gateway.shot(phone, "19d-phone-failed-instance-page", full_page=True)
+    assert no_horizontal_scroll(phone), phone.evaluate(WIDE_ELEMENTS)

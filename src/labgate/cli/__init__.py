@@ -6,38 +6,68 @@ failure is one line on stderr (``error: <detail> (<code>)``) and exit code 1;
 a usage mistake is exit code 2; an interrupted wait is 130.
 
 One module per command group; this one builds the root app. The order of
-registration is the order ``labgate --help`` lists them in.
+registration is the order ``labgate --help`` lists them in. Command groups
+(``labgate user …``, ``labgate dataset …``) are imported only when used, so
+that ``labgate ls`` and ``labgate version`` start fast.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import typer
 
-from labgate.cli import (
-    account,
-    agent,
-    images,
-    instances,
-    limits,
-    ops,
-    runs,
-    serve,
-    shares,
-    sites,
-    snapshots,
-    users,
-)
+from labgate.cli import account, agent, instances, limits, ops, serve
 from labgate.cli.context import CliState, LabgateGroup
-from labgate.cli.datasets import dataset_app
+
+
+class RootGroup(LabgateGroup):
+    """``labgate``: the commands below, and command groups loaded when they are used."""
+
+    # In the order `labgate --help` lists them, after the commands: (Typer app, help).
+    lazy_groups = {
+        "config": ("labgate.cli.ops:config_app", "Inspect labgate's settings."),
+        "user": ("labgate.cli.users:user_app", "Manage user accounts (admins)."),
+        "token": ("labgate.cli.account:token_app", "Create, list and revoke API tokens."),
+        "tool": ("labgate.cli.ops:tool_app", "The tool catalog."),
+        "site": (
+            "labgate.cli.sites:site_app",
+            "The sites instances run on (network sites: added by admins).",
+        ),
+        "share": (
+            "labgate.cli.shares:share_app",
+            "Share your instances with users and groups, or by link.",
+        ),
+        "dataset": (
+            "labgate.cli.datasets:dataset_app",
+            "Datasets: register them, say where replicas are, resolve identifiers.",
+        ),
+        "group": ("labgate.cli.limits:group_app", "Groups of users and their limits (admins)."),
+        "quota": ("labgate.cli.limits:quota_app", "Users' limits and what they use."),
+        "pool": ("labgate.cli.ops:pool_app", "Warm pools of pre-started instances."),
+        "image": (
+            "labgate.cli.images:image_app",
+            "Container images of tools: build them on a site's engine.",
+        ),
+        "run": ("labgate.cli.runs:run_app", "Batch runs: pipelines of stages of tasks."),
+        "snapshot": (
+            "labgate.cli.snapshots:snapshot_app",
+            "Save a running instance as a snapshot, share it, and launch from it.",
+        ),
+    }
+
 
 app = typer.Typer(
     name="labgate",
-    cls=LabgateGroup,
+    cls=RootGroup,
     help="labgate: research tools next to the data, behind one authenticated front door.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help: typer's Rich help imports Rich's Markdown and tracebacks, 0.1 s
+    # of every `--help` (benchmarks/cli_startup.py).
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
     pretty_exceptions_show_locals=False,  # locals would include tokens and passwords
 )
 
@@ -77,23 +107,15 @@ COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
 for name, command in COMMANDS:
     app.command(name)(command)
 
-app.add_typer(ops.config_app, name="config")
-app.add_typer(users.user_app, name="user")
-app.add_typer(account.token_app, name="token")
-app.add_typer(ops.tool_app, name="tool")
-app.add_typer(sites.site_app, name="site")
-app.add_typer(shares.share_app, name="share")
-app.add_typer(dataset_app, name="dataset")
-app.add_typer(limits.group_app, name="group")
-app.add_typer(limits.quota_app, name="quota")
-app.add_typer(ops.pool_app, name="pool")
-app.add_typer(images.image_app, name="image")
-app.add_typer(runs.run_app, name="run")
-app.add_typer(snapshots.snapshot_app, name="snapshot")
-
 
 def main() -> None:
     """Entry point of the ``labgate`` script."""
+    # `import httpx` also imports httpx's own command line (click, Pygments, Rich's
+    # progress bars): a fifth of `labgate ls`, for a program labgate never runs
+    # (encode/httpx#3547). None in sys.modules makes that import fail, and httpx
+    # then defines a stub `httpx.main` instead.
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     app()
 
 

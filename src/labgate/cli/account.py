@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,7 +16,7 @@ from labgate.cli.context import JSON_OPTION, parse_duration, read_secret, state_
 if TYPE_CHECKING:
     from labgate.client import SavedLogin
 
-token_app = typer.Typer(help="Create, list and revoke API tokens.", no_args_is_help=True)
+token_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 
 def login(
@@ -29,6 +28,8 @@ def login(
     ),
 ) -> None:
     """Sign in with your password and save an API token for later commands."""
+    import socket
+
     from labgate.client import Client, SavedLogin, check_url, load_saved_login, save_login
 
     state = state_of(ctx)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
 
 from labgate.cli.context import fail
-from labgate.datadir import UnsafeSetup
 
 
 def agent(
@@ -26,6 +24,9 @@ def agent(
     ),
 ) -> None:
     """Run a network site's agent: dial out to the portal and run its instances here."""
+    import logging
+
+    from labgate.datadir import UnsafeSetup
     from labgate.startup import load_settings
 
     settings = load_settings(agent_portal=portal, agent_token=token, data_dir=data_dir)

@@ -6,14 +6,19 @@ a usage mistake is exit code 2; an interrupted wait is 130.
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from typer._click.exceptions import UsageError
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer._click.utils import make_default_short_help
 from typer.core import TyperGroup
+from typer.main import get_group_from_info
+from typer.models import TyperInfo
 
 from labgate.errors import ConfigError
 
@@ -23,7 +28,7 @@ if TYPE_CHECKING:
 
 # The CLI starts in well under 0.3 s because nothing here imports httpx, pydantic,
 # SQLAlchemy or the server: each command imports what it needs when it runs
-# (tests/cli/test_startup.py holds this).
+# (tests/test_cli_startup.py holds this).
 
 _DURATION_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -46,21 +51,91 @@ def fail_config(exc: ConfigError) -> NoReturn:
 
 
 class LabgateGroup(TyperGroup):
-    """The root command group: turns every expected failure into one ``error:`` line."""
+    """The root command group: loads command groups when used; one ``error:`` line per failure.
 
-    # Typed Any: the context class lives in typer's private vendored click.
+    ``lazy_groups`` maps a group's name to the ``module:attribute`` of its Typer
+    app and its help (what ``add_typer`` would be given). The module is imported,
+    and the group's commands built, only when the group is named on the command
+    line: ``labgate ls``, ``labgate version`` and ``labgate --help`` load none.
+    """
+
+    lazy_groups: dict[str, tuple[str, str]] = {}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.suggest_commands = False  # typer's suggestions know only the loaded commands
+
+    # Typed Any: the context and formatter classes live in typer's private vendored click.
+    def list_commands(self, ctx: Any) -> list[str]:
+        """The commands, then the groups, in the order they were registered."""
+        names = super().list_commands(ctx)
+        return [*names, *(name for name in self.lazy_groups if name not in names)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The command or group ``cmd_name``, loading a lazy group on first use."""
+        if cmd_name not in self.commands and cmd_name in self.lazy_groups:
+            target, help_text = self.lazy_groups[cmd_name]
+            group = load_group(cmd_name, target, help_text, self.rich_markup_mode)
+            self.add_command(group, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        """The ``Commands`` section of ``--help``, naming lazy groups without loading them."""
+        names = self.list_commands(ctx)
+        if not names:
+            return
+        limit = formatter.width - 6 - max(len(name) for name in names)
+        rows = []
+        for name in names:
+            command = self.commands.get(name)
+            if command is None:
+                rows.append((name, make_default_short_help(self.lazy_groups[name][1], limit)))
+            elif not command.hidden:
+                rows.append((name, command.get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """Like click's, and a misspelt name is matched against the lazy groups too."""
+        try:
+            return super().resolve_command(ctx, args)
+        except UsageError as exc:
+            matches = get_close_matches(args[0], self.list_commands(ctx)) if args else []
+            if matches:
+                suggestions = ", ".join(repr(match) for match in matches)
+                exc.message = f"{exc.message.rstrip('.')}. Did you mean {suggestions}?"
+            raise
+
     def invoke(self, ctx: Any) -> Any:
         """Run the command; report errors as one line instead of a traceback."""
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
             fail_config(exc)
+        except NoArgsIsHelpError:  # `labgate user`: typer prints the group's help, exit 2
+            raise
         except UsageError as exc:  # a bad option or value of a command: one line too, exit 2
             where = exc.ctx.command_path if exc.ctx is not None else "labgate"
             fail(f"{exc.format_message()} (see `{where} --help`)", code=2)
         except Exception as exc:
             _fail_expected(exc)
             raise
+
+
+def load_group(name: str, target: str, help_text: str, markup: Any) -> TyperGroup:
+    """The command group ``name`` of the Typer app at ``target`` (``module:attribute``).
+
+    Built as ``add_typer(app, name=name, help=help_text)`` would have built it;
+    ``markup`` is the root's ``rich_markup_mode``, which a group inherits.
+    """
+    module_name, _, attribute = target.partition(":")
+    sub_app = getattr(importlib.import_module(module_name), attribute)
+    return get_group_from_info(
+        TyperInfo(sub_app, name=name, help=help_text),
+        pretty_exceptions_short=True,
+        suggest_commands=True,
+        rich_markup_mode=markup,
+    )
 
 
 def _fail_expected(exc: Exception) -> None:

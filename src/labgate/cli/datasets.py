@@ -36,10 +36,7 @@ PART_BYTES = 512 * 1024
 PART_ENTRIES = 5000
 INVENTORY_FIELDS = ("id", "path", "size", "checksum", "verified_at", "title")
 
-dataset_app = typer.Typer(
-    help="Datasets: register them, say where replicas are, resolve identifiers.",
-    no_args_is_help=True,
-)
+dataset_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 replica_app = typer.Typer(
     help="Replicas of a dataset on sites (sites:report).", no_args_is_help=True
 )

@@ -9,7 +9,7 @@ import typer
 from labgate.cli.context import fail, fail_config
 from labgate.errors import ConfigError
 
-image_app = typer.Typer(help="Container images of tools: build them on a site's engine.")
+image_app = typer.Typer()  # help: labgate.cli.RootGroup
 
 
 @image_app.command("build")

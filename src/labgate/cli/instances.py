@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import webbrowser
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -78,6 +77,8 @@ def launch(
     }
     instance = start(ctx, body, wait=wait, timeout=timeout, as_json=as_json)
     if open_browser and wait:
+        import webbrowser  # only for --open: a few ms of every start-up otherwise
+
         webbrowser.open(instance["url"])
 
 

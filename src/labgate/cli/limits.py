@@ -14,8 +14,9 @@ from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
 from labgate.cli.output import plain_table as _table
 
-group_app = typer.Typer(help="Groups of users and their limits (admins).", no_args_is_help=True)
-quota_app = typer.Typer(help="Users' limits and what they use.", no_args_is_help=True)
+# Their help: labgate.cli.RootGroup.
+group_app = typer.Typer(no_args_is_help=True)
+quota_app = typer.Typer(no_args_is_help=True)
 
 LIMIT_HELP = "A number, or 'none' to remove the limit."
 

@@ -14,9 +14,10 @@ from labgate.cli.context import JSON_OPTION, state_of
 from labgate.cli.output import plain_table as _table
 from labgate.errors import ConfigError
 
-config_app = typer.Typer(help="Inspect labgate's settings.", no_args_is_help=True)
-tool_app = typer.Typer(help="The tool catalog.", no_args_is_help=True)
-pool_app = typer.Typer(help="Warm pools of pre-started instances.", no_args_is_help=True)
+# Their help: labgate.cli.RootGroup.
+config_app = typer.Typer(no_args_is_help=True)
+tool_app = typer.Typer(no_args_is_help=True)
+pool_app = typer.Typer(no_args_is_help=True)
 
 
 @config_app.command("show")

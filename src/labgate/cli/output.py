@@ -11,13 +11,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
+
+# Rich is imported when something is drawn: `labgate version`, `--help` of a command
+# and a table with no rows start without it (benchmarks/cli_startup.py).
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 STATE_STYLES = {
     "queued": "yellow",
@@ -39,6 +41,8 @@ def stdout() -> Console:
     Piped into another program, tables are not wrapped at 80 columns (unless
     ``COLUMNS`` says so): a line per row is what ``grep`` and ``awk`` want.
     """
+    from rich.console import Console
+
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = PIPE_WIDTH
@@ -47,6 +51,8 @@ def stdout() -> Console:
 
 def stderr() -> Console:
     """A console on stderr, for progress and notes."""
+    from rich.console import Console
+
     return Console(stderr=True, highlight=False)
 
 
@@ -85,7 +91,14 @@ def size(value: Any) -> str:
 
 def state(value: str) -> Text:
     """An instance state, coloured."""
-    return Text(value, style=STATE_STYLES.get(value, ""))
+    return coloured(value, STATE_STYLES.get(value, ""))
+
+
+def coloured(value: str, style: str) -> Text:
+    """A table cell drawn in ``style`` (a Rich style such as ``green``)."""
+    from rich.text import Text
+
+    return Text(value, style=style)
 
 
 # Columns that may wrap on a narrow terminal; the others (ids, names, URLs) keep one line.
@@ -97,6 +110,10 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str | Text]], empty: 
     if not materialised:
         note(empty)
         return
+    from rich.markup import escape
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column, no_wrap=column not in _WRAPPING, overflow="fold")
@@ -117,6 +134,9 @@ def plain_table(columns: list[str], rows: list[list[str]], empty: str) -> None:
     if not rows:
         note(empty)
         return
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column, no_wrap=True)
@@ -195,8 +215,8 @@ def tools(rows: list[dict[str, Any]]) -> None:
 
     def available(tool: dict[str, Any]) -> Text:
         if tool["available"]:
-            return Text("yes", style="green")
-        return Text(f"no: {tool.get('unavailable_reason') or 'unknown reason'}", style="red")
+            return coloured("yes", "green")
+        return coloured(f"no: {tool.get('unavailable_reason') or 'unknown reason'}", "red")
 
     _table(
         ("NAME", "TITLE", "CPU", "MEMORY", "PARAMS", "AVAILABLE", "DESCRIPTION"),
@@ -284,9 +304,9 @@ def replicas(rows: list[dict[str, Any]]) -> None:
                 size(r["size"]) if r["size"] is not None else "",
                 r["source"],
                 when(r["reported_at"]),
-                Text("yes", style="green")
+                coloured("yes", "green")
                 if r["live"]
-                else Text(f"no: {r.get('reason') or 'unknown'}", style="red"),
+                else coloured(f"no: {r.get('reason') or 'unknown'}", "red"),
             )
             for r in rows
         ),

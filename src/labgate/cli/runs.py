@@ -19,7 +19,7 @@ from labgate.cli.context import JSON_OPTION, fail, state_of
 if TYPE_CHECKING:
     from labgate.client import Client
 
-run_app = typer.Typer(help="Batch runs: pipelines of stages of tasks.", no_args_is_help=True)
+run_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 FINISHED = ("succeeded", "failed", "cancelled")
 

@@ -12,7 +12,6 @@ import typer
 
 from labgate import __version__
 from labgate.cli.context import fail
-from labgate.datadir import UnsafeSetup
 
 
 def serve(
@@ -23,6 +22,7 @@ def serve(
     ),
 ) -> None:
     """Run labgate: router, portal and the sites in one process."""
+    from labgate.datadir import UnsafeSetup
     from labgate.startup import load_settings
 
     settings = load_settings(host=host, port=port, data_dir=data_dir)
@@ -43,6 +43,7 @@ def router(
     port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
 ) -> None:
     """Run a router alone, following the portal's route stream (needs the same secret_key)."""
+    from labgate.datadir import UnsafeSetup
     from labgate.startup import load_settings
 
     settings = load_settings(host=host, port=port)

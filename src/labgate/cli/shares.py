@@ -12,9 +12,7 @@ from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, parse_duration, state_of
 from labgate.cli.output import plain_table
 
-share_app = typer.Typer(
-    help="Share your instances with users and groups, or by link.", no_args_is_help=True
-)
+share_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 ACCESS_HELP = "use: open the tool through labgate; view: see it, its state and logs."
 

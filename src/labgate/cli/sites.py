@@ -17,9 +17,7 @@ import typer
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, state_of
 
-site_app = typer.Typer(
-    help="The sites instances run on (network sites: added by admins).", no_args_is_help=True
-)
+site_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 
 def pairs(values: list[str], what: str, *, typed: bool = False) -> dict[str, Any]:

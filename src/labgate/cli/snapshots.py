@@ -19,10 +19,7 @@ from labgate.cli.instances import start
 if TYPE_CHECKING:
     from labgate.client import Client
 
-snapshot_app = typer.Typer(
-    help="Save a running instance as a snapshot, share it, and launch from it.",
-    no_args_is_help=True,
-)
+snapshot_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 POLL_SECONDS = 1.0
 TIMEOUT_OPTION = typer.Option(

@@ -9,7 +9,7 @@ import typer
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, read_secret, state_of
 
-user_app = typer.Typer(help="Manage user accounts (admins).", no_args_is_help=True)
+user_app = typer.Typer(no_args_is_help=True)  # help: labgate.cli.RootGroup
 
 
 @user_app.command("add")
