@@ -103,13 +103,8 @@ class RunProcessor:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn`` in a transaction in a worker thread."""
-
-        def run() -> T:
-            with self.db.session() as session:
-                return fn(session)
-
-        return await asyncio.to_thread(run)
+        """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
+        return await self.db.run(fn)
 
     def live(self) -> set[str]:
         """Sites that can take tasks now."""
