@@ -38,21 +38,21 @@ hypothesis_settings.register_profile("labgate", deadline=None)
 hypothesis_settings.load_profile("labgate")
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_itemcollected(item: pytest.Item) -> None:
     """Under pytest-xdist (``make test``: two workers), keep what shares a fixture together.
 
     Every test file goes to one worker as a whole (its module fixtures, a live
-    portal say, start once), and all that use the Slurm test cluster go to the
-    same worker: the cluster is the machine's one ``munged`` and a node named
-    after the machine, so a second worker must not start another.
+    portal say, start once, and its tests may reuse names such as instance
+    ids), and all that use the Slurm test cluster go to the same worker: the
+    cluster is the machine's one ``munged`` and a node named after the
+    machine, so a second worker must not start another. Marked as each test is
+    collected: xdist reads the marks in its own ``pytest_collection_modifyitems``.
     """
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        fixtures = getattr(item, "fixturenames", ())
-        group = "slurm" if "slurm_cluster" in fixtures else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    if item.get_closest_marker("xdist_group") is not None:
+        return
+    fixtures = getattr(item, "fixturenames", ())
+    group = "slurm" if "slurm_cluster" in fixtures else item.nodeid.split("::", 1)[0]
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session", autouse=True)
