@@ -45,13 +45,20 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     portal say, start once, and its tests may reuse names such as instance
     ids), and all that use the Slurm test cluster go to the same worker: the
     cluster is the machine's one ``munged`` and a node named after the
-    machine, so a second worker must not start another. Marked as each test is
+    machine, so a second worker must not start another. So do those that use
+    the Podman service: two services on root's one container storage wait on
+    each other's locks (an image build holds them for minutes). Marked as each test is
     collected: xdist reads the marks in its own ``pytest_collection_modifyitems``.
     """
     if item.get_closest_marker("xdist_group") is not None:
         return
-    fixtures = getattr(item, "fixturenames", ())
-    group = "slurm" if "slurm_cluster" in fixtures else item.nodeid.split("::", 1)[0]
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "slurm_cluster" in fixtures:
+        group = "slurm"
+    elif fixtures & {"engine", "registry"}:
+        group = "podman"
+    else:
+        group = item.nodeid.split("::", 1)[0]
     item.add_marker(pytest.mark.xdist_group(group))
 
 
