@@ -32,8 +32,12 @@ sandbox:
 	    || { apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; }; \
 	fi
 
+# Two pytest-xdist workers: most tests wait on processes, sockets and the database, so a
+# second worker about halves the run on two cores. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The OpenID Connect provider the identity tests start (npm's oidc-provider).
 identity-test-deps:

@@ -21,6 +21,7 @@ from helpers import (
     PASSWORD,
     STRAY_CLOSES,
     TEST_SECRET_KEY,
+    database_template,
     fresh_database_url,
     guard_listeners,
     serving,
@@ -37,10 +38,82 @@ hypothesis_settings.register_profile("labgate", deadline=None)
 hypothesis_settings.load_profile("labgate")
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Under pytest-xdist (``make test``: two workers), keep what shares a fixture together.
+
+    Every test file goes to one worker as a whole (its module fixtures, a live
+    portal say, start once, and its tests may reuse names such as instance
+    ids), and all that use the Slurm test cluster go to the same worker: the
+    cluster is the machine's one ``munged`` and a node named after the
+    machine, so a second worker must not start another. So do those that use
+    the Podman service: two services on root's one container storage wait on
+    each other's locks (an image build holds them for minutes). Marked as each test is
+    collected: xdist reads the marks in its own ``pytest_collection_modifyitems``.
+    """
+    if item.get_closest_marker("xdist_group") is not None:
+        return
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if "slurm_cluster" in fixtures:
+        group = "slurm"
+    elif fixtures & {"engine", "registry"}:
+        group = "podman"
+    else:
+        group = item.nodeid.split("::", 1)[0]
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The newest schema, migrated once; every test database is a copy of it."""
+    with database_template(tmp_path_factory.mktemp("db-template")) as template:
+        yield template
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cheap_password_hashes() -> Iterator[None]:
+    """argon2 at its cheapest in this process, but where a test asks for the real cost.
+
+    Every test portal hashes the admin's password and checks it at sign-in, and
+    many tests create users: at the default cost (64 MiB, three passes: about
+    0.1 s of CPU each) that is minutes of a test run spent on purpose-made
+    slowness. Hashes stay argon2id and verify as before; ``labgate serve`` in
+    a subprocess and tests using ``real_password_hashes`` keep the real cost.
+    """
+    from argon2 import PasswordHasher
+    from argon2.profiles import CHEAPEST
+
+    from labgate import security
+
+    real = security._hasher
+    security._hasher = PasswordHasher.from_parameters(CHEAPEST)
+    yield
+    security._hasher = real
+
+
+@pytest.fixture
+def real_password_hashes() -> Iterator[None]:
+    """The production argon2 cost, for tests of what that cost does (login floods)."""
+    from argon2 import PasswordHasher
+
+    from labgate import security
+
+    cheap = security._hasher
+    security._hasher = PasswordHasher()
+    yield
+    security._hasher = cheap
+
+
 @pytest.fixture
 def database_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh database: SQLite in tmp_path, or a new PostgreSQL database."""
+    """A fresh database with the newest schema: SQLite in tmp_path, or a new PostgreSQL one."""
     with fresh_database_url(tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def empty_database_url(tmp_path: Path) -> Iterator[str]:
+    """A fresh database with no schema at all (tests of the migrations)."""
+    with fresh_database_url(tmp_path, empty=True) as url:
         yield url
 
 

@@ -52,17 +52,77 @@ def post_login_form_sync(client: httpx.Client, data: dict[str, str]) -> httpx.Re
     return client.post("/login", data={**data, "login_token": login_form_token(form.text)})
 
 
+#: The schema every test database starts from (:func:`database_template`), once per session.
+_TEMPLATE: dict[str, str] = {}
+
+
 @contextlib.contextmanager
-def fresh_database_url(tmp_path: Path) -> Iterator[str]:
-    """A fresh database: SQLite in tmp_path, or a new PostgreSQL database, dropped after."""
+def database_template(tmp_path: Path) -> Iterator[str]:
+    """A database migrated to the newest schema once, for :func:`fresh_database_url` to copy.
+
+    Migrating a new database takes the test portal most of its start (Alembic
+    runs every migration); a copy takes milliseconds and is the same schema.
+    SQLite: a file; PostgreSQL: a database other databases are created from.
+    """
+    from labgate.db.session import Database
+
     server = os.environ.get("LABGATE_TEST_DB_URL")
     if not server:
-        yield f"sqlite:///{tmp_path / 'labgate.db'}"
+        path = tmp_path / "template.db"
+        db = Database(f"sqlite:///{path}")
+        try:
+            db.migrate()
+            with db.engine.connect() as conn:
+                conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+        finally:
+            db.dispose()
+        _TEMPLATE["sqlite"] = str(path)
+        try:
+            yield str(path)
+        finally:
+            _TEMPLATE.pop("sqlite", None)
         return
-    name = f"lgtest_{uuid.uuid4().hex[:12]}"
+    name = f"lgtest_template_{uuid.uuid4().hex[:8]}"
     admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
+    db = Database(make_url(server).set(database=name).render_as_string(hide_password=False))
+    try:
+        db.migrate()
+    finally:
+        db.dispose()  # no connection may stay: CREATE DATABASE ... TEMPLATE needs none
+    _TEMPLATE["postgresql"] = name
+    try:
+        yield name
+    finally:
+        _TEMPLATE.pop("postgresql", None)
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def fresh_database_url(tmp_path: Path, *, empty: bool = False) -> Iterator[str]:
+    """A fresh database: SQLite in tmp_path, or a new PostgreSQL database, dropped after.
+
+    It has the newest schema already when the session has a template
+    (:func:`database_template`), unless ``empty`` (tests of the migrations).
+    """
+    server = os.environ.get("LABGATE_TEST_DB_URL")
+    if not server:
+        path = tmp_path / "labgate.db"
+        template = _TEMPLATE.get("sqlite")
+        if template and not empty:
+            shutil.copyfile(template, path)
+            path.chmod(0o600)
+        yield f"sqlite:///{path}"
+        return
+    name = f"lgtest_{uuid.uuid4().hex[:12]}"
+    template = _TEMPLATE.get("postgresql")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        from_template = f' TEMPLATE "{template}"' if template and not empty else ""
+        conn.execute(text(f'CREATE DATABASE "{name}"{from_template}'))
     try:
         yield make_url(server).set(database=name).render_as_string(hide_password=False)
     finally:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,23 @@ class Engine:
             all=True, filters={"label": f"labgate.deployment={deployment}"}
         )
         return [str(item["Id"]) for item in found]
+
+    def remove(self, container_id: str) -> None:
+        """Remove a container as someone else than labgate would (``podman rm -f``).
+
+        Podman can fail "shm: device or resource busy" on a container that is
+        still being cleaned up; a moment later it is gone or removable.
+        """
+        for attempt in range(10):
+            try:
+                self.client.api.remove_container(container_id, force=True)
+                return
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if "resource busy" not in str(exc) or attempt == 9:
+                    raise
+            time.sleep(0.2 * (attempt + 1))
 
     def clean(self, deployment: str) -> None:
         """Remove the containers and workspace volumes of one deployment."""

@@ -59,6 +59,8 @@ def assert_one_line_refusal(result: subprocess.CompletedProcess[str], *words: st
         secrets.token_hex(31),  # 248 bits of hex
         secrets.token_urlsafe(32)[:42],  # 252 bits of base64
     ],
+    # Fixed ids: random ones would differ between pytest-xdist's workers.
+    ids=["empty", "short", "known", "one-character", "two-characters", "hex-248", "base64-252"],
 )
 def test_weak_keys_are_refused(key: str) -> None:
     with pytest.raises(UnsafeSetup, match="secret_key"):
@@ -66,7 +68,9 @@ def test_weak_keys_are_refused(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key", [secrets.token_urlsafe(32), secrets.token_hex(32), secrets.token_urlsafe(48)]
+    "key",
+    [secrets.token_urlsafe(32), secrets.token_hex(32), secrets.token_urlsafe(48)],
+    ids=["base64-256", "hex-256", "base64-384"],
 )
 def test_random_keys_of_256_bits_are_accepted(key: str) -> None:
     assert check_key(key, "the secret_key setting") == key

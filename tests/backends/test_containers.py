@@ -403,7 +403,7 @@ async def test_vanished_container_makes_the_instance_lost(
         "state"
     ] == "running"
     for container_id in engine.containers_of(deployment):
-        engine.client.api.remove_container(container_id, force=True)
+        engine.remove(container_id)
     body = await wait_for_state(client, admin_headers, iid, {"lost"}, timeout=20)
     assert "container vanished" in body["reason"]
 

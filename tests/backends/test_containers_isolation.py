@@ -215,7 +215,7 @@ async def test_an_image_that_runs_as_root_runs_as_the_default_user(
     engine.client.api.commit(
         created["Id"], repository=root_image.split(":")[0], tag=RUN, changes=["USER root"]
     )
-    engine.client.api.remove_container(created["Id"], force=True)
+    engine.remove(created["Id"])
     backend = backend_of(settings, engine, deployment, default_user="4242:4242")
     try:
         found, state = await probe(backend, spec_of(probe_tool(root_image), "carol", tmp_path))

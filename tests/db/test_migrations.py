@@ -12,8 +12,8 @@ from labgate.db.models import Base
 from labgate.db.session import Database
 
 
-def test_migrations_match_models_and_rerun_cleanly(database_url):
-    db = Database(database_url)
+def test_migrations_match_models_and_rerun_cleanly(empty_database_url):
+    db = Database(empty_database_url)
     try:
         db.migrate()
         db.migrate()  # applied on every start: a second run is a no-op
@@ -50,12 +50,12 @@ def test_timestamps_come_back_timezone_aware(database_url):
         db.dispose()
 
 
-def test_tokens_lose_the_router_scope_on_upgrade(database_url):
+def test_tokens_lose_the_router_scope_on_upgrade(empty_database_url):
     from alembic import command
 
     from labgate.db.session import alembic_config
 
-    db = Database(database_url)
+    db = Database(empty_database_url)
     try:
         command.upgrade(alembic_config(db.engine), "0001")
         with db.engine.begin() as conn:

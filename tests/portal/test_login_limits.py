@@ -99,7 +99,7 @@ async def test_the_sign_in_form_over_the_limit_says_so_plainly(client, make_user
 
 
 async def test_a_login_flood_waits_for_the_hashing_thread_not_other_work(
-    app: Any, client, make_user
+    app: Any, client, make_user, real_password_hashes
 ):
     """30 sign-ins at once queue for the one hashing thread; an API call meanwhile does not."""
     headers = await make_user("fitz")

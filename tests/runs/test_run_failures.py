@@ -157,3 +157,45 @@ command = "true"
     assert tasks["long"]["state"] == tasks["long#1"]["state"] == "cancelled"
     assert tasks["next"]["state"] == "cancelled"  # never started
     assert not any(link.agent.tasks.watched for link in portal.links.values())
+
+
+async def test_a_late_report_of_an_attempt_from_before_a_rerun_changes_nothing(
+    app, client, make_user
+):
+    """Seen in CI: a re-run at once after a failure, while the cancelled task's site has
+    not yet said that its attempt ended; its late "cancelled" then finished the re-run
+    task, and the re-run failed with its other tasks never tried."""
+    from sqlalchemy import select
+
+    from labgate.db.runs import AttemptState, RunTask, TaskAttempt
+    from labgate.wire.site import Report
+
+    alice = await make_user("alice")
+    run_id = await submit(client, alice, FAILS)
+    assert (await wait_run(client, alice, run_id, timeout=30))["state"] == "failed"
+    portal = app.state.portal
+
+    def reopen_slow(session) -> str | None:
+        """As if the site had not reported the end of "slow"'s attempt yet."""
+        task = session.scalar(
+            select(RunTask).where(RunTask.run_id == run_id, RunTask.name == "slow")
+        )
+        attempt = task.attempt_rows[-1]
+        if not attempt.state.terminal:
+            return None  # its real report is still on the way: wait for it first
+        attempt.state, attempt.finished_at = AttemptState.running, None
+        return str(attempt.id)
+
+    async with asyncio.timeout(20):
+        while (old_attempt := await portal.run_db(reopen_slow)) is None:
+            await asyncio.sleep(0.1)
+    again = await client.post(f"/api/v1/runs/{run_id}/rerun", headers=alice)
+    assert again.status_code == 200, again.text
+    await portal.run_processor.apply(
+        Report(old_attempt, "cancelled", kind="task", message="cancelled at the site")
+    )
+    run = await wait_run(client, alice, run_id, timeout=30)
+    assert run["state"] == "failed" and "bad" in run["reason"], run
+    assert tasks_of(run)["bad"]["attempts"] == 2  # the re-run did run it, twice
+    old = await portal.run_db(lambda s: s.get(TaskAttempt, old_attempt))
+    assert (old.state, old.reason) == (AttemptState.cancelled, "replaced by a re-run")

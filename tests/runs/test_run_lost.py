@@ -43,7 +43,7 @@ def settings(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     return settings.model_copy(
         update={
             "sites": [SiteConfig(name="zulu", backend="process", labels={"pool": "p"})],
-            "site_heartbeat_interval": 0.3,
+            "site_heartbeat_interval": 1.0,
             "site_grace_period": 1.5,
         }
     )

@@ -26,7 +26,7 @@ from site_agents import remote_agent
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"site_heartbeat_interval": 0.3, "site_grace_period": 1.5})
+    return settings.model_copy(update={"site_heartbeat_interval": 1.0, "site_grace_period": 1.5})
 
 
 async def add_site(

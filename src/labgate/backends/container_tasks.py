@@ -309,10 +309,4 @@ def stop_task(backend: ContainerBackend, name: str, grace: float) -> None:
 
 def remove_task(backend: ContainerBackend, ref: str) -> None:
     """Remove the container (gone already is fine)."""
-    try:
-        backend.client.api.remove_container(ref, v=True, force=True)
-    except NotFound:
-        return
-    except DockerException as exc:
-        if "no such container" not in str(exc).lower():
-            raise
+    backend.remove_quietly(ref)

@@ -670,7 +670,8 @@ class ContainerBackend(Backend):
         image_user = str((attrs.get("Config") or {}).get("User") or "")
         return security.run_user(tool_user, image_user, self.config.default_user)
 
-    def _remove_quietly(self, ref: str) -> None:
+    def remove_quietly(self, ref: str) -> None:
+        """Remove a container and its anonymous volumes; one that is gone already is fine."""
         # Podman 4.3 with a user namespace: removing a container that has just stopped
         # can race its own clean-up and fail "shm: device or resource busy"; a moment
         # later the container is gone or removable.
@@ -706,7 +707,7 @@ class ContainerBackend(Backend):
         user = self._run_user(tool.user, image)
         volume, id_range = self._ensure_volume(spec.owner, user)
         # A stale container of an earlier attempt at this launch (labgate restarted mid-start).
-        self._remove_quietly(name)
+        self.remove_quietly(name)
         volumes = {volume: {"bind": tool.workspace, "mode": "rw"}}
         # The engine binds by name when the container starts: check each source just before.
         require_confined(spec.mounts)
@@ -718,7 +719,7 @@ class ContainerBackend(Backend):
             self.client.api.start(container_id)
             endpoint = self._endpoint(container_id, tool.port)
         except BaseException:
-            self._remove_quietly(container_id)
+            self.remove_quietly(container_id)
             raise
         state: JSON = {
             "container_id": container_id,
@@ -855,7 +856,7 @@ class ContainerBackend(Backend):
                 return
             # E.g. already stopping: the forced removal below ends it.
             log.info("stopping container %s: %s", container_id[:12], explain(exc))
-        self._remove_quietly(container_id)
+        self.remove_quietly(container_id)
 
     async def logs(self, state: JSON, lines: int = 100) -> str:
         """The last ``lines`` lines the container wrote (stdout and stderr)."""
@@ -905,7 +906,7 @@ class ContainerBackend(Backend):
                 continue
             log.info("removing orphan container %s (instance %s)", item["Id"][:12], instance_id)
             try:
-                self._remove_quietly(item["Id"])
+                self.remove_quietly(item["Id"])
             except DockerException as exc:
                 log.warning("cannot remove orphan container %s: %s", item["Id"][:12], explain(exc))
                 continue

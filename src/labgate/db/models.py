@@ -284,6 +284,11 @@ class Instance(Base):
     last_activity_at: Mapped[datetime | None] = mapped_column(default=None)
     #: The launch parameters' checked values, by name (migration 0008, labgate.tools.params).
     params: Mapped[dict[str, str]] = mapped_column(JSON, default=dict, server_default="{}")
+    #: Counts the row's updates (migration 0009): an update made from an older read
+    #: fails and its transaction runs again (``Database.transact``), so no state is lost.
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+    __mapper_args__ = {"version_id_col": version}
 
     owner: Mapped[User] = relationship()
     site: Mapped[Site | None] = relationship()

@@ -8,19 +8,25 @@ file that is not a database become one :class:`~labgate.errors.ConfigError`.
 The SQLite file is created 0600 (in a directory created 0700) before SQLite
 opens it: SQLite gives its ``-wal`` and ``-shm`` files the database file's
 mode, so all three stay the server user's alone.
+
+:meth:`Database.transact` runs a function in a transaction and runs it again
+when a versioned row it changed (an instance: its ``version`` column) was
+changed by another transaction after it read it: no state change is lost to
+a concurrent one (a stop racing a site's report, say).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -28,10 +34,16 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from labgate.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How many times :meth:`Database.transact` runs a function whose writes met a newer row.
+TRANSACT_ATTEMPTS = 8
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _SETTING = "database_url (LABGATE_DATABASE_URL)"
@@ -107,6 +119,29 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def transact(self, fn: Callable[[Session], T]) -> T:
+        """Run ``fn`` in a committed session; from the start again if it lost a race.
+
+        A versioned row that another transaction changed between ``fn``'s read
+        and its write makes the write fail (:class:`StaleDataError`) and roll
+        back; ``fn`` then runs again on what is there now. ``fn`` must change
+        nothing but the database.
+        """
+        attempt = 1
+        while True:
+            try:
+                with self.session() as session:
+                    return fn(session)
+            except StaleDataError:
+                if attempt >= TRANSACT_ATTEMPTS:
+                    raise
+                log.debug("a concurrent change came first; transaction run again (%d)", attempt)
+                attempt += 1
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """:meth:`transact` on a worker thread."""
+        return await asyncio.to_thread(self.transact, fn)
 
     def dispose(self) -> None:
         """Close all pooled connections."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -67,13 +66,8 @@ class Portal:
         self.instance_grants = InstanceGrants(self.signer.key, self.signer.max_age)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn`` in a committed session on a worker thread."""
-
-        def run() -> T:
-            with self.db.session() as session:
-                return fn(session)
-
-        return await asyncio.to_thread(run)
+        """Run ``fn`` in a committed session on a worker thread (:meth:`Database.transact`)."""
+        return await self.db.run(fn)
 
     @property
     def instances(self) -> InstanceManager:

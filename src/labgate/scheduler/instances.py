@@ -106,13 +106,8 @@ class InstanceManager:
         self.queue = StartQueue(self, fairness=fairness, notify=events.notify)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn`` in a transaction in a worker thread."""
-
-        def run() -> T:
-            with self.db.session() as session:
-                return fn(session)
-
-        return await asyncio.to_thread(run)
+        """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
+        return await self.db.run(fn)
 
     async def run_admission(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction that holds the admission lock until it commits.
@@ -125,13 +120,16 @@ class InstanceManager:
         orders them across portal processes sharing the database.
         """
 
+        def locked(session: Session) -> T:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK_KEY}
+                )
+            return fn(session)
+
         def run() -> T:
-            with self._admission, self.db.session() as session:
-                if session.get_bind().dialect.name == "postgresql":
-                    session.execute(
-                        text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADMISSION_LOCK_KEY}
-                    )
-                return fn(session)
+            with self._admission:
+                return self.db.transact(locked)
 
         return await asyncio.to_thread(run)
 

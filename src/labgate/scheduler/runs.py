@@ -103,13 +103,8 @@ class RunProcessor:
         self._sweeper: asyncio.Task[None] | None = None
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
-        """Run ``fn`` in a transaction in a worker thread."""
-
-        def run() -> T:
-            with self.db.session() as session:
-                return fn(session)
-
-        return await asyncio.to_thread(run)
+        """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
+        return await self.db.run(fn)
 
     def live(self) -> set[str]:
         """Sites that can take tasks now."""
@@ -145,19 +140,36 @@ class RunProcessor:
     async def rerun(self, run_id: str, who: Viewer) -> None:
         """Run again the tasks of a finished run that did not succeed; the rest stay."""
         async with self._lock(run_id):
-            await self.run_db(lambda s: self._rerun(s, run_id, who))
+            leftovers = await self.run_db(lambda s: self._rerun(s, run_id, who))
+        for attempt_id, site in leftovers:
+            await self._cancel_attempt(attempt_id, site)
         await self.advance(run_id)
 
-    def _rerun(self, session: Session, run_id: str, who: Viewer) -> None:
+    def _rerun(self, session: Session, run_id: str, who: Viewer) -> list[tuple[str, str]]:
+        """Reset what did not succeed; (attempt id, site) of earlier attempts still open.
+
+        Those attempts (a task cancelled when its stage failed, whose site has not
+        said so yet) end here, as replaced: their late reports are then ignored
+        and cannot finish the task's new attempts.
+        """
         run = runrows.visible_run(session, run_id, who)
         if not run.state.terminal:
             raise Conflict(f"run {run_id} is still {run.state.value}: cancel it or let it end")
         if run.state == RunState.succeeded:
             raise Conflict(f"run {run_id} succeeded: it has no failed task to run again")
         again = 0
+        leftovers: list[tuple[str, str]] = []
+        now = utcnow()
         for stage in run.stages:
             for task in stage.tasks:
                 if task.state != RunState.succeeded:
+                    for attempt in task.attempt_rows:
+                        if attempt.state.terminal:
+                            continue
+                        leftovers.append((attempt.id, attempt.site))
+                        attempt.state, attempt.finished_at = AttemptState.cancelled, now
+                        attempt.reason = "replaced by a re-run"
+                        accounting.close_records(session, attempt.id, "cancelled", now)
                     task.state, task.reason, task.attempts = RunState.pending, "", 0
                     task.exit_code, task.result, task.finished_at = None, None, None
                     again += 1
@@ -165,6 +177,7 @@ class RunProcessor:
                 stage.state, stage.finished_at = RunState.pending, None
         run.state, run.reason, run.finished_at = RunState.pending, "", None
         runrows.add_event(session, run.id, "", "pending", f"{again} task(s) run again")
+        return leftovers
 
     # --- advancing ------------------------------------------------------------------
     async def advance(self, run_id: str) -> None:

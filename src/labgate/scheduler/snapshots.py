@@ -206,11 +206,7 @@ class SnapshotManager:
         self._ready_checked: float | None = None
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
-        def run() -> T:
-            with self.db.session() as session:
-                return fn(session)
-
-        return await asyncio.to_thread(run)
+        return await self.db.run(fn)
 
     # --- take ----------------------------------------------------------------
     async def take(self, instance_id: str, name: str = "", description: str = "") -> Snapshot:

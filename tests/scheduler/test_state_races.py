@@ -1,0 +1,101 @@
+"""Concurrent changes to one instance: none is lost to another made from an older read.
+
+Seen in CI: ``labgate stop`` on an instance that was just launched left it
+``starting`` for good. The stop moved it from ``pending`` to ``stopping`` while
+the site's "starting" report, read as ``pending`` a moment before, was being
+applied; the report's write then put ``starting`` back over the stop. Every
+update of an instance now checks the row's version, and a transaction that
+lost the race runs again on what is there now.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from labgate.db.models import Instance, InstanceEvent, InstanceState, Site, User
+from labgate.security import new_id
+from labgate.wire.site import Report
+
+
+def pending_instance(app: Any) -> str:
+    """Record an admitted (``pending``) demo of admin on the local site; no process behind it."""
+    instance_id = new_id()
+
+    def add(session: Any) -> None:
+        owner = session.scalar(select(User).where(User.name == "admin"))
+        site = session.scalar(select(Site).where(Site.name == "local"))
+        session.add(
+            Instance(
+                id=instance_id,
+                owner_id=owner.id,
+                tool="demo",
+                site=site,
+                state=InstanceState.pending,
+                resources={"cpu": 0.5, "memory": 512 * 1024**2},
+            )
+        )
+
+    app.state.portal.db.transact(add)
+    return instance_id
+
+
+async def test_a_report_read_before_a_stop_does_not_undo_the_stop(app: Any) -> None:
+    manager = app.state.portal.instances
+    instance_id = pending_instance(app)
+    runs = 0
+
+    def report_racing_a_stop(session: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        read = session.get(Instance, instance_id)  # the report reads the instance: pending
+        if runs == 1:
+            # The user's stop commits in between, from another transaction.
+            manager.db.transact(
+                lambda other: manager._begin_stop(other, instance_id, "stopped", "stop requested")
+            )
+        applied = manager._apply(session, Report(instance_id, "starting", message="starting"))
+        del read  # held until here: the session's identity map keeps only weak references
+        return applied
+
+    await manager.run_db(report_racing_a_stop)
+
+    def states(session: Any) -> tuple[InstanceState, list[str]]:
+        instance = session.get(Instance, instance_id)
+        events = session.scalars(
+            select(InstanceEvent.state)
+            .where(InstanceEvent.instance_id == instance_id, InstanceEvent.kind == "state")
+            .order_by(InstanceEvent.id)
+        )
+        return instance.state, [state.value for state in events]
+
+    state, transitions = await manager.run_db(states)
+    assert runs == 2  # the report lost the race and was applied again, to a stopping instance
+    assert state == InstanceState.stopping
+    assert transitions == ["stopping"]
+
+
+async def test_updates_from_one_read_each_still_all_land(app: Any) -> None:
+    """Two transactions that each change a different field of the same row both keep theirs."""
+    manager = app.state.portal.instances
+    instance_id = pending_instance(app)
+    runs = 0
+
+    def set_reason(session: Any) -> None:
+        nonlocal runs
+        runs += 1
+        instance = session.get(Instance, instance_id)
+        if runs == 1:
+
+            def set_endpoint(other: Any) -> None:
+                other.get(Instance, instance_id).endpoint = "http://127.0.0.1:9"
+
+            manager.db.transact(set_endpoint)
+        instance.reason = "waiting for a node"
+
+    await manager.run_db(set_reason)
+    instance = await manager.run_db(lambda s: s.get(Instance, instance_id))
+    assert runs == 2
+    assert (instance.reason, instance.endpoint) == ("waiting for a node", "http://127.0.0.1:9")
+    assert instance.version == 3
