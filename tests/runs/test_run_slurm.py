@@ -16,6 +16,7 @@ import pwd
 import stat
 import tarfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +24,13 @@ import httpx
 import pytest
 from runs_helpers import submit, tasks_of, wait_run
 
+from labgate.agent.tasks import TaskRunner
 from labgate.agent.taskslurm import SlurmTaskExecutor
 from labgate.backends.slurm import SlurmBackend
 from labgate.config import Settings, SiteConfig
 from labgate.errors import BadRequest
+from labgate.wire.runs import TaskSpec
+from labgate.wire.site import Report
 from slurm_cluster import ACCOUNTS, Cluster
 
 pytestmark = pytest.mark.slow
@@ -167,6 +171,16 @@ async def test_a_job_cancelled_outside_labgate_is_retried_then_fails_the_run_wit
         jobs = await running_jobs(slurm, 1)
         ((attempt_id, job_id),) = jobs.items()
         if attempt == 1:
+            # Its output so far, read from the job's directory while it runs.
+            deadline = time.monotonic() + 30
+            while True:
+                logs = await client.get(
+                    f"/api/v1/runs/{run_id}/logs", params={"task": "long"}, headers=alice
+                )
+                if "started" in logs.json().get("text", ""):
+                    break
+                assert time.monotonic() < deadline, logs.text
+                await asyncio.sleep(0.2)
             # The job's directory is its account's alone, in a directory only the agent writes.
             tasks_dir = slurm_dir / "jobs" / "tasks"
             info, above = (tasks_dir / attempt_id).stat(), tasks_dir.stat()
@@ -234,3 +248,48 @@ def test_a_root_agent_running_jobs_as_itself_runs_no_task(settings: Settings) ->
         pytest.skip("only a root agent is refused")
     with pytest.raises(BadRequest, match="a task would run as root"):
         executor._account("alice")
+
+
+async def test_an_agent_restarted_while_a_job_runs_finds_it_again(
+    settings: Settings, slurm: Cluster, tmp_path: Path
+) -> None:
+    reports: list[Report] = []
+
+    async def record(report: Report) -> None:
+        reports.append(report)
+
+    def runner() -> TaskRunner:
+        backend = SlurmBackend(settings, settings.sites[0].options)
+        backend.attach(SITE)
+        return TaskRunner(SITE, record, tmp_path / "tasks" / SITE, SlurmTaskExecutor(backend))
+
+    async def report(state: str) -> Report:
+        deadline = time.monotonic() + 60
+        while True:
+            for found in reports:
+                if found.state == state:
+                    return found
+            assert time.monotonic() < deadline, reports
+            await asyncio.sleep(0.1)
+
+    spec = TaskSpec(
+        attempt_id=uuid.uuid4().hex[:16],
+        run_id="r1",
+        task="t",
+        owner="alice",
+        command="sleep 3; echo done; echo x > $LABGATE_RESULTS_DIR/f; echo '[7]' > $LABGATE_RESULT",
+        timeout=60,
+    )
+    first = runner()
+    await first.run(spec)
+    await report("running")
+    await running_jobs(slurm, 1)
+    await first.close()  # the agent goes away; the job runs on
+    second = runner()
+    await second.adopt(spec.attempt_id)
+    ended = await report("succeeded")
+    assert ended.data["result"] == [7] and ended.data["files"] == ["f"], ended
+    assert "done" in await second.logs(spec.attempt_id, 10)
+    with tarfile.open(fileobj=io.BytesIO(await second.results(spec.attempt_id))) as tar:
+        assert tar.getnames() == ["f"]
+    await second.close()

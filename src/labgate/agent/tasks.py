@@ -98,6 +98,11 @@ class TaskExecutor(abc.ABC):
     async def cancel(self, directory: Path) -> None:
         """Stop the attempt; the next poll reports it ``cancelled``."""
 
+    async def output(self, directory: Path, lines: int) -> str:
+        """The last ``lines`` lines of a running attempt's output kept elsewhere than
+        ``directory/output.log`` (a batch job's on the nodes' filesystem); "" by default."""
+        return ""
+
 
 class ProcessTaskExecutor(TaskExecutor):
     """Each attempt a detached local process, sandboxed with bubblewrap when present."""
@@ -319,7 +324,7 @@ class TaskRunner:
         """The last ``lines`` lines of the attempt's output."""
         path = self.directory(attempt_id) / "output.log"
         if not path.exists():
-            return ""
+            return await self.executor.output(path.parent, lines)
         text = await asyncio.to_thread(path.read_text, errors="replace")
         return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
 

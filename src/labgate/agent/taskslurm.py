@@ -24,7 +24,8 @@ Two directories per attempt:
 The account owns the job directory, so the agent takes only regular files
 there that the account owns, with one link, opened without following a
 link, and of bounded size; it never walks the job's results (the job packed
-them) and removes the job directory once it took them.
+them) and removes the job directory once it took them. While the job runs,
+its output is read from the job's ``output.log`` the same way.
 
 A poll looks for the job's ``exit.json`` at every round and asks the
 controller (``scontrol``, then ``sacct`` for a job it forgot) at most every
@@ -313,6 +314,10 @@ class SlurmTaskExecutor(TaskExecutor):
             "reason": describe_end(job, job_id),
         }
 
+    async def output(self, directory: Path, lines: int) -> str:
+        """The running job's output so far (only its account's own file, never through a link)."""
+        return await asyncio.to_thread(_live_output, directory, lines)
+
     async def cancel(self, directory: Path) -> None:
         """``scancel`` the job; the next poll reports ``cancelled``."""
         (directory / "cancel").touch()
@@ -323,6 +328,13 @@ class SlurmTaskExecutor(TaskExecutor):
             await self.slurm.cancel(str(marker["job_id"]))
         except SlurmError as exc:
             log.warning("cannot cancel Slurm job %s: %s", marker["job_id"], exc)
+
+
+def _live_output(directory: Path, lines: int) -> str:
+    marker = _marker(directory)
+    if marker is None:
+        return ""
+    return tail(Path(marker["dir"]) / "output.log", lines, owners=(int(marker["uid"]),))
 
 
 def _marker(directory: Path) -> dict[str, Any] | None:
