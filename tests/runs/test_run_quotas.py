@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import datetime
 
 from runs_helpers import submit, tasks_of, wait_run
@@ -116,3 +117,51 @@ async def test_two_runs_of_one_owner_share_the_limits(client, make_user, admin_h
         spans.append((datetime.fromisoformat(start), datetime.fromisoformat(end)))
     spans.sort()
     assert spans[1][0] >= spans[0][1]  # one after the other, never both at once
+
+
+async def test_a_groups_limits_apply_to_its_members_tasks_which_wait_with_the_reason(
+    client, make_user, admin_headers
+):
+    alice, bob = await make_user("alice"), await make_user("bob")
+    created = await client.post(
+        "/api/v1/groups",
+        json={"name": "physics", "limits": {"instances": 1}},
+        headers=admin_headers,
+    )
+    assert created.status_code == 201, created.text
+    for user in ("alice", "bob"):
+        await client.put(f"/api/v1/groups/physics/members/{user}", headers=admin_headers)
+    one = TWO_AT_ONCE.format(name="{name}", cpu=1).split('[[stages.tasks]]\nname = "second"')[0]
+    # Alice's two tasks and Bob's one share the group's one place: one at a time.
+    mine = await submit(client, alice, TWO_AT_ONCE.format(name="group", cpu=1))
+    for _ in range(100):
+        shown = (await client.get("/api/v1/groups/physics", headers=bob)).json()
+        if shown["use"]["instances"] == 1:
+            break
+        await asyncio.sleep(0.1)
+    assert shown["use"]["instances"] == 1  # a running task counts in its group's use
+    # An instance charged to the group does not fit beside it either.
+    refused = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "group": "physics"}, headers=bob
+    )
+    assert refused.status_code == 429 and refused.json()["scope"] == "group", refused.text
+    theirs = await submit(client, bob, one.format(name="bobs"))
+    spans = []
+    for run_id, who in ((mine, alice), (theirs, bob)):
+        run = await wait_run(client, who, run_id, timeout=60)
+        assert run["state"] == "succeeded", run
+        events = [e for e in run["events"] if e["task"]]
+        for task in {e["task"] for e in events}:
+            start = next(e["at"] for e in events if e["task"] == task and e["state"] == "running")
+            end = next(e["at"] for e in events if e["task"] == task and e["state"] == "succeeded")
+            spans.append((datetime.fromisoformat(start), datetime.fromisoformat(end)))
+        waits = [e for e in events if e["state"] == "waiting"]
+        assert waits, events  # Alice's second task, Bob's task
+        assert (
+            "waiting for quota: group physics has 1 of 1 allowed instances" in (waits[0]["message"])
+        )
+    spans.sort()
+    assert len(spans) == 3
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(spans))
+    records = await client.get("/api/v1/usage/records", params={"tool": "run:bobs"}, headers=bob)
+    assert [r["group"] for r in records.json()] == ["physics"]

@@ -92,8 +92,15 @@ class Adoption:
 
 
 def task_executor(site: str, backend: Backend) -> TaskExecutor:
-    """How ``site`` runs batch tasks: in containers on a containers site, else as processes."""
+    """How ``site`` runs batch tasks: Slurm jobs on a Slurm site, containers on a containers
+    site (for tasks that want an image), else processes."""
     processes = ProcessTaskExecutor(site_name=site)
+    if backend.name == "slurm":
+        from labgate.agent.taskslurm import SlurmTaskExecutor
+        from labgate.backends.slurm import SlurmBackend
+
+        if isinstance(backend, SlurmBackend):
+            return SlurmTaskExecutor(backend)
     if backend.name != "containers":
         return processes
     # Imported here: the containers backend (and the docker SDK) is an optional extra.

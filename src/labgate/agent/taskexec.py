@@ -7,7 +7,14 @@ results directory ``DIR/results`` and its result file ``DIR/result.json``,
 enforces the timeout, and writes what happened to ``DIR/exit.json``
 (atomically, last): the runner, or its successor after a restart, reads it.
 
-Only the standard library: it starts in a few milliseconds.
+On a Slurm site the same code is the batch job's body (:func:`run_job`, run
+by the nodes' Python as the task's owner): it also packs the results
+directory into ``DIR/results.tar.gz`` before it writes ``exit.json``, so the
+agent takes one file of the job's, never walks a directory the job's
+account controls.
+
+Only the standard library: it starts in a few milliseconds, and runs on
+nodes where labgate is not installed.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,10 @@ from typing import Any
 RESULT_FILE = "results/.labgate-result.json"
 #: Seconds between SIGTERM and SIGKILL when a task is stopped.
 KILL_GRACE = 3.0
+#: The archive of the results directory a batch job leaves (see :func:`run_job`).
+RESULTS_ARCHIVE = "results.tar.gz"
+#: Largest results archive a batch job leaves (bytes, compressed): the site's limit.
+MAX_ARCHIVE = 64 * 1024 * 1024
 
 
 def write_exit(directory: Path, outcome: dict[str, Any]) -> None:
@@ -52,9 +64,11 @@ def read_result(directory: Path) -> tuple[Any, str]:
 def _argv(spec: dict[str, Any]) -> list[str]:
     raw = spec.get("command")
     if spec.get("callable"):
-        # The task's venv's Python when it has one; it imports labgate's taskcall by path.
+        # The task's venv's Python when it has one; it imports labgate's taskcall by path
+        # (a batch job's copy of it when it names one: a job script has no module beside it).
         python = f"{spec['venv']}/bin/python" if spec.get("venv") else sys.executable
-        command = [python, str(Path(__file__).with_name("taskcall.py")), str(spec["callable"])]
+        taskcall = spec.get("taskcall") or str(Path(__file__).with_name("taskcall.py"))
+        command = [python, str(taskcall), str(spec["callable"])]
     elif isinstance(raw, str):
         command = ["/bin/sh", "-c", raw]
     else:
@@ -75,13 +89,55 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def run(directory: Path) -> int:
     """Run the task of ``directory`` to its end; always leaves ``exit.json``."""
+    write_exit(directory, execute(directory))
+    return 0
+
+
+def run_job(directory: str) -> int:
+    """A batch job's body: run the task, pack its results, then leave ``exit.json``."""
+    where = Path(directory)
+    outcome = execute(where)
+    problem = pack_results(where)
+    if problem and outcome.get("state") == "succeeded":
+        outcome.update(state="failed", reason=problem)
+    write_exit(where, outcome)
+    return 0
+
+
+def pack_results(directory: Path) -> str:
+    """``DIR/results`` as ``DIR/results.tar.gz`` (links left out); a problem in words, or ""."""
+    results = directory / "results"
+    archive = directory / RESULTS_ARCHIVE
+    part = directory / (RESULTS_ARCHIVE + ".part")
+    try:
+        with tarfile.open(part, mode="w:gz") as tar:
+            for path in sorted(results.rglob("*")) if results.is_dir() else []:
+                if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                    continue
+                tar.add(path, arcname=str(path.relative_to(results)), recursive=False)
+                if part.stat().st_size > MAX_ARCHIVE:
+                    raise ValueError(
+                        f"the results are larger than {MAX_ARCHIVE // 2**20} MiB compressed"
+                    )
+    except (OSError, ValueError, tarfile.TarError) as exc:
+        part.unlink(missing_ok=True)
+        return str(exc)
+    os.replace(part, archive)
+    return ""
+
+
+def execute(directory: Path) -> dict[str, Any]:
+    """Run the task of ``directory`` to its end; what happened (``exit.json``'s content)."""
     spec = json.loads((directory / "task.json").read_text())
     (directory / "results").mkdir(exist_ok=True)
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     venv = {"VIRTUAL_ENV": str(spec["venv"])} if spec.get("venv") else {}
     if venv:
         path = f"{spec['venv']}/bin:{path}"
+    # A batch job's task sees Slurm's own variables (its job id, CPUs); a process has none.
+    slurm = {key: value for key, value in os.environ.items() if key.startswith("SLURM_")}
     env = {
+        **slurm,
         **venv,
         "PATH": path,
         "HOME": str(directory),
@@ -106,8 +162,7 @@ def run(directory: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     started = time.time()
     if (directory / "cancel").exists():  # cancelled before this process got this far
-        write_exit(directory, {"state": "cancelled", "exit_code": None, "reason": "cancelled"})
-        return 0
+        return {"state": "cancelled", "exit_code": None, "reason": "cancelled"}
     with open(directory / "output.log", "ab") as log:
         try:
             proc = subprocess.Popen(
@@ -120,8 +175,7 @@ def run(directory: Path) -> int:
                 start_new_session=True,
             )
         except OSError as exc:
-            write_exit(directory, {"state": "failed", "exit_code": 127, "reason": str(exc)})
-            return 0
+            return {"state": "failed", "exit_code": 127, "reason": str(exc)}
         deadline = started + float(spec.get("timeout", 3600))
         while proc.poll() is None:
             if stopped or time.time() > deadline:
@@ -145,8 +199,7 @@ def run(directory: Path) -> int:
         outcome.update(state="failed", reason=problem)
     else:
         outcome.update(state="succeeded", reason="")
-    write_exit(directory, outcome)
-    return 0
+    return outcome
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ restarts loses none.
 ``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
 exists) under the site's task directory; everything about the attempt is in
 that directory, so a new runner (after a restart) finds it again with
-:meth:`TaskRunner.adopt`. Another engine (Slurm: a batch job) implements
-:class:`TaskExecutor` the same way.
+:meth:`TaskRunner.adopt`. The other engines implement :class:`TaskExecutor`
+the same way: containers (:mod:`labgate.agent.taskcontainer`) and Slurm
+batch jobs (:mod:`labgate.agent.taskslurm`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from labgate.agent.taskenv import EnvironmentCache, Progress
+from labgate.agent.taskexec import RESULTS_ARCHIVE
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import BadRequest, NotFound
 from labgate.wire.runs import TaskSpec
@@ -95,6 +97,11 @@ class TaskExecutor(abc.ABC):
     @abc.abstractmethod
     async def cancel(self, directory: Path) -> None:
         """Stop the attempt; the next poll reports it ``cancelled``."""
+
+    async def output(self, directory: Path, lines: int) -> str:
+        """The last ``lines`` lines of a running attempt's output kept elsewhere than
+        ``directory/output.log`` (a batch job's on the nodes' filesystem); "" by default."""
+        return ""
 
 
 class ProcessTaskExecutor(TaskExecutor):
@@ -317,12 +324,19 @@ class TaskRunner:
         """The last ``lines`` lines of the attempt's output."""
         path = self.directory(attempt_id) / "output.log"
         if not path.exists():
-            return ""
+            return await self.executor.output(path.parent, lines)
         text = await asyncio.to_thread(path.read_text, errors="replace")
         return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
 
     async def results(self, attempt_id: str) -> bytes:
-        """The attempt's results directory as a gzipped tar archive."""
+        """The attempt's results directory as a gzipped tar archive.
+
+        An executor whose attempts leave their results packed already (a Slurm
+        job's ``results.tar.gz``, taken over by the agent) has that file sent as it is.
+        """
+        archive = self.directory(attempt_id) / RESULTS_ARCHIVE
+        if archive.is_file():
+            return await asyncio.to_thread(archive.read_bytes)
         directory = self.directory(attempt_id) / "results"
         if not directory.is_dir():
             raise NotFound(f"task attempt {attempt_id} has no results at site {self.site}")
@@ -366,11 +380,13 @@ class TaskRunner:
 
     def _final(self, attempt_id: str, directory: Path, outcome: Outcome) -> Report:
         results = directory / "results"
-        files = (
-            sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
-            if results.is_dir()
-            else []
-        )
+        archive = directory / RESULTS_ARCHIVE
+        if archive.is_file():
+            files = archived_files(archive)
+        elif results.is_dir():
+            files = sorted(str(p.relative_to(results)) for p in results.rglob("*") if p.is_file())
+        else:
+            files = []
         tail = ""
         if outcome.state != "succeeded":
             with contextlib.suppress(OSError):
@@ -395,6 +411,15 @@ class TaskRunner:
             await self.reporter(report)
         except Exception:
             log.exception("reporting task attempt %s failed", report.instance_id)
+
+
+def archived_files(archive: Path) -> list[str]:
+    """The regular files in a results archive, by name ([] when it cannot be read)."""
+    try:
+        with tarfile.open(archive, mode="r:gz") as tar:
+            return sorted(member.name for member in tar.getmembers() if member.isfile())
+    except (OSError, tarfile.TarError):
+        return []
 
 
 def pack(directory: Path) -> bytes:

@@ -5,7 +5,9 @@ and memory held at once, and core-hours per calendar month (UTC). A user's
 own limits (``user_limits``) replace the settings' defaults field by field; a
 group's limits cap what its members charge to it *together*. Every launch is
 charged to at most one group: the one it names, else the first of the user's
-groups (by name) whose limits admit it.
+groups (by name) whose limits admit it. Batch task attempts hold their share
+too, as open usage records (:mod:`labgate.scheduler.runquota`), charged to a
+group the same way.
 
 :func:`admit` runs inside the instance manager's admission lock, in the same
 transaction that inserts the instance, so concurrent launches cannot overshoot.
@@ -148,6 +150,22 @@ def _held(instances: list[Instance]) -> tuple[int, float, int]:
     return len(instances), cpu, memory
 
 
+def _open_tasks(session: Session, *where: Any) -> tuple[int, float, int]:
+    """Batch task attempts under way (their usage records are open): count, CPUs, memory."""
+    count, cpu, memory = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(UsageRecord.cpu), 0.0),
+            func.coalesce(func.sum(UsageRecord.memory), 0),
+        ).where(
+            UsageRecord.stopped_at.is_(None),
+            UsageRecord.tool.startswith(TASK_TOOL_PREFIX),
+            *where,
+        )
+    ).one()
+    return int(count), float(cpu), int(memory)
+
+
 def user_use(
     session: Session, user_id: int, now: datetime | None = None, *, core_hours_too: bool = True
 ) -> Use:
@@ -163,27 +181,21 @@ def user_use(
         )
     )
     count, cpu, memory = _held(active)
-    # Batch task attempts under way hold their share too (their usage records are open).
-    tasks, task_cpu, task_memory = session.execute(
-        select(
-            func.count(),
-            func.coalesce(func.sum(UsageRecord.cpu), 0.0),
-            func.coalesce(func.sum(UsageRecord.memory), 0),
-        ).where(
-            UsageRecord.user_id == user_id,
-            UsageRecord.stopped_at.is_(None),
-            UsageRecord.tool.startswith(TASK_TOOL_PREFIX),
-        )
-    ).one()
-    count, cpu, memory = count + int(tasks), cpu + float(task_cpu), memory + int(task_memory)
+    tasks, task_cpu, task_memory = _open_tasks(session, UsageRecord.user_id == user_id)
+    count, cpu, memory = count + tasks, cpu + task_cpu, memory + task_memory
     if not core_hours_too:
         return Use(count, cpu, memory, 0.0)
     records = _month_records(session, now, UsageRecord.user_id == user_id)
     return Use(count, cpu, memory, core_hours(records, month_start(now), now))
 
 
-def group_use(session: Session, group: str, now: datetime | None = None) -> Use:
-    """What the launches charged to a group hold now and used this month."""
+def group_use(
+    session: Session, group: str, now: datetime | None = None, *, core_hours_too: bool = True
+) -> Use:
+    """What the launches and task attempts charged to a group hold now and used this month.
+
+    ``core_hours_too=False`` leaves the month's core-hours at 0, as for :func:`user_use`.
+    """
     now = now or utcnow()
     active = list(
         session.scalars(
@@ -198,6 +210,10 @@ def group_use(session: Session, group: str, now: datetime | None = None) -> Use:
         )
     )
     count, cpu, memory = _held(active)
+    tasks, task_cpu, task_memory = _open_tasks(session, UsageRecord.group_name == group)
+    count, cpu, memory = count + tasks, cpu + task_cpu, memory + task_memory
+    if not core_hours_too:
+        return Use(count, cpu, memory, 0.0)
     records = _month_records(session, now, UsageRecord.group_name == group)
     return Use(count, cpu, memory, core_hours(records, month_start(now), now))
 

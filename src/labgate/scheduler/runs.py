@@ -15,8 +15,10 @@ refused: an agent speaks only for its own tasks.
 It is separate from the instance start queue on purpose: tasks are short and
 many, and their admission is the stage. They share the owner's limits with
 instances, though: an attempt holds its cpu, memory and one "instance" from
-placement to end (an open usage record, :mod:`labgate.scheduler.quotas`), and
-a task that does not fit stays ``pending`` with the reason until it does. The
+placement to end (an open usage record, :mod:`labgate.scheduler.runquota`),
+charged to the first of the owner's groups whose limits admit it, and a task
+that does not fit (the owner's or the groups' limits) stays ``pending`` with
+the reason until it does. The
 active attempts of a site away longer than the grace are ``lost``.
 """
 
@@ -38,11 +40,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
-from labgate.db.models import UsageRecord, utcnow
+from labgate.db.models import utcnow
 from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, TaskAttempt
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
+from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
+from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
 from labgate.scheduler.runrows import Viewer
 from labgate.security import task_token
 from labgate.wire.launch import Resources
@@ -59,8 +62,6 @@ MAX_KEPT_LOG_LINES = 100_000
 SWEEP_INTERVAL = 5.0
 #: Most notes a task copy may add to its run's events (all its attempts together).
 MAX_NOTES = 1000
-#: The reason of a task that waits because its owner's limits are reached.
-WAITING_FOR_QUOTA = "waiting for quota"
 
 
 class RunProcessor:
@@ -222,7 +223,7 @@ class RunProcessor:
                     busy,
                     runrows.site_backends(session),
                 )
-                quota = _Quota(run, self.limits())
+                quota = RunQuota(run, self.limits())
                 for task in stage.tasks:
                     if task.state == RunState.pending:
                         attempt = self._new_attempt(session, run, task, places, quota)
@@ -254,7 +255,7 @@ class RunProcessor:
         return starts, cancels
 
     def _new_attempt(
-        self, session: Session, run: Run, task: RunTask, places: _Places, quota: _Quota
+        self, session: Session, run: Run, task: RunTask, places: _Places, quota: RunQuota
     ) -> str | None:
         """Place one task copy and record its next attempt; None: it waits (sites, quota)."""
         busy = places.busy
@@ -269,13 +270,16 @@ class RunProcessor:
         if task.pinned_site is not None:
             candidates = [c for c in candidates if c == task.pinned_site]
         site = ""  # none: the attempt is lost as soon as it is started
+        charge = Charge()
         if candidates:
             room = [c for c in candidates if busy.get(c, 0) < self.tasks_per_site]
             if not room:
                 return None  # waits: a finishing attempt advances the run again
             asked = _asked(places.definition(run, task))
-            if not quota.admits(session, task, asked):
+            admitted = quota.admit(session, task, asked)
+            if admitted is None:
                 return None  # waits: an ending task or instance, or the sweep, tries again
+            charge = admitted
             site = min(room, key=lambda n: (busy.get(n, 0), n))
             busy[site] = busy.get(site, 0) + 1
             if task.reason.startswith(WAITING_FOR_QUOTA):
@@ -288,7 +292,7 @@ class RunProcessor:
         attempt = TaskAttempt(id=runrows.new_id(), task=task, number=number, site=site)
         session.add(attempt)
         if site:
-            quota.record(session, attempt.id, site, _asked(places.definition(run, task)))
+            quota.record(session, attempt.id, site, _asked(places.definition(run, task)), charge)
         session.flush()
         return attempt.id
 
@@ -555,64 +559,6 @@ class RunProcessor:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
-
-
-class _Quota:
-    """A run owner's limits and what they hold, kept up to date as one advance places tasks.
-
-    Read from the database at the first placement of the advance only.
-    """
-
-    def __init__(self, run: Run, defaults: quotas.Limits) -> None:
-        self.run = run
-        self.defaults = defaults
-        self._state: tuple[quotas.Limits, quotas.Use] | None = None
-
-    def _read(self, session: Session) -> tuple[quotas.Limits, quotas.Use]:
-        if self._state is None:
-            limits = quotas.user_limits(session, self.defaults, self.run.owner_id)
-            # The month's core-hours read every record of it: only when they are limited.
-            use = quotas.user_use(
-                session, self.run.owner_id, core_hours_too=limits.core_hours is not None
-            )
-            self._state = limits, use
-        return self._state
-
-    def admits(self, session: Session, task: RunTask, asked: Resources) -> bool:
-        """Whether one more attempt fits the owner's limits; if not, the task says why."""
-        limits, use = self._read(session)
-        try:
-            quotas.check(self.run.owner.name, limits, use, asked, "user")
-        except QuotaExceeded as exc:
-            reason = f"{WAITING_FOR_QUOTA}: {exc.detail}"
-            if task.reason != reason:
-                task.reason = reason
-                runrows.add_event(session, self.run.id, task.label, "waiting", reason)
-            return False
-        return True
-
-    def record(self, session: Session, attempt_id: str, site: str, asked: Resources) -> None:
-        """Open the attempt's usage record; it holds ``asked`` until the attempt ends."""
-        owner = self.run.owner
-        session.add(
-            UsageRecord(
-                instance_id=attempt_id,
-                user_id=owner.id,
-                user_name=owner.name,
-                tool=f"{quotas.TASK_TOOL_PREFIX}{self.run.name}"[:64],
-                site=site,
-                cpu=asked.cpu,
-                memory=asked.memory,
-                started_at=utcnow(),
-            )
-        )
-        limits, use = self._read(session)
-        self._state = (
-            limits,
-            quotas.Use(
-                use.instances + 1, use.cpu + asked.cpu, use.memory + asked.memory, use.core_hours
-            ),
-        )
 
 
 def _asked(definition: TaskDef) -> Resources:
