@@ -210,6 +210,11 @@ async def stop_everything(application: Any) -> None:
     from labgate.db.models import ACTIVE_STATES, Instance
 
     portal = application.state.portal
+    pools = getattr(application.state, "pools", None)
+    if pools is not None:
+        # First stop refilling: a refill after the last round would leave a pool
+        # instance running past the test (seen on PostgreSQL in CI).
+        await pools.close()
     # Each round stops what is active now: a stop frees start room, and a queued
     # launch the start queue moves on meanwhile is stopped in the next round.
     for _ in range(300):
