@@ -349,3 +349,31 @@ def self_signed_certificate(cert: Path, key: Path, name: str = "127.0.0.1") -> i
     key.chmod(0o600)
     cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return int(certificate.serial_number)
+
+
+def recorded_instance(app: Any, state: str = "pending", **fields: Any) -> str:
+    """Record a demo instance of admin on the local site in ``state``; no process behind it."""
+    from sqlalchemy import select
+
+    from labgate.db.models import Instance, InstanceState, Site, User
+    from labgate.security import new_id
+
+    instance_id = new_id()
+
+    def add(session: Any) -> None:
+        owner = session.scalar(select(User).where(User.name == "admin"))
+        site = session.scalar(select(Site).where(Site.name == "local"))
+        session.add(
+            Instance(
+                id=instance_id,
+                owner_id=owner.id,
+                tool="demo",
+                site=site,
+                state=InstanceState(state),
+                resources={"cpu": 0.5, "memory": 512 * 1024**2},
+                **fields,
+            )
+        )
+
+    app.state.portal.db.transact(add)
+    return instance_id

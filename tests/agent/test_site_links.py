@@ -486,3 +486,43 @@ async def test_a_command_the_site_refuses_fails_with_the_sites_code_and_status()
         "error": "snapshot_unsupported",
         "detail": "this site takes no snapshots",
     }
+
+
+async def test_a_start_cut_short_by_closing_the_agent_is_recorded_and_adopted(
+    tmp_path, demo
+) -> None:
+    """What a backend started while its agent closed is reported, never orphaned."""
+    recorder = Recorder()
+    settings = site_settings(tmp_path / "site")
+    agent = make_agent_for(settings, "edge", recorder.report)
+    real_start, entered = agent.backend.start, asyncio.Event()
+
+    async def slow_start(spec: LaunchSpec) -> Any:
+        entered.set()
+        await asyncio.sleep(0.5)  # the agent closes in here
+        return await real_start(spec)
+
+    agent.backend.start = slow_start  # type: ignore[method-assign]
+    link = LocalSiteLink(agent)
+    await link.launch(spec_of(demo, "cut1"))
+    await entered.wait()
+    await link.close()
+    endpoint, state = endpoint_of(recorder, "cut1")
+    assert state["pid"] > 0
+    # The next agent adopts it from that state, and can stop it.
+    again = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
+    try:
+        await again.adopt(Adoption(spec_of(demo, "cut1"), "starting", state, endpoint, 60.0))
+        await recorder.wait_state("cut1", "running")
+        await again.stop("cut1", state)
+        await recorder.wait_state("cut1", "stopped")
+    finally:
+        await again.close()
+
+
+async def test_an_unreadable_saved_state_is_reported_lost(tmp_path, demo) -> None:
+    recorder = Recorder()
+    async with local_link(tmp_path, recorder) as link:
+        await link.adopt(Adoption(spec_of(demo, "bad1"), "running", {"nonsense": 1}, "", 60.0))
+        await recorder.wait_state("bad1", "lost")
+    assert any("unreadable" in r.message for r in recorder.reports if r.state == "lost")

@@ -14,36 +14,14 @@ from typing import Any
 
 from sqlalchemy import select
 
-from labgate.db.models import Instance, InstanceEvent, InstanceState, Site, User
-from labgate.security import new_id
+from helpers import recorded_instance
+from labgate.db.models import Instance, InstanceEvent, InstanceState
 from labgate.wire.site import Report
-
-
-def pending_instance(app: Any) -> str:
-    """Record an admitted (``pending``) demo of admin on the local site; no process behind it."""
-    instance_id = new_id()
-
-    def add(session: Any) -> None:
-        owner = session.scalar(select(User).where(User.name == "admin"))
-        site = session.scalar(select(Site).where(Site.name == "local"))
-        session.add(
-            Instance(
-                id=instance_id,
-                owner_id=owner.id,
-                tool="demo",
-                site=site,
-                state=InstanceState.pending,
-                resources={"cpu": 0.5, "memory": 512 * 1024**2},
-            )
-        )
-
-    app.state.portal.db.transact(add)
-    return instance_id
 
 
 async def test_a_report_read_before_a_stop_does_not_undo_the_stop(app: Any) -> None:
     manager = app.state.portal.instances
-    instance_id = pending_instance(app)
+    instance_id = recorded_instance(app)
     runs = 0
 
     def report_racing_a_stop(session: Any) -> Any:
@@ -79,7 +57,7 @@ async def test_a_report_read_before_a_stop_does_not_undo_the_stop(app: Any) -> N
 async def test_updates_from_one_read_each_still_all_land(app: Any) -> None:
     """Two transactions that each change a different field of the same row both keep theirs."""
     manager = app.state.portal.instances
-    instance_id = pending_instance(app)
+    instance_id = recorded_instance(app)
     runs = 0
 
     def set_reason(session: Any) -> None:

@@ -49,14 +49,16 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 0.1
 HEALTH_MAX_INTERVAL = 0.25
 HEALTH_REQUEST_TIMEOUT = 5.0
-#: A stop the backend could not do (its engine is down) is tried again after this many
-#: seconds, doubled each time up to STOP_RETRY_MAX, until it succeeds.
 #: Seconds a site's health answer is reused (``/readyz`` may be asked often), and how
 #: long the backend may take to give one.
 HEALTH_TTL = 5.0
 HEALTH_TIMEOUT = 3.0
+#: A stop the backend could not do (its engine is down) is tried again after this many
+#: seconds, doubled each time up to STOP_RETRY_MAX, until it succeeds.
 STOP_RETRY_FIRST = 1.0
 STOP_RETRY_MAX = 60.0
+#: Seconds a closing agent waits for a backend start under way, to record what it started.
+INTERRUPTED_START_WAIT = 30.0
 #: Seconds over which a starting tool's CPU use is measured when its budget ends...
 BUSY_SAMPLE = 1.0
 #: ... and the share of a core it must use in them to count as still busy.
@@ -255,7 +257,14 @@ class SiteAgent:
             return
         self._ensure_watch()
         spec = self.placed(adoption.spec)
-        status = await self.backend.poll(adoption.backend_state)
+        try:
+            status = await self.backend.poll(adoption.backend_state)
+        except Exception as exc:  # a state this backend cannot read: nothing to watch
+            log.warning("site %s: cannot adopt %s: %r", self.site, spec.instance_id, exc)
+            await self._report(
+                Report(spec.instance_id, "lost", message=f"its saved state is unreadable: {exc!r}")
+            )
+            return
         if not status.alive:
             tail = await self._tail(adoption.backend_state)
             detail = status.detail or "gone"
@@ -462,9 +471,11 @@ class SiteAgent:
         await self._report(
             Report(iid, "starting", message=f"starting {spec.tool.title} on site {self.site}")
         )
+        start = asyncio.ensure_future(self.backend.start(spec))
         try:
-            started = await self.backend.start(spec)
+            started = await asyncio.shield(start)
         except asyncio.CancelledError:
+            await self._keep_interrupted_start(iid, start)
             raise
         except LabgateError as exc:
             await self._report(start_failed(iid, NEVER_STARTED, exc.detail))
@@ -477,6 +488,29 @@ class SiteAgent:
         if iid in self._cancel_requested:
             return
         await self._place_then_health(spec, started)
+
+    async def _keep_interrupted_start(self, iid: str, start: asyncio.Future[Started]) -> None:
+        """The agent closes mid-start: what the backend started is recorded, not orphaned.
+
+        A backend start runs on (a thread, a container create) after its task is
+        cancelled. Its state goes to the portal so the next agent adopts the
+        instance, and stops it cleanly if it is stopped meanwhile.
+        """
+        try:
+            started = await asyncio.wait_for(start, INTERRUPTED_START_WAIT)
+        except Exception:  # it failed or took too long: nothing of it can be adopted
+            log.warning("site %s: the start of %s was interrupted", self.site, iid)
+            return
+        await self._report(
+            Report(
+                iid,
+                "starting",
+                kind="progress",
+                message="started while the site agent closed",
+                backend_state=started.state,
+                endpoint=started.endpoint,
+            )
+        )
 
     async def _place(self, spec: LaunchSpec, started: Started) -> Started | None:
         """Wait for a queued instance's place (see :meth:`Backend.place`); None: it failed."""

@@ -393,6 +393,10 @@ class InstanceManager:
                 self._spawn(self._start(instance.id))
             elif instance.state == InstanceState.stopping:
                 self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
+            elif not instance.backend_state:
+                # The portal went down mid-start, before the site said what it started.
+                message = "the portal restarted before the instance had started; launch it again"
+                await self.apply(Report(instance.id, "failed", message=message))
             else:
                 if self.routes is not None:
                     self.routes.instance_changed(instance)

@@ -1,0 +1,53 @@
+"""A portal start hands every unfinished instance back to its site, and none stops it starting.
+
+Seen in CI: a portal that went down while a start was under way left an
+instance ``starting`` with no saved state; the next portal's restore asked the
+backend about it, the backend could not read the empty state, and the portal
+did not start at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from helpers import recorded_instance, serving
+from labgate.db.models import Instance, InstanceEvent, utcnow
+
+
+async def state_and_message(app: Any, instance_id: str) -> tuple[str, str]:
+    def read(session: Any) -> tuple[str, str]:
+        instance = session.get(Instance, instance_id)
+        last = (
+            session.query(InstanceEvent)
+            .filter(InstanceEvent.instance_id == instance_id, InstanceEvent.kind == "state")
+            .order_by(InstanceEvent.id.desc())
+            .first()
+        )
+        return instance.state.value, last.message if last is not None else ""
+
+    return await app.state.portal.run_db(read)
+
+
+async def test_a_start_cut_off_or_an_unreadable_state_does_not_stop_the_portal(settings):
+    async with serving(settings) as first:
+        cut_off = recorded_instance(first, "starting", backend_state={}, started_at=utcnow())
+        garbled = recorded_instance(
+            first,
+            "running",
+            backend_state={"nonsense": 1},
+            endpoint="http://127.0.0.1:9",
+            started_at=utcnow(),
+            ready_at=utcnow(),
+        )
+    async with serving(settings) as second:
+        state, message = await state_and_message(second, cut_off)
+        assert state == "failed"
+        assert "portal restarted before the instance had started" in message
+        for _ in range(100):  # the adoption's report comes from the site, a moment later
+            state, message = await state_and_message(second, garbled)
+            if state != "running":
+                break
+            await asyncio.sleep(0.05)
+        assert state == "lost"
+        assert "saved state is unreadable" in message
