@@ -102,8 +102,8 @@ class LabgateServer:
         self.env.pop("LABGATE_CONFIG", None)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30) -> None:
-        """Start and wait until /healthz answers."""
+    def start(self, timeout: float = 60) -> None:
+        """Start and wait until /healthz answers; a server that does not is stopped."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "labgate", "serve"],
@@ -123,7 +123,10 @@ class LabgateServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"labgate serve did not start: {self.log_path.read_text()[-3000:]}")
+        self.stop()  # a fixture that fails here has no teardown to stop it
+        raise RuntimeError(
+            f"labgate serve did not start in {timeout:g} s: {self.log_path.read_text()[-3000:]}"
+        )
 
     def stop(self, timeout: float = 20) -> None:
         """SIGTERM and wait; the way an operator restarts it."""
