@@ -36,7 +36,11 @@ sandbox:
 # second worker about halves the run on two cores. TEST_WORKERS=0 runs them in one process.
 TEST_WORKERS ?= 2
 
+# The tests start many labgate processes (serve, agent, router, tools): with bytecode
+# writes off (PYTHONDONTWRITEBYTECODE, as on CI machines) each would compile labgate's
+# sources again, seconds apiece. Compiled once here; unchanged files are skipped.
 test: $(STAMP)
+	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The OpenID Connect provider the identity tests start (npm's oidc-provider).
