@@ -266,6 +266,7 @@ async def serving(settings: Any) -> AsyncIterator[Any]:
         yield application
     finally:
         LISTENER_FDS.discard(listener.fileno())
+        application.state.portal.begin_shutdown()  # as labgate serve does
         server.should_exit = True
         await task
 

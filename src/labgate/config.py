@@ -449,6 +449,15 @@ class Settings(BaseSettings):
             "are lost (and retried) past it too."
         ),
     )
+    site_reconnect_window: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "Seconds after a portal start that a network site's instances keep their state "
+            "(and their routes) while its agent reconnects; a site still away after it is "
+            "disconnected: its instances become `unreachable`."
+        ),
+    )
     agent_portal: str = Field(
         "",
         description=(

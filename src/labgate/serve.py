@@ -154,6 +154,7 @@ async def _serve_started(
             received[0] if received else "the portal ended",
         )
     finally:
+        portal.begin_shutdown()  # before the router closes the agents' connections
         if supervisor is not None:
             await supervisor.close()
         if router is not None:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from helpers import wait_for_state
+from helpers import ADMIN_PASSWORD, serving, stop_everything, token_for, wait_for_state
 from labgate.backends.registry import load_backend
 from labgate.config import Settings
 from labgate.db.models import Instance, InstanceEvent, InstanceState
@@ -173,3 +173,72 @@ async def test_a_stop_while_the_site_is_away_is_done_when_it_returns(
         await wait_for_state(client, admin_headers, iid, {"stopped"})
     if pid:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+async def running_on_edge_then_portal_down(settings: Settings, tmp_path: Path) -> tuple[str, str]:
+    """A portal, a connected site ``edge`` with a running demo; the portal stops first.
+
+    Returns the site's token and the instance id; the agent stopped after the
+    portal, so no portal saw the site leave.
+    """
+    async with (
+        serving(settings) as first,
+        httpx.AsyncClient(base_url=first.state.test_url, timeout=30) as client,
+    ):
+        headers = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        token = await add_site(client, headers)
+        agent = remote_agent(first.state.test_url, token, tmp_path / "edge")
+        await agent.__aenter__()
+        try:
+            await wait_site(client, headers, "connected")
+            iid = await launch_on_edge(client, headers)
+            await wait_for_state(client, headers, iid, {"running"})
+        except BaseException:
+            await agent.__aexit__(None, None, None)
+            raise
+    await agent.__aexit__(None, None, None)
+    return token, iid
+
+
+async def test_after_a_portal_restart_a_site_not_back_in_the_window_is_away(
+    settings, tmp_path: Path
+):
+    settings = settings.model_copy(update={"site_reconnect_window": 1.0})
+    _, iid = await running_on_edge_then_portal_down(settings, tmp_path)
+    async with (
+        serving(settings) as second,
+        httpx.AsyncClient(base_url=second.state.test_url, timeout=30) as client,
+    ):
+        try:
+            headers = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+            # Within the window the instance keeps its state (and its route).
+            assert (await row(second, iid)).state == InstanceState.running
+            away = await wait_for_state(client, headers, iid, {"unreachable"})
+            assert "did not reconnect after the portal started" in away["reason"]
+            await wait_for_state(client, headers, iid, {"lost"})  # the grace period (1.5 s)
+        finally:
+            await kill_at_site(second, iid)
+            await stop_everything(second)
+
+
+async def test_an_agent_back_within_the_window_keeps_its_instances_running(
+    settings, tmp_path: Path
+):
+    token, iid = await running_on_edge_then_portal_down(settings, tmp_path)
+    async with (
+        serving(settings) as second,
+        httpx.AsyncClient(base_url=second.state.test_url, timeout=30) as client,
+    ):
+        try:
+            headers = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+            async with remote_agent(second.state.test_url, token, tmp_path / "edge"):
+                await wait_site(client, headers, "connected")
+                await asyncio.sleep(0.5)  # the reconcile of what the agent holds
+                assert (await row(second, iid)).state == InstanceState.running
+                assert await transitions(second, iid) == ["pending", "starting", "running"]
+                stopped = await client.delete(f"/api/v1/instances/{iid}", headers=headers)
+                assert stopped.status_code in (200, 202)
+                await wait_for_state(client, headers, iid, {"stopped"})
+        finally:
+            await kill_at_site(second, iid)
+            await stop_everything(second)

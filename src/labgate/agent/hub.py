@@ -338,6 +338,10 @@ class SiteHub:
         if not task.cancelled() and task.exception() is not None:
             log.error("site hub task failed", exc_info=task.exception())
 
+    def draining(self) -> None:
+        """Portal shutdown begins: a connection that ends from now on is not reported gone."""
+        self._closing = True
+
     async def close(self) -> None:
         """Portal shutdown: end every agent connection (agents reconnect to the next portal)."""
         self._closing = True

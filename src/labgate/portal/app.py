@@ -202,9 +202,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await ops.close()
+        await liveness.close()  # first: the hub's closing connections are no departures
         if portal.site_hub is not None:
             await portal.site_hub.close()
-        await liveness.close()
         await reconciler.close()
         await portal.snapshots.close()
         await processor.close()

@@ -69,6 +69,16 @@ class Portal:
         """Run ``fn`` in a committed session on a worker thread (:meth:`Database.transact`)."""
         return await self.db.run(fn)
 
+    def begin_shutdown(self) -> None:
+        """The portal is about to stop: agent connections that end now are no departures.
+
+        Called by the server before it stops listening (the agents' connections
+        end with it); their sites keep their instances' states for the next
+        portal, which gives them ``site_reconnect_window`` to come back.
+        """
+        if self.site_hub is not None:
+            self.site_hub.draining()
+
     @property
     def instances(self) -> InstanceManager:
         """The instance manager (present once the app has started)."""

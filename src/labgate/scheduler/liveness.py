@@ -63,27 +63,46 @@ UNFINISHED = (
 class SiteLiveness:
     """Reconciles network sites on connect, and loses their instances after a grace period."""
 
-    def __init__(self, manager: InstanceManager, hub: SiteHub, *, grace: float) -> None:
+    def __init__(
+        self,
+        manager: InstanceManager,
+        hub: SiteHub,
+        *,
+        grace: float,
+        reconnect_window: float = 0.0,
+    ) -> None:
         self.manager = manager
         self.hub = hub
         self.grace = grace
+        self.reconnect_window = reconnect_window
         self._timers: dict[str, asyncio.Task[None]] = {}
         #: One change of a site's connection at a time: a quick reconnect's reconcile
         #: must not run before (or under) the previous connection's departure.
         self._locks: dict[str, asyncio.Lock] = {}
         self._beats: dict[str, float] = {}
         self._flusher: asyncio.Task[None] | None = None
+        #: Set when the portal stops: the agents' connections close with it, and
+        #: that is no departure of theirs (they reconnect to the next portal).
+        self._closed = False
 
     # --- start and stop ----------------------------------------------------------
     async def start(self) -> None:
-        """After the portal starts: every network site is away until its agent connects."""
+        """After the portal starts: each network site has the reconnect window to come back.
+
+        Its agents reconnect by themselves; meanwhile the instances keep their
+        state and routes (a directly reached instance keeps answering), and a
+        site not back when the window ends is away like one that disconnected.
+        """
         for name, link in list(self.manager.links.items()):
             if isinstance(link, NetworkSiteLink) and not link.live:
-                await self._away(name, "the portal restarted; waiting for the agent")
+                self._timers[name] = asyncio.create_task(
+                    self._away_unless_back(name), name=f"reconnect-{name}"
+                )
         self._flusher = asyncio.create_task(self._flush_beats(), name="site-heartbeats")
 
     async def close(self) -> None:
-        """Stop the timers (instances stay as they are)."""
+        """Stop the timers and stop taking disconnects (instances stay as they are)."""
+        self._closed = True
         tasks = [*self._timers.values()]
         if self._flusher is not None:
             tasks.append(self._flusher)
@@ -128,6 +147,8 @@ class SiteLiveness:
 
     async def site_disconnected(self, site: str, reason: str) -> None:
         """The agent went away: its instances are unreachable, the grace period starts."""
+        if self._closed:
+            return  # the portal is stopping: the connection closed with it
         async with self._lock(site):
             link = self.manager.links.get(site)
             if link is not None and link.live:
@@ -211,6 +232,16 @@ class SiteLiveness:
         return True
 
     # --- away ----------------------------------------------------------------------
+    async def _away_unless_back(self, site: str) -> None:
+        """The reconnect window after a portal start; its agent's connect cancels this."""
+        await asyncio.sleep(self.reconnect_window)
+        async with self._lock(site):
+            self._timers.pop(site, None)
+            link = self.manager.links.get(site)
+            if link is None or link.live:
+                return
+            await self._away(site, "its agent did not reconnect after the portal started")
+
     async def _away(self, site: str, reason: str) -> None:
         message = (
             f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
