@@ -1,0 +1,351 @@
+"""How fast a big labgate starts: the portal on a full database, a router resyncing its routes.
+
+Issue 19's targets: a portal with 50,000 users, 10,000 running instances and
+1,000,000 events is ready in under 5 s; a router resyncs 10,000 routes in
+under 1 s. (JupyterHub with 50,000 users took over 15 minutes to start.)
+
+One run, on loopback only, in a temporary directory it removes again:
+
+1. A database (SQLite in the directory, or a fresh PostgreSQL database made
+   with ``--database-url``) is migrated and filled in bulk: ``--users`` users,
+   a network site ``far`` (``reach = "direct"``, its agent not connected),
+   ``--instances`` running instances on it, spread over the users, each with a
+   reachable-looking endpoint, and ``--events`` events spread over them.
+2. ``labgate serve`` starts on it ``--rounds`` times: the time from the
+   process start until ``/healthz`` answers 200 is *portal ready* (migrations
+   checked, every unfinished instance handed back to its site, the route
+   table loaded and the router listening). The same on an empty database is
+   the floor (interpreter, imports, the router process).
+3. ``labgate router --portal …`` starts beside the last portal ``--rounds``
+   times: a router listens only once it holds the route snapshot, so the time
+   until its port answers is *router ready*; the route snapshot of an empty
+   portal is its floor, and the difference is the resync of the routes.
+
+Prints a Markdown table and JSON (also ``benchmarks/results/startup-<time>.json``).
+
+    .venv/bin/python benchmarks/startup.py                       # SQLite, full size
+    .venv/bin/python benchmarks/startup.py --quick               # a tenth of it, 1 round
+    .venv/bin/python benchmarks/startup.py --database-url postgresql+psycopg://u:p@127.0.0.1/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from labgate.db.models import Instance, InstanceEvent, InstanceState, Site, User, utcnow
+from labgate.db.session import make_engine, migrate
+
+RESULTS = Path(__file__).with_name("results")
+SECRET_KEY = "benchmark-startup-key-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1"
+ADMIN_PASSWORD = "benchmark-admin-password"
+#: The shape of a stored argon2 hash: these users never sign in here.
+USER_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$c29tZXNhbHRzb21lc2FsdA"
+    "$3n8rQ8V3w0m1aPq1k6cJQ0rA4o1p1ZkqzZ2m2e6VfLk"
+)
+TARGET_PORTAL_S = 5.0
+TARGET_ROUTER_S = 1.0
+BATCH = 10_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- the database -------------------------------------------------------------------
+
+
+def fresh_postgres(server_url: str, name: str) -> str:
+    """A new empty database ``name`` on the server of ``server_url``; its URL."""
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_postgres(server_url: str, name: str) -> None:
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def fill(url: str, users: int, instances: int, events: int) -> dict[str, float]:
+    """Migrate the database at ``url`` and fill it in bulk; seconds each step took."""
+    engine = make_engine(url)
+    took: dict[str, float] = {}
+    start = time.perf_counter()
+    migrate(engine)
+    took["migrate"] = time.perf_counter() - start
+    now = utcnow()
+    rng = random.Random(19)
+    with Session(engine) as session:
+        start = time.perf_counter()
+        for first in range(0, users, BATCH):
+            rows = [
+                {"name": f"user{n:06d}", "password_hash": USER_HASH}
+                for n in range(first, min(first + BATCH, users))
+            ]
+            session.execute(insert(User), rows)
+        site = Site(name="far", backend="process", kind="network", reach="direct")
+        session.add(site)
+        session.flush()
+        user_ids = list(session.scalars(select(User.id)))
+        took["users"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ids = [f"b{n:011d}" for n in range(instances)]
+        started = now - timedelta(hours=1)
+        for first in range(0, instances, BATCH):
+            rows = [
+                {
+                    "id": instance_id,
+                    "owner_id": rng.choice(user_ids),
+                    "tool": "demo",
+                    "site_id": site.id,
+                    "state": InstanceState.running,
+                    "resources": {"cpu": 0.5, "memory": 512 * 1024**2},
+                    "backend_state": {"instance_id": instance_id, "pid": 1, "start_time": 1},
+                    "endpoint": f"http://10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}:8888",
+                    "created_at": started,
+                    "started_at": started,
+                    "ready_at": started,
+                }
+                for n, instance_id in enumerate(ids[first : first + BATCH], start=first)
+            ]
+            session.execute(insert(Instance), rows)
+        took["instances"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for first in range(0, events, BATCH):
+            rows = [
+                {
+                    "instance_id": ids[n % len(ids)],
+                    "state": InstanceState.running,
+                    "kind": "progress",
+                    "message": "waiting for the health check",
+                    "created_at": started,
+                }
+                for n in range(first, min(first + BATCH, events))
+            ]
+            session.execute(insert(InstanceEvent), rows)
+        took["events"] = time.perf_counter() - start
+        session.commit()
+    engine.dispose()
+    return took
+
+
+# --- timing processes -------------------------------------------------------------------
+
+
+def environment(data_dir: Path, url: str, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
+    env.update(
+        LABGATE_DATA_DIR=str(data_dir),
+        LABGATE_DATABASE_URL=url,
+        LABGATE_PORT=str(port),
+        LABGATE_HOST="127.0.0.1",
+        LABGATE_SECRET_KEY=SECRET_KEY,
+        LABGATE_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        # Network sites are not reported lost while this runs.
+        LABGATE_SITE_GRACE_PERIOD="3600",
+    )
+    return env
+
+
+def wait_answer(url: str, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds until ``url`` answers 200 (any answer for a router: it listens once synced)."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code < 500:
+                return time.perf_counter() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{url} did not answer in {timeout} s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def labgate(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "labgate", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+
+def loaded(log: Path) -> dict[str, int]:
+    """What the last route table load in ``log`` held: routes, users, tokens."""
+    found = re.findall(r"route table: (\d+) routes, (\d+) users, (\d+) tokens", log.read_text())
+    if not found:
+        raise RuntimeError(f"no route table load in {log}")
+    routes, users, tokens = (int(n) for n in found[-1])
+    return {"routes": routes, "users": users, "tokens": tokens}
+
+
+def time_portal(
+    data_dir: Path, url: str, rounds: int
+) -> tuple[list[float], list[float], dict[str, int]]:
+    """Portal ready times, router ready times (beside the last portal), what was loaded."""
+    portal_times, router_times = [], []
+    log = data_dir / "serve.log"
+    for round_ in range(rounds):
+        port = free_port()
+        env = environment(data_dir, url, port)
+        serve = labgate("serve", env=env, log=log)
+        try:
+            portal_times.append(wait_answer(f"http://127.0.0.1:{port}/healthz", serve, 600))
+            if round_ == rounds - 1:
+                for _ in range(rounds):
+                    router_port = free_port()
+                    router_env = environment(data_dir, url, router_port)
+                    router = labgate(
+                        "router",
+                        "--portal",
+                        f"http://127.0.0.1:{port}",
+                        env=router_env,
+                        log=data_dir / "router.log",
+                    )
+                    try:
+                        router_times.append(
+                            wait_answer(f"http://127.0.0.1:{router_port}/healthz", router, 120)
+                        )
+                    finally:
+                        stop(router)
+        finally:
+            stop(serve)
+    return portal_times, router_times, loaded(log)
+
+
+def measure(url: str, work: Path, size: dict[str, int], rounds: int) -> dict[str, Any]:
+    data_dir = work / f"data-{size['instances']}"
+    data_dir.mkdir(mode=0o700)
+    filled = fill(url, size["users"], size["instances"], size["events"])
+    portal, router, table = time_portal(data_dir, url, rounds)
+    # The first admin is made only in a database with no users.
+    users = size["users"] or 1
+    if table["routes"] != size["instances"] or table["users"] != users:
+        raise RuntimeError(f"the portal loaded {table}, not the {size} filled in")
+    return {
+        **size,
+        "fill_s": filled,
+        "loaded": table,
+        "portal_ready_s": portal,
+        "router_ready_s": router,
+    }
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=50_000)
+    parser.add_argument("--instances", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--database-url", help="a PostgreSQL server (its postgres database); default SQLite"
+    )
+    parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 round")
+    args = parser.parse_args()
+    if args.quick:
+        args.users, args.instances, args.events = (
+            args.users // 10,
+            args.instances // 10,
+            args.events // 10,
+        )
+        args.rounds = 1
+    work = Path(tempfile.mkdtemp(prefix="labgate-startup-"))
+    os.chmod(work, 0o700)
+    sizes = {
+        "empty": {"users": 0, "instances": 0, "events": 0},
+        "full": {"users": args.users, "instances": args.instances, "events": args.events},
+    }
+    results: dict[str, Any] = {"database": "postgresql" if args.database_url else "sqlite"}
+    try:
+        for label, size in sizes.items():
+            if args.database_url:
+                name = f"labgate_bench_startup_{label}"
+                url = fresh_postgres(args.database_url, name)
+                try:
+                    results[label] = measure(url, work, size, args.rounds)
+                finally:
+                    drop_postgres(args.database_url, name)
+            else:
+                url = f"sqlite:///{work}/{label}.db"
+                results[label] = measure(url, work, size, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report(results)
+
+
+def report(results: dict[str, Any]) -> None:
+    empty, full = results["empty"], results["full"]
+    portal, floor = median(full["portal_ready_s"]), median(empty["portal_ready_s"])
+    router, router_floor = median(full["router_ready_s"]), median(empty["router_ready_s"])
+    results["summary"] = {
+        "portal_ready_s": portal,
+        "portal_floor_s": floor,
+        "router_ready_s": router,
+        "router_floor_s": router_floor,
+        "router_resync_s": router - router_floor,
+        "portal_target_met": portal < TARGET_PORTAL_S,
+        "router_target_met": router - router_floor < TARGET_ROUTER_S,
+    }
+    size = f"{full['users']:,} users, {full['instances']:,} running, {full['events']:,} events"
+    print(f"\n{results['database']}: {size} (median of {len(full['portal_ready_s'])})\n")
+    print("| what | empty database | full database | target |")
+    print("|---|---:|---:|---:|")
+    print(f"| portal ready (s) | {floor:.2f} | {portal:.2f} | < {TARGET_PORTAL_S:g} |")
+    print(f"| router ready (s) | {router_floor:.2f} | {router:.2f} | |")
+    print(f"| router resync of the routes (s) | | {router - router_floor:.2f} | < 1 |")
+    fill_s = full["fill_s"]
+    print("\nfilling took " + ", ".join(f"{k} {v:.1f} s" for k, v in fill_s.items()))
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results["summary"], indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
