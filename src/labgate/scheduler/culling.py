@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from labgate.db.models import Group, Instance, InstanceState, UsageRecord
 from labgate.errors import LabgateError
@@ -166,7 +166,9 @@ class Culler:
 
     def _running(self, session: Session) -> list[Watch]:
         instances = session.scalars(
-            select(Instance).where(Instance.state == InstanceState.running, Instance.pool.is_(None))
+            select(Instance)
+            .where(Instance.state == InstanceState.running, Instance.pool.is_(None))
+            .options(selectinload(Instance.owner))
         ).all()
         charged = dict(
             session.execute(
@@ -178,7 +180,6 @@ class Culler:
         groups = {g.name: g for g in session.scalars(select(Group))} if charged else {}
         watches = []
         for instance in instances:
-            session.refresh(instance, ["owner"])
             watches.append(watch_of(instance, groups.get(charged.get(instance.id, ""))))
         return watches
 

@@ -30,6 +30,7 @@ from labgate.db.models import (
     InstanceEvent,
     InstanceState,
     utcnow,
+    with_owner_and_site,
 )
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
@@ -420,10 +421,11 @@ class InstanceManager:
     def _unfinished(self, session: Session) -> list[Instance]:
         unfinished = [*ACTIVE_STATES, InstanceState.stopping]
         rows = session.scalars(
-            select(Instance).where(Instance.state.in_(unfinished)).order_by(Instance.created_at)
+            select(Instance)
+            .where(Instance.state.in_(unfinished))
+            .order_by(Instance.created_at)
+            .options(*with_owner_and_site())
         ).all()
-        for row in rows:
-            session.refresh(row, ["owner", "site"])
         return list(rows)
 
     async def logs(self, instance: Instance, lines: int) -> str:

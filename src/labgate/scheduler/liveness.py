@@ -38,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.network import NetworkSiteLink
-from labgate.db.models import Instance, InstanceState, Site, utcnow
+from labgate.db.models import Instance, InstanceState, Site, utcnow, with_owner_and_site
 from labgate.wire.site import Report
 
 if TYPE_CHECKING:
@@ -330,9 +330,8 @@ def _unfinished_on(session: Session, name: str) -> list[Instance]:
         select(Instance)
         .where(Instance.site_id == site.id, Instance.state.in_(UNFINISHED))
         .order_by(Instance.created_at)
+        .options(*with_owner_and_site())
     ).all()
-    for row in rows:
-        session.refresh(row, ["owner", "site"])
     return list(rows)
 
 

@@ -14,7 +14,14 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import Instance, InstanceEvent, InstanceShare, InstanceState, User
+from labgate.db.models import (
+    Instance,
+    InstanceEvent,
+    InstanceShare,
+    InstanceState,
+    User,
+    with_owner_and_site,
+)
 from labgate.errors import BadRequest, NotFound
 from labgate.portal.api.choices import check_options
 from labgate.portal.auth import Principal, require
@@ -209,9 +216,7 @@ async def list_instances(
         if tool is not None:
             stmt = stmt.where(Instance.tool == tool)
         stmt = stmt.order_by(Instance.created_at.desc()).limit(limit)
-        rows = session.scalars(stmt).all()
-        for row in rows:
-            session.refresh(row, ["owner", "site"])
+        rows = session.scalars(stmt.options(*with_owner_and_site())).all()
         return [instance_out(portal, row, caller, session) for row in rows]
 
     return await portal.run_db(query)
