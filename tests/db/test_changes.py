@@ -8,9 +8,9 @@ import os
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from labgate.db.changes import MAX_PAYLOAD, Change, announce_changes, decode, encode
+from labgate.db.changes import CHANNEL, MAX_PAYLOAD, Change, announce_changes, decode, encode
 from labgate.db.listen import ChangeListener, libpq_url
 from labgate.db.models import ApiToken, RevokedSession, User, utcnow
 from labgate.db.session import Database
@@ -103,6 +103,32 @@ async def test_committed_changes_are_heard_once_and_rolled_back_ones_never(
         changes = [change for who, batch in heard for change in batch]
         assert {who for who, _ in heard} == {origin}
         assert sorted(changes) == [("token", "ab" * 32), ("user", str(user_id))]
+    finally:
+        await listener.close()
+        db.dispose()
+
+
+@needs_postgres
+async def test_a_foreign_notification_is_ignored_and_listening_goes_on(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(database_url)
+    heard: list[tuple[str, list[Change]]] = []
+    listener = ChangeListener(database_url, lambda o, c: _append(heard, o, c), _nothing)
+    await listener.start()
+    try:
+        for payload in ("not json", '{"o": "x", "c": [["instance", "abc"]]}'):
+            await asyncio.to_thread(
+                db.transact,
+                lambda s, p=payload: s.execute(select(func.pg_notify(CHANNEL, p))),
+            )
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == [("x", [("instance", "abc")])]
+        assert "ignored a notification" in caplog.text
+        assert listener.connects == 1
     finally:
         await listener.close()
         db.dispose()
