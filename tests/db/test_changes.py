@@ -54,7 +54,7 @@ def test_only_postgresql_urls_are_listened_to() -> None:
 
 
 @needs_postgres
-async def test_committed_changes_are_heard_once_and_rolled_back_ones_never(
+async def test_committed_changes_are_heard_once_rolled_back_and_unwatched_ones_never(
     database_url: str,
 ) -> None:
     db = Database(database_url)
@@ -92,6 +92,17 @@ async def test_committed_changes_are_heard_once_and_rolled_back_ones_never(
 
         with pytest.raises(RuntimeError):
             await asyncio.to_thread(db.transact, doomed)
+
+        def unwatched(session: object) -> None:
+            from sqlalchemy.orm import Session
+
+            assert isinstance(session, Session)
+            token = session.scalar(select(ApiToken))
+            assert token is not None
+            token.last_used_at = utcnow()  # use, and sign-in, change nothing others keep
+            token.user.last_login_at = utcnow()
+
+        await asyncio.to_thread(db.transact, unwatched)
         user_id = await asyncio.to_thread(
             db.transact, lambda s: s.scalar(select(User.id).where(User.name == "carol"))
         )

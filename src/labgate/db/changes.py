@@ -21,7 +21,8 @@ hold several: two test portals); the kinds are:
 - ``member``: a user joined or left a group (key: the user id).
 
 Only changes made through the ORM unit of work are seen (labgate writes
-these rows no other way). SQLite has no notifications: the hook is not
+these rows no other way), and of a changed row only the columns in
+:data:`WATCHED`. SQLite has no notifications: the hook is not
 installed there.
 """
 
@@ -32,7 +33,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal, get_args
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, inspect, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from labgate.db.models import (
@@ -77,6 +78,24 @@ def _change_of(row: object) -> Change | None:
     return None
 
 
+#: For rows that are changed (not added or deleted), the columns others must hear about;
+#: a model not named here is announced on any change. Activity times, last use and
+#: backend state change often and matter to no route or event stream.
+WATCHED: dict[type, frozenset[str]] = {
+    Instance: frozenset({"state", "endpoint", "secret", "owner_id", "tool", "site_id", "pool"}),
+    User: frozenset({"name", "is_admin", "disabled", "sessions_valid_after"}),
+    ApiToken: frozenset({"token_hash", "user_id", "scopes", "expires_at"}),
+}
+
+
+def _watched_change(row: object) -> bool:
+    columns = WATCHED.get(type(row))
+    state = inspect(row)
+    if columns is None:
+        return any(attr.history.has_changes() for attr in state.attrs)
+    return any(state.attrs[name].history.has_changes() for name in columns)
+
+
 def changes_in(session: Session) -> set[Change]:
     """The changes the session's current flush writes (called in ``after_flush``)."""
     found: set[Change] = set()
@@ -85,10 +104,9 @@ def changes_in(session: Session) -> set[Change]:
         if change is not None and change[1] not in ("", "None"):
             found.add(change)
     for row in session.dirty:
-        if session.is_modified(row, include_collections=False):
-            change = _change_of(row)
-            if change is not None:
-                found.add(change)
+        change = _change_of(row)
+        if change is not None and _watched_change(row):
+            found.add(change)
     return found
 
 

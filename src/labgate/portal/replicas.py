@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import defaultdict
 from collections.abc import Iterable
 from functools import partial
 
@@ -111,43 +112,36 @@ class Replicas:
                 log.exception("could not follow %d changes of other portals", len(batch))
 
 
+#: Instances re-read per query.
+READ_BATCH = 500
+
+
 def apply_changes(session: Session, hub: RouteFeedHub, changes: Iterable[Change]) -> None:
-    """Re-read the rows ``changes`` name and publish what differs from the route table."""
-    table = hub.table
-    for kind, key in sorted(changes):
-        try:
-            if kind == "instance":
-                _instance(session, hub, key)
-            elif kind == "user":
-                user = session.get(User, int(key))
-                if user is None:
-                    if int(key) in table.users:
-                        hub.user_removed(int(key))
-                elif table.users.get(user.id) != hub.user_info(user):
-                    hub.user_changed(user)
-            elif kind == "token":
-                token = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
-                if token is None:
-                    if key in table.tokens:
-                        hub.token_removed(key)
-                elif table.tokens.get(key) != hub.token_info(token):
-                    hub.token_changed(token)
-            elif kind == "session":
-                revoked = session.get(RevokedSession, key)
-                if revoked is not None:
-                    expires = revoked.expires_at.timestamp()
-                    if table.revoked.get(key, 0.0) < expires:
-                        hub.session_revoked(key, expires)
-            elif kind == "access":
-                hub.access_changed(session, key)
-            elif kind == "member":
-                hub.memberships_changed(session, int(key))
-        except ValueError:
-            log.warning("ignored a change with a malformed key: %s %r", kind, key)
+    """Re-read the rows ``changes`` name and publish what differs from the route table.
+
+    Access lists first: an instance's route carries its access list.
+    """
+    keys: dict[str, list[str]] = defaultdict(list)
+    for kind, key in changes:
+        keys[kind].append(key)
+    for instance_id in sorted(keys["access"]):
+        hub.access_changed(session, instance_id)
+    instance_ids = sorted(keys["instance"])
+    for start in range(0, len(instance_ids), READ_BATCH):
+        chunk = instance_ids[start : start + READ_BATCH]
+        rows = session.scalars(select(Instance).where(Instance.id.in_(chunk)))
+        found = {row.id: row for row in rows}
+        for instance_id in chunk:
+            _instance(hub, instance_id, found.get(instance_id))
+    for kind in ("member", "user", "token", "session"):
+        for key in sorted(keys[kind]):
+            try:
+                _identity(session, hub, kind, key)
+            except ValueError:
+                log.warning("ignored a change with a malformed key: %s %r", kind, key)
 
 
-def _instance(session: Session, hub: RouteFeedHub, instance_id: str) -> None:
-    instance = session.get(Instance, instance_id)
+def _instance(hub: RouteFeedHub, instance_id: str, instance: Instance | None) -> None:
     if instance is None:
         if instance_id in hub.table.routes:
             hub.table.remove_route(instance_id)
@@ -157,3 +151,29 @@ def _instance(session: Session, hub: RouteFeedHub, instance_id: str) -> None:
         hub.instance_changed(instance)
     elif instance.state.terminal:
         hub.access.pop(instance_id, None)
+
+
+def _identity(session: Session, hub: RouteFeedHub, kind: str, key: str) -> None:
+    table = hub.table
+    if kind == "member":
+        hub.memberships_changed(session, int(key))
+    elif kind == "user":
+        user = session.get(User, int(key))
+        if user is None:
+            if int(key) in table.users:
+                hub.user_removed(int(key))
+        elif table.users.get(user.id) != hub.user_info(user):
+            hub.user_changed(user)
+    elif kind == "token":
+        token = session.scalar(select(ApiToken).where(ApiToken.token_hash == key))
+        if token is None:
+            if key in table.tokens:
+                hub.token_removed(key)
+        elif table.tokens.get(key) != hub.token_info(token):
+            hub.token_changed(token)
+    elif kind == "session":
+        revoked = session.get(RevokedSession, key)
+        if revoked is not None:
+            expires = revoked.expires_at.timestamp()
+            if table.revoked.get(key, 0.0) < expires:
+                hub.session_revoked(key, expires)
