@@ -229,3 +229,37 @@ async def test_replica_that_lost_its_listening_connection_reloads(
         assert listener.connects == 1
         await wait_until(lambda: listener.connects == 2, timeout=10.0)
         await wait_until(lambda: len(router.table.tokens) == 0, timeout=2.0)
+
+
+async def test_sharing_through_one_replica_reaches_a_router_following_another(
+    pair: tuple[Any, Any], settings_b: Settings
+) -> None:
+    a, b = pair
+    async with (
+        httpx.AsyncClient(base_url=a.state.test_url, timeout=30) as client_a,
+        router_following(b, settings_b) as (router, _),
+    ):
+        table = router.table
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        r = await client_a.post("/api/v1/users", json={"name": "bob"}, headers=admin)
+        assert r.status_code == 201, r.text
+        await wait_until(lambda: any(u.name == "bob" for u in table.users.values()))
+        (bob_id,) = [u.id for u in table.users.values() if u.name == "bob"]
+        instance_id = await launch_running(client_a, admin)
+        await wait_until(lambda: instance_id in table.routes)
+        assert not table.routes[instance_id].allows(bob_id)
+
+        # Shared with a group on A, then bob joins it on A: B's router lets bob in.
+        r = await client_a.post("/api/v1/groups", json={"name": "team"}, headers=admin)
+        assert r.status_code == 201, r.text
+        shares = f"/api/v1/instances/{instance_id}/shares"
+        r = await client_a.post(shares, json={"group": "team"}, headers=admin)
+        assert r.status_code == 201, r.text
+        r = await client_a.put("/api/v1/groups/team/members/bob", headers=admin)
+        assert r.status_code == 201, r.text
+        await wait_until(lambda: table.routes[instance_id].allows(bob_id), timeout=2.0)
+
+        # Bob leaves the group on A: B's router no longer lets him in.
+        r = await client_a.delete("/api/v1/groups/team/members/bob", headers=admin)
+        assert r.status_code == 204
+        await wait_until(lambda: not table.routes[instance_id].allows(bob_id), timeout=2.0)
