@@ -270,6 +270,16 @@ async def serving(settings: Any, port: int = 0) -> AsyncIterator[Any]:
         await task
 
 
+@contextlib.asynccontextmanager
+async def replica(settings: Any, port: int = 0) -> AsyncIterator[Any]:
+    """One of several portals on one database (:func:`serving`); its instances stopped after."""
+    async with serving(settings, port) as app:
+        try:
+            yield app
+        finally:
+            await stop_everything(app)
+
+
 #: Descriptors of the test portals' listening sockets, watched by :func:`guard_listeners`.
 LISTENER_FDS: set[int] = set()
 #: Where something closed one of them by number (a double close elsewhere): the stacks.

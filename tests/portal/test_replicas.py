@@ -21,7 +21,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from helpers import ADMIN_PASSWORD, serving, stop_everything, token_for, wait_for_state
+from helpers import ADMIN_PASSWORD, replica, token_for, wait_for_state
 from labgate.config import Settings
 from labgate.portal.api import instances as instances_api
 from labgate.router.server import Router, start_router
@@ -38,16 +38,6 @@ pytestmark = [
         "(docs/development.md)",
     ),
 ]
-
-
-@contextlib.asynccontextmanager
-async def replica(settings: Settings, port: int = 0) -> AsyncIterator[Any]:
-    """One portal replica serving until the block ends; its instances stopped after."""
-    async with serving(settings, port) as app:
-        try:
-            yield app
-        finally:
-            await stop_everything(app)
 
 
 @pytest.fixture

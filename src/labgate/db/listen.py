@@ -3,7 +3,8 @@
 :class:`ChangeListener` keeps one autocommit psycopg connection of its own
 (not from the pool: a pooled connection is handed to others between uses)
 that LISTENs on :data:`~labgate.db.changes.CHANNEL`, and hands each
-notification's changes to a callback. The server is asked ``SELECT 1`` after
+notification's changes to a callback (and the payloads of any other channels
+it is given to theirs). The server is asked ``SELECT 1`` after
 every ``keepalive`` seconds of silence, so a dead connection is noticed.
 When the connection is lost it reconnects with capped exponential backoff;
 notifications sent meanwhile are lost, so after every connect (the first
@@ -30,6 +31,8 @@ APPLICATION_NAME = "labgate-listen"
 
 #: What a listener does with the changes of one notification: (origin, changes).
 ChangeHandler = Callable[[str, list[Change]], Awaitable[None]]
+#: What a listener does with a notification on another channel: its payload.
+PayloadHandler = Callable[[str], Awaitable[None]]
 
 
 def libpq_url(url: str) -> str:
@@ -49,6 +52,7 @@ class ChangeListener:
         on_changes: ChangeHandler,
         on_connect: Callable[[], Awaitable[None]],
         *,
+        channels: dict[str, PayloadHandler] | None = None,
         keepalive: float = 10.0,
         min_backoff: float = 0.2,
         max_backoff: float = 5.0,
@@ -56,6 +60,8 @@ class ChangeListener:
         self.conninfo = libpq_url(url)
         self.on_changes = on_changes
         self.on_connect = on_connect
+        #: More channels listened to on the same connection, each with its handler.
+        self.channels = dict(channels or {})
         self.keepalive = keepalive
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -110,12 +116,17 @@ class ChangeListener:
         async with await AsyncConnection.connect(
             self.conninfo, autocommit=True, application_name=APPLICATION_NAME
         ) as conn:
-            await conn.execute(f"LISTEN {CHANNEL}")
+            for channel in (CHANNEL, *self.channels):
+                await conn.execute(f"LISTEN {channel}")
             self.connects += 1
             await self.on_connect()
             self.listening.set()
             while True:
                 async for note in conn.notifies(timeout=self.keepalive):
+                    handler = self.channels.get(note.channel)
+                    if handler is not None:
+                        await handler(note.payload)
+                        continue
                     try:
                         origin, changes = decode(note.payload)
                     except ValueError as problem:

@@ -173,7 +173,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     replicas = app.state.replicas = Replicas(portal)
     await replicas.start()
     # Network sites' links first: restore loses an instance whose site has no link.
-    liveness = await start_network_sites(portal)
+    liveness = await start_network_sites(portal, replicas.relay.call if replicas.relay else None)
     await portal.manager.restore()
     processor = RunProcessor(
         portal.db,

@@ -16,7 +16,10 @@ PostgreSQL :class:`Replicas`
   so racing writes through two replicas end in what the database holds);
 - on every (re)connect of its listening connection, reloads the whole route
   table (the routers get a fresh snapshot) and wakes every reader, since
-  announcements sent while it was not listening are lost.
+  announcements sent while it was not listening are lost;
+- relays commands for network sites whose agents are connected to another
+  portal, and serves the others' (labgate.portal.site_relay), on the same
+  connection.
 
 On SQLite (one portal process) it only loads the route table on start.
 """
@@ -37,6 +40,7 @@ from labgate.db.changes import Change, announce_changes
 from labgate.db.listen import ChangeListener
 from labgate.db.models import ApiToken, Instance, RevokedSession, User
 from labgate.portal.routefeed import RouteFeedHub
+from labgate.portal.site_relay import SiteRelay
 from labgate.portal.state import Portal
 
 log = logging.getLogger(__name__)
@@ -51,6 +55,8 @@ class Replicas:
         self.origin = ""
         #: The listening connection (None on SQLite).
         self.listener: ChangeListener | None = None
+        #: Commands for network sites connected to other portals (None on SQLite).
+        self.relay: SiteRelay | None = None
         self._pending: set[Change] = set()
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
@@ -67,7 +73,10 @@ class Replicas:
             return
         self.origin = announce_changes(self.portal.db.sessionmaker)
         self._worker = asyncio.create_task(self._apply_pending(), name="labgate-replicas")
-        self.listener = ChangeListener(self.portal.db.url, self._heard, self._reload)
+        self.relay = SiteRelay(self.portal)
+        self.listener = ChangeListener(
+            self.portal.db.url, self._heard, self._reload, channels=self.relay.channels
+        )
         await self.listener.start()
         if not self.listener.listening.is_set():
             # Serve what the database holds now; the listener reloads when it connects.
@@ -77,6 +86,8 @@ class Replicas:
         """Stop following."""
         if self.listener is not None:
             await self.listener.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,0 +1,85 @@
+"""Commands for a network site whose agent is connected to another portal on the same database.
+
+Replica A and replica B share one PostgreSQL database; the site's agent (a
+real RemoteAgent with the process backend) is connected to B. Logs and stops
+asked of A reach the agent through B. Needs PostgreSQL: LABGATE_TEST_DB_URL
+(docs/development.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import ADMIN_PASSWORD, replica, stop_everything, token_for, wait_for_state
+from labgate.config import Settings
+from labgate.portal import site_relay
+from site_agents import remote_agent
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
+        reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
+        "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
+        "(docs/development.md)",
+    ),
+]
+
+
+async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status: str) -> None:
+    async with asyncio.timeout(20):
+        while (await client.get("/api/v1/sites/edge", headers=headers)).json()["status"] != status:
+            await asyncio.sleep(0.05)
+
+
+async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
+    settings: Settings, tmp_path: Path
+) -> None:
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(
+            client_a, "admin", ADMIN_PASSWORD, ["admin", "account", "instances:access"]
+        )
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        token = created.json()["token"]
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            remote_agent(b.state.test_url, token, tmp_path / "edge"),
+        ):
+            try:
+                await site_status(client_b, admin, "connected")
+                launched = await client_b.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                iid = launched.json()["id"]
+                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", body
+
+                # Asked of A, which has no connection of the site: relayed through B.
+                logs = await client_a.get(f"/api/v1/instances/{iid}/logs", headers=admin)
+                assert logs.status_code == 200, logs.text
+                assert "demo: listening" in logs.json()["text"]
+                stopped = await client_a.delete(f"/api/v1/instances/{iid}", headers=admin)
+                assert stopped.status_code == 202, stopped.text
+                body = await wait_for_state(client_a, admin, iid, {"stopped", "lost"}, timeout=30)
+                assert body["state"] == "stopped", body
+            finally:
+                await stop_everything(b)  # through B, while the agent is still connected
+
+        # No portal holds the site now: A says so within the acknowledgement timeout.
+        started = time.monotonic()
+        relay = a.state.replicas.relay
+        with pytest.raises(site_relay.SiteUnavailable, match="not connected"):
+            await relay.call("edge", "logs", {"instance_id": iid, "backend_state": {}}, 30.0)
+        assert time.monotonic() - started < site_relay.ACK_TIMEOUT + 1
