@@ -16,7 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers import ADMIN_PASSWORD, replica, stop_everything, token_for, wait_for_state
+from helpers import (
+    ADMIN_PASSWORD,
+    replica,
+    serving,
+    stop_everything,
+    token_for,
+    wait_for_state,
+)
 from labgate.config import Settings
 from labgate.portal import site_relay
 from site_agents import remote_agent
@@ -30,6 +37,14 @@ pytestmark = [
         "(docs/development.md)",
     ),
 ]
+
+
+async def events_of(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> list[str]:
+    """An instance's events, for failure messages."""
+    async with client.stream(
+        "GET", f"/api/v1/instances/{iid}/events", headers=headers, timeout=10
+    ) as response:
+        return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
 
 
 async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status: str) -> None:
@@ -83,3 +98,44 @@ async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
         with pytest.raises(site_relay.SiteUnavailable, match="not connected"):
             await relay.call("edge", "logs", {"instance_id": iid, "backend_state": {}}, 30.0)
         assert time.monotonic() - started < site_relay.ACK_TIMEOUT + 1
+
+
+async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
+    settings: Settings, tmp_path: Path
+) -> None:
+    quick = {"site_heartbeat_interval": 0.5, "site_grace_period": 1.0}
+    settings = settings.model_copy(update=quick)
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    settings_c = settings.model_copy(update={"data_dir": tmp_path / "var-c"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            remote_agent(b.state.test_url, created.json()["token"], tmp_path / "edge"),
+        ):
+            try:
+                await site_status(client_b, admin, "connected")
+                launched = await client_b.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                iid = launched.json()["id"]
+                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", await events_of(client_b, admin, iid)
+
+                # Portal C starts while B holds the site's agent: past C's grace period
+                # (and past the time a stale row would take), nothing changed.
+                async with serving(settings_c) as c:  # not replica(): it would stop them all
+                    await asyncio.sleep(3 * 0.5 + 1.0 + 1.0)
+                    links = c.state.portal.links
+                    assert not links["edge"].live
+                body = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                assert body["state"] == "running", await events_of(client_b, admin, iid)
+                site = (await client_b.get("/api/v1/sites/edge", headers=admin)).json()
+                assert site["status"] == "connected", site
+            finally:
+                await stop_everything(b)
