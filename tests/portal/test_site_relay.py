@@ -9,12 +9,17 @@ asked of A reach the agent through B. Needs PostgreSQL: LABGATE_TEST_DB_URL
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+from sqlalchemy import func, select
 
 from helpers import (
     ADMIN_PASSWORD,
@@ -25,6 +30,7 @@ from helpers import (
     wait_for_state,
 )
 from labgate.config import Settings
+from labgate.db.listen import libpq_url
 from labgate.portal import site_relay
 from site_agents import remote_agent
 
@@ -37,6 +43,22 @@ pytestmark = [
         "(docs/development.md)",
     ),
 ]
+
+
+@contextlib.asynccontextmanager
+async def overheard(database_url: str) -> AsyncIterator[list[tuple[str, str]]]:
+    """Everything said on the relay's channels while the block runs: (channel, payload)."""
+    heard: list[tuple[str, str]] = []
+    conn = await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True)
+    conn.add_notify_handler(lambda note: heard.append((note.channel, note.payload)))
+    await conn.execute(f"LISTEN {site_relay.CALLS}")
+    await conn.execute(f"LISTEN {site_relay.RESULTS}")
+    try:
+        yield heard
+        await asyncio.sleep(0.2)
+        await conn.execute("SELECT 1")  # takes in what arrived meanwhile
+    finally:
+        await conn.close()
 
 
 async def events_of(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> list[str]:
@@ -54,7 +76,7 @@ async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status
 
 
 async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
@@ -82,9 +104,27 @@ async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
                 assert body["state"] == "running", body
 
                 # Asked of A, which has no connection of the site: relayed through B.
-                logs = await client_a.get(f"/api/v1/instances/{iid}/logs", headers=admin)
-                assert logs.status_code == 200, logs.text
-                assert "demo: listening" in logs.json()["text"]
+                async with overheard(settings.database_url) as heard:
+                    logs = await client_a.get(f"/api/v1/instances/{iid}/logs", headers=admin)
+                    assert logs.status_code == 200, logs.text
+                    assert "demo: listening" in logs.json()["text"]
+                # What crossed the database was sealed: neither the command nor the logs show.
+                assert heard and all(
+                    iid not in p and "logs" not in p and "listening" not in p for _, p in heard
+                )
+                # Sent again by someone who can NOTIFY, the command is not run again;
+                # one that does not open with the portals' key is not run at all.
+                calls = [p for channel, p in heard if channel == site_relay.CALLS]
+                forged = json.loads(calls[0]) | {"id": "f" * 32, "p": "lgs1_" + "A" * 60}
+                await b.state.portal.run_db(
+                    lambda s: [
+                        s.execute(select(func.pg_notify(site_relay.CALLS, p)))
+                        for p in [*calls, json.dumps(forged)]
+                    ]
+                )
+                await asyncio.sleep(0.5)
+                assert "refused a relayed command for site edge" in caplog.text
+                assert "does not open with this portal's key" in caplog.text
                 stopped = await client_a.delete(f"/api/v1/instances/{iid}", headers=admin)
                 assert stopped.status_code == 202, stopped.text
                 body = await wait_for_state(client_a, admin, iid, {"stopped", "lost"}, timeout=30)
