@@ -11,7 +11,8 @@ logs, a snapshot) reaches it this way:
    connection, and sends the result (or the error) on :data:`RESULTS`;
 3. the issuing portal returns the result as if it had sent the command
    itself. Without an acknowledgement within :data:`ACK_TIMEOUT` seconds no
-   portal holds the site: :class:`~labgate.agent.network.SiteUnavailable`.
+   portal holds the site: :class:`~labgate.agent.network.SiteUnavailable`
+   (at once when the site's row says no agent is connected).
 
 Every message is sealed (AES-GCM under a key derived from ``secret_key``,
 :class:`~labgate.security.SecretBox`, with the message's id and kind as
@@ -38,6 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.network import NetworkSiteLink, RemoteError, SiteUnavailable
+from labgate.db.models import Site
 from labgate.errors import LabgateError
 from labgate.portal.state import Portal
 
@@ -108,6 +110,11 @@ class SiteRelay:
     # --- the issuing portal ----------------------------------------------------
     async def call(self, site: str, op: str, args: dict[str, Any], wait: float) -> Any:
         """Run ``op`` at ``site`` through the portal its agent is connected to."""
+        held = await self.portal.run_db(
+            lambda s: s.scalar(select(Site.connected_at).where(Site.name == site))
+        )
+        if held is None:  # no portal says it holds the agent: no need to ask around
+            raise SiteUnavailable(f"site {site} is not connected")
         call_id = uuid.uuid4().hex
         waiting = self._waiting[call_id] = _Waiting()
         body = {"site": site, "op": op, "args": args, "wait": wait, "t": time.time()}
