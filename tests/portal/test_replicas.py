@@ -155,7 +155,7 @@ async def test_changes_through_one_replica_reach_a_router_following_another(
         # An instance stopped on A is no longer routed by B's router.
         r = await client_a.delete(f"/api/v1/instances/{instance_id}", headers=admin)
         assert r.status_code == 202
-        await wait_until(lambda: instance_id not in table.routes, timeout=5.0)
+        await wait_until(lambda: instance_id not in table.routes, timeout=2.0)
         assert (await via_router.get(page, headers=admin)).status_code != 200
 
         # A user disabled on A is known disabled to B's router.
