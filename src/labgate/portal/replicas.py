@@ -59,6 +59,8 @@ class Replicas:
         self.relay: SiteRelay | None = None
         self._pending: set[Change] = set()
         self._wake = asyncio.Event()
+        #: One reload or batch of changes at a time: each reads and publishes a whole state.
+        self._applying = asyncio.Lock()
         self._worker: asyncio.Task[None] | None = None
 
     @property
@@ -96,7 +98,8 @@ class Replicas:
     async def _reload(self, *, wake: bool = True) -> None:
         routes = self.portal.routes
         if routes is not None:
-            await self.portal.run_db(routes.load)
+            async with self._applying:
+                await self.portal.run_db(routes.load)
         if wake:
             self.portal.events.notify_all()
 
@@ -118,7 +121,8 @@ class Replicas:
             if routes is None or not batch:
                 continue
             try:
-                await self.portal.run_db(partial(apply_changes, hub=routes, changes=batch))
+                async with self._applying:
+                    await self.portal.run_db(partial(apply_changes, hub=routes, changes=batch))
             except Exception:  # the next reload (or change) repairs the table
                 log.exception("could not follow %d changes of other portals", len(batch))
 
