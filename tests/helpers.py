@@ -235,8 +235,8 @@ async def stop_everything(application: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Any) -> AsyncIterator[Any]:
-    """The portal app served by uvicorn on a random loopback port until the block ends.
+async def serving(settings: Any, port: int = 0) -> AsyncIterator[Any]:
+    """The portal app served by uvicorn on a loopback port (0: any) until the block ends.
 
     Its instances keep running afterwards (a portal restart), unless the caller
     stops them (:func:`stop_everything`). ``app.state.test_url`` is its address,
@@ -248,7 +248,7 @@ async def serving(settings: Any) -> AsyncIterator[Any]:
 
     application = create_app(settings)
     config = uvicorn.Config(
-        application, host="127.0.0.1", port=0, log_level="warning", lifespan="on"
+        application, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
@@ -269,6 +269,16 @@ async def serving(settings: Any) -> AsyncIterator[Any]:
         application.state.portal.begin_shutdown()  # as labgate serve does
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def replica(settings: Any, port: int = 0) -> AsyncIterator[Any]:
+    """One of several portals on one database (:func:`serving`); its instances stopped after."""
+    async with serving(settings, port) as app:
+        try:
+            yield app
+        finally:
+            await stop_everything(app)
 
 
 #: Descriptors of the test portals' listening sockets, watched by :func:`guard_listeners`.

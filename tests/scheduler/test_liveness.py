@@ -214,7 +214,7 @@ async def test_after_a_portal_restart_a_site_not_back_in_the_window_is_away(
             # Within the window the instance keeps its state (and its route).
             assert (await row(second, iid)).state == InstanceState.running
             away = await wait_for_state(client, headers, iid, {"unreachable"})
-            assert "did not reconnect after the portal started" in away["reason"]
+            assert "site edge is not connected" in away["reason"]
             await wait_for_state(client, headers, iid, {"lost"})  # the grace period (1.5 s)
         finally:
             await kill_at_site(second, iid)

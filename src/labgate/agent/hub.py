@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from labgate.agent import convert
 from labgate.agent.link import SiteLink
-from labgate.agent.network import ChannelClosed, NetworkSiteLink, Session
+from labgate.agent.network import ChannelClosed, NetworkSiteLink, Relay, Session
 from labgate.wire.agent import (
     Ack,
     Heartbeat,
@@ -135,6 +135,8 @@ class SiteHub:
         self.epochs: dict[str, str] = {}
         #: Set by the app: where connections, reports and losses go.
         self.events: SiteEvents | None = None
+        #: Set by the app: how links reach an agent connected to another portal.
+        self.relay: Relay | None = None
         self._connections: dict[str, _Connection] = {}
         #: The last report applied per site: (boot, seq); a report at or below it is a resend.
         self._applied: dict[str, tuple[str, int]] = {}
@@ -154,6 +156,7 @@ class SiteHub:
             backend,
             reach=reach,
             command_timeout=self.command_timeout,
+            relay=self.relay,
         )
 
     async def cut(self, name: str, reason: str) -> None:

@@ -64,6 +64,9 @@ class RemoteError(LabgateError):
 
 #: Puts one text message on the agent's connection; raises when it is gone.
 Sender = Callable[[str], Awaitable[None]]
+#: Sends a command to the site's agent through another portal that holds its connection:
+#: (site, op, args, wait) -> the result's value; raises like :meth:`NetworkSiteLink.call`.
+Relay = Callable[[str, str, dict[str, Any], float], Awaitable[Any]]
 
 
 @dataclass
@@ -100,10 +103,13 @@ class NetworkSiteLink(SiteLink):
         *,
         reach: str = "direct",
         command_timeout: float = 30.0,
+        relay: Relay | None = None,
     ) -> None:
         super().__init__(site, backend)
         self.reach = reach
         self.command_timeout = command_timeout
+        #: Where commands go while the agent is connected to another portal, if anywhere.
+        self.relay = relay
         self.session: Session | None = None
         #: The last hello: what the site can run; kept while the agent is away.
         self.hello: Hello | None = None
@@ -142,14 +148,20 @@ class NetworkSiteLink(SiteLink):
         return f"tunnel:{self.site}/{instance_id}" if self.reach == "tunnel" else None
 
     async def call(self, op: str, args: dict[str, Any], wait: float | None = None) -> Any:
-        """Send one command and wait for its result (or fail after ``wait`` seconds)."""
+        """Send one command and wait for its result (or fail after ``wait`` seconds).
+
+        While the agent is not connected here, the command goes through the
+        relay (to the portal that holds the connection), if there is one.
+        """
         session = self.session
+        wait = wait if wait is not None else self.command_timeout
         if session is None or session.closed:
+            if self.relay is not None:
+                return await self.relay(self.site, op, args, wait)
             raise SiteUnavailable(f"site {self.site} is not connected")
         command = Command(id=uuid.uuid4().hex, op=op, args=args)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         session.pending[command.id] = future
-        wait = wait if wait is not None else self.command_timeout
         try:
             await session.send(dump(command))
             result = await asyncio.wait_for(future, wait)

@@ -53,6 +53,7 @@ from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
 from labgate.portal.hsts import HstsMiddleware
 from labgate.portal.openapi import install_openapi
+from labgate.portal.replicas import Replicas
 from labgate.portal.routefeed import RouteFeedHub
 from labgate.portal.sites import start_network_sites
 from labgate.portal.state import Portal
@@ -168,10 +169,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own_hosts=bool(settings.instance_host),
     )
     metrics = operations.wire(app, portal)
-    if portal.routes is not None:
-        await portal.run_db(portal.routes.load)
+    # The route table from the database; on PostgreSQL, following the other replicas.
+    replicas = app.state.replicas = Replicas(portal)
+    await replicas.start()
     # Network sites' links first: restore loses an instance whose site has no link.
-    liveness = await start_network_sites(portal)
+    liveness = await start_network_sites(portal, replicas.relay.call if replicas.relay else None)
     await portal.manager.restore()
     processor = RunProcessor(
         portal.db,
@@ -203,6 +205,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await ops.close()
         await liveness.close()  # first: the hub's closing connections are no departures
+        await replicas.close()
         if portal.site_hub is not None:
             await portal.site_hub.close()
         await reconciler.close()

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.convert import tool_json
 from labgate.agent.hub import SiteHub
-from labgate.agent.network import NetworkSiteLink
+from labgate.agent.network import NetworkSiteLink, Relay
 from labgate.db.models import Instance, Site
 from labgate.portal.state import Portal
 from labgate.scheduler.liveness import SiteLiveness
@@ -35,8 +35,11 @@ def network_sites(session: Session) -> list[tuple[str, str, str]]:
     return [(name, backend, reach) for name, backend, reach in rows]
 
 
-async def start_network_sites(portal: Portal) -> SiteLiveness:
-    """Make the hub and a link per network site; returns the started liveness rules."""
+async def start_network_sites(portal: Portal, relay: Relay | None = None) -> SiteLiveness:
+    """Make the hub and a link per network site; returns the started liveness rules.
+
+    ``relay`` reaches agents connected to another portal on the same database.
+    """
     settings, manager = portal.settings, portal.instances
     hub = SiteHub(
         portal.links,
@@ -46,6 +49,7 @@ async def start_network_sites(portal: Portal) -> SiteLiveness:
         routes=portal.routes.table if portal.routes is not None else None,
         tickets=TunnelTickets(settings.signing_key()),
     )
+    hub.relay = relay
     portal.site_hub = hub
     for name, backend, reach in await portal.run_db(network_sites):
         await hub.register(name, backend, reach)

@@ -2,8 +2,10 @@
 
 Events live in the database (the source of truth, replayed with
 ``Last-Event-ID``); this bus only tells waiting readers in this process that
-something new was written, so they do not have to poll fast. Readers still
-poll slowly, which covers writes made by another portal process.
+something new was written, so they do not have to poll fast. Writes made by
+another portal process on the same PostgreSQL database arrive as
+notifications (labgate.portal.replicas calls :meth:`EventBus.notify` for
+them); readers still poll slowly, which covers anything missed.
 
 A reader takes :meth:`EventBus.version` *before* reading the database and
 waits for it to move, so a notification between the read and the wait is
@@ -32,6 +34,11 @@ class EventBus:
         self._versions[instance_id] += 1
         for waiter in self._waiters.get(instance_id, ()):
             waiter.set()
+
+    def notify_all(self) -> None:
+        """Wake every waiting reader (notifications may have been missed: they read again)."""
+        for instance_id in list(self._waiters):
+            self.notify(instance_id)
 
     async def wait(self, instance_id: str, seen: int, timeout: float) -> bool:  # noqa: ASYNC109
         """Wait until the version passes ``seen`` or ``timeout`` passes; True when it moved."""

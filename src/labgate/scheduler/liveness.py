@@ -22,6 +22,15 @@ of ``site_grace_period`` seconds starts; when it ends with the agent still
 away, what is still unreachable (or stopping) is ``lost``, with the reason.
 Heartbeats are kept in memory and written to the ``sites`` rows in one
 transaction per heartbeat interval.
+
+Several portals may share the database, and an agent is connected to one
+of them. A portal leaves a site alone while its row says another portal
+holds it: connected since another time than the one this portal recorded,
+and seen within :data:`FRESH_BEATS` heartbeat intervals (the holder writes
+each heartbeat). So a portal that starts, or whose agent moved to another
+portal, marks nothing unreachable or lost; one that starts while the row
+only looks fresh (a portal that held the site just died) checks again once
+that time has passed.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: The states whose instances become unreachable when their site's agent goes away.
 REACHABLE = (InstanceState.starting, InstanceState.running)
+#: A site row seen within this many heartbeat intervals is held by the portal that wrote it.
+FRESH_BEATS = 3
 #: What the portal reconciles with an agent's hello.
 UNFINISHED = (
     InstanceState.pending,
@@ -84,6 +95,8 @@ class SiteLiveness:
         #: Set when the portal stops: the agents' connections close with it, and
         #: that is no departure of theirs (they reconnect to the next portal).
         self._closed = False
+        #: When this portal recorded each site's current connection (the rows say so too).
+        self._mine: dict[str, datetime] = {}
 
     # --- start and stop ----------------------------------------------------------
     async def start(self) -> None:
@@ -95,10 +108,38 @@ class SiteLiveness:
         """
         for name, link in list(self.manager.links.items()):
             if isinstance(link, NetworkSiteLink) and not link.live:
+                if await self._held_elsewhere(name):
+                    # Checked again once the row would be stale, were its holder gone.
+                    self._timers[name] = asyncio.create_task(
+                        self._check_later(name), name=f"held-{name}"
+                    )
+                    continue
                 self._timers[name] = asyncio.create_task(
                     self._away_unless_back(name), name=f"reconnect-{name}"
                 )
         self._flusher = asyncio.create_task(self._flush_beats(), name="site-heartbeats")
+
+    @property
+    def fresh(self) -> float:
+        """Seconds within which a site row's last sighting means its portal holds it."""
+        return FRESH_BEATS * self.hub.heartbeat
+
+    async def _held_elsewhere(self, site: str) -> bool:
+        mine = self._mine.get(site)
+        return await self.manager.run_db(lambda s: _held_elsewhere(s, site, mine, self.fresh))
+
+    async def _check_later(self, site: str) -> None:
+        while True:
+            await asyncio.sleep(self.fresh)
+            link = self.manager.links.get(site)
+            if link is not None and link.live:
+                break
+            if not await self._held_elsewhere(site):
+                self._timers.pop(site, None)
+                async with self._lock(site):
+                    await self._away(site, "no portal holds its agent")
+                return
+        self._timers.pop(site, None)
 
     async def close(self) -> None:
         """Stop the timers and stop taking disconnects (instances stay as they are)."""
@@ -123,7 +164,7 @@ class SiteLiveness:
         timer = self._timers.pop(site, None)
         if timer is not None:
             timer.cancel()
-        await self.manager.run_db(lambda s: _record_connected(s, site, hello))
+        self._mine[site] = await self.manager.run_db(lambda s: _record_connected(s, site, hello))
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         held = {h.instance_id: h for h in hello.instances}
         for instance in rows:
@@ -240,6 +281,11 @@ class SiteLiveness:
             link = self.manager.links.get(site)
             if link is None or link.live:
                 return
+            if await self._held_elsewhere(site):  # its agent went to another portal
+                self._timers[site] = asyncio.create_task(
+                    self._check_later(site), name=f"held-{site}"
+                )
+                return
             await self._away(site, "its agent did not reconnect after the portal started")
 
     async def _away(self, site: str, reason: str) -> None:
@@ -247,7 +293,11 @@ class SiteLiveness:
             f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
             "to come back"
         )
-        ids = await self.manager.run_db(lambda s: _record_away(s, site))
+        mine, fresh = self._mine.pop(site, None), self.fresh
+        ids = await self.manager.run_db(lambda s: _record_away(s, site, mine, fresh))
+        if ids is None:
+            log.info("site %s: its agent is connected to another portal", site)
+            return
         for instance_id in ids:
             await self.manager.apply(Report(instance_id, "unreachable", message=message), site=site)
         if site not in self._timers:
@@ -257,7 +307,7 @@ class SiteLiveness:
         await asyncio.sleep(self.grace)
         self._timers.pop(site, None)
         link = self.manager.links.get(site)
-        if link is not None and link.live:
+        if (link is not None and link.live) or await self._held_elsewhere(site):
             return
         message = f"site {site} did not come back within {self.grace:g} s; it may still run there"
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
@@ -282,16 +332,28 @@ def _site(session: Session, name: str) -> Site | None:
     return session.scalar(select(Site).where(Site.name == name))
 
 
-def _record_connected(session: Session, name: str, hello: Hello) -> None:
+def _held_elsewhere(session: Session, name: str, mine: datetime | None, fresh: float) -> bool:
+    """Whether another portal holds the site's agent (see the module docstring)."""
+    site = _site(session, name)
+    if site is None or site.connected_at is None:
+        return False
+    if mine is not None and abs((site.connected_at - mine).total_seconds()) < 0.001:
+        return False
+    seen = max(site.connected_at, site.last_seen_at or site.connected_at)
+    return (utcnow() - seen).total_seconds() < fresh
+
+
+def _record_connected(session: Session, name: str, hello: Hello) -> datetime:
+    now = utcnow()
     site = _site(session, name)
     if site is None:
-        return
-    now = utcnow()
+        return now
     site.connected_at = now
     site.disconnected_at = None
     site.last_seen_at = now
     site.agent_version = hello.agent_version[:64]
     site.agent_info = _agent_info(hello)
+    return now
 
 
 def _agent_info(hello: Hello) -> dict[str, Any]:
@@ -307,8 +369,15 @@ def _agent_info(hello: Hello) -> dict[str, Any]:
     }
 
 
-def _record_away(session: Session, name: str) -> list[str]:
-    """Mark the site disconnected; the ids of its instances that become unreachable."""
+def _record_away(
+    session: Session, name: str, mine: datetime | None, fresh: float
+) -> list[str] | None:
+    """Mark the site disconnected; the ids of its instances that become unreachable.
+
+    None, and nothing changed, when another portal holds the site's agent.
+    """
+    if _held_elsewhere(session, name, mine, fresh):
+        return None
     site = _site(session, name)
     if site is None:
         return []

@@ -1,0 +1,181 @@
+"""Commands for a network site whose agent is connected to another portal on the same database.
+
+Replica A and replica B share one PostgreSQL database; the site's agent (a
+real RemoteAgent with the process backend) is connected to B. Logs and stops
+asked of A reach the agent through B. Needs PostgreSQL: LABGATE_TEST_DB_URL
+(docs/development.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import func, select
+
+from helpers import (
+    ADMIN_PASSWORD,
+    replica,
+    serving,
+    stop_everything,
+    token_for,
+    wait_for_state,
+)
+from labgate.config import Settings
+from labgate.db.listen import libpq_url
+from labgate.portal import site_relay
+from site_agents import remote_agent
+
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.skipif(
+        not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
+        reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
+        "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
+        "(docs/development.md)",
+    ),
+]
+
+
+@contextlib.asynccontextmanager
+async def overheard(database_url: str) -> AsyncIterator[list[tuple[str, str]]]:
+    """Everything said on the relay's channels while the block runs: (channel, payload)."""
+    heard: list[tuple[str, str]] = []
+    conn = await psycopg.AsyncConnection.connect(libpq_url(database_url), autocommit=True)
+    conn.add_notify_handler(lambda note: heard.append((note.channel, note.payload)))
+    await conn.execute(f"LISTEN {site_relay.CALLS}")
+    await conn.execute(f"LISTEN {site_relay.RESULTS}")
+    try:
+        yield heard
+        await asyncio.sleep(0.2)
+        await conn.execute("SELECT 1")  # takes in what arrived meanwhile
+    finally:
+        await conn.close()
+
+
+async def events_of(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> list[str]:
+    """An instance's events, for failure messages."""
+    async with client.stream(
+        "GET", f"/api/v1/instances/{iid}/events", headers=headers, timeout=10
+    ) as response:
+        return [line[6:] async for line in response.aiter_lines() if line.startswith("data: ")]
+
+
+async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status: str) -> None:
+    async with asyncio.timeout(20):
+        while (await client.get("/api/v1/sites/edge", headers=headers)).json()["status"] != status:
+            await asyncio.sleep(0.05)
+
+
+async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(
+            client_a, "admin", ADMIN_PASSWORD, ["admin", "account", "instances:access"]
+        )
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        token = created.json()["token"]
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            remote_agent(b.state.test_url, token, tmp_path / "edge"),
+        ):
+            try:
+                await site_status(client_b, admin, "connected")
+                launched = await client_b.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                iid = launched.json()["id"]
+                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", body
+
+                # Asked of A, which has no connection of the site: relayed through B.
+                async with overheard(settings.database_url) as heard:
+                    logs = await client_a.get(f"/api/v1/instances/{iid}/logs", headers=admin)
+                    assert logs.status_code == 200, logs.text
+                    assert "demo: listening" in logs.json()["text"]
+                # What crossed the database was sealed: neither the command nor the logs show.
+                assert heard and all(
+                    iid not in p and "logs" not in p and "listening" not in p for _, p in heard
+                )
+                # Sent again by someone who can NOTIFY, the command is not run again;
+                # one that does not open with the portals' key is not run at all.
+                calls = [p for channel, p in heard if channel == site_relay.CALLS]
+                forged = json.loads(calls[0]) | {"id": "f" * 32, "p": "lgs1_" + "A" * 60}
+                await b.state.portal.run_db(
+                    lambda s: [
+                        s.execute(select(func.pg_notify(site_relay.CALLS, p)))
+                        for p in [*calls, json.dumps(forged)]
+                    ]
+                )
+                await asyncio.sleep(0.5)
+                assert "refused a relayed command for site edge" in caplog.text
+                assert "does not open with this portal's key" in caplog.text
+                stopped = await client_a.delete(f"/api/v1/instances/{iid}", headers=admin)
+                assert stopped.status_code == 202, stopped.text
+                body = await wait_for_state(client_a, admin, iid, {"stopped", "lost"}, timeout=30)
+                assert body["state"] == "stopped", body
+            finally:
+                await stop_everything(b)  # through B, while the agent is still connected
+
+        # No portal holds the site now: A says so within the acknowledgement timeout.
+        started = time.monotonic()
+        relay = a.state.replicas.relay
+        with pytest.raises(site_relay.SiteUnavailable, match="not connected"):
+            await relay.call("edge", "logs", {"instance_id": iid, "backend_state": {}}, 30.0)
+        assert time.monotonic() - started < site_relay.ACK_TIMEOUT + 1
+
+
+async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
+    settings: Settings, tmp_path: Path
+) -> None:
+    quick = {"site_heartbeat_interval": 0.5, "site_grace_period": 1.0}
+    settings = settings.model_copy(update=quick)
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    settings_c = settings.model_copy(update={"data_dir": tmp_path / "var-c"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            remote_agent(b.state.test_url, created.json()["token"], tmp_path / "edge"),
+        ):
+            try:
+                await site_status(client_b, admin, "connected")
+                launched = await client_b.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                iid = launched.json()["id"]
+                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", await events_of(client_b, admin, iid)
+
+                # Portal C starts while B holds the site's agent: past C's grace period
+                # (and past the time a stale row would take), nothing changed.
+                async with serving(settings_c) as c:  # not replica(): it would stop them all
+                    await asyncio.sleep(3 * 0.5 + 1.0 + 1.0)
+                    links = c.state.portal.links
+                    assert not links["edge"].live
+                body = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                assert body["state"] == "running", await events_of(client_b, admin, iid)
+                site = (await client_b.get("/api/v1/sites/edge", headers=admin)).json()
+                assert site["status"] == "connected", site
+            finally:
+                await stop_everything(b)
