@@ -20,7 +20,7 @@ from dataclasses import replace
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -168,7 +168,18 @@ class RouteFeedHub:
     # --- full resync -------------------------------------------------------
     def snapshot_from(self, session: Session) -> dict[str, Any]:
         """The whole route table as the database says it should be."""
-        users = [self.user_info(u).to_dict() for u in session.scalars(select(User))]
+        # Columns, not User objects: a table of 50,000 users loads several times faster.
+        columns = (User.id, User.name, User.is_admin, User.disabled, User.sessions_valid_after)
+        users = [
+            UserInfo(
+                id=row.id,
+                name=row.name,
+                is_admin=row.is_admin,
+                disabled=row.disabled,
+                sessions_valid_after=row.sessions_valid_after.timestamp(),
+            ).to_dict()
+            for row in session.execute(select(*columns))
+        ]
         now = utcnow()
         tokens = [
             self.token_info(t).to_dict(t.token_hash)
@@ -185,7 +196,18 @@ class RouteFeedHub:
             access = access_list(session, instance_id)
             if access:
                 self.access[instance_id] = access
-        for instance in session.scalars(select(Instance).where(Instance.state.in_(ACTIVE_STATES))):
+        # Only what a route is made of (no JSON columns to decode), for every active instance.
+        routed = load_only(
+            Instance.id,
+            Instance.state,
+            Instance.tool,
+            Instance.endpoint,
+            Instance.owner_id,
+            Instance.secret,
+            Instance.site_id,
+        )
+        active = select(Instance).where(Instance.state.in_(ACTIVE_STATES)).options(routed)
+        for instance in session.scalars(active):
             route = self.route_for(instance)
             if route is not None:
                 routes.append(route.to_dict())
