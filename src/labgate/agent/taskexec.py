@@ -4,7 +4,9 @@ The site's task runner starts it in a session of its own, detached, so the
 task outlives an agent or portal restart. It reads ``DIR/task.json``, runs the
 command (or the Python callable) with its output in ``DIR/output.log``, its
 results directory ``DIR/results`` and its result file ``DIR/result.json``,
-enforces the timeout, and writes what happened to ``DIR/exit.json``
+behind the launcher of its resource limits (``limits`` in ``task.json``: see
+:mod:`labgate.agent.tasklimits`), enforces the timeout, tells a kill for
+memory in the task's cgroup from other failures, and writes what happened to ``DIR/exit.json``
 (atomically, last): the runner, or its successor after a restart, reads it.
 
 On a Slurm site the same code is the batch job's body (:func:`run_job`, run
@@ -73,7 +75,27 @@ def _argv(spec: dict[str, Any]) -> list[str]:
         command = ["/bin/sh", "-c", raw]
     else:
         command = [str(arg) for arg in raw or []]
-    return [*spec.get("sandbox", []), *command]
+    launcher = (spec.get("limits") or {}).get("launcher") or []
+    return [*launcher, *spec.get("sandbox", []), *command]
+
+
+def oom_kills(path: str | None) -> int:
+    """How many processes the kernel killed for memory in a task's cgroup (0 when unknown).
+
+    ``path`` is the cgroup's ``memory.events`` (v2) or ``memory.oom_control`` (v1):
+    lines of ``key value``, one of them ``oom_kill N``.
+    """
+    if not path:
+        return 0
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -189,8 +211,14 @@ def execute(directory: Path) -> dict[str, Any]:
         "result": result,
         "seconds": round(time.time() - started, 3),
     }
+    limits = spec.get("limits") or {}
     if stopped:
         outcome.update(state="cancelled", reason="cancelled")
+    elif code != 0 and oom_kills(limits.get("oom_file")):
+        outcome.update(
+            state="failed",
+            reason=f"out of memory: limit {limits.get('memory_mib')} MiB (killed by the kernel)",
+        )
     elif time.time() > deadline and code != 0:
         outcome.update(state="failed", reason=f"timed out after {spec.get('timeout')}s")
     elif code != 0:

@@ -10,7 +10,8 @@ restarts loses none.
 
 :class:`ProcessTaskExecutor` runs each attempt as a detached
 ``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
-exists) under the site's task directory; everything about the attempt is in
+exists, with its ``cpu`` and ``memory_mib`` as limits:
+:mod:`labgate.agent.tasklimits`) under the site's task directory; everything about the attempt is in
 that directory, so a new runner (after a restart) finds it again with
 :meth:`TaskRunner.adopt`. The other engines implement :class:`TaskExecutor`
 the same way: containers (:mod:`labgate.agent.taskcontainer`) and Slurm
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labgate.agent import tasklimits
 from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.taskexec import RESULTS_ARCHIVE
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
@@ -60,6 +62,18 @@ class Outcome:
     reason: str = ""
     result: Any = None
     seconds: float = 0.0
+
+
+def read_outcome(exit_file: Path) -> Outcome:
+    """The :class:`Outcome` an attempt's ``exit.json`` holds."""
+    data = json.loads(exit_file.read_text())
+    return Outcome(
+        state=str(data.get("state", "failed")),
+        exit_code=data.get("exit_code"),
+        reason=str(data.get("reason", "")),
+        result=data.get("result"),
+        seconds=float(data.get("seconds", 0.0)),
+    )
 
 
 class TaskExecutor(abc.ABC):
@@ -155,7 +169,13 @@ class ProcessTaskExecutor(TaskExecutor):
         (directory / "results").mkdir(parents=True, exist_ok=True)
         body["sandbox"] = self._sandbox_argv(directory, env_dir)
         body["venv"] = str(env_dir) if env_dir is not None else ""
-        self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
+        limits = await asyncio.to_thread(tasklimits.plan, spec)
+        body["limits"] = limits.as_json()
+        try:
+            self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
+        except BaseException:
+            await asyncio.to_thread(tasklimits.release, limits.cgroup)
+            raise
 
     async def poll(self, directory: Path) -> Outcome | None:
         """Read ``exit.json``; no file and no process: the attempt is lost."""
@@ -165,18 +185,13 @@ class ProcessTaskExecutor(TaskExecutor):
             self._children.pop(directory, None)
         if exit_file.exists():
             self._children.pop(directory, None)
-            data = json.loads(exit_file.read_text())
-            return Outcome(
-                state=str(data.get("state", "failed")),
-                exit_code=data.get("exit_code"),
-                reason=str(data.get("reason", "")),
-                result=data.get("result"),
-                seconds=float(data.get("seconds", 0.0)),
-            )
+            await asyncio.to_thread(tasklimits.release, tasklimits.recorded(directory))
+            return read_outcome(exit_file)
         if child is not None and child.returncode is None:
             return None
         if _alive(directory):
             return None
+        await asyncio.to_thread(tasklimits.release, tasklimits.recorded(directory))
         if (directory / "cancel").exists():  # stopped before it could write its status
             return Outcome(state="cancelled", reason="cancelled")
         return Outcome(state="lost", reason="the task's executor ended without an exit status")

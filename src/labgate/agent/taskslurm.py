@@ -56,7 +56,7 @@ from typing import Any
 
 from labgate.agent import taskexec
 from labgate.agent.taskenv import Progress
-from labgate.agent.tasks import MAX_RESULTS_ARCHIVE, Outcome, TaskExecutor
+from labgate.agent.tasks import MAX_RESULTS_ARCHIVE, Outcome, TaskExecutor, read_outcome
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.accounts import (
     TRAVERSE_ONLY,
@@ -257,14 +257,7 @@ class SlurmTaskExecutor(TaskExecutor):
                 return Outcome(state="lost", reason=f"site {self.site} has no job for this task")
             if not await self._ended(directory, marker):
                 return None
-        data = json.loads(exit_file.read_text())
-        return Outcome(
-            state=str(data.get("state", "failed")),
-            exit_code=data.get("exit_code"),
-            reason=str(data.get("reason", "")),
-            result=data.get("result"),
-            seconds=float(data.get("seconds", 0.0)),
-        )
+        return read_outcome(exit_file)
 
     async def _ended(self, directory: Path, marker: dict[str, Any]) -> bool:
         """Whether the attempt ended; when it did, its outcome is in the runner's directory."""
