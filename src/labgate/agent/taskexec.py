@@ -2,12 +2,15 @@
 
 The site's task runner starts it in a session of its own, detached, so the
 task outlives an agent or portal restart. It reads ``DIR/task.json``, runs the
-command (or the Python callable) with its output in ``DIR/output.log``, its
-results directory ``DIR/results`` and its result file ``DIR/result.json``,
-behind the launcher of its resource limits (``limits`` in ``task.json``: see
-:mod:`labgate.agent.tasklimits`), enforces the timeout, tells a kill for
-memory in the task's cgroup from other failures, and writes what happened to ``DIR/exit.json``
-(atomically, last): the runner, or its successor after a restart, reads it.
+command (or the Python callable) behind the launcher of its resource limits
+(``limits``: see :mod:`labgate.agent.tasklimits`), with its output in
+``DIR/output.log``, its results directory ``DIR/results`` and its result file
+``DIR/result.json``, enforces the timeout, tells a kill for memory in the
+task's cgroup from other failures, and writes what happened to
+``DIR/exit.json`` (atomically): the runner, or its successor after a restart,
+reads it. With the portal's address and its executor token in ``task.json``
+it also tells the portal's task gateway (``POST <api>/tasks/<attempt>/state``)
+that the task runs, then how it ended, often before the site's agent does.
 
 On a Slurm site the same code is the batch job's body (:func:`run_job`, run
 by the nodes' Python as the task's owner): it also packs the results
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +45,10 @@ KILL_GRACE = 3.0
 RESULTS_ARCHIVE = "results.tar.gz"
 #: Largest results archive a batch job leaves (bytes, compressed): the site's limit.
 MAX_ARCHIVE = 64 * 1024 * 1024
+#: Seconds the executor waits for the portal's task gateway, per report.
+TELL_TIMEOUT = 5.0
+#: Lines of a failed task's output its executor tells the gateway.
+TAIL_LINES = 40
 
 
 def write_exit(directory: Path, outcome: dict[str, Any]) -> None:
@@ -109,9 +117,79 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def tell(spec: dict[str, Any], report: dict[str, Any]) -> None:
+    """Send ``report`` to the portal's task gateway with the executor's token, if it has one.
+
+    Best effort: the site's agent reports the attempt too, so a portal out of
+    reach (or one that heard first from the agent: 409) loses nothing.
+    """
+    url, token = spec.get("api_url"), spec.get("executor_token")
+    attempt = spec.get("attempt_id")
+    if not (url and token and attempt):
+        return
+    import urllib.error  # only with a gateway to tell: it costs start-up time
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 - the portal's own URL, http(s)
+        f"{url}/tasks/{attempt}/state",
+        data=json.dumps(report).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TELL_TIMEOUT) as answer:  # noqa: S310
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # 409: the attempt has ended already, as the agent told
+            sys.stderr.write(f"labgate: the task gateway refused the report: {exc}\n")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"labgate: the task gateway is out of reach: {exc}\n")
+
+
+def tell_end(directory: Path, outcome: dict[str, Any]) -> None:
+    """Tell the gateway how the task ended (cancelled is the site's to tell, not this)."""
+    if outcome.get("state") not in ("succeeded", "failed"):
+        return
+    try:
+        spec = json.loads((directory / "task.json").read_text())
+    except (OSError, ValueError):
+        return
+    report = {key: outcome.get(key) for key in ("state", "exit_code", "reason", "result")}
+    report["seconds"] = max(0.0, float(outcome.get("seconds") or 0.0))
+    report["files"] = result_files(directory / "results")
+    if outcome["state"] != "succeeded":
+        report["log_tail"] = _tail(directory / "output.log")
+    tell(spec, report)
+
+
+def result_files(results: Path) -> list[str]:
+    """The regular files of a results directory, by name (links left out), at most 1,000."""
+    if not results.is_dir():
+        return []
+    found = [
+        str(path.relative_to(results))
+        for path in sorted(results.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    ]
+    return found[:1000]
+
+
+def _tail(path: Path) -> str:
+    """The last :data:`TAIL_LINES` lines of a file ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 16384))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
+
+
 def run(directory: Path) -> int:
     """Run the task of ``directory`` to its end; always leaves ``exit.json``."""
-    write_exit(directory, execute(directory))
+    outcome = execute(directory)
+    write_exit(directory, outcome)
+    tell_end(directory, outcome)
     return 0
 
 
@@ -123,6 +201,7 @@ def run_job(directory: str) -> int:
     if problem and outcome.get("state") == "succeeded":
         outcome.update(state="failed", reason=problem)
     write_exit(where, outcome)
+    tell_end(where, outcome)
     return 0
 
 
@@ -198,6 +277,7 @@ def execute(directory: Path) -> dict[str, Any]:
             )
         except OSError as exc:
             return {"state": "failed", "exit_code": 127, "reason": str(exc)}
+        threading.Thread(target=tell, args=(spec, {"state": "running"}), daemon=True).start()
         deadline = started + float(spec.get("timeout", 3600))
         while proc.poll() is None:
             if stopped or time.time() > deadline:

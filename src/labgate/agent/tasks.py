@@ -41,7 +41,7 @@ from labgate.agent import tasklimits
 from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.taskexec import RESULTS_ARCHIVE
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
-from labgate.errors import BadRequest, NotFound
+from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.wire.runs import TaskSpec
 from labgate.wire.site import Report, Reporter
 
@@ -267,6 +267,8 @@ class TaskRunner:
         self.environments = EnvironmentCache(tasks_dir.parent.parent / "envs" / site)
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        #: One poll at a time: a Slurm attempt's outcome is taken from its job only once.
+        self._polling = asyncio.Lock()
 
     def directory(self, attempt_id: str) -> Path:
         """Where one attempt's files are (its id checked: it becomes a path)."""
@@ -348,7 +350,10 @@ class TaskRunner:
 
         An executor whose attempts leave their results packed already (a Slurm
         job's ``results.tar.gz``, taken over by the agent) has that file sent as it is.
+        The portal may ask before this runner saw the attempt end (its executor told
+        the portal first): it is looked at now, and Conflict while it still runs.
         """
+        await self._settle(attempt_id)
         archive = self.directory(attempt_id) / RESULTS_ARCHIVE
         if archive.is_file():
             return await asyncio.to_thread(archive.read_bytes)
@@ -373,6 +378,27 @@ class TaskRunner:
                 await self._watch_task
             self._watch_task = None
 
+    async def _settle(self, attempt_id: str) -> None:
+        """Poll a watched attempt now; report it when it ended, Conflict while it runs."""
+        if attempt_id not in self.watched:
+            return
+        directory = self.directory(attempt_id)
+        outcome = await self._poll(attempt_id, directory)
+        if outcome is None and attempt_id in self.watched:  # (not watched: it ended meanwhile)
+            raise Conflict(f"task attempt {attempt_id} is still running at site {self.site}")
+
+    async def _poll(self, attempt_id: str, directory: Path) -> Outcome | None:
+        """Ask the executor about one attempt; when it ended, report it (once) and stop watching."""
+        async with self._polling:
+            if attempt_id not in self.watched:
+                return None
+            outcome = await self.executor.poll(directory)
+            if outcome is not None:
+                self.watched.discard(attempt_id)
+        if outcome is not None:
+            await self._report(self._final(attempt_id, directory, outcome))
+        return outcome
+
     # --- watching -------------------------------------------------------------
     def _ensure_watch(self) -> None:
         if self._watch_task is None or self._watch_task.done():
@@ -381,16 +407,10 @@ class TaskRunner:
     async def _watch(self) -> None:
         while self.watched:
             for attempt_id in list(self.watched):
-                directory = self.tasks_dir / attempt_id
                 try:
-                    outcome = await self.executor.poll(directory)
+                    await self._poll(attempt_id, self.tasks_dir / attempt_id)
                 except Exception:
                     log.exception("polling task attempt %s failed", attempt_id)
-                    continue
-                if outcome is None:
-                    continue
-                self.watched.discard(attempt_id)
-                await self._report(self._final(attempt_id, directory, outcome))
             await asyncio.sleep(POLL_INTERVAL)
 
     def _final(self, attempt_id: str, directory: Path, outcome: Outcome) -> Report:

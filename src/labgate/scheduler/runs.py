@@ -10,7 +10,11 @@ and the stage's other tasks are cancelled. Every state is in the database
 first: after a portal restart :meth:`RunProcessor.restore` asks each site to
 watch its attempts again, and reports that were waiting at a network site's
 agent arrive then. A report from a site on an attempt of another site is
-refused: an agent speaks only for its own tasks.
+refused: an agent speaks only for its own tasks. An attempt's executor also
+reports its state and result through the portal's task gateway
+(:meth:`RunProcessor.executor_report`, its token checked there), often before
+the agent does: the first word on how an attempt ended counts, and a later one
+(the agent's) only brings the files when they were not collected yet.
 
 It is separate from the instance start queue on purpose: tasks are short and
 many, and their admission is the stage. They share the owner's limits with
@@ -47,7 +51,7 @@ from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
 from labgate.scheduler.runrows import Viewer
-from labgate.security import task_token
+from labgate.security import executor_token, task_token
 from labgate.wire.launch import Resources
 from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
@@ -99,6 +103,8 @@ class RunProcessor:
         self._locks: dict[str, asyncio.Lock] = {}
         self._placing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Attempts whose results are being collected (the executor's and the site's word).
+        self._collecting: set[str] = set()
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
         self._dispatching: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -307,6 +313,7 @@ class RunProcessor:
         if self.token_key:
             spec.api_url = self.api_url
             spec.token = task_token(self.token_key, attempt_id)
+            spec.executor_token = executor_token(self.token_key, attempt_id)
         if not site:
             await self.apply(
                 Report(attempt_id, "lost", kind="task", message="no live site matches")
@@ -366,12 +373,18 @@ class RunProcessor:
 
     def _apply(self, session: Session, report: Report) -> tuple[str, str, Path] | None:
         attempt = session.get(TaskAttempt, report.instance_id)
-        if attempt is None or attempt.state.terminal:
-            return None  # sent again after a reconnect, or about an attempt we gave up on
+        if attempt is None:
+            return None
         task = attempt.task
         run = session.get(Run, task.run_id)
         if run is None:
             return None
+        if attempt.state.terminal:
+            # Sent again after a reconnect, about an attempt we gave up on, or the agent's
+            # word after the executor's: that one brings the files if they are still there.
+            return self._uncollected(run, task, attempt, report)
+        if report.state == "running" and attempt.state == AttemptState.running:
+            return None  # its executor and its agent both say so
         data = dict(report.data)
         if report.log_tail:
             data["log_tail"] = report.log_tail
@@ -416,11 +429,28 @@ class RunProcessor:
         runrows.finish(task, final, report.message)
         return None
 
+    def _uncollected(
+        self, run: Run, task: RunTask, attempt: TaskAttempt, report: Report
+    ) -> tuple[str, str, Path] | None:
+        """A succeeded attempt's files to collect still (its executor told first, its site was
+        away then), on a final report from its site; else None."""
+        if report.state != "succeeded" or attempt.state != AttemptState.succeeded:
+            return None
+        if task.state != RunState.succeeded or attempt is not task.attempt_rows[-1]:
+            return None
+        target = self.results_dir(run.owner.name) / "runs" / run.id / task.label
+        return None if log_path(target).exists() else (attempt.id, attempt.site, target)
+
     async def _collect(self, attempt_id: str, site: str, target: Path) -> None:
-        """Bring a succeeded attempt's results directory into the owner's results."""
+        """Bring a succeeded attempt's results directory into the owner's results.
+
+        Not possible while its site is away (its executor told first): the site's
+        own report, once it is back, brings them (:meth:`_uncollected`).
+        """
         link = self.links.get(site)
-        if link is None:
+        if link is None or attempt_id in self._collecting:
             return
+        self._collecting.add(attempt_id)
         try:
             archive = await link.task_results(attempt_id)
             output = await link.task_logs(attempt_id, MAX_KEPT_LOG_LINES)
@@ -429,16 +459,22 @@ class RunProcessor:
             await link.forget_task(attempt_id)
         except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
             log.warning("collecting the results of %s failed: %s", attempt_id, exc)
+        finally:
+            self._collecting.discard(attempt_id)
+
+    async def executor_report(self, report: Report) -> None:
+        """A state or result from an attempt's executor through the gateway (its token checked).
+
+        Conflict once the attempt ended: the token reports only while it is under way.
+        """
+        await self.run_db(lambda s: _open_attempt(s, report.instance_id))
+        await self.apply(report)
 
     async def note(self, attempt_id: str, message: str, data: dict[str, Any]) -> None:
         """A note from a running attempt's executor (its token checked) into its run's events."""
 
         def record(session: Session) -> None:
-            attempt = session.get(TaskAttempt, attempt_id)
-            if attempt is None:
-                raise NotFound(f"no task attempt {attempt_id}")
-            if attempt.state.terminal:
-                raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+            attempt = _open_attempt(session, attempt_id)
             task = attempt.task
             notes = session.scalar(
                 select(func.count()).where(
@@ -620,6 +656,16 @@ def _cancel_open(run: Run, reason: str) -> list[tuple[str, str]]:
         if not stage.state.terminal:
             runrows.finish(stage, RunState.cancelled)
     return stopping
+
+
+def _open_attempt(session: Session, attempt_id: str) -> TaskAttempt:
+    """An attempt under way; NotFound or Conflict (it ended) otherwise."""
+    attempt = session.get(TaskAttempt, attempt_id)
+    if attempt is None:
+        raise NotFound(f"no task attempt {attempt_id}")
+    if attempt.state.terminal:
+        raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+    return attempt
 
 
 def _run_of(session: Session, attempt_id: str) -> tuple[str, str] | None:

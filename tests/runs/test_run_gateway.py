@@ -1,0 +1,165 @@
+"""The task gateway: an attempt's executor reports its state and result to the portal itself.
+
+The executor (``labgate.agent.taskexec``) tells ``POST /api/v1/tasks/<attempt>/state``
+with its own token; the site's agent reports the attempt too, and the first word
+counts. The files still come from the site, also when its word comes late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import tarfile
+import time
+from typing import Any
+
+from runs_helpers import submit, tasks_of, wait_run
+from sqlalchemy import select
+
+from labgate.db.runs import RunTask, TaskAttempt
+from labgate.security import executor_token, task_token
+from labgate.wire.site import Report
+
+SLOW = """
+name = "gateway"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "slow"
+command = "sleep {sleep}; echo hi > $LABGATE_RESULTS_DIR/out.txt; echo 7 > $LABGATE_RESULT"
+where = {{site = "alpha"}}
+"""
+
+
+async def attempts_of(app: Any, run_id: str) -> list[str]:
+    """The ids of a run's attempts, oldest first."""
+
+    def find(session: Any) -> list[str]:
+        return list(
+            session.scalars(
+                select(TaskAttempt.id)
+                .join(RunTask, RunTask.id == TaskAttempt.task_id)
+                .where(RunTask.run_id == run_id)
+                .order_by(TaskAttempt.number)
+            )
+        )
+
+    return await app.state.portal.run_db(find)
+
+
+async def first_attempt(app: Any, run_id: str) -> str:
+    deadline = time.monotonic() + 30
+    while not (found := await attempts_of(app, run_id)):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    return found[0]
+
+
+async def archive_names(client: Any, headers: dict[str, str], run_id: str) -> set[str]:
+    answer = await client.get(f"/api/v1/runs/{run_id}/results", headers=headers)
+    assert answer.status_code == 200, answer.text
+    with tarfile.open(fileobj=io.BytesIO(answer.content), mode="r:gz") as tar:
+        return set(tar.getnames())
+
+
+async def test_the_executor_reports_state_and_result_through_the_gateway_while_its_agent_is_silent(
+    app, client, make_user
+):
+    portal = app.state.portal
+    portal.run_processor.api_url = f"{app.state.test_url}/api/v1"
+    runner = portal.links["alpha"].agent.tasks
+    held: list[Report] = []
+    told = runner.reporter
+
+    async def hold(report: Report) -> None:  # the agent's reports never reach the portal
+        held.append(report)
+
+    runner.reporter = hold
+    try:
+        alice = await make_user("alice")
+        run_id = await submit(client, alice, SLOW.format(sleep=0.5))
+        run = await wait_run(client, alice, run_id)
+    finally:
+        runner.reporter = told
+    assert run["state"] == "succeeded", run
+    slow = tasks_of(run)["slow"]
+    assert slow["result"] == 7 and slow["exit_code"] == 0, slow
+    # Everything the portal knows came from the executor: the agent's word was held back.
+    assert [r.state for r in held] == ["running", "succeeded"], held
+    assert "slow/out.txt" in await archive_names(client, alice, run_id)
+    # The agent's word, late, changes nothing and adds no event.
+    for report in held:
+        await portal.run_processor.apply(report, site="alpha")
+    await asyncio.sleep(0.3)
+    answer = await client.get(f"/api/v1/runs/{run_id}", headers=alice)
+    states = [e["state"] for e in answer.json()["events"] if e["task"] == "slow"]
+    assert states.count("running") == 1 and states.count("succeeded") == 1, states
+
+
+async def test_the_files_of_an_attempt_ended_by_its_executor_come_with_the_sites_late_word(
+    app, client, make_user, settings
+):
+    alice = await make_user("alice")
+    run_id = await submit(client, alice, SLOW.format(sleep=1.5))
+    attempt = await first_attempt(app, run_id)
+    token = executor_token(settings.secret_key.get_secret_value(), attempt)
+    # The executor's word first (its site's agent still watches the task, not yet ended).
+    answer = await client.post(
+        f"/api/v1/tasks/{attempt}/state",
+        json={"state": "succeeded", "exit_code": 0, "result": 7, "files": ["out.txt"]},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert answer.status_code == 204, answer.text
+    run = await wait_run(client, alice, run_id)
+    assert run["state"] == "succeeded" and tasks_of(run)["slow"]["result"] == 7, run
+    # The site says it is still running: nothing is collected from it yet...
+    assert "slow/out.txt" not in await archive_names(client, alice, run_id)
+    # ...and once it ended, the site's own report brings the files.
+    deadline = time.monotonic() + 30
+    while "slow/out.txt" not in await archive_names(client, alice, run_id):
+        assert time.monotonic() < deadline, "the files never came"
+        await asyncio.sleep(0.1)
+    assert not (settings.data_dir / "tasks" / "alpha" / attempt).exists()
+
+
+async def test_a_task_token_reports_only_for_its_own_attempt_and_only_while_it_runs(
+    app, client, make_user, settings
+):
+    key = settings.secret_key.get_secret_value()
+    alice = await make_user("alice")
+    run_id = await submit(client, alice, SLOW.format(sleep=30))
+    attempt = await first_attempt(app, run_id)
+    executor = {"Authorization": f"Bearer {executor_token(key, attempt)}"}
+    url = f"/api/v1/tasks/{attempt}/state"
+    # The task's own token (in its environment) cannot end its attempt...
+    own = {"Authorization": f"Bearer {task_token(key, attempt)}"}
+    refused = await client.post(url, json={"state": "succeeded"}, headers=own)
+    assert refused.status_code == 401, refused.text
+    # ...nor can a user's API token, nor another attempt's executor token.
+    assert (await client.post(url, json={"state": "failed"}, headers=alice)).status_code == 401
+    other = {"Authorization": f"Bearer {executor_token(key, '0123456789abcdef')}"}
+    assert (await client.post(url, json={"state": "failed"}, headers=other)).status_code == 401
+    other_url = "/api/v1/tasks/0123456789abcdef/state"
+    answer = await client.post(other_url, json={"state": "failed"}, headers=executor)
+    assert answer.status_code == 401
+    # Cancelled is the site's to tell; a bad body is named.
+    answer = await client.post(url, json={"state": "cancelled"}, headers=executor)
+    assert answer.status_code == 400 and "state" in answer.json()["detail"], answer.text
+    # The executor's token: its attempt's state and notes, while it is under way.
+    assert (await client.post(url, json={"state": "running"}, headers=executor)).status_code == 204
+    note = await client.post(
+        f"/api/v1/tasks/{attempt}/events", json={"message": "from the executor"}, headers=executor
+    )
+    assert note.status_code == 204, note.text
+    cancel = await client.post(f"/api/v1/runs/{run_id}/cancel", headers=alice)
+    assert cancel.status_code in (200, 202, 204), cancel.text
+    await wait_run(client, alice, run_id)
+    deadline = time.monotonic() + 30
+    while True:
+        late = await client.post(url, json={"state": "succeeded", "result": 1}, headers=executor)
+        if late.status_code == 409 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert late.status_code == 409, late.text
+    run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
+    assert tasks_of(run)["slow"]["state"] == "cancelled" and tasks_of(run)["slow"]["result"] is None
