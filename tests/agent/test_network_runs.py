@@ -96,3 +96,57 @@ def test_a_run_across_a_network_site_survives_an_agent_restart(
             assert not list((tmp_path / "edge" / "tasks" / "edge").iterdir())
     finally:
         agent.stop()
+
+
+def test_a_task_ends_through_the_gateway_while_its_agent_is_away(
+    server: LabgateServer, tmp_path: Path
+) -> None:
+    """The executor tells the portal itself: the run goes on without the agent; the task's
+    files, and so the run's end, follow when the agent is back."""
+    admin = server.token("admin", ADMIN_PASSWORD, ["admin", "account"])
+    token = add_site(server, admin, "edge")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        wait_site(server, admin, "edge", "connected")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            created = client.post("/api/v1/runs", content=DEFINITION)
+            assert created.status_code == 201, created.text
+            run_id = created.json()["id"]
+            deadline = time.monotonic() + 30
+            while not any(
+                e["state"] == "running" and e["task"] == "far" for e in _events(client, run_id)
+            ):
+                assert time.monotonic() < deadline, agent.log()
+                time.sleep(0.05)
+            agent.kill()  # its task's executor runs on, detached
+            # The executor tells the portal: the task succeeds and the next stage runs,
+            # all without the agent; the run waits for the task's files.
+            deadline = time.monotonic() + 60
+            while True:
+                run = client.get(f"/api/v1/runs/{run_id}").json()
+                tasks = {t["name"]: t for s in run["stages"] for t in s["tasks"]}
+                if tasks["near"]["state"] == "succeeded":
+                    break
+                assert time.monotonic() < deadline, run
+                time.sleep(0.1)
+            assert tasks["far"]["result"] == [1, 2] and tasks["far"]["files"] == ["where.txt"]
+            assert run["state"] == "running", run
+            edge = client.get("/api/v1/sites/edge").json()
+            assert edge["status"] != "connected", edge
+
+            agent.start()  # back: the files come, and the run ends
+            deadline = time.monotonic() + 60
+            while (run := client.get(f"/api/v1/runs/{run_id}").json())["state"] == "running":
+                assert time.monotonic() < deadline, (run, agent.log())
+                time.sleep(0.1)
+            assert run["state"] == "succeeded", run
+            archive = client.get(f"/api/v1/runs/{run_id}/results")
+            with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+                assert "far/where.txt" in tar.getnames()
+            deadline = time.monotonic() + 10
+            while list((tmp_path / "edge" / "tasks" / "edge").iterdir()):
+                assert time.monotonic() < deadline, "the site kept the collected task"
+                time.sleep(0.1)
+    finally:
+        agent.stop()

@@ -22,8 +22,7 @@ pytestmark = [
 GREEDY = "import sys; data = 'x' * (200 * 2**20); print('allocated', len(data))"
 # What the task sees of its limits: the CPUs it may run on, and its cgroup.
 LOOK = (
-    "import os; print('cpus', len(os.sched_getaffinity(0)));"
-    "print(open('/proc/self/cgroup').read())"
+    "import os; print('cpus', len(os.sched_getaffinity(0)));print(open('/proc/self/cgroup').read())"
 )
 
 

@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
+import functools
 import logging
-import shutil
-import tarfile
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -50,6 +48,7 @@ from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
+from labgate.scheduler.runresults import Pending, ResultCollector, log_path
 from labgate.scheduler.runrows import Viewer
 from labgate.security import executor_token, task_token
 from labgate.wire.launch import Resources
@@ -60,8 +59,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Lines of a finished task's output kept with its results.
-MAX_KEPT_LOG_LINES = 100_000
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
 #: Most notes a task copy may add to its run's events (all its attempts together).
@@ -103,11 +100,11 @@ class RunProcessor:
         self._locks: dict[str, asyncio.Lock] = {}
         self._placing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
-        #: Attempts whose results are being collected (the executor's and the site's word).
-        self._collecting: set[str] = set()
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
         self._dispatching: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Brings succeeded attempts' files from their sites (and keeps the pending ones).
+        self.results = ResultCollector(links, results_dir)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
@@ -253,6 +250,8 @@ class RunProcessor:
                 failed_stage = True
                 run.reason = f"stage {stage.name}: {reason}"
                 break
+        if self.results.waits_for(run):
+            return starts, cancels  # it ends once its tasks' files are in (or given up)
         state = RunState.failed if failed_stage else RunState.succeeded
         if not failed_stage and any(s.state != RunState.succeeded for s in run.stages):
             run.reason = "some tasks failed in stages that continue on failure"
@@ -356,9 +355,9 @@ class RunProcessor:
         # whose reader waits for this call: it goes on in the background.
         self._spawn(self._follow_up(run_id, collect))
 
-    async def _follow_up(self, run_id: str, collect: tuple[str, str, Path] | None) -> None:
+    async def _follow_up(self, run_id: str, collect: Pending | None) -> None:
         if collect is not None:
-            await self._collect(*collect)
+            await self.results.collect(collect)
         await self.advance(run_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -371,7 +370,7 @@ class RunProcessor:
         if not task.cancelled() and task.exception() is not None:
             log.error("a run's follow-up failed", exc_info=task.exception())
 
-    def _apply(self, session: Session, report: Report) -> tuple[str, str, Path] | None:
+    def _apply(self, session: Session, report: Report) -> Pending | None:
         attempt = session.get(TaskAttempt, report.instance_id)
         if attempt is None:
             return None
@@ -382,7 +381,7 @@ class RunProcessor:
         if attempt.state.terminal:
             # Sent again after a reconnect, about an attempt we gave up on, or the agent's
             # word after the executor's: that one brings the files if they are still there.
-            return self._uncollected(run, task, attempt, report)
+            return self.results.late(run, task, attempt) if report.state == "succeeded" else None
         if report.state == "running" and attempt.state == AttemptState.running:
             return None  # its executor and its agent both say so
         data = dict(report.data)
@@ -415,8 +414,7 @@ class RunProcessor:
             task.result = data.get("result")
             task.files = list(data.get("files") or [])
             runrows.finish(task, RunState.succeeded)
-            target = self.results_dir(run.owner.name) / "runs" / run.id / task.label
-            return attempt.id, attempt.site, target
+            return Pending(run.id, attempt.id, attempt.site, self.results.target(run, task))
         if attempt.state == AttemptState.cancelled:
             runrows.finish(task, RunState.cancelled, report.message)
             return None
@@ -428,39 +426,6 @@ class RunProcessor:
         final = RunState.lost if attempt.state == AttemptState.lost else RunState.failed
         runrows.finish(task, final, report.message)
         return None
-
-    def _uncollected(
-        self, run: Run, task: RunTask, attempt: TaskAttempt, report: Report
-    ) -> tuple[str, str, Path] | None:
-        """A succeeded attempt's files to collect still (its executor told first, its site was
-        away then), on a final report from its site; else None."""
-        if report.state != "succeeded" or attempt.state != AttemptState.succeeded:
-            return None
-        if task.state != RunState.succeeded or attempt is not task.attempt_rows[-1]:
-            return None
-        target = self.results_dir(run.owner.name) / "runs" / run.id / task.label
-        return None if log_path(target).exists() else (attempt.id, attempt.site, target)
-
-    async def _collect(self, attempt_id: str, site: str, target: Path) -> None:
-        """Bring a succeeded attempt's results directory into the owner's results.
-
-        Not possible while its site is away (its executor told first): the site's
-        own report, once it is back, brings them (:meth:`_uncollected`).
-        """
-        link = self.links.get(site)
-        if link is None or attempt_id in self._collecting:
-            return
-        self._collecting.add(attempt_id)
-        try:
-            archive = await link.task_results(attempt_id)
-            output = await link.task_logs(attempt_id, MAX_KEPT_LOG_LINES)
-            await asyncio.to_thread(_unpack, archive, target)
-            await asyncio.to_thread(_keep_log, log_path(target), output)
-            await link.forget_task(attempt_id)
-        except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
-            log.warning("collecting the results of %s failed: %s", attempt_id, exc)
-        finally:
-            self._collecting.discard(attempt_id)
 
     async def executor_report(self, report: Report) -> None:
         """A state or result from an attempt's executor through the gateway (its token checked).
@@ -506,7 +471,7 @@ class RunProcessor:
                 for row in stage.tasks:
                     if row.label == task and row.attempt_rows:
                         last = row.attempt_rows[-1]
-                        kept = self.results_dir(run.owner.name) / "runs" / run.id / row.label
+                        kept = self.results.target(run, row)
                         return last.id, last.site, log_path(kept)
             raise NotFound(f"run {run_id} has no started task {task}")
 
@@ -522,6 +487,7 @@ class RunProcessor:
     # --- restart -----------------------------------------------------------------------
     async def restore(self) -> None:
         """After a portal start: sites watch their attempts again; runs move on."""
+        await self.run_db(self.results.find_pending)
         await self.sweep()
         for run_id in await self.run_db(runrows.unfinished_runs):
             await self.advance(run_id)
@@ -554,6 +520,14 @@ class RunProcessor:
             if link.live:
                 self._away_seen.pop(site, None)
         await self._stop_orphans()
+        retry, given_up = await self.results.due(
+            lambda site: self._away_for(site, away.get(site), now) > self.grace
+        )
+        for item in retry:
+            self._spawn(self._follow_up(item.run_id, item))
+        for item in given_up:
+            await self.run_db(functools.partial(_files_given_up, item))
+            self._spawn(self.advance(item.run_id))
 
     def _away_for(self, site: str, since: datetime | None, now: datetime) -> float:
         """Seconds ``site`` has been away (from its row, else since this process saw it)."""
@@ -658,6 +632,11 @@ def _cancel_open(run: Run, reason: str) -> list[tuple[str, str]]:
     return stopping
 
 
+def _files_given_up(item: Pending, session: Session) -> None:
+    message = f"its files stayed at site {item.site}, which did not come back"
+    runrows.add_event(session, item.run_id, item.target.name, "note", message)
+
+
 def _open_attempt(session: Session, attempt_id: str) -> TaskAttempt:
     """An attempt under way; NotFound or Conflict (it ended) otherwise."""
     attempt = session.get(TaskAttempt, attempt_id)
@@ -701,24 +680,3 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
         image=definition.environment.image,
     )
     return spec, attempt.site
-
-
-def log_path(target: Path) -> Path:
-    """Where a collected task's output is kept: beside its results, not among them."""
-    return target.parent / ".logs" / f"{target.name}.log"
-
-
-def _keep_log(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(text)
-
-
-def _unpack(archive: bytes, target: Path) -> None:
-    """Extract a results archive into ``target`` (replacing what an earlier attempt left)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True, mode=0o700)
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        # The "data" filter refuses absolute paths, "..", links out and device files:
-        # the archive comes from a site, which the portal does not trust with its disk.
-        tar.extractall(target, filter="data")
