@@ -54,6 +54,18 @@ def _events(client: httpx.Client, run_id: str) -> list[dict]:
     return list(client.get(f"/api/v1/runs/{run_id}").json()["events"])
 
 
+def _submit_far_running(client: httpx.Client, agent: AgentProcess) -> str:
+    """Submit :data:`DEFINITION`; its id once its task at the network site runs."""
+    created = client.post("/api/v1/runs", content=DEFINITION)
+    assert created.status_code == 201, created.text
+    run_id = str(created.json()["id"])
+    deadline = time.monotonic() + 30
+    while not any(e["state"] == "running" and e["task"] == "far" for e in _events(client, run_id)):
+        assert time.monotonic() < deadline, agent.log()
+        time.sleep(0.05)
+    return run_id
+
+
 def test_a_run_across_a_network_site_survives_an_agent_restart(
     server: LabgateServer, tmp_path: Path
 ) -> None:
@@ -64,15 +76,7 @@ def test_a_run_across_a_network_site_survives_an_agent_restart(
     try:
         wait_site(server, admin, "edge", "connected")
         with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
-            created = client.post("/api/v1/runs", content=DEFINITION)
-            assert created.status_code == 201, created.text
-            run_id = created.json()["id"]
-            deadline = time.monotonic() + 30
-            while not any(
-                e["state"] == "running" and e["task"] == "far" for e in _events(client, run_id)
-            ):
-                assert time.monotonic() < deadline, agent.log()
-                time.sleep(0.05)
+            run_id = _submit_far_running(client, agent)
             # The task runs in the agent's data dir, not the portal's.
             assert list((tmp_path / "edge" / "tasks" / "edge").iterdir())
             agent.kill()
@@ -110,15 +114,7 @@ def test_a_task_ends_through_the_gateway_while_its_agent_is_away(
     try:
         wait_site(server, admin, "edge", "connected")
         with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
-            created = client.post("/api/v1/runs", content=DEFINITION)
-            assert created.status_code == 201, created.text
-            run_id = created.json()["id"]
-            deadline = time.monotonic() + 30
-            while not any(
-                e["state"] == "running" and e["task"] == "far" for e in _events(client, run_id)
-            ):
-                assert time.monotonic() < deadline, agent.log()
-                time.sleep(0.05)
+            run_id = _submit_far_running(client, agent)
             agent.kill()  # its task's executor runs on, detached
             # The executor tells the portal: the task succeeds and the next stage runs,
             # all without the agent; the run waits for the task's files.

@@ -162,3 +162,24 @@ async def test_a_task_token_reports_only_for_its_own_attempt_and_only_while_it_r
     assert late.status_code == 409, late.text
     run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
     assert tasks_of(run)["slow"]["state"] == "cancelled" and tasks_of(run)["slow"]["result"] is None
+
+
+async def test_a_task_never_sees_its_executors_token(app, client, make_user, settings):
+    alice = await make_user("alice")
+    definition = """
+name = "peek"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "peek"
+command = "env; cat ../task.json ../../*/task.json 2>&1; echo looked"
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id)
+    assert run["state"] == "succeeded", run
+    attempt = (await attempts_of(app, run_id))[0]
+    key = settings.secret_key.get_secret_value()
+    logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "peek"}, headers=alice)
+    text = logs.json()["text"]
+    assert "looked" in text and task_token(key, attempt) in text  # its own, for notes
+    assert executor_token(key, attempt) not in text
