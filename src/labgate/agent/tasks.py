@@ -6,16 +6,19 @@ The portal sends one :class:`~labgate.wire.runs.TaskSpec` per attempt
 as :class:`~labgate.wire.site.Report` objects of ``kind="task"`` whose
 ``instance_id`` is the attempt id. They travel the link like instance
 reports (acknowledged and sent again over a network link), so a portal that
-restarts loses none.
+restarts loses none. The attempt's executor may have told the portal first
+(the task gateway): when the portal asks for the results of an attempt the
+runner has not yet seen end, it looks at it at once (:meth:`TaskRunner.results`).
 
 :class:`ProcessTaskExecutor` runs each attempt as a detached
 ``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
 exists, with its ``cpu`` and ``memory_mib`` as limits:
-:mod:`labgate.agent.tasklimits`) under the site's task directory; everything about the attempt is in
-that directory, so a new runner (after a restart) finds it again with
-:meth:`TaskRunner.adopt`. The other engines implement :class:`TaskExecutor`
-the same way: containers (:mod:`labgate.agent.taskcontainer`) and Slurm
-batch jobs (:mod:`labgate.agent.taskslurm`).
+:mod:`labgate.agent.tasklimits`) under the site's task directory;
+everything about the attempt is in that directory, so a new runner (after a
+restart) finds it again with :meth:`TaskRunner.adopt`. The other engines
+implement :class:`TaskExecutor` the same way: containers
+(:mod:`labgate.agent.taskcontainer`) and Slurm batch jobs
+(:mod:`labgate.agent.taskslurm`).
 """
 
 from __future__ import annotations
