@@ -10,6 +10,7 @@ task in its directory and reports how it ended.
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -40,6 +41,12 @@ where = {site = "local"}
 """
 
 
+# The far task also shows what it can see of its tokens: its environment, its executor's file.
+PEEKING = DEFINITION.replace(
+    'command = "sleep 1.5;', 'command = "env | grep LABGATE_; cat ../task.json; sleep 1.5;'
+)
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LabgateServer]:
     srv = LabgateServer(tmp_path / "var", ADMIN_PASSWORD, LABGATE_SITE_HEARTBEAT_INTERVAL="0.5")
@@ -54,9 +61,11 @@ def _events(client: httpx.Client, run_id: str) -> list[dict]:
     return list(client.get(f"/api/v1/runs/{run_id}").json()["events"])
 
 
-def _submit_far_running(client: httpx.Client, agent: AgentProcess) -> str:
-    """Submit :data:`DEFINITION`; its id once its task at the network site runs."""
-    created = client.post("/api/v1/runs", content=DEFINITION)
+def _submit_far_running(
+    client: httpx.Client, agent: AgentProcess, definition: str = DEFINITION
+) -> str:
+    """Submit ``definition``; its id once its task at the network site runs."""
+    created = client.post("/api/v1/runs", content=definition)
     assert created.status_code == 201, created.text
     run_id = str(created.json()["id"])
     deadline = time.monotonic() + 30
@@ -114,7 +123,7 @@ def test_a_task_ends_through_the_gateway_while_its_agent_is_away(
     try:
         wait_site(server, admin, "edge", "connected")
         with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
-            run_id = _submit_far_running(client, agent)
+            run_id = _submit_far_running(client, agent, PEEKING)
             agent.kill()  # its task's executor runs on, detached
             # The executor tells the portal: the task succeeds and the next stage runs,
             # all without the agent; the run waits for the task's files.
@@ -140,6 +149,11 @@ def test_a_task_ends_through_the_gateway_while_its_agent_is_away(
             archive = client.get(f"/api/v1/runs/{run_id}/results")
             with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
                 assert "far/where.txt" in tar.getnames()
+            # The task had its own token for notes, never its executor's (nor its task.json).
+            text = client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "far"}).json()["text"]
+            tokens = set(re.findall(r"lgk_[0-9a-f]+", text))
+            assert len(tokens) == 1 and f"LABGATE_TASK_TOKEN={tokens.pop()}" in text, text
+            assert "executor_token" not in text and "No such file" in text, text
             deadline = time.monotonic() + 10
             while list((tmp_path / "edge" / "tasks" / "edge").iterdir()):
                 assert time.monotonic() < deadline, "the site kept the collected task"

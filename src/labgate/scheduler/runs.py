@@ -10,11 +10,13 @@ and the stage's other tasks are cancelled. Every state is in the database
 first: after a portal restart :meth:`RunProcessor.restore` asks each site to
 watch its attempts again, and reports that were waiting at a network site's
 agent arrive then. A report from a site on an attempt of another site is
-refused: an agent speaks only for its own tasks. An attempt's executor also
-reports its state and result through the portal's task gateway
-(:meth:`RunProcessor.executor_report`, its token checked there), often before
-the agent does: the first word on how an attempt ended counts, and a later one
-(the agent's) only brings the files when they were not collected yet.
+refused: an agent speaks only for its own tasks. The executor of an attempt
+on a network site also reports its state and result through the portal's
+task gateway (:meth:`RunProcessor.executor_report`, its token checked
+there), often before the agent does, and while the agent is away: the first
+word on how an attempt ended counts, and a later one (the agent's) only
+brings the files when they were not collected yet
+(:mod:`labgate.scheduler.runresults`).
 
 It is separate from the instance start queue on purpose: tasks are short and
 many, and their admission is the stage. They share the owner's limits with
@@ -309,16 +311,19 @@ class RunProcessor:
 
     async def _dispatch(self, attempt_id: str) -> None:
         spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
-        if self.token_key:
-            spec.api_url = self.api_url
-            spec.token = task_token(self.token_key, attempt_id)
-            spec.executor_token = executor_token(self.token_key, attempt_id)
         if not site:
             await self.apply(
                 Report(attempt_id, "lost", kind="task", message="no live site matches")
             )
             return
         link = self.links.get(site)
+        if self.token_key:
+            spec.api_url = self.api_url
+            spec.token = task_token(self.token_key, attempt_id)
+            if link is not None and link.remote:
+                # Only an agent apart from the portal can be away while its tasks run on; a
+                # local site's reports are in this process already, and telling twice costs.
+                spec.executor_token = executor_token(self.token_key, attempt_id)
         try:
             if link is None:
                 raise Conflict(f"site {site} is gone")
