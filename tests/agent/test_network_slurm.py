@@ -10,16 +10,21 @@ is away.
 
 from __future__ import annotations
 
-import io
 import pwd
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+from agents import (
+    ADMIN_PASSWORD,
+    AgentProcess,
+    add_site,
+    result_names,
+    wait_run_ended,
+    wait_site,
+)
 from websockets.sync.client import connect as ws_connect
 
 from servers import LabgateServer, wait_state
@@ -131,14 +136,9 @@ where = {site = "hpc"}
             assert client.get("/api/v1/sites/hpc").json()["status"] != "connected"
 
             agent.start()  # back: it finds the job's files and hands them over
-            deadline = time.monotonic() + 90
-            while (run := client.get(f"/api/v1/runs/{run_id}").json())["state"] == "running":
-                assert time.monotonic() < deadline, (run, agent.log())
-                time.sleep(0.2)
+            run = wait_run_ended(client, run_id, agent, timeout=90)
             assert run["state"] == "succeeded", run
-            archive = client.get(f"/api/v1/runs/{run_id}/results")
-            with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
-                assert "job/out.txt" in tar.getnames()
+            assert "job/out.txt" in result_names(client, run_id)
     finally:
         agent.stop()
         slurm_cluster.cancel_all()
