@@ -2,8 +2,8 @@
 
 The site's task runner starts it in a session of its own, detached, so the
 task outlives an agent or portal restart. It reads ``DIR/task.json``, runs the
-command (or the Python callable) behind the launcher of its resource limits
-(``limits``: see :mod:`labgate.agent.tasklimits`), with its output in
+command (or the Python callable) within its resource limits (``limits``:
+see :mod:`labgate.agent.tasklimits`), with its output in
 ``DIR/output.log``, its results directory ``DIR/results`` and its result file
 ``DIR/result.json``, enforces the timeout, tells a kill for memory in the
 task's cgroup from other failures, and writes what happened to
@@ -33,6 +33,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,22 @@ def _argv(spec: dict[str, Any]) -> list[str]:
         command = ["/bin/sh", "-c", raw]
     else:
         command = [str(arg) for arg in raw or []]
-    launcher = (spec.get("limits") or {}).get("launcher") or []
-    return [*launcher, *spec.get("sandbox", []), *command]
+    return [*spec.get("sandbox", []), *command]
+
+
+def _limiter(options: list[str]) -> Callable[[], None] | None:
+    """What applies a task's resource limits in its process before ``exec`` (None: none).
+
+    Only process tasks have limits, and labgate is installed where they run
+    (a batch job's copy of this file never imports it). Called between
+    ``fork`` and ``exec``: this process has no other thread then (the
+    gateway's is started after).
+    """
+    if not options:
+        return None
+    from labgate.backends.limits import apply
+
+    return lambda: apply(options)
 
 
 def oom_kills(path: str | None) -> int:
@@ -266,7 +281,7 @@ def execute(directory: Path) -> dict[str, Any]:
         return {"state": "cancelled", "exit_code": None, "reason": "cancelled"}
     with open(directory / "output.log", "ab") as log:
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # preexec_fn: see _limiter (no thread runs yet)
                 _argv(spec),
                 cwd=directory / "results",
                 env=env,
@@ -274,7 +289,10 @@ def execute(directory: Path) -> dict[str, Any]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_limiter((spec.get("limits") or {}).get("options") or []),
             )
+        except subprocess.SubprocessError as exc:  # from _limiter, in the child
+            return {"state": "failed", "exit_code": 127, "reason": f"cannot apply limits: {exc}"}
         except OSError as exc:
             return {"state": "failed", "exit_code": 127, "reason": str(exc)}
         threading.Thread(target=tell, args=(spec, {"state": "running"}), daemon=True).start()

@@ -1,10 +1,10 @@
 """A process task's ``cpu`` and ``memory_mib`` as real limits, as for process instances.
 
-The executor (:mod:`labgate.agent.taskexec`) starts the task behind the
-launcher of :mod:`labgate.backends.limits`, in front of the sandbox, so every
-process of the task inherits what it sets: a CPU affinity of ``ceil(cpu)``
-cores, the open-files and core limits, and, where labgate runs as root on a
-machine with cgroups, a cgroup of its own (``task-<attempt id>``, beside the
+The executor (:mod:`labgate.agent.taskexec`) applies them as the launcher of
+process instances does (:func:`labgate.backends.limits.apply`, in its child
+before it runs the sandbox), so every process of the task inherits what they
+set: a CPU affinity of ``ceil(cpu)`` cores, the open-files and core limits,
+and, where labgate runs as root on a machine with cgroups, a cgroup of its own (``task-<attempt id>``, beside the
 instances' under labgate's own: :mod:`labgate.backends.cgroups`) with a CPU
 quota of ``cpu`` cores, ``memory_mib`` of memory and the pids limit.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from labgate.backends import cgroups
-from labgate.backends.limits import launcher_argv, plan_limits
+from labgate.backends.limits import launcher_options, plan_limits
 from labgate.wire.runs import TaskSpec
 
 #: What a task's cgroup is named after, before its attempt id.
@@ -36,8 +36,8 @@ CGROUP_PREFIX = "task-"
 class TaskLimits:
     """The limits of one attempt, as its executor gets them in ``task.json``."""
 
-    #: The launcher and its options, ending with ``--``: the task's command follows.
-    launcher: list[str]
+    #: The launcher's options (:func:`labgate.backends.limits.apply` takes them).
+    options: list[str]
     memory_mib: int
     #: Where the kernel counts the task's processes it killed for memory (cgroup only).
     oom_file: str | None
@@ -47,7 +47,7 @@ class TaskLimits:
     def as_json(self) -> dict[str, Any]:
         """The ``limits`` entry of ``task.json``."""
         return {
-            "launcher": self.launcher,
+            "options": self.options,
             "memory_mib": self.memory_mib,
             "oom_file": self.oom_file,
             "cgroup": self.cgroup,
@@ -63,7 +63,7 @@ def plan(spec: TaskSpec) -> TaskLimits:
     if cgroup is not None:
         limits = replace(limits, memory=None, cgroup=cgroup)
     return TaskLimits(
-        launcher=launcher_argv(limits, []),
+        options=launcher_options(limits),
         memory_mib=spec.memory_mib,
         oom_file=cgroup.oom_file() if cgroup is not None and cgroup.memory else None,
         cgroup=list(cgroup.paths) if cgroup is not None else [],
