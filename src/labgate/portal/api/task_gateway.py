@@ -85,7 +85,8 @@ def _check_token(request: Request, portal: Portal, attempt_id: str, *, notes: bo
     # Every candidate is compared, so the time taken says nothing about which one was close.
     matches = [hmac.compare_digest(expected, token) for expected in allowed]
     if not token or not any(matches):
-        raise Unauthorized("send the task token of this attempt", code="invalid_token")
+        which = "task token" if notes else "executor token"
+        raise Unauthorized(f"send the {which} of this attempt", code="invalid_token")
 
 
 def _processor(portal: Portal) -> RunProcessor:
