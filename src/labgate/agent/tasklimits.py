@@ -4,9 +4,10 @@ The executor (:mod:`labgate.agent.taskexec`) applies them as the launcher of
 process instances does (:func:`labgate.backends.limits.apply`, in its child
 before it runs the sandbox), so every process of the task inherits what they
 set: a CPU affinity of ``ceil(cpu)`` cores, the open-files and core limits,
-and, where labgate runs as root on a machine with cgroups, a cgroup of its own (``task-<attempt id>``, beside the
-instances' under labgate's own: :mod:`labgate.backends.cgroups`) with a CPU
-quota of ``cpu`` cores, ``memory_mib`` of memory and the pids limit.
+and, where labgate runs as root on a machine with cgroups, a cgroup of its
+own (``task-<attempt id>``, beside the instances' under labgate's own:
+:mod:`labgate.backends.cgroups`) with a CPU quota of ``cpu`` cores,
+``memory_mib`` of memory and the pids limit.
 
 In a cgroup the memory limit is the cgroup's alone: the kernel kills a task
 past it, and the executor reads the cgroup's count of such kills to report
