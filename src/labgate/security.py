@@ -124,6 +124,20 @@ def task_token(key: str, attempt_id: str) -> str:
     return TASK_TOKEN_PREFIX + digest
 
 
+def executor_token(key: str, attempt_id: str) -> str:
+    """The token of one attempt's executor: what it reports the attempt's state and result with.
+
+    Derived like :func:`task_token` but apart from it: the task itself holds
+    its notes token (``$LABGATE_TASK_TOKEN``), never this one (its executor
+    keeps it in the attempt's ``task.json``), so a task cannot end its own
+    attempt early. It is good for ``POST /api/v1/tasks/<attempt id>/state`` and
+    ``/events`` of that attempt while it is under way, and nothing else.
+    """
+    derived = hmac.new(key.encode(), b"labgate.task-executor-tokens", hashlib.sha256).digest()
+    digest = hmac.new(derived, attempt_id.encode(), hashlib.sha256).hexdigest()
+    return TASK_TOKEN_PREFIX + digest
+
+
 TICKET_PREFIX = "lgt_"
 
 

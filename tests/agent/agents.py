@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -87,3 +89,23 @@ def wait_site(
                 return body
             assert time.monotonic() < deadline, body
             time.sleep(0.1)
+
+
+def wait_run_ended(
+    client: httpx.Client, run_id: str, agent: AgentProcess, timeout: float = 60
+) -> dict[str, Any]:
+    """Poll a run until it is no longer running; its last view."""
+    deadline = time.monotonic() + timeout
+    while (run := client.get(f"/api/v1/runs/{run_id}").json())["state"] in ("pending", "running"):
+        assert time.monotonic() < deadline, (run, agent.log())
+        time.sleep(0.1)
+    found: dict[str, Any] = run
+    return found
+
+
+def result_names(client: httpx.Client, run_id: str) -> list[str]:
+    """The names in a run's results archive."""
+    archive = client.get(f"/api/v1/runs/{run_id}/results")
+    assert archive.status_code == 200, archive.text
+    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+        return tar.getnames()

@@ -134,6 +134,7 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("DELETE", "/api/v1/instances/{instance_id}/keep-alive"): 404,
     ("POST", "/api/v1/instances/{instance_id}/activity"): 401,
     ("POST", "/api/v1/tasks/{attempt_id}/events"): 401,
+    ("POST", "/api/v1/tasks/{attempt_id}/state"): 401,
     ("GET", "/api/v1/instances/{instance_id}/shares"): 404,
     ("POST", "/api/v1/instances/{instance_id}/shares"): 404,
     ("DELETE", "/api/v1/instances/{instance_id}/shares/{share_id}"): 404,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
+import tarfile
 import time
 
 import httpx
 import pytest
 
+from helpers import TEST_SECRET_KEY
+from labgate.security import executor_token
 from servers import LabgateServer, processes_with_env
 
 PASSWORD = "admin-password-for-run-restart"
@@ -91,3 +95,41 @@ def test_portal_restart_mid_run_loses_nothing(server):
         assert tasks["quick"]["state"] == "succeeded"
         archive = client.get(f"/api/v1/runs/{run_id}/results")
         assert archive.status_code == 200
+
+
+def test_files_still_to_come_are_found_again_after_a_portal_restart(server):
+    """The executor's word came, the files not yet; the restarted portal brings them."""
+    headers = server.token("admin", PASSWORD, ["admin", "account"])
+    definition = """
+name = "late"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "slow"
+command = "sleep 3; echo done > $LABGATE_RESULTS_DIR/out.txt; echo 42 > $LABGATE_RESULT"
+"""
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        answer = client.post("/api/v1/runs", content=definition)
+        assert answer.status_code == 201, answer.text
+        run_id = answer.json()["id"]
+        _running(client, run_id, "slow")
+        (attempt,) = [p.name for p in (server.data_dir / "tasks" / "local").iterdir()]
+        token = executor_token(TEST_SECRET_KEY, attempt)
+        told = client.post(
+            f"/api/v1/tasks/{attempt}/state",
+            json={"state": "succeeded", "exit_code": 0, "result": 42, "files": ["out.txt"]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert told.status_code == 204, told.text
+        run = client.get(f"/api/v1/runs/{run_id}").json()
+        assert run["state"] == "running" and run["stages"][0]["tasks"][0]["result"] == 42, run
+    server.stop()  # before the task ended at its site: its files are still there
+    time.sleep(3)
+
+    server.start()
+    with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
+        run = _wait(client, run_id, {"succeeded", "failed"})
+        assert run["state"] == "succeeded", run
+        archive = client.get(f"/api/v1/runs/{run_id}/results")
+        with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+            assert "slow/out.txt" in tar.getnames()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from runs_helpers import submit, tasks_of, wait_run
 
-from labgate.scheduler.runs import _unpack
+from labgate.scheduler.runresults import unpack
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bwrap") is None, reason="needs bubblewrap (apt-get install bubblewrap)"
@@ -57,6 +57,6 @@ def test_a_results_archive_cannot_write_outside_its_directory(tmp_path: Path):
         tar.addfile(link)
     target = tmp_path / "results" / "task"
     with pytest.raises(tarfile.TarError):
-        _unpack(buffer.getvalue(), target)
+        unpack(buffer.getvalue(), target)
     assert not (tmp_path / "results" / "escaped.txt").exists()
     assert not (tmp_path / "escaped.txt").exists()

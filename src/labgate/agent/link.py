@@ -40,6 +40,10 @@ class SiteLink(abc.ABC):
     placement never waits on a site.
     """
 
+    #: Whether the site's agent runs apart from the portal (it may be away while its
+    #: tasks run on: their executors then tell the portal themselves).
+    remote = False
+
     def __init__(self, site: str, backend: str, snapshot_kind: str = "") -> None:
         self.site = site
         #: Short name of the site's backend (``process``, ``containers``, ...).

@@ -96,6 +96,8 @@ class Session:
 class NetworkSiteLink(SiteLink):
     """Commands to a site's remote agent over its connection, when it has one."""
 
+    remote = True
+
     def __init__(
         self,
         site: str,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from labgate.agent import taskexec
-from labgate.agent.tasks import Outcome, TaskExecutor
+from labgate.agent.tasks import Outcome, TaskExecutor, read_outcome
 from labgate.backends import container_tasks as engine
 from labgate.backends.containers import ContainerBackend
 from labgate.errors import BadRequest
@@ -120,14 +120,7 @@ class ContainerTaskExecutor(TaskExecutor):
                 return None  # an engine hiccup does not lose the task
             if not done:
                 return None
-        data = json.loads(exit_file.read_text())
-        return Outcome(
-            state=str(data.get("state", "failed")),
-            exit_code=data.get("exit_code"),
-            reason=str(data.get("reason", "")),
-            result=data.get("result"),
-            seconds=float(data.get("seconds", 0.0)),
-        )
+        return read_outcome(exit_file)
 
     def _check(self, directory: Path) -> bool:
         """Write ``exit.json`` when the attempt ended (timed out: stop it first); whether it did."""

@@ -2,10 +2,15 @@
 
 The site's task runner starts it in a session of its own, detached, so the
 task outlives an agent or portal restart. It reads ``DIR/task.json``, runs the
-command (or the Python callable) with its output in ``DIR/output.log``, its
-results directory ``DIR/results`` and its result file ``DIR/result.json``,
-enforces the timeout, and writes what happened to ``DIR/exit.json``
-(atomically, last): the runner, or its successor after a restart, reads it.
+command (or the Python callable) within its resource limits (``limits``:
+see :mod:`labgate.agent.tasklimits`), with its output in
+``DIR/output.log``, its results directory ``DIR/results`` and its result file
+``DIR/result.json``, enforces the timeout, tells a kill for memory in the
+task's cgroup from other failures, and writes what happened to
+``DIR/exit.json`` (atomically): the runner, or its successor after a restart,
+reads it. With the portal's address and its executor token in ``task.json``
+it also tells the portal's task gateway (``POST <api>/tasks/<attempt>/state``)
+that the task runs, then how it ended, often before the site's agent does.
 
 On a Slurm site the same code is the batch job's body (:func:`run_job`, run
 by the nodes' Python as the task's owner): it also packs the results
@@ -26,7 +31,9 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,10 @@ KILL_GRACE = 3.0
 RESULTS_ARCHIVE = "results.tar.gz"
 #: Largest results archive a batch job leaves (bytes, compressed): the site's limit.
 MAX_ARCHIVE = 64 * 1024 * 1024
+#: Seconds the executor waits for the portal's task gateway, per report.
+TELL_TIMEOUT = 5.0
+#: Lines of a failed task's output its executor tells the gateway.
+TAIL_LINES = 40
 
 
 def write_exit(directory: Path, outcome: dict[str, Any]) -> None:
@@ -76,6 +87,40 @@ def _argv(spec: dict[str, Any]) -> list[str]:
     return [*spec.get("sandbox", []), *command]
 
 
+def _limiter(options: list[str]) -> Callable[[], None] | None:
+    """What applies a task's resource limits in its process before ``exec`` (None: none).
+
+    Only process tasks have limits, and labgate is installed where they run
+    (a batch job's copy of this file never imports it). Called between
+    ``fork`` and ``exec``: this process has no other thread then (the
+    gateway's is started after).
+    """
+    if not options:
+        return None
+    from labgate.backends.limits import apply
+
+    return lambda: apply(options)
+
+
+def oom_kills(path: str | None) -> int:
+    """How many processes the kernel killed for memory in a task's cgroup (0 when unknown).
+
+    ``path`` is the cgroup's ``memory.events`` (v2) or ``memory.oom_control`` (v1):
+    lines of ``key value``, one of them ``oom_kill N``.
+    """
+    if not path:
+        return 0
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -87,9 +132,79 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def tell(spec: dict[str, Any], report: dict[str, Any]) -> None:
+    """Send ``report`` to the portal's task gateway with the executor's token, if it has one.
+
+    Best effort: the site's agent reports the attempt too, so a portal out of
+    reach (or one that heard first from the agent: 409) loses nothing.
+    """
+    url, token = spec.get("api_url"), spec.get("executor_token")
+    attempt = spec.get("attempt_id")
+    if not (url and token and attempt):
+        return
+    import urllib.error  # only with a gateway to tell: it costs start-up time
+    import urllib.request
+
+    request = urllib.request.Request(  # noqa: S310 - the portal's own URL, http(s)
+        f"{url}/tasks/{attempt}/state",
+        data=json.dumps(report).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TELL_TIMEOUT) as answer:  # noqa: S310
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # 409: the attempt has ended already, as the agent told
+            sys.stderr.write(f"labgate: the task gateway refused the report: {exc}\n")
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"labgate: the task gateway is out of reach: {exc}\n")
+
+
+def tell_end(directory: Path, outcome: dict[str, Any]) -> None:
+    """Tell the gateway how the task ended (cancelled is the site's to tell, not this)."""
+    if outcome.get("state") not in ("succeeded", "failed"):
+        return
+    try:
+        spec = json.loads((directory / "task.json").read_text())
+    except (OSError, ValueError):
+        return
+    report = {key: outcome.get(key) for key in ("state", "exit_code", "reason", "result")}
+    report["seconds"] = max(0.0, float(outcome.get("seconds") or 0.0))
+    report["files"] = result_files(directory / "results")
+    if outcome["state"] != "succeeded":
+        report["log_tail"] = _tail(directory / "output.log")
+    tell(spec, report)
+
+
+def result_files(results: Path) -> list[str]:
+    """The regular files of a results directory, by name (links left out), at most 1,000."""
+    if not results.is_dir():
+        return []
+    found = [
+        str(path.relative_to(results))
+        for path in sorted(results.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    ]
+    return found[:1000]
+
+
+def _tail(path: Path) -> str:
+    """The last :data:`TAIL_LINES` lines of a file ("" when it cannot be read)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 16384))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-TAIL_LINES:])
+
+
 def run(directory: Path) -> int:
     """Run the task of ``directory`` to its end; always leaves ``exit.json``."""
-    write_exit(directory, execute(directory))
+    outcome = execute(directory)
+    write_exit(directory, outcome)
+    tell_end(directory, outcome)
     return 0
 
 
@@ -101,6 +216,7 @@ def run_job(directory: str) -> int:
     if problem and outcome.get("state") == "succeeded":
         outcome.update(state="failed", reason=problem)
     write_exit(where, outcome)
+    tell_end(where, outcome)
     return 0
 
 
@@ -165,7 +281,7 @@ def execute(directory: Path) -> dict[str, Any]:
         return {"state": "cancelled", "exit_code": None, "reason": "cancelled"}
     with open(directory / "output.log", "ab") as log:
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # preexec_fn: see _limiter (no thread runs yet)
                 _argv(spec),
                 cwd=directory / "results",
                 env=env,
@@ -173,9 +289,13 @@ def execute(directory: Path) -> dict[str, Any]:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_limiter((spec.get("limits") or {}).get("options") or []),
             )
+        except subprocess.SubprocessError as exc:  # from _limiter, in the child
+            return {"state": "failed", "exit_code": 127, "reason": f"cannot apply limits: {exc}"}
         except OSError as exc:
             return {"state": "failed", "exit_code": 127, "reason": str(exc)}
+        threading.Thread(target=tell, args=(spec, {"state": "running"}), daemon=True).start()
         deadline = started + float(spec.get("timeout", 3600))
         while proc.poll() is None:
             if stopped or time.time() > deadline:
@@ -189,8 +309,14 @@ def execute(directory: Path) -> dict[str, Any]:
         "result": result,
         "seconds": round(time.time() - started, 3),
     }
+    limits = spec.get("limits") or {}
     if stopped:
         outcome.update(state="cancelled", reason="cancelled")
+    elif code != 0 and oom_kills(limits.get("oom_file")):
+        outcome.update(
+            state="failed",
+            reason=f"out of memory: limit {limits.get('memory_mib')} MiB (killed by the kernel)",
+        )
     elif time.time() > deadline and code != 0:
         outcome.update(state="failed", reason=f"timed out after {spec.get('timeout')}s")
     elif code != 0:

@@ -6,15 +6,19 @@ The portal sends one :class:`~labgate.wire.runs.TaskSpec` per attempt
 as :class:`~labgate.wire.site.Report` objects of ``kind="task"`` whose
 ``instance_id`` is the attempt id. They travel the link like instance
 reports (acknowledged and sent again over a network link), so a portal that
-restarts loses none.
+restarts loses none. The attempt's executor may have told the portal first
+(the task gateway): when the portal asks for the results of an attempt the
+runner has not yet seen end, it looks at it at once (:meth:`TaskRunner.results`).
 
 :class:`ProcessTaskExecutor` runs each attempt as a detached
 ``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
-exists) under the site's task directory; everything about the attempt is in
-that directory, so a new runner (after a restart) finds it again with
-:meth:`TaskRunner.adopt`. The other engines implement :class:`TaskExecutor`
-the same way: containers (:mod:`labgate.agent.taskcontainer`) and Slurm
-batch jobs (:mod:`labgate.agent.taskslurm`).
+exists, with its ``cpu`` and ``memory_mib`` as limits:
+:mod:`labgate.agent.tasklimits`) under the site's task directory;
+everything about the attempt is in that directory, so a new runner (after a
+restart) finds it again with :meth:`TaskRunner.adopt`. The other engines
+implement :class:`TaskExecutor` the same way: containers
+(:mod:`labgate.agent.taskcontainer`) and Slurm batch jobs
+(:mod:`labgate.agent.taskslurm`).
 """
 
 from __future__ import annotations
@@ -36,10 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labgate.agent import tasklimits
 from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.taskexec import RESULTS_ARCHIVE
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
-from labgate.errors import BadRequest, NotFound
+from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.wire.runs import TaskSpec
 from labgate.wire.site import Report, Reporter
 
@@ -60,6 +65,18 @@ class Outcome:
     reason: str = ""
     result: Any = None
     seconds: float = 0.0
+
+
+def read_outcome(exit_file: Path) -> Outcome:
+    """The :class:`Outcome` an attempt's ``exit.json`` holds."""
+    data = json.loads(exit_file.read_text())
+    return Outcome(
+        state=str(data.get("state", "failed")),
+        exit_code=data.get("exit_code"),
+        reason=str(data.get("reason", "")),
+        result=data.get("result"),
+        seconds=float(data.get("seconds", 0.0)),
+    )
 
 
 class TaskExecutor(abc.ABC):
@@ -155,7 +172,13 @@ class ProcessTaskExecutor(TaskExecutor):
         (directory / "results").mkdir(parents=True, exist_ok=True)
         body["sandbox"] = self._sandbox_argv(directory, env_dir)
         body["venv"] = str(env_dir) if env_dir is not None else ""
-        self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
+        limits = await asyncio.to_thread(tasklimits.plan, spec)
+        body["limits"] = limits.as_json()
+        try:
+            self._children[directory] = await asyncio.to_thread(_spawn, directory, body)
+        except BaseException:
+            await asyncio.to_thread(tasklimits.release, limits.cgroup)
+            raise
 
     async def poll(self, directory: Path) -> Outcome | None:
         """Read ``exit.json``; no file and no process: the attempt is lost."""
@@ -165,18 +188,13 @@ class ProcessTaskExecutor(TaskExecutor):
             self._children.pop(directory, None)
         if exit_file.exists():
             self._children.pop(directory, None)
-            data = json.loads(exit_file.read_text())
-            return Outcome(
-                state=str(data.get("state", "failed")),
-                exit_code=data.get("exit_code"),
-                reason=str(data.get("reason", "")),
-                result=data.get("result"),
-                seconds=float(data.get("seconds", 0.0)),
-            )
+            await asyncio.to_thread(tasklimits.release, tasklimits.recorded(directory))
+            return read_outcome(exit_file)
         if child is not None and child.returncode is None:
             return None
         if _alive(directory):
             return None
+        await asyncio.to_thread(tasklimits.release, tasklimits.recorded(directory))
         if (directory / "cancel").exists():  # stopped before it could write its status
             return Outcome(state="cancelled", reason="cancelled")
         return Outcome(state="lost", reason="the task's executor ended without an exit status")
@@ -252,6 +270,8 @@ class TaskRunner:
         self.environments = EnvironmentCache(tasks_dir.parent.parent / "envs" / site)
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
+        #: One poll at a time: a Slurm attempt's outcome is taken from its job only once.
+        self._polling = asyncio.Lock()
 
     def directory(self, attempt_id: str) -> Path:
         """Where one attempt's files are (its id checked: it becomes a path)."""
@@ -333,7 +353,10 @@ class TaskRunner:
 
         An executor whose attempts leave their results packed already (a Slurm
         job's ``results.tar.gz``, taken over by the agent) has that file sent as it is.
+        The portal may ask before this runner saw the attempt end (its executor told
+        the portal first): it is looked at now, and Conflict while it still runs.
         """
+        await self._settle(attempt_id)
         archive = self.directory(attempt_id) / RESULTS_ARCHIVE
         if archive.is_file():
             return await asyncio.to_thread(archive.read_bytes)
@@ -358,6 +381,27 @@ class TaskRunner:
                 await self._watch_task
             self._watch_task = None
 
+    async def _settle(self, attempt_id: str) -> None:
+        """Poll a watched attempt now; report it when it ended, Conflict while it runs."""
+        if attempt_id not in self.watched:
+            return
+        directory = self.directory(attempt_id)
+        outcome = await self._poll(attempt_id, directory)
+        if outcome is None and attempt_id in self.watched:  # (not watched: it ended meanwhile)
+            raise Conflict(f"task attempt {attempt_id} is still running at site {self.site}")
+
+    async def _poll(self, attempt_id: str, directory: Path) -> Outcome | None:
+        """Ask the executor about one attempt; when it ended, report it (once) and stop watching."""
+        async with self._polling:
+            if attempt_id not in self.watched:
+                return None
+            outcome = await self.executor.poll(directory)
+            if outcome is not None:
+                self.watched.discard(attempt_id)
+        if outcome is not None:
+            await self._report(self._final(attempt_id, directory, outcome))
+        return outcome
+
     # --- watching -------------------------------------------------------------
     def _ensure_watch(self) -> None:
         if self._watch_task is None or self._watch_task.done():
@@ -366,16 +410,10 @@ class TaskRunner:
     async def _watch(self) -> None:
         while self.watched:
             for attempt_id in list(self.watched):
-                directory = self.tasks_dir / attempt_id
                 try:
-                    outcome = await self.executor.poll(directory)
+                    await self._poll(attempt_id, self.tasks_dir / attempt_id)
                 except Exception:
                     log.exception("polling task attempt %s failed", attempt_id)
-                    continue
-                if outcome is None:
-                    continue
-                self.watched.discard(attempt_id)
-                await self._report(self._final(attempt_id, directory, outcome))
             await asyncio.sleep(POLL_INTERVAL)
 
     def _final(self, attempt_id: str, directory: Path, outcome: Outcome) -> Report:

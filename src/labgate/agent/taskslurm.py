@@ -56,17 +56,17 @@ from typing import Any
 
 from labgate.agent import taskexec
 from labgate.agent.taskenv import Progress
-from labgate.agent.tasks import MAX_RESULTS_ARCHIVE, Outcome, TaskExecutor
+from labgate.agent.tasks import MAX_RESULTS_ARCHIVE, Outcome, TaskExecutor, read_outcome
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.accounts import (
-    TRAVERSE_ONLY,
     Account,
     make_dirs,
     planted,
     unreachable,
 )
 from labgate.backends.slurm.backend import SlurmBackend, describe_end
-from labgate.backends.slurm.jobs import Job, JobRequest, SlurmError, write_script
+from labgate.backends.slurm.jobdir import open_jobs_dir, write_job_dir
+from labgate.backends.slurm.jobs import Job, JobRequest, SlurmError
 from labgate.errors import BadRequest, LabgateError
 from labgate.wire.runs import TaskSpec
 
@@ -215,10 +215,7 @@ class SlurmTaskExecutor(TaskExecutor):
         if account is None:
             job_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
-            make_dirs(self.backend.jobs_dir)
-            info = self.backend.jobs_dir.stat()
-            if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != TRAVERSE_ONLY:
-                os.chmod(self.backend.jobs_dir, TRAVERSE_ONLY)
+            open_jobs_dir(self.backend.jobs_dir)
             make_dirs(job_dir.parent)
             problem = unreachable(job_dir, account) or planted(job_dir)
             if problem is not None:
@@ -228,23 +225,8 @@ class SlurmTaskExecutor(TaskExecutor):
                     "jobs_dir to a directory of the agent's on the shared filesystem that "
                     "every user may pass through to (chmod o+x on the directories above it)"
                 )
-        if job_dir.is_symlink():
-            job_dir.unlink()
-        elif job_dir.exists():
-            shutil.rmtree(job_dir)
-        job_dir.mkdir(mode=0o700)
-        fd = os.open(job_dir / "task.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(body, handle)
-        fd = os.open(job_dir / "taskcall.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(TASKCALL.read_text())
-        write_script(job_dir / "job.py", script)
-        if account is None:
-            return
-        for name in ("task.json", "taskcall.py", "job.py"):
-            os.chown(job_dir / name, account.uid, account.gid, follow_symlinks=False)
-        os.chown(job_dir, account.uid, account.gid, follow_symlinks=False)
+        files = {"task.json": json.dumps(body), "taskcall.py": TASKCALL.read_text()}
+        write_job_dir(job_dir, files, script, account)
 
     # --- poll, cancel -----------------------------------------------------------
 
@@ -257,14 +239,7 @@ class SlurmTaskExecutor(TaskExecutor):
                 return Outcome(state="lost", reason=f"site {self.site} has no job for this task")
             if not await self._ended(directory, marker):
                 return None
-        data = json.loads(exit_file.read_text())
-        return Outcome(
-            state=str(data.get("state", "failed")),
-            exit_code=data.get("exit_code"),
-            reason=str(data.get("reason", "")),
-            result=data.get("result"),
-            seconds=float(data.get("seconds", 0.0)),
-        )
+        return read_outcome(exit_file)
 
     async def _ended(self, directory: Path, marker: dict[str, Any]) -> bool:
         """Whether the attempt ended; when it did, its outcome is in the runner's directory."""

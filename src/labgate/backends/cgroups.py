@@ -83,6 +83,19 @@ class Cgroup:
         name = "tasks" if self.version == 1 else "cgroup.procs"
         return [os.path.join(path, name) for path in self.paths]
 
+    def oom_file(self) -> str | None:
+        """The file counting the processes the kernel killed here for memory (``oom_kill N``).
+
+        v2: ``memory.events``; v1: the memory cgroup's ``memory.oom_control``.
+        """
+        if self.version == 2:
+            return os.path.join(self.paths[0], "memory.events") if self.paths else None
+        memory_root = str(ROOT / "memory") + os.sep
+        for path in self.paths:
+            if path.startswith(memory_root):
+                return os.path.join(path, "memory.oom_control")
+        return None
+
     def as_json(self) -> dict[str, Any]:
         """Plain JSON form, stored as ``limits.cgroup`` in the instance state."""
         return {

@@ -99,17 +99,23 @@ def plan_limits(cpu: float, memory: int, instance_id: str, nofile: int = DEFAULT
     return Limits(memory=memory if memory > 0 else None, nofile=nofile, cpus=cpus)
 
 
+def launcher_options(limits: Limits) -> list[str]:
+    """The launcher's options that apply ``limits`` (what :func:`apply` takes, as pairs)."""
+    options: list[str] = []
+    if limits.cgroup is not None:
+        options += ["--cgroups", ",".join(limits.cgroup.join_files())]
+    if limits.memory is not None:
+        options += ["--as", str(limits.memory)]
+    options += ["--nofile", str(limits.nofile), "--core", str(limits.core)]
+    if limits.cpus:
+        options += ["--cpus", ",".join(str(cpu) for cpu in limits.cpus)]
+    return options
+
+
 def launcher_argv(limits: Limits, command: list[str]) -> list[str]:
     """``command`` prefixed with the launcher that applies ``limits``."""
-    argv = [sys.executable, "-I", "-S", os.path.abspath(__file__)]
-    if limits.cgroup is not None:
-        argv += ["--cgroups", ",".join(limits.cgroup.join_files())]
-    if limits.memory is not None:
-        argv += ["--as", str(limits.memory)]
-    argv += ["--nofile", str(limits.nofile), "--core", str(limits.core)]
-    if limits.cpus:
-        argv += ["--cpus", ",".join(str(cpu) for cpu in limits.cpus)]
-    return [*argv, "--", *command]
+    launcher = [sys.executable, "-I", "-S", os.path.abspath(__file__)]
+    return [*launcher, *launcher_options(limits), "--", *command]
 
 
 @cache
@@ -197,6 +203,31 @@ def _drop_privileges(uid: int, gid: int) -> None:
         raise OSError(errno.EPERM, f"privileges left after the switch: {left or 'uid/groups'}")
 
 
+def apply(options: list[str]) -> None:
+    """Apply the launcher's ``options`` (``--cgroups F,F --as N ...``) to this process.
+
+    The batch task executor calls it in its child before ``exec`` (saving a
+    launcher process per task); OSError or ValueError when something cannot be applied.
+    """
+    pairs = dict(zip(options[::2], options[1::2], strict=False))
+    for join in filter(None, pairs.get("--cgroups", "").split(",")):
+        with open(join, "w") as procs:
+            procs.write("0")  # "0": the writer itself
+    if "--drop" in pairs:
+        uid, gid = (int(part) for part in pairs["--drop"].split(":"))
+        _drop_privileges(uid, gid)
+    if "--chdir" in pairs:
+        os.chdir(pairs["--chdir"])
+    if "--as" in pairs:
+        _set_limit(resource.RLIMIT_AS, int(pairs["--as"]))
+    if "--nofile" in pairs:
+        _set_limit(resource.RLIMIT_NOFILE, int(pairs["--nofile"]))
+    if "--core" in pairs:
+        _set_limit(resource.RLIMIT_CORE, int(pairs["--core"]))
+    if "--cpus" in pairs:
+        os.sched_setaffinity(0, {int(cpu) for cpu in pairs["--cpus"].split(",")})
+
+
 def _main(argv: list[str]) -> None:
     """Apply the limits named on the command line, then exec the command."""
     if "--" not in argv:
@@ -207,24 +238,8 @@ def _main(argv: list[str]) -> None:
         sys.exit(2)
     split = argv.index("--")
     options, command = argv[:split], argv[split + 1 :]
-    pairs = dict(zip(options[::2], options[1::2], strict=False))
     try:
-        for join in filter(None, pairs.get("--cgroups", "").split(",")):
-            with open(join, "w") as procs:
-                procs.write("0")  # "0": the writer itself
-        if "--drop" in pairs:
-            uid, gid = (int(part) for part in pairs["--drop"].split(":"))
-            _drop_privileges(uid, gid)
-        if "--chdir" in pairs:
-            os.chdir(pairs["--chdir"])
-        if "--as" in pairs:
-            _set_limit(resource.RLIMIT_AS, int(pairs["--as"]))
-        if "--nofile" in pairs:
-            _set_limit(resource.RLIMIT_NOFILE, int(pairs["--nofile"]))
-        if "--core" in pairs:
-            _set_limit(resource.RLIMIT_CORE, int(pairs["--core"]))
-        if "--cpus" in pairs:
-            os.sched_setaffinity(0, {int(cpu) for cpu in pairs["--cpus"].split(",")})
+        apply(options)
     except (OSError, ValueError) as exc:
         sys.stderr.write(f"labgate: cannot apply resource limits or drop privileges: {exc}\n")
         sys.exit(EXEC_FAILED)

@@ -10,7 +10,13 @@ and the stage's other tasks are cancelled. Every state is in the database
 first: after a portal restart :meth:`RunProcessor.restore` asks each site to
 watch its attempts again, and reports that were waiting at a network site's
 agent arrive then. A report from a site on an attempt of another site is
-refused: an agent speaks only for its own tasks.
+refused: an agent speaks only for its own tasks. The executor of an attempt
+on a network site also reports its state and result through the portal's
+task gateway (:meth:`RunProcessor.executor_report`, its token checked
+there), often before the agent does, and while the agent is away: the first
+word on how an attempt ended counts, and a later one (the agent's) only
+brings the files when they were not collected yet
+(:mod:`labgate.scheduler.runresults`).
 
 It is separate from the instance start queue on purpose: tasks are short and
 many, and their admission is the stage. They share the owner's limits with
@@ -26,10 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
+import functools
 import logging
-import shutil
-import tarfile
 import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
@@ -46,8 +50,9 @@ from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
+from labgate.scheduler.runresults import Pending, ResultCollector, log_path
 from labgate.scheduler.runrows import Viewer
-from labgate.security import task_token
+from labgate.security import executor_token, task_token
 from labgate.wire.launch import Resources
 from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
@@ -56,8 +61,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Lines of a finished task's output kept with its results.
-MAX_KEPT_LOG_LINES = 100_000
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
 #: Most notes a task copy may add to its run's events (all its attempts together).
@@ -102,6 +105,8 @@ class RunProcessor:
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
         self._dispatching: set[str] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Brings succeeded attempts' files from their sites (and keeps the pending ones).
+        self.results = ResultCollector(links, results_dir)
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
@@ -247,6 +252,8 @@ class RunProcessor:
                 failed_stage = True
                 run.reason = f"stage {stage.name}: {reason}"
                 break
+        if self.results.waits_for(run):
+            return starts, cancels  # it ends once its tasks' files are in (or given up)
         state = RunState.failed if failed_stage else RunState.succeeded
         if not failed_stage and any(s.state != RunState.succeeded for s in run.stages):
             run.reason = "some tasks failed in stages that continue on failure"
@@ -304,15 +311,19 @@ class RunProcessor:
 
     async def _dispatch(self, attempt_id: str) -> None:
         spec, site = await self.run_db(lambda s: _spec_of(s, attempt_id))
-        if self.token_key:
-            spec.api_url = self.api_url
-            spec.token = task_token(self.token_key, attempt_id)
         if not site:
             await self.apply(
                 Report(attempt_id, "lost", kind="task", message="no live site matches")
             )
             return
         link = self.links.get(site)
+        if self.token_key:
+            spec.api_url = self.api_url
+            spec.token = task_token(self.token_key, attempt_id)
+            if link is not None and link.remote:
+                # Only an agent apart from the portal can be away while its tasks run on; a
+                # local site's reports are in this process already, and telling twice costs.
+                spec.executor_token = executor_token(self.token_key, attempt_id)
         try:
             if link is None:
                 raise Conflict(f"site {site} is gone")
@@ -349,9 +360,9 @@ class RunProcessor:
         # whose reader waits for this call: it goes on in the background.
         self._spawn(self._follow_up(run_id, collect))
 
-    async def _follow_up(self, run_id: str, collect: tuple[str, str, Path] | None) -> None:
+    async def _follow_up(self, run_id: str, collect: Pending | None) -> None:
         if collect is not None:
-            await self._collect(*collect)
+            await self.results.collect(collect)
         await self.advance(run_id)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -364,14 +375,20 @@ class RunProcessor:
         if not task.cancelled() and task.exception() is not None:
             log.error("a run's follow-up failed", exc_info=task.exception())
 
-    def _apply(self, session: Session, report: Report) -> tuple[str, str, Path] | None:
+    def _apply(self, session: Session, report: Report) -> Pending | None:
         attempt = session.get(TaskAttempt, report.instance_id)
-        if attempt is None or attempt.state.terminal:
-            return None  # sent again after a reconnect, or about an attempt we gave up on
+        if attempt is None:
+            return None
         task = attempt.task
         run = session.get(Run, task.run_id)
         if run is None:
             return None
+        if attempt.state.terminal:
+            # Sent again after a reconnect, about an attempt we gave up on, or the agent's
+            # word after the executor's: that one brings the files if they are still there.
+            return self.results.late(run, task, attempt) if report.state == "succeeded" else None
+        if report.state == "running" and attempt.state == AttemptState.running:
+            return None  # its executor and its agent both say so
         data = dict(report.data)
         if report.log_tail:
             data["log_tail"] = report.log_tail
@@ -402,8 +419,7 @@ class RunProcessor:
             task.result = data.get("result")
             task.files = list(data.get("files") or [])
             runrows.finish(task, RunState.succeeded)
-            target = self.results_dir(run.owner.name) / "runs" / run.id / task.label
-            return attempt.id, attempt.site, target
+            return Pending(run.id, attempt.id, attempt.site, self.results.target(run, task))
         if attempt.state == AttemptState.cancelled:
             runrows.finish(task, RunState.cancelled, report.message)
             return None
@@ -416,29 +432,19 @@ class RunProcessor:
         runrows.finish(task, final, report.message)
         return None
 
-    async def _collect(self, attempt_id: str, site: str, target: Path) -> None:
-        """Bring a succeeded attempt's results directory into the owner's results."""
-        link = self.links.get(site)
-        if link is None:
-            return
-        try:
-            archive = await link.task_results(attempt_id)
-            output = await link.task_logs(attempt_id, MAX_KEPT_LOG_LINES)
-            await asyncio.to_thread(_unpack, archive, target)
-            await asyncio.to_thread(_keep_log, log_path(target), output)
-            await link.forget_task(attempt_id)
-        except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
-            log.warning("collecting the results of %s failed: %s", attempt_id, exc)
+    async def executor_report(self, report: Report) -> None:
+        """A state or result from an attempt's executor through the gateway (its token checked).
+
+        Conflict once the attempt ended: the token reports only while it is under way.
+        """
+        await self.run_db(lambda s: _open_attempt(s, report.instance_id))
+        await self.apply(report)
 
     async def note(self, attempt_id: str, message: str, data: dict[str, Any]) -> None:
         """A note from a running attempt's executor (its token checked) into its run's events."""
 
         def record(session: Session) -> None:
-            attempt = session.get(TaskAttempt, attempt_id)
-            if attempt is None:
-                raise NotFound(f"no task attempt {attempt_id}")
-            if attempt.state.terminal:
-                raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+            attempt = _open_attempt(session, attempt_id)
             task = attempt.task
             notes = session.scalar(
                 select(func.count()).where(
@@ -470,7 +476,7 @@ class RunProcessor:
                 for row in stage.tasks:
                     if row.label == task and row.attempt_rows:
                         last = row.attempt_rows[-1]
-                        kept = self.results_dir(run.owner.name) / "runs" / run.id / row.label
+                        kept = self.results.target(run, row)
                         return last.id, last.site, log_path(kept)
             raise NotFound(f"run {run_id} has no started task {task}")
 
@@ -486,6 +492,7 @@ class RunProcessor:
     # --- restart -----------------------------------------------------------------------
     async def restore(self) -> None:
         """After a portal start: sites watch their attempts again; runs move on."""
+        await self.run_db(self.results.find_pending)
         await self.sweep()
         for run_id in await self.run_db(runrows.unfinished_runs):
             await self.advance(run_id)
@@ -518,6 +525,14 @@ class RunProcessor:
             if link.live:
                 self._away_seen.pop(site, None)
         await self._stop_orphans()
+        retry, given_up = await self.results.due(
+            lambda site: self._away_for(site, away.get(site), now) > self.grace
+        )
+        for item in retry:
+            self._spawn(self._follow_up(item.run_id, item))
+        for item in given_up:
+            await self.run_db(functools.partial(_files_given_up, item))
+            self._spawn(self.advance(item.run_id))
 
     def _away_for(self, site: str, since: datetime | None, now: datetime) -> float:
         """Seconds ``site`` has been away (from its row, else since this process saw it)."""
@@ -622,6 +637,21 @@ def _cancel_open(run: Run, reason: str) -> list[tuple[str, str]]:
     return stopping
 
 
+def _files_given_up(item: Pending, session: Session) -> None:
+    message = f"its files stayed at site {item.site}, which did not come back"
+    runrows.add_event(session, item.run_id, item.target.name, "note", message)
+
+
+def _open_attempt(session: Session, attempt_id: str) -> TaskAttempt:
+    """An attempt under way; NotFound or Conflict (it ended) otherwise."""
+    attempt = session.get(TaskAttempt, attempt_id)
+    if attempt is None:
+        raise NotFound(f"no task attempt {attempt_id}")
+    if attempt.state.terminal:
+        raise Conflict(f"task attempt {attempt_id} has ended ({attempt.state.value})")
+    return attempt
+
+
 def _run_of(session: Session, attempt_id: str) -> tuple[str, str] | None:
     attempt = session.get(TaskAttempt, attempt_id)
     if attempt is None:
@@ -655,24 +685,3 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
         image=definition.environment.image,
     )
     return spec, attempt.site
-
-
-def log_path(target: Path) -> Path:
-    """Where a collected task's output is kept: beside its results, not among them."""
-    return target.parent / ".logs" / f"{target.name}.log"
-
-
-def _keep_log(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(text)
-
-
-def _unpack(archive: bytes, target: Path) -> None:
-    """Extract a results archive into ``target`` (replacing what an earlier attempt left)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True, mode=0o700)
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        # The "data" filter refuses absolute paths, "..", links out and device files:
-        # the archive comes from a site, which the portal does not trust with its disk.
-        tar.extractall(target, filter="data")

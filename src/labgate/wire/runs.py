@@ -258,6 +258,9 @@ class TaskSpec(BaseModel):
     #: (``$LABGATE_TASK_TOKEN``) for notes to its run (``POST tasks/<attempt>/events``).
     api_url: str = ""
     token: str = ""
+    #: The executor's own token (never the task's): it reports the attempt's state and
+    #: result to the portal's gateway (``POST tasks/<attempt>/state``).
+    executor_token: str = ""
 
 
 #: Task attempt states a site reports (``Report.kind == "task"``).

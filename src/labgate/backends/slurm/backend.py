@@ -61,7 +61,6 @@ from labgate.backends.process import INSTANCE_ID_RE, tool_environment
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.accounts import (
     ROOT_FIX,
-    TRAVERSE_ONLY,
     Account,
     lookup_account,
     make_dirs,
@@ -69,7 +68,8 @@ from labgate.backends.slurm.accounts import (
     root_problem,
     unreachable,
 )
-from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError, write_script
+from labgate.backends.slurm.jobdir import open_jobs_dir, write_job_dir
+from labgate.backends.slurm.jobs import Job, JobRequest, Slurm, SlurmError
 from labgate.backends.slurm.launcher import PORT_MARK
 from labgate.backends.slurm.options import SlurmOptions, choices_of, placement
 from labgate.errors import InstanceStartError
@@ -345,30 +345,16 @@ class SlurmBackend(Backend):
             workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             self._reachable(job_dir, workspace, account, owner)
-        if job_dir.is_symlink():
-            job_dir.unlink()
-        elif job_dir.exists():
-            shutil.rmtree(job_dir)
-        job_dir.mkdir(mode=0o700)
-        fd = os.open(job_dir / "launch.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(launch, handle)
-        write_script(job_dir / "job.py", script)
+        write_job_dir(job_dir, {"launch.json": json.dumps(launch)}, script, account)
         if account is None:
             return
-        for name in ("launch.json", "job.py"):
-            os.chown(job_dir / name, account.uid, account.gid, follow_symlinks=False)
-        os.chown(job_dir, account.uid, account.gid, follow_symlinks=False)
         if not workspace.exists():
             workspace.mkdir(mode=0o700)
         hand_over(workspace, account.identity)
 
     def _reachable(self, job_dir: Path, workspace: Path, account: Account, owner: str) -> None:
         """Create what lies above the job's directory and workspace; check the account passes."""
-        make_dirs(self.jobs_dir)
-        info = self.jobs_dir.stat()
-        if info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) != TRAVERSE_ONLY:
-            os.chmod(self.jobs_dir, TRAVERSE_ONLY)  # each account reaches its own, lists none
+        open_jobs_dir(self.jobs_dir)
         make_dirs(workspace.parent)
         for what, path, option in (
             ("job directory", job_dir, "jobs_dir"),
