@@ -17,9 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, load_only
 
 from labgate.db.models import (
@@ -129,8 +130,8 @@ class RouteFeedHub:
 
     # --- identities --------------------------------------------------------
     @staticmethod
-    def user_info(user: User) -> UserInfo:
-        """What the router knows of a user."""
+    def user_info(user: User | Row[int, str, bool, bool, datetime]) -> UserInfo:
+        """What the router knows of a user (a User, or a row of those columns)."""
         return UserInfo(
             id=user.id,
             name=user.name,
@@ -170,16 +171,7 @@ class RouteFeedHub:
         """The whole route table as the database says it should be."""
         # Columns, not User objects: a table of 50,000 users loads several times faster.
         columns = (User.id, User.name, User.is_admin, User.disabled, User.sessions_valid_after)
-        users = [
-            UserInfo(
-                id=row.id,
-                name=row.name,
-                is_admin=row.is_admin,
-                disabled=row.disabled,
-                sessions_valid_after=row.sessions_valid_after.timestamp(),
-            ).to_dict()
-            for row in session.execute(select(*columns))
-        ]
+        users = [self.user_info(row).to_dict() for row in session.execute(select(*columns))]
         now = utcnow()
         tokens = [
             self.token_info(t).to_dict(t.token_hash)
