@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 from docker.errors import APIError
-from runs_helpers import submit, tasks_of, wait_run
-from test_run_environments import make_wheel
+from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
 import podman
 from labgate.backends.container_tasks import ENV_REPOSITORY

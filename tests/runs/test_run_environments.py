@@ -2,34 +2,7 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import zipfile
-from pathlib import Path
-
-from runs_helpers import submit, tasks_of, wait_run
-
-
-def make_wheel(directory: Path, name: str, source: str) -> Path:
-    """A minimal pure-Python wheel (pip installs it offline, no build step)."""
-    dist = f"{name}-1.0"
-    files = {
-        f"{name}.py": source,
-        f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
-        f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-        "Tag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
-    record.append(f"{dist}.dist-info/RECORD,,")
-    files[f"{dist}.dist-info/RECORD"] = "\n".join(record) + "\n"
-    wheel = directory / f"{dist}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path, text in files.items():
-            archive.writestr(path, text)
-    return wheel
+from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
 
 async def test_a_callable_from_the_tasks_requirements_runs_in_a_venv_made_once(

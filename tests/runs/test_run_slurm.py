@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from runs_helpers import submit, tasks_of, wait_run
+from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
 from labgate.agent.tasks import TaskRunner
 from labgate.agent.taskslurm import SlurmTaskExecutor
@@ -147,6 +147,40 @@ async def test_a_two_stage_run_on_a_slurm_site_runs_as_its_owner_with_results_ba
     assert "TimeLimit=00:03:00" in job  # 120 s and a minute's grace
     # The job's directory was removed once its results were taken.
     assert list((slurm_dir / "jobs" / "tasks").iterdir()) == []
+
+
+async def test_python_requirements_run_in_a_venv_the_agent_made_on_the_shared_area(
+    client: httpx.AsyncClient, make_user, slurm: Cluster, slurm_dir: Path, tmp_path: Path
+) -> None:
+    alice = await make_user("alice")
+    wheel = make_wheel(tmp_path, "labgate_hpc_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
+    definition = f"""
+name = "hpc-env"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "call"
+callable = "labgate_hpc_pkg:answer"
+args = {{x = 21}}
+environment = {{python = ["{wheel}"]}}
+[[stages.tasks]]
+name = "where"
+command = ["python", "-c", "import labgate_hpc_pkg, os, sys; print(sys.prefix, os.getuid())"]
+environment = {{python = ["{wheel}"]}}
+"""
+    run_id = await submit(client, alice, definition)
+    run = await wait_run(client, alice, run_id, timeout=240)
+    assert run["state"] == "succeeded", (tasks_of(run), run["events"][-6:])
+    assert tasks_of(run)["call"]["result"] == {"twice": 42}
+    envs = list((slurm_dir / "jobs" / "envs").iterdir())
+    assert len(envs) == 1  # one list, one venv, for both jobs
+    # The agent's, readable by the jobs' accounts, writable by none of them.
+    info = envs[0].stat()
+    assert info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o022 == 0
+    logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "where"}, headers=alice)
+    prefix, uid = logs.json()["text"].split()
+    assert prefix == str(envs[0].resolve())
+    assert int(uid) == pwd.getpwnam(ACCOUNTS["alice"]).pw_uid
 
 
 ONE_LONG = """

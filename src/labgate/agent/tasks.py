@@ -94,6 +94,10 @@ class TaskExecutor(abc.ABC):
         """Whether :meth:`start` makes the task's environment itself (else: a venv first)."""
         return False
 
+    def environment_cache(self, default_root: Path) -> EnvironmentCache:
+        """Where this executor's tasks' venvs are made (``default_root``: the site's data dir)."""
+        return EnvironmentCache(default_root)
+
     @abc.abstractmethod
     async def start(
         self,
@@ -267,7 +271,7 @@ class TaskRunner:
         self.log_tail_lines = log_tail_lines
         self.watched: set[str] = set()
         #: Python venvs of this site's tasks, made once per requirements list.
-        self.environments = EnvironmentCache(tasks_dir.parent.parent / "envs" / site)
+        self.environments = self.executor.environment_cache(tasks_dir.parent.parent / "envs" / site)
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._watch_task: asyncio.Task[None] | None = None
         #: One poll at a time: a Slurm attempt's outcome is taken from its job only once.

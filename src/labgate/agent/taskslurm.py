@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from labgate.agent import taskexec
-from labgate.agent.taskenv import Progress
+from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.tasks import MAX_RESULTS_ARCHIVE, Outcome, TaskExecutor, read_outcome
 from labgate.backends.procfs import tail
 from labgate.backends.slurm.accounts import (
@@ -109,9 +109,14 @@ class SlurmTaskExecutor(TaskExecutor):
         #: When the controller was last asked about each attempt (monotonic seconds).
         self._asked: dict[str, float] = {}
 
-    def prepares(self, spec: TaskSpec) -> bool:
-        """No venv is made at the agent for a job (:meth:`start` refuses requirements)."""
-        return True
+    def environment_cache(self, default_root: Path) -> EnvironmentCache:
+        """Venvs on the filesystem the nodes share, made with the nodes' Python.
+
+        The agent makes them (its own files, readable by all, writable by none
+        of the accounts); a job of any account with the same list uses it.
+        """
+        root = self.backend.jobs_dir.resolve() / "envs"
+        return EnvironmentCache(root, python=self.config.python or sys.executable)
 
     @property
     def site(self) -> str:
@@ -141,7 +146,8 @@ class SlurmTaskExecutor(TaskExecutor):
         job_dir = self.job_dir(spec.attempt_id)
         python = self.config.python or sys.executable
         body = spec.model_dump(mode="json")
-        body.update(sandbox=[], venv="", taskcall=str(job_dir / "taskcall.py"))
+        venv = str(env_dir) if env_dir is not None else ""
+        body.update(sandbox=[], venv=venv, taskcall=str(job_dir / "taskcall.py"))
         request = JobRequest(
             name=self.job_name(spec.attempt_id),
             comment=f"labgate-task:{self.site}:{spec.attempt_id}",
@@ -182,11 +188,6 @@ class SlurmTaskExecutor(TaskExecutor):
             raise BadRequest(
                 f"site {self.site} runs tasks as Slurm jobs, not containers: a task with "
                 "environment.image needs a site whose backend is containers"
-            )
-        if spec.python:
-            raise BadRequest(
-                f"site {self.site} runs tasks as Slurm jobs, which take no "
-                "environment.python: install the packages where the nodes' Python finds them"
             )
         limit = wall_time(spec.timeout)
         if limit > self.config.max_seconds:

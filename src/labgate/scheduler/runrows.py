@@ -51,12 +51,7 @@ def site_backends(session: Session) -> dict[str, str]:
 
 
 def runs_on(task: TaskDef, backend: str) -> bool:
-    """Whether a site with ``backend`` can run ``task``.
-
-    An image needs containers; Slurm jobs take no Python requirements (the nodes' own).
-    """
-    if task.environment.python and backend == "slurm":
-        return False
+    """Whether a site with ``backend`` can run ``task``: an image needs containers."""
     return not task.environment.image or backend == "containers"
 
 
