@@ -544,6 +544,25 @@ class Settings(BaseSettings):
         ),
     )
 
+    leader_lease_seconds: float = Field(
+        5.0,
+        ge=0.5,
+        le=300,
+        description=(
+            "`labgate portal` replicas: seconds a replica's lease on the leadership lasts "
+            "(renewed every third of it). When the leader dies, another replica runs culling, "
+            "warm pools, reconciles and the runs' sweep within about this time."
+        ),
+    )
+    replica_id: str = Field(
+        "",
+        max_length=200,
+        description=(
+            "This portal process's name in /readyz, /metrics and the leader lease. "
+            "Empty means <hostname>:<pid>. Give every replica its own."
+        ),
+    )
+
     # --- lifecycle: warm pools, culling, quotas, metrics --------------------
     pools: list[PoolConfig] = Field(
         default_factory=list,
