@@ -224,14 +224,27 @@ class InstanceManager:
 
     # --- stop --------------------------------------------------------------
     async def stop(
-        self, instance_id: str, *, reason: str = "stopped", message: str = "stop requested"
+        self,
+        instance_id: str,
+        *,
+        reason: str = "stopped",
+        message: str = "stop requested",
+        fence: Callable[[Session], None] | None = None,
     ) -> Instance:
         """Ask the instance's site to stop it; returns it in ``stopping``.
 
         ``reason`` is the short word usage records keep (``stopped``, ``idle``,
-        ``lifetime``...); ``message`` goes into the event stream.
+        ``lifetime``...); ``message`` goes into the event stream. ``fence``
+        runs first in the transaction that records the stop and may refuse it
+        (the leader's lease, :mod:`labgate.scheduler.leader`).
         """
-        instance = await self.run_db(lambda s: self._begin_stop(s, instance_id, reason, message))
+
+        def begin(session: Session) -> Instance:
+            if fence is not None:
+                fence(session)
+            return self._begin_stop(session, instance_id, reason, message)
+
+        instance = await self.run_db(begin)
         self.changed(instance)
         if instance.state.terminal:
             return instance  # it left the start queue: nothing ever reached its site

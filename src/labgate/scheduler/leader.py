@@ -97,13 +97,17 @@ class Leadership(Protocol):
         ...
 
     def fence(self, session: Session) -> None:
-        """Raise :class:`NotLeader` unless this process still leads, in ``session``'s transaction."""
+        """Raise :class:`NotLeader` unless this process leads, checked in ``session``."""
 
     def on_elected(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) each time this process becomes the leader."""
 
     def status(self) -> LeaderStatus:
         """Replica id, whether it leads, and its term."""
+        ...
+
+    def holder(self, session: Session) -> str:
+        """The replica that holds the lease now, as the database says ("" if none)."""
         ...
 
     async def start(self) -> None:
@@ -138,6 +142,10 @@ class SoleLeader:
     def status(self) -> LeaderStatus:
         """Leading, term 0."""
         return LeaderStatus(self.replica, True, 0)
+
+    def holder(self, session: Session) -> str:
+        """This process."""
+        return self.replica
 
     async def start(self) -> None:
         """Nothing to start."""
@@ -207,6 +215,14 @@ class LeaseElection:
     def status(self) -> LeaderStatus:
         """Replica id, whether it leads, and its term."""
         return LeaderStatus(self.replica, self.leading, self.term)
+
+    def holder(self, session: Session) -> str:
+        """The replica whose lease has not expired, or ""."""
+        row = session.execute(
+            text("SELECT holder FROM leader_leases WHERE name = :name AND expires_at > now()"),
+            {"name": self.name},
+        ).one_or_none()
+        return str(row[0]) if row is not None else ""
 
     # --- the election ----------------------------------------------------------------
     async def start(self) -> None:
@@ -294,4 +310,3 @@ class LeaseElection:
             ),
             {"name": self.name, "me": self.replica, "term": term},
         )
-
