@@ -9,9 +9,9 @@ link. It is 200 with ``{"ready": true, "checks": {...}, "sites": {...}}`` or
 :mod:`labgate.scheduler.leader`) and which replica does (``leader``); a
 replica that does not lead is as ready as one that does. ``sites`` has each
 site's health (``ok``, or what keeps it from working: its engine does not
-answer, its agent is away). A site that is down fails readiness only when it is ``required``; otherwise
-``checks.sites`` says ``degraded: ...`` and the portal stays in service for
-the other sites.
+answer, its agent is away). A site that is down fails readiness only when
+it is ``required``; otherwise ``checks.sites`` says ``degraded: ...`` and the
+portal stays in service for the other sites.
 
 ``/metrics`` is the Prometheus text format (:mod:`labgate.portal.metrics`).
 It needs ``Authorization: Bearer <metrics_token>`` (the setting) or an admin
