@@ -51,7 +51,9 @@ async def start_network_sites(portal: Portal) -> SiteLiveness:
         await hub.register(name, backend, reach)
     if portal.routes is not None:
         portal.routes.upstream_of = lambda instance: tunnel_upstream(portal, instance)
-    liveness = SiteLiveness(manager, hub, grace=settings.site_grace_period)
+    liveness = SiteLiveness(
+        manager, hub, grace=settings.site_grace_period, shared=portal.replicated
+    )
     hub.events = liveness
     await liveness.start()
     return liveness

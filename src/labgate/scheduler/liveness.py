@@ -22,6 +22,14 @@ of ``site_grace_period`` seconds starts; when it ends with the agent still
 away, what is still unreachable (or stopping) is ``lost``, with the reason.
 Heartbeats are kept in memory and written to the ``sites`` rows in one
 transaction per heartbeat interval.
+
+Among several portal replicas (``shared``) an agent is connected to one of
+them, and the ``sites`` row says which connection is the newest. A replica
+leaves alone a site whose agent another replica hears: at start it does not
+mark away a site whose row had a heartbeat within three intervals, a
+disconnect it sees does not mark the site away when another replica recorded
+a newer connection, and its grace period loses nothing when, by its end, a
+replica has recorded the agent connected again.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +71,16 @@ UNFINISHED = (
 class SiteLiveness:
     """Reconciles network sites on connect, and loses their instances after a grace period."""
 
-    def __init__(self, manager: InstanceManager, hub: SiteHub, *, grace: float) -> None:
+    def __init__(
+        self, manager: InstanceManager, hub: SiteHub, *, grace: float, shared: bool = False
+    ) -> None:
         self.manager = manager
         self.hub = hub
         self.grace = grace
+        #: Other portal replicas share the sites' agents (``labgate portal``).
+        self.shared = shared
+        #: When this replica recorded each site's agent connected (shared: whose is newest).
+        self._mine: dict[str, datetime] = {}
         self._timers: dict[str, asyncio.Task[None]] = {}
         #: One change of a site's connection at a time: a quick reconnect's reconcile
         #: must not run before (or under) the previous connection's departure.
@@ -77,8 +91,12 @@ class SiteLiveness:
     # --- start and stop ----------------------------------------------------------
     async def start(self) -> None:
         """After the portal starts: every network site is away until its agent connects."""
+        heard: set[str] = set()
+        if self.shared:
+            fresh = utcnow() - timedelta(seconds=3 * self.hub.heartbeat)
+            heard = await self.manager.run_db(partial(_heard_since, since=fresh))
         for name, link in list(self.manager.links.items()):
-            if isinstance(link, NetworkSiteLink) and not link.live:
+            if isinstance(link, NetworkSiteLink) and not link.live and name not in heard:
                 await self._away(name, "the portal restarted; waiting for the agent")
         self._flusher = asyncio.create_task(self._flush_beats(), name="site-heartbeats")
 
@@ -104,7 +122,7 @@ class SiteLiveness:
         timer = self._timers.pop(site, None)
         if timer is not None:
             timer.cancel()
-        await self.manager.run_db(lambda s: _record_connected(s, site, hello))
+        self._mine[site] = await self.manager.run_db(lambda s: _record_connected(s, site, hello))
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         held = {h.instance_id: h for h in hello.instances}
         for instance in rows:
@@ -216,7 +234,12 @@ class SiteLiveness:
             f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
             "to come back"
         )
-        ids = await self.manager.run_db(lambda s: _record_away(s, site))
+        mine = self._mine.pop(site, None) if self.shared else None
+        away = partial(_record_away, name=site, shared=self.shared, mine=mine)
+        ids = await self.manager.run_db(away)
+        if ids is None:
+            log.info("site %s: its agent is connected to another portal replica", site)
+            return
         for instance_id in ids:
             await self.manager.apply(Report(instance_id, "unreachable", message=message), site=site)
         if site not in self._timers:
@@ -228,6 +251,8 @@ class SiteLiveness:
         link = self.manager.links.get(site)
         if link is not None and link.live:
             return
+        if self.shared and await self.manager.run_db(partial(_connected_now, name=site)):
+            return  # its agent came back to another replica
         message = f"site {site} did not come back within {self.grace:g} s; it may still run there"
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         for instance in rows:
@@ -251,16 +276,17 @@ def _site(session: Session, name: str) -> Site | None:
     return session.scalar(select(Site).where(Site.name == name))
 
 
-def _record_connected(session: Session, name: str, hello: Hello) -> None:
+def _record_connected(session: Session, name: str, hello: Hello) -> datetime:
+    now = utcnow()
     site = _site(session, name)
     if site is None:
-        return
-    now = utcnow()
+        return now
     site.connected_at = now
     site.disconnected_at = None
     site.last_seen_at = now
     site.agent_version = hello.agent_version[:64]
     site.agent_info = _agent_info(hello)
+    return now
 
 
 def _agent_info(hello: Hello) -> dict[str, Any]:
@@ -276,11 +302,19 @@ def _agent_info(hello: Hello) -> dict[str, Any]:
     }
 
 
-def _record_away(session: Session, name: str) -> list[str]:
-    """Mark the site disconnected; the ids of its instances that become unreachable."""
+def _record_away(
+    session: Session, name: str, shared: bool = False, mine: datetime | None = None
+) -> list[str] | None:
+    """Mark the site disconnected; the ids of its instances that become unreachable.
+
+    ``shared``: None, and nothing marked, when another replica recorded a newer
+    connection than ``mine`` (this replica's, None at start-up).
+    """
     site = _site(session, name)
     if site is None:
         return []
+    if shared and site.connected_at is not None and mine is not None and site.connected_at > mine:
+        return None
     if site.connected_at is not None or site.disconnected_at is None:
         site.connected_at = None
         site.disconnected_at = utcnow()
@@ -308,3 +342,19 @@ def _unfinished_on(session: Session, name: str) -> list[Instance]:
 def _record_beats(session: Session, beats: dict[str, float]) -> None:
     for site in session.scalars(select(Site).where(Site.name.in_(list(beats)))):
         site.last_seen_at = datetime.fromtimestamp(beats[site.name], UTC)
+
+
+def _heard_since(session: Session, since: datetime) -> set[str]:
+    """Network sites whose agent a portal replica heard from since ``since``."""
+    rows = session.scalars(
+        select(Site.name).where(
+            Site.kind == "network", Site.connected_at.is_not(None), Site.last_seen_at >= since
+        )
+    )
+    return set(rows)
+
+
+def _connected_now(session: Session, name: str) -> bool:
+    """Whether the site's row says its agent is connected (to any replica)."""
+    site = _site(session, name)
+    return site is not None and site.connected_at is not None
