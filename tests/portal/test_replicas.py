@@ -177,3 +177,70 @@ async def test_a_paused_leader_culls_nothing_after_losing_its_lease(
             assert (await readiness(a))["leader"] == "b"
         finally:
             await stop_everything(b)
+
+
+@contextlib.asynccontextmanager
+async def portal_replica(settings: Settings) -> AsyncIterator[Any]:
+    """A replica as ``labgate portal`` builds it: no sites of its own, elected leader."""
+    async with serving(settings, build_portal(settings, replicated=True)) as application:
+        yield application
+
+
+async def test_a_replica_started_later_leaves_a_site_another_replica_hears_alone(
+    settings: Settings, tmp_path: Any
+) -> None:
+    from site_agents import remote_agent
+
+    settings = settings.model_copy(
+        update={"site_heartbeat_interval": 1.0, "site_grace_period": 1.0, "replica_id": "a"}
+    )
+    async with portal_replica(settings) as a:
+        client = httpx.AsyncClient(base_url=a.state.test_url, timeout=30)
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        agent_dir = tmp_path / "edge"
+        async with remote_agent(a.state.test_url, created.json()["token"], agent_dir):
+            async with asyncio.timeout(20):
+                while (await client.get("/api/v1/sites/edge", headers=admin)).json()[
+                    "status"
+                ] != "connected":
+                    await asyncio.sleep(0.05)
+            launched = await client.post(
+                "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+            )
+            assert launched.status_code == 202, launched.text
+            instance_id = str(launched.json()["id"])
+            try:
+                await wait_for_state(client, admin, instance_id, {"running"})
+                b_settings = other(settings, tmp_path).model_copy(update={"replica_id": "b"})
+                async with portal_replica(b_settings) as b:
+                    assert (await readiness(b))["leader"] == "a"
+                    await asyncio.sleep(2.5)  # past the grace period b would have started
+                    async with httpx.AsyncClient(base_url=b.state.test_url) as client_b:
+                        seen = await client_b.get(f"/api/v1/instances/{instance_id}", headers=admin)
+                    events = await a.state.portal.run_db(
+                        lambda s: [
+                            (e.state.value, e.message)
+                            for e in s.scalars(
+                                select(InstanceEvent).where(
+                                    InstanceEvent.instance_id == instance_id
+                                )
+                            )
+                        ]
+                    )
+                    assert seen.json()["state"] == "running", events
+                states = await a.state.portal.run_db(
+                    lambda s: [
+                        e.state.value
+                        for e in s.scalars(
+                            select(InstanceEvent).where(InstanceEvent.instance_id == instance_id)
+                        )
+                    ]
+                )
+                assert "unreachable" not in states and "lost" not in states
+            finally:
+                await stop_everything(a)
+                await client.aclose()

@@ -26,7 +26,7 @@ transaction per heartbeat interval.
 Among several portal replicas (``shared``) an agent is connected to one of
 them, and the ``sites`` row says which connection is the newest. A replica
 leaves alone a site whose agent another replica hears: at start it does not
-mark away a site whose row had a heartbeat within three intervals, a
+mark away a site whose row had a heartbeat within four intervals, a
 disconnect it sees does not mark the site away when another replica recorded
 a newer connection, and its grace period loses nothing when, by its end, a
 replica has recorded the agent connected again.
@@ -93,7 +93,7 @@ class SiteLiveness:
         """After the portal starts: every network site is away until its agent connects."""
         heard: set[str] = set()
         if self.shared:
-            fresh = utcnow() - timedelta(seconds=3 * self.hub.heartbeat)
+            fresh = utcnow() - timedelta(seconds=4 * self.hub.heartbeat)
             heard = await self.manager.run_db(partial(_heard_since, since=fresh))
         for name, link in list(self.manager.links.items()):
             if isinstance(link, NetworkSiteLink) and not link.live and name not in heard:
