@@ -25,6 +25,7 @@ from labgate.config import Settings
 from labgate.db.models import InstanceEvent, UsageRecord
 from labgate.portal.app import build_portal
 from labgate.scheduler.leader import LeaseElection
+from servers import processes_with_env
 from tools_fixtures import QUICK_TOOL
 
 pytestmark = pytest.mark.skipif(
@@ -32,13 +33,20 @@ pytestmark = pytest.mark.skipif(
     reason="portal replicas need PostgreSQL: set LABGATE_TEST_DB_URL (docs/development.md)",
 )
 
-LEASE = 1.0
+LEASE = 3.0  # both replicas share one event loop here: a start of one blocks the other
 METRICS_TOKEN = "scrape-me"
+#: Idle for longer than a lease: a leader paused just after the launch has lost
+#: its lease (and stopped believing it leads) before the instance is due.
+IDLER = (
+    QUICK_TOOL.replace('name = "quick"', 'name = "idler"')
+    .replace("idle_timeout = 2", f"idle_timeout = {LEASE + 2:g}")
+    .replace("culled after 2 s idle", "culled when idle")
+)
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    (settings.tools_dir / "quick.toml").write_text(QUICK_TOOL)  # idle_timeout = 2
+    (settings.tools_dir / "idler.toml").write_text(IDLER)
     settings.cull_interval = 0.2
     settings.cull_warning = 0.5
     settings.metrics_token = SecretStr(METRICS_TOKEN)
@@ -77,8 +85,8 @@ async def leader_gauge(application: Any) -> str:
     return next(line for line in response.text.splitlines() if line.startswith("labgate_leader{"))
 
 
-async def launch_quick(application: Any) -> tuple[str, httpx.AsyncClient, dict[str, str]]:
-    """Alice launches the quick tool on ``application``; (instance id, client, her headers)."""
+async def launch_idler(application: Any) -> tuple[str, httpx.AsyncClient, dict[str, str]]:
+    """Alice launches the idler tool on ``application``; (instance id, client, her headers)."""
     client = httpx.AsyncClient(base_url=application.state.test_url, timeout=30)
     admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
     made = await client.post(
@@ -86,7 +94,7 @@ async def launch_quick(application: Any) -> tuple[str, httpx.AsyncClient, dict[s
     )
     assert made.status_code == 201, made.text
     alice = await token_for(client, "alice", PASSWORD)
-    launched = await client.post("/api/v1/instances", json={"tool": "quick"}, headers=alice)
+    launched = await client.post("/api/v1/instances", json={"tool": "idler"}, headers=alice)
     assert launched.status_code == 202, launched.text
     instance_id = str(launched.json()["id"])
     await wait_for_state(client, alice, instance_id, {"running"})
@@ -134,7 +142,7 @@ async def test_one_replica_leads_and_a_stopped_leaders_cull_still_happens_once(
             assert await leader_gauge(a) == 'labgate_leader{replica="a"} 1.0'
             assert await leader_gauge(b) == 'labgate_leader{replica="b"} 0.0'
 
-            instance_id, client, alice = await launch_quick(a)
+            instance_id, client, alice = await launch_idler(a)
             await client.aclose()
             await first.aclose()  # the leader stops; its instance keeps running
             assert await until_leads(b, LEASE) < LEASE
@@ -161,7 +169,9 @@ async def test_a_paused_leader_culls_nothing_after_losing_its_lease(
 ) -> None:
     async with replica(settings, "a") as a, replica(other(settings, tmp_path), "b") as b:
         try:
-            instance_id, client, alice = await launch_quick(a)
+            # Launched through b, so that b's own in-process site runs it (both
+            # replicas here have a local site; `labgate portal` has none).
+            instance_id, client, alice = await launch_idler(b)
             # a freezes as far as the election goes (its renewals stop), but its
             # culler, pools and reconciler keep running, as in a process paused
             # between two of their rounds.
@@ -244,3 +254,53 @@ async def test_a_replica_started_later_leaves_a_site_another_replica_hears_alone
             finally:
                 await stop_everything(a)
                 await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def edge_site(client: httpx.AsyncClient, admin: dict[str, str], agent_dir: Any) -> Any:
+    """A network site ``edge`` whose agent dials the replica ``client`` talks to."""
+    from site_agents import remote_agent
+
+    created = await client.post(
+        "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+    )
+    assert created.status_code == 201, created.text
+    async with remote_agent(str(client.base_url), created.json()["token"], agent_dir) as agent:
+        async with asyncio.timeout(20):
+            while (await client.get("/api/v1/sites/edge", headers=admin)).json()[
+                "status"
+            ] != "connected":
+                await asyncio.sleep(0.05)
+        yield agent
+
+
+async def test_a_leader_without_the_agent_culls_through_the_replica_that_has_it(
+    settings: Settings, tmp_path: Any
+) -> None:
+    quick = {"site_heartbeat_interval": 1.0, "site_grace_period": 30.0}
+    a_settings = settings.model_copy(update={**quick, "replica_id": "a"})
+    b_settings = other(settings, tmp_path).model_copy(update={**quick, "replica_id": "b"})
+    async with portal_replica(a_settings) as a, portal_replica(b_settings) as b:
+        client = httpx.AsyncClient(base_url=a.state.test_url, timeout=30)
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        try:
+            async with edge_site(client, admin, tmp_path / "edge"):
+                launched = await client.post(
+                    "/api/v1/instances", json={"tool": "idler", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                instance_id = str(launched.json()["id"])
+                await wait_for_state(client, admin, instance_id, {"running"})
+                # b leads; the agent stays connected to a.
+                a.state.portal.leader.renewing = False
+                await until_leads(b, LEASE * 2)
+                await wait_for_state(client, admin, instance_id, {"stopped"}, timeout=30)
+                stops = await stops_of(a, instance_id)
+                assert [e.data.get("reason") for e in stops] == ["idle"]
+                assert (culls(a), culls(b)) == (0, 1)
+                async with asyncio.timeout(10):  # the agent stopped it for real
+                    while processes_with_env("LABGATE_INSTANCE_ID", instance_id):
+                        await asyncio.sleep(0.1)
+                await stop_everything(a)
+        finally:
+            await client.aclose()

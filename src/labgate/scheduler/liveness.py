@@ -29,7 +29,13 @@ leaves alone a site whose agent another replica hears: at start it does not
 mark away a site whose row had a heartbeat within four intervals, a
 disconnect it sees does not mark the site away when another replica recorded
 a newer connection, and its grace period loses nothing when, by its end, a
-replica has recorded the agent connected again.
+replica has recorded the agent connected again. Every heartbeat interval a
+replica also makes links for the network sites another replica added (and
+drops the removed ones). A stop recorded by a replica
+the agent is not connected to (the leader's culler, say) is sent by the one
+it is connected to, within a heartbeat interval: each replica sends the stop
+of every ``stopping`` instance of the sites connected to it that it has not
+sent itself in the last four ``site_command_timeout``.
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class SiteLiveness:
         self.shared = shared
         #: When this replica recorded each site's agent connected (shared: whose is newest).
         self._mine: dict[str, datetime] = {}
+        self._relays: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.Task[None]] = {}
         #: One change of a site's connection at a time: a quick reconnect's reconcile
         #: must not run before (or under) the previous connection's departure.
@@ -102,7 +109,7 @@ class SiteLiveness:
 
     async def close(self) -> None:
         """Stop the timers (instances stay as they are)."""
-        tasks = [*self._timers.values()]
+        tasks = [*self._timers.values(), *self._relays]
         if self._flusher is not None:
             tasks.append(self._flusher)
         for task in tasks:
@@ -269,6 +276,49 @@ class SiteLiveness:
                     await self.manager.run_db(partial(_record_beats, beats=beats))
                 except Exception:
                     log.exception("recording site heartbeats failed")
+            if self.shared:
+                try:
+                    await self.sync_sites()
+                    await self.relay_stops()
+                except Exception:
+                    log.exception("following the other replicas' sites and stops failed")
+
+    async def sync_sites(self) -> None:
+        """Make links for network sites another replica added; drop those it removed."""
+        rows = await self.manager.run_db(_network_sites)
+        for name, (backend, reach) in rows.items():
+            await self.hub.register(name, backend, reach)
+        for name, link in list(self.manager.links.items()):
+            if isinstance(link, NetworkSiteLink) and name not in rows:
+                await self.hub.forget(name)
+
+    async def relay_stops(self) -> list[str]:
+        """Send the stops of ``stopping`` instances on sites connected here; the ids sent."""
+        live = {
+            name: link
+            for name, link in self.manager.links.items()
+            if isinstance(link, NetworkSiteLink) and link.live
+        }
+        if not live:
+            return []
+        rows = await self.manager.run_db(partial(_stopping_on, sites=list(live)))
+        sent, now = [], time.monotonic()
+        again = 4 * self.hub.command_timeout
+        stops = self.manager.stops_sent
+        stopping = {row[0] for row in rows}
+        for instance_id in [i for i in stops if i not in stopping]:
+            del stops[instance_id]
+        for instance_id, site, backend_state in rows:
+            if now - stops.get(instance_id, -again) < again:
+                continue
+            stops[instance_id] = now
+            task = asyncio.create_task(
+                self.manager.stop_at_site(live[site], instance_id, backend_state)
+            )
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
+            sent.append(instance_id)
+        return sent
 
 
 # --- database work (worker threads) -----------------------------------------------
@@ -358,3 +408,21 @@ def _connected_now(session: Session, name: str) -> bool:
     """Whether the site's row says its agent is connected (to any replica)."""
     site = _site(session, name)
     return site is not None and site.connected_at is not None
+
+
+def _stopping_on(session: Session, sites: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, site, backend state) of the ``stopping`` instances of ``sites``."""
+    rows = session.execute(
+        select(Instance.id, Site.name, Instance.backend_state)
+        .join(Site, Instance.site_id == Site.id)
+        .where(Site.name.in_(sites), Instance.state == InstanceState.stopping)
+    )
+    return [(iid, name, dict(state or {})) for iid, name, state in rows]
+
+
+def _network_sites(session: Session) -> dict[str, tuple[str, str]]:
+    """(backend, reach) of every network site, by name."""
+    rows = session.execute(
+        select(Site.name, Site.backend, Site.reach).where(Site.kind == "network")
+    )
+    return {name: (backend, reach) for name, backend, reach in rows}
