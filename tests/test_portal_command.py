@@ -63,13 +63,35 @@ def ready(server: LabgateServer) -> dict[str, object]:
     return body
 
 
+def forwarded_for_believed(server: LabgateServer, source: str) -> bool:
+    """Whether the replica takes ``X-Forwarded-For`` from a peer at ``source`` as the client.
+
+    Four wrong passwords for one account, each naming another client: believed,
+    they come from four addresses (3 allowed from each); not, from one, and the
+    fourth is refused (429).
+    """
+    transport = httpx.HTTPTransport(local_address=source)
+    with httpx.Client(base_url=server.url, transport=transport, timeout=10) as client:
+        statuses = [
+            client.post(
+                "/api/v1/auth/login",
+                json={"username": "admin", "password": "not-the-password"},
+                headers={"X-Forwarded-For": f"203.0.113.{n}"},
+            ).status_code
+            for n in range(4)
+        ]
+    assert statuses[:3] == [401, 401, 401], statuses
+    return statuses[3] == 401
+
+
 @needs_postgres
-def test_replicas_elect_one_leader_and_replace_a_killed_one(
+def test_replicas_one_leads_a_killed_one_is_replaced_and_forwarders_are_checked(
     tmp_path: Path, database_url: str
 ) -> None:
     env = {
         "LABGATE_DATABASE_URL": database_url,
         "LABGATE_LEADER_LEASE_SECONDS": str(LEASE),
+        "LABGATE_LOGIN_LIMIT_ACCOUNT_ADDRESS": "3/5minutes",
     }
     replicas = [
         LabgateServer(
@@ -93,6 +115,9 @@ def test_replicas_elect_one_leader_and_replace_a_killed_one(
         for server in replicas:
             me = httpx.get(f"{server.url}/api/v1/auth/session", headers=headers, timeout=5)
             assert me.status_code == 200 and me.json()["user"]["name"] == "admin"
+
+        assert forwarded_for_believed(replicas[1], "127.0.0.1")
+        assert not forwarded_for_believed(replicas[1], "127.0.0.2")
 
         leader = replicas[0]
         assert leader.process is not None
