@@ -333,8 +333,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description=(
             "Addresses or networks (CIDR) of proxies in front of the router whose "
-            "X-Forwarded-For the router believes; from anyone else it is dropped. In the "
-            "environment: a JSON list."
+            "X-Forwarded-For the router believes; from anyone else it is dropped. "
+            "`labgate portal` believes its routers' X-Forwarded-* only from these and "
+            "loopback. In the environment: a JSON list."
         ),
     )
     tls_cert_file: Path | None = Field(
