@@ -304,3 +304,47 @@ async def test_a_leader_without_the_agent_culls_through_the_replica_that_has_it(
                 await stop_everything(a)
         finally:
             await client.aclose()
+
+
+async def test_activity_reported_to_a_replica_that_does_not_lead_keeps_an_instance(
+    settings: Settings, tmp_path: Any
+) -> None:
+    from labgate.security import router_token
+
+    quick = {"site_heartbeat_interval": 1.0, "site_grace_period": 30.0}
+    a_settings = settings.model_copy(update={**quick, "replica_id": "a"})
+    b_settings = other(settings, tmp_path).model_copy(update={**quick, "replica_id": "b"})
+    router = {"Authorization": f"token {router_token(settings.signing_key())}"}
+    async with portal_replica(a_settings) as a, portal_replica(b_settings) as b:
+        client = httpx.AsyncClient(base_url=a.state.test_url, timeout=30)
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        try:
+            async with (
+                edge_site(client, admin, tmp_path / "edge"),
+                httpx.AsyncClient(base_url=b.state.test_url, headers=router) as to_b,
+            ):
+                launched = await client.post(
+                    "/api/v1/instances", json={"tool": "idler", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                instance_id = str(launched.json()["id"])
+                await wait_for_state(client, admin, instance_id, {"running"})
+                assert a.state.portal.leader.leading
+                # A router that reports to b (which does not cull) sees the instance used.
+                used_until = time.monotonic() + LEASE + 5
+                while time.monotonic() < used_until:
+                    report = {
+                        "worker": "router-1",
+                        "activity": {instance_id: {"last_request": time.time()}},
+                    }
+                    sent = await to_b.post("/api/v1/router/activity", json=report)
+                    assert sent.status_code == 204, sent.text
+                    await asyncio.sleep(0.5)
+                body = (await client.get(f"/api/v1/instances/{instance_id}", headers=admin)).json()
+                assert body["state"] == "running"  # past its idle timeout since the start
+                # No more use: the leader culls it.
+                await wait_for_state(client, admin, instance_id, {"stopped"}, timeout=30)
+                assert culls(a) == 1
+                await stop_everything(a)
+        finally:
+            await client.aclose()
