@@ -13,7 +13,9 @@ failed, and ready snapshots whose image is gone are shown ``missing``.
 
 Among several portal replicas only the leader reconciles
 (:mod:`labgate.scheduler.leader`), asking before each site; a replica that
-begins leading reconciles at once.
+begins leading reconciles at once. A network site whose agent is not
+connected here is skipped: its agent's hello is reconciled by the replica it
+connects to (:mod:`labgate.scheduler.liveness`).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class Reconciler:
         for name, link in list(self.links.items()):
             if not self.leader.leading:
                 return removed  # the lease ran out mid-round
+            if not link.live:
+                continue  # an away agent is reconciled on its hello, wherever it connects
             try:
                 removed[name] = await link.reconcile(known.get(name, set()))
             except Exception:
