@@ -235,12 +235,15 @@ async def serve_portal(settings: Settings) -> None:
         )
         try:
             await asyncio.wait({stop_wait, task}, return_when=asyncio.FIRST_COMPLETED)
+            log.info(
+                "labgate portal stopping (%s); instances keep running",
+                received[0] if received else "the server ended",
+            )
         finally:
             stop_wait.cancel()
             server.should_exit = True
             with contextlib.suppress(Exception):
                 await task
-    log.info("labgate portal stopping (%s)", received[0] if received else "the server ended")
 
 
 def run_portal(settings: Settings) -> None:
