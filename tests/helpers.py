@@ -235,18 +235,19 @@ async def stop_everything(application: Any) -> None:
 
 
 @contextlib.asynccontextmanager
-async def serving(settings: Any, port: int = 0) -> AsyncIterator[Any]:
+async def serving(settings: Any, port: int = 0, portal: Any = None) -> AsyncIterator[Any]:
     """The portal app served by uvicorn on a loopback port (0: any) until the block ends.
 
     Its instances keep running afterwards (a portal restart), unless the caller
     stops them (:func:`stop_everything`). ``app.state.test_url`` is its address,
-    ``app.state.test_server`` its uvicorn server.
+    ``app.state.test_server`` its uvicorn server. ``portal``: services built by the
+    test (``build_portal``), e.g. with a leader election of its own.
     """
     import uvicorn
 
     from labgate.portal.app import create_app
 
-    application = create_app(settings)
+    application = create_app(settings, portal)
     config = uvicorn.Config(
         application, host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )

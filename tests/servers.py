@@ -78,9 +78,17 @@ class LabgateServer:
     """
 
     def __init__(
-        self, data_dir: Path, admin_password: str, *, host: str = "127.0.0.1", **env: str
+        self,
+        data_dir: Path,
+        admin_password: str,
+        *,
+        host: str = "127.0.0.1",
+        command: str = "serve",
+        **env: str,
     ) -> None:
         self.data_dir = data_dir
+        #: ``serve``, or ``portal`` for a portal replica (needs LABGATE_DATABASE_URL).
+        self.command = command
         self.port = free_port(host)
         # With LABGATE_TLS_CERT_FILE it serves HTTPS: that (self-signed) certificate is trusted.
         cert = env.get("LABGATE_TLS_CERT_FILE")
@@ -88,7 +96,7 @@ class LabgateServer:
         if cert:
             self.verify = ssl.create_default_context(cafile=cert)
         self.url = f"{'https' if cert else 'http'}://{host}:{self.port}"
-        self.log_path = data_dir.parent / f"serve-{self.port}.log"
+        self.log_path = data_dir.parent / f"{command}-{self.port}.log"
         self.env = {
             **os.environ,
             "LABGATE_DATA_DIR": str(data_dir),
@@ -106,7 +114,7 @@ class LabgateServer:
         """Start and wait until /healthz answers; a server that does not is stopped."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "labgate", "serve"],
+            [sys.executable, "-m", "labgate", self.command],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -115,7 +123,9 @@ class LabgateServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"labgate serve exited: {self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"labgate {self.command} exited: {self.log_path.read_text()[-3000:]}"
+                )
             try:
                 answer = httpx.get(f"{self.url}/healthz", timeout=1, verify=self.verify)
                 if answer.status_code == 200:
@@ -125,7 +135,8 @@ class LabgateServer:
             time.sleep(0.1)
         self.stop()  # a fixture that fails here has no teardown to stop it
         raise RuntimeError(
-            f"labgate serve did not start in {timeout:g} s: {self.log_path.read_text()[-3000:]}"
+            f"labgate {self.command} did not start in {timeout:g} s: "
+            f"{self.log_path.read_text()[-3000:]}"
         )
 
     def stop(self, timeout: float = 20) -> None:

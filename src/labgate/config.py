@@ -333,8 +333,9 @@ class Settings(BaseSettings):
         default_factory=list,
         description=(
             "Addresses or networks (CIDR) of proxies in front of the router whose "
-            "X-Forwarded-For the router believes; from anyone else it is dropped. In the "
-            "environment: a JSON list."
+            "X-Forwarded-For the router believes; from anyone else it is dropped. "
+            "`labgate portal` believes its routers' X-Forwarded-* only from these and "
+            "loopback. In the environment: a JSON list."
         ),
     )
     tls_cert_file: Path | None = Field(
@@ -550,6 +551,25 @@ class Settings(BaseSettings):
         description=(
             "Seconds between reconciles: sites remove containers labgate does not know. "
             "0 means only at start-up."
+        ),
+    )
+
+    leader_lease_seconds: float = Field(
+        5.0,
+        ge=0.5,
+        le=300,
+        description=(
+            "`labgate portal` replicas: seconds a replica's lease on the leadership lasts "
+            "(renewed every third of it). When the leader dies, another replica runs culling, "
+            "warm pools, reconciles and the runs' sweep within about this time."
+        ),
+    )
+    replica_id: str = Field(
+        "",
+        max_length=200,
+        description=(
+            "This portal process's name in /readyz, /metrics and the leader lease. "
+            "Empty means <hostname>:<pid>. Give every replica its own."
         ),
     )
 

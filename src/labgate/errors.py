@@ -8,6 +8,7 @@
     ├── Forbidden                403 forbidden / csrf_failed
     ├── NotFound                 404 not_found
     ├── Conflict                 409 conflict / invalid_state
+    │   └── NotLeader            409 not_leader: this portal replica no longer leads
     ├── PayloadTooLarge          413 payload_too_large
     ├── Unprocessable            422 validation_error / weak_password
     ├── QuotaExceeded            429 quota_exceeded
@@ -74,6 +75,12 @@ class Conflict(LabgateError):
 
     status = 409
     default_code = "conflict"
+
+
+class NotLeader(Conflict):
+    """A portal replica that does not (or no longer) lead tried what only the leader does."""
+
+    default_code = "not_leader"
 
 
 class PayloadTooLarge(LabgateError):

@@ -1,4 +1,4 @@
-"""``labgate serve`` (everything in one process) and ``labgate router`` (a router alone).
+"""``labgate serve`` (everything in one process), ``labgate portal`` and ``labgate router``.
 
 In ``serve`` the router owns the public port and the portal (FastAPI under
 uvicorn) listens on a private unix socket behind it; both, and the local
@@ -9,6 +9,12 @@ public port (SO_REUSEPORT) and follow the portal's route stream; a
 
 Stopping serve leaves instances running; the next start re-attaches to them
 and the route table is rebuilt from the database before the first request.
+
+``labgate portal`` is the portal alone (API, UI, the network sites' hub) on
+``host:port``, one of several replicas on one PostgreSQL database: no router
+in process, no sites of its own, and the loops that run once only while it
+leads (:mod:`labgate.scheduler.leader`). Routers (``labgate router``) and
+agents (``labgate agent``) reach it over the network.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from labgate.portal.state import Portal
 from labgate.router import WorkerSupervisor, start_router, worker_config
 from labgate.router.workers import WorkerConfig, run_router_process
 from labgate.security import router_token
-from labgate.startup import check_startup
+from labgate.startup import check_data_dir, check_startup, check_tools_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +187,77 @@ def run(settings: Settings) -> None:
     else:
         uvloop.run(serve(settings))
     log.info("labgate stopped")
+
+
+async def serve_portal(settings: Settings) -> None:
+    """Run one portal replica on ``host:port`` until SIGINT or SIGTERM.
+
+    Refuses SQLite and the ``sites`` setting (:func:`~labgate.portal.app.refuse_unreplicable`)
+    with a :class:`~labgate.errors.ConfigError` before anything listens.
+    """
+    check_data_dir(settings)
+    check_tools_dir(settings)
+    portal = build_portal(settings, replicated=True)
+    app = create_app(settings, portal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        # Routers say who the client is; only loopback and trusted_proxies are believed.
+        proxy_headers=True,
+        forwarded_allow_ips=["127.0.0.1", "::1", *settings.trusted_proxies],
+        lifespan="off",  # run below, so a bad start is one line, not a traceback
+        ws="websockets-sansio",
+        ws_per_message_deflate=False,
+    )
+    server = _PortalServer(config)
+    stop = asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_stop_signal, signum, received, stop)
+    async with app.router.lifespan_context(app):
+        try:
+            listener = config.bind_socket()
+        except SystemExit:  # uvicorn logged why (address in use, no such address)
+            raise ConfigError(
+                f"cannot listen on {settings.host}:{settings.port} (host, port)"
+            ) from None
+        task = asyncio.create_task(server.serve(sockets=[listener]), name="portal")
+        stop_wait = asyncio.create_task(stop.wait())
+        log.info(
+            "labgate portal %s serving on http://%s:%d (%s)",
+            portal.leader.replica,
+            settings.host,
+            listener.getsockname()[1],
+            "leading" if portal.leader.leading else "not leading",
+        )
+        try:
+            await asyncio.wait({stop_wait, task}, return_when=asyncio.FIRST_COMPLETED)
+            log.info(
+                "labgate portal stopping (%s); instances keep running",
+                received[0] if received else "the server ended",
+            )
+        finally:
+            stop_wait.cancel()
+            portal.begin_shutdown()  # the agents' connections close with it: no departures
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await task
+
+
+def run_portal(settings: Settings) -> None:
+    """Entry point of ``labgate portal``."""
+    configure_logging()
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve_portal(settings))
+    else:
+        uvloop.run(serve_portal(settings))
+    log.info("labgate portal stopped")
 
 
 def router_config(settings: Settings, portal_url: str) -> WorkerConfig:

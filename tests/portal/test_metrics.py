@@ -105,14 +105,26 @@ async def test_metrics_need_a_token_and_count_launches(client, make_user, admin_
     assert (await client.get("/metrics", headers=admin_headers)).status_code == 200
 
 
-async def test_readyz(client):
+async def test_readyz(client, app):
     ready = await client.get("/readyz")
     assert ready.status_code == 200
+    replica = app.state.portal.leader.replica
     assert ready.json() == {
         "ready": True,
         "checks": {"database": "ok", "started": "ok", "sites": "ok"},
         "sites": {"local": "ok"},
+        # One process (labgate serve): it always leads.
+        "replica": replica,
+        "leading": True,
+        "leader": replica,
     }
+
+
+async def test_the_only_portal_leads(app, client):
+    text = await scrape(client)
+    replica = app.state.portal.leader.replica
+    assert f'labgate_leader{{replica="{replica}"}} 1.0' in text.splitlines()
+    assert "labgate_leader_term 0.0" in text.splitlines()
 
 
 async def test_an_idle_cull_counts_once(app, client, make_user):

@@ -90,6 +90,7 @@ def root(
 # lists the everyday commands just above the groups.
 COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, serve.serve),
+    (None, serve.portal),
     (None, serve.router),
     (None, agent.agent),
     (None, serve.version),

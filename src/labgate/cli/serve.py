@@ -1,7 +1,8 @@
-"""Server-side commands of the CLI: ``serve``, ``router`` and ``version``.
+"""Server-side commands of the CLI: ``serve``, ``portal``, ``router`` and ``version``.
 
-``serve`` and ``router`` run on the server's machine with its settings; they are
-the only commands that do not talk to a server through the REST API.
+``serve``, ``portal`` and ``router`` run on the server's machine with its
+settings; they are the only commands that do not talk to a server through the
+REST API.
 """
 
 from __future__ import annotations
@@ -30,6 +31,33 @@ def serve(
 
     try:
         run(settings)
+    except UnsafeSetup as exc:
+        fail(f"refusing to start: {exc}")
+
+
+def portal(
+    host: str | None = typer.Option(None, help="Address to listen on (setting `host`)."),
+    port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
+    data_dir: Path | None = typer.Option(
+        None, help="Directory for logs and the secret key (setting `data_dir`)."
+    ),
+) -> None:
+    """Run one portal replica (API, UI, agents' hub) on PostgreSQL; routers and agents apart."""
+    from labgate.datadir import UnsafeSetup
+    from labgate.errors import ConfigError
+    from labgate.startup import load_settings
+
+    settings = load_settings(host=host, port=port, data_dir=data_dir)
+    from labgate.portal.app import refuse_unreplicable
+
+    try:
+        refuse_unreplicable(settings)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    from labgate.serve import run_portal
+
+    try:
+        run_portal(settings)
     except UnsafeSetup as exc:
         fail(f"refusing to start: {exc}")
 

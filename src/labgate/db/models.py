@@ -625,3 +625,19 @@ class InstanceVisit(Base):
     )
     first_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LeaderLease(Base):
+    """Who leads the portal replicas sharing this database, until when (``labgate portal``).
+
+    One row per lease (``scheduler``: the loops that run once). ``term`` goes up
+    by one each time another replica takes the lease; it fences actions of an
+    old leader (:mod:`labgate.scheduler.leader`).
+    """
+
+    __tablename__ = "leader_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200), default="")
+    term: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime] = mapped_column(default=utcnow)

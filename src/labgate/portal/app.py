@@ -60,6 +60,7 @@ from labgate.portal.state import Portal
 from labgate.portal.ui import pages
 from labgate.resolver.locality import DataLocator
 from labgate.scheduler.instances import InstanceManager
+from labgate.scheduler.leader import Leadership, LeaseElection, SoleLeader, default_replica_id
 from labgate.scheduler.reconcile import Reconciler
 from labgate.scheduler.runs import RunProcessor
 from labgate.scheduler.snapshots import SnapshotManager
@@ -102,8 +103,15 @@ def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLi
     return LocalSiteLink(build_site_agent(portal.settings, config, reporter))
 
 
-def build_portal(settings: Settings) -> Portal:
-    """Database, catalog and credentials, ready before the app starts serving."""
+def build_portal(settings: Settings, *, replicated: bool = False) -> Portal:
+    """Database, catalog and credentials, ready before the app starts serving.
+
+    ``replicated`` (``labgate portal``): one of several portal processes on one
+    PostgreSQL database, running no sites of its own and electing a leader for
+    the loops that run once; SQLite is refused.
+    """
+    if replicated:
+        refuse_unreplicable(settings)
     # Refused here, before a database is made, when others could read it or the key is weak.
     prepare_data_dir(settings.data_dir)
     key = settings.signing_key()
@@ -114,7 +122,39 @@ def build_portal(settings: Settings) -> Portal:
     with db.session() as session:
         seal_plain_secrets(session, box)
     routes = RouteFeedHub(catalog, box)
-    return Portal(settings=settings, db=db, catalog=catalog, signer=signer, box=box, routes=routes)
+    replica = settings.replica_id or default_replica_id()
+    leader: Leadership = (
+        LeaseElection(db, replica, settings.leader_lease_seconds)
+        if replicated
+        else SoleLeader(replica)
+    )
+    return Portal(
+        settings=settings,
+        db=db,
+        catalog=catalog,
+        signer=signer,
+        box=box,
+        routes=routes,
+        leader=leader,
+        replicated=replicated,
+    )
+
+
+def refuse_unreplicable(settings: Settings) -> None:
+    """``labgate portal`` needs PostgreSQL and runs no sites of its own: say so in one line."""
+    url = settings.effective_database_url
+    if not url.startswith("postgresql"):
+        raise ConfigError(
+            f"`labgate portal` needs PostgreSQL: set database_url ({env_name('database_url')}) "
+            "to postgresql+psycopg://USER:PASSWORD@HOST/DB; SQLite serves one process only "
+            "(use `labgate serve`)"
+        )
+    if settings.sites:
+        raise ConfigError(
+            f"`labgate portal` runs no sites of its own: remove the setting sites "
+            f"({env_name('sites')}) and add each site with `labgate site add`, its agent "
+            "run by `labgate agent`"
+        )
 
 
 def announce_admin(settings: Settings, password: str) -> None:
@@ -149,11 +189,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     portal: Portal = app.state.portal
     settings = portal.settings
     await first_admin(portal)
+    # Elected before the loops start: a lone replica (and `serve`) leads from the start.
+    await portal.leader.start()
 
     async def reporter(report: Report) -> None:
         await portal.instances.apply(report)
 
-    for site in settings.effective_sites:
+    for site in portal.local_sites:
         await portal.run_db(partial(ensure_site, config=site))
         portal.links[site.name] = start_site(portal, site, reporter)
     portal.manager = InstanceManager(
@@ -185,6 +227,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         api_url=f"{settings.effective_public_url}/api/v1",
         token_key=settings.secret_key.get_secret_value(),
     )
+    processor.leader = portal.leader
+    processor.shared = portal.replicated
     portal.run_processor = processor
     portal.manager.task_reports = lambda report, site: processor.apply(report, site=site)
     await processor.restore()
@@ -197,12 +241,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         storage_per_user=settings.snapshot_storage_per_user,
     )
     # After restore: containers of instances that ended while labgate was down go now.
-    reconciler = Reconciler(portal.db, portal.links, settings.reconcile_interval, portal.snapshots)
-    await reconciler.run_once()
+    reconciler = Reconciler(
+        portal.db, portal.links, settings.reconcile_interval, portal.snapshots, portal.leader
+    )
+    if portal.leader.leading:
+        await reconciler.run_once()
     reconciler.start()
+    portal.leader.on_elected(reconciler.poke)
+    portal.leader.on_elected(ops.pools.poke)
     try:
         yield
     finally:
+        # The loops stop before the lease is handed over: none acts after another leads.
         await ops.close()
         await liveness.close()  # first: the hub's closing connections are no departures
         await replicas.close()
@@ -212,6 +262,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await portal.snapshots.close()
         await processor.close()
         await portal.manager.close()
+        await portal.leader.close()
         if portal.routes is not None:
             portal.routes.table.disconnect_all()
         for link in portal.links.values():

@@ -4,11 +4,14 @@
 ``/readyz`` says it can serve: the database answers, start-up is done (the
 instance manager restored what was running), and every configured site has a
 link. It is 200 with ``{"ready": true, "checks": {...}, "sites": {...}}`` or
-503 with the checks that failed. ``sites`` has each site's health (``ok``, or
-what keeps it from working: its engine does not answer, its agent is away).
-A site that is down fails readiness only when it is ``required``; otherwise
-``checks.sites`` says ``degraded: ...`` and the portal stays in service for
-the other sites.
+503 with the checks that failed. It also names this portal process
+(``replica``), whether it leads (``leading``: it runs the loops that run once,
+:mod:`labgate.scheduler.leader`) and which replica does (``leader``); a
+replica that does not lead is as ready as one that does. ``sites`` has each
+site's health (``ok``, or what keeps it from working: its engine does not
+answer, its agent is away). A site that is down fails readiness only when
+it is ``required``; otherwise ``checks.sites`` says ``degraded: ...`` and the
+portal stays in service for the other sites.
 
 ``/metrics`` is the Prometheus text format (:mod:`labgate.portal.metrics`).
 It needs ``Authorization: Bearer <metrics_token>`` (the setting) or an admin
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -32,14 +36,17 @@ from labgate.portal.auth import optional_principal, token_from_header
 from labgate.portal.metrics import CONTENT_TYPE, Metrics
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
+from labgate.scheduler.leader import Leadership
 
 router = APIRouter(tags=["meta"])
 
 READY_DB_TIMEOUT = 5.0
 
 
-def _ping(session: Session) -> None:
+def _ping(session: Session, leader: Leadership) -> str:
+    """Ask the database something; the replica that leads, as it says."""
     session.execute(text("SELECT 1"))
+    return leader.holder(session)
 
 
 class ReadyOut(BaseModel):
@@ -50,6 +57,11 @@ class ReadyOut(BaseModel):
         default_factory=dict, description="Each site's health: ok, or what is wrong."
     )
     checks: dict[str, str] = Field(description="database, started, sites: ok or the problem.")
+    replica: str = Field(description="This portal process (setting replica_id).")
+    leading: bool = Field(description="Whether this process runs the loops that run once.")
+    leader: str = Field(
+        description="The replica that leads, as the database says (empty: none right now)."
+    )
 
 
 @router.get(
@@ -60,13 +72,16 @@ class ReadyOut(BaseModel):
 async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
     """200 when the portal can serve: database, start-up, sites; 503 with what is wrong."""
     checks: dict[str, Any] = {}
+    leader = ""
     try:
-        await asyncio.wait_for(portal.run_db(_ping), READY_DB_TIMEOUT)
+        leader = await asyncio.wait_for(
+            portal.run_db(partial(_ping, leader=portal.leader)), READY_DB_TIMEOUT
+        )
         checks["database"] = "ok"
     except Exception as exc:  # any failure means not ready; say which
         checks["database"] = f"failed: {exc.__class__.__name__}"
     checks["started"] = "ok" if portal.manager is not None else "starting"
-    configured = portal.settings.effective_sites
+    configured = portal.local_sites
     missing = [s.name for s in configured if s.name not in portal.links]
     sites = await site_health(portal)
     down = [name for name, health in sites.items() if health != "ok"]
@@ -80,7 +95,15 @@ async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
     ready = all(value == "ok" for value in checks.values())
     if ready and down:
         checks["sites"] = f"degraded: {', '.join(down)} down (not required)"
-    body = {"ready": ready, "checks": checks, "sites": sites}
+    status = portal.leader.status()
+    body = {
+        "ready": ready,
+        "checks": checks,
+        "sites": sites,
+        "replica": status.replica,
+        "leading": status.leading,
+        "leader": leader,
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -121,6 +121,19 @@ class _ScrapeTime(Collector):
         info = GaugeMetricFamily("labgate_build_info", "labgate's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
+        status = portal.leader.status()
+        leader = GaugeMetricFamily(
+            "labgate_leader",
+            "1 while this portal process leads (runs culling, warm pools, reconciles), else 0.",
+            labels=["replica"],
+        )
+        leader.add_metric([status.replica], 1 if status.leading else 0)
+        yield leader
+        yield GaugeMetricFamily(
+            "labgate_leader_term",
+            "The leader lease's term this process leads in (0: it does not lead, or never elects).",
+            value=status.term,
+        )
         yield from self._instances(portal)
         yield from self._sites()
         yield from self._router(portal)

@@ -55,15 +55,16 @@ async def start_operations(app: FastAPI, portal: Portal, metrics: Metrics) -> Op
     pools = PoolManager(
         manager,
         settings.pools,
-        default_site=settings.effective_sites[0].name,
+        default_site=portal.local_sites[0].name if portal.local_sites else "",
         interval=settings.pool_check_interval,
         metrics=metrics,
+        leader=portal.leader,
     )
     manager.pools = pools
     metrics.pools = pools
     app.state.pools = pools
     await pools.start()
-    culler = Culler(manager, portal.activity, settings, metrics)
+    culler = Culler(manager, portal.activity, settings, metrics, portal.leader)
     app.state.culler = culler
     culler.start()
     visits = VisitLog(portal)

@@ -60,6 +60,7 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
         hub,
         grace=settings.site_grace_period,
         reconnect_window=settings.site_reconnect_window,
+        shared=portal.replicated,
     )
     hub.events = liveness
     await liveness.start()

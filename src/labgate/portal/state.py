@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import Request
 from sqlalchemy.orm import Session
 
-from labgate.config import Settings
+from labgate.config import Settings, SiteConfig
 from labgate.db.session import Database
 from labgate.identity.base import IdentityProvider, load_providers
 from labgate.passwords import PasswordWorkers
 from labgate.portal.login_limits import LoginLimiter
 from labgate.scheduler.activity import ActivityBoard
 from labgate.scheduler.events import EventBus
+from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.security import InstanceGrants, SecretBox, SessionSigner
 from labgate.tools.catalog import Catalog
 
@@ -50,6 +51,11 @@ class Portal:
     site_hub: SiteHub | None = None
     #: Batch runs (labgate.scheduler.runs), set by the app.
     run_processor: RunProcessor | None = None
+    #: Whether this process runs the loops that run once (labgate.scheduler.leader).
+    leader: Leadership = field(default_factory=SoleLeader)
+    #: One of several portal processes on one database (``labgate portal``): no sites
+    #: of its own, every site a network site whose agent may dial any replica.
+    replicated: bool = False
     passwords: PasswordWorkers = field(init=False)
     login_limits: LoginLimiter = field(init=False)
     #: The identity providers, by name, in the order of the settings.
@@ -78,6 +84,11 @@ class Portal:
         """
         if self.site_hub is not None:
             self.site_hub.draining()
+
+    @property
+    def local_sites(self) -> list[SiteConfig]:
+        """The sites this process runs in process: the settings' (none for a replica)."""
+        return [] if self.replicated else self.settings.effective_sites
 
     @property
     def instances(self) -> InstanceManager:

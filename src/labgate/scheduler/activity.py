@@ -1,10 +1,22 @@
-"""What the routers saw per instance: merged from the in-process router and reports."""
+"""What the routers saw per instance: merged from the in-process router and reports.
+
+Among several portal replicas each router reports to one of them, and only
+the leader culls: a replica therefore also moves each instance's
+``last_activity_at`` up to the last request its routers saw
+(:func:`record_last_use`), which every replica's culler reads.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import cast
 
+from sqlalchemy import Table, bindparam, or_
+from sqlalchemy.orm import Session
+
+from labgate.db.models import Instance
 from labgate.wire.activity import Activity, merge
 from labgate.wire.stats import RouterStats
 
@@ -60,3 +72,26 @@ class ActivityBoard:
             if local is not None:
                 parts.append(local)
         return merge(parts) if parts else None
+
+
+def record_last_use(session: Session, activity: dict[str, Activity]) -> int:
+    """Move ``last_activity_at`` of each instance up to its last request; how many were sent.
+
+    A plain UPDATE that never moves the time back: no row version is read or
+    bumped, so it neither waits for nor undoes a state change made meanwhile.
+    """
+    rows = [
+        {"iid": instance_id, "at": datetime.fromtimestamp(seen.last_request, UTC)}
+        for instance_id, seen in activity.items()
+        if seen.last_request > 0
+    ]
+    if rows:
+        table = cast("Table", Instance.__table__)
+        column = table.c.last_activity_at
+        statement = (
+            table.update()
+            .where(table.c.id == bindparam("iid"), or_(column.is_(None), column < bindparam("at")))
+            .values(last_activity_at=bindparam("at"))
+        )
+        session.connection().execute(statement, rows)
+    return len(rows)

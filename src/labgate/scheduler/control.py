@@ -45,9 +45,14 @@ class InstanceControl(Protocol):
         """A launch was admitted ``queued``: its site's start queue starts it in turn."""
 
     async def stop(
-        self, instance_id: str, *, reason: str = "stopped", message: str = "stop requested"
+        self,
+        instance_id: str,
+        *,
+        reason: str = "stopped",
+        message: str = "stop requested",
+        fence: Callable[[Session], None] | None = None,
     ) -> Instance:
-        """Ask the instance's site to stop it."""
+        """Ask the instance's site to stop it (``fence`` may refuse, in the same transaction)."""
         ...
 
     async def apply(self, report: Report) -> None:

@@ -24,6 +24,11 @@ Every ``cull_interval`` seconds the culler looks at each running instance
 instance's event stream, once per deadline. The stop itself is an ordinary
 stop (TERM, then KILL after ``stop_grace_seconds``) with the reason in the
 event and the usage record; the workspace is never touched.
+
+Among several portal replicas only the leader culls
+(:mod:`labgate.scheduler.leader`): a sweep of any other does nothing, and the
+stop is recorded in a transaction that checks the leader's lease, so an old
+leader that lost it stops nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from labgate.db.models import Group, Instance, InstanceState, UsageRecord
 from labgate.errors import LabgateError
+from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.quotas import lifetime_limit
 from labgate.wire.site import Report
 
@@ -111,16 +117,20 @@ class Culler:
         activity: ActivityBoard,
         settings: Settings,
         metrics: CullMetrics | None = None,
+        leader: Leadership | None = None,
     ) -> None:
         self.manager = manager
         self.activity = activity
         self.settings = settings
         self.metrics = metrics
+        #: Only the leader culls; ``labgate serve`` always leads.
+        self.leader: Leadership = leader or SoleLeader()
         self.started = time.time()
         self._bytes: dict[str, int] = {}
         self._traffic_at: dict[str, float] = {}
         self._warned: dict[str, tuple[str, int]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._term = self.leader.term
 
     def start(self) -> None:
         """Sweep every ``cull_interval`` seconds (never when it is 0)."""
@@ -145,8 +155,15 @@ class Culler:
 
     # --- one sweep -----------------------------------------------------------------
     async def sweep(self, now: float | None = None) -> list[str]:
-        """Warn about and stop what is due; returns the ids stopped."""
+        """Warn about and stop what is due; returns the ids stopped (none unless leading)."""
+        if not self.leader.leading:
+            return []
         now = time.time() if now is None else now
+        if self.leader.term != self._term:
+            # A replica that just began leading saw only the activity routers sent it:
+            # like a restart, every instance gets a full idle period from now.
+            self._term = self.leader.term
+            self.started = now
         watches = await self.manager.run_db(self._running)
         stopped = []
         for watch in watches:
@@ -154,9 +171,9 @@ class Culler:
             if deadline is None:
                 continue
             if now >= deadline.at:
-                if await self._cull(watch, deadline):
+                if self.leader.leading and await self._cull(watch, deadline):
                     stopped.append(watch.id)
-            elif now >= deadline.at - self.settings.cull_warning:
+            elif now >= deadline.at - self.settings.cull_warning and self.leader.leading:
                 await self._warn(watch, deadline, now)
         alive = {watch.id for watch in watches}
         for table in (self._bytes, self._traffic_at, self._warned):
@@ -268,9 +285,14 @@ class Culler:
     async def _cull(self, watch: Watch, deadline: Deadline) -> bool:
         log.info("culling %s of %s: %s", watch.id, watch.owner, deadline.message)
         try:
-            await self.manager.stop(watch.id, reason=deadline.reason, message=deadline.message)
+            await self.manager.stop(
+                watch.id,
+                reason=deadline.reason,
+                message=deadline.message,
+                fence=self.leader.fence,
+            )
         except LabgateError:
-            return False  # stopped meanwhile
+            return False  # stopped meanwhile, or this replica no longer leads
         if self.metrics is not None:
             self.metrics.culled(deadline.reason)
         return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
@@ -29,6 +30,7 @@ from labgate.db.models import (
     Instance,
     InstanceEvent,
     InstanceState,
+    SiteKind,
     utcnow,
     with_owner_and_site,
 )
@@ -103,6 +105,8 @@ class InstanceManager:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Where sites' reports on batch task attempts go (labgate.scheduler.runs), set by the app.
         self.task_reports: Callable[[Report, str | None], Awaitable[None]] | None = None
+        #: When this process last sent each instance's stop to a connected site (monotonic).
+        self.stops_sent: dict[str, float] = {}
         #: Each site's start queue (labgate.scheduler.startqueue).
         self.queue = StartQueue(self, fairness=fairness, notify=events.notify)
 
@@ -225,14 +229,27 @@ class InstanceManager:
 
     # --- stop --------------------------------------------------------------
     async def stop(
-        self, instance_id: str, *, reason: str = "stopped", message: str = "stop requested"
+        self,
+        instance_id: str,
+        *,
+        reason: str = "stopped",
+        message: str = "stop requested",
+        fence: Callable[[Session], None] | None = None,
     ) -> Instance:
         """Ask the instance's site to stop it; returns it in ``stopping``.
 
         ``reason`` is the short word usage records keep (``stopped``, ``idle``,
-        ``lifetime``...); ``message`` goes into the event stream.
+        ``lifetime``...); ``message`` goes into the event stream. ``fence``
+        runs first in the transaction that records the stop and may refuse it
+        (the leader's lease, :mod:`labgate.scheduler.leader`).
         """
-        instance = await self.run_db(lambda s: self._begin_stop(s, instance_id, reason, message))
+
+        def begin(session: Session) -> Instance:
+            if fence is not None:
+                fence(session)
+            return self._begin_stop(session, instance_id, reason, message)
+
+        instance = await self.run_db(begin)
         self.changed(instance)
         if instance.state.terminal:
             return instance  # it left the start queue: nothing ever reached its site
@@ -241,6 +258,10 @@ class InstanceManager:
             # Even a pending instance may be inside backend.start right now:
             # the agent waits for that and stops whatever it started.
             self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
+        elif instance.site is not None and instance.site.kind == SiteKind.network:
+            # A network site another portal replica learnt of first: the replica its
+            # agent is connected to sends the stop (labgate.scheduler.liveness).
+            log.info("instance %s stays stopping until its site's agent gets the stop", instance.id)
         else:
             await self.apply(Report(instance.id, "stopped", message="stopped before it started"))
         return instance
@@ -249,6 +270,8 @@ class InstanceManager:
         self, link: SiteLink, instance_id: str, backend_state: dict[str, Any]
     ) -> None:
         """Send a stop; a site that is away gets it again when its agent returns."""
+        if link.live:
+            self.stops_sent[instance_id] = time.monotonic()
         try:
             await link.stop(instance_id, backend_state)
         except LabgateError as exc:

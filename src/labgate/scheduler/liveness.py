@@ -31,6 +31,13 @@ each heartbeat). So a portal that starts, or whose agent moved to another
 portal, marks nothing unreachable or lost; one that starts while the row
 only looks fresh (a portal that held the site just died) checks again once
 that time has passed.
+
+Among ``labgate portal`` replicas (``shared``) each also makes, every
+heartbeat interval, links for the network sites another replica added (and
+drops the removed ones), and sends the stop of every ``stopping`` instance of
+the sites connected to it that it has not sent itself in the last four
+``site_command_timeout`` (a stop recorded where the agent is not connected:
+the leader's culler, say).
 """
 
 from __future__ import annotations
@@ -81,11 +88,15 @@ class SiteLiveness:
         *,
         grace: float,
         reconnect_window: float = 0.0,
+        shared: bool = False,
     ) -> None:
         self.manager = manager
         self.hub = hub
         self.grace = grace
         self.reconnect_window = reconnect_window
+        #: Other portal replicas share the sites' agents (``labgate portal``).
+        self.shared = shared
+        self._relays: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.Task[None]] = {}
         #: One change of a site's connection at a time: a quick reconnect's reconcile
         #: must not run before (or under) the previous connection's departure.
@@ -144,7 +155,7 @@ class SiteLiveness:
     async def close(self) -> None:
         """Stop the timers and stop taking disconnects (instances stay as they are)."""
         self._closed = True
-        tasks = [*self._timers.values()]
+        tasks = [*self._timers.values(), *self._relays]
         if self._flusher is not None:
             tasks.append(self._flusher)
         for task in tasks:
@@ -325,6 +336,49 @@ class SiteLiveness:
                     await self.manager.run_db(partial(_record_beats, beats=beats))
                 except Exception:
                     log.exception("recording site heartbeats failed")
+            if self.shared:
+                try:
+                    await self.sync_sites()
+                    await self.relay_stops()
+                except Exception:
+                    log.exception("following the other replicas' sites and stops failed")
+
+    async def sync_sites(self) -> None:
+        """Make links for network sites another replica added; drop those it removed."""
+        rows = await self.manager.run_db(_network_sites)
+        for name, (backend, reach) in rows.items():
+            await self.hub.register(name, backend, reach)
+        for name, link in list(self.manager.links.items()):
+            if isinstance(link, NetworkSiteLink) and name not in rows:
+                await self.hub.forget(name)
+
+    async def relay_stops(self) -> list[str]:
+        """Send the stops of ``stopping`` instances on sites connected here; the ids sent."""
+        live = {
+            name: link
+            for name, link in self.manager.links.items()
+            if isinstance(link, NetworkSiteLink) and link.live
+        }
+        if not live:
+            return []
+        rows = await self.manager.run_db(partial(_stopping_on, sites=list(live)))
+        sent, now = [], time.monotonic()
+        again = 4 * self.hub.command_timeout
+        stops = self.manager.stops_sent
+        stopping = {row[0] for row in rows}
+        for instance_id in [i for i in stops if i not in stopping]:
+            del stops[instance_id]
+        for instance_id, site, backend_state in rows:
+            if now - stops.get(instance_id, -again) < again:
+                continue
+            stops[instance_id] = now
+            task = asyncio.create_task(
+                self.manager.stop_at_site(live[site], instance_id, backend_state)
+            )
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
+            sent.append(instance_id)
+        return sent
 
 
 # --- database work (worker threads) -----------------------------------------------
@@ -407,3 +461,21 @@ def _unfinished_on(session: Session, name: str) -> list[Instance]:
 def _record_beats(session: Session, beats: dict[str, float]) -> None:
     for site in session.scalars(select(Site).where(Site.name.in_(list(beats)))):
         site.last_seen_at = datetime.fromtimestamp(beats[site.name], UTC)
+
+
+def _stopping_on(session: Session, sites: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, site, backend state) of the ``stopping`` instances of ``sites``."""
+    rows = session.execute(
+        select(Instance.id, Site.name, Instance.backend_state)
+        .join(Site, Instance.site_id == Site.id)
+        .where(Site.name.in_(sites), Instance.state == InstanceState.stopping)
+    )
+    return [(iid, name, dict(state or {})) for iid, name, state in rows]
+
+
+def _network_sites(session: Session) -> dict[str, tuple[str, str]]:
+    """(backend, reach) of every network site, by name."""
+    rows = session.execute(
+        select(Site.name, Site.backend, Site.reach).where(Site.kind == "network")
+    )
+    return {name: (backend, reach) for name, backend, reach in rows}

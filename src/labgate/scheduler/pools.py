@@ -23,6 +23,11 @@ started: its launches are cold, and ``labgate doctor`` says why. A pool
 whose instances keep failing to start backs off (5 s doubling to 5 min).
 An instance still marked with a pool but owned by a user was interrupted
 mid-claim (a restart): it is stopped at start-up, never shown half-claimed.
+
+Among several portal replicas every replica hands pool instances to its
+launches, but only the leader (:mod:`labgate.scheduler.leader`) refills,
+shrinks and tidies the pools, each new pool instance recorded in a
+transaction that checks the leader's lease.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import live_sites
@@ -53,6 +59,7 @@ from labgate.db.models import (
 )
 from labgate.errors import LabgateError
 from labgate.scheduler import accounting
+from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.placement import Placement, choose_site
 from labgate.scheduler.sites import site_views
 from labgate.scheduler.startqueue import pool_may_start
@@ -123,10 +130,15 @@ class PoolManager:
         default_site: str,
         interval: float = 10.0,
         metrics: LaunchMetrics | None = None,
+        leader: Leadership | None = None,
     ) -> None:
         self.manager = manager
         self.interval = interval
         self.metrics = metrics
+        #: Only the leader refills and tidies; ``labgate serve`` always leads.
+        self.leader: Leadership = leader or SoleLeader()
+        #: The leader's term this manager last tidied up in (None: never).
+        self._tidied: int | None = None
         self.pools = [Pool(c.tool, c.site or default_site, c.size) for c in configs]
         self.user_id: int | None = None
         self._wake = asyncio.Event()
@@ -145,14 +157,26 @@ class PoolManager:
             pool.disabled = self._why_not(pool)
             if pool.disabled is not None:
                 log.warning("warm pool %s is not kept: %s", pool.key, pool.disabled)
-        self.user_id = await self.manager.run_db(ensure_pool_user)
+        try:
+            self.user_id = await self.manager.run_db(ensure_pool_user)
+        except IntegrityError:  # another replica made it at the same moment
+            self.user_id = await self.manager.run_db(ensure_pool_user)
+        if self.leader.leading:
+            await self._tidy()
+        if self.active:
+            self._task = asyncio.create_task(self._run(), name="warm-pools")
+
+    async def _tidy(self) -> None:
+        """Stop the instances of pools no longer kept and claims a restart interrupted."""
+        self._tidied = self.leader.term
         for instance_id in await self.manager.run_db(self._leftovers):
             with contextlib.suppress(LabgateError):
                 await self.manager.stop(
-                    instance_id, reason="pool_removed", message="no longer part of a warm pool"
+                    instance_id,
+                    reason="pool_removed",
+                    message="no longer part of a warm pool",
+                    fence=self.leader.fence,
                 )
-        if self.active:
-            self._task = asyncio.create_task(self._run(), name="warm-pools")
 
     def _why_not(self, pool: Pool) -> str | None:
         tool = self.manager.catalog.get(pool.tool)
@@ -294,7 +318,11 @@ class PoolManager:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 
     async def refill(self) -> None:
-        """Start what each pool lacks; stop what it has too many of."""
+        """Start what each pool lacks; stop what it has too many of (the leader only)."""
+        if not self.leader.leading:
+            return
+        if self._tidied != self.leader.term:
+            await self._tidy()  # this replica just began leading
         counts, failures = await self.manager.run_db(self._census)
         now = time.monotonic()
         for pool in self.active:
@@ -303,7 +331,9 @@ class PoolManager:
             if missing < 0:
                 for instance_id in have[missing:]:
                     with contextlib.suppress(LabgateError):
-                        await self.manager.stop(instance_id, reason="pool_shrunk")
+                        await self.manager.stop(
+                            instance_id, reason="pool_shrunk", fence=self.leader.fence
+                        )
                 continue
             streak = failures.get(pool.key, 0)
             if streak:
@@ -351,7 +381,8 @@ class PoolManager:
         return counts, failures
 
     def _admit(self, session: Session, pool: Pool) -> str:
-        """Record a new pool instance on the pool's site (capacity permitting)."""
+        """Record a new pool instance on the pool's site (capacity permitting; leader only)."""
+        self.leader.fence(session)
         tool = self.manager.catalog.get(pool.tool)
         if tool is None:
             raise LabgateError(f"pool {pool.key}: tool {pool.tool} is not in the catalog")

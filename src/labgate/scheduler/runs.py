@@ -49,6 +49,7 @@ from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, Task
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
+from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
 from labgate.scheduler.runresults import Pending, ResultCollector, log_path
 from labgate.scheduler.runrows import Viewer
@@ -107,6 +108,11 @@ class RunProcessor:
         self._sweeper: asyncio.Task[None] | None = None
         #: Brings succeeded attempts' files from their sites (and keeps the pending ones).
         self.results = ResultCollector(links, results_dir)
+        #: Only the leader gives up on the attempts of sites that stay away.
+        self.leader: Leadership = SoleLeader()
+        #: Other portal processes share the sites' connections (``labgate portal``): a
+        #: site away from this one may be connected to another, so only its row says away.
+        self.shared = False
 
     async def run_db(self, fn: Callable[[Session], T]) -> T:
         """Run ``fn`` in a transaction in a worker thread (:meth:`Database.transact`)."""
@@ -517,7 +523,7 @@ class RunProcessor:
             elif link.live:
                 with contextlib.suppress(LabgateError):
                     await link.adopt_task(attempt_id)
-            elif self._away_for(site, away.get(site), now) > self.grace:
+            elif self.leader.leading and self._away_for(site, away.get(site), now) > self.grace:
                 self._orphans[attempt_id] = site
                 message = f"site {site} did not come back within {self.grace:g} s"
                 await self.apply(Report(attempt_id, "lost", kind="task", message=message))
@@ -538,6 +544,8 @@ class RunProcessor:
         """Seconds ``site`` has been away (from its row, else since this process saw it)."""
         if since is not None:
             return (now - since).total_seconds()
+        if self.shared:
+            return 0.0
         first = self._away_seen.setdefault(site, time.monotonic())
         return time.monotonic() - first
 

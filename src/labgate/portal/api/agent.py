@@ -95,5 +95,8 @@ async def agent_connect(websocket: WebSocket) -> None:
         log.warning("agent connection from %s refused: no network site has that token", client)
         await websocket.close(code=4401)
         return
+    if site.name not in portal.links:
+        # Added through another portal replica since this one started.
+        await hub.register(site.name, site.backend, site.reach)
     await websocket.accept()
     await hub.serve(site, WebSocketChannel(websocket))

@@ -9,6 +9,7 @@ upstream secret, so no user's token or session, an admin's included, may read it
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response
@@ -18,6 +19,7 @@ from pydantic import Field
 from labgate.portal.auth import Principal, router_caller
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
+from labgate.scheduler.activity import record_last_use
 from labgate.types import Strict
 from labgate.wire.activity import Activity
 from labgate.wire.stats import RouterStats
@@ -85,6 +87,9 @@ async def report_activity(
     """Record one router process's activity per instance (it drives idle culling)."""
     parsed = {key: Activity.from_dict(value.model_dump()) for key, value in body.activity.items()}
     portal.activity.report(body.worker, parsed, time.time())
+    if portal.replicated:
+        # The leader, which culls, may be another replica: it reads the database.
+        await portal.run_db(partial(record_last_use, activity=parsed))
     if body.stats is not None:
         portal.activity.report_stats(body.worker, RouterStats.from_dict(body.stats.model_dump()))
     return Response(status_code=204)

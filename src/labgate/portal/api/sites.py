@@ -182,7 +182,7 @@ def launch_choices(
 ) -> dict[str, Any]:
     """What users may choose at launch on a site, in its backend's words (none if unknown)."""
     if not network:  # a site of the settings: its options are there
-        config = next((s for s in portal.settings.effective_sites if s.name == name), None)
+        config = next((s for s in portal.local_sites if s.name == name), None)
         options = config.options if config is not None else {}
     try:
         return backend_class(backend).launch_choices(options)
@@ -273,7 +273,7 @@ async def add_site(
     options = check_backend(body.backend, body.options)
     token = new_site_token()
     exists = Conflict(f"a site called {body.name!r} exists", code="site_exists")
-    if any(site.name == body.name for site in portal.settings.effective_sites):
+    if any(site.name == body.name for site in portal.local_sites):
         raise exists
 
     def create(session: Session) -> SiteOut:
