@@ -253,3 +253,35 @@ async def test_sharing_through_one_replica_reaches_a_router_following_another(
         r = await client_a.delete("/api/v1/groups/team/members/bob", headers=admin)
         assert r.status_code == 204
         await wait_until(lambda: not table.routes[instance_id].allows(bob_id), timeout=2.0)
+
+
+async def test_two_portals_admitting_into_one_group_never_go_over_its_limit(pair) -> None:
+    """Launches of a group's members through both portals at once: at most its limit runs."""
+    a, b = pair
+    async with (
+        httpx.AsyncClient(base_url=a.state.test_url, timeout=60) as on_a,
+        httpx.AsyncClient(base_url=b.state.test_url, timeout=60) as on_b,
+    ):
+        admin = await token_for(on_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        made = await on_a.post(
+            "/api/v1/groups", json={"name": "lab", "limits": {"instances": 3}}, headers=admin
+        )
+        assert made.status_code == 201, made.text
+        members = [f"m{n}" for n in range(8)]
+        for name in members:
+            created = await on_a.post(
+                "/api/v1/users", json={"name": name, "password": "member-password-1"}, headers=admin
+            )
+            assert created.status_code == 201, created.text
+            await on_a.put(f"/api/v1/groups/lab/members/{name}", headers=admin)
+        tokens = [await token_for(on_a, name, "member-password-1") for name in members]
+
+        async def launch(n: int) -> int:
+            client = on_a if n % 2 else on_b
+            answer = await client.post(
+                "/api/v1/instances", json={"tool": "demo", "group": "lab"}, headers=tokens[n]
+            )
+            return answer.status_code
+
+        codes = await asyncio.gather(*(launch(n) for n in range(len(members))))
+    assert sorted(codes) == [202] * 3 + [429] * 5, codes

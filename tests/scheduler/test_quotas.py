@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import timedelta
 from typing import Any
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
 from labgate.db.models import Instance, InstanceState, Site, UsageRecord, User, utcnow
+from labgate.errors import QuotaExceeded
+from labgate.scheduler import quotas
 from labgate.security import new_id
+from labgate.wire.launch import Resources
 
 
 def hold(app: Any, user: str, cpu: float = 1.0, memory: int = 1024**3, group: str = "") -> None:
@@ -187,3 +192,75 @@ async def test_simultaneous_launches_never_overshoot_a_limit(app, client, make_u
         )
     )
     assert held == 3
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(
+    not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
+    reason="row locks need PostgreSQL: set LABGATE_TEST_DB_URL (docs/development.md)",
+)
+async def test_a_group_admission_waits_for_another_open_admission_into_the_group(
+    app, client, make_user, admin_headers
+):
+    """Another portal process admitting into a group counts only after the first commits.
+
+    Each process orders its own launches; across processes the group's row lock
+    does, or two portals each see room for one and both admit.
+    """
+    await make_user("carol")
+    await make_user("dan")
+    made = await client.post(
+        "/api/v1/groups", json={"name": "lab", "limits": {"instances": 1}}, headers=admin_headers
+    )
+    assert made.status_code == 201, made.text
+    for user in ("carol", "dan"):
+        await client.put(f"/api/v1/groups/lab/members/{user}", headers=admin_headers)
+    db, defaults = app.state.portal.db, app.state.portal.instances.user_defaults()
+    asked = Resources(cpu=0.5, memory=256 * 1024**2)
+
+    def admit_as(session: Any, name: str) -> str:
+        user = session.scalar(select(User).where(User.name == name))
+        try:
+            quotas.admit(session, defaults, user, asked, "lab")
+        except QuotaExceeded:
+            return "refused"
+        return "admitted"
+
+    first = db.sessionmaker()
+    try:
+        assert admit_as(first, "carol") == "admitted"  # carol's launch, not yet committed
+
+        def second() -> str:
+            with db.sessionmaker() as session:
+                return admit_as(session, "dan")
+
+        dan = asyncio.create_task(asyncio.to_thread(second))
+        await asyncio.sleep(0.5)
+        assert not dan.done()  # waiting for the group's row
+        carol = first.scalar(select(User).where(User.name == "carol"))
+        site = first.scalar(select(Site))
+        instance = Instance(
+            id=new_id(),
+            owner_id=carol.id,
+            tool="demo",
+            site=site,
+            state=InstanceState.pending,
+            resources=asked.as_json(),
+        )
+        first.add(instance)
+        first.add(
+            UsageRecord(
+                instance_id=instance.id,
+                user_id=carol.id,
+                user_name="carol",
+                group_name="lab",
+                tool="demo",
+                site=site.name,
+                cpu=asked.cpu,
+                memory=asked.memory,
+            )
+        )
+        first.commit()
+    finally:
+        first.close()
+    assert await asyncio.wait_for(dan, 10) == "refused"

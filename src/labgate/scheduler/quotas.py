@@ -290,6 +290,9 @@ def admit(
         mine = [named]
     first_refusal: QuotaExceeded | None = None
     for candidate in mine:
+        # Row-locked until the launch commits: another portal process admitting
+        # into this group counts after it (in-process launches are ordered anyway).
+        session.execute(select(Group.id).where(Group.id == candidate.id).with_for_update())
         try:
             check(
                 f"group {candidate.name}",
