@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from labgate.agent.convert import tool_json
 from labgate.agent.hub import SiteHub
 from labgate.agent.network import NetworkSiteLink, Relay
-from labgate.db.models import Instance, Site
+from labgate.db.models import ACTIVE_STATES, Instance, Site
 from labgate.portal.state import Portal
 from labgate.scheduler.liveness import SiteLiveness
 from labgate.security import TunnelTickets
@@ -33,6 +33,21 @@ def network_sites(session: Session) -> list[tuple[str, str, str]]:
         select(Site.name, Site.backend, Site.reach).where(Site.kind == "network")
     )
     return [(name, backend, reach) for name, backend, reach in rows]
+
+
+def tunneled_instances(session: Session) -> list[Instance]:
+    """The active instances of network sites reached through the tunnel."""
+    rows = session.scalars(
+        select(Instance)
+        .join(Site, Instance.site_id == Site.id)
+        .where(
+            Site.kind == "network",
+            Site.reach == "tunnel",
+            Instance.state.in_(ACTIVE_STATES),
+        )
+        .options(selectinload(Instance.site))
+    )
+    return list(rows)
 
 
 async def start_network_sites(portal: Portal, relay: Relay | None = None) -> SiteLiveness:
@@ -55,6 +70,10 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
         await hub.register(name, backend, reach)
     if portal.routes is not None:
         portal.routes.upstream_of = lambda instance: tunnel_upstream(portal, instance)
+        # The table was loaded before these links existed: a tunneled site's instances
+        # are reached through its tunnel, never at endpoints nothing can connect to.
+        for instance in await portal.run_db(tunneled_instances):
+            portal.routes.instance_changed(instance)
     liveness = SiteLiveness(
         manager,
         hub,
