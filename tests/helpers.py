@@ -389,3 +389,12 @@ def recorded_instance(app: Any, state: str = "pending", **fields: Any) -> str:
 
     app.state.portal.db.transact(add)
     return instance_id
+
+
+#: Tests that need PostgreSQL itself (row locks, NOTIFY): skipped, saying how, elsewhere.
+needs_postgres = pytest.mark.skipif(
+    not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
+    reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
+    "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
+    "(docs/development.md)",
+)

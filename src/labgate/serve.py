@@ -25,8 +25,9 @@ import logging
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -177,16 +178,21 @@ def _on_stop_signal(signum: signal.Signals, received: list[str], stop: asyncio.E
     stop.set()
 
 
-def run(settings: Settings) -> None:
-    """Entry point of ``labgate serve``."""
+def _run_in_loop(main: Coroutine[Any, Any, None], stopped: str) -> None:
+    """Run ``main`` on uvloop (asyncio without it) with labgate's logging; log ``stopped``."""
     configure_logging()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(settings))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(settings))
-    log.info("labgate stopped")
+        uvloop.run(main)
+    log.info(stopped)
+
+
+def run(settings: Settings) -> None:
+    """Entry point of ``labgate serve``."""
+    _run_in_loop(serve(settings), "labgate stopped")
 
 
 async def serve_portal(settings: Settings) -> None:
@@ -250,14 +256,7 @@ async def serve_portal(settings: Settings) -> None:
 
 def run_portal(settings: Settings) -> None:
     """Entry point of ``labgate portal``."""
-    configure_logging()
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve_portal(settings))
-    else:
-        uvloop.run(serve_portal(settings))
-    log.info("labgate portal stopped")
+    _run_in_loop(serve_portal(settings), "labgate portal stopped")
 
 
 def router_config(settings: Settings, portal_url: str) -> WorkerConfig:

@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
 
+from helpers import needs_postgres
 from labgate.db.changes import CHANNEL, MAX_PAYLOAD, Change, announce_changes, decode, encode
 from labgate.db.listen import ChangeListener, libpq_url
 from labgate.db.models import ApiToken, RevokedSession, User, utcnow
 from labgate.db.session import Database
-
-ON_POSTGRES = os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql")
-needs_postgres = pytest.mark.skipif(
-    not ON_POSTGRES,
-    reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
-    "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
-    "(docs/development.md)",
-)
 
 
 def test_many_changes_split_into_payloads_postgres_takes() -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from helpers import ADMIN_PASSWORD, replica, token_for, wait_for_state
+from helpers import ADMIN_PASSWORD, needs_postgres, replica, token_for, wait_for_state
 from labgate.config import Settings
 from labgate.portal.api import instances as instances_api
 from labgate.router.server import Router, start_router
@@ -31,12 +30,7 @@ from labgate.wire.routes import RouteTable
 
 pytestmark = [
     pytest.mark.postgres,
-    pytest.mark.skipif(
-        not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
-        reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
-        "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
-        "(docs/development.md)",
-    ),
+    needs_postgres,
 ]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from sqlalchemy import func, select
 
 from helpers import (
     ADMIN_PASSWORD,
+    needs_postgres,
     replica,
     serving,
     stop_everything,
@@ -36,12 +36,7 @@ from site_agents import remote_agent
 
 pytestmark = [
     pytest.mark.postgres,
-    pytest.mark.skipif(
-        not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
-        reason="needs PostgreSQL: apt-get install postgresql, pg_ctlcluster 15 main start, "
-        "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
-        "(docs/development.md)",
-    ),
+    needs_postgres,
 ]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from helpers import needs_postgres
 from labgate.db.models import Instance, InstanceState, Site, UsageRecord, User, utcnow
 from labgate.errors import QuotaExceeded
 from labgate.scheduler import quotas
@@ -195,10 +195,7 @@ async def test_simultaneous_launches_never_overshoot_a_limit(app, client, make_u
 
 
 @pytest.mark.postgres
-@pytest.mark.skipif(
-    not os.environ.get("LABGATE_TEST_DB_URL", "").startswith("postgresql"),
-    reason="row locks need PostgreSQL: set LABGATE_TEST_DB_URL (docs/development.md)",
-)
+@needs_postgres
 async def test_a_group_admission_waits_for_another_open_admission_into_the_group(
     app, client, make_user, admin_headers
 ):
