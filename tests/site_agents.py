@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +38,28 @@ def make_agent_for(
 
 
 @contextlib.asynccontextmanager
-async def remote_agent(portal_url: str, token: str, data_dir: Path) -> AsyncIterator[RemoteAgent]:
-    """A RemoteAgent dialing ``portal_url`` until the block ends (instances are left running)."""
+async def remote_agent(
+    portal_url: str,
+    token: str,
+    data_dir: Path,
+    prepare: Callable[[SiteAgent], None] | None = None,
+) -> AsyncIterator[RemoteAgent]:
+    """A RemoteAgent dialing ``portal_url`` until the block ends (instances are left running).
+
+    ``prepare`` is given each site agent it makes (a test changes its backend there).
+    """
     settings = site_settings(data_dir)
+
+    def make(welcome: Any, reporter: Any) -> SiteAgent:
+        agent = make_agent_for(settings, welcome.site, reporter)
+        if prepare is not None:
+            prepare(agent)
+        return agent
+
     remote = RemoteAgent(
         portal_url,
         token,
-        lambda welcome, reporter: make_agent_for(settings, welcome.site, reporter),
+        make,
         reconnect_base=0.05,
         reconnect_max=0.3,
     )

@@ -31,6 +31,7 @@ from labgate.tools.catalog import Tool
 from labgate.wire.agent import Heartbeat, Hello, Welcome
 from labgate.wire.launch import SnapshotRequest
 from labgate.wire.site import Report
+from servers import processes_with_env
 from site_agents import make_agent_for, site_settings
 
 
@@ -518,6 +519,23 @@ async def test_a_start_cut_short_by_closing_the_agent_is_recorded_and_adopted(
         await recorder.wait_state("cut1", "stopped")
     finally:
         await again.close()
+
+
+async def test_a_stop_without_a_state_removes_the_instance_by_its_id(tmp_path, demo) -> None:
+    """A start whose state was never recorded (its agent was killed) is found by its id."""
+    recorder = Recorder()
+    settings = site_settings(tmp_path / "site")
+    killed = make_agent_for(settings, "edge", recorder.report)
+    await killed.backend.start(spec_of(demo, "orphan1"))  # the state reaches no one
+    assert processes_with_env("LABGATE_INSTANCE_ID", "orphan1")
+    link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
+    try:
+        await link.stop("orphan1", {})
+        await recorder.wait_state("orphan1", "stopped")
+        assert not processes_with_env("LABGATE_INSTANCE_ID", "orphan1")
+    finally:
+        await link.close()
+        await killed.backend.close()
 
 
 async def test_an_unreadable_saved_state_is_reported_lost(tmp_path, demo) -> None:

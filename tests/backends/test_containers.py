@@ -477,6 +477,26 @@ async def test_reconcile_runs_every_interval(app: Any, engine: Engine, deploymen
         await reconciler.close()
 
 
+async def test_discard_removes_the_instances_container_by_its_label(
+    app: Any, engine: Engine, deployment: str
+) -> None:
+    """A start whose container id was never recorded: found by its instance label."""
+    box = app.state.portal.links["box"].agent.backend
+    left = orphan(engine, deployment, "cut-short")
+    other_site = orphan(engine, deployment, "cut-short", site="other")
+    other_labgate = orphan(engine, f"{deployment}-x", "cut-short")
+    try:
+        await box.discard("cut-short", 1)
+        with pytest.raises(NotFound):
+            engine.client.containers.get(left.id)
+        for kept in (other_site, other_labgate):
+            assert engine.client.containers.get(kept.id).status == "running"
+        await box.discard("cut-short", 1)  # nothing there is fine
+    finally:
+        for container in (other_site, other_labgate):
+            container.remove(force=True)
+
+
 def _backend_state(session: Any, iid: str) -> dict[str, Any]:
     from labgate.db.models import Instance
 

@@ -3,7 +3,8 @@
 An agent that goes away leaves its jobs running or queued; a new agent (a
 restarted ``labgate agent`` or portal) adopts them from the saved state alone:
 a running one is watched again, a queued one is followed until it runs and
-becomes healthy. Jobs of the site that nobody knows are cancelled by reconcile.
+becomes healthy. Jobs of the site that nobody knows are cancelled by reconcile, and a
+stop without a state cancels the instance's job by its name.
 """
 
 from __future__ import annotations
@@ -82,6 +83,26 @@ async def test_reconcile_cancels_jobs_nobody_knows(make_agent, demo, slurm) -> N
     other.attach("elsewhere")
     assert await other.reconcile(set()) == []
     await fresh.stop(kept.instance_id, seen.saved(kept.instance_id)[0])
+    await fresh.close()
+
+
+async def test_a_stop_without_a_state_cancels_the_job_by_its_name(make_agent, demo, slurm) -> None:
+    """The job id never reached the portal (its agent was killed): the job's name finds it."""
+    agent, seen = make_agent()
+    cut, other = spec_of(demo), spec_of(demo)
+    for spec in (cut, other):
+        agent.launch(spec)
+        await seen.wait(spec.instance_id, "running")
+    await agent.close()
+    fresh, heard = make_agent()
+    await fresh.stop(cut.instance_id, {})
+    await heard.wait(cut.instance_id, "stopped")
+    deadline = time.monotonic() + 20
+    while f"labgate-{SITE}-{cut.instance_id}" in slurm.run("squeue", "-h", "-o", "%j"):
+        assert time.monotonic() < deadline, "the job is still there"
+        await asyncio.sleep(0.2)
+    assert f"labgate-{SITE}-{other.instance_id}" in slurm.run("squeue", "-h", "-o", "%j")
+    await fresh.stop(other.instance_id, seen.saved(other.instance_id)[0])
     await fresh.close()
 
 

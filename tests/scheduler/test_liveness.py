@@ -17,10 +17,14 @@ import pytest
 from sqlalchemy import select
 
 from helpers import ADMIN_PASSWORD, serving, stop_everything, token_for, wait_for_state
+from labgate.agent import site as site_module
+from labgate.agent.site import SiteAgent
+from labgate.backends.base import LaunchSpec, Started
 from labgate.backends.registry import load_backend
 from labgate.config import Settings
 from labgate.db.models import Instance, InstanceEvent, InstanceState
 from labgate.wire.site import Report
+from servers import processes_with_env
 from site_agents import remote_agent
 
 
@@ -173,6 +177,41 @@ async def test_a_stop_while_the_site_is_away_is_done_when_it_returns(
         await wait_for_state(client, admin_headers, iid, {"stopped"})
     if pid:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+async def test_an_agent_killed_inside_a_start_leaves_nothing_running(
+    app, client, admin_headers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The tool ran but its state never left the agent: failed, with its processes gone."""
+    monkeypatch.setattr(site_module, "INTERRUPTED_START_WAIT", 0.1)
+    started = asyncio.Event()
+
+    def dies_inside_start(agent: SiteAgent) -> None:
+        real_start = agent.backend.start
+
+        async def start(spec: LaunchSpec) -> Started:
+            await real_start(spec)  # the tool runs...
+            started.set()
+            await asyncio.Event().wait()  # ...and the agent is gone before it says so
+            raise AssertionError("unreachable")
+
+        agent.backend.start = start  # type: ignore[method-assign]
+
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge", dies_inside_start):
+        await wait_site(client, admin_headers, "connected")
+        iid = await launch_on_edge(client, admin_headers)
+        await asyncio.wait_for(started.wait(), 20)
+    assert processes_with_env("LABGATE_INSTANCE_ID", iid)
+    assert not (await row(app, iid)).backend_state
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        failed = await wait_for_state(client, admin_headers, iid, {"failed"})
+        assert (
+            "the agent of site edge restarted before the instance had started" in (failed["reason"])
+        )
+        async with asyncio.timeout(20):
+            while processes_with_env("LABGATE_INSTANCE_ID", iid):
+                await asyncio.sleep(0.1)
 
 
 async def running_on_edge_then_portal_down(settings: Settings, tmp_path: Path) -> tuple[str, str]:

@@ -184,7 +184,9 @@ class SiteAgent:
         When the backend cannot stop it (its engine is down), the instance
         stays ``stopping`` with the reason as a progress note, and the stop is
         tried again in the background with backoff until it succeeds: never
-        ``lost`` while its container may still run.
+        ``lost`` while its container may still run. Without a state (its start
+        was cut short before it returned one) the backend removes what carries
+        the instance's id (:meth:`Backend.discard`).
         """
         if instance_id in self._stop_retries:
             return  # already being tried again
@@ -214,7 +216,16 @@ class SiteAgent:
                 self._stop_retries[instance_id] = retry
                 retry.add_done_callback(lambda _t: self._stop_retries.pop(instance_id, None))
                 return
+        else:
+            await self._discard(instance_id)
         await self._report(Report(instance_id, "stopped", message="stopped"))
+
+    async def _discard(self, instance_id: str) -> None:
+        """A stop without a state: remove what a start cut short by a killed agent left."""
+        try:
+            await self.backend.discard(instance_id, self.stop_grace)
+        except Exception as exc:  # the engine is down: reconcile removes it later
+            log.warning("site %s: discarding %s failed: %s", self.site, instance_id, exc)
 
     async def _retry_stop(self, instance_id: str, state: dict[str, Any]) -> None:
         delay, attempt = self.stop_retry_first, 1

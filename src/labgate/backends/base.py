@@ -401,6 +401,16 @@ class Backend(abc.ABC):
         """Remove instances the engine runs for this site whose ids are not in ``keep``."""
         return []
 
+    async def discard(self, instance_id: str, grace: float) -> None:  # noqa: B027 - optional
+        """Remove whatever a start of ``instance_id`` left here, knowing only its id.
+
+        For a start whose state was never recorded (its agent was killed
+        mid-start): the instance is found by what carries its id (a process's
+        marker variable, a container's label, a job's name). Idempotent;
+        nothing there is fine. By default nothing is done: :meth:`reconcile`
+        removes what no one knows.
+        """
+
     def claim_support(self, tool: Tool) -> str | None:
         """Why a running instance of ``tool`` cannot take on a user here, or None if it can."""
         return f"the {self.name} backend cannot give a running instance another workspace"

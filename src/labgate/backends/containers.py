@@ -891,6 +891,21 @@ class ContainerBackend(Backend):
         """Remove this site's containers whose instance is not in ``keep``."""
         return list(await self._engine(self._reconcile, set(keep)))
 
+    async def discard(self, instance_id: str, grace: float) -> None:
+        """Remove this site's container labelled with the instance (no id was recorded)."""
+        await self._engine(self._discard, instance_id)
+
+    def _discard(self, instance_id: str) -> None:
+        found = self.client.api.containers(
+            all=True, filters={"label": f"{LABEL_INSTANCE}={instance_id}"}
+        )
+        for item in found:
+            labels = item.get("Labels") or {}
+            ours = labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_SITE) == self.site
+            if ours and labels.get(LABEL_DEPLOYMENT) == self.deployment:
+                log.info("removing container %s of instance %s", item["Id"][:12], instance_id)
+                self.remove_quietly(item["Id"])
+
     def _reconcile(self, keep: set[str]) -> list[str]:
         # One label in the filter (engines differ on how several combine), the rest here.
         found = self.client.api.containers(

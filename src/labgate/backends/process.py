@@ -610,6 +610,10 @@ class ProcessBackend(Backend):
         if scratch is not None:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
 
+    async def discard(self, instance_id: str, grace: float) -> None:
+        """Stop every process carrying the instance's marker (no pid was recorded)."""
+        await self.stop({"instance_id": instance_id, "pid": 0, "start_time": 0}, grace)
+
     async def reconcile(self, keep: Collection[str]) -> list[str]:
         """Remove empty cgroups of instances that ended unseen; processes are left alone.
 

@@ -248,6 +248,12 @@ class SiteLiveness:
                 ),
                 site=site,
             )
+            # The killed agent's start may have got as far as a process: a stop
+            # without a state removes it by the instance id (in the background:
+            # the reconcile of the site's other instances does not wait for it).
+            task = asyncio.create_task(manager.stop_at_site(link, instance.id, {}))
+            self._relays.add(task)
+            task.add_done_callback(self._relays.discard)
             return False
         return await self._adopt(site, instance)
 

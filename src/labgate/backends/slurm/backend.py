@@ -541,6 +541,13 @@ class SlurmBackend(Backend):
             },
         )
 
+    async def discard(self, instance_id: str, grace: float) -> None:
+        """Cancel the instance's job, found by its name (no job id was recorded)."""
+        name = self.job_name(instance_id)
+        for job_id, found in (await self.slurm.jobs_named(name, everyone=self.owners)).items():
+            if found == name:
+                await self.slurm.cancel(job_id)
+
     async def reconcile(self, keep: Collection[str]) -> list[str]:
         """Cancel this site's labgate jobs whose instance is not in ``keep``."""
         prefix = self.job_name("")
