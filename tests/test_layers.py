@@ -40,6 +40,7 @@ LAYERS: list[set[str]] = [
         "types",
         "datadir",
         "passwords",
+        "aio",
     },
     {"tools"},
     {"backends"},
@@ -55,7 +56,16 @@ LAYERS: list[set[str]] = [
 
 # The router is a data plane: it never sees the database, the portal or the
 # scheduler, only these (and its own modules).
-ROUTER_MAY_IMPORT = {"router", "wire", "config", "errors", "security", "types", "units"}
+ROUTER_MAY_IMPORT = {
+    "router",
+    "wire",
+    "config",
+    "errors",
+    "security",
+    "types",
+    "units",
+    "aio",
+}
 
 
 def _layer_of(package: str) -> int:

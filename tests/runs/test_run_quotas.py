@@ -69,7 +69,7 @@ async def test_running_tasks_count_against_the_limits_of_instances_and_cpu(
     assert refused.status_code == 429, refused.text
     assert refused.json()["quota"] == "cpu"
     run = await wait_run(client, alice, run_id, timeout=60)
-    assert run["state"] == "succeeded"
+    assert run["state"] == "succeeded", run
     mine = (await client.get("/api/v1/users/me/limits", headers=alice)).json()
     assert mine["use"]["instances"] == 0 and mine["use"]["cpu"] == 0
 
@@ -78,7 +78,7 @@ async def test_finished_tasks_leave_usage_records_with_core_hours(client, make_u
     alice = await make_user("alice")
     run_id = await submit(client, alice, TWO_AT_ONCE.format(name="counted", cpu=2))
     run = await wait_run(client, alice, run_id, timeout=60)
-    assert run["state"] == "succeeded"
+    assert run["state"] == "succeeded", run
     answer = await client.get(
         "/api/v1/usage/records", params={"tool": "run:counted"}, headers=alice
     )

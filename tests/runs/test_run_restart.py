@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -79,9 +80,16 @@ def test_portal_restart_mid_run_loses_nothing(server):
     assert killed
     server.stop()
 
-    # While the portal is down, "slow" finishes and "killed"'s executor dies.
-    for pid in killed:
-        os.kill(pid, signal.SIGKILL)
+    # While the portal is down, "slow" finishes and "killed"'s executor dies. Its processes
+    # are killed until none is left: one seen before may have ended (a sandbox's setup).
+    deadline = time.monotonic() + 10
+    while killed:
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes of the task left: {killed}"
+        time.sleep(0.1)
+        killed = processes_with_env("LABGATE_TASK", "killed")
     time.sleep(2)
 
     server.start()

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from labgate.agent import convert
 from labgate.agent.link import SiteLink
 from labgate.agent.network import ChannelClosed, NetworkSiteLink, Relay, Session
+from labgate.aio import cancel_and_wait
 from labgate.wire.agent import (
     Ack,
     Heartbeat,
@@ -286,9 +287,7 @@ class SiteHub:
                     raise ProtocolError("a binary message (protocol 2 carries none)")
                 await self._message(name, link, session, channel, parse(raw))
         finally:
-            beats.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beats
+            await cancel_and_wait(beats)
 
     async def _message(
         self, name: str, link: NetworkSiteLink, session: Session, channel: Channel, message: Any

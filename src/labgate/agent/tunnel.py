@@ -17,13 +17,13 @@ it does not hold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from labgate.aio import cancel_and_wait
 from labgate.wire.routes import parse_upstream
 from labgate.wire.tunnel import (
     OPEN,
@@ -270,11 +270,8 @@ class TunnelDialer:
     async def stop(self) -> None:
         """Close every data connection and stop dialling."""
         self.ticket = ""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
         self.tunnels.clear()

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy.engine import make_url
 
+from labgate.aio import cancel_and_wait
 from labgate.db.changes import CHANNEL, Change, decode
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,8 @@ class ChangeListener:
 
     async def close(self) -> None:
         """Stop listening and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         import psycopg

@@ -27,7 +27,6 @@ On SQLite (one portal process) it only loads the route table on start.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable
@@ -36,6 +35,7 @@ from functools import partial
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from labgate.aio import cancel_and_wait
 from labgate.db.changes import Change, announce_changes
 from labgate.db.listen import ChangeListener
 from labgate.db.models import ApiToken, Instance, RevokedSession, User
@@ -90,10 +90,8 @@ class Replicas:
             await self.listener.close()
         if self.relay is not None:
             await self.relay.close()
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+        await cancel_and_wait(self._worker)
+        self._worker = None
 
     async def _reload(self, *, wake: bool = True) -> None:
         routes = self.portal.routes

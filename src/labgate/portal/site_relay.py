@@ -25,7 +25,6 @@ goes in parts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.network import NetworkSiteLink, RemoteError, SiteUnavailable
+from labgate.aio import cancel_and_wait
 from labgate.db.models import Site
 from labgate.errors import LabgateError
 from labgate.portal.state import Portal
@@ -101,11 +101,7 @@ class SiteRelay:
 
     async def close(self) -> None:
         """Stop serving commands (those under way are cancelled)."""
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
 
     # --- the issuing portal ----------------------------------------------------
     async def call(self, site: str, op: str, args: dict[str, Any], wait: float) -> Any:

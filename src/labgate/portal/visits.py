@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 
+from labgate.aio import cancel_and_wait
 from labgate.portal.sharing import record_visits
 from labgate.portal.state import Portal
 
@@ -58,10 +59,7 @@ class VisitLog:
 
     async def close(self) -> None:
         """Save what is left and stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         with contextlib.suppress(Exception):
             await self.flush()

@@ -9,11 +9,11 @@ instead of a timer handle per request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from labgate.aio import cancel_and_wait
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
 from labgate.router.hosts import InstanceHosts
@@ -124,11 +124,8 @@ class Context:
 
     async def stop(self) -> None:
         """Stop the sweeper and close pooled upstream connections."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         self.pool.close_all()
         self.site_tunnels.close()
 

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 
+from labgate.aio import cancel_and_wait
 from labgate.router.workers import WorkerConfig, spawn_worker, stop_workers
 
 log = logging.getLogger("labgate.router")
@@ -167,11 +168,8 @@ class WorkerSupervisor:
 
     async def close(self, grace: float = 10.0) -> None:
         """Stop watching, then stop every worker (SIGTERM, then SIGKILL after ``grace`` s)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         live = [slot.process for slot in self._slots if slot.process.exitcode is None]
         await asyncio.to_thread(stop_workers, live, grace)
 

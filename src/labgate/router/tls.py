@@ -19,12 +19,13 @@ there. The HSTS header and ``Secure`` cookies are the portal's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from labgate.aio import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,8 @@ class CertificateWatcher:
 
     async def stop(self) -> None:
         """Stop watching."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 def redirect_location(public_url: str, target: bytes) -> bytes:

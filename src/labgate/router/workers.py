@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from labgate.aio import cancel_and_wait
 from labgate.config import Settings
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings
@@ -139,11 +140,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
         await router.listen(config.host, config.port, reuse_port=config.reuse_port)
         await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         await router.close()
 
 

@@ -34,7 +34,6 @@ leader that lost it stops nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from labgate.aio import cancel_and_wait
 from labgate.db.models import Group, Instance, InstanceState, UsageRecord
 from labgate.errors import LabgateError
 from labgate.scheduler.leader import Leadership, SoleLeader
@@ -139,11 +139,8 @@ class Culler:
 
     async def close(self) -> None:
         """Stop sweeping."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -54,6 +54,7 @@ from typing import Protocol
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from labgate.aio import cancel_and_wait
 from labgate.db.session import Database
 from labgate.errors import NotLeader
 
@@ -291,11 +292,8 @@ class LeaseElection:
 
     async def close(self) -> None:
         """Stop renewing; a held lease expires now, so another replica takes it at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._term and self.leading:
             term, self._term, self._believed_until = self._term, 0, 0.0
             with contextlib.suppress(Exception):

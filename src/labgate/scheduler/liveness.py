@@ -43,7 +43,6 @@ the leader's culler, say).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -54,6 +53,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.network import NetworkSiteLink
+from labgate.aio import cancel_and_wait
 from labgate.db.models import Instance, InstanceState, Site, utcnow, with_owner_and_site
 from labgate.wire.site import Report
 
@@ -155,14 +155,7 @@ class SiteLiveness:
     async def close(self) -> None:
         """Stop the timers and stop taking disconnects (instances stay as they are)."""
         self._closed = True
-        tasks = [*self._timers.values(), *self._relays]
-        if self._flusher is not None:
-            tasks.append(self._flusher)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._timers.values(), *self._relays, self._flusher)
         self._timers.clear()
 
     # --- SiteEvents --------------------------------------------------------------

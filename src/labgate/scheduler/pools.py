@@ -46,6 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import live_sites
+from labgate.aio import cancel_and_wait
 from labgate.backends.claim import Claim
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -204,11 +205,8 @@ class PoolManager:
 
     async def close(self) -> None:
         """Stop refilling; pool instances keep running (and are adopted after a restart)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # --- claiming --------------------------------------------------------------------
     def matches(self, tool: Tool, request: LaunchRequest, resources: Resources) -> bool:

@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.aio import cancel_and_wait
 from labgate.db.models import ACTIVE_STATES, Instance, InstanceState, Site
 from labgate.db.session import Database
 from labgate.scheduler.leader import Leadership, SoleLeader
@@ -115,8 +116,5 @@ class Reconciler:
 
     async def close(self) -> None:
         """Stop the background loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

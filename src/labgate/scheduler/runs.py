@@ -44,6 +44,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.aio import cancel_and_wait
 from labgate.db.models import utcnow
 from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, TaskAttempt
 from labgate.db.session import Database
@@ -574,10 +575,8 @@ class RunProcessor:
 
     async def close(self) -> None:
         """Stop the sweep; attempts keep running at their sites."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await cancel_and_wait(self._sweeper)
+        self._sweeper = None
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
