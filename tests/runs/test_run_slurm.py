@@ -19,11 +19,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
+from labgate.agent import taskslurm
 from labgate.agent.tasks import TaskRunner
 from labgate.agent.taskslurm import SlurmTaskExecutor
 from labgate.backends.slurm import SlurmBackend
@@ -326,4 +328,64 @@ async def test_an_agent_restarted_while_a_job_runs_finds_it_again(
     assert "done" in await second.logs(spec.attempt_id, 10)
     with tarfile.open(fileobj=io.BytesIO(await second.results(spec.attempt_id))) as tar:
         assert tar.getnames() == ["f"]
+    await second.close()
+
+
+async def test_a_job_submitted_by_an_agent_that_died_before_noting_it_is_cancelled(
+    settings: Settings, slurm: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sbatch answered, the agent died before writing the job id down: no job runs on unseen."""
+    reports: list[Report] = []
+
+    async def record(report: Report) -> None:
+        reports.append(report)
+
+    def runner() -> TaskRunner:
+        backend = SlurmBackend(settings, settings.sites[0].options)
+        backend.attach(SITE)
+        return TaskRunner(SITE, record, tmp_path / "tasks" / SITE, SlurmTaskExecutor(backend))
+
+    def dies(directory: Path, body: Any, marker: Any) -> None:
+        raise SystemExit("the agent died here")
+
+    async def jobs_of(attempt_id: str, present: bool) -> None:
+        deadline = time.monotonic() + 30
+        while (attempt_id in await asyncio.to_thread(task_jobs, slurm)) != present:
+            assert time.monotonic() < deadline, f"job of {attempt_id} present: {not present}"
+            await asyncio.sleep(0.2)
+
+    def spec() -> TaskSpec:
+        return TaskSpec(
+            attempt_id=uuid.uuid4().hex[:16],
+            run_id="r1",
+            task="t",
+            owner="alice",
+            command="sleep 60",
+            timeout=120,
+        )
+
+    # Adopted after the restart: "lost", and its job is cancelled.
+    adopted, again = spec(), spec()
+    for cut in (adopted, again):
+        first = runner()
+        with monkeypatch.context() as patch:
+            patch.setattr(taskslurm, "_write_private", dies)
+            with pytest.raises(SystemExit):
+                await first.executor.start(cut, first.directory(cut.attempt_id))
+        await jobs_of(cut.attempt_id, present=True)
+    second = runner()
+    await second.adopt(adopted.attempt_id)
+    lost = [r for r in reports if r.instance_id == adopted.attempt_id and r.state == "lost"]
+    assert lost and "has no such task" in lost[0].message, reports
+    await jobs_of(adopted.attempt_id, present=False)
+    # Sent again after the restart: the unrecorded job goes, one new job runs it.
+    second.tasks_dir.joinpath(again.attempt_id).mkdir(parents=True, exist_ok=True)
+    await second.run(again)
+    deadline = time.monotonic() + 30
+    while not any(r.instance_id == again.attempt_id and r.state == "running" for r in reports):
+        assert time.monotonic() < deadline, reports
+        await asyncio.sleep(0.1)
+    names = slurm.run("squeue", "-h", "-o", "%j").split()
+    assert names.count(f"{TASK_JOBS}{again.attempt_id}") == 1, names
+    await second.cancel(again.attempt_id)
     await second.close()

@@ -124,6 +124,14 @@ class TaskExecutor(abc.ABC):
         ``directory/output.log`` (a batch job's on the nodes' filesystem); "" by default."""
         return ""
 
+    async def discard(self, attempt_id: str) -> None:  # noqa: B027 - optional hook
+        """Remove what a start of ``attempt_id`` cut short left, knowing only its id.
+
+        For an executor whose start makes something before it records it (a
+        batch job submitted before its id was written down, when the agent
+        died in between). By default a start records first: nothing to do.
+        """
+
 
 class ProcessTaskExecutor(TaskExecutor):
     """Each attempt a detached local process, sandboxed with bubblewrap when present."""
@@ -295,14 +303,21 @@ class TaskRunner:
         if spec.attempt_id in self.watched or (directory / "task.json").exists():
             await self.adopt(spec.attempt_id)
             return
+        # A directory without task.json: a start of this attempt was cut short (the agent
+        # died in it); what it may have made is removed before the attempt starts again.
+        cut_short = directory.exists()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        task = asyncio.create_task(self._start(spec, directory), name=f"task-{spec.attempt_id}")
+        task = asyncio.create_task(
+            self._start(spec, directory, cut_short), name=f"task-{spec.attempt_id}"
+        )
         self._starting[spec.attempt_id] = task
         task.add_done_callback(lambda _t: self._starting.pop(spec.attempt_id, None))
 
-    async def _start(self, spec: TaskSpec, directory: Path) -> None:
+    async def _start(self, spec: TaskSpec, directory: Path, cut_short: bool = False) -> None:
         attempt_id = spec.attempt_id
         env_dir: Path | None = None
+        if cut_short:
+            await self._discard(attempt_id)
 
         async def progress(message: str) -> None:
             await self._report(Report(attempt_id, "preparing", kind="task", message=message))
@@ -329,6 +344,7 @@ class TaskRunner:
         if attempt_id in self._starting:
             return  # its environment is being prepared
         if not (directory / "task.json").exists():
+            await self._discard(attempt_id)
             await self._report(
                 Report(
                     attempt_id, "lost", kind="task", message=f"site {self.site} has no such task"
@@ -337,6 +353,12 @@ class TaskRunner:
             return
         self.watched.add(attempt_id)
         self._ensure_watch()
+
+    async def _discard(self, attempt_id: str) -> None:
+        try:
+            await self.executor.discard(attempt_id)
+        except Exception as exc:  # the engine does not answer: said, and the attempt goes on
+            log.warning("site %s: discarding attempt %s failed: %s", self.site, attempt_id, exc)
 
     async def cancel(self, attempt_id: str) -> None:
         """Stop an attempt; its ``cancelled`` report follows."""

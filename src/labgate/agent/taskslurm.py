@@ -290,6 +290,15 @@ class SlurmTaskExecutor(TaskExecutor):
             "reason": describe_end(job, job_id),
         }
 
+    async def discard(self, attempt_id: str) -> None:
+        """Cancel the attempt's job found by its name (submitted, its id never written down)."""
+        name = self.job_name(attempt_id)
+        jobs = await self.slurm.jobs_named(name, everyone=self.backend.owners)
+        for job_id, found in jobs.items():
+            if found == name:
+                log.info("cancelling Slurm job %s of attempt %s (unrecorded)", job_id, attempt_id)
+                await self.slurm.cancel(job_id)
+
     async def output(self, directory: Path, lines: int) -> str:
         """The running job's output so far (only its account's own file, never through a link)."""
         return await asyncio.to_thread(_live_output, directory, lines)
