@@ -3,12 +3,15 @@
 Seen in CI: a portal that went down while a start was under way left an
 instance ``starting`` with no saved state; the next portal's restore asked the
 backend about it, the backend could not read the empty state, and the portal
-did not start at all.
+did not start at all. Such an instance fails, and what its start had spawned
+is stopped by its instance id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from typing import Any
 
 from helpers import recorded_instance, serving
@@ -40,10 +43,17 @@ async def test_a_start_cut_off_or_an_unreadable_state_does_not_stop_the_portal(s
             started_at=utcnow(),
             ready_at=utcnow(),
         )
+    # What the cut-off start had spawned runs on; only its marker says whose it is.
+    spawned = subprocess.Popen(
+        ["sleep", "60"], env={**os.environ, "LABGATE_INSTANCE_ID": cut_off}, start_new_session=True
+    )
     async with serving(settings) as second:
         state, message = await state_and_message(second, cut_off)
         assert state == "failed"
         assert "portal restarted before the instance had started" in message
+        async with asyncio.timeout(20):  # and nothing of it is left running
+            while spawned.poll() is None:
+                await asyncio.sleep(0.05)
         for _ in range(100):  # the adoption's report comes from the site, a moment later
             state, message = await state_and_message(second, garbled)
             if state != "running":

@@ -418,9 +418,11 @@ class InstanceManager:
             elif instance.state == InstanceState.stopping:
                 self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
             elif not instance.backend_state:
-                # The portal went down mid-start, before the site said what it started.
+                # The portal went down mid-start, before the site said what it started:
+                # a stop without a state removes what the start made, by the instance id.
                 message = "the portal restarted before the instance had started; launch it again"
                 await self.apply(Report(instance.id, "failed", message=message))
+                self._spawn(self.stop_at_site(link, instance.id, {}))
             else:
                 if self.routes is not None:
                     self.routes.instance_changed(instance)
