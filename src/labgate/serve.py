@@ -259,14 +259,20 @@ def run_portal(settings: Settings) -> None:
     _run_in_loop(serve_portal(settings), "labgate portal stopped")
 
 
-def router_config(settings: Settings, portal_url: str) -> WorkerConfig:
-    """How a stand-alone router reaches its portal (stream, activity and upstream)."""
+def router_config(settings: Settings, portal_url: str, *others: str) -> WorkerConfig:
+    """How a stand-alone router reaches its portal (stream, activity and upstream).
+
+    ``others`` are more portal replicas, used in turn when the one in use fails.
+    """
     return worker_config(
-        settings, portal_url=portal_url, stream_token=router_token(settings.signing_key())
+        settings,
+        portal_url=portal_url,
+        stream_token=router_token(settings.signing_key()),
+        other_portals=others,
     )
 
 
-def run_router(settings: Settings, portal_url: str) -> None:
+def run_router(settings: Settings, portal_urls: list[str]) -> None:
     """Entry point of ``labgate router``: one router process in the foreground."""
     configure_logging()
-    run_router_process(router_config(settings, portal_url))
+    run_router_process(router_config(settings, *portal_urls))

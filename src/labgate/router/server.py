@@ -39,7 +39,10 @@ class Router:
         signer: SessionSigner,
         portal_upstream: str,
         options: RouterOptions | None = None,
+        *,
+        other_portals: tuple[str, ...] = (),
     ) -> None:
+        """``other_portals``: more portal replicas, used in turn when one refuses connections."""
         self.table = table
         self.options = options or RouterOptions()
         self.activity_log = ActivityLog()
@@ -50,6 +53,7 @@ class Router:
             self.options,
             self.activity_log,
             TunnelTickets(signer.key),
+            tuple(parse_upstream(other) for other in other_portals),
         )
         self.servers: list[asyncio.Server] = []
         #: The TLS certificate in use and its reloading, when the router serves HTTPS.
