@@ -125,7 +125,11 @@ def test_restarting_portals_and_a_router_one_by_one_interrupts_nothing(
 
         def restart(kind: str, index: int) -> None:
             units = deployment.portals if kind == "portal" else deployment.routers
+            began = time.monotonic()
             units[index].stop()
+            # Not held open by the routers' route streams or the agent's connection.
+            stopping = time.monotonic() - began
+            assert stopping < 10, (kind, index, stopping, deployment.logs())
             time.sleep(0.5)  # requests meet the gap
             if kind == "portal":
                 deployment.start_portal(index)
