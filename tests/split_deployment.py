@@ -13,7 +13,9 @@ or an example that stops working fails the tests (``tests/test_deploy.py``).
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -211,6 +213,7 @@ class SplitDeployment:
         portals: int = 2,
         routers: int = 1,
         extra: dict[str, str] | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.root = root
         self.portal_ports = [free_port() for _ in range(portals)]
@@ -222,7 +225,7 @@ class SplitDeployment:
             {
                 "LABGATE_DATABASE_URL": database_url,
                 "LABGATE_SECRET_KEY": TEST_SECRET_KEY,
-                "LABGATE_PUBLIC_URL": self.router_urls[0],
+                "LABGATE_PUBLIC_URL": public_url or self.router_urls[0],
                 "LABGATE_ROUTER_PORTALS": " ".join(self.portal_urls),
                 "LABGATE_ADMIN_PASSWORD": ADMIN_PASSWORD,
             },
@@ -322,3 +325,89 @@ def wait_connected(client: httpx.Client, name: str, deployment: SplitDeployment)
     while client.get(f"/api/v1/sites/{name}").json().get("status") != "connected":
         assert time.monotonic() < deadline, deployment.logs()
         time.sleep(0.2)
+
+
+def nginx_binary() -> str:
+    """nginx, or "" when this machine has none."""
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
+    return found
+
+
+class FrontDoor:
+    """deploy/nginx/labgate.conf run for real: TLS on a free port, over the test's routers."""
+
+    def __init__(self, root: Path, router_ports: list[int], port: int) -> None:
+        from helpers import self_signed_certificate
+
+        self.root = root / "nginx"
+        self.root.mkdir()
+        (self.root / "tmp").mkdir()
+        self.cert = self.root / "cert.pem"
+        key = self.root / "key.pem"
+        self_signed_certificate(self.cert, key)
+        self.port = port
+        self.plain_port = free_port()
+        text = (DEPLOY / "nginx" / "labgate.conf").read_text()
+        example_routers = re.findall(r"server 127\.0\.0\.1:(\d+)", text)
+        if len(example_routers) != len(router_ports):
+            raise AssertionError(f"labgate.conf has routers {example_routers}")
+        for example, port in zip(example_routers, router_ports, strict=True):
+            text = text.replace(f"127.0.0.1:{example} ", f"127.0.0.1:{port} ")
+        replaced = {
+            "listen 443 ssl;": f"listen 127.0.0.1:{self.port} ssl;",
+            "listen 80;": f"listen 127.0.0.1:{self.plain_port};",
+            "/etc/letsencrypt/live/labgate.example.org/fullchain.pem": str(self.cert),
+            "/etc/letsencrypt/live/labgate.example.org/privkey.pem": str(key),
+        }
+        for old, new in replaced.items():
+            if old not in text:
+                raise AssertionError(f"labgate.conf no longer has {old!r}")
+            text = text.replace(old, new)
+        site = self.root / "labgate.conf"
+        site.write_text(text)
+        self.conf = self.root / "nginx.conf"
+        self.conf.write_text(
+            f"daemon off;\nuser root;\npid {self.root}/nginx.pid;\n"
+            f"error_log {self.root}/error.log;\nevents {{ }}\n"
+            f"http {{\n access_log off;\n client_body_temp_path {self.root}/tmp;\n"
+            f" proxy_temp_path {self.root}/tmp;\n include {site};\n}}\n"
+        )
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def check(self) -> str:
+        """``nginx -t`` on the configuration; its complaints ("" when it is fine)."""
+        result = subprocess.run(
+            [nginx_binary(), "-t", "-c", str(self.conf), "-p", str(self.root)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return "" if result.returncode == 0 else result.stderr
+
+    def start(self) -> None:
+        """Run nginx until :meth:`stop`; wait until it answers."""
+        self.process = subprocess.Popen(
+            [nginx_binary(), "-c", str(self.conf), "-p", str(self.root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"{self.url}/healthz", verify=str(self.cert), timeout=2)
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise AssertionError(
+                        (self.root / "error.log").read_text()
+                        if (self.root / "error.log").exists()
+                        else "nginx did not start"
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Stop nginx."""
+        if self.process is not None:
+            terminate(self.process, 10)
+            self.process = None

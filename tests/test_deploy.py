@@ -12,8 +12,15 @@ import httpx
 import pytest
 
 from helpers import needs_postgres
-from servers import wait_state
-from split_deployment import SplitDeployment, enrol, launch_on, wait_connected
+from servers import free_port, wait_state
+from split_deployment import (
+    FrontDoor,
+    SplitDeployment,
+    enrol,
+    launch_on,
+    nginx_binary,
+    wait_connected,
+)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
 
@@ -75,10 +82,23 @@ def test_the_registry_gc_timer_runs_its_service() -> None:
 @pytest.mark.postgres
 @needs_postgres
 def test_the_split_deployment_runs_from_its_units(tmp_path: Path, database_url: str) -> None:
-    """deploy/: 2 portals, 2 routers and an agent from the units; a user reaches the demo."""
-    deployment = SplitDeployment(tmp_path, database_url, portals=2, routers=2)
+    """deploy/: nginx, 2 routers, 2 portals and an agent from the units; a user reaches the demo."""
+    if not nginx_binary():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the front door: apt-get install nginx")
+        pytest.skip("needs nginx (apt-get install nginx)")
+    door_port = free_port()
+    deployment = SplitDeployment(
+        tmp_path,
+        database_url,
+        portals=2,
+        routers=2,
+        public_url=f"https://127.0.0.1:{door_port}",
+    )
+    door = FrontDoor(tmp_path, deployment.router_ports, door_port)
     try:
         deployment.start()
+        door.start()
         admin = deployment.admin()
         # Every replica and every router serves the API; one replica leads.
         leaders = set()
@@ -97,7 +117,12 @@ def test_the_split_deployment_runs_from_its_units(tmp_path: Path, database_url: 
             iid = launch_on(api, "box")
             body = wait_state(api, iid, {"running", "failed"}, timeout=60)
             assert body["state"] == "running", (body, deployment.logs())
-        # The user reaches the tool through either router.
+        # The user reaches the tool through the front door, and through either router.
+        page = httpx.get(
+            f"{door.url}/i/{iid}/api/info", headers=admin, timeout=10, verify=str(door.cert)
+        )
+        assert page.status_code == 200, page.text
+        assert page.json()["headers"]["x-forwarded-proto"] == "https"
         for url in deployment.router_urls:
             page = httpx.get(f"{url}/i/{iid}/api/info", headers=admin, timeout=10)
             assert page.status_code == 200, page.text
@@ -105,4 +130,15 @@ def test_the_split_deployment_runs_from_its_units(tmp_path: Path, database_url: 
             api.delete(f"/api/v1/instances/{iid}")
             assert wait_state(api, iid, {"stopped", "lost"})["state"] == "stopped"
     finally:
+        door.stop()
         deployment.stop()
+
+
+def test_the_front_door_is_valid_nginx(tmp_path: Path) -> None:
+    """deploy/nginx/labgate.conf, with a certificate and ports of the test, passes ``nginx -t``."""
+    if not nginx_binary():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must check the front door: apt-get install nginx")
+        pytest.skip("needs nginx (apt-get install nginx)")
+    door = FrontDoor(tmp_path, [free_port(), free_port()], free_port())
+    assert door.check() == ""
