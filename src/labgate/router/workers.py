@@ -47,6 +47,10 @@ from labgate.wire.routes import RouteTable
 
 log = logging.getLogger("labgate.router")
 
+#: Seconds a stopping router process gives the requests in flight (below the
+#: TimeoutStopSec of deploy/systemd/labgate-router@.service).
+DRAIN_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -158,6 +162,8 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             router.tls.start()
         await router.listen(config.host, config.port, reuse_port=config.reuse_port)
         await stop.wait()
+        # Asked to stop: what is being answered is answered first.
+        await router.drain(DRAIN_SECONDS)
     finally:
         for task in tasks:
             task.cancel()
