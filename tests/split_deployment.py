@@ -18,6 +18,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY
+from labgate.security import SCOPES
 from servers import free_port, terminate
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -275,16 +277,19 @@ class SplitDeployment:
         self.agents.append(agent)
         return agent
 
-    def admin(self, url: str | None = None) -> dict[str, str]:
-        """An admin API token's header, made through ``url`` (router 0)."""
-        with httpx.Client(base_url=url or self.router_urls[0], timeout=10) as client:
+    def admin(self, url: str | None = None, verify: ssl.SSLContext | bool = True) -> dict[str, str]:
+        """An admin API token's header, made through ``url`` (router 0).
+
+        With an ``https://`` public URL the session cookie is ``Secure``: sign in through it.
+        """
+        with httpx.Client(base_url=url or self.router_urls[0], timeout=10, verify=verify) as client:
             login = client.post(
                 "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
             )
             assert login.status_code == 200, login.text
             created = client.post(
                 "/api/v1/tokens",
-                json={"note": "tests"},
+                json={"note": "tests", "scopes": sorted(SCOPES)},
                 headers={"X-CSRF-Token": login.json()["csrf_token"]},
             )
             assert created.status_code == 201, created.text
@@ -373,6 +378,8 @@ class FrontDoor:
             f" proxy_temp_path {self.root}/tmp;\n include {site};\n}}\n"
         )
         self.url = f"https://127.0.0.1:{self.port}"
+        #: What a client trusts to reach it (the test's own certificate).
+        self.verify = ssl.create_default_context(cafile=str(self.cert))
         self.process: subprocess.Popen[bytes] | None = None
 
     def check(self) -> str:
@@ -395,7 +402,7 @@ class FrontDoor:
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"{self.url}/healthz", verify=str(self.cert), timeout=2)
+                httpx.get(f"{self.url}/healthz", verify=self.verify, timeout=2)
                 return
             except httpx.HTTPError:
                 if time.monotonic() > deadline or self.process.poll() is not None:

@@ -99,7 +99,7 @@ def test_the_split_deployment_runs_from_its_units(tmp_path: Path, database_url: 
     try:
         deployment.start()
         door.start()
-        admin = deployment.admin()
+        admin = deployment.admin(door.url, door.verify)
         # Every replica and every router serves the API; one replica leads.
         leaders = set()
         for url in deployment.portal_urls:
@@ -119,7 +119,7 @@ def test_the_split_deployment_runs_from_its_units(tmp_path: Path, database_url: 
             assert body["state"] == "running", (body, deployment.logs())
         # The user reaches the tool through the front door, and through either router.
         page = httpx.get(
-            f"{door.url}/i/{iid}/api/info", headers=admin, timeout=10, verify=str(door.cert)
+            f"{door.url}/i/{iid}/api/info", headers=admin, timeout=10, verify=door.verify
         )
         assert page.status_code == 200, page.text
         assert page.json()["headers"]["x-forwarded-proto"] == "https"
