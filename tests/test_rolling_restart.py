@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,28 +28,44 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
 
 
 class Echoes(threading.Thread):
-    """Sends a message on a WebSocket every 50 ms and expects it back; remembers a failure."""
+    """A WebSocket kept open: a message every 50 ms, each expected back; remembers a failure.
+
+    When told to finish it sends one last message on the same connection.
+    """
 
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         super().__init__(daemon=True)
-        self.ws = connect(url, additional_headers=headers, open_timeout=10)
+        self.url = url
+        self.headers = headers
+        self.opened = threading.Event()
         self.done = threading.Event()
         self.sent = 0
         self.failure = ""
+        self.last = ""
+
+    def echo(self, ws: Any, message: str) -> bool:
+        ws.send(message)
+        answer = ws.recv(timeout=10)
+        if answer != message:
+            self.failure = f"sent {message!r}, got {answer!r}"
+            return False
+        return True
 
     def run(self) -> None:
         try:
-            while not self.done.is_set():
-                message = f"echo {self.sent}"
-                self.ws.send(message)
-                answer = self.ws.recv(timeout=10)
-                if answer != message:
-                    self.failure = f"sent {message!r}, got {answer!r}"
-                    return
-                self.sent += 1
-                time.sleep(0.05)
+            with connect(self.url, additional_headers=self.headers, open_timeout=10) as ws:
+                self.opened.set()
+                while not self.done.is_set():
+                    if not self.echo(ws, f"echo {self.sent}"):
+                        return
+                    self.sent += 1
+                    time.sleep(0.05)
+                if self.echo(ws, "still here"):
+                    self.last = "still here"
         except Exception as problem:  # the test reports it
             self.failure = f"{type(problem).__name__}: {problem}"
+        finally:
+            self.opened.set()
 
 
 class Requests(threading.Thread):
@@ -117,6 +134,7 @@ def test_restarting_portals_and_a_router_one_by_one_interrupts_nothing(
 
         echoes = Echoes(f"ws://{router_a.removeprefix('http://')}/i/{iid}/ws", admin)
         echoes.start()
+        assert echoes.opened.wait(15) and echoes.failure == "", echoes.failure
         requests = Requests(
             [router_a, router_b], admin, [f"/api/v1/instances/{iid}", f"/i/{iid}/api/info"]
         )
@@ -150,8 +168,7 @@ def test_restarting_portals_and_a_router_one_by_one_interrupts_nothing(
         assert requests.failures == [], (requests.failures, deployment.logs())
         assert requests.succeeded > 50
         # The WebSocket through router A is still the one opened before the restarts.
-        echoes.ws.send("still here")
-        assert echoes.ws.recv(timeout=10) == "still here"
+        assert echoes.last == "still here"
         with httpx.Client(base_url=router_b, headers=admin, timeout=10) as api:
             assert api.get(f"/api/v1/instances/{iid}").json()["state"] == "running"
             api.delete(f"/api/v1/instances/{iid}")
@@ -161,5 +178,5 @@ def test_restarting_portals_and_a_router_one_by_one_interrupts_nothing(
             requests.done.set()
         if echoes is not None:
             echoes.done.set()
-            echoes.ws.close()
+            echoes.join(15)
         deployment.stop()
