@@ -12,6 +12,7 @@ or an example that stops working fails the tests (``tests/test_deploy.py``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -27,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine, text
 
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY
 from labgate.security import SCOPES
-from servers import free_port, terminate
+from servers import free_port, processes_with_env, terminate
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -218,6 +220,7 @@ class SplitDeployment:
         public_url: str | None = None,
     ) -> None:
         self.root = root
+        self.database_url = database_url
         self.portal_ports = [free_port() for _ in range(portals)]
         self.router_ports = [free_port() for _ in range(routers)]
         self.portal_urls = [f"http://127.0.0.1:{port}" for port in self.portal_ports]
@@ -296,9 +299,19 @@ class SplitDeployment:
             return {"Authorization": f"token {created.json()['token']}"}
 
     def stop(self) -> None:
-        """Stop everything: agents first (their instances stop with the test's cleanup)."""
+        """Stop everything, then end the tools still running (instances outlive labgate)."""
         for unit in [*self.agents, *self.routers, *self.portals]:
             unit.stop()
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as conn:
+                ids = list(conn.execute(text("SELECT id FROM instances")).scalars())
+        finally:
+            engine.dispose()
+        for iid in ids:
+            for pid in processes_with_env("LABGATE_INSTANCE_ID", iid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def logs(self) -> str:
         """The tail of every unit's log, for a failing assertion."""
