@@ -11,8 +11,6 @@ process, or failed with a reason: never stuck starting, never started twice.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from pathlib import Path
 
@@ -59,7 +57,6 @@ def test_an_agent_moving_to_another_replica_mid_launch_runs_the_instance_once(
         routers=1,
         extra={"LABGATE_TOOLS_DIR": str(tools), "LABGATE_LEADER_LEASE_SECONDS": "2"},
     )
-    iid = ""
     try:
         deployment.start()
         admin = deployment.admin()
@@ -86,6 +83,11 @@ def test_an_agent_moving_to_another_replica_mid_launch_runs_the_instance_once(
             body = api.get(f"/api/v1/instances/{iid}").json()
             assert body["state"] == "running", (body, deployment.logs())
             assert len(demo_servers(iid)) == 1, deployment.logs()
+            # The agent is on portal 2 now.
+            site = httpx.get(
+                f"{deployment.portal_urls[1]}/api/v1/sites/box", headers=admin, timeout=10
+            ).json()
+            assert site["live"] is True, site
             page = api.get(f"/i/{iid}/api/info")
             assert page.status_code == 200, page.text
             api.delete(f"/api/v1/instances/{iid}")
@@ -93,7 +95,3 @@ def test_an_agent_moving_to_another_replica_mid_launch_runs_the_instance_once(
         assert demo_servers(iid) == []
     finally:
         deployment.stop()
-        if iid:
-            for pid in demo_servers(iid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
