@@ -177,8 +177,14 @@ def test_restarting_portals_and_a_router_one_by_one_interrupts_nothing(
         assert echoes.last == "still here"
         with httpx.Client(base_url=router_b, headers=admin, timeout=10) as api:
             assert api.get(f"/api/v1/instances/{iid}").json()["state"] == "running"
-            api.delete(f"/api/v1/instances/{iid}")
-            assert wait_state(api, iid, {"stopped", "lost"})["state"] == "stopped"
+            # After the restarts the deployment launches as before.
+            again = launch_on(api, "box")
+            body = wait_state(api, again, {"running", "failed"}, timeout=60)
+            assert body["state"] == "running", (body, deployment.logs())
+            assert api.get(f"/i/{again}/api/info").status_code == 200
+            for instance in (iid, again):
+                api.delete(f"/api/v1/instances/{instance}")
+                assert wait_state(api, instance, {"stopped", "lost"})["state"] == "stopped"
     finally:
         if requests is not None:
             requests.done.set()
