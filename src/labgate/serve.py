@@ -24,6 +24,7 @@ import contextlib
 import logging
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
@@ -69,16 +70,41 @@ def portal_server(app: FastAPI, socket_path: Path) -> uvicorn.Server:
         lifespan="off",  # serve() runs the app's lifespan itself
         ws="websockets-sansio",
         ws_per_message_deflate=False,  # agent connections: small JSON, deflate buys nothing
+        timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
     )
-    return _PortalServer(config)
+    return _PortalServer(config, app.state.portal)
+
+
+#: Seconds a stopping portal waits for requests in flight before cancelling them; below
+#: the units' TimeoutStopSec (30), so the leadership is still handed over in time.
+GRACEFUL_STOP_SECONDS = 20
 
 
 class _PortalServer(uvicorn.Server):
-    """uvicorn without its signal handling: ``serve`` owns SIGTERM and SIGINT."""
+    """uvicorn without its signal handling: ``serve`` owns SIGTERM and SIGINT.
+
+    Its graceful stop waits for every connection to finish; the portal's
+    streams (the routers' route stream, event streams) are ended as soon as it
+    stops listening (``portal.end_streams``), so that wait is for ordinary
+    requests only.
+    """
+
+    def __init__(self, config: uvicorn.Config, portal: Portal) -> None:
+        super().__init__(config)
+        self.portal = portal
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop listening, end the streams, then uvicorn's own graceful stop."""
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        self.portal.end_streams()
+        await super().shutdown(sockets)
 
 
 async def serve(settings: Settings) -> None:
@@ -217,8 +243,9 @@ async def serve_portal(settings: Settings) -> None:
         lifespan="off",  # run below, so a bad start is one line, not a traceback
         ws="websockets-sansio",
         ws_per_message_deflate=False,
+        timeout_graceful_shutdown=GRACEFUL_STOP_SECONDS,
     )
-    server = _PortalServer(config)
+    server = _PortalServer(config, portal)
     stop = asyncio.Event()
     received: list[str] = []
     loop = asyncio.get_running_loop()
@@ -259,14 +286,20 @@ def run_portal(settings: Settings) -> None:
     _run_in_loop(serve_portal(settings), "labgate portal stopped")
 
 
-def router_config(settings: Settings, portal_url: str) -> WorkerConfig:
-    """How a stand-alone router reaches its portal (stream, activity and upstream)."""
+def router_config(settings: Settings, portal_url: str, *others: str) -> WorkerConfig:
+    """How a stand-alone router reaches its portal (stream, activity and upstream).
+
+    ``others`` are more portal replicas, used in turn when the one in use fails.
+    """
     return worker_config(
-        settings, portal_url=portal_url, stream_token=router_token(settings.signing_key())
+        settings,
+        portal_url=portal_url,
+        stream_token=router_token(settings.signing_key()),
+        other_portals=others,
     )
 
 
-def run_router(settings: Settings, portal_url: str) -> None:
+def run_router(settings: Settings, portal_urls: list[str]) -> None:
     """Entry point of ``labgate router``: one router process in the foreground."""
     configure_logging()
-    run_router_process(router_config(settings, portal_url))
+    run_router_process(router_config(settings, *portal_urls))

@@ -79,3 +79,57 @@ def test_tokens_lose_the_router_scope_on_upgrade(empty_database_url):
         assert (json.loads(scopes) if isinstance(scopes, str) else scopes) == ["account"]
     finally:
         db.dispose()
+
+
+def test_an_older_labgate_runs_on_a_schema_a_newer_one_upgraded(database_url, caplog):
+    """A rolling upgrade: an N-1 replica restarting after an N replica migrated still starts."""
+    from labgate.db.session import open_database
+
+    db = Database(database_url)
+    try:
+        db.migrate()
+        with db.engine.begin() as conn:
+            conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('9999_future')"))
+    finally:
+        db.dispose()
+    with caplog.at_level("WARNING", logger="labgate.db.session"):
+        reopened = open_database(database_url)
+    try:
+        with reopened.engine.connect() as conn:
+            versions = set(conn.execute(text("SELECT version_num FROM alembic_version")).scalars())
+        assert "9999_future" in versions
+        assert "0010" in {v[:4] for v in versions}
+    finally:
+        reopened.dispose()
+    assert "newer than this labgate (revisions 9999_future" in caplog.text
+
+
+def test_every_migration_only_adds_so_the_previous_version_runs_on_its_schema():
+    """N-1 runs on N's schema: no upgrade drops, renames or alters, new columns have defaults."""
+    import ast
+    from pathlib import Path
+
+    from labgate.db.session import MIGRATIONS_DIR
+
+    for path in sorted(Path(MIGRATIONS_DIR, "versions").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        upgrade = next(
+            node
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name == "upgrade"
+        )
+        for node in ast.walk(upgrade):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            name = node.func.attr
+            assert not name.startswith(("drop_", "rename")), f"{path.name}: {name}"
+            assert name != "alter_column", f"{path.name}: alter_column"
+            if name == "add_column":
+                column = node.args[1]
+                assert isinstance(column, ast.Call)
+                words = {k.arg: k.value for k in column.keywords}
+                nullable = words.get("nullable")
+                not_null = isinstance(nullable, ast.Constant) and nullable.value is False
+                assert not not_null or "server_default" in words, (
+                    f"{path.name}: a NOT NULL column without a server default"
+                )

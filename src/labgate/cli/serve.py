@@ -63,9 +63,14 @@ def portal(
 
 
 def router(
-    portal: str = typer.Option(
+    portal: list[str] = typer.Option(
         ...,
-        help="Where the portal is: http://HOST:PORT or unix:/path (stream, activity, upstream).",
+        envvar="LABGATE_ROUTER_PORTALS",
+        help=(
+            "Where the portal is: http://HOST:PORT or unix:/path (stream, activity, upstream). "
+            "Repeat it for portal replicas: the router uses one and moves to the next when it "
+            "fails. From the environment: LABGATE_ROUTER_PORTALS, separated by spaces."
+        ),
     ),
     host: str | None = typer.Option(None, help="Address to listen on (setting `host`)."),
     port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
@@ -78,7 +83,13 @@ def router(
     if not settings.secret_key.get_secret_value():
         fail("`labgate router` needs the portal's secret_key (set LABGATE_SECRET_KEY)")
     from labgate.serve import run_router
+    from labgate.wire.routes import parse_upstream
 
+    for url in portal:
+        try:
+            parse_upstream(url)
+        except ValueError as exc:
+            fail(f"invalid --portal: {exc}", code=2)
     try:
         run_router(settings, portal)
     except UnsafeSetup as exc:

@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
@@ -93,8 +95,27 @@ def alembic_config(engine: Engine) -> AlembicConfig:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema up to the newest migrations (every branch head)."""
-    command.upgrade(alembic_config(engine), "heads")
+    """Bring the schema up to the newest migrations (every branch head).
+
+    A database that a newer labgate has already upgraded (it names revisions
+    this one does not know: an older portal replica restarting in the middle
+    of a rolling upgrade) is left as it is, with a warning: migrations only
+    add (tables, indexes, columns with defaults), so the older code runs on
+    the newer schema. Migrating it would fail on the unknown revisions.
+    """
+    config = alembic_config(engine)
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    with engine.connect() as conn:
+        applied = set(MigrationContext.configure(conn).get_current_heads())
+    newer = sorted(applied - known)
+    if newer:
+        log.warning(
+            "the database schema is newer than this labgate (revisions %s of a newer "
+            "version): running on it without migrating; upgrade labgate here",
+            ", ".join(newer),
+        )
+        return
+    command.upgrade(config, "heads")
 
 
 class Database:

@@ -56,6 +56,8 @@ class Portal:
     #: One of several portal processes on one database (``labgate portal``): no sites
     #: of its own, every site a network site whose agent may dial any replica.
     replicated: bool = False
+    #: Set once the server stopped listening: long-lived streams end (their clients reconnect).
+    stopping: bool = False
     passwords: PasswordWorkers = field(init=False)
     login_limits: LoginLimiter = field(init=False)
     #: The identity providers, by name, in the order of the settings.
@@ -84,6 +86,18 @@ class Portal:
         """
         if self.site_hub is not None:
             self.site_hub.draining()
+
+    def end_streams(self) -> None:
+        """The server stopped listening: end the streams that never end by themselves.
+
+        Routers on the route stream and readers of event streams would hold the
+        server's graceful stop open for ever; ended, they reconnect (to another
+        replica, or to this one when it is back), as after any broken stream.
+        """
+        self.stopping = True
+        if self.routes is not None:
+            self.routes.table.disconnect_all()
+        self.events.notify_all()
 
     @property
     def local_sites(self) -> list[SiteConfig]:

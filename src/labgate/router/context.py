@@ -91,10 +91,14 @@ class Context:
         options: RouterOptions,
         activity: ActivityLog | None = None,
         tickets: TunnelTickets | None = None,
+        other_portals: tuple[UpstreamAddress, ...] = (),
     ) -> None:
         self.table = table
         self.auth = auth
+        #: Where portal traffic goes now: the first replica that accepted a connection.
         self.portal = portal
+        #: Every portal replica, in the order given; a refused connection moves to the next.
+        self.portals = (portal, *(p for p in other_portals if p != portal))
         self.options = options
         #: Instances on their own host names, or None (under ``/i/<id>/``).
         self.hosts = (
@@ -116,6 +120,16 @@ class Context:
             table, tickets, f"{options.worker_index}/{options.worker_count}"
         )
         self._sweeper: asyncio.Task[None] | None = None
+
+    def portals_from(self, address: UpstreamAddress) -> tuple[UpstreamAddress, ...]:
+        """The portal replicas to try for a request bound for ``address``, it first.
+
+        Only a portal has stand-ins; an instance's address is tried alone.
+        """
+        if address not in self.portals or len(self.portals) == 1:
+            return (address,)
+        start = self.portals.index(address)
+        return self.portals[start:] + self.portals[:start]
 
     def start(self) -> None:
         """Start the sweeper (needs a running loop)."""

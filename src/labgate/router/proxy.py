@@ -484,17 +484,31 @@ class ClientConnection(asyncio.Protocol):
             self.connect_task = loop.create_task(self._connect(ex, address))
 
     async def _connect(self, ex: Exchange, address: UpstreamAddress) -> None:
-        try:
-            conn = await self.ctx.pool.connect(address)
-        except TimeoutError:
+        ctx = self.ctx
+        failure: OSError | None = None
+        # Nothing of the request has left the router before a connection is open, so a
+        # portal replica that refuses it (restarting, gone) is safely stood in for by the next.
+        for candidate in ctx.portals_from(address):
+            try:
+                conn = await ctx.pool.connect(candidate)
+            except OSError as problem:  # TimeoutError included
+                failure = problem
+                continue
+            if candidate != address:
+                log.warning("router: portal %s cannot be reached; using %s", address, candidate)
+                ctx.portal = ex.address = candidate
+            break
+        else:
             self.connect_task = None
-            seconds = self.ctx.options.connect_timeout
-            self._upstream_error(ex, 504, f"did not accept a connection within {seconds:g} seconds")
-            return
-        except OSError as problem:
-            self.connect_task = None
-            reason = (problem.strerror or str(problem) or type(problem).__name__).lower()
-            self._upstream_error(ex, 502, f"cannot be reached ({reason})")
+            if isinstance(failure, TimeoutError):
+                seconds = ctx.options.connect_timeout
+                self._upstream_error(
+                    ex, 504, f"did not accept a connection within {seconds:g} seconds"
+                )
+            else:
+                last = failure or OSError("no address")
+                reason = (last.strerror or str(last) or type(last).__name__).lower()
+                self._upstream_error(ex, 502, f"cannot be reached ({reason})")
             return
         self.connect_task = None
         if self.closing or ex is not self.current:

@@ -39,7 +39,10 @@ class Router:
         signer: SessionSigner,
         portal_upstream: str,
         options: RouterOptions | None = None,
+        *,
+        other_portals: tuple[str, ...] = (),
     ) -> None:
+        """``other_portals``: more portal replicas, used in turn when one refuses connections."""
         self.table = table
         self.options = options or RouterOptions()
         self.activity_log = ActivityLog()
@@ -50,6 +53,7 @@ class Router:
             self.options,
             self.activity_log,
             TunnelTickets(signer.key),
+            tuple(parse_upstream(other) for other in other_portals),
         )
         self.servers: list[asyncio.Server] = []
         #: The TLS certificate in use and its reloading, when the router serves HTTPS.
@@ -112,6 +116,31 @@ class Router:
     def open_connections(self) -> int:
         """Client and upstream connections currently open (tests check for leaks)."""
         return len(self.ctx.connections)
+
+    async def drain(self, grace: float) -> None:
+        """Stop listening and let requests in flight finish (up to ``grace`` s); then close().
+
+        A stopping router (SIGTERM) answers what it was asked before it goes:
+        idle keep-alive connections are closed at once, WebSockets and other
+        upgraded connections too (they would never end by themselves), and
+        connections with a request under way as soon as it is answered.
+        """
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while True:
+            busy = False
+            for conn in list(self.ctx.connections):
+                if not isinstance(conn, ClientConnection) or conn.closing:
+                    continue
+                if conn.tunnel is None and (conn.current or conn.queue or conn.reading_head):
+                    busy = True
+                else:
+                    conn.close()
+            if not busy or loop.time() >= deadline:
+                return
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         """Stop listening and close every connection."""

@@ -13,7 +13,10 @@ last known table.
 ``<portal>/api/v1/router/activity`` every ``interval`` seconds as
 ``{"worker": "<host>:<pid>", "activity": {"<instance_id>": Activity.to_dict()}}``.
 
-The portal URL is ``http://HOST:PORT`` or ``unix:/path/portal.sock``.
+The portal URL is ``http://HOST:PORT`` or ``unix:/path/portal.sock``. Given
+several portal replicas (``other_portals``), both follow one of them and move
+to the next when it fails: replicas sharing one database serve the same
+stream, so any of them will do.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 
@@ -66,10 +69,13 @@ class RouteSync:
         min_backoff: float = 0.2,
         max_backoff: float = 15.0,
         on_snapshot: Callable[[], None] | None = None,
+        other_portals: Sequence[str] = (),
     ) -> None:
         self.control = control
         self.on_snapshot = on_snapshot
+        #: The replica followed now; after a failure the next of :attr:`portals` is tried.
         self.portal_url = portal_url
+        self.portals = [portal_url, *(url for url in other_portals if url != portal_url)]
         self.token = token
         self.read_timeout = read_timeout
         self.min_backoff = min_backoff
@@ -94,9 +100,20 @@ class RouteSync:
             if self.connected:
                 backoff = self.min_backoff
             self.connected = False
-            log.warning("router: route stream lost (%s); reconnecting", self.last_error)
+            failed = self.portal_url
+            self.portal_url = self._next_portal(failed)
+            log.warning(
+                "router: route stream from %s lost (%s); reconnecting to %s",
+                failed,
+                self.last_error,
+                self.portal_url,
+            )
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(self.max_backoff, backoff * 2)
+
+    def _next_portal(self, failed: str) -> str:
+        """The replica after ``failed`` (itself when it is the only one)."""
+        return self.portals[(self.portals.index(failed) + 1) % len(self.portals)]
 
     async def _follow(self) -> None:
         async with (
@@ -139,11 +156,14 @@ class ActivityReporter:
         *,
         interval: float = 30.0,
         stats: Callable[[], RouterStats] | None = None,
+        other_portals: Sequence[str] = (),
     ) -> None:
         self.activities = activities
         #: Request counts and latency (labgate.wire.stats), sent along for /metrics.
         self.stats = stats
         self.portal_url = portal_url
+        #: Every replica a report may go to, the one that took the last report first.
+        self.portals = [portal_url, *(url for url in other_portals if url != portal_url)]
         self.token = token
         self.interval = interval
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -168,9 +188,17 @@ class ActivityReporter:
         return response.status_code < 300
 
     async def run(self) -> None:
-        """Report every ``interval`` seconds until cancelled."""
-        async with portal_client(self.portal_url, self.token, read_timeout=30.0) as client:
+        """Report every ``interval`` seconds until cancelled, to the first replica that takes it."""
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [
+                await stack.enter_async_context(portal_client(url, self.token, read_timeout=30.0))
+                for url in self.portals
+            ]
             while True:
                 await asyncio.sleep(self.interval)
-                with contextlib.suppress(Exception):
-                    await self.report(client)
+                for _ in range(len(clients)):
+                    with contextlib.suppress(Exception):
+                        if await self.report(clients[0]):
+                            break
+                    # The replica did not take it: the next one is asked (and asked first).
+                    clients.append(clients.pop(0))

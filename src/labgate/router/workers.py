@@ -48,6 +48,10 @@ from labgate.wire.routes import RouteTable
 
 log = logging.getLogger("labgate.router")
 
+#: Seconds a stopping router process gives the requests in flight (below the
+#: TimeoutStopSec of deploy/systemd/labgate-router@.service).
+DRAIN_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -56,6 +60,9 @@ class WorkerConfig:
     ``portal_url`` is where the route stream and activity endpoint are
     (``http://HOST:PORT`` or ``unix:/path``); ``portal_upstream`` is where
     non-instance requests are proxied (usually the same place).
+    ``other_portals`` are more portal replicas on one database: stream,
+    activity and (without ``portal_upstream``) portal traffic move to the next
+    one when the one in use fails.
     """
 
     host: str
@@ -75,6 +82,7 @@ class WorkerConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_reload_interval: float = 10.0
+    other_portals: tuple[str, ...] = ()
 
     @property
     def upstream(self) -> str:
@@ -90,9 +98,11 @@ def worker_config(
     portal_upstream: str = "",
     host: str | None = None,
     port: int | None = None,
+    other_portals: tuple[str, ...] = (),
 ) -> WorkerConfig:
     """A worker config from labgate's settings."""
     return WorkerConfig(
+        other_portals=other_portals,
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
         portal_url=portal_url,
@@ -111,17 +121,31 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
     """Run one worker in the current loop until ``stop`` is set."""
     table = RouteTable()
     signer = SessionSigner(config.signing_key, config.session_max_age)
-    router = Router(table, signer, config.upstream, config.options)
+    others = config.other_portals
+    router = Router(
+        table,
+        signer,
+        config.upstream,
+        config.options,
+        other_portals=() if config.portal_upstream else others,
+    )
     # A big table is a million long-lived objects; frozen, the cyclic GC stops
     # walking them on every full collection (which doubled CPU per request at
     # 100,000 routes in benchmarks/router.py).
-    sync = RouteSync(table, config.portal_url, config.stream_token, on_snapshot=gc.freeze)
+    sync = RouteSync(
+        table,
+        config.portal_url,
+        config.stream_token,
+        on_snapshot=gc.freeze,
+        other_portals=others,
+    )
     reporter = ActivityReporter(
         router.activities,
         config.portal_url,
         config.stream_token,
         interval=config.activity_interval,
         stats=lambda: router.ctx.stats,
+        other_portals=others,
     )
     loop = asyncio.get_running_loop()
     tasks = [loop.create_task(sync.run()), loop.create_task(reporter.run())]
@@ -139,6 +163,8 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             router.tls.start()
         await router.listen(config.host, config.port, reuse_port=config.reuse_port)
         await stop.wait()
+        # Asked to stop: what is being answered is answered first.
+        await router.drain(DRAIN_SECONDS)
     finally:
         await cancel_and_wait(*tasks)
         await router.close()

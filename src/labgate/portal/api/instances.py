@@ -321,8 +321,8 @@ async def _event_stream(
             payload = json.dumps(event.model_dump(mode="json"))
             yield f"id: {event.id}\nevent: {event.kind}\ndata: {payload}\n\n".encode()
             last_sent = time.monotonic()
-        if finished:
-            return
+        if finished or portal.stopping:
+            return  # stopping: the reader reconnects with Last-Event-ID
         if await request.is_disconnected():
             return
         await portal.events.wait(instance_id, seen, SSE_WAKE_TIMEOUT)
