@@ -135,6 +135,48 @@ async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
         assert time.monotonic() - started < site_relay.ACK_TIMEOUT + 1
 
 
+async def test_a_launch_on_a_portal_without_the_agent_is_admitted_and_runs_there(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Any portal admits a launch on a network site; its agent, on another, starts it."""
+    settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        token = created.json()["token"]
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            remote_agent(b.state.test_url, token, tmp_path / "edge"),
+        ):
+            try:
+                await site_status(client_b, admin, "connected")
+                await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
+                launched = await client_a.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                iid = launched.json()["id"]
+                body = await wait_for_state(client_a, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", await events_of(client_a, admin, iid)
+                stopped = await client_a.delete(f"/api/v1/instances/{iid}", headers=admin)
+                assert stopped.status_code == 202, stopped.text
+                body = await wait_for_state(client_a, admin, iid, {"stopped", "lost"}, timeout=30)
+                assert body["state"] == "stopped", body
+            finally:
+                await stop_everything(b)
+        # With the agent gone from every portal, A admits no launch there.
+        await asyncio.sleep(2 * settings.site_heartbeat_interval)
+        refused = await client_a.post(
+            "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+        )
+        assert refused.status_code in (409, 503), refused.text
+        assert refused.json()["error"] == "site_unavailable", refused.text
+
+
 async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -28,7 +28,7 @@ __all__ = ["Adoption", "LocalSiteLink", "SiteLink", "live_sites"]
 
 def live_sites(links: dict[str, SiteLink]) -> set[str]:
     """The names of the sites that can take commands now (placement picks among them)."""
-    return {name for name, link in links.items() if link.live}
+    return {name for name, link in links.items() if link.reachable}
 
 
 class SiteLink(abc.ABC):
@@ -55,6 +55,11 @@ class SiteLink(abc.ABC):
     def live(self) -> bool:
         """Whether the site can take commands now (a network site: its agent is connected)."""
         return True
+
+    @property
+    def reachable(self) -> bool:
+        """Whether commands reach the site now, from here or relayed through another portal."""
+        return self.live
 
     async def health(self) -> str | None:
         """What keeps the site from working now (agent away, engine down), or None."""

@@ -117,12 +117,20 @@ class NetworkSiteLink(SiteLink):
         self.hello: Hello | None = None
         #: What the agent's last heartbeat said keeps the site from working ("" none).
         self.reported_health = ""
+        #: The agent is connected to another portal sharing the database (the liveness
+        #: module keeps this, every heartbeat interval): commands go through the relay.
+        self.held_elsewhere = False
 
     # --- the connection ----------------------------------------------------
     @property
     def live(self) -> bool:
         """Whether the agent is connected."""
         return self.session is not None and not self.session.closed
+
+    @property
+    def reachable(self) -> bool:
+        """Connected here, or to another portal that relays this one's commands."""
+        return self.live or (self.held_elsewhere and self.relay is not None)
 
     def attach(self, session: Session) -> None:
         """A connection of the agent is up (it said hello)."""

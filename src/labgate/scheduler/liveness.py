@@ -27,10 +27,12 @@ Several portals may share the database, and an agent is connected to one
 of them. A portal leaves a site alone while its row says another portal
 holds it: connected since another time than the one this portal recorded,
 and seen within :data:`FRESH_BEATS` heartbeat intervals (the holder writes
-each heartbeat). So a portal that starts, or whose agent moved to another
-portal, marks nothing unreachable or lost; one that starts while the row
-only looks fresh (a portal that held the site just died) checks again once
-that time has passed.
+each heartbeat). It still admits launches on such a site (noted every
+heartbeat interval); their commands go through the relay to the holder.
+So a portal that starts, or whose agent moved to another portal, marks
+nothing unreachable or lost; one that starts while the row only looks fresh
+(a portal that held the site just died) checks again once that time has
+passed.
 
 Among ``labgate portal`` replicas (``shared``) each also makes, every
 heartbeat interval, links for the network sites another replica added (and
@@ -119,7 +121,8 @@ class SiteLiveness:
         """
         for name, link in list(self.manager.links.items()):
             if isinstance(link, NetworkSiteLink) and not link.live:
-                if await self._held_elsewhere(name):
+                link.held_elsewhere = await self._held_elsewhere(name)
+                if link.held_elsewhere:
                     # Checked again once the row would be stale, were its holder gone.
                     self._timers[name] = asyncio.create_task(
                         self._check_later(name), name=f"held-{name}"
@@ -335,6 +338,10 @@ class SiteLiveness:
                     await self.manager.run_db(partial(_record_beats, beats=beats))
                 except Exception:
                     log.exception("recording site heartbeats failed")
+            try:
+                await self.note_held_elsewhere()
+            except Exception:
+                log.exception("reading which portals hold the sites failed")
             if self.shared:
                 try:
                     await self.sync_sites()
@@ -350,6 +357,27 @@ class SiteLiveness:
         for name, link in list(self.manager.links.items()):
             if isinstance(link, NetworkSiteLink) and name not in rows:
                 await self.hub.forget(name)
+
+    async def note_held_elsewhere(self) -> None:
+        """Note which sites' agents another portal holds (their rows say so).
+
+        Launches on them are admitted here too; their commands go through the
+        relay to that portal (a link without a relay never counts them).
+        """
+        away = [
+            name
+            for name, link in self.manager.links.items()
+            if isinstance(link, NetworkSiteLink) and not link.live and link.relay is not None
+        ]
+        mine, fresh = dict(self._mine), self.fresh
+        held: dict[str, bool] = {}
+        if away:
+            held = await self.manager.run_db(
+                lambda s: {name: _held_elsewhere(s, name, mine.get(name), fresh) for name in away}
+            )
+        for name, link in self.manager.links.items():
+            if isinstance(link, NetworkSiteLink):
+                link.held_elsewhere = held.get(name, False)
 
     async def relay_stops(self) -> list[str]:
         """Send the stops of ``stopping`` instances on sites connected here; the ids sent."""

@@ -367,7 +367,7 @@ class StartQueue:
     async def dispatch(self, site: str) -> list[str]:
         """Start what fits on ``site`` now, in fair order; returns the started ids."""
         link = self.control.links.get(site)
-        live = link is not None and link.live
+        live = link is not None and link.reachable
         previous = dict(self._noted)
         done = await self.control.run_admission(
             lambda s: self._dispatch(s, site, live=live, previous=previous)
