@@ -273,7 +273,6 @@ class Deployment:
             LABGATE_SITE_HEARTBEAT_INTERVAL="1",
             LABGATE_STOP_GRACE_SECONDS="2",
             LABGATE_MAX_INSTANCES_PER_USER="50",
-            LABGATE_LOGIN_LIMIT_ACCOUNT_ADDRESS="1000/minute",
         )
 
     def portal_url(self, index: int) -> str:
@@ -409,6 +408,8 @@ class Run:
     windows: list[Window] = field(default_factory=list)
     launched: dict[str, str] = field(default_factory=dict)  # instance id -> user
     cycles: int = 0
+    #: Instances seen running as more than one process tree in two samples in a row.
+    doubled: dict[str, int] = field(default_factory=dict)
 
     def note(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
@@ -428,14 +429,24 @@ class User:
         self.client = httpx.AsyncClient(base_url=self.base, timeout=httpx.Timeout(5, read=10))
 
     async def api(
-        self, what: str, method: str, path: str, instance: str = "", **kw: Any
+        self,
+        what: str,
+        method: str,
+        path: str,
+        instance: str = "",
+        accept: tuple[int, ...] = (),
+        **kw: Any,
     ) -> httpx.Response | None:
-        """One API call through the router; recorded; None when it failed."""
+        """One API call through the router; recorded; None when it failed.
+
+        ``accept``: error statuses that are an answer here (a stop of what has ended).
+        """
         start = time.monotonic()
         detail, response = "", None
+        headers = {**self.headers, **kw.pop("headers", {})}
         try:
-            response = await self.client.request(method, path, headers=self.headers, **kw)
-            if response.status_code >= 400:
+            response = await self.client.request(method, path, headers=headers, **kw)
+            if response.status_code >= 400 and response.status_code not in accept:
                 detail = f"{response.status_code} {response.text[:160]}"
         except httpx.HTTPError as exc:
             detail = f"{type(exc).__name__}: {exc}"[:200]
@@ -526,7 +537,9 @@ class User:
 
     async def stop(self, iid: str) -> None:
         until = time.monotonic() + 60
-        stopped = await self.retry("stop", "DELETE", f"/api/v1/instances/{iid}", until, iid)
+        stopped = await self.retry(
+            "stop", "DELETE", f"/api/v1/instances/{iid}", until, iid, accept=(409,)
+        )
         if stopped is not None:
             await self.wait_state(iid, set(ENDED), until)
 
@@ -650,6 +663,18 @@ async def killer(
     await asyncio.gather(*back)
 
 
+async def watch_doubles(run: Run, until: float) -> None:
+    """Sample the tools' process trees every second while the run lasts."""
+    before: dict[str, int] = {}
+    while time.monotonic() < until:
+        now = {iid: n for iid, n in (await asyncio.to_thread(tool_trees)).items() if n > 1}
+        for iid, n in now.items():
+            if before.get(iid, 0) > 1:
+                run.doubled[iid] = max(n, run.doubled.get(iid, 0))
+        before = now
+        await asyncio.sleep(1)
+
+
 # --------------------------------------------------------------------------- checks
 def in_window(outcome: Outcome, windows: list[Window], names: set[str]) -> bool:
     return any(w.process in names and w.covers(outcome.start, outcome.end) for w in windows)
@@ -748,7 +773,7 @@ def verify(engine: Any, run: Run, stuck: dict[str, str]) -> dict[str, Any]:
     trees = tool_trees()
     figures: dict[str, Any] = {"stuck": stuck}
     lost: dict[str, str] = {}
-    duplicated: dict[str, int] = {}
+    duplicated: dict[str, int] = dict(run.doubled)
     leaked: dict[str, str] = {}
     usage_problems: dict[str, list[str]] = {}
     failed: dict[str, str] = {}
@@ -765,7 +790,7 @@ def verify(engine: Any, run: Run, stuck: dict[str, str]) -> dict[str, Any]:
             elif state == "running" and running == 0:
                 lost[iid] = "running, but no process carries it"
             if running > 1:
-                duplicated[iid] = running
+                duplicated[iid] = max(running, duplicated.get(iid, 0))
             if state in ENDED and running:
                 leaked[iid] = f"{state}, yet {running} process tree(s) run it"
             if state == "failed":
@@ -846,6 +871,7 @@ async def chaos(args: argparse.Namespace, work: Path, url: str, run_id: str) -> 
         users = [User(name, n % 2, deployment, run) for n, name in enumerate(names)]
         await asyncio.gather(
             killer(deployment, run, until, args.kill_every, rng),
+            watch_doubles(run, until),
             *(user.main(until, args.seed + n) for n, user in enumerate(users)),
         )
         ended = time.monotonic()
