@@ -695,30 +695,39 @@ def explain(outcome: Outcome, windows: list[Window]) -> str:
 
 
 def interruptions(outcomes: list[Outcome], kinds: set[str]) -> tuple[float, dict[str, Any]]:
-    """The longest run of failures of one user's use of one instance: first failure to success."""
+    """The longest time one user's requests of ``kinds`` kept failing.
+
+    From a failed request's start to the end of the next one that succeeded
+    (on any of the user's instances: a user whose tool stayed away relaunches),
+    or to the end of the last failure when none succeeded after it.
+    """
     longest, worst = 0.0, {}
-    streams: dict[tuple[str, str, str], list[Outcome]] = {}
+    streams: dict[str, list[Outcome]] = {}
     for o in outcomes:
         if o.kind in kinds:
-            streams.setdefault((o.user, o.instance, o.kind), []).append(o)
-    for key, stream in streams.items():
+            streams.setdefault(o.user, []).append(o)
+    for user, stream in streams.items():
         stream.sort(key=lambda o: o.start)
-        first_failure: Outcome | None = None
-        for o in stream:
-            if not o.ok and first_failure is None:
-                first_failure = o
-            elif o.ok and first_failure is not None:
-                span = o.end - first_failure.start
-                if span > longest:
-                    longest = span
-                    worst = {
-                        "user": key[0],
-                        "instance": key[1],
-                        "kind": key[2],
-                        "from_s": first_failure.start,
-                        "to_s": o.end,
-                    }
-                first_failure = None
+        first: Outcome | None = None
+        last: Outcome | None = None
+        ends: list[Outcome | None] = [*stream, None]
+        for each in ends:
+            if each is not None and not each.ok:
+                first, last = first or each, each
+                continue
+            if first is None or last is None:
+                continue
+            until = each.end if each is not None else last.end
+            if until - first.start > longest:
+                longest = until - first.start
+                worst = {
+                    "user": user,
+                    "router": first.router,
+                    "from_s": first.start,
+                    "to_s": until,
+                    "recovered": each is not None,
+                }
+            first = last = None
     return longest, worst
 
 
@@ -1011,6 +1020,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--settle", type=float, default=90, help="seconds allowed to settle (90)")
     parser.add_argument("--seed", type=int, default=19)
+    parser.add_argument("--keep", action="store_true", help="keep the logs even when all holds")
     parser.add_argument("--quick", action="store_true", help="45 s, a kill every 5 s, 4 users")
     args = parser.parse_args()
     if args.quick:
@@ -1031,7 +1041,7 @@ def main() -> None:
     finally:
         with contextlib.suppress(Exception):
             drop_postgres(args.db_url, name)
-        if ok:
+        if ok and not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"logs kept in {work}", file=sys.stderr)

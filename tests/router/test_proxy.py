@@ -141,3 +141,17 @@ async def test_head_request(gateway: Gateway) -> None:
     # No body after the HEAD response: the next thing is the second response.
     assert rest.startswith(b"HTTP/1.1 200")
     assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ready": True}
+
+
+async def test_a_new_connection_to_the_portal_is_told_to_the_route_stream(
+    gateway: Gateway,
+) -> None:
+    """So a router whose portal restarted resyncs as soon as the portal answers again."""
+    told: list[int] = []
+    gateway.router.ctx.portal_connected = lambda: told.append(1)
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        tool = await client.get("/i/aaaa/api/health", headers=gateway.cookie_header(ALICE))
+        assert tool.status_code == 200 and told == []  # an instance is not the portal
+        portal = await client.get("/api/v1/me")
+        assert portal.status_code == 200
+    assert told == [1]

@@ -497,6 +497,8 @@ class ClientConnection(asyncio.Protocol):
             self._upstream_error(ex, 502, f"cannot be reached ({reason})")
             return
         self.connect_task = None
+        if address is self.ctx.portal and self.ctx.portal_connected is not None:
+            self.ctx.portal_connected()
         if self.closing or ex is not self.current:
             conn.close()
             return

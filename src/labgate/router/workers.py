@@ -115,6 +115,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
     # walking them on every full collection (which doubled CPU per request at
     # 100,000 routes in benchmarks/router.py).
     sync = RouteSync(table, config.portal_url, config.stream_token, on_snapshot=gc.freeze)
+    router.ctx.portal_connected = sync.portal_answered
     reporter = ActivityReporter(
         router.activities,
         config.portal_url,
