@@ -7,7 +7,7 @@ import json
 import httpx
 
 from labgate.security import SESSION_COOKIE
-from labgate.wire.routes import Route
+from labgate.wire.routes import NO_ENDPOINT, Route
 
 from .conftest import ALICE, ALICE_TOKEN, ROOT, Gateway, raw_request, status_of
 
@@ -155,3 +155,19 @@ async def test_a_new_connection_to_the_portal_is_told_to_the_route_stream(
         portal = await client.get("/api/v1/me")
         assert portal.status_code == 200
     assert told == [1]
+
+
+async def test_an_instance_whose_agent_is_away_is_tried_at_its_endpoint(gateway: Gateway) -> None:
+    """``unreachable`` with an endpoint: passed on; nothing answering there is the 503 page."""
+    served = gateway.upstreams["aaaa"]
+    gateway.table.add_route(
+        Route("aaaa", served.url, ALICE, state="unreachable", upstream_token="upstream-token-aaaa")
+    )
+    gateway.table.add_route(Route("gone", "http://127.0.0.1:1", ALICE, state="unreachable"))
+    gateway.table.add_route(Route("none", NO_ENDPOINT, ALICE, state="unreachable"))
+    async with httpx.AsyncClient(base_url=gateway.base, headers=gateway.cookie_header(ALICE)) as c:
+        assert (await c.get("/i/aaaa/api/health")).status_code == 200
+        for iid in ("gone", "none"):
+            page = await c.get(f"/i/{iid}/api/health")
+            assert page.status_code == 503, page.text
+            assert "its site is not connected" in page.text
