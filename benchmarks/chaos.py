@@ -252,6 +252,8 @@ class Deployment:
         data_dir = self.work / name
         data_dir.mkdir(mode=0o700, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
+        # As an installed labgate: a restart reads the bytecode cache the first start wrote.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update(
             {RUN_MARK: self.run_id},
             LABGATE_DATA_DIR=str(data_dir),
