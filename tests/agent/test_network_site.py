@@ -7,6 +7,9 @@ reach through the router, directly or through the agent's tunnel.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import httpx
 import pytest
 from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
 
-from servers import LabgateServer, wait_state
+from servers import LabgateServer, processes_with_env, wait_state
 
 pytestmark = pytest.mark.slow
 
@@ -129,5 +132,40 @@ def test_a_killed_agent_leaves_instances_unreachable_then_back_when_it_returns(
                 time.sleep(0.1)
             client.delete(f"/api/v1/instances/{iid}")
             assert wait_state(client, iid, {"stopped", "lost"})["state"] == "stopped"
+    finally:
+        agent.stop()
+
+
+def test_a_directly_reached_instance_keeps_answering_while_its_agent_is_away(
+    server: LabgateServer, admin: dict[str, str], tmp_path: Path
+) -> None:
+    """The chaos run's find: a killed agent made its site's tools 503 until it was back.
+
+    The router reaches a direct site's tools at their endpoints, without the
+    agent: they keep answering while it is away (the instance is ``unreachable``
+    all the same), and the "not connected" page comes only when nothing answers.
+    """
+    token = add_site(server, admin, "edge", reach="direct")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+    try:
+        wait_site(server, admin, "edge", "connected")
+        iid = launch(server, admin, "edge")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            assert wait_state(client, iid, {"running", "failed"}, 60)["state"] == "running"
+            agent.kill()
+            wait_state(client, iid, {"unreachable"}, 20)
+            health = client.get(f"/i/{iid}/api/health")
+            assert health.status_code == 200, health.text
+            # The tool itself gone too: the page says why, not a bare 502.
+            pids = processes_with_env("LABGATE_INSTANCE_ID", iid)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while (page := client.get(f"/i/{iid}/")).status_code == 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert page.status_code == 503 and "site is not connected" in page.text
     finally:
         agent.stop()

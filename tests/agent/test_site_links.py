@@ -538,6 +538,33 @@ async def test_a_stop_without_a_state_removes_the_instance_by_its_id(tmp_path, d
         await killed.backend.close()
 
 
+async def test_a_launch_sent_again_after_a_killed_agent_runs_the_tool_once(tmp_path, demo) -> None:
+    """The chaos run's find: a start whose agent was killed, launched again, ran twice.
+
+    The killed agent's reports never reached the portal, which still saw the
+    instance pending and sent the launch to the next agent.
+    """
+    recorder = Recorder()
+    settings = site_settings(tmp_path / "site")
+    killed = make_agent_for(settings, "edge", recorder.report)
+    await killed.backend.start(spec_of(demo, "twice1"))  # its state reaches no one
+    assert processes_with_env("LABGATE_INSTANCE_ID", "twice1")
+    link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
+    try:
+        await link.launch(spec_of(demo, "twice1"))
+        await recorder.wait_state("twice1", "running")
+        pids = set(processes_with_env("LABGATE_INSTANCE_ID", "twice1"))
+        roots = [pid for pid in pids if parent_of(pid) not in pids]
+        assert len(roots) == 1, pids
+        _, state = endpoint_of(recorder, "twice1")
+        await link.stop("twice1", state)
+        await recorder.wait_state("twice1", "stopped")
+        assert not processes_with_env("LABGATE_INSTANCE_ID", "twice1")
+    finally:
+        await link.close()
+        await killed.backend.close()
+
+
 async def test_an_unreadable_saved_state_is_reported_lost(tmp_path, demo) -> None:
     recorder = Recorder()
     async with local_link(tmp_path, recorder) as link:

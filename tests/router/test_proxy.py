@@ -7,7 +7,7 @@ import json
 import httpx
 
 from labgate.security import SESSION_COOKIE
-from labgate.wire.routes import Route
+from labgate.wire.routes import NO_ENDPOINT, Route
 
 from .conftest import ALICE, ALICE_TOKEN, ROOT, Gateway, raw_request, status_of
 
@@ -141,3 +141,33 @@ async def test_head_request(gateway: Gateway) -> None:
     # No body after the HEAD response: the next thing is the second response.
     assert rest.startswith(b"HTTP/1.1 200")
     assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ready": True}
+
+
+async def test_a_new_connection_to_the_portal_is_told_to_the_route_stream(
+    gateway: Gateway,
+) -> None:
+    """So a router whose portal restarted resyncs as soon as the portal answers again."""
+    told: list[int] = []
+    gateway.router.ctx.portal_connected = lambda: told.append(1)
+    async with httpx.AsyncClient(base_url=gateway.base) as client:
+        tool = await client.get("/i/aaaa/api/health", headers=gateway.cookie_header(ALICE))
+        assert tool.status_code == 200 and told == []  # an instance is not the portal
+        portal = await client.get("/api/v1/me")
+        assert portal.status_code == 200
+    assert told == [1]
+
+
+async def test_an_instance_whose_agent_is_away_is_tried_at_its_endpoint(gateway: Gateway) -> None:
+    """``unreachable`` with an endpoint: passed on; nothing answering there is the 503 page."""
+    served = gateway.upstreams["aaaa"]
+    gateway.table.add_route(
+        Route("aaaa", served.url, ALICE, state="unreachable", upstream_token="upstream-token-aaaa")
+    )
+    gateway.table.add_route(Route("gone", "http://127.0.0.1:1", ALICE, state="unreachable"))
+    gateway.table.add_route(Route("none", NO_ENDPOINT, ALICE, state="unreachable"))
+    async with httpx.AsyncClient(base_url=gateway.base, headers=gateway.cookie_header(ALICE)) as c:
+        assert (await c.get("/i/aaaa/api/health")).status_code == 200
+        for iid in ("gone", "none"):
+            page = await c.get(f"/i/{iid}/api/health")
+            assert page.status_code == 503, page.text
+            assert "its site is not connected" in page.text

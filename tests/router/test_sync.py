@@ -203,6 +203,34 @@ async def test_router_follows_stream_across_portal_restart() -> None:
         await portal.stop()
 
 
+async def test_a_request_reaching_the_restarted_portal_resyncs_the_router_at_once() -> None:
+    """The chaos run's find: a router waited out its backoff while its portal answered again.
+
+    Meanwhile its table was stale: instances launched after the portal's restart
+    were 404 at the router. A connection to the portal (a user's request) ends the wait.
+    """
+    publisher = sample_publisher()
+    portal = PortalServer(publisher)
+    await portal.start()
+    table = RouteTable()
+    sync = RouteSync(table, portal.url, STREAM_TOKEN, min_backoff=60, max_backoff=60)
+    task = asyncio.get_running_loop().create_task(sync.run())
+    try:
+        await asyncio.wait_for(sync.synced.wait(), 10)
+        await portal.stop()
+        await wait_for(lambda: not sync.connected)
+        publisher.add_route(Route("dddd", "http://127.0.0.1:12", 1))
+        await portal.start()
+        await asyncio.sleep(0.5)
+        assert "dddd" not in table.routes  # still waiting out its 30 s or more
+        sync.portal_answered()
+        await wait_for(lambda: "dddd" in table.routes)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await portal.stop()
+
+
 async def test_wrong_token_keeps_retrying() -> None:
     publisher = sample_publisher()
     portal = PortalServer(publisher)

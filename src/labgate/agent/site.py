@@ -482,6 +482,10 @@ class SiteAgent:
         await self._report(
             Report(iid, "starting", message=f"starting {spec.tool.title} on site {self.site}")
         )
+        # A launch sent again after a reconnect (the portal saw it still pending) may
+        # follow a start by a killed agent whose state and reports reached no one: what
+        # that start left would run beside this one (found by the chaos run).
+        await self._discard(iid)
         start = asyncio.ensure_future(self.backend.start(spec))
         try:
             started = await asyncio.shield(start)

@@ -36,7 +36,15 @@ from labgate.db.models import (
 from labgate.portal.sharing import access_list, groups_of, instances_shared_with_groups
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
-from labgate.wire.routes import NO_ACCESS, SNAPSHOT_VERSION, Route, RouteState, TokenInfo, UserInfo
+from labgate.wire.routes import (
+    NO_ACCESS,
+    NO_ENDPOINT,
+    SNAPSHOT_VERSION,
+    Route,
+    RouteState,
+    TokenInfo,
+    UserInfo,
+)
 from labgate.wire.stream import RoutePublisher
 
 log = logging.getLogger(__name__)
@@ -45,9 +53,6 @@ log = logging.getLogger(__name__)
 ROUTED_STATES = frozenset(
     {InstanceState.starting, InstanceState.running, InstanceState.unreachable}
 )
-#: Where a route points before the tool has an endpoint; never connected to:
-#: the router answers 503 "starting" for routes in that state.
-NO_ENDPOINT = "http://127.0.0.1:9"
 
 
 class RouteFeedHub:
@@ -79,11 +84,21 @@ class RouteFeedHub:
         tool = self.catalog.get(instance.tool)
         running = state == InstanceState.running and bool(instance.endpoint)
         route_state: RouteState = "running" if running else "starting"
+        # Its site's agent is away, but a tool that was ready may still answer at its
+        # endpoint: the router tries it (a restarting agent interrupts no one) and says
+        # "not connected" only when nothing answers there.
+        away = (
+            state == InstanceState.unreachable
+            and bool(instance.endpoint)
+            and instance.ready_at is not None
+        )
         if state == InstanceState.unreachable:
             route_state = "unreachable"
-        upstream = instance.endpoint if running else NO_ENDPOINT
-        if running and self.upstream_of is not None:
-            upstream = self.upstream_of(instance) or upstream
+        upstream = instance.endpoint if running or away else NO_ENDPOINT
+        if (running or away) and self.upstream_of is not None:
+            tunneled = self.upstream_of(instance)
+            if tunneled:  # a tunnel goes with its agent: nothing to try while it is away
+                upstream = tunneled if running else NO_ENDPOINT
         return Route(
             instance_id=instance.id,
             upstream=upstream,

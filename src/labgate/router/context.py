@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -119,6 +120,9 @@ class Context:
         self.site_tunnels = SiteTunnels(
             table, tickets, f"{options.worker_index}/{options.worker_count}"
         )
+        #: Called when a new connection to the portal opens (labgate.router.sync wakes
+        #: a route stream waiting to reconnect: the portal is back).
+        self.portal_connected: Callable[[], None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def portals_from(self, address: UpstreamAddress) -> tuple[UpstreamAddress, ...]:

@@ -57,6 +57,7 @@ class Exchange:
         "address",
         "auth_count",
         "authorization",
+        "away",
         "body_buf",
         "body_buffered",
         "body_done",
@@ -133,6 +134,8 @@ class Exchange:
         self.response_done = False
         self.close_after = False
         self.retried = False
+        #: Sent to an instance whose site's agent is away: no answer there is a 503 "away".
+        self.away = False
         #: Wall-clock time the request was routed to an instance (for the latency histogram).
         self.started = 0.0
         self.instance_id = ""

@@ -37,7 +37,7 @@ from labgate.router.http import (
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.security import HANDOFF_PATH
-from labgate.wire.routes import Route, UpstreamAddress, UserInfo
+from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress, UserInfo
 from labgate.wire.tunnel import TUNNEL_PATH
 
 _TUNNEL_TARGET = TUNNEL_PATH.encode()
@@ -424,12 +424,11 @@ class ClientConnection(asyncio.Protocol):
         """Send an authorized request on to its instance (or say why it cannot go yet)."""
         ctx = self.ctx
         instance_id = route.instance_id
-        if route.state != "running":
+        if route.state == "unreachable" and route.upstream != NO_ENDPOINT:
+            ex.away = True  # its agent is away; the tool itself may still answer
+        elif route.state != "running":
             if route.state == "unreachable":
-                detail = (
-                    f"instance {instance_id} cannot be reached: its site is not connected to "
-                    "labgate right now; it may still be running there. This page reloads by itself"
-                )
+                detail = away_detail(instance_id)
             else:
                 detail = f"instance {instance_id} is starting; this page reloads by itself"
             self._reply(ex, 503, detail, retry_after=ctx.options.retry_after)
@@ -511,6 +510,8 @@ class ClientConnection(asyncio.Protocol):
                 self._upstream_error(ex, 502, f"cannot be reached ({reason})")
             return
         self.connect_task = None
+        if candidate in ctx.portals and ctx.portal_connected is not None:
+            ctx.portal_connected()  # a portal answers: a route stream waiting may go now
         if self.closing or ex is not self.current:
             conn.close()
             return
@@ -573,6 +574,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if ex.response_started:
             self._close()  # the response is cut short; only closing says so
+            return
+        if ex.away:
+            retry_after = self.ctx.options.retry_after
+            self._reply(ex, 503, away_detail(ex.instance_id), retry_after=retry_after)
             return
         what = f"Instance {ex.instance_id}" if ex.instance_id else "The portal"
         self._reply(ex, status, f"{what} {reason}.")
@@ -758,3 +763,11 @@ class ClientConnection(asyncio.Protocol):
             self.connect_task = None
         if self.transport is not None:
             self.transport.close()
+
+
+def away_detail(instance_id: str) -> str:
+    """What the 503 of an instance whose site's agent is away says."""
+    return (
+        f"instance {instance_id} cannot be reached: its site is not connected to "
+        "labgate right now; it may still be running there. This page reloads by itself"
+    )

@@ -4,10 +4,11 @@
 (bearer token), applies the first message (always a snapshot) with
 ``resync`` and every later one as a delta. When the stream ends, breaks or
 stays silent longer than ``read_timeout`` (the portal pings every 15 s), it
-reconnects with capped exponential backoff and jitter, and the new
-snapshot replaces everything: a route added or removed while the router was
-cut off is never missed. While disconnected the router keeps serving its
-last known table.
+reconnects with capped exponential backoff and jitter (0.2 s doubling to
+2 s), at once when :meth:`RouteSync.portal_answered` says a request reached
+the portal again, and the new snapshot replaces everything: a route added or
+removed while the router was cut off is never missed. While disconnected the
+router keeps serving its last known table.
 
 :class:`ActivityReporter` posts this process's activity to
 ``<portal>/api/v1/router/activity`` every ``interval`` seconds as
@@ -67,7 +68,7 @@ class RouteSync:
         *,
         read_timeout: float = 45.0,
         min_backoff: float = 0.2,
-        max_backoff: float = 15.0,
+        max_backoff: float = 2.0,
         on_snapshot: Callable[[], None] | None = None,
         other_portals: Sequence[str] = (),
     ) -> None:
@@ -85,6 +86,7 @@ class RouteSync:
         self.snapshots = 0
         self.messages = 0
         self.last_error = ""
+        self._wake = asyncio.Event()
 
     async def run(self) -> None:
         """Follow the stream until cancelled."""
@@ -108,12 +110,23 @@ class RouteSync:
                 self.last_error,
                 self.portal_url,
             )
-            await asyncio.sleep(backoff * (0.5 + random.random()))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), backoff * (0.5 + random.random()))
             backoff = min(self.max_backoff, backoff * 2)
 
     def _next_portal(self, failed: str) -> str:
         """The replica after ``failed`` (itself when it is the only one)."""
         return self.portals[(self.portals.index(failed) + 1) % len(self.portals)]
+
+    def portal_answered(self) -> None:
+        """A connection to the portal opened: a stream waiting to reconnect tries now.
+
+        After a portal restart, the table must not stay stale for a backoff's
+        length while the portal already answers (new instances would be 404).
+        """
+        if not self.connected:
+            self._wake.set()
 
     async def _follow(self) -> None:
         async with (

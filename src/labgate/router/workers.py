@@ -139,6 +139,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
         on_snapshot=gc.freeze,
         other_portals=others,
     )
+    router.ctx.portal_connected = sync.portal_answered
     reporter = ActivityReporter(
         router.activities,
         config.portal_url,

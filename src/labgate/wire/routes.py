@@ -44,6 +44,9 @@ ROUTE_STATES: dict[str, RouteState] = {
     "unreachable": "unreachable",
 }
 NO_ACCESS: frozenset[int] = frozenset()
+#: Where a route points when the instance has no address to try (starting, or away
+#: with no way in); never connected to: the router answers 503 for such routes.
+NO_ENDPOINT = "http://127.0.0.1:9"
 
 
 @dataclass(frozen=True, slots=True)
