@@ -521,21 +521,31 @@ async def test_a_start_cut_short_by_closing_the_agent_is_recorded_and_adopted(
         await again.close()
 
 
-async def test_a_stop_without_a_state_removes_the_instance_by_its_id(tmp_path, demo) -> None:
-    """A start whose state was never recorded (its agent was killed) is found by its id."""
+@contextlib.asynccontextmanager
+async def after_a_killed_start(
+    tmp_path: Path, demo: Tool, instance_id: str
+) -> AsyncIterator[tuple[LocalSiteLink, Recorder]]:
+    """The tool of ``instance_id`` runs, started by an agent killed before it said so;
+    the block gets the link to the next agent of the site."""
     recorder = Recorder()
     settings = site_settings(tmp_path / "site")
     killed = make_agent_for(settings, "edge", recorder.report)
-    await killed.backend.start(spec_of(demo, "orphan1"))  # the state reaches no one
-    assert processes_with_env("LABGATE_INSTANCE_ID", "orphan1")
+    await killed.backend.start(spec_of(demo, instance_id))  # its state reaches no one
+    assert processes_with_env("LABGATE_INSTANCE_ID", instance_id)
     link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
     try:
-        await link.stop("orphan1", {})
-        await recorder.wait_state("orphan1", "stopped")
-        assert not processes_with_env("LABGATE_INSTANCE_ID", "orphan1")
+        yield link, recorder
     finally:
         await link.close()
         await killed.backend.close()
+
+
+async def test_a_stop_without_a_state_removes_the_instance_by_its_id(tmp_path, demo) -> None:
+    """A start whose state was never recorded (its agent was killed) is found by its id."""
+    async with after_a_killed_start(tmp_path, demo, "orphan1") as (link, recorder):
+        await link.stop("orphan1", {})
+        await recorder.wait_state("orphan1", "stopped")
+        assert not processes_with_env("LABGATE_INSTANCE_ID", "orphan1")
 
 
 async def test_a_launch_sent_again_after_a_killed_agent_runs_the_tool_once(tmp_path, demo) -> None:
@@ -544,13 +554,7 @@ async def test_a_launch_sent_again_after_a_killed_agent_runs_the_tool_once(tmp_p
     The killed agent's reports never reached the portal, which still saw the
     instance pending and sent the launch to the next agent.
     """
-    recorder = Recorder()
-    settings = site_settings(tmp_path / "site")
-    killed = make_agent_for(settings, "edge", recorder.report)
-    await killed.backend.start(spec_of(demo, "twice1"))  # its state reaches no one
-    assert processes_with_env("LABGATE_INSTANCE_ID", "twice1")
-    link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
-    try:
+    async with after_a_killed_start(tmp_path, demo, "twice1") as (link, recorder):
         await link.launch(spec_of(demo, "twice1"))
         await recorder.wait_state("twice1", "running")
         pids = set(processes_with_env("LABGATE_INSTANCE_ID", "twice1"))
@@ -560,9 +564,6 @@ async def test_a_launch_sent_again_after_a_killed_agent_runs_the_tool_once(tmp_p
         await link.stop("twice1", state)
         await recorder.wait_state("twice1", "stopped")
         assert not processes_with_env("LABGATE_INSTANCE_ID", "twice1")
-    finally:
-        await link.close()
-        await killed.backend.close()
 
 
 async def test_an_unreadable_saved_state_is_reported_lost(tmp_path, demo) -> None:

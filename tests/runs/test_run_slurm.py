@@ -17,7 +17,7 @@ import stat
 import tarfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -286,10 +286,8 @@ def test_a_root_agent_running_jobs_as_itself_runs_no_task(settings: Settings) ->
         executor._account("alice")
 
 
-async def test_an_agent_restarted_while_a_job_runs_finds_it_again(
-    settings: Settings, slurm: Cluster, tmp_path: Path
-) -> None:
-    reports: list[Report] = []
+def agents(settings: Settings, tmp_path: Path, reports: list[Report]) -> Callable[[], TaskRunner]:
+    """Makes the task runner of a new agent of the Slurm site; all report into ``reports``."""
 
     async def record(report: Report) -> None:
         reports.append(report)
@@ -298,6 +296,15 @@ async def test_an_agent_restarted_while_a_job_runs_finds_it_again(
         backend = SlurmBackend(settings, settings.sites[0].options)
         backend.attach(SITE)
         return TaskRunner(SITE, record, tmp_path / "tasks" / SITE, SlurmTaskExecutor(backend))
+
+    return runner
+
+
+async def test_an_agent_restarted_while_a_job_runs_finds_it_again(
+    settings: Settings, slurm: Cluster, tmp_path: Path
+) -> None:
+    reports: list[Report] = []
+    runner = agents(settings, tmp_path, reports)
 
     async def report(state: str) -> Report:
         deadline = time.monotonic() + 60
@@ -336,14 +343,7 @@ async def test_a_job_submitted_by_an_agent_that_died_before_noting_it_is_cancell
 ) -> None:
     """sbatch answered, the agent died before writing the job id down: no job runs on unseen."""
     reports: list[Report] = []
-
-    async def record(report: Report) -> None:
-        reports.append(report)
-
-    def runner() -> TaskRunner:
-        backend = SlurmBackend(settings, settings.sites[0].options)
-        backend.attach(SITE)
-        return TaskRunner(SITE, record, tmp_path / "tasks" / SITE, SlurmTaskExecutor(backend))
+    runner = agents(settings, tmp_path, reports)
 
     def dies(directory: Path, body: Any, marker: Any) -> None:
         raise SystemExit("the agent died here")
