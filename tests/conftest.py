@@ -248,7 +248,8 @@ def no_leftover_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
 
     base = str(tmp_path_factory.getbasetemp())
     yield
-    leftovers = []
+    leftovers: list[int] = []
+    described: list[str] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -259,10 +260,12 @@ def no_leftover_tools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
             continue
         if b"LABGATE_INSTANCE_ID=" in environ and cwd.startswith(base):
             leftovers.append(int(entry.name))
+            marker = next(v for v in environ.split(b"\0") if v.startswith(b"LABGATE_INSTANCE_ID="))
+            described.append(f"{entry.name} ({marker.decode(errors='replace')}, cwd {cwd})")
     for pid in leftovers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    assert leftovers == [], f"tests left tool processes running: {leftovers}"
+    assert leftovers == [], f"tests left tool processes running: {described}"
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -38,7 +39,9 @@ def test_restart_keeps_instances_and_marks_dead_ones_lost(server):
     # labgate is down: the instances are not.
     assert set(processes_with_env("LABGATE_INSTANCE_ID", keep)) == set(kept_pids)
     for pid in dying_pids:
-        os.kill(pid, signal.SIGKILL)
+        # Killing the sandbox's outer process ends those inside it (--die-with-parent).
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
     server.start()
     with httpx.Client(base_url=server.url, headers=headers, timeout=10) as client:
