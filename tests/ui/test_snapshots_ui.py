@@ -51,7 +51,8 @@ def test_snapshot_saved_shared_launched_and_deleted_in_the_browser(gateway):
     other.wait_for_url(re.compile(r"/instances/[a-z0-9]+$"))
     launched_id = urlsplit(other.url).path.rsplit("/", 1)[-1]
     assert launched_id != instance_id
-    expect(other.locator("#state")).to_have_text("running", timeout=60_000)
+    # Running: the owner's instance page takes them into the tool.
+    other.wait_for_url(re.compile(rf"/i/{launched_id}/$"), timeout=60_000)
     with httpx.Client(base_url=gateway.url, headers=gateway.token(friend), timeout=10) as client:
         shown = client.get(f"/api/v1/instances/{launched_id}").json()
         assert shown["snapshot"] == snapshot_id and shown["owner"] == friend
