@@ -336,7 +336,11 @@ async def test_a_new_executor_finds_a_task_container_again_and_its_outcome(
         run_id="r",
         task="again",
         owner="alice",
-        command="sleep 1.5; echo 7 > $LABGATE_RESULT; echo out > $LABGATE_RESULTS_DIR/f",
+        # It runs until the test lets it end: a loaded machine cannot outrun it.
+        command=(
+            "until [ -e $LABGATE_RESULTS_DIR/go ]; do sleep 0.1; done; "
+            "echo 7 > $LABGATE_RESULT; echo out > $LABGATE_RESULTS_DIR/f"
+        ),
         image=BUSYBOX_IMAGE,
     )
     directory = tmp_path / spec.attempt_id
@@ -344,6 +348,7 @@ async def test_a_new_executor_finds_a_task_container_again_and_its_outcome(
     await executor().start(spec, directory)
     successor = executor()  # the first one is gone, as after a restart
     assert await successor.poll(directory) is None  # still running
+    (directory / "results" / "go").touch()
     for _ in range(100):
         outcome = await successor.poll(directory)
         if outcome is not None:

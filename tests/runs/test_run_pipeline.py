@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import tarfile
+import time
 
 from runs_helpers import submit, tasks_of, wait_run
+
+from labgate.scheduler import runs
 
 PIPELINE = """
 name = "three"
@@ -106,3 +110,39 @@ where = {site = "alpha", copies = 6}
             break
     assert run["state"] == "succeeded"
     assert most == 2
+
+
+async def test_copies_behind_a_full_sites_ones_start_on_a_site_with_room(
+    client, make_user, app, monkeypatch
+):
+    """An advance reads pending copies a page at a time: past a page for a full site."""
+    monkeypatch.setattr(runs, "PLACING_PAGE", 4)
+    app.state.portal.run_processor.tasks_per_site = 2
+    alice = await make_user("alice")
+    definition = """
+[[stages]]
+name = "wide"
+[[stages.tasks]]
+name = "here"
+command = "sleep 30"
+where = {site = "alpha", copies = 9}
+[[stages.tasks]]
+name = "there"
+command = "sleep 30"
+where = {site = "beta", copies = 2}
+"""
+    run_id = await submit(client, alice, definition)
+    deadline = time.monotonic() + 30
+    while True:
+        run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
+        running = [t for t in run["stages"][0]["tasks"] if t["state"] == "running"]
+        there = [t for t in running if t["task"] == "there"]
+        if len(there) == 2:
+            break
+        assert time.monotonic() < deadline, run
+        await asyncio.sleep(0.1)
+    assert {t["site"] for t in there} == {"beta"}
+    assert len([t for t in running if t["task"] == "here"]) == 2
+    cancelled = await client.post(f"/api/v1/runs/{run_id}/cancel", headers=alice)
+    assert cancelled.status_code == 200, cancelled.text
+    await wait_run(client, alice, run_id, ("cancelled",))

@@ -12,7 +12,7 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Enum, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Enum, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from labgate.db.models import Base, User, utcnow
@@ -100,6 +100,8 @@ class RunTask(Base):
     """One copy of one task of a stage, and its result."""
 
     __tablename__ = "run_tasks"
+    #: An advance counts its stage's tasks by state and reads the pending ones.
+    __table_args__ = (Index("ix_run_tasks_stage_state", "stage_id", "state"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)

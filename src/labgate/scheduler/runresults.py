@@ -58,8 +58,9 @@ class ResultCollector:
     def __init__(self, links: dict[str, SiteLink], results_dir: Callable[[str], Path]) -> None:
         self.links = links
         self.results_dir = results_dir
-        #: Attempts being collected now (the executor's word and the site's may race).
-        self._collecting: set[str] = set()
+        #: Attempts being collected now, with their runs (the executor's word and the
+        #: site's may race).
+        self._collecting: dict[str, str] = {}
         self.pending: dict[str, Pending] = {}
 
     def target(self, run: Run, task: RunTask) -> Path:
@@ -89,14 +90,10 @@ class ResultCollector:
                         if found is not None:
                             self.pending[found.attempt_id] = found
 
-    def waits_for(self, run: Run) -> bool:
-        """Whether files of a succeeded task of ``run`` are still to come."""
-        ids = self._collecting | {p.attempt_id for p in self.pending.values() if p.run_id == run.id}
-        return bool(ids) and any(
-            attempt.id in ids
-            for stage in run.stages
-            for task in stage.tasks
-            for attempt in task.attempt_rows
+    def waits_for(self, run_id: str) -> bool:
+        """Whether files of a succeeded task of run ``run_id`` are still to come."""
+        return run_id in self._collecting.values() or any(
+            p.run_id == run_id for p in self.pending.values()
         )
 
     async def collect(self, item: Pending) -> None:
@@ -107,7 +104,7 @@ class ResultCollector:
         if not link.live:
             self.pending[item.attempt_id] = item
             return
-        self._collecting.add(item.attempt_id)
+        self._collecting[item.attempt_id] = item.run_id
         try:
             archive = await link.task_results(item.attempt_id)
             output = await link.task_logs(item.attempt_id, MAX_KEPT_LOG_LINES)
@@ -122,7 +119,7 @@ class ResultCollector:
                 self.pending.pop(item.attempt_id, None)
                 log.warning("collecting the results of %s failed: %s", item.attempt_id, exc)
         finally:
-            self._collecting.discard(item.attempt_id)
+            self._collecting.pop(item.attempt_id, None)
 
     async def due(self, gone: Callable[[str], bool]) -> tuple[list[Pending], list[Pending]]:
         """The pending attempts to try again now (their sites are live, and asked to watch

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from labgate.db.models import Site, utcnow
@@ -133,15 +133,49 @@ def task_def(run: Run, task: RunTask) -> TaskDef:
     raise NotFound(f"run {run.id} has no task {task.name}")
 
 
-def load_run(session: Session, run_id: str) -> Run:
-    """A run with its stages, tasks and attempts loaded (:class:`NotFound` if none)."""
+def get_run(session: Session, run_id: str) -> Run:
+    """A run's row alone (its stages, tasks and attempts are read when used)."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"no run {run_id}")
+    return run
+
+
+def stage_counts(session: Session, stage: RunStage) -> dict[RunState, int]:
+    """How many of a stage's task copies are in each state (absent states: none)."""
+    rows = session.execute(
+        select(RunTask.state, func.count())
+        .where(RunTask.stage_id == stage.id)
+        .group_by(RunTask.state)
+    )
+    return {state: int(count) for state, count in rows}
+
+
+def pending_tasks(session: Session, stage: RunStage, after: int, limit: int) -> list[RunTask]:
+    """Up to ``limit`` pending task copies of a stage with ids above ``after``, by id."""
+    return list(
+        session.scalars(
+            select(RunTask)
+            .where(
+                RunTask.stage_id == stage.id,
+                RunTask.state == RunState.pending,
+                RunTask.id > after,
+            )
+            .order_by(RunTask.id)
+            .limit(limit)
+        )
+    )
+
+
+def load_run(session: Session, run_id: str, *, attempts: bool = True) -> Run:
+    """A run with its stages and tasks loaded, and their attempts unless ``attempts`` is
+    False (:class:`NotFound` if none)."""
+    tasks = selectinload(Run.stages).selectinload(RunStage.tasks)
     run = session.scalar(
         select(Run)
         .where(Run.id == run_id)
         .options(
-            selectinload(Run.stages)
-            .selectinload(RunStage.tasks)
-            .selectinload(RunTask.attempt_rows),
+            tasks.selectinload(RunTask.attempt_rows) if attempts else tasks,
             selectinload(Run.owner),
         )
     )
@@ -159,10 +193,13 @@ class Viewer:
     admin: bool = False
 
 
-def visible_run(session: Session, run_id: str, who: Viewer) -> Run:
-    """A run its owner or an admin may see; anyone else gets :class:`NotFound` (no hint)."""
+def visible_run(session: Session, run_id: str, who: Viewer, *, attempts: bool = True) -> Run:
+    """A run its owner or an admin may see; anyone else gets :class:`NotFound` (no hint).
+
+    Without ``attempts`` its tasks' attempts are not loaded: enough for :func:`run_json`.
+    """
     try:
-        run = load_run(session, run_id)
+        run = load_run(session, run_id, attempts=attempts)
     except NotFound:
         raise NotFound(f"no run {run_id!r}", code="unknown_run") from None
     if run.owner_id != who.user_id and not who.admin:
@@ -221,8 +258,9 @@ def waiting_runs(session: Session, reason: str) -> list[str]:
     )
 
 
-def run_json(run: Run, *, events: list[RunEvent] | None = None) -> dict[str, Any]:
+def run_json(session: Session, run: Run, *, events: list[RunEvent] | None = None) -> dict[str, Any]:
     """A run as the API shows it: its graph of stages and tasks, with state."""
+    sites = last_sites(session, run.id)
     body: dict[str, Any] = {
         "id": run.id,
         "name": run.name,
@@ -237,7 +275,9 @@ def run_json(run: Run, *, events: list[RunEvent] | None = None) -> dict[str, Any
                 "name": stage.name,
                 "state": stage.state.value,
                 "continue_on_failure": stage.continue_on_failure,
-                "tasks": [task_json(task) for task in stage.tasks],
+                "tasks": [
+                    task_json(task, sites.get(task.id, task.pinned_site)) for task in stage.tasks
+                ],
             }
             for stage in run.stages
         ],
@@ -256,8 +296,19 @@ def run_json(run: Run, *, events: list[RunEvent] | None = None) -> dict[str, Any
     return body
 
 
-def task_json(task: RunTask) -> dict[str, Any]:
-    """One task copy as the API shows it."""
+def last_sites(session: Session, run_id: str) -> dict[int, str]:
+    """Where each task copy of a run was last sent: task id -> site (tried ones only)."""
+    rows = session.execute(
+        select(TaskAttempt.task_id, TaskAttempt.site)
+        .join(RunTask, RunTask.id == TaskAttempt.task_id)
+        .where(RunTask.run_id == run_id)
+        .order_by(TaskAttempt.task_id, TaskAttempt.number)
+    )
+    return {task_id: site for task_id, site in rows}  # the last attempt's site wins
+
+
+def task_json(task: RunTask, site: str | None) -> dict[str, Any]:
+    """One task copy as the API shows it, with the site of its last attempt (``site``)."""
     seconds = None
     if task.started_at and task.finished_at:
         seconds = round((task.finished_at - task.started_at).total_seconds(), 3)
@@ -268,7 +319,7 @@ def task_json(task: RunTask) -> dict[str, Any]:
         "state": task.state.value,
         "reason": task.reason,
         "attempts": task.attempts,
-        "site": task.attempt_rows[-1].site if task.attempt_rows else task.pinned_site,
+        "site": site,
         "exit_code": task.exit_code,
         "result": task.result,
         "files": task.files,

@@ -46,7 +46,15 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import SiteLink
 from labgate.aio import cancel_and_wait
 from labgate.db.models import utcnow
-from labgate.db.runs import AttemptState, Run, RunEvent, RunState, RunTask, TaskAttempt
+from labgate.db.runs import (
+    AttemptState,
+    Run,
+    RunEvent,
+    RunStage,
+    RunState,
+    RunTask,
+    TaskAttempt,
+)
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
@@ -65,6 +73,10 @@ T = TypeVar("T")
 
 #: Seconds between sweeps that re-adopt attempts (sites that came back) and find lost ones.
 SWEEP_INTERVAL = 5.0
+#: Reports on an attempt that say it goes on: no advance follows them.
+_NOTES = frozenset({"preparing", "running"})
+#: Pending task copies an advance reads at a time while sites have room for them.
+PLACING_PAGE = 64
 #: Most notes a task copy may add to its run's events (all its attempts together).
 MAX_NOTES = 1000
 
@@ -102,6 +114,8 @@ class RunProcessor:
         #: Where a user's collected results go (``owner name -> directory``); runs below it.
         self.results_dir = results_dir
         self._locks: dict[str, asyncio.Lock] = {}
+        #: Per run, the advance waiting for its turn that later calls join.
+        self._next_advance: dict[str, asyncio.Future[None]] = {}
         self._placing = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         #: Attempts recorded but not yet handed to their site: the sweep leaves them alone.
@@ -194,18 +208,40 @@ class RunProcessor:
 
     # --- advancing ------------------------------------------------------------------
     async def advance(self, run_id: str) -> None:
-        """Move a run forward: finish stages whose tasks ended, start what can start."""
-        # One placement at a time across runs: two runs of one owner cannot both take
-        # the last of their limits (instance launches have their own admission lock).
-        async with self._lock(run_id), self._placing:
-            starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
-        for attempt_id, site in cancels:
-            await self._cancel_attempt(attempt_id, site)
-        for attempt_id in starts:
-            await self._start(attempt_id)
+        """Move a run forward: finish stages whose tasks ended, start what can start.
+
+        Calls that come while an advance of the run waits for its turn join it: that
+        one has not read the run yet, so it sees what they changed.
+        """
+        waiting = self._next_advance.get(run_id)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._next_advance[run_id] = done
+        try:
+            # One placement at a time across runs: two runs of one owner cannot both take
+            # the last of their limits (instance launches have their own admission lock).
+            async with self._lock(run_id), self._placing:
+                self._next_advance.pop(run_id, None)
+                starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
+            for attempt_id, site in cancels:
+                await self._cancel_attempt(attempt_id, site)
+            for attempt_id in starts:
+                await self._start(attempt_id)
+        finally:
+            if self._next_advance.get(run_id) is done:
+                del self._next_advance[run_id]
+            done.set_result(None)
 
     def _advance(self, session: Session, run_id: str) -> tuple[list[str], list[tuple[str, str]]]:
-        run = runrows.load_run(session, run_id)
+        """One advance in one transaction: (attempts to start, (attempt, site) to cancel).
+
+        It reads the run's stages, and of the stage under way only its counts by state
+        and the pending copies it can place: a report on a wide stage costs the same
+        whatever its width.
+        """
+        run = runrows.get_run(session, run_id)
         starts: list[str] = []
         cancels: list[tuple[str, str]] = []
         if run.state.terminal:
@@ -223,26 +259,19 @@ class RunProcessor:
             if stage.state == RunState.pending:
                 stage.state, stage.started_at = RunState.running, utcnow()
                 runrows.add_event(session, run.id, "", "running", f"stage {stage.name} started")
-            broken = [t for t in stage.tasks if t.state.terminal and t.state != RunState.succeeded]
+            counts = runrows.stage_counts(session, stage)
+            under_way = counts.get(RunState.pending, 0) + counts.get(RunState.running, 0)
+            broken = sum(counts.values()) - under_way - counts.get(RunState.succeeded, 0)
             if broken and not stage.continue_on_failure:
                 # A task failed for good: the stage has failed; what still runs is stopped.
-                cancels = _cancel_tasks(stage.tasks, f"{broken[0].label} failed")
-            else:
-                busy = _busy(session)
-                places = _Places(
-                    runrows.site_labels(session),
-                    self.live(),
-                    busy,
-                    runrows.site_backends(session),
+                first = next(
+                    t for t in stage.tasks if t.state.terminal and t.state != RunState.succeeded
                 )
-                quota = RunQuota(run, self.limits())
-                for task in stage.tasks:
-                    if task.state == RunState.pending:
-                        attempt = self._new_attempt(session, run, task, places, quota)
-                        if attempt is not None:
-                            self._dispatching.add(attempt)
-                            starts.append(attempt)
-                if starts or any(not t.state.terminal for t in stage.tasks):
+                cancels = _cancel_tasks(stage.tasks, f"{first.label} failed")
+            else:
+                if counts.get(RunState.pending):
+                    starts = self._place(session, run, stage)
+                if under_way:
                     return starts, []
             bad = [t for t in stage.tasks if t.state != RunState.succeeded]
             state = RunState.failed if bad else RunState.succeeded
@@ -259,7 +288,7 @@ class RunProcessor:
                 failed_stage = True
                 run.reason = f"stage {stage.name}: {reason}"
                 break
-        if self.results.waits_for(run):
+        if self.results.waits_for(run.id):
             return starts, cancels  # it ends once its tasks' files are in (or given up)
         state = RunState.failed if failed_stage else RunState.succeeded
         if not failed_stage and any(s.state != RunState.succeeded for s in run.stages):
@@ -268,13 +297,44 @@ class RunProcessor:
         runrows.add_event(session, run.id, "", state.value, f"run {state.value}")
         return starts, cancels
 
+    def _place(self, session: Session, run: Run, stage: RunStage) -> list[str]:
+        """Record attempts for the stage's pending copies while sites have room; their ids.
+
+        The copies are read a page at a time, in order, until no live site has room.
+        """
+        places = _Places(
+            runrows.site_labels(session),
+            self.live(),
+            _busy(session),
+            runrows.site_backends(session),
+        )
+        quota = RunQuota(run, self.limits())
+        starts: list[str] = []
+        after = 0
+        while not self._full(places):
+            page = runrows.pending_tasks(session, stage, after, PLACING_PAGE)
+            for task in page:
+                if self._full(places):
+                    break
+                attempt = self._new_attempt(session, run, task, places, quota)
+                if attempt is not None:
+                    self._dispatching.add(attempt)
+                    starts.append(attempt)
+            if len(page) < PLACING_PAGE:
+                break
+            after = page[-1].id
+        return starts
+
+    def _full(self, places: _Places) -> bool:
+        """Whether every live site has as many attempts as it takes (none live: not full)."""
+        busy = places.busy
+        return bool(places.live) and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live)
+
     def _new_attempt(
         self, session: Session, run: Run, task: RunTask, places: _Places, quota: RunQuota
     ) -> str | None:
         """Place one task copy and record its next attempt; None: it waits (sites, quota)."""
         busy = places.busy
-        if places.live and all(busy.get(n, 0) >= self.tasks_per_site for n in places.live):
-            return None  # nowhere has room: no need to look closer (wide stages)
         where = places.where(run, task)
         candidates = [
             name
@@ -363,6 +423,8 @@ class RunProcessor:
             return
         async with self._lock(run_id):
             collect = await self.run_db(lambda s: self._apply(s, report))
+        if collect is None and report.state in _NOTES:
+            return  # nothing ended: the run cannot move on
         # The rest talks to sites, maybe over the very connection this report came on,
         # whose reader waits for this call: it goes on in the background.
         self._spawn(self._follow_up(run_id, collect))
@@ -671,7 +733,7 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
     if attempt is None:
         raise NotFound(f"no task attempt {attempt_id}")
     task = attempt.task
-    run = runrows.load_run(session, task.run_id)
+    run = runrows.get_run(session, task.run_id)
     definition = runrows.task_def(run, task)
     env = dict(definition.environment.variables)
     env["LABGATE_TASK_COPY"] = str(task.copy)

@@ -113,9 +113,9 @@ async def _show(portal: Portal, caller: Principal, run_id: str, *, events: bool)
     who = viewer(caller)
 
     def query(session: Session) -> dict[str, Any]:
-        run = runrows.visible_run(session, run_id, who)
+        run = runrows.visible_run(session, run_id, who, attempts=False)
         rows = runrows.run_events(session, run.id) if events else None
-        return runrows.run_json(run, events=rows)
+        return runrows.run_json(session, run, events=rows)
 
     return await portal.run_db(query)
 
@@ -180,8 +180,8 @@ async def run_results(
     who = viewer(caller)
 
     def query(session: Session) -> tuple[Path, dict[str, Any]]:
-        run = runrows.visible_run(session, run_id, who)
-        summary = runrows.run_json(run)
+        run = runrows.visible_run(session, run_id, who, attempts=False)
+        summary = runrows.run_json(session, run)
         return results_root(portal, run), summary
 
     root, summary = await portal.run_db(query)

@@ -61,7 +61,9 @@ async def run_page(run_id: str, request: Request, portal: Portal = Depends(get_p
         return caller
     who = viewer(caller)
     try:
-        run = await portal.run_db(lambda s: runrows.run_json(runrows.visible_run(s, run_id, who)))
+        run = await portal.run_db(
+            lambda s: runrows.run_json(s, runrows.visible_run(s, run_id, who, attempts=False))
+        )
     except NotFound:
         return error_page(request, 404, "not_found", f"There is no run {run_id}.")
     return render(request, "run.html", page_context(portal, caller, "runs", run=run))
