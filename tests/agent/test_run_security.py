@@ -88,6 +88,7 @@ async def test_only_the_owner_and_admins_see_cancel_or_download_a_run(
     run_id = created.json()["id"]
     for method, path in [
         ("GET", f"/api/v1/runs/{run_id}"),
+        ("GET", f"/api/v1/runs/{run_id}/events"),
         ("GET", f"/api/v1/runs/{run_id}/results"),
         ("GET", f"/api/v1/runs/{run_id}/logs?task=nap"),
         ("POST", f"/api/v1/runs/{run_id}/cancel"),

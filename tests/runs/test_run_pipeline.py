@@ -146,3 +146,29 @@ where = {site = "beta", copies = 2}
     cancelled = await client.post(f"/api/v1/runs/{run_id}/cancel", headers=alice)
     assert cancelled.status_code == 200, cancelled.text
     await wait_run(client, alice, run_id, ("cancelled",))
+
+
+async def test_a_runs_events_are_followed_after_an_id(client, make_user):
+    """``GET /runs/{id}/events?after=``: only the newer events, with the run's state."""
+    alice = await make_user("alice")
+    run_id = await submit(client, alice, PIPELINE)
+    run = await wait_run(client, alice, run_id)
+    everything = [e["id"] for e in run["events"]]
+    assert everything == sorted(everything) and len(everything) > 4
+
+    async def events(**params: int) -> dict:
+        answer = await client.get(f"/api/v1/runs/{run_id}/events", params=params, headers=alice)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    followed = await events()
+    assert followed["state"] == "succeeded"
+    assert followed["events"] == run["events"]
+    assert [e["id"] for e in (await events(after=everything[1]))["events"]] == everything[2:]
+    assert [e["id"] for e in (await events(after=everything[0], limit=2))["events"]] == (
+        everything[1:3]
+    )
+    assert (await events(after=everything[-1]))["events"] == []
+    for bad in ({"after": -1}, {"after": 2**80}, {"limit": 0}):
+        answer = await client.get(f"/api/v1/runs/{run_id}/events", params=bad, headers=alice)
+        assert answer.status_code == 422, (bad, answer.text)

@@ -40,18 +40,19 @@ def _graph(run: dict[str, Any]) -> None:
 def _watch(client: Client, run_id: str, timeout: float) -> dict[str, Any]:
     """Print the run's events as they come, until it ends."""
     deadline = time.monotonic() + timeout
-    seen = 0
+    after = 0
     while True:
-        run: dict[str, Any] = client.get(f"/runs/{run_id}")
-        for event in run["events"][seen:]:
+        run: dict[str, Any] = client.get(f"/runs/{run_id}/events", after=after)
+        for event in run["events"]:
             who = f"{event['task']}: " if event["task"] else ""
             show.stderr().print(f"{event['state']:<9} {who}{event['message']}", markup=False)
-        seen = len(run["events"])
-        if run["state"] in FINISHED:
-            return run
+            after = event["id"]
+        if run["state"] in FINISHED and not run["events"]:  # ended, and every event shown
+            return dict(client.get(f"/runs/{run_id}"))
         if time.monotonic() > deadline:
             fail(f"run {run_id} is still {run['state']} after {timeout:g}s")
-        time.sleep(0.5)
+        if not run["events"]:
+            time.sleep(0.5)
 
 
 @run_app.command("submit")

@@ -201,8 +201,17 @@ def visible_run(session: Session, run_id: str, who: Viewer, *, attempts: bool = 
     try:
         run = load_run(session, run_id, attempts=attempts)
     except NotFound:
-        raise NotFound(f"no run {run_id!r}", code="unknown_run") from None
-    if run.owner_id != who.user_id and not who.admin:
+        run = None
+    return _seen_by(run, run_id, who)
+
+
+def visible_row(session: Session, run_id: str, who: Viewer) -> Run:
+    """A run's row alone, as :func:`visible_run` allows it."""
+    return _seen_by(session.get(Run, run_id), run_id, who)
+
+
+def _seen_by(run: Run | None, run_id: str, who: Viewer) -> Run:
+    if run is None or (run.owner_id != who.user_id and not who.admin):
         raise NotFound(f"no run {run_id!r}", code="unknown_run")
     return run
 
@@ -283,17 +292,20 @@ def run_json(session: Session, run: Run, *, events: list[RunEvent] | None = None
         ],
     }
     if events is not None:
-        body["events"] = [
-            {
-                "at": e.created_at.isoformat(),
-                "task": e.task,
-                "state": e.state,
-                "message": e.message,
-                "data": e.data,
-            }
-            for e in events
-        ]
+        body["events"] = [event_json(e) for e in events]
     return body
+
+
+def event_json(event: RunEvent) -> dict[str, Any]:
+    """One event of a run as the API shows it; ``id`` orders them (``?after=``)."""
+    return {
+        "id": event.id,
+        "at": event.created_at.isoformat(),
+        "task": event.task,
+        "state": event.state,
+        "message": event.message,
+        "data": event.data,
+    }
 
 
 def last_sites(session: Session, run_id: str) -> dict[int, str]:
@@ -327,12 +339,15 @@ def task_json(task: RunTask, site: str | None) -> dict[str, Any]:
     }
 
 
-def run_events(session: Session, run_id: str, after: int = 0) -> list[RunEvent]:
-    """A run's events after event id ``after``, oldest first."""
+def run_events(
+    session: Session, run_id: str, after: int = 0, limit: int | None = None
+) -> list[RunEvent]:
+    """A run's events after event id ``after``, oldest first (at most ``limit``)."""
     return list(
         session.scalars(
             select(RunEvent)
             .where(RunEvent.run_id == run_id, RunEvent.id > after)
             .order_by(RunEvent.id)
+            .limit(limit)
         )
     )

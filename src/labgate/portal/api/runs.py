@@ -27,12 +27,15 @@ from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal, runs_of
 from labgate.scheduler import runrows
 from labgate.scheduler.runrows import Viewer
+from labgate.types import MAX_ID
 from labgate.wire.runs import DefinitionError, parse_definition, validate_definition
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 #: Largest run definition accepted (bytes).
 MAX_DEFINITION = 1024 * 1024
+#: Most events one ``GET /runs/{id}/events`` returns.
+MAX_EVENTS = 10_000
 
 
 def viewer(caller: Principal) -> Viewer:
@@ -129,6 +132,34 @@ async def show_run(
 ) -> dict[str, Any]:
     """One run: its stages and tasks with state, results and (by default) events."""
     return await _show(portal, caller, run_id, events=events)
+
+
+@router.get("/{run_id}/events", responses=errors(404))
+async def run_events(
+    run_id: str,
+    caller: Principal = require("instances:read"),
+    portal: Portal = Depends(get_portal),
+    after: int = Query(0, ge=0, le=MAX_ID, description="Only events after this event id."),
+    limit: int = Query(1000, ge=1, le=MAX_EVENTS, description="At most this many events."),
+) -> dict[str, Any]:
+    """A run's state and its events after ``after``, oldest first: to follow a run.
+
+    Ask again with the last event's ``id`` as ``after``; the run has ended once
+    its ``state`` is not ``pending`` or ``running`` and no events are left.
+    """
+    who = viewer(caller)
+
+    def query(session: Session) -> dict[str, Any]:
+        run = runrows.visible_row(session, run_id, who)
+        rows = runrows.run_events(session, run.id, after, limit)
+        return {
+            "id": run.id,
+            "state": run.state.value,
+            "reason": run.reason,
+            "events": [runrows.event_json(e) for e in rows],
+        }
+
+    return await portal.run_db(query)
 
 
 @router.post("/{run_id}/cancel", responses=errors(404, 409))
