@@ -159,6 +159,78 @@ async def test_an_agent_that_returns_brings_its_instances_back(
         await wait_for_state(client, admin_headers, iid, {"stopped"})
 
 
+async def launch_as_the_agent_leaves(
+    app: Any, client: httpx.AsyncClient, headers: dict[str, str], token: str, data_dir: Path
+) -> str:
+    """Admit a launch on edge while its agent is connected, and send it once it is gone.
+
+    Returns once the send failed (a note says the launch waits) or the instance ended.
+    """
+    link = app.state.portal.links["edge"]
+    admitted, gone = asyncio.Event(), asyncio.Event()
+    send = link.launch
+
+    async def send_once_gone(spec: LaunchSpec) -> None:
+        admitted.set()
+        await gone.wait()
+        await send(spec)
+
+    link.launch = send_once_gone
+    try:
+        async with remote_agent(app.state.test_url, token, data_dir):
+            await wait_site(client, headers, "connected")
+            iid = await launch_on_edge(client, headers)
+            await admitted.wait()
+        await wait_site(client, headers, "disconnected")
+        gone.set()
+        async with asyncio.timeout(20):
+            while not await notes(app, iid) and (await row(app, iid)).state == "pending":
+                await asyncio.sleep(0.05)
+    finally:
+        del link.launch  # the class's own again
+    return iid
+
+
+async def notes(app: Any, iid: str) -> list[str]:
+    """The messages of an instance's progress events."""
+
+    def query(session: Any) -> list[str]:
+        rows = session.scalars(
+            select(InstanceEvent.message)
+            .where(InstanceEvent.instance_id == iid, InstanceEvent.kind == "progress")
+            .order_by(InstanceEvent.id)
+        )
+        return list(rows)
+
+    result: list[str] = await app.state.portal.run_db(query)
+    return result
+
+
+async def test_a_launch_sent_as_its_agent_leaves_waits_and_runs_when_it_is_back(
+    app, client, admin_headers, tmp_path: Path
+):
+    app.state.portal.site_hub.events.grace = 60.0
+    token = await add_site(client, admin_headers)
+    iid = await launch_as_the_agent_leaves(app, client, admin_headers, token, tmp_path / "edge")
+    assert (await row(app, iid)).state == InstanceState.pending
+    assert any("waiting for the agent of site edge" in m for m in await notes(app, iid))
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_for_state(client, admin_headers, iid, {"running"})
+        assert await transitions(app, iid) == ["pending", "starting", "running"]
+        stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+        assert stopped.status_code in (200, 202)
+        await wait_for_state(client, admin_headers, iid, {"stopped"})
+
+
+async def test_a_launch_waiting_for_an_agent_that_stays_away_fails_at_the_grace_end(
+    app, client, admin_headers, tmp_path: Path
+):
+    token = await add_site(client, admin_headers)
+    iid = await launch_as_the_agent_leaves(app, client, admin_headers, token, tmp_path / "edge")
+    failed = await wait_for_state(client, admin_headers, iid, {"failed"}, timeout=20)
+    assert "never started: site edge did not come back within 1.5 s" in failed["reason"]
+
+
 async def test_a_stop_while_the_site_is_away_is_done_when_it_returns(
     app, client, admin_headers, tmp_path: Path
 ):

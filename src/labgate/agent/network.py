@@ -53,6 +53,16 @@ class SiteUnavailable(LabgateError):
     default_code = "site_unavailable"
 
 
+class SiteAway(SiteUnavailable):
+    """The site's agent is not connected here, or its connection broke mid-command.
+
+    Unlike a command that got no answer in time from a connected agent, what
+    such a command asked for is settled when the agent connects again: the
+    portal's reconcile (:mod:`labgate.scheduler.liveness`) compares what the
+    agent holds with the database.
+    """
+
+
 class RemoteError(LabgateError):
     """A command failed at the site; ``code`` and ``status`` are the site's."""
 
@@ -89,7 +99,7 @@ class Session:
         self.closed = True
         for future in self.pending.values():
             if not future.done():
-                future.set_exception(SiteUnavailable(reason))
+                future.set_exception(SiteAway(reason))
         self.pending.clear()
 
 
@@ -168,7 +178,7 @@ class NetworkSiteLink(SiteLink):
         if session is None or session.closed:
             if self.relay is not None:
                 return await self.relay(self.site, op, args, wait)
-            raise SiteUnavailable(f"site {self.site} is not connected")
+            raise SiteAway(f"site {self.site} is not connected")
         command = Command(id=uuid.uuid4().hex, op=op, args=args)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         session.pending[command.id] = future
@@ -180,7 +190,7 @@ class NetworkSiteLink(SiteLink):
                 f"site {self.site} did not answer {op} within {wait:g} seconds"
             ) from None
         except (ChannelClosed, ConnectionError, RuntimeError, OSError) as exc:
-            raise SiteUnavailable(f"site {self.site}: the connection broke ({exc})") from None
+            raise SiteAway(f"site {self.site}: the connection broke ({exc})") from None
         finally:
             session.pending.pop(command.id, None)
         if not result.ok:

@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from labgate.agent.network import NetworkSiteLink, RemoteError, SiteUnavailable
+from labgate.agent.network import NetworkSiteLink, RemoteError, SiteAway, SiteUnavailable
 from labgate.aio import cancel_and_wait
 from labgate.db.models import Site
 from labgate.errors import LabgateError
@@ -110,7 +110,7 @@ class SiteRelay:
             lambda s: s.scalar(select(Site.connected_at).where(Site.name == site))
         )
         if held is None:  # no portal says it holds the agent: no need to ask around
-            raise SiteUnavailable(f"site {site} is not connected")
+            raise SiteAway(f"site {site} is not connected")
         call_id = uuid.uuid4().hex
         waiting = self._waiting[call_id] = _Waiting()
         body = {"site": site, "op": op, "args": args, "wait": wait, "t": time.time()}
@@ -120,7 +120,7 @@ class SiteRelay:
                 async with asyncio.timeout(ACK_TIMEOUT):
                     await waiting.taken.wait()
             except TimeoutError:
-                raise SiteUnavailable(
+                raise SiteAway(
                     f"site {site} is not connected to this portal or any other"
                 ) from None
             try:

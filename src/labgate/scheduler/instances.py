@@ -23,6 +23,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import Adoption, SiteLink
+from labgate.agent.network import SiteAway
 from labgate.backends.base import LaunchSpec, Mount, Resources
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -174,8 +175,13 @@ class InstanceManager:
             return
         try:
             await link.launch(spec)
+        except SiteAway as exc:
+            # Its agent went away as the launch left: when it connects again the launch
+            # is sent again, unless it holds it (liveness); the site's grace ends it.
+            message = f"waiting for the agent of site {site} to connect again ({exc.detail})"
+            await self.apply(Report(instance_id, "pending", kind="progress", message=message))
         except LabgateError as exc:
-            # The site's agent is away or refused: the launch ends here, with its words.
+            # The site's agent refused, or did not answer: the launch ends here, with why.
             detail = f"site {site} did not start it: {exc.detail}"
             await self.apply(start_failed(instance_id, NEVER_STARTED, detail))
 

@@ -19,7 +19,9 @@ finished or unknown       stopped               --
 When the connection goes, the site's starting and running instances become
 ``unreachable`` (their routes answer 503 with a page saying so) and a timer
 of ``site_grace_period`` seconds starts; when it ends with the agent still
-away, what is still unreachable (or stopping) is ``lost``, with the reason.
+away, what is still unreachable (or stopping) is ``lost``, with the reason,
+and what is still pending (a launch that found the agent gone:
+:class:`~labgate.agent.network.SiteAway`) fails as never started.
 Heartbeats are kept in memory and written to the ``sites`` rows in one
 transaction per heartbeat interval.
 
@@ -57,7 +59,7 @@ from sqlalchemy.orm import Session
 from labgate.agent.network import NetworkSiteLink
 from labgate.aio import cancel_and_wait
 from labgate.db.models import Instance, InstanceState, Site, utcnow, with_owner_and_site
-from labgate.wire.site import Report
+from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
 if TYPE_CHECKING:
     from labgate.agent.hub import SiteHub
@@ -322,11 +324,14 @@ class SiteLiveness:
         link = self.manager.links.get(site)
         if (link is not None and link.live) or await self._held_elsewhere(site):
             return
-        message = f"site {site} did not come back within {self.grace:g} s; it may still run there"
+        gone = f"site {site} did not come back within {self.grace:g} s"
+        message = f"{gone}; it may still run there"
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         for instance in rows:
             if instance.state in (InstanceState.unreachable, InstanceState.stopping):
                 await self.manager.apply(Report(instance.id, "lost", message=message), site=site)
+            elif instance.state == InstanceState.pending:  # its launch waited for the agent
+                await self.manager.apply(start_failed(instance.id, NEVER_STARTED, gone), site=site)
 
     async def _flush_beats(self) -> None:
         interval = self.hub.heartbeat
