@@ -6,9 +6,12 @@ talks to a stand-in server in this script (any GET under ``/api/v1`` answers
 HTTP round trip on loopback, without a portal's work.
 
 Uses hyperfine when it is installed (``--warmup 3``), else times ``--runs``
-runs with ``subprocess`` after 3 warm-up runs. Prints a Markdown table and
-JSON (also written to ``benchmarks/results/cli-startup-<time>.json``). The
-target of issue 18 is a mean under 0.3 s for each command. Runs without
+runs with ``subprocess`` after 3 warm-up runs, the commands taking turns (run
+1 of each, then run 2 of each, ...) so that a load that comes and goes on a
+shared machine falls on all of them alike; it also records each run's CPU
+time (user + system of the process). Prints a Markdown table and JSON (also
+written to ``benchmarks/results/cli-startup-<time>.json``). The target of
+issue 18 is a mean under 0.3 s for each command. Runs without
 ``PYTHONDONTWRITEBYTECODE``, as an installed labgate does: the warm-up runs
 write labgate's bytecode cache.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -99,14 +103,21 @@ def _command(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "labgate", *args]
 
 
-def _time_subprocess(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    for _ in range(3):
+def _time_subprocess(
+    commands: list[tuple[list[str], dict[str, str]]], runs: int
+) -> list[tuple[list[float], list[float]]]:
+    """Wall-clock and CPU seconds of each command's runs, the commands taking turns."""
+    for argv, env in commands * 3:
         subprocess.run(argv, env=env, capture_output=True, check=True)
-    times = []
+    times: list[tuple[list[float], list[float]]] = [([], []) for _ in commands]
     for _ in range(runs):
-        started = time.perf_counter()
-        subprocess.run(argv, env=env, capture_output=True, check=True)
-        times.append(time.perf_counter() - started)
+        for (argv, env), (wall, cpu) in zip(commands, times, strict=True):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            started = time.perf_counter()
+            subprocess.run(argv, env=env, capture_output=True, check=True)
+            wall.append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return times
 
 
@@ -146,13 +157,18 @@ def main() -> None:
     tool = "hyperfine" if shutil.which("hyperfine") else "subprocess"
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (args, token) in COMMANDS.items():
-            env = _environment(Path(tmp), url, token)
-            argv = _command(args)
-            if tool == "hyperfine":
-                times = _time_hyperfine(argv, env, options.runs, Path(tmp))
-            else:
-                times = _time_subprocess(argv, env, options.runs)
+        commands = [
+            (_command(args), _environment(Path(tmp), url, token))
+            for args, token in COMMANDS.values()
+        ]
+        if tool == "hyperfine":
+            measured: list[tuple[list[float], list[float] | None]] = [
+                (_time_hyperfine(argv, env, options.runs, Path(tmp)), None)
+                for argv, env in commands
+            ]
+        else:
+            measured = list(_time_subprocess(commands, options.runs))
+        for name, (times, cpu) in zip(COMMANDS, measured, strict=True):
             results.append(
                 {
                     "command": name,
@@ -162,18 +178,20 @@ def main() -> None:
                     "min_s": min(times),
                     "max_s": max(times),
                     "stdev_s": statistics.stdev(times) if len(times) > 1 else 0.0,
+                    "cpu_median_s": statistics.median(cpu) if cpu else None,
                     "under_target": statistics.fmean(times) < TARGET_SECONDS,
                 }
             )
     server.shutdown()
 
     print(f"\nCLI start-up ({tool}, {options.runs} runs each, target: mean < {TARGET_SECONDS} s)\n")
-    print("| command | mean | median | min | max | < 0.3 s |")
-    print("|---|---|---|---|---|---|")
+    print("| command | mean | median | min | max | CPU (median) | < 0.3 s |")
+    print("|---|---|---|---|---|---|---|")
     for row in results:
+        cpu_text = "" if row["cpu_median_s"] is None else f"{row['cpu_median_s']:.3f} s"
         print(
             f"| `{row['command']}` | {row['mean_s']:.3f} s | {row['median_s']:.3f} s "
-            f"| {row['min_s']:.3f} s | {row['max_s']:.3f} s "
+            f"| {row['min_s']:.3f} s | {row['max_s']:.3f} s | {cpu_text} "
             f"| {'yes' if row['under_target'] else 'NO'} |"
         )
     report = {

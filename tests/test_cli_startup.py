@@ -12,6 +12,9 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -58,12 +61,14 @@ NEVER_IN_THE_CLI = (
 )
 
 
-def loaded_by(*args: str, tmp_path: Path) -> set[str]:
+def probe(*args: str, tmp_path: Path, url: str) -> tuple[str, set[str]]:
+    """What ``labgate *args`` prints on stdout (a pipe), and the modules it loads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LABGATE_")}
     env.update(
         HOME=str(tmp_path),
         XDG_CONFIG_HOME=str(tmp_path / "config"),
-        LABGATE_URL="http://127.0.0.1:9",  # nothing listens: `ls` fails fast, after its imports
+        LABGATE_URL=url,
+        LABGATE_TOKEN="lg_startup_test",
     )
     done = subprocess.run(
         [sys.executable, "-c", _PROBE, *args],
@@ -73,7 +78,12 @@ def loaded_by(*args: str, tmp_path: Path) -> set[str]:
         cwd=tmp_path,
         timeout=60,
     )
-    return set(json.loads(done.stderr.strip().splitlines()[-1]))
+    return done.stdout, set(json.loads(done.stderr.strip().splitlines()[-1]))
+
+
+def loaded_by(*args: str, tmp_path: Path) -> set[str]:
+    # Nothing listens at the URL: `ls` fails fast, after its imports.
+    return probe(*args, tmp_path=tmp_path, url="http://127.0.0.1:9")[1]
 
 
 def top_level(modules: set[str]) -> set[str]:
@@ -102,6 +112,62 @@ def test_ls_imports_the_client_but_no_server_parts(tmp_path: Path) -> None:
     # httpx's own command line (click, Pygments, Rich) is not imported with httpx.
     assert not {"click", "pygments", "rich"} & top_level(loaded)
     assert not loaded & set(GROUP_MODULES), sorted(loaded & set(GROUP_MODULES))
+
+
+class _Instances(BaseHTTPRequestHandler):
+    """A stand-in portal: every GET answers two running instances."""
+
+    def do_GET(self) -> None:
+        rows = [
+            {
+                "id": f"i-{n}",
+                "tool": "demo",
+                "owner": "ada",
+                "site": "local",
+                "state": "running",
+                "created_at": "2026-12-02T10:00:00+00:00",
+                "url": f"http://127.0.0.1:8000/i/i-{n}/",
+                "reason": None,
+            }
+            for n in range(2)
+        ]
+        body = json.dumps(rows).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def portal_with_instances() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Instances)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def test_a_piped_table_is_printed_without_rich(portal_with_instances: str, tmp_path: Path) -> None:
+    printed, loaded = probe("ls", tmp_path=tmp_path, url=portal_with_instances)
+    assert printed.splitlines()[0].split() == [
+        "ID",
+        "TOOL",
+        "OWNER",
+        "SITE",
+        "STATE",
+        "CREATED",
+        "URL",
+        "/",
+        "REASON",
+    ]
+    assert [line.split()[0] for line in printed.splitlines()[1:]] == ["i-0", "i-1"]
+    assert "rich" not in top_level(loaded)
 
 
 def test_a_group_is_loaded_when_it_is_named(tmp_path: Path) -> None:

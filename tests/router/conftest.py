@@ -88,6 +88,13 @@ async def serve_asgi(app: Any, *, uds: str | None = None) -> Served:
     return Served(server, task, url)
 
 
+def nothing_listens() -> str:
+    """A loopback address where nothing listens (a port just bound and let go)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def portal_app() -> Starlette:
     """A stand-in portal that shows what reached it."""
 

@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from labgate.router.auth import split_instance_cookies
 from labgate.router.context import RouterOptions
 from labgate.router.hosts import InstanceHosts
+from labgate.router.proxy import away_detail
 from labgate.security import (
     HANDOFF_COOKIE,
     INSTANCE_COOKIE,
@@ -35,12 +36,14 @@ from router.conftest import (
     ALICE,
     ALICE_TOKEN,
     BOB,
+    BOB_TOKEN,
     CAROL,
     KEY,
     ROOT,
     DemoServed,
     Gateway,
     GatewayFactory,
+    nothing_listens,
 )
 
 PORTAL = "https://labgate.test"
@@ -268,6 +271,43 @@ async def test_handoff_refuses_a_user_without_access(hosted: Hosted) -> None:
     assert INSTANCE_COOKIE not in str(refused.headers)
     # An admin may use any instance, as on the /i/ paths.
     assert (await hosted.handoff("aaaa", ROOT)).status_code == 302
+
+
+async def test_an_away_instance_on_its_host_is_reached_only_by_those_with_access(
+    hosted: Hosted,
+) -> None:
+    """Its site's agent is away, the route keeps its endpoint: the same checks as when it runs.
+
+    ``aaaa`` (the demo tool, answering) and ``gone`` (nothing listens) are
+    alice's and ``unreachable``.
+    """
+    gw = hosted.gw
+    route = gw.table.routes["aaaa"]
+    gw.table.add_route(
+        Route(
+            "aaaa", route.upstream, ALICE, state="unreachable", upstream_token="upstream-token-aaaa"
+        )
+    )
+    gw.table.add_route(Route("gone", nothing_listens(), ALICE, state="unreachable"))
+    away_page = "its site is not connected"
+    assert away_page in away_detail("gone")
+    for instance_id in ("aaaa", "gone"):
+        refused = await hosted.get(instance_id, Authorization=f"token {BOB_TOKEN}")
+        assert refused.status_code == 404, refused.text
+        assert away_page not in refused.text and "alice" not in refused.text
+        assert (await hosted.get(instance_id)).status_code == 401
+        # A browser is sent to the portal for a hand-off, which refuses those without access.
+        page = await hosted.get(instance_id, **HTML)
+        assert page.status_code == 302
+        assert page.headers["location"].startswith(f"{PORTAL}/oauth/authorize?")
+        refused = await hosted.handoff(instance_id, CAROL)
+        assert refused.status_code == 404 and INSTANCE_COOKIE not in str(refused.headers)
+    token = f"token {ALICE_TOKEN}"
+    info = await hosted.get("aaaa", Authorization=token)
+    assert info.status_code == 200, info.text
+    assert info.json()["headers"]["x-labgate-user"] == "alice"
+    away = await hosted.get("gone", Authorization=token)
+    assert away.status_code == 503 and away_page in away.text
 
 
 async def test_revoked_share_logout_and_stop_cut_an_instance_cookie(hosted: Hosted) -> None:

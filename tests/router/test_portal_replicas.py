@@ -9,7 +9,6 @@ request and no route update.
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 
@@ -19,19 +18,12 @@ from labgate.router.sync import ActivityReporter, RouteSync
 from labgate.security import SessionSigner
 from labgate.wire.routes import Route, RouteTable
 
-from .conftest import KEY, portal_app, serve_asgi
+from .conftest import KEY, nothing_listens, portal_app, serve_asgi
 from .test_sync import STREAM_TOKEN, PortalServer, sample_publisher, wait_for
 
 
-def dead_portal() -> str:
-    """The address of a portal replica that is down: nothing listens there."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
 async def test_portal_traffic_moves_to_the_next_replica_when_one_refuses() -> None:
-    down = dead_portal()
+    down = nothing_listens()
     portal = await serve_asgi(portal_app())
     router = Router(RouteTable(), SessionSigner(KEY, 3600), down, other_portals=(portal.url,))
     await router.listen("127.0.0.1", 0)
@@ -49,7 +41,7 @@ async def test_portal_traffic_moves_to_the_next_replica_when_one_refuses() -> No
 
 
 async def test_a_router_with_one_portal_answers_502_when_it_is_down() -> None:
-    router = Router(RouteTable(), SessionSigner(KEY, 3600), dead_portal())
+    router = Router(RouteTable(), SessionSigner(KEY, 3600), nothing_listens())
     await router.listen("127.0.0.1", 0)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{router.port}") as client:
@@ -64,7 +56,7 @@ async def test_the_route_stream_and_activity_move_to_a_replica_that_answers() ->
     publisher = sample_publisher()
     portal = PortalServer(publisher)
     await portal.start()
-    down = dead_portal()
+    down = nothing_listens()
     table = RouteTable()
     sync = RouteSync(table, down, STREAM_TOKEN, max_backoff=0.2, other_portals=[portal.url])
     reporter = ActivityReporter(

@@ -7,16 +7,19 @@ import time
 
 import pytest
 
+from labgate.router.proxy import away_detail
 from labgate.security import SESSION_COOKIE, hash_token
-from labgate.wire.routes import TokenInfo, UserInfo
+from labgate.wire.routes import Route, TokenInfo, UserInfo
 
 from .conftest import (
     ALICE,
     ALICE_READ_TOKEN,
     ALICE_TOKEN,
     BOB,
+    BOB_TOKEN,
     Recorded,
     cookie_line,
+    nothing_listens,
     raw_request,
     status_of,
     statuses,
@@ -253,3 +256,44 @@ async def test_access_list_and_admin(recorded: Recorded) -> None:
     gw.table.remove_route("bbbb")
     assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 404
     await asyncio.sleep(0)
+
+
+async def test_an_away_instance_is_reached_only_by_those_with_access(recorded: Recorded) -> None:
+    """Its site's agent is away, the route still has an endpoint: the router's checks still hold.
+
+    ``aaaa`` is a tool that answers, ``gone`` an endpoint where nothing listens;
+    both are alice's and ``unreachable``. Others get the 404 of an instance that
+    is not theirs (never the tool, nor the away page that would say it exists).
+    """
+    gw = recorded.gw
+    gw.table.add_route(Route("aaaa", recorded.a.url, ALICE, state="unreachable"))
+    gw.table.add_route(Route("gone", nothing_listens(), ALICE, state="unreachable"))
+    away_page = b"its site is not connected"
+    assert away_page.decode() in away_detail("gone")
+    not_alice = (
+        cookie_line(gw, BOB),
+        f"Authorization: token {BOB_TOKEN}\r\n",
+    )
+    for instance_id in ("aaaa", "gone"):
+        for credentials in not_alice:
+            response = await raw_request(gw.port, request(f"/i/{instance_id}/x", credentials))
+            assert status_of(response) == 404, response[:300]
+            assert b"upstream" not in response and away_page not in response
+        # No credentials: 401 to an API client, the sign-in page to a browser.
+        response = await raw_request(gw.port, request(f"/i/{instance_id}/x"))
+        assert status_of(response) == 401, response[:300]
+        response = await raw_request(
+            gw.port, request(f"/i/{instance_id}/x", "Accept: text/html\r\n")
+        )
+        assert status_of(response) == 302, response[:300]
+        assert b"upstream" not in response and away_page not in response
+    assert recorded.a.seen == []
+    # Alice reaches her tool while it answers, and is told her site is away where nothing does.
+    for credentials in (cookie_line(gw, ALICE), f"Authorization: token {ALICE_TOKEN}\r\n"):
+        response = await raw_request(gw.port, request("/i/aaaa/x", credentials))
+        assert status_of(response) == 200, response[:300]
+        assert b'"upstream": "a"' in response
+        response = await raw_request(gw.port, request("/i/gone/x", credentials))
+        assert status_of(response) == 503, response[:300]
+        assert away_page in response
+    assert [seen.target for seen in recorded.a.seen] == ["/i/aaaa/x", "/i/aaaa/x"]

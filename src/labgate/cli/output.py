@@ -1,4 +1,8 @@
-"""How the CLI shows things: Rich tables for people, raw JSON for scripts.
+"""How the CLI shows things: tables for people, raw JSON for scripts.
+
+Tables are Rich tables. Piped, a table that fits its width is printed without
+Rich, byte for byte as Rich prints it (columns as wide as their widest cell,
+two spaces apart), which saves importing and running Rich.
 
 Tables go to stdout; progress and notes go to stderr, so the stdout of a
 command such as ``labgate launch`` or ``labgate token create`` is exactly the
@@ -9,17 +13,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import typer
 
-# Rich is imported when something is drawn: `labgate version`, `--help` of a command
-# and a table with no rows start without it (benchmarks/cli_startup.py).
+# Rich is imported when something is drawn at a terminal (or a table is too wide to
+# print as it is): `labgate version`, `--help` of a command, a table with no rows and
+# a table piped to another program start without it (benchmarks/cli_startup.py).
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.text import Text
 
 STATE_STYLES = {
     "queued": "yellow",
@@ -89,26 +95,105 @@ def size(value: Any) -> str:
     return f"{text}{_UNITS[unit]}"
 
 
-def state(value: str) -> Text:
+class Styled(NamedTuple):
+    """A table cell drawn in ``style`` (a Rich style such as ``green``) at a terminal."""
+
+    text: str
+    style: str
+
+
+Cell = str | Styled
+
+
+def state(value: str) -> Styled:
     """An instance state, coloured."""
     return coloured(value, STATE_STYLES.get(value, ""))
 
 
-def coloured(value: str, style: str) -> Text:
+def coloured(value: str, style: str) -> Styled:
     """A table cell drawn in ``style`` (a Rich style such as ``green``)."""
-    from rich.text import Text
-
-    return Text(value, style=style)
+    return Styled(value, style)
 
 
 # Columns that may wrap on a narrow terminal; the others (ids, names, URLs) keep one line.
 _WRAPPING = frozenset({"DESCRIPTION", "SCOPES", "LABELS", "NOTE", "URL / REASON", "VALUE"})
+# Rich's emoji codes (`:smile:`) in a cell; none of their names holds a "/".
+_EMOJI_CODE = re.compile(r"(:(\S*?)(?:(?:\-)(emoji|text))?:)")
+_GAP = "  "  # between columns: Rich's padding of one on each side (none at the edges)
 
 
-def _table(columns: Sequence[str], rows: Iterable[Sequence[str | Text]], empty: str) -> None:
+def _piped() -> bool:
+    """Whether Rich would draw stdout without styles: Rich's own test for a terminal."""
+    compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if compatible in ("0", "1"):
+        return compatible == "0"
+    force = os.environ.get("FORCE_COLOR")
+    if force is not None:
+        return force == ""
+    try:
+        return not sys.stdout.isatty()
+    except ValueError:  # closed
+        return True
+
+
+def _plain_text(cell: Cell) -> str | None:
+    """The cell's text if Rich would print it unchanged, one character a column; else None."""
+    if isinstance(cell, Styled):
+        text = cell.text
+    else:
+        text = cell
+        if "[" in text or "\\" in text:  # markup, escaped for Rich: let Rich read it back
+            return None
+        for match in _EMOJI_CODE.finditer(text):
+            if match.group(2) and "/" not in match.group(2):
+                return None
+    # Wide, combining and control characters are measured and drawn by Rich.
+    return text if text.isascii() and text.isprintable() else None
+
+
+def _plain_lines(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> list[str] | None:
+    """The table as Rich prints it to a pipe, when that needs no Rich (else None).
+
+    That is when stdout is no terminal (nothing is styled), every cell is plain
+    text and the table fits the width as it is (nothing wraps or is cut): then
+    Rich's table is each column as wide as its widest cell, two spaces apart.
+    """
+    if not _piped():
+        return None
+    columns_env = os.environ.get("COLUMNS")
+    if columns_env is None:
+        width = PIPE_WIDTH
+    elif columns_env.isdigit():
+        width = int(columns_env)
+    else:
+        return None
+    table: list[list[str]] = [list(columns)]
+    if any(_plain_text(column) is None for column in columns):
+        return None
+    for row in rows:
+        if len(row) != len(columns):
+            return None
+        texts = [_plain_text(cell) for cell in row]
+        if None in texts:
+            return None
+        table.append([text or "" for text in texts])
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    if sum(widths) + len(_GAP) * (len(widths) - 1) > width:
+        return None
+    return [
+        _GAP.join(text.ljust(w) for text, w in zip(line, widths, strict=True)).rstrip()
+        for line in table
+    ]
+
+
+def _table(columns: Sequence[str], rows: Iterable[Sequence[Cell]], empty: str) -> None:
     materialised = list(rows)
     if not materialised:
         note(empty)
+        return
+    plain = _plain_lines(columns, materialised)
+    if plain is not None:
+        typer.echo("\n".join(plain))
         return
     from rich.markup import escape
     from rich.table import Table
@@ -118,7 +203,9 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[str | Text]], empty: 
     for column in columns:
         table.add_column(column, no_wrap=column not in _WRAPPING, overflow="fold")
     for row in materialised:
-        table.add_row(*(cell if isinstance(cell, Text) else escape(cell) for cell in row))
+        table.add_row(
+            *(Text(c.text, style=c.style) if isinstance(c, Styled) else escape(c) for c in row)
+        )
     console = stdout()
     if console.is_terminal:
         console.print(table)
@@ -133,6 +220,10 @@ def plain_table(columns: list[str], rows: list[list[str]], empty: str) -> None:
     """A table whose cells never wrap, without padding at line ends (groups, usage, pools)."""
     if not rows:
         note(empty)
+        return
+    plain = _plain_lines(columns, rows)
+    if plain is not None:
+        typer.echo("\n".join(plain))
         return
     from rich.markup import escape
     from rich.table import Table
@@ -213,7 +304,7 @@ def _param(name: str, param: dict[str, Any]) -> str:
 def tools(rows: list[dict[str, Any]]) -> None:
     """The tool catalog."""
 
-    def available(tool: dict[str, Any]) -> Text:
+    def available(tool: dict[str, Any]) -> Styled:
         if tool["available"]:
             return coloured("yes", "green")
         return coloured(f"no: {tool.get('unavailable_reason') or 'unknown reason'}", "red")
