@@ -519,7 +519,12 @@ class UsageRecord(Base):
     """
 
     __tablename__ = "usage_records"
-    __table_args__ = (Index("ix_usage_records_started_stopped", "started_at", "stopped_at"),)
+    __table_args__ = (
+        Index("ix_usage_records_started_stopped", "started_at", "stopped_at"),
+        # What a user or group holds now: their open records, not all they ever had.
+        Index("ix_usage_records_user_open", "user_id", "stopped_at"),
+        Index("ix_usage_records_group_open", "group_name", "stopped_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[str] = mapped_column(String(32), index=True)
