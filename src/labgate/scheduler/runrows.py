@@ -134,11 +134,22 @@ def task_def(run: Run, task: RunTask) -> TaskDef:
 
 
 def get_run(session: Session, run_id: str) -> Run:
-    """A run's row alone (its stages, tasks and attempts are read when used)."""
+    """A run's row alone, locked (its stages, tasks and attempts are read when used)."""
+    lock_run(session, run_id)
     run = session.get(Run, run_id)
     if run is None:
         raise NotFound(f"no run {run_id}")
     return run
+
+
+def lock_run(session: Session, run_id: str) -> None:
+    """Lock a run's row until the transaction ends (PostgreSQL; SQLite has one writer).
+
+    Every change to a run's stages, tasks and attempts takes it first, so two
+    portal replicas never place the same task copy, nor one while the other
+    cancels the run.
+    """
+    session.execute(select(Run.id).where(Run.id == run_id).with_for_update())
 
 
 def stage_counts(session: Session, stage: RunStage) -> dict[RunState, int]:

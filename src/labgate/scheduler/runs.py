@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
 from labgate.aio import cancel_and_wait
-from labgate.db.models import utcnow
+from labgate.db.models import User, utcnow
 from labgate.db.runs import (
     AttemptState,
     Run,
@@ -156,6 +156,7 @@ class RunProcessor:
             await self._cancel_attempt(attempt_id, site)
 
     def _cancel(self, session: Session, run_id: str, who: Viewer) -> list[tuple[str, str]]:
+        runrows.lock_run(session, run_id)
         run = runrows.visible_run(session, run_id, who)
         if run.state.terminal:
             raise Conflict(f"run {run_id} is already {run.state.value}")
@@ -179,6 +180,7 @@ class RunProcessor:
         said so yet) end here, as replaced: their late reports are then ignored
         and cannot finish the task's new attempts.
         """
+        runrows.lock_run(session, run_id)
         run = runrows.visible_run(session, run_id, who)
         if not run.state.terminal:
             raise Conflict(f"run {run_id} is still {run.state.value}: cancel it or let it end")
@@ -302,6 +304,9 @@ class RunProcessor:
 
         The copies are read a page at a time, in order, until no live site has room.
         """
+        # The owner's row, as a launch's admission does: their task placements and
+        # launches, in any portal replica, take their limits one at a time.
+        session.execute(select(User.id).where(User.id == run.owner_id).with_for_update())
         places = _Places(
             runrows.site_labels(session),
             self.live(),
@@ -449,6 +454,9 @@ class RunProcessor:
         if attempt is None:
             return None
         task = attempt.task
+        runrows.lock_run(session, task.run_id)
+        session.refresh(task)  # as another replica may have left it before the lock
+        session.refresh(attempt)
         run = session.get(Run, task.run_id)
         if run is None:
             return None
