@@ -4,7 +4,9 @@ Issue 19's targets: a portal with 50,000 users, 10,000 running instances and
 1,000,000 events is ready in under 5 s; a router resyncs 10,000 routes in
 under 1 s. (JupyterHub with 50,000 users took over 15 minutes to start.)
 
-One run, on loopback only, in a temporary directory it removes again:
+One run, on loopback only, in a temporary directory it removes again
+(``--keep DIR``: in ``DIR``, kept, and a SQLite database filled there before at
+the same sizes is used again instead of filling a new one):
 
 1. A database (SQLite in the directory, or a fresh PostgreSQL database made
    with ``--database-url``) is migrated and filled in bulk: ``--users`` users,
@@ -25,6 +27,7 @@ Prints a Markdown table and JSON (also ``benchmarks/results/startup-<time>.json`
 
     .venv/bin/python benchmarks/startup.py                       # SQLite, full size
     .venv/bin/python benchmarks/startup.py --quick               # a tenth of it, 1 round
+    .venv/bin/python benchmarks/startup.py --keep /tmp/startup   # fill once, time again later
     .venv/bin/python benchmarks/startup.py --database-url postgresql+psycopg://u:p@127.0.0.1/postgres
 """
 
@@ -48,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -254,10 +257,37 @@ def time_portal(
     return portal_times, router_times, loaded(log)
 
 
+def filled_before(url: str, size: dict[str, int]) -> bool:
+    """Whether the SQLite database at ``url`` was filled by this script at ``size``."""
+    path = make_url(url).database
+    if not path or not Path(path).exists():
+        return False
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            counts = {
+                "users": conn.scalar(select(func.count()).select_from(User)),
+                "instances": conn.scalar(select(func.count()).select_from(Instance)),
+                "events": conn.scalar(select(func.count()).select_from(InstanceEvent)),
+            }
+    finally:
+        engine.dispose()
+    # A portal started on the empty database made its first admin.
+    wanted = {**size, "users": size["users"] or 1}
+    if counts["users"] == 0:
+        counts["users"] = 1
+    if counts != wanted:
+        raise RuntimeError(f"{path} holds {counts}, not {wanted}: remove it or --keep elsewhere")
+    return True
+
+
 def measure(url: str, work: Path, size: dict[str, int], rounds: int) -> dict[str, Any]:
     data_dir = work / f"data-{size['instances']}"
-    data_dir.mkdir(mode=0o700)
-    filled = fill(url, size["users"], size["instances"], size["events"])
+    data_dir.mkdir(mode=0o700, exist_ok=True)
+    if url.startswith("sqlite") and filled_before(url, size):
+        filled: dict[str, float] = {}
+    else:
+        filled = fill(url, size["users"], size["instances"], size["events"])
     portal, router, table = time_portal(data_dir, url, rounds)
     # The first admin is made only in a database with no users.
     users = size["users"] or 1
@@ -286,6 +316,12 @@ def main() -> None:
         "--database-url", help="a PostgreSQL server (its postgres database); default SQLite"
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 round")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and keep it; a SQLite database filled there before is used again",
+    )
     args = parser.parse_args()
     if args.quick:
         args.users, args.instances, args.events = (
@@ -294,7 +330,11 @@ def main() -> None:
             args.events // 10,
         )
         args.rounds = 1
-    work = Path(tempfile.mkdtemp(prefix="labgate-startup-"))
+    if args.keep:
+        work = args.keep.resolve()
+        work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="labgate-startup-"))
     os.chmod(work, 0o700)
     sizes = {
         "empty": {"users": 0, "instances": 0, "events": 0},
@@ -314,7 +354,8 @@ def main() -> None:
                 url = f"sqlite:///{work}/{label}.db"
                 results[label] = measure(url, work, size, args.rounds)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     report(results)
 
 
@@ -339,7 +380,10 @@ def report(results: dict[str, Any]) -> None:
     print(f"| router ready (s) | {router_floor:.2f} | {router:.2f} | |")
     print(f"| router resync of the routes (s) | | {router - router_floor:.2f} | < 1 |")
     fill_s = full["fill_s"]
-    print("\nfilling took " + ", ".join(f"{k} {v:.1f} s" for k, v in fill_s.items()))
+    if fill_s:
+        print("\nfilling took " + ", ".join(f"{k} {v:.1f} s" for k, v in fill_s.items()))
+    else:
+        print("\nthe database filled before was used again")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))
