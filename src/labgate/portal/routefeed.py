@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
 
-from sqlalchemy import ColumnElement, Row, or_, select
+from sqlalchemy import ColumnElement, DateTime, Row, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from labgate.db.models import (
@@ -195,12 +195,14 @@ class RouteFeedHub:
         in a fraction of a second.
         """
         # Core rows (the session's connection), not the ORM's: the ORM's row
-        # processing costs as much again as reading the rows.
+        # processing costs as much again as reading the rows. The time is read
+        # as it is stored (naive from SQLite) and made Unix seconds in one step.
         connection = session.connection()
-        columns = (User.id, User.name, User.is_admin, User.disabled, User.sessions_valid_after)
+        valid_after = type_coerce(User.sessions_valid_after, DateTime())
+        columns = (User.id, User.name, User.is_admin, User.disabled, valid_after)
         users = {
-            user_id: UserInfo(user_id, name, is_admin, disabled, valid_after.timestamp())
-            for user_id, name, is_admin, disabled, valid_after in connection.execute(
+            user_id: UserInfo(user_id, name, is_admin, disabled, unix_time(after))
+            for user_id, name, is_admin, disabled, after in connection.execute(
                 select(*columns)
             ).all()
         }
@@ -247,6 +249,15 @@ class RouteFeedHub:
             len(state.users),
             len(state.tokens),
         )
+
+
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+
+
+def unix_time(value: datetime) -> float:
+    """A stored time as Unix seconds; a naive one (SQLite's) is UTC."""
+    return (value - (_EPOCH if value.tzinfo is None else _EPOCH_UTC)).total_seconds()
 
 
 class Routable(Protocol):
