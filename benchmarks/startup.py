@@ -17,11 +17,13 @@ the same sizes is used again instead of filling a new one):
    process start until ``/healthz`` answers 200 is *portal ready* (migrations
    checked, every unfinished instance handed back to its site, the route
    table loaded and the router listening). The same on an empty database is
-   the floor (interpreter, imports, the router process).
-3. ``labgate router --portal …`` starts beside the last portal ``--rounds``
-   times: a router listens only once it holds the route snapshot, so the time
-   until its port answers is *router ready*; the route snapshot of an empty
-   portal is its floor, and the difference is the resync of the routes.
+   the floor (interpreter, imports, the router process). The empty and the
+   full database take turns, round by round, so load from elsewhere on the
+   machine falls on both alike.
+3. ``labgate router --portal …`` starts beside each portal: a router listens
+   only once it holds the route snapshot, so the time until its port answers
+   is *router ready*; the route snapshot of an empty portal is its floor, and
+   the difference is the resync of the routes.
 
 Prints a Markdown table and JSON (also ``benchmarks/results/startup-<time>.json``).
 
@@ -223,38 +225,27 @@ def loaded(log: Path) -> dict[str, int]:
     return {"routes": routes, "users": users, "tokens": tokens}
 
 
-def time_portal(
-    data_dir: Path, url: str, rounds: int
-) -> tuple[list[float], list[float], dict[str, int]]:
-    """Portal ready times, router ready times (beside the last portal), what was loaded."""
-    portal_times, router_times = [], []
-    log = data_dir / "serve.log"
-    for round_ in range(rounds):
-        port = free_port()
-        env = environment(data_dir, url, port)
-        serve = labgate("serve", env=env, log=log)
+def time_round(data_dir: Path, url: str) -> tuple[float, float]:
+    """One portal start on ``url`` and one router start beside it: their ready times."""
+    port = free_port()
+    serve = labgate("serve", env=environment(data_dir, url, port), log=data_dir / "serve.log")
+    try:
+        portal_time = wait_answer(f"http://127.0.0.1:{port}/healthz", serve, 600)
+        router_port = free_port()
+        router = labgate(
+            "router",
+            "--portal",
+            f"http://127.0.0.1:{port}",
+            env=environment(data_dir, url, router_port),
+            log=data_dir / "router.log",
+        )
         try:
-            portal_times.append(wait_answer(f"http://127.0.0.1:{port}/healthz", serve, 600))
-            if round_ == rounds - 1:
-                for _ in range(rounds):
-                    router_port = free_port()
-                    router_env = environment(data_dir, url, router_port)
-                    router = labgate(
-                        "router",
-                        "--portal",
-                        f"http://127.0.0.1:{port}",
-                        env=router_env,
-                        log=data_dir / "router.log",
-                    )
-                    try:
-                        router_times.append(
-                            wait_answer(f"http://127.0.0.1:{router_port}/healthz", router, 120)
-                        )
-                    finally:
-                        stop(router)
+            router_time = wait_answer(f"http://127.0.0.1:{router_port}/healthz", router, 120)
         finally:
-            stop(serve)
-    return portal_times, router_times, loaded(log)
+            stop(router)
+    finally:
+        stop(serve)
+    return portal_time, router_time
 
 
 def counts(url: str) -> dict[str, int]:
@@ -285,25 +276,49 @@ def filled_before(url: str, size: dict[str, int]) -> bool:
 
 
 def measure(url: str, work: Path, size: dict[str, int], rounds: int) -> dict[str, Any]:
-    data_dir = work / f"data-{size['instances']}"
-    data_dir.mkdir(mode=0o700, exist_ok=True)
-    if url.startswith("sqlite") and filled_before(url, size):
-        filled: dict[str, float] = {}
-    else:
-        filled = fill(url, size["users"], size["instances"], size["events"])
-    portal, router, table = time_portal(data_dir, url, rounds)
-    # Besides the users filled in, the portal's own accounts: the first admin (made
-    # only in a database with no users) and, once a portal ran, the warm pools' one.
-    own = table["users"] - size["users"]
-    if table["routes"] != size["instances"] or not 0 <= own <= 2:
-        raise RuntimeError(f"the portal loaded {table}, not the {size} filled in")
-    return {
-        **size,
-        "fill_s": filled,
-        "loaded": table,
-        "portal_ready_s": portal,
-        "router_ready_s": router,
-    }
+    """Fill (or reuse) the database at ``url`` and time ``rounds`` starts on it."""
+    return measure_all({"only": url}, work, {"only": size}, rounds)["only"]
+
+
+def measure_all(
+    urls: dict[str, str], work: Path, sizes: dict[str, dict[str, int]], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Fill every database, then time their starts in turns, round by round.
+
+    Taking turns puts a burst of load from elsewhere on the machine into every
+    database's times alike, not into one database's figures only.
+    """
+    data_dirs, filled = {}, {}
+    for label, url in urls.items():
+        size = sizes[label]
+        data_dirs[label] = work / f"data-{size['instances']}"
+        data_dirs[label].mkdir(mode=0o700, exist_ok=True)
+        if url.startswith("sqlite") and filled_before(url, size):
+            filled[label] = {}
+        else:
+            filled[label] = fill(url, size["users"], size["instances"], size["events"])
+    times: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in urls}
+    for _ in range(rounds):
+        for label, url in urls.items():
+            portal, router = time_round(data_dirs[label], url)
+            times[label][0].append(portal)
+            times[label][1].append(router)
+    results = {}
+    for label, size in sizes.items():
+        table = loaded(data_dirs[label] / "serve.log")
+        # Besides the users filled in, the portal's own accounts: the first admin (made
+        # only in a database with no users) and, once a portal ran, the warm pools' one.
+        own = table["users"] - size["users"]
+        if table["routes"] != size["instances"] or not 0 <= own <= 2:
+            raise RuntimeError(f"the portal loaded {table}, not the {size} filled in")
+        results[label] = {
+            **size,
+            "fill_s": filled[label],
+            "loaded": table,
+            "portal_ready_s": times[label][0],
+            "router_ready_s": times[label][1],
+        }
+    return results
 
 
 def median(values: list[float]) -> float:
@@ -345,19 +360,17 @@ def main() -> None:
         "full": {"users": args.users, "instances": args.instances, "events": args.events},
     }
     results: dict[str, Any] = {"database": "postgresql" if args.database_url else "sqlite"}
+    names = {label: f"labgate_bench_startup_{label}" for label in sizes}
     try:
-        for label, size in sizes.items():
-            if args.database_url:
-                name = f"labgate_bench_startup_{label}"
-                url = fresh_postgres(args.database_url, name)
-                try:
-                    results[label] = measure(url, work, size, args.rounds)
-                finally:
-                    drop_postgres(args.database_url, name)
-            else:
-                url = f"sqlite:///{work}/{label}.db"
-                results[label] = measure(url, work, size, args.rounds)
+        if args.database_url:
+            urls = {label: fresh_postgres(args.database_url, names[label]) for label in sizes}
+        else:
+            urls = {label: f"sqlite:///{work}/{label}.db" for label in sizes}
+        results.update(measure_all(urls, work, sizes, args.rounds))
     finally:
+        if args.database_url:
+            for name in names.values():
+                drop_postgres(args.database_url, name)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report(results)
