@@ -4,7 +4,9 @@ Issue 19's targets: a portal with 50,000 users, 10,000 running instances and
 1,000,000 events is ready in under 5 s; a router resyncs 10,000 routes in
 under 1 s. (JupyterHub with 50,000 users took over 15 minutes to start.)
 
-One run, on loopback only, in a temporary directory it removes again:
+One run, on loopback only, in a temporary directory it removes again
+(``--keep DIR``: in ``DIR``, kept, and a SQLite database filled there before at
+the same sizes is used again instead of filling a new one):
 
 1. A database (SQLite in the directory, or a fresh PostgreSQL database made
    with ``--database-url``) is migrated and filled in bulk: ``--users`` users,
@@ -15,16 +17,19 @@ One run, on loopback only, in a temporary directory it removes again:
    process start until ``/healthz`` answers 200 is *portal ready* (migrations
    checked, every unfinished instance handed back to its site, the route
    table loaded and the router listening). The same on an empty database is
-   the floor (interpreter, imports, the router process).
-3. ``labgate router --portal …`` starts beside the last portal ``--rounds``
-   times: a router listens only once it holds the route snapshot, so the time
-   until its port answers is *router ready*; the route snapshot of an empty
-   portal is its floor, and the difference is the resync of the routes.
+   the floor (interpreter, imports, the router process). The empty and the
+   full database take turns, round by round, so load from elsewhere on the
+   machine falls on both alike.
+3. ``labgate router --portal …`` starts beside each portal: a router listens
+   only once it holds the route snapshot, so the time until its port answers
+   is *router ready*; the route snapshot of an empty portal is its floor, and
+   the difference is the resync of the routes.
 
 Prints a Markdown table and JSON (also ``benchmarks/results/startup-<time>.json``).
 
     .venv/bin/python benchmarks/startup.py                       # SQLite, full size
     .venv/bin/python benchmarks/startup.py --quick               # a tenth of it, 1 round
+    .venv/bin/python benchmarks/startup.py --keep /tmp/startup   # fill once, time again later
     .venv/bin/python benchmarks/startup.py --database-url postgresql+psycopg://u:p@127.0.0.1/postgres
 """
 
@@ -48,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import create_engine, insert, select, text
+from sqlalchemy import create_engine, func, insert, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -220,56 +225,100 @@ def loaded(log: Path) -> dict[str, int]:
     return {"routes": routes, "users": users, "tokens": tokens}
 
 
-def time_portal(
-    data_dir: Path, url: str, rounds: int
-) -> tuple[list[float], list[float], dict[str, int]]:
-    """Portal ready times, router ready times (beside the last portal), what was loaded."""
-    portal_times, router_times = [], []
-    log = data_dir / "serve.log"
-    for round_ in range(rounds):
-        port = free_port()
-        env = environment(data_dir, url, port)
-        serve = labgate("serve", env=env, log=log)
+def time_round(data_dir: Path, url: str) -> tuple[float, float]:
+    """One portal start on ``url`` and one router start beside it: their ready times."""
+    port = free_port()
+    serve = labgate("serve", env=environment(data_dir, url, port), log=data_dir / "serve.log")
+    try:
+        portal_time = wait_answer(f"http://127.0.0.1:{port}/healthz", serve, 600)
+        router_port = free_port()
+        router = labgate(
+            "router",
+            "--portal",
+            f"http://127.0.0.1:{port}",
+            env=environment(data_dir, url, router_port),
+            log=data_dir / "router.log",
+        )
         try:
-            portal_times.append(wait_answer(f"http://127.0.0.1:{port}/healthz", serve, 600))
-            if round_ == rounds - 1:
-                for _ in range(rounds):
-                    router_port = free_port()
-                    router_env = environment(data_dir, url, router_port)
-                    router = labgate(
-                        "router",
-                        "--portal",
-                        f"http://127.0.0.1:{port}",
-                        env=router_env,
-                        log=data_dir / "router.log",
-                    )
-                    try:
-                        router_times.append(
-                            wait_answer(f"http://127.0.0.1:{router_port}/healthz", router, 120)
-                        )
-                    finally:
-                        stop(router)
+            router_time = wait_answer(f"http://127.0.0.1:{router_port}/healthz", router, 120)
         finally:
-            stop(serve)
-    return portal_times, router_times, loaded(log)
+            stop(router)
+    finally:
+        stop(serve)
+    return portal_time, router_time
+
+
+def counts(url: str) -> dict[str, int]:
+    """How many users (the ones this script makes), instances and events ``url`` holds."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                "users": conn.scalar(
+                    select(func.count()).select_from(User).where(User.name.like("user%"))
+                ),
+                "instances": conn.scalar(select(func.count()).select_from(Instance)),
+                "events": conn.scalar(select(func.count()).select_from(InstanceEvent)),
+            }
+    finally:
+        engine.dispose()
+
+
+def filled_before(url: str, size: dict[str, int]) -> bool:
+    """Whether the SQLite database at ``url`` was filled by this script at ``size``."""
+    path = make_url(url).database
+    if not path or not Path(path).exists():
+        return False
+    found = counts(url)
+    if found != size:
+        raise RuntimeError(f"{path} holds {found}, not {size}: remove it or --keep elsewhere")
+    return True
 
 
 def measure(url: str, work: Path, size: dict[str, int], rounds: int) -> dict[str, Any]:
-    data_dir = work / f"data-{size['instances']}"
-    data_dir.mkdir(mode=0o700)
-    filled = fill(url, size["users"], size["instances"], size["events"])
-    portal, router, table = time_portal(data_dir, url, rounds)
-    # The first admin is made only in a database with no users.
-    users = size["users"] or 1
-    if table["routes"] != size["instances"] or table["users"] != users:
-        raise RuntimeError(f"the portal loaded {table}, not the {size} filled in")
-    return {
-        **size,
-        "fill_s": filled,
-        "loaded": table,
-        "portal_ready_s": portal,
-        "router_ready_s": router,
-    }
+    """Fill (or reuse) the database at ``url`` and time ``rounds`` starts on it."""
+    return measure_all({"only": url}, work, {"only": size}, rounds)["only"]
+
+
+def measure_all(
+    urls: dict[str, str], work: Path, sizes: dict[str, dict[str, int]], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Fill every database, then time their starts in turns, round by round.
+
+    Taking turns puts a burst of load from elsewhere on the machine into every
+    database's times alike, not into one database's figures only.
+    """
+    data_dirs, filled = {}, {}
+    for label, url in urls.items():
+        size = sizes[label]
+        data_dirs[label] = work / f"data-{size['instances']}"
+        data_dirs[label].mkdir(mode=0o700, exist_ok=True)
+        if url.startswith("sqlite") and filled_before(url, size):
+            filled[label] = {}
+        else:
+            filled[label] = fill(url, size["users"], size["instances"], size["events"])
+    times: dict[str, tuple[list[float], list[float]]] = {label: ([], []) for label in urls}
+    for _ in range(rounds):
+        for label, url in urls.items():
+            portal, router = time_round(data_dirs[label], url)
+            times[label][0].append(portal)
+            times[label][1].append(router)
+    results = {}
+    for label, size in sizes.items():
+        table = loaded(data_dirs[label] / "serve.log")
+        # Besides the users filled in, the portal's own accounts: the first admin (made
+        # only in a database with no users) and, once a portal ran, the warm pools' one.
+        own = table["users"] - size["users"]
+        if table["routes"] != size["instances"] or not 0 <= own <= 2:
+            raise RuntimeError(f"the portal loaded {table}, not the {size} filled in")
+        results[label] = {
+            **size,
+            "fill_s": filled[label],
+            "loaded": table,
+            "portal_ready_s": times[label][0],
+            "router_ready_s": times[label][1],
+        }
+    return results
 
 
 def median(values: list[float]) -> float:
@@ -286,6 +335,12 @@ def main() -> None:
         "--database-url", help="a PostgreSQL server (its postgres database); default SQLite"
     )
     parser.add_argument("--quick", action="store_true", help="a tenth of the sizes, 1 round")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="work in DIR and keep it; a SQLite database filled there before is used again",
+    )
     args = parser.parse_args()
     if args.quick:
         args.users, args.instances, args.events = (
@@ -294,27 +349,30 @@ def main() -> None:
             args.events // 10,
         )
         args.rounds = 1
-    work = Path(tempfile.mkdtemp(prefix="labgate-startup-"))
+    if args.keep:
+        work = args.keep.resolve()
+        work.mkdir(mode=0o700, parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="labgate-startup-"))
     os.chmod(work, 0o700)
     sizes = {
         "empty": {"users": 0, "instances": 0, "events": 0},
         "full": {"users": args.users, "instances": args.instances, "events": args.events},
     }
     results: dict[str, Any] = {"database": "postgresql" if args.database_url else "sqlite"}
+    names = {label: f"labgate_bench_startup_{label}" for label in sizes}
     try:
-        for label, size in sizes.items():
-            if args.database_url:
-                name = f"labgate_bench_startup_{label}"
-                url = fresh_postgres(args.database_url, name)
-                try:
-                    results[label] = measure(url, work, size, args.rounds)
-                finally:
-                    drop_postgres(args.database_url, name)
-            else:
-                url = f"sqlite:///{work}/{label}.db"
-                results[label] = measure(url, work, size, args.rounds)
+        if args.database_url:
+            urls = {label: fresh_postgres(args.database_url, names[label]) for label in sizes}
+        else:
+            urls = {label: f"sqlite:///{work}/{label}.db" for label in sizes}
+        results.update(measure_all(urls, work, sizes, args.rounds))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.database_url:
+            for name in names.values():
+                drop_postgres(args.database_url, name)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     report(results)
 
 
@@ -339,7 +397,10 @@ def report(results: dict[str, Any]) -> None:
     print(f"| router ready (s) | {router_floor:.2f} | {router:.2f} | |")
     print(f"| router resync of the routes (s) | | {router - router_floor:.2f} | < 1 |")
     fill_s = full["fill_s"]
-    print("\nfilling took " + ", ".join(f"{k} {v:.1f} s" for k, v in fill_s.items()))
+    if fill_s:
+        print("\nfilling took " + ", ".join(f"{k} {v:.1f} s" for k, v in fill_s.items()))
+    else:
+        print("\nthe database filled before was used again")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2))

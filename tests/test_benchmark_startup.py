@@ -34,3 +34,14 @@ def test_the_filled_database_is_what_the_started_portal_and_router_load(tmp_path
     assert result["loaded"] == {"routes": 12, "users": 30, "tokens": 0}
     assert len(result["portal_ready_s"]) == 1 and len(result["router_ready_s"]) == 1
     assert all(t > 0 for t in result["portal_ready_s"] + result["router_ready_s"])
+
+
+def test_a_kept_database_is_used_again_only_at_the_size_it_was_filled_to(tmp_path: Path) -> None:
+    startup = load_benchmark()
+    url = f"sqlite:///{tmp_path}/full.db"
+    size = {"users": 3, "instances": 2, "events": 5}
+    assert not startup.filled_before(url, size)
+    startup.fill(url, **size)
+    assert startup.filled_before(url, size)
+    with pytest.raises(RuntimeError, match="holds"):
+        startup.filled_before(url, {**size, "events": 6})

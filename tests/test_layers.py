@@ -41,6 +41,7 @@ LAYERS: list[set[str]] = [
         "datadir",
         "passwords",
         "aio",
+        "gcpause",
     },
     {"tools"},
     {"backends"},
@@ -65,6 +66,7 @@ ROUTER_MAY_IMPORT = {
     "types",
     "units",
     "aio",
+    "gcpause",
 }
 
 

@@ -41,6 +41,22 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip().lower() for line in lines if line and not line.startswith("#"))
 
 
+@cache
+def dummy_hash() -> str:
+    """A hash of no one's password (see :meth:`PasswordWorkers.verify`).
+
+    Made on first use, on a password worker: an argon2 hash at import would
+    add its cost to every start of every labgate process.
+    """
+    return hash_password("labgate-timing-equaliser")
+
+
+def _verify_no_account(password: str) -> bool:
+    """Check ``password`` against :func:`dummy_hash`, for the time it takes; never a match."""
+    verify_password(dummy_hash(), password)
+    return False
+
+
 def check_new_password(password: str, username: str, min_length: int) -> None:
     """Refuse a password that is too short, common, or the user's own name (422)."""
     if len(password) < min_length:
@@ -88,9 +104,20 @@ class PasswordWorkers:
         check_new_password(password, username, self.min_length)
         return await self.hash(password)
 
-    async def verify(self, password_hash: str, password: str) -> bool:
-        """Whether ``password`` matches; the caller already holds a :meth:`slot`."""
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Whether ``password`` matches; the caller already holds a :meth:`slot`.
+
+        With no hash (no such account, or none with a password) the check is
+        made against :func:`dummy_hash` all the same and fails: a sign-in
+        naming no account takes as long as one with a wrong password.
+        """
+        if password_hash is None:
+            return await self._run(lambda: _verify_no_account(password))
         return await self._run(lambda: verify_password(password_hash, password))
+
+    def prepare(self) -> None:
+        """Make :func:`dummy_hash` now, on a worker, so no sign-in waits for it."""
+        self._pool.submit(dummy_hash)
 
     def close(self) -> None:
         """Stop the threads (after the ones running finish)."""

@@ -35,6 +35,7 @@ from fastapi import FastAPI
 
 from labgate.config import Settings
 from labgate.errors import ConfigError
+from labgate.gcpause import resume as resume_gc
 from labgate.portal.app import build_portal, create_app
 from labgate.portal.state import Portal
 from labgate.router import WorkerSupervisor, start_router, worker_config
@@ -173,6 +174,7 @@ async def _serve_started(
             )
             supervisor = WorkerSupervisor(config, settings.router_workers - 1)
             supervisor.start()
+        resume_gc()
         log.info(
             "labgate serving on %s (%d router process%s)",
             settings.effective_public_url,
@@ -259,6 +261,7 @@ async def serve_portal(settings: Settings) -> None:
                 f"cannot listen on {settings.host}:{settings.port} (host, port)"
             ) from None
         task = asyncio.create_task(server.serve(sockets=[listener]), name="portal")
+        resume_gc()
         stop_wait = asyncio.create_task(stop.wait())
         log.info(
             "labgate portal %s serving on http://%s:%d (%s)",

@@ -133,3 +133,43 @@ def test_every_migration_only_adds_so_the_previous_version_runs_on_its_schema():
                 assert not not_null or "server_default" in words, (
                     f"{path.name}: a NOT NULL column without a server default"
                 )
+
+
+def test_the_revisions_checked_without_alembic_are_those_of_a_migrated_database(
+    empty_database_url,
+):
+    from labgate.db.session import SCHEMA_HEADS, applied_revisions
+
+    db = Database(empty_database_url)
+    try:
+        assert applied_revisions(db.engine) == set()
+        db.migrate()
+        assert applied_revisions(db.engine) == SCHEMA_HEADS, (
+            "a migration was added: set SCHEMA_HEADS in src/labgate/db/session.py to what "
+            "alembic_version holds after migrating"
+        )
+    finally:
+        db.dispose()
+
+
+def test_a_start_on_an_up_to_date_database_does_not_load_alembic(tmp_path):
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    code = f"""
+import sys
+from labgate.db.session import open_database
+open_database({url!r}).dispose()  # made and migrated: Alembic loaded
+print("alembic" in sys.modules)
+"""
+    again = f"""
+import sys
+from labgate.db.session import open_database
+open_database({url!r}).dispose()  # at the heads already
+print("alembic" in sys.modules)
+"""
+    run = [sys.executable, "-c"]
+    first = subprocess.run([*run, code], capture_output=True, text=True, check=True)
+    second = subprocess.run([*run, again], capture_output=True, text=True, check=True)
+    assert (first.stdout.strip(), second.stdout.strip()) == ("True", "False")

@@ -103,3 +103,37 @@ def test_a_weak_configured_admin_password_is_refused_at_start(tmp_path):
     ):
         with pytest.raises(ValidationError, match=f"admin_password: .*{reason}"):
             Settings(data_dir=tmp_path, admin_username="labadmin1", admin_password=weak)
+
+
+def test_starting_the_portal_hashes_no_password_until_a_sign_in_needs_one():
+    """The dummy hash of unknown-name sign-ins is made on a worker, not at import (start-up)."""
+    import subprocess
+    import sys
+
+    code = """
+import asyncio
+from labgate import security
+from labgate.passwords import PasswordWorkers
+
+class Counting(type(security._hasher)):
+    calls = 0
+    def hash(self, *args, **kwargs):
+        Counting.calls += 1
+        return super().hash(*args, **kwargs)
+
+security._hasher = Counting()
+import labgate.serve  # every module of the portal
+print(Counting.calls)
+
+async def sign_in_of_no_account():
+    workers = PasswordWorkers(1)
+    async with workers.slot():
+        return await workers.verify(None, "anything at all")
+
+print(asyncio.run(sign_in_of_no_account()), Counting.calls)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.split("\n")
+    assert out[0] == "0"  # importing the portal hashed nothing
+    assert out[1] == "False 1"  # the first sign-in naming no account made the dummy hash

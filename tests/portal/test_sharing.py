@@ -203,3 +203,31 @@ async def test_opening_a_share_link_shares_nothing_until_confirmed(
         taken = await browser.post(f"/share/{link['token']}", data={"csrf_token": csrf})
         assert taken.status_code == 303 and taken.headers["location"] == f"/instances/{iid}"
         assert [i["id"] for i in (await browser.get("/api/v1/instances")).json()] == [iid]
+
+
+async def test_the_route_table_reloaded_from_the_database_keeps_every_access_list(
+    app: Any, client: httpx.AsyncClient, make_user: Any, admin_headers: dict[str, str]
+) -> None:
+    """A start reads every access list at once: users with use, group members, not view."""
+    ada, _bo, _cy = await make_user("ada"), await make_user("bo"), await make_user("cy")
+    await make_user("dee")
+    await client.post("/api/v1/groups", json={"name": "lab"}, headers=admin_headers)
+    await client.post("/api/v1/groups", json={"name": "seen"}, headers=admin_headers)
+    await client.put("/api/v1/groups/lab/members/cy", headers=admin_headers)
+    await client.put("/api/v1/groups/seen/members/dee", headers=admin_headers)
+    first, second, alone = [await running_demo(client, ada) for _ in range(3)]
+    for iid, share in (
+        (first, {"user": "bo", "access": "use"}),
+        (first, {"group": "lab", "access": "use"}),
+        (first, {"group": "seen", "access": "view"}),
+        (second, {"user": "dee", "access": "view"}),
+    ):
+        shared = await client.post(f"/api/v1/instances/{iid}/shares", json=share, headers=ada)
+        assert shared.status_code == 201, shared.text
+    hub = app.state.portal.routes
+    kept = {iid: hub.table.routes[iid].access for iid in (first, second, alone)}
+    users = {user.name: user.id for user in hub.table.users.values()}
+    assert kept == {first: {users["bo"], users["cy"]}, second: frozenset(), alone: frozenset()}
+    await app.state.portal.run_db(hub.load)
+    assert {iid: hub.table.routes[iid].access for iid in kept} == kept
+    assert hub.access == {first: kept[first]}

@@ -61,3 +61,47 @@ async def test_a_start_cut_off_or_an_unreadable_state_does_not_stop_the_portal(s
             await asyncio.sleep(0.05)
         assert state == "lost"
         assert "saved state is unreadable" in message
+
+
+async def test_restore_in_small_batches_settles_each_instance_as_in_one(settings, monkeypatch):
+    """The list is read light and the instances going back to a site whole, a batch at a time."""
+    from labgate.db.models import Site
+    from labgate.scheduler import instances as manager_module
+
+    monkeypatch.setattr(manager_module, "RESTORE_BATCH", 2)
+    async with serving(settings) as first:
+        cut_off = recorded_instance(first, "starting", backend_state={}, started_at=utcnow())
+        queued_away = recorded_instance(first, "queued")
+        running_away = recorded_instance(
+            first, "running", backend_state={"pid": 1}, endpoint="http://127.0.0.1:9"
+        )
+        garbled = recorded_instance(
+            first,
+            "running",
+            backend_state={"nonsense": 1},
+            endpoint="http://127.0.0.1:9",
+            started_at=utcnow(),
+            ready_at=utcnow(),
+        )
+
+        def to_a_site_no_longer_configured(session: Any) -> None:
+            gone = Site(name="gone", backend="process")
+            session.add(gone)
+            session.flush()
+            for instance_id in (queued_away, running_away):
+                session.get(Instance, instance_id).site_id = gone.id
+
+        await first.state.portal.run_db(to_a_site_no_longer_configured)
+    async with serving(settings) as second:
+        assert (await state_and_message(second, cut_off))[0] == "failed"
+        assert (await state_and_message(second, queued_away))[0] == "failed"
+        assert await state_and_message(second, running_away) == (
+            "lost",
+            "site gone is not configured",
+        )
+        for _ in range(100):  # the adoption's report comes from the site, a moment later
+            state, _message = await state_and_message(second, garbled)
+            if state != "running":
+                break
+            await asyncio.sleep(0.05)
+        assert state == "lost"

@@ -13,6 +13,7 @@ import typer
 
 from labgate import __version__
 from labgate.cli.context import fail
+from labgate.gcpause import pause as pause_gc
 
 
 def serve(
@@ -23,6 +24,7 @@ def serve(
     ),
 ) -> None:
     """Run labgate: router, portal and the sites in one process."""
+    pause_gc()  # until it listens: labgate.gcpause
     from labgate.datadir import UnsafeSetup
     from labgate.startup import load_settings
 
@@ -43,6 +45,7 @@ def portal(
     ),
 ) -> None:
     """Run one portal replica (API, UI, agents' hub) on PostgreSQL; routers and agents apart."""
+    pause_gc()  # until it listens: labgate.gcpause
     from labgate.datadir import UnsafeSetup
     from labgate.errors import ConfigError
     from labgate.startup import load_settings
@@ -76,6 +79,7 @@ def router(
     port: int | None = typer.Option(None, help="Port to listen on (setting `port`)."),
 ) -> None:
     """Run a router alone, following the portal's route stream (needs the same secret_key)."""
+    pause_gc()  # until it listens: labgate.gcpause
     from labgate.datadir import UnsafeSetup
     from labgate.startup import load_settings
 

@@ -299,6 +299,11 @@ class Instance(Base):
         back_populates="instance", cascade="all, delete-orphan", order_by="InstanceEvent.id"
     )
 
+    @property
+    def site_name(self) -> str | None:
+        """The name of the instance's site (None: it has none)."""
+        return self.site.name if self.site is not None else None
+
 
 def with_owner_and_site() -> tuple[Any, ...]:
     """Loader options for a list of instances whose owners and sites are read.

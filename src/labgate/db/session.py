@@ -26,19 +26,18 @@ import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from labgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +47,26 @@ T = TypeVar("T")
 TRANSACT_ATTEMPTS = 8
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+#: What a database migrated to every head records in ``alembic_version`` (the heads,
+#: but for ``0004``: ``0007_identity_sharing`` depends on it). A database at exactly
+#: these needs no migrating, and is found so without loading Alembic (a quarter of a
+#: second of every start); ``tests/db/test_migrations.py`` holds this to the scripts.
+SCHEMA_HEADS = frozenset(
+    {
+        "0002",
+        "0003",
+        "0005_data_provider",
+        "0005_no_router_scope",
+        "0006_network_sites",
+        "0007_batch_runs",
+        "0007_identity_sharing",
+        "0007_instance_image",
+        "0007_launch_options",
+        "0008_tool_params",
+        "0009_instance_version",
+        "0010_leader_lease",
+    }
+)
 _SETTING = "database_url (LABGATE_DATABASE_URL)"
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*):[^@/]*@")
 
@@ -88,6 +107,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def alembic_config(engine: Engine) -> AlembicConfig:
     """An Alembic configuration bound to ``engine``."""
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["engine"] = engine
@@ -102,11 +123,16 @@ def migrate(engine: Engine) -> None:
     of a rolling upgrade) is left as it is, with a warning: migrations only
     add (tables, indexes, columns with defaults), so the older code runs on
     the newer schema. Migrating it would fail on the unknown revisions.
+    A database already at :data:`SCHEMA_HEADS` is left without loading Alembic.
     """
+    applied = applied_revisions(engine)
+    if applied == SCHEMA_HEADS:
+        return
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
     config = alembic_config(engine)
     known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
-    with engine.connect() as conn:
-        applied = set(MigrationContext.configure(conn).get_current_heads())
     newer = sorted(applied - known)
     if newer:
         log.warning(
@@ -116,6 +142,14 @@ def migrate(engine: Engine) -> None:
         )
         return
     command.upgrade(config, "heads")
+
+
+def applied_revisions(engine: Engine) -> set[str]:
+    """The revisions the database is at (none when it has no schema yet), read without Alembic."""
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return set()
+        return set(conn.scalars(text("SELECT version_num FROM alembic_version")))
 
 
 class Database:

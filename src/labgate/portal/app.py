@@ -249,6 +249,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     reconciler.start()
     portal.leader.on_elected(reconciler.poke)
     portal.leader.on_elected(ops.pools.poke)
+    portal.passwords.prepare()
     try:
         yield
     finally:

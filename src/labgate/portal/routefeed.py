@@ -17,31 +17,36 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import NamedTuple, Protocol
 
-from sqlalchemy import Row, select
-from sqlalchemy.orm import Session, load_only
+from sqlalchemy import ColumnElement, DateTime, Row, or_, select, type_coerce
+from sqlalchemy.orm import Session
 
 from labgate.db.models import (
     ACTIVE_STATES,
     ApiToken,
     Instance,
-    InstanceShare,
     InstanceState,
     RevokedSession,
+    Site,
     User,
     utcnow,
 )
-from labgate.portal.sharing import access_list, groups_of, instances_shared_with_groups
+from labgate.portal.sharing import (
+    access_list,
+    access_lists,
+    groups_of,
+    instances_shared_with_groups,
+)
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
 from labgate.wire.routes import (
     NO_ACCESS,
     NO_ENDPOINT,
-    SNAPSHOT_VERSION,
     Route,
     RouteState,
+    TableState,
     TokenInfo,
     UserInfo,
 )
@@ -70,10 +75,10 @@ class RouteFeedHub:
         self.access: dict[str, frozenset[int]] = {}
         #: Where the router reaches an instance when not at its endpoint (``tunnel:SITE/ID``
         #: for a tunneled site; labgate.portal.sites), set by the app; None: the endpoint.
-        self.upstream_of: Callable[[Instance], str | None] | None = None
+        self.upstream_of: Callable[[Routable], str | None] | None = None
 
     # --- instances ---------------------------------------------------------
-    def route_for(self, instance: Instance) -> Route | None:
+    def route_for(self, instance: Routable) -> Route | None:
         """The route of an instance, or None when it must not be routed."""
         state = instance.state
         if state not in ROUTED_STATES and state not in (
@@ -109,7 +114,7 @@ class RouteFeedHub:
             upstream_token=self.box.open(instance.id, instance.secret) or "",
         )
 
-    def instance_changed(self, instance: Instance) -> None:
+    def instance_changed(self, instance: Routable) -> None:
         """An instance changed state, endpoint or access."""
         route = self.route_for(instance)
         if route is None:
@@ -182,59 +187,142 @@ class RouteFeedHub:
         self.table.revoke_session(session_id, expires_at)
 
     # --- full resync -------------------------------------------------------
-    def snapshot_from(self, session: Session) -> dict[str, Any]:
-        """The whole route table as the database says it should be."""
-        # Columns, not User objects: a table of 50,000 users loads several times faster.
-        columns = (User.id, User.name, User.is_admin, User.disabled, User.sessions_valid_after)
-        users = [self.user_info(row).to_dict() for row in session.execute(select(*columns))]
-        now = utcnow()
-        tokens = [
-            self.token_info(t).to_dict(t.token_hash)
-            for t in session.scalars(select(ApiToken))
-            if t.expires_at is None or t.expires_at > now
-        ]
-        revoked = [
-            {"session_id": r.session_id, "expires_at": r.expires_at.timestamp()}
-            for r in session.scalars(select(RevokedSession).where(RevokedSession.expires_at > now))
-        ]
-        routes = []
-        self.access = {}
-        for instance_id in session.scalars(select(InstanceShare.instance_id).distinct()):
-            access = access_list(session, instance_id)
-            if access:
-                self.access[instance_id] = access
-        # Only what a route is made of (no JSON columns to decode), for every active instance.
-        routed = load_only(
-            Instance.id,
-            Instance.state,
-            Instance.tool,
-            Instance.endpoint,
-            Instance.owner_id,
-            Instance.secret,
-            Instance.site_id,
-        )
-        active = select(Instance).where(Instance.state.in_(ACTIVE_STATES)).options(routed)
-        for instance in session.scalars(active):
-            route = self.route_for(instance)
-            if route is not None:
-                routes.append(route.to_dict())
-        return {
-            "version": SNAPSHOT_VERSION,
-            "routes": routes,
-            "users": users,
-            "tokens": tokens,
-            "revoked_sessions": revoked,
-            # Which agents' tunnels are open is not in the database: keep it.
-            "tunnel_sites": dict(self.table.tunnel_sites),
+    def state_from(self, session: Session) -> TableState:
+        """The whole route table as the database says it should be.
+
+        Built from columns, never ORM objects, and straight into the table's
+        objects (no JSON form in between): 50,000 users and 10,000 routes load
+        in a fraction of a second.
+        """
+        # Core rows (the session's connection), not the ORM's: the ORM's row
+        # processing costs as much again as reading the rows. The time is read
+        # as it is stored (naive from SQLite) and made Unix seconds in one step.
+        connection = session.connection()
+        valid_after = type_coerce(User.sessions_valid_after, DateTime())
+        columns = (User.id, User.name, User.is_admin, User.disabled, valid_after)
+        users = {
+            user_id: UserInfo(user_id, name, is_admin, disabled, unix_time(after))
+            for user_id, name, is_admin, disabled, after in connection.execute(
+                select(*columns)
+            ).all()
         }
+        now = utcnow()
+        token_columns = (
+            ApiToken.token_hash,
+            ApiToken.user_id,
+            ApiToken.scopes,
+            ApiToken.expires_at,
+        )
+        live = or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now)
+        tokens = {
+            token_hash: TokenInfo(
+                user_id, frozenset(scopes or ()), None if expires is None else expires.timestamp()
+            )
+            for token_hash, user_id, scopes, expires in session.execute(
+                select(*token_columns).where(live)
+            )
+        }
+        revoked = {
+            session_id: expires_at.timestamp()
+            for session_id, expires_at in session.execute(
+                select(RevokedSession.session_id, RevokedSession.expires_at).where(
+                    RevokedSession.expires_at > now
+                )
+            )
+        }
+        self.access = access_lists(session)
+        routes = {}
+        for source in route_sources(session):
+            route = self.route_for(source)
+            if route is not None:
+                routes[route.instance_id] = route
+        # Which agents' tunnels are open is not in the database: keep it.
+        return TableState(routes, users, tokens, revoked, dict(self.table.tunnel_sites))
 
     def load(self, session: Session) -> None:
-        """Resync the table from the database (on start)."""
-        snapshot = self.snapshot_from(session)
-        self.table.resync(snapshot)
+        """Resync the table from the database (on start; on reconnecting to the other replicas)."""
+        state = self.state_from(session)
+        self.table.replace(state)
         log.info(
             "route table: %d routes, %d users, %d tokens",
-            len(snapshot["routes"]),
-            len(snapshot["users"]),
-            len(snapshot["tokens"]),
+            len(state.routes),
+            len(state.users),
+            len(state.tokens),
         )
+
+
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_UTC = _EPOCH.replace(tzinfo=UTC)
+
+
+def unix_time(value: datetime) -> float:
+    """A stored time as Unix seconds; a naive one (SQLite's) is UTC."""
+    return (value - (_EPOCH if value.tzinfo is None else _EPOCH_UTC)).total_seconds()
+
+
+class Routable(Protocol):
+    """What a route is made of: an :class:`~labgate.db.models.Instance` or a row of its columns."""
+
+    @property
+    def id(self) -> str:
+        """The instance id."""
+
+    @property
+    def owner_id(self) -> int:
+        """Its owner."""
+
+    @property
+    def tool(self) -> str:
+        """Its tool's name."""
+
+    @property
+    def state(self) -> InstanceState:
+        """Its state."""
+
+    @property
+    def endpoint(self) -> str:
+        """Where its tool listens ("" until known)."""
+
+    @property
+    def secret(self) -> str:
+        """Its sealed upstream token ("" for none)."""
+
+    @property
+    def ready_at(self) -> datetime | None:
+        """When it first became ready."""
+
+    @property
+    def site_name(self) -> str | None:
+        """Its site's name."""
+
+
+class RouteSource(NamedTuple):
+    """An instance's columns that make its route, read without an ORM object (a fast load)."""
+
+    id: str
+    owner_id: int
+    tool: str
+    state: InstanceState
+    endpoint: str
+    secret: str
+    ready_at: datetime | None
+    site_name: str | None
+
+
+def route_sources(session: Session, *criteria: ColumnElement[bool]) -> list[RouteSource]:
+    """What the routes of the active instances (matching ``criteria``) are made of."""
+    query = (
+        select(
+            Instance.id,
+            Instance.owner_id,
+            Instance.tool,
+            Instance.state,
+            Instance.endpoint,
+            Instance.secret,
+            Instance.ready_at,
+            Site.name,
+        )
+        .outerjoin(Site, Instance.site_id == Site.id)
+        .where(Instance.state.in_(ACTIVE_STATES), *criteria)
+    )
+    return [RouteSource(*row) for row in session.connection().execute(query).all()]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from labgate.agent.convert import tool_json
 from labgate.agent.hub import SiteHub
 from labgate.agent.network import NetworkSiteLink, Relay
-from labgate.db.models import ACTIVE_STATES, Instance, Site
+from labgate.db.models import Site
+from labgate.portal.routefeed import Routable, RouteSource, route_sources
 from labgate.portal.state import Portal
 from labgate.scheduler.liveness import SiteLiveness
 from labgate.security import TunnelTickets
@@ -35,19 +36,9 @@ def network_sites(session: Session) -> list[tuple[str, str, str]]:
     return [(name, backend, reach) for name, backend, reach in rows]
 
 
-def tunneled_instances(session: Session) -> list[Instance]:
-    """The active instances of network sites reached through the tunnel."""
-    rows = session.scalars(
-        select(Instance)
-        .join(Site, Instance.site_id == Site.id)
-        .where(
-            Site.kind == "network",
-            Site.reach == "tunnel",
-            Instance.state.in_(ACTIVE_STATES),
-        )
-        .options(selectinload(Instance.site))
-    )
-    return list(rows)
+def tunneled_instances(session: Session) -> list[RouteSource]:
+    """The route sources of the active instances of network sites reached through the tunnel."""
+    return route_sources(session, Site.kind == "network", Site.reach == "tunnel")
 
 
 async def start_network_sites(portal: Portal, relay: Relay | None = None) -> SiteLiveness:
@@ -86,10 +77,9 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
     return liveness
 
 
-def tunnel_upstream(portal: Portal, instance: Instance) -> str | None:
+def tunnel_upstream(portal: Portal, instance: Routable) -> str | None:
     """The router's upstream for an instance of a tunneled site (None: its endpoint)."""
-    site = instance.site
-    link = portal.links.get(site.name) if site is not None else None
+    link = portal.links.get(instance.site_name or "")
     if not isinstance(link, NetworkSiteLink):
         return None
     return link.tunnel_upstream(instance.id)

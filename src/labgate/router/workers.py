@@ -39,6 +39,8 @@ from pathlib import Path
 
 from labgate.aio import cancel_and_wait
 from labgate.config import Settings
+from labgate.gcpause import pause as pause_gc
+from labgate.gcpause import resume as resume_gc
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings
 from labgate.router.sync import ActivityReporter, RouteSync
@@ -163,6 +165,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
             )
             router.tls.start()
         await router.listen(config.host, config.port, reuse_port=config.reuse_port)
+        resume_gc()  # paused by run_router_process or the CLI
         await stop.wait()
         # Asked to stop: what is being answered is answered first.
         await router.drain(DRAIN_SECONDS)
@@ -204,6 +207,7 @@ def _stop_with_parent(parent_pid: int, stop: asyncio.Event) -> None:
 
 def run_router_process(config: WorkerConfig) -> None:
     """Run one worker in the foreground (uvloop) until SIGTERM or SIGINT."""
+    pause_gc()  # until it listens with its routes: labgate.gcpause
     import uvloop
 
     async def main() -> None:

@@ -16,8 +16,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
@@ -31,6 +32,7 @@ from labgate.db.models import (
     Instance,
     InstanceEvent,
     InstanceState,
+    Site,
     SiteKind,
     utcnow,
     with_owner_and_site,
@@ -401,63 +403,81 @@ class InstanceManager:
         """After a portal start: hand every unfinished instance back to its site.
 
         Queued launches stay queued, in order: the start queue starts them in turn.
+        The list is read as a few columns; only the instances that go back to a
+        connected site are read whole, :data:`RESTORE_BATCH` per query (the
+        instances of a network site whose agent is away wait for it: thousands
+        of them cost one light query, not thousands of ORM loads).
         """
-        rows = await self.run_db(self._unfinished)
+        rows = await self.run_db(_unfinished)
         self.queue.start()
-        for instance in rows:
-            site = instance.site.name if instance.site else None
-            link = self.links.get(site or "")
-            if instance.state == InstanceState.queued:
+        for first in range(0, len(rows), RESTORE_BATCH):
+            batch = rows[first : first + RESTORE_BATCH]
+            links = [self._handed_back_to(row) for row in batch]
+            ids = [row.id for row, link in zip(batch, links, strict=True) if link is not None]
+            whole = await self.run_db(partial(_instances_by_id, ids=ids)) if ids else {}
+            for row, link in zip(batch, links, strict=True):
                 if link is None:
-                    detail = f"site {site} is not configured"
-                    await self.apply(start_failed(instance.id, NEVER_STARTED, detail))
-                continue
-            if link is None:
-                await self.apply(
-                    Report(instance.id, "lost", message=f"site {site} is not configured")
-                )
-                continue
-            if not link.live:
-                continue  # a network site: reconciled when its agent connects
-            if instance.state == InstanceState.pending:
-                self._spawn(self._start(instance.id))
-            elif instance.state == InstanceState.stopping:
-                self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
-            elif not instance.backend_state:
-                # The portal went down mid-start, before the site said what it started:
-                # a stop without a state removes what the start made, by the instance id.
-                message = "the portal restarted before the instance had started; launch it again"
-                await self.apply(Report(instance.id, "failed", message=message))
-                self._spawn(self.stop_at_site(link, instance.id, {}))
-            else:
-                if self.routes is not None:
-                    self.routes.instance_changed(instance)
-                try:
-                    spec = self.spec_for(instance)
-                except NotFound as exc:
-                    await self.apply(Report(instance.id, "lost", message=exc.detail))
-                    continue
-                started = instance.started_at or instance.created_at
-                elapsed = (utcnow() - started).total_seconds()
-                await link.adopt(
-                    Adoption(
-                        spec=spec,
-                        state=instance.state.value,
-                        backend_state=instance.backend_state,
-                        endpoint=instance.endpoint,
-                        remaining_start_time=spec.tool.start_timeout - elapsed,
-                    )
-                )
+                    await self._restore_listed(row)
+                elif (instance := whole.get(row.id)) is not None:
+                    await self._hand_back(instance, link)
 
-    def _unfinished(self, session: Session) -> list[Instance]:
-        unfinished = [*ACTIVE_STATES, InstanceState.stopping]
-        rows = session.scalars(
-            select(Instance)
-            .where(Instance.state.in_(unfinished))
-            .order_by(Instance.created_at)
-            .options(*with_owner_and_site())
-        ).all()
-        return list(rows)
+    def _handed_back_to(self, row: Unfinished) -> SiteLink | None:
+        """The connected site an unfinished instance goes back to whole, if it does."""
+        link = self.links.get(row.site_name or "")
+        if link is None or not link.live:
+            return None
+        if row.state in (InstanceState.queued, InstanceState.pending):
+            return None
+        return link
+
+    async def _restore_listed(self, row: Unfinished) -> None:
+        """Restore what needs no more than the list: queued, pending, or no connected site."""
+        link = self.links.get(row.site_name or "")
+        if row.state == InstanceState.queued:
+            if link is None:
+                detail = f"site {row.site_name} is not configured"
+                await self.apply(start_failed(row.id, NEVER_STARTED, detail))
+            return
+        if link is None:
+            message = f"site {row.site_name} is not configured"
+            await self.apply(Report(row.id, "lost", message=message))
+            return
+        if not link.live:
+            return  # a network site: reconciled when its agent connects
+        if row.state == InstanceState.pending:
+            self._spawn(self._start(row.id))
+
+    async def _hand_back(self, instance: Instance, link: SiteLink) -> None:
+        """Hand a started or stopping instance back to its connected site."""
+        if instance.state == InstanceState.stopping:
+            self._spawn(self.stop_at_site(link, instance.id, instance.backend_state))
+        elif instance.state not in HANDED_BACK:
+            return  # it moved on since it was listed
+        elif not instance.backend_state:
+            # The portal went down mid-start, before the site said what it started:
+            # a stop without a state removes what the start made, by the instance id.
+            message = "the portal restarted before the instance had started; launch it again"
+            await self.apply(Report(instance.id, "failed", message=message))
+            self._spawn(self.stop_at_site(link, instance.id, {}))
+        else:
+            if self.routes is not None:
+                self.routes.instance_changed(instance)
+            try:
+                spec = self.spec_for(instance)
+            except NotFound as exc:
+                await self.apply(Report(instance.id, "lost", message=exc.detail))
+                return
+            started = instance.started_at or instance.created_at
+            elapsed = (utcnow() - started).total_seconds()
+            await link.adopt(
+                Adoption(
+                    spec=spec,
+                    state=instance.state.value,
+                    backend_state=instance.backend_state,
+                    endpoint=instance.endpoint,
+                    remaining_start_time=spec.tool.start_timeout - elapsed,
+                )
+            )
 
     async def logs(self, instance: Instance, lines: int) -> str:
         """The tail of an instance's output, from its site."""
@@ -486,6 +506,38 @@ class InstanceManager:
             await asyncio.wait(list(self._tasks), timeout=2)
         for task in list(self._tasks):
             task.cancel()
+
+
+#: Instances read whole per query by :meth:`InstanceManager.restore`.
+RESTORE_BATCH = 500
+#: The states in which a connected site is handed an instance back to adopt.
+HANDED_BACK = frozenset({InstanceState.starting, InstanceState.running, InstanceState.unreachable})
+
+
+class Unfinished(NamedTuple):
+    """An unfinished instance as :meth:`InstanceManager.restore` lists it: a few columns."""
+
+    id: str
+    state: InstanceState
+    site_name: str | None
+
+
+def _unfinished(session: Session) -> list[Unfinished]:
+    """Every active or stopping instance, oldest first."""
+    unfinished = [*ACTIVE_STATES, InstanceState.stopping]
+    rows = session.connection().execute(
+        select(Instance.id, Instance.state, Site.name)
+        .outerjoin(Site, Instance.site_id == Site.id)
+        .where(Instance.state.in_(unfinished))
+        .order_by(Instance.created_at)
+    )
+    return [Unfinished(*row) for row in rows.all()]
+
+
+def _instances_by_id(session: Session, ids: list[str]) -> dict[str, Instance]:
+    """These instances, whole, with their owners and sites, by id."""
+    query = select(Instance).where(Instance.id.in_(ids)).options(*with_owner_and_site())
+    return {instance.id: instance for instance in session.scalars(query)}
 
 
 def _transition(

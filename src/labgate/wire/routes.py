@@ -259,6 +259,43 @@ class TokenInfo:
         )
 
 
+@dataclass(slots=True)
+class TableState:
+    """Everything a route table holds, as objects: what a snapshot decodes to.
+
+    The portal builds one straight from its database (no JSON form in between)
+    and hands it to :meth:`RouteTable.replace`.
+    """
+
+    routes: dict[str, Route] = field(default_factory=dict)
+    users: dict[int, UserInfo] = field(default_factory=dict)
+    #: Token hash -> token.
+    tokens: dict[str, TokenInfo] = field(default_factory=dict)
+    #: Revoked session id -> when its cookie expires (Unix time).
+    revoked: dict[str, float] = field(default_factory=dict)
+    #: Tunneled site -> its connected agent's epoch.
+    tunnel_sites: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_snapshot(cls, snapshot: dict[str, Any]) -> TableState:
+        """The state of a snapshot (see the module docstring); ValueError on another version."""
+        version = snapshot.get("version", SNAPSHOT_VERSION)
+        if version != SNAPSHOT_VERSION:
+            raise ValueError(f"unsupported snapshot version {version!r}")
+        return cls(
+            routes={r.instance_id: r for r in map(Route.from_dict, snapshot.get("routes", ()))},
+            users={u.id: u for u in map(UserInfo.from_dict, snapshot.get("users", ()))},
+            tokens={
+                str(t["token_hash"]): TokenInfo.from_dict(t) for t in snapshot.get("tokens", ())
+            },
+            revoked={
+                str(r["session_id"]): float(r["expires_at"])
+                for r in snapshot.get("revoked_sessions", ())
+            },
+            tunnel_sites={str(k): str(v) for k, v in (snapshot.get("tunnel_sites") or {}).items()},
+        )
+
+
 @runtime_checkable
 class RouterControl(Protocol):
     """What the portal calls to keep routers in step with its database.
@@ -389,17 +426,11 @@ class RouteTable:
 
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything with ``snapshot``; listeners hear of routes that went away."""
-        version = snapshot.get("version", SNAPSHOT_VERSION)
-        if version != SNAPSHOT_VERSION:
-            raise ValueError(f"unsupported snapshot version {version!r}")
-        routes = {r.instance_id: r for r in map(Route.from_dict, snapshot.get("routes", ()))}
-        users = {u.id: u for u in map(UserInfo.from_dict, snapshot.get("users", ()))}
-        tokens = {str(t["token_hash"]): TokenInfo.from_dict(t) for t in snapshot.get("tokens", ())}
-        revoked = {
-            str(r["session_id"]): float(r["expires_at"])
-            for r in snapshot.get("revoked_sessions", ())
-        }
-        tunnel_sites = {str(k): str(v) for k, v in (snapshot.get("tunnel_sites") or {}).items()}
+        self.replace(TableState.from_snapshot(snapshot))
+
+    def replace(self, state: TableState) -> None:
+        """Replace everything with ``state``; listeners hear of routes that went away."""
+        routes, tunnel_sites = state.routes, state.tunnel_sites
         gone = [instance_id for instance_id in self.routes if instance_id not in routes]
         narrowed = [
             new
@@ -412,8 +443,8 @@ class RouteTable:
             for site in {*self.tunnel_sites, *tunnel_sites}
             if self.tunnel_sites.get(site) != tunnel_sites.get(site)
         ]
-        self.routes, self.users, self.tokens, self.revoked = routes, users, tokens, revoked
-        self.tunnel_sites = tunnel_sites
+        self.routes, self.users, self.tokens = routes, state.users, state.tokens
+        self.revoked, self.tunnel_sites = state.revoked, tunnel_sites
         self.generation += 1
         for instance_id in gone:
             for listener in self._removal_listeners:

@@ -39,7 +39,14 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from labgate.wire.routes import Route, RouterControl, RouteTable, TokenInfo, UserInfo
+from labgate.wire.routes import (
+    Route,
+    RouterControl,
+    RouteTable,
+    TableState,
+    TokenInfo,
+    UserInfo,
+)
 
 STREAM_MEDIA_TYPE = "application/x-ndjson"
 STREAM_PATH = "/api/v1/router/stream"
@@ -190,11 +197,16 @@ class RoutePublisher(RouteTable):
             super().remove_tunnel_site(site)
             self._publish({"op": "remove_tunnel_site", "site": site})
 
-    def resync(self, snapshot: dict[str, Any]) -> None:
+    def replace(self, state: TableState) -> None:
         """Replace everything and send subscribers the new snapshot."""
         with self._lock:
-            super().resync(snapshot)
-            self._publish({"op": "snapshot", "state": self.snapshot()})
+            super().replace(state)
+            if self._subscribers:
+                self._publish({"op": "snapshot", "state": self.snapshot()})
+            else:
+                # No one to send it to (a portal starting): a subscriber's stream
+                # begins with a snapshot of its own, so the table is not encoded.
+                self.seq += 1
 
     def disconnect_all(self) -> None:
         """End every open stream (portal shutdown); routers reconnect and resync."""

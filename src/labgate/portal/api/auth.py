@@ -22,13 +22,9 @@ from labgate.portal.openapi import errors
 from labgate.portal.origin import check_same_origin
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
-from labgate.security import SESSION_COOKIE, hash_password
+from labgate.security import SESSION_COOKIE
 
 router = APIRouter(prefix="/auth", tags=["auth"])
-
-# Verifying against a real hash when the user does not exist keeps the time
-# of a failed sign-in the same, so it does not tell which names exist.
-_DUMMY_HASH = hash_password("labgate-timing-equaliser")
 
 
 def client_address(request: Request) -> str:
@@ -77,7 +73,9 @@ async def verify_credentials(
         # ... and checking again with a slot held means no more guesses are in
         # flight than there are slots, however many requests arrive at once.
         await limits.check(name, address)
-        matches = await portal.passwords.verify(stored or _DUMMY_HASH, password)
+        # With no stored hash a dummy one is checked: a failed sign-in takes as
+        # long whether or not the name exists, so it does not tell which do.
+        matches = await portal.passwords.verify(stored, password)
         if account is None or stored is None or not matches:
             await limits.failed(name, address)
             raise Unauthorized("wrong user name or password", code="invalid_credentials")
