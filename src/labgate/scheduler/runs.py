@@ -741,7 +741,9 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
     if attempt is None:
         raise NotFound(f"no task attempt {attempt_id}")
     task = attempt.task
-    run = runrows.get_run(session, task.run_id)
+    run = session.get(Run, task.run_id)
+    if run is None:
+        raise NotFound(f"no run {task.run_id}")
     definition = runrows.task_def(run, task)
     env = dict(definition.environment.variables)
     env["LABGATE_TASK_COPY"] = str(task.copy)
