@@ -95,6 +95,7 @@ USER_TOKEN: dict[tuple[str, str], int] = {
     ("POST", "/api/v1/runs/validate"): 400,
     ("GET", "/api/v1/runs"): 200,
     ("GET", "/api/v1/runs/{run_id}"): 404,
+    ("GET", "/api/v1/runs/{run_id}/events"): 404,
     ("POST", "/api/v1/runs/{run_id}/cancel"): 404,
     ("POST", "/api/v1/runs/{run_id}/rerun"): 404,
     ("GET", "/api/v1/runs/{run_id}/logs"): 404,
