@@ -26,7 +26,7 @@ from importlib import resources
 from typing import TypeVar
 
 from labgate.errors import Unprocessable
-from labgate.security import hash_password, verify_password
+from labgate.security import hash_is_current, hash_password, verify_password
 
 T = TypeVar("T")
 
@@ -41,14 +41,20 @@ def common_passwords() -> frozenset[str]:
     return frozenset(line.strip().lower() for line in lines if line and not line.startswith("#"))
 
 
-@cache
+_DUMMY: list[str] = []
+
+
 def dummy_hash() -> str:
     """A hash of no one's password (see :meth:`PasswordWorkers.verify`).
 
     Made on first use, on a password worker: an argon2 hash at import would
-    add its cost to every start of every labgate process.
+    add its cost to every start of every labgate process. It is made again if
+    the hasher's cost changed since, so checking it always costs what checking
+    a user's hash costs.
     """
-    return hash_password("labgate-timing-equaliser")
+    if not _DUMMY or not hash_is_current(_DUMMY[0]):
+        _DUMMY[:] = [hash_password("labgate-timing-equaliser")]
+    return _DUMMY[0]
 
 
 def _verify_no_account(password: str) -> bool:

@@ -74,6 +74,14 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+def hash_is_current(password_hash: str) -> bool:
+    """Whether ``password_hash`` was made with the hasher's present cost parameters."""
+    try:
+        return not _hasher.check_needs_rehash(password_hash)
+    except InvalidHashError:
+        return False
+
+
 def verify_password(password_hash: str, password: str) -> bool:
     """Whether ``password`` matches ``password_hash``."""
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from argon2 import PasswordHasher
 from pydantic import ValidationError
 
 from helpers import ADMIN_PASSWORD, PASSWORD
@@ -137,3 +138,12 @@ print(asyncio.run(sign_in_of_no_account()), Counting.calls)
     ).stdout.split("\n")
     assert out[0] == "0"  # importing the portal hashed nothing
     assert out[1] == "False 1"  # the first sign-in naming no account made the dummy hash
+
+
+def test_the_dummy_hash_costs_what_a_users_hash_costs_now(real_password_hashes):
+    """A sign-in naming no account checks a hash made at the hasher's present cost."""
+    from labgate import passwords, security
+
+    passwords._DUMMY[:] = [PasswordHasher(time_cost=1, memory_cost=64, parallelism=1).hash("cheap")]
+    assert security.hash_is_current(passwords.dummy_hash())
+    assert security.hash_is_current(security.hash_password("a user's"))
