@@ -144,6 +144,11 @@ async def test_queued_launches_count_against_quotas(client, make_user):
     assert [b["state"] for b in bodies].count("queued") >= 1
     r = await client.post("/api/v1/instances", json={"tool": "queued"}, headers=ann)
     assert r.status_code == 429, r.text
+    # Stopped here, not by the app's teardown: a queued one could start under it.
+    for body in bodies:
+        await client.delete(f"/api/v1/instances/{body['id']}", headers=ann)
+    for body in bodies:
+        await wait_for_state(client, ann, body["id"], {"stopped", "failed", "lost"})
 
 
 async def test_queued_launches_survive_a_portal_restart_in_order(settings):
