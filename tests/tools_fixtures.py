@@ -20,11 +20,11 @@ command = {DEMO_ARGV}
 """
 
 
-def costly_tool(name: str, delay: float) -> str:
-    """A demo that takes ``delay`` seconds to listen and whose start costs a whole core."""
+def costly_tool(name: str, delay: float, cost: float = 1) -> str:
+    """A demo that takes ``delay`` seconds to listen and whose start costs ``cost`` cores."""
     return (
         f'name = "{name}"\ntitle = "Slow demo"\nhealth_path = "/api/health"\n'
-        f"start_timeout = 30\nstart_cost = 1\n\n[process]\n{DEMO_COMMAND}\n"
+        f"start_timeout = 30\nstart_cost = {cost:g}\n\n[process]\n{DEMO_COMMAND}\n"
         f'env = {{ DEMO_START_DELAY = "{delay:g}" }}\n'
     )
 

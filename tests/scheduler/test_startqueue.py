@@ -20,7 +20,7 @@ from helpers import (
 )
 from labgate.config import SiteCapacity, SiteConfig
 from labgate.db.models import Instance, InstanceEvent, Site
-from labgate.scheduler.startqueue import start_capacity
+from labgate.scheduler.startqueue import fits, slots, start_capacity
 from tools_fixtures import costly_tool
 
 
@@ -191,3 +191,47 @@ def test_start_capacity_defaults_to_the_cores_and_a_self_queueing_backend_has_no
     assert start_capacity(slurm) is None  # Slurm queues jobs itself
     slurm.options = {"capacity": {"starts": 4}}
     assert start_capacity(slurm) == 4.0
+
+
+async def test_a_site_starts_as_many_as_its_capacity_holds_rounded_to_the_nearest(settings):
+    # Two cores for starts, a tool whose start costs 0.8: three at once (2 / 0.8 = 2.5), not two.
+    (settings.tools_dir / "partial.toml").write_text(costly_tool("partial", 1, cost=0.8))
+    settings.sites = [SiteConfig(name="local", capacity=SiteCapacity(starts=2))]
+    async with (
+        serving(settings) as app,
+        httpx.AsyncClient(base_url=app.state.test_url, timeout=30) as client,
+    ):
+        try:
+            admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+            users = []
+            for name in ("ann", "ben", "cat", "dov"):
+                created = await client.post(
+                    "/api/v1/users", json={"name": name, "password": PASSWORD}, headers=admin
+                )
+                assert created.status_code == 201
+                users.append(await token_for(client, name, PASSWORD))
+            bodies = []
+            for user in users:
+                r = await client.post("/api/v1/instances", json={"tool": "partial"}, headers=user)
+                assert r.status_code == 202, r.text
+                bodies.append(r.json())
+            assert [b["state"] for b in bodies] == ["pending", "pending", "pending", "queued"]
+            for body, user in zip(bodies, users, strict=True):
+                done = await wait_for_state(client, user, body["id"], {"running", "failed"})
+                assert done["state"] == "running", done
+            assert await starting_at_once(app, [b["id"] for b in bodies]) == 3
+        finally:
+            await stop_everything(app)
+
+
+def test_slots_and_fits_agree_on_how_many_starts_run_at_once():
+    for capacity in (0.5, 1.0, 2.0, 3.0, 7.5, 16.0):
+        for cost in (0.1, 0.25, 0.6, 0.8, 1.0, 1.5, 2.0, 5.0):
+            used, busy = 0.0, 0
+            while fits(capacity, used, busy, cost):
+                used, busy = used + cost, busy + 1
+            assert busy == slots(capacity, cost), (capacity, cost)
+    assert slots(2.0, 0.6) == 3  # the built-in JupyterLab on a 2-core site
+    assert slots(2.0, 1.0) == 2
+    assert slots(2.0, 1.5) == 1
+    assert fits(None, 99.0, 99, 1.0)  # no capacity: no queue

@@ -5,9 +5,12 @@ for seconds while it imports and builds its extension list. Fifty of them
 started together on a 2-core site thrash until every start budget runs out.
 So each site has a *start capacity*, in cores (``capacity.starts`` of the
 site; unset, the site's cores), and each tool declares what its start costs
-(``start_cost``, in cores, 1 by default). A site starts launches while the
-costs of its ``pending`` and ``starting`` instances fit in its capacity (one
-always may, however costly); the others wait ``queued``.
+(``start_cost``, in cores, 1 by default). A site starts a launch while the
+costs of its ``pending`` and ``starting`` instances leave room for at least
+half of it (one always may, however costly); the others wait ``queued``.
+Half, not all: a start's cost is an average, and flooring would leave up to
+a start's worth of cores idle through a whole storm (three JupyterLab starts
+at 0.8 of a core each keep a 2-core site busy where two leave 0.4 idle).
 
 Where the queue lives
     In the portal's scheduler, per site, and in the database: a queued launch
@@ -155,14 +158,22 @@ def start_cost(catalog: Catalog, tool_name: str) -> float:
 
 
 def slots(capacity: float | None, cost: float) -> int:
-    """How many starts of ``cost`` run at once within ``capacity`` (at least one)."""
+    """How many starts of ``cost`` run at once within ``capacity``: the nearest whole number.
+
+    At least one. The same count :func:`fits` admits one after another.
+    """
     if capacity is None:
         return 1_000_000
-    return max(1, math.floor(capacity / cost + 1e-9))
+    return max(1, math.floor(capacity / cost + 0.5 + 1e-9))
 
 
-def _fits(capacity: float | None, used: float, busy: int, cost: float) -> bool:
-    return capacity is None or busy == 0 or used + cost <= capacity + 1e-9
+def fits(capacity: float | None, used: float, busy: int, cost: float) -> bool:
+    """Whether a start of ``cost`` may begin beside ``busy`` starts holding ``used`` cores.
+
+    It may when at least half of it fits in what ``capacity`` leaves (any
+    start may when none runs; no capacity: always).
+    """
+    return capacity is None or busy == 0 or used + cost / 2 <= capacity + 1e-9
 
 
 def _load(session: Session, site_id: int, catalog: Catalog) -> tuple[float, int]:
@@ -190,7 +201,7 @@ def must_queue(session: Session, site: Site, tool: Tool, catalog: Catalog) -> bo
     if _waiting(session, site.id):
         return True  # first come, first served: nobody passes the queue
     used, busy = _load(session, site.id, catalog)
-    return not _fits(capacity, used, busy, tool.start_cost)
+    return not fits(capacity, used, busy, tool.start_cost)
 
 
 def pool_may_start(session: Session, site: Site, tool: Tool, catalog: Catalog) -> bool:
@@ -406,7 +417,7 @@ class StartQueue:
             now = utcnow()
             for instance, key in fair_order(session, site.id, self.fairness, served):
                 cost = start_cost(catalog, instance.tool)
-                if not _fits(capacity, used, busy, cost):
+                if not fits(capacity, used, busy, cost):
                     break
                 used, busy = used + cost, busy + 1
                 _leave_queue(session, instance, now)
