@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test check lint format venv clean sandbox identity-test-deps
+.PHONY: run test check lint format venv clean sandbox identity-test-deps compile pure
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-run: $(STAMP) sandbox
+# The router's per-request path compiled with mypyc (docs/router.md#the-compiled-hot-path).
+# Without it (no C compiler, or sources edited since) the router runs its Python sources.
+NATIVE := src/labgate/router/native/SOURCES.json
+$(NATIVE): $(STAMP) $(wildcard src/labgate/router/*.py)
+	$(BIN)/python scripts/compile-router.py
+
+compile: $(NATIVE)
+
+# Back to the router's Python sources.
+pure:
+	$(BIN)/python scripts/compile-router.py --remove
+
+run: $(STAMP) sandbox $(NATIVE)
 	$(BIN)/labgate serve
 
 # Run as root, labgate refuses to start tools without bubblewrap (they would run as root):
@@ -39,7 +51,7 @@ TEST_WORKERS ?= 2
 # The tests start many labgate processes (serve, agent, router, tools): with bytecode
 # writes off (PYTHONDONTWRITEBYTECODE, as on CI machines) each would compile labgate's
 # sources again, seconds apiece. Compiled once here; unchanged files are skipped.
-test: $(STAMP)
+test: $(STAMP) $(NATIVE)
 	$(BIN)/python -m compileall -q src >/dev/null
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 

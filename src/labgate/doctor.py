@@ -7,7 +7,8 @@ backend and its engine (each backend's own ``doctor()`` checks: bubblewrap for
 processes; for containers the Docker Engine API, the snapshot registry and
 whether the engine trusts it, every tool's image, and a throwaway container
 with the site's confinement), the warm pools, the identity providers (OpenID
-Connect discovery, the LDAP server's port), and, when a
+Connect discovery, the LDAP server's port), whether the router's hot path is
+compiled, and, when a
 server answers at the configured URL, its ``/readyz``. Each check is one
 :class:`Finding`: ``ok``, ``warn`` (works, but probably not as meant) or
 ``fail`` (will not work), with the fix in words. ``doctor`` exits 1 when anything failed.
@@ -300,6 +301,18 @@ def check_server(settings: Settings) -> Iterator[Finding]:
         )
 
 
+def check_router(settings: Settings) -> Iterator[Finding]:
+    """Whether the router runs its compiled hot path (mypyc) or its Python sources."""
+    from labgate.router import _native
+
+    state = _native.check()
+    if state == "compiled":
+        yield ok("router", "the per-request path is compiled (mypyc)")
+    else:
+        fix = "make compile (needs the dev extras' mypy and a C compiler); it works either way"
+        yield Finding("info", "router", f"runs {state}", fix)
+
+
 def run_checks(settings: Settings) -> list[Finding]:
     """Every check, in order."""
     findings: list[Finding] = []
@@ -319,6 +332,7 @@ def run_checks(settings: Settings) -> list[Finding]:
         check_sites,
         check_pools,
         check_identity,
+        check_router,
         check_server,
     ):
         findings.extend(check(settings))

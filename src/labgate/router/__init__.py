@@ -19,10 +19,13 @@ Modules::
     sync.py      RouteSync (follow the stream), ActivityReporter
     workers.py   run_router_process, spawn_workers (SO_REUSEPORT)
     supervisor.py  WorkerSupervisor: dead workers replaced, with a backoff
+    _native.py   which modules are compiled (mypyc), and whether to use them
 """
 
 from __future__ import annotations
 
+# First: the compiled hot path, when built and current (see _native).
+from labgate.router import _native  # noqa: F401
 from labgate.router.context import RouterOptions
 from labgate.router.server import Router, options_from_settings, start_router
 from labgate.router.supervisor import WorkerSupervisor
