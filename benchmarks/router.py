@@ -412,6 +412,7 @@ class Labgate:
         workers: int,
         own_hosts: bool = False,
         tls: tuple[Path, Path] | None = None,
+        pure: bool = False,
     ) -> None:
         from labgate.security import SessionSigner
         from labgate.wire.stream import RoutePublisher
@@ -420,6 +421,8 @@ class Labgate:
         self.own_hosts = own_hosts
         #: The certificate and key the router terminates TLS with (tls_cert_file/tls_key_file).
         self.tls = tls
+        #: Workers on the router's Python sources even when its compiled modules are there.
+        self.pure = pure
         self.port = port
         self.portal_port = portal_port
         self.workers = workers
@@ -482,7 +485,15 @@ class Labgate:
             )
         if self.tls is not None:
             worker = replace(worker, tls_cert_file=str(self.tls[0]), tls_key_file=str(self.tls[1]))
-        self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
+        from labgate.router._native import PURE_ENV
+
+        # Spawned workers choose their build as they import the router: from the environment.
+        if self.pure:
+            os.environ[PURE_ENV] = "1"
+        try:
+            self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
+        finally:
+            os.environ.pop(PURE_ENV, None)
         await self.wait_route("bench", 200)
 
     def headers(self, instance_id: str) -> list[str]:
@@ -650,6 +661,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx_tls",
             "labgate_tls",
             "portal_tls",
+            "labgate_pure",
+            "portal_pure",
         )
     }
     cert_file, key_file = self_signed(work)
@@ -663,7 +676,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     secure = Labgate(
         ports["labgate_tls"], ports["portal_tls"], args.workers, tls=(cert_file, key_file)
     )
-    results: dict[str, Any] = {"machine": machine(), "settings": vars(args)}
+    # The same router on its Python sources (LABGATE_ROUTER_PURE=1): the fallback's figures.
+    pure = Labgate(ports["labgate_pure"], ports["portal_pure"], args.workers, pure=True)
+    from labgate.router._native import check
+
+    # "labgate" runs what the checkout has: compiled (make compile) or, if not, its sources.
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "settings": vars(args),
+        "router_build": check(),
+    }
     try:
         conf = static_conf(work, ports)
         static_nginx = peers.start(
@@ -697,6 +719,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await labgate.start(static_url, ws_url)
         await hosted.start(static_url, ws_url)
         await secure.start(static_url, ws_url)
+        await pure.start(static_url, ws_url)
 
         cookie = f"Cookie: labgate-session={labgate.cookie}"
         fronts: dict[str, tuple[int, str | list[str]]] = {
@@ -704,6 +727,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx": (ports["nginx"], ""),
             "configurable-http-proxy": (ports["chp"], ""),
             "labgate": (ports["labgate"], cookie),
+            "labgate, Python sources": (ports["labgate_pure"], cookie),
             # The path is the same: on its own host the router sends it on as is.
             "labgate, instance_host": (ports["labgate_hosts"], hosted.headers("bench")),
             # HTTPS: TLS terminated by the proxy itself, the same certificate for both.
@@ -717,6 +741,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nginx": children(proxy_nginx.pid),
             "configurable-http-proxy": [chp.pid],
             "labgate": labgate.pids,
+            "labgate, Python sources": pure.pids,
             "labgate, instance_host": hosted.pids,
             "nginx, HTTPS": children(proxy_nginx.pid),
             "labgate, HTTPS": secure.pids,
@@ -745,6 +770,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         await hosted.stop()
         await secure.stop()
+        await pure.stop()
         for name, port in ws_fronts.items():
             log(f"WebSocket echo: {name}")
             results["ws_echo"][name] = await python_job(
@@ -802,6 +828,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await hosted.stop()
         with contextlib.suppress(Exception):
             await secure.stop()
+        with contextlib.suppress(Exception):
+            await pure.stop()
         peers.stop()
     return results
 
@@ -892,9 +920,15 @@ def targets(r: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
     drop = 1 - many["one_cpu_us_per_req"] / many["many_cpu_us_per_req"]
     add = r["routes"]["add_p50_ms"]
     per_ws = r["idle_ws"]["kib_per_ws"]
+    cpu = small["labgate"]["cpu_us_per_req"] / small["nginx"]["cpu_us_per_req"]
+    p99 = small["labgate"]["p99_ms"] / small["nginx"]["p99_ms"]
+    echo = r["ws_echo"]["labgate"]["roundtrips_s"] / r["ws_echo"]["nginx"]["roundtrips_s"]
     return [
-        ("labgate / configurable-http-proxy, small req/s", chp, ">= 5", chp >= 5),
-        ("labgate / nginx, small req/s", ngx, ">= 0.5", ngx >= 0.5),
+        ("labgate / configurable-http-proxy, small req/s", chp, ">= 8", chp >= 8),
+        ("labgate / nginx, small req/s", ngx, ">= 0.8", ngx >= 0.8),
+        ("labgate / nginx, proxy CPU per small request", cpu, "<= 1.25", cpu <= 1.25),
+        ("labgate / nginx, small-response p99", p99, "<= 1", p99 <= 1),
+        ("labgate / nginx, WebSocket echo round trips/s", echo, ">= 1", echo >= 1),
         (f"capacity drop, 1 to {many['routes']:,} routes (%)", drop * 100, "< 5", drop < 0.05),
         ("route add p50 (ms)", add, "< 1", add < 1),
         ("router KiB per idle WebSocket", per_ws, "< 19.5 (20 KB)", per_ws * 1.024 < 20),
@@ -920,6 +954,8 @@ def spread(values: list[float]) -> str:
 
 def table(r: dict[str, Any]) -> str:
     rows = [
+        f"labgate router: {r.get('router_build', 'unknown')}",
+        "",
         "| front | small req/s | p50 ms | p99 ms | proxy CPU µs/req | 1 MiB MiB/s | WS echo round trips/s |",  # noqa: E501
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
