@@ -500,11 +500,12 @@ async def test_one_data_connection_per_router_process(upstream: Upstream) -> Non
     routers = [await start_router(table, worker_index=i, worker_count=2) for i in range(2)]
     for router in routers:
         await router.listen("127.0.0.1", port, reuse_port=True)
-    dialer = TunnelDialer(f"http://127.0.0.1:{port}", {"web": upstream.url}.get)
+    url = f"http://127.0.0.1:{port}"
+    dialer = TunnelDialer(url, {"web": upstream.url}.get)
     try:
         dialer.update(ticket())
         await wait_for(lambda: len(dialer.tunnels) == 2)
-        assert set(dialer.tunnels) == {"0/2", "1/2"}
+        assert set(dialer.tunnels) == {(url, "0/2"), (url, "1/2")}
         cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
         for router in routers:
             # Every router process reaches the instance through its own data connection.
