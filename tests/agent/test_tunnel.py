@@ -403,8 +403,9 @@ async def test_connection_loss_closes_every_stream(link: Linked, upstream: Upstr
     assert not near.connected and not link.agent.connected
     assert "s" not in link.router.ctx.site_tunnels.sites
 
-    # While the site is away the router answers 502 at once.
-    await link.request(idle_reader, idle_writer, f"{prefix}/again", status=502)
+    # While the site has no data connection here the router answers 503 at once, saying so.
+    body = await link.request(idle_reader, idle_writer, f"{prefix}/again", status=503)
+    assert b"its site is not connected" in body
     for writer in (idle_writer, busy_writer):
         writer.close()
 
@@ -417,7 +418,7 @@ async def test_a_closed_door_closes_the_data_connection(link: Linked, upstream: 
     link.table.set_tunnel_site("s", "e2")  # a new control connection: the old tunnel goes
     await asyncio.wait_for(asyncio.shield(link.agent.closed), 5)
     assert "s" not in link.router.ctx.site_tunnels.sites
-    await link.request(reader, writer, f"{prefix}/y", status=502)
+    await link.request(reader, writer, f"{prefix}/y", status=503)
     # ... and the old epoch's tickets open nothing any more, even unexpired.
     with pytest.raises(TunnelRefused, match="not the current one"):
         await dial(link.url, ticket(epoch="e1"), link.endpoints.get)
@@ -450,7 +451,7 @@ async def test_a_site_reaches_only_its_own_instances(link: Linked, upstream: Ups
     link.endpoints["theirs"] = upstream.url  # a lying agent that would connect anything
     prefix = link.route("theirs", site="other")
     reader, writer = await link.client()
-    await link.request(reader, writer, f"{prefix}/", status=502)  # other's tunnel is not up
+    await link.request(reader, writer, f"{prefix}/", status=503)  # other's tunnel is not up
     assert link.agent.streams_opened == 0 and upstream.connections == 0
     writer.close()
 
