@@ -17,9 +17,11 @@ import httpx
 import pytest
 import websockets
 
-from helpers import TEST_SECRET_KEY
+from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, needs_postgres, replica, token_for
 from labgate.agent.tunnel import TunnelRefused, dial
-from labgate.security import SESSION_COOKIE
+from labgate.db.models import TunnelRouter
+from labgate.router import start_router
+from labgate.security import SESSION_COOKIE, router_token
 from labgate.wire.agent import (
     CONNECT_PATH,
     Hello,
@@ -30,6 +32,7 @@ from labgate.wire.agent import (
     dump,
     parse,
 )
+from labgate.wire.stream import STREAM_PATH, TUNNEL_HEADER
 
 PASSWORD = "a-users-own-password-42"
 
@@ -43,6 +46,8 @@ class Spy:
     received: list[str] = field(default_factory=list)
     commands: list[dict] = field(default_factory=list)
     tickets: list[str] = field(default_factory=list)
+    #: The routers each ticket named.
+    routers: list[list[str]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -72,6 +77,7 @@ async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
                 message = json.loads(text)
                 if message.get("type") == "tunnel":
                     spy.tickets.append(message["ticket"])
+                    spy.routers.append(message.get("routers", []))
                 if message.get("type") == "command":
                     spy.commands.append(message)
                     await ws.send(dump(Result(id=message["id"], ok=True)))
@@ -181,3 +187,71 @@ async def test_a_sites_tunnel_ticket_opens_only_its_own_door_and_dies_with_its_t
         assert "east" not in table.tunnel_sites and "west" in table.tunnel_sites
         with pytest.raises(TunnelRefused, match="403"):
             await dial(router_url, east_spy.tickets[-1], {}.get)
+
+
+async def wait_until(check: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+async def test_routers_are_listed_to_agents_only_and_only_from_their_route_streams(
+    app, client, admin_headers, settings
+):
+    """A router names its tunnel address on its route stream; agents, and nobody else, get it.
+
+    Only the router token opens the stream (an admin's token is refused), so no
+    one else can list an address for agents to send their tickets to; a
+    malformed address is refused. The list goes to agents with their tickets,
+    never into an answer to a user (an admin's included), and the router is
+    no longer listed once its stream ends.
+    """
+    east = await add_site(client, admin_headers, "east")
+    address = "http://10.9.8.7:8010"
+    router = {"Authorization": f"token {router_token(settings.signing_key())}"}
+    refused = await client.get(STREAM_PATH, headers={**admin_headers, TUNNEL_HEADER: address})
+    assert refused.status_code == 403, refused.text
+    bad = await client.get(STREAM_PATH, headers={**router, TUNNEL_HEADER: "ftp://10.9.8.7/x"})
+    assert bad.status_code == 400, bad.text
+    portal = app.state.portal
+    async with client.stream("GET", STREAM_PATH, headers={**router, TUNNEL_HEADER: address}) as r:
+        assert r.status_code == 200
+        async with spy_agent(app.state.test_url, "east", east) as spy:
+            await wait_until(lambda: spy.routers)
+            assert spy.routers[-1] == [address]
+            for path in ("/api/v1/sites", "/api/v1/sites/east", "/readyz", "/metrics"):
+                answer = await client.get(path, headers=admin_headers)
+                assert answer.status_code == 200, (path, answer.text)
+                assert "10.9.8.7" not in answer.text, path
+    deadline = asyncio.get_running_loop().time() + 10
+    while await portal.run_db(lambda s: [row.url for row in s.query(TunnelRouter)]):
+        assert asyncio.get_running_loop().time() < deadline, "the router is still listed"
+        await asyncio.sleep(0.05)
+
+
+@needs_postgres
+async def test_a_sites_tunnel_door_opens_and_closes_at_the_routers_of_every_portal(
+    settings, tmp_path
+):
+    """The agent is connected to portal A; a router following portal B takes its tickets.
+
+    The epoch of the agent's control connection reaches B through the database;
+    when that connection ends, B's router cuts the site's data connection too.
+    """
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, replica(settings_b) as b:
+        async with httpx.AsyncClient(base_url=a.state.test_url, timeout=30) as client:
+            admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+            token = await add_site(client, admin, "east")
+        table_b = b.state.portal.routes.table
+        router_b = await start_router(table_b, "127.0.0.1", 0, b.state.test_url, settings_b)
+        try:
+            async with spy_agent(a.state.test_url, "east", token) as spy:
+                await wait_until(lambda: spy.tickets)
+                epoch = a.state.portal.site_hub.epochs["east"]
+                await wait_until(lambda: table_b.tunnel_sites.get("east") == epoch)
+                tunnel = await dial(f"http://127.0.0.1:{router_b.port}", spy.tickets[-1], {}.get)
+            await asyncio.wait_for(asyncio.shield(tunnel.closed), 5)
+            assert "east" not in table_b.tunnel_sites
+        finally:
+            await router_b.close()
