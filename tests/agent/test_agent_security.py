@@ -7,102 +7,17 @@ recording every message the portal sends them, as a compromised site would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
-import httpx
 import pytest
-import websockets
+from spies import add_site, spy_agent, wait_until
 
-from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, needs_postgres, replica, token_for
+from helpers import TEST_SECRET_KEY
 from labgate.agent.tunnel import TunnelRefused, dial
 from labgate.db.models import TunnelRouter
-from labgate.router import start_router
 from labgate.security import SESSION_COOKIE, router_token
-from labgate.wire.agent import (
-    CONNECT_PATH,
-    Hello,
-    ReportEnvelope,
-    ReportMsg,
-    Result,
-    Welcome,
-    dump,
-    parse,
-)
 from labgate.wire.stream import STREAM_PATH, TUNNEL_HEADER
 
 PASSWORD = "a-users-own-password-42"
-
-
-@dataclass
-class Spy:
-    """An agent that says it can run everything and records all it is sent."""
-
-    site: str
-    ws: Any = None
-    received: list[str] = field(default_factory=list)
-    commands: list[dict] = field(default_factory=list)
-    tickets: list[str] = field(default_factory=list)
-    #: The routers each ticket named.
-    routers: list[list[str]] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.received)
-
-
-@contextlib.asynccontextmanager
-async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
-    spy = Spy(site)
-    ws_url = url.replace("http://", "ws://") + CONNECT_PATH
-    async with websockets.connect(
-        ws_url, additional_headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
-        spy.ws = ws
-        welcome = parse(await ws.recv())
-        assert isinstance(welcome, Welcome)
-        spy.received.append(welcome.model_dump_json())
-        tools = {str(t["name"]): None for t in welcome.tools}
-        await ws.send(
-            dump(Hello(site=site, agent_version="spy", boot="b", backend="process", tools=tools))
-        )
-
-        async def listen() -> None:
-            async for raw in ws:
-                text = raw if isinstance(raw, str) else raw.decode(errors="replace")
-                spy.received.append(text)
-                message = json.loads(text)
-                if message.get("type") == "tunnel":
-                    spy.tickets.append(message["ticket"])
-                    spy.routers.append(message.get("routers", []))
-                if message.get("type") == "command":
-                    spy.commands.append(message)
-                    await ws.send(dump(Result(id=message["id"], ok=True)))
-                    if message["op"] == "stop":
-                        iid = message["args"]["instance_id"]
-                        stopped = ReportMsg(instance_id=iid, state="stopped", message="stopped")
-                        await ws.send(dump(ReportEnvelope(seq=len(spy.commands), report=stopped)))
-
-        task = asyncio.create_task(listen())
-        try:
-            yield spy
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
-                await task
-
-
-async def add_site(client: httpx.AsyncClient, headers: dict[str, str], name: str) -> str:
-    created = await client.post(
-        "/api/v1/sites",
-        json={"name": name, "backend": "process", "reach": "tunnel"},
-        headers=headers,
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["token"])
 
 
 async def test_an_agent_gets_its_instances_secrets_and_nobodys_credentials(
@@ -189,12 +104,6 @@ async def test_a_sites_tunnel_ticket_opens_only_its_own_door_and_dies_with_its_t
             await dial(router_url, east_spy.tickets[-1], {}.get)
 
 
-async def wait_until(check: Any, timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
-
-
 async def test_routers_are_listed_to_agents_only_and_only_from_their_route_streams(
     app, client, admin_headers, settings
 ):
@@ -227,31 +136,3 @@ async def test_routers_are_listed_to_agents_only_and_only_from_their_route_strea
     while await portal.run_db(lambda s: [row.url for row in s.query(TunnelRouter)]):
         assert asyncio.get_running_loop().time() < deadline, "the router is still listed"
         await asyncio.sleep(0.05)
-
-
-@needs_postgres
-async def test_a_sites_tunnel_door_opens_and_closes_at_the_routers_of_every_portal(
-    settings, tmp_path
-):
-    """The agent is connected to portal A; a router following portal B takes its tickets.
-
-    The epoch of the agent's control connection reaches B through the database;
-    when that connection ends, B's router cuts the site's data connection too.
-    """
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
-    async with replica(settings) as a, replica(settings_b) as b:
-        async with httpx.AsyncClient(base_url=a.state.test_url, timeout=30) as client:
-            admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
-            token = await add_site(client, admin, "east")
-        table_b = b.state.portal.routes.table
-        router_b = await start_router(table_b, "127.0.0.1", 0, b.state.test_url, settings_b)
-        try:
-            async with spy_agent(a.state.test_url, "east", token) as spy:
-                await wait_until(lambda: spy.tickets)
-                epoch = a.state.portal.site_hub.epochs["east"]
-                await wait_until(lambda: table_b.tunnel_sites.get("east") == epoch)
-                tunnel = await dial(f"http://127.0.0.1:{router_b.port}", spy.tickets[-1], {}.get)
-            await asyncio.wait_for(asyncio.shield(tunnel.closed), 5)
-            assert "east" not in table_b.tunnel_sites
-        finally:
-            await router_b.close()

@@ -11,19 +11,23 @@ at the address the router registered on its route stream
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from spies import add_site, spy_agent, wait_until
 from websockets.sync.client import connect as ws_connect
 
-from helpers import needs_postgres
+from helpers import ADMIN_PASSWORD, needs_postgres, replica, token_for
+from labgate.agent.tunnel import dial
+from labgate.router import start_router
 from servers import wait_state
 from split_deployment import SplitDeployment, enrol, launch_on, wait_connected
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres, needs_postgres]
+pytestmark = [pytest.mark.postgres, needs_postgres]
 
 #: Test pace: heartbeats (and so tickets and the routers' list) every second.
 HEARTBEAT = "1"
@@ -72,6 +76,7 @@ def deployment(tmp_path: Path, database_url: str) -> Iterator[SplitDeployment]:
         split.stop()
 
 
+@pytest.mark.slow
 def test_a_tunneled_site_answers_through_every_router(deployment: SplitDeployment) -> None:
     admin = deployment.admin()
     a, b = deployment.router_urls
@@ -111,3 +116,30 @@ def test_a_tunneled_site_answers_through_every_router(deployment: SplitDeploymen
     with httpx.Client(base_url=a, headers=admin, timeout=10) as api:
         api.delete(f"/api/v1/instances/{iid}")
         assert wait_state(api, iid, {"stopped", "lost"})["state"] == "stopped"
+
+
+async def test_a_sites_tunnel_door_opens_and_closes_at_the_routers_of_every_portal(
+    settings, tmp_path
+):
+    """The agent is connected to portal A; a router following portal B takes its tickets.
+
+    The epoch of the agent's control connection reaches B through the database;
+    when that connection ends, B's router cuts the site's data connection too.
+    """
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, replica(settings_b) as b:
+        async with httpx.AsyncClient(base_url=a.state.test_url, timeout=30) as client:
+            admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+            token = await add_site(client, admin, "east")
+        table_b = b.state.portal.routes.table
+        router_b = await start_router(table_b, "127.0.0.1", 0, b.state.test_url, settings_b)
+        try:
+            async with spy_agent(a.state.test_url, "east", token) as spy:
+                await wait_until(lambda: spy.tickets)
+                epoch = a.state.portal.site_hub.epochs["east"]
+                await wait_until(lambda: table_b.tunnel_sites.get("east") == epoch)
+                tunnel = await dial(f"http://127.0.0.1:{router_b.port}", spy.tickets[-1], {}.get)
+            await asyncio.wait_for(asyncio.shield(tunnel.closed), 5)
+            assert "east" not in table_b.tunnel_sites
+        finally:
+            await router_b.close()
