@@ -127,7 +127,8 @@ async def test_routers_are_listed_to_agents_only_and_only_from_their_route_strea
         assert r.status_code == 200
         async with spy_agent(app.state.test_url, "east", east) as spy:
             await wait_until(lambda: spy.routers)
-            assert spy.routers[-1] == [address]
+            # (with its public URL first: this portal runs a router of its own, as `serve` does)
+            assert spy.routers[-1] == [settings.effective_public_url, address]
             for path in ("/api/v1/sites", "/api/v1/sites/east", "/readyz", "/metrics"):
                 answer = await client.get(path, headers=admin_headers)
                 assert answer.status_code == 200, (path, answer.text)

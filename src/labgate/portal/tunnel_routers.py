@@ -120,6 +120,9 @@ class TunnelRouters:
         except Exception:
             log.exception("reading the routers' addresses failed")
             return urls
+        if urls and not self.portal.replicated:
+            # `labgate serve` with routers of its own besides: its in-process router is one.
+            urls = list(dict.fromkeys([self.portal.settings.effective_public_url, *urls]))
         self._cached = (now, urls)
         return urls
 
