@@ -343,8 +343,11 @@ class RouterDialer:
                 owner.dials += 1
                 tunnel = await dial(self.url, owner.ticket, owner.resolve)
             except (OSError, TimeoutError, TunnelRefused) as exc:
-                owner.last_error = f"{self.url}: {exc or type(exc).__name__}"
-                log.warning("agent: tunnel data connection failed: %s", owner.last_error)
+                error = f"{self.url}: {exc or type(exc).__name__}"
+                # A router that stays unreachable is said once, not every few seconds.
+                level = logging.DEBUG if error == owner.last_error else logging.WARNING
+                owner.last_error = error
+                log.log(level, "agent: tunnel data connection failed: %s", error)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
                 continue
