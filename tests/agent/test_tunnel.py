@@ -527,6 +527,45 @@ async def test_one_data_connection_per_router_process(upstream: Upstream) -> Non
             await router.close()
 
 
+async def test_a_data_connection_to_every_listed_router(upstream: Upstream) -> None:
+    """Two routers (two tables, as two portals' routers): the agent holds one to each.
+
+    A router the portal no longer lists loses its data connection; listed
+    again, it is dialled again.
+    """
+    routers = []
+    for _ in range(2):
+        table = RouteTable()
+        table.load(users=[UserInfo(1, "alice")], routes=[Route("web", "tunnel:s/web", 1)])
+        table.set_tunnel_site("s", "e1")
+        router = await start_router(table)
+        await router.listen("127.0.0.1", 0)
+        routers.append(router)
+    urls = [f"http://127.0.0.1:{router.port}" for router in routers]
+    dialer = TunnelDialer("http://127.0.0.1:1", {"web": upstream.url}.get)
+    cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+    try:
+        dialer.update(ticket(), urls)
+        await wait_for(lambda: len(dialer.tunnels) == 2)
+        assert set(dialer.tunnels) == {(url, "0/1") for url in urls}
+        for router in routers:
+            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+            writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            writer.close()
+        dialer.update(ticket(), urls[:1])
+        await wait_for(lambda: "s" not in routers[1].ctx.site_tunnels.sites)
+        assert set(dialer.tunnels) == {(urls[0], "0/1")}
+        assert "s" in routers[0].ctx.site_tunnels.sites
+        dialer.update(ticket(), urls)
+        await wait_for(lambda: "s" in routers[1].ctx.site_tunnels.sites)
+    finally:
+        await dialer.stop()
+        for router in routers:
+            await router.close()
+
+
 async def test_frames_split_anywhere_are_read_whole() -> None:
     """A data connection is a byte stream: frames arrive cut at any point, whole or several."""
     import random
