@@ -489,6 +489,16 @@ async def test_a_peer_sending_beyond_its_credit_loses_the_stream(link: Linked) -
     writer.close()
 
 
+async def answer_of(router: Router) -> bytes:
+    """The status line's start of alice's ``GET /i/web/`` through ``router``."""
+    cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    return head[:13]
+
+
 async def test_one_data_connection_per_router_process(upstream: Upstream) -> None:
     """Two router processes share a port: the agent dials until it has one to each."""
     probe = socket.socket()
@@ -507,14 +517,9 @@ async def test_one_data_connection_per_router_process(upstream: Upstream) -> Non
         dialer.update(ticket())
         await wait_for(lambda: len(dialer.tunnels) == 2)
         assert set(dialer.tunnels) == {(url, "0/2"), (url, "1/2")}
-        cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
         for router in routers:
             # Every router process reaches the instance through its own data connection.
-            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
-            writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            writer.close()
+            assert await answer_of(router) == b"HTTP/1.1 200 "
         # A lost data connection is dialled again.
         next(iter(dialer.tunnels.values())).close()
         await asyncio.sleep(0.05)
@@ -543,17 +548,12 @@ async def test_a_data_connection_to_every_listed_router(upstream: Upstream) -> N
         routers.append(router)
     urls = [f"http://127.0.0.1:{router.port}" for router in routers]
     dialer = TunnelDialer("http://127.0.0.1:1", {"web": upstream.url}.get)
-    cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
     try:
         dialer.update(ticket(), urls)
         await wait_for(lambda: len(dialer.tunnels) == 2)
         assert set(dialer.tunnels) == {(url, "0/1") for url in urls}
         for router in routers:
-            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
-            writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            writer.close()
+            assert await answer_of(router) == b"HTTP/1.1 200 "
         dialer.update(ticket(), urls[:1])
         await wait_for(lambda: "s" not in routers[1].ctx.site_tunnels.sites)
         assert set(dialer.tunnels) == {(urls[0], "0/1")}
