@@ -328,10 +328,10 @@ def launch_on(client: httpx.Client, site: str, tool: str = "demo") -> str:
     return str(created.json()["id"])
 
 
-def enrol(client: httpx.Client, name: str) -> str:
-    """``labgate site add NAME --backend process --reach direct`` through the API; its token."""
+def enrol(client: httpx.Client, name: str, reach: str = "direct") -> str:
+    """``labgate site add NAME --backend process --reach REACH`` through the API; its token."""
     created = client.post(
-        "/api/v1/sites", json={"name": name, "backend": "process", "reach": "direct"}
+        "/api/v1/sites", json={"name": name, "backend": "process", "reach": reach}
     )
     assert created.status_code == 201, created.text
     return str(created.json()["token"])

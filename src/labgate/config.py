@@ -42,6 +42,7 @@ from labgate.datadir import (
     prepare_data_dir,
 )
 from labgate.units import parse_size
+from labgate.wire.stream import tunnel_address
 
 # The common spellings, a subset of what ``limits`` accepts: checked without importing it,
 # which keeps loading settings (every CLI command does) fast.
@@ -244,6 +245,15 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="Router worker processes sharing the public port (SO_REUSEPORT).",
+    )
+    router_tunnel_url: str = Field(
+        "",
+        description=(
+            "Where tunneled sites' agents dial this router (`labgate router`) for their data "
+            "connections: http(s)://HOST[:PORT], reachable from the sites. Empty means its "
+            "own listen address (host and port; the machine's name when host is a wildcard). "
+            "`labgate serve` does not use it: agents dial the public URL."
+        ),
     )
 
     # --- accounts and security ---------------------------------------------
@@ -634,6 +644,11 @@ class Settings(BaseSettings):
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @field_validator("router_tunnel_url")
+    @classmethod
+    def _check_tunnel_url(cls, value: str) -> str:
+        return tunnel_address(value) if value.strip() else ""
 
     @field_validator("instance_host")
     @classmethod

@@ -299,7 +299,19 @@ def router_config(settings: Settings, portal_url: str, *others: str) -> WorkerCo
         portal_url=portal_url,
         stream_token=router_token(settings.signing_key()),
         other_portals=others,
+        tunnel_url=tunnel_url(settings),
     )
+
+
+def tunnel_url(settings: Settings) -> str:
+    """Where tunneled sites' agents dial this router: ``router_tunnel_url``, or where it listens."""
+    if settings.router_tunnel_url:
+        return settings.router_tunnel_url
+    scheme = "https" if settings.serves_tls else "http"
+    host = settings.host
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.getfqdn()
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{settings.port}"
 
 
 def run_router(settings: Settings, portal_urls: list[str]) -> None:

@@ -7,96 +7,17 @@ recording every message the portal sends them, as a compromised site would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
-import httpx
 import pytest
-import websockets
+from spies import add_site, spy_agent, wait_until
 
 from helpers import TEST_SECRET_KEY
 from labgate.agent.tunnel import TunnelRefused, dial
-from labgate.security import SESSION_COOKIE
-from labgate.wire.agent import (
-    CONNECT_PATH,
-    Hello,
-    ReportEnvelope,
-    ReportMsg,
-    Result,
-    Welcome,
-    dump,
-    parse,
-)
+from labgate.db.models import TunnelRouter
+from labgate.security import SESSION_COOKIE, router_token
+from labgate.wire.stream import STREAM_PATH, TUNNEL_HEADER
 
 PASSWORD = "a-users-own-password-42"
-
-
-@dataclass
-class Spy:
-    """An agent that says it can run everything and records all it is sent."""
-
-    site: str
-    ws: Any = None
-    received: list[str] = field(default_factory=list)
-    commands: list[dict] = field(default_factory=list)
-    tickets: list[str] = field(default_factory=list)
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.received)
-
-
-@contextlib.asynccontextmanager
-async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
-    spy = Spy(site)
-    ws_url = url.replace("http://", "ws://") + CONNECT_PATH
-    async with websockets.connect(
-        ws_url, additional_headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
-        spy.ws = ws
-        welcome = parse(await ws.recv())
-        assert isinstance(welcome, Welcome)
-        spy.received.append(welcome.model_dump_json())
-        tools = {str(t["name"]): None for t in welcome.tools}
-        await ws.send(
-            dump(Hello(site=site, agent_version="spy", boot="b", backend="process", tools=tools))
-        )
-
-        async def listen() -> None:
-            async for raw in ws:
-                text = raw if isinstance(raw, str) else raw.decode(errors="replace")
-                spy.received.append(text)
-                message = json.loads(text)
-                if message.get("type") == "tunnel":
-                    spy.tickets.append(message["ticket"])
-                if message.get("type") == "command":
-                    spy.commands.append(message)
-                    await ws.send(dump(Result(id=message["id"], ok=True)))
-                    if message["op"] == "stop":
-                        iid = message["args"]["instance_id"]
-                        stopped = ReportMsg(instance_id=iid, state="stopped", message="stopped")
-                        await ws.send(dump(ReportEnvelope(seq=len(spy.commands), report=stopped)))
-
-        task = asyncio.create_task(listen())
-        try:
-            yield spy
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, websockets.ConnectionClosed):
-                await task
-
-
-async def add_site(client: httpx.AsyncClient, headers: dict[str, str], name: str) -> str:
-    created = await client.post(
-        "/api/v1/sites",
-        json={"name": name, "backend": "process", "reach": "tunnel"},
-        headers=headers,
-    )
-    assert created.status_code == 201, created.text
-    return str(created.json()["token"])
 
 
 async def test_an_agent_gets_its_instances_secrets_and_nobodys_credentials(
@@ -181,3 +102,38 @@ async def test_a_sites_tunnel_ticket_opens_only_its_own_door_and_dies_with_its_t
         assert "east" not in table.tunnel_sites and "west" in table.tunnel_sites
         with pytest.raises(TunnelRefused, match="403"):
             await dial(router_url, east_spy.tickets[-1], {}.get)
+
+
+async def test_routers_are_listed_to_agents_only_and_only_from_their_route_streams(
+    app, client, admin_headers, settings
+):
+    """A router names its tunnel address on its route stream; agents, and nobody else, get it.
+
+    Only the router token opens the stream (an admin's token is refused), so no
+    one else can list an address for agents to send their tickets to; a
+    malformed address is refused. The list goes to agents with their tickets,
+    never into an answer to a user (an admin's included), and the router is
+    no longer listed once its stream ends.
+    """
+    east = await add_site(client, admin_headers, "east")
+    address = "http://10.9.8.7:8010"
+    router = {"Authorization": f"token {router_token(settings.signing_key())}"}
+    refused = await client.get(STREAM_PATH, headers={**admin_headers, TUNNEL_HEADER: address})
+    assert refused.status_code == 403, refused.text
+    bad = await client.get(STREAM_PATH, headers={**router, TUNNEL_HEADER: "ftp://10.9.8.7/x"})
+    assert bad.status_code == 400, bad.text
+    portal = app.state.portal
+    async with client.stream("GET", STREAM_PATH, headers={**router, TUNNEL_HEADER: address}) as r:
+        assert r.status_code == 200
+        async with spy_agent(app.state.test_url, "east", east) as spy:
+            await wait_until(lambda: spy.routers)
+            # (with its public URL first: this portal runs a router of its own, as `serve` does)
+            assert spy.routers[-1] == [settings.effective_public_url, address]
+            for path in ("/api/v1/sites", "/api/v1/sites/east", "/readyz", "/metrics"):
+                answer = await client.get(path, headers=admin_headers)
+                assert answer.status_code == 200, (path, answer.text)
+                assert "10.9.8.7" not in answer.text, path
+    deadline = asyncio.get_running_loop().time() + 10
+    while await portal.run_db(lambda s: [row.url for row in s.query(TunnelRouter)]):
+        assert asyncio.get_running_loop().time() < deadline, "the router is still listed"
+        await asyncio.sleep(0.05)

@@ -403,8 +403,9 @@ async def test_connection_loss_closes_every_stream(link: Linked, upstream: Upstr
     assert not near.connected and not link.agent.connected
     assert "s" not in link.router.ctx.site_tunnels.sites
 
-    # While the site is away the router answers 502 at once.
-    await link.request(idle_reader, idle_writer, f"{prefix}/again", status=502)
+    # While the site has no data connection here the router answers 503 at once, saying so.
+    body = await link.request(idle_reader, idle_writer, f"{prefix}/again", status=503)
+    assert b"its site is not connected" in body
     for writer in (idle_writer, busy_writer):
         writer.close()
 
@@ -417,7 +418,7 @@ async def test_a_closed_door_closes_the_data_connection(link: Linked, upstream: 
     link.table.set_tunnel_site("s", "e2")  # a new control connection: the old tunnel goes
     await asyncio.wait_for(asyncio.shield(link.agent.closed), 5)
     assert "s" not in link.router.ctx.site_tunnels.sites
-    await link.request(reader, writer, f"{prefix}/y", status=502)
+    await link.request(reader, writer, f"{prefix}/y", status=503)
     # ... and the old epoch's tickets open nothing any more, even unexpired.
     with pytest.raises(TunnelRefused, match="not the current one"):
         await dial(link.url, ticket(epoch="e1"), link.endpoints.get)
@@ -450,7 +451,7 @@ async def test_a_site_reaches_only_its_own_instances(link: Linked, upstream: Ups
     link.endpoints["theirs"] = upstream.url  # a lying agent that would connect anything
     prefix = link.route("theirs", site="other")
     reader, writer = await link.client()
-    await link.request(reader, writer, f"{prefix}/", status=502)  # other's tunnel is not up
+    await link.request(reader, writer, f"{prefix}/", status=503)  # other's tunnel is not up
     assert link.agent.streams_opened == 0 and upstream.connections == 0
     writer.close()
 
@@ -488,6 +489,16 @@ async def test_a_peer_sending_beyond_its_credit_loses_the_stream(link: Linked) -
     writer.close()
 
 
+async def answer_of(router: Router) -> bytes:
+    """The status line's start of alice's ``GET /i/web/`` through ``router``."""
+    cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    return head[:13]
+
+
 async def test_one_data_connection_per_router_process(upstream: Upstream) -> None:
     """Two router processes share a port: the agent dials until it has one to each."""
     probe = socket.socket()
@@ -500,25 +511,55 @@ async def test_one_data_connection_per_router_process(upstream: Upstream) -> Non
     routers = [await start_router(table, worker_index=i, worker_count=2) for i in range(2)]
     for router in routers:
         await router.listen("127.0.0.1", port, reuse_port=True)
-    dialer = TunnelDialer(f"http://127.0.0.1:{port}", {"web": upstream.url}.get)
+    url = f"http://127.0.0.1:{port}"
+    dialer = TunnelDialer(url, {"web": upstream.url}.get)
     try:
         dialer.update(ticket())
         await wait_for(lambda: len(dialer.tunnels) == 2)
-        assert set(dialer.tunnels) == {"0/2", "1/2"}
-        cookie = f"{SESSION_COOKIE}={SessionSigner(KEY, 3600).issue(1)[0]}"
+        assert set(dialer.tunnels) == {(url, "0/2"), (url, "1/2")}
         for router in routers:
             # Every router process reaches the instance through its own data connection.
-            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
-            writer.write(f"GET /i/web/ HTTP/1.1\r\nHost: x\r\nCookie: {cookie}\r\n\r\n".encode())
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            assert head.startswith(b"HTTP/1.1 200 ")
-            writer.close()
+            assert await answer_of(router) == b"HTTP/1.1 200 "
         # A lost data connection is dialled again.
         next(iter(dialer.tunnels.values())).close()
         await asyncio.sleep(0.05)
         await wait_for(
             lambda: len(dialer.tunnels) == 2 and all(t.connected for t in dialer.tunnels.values())
         )
+    finally:
+        await dialer.stop()
+        for router in routers:
+            await router.close()
+
+
+async def test_a_data_connection_to_every_listed_router(upstream: Upstream) -> None:
+    """Two routers (two tables, as two portals' routers): the agent holds one to each.
+
+    A router the portal no longer lists loses its data connection; listed
+    again, it is dialled again.
+    """
+    routers = []
+    for _ in range(2):
+        table = RouteTable()
+        table.load(users=[UserInfo(1, "alice")], routes=[Route("web", "tunnel:s/web", 1)])
+        table.set_tunnel_site("s", "e1")
+        router = await start_router(table)
+        await router.listen("127.0.0.1", 0)
+        routers.append(router)
+    urls = [f"http://127.0.0.1:{router.port}" for router in routers]
+    dialer = TunnelDialer("http://127.0.0.1:1", {"web": upstream.url}.get)
+    try:
+        dialer.update(ticket(), urls)
+        await wait_for(lambda: len(dialer.tunnels) == 2)
+        assert set(dialer.tunnels) == {(url, "0/1") for url in urls}
+        for router in routers:
+            assert await answer_of(router) == b"HTTP/1.1 200 "
+        dialer.update(ticket(), urls[:1])
+        await wait_for(lambda: "s" not in routers[1].ctx.site_tunnels.sites)
+        assert set(dialer.tunnels) == {(urls[0], "0/1")}
+        assert "s" in routers[0].ctx.site_tunnels.sites
+        dialer.update(ticket(), urls)
+        await wait_for(lambda: "s" in routers[1].ctx.site_tunnels.sites)
     finally:
         await dialer.stop()
         for router in routers:

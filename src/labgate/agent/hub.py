@@ -17,6 +17,10 @@ and no more: each connection gets a random *epoch*, published to the routers
 and the agent gets tickets for it (:class:`~labgate.security.TunnelTickets`)
 after its hello and with every heartbeat. The tunnel's bytes go between the
 agent and the router (:mod:`labgate.router.tunnel`), never through here.
+With several routers the app gives the hub two callbacks
+(:mod:`labgate.portal.tunnel_routers`): the addresses of the live routers,
+sent with every ticket (the agent keeps a data connection to each), and where
+each connection's epoch is recorded so that every portal's routers take it.
 """
 
 from __future__ import annotations
@@ -138,6 +142,11 @@ class SiteHub:
         self.events: SiteEvents | None = None
         #: Set by the app: how links reach an agent connected to another portal.
         self.relay: Relay | None = None
+        #: Set by the app: the addresses of the routers the agents dial (empty: the
+        #: address the agent dialled the portal at).
+        self.router_urls: Callable[[], Awaitable[list[str]]] | None = None
+        #: Set by the app: records a site's epoch (site, new or None, the old one).
+        self.epoch_changed: Callable[[str, str | None, str | None], Awaitable[None]] | None = None
         self._connections: dict[str, _Connection] = {}
         #: The last report applied per site: (boot, seq); a report at or below it is a resend.
         self._applied: dict[str, tuple[str, int]] = {}
@@ -205,6 +214,8 @@ class SiteHub:
                 epoch = secrets.token_hex(8)
                 self.epochs[site.name] = epoch
                 self.routes.set_tunnel_site(site.name, epoch)
+                if self.epoch_changed is not None:
+                    await self.epoch_changed(site.name, epoch, None)
                 await self._ticket(site.name, epoch, channel)
             log.info(
                 "site %s: agent %s connected from %s",
@@ -233,6 +244,8 @@ class SiteHub:
                 del self.epochs[site.name]
                 if self.routes is not None:
                     self.routes.remove_tunnel_site(site.name)
+                if self.epoch_changed is not None:
+                    self._spawn(self.epoch_changed(site.name, None, epoch))
             if session is not None:
                 link.detach(session, reason)
                 if link.session is None and self.events is not None and not self._closing:
@@ -267,7 +280,8 @@ class SiteHub:
         """Send the agent a fresh ticket for its tunnel's data connections."""
         if self.tickets is not None:
             ticket = self.tickets.issue(name, epoch, self.ticket_ttl)
-            await channel.send_text(dump(TunnelTicket(ticket=ticket)))
+            routers = await self.router_urls() if self.router_urls is not None else []
+            await channel.send_text(dump(TunnelTicket(ticket=ticket, routers=routers)))
 
     async def _run(
         self, name: str, link: NetworkSiteLink, session: Session, channel: Channel, epoch: str

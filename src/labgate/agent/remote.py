@@ -228,7 +228,7 @@ class RemoteAgent:
                 if isinstance(message, Command):
                     self._command(ws, message)
                 elif isinstance(message, TunnelTicket):
-                    self.tunnel.update(message.ticket)
+                    self.tunnel.update(message.ticket, message.routers)
                 elif isinstance(message, ReportEnvelope | Heartbeat):
                     continue
                 elif message.type == "ack":

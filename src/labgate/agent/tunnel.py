@@ -4,9 +4,12 @@ For a site with ``reach = "tunnel"`` the router reaches instances through
 *data connections* the agent dials out to the router's public port (the
 format and flow control are :mod:`labgate.wire.tunnel`; the router's end is
 :mod:`labgate.router.tunnel`). The portal hands the agent a short-lived
-ticket over the control connection (:class:`~labgate.wire.agent.TunnelTicket`);
-:class:`TunnelDialer` keeps one data connection per router process with it,
-redialling after any loss while the control connection lives.
+ticket over the control connection (:class:`~labgate.wire.agent.TunnelTicket`),
+with the addresses of the routers to reach (several ``labgate router``
+processes: every one may receive a user's request); :class:`TunnelDialer`
+keeps one data connection per router and router process with it, redialling
+after any loss (a growing pause, up to :data:`MAX_PAUSE`) while the control
+connection lives, and drops a router the portal no longer lists.
 
 On each data connection (:class:`AgentTunnel`) the router opens streams;
 the agent opens a connection to the instance's endpoint, as its own records
@@ -37,7 +40,7 @@ from labgate.wire.tunnel import (
     roomy,
 )
 
-__all__ = ["AgentTunnel", "TunnelDialer", "TunnelRefused"]
+__all__ = ["AgentTunnel", "RouterDialer", "TunnelDialer", "TunnelRefused"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
 #: Seconds a data connection may take to open (TCP, TLS and the router's answer).
 DIAL_TIMEOUT = 15.0
+#: Longest pause between failed dials of one router.
+MAX_PAUSE = 5.0
 #: Largest answer head the router sends before switching.
 MAX_ANSWER = 16 * 1024
 
@@ -242,11 +247,13 @@ async def dial(url: str, ticket: str, resolve: Resolve) -> AgentTunnel:
 
 
 class TunnelDialer:
-    """Keeps a data connection to every router process while the agent has a ticket.
+    """Keeps a data connection to every router (each of its processes) while there is a ticket.
 
     :meth:`update` with each ticket the portal sends (the latest is used for
-    the next dial); :meth:`stop` when the control connection ends (the router
-    closes the data connections itself then, too).
+    the next dial) and the routers it lists (empty: ``url``, the address the
+    agent reaches the portal at); a router no longer listed loses its data
+    connections. :meth:`stop` when the control connection ends (the routers
+    close the data connections themselves then, too).
     """
 
     def __init__(self, url: str, resolve: Resolve, *, retry: float = 0.5) -> None:
@@ -254,54 +261,97 @@ class TunnelDialer:
         self.resolve = resolve
         self.retry = retry
         self.ticket = ""
-        #: Data connections by router worker (``i/N``).
-        self.tunnels: dict[str, AgentTunnel] = {}
+        #: One dialler per router address.
+        self.routers: dict[str, RouterDialer] = {}
         self.dials = 0
         self.last_error = ""
-        self._changed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
 
-    def update(self, ticket: str) -> None:
-        """A fresh ticket: dial with it from now on (start dialling on the first)."""
+    def update(self, ticket: str, routers: list[str] | None = None) -> None:
+        """A fresh ticket and the routers to reach: dial with it from now on."""
         self.ticket = ticket
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tunnel-dialer")
+        wanted = list(dict.fromkeys(routers or [])) or [self.url]
+        for url in [u for u in self.routers if u not in wanted]:
+            log.info("agent: router %s is no longer listed: closing its data connections", url)
+            task = asyncio.get_running_loop().create_task(self.routers.pop(url).stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+        for url in wanted:
+            self.routers.setdefault(url, RouterDialer(self, url)).start()
 
     async def stop(self) -> None:
         """Close every data connection and stop dialling."""
         self.ticket = ""
-        await cancel_and_wait(self._task)
-        self._task = None
-        for tunnel in list(self.tunnels.values()):
-            tunnel.close()
-        self.tunnels.clear()
+        routers, self.routers = list(self.routers.values()), {}
+        for router in routers:
+            await router.stop()
+        if self._stopping:
+            await asyncio.wait(list(self._stopping))
+
+    @property
+    def tunnels(self) -> dict[tuple[str, str], AgentTunnel]:
+        """Every data connection, by router address and router process (``i/N``)."""
+        return {
+            (url, worker): tunnel
+            for url, router in self.routers.items()
+            for worker, tunnel in router.tunnels.items()
+        }
 
     @property
     def streams_refused(self) -> int:
         """Streams refused on every data connection (tests)."""
         return sum(t.streams_refused for t in self.tunnels.values())
 
+
+class RouterDialer:
+    """The data connections to one router address: one per router process behind it."""
+
+    def __init__(self, owner: TunnelDialer, url: str) -> None:
+        self.owner = owner
+        self.url = url
+        #: Data connections by router worker (``i/N``).
+        self.tunnels: dict[str, AgentTunnel] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Dial (again) unless dialling already."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"tunnel-dialer {self.url}"
+            )
+
+    async def stop(self) -> None:
+        """Close this router's data connections and stop dialling it."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close()
+        self.tunnels.clear()
+
     async def _run(self) -> None:
+        owner = self.owner
         wanted = 1
-        pause = self.retry
-        while self.ticket:
+        pause = owner.retry
+        while owner.ticket:
             for worker in [w for w, t in self.tunnels.items() if not t.connected]:
                 del self.tunnels[worker]
             if len(self.tunnels) >= wanted:
-                self._changed.clear()
                 closed = [t.closed for t in self.tunnels.values()]
                 await asyncio.wait(closed, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                self.dials += 1
-                tunnel = await dial(self.url, self.ticket, self.resolve)
+                owner.dials += 1
+                tunnel = await dial(self.url, owner.ticket, owner.resolve)
             except (OSError, TimeoutError, TunnelRefused) as exc:
-                self.last_error = str(exc) or type(exc).__name__
-                log.warning("agent: tunnel data connection failed: %s", self.last_error)
+                error = f"{self.url}: {exc or type(exc).__name__}"
+                # A router that stays unreachable is said once, not every few seconds.
+                level = logging.DEBUG if error == owner.last_error else logging.WARNING
+                owner.last_error = error
+                log.log(level, "agent: tunnel data connection failed: %s", error)
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, 10.0)
+                pause = min(pause * 2, MAX_PAUSE)
                 continue
-            pause = self.retry
+            pause = owner.retry
             _, _, count = tunnel.worker.partition("/")
             wanted = int(count) if count.isdigit() and int(count) > 0 else 1
             if tunnel.worker in self.tunnels:
@@ -310,4 +360,6 @@ class TunnelDialer:
                 await asyncio.sleep(0.01)
                 continue
             self.tunnels[tunnel.worker] = tunnel
-            log.info("agent: tunnel data connection to router %s open", tunnel.worker)
+            log.info(
+                "agent: tunnel data connection to router %s (%s) open", self.url, tunnel.worker
+            )

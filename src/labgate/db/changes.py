@@ -18,7 +18,8 @@ hold several: two test portals); the kinds are:
 - ``token``: an API token was created, changed or deleted (key: its hash);
 - ``session``: a browser session was revoked (key: the session id);
 - ``access``: an instance's shares changed (key: the instance id);
-- ``member``: a user joined or left a group (key: the user id).
+- ``member``: a user joined or left a group (key: the user id);
+- ``site``: a network site's tunnel epoch changed (key: the site's name).
 
 Only changes made through the ORM unit of work are seen (labgate writes
 these rows no other way), and of a changed row only the columns in
@@ -43,6 +44,7 @@ from labgate.db.models import (
     InstanceEvent,
     InstanceShare,
     RevokedSession,
+    Site,
     User,
 )
 
@@ -51,7 +53,7 @@ CHANNEL = "labgate_changes"
 #: PostgreSQL refuses payloads of 8000 bytes or more; changes are split below that.
 MAX_PAYLOAD = 7000
 
-ChangeKind = Literal["instance", "user", "token", "session", "access", "member"]
+ChangeKind = Literal["instance", "user", "token", "session", "access", "member", "site"]
 #: One changed row: its kind and key (see the module docstring).
 Change = tuple[ChangeKind, str]
 KINDS: frozenset[str] = frozenset(get_args(ChangeKind))
@@ -75,6 +77,8 @@ def _change_of(row: object) -> Change | None:
         return ("access", row.instance_id)
     if isinstance(row, GroupMember):
         return ("member", str(row.user_id))
+    if isinstance(row, Site):
+        return ("site", row.name)
     return None
 
 
@@ -85,6 +89,8 @@ WATCHED: dict[type, frozenset[str]] = {
     Instance: frozenset({"state", "endpoint", "secret", "owner_id", "tool", "site_id", "pool"}),
     User: frozenset({"name", "is_admin", "disabled", "sessions_valid_after"}),
     ApiToken: frozenset({"token_hash", "user_id", "scopes", "expires_at"}),
+    # Heartbeats write sites rows all the time; only the tunnel's epoch matters to routers.
+    Site: frozenset({"tunnel_epoch"}),
 }
 
 

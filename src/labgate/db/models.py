@@ -237,6 +237,9 @@ class Site(Base):
     connected_at: Mapped[datetime | None] = mapped_column(default=None)
     #: When the last agent connection ended.
     disconnected_at: Mapped[datetime | None] = mapped_column(default=None)
+    #: The epoch of the agent's current connection (tunneled sites): the routers of every
+    #: portal take its tunnel tickets (labgate.portal.tunnel_routers). None: no tunnel.
+    tunnel_epoch: Mapped[str | None] = mapped_column(String(32), default=None)
 
 
 class Instance(Base):
@@ -635,6 +638,21 @@ class InstanceVisit(Base):
     )
     first_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TunnelRouter(Base):
+    """A router tunneled sites' agents dial, while its route stream is open (``seen_at`` fresh).
+
+    Written by the portal whose route stream the router follows
+    (:mod:`labgate.portal.tunnel_routers`); ``url`` is the router's
+    ``router_tunnel_url`` (or its listen address).
+    """
+
+    __tablename__ = "tunnel_routers"
+
+    url: Mapped[str] = mapped_column(String(255), primary_key=True)
+    replica: Mapped[str] = mapped_column(String(200), default="")
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class LeaderLease(Base):

@@ -57,7 +57,6 @@ SCHEMA_HEADS = frozenset(
         "0003",
         "0005_data_provider",
         "0005_no_router_scope",
-        "0006_network_sites",
         "0007_identity_sharing",
         "0007_instance_image",
         "0007_launch_options",
@@ -65,6 +64,7 @@ SCHEMA_HEADS = frozenset(
         "0009_instance_version",
         "0010_leader_lease",
         "0011_run_indexes",
+        "0012_tunnel_routers",
     }
 )
 _SETTING = "database_url (LABGATE_DATABASE_URL)"

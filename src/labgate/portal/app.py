@@ -259,6 +259,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await replicas.close()
         if portal.site_hub is not None:
             await portal.site_hub.close()
+        if portal.tunnel_routers is not None:
+            await portal.tunnel_routers.close()
         await reconciler.close()
         await portal.snapshots.close()
         await processor.close()

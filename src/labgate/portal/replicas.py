@@ -39,7 +39,7 @@ from labgate.aio import cancel_and_wait
 from labgate.db.changes import Change, announce_changes
 from labgate.db.listen import ChangeListener
 from labgate.db.models import ApiToken, Instance, RevokedSession, User
-from labgate.portal.routefeed import RouteFeedHub
+from labgate.portal.routefeed import RouteFeedHub, tunnel_epochs
 from labgate.portal.site_relay import SiteRelay
 from labgate.portal.state import Portal
 
@@ -152,6 +152,23 @@ def apply_changes(session: Session, hub: RouteFeedHub, changes: Iterable[Change]
                 _identity(session, hub, kind, key)
             except ValueError:
                 log.warning("ignored a change with a malformed key: %s %r", kind, key)
+    if keys["site"]:
+        _tunnel_epochs(session, hub, keys["site"])
+
+
+def _tunnel_epochs(session: Session, hub: RouteFeedHub, sites: list[str]) -> None:
+    """Take the tunnel epochs of the sites named as their rows say (this portal's agents' first)."""
+    epochs = tunnel_epochs(session)
+    if hub.own_epochs is not None:
+        epochs.update(hub.own_epochs())
+    table = hub.table
+    for site in sites:
+        epoch = epochs.get(site)
+        if epoch is None:
+            if site in table.tunnel_sites:
+                table.remove_tunnel_site(site)
+        elif table.tunnel_sites.get(site) != epoch:
+            table.set_tunnel_site(site, epoch)
 
 
 def _instance(hub: RouteFeedHub, instance_id: str, instance: Instance | None) -> None:

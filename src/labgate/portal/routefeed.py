@@ -76,6 +76,9 @@ class RouteFeedHub:
         #: Where the router reaches an instance when not at its endpoint (``tunnel:SITE/ID``
         #: for a tunneled site; labgate.portal.sites), set by the app; None: the endpoint.
         self.upstream_of: Callable[[Routable], str | None] | None = None
+        #: The tunnel epochs of the agents connected to this portal (the site hub's), set
+        #: by the app; the rest come from the sites' rows.
+        self.own_epochs: Callable[[], dict[str, str]] | None = None
 
     # --- instances ---------------------------------------------------------
     def route_for(self, instance: Routable) -> Route | None:
@@ -236,8 +239,12 @@ class RouteFeedHub:
             route = self.route_for(source)
             if route is not None:
                 routes[route.instance_id] = route
-        # Which agents' tunnels are open is not in the database: keep it.
-        return TableState(routes, users, tokens, revoked, dict(self.table.tunnel_sites))
+        # The agents' tunnel epochs as the sites' rows say (any portal's agents), and those
+        # of this portal's own agents, which may be newer than their rows for a moment.
+        epochs = tunnel_epochs(session)
+        if self.own_epochs is not None:
+            epochs.update(self.own_epochs())
+        return TableState(routes, users, tokens, revoked, epochs)
 
     def load(self, session: Session) -> None:
         """Resync the table from the database (on start; on reconnecting to the other replicas)."""
@@ -249,6 +256,16 @@ class RouteFeedHub:
             len(state.users),
             len(state.tokens),
         )
+
+
+def tunnel_epochs(session: Session) -> dict[str, str]:
+    """Each tunneled network site's current epoch, as the sites' rows say."""
+    rows = session.execute(
+        select(Site.name, Site.tunnel_epoch).where(
+            Site.kind == "network", Site.reach == "tunnel", Site.tunnel_epoch.is_not(None)
+        )
+    )
+    return {name: epoch for name, epoch in rows if epoch}
 
 
 _EPOCH = datetime(1970, 1, 1)

@@ -22,6 +22,7 @@ from labgate.agent.network import NetworkSiteLink, Relay
 from labgate.db.models import Site
 from labgate.portal.routefeed import Routable, RouteSource, route_sources
 from labgate.portal.state import Portal
+from labgate.portal.tunnel_routers import TunnelRouters
 from labgate.scheduler.liveness import SiteLiveness
 from labgate.security import TunnelTickets
 
@@ -57,10 +58,16 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
     )
     hub.relay = relay
     portal.site_hub = hub
+    # Several routers: each agent dials every one; every portal's routers take its epoch.
+    routers = portal.tunnel_routers = TunnelRouters(portal, settings.site_heartbeat_interval)
+    hub.router_urls = routers.urls
+    hub.epoch_changed = routers.epoch_changed
+    routers.start()
     for name, backend, reach in await portal.run_db(network_sites):
         await hub.register(name, backend, reach)
     if portal.routes is not None:
         portal.routes.upstream_of = lambda instance: tunnel_upstream(portal, instance)
+        portal.routes.own_epochs = lambda: dict(hub.epochs)
         # The table was loaded before these links existed: a tunneled site's instances
         # are reached through its tunnel, never at endpoints nothing can connect to.
         for instance in await portal.run_db(tunneled_instances):

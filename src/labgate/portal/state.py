@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from labgate.agent.hub import SiteHub
     from labgate.agent.link import SiteLink
     from labgate.portal.routefeed import RouteFeedHub
+    from labgate.portal.tunnel_routers import TunnelRouters
     from labgate.scheduler.instances import InstanceManager
     from labgate.scheduler.runs import RunProcessor
     from labgate.scheduler.snapshots import SnapshotManager
@@ -49,6 +50,8 @@ class Portal:
     snapshots: SnapshotManager | None = None
     #: The network sites' agent connections (labgate.agent.hub), set by the app.
     site_hub: SiteHub | None = None
+    #: The routers tunneled sites' agents dial (labgate.portal.tunnel_routers), set by the app.
+    tunnel_routers: TunnelRouters | None = None
     #: Batch runs (labgate.scheduler.runs), set by the app.
     run_processor: RunProcessor | None = None
     #: Whether this process runs the loops that run once (labgate.scheduler.leader).

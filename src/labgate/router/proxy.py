@@ -499,6 +499,10 @@ class ClientConnection(asyncio.Protocol):
             break
         else:
             self.connect_task = None
+            if address.is_tunnel:
+                # No data connection of the site's agent here (yet): to the user that is
+                # the site not being connected, answered now (labgate.router.tunnel).
+                ex.away = True
             if isinstance(failure, TimeoutError):
                 seconds = ctx.options.connect_timeout
                 self._upstream_error(

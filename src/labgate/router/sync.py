@@ -14,6 +14,10 @@ router keeps serving its last known table.
 ``<portal>/api/v1/router/activity`` every ``interval`` seconds as
 ``{"worker": "<host>:<pid>", "activity": {"<instance_id>": Activity.to_dict()}}``.
 
+A ``labgate router`` names on the stream request (``Labgate-Router-Tunnel``)
+where tunneled sites' agents dial it; the portal lists it to them while the
+stream is open (:mod:`labgate.portal.tunnel_routers`).
+
 The portal URL is ``http://HOST:PORT`` or ``unix:/path/portal.sock``. Given
 several portal replicas (``other_portals``), both follow one of them and move
 to the next when it fails: replicas sharing one database serve the same
@@ -36,7 +40,7 @@ import httpx
 from labgate.router.activity import Activity
 from labgate.wire.routes import RouterControl
 from labgate.wire.stats import RouterStats
-from labgate.wire.stream import ACTIVITY_PATH, STREAM_PATH, apply_message
+from labgate.wire.stream import ACTIVITY_PATH, STREAM_PATH, TUNNEL_HEADER, apply_message
 
 log = logging.getLogger("labgate.router.sync")
 
@@ -71,8 +75,11 @@ class RouteSync:
         max_backoff: float = 2.0,
         on_snapshot: Callable[[], None] | None = None,
         other_portals: Sequence[str] = (),
+        tunnel_url: str = "",
     ) -> None:
         self.control = control
+        #: Where agents dial this router (said on the stream; the portal lists it to them).
+        self.tunnel_url = tunnel_url
         self.on_snapshot = on_snapshot
         #: The replica followed now; after a failure the next of :attr:`portals` is tried.
         self.portal_url = portal_url
@@ -128,10 +135,13 @@ class RouteSync:
         if not self.connected:
             self._wake.set()
 
+    def _headers(self) -> dict[str, str]:
+        return {TUNNEL_HEADER: self.tunnel_url} if self.tunnel_url else {}
+
     async def _follow(self) -> None:
         async with (
             portal_client(self.portal_url, self.token, read_timeout=self.read_timeout) as client,
-            client.stream("GET", STREAM_PATH) as response,
+            client.stream("GET", STREAM_PATH, headers=self._headers()) as response,
         ):
             if response.status_code != 200:
                 await response.aread()

@@ -85,6 +85,9 @@ class WorkerConfig:
     tls_key_file: str = ""
     tls_reload_interval: float = 10.0
     other_portals: tuple[str, ...] = ()
+    #: Where tunneled sites' agents dial this router, told to the portal on the route
+    #: stream (``labgate router``); empty: not told (``labgate serve``: the public URL).
+    tunnel_url: str = ""
 
     @property
     def upstream(self) -> str:
@@ -101,10 +104,12 @@ def worker_config(
     host: str | None = None,
     port: int | None = None,
     other_portals: tuple[str, ...] = (),
+    tunnel_url: str = "",
 ) -> WorkerConfig:
     """A worker config from labgate's settings."""
     return WorkerConfig(
         other_portals=other_portals,
+        tunnel_url=tunnel_url,
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
         portal_url=portal_url,
@@ -140,6 +145,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
         config.stream_token,
         on_snapshot=gc.freeze,
         other_portals=others,
+        tunnel_url=config.tunnel_url,
     )
     router.ctx.portal_connected = sync.portal_answered
     reporter = ActivityReporter(

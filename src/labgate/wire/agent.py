@@ -19,8 +19,9 @@ The order on every (re)connect::
     agent  -> portal  report     {seq, report}: state changes and progress of instances,
                                  and of batch task attempts (kind "task")
     portal -> agent   ack        {seq}: reports up to ``seq`` are applied
-    portal -> agent   tunnel     {ticket}: for the tunnel's data connections (tunneled
-                                 sites: after the hello, then with every heartbeat)
+    portal -> agent   tunnel     {ticket, routers}: for the tunnel's data connections
+                                 (tunneled sites: after the hello, then with every
+                                 heartbeat), and the routers to keep one with
 
 Commands are idempotent by id: an agent that sees an id again answers with
 the first answer and does nothing twice. Reports are numbered per agent
@@ -282,10 +283,15 @@ class Ack(Message):
 
 
 class TunnelTicket(Message):
-    """What opens the tunnel's data connections to the router, for a minute or so."""
+    """What opens the tunnel's data connections to the routers, for a minute or so.
+
+    ``routers``: the address of every router to keep a data connection with;
+    empty: the one the agent reaches the portal through.
+    """
 
     type: Literal["tunnel"] = "tunnel"
     ticket: str
+    routers: list[str] = Field(default_factory=list)
 
 
 AnyMessage = Annotated[

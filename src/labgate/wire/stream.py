@@ -38,6 +38,7 @@ import json
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from labgate.wire.routes import (
     Route,
@@ -50,7 +51,21 @@ from labgate.wire.routes import (
 
 STREAM_MEDIA_TYPE = "application/x-ndjson"
 STREAM_PATH = "/api/v1/router/stream"
+#: The stream request's header naming where tunneled sites' agents dial the router.
+TUNNEL_HEADER = "Labgate-Router-Tunnel"
 ACTIVITY_PATH = "/api/v1/router/activity"
+
+
+def tunnel_address(value: str) -> str:
+    """A router's tunnel address as ``scheme://HOST[:PORT]``; ValueError unless http(s), no path."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"a router's tunnel address must be http(s)://HOST[:PORT], not {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"a router's tunnel address takes no path or credentials: {value!r}")
+    if len(value) > 255:
+        raise ValueError("a router's tunnel address is longer than 255 characters")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def encode(message: dict[str, Any]) -> bytes:

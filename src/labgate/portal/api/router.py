@@ -9,21 +9,24 @@ upstream secret, so no user's token or session, an admin's included, may read it
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field
 
+from labgate.errors import BadRequest
 from labgate.portal.auth import Principal, router_caller
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
+from labgate.portal.tunnel_routers import TunnelRouters
 from labgate.scheduler.activity import record_last_use
 from labgate.types import Strict
 from labgate.wire.activity import Activity
 from labgate.wire.stats import RouterStats
-from labgate.wire.stream import STREAM_MEDIA_TYPE
+from labgate.wire.stream import STREAM_MEDIA_TYPE, TUNNEL_HEADER, tunnel_address
 
 router = APIRouter(prefix="/router", tags=["router"])
 
@@ -67,15 +70,43 @@ class ActivityReport(Strict):
 @router.get(
     "/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}, **errors(403)},
+    responses={200: {"content": {STREAM_MEDIA_TYPE: {}}}, **errors(400, 403)},
 )
 async def route_stream(
-    caller: Principal = Depends(router_caller), portal: Portal = Depends(get_portal)
+    caller: Principal = Depends(router_caller),
+    portal: Portal = Depends(get_portal),
+    tunnel: str | None = Header(
+        None,
+        alias=TUNNEL_HEADER,
+        description=(
+            "The address tunneled sites' agents dial this router at (http(s)://HOST:PORT); "
+            "listed to them while the stream is open."
+        ),
+    ),
 ) -> Response:
     """Newline-delimited JSON: a snapshot of the route table, then every change."""
     if portal.routes is None:
         raise RuntimeError("the portal is not started: it has no route table")
-    return StreamingResponse(portal.routes.table.subscribe(), media_type=STREAM_MEDIA_TYPE)
+    lines = portal.routes.table.subscribe()
+    if tunnel and portal.tunnel_routers is not None:
+        try:
+            url = tunnel_address(tunnel)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        lines = _registered(lines, portal.tunnel_routers, url)
+    return StreamingResponse(lines, media_type=STREAM_MEDIA_TYPE)
+
+
+async def _registered(
+    lines: AsyncIterator[bytes], routers: TunnelRouters, url: str
+) -> AsyncIterator[bytes]:
+    """The stream's lines, with the router listed for the agents while it lasts."""
+    await routers.opened(url)
+    try:
+        async for line in lines:
+            yield line
+    finally:
+        routers.closed(url)
 
 
 @router.post("/activity", status_code=204, responses=errors(403))
