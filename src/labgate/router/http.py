@@ -24,6 +24,9 @@ log = logging.getLogger("labgate.router")
 NEVER = math.inf
 
 MAX_TARGET = 8192
+#: Bytes as they reach a protocol: from a socket, or from a site tunnel's frames (views).
+#: (The compiled router checks argument types: ``bytes`` alone would refuse a view.)
+Buffer = bytes | bytearray | memoryview
 MAX_HEAD = 65536
 MAX_HEADERS = 128
 

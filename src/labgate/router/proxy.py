@@ -34,6 +34,7 @@ from labgate.router.http import (
     MAX_HEAD,
     MAX_HEADERS,
     MAX_TARGET,
+    Buffer,
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.security import HANDOFF_PATH
@@ -637,7 +638,7 @@ class ClientConnection(asyncio.Protocol):
             self.queue.append(bad)
 
     # --- called by the upstream side ----------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: Buffer) -> None:
         """Write to the client unless the connection is going away."""
         if not self.closing and self.transport is not None:
             self.transport.write(data)
@@ -685,7 +686,7 @@ class ClientConnection(asyncio.Protocol):
         """The upstream's write buffer drained."""
         self._resume(PAUSE_UPSTREAM)
 
-    def tunnel_open(self, conn: UpstreamConnection, ex: Exchange, rest: bytes) -> None:
+    def tunnel_open(self, conn: UpstreamConnection, ex: Exchange, rest: Buffer) -> None:
         """The upstream switched protocols: splice the two connections."""
         self.tunnel, self.upstream, self.current = conn, None, None
         self.parser = None
@@ -709,7 +710,7 @@ class ClientConnection(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Buffer) -> None:
         """Tunnelled bytes from the upstream."""
         self.write(data)
         counter = self.counter

@@ -77,7 +77,7 @@ class Pipe:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hand ``data`` to the peer at once."""
         if not self.closed and self.peer is not None:
-            self.peer.data_received(data)  # type: ignore[arg-type]
+            self.peer.data_received(data)  # type: ignore[arg-type]  # a Buffer, see http.Buffer
 
     def writelines(self, chunks: list[bytes]) -> None:
         """Hand several pieces to the peer."""

@@ -22,6 +22,7 @@ from labgate.router.http import (
     HOP_BY_HOP,
     LAST_CHUNK,
     NEVER,
+    Buffer,
     chunk,
     connection_tokens,
     log,
@@ -135,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.client = self.ex = None
         client.upstream_failed(self, ex, "closed the connection" if self.got_bytes else "hung up")
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Buffer) -> None:
         """Parse the response and stream it to the client."""
         if self.tunnel is not None:
             self.tunnel.send(data)
@@ -405,7 +406,7 @@ class UpstreamConnection(asyncio.Protocol):
         if client is not None and ex is not None:
             client.upstream_failed(self, ex, reason)
 
-    def _switch(self, rest: bytes) -> None:
+    def _switch(self, rest: Buffer) -> None:
         self._flush()
         client, ex = self.client, self.ex
         if client is None or ex is None or self.parser.get_status_code() != 101:
@@ -416,7 +417,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = NEVER
         client.tunnel_open(self, ex, rest)
 
-    def tunnel_send(self, data: bytes) -> None:
+    def tunnel_send(self, data: Buffer) -> None:
         """Forward tunnelled bytes from the client."""
         if self.transport is not None and not self.closed:
             self.transport.write(data)
