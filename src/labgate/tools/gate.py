@@ -2,7 +2,8 @@
 
 ``python -m labgate.tools.gate --port P --socket S -- COMMAND...`` starts
 ``COMMAND`` (which must listen on the Unix socket ``S``, in a directory only
-the instance's uid can enter) and listens on the loopback port ``P``. Each
+the instance's uid can enter) and listens on the loopback port ``P`` (on
+``--host``, e.g. ``0.0.0.0`` in a container, whose network namespace is its own). Each
 connection's first request must carry ``Authorization: token
 <LABGATE_INSTANCE_TOKEN>``, which the router adds to everything it proxies;
 then the connection is spliced to the socket both ways (WebSocket upgrades
@@ -91,12 +92,12 @@ class Gate:
             side.close()
 
 
-async def run(port: int, socket_path: Path, command: list[str]) -> int:
-    """Start ``command``, serve the gate until it exits; its exit code."""
+async def run(port: int, socket_path: Path, command: list[str], host: str = "127.0.0.1") -> int:
+    """Start ``command``, serve the gate on ``host:port`` until it exits; its exit code."""
     token = os.environ.get("LABGATE_INSTANCE_TOKEN", "")
     child = await asyncio.create_subprocess_exec(*command)
     gate = Gate(socket_path, token)
-    server = await asyncio.start_server(gate.handle, "127.0.0.1", port, limit=MAX_HEAD)
+    server = await asyncio.start_server(gate.handle, host, port, limit=MAX_HEAD)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -105,16 +106,17 @@ async def run(port: int, socket_path: Path, command: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
-    print(f"gate: 127.0.0.1:{port} -> {socket_path} ({command[0]})", flush=True)
+    print(f"gate: {host}:{port} -> {socket_path} ({command[0]})", flush=True)
     code = await child.wait()
     server.close()
     return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``--port P [--socket S] -- COMMAND...``; ``{socket}`` in COMMAND is the socket."""
+    """Parse ``[--host H] --port P [--socket S] -- COMMAND...``; ``{socket}`` is the socket."""
     parser = argparse.ArgumentParser(description="labgate token gate")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--socket", default="")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     socket_path = Path(args.socket) if args.socket else private / "tool.sock"
     command = [part.replace("{socket}", str(socket_path)) for part in command]
     try:
-        sys.exit(asyncio.run(run(args.port, socket_path, command)))
+        sys.exit(asyncio.run(run(args.port, socket_path, command, args.host)))
     finally:
         with contextlib.suppress(OSError):
             socket_path.unlink()
