@@ -88,6 +88,7 @@ PY
   fi
   log "building $image (log: $CACHE/$tool.log)"
   started=$SECONDS
+  old=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
   # runc, cgroupfs and ulimits at or below the machine's: crun and raised rlimits fail
   # here (docs/backends/containers.md); flags, so no containers.conf is needed.
   if ! podman --runtime runc --cgroup-manager cgroupfs --events-backend file build \
@@ -98,7 +99,10 @@ PY
     die "building $image failed (log: $CACHE/$tool.log)"
   fi
   log "built $image in $((SECONDS - started))s"
+  # The image it replaces, alone: the cached layers and build stages stay (no prune), so
+  # the next build of a changed recipe redoes only the steps after the change.
+  if [ -n "$old" ] && [ "$old" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
+    podman rmi "$old" >/dev/null 2>&1 || true
+  fi
 done
 [ "$CHECK" = 0 ] || [ "$stale" = 0 ] || exit 3
-# Replaced images (the build stages stay: the next build of a changed recipe reuses them).
-[ "$CHECK" = 1 ] || podman image prune --force --filter "label=$LABEL" >/dev/null 2>&1 || true

@@ -409,18 +409,28 @@ def test_image_build_makes_a_tools_image_from_its_recipe_with_progress(
             engine.client.images.remove(image, force=True)
 
 
-def test_the_builtin_jupyterlab_ships_a_recipe(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("jupyterlab", "localhost/labgate/jupyterlab:4"),
+        ("vscode", "localhost/labgate/vscode:4.100"),
+        ("desktop", "localhost/labgate/desktop:1"),
+        ("shiny", "localhost/labgate/shiny:1"),
+        ("streamlit", "localhost/labgate/streamlit:1"),
+    ],
+)
+def test_the_builtin_tools_ship_recipes(tmp_path: Path, name: str, image: str) -> None:
+    """Each built on a BASE of the builder's choice, running as uid 1000 with labgate's files."""
     from labgate.backends.container_build import recipe_of
     from labgate.backends.containers import ContainerBackend
-    from labgate.tools.catalog import Catalog
 
-    tool = Catalog.load().get("jupyterlab")
+    tool = Catalog.load().get(name)
     assert tool is not None
     backend = ContainerBackend(Settings(data_dir=tmp_path / "var"), {"base_url": "unix:///none"})
-    image, directory = recipe_of(backend, tool)
-    assert image == "localhost/labgate/jupyterlab:4"
-    text = (directory / "Containerfile").read_text()
-    assert "ARG BASE=" in text and "jupyterlab" in text and "COPY labgate" in text
+    assert recipe_of(backend, tool)[0] == image
+    text = (recipe_of(backend, tool)[1] / "Containerfile").read_text()
+    assert "ARG BASE=" in text and "USER 1000:1000" in text and "COPY labgate" in text
+    assert f"labgate image build {name} --site" in text  # how to build it, in its header
 
 
 async def test_a_launch_chooses_an_image_from_the_tools_and_groups_allowlists(

@@ -5,7 +5,8 @@ image its recipe builds (``<tool>.build/Containerfile``), launched through
 the API on a site whose engine never pulls, and does in Chromium the same
 real thing as on the process backend (``tests/ui/tool_steps.py``): the
 launch form's parameters reach it, its workspace is the user's volume, it
-runs as uid 1000 and is served under ``/i/<instance>/``.
+runs as uid 1000, is served under ``/i/<instance>/``, and its published port
+refuses requests without the instance token.
 
 The images come from ``scripts/build-tool-images.sh`` (minutes the first
 time, cached by a hash of each recipe after that). Outside CI a test whose
@@ -23,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 import podman
@@ -120,5 +122,10 @@ def test_each_tools_image_does_one_real_thing_through_the_router(
         filters={"label": [f"labgate.deployment={deployment}", f"labgate.instance={instance_id}"]}
     )
     assert len(found) == 1, found
-    assert engine.client.api.inspect_container(found[0]["Id"])["Config"]["User"] == "1000:1000"
+    inspected = engine.client.api.inspect_container(found[0]["Id"])
+    assert inspected["Config"]["User"] == "1000:1000"
+    # Its port, published on the host's loopback, answers only requests with the instance
+    # token (the router's): Shiny and Streamlit too, behind the token gate.
+    published = inspected["NetworkSettings"]["Ports"]["8888/tcp"][0]["HostPort"]
+    assert httpx.get(f"http://127.0.0.1:{published}/", timeout=10).status_code == 403
     stop_instance(gateway, name, instance_id)

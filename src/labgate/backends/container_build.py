@@ -3,13 +3,15 @@
 A tool's ``[container]`` table may name ``build``: a directory next to its
 tool file holding a ``Containerfile`` (and whatever it copies). The build
 context is a copy of that directory plus ``extra-ca.pem`` (``--ca-file``,
-else empty) and ``labgate/`` with labgate's busy report extension
+else empty), ``pip-venv.sh`` (a venv from PyPI that trusts it) and
+``labgate/`` with labgate's busy report extension
 (``labgate.tools.jupyter_busy``), token gate (``labgate.tools.gate``) and
 desktop launcher (``labgate.tools.desktop``), standard library only, so an
-image can run them without installing labgate. The image is tagged with the table's ``image``
-and built by the site's engine (Docker or Podman, through the Engine API),
-which pulls ``FROM`` images only when it must: on machines that cannot reach
-a public registry, pass a local base (``--build-arg BASE=...``).
+image can run them without installing labgate. The image is tagged with the
+table's ``image`` and built by the site's engine (Docker or Podman, through
+the Engine API), which pulls ``FROM`` images only when it must: on machines
+that cannot reach a public registry, pass a local base
+(``--build-arg BASE=...``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ LABGATE_FILES = (
     "tools/desktop.py",
 )
 PACKAGE = Path(__file__).resolve().parent.parent
+#: ``pip-venv.sh VENV REQUIREMENT...``, in every context: a venv from PyPI, trusting extra-ca.pem.
+PIP_VENV = PACKAGE / "tools" / "builtin" / "pip-venv.sh"
 
 
 def recipe_of(backend: ContainerBackend, tool: Tool) -> tuple[str, Path]:
@@ -66,6 +70,7 @@ def write_context(directory: Path, root: Path, ca_file: Path | None = None) -> N
     shutil.copytree(directory, root, dirs_exist_ok=True)
     extra = ca_file.read_bytes() if ca_file is not None else b""
     (root / EXTRA_CA).write_bytes(extra)
+    shutil.copy(PIP_VENV, root / PIP_VENV.name)
     for name in LABGATE_FILES:
         target = root / "labgate" / name
         target.parent.mkdir(parents=True, exist_ok=True)
