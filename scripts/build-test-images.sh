@@ -51,6 +51,9 @@ fresh() {  # fresh IMAGE HASH: the image exists and was built from these inputs
 WORK=$(mktemp -d /tmp/labgate-images.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$CACHE"
+# .ci/run starts this in the background while the tests may start it too: one at a time.
+exec 9>"$CACHE/test-images.lock"
+flock 9
 
 # recipe:busybox
 build_busybox() {

@@ -222,14 +222,22 @@ def _start_engine(registry: Registry) -> Engine:
     return Engine(base_url, process, directory, client)
 
 
-def podman_service(socket_path: Path, log: Path) -> subprocess.Popen[bytes]:
+def podman_service(
+    socket_path: Path, log: Path, storage: Path | None = None
+) -> subprocess.Popen[bytes]:
     """Another ``podman system service`` on ``socket_path``, ready; the caller stops it.
 
     It shares the run's container storage: a test stops it to have "the
-    engine down" for one site without touching the run's own service.
+    engine down" for one site without touching the run's own service. With
+    ``storage`` it has its own, empty (an engine that has none of the images).
     """
+    own = (
+        []
+        if storage is None
+        else ["--root", str(storage / "root"), "--runroot", str(storage / "run")]
+    )
     process = subprocess.Popen(
-        ["podman", "system", "service", "--time=0", f"unix://{socket_path}"],
+        ["podman", *own, "system", "service", "--time=0", f"unix://{socket_path}"],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, **ENGINE_ENV},

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -285,7 +287,7 @@ def test_doctor_checks_the_registry_the_images_and_a_throwaway_container(
     ), said
     missing = [f for f in findings if "localhost/labgate/absent:1" in f["detail"]]
     assert [f["level"] for f in missing] == ["fail"], findings
-    assert "labgate image build bb-absent --site pods" in missing[0]["fix"]
+    assert "put localhost/labgate/absent:1 on the engine" in missing[0]["fix"]  # no recipe
     assert any(
         level == "ok" and "throwaway container" in detail and "started" in detail
         for level, detail in said
@@ -304,6 +306,46 @@ def test_doctor_checks_the_registry_the_images_and_a_throwaway_container(
     env["LABGATE_SNAPSHOT_REGISTRY"] = f"http://127.0.0.1:{free_port()}"
     code, findings = run_doctor(env)
     assert any("registry does not answer" in f["detail"] for f in findings), findings
+
+
+def test_doctor_says_how_to_build_each_builtin_tools_image_an_engine_lacks(
+    tmp_path: Path, engine: Engine, deployment: str
+) -> None:
+    import json
+
+    from labgate.tools.catalog import Catalog
+
+    socket = tmp_path / "empty.sock"
+    # Podman wants a short run root (at most 50 characters): not under pytest's tmp_path.
+    storage = Path(tempfile.mkdtemp(prefix="lg-empty-"))
+    service = podman.podman_service(socket, tmp_path / "empty.log", storage=storage)
+    try:
+        site = {"name": "pods", "backend": "containers"}
+        site["options"] = {
+            "base_url": f"unix://{socket}",
+            "deployment": deployment,
+            "pull": "never",
+        }
+        env = {
+            "LABGATE_DATA_DIR": str(tmp_path / "var"),
+            "LABGATE_TOOLS_DIR": str(tmp_path / "no-tools"),
+            "LABGATE_SITES": json.dumps([site]),
+        }
+        code, findings = run_doctor(env)
+    finally:
+        service.terminate()
+        service.wait(15)
+        shutil.rmtree(storage, ignore_errors=True)
+    assert code == 1, findings
+    fixes = {f["detail"].split(":")[0]: f.get("fix", "") for f in findings if f["level"] == "fail"}
+    built = [t.name for t in Catalog.load() if t.sections.get("container", {}).get("build")]
+    assert {"vscode", "desktop", "shiny", "streamlit", "jupyterlab"} <= set(built)
+    for tool in built:
+        assert f"labgate image build {tool} --site pods" in fixes[f"tool {tool}"], findings
+    # A tool without a recipe cannot be built: the fix says to bring its image.
+    assert (
+        "image build" not in fixes["tool demo"] and "localhost/labgate/demo" in fixes["tool demo"]
+    )
 
 
 def test_image_build_makes_a_tools_image_from_its_recipe_with_progress(
@@ -367,18 +409,28 @@ def test_image_build_makes_a_tools_image_from_its_recipe_with_progress(
             engine.client.images.remove(image, force=True)
 
 
-def test_the_builtin_jupyterlab_ships_a_recipe(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "image"),
+    [
+        ("jupyterlab", "localhost/labgate/jupyterlab:4"),
+        ("vscode", "localhost/labgate/vscode:4.100"),
+        ("desktop", "localhost/labgate/desktop:1"),
+        ("shiny", "localhost/labgate/shiny:1"),
+        ("streamlit", "localhost/labgate/streamlit:1"),
+    ],
+)
+def test_the_builtin_tools_ship_recipes(tmp_path: Path, name: str, image: str) -> None:
+    """Each built on a BASE of the builder's choice, running as uid 1000 with labgate's files."""
     from labgate.backends.container_build import recipe_of
     from labgate.backends.containers import ContainerBackend
-    from labgate.tools.catalog import Catalog
 
-    tool = Catalog.load().get("jupyterlab")
+    tool = Catalog.load().get(name)
     assert tool is not None
     backend = ContainerBackend(Settings(data_dir=tmp_path / "var"), {"base_url": "unix:///none"})
-    image, directory = recipe_of(backend, tool)
-    assert image == "localhost/labgate/jupyterlab:4"
-    text = (directory / "Containerfile").read_text()
-    assert "ARG BASE=" in text and "jupyterlab" in text and "COPY labgate" in text
+    assert recipe_of(backend, tool)[0] == image
+    text = (recipe_of(backend, tool)[1] / "Containerfile").read_text()
+    assert "ARG BASE=" in text and "USER 1000:1000" in text and "COPY labgate" in text
+    assert f"labgate image build {name} --site" in text  # how to build it, in its header
 
 
 async def test_a_launch_chooses_an_image_from_the_tools_and_groups_allowlists(

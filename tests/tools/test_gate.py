@@ -8,10 +8,12 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from servers import free_port, terminate
 
-# A tiny HTTP server on the Unix socket the gate names: answers "hi" and the path.
+# A tiny HTTP server on the Unix socket the gate names, or on a loopback port (a number):
+# answers "hi" and the path.
 TOOL = """
 import asyncio, sys
 async def handle(reader, writer):
@@ -26,19 +28,30 @@ async def handle(reader, writer):
         await writer.drain()
     writer.close()
 async def main():
-    server = await asyncio.start_unix_server(handle, sys.argv[1])
+    where = sys.argv[1]
+    if where.isdigit():
+        server = await asyncio.start_server(handle, "127.0.0.1", int(where))
+    else:
+        server = await asyncio.start_unix_server(handle, where)
     await server.serve_forever()
 asyncio.run(main())
 """
 TOKEN = "a-long-enough-instance-token-0123456789"
 
 
-def test_only_requests_with_the_instance_token_reach_the_tool() -> None:
+@pytest.mark.parametrize("upstream", ["socket", "loopback port"])
+def test_only_requests_with_the_instance_token_reach_the_tool(upstream: str) -> None:
+    """Through a Unix socket (the process backend) or a loopback port (in a container)."""
     port = free_port()
     env = {**os.environ, "LABGATE_INSTANCE_TOKEN": TOKEN}
+    options: list[str] = []
     tool = [sys.executable, "-c", TOOL, "{socket}"]
+    if upstream == "loopback port":
+        inner = free_port()
+        options = ["--upstream-port", str(inner)]
+        tool = [sys.executable, "-c", TOOL, str(inner)]
     gate = subprocess.Popen(
-        [sys.executable, "-m", "labgate.tools.gate", "--port", str(port), "--", *tool],
+        [sys.executable, "-m", "labgate.tools.gate", "--port", str(port), *options, "--", *tool],
         env=env,
     )
     try:

@@ -50,6 +50,12 @@ def stop_all_instances(server: LabgateServer, timeout: float = 30) -> None:
             time.sleep(0.2)
 
 
+def stop_instance(gateway: Gateway, user: str, instance_id: str) -> None:
+    """Stop an instance as its owner (the session's server outlives the test)."""
+    with httpx.Client(base_url=gateway.url, headers=gateway.token(user), timeout=10) as client:
+        client.delete(f"/api/v1/instances/{instance_id}")
+
+
 def unique_name(prefix: str) -> str:
     """A user name no other test of this session uses."""
     return f"{prefix}{time.monotonic_ns() // 1000 % 10**9}"

@@ -14,18 +14,17 @@ API's ``unavailable_reason``); with ``CI=true`` it fails instead, and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import expect
 
-from ui.support import INSTANCE_PAGE, Gateway, launch_via_api, wait_for
+from ui.support import INSTANCE_PAGE, Gateway, launch_via_api, stop_instance
+from ui.tool_steps import USES, use_tool
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -46,12 +45,6 @@ def workspace(gateway: Gateway, user: str) -> Path:
     path = gateway.server.data_dir / "workspaces" / user
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def stop(gateway: Gateway, user: str, instance_id: str) -> None:
-    """Stop an instance (the session's server outlives the test)."""
-    with httpx.Client(base_url=gateway.url, headers=gateway.token(user), timeout=10) as client:
-        client.delete(f"/api/v1/instances/{instance_id}")
 
 
 def test_the_launch_form_sends_params_refuses_bad_ones_and_remembers(gateway: Gateway) -> None:
@@ -87,146 +80,18 @@ def test_the_launch_form_sends_params_refuses_bad_ones_and_remembers(gateway: Ga
     expect(card.get_by_label("App file")).to_have_value("apps/dash.py")
     card.scroll_into_view_if_needed()
     gateway.shot(page, "tools-launch-form", docs=True)
-    stop(gateway, name, instance_id)
+    stop_instance(gateway, name, instance_id)
 
 
-def test_vscode_runs_a_command_in_its_terminal_and_opens_the_file(gateway: Gateway) -> None:
-    require_tool(gateway, "vscode")
-    name = gateway.create_user("vera")
-    instance_id = launch_via_api(gateway, name, "vscode", timeout=120)
-    page = gateway.page()
-    gateway.sign_in(page, name, path=f"/i/{instance_id}/")
-    expect(page.locator(".monaco-workbench")).to_be_visible(timeout=60_000)
-    # The terminal is a WebSocket through the router; it writes a file in the workspace.
-    page.keyboard.press("Control+Backquote")
-    terminal = page.locator(".terminal-wrapper textarea.xterm-helper-textarea").first
-    expect(terminal).to_be_attached(timeout=30_000)
-    answer = workspace(gateway, name) / "answer.txt"
-
-    def written() -> bool:
-        return answer.exists() and answer.read_text().strip() == "42"
-
-    # Keys typed before the terminal's shell is up are lost: type again (the command
-    # is idempotent) until the file is there.
-    for _ in range(3):
-        terminal.focus()
-        page.keyboard.type("echo $((6*7)) > answer.txt\n", delay=20)
-        with contextlib.suppress(AssertionError):
-            wait_for(written, 20, "answer.txt")
-            break
-    wait_for(written, 5, "answer.txt")
-    # The explorer shows the new file (code-server watches the workspace); open it.
-    page.get_by_role("treeitem", name="answer.txt").click(timeout=30_000)
-    editor = page.locator(".monaco-editor .view-lines").first
-    expect(editor).to_contain_text("42", timeout=30_000)
-    gateway.shot(page, "tool-vscode", docs=True)
-    stop(gateway, name, instance_id)
-
-
-def _canvas_colours(page: Any) -> int:
-    """How many distinct colours noVNC's canvas shows (a blank screen has one)."""
-    return int(
-        page.evaluate(
-            """() => {
-              const canvas = document.querySelector("#noVNC_container canvas, canvas");
-              if (!canvas || !canvas.width) return 0;
-              const data = canvas.getContext("2d")
-                .getImageData(0, 0, canvas.width, canvas.height).data;
-              const seen = new Set();
-              for (let i = 0; i < data.length && seen.size < 50; i += 4 * 97) {
-                seen.add((data[i] << 16) | (data[i + 1] << 8) | data[i + 2]);
-              }
-              return seen.size;
-            }"""
-        )
+@pytest.mark.parametrize("tool", list(USES))
+def test_each_tool_does_one_real_thing_through_the_router(gateway: Gateway, tool: str) -> None:
+    """VS Code's terminal and editor, the desktop's screen and xterm, Streamlit and Shiny apps."""
+    require_tool(gateway, tool)
+    name = gateway.create_user(tool[:4])
+    instance_id = use_tool(
+        gateway, name, USES[tool], lambda: workspace(gateway, name), f"tool-{tool}", docs=True
     )
-
-
-def test_desktop_shows_a_screen_and_a_keystroke_reaches_the_xterm(gateway: Gateway) -> None:
-    require_tool(gateway, "desktop")
-    name = gateway.create_user("dex")
-    instance_id = launch_via_api(
-        gateway, name, "desktop", params={"geometry": "1024x768"}, timeout=60
-    )
-    page = gateway.page()
-    gateway.sign_in(page, name, path=f"/i/{instance_id}/")
-    page.wait_for_url(re.compile(r"/vnc\.html\?"), timeout=30_000)
-    canvas = page.locator("#noVNC_container canvas")
-    expect(canvas).to_be_visible(timeout=30_000)
-    wait_for(lambda: _canvas_colours(page) > 2, 30, "a non-blank desktop")
-    # The xterm has the focus (it is the only window): typing goes to its shell.
-    # The screen is drawn before the xterm's shell reads (seen in CI on a busy
-    # machine: the keys went nowhere), so a command not done in 10 s is typed
-    # again; `touch` twice is the same file.
-    box = canvas.bounding_box()
-    assert box is not None
-    typed = workspace(gateway, name) / "typed-on-the-desktop"
-    for _ in range(4):
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        canvas.focus()
-        for key in "touch typed-on-the-desktop":
-            page.keyboard.press("Minus" if key == "-" else ("Space" if key == " " else key))
-            time.sleep(0.02)
-        page.keyboard.press("Enter")
-        deadline = time.monotonic() + 10
-        while not typed.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if typed.exists():
-            break
-    assert typed.exists(), "the xterm made no file from the keys typed on the desktop"
-    gateway.shot(page, "tool-desktop", docs=True)
-    stop(gateway, name, instance_id)
-
-
-STREAMLIT_APP = """\
-import streamlit as st
-
-x = st.number_input("x", value=3)
-st.write(f"square of x: {x * x}")
-"""
-
-
-def test_streamlit_renders_a_value_computed_from_an_input(gateway: Gateway) -> None:
-    require_tool(gateway, "streamlit")
-    name = gateway.create_user("stella")
-    (workspace(gateway, name) / "apps").mkdir(exist_ok=True)
-    (workspace(gateway, name) / "apps" / "square.py").write_text(STREAMLIT_APP)
-    instance_id = launch_via_api(
-        gateway, name, "streamlit", params={"app": "apps/square.py"}, timeout=90
-    )
-    page = gateway.page()
-    gateway.sign_in(page, name, path=f"/i/{instance_id}/")
-    expect(page.get_by_text("square of x: 9")).to_be_visible(timeout=60_000)
-    field = page.get_by_label("x")
-    field.fill("12")
-    field.press("Enter")
-    expect(page.get_by_text("square of x: 144")).to_be_visible(timeout=30_000)
-    gateway.shot(page, "tool-streamlit", docs=True)
-    stop(gateway, name, instance_id)
-
-
-SHINY_APP = """\
-library(shiny)
-ui <- fluidPage(numericInput("x", "x", 3), textOutput("square"))
-server <- function(input, output) {
-  output$square <- renderText(paste("square of x:", input$x * input$x))
-}
-shinyApp(ui, server)
-"""
-
-
-def test_shiny_renders_a_value_computed_from_an_input(gateway: Gateway) -> None:
-    require_tool(gateway, "shiny")
-    name = gateway.create_user("shin")
-    (workspace(gateway, name) / "square.R").write_text(SHINY_APP)
-    instance_id = launch_via_api(gateway, name, "shiny", params={"app": "square.R"}, timeout=90)
-    page = gateway.page()
-    gateway.sign_in(page, name, path=f"/i/{instance_id}/")
-    expect(page.locator("#square")).to_have_text("square of x: 9", timeout=60_000)
-    page.locator("#x").fill("12")
-    expect(page.locator("#square")).to_have_text("square of x: 144", timeout=30_000)
-    gateway.shot(page, "tool-shiny", docs=True)
-    stop(gateway, name, instance_id)
+    stop_instance(gateway, name, instance_id)
 
 
 def _run_cell(page: Any, code: str) -> None:
@@ -279,4 +144,4 @@ def test_jupyterlab_runs_a_cell(gateway: Gateway, kernel: str, code: str, output
     if no_news.count():  # JupyterLab's news prompt (docs/tools.md): answer it for the picture
         no_news.click()
     gateway.shot(page, f"tool-jupyterlab-{'r' if kernel == 'R' else 'python'}", docs=True)
-    stop(gateway, name, instance_id)
+    stop_instance(gateway, name, instance_id)

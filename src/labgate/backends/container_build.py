@@ -3,12 +3,15 @@
 A tool's ``[container]`` table may name ``build``: a directory next to its
 tool file holding a ``Containerfile`` (and whatever it copies). The build
 context is a copy of that directory plus ``extra-ca.pem`` (``--ca-file``,
-else empty) and ``labgate/`` with labgate's busy report extension
-(``labgate.tools.jupyter_busy``), so an image can run it without installing
-labgate. The image is tagged with the table's ``image``
-and built by the site's engine (Docker or Podman, through the Engine API),
-which pulls ``FROM`` images only when it must: on machines that cannot reach
-a public registry, pass a local base (``--build-arg BASE=...``).
+else empty), ``pip-venv.sh`` (a venv from PyPI that trusts it) and
+``labgate/`` with labgate's busy report extension
+(``labgate.tools.jupyter_busy``), token gate (``labgate.tools.gate``) and
+desktop launcher (``labgate.tools.desktop``), standard library only, so an
+image can run them without installing labgate. The image is tagged with the
+table's ``image`` and built by the site's engine (Docker or Podman, through
+the Engine API), which pulls ``FROM`` images only when it must: on machines
+that cannot reach a public registry, pass a local base
+(``--build-arg BASE=...``).
 """
 
 from __future__ import annotations
@@ -29,8 +32,16 @@ CONTAINERFILE = "Containerfile"
 #: CA certificates the build trusts besides the base image's (``--ca-file``); may be empty.
 EXTRA_CA = "extra-ca.pem"
 #: Files of labgate an image may run without installing it (copied into ``labgate/``).
-LABGATE_FILES = ("__init__.py", "tools/__init__.py", "tools/jupyter_busy.py")
+LABGATE_FILES = (
+    "__init__.py",
+    "tools/__init__.py",
+    "tools/jupyter_busy.py",
+    "tools/gate.py",
+    "tools/desktop.py",
+)
 PACKAGE = Path(__file__).resolve().parent.parent
+#: ``pip-venv.sh VENV REQUIREMENT...``, in every context: a venv from PyPI, trusting extra-ca.pem.
+PIP_VENV = PACKAGE / "tools" / "builtin" / "pip-venv.sh"
 
 
 def recipe_of(backend: ContainerBackend, tool: Tool) -> tuple[str, Path]:
@@ -49,6 +60,21 @@ def recipe_of(backend: ContainerBackend, tool: Tool) -> tuple[str, Path]:
     if not (directory / CONTAINERFILE).is_file():
         raise ConfigError(f"tool {tool.name!r}: no {CONTAINERFILE} in {directory}")
     return section.image, directory
+
+
+def write_context(directory: Path, root: Path, ca_file: Path | None = None) -> None:
+    """Fill ``root`` with a build context: the recipe, ``extra-ca.pem`` and ``labgate/``.
+
+    ``scripts/build-tool-images.sh`` builds the tests' images from the same context.
+    """
+    shutil.copytree(directory, root, dirs_exist_ok=True)
+    extra = ca_file.read_bytes() if ca_file is not None else b""
+    (root / EXTRA_CA).write_bytes(extra)
+    shutil.copy(PIP_VENV, root / PIP_VENV.name)
+    for name in LABGATE_FILES:
+        target = root / "labgate" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PACKAGE / name, target)
 
 
 def build_image(
@@ -71,13 +97,7 @@ def build_image(
     image = tag or image
     with tempfile.TemporaryDirectory(prefix="labgate-build-") as context:
         root = Path(context)
-        shutil.copytree(directory, root, dirs_exist_ok=True)
-        extra = ca_file.read_bytes() if ca_file is not None else b""
-        (root / EXTRA_CA).write_bytes(extra)
-        for name in LABGATE_FILES:
-            target = root / "labgate" / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(PACKAGE / name, target)
+        write_context(directory, root, ca_file)
         say(f"building {image} on {backend.engine_address} from {directory}")
         lines = backend.client.api.build(
             path=str(root),

@@ -129,12 +129,15 @@ def image_checks(backend: ContainerBackend, tools: list[Tool]) -> tuple[list[Dia
         if backend.has_image(image):
             present = present or image
             continue
+        build = f"`labgate image build {tool.name} --site {backend.site}`"
         if backend.config.pull == "never":
             found.append(
                 Diagnosis(
                     "fail",
                     f"tool {tool.name}: image {image} is not on the engine and pull is 'never'",
-                    f"build it here: `labgate image build {tool.name} --site {backend.site}`",
+                    f"build it here: {build}"
+                    if section.build
+                    else f"put {image} on the engine (the tool ships no recipe to build it)",
                 )
             )
         else:
@@ -143,8 +146,10 @@ def image_checks(backend: ContainerBackend, tools: list[Tool]) -> tuple[list[Dia
                     "warn",
                     f"tool {tool.name}: image {image} is not on the engine; the first launch "
                     "pulls it",
-                    f"pull or build it now: `labgate image build {tool.name} --site "
-                    f"{backend.site}` (machines that cannot reach a registry must build)",
+                    f"pull or build it now: {build} (machines that cannot reach a registry "
+                    "must build)"
+                    if section.build
+                    else f"pull it now (`podman pull {image}`), or put it on the engine",
                 )
             )
     if tools and not found:

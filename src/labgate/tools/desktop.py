@@ -7,7 +7,8 @@ one process group (the process backend stops them together):
    a Unix socket in a private directory (mode 0700), never on TCP, so only
    the instance's own uid can reach the desktop;
 2. ``openbox``, a light window manager, and an ``xterm`` in the workspace;
-3. ``websockify`` on the loopback port ``P``: it serves noVNC's pages and
+3. ``websockify`` on the loopback port ``P`` (``--host 0.0.0.0`` in a container,
+   whose network namespace is its own): it serves noVNC's pages and
    turns the WebSocket at ``/websockify`` into the VNC stream. An auth plugin
    (written next to the socket) refuses every request without the router's
    ``Authorization: token <instance token>``, so only traffic that came
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     """Start the desktop and serve it on ``--port`` until stopped."""
     parser = argparse.ArgumentParser(description="labgate desktop tool")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--geometry", default="1280x800")
     args = parser.parse_args(argv)
     missing = [p for p in PROGRAMS if shutil.which(p) is None]
@@ -179,11 +181,11 @@ def main(argv: list[str] | None = None) -> None:
         "labgate_desktop_auth.TokenAuth",
         "--unix-target",
         str(socket),
-        f"127.0.0.1:{args.port}",
+        f"{args.host}:{args.port}",
     ]
     path = os.pathsep.join(filter(None, [str(private), os.environ.get("PYTHONPATH", "")]))
     children.append(subprocess.Popen(websockify, env={**os.environ, "PYTHONPATH": path}))
-    print(f"desktop: {display} ({args.geometry}) on 127.0.0.1:{args.port}", flush=True)
+    print(f"desktop: {display} ({args.geometry}) on {args.host}:{args.port}", flush=True)
     while all(child.poll() is None for child in children[:1] + children[-1:]):
         time.sleep(0.5)
     stop()

@@ -2,7 +2,8 @@
 
 ``python -m labgate.tools.gate --port P --socket S -- COMMAND...`` starts
 ``COMMAND`` (which must listen on the Unix socket ``S``, in a directory only
-the instance's uid can enter) and listens on the loopback port ``P``. Each
+the instance's uid can enter) and listens on the loopback port ``P`` (on
+``--host``, e.g. ``0.0.0.0`` in a container, whose network namespace is its own). Each
 connection's first request must carry ``Authorization: token
 <LABGATE_INSTANCE_TOKEN>``, which the router adds to everything it proxies;
 then the connection is spliced to the socket both ways (WebSocket upgrades
@@ -12,6 +13,11 @@ gate ends when the command does, and stops it when told to stop.
 
 The ``vscode`` tool runs code-server behind it (``--socket``): a code-server
 reachable by other local users would be a shell in the instance's name.
+
+With ``--upstream-port N`` the gate splices to ``127.0.0.1:N`` instead of a
+socket, for tools that cannot serve on one (Shiny, Streamlit). That is only
+private inside a container, whose loopback is its own: the ``shiny`` and
+``streamlit`` tools' ``[container]`` tables use it; their process tables cannot.
 """
 
 from __future__ import annotations
@@ -62,9 +68,16 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class Gate:
     """The listening side: check each connection's first request, then splice."""
 
-    def __init__(self, socket_path: Path, token: str) -> None:
+    def __init__(self, socket_path: Path, token: str, upstream_port: int = 0) -> None:
         self.socket_path = socket_path
+        self.upstream_port = upstream_port
         self.expected = token.encode()
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the tool: its loopback port when given, else its socket."""
+        if self.upstream_port:
+            return await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        return await asyncio.open_unix_connection(str(self.socket_path))
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection."""
@@ -80,7 +93,7 @@ class Gate:
             writer.close()
             return
         try:
-            up_reader, up_writer = await asyncio.open_unix_connection(str(self.socket_path))
+            up_reader, up_writer = await self.connect()
         except OSError:
             writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             writer.close()
@@ -91,12 +104,18 @@ class Gate:
             side.close()
 
 
-async def run(port: int, socket_path: Path, command: list[str]) -> int:
-    """Start ``command``, serve the gate until it exits; its exit code."""
+async def run(
+    port: int,
+    socket_path: Path,
+    command: list[str],
+    host: str = "127.0.0.1",
+    upstream_port: int = 0,
+) -> int:
+    """Start ``command``, serve the gate on ``host:port`` until it exits; its exit code."""
     token = os.environ.get("LABGATE_INSTANCE_TOKEN", "")
     child = await asyncio.create_subprocess_exec(*command)
-    gate = Gate(socket_path, token)
-    server = await asyncio.start_server(gate.handle, "127.0.0.1", port, limit=MAX_HEAD)
+    gate = Gate(socket_path, token, upstream_port)
+    server = await asyncio.start_server(gate.handle, host, port, limit=MAX_HEAD)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -105,17 +124,25 @@ async def run(port: int, socket_path: Path, command: list[str]) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop)
-    print(f"gate: 127.0.0.1:{port} -> {socket_path} ({command[0]})", flush=True)
+    target = f"127.0.0.1:{upstream_port}" if upstream_port else str(socket_path)
+    print(f"gate: {host}:{port} -> {target} ({command[0]})", flush=True)
     code = await child.wait()
     server.close()
     return code
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``--port P [--socket S] -- COMMAND...``; ``{socket}`` in COMMAND is the socket."""
+    """Parse ``[--host H] --port P [--socket S | --upstream-port N] -- COMMAND...``.
+
+    ``{socket}`` in COMMAND is the socket's path.
+    """
     parser = argparse.ArgumentParser(description="labgate token gate")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--socket", default="")
+    parser.add_argument(
+        "--upstream-port", type=int, default=0, help="splice to 127.0.0.1:N, not a socket"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     socket_path = Path(args.socket) if args.socket else private / "tool.sock"
     command = [part.replace("{socket}", str(socket_path)) for part in command]
     try:
-        sys.exit(asyncio.run(run(args.port, socket_path, command)))
+        sys.exit(asyncio.run(run(args.port, socket_path, command, args.host, args.upstream_port)))
     finally:
         with contextlib.suppress(OSError):
             socket_path.unlink()
