@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -82,18 +83,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted values."""
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+
+
+def over_all(times: list[float], failures: int, q: float) -> float | None:
+    """The ``q`` quantile over every launch, a failed one counting as never ready (None)."""
+    value = percentile(sorted(times) + [math.inf] * failures, q)
+    return None if math.isinf(value) else value
+
+
 def summary(times: list[float], failures: int = 0) -> dict[str, Any]:
-    """p50, p95, mean, min, max (seconds) of successful launches, and failures."""
+    """p50, p95, mean, min, max (seconds) of successful launches, and failures.
+
+    ``p50_all`` and ``p95_all`` are over every launch, a failure counting as
+    never ready (``None`` when the quantile falls on one): a user whose
+    launch failed waited for ever, not not at all.
+    """
     ordered = sorted(times)
+    over = {
+        "p50_all": over_all(ordered, failures, 0.5),
+        "p95_all": over_all(ordered, failures, 0.95),
+    }
     if not ordered:
-        return {"n": 0, "failures": failures}
+        return {"n": 0, "failures": failures, **over}
 
     def pct(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered) + 0.5) - 1))]
+        return percentile(ordered, q)
 
     return {
         "n": len(ordered),
         "failures": failures,
+        **over,
         "p50": statistics.median(ordered),
         "p95": pct(0.95),
         "mean": statistics.fmean(ordered),
@@ -647,6 +669,15 @@ async def storms(args: argparse.Namespace, work: Path, results: dict[str, Any]) 
     return results
 
 
+def ready(value: float | None) -> float:
+    """A quantile from :func:`summary`: None (a failed launch) is never."""
+    return math.inf if value is None else value
+
+
+def seconds(value: float) -> str:
+    return "never" if math.isinf(value) else f"{value:.1f} s"
+
+
 def storm_targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """Per storm: no labgate failure; p50 at most 0.6x JupyterHub's, p95 at most its."""
     out: list[tuple[str, str, str, bool]] = []
@@ -660,21 +691,27 @@ def storm_targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
                 lg.get("failures") == 0,
             )
         )
-        if lg.get("n") and hub.get("n"):
+        if lg and hub:
+            # Over every launch: a failed one is never ready (a storm where most of one
+            # side's launches fail has no meaningful percentile of its successes alone).
+            lg50, hub50 = ready(lg.get("p50_all")), ready(hub.get("p50_all"))
+            lg95, hub95 = ready(lg.get("p95_all")), ready(hub.get("p95_all"))
+            finite = math.isfinite(lg50) and math.isfinite(hub50)
+            ratio = f" = {lg50 / hub50:.2f}x" if finite else ""
             out.append(
                 (
-                    f"{count} at once: p50 labgate / JupyterHub",
-                    f"{lg['p50']:.1f} s / {hub['p50']:.1f} s = {lg['p50'] / hub['p50']:.2f}x",
+                    f"{count} at once: p50 labgate / JupyterHub (every launch; failed: never)",
+                    f"{seconds(lg50)} / {seconds(hub50)}{ratio}",
                     "<= 0.6x",
-                    lg["p50"] <= 0.6 * hub["p50"],
+                    math.isfinite(lg50) and lg50 <= 0.6 * hub50,
                 )
             )
             out.append(
                 (
-                    f"{count} at once: p95 labgate / JupyterHub",
-                    f"{lg['p95']:.1f} s / {hub['p95']:.1f} s",
+                    f"{count} at once: p95 labgate / JupyterHub (every launch; failed: never)",
+                    f"{seconds(lg95)} / {seconds(hub95)}",
                     "labgate <= JupyterHub",
-                    lg["p95"] <= hub["p95"],
+                    math.isfinite(lg95) and lg95 <= hub95,
                 )
             )
     return out
