@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,8 @@ def build(force: bool) -> int:
         done = subprocess.run(
             [sys.executable, "build.py", *sources],
             cwd=work,
+            # labgate's own modules from this checkout, whatever is installed meanwhile.
+            env={**os.environ, "MYPYPATH": str(ROOT / "src")},
             capture_output=True,
             text=True,
         )

@@ -80,17 +80,31 @@ async def test_idle_instances_stop_and_used_ones_stay(app, client, make_user, ro
     workspace = settings.workspaces_dir / "alice"
     workspace.mkdir(parents=True)
     (workspace / "keep.txt").write_text("data stays")
-    names = ("http", "websocket", "busy", "idle", "kept")
+    names = ("http", "websocket", "busy", "kept", "idle")
     launched = await asyncio.gather(*(launch(client, alice, "quick") for _ in names))
     ids = dict(zip(names, launched, strict=True))
-    for iid in ids.values():
-        await wait_for_state(client, alice, iid, {"running"})
-
     router = httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10)
+    # Each one's use begins as soon as it runs: the idle timeout is 2 s, and on a loaded
+    # machine the next one may take longer than that to be seen running.
+    users: list[asyncio.Task[None]] = []
 
     async def request() -> None:
         assert (await router.get(f"/i/{ids['http']}/api/info")).status_code == 200
 
+    await wait_for_state(client, alice, ids["http"], {"running"})
+    users.append(asyncio.create_task(every(0.3, request)))
+
+    await wait_for_state(client, alice, ids["websocket"], {"running"})
+    ws_url = router_url.replace("http", "ws", 1) + f"/i/{ids['websocket']}/ws"
+    socket = await websockets.connect(ws_url, additional_headers=alice)
+
+    async def chat() -> None:
+        await socket.send("still here")
+        assert await socket.recv() == "still here"
+
+    users.append(asyncio.create_task(every(0.3, chat)))
+
+    await wait_for_state(client, alice, ids["busy"], {"running"})
     secret = await secret_of(app, ids["busy"])
 
     async def busy() -> None:
@@ -100,18 +114,13 @@ async def test_idle_instances_stop_and_used_ones_stay(app, client, make_user, ro
         )
         assert response.status_code == 204
 
-    ws_url = router_url.replace("http", "ws", 1) + f"/i/{ids['websocket']}/ws"
-    socket = await websockets.connect(ws_url, additional_headers=alice)
+    users.append(asyncio.create_task(every(0.3, busy)))
 
-    async def chat() -> None:
-        await socket.send("still here")
-        assert await socket.recv() == "still here"
-
+    await wait_for_state(client, alice, ids["kept"], {"running"})
     kept = await client.put(
         f"/api/v1/instances/{ids['kept']}/keep-alive", json={"for": 5}, headers=alice
     )
     assert kept.status_code == 200 and kept.json()["cull_reason"] == "idle"
-    users = [asyncio.create_task(every(0.3, act)) for act in (request, busy, chat)]
     try:
         await wait_for_state(client, alice, ids["idle"], {"stopped"}, timeout=30)
         for name in ("http", "websocket", "busy", "kept"):
