@@ -123,3 +123,15 @@ def test_tools_a_site_cannot_run_say_what_to_install(env, tmp_path):
         "installed; install it with: apt-get install needy"
     ) in out
     assert "needy" not in out.split("runs ", 1)[1].splitlines()[0]
+
+
+def test_doctor_says_whether_the_router_runs_compiled_or_python(env, monkeypatch):
+    from labgate.router import _native
+
+    _, out = doctor(env, "--json")
+    found = {f["subject"]: f for f in json.loads(out)}["router"]
+    assert (found["level"] == "ok") == (_native.check() == "compiled"), found
+    monkeypatch.setenv(_native.PURE_ENV, "1")
+    _, out = doctor(env, "--json")
+    found = {f["subject"]: f for f in json.loads(out)}["router"]
+    assert found["level"] == "info" and _native.PURE_ENV in found["detail"], found
