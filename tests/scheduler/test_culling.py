@@ -84,28 +84,15 @@ async def test_idle_instances_stop_and_used_ones_stay(app, client, make_user, ro
     launched = await asyncio.gather(*(launch(client, alice, "quick") for _ in names))
     ids = dict(zip(names, launched, strict=True))
     router = httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10)
-    # Each one's use begins as soon as it runs: the idle timeout is 2 s, and on a loaded
-    # machine the next one may take longer than that to be seen running.
-    users: list[asyncio.Task[None]] = []
+    ws_url = router_url.replace("http", "ws", 1) + f"/i/{ids['websocket']}/ws"
+    secret = await secret_of(app, ids["busy"])
+    # The idle timeout is 2 s and on a loaded machine one instance may run for longer than
+    # that before another is seen running, so each one's use begins in its own task, as soon
+    # as that instance runs.
+    in_use = {name: asyncio.Event() for name in ("http", "websocket", "busy", "kept")}
 
     async def request() -> None:
         assert (await router.get(f"/i/{ids['http']}/api/info")).status_code == 200
-
-    await wait_for_state(client, alice, ids["http"], {"running"})
-    users.append(asyncio.create_task(every(0.3, request)))
-
-    await wait_for_state(client, alice, ids["websocket"], {"running"})
-    ws_url = router_url.replace("http", "ws", 1) + f"/i/{ids['websocket']}/ws"
-    socket = await websockets.connect(ws_url, additional_headers=alice)
-
-    async def chat() -> None:
-        await socket.send("still here")
-        assert await socket.recv() == "still here"
-
-    users.append(asyncio.create_task(every(0.3, chat)))
-
-    await wait_for_state(client, alice, ids["busy"], {"running"})
-    secret = await secret_of(app, ids["busy"])
 
     async def busy() -> None:
         response = await client.post(
@@ -114,14 +101,45 @@ async def test_idle_instances_stop_and_used_ones_stay(app, client, make_user, ro
         )
         assert response.status_code == 204
 
-    users.append(asyncio.create_task(every(0.3, busy)))
+    async def use(name: str, action: Any) -> None:
+        await wait_for_state(client, alice, ids[name], {"running"})
+        await action()
+        in_use[name].set()
+        await every(0.3, action)
 
-    await wait_for_state(client, alice, ids["kept"], {"running"})
-    kept = await client.put(
-        f"/api/v1/instances/{ids['kept']}/keep-alive", json={"for": 5}, headers=alice
-    )
-    assert kept.status_code == 200 and kept.json()["cull_reason"] == "idle"
+    sockets: list[Any] = []
+
+    async def chat() -> None:
+        await wait_for_state(client, alice, ids["websocket"], {"running"})
+        sockets.append(await websockets.connect(ws_url, additional_headers=alice))
+        while True:
+            await sockets[0].send("still here")
+            assert await sockets[0].recv() == "still here"
+            in_use["websocket"].set()
+            await asyncio.sleep(0.3)
+
+    async def keep() -> None:
+        await wait_for_state(client, alice, ids["kept"], {"running"})
+        kept = await client.put(
+            f"/api/v1/instances/{ids['kept']}/keep-alive", json={"for": 5}, headers=alice
+        )
+        assert kept.status_code == 200 and kept.json()["cull_reason"] == "idle"
+        in_use["kept"].set()
+
+    users = [
+        asyncio.create_task(use("http", request)),
+        asyncio.create_task(chat()),
+        asyncio.create_task(use("busy", busy)),
+        asyncio.create_task(keep()),
+    ]
     try:
+        deadline = time.monotonic() + 60
+        while not all(e.is_set() for e in in_use.values()):
+            for task in users:
+                if task.done():
+                    task.result()  # a failed use is told here, not as a timeout
+            assert time.monotonic() < deadline, {name: e.is_set() for name, e in in_use.items()}
+            await asyncio.sleep(0.05)
         await wait_for_state(client, alice, ids["idle"], {"stopped"}, timeout=30)
         for name in ("http", "websocket", "busy", "kept"):
             assert await state_of(client, alice, ids[name]) == "running", name
@@ -135,7 +153,7 @@ async def test_idle_instances_stop_and_used_ones_stay(app, client, make_user, ro
     # Traffic ends; the WebSocket stays open but silent: that is not use.
     for name in ("http", "websocket", "busy", "kept"):
         await wait_for_state(client, alice, ids[name], {"stopped"}, timeout=30)
-    await socket.close()
+    await sockets[0].close()
     await router.aclose()
 
     culled = await events(app, ids["idle"])
