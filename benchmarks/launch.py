@@ -18,6 +18,8 @@ front door (labgate's router; JupyterHub's configurable-http-proxy):
   labgate ``jupyterlab`` and JupyterHub's JupyterLab: p50, p95, failures;
 - ``--storm N [N ...]`` instead of all that: one JupyterLab launch alone, then
   N JupyterLab launches at once (one per user), on labgate and on JupyterHub.
+  After each labgate batch at once every instance is stopped at once (a class
+  ending): how long until all have stopped, and the CPU ``serve`` spent on it.
 
 Both start JupyterLab under the same start timeout, ``--start-timeout``
 (120 s): labgate's JupyterLab tool file is copied with that ``start_timeout``
@@ -318,6 +320,12 @@ class Labgate:
                     raise TimeoutError(f"pools not ready: {pools}")
                 await asyncio.sleep(0.2)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the ``labgate serve`` process so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.send_signal(signal.SIGTERM)
@@ -378,7 +386,11 @@ async def labgate_concurrent(
             return go
 
         result = await at_once([launcher(u) for u in users])
+    # The class ends: every instance stopped at once. Wall time and the CPU of `serve`.
+    cpu, begun = lg.cpu_seconds(), time.monotonic()
     await lg.stop_all()
+    result["stop_all_s"] = time.monotonic() - begun
+    result["stop_all_serve_cpu_s"] = lg.cpu_seconds() - cpu
     return result
 
 
@@ -489,6 +501,12 @@ c.JupyterHub.cleanup_servers = True
                 if time.monotonic() > deadline:
                     raise RuntimeError("JupyterHub servers did not stop")
                 await asyncio.sleep(0.3)
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) of the ``labgate serve`` process so far."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return sum(int(value) for value in fields[11:13]) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         if self.process is not None:
@@ -787,6 +805,11 @@ def table(r: dict[str, Any]) -> str:
             )
         else:
             rows.append(f"| {name} | 0 | | | | {s['failures']} |")
+    stops = {name: s for name, s in many.items() if "stop_all_s" in s}
+    if stops:
+        rows += ["", "| then all stopped at once | seconds | `serve` CPU s |", "|---|---:|---:|"]
+        for name, s in stops.items():
+            rows.append(f"| {name} | {s['stop_all_s']:.2f} | {s['stop_all_serve_cpu_s']:.2f} |")
     rows += ["", "| target | measured | wanted | met |", "|---|---:|---|---|"]
     for name, value, wanted, met in targets(r):
         rows.append(f"| {name} | {value} | {wanted} | {'yes' if met else 'NO'} |")

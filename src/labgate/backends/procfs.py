@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import signal
 import stat
+import threading
+import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 #: Every process of an instance carries ``LABGATE_INSTANCE_ID=<id>`` in its
 #: environment; stop() finds the ones that left the process tree by it.
 MARKER_VAR = "LABGATE_INSTANCE_ID"
+_MARKER_PREFIX = f"{MARKER_VAR}=".encode()
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class ProcInfo:
     start_time: int
     #: Raw wait status, meaningful for zombies only (field 52).
     exit_status: int
+    #: The command name (field 2): it changes when the process execs another program.
+    name: bytes = b""
 
     @property
     def zombie(self) -> bool:
@@ -47,7 +52,8 @@ def read_proc(pid: int) -> ProcInfo | None:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: cut at the last ")".
-    rest = data[data.rindex(b")") + 2 :].split()
+    end = data.rindex(b")")
+    rest = data[end + 2 :].split()
     exit_status = int(rest[49]) if len(rest) > 49 else 0
     return ProcInfo(
         pid=pid,
@@ -57,6 +63,7 @@ def read_proc(pid: int) -> ProcInfo | None:
         state=rest[0].decode(),
         start_time=int(rest[19]),
         exit_status=exit_status,
+        name=data[data.index(b"(") + 1 : end],
     )
 
 
@@ -68,12 +75,70 @@ def boot_id() -> str:
         return ""
 
 
-def _has_marker(pid: int, marker: bytes) -> bool:
+def _marker_of(pid: int) -> bytes | None:
+    """The instance id in ``pid``'s environment marker, or None (none, gone, not ours)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:  # gone, or another user's process
-        return False
-    return environ.startswith(marker) or b"\0" + marker in environ
+        return None
+    for variable in environ.split(b"\0"):
+        if variable.startswith(_MARKER_PREFIX):
+            return variable[len(_MARKER_PREFIX) :]
+    return None
+
+
+@dataclass(frozen=True)
+class ProcTable:
+    """Every process on the machine at one moment, and the instance markers they carry."""
+
+    taken: float
+    procs: dict[int, ProcInfo]
+    #: pid -> the instance id in its environment marker, for marked processes only.
+    markers: dict[int, bytes]
+
+
+#: Scans younger than this are shared: a stop polls /proc every 50 ms, and fifty
+#: instances stopping at once must not scan it a thousand times a second.
+SHARED_SCAN_AGE = 0.025
+_scan_lock = threading.Lock()
+_last_scan: ProcTable | None = None
+#: (pid, start time) -> (command name, marker or None) when last read. A process's
+#: environment is the one it was started or last exec'd with, so it is read again only
+#: when an unmarked process execs (its name changes: a process labgate forks carries
+#: labgate's environment until it execs the tool's); once marked, a process stays the
+#: instance's even if it execs without the marker.
+_markers: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
+
+
+def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
+    """The processes of the machine, from a scan at most ``max_age`` seconds old.
+
+    Concurrent callers (worker threads of several stops) share one scan; each
+    process's environment is read only the first time it is seen.
+    """
+    global _last_scan
+    with _scan_lock:
+        now = time.monotonic()
+        if _last_scan is not None and now - _last_scan.taken <= max_age:
+            return _last_scan
+        procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
+                 if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
+        markers: dict[int, bytes] = {}
+        seen: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
+        for pid, info in procs.items():
+            key = (pid, info.start_time)
+            known = _markers.get(key)
+            if known is not None and (known[1] is not None or known[0] == info.name):
+                marker = known[1]
+            else:
+                marker = _marker_of(pid)
+            seen[key] = (info.name, marker)
+            if marker is not None:
+                markers[pid] = marker
+        _markers.clear()
+        _markers.update(seen)  # forgets the processes that are gone
+        _last_scan = ProcTable(now, procs, markers)
+        return _last_scan
 
 
 def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> dict[int, int]:
@@ -84,11 +149,11 @@ def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> di
     tracked process ``root`` while it lives, and all their descendants (found
     through parent links, which catches children that started a new session).
     """
-    procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
-             if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
-    marker = f"{MARKER_VAR}={instance_id}\0".encode()
+    table = scan()
+    procs = table.procs
+    marker = instance_id.encode()
     seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
-    seeds |= {pid for pid in procs if _has_marker(pid, marker)}
+    seeds |= {pid for pid, value in table.markers.items() if value == marker}
     if root in seeds:
         seeds |= {p.pid for p in procs.values() if root in (p.session, p.pgrp)}
     children: dict[int, list[int]] = {}

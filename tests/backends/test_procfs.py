@@ -1,0 +1,76 @@
+"""/proc scans of the process backend: shared between concurrent stops, markers read once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labgate.backends import procfs
+from labgate.backends.procfs import MARKER_VAR, instance_processes, scan
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+def spawn(started: list[subprocess.Popen[bytes]], script: str, marker: str | None) -> int:
+    env = {"PATH": os.environ["PATH"]}
+    if marker is not None:
+        env[MARKER_VAR] = marker
+    process = subprocess.Popen(["sh", "-c", script], env=env, start_new_session=True)
+    started.append(process)
+    return process.pid
+
+
+def wait_until(condition: object, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_concurrent_callers_share_one_scan_and_a_new_process_is_seen_by_a_fresh_one(processes):
+    first = scan(max_age=0)
+    assert scan(max_age=60) is first  # a second stop polling now reads no /proc
+    pid = spawn(processes, "sleep 30", "i-new")
+    assert pid not in scan(max_age=60).procs  # that scan is older than the process
+    fresh = scan(max_age=0)
+    assert fresh is not first and pid in fresh.procs and fresh.markers[pid] == b"i-new"
+
+
+def test_marked_processes_are_found_by_exact_id_even_out_of_the_tree(processes):
+    # setsid + a shell that exits: the sleep is re-parented, out of any tree we track.
+    spawn(processes, "setsid sleep 30 & sleep 30", "i-one")
+    spawn(processes, "sleep 30", "i-one-other")  # an id with ours as its prefix
+    spawn(processes, "sleep 30", None)
+
+    def marked() -> dict[int, int]:
+        procfs.scan(max_age=0)
+        return instance_processes("i-one", 0, {})
+
+    wait_until(lambda: len(marked()) >= 3)  # sh, its sleep, the setsid sleep
+    table = scan(max_age=0)
+    found = marked()
+    assert all(table.markers[pid] == b"i-one" for pid in found)
+    assert not any(table.markers.get(pid) == b"i-one-other" for pid in found)
+
+
+def test_a_process_that_drops_its_marker_after_it_was_seen_is_still_the_instances(processes):
+    # The shell is seen with the marker, then replaces itself with a sleep with no environment.
+    pid = spawn(processes, "sleep 1; exec env -i sleep 30", "i-drops")
+    scan(max_age=0)
+    assert pid in instance_processes("i-drops", 0, {})
+    wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00")
+    assert procfs._marker_of(pid) is None  # its environment no longer says so
+    scan(max_age=0)
+    assert pid in instance_processes("i-drops", 0, {})
