@@ -12,9 +12,11 @@ warm-pool claim's idmapped workspace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -23,10 +25,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from labgate.backends import limits as limits_module
@@ -34,6 +37,8 @@ from labgate.backends.archive import save_workspace
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, SnapshotRef, Started
 from labgate.backends.claim import Claim
 from labgate.backends.process import ProcessBackend
+from labgate.backends.procfs import instance_processes
+from labgate.backends.registry import load_catalog
 from labgate.config import Settings
 from labgate.tools.catalog import ProcessSpec, Tool
 
@@ -121,6 +126,15 @@ def read_path(path):
     with open(path) as handle:
         return handle.read(100)
 
+def connect_tcp(port):
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    return True
+
+def http_status(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(100).decode().split("\r\n")[0]
+
 def affinity():
     before = sorted(os.sched_getaffinity(0))
     attempt("setaffinity", lambda: os.sched_setaffinity(0, set(config["all_cpus"])))
@@ -155,6 +169,9 @@ for route in sys.argv[1:]:
         attempt("root_only_dir", lambda: os.listdir(config["root_only_dir"]))
         attempt("bob_file", lambda: read_path("/data/bob/secret.txt"))
         attempt("own_write", lambda: open(os.environ["HOME"] + "/mine.txt", "w").write("mine"))
+    elif route == "network":
+        attempt("app", lambda: connect_tcp(config["app_port"]))
+        attempt("gate", lambda: http_status(config["gate_port"]))
     elif route == "limits":
         out["affinity"] = affinity()
 with open(os.path.join(os.environ["HOME"], "probe.json.part"), "w") as handle:
@@ -222,6 +239,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
         using: ProcessBackend | None = None,
         workspace: Path | None = None,
         snapshot: SnapshotRef | None = None,
+        params: dict[str, str] | None = None,
     ) -> tuple[Started, LaunchSpec]:
         instance_id = f"t{uuid.uuid4().hex[:12]}"
         workspace = workspace or settings.workspaces_dir / owner
@@ -242,9 +260,11 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
             workspace=workspace,
             resources=resources or Resources(cpu=1, memory=1024 * MiB),
             secret=uuid.uuid4().hex,
-            env={"PROBE": json.dumps(config or {})},
+            env={"PROBE": json.dumps(config or {})}
+            | {f"LABGATE_PARAM_{k.upper()}": v for k, v in (params or {}).items()},
             mounts=mounts,
             snapshot=snapshot,
+            params=params or {},
         )
         result = await (using or backend).start(spec)
         started.append(result.state)
@@ -563,3 +583,110 @@ def test_launcher_drops_everything_without_setpriv() -> None:
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[name][0], 16) == 0, name
     assert fields["NoNewPrivs"] == ["1"]
+
+
+# --- apps that cannot check the instance token ------------------------------------
+
+APPS = {
+    "streamlit": ("app.py", "import streamlit as st\nst.write('hello')\n"),
+    "shiny": (
+        "app.R",
+        "library(shiny)\nshinyApp(fluidPage('hello'), function(input, output) {})\n",
+    ),
+}
+
+
+def host_listening_ports(pids: Collection[int]) -> set[int]:
+    """Ports that processes ``pids`` listen on in the host's network namespace (ours)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.parametrize("tool_name", list(APPS))
+async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_gate(
+    launch: Launch, settings: Settings, tool_name: str
+) -> None:
+    """Streamlit and Shiny listen in a network namespace of their own, behind the token gate.
+
+    From the host and from another user's instance the only port of the
+    instance is the gate's, which answers 403 without the token; the app's own
+    port exists only inside the instance's namespace.
+    """
+    tool = load_catalog().get(tool_name)
+    assert tool is not None
+    if (reason := ProcessBackend.unavailable_reason(tool)) is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool_name} cannot run: {reason}")
+        pytest.skip(f"{tool_name} cannot run here: {reason}")
+    name, source = APPS[tool_name]
+    alice = settings.workspaces_dir / "alice"
+    alice.mkdir(parents=True, exist_ok=True)
+    (alice / name).write_text(source)
+    started, spec = await launch(tool=tool, params={"app": name})
+    port = int(started.state["port"])
+    assert started.state["private_network"] is True
+    path = (
+        spec.base_url.rstrip("/") + tool.health_path if tool.supports_prefix else tool.health_path
+    )
+    health = f"http://127.0.0.1:{port}{path}"
+    token = {"Authorization": f"token {spec.secret}"}
+    deadline = time.monotonic() + 90
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(health, headers=token)).status_code == 200:
+                    break
+            log = Path(started.state["log"]).read_text()
+            assert time.monotonic() < deadline, f"{tool_name} did not come up; log:\n{log}"
+            await asyncio.sleep(0.2)
+    # A connection of its own: the gate checks each connection's first request.
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(health)).status_code == 403
+
+    # The gate names the app's address in the log: 127.0.0.1:N, in the instance's namespace.
+    log = Path(started.state["log"]).read_text()
+    app_port = int(re.search(r"gate: \S+ -> 127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
+    pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
+    assert host_listening_ports(pids) == {port}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", app_port), timeout=5).close()
+    # It is there, answering, inside the instance's own namespace (entered as root).
+    ours = os.readlink("/proc/self/ns/net")
+    inner = [pid for pid in pids if os.readlink(f"/proc/{pid}/ns/net") != ours]
+    assert inner
+    inside = subprocess.run(
+        [
+            "nsenter",
+            f"--net=/proc/{inner[0]}/ns/net",
+            sys.executable,
+            "-c",
+            "import sys, urllib.request as u; "
+            "print(u.urlopen(f'http://127.0.0.1:{sys.argv[1]}{sys.argv[2]}').status)",
+            str(app_port),
+            path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert inside.stdout.strip() == "200", inside.stderr
+
+    # Bob, in an instance of his own, finds only the gate.
+    bobs, bob_spec = await launch(
+        "network", owner="bob", owner_id=BOB, config={"app_port": app_port, "gate_port": port}
+    )
+    result = await probe_result(bobs, bob_spec)
+    assert refused(result, "app", "ECONNREFUSED"), result
+    assert result["gate"] == {"ok": True, "value": "HTTP/1.1 403 Forbidden"}
