@@ -613,6 +613,61 @@ def host_listening_ports(pids: Collection[int]) -> set[int]:
     return ports
 
 
+def app_tool(tool_name: str) -> Tool:
+    """The built-in tool; skipped (failed in CI) where this machine cannot run it."""
+    tool = load_catalog().get(tool_name)
+    assert tool is not None
+    if (reason := ProcessBackend.unavailable_reason(tool)) is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool_name} cannot run: {reason}")
+        pytest.skip(f"{tool_name} cannot run here: {reason}")
+    return tool
+
+
+async def only_the_gate_answers(state: JSON, secret: str, base_url: str, tool: Tool) -> int:
+    """Check the instance is reachable only through its gate; the app's port inside.
+
+    The gate answers with the token and 403 without; the instance listens on no
+    other port of the host; the app's port, named in the gate's log line, is
+    refused on the host's loopback and answers inside the instance's own
+    network namespace (entered as root).
+    """
+    port = int(state["port"])
+    path = base_url.rstrip("/") + tool.health_path if tool.supports_prefix else tool.health_path
+    health = f"http://127.0.0.1:{port}{path}"
+    deadline = time.monotonic() + 90
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                answer = await client.get(health, headers={"Authorization": f"token {secret}"})
+                if answer.status_code == 200:
+                    break
+            log = Path(state["log"]).read_text()
+            assert time.monotonic() < deadline, f"{tool.name} did not come up; log:\n{log}"
+            await asyncio.sleep(0.2)
+    # A connection of its own: the gate checks each connection's first request.
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(health)).status_code == 403
+
+    log = Path(state["log"]).read_text()
+    app_port = int(re.search(r"gate: \S+ -> 127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
+    pids = instance_processes(str(state["instance_id"]), int(state["pid"]), {})
+    assert host_listening_ports(pids) == {port}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", app_port), timeout=5).close()
+    ours = os.readlink("/proc/self/ns/net")
+    inner = [pid for pid in pids if os.readlink(f"/proc/{pid}/ns/net") != ours]
+    assert inner
+    get = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1]).status)"
+    inside = subprocess.run(
+        ["nsenter", f"--net=/proc/{inner[0]}/ns/net", sys.executable, "-c", get,
+         f"http://127.0.0.1:{app_port}{path}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert inside.stdout.strip() == "200", inside.stderr
+    return app_port
+
+
 @pytest.mark.parametrize("tool_name", list(APPS))
 async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_gate(
     launch: Launch, settings: Settings, tool_name: str
@@ -623,70 +678,75 @@ async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_ga
     instance is the gate's, which answers 403 without the token; the app's own
     port exists only inside the instance's namespace.
     """
-    tool = load_catalog().get(tool_name)
-    assert tool is not None
-    if (reason := ProcessBackend.unavailable_reason(tool)) is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{tool_name} cannot run: {reason}")
-        pytest.skip(f"{tool_name} cannot run here: {reason}")
+    tool = app_tool(tool_name)
     name, source = APPS[tool_name]
     alice = settings.workspaces_dir / "alice"
     alice.mkdir(parents=True, exist_ok=True)
     (alice / name).write_text(source)
     started, spec = await launch(tool=tool, params={"app": name})
-    port = int(started.state["port"])
     assert started.state["private_network"] is True
-    path = (
-        spec.base_url.rstrip("/") + tool.health_path if tool.supports_prefix else tool.health_path
-    )
-    health = f"http://127.0.0.1:{port}{path}"
-    token = {"Authorization": f"token {spec.secret}"}
-    deadline = time.monotonic() + 90
-    async with httpx.AsyncClient(timeout=5) as client:
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if (await client.get(health, headers=token)).status_code == 200:
-                    break
-            log = Path(started.state["log"]).read_text()
-            assert time.monotonic() < deadline, f"{tool_name} did not come up; log:\n{log}"
-            await asyncio.sleep(0.2)
-    # A connection of its own: the gate checks each connection's first request.
-    async with httpx.AsyncClient(timeout=5) as client:
-        assert (await client.get(health)).status_code == 403
-
-    # The gate names the app's address in the log: 127.0.0.1:N, in the instance's namespace.
-    log = Path(started.state["log"]).read_text()
-    app_port = int(re.search(r"gate: \S+ -> 127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
-    pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
-    assert host_listening_ports(pids) == {port}
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", app_port), timeout=5).close()
-    # It is there, answering, inside the instance's own namespace (entered as root).
-    ours = os.readlink("/proc/self/ns/net")
-    inner = [pid for pid in pids if os.readlink(f"/proc/{pid}/ns/net") != ours]
-    assert inner
-    inside = subprocess.run(
-        [
-            "nsenter",
-            f"--net=/proc/{inner[0]}/ns/net",
-            sys.executable,
-            "-c",
-            "import sys, urllib.request as u; "
-            "print(u.urlopen(f'http://127.0.0.1:{sys.argv[1]}{sys.argv[2]}').status)",
-            str(app_port),
-            path,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert inside.stdout.strip() == "200", inside.stderr
+    app_port = await only_the_gate_answers(started.state, spec.secret, spec.base_url, tool)
 
     # Bob, in an instance of his own, finds only the gate.
+    port = int(started.state["port"])
     bobs, bob_spec = await launch(
         "network", owner="bob", owner_id=BOB, config={"app_port": app_port, "gate_port": port}
     )
     result = await probe_result(bobs, bob_spec)
     assert refused(result, "app", "ECONNREFUSED"), result
     assert result["gate"] == {"ok": True, "value": "HTTP/1.1 403 Forbidden"}
+
+
+# Run as an ordinary account: the backend starts the tool and prints the instance's state.
+START_AS_ACCOUNT = """
+import asyncio, json, sys, uuid
+from pathlib import Path
+from labgate.backends.base import LaunchSpec, Resources
+from labgate.backends.process import ProcessBackend
+from labgate.backends.registry import load_catalog
+from labgate.config import Settings
+
+settings = Settings(data_dir=Path(sys.argv[1]), sandbox="bwrap")
+workspace = settings.workspaces_dir / "alice"
+workspace.mkdir(parents=True)
+(workspace / "app.py").write_text(sys.argv[2])
+name = "t" + uuid.uuid4().hex[:12]
+spec = LaunchSpec(
+    instance_id=name, owner="alice", tool=load_catalog().get("streamlit"), base_url=f"/i/{name}/",
+    workspace=workspace, resources=Resources(cpu=1, memory=2**30), secret=uuid.uuid4().hex,
+    params={"app": "app.py"},
+)
+started = asyncio.run(ProcessBackend(settings).start(spec))
+print(json.dumps({"state": started.state, "secret": spec.secret, "base_url": spec.base_url}))
+"""
+
+
+async def test_without_root_the_app_has_a_network_namespace_of_its_own_too() -> None:
+    """labgate run by an ordinary account: bwrap makes the namespace in a user namespace."""
+    require_bwrap()
+    tool = app_tool("streamlit")
+    account = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i",
+               "PATH=/usr/bin:/bin", "HOME=/nonexistent"]  # fmt: skip
+    imports = subprocess.run(
+        [*account, sys.executable, "-c", "import labgate, streamlit"], capture_output=True
+    )
+    if imports.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run this checkout's Python: {imports.stderr[-300:]!r}")
+    home = Path(tempfile.mkdtemp(prefix="labgate-account-"))
+    os.chown(home, 65534, 65534)
+    state: JSON | None = None
+    try:
+        source = APPS["streamlit"][1]
+        started = subprocess.run(
+            [*account, sys.executable, "-c", START_AS_ACCOUNT, str(home / "data"), source],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        launched = json.loads(started.stdout)
+        state = launched["state"]
+        assert state["private_network"] is True and state["uid"] is None
+        await only_the_gate_answers(state, launched["secret"], launched["base_url"], tool)
+    finally:
+        if state is not None:
+            await ProcessBackend(Settings(data_dir=home / "data")).stop(state, 5)
+        shutil.rmtree(home, ignore_errors=True)
