@@ -122,20 +122,24 @@ def test_the_gate_serves_on_a_socket_labgate_bound_and_picks_the_apps_port() -> 
     finally:
         terminate(gate, 10)
 
-    # A descriptor that does not listen on --port, and a bad --upstream-port, stop it plainly.
+    # A descriptor that does not listen on --port, one not open, and a bad --upstream-port
+    # stop it with a plain message.
     other = socket.create_server(("127.0.0.1", 0))
-    wrong = subprocess.run(
-        [*command, *tool],
-        env={**env, "LABGATE_LISTEN_FD": str(other.fileno())},
-        pass_fds=[other.fileno()],
-        capture_output=True,
-        text=True,
-        timeout=20,
-    )
+    for fd in (str(other.fileno()), "999", "x"):
+        wrong = subprocess.run(
+            [*command, *tool],
+            env={**env, "LABGATE_LISTEN_FD": fd},
+            pass_fds=[other.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert wrong.returncode != 0, fd
+        assert f"LABGATE_LISTEN_FD={fd} is not a socket listening on port {port}" in wrong.stderr
+        assert "Traceback" not in wrong.stderr
     other.close()
-    assert wrong.returncode != 0 and "is not a socket listening on port" in wrong.stderr
     bad = subprocess.run(
         [*command, "--upstream-port", "soon", *tool], capture_output=True, text=True, timeout=20
     )
     assert bad.returncode != 0 and "must be a port number or auto" in bad.stderr
-    assert "Traceback" not in wrong.stderr + bad.stderr
+    assert "Traceback" not in bad.stderr

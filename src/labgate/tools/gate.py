@@ -123,12 +123,14 @@ def inherited_socket(port: int) -> socket.socket | None:
     fd = os.environ.pop(LISTEN_FD_VAR, "")
     if not fd:
         return None
-    sock = socket.socket(fileno=int(fd))
-    sock.set_inheritable(False)
-    bound = sock.getsockname()
-    if sock.family != socket.AF_INET or bound[1] != port:
-        sys.exit(f"gate: descriptor {fd} is not a socket listening on port {port}: {bound}")
-    return sock
+    try:
+        sock = socket.socket(fileno=int(fd))
+        sock.set_inheritable(False)
+        if sock.family == socket.AF_INET and sock.getsockname()[1] == port:
+            return sock
+    except (OSError, ValueError):
+        pass
+    sys.exit(f"gate: {LISTEN_FD_VAR}={fd} is not a socket listening on port {port}")
 
 
 async def run(
