@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,26 @@ def test_tools_a_site_cannot_run_say_what_to_install(env, tmp_path):
         "installed; install it with: apt-get install needy"
     ) in out
     assert "needy" not in out.split("runs ", 1)[1].splitlines()[0]
+
+
+def test_without_the_sandbox_tools_with_a_private_network_are_named(env, tmp_path):
+    """Unsandboxed, their apps listen on an open loopback port: doctor says which, and the fix."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "webapp.toml").write_text(
+        'name = "webapp"\ntitle = "Web app"\n[process]\nprivate_network = true\n'
+        'command = ["{python}", "-m", "labgate.tools.gate", "--port", "{port}", "--", "true"]\n'
+    )
+    env = {**env, "LABGATE_TOOLS_DIR": str(tools)}
+    _, out = doctor({**env, "LABGATE_SANDBOX": "none"})
+    assert "WARN  site local: without the sandbox " in out, out
+    warning = out.split("WARN  site local: without the sandbox ", 1)[1].splitlines()[0]
+    assert "webapp" in warning and "demo" not in warning
+    assert "reach the app without the instance token" in warning
+    assert "install bubblewrap and set sandbox = 'auto', or use a containers site" in out
+    if shutil.which("bwrap") is not None:
+        _, out = doctor({**env, "LABGATE_SANDBOX": "bwrap"})
+        assert "without the sandbox" not in out, out
 
 
 def test_doctor_says_whether_the_router_runs_compiled_or_python(env, monkeypatch):

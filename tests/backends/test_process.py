@@ -566,7 +566,7 @@ async def test_jupyterlab_kernels_are_stopped_with_the_instance(
 
 def test_tools_get_ports_below_the_ephemeral_range() -> None:
     """Outgoing connections (even the health check's own) never take a tool's port."""
-    from labgate.backends.process import free_port, tool_port_range
+    from labgate.tools.ports import free_port, tool_port_range
 
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = tool_port_range()

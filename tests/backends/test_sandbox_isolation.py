@@ -12,9 +12,11 @@ warm-pool claim's idmapped workspace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -23,10 +25,11 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from labgate.backends import limits as limits_module
@@ -34,6 +37,8 @@ from labgate.backends.archive import save_workspace
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, SnapshotRef, Started
 from labgate.backends.claim import Claim
 from labgate.backends.process import ProcessBackend
+from labgate.backends.procfs import instance_processes
+from labgate.backends.registry import load_catalog
 from labgate.config import Settings
 from labgate.tools.catalog import ProcessSpec, Tool
 
@@ -121,6 +126,15 @@ def read_path(path):
     with open(path) as handle:
         return handle.read(100)
 
+def connect_tcp(port):
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    return True
+
+def http_status(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(100).decode().split("\r\n")[0]
+
 def affinity():
     before = sorted(os.sched_getaffinity(0))
     attempt("setaffinity", lambda: os.sched_setaffinity(0, set(config["all_cpus"])))
@@ -155,6 +169,9 @@ for route in sys.argv[1:]:
         attempt("root_only_dir", lambda: os.listdir(config["root_only_dir"]))
         attempt("bob_file", lambda: read_path("/data/bob/secret.txt"))
         attempt("own_write", lambda: open(os.environ["HOME"] + "/mine.txt", "w").write("mine"))
+    elif route == "network":
+        attempt("app", lambda: connect_tcp(config["app_port"]))
+        attempt("gate", lambda: http_status(config["gate_port"]))
     elif route == "limits":
         out["affinity"] = affinity()
 with open(os.path.join(os.environ["HOME"], "probe.json.part"), "w") as handle:
@@ -222,6 +239,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
         using: ProcessBackend | None = None,
         workspace: Path | None = None,
         snapshot: SnapshotRef | None = None,
+        params: dict[str, str] | None = None,
     ) -> tuple[Started, LaunchSpec]:
         instance_id = f"t{uuid.uuid4().hex[:12]}"
         workspace = workspace or settings.workspaces_dir / owner
@@ -242,9 +260,11 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
             workspace=workspace,
             resources=resources or Resources(cpu=1, memory=1024 * MiB),
             secret=uuid.uuid4().hex,
-            env={"PROBE": json.dumps(config or {})},
+            env={"PROBE": json.dumps(config or {})}
+            | {f"LABGATE_PARAM_{k.upper()}": v for k, v in (params or {}).items()},
             mounts=mounts,
             snapshot=snapshot,
+            params=params or {},
         )
         result = await (using or backend).start(spec)
         started.append(result.state)
@@ -563,3 +583,170 @@ def test_launcher_drops_everything_without_setpriv() -> None:
     for name in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[name][0], 16) == 0, name
     assert fields["NoNewPrivs"] == ["1"]
+
+
+# --- apps that cannot check the instance token ------------------------------------
+
+APPS = {
+    "streamlit": ("app.py", "import streamlit as st\nst.write('hello')\n"),
+    "shiny": (
+        "app.R",
+        "library(shiny)\nshinyApp(fluidPage('hello'), function(input, output) {})\n",
+    ),
+}
+
+
+def host_listening_ports(pids: Collection[int]) -> set[int]:
+    """Ports that processes ``pids`` listen on in the host's network namespace (ours)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    ports = set()
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def app_tool(tool_name: str) -> Tool:
+    """The built-in tool; skipped (failed in CI) where this machine cannot run it."""
+    tool = load_catalog().get(tool_name)
+    assert tool is not None
+    if (reason := ProcessBackend.unavailable_reason(tool)) is not None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{tool_name} cannot run: {reason}")
+        pytest.skip(f"{tool_name} cannot run here: {reason}")
+    return tool
+
+
+async def only_the_gate_answers(state: JSON, secret: str, base_url: str, tool: Tool) -> int:
+    """Check the instance is reachable only through its gate; the app's port inside.
+
+    The gate answers with the token and 403 without; the instance listens on no
+    other port of the host; the app's port, named in the gate's log line, is
+    refused on the host's loopback and answers inside the instance's own
+    network namespace (entered as root).
+    """
+    port = int(state["port"])
+    path = base_url.rstrip("/") + tool.health_path if tool.supports_prefix else tool.health_path
+    health = f"http://127.0.0.1:{port}{path}"
+    deadline = time.monotonic() + 90
+    async with httpx.AsyncClient(timeout=5) as client:
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                answer = await client.get(health, headers={"Authorization": f"token {secret}"})
+                if answer.status_code == 200:
+                    break
+            log = Path(state["log"]).read_text()
+            assert time.monotonic() < deadline, f"{tool.name} did not come up; log:\n{log}"
+            await asyncio.sleep(0.2)
+    # A connection of its own: the gate checks each connection's first request.
+    async with httpx.AsyncClient(timeout=5) as client:
+        assert (await client.get(health)).status_code == 403
+
+    log = Path(state["log"]).read_text()
+    app_port = int(re.search(r"gate: \S+ -> 127\.0\.0\.1:(\d+)", log).group(1))  # type: ignore[union-attr]
+    pids = instance_processes(str(state["instance_id"]), int(state["pid"]), {})
+    assert host_listening_ports(pids) == {port}
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", app_port), timeout=5).close()
+    ours = os.readlink("/proc/self/ns/net")
+    inner = [pid for pid in pids if os.readlink(f"/proc/{pid}/ns/net") != ours]
+    assert inner
+    get = "import sys, urllib.request as u; print(u.urlopen(sys.argv[1]).status)"
+    inside = subprocess.run(
+        ["nsenter", f"--net=/proc/{inner[0]}/ns/net", sys.executable, "-c", get,
+         f"http://127.0.0.1:{app_port}{path}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert inside.stdout.strip() == "200", inside.stderr
+    return app_port
+
+
+@pytest.mark.parametrize("tool_name", list(APPS))
+async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_gate(
+    launch: Launch, settings: Settings, tool_name: str
+) -> None:
+    """Streamlit and Shiny listen in a network namespace of their own, behind the token gate.
+
+    From the host and from another user's instance the only port of the
+    instance is the gate's, which answers 403 without the token; the app's own
+    port exists only inside the instance's namespace.
+    """
+    tool = app_tool(tool_name)
+    name, source = APPS[tool_name]
+    alice = settings.workspaces_dir / "alice"
+    alice.mkdir(parents=True, exist_ok=True)
+    (alice / name).write_text(source)
+    started, spec = await launch(tool=tool, params={"app": name})
+    assert started.state["private_network"] is True
+    app_port = await only_the_gate_answers(started.state, spec.secret, spec.base_url, tool)
+
+    # Bob, in an instance of his own, finds only the gate.
+    port = int(started.state["port"])
+    bobs, bob_spec = await launch(
+        "network", owner="bob", owner_id=BOB, config={"app_port": app_port, "gate_port": port}
+    )
+    result = await probe_result(bobs, bob_spec)
+    assert refused(result, "app", "ECONNREFUSED"), result
+    assert result["gate"] == {"ok": True, "value": "HTTP/1.1 403 Forbidden"}
+
+
+# Run as an ordinary account: the backend starts the tool and prints the instance's state.
+START_AS_ACCOUNT = """
+import asyncio, json, sys, uuid
+from pathlib import Path
+from labgate.backends.base import LaunchSpec, Resources
+from labgate.backends.process import ProcessBackend
+from labgate.backends.registry import load_catalog
+from labgate.config import Settings
+
+settings = Settings(data_dir=Path(sys.argv[1]), sandbox="bwrap")
+workspace = settings.workspaces_dir / "alice"
+workspace.mkdir(parents=True)
+(workspace / "app.py").write_text(sys.argv[2])
+name = "t" + uuid.uuid4().hex[:12]
+spec = LaunchSpec(
+    instance_id=name, owner="alice", tool=load_catalog().get("streamlit"), base_url=f"/i/{name}/",
+    workspace=workspace, resources=Resources(cpu=1, memory=2**30), secret=uuid.uuid4().hex,
+    params={"app": "app.py"},
+)
+started = asyncio.run(ProcessBackend(settings).start(spec))
+print(json.dumps({"state": started.state, "secret": spec.secret, "base_url": spec.base_url}))
+"""
+
+
+async def test_without_root_the_app_has_a_network_namespace_of_its_own_too() -> None:
+    """labgate run by an ordinary account: bwrap makes the namespace in a user namespace."""
+    require_bwrap()
+    tool = app_tool("streamlit")
+    account = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "-i",
+               "PATH=/usr/bin:/bin", "HOME=/nonexistent"]  # fmt: skip
+    imports = subprocess.run(
+        [*account, sys.executable, "-c", "import labgate, streamlit"], capture_output=True
+    )
+    if imports.returncode != 0:
+        pytest.skip(f"uid 65534 cannot run this checkout's Python: {imports.stderr[-300:]!r}")
+    home = Path(tempfile.mkdtemp(prefix="labgate-account-"))
+    os.chown(home, 65534, 65534)
+    state: JSON | None = None
+    try:
+        source = APPS["streamlit"][1]
+        started = subprocess.run(
+            [*account, sys.executable, "-c", START_AS_ACCOUNT, str(home / "data"), source],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        launched = json.loads(started.stdout)
+        state = launched["state"]
+        assert state["private_network"] is True and state["uid"] is None
+        await only_the_gate_answers(state, launched["secret"], launched["base_url"], tool)
+    finally:
+        if state is not None:
+            await ProcessBackend(Settings(data_dir=home / "data")).stop(state, 5)
+        shutil.rmtree(home, ignore_errors=True)

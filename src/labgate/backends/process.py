@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import pwd
-import random
 import re
 import shlex
 import shutil
@@ -85,6 +84,8 @@ from labgate.backends.sandbox import (
 )
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
+from labgate.tools.gate import LISTEN_FD_VAR
+from labgate.tools.ports import free_port
 
 if TYPE_CHECKING:
     from labgate.config import Settings, SiteSettings
@@ -108,42 +109,21 @@ def describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-#: How many ports below the kernel's ephemeral range tools are given ports from.
-TOOL_PORTS = 10_000
+def _listen(port: int) -> socket.socket:
+    """A socket listening on ``127.0.0.1:port``, for a tool with ``private_network``.
 
-
-def tool_port_range() -> range:
-    """Ports for tools: just below the ephemeral range, which outgoing connections use.
-
-    A port from the ephemeral range can be taken, between the moment it was
-    found free and the moment the tool listens on it, by any connection the
-    machine makes, even by the health check's own connection to that port (a
-    TCP self-connect); the tool then cannot listen and its launch fails. Below
-    the range only another listener can take it.
+    Bound here, in the host's network namespace, where the router reaches it;
+    the tool (the token gate) serves on it from inside its own namespace.
     """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    start = max(1024, low - TOOL_PORTS)
-    return range(start, low) if low - start >= 1000 else range(0)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now, below the ephemeral range."""
-    ports = tool_port_range()
-    for _ in range(200 if ports else 0):
-        port = random.choice(ports)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        found: int = sock.getsockname()[1]
-        return found
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise InstanceStartError(f"cannot listen on 127.0.0.1:{port}: {exc}") from exc
+    return sock
 
 
 def _account() -> str:
@@ -323,6 +303,26 @@ class ProcessBackend(Backend):
             ]
         return []
 
+    def doctor_tools(self, tools: list[Tool]) -> list[Diagnosis]:
+        """Tools with ``private_network`` get no network namespace of their own unsandboxed."""
+        if self.settings.sandbox != "none" and find_bwrap() is not None:
+            return []
+        names = [
+            tool.name
+            for tool in tools
+            if cast(ProcessSpec, tool.parsed(self.tool_section, ProcessSpec)).private_network
+        ]
+        if not names:
+            return []
+        return [
+            Diagnosis(
+                "warn",
+                f"without the sandbox {', '.join(names)} listen on an open loopback port behind "
+                "the token gate: other local accounts reach the app without the instance token",
+                "install bubblewrap and set sandbox = 'auto', or use a containers site",
+            )
+        ]
+
     # --- start -----------------------------------------------------------------
 
     def sandbox_path(self) -> str | None:
@@ -411,6 +411,7 @@ class ProcessBackend(Backend):
                     private=[self.settings.data_dir.resolve()],
                     extra_ro=self.extra_ro_binds,
                     switch_uid=identity is not None,
+                    private_network=tool.private_network,
                 )
             except SandboxError as exc:
                 raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
@@ -437,14 +438,21 @@ class ProcessBackend(Backend):
 
         self._reap_all()
         log_path = logs_dir / f"{spec.instance_id}.log"
+        listener: socket.socket | None = None
         try:
-            popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command, fds)
+            if tool.private_network:
+                listener = _listen(port)
+                env[LISTEN_FD_VAR] = str(listener.fileno())
+            passed = fds if listener is None else (*fds, listener.fileno())
+            popen = _spawn(launcher_argv(limits, argv), env, workspace, log_path, command, passed)
         except InstanceStartError:
             if cgroup is not None:
                 cgroups.remove(cgroup.paths)
             raise
         finally:
-            close_fds(fds)  # bwrap holds its own copies now
+            close_fds(fds)  # bwrap (or the tool) holds its own copies now
+            if listener is not None:
+                listener.close()
         info = read_proc(popen.pid)
         start_time = info.start_time if info is not None else 0
         self._children[popen.pid] = (start_time, popen)
@@ -458,6 +466,7 @@ class ProcessBackend(Backend):
             "log": str(log_path),
             "workspace": str(workspace),
             "sandbox": bwrap is not None,
+            "private_network": tool.private_network and bwrap is not None,
             "uid": identity.uid if identity is not None else None,
             "gid": identity.gid if identity is not None else None,
             "limits": limits.as_json(),

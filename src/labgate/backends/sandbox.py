@@ -9,7 +9,10 @@ only its own processes (a new PID namespace).
 Decisions, and why:
 
 - ``--unshare-pid --unshare-ipc --unshare-uts`` but not the network: the
-  tool listens on the host's loopback, where the router reaches it.
+  tool listens on the host's loopback, where the router reaches it. Tools
+  with ``private_network`` get ``--unshare-net`` too: a namespace with only
+  its own loopback, reached through a listening socket the backend bound on
+  the host's loopback and handed in (see :mod:`labgate.tools.gate`).
 - No ``--die-with-parent``: instances outlive the server (restarts re-attach).
 - No ``--new-session``: it guards against a sandboxed program injecting
   keystrokes into a controlling terminal (TIOCSTI). The backend already
@@ -143,6 +146,7 @@ def bwrap_argv(
     extra_ro: Sequence[str] = (),
     hostname: str = "labgate",
     switch_uid: bool = False,
+    private_network: bool = False,
 ) -> SandboxPlan:
     """The ``bwrap`` command line (up to and including ``--``) for one instance.
 
@@ -151,12 +155,14 @@ def bwrap_argv(
     contain one of them is refused rather than silently exposing it.
     ``switch_uid``: the command switches to an unprivileged uid itself, so
     ``bwrap`` keeps exactly the capabilities that needs for it.
+    ``private_network``: a network namespace of its own, with only a loopback.
     """
     argv = [
         bwrap,
         "--unshare-pid",
         "--unshare-ipc",
         "--unshare-uts",
+        *(["--unshare-net"] if private_network else []),
         "--hostname",
         hostname,
         "--cap-drop",

@@ -110,6 +110,11 @@ class ProcessSpec(BaseModel):
     requires: list[str] = Field(default_factory=list)
     #: The command that installs what ``requires`` names (shown when something is missing).
     install: str = Field("", max_length=500)
+    #: Run in a network namespace of its own (only its own loopback) when sandboxed: the
+    #: process backend listens on ``{port}`` in the host's namespace and hands the socket in
+    #: (``$LABGATE_LISTEN_FD``, which the token gate serves on). For apps that cannot check
+    #: the instance token nor serve on a Unix socket; they get no other network.
+    private_network: bool = False
 
     @model_validator(mode="after")
     def _placeholders(self) -> ProcessSpec:

@@ -15,9 +15,13 @@ The ``vscode`` tool runs code-server behind it (``--socket``): a code-server
 reachable by other local users would be a shell in the instance's name.
 
 With ``--upstream-port N`` the gate splices to ``127.0.0.1:N`` instead of a
-socket, for tools that cannot serve on one (Shiny, Streamlit). That is only
-private inside a container, whose loopback is its own: the ``shiny`` and
-``streamlit`` tools' ``[container]`` tables use it; their process tables cannot.
+socket, for tools that cannot serve on one (Shiny, Streamlit); ``auto`` picks a
+free port and puts it in COMMAND's ``{upstream_port}``. That port is private
+only where the loopback is the instance's own: in a container, or on the
+process backend with ``private_network`` (docs/tools.md), where labgate binds
+``--port`` on the host's loopback itself and hands the listening socket in
+(descriptor ``$LABGATE_LISTEN_FD``) to an instance whose network namespace
+holds nothing else.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ import contextlib
 import hmac
 import os
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
+
+from labgate.tools.ports import free_port
 
 MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 30.0
@@ -39,6 +46,9 @@ FORBIDDEN = (
     b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 39\r\n"
     b"Connection: close\r\n\r\nonly requests through labgate get in.\r\n\r\n"
 )
+#: The descriptor of a socket already listening on ``--port``, when the process backend
+#: bound it (in the host's network namespace) for an instance with a network of its own.
+LISTEN_FD_VAR = "LABGATE_LISTEN_FD"
 
 
 def authorised(head: bytes, expected: bytes) -> bool:
@@ -104,6 +114,25 @@ class Gate:
             side.close()
 
 
+def inherited_socket(port: int) -> socket.socket | None:
+    """The listening socket labgate handed in (``$LABGATE_LISTEN_FD``), if any.
+
+    The variable is taken out of the environment: the tool behind the gate
+    neither needs nor gets it (nor the descriptor, which is not inherited).
+    """
+    fd = os.environ.pop(LISTEN_FD_VAR, "")
+    if not fd:
+        return None
+    try:
+        sock = socket.socket(fileno=int(fd))
+        sock.set_inheritable(False)
+        if sock.family == socket.AF_INET and sock.getsockname()[1] == port:
+            return sock
+    except (OSError, ValueError):
+        pass
+    sys.exit(f"gate: {LISTEN_FD_VAR}={fd} is not a socket listening on port {port}")
+
+
 async def run(
     port: int,
     socket_path: Path,
@@ -113,9 +142,13 @@ async def run(
 ) -> int:
     """Start ``command``, serve the gate on ``host:port`` until it exits; its exit code."""
     token = os.environ.get("LABGATE_INSTANCE_TOKEN", "")
+    listening = inherited_socket(port)
     child = await asyncio.create_subprocess_exec(*command)
     gate = Gate(socket_path, token, upstream_port)
-    server = await asyncio.start_server(gate.handle, host, port, limit=MAX_HEAD)
+    if listening is not None:
+        server = await asyncio.start_server(gate.handle, sock=listening, limit=MAX_HEAD)
+    else:
+        server = await asyncio.start_server(gate.handle, host, port, limit=MAX_HEAD)
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -132,16 +165,18 @@ async def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``[--host H] --port P [--socket S | --upstream-port N] -- COMMAND...``.
+    """Parse ``[--host H] --port P [--socket S | --upstream-port N|auto] -- COMMAND...``.
 
-    ``{socket}`` in COMMAND is the socket's path.
+    ``{socket}`` in COMMAND is the socket's path, ``{upstream_port}`` the upstream port.
     """
     parser = argparse.ArgumentParser(description="labgate token gate")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--socket", default="")
     parser.add_argument(
-        "--upstream-port", type=int, default=0, help="splice to 127.0.0.1:N, not a socket"
+        "--upstream-port",
+        default="",
+        help="splice to 127.0.0.1:N, not a socket; auto: a free port, {upstream_port} in COMMAND",
     )
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -153,9 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     private = Path(tempfile.mkdtemp(prefix="labgate-gate-"))
     private.chmod(0o700)
     socket_path = Path(args.socket) if args.socket else private / "tool.sock"
-    command = [part.replace("{socket}", str(socket_path)) for part in command]
+    upstream = args.upstream_port
+    if upstream and upstream != "auto" and not upstream.isdigit():
+        sys.exit(f"gate: --upstream-port must be a port number or auto, not {upstream!r}")
+    upstream_port = free_port() if upstream == "auto" else int(upstream or 0)
+    command = [
+        part.replace("{socket}", str(socket_path)).replace("{upstream_port}", str(upstream_port))
+        for part in command
+    ]
     try:
-        sys.exit(asyncio.run(run(args.port, socket_path, command, args.host, args.upstream_port)))
+        sys.exit(asyncio.run(run(args.port, socket_path, command, args.host, upstream_port)))
     finally:
         with contextlib.suppress(OSError):
             socket_path.unlink()

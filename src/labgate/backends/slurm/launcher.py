@@ -37,7 +37,7 @@ _CHUNK = 65536
 def bind_port(host: str, low: int, high: int) -> socket.socket:
     """A TCP socket bound on ``host`` to a free port from ``[low, high)`` when given, else any.
 
-    Like :func:`labgate.backends.process.free_port`, but on the node and without
+    Like :func:`labgate.tools.ports.free_port`, but on the node and without
     labgate: this file runs where labgate is not installed. A range is kept to
     (the agent takes no port outside it): OSError when all of it is taken.
     """
