@@ -67,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "interim",
         "keep_alive",
+        "key",
         "out",
         "parser",
         "reading_paused",
@@ -86,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, ctx: Context, address: UpstreamAddress) -> None:
         self.ctx = ctx
         self.address = address
+        #: The pool's key for ``address``, read once here rather than on every release.
+        self.key = address.key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: ClientConnection | None = None
@@ -343,7 +346,13 @@ class UpstreamConnection(asyncio.Protocol):
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         ex.response_started = True
-        self._to_client(b"".join(head))
+        # The head's pieces go out joined with the body's, in the one write of this read.
+        self.out += head
+        if self.counter is not None:
+            size = 0
+            for piece in head:
+                size += len(piece)
+            self.counter.bytes_out += size
         if not self.body_allowed:
             # llhttp cannot be told a HEAD response has no body; finish here and
             # give this connection a fresh parser if it is reused.
@@ -458,7 +467,9 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for reuse, or close it when enough are idle."""
-        idle = self.idle.setdefault(conn.address.key, [])
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
         if len(idle) >= self.ctx.pool_max_idle:
             conn.close()
             return
@@ -468,11 +479,11 @@ class UpstreamPool:
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a closed connection."""
-        idle = self.idle.get(conn.address.key)
+        idle = self.idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self.idle[conn.address.key]
+                del self.idle[conn.key]
 
     async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
         """A new connection to ``address``; raises ``OSError`` or ``TimeoutError``."""
