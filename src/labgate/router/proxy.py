@@ -776,6 +776,13 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel, self.upstream, self.current = conn, None, None
         self.parser = None
         self.deadline = NEVER
+        # No request follows on a tunnel: what was kept for the next one is let go.
+        self.auth_creds = self.auth_identity = None
+        self.auth_cookie = self.auth_authorization = None
+        self.allowed_route = self.block_route = None
+        self.allowed_identity = self.block_identity = None
+        self.block_creds = None
+        self.block = b""
         counter = self.counter = ex.counter
         if counter is not None:
             counter.bytes_out += len(rest)
