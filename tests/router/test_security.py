@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import pytest
@@ -234,6 +235,49 @@ async def test_revocations_take_effect(recorded: Recorded) -> None:
     assert status_of(await raw_request(gw.port, request("/i/nosuch/", read_only))) == 403
     gw.table.remove_user(ALICE)
     assert status_of(await raw_request(gw.port, request("/i/aaaa/", fresh))) == 401
+
+
+async def test_changes_cut_the_next_request_on_the_same_kept_alive_connection(
+    recorded: Recorded,
+) -> None:
+    """What a connection keeps from its last request (auth, access, head) outlives no change."""
+    gw = recorded.gw
+    value, session_id = gw.signer.issue(ALICE)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+
+    async def status(target: str = "/i/aaaa/x") -> int:
+        writer.write(
+            request(target, f"Cookie: {SESSION_COOKIE}={value}\r\n").replace(
+                b"Connection: close\r\n", b""
+            )
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        assert length is not None
+        await reader.readexactly(int(length[1]))
+        return int(head[9:12])
+
+    try:
+        assert [await status(), await status()] == [200, 200]
+        # Renamed: the next request names the user anew (the kept head lines are rebuilt).
+        gw.table.set_user(UserInfo(ALICE, "alice2"))
+        assert await status() == 200
+        assert [s.header("X-Labgate-User") for s in recorded.a.seen] == [
+            ["alice"],
+            ["alice"],
+            ["alice2"],
+        ]
+        # The route now belongs to someone else: refused, though the same user asks.
+        gw.table.add_route(Route("aaaa", recorded.a.url, BOB, upstream_token="tok-a"))
+        assert await status() == 404
+        gw.table.add_route(Route("aaaa", recorded.a.url, ALICE, upstream_token="tok-a2"))
+        assert await status() == 200
+        assert recorded.a.seen[-1].header("Authorization") == ["token tok-a2"]
+        gw.table.revoke_session(session_id, time.time() + 3600)
+        assert await status() == 401
+        assert len(recorded.a.seen) == 4
+    finally:
+        writer.close()
 
 
 async def test_forged_and_expired_cookies(recorded: Recorded) -> None:

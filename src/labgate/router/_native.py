@@ -29,6 +29,7 @@ from pathlib import Path
 MODULES = (
     "activity",
     "auth",
+    "context",
     "exchange",
     "forwarded",
     "hosts",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from labgate.router.hosts import InstanceHosts
 from labgate.router.http import header_safe
@@ -43,12 +43,12 @@ from labgate.security import (
 )
 from labgate.wire.routes import Route, RouteTable, UserInfo
 
-ACCESS_SCOPES = frozenset({"instances:access", "admin"})
-_COOKIE_NAME = SESSION_COOKIE.encode()
-_INSTANCE_COOKIE = INSTANCE_COOKIE.encode()
-_LABGATE_COOKIES = frozenset({_COOKIE_NAME, _INSTANCE_COOKIE, HANDOFF_COOKIE.encode()})
-_TOKEN_PREFIX = TOKEN_PREFIX.encode()
-_CLAIM_CACHE_SIZE = 65536
+ACCESS_SCOPES: Final = frozenset({"instances:access", "admin"})
+_COOKIE_NAME: Final = SESSION_COOKIE.encode()
+_INSTANCE_COOKIE: Final = INSTANCE_COOKIE.encode()
+_LABGATE_COOKIES: Final = frozenset({_COOKIE_NAME, _INSTANCE_COOKIE, HANDOFF_COOKIE.encode()})
+_TOKEN_PREFIX: Final = TOKEN_PREFIX.encode()
+_CLAIM_CACHE_SIZE: Final = 65536
 
 Via = Literal["session", "token", "instance"]
 

@@ -4,6 +4,13 @@ Timeouts are enforced by one sweeper per router that wakes every second and
 closes whatever is past its ``deadline`` (a float per connection; ``inf``
 means none). Setting a deadline is one attribute store on the hot path,
 instead of a timer handle per request.
+
+This module is compiled with the rest of the hot path (``_native.MODULES``):
+the connections read the context's attributes on every request, which is a
+struct load on a compiled class and a dict probe on a Python one. The
+options stay a Python dataclass in :mod:`labgate.router.options` (worker
+processes are sent them pickled); the ones read per request are copied onto
+the context.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from labgate.aio import cancel_and_wait
@@ -19,6 +25,7 @@ from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
 from labgate.router.hosts import InstanceHosts
 from labgate.router.http import NEVER, log
+from labgate.router.options import RouterOptions
 from labgate.router.tunnel import SiteTunnels
 from labgate.router.upstream import UpstreamPool
 from labgate.security import TunnelTickets
@@ -26,50 +33,6 @@ from labgate.wire.routes import RouteTable, UpstreamAddress
 from labgate.wire.stats import RouterStats
 
 __all__ = ["NEVER", "Context", "RouterOptions", "log"]
-
-
-@dataclass(frozen=True, slots=True)
-class RouterOptions:
-    """Knobs of the proxy; the defaults suit a gateway in front of interactive tools."""
-
-    login_path: str = "/login"
-    """Portal page a browser without a session is sent to (with ``?next=``)."""
-    forwarded_proto: str = "http"
-    """``X-Forwarded-Proto`` value: the scheme of the public URL."""
-    trusted_proxies: tuple[str, ...] = ()
-    """Networks of proxies in front whose ``X-Forwarded-For`` names the client."""
-    connect_timeout: float = 10.0
-    """Seconds to open a connection to an upstream before answering 504."""
-    response_timeout: float = 300.0
-    """Seconds an upstream may stay silent while a response is due or streaming."""
-    header_timeout: float = 30.0
-    """Seconds a client has to send a complete request head."""
-    keepalive_timeout: float = 75.0
-    """Seconds an idle client connection is kept between requests."""
-    pool_idle_timeout: float = 3.0
-    """Seconds an idle upstream connection is kept (below common tool keep-alives)."""
-    pool_max_idle: int = 64
-    """Idle connections kept per upstream."""
-    buffer_limit: int = 256 * 1024
-    """Bytes buffered per direction before reading from the other side pauses."""
-    discard_limit: int = 1024 * 1024
-    """Request body bytes read and dropped after an early answer before closing instead."""
-    max_pipelined: int = 64
-    """Pipelined requests queued on one connection before it is closed."""
-    retry_after: int = 2
-    """``Retry-After`` seconds (and page refresh) while an instance is starting."""
-    sweep_interval: float = 1.0
-    """Seconds between deadline checks."""
-    worker_index: int = 0
-    """Which of the router processes sharing the public port this is (0 first)."""
-    worker_count: int = 1
-    """How many router processes share the public port (agents' tunnels reach each)."""
-    instance_host: str = ""
-    """``instance_host`` template (``{id}.apps.example.org``); empty: instances under ``/i/``."""
-    instance_base_url: str = ""
-    """An instance's public URL with ``{id}`` in it (scheme, host, port) when on its own host."""
-    portal_url: str = ""
-    """The portal's public URL: where a browser on an instance host goes for the hand-off."""
 
 
 class Timed(Protocol):
@@ -101,6 +64,13 @@ class Context:
         #: Every portal replica, in the order given; a refused connection moves to the next.
         self.portals = (portal, *(p for p in other_portals if p != portal))
         self.options = options
+        # The options read on every request, as plain attributes of this compiled class.
+        self.header_timeout = options.header_timeout
+        self.keepalive_timeout = options.keepalive_timeout
+        self.response_timeout = options.response_timeout
+        self.pool_idle_timeout = options.pool_idle_timeout
+        self.pool_max_idle = options.pool_max_idle
+        self.buffer_limit = options.buffer_limit
         #: Instances on their own host names, or None (under ``/i/<id>/``).
         self.hosts = (
             InstanceHosts(options.instance_host, options.instance_base_url)

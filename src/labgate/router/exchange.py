@@ -7,7 +7,7 @@ for forwarding) and tracks where the exchange stands on both sides.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from labgate.router.activity import Counter
 from labgate.router.http import (
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
     from labgate.router.auth import Credentials, Identity
     from labgate.wire.routes import Route
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 
 # Request headers handled one by one in ``on_header``; the rest are forwarded
 # unless the router owns them (X-Forwarded-*, X-Labgate-*).
-_SPECIAL = frozenset(
+_SPECIAL: Final = frozenset(
     {
         b"host",
         b"cookie",
@@ -283,6 +283,7 @@ def instance_head(
     proto: bytes,
     *,
     prefixed: bool = True,
+    block: bytes | None = None,
 ) -> bytes:
     """The head sent to an instance.
 
@@ -290,23 +291,46 @@ def instance_head(
     ``Cookie`` and a labgate token in ``Authorization`` is dropped. The tool
     gets the route's own token instead, and the user's name. An instance on
     its own host (not ``prefixed``) gets the path as sent and no
-    ``X-Forwarded-Prefix``.
+    ``X-Forwarded-Prefix``. ``block`` is what :func:`instance_block` made of
+    the same arguments, when the caller kept it from an earlier request.
     """
     if prefixed:
         tail = ex.target_info.tail if ex.target_info is not None else b"/"
         parts = _start(ex, ex.target if route.keep_prefix else tail)
-        lines = route.head_lines
     else:
         parts = _start(ex, ex.target)
-        lines = route.head_lines[route.prefix_line_length :]
+    if block is None:
+        block = instance_block(ex, route, identity, creds, peer, proto, prefixed=prefixed)
+    parts.append(block)
+    parts += _framing(ex)
+    parts.append(CRLF)
+    return b"".join(parts)
+
+
+def instance_block(
+    ex: Exchange,
+    route: Route,
+    identity: Identity,
+    creds: Credentials,
+    peer: bytes,
+    proto: bytes,
+    *,
+    prefixed: bool,
+) -> bytes:
+    """The lines of :func:`instance_head` after the client's headers, before the framing.
+
+    They depend only on the arguments (of ``ex``: its ``Authorization`` and
+    ``Host``), which stay the same from one request to the next on a
+    kept-alive connection: the proxy builds them once and keeps them.
+    """
+    parts: list[bytes] = []
     if creds.cookie_rest is not None:
         parts += [b"Cookie: ", creds.cookie_rest, CRLF]
     if not route.upstream_token and ex.authorization is not None and creds.token is None:
         parts += [b"Authorization: ", ex.authorization, CRLF]
+    lines = route.head_lines if prefixed else route.head_lines[route.prefix_line_length :]
     parts += [lines, identity.head_line, b"X-Forwarded-For: ", peer]
     parts += [b"\r\nX-Forwarded-Proto: ", proto, CRLF]
     if ex.host is not None:
         parts += [b"X-Forwarded-Host: ", ex.host, CRLF]
-    parts += _framing(ex)
-    parts.append(CRLF)
     return b"".join(parts)

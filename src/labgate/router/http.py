@@ -16,22 +16,23 @@ import math
 import re
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
-log = logging.getLogger("labgate.router")
+log: Final = logging.getLogger("labgate.router")
 
 #: A deadline that never comes (a timeout switched off).
-NEVER = math.inf
+NEVER: Final = math.inf
 
-MAX_TARGET = 8192
+MAX_TARGET: Final = 8192
 #: Bytes as they reach a protocol: from a socket, or from a site tunnel's frames (views).
 #: (The compiled router checks argument types: ``bytes`` alone would refuse a view.)
 Buffer = bytes | bytearray | memoryview
-MAX_HEAD = 65536
-MAX_HEADERS = 128
+MAX_HEAD: Final = 65536
+MAX_HEADERS: Final = 128
 
 # Hop-by-hop headers (RFC 9110 7.6.1) plus the framing the proxy sets itself.
-HOP_BY_HOP: frozenset[bytes] = frozenset(
+HOP_BY_HOP: Final[frozenset[bytes]] = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -48,13 +49,13 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 
 # Request headers a client may not pass to a tool or the portal: identity and
 # forwarding information is the router's to set.
-FORGEABLE: frozenset[bytes] = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-for"})
-FORGEABLE_PREFIXES: tuple[bytes, ...] = (b"x-forwarded-", b"x-labgate-")
+FORGEABLE: Final[frozenset[bytes]] = frozenset({b"forwarded", b"x-real-ip", b"x-forwarded-for"})
+FORGEABLE_PREFIXES: Final[tuple[bytes, ...]] = (b"x-forwarded-", b"x-labgate-")
 
-_INSTANCE_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
-_HOST = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:\[\]%-]{1,255}")
-_SEPARATORS = re.compile(rb"[/\\]")
-INSTANCE_PREFIX = b"/i/"
+_INSTANCE_ID: Final = re.compile(rb"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_HOST: Final = re.compile(rb"[A-Za-z0-9._~!$&'()*+,;=:\[\]%-]{1,255}")
+_SEPARATORS: Final = re.compile(rb"[/\\]")
+INSTANCE_PREFIX: Final = b"/i/"
 
 
 class TargetError(ValueError):
@@ -80,8 +81,8 @@ def is_forgeable(name: bytes) -> bool:
     return name in FORGEABLE or name.startswith(FORGEABLE_PREFIXES)
 
 
-_TARGET_CACHE: dict[bytes, Target] = {}
-_TARGET_CACHE_SIZE = 8192
+_TARGET_CACHE: Final[dict[bytes, Target]] = {}
+_TARGET_CACHE_SIZE: Final = 8192
 
 
 def check_target(target: bytes) -> Target:
@@ -139,8 +140,23 @@ def _check_target(target: bytes) -> Target:
 
 
 def valid_host(host: bytes) -> bool:
-    """Whether a ``Host`` value is a plausible host[:port]."""
-    return _HOST.fullmatch(host) is not None
+    """Whether a ``Host`` value is a plausible host[:port].
+
+    Hosts found valid are remembered (a client sends the same one on every
+    request); the set is emptied when full, so made-up hosts cannot grow it.
+    """
+    if host in _VALID_HOSTS:
+        return True
+    if _HOST.fullmatch(host) is None:
+        return False
+    if len(_VALID_HOSTS) >= _VALID_HOSTS_SIZE:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(host)
+    return True
+
+
+_VALID_HOSTS: Final[set[bytes]] = set()
+_VALID_HOSTS_SIZE: Final = 1024
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -27,7 +27,7 @@ from labgate.router import handoff, pages
 from labgate.router.activity import Counter
 from labgate.router.auth import Credentials, Identity
 from labgate.router.context import NEVER, Context, log
-from labgate.router.exchange import Exchange, instance_head, portal_head
+from labgate.router.exchange import Exchange, instance_block, instance_head, portal_head
 from labgate.router.forwarded import client_address, is_trusted_proxy
 from labgate.router.hosts import InstanceHosts
 from labgate.router.http import (
@@ -41,21 +41,36 @@ from labgate.security import HANDOFF_PATH
 from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress, UserInfo
 from labgate.wire.tunnel import TUNNEL_PATH
 
-_TUNNEL_TARGET = TUNNEL_PATH.encode()
-_LABGATE_PATH = b"/_labgate/"
-_HANDOFF_TARGET = HANDOFF_PATH.encode()
+_TUNNEL_TARGET: Final = TUNNEL_PATH.encode()
+_LABGATE_PATH: Final = b"/_labgate/"
+_HANDOFF_TARGET: Final = HANDOFF_PATH.encode()
 
-PAUSE_PIPELINE = 1
-PAUSE_UPSTREAM = 2
-PAUSE_BUFFER = 4
-PAUSE_UPGRADE = 8
-PAUSE_BROKEN = 16
+PAUSE_PIPELINE: Final = 1
+PAUSE_UPSTREAM: Final = 2
+PAUSE_BUFFER: Final = 4
+PAUSE_UPGRADE: Final = 8
+PAUSE_BROKEN: Final = 16
 
 
 class ClientConnection(asyncio.Protocol):
     """One downstream HTTP/1.1 connection."""
 
     __slots__ = (
+        "allowed_identity",
+        "allowed_route",
+        "auth_authorization",
+        "auth_cookie",
+        "auth_creds",
+        "auth_generation",
+        "auth_identity",
+        "block",
+        "block_authorization",
+        "block_client",
+        "block_creds",
+        "block_host",
+        "block_identity",
+        "block_prefixed",
+        "block_route",
         "broken",
         "closed",
         "closing",
@@ -119,6 +134,26 @@ class ClientConnection(asyncio.Protocol):
         self.peer = b"unknown"
         self.trusted_peer = False
         self.proto = ctx.options.forwarded_proto.encode()
+        # What this connection's last request decided, for the next one with the same
+        # credentials (a kept-alive client sends the same ones every time): who sent them
+        # (valid while the table's generation stays), that they may use the route (the
+        # route and identity are immutable: the same pair gets the same answer), and
+        # the lines of the head built from them (see labgate.router.exchange).
+        self.auth_cookie: bytes | None = None
+        self.auth_authorization: bytes | None = None
+        self.auth_generation = -1
+        self.auth_identity: Identity | None = None
+        self.auth_creds: Credentials | None = None
+        self.allowed_route: Route | None = None
+        self.allowed_identity: Identity | None = None
+        self.block = b""
+        self.block_route: Route | None = None
+        self.block_identity: Identity | None = None
+        self.block_creds: Credentials | None = None
+        self.block_prefixed = False
+        self.block_client = b""
+        self.block_host: bytes | None = None
+        self.block_authorization: bytes | None = None
 
     # --- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,7 +164,7 @@ class ClientConnection(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
             self.trusted_peer = is_trusted_proxy(self.peer, self.ctx.options.trusted_proxies)
-        self.deadline = self.ctx.now + self.ctx.options.header_timeout
+        self.deadline = self.ctx.now + self.ctx.header_timeout
         self.ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -165,7 +200,7 @@ class ClientConnection(asyncio.Protocol):
             # Bytes after an upgrade request wait for the upstream's answer.
             self.upgrade_buf.append(data)
             self.upgrade_buffered += len(data)
-            if self.upgrade_buffered > self.ctx.options.buffer_limit:
+            if self.upgrade_buffered > self.ctx.buffer_limit:
                 self._pause(PAUSE_UPGRADE)
             return
         parser = self.parser
@@ -223,7 +258,7 @@ class ClientConnection(asyncio.Protocol):
         self.reading_head = True
         self.head_bytes = self.raw_head = 0
         if self.current is None:
-            self.deadline = self.ctx.now + self.ctx.options.header_timeout
+            self.deadline = self.ctx.now + self.ctx.header_timeout
 
     def on_url(self, url: bytes) -> None:
         """(Part of) the request target."""
@@ -287,7 +322,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ex.body_buf.append(data)
         ex.body_buffered += len(data)
-        if ex.body_buffered > self.ctx.options.buffer_limit:
+        if ex.body_buffered > self.ctx.buffer_limit:
             self._pause(PAUSE_BUFFER)
 
     def on_message_complete(self) -> None:
@@ -340,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
             return
         ctx = self.ctx
         now = time.time()
-        identity, creds = ctx.auth.check(ex.cookie, ex.authorization, now)
+        identity, creds = self._check(ex, now)
         if identity is None:
             if ctx.auth.lacks_access_scope(creds, now):
                 detail = "this API token lacks the instances:access scope"
@@ -354,7 +389,7 @@ class ClientConnection(asyncio.Protocol):
             return
         instance_id = info.instance_id
         route = ctx.table.routes.get(instance_id) if instance_id else None
-        if route is None or not ctx.auth.may_access(identity, route):
+        if route is None or not self._may_access(identity, route):
             self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
             return
         if not info.tail:
@@ -407,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
                 detail = "send an API token with the instances:access scope"
                 self._reply(ex, 401, detail)
             return
-        if not ctx.auth.may_access(identity, route):
+        if not self._may_access(identity, route):
             self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
             return
         self._to_instance(ex, route, identity, creds, now, prefixed=False)
@@ -441,11 +476,60 @@ class ClientConnection(asyncio.Protocol):
         ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id
+        client = self._client(ex)
+        if not (
+            route is self.block_route
+            and identity is self.block_identity
+            and creds is self.block_creds
+            and prefixed == self.block_prefixed
+            and client == self.block_client
+            and ex.host == self.block_host
+            and ex.authorization == self.block_authorization
+        ):
+            self.block = instance_block(
+                ex, route, identity, creds, client, self.proto, prefixed=prefixed
+            )
+            self.block_route, self.block_identity, self.block_creds = route, identity, creds
+            self.block_prefixed, self.block_client = prefixed, client
+            self.block_host, self.block_authorization = ex.host, ex.authorization
         ex.head = instance_head(
-            ex, route, identity, creds, self._client(ex), self.proto, prefixed=prefixed
+            ex, route, identity, creds, client, self.proto, prefixed=prefixed, block=self.block
         )
         self.user = identity.user
         self._proxy(ex, route.address)
+
+    def _check(self, ex: Exchange, now: float) -> tuple[Identity | None, Credentials]:
+        """``Authenticator.check`` of ``ex``'s credentials, kept for the next request.
+
+        Kept on the same terms as the authenticator's own cache: until the
+        table's generation moves (a revocation cuts the next request) or the
+        identity's own expiry passes.
+        """
+        ctx = self.ctx
+        generation = ctx.table.generation
+        creds = self.auth_creds
+        identity = self.auth_identity
+        if (
+            creds is not None
+            and generation == self.auth_generation
+            and ex.cookie == self.auth_cookie
+            and ex.authorization == self.auth_authorization
+            and (identity is None or now < identity.valid_until)
+        ):
+            return identity, creds
+        identity, creds = ctx.auth.check(ex.cookie, ex.authorization, now)
+        self.auth_cookie, self.auth_authorization = ex.cookie, ex.authorization
+        self.auth_generation, self.auth_identity, self.auth_creds = generation, identity, creds
+        return identity, creds
+
+    def _may_access(self, identity: Identity, route: Route) -> bool:
+        """``Authenticator.may_access``, kept for the pair last allowed."""
+        if route is self.allowed_route and identity is self.allowed_identity:
+            return True
+        if not self.ctx.auth.may_access(identity, route):
+            return False
+        self.allowed_route, self.allowed_identity = route, identity
+        return True
 
     def _site_tunnel(self, ex: Exchange) -> None:
         """An agent's data connection: checked here, then this socket is the tunnel's."""
@@ -592,8 +676,9 @@ class ClientConnection(asyncio.Protocol):
         if ex.close_after or self.broken:
             self._close()
             return
-        timeout = self.ctx.options.header_timeout if self.reading_head else None
-        self.deadline = self.ctx.now + (timeout or self.ctx.options.keepalive_timeout)
+        ctx = self.ctx
+        timeout = ctx.header_timeout if self.reading_head else None
+        self.deadline = ctx.now + (timeout or ctx.keepalive_timeout)
         self._resume(PAUSE_UPSTREAM)
         self._next()
 
@@ -691,6 +776,13 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel, self.upstream, self.current = conn, None, None
         self.parser = None
         self.deadline = NEVER
+        # No request follows on a tunnel: what was kept for the next one is let go.
+        self.auth_creds = self.auth_identity = None
+        self.auth_cookie = self.auth_authorization = None
+        self.allowed_route = self.block_route = None
+        self.allowed_identity = self.block_identity = None
+        self.block_creds = None
+        self.block = b""
         counter = self.counter = ex.counter
         if counter is not None:
             counter.bytes_out += len(rest)

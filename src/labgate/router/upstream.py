@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING, cast
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -30,6 +31,7 @@ from labgate.router.http import (
 )
 from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIE, SESSION_COOKIE
 from labgate.wire.routes import UpstreamAddress
+from labgate.wire.stats import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from labgate.router.activity import Counter
@@ -38,10 +40,15 @@ if TYPE_CHECKING:
     from labgate.router.proxy import ClientConnection
 
 # A tool may not set (or clear) any of labgate's own cookies.
-_SESSION_SET_COOKIE = tuple(
+_SESSION_SET_COOKIE: Final = tuple(
     name.encode() + b"=" for name in (SESSION_COOKIE, INSTANCE_COOKIE, HANDOFF_COOKIE)
 )
-_NO_BODY_STATUS = frozenset({204, 304})
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+# A ``Connection`` value with nothing to remove from the response beyond itself.
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
+_OK_LINE: Final = b"HTTP/1.1 200 OK\r\n"
+_COLON: Final = b": "
+_CRLF: Final = b"\r\n"
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -60,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         "got_bytes",
         "interim",
         "keep_alive",
+        "key",
         "out",
         "parser",
         "reading_paused",
@@ -79,6 +87,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, ctx: Context, address: UpstreamAddress) -> None:
         self.ctx = ctx
         self.address = address
+        #: The pool's key for ``address``, read once here rather than on every release.
+        self.key = address.key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: ClientConnection | None = None
@@ -146,7 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        self.deadline = self.ctx.now + self.ctx.options.response_timeout
+        self.deadline = self.ctx.now + self.ctx.response_timeout
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -183,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.strip_session = bool(ex.instance_id)
         self._reset_response()
         self.out.clear()
-        self.deadline = self.ctx.now + self.ctx.options.response_timeout
+        self.deadline = self.ctx.now + self.ctx.response_timeout
         if client.write_paused:
             self.pause_reading()
         pending = self.req_out
@@ -281,7 +291,11 @@ class UpstreamConnection(asyncio.Protocol):
             and value.lstrip().startswith(_SESSION_SET_COOKIE)
         ):
             return  # a tool may not set (or clear) labgate's own cookies
-        self.resp_headers += [name, b": ", value, b"\r\n"]
+        headers = self.resp_headers
+        headers.append(name)
+        headers.append(_COLON)
+        headers.append(value)
+        headers.append(_CRLF)
 
     def on_headers_complete(self) -> None:
         """Send the rewritten response head to the client."""
@@ -306,10 +320,15 @@ class UpstreamConnection(asyncio.Protocol):
                     self._to_client(b"".join([status_line(status, self.reason), *headers, b"\r\n"]))
             return
         if ex.started:
-            self.ctx.stats.observe(time.time() - ex.started)
+            # RouterStats.observe, done here: a call into Python costs more than the bisect.
+            stats = self.ctx.stats
+            seconds = time.time() - ex.started
+            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            stats.latency_sum += seconds
         self.keep_alive = self.parser.should_keep_alive()
         self.body_allowed = not (ex.is_head or status in _NO_BODY_STATUS)
-        head = [status_line(status, self.reason), *headers]
+        ok = status == 200 and self.reason == b"OK"
+        head = [_OK_LINE if ok else status_line(status, self.reason), *headers]
         if not self.body_allowed:
             if self.resp_length is not None:
                 head += [b"Content-Length: ", self.resp_length, b"\r\n"]
@@ -327,7 +346,13 @@ class UpstreamConnection(asyncio.Protocol):
             head.append(b"Connection: keep-alive\r\n")
         head.append(b"\r\n")
         ex.response_started = True
-        self._to_client(b"".join(head))
+        # The head's pieces go out joined with the body's, in the one write of this read.
+        self.out += head
+        if self.counter is not None:
+            size = 0
+            for piece in head:
+                size += len(piece)
+            self.counter.bytes_out += size
         if not self.body_allowed:
             # llhttp cannot be told a HEAD response has no body; finish here and
             # give this connection a fresh parser if it is reused.
@@ -353,7 +378,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- internals -----------------------------------------------------------
     def _filtered_headers(self) -> list[bytes]:
-        if self.resp_conn is None:
+        if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
             return self.resp_headers
         listed = connection_tokens(self.resp_conn)
         listed -= {b"close", b"keep-alive", b"upgrade"}
@@ -442,21 +467,23 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Keep ``conn`` for reuse, or close it when enough are idle."""
-        idle = self.idle.setdefault(conn.address.key, [])
-        if len(idle) >= self.ctx.options.pool_max_idle:
+        idle = self.idle.get(conn.key)
+        if idle is None:
+            idle = self.idle[conn.key] = []
+        if len(idle) >= self.ctx.pool_max_idle:
             conn.close()
             return
         conn.resume_reading()  # to notice the upstream closing it
-        conn.deadline = self.ctx.now + self.ctx.options.pool_idle_timeout
+        conn.deadline = self.ctx.now + self.ctx.pool_idle_timeout
         idle.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Forget a closed connection."""
-        idle = self.idle.get(conn.address.key)
+        idle = self.idle.get(conn.key)
         if idle and conn in idle:
             idle.remove(conn)
             if not idle:
-                del self.idle[conn.address.key]
+                del self.idle[conn.key]
 
     async def connect(self, address: UpstreamAddress) -> UpstreamConnection:
         """A new connection to ``address``; raises ``OSError`` or ``TimeoutError``."""
