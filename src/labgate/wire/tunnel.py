@@ -69,7 +69,7 @@ WORKER_HEADER = "Labgate-Tunnel-Worker"
 #: Bytes a side may send on one stream before the receiver grants more.
 WINDOW = 1024 * 1024
 #: The receiver grants credit once this many bytes are delivered (fewer WINDOW frames).
-GRANT_AT = WINDOW // 4
+GRANT_AT = WINDOW // 2
 
 
 #: A read of the connection in a DATA frame with this much still to come ends at the next header.
