@@ -34,10 +34,19 @@ peer that sends beyond its credit loses the stream. The router sends DATA
 right after OPEN (no round trip per stream); the agent holds it until the
 instance's connection is up.
 
+A tunneled byte costs each end a read and a write and little else: sockets
+are read into reused buffers (:class:`ReadBuffers`; asyncio's buffered
+protocols), not into a new bytes object per read. The agent reads an
+instance's socket at most as much as the stream's credit allows and sends
+each read at once as one DATA frame, its header and the buffer in one
+``writev``; the router reads a large DATA frame's rest and the next header
+in one read, so each read hands a stream one piece.
+
 This module is the part both ends share (the router imports only ``wire``):
 :class:`TunnelEnd` (the streams of one data connection: frames in and out)
 and :class:`TunnelStream` (one stream: the asyncio protocol of its local
-side, holding the stream's credit both ways). The router's end is
+side, holding the stream's credit both ways; :class:`PipeStream` at the
+router, :class:`SocketStream` at the agent). The router's end is
 :mod:`labgate.router.tunnel`, the agent's :mod:`labgate.agent.tunnel`.
 """
 
