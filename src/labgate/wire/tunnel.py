@@ -38,7 +38,7 @@ A tunneled byte costs each end a read and a write and little else: sockets
 are read into reused buffers (:class:`ReadBuffers`; asyncio's buffered
 protocols), not into a new bytes object per read. The agent reads an
 instance's socket at most as much as the stream's credit allows and sends
-each read at once as one DATA frame, its header and the buffer in one
+each read at once as DATA frames, headers and the buffer in one
 ``writev``; the router reads a large DATA frame's rest and the next header
 in one read, so each read hands a stream one piece.
 
@@ -81,6 +81,8 @@ WINDOW = 1024 * 1024
 GRANT_AT = WINDOW // 2
 
 
+#: An instance's socket is read up to this many DATA frames at a time (fewer reads and writes).
+READ_FRAMES = 4
 #: A read of the connection in a DATA frame with this much still to come ends at the next header.
 ALIGN_AT = 16 * 1024
 
@@ -373,15 +375,15 @@ class SocketStream(TunnelStream, asyncio.BufferedProtocol):
     """A stream whose local side is a socket (the agent's, to the instance).
 
     Each read goes straight into the end's reused buffer
-    (:attr:`TunnelEnd.buffers`), at most what the stream's credit allows, and
-    leaves at once as one DATA frame: no bytes object per read and no copy of
-    it in Python. Reading pauses when the credit is spent, so nothing read
-    waits for credit.
+    (:attr:`TunnelEnd.buffers`), at most what the stream's credit allows (and
+    :data:`READ_FRAMES` frames), and leaves at once as DATA frames in one
+    write: no bytes object per read and no copy of it in Python. Reading
+    pauses when the credit is spent, so nothing read waits for credit.
     """
 
     def get_buffer(self, sizehint: int) -> memoryview:
         buf = self.end.buffers.take()
-        size = min(self.credit, MAX_DATA)
+        size = min(self.credit, len(buf))
         # Never an empty buffer (the loop would fail the transport): a read without credit
         # (reading was paused just too late) is held back, as a copy.
         return memoryview(buf)[: size if size > 0 else MAX_DATA]
@@ -419,7 +421,7 @@ class TunnelEnd:
         self._buffered: Callable[[], int] | None = None
         self._out: list[bytes | memoryview] = []
         #: What local sockets (:class:`SocketStream`) are read into.
-        self.buffers = ReadBuffers(MAX_DATA)
+        self.buffers = ReadBuffers(READ_FRAMES * MAX_DATA)
         #: What the connection is read into (:meth:`get_buffer`).
         self.in_buffers = ReadBuffers(MAX_DATA + HEADER.size)
         self._flushing = False
@@ -477,12 +479,22 @@ class TunnelEnd:
             asyncio.get_running_loop().call_soon(self.flush)
 
     def put_now(self, kind: int, stream_id: int, payload: memoryview) -> None:
-        """Write one frame now, after whatever was queued, in one write."""
+        """Write a frame now, after whatever was queued, in one write.
+
+        A payload longer than :data:`MAX_DATA` goes as several frames.
+        """
         if self._write is None:
             return
         out, self._out = self._out, []
-        out.append(HEADER.pack(kind, stream_id, len(payload)))
-        out.append(payload)
+        size = len(payload)
+        if size <= MAX_DATA:
+            out.append(HEADER.pack(kind, stream_id, size))
+            out.append(payload)
+        else:
+            for start in range(0, size, MAX_DATA):
+                piece = payload[start : start + MAX_DATA]
+                out.append(HEADER.pack(kind, stream_id, len(piece)))
+                out.append(piece)
         self._write(out)
         if self._buffered is not None:
             queued = self._buffered()
