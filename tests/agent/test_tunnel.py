@@ -403,6 +403,50 @@ async def test_bytes_arrive_intact_to_slow_readers(link: Linked) -> None:
         writer.close()
 
 
+async def test_small_pieces_queued_for_a_stalled_reader_keep_no_read_buffers() -> None:
+    """What a stalled reader's transport keeps of small DATA is a copy, not a view keeping a
+    whole read buffer (memory stays about the stream's window, not a buffer per frame)."""
+    from labgate.wire.tunnel import COPY_BELOW, PipeStream, TunnelEnd
+
+    class Stalled:
+        """A local transport whose reader reads nothing: it keeps everything written to it."""
+
+        def __init__(self) -> None:
+            self.kept: list[bytes | memoryview] = []
+
+        def write(self, data: bytes | memoryview) -> None:
+            self.kept.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return sum(len(d) for d in self.kept)
+
+    end = TunnelEnd()
+    end.attach(lambda data: None)
+    stream = PipeStream(end, 7, "web", opening=False)
+    end.streams[7] = stream
+    stalled = Stalled()
+    stream.connection_made(stalled)  # type: ignore[arg-type]
+
+    def arrive(frame: bytes) -> None:  # as the connection's reads would: one frame each
+        buf = end.get_buffer(-1)
+        buf[: len(frame)] = frame
+        end.buffer_updated(len(frame))
+
+    for n in range(500):
+        arrive(HEADER.pack(DATA, 7, 100) + bytes([n % 256]) * 100)
+    assert end.in_buffers.allocated == 1  # every small piece was copied
+    big = COPY_BELOW + 1
+    for n in range(3):
+        arrive(HEADER.pack(DATA, 7, big) + bytes([n]) * big)
+    assert end.in_buffers.allocated == 3  # a large piece is handed on as it is, and kept
+    assert b"".join(bytes(d) for d in stalled.kept) == b"".join(
+        [bytes([n % 256]) * 100 for n in range(500)] + [bytes([n]) * big for n in range(3)]
+    )
+
+
 def test_a_read_buffer_still_viewed_is_not_reused() -> None:
     from labgate.wire.tunnel import ReadBuffers
 

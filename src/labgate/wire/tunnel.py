@@ -81,6 +81,9 @@ WINDOW = 1024 * 1024
 GRANT_AT = WINDOW // 2
 
 
+#: A piece of DATA smaller than this is copied rather than handed on as a view of a
+#: reused read buffer (a view queued by a slow reader keeps the whole buffer).
+COPY_BELOW = 64 * 1024
 #: An instance's socket is read up to this many DATA frames at a time (fewer reads and writes).
 READ_FRAMES = 4
 #: A read of the connection in a DATA frame with this much still to come ends at the next header.
@@ -121,6 +124,7 @@ class ReadBuffers:
         self.size = size
         self.current = bytearray()  # allocated on first use: not every end reads sockets
         self._lent: list[bytearray] = []
+        self.allocated = 0  # buffers allocated so far (tests)
 
     def take(self) -> bytearray:
         """A buffer of :attr:`size` bytes that nothing else refers to."""
@@ -128,6 +132,7 @@ class ReadBuffers:
         if _free(current):
             if len(current) != self.size:
                 self.current = current = bytearray(self.size)
+                self.allocated += 1
             return current
         lent = self._lent
         for i, buf in enumerate(lent):
@@ -138,6 +143,7 @@ class ReadBuffers:
         if len(lent) < self.KEEP:
             lent.append(current)
         self.current = bytearray(self.size)
+        self.allocated += 1
         return self.current
 
 
@@ -263,7 +269,10 @@ class TunnelStream:
         if self.transport is None:
             self.inbox.append(bytes(payload))
             return
-        self._deliver(payload)
+        # A view the local side keeps (queued for a slow reader) keeps its whole read
+        # buffer: only a large piece may, so what is kept is at most a few times what
+        # the stream's credit lets be queued.
+        self._deliver(payload if size >= COPY_BELOW else bytes(payload))
 
     def _deliver(self, data: bytes | memoryview) -> None:
         transport = self.transport
@@ -398,7 +407,12 @@ class SocketStream(TunnelStream, asyncio.BufferedProtocol):
             return
         self.credit -= nbytes
         end.bytes_sent += nbytes
-        end.put_now(DATA, self.id, view)  # the buffer is read into again next time
+        if nbytes < COPY_BELOW or end.queued():
+            # What the connection would queue (it is backed up), or a small read, goes as a
+            # copy: a queued view keeps the whole buffer from being read into again.
+            end.put_now(DATA, self.id, bytes(view))
+        else:
+            end.put_now(DATA, self.id, view)  # the buffer is read into again next time
         if self.credit <= 0 and not self.read_paused and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
@@ -478,7 +492,11 @@ class TunnelEnd:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self.flush)
 
-    def put_now(self, kind: int, stream_id: int, payload: memoryview) -> None:
+    def queued(self) -> int:
+        """Bytes waiting in the connection's write buffer."""
+        return self._buffered() if self._buffered is not None else 0
+
+    def put_now(self, kind: int, stream_id: int, payload: bytes | memoryview) -> None:
         """Write a frame now, after whatever was queued, in one write.
 
         A payload longer than :data:`MAX_DATA` goes as several frames.
@@ -491,8 +509,9 @@ class TunnelEnd:
             out.append(HEADER.pack(kind, stream_id, size))
             out.append(payload)
         else:
+            view = memoryview(payload)
             for start in range(0, size, MAX_DATA):
-                piece = payload[start : start + MAX_DATA]
+                piece = view[start : start + MAX_DATA]
                 out.append(HEADER.pack(kind, stream_id, len(piece)))
                 out.append(piece)
         self._write(out)
