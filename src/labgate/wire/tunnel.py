@@ -407,9 +407,13 @@ class SocketStream(TunnelStream, asyncio.BufferedProtocol):
             return
         self.credit -= nbytes
         end.bytes_sent += nbytes
-        if nbytes < COPY_BELOW or end.queued():
-            # What the connection would queue (it is backed up), or a small read, goes as a
-            # copy: a queued view keeps the whole buffer from being read into again.
+        if nbytes < COPY_BELOW:
+            # A small read goes as a copy, with the other frames of this pass of the loop
+            # (small answers on many streams leave in one write).
+            end.put(DATA, self.id, bytes(view))
+        elif end.queued():
+            # The connection is backed up and would queue it: a queued view would keep the
+            # whole buffer from being read into again.
             end.put_now(DATA, self.id, bytes(view))
         else:
             end.put_now(DATA, self.id, view)  # the buffer is read into again next time
