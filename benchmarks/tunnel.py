@@ -74,7 +74,7 @@ def tune(window: int, frame: int) -> None:
     from labgate.wire import tunnel
 
     tunnel.WINDOW = window
-    tunnel.GRANT_AT = window // 4
+    tunnel.GRANT_AT = window // 2
     tunnel.MAX_DATA = frame
 
 

@@ -39,8 +39,9 @@ BACKLOG_BOUND = 256 * 1024
 class Upstream:
     """A tiny HTTP/1.1 server on loopback, keep-alive.
 
-    ``GET .../bytes/N`` answers N bytes (written with back-pressure), ``POST`` the
-    SHA-256 of the body, anything else ``hello <path>``.
+    ``GET .../bytes/N`` answers N bytes (written with back-pressure), ``.../pattern/N``
+    the first N bytes of :func:`pattern` (``101`` first when asked to upgrade), ``POST``
+    the SHA-256 of the body, anything else ``hello <path>``.
     """
 
     def __init__(self) -> None:
@@ -74,6 +75,20 @@ class Upstream:
                 if b"/bytes/" in path:
                     await self.stream(writer, int(path.rsplit(b"/", 1)[1]))
                     continue
+                if b"/pattern/" in path:
+                    body = pattern(int(path.rsplit(b"/", 1)[1]))
+                    if b"upgrade: bytes" in head.lower():
+                        writer.write(b"HTTP/1.1 101 Switching Protocols\r\n")
+                        writer.write(b"Connection: Upgrade\r\nUpgrade: bytes\r\n\r\n")
+                        for start in range(0, len(body), MiB):
+                            writer.write(body[start : start + MiB])
+                            await writer.drain()
+                        writer.close()
+                        return
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+                    writer.write(body)
+                    await writer.drain()
+                    continue
                 if method == b"POST":
                     answer = hashlib.sha256(body).hexdigest().encode()
                 else:
@@ -98,6 +113,12 @@ class Upstream:
             left -= len(piece)
             self.bytes_sent += len(piece)
             await writer.drain()
+
+
+def pattern(size: int) -> bytes:
+    """``size`` bytes that repeat only every MiB and 7 bytes: a piece out of place shows."""
+    block = hashlib.shake_256(b"tunnel").digest(MiB + 7)
+    return (block * (size // len(block) + 1))[:size]
 
 
 def content_length(head: bytes) -> int:
@@ -325,6 +346,124 @@ async def test_large_download_bounded_memory(link: Linked, upstream: Upstream) -
     assert link.agent.peak_queued <= WINDOW + 64 * 1024
     assert link.agent.bytes_sent >= size
     assert link.near.bytes_received == link.agent.bytes_sent
+
+
+async def slow_client(link: Linked) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client whose socket takes little at a time, so that the router's writes to it queue."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.router.port, limit=MiB)
+    writer.transport.get_extra_info("socket").setsockopt(
+        socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024
+    )
+    return reader, writer
+
+
+async def read_slowly(reader: asyncio.StreamReader, size: int) -> bytes:
+    """``size`` bytes, read a little at a time with pauses (writes to this client queue up)."""
+    got = bytearray()
+    while len(got) < size:
+        piece = await asyncio.wait_for(reader.read(min(256 * 1024, size - len(got))), 30)
+        assert piece, "connection closed early"
+        got += piece
+        if len(got) % (4 * MiB) < len(piece):
+            await asyncio.sleep(0.05)
+    return bytes(got)
+
+
+async def test_bytes_arrive_intact_to_slow_readers(link: Linked) -> None:
+    """Both ends read into buffers they reuse: a buffer a queued write still holds is not reused.
+
+    Two responses at once, one of them upgraded (the router writes the tunnel's
+    bytes to the client as they come, and they queue in its transport when
+    the client is slow), to slow clients: every byte arrives, in order.
+    """
+    prefix = link.route("web")
+    size = 24 * MiB
+    plain_reader, plain_writer = await slow_client(link)
+    link.send(plain_writer, f"{prefix}/pattern/{size}")
+    raw_reader, raw_writer = await slow_client(link)
+    raw_writer.write(
+        f"GET {prefix}/pattern/{size} HTTP/1.1\r\nHost: x\r\nCookie: {link.cookie}\r\n"
+        "Connection: Upgrade\r\nUpgrade: bytes\r\n\r\n".encode()
+    )
+
+    async def plain() -> bytes:
+        head = await asyncio.wait_for(plain_reader.readuntil(b"\r\n\r\n"), 10)
+        assert content_length(head) == size
+        return await read_slowly(plain_reader, size)
+
+    async def upgraded() -> bytes:
+        head = await asyncio.wait_for(raw_reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        return await read_slowly(raw_reader, size)
+
+    got = await asyncio.gather(plain(), upgraded())
+    expected = hashlib.sha256(pattern(size)).hexdigest()
+    assert [hashlib.sha256(body).hexdigest() for body in got] == [expected, expected]
+    for writer in (plain_writer, raw_writer):
+        writer.close()
+
+
+async def test_small_pieces_queued_for_a_stalled_reader_keep_no_read_buffers() -> None:
+    """What a stalled reader's transport keeps of small DATA is a copy, not a view keeping a
+    whole read buffer (memory stays about the stream's window, not a buffer per frame)."""
+    from labgate.wire.tunnel import COPY_BELOW, PipeStream, TunnelEnd
+
+    class Stalled:
+        """A local transport whose reader reads nothing: it keeps everything written to it."""
+
+        def __init__(self) -> None:
+            self.kept: list[bytes | memoryview] = []
+
+        def write(self, data: bytes | memoryview) -> None:
+            self.kept.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def get_write_buffer_size(self) -> int:
+            return sum(len(d) for d in self.kept)
+
+    end = TunnelEnd()
+    end.attach(lambda data: None)
+    stream = PipeStream(end, 7, "web", opening=False)
+    end.streams[7] = stream
+    stalled = Stalled()
+    stream.connection_made(stalled)  # type: ignore[arg-type]
+
+    def arrive(frame: bytes) -> None:  # as the connection's reads would: one frame each
+        buf = end.get_buffer(-1)
+        buf[: len(frame)] = frame
+        end.buffer_updated(len(frame))
+
+    for n in range(500):
+        arrive(HEADER.pack(DATA, 7, 100) + bytes([n % 256]) * 100)
+    assert end.in_buffers.allocated == 1  # every small piece was copied
+    big = COPY_BELOW + 1
+    for n in range(3):
+        arrive(HEADER.pack(DATA, 7, big) + bytes([n]) * big)
+    assert end.in_buffers.allocated == 3  # a large piece is handed on as it is, and kept
+    assert b"".join(bytes(d) for d in stalled.kept) == b"".join(
+        [bytes([n % 256]) * 100 for n in range(500)] + [bytes([n]) * big for n in range(3)]
+    )
+
+
+def test_a_read_buffer_still_viewed_is_not_reused() -> None:
+    from labgate.wire.tunnel import ReadBuffers
+
+    buffers = ReadBuffers(1024)
+    first = buffers.take()
+    assert len(first) == 1024 and buffers.take() is first  # nothing holds it: reused
+    held = memoryview(first)[10:20]  # as a transport that could not send it at once
+    second = buffers.take()
+    assert second is not first and len(second) == 1024
+    first[10:20] = b"0123456789"
+    second[:] = b"y" * 1024  # the next read goes elsewhere: what is held stays as it was
+    assert bytes(held) == b"0123456789"
+    held.release()
+    assert buffers.take() is second
+    second_view = memoryview(second)
+    assert buffers.take() is first  # set aside, and free again
+    second_view.release()
 
 
 async def test_stalled_reader_does_not_stall_other_streams(

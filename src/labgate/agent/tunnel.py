@@ -35,6 +35,7 @@ from labgate.wire.tunnel import (
     TUNNEL_PATH,
     UPGRADE,
     WORKER_HEADER,
+    SocketStream,
     TunnelEnd,
     TunnelStream,
     roomy,
@@ -176,7 +177,7 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
         except ValueError as exc:
             self._refuse(stream_id, instance_id, f"bad endpoint: {exc}")
             return
-        stream = TunnelStream(self, stream_id, instance_id, opening=False)
+        stream = SocketStream(self, stream_id, instance_id, opening=False)
         self.streams[stream_id] = stream
         self.streams_opened += 1
         task = asyncio.get_running_loop().create_task(
@@ -190,7 +191,7 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
         log.warning("tunnel: refused a stream to instance %s: %s", instance_id, reason)
         self.put(REFUSED, stream_id, reason.encode())
 
-    async def _connect(self, stream: TunnelStream, host: str, port: int, path: str) -> None:
+    async def _connect(self, stream: SocketStream, host: str, port: int, path: str) -> None:
         loop = asyncio.get_running_loop()
         try:
             if path:

@@ -43,6 +43,7 @@ from labgate.wire.tunnel import (
     REFUSED,
     UPGRADE,
     WORKER_HEADER,
+    PipeStream,
     TunnelEnd,
     TunnelStream,
     roomy,
@@ -147,8 +148,13 @@ def join(loop: asyncio.AbstractEventLoop, a: asyncio.Protocol, b: asyncio.Protoc
     b.connection_made(cast(asyncio.Transport, to_a))
 
 
-class SiteTunnel(TunnelEnd, asyncio.Protocol):
-    """One agent's data connection, on the router's side: it opens the streams."""
+class SiteTunnel(TunnelEnd, asyncio.BufferedProtocol):
+    """One agent's data connection, on the router's side: it opens the streams.
+
+    The connection is read into reused buffers (:meth:`TunnelEnd.get_buffer`):
+    no bytes object per read, and a large DATA frame reaches its stream in
+    one piece per read.
+    """
 
     def __init__(self, tunnels: SiteTunnels, site: str, epoch: str) -> None:
         super().__init__()
@@ -197,7 +203,7 @@ class SiteTunnel(TunnelEnd, asyncio.Protocol):
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
         while self._next_id in self.streams:  # after 2**32 streams
             self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-        stream = TunnelStream(self, self._next_id, instance_id, opening=True)
+        stream = PipeStream(self, self._next_id, instance_id, opening=True)
         join(asyncio.get_running_loop(), stream, upstream)
 
     def opening(self, stream: TunnelStream) -> bool:

@@ -34,10 +34,19 @@ peer that sends beyond its credit loses the stream. The router sends DATA
 right after OPEN (no round trip per stream); the agent holds it until the
 instance's connection is up.
 
+A tunneled byte costs each end a read and a write and little else: sockets
+are read into reused buffers (:class:`ReadBuffers`; asyncio's buffered
+protocols), not into a new bytes object per read. The agent reads an
+instance's socket at most as much as the stream's credit allows and sends
+each read at once as DATA frames, headers and the buffer in one
+``writev``; the router reads a large DATA frame's rest and the next header
+in one read, so each read hands a stream one piece.
+
 This module is the part both ends share (the router imports only ``wire``):
 :class:`TunnelEnd` (the streams of one data connection: frames in and out)
 and :class:`TunnelStream` (one stream: the asyncio protocol of its local
-side, holding the stream's credit both ways). The router's end is
+side, holding the stream's credit both ways; :class:`PipeStream` at the
+router, :class:`SocketStream` at the agent). The router's end is
 :mod:`labgate.router.tunnel`, the agent's :mod:`labgate.agent.tunnel`.
 """
 
@@ -69,8 +78,16 @@ WORKER_HEADER = "Labgate-Tunnel-Worker"
 #: Bytes a side may send on one stream before the receiver grants more.
 WINDOW = 1024 * 1024
 #: The receiver grants credit once this many bytes are delivered (fewer WINDOW frames).
-GRANT_AT = WINDOW // 4
+GRANT_AT = WINDOW // 2
 
+
+#: A piece of DATA smaller than this is copied rather than handed on as a view of a
+#: reused read buffer (a view queued by a slow reader keeps the whole buffer).
+COPY_BELOW = 64 * 1024
+#: An instance's socket is read up to this many DATA frames at a time (fewer reads and writes).
+READ_FRAMES = 4
+#: A read of the connection in a DATA frame with this much still to come ends at the next header.
+ALIGN_AT = 16 * 1024
 
 #: Socket buffers of a data connection: room for several streams' windows in flight.
 SOCKET_BUFFER = 4 * 1024 * 1024
@@ -90,8 +107,65 @@ def roomy(transport: asyncio.BaseTransport) -> None:
         transport.set_write_buffer_limits(high=SOCKET_BUFFER)
 
 
-class TunnelStream(asyncio.Protocol):
-    """A local socket's side of one stream; created by the tunnel ends, not by callers."""
+class ReadBuffers:
+    """Reusable buffers to read sockets into, so that a read allocates and copies nothing.
+
+    A buffer handed out is reused for the next read only once nothing holds a
+    view of it any more: a transport that could not send a view at once keeps
+    it (uvloop queues views, it does not copy them), and a bytearray with
+    views alive cannot be resized, which :meth:`take` tests. Such a buffer is
+    set aside until it is free again; a few are kept, more are allocated.
+    """
+
+    #: Buffers kept set aside or free at most (more are left to the garbage collector).
+    KEEP = 8
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.current = bytearray()  # allocated on first use: not every end reads sockets
+        self._lent: list[bytearray] = []
+        self.allocated = 0  # buffers allocated so far (tests)
+
+    def take(self) -> bytearray:
+        """A buffer of :attr:`size` bytes that nothing else refers to."""
+        current = self.current
+        if _free(current):
+            if len(current) != self.size:
+                self.current = current = bytearray(self.size)
+                self.allocated += 1
+            return current
+        lent = self._lent
+        for i, buf in enumerate(lent):
+            if _free(buf):
+                lent[i] = current
+                self.current = buf
+                return buf
+        if len(lent) < self.KEEP:
+            lent.append(current)
+        self.current = bytearray(self.size)
+        self.allocated += 1
+        return self.current
+
+
+def _free(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` is alive (a bytearray with views cannot grow)."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
+
+
+class TunnelStream:
+    """A local connection's side of one stream; created by the tunnel ends, not by callers.
+
+    The asyncio protocol of the local side, holding the stream's credit both
+    ways; how it reads is its subclass's: :class:`PipeStream` (the router's
+    in-process :class:`~labgate.router.tunnel.Pipe`, ``data_received``) or
+    :class:`SocketStream` (the agent's socket to the instance, read into a
+    reused buffer).
+    """
 
     def __init__(self, end: TunnelEnd, stream_id: int, instance_id: str, *, opening: bool) -> None:
         self.end = end
@@ -129,16 +203,6 @@ class TunnelStream(asyncio.Protocol):
             self._deliver(chunk)
         if self.peer_eof:
             self._write_eof()
-
-    def data_received(self, data: bytes) -> None:
-        if self.done:
-            return
-        if self.backlog_bytes or self.credit <= 0:
-            self._hold(data)
-        else:
-            rest = self._send(data)
-            if rest is not None:
-                self._hold(rest)
 
     def eof_received(self) -> bool:
         if not self.local_eof and not self.done:
@@ -205,7 +269,10 @@ class TunnelStream(asyncio.Protocol):
         if self.transport is None:
             self.inbox.append(bytes(payload))
             return
-        self._deliver(payload)
+        # A view the local side keeps (queued for a slow reader) keeps its whole read
+        # buffer: only a large piece may, so what is kept is at most a few times what
+        # the stream's credit lets be queued.
+        self._deliver(payload if size >= COPY_BELOW else bytes(payload))
 
     def _deliver(self, data: bytes | memoryview) -> None:
         transport = self.transport
@@ -299,6 +366,62 @@ class TunnelStream(asyncio.Protocol):
             self.transport.abort()
 
 
+class PipeStream(TunnelStream, asyncio.Protocol):
+    """A stream whose local side hands it bytes (router's :class:`~labgate.router.tunnel.Pipe`)."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.done:
+            return
+        if self.backlog_bytes or self.credit <= 0:
+            self._hold(data)
+        else:
+            rest = self._send(data)
+            if rest is not None:
+                self._hold(rest)
+
+
+class SocketStream(TunnelStream, asyncio.BufferedProtocol):
+    """A stream whose local side is a socket (the agent's, to the instance).
+
+    Each read goes straight into the end's reused buffer
+    (:attr:`TunnelEnd.buffers`), at most what the stream's credit allows (and
+    :data:`READ_FRAMES` frames), and leaves at once as DATA frames in one
+    write: no bytes object per read and no copy of it in Python. Reading
+    pauses when the credit is spent, so nothing read waits for credit.
+    """
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        buf = self.end.buffers.take()
+        size = min(self.credit, len(buf))
+        # Never an empty buffer (the loop would fail the transport): a read without credit
+        # (reading was paused just too late) is held back, as a copy.
+        return memoryview(buf)[: size if size > 0 else MAX_DATA]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.done:
+            return
+        end = self.end
+        view = memoryview(end.buffers.current)[:nbytes]
+        if self.backlog_bytes or self.credit < nbytes:
+            self._hold(bytes(view))
+            return
+        self.credit -= nbytes
+        end.bytes_sent += nbytes
+        if nbytes < COPY_BELOW:
+            # A small read goes as a copy, with the other frames of this pass of the loop
+            # (small answers on many streams leave in one write).
+            end.put(DATA, self.id, bytes(view))
+        elif end.queued():
+            # The connection is backed up and would queue it: a queued view would keep the
+            # whole buffer from being read into again.
+            end.put_now(DATA, self.id, bytes(view))
+        else:
+            end.put_now(DATA, self.id, view)  # the buffer is read into again next time
+        if self.credit <= 0 and not self.read_paused and self.transport is not None:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+
 class TunnelEnd:
     """One end of a data connection: the streams it carries, frames in and out.
 
@@ -315,6 +438,10 @@ class TunnelEnd:
         self._write: Callable[[list[bytes | memoryview]], None] | None = None
         self._buffered: Callable[[], int] | None = None
         self._out: list[bytes | memoryview] = []
+        #: What local sockets (:class:`SocketStream`) are read into.
+        self.buffers = ReadBuffers(READ_FRAMES * MAX_DATA)
+        #: What the connection is read into (:meth:`get_buffer`).
+        self.in_buffers = ReadBuffers(MAX_DATA + HEADER.size)
         self._flushing = False
         self._partial = b""  # a header or control frame cut across reads
         self._data_left = 0  # payload bytes of a DATA frame still to come
@@ -369,6 +496,34 @@ class TunnelEnd:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self.flush)
 
+    def queued(self) -> int:
+        """Bytes waiting in the connection's write buffer."""
+        return self._buffered() if self._buffered is not None else 0
+
+    def put_now(self, kind: int, stream_id: int, payload: bytes | memoryview) -> None:
+        """Write a frame now, after whatever was queued, in one write.
+
+        A payload longer than :data:`MAX_DATA` goes as several frames.
+        """
+        if self._write is None:
+            return
+        out, self._out = self._out, []
+        size = len(payload)
+        if size <= MAX_DATA:
+            out.append(HEADER.pack(kind, stream_id, size))
+            out.append(payload)
+        else:
+            view = memoryview(payload)
+            for start in range(0, size, MAX_DATA):
+                piece = view[start : start + MAX_DATA]
+                out.append(HEADER.pack(kind, stream_id, len(piece)))
+                out.append(piece)
+        self._write(out)
+        if self._buffered is not None:
+            queued = self._buffered()
+            if queued > self.peak_queued:
+                self.peak_queued = queued
+
     def flush(self) -> None:
         """Write what was queued, in one write."""
         self._flushing = False
@@ -384,7 +539,24 @@ class TunnelEnd:
                 self.peak_queued = queued
 
     # ----------------------------------------------------------------- receiving
-    def feed(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where to read the connection into (an end that is an asyncio BufferedProtocol).
+
+        In a large DATA frame, the read is sized to end with the next frame's
+        header: each read then hands a stream one piece, and the next read
+        begins at a payload. Otherwise it takes what is there, up to a frame.
+        """
+        buf = self.in_buffers.take()
+        left = self._data_left
+        if left >= ALIGN_AT:
+            return memoryview(buf)[: left + HEADER.size]
+        return memoryview(buf)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were read into the buffer of :meth:`get_buffer`."""
+        self.feed(memoryview(self.in_buffers.current)[:nbytes])
+
+    def feed(self, data: bytes | memoryview) -> None:
         """Handle bytes read from the connection: frames may straddle reads.
 
         DATA goes to its stream as it arrives, a frame cut across reads in
@@ -402,7 +574,7 @@ class TunnelEnd:
             if offset < 0 or self._write is None:
                 return
 
-    def _data_rest(self, data: bytes, offset: int) -> int:
+    def _data_rest(self, data: bytes | memoryview, offset: int) -> int:
         """The next piece of a DATA frame begun in an earlier read."""
         take = min(self._data_left, len(data) - offset)
         self._data_left -= take
@@ -412,7 +584,7 @@ class TunnelEnd:
             stream.on_data(memoryview(data)[offset : offset + take])
         return offset + take
 
-    def _complete(self, data: bytes, offset: int) -> int:
+    def _complete(self, data: bytes | memoryview, offset: int) -> int:
         """Complete a header (or a small control frame) begun in an earlier read."""
         header = HEADER.size
         partial, self._partial = self._partial, b""
@@ -437,7 +609,7 @@ class TunnelEnd:
         self._frames(partial + data[offset : offset + need], 0)
         return offset + need
 
-    def _frames(self, data: bytes, offset: int) -> int:
+    def _frames(self, data: bytes | memoryview, offset: int) -> int:
         """Handle the frames of ``data`` from ``offset``; where it stopped (-1: stop reading)."""
         view = memoryview(data)
         size = len(data)
