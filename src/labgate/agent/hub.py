@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from labgate.agent import convert
 from labgate.agent.link import SiteLink
 from labgate.agent.network import ChannelClosed, NetworkSiteLink, Relay, Session
-from labgate.aio import cancel_and_wait
+from labgate.aio import cancel_and_wait, wait_for
 from labgate.wire.agent import (
     Ack,
     Heartbeat,
@@ -264,7 +264,7 @@ class SiteHub:
         )
         await channel.send_text(dump(welcome))
         try:
-            raw = await asyncio.wait_for(channel.receive(), self.heartbeat * 3)
+            raw = await wait_for(channel.receive(), self.heartbeat * 3)
         except TimeoutError:
             raise ProtocolError("the agent sent no hello") from None
         message = parse(raw) if isinstance(raw, str) else None

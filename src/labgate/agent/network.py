@@ -24,6 +24,7 @@ from labgate.agent import convert
 from labgate.agent.fetch import FetchError
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.task_ops import TaskCalls
+from labgate.aio import wait_for
 from labgate.backends.claim import ClaimError
 from labgate.errors import LabgateError
 from labgate.wire.agent import Command, FetchedMsg, Hello, Result, SnapshotResultMsg, dump
@@ -184,7 +185,7 @@ class NetworkSiteLink(SiteLink):
         session.pending[command.id] = future
         try:
             await session.send(dump(command))
-            result = await asyncio.wait_for(future, wait)
+            result = await wait_for(future, wait)
         except TimeoutError:
             raise SiteUnavailable(
                 f"site {self.site} did not answer {op} within {wait:g} seconds"

@@ -40,6 +40,7 @@ from labgate import __version__
 from labgate.agent import convert, task_ops
 from labgate.agent.site import SiteAgent
 from labgate.agent.tunnel import TunnelDialer
+from labgate.aio import wait_for
 from labgate.errors import LabgateError
 from labgate.tools.catalog import Tool
 from labgate.wire.agent import (
@@ -150,7 +151,7 @@ class RemoteAgent:
                 pause = backoff(attempt, self.reconnect_base, self.reconnect_max)
                 log.info("agent: reconnecting in %.1f s", pause)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+                    await wait_for(self._stopping.wait(), pause)
         finally:
             await self.tunnel.stop()
             if self.agent is not None:
@@ -198,7 +199,7 @@ class RemoteAgent:
             await self.tunnel.stop()
 
     async def _session(self, ws: ClientConnection) -> None:
-        welcome = parse(await asyncio.wait_for(ws.recv(), 30))
+        welcome = parse(await wait_for(ws.recv(), 30))
         if not isinstance(welcome, Welcome):
             raise ProtocolError("the portal's first message was not a welcome")
         self._welcomed(welcome)

@@ -20,6 +20,7 @@ import httpx
 
 from labgate.agent import fetch as fetching
 from labgate.agent.tasks import ProcessTaskExecutor, TaskExecutor, TaskRunner
+from labgate.aio import wait_for
 from labgate.backends.base import (
     Backend,
     LaunchSpec,
@@ -379,7 +380,7 @@ class SiteAgent:
         if self._health is not None and now - self._health[0] < self.health_ttl:
             return self._health[1]
         try:
-            problem = await asyncio.wait_for(self.backend.health(), HEALTH_TIMEOUT)
+            problem = await wait_for(self.backend.health(), HEALTH_TIMEOUT)
         except TimeoutError:
             problem = f"the {self.backend.name} backend did not answer within {HEALTH_TIMEOUT:g}s"
         except Exception as exc:
@@ -512,7 +513,7 @@ class SiteAgent:
         instance, and stops it cleanly if it is stopped meanwhile.
         """
         try:
-            started = await asyncio.wait_for(start, INTERRUPTED_START_WAIT)
+            started = await wait_for(start, INTERRUPTED_START_WAIT)
         except Exception:  # it failed or took too long: nothing of it can be adopted
             log.warning("site %s: the start of %s was interrupted", self.site, iid)
             return

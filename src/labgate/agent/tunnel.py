@@ -26,7 +26,7 @@ import ssl
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from labgate.aio import cancel_and_wait
+from labgate.aio import cancel_and_wait, wait_for
 from labgate.wire.routes import parse_upstream
 from labgate.wire.tunnel import (
     OPEN,
@@ -198,7 +198,7 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
                 connecting = loop.create_unix_connection(lambda: stream, path)
             else:
                 connecting = loop.create_connection(lambda: stream, host, port)
-            await asyncio.wait_for(connecting, CONNECT_TIMEOUT)
+            await wait_for(connecting, CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             if self.streams.get(stream.id) is stream:
                 self.forget(stream)
@@ -224,7 +224,7 @@ async def dial(url: str, ticket: str, resolve: Resolve) -> AgentTunnel:
     loop = asyncio.get_running_loop()
     tunnel = AgentTunnel(resolve)
     context = ssl.create_default_context() if secure else None
-    transport, _ = await asyncio.wait_for(
+    transport, _ = await wait_for(
         loop.create_connection(lambda: tunnel, host, port, ssl=context), DIAL_TIMEOUT
     )
     roomy(transport)
@@ -240,7 +240,7 @@ async def dial(url: str, ticket: str, resolve: Resolve) -> AgentTunnel:
         ).encode()
     )
     try:
-        await asyncio.wait_for(asyncio.shield(tunnel.switched), DIAL_TIMEOUT)
+        await wait_for(asyncio.shield(tunnel.switched), DIAL_TIMEOUT)
     except BaseException:
         tunnel.close()
         raise

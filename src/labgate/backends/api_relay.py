@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from labgate.aio import wait_for
+
 log = logging.getLogger(__name__)
 
 #: The paths the relay forwards: busy reports, and notes of batch task attempts.
@@ -83,7 +85,7 @@ class ApiRelay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, body = await asyncio.wait_for(self._answer(reader), READ_TIMEOUT)
+            status, body = await wait_for(self._answer(reader), READ_TIMEOUT)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             status, body = 400, b'{"error": "bad_request"}'
         except httpx.HTTPError as exc:

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from labgate.aio import wait_for
 from labgate.backends.procfs import instance_processes
 from labgate.errors import LabgateError
 
@@ -182,7 +183,7 @@ async def mount_into(
         stderr=asyncio.subprocess.PIPE,
     )
     try:
-        _, err = await asyncio.wait_for(process.communicate(), HELPER_TIMEOUT)
+        _, err = await wait_for(process.communicate(), HELPER_TIMEOUT)
     except TimeoutError:
         process.kill()
         await process.wait()

@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from labgate.aio import wait_for
 from labgate.errors import Forbidden, Unauthorized
 from labgate.portal.auth import optional_principal, token_from_header
 from labgate.portal.metrics import CONTENT_TYPE, Metrics
@@ -74,7 +75,7 @@ async def readyz(portal: Portal = Depends(get_portal)) -> JSONResponse:
     checks: dict[str, Any] = {}
     leader = ""
     try:
-        leader = await asyncio.wait_for(
+        leader = await wait_for(
             portal.run_db(partial(_ping, leader=portal.leader)), READY_DB_TIMEOUT
         )
         checks["database"] = "ok"

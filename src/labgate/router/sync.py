@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 import httpx
 
+from labgate.aio import wait_for
 from labgate.router.activity import Activity
 from labgate.wire.routes import RouterControl
 from labgate.wire.stats import RouterStats
@@ -119,7 +120,7 @@ class RouteSync:
             )
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), backoff * (0.5 + random.random()))
+                await wait_for(self._wake.wait(), backoff * (0.5 + random.random()))
             backoff = min(self.max_backoff, backoff * 2)
 
     def _next_portal(self, failed: str) -> str:

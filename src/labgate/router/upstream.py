@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
+from labgate.aio import wait_for
 from labgate.router.http import (
     HOP_BY_HOP,
     LAST_CHUNK,
@@ -495,14 +496,14 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         timeout = self.ctx.options.connect_timeout
         if address.is_unix:
-            _, conn = await asyncio.wait_for(
+            _, conn = await wait_for(
                 loop.create_unix_connection(
                     lambda: UpstreamConnection(self.ctx, address), address.path
                 ),
                 timeout,
             )
         else:
-            transport, conn = await asyncio.wait_for(
+            transport, conn = await wait_for(
                 loop.create_connection(
                     lambda: UpstreamConnection(self.ctx, address), address.host, address.port
                 ),

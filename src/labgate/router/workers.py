@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from labgate.aio import cancel_and_wait
+from labgate.aio import cancel_and_wait, wait_for
 from labgate.config import Settings
 from labgate.gcpause import pause as pause_gc
 from labgate.gcpause import resume as resume_gc
@@ -162,7 +162,7 @@ async def serve_worker(config: WorkerConfig, stop: asyncio.Event) -> None:
         _stop_with_parent(config.parent_pid, stop)
     try:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(sync.synced.wait(), config.sync_wait)
+            await wait_for(sync.synced.wait(), config.sync_wait)
         if not sync.synced.is_set():
             log.warning("router: no route snapshot yet (%s); serving anyway", sync.last_error)
         if config.tls_cert_file and config.tls_key_file:

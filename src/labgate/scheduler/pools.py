@@ -46,7 +46,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import live_sites
-from labgate.aio import cancel_and_wait
+from labgate.aio import cancel_and_wait, wait_for
 from labgate.backends.claim import Claim
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -313,7 +313,7 @@ class PoolManager:
                 log.exception("refilling the warm pools failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await wait_for(self._wake.wait(), self.interval)
 
     async def refill(self) -> None:
         """Start what each pool lacks; stop what it has too many of (the leader only)."""

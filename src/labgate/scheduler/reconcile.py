@@ -28,7 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
-from labgate.aio import cancel_and_wait
+from labgate.aio import cancel_and_wait, wait_for
 from labgate.db.models import ACTIVE_STATES, Instance, InstanceState, Site
 from labgate.db.session import Database
 from labgate.scheduler.leader import Leadership, SoleLeader
@@ -110,7 +110,7 @@ class Reconciler:
     async def _loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             await self.run_once()
 

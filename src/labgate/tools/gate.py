@@ -37,6 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from labgate.aio import wait_for
 from labgate.tools.ports import free_port
 
 MAX_HEAD = 64 * 1024
@@ -92,7 +93,7 @@ class Gate:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection."""
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            head = await wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
             writer.close()
             return

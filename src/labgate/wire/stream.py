@@ -40,6 +40,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
+from labgate.aio import wait_for
 from labgate.wire.routes import (
     Route,
     RouterControl,
@@ -243,7 +244,7 @@ class RoutePublisher(RouteTable):
             yield first
             while True:
                 try:
-                    line = await asyncio.wait_for(sub.queue.get(), self.heartbeat)
+                    line = await wait_for(sub.queue.get(), self.heartbeat)
                 except TimeoutError:
                     yield encode({"op": "ping", "seq": self.seq})
                     continue

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from labgate.aio import wait_for
 from labgate.errors import BackendError
 
 #: Job states in which the job still holds or waits for a place.
@@ -276,7 +277,7 @@ class Slurm:
         except OSError as exc:
             raise SlurmError(f"cannot run {name}: {exc}") from exc
         try:
-            out, err = await asyncio.wait_for(
+            out, err = await wait_for(
                 proc.communicate(stdin.encode() if stdin is not None else None), COMMAND_TIMEOUT
             )
         except TimeoutError:
