@@ -295,6 +295,18 @@ def places(
     return found
 
 
+def _sites_with_queued(session: Session) -> set[str]:
+    """Names of the sites with at least one queued launch (one query for all sites)."""
+    return set(
+        session.scalars(
+            select(Site.name)
+            .join(Instance, Instance.site_id == Site.id)
+            .where(Instance.state == InstanceState.queued)
+            .distinct()
+        )
+    )
+
+
 # --- dispatch ----------------------------------------------------------------------
 @dataclass
 class Dispatched:
@@ -343,7 +355,15 @@ class StartQueue:
 
     async def _run(self) -> None:
         while True:
-            for site in list(self.control.links):
+            try:
+                waiting = await self.control.run_db(_sites_with_queued)
+            except Exception:
+                log.exception("start queue: cannot list the sites with queued launches")
+                waiting = set(self.control.links)
+            # Sites with something queued (a network site's agent back, a launch another
+            # portal process queued) and sites whose places this process still shows.
+            waiting |= {place.site for place in self._places.values()}
+            for site in waiting & set(self.control.links):
                 self.kick(site)
             await asyncio.sleep(self.tick)
 
