@@ -34,9 +34,12 @@ EXTRA_CA = "extra-ca.pem"
 #: Files of labgate an image may run without installing it (copied into ``labgate/``).
 LABGATE_FILES = (
     "__init__.py",
+    "aio.py",
     "tools/__init__.py",
     "tools/jupyter_busy.py",
+    "tools/jupyter_start.py",
     "tools/gate.py",
+    "tools/ports.py",
     "tools/desktop.py",
 )
 PACKAGE = Path(__file__).resolve().parent.parent
