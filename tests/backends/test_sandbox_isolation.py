@@ -731,7 +731,10 @@ async def test_without_root_the_app_has_a_network_namespace_of_its_own_too() -> 
         [*account, sys.executable, "-c", "import labgate, streamlit"], capture_output=True
     )
     if imports.returncode != 0:
-        pytest.skip(f"uid 65534 cannot run this checkout's Python: {imports.stderr[-300:]!r}")
+        reason = f"uid 65534 cannot run this checkout's Python: {imports.stderr[-300:]!r}"
+        if os.environ.get("CI") == "true":  # .ci/run opens the way (setfacl): nothing skips
+            pytest.fail(reason)
+        pytest.skip(f"{reason}; let it through each directory (setfacl -m u:65534:x)")
     home = Path(tempfile.mkdtemp(prefix="labgate-account-"))
     os.chown(home, 65534, 65534)
     state: JSON | None = None

@@ -6,7 +6,7 @@ one process group (the process backend stops them together):
 1. ``Xtigervnc``: a virtual X server that is also a VNC server. It listens on
    a Unix socket in a private directory (mode 0700), never on TCP, so only
    the instance's own uid can reach the desktop;
-2. ``openbox``, a light window manager, and an ``xterm`` in the workspace;
+2. ``openbox``, a light window manager, which starts an ``xterm`` in the workspace;
 3. ``websockify`` on the loopback port ``P`` (``--host 0.0.0.0`` in a container,
    whose network namespace is its own): it serves noVNC's pages and
    turns the WebSocket at ``/websockify`` into the VNC stream. An auth plugin
@@ -170,8 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     display = read_display(read_end, children[0])
     wait_for(socket, children[0])
     env = {**os.environ, "DISPLAY": display}
-    children.append(subprocess.Popen(["openbox"], env=env))
-    children.append(subprocess.Popen(["xterm", "-title", "Terminal"], env=env))
+    # Openbox starts the xterm once it manages the screen, so the xterm is placed and
+    # focused: an xterm mapped before the window manager stayed unfocused, and keys
+    # typed into the desktop went nowhere.
+    children.append(subprocess.Popen(["openbox", "--startup", "xterm -title Terminal"], env=env))
     websockify = [
         "websockify",
         "--web",

@@ -142,7 +142,10 @@ async def take_snapshot(
     caller: Principal = require("instances:write"),
     portal: Portal = Depends(get_portal),
 ) -> SnapshotOut:
-    """Save a running instance; the snapshot comes back ``saving``, progress in its events.
+    """Save a running instance; progress in its events.
+
+    The snapshot comes back as it is when the answer is written: ``saving``,
+    or already ``ready`` when a small workspace saved in the meantime.
 
     A container instance is committed, tagged and pushed to the snapshot
     registry; a process instance's workspace is archived. The snapshot belongs
