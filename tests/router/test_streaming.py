@@ -201,3 +201,100 @@ async def test_upload_back_pressure(recorded: Recorded) -> None:
     paused.set()
     writer.close()
     server.close()
+
+
+async def piecewise_upstream(pieces: list[bytes]) -> tuple[asyncio.Server, str]:
+    """An upstream that answers each request with ``pieces``, written one by one.
+
+    Each piece is its own write after a short pause, so the router reads the
+    response in as many pieces as the network keeps apart.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            for piece in pieces:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.002)
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+_FINAL = (
+    b"HTTP/1.1 203 Fine Thanks\r\n"
+    b"Server: piecewise\r\n"
+    b"Connection: keep-alive, X-Hop\r\n"
+    b"X-Hop: hop-by-hop, dropped\r\n"
+    b"Set-Cookie: labgate-session=stolen; Path=/\r\n"
+    b"Keep-Alive: timeout=5\r\n"
+    b"Set-Cookie: app=1; Path=/\r\n"
+    b"X-Kept:kept as sent \r\n"
+    b"Content-Length: 5\r\n"
+    b"\r\n"
+    b"hello"
+)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [_HINTS + _FINAL],
+        [_HINTS[:20], _HINTS[20:] + _FINAL[:60], _FINAL[60:120], _FINAL[120:]],
+        [bytes([byte]) for byte in _HINTS + _FINAL],
+    ],
+    ids=["one-read", "split-heads", "byte-by-byte"],
+)
+async def test_a_response_head_is_passed_on_whole_however_it_arrives(
+    recorded: Recorded, pieces: list[bytes]
+) -> None:
+    """The head is read from the bytes as they came: split anywhere, it is passed on the same."""
+    gw = recorded.gw
+    server, url = await piecewise_upstream(pieces)
+    try:
+        gw.table.add_route(Route("pcws", url, ALICE))
+        response = await raw_request(
+            gw.port, get(cookie_line(gw, ALICE), "/i/pcws/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+    hints, _, final = response.partition(b"\r\n\r\n")
+    assert hints == b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
+    head, _, body = final.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 203 Fine Thanks"
+    assert b"Server: piecewise" in lines
+    assert b"Set-Cookie: app=1; Path=/" in lines
+    assert b"X-Kept:kept as sent " in lines
+    assert b"Content-Length: 5" in lines
+    # Hop-by-hop headers (and those Connection names) and labgate's cookie stay behind.
+    lowered = head.lower()
+    for gone in (b"x-hop", b"keep-alive", b"labgate-session", b"connection: keep-alive"):
+        assert gone not in lowered, gone
+    assert b"connection: close" in lowered
+    assert body == b"hello"
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["one-write", "in-pieces"])
+async def test_a_response_head_too_large_is_a_502(recorded: Recorded, whole: bool) -> None:
+    """A response head over 64 KiB (MAX_HEAD) is not passed on, however it arrives."""
+    gw = recorded.gw
+    line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
+    response = b"HTTP/1.1 200 OK\r\n" + line * 70 + b"Content-Length: 2\r\n\r\nok"
+    pieces = (
+        [response] if whole else [response[i : i + 8192] for i in range(0, len(response), 8192)]
+    )
+    server, url = await piecewise_upstream(pieces)
+    try:
+        gw.table.add_route(Route("huge", url, ALICE))
+        answer = await raw_request(
+            gw.port, get(cookie_line(gw, ALICE), "/i/huge/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+    assert status_of(answer) == 502
+    assert b"X-Filler" not in answer
