@@ -49,12 +49,11 @@ _NO_BODY_STATUS: Final = frozenset({204, 304})
 # A ``Connection`` value with nothing to remove from the response beyond itself.
 _PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close", b"upgrade"})
 _OK_LINE: Final = b"HTTP/1.1 200 OK\r\n"
+_COLON: Final = b": "
 _CRLF: Final = b"\r\n"
-_HEAD_END: Final = b"\r\n\r\n"
-# The header names the head scan must look at: hop-by-hop ones, Content-Length and
-# Set-Cookie. A line whose name has none of their lengths is passed on without a look.
-_WATCHED: Final = HOP_BY_HOP | {b"set-cookie"}
-_WATCHED_LENGTHS: Final = frozenset(len(name) for name in _WATCHED)
+# A header whose name has none of these lengths is neither hop-by-hop, nor Content-Length,
+# nor Set-Cookie: it is passed on without lower-casing its name (most headers).
+_WATCHED_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP | {b"set-cookie"})
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -71,20 +70,21 @@ class UpstreamConnection(asyncio.Protocol):
         "done",
         "ex",
         "got_bytes",
-        "head",
-        "head_at",
+        "head_read",
+        "head_size",
+        "in_head",
         "interim",
         "keep_alive",
         "key",
         "out",
         "parser",
-        "reading_head",
         "reading_paused",
         "reason",
         "rechunk",
         "req_out",
         "resp_chunked",
         "resp_conn",
+        "resp_headers",
         "resp_length",
         "reused",
         "strip_session",
@@ -110,10 +110,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.strip_session = False
         self.out: list[bytes] = []
         self.req_out: list[bytes] = []
-        #: The response head's bytes as read (up to MAX_HEAD), and where the current
-        #: response starts in them (after an interim ``1xx`` response's head).
-        self.head = b""
-        self.head_at = 0
         self._reset_response()
 
     def _reset_response(self) -> None:
@@ -123,8 +119,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.body_allowed = True
         self.rechunk = False
-        self.reading_head = True
         self.reason = b""
+        self.in_head = True
+        #: The head's bytes as read (while unfinished), and as its headers were parsed.
+        self.head_read = 0
+        self.head_size = 0
+        self.resp_headers: list[bytes] = []
         self.resp_length: bytes | None = None
         self.resp_chunked = False
         self.resp_conn: bytes | None = None
@@ -169,8 +169,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.deadline = self.ctx.now + self.ctx.response_timeout
-        if self.reading_head:
-            self._keep_head(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -181,7 +179,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.done:
             self._complete()
-        elif self.out:
+            return
+        if self.in_head:
+            # A head still unfinished after MAX_HEAD bytes: llhttp would keep a header
+            # value without end in memory.
+            self.head_read += len(data)
+            if self.head_read > MAX_HEAD:
+                self._broken(f"sent a response head larger than {MAX_HEAD} bytes")
+                return
+        if self.out:
             self._flush()
 
     def eof_received(self) -> bool | None:
@@ -206,8 +212,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.client, self.ex, self.counter = client, ex, ex.counter
         self.strip_session = bool(ex.instance_id)
         self._reset_response()
-        self.head = b""
-        self.head_at = 0
         self.out.clear()
         self.deadline = self.ctx.now + self.ctx.response_timeout
         if client.write_paused:
@@ -286,27 +290,51 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes after the response we waited for: never reuse this connection.
             self.keep_alive = False
 
-    # No on_status or on_header: without them llhttp calls into Python once per head,
-    # not once per header; on_headers_complete reads the head's lines from the bytes read.
+    def on_status(self, reason: bytes) -> None:
+        """The reason phrase."""
+        self.reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """Keep end-to-end headers; note framing and connection ones."""
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD:
+            raise httptools.HttpParserError(f"a response head larger than {MAX_HEAD} bytes")
+        if len(name) not in _WATCHED_LENGTHS:
+            headers = self.resp_headers
+            headers.append(name)
+            headers.append(_COLON)
+            headers.append(value)
+            headers.append(_CRLF)
+            return
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"content-length":
+                self.resp_length = value
+            elif lname == b"transfer-encoding":
+                self.resp_chunked = True
+            elif lname == b"connection":
+                self.resp_conn = value if self.resp_conn is None else self.resp_conn + b"," + value
+            return
+        if (
+            self.strip_session
+            and lname == b"set-cookie"
+            and value.lstrip().startswith(_SESSION_SET_COOKIE)
+        ):
+            return  # a tool may not set (or clear) labgate's own cookies
+        headers = self.resp_headers
+        headers.append(name)
+        headers.append(_COLON)
+        headers.append(value)
+        headers.append(_CRLF)
 
     def on_headers_complete(self) -> None:
         """Send the rewritten response head to the client."""
+        self.in_head = False  # until an interim response ends (_reset_response)
         ex, client = self.ex, self.client
         if ex is None or client is None:
             return
-        raw, start = self.head, self.head_at
-        stop = raw.find(_HEAD_END, start)
-        if stop < 0 or stop - start > MAX_HEAD:  # not all kept (_keep_head), or kept but too big
-            raise httptools.HttpParserError(f"a response head larger than {MAX_HEAD} bytes")
-        self.head_at = stop + 4
-        self.reading_head = False  # until an interim response's end (_reset_response)
         status = self.parser.get_status_code()
-        line_end = raw.find(_CRLF, start)
-        # llhttp checked the status line: "HTTP/1.1 200" and an optional " reason".
-        self.reason = raw[start + 13 : line_end] if line_end > start + 12 else b""
-        headers = self._filtered_headers(raw, line_end + 2, stop + 2)
-        if status >= 200:
-            self.head = b""  # let go of the read (it may hold the body too)
+        headers = self._filtered_headers()
         if status < 200:
             if status == 101:
                 if not ex.is_upgrade:
@@ -380,71 +408,18 @@ class UpstreamConnection(asyncio.Protocol):
         self.done = True
 
     # --- internals -----------------------------------------------------------
-    def _keep_head(self, data: Buffer) -> None:
-        """Keep what is read of the response head (up to MAX_HEAD) for the head scan."""
-        head = self.head
-        if not head and self.head_at == 0 and isinstance(data, bytes):
-            self.head = data  # the usual case: the whole head in one read, kept as is
-        elif len(head) < MAX_HEAD + 4:
-            # A read buffer may be reused: a view or bytearray is copied.
-            self.head = head + bytes(data[: MAX_HEAD + 4 - len(head)])
-
-    def _filtered_headers(self, head: bytes, start: int, stop: int) -> list[bytes]:
-        """The head's header lines to pass on; framing and connection headers are noted.
-
-        Runs of lines that need no look are kept as one slice of ``head``.
-        """
-        kept = self._scan_head(head, start, stop, None)
-        conn = self.resp_conn
-        if conn is None or conn.lower() in _PLAIN_CONNECTION:
-            return kept
-        listed = connection_tokens(conn)
+    def _filtered_headers(self) -> list[bytes]:
+        if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
+            return self.resp_headers
+        listed = connection_tokens(self.resp_conn)
         listed -= {b"close", b"keep-alive", b"upgrade"}
         if not listed:
-            return kept
-        return self._scan_head(head, start, stop, listed)  # names the Connection header lists
-
-    def _scan_head(
-        self, head: bytes, start: int, stop: int, listed: set[bytes] | None
-    ) -> list[bytes]:
+            return self.resp_headers
         kept: list[bytes] = []
-        run = at = start  # the run of lines passed on untouched starts at ``run``
-        strip_session = self.strip_session
-        length: bytes | None = None
-        chunked = False
-        conn: bytes | None = None
-        while at < stop:
-            end = head.find(_CRLF, at)
-            colon = head.find(b":", at, end)
-            if listed is None and colon - at not in _WATCHED_LENGTHS:
-                at = end + 2
-                continue
-            name = head[at:colon].lower()
-            if listed is not None and name in listed:
-                pass  # named by Connection: hop-by-hop too
-            elif name not in _WATCHED:
-                at = end + 2
-                continue
-            elif name == b"set-cookie":
-                value = head[colon + 1 : end].lstrip()
-                if not (strip_session and value.startswith(_SESSION_SET_COOKIE)):
-                    at = end + 2
-                    continue
-                # a tool may not set (or clear) labgate's own cookies: dropped
-            elif name == b"content-length":
-                length = head[colon + 1 : end].strip()
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection":
-                value = head[colon + 1 : end].strip()
-                conn = value if conn is None else conn + b"," + value
-            if run < at:
-                kept.append(head[run:at])
-            at = run = end + 2
-        if run < stop:
-            kept.append(head[run:stop])
-        if listed is None:
-            self.resp_length, self.resp_chunked, self.resp_conn = length, chunked, conn
+        headers = self.resp_headers
+        for i in range(0, len(headers), 4):
+            if headers[i].lower() not in listed:
+                kept += headers[i : i + 4]
         return kept
 
     def _close_delimited(self) -> bool:
