@@ -14,13 +14,20 @@ import asyncio
 import io
 import tarfile
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
+import pytest
 from runs_helpers import submit, tasks_of, wait_run
 from sqlalchemy import select
 
+from labgate.agent.tasks import TaskRunner
 from labgate.db.runs import RunTask, TaskAttempt
+from labgate.errors import Conflict
 from labgate.security import executor_token, task_token
+from labgate.wire.runs import TaskSpec
+from labgate.wire.site import Report
 
 SLOW = """
 name = "gateway"
@@ -130,3 +137,37 @@ async def test_a_task_token_reports_only_for_its_own_attempt_and_only_while_it_r
     assert late.status_code == 409, late.text
     run = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
     assert tasks_of(run)["slow"]["state"] == "cancelled" and tasks_of(run)["slow"]["result"] is None
+
+
+async def test_a_sites_files_are_not_handed_over_while_its_attempt_starts(tmp_path: Any) -> None:
+    """Asked for an attempt's files before its site has started it (its executor spoke
+    first), the site says Conflict: the portal tries again later, and the files come whole."""
+    reports: list[Report] = []
+
+    async def record(report: Report) -> None:
+        reports.append(report)
+
+    runner = TaskRunner("alpha", record, tmp_path / "tasks" / "alpha")
+    spec = TaskSpec(
+        attempt_id=uuid.uuid4().hex[:16],
+        run_id="r1",
+        task="t",
+        owner="alice",
+        command="echo hi > $LABGATE_RESULTS_DIR/out.txt; echo 7 > $LABGATE_RESULT",
+        timeout=60,
+    )
+    await runner.run(spec)  # returns at once: the attempt starts in the background
+    with pytest.raises(Conflict, match="still starting"):
+        await runner.results(spec.attempt_id)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            archive = await runner.results(spec.attempt_id)
+            break
+        except Conflict:
+            assert time.monotonic() < deadline, reports
+            await asyncio.sleep(0.1)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert "out.txt" in {Path(name).name for name in tar.getnames()}
+    assert [r.state for r in reports][-1] == "succeeded", reports
+    await runner.close()

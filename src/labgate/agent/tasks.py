@@ -408,7 +408,13 @@ class TaskRunner:
             self._watch_task = None
 
     async def _settle(self, attempt_id: str) -> None:
-        """Poll a watched attempt now; report it when it ended, Conflict while it runs."""
+        """Poll a watched attempt now; report it when it ended, Conflict while it runs.
+
+        One still starting is not watched yet, but may have made its results
+        directory already: Conflict too (its files are not all there).
+        """
+        if attempt_id in self._starting:
+            raise Conflict(f"task attempt {attempt_id} is still starting at site {self.site}")
         if attempt_id not in self.watched:
             return
         directory = self.directory(attempt_id)
