@@ -11,7 +11,7 @@ import pytest
 
 from labgate.wire.routes import Route
 
-from .conftest import ALICE, Recorded, Seen, cookie_line, raw_request, status_of, statuses
+from .conftest import ALICE, Gateway, Recorded, Seen, cookie_line, raw_request, status_of, statuses
 
 
 def get(gw_cookie: str, target: str, extra: str = "", version: str = "1.1") -> bytes:
@@ -224,6 +224,18 @@ async def piecewise_upstream(pieces: list[bytes]) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
 
 
+async def through_piecewise(gw: Gateway, pieces: list[bytes]) -> bytes:
+    """What a client gets through the router from a :func:`piecewise_upstream`."""
+    server, url = await piecewise_upstream(pieces)
+    try:
+        gw.table.add_route(Route("pcws", url, ALICE))
+        return await raw_request(
+            gw.port, get(cookie_line(gw, ALICE), "/i/pcws/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+
+
 _HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
 _FINAL = (
     b"HTTP/1.1 203 Fine Thanks\r\n"
@@ -253,15 +265,7 @@ async def test_a_response_head_is_passed_on_whole_however_it_arrives(
     recorded: Recorded, pieces: list[bytes]
 ) -> None:
     """Split anywhere, byte by byte too, a response head is passed on the same."""
-    gw = recorded.gw
-    server, url = await piecewise_upstream(pieces)
-    try:
-        gw.table.add_route(Route("pcws", url, ALICE))
-        response = await raw_request(
-            gw.port, get(cookie_line(gw, ALICE), "/i/pcws/", "Connection: close\r\n")
-        )
-    finally:
-        server.close()
+    response = await through_piecewise(recorded.gw, pieces)
     hints, _, final = response.partition(b"\r\n\r\n")
     assert hints == b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload"
     head, _, body = final.partition(b"\r\n\r\n")
@@ -285,7 +289,6 @@ async def test_a_response_head_too_large_is_a_502(recorded: Recorded, shape: str
 
     A header value that never ends is cut there too, not kept growing.
     """
-    gw = recorded.gw
     line = b"X-Filler: " + b"f" * 1000 + b"\r\n"
     response = b"HTTP/1.1 200 OK\r\n" + line * 70 + b"Content-Length: 2\r\n\r\nok"
     if shape == "one-endless-value":
@@ -293,13 +296,6 @@ async def test_a_response_head_too_large_is_a_502(recorded: Recorded, shape: str
     pieces = [response]
     if shape != "one-write":
         pieces = [response[i : i + 8192] for i in range(0, len(response), 8192)]
-    server, url = await piecewise_upstream(pieces)
-    try:
-        gw.table.add_route(Route("huge", url, ALICE))
-        answer = await raw_request(
-            gw.port, get(cookie_line(gw, ALICE), "/i/huge/", "Connection: close\r\n")
-        )
-    finally:
-        server.close()
+    answer = await through_piecewise(recorded.gw, pieces)
     assert status_of(answer) == 502
     assert b"X-Filler" not in answer
