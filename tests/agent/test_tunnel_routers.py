@@ -108,7 +108,7 @@ def test_a_tunneled_site_answers_through_every_router(deployment: SplitDeploymen
         started = time.monotonic()
         page = httpx.get(f"{b}/i/{iid}/api/info", headers=admin, timeout=10)
         assert time.monotonic() - started < 2
-        assert page.status_code == 503, page.text
+        assert page.status_code == 503, (page.text, deployment.logs())
         assert "its site is not connected" in page.text
         assert page.headers["retry-after"]
     reach(a, iid, admin)

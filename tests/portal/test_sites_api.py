@@ -13,6 +13,7 @@ from labgate.db.models import Instance, InstanceState, Site, Snapshot, User, utc
 from labgate.db.session import Database
 from labgate.errors import ConfigError
 from labgate.portal.app import ensure_site
+from labgate.portal.routefeed import route_sources
 from labgate.security import SITE_TOKEN_PREFIX, hash_token
 
 EAST = {
@@ -313,3 +314,35 @@ async def test_changes_reach_the_site_hub(app, client, admin_headers):
         done = await client.request(method, path, headers=admin_headers)
         assert done.status_code in (200, 204), done.text
     assert "east" not in portal.links
+
+
+async def test_an_instance_routed_before_its_sites_link_was_made_is_routed_again(
+    app, client, admin_headers
+):
+    """A replica learns of a site another one added a sync later; its instances' routes
+    made meanwhile go to their endpoints. Once the link is made they go through the tunnel:
+    behind NAT nothing else reaches them."""
+    await add(client, admin_headers, reach="tunnel")
+    portal = app.state.portal
+    site = await row(app, "east")
+
+    def put(session: Any) -> None:
+        owner = session.scalar(select(User).where(User.name == "admin"))
+        session.add(
+            Instance(
+                id="i-east",
+                owner_id=owner.id,
+                tool="demo",
+                site_id=site.id,
+                state="running",
+                endpoint="127.0.0.1:9",
+            )
+        )
+
+    await portal.run_db(put)
+    [source] = await portal.run_db(lambda s: route_sources(s, Site.name == "east"))
+    await portal.site_hub.forget("east")  # as on a replica that has not synced it yet
+    portal.routes.instance_changed(source)
+    assert portal.routes.table.routes["i-east"].upstream == "127.0.0.1:9"
+    await portal.site_hub.register("east", "process", "tunnel")  # what the sync does
+    assert portal.routes.table.routes["i-east"].upstream == "tunnel:east/i-east"

@@ -147,6 +147,9 @@ class SiteHub:
         self.router_urls: Callable[[], Awaitable[list[str]]] | None = None
         #: Set by the app: records a site's epoch (site, new or None, the old one).
         self.epoch_changed: Callable[[str, str | None, str | None], Awaitable[None]] | None = None
+        #: Set by the app: a site's link was made or remade (its instances' routes change
+        #: with how the site is reached).
+        self.registered: Callable[[str], Awaitable[None]] | None = None
         self._connections: dict[str, _Connection] = {}
         #: The last report applied per site: (boot, seq); a report at or below it is a resend.
         self._applied: dict[str, tuple[str, int]] = {}
@@ -168,6 +171,8 @@ class SiteHub:
             command_timeout=self.command_timeout,
             relay=self.relay,
         )
+        if self.registered is not None:
+            await self.registered(name)
 
     async def cut(self, name: str, reason: str) -> None:
         """Close the site's agent connection now, if it has one (token rotated or revoked)."""

@@ -12,6 +12,7 @@ sites that are away as ``unreachable`` until their agents return.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -72,6 +73,7 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
         # are reached through its tunnel, never at endpoints nothing can connect to.
         for instance in await portal.run_db(tunneled_instances):
             portal.routes.instance_changed(instance)
+        hub.registered = partial(reroute_site, portal)
     liveness = SiteLiveness(
         manager,
         hub,
@@ -82,6 +84,19 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
     hub.events = liveness
     await liveness.start()
     return liveness
+
+
+async def reroute_site(portal: Portal, site: str) -> None:
+    """Route a site's active instances again: its link was made or remade.
+
+    Another replica's site becomes known here a sync later (``SiteLiveness``):
+    routes made meanwhile went to the instances' endpoints, which for a
+    tunneled site nothing may be able to connect to.
+    """
+    if portal.routes is None:
+        return
+    for instance in await portal.run_db(lambda s: route_sources(s, Site.name == site)):
+        portal.routes.instance_changed(instance)
 
 
 def tunnel_upstream(portal: Portal, instance: Routable) -> str | None:
