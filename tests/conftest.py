@@ -143,6 +143,19 @@ async def app(settings: Settings) -> AsyncIterator[Any]:
             await stop_everything(application)
 
 
+def port_rules(port: int | None) -> list[str]:
+    """The nftables rules that name ``port`` (Podman's published ports are DNAT rules on
+    local traffic: one left over for a port the kernel gave a test portal since would
+    send its connections to a container)."""
+    import shutil
+    import subprocess
+
+    if port is None or shutil.which("nft") is None:
+        return []
+    listed = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True)
+    return [line.strip() for line in listed.stdout.splitlines() if f"dport {port} " in line]
+
+
 async def require_listening(application: Any) -> None:
     """Fail with what the server knows of itself if its port does not take connections.
 
@@ -169,7 +182,8 @@ async def require_listening(application: Any) -> None:
             f"the test portal at {url} refuses connections ({exc}): should_exit="
             f"{server.should_exit}, serving={server.servers[0].is_serving()}, "
             f"listener fd {fd} -> {target}; at start fd {first_fd} was inode {first_inode}, "
-            f"which is {socket_state(first_inode)}; stray closes: {STRAY_CLOSES or 'none'}"
+            f"which is {socket_state(first_inode)}; stray closes: {STRAY_CLOSES or 'none'}; "
+            f"firewall rules naming the port: {port_rules(url.port) or 'none'}"
         )
     writer.close()
     await writer.wait_closed()
