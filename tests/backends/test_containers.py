@@ -27,6 +27,7 @@ from labgate.config import Settings, SiteConfig
 from labgate.errors import InstanceStartError
 from labgate.security import SecretBox, new_id
 from labgate.tools.catalog import Catalog, ContainerSpec, Tool
+from labgate.tools.ports import tool_port_range
 from podman import BUSYBOX_IMAGE, RUN, Engine, Registry
 from servers import LabgateServer
 
@@ -180,6 +181,9 @@ async def test_container_gets_limits_labels_workspace_and_a_loopback_port(
     started = await backend.start(spec)
     try:
         assert started.endpoint.startswith("http://127.0.0.1:")
+        # Below the kernel's ephemeral range: a leftover DNAT rule of the engine's for it
+        # never catches a port the kernel hands another program.
+        assert int(started.endpoint.rsplit(":", 1)[1]) in tool_port_range()
         await wait_ready(started.endpoint, spec)
 
         info = (await tool_get(started.endpoint, spec.secret, spec.instance_id, "api/info")).json()

@@ -74,6 +74,7 @@ from labgate.backends.images import (
 from labgate.backends.images import stream_error as stream_error_of
 from labgate.errors import BackendError, ConfigError, InstanceStartError
 from labgate.tools.catalog import ContainerSpec, Tool, template_values
+from labgate.tools.ports import PortPicker
 
 try:
     import docker  # type: ignore[import-untyped]
@@ -286,6 +287,8 @@ class ContainerBackend(Backend):
         self._engine_kind: str | None = None
         # One user's id range is chosen once, when their workspace volume is made.
         self._volume_lock = threading.Lock()
+        #: Host ports for tools' published ports (no ``network``).
+        self._ports = PortPicker(self.config.publish_host)
 
     # --- the engine --------------------------------------------------------------
 
@@ -777,7 +780,12 @@ class ContainerBackend(Backend):
                 {self.config.network: api.create_endpoint_config()}
             )
         else:
-            host["port_bindings"] = {f"{tool.port}/tcp": (self.config.publish_host, None)}
+            # A host port labgate picks below the kernel's ephemeral range, not one the engine
+            # picks in it: Podman publishes with DNAT rules on local traffic, and a rule
+            # outliving its container catches connections to that port, such as those of a
+            # program the kernel gave the port since.
+            published = (self.config.publish_host, self._ports.pick())
+            host["port_bindings"] = {f"{tool.port}/tcp": published}
             create["ports"] = [tool.port]
         host_config = api.create_host_config(**host)
         if id_range is not None:

@@ -34,7 +34,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Collection
@@ -85,7 +84,7 @@ from labgate.backends.sandbox import (
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
 from labgate.tools.gate import LISTEN_FD_VAR
-from labgate.tools.ports import free_port
+from labgate.tools.ports import PortPicker
 
 if TYPE_CHECKING:
     from labgate.config import Settings, SiteSettings
@@ -253,8 +252,7 @@ class ProcessBackend(Backend):
         self._children: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
         self._exited: OrderedDict[tuple[int, int], int] = OrderedDict()
         #: Ports given to instances lately (see :meth:`fresh_port`).
-        self._recent_ports: dict[int, float] = {}
-        self._ports_lock = threading.Lock()
+        self._ports = PortPicker()
 
     # --- what it declares ---------------------------------------------------------
 
@@ -479,22 +477,8 @@ class ProcessBackend(Backend):
         return instance_identity(self.settings.instance_uid_base, owner_id)
 
     def fresh_port(self) -> int:
-        """A free loopback port not given to another instance in the last minute.
-
-        A port found free is only reserved once the tool listens on it; starts
-        running side by side (50 at once) were otherwise handed the same port.
-        """
-        with self._ports_lock:
-            now = time.monotonic()
-            for old in [p for p, at in self._recent_ports.items() if now - at > 60]:
-                del self._recent_ports[old]
-            port = free_port()
-            for _ in range(100):
-                if port not in self._recent_ports:
-                    break
-                port = free_port()
-            self._recent_ports[port] = now
-            return port
+        """A free loopback port not given to another instance in the last minute."""
+        return self._ports.pick()
 
     def environment(
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str]
