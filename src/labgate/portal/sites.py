@@ -12,16 +12,15 @@ sites that are away as ``unreachable`` until their agents return.
 from __future__ import annotations
 
 import logging
-from functools import partial
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.convert import tool_json
 from labgate.agent.hub import SiteHub
 from labgate.agent.network import NetworkSiteLink, Relay
 from labgate.db.models import Site
-from labgate.portal.routefeed import Routable, RouteSource, route_sources
+from labgate.portal.routefeed import Routable, route_sources
 from labgate.portal.state import Portal
 from labgate.portal.tunnel_routers import TunnelRouters
 from labgate.scheduler.liveness import SiteLiveness
@@ -36,11 +35,6 @@ def network_sites(session: Session) -> list[tuple[str, str, str]]:
         select(Site.name, Site.backend, Site.reach).where(Site.kind == "network")
     )
     return [(name, backend, reach) for name, backend, reach in rows]
-
-
-def tunneled_instances(session: Session) -> list[RouteSource]:
-    """The route sources of the active instances of network sites reached through the tunnel."""
-    return route_sources(session, Site.kind == "network", Site.reach == "tunnel")
 
 
 async def start_network_sites(portal: Portal, relay: Relay | None = None) -> SiteLiveness:
@@ -71,9 +65,8 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
         portal.routes.own_epochs = lambda: dict(hub.epochs)
         # The table was loaded before these links existed: a tunneled site's instances
         # are reached through its tunnel, never at endpoints nothing can connect to.
-        for instance in await portal.run_db(tunneled_instances):
-            portal.routes.instance_changed(instance)
-        hub.registered = partial(reroute_site, portal)
+        await reroute(portal, Site.kind == "network", Site.reach == "tunnel")
+        hub.registered = lambda site: reroute(portal, Site.name == site)
     liveness = SiteLiveness(
         manager,
         hub,
@@ -86,16 +79,17 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
     return liveness
 
 
-async def reroute_site(portal: Portal, site: str) -> None:
-    """Route a site's active instances again: its link was made or remade.
+async def reroute(portal: Portal, *sites: ColumnElement[bool]) -> None:
+    """Route again the active instances of the sites matching ``sites``: their links changed.
 
-    Another replica's site becomes known here a sync later (``SiteLiveness``):
-    routes made meanwhile went to the instances' endpoints, which for a
-    tunneled site nothing may be able to connect to.
+    At start-up the table is loaded before the links exist; later, another
+    replica's site becomes known here a sync after it was added
+    (``SiteLiveness``). Routes made without the link went to the instances'
+    endpoints, which for a tunneled site nothing may be able to connect to.
     """
     if portal.routes is None:
         return
-    for instance in await portal.run_db(lambda s: route_sources(s, Site.name == site)):
+    for instance in await portal.run_db(lambda s: route_sources(s, *sites)):
         portal.routes.instance_changed(instance)
 
 
