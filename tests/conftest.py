@@ -159,9 +159,11 @@ def port_rules(port: int | None) -> list[str]:
 async def require_listening(application: Any) -> None:
     """Fail with what the server knows of itself if its port does not take connections.
 
-    Seen once in CI (PostgreSQL run): the first request of a test was refused
-    although uvicorn had started. This says whether uvicorn stopped by itself
-    or its listening descriptor was closed under it.
+    Seen in CI: the first request of a test was refused although uvicorn had
+    started. This says whether uvicorn stopped by itself, its listening
+    descriptor was closed under it, or a firewall rule names its port (the
+    cause found: a Podman DNAT rule left over from a container of an earlier
+    test, for a port the kernel then gave this portal).
     """
     import asyncio
     import os
