@@ -15,12 +15,23 @@ import httpx
 
 from helpers import TEST_SECRET_KEY
 
+_HANDED_OUT: set[int] = set()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (on loopback unless ``host`` says otherwise)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on right now (on loopback unless ``host`` says otherwise).
+
+    Never the same port twice in one test process: ports picked one after the
+    other before anything binds them (a deployment's portals and routers) could
+    otherwise be the same port, and the second program to start fails to bind.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def processes_with_env(name: str, value: str) -> list[int]:

@@ -245,6 +245,18 @@ async def test_a_launch_delivered_twice_starts_one_instance(linked, demo) -> Non
     await recorder.wait_state("twice", "stopped")
 
 
+async def test_a_launch_that_arrives_after_its_stop_starts_nothing(linked, demo) -> None:
+    """A stop can overtake its instance's launch (the portal sends them from separate
+    tasks): the site stops what it does not hold yet, and the late launch starts nothing."""
+    link, recorder = linked
+    await link.stop("overtaken", {})
+    await recorder.wait_state("overtaken", "stopped")
+    await link.launch(spec_of(demo, "overtaken"))
+    await asyncio.sleep(1.5)
+    assert recorder.states("overtaken") == ["stopped"]
+    assert not processes_with_env("LABGATE_INSTANCE_ID", "overtaken")
+
+
 async def test_the_workspace_is_the_sites_own(linked, demo, tmp_path) -> None:
     link, recorder = linked
     await link.launch(spec_of(demo, "ws1", owner="carol"))

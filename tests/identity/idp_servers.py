@@ -20,17 +20,11 @@ import pytest
 
 from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, self_signed_certificate
 from labgate.config import IdentityProviderConfig, Settings
-from servers import OIDCProvider
+from servers import OIDCProvider, free_port
 
 IN_CI = os.environ.get("CI") == "true"
 #: The provider names the tests configure; each has a callback URL registered at the provider.
 OIDC_NAMES = ("uni", "campus")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def need(ok: bool, reason: str) -> None:

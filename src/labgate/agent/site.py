@@ -58,6 +58,8 @@ HEALTH_TIMEOUT = 3.0
 #: seconds, doubled each time up to STOP_RETRY_MAX, until it succeeds.
 STOP_RETRY_FIRST = 1.0
 STOP_RETRY_MAX = 60.0
+#: How many stopped instance ids an agent remembers, to refuse their late launches.
+STOPPED_REMEMBERED = 4096
 #: Seconds a closing agent waits for a backend start under way, to record what it started.
 INTERRUPTED_START_WAIT = 30.0
 #: Seconds over which a starting tool's CPU use is measured when its budget ends...
@@ -143,6 +145,8 @@ class SiteAgent:
         self.watched: dict[str, Watched] = {}
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._cancel_requested: set[str] = set()
+        #: Instances this agent was told to stop, newest last (an ordered set, bounded).
+        self._stopped: dict[str, None] = {}
         #: Stops the backend failed, being tried again (instance id -> retry task).
         self._stop_retries: dict[str, asyncio.Task[None]] = {}
         self._health: tuple[float, str | None] | None = None
@@ -169,9 +173,14 @@ class SiteAgent:
         """Start ``spec`` in the background; the outcome comes as reports.
 
         A launch of an instance the agent already starts or watches changes
-        nothing (a command delivered twice).
+        nothing (a command delivered twice), and neither does one of an
+        instance it was told to stop: the portal sends a launch and a stop
+        from separate tasks, and a stop can overtake the launch it ends.
         """
         if spec.instance_id in self._starting or spec.instance_id in self.watched:
+            return
+        if spec.instance_id in self._stopped:
+            log.info("site %s: launch of %s after its stop ignored", self.site, spec.instance_id)
             return
         spec = self.placed(spec)
         self._ensure_watch()
@@ -189,6 +198,7 @@ class SiteAgent:
         was cut short before it returned one) the backend removes what carries
         the instance's id (:meth:`Backend.discard`).
         """
+        self._remember_stopped(instance_id)
         if instance_id in self._stop_retries:
             return  # already being tried again
         task = self._starting.get(instance_id)
@@ -220,6 +230,13 @@ class SiteAgent:
         else:
             await self._discard(instance_id)
         await self._report(Report(instance_id, "stopped", message="stopped"))
+
+    def _remember_stopped(self, instance_id: str) -> None:
+        """Keep ``instance_id`` among the stopped (ids are never reused), forgetting the oldest."""
+        self._stopped.pop(instance_id, None)
+        self._stopped[instance_id] = None
+        if len(self._stopped) > STOPPED_REMEMBERED:
+            del self._stopped[next(iter(self._stopped))]
 
     async def _discard(self, instance_id: str) -> None:
         """A stop without a state: remove what a start cut short by a killed agent left."""
