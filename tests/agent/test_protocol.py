@@ -14,6 +14,7 @@ from labgate.tools.catalog import Tool
 from labgate.wire.agent import (
     PROTOCOL_VERSION,
     Command,
+    Heartbeat,
     Hello,
     ProtocolError,
     dump,
@@ -93,3 +94,17 @@ def test_another_protocol_version_is_refused_with_both_versions() -> None:
 def test_anything_else_is_a_protocol_error(text: str) -> None:
     with pytest.raises(ProtocolError):
         parse(text)
+
+
+def test_a_tools_reason_longer_than_a_reason_needs_is_a_protocol_error() -> None:
+    """What an agent says of its tools shows on every user's tools page: it gets 2,000
+    characters a reason, in its hello and its heartbeats."""
+    fine = Heartbeat(time=1.0, tools={"demo": "x" * 2000})
+    assert parse(dump(fine)) == fine
+    for message in (
+        '{"type": "heartbeat", "v": 2, "time": 1, "tools": {"demo": "%s"}}' % ("x" * 2001),
+        '{"type": "hello", "v": 2, "site": "s", "agent_version": "1", "boot": "b", '
+        '"backend": "process", "tools": {"demo": "%s"}}' % ("x" * 2001),
+    ):
+        with pytest.raises(ProtocolError):
+            parse(message)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,27 @@ async def test_a_command_to_a_site_that_is_away_fails_at_once(tmp_path, demo) ->
             await link.launch(spec_of(demo, "away"))
         # What it could run is still known (from its last hello) while it is away.
         assert link.unavailable_reason(demo) is None
+
+
+async def test_what_the_site_can_run_is_said_again_when_it_changes(
+    tmp_path, demo, monkeypatch
+) -> None:
+    """A program installed on the site's machine (or an image built on its engine) after
+    the agent connected reaches the portal with the next heartbeat, not the next hello."""
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo, NEEDS_MISSING]) as (link, _):
+        assert "no-such-program-here" in (link.unavailable_reason(NEEDS_MISSING) or "")
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        program = bin_dir / "no-such-program-here"
+        program.write_text("#!/bin/sh\n")
+        program.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        async with asyncio.timeout(10):
+            while link.unavailable_reason(NEEDS_MISSING) is not None:
+                await asyncio.sleep(0.05)
+        assert link.unavailable_reason(demo) is None
+        assert len(recorder.hellos) == 1  # said by a heartbeat, on the same connection
 
 
 async def test_the_agent_reconnects_and_reports_what_it_holds(tmp_path, demo) -> None:

@@ -32,6 +32,8 @@ from podman import BUSYBOX_IMAGE, RUN, Engine, Registry
 from servers import LabgateServer
 
 MIB = 1024**2
+#: A local image of this run's own, put on the engine by the test that needs it.
+ABSENT = f"localhost/labgate/{RUN}-absent:1"
 
 # The run's Podman service and registry, and a deployment label per test.
 engine = podman.engine
@@ -64,6 +66,8 @@ def write_busybox_tools(directory: Path, extra: dict[str, str] | None = None) ->
     tools = {
         "bb-web": busybox_tool("bb-web", ["httpd", "-f", "-p", "{port}", "-h", "/www"]),
         "bb-crash": busybox_tool("bb-crash", ["sh", "-c", "echo boom: no config >&2; exit 3"]),
+        # A local image (what `labgate image build` makes) no engine of the run holds.
+        "bb-absent": busybox_tool("bb-absent", ["httpd", "-f", "-p", "{port}"], image=ABSENT),
         **(extra or {}),
     }
     for name, text in tools.items():
@@ -361,6 +365,49 @@ async def test_missing_image_fails_the_launch_with_the_reason(
     assert "manifest unknown" in body["reason"]
     messages = [e["message"] for e in await events_of(app, iid)]
     assert f"pulling image {spec.image}" in messages
+
+
+@pytest.fixture
+def quick_tool_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The site's agent asks its engine about the tools' images every 0.2 s."""
+    monkeypatch.setattr("labgate.agent.site.TOOLS_REFRESH", 0.2)
+
+
+async def test_a_tool_whose_local_image_is_missing_is_unavailable_until_it_is_there(
+    quick_tool_checks: None,
+    app: Any,
+    client: httpx.AsyncClient,
+    admin_headers: dict[str, str],
+    engine: Engine,
+) -> None:
+    async def shown(name: str) -> dict[str, Any]:
+        r = await client.get(f"/api/v1/tools/{name}", headers=admin_headers)
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    absent = await shown("bb-absent")
+    assert absent["available"] is False
+    assert absent["unavailable_reason"] == (
+        f"its image {ABSENT} is not on this site's engine (a local image no registry serves); "
+        f"put {ABSENT} on the engine"
+    )
+    assert (await shown("bb-web"))["available"] is True
+    r = await client.post("/api/v1/instances", json={"tool": "bb-absent"}, headers=admin_headers)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "tool_unavailable" and ABSENT in r.json()["detail"]
+
+    # Built (here: tagged) on the engine: the site offers the tool within its next look.
+    repository, tag = ABSENT.rsplit(":", 1)
+    engine.client.images.get(BUSYBOX_IMAGE).tag(repository, tag)
+    try:
+        async with asyncio.timeout(10):
+            while not (await shown("bb-absent"))["available"]:
+                await asyncio.sleep(0.1)
+    finally:
+        engine.client.images.remove(ABSENT)
+    async with asyncio.timeout(10):
+        while (await shown("bb-absent"))["available"]:
+            await asyncio.sleep(0.1)
 
 
 async def test_missing_image_is_pulled_with_progress_in_the_events(

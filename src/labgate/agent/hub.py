@@ -316,6 +316,8 @@ class SiteHub:
             session.resolve(message)
         elif isinstance(message, Heartbeat):
             link.reported_health = message.health
+            if message.tools is not None:
+                link.tools_changed(message.tools)
             if events is not None:
                 await events.site_heartbeat(name, message)
         elif isinstance(message, ReportEnvelope):

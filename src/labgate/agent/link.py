@@ -69,6 +69,11 @@ class SiteLink(abc.ABC):
     def unavailable_reason(self, tool: Tool) -> str | None:
         """Why ``tool`` cannot run on this site (None: it can), as the site says."""
 
+    def placement_reason(self, tool: Tool) -> str | None:
+        """Why launches of ``tool`` must not come here (None: they may), for placement
+        and the tools page: the site's own answer (:meth:`unavailable_reason`)."""
+        return self.unavailable_reason(tool)
+
     @abc.abstractmethod
     async def launch(self, spec: LaunchSpec) -> None:
         """Start an instance; progress and the outcome arrive as reports."""

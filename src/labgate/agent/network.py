@@ -26,6 +26,7 @@ from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.task_ops import TaskCalls
 from labgate.aio import wait_for
 from labgate.backends.claim import ClaimError
+from labgate.backends.registry import tool_unavailable_reason
 from labgate.errors import LabgateError
 from labgate.wire.agent import Command, FetchedMsg, Hello, Result, SnapshotResultMsg, dump
 
@@ -152,6 +153,11 @@ class NetworkSiteLink(SiteLink):
         self.backend = session.hello.backend or self.backend
         self.snapshot_kind = session.hello.snapshot_kind
 
+    def tools_changed(self, tools: dict[str, str | None]) -> None:
+        """The agent's heartbeat says anew what the site can run (an image was built)."""
+        if self.hello is not None:
+            self.hello = self.hello.model_copy(update={"tools": tools})
+
     def detach(self, session: Session, reason: str) -> None:
         """That connection is gone: fail what waits on it."""
         session.fail_all(f"site {self.site} disconnected: {reason}")
@@ -206,6 +212,13 @@ class NetworkSiteLink(SiteLink):
         if tool.name not in self.hello.tools:
             return f"the agent of site {self.site} has not seen tool {tool.name} yet"
         return self.hello.tools[tool.name]
+
+    def placement_reason(self, tool: Tool) -> str | None:
+        """The agent's answer; before it said hello to this portal (it is held by another
+        replica), the backend's answer from the tool's definition."""
+        if self.hello is None:
+            return tool_unavailable_reason(tool, self.backend)
+        return self.unavailable_reason(tool)
 
     def claim_support(self, tool: Tool) -> str | None:
         """Why running instances of ``tool`` cannot be handed to users here."""

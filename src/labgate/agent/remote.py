@@ -120,6 +120,8 @@ class RemoteAgent:
         self.agent: SiteAgent | None = None
         self.welcome: Welcome | None = None
         self.tools: dict[str, Tool] = {}
+        #: The tools' reasons as the portal last heard them (hello or heartbeat).
+        self._said_tools: dict[str, str | None] = {}
         #: The instance tunnel's data connections to the router (tunneled sites).
         self.tunnel = TunnelDialer(portal, self._endpoint_of)
         self.connections = 0
@@ -206,7 +208,10 @@ class RemoteAgent:
         agent = self.agent
         if agent is None:  # _welcomed builds it
             raise ProtocolError("no site agent")
-        await ws.send(dump(self._hello(agent)))
+        await agent.refresh_tools(list(self.tools.values()))
+        hello = self._hello(agent)
+        self._said_tools = hello.tools
+        await ws.send(dump(hello))
         self.connections += 1
         log.info("agent: connected to %s as site %s", self.url, welcome.site)
         # What the portal has not acknowledged goes again, in order; reports made
@@ -283,19 +288,30 @@ class RemoteAgent:
             backend=agent.backend.name,
             snapshot_kind=agent.snapshot_kind,
             cores=os.cpu_count() or 0,
-            tools={name: agent.unavailable_reason(tool) for name, tool in self.tools.items()},
+            tools=self._tool_reasons(agent),
             claims={name: agent.claim_support(tool) for name, tool in self.tools.items()},
             instances=held,
         )
 
+    def _tool_reasons(self, agent: SiteAgent) -> dict[str, str | None]:
+        """Per tool of the catalog: why it cannot run here, or None when it can."""
+        return {name: agent.unavailable_reason(tool) for name, tool in self.tools.items()}
+
     async def _beat(self, ws: ClientConnection, interval: float, heard: list[float]) -> None:
-        """Send a heartbeat every interval; reconnect when the portal is silent for three."""
+        """Send a heartbeat every interval; reconnect when the portal is silent for three.
+
+        A beat carries the tools' reasons when they changed since the hello or
+        the last beat that carried them (an image built on the site's engine).
+        """
         loop = asyncio.get_running_loop()
         while True:
             agent = self.agent
             count = len(agent.watched) if agent is not None else 0
             health = (await agent.health() or "") if agent is not None else ""
-            beat = Heartbeat(time=time.time(), instances=count, health=health)
+            tools = self._tool_reasons(agent) if agent is not None else self._said_tools
+            changed = tools if tools != self._said_tools else None
+            self._said_tools = tools
+            beat = Heartbeat(time=time.time(), instances=count, health=health, tools=changed)
             with contextlib.suppress(websockets.ConnectionClosed):
                 await ws.send(dump(beat))
             await asyncio.sleep(interval)

@@ -40,6 +40,8 @@ from labgate.wire.site import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from labgate.agent.fetch import Fetched
     from labgate.backends.claim import Claim
     from labgate.tools.catalog import Tool
@@ -60,6 +62,8 @@ STOP_RETRY_FIRST = 1.0
 STOP_RETRY_MAX = 60.0
 #: How many stopped instance ids an agent remembers, to refuse their late launches.
 STOPPED_REMEMBERED = 4096
+#: Seconds between the agent's looks at what its engine holds for the tools (images).
+TOOLS_REFRESH = 10.0
 #: Seconds a closing agent waits for a backend start under way, to record what it started.
 INTERRUPTED_START_WAIT = 30.0
 #: Seconds over which a starting tool's CPU use is measured when its budget ends...
@@ -157,6 +161,9 @@ class SiteAgent:
         #: Seconds before the first retry of a failed stop (tests shorten it).
         self.stop_retry_first = STOP_RETRY_FIRST
         self._watch_task: asyncio.Task[None] | None = None
+        #: The catalog's tools, as the engine is asked about them (refresh_tools).
+        self.tools: list[Tool] = []
+        self._tools_task: asyncio.Task[None] | None = None
         self._http = httpx.AsyncClient(timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False)
         backend.attach(site, self._progress)
         #: Batch task attempts of this site (labgate.agent.tasks).
@@ -430,8 +437,32 @@ class SiteAgent:
 
     # --- what the site's backend supports -------------------------------------
     def unavailable_reason(self, tool: Tool) -> str | None:
-        """Why ``tool`` cannot run here, in the backend's words, or None when it can."""
-        return self.backend.unavailable_reason(tool)
+        """Why ``tool`` cannot run here, in the backend's words, or None when it can.
+
+        Answered at once, from the tool's definition and what the engine said
+        at the last :meth:`refresh_tools` (a missing image it cannot pull).
+        """
+        return self.backend.tool_unavailable_here(tool)
+
+    async def refresh_tools(self, tools: Collection[Tool]) -> None:
+        """Ask the engine about ``tools`` now, then every :data:`TOOLS_REFRESH` seconds."""
+        self.tools = list(tools)
+        await self._refresh_tools_once()
+        if self._tools_task is None or self._tools_task.done():
+            self._tools_task = asyncio.create_task(
+                self._refresh_tools_loop(), name=f"tools-{self.site}"
+            )
+
+    async def _refresh_tools_once(self) -> None:
+        try:
+            await wait_for(self.backend.refresh_tools(self.tools), HEALTH_TIMEOUT)
+        except Exception as exc:  # its engine is down: health says so; the last answer stays
+            log.info("site %s: cannot ask the engine about the tools: %r", self.site, exc)
+
+    async def _refresh_tools_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TOOLS_REFRESH)
+            await self._refresh_tools_once()
 
     @property
     def snapshot_kind(self) -> str:
@@ -482,14 +513,13 @@ class SiteAgent:
     async def close(self) -> None:
         """Stop background work; instances keep running."""
         tasks = [*self._starting.values(), *self._stop_retries.values()]
-        if self._watch_task is not None:
-            tasks.append(self._watch_task)
+        tasks += [t for t in (self._watch_task, self._tools_task) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._watch_task = None
+        self._watch_task = self._tools_task = None
         await self.tasks.close()
         await self._http.aclose()
         await self.backend.close()

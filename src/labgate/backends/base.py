@@ -42,6 +42,13 @@ Optional hooks (the defaults say "not supported" or do nothing):
     Remove what the engine runs for this site that labgate does not know
     (ids not in ``keep``); return the instance ids removed. The agent calls
     it at start-up and periodically.
+``refresh_tools(tools)`` and ``tool_unavailable_here(tool)``
+    What only the running engine can say about tools: the containers backend
+    learns which of their images it holds, and a tool whose image it lacks
+    and cannot pull is not available here, with the command that builds it.
+    The agent refreshes it in the background; ``tool_unavailable_here``
+    answers from what was learnt, at once. By default a backend has nothing
+    to learn and answers as :meth:`Backend.unavailable_reason`.
 ``claim_support(tool)`` and ``claim(state, claim)``
     Hand a running warm-pool instance to a user: make their workspace the
     instance's (see :mod:`labgate.backends.claim`) and return the new state.
@@ -298,6 +305,20 @@ class Backend(abc.ABC):
         if spec is None:
             return f"no [{cls.tool_section}] section"
         return cls.check_tool(spec)
+
+    async def refresh_tools(self, tools: Collection[Tool]) -> None:  # noqa: B027 - optional hook
+        """Learn what only the engine can say about ``tools`` (which images it holds).
+
+        Called by the agent in the background every few seconds; may block on
+        the engine (keep it under a few seconds). By default nothing to learn.
+        """
+
+    def tool_unavailable_here(self, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run on this site now, or None: answered at once.
+
+        :meth:`unavailable_reason`, plus what :meth:`refresh_tools` learnt.
+        """
+        return self.unavailable_reason(tool)
 
     def doctor(self) -> list[Diagnosis]:
         """What ``labgate doctor`` should say about this site's engine."""

@@ -64,6 +64,7 @@ from labgate.backends.base import (
     Status,
 )
 from labgate.backends.confine import require_confined
+from labgate.backends.image_presence import ImagePresence
 from labgate.backends.images import (
     LOCAL_SNAPSHOTS,
     PullProgress,
@@ -289,6 +290,8 @@ class ContainerBackend(Backend):
         self._volume_lock = threading.Lock()
         #: Host ports for tools' published ports (no ``network``).
         self._ports = PortPicker(self.config.publish_host)
+        #: Which tools' images the engine holds (refresh_tools), by image.
+        self.images = ImagePresence(self.config.pull)
 
     # --- the engine --------------------------------------------------------------
 
@@ -456,6 +459,7 @@ class ContainerBackend(Backend):
 
     async def _ensure_image(self, instance_id: str, image: str) -> None:
         present = await self._engine(self._has_image, image)
+        self.images.learn(image, present)
         if present and self.config.pull != "always":
             return
         if not present and self.config.pull == "never":
@@ -465,6 +469,25 @@ class ContainerBackend(Backend):
     def has_image(self, image: str) -> bool:
         """Whether the engine holds ``image`` (blocking)."""
         return self._has_image(image)
+
+    async def refresh_tools(self, tools: Collection[Tool]) -> None:
+        """Ask the engine which of the tools' images it holds."""
+        images = [section.image for tool in tools if (section := self._section_or_none(tool))]
+        await self._engine(self.images.refresh, images, self._has_image)
+
+    def tool_unavailable_here(self, tool: Tool) -> str | None:
+        """The tool's table, then its image: one this site cannot get is a reason."""
+        reason = self.unavailable_reason(tool)
+        section = self._section_or_none(tool) if reason is None else None
+        if section is None:
+            return reason
+        return self.images.missing_reason(self.site, tool.name, section.image, bool(section.build))
+
+    def _section_or_none(self, tool: Tool) -> ContainerSpec | None:
+        try:
+            return self.tool_section_of(tool)
+        except ValueError:
+            return None  # unavailable_reason says why
 
     def tool_section_of(self, tool: Tool) -> ContainerSpec | None:
         """A tool's ``[container]`` table, validated (None without one)."""
@@ -517,6 +540,7 @@ class ContainerBackend(Backend):
             raise InstanceStartError(f"cannot pull image {image}: {explain(exc)}") from exc
         if not await self._engine(self._has_image, image):
             raise InstanceStartError(f"cannot pull image {image}: the engine does not have it")
+        self.images.learn(image, True)
         await self.progress_note(instance_id, f"pulled image {image}", image=image)
 
     # --- isolation: engine kind, user namespace, user ---------------------------------

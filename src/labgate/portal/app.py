@@ -98,9 +98,15 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
     }
 
 
-def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
-    """Bring up the agent of one site, in process, and the link to it."""
-    return LocalSiteLink(build_site_agent(portal.settings, config, reporter))
+async def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
+    """Bring up the agent of one site, in process, and the link to it.
+
+    The agent asks its engine about the catalog's tools first (which images it
+    holds), so the tools page and placement are right from the first request.
+    """
+    agent = build_site_agent(portal.settings, config, reporter)
+    await agent.refresh_tools(list(portal.catalog))
+    return LocalSiteLink(agent)
 
 
 def build_portal(settings: Settings, *, replicated: bool = False) -> Portal:
@@ -197,7 +203,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     for site in portal.local_sites:
         await portal.run_db(partial(ensure_site, config=site))
-        portal.links[site.name] = start_site(portal, site, reporter)
+        portal.links[site.name] = await start_site(portal, site, reporter)
     portal.manager = InstanceManager(
         portal.db,
         portal.catalog,

@@ -26,14 +26,14 @@ a value; none calls back into the pipeline. :func:`launch` is driven by
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.agent.link import live_sites
+from labgate.agent.link import SiteLink, live_sites
 from labgate.db.models import Group, Instance, InstanceEvent, InstanceState, Site, User
 from labgate.errors import BadRequest, NotFound, Unprocessable
 from labgate.scheduler import accounting, images, quotas, startqueue
@@ -113,6 +113,8 @@ class Admission:
     catalog: Catalog | None = None
     #: The tool's launch parameters, checked (every one has its value).
     params: dict[str, str] = field(default_factory=dict)
+    #: The sites' links: each says which tools it can run (placement).
+    links: Mapping[str, SiteLink] = field(default_factory=dict)
 
 
 # --- the pipeline ------------------------------------------------------------------
@@ -152,6 +154,7 @@ async def launch(
         warm,
         control.catalog,
         params,
+        control.links,
     )
     instance = await control.run_admission(lambda s: admit_launch(s, admission))
     if warm is not None and instance.state == InstanceState.running:
@@ -217,7 +220,9 @@ def choose(session: Session, admission: Admission, need: DataNeed | None) -> str
         labels=request.labels or {},
         holders=need.holders if need is not None and need.holders else None,
     )
-    views = images.sites_for_image(site_views(session, admission.sites), request.image)
+    views = images.sites_for_image(
+        site_views(session, admission.sites, admission.links), request.image
+    )
     if request.snapshot is not None:
         snapshot = snapshot_to_launch(
             session, request.snapshot, admission.user_id, admission.tool.name

@@ -188,8 +188,14 @@ class SiteLiveness:
                 await self.manager.stop_at_site(link, leftover.instance_id, leftover.backend_state)
 
     async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
-        """Remember the beat; it reaches the database with the next flush."""
+        """Remember the beat; it reaches the database with the next flush.
+
+        A beat that says anew what the site can run is recorded at once.
+        """
         self._beats[site] = time.time()
+        if beat.tools is not None:
+            tools = beat.tools
+            await self.manager.run_db(lambda s: _record_tools(s, site, tools))
 
     async def site_report(self, site: str, report: Report) -> None:
         """Apply a report of the site's agent, on the site's own instances only."""
@@ -453,6 +459,12 @@ def _agent_info(hello: Hello) -> dict[str, Any]:
         "cores": hello.cores,
         "tools": {name: reason for name, reason in sorted(hello.tools.items())},
     }
+
+
+def _record_tools(session: Session, name: str, tools: dict[str, str | None]) -> None:
+    site = _site(session, name)
+    if site is not None:
+        site.agent_info = {**(site.agent_info or {}), "tools": dict(sorted(tools.items()))}
 
 
 def _record_away(

@@ -59,6 +59,14 @@ class SiteView:
     labels: Mapping[str, str] = field(default_factory=dict)
     capacity: Usage = field(default_factory=Usage)
     used: Usage = field(default_factory=Usage)
+    #: Why a tool cannot run here, as the site says (its link); None: from the backend alone.
+    unavailable: Callable[[Tool], str | None] | None = None
+
+    def tool_reason(self, tool: Tool) -> str | None:
+        """Why ``tool`` cannot run here (a missing program, an image it cannot get), or None."""
+        if self.unavailable is not None:
+            return self.unavailable(tool)
+        return tool_unavailable_reason(tool, self.backend)
 
     def shortage(self, resources: Resources) -> str | None:
         """Why ``resources`` do not fit on this site now, or None when they do."""
@@ -111,7 +119,7 @@ def choose_site(sites: Sequence[SiteView], placement: Placement) -> str:
 
     steps: list[tuple[str, Callable[[SiteView], str | None]]] = [
         ("site_unavailable", lambda s: None if s.live else "not reachable"),
-        ("tool_unavailable", lambda s: tool_unavailable_reason(placement.tool, s.backend)),
+        ("tool_unavailable", lambda s: s.tool_reason(placement.tool)),
         ("no_matching_site", lambda s: _missing_labels(s, placement.labels)),
         ("dataset_unavailable", lambda s: _no_replica(s, placement.holders)),
         ("no_capacity", lambda s: s.shortage(placement.resources)),

@@ -388,7 +388,7 @@ class PoolManager:
             raise RuntimeError("the pool manager is not started (no pool account)")
         resources = tool.resources.default()
         # Called through run_admission, like user launches: capacity is counted and taken at once.
-        views = site_views(session, live_sites(self.manager.links))
+        views = site_views(session, live_sites(self.manager.links), self.manager.links)
         site = choose_site(views, Placement(tool=tool, resources=resources, wanted=pool.site))
         owner = session.get(User, self.user_id)
         if owner is None:

@@ -8,14 +8,17 @@ from the settings, or an agent that is not connected) is not live.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import ACTIVE_STATES, Instance, Site
 from labgate.scheduler.placement import SiteView, Usage
+
+if TYPE_CHECKING:
+    from labgate.agent.link import SiteLink
 
 
 def capacity_of(site: Site) -> Usage:
@@ -53,9 +56,17 @@ def usage_by_site(session: Session) -> dict[int, Usage]:
     return totals
 
 
-def site_views(session: Session, live: Collection[str]) -> list[SiteView]:
-    """Every recorded site, as :func:`~labgate.scheduler.placement.choose_site` sees it."""
+def site_views(
+    session: Session, live: Collection[str], links: Mapping[str, SiteLink] | None = None
+) -> list[SiteView]:
+    """Every recorded site, as :func:`~labgate.scheduler.placement.choose_site` sees it.
+
+    With ``links``, a site with a link says itself which tools it can run
+    (:meth:`SiteLink.placement_reason`: a missing program, an image it cannot
+    get); otherwise its backend answers from the tools' definitions.
+    """
     use = usage_by_site(session)
+    links = links or {}
     return [
         SiteView(
             name=site.name,
@@ -64,6 +75,7 @@ def site_views(session: Session, live: Collection[str]) -> list[SiteView]:
             labels={str(k): str(v) for k, v in (site.labels or {}).items()},
             capacity=capacity_of(site),
             used=use.get(site.id, Usage()),
+            unavailable=links[site.name].placement_reason if site.name in links else None,
         )
         for site in session.scalars(select(Site).order_by(Site.name))
     ]

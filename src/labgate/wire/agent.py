@@ -47,6 +47,9 @@ PROTOCOL_VERSION = 2
 CONNECT_PATH = "/api/v1/agent/connect"
 
 JSON = dict[str, Any]
+#: Why a site cannot run a tool, in its agent's words: shown on every user's tools page,
+#: so an agent gets no more room than a reason needs.
+Reason = Annotated[str, Field(max_length=2000)]
 
 
 class Message(BaseModel):
@@ -209,9 +212,9 @@ class Hello(Message):
     #: The site machine's CPU cores (0: not said): the default of its start capacity.
     cores: int = Field(0, ge=0, le=1_000_000)
     #: Per tool of the catalog: why it cannot run here, or None when it can.
-    tools: dict[str, str | None] = Field(default_factory=dict)
+    tools: dict[str, Reason | None] = Field(default_factory=dict)
     #: Per tool: why running instances cannot be handed to users, or None when they can.
-    claims: dict[str, str | None] = Field(default_factory=dict)
+    claims: dict[str, Reason | None] = Field(default_factory=dict)
     instances: list[Held] = Field(default_factory=list)
 
 
@@ -224,6 +227,9 @@ class Heartbeat(Message):
     instances: int = 0
     #: What keeps the site from working now, e.g. its engine is down ("": nothing).
     health: str = ""
+    #: Per tool, as in the hello, when that changed since the agent last said (an image
+    #: built or removed on its engine); None: unchanged (agent to portal only).
+    tools: dict[str, Reason | None] | None = None
 
 
 class Command(Message):

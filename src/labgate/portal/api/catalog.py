@@ -7,11 +7,13 @@ offers them again.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.backends.registry import tool_unavailable_reason
+from labgate.agent.link import SiteLink
 from labgate.db.models import Instance, User
 from labgate.errors import NotFound
 from labgate.portal.auth import Caller
@@ -23,10 +25,23 @@ from labgate.tools.catalog import Tool
 router = APIRouter(tags=["catalog"])
 
 
-def tool_out(tool: Tool, backends: set[str], last: dict[str, str] | None = None) -> ToolOut:
-    """The public view of a tool, with whether any site can run it."""
-    reasons = [tool_unavailable_reason(tool, backend) for backend in sorted(backends)]
-    available = any(reason is None for reason in reasons)
+def tool_out(
+    tool: Tool, links: Collection[SiteLink], last: dict[str, str] | None = None
+) -> ToolOut:
+    """The public view of a tool, with whether any site can run it, and why not.
+
+    Each site answers for itself (:meth:`SiteLink.placement_reason`): a
+    program its machine lacks, an image its engine does not hold and cannot
+    pull; with several sites, each reason names its site.
+    """
+    reasons = {link.site: link.placement_reason(tool) for link in links}
+    available = any(reason is None for reason in reasons.values())
+    said = [(site, reason) for site, reason in sorted(reasons.items()) if reason]
+    why = (
+        "; ".join(f"site {site}: {reason}" for site, reason in said)
+        if len(said) > 1
+        else "".join(reason for _, reason in said)
+    )
     return ToolOut(
         name=tool.name,
         title=tool.title,
@@ -35,7 +50,7 @@ def tool_out(tool: Tool, backends: set[str], last: dict[str, str] | None = None)
         supports_prefix=tool.supports_prefix,
         resources=tool.resources.model_dump(),
         available=available,
-        unavailable_reason=None if available else "; ".join(r or "" for r in reasons),
+        unavailable_reason=None if available else why or "no site runs tools here",
         params={name: param.model_dump() for name, param in tool.params.items()},
         last_params={k: v for k, v in (last or {}).items() if k in tool.params},
     )
@@ -57,8 +72,8 @@ def last_params(session: Session, user_id: int) -> dict[str, dict[str, str]]:
 
 def catalog_out(portal: Portal, last: dict[str, dict[str, str]]) -> list[ToolOut]:
     """Every tool, with the caller's last parameter values."""
-    backends = {link.backend for link in portal.links.values()}
-    return [tool_out(tool, backends, last.get(tool.name)) for tool in portal.catalog]
+    links = list(portal.links.values())
+    return [tool_out(tool, links, last.get(tool.name)) for tool in portal.catalog]
 
 
 @router.get("/tools", response_model=list[ToolOut])
@@ -75,7 +90,7 @@ async def show_tool(name: str, caller: Caller, portal: Portal = Depends(get_port
     if tool is None:
         raise NotFound(f"no tool called {name!r}", code="unknown_tool")
     last = await portal.run_db(lambda s: last_params(s, caller.user_id))
-    found = tool_out(tool, {link.backend for link in portal.links.values()}, last.get(name))
+    found = tool_out(tool, list(portal.links.values()), last.get(name))
 
     def allowed(session: Session) -> list[str]:
         user = session.get(User, caller.user_id)
