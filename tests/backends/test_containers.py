@@ -395,6 +395,12 @@ async def test_a_tool_whose_local_image_is_missing_is_unavailable_until_it_is_th
     r = await client.post("/api/v1/instances", json={"tool": "bb-absent"}, headers=admin_headers)
     assert r.status_code == 409, r.text
     assert r.json()["error"] == "tool_unavailable" and ABSENT in r.json()["detail"]
+    # Nor is it offered to open a dataset (the resolver's launch links).
+    url = "https://data.example.org/files/cars.csv"
+    await client.post("/api/v1/datasets", json={"id": url, "size": 100}, headers=admin_headers)
+    answer = await client.get("/api/v1/resolve", params={"id": url}, headers=admin_headers)
+    offered = {link["tool"] for link in answer.json()["launch"]}
+    assert "bb-web" in offered and "bb-absent" not in offered, answer.text
 
     # Built (here: tagged) on the engine: the site offers the tool within its next look.
     repository, tag = ABSENT.rsplit(":", 1)

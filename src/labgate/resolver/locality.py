@@ -30,7 +30,6 @@ from sqlalchemy.orm import Session
 
 from labgate.agent import fetch as fetching
 from labgate.backends.confine import EscapesRoot, check_beneath
-from labgate.backends.registry import tool_unavailable_reason
 from labgate.db.models import Dataset, Instance, InstanceState, Replica, Site, SiteReport, User
 from labgate.db.models import utcnow as _utcnow
 from labgate.errors import Conflict, LabgateError, NotFound
@@ -49,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DATA_MOUNT_ROOT = "/data"
-#: How long whether a tool can run on a backend is remembered (it looks for executables).
+#: How long whether a tool can run on a site is remembered (a check may search PATH).
 TOOL_CHECK_TTL = 30.0
 Reporter = Callable[[Report], Awaitable[None]]
 
@@ -461,19 +460,23 @@ class DataLocator:
         self,
         resolution: Resolution,
         catalog: Catalog,
-        backends: dict[str, str],
+        sites: Mapping[str, Callable[[Tool], str | None]],
         public_url: str,
     ) -> list[LaunchLink]:
-        """Per tool that can open the dataset: the sites it would run on and its link."""
+        """Per tool that can open the dataset: the sites it would run on and its link.
+
+        ``sites`` are the sites with a link, each with its answer to "why can this
+        tool not run here" (:meth:`~labgate.agent.link.SiteLink.placement_reason`).
+        """
         if resolution.live:
-            sites = [r.site for r in resolution.live]
+            candidates = [r.site for r in resolution.live]
         elif resolution.fetch_refusal is None:
-            sites = sorted(backends)
+            candidates = sorted(sites)
         else:
             return []
         links = []
         for tool in catalog:
-            usable = [s for s in sites if s in backends and self._can_run(tool, backends[s])]
+            usable = [s for s in candidates if s in sites and self._can_run(tool, s, sites[s])]
             if usable:
                 links.append(
                     LaunchLink(
@@ -485,12 +488,12 @@ class DataLocator:
                 )
         return links
 
-    def _can_run(self, tool: Tool, backend: str) -> bool:
-        """Whether ``tool`` runs on ``backend``, remembered for a while: it searches PATH."""
-        key, now = (tool.name, backend), time.monotonic()
+    def _can_run(self, tool: Tool, site: str, reason: Callable[[Tool], str | None]) -> bool:
+        """Whether ``tool`` runs on ``site``, remembered for a while (a check may search PATH)."""
+        key, now = (tool.name, site), time.monotonic()
         known = self._tool_checks.get(key)
         if known is None or known[1] < now:
-            known = (tool_unavailable_reason(tool, backend) is None, now + TOOL_CHECK_TTL)
+            known = (reason(tool) is None, now + TOOL_CHECK_TTL)
             self._tool_checks[key] = known
         return known[0]
 

@@ -28,14 +28,14 @@ def resolve_dataset(portal: Portal, session: Session, identifier: str) -> Resolv
     """The resolve answer for ``identifier`` (the API and the benchmark call this)."""
     data = locator(portal)
     resolution = data.resolve(session, identifier, live_sites(portal.links))
-    backends = {name: link.backend for name, link in portal.links.items()}
+    sites = {name: link.placement_reason for name, link in portal.links.items()}
     public_url = portal.settings.effective_public_url
     return ResolveOut(
         dataset=data.dataset_out(resolution),
         replicas=[r.out() for r in resolution.live],
         unavailable=[r.out() for r in resolution.replicas if not r.live],
         fetchable=not resolution.live and resolution.fetch_refusal is None,
-        launch=data.launch_links(resolution, portal.catalog, backends, public_url),
+        launch=data.launch_links(resolution, portal.catalog, sites, public_url),
     )
 
 

@@ -161,9 +161,9 @@ async def launch_page(
     if existing is not None:
         return _go_to(portal, existing, opens)
 
-    backends = {name: link.backend for name, link in portal.links.items()}
+    sites = {name: link.placement_reason for name, link in portal.links.items()}
     links = locator(portal).launch_links(
-        resolution, portal.catalog, backends, portal.settings.effective_public_url
+        resolution, portal.catalog, sites, portal.settings.effective_public_url
     )
     offer = next((link for link in links if link.tool == tool), None)
     problem = None
