@@ -196,9 +196,9 @@ def in_process_portal(settings: Any) -> Any:
         portal.db,
         portal.catalog,
         portal.links,
-        workspaces_dir=settings.workspaces_dir,
         max_instances_per_user=settings.max_instances_per_user,
         events=portal.events,
+        box=portal.box,
         data=DataLocator(settings),
     )
     return portal

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from labgate import __version__
 from labgate.agent.daemon import build_site_agent
-from labgate.agent.link import LocalSiteLink, SiteLink
+from labgate.agent.link import LocalSiteLink
 from labgate.backends.registry import load_catalog
 from labgate.config import Settings, SiteConfig
 from labgate.datadir import prepare_data_dir
@@ -98,15 +98,9 @@ def ensure_site(session: Session, config: SiteConfig) -> None:
     }
 
 
-async def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> SiteLink:
-    """Bring up the agent of one site, in process, and the link to it.
-
-    The agent asks its engine about the catalog's tools first (which images it
-    holds), so the tools page and placement are right from the first request.
-    """
-    agent = build_site_agent(portal.settings, config, reporter)
-    await agent.refresh_tools(list(portal.catalog))
-    return LocalSiteLink(agent)
+def start_site(portal: Portal, config: SiteConfig, reporter: Reporter) -> LocalSiteLink:
+    """Bring up the agent of one site, in process, and the link to it."""
+    return LocalSiteLink(build_site_agent(portal.settings, config, reporter))
 
 
 def build_portal(settings: Settings, *, replicated: bool = False) -> Portal:
@@ -203,7 +197,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     for site in portal.local_sites:
         await portal.run_db(partial(ensure_site, config=site))
-        portal.links[site.name] = await start_site(portal, site, reporter)
+        local = portal.links[site.name] = start_site(portal, site, reporter)
+        # Which tools' images its engine holds, before the tools page and placement ask.
+        await local.agent.refresh_tools(list(portal.catalog))
     portal.manager = InstanceManager(
         portal.db,
         portal.catalog,
