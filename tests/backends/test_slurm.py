@@ -152,7 +152,8 @@ async def test_queue_shows_and_a_queued_launch_is_cancelled(app, client, make_us
 async def test_job_cancelled_outside_labgate_is_lost_with_the_reason(app, client, make_user, slurm):
     alice = await make_user("alice")
     iid = await launch(client, alice)
-    assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
+    started = await wait_for_state(client, alice, iid, {"running", "failed"})
+    assert started["state"] == "running", started
     job = (await backend_state(app, iid))["job_id"]
     slurm.run("scancel", job)
     body = await wait_for_state(client, alice, iid, {"lost"}, timeout=30)
@@ -166,7 +167,8 @@ async def test_a_choice_among_allowed_values_and_a_refused_one(app, client, make
     assert site["choices"]["partition"] == {"default": "", "allowed": ["interactive", "batch"]}
     assert site["choices"]["time"]["allowed"] == ["0:01:00", "1:00:00"]
     iid = await launch(client, alice, options={"partition": "batch", "time": "1:00:00"})
-    assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
+    started = await wait_for_state(client, alice, iid, {"running", "failed"})
+    assert started["state"] == "running", started
     job = (await backend_state(app, iid))["job_id"]
     assert slurm.run("squeue", "-h", "-j", job, "-o", "%P|%l").strip() == "batch|1:00:00"
     refused = await launch(client, alice, options={"partition": "gpu"})
@@ -177,7 +179,8 @@ async def test_a_choice_among_allowed_values_and_a_refused_one(app, client, make
 async def test_the_wall_time_is_the_lifetime_stop(app, client, make_user, slurm):
     alice = await make_user("alice")
     iid = await launch(client, alice, options={"time": "0:01:00"})
-    assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
+    started = await wait_for_state(client, alice, iid, {"running", "failed"})
+    assert started["state"] == "running", started
     state = await backend_state(app, iid)
     body = (await client.get(f"/api/v1/instances/{iid}/keep-alive", headers=alice)).json()
     # The countdown the UI shows is the job's end.
@@ -214,7 +217,8 @@ async def test_jupyterlab_on_a_node_runs_code_through_the_router(
 async def test_the_instance_token_is_only_in_the_jobs_private_file(app, client, make_user, slurm):
     alice = await make_user("alice")
     iid = await launch(client, alice)
-    assert (await wait_for_state(client, alice, iid, {"running", "failed"}))["state"] == "running"
+    started = await wait_for_state(client, alice, iid, {"running", "failed"})
+    assert started["state"] == "running", started
     state = await backend_state(app, iid)
 
     def secret(session: Any) -> str:
