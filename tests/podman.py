@@ -25,7 +25,6 @@ import itertools
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,6 +35,8 @@ from typing import Any
 
 import docker.errors
 import pytest
+
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI") == "true"
@@ -69,12 +70,6 @@ def need(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"CI must run the containers tests: {reason}")
     pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

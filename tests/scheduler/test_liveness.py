@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +356,39 @@ async def test_an_agent_back_within_the_window_keeps_its_instances_running(
         finally:
             await kill_at_site(second, iid)
             await stop_everything(second)
+
+
+async def test_what_a_network_site_can_run_reaches_the_portal_when_it_changes(
+    app, client, admin_headers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A program installed on a site's machine after its agent connected: the heartbeat
+    says so, and the tools API and the site's record follow without a reconnect."""
+    from labgate.tools.catalog import Tool
+
+    needs = "labgate-test-program-not-installed"
+    app.state.portal.catalog.tools["needy"] = Tool(
+        name="needy", title="Needy", process={"command": [needs], "requires": [needs]}
+    )
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        site = await wait_site(client, admin_headers, "connected")
+        assert needs in site["agent"]["tools"]["needy"]
+        tool = (await client.get("/api/v1/tools/needy", headers=admin_headers)).json()
+        assert tool["available"] is False
+        # Each site says why, named: the portal's own site and the network one.
+        reason = tool["unavailable_reason"]
+        assert reason.startswith("site edge: requires") and "; site local: requires" in reason
+
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / needs).write_text("#!/bin/sh\n")
+        (bin_dir / needs).chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        async with asyncio.timeout(10):
+            while True:
+                site = (await client.get("/api/v1/sites/edge", headers=admin_headers)).json()
+                if site["agent"]["tools"]["needy"] is None:
+                    break
+                await asyncio.sleep(0.1)
+        tool = (await client.get("/api/v1/tools/needy", headers=admin_headers)).json()
+        assert tool["available"] is True, tool
