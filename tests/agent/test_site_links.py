@@ -565,7 +565,10 @@ async def after_a_killed_start(
     settings = site_settings(tmp_path / "site")
     killed = make_agent_for(settings, "edge", recorder.report)
     await killed.backend.start(spec_of(demo, instance_id))  # its state reaches no one
-    assert processes_with_env("LABGATE_INSTANCE_ID", instance_id)
+    # The tool's process has its environment once it has exec'd, a moment after start.
+    async with asyncio.timeout(10):
+        while not processes_with_env("LABGATE_INSTANCE_ID", instance_id):
+            await asyncio.sleep(0.05)
     link = LocalSiteLink(make_agent_for(settings, "edge", recorder.report))
     try:
         yield link, recorder
