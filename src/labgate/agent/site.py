@@ -645,19 +645,25 @@ class SiteAgent:
         last_problem = "no answer yet"
         grace = spec.tool.start_grace
         graced = ""
+        polled = -HEALTH_MAX_INTERVAL
         while True:
-            status = await self.backend.poll(started.state)
-            if not status.alive:
-                self.watched.pop(iid, None)
-                await self._report(
-                    start_failed(
-                        iid,
-                        CRASHED,
-                        f"the tool {status.detail or 'exited'} before it became ready",
-                        log_tail=await self._tail(started.state),
+            # Is it still alive? Asked of the backend at most every HEALTH_MAX_INTERVAL
+            # (an engine call for a container), however often its health is asked.
+            now = time.monotonic()
+            if now - polled >= HEALTH_MAX_INTERVAL or now >= deadline:
+                polled = now
+                status = await self.backend.poll(started.state)
+                if not status.alive:
+                    self.watched.pop(iid, None)
+                    await self._report(
+                        start_failed(
+                            iid,
+                            CRASHED,
+                            f"the tool {status.detail or 'exited'} before it became ready",
+                            log_tail=await self._tail(started.state),
+                        )
                     )
-                )
-                return
+                    return
             if time.monotonic() >= deadline:
                 if graced or grace <= 0 or not await self._busy(started.state):
                     break
