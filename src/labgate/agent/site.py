@@ -30,6 +30,7 @@ from labgate.backends.base import (
     Started,
 )
 from labgate.errors import Conflict, LabgateError
+from labgate.wire.routes import UpstreamAddress, parse_upstream
 from labgate.wire.site import (
     CRASHED,
     NEVER_ANSWERED,
@@ -49,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Seconds between a starting tool's health checks during its first :data:`HEALTH_FAST_FOR`
-#: seconds (most small tools are ready within it: a check soon after is a quicker launch),
-#: then growing by half each time up to :data:`HEALTH_MAX_INTERVAL`.
+#: Seconds between a starting tool's checks while nothing listens at its address during
+#: its first :data:`HEALTH_FAST_FOR` seconds (a bare connect; most small tools are ready
+#: within it: a check soon after is a quicker launch); otherwise growing by half each
+#: time up to :data:`HEALTH_MAX_INTERVAL`.
 HEALTH_INTERVAL = 0.025
 HEALTH_FAST_FOR = 1.0
 HEALTH_MAX_INTERVAL = 0.25
@@ -90,6 +92,31 @@ def health_url(spec: LaunchSpec, endpoint: str) -> str:
     """Where the agent checks that a tool is ready."""
     prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
     return endpoint.rstrip("/") + prefix + spec.tool.health_path
+
+
+def probe_address(endpoint: str) -> UpstreamAddress | None:
+    """The address a tool's endpoint listens at (None: not one the agent can probe)."""
+    try:
+        address = parse_upstream(endpoint)
+    except ValueError:
+        return None
+    return None if address.is_tunnel else address
+
+
+async def listening(address: UpstreamAddress | None) -> bool:
+    """Whether something accepts connections at ``address``: a connect, closed at once."""
+    if address is None:
+        return True
+    try:
+        if address.path:
+            connecting = asyncio.open_unix_connection(address.path)
+        else:
+            connecting = asyncio.open_connection(address.host, address.port)
+        _, writer = await wait_for(connecting, HEALTH_REQUEST_TIMEOUT)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 @dataclass(frozen=True)
@@ -646,6 +673,8 @@ class SiteAgent:
         grace = spec.tool.start_grace
         graced = ""
         polled = -HEALTH_MAX_INTERVAL
+        address = probe_address(started.endpoint)
+        listened = address is None  # no address to probe: ask over HTTP from the start
         while True:
             # Is it still alive? Asked of the backend at most every HEALTH_MAX_INTERVAL
             # (an engine call for a container), however often its health is asked.
@@ -678,19 +707,27 @@ class SiteAgent:
                         data={"grace": grace},
                     )
                 )
-            try:
-                response = await self._http.get(url, headers=headers)
-                if response.status_code < 400:
-                    watched = self.watched.get(iid)
-                    if watched is not None:
-                        watched.running = True
-                    await self._report(Report(iid, "running", message="ready"))
-                    return
-                last_problem = f"health check answered {response.status_code}"
-            except httpx.HTTPError as exc:
-                last_problem = f"health check: {exc.__class__.__name__}"
+            # Until the tool listens, a bare connect says so at a fraction of an HTTP
+            # request's cost (about 35 against 500 µs of the agent's CPU): checks this
+            # frequent stay cheap in a launch storm.
+            heard = listened or await listening(address)
+            listened = listened or heard
+            if not heard:
+                last_problem = "nothing listens at the tool's address yet"
+            else:
+                try:
+                    response = await self._http.get(url, headers=headers)
+                    if response.status_code < 400:
+                        watched = self.watched.get(iid)
+                        if watched is not None:
+                            watched.running = True
+                        await self._report(Report(iid, "running", message="ready"))
+                        return
+                    last_problem = f"health check answered {response.status_code}"
+                except httpx.HTTPError as exc:
+                    last_problem = f"health check: {exc.__class__.__name__}"
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-            if time.monotonic() - begun >= HEALTH_FAST_FOR:
+            if heard or time.monotonic() - begun >= HEALTH_FAST_FOR:
                 interval = min(interval * 1.5, HEALTH_MAX_INTERVAL)
         tail = await self._tail(started.state)
         self.watched.pop(iid, None)
