@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,44 @@ def test_a_process_that_drops_its_marker_after_it_was_seen_is_still_the_instance
     scan(max_age=0)
     assert pid in instance_processes("i-drops", 0, {})
     wait_until(lambda: Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x0030\x00")
-    assert procfs._marker_of(pid) is None  # its environment no longer says so
+    assert MARKER_VAR.encode() not in Path(f"/proc/{pid}/environ").read_bytes()  # no longer says so
     scan(max_age=0)
     assert pid in instance_processes("i-drops", 0, {})
+
+
+def test_a_process_seen_before_it_execs_with_the_marker_under_the_same_name_is_found(processes):
+    """The launcher labgate forks keeps the server's name ("python") when it execs with the marker.
+
+    Seen unmarked between fork and exec, it must not be taken for unmarked after
+    (a launch sent again after a killed agent's start then ran the tool twice).
+    """
+    marked = {"PATH": os.environ["PATH"], MARKER_VAR: "i-same-name"}
+    sleeper = "[sys.executable, '-c', 'import time; time.sleep(30)']"
+    script = (
+        f"import os, sys; sys.stdin.readline(); os.execve(sys.executable, {sleeper}, {marked!r})"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, env={"PATH": os.environ["PATH"]}
+    )
+    processes.append(process)
+    wait_until(lambda: b"readline" in Path(f"/proc/{process.pid}/cmdline").read_bytes())
+    before = scan(max_age=0)
+    assert process.pid in before.procs and process.pid not in before.markers
+    assert process.stdin is not None
+    process.stdin.write(b"go\n")
+    process.stdin.flush()
+    environ = Path(f"/proc/{process.pid}/environ")
+    wait_until(lambda: MARKER_VAR.encode() in environ.read_bytes())
+    after = scan(max_age=0)
+    assert after.procs[process.pid].name == before.procs[process.pid].name  # same name
+    assert after.markers.get(process.pid) == b"i-same-name"
+    assert process.pid in instance_processes("i-same-name", 0, {})
+
+
+def test_a_fresh_look_sees_a_process_started_after_the_last_shared_scan(processes):
+    """A stop's first look: a scan shared from before may predate what it must stop."""
+    scan(max_age=0)
+    pid = spawn(processes, "sleep 30", "i-late")
+    wait_until(lambda: MARKER_VAR.encode() in Path(f"/proc/{pid}/environ").read_bytes())
+    assert pid not in instance_processes("i-late", 0, {}, max_age=60)  # the shared one
+    assert pid in instance_processes("i-late", 0, {}, max_age=0)

@@ -68,6 +68,7 @@ from labgate.backends.identity import Identity, hand_over, instance_identity
 from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
+    SHARED_SCAN_AGE,
     boot_id,
     cpu_seconds,
     instance_processes,
@@ -552,8 +553,10 @@ class ProcessBackend(Backend):
         deadline = loop.time() + max(0.0, grace)
         known: dict[int, int] = {pid: start}
         termed: set[tuple[int, int]] = set()
+        max_age = 0.0  # the first look is fresh: a scan shared from before may miss a newcomer
         while True:
-            known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
+            known = await asyncio.to_thread(instance_processes, instance_id, pid, known, max_age)
+            max_age = SHARED_SCAN_AGE
             self._exit_code(pid, start)
             if not known or loop.time() >= deadline:
                 break

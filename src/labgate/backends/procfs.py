@@ -21,6 +21,7 @@ from pathlib import Path
 #: environment; stop() finds the ones that left the process tree by it.
 MARKER_VAR = "LABGATE_INSTANCE_ID"
 _MARKER_PREFIX = f"{MARKER_VAR}=".encode()
+_PF_KTHREAD = 0x00200000
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ProcInfo:
     exit_status: int
     #: The command name (field 2): it changes when the process execs another program.
     name: bytes = b""
+    #: A kernel thread (``PF_KTHREAD`` in field 9): it has no environment.
+    kernel_thread: bool = False
 
     @property
     def zombie(self) -> bool:
@@ -64,6 +67,7 @@ def read_proc(pid: int) -> ProcInfo | None:
         start_time=int(rest[19]),
         exit_status=exit_status,
         name=data[data.index(b"(") + 1 : end],
+        kernel_thread=bool(int(rest[6]) & _PF_KTHREAD),
     )
 
 
@@ -75,16 +79,25 @@ def boot_id() -> str:
         return ""
 
 
-def _marker_of(pid: int) -> bytes | None:
-    """The instance id in ``pid``'s environment marker, or None (none, gone, not ours)."""
+def _environ_of(pid: int) -> bytes | None:
+    """``pid``'s environment as it was started or last exec'd, or None (gone, not ours)."""
     try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        return Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:  # gone, or another user's process
         return None
+
+
+def _marker_in(environ: bytes) -> bytes | None:
+    """The instance id of the marker in a raw environment, or None."""
     for variable in environ.split(b"\0"):
         if variable.startswith(_MARKER_PREFIX):
             return variable[len(_MARKER_PREFIX) :]
     return None
+
+
+def _ticks_now() -> int:
+    """Clock ticks since boot, the unit of :attr:`ProcInfo.start_time`."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
 
 
 @dataclass(frozen=True)
@@ -103,11 +116,18 @@ SHARED_SCAN_AGE = 0.025
 _scan_lock = threading.Lock()
 _last_scan: ProcTable | None = None
 #: (pid, start time) -> (command name, marker or None) when last read. A process's
-#: environment is the one it was started or last exec'd with, so it is read again only
-#: when an unmarked process execs (its name changes: a process labgate forks carries
-#: labgate's environment until it execs the tool's); once marked, a process stays the
-#: instance's even if it execs without the marker.
+#: environment is the one it was started or last exec'd with, so an unmarked process is
+#: read again when it execs (its name changes: a process labgate forks carries
+#: labgate's environment until it execs the tool's), and at every scan while it is
+#: young: the launcher labgate forks keeps the server's name ("python") when it execs
+#: with the marker. Once marked, a process stays the instance's even if it execs
+#: without the marker. An empty environment is never kept (a process in the middle of
+#: an exec, or exiting, shows none).
 _markers: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
+_TICKS = os.sysconf("SC_CLK_TCK")
+#: Unmarked processes younger than this (in clock ticks) have their environment read at
+#: every scan: between fork and exec they carry their parent's.
+YOUNG_TICKS = 2 * _TICKS
 
 
 def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
@@ -125,13 +145,21 @@ def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
                  if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
         markers: dict[int, bytes] = {}
         seen: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
+        young = _ticks_now() - YOUNG_TICKS
         for pid, info in procs.items():
+            if info.kernel_thread:
+                continue
             key = (pid, info.start_time)
             known = _markers.get(key)
-            if known is not None and (known[1] is not None or known[0] == info.name):
+            if known is not None and (
+                known[1] is not None or (known[0] == info.name and info.start_time < young)
+            ):
                 marker = known[1]
             else:
-                marker = _marker_of(pid)
+                environ = _environ_of(pid)
+                marker = _marker_in(environ) if environ else None
+                if not environ:
+                    continue  # read again next time: nothing to remember
             seen[key] = (info.name, marker)
             if marker is not None:
                 markers[pid] = marker
@@ -141,15 +169,19 @@ def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
         return _last_scan
 
 
-def instance_processes(instance_id: str, root: int, known: dict[int, int]) -> dict[int, int]:
+def instance_processes(
+    instance_id: str, root: int, known: dict[int, int], max_age: float = SHARED_SCAN_AGE
+) -> dict[int, int]:
     """Live processes of an instance, as pid -> start time.
 
     They are the ``known`` processes that still exist, the processes carrying
     the instance's environment marker, every process in the session of the
     tracked process ``root`` while it lives, and all their descendants (found
     through parent links, which catches children that started a new session).
+    ``max_age=0`` asks for a scan taken now: one shared with an earlier caller
+    may predate a process started just before this call.
     """
-    table = scan()
+    table = scan(max_age)
     procs = table.procs
     marker = instance_id.encode()
     seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
