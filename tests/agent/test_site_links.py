@@ -26,6 +26,7 @@ from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.network import ChannelClosed, NetworkSiteLink, SiteUnavailable
 from labgate.agent.remote import RemoteAgent
 from labgate.agent.site import Adoption
+from labgate.backends import cgroups
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.registry import load_catalog
 from labgate.tools.catalog import Tool
@@ -598,6 +599,8 @@ async def test_a_launch_sent_again_after_a_killed_agent_runs_the_tool_once(tmp_p
         roots = [pid for pid in pids if parent_of(pid) not in pids]
         assert len(roots) == 1, pids
         _, state = endpoint_of(recorder, "twice1")
+        if cgroups.hierarchy() is not None:  # as root: the killed start's cgroups went first
+            assert state["limits"]["cgroup"], "the tool runs without its cgroup limits"
         await link.stop("twice1", state)
         await recorder.wait_state("twice1", "stopped")
         assert not processes_with_env("LABGATE_INSTANCE_ID", "twice1")

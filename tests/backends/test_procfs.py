@@ -106,10 +106,13 @@ def test_a_process_seen_before_it_execs_with_the_marker_under_the_same_name_is_f
     assert process.pid in instance_processes("i-same-name", 0, {})
 
 
-def test_a_fresh_look_sees_a_process_started_after_the_last_shared_scan(processes):
+def test_a_look_since_a_moment_sees_a_process_started_after_the_last_shared_scan(processes):
     """A stop's first look: a scan shared from before may predate what it must stop."""
-    scan(max_age=0)
+    first = scan(max_age=0)
     pid = spawn(processes, "sleep 30", "i-late")
     wait_until(lambda: MARKER_VAR.encode() in Path(f"/proc/{pid}/environ").read_bytes())
-    assert pid not in instance_processes("i-late", 0, {}, max_age=60)  # the shared one
-    assert pid in instance_processes("i-late", 0, {}, max_age=0)
+    assert scan(max_age=60) is first and pid not in first.procs  # the shared one is older
+    now = time.monotonic()
+    assert pid in instance_processes("i-late", 0, {}, since=now)
+    assert scan(max_age=60, since=now) is not first  # and later callers share the new one
+    assert scan(max_age=60, since=now) is scan(max_age=60, since=now)

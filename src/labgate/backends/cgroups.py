@@ -292,6 +292,15 @@ def remove(paths: tuple[str, ...] | list[str], wait: float = 0.0) -> bool:
         time.sleep(0.02)
 
 
+def paths_of(instance_id: str) -> list[str]:
+    """The cgroup directories of ``instance_id`` that exist (a start recorded nowhere made them)."""
+    found = hierarchy()
+    if found is None:
+        return []
+    paths = {parent / instance_id for parent in found.parents.values()}
+    return sorted(str(path) for path in paths if path.is_dir())
+
+
 def sweep(keep: set[str], min_age: float = 60.0) -> list[str]:
     """Remove empty instance cgroups older than ``min_age`` seconds whose ids are not in ``keep``.
 

@@ -68,7 +68,6 @@ from labgate.backends.identity import Identity, hand_over, instance_identity
 from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
-    SHARED_SCAN_AGE,
     boot_id,
     cpu_seconds,
     instance_processes,
@@ -553,10 +552,12 @@ class ProcessBackend(Backend):
         deadline = loop.time() + max(0.0, grace)
         known: dict[int, int] = {pid: start}
         termed: set[tuple[int, int]] = set()
-        max_age = 0.0  # the first look is fresh: a scan shared from before may miss a newcomer
+        # The first look is at a scan begun after this call: an older one shared with other
+        # stops may predate a process just started (then nothing would be stopped).
+        since: float | None = time.monotonic()
         while True:
-            known = await asyncio.to_thread(instance_processes, instance_id, pid, known, max_age)
-            max_age = SHARED_SCAN_AGE
+            known = await asyncio.to_thread(instance_processes, instance_id, pid, known, since)
+            since = None
             self._exit_code(pid, start)
             if not known or loop.time() >= deadline:
                 break
@@ -607,8 +608,15 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(shutil.rmtree, scratch, True)
 
     async def discard(self, instance_id: str, grace: float) -> None:
-        """Stop every process carrying the instance's marker (no pid was recorded)."""
+        """Stop every process carrying the instance's marker (no pid was recorded).
+
+        The cgroups that start made go too: a launch of the same instance makes them
+        again (it could not, and would run without limits, were they left).
+        """
         await self.stop({"instance_id": instance_id, "pid": 0, "start_time": 0}, grace)
+        paths = await asyncio.to_thread(cgroups.paths_of, instance_id)
+        if paths:
+            await asyncio.to_thread(cgroups.remove, paths, 1.0)
 
     async def reconcile(self, keep: Collection[str]) -> list[str]:
         """Remove empty cgroups of instances that ended unseen; processes are left alone.

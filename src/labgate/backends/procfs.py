@@ -130,17 +130,21 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 YOUNG_TICKS = 2 * _TICKS
 
 
-def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
+def scan(max_age: float = SHARED_SCAN_AGE, since: float | None = None) -> ProcTable:
     """The processes of the machine, from a scan at most ``max_age`` seconds old.
 
+    With ``since`` (a :func:`time.monotonic` reading), from a scan begun at or
+    after it: one that cannot predate a process started before that moment.
     Concurrent callers (worker threads of several stops) share one scan; each
-    process's environment is read only the first time it is seen.
+    process's environment is read only when needed (see :data:`_markers`).
     """
     global _last_scan
     with _scan_lock:
         now = time.monotonic()
-        if _last_scan is not None and now - _last_scan.taken <= max_age:
-            return _last_scan
+        last = _last_scan
+        fresh_enough = since is None or (last is not None and last.taken >= since)
+        if last is not None and now - last.taken <= max_age and fresh_enough:
+            return last
         procs = {info.pid: info for entry in os.scandir("/proc") if entry.name.isdigit()
                  if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
         markers: dict[int, bytes] = {}
@@ -170,7 +174,7 @@ def scan(max_age: float = SHARED_SCAN_AGE) -> ProcTable:
 
 
 def instance_processes(
-    instance_id: str, root: int, known: dict[int, int], max_age: float = SHARED_SCAN_AGE
+    instance_id: str, root: int, known: dict[int, int], since: float | None = None
 ) -> dict[int, int]:
     """Live processes of an instance, as pid -> start time.
 
@@ -178,10 +182,10 @@ def instance_processes(
     the instance's environment marker, every process in the session of the
     tracked process ``root`` while it lives, and all their descendants (found
     through parent links, which catches children that started a new session).
-    ``max_age=0`` asks for a scan taken now: one shared with an earlier caller
-    may predate a process started just before this call.
+    ``since`` asks for a scan begun at or after that moment (see :func:`scan`):
+    a stop's first look must not use one that predates a process it must stop.
     """
-    table = scan(max_age)
+    table = scan(since=since)
     procs = table.procs
     marker = instance_id.encode()
     seeds = {pid for pid, start in known.items() if pid in procs and procs[pid].start_time == start}
