@@ -348,7 +348,8 @@ class SlurmBackend(Backend):
         write_job_dir(job_dir, {"launch.json": json.dumps(launch)}, script, account)
         if account is None:
             return
-        if not workspace.exists():
+        # Two launches of one user at once both find no workspace: the second's mkdir fails.
+        with contextlib.suppress(FileExistsError):
             workspace.mkdir(mode=0o700)
         hand_over(workspace, account.identity)
 
