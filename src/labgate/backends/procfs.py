@@ -161,9 +161,9 @@ def scan(max_age: float = SHARED_SCAN_AGE, since: float | None = None) -> ProcTa
                 marker = known[1]
             else:
                 environ = _environ_of(pid)
-                marker = _marker_in(environ) if environ else None
-                if not environ:
-                    continue  # read again next time: nothing to remember
+                if environ == b"":
+                    continue  # in the middle of an exec, or exiting: read again next time
+                marker = _marker_in(environ) if environ is not None else None
             seen[key] = (info.name, marker)
             if marker is not None:
                 markers[pid] = marker
