@@ -382,11 +382,14 @@ async def test_an_agent_for_another_site_is_refused(tmp_path, demo) -> None:
 
 
 @contextlib.asynccontextmanager
-async def file_server(body: bytes) -> AsyncIterator[str]:
-    """A loopback HTTP server answering every GET with ``body``."""
+async def file_server(body: bytes, served: list[int] | None = None) -> AsyncIterator[str]:
+    """A loopback HTTP server answering every GET with ``body`` (counted in ``served``)."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        if served is not None:
+            served.append(1)
+            await asyncio.sleep(0.2)  # long enough for a second request to come meanwhile
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         writer.write(head.encode() + body)
         await writer.drain()
@@ -422,6 +425,26 @@ async def test_a_url_dataset_is_fetched_and_checked_by_the_site(linked, tmp_path
         with pytest.raises(FetchError, match="checksum mismatch"):
             await link.fetch_dataset(wrong)
         assert not (tmp_path / "site" / "cache" / "edge" / "iris-5678").exists()
+
+
+async def test_two_requests_for_one_dataset_at_once_download_it_once(linked, tmp_path) -> None:
+    """Portal replicas may each ask the site for the same dataset: one download serves both."""
+    from labgate.wire.launch import FetchRequest
+
+    link, _ = linked
+    body = b"sepal,petal\n" * 1000
+    served: list[int] = []
+    async with file_server(body, served) as url:
+        first, second = (
+            FetchRequest(iid, url, "iris-twice", 10**6, len(body), "", True) for iid in ("a", "b")
+        )
+        results = await asyncio.gather(link.fetch_dataset(first), link.fetch_dataset(second))
+    assert len(served) == 1
+    assert sorted(result.cached for result in results) == [False, True]
+    assert {result.directory for result in results} == {
+        tmp_path / "site" / "cache" / "edge" / "iris-twice"
+    }
+    assert (results[0].directory / "iris.csv").read_bytes() == body
 
 
 def parent_of(pid: int) -> int:

@@ -184,6 +184,8 @@ class SiteAgent:
         self._stopped: dict[str, None] = {}
         #: Stops the backend failed, being tried again (instance id -> retry task).
         self._stop_retries: dict[str, asyncio.Task[None]] = {}
+        #: One fetch per cache entry at a time: a second request waits and finds it cached.
+        self._fetch_locks: dict[str, asyncio.Lock] = {}
         self._health: tuple[float, str | None] | None = None
         #: Seconds a health answer is reused (tests shorten it).
         self.health_ttl = HEALTH_TTL
@@ -399,8 +401,16 @@ class SiteAgent:
         await self.backend.delete_snapshot(ref)
 
     async def fetch_dataset(self, request: FetchRequest) -> Fetched:
-        """Fetch a URL dataset into this site's cache (or find it there); progress as notes."""
+        """Fetch a URL dataset into this site's cache (or find it there); progress as notes.
+
+        Requests for one entry are served one at a time (portal replicas may each
+        send one): the later ones find the first one's download in the cache.
+        """
         directory = self.cache_dir / request.entry
+        async with self._fetch_locks.setdefault(request.entry, asyncio.Lock()):
+            return await self._fetch_entry(request, directory)
+
+    async def _fetch_entry(self, request: FetchRequest, directory: Path) -> Fetched:
         found = await asyncio.to_thread(fetching.complete_entry, directory)
         if found is not None:
             return found
