@@ -80,8 +80,9 @@ def test_a_process_that_drops_its_marker_after_it_was_seen_is_still_the_instance
 def test_a_process_seen_before_it_execs_with_the_marker_under_the_same_name_is_found(processes):
     """The launcher labgate forks keeps the server's name ("python") when it execs with the marker.
 
-    Seen unmarked between fork and exec, it must not be taken for unmarked after
-    (a launch sent again after a killed agent's start then ran the tool twice).
+    Seen unmarked between fork and exec, this process's child must not be taken
+    for unmarked after (a launch sent again after a killed agent's start then
+    ran the tool twice).
     """
     marked = {"PATH": os.environ["PATH"], MARKER_VAR: "i-same-name"}
     sleeper = "[sys.executable, '-c', 'import time; time.sleep(30)']"

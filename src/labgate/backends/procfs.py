@@ -95,11 +95,6 @@ def _marker_in(environ: bytes) -> bytes | None:
     return None
 
 
-def _ticks_now() -> int:
-    """Clock ticks since boot, the unit of :attr:`ProcInfo.start_time`."""
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
-
-
 @dataclass(frozen=True)
 class ProcTable:
     """Every process on the machine at one moment, and the instance markers they carry."""
@@ -118,16 +113,12 @@ _last_scan: ProcTable | None = None
 #: (pid, start time) -> (command name, marker or None) when last read. A process's
 #: environment is the one it was started or last exec'd with, so an unmarked process is
 #: read again when it execs (its name changes: a process labgate forks carries
-#: labgate's environment until it execs the tool's), and at every scan while it is
-#: young: the launcher labgate forks keeps the server's name ("python") when it execs
-#: with the marker. Once marked, a process stays the instance's even if it execs
-#: without the marker. An empty environment is never kept (a process in the middle of
-#: an exec, or exiting, shows none).
+#: labgate's environment until it execs the tool's), and at every scan while it is a
+#: child of this process: the launcher labgate forks keeps the server's name
+#: ("python") when it execs with the marker. Once marked, a process stays the
+#: instance's even if it execs without the marker. An empty environment is never kept
+#: (a process in the middle of an exec shows none).
 _markers: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
-_TICKS = os.sysconf("SC_CLK_TCK")
-#: Unmarked processes younger than this (in clock ticks) have their environment read at
-#: every scan: between fork and exec they carry their parent's.
-YOUNG_TICKS = 2 * _TICKS
 
 
 def scan(max_age: float = SHARED_SCAN_AGE, since: float | None = None) -> ProcTable:
@@ -149,14 +140,14 @@ def scan(max_age: float = SHARED_SCAN_AGE, since: float | None = None) -> ProcTa
                  if (info := read_proc(int(entry.name))) is not None}  # fmt: skip
         markers: dict[int, bytes] = {}
         seen: dict[tuple[int, int], tuple[bytes, bytes | None]] = {}
-        young = _ticks_now() - YOUNG_TICKS
+        own = os.getpid()
         for pid, info in procs.items():
             if info.kernel_thread:
                 continue
             key = (pid, info.start_time)
             known = _markers.get(key)
             if known is not None and (
-                known[1] is not None or (known[0] == info.name and info.start_time < young)
+                known[1] is not None or (known[0] == info.name and info.ppid != own)
             ):
                 marker = known[1]
             else:
