@@ -389,11 +389,18 @@ def test_image_build_makes_a_tools_image_from_its_recipe_with_progress(
         inspected = engine.client.api.inspect_image(image)
         assert inspected["Config"]["Labels"]["org.labgate.tool"] == "bb-built"
         # What the build context held: labgate's busy-report extension and the CA.
-        files = engine.client.containers.run(
+        # Detached, then waited for and read: following the output of a container
+        # Podman has finished can hang (seen once in a local run of the whole suite).
+        container = engine.client.containers.run(
             image,
             ["sh", "-c", "ls /opt/labgate/lib/labgate/tools; cat /etc/extra-ca.pem"],
-            remove=True,
-        ).decode()
+            detach=True,
+        )
+        try:
+            container.wait(timeout=120)
+            files = container.logs().decode()
+        finally:
+            container.remove(force=True)
         assert "jupyter_busy.py" in files and "(a test CA)" in files
 
         # Failures are one error line with the engine's words.
