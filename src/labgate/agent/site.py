@@ -720,9 +720,9 @@ class SiteAgent:
             # Until the tool listens, a bare connect says so at a fraction of an HTTP
             # request's cost (about 35 against 500 µs of the agent's CPU): checks this
             # frequent stay cheap in a launch storm.
-            heard = listened or await listening(address)
-            listened = listened or heard
-            if not heard:
+            if not listened:
+                listened = await listening(address)
+            if not listened:
                 last_problem = "nothing listens at the tool's address yet"
             else:
                 try:
@@ -737,7 +737,7 @@ class SiteAgent:
                 except httpx.HTTPError as exc:
                     last_problem = f"health check: {exc.__class__.__name__}"
             await asyncio.sleep(min(interval, max(deadline - time.monotonic(), 0)))
-            if heard or time.monotonic() - begun >= HEALTH_FAST_FOR:
+            if listened or time.monotonic() - begun >= HEALTH_FAST_FOR:
                 interval = min(interval * 1.5, HEALTH_MAX_INTERVAL)
         tail = await self._tail(started.state)
         self.watched.pop(iid, None)
