@@ -70,6 +70,8 @@ class Gateway:
     admin: httpx.Client
     contexts: list[Any] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    #: Pages (by id) where the browser dropped a request because the host's network changed.
+    network_changed: set[int] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -115,7 +117,24 @@ class Gateway:
                 self.problems.append(f"CSP: {text}")
 
         page.on("console", on_console)
+
+        def on_request_failed(request: Any) -> None:
+            # Chromium drops the requests in flight when an address comes or goes on any
+            # of the host's interfaces: a container started on this machine (here, or by
+            # the other test worker) adds a veth whose IPv6 address appears a second later.
+            # The browser's own machine is not the sites' in real use.
+            if "ERR_NETWORK_CHANGED" in (request.failure or ""):
+                self.network_changed.add(id(page))
+
+        page.on("requestfailed", on_request_failed)
         return page
+
+    def dropped_on_network_change(self, page: Any) -> bool:
+        """Whether the browser dropped some of ``page``'s requests on a network change
+        since the last time this was asked."""
+        dropped = id(page) in self.network_changed
+        self.network_changed.discard(id(page))
+        return dropped
 
     def sign_in(self, page: Any, name: str, password: str = PASSWORD, path: str = "/") -> None:
         """Sign in through the form, the way a person does."""

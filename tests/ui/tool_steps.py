@@ -55,7 +55,23 @@ def use_tool(
     instance_id = launch_via_api(gateway, user, use.tool, params=use.params, timeout=use.timeout)
     page = gateway.page()
     gateway.sign_in(page, user, path=f"/i/{instance_id}/")
-    use.use(page, workspace())
+    # A tool page whose scripts the browser dropped on a network change (a container
+    # started on this machine; see Gateway.page) stays blank: load it again, at once if
+    # the change came while the page loaded, else when the tool's steps failed.
+    for attempt in range(3):
+        last = attempt == 2
+        page.wait_for_load_state("load")
+        if not last and gateway.dropped_on_network_change(page):
+            page.reload()
+            continue
+        try:
+            use.use(page, workspace())
+        except AssertionError:
+            if last or not gateway.dropped_on_network_change(page):
+                raise
+            page.reload()
+            continue
+        break
     gateway.shot(page, shot, docs=docs)
     return instance_id
 
