@@ -121,15 +121,54 @@ def oom_kills(path: str | None) -> int:
     return 0
 
 
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the task's first process has exited, without reaping it.
+
+    Unreaped, its pid (the task's process group id) cannot be taken by a new
+    group, so :func:`_end_group` signals only the task's own processes.
+    """
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL what is left of the task's process group, then reap its first process.
+
+    Done however the task ended: a process it left behind (in the background,
+    or ignoring SIGTERM inside the sandbox, whose outer ``bwrap`` SIGTERM ends
+    at once) must not outlive its attempt.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (a zombie does not)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == b"%d" % pgid and fields[0] != b"Z":
+            return True
+    return False
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the task's process group and wait until it is gone, :data:`KILL_GRACE` at most.
+
+    The grace is the group's, not its first process's: with the sandbox, that is
+    the outer ``bwrap``, which SIGTERM ends at once while the task inside cleans
+    up. :func:`_end_group` then kills what is left.
+    """
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(KILL_GRACE)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    deadline = time.monotonic() + KILL_GRACE
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def tell(spec: dict[str, Any], report: dict[str, Any]) -> None:
@@ -297,11 +336,12 @@ def execute(directory: Path) -> dict[str, Any]:
             return {"state": "failed", "exit_code": 127, "reason": str(exc)}
         threading.Thread(target=tell, args=(spec, {"state": "running"}), daemon=True).start()
         deadline = started + float(spec.get("timeout", 3600))
-        while proc.poll() is None:
+        while not _exited(proc):
             if stopped or time.time() > deadline:
                 _stop(proc)
                 break
             time.sleep(0.02)
+        _end_group(proc)
     code = proc.returncode
     result, problem = read_result(directory)
     outcome: dict[str, Any] = {
