@@ -23,14 +23,14 @@ from labgate.router.server import Router
 from labgate.router.tunnel import SiteTunnel
 from labgate.security import SESSION_COOKIE, SessionSigner, TunnelTickets
 from labgate.wire.routes import Route, RouteTable, UserInfo
-from labgate.wire.tunnel import DATA, HEADER, MAX_DATA, OPEN, WINDOW
+from labgate.wire.tunnel import DATA, HEADER, MAX_DATA, OPEN, ROUTER_WINDOW, WINDOW
 
 MiB = 1 << 20
 KEY = "tunnel-test-key"
-# What one stream may hold at one end: a window not yet granted back, plus what
-# the local socket's write buffer held when credit was last granted (its
-# high-water mark, 64 KiB on asyncio), plus one frame.
-BUFFER_BOUND = WINDOW + 64 * 1024 + MAX_DATA
+# What one stream may hold at one end: a window not yet granted back (the larger,
+# the router's), plus what the local socket's write buffer held when credit was last
+# granted (its high-water mark, 64 KiB on asyncio), plus one frame.
+BUFFER_BOUND = max(WINDOW, ROUTER_WINDOW) + 64 * 1024 + MAX_DATA
 # Local data held back for want of credit: at most one read of the socket (256 KiB).
 BACKLOG_BOUND = 256 * 1024
 
@@ -343,7 +343,7 @@ async def test_large_download_bounded_memory(link: Linked, upstream: Upstream) -
         assert end.peak_buffered <= BUFFER_BOUND
         assert end.peak_backlog <= BACKLOG_BOUND
     # What waits in the agent's data connection: never more than one window of DATA.
-    assert link.agent.peak_queued <= WINDOW + 64 * 1024
+    assert link.agent.peak_queued <= ROUTER_WINDOW + 64 * 1024
     assert link.agent.bytes_sent >= size
     assert link.near.bytes_received == link.agent.bytes_sent
 
@@ -445,6 +445,90 @@ async def test_small_pieces_queued_for_a_stalled_reader_keep_no_read_buffers() -
     assert b"".join(bytes(d) for d in stalled.kept) == b"".join(
         [bytes([n % 256]) * 100 for n in range(500)] + [bytes([n]) * big for n in range(3)]
     )
+
+
+async def test_the_agent_sends_as_far_as_the_window_the_router_says(
+    link: Linked, upstream: Upstream
+) -> None:
+    """The router's 101 says its receive window; the agent's streams take it as their credit,
+    and the agent's own window stays what the router assumes of it."""
+    assert link.near.receive_window == link.agent.send_window == ROUTER_WINDOW
+    assert link.agent.receive_window == link.near.send_window == WINDOW
+    prefix = link.route("web")
+    reader, writer = await link.client()
+    link.send(writer, f"{prefix}/bytes/{3 * MiB}")
+    assert await drain_body(reader) == 3 * MiB
+    writer.close()
+    assert link.near.protocol_errors == link.agent.protocol_errors == 0
+
+
+@pytest.mark.parametrize(
+    ("said", "window"),
+    [
+        (None, WINDOW),  # a router that says nothing: the window both ends always had
+        (str(ROUTER_WINDOW), ROUTER_WINDOW),
+        ("65536", 65536),
+        ("1024", WINDOW),  # below the range
+        (str(1 << 30), WINDOW),  # above it
+        ("9" * 5000, WINDOW),  # past what int() reads
+        ("\u00b2", WINDOW),  # a digit to str.isdigit(), not to int()
+        ("-1", WINDOW),
+    ],
+)
+async def test_the_agent_takes_a_window_from_the_routers_answer_only_within_its_range(
+    said: str | None, window: int
+) -> None:
+    class Transport:
+        def writelines(self, data: list[bytes | memoryview]) -> None:
+            pass
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    tunnel = AgentTunnel(lambda instance_id: None)
+    tunnel.connection_made(Transport())  # type: ignore[arg-type]
+    head = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: labgate-tunnel\r\n"
+    if said is not None:
+        head += f"Labgate-Tunnel-Window: {said}\r\n"
+    tunnel.data_received((head + "\r\n").encode("latin-1"))
+    assert tunnel.switched.done() and tunnel.send_window == window
+
+
+def test_a_large_read_goes_on_as_a_view_even_when_the_connection_is_backed_up() -> None:
+    """The agent copies no large read into fresh memory when its data connection queues:
+    the read buffer is set aside until written. A read under one frame is copied (a view
+    would keep a whole buffer)."""
+    from labgate.wire.tunnel import COPY_BELOW, SocketStream, TunnelEnd
+
+    class Socket:
+        def pause_reading(self) -> None:
+            pass
+
+    sent: list[bytes | memoryview] = []
+    end = TunnelEnd()
+    end.attach(sent.extend, lambda: 1)  # one byte always waits: backed up
+    end.send_window = ROUTER_WINDOW
+    stream = SocketStream(end, 5, "web", opening=False)
+    end.streams[5] = stream
+    stream.transport = Socket()  # type: ignore[assignment]
+
+    def read(size: int, fill: int) -> list[bytes | memoryview]:
+        """One read of the instance's socket; the DATA payloads it was sent as."""
+        before = len(sent)
+        buf = stream.get_buffer(-1)
+        buf[:size] = bytes([fill]) * size
+        stream.buffer_updated(size)
+        return sent[before + 1 :: 2]  # header, payload, header, payload...
+
+    first = read(MAX_DATA * 2, 1)  # two frames
+    assert all(isinstance(p, memoryview) for p in first) and end.buffers.allocated == 1
+    second = read(MAX_DATA, 2)  # the first buffer is still viewed: another is taken
+    assert all(isinstance(p, memoryview) for p in second) and end.buffers.allocated == 2
+    small = read(COPY_BELOW, 3)
+    assert all(isinstance(p, bytes) for p in small) and end.buffers.allocated == 3
+    assert b"".join(first) == b"\x01" * (MAX_DATA * 2)
+    assert b"".join(second) == b"\x02" * MAX_DATA
+    assert b"".join(small) == b"\x03" * COPY_BELOW
 
 
 def test_a_read_buffer_still_viewed_is_not_reused() -> None:

@@ -34,6 +34,9 @@ from labgate.wire.tunnel import (
     REFUSED,
     TUNNEL_PATH,
     UPGRADE,
+    WINDOW,
+    WINDOW_HEADER,
+    WINDOW_RANGE,
     WORKER_HEADER,
     SocketStream,
     TunnelEnd,
@@ -55,6 +58,15 @@ MAX_PAUSE = 5.0
 MAX_ANSWER = 16 * 1024
 
 Resolve = Callable[[str], str | None]
+
+
+def peer_window(said: str) -> int:
+    """The router's receive window from its answer's header (:data:`WINDOW` when it says
+    none, or a figure outside :data:`WINDOW_RANGE`)."""
+    low, high = WINDOW_RANGE
+    if said.isascii() and said.isdigit() and len(said) <= 9 and low <= int(said) <= high:
+        return int(said)
+    return WINDOW
 
 
 class TunnelRefused(Exception):
@@ -109,6 +121,7 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
             k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])
         }
         self.worker = headers.get(WORKER_HEADER.lower(), "0/1")
+        self.send_window = peer_window(headers.get(WINDOW_HEADER.lower(), ""))
         transport = self.transport
         if transport is None:
             return

@@ -25,7 +25,9 @@ agent's control connection ended, its token was rotated or revoked).
 
 With several router processes (``router_workers``) each holds its own data
 connection per site: the answer names the worker (``Labgate-Tunnel-Worker:
-i/N``) and the agent keeps dialling until it has one to every worker.
+i/N``) and the agent keeps dialling until it has one to every worker. It
+also says the router's receive window per stream (``Labgate-Tunnel-Window``,
+:data:`~labgate.wire.tunnel.ROUTER_WINDOW`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from labgate.wire.tunnel import (
     OPEN,
     OPENED,
     REFUSED,
+    ROUTER_WINDOW,
     UPGRADE,
+    WINDOW_HEADER,
     WORKER_HEADER,
     PipeStream,
     TunnelEnd,
@@ -157,7 +161,7 @@ class SiteTunnel(TunnelEnd, asyncio.BufferedProtocol):
     """
 
     def __init__(self, tunnels: SiteTunnels, site: str, epoch: str) -> None:
-        super().__init__()
+        super().__init__(receive_window=ROUTER_WINDOW)
         self.tunnels = tunnels
         self.site = site
         self.epoch = epoch
@@ -272,7 +276,9 @@ class SiteTunnels:
             + WORKER_HEADER.encode()
             + b": "
             + self.worker.encode()
-            + b"\r\n\r\n"
+            + b"\r\n"
+            + WINDOW_HEADER.encode()
+            + b": %d\r\n\r\n" % ROUTER_WINDOW
         )
         tunnel = SiteTunnel(self, site, epoch)
         # An older one keeps the streams it carries (an agent redialling to reach

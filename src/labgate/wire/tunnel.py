@@ -25,8 +25,12 @@ CLOSE    both         none: the stream is over, both ways (abort)
 ======== ============ ==============================================
 
 Flow control is per stream, as in HTTP/2 or SSH: a side may have at most
-:data:`WINDOW` bytes of DATA sent and not yet granted back. The receiver
-grants credit once it has handed data to its local side and that side is not
+one *window* of DATA sent and not yet granted back, the receiver's. The
+agent's receive window is :data:`WINDOW`; the router's is
+:data:`ROUTER_WINDOW` (what agents send it: downloads, the larger flow),
+which its ``101`` answer says in :data:`WINDOW_HEADER` (an agent that reads
+no such header keeps to :data:`WINDOW`). The receiver grants credit once it
+has handed half of :data:`WINDOW` to its local side and that side is not
 pushing back; a sender out of credit stops reading its local side. So one
 slow reader stalls only its own stream, the shared connection never waits on
 it, and each stream holds at most about one window in memory at each end. A
@@ -75,10 +79,16 @@ TUNNEL_PATH = "/api/v1/agent/tunnel"
 UPGRADE = "labgate-tunnel"
 #: The router's answer names which of its worker processes took the connection: ``i/N``.
 WORKER_HEADER = "Labgate-Tunnel-Worker"
-#: Bytes a side may send on one stream before the receiver grants more.
+#: Bytes a side may send on one stream before the receiver grants more, unless the
+#: receiver said another figure (:data:`WINDOW_HEADER`): the agent's receive window.
 WINDOW = 1024 * 1024
-#: The receiver grants credit once this many bytes are delivered (fewer WINDOW frames).
-GRANT_AT = WINDOW // 2
+#: The router's receive window per stream: a download's reads at the agent are as large
+#: as its credit, and one 1 MiB answer with its head fits in one window.
+ROUTER_WINDOW = 2 * 1024 * 1024
+#: The header of the router's ``101`` answer that says its receive window, in bytes.
+WINDOW_HEADER = "Labgate-Tunnel-Window"
+#: The receive windows a side takes from its peer's word (anything else: :data:`WINDOW`).
+WINDOW_RANGE = (64 * 1024, 16 * 1024 * 1024)
 
 
 #: A piece of DATA smaller than this is copied rather than handed on as a view of a
@@ -174,8 +184,11 @@ class TunnelStream:
         #: Portal side: announce the stream when the local connection comes in.
         self.opening = opening
         self.transport: asyncio.Transport | None = None
-        self.credit = WINDOW  # DATA bytes this side may still send
-        self.allowance = WINDOW  # DATA bytes the peer may still send
+        self.credit = end.send_window  # DATA bytes this side may still send
+        self.allowance = end.receive_window  # DATA bytes the peer may still send
+        #: Credit is granted back once this many bytes are delivered: half a window, of the
+        #: smaller (a sender that assumes 1 MiB never waits for a grant that comes at 1 MiB).
+        self.grant_at = min(end.receive_window, WINDOW) // 2
         self.ungranted = 0  # delivered locally, not yet granted back
         self.backlog: deque[bytes | memoryview] = deque()  # read locally, waiting for credit
         self.backlog_bytes = 0
@@ -283,7 +296,7 @@ class TunnelStream:
         buffered = transport.get_write_buffer_size()
         if buffered > self.end.peak_buffered:
             self.end.peak_buffered = buffered
-        if not self.write_paused and self.ungranted >= GRANT_AT:
+        if not self.write_paused and self.ungranted >= self.grant_at:
             self._grant()
 
     def _grant(self) -> None:
@@ -411,12 +424,14 @@ class SocketStream(TunnelStream, asyncio.BufferedProtocol):
             # A small read goes as a copy, with the other frames of this pass of the loop
             # (small answers on many streams leave in one write).
             end.put(DATA, self.id, bytes(view))
-        elif end.queued():
-            # The connection is backed up and would queue it: a queued view would keep the
-            # whole buffer from being read into again.
+        elif nbytes < MAX_DATA and end.queued():
+            # The connection is backed up and will queue it: a view of a read this small
+            # would keep a whole buffer, more than four times its size.
             end.put_now(DATA, self.id, bytes(view))
         else:
-            end.put_now(DATA, self.id, view)  # the buffer is read into again next time
+            # A view even when the connection queues it: the buffer is set aside until
+            # written (ReadBuffers), rather than copied into fresh memory on every read.
+            end.put_now(DATA, self.id, view)
         if self.credit <= 0 and not self.read_paused and self.transport is not None:
             self.read_paused = True
             self.transport.pause_reading()
@@ -430,11 +445,14 @@ class TunnelEnd:
     with :meth:`attach`. Hand every chunk read from the connection to
     :meth:`feed` (frames may straddle chunks); call :meth:`detach` when the
     connection is gone. Frames queued in one pass of the event loop leave in
-    one write.
+    one write. ``receive_window`` is this end's per-stream window; the peer's
+    is :attr:`send_window` (:data:`WINDOW` until the peer says another).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, receive_window: int = WINDOW) -> None:
         self.streams: dict[int, TunnelStream] = {}
+        self.receive_window = receive_window
+        self.send_window = WINDOW
         self._write: Callable[[list[bytes | memoryview]], None] | None = None
         self._buffered: Callable[[], int] | None = None
         self._out: list[bytes | memoryview] = []
