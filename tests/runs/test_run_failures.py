@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from pathlib import Path
 
 from runs_helpers import submit, tasks_of, wait_run
+from servers import processes_with_env
 
 FLAKY = """
 name = "flaky"
@@ -119,46 +119,30 @@ timeout = 0.5
     assert "timed out after 0.5s" in tasks_of(run)["sleepy"]["reason"]
 
 
-def _processes_running(argv: list[str]) -> list[int]:
-    """Pids of processes whose command line is ``argv`` (zombies are gone already)."""
-    wanted = "\0".join(argv).encode() + b"\0"
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if cmdline == wanted and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 async def test_a_task_that_ignores_sigterm_is_killed_at_its_timeout(client, make_user):
     """The executor's SIGTERM ends the sandbox's outer ``bwrap`` at once; the task inside,
     ignoring it, must not outlive its attempt: the whole group gets SIGKILL after it."""
     alice = await make_user("alice")
-    sleeper = ["sleep", f"{uuid.uuid4().int % 10**6 + 100}.5"]
+    mark = uuid.uuid4().hex
     definition = f"""
 [[stages]]
 name = "one"
 [[stages.tasks]]
 name = "stubborn"
-command = "trap '' TERM; {" ".join(sleeper)}"
+command = "trap '' TERM; sleep 300"
 timeout = 1
+environment = {{variables = {{TEST_MARK = "{mark}"}}}}
 """
     run_id = await submit(client, alice, definition)
     run = await wait_run(client, alice, run_id, timeout=30)
     assert run["state"] == "failed"
     assert "timed out after 1" in tasks_of(run)["stubborn"]["reason"]
     for _ in range(50):
-        left = _processes_running(sleeper)
+        left = processes_with_env("TEST_MARK", mark)
         if not left:
             break
         await asyncio.sleep(0.1)
-    assert left == [], f"the task's {' '.join(sleeper)} outlived its attempt"
+    assert left == [], "the task's processes outlived its attempt"
 
 
 async def test_cancel_in_the_middle_stops_running_tasks(client, make_user, app):
