@@ -6,6 +6,7 @@ import asyncio
 import uuid
 
 from runs_helpers import submit, tasks_of, wait_run
+
 from servers import processes_with_env
 
 FLAKY = """
