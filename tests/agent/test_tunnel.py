@@ -447,7 +447,7 @@ async def test_small_pieces_queued_for_a_stalled_reader_keep_no_read_buffers() -
     )
 
 
-async def test_the_agent_sends_as_far_as_the_window_the_router_says(
+async def test_the_router_says_its_window_and_the_agent_takes_it_as_its_credit(
     link: Linked, upstream: Upstream
 ) -> None:
     """The router's 101 says its receive window; the agent's streams take it as their credit,
