@@ -299,3 +299,118 @@ async def test_a_response_head_too_large_is_a_502(recorded: Recorded, shape: str
     answer = await through_piecewise(recorded.gw, pieces)
     assert status_of(answer) == 502
     assert b"X-Filler" not in answer
+
+
+async def keep_alive_upstream(
+    answer: list[bytes],
+) -> tuple[asyncio.Server, str, list[int]]:
+    """An upstream that answers every request of a connection with ``answer``, piece by piece.
+
+    Each piece is its own write after a short pause (the router reads the body
+    in many pieces); the list it returns counts the requests of each connection.
+    """
+    per_connection: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        per_connection.append(0)
+        index = len(per_connection) - 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                per_connection[index] += 1
+                for piece in answer:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", per_connection
+
+
+async def test_a_content_length_body_in_many_reads_arrives_whole_and_the_connection_is_reused(
+    recorded: Recorded,
+) -> None:
+    """A body read in many pieces arrives whole; the connection then serves the next request."""
+    gw = recorded.gw
+    body = bytes(range(256)) * 1024  # 256 KiB
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    pieces = [head + body[:1000]] + [body[i : i + 50_000] for i in range(1000, len(body), 50_000)]
+    server, url, per_connection = await keep_alive_upstream(pieces)
+    try:
+        gw.table.add_route(Route("long", url, ALICE))
+        cookie = cookie_line(gw, ALICE)
+        response = await raw_request(
+            gw.port, get(cookie, "/i/long/") + get(cookie, "/i/long/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+    first, second = response.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    for answer in (first, second):
+        assert answer.partition(b"\r\n\r\n")[2] == body
+    # Both requests went over the one upstream connection: it was reused after the body.
+    assert per_connection == [2]
+
+
+@pytest.mark.parametrize("arrives", ["after-the-body-in-its-last-read", "with-the-whole-response"])
+async def test_bytes_after_a_content_length_body_are_dropped_and_the_connection_is_not_reused(
+    recorded: Recorded, arrives: str
+) -> None:
+    """Whatever an upstream sends past the response it was asked for never reaches the client.
+
+    Not even the head of a second response: passed on, it would answer the
+    client's next request on that connection, whatever it was for.
+    """
+    gw = recorded.gw
+    body = b"b" * 100_000
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nX-Forged: 1\r\n\r\nforged!"
+    pieces = [head + body[:10], body[10:60_000], body[60_000:] + smuggled]
+    if arrives == "with-the-whole-response":
+        pieces = [head + body + smuggled]
+    server, url, per_connection = await keep_alive_upstream(pieces)
+    try:
+        gw.table.add_route(Route("over", url, ALICE))
+        cookie = cookie_line(gw, ALICE)
+        response = await raw_request(
+            gw.port, get(cookie, "/i/over/") + get(cookie, "/i/over/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+    assert b"forged" not in response.lower()
+    assert statuses(response) == [200, 200]
+    first, second = response.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    for answer in (first, second):
+        assert answer.partition(b"\r\n\r\n")[2] == body
+    # The connection that sent too much was closed; the second request got a new one.
+    assert per_connection == [1, 1]
+
+
+async def test_an_upstream_that_closes_inside_a_content_length_body_is_not_a_complete_response(
+    recorded: Recorded,
+) -> None:
+    """A body cut short ends the client's connection: it never looks complete."""
+    gw = recorded.gw
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(b"x" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw.table.add_route(Route("short", f"http://127.0.0.1:{port}", ALICE))
+        started = asyncio.get_running_loop().time()
+        response = await raw_request(gw.port, get(cookie_line(gw, ALICE), "/i/short/"))
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        server.close()
+    assert status_of(response) == 200
+    # The client got what came, and then its connection closed (not a quiet wait).
+    assert len(response.partition(b"\r\n\r\n")[2]) == 100_010
+    assert took < 4

@@ -287,15 +287,19 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         """A response (or an unexpected extra one) starts."""
         if self.done:
-            # Bytes after the response we waited for: never reuse this connection.
+            # Bytes after the response we waited for: never reuse this connection, and pass
+            # on nothing of them (every callback below ignores them).
             self.keep_alive = False
 
     def on_status(self, reason: bytes) -> None:
         """The reason phrase."""
-        self.reason += reason
+        if not self.done:
+            self.reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         """Keep end-to-end headers; note framing and connection ones."""
+        if self.done:
+            return
         self.head_size += len(name) + len(value) + 4
         if self.head_size > MAX_HEAD:
             raise httptools.HttpParserError(f"a response head larger than {MAX_HEAD} bytes")
@@ -329,6 +333,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         """Send the rewritten response head to the client."""
+        if self.done:
+            return  # an extra response after the one asked for: never passed on
         self.in_head = False  # until an interim response ends (_reset_response)
         ex, client = self.ex, self.client
         if ex is None or client is None:
