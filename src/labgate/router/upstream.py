@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from labgate.router.proxy import ClientConnection
 
 # A tool may not set (or clear) any of labgate's own cookies.
-_SESSION_SET_COOKIE: Final = tuple(
-    name.encode() + b"=" for name in (SESSION_COOKIE, INSTANCE_COOKIE, HANDOFF_COOKIE)
+_LABGATE_COOKIES: Final = frozenset(
+    name.encode() for name in (SESSION_COOKIE, INSTANCE_COOKIE, HANDOFF_COOKIE)
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # A ``Connection`` value with nothing to remove from the response beyond itself.
@@ -56,12 +56,22 @@ _CRLF: Final = b"\r\n"
 _WATCHED_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP | {b"set-cookie"})
 
 
+def _cookie_name(set_cookie: bytes) -> bytes:
+    """The name a ``Set-Cookie`` value sets, as browsers read it (whitespace around it dropped).
+
+    A value without ``=`` is a nameless cookie to browsers; its whole first
+    part is returned, so that it is matched against labgate's names too.
+    """
+    return set_cookie.partition(b";")[0].partition(b"=")[0].strip(b" \t")
+
+
 class UpstreamConnection(asyncio.Protocol):
     """A keep-alive HTTP/1.1 connection to one upstream."""
 
     __slots__ = (
         "address",
         "body_allowed",
+        "body_progress",
         "client",
         "closed",
         "counter",
@@ -86,8 +96,11 @@ class UpstreamConnection(asyncio.Protocol):
         "resp_conn",
         "resp_headers",
         "resp_length",
+        "resp_te",
         "reused",
+        "stalled",
         "strip_session",
+        "switching",
         "transport",
         "tunnel",
     )
@@ -119,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.body_allowed = True
         self.rechunk = False
+        self.switching = False  # a 101 to an upgrade request was passed on
         self.reason = b""
         self.in_head = True
         #: The head's bytes as read (while unfinished), and as its headers were parsed.
@@ -127,7 +141,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.resp_headers: list[bytes] = []
         self.resp_length: bytes | None = None
         self.resp_chunked = False
+        self.resp_te: bytes | None = None
         self.resp_conn: bytes | None = None
+        #: Body pieces parsed so far, and bytes read since the last one after the head: a
+        #: trailer section is held to MAX_HEAD as the head is.
+        self.body_progress = 0
+        self.stalled = 0
 
     # --- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -169,10 +188,17 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.deadline = self.ctx.now + self.ctx.response_timeout
+        was_head, progress = self.in_head, self.body_progress
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self._switch(data[upgrade.args[0] :])
+            if self.switching:
+                self._switch(data[upgrade.args[0] :])
+            elif self.done:
+                # A 101 after the response asked for: extra bytes, dropped like any.
+                self._complete()
+            else:
+                self._broken("switched protocols without being asked")
             return
         except httptools.HttpParserError as problem:
             self._broken(f"sent an invalid response ({problem})")
@@ -186,6 +212,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_read += len(data)
             if self.head_read > MAX_HEAD:
                 self._broken(f"sent a response head larger than {MAX_HEAD} bytes")
+                return
+        elif was_head or self.body_progress != progress:
+            self.stalled = 0
+        else:
+            # Bytes that moved no body on (a trailer section that never ends, say).
+            self.stalled += len(data)
+            if self.stalled > MAX_HEAD:
+                self._broken(f"sent more than {MAX_HEAD} bytes of trailers")
                 return
         if self.out:
             self._flush()
@@ -315,14 +349,14 @@ class UpstreamConnection(asyncio.Protocol):
             if lname == b"content-length":
                 self.resp_length = value
             elif lname == b"transfer-encoding":
-                self.resp_chunked = True
+                self.resp_te = value if self.resp_te is None else self.resp_te + b"," + value
             elif lname == b"connection":
                 self.resp_conn = value if self.resp_conn is None else self.resp_conn + b"," + value
             return
         if (
             self.strip_session
             and lname == b"set-cookie"
-            and value.lstrip().startswith(_SESSION_SET_COOKIE)
+            and _cookie_name(value) in _LABGATE_COOKIES
         ):
             return  # a tool may not set (or clear) labgate's own cookies
         headers = self.resp_headers
@@ -340,11 +374,21 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None or client is None:
             return
         status = self.parser.get_status_code()
+        if self.resp_te is not None:
+            # Only chunked framing can be passed on: llhttp reads a body with any other coding
+            # to the close, and the client could not undo the coding.
+            if self.resp_te.strip().lower() != b"chunked":
+                raise httptools.HttpParserError("a Transfer-Encoding other than chunked")
+            self.resp_chunked = True
         headers = self._filtered_headers()
         if status < 200:
+            if self.resp_chunked or (self.resp_length is not None and int(self.resp_length)):
+                # llhttp would read it as a body and hand it on, bypassing the head's checks.
+                raise httptools.HttpParserError(f"a {status} response with a body")
             if status == 101:
                 if not ex.is_upgrade:
                     raise httptools.HttpParserError("101 to a request that did not ask for it")
+                self.switching = True
                 self._to_client(
                     b"".join([status_line(101, self.reason), *headers])
                     + b"Connection: Upgrade\r\nUpgrade: "
@@ -398,8 +442,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         """Stream a piece of response body."""
+        self.body_progress += 1
         if self.body_allowed and not self.done:
             self._to_client(chunk(data) if self.rechunk else data)
+        else:
+            # Body bytes where none may be (after a HEAD, a 204, a 304, or the response
+            # asked for): dropped, and the connection is not reused.
+            self.keep_alive = False
 
     def on_message_complete(self) -> None:
         """The response ended (or an interim one did)."""
@@ -471,7 +520,12 @@ class UpstreamConnection(asyncio.Protocol):
     def _switch(self, rest: Buffer) -> None:
         self._flush()
         client, ex = self.client, self.ex
-        if client is None or ex is None or self.parser.get_status_code() != 101:
+        if (
+            client is None
+            or ex is None
+            or not ex.is_upgrade
+            or self.parser.get_status_code() != 101
+        ):
             self._broken("switched protocols without being asked")
             return
         self.client = self.ex = None
