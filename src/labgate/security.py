@@ -100,9 +100,25 @@ def new_site_token() -> str:
     return SITE_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, whatever it holds: text from a request may hold lone surrogates."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def same(given: str | bytes, expected: str | bytes) -> bool:
+    """Whether a secret a caller sent is the expected one, in constant time.
+
+    Any text compares (``hmac.compare_digest`` refuses non-ASCII ``str``): a
+    credential with odd characters is simply wrong, never an error.
+    """
+    a = utf8(given) if isinstance(given, str) else given
+    b = utf8(expected) if isinstance(expected, str) else expected
+    return hmac.compare_digest(a, b)
+
+
 def hash_token(token: str) -> str:
     """The stored form of an API token or a site token."""
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(utf8(token)).hexdigest()
 
 
 def router_token(key: str) -> str:
@@ -178,9 +194,9 @@ class TunnelTickets:
             return None
         body, _, mac = ticket[len(TICKET_PREFIX) :].rpartition(".")
         parts = body.split(".")
-        if len(parts) != 3 or not parts[2].isdigit():
+        if len(parts) != 3 or not (parts[2].isascii() and parts[2].isdigit()):
             return None
-        if not hmac.compare_digest(self._mac(body), mac):
+        if not same(mac, self._mac(body)):
             return None
         if int(parts[2]) < (time.time() if now is None else now):
             return None
@@ -297,7 +313,7 @@ class SessionSigner:
 
     def check_csrf(self, session_id: str, token: str | None) -> bool:
         """Whether ``token`` is the CSRF token of the session."""
-        return token is not None and hmac.compare_digest(self.csrf_token(session_id), token)
+        return token is not None and same(token, self.csrf_token(session_id))
 
 
 # --- per-instance origins (``instance_host``) ---------------------------------
@@ -316,7 +332,7 @@ HANDOFF_STATE_SECONDS = 600
 
 def pkce_challenge(verifier: str) -> str:
     """The S256 code challenge of a PKCE verifier (RFC 7636)."""
-    digest = hashlib.sha256(verifier.encode()).digest()
+    digest = hashlib.sha256(utf8(verifier)).digest()
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 
 import pytest
 
+from labgate.router.context import RouterOptions
 from labgate.router.proxy import away_detail
 from labgate.security import SESSION_COOKIE, hash_token
 from labgate.wire.routes import Route, TokenInfo, UserInfo
@@ -18,6 +20,8 @@ from .conftest import (
     ALICE_TOKEN,
     BOB,
     BOB_TOKEN,
+    Gateway,
+    GatewayFactory,
     Recorded,
     cookie_line,
     nothing_listens,
@@ -341,3 +345,99 @@ async def test_an_away_instance_is_reached_only_by_those_with_access(recorded: R
         assert status_of(response) == 503, response[:300]
         assert away_page in response
     assert [seen.target for seen in recorded.a.seen] == ["/i/aaaa/x", "/i/aaaa/x"]
+
+
+@pytest.mark.parametrize("ticket", ["lgt_a.b.1.\xff", "lgt_s.e.\u00b2.mac", "lgt_\xe9"])
+async def test_a_tunnel_ticket_with_odd_characters_is_a_403(gateway: Gateway, ticket: str) -> None:
+    """A data connection's ticket is checked as bytes: odd characters make it wrong, not a 500."""
+    response = await raw_request(
+        gateway.port,
+        b"GET /api/v1/agent/tunnel HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\n"
+        b"Upgrade: labgate-tunnel\r\nAuthorization: Bearer "
+        + ticket.encode("latin-1")
+        + b"\r\n\r\n",
+    )
+    assert status_of(response) == 403
+
+
+@pytest.mark.parametrize("target", ["/\\evil.example/x", "/\\\\evil.example", "//evil.example/x"])
+@pytest.mark.parametrize("host", ["gw", "aaaa.apps.test"])
+async def test_a_path_a_browser_would_take_for_another_host_is_a_400(
+    make_gateway: GatewayFactory, target: str, host: str
+) -> None:
+    """``/\\host`` is ``//host`` to a browser: never a target that could come back as a Location.
+
+    On an instance's own host, the path first asked for is where the
+    sign-in hand-off ends: passed on, it would send the browser off-site
+    right after a genuine sign-in.
+    """
+    gw = await make_gateway(
+        RouterOptions(
+            instance_host="{id}.apps.test",
+            instance_base_url="http://{id}.apps.test",
+            portal_url="https://labgate.test",
+        ),
+        demo=False,
+    )
+    gw.table.add_route(Route("aaaa", nothing_listens(), ALICE))
+    response = await raw_request(gw.port, request(target, "Accept: text/html\r\n", host=host))
+    assert status_of(response) == 400
+    assert b"evil.example" not in response.partition(b"\r\n\r\n")[0]
+
+
+async def test_an_upload_that_stops_coming_ends_its_connection(
+    make_gateway: GatewayFactory,
+) -> None:
+    """A request answered before its body came (a 401 here) waits for the rest only so long."""
+    gw = await make_gateway(
+        RouterOptions(header_timeout=1, keepalive_timeout=1, sweep_interval=0.2), demo=False
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /i/aaaa/ HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\nab")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert status_of(head) == 401
+    # The rest never comes: the connection ends after the head's timeout, not never.
+    await asyncio.wait_for(reader.read(), 6)
+    writer.close()
+
+
+async def test_trailers_never_change_a_request_head(recorded: Recorded) -> None:
+    """A chunked body's trailers reach no head, not even one queued behind another request."""
+    gw = recorded.gw
+    cookie = cookie_line(gw, ALICE)
+    data = (
+        f"GET /i/aaaa/first HTTP/1.1\r\nHost: gw\r\n{cookie}\r\n"
+        f"POST /i/aaaa/y HTTP/1.1\r\nHost: gw\r\n{cookie}Transfer-Encoding: chunked\r\n\r\n"
+        "1\r\nx\r\n0\r\nHost: evil\r\nX-Foo: bar\r\nX-Labgate-User: bob\r\n\r\n"
+        "GET /i/aaaa/z HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    ).encode()
+    response = await raw_request(gw.port, data)
+    assert statuses(response)[:2] == [200, 200]
+    posted = [seen for seen in recorded.a.seen if seen.target.endswith("/y")]
+    assert len(posted) == 1
+    assert posted[0].header("Host") == ["gw"]
+    assert posted[0].header("X-Foo") == []
+    assert posted[0].header("X-Labgate-User") == ["alice"]
+
+
+async def test_endless_request_trailers_are_cut(recorded: Recorded) -> None:
+    """Trailers are held to what a head may take, however they come."""
+    gw = recorded.gw
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(
+        f"POST /i/aaaa/t HTTP/1.1\r\nHost: gw\r\n{cookie_line(gw, ALICE)}"
+        "Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nX-T: ".encode()
+    )
+    sent = 0
+    with contextlib.suppress(ConnectionError):
+        while sent < 8 * 1024 * 1024:
+            writer.write(b"t" * 65536)
+            await asyncio.wait_for(writer.drain(), 5)
+            sent += 65536
+    answer = b""
+    with contextlib.suppress(ConnectionError):
+        answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    # The router stopped reading and closed (after a 431 when the client could still read it).
+    assert sent < 8 * 1024 * 1024
+    assert answer == b"" or status_of(answer) == 431

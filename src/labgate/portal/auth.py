@@ -14,7 +14,6 @@ carries every instance's upstream secret.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -35,6 +34,7 @@ from labgate.security import (
     SESSION_COOKIE,
     hash_token,
     router_token,
+    same,
 )
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -128,7 +128,7 @@ def authenticate_session(portal: Portal, session: Session, cookie: str) -> Princ
 
 def router_principal(portal: Portal, token: str) -> Principal | None:
     """The principal of a router process, when ``token`` is the router token."""
-    if not hmac.compare_digest(router_token(portal.signer.key), token):
+    if not same(token, router_token(portal.signer.key)):
         return None
     return Principal(0, "router", False, frozenset({ROUTER_SCOPE}), "router")
 

@@ -21,7 +21,6 @@ API token: instance counts and traffic are not for everyone.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from functools import partial
 from typing import Any
 
@@ -38,6 +37,7 @@ from labgate.portal.metrics import CONTENT_TYPE, Metrics
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.leader import Leadership
+from labgate.security import same
 
 router = APIRouter(tags=["meta"])
 
@@ -126,7 +126,7 @@ async def site_health(portal: Portal) -> dict[str, str]:
 async def _may_read_metrics(request: Request, portal: Portal) -> None:
     token = token_from_header(request.headers.get("authorization"))
     expected = portal.settings.metrics_token.get_secret_value()
-    if token is not None and expected and hmac.compare_digest(token, expected):
+    if token is not None and expected and same(token, expected):
         return
     caller = await optional_principal(request)
     if caller is None:

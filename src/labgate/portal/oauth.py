@@ -46,7 +46,7 @@ from labgate.portal.auth import optional_principal
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, login_url
-from labgate.security import HANDOFF_PATH
+from labgate.security import HANDOFF_PATH, pkce_challenge, same
 
 router = APIRouter(include_in_schema=False)
 
@@ -297,7 +297,7 @@ async def _client_auth(
     client = await find_client(portal, client_id)
     if client is None or secret is None:
         return None
-    return client if hmac.compare_digest(client.secret.encode(), secret.encode()) else None
+    return client if same(secret, client.secret) else None
 
 
 @router.post("/oauth/token")
@@ -326,11 +326,8 @@ async def token(
         or grant.redirect_uri != redirect_uri
     ):
         return _error(400, "invalid_grant", "the code is unknown, used, expired or not yours")
-    if grant.challenge:
-        digest = hashlib.sha256((code_verifier or "").encode()).digest()
-        computed = base64.urlsafe_b64encode(digest).decode().rstrip("=")
-        if not hmac.compare_digest(computed, grant.challenge):
-            return _error(400, "invalid_grant", "the code verifier does not match")
+    if grant.challenge and not same(pkce_challenge(code_verifier or ""), grant.challenge):
+        return _error(400, "invalid_grant", "the code verifier does not match")
     claims = await portal.run_db(lambda s: _claims(s, grant.user_id))
     if claims is None:
         return _error(400, "invalid_grant", "the account is disabled or gone")

@@ -143,6 +143,6 @@ def finish(
     )
     # The page first asked for: a local path the router already checked as a target.
     location = state.target if state.target.startswith("/") else "/"
-    if location.startswith("//"):
-        location = "/"
+    if location[1:2] in ("/", "\\"):
+        location = "/"  # "//host" and "/\\host": another site, to a browser
     return Redirect(location.encode("latin-1"), cookies)

@@ -110,8 +110,9 @@ def _check_target(target: bytes) -> Target:
     if not target.startswith(b"/"):
         raise TargetError("the request target must be a path")
     path, _, _query = target.partition(b"?")
-    if path.startswith(b"//"):
-        raise TargetError("the path must not start with //")
+    if path.startswith((b"//", b"/\\")):
+        # Browsers read both as another host's address ("//host/...") in a Location.
+        raise TargetError("the path must not start with // or /\\")
     # A raw dot segment follows a "/"; encoded or backslashed ones need "%" or "\\".
     if b"/." in path or b"%" in path or b"\\" in path:
         decoded = unquote_to_bytes(path)

@@ -71,6 +71,7 @@ class ClientConnection(asyncio.Protocol):
         "block_identity",
         "block_prefixed",
         "block_route",
+        "body_pieces",
         "broken",
         "closed",
         "closing",
@@ -90,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "raw_head",
         "reading_head",
+        "stalled",
         "transport",
         "trusted_peer",
         "tunnel",
@@ -130,6 +132,10 @@ class ClientConnection(asyncio.Protocol):
         self.reading_head = False
         self.head_bytes = 0
         self.raw_head = 0
+        #: Body pieces parsed, and bytes read since the last one after a head: trailers
+        #: are held to what a head may take.
+        self.body_pieces = 0
+        self.stalled = 0
         self.deadline = NEVER
         self.peer = b"unknown"
         self.trusted_peer = False
@@ -208,6 +214,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.reading_head:
             self.raw_head += len(data)
+        was_head, pieces = self.reading_head, self.body_pieces
         self.in_feed = True
         try:
             parser.feed_data(data)
@@ -224,6 +231,13 @@ class ClientConnection(asyncio.Protocol):
             # A head that never ends is refused before it can fill memory.
             if self.reading_head and self.raw_head > 4 * MAX_HEAD:
                 self._malformed(431, "the request head is too large")
+            elif was_head or self.ex is None or self.body_pieces != pieces:
+                self.stalled = 0
+            else:
+                # Bytes that moved no body on: the trailers of a chunked body, say.
+                self.stalled += len(data)
+                if self.stalled > 4 * MAX_HEAD:
+                    self._malformed(431, "the request's trailers are too large")
         finally:
             self.in_feed = False
         # Everything parsed from this read goes upstream in one write.
@@ -273,7 +287,9 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         """Pick out the headers the router decides on; keep the rest for forwarding."""
         ex = self.ex
-        if ex is None:
+        if ex is None or not self.reading_head:
+            # Trailers of a chunked body: never forwarded (they would change a head
+            # already checked and, when queued behind another request, not yet sent).
             return
         ex.header_count += 1
         self.head_bytes += len(name) + len(value)
@@ -312,10 +328,13 @@ class ClientConnection(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
+        self.body_pieces += 1
         if ex.discard:
             ex.discarded += len(data)
             if ex.discarded > self.ctx.options.discard_limit:
                 self._close()
+            else:
+                self.deadline = self.ctx.now + self.ctx.header_timeout
             return
         if ex is self.current and self.upstream is not None:
             self.upstream.send_body(data, ex.chunked)
@@ -626,8 +645,7 @@ class ClientConnection(asyncio.Protocol):
             if ex.expect_continue or too_big:
                 ex.close_after = True  # do not wait for a body we will not use
             else:
-                ex.discard = True
-                ex.body_buf.clear()
+                self._discard_body(ex)
         self.write(build(ex.close_after))
         if ex.close_after:
             self._close()
@@ -741,8 +759,14 @@ class ClientConnection(asyncio.Protocol):
             self._close()
         else:
             # The upstream answered before the upload ended: read the rest and drop it.
-            ex.discard = True
-            ex.body_buf.clear()
+            self._discard_body(ex)
+
+    def _discard_body(self, ex: Exchange) -> None:
+        """Read the rest of ``ex``'s body and drop it, as long as it keeps coming."""
+        ex.discard = True
+        ex.body_buf.clear()
+        # Each piece must come within the head's timeout, or the connection ends.
+        self.deadline = self.ctx.now + self.ctx.header_timeout
 
     def upstream_failed(self, conn: UpstreamConnection, ex: Exchange, reason: str) -> None:
         """The upstream connection broke before a complete response."""

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import hmac
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +28,7 @@ from labgate.portal.auth import Principal, require, token_from_header
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.culling import Culler, cull_status
+from labgate.security import same
 from labgate.types import Strict, Timestamp
 
 router = APIRouter(tags=["instances"])
@@ -169,7 +169,7 @@ async def report_busy(
         instance = session.get(Instance, instance_id)
         # One answer for a wrong token and an unknown instance: ids are not probed here.
         secret = portal.box.open(instance.id, instance.secret) if instance is not None else None
-        if instance is None or not token or not secret or not hmac.compare_digest(secret, token):
+        if instance is None or not token or not secret or not same(token, secret):
             raise Unauthorized("send the instance token of this instance", code="invalid_token")
         if instance.state == InstanceState.running:
             instance.last_activity_at = utcnow()

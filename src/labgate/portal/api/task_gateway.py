@@ -20,7 +20,6 @@ read.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -31,7 +30,7 @@ from labgate.portal.auth import token_from_header
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
 from labgate.scheduler.runs import RunProcessor
-from labgate.security import executor_token, task_token
+from labgate.security import executor_token, same, task_token
 from labgate.wire.site import Report
 
 router = APIRouter(prefix="/tasks", tags=["runs"])
@@ -83,7 +82,7 @@ def _check_token(request: Request, portal: Portal, attempt_id: str, *, notes: bo
     if notes:
         allowed.append(task_token(key, attempt_id))
     # Every candidate is compared, so the time taken says nothing about which one was close.
-    matches = [hmac.compare_digest(expected, token) for expected in allowed]
+    matches = [same(token, expected) for expected in allowed]
     if not token or not any(matches):
         which = "task token" if notes else "executor token"
         raise Unauthorized(f"send the {which} of this attempt", code="invalid_token")
