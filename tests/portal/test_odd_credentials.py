@@ -40,14 +40,14 @@ async def test_odd_bearer_credentials_are_refused_not_errors(
             ("POST", "/api/v1/instances/i1/activity"),
             ("GET", "/api/v1/instances"),
         ):
-            answer = await client.request(method, path, headers={"Authorization": value})
+            answer = await client.request(method, path, headers={b"Authorization": value})
             assert answer.status_code in (401, 403), (method, path, value, answer.text)
             assert answer.json()["error"]
 
 
 async def test_a_router_token_with_odd_characters_is_refused(client: httpx.AsyncClient) -> None:
     value = f"token {ROUTER_TOKEN_PREFIX}\xe9\xe9".encode("latin-1")
-    answer = await client.get("/api/v1/router/stream", headers={"Authorization": value})
+    answer = await client.get("/api/v1/router/stream", headers={b"Authorization": value})
     assert answer.status_code in (401, 403)
 
 
@@ -58,7 +58,7 @@ async def test_an_odd_csrf_token_is_refused(client: httpx.AsyncClient, make_user
     )
     assert signed_in.status_code == 200
     refused = await client.post(
-        "/api/v1/tokens", json={"note": "x"}, headers={"X-CSRF-Token": "\xe9".encode("latin-1")}
+        "/api/v1/tokens", json={"note": "x"}, headers={b"X-CSRF-Token": "\xe9".encode("latin-1")}
     )
     assert refused.status_code == 403
     assert refused.json()["error"] == "csrf_failed"
