@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from labgate.aio import cancel_and_wait, wait_for
 from labgate.wire.routes import parse_upstream
 from labgate.wire.tunnel import (
+    MAX_OPEN,
     OPEN,
     OPENED,
     REFUSED,
@@ -67,6 +68,20 @@ def peer_window(said: str) -> int:
     if said.isascii() and said.isdigit() and len(said) <= 9 and low <= int(said) <= high:
         return int(said)
     return WINDOW
+
+
+def open_instance(body: bytes) -> str:
+    """The instance id an OPEN's body names; raises ValueError, KeyError, TypeError or
+    RecursionError (a body nested too deeply) when it names none.
+
+    A body longer than :data:`MAX_OPEN` is not parsed at all.
+    """
+    if len(body) > MAX_OPEN:
+        raise ValueError(f"{len(body)} bytes, more than {MAX_OPEN}")
+    instance_id = json.loads(body)["instance_id"]
+    if not isinstance(instance_id, str):
+        raise TypeError("instance_id is not a string")
+    return instance_id
 
 
 class TunnelRefused(Exception):
@@ -165,15 +180,13 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
 
     # --- streams -------------------------------------------------------------
     def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
-        """OPEN from the router; anything else is a violation."""
+        """OPEN from the router; anything else ends the connection."""
         if kind != OPEN:
             super().control(kind, stream_id, stream, body)
             return
         try:
-            instance_id = json.loads(body)["instance_id"]
-            if not isinstance(instance_id, str):
-                raise TypeError("instance_id is not a string")
-        except (ValueError, KeyError, TypeError) as exc:
+            instance_id = open_instance(body)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             self._refuse(stream_id, "?", f"bad OPEN: {exc}")
             return
         if stream is not None:

@@ -220,7 +220,7 @@ class SiteTunnel(TunnelEnd, asyncio.BufferedProtocol):
         return True
 
     def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
-        """OPENED and REFUSED from the agent; anything else is a violation."""
+        """OPENED and REFUSED from the agent; anything else ends the connection."""
         if kind == OPENED:
             return
         if kind == REFUSED:

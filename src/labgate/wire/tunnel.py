@@ -33,10 +33,16 @@ no such header keeps to :data:`WINDOW`). The receiver grants credit once it
 has handed half of :data:`WINDOW` to its local side and that side is not
 pushing back; a sender out of credit stops reading its local side. So one
 slow reader stalls only its own stream, the shared connection never waits on
-it, and each stream holds at most about one window in memory at each end. A
-peer that sends beyond its credit loses the stream. The router sends DATA
-right after OPEN (no round trip per stream); the agent holds it until the
-instance's connection is up.
+it, and each stream holds at most about one window in memory at each end. The
+router sends DATA right after OPEN (no round trip per stream); the agent
+holds it until the instance's connection is up.
+
+A peer that breaks the protocol is not trusted to mend it. One that sends
+beyond its credit, or grants more than was sent (credit above the window),
+loses the stream. A frame of an unknown type, or of a type the peer may not
+send (an agent's OPEN), or one longer than any allowed ends the connection,
+logged once. Empty DATA is ignored (it costs no credit, so nothing else
+bounds it), and the agent refuses an OPEN longer than :data:`MAX_OPEN`.
 
 A tunneled byte costs each end a read and a write and little else: sockets
 are read into reused buffers (:class:`ReadBuffers`; asyncio's buffered
@@ -71,6 +77,8 @@ OPEN, OPENED, REFUSED, DATA, WINDOW_UPDATE, EOF, CLOSE = range(1, 8)
 HEADER = struct.Struct(">BII")
 #: The payload of a WINDOW frame.
 CREDIT = struct.Struct(">I")
+#: Longest OPEN payload an agent takes (the router's is ``{"instance_id": ...}``).
+MAX_OPEN = 1024
 #: Largest DATA payload: one read of a socket (uvloop reads up to 256 KiB), one frame.
 MAX_DATA = 256 * 1024
 #: Where an agent dials its data connection (the router answers it, not the portal).
@@ -192,7 +200,8 @@ class TunnelStream:
         self.ungranted = 0  # delivered locally, not yet granted back
         self.backlog: deque[bytes | memoryview] = deque()  # read locally, waiting for credit
         self.backlog_bytes = 0
-        self.inbox: list[bytes] = []  # from the peer before the local socket is up (agent)
+        #: From the peer before the local socket is up (agent); the allowance bounds it.
+        self.inbox = bytearray()
         self.write_paused = False
         self.read_paused = False
         self.local_eof = False  # the local socket is done writing to us
@@ -211,9 +220,9 @@ class TunnelStream:
                 self.done = True
                 transport.close()
             return
-        inbox, self.inbox = self.inbox, []
-        for chunk in inbox:
-            self._deliver(chunk)
+        if self.inbox:
+            inbox, self.inbox = self.inbox, bytearray()
+            self._deliver(inbox)
         if self.peer_eof:
             self._write_eof()
 
@@ -271,23 +280,23 @@ class TunnelStream:
 
     # ------------------------------------------------------------ from the peer
     def on_data(self, payload: memoryview) -> None:
-        """DATA from the peer: hand it to the local socket."""
+        """DATA from the peer: hand it to the local socket (empty DATA: ignored)."""
         size = len(payload)
+        if not size:  # costs no credit: a flood of them, kept, would grow without bound
+            return
         self.allowance -= size
         if self.allowance < 0 or size > MAX_DATA:
-            self.end.protocol_errors += 1
-            log.warning("tunnel: stream %d: the peer sent beyond its window", self.id)
-            self.reset()
+            self._broken("sent beyond its window")
             return
         if self.transport is None:
-            self.inbox.append(bytes(payload))
+            self.inbox += payload
             return
         # A view the local side keeps (queued for a slow reader) keeps its whole read
         # buffer: only a large piece may, so what is kept is at most a few times what
         # the stream's credit lets be queued.
         self._deliver(payload if size >= COPY_BELOW else bytes(payload))
 
-    def _deliver(self, data: bytes | memoryview) -> None:
+    def _deliver(self, data: bytes | bytearray | memoryview) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -305,8 +314,15 @@ class TunnelStream:
         self.ungranted = 0
 
     def on_credit(self, credit: int) -> None:
-        """WINDOW from the peer: send what was held back, read again."""
+        """WINDOW from the peer: send what was held back, read again.
+
+        An honest peer grants back only what it was sent: credit above the
+        peer's window (:attr:`TunnelEnd.send_window`) loses the stream.
+        """
         self.credit += credit
+        if self.credit > self.end.send_window:
+            self._broken("granted more credit than it was sent")
+            return
         while self.backlog and self.credit > 0:
             chunk = self.backlog.popleft()
             self.backlog_bytes -= len(chunk)
@@ -349,6 +365,12 @@ class TunnelStream:
             self.transport.abort()
 
     # ------------------------------------------------------------ endings
+    def _broken(self, what: str) -> None:
+        """The peer broke the stream's flow control: count it, say so once, reset the stream."""
+        self.end.protocol_errors += 1
+        log.warning("tunnel: stream %d: the peer %s", self.id, what)
+        self.reset()
+
     def _finish_if_done(self) -> None:
         if self.eof_sent and self.peer_eof and not self.done:
             self.done = True
@@ -675,8 +697,13 @@ class TunnelEnd:
         self.lost("protocol error")
 
     def control(self, kind: int, stream_id: int, stream: TunnelStream | None, body: bytes) -> None:
-        """Handle a frame type only one side takes (OPEN, OPENED, REFUSED)."""
+        """Handle a frame type only one side takes (OPEN, OPENED, REFUSED).
+
+        The subclass takes its own; any other type (unknown, or one only this
+        side sends) is beyond repair: the connection ends.
+        """
         self._violation(f"unexpected frame type {kind} for stream {stream_id}")
+        self.lost("protocol error")
 
     def lost(self, reason: str) -> None:
         """The peer broke the protocol beyond repair: end the connection (the subclass does)."""
