@@ -254,6 +254,21 @@ async def link(make_link: LinkFactory, upstream: Upstream) -> Linked:
     return linked
 
 
+async def raw_agent(link: Linked) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Replace the link's agent by a data connection this test writes frames on itself."""
+    link.agent.close()
+    await wait_for(lambda: not link.router.ctx.site_tunnels.sites)
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.router.port)
+    writer.write(
+        f"GET /api/v1/agent/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        f"Upgrade: labgate-tunnel\r\nAuthorization: Bearer {ticket()}\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    await wait_for(lambda: bool(link.router.ctx.site_tunnels.sites.get("s")))
+    return reader, writer
+
+
 # --------------------------------------------------------------------------- tests
 async def test_http_keep_alive_through_the_tunnel(link: Linked, upstream: Upstream) -> None:
     prefix = link.route("web")
@@ -681,15 +696,7 @@ async def test_a_site_reaches_only_its_own_instances(link: Linked, upstream: Ups
 
 async def test_a_peer_sending_beyond_its_credit_loses_the_stream(link: Linked) -> None:
     """A lying agent floods a stream whose client reads nothing: it runs out of credit."""
-    link.agent.close()
-    await wait_for(lambda: not link.router.ctx.site_tunnels.sites)
-    raw_reader, raw_writer = await asyncio.open_connection("127.0.0.1", link.router.port)
-    raw_writer.write(
-        f"GET /api/v1/agent/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-        f"Upgrade: labgate-tunnel\r\nAuthorization: Bearer {ticket()}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(raw_reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101 ")
+    raw_reader, raw_writer = await raw_agent(link)
     prefix = link.route("web")
     _reader, writer = await asyncio.open_connection("127.0.0.1", link.router.port, limit=1024)
     link.send(writer, f"{prefix}/")

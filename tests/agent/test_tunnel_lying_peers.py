@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import test_tunnel
-from test_tunnel import Linked, Upstream, ticket, wait_for
+from test_tunnel import Linked, Upstream, raw_agent, ticket, wait_for
 
 from labgate.agent.tunnel import AgentTunnel, dial
 from labgate.wire.tunnel import (
@@ -37,19 +37,6 @@ Frame = tuple[int, int, bytes]
 
 
 # --------------------------------------------------------------------------- a lying agent
-async def raw_agent(link: Linked) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Replace the link's agent by a data connection this test writes frames on itself."""
-    link.agent.close()
-    await wait_for(lambda: not link.router.ctx.site_tunnels.sites)
-    reader, writer = await asyncio.open_connection("127.0.0.1", link.router.port)
-    writer.write(
-        f"GET /api/v1/agent/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
-        f"Upgrade: labgate-tunnel\r\nAuthorization: Bearer {ticket()}\r\n\r\n".encode()
-    )
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    assert head.startswith(b"HTTP/1.1 101 ")
-    await wait_for(lambda: bool(link.router.ctx.site_tunnels.sites.get("s")))
-    return reader, writer
 
 
 async def read_frame(reader: asyncio.StreamReader) -> Frame:

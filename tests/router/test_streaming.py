@@ -328,6 +328,21 @@ async def keep_alive_upstream(
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", per_connection
 
 
+async def twice_through(gw: Gateway, answer: list[bytes]) -> tuple[bytes, list[int]]:
+    """Two requests on one client connection to a :func:`keep_alive_upstream` answering
+    ``answer``: what the client got, and the requests each upstream connection carried."""
+    server, url, per_connection = await keep_alive_upstream(answer)
+    try:
+        gw.table.add_route(Route("twice", url, ALICE))
+        cookie = cookie_line(gw, ALICE)
+        response = await raw_request(
+            gw.port, get(cookie, "/i/twice/") + get(cookie, "/i/twice/", "Connection: close\r\n")
+        )
+    finally:
+        server.close()
+    return response, per_connection
+
+
 async def test_a_content_length_body_in_many_reads_arrives_whole_and_the_connection_is_reused(
     recorded: Recorded,
 ) -> None:
@@ -336,15 +351,7 @@ async def test_a_content_length_body_in_many_reads_arrives_whole_and_the_connect
     body = bytes(range(256)) * 1024  # 256 KiB
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
     pieces = [head + body[:1000]] + [body[i : i + 50_000] for i in range(1000, len(body), 50_000)]
-    server, url, per_connection = await keep_alive_upstream(pieces)
-    try:
-        gw.table.add_route(Route("long", url, ALICE))
-        cookie = cookie_line(gw, ALICE)
-        response = await raw_request(
-            gw.port, get(cookie, "/i/long/") + get(cookie, "/i/long/", "Connection: close\r\n")
-        )
-    finally:
-        server.close()
+    response, per_connection = await twice_through(gw, pieces)
     first, second = response.split(b"HTTP/1.1 200 OK\r\n")[1:]
     for answer in (first, second):
         assert answer.partition(b"\r\n\r\n")[2] == body
@@ -368,15 +375,7 @@ async def test_bytes_after_a_content_length_body_are_dropped_and_the_connection_
     pieces = [head + body[:10], body[10:60_000], body[60_000:] + smuggled]
     if arrives == "with-the-whole-response":
         pieces = [head + body + smuggled]
-    server, url, per_connection = await keep_alive_upstream(pieces)
-    try:
-        gw.table.add_route(Route("over", url, ALICE))
-        cookie = cookie_line(gw, ALICE)
-        response = await raw_request(
-            gw.port, get(cookie, "/i/over/") + get(cookie, "/i/over/", "Connection: close\r\n")
-        )
-    finally:
-        server.close()
+    response, per_connection = await twice_through(gw, pieces)
     assert b"forged" not in response.lower()
     assert statuses(response) == [200, 200]
     first, second = response.split(b"HTTP/1.1 200 OK\r\n")[1:]
