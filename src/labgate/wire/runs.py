@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 #: Largest task timeout (seconds): a week.
 MAX_TIMEOUT = 7 * 24 * 3600.0
+#: Most memory a task may ask for, in MiB: 1 EiB (what the quota ledger holds in bytes).
+MAX_MEMORY_MIB = 1024**4
 MAX_RETRIES = 10
 MAX_COPIES = 2000
 MAX_TASKS = 2000
@@ -96,7 +98,7 @@ class TaskDef(BaseModel):
     environment: Environment = Field(default_factory=Environment)
     cpu: float = Field(default=1.0, gt=0, le=1024)
     #: Memory in MiB (0: the site's default).
-    memory_mib: int = Field(default=0, ge=0)
+    memory_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
     timeout: float = Field(default=3600.0, gt=0, le=MAX_TIMEOUT)
     retries: int = Field(default=0, ge=0, le=MAX_RETRIES)
     where: Where = Field(default_factory=Where)

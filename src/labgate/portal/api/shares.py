@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Path, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,7 +30,7 @@ from labgate.portal.accounts import get_user
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
-from labgate.types import Strict
+from labgate.types import MAX_ID, Strict
 
 router = APIRouter(tags=["sharing"])
 
@@ -254,7 +254,7 @@ async def add_share(
 )
 async def remove_share(
     instance_id: str,
-    share_id: int,
+    share_id: int = Path(ge=1, le=MAX_ID),
     caller: Principal = require("instances:write"),
     portal: Portal = Depends(get_portal),
 ) -> Response:
@@ -293,7 +293,7 @@ async def add_link(
 )
 async def remove_link(
     instance_id: str,
-    link_id: int,
+    link_id: int = Path(ge=1, le=MAX_ID),
     caller: Principal = require("instances:write"),
     portal: Portal = Depends(get_portal),
 ) -> Response:
