@@ -107,15 +107,21 @@ class RouteFeedHub:
             tunneled = self.upstream_of(instance)
             if tunneled:  # a tunnel goes with its agent: nothing to try while it is away
                 upstream = tunneled if running else NO_ENDPOINT
-        return Route(
-            instance_id=instance.id,
-            upstream=upstream,
-            owner_id=instance.owner_id,
-            access=self.access.get(instance.id, NO_ACCESS),
-            state=route_state,
-            keep_prefix=tool.supports_prefix if tool is not None else True,
-            upstream_token=self.box.open(instance.id, instance.secret) or "",
-        )
+        try:
+            return Route(
+                instance_id=instance.id,
+                upstream=upstream,
+                owner_id=instance.owner_id,
+                access=self.access.get(instance.id, NO_ACCESS),
+                state=route_state,
+                keep_prefix=tool.supports_prefix if tool is not None else True,
+                upstream_token=self.box.open(instance.id, instance.secret) or "",
+            )
+        except ValueError as exc:
+            # An endpoint stored before reports were checked: that instance is not routed,
+            # and the rest of the table (and the portal's start) goes on.
+            log.warning("instance %s is not routed: %s", instance.id, exc)
+            return None
 
     def instance_changed(self, instance: Routable) -> None:
         """An instance changed state, endpoint or access."""

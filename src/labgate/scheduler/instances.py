@@ -48,6 +48,7 @@ from labgate.scheduler.startqueue import Fairness, StartQueue
 from labgate.security import SecretBox
 from labgate.tools.catalog import Catalog
 from labgate.tools.params import default_values, param_env
+from labgate.wire.routes import parse_upstream
 from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
 if TYPE_CHECKING:
@@ -353,17 +354,30 @@ class InstanceManager:
                 report.instance_id,
             )
             return None
-        if report.backend_state is not None:
-            instance.backend_state = report.backend_state
-        if report.endpoint is not None:
-            instance.endpoint = report.endpoint
-        target = InstanceState(report.state)
+        if site is not None and report.endpoint is not None:
+            reach = instance.site.reach if instance.site is not None else ""
+            refused = endpoint_refused(report.endpoint, reach)
+            if refused:
+                log.warning(
+                    "site %s reported endpoint %r for instance %s: %s; report refused",
+                    site,
+                    report.endpoint,
+                    report.instance_id,
+                    refused,
+                )
+                return None
+        try:
+            target = InstanceState(report.state)
+        except ValueError:
+            log.warning("report of unknown state %r for %s refused", report.state, instance.id)
+            return None
         data = dict(report.data)
         if report.log_tail:
             data["log_tail"] = report.log_tail
         if report.kind == "progress" or target == instance.state:
             if instance.state.terminal:
                 return None
+            _take_endpoint(instance, report)
             if instance.state == InstanceState.stopping and "stop_retry" in data:
                 instance.reason = report.message  # why it is still stopping
             session.add(
@@ -386,6 +400,7 @@ class InstanceManager:
                 return None
             if target == InstanceState.stopped and "stop_retry" in data:
                 instance.reason = ""  # the failed attempts are over
+            _take_endpoint(instance, report)
             _transition(session, instance, target, report.message, data)
         session.flush()
         session.refresh(instance, ["owner", "site"])
@@ -538,6 +553,32 @@ def _instances_by_id(session: Session, ids: list[str]) -> dict[str, Instance]:
     """These instances, whole, with their owners and sites, by id."""
     query = select(Instance).where(Instance.id.in_(ids)).options(*with_owner_and_site())
     return {instance.id: instance for instance in session.scalars(query)}
+
+
+def endpoint_refused(endpoint: str, reach: str) -> str:
+    """Why a network site's agent may not report ``endpoint`` for an instance ("" if it may).
+
+    The router connects to a direct site's endpoints itself: only ``http://HOST:PORT``
+    (never a unix socket on the router's host, nor another site's tunnel). A
+    tunneled site's endpoint is its agent's to connect to: no tunnel either.
+    """
+    try:
+        address = parse_upstream(endpoint)
+    except ValueError as exc:
+        return str(exc)
+    if address.is_tunnel:
+        return "an instance's endpoint cannot be a tunnel"
+    if address.path and reach != "tunnel":
+        return "the router reaches a direct site's instances over TCP, not unix sockets"
+    return ""
+
+
+def _take_endpoint(instance: Instance, report: Report) -> None:
+    """An accepted report's endpoint and backend state (a refused one changes nothing)."""
+    if report.backend_state is not None:
+        instance.backend_state = report.backend_state
+    if report.endpoint is not None:
+        instance.endpoint = report.endpoint
 
 
 def _transition(

@@ -1,0 +1,124 @@
+"""What a site's agent reports is checked before it is taken: an agent that lies moves no route.
+
+The router connects to a direct site's instances at the endpoints their
+agent reports: an endpoint that is a unix socket (on the router's host) or
+another site's tunnel would send users' requests there. A report the portal
+refuses (a state change it does not allow, a state it does not know) changes
+nothing, its endpoint included; and no stored endpoint stops the route table
+from loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from spies import spy_agent, wait_until
+
+from helpers import wait_for_state
+from labgate.db.models import Instance
+from labgate.wire.agent import ReportEnvelope, ReportMsg, dump
+
+
+async def add_site(
+    client: httpx.AsyncClient, headers: dict[str, str], name: str, reach: str
+) -> str:
+    added = await client.post(
+        "/api/v1/sites",
+        json={"name": name, "backend": "process", "reach": reach},
+        headers=headers,
+    )
+    assert added.status_code == 201, added.text
+    return str(added.json()["token"])
+
+
+async def launch_on(client: httpx.AsyncClient, headers: dict[str, str], spy: Any, site: str) -> str:
+    started = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "site": site}, headers=headers
+    )
+    assert started.status_code == 202, started.text
+    await wait_until(lambda: any(c["op"] == "launch" for c in spy.commands))
+    return str(started.json()["id"])
+
+
+async def report(spy: Any, seq: int, iid: str, state: str, endpoint: str | None = None) -> None:
+    message = ReportMsg(instance_id=iid, state=state, endpoint=endpoint, backend_state={"pid": 1})
+    await spy.ws.send(dump(ReportEnvelope(seq=seq, report=message)))
+
+
+async def stored(app: Any, iid: str) -> tuple[str, str | None]:
+    def read(session: Any) -> tuple[str, str | None]:
+        instance = session.get(Instance, iid)
+        return instance.state.value, instance.endpoint
+
+    result: tuple[str, str | None] = await app.state.portal.run_db(read)
+    return result
+
+
+@pytest.mark.parametrize(
+    ("reach", "endpoint"),
+    [
+        ("direct", "unix:/var/run/docker.sock"),
+        ("direct", "tunnel:west/abcdefgh"),
+        ("direct", "not-an-endpoint"),
+        ("direct", "https://example.org:443"),
+        ("tunnel", "tunnel:west/abcdefgh"),
+    ],
+)
+async def test_an_endpoint_the_router_must_not_reach_is_refused(
+    app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str], reach: str, endpoint: str
+) -> None:
+    token = await add_site(client, admin_headers, "east", reach)
+    async with spy_agent(app.state.test_url, "east", token) as spy:
+        iid = await launch_on(client, admin_headers, spy, "east")
+        await report(spy, 1, iid, "starting")
+        await wait_until(lambda: True)
+        await report(spy, 2, iid, "running", endpoint)
+        await report(spy, 3, iid, "running", "http://10.1.2.3:8888")  # an honest one after
+        routes = app.state.portal.routes.table.routes
+        await wait_until(lambda: iid in routes and routes[iid].state == "running")
+        assert (await stored(app, iid)) == ("running", "http://10.1.2.3:8888")
+        if reach == "direct":
+            assert routes[iid].upstream == "http://10.1.2.3:8888"
+        # The connection carried on: the agent was not cut off for it.
+        assert spy.ws.close_code is None
+
+
+async def test_a_refused_state_change_leaves_the_endpoint_alone(
+    app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    token = await add_site(client, admin_headers, "east", "direct")
+    async with spy_agent(app.state.test_url, "east", token) as spy:
+        iid = await launch_on(client, admin_headers, spy, "east")
+        # pending -> running is not a move the portal allows: nothing of it is taken.
+        await report(spy, 1, iid, "running", "http://10.9.9.9:1")
+        await report(spy, 2, iid, "bogus", "http://10.9.9.9:2")
+        await asyncio.sleep(0.5)
+        state, endpoint = await stored(app, iid)
+        assert (state, endpoint or None) == ("pending", None)
+        await report(spy, 3, iid, "starting")
+        await report(spy, 4, iid, "running")
+        await asyncio.sleep(0.5)
+        state, endpoint = await stored(app, iid)
+        assert not endpoint
+        assert spy.ws.close_code is None
+
+
+async def test_a_bad_stored_endpoint_does_not_stop_the_route_table_loading(
+    app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str], make_user: Any
+) -> None:
+    alice = await make_user("alice")
+    started = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=alice)
+    iid = started.json()["id"]
+    await wait_for_state(client, alice, iid, {"running"})
+
+    def plant(session: Any) -> None:
+        instance = session.get(Instance, iid)
+        instance.endpoint = "not-an-endpoint"  # as an older version could have stored
+
+    portal = app.state.portal
+    await portal.run_db(plant)
+    await portal.run_db(portal.routes.load)  # what every start does: no exception
+    assert iid not in portal.routes.table.routes
