@@ -6,6 +6,12 @@ into the owner's results (``<workspaces>/<owner>/runs/<run>/<task>/``, the
 output beside them in ``.logs/<task>.log``) and lets the site forget the
 attempt.
 
+The owner may make any folder of their workspace a link (to another user's
+workspace, the data dir): ``runs``, ``runs/<run>``, ``.logs`` and the task's
+folder are reached from the workspace one at a time through descriptors and
+never through a link (:mod:`labgate.safefs`). A link on the way fails the
+collection (logged) instead of deleting or writing where it points.
+
 The attempt's executor may say it succeeded before its site can hand the
 files over: through the task gateway while the site's agent is away, or
 while the site still sees the attempt finishing. Such an attempt is
@@ -21,9 +27,11 @@ restart :meth:`ResultCollector.find_pending` rebuilds it from the database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
-import shutil
+import os
+import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +42,14 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import SiteLink
 from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
 from labgate.errors import Conflict, LabgateError
+from labgate.safefs import (
+    READ_FLAGS,
+    WRITE_FLAGS,
+    open_below,
+    open_subdir,
+    refused,
+    remove_entry,
+)
 from labgate.scheduler import runrows
 
 log = logging.getLogger(__name__)
@@ -75,7 +91,7 @@ class ResultCollector:
         if attempt is not task.attempt_rows[-1]:
             return None
         target = self.target(run, task)
-        if log_path(target).exists():
+        if _log_kept(target):
             return None
         return Pending(run.id, attempt.id, attempt.site, target)
 
@@ -109,7 +125,7 @@ class ResultCollector:
             archive = await link.task_results(item.attempt_id)
             output = await link.task_logs(item.attempt_id, MAX_KEPT_LOG_LINES)
             await asyncio.to_thread(unpack, archive, item.target)
-            await asyncio.to_thread(_keep_log, log_path(item.target), output)
+            await asyncio.to_thread(_keep_log, item.target, output)
             await link.forget_task(item.attempt_id)
             self.pending.pop(item.attempt_id, None)
         except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
@@ -141,22 +157,109 @@ class ResultCollector:
         return retry, given_up
 
 
-def log_path(target: Path) -> Path:
-    """Where a collected task's output is kept: beside its results, not among them."""
-    return target.parent / ".logs" / f"{target.name}.log"
+class LinkRefused(ValueError):
+    """A link (or a file) stands where the owner's results folder is to be: not followed."""
 
 
-def _keep_log(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path.write_text(text)
+def _split(target: Path) -> tuple[Path, tuple[str, ...], str]:
+    """A task's results folder as a trusted folder, the folders below it to the run's
+    folder (reached without following links) and the task's name.
+
+    For ``<workspace>/runs/<run>/<task>`` (every :meth:`ResultCollector.target`)
+    the workspace is trusted and ``runs``, ``<run>`` are not; for any other
+    folder (a direct call) its parent is trusted.
+    """
+    run_dir = target.parent
+    if run_dir.parent.name == "runs":
+        return run_dir.parent.parent, ("runs", run_dir.name), target.name
+    return run_dir, (), target.name
+
+
+def _open_run_dir(target: Path, *parts: str, create: bool) -> int:
+    """A descriptor of ``<workspace>/runs/<run>[/parts]`` for ``target``, no link followed."""
+    workspace, below, _ = _split(target)
+    try:
+        return open_below(workspace, (*below, *parts), create=create)
+    except OSError as exc:
+        if refused(exc):
+            where = "/".join((*below, *parts)) or "."
+            raise LinkRefused(
+                f"{where} in {workspace} is a link or not a folder: not followed"
+            ) from None
+        raise
+
+
+def _log_kept(target: Path) -> bool:
+    """Whether a task's output was kept (a regular ``.logs/<task>.log``), no link followed."""
+    try:
+        logs = _open_run_dir(target, ".logs", create=False)
+    except (FileNotFoundError, LinkRefused):
+        return False
+    try:
+        info = os.stat(f"{target.name}.log", dir_fd=logs, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(logs)
+    return stat.S_ISREG(info.st_mode)
+
+
+def kept_log(target: Path) -> str | None:
+    """A task's kept output (``.logs/<task>.log`` beside ``target``), or None when there is
+    none; read without following a link anywhere on the way."""
+    try:
+        logs = _open_run_dir(target, ".logs", create=False)
+    except (FileNotFoundError, LinkRefused):
+        return None
+    try:
+        fd = os.open(f"{target.name}.log", READ_FLAGS, dir_fd=logs)
+    except OSError:  # none, or a link (ELOOP)
+        return None
+    finally:
+        os.close(logs)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return None
+        return file.read().decode("utf-8", errors="replace")
+
+
+def _keep_log(target: Path, text: str) -> None:
+    """Write a task's output to ``.logs/<task>.log`` beside its results folder ``target``."""
+    with contextlib.ExitStack() as stack:
+        logs = _open_run_dir(target, ".logs", create=True)
+        stack.callback(os.close, logs)
+        fd = os.open(f"{target.name}.log", WRITE_FLAGS, 0o600, dir_fd=logs)
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
 
 
 def unpack(archive: bytes, target: Path) -> None:
-    """Extract a results archive into ``target`` (replacing what an earlier attempt left)."""
-    if target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True, mode=0o700)
-    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-        # The "data" filter refuses absolute paths, "..", links out and device files:
-        # the archive comes from a site, which the portal does not trust with its disk.
-        tar.extractall(target, filter="data")
+    """Extract a results archive into ``target`` (replacing what an earlier attempt left).
+
+    The task's folder is removed and made again inside its run's folder's
+    descriptor and extracted into through its own descriptor: a link planted
+    on the way is refused (:class:`LinkRefused`), never followed.
+    """
+    name = target.name
+    with contextlib.ExitStack() as stack:
+        run_fd = _open_run_dir(target, create=True)
+        stack.callback(os.close, run_fd)
+        remove_entry(run_fd, name)
+        try:
+            os.mkdir(name, 0o700, dir_fd=run_fd)
+        except FileExistsError:
+            raise LinkRefused(f"{target} was made again meanwhile: not replaced") from None
+        try:
+            task_fd = open_subdir(run_fd, name)
+        except OSError as exc:
+            if refused(exc):
+                raise LinkRefused(f"{target} was replaced by a link: not followed") from None
+            raise
+        stack.callback(os.close, task_fd)
+        if os.listdir(task_fd):
+            raise LinkRefused(f"{target} was replaced meanwhile: not written")
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            # The "data" filter refuses absolute paths, "..", links out and device files:
+            # the archive comes from a site, which the portal does not trust with its disk.
+            # The folder is pinned by its descriptor, wherever it is moved meanwhile.
+            tar.extractall(f"/proc/self/fd/{task_fd}", filter="data")

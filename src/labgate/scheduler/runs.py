@@ -60,7 +60,7 @@ from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runrows
 from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
-from labgate.scheduler.runresults import Pending, ResultCollector, log_path
+from labgate.scheduler.runresults import Pending, ResultCollector, kept_log
 from labgate.scheduler.runrows import Viewer
 from labgate.security import executor_token, task_token
 from labgate.wire.launch import Resources
@@ -553,13 +553,13 @@ class RunProcessor:
                 for row in stage.tasks:
                     if row.label == task and row.attempt_rows:
                         last = row.attempt_rows[-1]
-                        kept = self.results.target(run, row)
-                        return last.id, last.site, log_path(kept)
+                        return last.id, last.site, self.results.target(run, row)
             raise NotFound(f"run {run_id} has no started task {task}")
 
-        attempt_id, site, kept = await self.run_db(find)
-        if kept.is_file():  # collected with the results: the site no longer has it
-            text = await asyncio.to_thread(kept.read_text, errors="replace")
+        attempt_id, site, target = await self.run_db(find)
+        # Collected with the results (the site no longer has it); never read through a link.
+        text = await asyncio.to_thread(kept_log, target)
+        if text is not None:
             return "".join(text.splitlines(keepends=True)[-lines:])
         link = self.links.get(site)
         if link is None:

@@ -9,8 +9,10 @@ to submit, cancel and re-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from labgate.errors import BadRequest
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal, runs_of
+from labgate.safefs import open_below, refused, walk_files
 from labgate.scheduler import runrows
 from labgate.scheduler.runrows import Viewer
 from labgate.types import MAX_ID
@@ -43,9 +46,10 @@ def viewer(caller: Principal) -> Viewer:
     return Viewer(caller.user_id, caller.name, caller.is_admin and "admin" in caller.scopes)
 
 
-def results_root(portal: Portal, run: Run) -> Path:
-    """Where a run's collected results are: the owner's workspace, ``runs/<id>``."""
-    return portal.settings.workspaces_dir / run.owner.name / "runs" / run.id
+def results_root(portal: Portal, run: Run) -> tuple[Path, tuple[str, str]]:
+    """Where a run's collected results are: the owner's workspace and, below it,
+    ``runs/<id>`` (reached without following links: the owner may plant them)."""
+    return portal.settings.workspaces_dir / run.owner.name, ("runs", run.id)
 
 
 @router.post("", status_code=201, responses=errors(400, 409))
@@ -210,13 +214,13 @@ async def run_results(
     """Every task's collected results and a ``results.json`` of exit codes and return values."""
     who = viewer(caller)
 
-    def query(session: Session) -> tuple[Path, dict[str, Any]]:
+    def query(session: Session) -> tuple[tuple[Path, tuple[str, str]], dict[str, Any]]:
         run = runrows.visible_run(session, run_id, who, attempts=False)
         summary = runrows.run_json(session, run)
         return results_root(portal, run), summary
 
-    root, summary = await portal.run_db(query)
-    archive = await asyncio.to_thread(_archive, root, summary)
+    (workspace, parts), summary = await portal.run_db(query)
+    archive = await asyncio.to_thread(_archive, workspace, parts, summary)
     return Response(
         archive,
         media_type="application/gzip",
@@ -224,16 +228,37 @@ async def run_results(
     )
 
 
-def _archive(root: Path, summary: dict[str, Any]) -> bytes:
+def _archive(workspace: Path, parts: tuple[str, ...], summary: dict[str, Any]) -> bytes:
+    """The results archive: ``results.json`` and the regular files under ``workspace/parts``.
+
+    The owner may have made ``runs``, ``runs/<id>`` or any folder below a link
+    (to another user's workspace, the data dir): none is followed, a link on
+    the way to the run's folder means no files, links below it are left out.
+    """
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with contextlib.ExitStack() as stack:
+        tar = stack.enter_context(tarfile.open(fileobj=buffer, mode="w:gz"))
         data = json.dumps(summary, indent=2).encode()
         info = tarfile.TarInfo("results.json")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-        if root.is_dir():
-            for path in sorted(root.rglob("*")):
-                if path.is_symlink() or not path.is_file():
-                    continue
-                tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
+        root = _open_results(workspace, parts)
+        if root is not None:
+            stack.callback(os.close, root)
+            for name, fd in stack.enter_context(contextlib.closing(walk_files(root))):
+                with os.fdopen(os.dup(fd), "rb") as file:
+                    tar.addfile(tar.gettarinfo(arcname=name, fileobj=file), file)
     return buffer.getvalue()
+
+
+def _open_results(workspace: Path, parts: tuple[str, ...]) -> int | None:
+    """A descriptor of a run's results folder; None when there is none, or a link
+    (or a file) stands on the way to it."""
+    try:
+        return open_below(workspace, parts)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if refused(exc):
+            return None
+        raise

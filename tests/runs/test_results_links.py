@@ -1,0 +1,128 @@
+"""A run's results in its owner's workspace: links the owner plants there are never followed.
+
+The owner may make ``runs``, ``runs/<id>`` or any folder below a link (to
+another user's workspace, the data dir). Downloading results must not send
+what the link points to, and collecting results must not delete or write there.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+from runs_helpers import submit, wait_run
+
+ONE = """
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "t"
+command = "echo 1 > $LABGATE_RESULT; echo mine > $LABGATE_RESULTS_DIR/mine.txt"
+"""
+
+SLOW = """
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "notebooks"
+command = "sleep 1; echo new > $LABGATE_RESULTS_DIR/planted.txt"
+"""
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file below ``root`` (no link followed) and its text."""
+    return {
+        str(p.relative_to(root)): p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def names(content: bytes) -> list[str]:
+    """The member names of a ``.tar.gz``."""
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r:gz") as tar:
+        return tar.getnames()
+
+
+async def finished_run(client, headers) -> str:
+    """A succeeded run of ``ONE`` (its results collected); its id."""
+    run_id = await submit(client, headers, ONE)
+    run = await wait_run(client, headers, run_id)
+    assert run["state"] == "succeeded", run
+    return run_id
+
+
+async def test_linked_run_folder_is_not_followed_by_results(app, client, make_user):
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    await make_user("bob")
+    (ws / "bob").mkdir(parents=True, exist_ok=True)
+    (ws / "bob" / "secret.txt").write_text("bob's secret")
+    run_id = await finished_run(client, alice)
+    shutil.rmtree(ws / "alice" / "runs" / run_id)
+    (ws / "alice" / "runs" / run_id).symlink_to(ws / "bob")
+
+    got = await client.get(f"/api/v1/runs/{run_id}/results", headers=alice)
+
+    assert got.status_code == 200, got.text
+    assert names(got.content) == ["results.json"]
+    assert b"bob's secret" not in got.content
+
+
+async def test_linked_runs_folder_is_not_followed_by_results(app, client, make_user):
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    await make_user("bob")
+    run_id = await finished_run(client, alice)
+    stash = ws / "bob" / "stash" / run_id
+    stash.mkdir(parents=True)
+    (stash / "secret.txt").write_text("bob's secret")
+    shutil.rmtree(ws / "alice" / "runs")
+    (ws / "alice" / "runs").symlink_to(ws / "bob" / "stash")
+
+    got = await client.get(f"/api/v1/runs/{run_id}/results", headers=alice)
+
+    assert got.status_code == 200, got.text
+    assert names(got.content) == ["results.json"]
+    assert b"bob's secret" not in got.content
+
+
+async def test_collector_never_deletes_or_writes_through_a_planted_link(
+    app, client, make_user, caplog
+):
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    await make_user("bob")
+    (ws / "bob" / "notebooks").mkdir(parents=True, exist_ok=True)
+    (ws / "bob" / "notebooks" / "work.ipynb").write_text("bob's work")
+    before = tree(ws / "bob")
+    run_id = await submit(client, alice, SLOW)
+    # Planted while the task runs, before its results are collected.
+    (ws / "alice" / "runs").mkdir(parents=True, exist_ok=True)
+    (ws / "alice" / "runs" / run_id).symlink_to(ws / "bob")
+
+    await wait_run(client, alice, run_id)
+
+    assert tree(ws / "bob") == before  # nothing deleted, replaced or added there
+    assert not (ws / "bob" / ".logs").exists()
+    assert (ws / "alice" / "runs" / run_id).is_symlink()  # left as the owner made it
+    assert "is a link or not a folder: not followed" in caplog.text  # the refusal is logged
+
+
+async def test_a_linked_log_is_not_read(app, client, make_user):
+    """``GET /runs/<id>/logs`` reads a kept log without following links: not another file."""
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    secrets = ws / "alice-elsewhere"
+    (secrets / ".logs").mkdir(parents=True)
+    (secrets / ".logs" / "t.log").write_text("not alice's: the data dir, say\n")
+    run_id = await finished_run(client, alice)
+    logs = ws / "alice" / "runs" / run_id / ".logs"
+    shutil.rmtree(logs)
+    logs.symlink_to(secrets / ".logs")
+
+    got = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "t"}, headers=alice)
+
+    assert "not alice's" not in got.text
