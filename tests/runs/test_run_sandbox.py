@@ -6,10 +6,12 @@ import io
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from runs_helpers import submit, tasks_of, wait_run
 
+from labgate.scheduler import runresults
 from labgate.scheduler.runresults import unpack
 
 pytestmark = pytest.mark.skipif(
@@ -60,3 +62,46 @@ def test_a_results_archive_cannot_write_outside_its_directory(tmp_path: Path):
         unpack(buffer.getvalue(), target)
     assert not (tmp_path / "results" / "escaped.txt").exists()
     assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("shape", ["one-huge-file", "many-files"])
+def test_a_results_archive_that_would_fill_the_disk_is_refused_before_anything_is_written(
+    tmp_path: Path, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lying site's few compressed bytes that unpack past the limit are not unpacked,
+    and the earlier attempt's results stay. (The limits, 1 GiB and 100,000 files, are
+    made small here to keep the test quick.)"""
+    monkeypatch.setattr(runresults, "MAX_UNPACKED", 4 * 1024 * 1024)
+    monkeypatch.setattr(runresults, "MAX_MEMBERS", 500)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        if shape == "one-huge-file":
+            info = tarfile.TarInfo("zeros")
+            info.size = runresults.MAX_UNPACKED + 1
+            tar.addfile(info, _Zeros(info.size))
+        else:
+            for number in range(runresults.MAX_MEMBERS + 1):
+                tar.addfile(tarfile.TarInfo(f"f{number}"), io.BytesIO(b""))
+    assert len(buffer.getvalue()) < runresults.MAX_UNPACKED // 100
+    target = tmp_path / "results" / "task"
+    target.mkdir(parents=True)
+    (target / "earlier.txt").write_text("kept")
+    with pytest.raises(ValueError, match="unpacked"):
+        unpack(buffer.getvalue(), target)
+    assert [p.name for p in target.iterdir()] == ["earlier.txt"]
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, read in pieces (a file of zeros without holding it in memory)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self.left)
+        buffer[:count] = bytes(count)
+        self.left -= count
+        return count

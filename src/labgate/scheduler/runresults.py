@@ -233,13 +233,37 @@ def _keep_log(target: Path, text: str) -> None:
             file.write(text)
 
 
+#: What one attempt's results may hold unpacked: a site caps the archive at 64 MiB
+#: compressed, but a lying one could send a few MiB that unpack to fill the disk.
+MAX_UNPACKED = 1024**3
+MAX_MEMBERS = 100_000
+
+
+def check_unpacked(archive: bytes) -> None:
+    """Refuse (ValueError) an archive past :data:`MAX_UNPACKED` bytes or :data:`MAX_MEMBERS`
+    entries unpacked; read through once, before anything is written."""
+    size = count = 0
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        for member in tar:
+            count += 1
+            size += member.size
+            if count > MAX_MEMBERS or size > MAX_UNPACKED:
+                raise ValueError(
+                    f"the results are larger than {MAX_UNPACKED // 2**20} MiB or "
+                    f"{MAX_MEMBERS:,} files unpacked: not collected"
+                )
+
+
 def unpack(archive: bytes, target: Path) -> None:
     """Extract a results archive into ``target`` (replacing what an earlier attempt left).
 
     The task's folder is removed and made again inside its run's folder's
     descriptor and extracted into through its own descriptor: a link planted
-    on the way is refused (:class:`LinkRefused`), never followed.
+    on the way is refused (:class:`LinkRefused`), never followed. An archive
+    that would unpack past :data:`MAX_UNPACKED` is refused before anything is
+    removed or written.
     """
+    check_unpacked(archive)
     name = target.name
     with contextlib.ExitStack() as stack:
         run_fd = _open_run_dir(target, create=True)
