@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
         "passwords",
         "aio",
         "gcpause",
+        "safefs",
     },
     {"tools"},
     {"backends"},
