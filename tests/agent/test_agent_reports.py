@@ -74,10 +74,14 @@ async def test_an_endpoint_the_router_must_not_reach_is_refused(
     async with spy_agent(app.state.test_url, "east", token) as spy:
         iid = await launch_on(client, admin_headers, spy, "east")
         await report(spy, 1, iid, "starting")
-        await wait_until(lambda: True)
         await report(spy, 2, iid, "running", endpoint)
-        await report(spy, 3, iid, "running", "http://10.1.2.3:8888")  # an honest one after
+        await asyncio.sleep(0.5)
+        # Refused whole: not running, no endpoint taken, no route to it.
+        state, taken = await stored(app, iid)
+        assert (state, taken or None) == ("starting", None)
         routes = app.state.portal.routes.table.routes
+        assert iid not in routes or routes[iid].upstream != endpoint
+        await report(spy, 3, iid, "running", "http://10.1.2.3:8888")  # an honest one after
         await wait_until(lambda: iid in routes and routes[iid].state == "running")
         assert (await stored(app, iid)) == ("running", "http://10.1.2.3:8888")
         if reach == "direct":
