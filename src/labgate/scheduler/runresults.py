@@ -91,7 +91,7 @@ class ResultCollector:
         if attempt is not task.attempt_rows[-1]:
             return None
         target = self.target(run, task)
-        if _log_kept(target):
+        if kept_log(target) is not None:
             return None
         return Pending(run.id, attempt.id, attempt.site, target)
 
@@ -187,21 +187,6 @@ def _open_run_dir(target: Path, *parts: str, create: bool) -> int:
                 f"{where} in {workspace} is a link or not a folder: not followed"
             ) from None
         raise
-
-
-def _log_kept(target: Path) -> bool:
-    """Whether a task's output was kept (a regular ``.logs/<task>.log``), no link followed."""
-    try:
-        logs = _open_run_dir(target, ".logs", create=False)
-    except (FileNotFoundError, LinkRefused):
-        return False
-    try:
-        info = os.stat(f"{target.name}.log", dir_fd=logs, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    finally:
-        os.close(logs)
-    return stat.S_ISREG(info.st_mode)
 
 
 def kept_log(target: Path) -> str | None:
