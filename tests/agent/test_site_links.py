@@ -547,6 +547,42 @@ async def test_a_command_the_site_refuses_fails_with_the_sites_code_and_status()
     }
 
 
+@pytest.mark.parametrize(
+    ("status", "code", "detail", "answered"),
+    [
+        (200, "ok", "fine", (502, "ok", "fine")),  # a refusal is never a success
+        (302, "moved", "elsewhere", (502, "moved", "elsewhere")),
+        (401, "unauthorized", "sign in again", (502, "unauthorized", "sign in again")),
+        (418, "teapot", "no", (502, "teapot", "no")),
+        (409, "Bad Code!", "x", (409, "site_error", "x")),
+        (409, "a" * 65, "x", (409, "site_error", "x")),
+        (0, "", "y" * 5000, (502, "site_error", "y" * 2000 + "…")),
+    ],
+    ids=["2xx", "3xx", "401", "unknown-status", "bad-code", "long-code", "long-detail"],
+)
+async def test_a_lying_sites_refusal_is_held_to_a_sites_statuses_codes_and_length(
+    status: int, code: str, detail: str, answered: tuple[int, str, str]
+) -> None:
+    """What an agent says about its failure reaches the API only within a site's bounds."""
+    import json as jsonlib
+
+    from labgate.agent.network import RemoteError, Session
+    from labgate.wire.agent import Result
+
+    link = NetworkSiteLink("edge", "process")
+
+    async def send(text: str) -> None:
+        command = jsonlib.loads(text)
+        session.resolve(Result(id=command["id"], ok=False, error=detail, code=code, status=status))
+
+    session = Session(send, Hello(site="edge", agent_version="x", boot="b", backend="process"))
+    link.attach(session)
+    with pytest.raises(RemoteError) as caught:
+        await link.logs("i1", {}, 10)
+    error = caught.value
+    assert (error.status, error.code, error.detail) == answered
+
+
 async def test_a_start_cut_short_by_closing_the_agent_is_recorded_and_adopted(
     tmp_path, demo
 ) -> None:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from labgate.agent import convert
 from labgate.agent.fetch import FetchError
@@ -65,13 +66,32 @@ class SiteAway(SiteUnavailable):
     """
 
 
+#: The statuses a site's refusal may give an API answer (its own errors' statuses).
+#: Anything else (a 2xx or 3xx, a 401 that would read as "your session ended",
+#: a status no error has) is answered as a 502: the site, not the caller, failed.
+SITE_STATUSES: Final = frozenset({400, 404, 409, 413, 422, 429, 502, 503})
+#: What an error code from a site may look like (``snapshot_unsupported``...).
+SITE_CODE_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+#: The longest explanation of a site's that reaches a user; the rest is cut.
+MAX_SITE_DETAIL: Final = 2000
+
+
 class RemoteError(LabgateError):
-    """A command failed at the site; ``code`` and ``status`` are the site's."""
+    """A command failed at the site; ``code`` and ``status`` are the site's, within bounds.
+
+    The agent is not trusted: its status is kept only when it is one a site's
+    own errors have (:data:`SITE_STATUSES`), its code only when it looks like
+    a code, and its detail is cut at :data:`MAX_SITE_DETAIL` characters.
+    """
 
     def __init__(self, detail: str, *, code: str, status: int) -> None:
-        super().__init__(detail, code=code or "site_error")
+        if len(detail) > MAX_SITE_DETAIL:
+            detail = detail[:MAX_SITE_DETAIL] + "…"
+        if not SITE_CODE_RE.fullmatch(code):
+            code = "site_error"
+        super().__init__(detail, code=code)
         # The API answers as the site did (409 for a snapshot a site cannot take...).
-        object.__setattr__(self, "status", status or 500)
+        object.__setattr__(self, "status", status if status in SITE_STATUSES else 502)
 
 
 #: Puts one text message on the agent's connection; raises when it is gone.

@@ -137,7 +137,8 @@ class SiteRelay:
         detail, code = str(result.get("error", "")), str(result.get("code", ""))
         if code == SiteUnavailable.default_code:
             raise SiteUnavailable(detail)
-        raise RemoteError(detail, code=code, status=int(result.get("status") or 500))
+        status = result.get("status")
+        raise RemoteError(detail, code=code, status=status if isinstance(status, int) else 502)
 
     async def _heard_result(self, payload: str) -> None:
         message = self._receive(payload, to_me=True)
