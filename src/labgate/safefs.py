@@ -17,7 +17,9 @@ import os
 import shutil
 import stat
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 #: Flags to open a directory below another without following a link.
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -25,7 +27,7 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 #: Flags to write (create or truncate) a file without following a link.
 WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Deepest folder :func:`walk_files` descends into (each level holds a descriptor).
+#: Deepest folder :func:`walk_tree` descends into (each level holds a descriptor).
 MAX_DEPTH = 128
 
 #: The errors that mean "a link or a non-directory is on the way".
@@ -110,30 +112,90 @@ def walk_files(
     cannot be opened meanwhile is skipped. The descriptor is valid until the
     next item is asked for (it is closed then).
     """
-    for name in sorted(os.listdir(dir_fd)):
-        path = f"{prefix}{name}"
-        try:
-            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        except OSError:
-            continue
+    for entry in walk_tree(dir_fd, prefix, depth):
+        if entry.kind == "file":
+            yield entry.path, entry.fd
+
+
+#: What :func:`walk_tree` reports: a folder, a regular file or a symbolic link.
+EntryKind = Literal["dir", "file", "link"]
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    """One entry :func:`walk_tree` met, described by what was actually opened."""
+
+    #: Its path below the walked folder, ``/``-separated (``"a/b.txt"``).
+    path: str
+    kind: EntryKind
+    #: ``os.fstat`` of the opened descriptor; for a link, its own ``lstat``.
+    info: os.stat_result
+    #: A folder's or file's open descriptor (``-1`` for a link): the walk closes it.
+    fd: int = -1
+    #: A link's target, as read with ``readlink`` (never followed).
+    target: str = ""
+
+
+def _open_entry(dir_fd: int, name: str, path: str) -> TreeEntry | None:
+    """``name`` in ``dir_fd`` as a :class:`TreeEntry`, or ``None`` when it is none of them.
+
+    The ``lstat`` only picks how to open the entry; the verdict is ``fstat`` of
+    the descriptor opened with ``O_NOFOLLOW``, so an entry swapped for a link
+    (or anything else) in between is skipped rather than followed.
+    """
+    try:
+        info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        if stat.S_ISLNK(info.st_mode):
+            return TreeEntry(path, "link", info, target=os.readlink(name, dir_fd=dir_fd))
         if stat.S_ISDIR(info.st_mode):
-            if depth + 1 >= MAX_DEPTH:
-                continue
-            try:
-                child = open_subdir(dir_fd, name)
-            except OSError:
-                continue
-            try:
-                yield from walk_files(child, f"{path}/", depth + 1)
-            finally:
-                os.close(child)
+            kind: EntryKind = "dir"
+            fd = open_subdir(dir_fd, name)
         elif stat.S_ISREG(info.st_mode):
-            try:
-                fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
-            except OSError:
-                continue
-            try:
-                if stat.S_ISREG(os.fstat(fd).st_mode):
-                    yield path, fd
-            finally:
-                os.close(fd)
+            kind = "file"
+            fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+        else:
+            return None  # devices, FIFOs and sockets are never opened
+    except OSError:
+        return None  # gone, or swapped for a link or a non-link meanwhile
+    try:
+        info = os.fstat(fd)
+        is_kind = stat.S_ISDIR if kind == "dir" else stat.S_ISREG
+        if is_kind(info.st_mode):
+            return TreeEntry(path, kind, info, fd)
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def walk_tree(dir_fd: int, prefix: str = "", depth: int = 0) -> Generator[TreeEntry, None, None]:
+    """Every folder, regular file and link below ``dir_fd``, never following a link.
+
+    Depth first in name order, each folder before what it holds (the order of
+    ``tarfile.add``). Folders and files are opened relative to their parent's
+    descriptor with ``O_NOFOLLOW`` and described by ``fstat`` of that
+    descriptor, so what is reported is what was opened; a link is reported
+    with its target, never entered. Devices, FIFOs and sockets are left out,
+    and so is what vanishes, is swapped or cannot be opened meanwhile, and any
+    folder :data:`MAX_DEPTH` deep. An entry's descriptor is valid until the
+    next entry is asked for (the walk closes it).
+    """
+    try:
+        names = sorted(os.listdir(dir_fd))
+    except OSError:
+        return
+    for name in names:
+        entry = _open_entry(dir_fd, name, f"{prefix}{name}")
+        if entry is None:
+            continue
+        if entry.kind == "link":
+            yield entry
+            continue
+        try:
+            if entry.kind == "file":
+                yield entry
+            elif depth + 1 < MAX_DEPTH:
+                yield entry
+                yield from walk_tree(entry.fd, f"{entry.path}/", depth + 1)
+        finally:
+            os.close(entry.fd)

@@ -6,6 +6,14 @@ other special files are left out). Restoring extracts it into a new, empty
 workspace with the ``data`` extraction filter: no absolute paths, no ``..``,
 no links leaving the workspace, no device files, no set-uid bits.
 
+The portal (often root) does both while the workspace's owner may be changing
+it from a shell in an instance, so neither ever goes by path below the
+workspace: saving walks it through directory descriptors
+(:func:`labgate.safefs.walk_tree`), archiving each file from the descriptor
+it opened and each link as a link; restoring reaches every member's folder
+one component at a time with ``O_NOFOLLOW`` and refuses a link (or a file)
+met on the way instead of writing through it.
+
 The store is the ``snapshot_dir`` setting (``<data_dir>/snapshots`` by
 default); the snapshot's ``reference`` is the archive's file name in it.
 """
@@ -15,14 +23,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+from labgate import safefs
 from labgate.backends.base import SnapshotRef, SnapshotResult
 from labgate.errors import BackendError, InstanceStartError
 
 SUFFIX = ".tar.gz"
 _CHUNK = 1024 * 1024
+_TYPES = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "link": tarfile.SYMTYPE}
 
 
 def archive_path(store: Path, reference: str) -> Path:
@@ -40,16 +53,76 @@ def _sha256(path: Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _keep(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    """Regular files, directories and symlinks only; no owner names."""
-    if not (member.isfile() or member.isdir() or member.issym()):
-        return None
+# --- saving -------------------------------------------------------------------------
+
+
+class _ExactReader:
+    """Exactly ``size`` bytes of the open file ``fd``, for ``tarfile.addfile``.
+
+    The header, written first, already holds the size ``fstat`` gave, and tar
+    has no way to change it afterwards. A file the user shrinks meanwhile is
+    padded with zeros and one that grows is cut at that size, so the archive
+    stays well-formed (the file is as consistent as any file copied while
+    being written).
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._left = size
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all that is left when negative), never more than are due."""
+        wanted = self._left if size < 0 else min(size, self._left)
+        chunks: list[bytes] = []
+        got = 0
+        while got < wanted:
+            chunk = os.read(self._fd, min(wanted - got, _CHUNK))
+            if not chunk:  # shrunk: pad, the header promised ``wanted`` bytes
+                chunks.append(bytes(wanted - got))
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        self._left -= wanted
+        return b"".join(chunks)
+
+
+def _member(
+    name: str, kind: safefs.EntryKind, info: os.stat_result, target: str = ""
+) -> tarfile.TarInfo:
+    """The tar header of an entry, from the ``fstat`` of what was opened; no owner names."""
+    member = tarfile.TarInfo(name)
+    member.type = _TYPES[kind]
+    member.mode = stat.S_IMODE(info.st_mode)
+    member.mtime = info.st_mtime
+    member.uid, member.gid = info.st_uid, info.st_gid
     member.uname = member.gname = ""
+    member.size = info.st_size if kind == "file" else 0
+    member.linkname = target
     return member
 
 
+def _add_workspace(tar: tarfile.TarFile, root_fd: int) -> None:
+    """Add the tree below ``root_fd`` to ``tar``, entries relative to ``.`` (its root).
+
+    Every file is stored whole (two names of one file make two files): a hard
+    link entry would name a path the restore would have to go by.
+    """
+    tar.addfile(_member(".", "dir", os.fstat(root_fd)))
+    for entry in safefs.walk_tree(root_fd):
+        member = _member(f"./{entry.path}", entry.kind, entry.info, entry.target)
+        if entry.kind == "file":
+            tar.addfile(member, _ExactReader(entry.fd, member.size))
+        else:
+            tar.addfile(member)
+
+
 def save_workspace(workspace: Path, store: Path, snapshot_id: str) -> SnapshotResult:
-    """Archive ``workspace`` into the store as ``<snapshot_id>.tar.gz`` (blocking)."""
+    """Archive ``workspace`` into the store as ``<snapshot_id>.tar.gz`` (blocking).
+
+    Nothing below the workspace is read by path: a link the user swaps in for
+    a folder or a file while this runs is archived as a link, never followed
+    (see :func:`labgate.safefs.walk_tree`).
+    """
     if not workspace.is_dir():
         raise BackendError(f"the workspace {workspace} does not exist")
     store.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -57,9 +130,12 @@ def save_workspace(workspace: Path, store: Path, snapshot_id: str) -> SnapshotRe
     target = archive_path(store, reference)
     partial = target.with_name(target.name + ".part")
     try:
-        with tarfile.open(partial, "w:gz") as tar:
-            # Entries relative to the workspace: "." is its root.
-            tar.add(workspace, arcname=".", filter=_keep)
+        root_fd = safefs.open_below(workspace, [])  # the workspace itself is trusted
+        try:
+            with tarfile.open(partial, "w:gz") as tar:
+                _add_workspace(tar, root_fd)
+        finally:
+            os.close(root_fd)
         os.chmod(partial, 0o600)
         partial.replace(target)
     except OSError as exc:
@@ -81,8 +157,133 @@ def find_archive(store: Path, reference: str) -> SnapshotResult | None:
     )
 
 
+# --- restoring ----------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """A member the restore will not write; its message is the reason, for the user."""
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """A folder the restore made, whose mode and time are set once it is filled."""
+
+    parts: tuple[str, ...]
+    mode: int
+    mtime: float
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    """A member name's components; ``..`` is refused even when it would stay inside."""
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise _Refused(f"{name!r} goes through '..'")
+    return parts
+
+
+def _open_folder(workspace: Path, parts: tuple[str, ...], *, create: bool = True) -> int:
+    """A descriptor of ``workspace/parts``, never through a link; ``create`` makes the missing."""
+    try:
+        return safefs.open_below(workspace, parts, create=create)
+    except OSError as exc:
+        if safefs.refused(exc):
+            raise _Refused(
+                f"a link or a file stands where {'/'.join(parts)!r} should be a folder"
+            ) from exc
+        raise
+
+
+def _write_file(parent_fd: int, name: str, source: IO[bytes], member: tarfile.TarInfo) -> None:
+    """Write ``name`` in ``parent_fd`` from ``source``, with the member's (filtered) mode and time.
+
+    ``O_EXCL`` after removing what is there (a later member replaces an earlier
+    one, as in tar): an existing entry, a link or another name of an outside
+    file, is unlinked, never opened and written through.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=parent_fd)  # a folder raises: it is not replaced
+    fd = os.open(name, safefs.WRITE_FLAGS | os.O_EXCL, 0o600, dir_fd=parent_fd)
+    try:
+        while chunk := source.read(_CHUNK):
+            view = memoryview(chunk)
+            while view:  # a short write (a full disk raises on the next one)
+                view = view[os.write(fd, view) :]
+        if member.mode is not None:
+            os.fchmod(fd, member.mode)
+        os.utime(fd, (member.mtime, member.mtime))
+    finally:
+        os.close(fd)
+
+
+def _write_link(parent_fd: int, name: str, target: str) -> None:
+    """Make the link ``name`` → ``target`` in ``parent_fd`` (it is created, not followed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=parent_fd)
+    os.symlink(target, name, dir_fd=parent_fd)
+
+
+def _restore_member(
+    tar: tarfile.TarFile, original: tarfile.TarInfo, workspace: Path
+) -> _Folder | None:
+    """Write one member below ``workspace``; a folder is returned to be finished later."""
+    # Absolute paths, links leaving the workspace, devices; modes sanitised.
+    member = tarfile.data_filter(original, str(workspace))
+    parts = _parts(member.name)
+    if member.isdir():
+        os.close(_open_folder(workspace, parts))
+        # The filter drops folders' modes (a 0500 folder could not be filled);
+        # they are set once filled, without group or other write, owner rwx.
+        return _Folder(parts, (original.mode & 0o755) | 0o700, member.mtime)
+    if not parts:
+        raise _Refused(f"{member.name!r} is not a folder")
+    parent_fd = _open_folder(workspace, parts[:-1])
+    try:
+        if member.issym():
+            _write_link(parent_fd, parts[-1], member.linkname)
+            return None
+        # A regular file, or a hard link: written as a copy (the data of its target).
+        source = tar.extractfile(member)
+        if source is not None:
+            with source:
+                _write_file(parent_fd, parts[-1], source, member)
+    finally:
+        os.close(parent_fd)
+    return None
+
+
+def _finish_folders(workspace: Path, folders: list[_Folder]) -> None:
+    """Set the restored folders' modes and times, deepest first (filling them changed the times)."""
+    for folder in reversed(folders):
+        try:
+            fd = _open_folder(workspace, folder.parts, create=False)
+        except FileNotFoundError:
+            continue  # removed by the user meanwhile: theirs to remove
+        try:
+            if folder.parts:  # the workspace's own mode stays
+                os.fchmod(fd, folder.mode)
+            os.utime(fd, (folder.mtime, folder.mtime))
+        finally:
+            os.close(fd)
+
+
+def _extract(source: Path, workspace: Path) -> None:
+    """Extract the archive member by member, every folder reached through descriptors."""
+    folders: list[_Folder] = []
+    with tarfile.open(source, "r:gz") as tar:
+        for original in tar:
+            folder = _restore_member(tar, original, workspace)
+            if folder is not None:
+                folders.append(folder)
+    _finish_folders(workspace, folders)
+
+
 def restore_workspace(store: Path, snapshot: SnapshotRef, workspace: Path) -> None:
-    """Extract a snapshot's archive into ``workspace``, which must be empty (blocking)."""
+    """Extract a snapshot's archive into ``workspace``, which must be empty (blocking).
+
+    The user may change the workspace while this runs: a link (or a file) put
+    where a folder of the archive goes stops the restore, and nothing is ever
+    written through a link.
+    """
     if snapshot.kind != "archive":
         raise InstanceStartError(
             f"snapshot {snapshot.id} is a container image; launch it on a containers site"
@@ -99,9 +300,9 @@ def restore_workspace(store: Path, snapshot: SnapshotRef, workspace: Path) -> No
         # A retried launch after a restart: the restore already happened.
         return
     try:
-        with tarfile.open(source, "r:gz") as tar:
-            tar.extractall(workspace, filter="data")
-    except (OSError, tarfile.TarError) as exc:
+        _extract(source, workspace)
+    except (OSError, tarfile.TarError, KeyError, _Refused) as exc:
+        # KeyError: a hard link to a member the archive does not hold.
         raise InstanceStartError(f"cannot restore snapshot {snapshot.id}: {exc}") from exc
 
 
