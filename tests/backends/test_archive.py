@@ -407,3 +407,40 @@ def test_an_old_archive_with_hard_links_still_restores(tmp_path: Path) -> None:
     target.mkdir()
     restore_workspace(store, SnapshotRef("old", "archive", "old.tar.gz"), target)
     assert (target / "sub" / "one").read_text() == (target / "two").read_text() == "shared"
+
+
+def test_an_archive_is_private_from_its_first_byte(tmp_path: Path) -> None:
+    """Mode 0600 while it is written, too: a store others may list (0755) leaks nothing.
+
+    A local account that opens the archive while it is still being written keeps
+    reading it after any later chmod, so a late 0600 would come too late.
+    """
+    store = tmp_path / "store"
+    store.mkdir(mode=0o755)
+    (store / "s1.tar.gz.part").write_bytes(b"left by a save cut short")
+    (store / "s1.tar.gz.part").chmod(0o644)
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    for i in range(8):
+        (workspace / f"f{i}").write_bytes(os.urandom(2 << 20))  # gzip takes a while on these
+    partial = store / "s1.tar.gz.part"
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                if partial.stat().st_size > 100:  # the new archive, not the one left there
+                    seen.add(stat.S_IMODE(partial.stat().st_mode))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    old = os.umask(0o022)
+    try:
+        save_workspace(workspace, store, "s1")
+    finally:
+        os.umask(old)
+        done.set()
+        watcher.join()
+    assert seen == {0o600}
+    assert stat.S_IMODE((store / "s1.tar.gz").stat().st_mode) == 0o600

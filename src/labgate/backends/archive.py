@@ -27,7 +27,7 @@ import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, BinaryIO
 
 from labgate import safefs
 from labgate.backends.base import SnapshotRef, SnapshotResult
@@ -116,6 +116,18 @@ def _add_workspace(tar: tarfile.TarFile, root_fd: int) -> None:
             tar.addfile(member)
 
 
+def _private_file(path: Path) -> BinaryIO:
+    """``path`` made anew, mode 0600 from its first byte (the store may be others' to list).
+
+    A file left there (a save cut short) is removed first rather than
+    truncated: whoever had it open would read the new archive through it.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, 0o600), "wb")
+
+
 def save_workspace(workspace: Path, store: Path, snapshot_id: str) -> SnapshotResult:
     """Archive ``workspace`` into the store as ``<snapshot_id>.tar.gz`` (blocking).
 
@@ -132,11 +144,10 @@ def save_workspace(workspace: Path, store: Path, snapshot_id: str) -> SnapshotRe
     try:
         root_fd = safefs.open_below(workspace, [])  # the workspace itself is trusted
         try:
-            with tarfile.open(partial, "w:gz") as tar:
+            with _private_file(partial) as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 _add_workspace(tar, root_fd)
         finally:
             os.close(root_fd)
-        os.chmod(partial, 0o600)
         partial.replace(target)
     except OSError as exc:
         with contextlib.suppress(OSError):
