@@ -697,6 +697,82 @@ async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_ga
     assert result["gate"] == {"ok": True, "value": "HTTP/1.1 403 Forbidden"}
 
 
+#: Tries to open X displays 0-5 on the abstract sockets (shared by every network namespace's
+#: users: the host's and the instances'), then on the host's /tmp sockets, with no credential.
+#: Prints {"@X0": status or errno, "/X0": ...}: status 1 is a display that took it.
+X_PROBE = r"""
+import json, socket, sys
+SETUP = b"l\0\x0b\0\0\0\0\0\0\0\0\0"  # little-endian, X11.0, no authorization
+out = {}
+for n in range(6):
+    for name, address in (("@X%d" % n, "\0/tmp/.X11-unix/X%d" % n),
+                          ("/X%d" % n, "/tmp/.X11-unix/X%d" % n)):
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(address)
+                s.sendall(SETUP)
+                reply = s.recv(8)
+            out[name] = reply[0] if reply else "closed"
+        except OSError as exc:
+            out[name] = "errno %d" % exc.errno
+print(json.dumps(out))
+"""
+
+
+async def test_nobody_else_opens_a_desktops_x_display(launch: Launch, settings: Settings) -> None:
+    """The desktop's X server takes no client from another instance nor from the host.
+
+    Another user's instance shares the host's network namespace, and with it
+    the abstract sockets: the X server must not listen there, and its socket
+    in the instance's own /tmp takes only the desktop's cookie. A display that
+    took a client would let it type commands into the desktop's terminal.
+    """
+    desktop = app_tool("desktop")
+    bob, _ = await launch(tool=desktop, owner="bob", owner_id=BOB, params={"geometry": "800x600"})
+    log = Path(bob.state["log"])
+    deadline = time.monotonic() + 60
+    while (found := re.search(r"desktop: :(\d+)", log.read_text())) is None:
+        assert time.monotonic() < deadline, log.read_text()
+        await asyncio.sleep(0.3)
+    display = found.group(1)
+    xvnc = [p for p in instance_processes(bob.state["instance_id"], int(bob.state["pid"]), {})
+            if Path(f"/proc/{p}/comm").read_text().strip() == "Xtigervnc"]  # fmt: skip
+    assert xvnc, "no X server among the instance's processes"
+
+    # Alice, from a shell in her own instance (her uid, the host's network namespace).
+    alice = settings.workspaces_dir / "alice"
+    alice.mkdir(parents=True, exist_ok=True)
+    (alice / "x_probe.py").write_text(X_PROBE)
+    command = ["{python}", "{workspace}/x_probe.py"]
+    probe = Tool(name="x-probe", title="X probe", process=ProcessSpec(command=command))
+    alices, _ = await launch(tool=probe)
+    alices_log = Path(alices.state["log"])
+    deadline = time.monotonic() + 30
+    while "{" not in alices_log.read_text():
+        assert time.monotonic() < deadline, alices_log.read_text()
+        await asyncio.sleep(0.2)
+    from_alice = json.loads(alices_log.read_text().splitlines()[-1])
+    # A local account on the host (nobody).
+    host = subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         sys.executable, "-c", X_PROBE],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    from_host = json.loads(host.stdout)
+    # Even root on the host, through the instance's own /tmp, gets no display without the cookie.
+    own = f"/proc/{xvnc[0]}/root/tmp/.X11-unix/X{display}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(own)
+        s.sendall(b"l\0\x0b\0\0\0\0\0\0\0\0\0")
+        own_reply = s.recv(8)
+
+    assert 1 not in from_alice.values(), from_alice
+    assert 1 not in from_host.values(), from_host
+    assert own_reply[:1] == b"\0", own_reply  # Failed: authorization required
+
+
 # Run as an ordinary account: the backend starts the tool and prints the instance's state.
 START_AS_ACCOUNT = """
 import asyncio, json, sys, uuid

@@ -3,9 +3,16 @@
 ``python -m labgate.tools.desktop --port P --geometry 1280x800`` starts, in
 one process group (the process backend stops them together):
 
-1. ``Xtigervnc``: a virtual X server that is also a VNC server. It listens on
-   a Unix socket in a private directory (mode 0700), never on TCP, so only
-   the instance's own uid can reach the desktop;
+1. ``Xtigervnc``: a virtual X server that is also a VNC server. Its VNC side
+   listens on a Unix socket in a private directory (mode 0700), never on TCP.
+   Its X side takes only clients holding a random cookie (``-auth``, the
+   ``Xauthority`` file in that directory, which the desktop's own programs
+   get through ``XAUTHORITY``), and listens neither on TCP nor on the
+   abstract socket ``@/tmp/.X11-unix/X<n>``, which lives in the network
+   namespace that sandboxed instances share with the host: only
+   ``/tmp/.X11-unix/X<n>``, in the instance's own ``/tmp``. Another user's
+   instance or a local account would otherwise type into the desktop's
+   terminal (XTEST) and run commands as the instance's user;
 2. ``openbox``, a light window manager, which starts an ``xterm`` in the workspace;
 3. ``websockify`` on the loopback port ``P`` (``--host 0.0.0.0`` in a container,
    whose network namespace is its own): it serves noVNC's pages and
@@ -24,8 +31,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -113,6 +122,27 @@ def read_display(fd: int, process: subprocess.Popen[bytes], timeout: float = 20)
     return f":{int(text)}"
 
 
+#: The ``Xauthority`` family that matches any address (a cookie for this display wherever).
+FAMILY_WILD = 0xFFFF
+
+
+def write_xauthority(path: Path, cookie: bytes) -> None:
+    """Write an ``Xauthority`` file (mode 0600) holding ``cookie`` as an MIT-MAGIC-COOKIE-1.
+
+    One entry of the family that matches any address and any display number
+    (empty fields): the X server takes its cookie from it (``-auth``), and
+    the desktop's programs find it through ``XAUTHORITY``. The format is
+    libXau's: a 16-bit family, then four length-prefixed fields.
+    """
+    fields = (b"", b"", b"MIT-MAGIC-COOKIE-1", cookie)
+    entry = struct.pack(">H", FAMILY_WILD) + b"".join(
+        struct.pack(">H", len(field)) + field for field in fields
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(entry)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Start the desktop and serve it on ``--port`` until stopped."""
     parser = argparse.ArgumentParser(description="labgate desktop tool")
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     private = Path(tempfile.mkdtemp(prefix="labgate-desktop-"))
     private.chmod(0o700)
     socket = private / "vnc.sock"
+    xauthority = private / "Xauthority"
+    write_xauthority(xauthority, secrets.token_bytes(16))
     (private / "labgate_desktop_auth.py").write_text(AUTH_PLUGIN)
     web = web_root(private, novnc)
     children: list[subprocess.Popen[bytes]] = []
@@ -164,12 +196,16 @@ def main(argv: list[str] | None = None) -> None:
         "-AlwaysShared",
         "-nolisten",
         "tcp",
+        "-nolisten",
+        "local",
+        "-auth",
+        str(xauthority),
     ]
     children.append(subprocess.Popen(xvnc, pass_fds=(write_end,)))
     os.close(write_end)
     display = read_display(read_end, children[0])
     wait_for(socket, children[0])
-    env = {**os.environ, "DISPLAY": display}
+    env = {**os.environ, "DISPLAY": display, "XAUTHORITY": str(xauthority)}
     # Openbox starts the xterm once it manages the screen, so the xterm is placed and
     # focused: an xterm mapped before the window manager stayed unfocused, and keys
     # typed into the desktop went nowhere.
