@@ -134,7 +134,11 @@ class Adoption:
 def task_executor(site: str, backend: Backend) -> TaskExecutor:
     """How ``site`` runs batch tasks: Slurm jobs on a Slurm site, containers on a containers
     site (for tasks that want an image), else processes."""
-    processes = ProcessTaskExecutor(site_name=site)
+    processes = ProcessTaskExecutor(
+        sandbox=backend.settings.sandbox,
+        site_name=site,
+        uid_base=backend.settings.instance_uid_base,
+    )
     if backend.name == "slurm":
         from labgate.agent.taskslurm import SlurmTaskExecutor
         from labgate.backends.slurm import SlurmBackend

@@ -295,7 +295,9 @@ def execute(directory: Path) -> dict[str, Any]:
         **slurm,
         **venv,
         "PATH": path,
-        "HOME": str(directory),
+        # Sandboxed (perhaps as the owner's uid), the attempt's folder is not the task's to
+        # write: its home is the sandbox's own /tmp, private and thrown away with it.
+        "HOME": "/tmp" if spec.get("sandbox") else str(directory),  # noqa: S108
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
         **spec.get("env", {}),

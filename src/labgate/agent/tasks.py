@@ -13,8 +13,11 @@ runner has not yet seen end, it looks at it at once (:meth:`TaskRunner.results`)
 :class:`ProcessTaskExecutor` runs each attempt as a detached
 ``python -m labgate.agent.taskexec DIR`` (in a bubblewrap sandbox where it
 exists, with its ``cpu`` and ``memory_mib`` as limits:
-:mod:`labgate.agent.tasklimits`) under the site's task directory;
-everything about the attempt is in that directory, so a new runner (after a
+:mod:`labgate.agent.tasklimits`) under the site's task directory. Where
+labgate runs as root, the task itself runs as its owner's instances do: as
+the owner's own unprivileged uid (:mod:`labgate.backends.identity`), with no
+capabilities and ``no_new_privs``, its results directory that uid's.
+Everything about the attempt is in that directory, so a new runner (after a
 restart) finds it again with :meth:`TaskRunner.adopt`. The other engines
 implement :class:`TaskExecutor` the same way: containers
 (:mod:`labgate.agent.taskcontainer`) and Slurm batch jobs
@@ -43,6 +46,8 @@ from typing import Any
 from labgate.agent import tasklimits
 from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.taskexec import RESULTS_ARCHIVE
+from labgate.backends.identity import Identity, hand_over, instance_identity
+from labgate.backends.limits import dropping_argv
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.wire.runs import TaskSpec
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Largest results archive a site hands over (bytes, compressed).
 MAX_RESULTS_ARCHIVE = 64 * 1024 * 1024
+#: The settings' ``instance_uid_base`` when the executor is not told (as instances').
+DEFAULT_UID_BASE = 1_000_000_000
 POLL_INTERVAL = 0.1
 _ATTEMPT_ID = re.compile(r"^[a-f0-9]{8,32}$")
 
@@ -138,34 +145,56 @@ class ProcessTaskExecutor(TaskExecutor):
 
     name = "process"
 
-    def __init__(self, sandbox: str = "auto", site_name: str = "") -> None:
+    def __init__(
+        self, sandbox: str = "auto", site_name: str = "", uid_base: int = DEFAULT_UID_BASE
+    ) -> None:
         #: ``auto`` (bwrap when installed; refused as root without it), ``bwrap``, ``none``.
         self.sandbox = sandbox
         self.site_name = site_name
+        #: The site's ``instance_uid_base``: as root, a task runs as ``uid_base + owner id``.
+        self.uid_base = uid_base
         self._children: dict[Path, subprocess.Popen[bytes]] = {}
 
-    def _sandbox_argv(self, directory: Path, env_dir: Path | None) -> list[str]:
+    def _bwrap(self) -> str | None:
+        """The ``bwrap`` to use, or None to run unsandboxed (as the process backend decides)."""
         if self.sandbox in ("off", "none"):
-            return []
+            return None
         bwrap = find_bwrap()
-        if bwrap is None:
-            if self.sandbox == "bwrap" or os.geteuid() == 0:
-                # As root, a task without the sandbox could do anything on the machine.
-                raise BadRequest(
-                    f"site {self.site_name or 'here'} runs tasks only in the bubblewrap sandbox, "
-                    "which is not installed (apt-get install bubblewrap)"
-                )
-            return []
+        if bwrap is None and (self.sandbox == "bwrap" or os.geteuid() == 0):
+            # As root, a task without the sandbox could do anything on the machine.
+            raise BadRequest(
+                f"site {self.site_name or 'here'} runs tasks only in the bubblewrap sandbox, "
+                "which is not installed (apt-get install bubblewrap)"
+            )
+        return bwrap
+
+    def identity(self, owner_id: int | None) -> Identity | None:
+        """Who a task of user ``owner_id`` runs as; None: the site's own account.
+
+        The uid the owner's instances on a process site run as (same base, same
+        rule); sandboxed only: unsandboxed, the task needs the server's own paths.
+        """
+        return instance_identity(self.uid_base, owner_id)
+
+    def _sandbox_argv(
+        self, directory: Path, env_dir: Path | None, identity: Identity | None, bwrap: str
+    ) -> list[str]:
+        results = directory / "results"
         try:
             plan = bwrap_argv(
                 bwrap,
-                workspace=directory / "results",
+                workspace=results,
                 extra_ro=[str(env_dir)] if env_dir is not None else [],
                 hostname="labgate-task",
+                switch_uid=identity is not None,
             )
         except SandboxError as exc:
             raise BadRequest(str(exc)) from None
-        return plan.argv
+        if identity is None:
+            return plan.argv
+        # In front of the task, inside the sandbox: the owner's uid, no capability (the
+        # bounding set emptied), no_new_privs, then into the results directory.
+        return plan.argv + dropping_argv(identity.uid, identity.gid, str(results), [])
 
     async def start(
         self,
@@ -181,8 +210,18 @@ class ProcessTaskExecutor(TaskExecutor):
                 "environment.image needs a site whose backend is containers"
             )
         body = spec.model_dump(mode="json")
-        (directory / "results").mkdir(parents=True, exist_ok=True)
-        body["sandbox"] = self._sandbox_argv(directory, env_dir)
+        results = directory / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        bwrap = self._bwrap()
+        sandbox: list[str] = []
+        if bwrap is not None:
+            identity = self.identity(spec.owner_id)
+            if identity is not None:
+                # The task writes its results as the owner's uid; the agent (root) reads
+                # them, and the rest of the attempt's directory stays root's.
+                await asyncio.to_thread(hand_over, results, identity)
+            sandbox = self._sandbox_argv(directory, env_dir, identity, bwrap)
+        body["sandbox"] = sandbox
         body["venv"] = str(env_dir) if env_dir is not None else ""
         limits = await asyncio.to_thread(tasklimits.plan, spec)
         body["limits"] = limits.as_json()

@@ -752,6 +752,7 @@ def _spec_of(session: Session, attempt_id: str) -> tuple[TaskSpec, str]:
         run_id=run.id,
         task=task.label,
         owner=run.owner.name,
+        owner_id=run.owner_id,
         attempt=attempt.number,
         command=definition.command,
         callable=definition.callable,

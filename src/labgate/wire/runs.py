@@ -245,6 +245,10 @@ class TaskSpec(BaseModel):
     run_id: str
     task: str
     owner: str
+    #: The owner's user id: on a process site run as root, the task runs as the uid
+    #: the owner's instances run as (``instance_uid_base`` + this). None from an older
+    #: portal: the base uid itself, which no user's instances get.
+    owner_id: int | None = None
     #: Which try this is (1, 2, ...): ``$LABGATE_ATTEMPT`` for the task.
     attempt: int = 1
     command: list[str] | str | None = None
