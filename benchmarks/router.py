@@ -494,7 +494,15 @@ class Labgate:
             self.processes = await asyncio.to_thread(spawn_workers, worker, self.workers)
         finally:
             os.environ.pop(PURE_ENV, None)
+        # Every worker follows the stream before it listens: wait for all, or wrk's first
+        # run could find one worker taking every connection while the other still starts.
+        deadline = time.monotonic() + 60
+        while self.publisher.subscriber_count < self.workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the router workers did not all follow the route stream")
+            await asyncio.sleep(0.05)
         await self.wait_route("bench", 200)
+        await asyncio.sleep(0.5)  # a worker listens right after its first snapshot
 
     def headers(self, instance_id: str) -> list[str]:
         """The Host and Cookie headers of a request to ``instance_id``."""
