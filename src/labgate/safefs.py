@@ -199,3 +199,37 @@ def walk_tree(dir_fd: int, prefix: str = "", depth: int = 0) -> Generator[TreeEn
                 yield from walk_tree(entry.fd, f"{entry.path}/", depth + 1)
         finally:
             os.close(entry.fd)
+
+
+#: How much :class:`ExactReader` reads at a time.
+READ_CHUNK = 1024 * 1024
+
+
+class ExactReader:
+    """Exactly ``size`` bytes of the open file ``fd``, for ``tarfile.addfile``.
+
+    A tar header, written first, already holds the size ``fstat`` gave, and
+    tar has no way to change it afterwards. A file the user shrinks meanwhile
+    is padded with zeros and one that grows is cut at that size, so the
+    archive stays well-formed (the file is as consistent as any file copied
+    while being written) and its writer never fails on it.
+    """
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd = fd
+        self._left = size
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (all that is left when negative), never more than are due."""
+        wanted = self._left if size < 0 else min(size, self._left)
+        chunks: list[bytes] = []
+        got = 0
+        while got < wanted:
+            chunk = os.read(self._fd, min(wanted - got, READ_CHUNK))
+            if not chunk:  # shrunk: pad, the header promised ``wanted`` bytes
+                chunks.append(bytes(wanted - got))
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        self._left -= wanted
+        return b"".join(chunks)

@@ -126,3 +126,40 @@ async def test_a_linked_log_is_not_read(app, client, make_user):
     got = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "t"}, headers=alice)
 
     assert "not alice's" not in got.text
+
+
+async def test_a_results_download_holds_a_few_pieces_however_large_the_folder(
+    app, client, make_user, tmp_path
+):
+    """The archive is streamed as it is compressed, never built whole in the portal's memory.
+
+    The owner can grow their run's folder (it is in their workspace) without
+    bound; a download of it must not take the portal's memory with it.
+    """
+    import os
+    import tracemalloc
+
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    run_id = await finished_run(client, alice)
+    folder = ws / "alice" / "runs" / run_id
+    for i in range(12):  # 96 MiB that gzip cannot shrink
+        (folder / f"big{i}.bin").write_bytes(os.urandom(8 << 20))
+    saved = tmp_path / "results.tar.gz"
+    tracemalloc.start()
+    try:
+        with saved.open("wb") as out:
+            url = f"/api/v1/runs/{run_id}/results"
+            async with client.stream("GET", url, headers=alice) as response:
+                assert response.status_code == 200
+                async for piece in response.aiter_raw():
+                    out.write(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert saved.stat().st_size > 96 << 20
+    with tarfile.open(saved, mode="r:gz") as tar:
+        got = {member.name: member.size for member in tar}
+    assert [size for name, size in got.items() if name.endswith("/mine.txt")] == [5], got
+    assert all(got[f"big{i}.bin"] == 8 << 20 for i in range(12))
+    assert peak < 32 << 20, f"the portal held {peak / 2**20:.0f} MiB for a 96 MiB download"

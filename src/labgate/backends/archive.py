@@ -56,36 +56,6 @@ def _sha256(path: Path) -> str:
 # --- saving -------------------------------------------------------------------------
 
 
-class _ExactReader:
-    """Exactly ``size`` bytes of the open file ``fd``, for ``tarfile.addfile``.
-
-    The header, written first, already holds the size ``fstat`` gave, and tar
-    has no way to change it afterwards. A file the user shrinks meanwhile is
-    padded with zeros and one that grows is cut at that size, so the archive
-    stays well-formed (the file is as consistent as any file copied while
-    being written).
-    """
-
-    def __init__(self, fd: int, size: int) -> None:
-        self._fd = fd
-        self._left = size
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes (all that is left when negative), never more than are due."""
-        wanted = self._left if size < 0 else min(size, self._left)
-        chunks: list[bytes] = []
-        got = 0
-        while got < wanted:
-            chunk = os.read(self._fd, min(wanted - got, _CHUNK))
-            if not chunk:  # shrunk: pad, the header promised ``wanted`` bytes
-                chunks.append(bytes(wanted - got))
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        self._left -= wanted
-        return b"".join(chunks)
-
-
 def _member(
     name: str, kind: safefs.EntryKind, info: os.stat_result, target: str = ""
 ) -> tarfile.TarInfo:
@@ -111,7 +81,7 @@ def _add_workspace(tar: tarfile.TarFile, root_fd: int) -> None:
     for entry in safefs.walk_tree(root_fd):
         member = _member(f"./{entry.path}", entry.kind, entry.info, entry.target)
         if entry.kind == "file":
-            tar.addfile(member, _ExactReader(entry.fd, member.size))
+            tar.addfile(member, safefs.ExactReader(entry.fd, member.size))
         else:
             tar.addfile(member)
 

@@ -12,12 +12,18 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import os
+import queue
+import stat
 import tarfile
+import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -27,13 +33,14 @@ from labgate.errors import BadRequest
 from labgate.portal.auth import Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal, runs_of
-from labgate.safefs import open_below, refused, walk_files
+from labgate.safefs import ExactReader, open_below, refused, walk_files
 from labgate.scheduler import runrows
 from labgate.scheduler.runrows import Viewer
 from labgate.types import MAX_ID
 from labgate.wire.runs import DefinitionError, parse_definition, validate_definition
 
 router = APIRouter(prefix="/runs", tags=["runs"])
+log = logging.getLogger(__name__)
 
 #: Largest run definition accepted (bytes).
 MAX_DEFINITION = 1024 * 1024
@@ -203,7 +210,7 @@ async def run_task_logs(
 
 @router.get(
     "/{run_id}/results",
-    response_class=Response,
+    response_class=StreamingResponse,
     responses={200: {"content": {"application/gzip": {}}}, **errors(404)},
 )
 async def run_results(
@@ -211,7 +218,11 @@ async def run_results(
     caller: Principal = require("instances:read"),
     portal: Portal = Depends(get_portal),
 ) -> Response:
-    """Every task's collected results and a ``results.json`` of exit codes and return values."""
+    """Every task's collected results and a ``results.json`` of exit codes and return values.
+
+    Streamed as it is compressed: however large the run's folder has grown,
+    the portal holds a few pieces of it at a time.
+    """
     who = viewer(caller)
 
     def query(session: Session) -> tuple[tuple[Path, tuple[str, str]], dict[str, Any]]:
@@ -220,35 +231,118 @@ async def run_results(
         return results_root(portal, run), summary
 
     (workspace, parts), summary = await portal.run_db(query)
-    archive = await asyncio.to_thread(_archive, workspace, parts, summary)
-    return Response(
-        archive,
+    return StreamingResponse(
+        _stream_archive(workspace, parts, summary),
         media_type="application/gzip",
         headers={"Content-Disposition": f'attachment; filename="run-{run_id}.tar.gz"'},
     )
 
 
-def _archive(workspace: Path, parts: tuple[str, ...], summary: dict[str, Any]) -> bytes:
-    """The results archive: ``results.json`` and the regular files under ``workspace/parts``.
+#: Compressed bytes handed to the client at a time, and pieces held for it at most:
+#: a results download holds about 2 MiB however large the run's folder has grown.
+_PIECE = 256 * 1024
+_PIECES = 8
 
-    The owner may have made ``runs``, ``runs/<id>`` or any folder below a link
-    (to another user's workspace, the data dir): none is followed, a link on
-    the way to the run's folder means no files, links below it are left out.
+
+class _Gone(Exception):
+    """The client stopped reading: the archive's writer stops."""
+
+
+class _Pieces(io.RawIOBase):
+    """Where the archive's writer (a thread) writes: pieces for the response, bounded.
+
+    A full queue blocks the writer until the client takes a piece, so memory
+    stays at :data:`_PIECES` pieces; once the client has gone, a write raises.
     """
-    buffer = io.BytesIO()
-    with contextlib.ExitStack() as stack:
-        tar = stack.enter_context(tarfile.open(fileobj=buffer, mode="w:gz"))
-        data = json.dumps(summary, indent=2).encode()
-        info = tarfile.TarInfo("results.json")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
-        root = _open_results(workspace, parts)
-        if root is not None:
-            stack.callback(os.close, root)
-            for name, fd in stack.enter_context(contextlib.closing(walk_files(root))):
-                with os.fdopen(os.dup(fd), "rb") as file:
-                    tar.addfile(tar.gettarinfo(arcname=name, fileobj=file), file)
-    return buffer.getvalue()
+
+    def __init__(self, out: queue.Queue[bytes | BaseException | None], gone: threading.Event):
+        self.out = out
+        self.gone = gone
+        self.pending = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.pending += data
+        if len(self.pending) >= _PIECE:
+            self.send()
+        return len(data)
+
+    def send(self) -> None:
+        """Hand what was written so far to the response."""
+        if self.pending:
+            piece, self.pending = bytes(self.pending), bytearray()
+            self.put(piece)
+
+    def put(self, item: bytes | BaseException | None) -> None:
+        while not self.gone.is_set():
+            with contextlib.suppress(queue.Full):
+                self.out.put(item, timeout=0.5)
+                return
+        raise _Gone
+
+
+def _write_archive(
+    pieces: _Pieces, workspace: Path, parts: tuple[str, ...], summary: dict[str, Any]
+) -> None:
+    """The results archive, written into ``pieces`` (in a thread), then its end (None).
+
+    ``results.json`` and the regular files under ``workspace/parts``. The owner
+    may have made ``runs``, ``runs/<id>`` or any folder below a link (to
+    another user's workspace, the data dir): none is followed, a link on the
+    way to the run's folder means no files, links below it are left out. A
+    file changed while it is read is taken at the size it had (ExactReader).
+    """
+    try:
+        with contextlib.ExitStack() as stack:
+            tar = stack.enter_context(tarfile.open(fileobj=pieces, mode="w|gz"))
+            data = json.dumps(summary, indent=2).encode()
+            info = tarfile.TarInfo("results.json")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            root = _open_results(workspace, parts)
+            if root is not None:
+                stack.callback(os.close, root)
+                for name, fd in stack.enter_context(contextlib.closing(walk_files(root))):
+                    found = os.fstat(fd)
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime = found.st_size, found.st_mtime
+                    info.mode = stat.S_IMODE(found.st_mode)
+                    tar.addfile(info, ExactReader(fd, info.size))
+        pieces.send()
+        pieces.put(None)
+    except _Gone:
+        return
+    except Exception as exc:  # reading the folder failed: the download ends short
+        with contextlib.suppress(_Gone):
+            pieces.put(exc)
+
+
+async def _stream_archive(
+    workspace: Path, parts: tuple[str, ...], summary: dict[str, Any]
+) -> AsyncIterator[bytes]:
+    """The results archive, compressed in a thread as the client reads it."""
+    out: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=_PIECES)
+    gone = threading.Event()
+    writer = threading.Thread(
+        target=_write_archive,
+        args=(_Pieces(out, gone), workspace, parts, summary),
+        name="run-results",
+        daemon=True,
+    )
+    writer.start()
+    try:
+        while True:
+            piece = await asyncio.to_thread(out.get)
+            if piece is None:
+                return
+            if isinstance(piece, BaseException):
+                log.warning("a run's results download ended short: %s", piece)
+                return
+            yield piece
+    finally:
+        gone.set()  # a client that went away stops the writer at its next piece
 
 
 def _open_results(workspace: Path, parts: tuple[str, ...]) -> int | None:
