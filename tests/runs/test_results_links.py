@@ -163,3 +163,35 @@ async def test_a_results_download_holds_a_few_pieces_however_large_the_folder(
     assert [size for name, size in got.items() if name.endswith("/mine.txt")] == [5], got
     assert all(got[f"big{i}.bin"] == 8 << 20 for i in range(12))
     assert peak < 32 << 20, f"the portal held {peak / 2**20:.0f} MiB for a 96 MiB download"
+
+
+async def test_a_kept_log_grown_without_line_ends_is_read_from_its_end_only(app, client, make_user):
+    """``GET /runs/<id>/logs`` reads at most 4 MiB back from a kept log's end.
+
+    The owner can replace the log in their workspace with gigabytes on one
+    line; the portal must neither read it whole nor send it all.
+    """
+    import tracemalloc
+
+    from labgate.backends.procfs import MAX_TAIL_BYTES
+
+    ws = app.state.portal.settings.workspaces_dir
+    alice = await make_user("alice")
+    run_id = await finished_run(client, alice)
+    log = ws / "alice" / "runs" / run_id / ".logs" / "t.log"
+    with log.open("wb") as out:
+        for _ in range(16):  # 64 MiB and not one line end
+            out.write(b"x" * (4 << 20))
+        out.write(b"\nlast line\n")
+    tracemalloc.start()
+    try:
+        url = f"/api/v1/runs/{run_id}/logs"
+        got = await client.get(url, params={"task": "t", "lines": 2}, headers=alice)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got.status_code == 200
+    text = got.json()["text"]
+    assert text.endswith("\nlast line\n")
+    assert len(text) <= MAX_TAIL_BYTES
+    assert peak < 32 << 20, f"the portal held {peak / 2**20:.0f} MiB for a 64 MiB log"

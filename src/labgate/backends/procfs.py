@@ -16,6 +16,7 @@ import time
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 #: Every process of an instance carries ``LABGATE_INSTANCE_ID=<id>`` in its
 #: environment; stop() finds the ones that left the process tree by it.
@@ -228,12 +229,17 @@ def signal_if_same(pid: int, start_time: int, sig: signal.Signals) -> None:
         os.close(fd)
 
 
+#: Most bytes a tail reads back from a file's end: a log the user's code writes with no
+#: line end (or lines of gigabytes) is cut there rather than read whole into memory.
+MAX_TAIL_BYTES = 4 * 1024 * 1024
+
+
 def tail(path: Path, lines: int, block: int = 65536, owners: Collection[int] = ()) -> str:
     """The last ``lines`` lines of ``path``, reading backwards from its end.
 
     With ``owners`` (a file in a directory its user controls), only a regular
     file of one of those uids with no other link is read, and never through a
-    symbolic link: "" otherwise.
+    symbolic link: "" otherwise. At most :data:`MAX_TAIL_BYTES` are read.
     """
     if lines <= 0:
         return ""
@@ -248,18 +254,29 @@ def tail(path: Path, lines: int, block: int = 65536, owners: Collection[int] = (
         else:
             opened = path.open("rb")
         with opened as handle:
-            pos = handle.seek(0, os.SEEK_END)
-            chunks: list[bytes] = []
-            newlines = 0
-            while pos > 0 and newlines <= lines:
-                size = min(block, pos)
-                pos -= size
-                handle.seek(pos)
-                chunk = handle.read(size)
-                chunks.append(chunk)
-                newlines += chunk.count(b"\n")
+            return tail_of(handle, lines, block)
     except OSError:
         return ""
+
+
+def tail_of(handle: BinaryIO, lines: int, block: int = 65536) -> str:
+    """The last ``lines`` lines of the open file ``handle``, reading backwards from its end.
+
+    At most :data:`MAX_TAIL_BYTES` are read: past that, the first line is cut.
+    """
+    if lines <= 0:
+        return ""
+    pos = handle.seek(0, os.SEEK_END)
+    chunks: list[bytes] = []
+    newlines = taken = 0
+    while pos > 0 and newlines <= lines and taken < MAX_TAIL_BYTES:
+        size = min(block, pos, MAX_TAIL_BYTES - taken)
+        pos -= size
+        handle.seek(pos)
+        chunk = handle.read(size)
+        chunks.append(chunk)
+        taken += len(chunk)
+        newlines += chunk.count(b"\n")
     data = b"".join(reversed(chunks))
     ends_with_newline = data.endswith(b"\n")
     parts = data.split(b"\n")

@@ -40,6 +40,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.backends.procfs import tail_of
 from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
 from labgate.errors import Conflict, LabgateError
 from labgate.safefs import (
@@ -189,9 +190,10 @@ def _open_run_dir(target: Path, *parts: str, create: bool) -> int:
         raise
 
 
-def kept_log(target: Path) -> str | None:
-    """A task's kept output (``.logs/<task>.log`` beside ``target``), or None when there is
-    none; read without following a link anywhere on the way."""
+def kept_log(target: Path, lines: int = 1) -> str | None:
+    """The last ``lines`` lines of a task's kept output (``.logs/<task>.log`` beside
+    ``target``), or None when there is none; read without following a link anywhere on
+    the way, and from its end (the owner may have grown it without bound)."""
     try:
         logs = _open_run_dir(target, ".logs", create=False)
     except (FileNotFoundError, LinkRefused):
@@ -205,7 +207,7 @@ def kept_log(target: Path) -> str | None:
     with os.fdopen(fd, "rb") as file:
         if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
             return None
-        return file.read().decode("utf-8", errors="replace")
+        return tail_of(file, lines)
 
 
 def _keep_log(target: Path, text: str) -> None:

@@ -558,9 +558,9 @@ class RunProcessor:
 
         attempt_id, site, target = await self.run_db(find)
         # Collected with the results (the site no longer has it); never read through a link.
-        text = await asyncio.to_thread(kept_log, target)
+        text = await asyncio.to_thread(kept_log, target, lines)
         if text is not None:
-            return "".join(text.splitlines(keepends=True)[-lines:])
+            return text
         link = self.links.get(site)
         if link is None:
             raise Conflict(f"site {site} is gone")
