@@ -403,3 +403,79 @@ def test_instance_host_cannot_take_the_portals_own_host() -> None:
     local = Settings(instance_host="{id}.localhost", port=8123)
     assert local.instance_url("k3x9") == "http://k3x9.localhost:8123/"
     assert Settings(port=8123).instance_url("k3x9") == "http://127.0.0.1:8123/i/k3x9/"
+
+
+async def test_a_page_of_another_instance_cannot_drive_an_instance_in_its_visitors_name(
+    hosted: Hosted,
+) -> None:
+    """Sibling hosts are one site: the browser sends alice's instance cookie along.
+
+    The router adds the instance token for the tool, which therefore skips its
+    own origin and XSRF checks (Jupyter does). So a page of bob's instance
+    must not open a WebSocket to alice's nor POST to it; the instance's own
+    pages may, and anyone may GET (a link, an image).
+    """
+    gw = hosted.gw
+    cookie = {"Cookie": f"{INSTANCE_COOKIE}={instance_cookie(await hosted.handoff('aaaa', ALICE))}"}
+    to_alice = {"Host": host("aaaa"), **cookie}
+    bobs_page = {"Origin": "http://bbbb.apps.test"}
+
+    async def post(**headers: str) -> httpx.Response:
+        hosted.client.cookies.clear()
+        return await hosted.client.post(
+            "/api/info",
+            content=b"{}",
+            headers={**to_alice, "Content-Type": "text/plain", **headers},
+        )
+
+    refused = await post(**bobs_page)
+    assert refused.status_code == 403 and "another site or instance" in refused.json()["detail"]
+    assert (await post(**{"Sec-Fetch-Site": "same-site"})).status_code == 403
+    assert (await post(**{"Sec-Fetch-Site": "cross-site"})).status_code == 403
+    assert (await post(Origin="null")).status_code == 403
+    with pytest.raises(InvalidStatus) as caught:
+        await websockets.connect(
+            "ws://aaaa.apps.test/ws",
+            host="127.0.0.1",
+            port=gw.port,
+            origin="http://bbbb.apps.test",  # type: ignore[arg-type]
+            additional_headers=cookie,
+        )
+    assert caught.value.response.status_code == 403
+    # Reading is not refused (the tool's own answers decide what it shows).
+    assert (await hosted.get("aaaa", **cookie, **bobs_page)).status_code == 200
+
+    # The instance's own pages (any port of its host), and clients that are no browser, pass.
+    for own in ({"Origin": "http://aaaa.apps.test"}, {"Origin": "https://aaaa.apps.test:8443"}):
+        assert (await post(**own, **{"Sec-Fetch-Site": "same-origin"})).status_code != 403
+    assert (await post()).status_code != 403
+    ws = await websockets.connect(
+        "ws://aaaa.apps.test/ws",
+        host="127.0.0.1",
+        port=gw.port,
+        origin="http://aaaa.apps.test",  # type: ignore[arg-type]
+        additional_headers=cookie,
+    )
+    await ws.send("mine")
+    assert await ws.recv() == "mine"
+    await ws.close()
+
+
+@pytest.mark.parametrize(
+    ("origin", "host_header", "same"),
+    [
+        (b"http://a.example", b"a.example", True),
+        (b"HTTPS://A.Example:8443", b"a.example:8443", True),
+        (b"https://a.example:8443", b"a.example", True),  # a proxy's Host without its port
+        (b"http://[::1]:8000", b"[::1]:8000", True),
+        (b"http://b.example", b"a.example", False),
+        (b"http://a.example.evil", b"a.example", False),
+        (b"null", b"a.example", False),
+        (b"http://a.example/path", b"a.example", False),
+        (b"http://[::1", b"[::2]", False),
+    ],
+)
+def test_an_origin_is_compared_by_host(origin: bytes, host_header: bytes, same: bool) -> None:
+    from labgate.router.http import same_origin
+
+    assert same_origin(origin, host_header) is same

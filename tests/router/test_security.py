@@ -441,3 +441,21 @@ async def test_endless_request_trailers_are_cut(recorded: Recorded) -> None:
     # The router stopped reading and closed (after a 431 when the client could still read it).
     assert sent < 8 * 1024 * 1024
     assert answer == b"" or status_of(answer) == 431
+
+
+async def test_a_page_of_another_site_cannot_post_to_an_instance_under_the_portal(
+    recorded: Recorded,
+) -> None:
+    """On ``/i/<id>/`` paths too: a POST whose Origin is another host never reaches the tool."""
+    gw = recorded.gw
+
+    def post(origin: str) -> bytes:
+        return (
+            f"POST /i/aaaa/x HTTP/1.1\r\nHost: gw\r\n{cookie_line(gw, ALICE)}"
+            f"Origin: {origin}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        ).encode()
+
+    assert status_of(await raw_request(gw.port, post("https://evil.example"))) == 403
+    assert recorded.a.seen == []
+    assert status_of(await raw_request(gw.port, post("https://gw"))) == 200
+    assert len(recorded.a.seen) == 1

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Final
 from labgate.router.activity import Counter
 from labgate.router.http import (
     FORGEABLE_PREFIXES,
+    SAFE_METHODS,
     Target,
     TargetError,
     check_target,
+    same_origin,
     valid_host,
 )
 from labgate.wire.routes import UpstreamAddress
@@ -46,6 +48,8 @@ _SPECIAL: Final = frozenset(
         b"forwarded",
         b"x-real-ip",
         b"x-forwarded-for",
+        b"origin",
+        b"sec-fetch-site",
     }
 )
 
@@ -73,6 +77,7 @@ class Exchange:
         "discarded",
         "error",
         "expect_continue",
+        "fetch_site",
         "forwarded_for",
         "head",
         "header_count",
@@ -85,6 +90,7 @@ class Exchange:
         "is_upgrade",
         "keep_alive",
         "method",
+        "origin",
         "portal_base",
         "response_done",
         "response_started",
@@ -121,6 +127,9 @@ class Exchange:
         #: Believed only from a trusted proxy (see ``labgate.router.forwarded``).
         self.forwarded_for: bytes | None = None
         self.expect_continue = False
+        #: The browser's word on where the request comes from (None: not a browser's).
+        self.origin: bytes | None = None
+        self.fetch_site: bytes | None = None
         self.is_upgrade = False
         self.is_head = False
         self.error: tuple[int, str] | None = None
@@ -149,6 +158,25 @@ class Exchange:
     def has_body(self) -> bool:
         """Whether the request announced a body."""
         return self.chunked or bool(self.content_length)
+
+    def from_elsewhere(self) -> bool:
+        """Whether a browser sent this WebSocket or state-changing request from another origin.
+
+        A tool behind the router gets its instance token with every request
+        and so skips its own origin and XSRF checks (Jupyter does): a page of
+        another instance (a sibling host of one site) or of another site must
+        not open a WebSocket to it nor send it a POST in its visitor's name.
+        Safe methods (GET, HEAD, OPTIONS) pass; so does a request without
+        ``Origin`` (not a browser's, or a same-origin GET), unless
+        ``Sec-Fetch-Site`` says it came from elsewhere.
+        """
+        if not self.is_upgrade and self.method in SAFE_METHODS:
+            return False
+        site = self.fetch_site
+        if site is not None and site.strip().lower() in (b"cross-site", b"same-site"):
+            return True
+        origin = self.origin
+        return origin is not None and not same_origin(origin, self.host or b"")
 
     def add_header(self, name: bytes, value: bytes) -> None:
         """Pick out a header the router decides on, or keep it for forwarding."""
@@ -187,6 +215,13 @@ class Exchange:
             self.expect_continue = value.strip().lower() == b"100-continue"
         elif lname == b"upgrade":
             self.upgrade = value
+        elif lname == b"origin":
+            self.headers.append((name, value))
+            # Two Origin headers are no browser's: the mismatch refuses the request.
+            self.origin = value if self.origin is None else b"\0"
+        elif lname == b"sec-fetch-site":
+            self.headers.append((name, value))
+            self.fetch_site = value
         elif lname == b"x-forwarded-for":
             self.forwarded_for = (
                 value if self.forwarded_for is None else self.forwarded_for + b"," + value

@@ -160,6 +160,33 @@ _VALID_HOSTS: Final[set[bytes]] = set()
 _VALID_HOSTS_SIZE: Final = 1024
 
 
+#: Methods a browser may send from another origin without changing anything (CORS's own
+#: preflight is an OPTIONS).
+SAFE_METHODS: Final[frozenset[bytes]] = frozenset({b"GET", b"HEAD", b"OPTIONS"})
+
+
+def same_origin(origin: bytes, host: bytes) -> bool:
+    """Whether an ``Origin`` names the host the request was sent to (its ``Host``).
+
+    ``http://a.example:8443`` is ``Host: a.example:8443`` or ``a.example``;
+    ``null`` or another host is not. Ports and schemes are not compared: a
+    proxy in front may pass ``Host`` without its port (nginx's ``$host``) or
+    end TLS, and browsers share cookies across a host's ports anyway.
+    """
+    _, sep, authority = origin.strip().lower().partition(b"://")
+    if not sep or not authority or b"/" in authority:
+        return False
+    return _hostname(authority) == _hostname(host.lower())
+
+
+def _hostname(authority: bytes) -> bytes:
+    """``host`` of ``host[:port]`` (an IPv6 literal keeps its brackets)."""
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        return authority[: end + 1] if end > 0 else authority
+    return authority.partition(b":")[0]
+
+
 def connection_tokens(value: bytes) -> set[bytes]:
     """The lower-case tokens of a ``Connection`` header."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}

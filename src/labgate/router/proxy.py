@@ -479,6 +479,14 @@ class ClientConnection(asyncio.Protocol):
         """Send an authorized request on to its instance (or say why it cannot go yet)."""
         ctx = self.ctx
         instance_id = route.instance_id
+        if ex.from_elsewhere():
+            self._reply(
+                ex,
+                403,
+                f"a page of another site or instance may not open a WebSocket to instance "
+                f"{instance_id} nor change anything there",
+            )
+            return
         if route.state == "unreachable" and route.upstream != NO_ENDPOINT:
             ex.away = True  # its agent is away; the tool itself may still answer
         elif route.state != "running":
