@@ -136,7 +136,8 @@ class IdentityProviderConfig(BaseModel):
         "existing",
         description=(
             "Whom a first sign-in lets in: open (anyone the provider knows), domains (e-mail "
-            "domains in allowed_domains), existing (only users an admin created, by name)."
+            "domains in allowed_domains), existing (only non-admin users an admin created, "
+            "named exactly as the provider's user name)."
         ),
     )
     allowed_domains: list[str] = Field(

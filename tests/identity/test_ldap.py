@@ -114,3 +114,38 @@ async def test_ldap_sign_in_through_the_portal_maps_groups_and_is_rate_limited(
             json={"username": "bob", "password": "bob-ldap-pw", "provider": "dir"},
         )
         assert over.status_code == 429 and int(over.headers["Retry-After"]) >= 1
+
+
+async def test_ldap_existing_links_only_the_directorys_own_user_name(
+    slapd: Directory, database_url: str
+) -> None:
+    from labgate.db.models import User
+    from labgate.db.session import Database
+    from labgate.errors import Forbidden
+    from labgate.identity.linking import sign_in
+
+    by_dn = bind_as_user(slapd, first_login="existing")
+    # Found by e-mail address, with no user name attribute to read: the name
+    # labgate would make of the address ("alice") claims no existing account.
+    by_mail = search_then_bind(slapd, slapd.ldap_url, start_tls=True).model_copy(
+        update={"name": "mail", "first_login": "existing"}
+    )
+    by_mail.options.update(user_filter="(mail={username})", username_attribute="nickName")
+    alice = await LDAP(by_dn).check_password("alice", "alice-ldap-pw")
+    bob = await LDAP(by_dn).check_password("bob", "bob-ldap-pw")
+    mailed = await LDAP(by_mail).check_password("alice@lab.example", "alice-ldap-pw")
+    assert alice is not None and bob is not None and mailed is not None
+    assert mailed.username == "alice"
+    db = Database(database_url)
+    try:
+        db.migrate()
+        with db.session() as session:
+            session.add_all([User(name="alice"), User(name="bob", is_admin=True)])
+            session.flush()
+            with pytest.raises(Forbidden):
+                sign_in(session, by_mail, mailed)
+            with pytest.raises(Forbidden):  # an admin's account: never automatically
+                sign_in(session, by_dn, bob)
+            assert sign_in(session, by_dn, alice).name == "alice"
+    finally:
+        db.dispose()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Literal
@@ -56,6 +57,11 @@ class ProviderAccount:
     username: str
     email: str = ""
     groups: frozenset[str] = field(default_factory=frozenset)
+    #: The provider's own user name for the person, exactly as it sent it (never
+    #: one derived from an e-mail address or the subject; '' without one).
+    #: ``first_login = "existing"`` links only by this name: see
+    #: :func:`existing_name`.
+    provider_name: str = ""
 
     @property
     def domain(self) -> str:
@@ -149,14 +155,40 @@ def load_providers(configs: list[IdentityProviderConfig]) -> dict[str, IdentityP
 
 
 _NAME_CHARS = re.compile(r"[^a-z0-9_.-]+")
+#: A labgate user name (as ``labgate.portal.schemas.USER_NAME``).
+_USER_NAME = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def clean_username(value: str) -> str:
-    """A provider's suggested name made fit for labgate (lower case, safe characters)."""
-    name = _NAME_CHARS.sub("-", value.strip().lower().partition("@")[0]).strip("-._")
+    """A provider's suggested name made fit for labgate (lower case, safe characters).
+
+    Only for naming a *new* account: the result can equal an existing name that
+    the provider's name was not (``ADMIN!``, ``admin@elsewhere``), so it never
+    picks an existing account (:func:`existing_name` does).
+    """
+    # Only A-Z are lowered: str.lower() turns some other letters into ASCII
+    # (the Kelvin sign into "k"), which would make look-alikes of other names.
+    name = value.strip().partition("@")[0].translate(_ASCII_LOWER)
+    name = _NAME_CHARS.sub("-", name).strip("-._")
     if not name:
         name = "user"
     elif not name[0].isalpha():
         name = "u" + name
     # Room for a "-N" suffix when the name is taken, within labgate's 32 characters.
     return name[:28].rstrip("-._")
+
+
+def existing_name(account: ProviderAccount) -> str | None:
+    """The labgate user name ``account`` may claim as an existing account's, or None.
+
+    Only the provider's own user name (``provider_name``) counts, and only when,
+    after NFKC normalisation, it is unchanged and already a valid labgate user
+    name: lower-case ASCII, no folding, cutting or cleaning. ``ADMIN``,
+    ``admin!``, ``admin@elsewhere``, an e-mail address or a look-alike (``kate``
+    spelt with the Kelvin sign, U+212A) claim nothing.
+    """
+    name = account.provider_name
+    if not name or unicodedata.normalize("NFKC", name) != name:
+        return None
+    return name if _USER_NAME.fullmatch(name) else None

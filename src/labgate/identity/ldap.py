@@ -138,11 +138,16 @@ class LDAP(IdentityProvider):
         except LDAPException as exc:
             raise ProviderUnavailable(f"LDAP server of {self.name!r}: {exc}") from None
         subject = entry.get(opts.subject_attribute) or dn.lower()
+        # The directory's own name for the entry; else, bound as the user, the
+        # name its DN was made of. Never what a search filter happened to match
+        # (case-insensitively, maybe another attribute): that claims no account.
+        own = entry.get(opts.username_attribute) or (username if opts.user_dn_template else "")
         return ProviderAccount(
             subject=subject,
             username=clean_username(entry.get(opts.username_attribute) or username),
             email=entry.get(opts.email_attribute, ""),
             groups=frozenset(groups),
+            provider_name=own,
         )
 
     def _find_user(self, username: str) -> str | None:

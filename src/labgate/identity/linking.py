@@ -4,7 +4,9 @@ Accounts are linked by ``(provider, subject)``: a provider's stable subject,
 never a display name or e-mail address, which can change hands. The first
 sign-in with an unknown subject follows the provider's ``first_login``:
 
-- ``existing``: only a user an admin already created, by the same name, and
+- ``existing``: only a user an admin already created, named exactly as the
+  provider's own user name (``ProviderAccount.provider_name``: no case
+  folding, cleaning, or name made from an e-mail address), not an admin, and
   not yet linked to another subject of this provider. The provider is trusted
   to own those names (an institution's directory).
 - ``domains``: a new account, when the e-mail domain is in ``allowed_domains``.
@@ -27,7 +29,7 @@ from sqlalchemy.orm import Session
 from labgate.config import IdentityProviderConfig
 from labgate.db.models import ExternalIdentity, Group, GroupMember, User, utcnow
 from labgate.errors import Forbidden, Unauthorized
-from labgate.identity.base import ProviderAccount
+from labgate.identity.base import ProviderAccount, existing_name
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +66,7 @@ def _first_login(
     session: Session, config: IdentityProviderConfig, account: ProviderAccount
 ) -> User:
     if config.first_login == "existing":
-        user = session.scalar(select(User).where(User.name == account.username))
-        linked = (
-            user is not None
-            and session.scalar(
-                select(ExternalIdentity.id).where(
-                    ExternalIdentity.user_id == user.id, ExternalIdentity.provider == config.name
-                )
-            )
-            is not None
-        )
-        if user is None or linked or user.name.startswith("_"):
-            raise Forbidden(
-                f"there is no labgate account for {account.username!r}; ask an administrator "
-                "to create one",
-                code="no_account",
-            )
-        return user
+        return _existing_account(session, config, account)
     if config.first_login == "domains" and account.domain not in config.allowed_domains:
         raise Forbidden(
             "accounts from your e-mail domain cannot sign in here; ask an administrator",
@@ -89,6 +75,56 @@ def _first_login(
     user = User(name=_free_name(session, account.username), password_hash="")
     session.add(user)
     session.flush()
+    return user
+
+
+def _existing_account(
+    session: Session, config: IdentityProviderConfig, account: ProviderAccount
+) -> User:
+    """``existing``: the account named exactly by the provider's own user name.
+
+    Never by a cleaned or e-mail-derived name, which another person's name can
+    share, and never an admin's account: an administrator links that one.
+    """
+    name = existing_name(account)
+    user = None if name is None else session.scalar(select(User).where(User.name == name))
+    if user is None or user.name != name or user.name.startswith("_"):
+        if not account.provider_name:
+            raise Forbidden(
+                f"{config.name} sent no user name to find your labgate account by; "
+                "ask an administrator",
+                code="no_account",
+            )
+        raise Forbidden(
+            f"there is no labgate account named exactly {account.provider_name[:64]!r} (your "
+            f"user name at {config.name}); ask an administrator to create one",
+            code="no_account",
+        )
+    if user.is_admin:
+        log.warning(
+            "%s: %s signed in as %r, an admin account; not linked automatically",
+            config.name,
+            account.subject,
+            name,
+        )
+        raise Forbidden(
+            f"{name!r} is an administrator's account, never linked to {config.name} "
+            "automatically: an administrator links it by taking its admin rights away "
+            f'(PATCH /api/v1/users/{name} {{"is_admin": false}}) for its owner\'s first '
+            "sign-in here, then giving them back",
+            code="no_account",
+        )
+    linked = session.scalar(
+        select(ExternalIdentity.id).where(
+            ExternalIdentity.user_id == user.id, ExternalIdentity.provider == config.name
+        )
+    )
+    if linked is not None:
+        raise Forbidden(
+            f"there is no labgate account named exactly {name!r} (your user name at "
+            f"{config.name}); ask an administrator to create one",
+            code="no_account",
+        )
     return user
 
 

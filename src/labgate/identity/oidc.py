@@ -241,7 +241,10 @@ class OpenIDConnect(IdentityProvider):
         # An address the provider says it has not verified proves no domain.
         if not isinstance(email, str) or claims.get("email_verified") is False:
             email = ""
-        name = claims.get(options.username_claim) or email or subject
+        own = claims.get(options.username_claim)
+        # A new account may be named after the address or subject; an existing
+        # one is claimed only by the provider's own user name (provider_name).
+        name = own or email or subject
         groups = claims.get(options.groups_claim) or []
         if isinstance(groups, str):
             groups = [groups]
@@ -250,6 +253,7 @@ class OpenIDConnect(IdentityProvider):
             username=clean_username(str(name)),
             email=email,
             groups=frozenset(str(g) for g in groups if isinstance(g, str | int)),
+            provider_name=own if isinstance(own, str) else "",
         )
 
     async def close(self) -> None:

@@ -29,7 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -130,8 +130,32 @@ class Client:
     def redirects_to(self, uri: str) -> bool:
         """Whether ``uri`` is one of this client's (never another site's or instance's)."""
         if self.instance_prefix:
-            return uri.startswith(self.instance_prefix) and "/../" not in uri
+            return uri.startswith(self.instance_prefix) and not _may_climb(uri)
         return uri in self.redirect_uris
+
+
+def _may_climb(uri: str) -> bool:
+    """Whether ``uri`` could leave its path prefix once a browser or a server reads it.
+
+    A ``..`` segment however spelled (``%2e%2e``, ``..%2f``, ``..\\``, encoded
+    twice, ``..;x``), or characters a browser drops from a URL (tabs, newlines)
+    or that no well-formed URI has: refused rather than normalised.
+    """
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in uri):
+        return True
+    path = uri.split("#", 1)[0].split("?", 1)[0]
+    for _ in range(4):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    else:
+        return True  # encoded over and over: nothing a real client sends
+    for segment in path.replace("\\", "/").split("/"):
+        bare = "".join(c for c in segment.split(";", 1)[0] if ord(c) > 0x20 and ord(c) != 0x7F)
+        if bare == "..":
+            return True
+    return False
 
 
 def _service(config: OAuthClientConfig) -> Client:
