@@ -81,6 +81,59 @@ def test_tokens_lose_the_router_scope_on_upgrade(empty_database_url):
         db.dispose()
 
 
+def test_user_ids_are_never_reused_and_the_upgrade_keeps_what_refers_to_users(
+    empty_database_url,
+):
+    """0013 rebuilds users on SQLite (AUTOINCREMENT): no row that refers to a user is lost."""
+    from alembic import command
+
+    from labgate.db.session import alembic_config
+
+    db = Database(empty_database_url)
+    try:
+        command.upgrade(alembic_config(db.engine), "0005_data_provider")
+        with db.engine.begin() as conn:
+            for name in ("ada", "bo"):
+                conn.execute(
+                    text(
+                        "INSERT INTO users (name, password_hash, is_admin, disabled, created_at,"
+                        " sessions_valid_after) VALUES (:name, 'x', false, false,"
+                        " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                    ),
+                    {"name": name},
+                )
+            ids = dict(conn.execute(text("SELECT name, id FROM users")).all())
+            conn.execute(
+                text(
+                    "INSERT INTO api_tokens (user_id, token_hash, prefix, note, scopes,"
+                    " created_at) VALUES (:bo, 'h', 'lg_x', '', '[]', CURRENT_TIMESTAMP)"
+                ),
+                {"bo": ids["bo"]},
+            )
+        db.migrate()
+        with db.engine.begin() as conn:
+            # The rebuild deleted nothing by cascade, and the foreign key still holds.
+            assert conn.execute(text("SELECT user_id FROM api_tokens")).scalars().all() == [
+                ids["bo"]
+            ]
+            conn.execute(text("DELETE FROM users WHERE name = 'bo'"))
+            assert conn.execute(text("SELECT count(*) FROM api_tokens")).scalar() == 0
+            conn.execute(
+                text(
+                    "INSERT INTO users (name, password_hash, is_admin, data_provider, disabled,"
+                    " created_at, sessions_valid_after) VALUES ('cy', 'x', false, false, false,"
+                    " CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            cy = conn.execute(text("SELECT id FROM users WHERE name = 'cy'")).scalar()
+        assert cy > ids["bo"]  # bo's id is not handed on
+        if db.engine.dialect.name == "sqlite":
+            with db.engine.connect() as conn:
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        db.dispose()
+
+
 def test_an_older_labgate_runs_on_a_schema_a_newer_one_upgraded(database_url, caplog):
     """A rolling upgrade: an N-1 replica restarting after an N replica migrated still starts."""
     from labgate.db.session import open_database

@@ -211,6 +211,43 @@ async def test_expired_token_is_refused(app, client, make_user):
     assert r.status_code == 401 and r.json()["error"] == "invalid_token"
 
 
+async def test_a_token_makes_no_token_outliving_it_or_beyond_its_scopes(client, make_user):
+    """A short-lived token cannot mint a permanent one, nor one with more scopes."""
+    from datetime import datetime
+
+    forever = await make_user("tara")  # a session made it, without expiry
+    login = await client.post("/api/v1/auth/login", json={"username": "tara", "password": PASSWORD})
+    csrf = {"X-CSRF-Token": login.json()["csrf_token"]}
+    parent = await client.post(
+        "/api/v1/tokens",
+        json={"scopes": ["account", "instances:read"], "expires_in": 3600},
+        headers=csrf,
+    )
+    assert parent.status_code == 201, parent.text
+    client.cookies.clear()
+    short = {"Authorization": f"token {parent.json()['token']}"}
+    until = datetime.fromisoformat(parent.json()["expires_at"])
+
+    async def mint(headers: dict[str, str], body: dict[str, object]) -> httpx.Response:
+        return await client.post("/api/v1/tokens", json=body, headers=headers)
+
+    for body in ({}, {"expires_in": 10 * 365 * 24 * 3600}):
+        child = await mint(short, body)
+        assert child.status_code == 201, child.text
+        assert child.json()["expires_at"] is not None, body
+        assert datetime.fromisoformat(child.json()["expires_at"]) <= until, body
+        assert child.json()["scopes"] == ["account", "instances:read"]
+        # Nor through a grandchild.
+        grandchild = await mint({"Authorization": f"token {child.json()['token']}"}, {})
+        assert datetime.fromisoformat(grandchild.json()["expires_at"]) <= until
+    sooner = await mint(short, {"expires_in": 60})
+    assert datetime.fromisoformat(sooner.json()["expires_at"]) < until
+    beyond = await mint(short, {"scopes": ["instances:write"]})
+    assert beyond.status_code == 403
+    # A token that never expires (or a session) may still make one that never expires.
+    assert (await mint(forever, {})).json()["expires_at"] is None
+
+
 async def test_users_cannot_see_each_others_tokens(client, make_user):
     mia = await make_user("mia")
     ned = await make_user("ned")
@@ -225,6 +262,26 @@ async def test_admin_cannot_remove_last_admin(client, admin_headers):
     assert r.status_code == 409 and r.json()["error"] == "last_admin"
     r = await client.delete("/api/v1/users/admin", headers=admin_headers)
     assert r.status_code == 409
+
+
+async def test_a_new_account_never_gets_a_deleted_users_id(app, client, make_user, admin_headers):
+    """Whatever still named a deleted user's id must not pass to the next account."""
+    from sqlalchemy import select
+
+    from labgate.db.models import User
+
+    async def id_of(name: str) -> int | None:
+        return await app.state.portal.run_db(
+            lambda s: s.scalar(select(User.id).where(User.name == name))
+        )
+
+    await make_user("quinn")
+    gone = await id_of("quinn")  # the newest account: SQLite reuses the highest rowid
+    r = await client.delete("/api/v1/users/quinn", headers=admin_headers)
+    assert r.status_code == 204
+    await make_user("rosa")
+    rosa = await id_of("rosa")
+    assert gone is not None and rosa is not None and rosa > gone
 
 
 async def test_non_admin_cannot_manage_users(client, make_user):

@@ -248,6 +248,15 @@ async def test_sharing_through_one_replica_reaches_a_router_following_another(
         assert r.status_code == 204
         await wait_until(lambda: not table.routes[instance_id].allows(bob_id), timeout=2.0)
 
+        # Shared with bob himself, then bob is deleted on A: B's router drops him at once.
+        r = await client_a.post(shares, json={"user": "bob", "access": "use"}, headers=admin)
+        assert r.status_code == 201, r.text
+        await wait_until(lambda: table.routes[instance_id].allows(bob_id), timeout=2.0)
+        r = await client_a.delete("/api/v1/users/bob", headers=admin)
+        assert r.status_code == 204
+        await wait_until(lambda: bob_id not in table.users, timeout=2.0)
+        await wait_until(lambda: not table.routes[instance_id].allows(bob_id), timeout=2.0)
+
 
 async def test_two_portals_admitting_into_one_group_never_go_over_its_limit(pair) -> None:
     """Launches of a group's members through both portals at once: at most its limit runs."""

@@ -231,3 +231,36 @@ async def test_the_route_table_reloaded_from_the_database_keeps_every_access_lis
     await app.state.portal.run_db(hub.load)
     assert {iid: hub.table.routes[iid].access for iid in kept} == kept
     assert hub.access == {first: kept[first]}
+
+
+async def test_deleting_a_user_takes_them_off_every_access_list_at_once(
+    app: Any,
+    client: httpx.AsyncClient,
+    make_user: Any,
+    admin_headers: dict[str, str],
+    router_url: str,
+) -> None:
+    """A deleted user's shares leave the router with them: no id of theirs opens anything."""
+    ada, cy = await make_user("ada"), await make_user("cy")
+    bo = await make_user("bo")  # the newest account: SQLite would hand its id on
+    await client.post("/api/v1/groups", json={"name": "lab"}, headers=admin_headers)
+    for member in ("bo", "cy"):
+        await client.put(f"/api/v1/groups/lab/members/{member}", headers=admin_headers)
+    iid = await running_demo(client, ada)
+    for share in ({"user": "bo", "access": "use"}, {"group": "lab", "access": "use"}):
+        shared = await client.post(f"/api/v1/instances/{iid}/shares", json=share, headers=ada)
+        assert shared.status_code == 201, shared.text
+    assert await through_router(router_url, iid, bo) == 200
+    assert await through_router(router_url, iid, cy) == 200
+    table = app.state.portal.routes.table
+    ids = {user.name: user.id for user in table.users.values()}
+    assert (await client.delete("/api/v1/users/bo", headers=admin_headers)).status_code == 204
+    # What the router checks, at once: bo's id is on no access list, no token is theirs.
+    assert table.routes[iid].access == {ids["cy"]}
+    assert ids["bo"] not in {info.user_id for info in table.tokens.values()}
+    assert await through_router(router_url, iid, bo) in (401, 404)
+    assert await through_router(router_url, iid, cy) == 200
+    # The next account, shared nothing, reaches nothing.
+    mallory = await make_user("mallory")
+    assert (await client.get(f"/api/v1/instances/{iid}", headers=mallory)).status_code == 404
+    assert await through_router(router_url, iid, mallory) == 404

@@ -143,9 +143,14 @@ TRANSITIONS: dict[InstanceState, frozenset[InstanceState]] = {
 
 
 class User(Base):
-    """A local account."""
+    """A local account.
+
+    Ids are never given out again (SQLite's AUTOINCREMENT, migration 0013; PostgreSQL's
+    sequence never goes back): a deleted user's id must not pass to a new account.
+    """
 
     __tablename__ = "users"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)

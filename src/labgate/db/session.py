@@ -55,7 +55,6 @@ SCHEMA_HEADS = frozenset(
     {
         "0002",
         "0003",
-        "0005_data_provider",
         "0005_no_router_scope",
         "0007_identity_sharing",
         "0007_instance_image",
@@ -65,6 +64,7 @@ SCHEMA_HEADS = frozenset(
         "0010_leader_lease",
         "0011_run_indexes",
         "0012_tunnel_routers",
+        "0013_user_ids",
     }
 )
 _SETTING = "database_url (LABGATE_DATABASE_URL)"

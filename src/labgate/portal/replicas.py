@@ -191,7 +191,7 @@ def _identity(session: Session, hub: RouteFeedHub, kind: str, key: str) -> None:
         user = session.get(User, int(key))
         if user is None:
             if int(key) in table.users:
-                hub.user_removed(int(key))
+                hub.user_removed(int(key), session)
         elif table.users.get(user.id) != hub.user_info(user):
             hub.user_changed(user)
     elif kind == "token":

@@ -136,7 +136,10 @@ class RouteFeedHub:
     # --- sharing -----------------------------------------------------------
     def access_changed(self, session: Session, instance_id: str) -> None:
         """An instance's shares changed: recompute its access list and re-send its route."""
-        access = access_list(session, instance_id)
+        self._set_access(instance_id, access_list(session, instance_id))
+
+    def _set_access(self, instance_id: str, access: frozenset[int]) -> None:
+        """Keep ``access`` as the instance's access list and re-send its route if it changed."""
         if access:
             self.access[instance_id] = access
         else:
@@ -173,8 +176,23 @@ class RouteFeedHub:
         """A user was created or changed."""
         self.table.set_user(self.user_info(user))
 
-    def user_removed(self, user_id: int) -> None:
-        """A user was deleted."""
+    def user_removed(self, user_id: int, session: Session | None = None) -> None:
+        """A user was deleted: every trace of them leaves the routers at once.
+
+        Their tokens go, and every access list that named them is recomputed from
+        ``session`` (their shares and memberships are gone from the database by
+        then), or, without one, has them taken out: an id the router still knew
+        would let whoever gets it next (or a token of theirs) in.
+        """
+        for token_hash, info in list(self.table.tokens.items()):
+            if info.user_id == user_id:
+                self.table.remove_token(token_hash)
+        named = [i for i, users in list(self.access.items()) if user_id in users]
+        for instance_id in named:
+            if session is not None:
+                self.access_changed(session, instance_id)
+            else:
+                self._set_access(instance_id, self.access[instance_id] - {user_id})
         self.table.remove_user(user_id)
 
     @staticmethod

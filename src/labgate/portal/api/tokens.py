@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from fastapi import APIRouter, Depends, Path, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.db.models import ApiToken, User
-from labgate.errors import NotFound
+from labgate.errors import NotFound, Unauthorized
 from labgate.portal.accounts import create_token, get_user, token_out
 from labgate.portal.auth import Principal, expiry_from_now, require
 from labgate.portal.schemas import TokenCreated, TokenIn, TokenOut
@@ -21,16 +23,27 @@ router = APIRouter(prefix="/tokens", tags=["tokens"])
 async def new_token(
     body: TokenIn, caller: Principal = require("account"), portal: Portal = Depends(get_portal)
 ) -> TokenCreated:
-    """Create a token for yourself with some of your scopes; the token is shown once."""
+    """Create a token for yourself with some of your scopes; the token is shown once.
+
+    A token made with a token (not a session) has none of the scopes the creating token
+    lacks and expires no later than it: ``expires_in`` beyond that, or none, gives the
+    creating token's expiry. A short-lived token never mints a longer-lived one.
+    """
 
     def create(session: Session) -> TokenCreated:
         user = get_user(session, caller.name)
+        expires_at = expiry_from_now(body.expires_in)
+        if caller.via != "session":  # a token: the new one is bounded by it
+            creator = session.get(ApiToken, caller.token_id) if caller.token_id else None
+            if creator is None or creator.user_id != user.id:
+                raise Unauthorized("invalid or expired token", code="invalid_token")
+            expires_at = earliest(expires_at, creator.expires_at)
         row, token = create_token(
             session,
             user,
             note=body.note,
             scopes=body.scopes,
-            expires_at=expiry_from_now(body.expires_in),
+            expires_at=expires_at,
             allowed=caller.scopes,
         )
         if portal.routes is not None:
@@ -38,6 +51,15 @@ async def new_token(
         return TokenCreated(**token_out(row, user.name).model_dump(), token=token)
 
     return await portal.run_db(create)
+
+
+def earliest(first: datetime | None, second: datetime | None) -> datetime | None:
+    """The earlier of two expiry times; None (never) only when both are."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return min(first, second)
 
 
 @router.get("", response_model=list[TokenOut])

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from labgate.db.models import ExternalIdentity, User
+from labgate.db.models import ExternalIdentity, GroupMember, InstanceShare, User
 from labgate.errors import Forbidden, NotFound, Unauthorized
 from labgate.portal.accounts import (
     create_user,
@@ -204,7 +204,11 @@ async def change_password(
 async def remove_user(
     name: str, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> Response:
-    """Delete a user and their tokens (admins). Their running instances are stopped first."""
+    """Delete a user and their tokens (admins). Their running instances are stopped first.
+
+    What was shared with them goes too, and the routers drop them from every
+    instance's access list at once. User ids are never given out again.
+    """
     name = _name(caller, name)
     user = await portal.run_db(lambda s: get_user(s, name))
     await portal.instances.stop_all_of(user.id)
@@ -212,9 +216,18 @@ async def remove_user(
     def delete(session: Session) -> None:
         row = get_user(session, name)
         ensure_not_last_admin(session, row)
+        user_id = row.id
+        # Through the ORM rather than the database's cascade alone, so that every portal
+        # replica hears of the shares and memberships that go (labgate.db.changes).
+        shares = select(InstanceShare).where(InstanceShare.user_id == user_id)
+        members = select(GroupMember).where(GroupMember.user_id == user_id)
+        for gone in [*session.scalars(shares), *session.scalars(members)]:
+            session.delete(gone)
         session.delete(row)
+        session.flush()
         if portal.routes is not None:
-            portal.routes.user_removed(row.id)
+            # Off every access list that named them, and their tokens off the routers.
+            portal.routes.user_removed(user_id, session)
 
     await portal.run_db(delete)
     return Response(status_code=204)
