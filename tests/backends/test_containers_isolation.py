@@ -253,6 +253,15 @@ def test_capabilities_and_confinement_cannot_be_configured_away(tmp_path: Path) 
     assert allowed.config.cap_add == ["CHOWN", "SETUID"]
 
 
+def test_a_container_always_gets_a_cpu_limit() -> None:
+    """However small the request, the limit sent is never 0, which the engine reads as none."""
+    from labgate.backends.container_security import MIN_NANO_CPUS, nano_cpus
+
+    assert nano_cpus(0.5) == 500_000_000
+    assert nano_cpus(1e-10) == MIN_NANO_CPUS > 0
+    assert nano_cpus(0.0) == MIN_NANO_CPUS
+
+
 async def test_no_new_privileges_even_when_the_site_lists_other_options(
     settings: Settings, engine: Engine, deployment: str, tmp_path: Path
 ) -> None:

@@ -255,6 +255,16 @@ async def test_a_job_whose_tool_fails_says_why_with_its_last_lines(app, client, 
     assert any("--- labgate: starting" in tail for tail in tails), tails
 
 
+async def test_a_tool_with_launch_parameters_runs_on_a_node(app, client, make_user, slurm):
+    """``{param_...}`` in a tool's command or environment is filled in on Slurm too."""
+    alice = await make_user("alice")
+    iid = await launch(client, alice, tool="form", params={"size": "1920x1080"})
+    body = await wait_for_state(client, alice, iid, {"running", "failed"}, timeout=60)
+    assert body["state"] == "running", (body["reason"], await events(app, iid))
+    assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202
+    await wait_for_state(client, alice, iid, {"stopped"}, timeout=30)
+
+
 async def test_a_launch_by_a_user_without_an_account_fails_with_the_reason(
     app, client, make_user, slurm
 ):

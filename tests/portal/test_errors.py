@@ -52,6 +52,9 @@ async def test_wrong_shapes_are_422(client, admin_headers, body):
     [
         ({"cpu": 1000}, "at most"),
         ({"cpu": -1}, "positive"),
+        # Below a container engine's resolution its limit would be none at all.
+        ({"cpu": 1e-10}, "at least 0.01"),
+        ({"memory": "1"}, "at least 16 MiB"),
         ({"memory": "lots"}, "memory"),
         ({"memory": "900G"}, " GiB of memory, asked for 900 GiB"),  # sizes as people write them
         ({"gpus": 1}, "unknown resources"),

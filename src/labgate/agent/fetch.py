@@ -5,6 +5,12 @@ streamed into a partial directory next to the cache entry, hashed on the way,
 checked against the registered size and checksum, and only then renamed into
 place, so a cache entry is either complete and verified or absent.
 
+The bytes are taken as the server sends them: the fetch asks for no content
+coding and refuses a response that has one (``gzip, gzip`` of a few hundred
+bytes would decode to gigabytes before any size check). A server that sends
+less than :data:`MIN_RATE` bytes a second over a :data:`RATE_WINDOW` fails
+the fetch, so a trickle cannot hold a launch (and the dataset's lock) forever.
+
 The server fetches on behalf of whoever registered the URL, so it refuses
 (unless ``dataset_fetch_private_networks`` is set) hosts that resolve to
 loopback, private, link-local or otherwise non-public addresses, at every
@@ -34,9 +40,13 @@ from labgate import __version__
 from labgate.errors import LabgateError
 from labgate.wire.checksums import hasher, slugify
 
-CHUNK = 1024 * 1024
+#: Bytes gathered before they are written to the cache file.
+WRITE_AT = 1024 * 1024
 MAX_REDIRECTS = 5
 PROGRESS_INTERVAL = 1.0
+#: Slowest download taken, in bytes a second, averaged over each RATE_WINDOW seconds.
+MIN_RATE = 16 * 1024
+RATE_WINDOW = 60.0
 TIMEOUT = httpx.Timeout(30.0, read=60.0)
 
 Progress = Callable[[int, int | None], Awaitable[None]]
@@ -127,7 +137,10 @@ async def fetch(job: FetchJob, progress: Progress) -> Fetched:
     partial = await asyncio.to_thread(_partial_dir, job.directory)
     try:
         target = partial / file_name(job.url)
-        size, digest = await _download(job, target, progress)
+        try:
+            size, digest = await _download(job, target, progress)
+        except httpx.HTTPError as exc:  # cut off, timed out, refused, not HTTP...
+            raise FetchError(f"fetching {job.url} failed: {exc or type(exc).__name__}") from None
         computed = f"{job.checksum.partition(':')[0] or 'sha256'}:{digest}"
         if job.checksum and computed != job.checksum:
             raise FetchError(
@@ -152,7 +165,11 @@ async def fetch(job: FetchJob, progress: Progress) -> Fetched:
 
 async def _download(job: FetchJob, target: Path, progress: Progress) -> tuple[int, str]:
     url = job.url
-    headers = {"User-Agent": f"labgate/{__version__} (dataset fetch)"}
+    # The file as it is: no content coding to undo (and so none to bomb the agent with).
+    headers = {
+        "User-Agent": f"labgate/{__version__} (dataset fetch)",
+        "Accept-Encoding": "identity",
+    }
     async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             await check_host(url, job.allow_private)
@@ -162,6 +179,12 @@ async def _download(job: FetchJob, target: Path, progress: Progress) -> tuple[in
                     continue
                 if response.status_code != 200:
                     raise FetchError(f"{url} answered {response.status_code}, not the data")
+                coding = response.headers.get("content-encoding", "identity").strip().lower()
+                if coding not in ("", "identity"):
+                    raise FetchError(
+                        f"{url} sent the data encoded ({coding[:64]}) although asked not to; "
+                        "it is not fetched"
+                    )
                 total = _content_length(response)
                 if total is not None and total > job.max_bytes:
                     raise FetchError(
@@ -176,19 +199,33 @@ async def _save(
 ) -> tuple[int, str]:
     digest = hasher(job.checksum)
     size = 0
-    last = time.monotonic()
+    last = window_start = time.monotonic()
+    window_size = 0
+    pending = bytearray()
     await progress(0, total)
     handle = await asyncio.to_thread(target.open, "wb")
     with handle:
-        async for chunk in response.aiter_bytes(CHUNK):
+        async for chunk in response.aiter_raw():  # as it comes: the rate is checked on the way
             size += len(chunk)
             if size > job.max_bytes:
                 raise FetchError(f"{job.url} is larger than the fetch limit of {job.max_bytes}")
+            now = time.monotonic()
+            if now - window_start >= RATE_WINDOW:
+                if size - window_size < MIN_RATE * (now - window_start):
+                    raise FetchError(
+                        f"{job.url} sent {size - window_size} bytes in {now - window_start:.0f} s, "
+                        f"slower than {MIN_RATE // 1024} KiB/s: the download was given up"
+                    )
+                window_start, window_size = now, size
             digest.update(chunk)
-            await asyncio.to_thread(handle.write, chunk)
-            if time.monotonic() - last >= PROGRESS_INTERVAL:
-                last = time.monotonic()
+            pending += chunk
+            if len(pending) >= WRITE_AT:  # one write (one thread hop) per MiB, not per read
+                await asyncio.to_thread(handle.write, pending)
+                pending = bytearray()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
                 await progress(size, total)
+        await asyncio.to_thread(handle.write, pending)
     await progress(size, total)
     return size, digest.hexdigest()
 

@@ -231,3 +231,16 @@ def engine_mount(source: Path, base_url: str) -> str | None:
         if resolved == real or resolved in real.parents or real in resolved.parents:
             return str(path)
     return None
+
+
+#: The least CPU limit a container gets, in the engine's nanocpus: 0 would mean none.
+MIN_NANO_CPUS = 10_000_000
+
+
+def nano_cpus(cpu: float) -> int:
+    """A CPU limit (cores) in the engine's nanocpus, never below :data:`MIN_NANO_CPUS`.
+
+    The engine (and docker-py, which leaves a 0 out) reads 0 as "no limit":
+    a request of a billionth of a core would otherwise get every core.
+    """
+    return max(int(cpu * 1e9), MIN_NANO_CPUS)

@@ -216,7 +216,7 @@ def create_task(
     memory = int(spec.get("memory_mib") or 0)
     host: dict[str, Any] = {
         "binds": binds,
-        "nano_cpus": int(float(spec.get("cpu") or 1.0) * 1e9),
+        "nano_cpus": security.nano_cpus(float(spec.get("cpu") or 1.0)),
         "cap_drop": backend.config.cap_drop,
         "cap_add": backend.config.cap_add or None,
         "security_opt": security.security_options(backend.config.security_opt),

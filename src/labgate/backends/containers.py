@@ -781,7 +781,7 @@ class ContainerBackend(Backend):
         memory = spec.resources.memory
         host: dict[str, Any] = {
             "binds": volumes,
-            "nano_cpus": int(spec.resources.cpu * 1e9),
+            "nano_cpus": security.nano_cpus(spec.resources.cpu),
             "mem_limit": memory,
             "memswap_limit": memory,  # no swap beyond the memory limit
             "cap_drop": self.config.cap_drop,

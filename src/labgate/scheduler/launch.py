@@ -291,6 +291,13 @@ def check_params(tool: Tool, given: dict[str, Any] | None) -> dict[str, str]:
         raise Unprocessable(str(exc), code="invalid_param", param=exc.name) from None
 
 
+#: The least CPU an instance may ask for: below it a container engine reads the limit
+#: (nanocpus, rounded down to 0) as none at all.
+MIN_CPU = 0.01
+#: The least memory an instance may ask for (no tool starts in less).
+MIN_MEMORY = 16 * 1024 * 1024
+
+
 def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources:
     """The tool's defaults overridden by ``requested``, within the tool's maxima."""
     limits = tool.resources
@@ -307,15 +314,19 @@ def resolve_resources(tool: Tool, requested: dict[str, Any] | None) -> Resources
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or not math.isfinite(value)
-                or value <= 0
+                or value < MIN_CPU
             ):
-                raise BadRequest("resources.cpu must be a positive number of cores")
+                raise BadRequest(
+                    f"resources.cpu must be a positive number of cores, at least {MIN_CPU:g}"
+                )
             cpu = float(value)
         if requested.get("memory") is not None:
             try:
                 memory = parse_size(requested["memory"])
             except ValueError as exc:
                 raise BadRequest(f"resources.memory: {exc}") from None
+            if memory < MIN_MEMORY:
+                raise BadRequest(f"resources.memory must be at least {format_size(MIN_MEMORY)}")
     if cpu > limits.max_cpu:
         raise BadRequest(f"{tool.name} allows at most {limits.max_cpu:g} CPUs, asked for {cpu:g}")
     if memory > limits.max_memory:

@@ -244,6 +244,7 @@ class SlurmBackend(Backend):
             instance_id=spec.instance_id,
             user=spec.owner,
             instance_token=spec.secret,
+            params=spec.params,
         )
         values["port"] = PORT_MARK
         values["python"] = python  # the nodes' Python, which the job's account can run
