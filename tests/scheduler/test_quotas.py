@@ -79,7 +79,7 @@ async def test_user_limits_say_which_limit_and_the_use(app, client, make_user, a
     assert body["quota"] == "memory" and "of 4 GiB allowed memory" in body["detail"]
     await hold(app, "alice", cpu=0.1, memory=1)
     await hold(app, "alice", cpu=0.1, memory=1)
-    body = await refused(client, alice, resources={"cpu": 0.1, "memory": "1M"})
+    body = await refused(client, alice, resources={"cpu": 0.1, "memory": "16M"})
     assert body["quota"] == "instances" and "3 of 3 allowed instances" in body["detail"]
     assert await count(app) == before + 2  # the two held; nothing recorded, nothing started
 
