@@ -61,6 +61,9 @@ def test_given_values_are_normalised_to_strings() -> None:
         ({"note": "--help"}, "note", "must not start with '-'"),
         ({"note": "Hello"}, "note", "must match"),
         ({"note": "a\nb"}, "note", "control characters"),
+        ({"note": "a\x85b"}, "note", "control characters"),  # C1: a line end to some
+        ({"note": "a\u2028b"}, "note", "control characters"),
+        ({"note": "a\u202eb"}, "note", "control characters"),  # reads right to left
         ({"note": "a" * 11}, "note", "at most 10 characters"),
         ({"note": 5}, "note", "a string"),
         ({"verbose": "maybe"}, "verbose", "true or false"),

@@ -48,7 +48,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PARAM_NAME_RE = r"^[a-z][a-z0-9_]{0,31}$"
 ParamType = Literal["string", "integer", "number", "boolean", "choice", "file"]
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Control characters (C0, DEL, C1), line and paragraph separators, and the bidirectional
+#: overrides that make text read otherwise than it is.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 MAX_VALUE_LENGTH = 1024
 
 
