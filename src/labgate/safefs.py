@@ -68,6 +68,19 @@ def open_below(base: Path, parts: Sequence[str], *, create: bool = False) -> int
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        return open_at(fd, parts, create=create)
+    finally:
+        os.close(fd)
+
+
+def open_at(base_fd: int, parts: Sequence[str], *, create: bool = False) -> int:
+    """A new descriptor of ``parts`` below the folder ``base_fd``, no link followed.
+
+    ``base_fd`` stays open (the caller's); with ``create`` missing parts are
+    made (mode 0700). No parts: a new descriptor of ``base_fd``'s folder.
+    """
+    fd = os.dup(base_fd)
+    try:
         for part in parts:
             child = open_subdir(fd, part, create=create)
             os.close(fd)

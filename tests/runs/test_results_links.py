@@ -195,3 +195,61 @@ async def test_a_kept_log_grown_without_line_ends_is_read_from_its_end_only(app,
     assert text.endswith("\nlast line\n")
     assert len(text) <= MAX_TAIL_BYTES
     assert peak < 32 << 20, f"the portal held {peak / 2**20:.0f} MiB for a 64 MiB log"
+
+
+def test_collecting_never_writes_through_a_folder_the_owner_swaps_for_a_link(tmp_path):
+    """Results are unpacked member by member through descriptors, as snapshots are restored.
+
+    The owner, from a shell in an instance, replaces a folder the unpacking
+    has just made with a link to a folder of root's: the task's own files
+    (its content theirs) must never land there.
+    """
+    import os
+    import threading
+    import time
+
+    from labgate.scheduler.runresults import unpack
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        folder = tarfile.TarInfo("d")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        for i in range(1000):
+            member = tarfile.TarInfo(f"d/f{i:04}")
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"data"))
+    archive = buffer.getvalue()
+    outside = tmp_path / "roots"
+    outside.mkdir()
+    deadline = time.monotonic() + 10
+    rounds = planted = 0
+    while time.monotonic() < deadline and rounds < 300:
+        target = tmp_path / f"ws{rounds}" / "runs" / "r1" / "t"
+        stop = threading.Event()
+
+        def plant(task: Path = target, stop: threading.Event = stop) -> None:
+            """The owner: as soon as ``d`` appears, put a link to ``roots`` in its place."""
+            moved = 0
+            while not stop.is_set():
+                try:
+                    os.rename(task / "d", task / f"d.{moved}")
+                    moved += 1
+                    os.symlink(outside, task / "d")
+                    return
+                except (FileNotFoundError, FileExistsError, NotADirectoryError):
+                    continue
+
+        thread = threading.Thread(target=plant, daemon=True)
+        thread.start()
+        try:
+            unpack(archive, target)
+        except (OSError, ValueError, tarfile.TarError):
+            pass  # refused: the link was met on the way
+        finally:
+            stop.set()
+            thread.join()
+        rounds += 1
+        planted += (target / "d").is_symlink()
+        assert list(outside.iterdir()) == [], f"written outside in round {rounds}"
+    assert planted > 0  # the owner did get a link in (else the race proved nothing)

@@ -141,8 +141,8 @@ def find_archive(store: Path, reference: str) -> SnapshotResult | None:
 # --- restoring ----------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    """A member the restore will not write; its message is the reason, for the user."""
+class ExtractRefused(ValueError):
+    """A member an extraction will not write; its message is the reason, for the user."""
 
 
 @dataclass(frozen=True)
@@ -158,17 +158,18 @@ def _parts(name: str) -> tuple[str, ...]:
     """A member name's components; ``..`` is refused even when it would stay inside."""
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
-        raise _Refused(f"{name!r} goes through '..'")
+        raise ExtractRefused(f"{name!r} goes through '..'")
     return parts
 
 
-def _open_folder(workspace: Path, parts: tuple[str, ...], *, create: bool = True) -> int:
-    """A descriptor of ``workspace/parts``, never through a link; ``create`` makes the missing."""
+def _open_folder(root_fd: int, parts: tuple[str, ...], *, create: bool = True) -> int:
+    """A descriptor of ``parts`` below ``root_fd``, never through a link; ``create`` makes
+    the missing."""
     try:
-        return safefs.open_below(workspace, parts, create=create)
+        return safefs.open_at(root_fd, parts, create=create)
     except OSError as exc:
         if safefs.refused(exc):
-            raise _Refused(
+            raise ExtractRefused(
                 f"a link or a file stands where {'/'.join(parts)!r} should be a folder"
             ) from exc
         raise
@@ -204,20 +205,21 @@ def _write_link(parent_fd: int, name: str, target: str) -> None:
 
 
 def _restore_member(
-    tar: tarfile.TarFile, original: tarfile.TarInfo, workspace: Path
+    tar: tarfile.TarFile, original: tarfile.TarInfo, root_fd: int, dest: str
 ) -> _Folder | None:
-    """Write one member below ``workspace``; a folder is returned to be finished later."""
-    # Absolute paths, links leaving the workspace, devices; modes sanitised.
-    member = tarfile.data_filter(original, str(workspace))
+    """Write one member below ``root_fd`` (the folder ``dest``); a folder is returned to be
+    finished later."""
+    # Absolute paths, links leaving the folder, devices; modes sanitised.
+    member = tarfile.data_filter(original, dest)
     parts = _parts(member.name)
     if member.isdir():
-        os.close(_open_folder(workspace, parts))
+        os.close(_open_folder(root_fd, parts))
         # The filter drops folders' modes (a 0500 folder could not be filled);
         # they are set once filled, without group or other write, owner rwx.
         return _Folder(parts, (original.mode & 0o755) | 0o700, member.mtime)
     if not parts:
-        raise _Refused(f"{member.name!r} is not a folder")
-    parent_fd = _open_folder(workspace, parts[:-1])
+        raise ExtractRefused(f"{member.name!r} is not a folder")
+    parent_fd = _open_folder(root_fd, parts[:-1])
     try:
         if member.issym():
             _write_link(parent_fd, parts[-1], member.linkname)
@@ -232,30 +234,39 @@ def _restore_member(
     return None
 
 
-def _finish_folders(workspace: Path, folders: list[_Folder]) -> None:
+def _finish_folders(root_fd: int, folders: list[_Folder]) -> None:
     """Set the restored folders' modes and times, deepest first (filling them changed the times)."""
     for folder in reversed(folders):
         try:
-            fd = _open_folder(workspace, folder.parts, create=False)
+            fd = _open_folder(root_fd, folder.parts, create=False)
         except FileNotFoundError:
             continue  # removed by the user meanwhile: theirs to remove
         try:
-            if folder.parts:  # the workspace's own mode stays
+            if folder.parts:  # the root's own mode stays
                 os.fchmod(fd, folder.mode)
             os.utime(fd, (folder.mtime, folder.mtime))
         finally:
             os.close(fd)
 
 
-def _extract(source: Path, workspace: Path) -> None:
-    """Extract the archive member by member, every folder reached through descriptors."""
+def extract(tar: tarfile.TarFile, root_fd: int) -> None:
+    """Extract ``tar`` member by member below the folder ``root_fd``, never through a link.
+
+    Each member passes tarfile's ``data`` filter (no absolute path, ``..``,
+    link out of the folder or device; modes sanitised); every folder is
+    reached from ``root_fd`` one component at a time with ``O_NOFOLLOW``, so a
+    link (or a file) that its owner plants on the way meanwhile raises
+    :class:`ExtractRefused` rather than being written through. Hard links are
+    written as copies. Raises :class:`ExtractRefused`, :class:`OSError`,
+    :class:`tarfile.TarError` or :class:`KeyError` (a hard link to nothing).
+    """
+    dest = os.readlink(f"/proc/self/fd/{root_fd}")  # what the filter checks links against
     folders: list[_Folder] = []
-    with tarfile.open(source, "r:gz") as tar:
-        for original in tar:
-            folder = _restore_member(tar, original, workspace)
-            if folder is not None:
-                folders.append(folder)
-    _finish_folders(workspace, folders)
+    for original in tar:
+        folder = _restore_member(tar, original, root_fd, dest)
+        if folder is not None:
+            folders.append(folder)
+    _finish_folders(root_fd, folders)
 
 
 def restore_workspace(store: Path, snapshot: SnapshotRef, workspace: Path) -> None:
@@ -281,8 +292,13 @@ def restore_workspace(store: Path, snapshot: SnapshotRef, workspace: Path) -> No
         # A retried launch after a restart: the restore already happened.
         return
     try:
-        _extract(source, workspace)
-    except (OSError, tarfile.TarError, KeyError, _Refused) as exc:
+        root_fd = safefs.open_below(workspace, [])  # the workspace itself is trusted
+        try:
+            with tarfile.open(source, "r:gz") as tar:
+                extract(tar, root_fd)
+        finally:
+            os.close(root_fd)
+    except (OSError, tarfile.TarError, KeyError, ExtractRefused) as exc:
         # KeyError: a hard link to a member the archive does not hold.
         raise InstanceStartError(f"cannot restore snapshot {snapshot.id}: {exc}") from exc
 

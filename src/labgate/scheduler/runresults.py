@@ -40,6 +40,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.backends.archive import extract
 from labgate.backends.procfs import tail_of
 from labgate.db.runs import AttemptState, Run, RunState, RunTask, TaskAttempt
 from labgate.errors import Conflict, LabgateError
@@ -129,7 +130,7 @@ class ResultCollector:
             await asyncio.to_thread(_keep_log, item.target, output)
             await link.forget_task(item.attempt_id)
             self.pending.pop(item.attempt_id, None)
-        except (LabgateError, OSError, ValueError, tarfile.TarError) as exc:
+        except (LabgateError, OSError, ValueError, KeyError, tarfile.TarError) as exc:
             if not link.live or isinstance(exc, Conflict):  # away, or still ending there
                 self.pending[item.attempt_id] = item
             else:
@@ -245,8 +246,9 @@ def unpack(archive: bytes, target: Path) -> None:
     """Extract a results archive into ``target`` (replacing what an earlier attempt left).
 
     The task's folder is removed and made again inside its run's folder's
-    descriptor and extracted into through its own descriptor: a link planted
-    on the way is refused (:class:`LinkRefused`), never followed. An archive
+    descriptor and extracted into through its own descriptor, member by
+    member (:func:`labgate.backends.archive.extract`): a link planted on the
+    way, before or during the extraction, is refused, never followed. An archive
     that would unpack past :data:`MAX_UNPACKED` is refused before anything is
     removed or written.
     """
@@ -270,7 +272,7 @@ def unpack(archive: bytes, target: Path) -> None:
         if os.listdir(task_fd):
             raise LinkRefused(f"{target} was replaced meanwhile: not written")
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            # The "data" filter refuses absolute paths, "..", links out and device files:
-            # the archive comes from a site, which the portal does not trust with its disk.
-            # The folder is pinned by its descriptor, wherever it is moved meanwhile.
-            tar.extractall(f"/proc/self/fd/{task_fd}", filter="data")
+            # The archive comes from a site, which the portal does not trust with its
+            # disk, into a folder the owner may change meanwhile: member by member,
+            # every folder reached through descriptors (labgate.backends.archive.extract).
+            extract(tar, task_fd)
