@@ -57,10 +57,10 @@ async def test_a_task_failing_for_good_fails_its_stage_and_the_run(client, make_
     alice = await make_user("alice")
     run_id = await submit(client, alice, FAILS)
     run = await wait_run(client, alice, run_id, timeout=30)
-    assert run["state"] == "failed"
+    assert run["state"] == "failed", run
     assert "bad" in run["reason"]
     tasks = tasks_of(run)
-    assert tasks["bad"]["state"] == "failed"
+    assert tasks["bad"]["state"] == "failed", run["events"]
     assert tasks["bad"]["attempts"] == 2
     assert tasks["bad"]["exit_code"] == 3
     assert tasks["slow"]["state"] == "cancelled"  # stopped: its stage had failed

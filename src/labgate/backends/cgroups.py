@@ -184,9 +184,14 @@ def _write(directory: Path, name: str, value: str) -> None:
 
 
 def _prepare_v1_cpuset(parent: Path) -> str:
-    """Give the v1 cpuset parent its cpus and mems (new v1 cpusets start empty); its mems."""
-    if not (parent / "cpuset.cpus").read_text().strip():
-        for name in ("cpuset.cpus", "cpuset.mems"):
+    """Give the v1 cpuset parent its cpus and mems (new v1 cpusets start empty); its mems.
+
+    Each is checked on its own: another process (a parallel agent) making the
+    same parent may have written its cpus and not yet its mems, and a child
+    given empty mems takes no process (ENOSPC when its task joins).
+    """
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        if not (parent / name).read_text().strip():
             _write(parent, name, (parent.parent / name).read_text().strip())
     return (parent / "cpuset.mems").read_text().strip()
 
