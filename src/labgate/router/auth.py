@@ -55,11 +55,16 @@ Via = Literal["session", "token", "instance"]
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated user, how they proved it, and until when that holds."""
+    """An authenticated user, how they proved it, and until when that holds.
+
+    ``session_id`` names the portal session a session or instance cookie
+    stands for (empty for a token): revoking it is what ends such an identity.
+    """
 
     user: UserInfo
     via: Via
     valid_until: float = math.inf
+    session_id: str = ""
     head_line: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -200,19 +205,54 @@ class Authenticator:
                 return identity, known[2]
         values, rest = split_instance_cookies(cookie)
         creds = Credentials(sessions=values, cookie_rest=rest, token=labgate_token(authorization))
-        found: Identity | None = None
-        if creds.token is not None:
-            found = self._token_identity(creds.token, now)
-        else:
-            netloc = hosts.netloc(instance_id)
-            for value in values:
-                found = self._instance_identity(value, instance_id, netloc, now)
-                if found is not None:
-                    break
+        found = self.identify_on_host(creds, instance_id, hosts, now)
         if len(self._instance_decisions) >= _CLAIM_CACHE_SIZE:
             self._instance_decisions.clear()
         self._instance_decisions[key] = (generation, found, creds)
         return found, creds
+
+    def identify_on_host(
+        self, creds: Credentials, instance_id: str, hosts: InstanceHosts, now: float
+    ) -> Identity | None:
+        """The user behind ``creds`` on ``instance_id``'s own host, or None.
+
+        ``creds.sessions`` are the instance cookies' values here. A labgate
+        token, if any, decides alone, as in :meth:`identify`.
+        """
+        if creds.token is not None:
+            return self._token_identity(creds.token, now)
+        netloc = hosts.netloc(instance_id)
+        for value in creds.sessions:
+            found = self._instance_identity(value, instance_id, netloc, now)
+            if found is not None:
+                return found
+        return None
+
+    def recheck(
+        self,
+        identity: Identity,
+        creds: Credentials,
+        route: Route | None,
+        hosts: InstanceHosts | None,
+        now: float,
+    ) -> Identity | None:
+        """Who ``creds`` (which proved ``identity``) prove now, if still let into ``route``.
+
+        Asked of an open WebSocket when credentials may have stopped holding
+        (the table changed) or its identity's time ran out: the checks of a
+        new request with the same credentials (:meth:`identify`, or
+        :meth:`identify_on_host` when it came to the instance's own host, then
+        :meth:`may_access`), for the same user as before. None: close it.
+        """
+        if route is None:
+            return None
+        if hosts is None:
+            again = self.identify(creds, now)
+        else:
+            again = self.identify_on_host(creds, route.instance_id, hosts, now)
+        if again is None or again.user.id != identity.user.id or not self.may_access(again, route):
+            return None
+        return again
 
     def _instance_identity(
         self, value: str, instance_id: str, netloc: str, now: float
@@ -238,7 +278,7 @@ class Authenticator:
         user = self.table.users.get(user_id)
         if user is None or user.disabled or issued_at < user.sessions_valid_after:
             return None
-        return Identity(user, "instance", issued_at + self.signer.max_age)
+        return Identity(user, "instance", issued_at + self.signer.max_age, session_id)
 
     def redeem(
         self, value: str, instance_id: str, netloc: str, verifier: str, now: float
@@ -313,7 +353,7 @@ class Authenticator:
         # so a session issued just before a password change is refused.
         if user is None or user.disabled or claim.issued_at < user.sessions_valid_after:
             return None
-        return Identity(user, "session", claim.issued_at + self.signer.max_age)
+        return Identity(user, "session", claim.issued_at + self.signer.max_age, claim.session_id)
 
     def lacks_access_scope(self, creds: Credentials, now: float) -> bool:
         """Whether ``creds`` hold a valid token that only lacks the ``instances:access`` scope.

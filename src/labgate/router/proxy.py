@@ -38,7 +38,7 @@ from labgate.router.http import (
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.security import HANDOFF_PATH
-from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress, UserInfo
+from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress
 from labgate.wire.tunnel import TUNNEL_PATH
 
 _TUNNEL_TARGET: Final = TUNNEL_PATH.encode()
@@ -95,12 +95,13 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "trusted_peer",
         "tunnel",
+        "tunnel_creds",
         "tunnel_id",
-        "tunnel_user",
+        "tunnel_identity",
+        "tunnel_on_host",
         "upgrade_buf",
         "upgrade_buffered",
         "upstream",
-        "user",
         "write_paused",
     )
 
@@ -114,10 +115,12 @@ class ClientConnection(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_id = ""
-        #: Who opened the tunnel (a WebSocket): closed when they lose access.
-        self.tunnel_user: UserInfo | None = None
-        #: Who sent the request being proxied to an instance.
-        self.user: UserInfo | None = None
+        #: Who opened the tunnel (a WebSocket) to an instance, with the credentials that
+        #: proved it and whether on the instance's own host: checked again when
+        #: credentials change or the identity's time runs out (check_tunnel).
+        self.tunnel_identity: Identity | None = None
+        self.tunnel_creds: Credentials | None = None
+        self.tunnel_on_host = False
         self.upgrade_buf: list[bytes] | None = None
         self.upgrade_buffered = 0
         self.counter: Counter | None = None
@@ -522,7 +525,6 @@ class ClientConnection(asyncio.Protocol):
         ex.head = instance_head(
             ex, route, identity, creds, client, self.proto, prefixed=prefixed, block=self.block
         )
-        self.user = identity.user
         self._proxy(ex, route.address)
 
     def _check(self, ex: Exchange, now: float) -> tuple[Identity | None, Credentials]:
@@ -808,6 +810,9 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel, self.upstream, self.current = conn, None, None
         self.parser = None
         self.deadline = NEVER
+        # Who opened it: the upgrade request was the last one sent to an instance, so the
+        # head block was built (or kept) for its identity and credentials.
+        identity, creds, on_host = self.block_identity, self.block_creds, not self.block_prefixed
         # No request follows on a tunnel: what was kept for the next one is let go.
         self.auth_creds = self.auth_identity = None
         self.auth_cookie = self.auth_authorization = None
@@ -821,8 +826,11 @@ class ClientConnection(asyncio.Protocol):
             if ex.instance_id:
                 counter.open_websockets += 1
                 self.tunnel_id = ex.instance_id
-                self.tunnel_user = self.user
+                self.tunnel_identity, self.tunnel_creds = identity, creds
+                self.tunnel_on_host = on_host
                 self.ctx.tunnels.setdefault(ex.instance_id, set()).add(self)
+                if identity is not None:
+                    self._expire_at(identity.valid_until, time.time())
         if rest:
             self.write(rest)
         pending, self.upgrade_buf = self.upgrade_buf or [], None
@@ -854,13 +862,48 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def timeout(self) -> None:
-        """Idle too long between requests, or too slow sending a head."""
-        self._close()
+        """Idle too long between requests, or too slow sending a head.
+
+        For a WebSocket to an instance: the time its credentials held ran out.
+        """
+        if self.tunnel_identity is not None:
+            self.check_tunnel(time.time())
+        else:
+            self._close()
+
+    def check_tunnel(self, now: float) -> None:
+        """Check the credentials that opened this WebSocket again, as a new request's.
+
+        Closed when a request with them would no longer be let into the
+        instance (``Authenticator.recheck``); otherwise it goes on until what
+        they prove now runs out.
+        """
+        if self.tunnel is None or self.closing:
+            return
+        identity, creds, ctx = self.tunnel_identity, self.tunnel_creds, self.ctx
+        again: Identity | None = None
+        if identity is not None and creds is not None:
+            route = ctx.table.routes.get(self.tunnel_id)
+            hosts = ctx.hosts if self.tunnel_on_host else None
+            again = ctx.auth.recheck(identity, creds, route, hosts, now)
+        if again is None:
+            self._close()
+            return
+        self.tunnel_identity = again
+        self._expire_at(again.valid_until, now)
 
     # --- internals -----------------------------------------------------------
+    def _expire_at(self, valid_until: float, now: float) -> None:
+        """Time this WebSocket out (the sweeper's deadline) when ``valid_until`` passes."""
+        if valid_until == NEVER:
+            self.deadline = NEVER
+        else:
+            self.deadline = time.monotonic() + (valid_until - now)
+
     def _tunnel_closed(self) -> None:
         counter, self.counter = self.counter, None
         instance_id, self.tunnel_id = self.tunnel_id, ""
+        self.tunnel_identity = self.tunnel_creds = None
         tunnels = self.ctx.tunnels.get(instance_id) if instance_id else None
         if tunnels is not None and self in tunnels:
             tunnels.discard(self)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from labgate.config import Settings
@@ -60,6 +62,7 @@ class Router:
         self.tls: CertificateWatcher | None = None
         table.on_route_removed(self._route_removed)
         table.on_access_narrowed(self._access_narrowed)
+        table.on_credentials_changed(self._credentials_changed)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def listen(
@@ -158,8 +161,8 @@ class Router:
         # Let transports finish closing before the loop can go away.
         await asyncio.sleep(0)
 
-    def _access_narrowed(self, route: Route) -> None:
-        """A share was revoked: close the WebSockets of whoever lost access, at once.
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the router's loop: now if this is it, else as soon as it can.
 
         The portal may change the table from a worker thread (in-process
         router); the connections belong to the router's loop.
@@ -170,16 +173,43 @@ class Router:
         except RuntimeError:
             running = None
         if loop is None or running is loop:
-            self._close_unallowed(route)
+            callback()
         elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._close_unallowed, route)
+            loop.call_soon_threadsafe(callback)
 
-    def _close_unallowed(self, route: Route) -> None:
-        for conn in list(self.ctx.tunnels.get(route.instance_id, ())):
+    def _access_narrowed(self, route: Route) -> None:
+        """A share was revoked: close the WebSockets of whoever lost access, at once."""
+        self._on_loop(lambda: self._close_unallowed(route.instance_id))
+
+    def _close_unallowed(self, instance_id: str) -> None:
+        now = time.time()
+        for conn in list(self.ctx.tunnels.get(instance_id, ())):
             if isinstance(conn, ClientConnection):
-                user = conn.tunnel_user
-                if user is None or not (user.is_admin or route.allows(user.id)):
-                    conn.close()
+                conn.check_tunnel(now)
+
+    def _credentials_changed(self, user_id: int | None, session_id: str | None) -> None:
+        """Credentials may have stopped holding: check the WebSockets they opened, at once.
+
+        Those of one user (``user_id``), of one portal session
+        (``session_id``), or, with neither, every one; each as a new request
+        with its credentials would be checked now, access to its instance
+        included. The others are not touched.
+        """
+        self._on_loop(lambda: self._check_tunnels(user_id, session_id))
+
+    def _check_tunnels(self, user_id: int | None, session_id: str | None) -> None:
+        now = time.time()
+        for tunnels in list(self.ctx.tunnels.values()):
+            for conn in list(tunnels):
+                if not isinstance(conn, ClientConnection):
+                    continue
+                identity = conn.tunnel_identity
+                if identity is not None and (
+                    (user_id is not None and identity.user.id != user_id)
+                    or (session_id is not None and identity.session_id != session_id)
+                ):
+                    continue
+                conn.check_tunnel(now)
 
     def _route_removed(self, instance_id: str) -> None:
         """A withdrawn route takes its open WebSockets with it."""

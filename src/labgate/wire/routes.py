@@ -343,6 +343,11 @@ class RouterControl(Protocol):
 RemovalListener = Callable[[str], None]
 #: Told of a route whose access list (or owner) changed so that someone lost access.
 NarrowedListener = Callable[[Route], None]
+#: Told that credentials may have stopped holding: ``(user_id, None)`` those of one
+#: user (changed, disabled, removed, a token of theirs removed or replaced),
+#: ``(None, session_id)`` those of one portal session (revoked), ``(None, None)``
+#: anyone's (the whole table replaced).
+CredentialsListener = Callable[[int | None, str | None], None]
 
 
 class RouteTable:
@@ -364,6 +369,7 @@ class RouteTable:
         self._removal_listeners: list[RemovalListener] = []
         self._narrowed_listeners: list[NarrowedListener] = []
         self._tunnel_listeners: list[RemovalListener] = []
+        self._credentials_listeners: list[CredentialsListener] = []
 
     # --- RouterControl -------------------------------------------------------
     def add_route(self, route: Route) -> None:
@@ -385,29 +391,40 @@ class RouteTable:
         return list(self.routes.values())
 
     def set_user(self, user: UserInfo) -> None:
-        """Add or replace a user."""
+        """Add or replace a user; listeners hear of a changed one."""
+        old = self.users.get(user.id)
         self.users[user.id] = user
         self.generation += 1
+        if old is not None and old != user:
+            self._credentials_changed(user.id, None)
 
     def remove_user(self, user_id: int) -> None:
-        """Forget a user."""
-        self.users.pop(user_id, None)
+        """Forget a user; listeners hear of it."""
+        old = self.users.pop(user_id, None)
         self.generation += 1
+        if old is not None:
+            self._credentials_changed(user_id, None)
 
     def set_token(self, token_hash: str, info: TokenInfo) -> None:
-        """Add or replace an API token by its hash."""
+        """Add or replace an API token by its hash; listeners hear of a changed one."""
+        old = self.tokens.get(token_hash)
         self.tokens[token_hash] = info
         self.generation += 1
+        if old is not None and old != info:
+            self._credentials_changed(old.user_id, None)
 
     def remove_token(self, token_hash: str) -> None:
-        """Forget an API token."""
-        self.tokens.pop(token_hash, None)
+        """Forget an API token; listeners hear whose it was."""
+        old = self.tokens.pop(token_hash, None)
         self.generation += 1
+        if old is not None:
+            self._credentials_changed(old.user_id, None)
 
     def revoke_session(self, session_id: str, expires_at: float) -> None:
-        """Refuse a session id until ``expires_at``."""
+        """Refuse a session id until ``expires_at``; listeners hear of it."""
         self.revoked[session_id] = max(expires_at, self.revoked.get(session_id, 0.0))
         self.generation += 1
+        self._credentials_changed(None, session_id)
 
     def set_tunnel_site(self, site: str, epoch: str) -> None:
         """Take tunnels of ``site`` under ``epoch`` only; listeners close any other."""
@@ -423,6 +440,10 @@ class RouteTable:
     def _tunnel_changed(self, site: str) -> None:
         for listener in self._tunnel_listeners:
             listener(site)
+
+    def _credentials_changed(self, user_id: int | None, session_id: str | None) -> None:
+        for listener in self._credentials_listeners:
+            listener(user_id, session_id)
 
     def resync(self, snapshot: dict[str, Any]) -> None:
         """Replace everything with ``snapshot``; listeners hear of routes that went away."""
@@ -454,6 +475,7 @@ class RouteTable:
                 narrowed_listener(changed)
         for site in doors:
             self._tunnel_changed(site)
+        self._credentials_changed(None, None)
 
     # --- the rest -----------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -476,6 +498,14 @@ class RouteTable:
     def on_route_removed(self, listener: RemovalListener) -> None:
         """Call ``listener(instance_id)`` whenever a route is withdrawn."""
         self._removal_listeners.append(listener)
+
+    def on_credentials_changed(self, listener: CredentialsListener) -> None:
+        """Call ``listener(user_id, session_id)`` when credentials may have stopped holding.
+
+        See :data:`CredentialsListener`; called after the change, as the
+        other listeners are (from whatever thread made it).
+        """
+        self._credentials_listeners.append(listener)
 
     def on_tunnel_site_changed(self, listener: RemovalListener) -> None:
         """Call ``listener(site)`` whenever a site's tunnel epoch changes or goes."""
