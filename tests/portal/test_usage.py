@@ -227,3 +227,69 @@ async def test_admin_usage_page_starts_at_the_current_month(app, client):
     first = datetime.now(UTC).strftime("%Y-%m-01")
     assert f'name="since" type="date" value="{first}"' in page.text
     client.cookies.clear()
+
+
+async def test_a_new_account_named_like_a_deleted_user_sees_none_of_their_usage(
+    app, client, make_user, admin_headers
+):
+    """A plain user's usage is pinned by user id: names are given out again, ids never.
+
+    The deleted bob's records keep his name (admins still find them, by name or
+    in full) but their user id becomes NULL, which matches no account; the next
+    account called ``bob`` sees only its own.
+    """
+    await make_user("alice")
+    await make_user("bob")
+    await seed(app)  # seed0, seed1 alice's; seed2 the first bob's
+    deleted = await client.delete("/api/v1/users/bob", headers=admin_headers)
+    assert deleted.status_code == 204, deleted.text
+    new_bob = await make_user("bob")
+
+    def own_record(session: Any) -> None:
+        user = session.scalar(select(User).where(User.name == "bob"))
+        start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+        session.add(
+            UsageRecord(
+                instance_id="newbob",
+                user_id=user.id,
+                user_name="bob",
+                tool="demo",
+                cpu=1.0,
+                memory=0,
+                started_at=start,
+                stopped_at=start + timedelta(minutes=30),
+                reason="stopped",
+            )
+        )
+
+    await app.state.portal.run_db(own_record)
+    orphaned = await app.state.portal.run_db(
+        lambda s: s.scalar(select(UsageRecord.user_id).where(UsageRecord.instance_id == "seed2"))
+    )
+    assert orphaned is None  # the deleted user's records lose the id, keep the name
+
+    since = (datetime.now(UTC) - timedelta(days=2)).isoformat()
+    for params in ({"since": since}, {"since": since, "user": "bob"}):
+        records = await client.get("/api/v1/usage/records", params=params, headers=new_bob)
+        assert records.status_code == 200, records.text
+        assert [r["instance"] for r in records.json()] == ["newbob"], (params, records.text)
+        csv = await client.get(
+            "/api/v1/usage/records", params={**params, "format": "csv"}, headers=new_bob
+        )
+        assert [line.split(",")[1] for line in csv.text.splitlines()[1:]] == ["newbob"]
+        report = await client.get(
+            "/api/v1/usage", params={**params, "period": "all", "by": "user"}, headers=new_bob
+        )
+        assert report.status_code == 200, report.text
+        assert report.json()["total"]["instances"] == 1, report.text
+        assert report.json()["total"]["core_hours"] == 0.5, report.text
+
+    # Admins still find the deleted bob's records, by name and in full.
+    by_name = await client.get(
+        "/api/v1/usage/records", params={"since": since, "user": "bob"}, headers=admin_headers
+    )
+    assert sorted(r["instance"] for r in by_name.json()) == ["newbob", "seed2"]
+    everything = await client.get(
+        "/api/v1/usage/records", params={"since": since}, headers=admin_headers
+    )
+    assert len(everything.json()) == 4

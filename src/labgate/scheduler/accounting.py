@@ -184,13 +184,21 @@ class UsageRow:
 
 @dataclass(frozen=True)
 class UsageQuery:
-    """What a report covers and how it groups."""
+    """What a report covers and how it groups.
+
+    ``user`` filters by the name a record copied (admins' filter: it also
+    finds a deleted user's records); ``user_id`` by the account itself, which
+    is how a plain user's own usage is pinned: ids are never given out again,
+    names are, and a deleted user's records (their ``user_id`` now NULL)
+    match no id.
+    """
 
     since: datetime
     until: datetime
     by: tuple[str, ...] = ()
     period: str = "month"
     user: str | None = None
+    user_id: int | None = None
     group: str | None = None
     tool: str | None = None
     site: str | None = None
@@ -210,6 +218,8 @@ def records_between(
     )
     if query.user is not None:
         stmt = stmt.where(UsageRecord.user_name == query.user)
+    if query.user_id is not None:
+        stmt = stmt.where(UsageRecord.user_id == query.user_id)
     if query.group is not None:
         stmt = stmt.where(UsageRecord.group_name == query.group)
     if query.tool is not None:

@@ -1,7 +1,10 @@
 """Usage: who used what, where and for how long, summed or record by record, JSON or CSV.
 
-Users see their own usage; admins everyone's (``user``, ``group``, ``tool``,
-``site`` filter). ``by`` (repeatable) groups rows by user, group, tool or site;
+Users see their own usage, pinned by their user id (never by name: names are
+given out again, ids never, so a new account named like a deleted user reads
+none of theirs); admins everyone's (``user``, ``group``, ``tool``, ``site``
+filter; ``user`` is the name the records copied, and finds deleted users' too).
+``by`` (repeatable) groups rows by user, group, tool or site;
 ``period`` cuts them by day, week, month, year (UTC) or not at all (``all``).
 ``format=csv`` (or ``Accept: text/csv``) answers CSV with a header line.
 """
@@ -70,11 +73,16 @@ def build_query(
     tool: str | None,
     site: str | None,
 ) -> UsageQuery:
-    """A usage query the caller may make: their own, or anyone's for admins."""
+    """A usage query the caller may make: their own, or anyone's for admins.
+
+    A plain user's is pinned by their user id, not their name: a record of a
+    deleted account with the same name (its ``user_id`` now NULL) is not theirs.
+    """
+    user_id: int | None = None
     if not caller.has("admin"):
         if user is not None and user != caller.name:
             caller.require("admin")
-        user = caller.name
+        user, user_id = None, caller.user_id
     now = utcnow()
     until = _aware(until) or now
     since = _aware(since) or (EARLIEST if period == "all" else period_start(now, period))
@@ -86,6 +94,7 @@ def build_query(
         by=tuple(dict.fromkeys(by)),
         period=period,
         user=user,
+        user_id=user_id,
         group=group,
         tool=tool,
         site=site,

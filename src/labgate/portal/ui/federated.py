@@ -67,7 +67,8 @@ async def start(
         max_age=FLOW_MAX_AGE,
         httponly=True,
         samesite="lax",
-        secure=portal.settings.cookie_secure,
+        # Like every labgate cookie: Secure with cookie_secure or an https:// public URL.
+        secure=portal.settings.effective_cookie_secure,
         path="/login",
     )
     return response
