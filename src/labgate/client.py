@@ -18,9 +18,11 @@ Events, reconnecting with ``Last-Event-ID`` when the connection drops.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import ssl
+import stat
 import time
 import tomllib
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from labgate import __version__
+from labgate.configfile import account_name
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 CLIENT_CONFIG = "client.toml"
@@ -41,6 +44,9 @@ TOKEN_PREFIX_LENGTH = 8
 STREAM_READ_TIMEOUT = 60.0
 RECONNECT_DELAY = 1.0
 RECONNECT_ATTEMPTS = 10
+# client.toml is read and written without following a link (nor blocking on a FIFO).
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class ClientError(Exception):
@@ -86,16 +92,74 @@ def client_config_path() -> Path:
     return Path(base) / "labgate" / CLIENT_CONFIG
 
 
+def _check_private_folder(dir_fd: int, folder: Path) -> None:
+    """The folder of ``client.toml`` is the user's own, and only they may change what is in it.
+
+    Anyone who can write in it could plant a link where the login is written
+    (and receive the token) or a ``client.toml`` of their own (and receive the
+    next commands, password-less sign-ins included).
+    """
+    info = os.fstat(dir_fd)
+    me = os.geteuid()
+    if info.st_uid != me:
+        raise ClientConfigError(
+            f"{folder} belongs to {account_name(info.st_uid)}, not to you: "
+            "labgate keeps no login there; remove it, or set XDG_CONFIG_HOME to a folder of yours"
+        )
+    if info.st_mode & 0o022:
+        raise ClientConfigError(
+            f"{folder} may be changed by other accounts (mode {info.st_mode & 0o7777:04o}): "
+            f"labgate keeps no login there; run `chmod 700 {folder}`"
+        )
+
+
+def _open_folder(folder: Path) -> int:
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def load_saved_login(path: Path | None = None) -> SavedLogin | None:
-    """The saved URL and token, or None when nothing was saved."""
+    """The saved URL and token, or None when nothing was saved.
+
+    The file is trusted only in a folder of the user's that nobody else may
+    change, as a regular file of theirs (no link) that nobody else may change.
+    """
     path = path or client_config_path()
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        dir_fd = _open_folder(path.parent)
     except FileNotFoundError:
         return None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ClientConfigError(f"cannot read {path}: {exc}") from None
+    except OSError as exc:
+        raise ClientConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fd = os.open(path.name, _READ_FLAGS, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            reason = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise ClientConfigError(f"cannot read {path}: {reason or exc}") from None
+        with os.fdopen(fd, "rb") as handle:
+            _check_private_folder(dir_fd, path.parent)
+            info = os.fstat(handle.fileno())
+            me = os.geteuid()
+            if not stat.S_ISREG(info.st_mode):
+                raise ClientConfigError(f"cannot read {path}: not a regular file")
+            if info.st_uid != me:
+                raise ClientConfigError(
+                    f"{path} belongs to {account_name(info.st_uid)}, not to you: "
+                    "not read; remove it and run `labgate login`"
+                )
+            if info.st_mode & 0o022:
+                raise ClientConfigError(
+                    f"{path} may be changed by other accounts (mode "
+                    f"{info.st_mode & 0o7777:04o}): not read; run `chmod 600 {path}`"
+                )
+            try:
+                data = tomllib.load(handle)
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise ClientConfigError(f"cannot read {path}: {exc}") from None
+    finally:
+        os.close(dir_fd)
     url, token = data.get("url", ""), data.get("token", "")
     if not isinstance(url, str) or not isinstance(token, str):
         raise ClientConfigError(f"{path}: url and token must be strings")
@@ -110,26 +174,41 @@ def _toml_string(value: str) -> str:
 
 
 def save_login(login: SavedLogin, path: Path | None = None) -> Path:
-    """Write the saved login (an empty token is left out); the file is private (0600)."""
+    """Write the saved login (an empty token is left out); the file is private (0600).
+
+    The folder must be the user's and nobody else's to change (it is made
+    0700 when missing). The file is written under a new name, created with
+    ``O_EXCL|O_NOFOLLOW`` (a link or file planted there is never written
+    through) and made 0600 on its descriptor before the first byte, then
+    renamed over ``client.toml``; all relative to the checked folder's
+    descriptor, so the folder cannot be swapped in between.
+    """
     path = path or client_config_path()
     lines = ["# Written by `labgate login`; holds an API token, keep it private.\n"]
     if login.url:
         lines.append(f"url = {_toml_string(login.url)}\n")
     if login.token:
         lines.append(f"token = {_toml_string(login.token)}\n")
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Created 0600 from the start: the token is never readable by others.
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        dir_fd = _open_folder(path.parent)
+    except OSError as exc:
+        raise ClientConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    partial = f".{path.name}.{os.getpid()}.{os.urandom(6).hex()}"
+    try:
+        _check_private_folder(dir_fd, path.parent)
+        fd = os.open(partial, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            # 0600 before the first byte, whatever the umask made of the mode.
+            os.fchmod(handle.fileno(), 0o600)
             handle.writelines(lines)
-        os.chmod(partial, 0o600)
-        os.replace(partial, path)
+        os.rename(partial, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
-            partial.unlink()
+            os.unlink(partial, dir_fd=dir_fd)
         raise ClientConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dir_fd)
     return path
 
 
@@ -140,6 +219,9 @@ def resolve_target(
     settings_url: str = "",
     settings_token: str = "",
     saved: SavedLogin | None = None,
+    url_from_folder: bool = False,
+    token_from_folder: bool = False,
+    password: bool = False,
 ) -> tuple[str, str | None]:
     """The server URL and token to use, highest priority first.
 
@@ -147,11 +229,36 @@ def resolve_target(
     Token: the option, the ``token`` setting, then the saved token, but only
     when the URL is the one it was saved for: a token never goes to a server
     it was not issued by.
+
+    ``url_from_folder`` and ``token_from_folder`` say that the settings were
+    read from ``./labgate.toml`` (not the environment, not a file named by
+    ``LABGATE_CONFIG``): a file of the folder the command runs in, perhaps a
+    checkout of someone else's project. A URL from there, unless it is the
+    saved login's, gets no credential of the user's: a token given with
+    ``--token`` or ``LABGATE_TOKEN`` is refused, and so is a password
+    (``password``: the target of ``labgate login``). It may still get the
+    token the same file gives.
     """
     chosen_url = (url or settings_url or (saved.url if saved else "") or DEFAULT_URL).rstrip("/")
     chosen_token = token or settings_token or None
     if chosen_token is None and saved is not None and saved.token and saved.url == chosen_url:
         chosen_token = saved.token
+    folder_url = (
+        not url
+        and bool(settings_url)
+        and url_from_folder
+        and (saved is None or saved.url != chosen_url)
+    )
+    if folder_url:
+        where = f"{chosen_url} is the url of ./labgate.toml, a file of the current directory"
+        fixes = "give the server with --url or LABGATE_URL, or name the file with LABGATE_CONFIG"
+        if password:
+            raise ClientError(
+                f"not sending your password: {where}; {fixes} (`labgate login --url {chosen_url}`)"
+            )
+        if token or (settings_token and not token_from_folder):
+            given = "--token" if token else "LABGATE_TOKEN"
+            raise ClientError(f"not sending the token of {given}: {where}; {fixes}")
     return chosen_url, chosen_token
 
 

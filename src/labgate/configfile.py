@@ -26,6 +26,8 @@ def config_file() -> Path | None:
 
     A file named by ``LABGATE_CONFIG`` must exist: silently running on the
     defaults instead of the operator's settings is worse than refusing.
+    ``./labgate.toml`` is read only when it is the user's own (see
+    :func:`check_working_directory_file`).
     """
     named = os.environ.get(CONFIG_ENV)
     if named:
@@ -35,7 +37,62 @@ def config_file() -> Path | None:
             raise ConfigError(f"{CONFIG_ENV} names {path}, which {what}")
         return path
     default = Path(DEFAULT_CONFIG_FILE)
-    return default if default.is_file() else None
+    if not default.is_file():
+        return None
+    check_working_directory_file(default)
+    return default
+
+
+def account_name(uid: int) -> str:
+    """``alice (uid 1000)``, or ``uid 1000`` for a uid without an account."""
+    import pwd
+
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def check_working_directory_file(path: Path) -> None:
+    """Refuse ``./labgate.toml`` unless it is the user's own and only theirs to change.
+
+    In a shared folder (``/tmp``, a group's project directory) the file may be
+    another account's, and its ``url`` would get the user's password (``labgate
+    login``) and commands their settings. So the file (and the link, if it is
+    one) must belong to the user (or root) and be writable by nobody else; a
+    file named by ``LABGATE_CONFIG`` is the user's explicit choice and is not
+    checked. One line says why and what to do instead.
+    """
+    shown = f"./{path.name}"
+    anyway = f"to use it anyway, name it: LABGATE_CONFIG={path.resolve()}"
+    try:
+        link, target = os.lstat(path), os.stat(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the settings file {shown}: {exc.strerror}") from None
+    me = os.geteuid()
+    for info in (link, target):
+        if info.st_uid not in (me, 0):
+            raise ConfigError(
+                f"{shown} belongs to {account_name(info.st_uid)}, not to you: "
+                f"not read, another account's settings could send your password and token "
+                f"to its server; {anyway}"
+            )
+    if target.st_mode & 0o022:
+        raise ConfigError(
+            f"{shown} may be changed by other accounts (mode {target.st_mode & 0o7777:04o}): "
+            f"not read; run `chmod go-w {path}`, or {anyway}"
+        )
+
+
+def read_in_working_directory(name: str) -> bool:
+    """Whether the setting ``name``, when set, comes from ``./labgate.toml``.
+
+    That is: not from the environment, and no ``LABGATE_CONFIG`` names the
+    file. Such a file is in the folder the command runs in, which may be a
+    checkout of someone else's project: the CLI sends it no credential of
+    the user's (:func:`labgate.client.resolve_target`).
+    """
+    return _from_environment(name) is None and not os.environ.get(CONFIG_ENV)
 
 
 def _from_environment(name: str) -> str | None:

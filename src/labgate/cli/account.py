@@ -33,7 +33,9 @@ def login(
     from labgate.client import Client, SavedLogin, check_url, load_saved_login, save_login
 
     state = state_of(ctx)
-    server = check_url(state.target(url)[0])
+    # The password goes only to a server the user named (--url, LABGATE_URL, LABGATE_CONFIG)
+    # or signed in to before: never to one a ./labgate.toml names (docs/cli.md).
+    server = check_url(state.target(url, password=True)[0])
     if username is None:
         username = str(typer.prompt("Username", err=True))
     password = read_secret("Password", from_stdin=password_stdin)
@@ -133,7 +135,7 @@ def token_create(
         f"token {created['id']} ({', '.join(created['scopes'])}) created; "
         "it is shown only this once:"
     )
-    typer.echo(created["token"])
+    show.line(created["token"])
 
 
 @token_app.command("list")

@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 from typer.main import get_group_from_info
 from typer.models import TyperInfo
 
+from labgate.cli.output import visible
 from labgate.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,15 +39,15 @@ JSON_OPTION = typer.Option(False, "--json", help="Print the raw JSON the API ret
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print one ``error:`` line on stderr and exit."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    """Print one ``error:`` line on stderr and exit; control characters are shown, not sent."""
+    typer.echo(f"error: {visible(' '.join(message.split()))}", err=True)
     raise typer.Exit(code)
 
 
 def fail_config(exc: ConfigError) -> NoReturn:
     """Print one ``error:`` line per configuration problem on stderr, and exit 1."""
     for problem in exc.problems[:-1]:
-        typer.echo(f"error: {problem}", err=True)
+        typer.echo(f"error: {visible(problem)}", err=True)
     fail(exc.problems[-1] if exc.problems else str(exc))
 
 
@@ -177,10 +178,14 @@ class CliState:
             self._settings = load_settings()
         return self._settings
 
-    def target(self, url: str | None = None) -> tuple[str, str | None]:
-        """The server URL and token to use."""
+    def target(self, url: str | None = None, *, password: bool = False) -> tuple[str, str | None]:
+        """The server URL and token to use (``password``: the server ``labgate login`` signs in to).
+
+        A URL read from ``./labgate.toml`` gets no token nor password of the
+        user's unless it is the saved login's (:func:`labgate.client.resolve_target`).
+        """
         from labgate.client import load_saved_login, resolve_target
-        from labgate.configfile import client_settings
+        from labgate.configfile import client_settings, read_in_working_directory
 
         # Only two settings matter here: read them without building all settings
         # (that import is most of a command's start-up), unless only those can say.
@@ -194,6 +199,9 @@ class CliState:
             settings_url=found["url"],
             settings_token=found["token"],
             saved=load_saved_login(),
+            url_from_folder=read_in_working_directory("url"),
+            token_from_folder=read_in_working_directory("token"),
+            password=password,
         )
 
     def client(self) -> Client:

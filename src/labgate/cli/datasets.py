@@ -115,7 +115,7 @@ def register(
         show.print_json(created)
     else:
         show.note(f"registered {created['id']} (mounted as /data/{created['name']})")
-        typer.echo(created["id"])
+        show.line(created["id"])
 
 
 @dataset_app.command("update")
@@ -194,7 +194,7 @@ def delete(
         typer.confirm(f"Delete {identifier} and what labgate knows of its replicas?", abort=True)
     with state_of(ctx).client() as client:
         client.delete(dataset_path(identifier))
-    typer.echo(f"deleted {identifier}")
+    show.line(f"deleted {identifier}")
 
 
 @dataset_app.command("resolve")
@@ -206,13 +206,13 @@ def resolve(ctx: typer.Context, identifier: str = ID_ARGUMENT, as_json: bool = J
         show.print_json(answer)
         return
     dataset = answer["dataset"]
-    typer.echo(f"{dataset['id']}  {dataset['title']}".rstrip())
+    show.line(f"{dataset['id']}  {dataset['title']}".rstrip())
     show.replicas(answer["replicas"] + answer["unavailable"])
     if answer["fetchable"]:
         show.note("no live replica: a launch fetches it into the chosen site's cache")
     typer.echo()
     for link in answer["launch"]:
-        typer.echo(f"{link['tool']:<16} {link['url']}")
+        show.line(f"{link['tool']:<16} {link['url']}")
     if not answer["launch"]:
         show.note("no tool can open it now")
 
@@ -243,9 +243,9 @@ def badge(
     image = link.split("/launch?", 1)[0] + "/badge.svg"
     if html:
         href = link.replace("&", "&amp;")
-        typer.echo(f'<a href="{href}"><img src="{image}" alt="Launch in labgate"></a>')
+        show.line(f'<a href="{href}"><img src="{image}" alt="Launch in labgate"></a>')
     else:
-        typer.echo(f"[![Launch in labgate]({image})]({link})")
+        show.line(f"[![Launch in labgate]({image})]({link})")
 
 
 # --- replicas ----------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def replica_add(
     with state_of(ctx).client() as client:
         replica = client.put(f"{dataset_path(identifier)}/replicas/{quote(site)}", body)
     live = "live" if replica["live"] else f"not live: {replica['reason']}"
-    typer.echo(f"{identifier} on {site} at {replica['path']} ({live})")
+    show.line(f"{identifier} on {site} at {replica['path']} ({live})")
 
 
 @replica_app.command("remove")
@@ -277,7 +277,7 @@ def replica_remove(
     """Forget the replica of a dataset on a site."""
     with state_of(ctx).client() as client:
         client.delete(f"{dataset_path(identifier)}/replicas/{quote(site)}")
-    typer.echo(f"{identifier}: replica on {site} removed")
+    show.line(f"{identifier}: replica on {site} removed")
 
 
 # --- inventory push ----------------------------------------------------------------------

@@ -94,11 +94,11 @@ def start(
     if as_json:
         show.print_json(instance)
     elif wait:
-        typer.echo(instance["url"])
+        show.line(instance["url"])
     else:
         what = instance["tool"] + (f" from {instance['snapshot']}" if body.get("snapshot") else "")
         show.note(f"launched {what} as {instance['id']} ({instance['state']}); see `labgate ls`")
-        typer.echo(instance["id"])
+        show.line(instance["id"])
     return instance
 
 
@@ -114,7 +114,11 @@ def parse_params(items: list[str]) -> dict[str, str]:
 
 
 def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> None:
-    """Show the launch's progress until it runs; fail with the reason and log tail otherwise."""
+    """Show the launch's progress until it runs; fail with the reason and log tail otherwise.
+
+    The events' messages come from the site (and the tool's health check): each
+    progress and status line shows them :func:`~labgate.cli.output.visible`.
+    """
     from labgate.client import TERMINAL_STATES, WaitTimeout
 
     instance_id, tool = instance["id"], instance["tool"]
@@ -122,17 +126,19 @@ def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> 
     started = time.monotonic()
     ended: dict[str, Any] | None = None
     try:
-        with err.status(f"launching {tool} ({instance_id})…") as status:
+        with err.status(show.visible(f"launching {tool} ({instance_id})…", markup=True)) as status:
             for event in client.events(instance_id, deadline=started + timeout):
                 current, message = event["state"], event.get("message") or ""
                 if current in TERMINAL_STATES:
                     ended = event
                     break
                 elapsed = time.monotonic() - started
-                err.print(f"{elapsed:5.1f}s  {current:<9} {message}", markup=False)
+                err.print(show.visible(f"{elapsed:5.1f}s  {current:<9} {message}"), markup=False)
                 if current == "running":
                     return
-                status.update(f"{tool} ({instance_id}) {current}: {message}")
+                status.update(
+                    show.visible(f"{tool} ({instance_id}) {current}: {message}", markup=True)
+                )
     except WaitTimeout:
         fail(
             f"{tool} ({instance_id}) is not running after {timeout:g}s; "
@@ -150,14 +156,14 @@ def _follow_launch(client: Client, instance: dict[str, Any], timeout: float) -> 
 
 
 def _launch_failed(instance_id: str, tool: str, event: dict[str, Any]) -> NoReturn:
-    """One error line with the reason, then the last lines the tool wrote."""
+    """One error line with the reason, then the last lines the tool wrote (all made visible)."""
     reason = " ".join((event.get("message") or "no reason given").split())
-    typer.echo(f"error: {tool} ({instance_id}) {event['state']}: {reason}", err=True)
+    show.note(f"error: {tool} ({instance_id}) {event['state']}: {reason}")
     tail = str((event.get("data") or {}).get("log_tail") or "").rstrip()
     if tail:
-        typer.echo("last log lines:", err=True)
+        show.note("last log lines:")
         for line in tail.splitlines():
-            typer.echo(f"  | {line}", err=True)
+            show.note(f"  | {line}")
     raise typer.Exit(1)
 
 
@@ -194,7 +200,7 @@ def stop(
             instance = client.delete(f"/instances/{instance_id}")
             if wait:
                 instance = _wait_for_end(client, instance_id, timeout)
-            typer.echo(f"{instance_id} {instance['state']}")
+            show.line(f"{instance_id} {instance['state']}")
 
 
 def _wait_for_end(client: Client, instance_id: str, timeout: float) -> dict[str, Any]:

@@ -7,6 +7,13 @@ two spaces apart), which saves importing and running Rich.
 Tables go to stdout; progress and notes go to stderr, so the stdout of a
 command such as ``labgate launch`` or ``labgate token create`` is exactly the
 one thing a script wants from it.
+
+Text from the server (a dataset's title, a run's reason, an event's message)
+may have been written by another account: every table cell, note, error and
+status line goes through :func:`visible`, which shows control characters and
+bidirectional overrides as escapes (``\\x1b``) instead of writing them to the
+terminal, where they would clear the screen, rewrite earlier lines or set the
+clipboard (docs/security.md, "The command line").
 """
 
 from __future__ import annotations
@@ -63,13 +70,65 @@ def stderr() -> Console:
 
 
 def print_json(data: Any) -> None:
-    """Print ``data`` as indented JSON, uncoloured, for scripts."""
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    """Print ``data`` as indented JSON, uncoloured, for scripts.
+
+    JSON escapes C0 controls itself; what else :func:`visible` would escape (DEL,
+    C1, separators, bidirectional overrides) can only be inside strings, and is
+    written as ``\\u`` escapes too: the same data, nothing a terminal acts on.
+    """
+    text = json.dumps(data, indent=2, ensure_ascii=False)
+    typer.echo(_UNSHOWN_IN_LINES.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
+
+
+#: What a terminal would act on rather than show: control characters (Unicode category
+#: Cc: C0, DEL, C1), line and paragraph separators, and the bidirectional embeddings,
+#: overrides and isolates (category Cf) that make text read otherwise than it is.
+_UNSHOWN = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: The same but tab and newline, for text laid out over lines.
+_UNSHOWN_IN_LINES = re.compile(
+    r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str, *, lines: bool = False, markup: bool = False) -> str:
+    """``text`` as it may reach a terminal: what a terminal would act on, shown as escapes.
+
+    Every control character (ESC, CR, BEL, NUL, C1 codes such as CSI…), line
+    and paragraph separator and bidirectional override or isolate becomes
+    ``\\x1b`` or ``\\u202e``; a tab too, and a newline, unless ``lines`` (a cell
+    or block that may run over lines: then a CR before a newline is dropped).
+    With ``markup`` the result is also escaped for Rich markup (a string Rich
+    renders as markup shows ``[bold]`` as it is). Every string from the server
+    goes through this before it is printed.
+    """
+    if lines:
+        text = _UNSHOWN_IN_LINES.sub(_escape, text.replace("\r\n", "\n"))
+    else:
+        text = _UNSHOWN.sub(_escape, text)
+    if markup:
+        from rich.markup import escape
+
+        text = escape(text)
+    return text
+
+
+def line(text: str) -> None:
+    """One line on stdout, made :func:`visible` (server text in a command's answer)."""
+    typer.echo(visible(text))
 
 
 def note(message: str) -> None:
-    """A line for the person at the terminal, on stderr (no markup interpreted)."""
-    typer.echo(message, err=True)
+    """A line for the person at the terminal, on stderr (no markup; shown :func:`visible`)."""
+    typer.echo(visible(message), err=True)
 
 
 def when(value: str | None) -> str:
@@ -186,8 +245,19 @@ def _plain_lines(columns: Sequence[str], rows: Sequence[Sequence[Cell]]) -> list
     ]
 
 
+def _visible_cell(cell: Cell, column: str) -> Cell:
+    """A cell made :func:`visible`; a column that may wrap keeps its newlines and tabs."""
+    lines = column in _WRAPPING
+    if isinstance(cell, Styled):
+        return Styled(visible(cell.text, lines=lines), cell.style)
+    return visible(cell, lines=lines)
+
+
 def _table(columns: Sequence[str], rows: Iterable[Sequence[Cell]], empty: str) -> None:
-    materialised = list(rows)
+    materialised = [
+        [_visible_cell(cell, columns[i] if i < len(columns) else "") for i, cell in enumerate(row)]
+        for row in rows
+    ]
     if not materialised:
         note(empty)
         return
@@ -195,7 +265,6 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[Cell]], empty: str) -
     if plain is not None:
         typer.echo("\n".join(plain))
         return
-    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
@@ -203,8 +272,14 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[Cell]], empty: str) -
     for column in columns:
         table.add_column(column, no_wrap=column not in _WRAPPING, overflow="fold")
     for row in materialised:
+        # Cells are visible already; as markup, only Rich's brackets are left to escape.
         table.add_row(
-            *(Text(c.text, style=c.style) if isinstance(c, Styled) else escape(c) for c in row)
+            *(
+                Text(c.text, style=c.style)
+                if isinstance(c, Styled)
+                else visible(c, lines=True, markup=True)
+                for c in row
+            )
         )
     console = stdout()
     if console.is_terminal:
@@ -217,22 +292,25 @@ def _table(columns: Sequence[str], rows: Iterable[Sequence[Cell]], empty: str) -
 
 
 def plain_table(columns: list[str], rows: list[list[str]], empty: str) -> None:
-    """A table whose cells never wrap, without padding at line ends (groups, usage, pools)."""
+    """A table whose cells never wrap, without padding at line ends (groups, usage, pools).
+
+    Every cell is made :func:`visible` (no newline either: a row is one line).
+    """
     if not rows:
         note(empty)
         return
+    rows = [[visible(cell) for cell in row] for row in rows]
     plain = _plain_lines(columns, rows)
     if plain is not None:
         typer.echo("\n".join(plain))
         return
-    from rich.markup import escape
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     for column in columns:
         table.add_column(column, no_wrap=True)
     for row in rows:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(visible(cell, markup=True) for cell in row))
     console = stdout()
     with console.capture() as captured:
         console.print(table)

@@ -26,15 +26,15 @@ FINISHED = ("succeeded", "failed", "cancelled")
 
 def _graph(run: dict[str, Any]) -> None:
     """A run's stages and tasks, one line each."""
-    typer.echo(f"run {run['id']} ({run['name']}): {run['state']}  {run.get('reason') or ''}")
+    show.line(f"run {run['id']} ({run['name']}): {run['state']}  {run.get('reason') or ''}")
     for stage in run["stages"]:
-        typer.echo(f"  stage {stage['name']}: {stage['state']}")
+        show.line(f"  stage {stage['name']}: {stage['state']}")
         for task in stage["tasks"]:
             seconds = f" {task['seconds']:.1f}s" if task.get("seconds") is not None else ""
             where = f" on {task['site']}" if task.get("site") else ""
             code = f" exit {task['exit_code']}" if task.get("exit_code") is not None else ""
             note = f"  {task['reason']}" if task.get("reason") else ""
-            typer.echo(f"    {task['name']}: {task['state']}{where}{code}{seconds}{note}")
+            show.line(f"    {task['name']}: {task['state']}{where}{code}{seconds}{note}")
 
 
 def _watch(client: Client, run_id: str, timeout: float) -> dict[str, Any]:
@@ -45,7 +45,8 @@ def _watch(client: Client, run_id: str, timeout: float) -> dict[str, Any]:
         run: dict[str, Any] = client.get(f"/runs/{run_id}/events", after=after)
         for event in run["events"]:
             who = f"{event['task']}: " if event["task"] else ""
-            show.stderr().print(f"{event['state']:<9} {who}{event['message']}", markup=False)
+            line = show.visible(f"{event['state']:<9} {who}{event['message']}")
+            show.stderr().print(line, markup=False)
             after = event["id"]
         if run["state"] in FINISHED and not run["events"]:  # ended, and every event shown
             return dict(client.get(f"/runs/{run_id}"))
@@ -85,7 +86,7 @@ def submit(
     elif watch:
         _graph(run)
     else:
-        typer.echo(run["id"])
+        show.line(run["id"])
     if watch and run["state"] != "succeeded":
         raise typer.Exit(1)
 

@@ -122,7 +122,7 @@ def link(
         show.print_json(created)
     else:
         show.note(f"link {created['id']}, valid until {show.when(created['expires_at'])}")
-        typer.echo(created["url"])
+        show.line(created["url"])
 
 
 @share_app.command("unlink")
@@ -150,4 +150,4 @@ def accept(
     if as_json:
         show.print_json(taken)
     else:
-        typer.echo(taken["url"])
+        show.line(taken["url"])

@@ -71,10 +71,10 @@ def since(site: dict[str, Any]) -> str:
 
 def print_token(site: dict[str, Any], portal_url: str, verb: str) -> None:
     """The token, once, and the exact command that starts the site's agent with it."""
-    typer.echo(f"{verb} network site {site['name']!r} ({site['backend']} backend, {site['reach']})")
-    typer.echo(f"enrolment token (shown only this once): {site['token']}")
+    show.line(f"{verb} network site {site['name']!r} ({site['backend']} backend, {site['reach']})")
+    show.line(f"enrolment token (shown only this once): {site['token']}")
     typer.echo("on the site's machine, run:")
-    typer.echo(f"  labgate agent --portal {portal_url} --token {site['token']}")
+    show.line(f"  labgate agent --portal {portal_url} --token {site['token']}")
 
 
 @site_app.command("list")

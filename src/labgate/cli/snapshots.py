@@ -108,7 +108,7 @@ def create(
         show.print_json(snapshot)
         return
     show.note(f"snapshot {snapshot['id']} of {instance}: {snapshot['state']}")
-    typer.echo(snapshot["id"])
+    show.line(snapshot["id"])
 
 
 @snapshot_app.command("list")

@@ -34,7 +34,7 @@ def user_add(
     if as_json:
         show.print_json(created)
     elif created.get("password"):
-        typer.echo(f"created user {name!r} with password: {created['password']} (shown once)")
+        show.line(f"created user {name!r} with password: {created['password']} (shown once)")
     else:
         typer.echo(f"created user {name!r}")
 
@@ -68,7 +68,7 @@ def user_passwd(
         if own and not (me["user"]["is_admin"] and "admin" in me["scopes"]):
             body["current_password"] = read_secret("Current password", from_stdin=password_stdin)
         client.put(f"/users/{name}/password", body)
-    typer.echo(f"password of {me['user']['name'] if own else name!r} changed")
+    show.line(f"password of {me['user']['name'] if own else name!r} changed")
 
 
 def _set_disabled(ctx: typer.Context, name: str, disabled: bool) -> None:

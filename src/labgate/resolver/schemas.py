@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from labgate.types import MAX_SECONDS, Strict, Timestamp
+from labgate.types import MAX_SECONDS, LineText, PlainText, Strict, Timestamp
 from labgate.units import MAX_SIZE
 from labgate.wire.checksums import check_checksum
 
@@ -51,10 +51,14 @@ class DatasetIn(_Checksummed):
     name: str | None = Field(
         None, pattern=NAME_PATTERN, description="Mounted at /data/<name>; default from the id."
     )
-    title: str = Field("", max_length=500)
-    description: str = Field("", max_length=20000)
+    # Title, description and license are shown to every user, in their terminals too:
+    # no control characters (docs/security.md, "Datasets and replicas").
+    title: LineText = Field("", max_length=500, description="One line, no control characters.")
+    description: PlainText = Field(
+        "", max_length=20000, description="Lines and tabs, but no other control character."
+    )
     size: int | None = Field(None, ge=0, le=MAX_SIZE, description="Bytes.")
-    license: str = Field("", max_length=200)
+    license: LineText = Field("", max_length=200)
     landing_page: str = Field("", max_length=2048, description="Default: the resolver URL.")
     checksum: str = Field(
         "", max_length=200, description="Of the content a URL dataset fetches: sha256:…"
@@ -68,10 +72,10 @@ class DatasetPatch(_Checksummed):
     """Metadata to change; fields left out stay as they are."""
 
     name: str | None = Field(None, pattern=NAME_PATTERN)
-    title: str | None = Field(None, max_length=500)
-    description: str | None = Field(None, max_length=20000)
+    title: LineText | None = Field(None, max_length=500)
+    description: PlainText | None = Field(None, max_length=20000)
     size: int | None = Field(None, ge=0, le=MAX_SIZE)
-    license: str | None = Field(None, max_length=200)
+    license: LineText | None = Field(None, max_length=200)
     landing_page: str | None = Field(None, max_length=2048)
     checksum: str | None = Field(None, max_length=200)
 
@@ -136,7 +140,7 @@ class InventoryEntry(_Checksummed):
     size: int | None = Field(None, ge=0, le=MAX_SIZE)
     checksum: str = Field("", max_length=200)
     verified_at: Timestamp | None = None
-    title: str = Field("", max_length=500, description="Used when the dataset is new.")
+    title: LineText = Field("", max_length=500, description="Used when the dataset is new.")
 
 
 class InventoryIn(Strict):
