@@ -51,7 +51,7 @@ from labgate.portal.api import (
 )
 from labgate.portal.api import router as router_api
 from labgate.portal.errors import BodyLimitMiddleware, install_error_handlers
-from labgate.portal.hsts import HstsMiddleware
+from labgate.portal.hsts import HstsMiddleware, NoStoreMiddleware
 from labgate.portal.openapi import install_openapi
 from labgate.portal.replicas import Replicas
 from labgate.portal.routefeed import RouteFeedHub
@@ -223,6 +223,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         portal.db,
         portal.links,
         lambda owner: settings.workspaces_dir / owner,
+        admission=portal.manager.run_admission,
         tasks_per_site=settings.run_tasks_per_site,
         limits=portal.instances.user_defaults,
         grace=settings.site_grace_period,
@@ -299,6 +300,8 @@ def create_app(settings: Settings | None = None, portal: Portal | None = None) -
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_body)
+    # API and OAuth answers carry secrets (new tokens, CSRF tokens): no cache keeps them.
+    app.add_middleware(NoStoreMiddleware)
     if settings.effective_public_url.startswith("https://") and settings.hsts_max_age > 0:
         app.add_middleware(HstsMiddleware, max_age=settings.hsts_max_age)
 

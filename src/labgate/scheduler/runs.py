@@ -24,8 +24,14 @@ instances, though: an attempt holds its cpu, memory and one "instance" from
 placement to end (an open usage record, :mod:`labgate.scheduler.runquota`),
 charged to the first of the owner's groups whose limits admit it, and a task
 that does not fit (the owner's or the groups' limits) stays ``pending`` with
-the reason until it does. The
-active attempts of a site away longer than the grace are ``lost``.
+the reason until it does. An advance that places tasks runs in the
+instance manager's admission (``admission``: a thread lock and, on
+PostgreSQL, an advisory transaction lock), as launches do: a launch and a
+placement never both count the same room; advances with nothing to place
+do not take it. A task asking no memory fails at placement while its
+owner's (or all their groups') memory is limited
+(:meth:`RunQuota.memoryless_refusal`). The active attempts of a site away
+longer than the grace are ``lost``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -57,7 +63,7 @@ from labgate.db.runs import (
 )
 from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
-from labgate.scheduler import accounting, quotas, runrows
+from labgate.scheduler import accounting, quotas, runquota, runrows
 from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
 from labgate.scheduler.runresults import Pending, ResultCollector, kept_log
@@ -81,6 +87,19 @@ PLACING_PAGE = 64
 MAX_NOTES = 1000
 
 
+class Admission(Protocol):
+    """Runs ``fn`` in a transaction holding the launches' admission lock until it commits
+    (:meth:`labgate.scheduler.instances.InstanceManager.run_admission`)."""
+
+    async def __call__(self, fn: Callable[[Session], T], /) -> T:
+        """``fn``'s answer, committed."""
+        ...
+
+
+class _Admit(Exception):
+    """An advance is about to place tasks: it runs again in the admission."""
+
+
 class RunProcessor:
     """Submits, advances, cancels and re-runs batch runs across the portal's sites."""
 
@@ -90,6 +109,7 @@ class RunProcessor:
         links: dict[str, SiteLink],
         results_dir: Callable[[str], Path],
         *,
+        admission: Admission,
         tasks_per_site: int = 8,
         limits: Callable[[], quotas.Limits] = quotas.Limits,
         grace: float = 300.0,
@@ -97,6 +117,9 @@ class RunProcessor:
         token_key: str = "",
     ) -> None:
         self.db = db
+        #: The instance manager's admission: placements count and take the owner's (and
+        #: groups') room in it, ordered with launches (in this process and across them).
+        self.admission = admission
         #: What tasks get as ``$LABGATE_API_URL``, and the key their tokens derive from.
         self.api_url = api_url
         self.token_key = token_key
@@ -144,7 +167,13 @@ class RunProcessor:
     async def submit(self, owner_id: int, definition: RunDef) -> str:
         """Record a run and start its first stage; returns the run's id."""
         live = self.live()
-        run_id = await self.run_db(lambda s: runrows.create_run(s, owner_id, definition, live).id)
+        defaults = self.limits()
+
+        def create(session: Session) -> str:
+            runquota.check_submission(session, defaults, owner_id, definition)
+            return runrows.create_run(session, owner_id, definition, live).id
+
+        run_id = await self.run_db(create)
         await self.advance(run_id)
         return run_id
 
@@ -222,11 +251,17 @@ class RunProcessor:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._next_advance[run_id] = done
         try:
-            # One placement at a time across runs: two runs of one owner cannot both take
-            # the last of their limits (instance launches have their own admission lock).
+            # One advance at a time across runs. One that places tasks runs (again) in the
+            # admission, as launches do: nothing else counts the owner's and groups' room
+            # until its placements are committed, in this process or another.
             async with self._lock(run_id), self._placing:
                 self._next_advance.pop(run_id, None)
-                starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
+                try:
+                    starts, cancels = await self.run_db(lambda s: self._advance(s, run_id))
+                except _Admit:
+                    starts, cancels = await self.admission(
+                        lambda s: self._advance(s, run_id, admitted=True)
+                    )
             for attempt_id, site in cancels:
                 await self._cancel_attempt(attempt_id, site)
             for attempt_id in starts:
@@ -236,12 +271,15 @@ class RunProcessor:
                 del self._next_advance[run_id]
             done.set_result(None)
 
-    def _advance(self, session: Session, run_id: str) -> tuple[list[str], list[tuple[str, str]]]:
+    def _advance(
+        self, session: Session, run_id: str, *, admitted: bool = False
+    ) -> tuple[list[str], list[tuple[str, str]]]:
         """One advance in one transaction: (attempts to start, (attempt, site) to cancel).
 
         It reads the run's stages, and of the stage under way only its counts by state
         and the pending copies it can place: a report on a wide stage costs the same
-        whatever its width.
+        whatever its width. Not ``admitted``, it raises :class:`_Admit` (all undone)
+        before it would count the owner's limits to place tasks.
         """
         run = runrows.get_run(session, run_id)
         starts: list[str] = []
@@ -262,19 +300,20 @@ class RunProcessor:
                 stage.state, stage.started_at = RunState.running, utcnow()
                 runrows.add_event(session, run.id, "", "running", f"stage {stage.name} started")
             counts = runrows.stage_counts(session, stage)
+            if counts.get(RunState.pending) and (stage.continue_on_failure or not _broken(counts)):
+                starts, failed = self._place(session, run, stage, admitted)
+                if failed:
+                    session.flush()
+                    counts = runrows.stage_counts(session, stage)
             under_way = counts.get(RunState.pending, 0) + counts.get(RunState.running, 0)
-            broken = sum(counts.values()) - under_way - counts.get(RunState.succeeded, 0)
-            if broken and not stage.continue_on_failure:
+            if _broken(counts) and not stage.continue_on_failure:
                 # A task failed for good: the stage has failed; what still runs is stopped.
                 first = next(
                     t for t in stage.tasks if t.state.terminal and t.state != RunState.succeeded
                 )
                 cancels = _cancel_tasks(stage.tasks, f"{first.label} failed")
-            else:
-                if counts.get(RunState.pending):
-                    starts = self._place(session, run, stage)
-                if under_way:
-                    return starts, []
+            elif under_way:
+                return starts, []
             bad = [t for t in stage.tasks if t.state != RunState.succeeded]
             state = RunState.failed if bad else RunState.succeeded
             reason = f"{len(bad)} task(s) did not succeed: " + ", ".join(t.label for t in bad)
@@ -299,21 +338,34 @@ class RunProcessor:
         runrows.add_event(session, run.id, "", state.value, f"run {state.value}")
         return starts, cancels
 
-    def _place(self, session: Session, run: Run, stage: RunStage) -> list[str]:
-        """Record attempts for the stage's pending copies while sites have room; their ids.
+    def _place(
+        self, session: Session, run: Run, stage: RunStage, admitted: bool
+    ) -> tuple[list[str], int]:
+        """Record attempts for the stage's pending copies while sites have room.
 
-        The copies are read a page at a time, in order, until no live site has room.
+        Their ids, and how many copies failed instead (they ask no memory while it is
+        limited: :meth:`_fail_memoryless`); then, unless the stage continues on
+        failure, none is placed. The copies are read a page at a time, in order,
+        until no live site has room. Not ``admitted``, it raises :class:`_Admit`
+        before it counts anything.
         """
-        # The owner's row, as a launch's admission does: their task placements and
-        # launches, in any portal replica, take their limits one at a time.
-        session.execute(select(User.id).where(User.id == run.owner_id).with_for_update())
         places = _Places(
             runrows.site_labels(session),
             self.live(),
             _busy(session),
             runrows.site_backends(session),
         )
+        if self._full(places):
+            return [], 0  # waits: a finishing attempt advances the run again
+        if not admitted:
+            raise _Admit()
+        # The owner's row, as a launch's admission does: their task placements and
+        # launches, in any portal replica, take their limits one at a time.
+        session.execute(select(User.id).where(User.id == run.owner_id).with_for_update())
         quota = RunQuota(run, self.limits())
+        failed = self._fail_memoryless(session, run, stage, quota)
+        if failed and not stage.continue_on_failure:
+            return [], failed
         starts: list[str] = []
         after = 0
         while not self._full(places):
@@ -328,7 +380,31 @@ class RunProcessor:
             if len(page) < PLACING_PAGE:
                 break
             after = page[-1].id
-        return starts
+        return starts, failed
+
+    def _fail_memoryless(self, session: Session, run: Run, stage: RunStage, quota: RunQuota) -> int:
+        """Fail the stage's pending copies of tasks asking no memory while it is limited.
+
+        Such a task runs with no memory limit: it could hold any amount of what its
+        owner's or groups' limits allow. Only a stage with such tasks reads more.
+        """
+        names = _memoryless(run, stage)
+        if not names:
+            return 0
+        reason = quota.memoryless_refusal(session)
+        if reason is None:
+            return 0
+        failing = session.scalars(
+            select(RunTask).where(
+                RunTask.stage_id == stage.id,
+                RunTask.state == RunState.pending,
+                RunTask.name.in_(names),
+            )
+        ).all()
+        for task in failing:
+            runrows.finish(task, RunState.failed, reason)
+            runrows.add_event(session, run.id, task.label, "failed", reason)
+        return len(failing)
 
     def _full(self, places: _Places) -> bool:
         """Whether every live site has as many attempts as it takes (none live: not full)."""
@@ -654,8 +730,22 @@ class RunProcessor:
 
 
 def _asked(definition: TaskDef) -> Resources:
-    """What a task holds while it runs."""
+    """What a task holds while it runs (memory 0: none asked, no limit either)."""
     return Resources(cpu=definition.cpu, memory=definition.memory_mib * 2**20)
+
+
+def _broken(counts: dict[RunState, int]) -> int:
+    """How many of a stage's copies (``counts`` by state) ended and did not succeed."""
+    ended = (RunState.pending, RunState.running, RunState.succeeded)
+    return sum(count for state, count in counts.items() if state not in ended)
+
+
+def _memoryless(run: Run, stage: RunStage) -> list[str]:
+    """The names of the stage's tasks asking no memory (from the run's definition)."""
+    for raw in run.definition.get("stages", []):
+        if raw.get("name") == stage.name:
+            return [t["name"] for t in raw.get("tasks", []) if not t.get("memory_mib")]
+    return []
 
 
 class _Places:

@@ -97,7 +97,8 @@ class TaskDef(BaseModel):
     args: dict[str, Any] = Field(default_factory=dict)
     environment: Environment = Field(default_factory=Environment)
     cpu: float = Field(default=1.0, gt=0, le=1024)
-    #: Memory in MiB (0: the site's default).
+    #: Memory in MiB: what it is charged and its limit (0: none asked and no limit, refused
+    #: while the owner's memory is limited: docs/runs.md, "Tasks that ask no memory").
     memory_mib: int = Field(default=0, ge=0, le=MAX_MEMORY_MIB)
     timeout: float = Field(default=3600.0, gt=0, le=MAX_TIMEOUT)
     retries: int = Field(default=0, ge=0, le=MAX_RETRIES)

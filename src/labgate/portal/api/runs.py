@@ -59,13 +59,17 @@ def results_root(portal: Portal, run: Run) -> tuple[Path, tuple[str, str]]:
     return portal.settings.workspaces_dir / run.owner.name, ("runs", run.id)
 
 
-@router.post("", status_code=201, responses=errors(400, 409))
+@router.post("", status_code=201, responses=errors(400, 409, 422))
 async def submit_run(
     request: Request,
     caller: Principal = require("instances:write"),
     portal: Portal = Depends(get_portal),
 ) -> dict[str, Any]:
-    """Submit a run: its definition as JSON (``application/json``) or TOML (any other type)."""
+    """Submit a run: its definition as JSON (``application/json``) or TOML (any other type).
+
+    422 ``memory_required``: a task asks no memory (``memory_mib = 0``, no memory limit)
+    while its owner's memory is limited (or every one of their groups').
+    """
     body = await request.body()
     if len(body) > MAX_DEFINITION:
         raise BadRequest(f"a run definition is at most {MAX_DEFINITION} bytes")
