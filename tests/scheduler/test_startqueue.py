@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+import time
 from typing import Any
 
 import httpx
@@ -18,9 +20,13 @@ from helpers import (
     token_for,
     wait_for_state,
 )
+from labgate.backends.process import ProcessBackend
+from labgate.backends.procfs import MARKER_VAR
 from labgate.config import SiteCapacity, SiteConfig
 from labgate.db.models import Instance, InstanceEvent, Site
+from labgate.scheduler import startqueue
 from labgate.scheduler.startqueue import fits, slots, start_capacity
+from servers import processes_with_env
 from tools_fixtures import costly_tool
 
 
@@ -73,6 +79,28 @@ async def starting_at_once(app: Any, ids: list[str]) -> int:
             busy.discard(instance_id)
         most = max(most, len(busy))
     return most
+
+
+async def transitions(app: Any, instance_id: str) -> list[str]:
+    """The states an instance went through, in order."""
+
+    def query(session: Any) -> list[str]:
+        rows = session.scalars(
+            select(InstanceEvent.state)
+            .where(InstanceEvent.instance_id == instance_id, InstanceEvent.kind == "state")
+            .order_by(InstanceEvent.id)
+        )
+        return [state.value for state in rows]
+
+    return list(await app.state.portal.run_db(query))
+
+
+async def leftover_processes(instance_id: str, within: float = 5.0) -> list[int]:
+    """The processes of an instance still there after ``within`` seconds (none: [])."""
+    deadline = time.monotonic() + within
+    while (found := processes_with_env(MARKER_VAR, instance_id)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return found
 
 
 async def test_a_burst_waits_queued_with_places_and_all_start_one_at_a_time(app, client, make_user):
@@ -146,9 +174,123 @@ async def test_queued_launches_count_against_quotas(client, make_user):
     assert r.status_code == 429, r.text
     # Stopped here, not by the app's teardown: a queued one could start under it.
     for body in bodies:
-        await client.delete(f"/api/v1/instances/{body['id']}", headers=ann)
+        r = await client.delete(f"/api/v1/instances/{body['id']}", headers=ann)
+        # 409: it had ended already (its start failed); anything else is a stop that was lost.
+        assert r.status_code in (202, 409), r.text
     for body in bodies:
         await wait_for_state(client, ann, body["id"], {"stopped", "failed", "lost"})
+    # Named here, with its instance, rather than by the session's leftover check.
+    for body in bodies:
+        assert await leftover_processes(body["id"]) == [], f"{body['id']} still runs"
+
+
+async def test_a_launch_the_stop_of_a_dequeued_instance_overtook_starts_nothing(
+    app, client, make_user, monkeypatch
+):
+    """The portal sends a launch and a stop from separate tasks. The launch of an
+    instance that just left the queue is held here on its way to the site until the
+    instance's stop has ended it there (nothing to stop yet): let through late, it
+    must start nothing (a tool that ran unstopped, found by the PostgreSQL pass)."""
+    ann = await make_user("ann")
+    a, b = await launch(client, ann), await launch(client, ann)
+    assert [a["state"], b["state"]] == ["pending", "queued"]
+    link = app.state.portal.links["local"]
+    send = link.launch
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def late(spec: Any) -> None:
+        if spec.instance_id == b["id"]:
+            held.set()
+            await release.wait()
+        await send(spec)
+
+    monkeypatch.setattr(link, "launch", late)
+    try:
+        r = await client.delete(f"/api/v1/instances/{a['id']}", headers=ann)
+        assert r.status_code == 202, r.text
+        await asyncio.wait_for(held.wait(), 30)  # b left the queue; its launch is on its way
+        r = await client.delete(f"/api/v1/instances/{b['id']}", headers=ann)
+        assert r.status_code == 202 and r.json()["state"] == "stopping", r.text
+        await wait_for_state(client, ann, b["id"], {"stopped"})
+    finally:
+        release.set()
+    # Whatever the late launch began runs its course (a start, a health check) first.
+    await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while b["id"] in link.agent.starting_ids() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await leftover_processes(b["id"], within=0) == []
+    shown = (await client.get(f"/api/v1/instances/{b['id']}", headers=ann)).json()
+    assert shown["state"] == "stopped", shown
+    assert await transitions(app, b["id"]) == ["queued", "pending", "stopping", "stopped"]
+    await wait_for_state(client, ann, a["id"], {"stopped"})
+    assert await leftover_processes(a["id"]) == []
+
+
+async def test_a_stop_while_the_backend_starts_the_tool_stops_what_the_start_made(
+    app, client, make_user, monkeypatch
+):
+    """The stop reaches the site while the backend is inside its start (no state to stop
+    yet): the stop waits for the start and stops what it made."""
+    ann = await make_user("ann")
+    inside, go = threading.Event(), threading.Event()
+    start = ProcessBackend._launch
+
+    def held(self: ProcessBackend, spec: Any) -> Any:
+        inside.set()
+        go.wait(30)
+        return start(self, spec)
+
+    monkeypatch.setattr(ProcessBackend, "_launch", held)
+    try:
+        a = await launch(client, ann)
+        assert await asyncio.to_thread(inside.wait, 30)  # in backend.start, nothing spawned
+        r = await client.delete(f"/api/v1/instances/{a['id']}", headers=ann)
+        assert r.status_code == 202 and r.json()["state"] == "stopping", r.text
+        await asyncio.sleep(0.3)  # the site has the stop and waits for the start under way
+        shown = (await client.get(f"/api/v1/instances/{a['id']}", headers=ann)).json()
+        assert shown["state"] == "stopping", shown
+    finally:
+        go.set()
+    done = await wait_for_state(client, ann, a["id"], {"stopped", "failed", "lost"})
+    assert done["state"] == "stopped", done
+    assert await leftover_processes(a["id"], within=0) == []
+
+
+async def test_a_stop_committed_as_its_instance_leaves_the_queue_starts_nothing(
+    app, client, make_user, monkeypatch
+):
+    """The owner's stop commits between the dispatch's read (queued) and its write
+    (pending): the dispatch runs again on what is there now and starts nothing of it."""
+    ann = await make_user("ann")
+    a, b = await launch(client, ann), await launch(client, ann)
+    assert [a["state"], b["state"]] == ["pending", "queued"]
+    manager = app.state.portal.instances
+    leave = startqueue._leave_queue
+    raced: list[str] = []
+
+    def stopped_meanwhile(session: Any, instance: Instance, now: Any) -> None:
+        if instance.id == b["id"] and not raced:
+            raced.append(instance.id)
+            manager.db.transact(
+                lambda other: manager._begin_stop(other, b["id"], "stopped", "stop requested")
+            )
+        leave(session, instance, now)
+
+    monkeypatch.setattr(startqueue, "_leave_queue", stopped_meanwhile)
+    r = await client.delete(f"/api/v1/instances/{a['id']}", headers=ann)
+    assert r.status_code == 202, r.text  # room frees: the queue dispatches b
+    await wait_for_state(client, ann, a["id"], {"stopped"})
+    deadline = time.monotonic() + 10
+    while not raced and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert raced == [b["id"]]
+    await asyncio.sleep(0.5)  # a start sent anyway would be under way by now
+    shown = (await client.get(f"/api/v1/instances/{b['id']}", headers=ann)).json()
+    assert shown["state"] == "stopped" and shown["started_at"] is None, shown
+    assert await transitions(app, b["id"]) == ["queued", "stopping", "stopped"]
+    assert b["id"] not in app.state.portal.links["local"].agent.starting_ids()
+    assert await leftover_processes(b["id"], within=0) == []
 
 
 async def test_queued_launches_survive_a_portal_restart_in_order(settings):

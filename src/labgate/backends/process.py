@@ -526,7 +526,8 @@ class ProcessBackend(Backend):
         child_start, popen = self._children.get(pid, (None, None))
         if popen is None or child_start != start or popen.poll() is None:
             return None
-        del self._children[pid]
+        # A start's worker thread reaps too (_reap_all): the other caller may be first.
+        self._children.pop(pid, None)
         self._exited[(pid, start)] = popen.returncode
         while len(self._exited) > 4096:
             self._exited.popitem(last=False)
