@@ -241,6 +241,17 @@ class Settings(BaseSettings):
             "host."
         ),
     )
+    share_on_portal_origin: bool = Field(
+        False,
+        description=(
+            "Without instance_host, let admins and the people an instance is shared with open "
+            "it in the browser with their portal session, under /i/<id>/ on the portal's own "
+            "origin. Dangerous: the tool's pages then run as the visitor on the portal's "
+            "origin and can act in their name (make the tool's owner an admin when an admin "
+            "opens it). Off: only an instance's owner opens it there; others need "
+            "instance_host (or an API token)."
+        ),
+    )
     router_workers: int = Field(
         1,
         ge=1,

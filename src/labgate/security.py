@@ -13,7 +13,11 @@ touches the database.
 - Sessions: an itsdangerous-signed ``{"u": user_id, "s": session_id}`` in an
   HttpOnly, SameSite=Lax cookie. The signature carries the issue time; a
   session is revoked by its id (logout) or by the user's
-  ``sessions_valid_after`` (password change, disable).
+  ``sessions_valid_after`` (password change, disable). The cookie is named
+  by :func:`session_cookie_name`: ``__Host-labgate-session`` when cookies
+  are Secure, which no other host (a sibling instance host) can plant, and
+  a request that holds the name more than once has no session
+  (:func:`cookie_count`).
 - CSRF: an HMAC of the session id, sent back in ``X-CSRF-Token`` (or a form
   field) on cookie-authenticated state changes.
 - Tunnel tickets: what a network site's agent shows the router to open its
@@ -36,6 +40,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +48,13 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+#: The session cookie's name over plain http (cookies not Secure).
 SESSION_COOKIE = "labgate-session"
+#: Its name when cookies are Secure: a browser takes a ``__Host-`` cookie only from the
+#: host itself, Secure, with ``Path=/`` and no ``Domain``, so a sibling host cannot toss one.
+SECURE_SESSION_COOKIE = "__Host-labgate-session"
+#: Both names: neither may reach a tool, nor be set by one.
+SESSION_COOKIES = (SESSION_COOKIE, SECURE_SESSION_COOKIE)
 CSRF_HEADER = "X-CSRF-Token"
 CSRF_FORM_FIELD = "csrf_token"
 TOKEN_PREFIX = "lg_"  # noqa: S105 - a prefix, not a secret
@@ -67,6 +78,55 @@ SCOPES: dict[str, str] = {
 ROUTER_SCOPE = "router"
 
 _hasher = PasswordHasher()
+
+
+def session_cookie_name(secure: bool) -> str:
+    """The session cookie's name: ``__Host-labgate-session`` when cookies are Secure.
+
+    ``secure`` is ``Settings.effective_cookie_secure``. Over plain http a
+    ``__Host-`` cookie would be refused by the browser, so the plain name
+    stays; there a page on a sibling host can plant a cookie of that name
+    (``Domain=<parent>``), which :func:`cookie_count` makes worthless.
+    """
+    return SECURE_SESSION_COOKIE if secure else SESSION_COOKIE
+
+
+def cookie_count(headers: Iterable[str], name: str) -> int:
+    """How many times the ``Cookie`` header values ``headers`` hold a cookie called ``name``.
+
+    More than one is a cookie tossed in beside the real one (a sibling host's
+    ``Domain=`` cookie of the same name): the browser sends both, and which
+    one a parser keeps is up to it, so such a request counts as having none.
+    Names are compared as cookie parsers read them (whitespace around them dropped).
+    """
+    found = 0
+    for header in headers:
+        if name not in header:
+            continue
+        for part in header.split(";"):
+            if part.partition("=")[0].strip() == name:
+                found += 1
+    return found
+
+
+def tossed_cookie_clearers(name: str, host: str, *, secure: bool) -> list[str]:
+    """``Set-Cookie`` values that expire cookies called ``name`` another host tossed at ``host``.
+
+    A page on a sibling or child host can set ``name`` with ``Domain=`` the
+    host itself or any of its parent domains (``Path=/``, the usual choice);
+    a browser that holds such a cookie sends it beside the host's own, and
+    labgate then counts neither (:func:`cookie_count`). These expire it for
+    each of those domains, so the browser can sign in again (a browser that
+    follows RFC 6265 rather than 6265bis may drop the host's own cookie of
+    that name with the first: it counted for nothing anyway). Nothing for an
+    IP address; single-label domains are left out (browsers refuse them).
+    """
+    host = host.strip().lower().rstrip(".")
+    if not host or host.replace(".", "").isdigit() or ":" in host:
+        return []
+    labels = host.split(".")
+    attributes = "; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+    return [f"{name}=; Domain={'.'.join(labels[i:])}{attributes}" for i in range(len(labels) - 1)]
 
 
 def hash_password(password: str) -> str:

@@ -16,6 +16,7 @@ import httpx
 from helpers import PASSWORD
 from labgate.identity.base import IdentityProvider, Redirect
 from labgate.portal.ui.federated import FLOW_COOKIE
+from labgate.security import SESSION_COOKIES
 
 
 class RedirectProvider(IdentityProvider):
@@ -60,7 +61,8 @@ async def portal_cookies(client: httpx.AsyncClient) -> dict[str, list[str]]:
     login = await client.post("/api/v1/auth/login", json={"username": "cass", "password": PASSWORD})
     assert login.status_code == 200, login.text
     cookies.update(cookie_attributes(login))
-    assert {"labgate-login", FLOW_COOKIE, "labgate-session"} <= set(cookies), cookies
+    assert {"labgate-login", FLOW_COOKIE} <= set(cookies), cookies
+    assert set(SESSION_COOKIES) & set(cookies), cookies  # __Host-labgate-session on https
     client.cookies.clear()
     return cookies
 

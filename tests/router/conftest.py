@@ -127,7 +127,8 @@ class Gateway:
         return value
 
     def cookie_header(self, user_id: int) -> dict[str, str]:
-        return {"Cookie": f"{SESSION_COOKIE}={self.cookie(user_id)}"}
+        # The name this router takes (``__Host-labgate-session`` when told cookies are Secure).
+        return {"Cookie": f"{self.router.options.session_cookie}={self.cookie(user_id)}"}
 
 
 @dataclass

@@ -9,7 +9,7 @@ import httpx
 from labgate.security import SESSION_COOKIE
 from labgate.wire.routes import NO_ENDPOINT, Route
 
-from .conftest import ALICE, ALICE_TOKEN, ROOT, Gateway, raw_request, status_of
+from .conftest import ALICE, ALICE_TOKEN, ROOT_TOKEN, Gateway, raw_request, status_of
 
 
 async def test_owner_reaches_instance_with_cookie(gateway: Gateway) -> None:
@@ -36,8 +36,12 @@ async def test_owner_reaches_instance_with_token(gateway: Gateway) -> None:
 
 
 async def test_admin_reaches_any_instance(gateway: Gateway) -> None:
+    # With a token: an admin's portal session opens only their own instances under /i/
+    # (tests/router/test_portal_origin.py).
     async with httpx.AsyncClient(base_url=gateway.base) as client:
-        response = await client.get("/i/bbbb/api/info", headers=gateway.cookie_header(ROOT))
+        response = await client.get(
+            "/i/bbbb/api/info", headers={"Authorization": f"token {ROOT_TOKEN}"}
+        )
     assert response.status_code == 200
     assert response.json()["headers"]["x-labgate-user"] == "root"
 

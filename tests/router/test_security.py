@@ -297,7 +297,8 @@ async def test_forged_and_expired_cookies(recorded: Recorded) -> None:
 async def test_access_list_and_admin(recorded: Recorded) -> None:
     gw = recorded.gw
     route = gw.table.routes["bbbb"]
-    line = cookie_line(gw, ALICE)
+    # A token: a portal session opens only its own instances under /i/ (test_portal_origin.py).
+    line = f"Authorization: token {ALICE_TOKEN}\r\n"
     assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 404
     gw.table.add_route(route.__class__("bbbb", route.upstream, BOB, access=frozenset({ALICE})))
     assert status_of(await raw_request(gw.port, request("/i/bbbb/", line))) == 200

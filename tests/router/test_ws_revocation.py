@@ -26,6 +26,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from helpers import PASSWORD, wait_for_state
+from labgate.config import Settings
 from labgate.router.context import RouterOptions
 from labgate.security import INSTANCE_COOKIE, SESSION_COOKIE, InstanceGrants, hash_token
 from labgate.wire.routes import Route, TableState, TokenInfo, UserInfo
@@ -66,6 +67,18 @@ async def echoes(ws: ClientConnection) -> bool:
 
 
 # --- through the portal ------------------------------------------------------
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The tests' settings, with bo's portal session let into ada's shared instance on /i/.
+
+    Without ``instance_host`` a portal session opens only its user's own
+    instances there (tests/router/test_portal_origin.py); these tests watch
+    what closes a sharee's session WebSocket, so the operator's opt-in is on.
+    """
+    settings.share_on_portal_origin = True
+    return settings
 
 
 async def running_demo(client: httpx.AsyncClient, headers: dict[str, str]) -> str:

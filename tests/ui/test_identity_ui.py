@@ -105,8 +105,13 @@ def test_owner_shares_from_the_instance_page_and_stops_sharing(gateway: Gateway)
     other.goto(f"{gateway.url}/instances/{instance_id}")
     expect(other.locator("#shared-with-you")).to_contain_text(owner)
     expect(other.locator("#stop")).to_have_count(0)
+    # Without instance_host the tool would run on the portal's origin with felix's session:
+    # it opens in the browser for its owner only, and the page and the router say why.
+    expect(other.locator("#open")).to_have_count(0)
+    expect(other.locator("#opens-for-owner")).to_contain_text("instance_host")
     response = other.goto(f"{gateway.url}/i/{instance_id}/")
-    assert response is not None and response.status == 200
+    assert response is not None and response.status == 403
+    expect(other.get_by_role("heading", name="Another user's instance")).to_be_visible()
 
     page.locator("#shares").get_by_role("button", name="Stop sharing").click()
     expect(page.locator("#shares tbody")).to_contain_text("Not shared with anyone")

@@ -5,6 +5,11 @@ helpers). Cookie-authenticated state changes must carry the session's CSRF
 token; token-authenticated requests need none (a browser never sends a
 token by itself).
 
+The session cookie is ``__Host-labgate-session`` when cookies are Secure
+(``session_cookie_name``), which no other host can plant; a request that
+holds its name more than once has no session (:func:`session_cookie`), so
+a cookie tossed in by a sibling host never picks who the caller is.
+
 The ``router`` scope is not a user's: only the router token (derived from
 the signing key, held by router processes) carries it, and that token is
 good for the route stream and activity reports alone (:func:`router_caller`).
@@ -31,10 +36,11 @@ from labgate.security import (
     ROUTER_SCOPE,
     ROUTER_TOKEN_PREFIX,
     SCOPES,
-    SESSION_COOKIE,
+    cookie_count,
     hash_token,
     router_token,
     same,
+    session_cookie_name,
 )
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -133,6 +139,28 @@ def router_principal(portal: Portal, token: str) -> Principal | None:
     return Principal(0, "router", False, frozenset({ROUTER_SCOPE}), "router")
 
 
+def session_cookie_of(portal: Portal) -> str:
+    """The session cookie's name on this portal (``__Host-`` when cookies are Secure)."""
+    return session_cookie_name(portal.settings.effective_cookie_secure)
+
+
+def session_cookie_count(portal: Portal, request: Request) -> int:
+    """How many session cookies the request holds (more than one: one was planted)."""
+    return cookie_count(request.headers.getlist("cookie"), session_cookie_of(portal))
+
+
+def session_cookie(portal: Portal, request: Request) -> str | None:
+    """The request's session cookie; None when it has none, or more than one.
+
+    Two cookies of the name are the browser's own and one a page on another
+    host set for a parent domain (cookie tossing). Which one a parser keeps
+    (Starlette: the last) is then the attacker's choice, so neither counts.
+    """
+    if session_cookie_count(portal, request) != 1:
+        return None
+    return request.cookies.get(session_cookie_of(portal))
+
+
 async def optional_principal(request: Request) -> Principal | None:
     """The calling user if authenticated, else None (CSRF enforced for sessions).
 
@@ -154,7 +182,7 @@ async def identify(request: Request) -> Principal | None:
         return cached
     portal = get_portal(request)
     token = token_from_header(request.headers.get("authorization"))
-    cookie = request.cookies.get(SESSION_COOKIE)
+    cookie = session_cookie(portal, request)
     result: Principal | None = None
     if token is not None and token.startswith(ROUTER_TOKEN_PREFIX):
         result = router_principal(portal, token)

@@ -5,17 +5,27 @@ A request is authenticated by, in order:
 1. an API token in ``Authorization: token lg_…`` or ``Authorization: Bearer
    lg_…``, looked up by its SHA-256 in the route table, with the
    ``instances:access`` (or ``admin``) scope, not expired;
-2. the portal's signed session cookie: signature and age checked once per
-   cookie value (then cached), session id not revoked, user known and not
-   disabled, issued no earlier than the user's ``sessions_valid_after``.
+2. the portal's signed session cookie (``labgate-session``, or
+   ``__Host-labgate-session`` when cookies are Secure: the router is told
+   which): signature and age checked once per cookie value (then cached),
+   session id not revoked, user known and not disabled, issued no earlier
+   than the user's ``sessions_valid_after``. A ``Cookie`` header holding
+   the name more than once counts as no session: the second is a cookie
+   another host tossed in (``Domain=<parent>``), and which one would win is
+   the attacker's choice.
 
 On an instance's own host name (``instance_host``), the portal's session
 cookie is never taken: an API token, else the router's instance cookie
 (``labgate-instance``, signed, naming that instance, its host, the user and
-their portal session, checked once per value and then cached).
+their portal session, checked once per value and then cached; sent more
+than once, it counts for nothing either).
 
 Then the instance's access list decides: the owner, users listed in
-``Route.access``, and admins. Nothing here blocks or allocates much; the
+``Route.access``, and admins. But a portal session cookie on ``/i/<id>/``
+(the portal's own origin) opens only its user's own instances: the tool's
+pages run there with the visitor's session, so admins and shares get in
+with an API token or on instance hosts only, unless the operator opted in
+(``share_on_portal_origin``). Nothing here blocks or allocates much; the
 cached signature check is what makes cookie auth cheap on the hot path.
 """
 
@@ -32,6 +42,7 @@ from labgate.security import (
     HANDOFF_COOKIE,
     INSTANCE_COOKIE,
     SESSION_COOKIE,
+    SESSION_COOKIES,
     TOKEN_PREFIX,
     HandoffCode,
     InstanceClaim,
@@ -45,8 +56,12 @@ from labgate.wire.routes import Route, RouteTable, UserInfo
 
 ACCESS_SCOPES: Final = frozenset({"instances:access", "admin"})
 _COOKIE_NAME: Final = SESSION_COOKIE.encode()
+#: Both names of the session cookie: whichever the portal uses, neither reaches a tool.
+_SESSION_NAMES: Final = frozenset(name.encode() for name in SESSION_COOKIES)
+#: What both names hold: a ``Cookie`` header without it has no session cookie at all.
+_SESSION_MARK: Final = b"labgate-session"
 _INSTANCE_COOKIE: Final = INSTANCE_COOKIE.encode()
-_LABGATE_COOKIES: Final = frozenset({_COOKIE_NAME, _INSTANCE_COOKIE, HANDOFF_COOKIE.encode()})
+_LABGATE_COOKIES: Final = _SESSION_NAMES | {_INSTANCE_COOKIE, HANDOFF_COOKIE.encode()}
 _TOKEN_PREFIX: Final = TOKEN_PREFIX.encode()
 _CLAIM_CACHE_SIZE: Final = 65536
 
@@ -76,9 +91,12 @@ class Identity:
 class Credentials:
     """The labgate credentials found in a request's headers.
 
-    ``cookie_rest`` is the ``Cookie`` header without labgate's session cookie
-    (None when nothing is left); ``token`` is a labgate API token given in
-    ``Authorization`` (other schemes are not labgate's and stay with the tool).
+    ``sessions`` are the values of the session cookie (of the instance
+    cookie on an instance host), as many as the header holds: only exactly
+    one counts. ``cookie_rest`` is the ``Cookie`` header without labgate's
+    session cookie, under either name (None when nothing is left); ``token``
+    is a labgate API token given in ``Authorization`` (other schemes are not
+    labgate's and stay with the tool).
     """
 
     sessions: tuple[str, ...] = ()
@@ -86,19 +104,28 @@ class Credentials:
     token: str | None = None
 
 
-def split_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes | None]:
-    """Labgate session cookie values in a ``Cookie`` header, and the header without them."""
+def split_cookies(
+    cookie: bytes | None, session_cookie: bytes = _COOKIE_NAME
+) -> tuple[tuple[str, ...], bytes | None]:
+    """The values of ``session_cookie`` in a ``Cookie`` header, and the header without it.
+
+    Both names of the session cookie are taken out of what goes on (the
+    other one may be a stale cookie from before the switch to https, or one
+    planted by another host: a tool has no business with either).
+    """
     if not cookie:
         return (), cookie
-    if _COOKIE_NAME not in cookie:
+    if _SESSION_MARK not in cookie:
         return (), cookie
     sessions: list[str] = []
     kept: list[bytes] = []
     for part in cookie.split(b";"):
         name, sep, value = part.strip().partition(b"=")
-        if sep and name == _COOKIE_NAME:
-            # Quoted cookie values are legal; the signer's alphabet never needs them.
-            sessions.append(value.strip(b'"').decode("latin-1"))
+        name = name.rstrip()
+        if sep and name in _SESSION_NAMES:
+            if name == session_cookie:
+                # Quoted cookie values are legal; the signer's alphabet never needs them.
+                sessions.append(value.strip().strip(b'"').decode("latin-1"))
         elif part.strip():
             kept.append(part.strip())
     return tuple(sessions), (b"; ".join(kept) if kept else None)
@@ -116,9 +143,10 @@ def split_instance_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes
     kept: list[bytes] = []
     for part in cookie.split(b";"):
         name, sep, value = part.strip().partition(b"=")
+        name = name.rstrip()
         if sep and name in _LABGATE_COOKIES:
             if name == _INSTANCE_COOKIE:
-                values.append(value.strip(b'"').decode("latin-1"))
+                values.append(value.strip().strip(b'"').decode("latin-1"))
         elif part.strip():
             kept.append(part.strip())
     return tuple(values), (b"; ".join(kept) if kept else None)
@@ -135,18 +163,35 @@ def labgate_token(authorization: bytes | None) -> str | None:
     return None
 
 
-def credentials(cookie: bytes | None, authorization: bytes | None) -> Credentials:
+def credentials(
+    cookie: bytes | None, authorization: bytes | None, session_cookie: bytes = _COOKIE_NAME
+) -> Credentials:
     """Pick labgate's credentials out of a request's ``Cookie`` and ``Authorization``."""
-    sessions, rest = split_cookies(cookie)
+    sessions, rest = split_cookies(cookie, session_cookie)
     return Credentials(sessions=sessions, cookie_rest=rest, token=labgate_token(authorization))
 
 
 class Authenticator:
-    """Checks credentials against a :class:`RouteTable`, in memory."""
+    """Checks credentials against a :class:`RouteTable`, in memory.
 
-    def __init__(self, table: RouteTable, signer: SessionSigner) -> None:
+    ``session_cookie`` is the portal's session cookie's name
+    (``security.session_cookie_name``); ``share_on_portal_origin`` lets a
+    portal session into other users' instances on ``/i/`` paths too (the
+    operator's opt-in, see :meth:`may_access`).
+    """
+
+    def __init__(
+        self,
+        table: RouteTable,
+        signer: SessionSigner,
+        *,
+        session_cookie: str = SESSION_COOKIE,
+        share_on_portal_origin: bool = False,
+    ) -> None:
         self.table = table
         self.signer = signer
+        self.session_cookie = session_cookie.encode("latin-1")
+        self.share_on_portal_origin = share_on_portal_origin
         self._claims: dict[str, SessionClaim] = {}
         self._decisions: dict[
             tuple[bytes | None, bytes | None], tuple[int, Identity | None, Credentials]
@@ -175,7 +220,7 @@ class Authenticator:
             identity = known[1]
             if identity is None or now < identity.valid_until:
                 return identity, known[2]
-        creds = credentials(cookie, authorization)
+        creds = credentials(cookie, authorization, self.session_cookie)
         identity = self.identify(creds, now)
         if len(self._decisions) >= _CLAIM_CACHE_SIZE:
             self._decisions.clear()
@@ -216,17 +261,18 @@ class Authenticator:
     ) -> Identity | None:
         """The user behind ``creds`` on ``instance_id``'s own host, or None.
 
-        ``creds.sessions`` are the instance cookies' values here. A labgate
-        token, if any, decides alone, as in :meth:`identify`.
+        ``creds.sessions`` are the instance cookies' values here: one counts,
+        two or more are none (a sibling instance host may toss one in with
+        ``Domain=<parent>``). A labgate token, if any, decides alone, as in
+        :meth:`identify`.
         """
         if creds.token is not None:
             return self._token_identity(creds.token, now)
-        netloc = hosts.netloc(instance_id)
-        for value in creds.sessions:
-            found = self._instance_identity(value, instance_id, netloc, now)
-            if found is not None:
-                return found
-        return None
+        if len(creds.sessions) != 1:
+            return None
+        return self._instance_identity(
+            creds.sessions[0], instance_id, hosts.netloc(instance_id), now
+        )
 
     def recheck(
         self,
@@ -308,16 +354,16 @@ class Authenticator:
         """The user behind ``creds``, or None.
 
         A labgate token that is present but not valid is final: the cookie is
-        not tried instead, so a script with a revoked token fails loudly.
+        not tried instead, so a script with a revoked token fails loudly. A
+        session cookie sent more than once is no session: which of them is
+        the browser's own, and which one another host planted, cannot be told.
         """
         now = time.time() if now is None else now
         if creds.token is not None:
             return self._token_identity(creds.token, now)
-        for value in creds.sessions:
-            identity = self._session_identity(value, now)
-            if identity is not None:
-                return identity
-        return None
+        if len(creds.sessions) != 1:
+            return None
+        return self._session_identity(creds.sessions[0], now)
 
     def _token_identity(self, token: str, now: float) -> Identity | None:
         info = self.table.tokens.get(hash_token(token))
@@ -367,7 +413,34 @@ class Authenticator:
         user = self.table.users.get(info.user_id)
         return user is not None and not user.disabled
 
-    @staticmethod
-    def may_access(identity: Identity, route: Route) -> bool:
-        """Whether ``identity`` may use the instance behind ``route``."""
-        return identity.user.is_admin or route.allows(identity.user.id)
+    def may_access(self, identity: Identity, route: Route) -> bool:
+        """Whether ``identity`` may use the instance behind ``route``.
+
+        Its owner always. Others (admins, the users of its access list) not
+        with a portal session cookie, which only ``/i/<id>/`` paths take: there
+        the tool's pages run on the portal's own origin with the visitor's
+        session and could act in their name (as JupyterHub's ``admin_access``,
+        off unless the operator sets ``share_on_portal_origin``). An API token
+        (a header no page can make the browser send) or an instance cookie
+        (the instance's own origin) lets them in.
+        """
+        user = identity.user
+        if user.id == route.owner_id:
+            return True
+        if identity.via == "session" and not self.share_on_portal_origin:
+            return False
+        return user.is_admin or route.allows(user.id)
+
+    def needs_own_origin(self, identity: Identity, route: Route) -> bool:
+        """Whether :meth:`may_access` refused ``identity`` only for coming with a portal session.
+
+        Asked for refused requests only, so that such a visitor is told why
+        (another user's instance opens in the browser only on its own host)
+        rather than that the instance does not exist.
+        """
+        user = identity.user
+        return (
+            identity.via == "session"
+            and not self.share_on_portal_origin
+            and (user.is_admin or route.allows(user.id))
+        )

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from labgate.security import SESSION_COOKIE
+
 
 @dataclass(frozen=True, slots=True)
 class RouterOptions:
@@ -52,3 +54,9 @@ class RouterOptions:
     """An instance's public URL with ``{id}`` in it (scheme, host, port) when on its own host."""
     portal_url: str = ""
     """The portal's public URL: where a browser on an instance host goes for the hand-off."""
+    session_cookie: str = SESSION_COOKIE
+    """The portal's session cookie's name (``security.session_cookie_name``: ``__Host-``
+    when cookies are Secure)."""
+    share_on_portal_origin: bool = False
+    """Let admins and ``use`` shares into ``/i/<id>/`` with a portal session (the opt-in
+    setting); otherwise a session cookie there opens only its user's own instances."""

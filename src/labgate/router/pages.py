@@ -109,6 +109,8 @@ def error(
     head_only: bool = False,
     code: str | None = None,
     base: str = "",
+    title: str | None = None,
+    cookies: tuple[bytes, ...] = (),
 ) -> bytes:
     """An error answer: a page for browsers, ``{"error", "detail"}`` for others.
 
@@ -116,8 +118,10 @@ def error(
     portal's, e.g. ``insufficient_scope``). ``base`` is the portal's URL for
     the page's links and stylesheet, on an instance's own host. ``retry_after`` adds the header
     and, for browsers, a page that refreshes itself after that many seconds.
+    ``title`` is the page's heading instead of the status's; ``cookies`` are
+    ``Set-Cookie`` values to send with it.
     """
-    extra: list[tuple[bytes, bytes]] = []
+    extra: list[tuple[bytes, bytes]] = [(b"Set-Cookie", cookie) for cookie in cookies]
     if retry_after is not None:
         extra.append((b"Retry-After", b"%d" % retry_after))
     if browser:
@@ -128,7 +132,7 @@ def error(
         )
         body = _PAGE.format(
             status=status,
-            title=html.escape(_TITLES.get(status, "Error")),
+            title=html.escape(title or _TITLES.get(status, "Error")),
             detail=html.escape(detail),
             refresh=refresh,
             base=html.escape(base),

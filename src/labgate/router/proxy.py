@@ -37,7 +37,7 @@ from labgate.router.http import (
     Buffer,
 )
 from labgate.router.upstream import UpstreamConnection
-from labgate.security import HANDOFF_PATH
+from labgate.security import HANDOFF_PATH, INSTANCE_COOKIE, tossed_cookie_clearers
 from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress
 from labgate.wire.tunnel import TUNNEL_PATH
 
@@ -412,7 +412,17 @@ class ClientConnection(asyncio.Protocol):
         instance_id = info.instance_id
         route = ctx.table.routes.get(instance_id) if instance_id else None
         if route is None or not self._may_access(identity, route):
-            self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
+            if route is not None and ctx.auth.needs_own_origin(identity, route):
+                # An admin or a share with a portal session: told why, not "no such instance".
+                self._reply(
+                    ex,
+                    403,
+                    own_origin_detail(instance_id),
+                    code="needs_instance_host",
+                    title="Another user's instance",
+                )
+            else:
+                self._reply(ex, 404, f"there is no instance {instance_id!r} of yours here")
             return
         if not info.tail:
             path, sep, query = ex.target.partition(b"?")
@@ -452,6 +462,15 @@ class ClientConnection(asyncio.Protocol):
             if ctx.auth.lacks_access_scope(creds, now):
                 detail = "this API token lacks the instances:access scope"
                 self._reply(ex, 403, detail, code="insufficient_scope")
+            elif len(creds.sessions) > 1 and creds.token is None and ex.browser:
+                # A sibling instance host tossed an instance cookie in (Domain=<parent>):
+                # neither counts, and a hand-off would only come back here again.
+                host = hosts.netloc(instance_id).partition(":")[0]
+                cleared = tuple(
+                    line.encode("latin-1")
+                    for line in tossed_cookie_clearers(INSTANCE_COOKIE, host, secure=secure)
+                )
+                self._reply(ex, 400, TOSSED_DETAIL, title="Two instance cookies", cookies=cleared)
             elif ex.browser and ex.method in (b"GET", b"HEAD"):
                 portal, target = ctx.options.portal_url, ex.target
                 self._answer(
@@ -670,6 +689,8 @@ class ClientConnection(asyncio.Protocol):
         *,
         retry_after: int | None = None,
         code: str | None = None,
+        title: str | None = None,
+        cookies: tuple[bytes, ...] = (),
     ) -> None:
         browser, head_only, base = ex.browser, ex.is_head, ex.portal_base
         self._answer(
@@ -683,6 +704,8 @@ class ClientConnection(asyncio.Protocol):
                 head_only=head_only,
                 code=code,
                 base=base,
+                title=title,
+                cookies=cookies,
             ),
         )
 
@@ -935,6 +958,28 @@ class ClientConnection(asyncio.Protocol):
             self.connect_task = None
         if self.transport is not None:
             self.transport.close()
+
+
+#: What a browser that sent an instance host two instance cookies is told.
+TOSSED_DETAIL = (
+    f"This browser sent two {INSTANCE_COOKIE} cookies to this instance: a page of another "
+    "instance set one for a parent domain, so neither counts. The copies set for parent "
+    "domains were cleared with this answer: open the instance again from labgate. If this "
+    "page comes back, clear this site's cookies in your browser."
+)
+
+
+def own_origin_detail(instance_id: str) -> str:
+    """Why a portal session does not open another user's instance under ``/i/<id>/``."""
+    return (
+        f"Instance {instance_id} is not yours. Here instances open under the portal's own "
+        "address, where a tool's pages could act on labgate in the name of whoever opens "
+        "them, so labgate opens one in the browser only for its owner. Another user's "
+        "instance (shared with you, or any for an administrator) opens in the browser only "
+        "when each instance has an address of its own (the operator's instance_host "
+        "setting). A script can reach it with an API token with the instances:access scope "
+        "(Authorization: token lg_...)."
+    )
 
 
 def away_detail(instance_id: str) -> str:

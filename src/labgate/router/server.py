@@ -28,7 +28,7 @@ from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
 from labgate.router.tls import CertificateWatcher, start_redirect
-from labgate.security import SessionSigner, TunnelTickets
+from labgate.security import SessionSigner, TunnelTickets, session_cookie_name
 from labgate.wire.routes import Route, RouteTable, parse_upstream
 
 
@@ -50,7 +50,12 @@ class Router:
         self.activity_log = ActivityLog()
         self.ctx = Context(
             table,
-            Authenticator(table, signer),
+            Authenticator(
+                table,
+                signer,
+                session_cookie=self.options.session_cookie,
+                share_on_portal_origin=self.options.share_on_portal_origin,
+            ),
             parse_upstream(portal_upstream),
             self.options,
             self.activity_log,
@@ -227,6 +232,8 @@ def options_from_settings(settings: Settings, **overrides: object) -> RouterOpti
         "trusted_proxies": tuple(settings.trusted_proxies),
         "worker_count": settings.router_workers,
         "portal_url": settings.effective_public_url,
+        "session_cookie": session_cookie_name(settings.effective_cookie_secure),
+        "share_on_portal_origin": settings.share_on_portal_origin,
     }
     if settings.instance_host:
         values["instance_host"] = settings.instance_host

@@ -17,12 +17,11 @@ from labgate.errors import BadRequest, Unauthorized
 from labgate.identity.base import IdentityProvider, ProviderAccount
 from labgate.identity.linking import sign_in
 from labgate.portal.accounts import user_out
-from labgate.portal.auth import Caller, scopes_of
+from labgate.portal.auth import Caller, scopes_of, session_cookie_of
 from labgate.portal.openapi import errors
 from labgate.portal.origin import check_same_origin
 from labgate.portal.schemas import LoginIn, SessionOut
 from labgate.portal.state import Portal, get_portal
-from labgate.security import SESSION_COOKIE
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
@@ -154,10 +153,15 @@ async def check_password(
 def set_session_cookie(
     portal: Portal, response: Response, user_id: int, session_id: str | None = None
 ) -> str:
-    """Start a browser session (or renew ``session_id``'s cookie); returns its id."""
+    """Start a browser session (or renew ``session_id``'s cookie); returns its id.
+
+    Named ``__Host-labgate-session`` when cookies are Secure: host-only,
+    ``Path=/``, Secure, so a browser takes no cookie of that name from
+    another host (an instance host beside the portal).
+    """
     value, session_id = portal.signer.issue(user_id, session_id)
     response.set_cookie(
-        SESSION_COOKIE,
+        session_cookie_of(portal),
         value,
         max_age=portal.settings.session_max_age,
         httponly=True,
@@ -205,8 +209,20 @@ async def logout(
         if portal.routes is not None:
             portal.routes.session_revoked(sid, expires.timestamp())
     response = Response(status_code=204)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    clear_session_cookie(portal, response)
     return response
+
+
+def clear_session_cookie(portal: Portal, response: Response) -> None:
+    """Make the browser drop its session cookie (Secure when it was: a ``__Host-`` cookie
+    is only cleared by a Set-Cookie that has everything it had to have)."""
+    response.delete_cookie(
+        session_cookie_of(portal),
+        path="/",
+        secure=portal.settings.effective_cookie_secure,
+        httponly=True,
+        samesite="lax",
+    )
 
 
 @router.get("/session", response_model=SessionOut)

@@ -20,8 +20,13 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import RedirectResponse, Response
 
 from labgate.errors import LabgateError, TooManyRequests
-from labgate.portal.api.auth import check_password, logout, set_session_cookie
-from labgate.portal.auth import optional_principal
+from labgate.portal.api.auth import (
+    check_password,
+    clear_session_cookie,
+    logout,
+    set_session_cookie,
+)
+from labgate.portal.auth import optional_principal, session_cookie_count, session_cookie_of
 from labgate.portal.origin import (
     LOGIN_FORM_FIELD,
     check_login_form_token,
@@ -31,7 +36,7 @@ from labgate.portal.origin import (
 )
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import render
-from labgate.security import SESSION_COOKIE
+from labgate.security import tossed_cookie_clearers
 
 router = APIRouter(include_in_schema=False)
 
@@ -102,11 +107,19 @@ async def login_form(
     if caller is not None and caller.via == "session" and not target.startswith("/i/"):
         return RedirectResponse(target, status_code=303)
     message = NOTICES.get(notice or "")
-    if caller is None and request.cookies.get(SESSION_COOKIE) and message is None:
+    sent = session_cookie_count(portal, request)
+    if caller is None and sent and message is None:
         message = NOTICES["session_ended"]
     response = login_page(request, portal, next_url=target, notice=message)
-    if caller is None and request.cookies.get(SESSION_COOKIE):
-        response.delete_cookie(SESSION_COOKIE, path="/")
+    if caller is None and sent:
+        clear_session_cookie(portal, response)
+    if sent > 1:
+        # One was planted by a page on another host (Domain=<a parent domain>): both
+        # count for nothing, and the browser could never sign in while it stays.
+        host = urlsplit(portal.settings.effective_public_url).hostname or ""
+        secure = portal.settings.effective_cookie_secure
+        for line in tossed_cookie_clearers(session_cookie_of(portal), host, secure=secure):
+            response.headers.append("set-cookie", line)
     return response
 
 
@@ -152,5 +165,5 @@ async def logout_submit(request: Request, portal: Portal = Depends(get_portal)) 
     response = RedirectResponse("/login?notice=signed_out", status_code=303)
     if caller is not None:
         await logout(caller, request, portal)
-    response.delete_cookie(SESSION_COOKIE, path="/")
+    clear_session_cookie(portal, response)
     return response

@@ -44,9 +44,28 @@ TOKEN_EXPIRIES: list[tuple[str, int | None]] = [
 
 
 def page_context(portal: Portal, caller: Principal, active: str, **extra: Any) -> dict[str, Any]:
-    """What every signed-in page needs: who, the CSRF token, which nav item is current."""
+    """What every signed-in page needs: who, the CSRF token, which nav item is current.
+
+    ``others_open``: whether the browser may open other users' instances (as
+    an admin, or shared): only on instance hosts, or when the operator opted
+    in to it on the portal's origin (``share_on_portal_origin``); the router
+    refuses it otherwise, so the pages offer no "Open" for them.
+    """
     csrf = portal.signer.csrf_token(caller.session_id) if caller.session_id else ""
-    return {"user": caller, "csrf": csrf, "csrf_field": CSRF_FORM_FIELD, "active": active, **extra}
+    return {
+        "user": caller,
+        "csrf": csrf,
+        "csrf_field": CSRF_FORM_FIELD,
+        "active": active,
+        "others_open": others_open(portal),
+        **extra,
+    }
+
+
+def others_open(portal: Portal) -> bool:
+    """Whether a browser opens instances it does not own (see :func:`page_context`)."""
+    settings = portal.settings
+    return bool(settings.instance_host) or settings.share_on_portal_origin
 
 
 def is_admin(caller: Principal) -> bool:

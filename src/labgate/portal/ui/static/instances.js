@@ -11,6 +11,9 @@
   if (!table) return;
   const admin = table.dataset.admin === "true";
   const me = document.body.dataset.user;
+  // Another user's instance opens in the browser only on its own host (instance_host),
+  // or where the operator let it open on the portal's origin; the router refuses it otherwise.
+  const othersOpen = document.body.dataset.othersOpen === "true";
   const tbody = table.tBodies[0];
   const empty = document.getElementById("instances-empty");
   const loading = document.getElementById("instances-loading");
@@ -119,7 +122,8 @@
     cells.activity.replaceChildren(...activity(instance));
     cells.resources.textContent = lg.resources(instance.resources);
     const shared = instance.access === "use" || instance.access === "view";
-    row.open.hidden = instance.state !== "running" || instance.access === "view";
+    row.open.hidden = instance.state !== "running" || instance.access === "view"
+      || (instance.owner !== me && !othersOpen);
     row.stop.hidden = shared || !lg.ACTIVE.has(instance.state) || instance.state === "stopping";
     if (stopping.has(instance.id) && !lg.ACTIVE.has(instance.state)) {
       say(message, `${stopping.get(instance.id)} (${instance.id}) is ${instance.state}.`);
