@@ -46,7 +46,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="these hold for labgat
 
 MiB = 1024**2
 BASE = 1_000_000_000
-ALICE, BOB, POOL = 11, 12, 13
+ALICE, BOB = 11, 12
+#: A warm-pool instance's own uid number (labgate.backends.identity.pool_identity_number).
+POOL = 100_000_013
 
 # The probe: one route per name on its command line; every attempt is recorded as
 # {"ok": true, "value": ...} or {"ok": false, "errno": N}. Then it waits to be stopped.
@@ -697,14 +699,15 @@ async def test_an_app_that_cannot_check_the_token_is_reached_only_through_the_ga
     assert result["gate"] == {"ok": True, "value": "HTTP/1.1 403 Forbidden"}
 
 
-#: Tries to open X displays 0-5 on the abstract sockets (shared by every network namespace's
-#: users: the host's and the instances'), then on the host's /tmp sockets, with no credential.
-#: Prints {"@X0": status or errno, "/X0": ...}: status 1 is a display that took it.
+#: Tries to open X displays 0-5 and those named on its command line on the abstract sockets
+#: (shared by every network namespace's users: the host's and the instances'), then on the
+#: host's /tmp sockets, with no credential. Prints {"@X0": status or errno, "/X0": ...}:
+#: status 1 is a display that took it, 0 one that refused it.
 X_PROBE = r"""
 import json, socket, sys
 SETUP = b"l\0\x0b\0\0\0\0\0\0\0\0\0"  # little-endian, X11.0, no authorization
 out = {}
-for n in range(6):
+for n in sorted(set(range(6)) | {int(arg) for arg in sys.argv[1:]}):
     for name, address in (("@X%d" % n, "\0/tmp/.X11-unix/X%d" % n),
                           ("/X%d" % n, "/tmp/.X11-unix/X%d" % n)):
         try:
@@ -724,8 +727,9 @@ async def test_nobody_else_opens_a_desktops_x_display(launch: Launch, settings: 
     """The desktop's X server takes no client from another instance nor from the host.
 
     Another user's instance shares the host's network namespace, and with it
-    the abstract sockets: the X server must not listen there, and its socket
-    in the instance's own /tmp takes only the desktop's cookie. A display that
+    the abstract sockets: the X server holds its display's abstract name (else
+    anyone could, see test_desktop_display.py), and there, as on its socket in
+    the instance's own /tmp, it takes only the desktop's cookie. A display that
     took a client would let it type commands into the desktop's terminal.
     """
     desktop = app_tool("desktop")
@@ -744,7 +748,7 @@ async def test_nobody_else_opens_a_desktops_x_display(launch: Launch, settings: 
     alice = settings.workspaces_dir / "alice"
     alice.mkdir(parents=True, exist_ok=True)
     (alice / "x_probe.py").write_text(X_PROBE)
-    command = ["{python}", "{workspace}/x_probe.py"]
+    command = ["{python}", "{workspace}/x_probe.py", display]
     probe = Tool(name="x-probe", title="X probe", process=ProcessSpec(command=command))
     alices, _ = await launch(tool=probe)
     alices_log = Path(alices.state["log"])
@@ -756,7 +760,7 @@ async def test_nobody_else_opens_a_desktops_x_display(launch: Launch, settings: 
     # A local account on the host (nobody).
     host = subprocess.run(
         ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
-         sys.executable, "-c", X_PROBE],
+         sys.executable, "-c", X_PROBE, display],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     from_host = json.loads(host.stdout)
@@ -770,6 +774,9 @@ async def test_nobody_else_opens_a_desktops_x_display(launch: Launch, settings: 
 
     assert 1 not in from_alice.values(), from_alice
     assert 1 not in from_host.values(), from_host
+    # Both reached the desktop's own server on its abstract name, which refused them.
+    abstract = f"@X{display}"
+    assert (from_alice[abstract], from_host[abstract]) == (0, 0), (from_alice, from_host)
     assert own_reply[:1] == b"\0", own_reply  # Failed: authorization required
 
 

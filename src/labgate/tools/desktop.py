@@ -5,14 +5,22 @@ one process group (the process backend stops them together):
 
 1. ``Xtigervnc``: a virtual X server that is also a VNC server. Its VNC side
    listens on a Unix socket in a private directory (mode 0700), never on TCP.
-   Its X side takes only clients holding a random cookie (``-auth``, the
-   ``Xauthority`` file in that directory, which the desktop's own programs
-   get through ``XAUTHORITY``), and listens neither on TCP nor on the
-   abstract socket ``@/tmp/.X11-unix/X<n>``, which lives in the network
-   namespace that sandboxed instances share with the host: only
-   ``/tmp/.X11-unix/X<n>``, in the instance's own ``/tmp``. Another user's
+   Its X side never listens on TCP and takes only clients holding a random
+   cookie (``-auth``, the ``Xauthority`` file in that directory, which the
+   desktop's own programs get through ``XAUTHORITY``): another user's
    instance or a local account would otherwise type into the desktop's
-   terminal (XTEST) and run commands as the instance's user;
+   terminal (XTEST) and run commands as the instance's user. It listens on
+   both sockets of its display: ``/tmp/.X11-unix/X<n>`` in the instance's
+   own ``/tmp`` *and* the abstract ``@/tmp/.X11-unix/X<n>``, which lives in
+   the network namespace that sandboxed instances share with the host, and
+   which X clients (libxcb) try first. Were the abstract name left free,
+   anyone could take it with an X server of their own, and the desktop's
+   window manager and terminal would open on that server instead (sending it
+   the cookie). Someone who holds a display's abstract name only pushes the
+   desktop to another number (``-displayfd`` skips it), and the desktop
+   refuses to start unless its own X server answers on both sockets of the
+   display it got (:func:`foreign_display`), so ``DISPLAY=:<n>`` leads to
+   it and nowhere else;
 2. ``openbox``, a light window manager, which starts an ``xterm`` in the workspace;
 3. ``websockify`` on the loopback port ``P`` (``--host 0.0.0.0`` in a container,
    whose network namespace is its own): it serves noVNC's pages and
@@ -34,6 +42,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -122,6 +131,42 @@ def read_display(fd: int, process: subprocess.Popen[bytes], timeout: float = 20)
     return f":{int(text)}"
 
 
+#: Where X clients look for display ``:<n>``, in the order libxcb tries them: the abstract
+#: name first, in the network namespace (shared with the host and every other instance),
+#: then the file in the instance's own ``/tmp``. (Fixed names: where X puts them.)
+X_SOCKETS = ("\0/tmp/.X11-unix/X{n}", "/tmp/.X11-unix/X{n}")  # noqa: S108
+
+
+def foreign_display(display: str, server_pid: int) -> str | None:
+    """Why ``display`` is not the desktop's own, or ``None`` when it is.
+
+    Connects to each socket an X client would use for ``DISPLAY=display``
+    and asks the kernel who listens there (``SO_PEERCRED``: the pid that
+    called ``listen``, 0 for a process outside this pid namespace). Were it
+    anyone but the desktop's X server (``server_pid``), the desktop's
+    programs would open their windows on a stranger's X server, hand it the
+    cookie and take keys from it.
+    """
+    number = int(display.lstrip(":"))
+    for template in X_SOCKETS:
+        address = template.format(n=number)
+        shown = address.replace("\0", "@")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            try:
+                sock.connect(address)
+            except OSError as exc:
+                return f"nothing answers on {shown} for display {display}: {exc}"
+            credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        pid = struct.unpack("3i", credentials)[0]
+        if pid != server_pid:
+            return (
+                f"{shown} (display {display}) belongs to another process (pid {pid}),"
+                f" not to the desktop's X server (pid {server_pid})"
+            )
+    return None
+
+
 #: The ``Xauthority`` family that matches any address (a cookie for this display wherever).
 FAMILY_WILD = 0xFFFF
 
@@ -157,14 +202,14 @@ def main(argv: list[str] | None = None) -> None:
 
     private = Path(tempfile.mkdtemp(prefix="labgate-desktop-"))
     private.chmod(0o700)
-    socket = private / "vnc.sock"
+    vnc_socket = private / "vnc.sock"
     xauthority = private / "Xauthority"
     write_xauthority(xauthority, secrets.token_bytes(16))
     (private / "labgate_desktop_auth.py").write_text(AUTH_PLUGIN)
     web = web_root(private, novnc)
     children: list[subprocess.Popen[bytes]] = []
 
-    def stop(*_: object) -> None:
+    def shut_down() -> None:
         for child in reversed(children):
             if child.poll() is None:
                 child.terminate()
@@ -174,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
             except subprocess.TimeoutExpired:
                 child.kill()
         shutil.rmtree(private, ignore_errors=True)
+
+    def stop(*_: object) -> None:
+        shut_down()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -190,21 +238,23 @@ def main(argv: list[str] | None = None) -> None:
         "-rfbport",
         "-1",
         "-rfbunixpath",
-        str(socket),
+        str(vnc_socket),
         "-SecurityTypes",
         "None",
         "-AlwaysShared",
+        # TCP never; the Unix sockets, both the file and the abstract name, are the display's.
         "-nolisten",
         "tcp",
-        "-nolisten",
-        "local",
         "-auth",
         str(xauthority),
     ]
     children.append(subprocess.Popen(xvnc, pass_fds=(write_end,)))
     os.close(write_end)
     display = read_display(read_end, children[0])
-    wait_for(socket, children[0])
+    if (problem := foreign_display(display, children[0].pid)) is not None:
+        shut_down()
+        sys.exit(f"desktop: {problem}: not starting")
+    wait_for(vnc_socket, children[0])
     env = {**os.environ, "DISPLAY": display, "XAUTHORITY": str(xauthority)}
     # Openbox starts the xterm once it manages the screen, so the xterm is placed and
     # focused: an xterm mapped before the window manager stayed unfocused, and keys
@@ -218,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "--auth-plugin",
         "labgate_desktop_auth.TokenAuth",
         "--unix-target",
-        str(socket),
+        str(vnc_socket),
         f"{args.host}:{args.port}",
     ]
     path = os.pathsep.join(filter(None, [str(private), os.environ.get("PYTHONPATH", "")]))
