@@ -17,7 +17,8 @@ re-attaches from the state alone. Backend options: ``nofile`` (default 8192),
 
 Run as root, a sandboxed instance runs as its owner's own unprivileged uid
 (:mod:`labgate.backends.identity`) with no capabilities, in a cgroup of its own
-(:mod:`labgate.backends.cgroups`).
+(:mod:`labgate.backends.cgroups`); a warm-pool instance runs as a uid of its own,
+which it keeps when a user claims it, and whose keyrings are emptied at its stop.
 """
 
 from __future__ import annotations
@@ -64,7 +65,13 @@ from labgate.backends.base import (
 )
 from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
 from labgate.backends.confine import require_confined
-from labgate.backends.identity import Identity, hand_over, instance_identity
+from labgate.backends.identity import (
+    Identity,
+    IdentityError,
+    clear_keyrings,
+    hand_over,
+    instance_identity,
+)
 from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv, plan_limits
 from labgate.backends.procfs import (
     MARKER_VAR,
@@ -363,9 +370,16 @@ class ProcessBackend(Backend):
         if tool is None:
             raise InstanceStartError(f"tool {spec.tool.name!r} cannot run here: {reason}")
         bwrap = self.sandbox_path()
-        # Unsandboxed the tool needs the server's own paths (a Python under /root): its uid stays.
-        identity = self.identity(spec.owner_id) if bwrap is not None else None
         workspace = spec.workspace.expanduser().resolve()
+        # A warm-pool instance (its workspace is one of the pool's) runs as a uid of its own,
+        # never its owner's: the _pool account owns them all, and each goes to another user.
+        pool = self._pool_workspace({"workspace": str(workspace)}) is not None
+        try:
+            # Unsandboxed the tool needs the server's own paths (a Python under /root): its
+            # uid stays.
+            identity = self.identity(spec.owner_id, pool=pool) if bwrap is not None else None
+        except IdentityError as exc:
+            raise InstanceStartError(f"cannot choose the uid the tool runs as: {exc}") from exc
         logs_dir = self.settings.logs_dir.resolve()
         try:
             workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -467,14 +481,20 @@ class ProcessBackend(Backend):
             "private_network": tool.private_network and bwrap is not None,
             "uid": identity.uid if identity is not None else None,
             "gid": identity.gid if identity is not None else None,
+            # A uid nothing else ever runs as (a warm-pool instance's); kept through a claim.
+            "own_uid": pool and identity is not None,
             "limits": limits.as_json(),
             "started_at": time.time(),
         }
         return Started(state=state, endpoint=f"http://127.0.0.1:{port}")
 
-    def identity(self, owner_id: int | None) -> Identity | None:
-        """Who an instance of user ``owner_id`` runs as; None: the server's own account."""
-        return instance_identity(self.settings.instance_uid_base, owner_id)
+    def identity(self, owner_id: int | None, *, pool: bool = False) -> Identity | None:
+        """Who an instance of user ``owner_id`` runs as; None: the server's own account.
+
+        ``pool``: a warm-pool instance, whose ``owner_id`` is the number of its own uid
+        (:func:`labgate.backends.identity.pool_identity_number`).
+        """
+        return instance_identity(self.settings.instance_uid_base, owner_id, pool=pool)
 
     def fresh_port(self) -> int:
         """A free loopback port not given to another instance in the last minute."""
@@ -607,6 +627,14 @@ class ProcessBackend(Backend):
         scratch = self._pool_workspace(state)
         if scratch is not None:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
+        if state.get("own_uid") and state.get("uid") is not None:
+            # Nobody runs as this uid again: what its tool kept in the uid's keyrings would
+            # stay in the kernel's memory, unread, for as long as the machine runs.
+            problem = await asyncio.to_thread(clear_keyrings, int(state["uid"]))
+            if problem is not None:
+                log.warning(
+                    "instance %s: keyrings of uid %s: %s", instance_id, state["uid"], problem
+                )
 
     async def discard(self, instance_id: str, grace: float) -> None:
         """Stop every process carrying the instance's marker (no pid was recorded).
@@ -650,11 +678,19 @@ class ProcessBackend(Backend):
             raise ClaimError("the instance runs without a sandbox")
         workspace = claim.workspace.expanduser().resolve()
         await asyncio.to_thread(workspace.mkdir, 0o700, True, True)
-        # The pool instance runs as the pool's uid: the user's files, owned by the user's
-        # uid, are shown to it as its own through an idmapped mount (see claim.py).
+        # The pool instance runs as a uid of its own (never the user's, never another
+        # instance's): the user's files, owned by the user's uid, are shown to it as its
+        # own through an idmapped mount (see claim.py).
         idmap: tuple[int, int] | None = None
         running_as = state.get("uid")
-        identity = self.identity(claim.owner_id) if running_as is not None else None
+        if running_as is not None and not state.get("own_uid"):
+            # Started by an older labgate as the _pool account's uid, which every such pool
+            # instance shares: its claimers would share it too (keyrings, ptrace rights).
+            raise ClaimError("the instance runs as a uid other pool instances share")
+        try:
+            identity = self.identity(claim.owner_id) if running_as is not None else None
+        except IdentityError as exc:
+            raise ClaimError(f"cannot give the workspace to its user: {exc}") from exc
         if identity is not None and running_as is not None:
             try:
                 await asyncio.to_thread(hand_over, workspace, identity)

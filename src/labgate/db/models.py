@@ -286,6 +286,10 @@ class Instance(Base):
     image: Mapped[str] = mapped_column(String(512), default="", server_default="")
     #: ``tool@site`` while the instance waits, unclaimed, in a warm pool (migration 0004).
     pool: Mapped[str | None] = mapped_column(String(130), default=None, index=True)
+    #: A warm-pool instance's number, from the counter ``pool_uid`` (migration 0014): the
+    #: process backend runs it as a uid of its own (labgate.backends.identity), no other
+    #: instance's, before and after its claim. None: not started for a pool.
+    pool_uid: Mapped[int | None] = mapped_column(BigInteger, default=None, index=True, unique=True)
     #: The owner asked that idle culling spare the instance until then.
     keep_alive_until: Mapped[datetime | None] = mapped_column(default=None)
     #: Last "busy" report of the tool itself, or the claim from a warm pool.
@@ -674,3 +678,17 @@ class LeaderLease(Base):
     holder: Mapped[str] = mapped_column(String(200), default="")
     term: Mapped[int] = mapped_column(BigInteger, default=0)
     expires_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Counter(Base):
+    """A number that only goes up, shared by every portal replica (migration 0014).
+
+    ``pool_uid``: the last number given to a warm-pool instance
+    (:func:`labgate.db.counters.take`); none is given twice, not after a stop, a
+    restart, or on another replica.
+    """
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

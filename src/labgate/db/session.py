@@ -65,6 +65,7 @@ SCHEMA_HEADS = frozenset(
         "0011_run_indexes",
         "0012_tunnel_routers",
         "0013_user_ids",
+        "0014_pool_uids",
     }
 )
 _SETTING = "database_url (LABGATE_DATABASE_URL)"

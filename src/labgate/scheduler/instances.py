@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.network import SiteAway
 from labgate.backends.base import LaunchSpec, Mount, Resources
+from labgate.backends.identity import pool_identity_number
 from labgate.db.models import (
     ACTIVE_STATES,
     TRANSITIONS,
@@ -203,9 +204,14 @@ class InstanceManager:
             raise NotFound(f"tool {instance.tool!r} is no longer in the catalog")
         # Relative: the site keeps workspaces where it chooses (SiteAgent.placed).
         workspace = Path(instance.owner.name)
+        owner_id = instance.owner.id
         if instance.pool is not None:
             # Unclaimed: an empty workspace of its own; a claim brings the user's.
             workspace = Path("_pool", instance.id)
+            if instance.pool_uid is not None:
+                # Run as a uid of its own, not the _pool account's that every pool instance
+                # (and so every claimer) would share (labgate.backends.identity).
+                owner_id = pool_identity_number(instance.pool_uid)
         snapshot = snapshot_ref(instance.snapshot) if instance.snapshot is not None else None
         if snapshot is not None and snapshot.kind == "archive":
             # A workspace archive is restored into a new workspace of the instance's own.
@@ -216,7 +222,7 @@ class InstanceManager:
         return LaunchSpec(
             instance_id=instance.id,
             owner=instance.owner.name,
-            owner_id=instance.owner.id,
+            owner_id=owner_id,
             tool=tool,
             base_url="/" if self.own_hosts else f"/i/{instance.id}/",
             workspace=workspace,

@@ -24,6 +24,19 @@ whose instances keep failing to start backs off (5 s doubling to 5 min).
 An instance still marked with a pool but owned by a user was interrupted
 mid-claim (a restart): it is stopped at start-up, never shown half-claimed.
 
+Each pool instance gets a number of its own when it is recorded, from the
+database counter ``pool_uid`` (:mod:`labgate.db.counters`): never given twice,
+across restarts and replicas. The process backend runs the instance as a uid
+derived from it (:mod:`labgate.backends.identity`), before and after its claim,
+so no two claimers, and no claimer and the next, ever share a uid (keyrings,
+the right to ptrace or copy descriptors, per-uid limits). A pool instance
+without a number (started by an older labgate, as the shared uid of ``_pool``)
+is never handed to a user; the leader stops it when it tidies.
+
+A claimed instance keeps the environment it started with: ``LABGATE_USER``
+and ``USER`` still say ``_pool``. Tools learn their user from the router's
+``X-Labgate-User`` header, or from their ``claim_path`` hook.
+
 Among several portal replicas every replica hands pool instances to its
 launches, but only the leader (:mod:`labgate.scheduler.leader`) refills,
 shrinks and tidies the pools, each new pool instance recorded in a
@@ -48,6 +61,7 @@ from sqlalchemy.orm import Session
 from labgate.agent.link import live_sites
 from labgate.aio import cancel_and_wait, wait_for
 from labgate.backends.claim import Claim
+from labgate.db import counters
 from labgate.db.models import (
     ACTIVE_STATES,
     Group,
@@ -190,14 +204,19 @@ class PoolManager:
         return reason or link.claim_support(tool)
 
     def _leftovers(self, session: Session) -> list[str]:
-        """Pool instances of pools no longer kept, and claims a restart interrupted."""
+        """Pool instances of pools no longer kept, claims a restart interrupted, and those
+        of an older labgate (no number: they run as the uid every such instance shares)."""
         kept = {pool.key for pool in self.active}
         rows = session.execute(
-            select(Instance.id, Instance.pool, Instance.owner_id).where(
+            select(Instance.id, Instance.pool, Instance.owner_id, Instance.pool_uid).where(
                 Instance.pool.is_not(None), Instance.state.in_(ACTIVE_STATES)
             )
         ).all()
-        return [iid for iid, key, owner in rows if key not in kept or owner != self.user_id]
+        return [
+            iid
+            for iid, key, owner, number in rows
+            if key not in kept or owner != self.user_id or number is None
+        ]
 
     def poke(self) -> None:
         """Check the pools now rather than at the next interval."""
@@ -230,6 +249,8 @@ class PoolManager:
                 Instance.pool.in_(keys),
                 Instance.owner_id == self.user_id,
                 Instance.state == InstanceState.running,
+                # Its own uid: one without (an older labgate's) shares _pool's with the rest.
+                Instance.pool_uid.is_not(None),
             )
             .order_by(Instance.ready_at, Instance.id)
             .limit(1)
@@ -407,6 +428,8 @@ class PoolManager:
             resources=resources.as_json(),
             secret=self.manager.box.new_secret(instance_id),
             pool=pool.key,
+            # Never given twice: the instance runs as a uid of its own (see the module's doc).
+            pool_uid=counters.take(session, counters.POOL_UID),
         )
         session.add(instance)
         accounting.open_record(session, instance, owner)
