@@ -91,6 +91,17 @@ def session_cookie_name(secure: bool) -> str:
     return SECURE_SESSION_COOKIE if secure else SESSION_COOKIE
 
 
+def instance_cookie_name(secure: bool) -> str:
+    """The router's instance cookie's name: ``__Host-labgate-instance`` when cookies are Secure.
+
+    ``secure`` is ``Settings.effective_cookie_secure``, as for
+    :func:`session_cookie_name`: a page on a sibling instance host can plant
+    ``labgate-instance`` for a parent domain and any path, but no
+    ``__Host-`` cookie.
+    """
+    return SECURE_INSTANCE_COOKIE if secure else INSTANCE_COOKIE
+
+
 def cookie_count(headers: Iterable[str], name: str) -> int:
     """How many times the ``Cookie`` header values ``headers`` hold a cookie called ``name``.
 
@@ -109,24 +120,63 @@ def cookie_count(headers: Iterable[str], name: str) -> int:
     return found
 
 
-def tossed_cookie_clearers(name: str, host: str, *, secure: bool) -> list[str]:
+def tossed_cookie_clearers(name: str, host: str, *, secure: bool, path: str = "/") -> list[str]:
     """``Set-Cookie`` values that expire cookies called ``name`` another host tossed at ``host``.
 
     A page on a sibling or child host can set ``name`` with ``Domain=`` the
-    host itself or any of its parent domains (``Path=/``, the usual choice);
-    a browser that holds such a cookie sends it beside the host's own, and
-    labgate then counts neither (:func:`cookie_count`). These expire it for
-    each of those domains, so the browser can sign in again (a browser that
-    follows RFC 6265 rather than 6265bis may drop the host's own cookie of
-    that name with the first: it counted for nothing anyway). Nothing for an
-    IP address; single-label domains are left out (browsers refuse them).
+    host itself or any of its parent domains, and with any ``Path``; a
+    browser that holds such a cookie sends it beside the host's own on every
+    request under that path, and labgate then counts neither
+    (:func:`cookie_count`). These expire it for each of those domains and
+    each path the browser could have sent it for with a request to ``path``
+    (``/``, and every prefix of ``path`` that ends a segment, with and
+    without its ``/``; at most :data:`_CLEARED_PATHS`), so the browser can
+    sign in again (a browser that follows RFC 6265 rather than 6265bis may
+    drop the host's own cookie of that name with the first: it counted for
+    nothing anyway). Nothing for an IP address; single-label domains are left
+    out (browsers refuse them). A ``__Host-`` name cannot have been tossed:
+    only the host's own copy is expired (without ``Domain``, as the prefix
+    requires).
     """
+    attributes = "; Max-Age=0; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
+    if name.startswith("__Host-"):
+        return [f"{name}=; Path=/{attributes}"]
     host = host.strip().lower().rstrip(".")
     if not host or host.replace(".", "").isdigit() or ":" in host:
         return []
     labels = host.split(".")
-    attributes = "; Path=/; Max-Age=0; HttpOnly; SameSite=Lax" + ("; Secure" if secure else "")
-    return [f"{name}=; Domain={'.'.join(labels[i:])}{attributes}" for i in range(len(labels) - 1)]
+    domains = [".".join(labels[i:]) for i in range(len(labels) - 1)]
+    return [
+        f"{name}=; Domain={domain}; Path={cookie_path}{attributes}"
+        for cookie_path in cookie_paths(path)
+        for domain in domains
+    ]
+
+
+#: Paths :func:`tossed_cookie_clearers` expires a tossed cookie for, at most.
+_CLEARED_PATHS = 16
+
+
+def cookie_paths(path: str) -> list[str]:
+    """The ``Path`` attributes of cookies a browser sends with a request to ``path``.
+
+    RFC 6265 5.1.4: ``path`` itself, and each prefix of it that ends with a
+    ``/`` or just before one: for ``/a/b``, ``/``, ``/a``, ``/a/`` and
+    ``/a/b``. The query is not part of it; at most :data:`_CLEARED_PATHS`
+    of them (the shortest).
+    """
+    path = path.partition("?")[0].partition("#")[0]
+    paths = ["/"]
+    if not path.startswith("/"):
+        return paths
+    for i, char in enumerate(path):
+        if char == "/":
+            for prefix in (path[:i], path[: i + 1]):
+                if prefix and prefix not in paths:
+                    paths.append(prefix)
+    if path not in paths:
+        paths.append(path)
+    return paths[:_CLEARED_PATHS]
 
 
 def hash_password(password: str) -> str:
@@ -378,8 +428,12 @@ class SessionSigner:
 
 # --- per-instance origins (``instance_host``) ---------------------------------
 
-#: The router's cookie on an instance's own host name (host-only, HttpOnly).
+#: The router's cookie on an instance's own host name (host-only, HttpOnly), over plain http.
 INSTANCE_COOKIE = "labgate-instance"
+#: Its name when cookies are Secure: no sibling host can plant a ``__Host-`` cookie.
+SECURE_INSTANCE_COOKIE = "__Host-labgate-instance"
+#: Both names: neither may reach a tool, nor be set by one.
+INSTANCE_COOKIES = (INSTANCE_COOKIE, SECURE_INSTANCE_COOKIE)
 #: The hand-off's state cookie on an instance host, while the browser visits the portal.
 HANDOFF_COOKIE = "labgate-handoff"
 #: Where the portal sends the browser back to on an instance host; the router's own path.

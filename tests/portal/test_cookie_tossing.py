@@ -150,3 +150,9 @@ async def test_a_session_cookie_sent_twice_is_no_session(app: Any, make_user: An
     domains = {SimpleCookie(line)[SESSION_COOKIE]["domain"] for line in lines}
     assert domains == {"", "labgate.example.org", "example.org"}, lines
     assert all("Max-Age=0" in line for line in lines)
+    # Also where a copy planted with Path=/login would sit: the page it blocks.
+    placed = {
+        (SimpleCookie(line)[SESSION_COOKIE]["domain"], SimpleCookie(line)[SESSION_COOKIE]["path"])
+        for line in lines
+    }
+    assert {("example.org", "/"), ("example.org", "/login")} <= placed, lines

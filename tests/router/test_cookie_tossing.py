@@ -18,12 +18,17 @@ from http.cookies import SimpleCookie
 import httpx
 
 from labgate.config import Settings
+from labgate.router.auth import split_instance_cookies
 from labgate.router.context import RouterOptions
 from labgate.router.server import options_from_settings
 from labgate.security import (
     INSTANCE_COOKIE,
+    SECURE_INSTANCE_COOKIE,
     SECURE_SESSION_COOKIE,
     SESSION_COOKIE,
+    InstanceGrants,
+    cookie_paths,
+    instance_cookie_name,
     session_cookie_name,
 )
 from labgate.wire.routes import Route
@@ -31,13 +36,14 @@ from labgate.wire.routes import Route
 from .conftest import (
     ALICE,
     BOB,
+    KEY,
     Gateway,
     GatewayFactory,
     Handler,
     RecordingUpstream,
     Seen,
 )
-from .test_hosts import HTML, PORTAL, Hosted, hosted, instance_cookie
+from .test_hosts import HTML, PORTAL, Hosted, hosted, instance_cookie, serve_root_demo
 
 __all__ = ["hosted"]  # the fixture, for this module's tests
 
@@ -119,3 +125,76 @@ async def test_an_instance_cookie_sent_twice_opens_nothing(hosted: Hosted) -> No
         }
         assert cleared == {"aaaa.apps.test", "apps.test"}
         assert all("Max-Age=0" in line for line in page.headers.get_list("set-cookie"))
+
+
+async def test_with_secure_cookies_the_instance_cookie_is_one_no_sibling_can_plant(
+    make_gateway: GatewayFactory,
+) -> None:
+    """Over https the hand-off sets ``__Host-labgate-instance``: a sibling instance host can
+    plant ``labgate-instance`` for ``Domain=apps.test`` and any ``Path``, but no ``__Host-``
+    cookie, so it can neither pick the identity nor lock the owner out."""
+    assert instance_cookie_name(True) == SECURE_INSTANCE_COOKIE == "__Host-labgate-instance"
+    assert instance_cookie_name(False) == INSTANCE_COOKIE
+    assert options_from_settings(Settings()).instance_cookie == INSTANCE_COOKIE
+    secure = Settings(public_url="https://labgate.example.org")
+    assert options_from_settings(secure).instance_cookie == SECURE_INSTANCE_COOKIE
+    options = RouterOptions(
+        instance_host="{id}.apps.test",
+        instance_base_url="https://{id}.apps.test",
+        portal_url=PORTAL,
+        forwarded_proto="https",
+        instance_cookie=SECURE_INSTANCE_COOKIE,
+    )
+    gw = await make_gateway(options, demo=False)
+    served = serve_root_demo("upstream-token-aaaa")
+    gw.upstreams["aaaa"] = served
+    gw.table.add_route(Route("aaaa", served.url, ALICE, upstream_token="upstream-token-aaaa"))
+    async with httpx.AsyncClient(base_url=gw.base, timeout=10) as client:
+        done = await Hosted(gw, InstanceGrants(KEY, 3600), client).handoff("aaaa", ALICE)
+        assert done.status_code == 302, done.text
+        line = next(
+            c for c in done.headers.get_list("set-cookie") if c.startswith(SECURE_INSTANCE_COOKIE)
+        )
+        assert "; Secure" in line and "Path=/;" in line and "domain" not in line.lower()
+        value = SimpleCookie(line)[SECURE_INSTANCE_COOKIE].value
+
+        async def get(path: str, cookie: str, **headers: str) -> httpx.Response:
+            client.cookies.clear()
+            return await client.get(
+                path, headers={"Host": "aaaa.apps.test", "Cookie": cookie, **headers}
+            )
+
+        own = f"{SECURE_INSTANCE_COOKIE}={value}"
+        assert (await get("/api/info", own)).status_code == 200
+        # The plain name is no credential here: a stale cookie from before https, or a tossed one.
+        assert (await get("/api/info", f"{INSTANCE_COOKIE}={value}")).status_code == 401
+        # A plain-named cookie tossed in beside the owner's locks nobody out, on any path,
+        # and neither reaches the tool.
+        for tossed in (value, "junk"):
+            both = f"{INSTANCE_COOKIE}={tossed}; theirs=1; {own}"
+            answer = await get("/api/info", both)
+            assert answer.status_code == 200, answer.text
+            page = await get("/lab/tree/x", both, **HTML)
+            assert page.status_code != 400, page.text
+    sent = f"{INSTANCE_COOKIE}=a; theirs=1; {SECURE_INSTANCE_COOKIE}=b".encode()
+    assert split_instance_cookies(sent, SECURE_INSTANCE_COOKIE.encode()) == (("b",), b"theirs=1")
+
+
+async def test_a_tossed_instance_cookie_is_cleared_for_the_path_it_was_planted_on(
+    hosted: Hosted,
+) -> None:
+    """Over plain http a sibling can plant ``labgate-instance`` with ``Path=/lab``: clearing
+    only ``Path=/`` copies left it there, and every page under ``/lab`` kept answering 400."""
+    alice = instance_cookie(await hosted.handoff("aaaa", ALICE))
+    cookie = f"{INSTANCE_COOKIE}={alice}; {INSTANCE_COOKIE}=junk"
+    page = await hosted.get("aaaa", "/lab/tree/x?y=/z", Cookie=cookie, **HTML)
+    assert page.status_code == 400, page.text
+    cleared = set()
+    for line in page.headers.get_list("set-cookie"):
+        morsel = SimpleCookie(line)[INSTANCE_COOKIE]
+        assert "Max-Age=0" in line and morsel.value == ""
+        cleared.add((morsel["domain"], morsel["path"]))
+    paths = {"/", "/lab", "/lab/", "/lab/tree", "/lab/tree/", "/lab/tree/x"}
+    assert cleared == {(d, p) for d in ("aaaa.apps.test", "apps.test") for p in paths}
+    assert cookie_paths("/a/b") == ["/", "/a", "/a/", "/a/b"]
+    assert len(cookie_paths("/" + "x/" * 100)) == 16

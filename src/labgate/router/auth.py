@@ -16,9 +16,10 @@ A request is authenticated by, in order:
 
 On an instance's own host name (``instance_host``), the portal's session
 cookie is never taken: an API token, else the router's instance cookie
-(``labgate-instance``, signed, naming that instance, its host, the user and
-their portal session, checked once per value and then cached; sent more
-than once, it counts for nothing either).
+(``labgate-instance``, or ``__Host-labgate-instance`` when cookies are
+Secure, which no sibling host can plant; signed, naming that instance, its
+host, the user and their portal session, checked once per value and then
+cached; sent more than once, it counts for nothing either).
 
 Then the instance's access list decides: the owner, users listed in
 ``Route.access``, and admins. But a portal session cookie on ``/i/<id>/``
@@ -41,6 +42,7 @@ from labgate.router.http import header_safe
 from labgate.security import (
     HANDOFF_COOKIE,
     INSTANCE_COOKIE,
+    INSTANCE_COOKIES,
     SESSION_COOKIE,
     SESSION_COOKIES,
     TOKEN_PREFIX,
@@ -61,7 +63,10 @@ _SESSION_NAMES: Final = frozenset(name.encode() for name in SESSION_COOKIES)
 #: What both names hold: a ``Cookie`` header without it has no session cookie at all.
 _SESSION_MARK: Final = b"labgate-session"
 _INSTANCE_COOKIE: Final = INSTANCE_COOKIE.encode()
-_LABGATE_COOKIES: Final = _SESSION_NAMES | {_INSTANCE_COOKIE, HANDOFF_COOKIE.encode()}
+#: Every cookie of labgate's: none reaches a tool on an instance host.
+_LABGATE_COOKIES: Final = (
+    _SESSION_NAMES | {name.encode() for name in INSTANCE_COOKIES} | {HANDOFF_COOKIE.encode()}
+)
 _TOKEN_PREFIX: Final = TOKEN_PREFIX.encode()
 _CLAIM_CACHE_SIZE: Final = 65536
 
@@ -131,11 +136,14 @@ def split_cookies(
     return tuple(sessions), (b"; ".join(kept) if kept else None)
 
 
-def split_instance_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes | None]:
-    """Instance cookie values in a ``Cookie`` header, and the header without labgate's cookies.
+def split_instance_cookies(
+    cookie: bytes | None, name_wanted: bytes = _INSTANCE_COOKIE
+) -> tuple[tuple[str, ...], bytes | None]:
+    """Values of the instance cookie ``name_wanted`` in a ``Cookie`` header, and the header
+    without labgate's cookies.
 
-    On an instance host none of labgate's cookies (session, instance,
-    hand-off) goes on to the tool.
+    On an instance host none of labgate's cookies (session, instance under
+    either name, hand-off) goes on to the tool.
     """
     if not cookie or b"labgate-" not in cookie:
         return (), cookie
@@ -145,7 +153,7 @@ def split_instance_cookies(cookie: bytes | None) -> tuple[tuple[str, ...], bytes
         name, sep, value = part.strip().partition(b"=")
         name = name.rstrip()
         if sep and name in _LABGATE_COOKIES:
-            if name == _INSTANCE_COOKIE:
+            if name == name_wanted:
                 values.append(value.strip().strip(b'"').decode("latin-1"))
         elif part.strip():
             kept.append(part.strip())
@@ -175,7 +183,9 @@ class Authenticator:
     """Checks credentials against a :class:`RouteTable`, in memory.
 
     ``session_cookie`` is the portal's session cookie's name
-    (``security.session_cookie_name``); ``share_on_portal_origin`` lets a
+    (``security.session_cookie_name``), ``instance_cookie`` the router's own
+    on instance hosts (``security.instance_cookie_name``);
+    ``share_on_portal_origin`` lets a
     portal session into other users' instances on ``/i/`` paths too (the
     operator's opt-in, see :meth:`may_access`).
     """
@@ -186,11 +196,15 @@ class Authenticator:
         signer: SessionSigner,
         *,
         session_cookie: str = SESSION_COOKIE,
+        instance_cookie: str = INSTANCE_COOKIE,
         share_on_portal_origin: bool = False,
     ) -> None:
         self.table = table
         self.signer = signer
         self.session_cookie = session_cookie.encode("latin-1")
+        #: The instance cookie's name, as the hand-off sets it and requests must send it.
+        self.instance_cookie = instance_cookie
+        self._instance_cookie = instance_cookie.encode("latin-1")
         self.share_on_portal_origin = share_on_portal_origin
         self._claims: dict[str, SessionClaim] = {}
         self._decisions: dict[
@@ -248,7 +262,7 @@ class Authenticator:
             identity = known[1]
             if identity is None or now < identity.valid_until:
                 return identity, known[2]
-        values, rest = split_instance_cookies(cookie)
+        values, rest = split_instance_cookies(cookie, self._instance_cookie)
         creds = Credentials(sessions=values, cookie_rest=rest, token=labgate_token(authorization))
         found = self.identify_on_host(creds, instance_id, hosts, now)
         if len(self._instance_decisions) >= _CLAIM_CACHE_SIZE:

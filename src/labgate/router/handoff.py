@@ -18,8 +18,9 @@ code flow with PKCE in which labgate's portal is the provider:
 3. :func:`finish` checks the code (signature, 60 s, this instance and host,
    the challenge against the verifier, never used before here), the
    ``state``, and the access list, then sets the instance cookie (host-only,
-   HttpOnly, SameSite=Lax, Secure on https) and sends the browser to the page
-   it first asked for.
+   HttpOnly, SameSite=Lax, Secure on https; named ``__Host-labgate-instance``
+   when cookies are Secure) and sends the browser to the page it first asked
+   for.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from labgate.router.hosts import InstanceHosts
 from labgate.security import (
     HANDOFF_COOKIE,
     HANDOFF_STATE_SECONDS,
-    INSTANCE_COOKIE,
     pkce_challenge,
 )
 from labgate.wire.routes import Route
@@ -137,8 +137,11 @@ def finish(
     if user is None or not (user.is_admin or route.allows(user.id)):
         return 404, f"there is no instance {instance_id!r} of yours here"
     value = auth.grants.issue_cookie(instance_id, netloc, grant.user_id, grant.session_id)
+    name = auth.instance_cookie
+    # A __Host- cookie is taken only with Secure (and Path=/, no Domain).
+    own = _attributes(secure or name.startswith("__Host-"))
     cookies = (
-        f"{INSTANCE_COOKIE}={value}; Path=/{_attributes(secure)}".encode("latin-1"),
+        f"{name}={value}; Path=/{own}".encode("latin-1"),
         f"{HANDOFF_COOKIE}=; Path={_COOKIE_PATH}; Max-Age=0{_attributes(secure)}".encode("latin-1"),
     )
     # The page first asked for: a local path the router already checked as a target.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from labgate.security import SESSION_COOKIE
+from labgate.security import INSTANCE_COOKIE, SESSION_COOKIE
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +57,9 @@ class RouterOptions:
     session_cookie: str = SESSION_COOKIE
     """The portal's session cookie's name (``security.session_cookie_name``: ``__Host-``
     when cookies are Secure)."""
+    instance_cookie: str = INSTANCE_COOKIE
+    """The router's instance cookie's name on instance hosts
+    (``security.instance_cookie_name``: ``__Host-`` when cookies are Secure)."""
     share_on_portal_origin: bool = False
     """Let admins and ``use`` shares into ``/i/<id>/`` with a portal session (the opt-in
     setting); otherwise a session cookie there opens only its user's own instances."""

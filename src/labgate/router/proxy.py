@@ -37,7 +37,7 @@ from labgate.router.http import (
     Buffer,
 )
 from labgate.router.upstream import UpstreamConnection
-from labgate.security import HANDOFF_PATH, INSTANCE_COOKIE, tossed_cookie_clearers
+from labgate.security import HANDOFF_PATH, tossed_cookie_clearers
 from labgate.wire.routes import NO_ENDPOINT, Route, UpstreamAddress
 from labgate.wire.tunnel import TUNNEL_PATH
 
@@ -463,14 +463,17 @@ class ClientConnection(asyncio.Protocol):
                 detail = "this API token lacks the instances:access scope"
                 self._reply(ex, 403, detail, code="insufficient_scope")
             elif len(creds.sessions) > 1 and creds.token is None and ex.browser:
-                # A sibling instance host tossed an instance cookie in (Domain=<parent>):
-                # neither counts, and a hand-off would only come back here again.
+                # A sibling instance host tossed an instance cookie in (Domain=<parent>, any
+                # Path): neither counts, and a hand-off would only come back here again.
                 host = hosts.netloc(instance_id).partition(":")[0]
+                name = ctx.auth.instance_cookie
+                path = ex.target.decode("latin-1")
                 cleared = tuple(
                     line.encode("latin-1")
-                    for line in tossed_cookie_clearers(INSTANCE_COOKIE, host, secure=secure)
+                    for line in tossed_cookie_clearers(name, host, secure=secure, path=path)
                 )
-                self._reply(ex, 400, TOSSED_DETAIL, title="Two instance cookies", cookies=cleared)
+                detail = tossed_detail(name)
+                self._reply(ex, 400, detail, title="Two instance cookies", cookies=cleared)
             elif ex.browser and ex.method in (b"GET", b"HEAD"):
                 portal, target = ctx.options.portal_url, ex.target
                 self._answer(
@@ -960,13 +963,14 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
 
-#: What a browser that sent an instance host two instance cookies is told.
-TOSSED_DETAIL = (
-    f"This browser sent two {INSTANCE_COOKIE} cookies to this instance: a page of another "
-    "instance set one for a parent domain, so neither counts. The copies set for parent "
-    "domains were cleared with this answer: open the instance again from labgate. If this "
-    "page comes back, clear this site's cookies in your browser."
-)
+def tossed_detail(name: str) -> str:
+    """What a browser that sent an instance host two instance cookies called ``name`` is told."""
+    return (
+        f"This browser sent two {name} cookies to this instance: a page of another "
+        "instance set one for a parent domain, so neither counts. The copies set for parent "
+        "domains were cleared with this answer: open the instance again from labgate. If this "
+        "page comes back, clear this site's cookies in your browser."
+    )
 
 
 def own_origin_detail(instance_id: str) -> str:

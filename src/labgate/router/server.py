@@ -28,7 +28,12 @@ from labgate.router.auth import Authenticator
 from labgate.router.context import Context, RouterOptions
 from labgate.router.proxy import ClientConnection
 from labgate.router.tls import CertificateWatcher, start_redirect
-from labgate.security import SessionSigner, TunnelTickets, session_cookie_name
+from labgate.security import (
+    SessionSigner,
+    TunnelTickets,
+    instance_cookie_name,
+    session_cookie_name,
+)
 from labgate.wire.routes import Route, RouteTable, parse_upstream
 
 
@@ -54,6 +59,7 @@ class Router:
                 table,
                 signer,
                 session_cookie=self.options.session_cookie,
+                instance_cookie=self.options.instance_cookie,
                 share_on_portal_origin=self.options.share_on_portal_origin,
             ),
             parse_upstream(portal_upstream),
@@ -233,6 +239,7 @@ def options_from_settings(settings: Settings, **overrides: object) -> RouterOpti
         "worker_count": settings.router_workers,
         "portal_url": settings.effective_public_url,
         "session_cookie": session_cookie_name(settings.effective_cookie_secure),
+        "instance_cookie": instance_cookie_name(settings.effective_cookie_secure),
         "share_on_portal_origin": settings.share_on_portal_origin,
     }
     if settings.instance_host:

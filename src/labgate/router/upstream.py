@@ -31,7 +31,7 @@ from labgate.router.http import (
     log,
     status_line,
 )
-from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIE, SESSION_COOKIES
+from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIES, SESSION_COOKIES
 from labgate.wire.routes import UpstreamAddress
 from labgate.wire.stats import LATENCY_BOUNDS
 
@@ -41,10 +41,11 @@ if TYPE_CHECKING:
     from labgate.router.exchange import Exchange
     from labgate.router.proxy import ClientConnection
 
-# A tool may not set (or clear) any of labgate's own cookies: the session cookie under
-# both its names (``labgate-session``, ``__Host-labgate-session``), whichever is in use.
+# A tool may not set (or clear) any of labgate's own cookies: the session and instance
+# cookies under both their names (``labgate-session``, ``__Host-labgate-session``...),
+# whichever is in use.
 _LABGATE_COOKIES: Final = frozenset(
-    name.encode() for name in (*SESSION_COOKIES, INSTANCE_COOKIE, HANDOFF_COOKIE)
+    name.encode() for name in (*SESSION_COOKIES, *INSTANCE_COOKIES, HANDOFF_COOKIE)
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 # A ``Connection`` value with nothing to remove from the response beyond itself.

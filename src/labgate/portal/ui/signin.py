@@ -118,7 +118,8 @@ async def login_form(
         # count for nothing, and the browser could never sign in while it stays.
         host = urlsplit(portal.settings.effective_public_url).hostname or ""
         secure = portal.settings.effective_cookie_secure
-        for line in tossed_cookie_clearers(session_cookie_of(portal), host, secure=secure):
+        name = session_cookie_of(portal)
+        for line in tossed_cookie_clearers(name, host, secure=secure, path=request.url.path):
             response.headers.append("set-cookie", line)
     return response
 
