@@ -127,3 +127,14 @@ async def test_bad_user_names_are_refused(client, admin_headers):
         assert_error(r, 422)
     r = await client.post("/api/v1/users", json={"name": "admin"}, headers=admin_headers)
     assert_error(r, 409, "user_exists")
+
+
+async def test_an_over_long_text_is_described_in_characters(client, admin_headers):
+    """A length limit on an optional checked text (``LineText | None``) said "Value should
+    have at most 500 items after validation"."""
+    patch = await client.patch(
+        "/api/v1/datasets/doi:10.1234/x", json={"title": "t" * 501}, headers=admin_headers
+    )
+    assert_error(patch, 422, "validation_error")
+    detail = patch.json()["detail"]
+    assert detail == "title: Text should have at most 500 characters, not 501", detail

@@ -56,8 +56,25 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     parts = []
     for err in errors[:10]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+        parts.append(f"{loc}: {_message(err)}")
     return "; ".join(parts)
+
+
+def _message(err: dict[str, Any]) -> str:
+    """pydantic's message, in characters where it counts a text's length in "items".
+
+    A length limit on a text type with its own validator (``LineText``) is
+    checked as a generic length: "Value should have at most 500 items after
+    validation, not 600".
+    """
+    ctx = err.get("ctx") or {}
+    if err.get("type") in ("too_long", "too_short") and isinstance(err.get("input"), str):
+        if err["type"] == "too_long":
+            bound = f"at most {ctx.get('max_length')}"
+        else:
+            bound = f"at least {ctx.get('min_length')}"
+        return f"Text should have {bound} characters, not {len(err['input'])}"
+    return str(err.get("msg", "invalid"))
 
 
 async def _note_caller(request: Request) -> None:
