@@ -115,7 +115,18 @@ async def test_existing_users_only_and_listed_domains(oidc_issuer: str, portal_w
         welcome = await sign_in(browser, "campus", "alice")  # alice@uni.example
         assert welcome.status_code == 303
         assert await whoami(browser) == "alice"
-    # alice exists now: "existing" links her at uni too, by name, once.
+    # alice exists now, but campus's sign-in made her account, not an administrator:
+    # "existing" does not link it by name (whoever signed in at campus chose the name).
+    async with httpx.AsyncClient(base_url=app.state.test_url, timeout=10) as browser:
+        refused = await sign_in(browser, "uni", "alice")
+        assert refused.status_code == 403 and 'data-code="no_account"' in refused.text
+    # Once an administrator vouches for it (gives it a password, as PUT
+    # /api/v1/users/alice/password does), uni links it, by name.
+    await app.state.portal.run_db(
+        lambda s: setattr(
+            s.scalar(select(User).where(User.name == "alice")), "password_hash", "set-by-admin"
+        )
+    )
     async with httpx.AsyncClient(base_url=app.state.test_url, timeout=10) as browser:
         assert (await sign_in(browser, "uni", "alice")).status_code == 303
         assert await whoami(browser) == "alice"

@@ -15,7 +15,8 @@ import httpx
 
 from helpers import PASSWORD
 from labgate.identity.base import IdentityProvider, Redirect
-from labgate.portal.ui.federated import FLOW_COOKIE
+from labgate.portal.origin import LOGIN_COOKIE, SECURE_LOGIN_COOKIE
+from labgate.portal.ui.federated import FLOW_COOKIE, SECURE_FLOW_COOKIE
 from labgate.security import SESSION_COOKIES
 
 
@@ -50,7 +51,9 @@ def cookie_attributes(response: httpx.Response) -> dict[str, list[str]]:
     return found
 
 
-async def portal_cookies(client: httpx.AsyncClient) -> dict[str, list[str]]:
+async def portal_cookies(
+    client: httpx.AsyncClient, names: tuple[str, str] = (LOGIN_COOKIE, FLOW_COOKIE)
+) -> dict[str, list[str]]:
     """Every cookie a visitor gets: the form's, the flow's and the session's (cass's)."""
     cookies: dict[str, list[str]] = {}
     form = await client.get("/login", headers={"Accept": "text/html"})
@@ -61,7 +64,7 @@ async def portal_cookies(client: httpx.AsyncClient) -> dict[str, list[str]]:
     login = await client.post("/api/v1/auth/login", json={"username": "cass", "password": PASSWORD})
     assert login.status_code == 200, login.text
     cookies.update(cookie_attributes(login))
-    assert {"labgate-login", FLOW_COOKIE} <= set(cookies), cookies
+    assert set(names) <= set(cookies), cookies
     assert set(SESSION_COOKIES) & set(cookies), cookies  # __Host-labgate-session on https
     client.cookies.clear()
     return cookies
@@ -75,10 +78,12 @@ async def test_every_portal_cookie_is_secure_under_an_https_public_url(
     portal.settings.public_url = "https://lab.example.org"
     assert not portal.settings.cookie_secure and portal.settings.effective_cookie_secure
     portal.providers["uni"] = RedirectProvider()
-    cookies = await portal_cookies(client)
+    # Under __Host- names (no other host can plant them; the prefix asks for Path=/).
+    cookies = await portal_cookies(client, (SECURE_LOGIN_COOKIE, SECURE_FLOW_COOKIE))
     for name, attributes in cookies.items():
         assert "secure" in attributes, f"{name} is sent over plain http too: {attributes}"
-    assert "httponly" in cookies[FLOW_COOKIE] and "path=/login" in cookies[FLOW_COOKIE]
+        assert not any(a.startswith("domain") for a in attributes), (name, attributes)
+    assert "httponly" in cookies[SECURE_FLOW_COOKIE] and "path=/" in cookies[SECURE_FLOW_COOKIE]
 
 
 async def test_cookies_are_plain_over_a_plain_http_public_url(

@@ -8,7 +8,9 @@ sign-in with an unknown subject follows the provider's ``first_login``:
   provider's own user name (``ProviderAccount.provider_name``: no case
   folding, cleaning, or name made from an e-mail address), not an admin, and
   not yet linked to another subject of this provider. The provider is trusted
-  to own those names (an institution's directory).
+  to own those names (an institution's directory). An account another
+  provider's sign-in made (no labgate password, linked there) is not one an
+  admin created: whoever signed in there chose its name.
 - ``domains``: a new account, when the e-mail domain is in ``allowed_domains``.
 - ``open``: a new account for anyone the provider knows.
 
@@ -114,6 +116,22 @@ def _existing_account(
             "sign-in here, then giving them back",
             code="no_account",
         )
+    made_by = _made_by_another_provider(session, config, user)
+    if made_by is not None:
+        # Whoever first signed in at that provider owns it: linked by name to this
+        # provider's subject, both would share it (account pre-hijacking).
+        log.warning(
+            "%s: %s signed in as %r, an account a sign-in at %s made; not linked",
+            config.name,
+            account.subject,
+            name,
+            made_by,
+        )
+        raise Forbidden(
+            f"the labgate account {name!r} was made by a sign-in at {made_by}, not by an "
+            "administrator, so it is not linked by name; ask an administrator",
+            code="no_account",
+        )
     linked = session.scalar(
         select(ExternalIdentity.id).where(
             ExternalIdentity.user_id == user.id, ExternalIdentity.provider == config.name
@@ -126,6 +144,26 @@ def _existing_account(
             code="no_account",
         )
     return user
+
+
+def _made_by_another_provider(
+    session: Session, config: IdentityProviderConfig, user: User
+) -> str | None:
+    """The provider whose first sign-in made ``user`` (no labgate password, linked there).
+
+    Accounts an administrator makes always have a password (a generated one when
+    none is given); accounts ``open`` and ``domains`` make have none. An
+    administrator vouches for such an account by giving it a password, or by
+    unlinking the other provider.
+    """
+    if user.password_hash:
+        return None
+    return session.scalar(
+        select(ExternalIdentity.provider)
+        .where(ExternalIdentity.user_id == user.id, ExternalIdentity.provider != config.name)
+        .order_by(ExternalIdentity.id)
+        .limit(1)
+    )
 
 
 def _last_admin(session: Session, user: User) -> bool:

@@ -45,6 +45,15 @@ from labgate.identity.base import (
 ID_TOKEN_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384"]
 #: How long the discovery document and keys are kept before they are fetched again.
 METADATA_TTL = 3600.0
+#: How much of a provider's error description the sign-in page shows.
+MAX_ERROR_TEXT = 200
+
+
+def _verified(flag: Any) -> bool:
+    """Whether an ``email_verified`` claim says yes (``true``, or ``"true"`` as a string)."""
+    if isinstance(flag, str):
+        return flag.strip().lower() == "true"
+    return flag is True
 
 
 class OIDCOptions(BaseModel):
@@ -155,15 +164,22 @@ class OpenIDConnect(IdentityProvider):
         self, redirect_uri: str, params: dict[str, str], kept: dict[str, str]
     ) -> ProviderAccount:
         """Check the state, exchange the code, check the ID token; the account."""
-        if "error" in params:
-            raise ProviderError(
-                f"{self.name}: {params.get('error_description') or params['error']}",
-                code="identity_provider_refused",
-            )
         state = kept.get("state", "")
-        if not state or params.get("state") != state or not params.get("code"):
+        # The state first, an error too: without this browser's state the callback
+        # is another site's link, and its error_description is its own text.
+        if not state or params.get("state") != state:
             raise Forbidden(
                 "the sign-in did not come back as it was sent (state); please try again",
+                code="csrf_failed",
+            )
+        if "error" in params:
+            reason = params.get("error_description") or params["error"]
+            raise ProviderError(
+                f"{self.name}: {reason[:MAX_ERROR_TEXT]}", code="identity_provider_refused"
+            )
+        if not params.get("code"):
+            raise Forbidden(
+                "the sign-in did not come back as it was sent (no code); please try again",
                 code="csrf_failed",
             )
         if params.get("iss") and params["iss"].rstrip("/") != self.issuer:
@@ -238,16 +254,19 @@ class OpenIDConnect(IdentityProvider):
         options = self.options
         subject = str(claims["sub"])
         email = claims.get(options.email_claim)
-        # An address the provider says it has not verified proves no domain.
-        if not isinstance(email, str) or claims.get("email_verified") is False:
+        # An address the provider says it has not verified proves no domain, however
+        # it spells that ("false" as a string, null): only true, or no claim, vouches.
+        if not isinstance(email, str) or not _verified(claims.get("email_verified", True)):
             email = ""
         own = claims.get(options.username_claim)
         # A new account may be named after the address or subject; an existing
         # one is claimed only by the provider's own user name (provider_name).
         name = own or email or subject
-        groups = claims.get(options.groups_claim) or []
+        groups = claims.get(options.groups_claim)
         if isinstance(groups, str):
             groups = [groups]
+        elif not isinstance(groups, list):
+            groups = []  # a number, or an object whose keys are no group: none
         return ProviderAccount(
             subject=subject,
             username=clean_username(str(name)),

@@ -30,8 +30,10 @@ from fastapi.responses import Response
 from labgate.errors import Forbidden
 from labgate.security import SessionSigner
 
-#: The pre-session cookie of the sign-in form; the form carries its token.
+#: The pre-session cookie of the sign-in form; the form carries its token (plain http).
 LOGIN_COOKIE = "labgate-login"
+#: Its name when cookies are Secure: no other host (an instance host) can plant it.
+SECURE_LOGIN_COOKIE = "__Host-labgate-login"
 LOGIN_FORM_FIELD = "login_token"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -87,22 +89,34 @@ def check_same_origin(request: Request, public_url: str) -> None:
         )
 
 
-def login_form_token(request: Request, signer: SessionSigner) -> tuple[str, str]:
+def login_cookie(secure: bool) -> tuple[str, str]:
+    """The form cookie's name and path: ``__Host-labgate-login`` on ``/`` when Secure.
+
+    A page on a sibling host could otherwise plant ``labgate-login`` for a
+    parent domain with a nonce whose token the attacker fetched for
+    themselves, which leaves only the origin check between a browser that
+    sends neither ``Origin`` nor ``Referer`` and a login CSRF.
+    """
+    return (SECURE_LOGIN_COOKIE, "/") if secure else (LOGIN_COOKIE, "/login")
+
+
+def login_form_token(request: Request, signer: SessionSigner, *, secure: bool) -> tuple[str, str]:
     """The sign-in form's cookie value (reused when the browser has one) and its token."""
-    nonce = request.cookies.get(LOGIN_COOKIE) or secrets.token_urlsafe(16)
+    nonce = request.cookies.get(login_cookie(secure)[0]) or secrets.token_urlsafe(16)
     return nonce, signer.csrf_token("login:" + nonce)
 
 
 def set_login_cookie(response: Response, nonce: str, *, secure: bool) -> None:
     """Give the browser the form's cookie (for this browser session only)."""
-    response.set_cookie(
-        LOGIN_COOKIE, nonce, httponly=True, samesite="lax", secure=secure, path="/login"
-    )
+    name, path = login_cookie(secure)
+    response.set_cookie(name, nonce, httponly=True, samesite="lax", secure=secure, path=path)
 
 
-def check_login_form_token(request: Request, signer: SessionSigner, token: str | None) -> None:
+def check_login_form_token(
+    request: Request, signer: SessionSigner, token: str | None, *, secure: bool
+) -> None:
     """Refuse (403 ``csrf_failed``) a form whose token does not match the browser's cookie."""
-    nonce = request.cookies.get(LOGIN_COOKIE)
+    nonce = request.cookies.get(login_cookie(secure)[0])
     if not nonce or not token or not signer.check_csrf("login:" + nonce, token):
         raise Forbidden(
             "the sign-in form has expired or came from another site; please try again",

@@ -6,6 +6,7 @@ Redirect providers (OpenID Connect) sign in through the browser pages instead
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import timedelta
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -35,6 +36,25 @@ def client_address(request: Request) -> str:
     proxy names), and uvicorn serves the portal trusting that header.
     """
     return request.client.host if request.client is not None else "unknown"
+
+
+def limit_name(username: str) -> str:
+    """The name a password provider's sign-in limits count ``username`` under.
+
+    A directory matches names loosely: OpenLDAP binds ``bob``, ``BOB``, bob in
+    full-width or circled letters, and ``bob`` with spaces around as one entry.
+    Each spelling must count against that entry's limits, or a guesser gets a
+    fresh budget per spelling. So: compatibility forms and marks dropped
+    (NFKD), format characters dropped, case folded, spaces around removed and
+    runs of them made one. Folding more than a directory does only joins limits.
+    """
+    decomposed = unicodedata.normalize("NFKD", username)
+    bare = "".join(
+        c
+        for c in decomposed
+        if not unicodedata.combining(c) and unicodedata.category(c) not in ("Cf", "Cc")
+    )
+    return " ".join(unicodedata.normalize("NFKC", bare).casefold().split())
 
 
 def _account(session: Session, name: str) -> tuple[int, str, bool] | None:
@@ -87,11 +107,12 @@ async def verify_with_provider(
 ) -> User:
     """The user a password provider (LDAP) vouches for, linked or created now.
 
-    The same limits as local passwords (the account key is ``provider/name``),
-    and the directory is asked with one of the password workers' slots held,
-    so a flood of sign-ins cannot tie up more than that many binds.
+    The same limits as local passwords (the account key is ``provider/name``,
+    the name as :func:`limit_name` folds it), and the directory is asked with
+    one of the password workers' slots held, so a flood of sign-ins cannot tie
+    up more than that many binds.
     """
-    key = f"{provider.name}/{username.strip().lower()}"
+    key = f"{provider.name}/{limit_name(username)}"
     address = client_address(request)
     limits = portal.login_limits
     await limits.check(key, address)

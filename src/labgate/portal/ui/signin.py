@@ -72,7 +72,8 @@ def login_page(
     provider: str = "",
     status: int = 200,
 ) -> Response:
-    nonce, token = login_form_token(request, portal.signer)
+    secure = portal.settings.effective_cookie_secure
+    nonce, token = login_form_token(request, portal.signer, secure=secure)
     providers = list(portal.providers.values())
     context = {
         "password_providers": [p for p in providers if p.kind == "password"],
@@ -88,7 +89,7 @@ def login_page(
         "login_token_field": LOGIN_FORM_FIELD,
     }
     response = render(request, "login.html", context, status=status)
-    set_login_cookie(response, nonce, secure=portal.settings.effective_cookie_secure)
+    set_login_cookie(response, nonce, secure=secure)
     return response
 
 
@@ -138,7 +139,8 @@ async def login_submit(
     target = safe_next(next)
     try:
         check_same_origin(request, portal.settings.effective_public_url)
-        check_login_form_token(request, portal.signer, login_token)
+        secure = portal.settings.effective_cookie_secure
+        check_login_form_token(request, portal.signer, login_token, secure=secure)
         user = await check_password(portal, request, username, password, provider)
     except LabgateError as exc:
         response = login_page(
