@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -247,3 +248,23 @@ async def test_over_plain_http_a_flow_cookie_sent_twice_signs_no_one_in(
             pushed = await victim.get(callback, headers={"Cookie": cookie})
         assert pushed.status_code == 403 and 'data-code="csrf_failed"' in pushed.text
         assert not [c for c in pushed.headers.get_list("set-cookie") if "labgate-session=" in c]
+
+
+async def test_first_sign_ins_of_one_subject_at_once_make_one_account(app: Any) -> None:
+    """Two tabs (or a double click) finishing the first sign-in of one person together:
+    both inserted the account, and the loser's unique-key error was a 500."""
+    from types import SimpleNamespace
+
+    from labgate.identity.base import ProviderAccount
+    from labgate.portal.api.auth import complete_sign_in
+
+    portal = app.state.portal
+    provider: Any = SimpleNamespace(config=oidc("uni", "open"))
+    account = ProviderAccount(subject="s-race", username="racer", provider_name="racer")
+    users = await asyncio.gather(*(complete_sign_in(portal, provider, account) for _ in range(8)))
+    assert {user.id for user in users} == {users[0].id}
+
+    def accounts(session: Session) -> list[str]:
+        return list(session.scalars(select(User.name).where(User.name.like("racer%"))))
+
+    assert await portal.run_db(accounts) == ["racer"]

@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from fastapi import APIRouter, Depends, Request, Response
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labgate.db.models import RevokedSession, User, utcnow
@@ -140,7 +141,13 @@ async def complete_sign_in(
         session.expunge(user)
         return user
 
-    return await portal.run_db(link)
+    try:
+        return await portal.run_db(link)
+    except IntegrityError:
+        # Two first sign-ins of one subject (or of names that clean alike) at the same
+        # moment: the other one's rows are there now, and this one links to them or takes
+        # the next free name.
+        return await portal.run_db(link)
 
 
 def password_provider(portal: Portal, name: str | None) -> IdentityProvider:
