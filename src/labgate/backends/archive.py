@@ -71,14 +71,28 @@ def _member(
     return member
 
 
+#: Folders below a workspace that no snapshot holds: a running tool's secrets, not the
+#: user's work. Jupyter's runtime folder holds its server's info files (with its token,
+#: the instance's own) and its kernels' connection files (their keys and loopback ports):
+#: whoever launched a shared snapshot could use them against the instance still running.
+LEFT_OUT = (".local/share/jupyter/runtime",)
+
+
+def _left_out(path: str) -> bool:
+    return any(path == folder or path.startswith(folder + "/") for folder in LEFT_OUT)
+
+
 def _add_workspace(tar: tarfile.TarFile, root_fd: int) -> None:
     """Add the tree below ``root_fd`` to ``tar``, entries relative to ``.`` (its root).
 
     Every file is stored whole (two names of one file make two files): a hard
-    link entry would name a path the restore would have to go by.
+    link entry would name a path the restore would have to go by. What
+    :data:`LEFT_OUT` names is not archived.
     """
     tar.addfile(_member(".", "dir", os.fstat(root_fd)))
     for entry in safefs.walk_tree(root_fd):
+        if _left_out(entry.path):
+            continue
         member = _member(f"./{entry.path}", entry.kind, entry.info, entry.target)
         if entry.kind == "file":
             tar.addfile(member, safefs.ExactReader(entry.fd, member.size))

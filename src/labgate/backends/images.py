@@ -145,6 +145,15 @@ def _next_page(scheme: str, host: str, link: str) -> str | None:
     return target if "://" in target else f"{scheme}://{host}{target}"
 
 
+#: A repository name in the registry API: path components of the OCI grammar (lower case).
+_NAME_RE = re.compile(
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+)
+#: A manifest reference in the registry API: a tag, or a sha256 digest.
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_MANIFEST_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
+
 #: The manifest types asked for when checking that an image is in a registry.
 MANIFEST_TYPES = ", ".join(
     [
@@ -183,6 +192,14 @@ class Registry:
         host, _, namespace = value.partition("/")
         if not host:
             raise ValueError("snapshot_registry: no registry host")
+        if "@" in host:
+            # The host is in every snapshot's image reference, which users see: the value
+            # is not repeated here either (errors never repeat a secret).
+            raise ValueError(
+                "snapshot_registry: credentials do not go in its URL (every user would see "
+                "them in image references); set snapshot_registry_username and "
+                "snapshot_registry_password"
+            )
         return cls(host, namespace.strip("/"), scheme, username, password)
 
     def repository(self, *parts: str) -> str:
@@ -192,6 +209,26 @@ class Registry:
     def holds(self, reference: str) -> bool:
         """Whether an image reference lives in this registry."""
         return reference.startswith(self.host + "/")
+
+    def manifest_url(self, repository: str, reference: str, *, digest_only: bool = False) -> str:
+        """``/v2/<name>/manifests/<reference>`` of ``repository`` in this registry.
+
+        Refuses (ValueError) a repository outside this registry, a name or a
+        reference that is not one (``..``, ``/``, capitals, a digest that is not
+        ``sha256:`` and 64 hex digits): the URL is normalised before it is sent,
+        so ``sha256:x/../../../<another repository>/manifests/<digest>`` would
+        reach another user's image with labgate's credentials.
+        """
+        if not repository.startswith(self.host + "/"):
+            raise ValueError(f"{repository!r} is not in the registry {self.host}")
+        name = repository.removeprefix(self.host + "/")
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"not a repository name: {name!r}")
+        if not _MANIFEST_DIGEST_RE.fullmatch(reference) and (
+            digest_only or not _TAG_RE.fullmatch(reference)
+        ):
+            raise ValueError(f"not a manifest {'digest' if digest_only else 'tag'}: {reference!r}")
+        return f"{self.scheme}://{self.host}/v2/{name}/manifests/{reference}"
 
     def auth_config(self) -> dict[str, str] | None:
         """Credentials for the engine's pull and push, if any."""
@@ -205,8 +242,7 @@ class Registry:
         The registry must allow deletes (``storage.delete.enabled``); disk space
         comes back with its garbage collection.
         """
-        name = repository.removeprefix(self.host + "/")
-        url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{digest}"
+        url = self.manifest_url(repository, digest, digest_only=True)
         auth = (self.username, self.password) if self.username else None
         async with httpx.AsyncClient(timeout=30, auth=auth) as client:
             response = await client.delete(url)
@@ -221,8 +257,7 @@ class Registry:
         Raises :class:`httpx.HTTPError` when the registry cannot be asked or
         answers anything but found (200) or not found (404).
         """
-        name = repository.removeprefix(self.host + "/")
-        url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{reference}"
+        url = self.manifest_url(repository, reference)
         auth = (self.username, self.password) if self.username else None
         async with httpx.AsyncClient(timeout=30, auth=auth) as client:
             response = await client.head(url, headers={"Accept": MANIFEST_TYPES})
@@ -245,7 +280,7 @@ class Registry:
                 names += response.json().get("repositories") or []
                 url = _next_page(self.scheme, self.host, response.headers.get("link", ""))
             for name in names:
-                if not name.startswith(prefix):
+                if not name.startswith(prefix) or not _NAME_RE.fullmatch(str(name)):
                     continue
                 response = await client.get(f"{self.scheme}://{self.host}/v2/{name}/tags/list")
                 if response.status_code == 404:
@@ -256,8 +291,7 @@ class Registry:
 
     async def manifest_digest(self, repository: str, tag: str) -> str | None:
         """The digest the registry serves for ``repository:tag`` (a push that did not say)."""
-        name = repository.removeprefix(self.host + "/")
-        url = f"{self.scheme}://{self.host}/v2/{name}/manifests/{tag}"
+        url = self.manifest_url(repository, tag)
         auth = (self.username, self.password) if self.username else None
         async with httpx.AsyncClient(timeout=30, auth=auth) as client:
             response = await client.head(url, headers={"Accept": MANIFEST_TYPES})

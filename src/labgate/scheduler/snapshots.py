@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.backends.archive import SUFFIX as ARCHIVE_SUFFIX
 from labgate.backends.base import (
     SnapshotRef,
     SnapshotRequest,
@@ -38,10 +40,11 @@ from labgate.db.models import (
     Snapshot,
     SnapshotShare,
     SnapshotState,
+    User,
     utcnow,
 )
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound, QuotaExceeded
+from labgate.errors import BackendError, Conflict, LabgateError, NotFound, QuotaExceeded
 from labgate.security import new_id
 from labgate.wire.site import Report, Reporter
 
@@ -59,6 +62,56 @@ INTERRUPTED = (
     "the save was cut short (labgate or its site stopped while saving) and nothing "
     "complete was stored; take the snapshot again"
 )
+
+
+#: A registry host in an image reference: a name or address (IPv6 in brackets), maybe a port.
+_HOST = r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+#: One path component of a repository (the OCI distribution grammar: lower case only).
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+#: A content digest as the registry and the snapshot store give it.
+DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+#: Why a site's report of a save was refused, as the snapshot's reason.
+REFUSED = (
+    "the site reported a reference (or digest, or size) other than this snapshot's; "
+    "its answer was refused"
+)
+
+
+def result_problem(
+    result: SnapshotResult, *, snapshot_id: str, owner: str, tool: str, kind: str
+) -> str | None:
+    """What is wrong with a site's report of a save, or None when it names what was asked.
+
+    A site's agent may lie, and the portal hands the reference to every later
+    launch (on any site of the backend), share and delete: an archive must be
+    ``<snapshot id>.tar.gz``, an image
+    ``<registry host>[/<namespace>]/<owner>/<tool>:<snapshot id>`` (or kept on
+    the engine, ``localhost/labgate-snapshots/...``): never another user's
+    repository, another snapshot's tag, a digest, ``..`` or capitals. The digest
+    is a plain ``sha256:`` digest (it ends up in registry URLs), the size a
+    count of bytes.
+    """
+    if result.kind != kind:
+        return f"a {result.kind!r} snapshot from a site that takes {kind!r} ones"
+    reference = result.reference
+    if kind == "archive":
+        if reference != f"{snapshot_id}{ARCHIVE_SUFFIX}":
+            return f"archive {reference!r} is not {snapshot_id}{ARCHIVE_SUFFIX}"
+    else:
+        pattern = (
+            rf"(?P<host>{_HOST})(?:/{_COMPONENT})*"
+            rf"/{re.escape(owner)}/{re.escape(tool)}:{re.escape(snapshot_id)}"
+        )
+        match = re.fullmatch(pattern, reference)
+        host = match.group("host") if match else ""
+        # Without a dot, a port or "localhost" the first part is a Docker Hub account.
+        if match is None or not ("." in host or ":" in host or host == "localhost"):
+            return f"image {reference!r} is not <registry>/{owner}/{tool}:{snapshot_id}"
+    if not DIGEST_RE.fullmatch(result.digest):
+        return f"digest {result.digest!r} is not a sha256 digest"
+    if isinstance(result.size, bool) or not isinstance(result.size, int) or result.size < 0:
+        return f"size {result.size!r} is not a number of bytes"
+    return None
 
 
 @dataclass(frozen=True)
@@ -160,7 +213,25 @@ def check_storage(session: Session, owner_id: int, limit: int) -> None:
     """
     if not limit:
         return
+    # One save at a time: a save under way has no size yet, so saves started together
+    # would each pass a check that counts them as nothing. Row-locked until the new
+    # snapshot is recorded, so portals sharing a PostgreSQL database check in turn.
+    session.execute(select(User.id).where(User.id == owner_id).with_for_update())
     used = storage_of(session, owner_id)
+    saving = session.scalar(
+        select(Snapshot.id).where(
+            Snapshot.owner_id == owner_id, Snapshot.state == SnapshotState.saving
+        )
+    )
+    if saving is not None:
+        raise QuotaExceeded(
+            f"snapshot {saving} is still being saved and its size counts against the "
+            f"{human_bytes(limit)} you may keep: take another once it is saved",
+            limit=limit,
+            current=used,
+            quota="snapshot_storage",
+            scope="user",
+        )
     if used >= limit:
         raise QuotaExceeded(
             f"your snapshots take {human_bytes(used)} of the {human_bytes(limit)} you may keep; "
@@ -204,6 +275,8 @@ class SnapshotManager:
         #: Seconds between checks that ready snapshots are still stored (first: at start).
         self.ready_check_interval = READY_CHECK_INTERVAL
         self._ready_checked: float | None = None
+        #: One take at a time in this process: the storage check and the new row together.
+        self._taking = asyncio.Lock()
 
     async def _db(self, fn: Callable[[Session], T]) -> T:
         return await self.db.run(fn)
@@ -216,14 +289,15 @@ class SnapshotManager:
         snapshot_id = new_id()
         self._saving.add(snapshot_id)
         try:
-            snapshot, request, state, site = await self._db(
-                lambda s: self._begin(s, snapshot_id, instance_id, name, description)
-            )
+            async with self._taking:
+                snapshot, request, state, site = await self._db(
+                    lambda s: self._begin(s, snapshot_id, instance_id, name, description)
+                )
             await self._note(instance_id, f"snapshot {snapshot.id}: saving", snapshot.id)
         except BaseException:
             self._saving.discard(snapshot_id)
             raise
-        task = asyncio.create_task(self._save(snapshot.id, site, state, request))
+        task = asyncio.create_task(self._save(snapshot.id, site, state, request, snapshot.kind))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return snapshot
@@ -272,19 +346,35 @@ class SnapshotManager:
         return snapshot, request, dict(instance.backend_state), site
 
     async def _save(
-        self, snapshot_id: str, site: str, state: dict[str, Any], request: SnapshotRequest
+        self,
+        snapshot_id: str,
+        site: str,
+        state: dict[str, Any],
+        request: SnapshotRequest,
+        kind: str,
     ) -> None:
         try:
-            await self._save_at(snapshot_id, site, state, request)
+            await self._save_at(snapshot_id, site, state, request, kind)
         finally:
             self._saving.discard(snapshot_id)
 
     async def _save_at(
-        self, snapshot_id: str, site: str, state: dict[str, Any], request: SnapshotRequest
+        self,
+        snapshot_id: str,
+        site: str,
+        state: dict[str, Any],
+        request: SnapshotRequest,
+        kind: str,
     ) -> None:
         iid = request.instance_id
         try:
             result = await self.links[site].snapshot(iid, state, request)
+            problem = result_problem(
+                result, snapshot_id=snapshot_id, owner=request.owner, tool=request.tool, kind=kind
+            )
+            if problem is not None:
+                log.warning("snapshot %s: site %s reported %s; refused", snapshot_id, site, problem)
+                raise BackendError(REFUSED)
         # The note goes first: whoever sees the snapshot finished finds it in the events.
         except LabgateError as exc:
             await self._note(iid, f"snapshot {snapshot_id} failed: {exc.detail}", snapshot_id)
@@ -419,6 +509,23 @@ class SnapshotManager:
             return None
         if stored.state == SnapshotState.saving:
             iid = stored.request.instance_id
+            problem = (
+                None
+                if found is None
+                else result_problem(
+                    found,
+                    snapshot_id=stored.id,
+                    owner=stored.request.owner,
+                    tool=stored.request.tool,
+                    kind=stored.kind,
+                )
+            )
+            if problem is not None:
+                log.warning(
+                    "snapshot %s: site %s reported %s; refused", stored.id, stored.site, problem
+                )
+                await self._note(iid, f"snapshot {stored.id} failed: {REFUSED}", stored.id)
+                return await self._settled(stored, SnapshotState.failed, REFUSED, None)
             if found is not None:
                 await self._note(iid, f"snapshot {stored.id}: found complete: ready", stored.id)
                 return await self._settled(stored, SnapshotState.ready, "", found)
