@@ -43,23 +43,36 @@ def _iso_text(value: Any) -> Any:
 Timestamp = Annotated[datetime, Field(strict=False), BeforeValidator(_iso_text)]
 
 
-def _no_control(value: str) -> str:
-    bad = next((ch for ch in value if unicodedata.category(ch) == "Cc"), None)
-    if bad is not None:
-        raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
-    return value
+#: Bidirectional embeddings, overrides and isolates: text that shows in another order than
+#: it is stored ("Trojan Source"), so a name can pass for another one in a list.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
-def _no_control_but_lines(value: str) -> str:
+def _refused(value: str, allowed: str = "") -> str:
     bad = next(
-        (ch for ch in value if unicodedata.category(ch) == "Cc" and ch not in "\t\n\r"), None
+        (
+            ch
+            for ch in value
+            if (unicodedata.category(ch) == "Cc" and ch not in allowed) or ch in _BIDI_CONTROLS
+        ),
+        None,
     )
     if bad is not None:
         raise ValueError(f"must not contain control characters (found U+{ord(bad):04X})")
     return value
 
 
-#: One line of text for people (a name): no NUL, newline or other control character.
+def _no_control(value: str) -> str:
+    return _refused(value)
+
+
+def _no_control_but_lines(value: str) -> str:
+    return _refused(value, "\t\n\r")
+
+
+#: One line of text for people (a name): no NUL, newline or other control character, and no
+#: bidirectional override.
 LineText = Annotated[str, AfterValidator(_no_control)]
-#: Text for people (a description): lines and tabs, but no NUL or other control character.
+#: Text for people (a description): lines and tabs, but no NUL, other control character or
+#: bidirectional override.
 PlainText = Annotated[str, AfterValidator(_no_control_but_lines)]

@@ -131,6 +131,9 @@ def test_the_server_refuses_control_characters_in_a_datasets_title_description_a
             ("license", f"CC-BY{ESC}[8m"),
             ("description", f"fine{ESC}]52;c;cm0gLXJmIH4K\x07"),
             ("description", "nul\x00"),
+            # Shown in another order than stored: "photos_\u202egpj.exe" reads as "...exe.jpg".
+            ("title", "photos_\u202egpj.exe"),
+            ("description", "a\u2066b\u2069"),
         ):
             body = {"id": "doi:10.5281/zenodo.999", field: value}
             refused = http.post("/api/v1/datasets", json=body)
