@@ -5,8 +5,15 @@ derived from the secret key, token hashes, password hashes), the secret key
 that signs every session, users' workspaces and tools' logs. Any local user
 who can read it can sign in as anyone, so:
 
-- the data dir is created 0700 and refused when group or others can enter it;
-  ``logs/`` and ``workspaces/`` are created 0700 too;
+- the data dir is created 0700 and refused when group or others can enter it,
+  when another account owns it, or when it sits in a folder others may write
+  without the sticky bit (they could rename it away and put theirs in its
+  place): whoever controls it can swap ``workspaces/<user>`` for a link that
+  root then follows and hands to a user;
+- ``logs/`` and ``workspaces/`` are created 0700 too; an existing one (or
+  what a link there leads to, a workspaces folder on a bigger disk) is
+  refused when another account owns it or group or others may write in it
+  (another account could plant a ``<user>`` link there);
 - the secret key (the ``secret_key`` setting or ``<data_dir>/secret_key``)
   must carry at least 256 bits: :func:`check_key`;
 - the key file must be owned by the server's user and readable by it alone
@@ -119,12 +126,49 @@ def private_dir(path: Path) -> None:
 DATASETS_DIR = "datasets"
 
 
+def _check_ancestors(path: Path) -> None:
+    """Refuse ``path`` when a folder above lets others rename it (others write, no sticky)."""
+    for folder in path.parents:
+        try:
+            mode = folder.stat().st_mode
+        except OSError:
+            continue  # not there yet: made by private_dir, 0700
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise UnsafeSetup(
+                f"the data dir {path} is in {folder}, which others may write to (mode "
+                f"{stat.S_IMODE(mode):04o}): they could rename it and put theirs in its "
+                f"place; put the data dir elsewhere or run: chmod o-w {folder}"
+            )
+
+
+def _check_own(path: Path, what: str) -> None:
+    """Refuse ``path`` (followed if a link) unless it is ours and nobody else may write in it."""
+    info = path.stat()
+    if info.st_uid != os.geteuid():
+        raise UnsafeSetup(
+            f"{what} {path} is owned by uid {info.st_uid}, not by the user labgate runs as "
+            f"(uid {os.geteuid()}): that account could put links where root follows them; "
+            f"chown it"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise UnsafeSetup(
+            f"{what} {path} is mode {stat.S_IMODE(info.st_mode):04o}: other local users may "
+            f"put links in it that labgate would follow; run: chmod 700 {path}"
+        )
+
+
 def prepare_data_dir(data_dir: Path) -> None:
     """Create the data dir and its ``logs``, ``workspaces``, ``datasets`` 0700; refuse it loose."""
     if data_dir.exists() and not data_dir.is_dir():
         raise UnsafeSetup(f"the data dir {data_dir} is not a directory")
+    _check_ancestors(data_dir.absolute())
     private_dir(data_dir)
     info = data_dir.stat()
+    if info.st_uid != os.geteuid():
+        raise UnsafeSetup(
+            f"the data dir {data_dir} is owned by uid {info.st_uid}, not by the user labgate "
+            f"runs as (uid {os.geteuid()}): that account could replace what is in it; chown it"
+        )
     if _too_open(info.st_mode):
         raise UnsafeSetup(
             f"the data dir {data_dir} is mode {stat.S_IMODE(info.st_mode):04o}: other local "
@@ -132,3 +176,5 @@ def prepare_data_dir(data_dir: Path) -> None:
         )
     for name in ("logs", "workspaces", DATASETS_DIR):
         private_dir(data_dir / name)
+    for name in ("logs", "workspaces"):
+        _check_own(data_dir / name, f"the {name} dir")

@@ -8,21 +8,44 @@ every group its owner belongs to that exists on the site now; the tool finds
 each in ``LABGATE_DATA_<NAME>`` too. The mounts are recorded on the instance
 with the root they must stay in, so a restart mounts the same, and backends
 open them below that root with no symbolic link followed, like replicas.
+
+Only a plain group name (:data:`NAME_PATTERN`: one lower-case path component)
+has a volume: a group named otherwise (an operator's ``group_map`` may name
+any) would reach a folder inside another group's volume (``physics/private``)
+or, on a file system that ignores case, another group's (``Physics``).
+
+Access ends with membership: a member taken out of a group, or a group
+deleted, takes the volume out of the mount records of the instances that have
+not started (:func:`withdraw`), and those that started with it mounted (or
+may have: a start already sent) are stopped by the caller. A group whose
+volume is still on a site is not deleted (:func:`volumes_of`): a group made
+later under the same name would get the old members' files.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.backends.confine import EscapesRoot, check_beneath
-from labgate.db.models import Site, User
+from labgate.db.models import TERMINAL_STATES, Instance, InstanceState, Site, User
 from labgate.scheduler.images import groups_of
 
 #: Where group volumes appear inside instances.
 GROUP_MOUNT_ROOT = "/groups"
+#: A group name that may have a volume: the API's group names (one path component).
+NAME_PATTERN = r"[a-z][a-z0-9_.-]{0,63}"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def plain_name(name: str) -> bool:
+    """Whether ``name`` is a group name that may have a volume (one plain component)."""
+    return _NAME.fullmatch(name) is not None
 
 
 def group_mounts(session: Session, user: User, site: Site | None) -> list[dict[str, Any]]:
@@ -32,6 +55,8 @@ def group_mounts(session: Session, user: User, site: Site | None) -> list[dict[s
         return []
     mounts = []
     for name in sorted(groups_of(session, user)):
+        if not plain_name(name):
+            continue  # no volume: it would name another group's, or a folder inside one
         try:
             check_beneath(Path(root), name)  # there, a directory or file, and no link
         except EscapesRoot:
@@ -48,3 +73,48 @@ def group_mounts(session: Session, user: User, site: Site | None) -> list[dict[s
             }
         )
     return mounts
+
+
+def volumes_of(session: Session, name: str) -> list[tuple[str, Path]]:
+    """The sites whose ``group_root`` holds something called ``name`` now, and its path.
+
+    Anything there counts (a directory, a file, a link): deleting the group
+    would leave it to a later group of that name. A name that is not plain
+    has no volume (:func:`group_mounts` mounts none), so nothing is looked for.
+    """
+    if not plain_name(name):
+        return []
+    found = []
+    for site in session.scalars(select(Site).order_by(Site.name)):
+        root = (site.options or {}).get("group_root")
+        if not root:
+            continue
+        path = Path(root) / name
+        if os.path.lexists(path):
+            found.append((site.name, path))
+    return found
+
+
+def withdraw(session: Session, name: str, owner_id: int | None = None) -> list[str]:
+    """Take group ``name``'s volume out of unfinished instances (``owner_id``'s, or all).
+
+    The mount records of those instances lose the group's volume, so an
+    instance that has not started yet (queued, or pending while its site is
+    away) starts without it. Returned: the ids of the instances that may have
+    it mounted now (pending, starting, running, unreachable), which the caller
+    stops; one queued never reached its site and one stopping is on its way out.
+    """
+    query = select(Instance).where(Instance.state.not_in(list(TERMINAL_STATES)))
+    if owner_id is not None:
+        query = query.where(Instance.owner_id == owner_id)
+    to_stop = []
+    for instance in session.scalars(query):
+        records = list(instance.mounts or [])
+        kept = [r for r in records if r.get("group") != name]
+        if len(kept) == len(records):
+            continue
+        instance.mounts = kept
+        if instance.state not in (InstanceState.queued, InstanceState.stopping):
+            to_stop.append(instance.id)
+    session.flush()
+    return to_stop

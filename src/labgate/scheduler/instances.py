@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import select, text
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.network import SiteAway
@@ -42,6 +42,7 @@ from labgate.db.session import Database
 from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas
 from labgate.scheduler.events import EventBus
+from labgate.scheduler.images import groups_of
 from labgate.scheduler.launch import LaunchRequest, WarmPools
 from labgate.scheduler.launch import launch as launch_pipeline
 from labgate.scheduler.snapshots import snapshot_ref
@@ -216,7 +217,7 @@ class InstanceManager:
         if snapshot is not None and snapshot.kind == "archive":
             # A workspace archive is restored into a new workspace of the instance's own.
             workspace = Path("_restored", instance.id)
-        mounts = mounts_of(instance)
+        mounts = mounts_of(instance, current_groups(instance))
         # A warm-pool instance (or one from before the tool had parameters) has the defaults.
         params = {**default_values(tool.params), **(instance.params or {})}
         return LaunchSpec(
@@ -616,13 +617,34 @@ def timestamp(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
 
-def mounts_of(instance: Instance) -> tuple[Mount, ...]:
-    """The backend mounts of an instance's mount records, each with the root it must stay in."""
+def current_groups(instance: Instance) -> set[str] | None:
+    """The groups the instance's owner is in now, when it has group volumes recorded.
+
+    None when it has none (nothing to check), or when the instance is not in a
+    session.
+    """
+    session = object_session(instance)
+    if session is None or not any(r.get("group") for r in instance.mounts or []):
+        return None
+    return set(groups_of(session, instance.owner))
+
+
+def mounts_of(instance: Instance, groups: set[str] | None = None) -> tuple[Mount, ...]:
+    """The backend mounts of an instance's mount records, each with the root it must stay in.
+
+    With ``groups`` (the owner's groups now), a group volume of a group the
+    owner has left since the launch was admitted is left out: membership
+    lost meanwhile (an admin, or the identity provider's groups at a sign-in)
+    ends the access, even for a launch whose start was already on its way.
+    """
     # Records older than the "root" key are dataset mounts of the site's data root.
     data_root = (instance.site.options or {}).get("data_root") if instance.site else None
     mounts = []
     for record in instance.mounts or []:
         if not record.get("source"):
+            continue
+        group = record.get("group")
+        if group and groups is not None and group not in groups:
             continue
         root = record.get("root") or data_root
         mounts.append(

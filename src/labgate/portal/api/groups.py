@@ -5,6 +5,11 @@ limits replace the settings' per-user defaults (see
 :mod:`labgate.scheduler.quotas`). Limits are ``instances``, ``cpu``,
 ``memory`` (bytes or ``16G``) and ``core_hours`` (per calendar month); in a
 change, a limit set to ``null`` is removed and one left out is kept.
+
+A group's shared volume (:mod:`labgate.scheduler.group_volumes`) follows its
+membership: taking a member out, or deleting the group, stops the instances
+that mount it and takes it out of those that have not started. A group whose
+volume is still on a site is not deleted (409 ``group_volume_exists``).
 """
 
 from __future__ import annotations
@@ -19,19 +24,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from labgate.db.models import Group, GroupMember, User, UserLimits
-from labgate.errors import Conflict, NotFound
+from labgate.errors import Conflict, LabgateError, NotFound
 from labgate.portal.accounts import get_user
 from labgate.portal.auth import Caller, Principal, require
 from labgate.portal.openapi import errors
 from labgate.portal.sharing import instances_shared_with_groups
 from labgate.portal.state import Portal, get_portal
-from labgate.scheduler import quotas
+from labgate.scheduler import group_volumes, quotas
 from labgate.types import Strict
 from labgate.units import MAX_SIZE, parse_size
 
 router = APIRouter(tags=["groups"])
 
-GROUP_NAME = r"^[a-z][a-z0-9_.-]{0,63}$"
+#: One plain, lower-case path component: the name of the group's volume on a site too.
+GROUP_NAME = f"^{group_volumes.NAME_PATTERN}$"
 #: The longest lifetime a group may set: ten years, in seconds.
 MAX_LIFETIME = 10 * 366 * 86400
 
@@ -135,6 +141,17 @@ def _member(session: Session, group: Group, user_id: int) -> bool:
     return session.get(GroupMember, (group.id, user_id)) is not None
 
 
+async def _stop_mounting(portal: Portal, instance_ids: list[str], reason: str, why: str) -> None:
+    """Stop the instances that still have a group's volume mounted, saying why."""
+    for instance_id in instance_ids:
+        try:
+            await portal.instances.stop(
+                instance_id, reason=reason, message=f"stopped: {why}, whose volume it mounts"
+            )
+        except LabgateError:
+            continue  # stopped or gone meanwhile
+
+
 @router.get("/groups", response_model=list[GroupOut])
 async def list_groups(caller: Caller, portal: Portal = Depends(get_portal)) -> list[GroupOut]:
     """Every group (admins), or the groups you are in."""
@@ -207,22 +224,39 @@ async def change_group(
     return await portal.run_db(change)
 
 
-@router.delete("/groups/{name}", status_code=204)
+@router.delete("/groups/{name}", status_code=204, responses=errors(409))
 async def delete_group(
     name: str, caller: Principal = require("admin"), portal: Portal = Depends(get_portal)
 ) -> Response:
-    """Delete a group (admins); usage records keep its name."""
+    """Delete a group (admins); usage records keep its name.
 
-    def delete(session: Session) -> None:
+    Refused (409 ``group_volume_exists``) while a site's ``group_root`` still
+    holds the group's volume: move it away or remove it first, so that its
+    files are neither lost nor handed to a later group of the same name.
+    Instances that still mount the volume are stopped.
+    """
+
+    def delete(session: Session) -> list[str]:
         group = get_group(session, name)
+        volumes = group_volumes.volumes_of(session, group.name)
+        if volumes:
+            where = ", ".join(f"{path} on site {site}" for site, path in volumes)
+            raise Conflict(
+                f"group {name} still has its volume ({where}): move it away or remove it "
+                f"first; a group made later with this name would get its files",
+                code="group_volume_exists",
+            )
         shared = instances_shared_with_groups(session, [group.id])
+        mounting = group_volumes.withdraw(session, group.name)
         session.delete(group)
         session.flush()
         if portal.routes is not None:
             for instance_id in shared:
                 portal.routes.access_changed(session, instance_id)
+        return mounting
 
-    await portal.run_db(delete)
+    mounting = await portal.run_db(delete)
+    await _stop_mounting(portal, mounting, "group_deleted", f"group {name} was deleted")
     return Response(status_code=204)
 
 
@@ -262,19 +296,24 @@ async def remove_member(
     caller: Principal = require("admin"),
     portal: Portal = Depends(get_portal),
 ) -> Response:
-    """Take a user out of a group (admins)."""
+    """Take a user out of a group (admins); their instances mounting its volume are stopped."""
 
-    def remove(session: Session) -> None:
+    def remove(session: Session) -> list[str]:
         group, member = get_group(session, name), get_user(session, user)
         row = session.get(GroupMember, (group.id, member.id))
         if row is None:
             raise NotFound(f"{user} is not in group {name}", code="not_a_member")
         session.delete(row)
+        # Their instances lose the volume: those not started yet start without it.
+        mounting = group_volumes.withdraw(session, group.name, member.id)
         session.flush()
         if portal.routes is not None:
             portal.routes.group_changed(session, group.id)
+        return mounting
 
-    await portal.run_db(remove)
+    mounting = await portal.run_db(remove)
+    why = f"{user} was taken out of group {name}"
+    await _stop_mounting(portal, mounting, "group_left", why)
     return Response(status_code=204)
 
 
