@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from sqlalchemy.engine import make_url
 ADMIN_PASSWORD = "admin-password-for-tests"
 PASSWORD = "user-password-123"
 #: A key strong enough for labgate to accept (256 bits: 43 URL-safe base64 characters).
+log = logging.getLogger(__name__)
+
 TEST_SECRET_KEY = "test-key-aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5"
 
 #: Warm pools of the process backend hand instances over inside the bubblewrap sandbox.
@@ -201,10 +205,29 @@ async def wait_for_pool(app: Any, tool: str, timeout: float = 60) -> Any:
     raise AssertionError(f"the {tool} pool never filled")
 
 
-async def stop_everything(application: Any) -> None:
-    """Stop every instance a test left behind, so no process outlives it."""
-    import asyncio
+@dataclass(frozen=True)
+class Unstopped:
+    """An instance :func:`stop_everything` could not stop in time, and why."""
 
+    instance_id: str
+    state: str
+    why: str
+
+
+#: Seconds :func:`stop_everything` tries before it gives up.
+STOP_EVERYTHING_TIMEOUT = 30.0
+
+
+async def stop_everything(application: Any, timeout: float | None = None) -> list[Unstopped]:
+    """Stop every instance a test left behind, so no process outlives it.
+
+    Gives up after about ``timeout`` seconds (default
+    :data:`STOP_EVERYTHING_TIMEOUT`), never waiting longer: the
+    instances still active or stopping then are logged (id, state, and why:
+    the instance's reason, such as a stop its site could not do, or the error
+    its last stop raised) and returned, so the caller can say so. ``[]``: all
+    stopped.
+    """
     from sqlalchemy import select
 
     from labgate.db.models import ACTIVE_STATES, Instance
@@ -215,23 +238,45 @@ async def stop_everything(application: Any) -> None:
         # First stop refilling: a refill after the last round would leave a pool
         # instance running past the test (seen on PostgreSQL in CI).
         await pools.close()
+    unfinished = [*ACTIVE_STATES, "stopping"]
+    errors: dict[str, str] = {}
+    timeout = STOP_EVERYTHING_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
     # Each round stops what is active now: a stop frees start room, and a queued
     # launch the start queue moves on meanwhile is stopped in the next round.
-    for _ in range(300):
+    while True:
         ids = await portal.run_db(
             lambda s: list(s.scalars(select(Instance.id).where(Instance.state.in_(ACTIVE_STATES))))
         )
         for instance_id in ids:
-            with contextlib.suppress(Exception):
+            try:
                 await portal.instances.stop(instance_id)
+            except Exception as exc:  # kept: it says why the instance is left
+                errors[instance_id] = f"its stop failed: {getattr(exc, 'detail', '') or exc!r}"
         left = await portal.run_db(
-            lambda s: s.scalar(
-                select(Instance.id).where(Instance.state.in_([*ACTIVE_STATES, "stopping"]))
-            )
+            lambda s: [
+                (row.id, row.state.value, row.reason)
+                for row in s.scalars(select(Instance).where(Instance.state.in_(unfinished)))
+            ]
         )
-        if left is None:
-            return
+        if not left:
+            return []
+        if time.monotonic() >= deadline:
+            break
         await asyncio.sleep(0.1)
+    unstopped = [
+        Unstopped(iid, state, reason or errors.get(iid) or f"still {state}")
+        for iid, state, reason in left
+    ]
+    for item in unstopped:
+        log.error(
+            "stop_everything: instance %s not stopped after %gs: %s (%s)",
+            item.instance_id,
+            timeout,
+            item.state,
+            item.why,
+        )
+    return unstopped
 
 
 @contextlib.asynccontextmanager

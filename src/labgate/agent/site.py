@@ -257,6 +257,8 @@ class SiteAgent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
             self._cancel_requested.discard(instance_id)
+            if instance_id in self._stop_retries:
+                return  # its start timed out and the stop it made failed: tried again
         watched = self.watched.pop(instance_id, None)
         state = watched.backend_state if watched is not None else backend_state
         if state:
@@ -265,11 +267,7 @@ class SiteAgent:
             except Exception as exc:
                 log.warning("stopping %s failed: %s (tried again)", instance_id, exc)
                 await self._stop_failed(instance_id, exc, 1, self.stop_retry_first)
-                retry = asyncio.create_task(
-                    self._retry_stop(instance_id, state), name=f"stop-{instance_id}"
-                )
-                self._stop_retries[instance_id] = retry
-                retry.add_done_callback(lambda _t: self._stop_retries.pop(instance_id, None))
+                self._retry_in_background(instance_id, state)
                 return
         else:
             await self._discard(instance_id)
@@ -289,7 +287,18 @@ class SiteAgent:
         except Exception as exc:  # the engine is down: reconcile removes it later
             log.warning("site %s: discarding %s failed: %s", self.site, instance_id, exc)
 
-    async def _retry_stop(self, instance_id: str, state: dict[str, Any]) -> None:
+    def _retry_in_background(self, instance_id: str, state: dict[str, Any], why: str = "") -> None:
+        """Try a failed stop again until it succeeds; the agent keeps the instance till then.
+
+        ``why``: what led to the stop (a start that timed out), kept in every note.
+        """
+        retry = asyncio.create_task(
+            self._retry_stop(instance_id, state, why), name=f"stop-{instance_id}"
+        )
+        self._stop_retries[instance_id] = retry
+        retry.add_done_callback(lambda _t: self._stop_retries.pop(instance_id, None))
+
+    async def _retry_stop(self, instance_id: str, state: dict[str, Any], why: str = "") -> None:
         delay, attempt = self.stop_retry_first, 1
         while True:
             await asyncio.sleep(delay)
@@ -298,7 +307,7 @@ class SiteAgent:
                 await self.backend.stop(state, self.stop_grace)
             except Exception as exc:
                 delay = min(delay * 2, STOP_RETRY_MAX)
-                await self._stop_failed(instance_id, exc, attempt, delay)
+                await self._stop_failed(instance_id, exc, attempt, delay, why)
                 continue
             await self._report(
                 Report(
@@ -311,15 +320,16 @@ class SiteAgent:
             return
 
     async def _stop_failed(
-        self, instance_id: str, exc: Exception, attempt: int, delay: float
+        self, instance_id: str, exc: Exception, attempt: int, delay: float, why: str = ""
     ) -> None:
-        reason = str(getattr(exc, "detail", "") or exc) or exc.__class__.__name__
+        reason = _reason(exc)
         await self._report(
             Report(
                 instance_id,
                 "stopping",
                 kind="progress",
-                message=f"stop failed: {reason}; trying again in {delay:g}s",
+                message=f"{why + '; ' if why else ''}stop failed: {reason}; "
+                f"trying again in {delay:g}s",
                 data={"stop_retry": attempt, "reason": reason},
             )
         )
@@ -745,8 +755,12 @@ class SiteAgent:
                 interval = min(interval * 1.5, HEALTH_MAX_INTERVAL)
         tail = await self._tail(started.state)
         self.watched.pop(iid, None)
-        with contextlib.suppress(Exception):
+        failure = f"{NEVER_ANSWERED}: not ready within {budget:g}s{graced} ({last_problem})"
+        try:
             await self.backend.stop(started.state, self.stop_grace)
+        except Exception as exc:
+            await self._cleanup_failed(iid, started.state, failure, exc, tail)
+            return
         await self._report(
             start_failed(
                 iid,
@@ -755,6 +769,37 @@ class SiteAgent:
                 log_tail=tail,
             )
         )
+
+    async def _cleanup_failed(
+        self, iid: str, state: dict[str, Any], failure: str, exc: Exception, tail: str
+    ) -> None:
+        """A start that failed could not be stopped: say so, and keep trying to stop it.
+
+        Not reported ``failed`` (final: nothing would stop it then) but ``stopping``,
+        its reason naming both failures; the stop is tried again as a stop the
+        backend could not do (:meth:`stop`), and sent again by the portal after a
+        restart, until the instance is ``stopped``.
+        """
+        reason = _reason(exc)
+        log.error(
+            "site %s: instance %s: %s, and stopping it failed: %s (tried again)",
+            self.site,
+            iid,
+            failure,
+            reason,
+        )
+        self._remember_stopped(iid)
+        await self._report(
+            Report(
+                iid,
+                "stopping",
+                message=f"{failure}; stopping it failed: {reason}",
+                data={"failure": NEVER_ANSWERED.replace(" ", "_"), "reason": reason},
+                log_tail=tail,
+            )
+        )
+        await self._stop_failed(iid, exc, 1, self.stop_retry_first, failure)
+        self._retry_in_background(iid, state, failure)
 
     async def _busy(self, state: dict[str, Any]) -> bool:
         """Whether a live starting tool is using CPU now (the engine cannot say: it counts)."""
@@ -810,6 +855,11 @@ class SiteAgent:
             await self.reporter(report)
         except Exception:
             log.exception("reporting %s for %s failed", report.state, report.instance_id)
+
+
+def _reason(exc: Exception) -> str:
+    """Why ``exc`` happened, in words for an instance's reason."""
+    return str(getattr(exc, "detail", "") or exc) or exc.__class__.__name__
 
 
 def _mib(size: int) -> str:

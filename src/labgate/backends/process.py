@@ -88,7 +88,7 @@ from labgate.backends.sandbox import (
     close_fds,
     find_bwrap,
 )
-from labgate.errors import InstanceStartError
+from labgate.errors import BackendError, InstanceStartError
 from labgate.tools.catalog import ProcessSpec, template_values
 from labgate.tools.gate import LISTEN_FD_VAR
 from labgate.tools.ports import PortPicker
@@ -113,6 +113,29 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+#: Words for the states of ``/proc/<pid>/stat`` a process that outlives SIGKILL may be in.
+_STATE_WORDS = {
+    "D": "uninterruptible sleep",
+    "T": "stopped",
+    "t": "traced",
+    "Z": "its main thread exited",
+}
+
+
+def _describe_processes(processes: dict[int, int]) -> str:
+    """``pid (name, state)`` for each of ``processes`` (pid -> start time), for a report."""
+    parts = []
+    for pid in sorted(processes):
+        info = read_proc(pid)
+        if info is None or info.start_time != processes[pid]:
+            parts.append(f"{pid} (gone since)")
+            continue
+        name = info.name.decode(errors="replace")
+        words = _STATE_WORDS.get(info.state, "")
+        parts.append(f"{pid} ({name}, state {info.state}{': ' + words if words else ''})")
+    return ", ".join(parts)
 
 
 def _listen(port: int) -> socket.socket:
@@ -558,8 +581,12 @@ class ProcessBackend(Backend):
     async def stop(self, state: JSON, grace: float) -> None:
         """TERM the whole instance, wait up to ``grace`` seconds, KILL what is left.
 
-        Returns once no process of the instance remains (zombies aside). Never
-        blocks the event loop: /proc is scanned in a worker thread.
+        Returns once no process of the instance remains (zombies aside), seen
+        by two scans in a row, the second begun after the last signal. Raises
+        :class:`~labgate.errors.BackendError` naming the processes still there
+        after :data:`_KILL_ROUNDS` rounds of SIGKILL (in uninterruptible sleep,
+        or new ones appearing as fast as they are killed): the instance is not
+        stopped. Never blocks the event loop: /proc is scanned in a worker thread.
         """
         instance_id = str(state["instance_id"])
         pid, start = int(state["pid"]), int(state["start_time"])
@@ -597,29 +624,41 @@ class ProcessBackend(Backend):
                     signal_if_same(*item, signal.SIGTERM)
             termed |= fresh
             await asyncio.sleep(_STOP_POLL)
+        # An instance found running is over only when a second scan, begun a moment after
+        # the first empty one, is empty too: a process caught mid-exec (no environment yet)
+        # whose parent had just died is in neither the first's markers nor its tree.
+        checked = not termed
         alone = 0
         for _ in range(_KILL_ROUNDS):
-            if not known:
+            if not known and checked:
                 break
-            targets = {p: s for p, s in known.items() if p != spare}
-            alone = 0 if targets else alone + 1
-            if alone > 10:  # the outer bwrap did not exit by itself
-                targets = known
-            if targets:
-                log.info("instance %s: killing %d process(es)", instance_id, len(targets))
-            if spare is None and known.get(pid) == start:
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)
-            for item in targets.items():
-                signal_if_same(*item, signal.SIGKILL)
+            if known:
+                checked = False
+                targets = {p: s for p, s in known.items() if p != spare}
+                alone = 0 if targets else alone + 1
+                if alone > 10:  # the outer bwrap did not exit by itself
+                    targets = known
+                if targets:
+                    log.info("instance %s: killing %d process(es)", instance_id, len(targets))
+                if spare is None and known.get(pid) == start:
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                for item in targets.items():
+                    signal_if_same(*item, signal.SIGKILL)
+            else:
+                checked = True
             await asyncio.sleep(_STOP_POLL)
             self._exit_code(pid, start)
-            known = await asyncio.to_thread(instance_processes, instance_id, pid, known)
-        if known:
-            log.error("instance %s: processes %s survived SIGKILL", instance_id, sorted(known))
+            since = None if known else time.monotonic()
+            known = await asyncio.to_thread(instance_processes, instance_id, pid, known, since)
         self._reap_all()
         if known:
-            return
+            left = await asyncio.to_thread(_describe_processes, known)
+            log.error("instance %s: processes survived SIGKILL: %s", instance_id, left)
+            raise BackendError(
+                f"instance {instance_id} is not stopped: {len(known)} of its processes "
+                f"survived SIGKILL: {left}"
+            )
         cgroup = (state.get("limits") or {}).get("cgroup")
         if cgroup:
             # Exiting tasks may linger in it for a moment; a sweep removes it otherwise.

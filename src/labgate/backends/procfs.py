@@ -8,6 +8,7 @@ reused the pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -42,11 +43,17 @@ class ProcInfo:
     name: bytes = b""
     #: A kernel thread (``PF_KTHREAD`` in field 9): it has no environment.
     kernel_thread: bool = False
+    #: Threads of the process (field 20).
+    threads: int = 1
 
     @property
     def zombie(self) -> bool:
-        """Dead but not yet reaped by its parent."""
-        return self.state in ("Z", "X")
+        """Dead but not yet reaped by its parent.
+
+        A process whose main thread exited while others run on shows ``Z`` too,
+        but it is alive: it counts as a zombie only once no other thread is left.
+        """
+        return self.state in ("Z", "X") and self.threads <= 1
 
 
 def read_proc(pid: int) -> ProcInfo | None:
@@ -69,6 +76,7 @@ def read_proc(pid: int) -> ProcInfo | None:
         exit_status=exit_status,
         name=data[data.index(b"(") + 1 : end],
         kernel_thread=bool(int(rest[6]) & _PF_KTHREAD),
+        threads=int(rest[17]),
     )
 
 
@@ -81,11 +89,25 @@ def boot_id() -> str:
 
 
 def _environ_of(pid: int) -> bytes | None:
-    """``pid``'s environment as it was started or last exec'd, or None (gone, not ours)."""
+    """``pid``'s environment as it was started or last exec'd, or None (gone, not ours).
+
+    A process whose main thread exited while others run on has none under its
+    own pid (``ESRCH``): it is read through one of its live threads.
+    """
     try:
         return Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:  # gone, or another user's process
+    except ProcessLookupError:  # gone, or its main thread is
+        pass
+    except OSError:  # another user's process
         return None
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in threads:
+        with contextlib.suppress(OSError):
+            return Path(f"/proc/{pid}/task/{tid}/environ").read_bytes()
+    return None
 
 
 def _marker_in(environ: bytes) -> bytes | None:
