@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from labgate.agent import taskexec
+from labgate.agent.taskenv import requirement_refusal
 from labgate.agent.tasks import Outcome, TaskExecutor, read_outcome
 from labgate.backends import container_tasks as engine
 from labgate.backends.containers import ContainerBackend
@@ -96,6 +97,9 @@ class ContainerTaskExecutor(TaskExecutor):
             raise BadRequest(f"container engine at {self.backend.engine_address}: {exc}") from None
 
     def _image(self, spec: TaskSpec, say: Callable[[str], None]) -> str:
+        refusal = requirement_refusal(spec.python)
+        if refusal is not None:  # the site's pip would read or build it (taskenv)
+            raise BadRequest(f"preparing the Python environment refused: {refusal}")
         if not spec.python:
             engine.ensure_image(self.backend, spec.image, say)
             return spec.image

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,71 @@ from labgate.errors import BadRequest
 PREPARE_TIMEOUT = 1800.0
 #: Lines of pip's output kept in the reason of a failed preparation.
 FAILED_TAIL = 20
+#: What pip installs a task's requirements with: wheels only. The site's agent runs pip
+#: (as root where labgate is root): building a distribution from source runs its code
+#: (``setup.py``, a build backend), which a run's owner chooses.
+PIP_WHEELS_ONLY = ("--only-binary=:all:", "--no-input", "--disable-pip-version-check")
+
+#: A requirement from the index: a name, extras, version specifiers, an environment marker.
+_SPEC = r"(===|==|~=|!=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+"
+_INDEXED = re.compile(
+    r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+    r"(?:\s*\[\s*[A-Za-z0-9._-]+(?:\s*,\s*[A-Za-z0-9._-]+)*\s*\])?"
+    rf"(?:\s*\(?\s*{_SPEC}(?:\s*,\s*{_SPEC})*\s*\)?)?"
+    r"\s*(?:;[^@]*)?$"
+)
+#: A wheel: a file or an http(s)/file URL naming a ``.whl``, perhaps as ``name @ <it>``.
+_WHEEL = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*\s*@\s*)?(?:https?://|file://)?[^\s@;]*\.whl$")
+
+
+#: Names pip takes for archive files (a file of that name where pip runs): not names.
+_ARCHIVES = (".zip", ".tar", ".tgz", ".tbz", ".txz", ".tlz", ".gz", ".bz2", ".xz", ".lz", ".lzma")
+
+
+def _indexed(text: str) -> bool:
+    name = re.split(r"[\s\[(<>=!~;]", text, maxsplit=1)[0].lower()
+    return bool(_INDEXED.match(text)) and not name.endswith(_ARCHIVES)
+
+
+def requirement_refusal(requirements: list[str]) -> str | None:
+    """Why a task's requirements list is refused (None: taken).
+
+    Names with versions, installed from wheels of the site's index, and wheel
+    files or URLs: nothing else. A pip option (``-r /root/file``,
+    ``--index-url``, ``--prefix``) would be read or obeyed by the site's agent,
+    and a directory, a source archive or a VCS URL would be built by it, its
+    code run as the agent (root): both are refused.
+    """
+    for raw in requirements:
+        text = raw.strip()
+        if not text:
+            continue
+        if text.startswith("-"):
+            return f"requirement {raw!r} is a pip option: list requirements only"
+        if _indexed(text) or _WHEEL.match(text):
+            continue
+        return (
+            f"requirement {raw!r} is neither a name with versions nor a wheel (.whl file or "
+            "URL): nothing is built from source at a site"
+        )
+    return None
+
+
+def split_requirements(requirements: list[str]) -> tuple[list[str], list[str]]:
+    """``requirements`` as (those from the index, wheel files and URLs), blanks left out.
+
+    The wheels are installed without their dependencies (``--no-deps``): one may
+    name a directory or a source archive as a dependency, which pip would build.
+    List those from the index beside it.
+    """
+    indexed: list[str] = []
+    wheels: list[str] = []
+    for raw in requirements:
+        text = raw.strip()
+        if text:
+            (indexed if _indexed(text) else wheels).append(text)
+    return indexed, wheels
+
 
 Progress = Callable[[str], Awaitable[None]]
 
@@ -51,7 +117,14 @@ class EnvironmentCache:
         return self.root / env_key(requirements)
 
     async def prepare(self, requirements: list[str], progress: Progress) -> Path:
-        """The ready venv for ``requirements``, made now if there is none."""
+        """The ready venv for ``requirements``, made now if there is none.
+
+        A list with a pip option or something pip would build from source is
+        refused (:func:`requirement_refusal`) before anything runs.
+        """
+        refusal = requirement_refusal(requirements)
+        if refusal is not None:
+            raise BadRequest(f"preparing the Python environment refused: {refusal}")
         target = self.path(requirements)
         if (target / ".ready").exists():
             return target
@@ -81,21 +154,21 @@ class EnvironmentCache:
             if has_pip
             else [str(target / "bin" / "python"), "-m", "pip"]
         )
-        steps = [
-            [self.python, "-m", "venv", *(["--without-pip"] if has_pip else []), str(target)],
-            [
-                *installer,
-                "install",
-                "--no-input",
-                "--disable-pip-version-check",
-                "--quiet",
-                *requirements,
-            ],
-        ]
+        indexed, wheels = split_requirements(requirements)
+        steps = [[self.python, "-m", "venv", *(["--without-pip"] if has_pip else []), str(target)]]
+        if indexed:
+            steps.append([*installer, "install", *PIP_WHEELS_ONLY, "--quiet", *indexed])
+        if wheels:
+            steps.append([*installer, "install", *PIP_WHEELS_ONLY, "--no-deps", "--quiet", *wheels])
         for step in steps:
             try:
-                done = subprocess.run(
-                    step, capture_output=True, text=True, timeout=PREPARE_TIMEOUT, check=False
+                done = subprocess.run(  # in the venv: a relative name names nothing else
+                    step,
+                    capture_output=True,
+                    text=True,
+                    timeout=PREPARE_TIMEOUT,
+                    check=False,
+                    cwd=target if target.is_dir() else target.parent,
                 )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 shutil.rmtree(target, ignore_errors=True)

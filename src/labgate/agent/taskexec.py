@@ -27,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -50,6 +52,13 @@ MAX_ARCHIVE = 64 * 1024 * 1024
 TELL_TIMEOUT = 5.0
 #: Lines of a failed task's output its executor tells the gateway.
 TAIL_LINES = 40
+#: The task's ``PATH`` when the executor has none.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Largest JSON result a task may leave (bytes): a larger one fails the task.
+MAX_RESULT = 1024 * 1024
+#: Where ``env`` is (the sandbox shows the system at the same paths): it sets the
+#: variables of a sandboxed task that the dynamic loader reads (see :func:`_argv`).
+ENV_BINARY = shutil.which("env", path="/usr/bin:/bin") or "/usr/bin/env"
 
 
 def write_exit(directory: Path, outcome: dict[str, Any]) -> None:
@@ -59,20 +68,46 @@ def write_exit(directory: Path, outcome: dict[str, Any]) -> None:
     os.replace(tmp, directory / "exit.json")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_result(directory: Path) -> tuple[Any, str]:
-    """The task's JSON result and a problem with it ("" when none or fine)."""
+    """The task's JSON result and a problem with it ("" when none or fine).
+
+    The file is the task's: opened without following a link, a regular file
+    only, and read up to :data:`MAX_RESULT` bytes (a larger one fails the task:
+    its executor, maybe root, never holds what the task wrote whatever its
+    size). Strict JSON only: ``NaN`` and ``Infinity`` are no JSON a client parses.
+    """
     path = directory / RESULT_FILE
-    if not path.is_file() or path.is_symlink():
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None, ""
+    except OSError:  # a link (ELOOP) or unreadable: as before, no result
+        with contextlib.suppress(OSError):
+            path.unlink()
         return None, ""
     try:
-        return json.loads(path.read_text() or "null"), ""
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return None, ""
+            data = handle.read(MAX_RESULT + 1)
+        if len(data) > MAX_RESULT:
+            return None, f"the task's result is larger than {MAX_RESULT // 2**20} MiB"
+        text = data.decode("utf-8")
+        return json.loads(text or "null", parse_constant=_no_constant), ""
     except (OSError, ValueError) as exc:
         return None, f"the task's result is not JSON: {exc}"
     finally:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
-def _argv(spec: dict[str, Any]) -> list[str]:
+def _argv(spec: dict[str, Any], loader: dict[str, str] | None = None) -> list[str]:
+    """The task's command line; sandboxed, with ``loader`` (the task's variables the
+    dynamic loader reads) set by ``env`` at its very start, once it runs as the task."""
     raw = spec.get("command")
     if spec.get("callable"):
         # The task's venv's Python when it has one; it imports labgate's taskcall by path
@@ -84,7 +119,54 @@ def _argv(spec: dict[str, Any]) -> list[str]:
         command = ["/bin/sh", "-c", raw]
     else:
         command = [str(arg) for arg in raw or []]
-    return [*spec.get("sandbox", []), *command]
+    sandbox = list(spec.get("sandbox", []))
+    if sandbox and loader:
+        # bwrap and the uid switch in front of the task run outside it (as root where
+        # labgate is root), with the task's environment but never what the dynamic
+        # loader reads (LD_PRELOAD… would run the owner's code there): env sets those
+        # last, as the task. On its command line, seen as command lines are: the task's
+        # token and other variables stay in its environment.
+        assignments = [f"{name}={value}" for name, value in loader.items()]
+        return [*sandbox, ENV_BINARY, "--", *assignments, *command]
+    return [*sandbox, *command]
+
+
+#: What the C library and its dynamic loader read from the environment of a program
+#: (glibc's ``unsecvars.h``, which it drops for setuid programs): never given to what runs
+#: a sandboxed task as root or outside its sandbox.
+LOADER_VARIABLES = frozenset(
+    {
+        "GCONV_PATH",
+        "GETCONF_DIR",
+        "HOSTALIASES",
+        "LOCALDOMAIN",
+        "LOCPATH",
+        "NIS_PATH",
+        "NLSPATH",
+        "RESOLV_HOST_CONF",
+        "RES_OPTIONS",
+        "TMPDIR",
+        "TZDIR",
+    }
+)
+_LOADER_PREFIXES = ("LD_", "MALLOC_", "GLIBC_")
+
+
+def loader_variable(name: str) -> bool:
+    """Whether the C library or the dynamic loader reads variable ``name``."""
+    return name in LOADER_VARIABLES or name.startswith(_LOADER_PREFIXES)
+
+
+def _valid_variables(variables: Any) -> dict[str, str]:
+    """The run's variables that an environment can hold (a name with ``=`` or NUL, or a
+    value with NUL, cannot be set: left out, where it made the executor fail before)."""
+    if not isinstance(variables, dict):
+        return {}
+    return {
+        str(name): str(value)
+        for name, value in variables.items()
+        if name and "=" not in str(name) and "\0" not in str(name) and "\0" not in str(value)
+    }
 
 
 def _limiter(options: list[str]) -> Callable[[], None] | None:
@@ -285,7 +367,7 @@ def execute(directory: Path) -> dict[str, Any]:
     """Run the task of ``directory`` to its end; what happened (``exit.json``'s content)."""
     spec = json.loads((directory / "task.json").read_text())
     (directory / "results").mkdir(exist_ok=True)
-    path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    path = os.environ.get("PATH", DEFAULT_PATH)
     venv = {"VIRTUAL_ENV": str(spec["venv"])} if spec.get("venv") else {}
     if venv:
         path = f"{spec['venv']}/bin:{path}"
@@ -300,7 +382,7 @@ def execute(directory: Path) -> dict[str, Any]:
         "HOME": "/tmp" if spec.get("sandbox") else str(directory),  # noqa: S108
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
-        **spec.get("env", {}),
+        **_valid_variables(spec.get("env", {})),
         "LABGATE_RUN_ID": str(spec.get("run_id", "")),
         "LABGATE_TASK": str(spec.get("task", "")),
         "LABGATE_ATTEMPT": str(spec.get("attempt", 1)),
@@ -322,10 +404,14 @@ def execute(directory: Path) -> dict[str, Any]:
         return {"state": "cancelled", "exit_code": None, "reason": "cancelled"}
     with open(directory / "output.log", "ab") as log:
         try:
+            outer, loader = env, {}
+            if spec.get("sandbox"):
+                loader = {k: v for k, v in env.items() if loader_variable(k)}
+                outer = {k: v for k, v in env.items() if not loader_variable(k)}
             proc = subprocess.Popen(  # preexec_fn: see _limiter (no thread runs yet)
-                _argv(spec),
+                _argv(spec, loader),
                 cwd=directory / "results",
-                env=env,
+                env=outer,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

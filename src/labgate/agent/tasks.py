@@ -48,6 +48,7 @@ from labgate.agent.taskenv import EnvironmentCache, Progress
 from labgate.agent.taskexec import RESULTS_ARCHIVE
 from labgate.backends.identity import Identity, hand_over, instance_identity
 from labgate.backends.limits import dropping_argv
+from labgate.backends.procfs import tail_of
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
 from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.wire.runs import TaskSpec
@@ -406,12 +407,13 @@ class TaskRunner:
             await self.executor.cancel(directory)
 
     async def logs(self, attempt_id: str, lines: int) -> str:
-        """The last ``lines`` lines of the attempt's output."""
+        """The last ``lines`` lines of the attempt's output, read from its end (at most
+        :data:`~labgate.backends.procfs.MAX_TAIL_BYTES`: a task may write without end)."""
         path = self.directory(attempt_id) / "output.log"
         if not path.exists():
             return await self.executor.output(path.parent, lines)
-        text = await asyncio.to_thread(path.read_text, errors="replace")
-        return "\n".join(text.splitlines()[-lines:]) + ("\n" if text else "")
+        text = await asyncio.to_thread(output_tail, path, lines)
+        return text if not text or text.endswith("\n") else text + "\n"
 
     async def results(self, attempt_id: str) -> bytes:
         """The attempt's results directory as a gzipped tar archive.
@@ -499,8 +501,7 @@ class TaskRunner:
         tail = ""
         if outcome.state != "succeeded":
             with contextlib.suppress(OSError):
-                text = (directory / "output.log").read_text(errors="replace")
-                tail = "\n".join(text.splitlines()[-self.log_tail_lines :])
+                tail = output_tail(directory / "output.log", self.log_tail_lines).rstrip("\n")
         return Report(
             attempt_id,
             outcome.state,
@@ -531,16 +532,33 @@ def archived_files(archive: Path) -> list[str]:
         return []
 
 
+def output_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a task's output file, read backwards from its end."""
+    with open(path, "rb") as handle:
+        return tail_of(handle, lines)
+
+
+class _CappedBuffer(io.BytesIO):
+    """A buffer that refuses to grow past ``limit``: the archive stops there, not after a
+    whole file of any size was compressed into memory (a local site's agent is the portal)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: Any) -> int:
+        if self.tell() + len(data) > self.limit:
+            raise BadRequest(f"the results are larger than {self.limit // 2**20} MiB compressed")
+        return super().write(data)
+
+
 def pack(directory: Path) -> bytes:
-    """``directory`` as a gzipped tar (refused past :data:`MAX_RESULTS_ARCHIVE`)."""
-    buffer = io.BytesIO()
+    """``directory`` as a gzipped tar (refused past :data:`MAX_RESULTS_ARCHIVE`, as soon as
+    the archive would pass it)."""
+    buffer = _CappedBuffer(MAX_RESULTS_ARCHIVE)
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         for path in sorted(directory.rglob("*")):
             if path.is_symlink() or not (path.is_file() or path.is_dir()):
                 continue  # a link could point anywhere on the site's machine
             tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-            if buffer.tell() > MAX_RESULTS_ARCHIVE:
-                raise BadRequest(
-                    f"the results are larger than {MAX_RESULTS_ARCHIVE // 2**20} MiB compressed"
-                )
     return buffer.getvalue()

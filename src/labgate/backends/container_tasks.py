@@ -123,28 +123,46 @@ def env_image(backend: ContainerBackend, base: str, requirements: list[str], say
 
 
 def _pip_install(target: Path, requirements: list[str]) -> None:
-    step = [
+    """Install ``requirements`` (checked by the site's task executor: names with versions
+    and wheels, ``labgate.agent.taskenv.requirement_refusal``) into ``target``.
+
+    Wheels only (the site's pip runs as the agent: building from source runs the
+    distribution's code), and wheel files or URLs without their dependencies (one
+    may name a directory, which pip would build).
+    """
+    wheels = [r.strip() for r in requirements if r.strip().lower().endswith(".whl")]
+    indexed = [r.strip() for r in requirements if r.strip() and r.strip() not in wheels]
+    base = [
         sys.executable,
         "-m",
         "pip",
         "install",
+        "--only-binary=:all:",
         "--no-input",
         "--disable-pip-version-check",
         "--quiet",
         "--no-compile",
         "--target",
         str(target),
-        *requirements,
     ]
-    try:
-        done = subprocess.run(
-            step, capture_output=True, text=True, timeout=PIP_TIMEOUT, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BadRequest(f"preparing the Python environment failed: {exc}") from None
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-FAILED_TAIL:])
-        raise BadRequest(f"preparing the Python environment failed:\n{tail}")
+    steps = ([[*base, *indexed]] if indexed else []) + (
+        [[*base, "--no-deps", *wheels]] if wheels else []
+    )
+    for step in steps:
+        try:
+            done = subprocess.run(
+                step,
+                capture_output=True,
+                text=True,
+                timeout=PIP_TIMEOUT,
+                check=False,
+                cwd=target.parent,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BadRequest(f"preparing the Python environment failed: {exc}") from None
+        if done.returncode != 0:
+            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-FAILED_TAIL:])
+            raise BadRequest(f"preparing the Python environment failed:\n{tail}")
     target.mkdir(exist_ok=True)  # an empty list still makes the directory COPY wants
 
 
@@ -291,12 +309,27 @@ def inspect_task(backend: ContainerBackend, name: str) -> dict[str, Any] | None:
     return dict(attrs.get("State") or {})
 
 
-def task_logs(backend: ContainerBackend, name: str) -> bytes:
-    """Everything the container wrote (stdout and stderr)."""
+#: Most of a task container's output kept at its site (bytes, its end).
+MAX_TASK_LOG = 16 * 1024 * 1024
+
+
+def task_logs(backend: ContainerBackend, name: str, limit: int = MAX_TASK_LOG) -> bytes:
+    """The end of what the container wrote (stdout and stderr), at most ``limit`` bytes.
+
+    Read as a stream and only its end kept: a task may write gigabytes, and the
+    agent (on a local site, the portal's process) holds ``limit`` at most.
+    """
+    kept = bytearray()
     try:
-        return bytes(backend.client.api.logs(name, stdout=True, stderr=True))
+        for chunk in backend.client.api.logs(
+            name, stdout=True, stderr=True, stream=True, follow=False
+        ):
+            kept += chunk
+            if len(kept) > 2 * limit:
+                del kept[: len(kept) - limit]
     except NotFound:
         return b""
+    return bytes(kept[-limit:])
 
 
 def stop_task(backend: ContainerBackend, name: str, grace: float) -> None:

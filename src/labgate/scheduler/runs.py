@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -50,6 +51,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labgate.agent.link import SiteLink
+from labgate.agent.taskenv import requirement_refusal
 from labgate.aio import cancel_and_wait
 from labgate.db.models import User, utcnow
 from labgate.db.runs import (
@@ -62,7 +64,7 @@ from labgate.db.runs import (
     TaskAttempt,
 )
 from labgate.db.session import Database
-from labgate.errors import Conflict, LabgateError, NotFound
+from labgate.errors import BadRequest, Conflict, LabgateError, NotFound
 from labgate.scheduler import accounting, quotas, runquota, runrows
 from labgate.scheduler.leader import Leadership, SoleLeader
 from labgate.scheduler.runquota import WAITING_FOR_QUOTA, Charge, RunQuota
@@ -70,7 +72,7 @@ from labgate.scheduler.runresults import Pending, ResultCollector, kept_log
 from labgate.scheduler.runrows import Viewer
 from labgate.security import executor_token, task_token
 from labgate.wire.launch import Resources
-from labgate.wire.runs import RunDef, TaskDef, TaskSpec, Where
+from labgate.wire.runs import TASK_REPORT_STATES, RunDef, TaskDef, TaskSpec, Where
 from labgate.wire.site import Report
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,78 @@ SWEEP_INTERVAL = 5.0
 _NOTES = frozenset({"preparing", "running"})
 #: Pending task copies an advance reads at a time while sites have room for them.
 PLACING_PAGE = 64
-#: Most notes a task copy may add to its run's events (all its attempts together).
+#: Most notes a task copy may add to its run's events (all its attempts together); also
+#: the most ``preparing`` notes its sites may add.
 MAX_NOTES = 1000
+#: Largest JSON result kept of a task (bytes, as JSON): the task's own limit, and what a
+#: site's report may bring (its connection takes 16 MiB a message).
+MAX_RESULT = 1024 * 1024
+#: Largest ``data`` of a task's note (bytes, as JSON).
+MAX_NOTE_DATA = 16 * 1024
+#: What is kept of a task report's words: its message, and the end of its output.
+MAX_REPORT_MESSAGE = 2000
+MAX_LOG_TAIL = 20_000
+#: Files named by a report: how many, and how long a name.
+MAX_FILES = 1000
+MAX_FILE_NAME = 4096
+#: Exit codes the database holds (a 32-bit integer).
+EXIT_CODES = range(-(2**31), 2**31)
+#: Task report states: those a site tells (and ``preparing``, a note on the way).
+_REPORT_STATES = frozenset({*TASK_REPORT_STATES, "preparing"})
+
+
+def json_size(value: Any) -> int:
+    """The size of ``value`` as strict JSON (bytes); ValueError when it is none
+    (``NaN``, ``Infinity``: JSON clients, the browser's among them, cannot parse them)."""
+    try:
+        return len(json.dumps(value, allow_nan=False, separators=(",", ":")).encode())
+    except (TypeError, RecursionError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+
+
+def _bounded(report: Report) -> Report | None:
+    """A site's or an executor's task report, bounded before anything of it is kept.
+
+    A site (a lying agent) may send anything its connection carries: an unknown
+    state is dropped, text is cut, an exit code the database cannot hold is
+    none, file names are strings, and a result that is not strict JSON or
+    larger than :data:`MAX_RESULT` is not kept: a succeeded attempt with one
+    fails, with the reason.
+    """
+    if report.state not in _REPORT_STATES:
+        return None
+    state, message = report.state, str(report.message)[:MAX_REPORT_MESSAGE]
+    raw = report.data if isinstance(report.data, dict) else {}
+    data: dict[str, Any] = {}
+    if "exit_code" in raw:
+        code = raw["exit_code"]
+        ok = isinstance(code, int) and not isinstance(code, bool) and code in EXIT_CODES
+        data["exit_code"] = code if ok else None
+    if "result" in raw:
+        data["result"] = None
+        try:
+            size = json_size(raw["result"])
+        except ValueError:
+            problem = "the task's result is not JSON"
+        else:
+            problem = f"the task's result is larger than {MAX_RESULT // 2**20} MiB"
+            if size <= MAX_RESULT:
+                problem, data["result"] = "", raw["result"]
+        if problem and state == "succeeded":
+            state, message = "failed", problem
+    if "seconds" in raw:
+        seconds = raw["seconds"]
+        ok = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        data["seconds"] = float(seconds) if ok and 0 <= seconds < 1e12 else 0.0
+    if "files" in raw:
+        files = raw["files"] if isinstance(raw["files"], list) else []
+        data["files"] = [
+            name
+            for name in files[:MAX_FILES]
+            if isinstance(name, str) and len(name) <= MAX_FILE_NAME
+        ]
+    tail = str(report.log_tail)[-MAX_LOG_TAIL:] if report.log_tail else ""
+    return Report(report.instance_id, state, kind="task", message=message, log_tail=tail, data=data)
 
 
 class Admission(Protocol):
@@ -165,7 +237,20 @@ class RunProcessor:
 
     # --- the user's commands ------------------------------------------------------
     async def submit(self, owner_id: int, definition: RunDef) -> str:
-        """Record a run and start its first stage; returns the run's id."""
+        """Record a run and start its first stage; returns the run's id.
+
+        A task whose Python requirements carry a pip option or something pip would
+        build from source is refused (400 ``invalid_run``): a site's agent installs
+        them (:func:`labgate.agent.taskenv.requirement_refusal`).
+        """
+        for stage in definition.stages:
+            for task in stage.tasks:
+                refusal = requirement_refusal(task.environment.python)
+                if refusal is not None:
+                    raise BadRequest(
+                        f"invalid run definition:\ntask {task.name}: environment.python: {refusal}",
+                        code="invalid_run",
+                    )
         live = self.live()
         defaults = self.limits()
 
@@ -488,7 +573,19 @@ class RunProcessor:
 
     # --- reports ---------------------------------------------------------------------
     async def apply(self, report: Report, *, site: str | None = None) -> None:
-        """Record a task report; with ``site``, only on that site's own attempts."""
+        """Record a task report; with ``site``, only on that site's own attempts.
+
+        What is kept of it is bounded first (:func:`_bounded`).
+        """
+        bounded = _bounded(report)
+        if bounded is None:
+            log.warning(
+                "task report on %s with unknown state %.40r ignored",
+                report.instance_id,
+                report.state,
+            )
+            return
+        report = bounded
         found = await self.run_db(lambda s: _run_of(s, report.instance_id))
         if found is None:
             log.warning("task report for unknown attempt %s ignored", report.instance_id)
@@ -542,6 +639,8 @@ class RunProcessor:
             return self.results.late(run, task, attempt) if report.state == "succeeded" else None
         if report.state == "running" and attempt.state == AttemptState.running:
             return None  # its executor and its agent both say so
+        if report.state == "preparing" and _count_events(session, task, "preparing") >= MAX_NOTES:
+            return None  # a site that says it prepares without end fills no database
         data = dict(report.data)
         if report.log_tail:
             data["log_tail"] = report.log_tail
@@ -599,14 +698,7 @@ class RunProcessor:
         def record(session: Session) -> None:
             attempt = _open_attempt(session, attempt_id)
             task = attempt.task
-            notes = session.scalar(
-                select(func.count()).where(
-                    RunEvent.run_id == task.run_id,
-                    RunEvent.task == task.label,
-                    RunEvent.state == "note",
-                )
-            )
-            if (notes or 0) >= MAX_NOTES:
+            if _count_events(session, task, "note") >= MAX_NOTES:
                 raise Conflict(f"task {task.label} has sent {MAX_NOTES} notes already")
             runrows.add_event(
                 session,
@@ -807,6 +899,16 @@ def _cancel_open(run: Run, reason: str) -> list[tuple[str, str]]:
 def _files_given_up(item: Pending, session: Session) -> None:
     message = f"its files stayed at site {item.site}, which did not come back"
     runrows.add_event(session, item.run_id, item.target.name, "note", message)
+
+
+def _count_events(session: Session, task: RunTask, state: str) -> int:
+    """How many events of ``state`` a task copy has in its run."""
+    found = session.scalar(
+        select(func.count()).where(
+            RunEvent.run_id == task.run_id, RunEvent.task == task.label, RunEvent.state == state
+        )
+    )
+    return int(found or 0)
 
 
 def _open_attempt(session: Session, attempt_id: str) -> TaskAttempt:

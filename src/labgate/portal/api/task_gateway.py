@@ -20,21 +20,39 @@ read.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from labgate.errors import BadRequest, Conflict, Unauthorized
 from labgate.portal.auth import token_from_header
 from labgate.portal.openapi import errors
 from labgate.portal.state import Portal, get_portal
-from labgate.scheduler.runs import RunProcessor
+from labgate.scheduler.runs import (
+    MAX_FILE_NAME,
+    MAX_NOTE_DATA,
+    MAX_RESULT,
+    RunProcessor,
+    json_size,
+)
 from labgate.security import executor_token, same, task_token
 from labgate.wire.site import Report
 
 router = APIRouter(prefix="/tasks", tags=["runs"])
 M = TypeVar("M", bound=BaseModel)
+
+
+def _strict(value: Any, limit: int, what: str) -> Any:
+    """``value`` when it is strict JSON of at most ``limit`` bytes (no ``NaN``, no
+    ``Infinity``: kept, they would make the run's view JSON no client parses)."""
+    try:
+        size = json_size(value)
+    except ValueError:
+        raise ValueError(f"{what} must be JSON without NaN or Infinity") from None
+    if size > limit:
+        raise ValueError(f"{what} is at most {limit:,} bytes as JSON")
+    return value
 
 
 class TaskNote(BaseModel):
@@ -43,7 +61,14 @@ class TaskNote(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     message: str = Field(min_length=1, max_length=2000)
-    data: dict[str, Any] = Field(default_factory=dict, max_length=50)
+    data: dict[str, Any] = Field(
+        default_factory=dict, max_length=50, description="At most 16 KiB as JSON."
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _data_bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return dict(_strict(value, MAX_NOTE_DATA, "a note's data"))
 
 
 class TaskState(BaseModel):
@@ -56,12 +81,19 @@ class TaskState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     state: Literal["running", "succeeded", "failed"]
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     reason: str = Field(default="", max_length=2000)
     result: Any = None
-    seconds: float = Field(default=0.0, ge=0)
-    files: list[str] = Field(default_factory=list, max_length=1000)
+    seconds: float = Field(default=0.0, ge=0, le=1e12, allow_inf_nan=False)
+    files: list[Annotated[str, Field(max_length=MAX_FILE_NAME)]] = Field(
+        default_factory=list, max_length=1000
+    )
     log_tail: str = Field(default="", max_length=20000)
+
+    @field_validator("result")
+    @classmethod
+    def _result_strict(cls, value: Any) -> Any:
+        return _strict(value, MAX_RESULT, "result")
 
 
 def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
