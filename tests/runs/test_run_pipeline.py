@@ -172,3 +172,29 @@ async def test_a_runs_events_are_followed_after_an_id(client, make_user):
     for bad in ({"after": -1}, {"after": 2**80}, {"limit": 0}):
         answer = await client.get(f"/api/v1/runs/{run_id}/events", params=bad, headers=alice)
         assert answer.status_code == 422, (bad, answer.text)
+
+
+async def test_a_runs_view_holds_a_page_of_its_events_and_says_when_there_are_more(
+    client, make_user, monkeypatch
+):
+    """A run whose tasks added many events (notes, retries) was shown whole in one answer:
+    the view holds the first page, oldest first, and says there is more."""
+    from labgate.portal.api import runs as runs_api
+
+    alice = await make_user("alice")
+    run_id = await submit(client, alice, PIPELINE)
+    run = await wait_run(client, alice, run_id)
+    everything = [e["id"] for e in run["events"]]
+    assert run["events_more"] is False and len(everything) > 3
+    monkeypatch.setattr(runs_api, "MAX_EVENTS", 3)
+    shown = (await client.get(f"/api/v1/runs/{run_id}", headers=alice)).json()
+    assert [e["id"] for e in shown["events"]] == everything[:3]
+    assert shown["events_more"] is True
+    rest = await client.get(
+        f"/api/v1/runs/{run_id}/events", params={"after": everything[2]}, headers=alice
+    )
+    assert [e["id"] for e in rest.json()["events"]] == everything[3:]
+    assert (
+        "events"
+        not in (await client.get(f"/api/v1/runs/{run_id}?events=false", headers=alice)).json()
+    )

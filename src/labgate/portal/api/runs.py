@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 #: Largest run definition accepted (bytes).
 MAX_DEFINITION = 1024 * 1024
-#: Most events one ``GET /runs/{id}/events`` returns.
+#: Most events one ``GET /runs/{id}/events`` (or ``GET /runs/{id}``) returns.
 MAX_EVENTS = 10_000
 
 
@@ -132,8 +132,14 @@ async def _show(portal: Portal, caller: Principal, run_id: str, *, events: bool)
 
     def query(session: Session) -> dict[str, Any]:
         run = runrows.visible_run(session, run_id, who, attempts=False)
-        rows = runrows.run_events(session, run.id) if events else None
-        return runrows.run_json(session, run, events=rows)
+        if not events:
+            return runrows.run_json(session, run)
+        # The first MAX_EVENTS, oldest first: a run's tasks may add many (notes, retries),
+        # and the rest are a page of /events away (after the last id shown).
+        rows = runrows.run_events(session, run.id, 0, MAX_EVENTS + 1)
+        body = runrows.run_json(session, run, events=rows[:MAX_EVENTS])
+        body["events_more"] = len(rows) > MAX_EVENTS
+        return body
 
     return await portal.run_db(query)
 
@@ -145,7 +151,11 @@ async def show_run(
     portal: Portal = Depends(get_portal),
     events: bool = Query(True, description="Include the run's events."),
 ) -> dict[str, Any]:
-    """One run: its stages and tasks with state, results and (by default) events."""
+    """One run: its stages and tasks with state, results and (by default) events.
+
+    At most :data:`MAX_EVENTS` events, oldest first; ``events_more`` says whether
+    there are more (``GET /runs/{id}/events?after=<the last one's id>``).
+    """
     return await _show(portal, caller, run_id, events=events)
 
 
