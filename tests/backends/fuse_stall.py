@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
+MS_REC, MS_PRIVATE, CLONE_NEWNS = 0x4000, 0x40000, 0x20000
 FUSE_INIT = 26
 #: fuse_in_header: len, opcode, unique, nodeid, uid, gid, pid, total_extlen, padding.
 IN_HEADER = struct.Struct("<IIQQIIIHH")
@@ -32,7 +33,13 @@ INIT_OUT = struct.Struct("<IIIIHHI")
 
 
 class Stall:
-    """This file system mounted at ``mountpoint`` (``ready``: it is) until released."""
+    """This file system mounted at ``mountpoint`` (``ready``: it is) until released.
+
+    Mounted in a mount namespace of the daemon's own: anything on the machine
+    that walks the mount table and looks up each mount (bubblewrap remounting
+    what it binds, of every other test's sandbox) would hang on it too. A
+    process reaches it by :attr:`path` (through ``/proc/<daemon>/root``).
+    """
 
     def __init__(self, mountpoint: Path) -> None:
         self.mountpoint = mountpoint
@@ -41,6 +48,8 @@ class Stall:
         )
         assert self.daemon.stdout is not None
         self.ready = self.daemon.stdout.readline().strip() == "ready"
+        #: The mount point as other processes reach it: in the daemon's mount namespace.
+        self.path = Path(f"/proc/{self.daemon.pid}/root{mountpoint.absolute()}")
 
     def wait_held(self) -> None:
         """Wait until a request is held: its sender sleeps uninterruptibly once killed."""
@@ -56,6 +65,10 @@ class Stall:
 
 def main(mountpoint: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
+    # A mount namespace of its own, nothing propagated out: the stall is seen by nobody
+    # who does not look for it.
+    if libc.unshare(CLONE_NEWNS) != 0 or libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None):
+        sys.exit(f"unshare: {os.strerror(ctypes.get_errno())}")
     fd = os.open("/dev/fuse", os.O_RDWR)
     options = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other".encode()
     flags = MS_NOSUID | MS_NODEV

@@ -206,7 +206,7 @@ async def test_a_stop_that_cannot_end_every_process_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.setattr(process_module, "_KILL_ROUNDS", 20)  # about a second of SIGKILLs
-    started, spec, token = await launch(STALLED_READER, args=(str(stalled.mountpoint),))
+    started, spec, token = await launch(STALLED_READER, args=(str(stalled.path),))
     await asyncio.to_thread(stalled.wait_held)
 
     with pytest.raises(BackendError) as caught:
