@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 import helpers
-from backends.fuse_stall import Stall
+from backends.fuse_stall import Stall, stalled
 from helpers import stop_everything, wait_for_state
 from labgate.backends import process as process_module
 from labgate.config import Settings
@@ -37,6 +37,8 @@ STALLED_READER = """\
 import sys
 open(sys.argv[-1] + "/file")
 """
+
+__all__ = ["stalled"]  # the fixture, for this module's tests
 
 
 def running_with(*words: str) -> list[int]:
@@ -65,21 +67,6 @@ def token() -> Iterator[str]:
 
 
 @pytest.fixture
-def stalled(tmp_path: Path) -> Iterator[Stall]:
-    """A file system that never answers, root only; released when the test ends."""
-    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
-        pytest.skip("mounting a FUSE file system needs root and /dev/fuse")
-    (tmp_path / "stalled").mkdir()
-    stall = Stall(tmp_path / "stalled")
-    try:
-        if not stall.ready:
-            pytest.skip("cannot mount a FUSE file system here")
-        yield stall
-    finally:
-        stall.release()
-
-
-@pytest.fixture
 def settings(settings: Settings, tmp_path: Path, token: str, stalled: Stall) -> Settings:
     """Unsandboxed (the tool reads the host's mount), with the ``stuck`` tool."""
     script = tmp_path / "reader.py"
@@ -87,7 +74,7 @@ def settings(settings: Settings, tmp_path: Path, token: str, stalled: Stall) -> 
     (settings.tools_dir / "stuck.toml").write_text(
         'name = "stuck"\ntitle = "stuck"\nhealth_path = "/health"\n'
         "start_timeout = 3\nstart_grace = 0\n\n"
-        f'[process]\ncommand = ["{{python}}", "{script}", "{token}", "{stalled.mountpoint}"]\n'
+        f'[process]\ncommand = ["{{python}}", "{script}", "{token}", "{stalled.path}"]\n'
     )
     return settings.model_copy(update={"sandbox": "none", "stop_grace_seconds": 0.2})
 

@@ -18,7 +18,10 @@ import signal
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 MS_NOSUID, MS_NODEV, MNT_DETACH = 2, 4, 2
 MS_REC, MS_PRIVATE, CLONE_NEWNS = 0x4000, 0x40000, 0x20000
@@ -61,6 +64,21 @@ class Stall:
         if self.daemon.poll() is None:
             self.daemon.terminate()
         self.daemon.wait()
+
+
+@pytest.fixture
+def stalled(tmp_path: Path) -> Iterator[Stall]:
+    """A file system that never answers, root only; released when the test ends."""
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        pytest.skip("mounting a FUSE file system needs root and /dev/fuse")
+    (tmp_path / "stalled").mkdir()
+    stall = Stall(tmp_path / "stalled")
+    try:
+        if not stall.ready:
+            pytest.skip("cannot mount a FUSE file system here")
+        yield stall
+    finally:
+        stall.release()
 
 
 def main(mountpoint: str) -> None:

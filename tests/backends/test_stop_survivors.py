@@ -21,12 +21,12 @@ import platform
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
-from backends.fuse_stall import Stall
+from backends.fuse_stall import Stall, stalled
 from labgate.backends import process as process_module
 from labgate.backends.base import LaunchSpec, Started
 from labgate.backends.process import ProcessBackend
@@ -59,6 +59,8 @@ open(sys.argv[-1] + "/file")
 
 #: Starts a script as a tool: its Started, its LaunchSpec and the token on its command line.
 Launch = Callable[..., Awaitable[tuple[Started, LaunchSpec, str]]]
+
+__all__ = ["stalled"]  # the fixture, for this module's tests
 
 
 def read_bytes(path: str) -> bytes:
@@ -146,21 +148,6 @@ async def launch(settings: Settings, backend: ProcessBackend) -> AsyncIterator[L
         for pid in running_with(token):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def stalled(tmp_path: Path) -> Iterator[Stall]:
-    """A stalled file system, root only; released when the test ends."""
-    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
-        pytest.skip("mounting a FUSE file system needs root and /dev/fuse")
-    (tmp_path / "stalled").mkdir()
-    stall = Stall(tmp_path / "stalled")
-    try:
-        if not stall.ready:
-            pytest.skip("cannot mount a FUSE file system here")
-        yield stall
-    finally:
-        stall.release()
 
 
 def sys_exit() -> str:
