@@ -141,15 +141,20 @@ def _check_ancestors(path: Path) -> None:
             )
 
 
-def _check_own(path: Path, what: str) -> None:
-    """Refuse ``path`` (followed if a link) unless it is ours and nobody else may write in it."""
-    info = path.stat()
+def _check_owner(path: Path, what: str, info: os.stat_result) -> None:
+    """Refuse ``path`` unless the account labgate runs as owns it."""
     if info.st_uid != os.geteuid():
         raise UnsafeSetup(
             f"{what} {path} is owned by uid {info.st_uid}, not by the user labgate runs as "
             f"(uid {os.geteuid()}): that account could put links where root follows them; "
             f"chown it"
         )
+
+
+def _check_own(path: Path, what: str) -> None:
+    """Refuse ``path`` (followed if a link) unless it is ours and nobody else may write in it."""
+    info = path.stat()
+    _check_owner(path, what, info)
     if stat.S_IMODE(info.st_mode) & 0o022:
         raise UnsafeSetup(
             f"{what} {path} is mode {stat.S_IMODE(info.st_mode):04o}: other local users may "
@@ -164,11 +169,7 @@ def prepare_data_dir(data_dir: Path) -> None:
     _check_ancestors(data_dir.absolute())
     private_dir(data_dir)
     info = data_dir.stat()
-    if info.st_uid != os.geteuid():
-        raise UnsafeSetup(
-            f"the data dir {data_dir} is owned by uid {info.st_uid}, not by the user labgate "
-            f"runs as (uid {os.geteuid()}): that account could replace what is in it; chown it"
-        )
+    _check_owner(data_dir, "the data dir", info)
     if _too_open(info.st_mode):
         raise UnsafeSetup(
             f"the data dir {data_dir} is mode {stat.S_IMODE(info.st_mode):04o}: other local "

@@ -80,6 +80,18 @@ ROUTER_SCOPE = "router"
 _hasher = PasswordHasher()
 
 
+def host_only(name: str, secure: bool) -> str:
+    """``name`` as labgate's cookies are called: ``__Host-<name>`` when cookies are Secure.
+
+    Browsers take a ``__Host-`` cookie only from the host itself (Secure,
+    ``Path=/``, no ``Domain``), so a page on a sibling host (an instance host)
+    cannot plant one; over plain http such a name would be refused, so the
+    plain one stays, and a copy sent twice counts for nothing
+    (:func:`cookie_count`).
+    """
+    return f"__Host-{name}" if secure else name
+
+
 def session_cookie_name(secure: bool) -> str:
     """The session cookie's name: ``__Host-labgate-session`` when cookies are Secure.
 
@@ -88,7 +100,7 @@ def session_cookie_name(secure: bool) -> str:
     stays; there a page on a sibling host can plant a cookie of that name
     (``Domain=<parent>``), which :func:`cookie_count` makes worthless.
     """
-    return SECURE_SESSION_COOKIE if secure else SESSION_COOKIE
+    return host_only(SESSION_COOKIE, secure)
 
 
 def instance_cookie_name(secure: bool) -> str:
@@ -99,7 +111,7 @@ def instance_cookie_name(secure: bool) -> str:
     ``labgate-instance`` for a parent domain and any path, but no
     ``__Host-`` cookie.
     """
-    return SECURE_INSTANCE_COOKIE if secure else INSTANCE_COOKIE
+    return host_only(INSTANCE_COOKIE, secure)
 
 
 def cookie_count(headers: Iterable[str], name: str) -> int:

@@ -456,14 +456,10 @@ def _project(directory: Path, marker: Path) -> Path:
     return project
 
 
-async def test_a_tasks_requirements_carry_no_pip_option(app, client, make_user, tmp_path):
-    secret = tmp_path / "root-only.txt"
-    secret.write_text("root-only-line-SECRET123\n")
-    secret.chmod(0o600)
-    alice = await make_user("alice")
-    for requirement in (f"--requirement={secret}", f"-r{secret}", "--index-url=http://x/"):
-        definition = f"""
-name = "pipopt"
+async def _submit_requirement(client: Any, headers: dict[str, str], requirement: str) -> Any:
+    """The answer to a run of one task whose Python requirements are ``[requirement]``."""
+    definition = f"""
+name = "requirements"
 [[stages]]
 name = "one"
 [[stages.tasks]]
@@ -472,11 +468,18 @@ command = "true"
 where = {{site = "alpha"}}
 environment = {{python = ["{requirement}"]}}
 """
-        answer = await client.post(
-            "/api/v1/runs",
-            content=definition,
-            headers={**alice, "Content-Type": "text/plain"},
-        )
+    return await client.post(
+        "/api/v1/runs", content=definition, headers={**headers, "Content-Type": "text/plain"}
+    )
+
+
+async def test_a_tasks_requirements_carry_no_pip_option(app, client, make_user, tmp_path):
+    secret = tmp_path / "root-only.txt"
+    secret.write_text("root-only-line-SECRET123\n")
+    secret.chmod(0o600)
+    alice = await make_user("alice")
+    for requirement in (f"--requirement={secret}", f"-r{secret}", "--index-url=http://x/"):
+        answer = await _submit_requirement(client, alice, requirement)
         assert answer.status_code == 400, (requirement, answer.status_code, answer.text)
         assert answer.json()["error"] == "invalid_run", answer.text
         assert "SECRET123" not in answer.text
@@ -497,21 +500,7 @@ async def test_a_tasks_requirements_are_never_built_from_source_by_the_agent(
     project = _project(tmp_path, marker)
     alice = await make_user("alice")
     for requirement in (str(project), f"proj @ file://{project}"):
-        definition = f"""
-name = "build"
-[[stages]]
-name = "one"
-[[stages.tasks]]
-name = "t"
-command = "true"
-where = {{site = "alpha"}}
-environment = {{python = ["{requirement}"]}}
-"""
-        answer = await client.post(
-            "/api/v1/runs",
-            content=definition,
-            headers={**alice, "Content-Type": "text/plain"},
-        )
+        answer = await _submit_requirement(client, alice, requirement)
         assert answer.status_code == 400, (requirement, answer.status_code, answer.text)
     assert not marker.exists(), marker.read_text()
     # A site: neither a source tree nor a wheel that names one as its dependency.

@@ -28,7 +28,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from labgate.errors import Forbidden
-from labgate.security import SessionSigner
+from labgate.security import SessionSigner, host_only
 
 #: The pre-session cookie of the sign-in form; the form carries its token (plain http).
 LOGIN_COOKIE = "labgate-login"
@@ -97,7 +97,7 @@ def login_cookie(secure: bool) -> tuple[str, str]:
     themselves, which leaves only the origin check between a browser that
     sends neither ``Origin`` nor ``Referer`` and a login CSRF.
     """
-    return (SECURE_LOGIN_COOKIE, "/") if secure else (LOGIN_COOKIE, "/login")
+    return host_only(LOGIN_COOKIE, secure), "/" if secure else "/login"
 
 
 def login_form_token(request: Request, signer: SessionSigner, *, secure: bool) -> tuple[str, str]:

@@ -28,7 +28,7 @@ from labgate.identity.base import IdentityProvider
 from labgate.portal.api.auth import complete_sign_in, set_session_cookie
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.signin import login_page, safe_next
-from labgate.security import cookie_count, tossed_cookie_clearers
+from labgate.security import cookie_count, host_only, tossed_cookie_clearers
 
 router = APIRouter(include_in_schema=False)
 
@@ -41,9 +41,8 @@ FLOW_MAX_AGE = 600
 
 def flow_cookie(portal: Portal) -> tuple[str, str]:
     """The flow cookie's name and path on this portal (``__Host-``, ``/``, when Secure)."""
-    if portal.settings.effective_cookie_secure:
-        return SECURE_FLOW_COOKIE, "/"
-    return FLOW_COOKIE, "/login"
+    secure = portal.settings.effective_cookie_secure
+    return host_only(FLOW_COOKIE, secure), "/" if secure else "/login"
 
 
 def _drop_flow_cookie(portal: Portal, response: Response) -> None:
