@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from labgate.config import Settings, SiteConfig
@@ -18,3 +23,13 @@ def settings(settings: Settings) -> Settings:
             ]
         }
     )
+
+
+@pytest.fixture
+def shelf() -> Iterator[Path]:
+    """A folder anyone may read, for wheel files a run names (a site reads them with the
+    owner's rights; pytest's own ``tmp_path`` is root's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="labgate-wheels-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

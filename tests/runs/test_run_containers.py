@@ -115,10 +115,10 @@ def env_images(engine: Engine) -> Iterator[None]:
 
 
 async def test_a_requirements_image_is_built_once_and_runs_a_callable(
-    client, make_user, engine, deployment, tmp_path: Path, env_images
+    client, make_user, engine, deployment, shelf: Path, env_images
 ):
     alice = await make_user("alice")
-    wheel = make_wheel(tmp_path, "labgate_box_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
+    wheel = make_wheel(shelf, "labgate_box_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
     definition = f"""
 name = "reqs"
 [[stages]]

@@ -6,11 +6,11 @@ from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
 
 async def test_a_callable_from_the_tasks_requirements_runs_in_a_venv_made_once(
-    client, make_user, tmp_path, settings
+    client, make_user, shelf, settings
 ):
     alice = await make_user("alice")
     source = "def answer(x):\n    return {'twice': 2 * x}\n"
-    wheel = make_wheel(tmp_path, "labgate_demo_pkg", source)
+    wheel = make_wheel(shelf, "labgate_demo_pkg", source)
     definition = f"""
 name = "envs"
 [[stages]]

@@ -156,10 +156,10 @@ async def test_a_two_stage_run_on_a_slurm_site_runs_as_its_owner_with_results_ba
 
 
 async def test_python_requirements_run_in_a_venv_the_agent_made_on_the_shared_area(
-    client: httpx.AsyncClient, make_user, slurm: Cluster, slurm_dir: Path, tmp_path: Path
+    client: httpx.AsyncClient, make_user, slurm: Cluster, slurm_dir: Path, shelf: Path
 ) -> None:
     alice = await make_user("alice")
-    wheel = make_wheel(tmp_path, "labgate_hpc_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
+    wheel = make_wheel(shelf, "labgate_hpc_pkg", "def answer(x):\n    return {'twice': 2 * x}\n")
     definition = f"""
 name = "hpc-env"
 [[stages]]
@@ -180,13 +180,16 @@ environment = {{python = ["{wheel}"]}}
     assert tasks_of(run)["call"]["result"] == {"twice": 42}
     envs = list((slurm_dir / "jobs" / "envs").iterdir())
     assert len(envs) == 1  # one list, one venv, for both jobs
-    # The agent's, readable by the jobs' accounts, writable by none of them.
+    # The list names a wheel file, read as alice's account: the venv is that account's
+    # alone (another might not read the file), its files the agent's.
+    account = pwd.getpwnam(ACCOUNTS["alice"])
     info = envs[0].stat()
-    assert info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & 0o022 == 0
+    assert info.st_uid == account.pw_uid and stat.S_IMODE(info.st_mode) == 0o700
+    assert (envs[0] / "pyvenv.cfg").stat().st_uid == os.geteuid()
     logs = await client.get(f"/api/v1/runs/{run_id}/logs", params={"task": "where"}, headers=alice)
     prefix, uid = logs.json()["text"].split()
     assert prefix == str(envs[0].resolve())
-    assert int(uid) == pwd.getpwnam(ACCOUNTS["alice"]).pw_uid
+    assert int(uid) == account.pw_uid
 
 
 ONE_LONG = """

@@ -28,6 +28,7 @@ from labgate.agent.taskenv import requirement_refusal
 from labgate.agent.tasks import Outcome, TaskExecutor, read_outcome
 from labgate.backends import container_tasks as engine
 from labgate.backends.containers import ContainerBackend
+from labgate.backends.wheels import Reader
 from labgate.errors import BadRequest
 from labgate.wire.runs import TaskSpec
 
@@ -60,6 +61,13 @@ class ContainerTaskExecutor(TaskExecutor):
         """This executor makes the task's environment itself (an image, not a venv)."""
         return in_container(spec)
 
+    async def reader(self, spec: TaskSpec) -> Reader | None:
+        """A container's task has no account on the host: ``nobody`` reads its wheel
+        files (as root); the others are the fallback's."""
+        if in_container(spec):
+            return await super().reader(spec)
+        return await self.fallback.reader(spec)
+
     async def start(
         self,
         spec: TaskSpec,
@@ -86,7 +94,8 @@ class ContainerTaskExecutor(TaskExecutor):
             await self.backend.reach_labgate(spec.attempt_id, reach)
             body["api_url"] = reach["LABGATE_API_URL"]
         try:
-            image = await asyncio.to_thread(self._image, spec, say)
+            reader = await self.reader(spec)
+            image = await asyncio.to_thread(self._image, spec, say, reader)
             body["started"] = time.time()  # the timeout counts from here, not the image's build
             (directory / "task.json").write_text(json.dumps(body))
             (directory / MARKER).write_text(image)
@@ -96,7 +105,7 @@ class ContainerTaskExecutor(TaskExecutor):
         except engine.ENGINE_ERRORS as exc:
             raise BadRequest(f"container engine at {self.backend.engine_address}: {exc}") from None
 
-    def _image(self, spec: TaskSpec, say: Callable[[str], None]) -> str:
+    def _image(self, spec: TaskSpec, say: Callable[[str], None], reader: Reader | None) -> str:
         refusal = requirement_refusal(spec.python)
         if refusal is not None:  # the site's pip would read or build it (taskenv)
             raise BadRequest(f"preparing the Python environment refused: {refusal}")
@@ -109,7 +118,7 @@ class ContainerTaskExecutor(TaskExecutor):
                 f"site {self.backend.site} has no base image for Python requirements: name "
                 "environment.image, or set the site's task_image option"
             )
-        return engine.env_image(self.backend, base, spec.python, say)
+        return engine.env_image(self.backend, base, spec.python, say, reader)
 
     async def poll(self, directory: Path) -> Outcome | None:
         """None while the container runs; its outcome (read once, then kept) when it ended."""

@@ -8,6 +8,10 @@ every later task with the same list, of any run, reuses it. Tasks asking for
 the same list at once wait for one preparation. A venv is ready once its
 ``.ready`` marker is written; a half-made one (a crash meanwhile) is made
 again.
+
+A wheel file on the site is read with the rights of the task's owner and
+pip installs that copy (:mod:`labgate.backends.wheels`); a list that names
+one is prepared per reader.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import asyncio
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from labgate.backends.wheels import Reader, read_wheels, reader_key
 from labgate.errors import BadRequest
 
 #: Longest a venv preparation may take (seconds).
@@ -98,9 +105,11 @@ def split_requirements(requirements: list[str]) -> tuple[list[str], list[str]]:
 Progress = Callable[[str], Awaitable[None]]
 
 
-def env_key(requirements: list[str]) -> str:
-    """The name of the venv for ``requirements`` (the same for the same list in any order)."""
-    canonical = json.dumps(sorted(r.strip() for r in requirements if r.strip()))
+def env_key(requirements: list[str], reader: Reader | None = None) -> str:
+    """The name of the venv for ``requirements`` (the same for the same list in any order),
+    read as ``reader`` (:func:`reader_key`)."""
+    listed: list[object] = [*sorted(r.strip() for r in requirements if r.strip())]
+    canonical = json.dumps(listed + reader_key(requirements, reader))
     return hashlib.sha256(canonical.encode()).hexdigest()[:20]
 
 
@@ -112,20 +121,23 @@ class EnvironmentCache:
         self.python = python
         self._locks: dict[str, asyncio.Lock] = {}
 
-    def path(self, requirements: list[str]) -> Path:
-        """Where the venv of ``requirements`` is (ready or not)."""
-        return self.root / env_key(requirements)
+    def path(self, requirements: list[str], reader: Reader | None = None) -> Path:
+        """Where the venv of ``requirements`` read as ``reader`` is (ready or not)."""
+        return self.root / env_key(requirements, reader)
 
-    async def prepare(self, requirements: list[str], progress: Progress) -> Path:
+    async def prepare(
+        self, requirements: list[str], progress: Progress, reader: Reader | None = None
+    ) -> Path:
         """The ready venv for ``requirements``, made now if there is none.
 
         A list with a pip option or something pip would build from source is
-        refused (:func:`requirement_refusal`) before anything runs.
+        refused (:func:`requirement_refusal`) before anything runs. Wheel files
+        are read as ``reader`` (:func:`read_wheels`).
         """
         refusal = requirement_refusal(requirements)
         if refusal is not None:
             raise BadRequest(f"preparing the Python environment refused: {refusal}")
-        target = self.path(requirements)
+        target = self.path(requirements, reader)
         if (target / ".ready").exists():
             return target
         lock = self._locks.setdefault(target.name, asyncio.Lock())
@@ -137,15 +149,25 @@ class EnvironmentCache:
                 "once per distinct list, reused after"
             )
             started = asyncio.get_running_loop().time()
-            await asyncio.to_thread(self._make, target, requirements)
+            await asyncio.to_thread(self._make, target, requirements, reader)
             seconds = asyncio.get_running_loop().time() - started
             await progress(f"Python environment {target.name} ready in {seconds:.1f}s")
         return target
 
-    def _make(self, target: Path, requirements: list[str]) -> None:
+    def _make(self, target: Path, requirements: list[str], reader: Reader | None) -> None:
         if target.exists():
             shutil.rmtree(target)  # half-made by a process that died
         target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        with tempfile.TemporaryDirectory(prefix=".wheels-", dir=target.parent) as wheels:
+            self._install(target, read_wheels(requirements, reader, Path(wheels)))
+        if reader is not None and reader_key(requirements, reader):
+            # It holds what only its reader may read: theirs alone (readable by the
+            # task, which runs as them; never shared, so nobody else's to spoil).
+            os.chown(target, reader.uid, reader.gid)
+            target.chmod(0o700)
+        (target / ".ready").write_text(json.dumps(sorted(requirements)))
+
+    def _install(self, target: Path, requirements: list[str]) -> None:
         # The venv gets no pip of its own (ensurepip takes seconds): labgate's pip
         # installs into it (``pip --python``); without one, the venv's own is made.
         has_pip = importlib.util.find_spec("pip") is not None
@@ -177,4 +199,3 @@ class EnvironmentCache:
                 shutil.rmtree(target, ignore_errors=True)
                 tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-FAILED_TAIL:])
                 raise BadRequest(f"preparing the Python environment failed:\n{tail}")
-        (target / ".ready").write_text(json.dumps(sorted(requirements)))

@@ -50,6 +50,7 @@ from labgate.backends.identity import Identity, hand_over, instance_identity
 from labgate.backends.limits import dropping_argv
 from labgate.backends.procfs import tail_of
 from labgate.backends.sandbox import SandboxError, bwrap_argv, find_bwrap
+from labgate.backends.wheels import NOBODY_READER, Reader
 from labgate.errors import BadRequest, Conflict, NotFound
 from labgate.wire.runs import TaskSpec
 from labgate.wire.site import Report, Reporter
@@ -105,6 +106,11 @@ class TaskExecutor(abc.ABC):
     def environment_cache(self, default_root: Path) -> EnvironmentCache:
         """Where this executor's tasks' venvs are made (``default_root``: the site's data dir)."""
         return EnvironmentCache(default_root)
+
+    async def reader(self, spec: TaskSpec) -> Reader | None:
+        """Whose rights the task's wheel files on the site are read with (None: the
+        agent's own, when it is not root). By default, as root, ``nobody``'s."""
+        return NOBODY_READER if os.geteuid() == 0 else None
 
     @abc.abstractmethod
     async def start(
@@ -168,6 +174,11 @@ class ProcessTaskExecutor(TaskExecutor):
                 "which is not installed (apt-get install bubblewrap)"
             )
         return bwrap
+
+    async def reader(self, spec: TaskSpec) -> Reader | None:
+        """The uid the task runs as (as root): its owner's wheel files are theirs to read."""
+        identity = self.identity(spec.owner_id)
+        return None if identity is None else Reader(identity.uid, identity.gid)
 
     def identity(self, owner_id: int | None) -> Identity | None:
         """Who a task of user ``owner_id`` runs as; None: the site's own account.
@@ -364,7 +375,8 @@ class TaskRunner:
 
         try:
             if spec.python and not self.executor.prepares(spec):
-                env_dir = await self.environments.prepare(spec.python, progress)
+                reader = await self.executor.reader(spec)
+                env_dir = await self.environments.prepare(spec.python, progress, reader)
             await self.executor.start(spec, directory, env_dir, progress)
         except asyncio.CancelledError:
             raise

@@ -67,6 +67,7 @@ from labgate.backends.slurm.accounts import (
 from labgate.backends.slurm.backend import SlurmBackend, describe_end
 from labgate.backends.slurm.jobdir import open_jobs_dir, write_job_dir
 from labgate.backends.slurm.jobs import Job, JobRequest, SlurmError
+from labgate.backends.wheels import Reader
 from labgate.errors import BadRequest, LabgateError
 from labgate.wire.runs import TaskSpec
 
@@ -117,6 +118,14 @@ class SlurmTaskExecutor(TaskExecutor):
         """
         root = self.backend.jobs_dir.resolve() / "envs"
         return EnvironmentCache(root, python=self.config.python or sys.executable)
+
+    async def reader(self, spec: TaskSpec) -> Reader | None:
+        """The owner's account reads their wheel files (as root; None with ``run_as =
+        "agent"``, or when the agent is not root and cannot switch)."""
+        account = await asyncio.to_thread(self._account, spec.owner)
+        if account is None or os.geteuid() != 0:
+            return None
+        return Reader(account.uid, account.gid, account.groups)
 
     @property
     def site(self) -> str:

@@ -39,6 +39,7 @@ from docker.errors import DockerException, ImageNotFound, NotFound  # type: igno
 
 from labgate.backends import container_security as security
 from labgate.backends.containers import ContainerBackend
+from labgate.backends.wheels import Reader, read_wheels, reader_key
 from labgate.errors import BadRequest
 
 #: What a failing engine call raises.
@@ -64,9 +65,11 @@ _locks: dict[str, threading.Lock] = {}
 _locks_guard = threading.Lock()
 
 
-def env_tag(base: str, requirements: list[str]) -> str:
-    """The image of ``requirements`` on ``base`` (the same for the list in any order)."""
-    canonical = json.dumps([base, sorted(r.strip() for r in requirements if r.strip())])
+def env_tag(base: str, requirements: list[str], reader: Reader | None = None) -> str:
+    """The image of ``requirements`` on ``base`` (the same for the list in any order),
+    its wheel files read as ``reader`` (:func:`labgate.backends.wheels.reader_key`)."""
+    listed = sorted(r.strip() for r in requirements if r.strip())
+    canonical = json.dumps([base, listed, *reader_key(requirements, reader)])
     return f"{ENV_REPOSITORY}:{hashlib.sha256(canonical.encode()).hexdigest()[:20]}"
 
 
@@ -94,9 +97,16 @@ def ensure_image(backend: ContainerBackend, image: str, say: Say) -> None:
         raise BadRequest(f"cannot pull image {image}: the engine does not have it")
 
 
-def env_image(backend: ContainerBackend, base: str, requirements: list[str], say: Say) -> str:
-    """The image of ``requirements`` on ``base``, built now if the engine has none."""
-    tag = env_tag(base, requirements)
+def env_image(
+    backend: ContainerBackend,
+    base: str,
+    requirements: list[str],
+    say: Say,
+    reader: Reader | None = None,
+) -> str:
+    """The image of ``requirements`` on ``base``, built now if the engine has none; its
+    wheel files are read as ``reader`` (:func:`labgate.backends.wheels.read_wheels`)."""
+    tag = env_tag(base, requirements, reader)
     with _locks_guard:
         lock = _locks.setdefault(tag, threading.Lock())
     with lock:
@@ -107,9 +117,12 @@ def env_image(backend: ContainerBackend, base: str, requirements: list[str], say
             f"preparing image {tag} ({len(requirements)} requirement(s) on {base}); "
             "once per distinct list, reused after"
         )
-        with tempfile.TemporaryDirectory(prefix="labgate-task-env-") as context:
-            root = Path(context)
-            _pip_install(root / "env", requirements)
+        with (
+            tempfile.TemporaryDirectory(prefix="labgate-task-env-") as context,
+            tempfile.TemporaryDirectory(prefix="labgate-task-wheels-") as wheels,
+        ):
+            root = Path(context)  # the build's context: what wheels were read stays out
+            _pip_install(root / "env", read_wheels(requirements, reader, Path(wheels)))
             (root / "Containerfile").write_text(
                 f"FROM {base}\n"
                 f"COPY env {ENV_PREFIX}\n"
