@@ -17,7 +17,15 @@ portal replica signs alike and nothing more is stored), published at
 access token.
 
 Codes live 60 seconds and are good once; access tokens live 10 minutes.
-Both are kept in this process's memory.
+Both are kept in this process's memory, each with the grant behind it: the
+client, the user, the portal session they were signed in with and when they
+said yes. A code or token counts only while that grant stands (checked in
+the database at every exchange and every ``/oauth/userinfo``): the session
+not signed out nor ended (``sessions_valid_after``: password change,
+disabling), the account there, and for an instance's client the instance
+still running and the person still one who may use it. A code used twice
+takes back the access token it was exchanged for the first time (RFC 6749
+section 4.1.2): one of the two holders is not the client.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 from urllib.parse import unquote, urlencode
 
@@ -41,7 +49,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.config import OAuthClientConfig
-from labgate.db.models import Group, GroupMember, Instance, ShareAccess, User
+from labgate.db.models import Group, GroupMember, Instance, RevokedSession, ShareAccess, User
 from labgate.portal.auth import optional_principal
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
@@ -57,8 +65,14 @@ _P256_ORDER = int("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632
 
 @dataclass(frozen=True)
 class _Grant:
+    """What a person allowed a client at ``/oauth/authorize`` (a code, then a token)."""
+
     client_id: str
     user_id: int
+    #: The portal session the person said yes in: signing it out ends the grant.
+    session_id: str
+    #: When they said yes: a grant older than the user's ``sessions_valid_after`` is over.
+    issued: float
     redirect_uri: str
     nonce: str
     challenge: str
@@ -81,7 +95,10 @@ class OAuthState:
         self.key = ECKey.import_key(pem, {"use": "sig", "alg": "ES256"})
         self.key.ensure_kid()
         self.codes: dict[str, _Grant] = {}
-        self.tokens: dict[str, tuple[int, float]] = {}
+        #: Access token -> the grant it was issued on (``expires``: the token's).
+        self.tokens: dict[str, _Grant] = {}
+        #: Code already exchanged -> the access token it gave, until that token expires.
+        self.redeemed: dict[str, tuple[str, float]] = {}
 
     def jwks(self) -> dict[str, Any]:
         """The public key set."""
@@ -97,14 +114,32 @@ class OAuthState:
         self.codes[code] = grant
         return code
 
-    def new_token(self, user_id: int) -> str:
-        """An access token for ``/oauth/userinfo``."""
+    def reserve_token(self, code: str) -> str:
+        """The access token ``code`` is being exchanged for; good once :meth:`grant_token`."""
         now = time.time()
-        for token in [t for t, (_, expires) in self.tokens.items() if expires <= now]:
+        for token in [t for t, g in self.tokens.items() if g.expires <= now]:
             del self.tokens[token]
+        for used in [c for c, (_, expires) in self.redeemed.items() if expires <= now]:
+            del self.redeemed[used]
         token = secrets.token_urlsafe(32)
-        self.tokens[token] = (user_id, now + TOKEN_SECONDS)
+        # Marked before the database is asked: a second exchange meanwhile is a reuse too.
+        self.redeemed[code] = (token, now + TOKEN_SECONDS)
         return token
+
+    def grant_token(self, code: str, token: str, grant: _Grant) -> bool:
+        """Make ``token`` good for ``grant``, unless ``code`` was reused since it was reserved."""
+        if self.redeemed.get(code, ("", 0.0))[0] != token:
+            return False
+        self.tokens[token] = replace(grant, expires=time.time() + TOKEN_SECONDS)
+        return True
+
+    def reused(self, code: str) -> bool:
+        """Whether ``code`` was exchanged before; if so its access token is taken back."""
+        found = self.redeemed.pop(code, None)
+        if found is None:
+            return False
+        self.tokens.pop(found[0], None)
+        return True
 
 
 def oauth_state(request: Request) -> OAuthState:
@@ -191,6 +226,30 @@ def _may_use(session: Session, instance_id: str, user_id: int, is_admin: bool) -
     if is_admin or instance.owner_id == user_id:
         return True
     return shares_for(session, user_id).get(instance_id) == ShareAccess.use.value
+
+
+def _standing(portal: Portal, session: Session, grant: _Grant) -> dict[str, Any] | None:
+    """The user's claims while ``grant`` still stands, else None.
+
+    A code or token is worth what the person's sign-in and access are worth
+    now, not when it was issued: signed out, sessions ended, the account
+    disabled or gone, and, for an instance's client, the instance stopped
+    or no longer shared with them, each ends it.
+    """
+    user = session.get(User, grant.user_id)
+    if user is None or user.disabled:
+        return None
+    if grant.issued < user.sessions_valid_after.timestamp():
+        return None
+    if not grant.session_id or session.get(RevokedSession, grant.session_id) is not None:
+        return None
+    if not any(c.client_id == grant.client_id for c in portal.settings.oauth_clients):
+        instance = session.get(Instance, grant.client_id)
+        if instance is None or not instance.state.active:
+            return None
+        if not _may_use(session, instance.id, user.id, user.is_admin):
+            return None
+    return _claims(session, user.id)
 
 
 def _claims(session: Session, user_id: int) -> dict[str, Any] | None:
@@ -287,13 +346,16 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
             challenge,
         )
     else:
+        now = time.time()
         grant = _Grant(
             client.client_id,
             caller.user_id,
+            caller.session_id or "",
+            now,
             redirect_uri,
             params.get("nonce", ""),
             challenge,
-            time.time() + CODE_SECONDS,
+            now + CODE_SECONDS,
         )
         back["code"] = oauth_state(request).new_code(grant)
     joiner = "&" if "?" in redirect_uri else "?"
@@ -342,6 +404,8 @@ async def token(
     if grant_type != "authorization_code":
         return _error(400, "unsupported_grant_type", "only authorization_code")
     state = oauth_state(request)
+    if state.reused(code):
+        return _error(400, "invalid_grant", "the code was used before; its token is revoked")
     grant = state.codes.pop(code, None)  # good once, whatever happens next
     if (
         grant is None
@@ -352,9 +416,17 @@ async def token(
         return _error(400, "invalid_grant", "the code is unknown, used, expired or not yours")
     if grant.challenge and not same(pkce_challenge(code_verifier or ""), grant.challenge):
         return _error(400, "invalid_grant", "the code verifier does not match")
-    claims = await portal.run_db(lambda s: _claims(s, grant.user_id))
+    access_token = state.reserve_token(code)
+    claims = await portal.run_db(lambda s: _standing(portal, s, grant))
     if claims is None:
-        return _error(400, "invalid_grant", "the account is disabled or gone")
+        return _error(
+            400,
+            "invalid_grant",
+            "the sign-in behind the code has ended (signed out, account disabled, "
+            "access withdrawn or instance stopped)",
+        )
+    if not state.grant_token(code, access_token, grant):
+        return _error(400, "invalid_grant", "the code was used twice; its token is revoked")
     now = int(time.time())
     body = {
         **claims,
@@ -369,7 +441,7 @@ async def token(
     id_token = jwt.encode(header, body, state.key, algorithms=["ES256"])
     return JSONResponse(
         {
-            "access_token": state.new_token(grant.user_id),
+            "access_token": access_token,
             "token_type": "Bearer",
             "expires_in": TOKEN_SECONDS,
             "id_token": id_token,
@@ -383,10 +455,22 @@ async def userinfo(request: Request, portal: Portal = Depends(get_portal)) -> Re
     """The claims of the access token's user."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     tokens = oauth_state(request).tokens
-    found = tokens.get(value.strip()) if scheme.lower() == "bearer" else None
-    if found is None or found[1] <= time.time():
-        return _error(401, "invalid_token", "unknown or expired access token")
-    claims = await portal.run_db(lambda s: _claims(s, found[0]))
+    token = value.strip()
+    found = tokens.get(token) if scheme.lower() == "bearer" else None
+    if found is None or found.expires <= time.time():
+        return _bearer_error("unknown or expired access token")
+    claims = await portal.run_db(lambda s: _standing(portal, s, found))
     if claims is None:
-        return _error(401, "invalid_token", "the account is disabled or gone")
+        tokens.pop(token, None)  # over for good, even if the share or session came back
+        return _bearer_error(
+            "the sign-in behind the access token has ended (signed out, account disabled, "
+            "access withdrawn or instance stopped)"
+        )
     return JSONResponse(claims)
+
+
+def _bearer_error(description: str) -> JSONResponse:
+    """401 ``invalid_token``, with the ``WWW-Authenticate`` challenge of RFC 6750."""
+    response = _error(401, "invalid_token", description)
+    response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+    return response
