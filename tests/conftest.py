@@ -135,12 +135,24 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Any]:
-    """The portal app served by uvicorn on a random loopback port, in the test's loop."""
+    """The portal app served by uvicorn on a random loopback port, in the test's loop.
+
+    After the test, every instance it left is stopped (:func:`stop_everything`).
+    One that cannot be stopped fails the test, named with its state and why: left
+    unnoticed it costs every run :data:`helpers.STOP_EVERYTHING_TIMEOUT` seconds.
+    """
     async with serving(settings) as application:
         try:
             yield application
         finally:
-            await stop_everything(application)
+            left = await stop_everything(application)
+    if left:
+        named = "\n".join(f"  {item.instance_id}: {item.state} ({item.why})" for item in left)
+        pytest.fail(
+            f"the test left {len(left)} instance(s) that stop_everything could not stop:\n"
+            f"{named}\nstop them in the test (or end its fake ones)",
+            pytrace=False,
+        )
 
 
 def port_rules(port: int | None) -> list[str]:

@@ -30,7 +30,11 @@ from labgate.wire.agent import (
 
 @dataclass
 class Spy:
-    """An agent that says it can run everything and records all it is sent."""
+    """An agent that says it can run everything and records all it is sent.
+
+    It answers every command ``ok`` and a stop with a ``stopped`` report, so a
+    test that stops its instances while the spy is connected leaves none behind.
+    """
 
     site: str
     ws: Any = None
@@ -39,10 +43,17 @@ class Spy:
     tickets: list[str] = field(default_factory=list)
     #: The routers each ticket named.
     routers: list[list[str]] = field(default_factory=list)
+    #: The sequence number of the last report sent: the portal drops one not above it.
+    seq: int = 0
 
     @property
     def text(self) -> str:
         return "\n".join(self.received)
+
+    async def report(self, report: ReportMsg) -> None:
+        """Send ``report`` with the next sequence number."""
+        self.seq += 1
+        await self.ws.send(dump(ReportEnvelope(seq=self.seq, report=report)))
 
 
 @contextlib.asynccontextmanager
@@ -74,8 +85,9 @@ async def spy_agent(url: str, site: str, token: str) -> AsyncIterator[Spy]:
                     await ws.send(dump(Result(id=message["id"], ok=True)))
                     if message["op"] == "stop":
                         iid = message["args"]["instance_id"]
-                        stopped = ReportMsg(instance_id=iid, state="stopped", message="stopped")
-                        await ws.send(dump(ReportEnvelope(seq=len(spy.commands), report=stopped)))
+                        await spy.report(
+                            ReportMsg(instance_id=iid, state="stopped", message="stopped")
+                        )
 
         task = asyncio.create_task(listen())
         try:

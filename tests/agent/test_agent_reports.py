@@ -19,7 +19,7 @@ from spies import spy_agent, wait_until
 
 from helpers import wait_for_state
 from labgate.db.models import Instance
-from labgate.wire.agent import ReportEnvelope, ReportMsg, dump
+from labgate.wire.agent import ReportMsg
 
 
 async def add_site(
@@ -43,9 +43,21 @@ async def launch_on(client: httpx.AsyncClient, headers: dict[str, str], spy: Any
     return str(started.json()["id"])
 
 
-async def report(spy: Any, seq: int, iid: str, state: str, endpoint: str | None = None) -> None:
-    message = ReportMsg(instance_id=iid, state=state, endpoint=endpoint, backend_state={"pid": 1})
-    await spy.ws.send(dump(ReportEnvelope(seq=seq, report=message)))
+async def report(spy: Any, iid: str, state: str, endpoint: str | None = None) -> None:
+    await spy.report(
+        ReportMsg(instance_id=iid, state=state, endpoint=endpoint, backend_state={"pid": 1})
+    )
+
+
+async def stop(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> None:
+    """Stop the spy's instance while it is connected: it answers ``stopped``.
+
+    Its agent gone, no stop could reach it (the spy runs nothing): the instance
+    would stay ``stopping`` past the test.
+    """
+    stopped = await client.delete(f"/api/v1/instances/{iid}", headers=headers)
+    assert stopped.status_code == 202, stopped.text
+    await wait_for_state(client, headers, iid, {"stopped"}, timeout=10)
 
 
 async def stored(app: Any, iid: str) -> tuple[str, str | None]:
@@ -73,21 +85,22 @@ async def test_an_endpoint_the_router_must_not_reach_is_refused(
     token = await add_site(client, admin_headers, "east", reach)
     async with spy_agent(app.state.test_url, "east", token) as spy:
         iid = await launch_on(client, admin_headers, spy, "east")
-        await report(spy, 1, iid, "starting")
-        await report(spy, 2, iid, "running", endpoint)
+        await report(spy, iid, "starting")
+        await report(spy, iid, "running", endpoint)
         await asyncio.sleep(0.5)
         # Refused whole: not running, no endpoint taken, no route to it.
         state, taken = await stored(app, iid)
         assert (state, taken or None) == ("starting", None)
         routes = app.state.portal.routes.table.routes
         assert iid not in routes or routes[iid].upstream != endpoint
-        await report(spy, 3, iid, "running", "http://10.1.2.3:8888")  # an honest one after
+        await report(spy, iid, "running", "http://10.1.2.3:8888")  # an honest one after
         await wait_until(lambda: iid in routes and routes[iid].state == "running")
         assert (await stored(app, iid)) == ("running", "http://10.1.2.3:8888")
         if reach == "direct":
             assert routes[iid].upstream == "http://10.1.2.3:8888"
         # The connection carried on: the agent was not cut off for it.
         assert spy.ws.close_code is None
+        await stop(client, admin_headers, iid)
 
 
 async def test_a_refused_state_change_leaves_the_endpoint_alone(
@@ -97,17 +110,18 @@ async def test_a_refused_state_change_leaves_the_endpoint_alone(
     async with spy_agent(app.state.test_url, "east", token) as spy:
         iid = await launch_on(client, admin_headers, spy, "east")
         # pending -> running is not a move the portal allows: nothing of it is taken.
-        await report(spy, 1, iid, "running", "http://10.9.9.9:1")
-        await report(spy, 2, iid, "bogus", "http://10.9.9.9:2")
+        await report(spy, iid, "running", "http://10.9.9.9:1")
+        await report(spy, iid, "bogus", "http://10.9.9.9:2")
         await asyncio.sleep(0.5)
         state, endpoint = await stored(app, iid)
         assert (state, endpoint or None) == ("pending", None)
-        await report(spy, 3, iid, "starting")
-        await report(spy, 4, iid, "running")
+        await report(spy, iid, "starting")
+        await report(spy, iid, "running")
         await asyncio.sleep(0.5)
         state, endpoint = await stored(app, iid)
         assert not endpoint
         assert spy.ws.close_code is None
+        await stop(client, admin_headers, iid)
 
 
 async def test_a_bad_stored_endpoint_does_not_stop_the_route_table_loading(

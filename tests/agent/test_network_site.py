@@ -167,5 +167,9 @@ def test_a_directly_reached_instance_keeps_answering_while_its_agent_is_away(
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
             assert page.status_code == 503 and "site is not connected" in page.text
+            # Its agent back, the instance of the tool that is gone ends: left away, its
+            # stop would wait out the site's grace period (20 s) after the test.
+            agent.start()
+            assert wait_state(client, iid, {"lost", "stopped"}, 30)["state"] == "lost"
     finally:
         agent.stop()

@@ -346,3 +346,8 @@ async def test_an_instance_routed_before_its_sites_link_was_made_is_routed_again
     assert portal.routes.table.routes["i-east"].upstream == "127.0.0.1:9"
     await portal.site_hub.register("east", "process", "tunnel")  # what the sync does
     assert portal.routes.table.routes["i-east"].upstream == "tunnel:east/i-east"
+
+    def end(session: Any) -> None:  # a record only: no agent could ever stop it
+        session.get(Instance, "i-east").state = InstanceState.stopped
+
+    await portal.run_db(end)

@@ -52,6 +52,8 @@ async def test_a_report_read_before_a_stop_does_not_undo_the_stop(app: Any) -> N
     assert runs == 2  # the report lost the race and was applied again, to a stopping instance
     assert state == InstanceState.stopping
     assert transitions == ["stopping"]
+    # The stop was recorded but never sent: the site's report ends the record instead.
+    await manager.apply(Report(instance_id, "stopped", message="stopped"))
 
 
 async def test_updates_from_one_read_each_still_all_land(app: Any) -> None:
