@@ -14,23 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
+from oauth_service import CALLBACK, SERVICE, SERVICE_SECRET, code_for, with_service
 
 from helpers import PASSWORD, wait_for_state
-from labgate.config import OAuthClientConfig, Settings
+from labgate.config import Settings
 from labgate.db.models import Instance
-
-SERVICE = "svc"
-SERVICE_SECRET = "svc-secret-123"
-CALLBACK = "http://service.test/callback"
 
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """The test portal, with one registered service besides the instances' clients."""
-    service = OAuthClientConfig(
-        client_id=SERVICE, client_secret=SERVICE_SECRET, redirect_uris=[CALLBACK]
-    )
-    return settings.model_copy(update={"oauth_clients": [service]})
+    return with_service(settings)
 
 
 async def signed_in(app: Any, name: str) -> tuple[httpx.AsyncClient, dict[str, str]]:
@@ -39,24 +33,6 @@ async def signed_in(app: Any, name: str) -> tuple[httpx.AsyncClient, dict[str, s
     login = await browser.post("/api/v1/auth/login", json={"username": name, "password": PASSWORD})
     assert login.status_code == 200, login.text
     return browser, {"X-CSRF-Token": login.json()["csrf_token"]}
-
-
-async def code_for(browser: httpx.AsyncClient, client_id: str, redirect_uri: str) -> str:
-    """The code ``/oauth/authorize`` sends the browser back with."""
-    back = await browser.get(
-        "/oauth/authorize",
-        params={
-            "response_type": "code",
-            "client_id": client_id,
-            "redirect_uri": redirect_uri,
-            "scope": "openid",
-            "state": "s",
-        },
-    )
-    assert back.status_code == 303, back.text
-    location = httpx.URL(back.headers["location"])
-    assert str(location).startswith(redirect_uri) and "code" in location.params, location
-    return str(location.params["code"])
 
 
 async def exchange(

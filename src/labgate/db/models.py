@@ -197,6 +197,35 @@ class RevokedSession(Base):
     expires_at: Mapped[datetime] = mapped_column(index=True)
 
 
+class OAuthGrant(Base):
+    """A code labgate's OpenID Connect provider gave out, then the access token it became.
+
+    Shared by every portal replica (migration 0015): a code from one is
+    exchanged at another, a token from one answered by another's
+    ``/oauth/userinfo`` (:mod:`labgate.portal.oauth`). Only hashes of the code
+    and token are stored. ``token_hash`` is set by the one exchange that
+    claims the code; ``expires_at`` is the code's expiry until then, the
+    token's after; ``revoked`` ends the token (the code used twice, or the
+    grant seen ended once). Rows past ``expires_at`` are deleted.
+    """
+
+    __tablename__ = "oauth_grants"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True, default=None)
+    client_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[int] = mapped_column(Integer)
+    #: The portal session the person said yes in.
+    session_id: Mapped[str] = mapped_column(String(64))
+    #: When they said yes (compared with the user's ``sessions_valid_after``).
+    issued_at: Mapped[datetime] = mapped_column()
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    nonce: Mapped[str] = mapped_column(Text, default="")
+    challenge: Mapped[str] = mapped_column(Text, default="")
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
 class SiteKind(enum.StrEnum):
     """Where a site's agent runs."""
 

@@ -66,6 +66,7 @@ SCHEMA_HEADS = frozenset(
         "0012_tunnel_routers",
         "0013_user_ids",
         "0014_pool_uids",
+        "0015_oauth_grants",
     }
 )
 _SETTING = "database_url (LABGATE_DATABASE_URL)"

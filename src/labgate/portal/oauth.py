@@ -17,15 +17,19 @@ portal replica signs alike and nothing more is stored), published at
 access token.
 
 Codes live 60 seconds and are good once; access tokens live 10 minutes.
-Both are kept in this process's memory, each with the grant behind it: the
-client, the user, the portal session they were signed in with and when they
-said yes. A code or token counts only while that grant stands (checked in
-the database at every exchange and every ``/oauth/userinfo``): the session
-not signed out nor ended (``sessions_valid_after``: password change,
-disabling), the account there, and for an instance's client the instance
-still running and the person still one who may use it. A code used twice
-takes back the access token it was exchanged for the first time (RFC 6749
-section 4.1.2): one of the two holders is not the client.
+Both are random values kept in the database (``oauth_grants``, by their
+SHA-256 only), so every portal replica answers for those of every other.
+Each row holds the grant behind its code and token: the client, the user,
+the portal session they were signed in with and when they said yes. A code
+or token counts only while that grant stands (checked in the database at
+every exchange and every ``/oauth/userinfo``): the session not signed out
+nor ended (``sessions_valid_after``: password change, disabling), the
+account there, and for an instance's client the instance still running and
+the person still one who may use it. A code used twice takes back the
+access token it was exchanged for the first time (RFC 6749 section 4.1.2):
+one of the two holders is not the client. The exchange claims the code's
+row with one conditional ``UPDATE``, so of two exchanges, on one replica or
+two, exactly one wins and the other revokes the winner's token.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass, replace
-from typing import Annotated, Any
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlencode
 
 from cryptography.hazmat.primitives import serialization
@@ -45,16 +50,24 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from joserfc import jwt
 from joserfc.jwk import ECKey
-from sqlalchemy import select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from labgate.config import OAuthClientConfig
-from labgate.db.models import Group, GroupMember, Instance, RevokedSession, ShareAccess, User
+from labgate.db.models import (
+    Group,
+    GroupMember,
+    Instance,
+    OAuthGrant,
+    RevokedSession,
+    ShareAccess,
+    User,
+)
 from labgate.portal.auth import optional_principal
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
 from labgate.portal.ui.render import error_page, login_url
-from labgate.security import HANDOFF_PATH, pkce_challenge, same
+from labgate.security import HANDOFF_PATH, hash_token, pkce_challenge, same
 
 router = APIRouter(include_in_schema=False)
 
@@ -80,7 +93,7 @@ class _Grant:
 
 
 class OAuthState:
-    """The signing key, and the codes and access tokens handed out (in memory)."""
+    """The ID token signing key (codes and access tokens are in the database)."""
 
     def __init__(self, secret_key: str) -> None:
         seed = hmac.new(secret_key.encode(), b"labgate.oidc-signing", hashlib.sha256).digest()
@@ -94,52 +107,78 @@ class OAuthState:
         )
         self.key = ECKey.import_key(pem, {"use": "sig", "alg": "ES256"})
         self.key.ensure_kid()
-        self.codes: dict[str, _Grant] = {}
-        #: Access token -> the grant it was issued on (``expires``: the token's).
-        self.tokens: dict[str, _Grant] = {}
-        #: Code already exchanged -> the access token it gave, until that token expires.
-        self.redeemed: dict[str, tuple[str, float]] = {}
 
     def jwks(self) -> dict[str, Any]:
         """The public key set."""
         public = self.key.as_dict(private=False)
         return {"keys": [public]}
 
-    def new_code(self, grant: _Grant) -> str:
-        """A one-time code for ``grant``; old ones are swept."""
-        now = time.time()
-        for code in [c for c, g in self.codes.items() if g.expires <= now]:
-            del self.codes[code]
-        code = secrets.token_urlsafe(32)
-        self.codes[code] = grant
-        return code
 
-    def reserve_token(self, code: str) -> str:
-        """The access token ``code`` is being exchanged for; good once :meth:`grant_token`."""
-        now = time.time()
-        for token in [t for t, g in self.tokens.items() if g.expires <= now]:
-            del self.tokens[token]
-        for used in [c for c, (_, expires) in self.redeemed.items() if expires <= now]:
-            del self.redeemed[used]
-        token = secrets.token_urlsafe(32)
-        # Marked before the database is asked: a second exchange meanwhile is a reuse too.
-        self.redeemed[code] = (token, now + TOKEN_SECONDS)
-        return token
+def _when(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
 
-    def grant_token(self, code: str, token: str, grant: _Grant) -> bool:
-        """Make ``token`` good for ``grant``, unless ``code`` was reused since it was reserved."""
-        if self.redeemed.get(code, ("", 0.0))[0] != token:
-            return False
-        self.tokens[token] = replace(grant, expires=time.time() + TOKEN_SECONDS)
-        return True
 
-    def reused(self, code: str) -> bool:
-        """Whether ``code`` was exchanged before; if so its access token is taken back."""
-        found = self.redeemed.pop(code, None)
-        if found is None:
-            return False
-        self.tokens.pop(found[0], None)
-        return True
+def _new_code(session: Session, grant: _Grant) -> str:
+    """A one-time code for ``grant``, stored as its hash; rows past their expiry are swept."""
+    session.execute(delete(OAuthGrant).where(OAuthGrant.expires_at <= _when(time.time())))
+    code = secrets.token_urlsafe(32)
+    session.add(
+        OAuthGrant(
+            code_hash=hash_token(code),
+            client_id=grant.client_id,
+            user_id=grant.user_id,
+            session_id=grant.session_id,
+            issued_at=_when(grant.issued),
+            redirect_uri=grant.redirect_uri,
+            nonce=grant.nonce,
+            challenge=grant.challenge,
+            expires_at=_when(grant.expires),
+        )
+    )
+    return code
+
+
+def _grant_of(row: OAuthGrant) -> _Grant:
+    return _Grant(
+        row.client_id,
+        row.user_id,
+        row.session_id,
+        row.issued_at.timestamp(),
+        row.redirect_uri,
+        row.nonce,
+        row.challenge,
+        row.expires_at.timestamp(),
+    )
+
+
+def _claim_code(session: Session, code: str, token: str) -> _Grant | Literal[False] | None:
+    """The grant behind ``code``, now exchanged for ``token``; or why not.
+
+    None: no such code (never issued, or swept). False: exchanged before;
+    the token it gave is revoked. The conditional ``UPDATE`` is the single
+    use: of two exchanges at once, on any replicas, one sets ``token_hash``
+    and the other finds it set.
+    """
+    code_hash = hash_token(code)
+    row = session.get(OAuthGrant, code_hash)
+    if row is None:
+        return None
+    grant = _grant_of(row)  # as issued: ``expires`` is the code's
+    claimed = session.execute(
+        update(OAuthGrant)
+        .where(OAuthGrant.code_hash == code_hash, OAuthGrant.token_hash.is_(None))
+        .values(token_hash=hash_token(token), expires_at=_when(time.time() + TOKEN_SECONDS))
+        .execution_options(synchronize_session=False)
+    )
+    if claimed.rowcount == 1:  # type: ignore[attr-defined]
+        return grant
+    session.execute(
+        update(OAuthGrant)
+        .where(OAuthGrant.code_hash == code_hash)
+        .values(revoked=True)
+        .execution_options(synchronize_session=False)
+    )
+    return False
 
 
 def oauth_state(request: Request) -> OAuthState:
@@ -333,6 +372,8 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
         or "openid" not in params.get("scope", "").split()
         or (challenge and method != "S256")
         or (handoff and not challenge)
+        or not _storable(challenge, 128)
+        or not _storable(params.get("nonce", ""), 1000)
     ):
         back["error"] = "invalid_request"
     elif handoff:
@@ -357,9 +398,14 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
             challenge,
             now + CODE_SECONDS,
         )
-        back["code"] = oauth_state(request).new_code(grant)
+        back["code"] = await portal.run_db(lambda s: _new_code(s, grant))
     joiner = "&" if "?" in redirect_uri else "?"
     return RedirectResponse(f"{redirect_uri}{joiner}{urlencode(back)}", status_code=303)
+
+
+def _storable(value: str, longest: int) -> bool:
+    """Whether the database keeps ``value`` as sent (no NUL in PostgreSQL), not too long."""
+    return len(value) <= longest and "\x00" not in value
 
 
 def _handoff_uri(portal: Portal, client: Client) -> str:
@@ -403,30 +449,15 @@ async def token(
         return _error(401, "invalid_client", "unknown client or wrong secret")
     if grant_type != "authorization_code":
         return _error(400, "unsupported_grant_type", "only authorization_code")
-    state = oauth_state(request)
-    if state.reused(code):
-        return _error(400, "invalid_grant", "the code was used before; its token is revoked")
-    grant = state.codes.pop(code, None)  # good once, whatever happens next
-    if (
-        grant is None
-        or grant.expires <= time.time()
-        or grant.client_id != client.client_id
-        or grant.redirect_uri != redirect_uri
-    ):
-        return _error(400, "invalid_grant", "the code is unknown, used, expired or not yours")
-    if grant.challenge and not same(pkce_challenge(code_verifier or ""), grant.challenge):
-        return _error(400, "invalid_grant", "the code verifier does not match")
-    access_token = state.reserve_token(code)
-    claims = await portal.run_db(lambda s: _standing(portal, s, grant))
-    if claims is None:
-        return _error(
-            400,
-            "invalid_grant",
-            "the sign-in behind the code has ended (signed out, account disabled, "
-            "access withdrawn or instance stopped)",
+    access_token = secrets.token_urlsafe(32)
+    exchanged = await portal.run_db(
+        lambda s: _exchange(
+            portal, s, code, access_token, client.client_id, redirect_uri, code_verifier or ""
         )
-    if not state.grant_token(code, access_token, grant):
-        return _error(400, "invalid_grant", "the code was used twice; its token is revoked")
+    )
+    if isinstance(exchanged, str):
+        return _error(400, "invalid_grant", exchanged)
+    grant, claims = exchanged
     now = int(time.time())
     body = {
         **claims,
@@ -437,8 +468,9 @@ async def token(
     }
     if grant.nonce:
         body["nonce"] = grant.nonce
-    header = {"alg": "ES256", "kid": state.key.kid, "typ": "JWT"}
-    id_token = jwt.encode(header, body, state.key, algorithms=["ES256"])
+    key = oauth_state(request).key
+    header = {"alg": "ES256", "kid": key.kid, "typ": "JWT"}
+    id_token = jwt.encode(header, body, key, algorithms=["ES256"])
     return JSONResponse(
         {
             "access_token": access_token,
@@ -454,19 +486,69 @@ async def token(
 async def userinfo(request: Request, portal: Portal = Depends(get_portal)) -> Response:
     """The claims of the access token's user."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    tokens = oauth_state(request).tokens
-    token = value.strip()
-    found = tokens.get(token) if scheme.lower() == "bearer" else None
-    if found is None or found.expires <= time.time():
+    token = value.strip() if scheme.lower() == "bearer" else ""
+    if not token:
         return _bearer_error("unknown or expired access token")
-    claims = await portal.run_db(lambda s: _standing(portal, s, found))
-    if claims is None:
-        tokens.pop(token, None)  # over for good, even if the share or session came back
+    answer = await portal.run_db(lambda s: _token_claims(portal, s, token))
+    if answer is None:
+        return _bearer_error("unknown or expired access token")
+    if answer is False:
         return _bearer_error(
             "the sign-in behind the access token has ended (signed out, account disabled, "
             "access withdrawn or instance stopped)"
         )
-    return JSONResponse(claims)
+    return JSONResponse(answer)
+
+
+def _exchange(
+    portal: Portal,
+    session: Session,
+    code: str,
+    token: str,
+    client_id: str,
+    redirect_uri: str,
+    verifier: str,
+) -> tuple[_Grant, dict[str, Any]] | str:
+    """The grant and claims ``code`` gives ``client_id`` as ``token``, or why not.
+
+    The code is claimed first, good once whatever happens next (a wrong
+    verifier or redirect URI spends it too).
+    """
+    grant = _claim_code(session, code, token)
+    if grant is False:
+        return "the code was used before; its token is revoked"
+    if (
+        grant is None
+        or grant.expires <= time.time()
+        or grant.client_id != client_id
+        or grant.redirect_uri != redirect_uri
+    ):
+        return "the code is unknown, used, expired or not yours"
+    if grant.challenge and not same(pkce_challenge(verifier), grant.challenge):
+        return "the code verifier does not match"
+    claims = _standing(portal, session, grant)
+    if claims is None:
+        return (
+            "the sign-in behind the code has ended (signed out, account disabled, "
+            "access withdrawn or instance stopped)"
+        )
+    return grant, claims
+
+
+def _token_claims(
+    portal: Portal, session: Session, token: str
+) -> dict[str, Any] | Literal[False] | None:
+    """The claims for an access token: None when unknown or expired, False when ended."""
+    row = session.scalars(
+        select(OAuthGrant).where(OAuthGrant.token_hash == hash_token(token))
+    ).one_or_none()
+    if row is None or row.revoked or row.expires_at.timestamp() <= time.time():
+        return None
+    claims = _standing(portal, session, _grant_of(row))
+    if claims is None:
+        row.revoked = True  # over for good, even if the share or session came back
+        return False
+    return claims
 
 
 def _bearer_error(description: str) -> JSONResponse:
