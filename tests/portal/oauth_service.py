@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 
+from helpers import wait_for_state
 from labgate.config import OAuthClientConfig, Settings
+from labgate.db.models import Instance
 
 SERVICE = "svc"
 SERVICE_SECRET = "svc-secret-123"
@@ -39,3 +43,18 @@ async def code_for(
     location = httpx.URL(back.headers["location"])
     assert str(location).startswith(redirect_uri) and "code" in location.params, location
     return str(location.params["code"])
+
+
+async def instance_client(
+    app: Any, client: httpx.AsyncClient, owner: dict[str, str]
+) -> tuple[str, str, str]:
+    """A running ``demo`` of ``owner``'s as a client: its id, its secret (what a shell in the
+    instance reads) and a callback under its own prefix."""
+    launched = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=owner)
+    assert launched.status_code == 202, launched.text
+    iid = str(launched.json()["id"])
+    await wait_for_state(client, owner, iid, {"running"})
+    portal = app.state.portal
+    row = await portal.run_db(lambda s: s.get(Instance, iid))
+    secret = str(portal.box.open(iid, row.secret))
+    return iid, secret, portal.settings.instance_url(iid) + "oauth/callback"

@@ -14,11 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
-from oauth_service import CALLBACK, SERVICE, SERVICE_SECRET, code_for, with_service
+from oauth_service import (
+    CALLBACK,
+    SERVICE,
+    SERVICE_SECRET,
+    code_for,
+    instance_client,
+    with_service,
+)
 
 from helpers import PASSWORD, wait_for_state
 from labgate.config import Settings
-from labgate.db.models import Instance
 
 
 @pytest.fixture
@@ -120,14 +126,7 @@ async def test_an_instance_clients_token_ends_with_the_visitors_access_and_the_i
     share she withdraws and with the instance she stops, codes still unexchanged included."""
     alice = await make_user("alice")
     await make_user("bob")
-    launched = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=alice)
-    assert launched.status_code == 202, launched.text
-    iid = str(launched.json()["id"])
-    await wait_for_state(client, alice, iid, {"running"})
-    portal = app.state.portal
-    row = await portal.run_db(lambda s: s.get(Instance, iid))
-    secret = portal.box.open(iid, row.secret)  # what a shell in the instance reads
-    callback = portal.settings.instance_url(iid) + "oauth/callback"
+    iid, secret, callback = await instance_client(app, client, alice)
     bob_browser, _ = await signed_in(app, "bob")
     alice_browser, _ = await signed_in(app, "alice")
     try:

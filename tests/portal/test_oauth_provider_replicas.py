@@ -20,11 +20,17 @@ import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
-from oauth_service import CALLBACK, SERVICE, SERVICE_SECRET, code_for, with_service
+from oauth_service import (
+    CALLBACK,
+    SERVICE,
+    SERVICE_SECRET,
+    code_for,
+    instance_client,
+    with_service,
+)
 
-from helpers import PASSWORD, replica, wait_for_state
+from helpers import PASSWORD, replica
 from labgate.config import Settings
-from labgate.db.models import Instance
 from labgate.security import pkce_challenge
 
 
@@ -156,14 +162,7 @@ async def test_a_token_one_replica_found_ended_stays_dead_on_every_replica(
     again at A when she shares the instance with him again."""
     alice = await make_user("alice")
     await make_user("bob")
-    launched = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=alice)
-    assert launched.status_code == 202, launched.text
-    iid = str(launched.json()["id"])
-    await wait_for_state(client, alice, iid, {"running"})
-    portal = app.state.portal
-    row = await portal.run_db(lambda s: s.get(Instance, iid))
-    secret = portal.box.open(iid, row.secret)
-    callback = portal.settings.instance_url(iid) + "oauth/callback"
+    iid, secret, callback = await instance_client(app, client, alice)
     share = {"user": "bob", "access": "use"}
     shared = await client.post(f"/api/v1/instances/{iid}/shares", json=share, headers=alice)
     assert shared.status_code == 201, shared.text
