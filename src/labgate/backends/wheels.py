@@ -104,7 +104,8 @@ def read_wheels(requirements: list[str], reader: Reader | None, into: Path) -> l
         if done.returncode != 0:
             words = done.stderr.decode(errors="replace").strip().splitlines()
             said = words[-1][:300] if words else f"exit status {done.returncode}"
-            raise _failed(f"wheel file {path!r} cannot be read as the run's owner: {said}")
+            who = "the run's owner" if reader is not None else "the site's agent"
+            raise _failed(f"wheel file {path!r} cannot be read as {who}: {said}")
         if target.stat().st_size > MAX_WHEEL_BYTES:
             raise _failed(f"wheel file {path!r} is larger than {MAX_WHEEL_BYTES // 1024**3} GiB")
         copied.append(str(target))
