@@ -20,10 +20,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 venv: $(STAMP)
 
-# The router's per-request path compiled with mypyc (docs/router.md#the-compiled-hot-path).
+# The router's per-request path compiled with mypyc, and its C head scanners
+# (docs/router.md#the-compiled-hot-path).
 # Without it (no C compiler, or sources edited since) the router runs its Python sources.
 NATIVE := src/labgate/router/native/SOURCES.json
-$(NATIVE): $(STAMP) $(wildcard src/labgate/router/*.py)
+$(NATIVE): $(STAMP) $(wildcard src/labgate/router/*.py src/labgate/router/*.c)
 	$(BIN)/python scripts/compile-router.py
 
 compile: $(NATIVE)

@@ -31,14 +31,23 @@ from labgate.router import _native  # noqa: E402
 
 BUILD = """
 import sys
-from setuptools import setup
+from setuptools import Extension, setup
 from mypyc.build import mypycify
 
-paths = sys.argv[1:]
+paths = [path for path in sys.argv[1:] if path.endswith(".py")]
+c_sources = [path for path in sys.argv[1:] if path.endswith(".c")]
 sys.argv[1:] = ["--quiet", "build_ext", "--build-lib", "out", "--build-temp", "tmp"]
+hand_written = [
+    Extension(
+        "labgate.router." + source.rpartition("/")[2][:-2],
+        [source],
+        extra_compile_args=["-O2", "-Wall", "-Werror"],
+    )
+    for source in c_sources
+]
 setup(
     name="labgate-router-native",
-    ext_modules=mypycify(paths, opt_level="3", group_name="labgate.router.native"),
+    ext_modules=mypycify(paths, opt_level="3", group_name="labgate.router.native") + hand_written,
 )
 """
 
@@ -56,7 +65,9 @@ def build(force: bool) -> int:
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         print("router: no C compiler (apt-get install build-essential): the router runs Python")
         return 0
-    sources = [str(ROOT / "src/labgate/router" / f"{name}.py") for name in _native.MODULES]
+    router = ROOT / "src/labgate/router"
+    sources = [str(router / f"{name}.py") for name in _native.MODULES]
+    sources += [str(router / f"{name}.c") for name in _native.C_MODULES]
     hashes = _native.source_hashes()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="labgate-native-") as work:
@@ -81,7 +92,7 @@ def build(force: bool) -> int:
     manifest = {"python": sys.version.split()[0], "sources": hashes}
     _native.MANIFEST.write_text(json.dumps(manifest, indent=1) + "\n")
     took = time.monotonic() - started
-    print(f"router: compiled {len(sources)} modules with mypyc in {took:.0f} s")
+    print(f"router: compiled {len(sources)} modules (mypyc and C) in {took:.0f} s")
     return 0
 
 

@@ -37,6 +37,8 @@ MODULES = (
     "proxy",
     "upstream",
 )
+#: Hand-written C extensions built beside them (``_heads.c``: one-pass head scanners).
+C_MODULES = ("_heads",)
 #: Where the compiled extensions are put, and their manifest.
 NATIVE_DIR = Path(__file__).with_name("native")
 MANIFEST = NATIVE_DIR / "SOURCES.json"
@@ -45,10 +47,12 @@ PURE_ENV = "LABGATE_ROUTER_PURE"
 
 
 def source_hashes() -> dict[str, str]:
-    """SHA-256 of each compiled module's source, by module name."""
+    """SHA-256 of each compiled module's source (Python or C), by module name."""
     here = Path(__file__).parent
+    sources = [f"{name}.py" for name in MODULES] + [f"{name}.c" for name in C_MODULES]
     return {
-        name: hashlib.sha256((here / f"{name}.py").read_bytes()).hexdigest() for name in MODULES
+        source.rpartition(".")[0]: hashlib.sha256((here / source).read_bytes()).hexdigest()
+        for source in sources
     }
 
 
@@ -63,11 +67,15 @@ def check(*, honour_env: bool = True) -> str:
         manifest = json.loads(MANIFEST.read_text())
     except (OSError, ValueError):
         return "pure Python (not compiled: make run or make test compiles it)"
-    if not isinstance(manifest, dict) or manifest.get("sources") != source_hashes():
+    try:
+        sources = source_hashes()
+    except OSError:
+        return "pure Python (a compiled module's source is missing)"
+    if not isinstance(manifest, dict) or manifest.get("sources") != sources:
         return "pure Python (sources changed since they were compiled: make compiles them again)"
     if not all(
         any((NATIVE_DIR / f"{name}{suffix}").exists() for suffix in EXTENSION_SUFFIXES)
-        for name in MODULES
+        for name in (*MODULES, *C_MODULES)
     ):
         return "pure Python (compiled for another Python)"
     return "compiled"

@@ -24,7 +24,7 @@ from labgate.aio import cancel_and_wait
 from labgate.router.activity import ActivityLog, Counter
 from labgate.router.auth import Authenticator
 from labgate.router.hosts import InstanceHosts
-from labgate.router.http import NEVER, log
+from labgate.router.http import HEADS_IN_C, NEVER, log
 from labgate.router.options import RouterOptions
 from labgate.router.tunnel import SiteTunnels
 from labgate.router.upstream import UpstreamPool
@@ -71,6 +71,10 @@ class Context:
         self.pool_idle_timeout = options.pool_idle_timeout
         self.pool_max_idle = options.pool_max_idle
         self.buffer_limit = options.buffer_limit
+        #: Whether whole request and response heads are first tried with the C scanners
+        #: (``labgate.router._heads``, built with the compiled modules); tests switch it off
+        #: to hold both readings to the same bytes.
+        self.heads_in_c = HEADS_IN_C
         #: Instances on their own host names, or None (under ``/i/<id>/``).
         self.hosts = (
             InstanceHosts(options.instance_host, options.instance_base_url)

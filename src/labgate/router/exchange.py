@@ -89,6 +89,7 @@ class Exchange:
         "is_head",
         "is_upgrade",
         "keep_alive",
+        "kept",
         "method",
         "origin",
         "portal_base",
@@ -110,6 +111,8 @@ class Exchange:
         self.http11 = True
         self.keep_alive = True
         self.headers: list[tuple[bytes, bytes]] = []
+        #: The same as ``Name: value\r\n`` lines, when the head was read in one pass (_heads.c).
+        self.kept = b""
         self.header_count = 0
         self.host: bytes | None = None
         self.host_count = 0
@@ -285,6 +288,8 @@ def _start(ex: Exchange, target: bytes) -> list[bytes]:
     parts = [ex.method, b" ", target, b" HTTP/1.1\r\n"]
     if ex.host is not None:
         parts += [b"Host: ", ex.host, CRLF]
+    if ex.kept:
+        parts.append(ex.kept)
     headers = ex.headers
     if ex.conn_tokens is not None:
         from labgate.router.http import connection_tokens

@@ -19,6 +19,43 @@ from http import HTTPStatus
 from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
+#: What ``scan_request`` makes of a head: ``(head_end, method, target, http11, connection,
+#: host, cookie, authorization, origin, fetch_site, browser, content_length_zero, kept,
+#: header_count)`` (see ``_heads.c``).
+RequestScan = tuple[
+    int,
+    bytes,
+    bytes,
+    bool,
+    int,
+    bytes,
+    bytes | None,
+    bytes | None,
+    bytes | None,
+    bytes | None,
+    bool,
+    bool,
+    bytes,
+    int,
+]
+
+try:  # The C scanners of common heads, built beside the compiled modules (_heads.c).
+    from labgate.router._heads import scan_request as scan_request
+    from labgate.router._heads import scan_response as scan_response
+
+    HEADS_IN_C = True
+except ImportError:  # the Python sources alone: httptools reads every head
+    HEADS_IN_C = False
+
+    def scan_request(data: object, /) -> RequestScan | None:
+        """Without the C scanners: no head is read in one pass."""
+        return None
+
+    def scan_response(data: object, /) -> tuple[int, int, int] | None:
+        """Without the C scanners: no head is read in one pass."""
+        return None
+
+
 log: Final = logging.getLogger("labgate.router")
 
 #: A deadline that never comes (a timeout switched off).

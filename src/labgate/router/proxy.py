@@ -35,6 +35,7 @@ from labgate.router.http import (
     MAX_HEADERS,
     MAX_TARGET,
     Buffer,
+    scan_request,
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.security import HANDOFF_PATH, tossed_cookie_clearers
@@ -215,6 +216,14 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         if parser is None or self.broken or self.closing:
             return
+        if self.ex is None and self.ctx.heads_in_c and isinstance(data, bytes):
+            # Between requests (httptools holds nothing): whole heads without a body are
+            # read in one pass in C; the rest of the bytes go to httptools as always.
+            data = self._scan_requests(data)
+            if not data or self.parser is None or self.broken or self.closing:
+                if self.upstream is not None:
+                    self.upstream.flush_request()
+                return
         if self.reading_head:
             self.raw_head += len(data)
         was_head, pieces = self.reading_head, self.body_pieces
@@ -315,6 +324,51 @@ class ClientConnection(asyncio.Protocol):
         ex.is_head = ex.method == b"HEAD"
         if version not in ("1.0", "1.1"):
             ex.fail(400, f"HTTP/{version} is not supported here")
+        self._head_read(ex)
+
+    def _scan_requests(self, data: bytes) -> bytes:
+        """Serve the requests at the start of ``data`` that ``scan_request`` reads whole.
+
+        Each is what httptools' callbacks would have made of it, in the same
+        order (head checked and served or queued, then its end). Returns the
+        bytes from the first head it does not read (often none).
+        """
+        while data:
+            scanned = scan_request(data)
+            if scanned is None:
+                return data
+            end, method, target, http11, connection, host, cookie, authorization = scanned[:8]
+            ex = Exchange()
+            ex.method, ex.target, ex.http11, ex.is_head = method, target, http11, method == b"HEAD"
+            ex.keep_alive = connection != 2 if http11 else connection == 1
+            ex.host, ex.host_count = host, 1
+            ex.cookie, ex.authorization = cookie, authorization
+            ex.auth_count = 0 if authorization is None else 1
+            ex.origin, ex.fetch_site, ex.browser = scanned[8], scanned[9], scanned[10]
+            if scanned[11]:
+                ex.content_length, ex.cl_count = 0, 1
+            ex.kept, ex.header_count = scanned[12], scanned[13]
+            self.ex = ex
+            self.reading_head = False
+            self.stalled = 0
+            self.in_feed = True
+            try:
+                self._head_read(ex)
+                if self.ex is ex:
+                    self.on_message_complete()
+            except Exception:
+                log.exception("router: handling a request failed")
+                self._malformed(500, "the router failed to handle this request")
+                return b""
+            finally:
+                self.in_feed = False
+            if self.parser is None or self.broken or self.closing or self.upgrade_buf is not None:
+                return b""
+            data = data[end:]
+        return data
+
+    def _head_read(self, ex: Exchange) -> None:
+        """A complete request head: serve it now or queue it behind the one in progress."""
         ex.validate()
         if self.current is None:
             self.current = ex

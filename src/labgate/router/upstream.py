@@ -29,6 +29,7 @@ from labgate.router.http import (
     chunk,
     connection_tokens,
     log,
+    scan_response,
     status_line,
 )
 from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIES, SESSION_COOKIES
@@ -188,6 +189,18 @@ class UpstreamConnection(asyncio.Protocol):
             # Nothing is due on an idle connection: whatever this is, drop it.
             self.close()
             return
+        if not self.got_bytes and self.ctx.heads_in_c and isinstance(data, bytes):
+            ex = self.ex
+            if (
+                ex is not None
+                and ex.http11
+                and ex.keep_alive
+                and not (ex.close_after or ex.is_head or ex.is_upgrade or self.done)
+            ):
+                scanned = scan_response(data)
+                if scanned is not None:
+                    self._whole_response(data, ex, scanned[1], scanned[2])
+                    return
         self.got_bytes = True
         self.deadline = self.ctx.now + self.ctx.response_timeout
         was_head, progress = self.in_head, self.body_progress
@@ -465,6 +478,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.done = True
 
     # --- internals -----------------------------------------------------------
+    def _whole_response(self, data: bytes, ex: Exchange, cut: int, cut_end: int) -> None:
+        """A whole response in one read that ``scan_response`` passed: on to the client as is.
+
+        What the httptools callbacks would send, but for the order of the
+        headers (``Content-Length`` stays where the tool put it): the bytes
+        read, less a ``Connection: keep-alive`` line (``data[cut:cut_end]``).
+        """
+        self.got_bytes = True
+        self.in_head = False
+        if ex.started:
+            stats = self.ctx.stats
+            seconds = time.time() - ex.started
+            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            stats.latency_sum += seconds
+        self.keep_alive = True
+        ex.response_started = True
+        self._to_client(data[:cut] + data[cut_end:] if cut_end else data)
+        self.done = True
+        self._complete()
+
     def _filtered_headers(self) -> list[bytes]:
         if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
             return self.resp_headers

@@ -1,0 +1,6 @@
+"""Types of the C extension ``_heads.c`` (one-pass scanners of common HTTP/1.1 heads)."""
+
+from labgate.router.http import RequestScan
+
+def scan_response(data: object, /) -> tuple[int, int, int] | None: ...
+def scan_request(data: object, /) -> RequestScan | None: ...
