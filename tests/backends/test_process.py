@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from labgate.backends import process as process_module
-from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started
+from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started, mount_variables
 from labgate.backends.process import ProcessBackend
 from labgate.backends.procfs import tail
 from labgate.config import Settings
@@ -381,6 +381,43 @@ async def test_environment_is_limited(
     info = (await demo_get(started, spec, "api/info")).json()
     assert info["home"] == str(spec.workspace.resolve())
     assert spec.secret not in read_bytes(f"/proc/{started.state['pid']}/cmdline").decode()
+
+
+@pytest.mark.parametrize("sandbox", ["none"], indirect=True)
+async def test_mounts_whose_names_collide_each_get_a_variable(
+    launch: Launch, tmp_path: Path, demo: Tool
+) -> None:
+    """A dataset ``ml-a`` and a group volume ``ml_a`` map to one name: neither is lost."""
+    dataset, group = tmp_path / "datasets" / "ml-a", tmp_path / "groups" / "ml_a"
+    for directory in (dataset, group):
+        directory.mkdir(parents=True)
+    mounts = (
+        Mount(dataset, "/data/ml-a", root=tmp_path / "datasets"),
+        Mount(group, "/groups/ml_a", read_only=False, root=tmp_path / "groups"),
+    )
+    started, spec = await launch(demo, mounts=mounts)
+    await wait_healthy(started, spec)
+    environ = await read_file(started, spec, "/proc/self/environ")
+    assert environ is not None
+    env = dict(item.split("=", 1) for item in environ.split("\0") if item)
+    # Unsandboxed nothing is bound: each variable holds its mount's host path.
+    assert env["LABGATE_DATA_ML_A"] == str(dataset)
+    assert env["LABGATE_DATA_ML_A_2"] == str(group)
+
+
+def test_mount_variables_are_unique_in_launch_order() -> None:
+    mounts = [
+        Mount(Path("/d/1"), "/data/ml-a"),
+        Mount(Path("/d/2"), "/groups/ml_a"),
+        Mount(Path("/d/3"), "/data/ml_a_2"),
+        Mount(Path("/d/4"), "/data/iris/"),
+    ]
+    assert mount_variables(mounts, lambda mount: mount.target) == {
+        "LABGATE_DATA_ML_A": "/data/ml-a",
+        "LABGATE_DATA_ML_A_2": "/groups/ml_a",
+        "LABGATE_DATA_ML_A_2_2": "/data/ml_a_2",
+        "LABGATE_DATA_IRIS": "/data/iris/",
+    }
 
 
 async def test_memory_cpu_and_file_limits(launch: Launch, demo: Tool) -> None:

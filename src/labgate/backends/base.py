@@ -116,6 +116,7 @@ from labgate.wire.launch import Resources as Resources
 from labgate.wire.launch import SnapshotRef as SnapshotRef
 from labgate.wire.launch import SnapshotRequest as SnapshotRequest
 from labgate.wire.launch import SnapshotResult as SnapshotResult
+from labgate.wire.launch import mount_variables as mount_variables
 
 if TYPE_CHECKING:
     from labgate.backends.claim import Claim, Claimed

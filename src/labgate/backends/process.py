@@ -62,6 +62,7 @@ from labgate.backends.base import (
     SnapshotResult,
     Started,
     Status,
+    mount_variables,
 )
 from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
 from labgate.backends.confine import require_confined
@@ -465,7 +466,7 @@ class ProcessBackend(Backend):
             # Unsandboxed nothing can be bound at /data/<name>: the tool is told the host
             # paths instead, and read-only rests on the files' own permissions.
             require_confined(spec.mounts)  # a check only: nothing is bound here
-            env.update({mount.env_var: str(mount.source) for mount in spec.mounts})
+            env.update(mount_variables(spec.mounts, lambda mount: str(mount.source)))
         cpu, memory = spec.resources.cpu, spec.resources.memory
         limits = plan_limits(cpu, memory, spec.instance_id, self.nofile)
         cgroup = cgroups.create(spec.instance_id, cpu, limits.cpus, limits.memory, self.pids)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, object_session
 
 from labgate.agent.link import Adoption, SiteLink
 from labgate.agent.network import SiteAway
-from labgate.backends.base import LaunchSpec, Mount, Resources
+from labgate.backends.base import LaunchSpec, Mount, Resources, mount_variables
 from labgate.backends.identity import pool_identity_number
 from labgate.db.models import (
     ACTIVE_STATES,
@@ -238,7 +238,7 @@ class InstanceManager:
             # target (process without bwrap) points these at the host path instead.
             env={
                 **self.extra_env,
-                **{mount.env_var: mount.target for mount in mounts},
+                **mount_variables(mounts, lambda mount: mount.target),
                 **param_env(params),
             },
         )

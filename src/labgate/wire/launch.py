@@ -9,6 +9,7 @@ the other way. :mod:`labgate.backends.base` re-exports them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,35 @@ class Mount:
 
     @property
     def env_var(self) -> str:
-        """``LABGATE_DATA_<NAME>``, telling the tool where the mount is (``/data/iris`` → IRIS)."""
+        """``LABGATE_DATA_<NAME>``, telling the tool where the mount is (``/data/iris`` → IRIS).
+
+        Two mounts can map to one name (``/data/ml-a`` and ``/data/ml_a``, a
+        dataset and a group both called ``physics``): :func:`mount_variables`
+        gives each mount of a launch its own.
+        """
         last = self.target.rstrip("/").rsplit("/", 1)[-1]
         name = "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in last)
         return f"LABGATE_DATA_{name.upper()}"
+
+
+def mount_variables(mounts: Sequence[Mount], where: Callable[[Mount], str]) -> dict[str, str]:
+    """Each mount's variable (:attr:`Mount.env_var`) with ``where(mount)``, none lost.
+
+    The first mount whose name maps to a variable gets it; a later one whose
+    name maps to the same variable gets ``_2``, ``_3``... (in the order of
+    ``mounts``, the launch's), so that no mount's variable overwrites
+    another's.
+    """
+    found: dict[str, str] = {}
+    for mount in mounts:
+        name = mount.env_var
+        if name in found:
+            number = 2
+            while f"{name}_{number}" in found:
+                number += 1
+            name = f"{name}_{number}"
+        found[name] = where(mount)
+    return found
 
 
 @dataclass(frozen=True)

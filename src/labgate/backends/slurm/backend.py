@@ -54,7 +54,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from labgate.backends.base import JSON, Backend, Diagnosis, LaunchSpec, Started, Status
+from labgate.backends.base import (
+    JSON,
+    Backend,
+    Diagnosis,
+    LaunchSpec,
+    Started,
+    Status,
+    mount_variables,
+)
 from labgate.backends.confine import require_confined
 from labgate.backends.identity import hand_over
 from labgate.backends.process import INSTANCE_ID_RE, tool_environment
@@ -378,7 +386,7 @@ class SlurmBackend(Backend):
 
         Nothing is bound on the nodes: the tool is told where each dataset is instead.
         """
-        where = {mount.env_var: str(mount.source) for mount in spec.mounts}
+        where = mount_variables(spec.mounts, lambda mount: str(mount.source))
         return tool_environment(spec, workspace, tool_env, python, spec.owner, where)
 
     # --- the queue ----------------------------------------------------------------
