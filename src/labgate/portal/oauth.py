@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, urlencode
+from urllib.parse import unquote, unquote_plus, urlencode
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -418,18 +418,29 @@ def _handoff_uri(portal: Portal, client: Client) -> str:
 async def _client_auth(
     portal: Portal, request: Request, form_id: str | None, form_secret: str | None
 ) -> Client | None:
-    client_id, secret = form_id, form_secret
+    """The client the request authenticates as: HTTP Basic or the form's fields.
+
+    Basic credentials are each form-urlencoded before they are joined and
+    encoded (RFC 6749 2.3.1), so they are decoded the same way; as some
+    clients send them unencoded, the secret as sent is taken too.
+    """
+    client_id, secrets_sent = form_id, [form_secret] if form_secret is not None else []
     header = request.headers.get("authorization", "")
     if header.lower().startswith("basic "):
         try:
-            decoded = base64.b64decode(header[6:]).decode()
+            decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
         except ValueError:
             return None
-        client_id, _, secret = decoded.partition(":")
+        raw_id, colon, raw_secret = decoded.partition(":")
+        if not colon:
+            return None
+        client_id, secrets_sent = unquote_plus(raw_id), [unquote_plus(raw_secret), raw_secret]
     client = await find_client(portal, client_id)
-    if client is None or secret is None:
+    if client is None or not secrets_sent:
         return None
-    return client if same(secret, client.secret) else None
+    # Every candidate is compared (in constant time), so timing tells nothing of which.
+    matches = [same(secret, client.secret) for secret in secrets_sent]
+    return client if any(matches) else None
 
 
 @router.post("/oauth/token")
@@ -446,7 +457,10 @@ async def token(
     """Exchange a code for an ID token and an access token."""
     client = await _client_auth(portal, request, client_id, client_secret)
     if client is None:
-        return _error(401, "invalid_client", "unknown client or wrong secret")
+        # RFC 6749 5.2: a 401 answers with the scheme to authenticate by.
+        failed = _error(401, "invalid_client", "unknown client or wrong secret")
+        failed.headers["WWW-Authenticate"] = 'Basic realm="labgate", charset="UTF-8"'
+        return failed
     if grant_type != "authorization_code":
         return _error(400, "unsupported_grant_type", "only authorization_code")
     access_token = secrets.token_urlsafe(32)
