@@ -61,7 +61,7 @@ starts_with(const unsigned char *p, Py_ssize_t n, const char *prefix)
     return n >= len && name_is(p, len, prefix);
 }
 
-/* One header line at p[i:]: name, value without surrounding whitespace, end of line. */
+/* One header line at p[i:]: name, value without the whitespace before it, end of line. */
 typedef struct {
     Py_ssize_t name, name_len, value, value_len, end;
 } line_t;
@@ -96,10 +96,8 @@ header_line(const unsigned char *p, Py_ssize_t n, Py_ssize_t i, line_t *line)
         i++;
     if (i + 1 >= n || p[i] != '\r' || p[i + 1] != '\n')
         return -1;
-    Py_ssize_t end = i;
-    while (end > line->value && (p[end - 1] == ' ' || p[end - 1] == '\t'))
-        end--;
-    line->value_len = end - line->value;
+    /* Whitespace before the line's end stays part of the value: llhttp keeps it too. */
+    line->value_len = i - line->value;
     line->end = i + 2;
     return 1;
 }
