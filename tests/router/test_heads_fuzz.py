@@ -35,6 +35,7 @@ RESPONSES = [
 # Bytes that matter to HTTP framing, most likely to make a head mean something else.
 SPECIAL = b'\r\n \t:\x00\x7f\x80\xff/?%#;,="\\0123456789aAzZ-_.'
 CASES = int(os.environ.get("LABGATE_HEADS_FUZZ_CASES", "4000"))
+pytestmark = pytest.mark.heads_in_c
 T = TypeVar("T")
 
 
