@@ -18,9 +18,11 @@ from runs_helpers import make_wheel, submit, tasks_of, wait_run
 
 import podman
 from labgate.backends.container_tasks import ENV_REPOSITORY
+from labgate.backends.containers import LABEL_SNAPSHOT
+from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.config import Settings, SiteConfig
 from labgate.security import task_token
-from podman import BUSYBOX_IMAGE, Engine
+from podman import BUSYBOX_IMAGE, RUN, Engine
 
 engine = podman.engine
 deployment = podman.deployment
@@ -150,6 +152,72 @@ environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
     run = await wait_run(client, alice, again, timeout=90)
     assert run["state"] == "succeeded", run
     assert not [e for e in run["events"] if e["state"] == "preparing"]
+
+
+@pytest.fixture
+def snapshot_image(engine: Engine) -> Iterator[str]:
+    """An image snapshot of alice's as the containers backend commits one (its label)."""
+    reference = f"{LOCAL_SNAPSHOTS}/alice/demo:s{RUN}"
+    container = engine.client.containers.create(BUSYBOX_IMAGE, ["true"])
+    try:
+        container.commit(
+            repository=reference.rsplit(":", 1)[0],
+            tag=reference.rsplit(":", 1)[1],
+            changes=[f'LABEL {LABEL_SNAPSHOT}="s{RUN}"'],
+        )
+    finally:
+        container.remove(force=True)
+    yield reference
+    with contextlib.suppress(APIError):
+        engine.client.images.remove(reference, force=True)
+
+
+async def test_a_task_may_run_no_snapshot_and_no_other_runs_requirements_image(
+    client, make_user, engine, deployment, shelf: Path, env_images, snapshot_image: str
+):
+    """Both hold one user's work (their files; packages from wheel files only they could
+    read): named by tag, by image id or by an id's prefix, neither runs nor is built on."""
+    alice, bob = await make_user("alice"), await make_user("bob")
+    wheel = make_wheel(shelf, "labgate_alices_pkg", "SECRET = 'alice only'\n")
+    definition = f"""
+name = "mine"
+[[stages]]
+name = "one"
+[[stages.tasks]]
+name = "prepare"
+command = ["true"]
+environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
+"""
+    run = await wait_run(client, alice, await submit(client, alice, definition), timeout=300)
+    assert run["state"] == "succeeded", run
+    built = [t for i in engine.client.images.list() for t in i.tags if t.startswith(ENV_REPOSITORY)]
+    assert built, "alice's requirements image"
+    names = []
+    for image in (built[0], snapshot_image):
+        image_id = engine.client.api.inspect_image(image)["Id"].removeprefix("sha256:")
+        names += [image, f"sha256:{image_id}", image_id[:12]]
+    tasks = "".join(
+        f"""
+[[stages.tasks]]
+name = "t{index}"
+command = ["cat", "/opt/labgate-env/labgate_alices_pkg.py"]
+environment = {{image = "{name}"}}
+where = {{site = "box"}}
+[[stages.tasks]]
+name = "p{index}"
+command = ["true"]
+environment = {{image = "{name}", python = ["six==1.16.0"]}}
+where = {{site = "box"}}
+"""
+        for index, name in enumerate(names)
+    )
+    theirs = f'name = "theirs"\n[[stages]]\nname = "one"\ncontinue_on_failure = true\n{tasks}'
+    run = await wait_run(client, bob, await submit(client, bob, theirs), timeout=180)
+    for name, task in tasks_of(run).items():
+        assert task["state"] == "failed", (name, task)
+        assert "labgate's own" in task["reason"] or "may not run one" in task["reason"], task
+    logs = await client.get(f"/api/v1/runs/{run['id']}/logs", params={"task": "t0"}, headers=bob)
+    assert "alice only" not in logs.text
 
 
 async def test_a_task_container_is_stopped_on_cancel_and_past_its_timeout(

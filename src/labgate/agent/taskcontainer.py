@@ -109,8 +109,13 @@ class ContainerTaskExecutor(TaskExecutor):
         refusal = requirement_refusal(spec.python)
         if refusal is not None:  # the site's pip would read or build it (taskenv)
             raise BadRequest(f"preparing the Python environment refused: {refusal}")
-        if not spec.python:
+        if spec.image:
+            # The task chose it: never an image that holds another user's work (the
+            # site's own task_image, the operator's, is not checked).
+            engine.refuse_private_name(self.backend, spec.image)
             engine.ensure_image(self.backend, spec.image, say)
+            engine.refuse_private_image(self.backend, spec.image)
+        if not spec.python:
             return spec.image
         base = spec.image or self.backend.config.task_image
         if not base:

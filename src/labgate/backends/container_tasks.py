@@ -38,7 +38,8 @@ from typing import Any
 from docker.errors import DockerException, ImageNotFound, NotFound  # type: ignore[import-untyped]
 
 from labgate.backends import container_security as security
-from labgate.backends.containers import ContainerBackend
+from labgate.backends.containers import LABEL_SNAPSHOT, ContainerBackend
+from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.backends.wheels import Reader, read_wheels, reader_key
 from labgate.errors import BadRequest
 
@@ -54,6 +55,8 @@ TASKCALL_MOUNT = "/labgate/taskcall.py"
 ENV_PREFIX = "/opt/labgate-env"
 #: Repository of the images made for requirements lists.
 ENV_REPOSITORY = "localhost/labgate-task-env"
+#: The label of a requirements image (the tag's hash).
+LABEL_TASK_ENV = "org.labgate.task-env"
 #: Longest a requirements install may take (seconds).
 PIP_TIMEOUT = 1800.0
 #: Lines of pip's or the build's output kept in a failed preparation's reason.
@@ -80,6 +83,40 @@ def has_image(backend: ContainerBackend, image: str) -> bool:
     except (NotFound, ImageNotFound):
         return False
     return True
+
+
+def refuse_private_name(backend: ContainerBackend, image: str) -> None:
+    """Refuse, before anything is pulled, a name in labgate's own repositories.
+
+    Image snapshots (``localhost/labgate-snapshots/…``, or anything under
+    the ``snapshot_registry``) and requirements images
+    (``localhost/labgate-task-env:…``) each hold one user's work: their files,
+    or packages from wheel files only they could read. A task names its image
+    itself, so it may name none of these (:func:`refuse_private_image` checks
+    what a name resolves to).
+    """
+    private = [LOCAL_SNAPSHOTS + "/", ENV_REPOSITORY + ":", ENV_REPOSITORY + "@"]
+    if backend.registry is not None:
+        private.append(backend.registry.repository() + "/")
+    if image.startswith(tuple(private)):
+        raise BadRequest(
+            f"image {image} is one of labgate's own (an instance snapshot or a task's "
+            "requirements image): a task names an image of a registry or of the site"
+        )
+
+
+def refuse_private_image(backend: ContainerBackend, image: str) -> None:
+    """Refuse ``image`` when what the engine resolves it to is a snapshot or requirements image.
+
+    Checked by the image's labels, whatever named it: another tag, its id, or
+    the prefix of an id the engine completes.
+    """
+    labels = (backend.client.api.inspect_image(image).get("Config") or {}).get("Labels") or {}
+    if labels.get(LABEL_SNAPSHOT) or LABEL_TASK_ENV in labels:
+        raise BadRequest(
+            f"image {image} is an instance snapshot or a task's requirements image: "
+            "a task may not run one (each holds one user's work)"
+        )
 
 
 def ensure_image(backend: ContainerBackend, image: str, say: Say) -> None:
@@ -128,7 +165,7 @@ def env_image(
                 f"COPY env {ENV_PREFIX}\n"
                 f"ENV PYTHONPATH={ENV_PREFIX} PATH={ENV_PREFIX}/bin:/usr/local/sbin:"
                 "/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-                f'LABEL org.labgate.task-env="{tag.rsplit(":", 1)[1]}"\n'
+                f'LABEL {LABEL_TASK_ENV}="{tag.rsplit(":", 1)[1]}"\n'
             )
             _build(backend, root, tag)
         say(f"image {tag} ready")
