@@ -173,7 +173,7 @@ def snapshot_image(engine: Engine) -> Iterator[str]:
 
 
 async def test_a_task_may_run_no_snapshot_and_no_other_runs_requirements_image(
-    client, make_user, engine, deployment, shelf: Path, env_images, snapshot_image: str
+    client, make_user, engine, deployment, shelf: Path, snapshot_image: str
 ):
     """Both hold one user's work (their files; packages from wheel files only they could
     read): named by tag, by image id or by an id's prefix, neither runs nor is built on."""
@@ -190,10 +190,26 @@ environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
 """
     run = await wait_run(client, alice, await submit(client, alice, definition), timeout=300)
     assert run["state"] == "succeeded", run
-    built = [t for i in engine.client.images.list() for t in i.tags if t.startswith(ENV_REPOSITORY)]
-    assert built, "alice's requirements image"
+    ready = [e["message"] for e in run["events"] if e["message"].endswith(" ready")]
+    built = ready[0].rpartition("image ")[2].removesuffix(" ready")
+    assert built.startswith(ENV_REPOSITORY + ":"), ready
+    # A second name of the test's own keeps the image while other tests clean theirs up.
+    keep = f"localhost/labgate-test-keep/{RUN}"
+    engine.client.api.tag(built, keep, "env")
+    try:
+        await bob_is_refused(client, engine, bob, built, snapshot_image)
+    finally:
+        for name in (f"{keep}:env", built):
+            with contextlib.suppress(APIError):
+                engine.client.images.remove(name, force=True)
+
+
+async def bob_is_refused(
+    client, engine: Engine, bob: dict[str, str], built: str, snapshot_image: str
+) -> None:
+    """Every way of naming alice's two images fails bob's tasks with the refusal."""
     names = []
-    for image in (built[0], snapshot_image):
+    for image in (built, snapshot_image):
         image_id = engine.client.api.inspect_image(image)["Id"].removeprefix("sha256:")
         names += [image, f"sha256:{image_id}", image_id[:12]]
     tasks = "".join(
