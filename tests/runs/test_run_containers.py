@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,13 +108,24 @@ environment = {{image = "{BUSYBOX_IMAGE}"}}
 @pytest.fixture
 def env_images(engine: Engine) -> Iterator[None]:
     """Requirements images made during the test are removed after it."""
-    before = {tag for image in engine.client.images.list() for tag in image.tags}
+    before = image_tags(engine)
     yield
-    for image in engine.client.images.list():
-        for tag in image.tags:
-            if tag.startswith(ENV_REPOSITORY) and tag not in before:
-                with contextlib.suppress(APIError):
-                    engine.client.images.remove(tag, force=True)
+    for tag in image_tags(engine) - before:
+        if tag.startswith(ENV_REPOSITORY):
+            with contextlib.suppress(APIError):
+                engine.client.images.remove(tag, force=True)
+
+
+def image_tags(engine: Engine) -> set[str]:
+    """Every tag on the engine, in one listing (no look at each image: another test may be
+    removing one meanwhile); Podman's listing itself can fail on an image being removed, so
+    it is asked again."""
+    for _ in range(10):
+        try:
+            return {tag for image in engine.client.api.images() for tag in image["RepoTags"] or []}
+        except APIError:
+            time.sleep(0.2)
+    return {tag for image in engine.client.api.images() for tag in image["RepoTags"] or []}
 
 
 async def test_a_requirements_image_is_built_once_and_runs_a_callable(
@@ -156,8 +168,13 @@ environment = {{python = ["{wheel}"], image = "{PYTHON_IMAGE}"}}
 
 @pytest.fixture
 def snapshot_image(engine: Engine) -> Iterator[str]:
-    """An image snapshot of alice's as the containers backend commits one (its label)."""
-    reference = f"{LOCAL_SNAPSHOTS}/alice/demo:s{RUN}"
+    """An image snapshot of alice's as the containers backend commits one (its label).
+
+    Tagged other than by its snapshot id (a real one's tag), or the snapshot
+    collection of another test's portal on the same engine would remove it (no
+    such snapshot in its database).
+    """
+    reference = f"{LOCAL_SNAPSHOTS}/alice/demo:kept-{RUN}"
     container = engine.client.containers.create(BUSYBOX_IMAGE, ["true"])
     try:
         container.commit(
