@@ -481,9 +481,11 @@ class UpstreamConnection(asyncio.Protocol):
     def _whole_response(self, data: bytes, ex: Exchange, cut: int, cut_end: int) -> None:
         """A whole response in one read that ``scan_response`` passed: on to the client as is.
 
-        What the httptools callbacks would send, but for the order of the
-        headers (``Content-Length`` stays where the tool put it): the bytes
-        read, less a ``Connection: keep-alive`` line (``data[cut:cut_end]``).
+        The bytes read, less a ``Connection: keep-alive`` line
+        (``data[cut:cut_end]``). What the httptools callbacks would send means
+        the same: they rebuild each header line as ``Name: value`` and put
+        ``Content-Length`` last, where these keep the tool's own lines, spacing
+        and order.
         """
         self.got_bytes = True
         self.in_head = False
