@@ -147,6 +147,27 @@ async def test_head_request(gateway: Gateway) -> None:
     assert json.loads(rest.partition(b"\r\n\r\n")[2]) == {"ready": True}
 
 
+async def test_the_routers_own_answers_to_head_have_no_body(gateway: Gateway) -> None:
+    """A login redirect, a 401 and a 404 to HEAD on one kept-alive connection: heads only."""
+    cookie = gateway.cookie(ALICE)
+    request = (
+        "HEAD /i/aaaa/lab HTTP/1.1\r\nHost: x\r\nAccept: text/html\r\n\r\n"
+        "HEAD /i/aaaa/lab HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"HEAD /i/nope/ HTTP/1.1\r\nHost: x\r\nCookie: {SESSION_COOKIE}={cookie}\r\n\r\n"
+        f"GET /i/aaaa/api/health HTTP/1.1\r\nHost: x\r\nCookie: {SESSION_COOKIE}={cookie}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    rest = await raw_request(gateway.port, request)
+    for status in (302, 401, 404):
+        head, _, rest = rest.partition(b"\r\n\r\n")
+        assert status_of(head) == status, head
+        # Nothing after the head: the next bytes are the next response.
+        assert rest.startswith(b"HTTP/1.1 "), rest[:80]
+    head, _, body = rest.partition(b"\r\n\r\n")
+    assert status_of(head) == 200
+    assert json.loads(body) == {"ready": True}
+
+
 async def test_a_new_connection_to_the_portal_is_told_to_the_route_stream(
     gateway: Gateway,
 ) -> None:

@@ -732,7 +732,12 @@ class ClientConnection(asyncio.Protocol):
                 ex.close_after = True  # do not wait for a body we will not use
             else:
                 self._discard_body(ex)
-        self.write(build(ex.close_after))
+        answer = build(ex.close_after)
+        if ex.is_head:
+            # A HEAD answer has no body, whatever page was built (a redirect's has one): a
+            # client reads the bytes after its head as the start of the next response.
+            answer = answer[: answer.find(b"\r\n\r\n") + 4]
+        self.write(answer)
         if ex.close_after:
             self._close()
         elif ex.body_done:
