@@ -243,7 +243,8 @@ scan_request(PyObject *module, PyObject *arg)
     while (i < n && PCHAR[p[i]])
         i++;
     Py_ssize_t target_len = i - target;
-    if (target_len > MAX_TARGET || i + 10 > n || p[i] != ' ')
+    /* The space, then "HTTP/1.x\r\n": 11 bytes. */
+    if (target_len > MAX_TARGET || i + 11 > n || p[i] != ' ')
         Py_RETURN_NONE;
     i++;
     int http11;
