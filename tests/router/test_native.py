@@ -69,6 +69,17 @@ def test_a_source_edited_after_compiling_runs_as_python_not_the_stale_build(tmp_
     assert upstream == str(edited)
 
 
+def test_a_build_whose_c_source_is_gone_is_not_used(tmp_path):
+    """An installed copy without ``_heads.c`` cannot be checked against the manifest."""
+    compiled_or_skip()
+    copy = tmp_path / "src"
+    shutil.copytree(SRC / "labgate", copy / "labgate", ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "labgate/router/_heads.c").unlink()
+    state, proxy, _ = probe(copy)
+    assert "source is missing" in state
+    assert proxy == str(copy / "labgate/router/proxy.py")
+
+
 def test_without_a_build_the_router_runs_python(tmp_path):
     copy = tmp_path / "src"
     shutil.copytree(

@@ -208,7 +208,7 @@ PyDoc_STRVAR(scan_request_doc,
 "decides on (``Transfer-Encoding``, ``Expect``, ``Upgrade``, hop-by-hop ones,\n"
 "``Forwarded``, ``X-Forwarded-For``...). Returns ``(head_end, method, target,\n"
 "http11, connection, host, cookie, authorization, origin, fetch_site,\n"
-"browser, content_length_zero, kept, header_count)``: ``connection`` 0 (none),\n"
+"browser, content_length_zero, kept)``: ``connection`` 0 (none),\n"
 "1 (keep-alive) or 2 (close); ``browser`` whether ``Accept`` names text/html;\n"
 "``kept`` the headers to forward as ``Name: value\\r\\n`` lines, in order,\n"
 "without ``X-Forwarded-*`` and ``X-Labgate-*``. None for anything else.");
@@ -366,7 +366,7 @@ scan_request(PyObject *module, PyObject *arg)
 #define SPAN(l, seen) \
     ((seen) ? PyBytes_FromStringAndSize((const char *)p + (l).value, (l).value_len) \
             : Py_NewRef(Py_None))
-    PyObject *items[14] = {
+    PyObject *items[13] = {
         PyLong_FromSsize_t(i),
         PyBytes_FromStringAndSize((const char *)p, method_len),
         PyBytes_FromStringAndSize((const char *)p + target, target_len),
@@ -380,19 +380,18 @@ scan_request(PyObject *module, PyObject *arg)
         PyBool_FromLong(browser),
         PyBool_FromLong(content_length_zero),
         PyBytes_FromStringAndSize((const char *)kept, kept_len),
-        PyLong_FromLong(count),
     };
 #undef SPAN
-    result = PyTuple_New(14);
-    for (int k = 0; k < 14; k++) {
+    result = PyTuple_New(13);
+    for (int k = 0; k < 13; k++) {
         if (items[k] == NULL || result == NULL) {
             Py_CLEAR(result);
-            for (int j = 0; j < 14; j++)
+            for (int j = 0; j < 13; j++)
                 Py_XDECREF(items[j]);
             goto done;
         }
     }
-    for (int k = 0; k < 14; k++)
+    for (int k = 0; k < 13; k++)
         PyTuple_SET_ITEM(result, k, items[k]);
     goto done;
 none:

@@ -20,8 +20,8 @@ from typing import Final
 from urllib.parse import quote, unquote_to_bytes
 
 #: What ``scan_request`` makes of a head: ``(head_end, method, target, http11, connection,
-#: host, cookie, authorization, origin, fetch_site, browser, content_length_zero, kept,
-#: header_count)`` (see ``_heads.c``).
+#: host, cookie, authorization, origin, fetch_site, browser, content_length_zero, kept)``
+#: (see ``_heads.c``).
 RequestScan = tuple[
     int,
     bytes,
@@ -36,7 +36,6 @@ RequestScan = tuple[
     bool,
     bool,
     bytes,
-    int,
 ]
 
 try:  # The C scanners of common heads, built beside the compiled modules (_heads.c).

@@ -79,9 +79,11 @@ def response(
     *,
     close: bool = False,
     extra: list[tuple[bytes, bytes]] | None = None,
-    head_only: bool = False,
 ) -> bytes:
-    """A complete response with ``Content-Length`` and no caching."""
+    """A complete response with ``Content-Length`` and no caching.
+
+    (The proxy cuts the body off its answers to ``HEAD``: ``ClientConnection._answer``.)
+    """
     lines = [
         status_line(status),
         b"Content-Type: %s\r\n" % content_type,
@@ -94,8 +96,7 @@ def response(
     if close:
         lines.append(b"Connection: close\r\n")
     lines.append(b"\r\n")
-    if not head_only:
-        lines.append(body)
+    lines.append(body)
     return b"".join(lines)
 
 
@@ -106,7 +107,6 @@ def error(
     browser: bool,
     close: bool = False,
     retry_after: int | None = None,
-    head_only: bool = False,
     code: str | None = None,
     base: str = "",
     title: str | None = None,
@@ -143,13 +143,10 @@ def error(
             b"text/html; charset=utf-8",
             close=close,
             extra=extra,
-            head_only=head_only,
         )
     code = code or _CODES.get(status, "error")
     body = json.dumps(error_body(code, detail)).encode()
-    return response(
-        status, body, b"application/json", close=close, extra=extra, head_only=head_only
-    )
+    return response(status, body, b"application/json", close=close, extra=extra)
 
 
 def login_redirect(login_path: str, target: bytes, *, close: bool = False) -> bytes:

@@ -235,8 +235,7 @@ class ClientConnection(asyncio.Protocol):
             self.upgrade_buf = [rest] if rest else []
             self.upgrade_buffered = len(rest)
         except httptools.HttpParserCallbackError:
-            log.exception("router: handling a request failed")
-            self._malformed(500, "the router failed to handle this request")
+            self._handling_failed()
         except httptools.HttpParserError as problem:
             self._malformed(400, f"malformed request: {problem}")
         else:
@@ -347,7 +346,7 @@ class ClientConnection(asyncio.Protocol):
             ex.origin, ex.fetch_site, ex.browser = scanned[8], scanned[9], scanned[10]
             if scanned[11]:
                 ex.content_length, ex.cl_count = 0, 1
-            ex.kept, ex.header_count = scanned[12], scanned[13]
+            ex.kept = scanned[12]
             self.ex = ex
             self.reading_head = False
             self.stalled = 0
@@ -356,9 +355,8 @@ class ClientConnection(asyncio.Protocol):
                 self._head_read(ex)
                 if self.ex is ex:
                     self.on_message_complete()
-            except Exception:
-                log.exception("router: handling a request failed")
-                self._malformed(500, "the router failed to handle this request")
+            except Exception:  # what httptools reports as HttpParserCallbackError
+                self._handling_failed()
                 return b""
             finally:
                 self.in_feed = False
@@ -366,6 +364,11 @@ class ClientConnection(asyncio.Protocol):
                 return b""
             data = data[end:]
         return data
+
+    def _handling_failed(self) -> None:
+        """Code of the router's own failed on a request: logged, and answered 500."""
+        log.exception("router: handling a request failed")
+        self._malformed(500, "the router failed to handle this request")
 
     def _head_read(self, ex: Exchange) -> None:
         """A complete request head: serve it now or queue it behind the one in progress."""
@@ -754,7 +757,7 @@ class ClientConnection(asyncio.Protocol):
         title: str | None = None,
         cookies: tuple[bytes, ...] = (),
     ) -> None:
-        browser, head_only, base = ex.browser, ex.is_head, ex.portal_base
+        browser, base = ex.browser, ex.portal_base
         self._answer(
             ex,
             lambda close: pages.error(
@@ -763,7 +766,6 @@ class ClientConnection(asyncio.Protocol):
                 browser=browser,
                 close=close,
                 retry_after=retry_after,
-                head_only=head_only,
                 code=code,
                 base=base,
                 title=title,

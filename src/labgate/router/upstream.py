@@ -415,12 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if ex.http11:
                     self._to_client(b"".join([status_line(status, self.reason), *headers, b"\r\n"]))
             return
-        if ex.started:
-            # RouterStats.observe, done here: a call into Python costs more than the bisect.
-            stats = self.ctx.stats
-            seconds = time.time() - ex.started
-            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
-            stats.latency_sum += seconds
+        self._observe(ex)
         self.keep_alive = self.parser.should_keep_alive()
         self.body_allowed = not (ex.is_head or status in _NO_BODY_STATUS)
         ok = status == 200 and self.reason == b"OK"
@@ -489,16 +484,21 @@ class UpstreamConnection(asyncio.Protocol):
         """
         self.got_bytes = True
         self.in_head = False
-        if ex.started:
-            stats = self.ctx.stats
-            seconds = time.time() - ex.started
-            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
-            stats.latency_sum += seconds
+        self._observe(ex)
         self.keep_alive = True
         ex.response_started = True
         self._to_client(data[:cut] + data[cut_end:] if cut_end else data)
         self.done = True
         self._complete()
+
+    def _observe(self, ex: Exchange) -> None:
+        """Count the response's latency (a request routed to an instance has ``started``)."""
+        if ex.started:
+            # RouterStats.observe, done here: a call into Python costs more than the bisect.
+            stats = self.ctx.stats
+            seconds = time.time() - ex.started
+            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+            stats.latency_sum += seconds
 
     def _filtered_headers(self) -> list[bytes]:
         if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
