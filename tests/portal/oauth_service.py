@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from helpers import wait_for_state
+from helpers import PASSWORD, wait_for_state
 from labgate.config import OAuthClientConfig, Settings
 from labgate.db.models import Instance
 
@@ -58,3 +58,16 @@ async def instance_client(
     row = await portal.run_db(lambda s: s.get(Instance, iid))
     secret = str(portal.box.open(iid, row.secret))
     return iid, secret, portal.settings.instance_url(iid) + "oauth/callback"
+
+
+async def signed_in(app: Any, name: str) -> tuple[httpx.AsyncClient, dict[str, str]]:
+    """A browser with ``name``'s portal session, and its CSRF header (close it after)."""
+    browser = httpx.AsyncClient(base_url=app.state.test_url, timeout=30)
+    login = await browser.post("/api/v1/auth/login", json={"username": name, "password": PASSWORD})
+    assert login.status_code == 200, login.text
+    return browser, {"X-CSRF-Token": login.json()["csrf_token"]}
+
+
+async def userinfo(client: httpx.AsyncClient, token: str) -> httpx.Response:
+    """``GET /oauth/userinfo`` with ``token``."""
+    return await client.get("/oauth/userinfo", headers={"Authorization": f"Bearer {token}"})

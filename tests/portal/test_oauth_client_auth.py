@@ -9,9 +9,8 @@ from urllib.parse import quote_plus
 
 import httpx
 import pytest
-from oauth_service import CALLBACK, SERVICE, code_for
+from oauth_service import CALLBACK, SERVICE, code_for, signed_in
 
-from helpers import PASSWORD
 from labgate.config import OAuthClientConfig, Settings
 
 #: A secret an operator may well choose: characters that form-urlencoding changes.
@@ -29,13 +28,9 @@ def settings(settings: Settings) -> Settings:
 async def browser(app: Any, make_user: Any) -> AsyncIterator[httpx.AsyncClient]:
     """alice, signed in to the portal."""
     await make_user("alice")
-    signed_in = httpx.AsyncClient(base_url=app.state.test_url, timeout=30)
-    login = await signed_in.post(
-        "/api/v1/auth/login", json={"username": "alice", "password": PASSWORD}
-    )
-    assert login.status_code == 200, login.text
-    yield signed_in
-    await signed_in.aclose()
+    alice, _ = await signed_in(app, "alice")
+    yield alice
+    await alice.aclose()
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -20,10 +20,12 @@ from oauth_service import (
     SERVICE_SECRET,
     code_for,
     instance_client,
+    signed_in,
+    userinfo,
     with_service,
 )
 
-from helpers import PASSWORD, wait_for_state
+from helpers import wait_for_state
 from labgate.config import Settings
 
 
@@ -31,14 +33,6 @@ from labgate.config import Settings
 def settings(settings: Settings) -> Settings:
     """The test portal, with one registered service besides the instances' clients."""
     return with_service(settings)
-
-
-async def signed_in(app: Any, name: str) -> tuple[httpx.AsyncClient, dict[str, str]]:
-    """A browser with ``name``'s portal session, and its CSRF header."""
-    browser = httpx.AsyncClient(base_url=app.state.test_url, timeout=30)
-    login = await browser.post("/api/v1/auth/login", json={"username": name, "password": PASSWORD})
-    assert login.status_code == 200, login.text
-    return browser, {"X-CSRF-Token": login.json()["csrf_token"]}
 
 
 async def exchange(
@@ -59,11 +53,6 @@ async def access_token(
     got = await exchange(client, client_id, secret, code, redirect_uri)
     assert got.status_code == 200, got.text
     return str(got.json()["access_token"])
-
-
-async def userinfo(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    """``GET /oauth/userinfo`` with ``token``, from wherever it was replayed."""
-    return await client.get("/oauth/userinfo", headers={"Authorization": f"Bearer {token}"})
 
 
 def assert_refused(response: httpx.Response) -> None:

@@ -26,6 +26,8 @@ from oauth_service import (
     SERVICE_SECRET,
     code_for,
     instance_client,
+    signed_in,
+    userinfo,
     with_service,
 )
 
@@ -54,23 +56,15 @@ async def other(app: Any, settings: Settings, tmp_path: Path) -> AsyncIterator[h
 async def browser(app: Any, make_user: Any) -> AsyncIterator[httpx.AsyncClient]:
     """Alice's browser, signed in to replica A."""
     await make_user("alice")
-    async with httpx.AsyncClient(base_url=app.state.test_url, timeout=30) as signed_in:
-        login = await signed_in.post(
-            "/api/v1/auth/login", json={"username": "alice", "password": PASSWORD}
-        )
-        assert login.status_code == 200, login.text
-        yield signed_in
+    alice, _ = await signed_in(app, "alice")
+    yield alice
+    await alice.aclose()
 
 
 async def exchange(client: httpx.AsyncClient, code: str, **extra: str) -> httpx.Response:
     """``POST /oauth/token`` as the service (HTTP Basic)."""
     form = {"grant_type": "authorization_code", "code": code, "redirect_uri": CALLBACK, **extra}
     return await client.post("/oauth/token", data=form, auth=(SERVICE, SERVICE_SECRET))
-
-
-async def userinfo(client: httpx.AsyncClient, token: str) -> httpx.Response:
-    """``GET /oauth/userinfo`` with ``token``."""
-    return await client.get("/oauth/userinfo", headers={"Authorization": f"Bearer {token}"})
 
 
 def refused_grant(response: httpx.Response) -> bool:
