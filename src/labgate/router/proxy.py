@@ -336,17 +336,31 @@ class ClientConnection(asyncio.Protocol):
             scanned = scan_request(data)
             if scanned is None:
                 return data
-            end, method, target, http11, connection, host, cookie, authorization = scanned[:8]
+            (
+                end,
+                method,
+                target,
+                http11,
+                connection,
+                host,
+                cookie,
+                authorization,
+                origin,
+                fetch_site,
+                browser,
+                content_length_zero,
+                kept,
+            ) = scanned
             ex = Exchange()
             ex.method, ex.target, ex.http11, ex.is_head = method, target, http11, method == b"HEAD"
             ex.keep_alive = connection != 2 if http11 else connection == 1
             ex.host, ex.host_count = host, 1
             ex.cookie, ex.authorization = cookie, authorization
             ex.auth_count = 0 if authorization is None else 1
-            ex.origin, ex.fetch_site, ex.browser = scanned[8], scanned[9], scanned[10]
-            if scanned[11]:
+            ex.origin, ex.fetch_site, ex.browser = origin, fetch_site, browser
+            if content_length_zero:
                 ex.content_length, ex.cl_count = 0, 1
-            ex.kept = scanned[12]
+            ex.kept = kept
             self.ex = ex
             self.reading_head = False
             self.stalled = 0
