@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,48 @@ async def test_a_silent_site_makes_its_instances_unreachable_then_lost(
         assert "did not come back within 1.5 s" in (await row(app, iid)).reason
     finally:
         await kill_at_site(app, iid)
+
+
+async def test_a_site_going_away_is_never_taken_for_one_held_by_another_portal(
+    app, client, admin_headers, tmp_path: Path, monkeypatch
+):
+    """The heartbeat's look at which sites other portals hold, while a departure is recorded.
+
+    Until the row says the site is away it holds this portal's connection; a
+    look in between that took it for another portal's would admit launches on
+    the site and relay them to nobody.
+    """
+    from labgate.portal.site_relay import SiteRelay
+    from labgate.scheduler import liveness as liveness_module
+
+    portal = app.state.portal
+    token = await add_site(client, admin_headers)
+    link, liveness = portal.links["edge"], portal.site_hub.events
+    if link.relay is None:  # one portal on SQLite: relaying is what PostgreSQL replicas do
+        monkeypatch.setattr(link, "relay", SiteRelay(portal))
+    entered, release = threading.Event(), threading.Event()
+    record_away = liveness_module._record_away
+
+    def held_up(*args: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return record_away(*args)
+
+    monkeypatch.setattr(liveness_module, "_record_away", held_up)
+    try:
+        async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+            await wait_site(client, admin_headers, "connected")
+        assert await asyncio.to_thread(entered.wait, 10)
+        await liveness.note_held_elsewhere()
+        assert not link.held_elsewhere and not link.reachable
+    finally:
+        release.set()
+    site = await wait_site(client, admin_headers, "disconnected")
+    assert site["live"] is False
+    asked = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin_headers
+    )
+    assert asked.status_code == 409 and asked.json()["error"] == "site_unavailable", asked.text
 
 
 async def test_an_agent_that_returns_brings_its_instances_back(

@@ -314,8 +314,12 @@ class SiteLiveness:
             f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
             "to come back"
         )
-        mine, fresh = self._mine.pop(site, None), self.fresh
+        mine, fresh = self._mine.get(site), self.fresh
         ids = await self.manager.run_db(lambda s: _record_away(s, site, mine, fresh))
+        # Forgotten only once the row says the site is away: until then the row still
+        # holds this portal's connection, which note_held_elsewhere, meanwhile, must
+        # not take for another portal's (launches would be relayed to nobody).
+        self._mine.pop(site, None)
         if ids is None:
             log.info("site %s: its agent is connected to another portal", site)
             return
