@@ -176,6 +176,36 @@ async def test_a_site_going_away_is_never_taken_for_one_held_by_another_portal(
     assert asked.status_code == 409 and asked.json()["error"] == "site_unavailable", asked.text
 
 
+async def test_a_site_whose_agent_left_this_portal_is_not_taken_as_held_by_another(
+    app, client, admin_headers, tmp_path: Path, monkeypatch
+):
+    """When this portal's connection ends, a stale "held by another portal" goes with it.
+
+    A heartbeat's look that ran across a quick reconnect may have found the
+    row fresh and not this portal's.
+    """
+    from labgate.portal.site_relay import SiteRelay
+
+    portal = app.state.portal
+    token = await add_site(client, admin_headers)
+    link, liveness = portal.links["edge"], portal.site_hub.events
+    if link.relay is None:  # one portal on SQLite: relaying is what PostgreSQL replicas do
+        monkeypatch.setattr(link, "relay", SiteRelay(portal))
+    liveness._flusher.cancel()  # no later heartbeat look puts the flag right meanwhile
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        link.held_elsewhere = True
+    await wait_site(client, admin_headers, "disconnected")
+    async with asyncio.timeout(10):
+        while link.held_elsewhere:
+            await asyncio.sleep(0.02)
+    assert not link.reachable
+    asked = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin_headers
+    )
+    assert asked.status_code == 409 and asked.json()["error"] == "site_unavailable", asked.text
+
+
 async def test_an_agent_that_returns_brings_its_instances_back(
     app, client, admin_headers, tmp_path: Path
 ):

@@ -320,6 +320,11 @@ class SiteLiveness:
         # holds this portal's connection, which note_held_elsewhere, meanwhile, must
         # not take for another portal's (launches would be relayed to nobody).
         self._mine.pop(site, None)
+        link = self.manager.links.get(site)
+        if isinstance(link, NetworkSiteLink) and not link.live:
+            # What the row says now, not what the last heartbeat's look found (the
+            # agent may have come and gone since): held elsewhere only if it is.
+            link.held_elsewhere = ids is None
         if ids is None:
             log.info("site %s: its agent is connected to another portal", site)
             return
