@@ -233,6 +233,53 @@ async def test_an_agent_that_returns_brings_its_instances_back(
         await wait_for_state(client, admin_headers, iid, {"stopped"})
 
 
+async def test_an_agent_back_as_the_grace_period_ends_loses_nothing(
+    app, client, admin_headers, tmp_path: Path, monkeypatch
+):
+    """An agent back while the grace period's end is at work: its instances run on.
+
+    The end of the grace period has read the site's instances, and the agent
+    connects before it marks them lost; the reconcile waits its turn, and
+    nothing is lost.
+    """
+    from labgate.scheduler import liveness as liveness_module
+
+    token = await add_site(client, admin_headers)
+    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+        await wait_site(client, admin_headers, "connected")
+        iid = await launch_on_edge(client, admin_headers)
+        await wait_for_state(client, admin_headers, iid, {"running"})
+    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+    unfinished_on = liveness_module._unfinished_on
+
+    def read_then_wait(session: Any, name: str) -> Any:
+        rows = unfinished_on(session, name)
+        if armed.is_set():
+            armed.clear()
+            entered.set()
+            release.wait(10)
+        return rows
+
+    monkeypatch.setattr(liveness_module, "_unfinished_on", read_then_wait)
+    armed.set()
+    try:
+        assert await asyncio.to_thread(entered.wait, 10), "the grace period did not end"
+        async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
+            await wait_site(client, admin_headers, "connected")
+            release.set()
+            await wait_for_state(client, admin_headers, iid, {"running"})
+            await asyncio.sleep(0.3)  # what the grace period's end would still do
+            assert (await row(app, iid)).state == InstanceState.running
+            assert "lost" not in await transitions(app, iid)
+            stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+            assert stopped.status_code in (200, 202)
+            await wait_for_state(client, admin_headers, iid, {"stopped"})
+    finally:
+        release.set()
+        await kill_at_site(app, iid)
+
+
 async def launch_as_the_agent_leaves(
     app: Any, client: httpx.AsyncClient, headers: dict[str, str], token: str, data_dir: Path
 ) -> str:

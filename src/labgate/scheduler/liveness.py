@@ -335,7 +335,15 @@ class SiteLiveness:
 
     async def _expire(self, site: str) -> None:
         await asyncio.sleep(self.grace)
-        self._timers.pop(site, None)
+        # Under the site's lock: an agent that connects now has its reconcile wait until
+        # this is done (or, still waiting for the lock, this timer is cancelled by it).
+        async with self._lock(site):
+            if self._timers.get(site) is asyncio.current_task():
+                del self._timers[site]
+            await self._lose(site)
+
+    async def _lose(self, site: str) -> None:
+        """The grace period ended with the agent away: its instances are lost."""
         link = self.manager.links.get(site)
         if (link is not None and link.live) or await self._held_elsewhere(site):
             return
@@ -343,6 +351,8 @@ class SiteLiveness:
         message = f"{gone}; it may still run there"
         rows = await self.manager.run_db(lambda s: _unfinished_on(s, site))
         for instance in rows:
+            if link is not None and link.live:
+                return  # back meanwhile: its reconcile, waiting for the lock, has the rest
             if instance.state in (InstanceState.unreachable, InstanceState.stopping):
                 await self.manager.apply(Report(instance.id, "lost", message=message), site=site)
             elif instance.state == InstanceState.pending:  # its launch waited for the agent
