@@ -29,8 +29,10 @@ from helpers import (
     token_for,
     wait_for_state,
 )
+from labgate.agent.network import SiteAway
 from labgate.config import Settings
 from labgate.db.listen import libpq_url
+from labgate.db.models import InstanceEvent
 from labgate.portal import site_relay
 from site_agents import remote_agent
 
@@ -175,6 +177,71 @@ async def test_a_launch_on_a_portal_without_the_agent_is_admitted_and_runs_there
         )
         assert refused.status_code in (409, 503), refused.text
         assert refused.json()["error"] == "site_unavailable", refused.text
+
+
+async def test_a_relayed_launch_whose_agent_goes_as_it_leaves_waits_for_the_agent(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder's connection breaks as the relayed launch leaves: pending, not failed.
+
+    As on the portal holding the agent, the launch waits for the agent to
+    connect again and is sent again then.
+    """
+    settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        token = created.json()["token"]
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+        ):
+            try:
+                link = b.state.portal.links["edge"]
+                call = link.call
+                broke: list[str] = []
+
+                async def breaks_once(op: str, args: dict, wait: float | None = None) -> object:
+                    if op == "launch" and not broke:
+                        broke.append(op)
+                        raise SiteAway("site edge: the connection broke (as the launch left)")
+                    return await call(op, args, wait)
+
+                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                    await site_status(client_b, admin, "connected")
+                    await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
+                    monkeypatch.setattr(link, "call", breaks_once)
+                    launched = await client_a.post(
+                        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                    )
+                    assert launched.status_code == 202, launched.text
+                    iid = launched.json()["id"]
+                    async with asyncio.timeout(20):
+                        while not broke:
+                            await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.5)  # what A makes of the relayed answer
+                    body = (await client_a.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                    assert body["state"] == "pending", body
+                    notes = await a.state.portal.run_db(
+                        lambda s: list(
+                            s.scalars(
+                                select(InstanceEvent.message).where(
+                                    InstanceEvent.instance_id == iid
+                                )
+                            )
+                        )
+                    )
+                    assert any("connect again" in note for note in notes), notes
+                # The agent connects again (to B): the launch is sent again, and runs.
+                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                    body = await wait_for_state(client_a, admin, iid, {"running", "failed"})
+                    assert body["state"] == "running", await events_of(client_a, admin, iid)
+                    await stop_everything(b)
+            finally:
+                await stop_everything(b)
 
 
 async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(

@@ -135,6 +135,10 @@ class SiteRelay:
         if result.get("ok"):
             return result.get("value")
         detail, code = str(result.get("error", "")), str(result.get("code", ""))
+        if result.get("away"):
+            # The holder's connection went as the command left: as for a launch on a
+            # link of this portal, it is sent again when the agent connects again.
+            raise SiteAway(detail)
         if code == SiteUnavailable.default_code:
             raise SiteUnavailable(detail)
         status = result.get("status")
@@ -186,6 +190,9 @@ class SiteRelay:
         except LabgateError as exc:
             status = getattr(exc, "status", 500)
             result = {"ok": False, "error": exc.detail, "code": exc.code, "status": status}
+            # SiteAway shares SiteUnavailable's code: said apart, or the issuer would end a
+            # launch that waits for the agent's return (its type is what the callers test).
+            result["away"] = isinstance(exc, SiteAway)
         log.info("relayed %s for site %s from another portal", op, link.site)
         await self._send(RESULTS, call_id, "result", sender, result)
 
