@@ -280,6 +280,43 @@ async def test_an_agent_back_as_the_grace_period_ends_loses_nothing(
         await kill_at_site(app, iid)
 
 
+async def test_following_other_replicas_never_drops_a_site_added_here_meanwhile(
+    app, client, admin_headers, monkeypatch
+):
+    """A replica's follow read the sites just before one was added here: the new one stays.
+
+    Dropped, its agent would hear its token was revoked, and stop for good.
+    """
+    from labgate.agent.network import NetworkSiteLink
+    from labgate.scheduler import liveness as liveness_module
+
+    portal = app.state.portal
+    liveness = portal.site_hub.events
+    entered, release = threading.Event(), threading.Event()
+    network_sites = liveness_module._network_sites
+
+    def read_then_wait(session: Any) -> Any:
+        rows = network_sites(session)
+        entered.set()
+        release.wait(10)
+        return rows
+
+    monkeypatch.setattr(liveness_module, "_network_sites", read_then_wait)
+    following = asyncio.create_task(liveness.sync_sites())
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        adding = asyncio.create_task(add_site(client, admin_headers))
+        async with asyncio.timeout(10):  # the row is written; the link waits for the follow
+            while "edge" not in await portal.run_db(network_sites):
+                await asyncio.sleep(0.02)
+        release.set()
+        await following
+        await adding
+    finally:
+        release.set()
+    assert isinstance(portal.links.get("edge"), NetworkSiteLink)
+
+
 async def launch_as_the_agent_leaves(
     app: Any, client: httpx.AsyncClient, headers: dict[str, str], token: str, data_dir: Path
 ) -> str:

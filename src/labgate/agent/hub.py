@@ -155,15 +155,42 @@ class SiteHub:
         self._applied: dict[str, tuple[str, int]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        #: Held while the links change: a replica's follow (read the rows, then apply
+        #: them) and this portal's own adds and removals never interleave.
+        self._changing = asyncio.Lock()
 
     # --- sites -----------------------------------------------------------------
     async def register(self, name: str, backend: str, reach: str) -> None:
         """Make the link of a network site (its agent may connect from now on)."""
+        async with self._changing:
+            await self._register(name, backend, reach)
+
+    async def forget(self, name: str) -> None:
+        """Cut the site's connection and drop its link (the site was removed)."""
+        async with self._changing:
+            await self._forget(name)
+
+    async def follow(self, read: Callable[[], Awaitable[dict[str, tuple[str, str]]]]) -> None:
+        """Make the links ``read`` says (name: backend, reach) and drop the network sites' others.
+
+        What another replica added or removed. The read and what is made of it
+        are one step: a site added here while the rows were read, not in them,
+        is not dropped (its agent would hear it was revoked, and stop).
+        """
+        async with self._changing:
+            rows = await read()
+            for name, (backend, reach) in rows.items():
+                await self._register(name, backend, reach)
+            for name, link in list(self.links.items()):
+                if isinstance(link, NetworkSiteLink) and name not in rows:
+                    await self._forget(name)
+
+    async def _register(self, name: str, backend: str, reach: str) -> None:
         link = self.links.get(name)
         if isinstance(link, NetworkSiteLink) and link.reach == reach:
             return
         if link is not None:
-            await self.forget(name)
+            await self._forget(name)
         self.links[name] = NetworkSiteLink(
             name,
             backend,
@@ -187,8 +214,7 @@ class SiteHub:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connection.task
 
-    async def forget(self, name: str) -> None:
-        """Cut the site's connection and drop its link (the site was removed)."""
+    async def _forget(self, name: str) -> None:
         await self.cut(name, "the site was removed")
         link = self.links.pop(name, None)
         if link is not None:

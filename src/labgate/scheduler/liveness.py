@@ -381,12 +381,7 @@ class SiteLiveness:
 
     async def sync_sites(self) -> None:
         """Make links for network sites another replica added; drop those it removed."""
-        rows = await self.manager.run_db(_network_sites)
-        for name, (backend, reach) in rows.items():
-            await self.hub.register(name, backend, reach)
-        for name, link in list(self.manager.links.items()):
-            if isinstance(link, NetworkSiteLink) and name not in rows:
-                await self.hub.forget(name)
+        await self.hub.follow(lambda: self.manager.run_db(_network_sites))
 
     async def note_held_elsewhere(self) -> None:
         """Note which sites' agents another portal holds (their rows say so).
