@@ -444,6 +444,62 @@ async def test_an_agent_killed_inside_a_start_leaves_nothing_running(
                 await asyncio.sleep(0.1)
 
 
+async def test_a_launch_sent_before_a_new_connections_reconcile_is_left_to_run(
+    app, client, admin_headers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A launch that goes out over a new connection before its reconcile reads the rows.
+
+    Starting, with no state saved and not in the hello (the hello came first):
+    that is no start a restarted agent lost, and it runs.
+    """
+    from labgate.scheduler import liveness as liveness_module
+
+    sent, gate = asyncio.Event(), asyncio.Event()
+
+    def slow_start(agent: SiteAgent) -> None:
+        real_start = agent.backend.start
+
+        async def start(spec: LaunchSpec) -> Started:
+            sent.set()
+            await gate.wait()
+            return await real_start(spec)
+
+        agent.backend.start = start  # type: ignore[method-assign]
+
+    token = await add_site(client, admin_headers)
+    entered, release = threading.Event(), threading.Event()
+    record_connected = liveness_module._record_connected
+
+    def recorded_then_wait(*args: Any) -> Any:
+        at = record_connected(*args)
+        entered.set()
+        release.wait(10)
+        return at
+
+    monkeypatch.setattr(liveness_module, "_record_connected", recorded_then_wait)
+    iid = ""
+    try:
+        async with remote_agent(app.state.test_url, token, tmp_path / "edge", slow_start):
+            assert await asyncio.to_thread(entered.wait, 10), "the agent did not connect"
+            iid = await launch_on_edge(client, admin_headers)
+            await asyncio.wait_for(sent.wait(), 20)
+            await wait_for_state(client, admin_headers, iid, {"starting"})
+            release.set()  # the reconcile reads the rows now
+            await asyncio.sleep(0.5)
+            assert (await row(app, iid)).state == InstanceState.starting
+            gate.set()
+            await wait_for_state(client, admin_headers, iid, {"running"})
+            assert "failed" not in await transitions(app, iid)
+            stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
+            assert stopped.status_code in (200, 202)
+            await wait_for_state(client, admin_headers, iid, {"stopped"})
+    finally:
+        release.set()
+        gate.set()
+        if iid:
+            await kill_at_site(app, iid)
+
+
 async def running_on_edge_then_portal_down(settings: Settings, tmp_path: Path) -> tuple[str, str]:
     """A portal, a connected site ``edge`` with a running demo; the portal stops first.
 

@@ -19,6 +19,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from labgate.agent import convert
@@ -109,6 +110,8 @@ class Session:
     hello: Hello
     pending: dict[str, asyncio.Future[Result]] = field(default_factory=dict)
     closed: bool = False
+    #: When the hello came: what went starting since was sent over this connection.
+    opened_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def resolve(self, result: Result) -> None:
         """Hand a result to the command waiting for it (a late or unknown one is dropped)."""

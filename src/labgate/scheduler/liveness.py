@@ -12,6 +12,8 @@ pending                   (it is starting)      launch sent again
 starting / running /      back to what the      adopted from the saved state (the
 unreachable               agent says            agent finds it running or says lost);
                                                 no saved state: failed, with why
+                                                (unless it went starting over this
+                                                connection, after its hello)
 stopping                  stop sent again       stop sent again (idempotent)
 finished or unknown       stopped               --
 ========================  ====================  ==================================
@@ -63,6 +65,7 @@ from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
 if TYPE_CHECKING:
     from labgate.agent.hub import SiteHub
+    from labgate.agent.link import SiteLink
     from labgate.scheduler.instances import InstanceManager
     from labgate.wire.agent import Heartbeat, Held, Hello
 
@@ -244,6 +247,10 @@ class SiteLiveness:
                 )
             return True
         if not instance.backend_state:
+            if _started_since_hello(link, instance):
+                # Launched over this very connection, after its hello and before this
+                # reconcile read the rows: its own reports carry it on.
+                return False
             await manager.apply(
                 Report(
                     instance.id,
@@ -431,6 +438,13 @@ class SiteLiveness:
             task.add_done_callback(self._relays.discard)
             sent.append(instance_id)
         return sent
+
+
+def _started_since_hello(link: SiteLink, instance: Instance) -> bool:
+    """Whether ``instance`` went starting over the link's current connection."""
+    session = link.session if isinstance(link, NetworkSiteLink) else None
+    started = instance.started_at
+    return session is not None and started is not None and started >= session.opened_at
 
 
 # --- database work (worker threads) -----------------------------------------------
