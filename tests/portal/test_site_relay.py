@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -241,6 +242,69 @@ async def test_a_relayed_launch_whose_agent_goes_as_it_leaves_waits_for_the_agen
                     assert body["state"] == "running", await events_of(client_a, admin, iid)
                     await stop_everything(b)
             finally:
+                await stop_everything(b)
+
+
+async def test_an_agent_that_hops_to_another_portal_as_it_leaves_loses_nothing(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent leaves A and connects to B while A records its departure: running again.
+
+    A marks the site's instances unreachable in the transaction that says the
+    site is away; B, recording the connect, waits for that row and then brings
+    them back. (Marked one by one afterwards, the last marks landed after B's
+    reconcile, and the instances stayed unreachable.)
+    """
+    from labgate.scheduler.instances import InstanceManager
+
+    settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
+    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
+    held, release = asyncio.Event(), asyncio.Event()
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
+        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        created = await client_a.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        token = created.json()["token"]
+        async with (
+            replica(settings_b) as b,
+            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+        ):
+            try:
+                async with remote_agent(a.state.test_url, token, tmp_path / "edge"):
+                    await site_status(client_a, admin, "connected")
+                    launched = await client_a.post(
+                        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                    )
+                    assert launched.status_code == 202, launched.text
+                    iid = launched.json()["id"]
+                    await wait_for_state(client_a, admin, iid, {"running"})
+                    apply = InstanceManager.apply
+
+                    async def held_apply(
+                        self: InstanceManager, report: Any, *, site: str | None = None
+                    ) -> None:
+                        if self is a.state.portal.instances and report.state == "unreachable":
+                            held.set()
+                            await release.wait()
+                        await apply(self, report, site=site)
+
+                    monkeypatch.setattr(InstanceManager, "apply", held_apply)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(held.wait(), 3)  # where a departure once paused
+                await site_status(client_a, admin, "disconnected")
+                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                    await site_status(client_b, admin, "connected")
+                    await asyncio.sleep(1.0)  # B reconciles
+                    release.set()
+                    await asyncio.sleep(1.0)  # whatever A still does
+                    body = await wait_for_state(client_b, admin, iid, {"running"})
+                    assert body["state"] == "running", body
+                    now = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                    assert now["state"] == "running", now
+                    await stop_everything(b)
+            finally:
+                release.set()
                 await stop_everything(b)
 
 

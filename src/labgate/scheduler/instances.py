@@ -345,11 +345,17 @@ class InstanceManager:
             if self.task_reports is not None:
                 await self.task_reports(report, site)
             return
-        instance = await self.run_db(lambda s: self._apply(s, report, site))
+        instance = await self.run_db(lambda s: self.apply_in(s, report, site))
         if instance is not None:
             self.changed(instance)
 
-    def _apply(self, session: Session, report: Report, site: str | None = None) -> Instance | None:
+    def apply_in(
+        self, session: Session, report: Report, site: str | None = None
+    ) -> Instance | None:
+        """:meth:`apply` inside a transaction: the instance it changed, or None.
+
+        Call :meth:`changed` with that instance once the transaction is committed.
+        """
         instance = session.get(Instance, report.instance_id)
         if instance is None:
             log.warning("report for unknown instance %s ignored", report.instance_id)

@@ -321,8 +321,20 @@ class SiteLiveness:
             f"site {site} is not connected ({reason}); waiting up to {self.grace:g} s for it "
             "to come back"
         )
-        mine, fresh = self._mine.get(site), self.fresh
-        ids = await self.manager.run_db(lambda s: _record_away(s, site, mine, fresh))
+        mine, fresh, manager = self._mine.get(site), self.fresh, self.manager
+
+        def record(session: Session) -> list[Instance] | None:
+            ids = _record_away(session, site, mine, fresh)
+            if ids is None:
+                return None
+            # In the same transaction as the row saying the site is away: a portal its
+            # agent connects to meanwhile waits for the row (locked), then finds them
+            # unreachable and brings them back; never reconciles before they are marked.
+            reports = [Report(i, "unreachable", message=message) for i in ids]
+            marked = [manager.apply_in(session, report, site) for report in reports]
+            return [instance for instance in marked if instance is not None]
+
+        changed = await manager.run_db(record)
         # Forgotten only once the row says the site is away: until then the row still
         # holds this portal's connection, which note_held_elsewhere, meanwhile, must
         # not take for another portal's (launches would be relayed to nobody).
@@ -331,12 +343,12 @@ class SiteLiveness:
         if isinstance(link, NetworkSiteLink) and not link.live:
             # What the row says now, not what the last heartbeat's look found (the
             # agent may have come and gone since): held elsewhere only if it is.
-            link.held_elsewhere = ids is None
-        if ids is None:
+            link.held_elsewhere = changed is None
+        if changed is None:
             log.info("site %s: its agent is connected to another portal", site)
             return
-        for instance_id in ids:
-            await self.manager.apply(Report(instance_id, "unreachable", message=message), site=site)
+        for instance in changed:
+            manager.changed(instance)
         if site not in self._timers:
             self._timers[site] = asyncio.create_task(self._expire(site), name=f"grace-{site}")
 
@@ -448,8 +460,14 @@ def _started_since_hello(link: SiteLink, instance: Instance) -> bool:
 
 
 # --- database work (worker threads) -----------------------------------------------
-def _site(session: Session, name: str) -> Site | None:
-    return session.scalar(select(Site).where(Site.name == name))
+def _site(session: Session, name: str, *, lock: bool = False) -> Site | None:
+    """The site's row; with ``lock``, locked until the transaction ends (PostgreSQL).
+
+    A connect and a departure recorded by two portals at once then go one
+    after the other, each seeing what the other wrote.
+    """
+    query = select(Site).where(Site.name == name)
+    return session.scalar(query.with_for_update() if lock else query)
 
 
 def _held_elsewhere(session: Session, name: str, mine: datetime | None, fresh: float) -> bool:
@@ -464,8 +482,8 @@ def _held_elsewhere(session: Session, name: str, mine: datetime | None, fresh: f
 
 
 def _record_connected(session: Session, name: str, hello: Hello) -> datetime:
-    now = utcnow()
-    site = _site(session, name)
+    site = _site(session, name, lock=True)
+    now = utcnow()  # once the row is this transaction's: after any departure recorded
     if site is None:
         return now
     site.connected_at = now
@@ -502,9 +520,9 @@ def _record_away(
 
     None, and nothing changed, when another portal holds the site's agent.
     """
+    site = _site(session, name, lock=True)
     if _held_elsewhere(session, name, mine, fresh):
         return None
-    site = _site(session, name)
     if site is None:
         return []
     if site.connected_at is not None or site.disconnected_at is None:
