@@ -73,19 +73,24 @@ async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status
             await asyncio.sleep(0.05)
 
 
+async def admin_and_edge(
+    client: httpx.AsyncClient, scopes: tuple[str, ...] = ("admin", "account")
+) -> tuple[dict[str, str], str]:
+    """An admin's headers, and the enrolment token of a new network site ``edge``."""
+    admin = await token_for(client, "admin", ADMIN_PASSWORD, list(scopes))
+    created = await client.post(
+        "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+    )
+    assert created.status_code == 201, created.text
+    return admin, str(created.json()["token"])
+
+
 async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin = await token_for(
-            client_a, "admin", ADMIN_PASSWORD, ["admin", "account", "instances:access"]
-        )
-        created = await client_a.post(
-            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-        )
-        assert created.status_code == 201, created.text
-        token = created.json()["token"]
+        admin, token = await admin_and_edge(client_a, ("admin", "account", "instances:access"))
         async with (
             replica(settings_b) as b,
             httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
@@ -145,11 +150,7 @@ async def test_a_launch_on_a_portal_without_the_agent_is_admitted_and_runs_there
     settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
-        created = await client_a.post(
-            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-        )
-        token = created.json()["token"]
+        admin, token = await admin_and_edge(client_a)
         async with (
             replica(settings_b) as b,
             httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
@@ -191,11 +192,7 @@ async def test_a_relayed_launch_whose_agent_goes_as_it_leaves_waits_for_the_agen
     settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
-        created = await client_a.post(
-            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-        )
-        token = created.json()["token"]
+        admin, token = await admin_and_edge(client_a)
         async with (
             replica(settings_b) as b,
             httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
@@ -261,11 +258,7 @@ async def test_an_agent_that_hops_to_another_portal_as_it_leaves_loses_nothing(
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     held, release = asyncio.Event(), asyncio.Event()
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
-        created = await client_a.post(
-            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-        )
-        token = created.json()["token"]
+        admin, token = await admin_and_edge(client_a)
         async with (
             replica(settings_b) as b,
             httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
@@ -316,15 +309,11 @@ async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
     settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     settings_c = settings.model_copy(update={"data_dir": tmp_path / "var-c"})
     async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin = await token_for(client_a, "admin", ADMIN_PASSWORD, ["admin", "account"])
-        created = await client_a.post(
-            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-        )
-        assert created.status_code == 201, created.text
+        admin, token = await admin_and_edge(client_a)
         async with (
             replica(settings_b) as b,
             httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
-            remote_agent(b.state.test_url, created.json()["token"], tmp_path / "edge"),
+            remote_agent(b.state.test_url, token, tmp_path / "edge"),
         ):
             try:
                 await site_status(client_b, admin, "connected")

@@ -66,6 +66,26 @@ async def launch_on_edge(client: httpx.AsyncClient, headers: dict[str, str]) -> 
     return str(created.json()["id"])
 
 
+async def running_on_edge_then_away(
+    app: Any, client: httpx.AsyncClient, headers: dict[str, str], data_dir: Path
+) -> tuple[str, str]:
+    """A site ``edge`` whose agent ran a demo and went away: (site token, instance id)."""
+    token = await add_site(client, headers)
+    async with remote_agent(app.state.test_url, token, data_dir):
+        await wait_site(client, headers, "connected")
+        iid = await launch_on_edge(client, headers)
+        await wait_for_state(client, headers, iid, {"running"})
+    await wait_for_state(client, headers, iid, {"unreachable"})
+    return token, iid
+
+
+async def stop_and_wait(client: httpx.AsyncClient, headers: dict[str, str], iid: str) -> None:
+    """Stop an instance through the API and wait until it is stopped."""
+    stopped = await client.delete(f"/api/v1/instances/{iid}", headers=headers)
+    assert stopped.status_code in (200, 202), stopped.text
+    await wait_for_state(client, headers, iid, {"stopped"})
+
+
 async def row(app: Any, iid: str) -> Instance:
     instance: Instance | None = await app.state.portal.run_db(lambda s: s.get(Instance, iid))
     assert instance is not None
@@ -228,9 +248,7 @@ async def test_an_agent_that_returns_brings_its_instances_back(
             "unreachable",
             "running",
         ]
-        stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
-        assert stopped.status_code in (200, 202)
-        await wait_for_state(client, admin_headers, iid, {"stopped"})
+        await stop_and_wait(client, admin_headers, iid)
 
 
 async def test_an_agent_back_as_the_grace_period_ends_loses_nothing(
@@ -244,12 +262,7 @@ async def test_an_agent_back_as_the_grace_period_ends_loses_nothing(
     """
     from labgate.scheduler import liveness as liveness_module
 
-    token = await add_site(client, admin_headers)
-    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
-        await wait_site(client, admin_headers, "connected")
-        iid = await launch_on_edge(client, admin_headers)
-        await wait_for_state(client, admin_headers, iid, {"running"})
-    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    token, iid = await running_on_edge_then_away(app, client, admin_headers, tmp_path / "edge")
     armed, entered, release = threading.Event(), threading.Event(), threading.Event()
     unfinished_on = liveness_module._unfinished_on
 
@@ -272,9 +285,7 @@ async def test_an_agent_back_as_the_grace_period_ends_loses_nothing(
             await asyncio.sleep(0.3)  # what the grace period's end would still do
             assert (await row(app, iid)).state == InstanceState.running
             assert "lost" not in await transitions(app, iid)
-            stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
-            assert stopped.status_code in (200, 202)
-            await wait_for_state(client, admin_headers, iid, {"stopped"})
+            await stop_and_wait(client, admin_headers, iid)
     finally:
         release.set()
         await kill_at_site(app, iid)
@@ -375,9 +386,7 @@ async def test_a_launch_sent_as_its_agent_leaves_waits_and_runs_when_it_is_back(
     async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
         await wait_for_state(client, admin_headers, iid, {"running"})
         assert await transitions(app, iid) == ["pending", "starting", "running"]
-        stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
-        assert stopped.status_code in (200, 202)
-        await wait_for_state(client, admin_headers, iid, {"stopped"})
+        await stop_and_wait(client, admin_headers, iid)
 
 
 async def test_a_launch_waiting_for_an_agent_that_stays_away_fails_at_the_grace_end(
@@ -392,12 +401,7 @@ async def test_a_launch_waiting_for_an_agent_that_stays_away_fails_at_the_grace_
 async def test_a_stop_while_the_site_is_away_is_done_when_it_returns(
     app, client, admin_headers, tmp_path: Path
 ):
-    token = await add_site(client, admin_headers)
-    async with remote_agent(app.state.test_url, token, tmp_path / "edge"):
-        await wait_site(client, admin_headers, "connected")
-        iid = await launch_on_edge(client, admin_headers)
-        await wait_for_state(client, admin_headers, iid, {"running"})
-    await wait_for_state(client, admin_headers, iid, {"unreachable"})
+    token, iid = await running_on_edge_then_away(app, client, admin_headers, tmp_path / "edge")
     stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
     assert stopped.status_code in (200, 202)
     await asyncio.sleep(0.5)
@@ -490,9 +494,7 @@ async def test_a_launch_sent_before_a_new_connections_reconcile_is_left_to_run(
             gate.set()
             await wait_for_state(client, admin_headers, iid, {"running"})
             assert "failed" not in await transitions(app, iid)
-            stopped = await client.delete(f"/api/v1/instances/{iid}", headers=admin_headers)
-            assert stopped.status_code in (200, 202)
-            await wait_for_state(client, admin_headers, iid, {"stopped"})
+            await stop_and_wait(client, admin_headers, iid)
     finally:
         release.set()
         gate.set()

@@ -33,7 +33,7 @@ async def test_a_report_read_before_a_stop_does_not_undo_the_stop(app: Any) -> N
             manager.db.transact(
                 lambda other: manager._begin_stop(other, instance_id, "stopped", "stop requested")
             )
-        applied = manager._apply(session, Report(instance_id, "starting", message="starting"))
+        applied = manager.apply_in(session, Report(instance_id, "starting", message="starting"))
         del read  # held until here: the session's identity map keeps only weak references
         return applied
 
