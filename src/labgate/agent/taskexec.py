@@ -44,6 +44,9 @@ from typing import Any
 RESULT_FILE = "results/.labgate-result.json"
 #: Seconds between SIGTERM and SIGKILL when a task is stopped.
 KILL_GRACE = 3.0
+#: Seconds a task killed by a signal it was not sent by this waits for this process's own
+#: SIGTERM: a ``scancel`` signals every process of the job, this one maybe a moment later.
+SIGNALLED_GRACE = 1.0
 #: The archive of the results directory a batch job leaves (see :func:`run_job`).
 RESULTS_ARCHIVE = "results.tar.gz"
 #: Largest results archive a batch job leaves (bytes, compressed): the site's limit.
@@ -431,6 +434,12 @@ def execute(directory: Path) -> dict[str, Any]:
             time.sleep(0.02)
         _end_group(proc)
     code = proc.returncode
+    if code is not None and code < 0 and not stopped:
+        # Killed from outside: if the job is being cancelled, the site tells how it ended
+        # ("cancelled outside labgate"), not this as a failure that beat it there.
+        until = time.time() + SIGNALLED_GRACE
+        while not stopped and time.time() < until:
+            time.sleep(0.02)
     result, problem = read_result(directory)
     outcome: dict[str, Any] = {
         "exit_code": code,
