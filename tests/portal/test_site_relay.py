@@ -73,27 +73,39 @@ async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status
             await asyncio.sleep(0.05)
 
 
-async def admin_and_edge(
-    client: httpx.AsyncClient, scopes: tuple[str, ...] = ("admin", "account")
-) -> tuple[dict[str, str], str]:
-    """An admin's headers, and the enrolment token of a new network site ``edge``."""
-    admin = await token_for(client, "admin", ADMIN_PASSWORD, list(scopes))
-    created = await client.post(
-        "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
-    )
-    assert created.status_code == 201, created.text
-    return admin, str(created.json()["token"])
+@contextlib.asynccontextmanager
+async def portal_with_edge(
+    settings: Settings, scopes: tuple[str, ...] = ("admin", "account")
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient, dict[str, str], str]]:
+    """Replica A, a client of it, an admin's headers and the token of its new site ``edge``."""
+    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client:
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, list(scopes))
+        created = await client.post(
+            "/api/v1/sites", json={"name": "edge", "backend": "process"}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        yield a, client, admin, str(created.json()["token"])
+
+
+@contextlib.asynccontextmanager
+async def another_replica(
+    settings: Settings, data_dir: Path
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """Replica B on the same database (a data directory of its own) and a client of it."""
+    async with (
+        replica(settings.model_copy(update={"data_dir": data_dir})) as b,
+        httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client,
+    ):
+        yield b, client
 
 
 async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
-    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin, token = await admin_and_edge(client_a, ("admin", "account", "instances:access"))
+    scopes = ("admin", "account", "instances:access")
+    async with portal_with_edge(settings, scopes) as (a, client_a, admin, token):
         async with (
-            replica(settings_b) as b,
-            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            another_replica(settings, tmp_path / "var-b") as (b, client_b),
             remote_agent(b.state.test_url, token, tmp_path / "edge"),
         ):
             try:
@@ -148,12 +160,9 @@ async def test_a_launch_on_a_portal_without_the_agent_is_admitted_and_runs_there
 ) -> None:
     """Any portal admits a launch on a network site; its agent, on another, starts it."""
     settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
-    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin, token = await admin_and_edge(client_a)
+    async with portal_with_edge(settings) as (_a, client_a, admin, token):
         async with (
-            replica(settings_b) as b,
-            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
+            another_replica(settings, tmp_path / "var-b") as (b, client_b),
             remote_agent(b.state.test_url, token, tmp_path / "edge"),
         ):
             try:
@@ -190,56 +199,51 @@ async def test_a_relayed_launch_whose_agent_goes_as_it_leaves_waits_for_the_agen
     connect again and is sent again then.
     """
     settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
-    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin, token = await admin_and_edge(client_a)
-        async with (
-            replica(settings_b) as b,
-            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
-        ):
-            try:
-                link = b.state.portal.links["edge"]
-                call = link.call
-                broke: list[str] = []
+    async with (
+        portal_with_edge(settings) as (a, client_a, admin, token),
+        another_replica(settings, tmp_path / "var-b") as (b, client_b),
+    ):
+        try:
+            link = b.state.portal.links["edge"]
+            call = link.call
+            broke: list[str] = []
 
-                async def breaks_once(op: str, args: dict, wait: float | None = None) -> object:
-                    if op == "launch" and not broke:
-                        broke.append(op)
-                        raise SiteAway("site edge: the connection broke (as the launch left)")
-                    return await call(op, args, wait)
+            async def breaks_once(op: str, args: dict, wait: float | None = None) -> object:
+                if op == "launch" and not broke:
+                    broke.append(op)
+                    raise SiteAway("site edge: the connection broke (as the launch left)")
+                return await call(op, args, wait)
 
-                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
-                    await site_status(client_b, admin, "connected")
-                    await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
-                    monkeypatch.setattr(link, "call", breaks_once)
-                    launched = await client_a.post(
-                        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                    )
-                    assert launched.status_code == 202, launched.text
-                    iid = launched.json()["id"]
-                    async with asyncio.timeout(20):
-                        while not broke:
-                            await asyncio.sleep(0.05)
-                    await asyncio.sleep(0.5)  # what A makes of the relayed answer
-                    body = (await client_a.get(f"/api/v1/instances/{iid}", headers=admin)).json()
-                    assert body["state"] == "pending", body
-                    notes = await a.state.portal.run_db(
-                        lambda s: list(
-                            s.scalars(
-                                select(InstanceEvent.message).where(
-                                    InstanceEvent.instance_id == iid
-                                )
-                            )
+            async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                await site_status(client_b, admin, "connected")
+                await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
+                monkeypatch.setattr(link, "call", breaks_once)
+                launched = await client_a.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                iid = launched.json()["id"]
+                async with asyncio.timeout(20):
+                    while not broke:
+                        await asyncio.sleep(0.05)
+                await asyncio.sleep(0.5)  # what A makes of the relayed answer
+                body = (await client_a.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                assert body["state"] == "pending", body
+                notes = await a.state.portal.run_db(
+                    lambda s: list(
+                        s.scalars(
+                            select(InstanceEvent.message).where(InstanceEvent.instance_id == iid)
                         )
                     )
-                    assert any("connect again" in note for note in notes), notes
-                # The agent connects again (to B): the launch is sent again, and runs.
-                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
-                    body = await wait_for_state(client_a, admin, iid, {"running", "failed"})
-                    assert body["state"] == "running", await events_of(client_a, admin, iid)
-                    await stop_everything(b)
-            finally:
+                )
+                assert any("connect again" in note for note in notes), notes
+            # The agent connects again (to B): the launch is sent again, and runs.
+            async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                body = await wait_for_state(client_a, admin, iid, {"running", "failed"})
+                assert body["state"] == "running", await events_of(client_a, admin, iid)
                 await stop_everything(b)
+        finally:
+            await stop_everything(b)
 
 
 async def test_an_agent_that_hops_to_another_portal_as_it_leaves_loses_nothing(
@@ -255,50 +259,47 @@ async def test_an_agent_that_hops_to_another_portal_as_it_leaves_loses_nothing(
     from labgate.scheduler.instances import InstanceManager
 
     settings = settings.model_copy(update={"site_heartbeat_interval": 0.5})
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     held, release = asyncio.Event(), asyncio.Event()
-    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin, token = await admin_and_edge(client_a)
-        async with (
-            replica(settings_b) as b,
-            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
-        ):
-            try:
-                async with remote_agent(a.state.test_url, token, tmp_path / "edge"):
-                    await site_status(client_a, admin, "connected")
-                    launched = await client_a.post(
-                        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                    )
-                    assert launched.status_code == 202, launched.text
-                    iid = launched.json()["id"]
-                    await wait_for_state(client_a, admin, iid, {"running"})
-                    apply = InstanceManager.apply
+    async with (
+        portal_with_edge(settings) as (a, client_a, admin, token),
+        another_replica(settings, tmp_path / "var-b") as (b, client_b),
+    ):
+        try:
+            async with remote_agent(a.state.test_url, token, tmp_path / "edge"):
+                await site_status(client_a, admin, "connected")
+                launched = await client_a.post(
+                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+                )
+                assert launched.status_code == 202, launched.text
+                iid = launched.json()["id"]
+                await wait_for_state(client_a, admin, iid, {"running"})
+                apply = InstanceManager.apply
 
-                    async def held_apply(
-                        self: InstanceManager, report: Any, *, site: str | None = None
-                    ) -> None:
-                        if self is a.state.portal.instances and report.state == "unreachable":
-                            held.set()
-                            await release.wait()
-                        await apply(self, report, site=site)
+                async def held_apply(
+                    self: InstanceManager, report: Any, *, site: str | None = None
+                ) -> None:
+                    if self is a.state.portal.instances and report.state == "unreachable":
+                        held.set()
+                        await release.wait()
+                    await apply(self, report, site=site)
 
-                    monkeypatch.setattr(InstanceManager, "apply", held_apply)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(held.wait(), 3)  # where a departure once paused
-                await site_status(client_a, admin, "disconnected")
-                async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
-                    await site_status(client_b, admin, "connected")
-                    await asyncio.sleep(1.0)  # B reconciles
-                    release.set()
-                    await asyncio.sleep(1.0)  # whatever A still does
-                    body = await wait_for_state(client_b, admin, iid, {"running"})
-                    assert body["state"] == "running", body
-                    now = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
-                    assert now["state"] == "running", now
-                    await stop_everything(b)
-            finally:
+                monkeypatch.setattr(InstanceManager, "apply", held_apply)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(held.wait(), 3)  # where a departure once paused
+            await site_status(client_a, admin, "disconnected")
+            async with remote_agent(b.state.test_url, token, tmp_path / "edge"):
+                await site_status(client_b, admin, "connected")
+                await asyncio.sleep(1.0)  # B reconciles
                 release.set()
+                await asyncio.sleep(1.0)  # whatever A still does
+                body = await wait_for_state(client_b, admin, iid, {"running"})
+                assert body["state"] == "running", body
+                now = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+                assert now["state"] == "running", now
                 await stop_everything(b)
+        finally:
+            release.set()
+            await stop_everything(b)
 
 
 async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
@@ -306,33 +307,30 @@ async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
 ) -> None:
     quick = {"site_heartbeat_interval": 0.5, "site_grace_period": 1.0}
     settings = settings.model_copy(update=quick)
-    settings_b = settings.model_copy(update={"data_dir": tmp_path / "var-b"})
     settings_c = settings.model_copy(update={"data_dir": tmp_path / "var-c"})
-    async with replica(settings) as a, httpx.AsyncClient(base_url=a.state.test_url) as client_a:
-        admin, token = await admin_and_edge(client_a)
-        async with (
-            replica(settings_b) as b,
-            httpx.AsyncClient(base_url=b.state.test_url, timeout=30) as client_b,
-            remote_agent(b.state.test_url, token, tmp_path / "edge"),
-        ):
-            try:
-                await site_status(client_b, admin, "connected")
-                launched = await client_b.post(
-                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                )
-                iid = launched.json()["id"]
-                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
-                assert body["state"] == "running", await events_of(client_b, admin, iid)
+    async with (
+        portal_with_edge(settings) as (_a, _client_a, admin, token),
+        another_replica(settings, tmp_path / "var-b") as (b, client_b),
+        remote_agent(b.state.test_url, token, tmp_path / "edge"),
+    ):
+        try:
+            await site_status(client_b, admin, "connected")
+            launched = await client_b.post(
+                "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
+            )
+            iid = launched.json()["id"]
+            body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
+            assert body["state"] == "running", await events_of(client_b, admin, iid)
 
-                # Portal C starts while B holds the site's agent: past C's grace period
-                # (and past the time a stale row would take), nothing changed.
-                async with serving(settings_c) as c:  # not replica(): it would stop them all
-                    await asyncio.sleep(3 * 0.5 + 1.0 + 1.0)
-                    links = c.state.portal.links
-                    assert not links["edge"].live
-                body = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
-                assert body["state"] == "running", await events_of(client_b, admin, iid)
-                site = (await client_b.get("/api/v1/sites/edge", headers=admin)).json()
-                assert site["status"] == "connected", site
-            finally:
-                await stop_everything(b)
+            # Portal C starts while B holds the site's agent: past C's grace period
+            # (and past the time a stale row would take), nothing changed.
+            async with serving(settings_c) as c:  # not replica(): it would stop them all
+                await asyncio.sleep(3 * 0.5 + 1.0 + 1.0)
+                links = c.state.portal.links
+                assert not links["edge"].live
+            body = (await client_b.get(f"/api/v1/instances/{iid}", headers=admin)).json()
+            assert body["state"] == "running", await events_of(client_b, admin, iid)
+            site = (await client_b.get("/api/v1/sites/edge", headers=admin)).json()
+            assert site["status"] == "connected", site
+        finally:
+            await stop_everything(b)
