@@ -3,18 +3,29 @@
 The process backend gives each instance its port from here, the containers
 backend the host port it publishes a tool's port on, and the token gate
 (:mod:`labgate.tools.gate`) the port of the app behind it.
+
+A port is free when it can be bound *and* a connection to it then reaches
+that listener: a firewall rule that redirects the port elsewhere (a Podman
+DNAT rule left behind, with its network namespace, by a container whose
+network was never torn down catches every local connection to its host
+port) would otherwise swallow the tool's traffic, and its launch would fail
+with nothing listening at its address.
 """
 
 from __future__ import annotations
 
 import random
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
 
 #: How many ports below the kernel's ephemeral range tools are given ports from.
 TOOL_PORTS = 10_000
+#: Seconds a connection to a candidate port has to reach the listener put on it for the
+#: check (well under a millisecond on this host; a redirected port never does).
+REACHED_WITHIN = 0.25
 
 
 def tool_port_range() -> range:
@@ -35,21 +46,49 @@ def tool_port_range() -> range:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now, below the ephemeral range."""
+    """A TCP port on ``host`` below the ephemeral range that nothing listens on or redirects
+    right now (:func:`reaches_here`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ports = tool_port_range()
     for _ in range(200 if ports else 0):
         port = random.choice(ports)
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
+        if reaches_here(host, port):
             return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         found: int = sock.getsockname()[1]
         return found
+
+
+def reaches_here(host: str, port: int, timeout: float = REACHED_WITHIN) -> bool:
+    """Whether a connection to ``port`` on ``host`` reaches a listener on it there.
+
+    Listens on the port for a moment and connects to it: a rule that
+    redirects the port (a NAT rule to an address in a leftover network
+    namespace, where the connection is refused) keeps the connection from
+    arriving. False also when the port cannot be bound. The probe is closed
+    with a reset, so neither end lingers in TIME_WAIT to block the tool's
+    own bind.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    with socket.socket(family, socket.SOCK_STREAM) as listener:
+        try:
+            listener.bind((host, port))
+            listener.listen(1)
+        except OSError:
+            return False
+        listener.settimeout(timeout)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            probe.settimeout(timeout)
+            try:
+                probe.connect((target, port))
+                accepted, _ = listener.accept()
+            except OSError:
+                return False
+            accepted.close()
+    return True
 
 
 class PortPicker:
