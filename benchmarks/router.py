@@ -723,6 +723,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ports["chp"],
             env={"CONFIGPROXY_AUTH_TOKEN": CHP_TOKEN},
         )
+        # Its REST API listens on a port of its own, opened after the proxy's.
+        await asyncio.to_thread(wait_port, ports["chp_api"])
         await chp_route("POST", ports["chp_api"], "/i/ws", {"target": ws_url})
         await labgate.start(static_url, ws_url)
         await hosted.start(static_url, ws_url)
