@@ -20,6 +20,7 @@ def test_admin_adds_revokes_rotates_and_removes_a_network_site(gateway):
     expect(admin.locator("#site-error")).to_contain_text("key=value")
     admin.get_by_label("Labels").fill("zone=lab")
     admin.get_by_label("Memory").fill("8G")
+    admin.get_by_label("Group volumes root").fill("/srv/groups")
     admin.get_by_role("button", name="Add site").click()
     shown = admin.locator("#site-token")
     expect(shown).to_contain_text(f"Added {name}")
@@ -29,6 +30,7 @@ def test_admin_adds_revokes_rotates_and_removes_a_network_site(gateway):
     card = admin.locator(f'li.card[data-site="{name}"]')
     expect(card).to_contain_text("waiting for its agent")
     expect(card).to_contain_text("network site, reach tunnel")
+    expect(card).to_contain_text("Group volumes/srv/groups")  # its agent reported none yet
     gateway.shot(admin, "17b-admin-site-added")
 
     admin.on("dialog", lambda dialog: dialog.accept())

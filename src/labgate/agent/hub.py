@@ -104,6 +104,7 @@ class SiteInfo:
     backend: str
     options: dict[str, Any] = field(default_factory=dict)
     data_root: str | None = None
+    group_root: str | None = None
     reach: str = "direct"
 
 
@@ -289,6 +290,7 @@ class SiteHub:
             backend=site.backend,
             options=site.options,
             data_root=site.data_root,
+            group_root=site.group_root,
             reach=site.reach,
             heartbeat=self.heartbeat,
             tools=self.tools(),

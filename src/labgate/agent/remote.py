@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,6 +42,7 @@ from labgate.agent import convert, task_ops
 from labgate.agent.site import SiteAgent
 from labgate.agent.tunnel import TunnelDialer
 from labgate.aio import wait_for
+from labgate.backends.groups import group_dirs
 from labgate.errors import LabgateError
 from labgate.tools.catalog import Tool
 from labgate.wire.agent import (
@@ -73,6 +75,8 @@ REMEMBERED_COMMANDS = 2048
 MAX_OUTBOX = 10_000
 #: Largest message accepted (a welcome carries the whole catalog).
 MAX_MESSAGE = 16 * 1024 * 1024
+#: Seconds a listing of the site's group volumes may take before a heartbeat goes without it.
+GROUP_SCAN_TIMEOUT = 5.0
 
 
 class TokenRefused(Exception):
@@ -122,6 +126,11 @@ class RemoteAgent:
         self.tools: dict[str, Tool] = {}
         #: The tools' reasons as the portal last heard them (hello or heartbeat).
         self._said_tools: dict[str, str | None] = {}
+        #: The site's group_root (from the latest welcome) and the group volumes there as
+        #: the portal last heard them.
+        self._group_root: str | None = None
+        self._said_groups: list[str] | None = None
+        self._scan: asyncio.Future[list[str]] | None = None
         #: The instance tunnel's data connections to the router (tunneled sites).
         self.tunnel = TunnelDialer(portal, self._endpoint_of)
         self.connections = 0
@@ -209,8 +218,8 @@ class RemoteAgent:
         if agent is None:  # _welcomed builds it
             raise ProtocolError("no site agent")
         await agent.refresh_tools(list(self.tools.values()))
-        hello = self._hello(agent)
-        self._said_tools = hello.tools
+        hello = self._hello(agent, await self._groups())
+        self._said_tools, self._said_groups = hello.tools, hello.groups
         await ws.send(dump(hello))
         self.connections += 1
         log.info("agent: connected to %s as site %s", self.url, welcome.site)
@@ -253,6 +262,7 @@ class RemoteAgent:
                 "restart the agent to apply them"
             )
         self.welcome = self.welcome or welcome
+        self._group_root = welcome.group_root
         self.tools = {}
         for raw in welcome.tools:
             try:
@@ -266,7 +276,26 @@ class RemoteAgent:
         if self.agent is None:
             self.agent = self.make_agent(welcome, self._report)
 
-    def _hello(self, agent: SiteAgent) -> Hello:
+    async def _groups(self) -> list[str] | None:
+        """The group volumes under the site's ``group_root`` now (None: it has none).
+
+        A listing that takes longer than :data:`GROUP_SCAN_TIMEOUT` (a file system
+        that hangs) is not waited for: the portal keeps what it last heard, and the
+        heartbeats go on. One listing runs at a time.
+        """
+        root = self._group_root
+        if not root:
+            return None
+        scan = self._scan
+        if scan is None or scan.done():
+            scan = self._scan = asyncio.ensure_future(asyncio.to_thread(group_dirs, Path(root)))
+        try:
+            return await wait_for(asyncio.shield(scan), GROUP_SCAN_TIMEOUT)
+        except TimeoutError:
+            log.warning("agent: listing the group volumes in %s takes too long", root)
+            return self._said_groups
+
+    def _hello(self, agent: SiteAgent, groups: list[str] | None = None) -> Hello:
         held = [
             Held(
                 instance_id=iid,
@@ -291,6 +320,7 @@ class RemoteAgent:
             tools=self._tool_reasons(agent),
             claims={name: agent.claim_support(tool) for name, tool in self.tools.items()},
             instances=held,
+            groups=groups,
         )
 
     def _tool_reasons(self, agent: SiteAgent) -> dict[str, str | None]:
@@ -301,7 +331,9 @@ class RemoteAgent:
         """Send a heartbeat every interval; reconnect when the portal is silent for three.
 
         A beat carries the tools' reasons when they changed since the hello or
-        the last beat that carried them (an image built on the site's engine).
+        the last beat that carried them (an image built on the site's engine),
+        and the group volumes when they changed (a directory made or removed
+        under ``group_root``).
         """
         loop = asyncio.get_running_loop()
         while True:
@@ -311,7 +343,16 @@ class RemoteAgent:
             tools = self._tool_reasons(agent) if agent is not None else self._said_tools
             changed = tools if tools != self._said_tools else None
             self._said_tools = tools
-            beat = Heartbeat(time=time.time(), instances=count, health=health, tools=changed)
+            groups = await self._groups()
+            moved = groups if groups != self._said_groups else None
+            self._said_groups = groups
+            beat = Heartbeat(
+                time=time.time(),
+                instances=count,
+                health=health,
+                tools=changed,
+                groups=moved,
+            )
             with contextlib.suppress(websockets.ConnectionClosed):
                 await ws.send(dump(beat))
             await asyncio.sleep(interval)

@@ -151,6 +151,7 @@ def site_show(
         "start queue": start_queue_text(site.get("start_capacity")),
         "labels": " ".join(f"{k}={v}" for k, v in (site.get("labels") or {}).items()),
         "data root": site.get("data_root") or "",
+        "group root": site.get("group_root") or "",
     }
     for key, value in sorted((site.get("options") or {}).items()):
         view[f"option {key}"] = json.dumps(value) if not isinstance(value, str) else value
@@ -187,6 +188,12 @@ def site_add(
     data_root: str | None = typer.Option(
         None, "--data-root", metavar="PATH", help="Where its datasets live, on the site's machine."
     ),
+    group_root: str | None = typer.Option(
+        None,
+        "--group-root",
+        metavar="PATH",
+        help="Where its shared group volumes live, on the site's machine (<PATH>/<group>).",
+    ),
     start_cores: float | None = typer.Option(
         None,
         "--start-cores",
@@ -213,6 +220,8 @@ def site_add(
     }
     if data_root is not None:
         body["data_root"] = data_root
+    if group_root is not None:
+        body["group_root"] = group_root
     with state_of(ctx).client() as client:
         created = client.post("/sites", body)
         portal_url = client.url

@@ -143,6 +143,9 @@ class SiteOut(BaseModel):
         description="Cores it gives to starting tools at once (its start queue); 0: no queue.",
     )
     data_root: str | None = None
+    group_root: str | None = Field(
+        None, description="Where its shared group volumes are, on the site's machine."
+    )
     inventory: dict[str, Any] | None = Field(
         None, description="The last inventory push: reported_at, ttl, replicas, stale."
     )

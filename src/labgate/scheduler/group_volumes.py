@@ -9,10 +9,11 @@ each in ``LABGATE_DATA_<NAME>`` too. The mounts are recorded on the instance
 with the root they must stay in, so a restart mounts the same, and backends
 open them below that root with no symbolic link followed, like replicas.
 
-Only a plain group name (:data:`NAME_PATTERN`: one lower-case path component)
-has a volume: a group named otherwise (an operator's ``group_map`` may name
-any) would reach a folder inside another group's volume (``physics/private``)
-or, on a file system that ignores case, another group's (``Physics``).
+Only a plain group name (:func:`~labgate.backends.groups.plain_name`) has a
+volume. Whether a group's directory exists is looked up on the portal's own
+disk for a site in its process, and taken from the agent's last report
+(``agent_info["groups"]``, :func:`~labgate.backends.groups.group_dirs` on the
+site's machine) for a network site.
 
 Access ends with membership: a member taken out of a group, or a group
 deleted, takes the volume out of the mount records of the instances that have
@@ -25,7 +26,6 @@ later under the same name would get the old members' files.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -33,35 +33,43 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labgate.backends.confine import EscapesRoot, check_beneath
-from labgate.db.models import TERMINAL_STATES, Instance, InstanceState, Site, User
+from labgate.backends.groups import NAME_PATTERN, plain_name
+from labgate.db.models import TERMINAL_STATES, Instance, InstanceState, Site, SiteKind, User
 from labgate.scheduler.images import groups_of
+
+__all__ = ["GROUP_MOUNT_ROOT", "NAME_PATTERN", "group_mounts", "plain_name", "volumes_of"]
 
 #: Where group volumes appear inside instances.
 GROUP_MOUNT_ROOT = "/groups"
-#: A group name that may have a volume: the API's group names (one path component).
-NAME_PATTERN = r"[a-z][a-z0-9_.-]{0,63}"
-_NAME = re.compile(NAME_PATTERN)
 
 
-def plain_name(name: str) -> bool:
-    """Whether ``name`` is a group name that may have a volume (one plain component)."""
-    return _NAME.fullmatch(name) is not None
+def reported_groups(site: Site) -> set[str]:
+    """The group volumes a network site's agent last said its ``group_root`` holds."""
+    said = (site.agent_info or {}).get("groups")
+    return {name for name in said if isinstance(name, str)} if isinstance(said, list) else set()
+
+
+def _holds(site: Site, root: str, name: str) -> bool:
+    """Whether ``site`` has a directory for group ``name`` under ``root`` now."""
+    if site.kind == SiteKind.network:
+        return name in reported_groups(site)  # the site's disk is not this machine's
+    try:
+        check_beneath(Path(root), name)  # there, a directory or file, and no link
+    except EscapesRoot:
+        return False  # not made for this group on this site: nothing to mount
+    return (Path(root) / name).is_dir()
 
 
 def group_mounts(session: Session, user: User, site: Site | None) -> list[dict[str, Any]]:
     """The mount records of ``user``'s group volumes on ``site`` (none without ``group_root``)."""
     root = (site.options or {}).get("group_root") if site is not None else None
-    if not root:
+    if site is None or not root:
         return []
     mounts = []
     for name in sorted(groups_of(session, user)):
         if not plain_name(name):
             continue  # no volume: it would name another group's, or a folder inside one
-        try:
-            check_beneath(Path(root), name)  # there, a directory or file, and no link
-        except EscapesRoot:
-            continue  # not made for this group on this site: nothing to mount
-        if not (Path(root) / name).is_dir():
+        if not _holds(site, root, name):
             continue
         mounts.append(
             {
@@ -79,7 +87,8 @@ def volumes_of(session: Session, name: str) -> list[tuple[str, Path]]:
     """The sites whose ``group_root`` holds something called ``name`` now, and its path.
 
     Anything there counts (a directory, a file, a link): deleting the group
-    would leave it to a later group of that name. A name that is not plain
+    would leave it to a later group of that name. On a network site, what its
+    agent last reported counts (the directories it found). A name that is not plain
     has no volume (:func:`group_mounts` mounts none), so nothing is looked for.
     """
     if not plain_name(name):
@@ -90,7 +99,11 @@ def volumes_of(session: Session, name: str) -> list[tuple[str, Path]]:
         if not root:
             continue
         path = Path(root) / name
-        if os.path.lexists(path):
+        if site.kind == SiteKind.network:
+            there = name in reported_groups(site)
+        else:
+            there = os.path.lexists(path)
+        if there:
             found.append((site.name, path))
     return found
 

@@ -60,6 +60,7 @@ from sqlalchemy.orm import Session
 
 from labgate.agent.network import NetworkSiteLink
 from labgate.aio import cancel_and_wait
+from labgate.backends.groups import plain_name
 from labgate.db.models import Instance, InstanceState, Site, utcnow, with_owner_and_site
 from labgate.wire.site import NEVER_STARTED, Report, start_failed
 
@@ -193,12 +194,16 @@ class SiteLiveness:
     async def site_heartbeat(self, site: str, beat: Heartbeat) -> None:
         """Remember the beat; it reaches the database with the next flush.
 
-        A beat that says anew what the site can run is recorded at once.
+        A beat that says anew what the site can run, or which group volumes it
+        holds, is recorded at once.
         """
         self._beats[site] = time.time()
         if beat.tools is not None:
             tools = beat.tools
             await self.manager.run_db(lambda s: _record_tools(s, site, tools))
+        if beat.groups is not None:
+            groups = _plain_groups(beat.groups)
+            await self.manager.run_db(lambda s: _record_info(s, site, "groups", groups))
 
     async def site_report(self, site: str, report: Report) -> None:
         """Apply a report of the site's agent, on the site's own instances only."""
@@ -504,13 +509,25 @@ def _agent_info(hello: Hello) -> dict[str, Any]:
         # The default of the site's start capacity (labgate.scheduler.startqueue).
         "cores": hello.cores,
         "tools": {name: reason for name, reason in sorted(hello.tools.items())},
+        # The group volumes its group_root holds (labgate.scheduler.group_volumes).
+        "groups": None if hello.groups is None else _plain_groups(hello.groups),
     }
 
 
+def _plain_groups(said: list[str]) -> list[str]:
+    """The group volumes an agent reported, as kept: plain names only, sorted, once each."""
+    return sorted({name for name in said if plain_name(name)})
+
+
 def _record_tools(session: Session, name: str, tools: dict[str, str | None]) -> None:
+    _record_info(session, name, "tools", dict(sorted(tools.items())))
+
+
+def _record_info(session: Session, name: str, key: str, value: Any) -> None:
+    """Set one entry of what the site's agent said of itself."""
     site = _site(session, name)
     if site is not None:
-        site.agent_info = {**(site.agent_info or {}), "tools": dict(sorted(tools.items()))}
+        site.agent_info = {**(site.agent_info or {}), key: value}
 
 
 def _record_away(

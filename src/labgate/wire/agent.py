@@ -50,6 +50,10 @@ JSON = dict[str, Any]
 #: Why a site cannot run a tool, in its agent's words: shown on every user's tools page,
 #: so an agent gets no more room than a reason needs.
 Reason = Annotated[str, Field(max_length=2000)]
+#: A group volume's name as an agent reports it (the portal keeps only plain ones).
+GroupName = Annotated[str, Field(max_length=64)]
+#: Most group volumes an agent reports.
+MAX_GROUPS = 10_000
 
 
 class Message(BaseModel):
@@ -191,6 +195,9 @@ class Welcome(Message):
     backend: str
     options: JSON = Field(default_factory=dict)
     data_root: str | None = None
+    #: Where the site keeps its group volumes (None: it has none); the agent reports
+    #: which are there (:attr:`Hello.groups`).
+    group_root: str | None = None
     reach: str = "direct"
     #: Seconds between heartbeats, both ways.
     heartbeat: float = 10.0
@@ -216,6 +223,9 @@ class Hello(Message):
     #: Per tool: why running instances cannot be handed to users, or None when they can.
     claims: dict[str, Reason | None] = Field(default_factory=dict)
     instances: list[Held] = Field(default_factory=list)
+    #: The group volumes under the site's ``group_root``: the plain names of the
+    #: directories there (None: no ``group_root``).
+    groups: list[GroupName] | None = Field(None, max_length=MAX_GROUPS)
 
 
 class Heartbeat(Message):
@@ -230,6 +240,9 @@ class Heartbeat(Message):
     #: Per tool, as in the hello, when that changed since the agent last said (an image
     #: built or removed on its engine); None: unchanged (agent to portal only).
     tools: dict[str, Reason | None] | None = None
+    #: The group volumes, as in the hello, when they changed since the agent last said
+    #: (a directory made or removed under ``group_root``); None: unchanged.
+    groups: list[GroupName] | None = Field(None, max_length=MAX_GROUPS)
 
 
 class Command(Message):

@@ -76,6 +76,7 @@ def site_of_token(session: Session, token: str) -> SiteInfo | None:
         backend=site.backend,
         options=dict(options.get(BACKEND_OPTIONS) or {}),
         data_root=options.get("data_root"),
+        group_root=options.get("group_root"),
         reach=site.reach,
     )
 

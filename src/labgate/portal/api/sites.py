@@ -24,7 +24,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -104,12 +104,19 @@ class SiteIn(Strict):
     data_root: str | None = Field(
         None, min_length=1, max_length=4096, description="Absolute path on the site's machine."
     )
+    group_root: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Where its shared group volumes are (<group_root>/<group>): an absolute "
+        "path on the site's machine.",
+    )
 
-    @field_validator("data_root")
+    @field_validator("data_root", "group_root")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
+    def _absolute(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not value.startswith("/"):
-            raise ValueError("data_root must be an absolute path on the site's machine")
+            raise ValueError(f"{info.field_name} must be an absolute path on the site's machine")
         return value
 
 
@@ -162,6 +169,7 @@ def site_out(
         start_capacity=start_capacity(site) or 0,
         use={"cpu": used.cpu, "memory": used.memory, "instances": used.instances},
         data_root=data_root_of(site),
+        group_root=(site.options or {}).get("group_root"),
         inventory=report_view(report, now),
         kind=SiteKind.network.value if network else SiteKind.local.value,
         reach="tunnel" if site.reach == "tunnel" else "direct",
@@ -288,6 +296,7 @@ async def add_site(
             options={
                 "capacity": body.capacity.model_dump(),
                 "data_root": body.data_root,
+                "group_root": body.group_root,
                 BACKEND_OPTIONS: options,
             },
             token_hash=hash_token(token),

@@ -15,7 +15,7 @@
   const portalUrl = document.getElementById("new-site").dataset.portalUrl || location.origin;
   const KNOWN = new Set(["name", "backend", "instances", "labels", "capacity", "use", "used", "alive", "live",
     "last_seen_at", "inventory", "kind", "reach", "status", "connected_since", "disconnected_since",
-    "last_heartbeat", "agent_version", "agent", "token_issued_at", "options", "data_root"]);
+    "last_heartbeat", "agent_version", "agent", "token_issued_at", "options", "data_root", "group_root"]);
   /* A site's status as an instance-state badge colour. */
   const BADGE = { local: "running", connected: "running", waiting: "pending", disconnected: "lost", revoked: "stopped" };
   const STATUS_TEXT = { local: "in process", connected: "connected", waiting: "waiting for its agent", disconnected: "disconnected", revoked: "token revoked" };
@@ -53,6 +53,11 @@
     if (site.agent_version) facts.push([h("dt", {}, "Agent"), h("dd", {}, site.agent_version, site.agent && site.agent.hostname ? ` on ${site.agent.hostname}` : "")]);
     if (site.token_issued_at) facts.push([h("dt", {}, "Token made"), h("dd", {}, lg.time(site.token_issued_at))]);
     if (site.data_root) facts.push([h("dt", {}, "Data root"), h("dd", {}, h("code", {}, site.data_root))]);
+    if (site.group_root) {
+      const held = site.agent && Array.isArray(site.agent.groups) ? site.agent.groups : null;
+      facts.push([h("dt", {}, "Group volumes"), h("dd", {}, h("code", {}, site.group_root),
+        held ? ` (${held.length ? held.join(", ") : "none yet"})` : "")]);
+    }
     return [
       h("p", { class: "site-status" },
         h("span", { class: "state", dataset: { state: BADGE[value] || "lost" } }, STATUS_TEXT[value] || value),
@@ -205,6 +210,7 @@
       },
     };
     if (f.data_root.value.trim()) body.data_root = f.data_root.value.trim();
+    if (f.group_root.value.trim()) body.group_root = f.group_root.value.trim();
     say(formError, "");
     const button = form.querySelector("button[type=submit]");
     lg.busy(button, "Adding…");
