@@ -137,6 +137,20 @@ def test_the_agent_reports_its_group_volumes_and_launches_and_deletions_follow(
             assert sees(pids, "biology", groups)
             client.delete(f"/api/v1/instances/{iid}")
             wait_state(client, iid, {"stopped"})
+
+            # Moved: nothing is mounted from the old listing; the agent lists the new root
+            # when it connects again.
+            moved = tmp_path / "moved-groups"
+            (moved / "physics").mkdir(parents=True)
+            bad = client.patch("/api/v1/sites/edge", json={"group_root": "moved-groups"})
+            assert bad.status_code == 422, bad.text
+            changed = client.patch("/api/v1/sites/edge", json={"group_root": str(moved)})
+            assert changed.status_code == 200, changed.text
+            assert changed.json()["group_root"] == str(moved)
+            assert changed.json()["agent"]["groups"] is None
+            agent.stop()
+            agent.start()
+            reported(client, ["physics"])
     finally:
         agent.stop()
 

@@ -127,6 +127,19 @@ class SitePatch(Strict):
     options: dict[str, Any] | None = Field(None, description="Replaces the backend's options.")
     capacity: CapacityIn | None = Field(None, description="Replaces the capacity.")
     labels: dict[str, str] | None = Field(None, max_length=64, description="Replaces the labels.")
+    group_root: str | None = Field(
+        None,
+        max_length=4096,
+        description="Replaces where its shared group volumes are (an absolute path on the "
+        "site's machine; empty: none). Its agent lists the new one when it next connects.",
+    )
+
+    @field_validator("group_root")
+    @classmethod
+    def _absolute_or_none(cls, value: str | None) -> str | None:
+        if value and not value.startswith("/"):
+            raise ValueError("group_root must be an absolute path on the site's machine")
+        return value
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -322,7 +335,7 @@ async def change_site(
     caller: Principal = require("admin"),
     portal: Portal = Depends(get_portal),
 ) -> SiteOut:
-    """Change a network site's reach, backend options, capacity or labels (admins)."""
+    """Change a network site's reach, backend options, capacity, labels or group root (admins)."""
 
     def change(session: Session) -> SiteOut:
         site = network_site(session, name, "change")
@@ -331,6 +344,11 @@ async def change_site(
             options[BACKEND_OPTIONS] = check_backend(site.backend, body.options)
         if body.capacity is not None:
             options["capacity"] = body.capacity.model_dump()
+        if body.group_root is not None and body.group_root != options.get("group_root"):
+            options["group_root"] = body.group_root or None
+            # What the agent listed was under the old root: no volume is mounted at the
+            # site until it lists the new one (at its next connect).
+            site.agent_info = {**(site.agent_info or {}), "groups": None}
         site.options = options
         if body.labels is not None:
             site.labels = dict(body.labels)
