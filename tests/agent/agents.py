@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,21 @@ import httpx
 from servers import LabgateServer, terminate
 
 ADMIN_PASSWORD = "network-sites-admin-pw"
+
+
+@contextlib.contextmanager
+def labgate_server(directory: Path, **env: str) -> Iterator[LabgateServer]:
+    """``labgate serve`` on ``directory`` with ``env``; afterwards its instances are stopped,
+    then it."""
+    srv = LabgateServer(directory, ADMIN_PASSWORD, **env)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        try:
+            srv.stop_instances("admin", ADMIN_PASSWORD)
+        finally:
+            srv.stop()
 
 
 class AgentProcess:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+from agents import ADMIN_PASSWORD, AgentProcess, add_site, labgate_server, wait_site
 
 from datasets_fixtures import environment_of
 from helpers import wait_for_state
@@ -31,15 +31,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LabgateServer]:
-    srv = LabgateServer(tmp_path / "var", ADMIN_PASSWORD, LABGATE_SITE_HEARTBEAT_INTERVAL="0.3")
-    srv.start()
-    try:
+    with labgate_server(tmp_path / "var", LABGATE_SITE_HEARTBEAT_INTERVAL="0.3") as srv:
         yield srv
-    finally:
-        try:
-            srv.stop_instances("admin", ADMIN_PASSWORD)
-        finally:
-            srv.stop()
 
 
 def reported(client: httpx.Client, wanted: list[str], timeout: float = 20) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+from agents import ADMIN_PASSWORD, AgentProcess, add_site, labgate_server, wait_site
 from websockets.sync.client import connect as ws_connect
 
 import podman
@@ -29,15 +29,8 @@ deployment = podman.deployment
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LabgateServer]:
-    srv = LabgateServer(tmp_path / "var", ADMIN_PASSWORD, LABGATE_SITE_HEARTBEAT_INTERVAL="0.5")
-    srv.start()
-    try:
+    with labgate_server(tmp_path / "var", LABGATE_SITE_HEARTBEAT_INTERVAL="0.5") as srv:
         yield srv
-    finally:
-        try:
-            srv.stop_instances("admin", ADMIN_PASSWORD)
-        finally:
-            srv.stop()
 
 
 def test_an_agent_runs_containers_on_podman_reached_through_its_tunnel(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from agents import ADMIN_PASSWORD, AgentProcess, add_site, wait_site
+from agents import ADMIN_PASSWORD, AgentProcess, add_site, labgate_server, wait_site
 
 from servers import LabgateServer, processes_with_env, wait_state
 
@@ -25,20 +25,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LabgateServer]:
-    srv = LabgateServer(
-        tmp_path / "var",
-        ADMIN_PASSWORD,
-        LABGATE_SITE_HEARTBEAT_INTERVAL="0.5",
-        LABGATE_SITE_GRACE_PERIOD="20",
-    )
-    srv.start()
-    try:
+    with labgate_server(
+        tmp_path / "var", LABGATE_SITE_HEARTBEAT_INTERVAL="0.5", LABGATE_SITE_GRACE_PERIOD="20"
+    ) as srv:
         yield srv
-    finally:
-        try:
-            srv.stop_instances("admin", ADMIN_PASSWORD)
-        finally:
-            srv.stop()
 
 
 @pytest.fixture

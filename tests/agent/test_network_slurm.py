@@ -21,6 +21,7 @@ from agents import (
     ADMIN_PASSWORD,
     AgentProcess,
     add_site,
+    labgate_server,
     result_names,
     wait_run_ended,
     wait_site,
@@ -35,15 +36,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[LabgateServer]:
-    srv = LabgateServer(tmp_path / "var", ADMIN_PASSWORD, LABGATE_SITE_HEARTBEAT_INTERVAL="0.5")
-    srv.start()
-    try:
+    with labgate_server(tmp_path / "var", LABGATE_SITE_HEARTBEAT_INTERVAL="0.5") as srv:
         yield srv
-    finally:
-        try:
-            srv.stop_instances("admin", ADMIN_PASSWORD)
-        finally:
-            srv.stop()
 
 
 def test_an_agent_runs_slurm_jobs_as_their_owner_reached_through_its_tunnel(
