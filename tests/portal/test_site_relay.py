@@ -73,6 +73,25 @@ async def site_status(client: httpx.AsyncClient, headers: dict[str, str], status
             await asyncio.sleep(0.05)
 
 
+async def launch_on_edge(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    """A ``demo`` launched on the site ``edge`` through ``client``: its id."""
+    launched = await client.post(
+        "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=headers
+    )
+    assert launched.status_code == 202, launched.text
+    return str(launched.json()["id"])
+
+
+async def running_on_edge(client: httpx.AsyncClient, headers: dict[str, str]) -> str:
+    """Once ``client``'s portal sees ``edge`` connected, a ``demo`` launched there and
+    running: its id."""
+    await site_status(client, headers, "connected")
+    iid = await launch_on_edge(client, headers)
+    body = await wait_for_state(client, headers, iid, {"running", "failed"})
+    assert body["state"] == "running", await events_of(client, headers, iid)
+    return iid
+
+
 @contextlib.asynccontextmanager
 async def portal_with_edge(
     settings: Settings, scopes: tuple[str, ...] = ("admin", "account")
@@ -109,14 +128,7 @@ async def test_commands_on_one_portal_reach_an_agent_connected_to_another(
             remote_agent(b.state.test_url, token, tmp_path / "edge"),
         ):
             try:
-                await site_status(client_b, admin, "connected")
-                launched = await client_b.post(
-                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                )
-                assert launched.status_code == 202, launched.text
-                iid = launched.json()["id"]
-                body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
-                assert body["state"] == "running", body
+                iid = await running_on_edge(client_b, admin)
 
                 # Asked of A, which has no connection of the site: relayed through B.
                 async with overheard(settings.database_url) as heard:
@@ -168,11 +180,7 @@ async def test_a_launch_on_a_portal_without_the_agent_is_admitted_and_runs_there
             try:
                 await site_status(client_b, admin, "connected")
                 await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
-                launched = await client_a.post(
-                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                )
-                assert launched.status_code == 202, launched.text
-                iid = launched.json()["id"]
+                iid = await launch_on_edge(client_a, admin)
                 body = await wait_for_state(client_a, admin, iid, {"running", "failed"})
                 assert body["state"] == "running", await events_of(client_a, admin, iid)
                 stopped = await client_a.delete(f"/api/v1/instances/{iid}", headers=admin)
@@ -218,11 +226,7 @@ async def test_a_relayed_launch_whose_agent_goes_as_it_leaves_waits_for_the_agen
                 await site_status(client_b, admin, "connected")
                 await asyncio.sleep(2 * settings.site_heartbeat_interval)  # A reads the row
                 monkeypatch.setattr(link, "call", breaks_once)
-                launched = await client_a.post(
-                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                )
-                assert launched.status_code == 202, launched.text
-                iid = launched.json()["id"]
+                iid = await launch_on_edge(client_a, admin)
                 async with asyncio.timeout(20):
                     while not broke:
                         await asyncio.sleep(0.05)
@@ -266,13 +270,7 @@ async def test_an_agent_that_hops_to_another_portal_as_it_leaves_loses_nothing(
     ):
         try:
             async with remote_agent(a.state.test_url, token, tmp_path / "edge"):
-                await site_status(client_a, admin, "connected")
-                launched = await client_a.post(
-                    "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-                )
-                assert launched.status_code == 202, launched.text
-                iid = launched.json()["id"]
-                await wait_for_state(client_a, admin, iid, {"running"})
+                iid = await running_on_edge(client_a, admin)
                 apply = InstanceManager.apply
 
                 async def held_apply(
@@ -314,13 +312,7 @@ async def test_a_portal_that_starts_leaves_a_site_held_by_another_alone(
         remote_agent(b.state.test_url, token, tmp_path / "edge"),
     ):
         try:
-            await site_status(client_b, admin, "connected")
-            launched = await client_b.post(
-                "/api/v1/instances", json={"tool": "demo", "site": "edge"}, headers=admin
-            )
-            iid = launched.json()["id"]
-            body = await wait_for_state(client_b, admin, iid, {"running", "failed"})
-            assert body["state"] == "running", await events_of(client_b, admin, iid)
+            iid = await running_on_edge(client_b, admin)
 
             # Portal C starts while B holds the site's agent: past C's grace period
             # (and past the time a stale row would take), nothing changed.
