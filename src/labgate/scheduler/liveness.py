@@ -198,12 +198,13 @@ class SiteLiveness:
         holds, is recorded at once.
         """
         self._beats[site] = time.time()
+        said: dict[str, Any] = {}
         if beat.tools is not None:
-            tools = beat.tools
-            await self.manager.run_db(lambda s: _record_tools(s, site, tools))
+            said["tools"] = dict(sorted(beat.tools.items()))
         if beat.groups is not None:
-            groups = _plain_groups(beat.groups)
-            await self.manager.run_db(lambda s: _record_info(s, site, "groups", groups))
+            said["groups"] = _plain_groups(beat.groups)
+        if said:
+            await self.manager.run_db(lambda s: _record_info(s, site, said))
 
     async def site_report(self, site: str, report: Report) -> None:
         """Apply a report of the site's agent, on the site's own instances only."""
@@ -519,15 +520,11 @@ def _plain_groups(said: list[str]) -> list[str]:
     return sorted({name for name in said if plain_name(name)})
 
 
-def _record_tools(session: Session, name: str, tools: dict[str, str | None]) -> None:
-    _record_info(session, name, "tools", dict(sorted(tools.items())))
-
-
-def _record_info(session: Session, name: str, key: str, value: Any) -> None:
-    """Set one entry of what the site's agent said of itself."""
+def _record_info(session: Session, name: str, said: dict[str, Any]) -> None:
+    """Replace the entries ``said`` names of what the site's agent said of itself."""
     site = _site(session, name)
     if site is not None:
-        site.agent_info = {**(site.agent_info or {}), key: value}
+        site.agent_info = {**(site.agent_info or {}), **said}
 
 
 def _record_away(
