@@ -49,10 +49,17 @@ def reported_groups(site: Site) -> set[str]:
     return {name for name in said if isinstance(name, str)} if isinstance(said, list) else set()
 
 
-def _holds(site: Site, root: str, name: str) -> bool:
-    """Whether ``site`` has a directory for group ``name`` under ``root`` now."""
+def _holds(site: Site, root: str, name: str, *, anything: bool = False) -> bool:
+    """Whether ``site`` has a directory for group ``name`` under ``root`` now (with
+    ``anything``: any entry, a file or a link too).
+
+    A network site's disk is not this machine's: there, what its agent last
+    reported (the directories it found) counts.
+    """
     if site.kind == SiteKind.network:
-        return name in reported_groups(site)  # the site's disk is not this machine's
+        return name in reported_groups(site)
+    if anything:
+        return os.path.lexists(Path(root) / name)
     try:
         check_beneath(Path(root), name)  # there, a directory or file, and no link
     except EscapesRoot:
@@ -98,13 +105,8 @@ def volumes_of(session: Session, name: str) -> list[tuple[str, Path]]:
         root = (site.options or {}).get("group_root")
         if not root:
             continue
-        path = Path(root) / name
-        if site.kind == SiteKind.network:
-            there = name in reported_groups(site)
-        else:
-            there = os.path.lexists(path)
-        if there:
-            found.append((site.name, path))
+        if _holds(site, root, name, anything=True):
+            found.append((site.name, Path(root) / name))
     return found
 
 
