@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import httpx
 
+from labgate.router.options import RouterOptions
 from labgate.security import SESSION_COOKIE
 from labgate.wire.routes import NO_ENDPOINT, Route
 
-from .conftest import ALICE, ALICE_TOKEN, ROOT_TOKEN, Gateway, raw_request, status_of
+from .conftest import (
+    ALICE,
+    ALICE_TOKEN,
+    ROOT_TOKEN,
+    Gateway,
+    GatewayFactory,
+    raw_request,
+    status_of,
+)
 
 
 async def test_owner_reaches_instance_with_cookie(gateway: Gateway) -> None:
@@ -196,3 +207,36 @@ async def test_an_instance_whose_agent_is_away_is_tried_at_its_endpoint(gateway:
             page = await c.get(f"/i/{iid}/api/health")
             assert page.status_code == 503, page.text
             assert "its site is not connected" in page.text
+
+
+async def test_an_upstream_connection_is_closed_after_pool_max_requests(
+    make_gateway: GatewayFactory,
+) -> None:
+    """After ``pool_max_requests`` requests a kept-alive upstream connection is not reused."""
+    carried: list[int] = []
+
+    async def tool(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        carried.append(0)
+        index = len(carried) - 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                carried[index] += 1
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(tool, "127.0.0.1", 0)
+    try:
+        gateway = await make_gateway(RouterOptions(pool_max_requests=3), demo=False)
+        port = server.sockets[0].getsockname()[1]
+        gateway.table.add_route(Route("tool", f"http://127.0.0.1:{port}", ALICE))
+        async with httpx.AsyncClient(base_url=gateway.base) as client:
+            for _ in range(7):
+                response = await client.get("/i/tool/", headers=gateway.cookie_header(ALICE))
+                assert response.text == "ok"
+        # Seven requests in a row: three, three, then one on a third connection.
+        assert carried == [3, 3, 1]
+    finally:
+        server.close()
+        await server.wait_closed()

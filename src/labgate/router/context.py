@@ -70,6 +70,7 @@ class Context:
         self.response_timeout = options.response_timeout
         self.pool_idle_timeout = options.pool_idle_timeout
         self.pool_max_idle = options.pool_max_idle
+        self.pool_max_requests = options.pool_max_requests
         self.buffer_limit = options.buffer_limit
         #: Whether whole request and response heads are first tried with the C scanners
         #: (``labgate.router._heads``, built with the compiled modules); tests switch it off

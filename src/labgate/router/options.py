@@ -34,6 +34,10 @@ class RouterOptions:
     """Seconds an idle upstream connection is kept (below common tool keep-alives)."""
     pool_max_idle: int = 64
     """Idle connections kept per upstream."""
+    pool_max_requests: int = 1000
+    """Requests an upstream connection carries before it is closed rather than kept
+    (nginx's upstream ``keepalive_requests``): new connections spread again over an
+    upstream's processes."""
     buffer_limit: int = 256 * 1024
     """Bytes buffered per direction before reading from the other side pauses."""
     discard_limit: int = 1024 * 1024

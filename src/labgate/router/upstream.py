@@ -95,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reason",
         "rechunk",
         "req_out",
+        "requests",
         "resp_chunked",
         "resp_conn",
         "resp_headers",
@@ -122,6 +123,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = NEVER
         self.closed = False
         self.reused = False
+        #: Requests this connection has carried (see ``pool_max_requests``).
+        self.requests = 0
         self.reading_paused = False
         self.strip_session = False
         self.out: list[bytes] = []
@@ -259,6 +262,7 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, client: ClientConnection, ex: Exchange) -> None:
         """Queue ``ex``'s head and whatever body is buffered (see :meth:`flush_request`)."""
         self.client, self.ex, self.counter = client, ex, ex.counter
+        self.requests += 1
         self.strip_session = bool(ex.instance_id)
         self._reset_response()
         self.out.clear()
@@ -598,7 +602,7 @@ class UpstreamPool:
         idle = self.idle.get(conn.key)
         if idle is None:
             idle = self.idle[conn.key] = []
-        if len(idle) >= self.ctx.pool_max_idle:
+        if len(idle) >= self.ctx.pool_max_idle or conn.requests >= self.ctx.pool_max_requests:
             conn.close()
             return
         conn.resume_reading()  # to notice the upstream closing it
