@@ -41,6 +41,7 @@ from labgate.identity.ldap import LDAP
 from labgate.identity.oidc import OpenIDConnect
 from labgate.startup import check_data_dir as check_data_dir_usable
 from labgate.tools.catalog import Tool
+from labgate.tools.ports import redirected_ports, tool_port_range
 
 ENGINE_TIMEOUT = 5.0
 
@@ -301,6 +302,29 @@ def check_server(settings: Settings) -> Iterator[Finding]:
         )
 
 
+def check_tool_ports(settings: Settings) -> Iterator[Finding]:
+    """No firewall rule takes the loopback ports tools are given (stale NAT rules)."""
+    ports = tool_port_range()
+    if not ports:
+        return
+    scan = redirected_ports(ports=ports)
+    span = f"{ports.start}-{ports.stop - 1}"
+    probed = "" if scan.probed == scan.total else f" ({scan.probed:,} of them probed in time)"
+    if not scan.redirected:
+        yield ok("tool ports", f"no port of {span} is redirected elsewhere{probed}")
+        return
+    shown = ", ".join(str(port) for port in scan.redirected[:10])
+    more = f" and {len(scan.redirected) - 10} more" if len(scan.redirected) > 10 else ""
+    yield Finding(
+        "warn",
+        "tool ports",
+        f"{len(scan.redirected)} port(s) of {span} bind but a connection to them goes "
+        f"elsewhere: {shown}{more}{probed}; labgate gives them to no tool",
+        "a firewall (NAT) rule takes them, often one Podman left behind: "
+        "see docs/backends/containers.md to find and clear them",
+    )
+
+
 def check_router(settings: Settings) -> Iterator[Finding]:
     """Whether the router runs its compiled hot path (mypyc) or its Python sources."""
     from labgate.router import _native
@@ -332,6 +356,7 @@ def run_checks(settings: Settings) -> list[Finding]:
         check_sites,
         check_pools,
         check_identity,
+        check_tool_ports,
         check_router,
         check_server,
     ):

@@ -15,6 +15,7 @@ port picking inside it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -128,3 +129,51 @@ def test_checking_a_port_leaves_it_free_for_the_tool_at_once() -> None:
     with socket.socket() as tool:  # no SO_REUSEADDR, as some tools bind
         tool.bind(("127.0.0.1", port))
         tool.listen(1)
+
+
+def test_the_scan_names_redirected_ports_and_not_ones_in_use(namespace: str) -> None:
+    redirected, listening, nowhere = 21_010, 21_011, 21_020
+    redirect(namespace, redirected, nowhere)
+    found = inside(
+        namespace,
+        "import socket\n"
+        "from labgate.tools import ports\n"
+        f"busy = socket.create_server(('127.0.0.1', {listening}))\n"
+        f"scan = ports.redirected_ports(ports=range(21_005, 21_015))\n"
+        "print(scan.redirected, scan.probed, scan.total)\n"
+        f"print(ports.probe_port('127.0.0.1', {listening}),"
+        f" ports.probe_port('127.0.0.1', {redirected}), ports.probe_port('127.0.0.1', 21_012))\n",
+    )
+    assert found.splitlines() == [f"[{redirected}] 10 10", "taken redirected free"]
+
+
+def test_doctor_warns_of_redirected_tool_ports_with_the_fix(namespace: str) -> None:
+    redirect(namespace, 21_031, 21_040)
+    redirect(namespace, 21_033, 21_040)
+    said = inside(
+        namespace,
+        "import json\n"
+        "from labgate import doctor\n"
+        "doctor.tool_port_range = lambda: range(21_030, 21_035)\n"
+        "print(json.dumps([f.as_json() for f in doctor.check_tool_ports(None)]))\n",
+    )
+    (finding,) = json.loads(said)
+    assert finding["level"] == "warn"
+    assert finding["detail"].startswith("2 port(s) of 21030-21034 bind but a connection")
+    assert "21031, 21033;" in finding["detail"]
+    assert "docs/backends/containers.md" in finding["fix"]
+    clean = inside(
+        namespace,
+        "import json\n"
+        "from labgate import doctor\n"
+        "doctor.tool_port_range = lambda: range(21_040, 21_045)\n"
+        "print(json.dumps([f.as_json() for f in doctor.check_tool_ports(None)]))\n",
+    )
+    assert json.loads(clean) == [
+        {
+            "level": "ok",
+            "subject": "tool ports",
+            "detail": "no port of 21040-21044 is redirected elsewhere",
+            "fix": "",
+        }
+    ]

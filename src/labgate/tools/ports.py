@@ -19,13 +19,19 @@ import socket
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 #: How many ports below the kernel's ephemeral range tools are given ports from.
 TOOL_PORTS = 10_000
 #: Seconds a connection to a candidate port has to reach the listener put on it for the
 #: check (well under a millisecond on this host; a redirected port never does).
 REACHED_WITHIN = 0.25
+#: Seconds :func:`redirected_ports` may probe the range for (all of it takes about one).
+SCAN_BUDGET = 20.0
+
+PortState = Literal["free", "taken", "redirected"]
 
 
 def tool_port_range() -> range:
@@ -70,6 +76,12 @@ def reaches_here(host: str, port: int, timeout: float = REACHED_WITHIN) -> bool:
     with a reset, so neither end lingers in TIME_WAIT to block the tool's
     own bind.
     """
+    return probe_port(host, port, timeout) == "free"
+
+
+def probe_port(host: str, port: int, timeout: float = REACHED_WITHIN) -> PortState:
+    """``free`` (:func:`reaches_here`), ``taken`` (it cannot be bound: something listens on
+    it) or ``redirected`` (bound, but a connection to it does not arrive)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     target = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     with socket.socket(family, socket.SOCK_STREAM) as listener:
@@ -77,7 +89,7 @@ def reaches_here(host: str, port: int, timeout: float = REACHED_WITHIN) -> bool:
             listener.bind((host, port))
             listener.listen(1)
         except OSError:
-            return False
+            return "taken"
         listener.settimeout(timeout)
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -86,9 +98,44 @@ def reaches_here(host: str, port: int, timeout: float = REACHED_WITHIN) -> bool:
                 probe.connect((target, port))
                 accepted, _ = listener.accept()
             except OSError:
-                return False
+                return "redirected"
             accepted.close()
-    return True
+    return "free"
+
+
+@dataclass(frozen=True)
+class PortScan:
+    """What :func:`redirected_ports` found."""
+
+    #: The ports of the tool range that bind but are not reached (a NAT rule takes them).
+    redirected: list[int]
+    #: How many ports were probed, of how many in the range (fewer: the time ran out).
+    probed: int
+    total: int
+
+
+def redirected_ports(
+    host: str = "127.0.0.1", ports: range | None = None, budget: float = SCAN_BUDGET
+) -> PortScan:
+    """Every port of the tool range (or ``ports``) that a firewall rule sends elsewhere.
+
+    These are the ports :func:`free_port` skips; many of them mean stale NAT
+    rules (Podman's, say) that an operator should clear. A port something
+    listens on is in use, not redirected. Probing stops after ``budget``
+    seconds (a rule that drops connections makes each probe wait out its
+    timeout).
+    """
+    ports = tool_port_range() if ports is None else ports
+    deadline = time.monotonic() + budget
+    found: list[int] = []
+    probed = 0
+    for port in ports:
+        if time.monotonic() > deadline:
+            break
+        probed += 1
+        if probe_port(host, port) == "redirected":
+            found.append(port)
+    return PortScan(found, probed, len(ports))
 
 
 class PortPicker:
