@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from labgate.aio import cancel_and_wait
 from labgate.router.activity import ActivityLog, Counter
@@ -30,7 +30,10 @@ from labgate.router.tunnel import SiteTunnels
 from labgate.router.upstream import UpstreamPool
 from labgate.security import TunnelTickets
 from labgate.wire.routes import RouteTable, UpstreamAddress
-from labgate.wire.stats import RouterStats
+from labgate.wire.stats import LATENCY_BOUNDS, RouterStats
+
+#: The histogram's bounds as a constant of this module (read on every response).
+_BOUNDS: Final[tuple[float, ...]] = LATENCY_BOUNDS
 
 __all__ = ["NEVER", "Context", "RouterOptions", "log"]
 
@@ -84,7 +87,11 @@ class Context:
         )
         self.activity = activity or ActivityLog()
         self.portal_counter = Counter()
-        self.stats = RouterStats()
+        #: Requests routed to instances and their latency histogram (see :meth:`observe`),
+        #: kept as this compiled class's own numbers; :attr:`stats` hands out a copy.
+        self.requests = 0
+        self.latency_buckets = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
         self.now = time.monotonic()
         #: Wall clock as of the last sweep: tunnelled bytes mark activity with it, cheaply.
         self.wall = time.time()
@@ -121,6 +128,29 @@ class Context:
         self._sweeper = None
         self.pool.close_all()
         self.site_tunnels.close()
+
+    def observe(self, seconds: float) -> None:
+        """A response head arrived ``seconds`` after its request was routed.
+
+        :meth:`RouterStats.observe <labgate.wire.stats.RouterStats.observe>`, in
+        native code: the bucket is the first whose bound is at least ``seconds``.
+        """
+        bucket = 0
+        for bound in _BOUNDS:
+            if seconds <= bound:
+                break
+            bucket += 1
+        self.latency_buckets[bucket] += 1
+        self.latency_sum += seconds
+
+    @property
+    def stats(self) -> RouterStats:
+        """The request count and latency histogram so far, as the route stream reports them."""
+        stats = RouterStats()
+        stats.requests = self.requests
+        stats.buckets = list(self.latency_buckets)
+        stats.latency_sum = self.latency_sum
+        return stats
 
     def sweep(self) -> None:
         """Time out every connection past its deadline."""

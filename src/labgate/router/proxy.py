@@ -595,7 +595,7 @@ class ClientConnection(asyncio.Protocol):
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
         counter.users[identity.user.id] = now
-        ctx.stats.requests += 1
+        ctx.requests += 1
         ex.started = now
         ex.counter = counter
         ex.instance_id = instance_id

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from bisect import bisect_left
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -34,7 +33,6 @@ from labgate.router.http import (
 )
 from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIES, SESSION_COOKIES
 from labgate.wire.routes import UpstreamAddress
-from labgate.wire.stats import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
     from labgate.router.activity import Counter
@@ -498,11 +496,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _observe(self, ex: Exchange) -> None:
         """Count the response's latency (a request routed to an instance has ``started``)."""
         if ex.started:
-            # RouterStats.observe, done here: a call into Python costs more than the bisect.
-            stats = self.ctx.stats
-            seconds = time.time() - ex.started
-            stats.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
-            stats.latency_sum += seconds
+            self.ctx.observe(time.time() - ex.started)
 
     def _filtered_headers(self) -> list[bytes]:
         if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
@@ -585,7 +579,7 @@ class UpstreamPool:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.idle: dict[tuple[str, int, str], list[UpstreamConnection]] = {}
+        self.idle: dict[str, list[UpstreamConnection]] = {}
 
     def acquire(self, address: UpstreamAddress) -> UpstreamConnection | None:
         """An idle connection to ``address``, or None."""

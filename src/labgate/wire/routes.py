@@ -62,11 +62,19 @@ class UpstreamAddress:
     path: str = ""
     site: str = ""
     instance: str = ""
-    key: tuple[str, int, str] = field(init=False, repr=False, compare=False)
+    #: The router's pool key: a string, which keeps its hash (the pool looks it up on
+    #: every request; a tuple would be hashed each time and, in the compiled router,
+    #: unpacked and packed again).
+    key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # A plain tuple: hashing it is C code, and the pool hashes on every request.
-        key = (self.site, -1, self.instance) if self.site else (self.host, self.port, self.path)
+        key = (
+            f"tunnel {self.site} {self.instance}"
+            if self.site
+            else f"unix {self.path}"
+            if self.path
+            else f"tcp {self.host} {self.port}"
+        )
         object.__setattr__(self, "key", key)
 
     @property
