@@ -463,6 +463,28 @@ def test_responses_outside_the_subset_are_none(data: bytes) -> None:
     assert scan_response(data) is None
 
 
+def test_every_byte_anywhere_in_a_value_is_judged_as_llhttp_does() -> None:
+    """A header value may hold tabs and visible ASCII (0x20-0x7e) only, wherever the byte
+    is: the scanners read values sixteen bytes at a time, then byte by byte."""
+    allowed = {0x09, *range(0x20, 0x7F)}
+    for length in (1, 15, 16, 17, 40):
+        for at in range(length):
+            for byte in range(256):
+                value = bytearray(b"v" * length)
+                value[at] = byte
+                line = b"X-Probe: " + bytes(value)
+                reply, ask = scan_response(response(line, b"Content-Length: 0")), None
+                if byte != 0x0D:  # a CR ends the line in a request: not the value's byte
+                    ask = scan_request(request(line))
+                expected = byte in allowed
+                assert (reply is not None) == expected, (length, at, byte)
+                if byte != 0x0D:
+                    assert (ask is not None) == expected, (length, at, byte)
+                    if expected:
+                        kept = b"X-Probe: " + bytes(value).lstrip(b" \t") + b"\r\n"
+                        assert ask is not None and ask[12] == kept
+
+
 def test_response_limits() -> None:
     lines = [b"X-H%d: v" % n for n in range(MAX_HEADERS - 1)]
     assert scan_response(response(*lines, b"Content-Length: 0")) is not None
