@@ -20,6 +20,7 @@ from .conftest import (
     GatewayFactory,
     raw_request,
     status_of,
+    statuses,
 )
 
 
@@ -240,3 +241,23 @@ async def test_an_upstream_connection_is_closed_after_pool_max_requests(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_bad_host_or_target_after_a_good_one_on_a_connection_is_still_refused(
+    gateway: Gateway,
+) -> None:
+    """Each connection remembers its last valid Host and target (HeadMemo): only those."""
+    cookie = gateway.cookie_header(ALICE)["Cookie"]
+
+    def get(target: str, host: str) -> bytes:
+        return f"GET {target} HTTP/1.1\r\nHost: {host}\r\nCookie: {cookie}\r\n\r\n".encode()
+
+    good = get("/i/aaaa/api/health", "gw.example")
+    for bad in (
+        get("/i/aaaa/api/health", "gw example"),
+        get("/i/aaaa/api/health", "gw.example/x"),
+        get("/i/aaaa/../bbbb/api/health", "gw.example"),
+        get("/i/aaaa/%2e%2e/bbbb/api/health", "gw.example"),
+    ):
+        answer = await raw_request(gateway.port, good + good + bad)
+        assert statuses(answer) == [200, 200, 400], (bad, answer[-300:])

@@ -257,6 +257,8 @@ PyDoc_STRVAR(scan_request_doc,
 "without ``X-Forwarded-*`` and ``X-Labgate-*``. None for anything else.");
 
 static const char *METHODS[] = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", NULL};
+/* The same bytes object for every request of a method: its hash is worked out once. */
+static PyObject *METHOD_OBJECTS[sizeof(METHODS) / sizeof(METHODS[0])];
 
 static PyObject *
 scan_request(PyObject *module, PyObject *arg)
@@ -271,14 +273,15 @@ scan_request(PyObject *module, PyObject *arg)
     if (i == 0 || i >= n || p[i] != ' ')
         Py_RETURN_NONE;
     Py_ssize_t method_len = i;
-    int known = 0;
-    for (const char **m = METHODS; *m != NULL; m++) {
-        if ((Py_ssize_t)strlen(*m) == method_len && memcmp(p, *m, (size_t)method_len) == 0) {
-            known = 1;
+    int known = -1;
+    for (int m = 0; METHODS[m] != NULL; m++) {
+        if ((Py_ssize_t)strlen(METHODS[m]) == method_len
+            && memcmp(p, METHODS[m], (size_t)method_len) == 0) {
+            known = m;
             break;
         }
     }
-    if (!known)
+    if (known < 0)
         Py_RETURN_NONE;
     Py_ssize_t target = ++i;
     if (i >= n || p[i] != '/')
@@ -411,7 +414,7 @@ scan_request(PyObject *module, PyObject *arg)
             : Py_NewRef(Py_None))
     PyObject *items[13] = {
         PyLong_FromSsize_t(i),
-        PyBytes_FromStringAndSize((const char *)p, method_len),
+        Py_NewRef(METHOD_OBJECTS[known]),
         PyBytes_FromStringAndSize((const char *)p + target, target_len),
         PyBool_FromLong(http11),
         PyLong_FromLong(connection),
@@ -463,5 +466,10 @@ PyMODINIT_FUNC
 PyInit__heads(void)
 {
     init_tables();
+    for (int m = 0; METHODS[m] != NULL; m++) {
+        METHOD_OBJECTS[m] = PyBytes_FromString(METHODS[m]);
+        if (METHOD_OBJECTS[m] == NULL)
+            return NULL;
+    }
     return PyModule_Create(&module);
 }

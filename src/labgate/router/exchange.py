@@ -54,6 +54,40 @@ _SPECIAL: Final = frozenset(
 )
 
 
+class HeadMemo:
+    """One client connection's last request head, as :meth:`Exchange.validate` found it.
+
+    A kept-alive client sends the same ``Host`` and often the same target
+    again and again: comparing the bytes with the last ones costs less than
+    hashing them for the router-wide caches (:func:`valid_host`,
+    :func:`check_target`), which a fresh ``bytes`` object of each request
+    would need every time.
+    """
+
+    def __init__(self) -> None:
+        self.host: bytes | None = None
+        self.target: bytes | None = None
+        self.target_info: Target | None = None
+
+    def valid_host(self, host: bytes) -> bool:
+        """:func:`valid_host`, remembered for the last host found valid."""
+        if host == self.host:
+            return True
+        if not valid_host(host):
+            return False
+        self.host = host
+        return True
+
+    def check_target(self, target: bytes) -> Target:
+        """:func:`check_target`, remembered for the last target read; raises ``TargetError``."""
+        info = self.target_info
+        if info is not None and target == self.target:
+            return info
+        info = check_target(target)
+        self.target, self.target_info = target, info
+        return info
+
+
 class Exchange:
     """Per-request state; a fresh one for every request on a connection."""
 
@@ -231,13 +265,18 @@ class Exchange:
             )
         # Other special headers are hop-by-hop or the router's own: dropped.
 
-    def validate(self) -> None:
-        """Check the complete head; problems end up in ``error``."""
+    def validate(self, memo: HeadMemo | None = None) -> None:
+        """Check the complete head; problems end up in ``error``.
+
+        ``memo``: the client connection's, to skip what its last head settled.
+        """
         if self.method == b"CONNECT":
             self.fail(405, "CONNECT is not supported: this is not a forward proxy")
         if self.host_count != 1:
             self.fail(400, "a request needs exactly one Host header")
-        elif self.host is not None and not valid_host(self.host):
+        elif self.host is not None and not (
+            memo.valid_host(self.host) if memo is not None else valid_host(self.host)
+        ):
             self.fail(400, "invalid Host header")
         if self.cl_count > 1:
             self.fail(400, "more than one Content-Length header")
@@ -255,7 +294,9 @@ class Exchange:
         if self.is_upgrade and self.has_body:
             self.fail(400, "an upgrade request cannot carry a body")
         try:
-            self.target_info = check_target(self.target)
+            self.target_info = (
+                memo.check_target(self.target) if memo is not None else check_target(self.target)
+            )
         except TargetError as problem:
             self.fail(400, str(problem))
         if self.error is not None:

@@ -27,7 +27,13 @@ from labgate.router import handoff, pages
 from labgate.router.activity import Counter
 from labgate.router.auth import Credentials, Identity
 from labgate.router.context import NEVER, Context, log
-from labgate.router.exchange import Exchange, instance_block, instance_head, portal_head
+from labgate.router.exchange import (
+    Exchange,
+    HeadMemo,
+    instance_block,
+    instance_head,
+    portal_head,
+)
 from labgate.router.forwarded import client_address, is_trusted_proxy
 from labgate.router.hosts import InstanceHosts
 from labgate.router.http import (
@@ -85,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         "head_bytes",
         "in_feed",
         "in_next",
+        "memo",
         "parser",
         "pauses",
         "peer",
@@ -157,6 +164,8 @@ class ClientConnection(asyncio.Protocol):
         self.allowed_route: Route | None = None
         self.allowed_identity: Identity | None = None
         self.block = b""
+        #: Its last request head's Host and target, as validated (:class:`HeadMemo`).
+        self.memo = HeadMemo()
         self.block_route: Route | None = None
         self.block_identity: Identity | None = None
         self.block_creds: Credentials | None = None
@@ -386,7 +395,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _head_read(self, ex: Exchange) -> None:
         """A complete request head: serve it now or queue it behind the one in progress."""
-        ex.validate()
+        ex.validate(self.memo)
         if self.current is None:
             self.current = ex
             self.deadline = NEVER
