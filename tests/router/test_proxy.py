@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 
 import httpx
@@ -261,3 +262,34 @@ async def test_a_bad_host_or_target_after_a_good_one_on_a_connection_is_still_re
     ):
         answer = await raw_request(gateway.port, good + good + bad)
         assert statuses(answer) == [200, 200, 400], (bad, answer[-300:])
+
+
+async def test_a_route_changed_between_requests_of_a_connection_is_read_again(
+    gateway: Gateway,
+) -> None:
+    """A connection keeps what it read of a route only while the table holds that route."""
+
+    async def other_tool(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
+        writer.close()
+
+    server = await asyncio.start_server(other_tool, "127.0.0.1", 0)
+    route = gateway.table.routes["aaaa"]
+    try:
+        async with httpx.AsyncClient(base_url=gateway.base) as client:
+            headers = gateway.cookie_header(ALICE)
+            first = await client.get("/i/aaaa/api/health", headers=headers)
+            assert first.json() == {"ready": True}
+            gateway.table.add_route(dataclasses.replace(route, state="starting"))
+            starting = await client.get("/i/aaaa/api/health", headers=headers)
+            assert starting.status_code == 503 and "starting" in starting.text
+            port = server.sockets[0].getsockname()[1]
+            gateway.table.add_route(dataclasses.replace(route, upstream=f"http://127.0.0.1:{port}"))
+            moved = await client.get("/i/aaaa/api/health", headers=headers)
+            assert moved.text == "other"
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -86,10 +86,13 @@ class Identity:
     valid_until: float = math.inf
     session_id: str = ""
     head_line: bytes = field(init=False, repr=False, compare=False)
+    #: ``user.id``, as this compiled class's own attribute (read on every request).
+    user_id: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         line = b"X-Labgate-User: " + header_safe(self.user.name) + b"\r\n"
         object.__setattr__(self, "head_line", line)
+        object.__setattr__(self, "user_id", self.user.id)
 
 
 @dataclass(frozen=True, slots=True)

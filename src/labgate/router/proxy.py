@@ -59,6 +59,10 @@ PAUSE_UPGRADE: Final = 8
 PAUSE_BROKEN: Final = 16
 
 
+#: What :attr:`ClientConnection.seen_address` holds before the first route is seen.
+_NO_ADDRESS: Final = UpstreamAddress()
+
+
 class ClientConnection(asyncio.Protocol):
     """One downstream HTTP/1.1 connection."""
 
@@ -99,6 +103,10 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "raw_head",
         "reading_head",
+        "seen_address",
+        "seen_id",
+        "seen_route",
+        "seen_running",
         "stalled",
         "transport",
         "trusted_peer",
@@ -164,6 +172,11 @@ class ClientConnection(asyncio.Protocol):
         self.allowed_route: Route | None = None
         self.allowed_identity: Identity | None = None
         self.block = b""
+        #: The route it last sent a request on, and what of it the hot path reads.
+        self.seen_route: Route | None = None
+        self.seen_id = ""
+        self.seen_running = False
+        self.seen_address = _NO_ADDRESS
         #: Its last request head's Host and target, as validated (:class:`HeadMemo`).
         self.memo = HeadMemo()
         self.block_route: Route | None = None
@@ -583,7 +596,13 @@ class ClientConnection(asyncio.Protocol):
     ) -> None:
         """Send an authorized request on to its instance (or say why it cannot go yet)."""
         ctx = self.ctx
-        instance_id = route.instance_id
+        if route is not self.seen_route:
+            # A route is frozen: what the hot path reads of it is read once per route.
+            self.seen_route = route
+            self.seen_id = route.instance_id
+            self.seen_running = route.state == "running"
+            self.seen_address = route.address
+        instance_id = self.seen_id
         if ex.from_elsewhere():
             self._reply(
                 ex,
@@ -592,9 +611,11 @@ class ClientConnection(asyncio.Protocol):
                 f"{instance_id} nor change anything there",
             )
             return
-        if route.state == "unreachable" and route.upstream != NO_ENDPOINT:
+        if self.seen_running:
+            pass
+        elif route.state == "unreachable" and route.upstream != NO_ENDPOINT:
             ex.away = True  # its agent is away; the tool itself may still answer
-        elif route.state != "running":
+        else:
             if route.state == "unreachable":
                 detail = away_detail(instance_id)
             else:
@@ -603,7 +624,7 @@ class ClientConnection(asyncio.Protocol):
             return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
-        counter.users[identity.user.id] = now
+        counter.users[identity.user_id] = now
         ctx.requests += 1
         ex.started = now
         ex.counter = counter
@@ -627,7 +648,7 @@ class ClientConnection(asyncio.Protocol):
         ex.head = instance_head(
             ex, route, identity, creds, client, self.proto, prefixed=prefixed, block=self.block
         )
-        self._proxy(ex, route.address)
+        self._proxy(ex, self.seen_address)
 
     def _check(self, ex: Exchange, now: float) -> tuple[Identity | None, Credentials]:
         """``Authenticator.check`` of ``ex``'s credentials, kept for the next request.
