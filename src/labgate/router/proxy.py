@@ -42,6 +42,7 @@ from labgate.router.http import (
     MAX_TARGET,
     Buffer,
     scan_request,
+    wall_clock,
 )
 from labgate.router.upstream import UpstreamConnection
 from labgate.security import HANDOFF_PATH, tossed_cookie_clearers
@@ -489,7 +490,7 @@ class ClientConnection(asyncio.Protocol):
             self._proxy(ex, self.ctx.portal)
             return
         ctx = self.ctx
-        now = time.time()
+        now = wall_clock()
         identity, creds = self._check(ex, now)
         if identity is None:
             if ctx.auth.lacks_access_scope(creds, now):
@@ -533,7 +534,7 @@ class ClientConnection(asyncio.Protocol):
             self._reply(ex, 404, f"there is no instance {instance_id!r} here")
             return
         secure = self.proto == b"https"
-        now = time.time()
+        now = wall_clock()
         if ex.target.startswith(_LABGATE_PATH):
             if ex.target.partition(b"?")[0] != _HANDOFF_TARGET or ex.method != b"GET":
                 self._reply(ex, 404, "no such page")

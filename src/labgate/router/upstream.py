@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -30,6 +29,7 @@ from labgate.router.http import (
     log,
     scan_response,
     status_line,
+    wall_clock,
 )
 from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIES, SESSION_COOKIES
 from labgate.wire.routes import UpstreamAddress
@@ -496,7 +496,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _observe(self, ex: Exchange) -> None:
         """Count the response's latency (a request routed to an instance has ``started``)."""
         if ex.started:
-            self.ctx.observe(time.time() - ex.started)
+            self.ctx.observe(wall_clock() - ex.started)
 
     def _filtered_headers(self) -> list[bytes]:
         if self.resp_conn is None or self.resp_conn.lower() in _PLAIN_CONNECTION:
