@@ -144,7 +144,8 @@ class Exchange:
         self.target_info: Target | None = None
         self.http11 = True
         self.keep_alive = True
-        self.headers: list[tuple[bytes, bytes]] = []
+        #: The headers to forward as httptools read them (None: none yet).
+        self.headers: list[tuple[bytes, bytes]] | None = None
         #: The same as ``Name: value\r\n`` lines, when the head was read in one pass (_heads.c).
         self.kept = b""
         self.header_count = 0
@@ -171,7 +172,8 @@ class Exchange:
         self.is_head = False
         self.error: tuple[int, str] | None = None
         # Body, response and lifecycle.
-        self.body_buf: list[bytes] = []
+        #: Body pieces read before the upstream connection is there (None: none).
+        self.body_buf: list[bytes] | None = None
         self.body_buffered = 0
         self.body_done = False
         self.discard = False
@@ -215,12 +217,21 @@ class Exchange:
         origin = self.origin
         return origin is not None and not same_origin(origin, self.host or b"")
 
+    def _keep(self, name: bytes, value: bytes) -> None:
+        """Keep a header to forward (the list is made at the first: most heads are read
+        whole in C and keep theirs in :attr:`kept`)."""
+        headers = self.headers
+        if headers is None:
+            self.headers = [(name, value)]
+        else:
+            headers.append((name, value))
+
     def add_header(self, name: bytes, value: bytes) -> None:
         """Pick out a header the router decides on, or keep it for forwarding."""
         lname = name.lower()
         if lname not in _SPECIAL:
             if not lname.startswith(FORGEABLE_PREFIXES):
-                self.headers.append((name, value))
+                self._keep(name, value)
             return
         if lname == b"host":
             self.host_count += 1
@@ -231,7 +242,7 @@ class Exchange:
             self.auth_count += 1
             self.authorization = value
         elif lname == b"accept":
-            self.headers.append((name, value))
+            self._keep(name, value)
             if b"text/html" in value:
                 self.browser = True
         elif lname == b"content-length":
@@ -248,16 +259,16 @@ class Exchange:
                 value if self.conn_tokens is None else self.conn_tokens + b"," + value
             )
         elif lname == b"expect":
-            self.headers.append((name, value))
+            self._keep(name, value)
             self.expect_continue = value.strip().lower() == b"100-continue"
         elif lname == b"upgrade":
             self.upgrade = value
         elif lname == b"origin":
-            self.headers.append((name, value))
+            self._keep(name, value)
             # Two Origin headers are no browser's: the mismatch refuses the request.
             self.origin = value if self.origin is None else b"\0"
         elif lname == b"sec-fetch-site":
-            self.headers.append((name, value))
+            self._keep(name, value)
             self.fetch_site = value
         elif lname == b"x-forwarded-for":
             self.forwarded_for = (
@@ -332,6 +343,8 @@ def _start(ex: Exchange, target: bytes) -> list[bytes]:
     if ex.kept:
         parts.append(ex.kept)
     headers = ex.headers
+    if headers is None:
+        return parts
     if ex.conn_tokens is not None:
         from labgate.router.http import connection_tokens
 

@@ -436,7 +436,10 @@ class ClientConnection(asyncio.Protocol):
         if ex is self.current and self.upstream is not None:
             self.upstream.send_body(data, ex.chunked)
             return
-        ex.body_buf.append(data)
+        if ex.body_buf is None:
+            ex.body_buf = [data]
+        else:
+            ex.body_buf.append(data)
         ex.body_buffered += len(data)
         if ex.body_buffered > self.ctx.buffer_limit:
             self._pause(PAUSE_BUFFER)
@@ -906,7 +909,7 @@ class ClientConnection(asyncio.Protocol):
     def _discard_body(self, ex: Exchange) -> None:
         """Read the rest of ``ex``'s body and drop it, as long as it keeps coming."""
         ex.discard = True
-        ex.body_buf.clear()
+        ex.body_buf = None
         # Each piece must come within the head's timeout, or the connection ends.
         self.deadline = self.ctx.now + self.ctx.header_timeout
 

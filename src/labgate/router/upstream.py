@@ -270,11 +270,11 @@ class UpstreamConnection(asyncio.Protocol):
         pending = self.req_out
         pending.append(ex.head)
         sent = len(ex.head)
-        if ex.body_buf:
+        if ex.body_buf is not None:
             for piece in ex.body_buf:
                 pending.append(chunk(piece) if ex.chunked else piece)
                 sent += len(piece)
-            ex.body_buf.clear()
+            ex.body_buf = None
             ex.body_buffered = 0
         if ex.body_done and ex.chunked:
             pending.append(LAST_CHUNK)
