@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from labgate.wire.routes import Route
 
 CRLF: Final = b"\r\n"
+_HOST_LINE: Final = b" HTTP/1.1\r\nHost: "
+_ZERO_LENGTH: Final = b"Content-Length: 0\r\n"
 
 # Request headers handled one by one in ``on_header``; the rest are forwarded
 # unless the router owns them (X-Forwarded-*, X-Labgate-*).
@@ -325,7 +327,7 @@ def _framing(ex: Exchange) -> list[bytes]:
     if ex.chunked:
         return [b"Transfer-Encoding: chunked\r\n"]
     if ex.content_length is not None:
-        return [b"Content-Length: %d\r\n" % ex.content_length]
+        return [_length(ex.content_length)]
     return []
 
 
@@ -388,17 +390,29 @@ def instance_head(
     ``X-Forwarded-Prefix``. ``block`` is what :func:`instance_block` made of
     the same arguments, when the caller kept it from an earlier request.
     """
-    if prefixed:
-        tail = ex.target_info.tail if ex.target_info is not None else b"/"
-        parts = _start(ex, ex.target if route.keep_prefix else tail)
+    if prefixed and not route.keep_prefix:
+        target = ex.target_info.tail if ex.target_info is not None else b"/"
     else:
-        parts = _start(ex, ex.target)
+        target = ex.target
     if block is None:
         block = instance_block(ex, route, identity, creds, peer, proto, prefixed=prefixed)
+    host = ex.host
+    if ex.headers is None and host is not None and not ex.is_upgrade and not ex.chunked:
+        # The common head (read whole in C, no body or a Content-Length): one join.
+        length = ex.content_length
+        framing = b"" if length is None else _ZERO_LENGTH if length == 0 else _length(length)
+        return b"".join(
+            (ex.method, b" ", target, _HOST_LINE, host, CRLF, ex.kept, block, framing, CRLF)
+        )
+    parts = _start(ex, target)
     parts.append(block)
     parts += _framing(ex)
     parts.append(CRLF)
     return b"".join(parts)
+
+
+def _length(length: int) -> bytes:
+    return b"Content-Length: %d\r\n" % length
 
 
 def instance_block(
