@@ -62,6 +62,11 @@ log: Final = logging.getLogger("labgate.router")
 #: in its module on every request).
 wall_clock: Final = time.time
 
+
+def nowhere(data: Buffer) -> None:
+    """What a connection writes with before it has a transport: nothing goes anywhere."""
+
+
 #: A deadline that never comes (a timeout switched off).
 NEVER: Final = math.inf
 

@@ -41,6 +41,7 @@ from labgate.router.http import (
     MAX_HEADERS,
     MAX_TARGET,
     Buffer,
+    nowhere,
     scan_request,
     wall_clock,
 )
@@ -110,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         "seen_running",
         "stalled",
         "transport",
+        "transport_write",
         "trusted_peer",
         "tunnel",
         "tunnel_creds",
@@ -125,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.transport: asyncio.Transport | None = None
+        self.transport_write: Callable[[Buffer], None] = nowhere
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.ex: Exchange | None = None
         self.current: Exchange | None = None
@@ -193,6 +196,8 @@ class ClientConnection(asyncio.Protocol):
         """Register with the sweeper; a first request head is due soon."""
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        #: Its ``write``, looked up once rather than on every response.
+        self.transport_write = self.transport.write
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0]).encode()
@@ -889,7 +894,7 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: Buffer) -> None:
         """Write to the client unless the connection is going away."""
         if not self.closing and self.transport is not None:
-            self.transport.write(data)
+            self.transport_write(data)
 
     def response_complete(self, ex: Exchange) -> None:
         """The upstream finished its response (and let go of its connection)."""

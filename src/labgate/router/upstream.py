@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
 import httptools
@@ -27,6 +28,7 @@ from labgate.router.http import (
     chunk,
     connection_tokens,
     log,
+    nowhere,
     scan_response,
     status_line,
     wall_clock,
@@ -104,6 +106,7 @@ class UpstreamConnection(asyncio.Protocol):
         "strip_session",
         "switching",
         "transport",
+        "transport_write",
         "tunnel",
     )
 
@@ -113,6 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: The pool's key for ``address``, read once here rather than on every release.
         self.key = address.key
         self.transport: asyncio.Transport | None = None
+        self.transport_write: Callable[[Buffer], None] = nowhere
         self.parser = httptools.HttpResponseParser(self)
         self.client: ClientConnection | None = None
         self.ex: Exchange | None = None
@@ -157,6 +161,8 @@ class UpstreamConnection(asyncio.Protocol):
         """Remember the transport and register with the sweeper."""
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        #: Its ``write``, looked up once rather than on every request.
+        self.transport_write = self.transport.write
         self.ctx.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -300,7 +306,7 @@ class UpstreamConnection(asyncio.Protocol):
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         pending.clear()
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.transport_write(data)
 
     def pause_reading(self) -> None:
         """Stop reading the response (the client is slow)."""
@@ -571,7 +577,7 @@ class UpstreamConnection(asyncio.Protocol):
     def tunnel_send(self, data: Buffer) -> None:
         """Forward tunnelled bytes from the client."""
         if self.transport is not None and not self.closed:
-            self.transport.write(data)
+            self.transport_write(data)
 
 
 class UpstreamPool:
