@@ -717,6 +717,7 @@ class ClientConnection(asyncio.Protocol):
         self.parser = None
         self.current = self.ex = None
         self.transport = None
+        self.transport_write = nowhere
         self.ctx.site_tunnels.adopt(transport, *admitted, rest)
 
     def _proxy(self, ex: Exchange, address: UpstreamAddress) -> None:
