@@ -131,16 +131,20 @@ def test_the_agent_reports_its_group_volumes_and_launches_and_deletions_follow(
             client.delete(f"/api/v1/instances/{iid}")
             wait_state(client, iid, {"stopped"})
 
-            # Moved: nothing is mounted from the old listing; the agent lists the new root
-            # when it connects again.
+            # Moved: nothing is mounted from the old listing; the connected agent lists
+            # the new root from its next heartbeat, even when it holds the same names.
             moved = tmp_path / "moved-groups"
-            (moved / "physics").mkdir(parents=True)
+            for name in ("biology", "physics"):
+                (moved / name).mkdir(parents=True)
             bad = client.patch("/api/v1/sites/edge", json={"group_root": "moved-groups"})
             assert bad.status_code == 422, bad.text
             changed = client.patch("/api/v1/sites/edge", json={"group_root": str(moved)})
             assert changed.status_code == 200, changed.text
             assert changed.json()["group_root"] == str(moved)
             assert changed.json()["agent"]["groups"] is None
+            reported(client, ["biology", "physics"])
+            # Restarted, the agent lists the root the portal holds (the hello carries it).
+            (moved / "biology").rmdir()
             agent.stop()
             agent.start()
             reported(client, ["physics"])

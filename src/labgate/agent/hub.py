@@ -284,8 +284,8 @@ class SiteHub:
                     log.info("site %s: agent disconnected (%s)", site.name, reason)
                     self._spawn(self.events.site_disconnected(site.name, reason))
 
-    async def _handshake(self, site: SiteInfo, channel: Channel) -> Hello:
-        welcome = Welcome(
+    def _welcome(self, site: SiteInfo) -> Welcome:
+        return Welcome(
             site=site.name,
             backend=site.backend,
             options=site.options,
@@ -295,7 +295,28 @@ class SiteHub:
             heartbeat=self.heartbeat,
             tools=self.tools(),
         )
-        await channel.send_text(dump(welcome))
+
+    async def reconfigure(self, site: SiteInfo) -> bool:
+        """Send the site's connected agent its settings again, in a new welcome.
+
+        The agent applies what it can while connected (where its group
+        volumes are, listed from its next heartbeat on) and says in its log
+        what needs a restart (a changed backend or options). False when its
+        agent is not connected to this portal (it gets them when it next
+        connects).
+        """
+        connection = self._connections.get(site.name)
+        if connection is None:
+            return False
+        try:
+            await connection.channel.send_text(dump(self._welcome(site)))
+        except Exception as exc:  # a connection going away: it reconnects with them
+            log.info("site %s: new settings not sent (%s)", site.name, exc)
+            return False
+        return True
+
+    async def _handshake(self, site: SiteInfo, channel: Channel) -> Hello:
+        await channel.send_text(dump(self._welcome(site)))
         try:
             raw = await wait_for(channel.receive(), self.heartbeat * 3)
         except TimeoutError:

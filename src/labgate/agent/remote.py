@@ -244,6 +244,8 @@ class RemoteAgent:
                     self._command(ws, message)
                 elif isinstance(message, TunnelTicket):
                     self.tunnel.update(message.ticket, message.routers)
+                elif isinstance(message, Welcome):
+                    self._rewelcomed(message)
                 elif isinstance(message, ReportEnvelope | Heartbeat):
                     continue
                 elif message.type == "ack":
@@ -254,14 +256,7 @@ class RemoteAgent:
             beats.cancel()
 
     def _welcomed(self, welcome: Welcome) -> None:
-        if self.welcome is not None and (
-            welcome.backend != self.welcome.backend or welcome.options != self.welcome.options
-        ):
-            log.warning(
-                "agent: the site's backend or options changed at the portal; "
-                "restart the agent to apply them"
-            )
-        self.welcome = self.welcome or welcome
+        self._settings(welcome)
         self._group_root = welcome.group_root
         self.tools = {}
         for raw in welcome.tools:
@@ -275,6 +270,31 @@ class RemoteAgent:
             self.tools[tool.name] = tool
         if self.agent is None:
             self.agent = self.make_agent(welcome, self._report)
+
+    def _settings(self, welcome: Welcome) -> None:
+        """Keep the first welcome's backend and options (the site agent was built with them);
+        say when the portal's differ now."""
+        if self.welcome is not None and (
+            welcome.backend != self.welcome.backend or welcome.options != self.welcome.options
+        ):
+            log.warning(
+                "agent: the site's backend or options changed at the portal; "
+                "restart the agent to apply them"
+            )
+        self.welcome = self.welcome or welcome
+
+    def _rewelcomed(self, welcome: Welcome) -> None:
+        """The site's settings changed at the portal while connected: take the group root now.
+
+        The next heartbeat lists the new root and sends the listing whatever it
+        holds (the portal dropped the old one).
+        """
+        self._settings(welcome)
+        if welcome.group_root != self._group_root:
+            log.info("agent: group volumes are now under %s", welcome.group_root or "(none)")
+            self._group_root = welcome.group_root
+            self._said_groups = None
+            self._scan = None
 
     async def _groups(self) -> list[str] | None:
         """The group volumes under the site's ``group_root`` now (None: it has none).

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketDisconnect
 from labgate.agent.hub import SiteInfo
 from labgate.agent.network import ChannelClosed
 from labgate.db.models import Site
-from labgate.portal.api.sites import BACKEND_OPTIONS
+from labgate.portal.api.sites import site_info
 from labgate.portal.state import Portal
 from labgate.security import hash_token
 
@@ -68,17 +68,7 @@ def site_of_token(session: Session, token: str) -> SiteInfo | None:
     site = session.scalar(
         select(Site).where(Site.token_hash == hash_token(token), Site.kind == "network")
     )
-    if site is None:
-        return None
-    options = dict(site.options or {})
-    return SiteInfo(
-        name=site.name,
-        backend=site.backend,
-        options=dict(options.get(BACKEND_OPTIONS) or {}),
-        data_root=options.get("data_root"),
-        group_root=options.get("group_root"),
-        reach=site.reach,
-    )
+    return None if site is None else site_info(site)
 
 
 @router.websocket("/agent/connect")

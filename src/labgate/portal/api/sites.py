@@ -29,6 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from labgate.agent.hub import SiteInfo
 from labgate.backends.base import BackendNotFound
 from labgate.backends.registry import backend_class
 from labgate.db.models import (
@@ -131,7 +132,8 @@ class SitePatch(Strict):
         None,
         max_length=4096,
         description="Replaces where its shared group volumes are (an absolute path on the "
-        "site's machine; empty: none). Its agent lists the new one when it next connects.",
+        "site's machine; empty: none). A connected agent lists the new one from its next "
+        "heartbeat.",
     )
 
     @field_validator("group_root")
@@ -140,6 +142,19 @@ class SitePatch(Strict):
         if value and not value.startswith("/"):
             raise ValueError("group_root must be an absolute path on the site's machine")
         return value
+
+
+def site_info(site: Site) -> SiteInfo:
+    """What the portal tells ``site``'s agent about it in a welcome."""
+    options = dict(site.options or {})
+    return SiteInfo(
+        name=site.name,
+        backend=site.backend,
+        options=dict(options.get(BACKEND_OPTIONS) or {}),
+        data_root=options.get("data_root"),
+        group_root=options.get("group_root"),
+        reach=site.reach,
+    )
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -337,27 +352,35 @@ async def change_site(
 ) -> SiteOut:
     """Change a network site's reach, backend options, capacity, labels or group root (admins)."""
 
-    def change(session: Session) -> SiteOut:
+    def change(session: Session) -> tuple[SiteOut, SiteInfo | None]:
         site = network_site(session, name, "change")
         options = dict(site.options or {})
+        told = False  # something the agent's welcome carries changed
         if body.options is not None:
             options[BACKEND_OPTIONS] = check_backend(site.backend, body.options)
+            told = True
         if body.capacity is not None:
             options["capacity"] = body.capacity.model_dump()
         if body.group_root is not None and body.group_root != options.get("group_root"):
             options["group_root"] = body.group_root or None
             # What the agent listed was under the old root: no volume is mounted at the
-            # site until it lists the new one (at its next connect).
+            # site until it lists the new one (from its next heartbeat).
             site.agent_info = {**(site.agent_info or {}), "groups": None}
+            told = True
         site.options = options
         if body.labels is not None:
             site.labels = dict(body.labels)
         if body.reach is not None:
             site.reach = body.reach
         session.flush()
-        return one_site_out(portal, session, site, admin=True)
+        return one_site_out(portal, session, site, admin=True), site_info(site) if told else None
 
-    return await portal.run_db(change)
+    out, welcome = await portal.run_db(change)
+    if welcome is not None and portal.site_hub is not None:
+        # A connected agent takes the new settings now (its group root; it logs what
+        # needs its restart); one connected to another replica, when it next connects.
+        await portal.site_hub.reconfigure(welcome)
+    return out
 
 
 @router.post("/sites/{name}/token", response_model=SiteWithToken, responses=errors(409))
