@@ -57,6 +57,9 @@ name_is(const unsigned char *p, Py_ssize_t n, const char *name)
     return name[i] == '\0';
 }
 
+/* name_is for the current header line's name (name, len), its length compared first. */
+#define NAME_IS(lower) (len == (Py_ssize_t)sizeof(lower) - 1 && name_is(name, len, lower))
+
 static int
 starts_with(const unsigned char *p, Py_ssize_t n, const char *prefix)
 {
@@ -203,7 +206,7 @@ scan_response(PyObject *module, PyObject *arg)
             Py_RETURN_NONE;
         const unsigned char *name = p + line.name;
         Py_ssize_t len = line.name_len;
-        if (name_is(name, len, "content-length")) {
+        if (NAME_IS("content-length")) {
             if (length >= 0 || line.value_len < 1 || line.value_len > 18)
                 Py_RETURN_NONE;
             length = 0;
@@ -214,18 +217,18 @@ scan_response(PyObject *module, PyObject *arg)
                 length = length * 10 + (c - '0');
             }
         }
-        else if (name_is(name, len, "connection")) {
+        else if (NAME_IS("connection")) {
             if (cut_end != 0 || !value_is(p, &line, "keep-alive"))
                 Py_RETURN_NONE;
             cut_start = line.name;
             cut_end = line.end;
         }
-        else if (name_is(name, len, "set-cookie") || name_is(name, len, "keep-alive")
-                 || name_is(name, len, "transfer-encoding") || name_is(name, len, "te")
-                 || name_is(name, len, "trailer") || name_is(name, len, "upgrade")
-                 || name_is(name, len, "proxy-connection")
-                 || name_is(name, len, "proxy-authenticate")
-                 || name_is(name, len, "proxy-authorization")) {
+        else if (NAME_IS("set-cookie") || NAME_IS("keep-alive")
+                 || NAME_IS("transfer-encoding") || NAME_IS("te")
+                 || NAME_IS("trailer") || NAME_IS("upgrade")
+                 || NAME_IS("proxy-connection")
+                 || NAME_IS("proxy-authenticate")
+                 || NAME_IS("proxy-authorization")) {
             Py_RETURN_NONE;
         }
     }
@@ -323,34 +326,34 @@ scan_request(PyObject *module, PyObject *arg)
         const unsigned char *name = p + line.name;
         Py_ssize_t len = line.name_len;
         int keep = 1;
-        if (name_is(name, len, "host")) {
+        if (NAME_IS("host")) {
             host = line;
             hosts++;
             keep = 0;
         }
-        else if (name_is(name, len, "cookie")) {
+        else if (NAME_IS("cookie")) {
             cookie = line;
             cookies++;
             keep = 0;
         }
-        else if (name_is(name, len, "authorization")) {
+        else if (NAME_IS("authorization")) {
             authorization = line;
             authorizations++;
             keep = 0;
         }
-        else if (name_is(name, len, "accept")) {
+        else if (NAME_IS("accept")) {
             if (contains(p + line.value, line.value_len, "text/html"))
                 browser = 1;
         }
-        else if (name_is(name, len, "origin")) {
+        else if (NAME_IS("origin")) {
             origin = line;
             origins++;
         }
-        else if (name_is(name, len, "sec-fetch-site")) {
+        else if (NAME_IS("sec-fetch-site")) {
             fetch_site = line;
             fetch_sites++;
         }
-        else if (name_is(name, len, "connection")) {
+        else if (NAME_IS("connection")) {
             if (connection != 0)
                 goto none;
             if (value_is(p, &line, "keep-alive"))
@@ -361,24 +364,24 @@ scan_request(PyObject *module, PyObject *arg)
                 goto none;
             keep = 0;
         }
-        else if (name_is(name, len, "content-length")) {
+        else if (NAME_IS("content-length")) {
             if (content_length_zero || line.value_len != 1 || p[line.value] != '0')
                 goto none;
             content_length_zero = 1;
             keep = 0;
         }
-        else if (name_is(name, len, "x-forwarded-for")) {
+        else if (NAME_IS("x-forwarded-for")) {
             goto none;  /* believed from a trusted proxy: the router decides, in Python */
         }
         else if (starts_with(name, len, "x-forwarded-") || starts_with(name, len, "x-labgate-")) {
             keep = 0;  /* the router's own: never forwarded as the client sent them */
         }
-        else if (name_is(name, len, "transfer-encoding") || name_is(name, len, "expect")
-                 || name_is(name, len, "upgrade") || name_is(name, len, "keep-alive")
-                 || name_is(name, len, "proxy-connection") || name_is(name, len, "te")
-                 || name_is(name, len, "trailer") || name_is(name, len, "proxy-authorization")
-                 || name_is(name, len, "forwarded") || name_is(name, len, "x-real-ip")
-                 || name_is(name, len, "close")) {
+        else if (NAME_IS("transfer-encoding") || NAME_IS("expect")
+                 || NAME_IS("upgrade") || NAME_IS("keep-alive")
+                 || NAME_IS("proxy-connection") || NAME_IS("te")
+                 || NAME_IS("trailer") || NAME_IS("proxy-authorization")
+                 || NAME_IS("forwarded") || NAME_IS("x-real-ip")
+                 || NAME_IS("close")) {
             goto none;
         }
         if (!keep)
