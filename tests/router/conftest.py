@@ -421,3 +421,30 @@ def c_heads() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail("CI must test the C head scanners: labgate.router._heads is not loaded")
     pytest.skip("the C head scanners (labgate.router._heads) are not built here: make compile")
+
+
+async def keep_alive_upstream(
+    answer: list[bytes],
+) -> tuple[asyncio.Server, str, list[int]]:
+    """An upstream that answers every request of a connection with ``answer``, piece by piece.
+
+    Each piece is its own write after a short pause (the router reads the body
+    in many pieces); the list it returns counts the requests of each connection.
+    """
+    per_connection: list[int] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        per_connection.append(0)
+        index = len(per_connection) - 1
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                per_connection[index] += 1
+                for piece in answer:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.002)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", per_connection

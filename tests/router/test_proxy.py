@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 
@@ -19,6 +17,7 @@ from .conftest import (
     ROOT_TOKEN,
     Gateway,
     GatewayFactory,
+    keep_alive_upstream,
     raw_request,
     status_of,
     statuses,
@@ -215,24 +214,12 @@ async def test_an_upstream_connection_is_closed_after_pool_max_requests(
     make_gateway: GatewayFactory,
 ) -> None:
     """After ``pool_max_requests`` requests a kept-alive upstream connection is not reused."""
-    carried: list[int] = []
-
-    async def tool(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        carried.append(0)
-        index = len(carried) - 1
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                carried[index] += 1
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(tool, "127.0.0.1", 0)
+    server, url, carried = await keep_alive_upstream(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    )
     try:
         gateway = await make_gateway(RouterOptions(pool_max_requests=3), demo=False)
-        port = server.sockets[0].getsockname()[1]
-        gateway.table.add_route(Route("tool", f"http://127.0.0.1:{port}", ALICE))
+        gateway.table.add_route(Route("tool", url, ALICE))
         async with httpx.AsyncClient(base_url=gateway.base) as client:
             for _ in range(7):
                 response = await client.get("/i/tool/", headers=gateway.cookie_header(ALICE))
@@ -268,15 +255,9 @@ async def test_a_route_changed_between_requests_of_a_connection_is_read_again(
     gateway: Gateway,
 ) -> None:
     """A connection keeps what it read of a route only while the table holds that route."""
-
-    async def other_tool(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother")
-        writer.close()
-
-    server = await asyncio.start_server(other_tool, "127.0.0.1", 0)
+    server, url, _ = await keep_alive_upstream(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nother"]
+    )
     route = gateway.table.routes["aaaa"]
     try:
         async with httpx.AsyncClient(base_url=gateway.base) as client:
@@ -286,8 +267,7 @@ async def test_a_route_changed_between_requests_of_a_connection_is_read_again(
             gateway.table.add_route(dataclasses.replace(route, state="starting"))
             starting = await client.get("/i/aaaa/api/health", headers=headers)
             assert starting.status_code == 503 and "starting" in starting.text
-            port = server.sockets[0].getsockname()[1]
-            gateway.table.add_route(dataclasses.replace(route, upstream=f"http://127.0.0.1:{port}"))
+            gateway.table.add_route(dataclasses.replace(route, upstream=url))
             moved = await client.get("/i/aaaa/api/health", headers=headers)
             assert moved.text == "other"
     finally:

@@ -11,7 +11,17 @@ import pytest
 
 from labgate.wire.routes import Route
 
-from .conftest import ALICE, Gateway, Recorded, Seen, cookie_line, raw_request, status_of, statuses
+from .conftest import (
+    ALICE,
+    Gateway,
+    Recorded,
+    Seen,
+    cookie_line,
+    keep_alive_upstream,
+    raw_request,
+    status_of,
+    statuses,
+)
 
 
 def get(gw_cookie: str, target: str, extra: str = "", version: str = "1.1") -> bytes:
@@ -299,33 +309,6 @@ async def test_a_response_head_too_large_is_a_502(recorded: Recorded, shape: str
     answer = await through_piecewise(recorded.gw, pieces)
     assert status_of(answer) == 502
     assert b"X-Filler" not in answer
-
-
-async def keep_alive_upstream(
-    answer: list[bytes],
-) -> tuple[asyncio.Server, str, list[int]]:
-    """An upstream that answers every request of a connection with ``answer``, piece by piece.
-
-    Each piece is its own write after a short pause (the router reads the body
-    in many pieces); the list it returns counts the requests of each connection.
-    """
-    per_connection: list[int] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        per_connection.append(0)
-        index = len(per_connection) - 1
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                per_connection[index] += 1
-                for piece in answer:
-                    writer.write(piece)
-                    await writer.drain()
-                    await asyncio.sleep(0.002)
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", per_connection
 
 
 async def twice_through(gw: Gateway, answer: list[bytes]) -> tuple[bytes, list[int]]:
