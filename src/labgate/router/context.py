@@ -130,11 +130,8 @@ class Context:
         self.site_tunnels.close()
 
     def observe(self, seconds: float) -> None:
-        """A response head arrived ``seconds`` after its request was routed.
-
-        :meth:`RouterStats.observe <labgate.wire.stats.RouterStats.observe>`, in
-        native code: the bucket is the first whose bound is at least ``seconds``.
-        """
+        """A response head arrived ``seconds`` after its request was routed: counted in the
+        first bucket whose bound is at least ``seconds`` (Prometheus' ``le``)."""
         bucket = 0
         for bound in _BOUNDS:
             if seconds <= bound:

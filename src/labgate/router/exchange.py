@@ -278,7 +278,7 @@ class Exchange:
             )
         # Other special headers are hop-by-hop or the router's own: dropped.
 
-    def validate(self, memo: HeadMemo | None = None) -> None:
+    def validate(self, memo: HeadMemo) -> None:
         """Check the complete head; problems end up in ``error``.
 
         ``memo``: the client connection's, to skip what its last head settled.
@@ -287,9 +287,7 @@ class Exchange:
             self.fail(405, "CONNECT is not supported: this is not a forward proxy")
         if self.host_count != 1:
             self.fail(400, "a request needs exactly one Host header")
-        elif self.host is not None and not (
-            memo.valid_host(self.host) if memo is not None else valid_host(self.host)
-        ):
+        elif self.host is not None and not memo.valid_host(self.host):
             self.fail(400, "invalid Host header")
         if self.cl_count > 1:
             self.fail(400, "more than one Content-Length header")
@@ -307,9 +305,7 @@ class Exchange:
         if self.is_upgrade and self.has_body:
             self.fail(400, "an upgrade request cannot carry a body")
         try:
-            self.target_info = (
-                memo.check_target(self.target) if memo is not None else check_target(self.target)
-            )
+            self.target_info = memo.check_target(self.target)
         except TargetError as problem:
             self.fail(400, str(problem))
         if self.error is not None:
@@ -321,14 +317,16 @@ class Exchange:
             self.error = (status, detail)
 
 
-def _framing(ex: Exchange) -> list[bytes]:
+def _framing(ex: Exchange) -> bytes:
+    """The head's lines on how the body (or an upgrade) follows."""
     if ex.is_upgrade:
-        return [b"Connection: Upgrade\r\nUpgrade: ", ex.upgrade or b"", CRLF]
+        return b"Connection: Upgrade\r\nUpgrade: " + (ex.upgrade or b"") + CRLF
     if ex.chunked:
-        return [b"Transfer-Encoding: chunked\r\n"]
-    if ex.content_length is not None:
-        return [_length(ex.content_length)]
-    return []
+        return b"Transfer-Encoding: chunked\r\n"
+    length = ex.content_length
+    if length is None:
+        return b""
+    return _ZERO_LENGTH if length == 0 else b"Content-Length: %d\r\n" % length
 
 
 def _forwarded(ex: Exchange, peer: bytes, proto: bytes) -> list[bytes]:
@@ -365,7 +363,7 @@ def portal_head(ex: Exchange, peer: bytes, proto: bytes) -> bytes:
     if ex.authorization is not None:
         parts += [b"Authorization: ", ex.authorization, CRLF]
     parts += _forwarded(ex, peer, proto)
-    parts += _framing(ex)
+    parts.append(_framing(ex))
     parts.append(CRLF)
     return b"".join(parts)
 
@@ -397,22 +395,17 @@ def instance_head(
     if block is None:
         block = instance_block(ex, route, identity, creds, peer, proto, prefixed=prefixed)
     host = ex.host
-    if ex.headers is None and host is not None and not ex.is_upgrade and not ex.chunked:
-        # The common head (read whole in C, no body or a Content-Length): one join.
-        length = ex.content_length
-        framing = b"" if length is None else _ZERO_LENGTH if length == 0 else _length(length)
+    if ex.headers is None and host is not None:
+        # The common head (read whole in C): one join of a tuple.
+        framing = _framing(ex)
         return b"".join(
             (ex.method, b" ", target, _HOST_LINE, host, CRLF, ex.kept, block, framing, CRLF)
         )
     parts = _start(ex, target)
     parts.append(block)
-    parts += _framing(ex)
+    parts.append(_framing(ex))
     parts.append(CRLF)
     return b"".join(parts)
-
-
-def _length(length: int) -> bytes:
-    return b"Content-Length: %d\r\n" % length
 
 
 def instance_block(

@@ -620,17 +620,16 @@ class ClientConnection(asyncio.Protocol):
                 f"{instance_id} nor change anything there",
             )
             return
-        if self.seen_running:
-            pass
-        elif route.state == "unreachable" and route.upstream != NO_ENDPOINT:
-            ex.away = True  # its agent is away; the tool itself may still answer
-        else:
-            if route.state == "unreachable":
-                detail = away_detail(instance_id)
+        if not self.seen_running:
+            if route.state == "unreachable" and route.upstream != NO_ENDPOINT:
+                ex.away = True  # its agent is away; the tool itself may still answer
             else:
-                detail = f"instance {instance_id} is starting; this page reloads by itself"
-            self._reply(ex, 503, detail, retry_after=ctx.options.retry_after)
-            return
+                if route.state == "unreachable":
+                    detail = away_detail(instance_id)
+                else:
+                    detail = f"instance {instance_id} is starting; this page reloads by itself"
+                self._reply(ex, 503, detail, retry_after=ctx.options.retry_after)
+                return
         counter = ctx.activity.counter(instance_id)
         counter.last_request = now
         counter.users[identity.user_id] = now

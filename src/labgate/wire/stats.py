@@ -2,14 +2,14 @@
 
 The proxy counts each request routed to an instance and, when the tool's
 response head arrives, the time since the request was routed (time to first
-byte through the router, the tool's own time included). Observing is a
-bisect into fixed buckets and two additions: cheap enough for the hot path.
-Bytes per instance are in :mod:`labgate.wire.activity`.
+byte through the router, the tool's own time included), in the first bucket
+whose bound is at least that (:meth:`labgate.router.context.Context.observe`,
+in the router's compiled code); this is the form those counts travel and add
+up in. Bytes per instance are in :mod:`labgate.wire.activity`.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from typing import Any
 
 #: Upper bounds (seconds) of the latency buckets; a last, open bucket follows.
@@ -29,11 +29,6 @@ class RouterStats:
         self.requests = 0
         self.buckets = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        """One response head arrived ``seconds`` after its request was routed."""
-        self.buckets[bisect_left(LATENCY_BOUNDS, seconds)] += 1
-        self.latency_sum += seconds
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
