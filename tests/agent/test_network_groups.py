@@ -143,6 +143,16 @@ def test_the_agent_reports_its_group_volumes_and_launches_and_deletions_follow(
             assert changed.json()["group_root"] == str(moved)
             assert changed.json()["agent"]["groups"] is None
             reported(client, ["biology", "physics"])
+            # Changed backend options reach the connected agent too; it keeps its
+            # connection and says in its log that they need its restart.
+            since = client.get("/api/v1/sites/edge").json()["connected_since"]
+            patched = client.patch("/api/v1/sites/edge", json={"options": {"nofile": 2048}})
+            assert patched.status_code == 200, patched.text
+            deadline = time.monotonic() + 20
+            while b"restart the agent to apply them" not in agent.log_path.read_bytes():
+                assert time.monotonic() < deadline, agent.log_path.read_text()[-2000:]
+                time.sleep(0.1)
+            assert client.get("/api/v1/sites/edge").json()["connected_since"] == since
             # Restarted, the agent lists the root the portal holds (the hello carries it).
             (moved / "biology").rmdir()
             agent.stop()
