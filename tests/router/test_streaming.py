@@ -342,6 +342,25 @@ async def test_a_content_length_body_in_many_reads_arrives_whole_and_the_connect
     assert per_connection == [2]
 
 
+async def test_a_body_passed_on_without_parsing_is_counted_as_traffic(
+    recorded: Recorded,
+) -> None:
+    """A ``Content-Length`` body's later reads skip the parser; the instance's
+    traffic (idle culling, usage) still counts every byte the client got."""
+    gw = recorded.gw
+    body = b"c" * 300_000
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    pieces = [head + body[:5]] + [body[i : i + 70_000] for i in range(5, len(body), 70_000)]
+    response, per_connection = await twice_through(gw, pieces)
+    assert [
+        answer.partition(b"\r\n\r\n")[2] for answer in response.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    ] == [body, body]
+    activity = gw.router.activity("twice")
+    assert activity is not None
+    assert activity.bytes_out == len(response)
+    assert per_connection == [2]
+
+
 @pytest.mark.parametrize("arrives", ["after-the-body-in-its-last-read", "with-the-whole-response"])
 async def test_bytes_after_a_content_length_body_are_dropped_and_the_connection_is_not_reused(
     recorded: Recorded, arrives: str

@@ -896,6 +896,11 @@ class ClientConnection(asyncio.Protocol):
         if not self.closing and self.transport is not None:
             self.transport_write(data)
 
+    def write_pair(self, head: bytes, body: Buffer) -> None:
+        """Write a head and a large body piece in one write, without joining them."""
+        if not self.closing and self.transport is not None:
+            self.transport.writelines((head, body))
+
     def response_complete(self, ex: Exchange) -> None:
         """The upstream finished its response (and let go of its connection)."""
         if ex is not self.current:

@@ -57,6 +57,8 @@ _CRLF: Final = b"\r\n"
 # A header whose name has none of these lengths is neither hop-by-hop, nor Content-Length,
 # nor Set-Cookie: it is passed on without lower-casing its name (most headers).
 _WATCHED_LENGTHS: Final = frozenset(len(name) for name in HOP_BY_HOP | {b"set-cookie"})
+# A body piece this large is written beside the head rather than joined to it (a copy).
+_JOIN_BELOW: Final = 64 * 1024
 
 
 def _cookie_name(set_cookie: bytes) -> bytes:
@@ -74,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "address",
         "body_allowed",
+        "body_left",
         "body_progress",
         "client",
         "closed",
@@ -139,6 +142,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.interim = False
         self.keep_alive = False
         self.body_allowed = True
+        #: Bytes of a ``Content-Length`` body still to come once its head was read.
+        self.body_left = 0
         self.rechunk = False
         self.switching = False  # a 101 to an upgrade request was passed on
         self.reason = b""
@@ -195,6 +200,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.client is None:
             # Nothing is due on an idle connection: whatever this is, drop it.
             self.close()
+            return
+        if self.body_left:
+            self._counted_body(data)
             return
         if not self.got_bytes and self.ctx.heads_in_c and isinstance(data, bytes):
             ex = self.ex
@@ -433,6 +441,7 @@ class UpstreamConnection(asyncio.Protocol):
                 head += [b"Content-Length: ", self.resp_length, b"\r\n"]
         elif self.resp_length is not None and not self.resp_chunked:
             head += [b"Content-Length: ", self.resp_length, b"\r\n"]
+            self.body_left = int(self.resp_length)
         elif ex.http11:
             self.rechunk = True
             head.append(b"Transfer-Encoding: chunked\r\n")
@@ -461,6 +470,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, data: bytes) -> None:
         """Stream a piece of response body."""
         self.body_progress += 1
+        if self.body_left:
+            self.body_left -= len(data)
         if self.body_allowed and not self.done:
             self._to_client(chunk(data) if self.rechunk else data)
         else:
@@ -481,6 +492,33 @@ class UpstreamConnection(asyncio.Protocol):
         self.done = True
 
     # --- internals -----------------------------------------------------------
+    def _counted_body(self, data: Buffer) -> None:
+        """Bytes of a ``Content-Length`` body: to the client as read.
+
+        llhttp would hand them on as a copy (a new bytes object per read); the
+        body's length is known, so they need no parsing. The parser, left
+        waiting for them, is replaced when the body is complete. Bytes past
+        the body's end are dropped, and the connection is not reused: the
+        upstream said more than it was asked for.
+        """
+        self.deadline = self.ctx.now + self.ctx.response_timeout
+        self.body_progress += 1
+        self.stalled = 0
+        left = self.body_left
+        if len(data) > left:
+            data = data[:left]
+            self.keep_alive = False
+        left = self.body_left = left - len(data)
+        if self.counter is not None:
+            self.counter.bytes_out += len(data)
+        client = self.client
+        if client is not None:
+            client.write(data)
+        if not left:
+            self.done = True
+            self.parser = httptools.HttpResponseParser(self)
+            self._complete()
+
     def _whole_response(self, data: bytes, ex: Exchange, cut: int, cut_end: int) -> None:
         """A whole response in one read that ``scan_response`` passed: on to the client as is.
 
@@ -531,10 +569,20 @@ class UpstreamConnection(asyncio.Protocol):
         out = self.out
         if not out:
             return
-        data = out[0] if len(out) == 1 else b"".join(out)
+        client = self.client
+        if len(out) == 1:
+            data = out[0]
+        elif len(out[-1]) >= _JOIN_BELOW and client is not None:
+            # A large body piece after the head goes as it is, beside the joined head.
+            body = out.pop()
+            client.write_pair(b"".join(out), body)
+            out.clear()
+            return
+        else:
+            data = b"".join(out)
         out.clear()
-        if self.client is not None:
-            self.client.write(data)
+        if client is not None:
+            client.write(data)
 
     def _complete(self) -> None:
         self._flush()
