@@ -163,3 +163,60 @@ def test_a_directly_reached_instance_keeps_answering_while_its_agent_is_away(
             assert wait_state(client, iid, {"lost", "stopped"}, 30)["state"] == "lost"
     finally:
         agent.stop()
+
+
+def test_a_changed_reach_takes_effect_at_once_and_the_agent_carries_on(
+    server: LabgateServer, admin: dict[str, str], tmp_path: Path
+) -> None:
+    """``PATCH reach`` reconnects the site's agent (never stops it) and reroutes its instances.
+
+    Which way the router reaches the instance shows when the agent is gone:
+    a tunnel goes with its agent (503 "not connected"), an endpoint reached
+    directly keeps answering.
+    """
+    token = add_site(server, admin, "edge", reach="direct")
+    agent = AgentProcess(tmp_path / "edge", server.url, token)
+    agent.start()
+
+    def reach_now(client: httpx.Client, reach: str) -> None:
+        since = client.get("/api/v1/sites/edge").json()["connected_since"]
+        changed = client.patch("/api/v1/sites/edge", json={"reach": reach})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["reach"] == reach
+        deadline = time.monotonic() + 20
+        while (site := client.get("/api/v1/sites/edge").json())["connected_since"] == since or (
+            site["status"] != "connected"
+        ):
+            assert agent.process is not None and agent.process.poll() is None, agent.log()
+            assert time.monotonic() < deadline, site
+            time.sleep(0.1)
+        assert wait_state(client, iid, {"running", "lost"}, 30)["state"] == "running"
+        while client.get(f"/i/{iid}/api/health").status_code != 200:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.1)
+
+    try:
+        wait_site(server, admin, "edge", "connected")
+        iid = launch(server, admin, "edge")
+        with httpx.Client(base_url=server.url, headers=admin, timeout=10) as client:
+            assert wait_state(client, iid, {"running", "failed"}, 60)["state"] == "running"
+            reach_now(client, "tunnel")
+            agent.kill()
+            wait_state(client, iid, {"unreachable"}, 20)
+            page = client.get(f"/i/{iid}/api/health")
+            assert page.status_code == 503 and "site is not connected" in page.text
+            agent.start()
+            wait_site(server, admin, "edge", "connected")
+            assert wait_state(client, iid, {"running", "lost"}, 30)["state"] == "running"
+
+            reach_now(client, "direct")
+            agent.kill()
+            wait_state(client, iid, {"unreachable"}, 20)
+            assert client.get(f"/i/{iid}/api/health").status_code == 200
+            agent.start()
+            assert wait_state(client, iid, {"running", "lost"}, 30)["state"] == "running"
+            assert "refused this site's token" not in agent.log()
+            client.delete(f"/api/v1/instances/{iid}")
+            assert wait_state(client, iid, {"stopped", "lost"})["state"] == "stopped"
+    finally:
+        agent.stop()

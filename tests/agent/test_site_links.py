@@ -358,6 +358,42 @@ async def test_the_agent_reconnects_and_reports_what_it_holds(tmp_path, demo) ->
         await recorder.wait_state("held", "stopped")
 
 
+async def test_a_reach_another_replica_changed_reconnects_the_agent_and_keeps_the_link(
+    tmp_path, demo
+) -> None:
+    """A sync of the sites that finds a new reach is no removal: the agent is not told its
+    token was revoked (it would stop); it reconnects, and what it runs carries on."""
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo]) as (link, net):
+        await link.launch(spec_of(demo, "kept"))
+        await recorder.wait_state("kept", "running")
+        rerouted: list[str] = []
+
+        async def registered(name: str) -> None:
+            rerouted.append(name)
+
+        net.hub.registered = registered
+
+        async def rows() -> dict[str, tuple[str, str]]:
+            return {"edge": ("process", "tunnel")}
+
+        await net.hub.follow(rows)
+        assert net.hub.links["edge"] is link and link.reach == "tunnel"
+        assert rerouted == ["edge"]
+        async with asyncio.timeout(15):
+            while len(recorder.hellos) < 2 or not link.live:
+                await asyncio.sleep(0.05)
+        assert not net.task.done()
+        assert {h.instance_id: h.state for h in recorder.hellos[-1].instances} == {
+            "kept": "running"
+        }
+        await net.hub.follow(rows)  # nothing changed: nothing happens
+        assert rerouted == ["edge"] and len(recorder.hellos) == 2
+        _, state = endpoint_of(recorder, "kept")
+        await link.stop("kept", state)
+        await recorder.wait_state("kept", "stopped")
+
+
 async def test_an_agent_for_another_site_is_refused(tmp_path, demo) -> None:
     links: dict[str, SiteLink] = {}
     hub = SiteHub(links, lambda: [demo.model_dump(mode="json")], heartbeat=0.5)

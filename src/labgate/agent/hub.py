@@ -64,6 +64,8 @@ CLOSE_PROTOCOL = 4400
 CLOSE_REPLACED = 4409
 CLOSE_SILENT = 4408
 CLOSE_SHUTDOWN = 4503
+#: The site's reach changed: the agent connects again at once and is set up for the new one.
+CLOSE_RECONFIGURED = 4205
 
 
 class Channel(Protocol):
@@ -188,7 +190,9 @@ class SiteHub:
 
     async def _register(self, name: str, backend: str, reach: str) -> None:
         link = self.links.get(name)
-        if isinstance(link, NetworkSiteLink) and link.reach == reach:
+        if isinstance(link, NetworkSiteLink):
+            if link.reach != reach:
+                await self._reach_changed(name, link, reach)
             return
         if link is not None:
             await self._forget(name)
@@ -214,6 +218,24 @@ class SiteHub:
             connection.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connection.task
+
+    async def _reach_changed(self, name: str, link: NetworkSiteLink, reach: str) -> None:
+        """The site is reached another way now: its routes change, its agent reconnects.
+
+        The link (and what waits on it) stays. The agent's connection is
+        closed, not revoked: it dials again at once, and the new connection
+        is set up for the new reach (a tunnel epoch and tickets, or none),
+        while the old one's epoch is withdrawn as it ends.
+        """
+        log.info("site %s: reach %s -> %s; its agent reconnects", name, link.reach, reach)
+        link.reach = reach
+        connection = self._connections.get(name)
+        if connection is not None:
+            connection.close_reason = f"the site's reach changed to {reach}"
+            with contextlib.suppress(Exception):
+                await connection.channel.close(CLOSE_RECONFIGURED, connection.close_reason)
+        if self.registered is not None:
+            await self.registered(name)
 
     async def _forget(self, name: str) -> None:
         await self.cut(name, "the site was removed")

@@ -352,7 +352,7 @@ async def change_site(
 ) -> SiteOut:
     """Change a network site's reach, backend options, capacity, labels or group root (admins)."""
 
-    def change(session: Session) -> tuple[SiteOut, SiteInfo | None]:
+    def change(session: Session) -> tuple[SiteOut, SiteInfo | None, str | None]:
         site = network_site(session, name, "change")
         options = dict(site.options or {})
         told = False  # something the agent's welcome carries changed
@@ -370,12 +370,18 @@ async def change_site(
         site.options = options
         if body.labels is not None:
             site.labels = dict(body.labels)
-        if body.reach is not None:
-            site.reach = body.reach
+        reach = None
+        if body.reach is not None and body.reach != site.reach:
+            site.reach = reach = body.reach
         session.flush()
-        return one_site_out(portal, session, site, admin=True), site_info(site) if told else None
+        welcome = site_info(site) if told else None
+        return one_site_out(portal, session, site, admin=True), welcome, reach
 
-    out, welcome = await portal.run_db(change)
+    out, welcome, reach = await portal.run_db(change)
+    if reach is not None and portal.site_hub is not None:
+        # Its routes take the new way now, and a connected agent reconnects to be set up
+        # for it (other replicas follow at their next sync of the sites).
+        await portal.site_hub.register(name, out.backend, reach)
     if welcome is not None and portal.site_hub is not None:
         # A connected agent takes the new settings now (its group root; it logs what
         # needs its restart); one connected to another replica, when it next connects.
