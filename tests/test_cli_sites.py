@@ -98,3 +98,35 @@ def test_mistakes_are_one_line(cli: Cli, server: LiveServer) -> None:
         "site", "add", "west", "--backend", "process", "--label", "x", token=admin, ok=False
     )
     assert usage.exit_code == 2 and "KEY=VALUE" in usage.stderr
+
+
+def test_set_changes_only_what_is_given(cli: Cli, server: LiveServer) -> None:
+    admin = server.admin_token()
+    cli("site", "add", "north", "--backend", "process", "--cpu", "8", "--memory", "64G",
+        "--label", "zone=lab", token=admin)  # fmt: skip
+    said = cli("site", "set", "north", "--reach", "direct", "--cpu", "4", token=admin).stdout
+    assert "site 'north': direct, capacity cpu=4 memory=64G" in said, said
+    shown = json.loads(cli("site", "show", "north", "--json", token=admin).stdout)
+    assert shown["reach"] == "direct" and shown["labels"] == {"zone": "lab"}
+    assert shown["capacity"] == {"cpu": 4, "memory": 64 * 2**30, "max_instances": 0}
+    cli("site", "set", "north", "--label", "gpu=a100", "--start-cores", "2", "--memory", "0",
+        token=admin)  # fmt: skip
+    shown = json.loads(cli("site", "show", "north", "--json", token=admin).stdout)
+    assert shown["labels"] == {"gpu": "a100"} and shown["start_capacity"] == 2
+    assert shown["capacity"] == {"cpu": 4, "memory": 0, "max_instances": 0}
+    for args, words in [
+        (["site", "set", "north"], "give at least one thing to change"),
+        (["site", "set", "north", "--reach", "sideways"], "tunnel or direct"),
+    ]:
+        usage = cli(*args, token=admin, ok=False)
+        assert usage.exit_code == 2 and words in usage.stderr, usage.stderr
+    for args, words in [
+        (["site", "set", "local", "--cpu", "1"], "settings"),
+        (["site", "set", "nowhere", "--cpu", "1"], "no site called"),
+        (["site", "set", "north", "--option", "x=1"], "options.x"),
+    ]:
+        failed = cli(*args, token=admin, ok=False)
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), failed.stderr
+        assert words in lines[0], (args, lines)
+    assert "removed" in cli("site", "rm", "north", "--yes", token=admin).stdout

@@ -187,7 +187,15 @@ async def test_patch_changes_reach_capacity_labels_and_options(client, admin_hea
     assert changed.status_code == 200, changed.text
     body = changed.json()
     assert (body["reach"], body["labels"]) == ("direct", {"gpu": "a100"})
-    assert body["capacity"] == {"cpu": 2, "memory": 0, "max_instances": 0}
+    # The capacity's figures not given are kept; 0 given is no limit.
+    assert body["capacity"] == {"cpu": 2, "memory": 64 * 2**30, "max_instances": 4}
+    changed = await client.patch(
+        "/api/v1/sites/east",
+        json={"capacity": {"max_instances": 0, "starts": 1}},
+        headers=admin_headers,
+    )
+    assert changed.json()["capacity"] == {"cpu": 2, "memory": 64 * 2**30, "max_instances": 0}
+    assert changed.json()["start_capacity"] == 1
     assert body["data_root"] == "/srv/data"  # kept
     unknown = await client.patch("/api/v1/sites/west", json={}, headers=admin_headers)
     assert unknown.status_code == 404

@@ -231,6 +231,83 @@ def site_add(
         print_token(created, portal_url, "added")
 
 
+@site_app.command("set")
+def site_set(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="The network site."),
+    reach: str | None = typer.Option(
+        None,
+        "--reach",
+        help="tunnel or direct: takes effect at once (its agent reconnects, its tools run on).",
+    ),
+    option: list[str] = typer.Option(
+        [],
+        "--option",
+        metavar="KEY=VALUE",
+        help="A backend option (repeatable; JSON values): they replace all its options.",
+    ),
+    cpu: float | None = typer.Option(None, "--cpu", min=0, help="CPU cores in all (0: no limit)."),
+    memory: str | None = typer.Option(
+        None, "--memory", help="Memory in all, e.g. 64G (0: no limit)."
+    ),
+    max_instances: int | None = typer.Option(
+        None, "--max-instances", min=0, help="Instances at once (0: no limit)."
+    ),
+    start_cores: float | None = typer.Option(
+        None, "--start-cores", min=0, help="Cores for starting tools at once (0: no start queue)."
+    ),
+    label: list[str] = typer.Option(
+        [],
+        "--label",
+        metavar="KEY=VALUE",
+        help="A label (repeatable): they replace all its labels.",
+    ),
+    group_root: str | None = typer.Option(
+        None,
+        "--group-root",
+        metavar="PATH",
+        help='Where its shared group volumes live, on the site\'s machine ("": none).',
+    ),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Change a network site (admins): only what is given changes."""
+    if reach is not None and reach not in ("tunnel", "direct"):
+        raise typer.BadParameter("expected tunnel or direct", param_hint="--reach")
+    body: dict[str, Any] = {}
+    if reach is not None:
+        body["reach"] = reach
+    if option:
+        body["options"] = pairs(option, "--option", typed=True)
+    capacity = {
+        key: value
+        for key, value in (
+            ("cpu", cpu),
+            ("memory", memory),
+            ("max_instances", max_instances),
+            ("starts", start_cores),
+        )
+        if value is not None
+    }
+    if capacity:
+        body["capacity"] = capacity
+    if label:
+        body["labels"] = pairs(label, "--label")
+    if group_root is not None:
+        body["group_root"] = group_root
+    if not body:
+        raise typer.BadParameter("give at least one thing to change (see --help)")
+    with state_of(ctx).client() as client:
+        changed = client.patch(_path(name), body)
+    if as_json:
+        show.print_json(changed)
+        return
+    show.line(
+        f"site {changed['name']!r}: {changed['reach']}, "
+        f"capacity {capacity_text(changed.get('capacity') or {})}, "
+        f"start queue {start_queue_text(changed.get('start_capacity'))}"
+    )
+
+
 @site_app.command("token")
 def site_token(
     ctx: typer.Context,

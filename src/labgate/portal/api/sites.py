@@ -126,7 +126,9 @@ class SitePatch(Strict):
 
     reach: Literal["direct", "tunnel"] | None = None
     options: dict[str, Any] | None = Field(None, description="Replaces the backend's options.")
-    capacity: CapacityIn | None = Field(None, description="Replaces the capacity.")
+    capacity: CapacityIn | None = Field(
+        None, description="Changes the capacity's figures given; the others are kept."
+    )
     labels: dict[str, str] | None = Field(None, max_length=64, description="Replaces the labels.")
     group_root: str | None = Field(
         None,
@@ -360,7 +362,8 @@ async def change_site(
             options[BACKEND_OPTIONS] = check_backend(site.backend, body.options)
             told = True
         if body.capacity is not None:
-            options["capacity"] = body.capacity.model_dump()
+            given = body.capacity.model_dump(include=body.capacity.model_fields_set)
+            options["capacity"] = {**(options.get("capacity") or {}), **given}
         if body.group_root is not None and body.group_root != options.get("group_root"):
             options["group_root"] = body.group_root or None
             # What the agent listed was under the old root: no volume is mounted at the
