@@ -1,4 +1,5 @@
-"""The admin sites page in a browser: add a network site, its token once, revoke, rotate, rm."""
+"""The admin sites page in a browser: add a network site, its token once, its reach, revoke,
+rotate, rm."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ def test_admin_adds_revokes_rotates_and_removes_a_network_site(gateway):
     gateway.shot(admin, "17b-admin-site-added")
 
     admin.on("dialog", lambda dialog: dialog.accept())
+    card.get_by_role("button", name=f"Change the reach of {name}").click()
+    expect(card).to_contain_text("network site, reach direct")
+    expect(card.get_by_role("button", name=f"Change the reach of {name}")).to_have_text(
+        "Reach through its agent"
+    )
     card.get_by_role("button", name=f"Revoke the token of {name}").click()
     expect(card).to_contain_text("token revoked")
     card.get_by_role("button", name=f"New token for {name}").click()

@@ -1,6 +1,7 @@
 /* Admin > sites: GET /api/v1/sites every 10 s, shown as cards; POST /api/v1/sites
- * (add a network site: its token is shown once), POST and DELETE
- * /api/v1/sites/<name>/token (rotate, revoke), DELETE /api/v1/sites/<name>. */
+ * (add a network site: its token is shown once), PATCH /api/v1/sites/<name> (its
+ * reach), POST and DELETE /api/v1/sites/<name>/token (rotate, revoke), DELETE
+ * /api/v1/sites/<name>. */
 "use strict";
 
 (() => {
@@ -121,6 +122,17 @@
       act(site, b, "…", async () => {
         showToken(await api("POST", `${path}/token`), "New token for");
         say(message, `${site.name} has a new token; start its agent with it.`);
+      });
+    });
+    const other = site.reach === "tunnel" ? "direct" : "tunnel";
+    add(other === "direct" ? "Reach directly" : "Reach through its agent", "Change the reach of", (b) => {
+      const how = other === "direct"
+        ? "the router will connect to its instances at the addresses the site reports"
+        : "the router will reach its instances through its agent's connection";
+      if (!confirm(`Change how ${site.name} is reached? From now on ${how}; its agent reconnects and its tools keep running.`)) return;
+      act(site, b, "…", async () => {
+        await api("PATCH", path, { reach: other });
+        say(message, `${site.name} is reached ${other === "direct" ? "directly" : "through its agent"} now.`);
       });
     });
     if (site.status !== "revoked") {
