@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,14 +110,21 @@ def test_set_changes_only_what_is_given(cli: Cli, server: LiveServer) -> None:
     shown = json.loads(cli("site", "show", "north", "--json", token=admin).stdout)
     assert shown["reach"] == "direct" and shown["labels"] == {"zone": "lab"}
     assert shown["capacity"] == {"cpu": 4, "memory": 64 * 2**30, "max_instances": 0}
-    cli("site", "set", "north", "--label", "gpu=a100", "--start-cores", "2", "--memory", "0",
+    cli("site", "set", "north", "--label", "gpu=a100", "--start-cores", "1.5", "--memory", "0",
         token=admin)  # fmt: skip
     shown = json.loads(cli("site", "show", "north", "--json", token=admin).stdout)
-    assert shown["labels"] == {"gpu": "a100"} and shown["start_capacity"] == 2
+    assert shown["labels"] == {"gpu": "a100"} and shown["start_capacity"] == 1.5
     assert shown["capacity"] == {"cpu": 4, "memory": 0, "max_instances": 0}
+    # Back to the default start queue: the cores the site's agent reports (with no agent
+    # yet, this machine's).
+    cli("site", "set", "north", "--start-cores", "default", token=admin)
+    shown = json.loads(cli("site", "show", "north", "--json", token=admin).stdout)
+    assert shown["start_capacity"] == os.cpu_count()
     for args, words in [
         (["site", "set", "north"], "give at least one thing to change"),
         (["site", "set", "north", "--reach", "sideways"], "tunnel or direct"),
+        (["site", "set", "north", "--start-cores", "many"], "a number of cores or 'default'"),
+        (["site", "set", "north", "--start-cores", "-1"], "a number of cores or 'default'"),
     ]:
         usage = cli(*args, token=admin, ok=False)
         assert usage.exit_code == 2 and words in usage.stderr, usage.stderr

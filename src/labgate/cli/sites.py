@@ -231,6 +231,21 @@ def site_add(
         print_token(created, portal_url, "added")
 
 
+def start_figure(text: str) -> float | None:
+    """``--start-cores``: a number of cores (0 or more), or None for ``default``."""
+    if text.strip().lower() == "default":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise typer.BadParameter(
+            "expected a number of cores or 'default'", param_hint="--start-cores"
+        )
+    return value
+
+
 @site_app.command("set")
 def site_set(
     ctx: typer.Context,
@@ -253,8 +268,11 @@ def site_set(
     max_instances: int | None = typer.Option(
         None, "--max-instances", min=0, help="Instances at once (0: no limit)."
     ),
-    start_cores: float | None = typer.Option(
-        None, "--start-cores", min=0, help="Cores for starting tools at once (0: no start queue)."
+    start_cores: str | None = typer.Option(
+        None,
+        "--start-cores",
+        metavar="N|default",
+        help="Cores for starting tools at once (0: no start queue; default: the site's cores).",
     ),
     label: list[str] = typer.Option(
         [],
@@ -278,16 +296,13 @@ def site_set(
         body["reach"] = reach
     if option:
         body["options"] = pairs(option, "--option", typed=True)
-    capacity = {
+    capacity: dict[str, Any] = {
         key: value
-        for key, value in (
-            ("cpu", cpu),
-            ("memory", memory),
-            ("max_instances", max_instances),
-            ("starts", start_cores),
-        )
+        for key, value in (("cpu", cpu), ("memory", memory), ("max_instances", max_instances))
         if value is not None
     }
+    if start_cores is not None:
+        capacity["starts"] = start_figure(start_cores)
     if capacity:
         body["capacity"] = capacity
     if label:
