@@ -105,6 +105,35 @@ def test_an_address_marked_unverified_in_any_spelling_proves_no_domain(session: 
         assert account.domain == "uni.example", flag
 
 
+def test_with_require_verified_email_an_address_without_the_claim_proves_no_domain(
+    session: Session,
+) -> None:
+    """By default a provider that never sends ``email_verified`` vouches for its addresses;
+    with ``require_verified_email`` only a ``true`` does."""
+    claims = {"sub": "m-1", "email": "mallory@uni.example"}
+    lenient = OpenIDConnect(oidc("campus", "domains", allowed_domains=["uni.example"]))
+    assert lenient.account_from(claims).domain == "uni.example"
+    strict_config = IdentityProviderConfig(
+        name="strict",
+        kind="oidc",
+        first_login="domains",
+        allowed_domains=["uni.example"],
+        options={
+            "issuer": "https://strict.example",
+            "client_id": "labgate",
+            "require_verified_email": True,
+        },
+    )
+    strict = OpenIDConnect(strict_config)
+    account = strict.account_from(claims)
+    assert account.email == "" and account.domain == ""
+    with pytest.raises(Forbidden) as refused:
+        sign_in(session, strict_config, account)
+    assert refused.value.code == "domain_not_allowed"
+    verified = strict.account_from({**claims, "sub": "a-1", "email_verified": True})
+    assert verified.domain == "uni.example"
+
+
 @pytest.mark.parametrize("groups", [5, True, 1.5, {"labgate-admins": True}])
 def test_a_groups_claim_that_is_no_list_gives_no_groups_and_no_error(groups: Any) -> None:
     """A provider sending ``groups`` as a number or an object: no 500, no group, no admin."""

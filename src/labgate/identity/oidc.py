@@ -12,7 +12,7 @@ added when it has one (groups often come from there), for the same ``sub``.
 
 Options (``[identity_providers.options]``): ``issuer``, ``client_id``,
 ``client_secret``, ``scopes``, ``username_claim``, ``groups_claim``,
-``email_claim``, ``timeout``.
+``email_claim``, ``require_verified_email``, ``timeout``.
 """
 
 from __future__ import annotations
@@ -67,6 +67,9 @@ class OIDCOptions(BaseModel):
     scopes: str = "openid profile email"
     username_claim: str = "preferred_username"
     email_claim: str = "email"
+    #: An address proves its domain only when the provider says it verified it; off, an
+    #: address without ``email_verified`` counts too (some providers never send it).
+    require_verified_email: bool = False
     groups_claim: str = "groups"
     timeout: float = Field(10.0, gt=0, le=120)
 
@@ -255,8 +258,10 @@ class OpenIDConnect(IdentityProvider):
         subject = str(claims["sub"])
         email = claims.get(options.email_claim)
         # An address the provider says it has not verified proves no domain, however
-        # it spells that ("false" as a string, null): only true, or no claim, vouches.
-        if not isinstance(email, str) or not _verified(claims.get("email_verified", True)):
+        # it spells that ("false" as a string, null): only true, or no claim (unless
+        # require_verified_email), vouches.
+        said = claims.get("email_verified", not options.require_verified_email)
+        if not isinstance(email, str) or not _verified(said):
             email = ""
         own = claims.get(options.username_claim)
         # A new account may be named after the address or subject; an existing
