@@ -50,7 +50,7 @@ LAYERS: list[set[str]] = [
     {"scheduler", "resolver", "identity"},
     {"portal"},
     {"router"},
-    {"doctor"},
+    {"doctor", "backup"},
     {"serve"},
     {"client", "cli"},
     {"__init__", "__main__"},

@@ -100,6 +100,8 @@ COMMANDS: tuple[tuple[str | None, Callable[..., None]], ...] = (
     (None, limits.usage),
     ("keep-alive", instances.keep_alive),
     (None, ops.doctor),
+    (None, ops.backup),
+    (None, ops.restore),
     (None, instances.launch),
     (None, instances.ls),
     (None, instances.stop),

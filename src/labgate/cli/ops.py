@@ -1,16 +1,18 @@
-"""Operations commands of the CLI: ``doctor``, ``config``, ``tool`` and ``pool``.
+"""Operations commands of the CLI: doctor, backup, restore, config, tool and pool.
 
-Everything but ``doctor`` and ``config`` goes through the REST API (``/tools``,
-``/pools``). ``doctor`` and ``config show`` run on the server's machine with its
-settings. ``site`` is in :mod:`labgate.cli.sites`.
+Everything but ``doctor``, ``backup``, ``restore`` and ``config`` goes through
+the REST API (``/tools``, ``/pools``). Those four run on the server's machine
+with its settings. ``site`` is in :mod:`labgate.cli.sites`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from labgate.cli import output as show
-from labgate.cli.context import JSON_OPTION, state_of
+from labgate.cli.context import JSON_OPTION, fail, fail_config, state_of
 from labgate.cli.output import plain_table as _table
 from labgate.errors import ConfigError
 
@@ -98,3 +100,104 @@ def doctor(as_json: bool = JSON_OPTION) -> None:
     if failed:
         show.note(f"{failed} problem(s) to fix")
         raise typer.Exit(1)
+
+
+# --- backup and restore --------------------------------------------------------------
+
+
+def backup(
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="Where to write the backup: a new or empty directory."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print what was saved as JSON."),
+) -> None:
+    """Save the portal's database and secret key in DIR, while labgate runs."""
+    from labgate.backup import BackupError
+    from labgate.backup import backup as save
+    from labgate.startup import load_settings
+
+    try:
+        report = save(load_settings(), directory)
+    except ConfigError as exc:
+        fail_config(exc)
+    except BackupError as exc:
+        fail(str(exc))
+    if as_json:
+        show.print_json(
+            {
+                "path": str(report.path),
+                "database": report.database,
+                "size": report.size,
+                "revisions": report.revisions,
+                "secret_key": report.secret_key,
+                "left_out": report.left_out,
+            }
+        )
+        return
+    key = {
+        "file": "the secret key file",
+        "setting": "not the secret key (a setting)",
+        "none": "no secret key (none yet)",
+    }[report.secret_key]
+    typer.echo(
+        f"saved in {report.path}: the {report.database} database "
+        f"({report.size / 2**20:.1f} MiB, schema {_schema(report.revisions)}) "
+        f"and {key}"
+    )
+    typer.echo("not in this backup (keep them with your own backups):")
+    for item in report.left_out:
+        typer.echo(f"  - {item}")
+
+
+def restore(
+    directory: Path = typer.Argument(
+        ..., metavar="DIR", help="A backup written by `labgate backup`."
+    ),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Replace a database or key already in place (saved first in the data dir).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print what was restored as JSON."),
+) -> None:
+    """Put a backup's database and secret key in place; labgate must be stopped."""
+    from labgate.backup import KEY_SETTING, BackupError
+    from labgate.backup import restore as put_back
+    from labgate.startup import load_settings
+
+    try:
+        report = put_back(load_settings(), directory, force=force)
+    except ConfigError as exc:
+        fail_config(exc)
+    except BackupError as exc:
+        fail(str(exc))
+    if as_json:
+        show.print_json(
+            {
+                "source": str(report.source),
+                "database": report.database,
+                "revisions": report.revisions,
+                "users": report.users,
+                "secret_key": report.secret_key,
+                "saved": str(report.saved) if report.saved else None,
+                "left_out": report.left_out,
+            }
+        )
+        return
+    typer.echo(
+        f"restored the {report.database} database of {report.source}: {report.users} "
+        f"user(s), schema {_schema(report.revisions)}"
+    )
+    if report.saved is not None:
+        typer.echo(f"what it replaced is saved in {report.saved}")
+    if report.secret_key == KEY_SETTING:
+        typer.echo("the backup's secret key was a setting: set secret_key to that key")
+    if report.left_out:
+        typer.echo("the backup left out (restore them from your own backups):")
+        for item in report.left_out:
+            typer.echo(f"  - {item}")
+
+
+def _schema(revisions: list[str]) -> str:
+    """The newest of a database's schema revisions, as the backup commands show it."""
+    return f"up to {max(revisions)}" if revisions else "none"

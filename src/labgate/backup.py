@@ -1,0 +1,530 @@
+"""Backups of the portal's state, and restoring one (``labgate backup``, ``labgate restore``).
+
+The portal's state is its database and the secret key: the key signs every
+session and seals each instance's secret in the database, so a database
+without its key restores accounts but not running instances' secrets, and
+ends every session. A backup is a directory (0700, its files 0600):
+
+- ``labgate.db``: SQLite, copied with SQLite's online backup (consistent
+  while the portal writes), made one self-contained file (no WAL) and
+  checked (``PRAGMA quick_check``); or ``labgate.pgdump``: PostgreSQL, a
+  ``pg_dump`` custom-format archive (consistent, taken in one snapshot);
+- ``secret_key``: the key file of the data dir, unless the key is the
+  ``secret_key`` setting (then the operator keeps it, and the manifest says so);
+- ``manifest.json``, written last: format, labgate version, when, the
+  database's kind and schema revisions, each file's size and SHA-256, and
+  what the backup leaves out (users' workspaces, snapshot archives: the
+  operator's file backups keep those).
+
+A restore checks everything before it changes anything: the manifest and
+every checksum, that the database kind is the configured one, that this
+labgate knows every schema revision of the backup (an older backup is
+migrated forward after the restore; a newer one is refused), that nothing
+answers on labgate's port (a running portal would keep writing), and that a
+key kept as a setting is the backup's. A database or a different key file
+already in place is replaced only with ``force``, and is saved first, as a
+backup of its own, in ``<data_dir>/before-restore-<time>``: a restore never
+loses data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import URL, make_url
+
+from labgate import __version__
+from labgate.config import Settings
+from labgate.datadir import KEY_FILE, check_key, prepare_data_dir
+from labgate.db.session import MIGRATIONS_DIR, applied_revisions, make_engine, open_database
+
+#: Written last: a directory without it is not a (complete) backup.
+MANIFEST = "manifest.json"
+#: The manifest's format; a restore refuses others.
+FORMAT = 1
+SQLITE_FILE = "labgate.db"
+POSTGRES_FILE = "labgate.pgdump"
+#: Where a restore saves what it replaces: ``<data_dir>/before-restore-<time>``.
+SAVED_PREFIX = "before-restore-"
+_CHUNK = 1024 * 1024
+#: Where a backup's secret key is: in it (the data dir's key file), a setting (not in
+#: it: the operator keeps it), or nowhere yet (a portal that never started).
+KEY_KEPT, KEY_SETTING, KEY_NONE = "file", "setting", "none"
+
+
+class BackupError(Exception):
+    """A backup or restore that cannot be done; the message says why and what to do."""
+
+
+@dataclass
+class BackupReport:
+    """What :func:`backup` saved, and what it left to the operator."""
+
+    path: Path
+    database: str  # "sqlite" or "postgresql"
+    size: int  # bytes of the database file or archive
+    revisions: list[str]
+    secret_key: str  # "file" (in the backup), "setting" (not in it) or "none"
+    left_out: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RestoreReport:
+    """What :func:`restore` put in place."""
+
+    source: Path
+    database: str
+    revisions: list[str]  # the schema now, after migrating the backup's forward
+    users: int
+    secret_key: str  # as in the manifest
+    saved: Path | None  # where what was replaced went (None: nothing was)
+    left_out: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------- backup
+def backup(settings: Settings, dest: Path) -> BackupReport:
+    """Save the portal's database and secret key in ``dest`` (new, or an empty directory)."""
+    url = make_url(settings.effective_database_url)
+    kind = _kind(url)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BackupError(f"{dest} exists and is not an empty directory: name a new one")
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    dest.chmod(0o700)
+    if kind == "sqlite":
+        name = SQLITE_FILE
+        _backup_sqlite(_sqlite_path(url), dest / name)
+        revisions = _sqlite_revisions(dest / name)
+    else:
+        name = POSTGRES_FILE
+        revisions = _postgres_revisions(url)
+        _run_client(
+            "pg_dump",
+            ["--format=custom", "--no-owner", "--no-privileges", "--file", str(dest / name)],
+            url,
+            new_file=dest / name,
+        )
+    files = [name]
+    key = _key_source(settings)
+    if key == KEY_KEPT:
+        _write_private(dest / KEY_FILE, (settings.data_dir / KEY_FILE).read_bytes())
+        files.append(KEY_FILE)
+    left_out = _left_out(settings, key)
+    manifest = {
+        "format": FORMAT,
+        "labgate": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "database": {"kind": kind, "file": name, "revisions": revisions},
+        "secret_key": key,
+        "files": {
+            f: {"size": (dest / f).stat().st_size, "sha256": _sha256(dest / f)} for f in files
+        },
+        "left_out": left_out,
+    }
+    _write_private(dest / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    return BackupReport(dest, kind, (dest / name).stat().st_size, revisions, key, left_out)
+
+
+def _backup_sqlite(source: Path, target: Path) -> None:
+    """SQLite's online backup of ``source`` into ``target``, one file, checked."""
+    if not source.is_file():
+        raise BackupError(f"there is no database at {source}: nothing to back up")
+    _write_private(target, b"")
+    try:
+        with (
+            contextlib.closing(sqlite3.connect(source, timeout=30)) as live,
+            contextlib.closing(sqlite3.connect(target)) as copy,
+        ):
+            live.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")  # the copy needs no -wal beside it
+            checked = copy.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"cannot back up the database {source}: {exc}") from None
+    if checked != "ok":
+        raise BackupError(f"the database {source} is damaged ({checked}): nothing was backed up")
+
+
+def _sqlite_revisions(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        try:
+            return sorted(row[0] for row in db.execute("SELECT version_num FROM alembic_version"))
+        except sqlite3.OperationalError:  # no schema yet
+            return []
+
+
+def _postgres_revisions(url: URL) -> list[str]:
+    engine = make_engine(url.render_as_string(hide_password=False))
+    try:
+        return sorted(applied_revisions(engine))
+    except Exception as exc:  # any driver error: one line for the operator
+        raise BackupError(
+            f"cannot read the database at {_shown(url)}: {_first_line(exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _postgres_tables(url: URL) -> list[str]:
+    """The tables of the database's ``public`` schema (a restore empties it)."""
+    engine = make_engine(url.render_as_string(hide_password=False))
+    try:
+        with engine.connect() as conn:
+            return list(inspect(conn).get_table_names(schema="public"))
+    except Exception as exc:  # any driver error: one line for the operator
+        raise BackupError(
+            f"cannot read the database at {_shown(url)}: {_first_line(exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _key_source(settings: Settings) -> str:
+    if settings.secret_key.get_secret_value():
+        return KEY_SETTING
+    return KEY_KEPT if (settings.data_dir / KEY_FILE).is_file() else KEY_NONE
+
+
+def _left_out(settings: Settings, key: str) -> list[str]:
+    """What a backup does not hold and the operator's own backups must."""
+    out = []
+    if key == KEY_SETTING:
+        out.append("the secret key: it is the secret_key setting; keep it with this backup")
+    if settings.workspaces_dir.is_dir():
+        out.append(f"users' workspaces of the local site: {settings.workspaces_dir}")
+    if settings.snapshots_dir.is_dir():
+        out.append(f"snapshot archives: {settings.snapshots_dir}")
+    if settings.snapshot_registry:
+        out.append(f"container snapshots: in the registry {settings.snapshot_registry}")
+    out.append("network sites' workspaces and group volumes: on the sites' machines")
+    out.append("the settings (labgate.toml, LABGATE_* environment)")
+    return out
+
+
+# -------------------------------------------------------------------- restore
+def read_manifest(source: Path) -> dict[str, Any]:
+    """The manifest of the backup in ``source``, once every file matches its checksum."""
+    try:
+        manifest = json.loads((source / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise BackupError(
+            f"{source} holds no {MANIFEST}: not a labgate backup, or one that did not finish"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise BackupError(f"cannot read {source / MANIFEST}: {exc}") from None
+    try:
+        if manifest["format"] != FORMAT:
+            raise BackupError(
+                f"the backup in {source} has format {manifest['format']!r}; this labgate "
+                f"reads format {FORMAT}"
+            )
+        database, files = manifest["database"], manifest["files"]
+        kind, name, revisions = database["kind"], database["file"], database["revisions"]
+        checks = {f: (int(v["size"]), str(v["sha256"])) for f, v in files.items()}
+        if kind not in ("sqlite", "postgresql") or name not in checks:
+            raise ValueError(kind)
+        if not isinstance(revisions, list) or manifest["secret_key"] not in (
+            KEY_KEPT,
+            KEY_SETTING,
+            KEY_NONE,
+        ):
+            raise ValueError(revisions)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise BackupError(f"{source / MANIFEST} is not a labgate backup manifest") from None
+    for name, (size, digest) in checks.items():
+        path = source / name
+        if "/" in name or not path.is_file():
+            raise BackupError(f"the backup in {source} is missing {name}")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise BackupError(
+                f"the backup in {source} is damaged: {name} does not match its checksum"
+            )
+    if manifest["secret_key"] == KEY_KEPT and KEY_FILE not in checks:
+        raise BackupError(f"the backup in {source} is missing {KEY_FILE}")
+    return dict(manifest)
+
+
+def restore(settings: Settings, source: Path, *, force: bool = False) -> RestoreReport:
+    """Put the backup in ``source`` in place of the configured database and key file."""
+    manifest = read_manifest(source)
+    url = make_url(settings.effective_database_url)
+    kind = _kind(url)
+    database = manifest["database"]
+    if database["kind"] != kind:
+        raise BackupError(
+            f"the backup holds a {database['kind']} database and labgate is set up for "
+            f"{kind} (database_url): restore it into a {database['kind']} database"
+        )
+    unknown = sorted(set(database["revisions"]) - _known_revisions())
+    if unknown:
+        raise BackupError(
+            f"the backup was made by a newer labgate (schema revisions {', '.join(unknown)}): "
+            f"restore it with labgate {manifest.get('labgate', '?')} or newer"
+        )
+    kept = manifest["secret_key"] == KEY_KEPT
+    backup_key = (source / KEY_FILE).read_text().strip() if kept else ""
+    if backup_key:
+        check_key(backup_key, f"the backup's {KEY_FILE}")
+    configured = settings.secret_key.get_secret_value()
+    if backup_key and configured and configured != backup_key:
+        raise BackupError(
+            "the backup's secret key differs from the secret_key setting: set secret_key to "
+            f"the key in {source / KEY_FILE} first (instance secrets are sealed with it)"
+        )
+    if kind == "postgresql":
+        for tool in ("pg_restore", "pg_dump"):
+            if shutil.which(tool) is None:
+                raise BackupError(_missing_client(tool))
+    _refuse_while_running(settings)
+    replaced = _in_place(settings, url, backup_key)
+    if replaced and not force:
+        raise BackupError(
+            f"{' and '.join(replaced)} would be replaced: run again with --force to replace "
+            f"them (they are saved first in {settings.data_dir}/{SAVED_PREFIX}<time>)"
+        )
+    saved = _save_aside(settings, url, replaced) if replaced else None
+    prepare_data_dir(settings.data_dir)
+    if kind == "sqlite":
+        _restore_sqlite(source / database["file"], _sqlite_path(url))
+    else:
+        _restore_postgres(source / database["file"], url, saved)
+    if backup_key:
+        _write_key(settings.data_dir / KEY_FILE, backup_key)
+    db = open_database(url.render_as_string(hide_password=False))  # migrates an older schema
+    try:
+        revisions = sorted(applied_revisions(db.engine))
+        with db.engine.connect() as conn:
+            users = int(conn.scalar(text("SELECT count(*) FROM users")) or 0)
+    finally:
+        db.dispose()
+    return RestoreReport(
+        source,
+        kind,
+        revisions,
+        users,
+        manifest["secret_key"],
+        saved,
+        [str(item) for item in manifest.get("left_out", [])],
+    )
+
+
+def _known_revisions() -> set[str]:
+    """Every schema revision this labgate's migrations name."""
+    from alembic.script import ScriptDirectory
+
+    return {script.revision for script in ScriptDirectory(str(MIGRATIONS_DIR)).walk_revisions()}
+
+
+def _refuse_while_running(settings: Settings) -> None:
+    """Refuse when something answers on labgate's port: a running portal keeps writing."""
+    host = "127.0.0.1" if settings.host in ("", "0.0.0.0") else settings.host
+    host = "::1" if host == "::" else host
+    with contextlib.suppress(OSError), socket.create_connection((host, settings.port), timeout=1):
+        raise BackupError(
+            f"something answers on {host}:{settings.port}, labgate's port: stop labgate "
+            "(every portal on this database) before a restore"
+        )
+
+
+def _in_place(settings: Settings, url: URL, backup_key: str) -> list[str]:
+    """What a restore would replace: a database with a schema, a different key file."""
+    replaced = []
+    if _kind(url) == "sqlite":
+        path = _sqlite_path(url)
+        if path.is_file() and path.stat().st_size and _sqlite_revisions_or_damaged(path):
+            replaced.append(f"the database {path}")
+    elif _postgres_tables(url):
+        replaced.append(f"the database at {_shown(url)}")
+    key = settings.data_dir / KEY_FILE
+    if backup_key and key.is_file() and key.read_text().strip() != backup_key:
+        replaced.append(f"the secret key {key}")
+    return replaced
+
+
+def _sqlite_revisions_or_damaged(path: Path) -> bool:
+    """Whether the file holds a schema, or is something a restore must not silently drop."""
+    try:
+        return bool(_sqlite_revisions(path)) or _has_tables(path)
+    except sqlite3.DatabaseError:
+        return True  # not a database: replaced only with --force, and kept
+
+
+def _has_tables(path: Path) -> bool:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return bool(db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0)
+
+
+def _save_aside(settings: Settings, url: URL, replaced: list[str]) -> Path:
+    """Save what a restore replaces in ``<data_dir>/before-restore-<time>``; its path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = settings.data_dir / f"{SAVED_PREFIX}{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = settings.data_dir / f"{SAVED_PREFIX}{stamp}-{n}"
+    key = settings.data_dir / KEY_FILE
+    if any(item.startswith("the database") for item in replaced):
+        if _kind(url) == "sqlite":
+            # Moved, not copied: a damaged file cannot be copied by SQLite's backup, and
+            # the -wal beside it belongs to it.
+            dest.mkdir(mode=0o700, parents=True)
+            path = _sqlite_path(url)
+            for part in _sqlite_parts(path):
+                if part.exists():
+                    os.replace(part, dest / part.name)
+            if key.is_file():
+                _write_private(dest / KEY_FILE, key.read_bytes())
+        else:
+            backup(settings, dest)
+    else:
+        dest.mkdir(mode=0o700, parents=True)
+        _write_private(dest / KEY_FILE, key.read_bytes())
+    return dest
+
+
+def _restore_sqlite(source: Path, target: Path) -> None:
+    """Copy the backup's database into place: a new file renamed over the old one."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.restoring-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    _write_private(temporary, b"")
+    try:
+        with (
+            contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as backed,
+            contextlib.closing(sqlite3.connect(temporary)) as copy,
+        ):
+            backed.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+        # A -wal left beside the target belongs to the old file: SQLite would apply it to
+        # the new one.
+        for part in _sqlite_parts(target)[1:]:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
+        os.replace(temporary, target)
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"cannot restore {source}: {exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def _restore_postgres(archive: Path, url: URL, saved: Path | None) -> None:
+    """Empty the database's ``public`` schema, then ``pg_restore`` the archive into it."""
+    engine = make_engine(url.render_as_string(hide_password=False))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
+    except Exception as exc:  # any driver error: one line for the operator
+        raise BackupError(
+            f"cannot empty the database at {_shown(url)} for the restore: {_first_line(exc)}"
+        ) from None
+    finally:
+        engine.dispose()
+    try:
+        _run_client(
+            "pg_restore",
+            [
+                "--no-owner",
+                "--no-privileges",
+                "--single-transaction",
+                "--exit-on-error",
+                str(archive),
+            ],
+            url,
+        )
+    except BackupError as exc:
+        where = f"; what was there is saved in {saved}" if saved else ""
+        raise BackupError(f"{exc}{where}") from None
+
+
+# -------------------------------------------------------------------- helpers
+def _kind(url: URL) -> str:
+    backend = url.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise BackupError(f"labgate backs up sqlite and postgresql databases, not {backend}")
+    if backend == "sqlite" and (not url.database or url.database == ":memory:"):
+        raise BackupError("the database is in memory: there is nothing on disk to back up")
+    return backend
+
+
+def _sqlite_path(url: URL) -> Path:
+    return Path(str(url.database)).resolve()
+
+
+def _sqlite_parts(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def _shown(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _missing_client(tool: str) -> str:
+    return (
+        f"{tool} is not installed: install PostgreSQL's client programs "
+        "(apt-get install postgresql-client), of the server's major version or newer"
+    )
+
+
+def _run_client(tool: str, args: list[str], url: URL, new_file: Path | None = None) -> None:
+    """Run a PostgreSQL client program on ``url``; its password goes in the environment."""
+    if shutil.which(tool) is None:
+        raise BackupError(_missing_client(tool))
+    if new_file is not None:
+        _write_private(new_file, b"")  # the tool truncates it and keeps the mode
+    dsn = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
+    env = dict(os.environ)
+    if url.password is not None:
+        env["PGPASSWORD"] = str(url.password)
+    done = subprocess.run(  # a fixed program, no shell
+        [tool, *args, "--dbname", dsn], env=env, capture_output=True, text=True, check=False
+    )
+    if done.returncode:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        raise BackupError(f"{tool} failed: {lines[0] if lines else f'exit {done.returncode}'}")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (0600), through a temporary file renamed into place."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+
+
+def _write_key(path: Path, key: str) -> None:
+    _write_private(path, (key + "\n").encode())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

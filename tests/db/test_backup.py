@@ -1,0 +1,264 @@
+"""``labgate backup`` and ``labgate restore``: the portal's database and key, kept and put back.
+
+Run on SQLite and, in CI's database pass, on PostgreSQL (``pg_dump`` and
+``pg_restore``): a backup taken while the portal serves, restored into a
+fresh data dir and database, brings back accounts, passwords, API tokens and
+sealed instance secrets; a restore refuses damaged, unfinished or newer
+backups, a running portal and a key that does not match, and replaces what is
+in place only with ``--force``, after saving it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from helpers import ADMIN_PASSWORD, fresh_database_url, recorded_instance, serving, token_for
+from labgate.backup import MANIFEST, SAVED_PREFIX, read_manifest
+from labgate.cli import app as cli_app
+from labgate.config import Settings
+from labgate.db.models import Instance, User
+from labgate.db.session import open_database
+from labgate.security import SecretBox
+from servers import free_port
+
+PASSWORD = "a-long-password-for-ada"
+
+
+def key_file_settings(settings: Settings, data_dir: Path, database_url: str) -> Settings:
+    """``settings`` with the key kept in the data dir's key file, on their own port."""
+    return settings.model_copy(
+        update={
+            "data_dir": data_dir,
+            "database_url": database_url,
+            "secret_key": SecretStr(""),
+            "port": free_port(),
+        }
+    )
+
+
+def labgate(settings: Settings, *args: str) -> tuple[int, str]:
+    """Run ``labgate ARGS`` with ``settings`` as its environment: exit code and output."""
+    env = {name: "" for name in os.environ if name.startswith("LABGATE_")}
+    env |= {
+        "LABGATE_DATA_DIR": str(settings.data_dir),
+        "LABGATE_DATABASE_URL": settings.database_url,
+        "LABGATE_TOOLS_DIR": str(settings.tools_dir),
+        "LABGATE_PORT": str(settings.port),
+        "LABGATE_SECRET_KEY": settings.secret_key.get_secret_value(),
+    }
+    result = CliRunner().invoke(cli_app, list(args), env=env)
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def other_database(tmp_path: Path) -> Iterator[str]:
+    """A second, empty database (SQLite file or PostgreSQL database) to restore into."""
+    with fresh_database_url(tmp_path / "other", empty=True) as url:
+        yield url
+
+
+def users(settings: Settings) -> set[str]:
+    db = open_database(settings.database_url)
+    try:
+        with db.session() as session:
+            return set(session.scalars(select(User.name)))
+    finally:
+        db.dispose()
+
+
+def started(settings: Settings) -> Settings:
+    """``settings`` after a portal start made its key and schema (and the admin)."""
+    settings.signing_key()
+    db = open_database(settings.database_url)
+    db.dispose()
+    return settings
+
+
+async def test_a_backup_taken_while_the_portal_serves_restores_accounts_tokens_and_secrets(
+    settings: Settings, tmp_path: Path, other_database: str
+) -> None:
+    first = key_file_settings(settings, tmp_path / "var", settings.database_url)
+    backup_dir = tmp_path / "backup"
+    async with serving(first) as app, httpx.AsyncClient(base_url=app.state.test_url) as client:
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+        made = await client.post(
+            "/api/v1/users", json={"name": "ada", "password": PASSWORD}, headers=admin
+        )
+        assert made.status_code == 201, made.text
+        ada = await token_for(client, "ada", PASSWORD)
+        instance_id = recorded_instance(app, "running")
+        sealed = SecretBox(first.signing_key()).seal(instance_id, "the-instance-secret")
+
+        def seal(session: Any) -> None:
+            session.get(Instance, instance_id).secret = sealed
+
+        app.state.portal.db.transact(seal)
+        # The portal keeps writing while the backup runs: it is consistent all the same.
+        writes = [
+            client.post(
+                "/api/v1/users", json={"name": f"u{i}", "password": PASSWORD}, headers=admin
+            )
+            for i in range(5)
+        ]
+        code, out = (
+            await asyncio.gather(
+                asyncio.to_thread(labgate, first, "backup", str(backup_dir)), *writes
+            )
+        )[0]
+        assert code == 0, out
+        assert f"saved in {backup_dir}" in out and "the secret key file" in out
+        assert "users' workspaces of the local site" in out
+        late = await client.post(
+            "/api/v1/users", json={"name": "late", "password": PASSWORD}, headers=admin
+        )
+        assert late.status_code == 201
+
+    # Private: the backup holds the key and every password hash.
+    assert stat.S_IMODE(backup_dir.stat().st_mode) == 0o700
+    for path in backup_dir.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert read_manifest(backup_dir)["secret_key"] == "file"
+
+    second = key_file_settings(settings, tmp_path / "elsewhere", other_database)
+    code, out = labgate(second, "restore", str(backup_dir))
+    assert code == 0, out
+    assert "restored the" in out and "what it replaced" not in out
+    assert (second.data_dir / "secret_key").read_text() == (
+        first.data_dir / "secret_key"
+    ).read_text()
+    restored = users(second)
+    assert {"admin", "ada"} <= restored and "late" not in restored
+
+    async with serving(second) as app, httpx.AsyncClient(base_url=app.state.test_url) as client:
+        me = await client.get("/api/v1/auth/session", headers=ada)
+        assert me.status_code == 200 and me.json()["user"]["name"] == "ada"
+        signed = await client.post(
+            "/api/v1/auth/login", json={"username": "ada", "password": PASSWORD}
+        )
+        assert signed.status_code == 200
+        row = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
+        assert SecretBox(second.signing_key()).open(instance_id, row.secret) == (
+            "the-instance-secret"
+        )
+
+
+def test_restore_replaces_what_is_in_place_only_with_force_and_keeps_it(
+    settings: Settings, tmp_path: Path, other_database: str
+) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    backup_dir = tmp_path / "backup"
+    assert labgate(first, "backup", str(backup_dir))[0] == 0
+
+    target = started(key_file_settings(settings, tmp_path / "target", other_database))
+    db = open_database(target.database_url)
+    with db.session() as session:
+        session.add(User(name="bee", password_hash="x"))
+    db.dispose()
+    old_key = (target.data_dir / "secret_key").read_text()
+
+    code, out = labgate(target, "restore", str(backup_dir))
+    assert code == 1
+    assert "would be replaced" in out and "--force" in out
+    assert "bee" in users(target)  # nothing changed
+    assert (target.data_dir / "secret_key").read_text() == old_key
+    assert not list(target.data_dir.glob(f"{SAVED_PREFIX}*"))
+
+    code, out = labgate(target, "restore", str(backup_dir), "--force")
+    assert code == 0, out
+    assert "bee" not in users(target)
+    saved = next(target.data_dir.glob(f"{SAVED_PREFIX}*"))
+    assert f"what it replaced is saved in {saved}" in " ".join(out.split())
+    assert (saved / "secret_key").read_text() == old_key
+    if target.database_url.startswith("sqlite"):
+        with sqlite3.connect(saved / "labgate.db") as kept:
+            assert ("bee",) in kept.execute("SELECT name FROM users").fetchall()
+    else:  # a backup of its own: restorable like any
+        assert read_manifest(saved)["database"]["kind"] == "postgresql"
+
+
+def test_damaged_unfinished_and_newer_backups_are_refused_and_nothing_changes(
+    settings: Settings, tmp_path: Path, other_database: str
+) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    backup_dir = tmp_path / "backup"
+    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    target = started(key_file_settings(settings, tmp_path / "target", other_database))
+    before = users(target)
+    manifest = json.loads((backup_dir / MANIFEST).read_text())
+    archive = backup_dir / manifest["database"]["file"]
+    good = archive.read_bytes()
+
+    archive.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    code, out = labgate(target, "restore", str(backup_dir), "--force")
+    assert code == 1 and "is damaged" in out and "does not match its checksum" in out
+    archive.write_bytes(good)
+
+    newer = manifest | {
+        "database": manifest["database"]
+        | {"revisions": [*manifest["database"]["revisions"], "0099_future"]}
+    }
+    (backup_dir / MANIFEST).write_text(json.dumps(newer))
+    code, out = labgate(target, "restore", str(backup_dir), "--force")
+    assert code == 1 and "made by a newer labgate" in out and "0099_future" in out
+
+    (backup_dir / MANIFEST).unlink()
+    code, out = labgate(target, "restore", str(backup_dir), "--force")
+    assert code == 1 and "holds no manifest.json" in out
+
+    assert users(target) == before
+    assert not list(target.data_dir.glob(f"{SAVED_PREFIX}*"))
+
+
+def test_backup_wants_a_new_directory(settings: Settings, tmp_path: Path) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    code, out = labgate(first, "backup", str(taken))
+    assert code == 1 and "is not an empty directory" in out
+    assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
+
+
+async def test_restore_refuses_while_labgate_answers_on_its_port(
+    settings: Settings, tmp_path: Path
+) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    backup_dir = tmp_path / "backup"
+    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    async with serving(first, port=first.port):
+        code, out = await asyncio.to_thread(labgate, first, "restore", str(backup_dir), "--force")
+    assert code == 1 and "stop labgate" in out
+    assert not list(first.data_dir.glob(f"{SAVED_PREFIX}*"))
+
+
+def test_a_key_setting_other_than_the_backups_key_is_refused(
+    settings: Settings, tmp_path: Path, other_database: str
+) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    backup_dir = tmp_path / "backup"
+    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    # The target keeps its key as a setting (settings' TEST_SECRET_KEY), not the backup's.
+    target = settings.model_copy(
+        update={
+            "data_dir": tmp_path / "target",
+            "database_url": other_database,
+            "port": free_port(),
+        }
+    )
+    code, out = labgate(target, "restore", str(backup_dir))
+    assert code == 1 and "differs from the secret_key setting" in out
+    assert not (target.data_dir / "secret_key").exists()
