@@ -95,13 +95,29 @@ class RestoreReport:
 
 # --------------------------------------------------------------------- backup
 def backup(settings: Settings, dest: Path) -> BackupReport:
-    """Save the portal's database and secret key in ``dest`` (new, or an empty directory)."""
+    """Save the portal's database and secret key in ``dest`` (new, or an empty directory).
+
+    A backup that fails half-way leaves nothing behind: what it wrote is
+    removed, and ``dest`` too when it made it.
+    """
     url = make_url(settings.effective_database_url)
     kind = _kind(url)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists and is not an empty directory: name a new one")
+    made = not dest.exists()
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-    dest.chmod(0o700)
+    try:
+        dest.chmod(0o700)
+        return _write_backup(settings, url, kind, dest)
+    except BaseException:
+        for path in dest.iterdir():
+            path.unlink()
+        if made:
+            dest.rmdir()
+        raise
+
+
+def _write_backup(settings: Settings, url: URL, kind: str, dest: Path) -> BackupReport:
     if kind == "sqlite":
         name = SQLITE_FILE
         _backup_sqlite(_sqlite_path(url), dest / name)
@@ -276,6 +292,11 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> Restore
     if backup_key:
         check_key(backup_key, f"the backup's {KEY_FILE}")
     configured = settings.secret_key.get_secret_value()
+    if manifest["secret_key"] == KEY_SETTING and not configured:
+        raise BackupError(
+            "the backup's secret key was the secret_key setting, and none is set here: set "
+            "secret_key to that key first (instance secrets are sealed with it)"
+        )
     if backup_key and configured and configured != backup_key:
         raise BackupError(
             "the backup's secret key differs from the secret_key setting: set secret_key to "

@@ -233,6 +233,15 @@ def test_backup_wants_a_new_directory(settings: Settings, tmp_path: Path) -> Non
     assert sorted(p.name for p in taken.iterdir()) == ["notes.txt"]
 
 
+def test_a_backup_that_fails_leaves_nothing_behind(settings: Settings, tmp_path: Path) -> None:
+    if not settings.database_url.startswith("sqlite"):
+        pytest.skip("a missing database file is SQLite's case (PostgreSQL: the server's)")
+    nowhere = key_file_settings(settings, tmp_path / "var", f"sqlite:///{tmp_path}/none.db")
+    code, out = labgate(nowhere, "backup", str(tmp_path / "backup"))
+    assert code == 1 and "there is no database at" in out
+    assert not (tmp_path / "backup").exists()
+
+
 async def test_restore_refuses_while_labgate_answers_on_its_port(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -262,3 +271,23 @@ def test_a_key_setting_other_than_the_backups_key_is_refused(
     code, out = labgate(target, "restore", str(backup_dir))
     assert code == 1 and "differs from the secret_key setting" in out
     assert not (target.data_dir / "secret_key").exists()
+
+
+def test_a_backup_whose_key_was_a_setting_needs_that_setting(
+    settings: Settings, tmp_path: Path, other_database: str
+) -> None:
+    first = settings.model_copy(update={"data_dir": tmp_path / "var", "port": free_port()})
+    started(first)
+    backup_dir = tmp_path / "backup"
+    code, out = labgate(first, "backup", str(backup_dir))
+    assert code == 0 and "not the secret key (a setting)" in out
+    assert "keep it with this backup" in out
+    assert not (backup_dir / "secret_key").exists()
+    target = key_file_settings(settings, tmp_path / "target", other_database)
+    code, out = labgate(target, "restore", str(backup_dir))
+    assert code == 1 and "set secret_key to that key" in out
+    code, out = labgate(
+        target.model_copy(update={"secret_key": settings.secret_key}), "restore", str(backup_dir)
+    )
+    assert code == 0, out
+    assert "set secret_key to that key" in out

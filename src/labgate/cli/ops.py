@@ -14,6 +14,7 @@ import typer
 from labgate.cli import output as show
 from labgate.cli.context import JSON_OPTION, fail, fail_config, state_of
 from labgate.cli.output import plain_table as _table
+from labgate.cli.output import visible
 from labgate.errors import ConfigError
 
 # Their help: labgate.cli.RootGroup.
@@ -122,6 +123,8 @@ def backup(
         fail_config(exc)
     except BackupError as exc:
         fail(str(exc))
+    except OSError as exc:  # a file labgate may not read or write here
+        fail(f"cannot back up: {exc}")
     if as_json:
         show.print_json(
             {
@@ -171,6 +174,8 @@ def restore(
         fail_config(exc)
     except BackupError as exc:
         fail(str(exc))
+    except OSError as exc:  # a file labgate may not read or write here
+        fail(f"cannot restore: {exc}")
     if as_json:
         show.print_json(
             {
@@ -194,8 +199,8 @@ def restore(
         typer.echo("the backup's secret key was a setting: set secret_key to that key")
     if report.left_out:
         typer.echo("the backup left out (restore them from your own backups):")
-        for item in report.left_out:
-            typer.echo(f"  - {item}")
+        for item in report.left_out:  # from the backup's manifest: shown, not sent
+            typer.echo(f"  - {visible(item)}")
 
 
 def _schema(revisions: list[str]) -> str:
