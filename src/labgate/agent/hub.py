@@ -208,16 +208,20 @@ class SiteHub:
 
     async def cut(self, name: str, reason: str) -> None:
         """Close the site's agent connection now, if it has one (token rotated or revoked)."""
-        connection = self._connections.get(name)
-        if connection is None:
-            return
-        connection.close_reason = reason
-        with contextlib.suppress(Exception):
-            await connection.channel.close(CLOSE_REVOKED, reason)
-        if connection.task is not None:
+        connection = await self._close(name, CLOSE_REVOKED, reason)
+        if connection is not None and connection.task is not None:
             connection.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await connection.task
+
+    async def _close(self, name: str, code: int, reason: str) -> _Connection | None:
+        """Close the site's agent connection with ``code`` and ``reason``; the connection."""
+        connection = self._connections.get(name)
+        if connection is not None:
+            connection.close_reason = reason
+            with contextlib.suppress(Exception):
+                await connection.channel.close(code, reason)
+        return connection
 
     async def _reach_changed(self, name: str, link: NetworkSiteLink, reach: str) -> None:
         """The site is reached another way now: its routes change, its agent reconnects.
@@ -229,11 +233,7 @@ class SiteHub:
         """
         log.info("site %s: reach %s -> %s; its agent reconnects", name, link.reach, reach)
         link.reach = reach
-        connection = self._connections.get(name)
-        if connection is not None:
-            connection.close_reason = f"the site's reach changed to {reach}"
-            with contextlib.suppress(Exception):
-                await connection.channel.close(CLOSE_RECONFIGURED, connection.close_reason)
+        await self._close(name, CLOSE_RECONFIGURED, f"the site's reach changed to {reach}")
         if self.registered is not None:
             await self.registered(name)
 
