@@ -429,7 +429,9 @@ def instance_block(
         parts += [b"Cookie: ", creds.cookie_rest, CRLF]
     if not route.upstream_token and ex.authorization is not None and creds.token is None:
         parts += [b"Authorization: ", ex.authorization, CRLF]
-    lines = route.head_lines if prefixed else route.head_lines[route.prefix_line_length :]
+    lines = route.head_lines
+    if not prefixed:
+        lines = lines[route.prefix_line_length :]
     parts += [lines, identity.head_line, b"X-Forwarded-For: ", peer]
     parts += [b"\r\nX-Forwarded-Proto: ", proto, CRLF]
     if ex.host is not None:
