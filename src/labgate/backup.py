@@ -249,12 +249,11 @@ def read_manifest(source: Path) -> dict[str, Any]:
         checks = {f: (int(v["size"]), str(v["sha256"])) for f, v in files.items()}
         if kind not in ("sqlite", "postgresql") or name not in checks:
             raise ValueError(kind)
-        if not isinstance(revisions, list) or manifest["secret_key"] not in (
-            KEY_KEPT,
-            KEY_SETTING,
-            KEY_NONE,
-        ):
+        lists = (revisions, manifest.get("left_out", []))
+        if not all(isinstance(x, list) and all(isinstance(i, str) for i in x) for x in lists):
             raise ValueError(revisions)
+        if manifest["secret_key"] not in (KEY_KEPT, KEY_SETTING, KEY_NONE):
+            raise ValueError(manifest["secret_key"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise BackupError(f"{source / MANIFEST} is not a labgate backup manifest") from None
     for name, (size, digest) in checks.items():
@@ -335,7 +334,7 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> Restore
         users,
         manifest["secret_key"],
         saved,
-        [str(item) for item in manifest.get("left_out", [])],
+        list(manifest.get("left_out", [])),
     )
 
 

@@ -215,6 +215,11 @@ def test_damaged_unfinished_and_newer_backups_are_refused_and_nothing_changes(
     code, out = labgate(target, "restore", str(backup_dir), "--force")
     assert code == 1 and "made by a newer labgate" in out and "0099_future" in out
 
+    for garbled in ([1, 2], manifest | {"database": manifest["database"] | {"revisions": [{}]}}):
+        (backup_dir / MANIFEST).write_text(json.dumps(garbled))
+        code, out = labgate(target, "restore", str(backup_dir), "--force")
+        assert code == 1 and "is not a labgate backup manifest" in out
+
     (backup_dir / MANIFEST).unlink()
     code, out = labgate(target, "restore", str(backup_dir), "--force")
     assert code == 1 and "holds no manifest.json" in out
