@@ -32,6 +32,7 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "systemd"
         "labgate-agent.service",
         "labgate-portal@.service",
         "labgate-router@.service",
+        "labgate-backup.service",
     ],
 )
 def test_the_units_verify(unit: str, tmp_path: Path) -> None:
@@ -69,6 +70,14 @@ def test_the_socket_drop_in_gives_the_labgate_group_access_only() -> None:
     text = (DEPLOY / "podman.socket.d" / "labgate.conf").read_text()
     assert "SocketGroup=labgate" in text and "SocketMode=0660" in text
     assert "[Socket]" in text
+
+
+def test_the_backup_timer_runs_a_rotating_backup() -> None:
+    timer = (DEPLOY / "labgate-backup.timer").read_text()
+    service = (DEPLOY / "labgate-backup.service").read_text()
+    assert "OnCalendar=" in timer and "Persistent=true" in timer and "[Install]" in timer
+    assert "Type=oneshot" in service and "UMask=0077" in service
+    assert "ExecStart=/usr/local/bin/labgate backup /var/backups/labgate --keep 14" in service
 
 
 def test_the_registry_gc_timer_runs_its_service() -> None:

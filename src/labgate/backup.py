@@ -33,6 +33,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -58,6 +59,8 @@ SQLITE_FILE = "labgate.db"
 POSTGRES_FILE = "labgate.pgdump"
 #: Where a restore saves what it replaces: ``<data_dir>/before-restore-<time>``.
 SAVED_PREFIX = "before-restore-"
+#: The backups ``labgate backup --keep`` writes and prunes: ``labgate-<UTC time>[.n]``.
+ROTATED = re.compile(r"labgate-\d{8}-\d{6}(\.\d+)?")
 _CHUNK = 1024 * 1024
 #: Where a backup's secret key is: in it (the data dir's key file), a setting (not in
 #: it: the operator keeps it), or nowhere yet (a portal that never started).
@@ -115,6 +118,33 @@ def backup(settings: Settings, dest: Path) -> BackupReport:
         if made:
             dest.rmdir()
         raise
+
+
+def backup_rotating(settings: Settings, parent: Path, keep: int) -> tuple[BackupReport, list[Path]]:
+    """A backup in ``parent/labgate-<UTC time>``, then all but the newest ``keep`` deleted.
+
+    Only complete backups of that name are counted and deleted (those with a
+    manifest); anything else in ``parent`` is left alone. Returns the new
+    backup's report and the backups deleted.
+    """
+    if keep < 1:
+        raise BackupError("--keep must be at least 1")
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp = time.strftime("labgate-%Y%m%d-%H%M%S", time.gmtime())
+    dest, n = parent / stamp, 0
+    while dest.exists():
+        n += 1
+        dest = parent / f"{stamp}.{n}"
+    report = backup(settings, dest)
+    complete = sorted(
+        (path for path in parent.iterdir() if ROTATED.fullmatch(path.name)),
+        key=lambda path: (path.name.partition(".")[0], int(path.name.partition(".")[2] or 0)),
+    )
+    complete = [path for path in complete if (path / MANIFEST).is_file()]
+    pruned = complete[:-keep]
+    for path in pruned:
+        shutil.rmtree(path)
+    return report, pruned
 
 
 def _write_backup(settings: Settings, url: URL, kind: str, dest: Path) -> BackupReport:

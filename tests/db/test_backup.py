@@ -26,7 +26,7 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from helpers import ADMIN_PASSWORD, fresh_database_url, recorded_instance, serving, token_for
-from labgate.backup import MANIFEST, SAVED_PREFIX, read_manifest
+from labgate.backup import MANIFEST, ROTATED, SAVED_PREFIX, read_manifest
 from labgate.cli import app as cli_app
 from labgate.config import Settings
 from labgate.db.models import Instance, User
@@ -296,3 +296,25 @@ def test_a_backup_whose_key_was_a_setting_needs_that_setting(
     )
     assert code == 0, out
     assert "set secret_key to that key" in out
+
+
+def test_keep_writes_dated_backups_and_deletes_only_the_oldest_complete_ones(
+    settings: Settings, tmp_path: Path
+) -> None:
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    parent = tmp_path / "backups"
+    unfinished = parent / "labgate-20000101-000000"  # no manifest: never counted or deleted
+    unfinished.mkdir(parents=True)
+    (parent / "notes").mkdir()
+    made = []
+    for _ in range(3):
+        code, out = labgate(first, "backup", str(parent), "--keep", "2", "--json")
+        assert code == 0, out
+        made.append(Path(json.loads(out)["path"]))
+    assert all(p.parent == parent and ROTATED.fullmatch(p.name) for p in made)
+    assert sorted(p.name for p in parent.iterdir()) == sorted(
+        ["notes", unfinished.name, made[1].name, made[2].name]
+    )
+    read_manifest(made[2])  # complete and checked
+    code, out = labgate(first, "backup", str(parent), "--keep", "0")
+    assert code == 2  # a usage error

@@ -108,17 +108,30 @@ def doctor(as_json: bool = JSON_OPTION) -> None:
 
 def backup(
     directory: Path = typer.Argument(
-        ..., metavar="DIR", help="Where to write the backup: a new or empty directory."
+        ...,
+        metavar="DIR",
+        help="Where to write the backup: a new or empty directory (with --keep: their parent).",
+    ),
+    keep: int | None = typer.Option(
+        None,
+        "--keep",
+        metavar="N",
+        min=1,
+        help="Write into DIR/labgate-<UTC time> and delete all but the newest N such backups.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print what was saved as JSON."),
 ) -> None:
     """Save the portal's database and secret key in DIR, while labgate runs."""
-    from labgate.backup import BackupError
+    from labgate.backup import BackupError, backup_rotating
     from labgate.backup import backup as save
     from labgate.startup import load_settings
 
+    pruned: list[Path] = []
     try:
-        report = save(load_settings(), directory)
+        if keep is None:
+            report = save(load_settings(), directory)
+        else:
+            report, pruned = backup_rotating(load_settings(), directory, keep)
     except ConfigError as exc:
         fail_config(exc)
     except BackupError as exc:
@@ -134,6 +147,7 @@ def backup(
                 "revisions": report.revisions,
                 "secret_key": report.secret_key,
                 "left_out": report.left_out,
+                "deleted": [str(path) for path in pruned],
             }
         )
         return
@@ -147,6 +161,8 @@ def backup(
         f"({report.size / 2**20:.1f} MiB, schema {_schema(report.revisions)}) "
         f"and {key}"
     )
+    for path in pruned:
+        typer.echo(f"deleted the older backup {path}")
     typer.echo("not in this backup (keep them with your own backups):")
     for item in report.left_out:
         typer.echo(f"  - {item}")
