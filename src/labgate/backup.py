@@ -39,12 +39,13 @@ import socket
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import inspect, text
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 
 from labgate import __version__
 from labgate.config import Settings
@@ -62,6 +63,7 @@ SAVED_PREFIX = "before-restore-"
 #: The backups ``labgate backup --keep`` writes and prunes: ``labgate-<UTC time>[.n]``.
 ROTATED = re.compile(r"labgate-\d{8}-\d{6}(\.\d+)?")
 _CHUNK = 1024 * 1024
+T = TypeVar("T")
 #: Where a backup's secret key is: in it (the data dir's key file), a setting (not in
 #: it: the operator keeps it), or nowhere yet (a portal that never started).
 KEY_KEPT, KEY_SETTING, KEY_NONE = "file", "setting", "none"
@@ -210,23 +212,27 @@ def _sqlite_revisions(path: Path) -> list[str]:
 
 
 def _postgres_revisions(url: URL) -> list[str]:
-    engine = make_engine(url.render_as_string(hide_password=False))
-    try:
-        return sorted(applied_revisions(engine))
-    except Exception as exc:  # any driver error: one line for the operator
-        raise BackupError(
-            f"cannot read the database at {_shown(url)}: {_first_line(exc)}"
-        ) from None
-    finally:
-        engine.dispose()
+    """The schema revisions the database is at (none: no schema yet)."""
+
+    def read(conn: Connection) -> list[str]:
+        if not inspect(conn).has_table("alembic_version"):
+            return []
+        return sorted(conn.scalars(text("SELECT version_num FROM alembic_version")))
+
+    return _postgres_read(url, read)
 
 
 def _postgres_tables(url: URL) -> list[str]:
     """The tables of the database's ``public`` schema (a restore empties it)."""
+    return _postgres_read(url, lambda conn: list(inspect(conn).get_table_names("public")))
+
+
+def _postgres_read(url: URL, read: Callable[[Connection], T]) -> T:
+    """``read`` on a connection to the database; a failure is one line."""
     engine = make_engine(url.render_as_string(hide_password=False))
     try:
         with engine.connect() as conn:
-            return list(inspect(conn).get_table_names(schema="public"))
+            return read(conn)
     except Exception as exc:  # any driver error: one line for the operator
         raise BackupError(
             f"cannot read the database at {_shown(url)}: {_first_line(exc)}"

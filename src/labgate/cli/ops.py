@@ -7,6 +7,8 @@ with its settings. ``site`` is in :mod:`labgate.cli.sites`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -122,22 +124,16 @@ def backup(
     as_json: bool = typer.Option(False, "--json", help="Print what was saved as JSON."),
 ) -> None:
     """Save the portal's database and secret key in DIR, while labgate runs."""
-    from labgate.backup import BackupError, backup_rotating
     from labgate.backup import backup as save
+    from labgate.backup import backup_rotating
     from labgate.startup import load_settings
 
     pruned: list[Path] = []
-    try:
+    with _one_line_errors("back up"):
         if keep is None:
             report = save(load_settings(), directory)
         else:
             report, pruned = backup_rotating(load_settings(), directory, keep)
-    except ConfigError as exc:
-        fail_config(exc)
-    except BackupError as exc:
-        fail(str(exc))
-    except OSError as exc:  # a file labgate may not read or write here
-        fail(f"cannot back up: {exc}")
     if as_json:
         show.print_json(
             {
@@ -180,18 +176,12 @@ def restore(
     as_json: bool = typer.Option(False, "--json", help="Print what was restored as JSON."),
 ) -> None:
     """Put a backup's database and secret key in place; labgate must be stopped."""
-    from labgate.backup import KEY_SETTING, BackupError
+    from labgate.backup import KEY_SETTING
     from labgate.backup import restore as put_back
     from labgate.startup import load_settings
 
-    try:
+    with _one_line_errors("restore"):
         report = put_back(load_settings(), directory, force=force)
-    except ConfigError as exc:
-        fail_config(exc)
-    except BackupError as exc:
-        fail(str(exc))
-    except OSError as exc:  # a file labgate may not read or write here
-        fail(f"cannot restore: {exc}")
     if as_json:
         show.print_json(
             {
@@ -217,6 +207,21 @@ def restore(
         typer.echo("the backup left out (restore them from your own backups):")
         for item in report.left_out:  # from the backup's manifest: shown, not sent
             typer.echo(f"  - {visible(item)}")
+
+
+@contextlib.contextmanager
+def _one_line_errors(doing: str) -> Iterator[None]:
+    """A backup's or restore's failure as one ``error:`` line (exit 1), never a traceback."""
+    from labgate.backup import BackupError
+
+    try:
+        yield
+    except ConfigError as exc:
+        fail_config(exc)
+    except BackupError as exc:
+        fail(str(exc))
+    except OSError as exc:  # a file labgate may not read or write here
+        fail(f"cannot {doing}: {exc}")
 
 
 def _schema(revisions: list[str]) -> str:
