@@ -88,6 +88,15 @@ def started(settings: Settings) -> Settings:
     return settings
 
 
+def backed_up(settings: Settings, tmp_path: Path) -> tuple[Settings, Path]:
+    """A started portal's settings (key file in ``tmp_path/var``) and a backup of it."""
+    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
+    backup_dir = tmp_path / "backup"
+    code, out = labgate(first, "backup", str(backup_dir))
+    assert code == 0, out
+    return first, backup_dir
+
+
 async def test_a_backup_taken_while_the_portal_serves_restores_accounts_tokens_and_secrets(
     settings: Settings, tmp_path: Path, other_database: str
 ) -> None:
@@ -159,9 +168,7 @@ async def test_a_backup_taken_while_the_portal_serves_restores_accounts_tokens_a
 def test_restore_replaces_what_is_in_place_only_with_force_and_keeps_it(
     settings: Settings, tmp_path: Path, other_database: str
 ) -> None:
-    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
-    backup_dir = tmp_path / "backup"
-    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    _, backup_dir = backed_up(settings, tmp_path)
 
     target = started(key_file_settings(settings, tmp_path / "target", other_database))
     db = open_database(target.database_url)
@@ -193,9 +200,7 @@ def test_restore_replaces_what_is_in_place_only_with_force_and_keeps_it(
 def test_damaged_unfinished_and_newer_backups_are_refused_and_nothing_changes(
     settings: Settings, tmp_path: Path, other_database: str
 ) -> None:
-    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
-    backup_dir = tmp_path / "backup"
-    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    _, backup_dir = backed_up(settings, tmp_path)
     target = started(key_file_settings(settings, tmp_path / "target", other_database))
     before = users(target)
     manifest = json.loads((backup_dir / MANIFEST).read_text())
@@ -250,9 +255,7 @@ def test_a_backup_that_fails_leaves_nothing_behind(settings: Settings, tmp_path:
 async def test_restore_refuses_while_labgate_answers_on_its_port(
     settings: Settings, tmp_path: Path
 ) -> None:
-    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
-    backup_dir = tmp_path / "backup"
-    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    first, backup_dir = backed_up(settings, tmp_path)
     async with serving(first, port=first.port):
         code, out = await asyncio.to_thread(labgate, first, "restore", str(backup_dir), "--force")
     assert code == 1 and "stop labgate" in out
@@ -262,9 +265,7 @@ async def test_restore_refuses_while_labgate_answers_on_its_port(
 def test_a_key_setting_other_than_the_backups_key_is_refused(
     settings: Settings, tmp_path: Path, other_database: str
 ) -> None:
-    first = started(key_file_settings(settings, tmp_path / "var", settings.database_url))
-    backup_dir = tmp_path / "backup"
-    assert labgate(first, "backup", str(backup_dir))[0] == 0
+    _, backup_dir = backed_up(settings, tmp_path)
     # The target keeps its key as a setting (settings' TEST_SECRET_KEY), not the backup's.
     target = settings.model_copy(
         update={
