@@ -422,7 +422,7 @@ def _has_tables(path: Path) -> bool:
 
 def _save_aside(settings: Settings, url: URL, replaced: list[str]) -> Path:
     """Save what a restore replaces in ``<data_dir>/before-restore-<time>``; its path."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     dest = settings.data_dir / f"{SAVED_PREFIX}{stamp}"
     n = 1
     while dest.exists():
@@ -436,8 +436,8 @@ def _save_aside(settings: Settings, url: URL, replaced: list[str]) -> Path:
             dest.mkdir(mode=0o700, parents=True)
             path = _sqlite_path(url)
             for part in _sqlite_parts(path):
-                if part.exists():
-                    os.replace(part, dest / part.name)
+                if part.exists():  # the database may be on another file system
+                    shutil.move(part, dest / part.name)
             if key.is_file():
                 _write_private(dest / KEY_FILE, key.read_bytes())
         else:
@@ -457,7 +457,7 @@ def _restore_sqlite(source: Path, target: Path) -> None:
     _write_private(temporary, b"")
     try:
         with (
-            contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True)) as backed,
+            contextlib.closing(sqlite3.connect(_read_only(source), uri=True)) as backed,
             contextlib.closing(sqlite3.connect(temporary)) as copy,
         ):
             backed.backup(copy)
@@ -517,6 +517,11 @@ def _kind(url: URL) -> str:
 
 def _sqlite_path(url: URL) -> Path:
     return Path(str(url.database)).resolve()
+
+
+def _read_only(path: Path) -> str:
+    """The URI that opens the SQLite file ``path`` read-only (any character in its name)."""
+    return path.resolve().as_uri() + "?mode=ro"
 
 
 def _sqlite_parts(path: Path) -> list[Path]:

@@ -124,8 +124,8 @@ def backup(
     as_json: bool = typer.Option(False, "--json", help="Print what was saved as JSON."),
 ) -> None:
     """Save the portal's database and secret key in DIR, while labgate runs."""
+    from labgate.backup import KEY_KEPT, KEY_NONE, KEY_SETTING, backup_rotating
     from labgate.backup import backup as save
-    from labgate.backup import backup_rotating
     from labgate.startup import load_settings
 
     pruned: list[Path] = []
@@ -148,9 +148,9 @@ def backup(
         )
         return
     key = {
-        "file": "the secret key file",
-        "setting": "not the secret key (a setting)",
-        "none": "no secret key (none yet)",
+        KEY_KEPT: "the secret key file",
+        KEY_SETTING: "not the secret key (a setting)",
+        KEY_NONE: "no secret key (none yet)",
     }[report.secret_key]
     typer.echo(
         f"saved in {report.path}: the {report.database} database "
