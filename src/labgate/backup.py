@@ -305,9 +305,42 @@ def read_manifest(source: Path) -> dict[str, Any]:
     return dict(manifest)
 
 
+def check_backup(source: Path) -> dict[str, Any]:
+    """Check the backup in ``source`` without changing anything; its manifest.
+
+    Every file against its checksum, the schema revisions against this
+    labgate's (a newer backup cannot be restored here), the key's strength,
+    and the database itself: SQLite's ``PRAGMA integrity_check`` on the
+    file (opened read-only), or ``pg_restore --list`` reading the archive's
+    table of contents.
+    """
+    manifest = read_manifest(source)
+    database = manifest["database"]
+    unknown = sorted(set(database["revisions"]) - _known_revisions())
+    if unknown:
+        raise BackupError(
+            f"the backup was made by a newer labgate (schema revisions {', '.join(unknown)}): "
+            f"restore it with labgate {manifest.get('labgate', '?')} or newer"
+        )
+    if manifest["secret_key"] == KEY_KEPT:
+        check_key((source / KEY_FILE).read_text().strip(), f"the backup's {KEY_FILE}")
+    path = source / database["file"]
+    if database["kind"] == "sqlite":
+        try:
+            with contextlib.closing(sqlite3.connect(_read_only(path), uri=True)) as db:
+                checked = db.execute("PRAGMA integrity_check").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            checked = str(exc)
+        if checked != "ok":
+            raise BackupError(f"the backup's database {path} is damaged ({checked})")
+    else:
+        _run_tool("pg_restore", ["--list", str(path)])
+    return manifest
+
+
 def restore(settings: Settings, source: Path, *, force: bool = False) -> RestoreReport:
     """Put the backup in ``source`` in place of the configured database and key file."""
-    manifest = read_manifest(source)
+    manifest = check_backup(source)
     url = make_url(settings.effective_database_url)
     kind = _kind(url)
     database = manifest["database"]
@@ -316,16 +349,8 @@ def restore(settings: Settings, source: Path, *, force: bool = False) -> Restore
             f"the backup holds a {database['kind']} database and labgate is set up for "
             f"{kind} (database_url): restore it into a {database['kind']} database"
         )
-    unknown = sorted(set(database["revisions"]) - _known_revisions())
-    if unknown:
-        raise BackupError(
-            f"the backup was made by a newer labgate (schema revisions {', '.join(unknown)}): "
-            f"restore it with labgate {manifest.get('labgate', '?')} or newer"
-        )
     kept = manifest["secret_key"] == KEY_KEPT
     backup_key = (source / KEY_FILE).read_text().strip() if kept else ""
-    if backup_key:
-        check_key(backup_key, f"the backup's {KEY_FILE}")
     configured = settings.secret_key.get_secret_value()
     if manifest["secret_key"] == KEY_SETTING and not configured:
         raise BackupError(
@@ -547,16 +572,23 @@ def _missing_client(tool: str) -> str:
 
 def _run_client(tool: str, args: list[str], url: URL, new_file: Path | None = None) -> None:
     """Run a PostgreSQL client program on ``url``; its password goes in the environment."""
-    if shutil.which(tool) is None:
-        raise BackupError(_missing_client(tool))
     if new_file is not None:
         _write_private(new_file, b"")  # the tool truncates it and keeps the mode
     dsn = url.set(drivername="postgresql", password=None).render_as_string(hide_password=False)
-    env = dict(os.environ)
-    if url.password is not None:
-        env["PGPASSWORD"] = str(url.password)
+    env = {"PGPASSWORD": str(url.password)} if url.password is not None else {}
+    _run_tool(tool, [*args, "--dbname", dsn], env)
+
+
+def _run_tool(tool: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    """Run one of PostgreSQL's client programs; its failure is one line."""
+    if shutil.which(tool) is None:
+        raise BackupError(_missing_client(tool))
     done = subprocess.run(  # a fixed program, no shell
-        [tool, *args, "--dbname", dsn], env=env, capture_output=True, text=True, check=False
+        [tool, *args],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode:
         lines = [line for line in done.stderr.splitlines() if line.strip()]

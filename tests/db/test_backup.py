@@ -11,6 +11,7 @@ in place only with ``--force``, after saving it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
@@ -207,10 +208,24 @@ def test_damaged_unfinished_and_newer_backups_are_refused_and_nothing_changes(
     archive = backup_dir / manifest["database"]["file"]
     good = archive.read_bytes()
 
+    code, out = labgate(target, "restore", str(backup_dir), "--check")
+    assert code == 0 and "is complete and readable" in out, out
     archive.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
-    code, out = labgate(target, "restore", str(backup_dir), "--force")
-    assert code == 1 and "is damaged" in out and "does not match its checksum" in out
+    for check in ([], ["--check"]):
+        code, out = labgate(target, "restore", str(backup_dir), "--force", *check)
+        assert code == 1 and "is damaged" in out and "does not match its checksum" in out
+    # A file damaged with its checksum made to match: the database itself is checked.
+    broken = good[: len(good) // 2] + bytes(len(good) - len(good) // 2)
+    archive.write_bytes(broken)
+    files = manifest["files"] | {
+        archive.name: {"size": len(broken), "sha256": hashlib.sha256(broken).hexdigest()}
+    }
+    (backup_dir / MANIFEST).write_text(json.dumps(manifest | {"files": files}))
+    for check in ([], ["--check"]):
+        code, out = labgate(target, "restore", str(backup_dir), "--force", *check)
+        assert code == 1 and ("is damaged" in out or "pg_restore failed" in out), out
     archive.write_bytes(good)
+    (backup_dir / MANIFEST).write_text(json.dumps(manifest))
 
     newer = manifest | {
         "database": manifest["database"]

@@ -173,13 +173,30 @@ def restore(
         "--force",
         help="Replace a database or key already in place (saved first in the data dir).",
     ),
+    check: bool = typer.Option(
+        False, "--check", help="Only check the backup is complete and readable; change nothing."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print what was restored as JSON."),
 ) -> None:
     """Put a backup's database and secret key in place; labgate must be stopped."""
-    from labgate.backup import KEY_SETTING
+    from labgate.backup import KEY_SETTING, check_backup
     from labgate.backup import restore as put_back
     from labgate.startup import load_settings
 
+    if check:
+        with _one_line_errors("check the backup"):
+            manifest = check_backup(directory)
+        if as_json:
+            show.print_json(manifest)
+            return
+        database = manifest["database"]
+        typer.echo(
+            f"the backup in {directory} is complete and readable: a {database['kind']} "
+            f"database (schema {_schema(database['revisions'])}), secret key: "
+            f"{manifest['secret_key']}; made by labgate {visible(str(manifest.get('labgate')))} "
+            f"at {visible(str(manifest.get('created')))}"
+        )
+        return
     with _one_line_errors("restore"):
         report = put_back(load_settings(), directory, force=force)
     if as_json:
