@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import make_url, select
 from typer.testing import CliRunner
 
 from helpers import ADMIN_PASSWORD, fresh_database_url, recorded_instance, serving, token_for
@@ -259,11 +259,14 @@ def test_backup_wants_a_new_directory(settings: Settings, tmp_path: Path) -> Non
 
 
 def test_a_backup_that_fails_leaves_nothing_behind(settings: Settings, tmp_path: Path) -> None:
-    if not settings.database_url.startswith("sqlite"):
-        pytest.skip("a missing database file is SQLite's case (PostgreSQL: the server's)")
-    nowhere = key_file_settings(settings, tmp_path / "var", f"sqlite:///{tmp_path}/none.db")
+    if settings.database_url.startswith("sqlite"):
+        missing, why = f"sqlite:///{tmp_path}/none.db", "there is no database at"
+    else:
+        url = make_url(settings.database_url).set(database="lgtest_no_such_database")
+        missing, why = url.render_as_string(hide_password=False), "cannot read the database"
+    nowhere = key_file_settings(settings, tmp_path / "var", missing)
     code, out = labgate(nowhere, "backup", str(tmp_path / "backup"))
-    assert code == 1 and "there is no database at" in out
+    assert code == 1 and why in out, out
     assert not (tmp_path / "backup").exists()
 
 
