@@ -50,7 +50,14 @@ from sqlalchemy.engine import URL, Connection, make_url
 from labgate import __version__
 from labgate.config import Settings
 from labgate.datadir import KEY_FILE, check_key, prepare_data_dir
-from labgate.db.session import MIGRATIONS_DIR, applied_revisions, make_engine, open_database
+from labgate.db.session import (
+    MIGRATIONS_DIR,
+    applied_revisions,
+    first_line,
+    make_engine,
+    open_database,
+    shown_url,
+)
 
 #: Written last: a directory without it is not a (complete) backup.
 MANIFEST = "manifest.json"
@@ -219,26 +226,30 @@ def _postgres_revisions(url: URL) -> list[str]:
             return []
         return sorted(conn.scalars(text("SELECT version_num FROM alembic_version")))
 
-    return _postgres_read(url, read)
+    return _on_postgres(url, read)
 
 
 def _postgres_tables(url: URL) -> list[str]:
     """The tables of the database's ``public`` schema (a restore empties it)."""
-    return _postgres_read(url, lambda conn: list(inspect(conn).get_table_names("public")))
+    return _on_postgres(url, lambda conn: list(inspect(conn).get_table_names("public")))
 
 
-def _postgres_read(url: URL, read: Callable[[Connection], T]) -> T:
-    """``read`` on a connection to the database; a failure is one line."""
+def _on_postgres(url: URL, read: Callable[[Connection], T], doing: str = "read") -> T:
+    """``read`` in a transaction on the database, committed; a failure is one line."""
     engine = make_engine(url.render_as_string(hide_password=False))
     try:
-        with engine.connect() as conn:
+        with engine.begin() as conn:
             return read(conn)
     except Exception as exc:  # any driver error: one line for the operator
         raise BackupError(
-            f"cannot read the database at {_shown(url)}: {_first_line(exc)}"
+            f"cannot {doing} the database at {_shown(url)}: {first_line(exc)}"
         ) from None
     finally:
         engine.dispose()
+
+
+def _shown(url: URL) -> str:
+    return shown_url(url.render_as_string(hide_password=False))
 
 
 def _key_source(settings: Settings) -> str:
@@ -502,17 +513,12 @@ def _restore_sqlite(source: Path, target: Path) -> None:
 
 def _restore_postgres(archive: Path, url: URL, saved: Path | None) -> None:
     """Empty the database's ``public`` schema, then ``pg_restore`` the archive into it."""
-    engine = make_engine(url.render_as_string(hide_password=False))
-    try:
-        with engine.begin() as conn:
-            conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
-            conn.execute(text("CREATE SCHEMA public"))
-    except Exception as exc:  # any driver error: one line for the operator
-        raise BackupError(
-            f"cannot empty the database at {_shown(url)} for the restore: {_first_line(exc)}"
-        ) from None
-    finally:
-        engine.dispose()
+
+    def empty(conn: Connection) -> None:
+        conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+
+    _on_postgres(url, empty, "empty")
     try:
         _run_client(
             "pg_restore",
@@ -551,16 +557,6 @@ def _read_only(path: Path) -> str:
 
 def _sqlite_parts(path: Path) -> list[Path]:
     return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
-
-
-def _shown(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def _missing_client(tool: str) -> str:

@@ -213,7 +213,7 @@ def shown_url(url: str) -> str:
         return _PASSWORD_IN_URL.sub(r"\1:***@", url)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """A driver's message, first line, without SQLAlchemy's background link."""
     orig = getattr(exc, "orig", None) or exc
     lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
@@ -260,7 +260,7 @@ def open_database(url: str) -> Database:
 
 def _unusable(db: Database, shown: str, exc: DBAPIError, *, migrating: bool = False) -> str:
     """Why a database that was found cannot be used, in one sentence."""
-    reason = _first_line(exc)
+    reason = first_line(exc)
     if db.engine.dialect.name == "sqlite":
         path = db.engine.url.database
         if "not a database" in reason or "malformed" in reason:
