@@ -20,6 +20,7 @@ from spies import spy_agent, wait_until
 from helpers import wait_for_state
 from labgate.db.models import Instance
 from labgate.wire.agent import ReportMsg
+from labgate.wire.routes import NO_ENDPOINT
 
 
 async def add_site(
@@ -140,3 +141,52 @@ async def test_a_bad_stored_endpoint_does_not_stop_the_route_table_loading(
     await portal.run_db(plant)
     await portal.run_db(portal.routes.load)  # what every start does: no exception
     assert iid not in portal.routes.table.routes
+
+
+@pytest.mark.parametrize("reach", ["direct", "tunnel"])
+async def test_only_a_tunneled_sites_launches_may_listen_on_a_socket(
+    app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str], reach: str
+) -> None:
+    """The agent alone connects to a tunneled site's instances: their tools may take a Unix
+    socket (docs/sites.md); a directly reached site's must listen where the router can."""
+    token = await add_site(client, admin_headers, "east", reach)
+    async with spy_agent(app.state.test_url, "east", token) as spy:
+        iid = await launch_on(client, admin_headers, spy, "east")
+        launched = next(c for c in spy.commands if c["op"] == "launch")
+        assert launched["args"]["spec"]["on_socket"] is (reach == "tunnel")
+        await report(spy, iid, "starting")
+        await stop(client, admin_headers, iid)
+
+
+async def test_a_socket_endpoint_is_never_the_routers_once_the_site_is_reached_directly(
+    app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
+) -> None:
+    """An instance of a tunneled site on a Unix socket (or an agent's lie about one), then
+    the site switched to ``direct``: the router must not look the path up on its own host."""
+    token = await add_site(client, admin_headers, "east", "tunnel")
+    routes = app.state.portal.routes.table.routes
+    endpoint = "unix:/run/podman/podman.sock"
+    async with spy_agent(app.state.test_url, "east", token) as spy:
+        iid = await launch_on(client, admin_headers, spy, "east")
+        await report(spy, iid, "starting")
+        await report(spy, iid, "running", endpoint)
+        await wait_until(lambda: iid in routes and routes[iid].state == "running")
+        assert routes[iid].upstream == f"tunnel:east/{iid}"
+        changed = await client.patch(
+            "/api/v1/sites/east", json={"reach": "direct"}, headers=admin_headers
+        )
+        assert changed.status_code == 200, changed.text
+        await wait_until(lambda: not routes[iid].upstream.startswith("tunnel:"))
+        assert routes[iid].upstream == NO_ENDPOINT
+    # The agent is away now: the instance's route still never leads to the socket.
+    await wait_for_state(client, admin_headers, iid, {"unreachable"}, timeout=20)
+    assert routes[iid].upstream == NO_ENDPOINT
+    assert (await stored(app, iid))[1] == endpoint
+    async with spy_agent(app.state.test_url, "east", token) as again:
+        again.seq = spy.seq  # the same agent, back: its reports carry on its numbering
+        for _ in range(200):
+            site = (await client.get("/api/v1/sites/east", headers=admin_headers)).json()
+            if site["status"] == "connected":
+                break
+            await asyncio.sleep(0.05)
+        await stop(client, admin_headers, iid)

@@ -58,6 +58,13 @@ def test_an_agent_dials_in_and_runs_instances_users_reach_through_the_router(
             body = wait_state(client, iid, {"running", "failed"}, timeout=60)
             assert body["state"] == "running", (body, agent.log())
             assert body["site"] == "edge"
+            # Only the agent connects to a tunneled site's instance: its demo takes a socket
+            # in the site's data dir (docs/sites.md); a direct site's listens on a port.
+            if reach == "tunnel":
+                sock = tmp_path / "edge" / "sockets" / iid / "tool.sock"
+                assert body["endpoint"] == f"unix:{sock}" and sock.is_socket()
+            else:
+                assert body["endpoint"].startswith("http://127.0.0.1:")
             # The workspace is the site's: under the agent's data dir, not the portal's.
             assert (tmp_path / "edge" / "workspaces" / "admin").is_dir()
             assert not (server.data_dir / "workspaces" / "admin").exists()
@@ -65,6 +72,7 @@ def test_an_agent_dials_in_and_runs_instances_users_reach_through_the_router(
             assert page.status_code == 200, page.text
             client.delete(f"/api/v1/instances/{iid}")
             assert wait_state(client, iid, {"stopped", "lost"})["state"] == "stopped"
+            assert not (tmp_path / "edge" / "sockets" / iid).exists()
     finally:
         agent.stop()
 

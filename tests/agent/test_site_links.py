@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,11 @@ from labgate.agent.remote import RemoteAgent
 from labgate.agent.site import Adoption
 from labgate.backends import cgroups
 from labgate.backends.base import LaunchSpec, Resources
+from labgate.backends.claim import Claim
+from labgate.backends.identity import pool_identity_number
+from labgate.backends.process import ProcessBackend
 from labgate.backends.registry import load_catalog
+from labgate.backends.sockets import connectable
 from labgate.tools.catalog import Tool
 from labgate.wire.agent import Heartbeat, Hello, Welcome
 from labgate.wire.launch import SnapshotRequest
@@ -120,7 +124,12 @@ class Network:
 
 @contextlib.asynccontextmanager
 async def network_link(
-    tmp: Path, recorder: Recorder, catalog: list[Tool], *, heartbeat: float = 0.5
+    tmp: Path,
+    recorder: Recorder,
+    catalog: list[Tool],
+    *,
+    heartbeat: float = 0.5,
+    reach: str = "direct",
 ) -> AsyncIterator[tuple[NetworkSiteLink, Network]]:
     links: dict[str, SiteLink] = {}
     hub = SiteHub(
@@ -130,7 +139,7 @@ async def network_link(
         command_timeout=10,
     )
     hub.events = recorder
-    await hub.register("edge", "process", "direct")
+    await hub.register("edge", "process", reach)
     info = SiteInfo(name="edge", backend="process")
 
     async def handler(ws: ServerConnection) -> None:
@@ -707,3 +716,41 @@ async def test_an_unreadable_saved_state_is_reported_lost(tmp_path, demo) -> Non
         await link.adopt(Adoption(spec_of(demo, "bad1"), "running", {"nonsense": 1}, "", 60.0))
         await recorder.wait_state("bad1", "lost")
     assert any("unreadable" in r.message for r in recorder.reports if r.state == "lost")
+
+
+async def ask_over_socket(endpoint: str, path: str, secret: str) -> httpx.Response:
+    """A request to a tool on its Unix socket, the way the agent makes it."""
+    with connectable(endpoint.removeprefix("unix:")) as where:
+        transport = httpx.AsyncHTTPTransport(uds=where)
+        async with httpx.AsyncClient(transport=transport, timeout=10) as http:
+            return await http.get(
+                f"http://tool{path}", headers={"Authorization": f"token {secret}"}
+            )
+
+
+async def test_a_tunneled_sites_warm_instance_on_its_socket_is_claimed(
+    tmp_path: Path, demo: Tool
+) -> None:
+    """At a tunneled site the demo takes a socket; the claim hook reaches it there too."""
+    reason = ProcessBackend(site_settings(tmp_path / "probe")).claim_support(demo)
+    if reason is not None:
+        pytest.skip(f"claims need root and bubblewrap (apt-get install bubblewrap): {reason}")
+    recorder = Recorder()
+    async with network_link(tmp_path, recorder, [demo], reach="tunnel") as (link, _):
+        number = pool_identity_number(98_000_000 + os.getpid() % 1_000_000)
+        spec = replace(
+            spec_of(demo, "warm1", owner="_pool"), owner_id=number, workspace=Path("_pool/warm1")
+        )
+        await link.launch(spec)
+        await recorder.wait_state("warm1", "running")
+        endpoint, state = endpoint_of(recorder, "warm1")
+        directory = tmp_path / "site" / "sockets" / "warm1"
+        assert endpoint == f"unix:{directory / 'tool.sock'}"
+        before = await ask_over_socket(endpoint, "/i/warm1/api/info", spec.secret)
+        assert before.json()["user"] == "_pool"
+        claimed = await link.claim("warm1", Claim("warm1", "bob", Path("bob"), 2))
+        after = await ask_over_socket(endpoint, "/i/warm1/api/info", spec.secret)
+        assert after.json()["user"] == "bob"
+        await link.stop("warm1", {**state, **claimed})
+        await recorder.wait_state("warm1", "stopped")
+        assert not directory.exists()

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -51,7 +52,12 @@ class Upstream:
         self.bytes_sent = 0
         self.url = ""
 
-    async def start(self) -> Upstream:
+    async def start(self, path: str = "") -> Upstream:
+        """Listen on loopback, or on the Unix socket ``path``."""
+        if path:
+            self.server = await asyncio.start_unix_server(self.handle, path)
+            self.url = f"unix:{path}"
+            return self
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
@@ -620,6 +626,46 @@ async def test_unreachable_endpoint_refused(link: Linked) -> None:
     await link.request(reader, writer, f"{prefix}/", status=502)
     assert link.near.streams_refused == 1
     writer.close()
+
+
+async def test_an_instance_on_a_unix_socket_is_reached_through_the_tunnel(
+    make_link: LinkFactory, tmp_path: Path
+) -> None:
+    upstream = await Upstream().start(str(tmp_path / "tool.sock"))
+    try:
+        link = await make_link()
+        link.endpoints["sock"] = upstream.url
+        prefix = link.route("sock")
+        reader, writer = await link.client()
+        assert await link.request(reader, writer, f"{prefix}/a") == f"hello {prefix}/a".encode()
+        got = await link.request(reader, writer, f"{prefix}/pattern/{3 * MiB}")
+        assert got == pattern(3 * MiB)
+        assert upstream.connections == 1
+        writer.close()
+    finally:
+        await upstream.stop()
+
+
+async def test_a_link_in_place_of_an_instances_socket_is_not_followed(
+    make_link: LinkFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The instance's uid owns its socket's directory: a link planted there (to a socket
+    only root may use, say) leads the agent nowhere."""
+    elsewhere = await Upstream().start(str(tmp_path / "engine.sock"))
+    try:
+        (tmp_path / "tool.sock").symlink_to(tmp_path / "engine.sock")
+        link = await make_link()
+        link.endpoints["planted"] = f"unix:{tmp_path / 'tool.sock'}"
+        prefix = link.route("planted")
+        reader, writer = await link.client()
+        with caplog.at_level(logging.WARNING, logger="labgate.agent.tunnel"):
+            await link.request(reader, writer, f"{prefix}/", status=502)
+        assert "cannot connect" in caplog.text
+        assert link.agent.streams_refused == 1
+        assert elsewhere.connections == 0
+        writer.close()
+    finally:
+        await elsewhere.stop()
 
 
 async def test_connection_loss_closes_every_stream(link: Linked, upstream: Upstream) -> None:

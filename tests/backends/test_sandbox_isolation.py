@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
+from labgate.agent.site import listening, probe_address
 from labgate.backends import limits as limits_module
 from labgate.backends.archive import save_workspace
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, SnapshotRef, Started
@@ -39,6 +40,7 @@ from labgate.backends.claim import Claim
 from labgate.backends.process import ProcessBackend
 from labgate.backends.procfs import instance_processes
 from labgate.backends.registry import load_catalog
+from labgate.backends.sockets import SANDBOX_DIR, SOCKET_NAME, connectable
 from labgate.config import Settings
 from labgate.tools.catalog import ProcessSpec, Tool
 
@@ -242,6 +244,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
         workspace: Path | None = None,
         snapshot: SnapshotRef | None = None,
         params: dict[str, str] | None = None,
+        on_socket: bool = False,
     ) -> tuple[Started, LaunchSpec]:
         instance_id = f"t{uuid.uuid4().hex[:12]}"
         workspace = workspace or settings.workspaces_dir / owner
@@ -267,6 +270,7 @@ async def launch(settings: Settings) -> AsyncIterator[Launch]:
             mounts=mounts,
             snapshot=snapshot,
             params=params or {},
+            on_socket=on_socket,
         )
         result = await (using or backend).start(spec)
         started.append(result.state)
@@ -410,6 +414,88 @@ async def test_unix_sockets_are_out_of_reach(launch: Launch, settings: Settings)
     assert refused(result, "engine", "ENOENT")  # a private /run
     assert refused(result, "portal_path", "ENOENT")  # the data dir is not there
     assert refused(result, "portal_handle", "EPERM")  # nor reachable by file handle
+
+
+async def tool_answers_on_its_socket(started: Started, spec: LaunchSpec) -> None:
+    """Wait until the tool answers its health path on its socket, the way the agent asks."""
+    path = started.endpoint.removeprefix("unix:")
+    health = f"http://tool{spec.base_url.rstrip('/')}{spec.tool.health_path}"
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError, OSError), connectable(path) as where:
+            transport = httpx.AsyncHTTPTransport(uds=where)
+            async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+                token = {"Authorization": f"token {spec.secret}"}
+                if (await client.get(health, headers=token)).status_code == 200:
+                    return
+        log = Path(started.state["log"]).read_text()
+        assert time.monotonic() < deadline, f"no answer on {path}; log:\n{log}"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_instance_on_a_socket_listens_on_no_port_and_only_its_uid_enters(
+    launch: Launch, settings: Settings
+) -> None:
+    """A tunneled site's tool on its Unix socket: no port of the host, no other account in."""
+    started, spec = await launch(tool=app_tool("demo"), on_socket=True)
+    directory = Path(started.state["socket_dir"])
+    assert started.endpoint == f"unix:{directory / SOCKET_NAME}"
+    assert directory.parent == settings.data_dir / "sockets"
+    info = directory.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (BASE + ALICE, BASE + ALICE, 0o700)
+    await tool_answers_on_its_socket(started, spec)
+    pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
+    assert pids and host_listening_ports(pids) == set()
+
+    # Another local account, even one that could pass the data dir, cannot connect.
+    for passable in (settings.data_dir, directory.parent):
+        passable.chmod(0o711)
+    connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+    other = subprocess.run(
+        ["python3", "-I", "-S", "-c", connect, str(directory / SOCKET_NAME)],
+        user=BASE + BOB, cwd="/", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
+    # Bob's own instance does not see the path at all (the data dir is not in his sandbox).
+    bobs, bob_spec = await launch(
+        "sockets", owner="bob", owner_id=BOB,
+        config={"data_dir": file_handle(settings.data_dir),
+                "portal_socket": str(directory / SOCKET_NAME)},
+    )  # fmt: skip
+    assert refused(await probe_result(bobs, bob_spec), "portal_path", "ENOENT")
+
+    await ProcessBackend(settings).stop(started.state, 5)
+    assert not directory.exists()
+
+
+async def test_a_link_put_in_place_of_the_socket_is_not_followed(
+    launch: Launch, settings: Settings
+) -> None:
+    """A shell in the instance swaps its socket for a link to a root-only socket of the host:
+    the agent (root) connects to nothing through it."""
+    started, spec = await launch(tool=app_tool("demo"), on_socket=True)
+    await tool_answers_on_its_socket(started, spec)
+    engine = settings.data_dir / "engine.sock"  # stands for the container engine's socket
+    with socket.socket(socket.AF_UNIX) as decoy:
+        decoy.bind(str(engine))
+        decoy.listen(8)
+        decoy.setblocking(False)
+        pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
+        ours = os.readlink("/proc/self/ns/mnt")
+        inner = [pid for pid in pids if os.readlink(f"/proc/{pid}/ns/mnt") != ours]
+        swap = (
+            "import os\n"
+            f"os.unlink({SANDBOX_DIR + '/' + SOCKET_NAME!r})\n"
+            f"os.symlink({str(engine)!r}, {SANDBOX_DIR + '/' + SOCKET_NAME!r})\n"
+        )
+        await _run_in(inner[0], BASE + ALICE, swap)
+        planted = Path(started.state["socket_dir"]) / SOCKET_NAME
+        assert planted.is_symlink()
+        assert not await listening(probe_address(started.endpoint))
+        with pytest.raises(OSError), connectable(str(planted)):
+            pass
+        with pytest.raises(BlockingIOError):
+            decoy.accept()  # nothing reached the host's socket
 
 
 # --- plain file permissions ------------------------------------------------------
@@ -787,6 +873,7 @@ from pathlib import Path
 from labgate.backends.base import LaunchSpec, Resources
 from labgate.backends.process import ProcessBackend
 from labgate.backends.registry import load_catalog
+from labgate.backends.sockets import SANDBOX_DIR, SOCKET_NAME, connectable
 from labgate.config import Settings
 
 settings = Settings(data_dir=Path(sys.argv[1]), sandbox="bwrap")

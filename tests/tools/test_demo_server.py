@@ -160,3 +160,46 @@ def test_many_connections_at_once_within_the_default_memory_limit(tmp_path: Path
             sock.close()
         process.send_signal(signal.SIGTERM)
         process.wait(10)
+
+
+async def test_on_a_unix_socket_it_serves_the_same_and_removes_the_socket_at_exit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "tool.sock"
+    path.write_text("left by an earlier run")  # replaced, not an error
+    env = {**os.environ, "LABGATE_INSTANCE_TOKEN": "demo-secret", "HOME": str(tmp_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "labgate.tools.demo", "--socket", str(path), "--base-url", "/i/x/"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        transport = httpx.AsyncHTTPTransport(uds=str(path))
+        async with httpx.AsyncClient(transport=transport, base_url="http://demo") as client:
+            for _ in range(200):
+                try:
+                    answer = await client.get("/i/x/api/health", headers=TOKEN)
+                    break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.02)
+            assert answer.json() == {"ready": True}
+            assert (await client.get("/i/x/api/health")).status_code == 403
+            data = os.urandom(300_000)
+            (tmp_path / "blob").write_bytes(data)
+            got = await client.get(
+                "/i/x/api/download", params={"path": str(tmp_path / "blob")}, headers=TOKEN
+            )
+            assert got.content == data
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+    assert not path.exists()
+
+
+def test_it_listens_on_a_port_or_a_socket_not_both(tmp_path: Path) -> None:
+    both = subprocess.run(
+        [sys.executable, "-m", "labgate.tools.demo", "--port", "1", "--socket", "s"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=30, check=False,
+    )  # fmt: skip
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr

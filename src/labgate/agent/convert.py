@@ -67,6 +67,7 @@ def spec_msg(spec: LaunchSpec) -> LaunchSpecMsg:
         image=spec.image,
         options=dict(spec.options),
         params=dict(spec.params),
+        on_socket=spec.on_socket,
     )
 
 
@@ -93,6 +94,7 @@ def spec_of(msg: LaunchSpecMsg, tools: Mapping[str, Tool] | None = None) -> Laun
         image=msg.image,
         options=dict(msg.options),
         params=dict(msg.params),
+        on_socket=msg.on_socket,
     )
 
 

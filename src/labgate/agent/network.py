@@ -18,7 +18,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
@@ -252,6 +252,8 @@ class NetworkSiteLink(SiteLink):
     # --- commands ------------------------------------------------------------
     async def launch(self, spec: LaunchSpec) -> None:
         """Ask the agent to start an instance."""
+        # A tunneled site's instances are reached only by its agent: a Unix socket will do.
+        spec = replace(spec, on_socket=self.reach == "tunnel")
         await self.call("launch", {"spec": convert.spec_msg(spec).model_dump(mode="json")})
 
     async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:

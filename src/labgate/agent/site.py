@@ -29,6 +29,7 @@ from labgate.backends.base import (
     SnapshotResult,
     Started,
 )
+from labgate.backends.sockets import connectable
 from labgate.errors import Conflict, LabgateError
 from labgate.wire.routes import UpstreamAddress, parse_upstream
 from labgate.wire.site import (
@@ -88,10 +89,10 @@ class Watched:
     running: bool = False
 
 
-def health_url(spec: LaunchSpec, endpoint: str) -> str:
-    """Where the agent checks that a tool is ready."""
+def tool_path(spec: LaunchSpec, path: str) -> str:
+    """The path of the tool's ``path`` (its health or claim path) as the tool serves it."""
     prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
-    return endpoint.rstrip("/") + prefix + spec.tool.health_path
+    return prefix + path
 
 
 def probe_address(endpoint: str) -> UpstreamAddress | None:
@@ -109,10 +110,12 @@ async def listening(address: UpstreamAddress | None) -> bool:
         return True
     try:
         if address.path:
-            connecting = asyncio.open_unix_connection(address.path)
+            with connectable(address.path) as where:
+                connecting = asyncio.open_unix_connection(where)
+                _, writer = await wait_for(connecting, HEALTH_REQUEST_TIMEOUT)
         else:
             connecting = asyncio.open_connection(address.host, address.port)
-        _, writer = await wait_for(connecting, HEALTH_REQUEST_TIMEOUT)
+            _, writer = await wait_for(connecting, HEALTH_REQUEST_TIMEOUT)
     except (OSError, TimeoutError):
         return False
     writer.close()
@@ -543,18 +546,42 @@ class SiteAgent:
             spec, owner=claim.owner, owner_id=claim.owner_id, workspace=claim.workspace
         )
         if spec.tool.claim_path:
-            prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
-            url = watched.endpoint.rstrip("/") + prefix + spec.tool.claim_path
             body = {"user": claim.owner, "workspace": claimed.workspace}
             try:
-                response = await self._http.post(
-                    url, json=body, headers={"Authorization": f"token {spec.secret}"}
+                response = await self._ask_tool(
+                    "POST",
+                    watched.endpoint,
+                    tool_path(spec, spec.tool.claim_path),
+                    json=body,
+                    headers={"Authorization": f"token {spec.secret}"},
                 )
             except httpx.HTTPError as exc:
                 raise ClaimError(f"the tool's claim hook failed: {exc!r}") from None
             if response.status_code >= 400:
                 raise ClaimError(f"the tool's claim hook answered {response.status_code}")
         return claimed.state
+
+    async def _ask_tool(
+        self, method: str, endpoint: str, path: str, **kwargs: Any
+    ) -> httpx.Response:
+        """One HTTP request to a tool at its endpoint (``http://HOST:PORT`` or ``unix:/path``).
+
+        A Unix socket is connected to without following a link
+        (:func:`~labgate.backends.sockets.connectable`): the instance's uid
+        owns the directory it is in. Raises :class:`httpx.HTTPError`.
+        """
+        address = probe_address(endpoint)
+        if address is None or not address.path:
+            return await self._http.request(method, endpoint.rstrip("/") + path, **kwargs)
+        try:
+            with connectable(address.path) as where:
+                transport = httpx.AsyncHTTPTransport(uds=where)
+                async with httpx.AsyncClient(
+                    transport=transport, timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False
+                ) as client:
+                    return await client.request(method, f"http://localhost{path}", **kwargs)
+        except OSError as exc:
+            raise httpx.ConnectError(f"{address.path}: {exc.strerror or exc}") from None
 
     async def reconcile(self, known: set[str]) -> list[str]:
         """Have the backend remove what neither the portal (``known``) nor this agent knows."""
@@ -688,7 +715,7 @@ class SiteAgent:
         alive and still using CPU, the tool's ``start_grace`` is added once.
         """
         iid = spec.instance_id
-        url = health_url(spec, started.endpoint)
+        path = tool_path(spec, spec.tool.health_path)
         headers = {"Authorization": f"token {spec.secret}"}
         begun = time.monotonic()
         deadline = begun + budget
@@ -740,7 +767,7 @@ class SiteAgent:
                 last_problem = "nothing listens at the tool's address yet"
             else:
                 try:
-                    response = await self._http.get(url, headers=headers)
+                    response = await self._ask_tool("GET", started.endpoint, path, headers=headers)
                     if response.status_code < 400:
                         watched = self.watched.get(iid)
                         if watched is not None:

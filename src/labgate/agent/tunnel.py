@@ -27,6 +27,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from labgate.aio import cancel_and_wait, wait_for
+from labgate.backends.sockets import connectable
 from labgate.wire.routes import parse_upstream
 from labgate.wire.tunnel import (
     MAX_OPEN,
@@ -221,10 +222,13 @@ class AgentTunnel(TunnelEnd, asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             if path:
-                connecting = loop.create_unix_connection(lambda: stream, path)
+                # Not by its path: the instance's uid owns the socket's directory.
+                with connectable(path) as where:
+                    connecting = loop.create_unix_connection(lambda: stream, where)
+                    await wait_for(connecting, CONNECT_TIMEOUT)
             else:
                 connecting = loop.create_connection(lambda: stream, host, port)
-            await wait_for(connecting, CONNECT_TIMEOUT)
+                await wait_for(connecting, CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             if self.streams.get(stream.id) is stream:
                 self.forget(stream)

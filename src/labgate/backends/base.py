@@ -157,6 +157,9 @@ class LaunchSpec:
     image: str = ""
     #: The tool's launch parameters, checked, by name: ``{param_<name>}`` in its templates.
     params: dict[str, str] = field(default_factory=dict)
+    #: Only the site's agent connects to the instance (a tunneled site): a backend that can
+    #: serves it on a Unix socket (the process backend, for a tool with a socket_command).
+    on_socket: bool = False
 
 
 class SnapshotUnsupported(LabgateError):

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from labgate.backends import cgroups
+from labgate.backends import cgroups, sockets
 from labgate.backends.archive import SUFFIX as ARCHIVE_SUFFIX
 from labgate.backends.archive import (
     delete_archive,
@@ -137,6 +137,23 @@ def _describe_processes(processes: dict[int, int]) -> str:
         words = _STATE_WORDS.get(info.state, "")
         parts.append(f"{pid} ({name}, state {info.state}{': ' + words if words else ''})")
     return ", ".join(parts)
+
+
+def _socket_value(sock_dir: Path | None, *, sandboxed: bool) -> str:
+    """``{socket}`` of a tool's command: where the tool sees its socket ("" none)."""
+    if sock_dir is None:
+        return ""
+    return (
+        f"{sockets.SANDBOX_DIR}/{sockets.SOCKET_NAME}"
+        if sandboxed
+        else str(sock_dir / sockets.SOCKET_NAME)
+    )
+
+
+def _discard_sockets(sock_dir: Path | None) -> None:
+    """A launch failed: its socket directory goes."""
+    if sock_dir is not None:
+        sockets.remove(sock_dir)
 
 
 def _listen(port: int) -> socket.socket:
@@ -418,7 +435,8 @@ class ProcessBackend(Backend):
             except OSError as exc:
                 raise InstanceStartError(f"cannot give the workspace to its user: {exc}") from exc
 
-        port = self.fresh_port()
+        sock_dir = self._socket_dir(spec, tool, sandboxed=bwrap is not None)
+        port = self.fresh_port() if sock_dir is None else 0
         values = template_values(
             port=port,
             base_url=spec.base_url,
@@ -427,11 +445,20 @@ class ProcessBackend(Backend):
             user=spec.owner,
             instance_token=spec.secret,
             params=spec.params,
+            socket=_socket_value(sock_dir, sandboxed=bwrap is not None),
         )
         try:
-            command, tool_env = tool.render(values)
+            command, tool_env = tool.render(values, on_socket=sock_dir is not None)
         except (KeyError, IndexError, ValueError) as exc:
             raise InstanceStartError(f"bad command template of {spec.tool.name!r}: {exc}") from exc
+        if sock_dir is not None:
+            try:
+                if identity is None:
+                    sockets.prepare(sock_dir, None, None)
+                else:
+                    sockets.prepare(sock_dir, identity.uid, identity.gid)
+            except OSError as exc:
+                raise InstanceStartError(f"cannot make the tool's socket directory: {exc}") from exc
         env = self.environment(spec, workspace, tool_env)
         if identity is not None:
             env["USER"] = spec.owner  # the uid has no account name of its own
@@ -448,12 +475,15 @@ class ProcessBackend(Backend):
                     extra_ro=self.extra_ro_binds,
                     switch_uid=identity is not None,
                     private_network=tool.private_network,
+                    socket_dir=sock_dir,
                 )
             except SandboxError as exc:
+                _discard_sockets(sock_dir)
                 raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
             fds = plan.fds
             if not plan.shows(command[0]):
                 close_fds(fds)
+                _discard_sockets(sock_dir)
                 raise InstanceStartError(
                     f"{command[0]} is not visible inside the sandbox; add its directory to "
                     "the backend option extra_ro_binds"
@@ -484,6 +514,7 @@ class ProcessBackend(Backend):
         except InstanceStartError:
             if cgroup is not None:
                 cgroups.remove(cgroup.paths)
+            _discard_sockets(sock_dir)
             raise
         finally:
             close_fds(fds)  # bwrap (or the tool) holds its own copies now
@@ -509,8 +540,35 @@ class ProcessBackend(Backend):
             "own_uid": pool and identity is not None,
             "limits": limits.as_json(),
             "started_at": time.time(),
+            "socket_dir": str(sock_dir) if sock_dir is not None else None,
         }
+        if sock_dir is not None:
+            return Started(state=state, endpoint=f"unix:{sock_dir / sockets.SOCKET_NAME}")
         return Started(state=state, endpoint=f"http://127.0.0.1:{port}")
+
+    @property
+    def sockets_dir(self) -> Path:
+        """Where instances' socket directories are (:mod:`labgate.backends.sockets`)."""
+        return self.settings.data_dir / "sockets"
+
+    def _socket_dir(
+        self, spec: LaunchSpec, tool: ProcessSpec, *, sandboxed: bool
+    ) -> Path | None:
+        """The instance's socket directory when it is to listen on a Unix socket, else None."""
+        if not spec.on_socket or tool.socket_command is None:
+            return None
+        path = sockets.socket_dir(self.sockets_dir, spec.instance_id)
+        if not sandboxed and not sockets.fits(path):
+            log.warning(
+                "instance %s listens on a port: unsandboxed, its tool would bind a socket "
+                "under %s, longer than a socket address holds (%d bytes); give the site a "
+                "shorter data_dir",
+                spec.instance_id,
+                self.sockets_dir,
+                sockets.MAX_PATH,
+            )
+            return None
+        return path
 
     def identity(self, owner_id: int | None, *, pool: bool = False) -> Identity | None:
         """Who an instance of user ``owner_id`` runs as; None: the server's own account.
@@ -667,6 +725,8 @@ class ProcessBackend(Backend):
         scratch = self._pool_workspace(state)
         if scratch is not None:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
+        if state.get("socket_dir"):
+            await asyncio.to_thread(sockets.remove, Path(str(state["socket_dir"])))
         if state.get("own_uid") and state.get("uid") is not None:
             # Nobody runs as this uid again: what its tool kept in the uid's keyrings would
             # stay in the kernel's memory, unread, for as long as the machine runs.
@@ -686,14 +746,17 @@ class ProcessBackend(Backend):
         paths = await asyncio.to_thread(cgroups.paths_of, instance_id)
         if paths:
             await asyncio.to_thread(cgroups.remove, paths, 1.0)
+        await asyncio.to_thread(sockets.remove, sockets.socket_dir(self.sockets_dir, instance_id))
 
     async def reconcile(self, keep: Collection[str]) -> list[str]:
-        """Remove empty cgroups of instances that ended unseen; processes are left alone.
+        """Remove empty cgroups and unused socket directories of instances that ended unseen;
+        processes are left alone.
 
         Returns no instance ids: an instance this backend lost track of is
-        reported lost by ``poll``; only its cgroup directories are tidied here.
+        reported lost by ``poll``; only its directories are tidied here.
         """
         await asyncio.to_thread(cgroups.sweep, set(keep))
+        await asyncio.to_thread(sockets.sweep, self.sockets_dir, set(keep))
         return []
 
     # --- warm pools (see labgate.backends.claim) ----------------------------------

@@ -53,6 +53,7 @@ from pathlib import Path
 
 from labgate.backends.base import Mount
 from labgate.backends.confine import EscapesRoot, open_mount
+from labgate.backends.sockets import SANDBOX_DIR
 
 #: Top-level system directories, bound read-only (or recreated as symlinks on
 #: merged-/usr systems such as Debian 12) when they exist on the machine.
@@ -147,6 +148,7 @@ def bwrap_argv(
     hostname: str = "labgate",
     switch_uid: bool = False,
     private_network: bool = False,
+    socket_dir: Path | None = None,
 ) -> SandboxPlan:
     """The ``bwrap`` command line (up to and including ``--``) for one instance.
 
@@ -156,6 +158,8 @@ def bwrap_argv(
     ``switch_uid``: the command switches to an unprivileged uid itself, so
     ``bwrap`` keeps exactly the capabilities that needs for it.
     ``private_network``: a network namespace of its own, with only a loopback.
+    ``socket_dir``: the instance's socket directory (of the data dir), bound at
+    :data:`~labgate.backends.sockets.SANDBOX_DIR`.
     """
     argv = [
         bwrap,
@@ -211,6 +215,9 @@ def bwrap_argv(
     ws = str(workspace)
     binds += ["--bind", ws, ws]
     visible.append(ws)
+    if socket_dir is not None:
+        binds += ["--bind", str(socket_dir), SANDBOX_DIR]
+        visible.append(SANDBOX_DIR)
     fds = mount_args(bwrap, mounts, binds)
     visible += [mount.target for mount in mounts]
     if switch_uid:

@@ -25,6 +25,7 @@ from labgate.portal.state import Portal
 from labgate.portal.tunnel_routers import TunnelRouters
 from labgate.scheduler.liveness import SiteLiveness
 from labgate.security import TunnelTickets
+from labgate.wire.routes import NO_ENDPOINT
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ async def start_network_sites(portal: Portal, relay: Relay | None = None) -> Sit
     for name, backend, reach in await portal.run_db(network_sites):
         await hub.register(name, backend, reach)
     if portal.routes is not None:
-        portal.routes.upstream_of = lambda instance: tunnel_upstream(portal, instance)
+        portal.routes.upstream_of = lambda instance: network_upstream(portal, instance)
         portal.routes.own_epochs = lambda: dict(hub.epochs)
         # The table was loaded before these links existed: a tunneled site's instances
         # are reached through its tunnel, never at endpoints nothing can connect to.
@@ -93,9 +94,19 @@ async def reroute(portal: Portal, *sites: ColumnElement[bool]) -> None:
         portal.routes.instance_changed(instance)
 
 
-def tunnel_upstream(portal: Portal, instance: Routable) -> str | None:
-    """The router's upstream for an instance of a tunneled site (None: its endpoint)."""
+def network_upstream(portal: Portal, instance: Routable) -> str | None:
+    """The router's upstream for an instance of a network site when it is not the
+    instance's endpoint (None: its endpoint).
+
+    A tunneled site's instances: its tunnel. A Unix socket at a site reached
+    directly (the instance started while the site was tunneled; or an agent's
+    lie, accepted then): :data:`~labgate.wire.routes.NO_ENDPOINT`, never a
+    path the router would look up on its own host.
+    """
     link = portal.links.get(instance.site_name or "")
     if not isinstance(link, NetworkSiteLink):
         return None
-    return link.tunnel_upstream(instance.id)
+    tunneled = link.tunnel_upstream(instance.id)
+    if tunneled is None and (instance.endpoint or "").startswith("unix:"):
+        return NO_ENDPOINT
+    return tunneled

@@ -25,6 +25,9 @@ A tool file looks like::
                "--base-url", "{base_url}"]
     requires = ["python"]   # executables or importable modules that must exist
     env = { DEMO_GREETING = "hello" }
+    # optional: the same tool on a Unix socket, for sites that serve instances on one
+    socket_command = ["{python}", "-m", "labgate.tools.demo", "--socket", "{socket}",
+                      "--base-url", "{base_url}"]
 
     [container]             # how the containers backend starts it
     image = "localhost/labgate/demo:latest"
@@ -81,6 +84,8 @@ _FORMATTER = string.Formatter()
 # The instance token is a secret: allowed in environment values, never on a
 # command line where `ps` would show it to other local users.
 ENV_PLACEHOLDERS = PLACEHOLDERS | {"instance_token"}
+#: A ``socket_command`` listens on ``{socket}`` and has no ``{port}``.
+SOCKET_PLACEHOLDERS = (PLACEHOLDERS - {"port"}) | {"socket"}
 PARAM_PREFIX = "param_"
 M = TypeVar("M", bound=BaseModel)
 
@@ -115,16 +120,26 @@ class ProcessSpec(BaseModel):
     #: (``$LABGATE_LISTEN_FD``, which the token gate serves on). For apps that cannot check
     #: the instance token nor serve on a Unix socket; they get no other network.
     private_network: bool = False
+    #: The command that makes the tool listen on the Unix socket ``{socket}`` instead of
+    #: ``{port}``: a site whose agent alone reaches its instances (a tunneled site) runs it.
+    #: None: the tool always listens on ``{port}``.
+    socket_command: list[str] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
     def _placeholders(self) -> ProcessSpec:
         self.check_placeholders()
+        if self.socket_command is not None and self.private_network:
+            raise ValueError("a tool with private_network cannot have a socket_command")
         return self
 
     def check_placeholders(self) -> None:
         """Refuse unknown ``{placeholders}`` in the command and environment templates."""
         _check_template(self.command, PLACEHOLDERS, "command")
         _check_template(self.env.values(), ENV_PLACEHOLDERS, "env")
+        if self.socket_command is not None:
+            _check_template(self.socket_command, SOCKET_PLACEHOLDERS, "socket_command")
+            if not any("{socket}" in part for part in self.socket_command):
+                raise ValueError("socket_command must listen on {socket}")
 
     def missing_requirement(self) -> str | None:
         """Why the command cannot run on this machine (a requirement is missing), or None.
@@ -138,9 +153,13 @@ class ProcessSpec(BaseModel):
                 return f"requires {requirement!r}, which is not installed{fix}"
         return None
 
-    def render(self, values: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-        """The command and environment with their placeholders filled in."""
-        command = [part.format(**values) for part in self.command]
+    def render(
+        self, values: dict[str, str], *, on_socket: bool = False
+    ) -> tuple[list[str], dict[str, str]]:
+        """The command (``socket_command`` when ``on_socket``) and environment with their
+        placeholders filled in."""
+        template = self.socket_command if on_socket and self.socket_command else self.command
+        command = [part.format(**values) for part in template]
         env = {key: value.format(**values) for key, value in self.env.items()}
         return command, env
 
@@ -430,12 +449,14 @@ def template_values(
     user: str,
     instance_token: str,
     params: dict[str, str] | None = None,
+    socket: str = "",
 ) -> dict[str, str]:
     """Values for a process command and environment template (and ``{param_<name>}``)."""
     return {
         **param_placeholders(params or {}),
         "instance_token": instance_token,
         "port": str(port),
+        "socket": socket,
         "base_url": base_url,
         "workspace": workspace,
         "python": sys.executable,

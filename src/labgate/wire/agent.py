@@ -102,6 +102,8 @@ class LaunchSpecMsg(BaseModel):
     #: What the user chose among the site's allowed values (a Slurm partition, wall time...).
     options: dict[str, str] = Field(default_factory=dict)
     params: dict[str, str] = Field(default_factory=dict)
+    #: Only the agent connects to the instance: serve it on a Unix socket where the tool can.
+    on_socket: bool = False
 
 
 class AdoptionMsg(BaseModel):

@@ -22,13 +22,16 @@ and without asyncio, Starlette or uvicorn to import it is ready in about a
 third of the time and CPU (about 45 ms against 120 ms), which is most of what
 50 launches at once cost on a small machine. One thread per connection, with
 keep-alive, ``Content-Length`` and chunked request bodies, ``HEAD``, and
-WebSockets (RFC 6455: masking, fragments, ping and close). Router tests run
+WebSockets (RFC 6455: masking, fragments, ping and close). It listens on
+``--port`` or, where the site serves instances on Unix sockets, on
+``--socket PATH`` (the tool's ``socket_command``). Router tests run
 :class:`Server` in a thread of their own process.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import html
@@ -360,16 +363,43 @@ class Server(socketserver.ThreadingTCPServer):
         super().__init__(address, Handler)
 
 
+class UnixHandler(Handler):
+    """A connection on the Unix socket (no Nagle to turn off)."""
+
+    disable_nagle_algorithm = False
+
+
+class UnixServer(socketserver.ThreadingUnixStreamServer):
+    """:class:`Server` on a Unix socket (``--socket``); the socket file is removed at exit."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, path: str, demo: Demo) -> None:
+        self.demo = demo
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by an earlier run of the same instance
+        super().__init__(path, UnixHandler)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.server_address)  # type: ignore[arg-type]
+
+
 def _stop(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
-def serve(host: str, port: int, base_url: str) -> None:
-    """Serve the demo until TERM or INT, then exit cleanly (exit code 0)."""
+def serve(host: str, port: int, base_url: str, socket_path: str = "") -> None:
+    """Serve the demo (on ``socket_path`` when given, else ``host:port``) until TERM or INT,
+    then exit cleanly (exit code 0)."""
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     threading.stack_size(THREAD_STACK)
-    with Server((host, port), Demo(base_url)) as server:
+    demo = Demo(base_url)
+    server = UnixServer(socket_path, demo) if socket_path else Server((host, port), demo)
+    with server:
         server.serve_forever(poll_interval=3600)
 
 
@@ -381,7 +411,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="labgate demo tool")
-    parser.add_argument("--port", type=int, required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int)
+    where.add_argument("--socket", default="", help="listen on this Unix socket instead")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--base-url", default="/")
     args = parser.parse_args(argv)
@@ -399,5 +431,6 @@ def main(argv: list[str] | None = None) -> None:
     if delay > 0:
         print(f"demo: waiting {delay}s before listening", flush=True)
         time.sleep(delay)
-    print(f"demo: listening on {args.host}:{args.port} under {args.base_url}", flush=True)
-    serve(args.host, args.port, args.base_url)
+    address = args.socket or f"{args.host}:{args.port}"
+    print(f"demo: listening on {address} under {args.base_url}", flush=True)
+    serve(args.host, args.port or 0, args.base_url, args.socket)
