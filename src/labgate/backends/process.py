@@ -551,9 +551,7 @@ class ProcessBackend(Backend):
         """Where instances' socket directories are (:mod:`labgate.backends.sockets`)."""
         return self.settings.data_dir / "sockets"
 
-    def _socket_dir(
-        self, spec: LaunchSpec, tool: ProcessSpec, *, sandboxed: bool
-    ) -> Path | None:
+    def _socket_dir(self, spec: LaunchSpec, tool: ProcessSpec, *, sandboxed: bool) -> Path | None:
         """The instance's socket directory when it is to listen on a Unix socket, else None."""
         if not spec.on_socket or tool.socket_command is None:
             return None
