@@ -416,11 +416,14 @@ async def test_unix_sockets_are_out_of_reach(launch: Launch, settings: Settings)
     assert refused(result, "portal_handle", "EPERM")  # nor reachable by file handle
 
 
-async def tool_answers_on_its_socket(started: Started, spec: LaunchSpec) -> None:
+async def tool_answers_on_its_socket(
+    started: Started, spec: LaunchSpec, timeout: float = 30
+) -> None:
     """Wait until the tool answers its health path on its socket, the way the agent asks."""
     path = started.endpoint.removeprefix("unix:")
-    health = f"http://tool{spec.base_url.rstrip('/')}{spec.tool.health_path}"
-    deadline = time.monotonic() + 30
+    prefix = spec.base_url.rstrip("/") if spec.tool.supports_prefix else ""
+    health = f"http://tool{prefix}{spec.tool.health_path}"
+    deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(httpx.HTTPError, OSError), connectable(path) as where:
             transport = httpx.AsyncHTTPTransport(uds=where)
@@ -466,6 +469,21 @@ async def test_an_instance_on_a_socket_listens_on_no_port_and_only_its_uid_enter
 
     await ProcessBackend(settings).stop(started.state, 5)
     assert not directory.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool_name", ["jupyterlab", "vscode"])
+async def test_the_builtin_tools_listen_on_their_sockets_where_a_site_asks(
+    launch: Launch, tool_name: str
+) -> None:
+    """JupyterLab (``--sock``) and code-server (``--socket``, without the gate) at a
+    tunneled site: they answer on the socket and listen on no port of the host."""
+    tool = app_tool(tool_name)
+    started, spec = await launch(tool=tool, on_socket=True)
+    assert started.endpoint.startswith("unix:")
+    await tool_answers_on_its_socket(started, spec, timeout=120)
+    pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
+    assert pids and host_listening_ports(pids) == set()
 
 
 async def test_a_link_put_in_place_of_the_socket_is_not_followed(
