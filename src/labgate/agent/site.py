@@ -575,7 +575,8 @@ class SiteAgent:
             return await self._http.request(method, endpoint.rstrip("/") + path, **kwargs)
         try:
             with connectable(address.path) as where:
-                transport = httpx.AsyncHTTPTransport(uds=where)
+                # Plain HTTP: verify=False spares building a TLS context (about 35 ms of CPU).
+                transport = httpx.AsyncHTTPTransport(uds=where, verify=False)
                 async with httpx.AsyncClient(
                     transport=transport, timeout=HEALTH_REQUEST_TIMEOUT, follow_redirects=False
                 ) as client:
