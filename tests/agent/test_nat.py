@@ -214,13 +214,13 @@ def test_launch_use_and_stop_through_the_tunnel_from_behind_nat(
     iid = rig.launch()
     body = rig.running(iid)
     assert body["site"] == SITE
-    # The instance listens on the namespace's loopback: the host cannot reach it.
+    # The instance listens on a Unix socket of the site's, which only its agent connects to
+    # (the router reaches it through the tunnel; it never routes to a socket).
     with rig.client() as client:
         detail = client.get(f"/api/v1/instances/{iid}").json()
     endpoint = detail["endpoint"]
-    assert endpoint.startswith("http://127.0.0.1:"), detail
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{endpoint}/i/{iid}/api/health", timeout=2, trust_env=False)
+    assert endpoint.startswith("unix:"), detail
+    assert endpoint.endswith(f"/sockets/{iid}/tool.sock"), detail
     # HTTP through the router, then through the tunnel.
     page = rig.route_answers(iid)
     assert "text/html" in page.headers["content-type"]

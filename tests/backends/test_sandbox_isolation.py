@@ -450,22 +450,24 @@ async def test_an_instance_on_a_socket_listens_on_no_port_and_only_its_uid_enter
     pids = instance_processes(spec.instance_id, int(started.state["pid"]), {})
     assert pids and host_listening_ports(pids) == set()
 
-    # Another local account, even one that could pass the data dir, cannot connect.
+    # Another local account, even one that could pass the data dir, cannot connect (by a
+    # path relative to sockets/: pytest's may be too long for a socket address).
     for passable in (settings.data_dir, directory.parent):
         passable.chmod(0o711)
     connect = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
     other = subprocess.run(
-        ["python3", "-I", "-S", "-c", connect, str(directory / SOCKET_NAME)],
-        user=BASE + BOB, cwd="/", capture_output=True, text=True, timeout=30, check=False,
+        ["python3", "-I", "-S", "-c", connect, f"{directory.name}/{SOCKET_NAME}"],
+        user=BASE + BOB, cwd=directory.parent, capture_output=True, text=True, timeout=30,
+        check=False,
     )  # fmt: skip
     assert other.returncode != 0 and "PermissionError" in other.stderr, other.stderr
     # Bob's own instance does not see the path at all (the data dir is not in his sandbox).
     bobs, bob_spec = await launch(
-        "sockets", owner="bob", owner_id=BOB,
-        config={"data_dir": file_handle(settings.data_dir),
-                "portal_socket": str(directory / SOCKET_NAME)},
+        "dac", owner="bob", owner_id=BOB,
+        config={"root_only_file": str(directory / SOCKET_NAME), "root_only_dir": str(directory)},
     )  # fmt: skip
-    assert refused(await probe_result(bobs, bob_spec), "portal_path", "ENOENT")
+    seen = await probe_result(bobs, bob_spec)
+    assert refused(seen, "root_only_file", "ENOENT") and refused(seen, "root_only_dir", "ENOENT")
 
     await ProcessBackend(settings).stop(started.state, 5)
     assert not directory.exists()

@@ -57,6 +57,12 @@ def test_connectable_follows_no_link_and_takes_only_sockets(short_dir: Path) -> 
             engine.accept()  # nobody connected to it
 
 
+@pytest.mark.parametrize("bad", ["", ".", "..", "../etc", "a/b"])
+def test_only_a_plain_name_is_an_instances_directory(short_dir: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="not an instance id"):
+        sockets.socket_dir(short_dir, bad)
+
+
 def test_a_socket_path_too_long_for_an_address_is_not_bound_by_it(short_dir: Path) -> None:
     assert sockets.socket_dir(short_dir, "abc") == short_dir / "abc"
     assert sockets.fits(short_dir / "abc")

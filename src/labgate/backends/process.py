@@ -150,6 +150,17 @@ def _socket_value(sock_dir: Path | None, *, sandboxed: bool) -> str:
     )
 
 
+def _prepare_sockets(sock_dir: Path, identity: Identity | None) -> None:
+    """Make the instance's socket directory, the tool's uid's (InstanceStartError if not)."""
+    try:
+        if identity is None:
+            sockets.prepare(sock_dir, None, None)
+        else:
+            sockets.prepare(sock_dir, identity.uid, identity.gid)
+    except OSError as exc:
+        raise InstanceStartError(f"cannot make the tool's socket directory: {exc}") from exc
+
+
 def _discard_sockets(sock_dir: Path | None) -> None:
     """A launch failed: its socket directory goes."""
     if sock_dir is not None:
@@ -451,14 +462,6 @@ class ProcessBackend(Backend):
             command, tool_env = tool.render(values, on_socket=sock_dir is not None)
         except (KeyError, IndexError, ValueError) as exc:
             raise InstanceStartError(f"bad command template of {spec.tool.name!r}: {exc}") from exc
-        if sock_dir is not None:
-            try:
-                if identity is None:
-                    sockets.prepare(sock_dir, None, None)
-                else:
-                    sockets.prepare(sock_dir, identity.uid, identity.gid)
-            except OSError as exc:
-                raise InstanceStartError(f"cannot make the tool's socket directory: {exc}") from exc
         env = self.environment(spec, workspace, tool_env)
         if identity is not None:
             env["USER"] = spec.owner  # the uid has no account name of its own
@@ -478,12 +481,10 @@ class ProcessBackend(Backend):
                     socket_dir=sock_dir,
                 )
             except SandboxError as exc:
-                _discard_sockets(sock_dir)
                 raise InstanceStartError(f"cannot sandbox the tool: {exc}") from exc
             fds = plan.fds
             if not plan.shows(command[0]):
                 close_fds(fds)
-                _discard_sockets(sock_dir)
                 raise InstanceStartError(
                     f"{command[0]} is not visible inside the sandbox; add its directory to "
                     "the backend option extra_ro_binds"
@@ -506,6 +507,8 @@ class ProcessBackend(Backend):
         log_path = logs_dir / f"{spec.instance_id}.log"
         listener: socket.socket | None = None
         try:
+            if sock_dir is not None:
+                _prepare_sockets(sock_dir, identity)
             if tool.private_network:
                 listener = _listen(port)
                 env[LISTEN_FD_VAR] = str(listener.fileno())
@@ -723,8 +726,10 @@ class ProcessBackend(Backend):
         scratch = self._pool_workspace(state)
         if scratch is not None:
             await asyncio.to_thread(shutil.rmtree, scratch, True)
-        if state.get("socket_dir"):
-            await asyncio.to_thread(sockets.remove, Path(str(state["socket_dir"])))
+        if state.get("socket_dir") and INSTANCE_ID_RE.match(instance_id):
+            # Where this backend puts it, not wherever the state says.
+            path = sockets.socket_dir(self.sockets_dir, instance_id)
+            await asyncio.to_thread(sockets.remove, path)
         if state.get("own_uid") and state.get("uid") is not None:
             # Nobody runs as this uid again: what its tool kept in the uid's keyrings would
             # stay in the kernel's memory, unread, for as long as the machine runs.
@@ -744,7 +749,9 @@ class ProcessBackend(Backend):
         paths = await asyncio.to_thread(cgroups.paths_of, instance_id)
         if paths:
             await asyncio.to_thread(cgroups.remove, paths, 1.0)
-        await asyncio.to_thread(sockets.remove, sockets.socket_dir(self.sockets_dir, instance_id))
+        if INSTANCE_ID_RE.match(instance_id):
+            path = sockets.socket_dir(self.sockets_dir, instance_id)
+            await asyncio.to_thread(sockets.remove, path)
 
     async def reconcile(self, keep: Collection[str]) -> list[str]:
         """Remove empty cgroups and unused socket directories of instances that ended unseen;

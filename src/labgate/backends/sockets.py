@@ -48,7 +48,9 @@ MAX_PATH = 107
 
 
 def socket_dir(sockets_dir: Path, instance_id: str) -> Path:
-    """The instance's socket directory."""
+    """The instance's socket directory (ValueError for an id that is no plain name)."""
+    if "/" in instance_id or instance_id in ("", ".", ".."):
+        raise ValueError(f"not an instance id: {instance_id!r}")
     return sockets_dir.resolve() / instance_id
 
 
