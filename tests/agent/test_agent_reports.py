@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from spies import spy_agent, wait_until
+from sqlalchemy import select
 
 from helpers import wait_for_state
-from labgate.db.models import Instance
+from labgate.db.models import Instance, Site
 from labgate.wire.agent import ReportMsg
 from labgate.wire.routes import NO_ENDPOINT
 
@@ -161,10 +162,12 @@ async def test_only_a_tunneled_sites_launches_may_listen_on_a_socket(
 async def test_a_socket_endpoint_is_never_the_routers_once_the_site_is_reached_directly(
     app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str]
 ) -> None:
-    """An instance of a tunneled site on a Unix socket (or an agent's lie about one), then
-    the site switched to ``direct``: the router must not look the path up on its own host."""
+    """An instance of a tunneled site on a Unix socket (or an agent's lie about one): the
+    site is not switched to ``direct`` under it (409), and should the switch happen anyway
+    (a report taken as it commits), the router does not look the path up on its own host."""
     token = await add_site(client, admin_headers, "east", "tunnel")
-    routes = app.state.portal.routes.table.routes
+    portal = app.state.portal
+    routes = portal.routes.table.routes
     endpoint = "unix:/run/podman/podman.sock"
     async with spy_agent(app.state.test_url, "east", token) as spy:
         iid = await launch_on(client, admin_headers, spy, "east")
@@ -172,10 +175,21 @@ async def test_a_socket_endpoint_is_never_the_routers_once_the_site_is_reached_d
         await report(spy, iid, "running", endpoint)
         await wait_until(lambda: iid in routes and routes[iid].state == "running")
         assert routes[iid].upstream == f"tunnel:east/{iid}"
-        changed = await client.patch(
+        refused = await client.patch(
             "/api/v1/sites/east", json={"reach": "direct"}, headers=admin_headers
         )
-        assert changed.status_code == 200, changed.text
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["error"] == "instances_on_sockets"
+        assert iid in refused.json()["detail"]
+        site = await client.get("/api/v1/sites/east", headers=admin_headers)
+        assert site.json()["reach"] == "tunnel"
+        assert routes[iid].upstream == f"tunnel:east/{iid}"
+
+        def switch(session: Any) -> None:
+            session.scalars(select(Site).where(Site.name == "east")).one().reach = "direct"
+
+        await portal.run_db(switch)
+        await portal.site_hub.register("east", "process", "direct")  # what a PATCH does next
         await wait_until(lambda: not routes[iid].upstream.startswith("tunnel:"))
         assert routes[iid].upstream == NO_ENDPOINT
     # The agent is away now: the instance's route still never leads to the socket.
@@ -185,8 +199,15 @@ async def test_a_socket_endpoint_is_never_the_routers_once_the_site_is_reached_d
     async with spy_agent(app.state.test_url, "east", token) as again:
         again.seq = spy.seq  # the same agent, back: its reports carry on its numbering
         for _ in range(200):
-            site = (await client.get("/api/v1/sites/east", headers=admin_headers)).json()
-            if site["status"] == "connected":
+            site = await client.get("/api/v1/sites/east", headers=admin_headers)
+            if site.json()["status"] == "connected":
                 break
             await asyncio.sleep(0.05)
         await stop(client, admin_headers, iid)
+    # With nothing on a socket any more, the switch is taken.
+    back = await client.patch("/api/v1/sites/east", json={"reach": "tunnel"}, headers=admin_headers)
+    assert back.status_code == 200, back.text
+    again_direct = await client.patch(
+        "/api/v1/sites/east", json={"reach": "direct"}, headers=admin_headers
+    )
+    assert again_direct.status_code == 200, again_direct.text

@@ -375,6 +375,8 @@ async def change_site(
             site.labels = dict(body.labels)
         reach = None
         if body.reach is not None and body.reach != site.reach:
+            if body.reach == "direct":
+                _refuse_if_on_sockets(session, site)
             site.reach = reach = body.reach
         session.flush()
         welcome = site_info(site) if told else None
@@ -390,6 +392,28 @@ async def change_site(
         # needs its restart); one connected to another replica, when it next connects.
         await portal.site_hub.reconfigure(welcome)
     return out
+
+
+def _refuse_if_on_sockets(session: Session, site: Site) -> None:
+    """Refuse to reach ``site`` directly while instances of it listen on Unix sockets.
+
+    Its tools at a tunneled site may listen on sockets only its agent
+    reaches (docs/sites.md); the router could not reach them directly.
+    """
+    ids = session.scalars(
+        select(Instance.id)
+        .where(Instance.site_id == site.id)
+        .where(Instance.state.in_(ACTIVE_STATES))
+        .where(Instance.endpoint.startswith("unix:"))
+        .order_by(Instance.created_at)
+    ).all()
+    if ids:
+        shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+        raise Conflict(
+            f"{len(ids)} instance(s) of site {site.name!r} listen on Unix sockets, which the "
+            f"router reaches only through the site's tunnel: {shown}; stop them first",
+            code="instances_on_sockets",
+        )
 
 
 @router.post("/sites/{name}/token", response_model=SiteWithToken, responses=errors(409))
