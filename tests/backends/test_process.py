@@ -10,10 +10,12 @@ left when the test ends, so no process outlives its test.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +29,7 @@ from labgate.backends import process as process_module
 from labgate.backends.base import JSON, LaunchSpec, Mount, Resources, Started, mount_variables
 from labgate.backends.process import ProcessBackend
 from labgate.backends.procfs import tail
+from labgate.backends.sockets import SOCKET_NAME, connectable
 from labgate.config import Settings
 from labgate.errors import InstanceStartError
 from labgate.tools.catalog import Catalog, ProcessSpec, Tool
@@ -111,6 +114,7 @@ async def launch(settings: Settings, backend: ProcessBackend) -> AsyncIterator[L
         resources: Resources | None = None,
         mounts: tuple[Mount, ...] = (),
         using: ProcessBackend | None = None,
+        on_socket: bool = False,
     ) -> tuple[Started, LaunchSpec]:
         instance_id = f"t{uuid.uuid4().hex[:12]}"
         spec = LaunchSpec(
@@ -124,6 +128,7 @@ async def launch(settings: Settings, backend: ProcessBackend) -> AsyncIterator[L
             secret=uuid.uuid4().hex,
             env=env or {},
             mounts=mounts,
+            on_socket=on_socket,
         )
         result = await (using or backend).start(spec)
         started.append(result.state)
@@ -275,6 +280,48 @@ async def test_start_poll_health_stop(launch: Launch, backend: ProcessBackend, d
     assert instance_pids(spec.instance_id) == set()
     await backend.stop(state, grace=5)  # idempotent
     assert "demo: listening on 127.0.0.1" in await backend.logs(state)
+
+
+async def test_a_launch_on_a_socket_listens_there_and_discard_removes_it(
+    launch: Launch, settings: Settings, sandbox: str, demo: Tool
+) -> None:
+    """Unsandboxed the tool binds the host path; sandboxed, /run/labgate/tool.sock."""
+    with tempfile.TemporaryDirectory(prefix="lg-", dir="/tmp") as short:
+        site = ProcessBackend(Settings(data_dir=Path(short) / "data", sandbox=sandbox))
+        started, spec = await launch(demo, on_socket=True, using=site)
+        directory = Path(short).resolve() / "data" / "sockets" / spec.instance_id
+        assert started.endpoint == f"unix:{directory / SOCKET_NAME}"
+        assert started.state["port"] == 0 and started.state["socket_dir"] == str(directory)
+        answer = None
+        for _ in range(300):  # until the tool listens and answers, as the agent asks
+            with contextlib.suppress(OSError, httpx.TransportError):
+                with connectable(str(directory / SOCKET_NAME)) as where:
+                    transport = httpx.AsyncHTTPTransport(uds=where, verify=False)
+                    async with httpx.AsyncClient(transport=transport) as client:
+                        answer = await client.get(
+                            f"http://tool{spec.base_url}api/health",
+                            headers={"Authorization": f"token {spec.secret}"},
+                        )
+                break
+            await asyncio.sleep(0.05)
+        assert answer is not None
+        assert answer.json() == {"ready": True}
+        bound = "/run/labgate/tool.sock" if sandbox == "bwrap" else str(directory / SOCKET_NAME)
+        assert f"demo: listening on {bound}" in await site.logs(started.state)
+        await site.discard(spec.instance_id, 0)
+        assert not directory.exists()
+        assert instance_pids(spec.instance_id) == set()
+
+
+async def test_a_data_dir_too_deep_for_a_socket_address_keeps_an_unsandboxed_tool_on_a_port(
+    launch: Launch, tmp_path: Path, sandbox: str, demo: Tool
+) -> None:
+    deep = Settings(data_dir=tmp_path / ("d" * 100) / "data", sandbox=sandbox)
+    started, _ = await launch(demo, on_socket=True, using=ProcessBackend(deep))
+    if sandbox == "none":
+        assert started.endpoint.startswith("http://127.0.0.1:")
+    else:  # the sandboxed tool binds /run/labgate/tool.sock; the agent needs no short path
+        assert started.endpoint.startswith("unix:") and len(started.endpoint) > 110
 
 
 async def test_crash_reports_exit_code_and_logs(

@@ -88,6 +88,10 @@ def test_a_socket_command_listens_on_the_socket_it_is_given() -> None:
             "private_network cannot have a socket_command",
         ),
         ({"command": ["tool", "--sock={socket}"]}, "unknown placeholder {socket}"),
+        (
+            {"socket_command": ["tool", "{socket}"], "env": {"APP_PORT": "{port}"}},
+            "env cannot use {port}",
+        ),
     ],
 )
 def test_a_socket_command_that_would_not_listen_on_its_socket_is_refused(

@@ -140,6 +140,8 @@ class ProcessSpec(BaseModel):
             _check_template(self.socket_command, SOCKET_PLACEHOLDERS, "socket_command")
             if not any("{socket}" in part for part in self.socket_command):
                 raise ValueError("socket_command must listen on {socket}")
+            if any("port" in _fields(value) for value in self.env.values()):
+                raise ValueError("env cannot use {port} in a tool with a socket_command")
 
     def missing_requirement(self) -> str | None:
         """Why the command cannot run on this machine (a requirement is missing), or None.
@@ -242,6 +244,11 @@ def _present(requirement: str) -> bool:
         return False
 
 
+def _fields(template: str) -> set[str]:
+    """The placeholders of a (checked) template."""
+    return {name for _, name, _, _ in _FORMATTER.parse(template) if name is not None}
+
+
 def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -> None:
     """Refuse what ``str.format`` would not fill from ``allowed`` (``{{`` is a brace).
 
@@ -250,7 +257,7 @@ def _check_template(parts: Iterable[str], allowed: frozenset[str], where: str) -
     known = ", ".join(sorted(allowed))
     for part in parts:
         try:
-            fields = [name for _, name, _, _ in _FORMATTER.parse(part) if name is not None]
+            fields = _fields(part)
         except ValueError as problem:
             raise ValueError(f"bad braces in {where}: {part!r} ({problem})") from None
         for name in fields:
