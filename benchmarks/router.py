@@ -526,9 +526,9 @@ class Labgate:
         writer.write(
             f"GET /i/{instance_id}/small HTTP/1.1\r\n{head}\r\nConnection: close\r\n\r\n".encode()
         )
-        head = await reader.read(12)
+        status = await reader.read(12)
         writer.close()
-        return int(head[9:12]) if len(head) >= 12 else 0
+        return int(status[9:12]) if len(status) >= 12 else 0
 
     async def wait_route(
         self, instance_id: str, status: int, timeout: float = 60.0, streak_needed: int = 10

@@ -14,7 +14,12 @@ measures, through the router's public port with an API token:
   ``tunnel`` (the router connects through the agent's connection):
   ``wrk`` on ``/i/<id>/api/health`` (small responses, req/s), on a 1 MiB file
   of the instance's workspace (``/api/download``, MiB/s) and WebSocket echo
-  round trips/s on ``/ws``; interleaved rounds, the best of each counts;
+  round trips/s on ``/ws``; interleaved rounds, the best of each counts; in
+  two *layouts*, interleaved too: ``separate`` (the gateway, ``serve`` with
+  its in-process site's instance, ``wrk`` and this script, on one half of
+  the CPUs; the agents and their instances on the other half, as sites on
+  machines of their own would be; the targets are checked on it) and
+  ``shared`` (every process on every CPU, as in an all-on-one-machine test);
 - **launches**: ``--launches`` sequential ``demo`` launches on each site, from
   ``POST /api/v1/instances`` until the API says ``running`` (polled every
   10 ms), each stopped before the next: p50 and p95;
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +103,78 @@ def summary(times: list[float]) -> dict[str, Any]:
         "min": ordered[0],
         "max": ordered[-1],
     }
+
+
+# --------------------------------------------------------------------------- layouts
+#: Where the traffic runs put the processes: the gateway and the sites on separate CPUs
+#: (``separate``, as on separate machines, when there are two or more), or all on all.
+LAYOUTS = ("separate", "shared")
+
+
+def cpu_halves() -> tuple[list[int], list[int]] | None:
+    """The CPUs of the gateway (first half) and of the sites (second half) for ``separate``.
+
+    None when this process may run on fewer than two CPUs.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return cpus[:half], cpus[half:]
+
+
+def task_ids(pid: int, descendants: bool = True) -> list[int]:
+    """The threads of ``pid`` and (unless ``descendants`` is false) of every process below it."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        found.append(int(tid))
+        if not descendants:
+            continue
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                found += task_ids(int(child))
+    return found
+
+
+def pin(pid: int, cpus: list[int], descendants: bool = True) -> None:
+    """Let ``pid``'s threads (and its descendants') run only on ``cpus``."""
+    for tid in task_ids(pid, descendants):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
+
+
+def layouts() -> tuple[str, ...]:
+    """The layouts this machine allows (``separate`` needs two CPUs)."""
+    return LAYOUTS if cpu_halves() is not None else ("shared",)
+
+
+@contextlib.contextmanager
+def placed(layout: str, gateway: list[int], sites: list[int]) -> Iterator[None]:
+    """Run the body with the processes placed as ``layout`` says (``gateway``: PIDs of the
+    gateway's side besides this script; ``sites``: the agents'), then all on all CPUs again.
+
+    A process an agent starts meanwhile (an instance) inherits the agent's CPUs.
+    """
+    halves = cpu_halves()
+    everything = sorted(os.sched_getaffinity(0))
+    if layout == "shared" or halves is None:
+        yield
+        return
+    pin(os.getpid(), halves[0], descendants=False)  # wrk, started from here, inherits it
+    for pid in gateway:
+        pin(pid, halves[0])
+    for pid in sites:
+        pin(pid, halves[1])
+    try:
+        yield
+    finally:
+        pin(os.getpid(), everything, descendants=False)
+        for pid in [*gateway, *sites]:
+            pin(pid, everything)
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 30) -> None:
@@ -336,59 +414,75 @@ async def traffic(
     pids: dict[str, dict[str, int]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    """Small req/s, 1 MiB MiB/s, WebSocket round trips/s; CPU per request and MiB of ``pids``."""
-    header = f"Authorization: {serve.admin['Authorization']}"
-    best: dict[str, dict[str, float]] = {site: {} for site in instances}
-    runs: dict[str, list[dict[str, float]]] = {site: [] for site in instances}
+    """Small req/s, 1 MiB MiB/s, WebSocket round trips/s; CPU per request and MiB of ``pids``.
+
+    Every round measures every site in every layout (:func:`layouts`); the
+    result holds, per layout, each site's best figures and every run's.
+    """
+    agents = sorted({pid for who in pids.values() for w, pid in who.items() if w == "agent"})
+    results: dict[str, Any] = {
+        layout: {"best": {site: {} for site in instances}, "runs": {site: [] for site in instances}}
+        for layout in layouts()
+    }
+    halves = cpu_halves()
+    if halves is not None:
+        results["cpus"] = {"gateway": halves[0], "sites": halves[1]}
     for round_ in range(args.rounds):
-        for site, iid in instances.items():
-            base = f"{serve.url}/i/{iid}"
-            cpu_before = {who: cpu_seconds(pid) for who, pid in pids[site].items()}
-            small = await wrk(f"{base}/api/health", header, args.connections, args.duration)
-            cpu_us = {
-                f"{who}_cpu_us_per_req": (cpu_seconds(pid) - cpu_before[who])
-                / max(small.get("requests", 0), 1)
-                * 1e6
-                for who, pid in pids[site].items()
-            }
-            cpu_before = {who: cpu_seconds(pid) for who, pid in pids[site].items()}
-            big = await wrk(
-                f"{base}/api/download?path={BIG}", header, args.connections, args.duration
-            )
-            # Each response is 1 MiB: CPU per response is CPU per MiB.
-            cpu_us.update(
-                {
-                    f"{who}_cpu_us_per_mib": (cpu_seconds(pid) - cpu_before[who])
-                    / max(big.get("requests", 0), 1)
-                    * 1e6
-                    for who, pid in pids[site].items()
-                }
-            )
-            ws = await ws_echo(
-                serve.port,
-                f"/i/{iid}/ws",
-                serve.admin["Authorization"],
-                args.ws_conns,
-                args.duration,
-            )
-            run = {
-                "small_rps": small["rps"],
-                "small_errors": small["errors"],
-                "big_mib_s": big["mib_s"],
-                "big_errors": big["errors"],
-                "ws_roundtrips_s": ws,
-                **cpu_us,
-            }
-            runs[site].append(run)
-            log(
-                f"round {round_ + 1} {site}: {small['rps']:.0f} req/s, "
-                f"{big['mib_s']:.0f} MiB/s, {ws:.0f} WebSocket round trips/s"
-            )
-            for key in ("small_rps", "big_mib_s", "ws_roundtrips_s"):
-                best[site][key] = max(best[site].get(key, 0.0), run[key])
-            for key in cpu_us:  # CPU per request: the least of the rounds
-                best[site][key] = min(best[site].get(key, float("inf")), run[key])
-    return {"best": best, "runs": runs}
+        for layout in layouts():
+            with placed(layout, [serve.pid], agents):
+                for site, iid in instances.items():
+                    run = await traffic_run(serve, iid, pids[site], args)
+                    results[layout]["runs"][site].append(run)
+                    log(
+                        f"round {round_ + 1} {layout} {site}: {run['small_rps']:.0f} req/s, "
+                        f"{run['big_mib_s']:.0f} MiB/s, "
+                        f"{run['ws_roundtrips_s']:.0f} WebSocket round trips/s"
+                    )
+                    best = results[layout]["best"][site]
+                    for key, value in run.items():
+                        if key.endswith(("_rps", "_mib_s", "_roundtrips_s")):
+                            best[key] = max(best.get(key, 0.0), value)
+                        elif "_cpu_us_per_" in key:  # CPU per request: the least of the rounds
+                            best[key] = min(best.get(key, float("inf")), value)
+    return results
+
+
+async def traffic_run(
+    serve: Serve, iid: str, pids: dict[str, int], args: argparse.Namespace
+) -> dict[str, float]:
+    """One run of each load on one instance, with the CPU ``pids`` used per request and MiB."""
+    header = f"Authorization: {serve.admin['Authorization']}"
+    base = f"{serve.url}/i/{iid}"
+    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    small = await wrk(f"{base}/api/health", header, args.connections, args.duration)
+    cpu_us = {
+        f"{who}_cpu_us_per_req": (cpu_seconds(pid) - cpu_before[who])
+        / max(small.get("requests", 0), 1)
+        * 1e6
+        for who, pid in pids.items()
+    }
+    cpu_before = {who: cpu_seconds(pid) for who, pid in pids.items()}
+    big = await wrk(f"{base}/api/download?path={BIG}", header, args.connections, args.duration)
+    # Each response is 1 MiB: CPU per response is CPU per MiB.
+    cpu_us.update(
+        {
+            f"{who}_cpu_us_per_mib": (cpu_seconds(pid) - cpu_before[who])
+            / max(big.get("requests", 0), 1)
+            * 1e6
+            for who, pid in pids.items()
+        }
+    )
+    ws = await ws_echo(
+        serve.port, f"/i/{iid}/ws", serve.admin["Authorization"], args.ws_conns, args.duration
+    )
+    return {
+        "small_rps": small["rps"],
+        "small_errors": small["errors"],
+        "big_mib_s": big["mib_s"],
+        "big_errors": big["errors"],
+        "ws_roundtrips_s": ws,
+        **cpu_us,
+    }
 
 
 # --------------------------------------------------------------------------- 200 agents
@@ -613,8 +707,20 @@ async def network_part(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def checked_layout(r: dict[str, Any]) -> str:
+    """The layout the traffic targets are checked on: ``separate`` unless the machine has one CPU.
+
+    A network site's agent and instances run on the site's machine, not the
+    gateway's: with everything on the same cores, every µs the agent spends
+    on a tunneled byte is taken from the router and ``wrk`` (``shared`` is
+    reported beside it).
+    """
+    return "separate" if "separate" in r["traffic"] else "shared"
+
+
 def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    best = r["traffic"]["best"]
+    layout = checked_layout(r)
+    best = r["traffic"][layout]["best"]
     direct, tunnel = best["direct"], best["tunnel"]
     rps = tunnel["small_rps"] / direct["small_rps"]
     mib = tunnel["big_mib_s"] / direct["big_mib_s"]
@@ -622,8 +728,8 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     added = {s: (launch[s]["p50"] - launch["local"]["p50"]) * 1000 for s in ("direct", "tunnel")}
     idle = r["agents"]["idle_agents"]["cpu_pct_of_core"]
     return [
-        ("tunnel / direct, small req/s", f"{rps:.2f}x", ">= 0.5x", rps >= 0.5),
-        ("tunnel / direct, 1 MiB MiB/s", f"{mib:.2f}x", ">= 0.7x", mib >= 0.7),
+        (f"tunnel / direct, small req/s ({layout})", f"{rps:.2f}x", ">= 0.5x", rps >= 0.5),
+        (f"tunnel / direct, 1 MiB MiB/s ({layout})", f"{mib:.2f}x", ">= 0.7x", mib >= 0.7),
         (
             "launch p50, network (direct) - local",
             f"{added['direct']:+.0f} ms",
@@ -645,12 +751,34 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     ]
 
 
+#: How each layout is described above its table.
+LAYOUT_TITLES = {
+    "separate": "the gateway (`serve`, its local site's instance, `wrk`, this script) on CPUs "
+    "{gateway}, the agents and their instances on CPUs {sites}, as on separate machines",
+    "shared": "every process on every CPU, as on one machine",
+}
+
+
 def table(r: dict[str, Any]) -> str:
-    best = r["traffic"]["best"]
     args = r["args"]
+    rows: list[str] = []
+    cpus = r["traffic"].get("cpus", {})
+    for layout in LAYOUTS:
+        if layout in r["traffic"]:
+            title = LAYOUT_TITLES[layout].format(
+                gateway=",".join(map(str, cpus.get("gateway", []))),
+                sites=",".join(map(str, cpus.get("sites", []))),
+            )
+            rows += traffic_table(r["traffic"][layout]["best"], args, f"{layout}: {title}")
+            rows.append("")
+    return "\n".join(rows + launches_and_agents(r))
+
+
+def traffic_table(best: dict[str, Any], args: dict[str, Any], title: str) -> list[str]:
+    """The traffic figures of one layout, as Markdown."""
     rows = [
-        f"Through the router (`wrk -t2 -c{args['connections']}`, {args['ws_conns']} WebSockets, "
-        f"{args['duration']:g} s runs, best of {args['rounds']}):",
+        f"Through the router, {title} (`wrk -t2 -c{args['connections']}`, "
+        f"{args['ws_conns']} WebSockets, {args['duration']:g} s runs, best of {args['rounds']}):",
         "",
         "| site | small req/s | 1 MiB MiB/s | WebSocket round trips/s "
         "| serve CPU µs/req | agent CPU µs/req | serve CPU µs/MiB | agent CPU µs/MiB |",
@@ -687,8 +815,15 @@ def table(r: dict[str, Any]) -> str:
         rows += [
             "",
             "Direct is within 15 % of local on small requests: the demo tool (a standard-library "
-            "server, a thread per connection) and the shared cores bound these, not the link.",
+            "server, a thread per connection) and the cores bound these, not the link.",
         ]
+    return rows
+
+
+def launches_and_agents(r: dict[str, Any]) -> list[str]:
+    """The launch and idle-agent figures and the targets, as Markdown."""
+    args = r["args"]
+    rows: list[str] = []
     rows += [
         "",
         f"Launch of `demo`, POST until the API says running ({args['launches']} each, "
@@ -724,7 +859,7 @@ def table(r: dict[str, Any]) -> str:
     ]
     for name, value, wanted, met in targets(r):
         rows.append(f"| {name} | {value} | {wanted} | {'yes' if met else 'NO'} |")
-    return "\n".join(rows)
+    return rows
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
