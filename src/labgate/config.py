@@ -571,8 +571,8 @@ class Settings(BaseSettings):
         60.0,
         ge=0,
         description=(
-            "Seconds between reconciles: sites remove containers labgate does not know. "
-            "0 means only at start-up."
+            "Seconds between reconciles: sites stop the instances labgate does not know "
+            "(containers, processes, Slurm jobs). 0 means only at start-up."
         ),
     )
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import time
 import uuid
@@ -413,7 +414,7 @@ async def test_environment_is_limited(
     launch: Launch, backend: ProcessBackend, demo: Tool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LABGATE_TEST_SERVER_SECRET", "do-not-leak")
-    started, spec = await launch(demo, env={"EXTRA": "given"})
+    started, spec = await launch(demo, env={"EXTRA": "given", "LABGATE_DEPLOYMENT": "forged"})
     await wait_healthy(started, spec)
     environ = await read_file(started, spec, "/proc/self/environ")
     assert environ is not None
@@ -424,10 +425,103 @@ async def test_environment_is_limited(
     assert env["LABGATE_USER"] == "alice"
     assert env["LABGATE_BASE_URL"] == spec.base_url
     assert env["EXTRA"] == "given"
+    # The marks a reconcile finds its orphans by: a launch cannot forge them.
+    assert env["LABGATE_DEPLOYMENT"] == backend.deployment
+    assert backend.deployment == (backend.settings.data_dir / "deployment_id").read_text().strip()
+    assert env["LABGATE_INSTANCE_SITE"] == backend.site
     assert env["HOME"] == str(spec.workspace.resolve())
     info = (await demo_get(started, spec, "api/info")).json()
     assert info["home"] == str(spec.workspace.resolve())
     assert spec.secret not in read_bytes(f"/proc/{started.state['pid']}/cmdline").decode()
+
+
+async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
+    launch: Launch,
+    settings: Settings,
+    sandbox: str,
+    tmp_path: Path,
+    demo: Tool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A restored database forgot an instance: the site stops it, and only it.
+
+    Beside it run an instance the record keeps, one of another site of the
+    same labgate (same data dir) and one of another labgate on the host; and
+    a user's process dressed up with this site's marks and the other site's
+    instance id, which must not get that instance stopped.
+    """
+    monkeypatch.setattr(process_module, "ORPHAN_MIN_AGE", 0.0)
+    monkeypatch.setattr(process_module, "ORPHAN_GRACE", 2.0)
+    site_a = ProcessBackend(settings)
+    site_a.site = "a"
+    site_b = ProcessBackend(settings)
+    site_b.site = "b"
+    elsewhere = ProcessBackend(Settings(data_dir=tmp_path / "other-labgate", sandbox=sandbox))
+    elsewhere.site = "a"
+    assert elsewhere.deployment != site_a.deployment == site_b.deployment
+    (orphan, orphan_spec), (kept, kept_spec) = [await launch(demo, using=site_a) for _ in "12"]
+    other_site, other_site_spec = await launch(demo, using=site_b)
+    other_labgate, other_labgate_spec = await launch(demo, using=elsewhere)
+    for started, spec in [
+        (orphan, orphan_spec),
+        (kept, kept_spec),
+        (other_site, other_site_spec),
+        (other_labgate, other_labgate_spec),
+    ]:
+        await wait_healthy(started, spec)
+    marks = {"LABGATE_DEPLOYMENT": site_a.deployment, "LABGATE_INSTANCE_SITE": "a"}
+    dressed_up = subprocess.Popen(
+        ["sleep", "60"],
+        env={**marks, "LABGATE_INSTANCE_ID": other_site_spec.instance_id},
+        start_new_session=True,
+    )
+    await wait_until(lambda: dressed_up.pid in instance_pids(other_site_spec.instance_id))
+
+    try:
+        removed = await site_a.reconcile({kept_spec.instance_id})
+    finally:
+        dressed_up.kill()
+        dressed_up.wait()
+
+    assert removed == [orphan_spec.instance_id]
+    assert instance_pids(orphan_spec.instance_id) == set()
+    assert not (await site_a.poll(orphan.state)).alive
+    for started, spec in [
+        (kept, kept_spec),
+        (other_site, other_site_spec),
+        (other_labgate, other_labgate_spec),
+    ]:
+        assert (await site_a.poll(started.state)).alive, spec.instance_id
+        assert (await demo_get(started, spec, "api/health")).status_code == 200
+    assert await site_a.reconcile({kept_spec.instance_id}) == []  # nothing more to stop
+
+
+@pytest.mark.parametrize("sandbox", ["none"], indirect=True)
+async def test_reconcile_spares_a_young_instance_and_ids_labgate_never_gives(
+    launch: Launch, backend: ProcessBackend, demo: Tool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A launch younger than a minute may not be in the record yet; a marked process whose id
+    is no instance id (a user's process dressed up as one) is not one of the site's."""
+    started, spec = await launch(demo)
+    await wait_healthy(started, spec)
+    assert await backend.reconcile(set()) == []
+    assert (await backend.poll(started.state)).alive
+
+    monkeypatch.setattr(process_module, "ORPHAN_MIN_AGE", 0.0)
+    marks = {"LABGATE_DEPLOYMENT": backend.deployment, "LABGATE_INSTANCE_SITE": backend.site}
+    dressed_up = subprocess.Popen(
+        ["sleep", "60"],
+        env={**marks, "LABGATE_INSTANCE_ID": "../not-an-id"},
+        start_new_session=True,
+    )
+    try:
+        await wait_until(lambda: instance_pids("../not-an-id"))
+        assert await backend.reconcile({spec.instance_id}) == []
+        assert dressed_up.poll() is None
+        assert (await backend.poll(started.state)).alive
+    finally:
+        dressed_up.kill()
+        dressed_up.wait()
 
 
 @pytest.mark.parametrize("sandbox", ["none"], indirect=True)

@@ -39,11 +39,9 @@ import json
 import logging
 import math
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Collection
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -64,6 +62,7 @@ from labgate.backends.base import (
     Status,
 )
 from labgate.backends.confine import require_confined
+from labgate.backends.deployment import deployment_id
 from labgate.backends.image_presence import ImagePresence
 from labgate.backends.images import (
     LOCAL_SNAPSHOTS,
@@ -97,7 +96,6 @@ T = TypeVar("T")
 #: What a snapshot's tag looks like (its id, labgate.security.new_id).
 SNAPSHOT_TAG_RE = re.compile(r"^[a-z0-9]{12}$")
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-DEPLOYMENT_RE = r"^[a-z0-9][a-z0-9_.-]{0,31}$"
 LABEL_MANAGED = "labgate.managed"
 LABEL_DEPLOYMENT = "labgate.deployment"
 LABEL_SITE = "labgate.site"
@@ -215,21 +213,6 @@ class ContainerOptions(BaseModel):
         if "{user}" not in value:
             raise ValueError("workspace_volume must contain {user}: one volume per user")
         return value
-
-
-def deployment_id(data_dir: Path) -> str:
-    """This labgate's random deployment id, kept in ``<data_dir>/deployment_id``."""
-    path = data_dir / "deployment_id"
-    try:
-        existing = path.read_text().strip()
-    except FileNotFoundError:
-        existing = ""
-    if re.match(DEPLOYMENT_RE, existing):
-        return existing
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = secrets.token_hex(4)
-    path.write_text(value + "\n")
-    return value
 
 
 def explain(exc: BaseException) -> str:

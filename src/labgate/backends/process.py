@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import pwd
@@ -66,6 +67,7 @@ from labgate.backends.base import (
 )
 from labgate.backends.claim import Claim, Claimed, ClaimError, mount_into, sandboxed_pid
 from labgate.backends.confine import require_confined
+from labgate.backends.deployment import deployment_id
 from labgate.backends.identity import (
     Identity,
     IdentityError,
@@ -75,10 +77,13 @@ from labgate.backends.identity import (
 )
 from labgate.backends.limits import DEFAULT_NOFILE, dropping_argv, launcher_argv, plan_limits
 from labgate.backends.procfs import (
+    DEPLOYMENT_VAR,
     MARKER_VAR,
+    SITE_VAR,
     boot_id,
     cpu_seconds,
     instance_processes,
+    marked_instances,
     read_proc,
     signal_if_same,
     tail,
@@ -103,6 +108,11 @@ log = logging.getLogger(__name__)
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STOP_POLL = 0.05
 _KILL_ROUNDS = 100
+#: An instance process younger than this is never taken for an orphan: its launch may not
+#: be in the record the caller read yet (the cgroup sweep waits as long).
+ORPHAN_MIN_AGE = 60.0
+#: Seconds an orphan has between SIGTERM and SIGKILL.
+ORPHAN_GRACE = 10.0
 _warned_unsandboxed = False
 
 
@@ -586,8 +596,20 @@ class ProcessBackend(Backend):
     def environment(
         self, spec: LaunchSpec, workspace: Path, tool_env: dict[str, str]
     ) -> dict[str, str]:
-        """The tool's whole environment: a few basics, the tool's, the launch's, labgate's."""
-        return tool_environment(spec, workspace, tool_env, sys.executable, _account())
+        """The tool's whole environment: a few basics, the tool's, the launch's, labgate's.
+
+        Labgate's marks come last (neither the tool file nor the launch can
+        forge them): the instance id, and this deployment and site, by which
+        :meth:`reconcile` finds instances no one knows of any more.
+        """
+        env = tool_environment(spec, workspace, tool_env, sys.executable, _account())
+        env.update({DEPLOYMENT_VAR: self.deployment, SITE_VAR: self.site})
+        return env
+
+    @functools.cached_property
+    def deployment(self) -> str:
+        """This labgate's deployment id (:func:`~labgate.backends.deployment.deployment_id`)."""
+        return deployment_id(self.settings.data_dir)
 
     # --- poll --------------------------------------------------------------------
 
@@ -754,15 +776,40 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(sockets.remove, path)
 
     async def reconcile(self, keep: Collection[str]) -> list[str]:
-        """Remove empty cgroups and unused socket directories of instances that ended unseen;
-        processes are left alone.
+        """Stop this site's instances that are not in ``keep``; tidy what ended unseen.
 
-        Returns no instance ids: an instance this backend lost track of is
-        reported lost by ``poll``; only its directories are tidied here.
+        An orphan is an instance whose processes carry this deployment's and
+        this site's marks (:meth:`environment`), started at least
+        :data:`ORPHAN_MIN_AGE` seconds ago, that the caller does not know (a
+        launch whose record was lost; a database restored from a backup older
+        than the instance): it is stopped as :meth:`discard` does, after
+        :data:`ORPHAN_GRACE` seconds of SIGTERM. Instances started by a labgate
+        before these marks, another labgate's and another site's are left
+        alone. Then empty cgroups and unused socket directories go. Returns
+        the ids of the instances stopped.
         """
-        await asyncio.to_thread(cgroups.sweep, set(keep))
-        await asyncio.to_thread(sockets.sweep, self.sockets_dir, set(keep))
-        return []
+        keep = set(keep)
+        found = await asyncio.to_thread(
+            marked_instances, self.deployment, self.site, ORPHAN_MIN_AGE
+        )
+        removed: list[str] = []
+        for instance_id in sorted(found - keep):
+            if not INSTANCE_ID_RE.match(instance_id):
+                continue  # no id labgate gives: not one of its launches
+            log.warning(
+                "site %s: instance %s runs with no record of it: stopping it",
+                self.site or "(unnamed)",
+                instance_id,
+            )
+            try:
+                await self.discard(instance_id, ORPHAN_GRACE)
+            except BackendError as exc:
+                log.warning("site %s: orphan %s: %s", self.site, instance_id, exc)
+                continue
+            removed.append(instance_id)
+        await asyncio.to_thread(cgroups.sweep, keep)
+        await asyncio.to_thread(sockets.sweep, self.sockets_dir, keep)
+        return removed
 
     # --- warm pools (see labgate.backends.claim) ----------------------------------
 

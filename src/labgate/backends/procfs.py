@@ -23,6 +23,11 @@ from typing import BinaryIO
 #: environment; stop() finds the ones that left the process tree by it.
 MARKER_VAR = "LABGATE_INSTANCE_ID"
 _MARKER_PREFIX = f"{MARKER_VAR}=".encode()
+#: The process backend marks every instance process with its deployment and site too
+#: (see :func:`marked_instances`): its orphans are told from another labgate's on the
+#: host, and from another site's of the same labgate.
+DEPLOYMENT_VAR = "LABGATE_DEPLOYMENT"
+SITE_VAR = "LABGATE_INSTANCE_SITE"
 _PF_KTHREAD = 0x00200000
 
 
@@ -217,6 +222,41 @@ def instance_processes(
             found.add(pid)
             todo.extend(children.get(pid, ()))
     return {pid: procs[pid].start_time for pid in found if not procs[pid].zombie}
+
+
+def marked_instances(deployment: str, site: str, min_age: float) -> set[str]:
+    """Ids of the instances with a live process marked with ``deployment`` and ``site``.
+
+    Only processes started at least ``min_age`` seconds ago count: a younger
+    one may belong to a launch whose record the caller has not read yet. An
+    id that a live process carries with other marks, or none, is left out
+    whatever else carries it: that instance may be another site's or another
+    labgate's, and someone dressed a process up as this site's. (A process
+    that exec'd without any ``LABGATE_`` variable carries no id at all; stopping
+    its instance finds it through its parents.)
+    """
+    table = scan()
+    wanted = {f"{DEPLOYMENT_VAR}={deployment}".encode(), f"{SITE_VAR}={site}".encode()}
+    newest = (_uptime() - min_age) * os.sysconf("SC_CLK_TCK")
+    ours: set[bytes] = set()
+    foreign: set[bytes] = set()
+    for pid, marker in table.markers.items():
+        info = table.procs.get(pid)
+        if info is None or info.zombie:
+            continue
+        environ = _environ_of(pid)
+        if not environ or _marker_in(environ) != marker:
+            continue  # exiting, or exec'd since with another id or none
+        if not wanted <= set(environ.split(b"\0")):
+            foreign.add(marker)
+        elif info.start_time <= newest:
+            ours.add(marker)
+    return {marker.decode("utf-8", "replace") for marker in ours - foreign}
+
+
+def _uptime() -> float:
+    """Seconds since boot (the clock of a process's start time)."""
+    return float(Path("/proc/uptime").read_text().split()[0])
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
