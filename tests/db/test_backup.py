@@ -26,14 +26,21 @@ from pydantic import SecretStr
 from sqlalchemy import make_url, select
 from typer.testing import CliRunner
 
-from helpers import ADMIN_PASSWORD, fresh_database_url, recorded_instance, serving, token_for
+from helpers import (
+    ADMIN_PASSWORD,
+    fresh_database_url,
+    recorded_instance,
+    serving,
+    token_for,
+    wait_for_state,
+)
 from labgate.backup import MANIFEST, ROTATED, SAVED_PREFIX, read_manifest
 from labgate.cli import app as cli_app
 from labgate.config import Settings
 from labgate.db.models import Instance, User
 from labgate.db.session import open_database
 from labgate.security import SecretBox
-from servers import free_port
+from servers import free_port, processes_with_env
 
 PASSWORD = "a-long-password-for-ada"
 
@@ -337,3 +344,50 @@ def test_keep_writes_dated_backups_and_deletes_only_the_oldest_complete_ones(
     read_manifest(made[2])  # complete and checked
     code, out = labgate(first, "backup", str(parent), "--keep", "0")
     assert code == 2  # a usage error
+
+
+async def test_after_a_restore_the_local_site_stops_what_was_launched_after_the_backup(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """operations.md, restoring: the backup's instance runs on; one launched after the
+    backup is in no record any more, and the site stops it at the first start."""
+    from labgate.backends import process as process_module
+
+    monkeypatch.setattr(process_module, "ORPHAN_MIN_AGE", 0.0)
+    monkeypatch.setattr(process_module, "ORPHAN_GRACE", 2.0)
+    first = key_file_settings(settings, tmp_path / "var", settings.database_url)
+    backup_dir = tmp_path / "backup"
+    async with serving(first) as app, httpx.AsyncClient(base_url=app.state.test_url) as client:
+        admin = await token_for(client, "admin", ADMIN_PASSWORD, ["admin", "account"])
+
+        async def launched() -> str:
+            made = await client.post("/api/v1/instances", json={"tool": "demo"}, headers=admin)
+            assert made.status_code == 202, made.text
+            instance_id = str(made.json()["id"])
+            await wait_for_state(client, admin, instance_id, {"running"})
+            return instance_id
+
+        before = await launched()
+        code, out = await asyncio.to_thread(labgate, first, "backup", str(backup_dir))
+        assert code == 0, out
+        after = await launched()
+    # The portal is down, its instances are not.
+    assert processes_with_env("LABGATE_INSTANCE_ID", before)
+    assert processes_with_env("LABGATE_INSTANCE_ID", after)
+    code, out = labgate(first, "restore", "--force", str(backup_dir))
+    assert code == 0, out
+
+    async with serving(first) as app, httpx.AsyncClient(base_url=app.state.test_url) as client:
+        deadline = asyncio.get_running_loop().time() + 30
+        while processes_with_env("LABGATE_INSTANCE_ID", after):
+            assert asyncio.get_running_loop().time() < deadline, "the orphan runs on"
+            await asyncio.sleep(0.1)
+        assert await app.state.portal.run_db(lambda s: s.get(Instance, after)) is None
+        body = await wait_for_state(client, admin, before, {"running"})
+        assert processes_with_env("LABGATE_INSTANCE_ID", before)
+        assert (
+            await client.delete(f"/api/v1/instances/{before}", headers=admin)
+        ).status_code == 202
+        assert body["id"] == before
+        await wait_for_state(client, admin, before, {"stopped"})
+    assert processes_with_env("LABGATE_INSTANCE_ID", before) == []
