@@ -443,9 +443,9 @@ async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
     demo: Tool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A restored database forgot an instance: the site stops it, and only it.
+    """A restored database forgot two instances: the site stops them (at once), and only them.
 
-    Beside it run an instance the record keeps, one of another site of the
+    Beside them run an instance the record keeps, one of another site of the
     same labgate (same data dir) and one of another labgate on the host; and
     a user's process dressed up with this site's marks and the other site's
     instance id, which must not get that instance stopped.
@@ -459,11 +459,14 @@ async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
     elsewhere = ProcessBackend(Settings(data_dir=tmp_path / "other-labgate", sandbox=sandbox))
     elsewhere.site = "a"
     assert elsewhere.deployment != site_a.deployment == site_b.deployment
-    (orphan, orphan_spec), (kept, kept_spec) = [await launch(demo, using=site_a) for _ in "12"]
+    (orphan, orphan_spec), (second, second_spec), (kept, kept_spec) = [
+        await launch(demo, using=site_a) for _ in "123"
+    ]
     other_site, other_site_spec = await launch(demo, using=site_b)
     other_labgate, other_labgate_spec = await launch(demo, using=elsewhere)
     for started, spec in [
         (orphan, orphan_spec),
+        (second, second_spec),
         (kept, kept_spec),
         (other_site, other_site_spec),
         (other_labgate, other_labgate_spec),
@@ -483,9 +486,10 @@ async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
         dressed_up.kill()
         dressed_up.wait()
 
-    assert removed == [orphan_spec.instance_id]
-    assert instance_pids(orphan_spec.instance_id) == set()
-    assert not (await site_a.poll(orphan.state)).alive
+    assert removed == sorted([orphan_spec.instance_id, second_spec.instance_id])
+    for started, spec in [(orphan, orphan_spec), (second, second_spec)]:
+        assert instance_pids(spec.instance_id) == set()
+        assert not (await site_a.poll(started.state)).alive
     for started, spec in [
         (kept, kept_spec),
         (other_site, other_site_spec),

@@ -792,24 +792,27 @@ class ProcessBackend(Backend):
         found = await asyncio.to_thread(
             marked_instances, self.deployment, self.site, ORPHAN_MIN_AGE
         )
-        removed: list[str] = []
-        for instance_id in sorted(found - keep):
-            if not INSTANCE_ID_RE.match(instance_id):
-                continue  # no id labgate gives: not one of its launches
-            log.warning(
-                "site %s: instance %s runs with no record of it: stopping it",
-                self.site or "(unnamed)",
-                instance_id,
-            )
-            try:
-                await self.discard(instance_id, ORPHAN_GRACE)
-            except BackendError as exc:
-                log.warning("site %s: orphan %s: %s", self.site, instance_id, exc)
-                continue
-            removed.append(instance_id)
+        # No id labgate gives: not one of its launches.
+        orphans = sorted(i for i in found - keep if INSTANCE_ID_RE.match(i))
+        # All at once: a restore may leave many, and the portal waits on a reconcile only
+        # so long (stops share their scans of /proc).
+        stopped = await asyncio.gather(*(self._stop_orphan(i) for i in orphans))
         await asyncio.to_thread(cgroups.sweep, keep)
         await asyncio.to_thread(sockets.sweep, self.sockets_dir, keep)
-        return removed
+        return [instance_id for instance_id, done in zip(orphans, stopped, strict=True) if done]
+
+    async def _stop_orphan(self, instance_id: str) -> bool:
+        """Stop an instance nobody knows of; whether it is gone."""
+        site = self.site or "(unnamed)"
+        log.warning(
+            "site %s: instance %s runs with no record of it: stopping it", site, instance_id
+        )
+        try:
+            await self.discard(instance_id, ORPHAN_GRACE)
+        except BackendError as exc:
+            log.warning("site %s: orphan %s: %s", site, instance_id, exc)
+            return False
+        return True
 
     # --- warm pools (see labgate.backends.claim) ----------------------------------
 
