@@ -479,6 +479,21 @@ async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
         start_new_session=True,
     )
     await wait_until(lambda: dressed_up.pid in instance_pids(other_site_spec.instance_id))
+    # The real discard, watched: how many run at once (a restore may leave many orphans, and
+    # the portal waits on a reconcile only so long).
+    discard = site_a.discard
+    running, most = 0, 0
+
+    async def watched(instance_id: str, grace: float) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await discard(instance_id, grace)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(site_a, "discard", watched)
 
     try:
         removed = await site_a.reconcile({kept_spec.instance_id})
@@ -487,6 +502,7 @@ async def test_reconcile_stops_this_sites_orphans_and_nothing_else(
         dressed_up.wait()
 
     assert removed == sorted([orphan_spec.instance_id, second_spec.instance_id])
+    assert most == 2  # both stopped at once
     for started, spec in [(orphan, orphan_spec), (second, second_spec)]:
         assert instance_pids(spec.instance_id) == set()
         assert not (await site_a.poll(started.state)).alive
