@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from docker.errors import APIError
@@ -420,17 +421,10 @@ async def test_a_new_executor_finds_a_task_container_again_and_its_outcome(
     settings, engine, deployment, tmp_path: Path
 ):
     """What an agent restart does: the attempt's directory and container are all it needs."""
-    from labgate.agent.taskcontainer import ContainerTaskExecutor
-    from labgate.agent.tasks import ProcessTaskExecutor
-    from labgate.backends.containers import ContainerBackend
     from labgate.wire.runs import TaskSpec
 
-    def executor() -> ContainerTaskExecutor:
-        backend = ContainerBackend(
-            settings, {"base_url": engine.base_url, "deployment": deployment}
-        )
-        backend.attach("box")
-        return ContainerTaskExecutor(backend, ProcessTaskExecutor(site_name="box"))
+    def executor() -> Any:
+        return container_executor(settings, engine, deployment)
 
     spec = TaskSpec(
         attempt_id="ab" * 16,
@@ -461,3 +455,62 @@ async def test_a_new_executor_finds_a_task_container_again_and_its_outcome(
     assert task_containers(engine, deployment) == []
     # Asked again (a report lost on the way), it answers the same from the directory.
     assert await executor().poll(directory) == outcome
+
+
+def container_executor(settings: Settings, engine: Engine, deployment: str) -> Any:
+    """A task executor of site ``box`` on the run's Podman, as an agent makes one."""
+    from labgate.agent.taskcontainer import ContainerTaskExecutor
+    from labgate.agent.tasks import ProcessTaskExecutor
+    from labgate.backends.containers import ContainerBackend
+
+    backend = ContainerBackend(settings, {"base_url": engine.base_url, "deployment": deployment})
+    backend.attach("box")
+    return ContainerTaskExecutor(backend, ProcessTaskExecutor(site_name="box"))
+
+
+async def test_a_task_podman_trips_over_as_it_exits_ends_with_its_code(
+    settings, engine, deployment, tmp_path: Path
+):
+    """Podman 4.3 fails a start and an inspect as the process exits (podman#16383): no matter."""
+    from labgate.wire.runs import TaskSpec
+
+    race = 'Internal Server Error ("read /proc/2082/cgroup: no such process")'
+    executor = container_executor(settings, engine, deployment)
+    api = executor.backend.client.api
+    started: list[str] = []
+    tripped: list[str] = []
+    real_start, real_inspect = api.start, api.inspect_container
+
+    def start(container: str, *args: Any, **kwargs: Any) -> None:
+        real_start(container, *args, **kwargs)
+        started.append(container)
+        raise APIError("500 Server Error", explanation=race)
+
+    def inspect_container(container: str) -> Any:
+        if started and container not in tripped:
+            tripped.append(container)
+            raise APIError("500 Server Error", explanation=race)
+        return real_inspect(container)
+
+    api.start, api.inspect_container = start, inspect_container
+    spec = TaskSpec(
+        attempt_id="cd" * 16,
+        run_id="r",
+        task="quick",
+        owner="alice",
+        command="echo done > $LABGATE_RESULTS_DIR/f; exit 3",
+        image=BUSYBOX_IMAGE,
+    )
+    directory = tmp_path / spec.attempt_id
+    directory.mkdir()
+    await executor.start(spec, directory)
+    for _ in range(100):
+        outcome = await executor.poll(directory)
+        if outcome is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert len(started) == 1 and tripped
+    assert outcome is not None
+    assert (outcome.state, outcome.exit_code) == ("failed", 3)
+    assert (directory / "results" / "f").read_text() == "done\n"
+    assert task_containers(engine, deployment) == []

@@ -38,7 +38,12 @@ from typing import Any
 from docker.errors import DockerException, ImageNotFound, NotFound  # type: ignore[import-untyped]
 
 from labgate.backends import container_security as security
-from labgate.backends.containers import LABEL_SNAPSHOT, ContainerBackend
+from labgate.backends.containers import (
+    LABEL_SNAPSHOT,
+    ContainerBackend,
+    inspect_settled,
+    start_container,
+)
 from labgate.backends.images import LOCAL_SNAPSHOTS
 from labgate.backends.wheels import Reader, read_wheels, reader_key
 from labgate.errors import BadRequest
@@ -335,7 +340,7 @@ def create_task(
     )
     container_id = str(created["Id"])
     try:
-        api.start(container_id)
+        start_container(api, container_id)
     except BaseException:
         remove_task(backend, container_id)
         raise
@@ -353,7 +358,7 @@ def _id_range(backend: ContainerBackend, owner: str, user: str) -> security.IdRa
 def inspect_task(backend: ContainerBackend, name: str) -> dict[str, Any] | None:
     """The container's engine state (``State``), None when it is gone."""
     try:
-        attrs = backend.client.api.inspect_container(name)
+        attrs = inspect_settled(backend.client.api, name)
     except NotFound:
         return None
     return dict(attrs.get("State") or {})

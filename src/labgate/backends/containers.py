@@ -114,6 +114,8 @@ INSTANCE_LABELS = (
 )
 _ENGINE_ERRORS = (DockerException, OSError)
 REMOVE_ATTEMPTS = 6
+#: Inspections of a container Podman trips over (see :func:`is_exit_race`).
+EXIT_RACE_ATTEMPTS = 5
 
 
 class ContainerOptions(BaseModel):
@@ -238,6 +240,43 @@ def is_gone(exc: BaseException) -> bool:
     goes while it is being asked about.
     """
     return isinstance(exc, NotFound) or "no such container" in explain(exc).lower()
+
+
+def is_exit_race(exc: BaseException) -> bool:
+    """Whether an engine error is Podman reading the cgroup of a process that just exited.
+
+    Podman before 4.4 fails a ``start`` or an ``inspect`` with "read
+    /proc/PID/cgroup: no such process" when the container's process exits at
+    that moment (podman#16383): the container did run, and asking again shows
+    it exited, with its code and output.
+    """
+    return "/cgroup: no such process" in explain(exc)
+
+
+def start_container(api: Any, container_id: str) -> None:
+    """Start the container; one that exits while Podman starts it counts as started.
+
+    What it did is then read as for any container that exits at once (see
+    :func:`is_exit_race`).
+    """
+    try:
+        api.start(container_id)
+    except DockerException as exc:
+        if not is_exit_race(exc):
+            raise
+        log.info("container %s exited while the engine started it: %s", container_id, explain(exc))
+
+
+def inspect_settled(api: Any, container_id: str) -> dict[str, Any]:
+    """The container's ``inspect``, asked again while Podman trips over its exit."""
+    for attempt in range(EXIT_RACE_ATTEMPTS - 1):
+        try:
+            return cast("dict[str, Any]", api.inspect_container(container_id))
+        except DockerException as exc:
+            if not is_exit_race(exc):
+                raise
+        time.sleep(0.1 * (attempt + 1))
+    return cast("dict[str, Any]", api.inspect_container(container_id))
 
 
 def url_host(host: str) -> str:
@@ -726,7 +765,7 @@ class ContainerBackend(Backend):
             volumes[str(mount.source)] = {"bind": mount.target, "mode": mode}
         container_id = self._create(spec, image, command, args, env, volumes, user, id_range)
         try:
-            self.client.api.start(container_id)
+            start_container(self.client.api, container_id)
             endpoint = self._endpoint(container_id, tool.port)
         except BaseException:
             self.remove_quietly(container_id)
@@ -814,7 +853,7 @@ class ContainerBackend(Backend):
         return str(created["Id"])
 
     def _endpoint(self, container_id: str, port: int) -> str:
-        attrs = self.client.api.inspect_container(container_id)
+        attrs = inspect_settled(self.client.api, container_id)
         if not attrs["State"].get("Running"):
             tail = self._logs(container_id, 20)
             raise InstanceStartError(
