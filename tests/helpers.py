@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import logging
 import os
 import re
@@ -443,3 +444,15 @@ needs_postgres = pytest.mark.skipif(
     "and LABGATE_TEST_DB_URL=postgresql+psycopg://USER:PASS@127.0.0.1:5432/postgres "
     "(docs/development.md)",
 )
+
+
+def consent_form(page: httpx.Response) -> dict[str, str]:
+    """The hidden fields of labgate's consent page, as a browser posts them back."""
+    assert page.status_code == 200 and 'id="consent-heading"' in page.text, page.text
+    fields = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', page.text)
+    return {name: html.unescape(value) for name, value in fields}
+
+
+async def answer(browser: httpx.AsyncClient, page: httpx.Response, decision: str) -> httpx.Response:
+    """Press Allow or Deny (``decision``) on the consent ``page``."""
+    return await browser.post("/oauth/authorize", data={**consent_form(page), "decision": decision})

@@ -6,7 +6,7 @@ from typing import Any
 
 import httpx
 
-from helpers import PASSWORD, wait_for_state
+from helpers import PASSWORD, answer, wait_for_state
 from labgate.config import OAuthClientConfig, Settings
 from labgate.db.models import Instance
 
@@ -27,9 +27,14 @@ async def code_for(
     browser: httpx.AsyncClient,
     client_id: str = SERVICE,
     redirect_uri: str = CALLBACK,
+    *,
+    consent: bool = False,
     **extra: str,
 ) -> str:
-    """The code ``/oauth/authorize`` sends the browser back to the client with."""
+    """The code ``/oauth/authorize`` sends the browser back to the client with.
+
+    ``consent``: labgate asks first (someone else's instance), and the person allows.
+    """
     params = {
         "response_type": "code",
         "client_id": client_id,
@@ -39,6 +44,8 @@ async def code_for(
         **extra,
     }
     back = await browser.get("/oauth/authorize", params=params)
+    if consent:
+        back = await answer(browser, back, "allow")
     assert back.status_code == 303, back.text
     location = httpx.URL(back.headers["location"])
     assert str(location).startswith(redirect_uri) and "code" in location.params, location

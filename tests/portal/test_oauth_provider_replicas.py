@@ -165,17 +165,7 @@ async def test_a_token_one_replica_found_ended_stays_dead_on_every_replica(
             "/api/v1/auth/login", json={"username": "bob", "password": PASSWORD}
         )
         assert login.status_code == 200, login.text
-        back = await bob_browser.get(
-            "/oauth/authorize",
-            params={
-                "response_type": "code",
-                "client_id": iid,
-                "redirect_uri": callback,
-                "scope": "openid",
-            },
-        )
-        assert back.status_code == 303, back.text
-        code = str(httpx.URL(back.headers["location"]).params["code"])
+        code = await code_for(bob_browser, iid, callback, consent=True)
     got = await other.post(
         "/oauth/token",
         data={"grant_type": "authorization_code", "code": code, "redirect_uri": callback},

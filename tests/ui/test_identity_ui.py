@@ -13,7 +13,9 @@ import os
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 
@@ -117,3 +119,51 @@ def test_owner_shares_from_the_instance_page_and_stops_sharing(gateway: Gateway)
     expect(page.locator("#shares tbody")).to_contain_text("Not shared with anyone")
     response = other.goto(f"{gateway.url}/i/{instance_id}/")
     assert response is not None and response.status == 404
+
+
+def test_a_visitor_is_asked_before_someone_elses_tool_learns_who_they_are(
+    gateway: Gateway,
+) -> None:
+    """A tool of a shared instance sends its visitor to labgate's provider: the visitor
+    sees whose tool asks and what it would learn; Deny and Allow each go back to the tool."""
+    owner, friend = gateway.create_user("opal"), gateway.create_user("fern")
+    instance_id = launch_via_api(gateway, owner)
+    with httpx.Client(base_url=gateway.url, headers=gateway.token(owner), timeout=10) as client:
+        shared = client.post(
+            f"/api/v1/instances/{instance_id}/shares", json={"user": friend, "access": "use"}
+        )
+        assert shared.status_code == 201, shared.text
+    callback = f"{gateway.url}/i/{instance_id}/oauth/callback"
+    query = urlencode(
+        {
+            "response_type": "code",
+            "client_id": instance_id,
+            "redirect_uri": callback,
+            "scope": "openid",
+            "state": "xyz",
+        }
+    )
+    page = gateway.page()
+    arrived: list[str] = []
+
+    def tool_callback(route: Any) -> None:
+        arrived.append(route.request.url)
+        route.fulfill(status=200, content_type="text/plain", body="the tool's callback")
+
+    page.route(f"{callback}*", tool_callback)
+    gateway.sign_in(page, friend, path=f"/oauth/authorize?{query}")
+    heading = page.get_by_role("heading", name=f"Tell {owner}'s demo who you are?")
+    expect(heading).to_be_visible()
+    expect(page.locator("#consent-owner")).to_have_text(owner)
+    expect(page.locator("#consent-claims")).to_contain_text(friend)
+    gateway.shot(page, "24-tool-asks-who-you-are")
+    page.get_by_role("button", name="Deny").click()
+    page.wait_for_url(re.compile(re.escape(callback)))
+    denied = parse_qs(urlsplit(arrived[-1]).query)
+    assert denied["error"] == ["access_denied"] and "code" not in denied
+
+    page.goto(f"{gateway.url}/oauth/authorize?{query}")
+    page.get_by_role("button", name="Allow").click()
+    page.wait_for_url(re.compile(re.escape(callback)))
+    allowed = parse_qs(urlsplit(arrived[-1]).query)
+    assert allowed["state"] == ["xyz"] and allowed["code"][0]

@@ -7,7 +7,9 @@ with, and it may be sent back only under its own ``/i/<id>/`` prefix, for
 people who may use it (owner, ``use`` shares, admins).
 
 The client sends the browser to ``/oauth/authorize``; a person signed in
-to labgate (or who signs in now) is sent back with a one-time code, which
+to labgate (or who signs in now) is sent back with a one-time code (by an
+instance they do not own only once they allow it on labgate's consent page,
+a form post checked against their session's CSRF token), which
 the client exchanges at ``/oauth/token`` (client
 secret, and the PKCE verifier when it sent a challenge) for an ID token:
 ``sub`` (the labgate user id), ``preferred_username``, ``name`` and
@@ -63,10 +65,11 @@ from labgate.db.models import (
     ShareAccess,
     User,
 )
-from labgate.portal.auth import optional_principal
+from labgate.portal.auth import Principal, optional_principal
 from labgate.portal.sharing import shares_for
 from labgate.portal.state import Portal, get_portal
-from labgate.portal.ui.render import error_page, login_url
+from labgate.portal.ui.render import error_page, login_url, render
+from labgate.portal.ui.views import page_context
 from labgate.security import HANDOFF_PATH, hash_token, pkce_challenge, same
 
 router = APIRouter(include_in_schema=False)
@@ -340,40 +343,102 @@ async def jwks(request: Request) -> dict[str, Any]:
     return oauth_state(request).jwks()
 
 
+#: The parameters of an authorization request the consent page carries through its form.
+AUTHORIZE_PARAMS = (
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "nonce",
+    "code_challenge",
+    "code_challenge_method",
+)
+
+
+@dataclass(frozen=True)
+class _Visit:
+    """A person at an instance's client: whose instance it is and what the tool would learn."""
+
+    owner_id: int
+    owner: str
+    tool: str
+    claims: dict[str, Any]
+
+
+def _visit(session: Session, instance_id: str, user_id: int, is_admin: bool) -> _Visit | None:
+    """The visit, or None when the person may not use the instance."""
+    instance = session.get(Instance, instance_id)
+    claims = _claims(session, user_id)
+    if instance is None or claims is None or not _may_use(session, instance_id, user_id, is_admin):
+        return None
+    return _Visit(instance.owner_id, instance.owner.name, instance.tool, claims)
+
+
 @router.get("/oauth/authorize")
 async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> Response:
-    """Send the signed-in person back to the service with a code (sign in first)."""
-    params = request.query_params
-    client = await find_client(portal, params.get("client_id"))
-    redirect_uri = params.get("redirect_uri", "")
+    """Send the signed-in person back to the client with a code (sign in first).
+
+    Someone else's instance asks first: its owner would learn who they are.
+    """
+    params = {name: request.query_params.get(name, "") for name in AUTHORIZE_PARAMS}
+    return await _authorize(request, portal, params, answer=None)
+
+
+@router.post("/oauth/authorize")
+async def authorize_answer(request: Request, portal: Portal = Depends(get_portal)) -> Response:
+    """The person's answer on the consent page (CSRF-checked): a code, or ``access_denied``."""
+    form = await request.form()
+    params = {name: str(form.get(name) or "") for name in AUTHORIZE_PARAMS}
+    answer = form.get("decision")
+    if answer not in ("allow", "deny"):
+        return error_page(request, 400, "bad_answer", "Answer with Allow or Deny.")
+    return await _authorize(request, portal, params, answer=str(answer))
+
+
+async def _authorize(
+    request: Request, portal: Portal, params: dict[str, str], answer: str | None
+) -> Response:
+    """Check the request, ask when it is another's instance, then redirect back with a code."""
+    client = await find_client(portal, params["client_id"])
+    redirect_uri = params["redirect_uri"]
     # Never redirect to an address the client did not register: say so on labgate's page.
     if client is None or not client.redirects_to(redirect_uri):
         return error_page(request, 400, "bad_client", "Unknown client or redirect URI.")
     caller = await optional_principal(request)
     if caller is None or caller.via != "session":
+        if answer is not None:  # the session ended while the page was open: start again
+            return RedirectResponse("/login", status_code=303)
         return RedirectResponse(login_url(request), status_code=303)
+    back: dict[str, str] = {"iss": _issuer(portal)}
+    if params["state"]:
+        back["state"] = params["state"]
+    handoff = bool(client.instance_prefix) and redirect_uri == _handoff_uri(portal, client)
     if client.instance_prefix:
         # A tool learns only about people who may use it: not its existence otherwise.
-        allowed = await portal.run_db(
-            lambda s: _may_use(s, client.client_id, caller.user_id, caller.has("admin"))
+        visit = await portal.run_db(
+            lambda s: _visit(s, client.client_id, caller.user_id, caller.has("admin"))
         )
-        if not allowed:
+        if visit is None:
             return error_page(
                 request, 404, "unknown_instance", "There is no such instance of yours."
             )
-    back: dict[str, str] = {"iss": _issuer(portal)}
-    if params.get("state"):
-        back["state"] = params["state"]
-    challenge = params.get("code_challenge", "")
-    method = params.get("code_challenge_method", "S256" if challenge else "")
-    handoff = bool(client.instance_prefix) and redirect_uri == _handoff_uri(portal, client)
+        # The router's hand-off is the visit itself; a tool of someone else's asks first.
+        if not handoff and visit.owner_id != caller.user_id:
+            if answer is None:
+                return _consent_page(request, portal, caller, client, visit, params)
+            if answer == "deny":
+                back["error"] = "access_denied"
+                return _back(redirect_uri, back)
+    challenge = params["code_challenge"]
+    method = params["code_challenge_method"] or ("S256" if challenge else "")
     if (
-        params.get("response_type") != "code"
-        or "openid" not in params.get("scope", "").split()
+        params["response_type"] != "code"
+        or "openid" not in params["scope"].split()
         or (challenge and method != "S256")
         or (handoff and not challenge)
         or not _storable(challenge, 128)
-        or not _storable(params.get("nonce", ""), 1000)
+        or not _storable(params["nonce"], 1000)
     ):
         back["error"] = "invalid_request"
     elif handoff:
@@ -394,13 +459,40 @@ async def authorize(request: Request, portal: Portal = Depends(get_portal)) -> R
             caller.session_id or "",
             now,
             redirect_uri,
-            params.get("nonce", ""),
+            params["nonce"],
             challenge,
             now + CODE_SECONDS,
         )
         back["code"] = await portal.run_db(lambda s: _new_code(s, grant))
+    return _back(redirect_uri, back)
+
+
+def _back(redirect_uri: str, back: dict[str, str]) -> RedirectResponse:
+    """The redirect to the client's ``redirect_uri`` with ``back`` in its query."""
     joiner = "&" if "?" in redirect_uri else "?"
     return RedirectResponse(f"{redirect_uri}{joiner}{urlencode(back)}", status_code=303)
+
+
+def _consent_page(
+    request: Request,
+    portal: Portal,
+    caller: Principal,
+    client: Client,
+    visit: _Visit,
+    params: dict[str, str],
+) -> Response:
+    """Whose tool asks, what it would learn, and Allow / Deny (never framed: X-Frame-Options)."""
+    context = page_context(
+        portal,
+        caller,
+        "instances",
+        instance_id=client.client_id,
+        owner=visit.owner,
+        tool=visit.tool,
+        claims=visit.claims,
+        params={name: value for name, value in params.items() if value},
+    )
+    return render(request, "oauth_consent.html", context)
 
 
 def _storable(value: str, longest: int) -> bool:
