@@ -18,10 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, tool_headers
+from helpers import ADMIN_PASSWORD, TEST_SECRET_KEY, tool_client, tool_headers
 from labgate.config import Settings, SiteCapacity, SiteConfig
 
 #: Directories made in both data roots, so tests can register replicas of them.
@@ -87,27 +86,29 @@ def require_bwrap() -> None:
 
 
 async def instance_access(app: Any, instance_id: str) -> tuple[str, dict[str, str], int]:
-    """The instance's base URL, the router's header, and its tracked pid."""
+    """The instance's endpoint, the router's header, and its tracked pid."""
     from labgate.db.models import Instance
 
     instance = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
     pid = int(instance.backend_state["pid"])
-    return f"{instance.endpoint}/i/{instance_id}/", tool_headers(app, instance), pid
+    return instance.endpoint, tool_headers(app, instance), pid
 
 
 async def read_in(app: Any, instance_id: str, path: str) -> str | None:
     """A file as the tool sees it, or None when the tool cannot read it."""
-    base, headers, _ = await instance_access(app, instance_id)
-    async with httpx.AsyncClient(base_url=base, headers=headers) as client:
-        response = await client.get("api/file", params={"path": path})
+    endpoint, headers, _ = await instance_access(app, instance_id)
+    async with tool_client(endpoint, headers=headers) as client:
+        response = await client.get(f"/i/{instance_id}/api/file", params={"path": path})
     return str(response.json()["content"]) if response.status_code == 200 else None
 
 
 async def write_in(app: Any, instance_id: str, path: str) -> bool:
     """Whether the tool can write ``path``."""
-    base, headers, _ = await instance_access(app, instance_id)
-    async with httpx.AsyncClient(base_url=base, headers=headers) as client:
-        response = await client.put("api/file", params={"path": path}, content=b"overwritten")
+    endpoint, headers, _ = await instance_access(app, instance_id)
+    async with tool_client(endpoint, headers=headers) as client:
+        response = await client.put(
+            f"/i/{instance_id}/api/file", params={"path": path}, content=b"overwritten"
+        )
     return response.status_code == 200
 
 

@@ -161,6 +161,15 @@ def tool_headers(app: Any, instance: Any) -> dict[str, str]:
     return {"Authorization": f"token {secret}"}
 
 
+def tool_client(endpoint: str, **kwargs: Any) -> httpx.AsyncClient:
+    """A client of the tool at ``endpoint`` itself, past the router; its base URL is the
+    tool's. ``endpoint``: ``http://HOST:PORT``, or ``unix:PATH`` (a tool on its socket)."""
+    if endpoint.startswith("unix:"):
+        transport = httpx.AsyncHTTPTransport(uds=endpoint.removeprefix("unix:"))
+        return httpx.AsyncClient(base_url="http://tool", transport=transport, **kwargs)
+    return httpx.AsyncClient(base_url=endpoint, **kwargs)
+
+
 async def wait_for_state(
     client: httpx.AsyncClient,
     headers: dict[str, str],

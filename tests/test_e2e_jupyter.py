@@ -6,14 +6,15 @@ import asyncio
 
 import pytest
 
-from helpers import wait_for_state
+from helpers import tool_client, wait_for_state
 from jupyter_client_util import execute
+from labgate.db.models import Instance
 from servers import processes_with_env
 
 pytestmark = pytest.mark.e2e
 
 
-async def test_jupyterlab_runs_code_and_leaves_nothing_behind(app, client, make_user):
+async def test_jupyterlab_runs_code_and_leaves_nothing_behind(app, client, make_user, router_url):
     pytest.importorskip(
         "jupyterlab", reason="install the jupyter extra: pip install -e '.[jupyter]'"
     )
@@ -24,22 +25,15 @@ async def test_jupyterlab_runs_code_and_leaves_nothing_behind(app, client, make_
     body = await wait_for_state(client, alice, iid, {"running", "failed"}, timeout=120)
     assert body["state"] == "running", body
 
-    def secrets(session):
-        from labgate.db.models import Instance
+    # Through the router, as a browser's code cell runs: alice's token, the router's check.
+    base = f"{router_url}/i/{iid}/"
+    assert await execute(base, base.replace("http://", "ws://"), alice, "1+1") == "2"
 
-        instance = session.get(Instance, iid)
-        return instance.endpoint, app.state.portal.box.open(iid, instance.secret)
-
-    endpoint, secret = await app.state.portal.run_db(secrets)
-    base = f"{endpoint}/i/{iid}/"
-    headers = {"Authorization": f"token {secret}"}
-    assert await execute(base, base.replace("http://", "ws://"), headers, "1+1") == "2"
-
-    # Without the instance token the server refuses: only proxied traffic gets in.
-    import httpx
-
-    async with httpx.AsyncClient() as raw:
-        assert (await raw.get(f"{base}api/kernels")).status_code == 403
+    # Past the router, without the instance token, the server refuses: only proxied traffic
+    # gets in (the tool listens on a socket in a directory only its uid enters).
+    endpoint = await app.state.portal.run_db(lambda s: s.get(Instance, iid).endpoint)
+    async with tool_client(endpoint) as raw:
+        assert (await raw.get(f"/i/{iid}/api/kernels")).status_code == 403
 
     assert (await client.delete(f"/api/v1/instances/{iid}", headers=alice)).status_code == 202
     await wait_for_state(client, alice, iid, {"stopped"}, timeout=60)

@@ -68,6 +68,7 @@ ROUTER_MAY_IMPORT = {
     "units",
     "aio",
     "gcpause",
+    "safefs",
 }
 
 

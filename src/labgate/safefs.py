@@ -7,6 +7,9 @@ a time through file descriptors (``O_NOFOLLOW`` relative to the parent's
 descriptor), so a link anywhere on the way is refused with an :class:`OSError`
 (``ELOOP`` or ``ENOTDIR``) instead of being followed. Every descriptor they
 hand out is the caller's to close (``contextlib.closing`` or ``os.close``).
+
+An instance's uid owns its socket directory too: :func:`connectable` connects
+to a socket file there without following a link put in its place.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -246,3 +249,23 @@ class ExactReader:
             got += len(chunk)
         self._left -= wanted
         return b"".join(chunks)
+
+
+@contextlib.contextmanager
+def connectable(path: str) -> Iterator[str]:
+    """A path to connect to the socket file ``path`` by, that follows no link.
+
+    ``/proc/self/fd/N`` of a descriptor of the file itself, valid inside the
+    ``with``; raises :class:`OSError` when ``path`` is a link (``ELOOP``), is
+    not a socket (``ENOTSOCK``), or is not there.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISLNK(mode):
+            raise OSError(errno.ELOOP, "a symbolic link, not the tool's socket", path)
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.ENOTSOCK, "not a socket", path)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)

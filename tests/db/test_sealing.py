@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from helpers import TEST_SECRET_KEY, wait_for_state
+from helpers import TEST_SECRET_KEY, tool_client, wait_for_state
 from labgate.config import Settings
 from labgate.db.models import Instance
 from labgate.portal.app import build_portal
@@ -48,9 +48,9 @@ async def running_instance(
 
 async def tool_answers(endpoint: str, instance_id: str, secret: str) -> int:
     """What the tool says to a request carrying ``secret``, sent past the router."""
-    async with httpx.AsyncClient(timeout=10) as tool:
+    async with tool_client(endpoint, timeout=10) as tool:
         response = await tool.get(
-            f"{endpoint}/i/{instance_id}/api/info", headers={"Authorization": f"token {secret}"}
+            f"/i/{instance_id}/api/info", headers={"Authorization": f"token {secret}"}
         )
     return response.status_code
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import httpx
-
-from helpers import tool_headers, wait_for_state
+from helpers import tool_client, tool_headers, wait_for_state
 
 
 async def test_bad_params_are_422_naming_the_parameter_and_start_nothing(app, client, make_user):
@@ -55,10 +53,10 @@ async def test_params_reach_the_tool_and_are_remembered(app, client, make_user):
         return session.get(Instance, body["id"])
 
     instance = await app.state.portal.run_db(stored)
-    async with httpx.AsyncClient() as raw:
+    async with tool_client(instance.endpoint) as raw:
         info = (
             await raw.get(
-                f"{instance.endpoint}/i/{instance.id}/api/info",
+                f"/i/{instance.id}/api/info",
                 headers=tool_headers(app, instance),
             )
         ).json()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import podman
-from helpers import wait_for_state
+from helpers import tool_client, wait_for_state
 from labgate.config import Settings, SiteConfig
 from podman import Engine, Registry
 
@@ -64,7 +64,8 @@ class Tool:
     """The demo tool of one instance, reached straight at its endpoint with its token."""
 
     def __init__(self, endpoint: str, secret: str, iid: str) -> None:
-        self.base = f"{endpoint}/i/{iid}"
+        self.endpoint = endpoint
+        self.base = f"/i/{iid}"
         self.headers = {"Authorization": f"token {secret}"}
 
     @classmethod
@@ -79,21 +80,21 @@ class Tool:
         return cls(endpoint, secret, iid)
 
     async def info(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with tool_client(self.endpoint, timeout=10) as http:
             result: dict[str, Any] = (
                 await http.get(f"{self.base}/api/info", headers=self.headers)
             ).json()
             return result
 
     async def read(self, path: str) -> str | None:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with tool_client(self.endpoint, timeout=10) as http:
             response = await http.get(
                 f"{self.base}/api/file", params={"path": path}, headers=self.headers
             )
         return str(response.json()["content"]) if response.status_code == 200 else None
 
     async def write(self, path: str, text: str) -> None:
-        async with httpx.AsyncClient(timeout=10) as http:
+        async with tool_client(self.endpoint, timeout=10) as http:
             response = await http.put(
                 f"{self.base}/api/file",
                 params={"path": path},

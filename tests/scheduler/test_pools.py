@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
 from helpers import (
     needs_pool_sandbox,
     pool_instances,
+    tool_client,
     tool_headers,
     wait_for_pool,
     wait_for_state,
@@ -44,9 +44,9 @@ def settings(settings):
 async def tool_info(app: Any, instance_id: str) -> dict[str, Any]:
     """Ask the tool itself (behind the router's back, with its token) what it sees."""
     instance = await app.state.portal.run_db(lambda s: s.get(Instance, instance_id))
-    async with httpx.AsyncClient(timeout=10) as tool:
+    async with tool_client(instance.endpoint, timeout=10) as tool:
         response = await tool.get(
-            f"{instance.endpoint}/i/{instance_id}/api/info",
+            f"/i/{instance_id}/api/info",
             headers=tool_headers(app, instance),
         )
     assert response.status_code == 200, response.text
@@ -75,9 +75,9 @@ async def test_a_launch_claims_a_warm_instance_with_the_users_workspace(
     assert after["cwd_files"] == ["notes.txt"]  # the user's files, none of the pool's
     # Writes land in the user's own workspace on the host.
     instance = await app.state.portal.run_db(lambda s: s.get(Instance, warm.id))
-    async with httpx.AsyncClient(timeout=10) as tool:
+    async with tool_client(instance.endpoint, timeout=10) as tool:
         put = await tool.put(
-            f"{instance.endpoint}/i/{warm.id}/api/file",
+            f"/i/{warm.id}/api/file",
             params={"path": f"{after['home']}/written.txt"},
             content=b"hello",
             headers=tool_headers(app, instance),

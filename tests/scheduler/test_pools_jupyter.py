@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import needs_pool_sandbox, tool_headers, wait_for_pool
+from helpers import needs_pool_sandbox, tool_client, tool_headers, wait_for_pool
 from labgate.config import PoolConfig
 from labgate.db.models import Instance
 
@@ -27,18 +27,18 @@ def settings(settings):
 
 async def contents(app: Any, instance: Instance, path: str = "") -> httpx.Response:
     """JupyterLab's contents API, asked with the instance token (as the router would)."""
-    async with httpx.AsyncClient(timeout=30) as tool:
+    async with tool_client(instance.endpoint, timeout=30) as tool:
         return await tool.get(
-            f"{instance.endpoint}/i/{instance.id}/api/contents/{path}",
+            f"/i/{instance.id}/api/contents/{path}",
             headers=tool_headers(app, instance),
         )
 
 
 async def save(app: Any, instance: Instance, name: str, text: str) -> httpx.Response:
     """Save a text file through JupyterLab's contents API."""
-    async with httpx.AsyncClient(timeout=30) as tool:
+    async with tool_client(instance.endpoint, timeout=30) as tool:
         return await tool.put(
-            f"{instance.endpoint}/i/{instance.id}/api/contents/{name}",
+            f"/i/{instance.id}/api/contents/{name}",
             json={"type": "file", "format": "text", "content": text},
             headers=tool_headers(app, instance),
         )

@@ -10,6 +10,7 @@ Every method is async and everything crossing a link is plain data
 from __future__ import annotations
 
 import abc
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from labgate.agent.site import Adoption, SiteAgent
@@ -172,8 +173,13 @@ class LocalSiteLink(SiteLink):
         return await self.agent.health()
 
     async def launch(self, spec: LaunchSpec) -> None:
-        """Hand the launch to the in-process agent."""
-        self.agent.launch(spec)
+        """Hand the launch to the in-process agent.
+
+        The router runs on this host: a tool that can listen on a Unix socket
+        does, where no other local account can connect to it (a loopback port
+        is open to all of them).
+        """
+        self.agent.launch(replace(spec, on_socket=True))
 
     async def stop(self, instance_id: str, backend_state: dict[str, Any]) -> None:
         """Stop through the in-process agent."""

@@ -29,8 +29,8 @@ from labgate.backends.base import (
     SnapshotResult,
     Started,
 )
-from labgate.backends.sockets import connectable
 from labgate.errors import Conflict, LabgateError
+from labgate.safefs import connectable
 from labgate.wire.routes import UpstreamAddress, parse_upstream
 from labgate.wire.site import (
     CRASHED,

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from labgate.aio import cancel_and_wait, wait_for
-from labgate.backends.sockets import connectable
+from labgate.safefs import connectable
 from labgate.wire.routes import parse_upstream
 from labgate.wire.tunnel import (
     MAX_OPEN,

@@ -28,14 +28,14 @@ itself cannot be swapped: its parent belongs to root.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import shutil
 import socket
-import stat
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
+
+from labgate.safefs import connectable
 
 log = logging.getLogger(__name__)
 
@@ -81,26 +81,6 @@ def remove(path: Path) -> None:
     """Remove an instance's socket directory (no link in it is followed)."""
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
-
-
-@contextlib.contextmanager
-def connectable(path: str) -> Iterator[str]:
-    """A path to connect to the socket file ``path`` by, that follows no link.
-
-    ``/proc/self/fd/N`` of a descriptor of the file itself, valid inside the
-    ``with``; raises :class:`OSError` when ``path`` is a link (``ELOOP``), is
-    not a socket (``ENOTSOCK``), or is not there.
-    """
-    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISLNK(mode):
-            raise OSError(errno.ELOOP, "a symbolic link, not the tool's socket", path)
-        if not stat.S_ISSOCK(mode):
-            raise OSError(errno.ENOTSOCK, "not a socket", path)
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
 
 
 def listened(path: Path) -> bool:

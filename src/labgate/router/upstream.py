@@ -33,6 +33,7 @@ from labgate.router.http import (
     status_line,
     wall_clock,
 )
+from labgate.safefs import connectable
 from labgate.security import HANDOFF_COOKIE, INSTANCE_COOKIES, SESSION_COOKIES
 from labgate.wire.routes import UpstreamAddress
 
@@ -675,12 +676,14 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         timeout = self.ctx.options.connect_timeout
         if address.is_unix:
-            _, conn = await wait_for(
-                loop.create_unix_connection(
-                    lambda: UpstreamConnection(self.ctx, address), address.path
-                ),
-                timeout,
-            )
+            # Not by its path: a local site's instance uid owns its socket's directory.
+            with connectable(address.path) as where:
+                _, conn = await wait_for(
+                    loop.create_unix_connection(
+                        lambda: UpstreamConnection(self.ctx, address), where
+                    ),
+                    timeout,
+                )
         else:
             transport, conn = await wait_for(
                 loop.create_connection(
