@@ -250,6 +250,47 @@ def podman_service(
     return process
 
 
+#: What Podman before 4.4 answers when the container's process exits as it reads its cgroup.
+EXIT_RACE = 'Internal Server Error ("read /proc/2082/cgroup: no such process")'
+
+
+@dataclass
+class ExitRace:
+    """What :func:`exit_race` did: containers it started, and those whose inspect it failed."""
+
+    started: list[str]
+    tripped: list[str]
+
+
+@contextlib.contextmanager
+def exit_race(api: Any) -> Iterator[ExitRace]:
+    """Podman 4.3's race (podman#16383) on ``api``, a Docker SDK ``APIClient``, meanwhile.
+
+    The engine really starts each container; its answer to the start and to
+    the first inspect of each name or id after it are replaced by the error
+    Podman gives when the process exits as it reads its cgroup.
+    """
+    race = ExitRace([], [])
+    real_start, real_inspect = api.start, api.inspect_container
+
+    def start(container: str, *args: Any, **kwargs: Any) -> None:
+        real_start(container, *args, **kwargs)
+        race.started.append(container)
+        raise docker.errors.APIError("500 Server Error", explanation=EXIT_RACE)
+
+    def inspect_container(container: str) -> Any:
+        if race.started and container not in race.tripped:
+            race.tripped.append(container)
+            raise docker.errors.APIError("500 Server Error", explanation=EXIT_RACE)
+        return real_inspect(container)
+
+    api.start, api.inspect_container = start, inspect_container
+    try:
+        yield race
+    finally:
+        api.start, api.inspect_container = real_start, real_inspect
+
+
 def reserve_container_ids() -> None:
     """Give Podman's ``containers`` user its id range (the backend's ``userns_range``).
 

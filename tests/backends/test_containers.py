@@ -352,48 +352,20 @@ async def test_crash_at_start_fails_with_the_output(
     assert "boom: no config" in failed["message"] + failed["data"].get("log_tail", "")
 
 
-#: What Podman before 4.4 answers when the container's process exits as it reads its cgroup.
-EXIT_RACE = 'Internal Server Error ("read /proc/2082/cgroup: no such process")'
-
-
 async def test_a_crash_podman_trips_over_at_start_fails_with_the_output(
     app: Any, client: httpx.AsyncClient, admin_headers: dict[str, str], engine: Engine
 ) -> None:
-    """Podman's start and inspect fail with podman#16383 as the container exits: read again.
-
-    The engine really starts the container; its answers to this launch's start
-    and first inspect are replaced by the error Podman 4.3 gives in that race.
-    """
-    from docker.errors import APIError
-
+    """Podman's start and inspect fail with podman#16383 as the container exits: read again."""
     api = app.state.portal.links["box"].agent.backend.client.api
-    started: list[str] = []
-    tripped: list[str] = []
-    real_start, real_inspect = api.start, api.inspect_container
-
-    def start(container: str, *args: Any, **kwargs: Any) -> None:
-        real_start(container, *args, **kwargs)
-        started.append(container)
-        raise APIError("500 Server Error", explanation=EXIT_RACE)
-
-    def inspect_container(container: str) -> Any:
-        if container in started and container not in tripped:
-            tripped.append(container)
-            raise APIError("500 Server Error", explanation=EXIT_RACE)
-        return real_inspect(container)
-
-    api.start, api.inspect_container = start, inspect_container
-    try:
+    with podman.exit_race(api) as race:
         iid = await launch(client, admin_headers, tool="bb-crash")
         body = await wait_for_state(client, admin_headers, iid, {"failed", "running"})
-    finally:
-        api.start, api.inspect_container = real_start, real_inspect
-    assert tripped == started and len(started) == 1
+    assert len(race.started) == 1 and race.tripped
     assert body["state"] == "failed"
     assert "exited with code 3" in body["reason"]
     failed = (await events_of(app, iid))[-1]
     assert "boom: no config" in failed["message"] + failed["data"].get("log_tail", "")
-    assert not engine.client.containers.list(all=True, filters={"id": started[0]})
+    assert not engine.client.containers.list(all=True, filters={"id": race.started[0]})
 
 
 async def test_missing_image_fails_the_launch_with_the_reason(

@@ -474,25 +474,7 @@ async def test_a_task_podman_trips_over_as_it_exits_ends_with_its_code(
     """Podman 4.3 fails a start and an inspect as the process exits (podman#16383): no matter."""
     from labgate.wire.runs import TaskSpec
 
-    race = 'Internal Server Error ("read /proc/2082/cgroup: no such process")'
     executor = container_executor(settings, engine, deployment)
-    api = executor.backend.client.api
-    started: list[str] = []
-    tripped: list[str] = []
-    real_start, real_inspect = api.start, api.inspect_container
-
-    def start(container: str, *args: Any, **kwargs: Any) -> None:
-        real_start(container, *args, **kwargs)
-        started.append(container)
-        raise APIError("500 Server Error", explanation=race)
-
-    def inspect_container(container: str) -> Any:
-        if started and container not in tripped:
-            tripped.append(container)
-            raise APIError("500 Server Error", explanation=race)
-        return real_inspect(container)
-
-    api.start, api.inspect_container = start, inspect_container
     spec = TaskSpec(
         attempt_id="cd" * 16,
         run_id="r",
@@ -503,13 +485,14 @@ async def test_a_task_podman_trips_over_as_it_exits_ends_with_its_code(
     )
     directory = tmp_path / spec.attempt_id
     directory.mkdir()
-    await executor.start(spec, directory)
-    for _ in range(100):
-        outcome = await executor.poll(directory)
-        if outcome is not None:
-            break
-        await asyncio.sleep(0.1)
-    assert len(started) == 1 and tripped
+    with podman.exit_race(executor.backend.client.api) as race:
+        await executor.start(spec, directory)
+        for _ in range(100):
+            outcome = await executor.poll(directory)
+            if outcome is not None:
+                break
+            await asyncio.sleep(0.1)
+    assert len(race.started) == 1 and race.tripped
     assert outcome is not None
     assert (outcome.state, outcome.exit_code) == ("failed", 3)
     assert (directory / "results" / "f").read_text() == "done\n"
