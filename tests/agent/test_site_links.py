@@ -21,6 +21,7 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
+from helpers import tool_client
 from labgate.agent.hub import SiteHub, SiteInfo
 from labgate.agent.link import LocalSiteLink, SiteLink
 from labgate.agent.network import ChannelClosed, NetworkSiteLink, SiteUnavailable
@@ -233,10 +234,8 @@ async def test_launch_reports_running_and_the_tool_answers(linked, demo) -> None
     await recorder.wait_state("i1", "running")
     assert recorder.states("i1") == ["starting", "running"]
     endpoint, state = endpoint_of(recorder, "i1")
-    async with httpx.AsyncClient() as http:
-        answer = await http.get(
-            endpoint + "/i/i1/", headers={"Authorization": "token instance-secret-i1"}
-        )
+    async with tool_client(endpoint) as http:
+        answer = await http.get("/i/i1/", headers={"Authorization": "token instance-secret-i1"})
     assert answer.status_code == 200
     assert "demo: listening on" in await link.logs("i1", state, 20)
     await link.stop("i1", state)
