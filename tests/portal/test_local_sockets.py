@@ -41,6 +41,12 @@ async def running_demo(app: Any, client: httpx.AsyncClient, headers: dict[str, s
     return instance
 
 
+async def via_router(router_url: str, headers: dict[str, str], path: str) -> httpx.Response:
+    """``GET path`` through the router, as ``headers``' user."""
+    async with httpx.AsyncClient(base_url=router_url, headers=headers, timeout=10) as router:
+        return await router.get(path)
+
+
 async def test_a_local_tool_listens_on_its_socket_and_the_router_reaches_it(
     app: Any, client: httpx.AsyncClient, make_user: Any, router_url: str
 ) -> None:
@@ -52,8 +58,7 @@ async def test_a_local_tool_listens_on_its_socket_and_the_router_reaches_it(
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert instance.backend_state["port"] == 0  # no port on the host at all
 
-    async with httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10) as router:
-        info = await router.get(f"/i/{instance.id}/api/info")
+    info = await via_router(router_url, alice, f"/i/{instance.id}/api/info")
     assert info.status_code == 200, info.text
     assert info.json()["user"] == "alice"
     ws_url = router_url.replace("http://", "ws://") + f"/i/{instance.id}/ws"
@@ -78,8 +83,7 @@ async def test_the_router_follows_no_link_put_in_place_of_a_tools_socket(
             # What a shell in the instance can do: its uid owns the socket's directory.
             os.rename(path, path.with_name("moved.sock"))
             os.symlink(target, path)
-            async with httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10) as router:
-                answer = await router.get(f"/i/{instance.id}/api/info")
+            answer = await via_router(router_url, alice, f"/i/{instance.id}/api/info")
             assert answer.status_code in (502, 503), answer.text
             await asyncio.sleep(0.2)
             with pytest.raises(BlockingIOError):
@@ -87,6 +91,5 @@ async def test_the_router_follows_no_link_put_in_place_of_a_tools_socket(
             # The tool's own socket back in place: reached again.
             path.unlink()
             os.rename(path.with_name("moved.sock"), path)
-            async with httpx.AsyncClient(base_url=router_url, headers=alice, timeout=10) as router:
-                again = await router.get(f"/i/{instance.id}/api/info")
+            again = await via_router(router_url, alice, f"/i/{instance.id}/api/info")
             assert again.status_code == 200, again.text

@@ -108,8 +108,8 @@ log = logging.getLogger(__name__)
 INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _STOP_POLL = 0.05
 _KILL_ROUNDS = 100
-#: An instance process younger than this is never taken for an orphan: its launch may not
-#: be in the record the caller read yet (the cgroup sweep waits as long).
+#: An instance process (or empty cgroup) younger than this is never taken for an orphan's:
+#: its launch may not be in the record the caller read yet.
 ORPHAN_MIN_AGE = 60.0
 #: Seconds an orphan has between SIGTERM and SIGKILL.
 ORPHAN_GRACE = 10.0
@@ -797,7 +797,7 @@ class ProcessBackend(Backend):
         # All at once: a restore may leave many, and the portal waits on a reconcile only
         # so long (stops share their scans of /proc).
         stopped = await asyncio.gather(*(self._stop_orphan(i) for i in orphans))
-        await asyncio.to_thread(cgroups.sweep, keep)
+        await asyncio.to_thread(cgroups.sweep, keep, ORPHAN_MIN_AGE)
         await asyncio.to_thread(sockets.sweep, self.sockets_dir, keep)
         return [instance_id for instance_id, done in zip(orphans, stopped, strict=True) if done]
 
